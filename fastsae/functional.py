@@ -1,0 +1,348 @@
+"""fastsae's public functions, each a `torch.library` custom op `fastsae::<name>`.
+
+Every op has a fake (meta) impl and registered autograd, so `torch.compile(fullgraph=True)` traces
+through them. The default implementation, used on CPU, is the definition in `fastsae.reference`; GPU
+kernels register for the "cuda" device under the same names (fastsae/ops/). The public wrappers
+below check their arguments and raise a ValueError naming the bad one; they never synchronise with
+the device, so NaN in the data is not checked here (see `SAEConfig.check_finite`).
+
+Shapes: x [B, d], W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d], vals/idx [B, k].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _ext, reference
+
+_ext.load()  # the C++ death-statistics ops: fire_counts, fire_counts_dense, update_since_fired, dead_mask
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class TopKCodes(NamedTuple):
+    """Sparse codes of a TopK encode: post-ReLU values and int32 feature indices, [B, k] each, and the
+    AuxK candidates among dead features ([B, k_aux]; [B, 0] when AuxK is off)."""
+
+    vals: Tensor
+    idx: Tensor
+    aux_vals: Tensor
+    aux_idx: Tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument checks (metadata only: no device synchronisation)
+
+
+def _check_float(name: str, tensor: Tensor, ndim: int) -> None:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16, float16 or float64, got {tensor.dtype}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(tensor.shape)}")
+
+
+def _check_same_device(**tensors: Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+
+
+def _check_encoder_args(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> None:
+    _check_float("x", x, 2)
+    _check_float("W_enc", W_enc, 2)
+    _check_float("b_enc", b_enc, 1)
+    _check_float("b_dec", b_dec, 1)
+    d, n_features = W_enc.shape
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (0 tokens)")
+    if x.shape[1] != d:
+        raise ValueError(f"x has {x.shape[1]} dimensions but W_enc expects d_in={d} (W_enc is {tuple(W_enc.shape)})")
+    if b_enc.shape[0] != n_features:
+        raise ValueError(f"b_enc has {b_enc.shape[0]} entries, expected n_features={n_features}")
+    if b_dec.shape[0] != d:
+        raise ValueError(f"b_dec has {b_dec.shape[0]} entries, expected d_in={d}")
+    _check_same_device(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
+
+
+def _check_k(name: str, k: int, n_features: int, minimum: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if not minimum <= k <= n_features:
+        raise ValueError(f"{name} must be in [{minimum}, n_features={n_features}], got {k}")
+
+
+def _check_codes(vals: Tensor, idx: Tensor, n_features: int) -> None:
+    _check_float("vals", vals, 2)
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"idx must be int32 or int64, got {idx.dtype}")
+    if idx.shape != vals.shape:
+        raise ValueError(f"idx has shape {tuple(idx.shape)} but vals has {tuple(vals.shape)}")
+    if vals.shape[0] == 0:
+        raise ValueError("vals is an empty batch (0 tokens)")
+    if vals.shape[1] > n_features:
+        raise ValueError(f"vals has k={vals.shape[1]} codes per token but there are only {n_features} features")
+
+
+# ---------------------------------------------------------------------------------------------------
+# TopK encode
+
+
+@torch.library.custom_op("fastsae::encode_topk", mutates_args=())
+def _encode_topk(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, k_aux: int, dead_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return reference.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask)
+
+
+@_encode_topk.register_fake
+def _(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask):
+    batch = x.shape[0]
+    return (
+        x.new_empty(batch, k, dtype=W_enc.dtype),
+        x.new_empty(batch, k, dtype=torch.int32),
+        x.new_empty(batch, k_aux, dtype=W_enc.dtype),
+        x.new_empty(batch, k_aux, dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("fastsae::encode_topk_backward", mutates_args=())
+def _encode_topk_backward(
+    grad_vals: Tensor,
+    grad_aux_vals: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor,
+    vals: Tensor,
+    idx: Tensor,
+    aux_vals: Tensor,
+    aux_idx: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return reference.encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+
+
+@_encode_topk_backward.register_fake
+def _(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx):
+    return _encoder_grad_like(x, W_enc, b_dec)
+
+
+def _encoder_grad_like(x: Tensor, W_enc: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[1]), torch.empty_like(b_dec)
+
+
+def _encode_topk_setup(ctx, inputs, output):
+    x, W_enc, _, b_dec, *_ = inputs
+    ctx.save_for_backward(x, W_enc, b_dec, *output)
+
+
+def _encode_topk_grad(ctx, grad_vals, _grad_idx, grad_aux_vals, _grad_aux_idx):
+    x, W_enc, b_dec, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+    grads = _encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+    return (*_only_needed(ctx, grads), None, None, None)
+
+
+def _only_needed(ctx, grads):
+    return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+
+
+_encode_topk.register_autograd(_encode_topk_grad, setup_context=_encode_topk_setup)
+
+
+def encode_topk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    *,
+    k_aux: int = 0,
+    dead_mask: Tensor | None = None,
+) -> TopKCodes:
+    """TopK encode z = topk(relu((x - b_dec) @ W_enc + b_enc)), centering in fp32 before the matmul.
+
+    Returns TopKCodes(vals [B, k], idx [B, k] int32, aux_vals, aux_idx). With k_aux > 0, aux_* hold the
+    top-k_aux post-ReLU pre-activations among features where `dead_mask` [F] is True (for the AuxK
+    loss); selected features that are not dead carry value 0. Differentiable w.r.t. x, W_enc, b_enc, b_dec.
+    """
+    _check_encoder_args(x, W_enc, b_enc, b_dec)
+    n_features = W_enc.shape[1]
+    _check_k("k", k, n_features, minimum=1)
+    _check_k("k_aux", k_aux, n_features, minimum=0)
+    if k_aux > 0:
+        if dead_mask is None:
+            raise ValueError("k_aux > 0 needs dead_mask, a bool [n_features] tensor of dead features")
+        if dead_mask.dtype != torch.bool or dead_mask.shape != (n_features,):
+            raise ValueError(
+                f"dead_mask must be bool of shape ({n_features},), got {dead_mask.dtype} {tuple(dead_mask.shape)}"
+            )
+        _check_same_device(x=x, dead_mask=dead_mask)
+    return TopKCodes(*_encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask if k_aux > 0 else None))
+
+
+# ---------------------------------------------------------------------------------------------------
+# ReLU / JumpReLU encode
+
+
+@torch.library.custom_op("fastsae::encode_relu", mutates_args=())
+def _encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor | None) -> Tensor:
+    return reference.encode_relu(x, W_enc, b_enc, b_dec, threshold)
+
+
+@_encode_relu.register_fake
+def _(x, W_enc, b_enc, b_dec, threshold):
+    return x.new_empty(x.shape[0], W_enc.shape[1], dtype=W_enc.dtype)
+
+
+@torch.library.custom_op("fastsae::encode_relu_backward", mutates_args=())
+def _encode_relu_backward(
+    grad_acts: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, acts: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return reference.encode_relu_backward(grad_acts, x, W_enc, b_dec, acts)
+
+
+@_encode_relu_backward.register_fake
+def _(grad_acts, x, W_enc, b_dec, acts):
+    return _encoder_grad_like(x, W_enc, b_dec)
+
+
+def _encode_relu_setup(ctx, inputs, output):
+    x, W_enc, _, b_dec, _ = inputs
+    ctx.save_for_backward(x, W_enc, b_dec, output)
+
+
+def _encode_relu_grad(ctx, grad_acts):
+    x, W_enc, b_dec, acts = ctx.saved_tensors
+    grads = _encode_relu_backward(grad_acts, x, W_enc, b_dec, acts)
+    return (*_only_needed(ctx, grads), None)
+
+
+_encode_relu.register_autograd(_encode_relu_grad, setup_context=_encode_relu_setup)
+
+
+def encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor | None = None) -> Tensor:
+    """Dense codes relu((x - b_dec) @ W_enc + b_enc) [B, F]; with a per-feature `threshold` [F], JumpReLU
+    (pre where pre > threshold, else 0). The threshold receives no gradient."""
+    _check_encoder_args(x, W_enc, b_enc, b_dec)
+    if threshold is not None:
+        _check_float("threshold", threshold, 1)
+        if threshold.shape[0] != W_enc.shape[1]:
+            raise ValueError(f"threshold has {threshold.shape[0]} entries, expected n_features={W_enc.shape[1]}")
+        _check_same_device(x=x, threshold=threshold)
+    return _encode_relu(x, W_enc, b_enc, b_dec, threshold)
+
+
+def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> Tensor:
+    """BatchTopK codes [B, F]: the B * k largest ReLU codes over the whole batch (Bussmann et al. 2024)."""
+    _check_encoder_args(x, W_enc, b_enc, b_dec)
+    _check_k("k", k, W_enc.shape[1], minimum=1)
+    return reference.batch_topk(_encode_relu(x, W_enc, b_enc, b_dec, None), k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decode
+
+
+@torch.library.custom_op("fastsae::decode_sparse", mutates_args=())
+def _decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+    return reference.decode_sparse(vals, idx, W_dec, b_dec)
+
+
+@_decode_sparse.register_fake
+def _(vals, idx, W_dec, b_dec):
+    return vals.new_empty(vals.shape[0], W_dec.shape[1], dtype=W_dec.dtype)
+
+
+@torch.library.custom_op("fastsae::decode_sparse_backward", mutates_args=())
+def _decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+    return reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
+
+
+@_decode_sparse_backward.register_fake
+def _(grad_out, vals, idx, W_dec):
+    return torch.empty_like(vals), torch.empty_like(W_dec)
+
+
+def _decode_sparse_setup(ctx, inputs, output):
+    vals, idx, W_dec, b_dec = inputs
+    ctx.b_dec_dtype = None if b_dec is None else b_dec.dtype
+    ctx.save_for_backward(vals, idx, W_dec)
+
+
+def _decode_sparse_grad(ctx, grad_out):
+    vals, idx, W_dec = ctx.saved_tensors
+    dvals, dW_dec = _decode_sparse_backward(grad_out, vals, idx, W_dec)
+    db_dec = None if ctx.b_dec_dtype is None else grad_out.sum(0, dtype=torch.float32).to(ctx.b_dec_dtype)
+    return _only_needed(ctx, (dvals, None, dW_dec, db_dec))
+
+
+_decode_sparse.register_autograd(_decode_sparse_grad, setup_context=_decode_sparse_setup)
+
+
+def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """Sparse decode x_hat[b] = sum_j vals[b, j] * W_dec[idx[b, j]] (+ b_dec) -> [B, d] in W_dec's dtype.
+    Differentiable w.r.t. vals, W_dec and b_dec."""
+    _check_float("W_dec", W_dec, 2)
+    _check_codes(vals, idx, W_dec.shape[0])
+    if b_dec is not None:
+        _check_float("b_dec", b_dec, 1)
+        if b_dec.shape[0] != W_dec.shape[1]:
+            raise ValueError(f"b_dec has {b_dec.shape[0]} entries, expected d_in={W_dec.shape[1]}")
+    _check_same_device(vals=vals, idx=idx, W_dec=W_dec, b_dec=b_dec)
+    return _decode_sparse(vals, idx, W_dec, b_dec)
+
+
+def decode_dense(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """Dense decode acts @ W_dec (+ b_dec) for ReLU / JumpReLU / BatchTopK codes: one GEMM, so plain
+    PyTorch (cuBLAS) is the fast path."""
+    _check_float("acts", acts, 2)
+    _check_float("W_dec", W_dec, 2)
+    if acts.shape[1] != W_dec.shape[0]:
+        raise ValueError(f"acts has {acts.shape[1]} features but W_dec has {W_dec.shape[0]} rows")
+    out = acts.to(W_dec.dtype) @ W_dec
+    return out if b_dec is None else out + b_dec.to(W_dec.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Death statistics (C++/CUDA extension ops; see fastsae/_ext.py)
+
+
+def fire_counts(idx: Tensor, n_features: int, vals: Tensor | None = None) -> Tensor:
+    """Per-feature fire counts int64 [F] from sparse codes; with `vals`, entries whose value is not
+    > 0 are not counted. Out-of-range indices raise on CPU."""
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"idx must be int32 or int64, got {idx.dtype}")
+    if n_features < 1:
+        raise ValueError(f"n_features must be >= 1, got {n_features}")
+    if vals is not None and vals.shape != idx.shape:
+        raise ValueError(f"vals has shape {tuple(vals.shape)} but idx has {tuple(idx.shape)}")
+    return torch.ops.fastsae.fire_counts(idx, n_features, vals)
+
+
+def fire_counts_dense(acts: Tensor) -> Tensor:
+    """Per-feature count of codes > 0 in dense codes [B, F] -> int64 [F]."""
+    _check_float("acts", acts, 2)
+    return torch.ops.fastsae.fire_counts_dense(acts)
+
+
+def update_since_fired_(tokens_since_fired: Tensor, counts: Tensor, n_tokens: int) -> None:
+    """In place: 0 where a feature fired in this batch of n_tokens tokens, else += n_tokens."""
+    torch.ops.fastsae.update_since_fired(tokens_since_fired, counts, n_tokens)
+
+
+def dead_mask(tokens_since_fired: Tensor, threshold: int) -> Tensor:
+    """bool [F]: features that have not fired for more than `threshold` tokens."""
+    return torch.ops.fastsae.dead_mask(tokens_since_fired, threshold)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses and the decoder constraint (elementwise / reductions: plain PyTorch is the fast path)
+
+mse = reference.mse
+fvu = reference.fvu
+auxk_loss = reference.auxk_loss
+normalize_decoder_rows = reference.normalize_decoder_rows
+remove_parallel_grad = reference.remove_parallel_grad

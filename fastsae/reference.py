@@ -1,0 +1,223 @@
+"""The pure-PyTorch definition of every fastsae op.
+
+Everything here is written for clarity, not speed: dense [B, F] intermediates, fp32 (or fp64 when any
+input is fp64) arithmetic throughout, outputs cast back to the parameter dtype. The Triton and CUDA
+kernels must match these functions within dtype tolerance; the tests compare against them in fp64,
+and the custom ops of `fastsae.functional` use them as their CPU implementation.
+
+Shapes: x [B, d], W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d], vals/idx [B, k].
+An SAE computes z = act((x - b_dec) @ W_enc + b_enc) and x_hat = z @ W_dec + b_dec.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def accumulate_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """fp64 when any input is fp64 (tests), fp32 otherwise: fp16/bf16 inputs accumulate in fp32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def center(x: Tensor, b_dec: Tensor) -> Tensor:
+    """x - b_dec in the accumulate dtype: the subtraction happens before any cast to a matmul dtype,
+    so outlier dimensions with |mean| >> std keep their per-token signal ("outlier-aware")."""
+    acc = accumulate_dtype(x, b_dec)
+    return x.to(acc) - b_dec.to(acc)
+
+
+def pre_activation(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    """(x - b_dec) @ W_enc + b_enc -> [B, F], in the accumulate dtype."""
+    xc = center(x, b_dec)
+    return xc @ W_enc.to(xc.dtype) + b_enc.to(xc.dtype)
+
+
+def topk_activation(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-row top-k of `pre`; values are post-ReLU (a selected negative pre-activation becomes 0 and
+    does not count as fired). Returns vals [B, k] (dtype of pre) and idx [B, k] int32."""
+    top_vals, top_idx = pre.topk(k, dim=-1)
+    return top_vals.relu(), top_idx.to(torch.int32)
+
+
+def encode_topk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    k_aux: int = 0,
+    dead_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """TopK encode, plus the AuxK candidates: the top-k_aux post-ReLU pre-activations among features
+    flagged in `dead_mask` (a feature not flagged dead yields value 0 if it is ever selected, so the
+    shape stays fixed and no host synchronisation is needed). Returns vals, idx, aux_vals, aux_idx;
+    the aux tensors are [B, 0] when k_aux == 0."""
+    pre = pre_activation(x, W_enc, b_enc, b_dec)
+    vals, idx = topk_activation(pre, k)
+    if k_aux > 0:
+        dead_pre = pre.masked_fill(~dead_mask.bool(), float("-inf"))
+        aux_vals, aux_idx = topk_activation(dead_pre, k_aux)
+    else:
+        aux_vals, aux_idx = pre.new_empty(pre.shape[0], 0), idx.new_empty(pre.shape[0], 0)
+    return vals.to(W_enc.dtype), idx, aux_vals.to(W_enc.dtype), aux_idx
+
+
+def encode_relu(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor | None = None
+) -> Tensor:
+    """Dense codes: ReLU, or JumpReLU when a per-feature `threshold` [F] is given
+    (z = pre where pre > threshold, else 0). Returns [B, F] in the parameter dtype."""
+    pre = pre_activation(x, W_enc, b_enc, b_dec)
+    cut = torch.zeros((), dtype=pre.dtype) if threshold is None else threshold.to(pre.dtype)
+    return torch.where(pre > cut, pre, 0.0).to(W_enc.dtype)
+
+
+def batch_topk(acts: Tensor, k: int) -> Tensor:
+    """BatchTopK: keep the B * k largest of the (post-ReLU) dense codes over the whole batch, so tokens
+    share a budget of k active features on average. Returns dense [B, F] codes."""
+    flat = acts.flatten()
+    keep = flat.topk(min(k * acts.shape[0], flat.numel())).indices
+    return torch.zeros_like(flat).scatter(0, keep, flat[keep]).view_as(acts)
+
+
+def encoder_backward(
+    dZ: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of pre = (x - b_dec) @ W_enc + b_enc given d pre = dZ [B, F].
+    Returns dx, dW_enc, db_enc, db_dec, each in the dtype of its input."""
+    xc = center(x, b_dec)
+    dZ = dZ.to(xc.dtype)
+    dxc = dZ @ W_enc.to(xc.dtype).T
+    return dxc.to(x.dtype), (xc.T @ dZ).to(W_enc.dtype), dZ.sum(0).to(W_enc.dtype), (-dxc.sum(0)).to(b_dec.dtype)
+
+
+def scatter_codes(vals: Tensor, idx: Tensor, n_features: int) -> Tensor:
+    """Dense [B, F] matrix holding vals at idx (duplicates add), in the accumulate dtype."""
+    acc = accumulate_dtype(vals)
+    dense = torch.zeros(vals.shape[0], n_features, dtype=acc, device=vals.device)
+    return dense.scatter_add_(1, idx.long(), vals.to(acc))
+
+
+def encode_topk_backward(
+    grad_vals: Tensor,
+    grad_aux_vals: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor,
+    vals: Tensor,
+    idx: Tensor,
+    aux_vals: Tensor,
+    aux_idx: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of `encode_topk`: dZ holds k (+ k_aux) non-zeros per row, masked where the post-ReLU
+    value is 0 (the ReLU's zero gradient). Returns dx, dW_enc, db_enc, db_dec."""
+    n_features = W_enc.shape[1]
+    dZ = scatter_codes(grad_vals * (vals > 0), idx, n_features)
+    dZ += scatter_codes(grad_aux_vals * (aux_vals > 0), aux_idx, n_features)
+    return encoder_backward(dZ, x, W_enc, b_dec)
+
+
+def encode_relu_backward(
+    grad_acts: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, acts: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of `encode_relu` (ReLU or JumpReLU): gradient passes where the code is non-zero."""
+    return encoder_backward(grad_acts * (acts != 0), x, W_enc, b_dec)
+
+
+def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """x_hat[b] = sum_j vals[b, j] * W_dec[idx[b, j]] (+ b_dec). Returns [B, d] in W_dec's dtype."""
+    acc = accumulate_dtype(vals, W_dec)
+    out = torch.einsum("bk,bkd->bd", vals.to(acc), W_dec.to(acc)[idx.long()])
+    if b_dec is not None:
+        out = out + b_dec.to(acc)
+    return out.to(W_dec.dtype)
+
+
+def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of `decode_sparse` w.r.t. vals and W_dec:
+    dvals[b, j] = grad_out[b] . W_dec[idx[b, j]];  dW_dec[f] = sum over idx[b, j] == f of vals[b, j] * grad_out[b].
+    (d b_dec is grad_out summed over the batch.)"""
+    acc = accumulate_dtype(grad_out, vals, W_dec)
+    g = grad_out.to(acc)
+    rows = W_dec.to(acc)[idx.long()]  # [B, k, d]
+    dvals = torch.einsum("bd,bkd->bk", g, rows)
+    contributions = vals.to(acc)[..., None] * g[:, None, :]  # [B, k, d]
+    dW_dec = torch.zeros(W_dec.shape, dtype=acc, device=W_dec.device)
+    dW_dec.index_add_(0, idx.long().flatten(), contributions.flatten(0, 1))
+    return dvals.to(vals.dtype), dW_dec.to(W_dec.dtype)
+
+
+def decode_dense(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+    """x_hat = acts @ W_dec (+ b_dec), for dense (ReLU / JumpReLU / BatchTopK) codes."""
+    acc = accumulate_dtype(acts, W_dec)
+    out = acts.to(acc) @ W_dec.to(acc)
+    if b_dec is not None:
+        out = out + b_dec.to(acc)
+    return out.to(W_dec.dtype)
+
+
+def mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Mean squared error over all elements, as an fp32 (or fp64) scalar."""
+    acc = accumulate_dtype(x_hat, x)
+    return (x_hat.to(acc) - x.to(acc)).pow(2).mean()
+
+
+def fvu(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Fraction of variance unexplained: squared error summed over the batch divided by the total
+    variance of x around its batch mean. NaN for a batch of one token (no variance to explain)."""
+    acc = accumulate_dtype(x_hat, x)
+    x = x.to(acc)
+    error = (x_hat.to(acc) - x).pow(2).sum()
+    total = (x - x.mean(0)).pow(2).sum()
+    return error / total if x.shape[0] > 1 else torch.full((), float("nan"), dtype=acc, device=x.device)
+
+
+def auxk_loss(aux_recon: Tensor, residual: Tensor, n_dead: Tensor, k_aux: int) -> Tensor:
+    """AuxK loss (Gao et al. 2024): how well the top-k_aux dead features reconstruct the main
+    reconstruction's residual, as an FVU of the residual, scaled by min(n_dead / k_aux, 1) so it
+    vanishes when no feature is dead (no host synchronisation needed to switch it off)."""
+    scale = (n_dead.to(torch.float32) / k_aux).clamp(max=1.0)
+    return fvu(aux_recon, residual) * scale
+
+
+def fire_counts(idx: Tensor, n_features: int, vals: Tensor | None = None) -> Tensor:
+    """How many tokens each feature fired on: int64 [F]. With `vals`, entries whose value is not > 0
+    are not fires (a selected feature with value 0 did not fire)."""
+    flat = idx.long().flatten()
+    if vals is not None:
+        flat = flat[vals.flatten() > 0]
+    return torch.bincount(flat, minlength=n_features)
+
+
+def fire_counts_dense(acts: Tensor) -> Tensor:
+    """Per-feature count of values > 0 in dense codes [B, F]: int64 [F]."""
+    return (acts > 0).sum(0, dtype=torch.int64)
+
+
+def update_since_fired(tokens_since_fired: Tensor, counts: Tensor, n_tokens: int) -> Tensor:
+    """Tokens since each feature last fired, after a batch of n_tokens with per-feature fire counts."""
+    return torch.where(counts > 0, 0, tokens_since_fired + n_tokens)
+
+
+def dead_mask(tokens_since_fired: Tensor, threshold: int) -> Tensor:
+    """Features that have not fired for more than `threshold` tokens: bool [F]."""
+    return tokens_since_fired > threshold
+
+
+def normalize_decoder_rows(W_dec: Tensor, eps: float = 1e-12) -> Tensor:
+    """W_dec with every row scaled to unit L2 norm (the decoder constraint)."""
+    acc = accumulate_dtype(W_dec)
+    w = W_dec.to(acc)
+    return (w / w.norm(dim=1, keepdim=True).clamp_min(eps)).to(W_dec.dtype)
+
+
+def remove_parallel_grad(W_dec: Tensor, grad: Tensor, eps: float = 1e-12) -> Tensor:
+    """The decoder gradient minus its component parallel to each decoder row, so that a step along
+    it leaves the row norms unchanged to first order."""
+    acc = accumulate_dtype(W_dec, grad)
+    w, g = W_dec.to(acc), grad.to(acc)
+    parallel = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(eps)
+    return (g - parallel * w).to(grad.dtype)

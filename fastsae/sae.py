@@ -1,0 +1,280 @@
+"""`SparseAutoencoder`: a drop-in nn.Module for training and running SAEs, and its config.
+
+Parameters follow SAELens: W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d]. The module only calls
+`fastsae.functional`, whose custom ops run fused kernels on CUDA and the reference on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import centering
+from . import functional as F
+
+ACTIVATIONS = ("topk", "relu", "jumprelu", "batchtopk")
+CENTERING_MODES = ("geometric_median", "mean", "none", "whiten")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+FORMAT_VERSION = "1"
+
+
+@dataclass
+class SAEConfig:
+    """What defines an SAE. `k_aux=None` picks d_in // 2 (Gao et al. 2024) for TopK and 0 otherwise;
+    0 turns AuxK off. A feature is dead after `dead_after_tokens` tokens without firing.
+    `check_finite` raises on NaN/inf input at the cost of one device synchronisation per forward
+    (skipped under torch.compile); turn it off for maximum throughput."""
+
+    d_in: int
+    n_features: int
+    activation: Literal["topk", "relu", "jumprelu", "batchtopk"] = "topk"
+    k: int = 32
+    k_aux: int | None = None
+    auxk_coef: float = 1 / 32
+    dead_after_tokens: int = 10_000_000
+    centering: Literal["geometric_median", "mean", "none", "whiten"] = "geometric_median"
+    dtype: str = "float32"
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if self.d_in < 1 or self.n_features < 1:
+            raise ValueError(f"d_in and n_features must be >= 1, got {self.d_in} and {self.n_features}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.centering not in CENTERING_MODES:
+            raise ValueError(f"centering must be one of {CENTERING_MODES}, got {self.centering!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.n_features:
+            raise ValueError(f"k must be in [1, n_features={self.n_features}], got {self.k}")
+        if self.k_aux is None:
+            self.k_aux = min(self.d_in // 2, self.n_features) if self.activation == "topk" else 0
+        if self.k_aux and self.activation != "topk":
+            raise ValueError(f"AuxK (k_aux={self.k_aux}) is only defined for activation='topk'")
+        if not 0 <= self.k_aux <= self.n_features:
+            raise ValueError(f"k_aux must be in [0, n_features={self.n_features}], got {self.k_aux}")
+        if self.dead_after_tokens < 0:
+            raise ValueError(f"dead_after_tokens must be >= 0, got {self.dead_after_tokens}")
+
+
+class SAEOutput(NamedTuple):
+    """recon [B, d]; vals/idx [B, k] for TopK (else None); acts [B, F] for dense codes (else None);
+    loss = fvu + auxk_coef * auxk (the scalar to backpropagate); mse, fvu, auxk (0 when off)."""
+
+    recon: Tensor
+    vals: Tensor | None
+    idx: Tensor | None
+    acts: Tensor | None
+    loss: Tensor
+    mse: Tensor
+    fvu: Tensor
+    auxk: Tensor
+
+
+class SparseAutoencoder(nn.Module):
+    """A sparse autoencoder z = act((x - b_dec) @ W_enc + b_enc), x_hat = z @ W_dec + b_dec.
+
+    Buffers track death statistics during training without host synchronisation:
+    `feature_fire_count` (fires per feature since the last reset), `tokens_since_fired`, `n_tokens_seen`.
+    """
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, n_features = cfg.d_in, cfg.n_features
+        dtype = DTYPES[cfg.dtype]
+        self.W_enc = nn.Parameter(torch.empty(d, n_features, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(n_features, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(n_features, d, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype))
+        if cfg.activation == "jumprelu":
+            # JumpReLU thresholds are set from a trained SAE (e.g. Gemma Scope); they get no gradient here.
+            self.register_buffer("threshold", torch.zeros(n_features, dtype=dtype))
+        self.register_buffer("feature_fire_count", torch.zeros(n_features, dtype=torch.int64))
+        self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64))
+        self.register_buffer("n_tokens_seen", torch.zeros((), dtype=torch.int64))
+        self._init_directions()
+
+    # -- initialisation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _init_directions(self) -> None:
+        """Random unit-norm decoder rows, encoder = decoder transpose, zero biases (uses torch's RNG)."""
+        directions = F.normalize_decoder_rows(torch.randn(self.W_dec.shape, dtype=torch.float32))
+        self.W_dec.copy_(directions.to(self.W_dec.device))
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def initialize(self, sample: Tensor) -> SparseAutoencoder:
+        """Fresh random directions (unit-norm W_dec rows, W_enc = W_dec^T, b_enc = 0), b_dec from a
+        sample of activations [N, d] by the config's centering mode, and reset death statistics."""
+        centering.check_sample(sample, "sample")
+        if sample.shape[1] != self.cfg.d_in:
+            raise ValueError(f"sample has {sample.shape[1]} dimensions, expected d_in={self.cfg.d_in}")
+        self._init_directions()
+        if self.cfg.centering in ("geometric_median", "whiten"):
+            self.b_dec.copy_(centering.geometric_median(sample))
+        elif self.cfg.centering == "mean":
+            self.b_dec.copy_(centering.mean(sample))
+        self.reset_death_stats()
+        return self
+
+    @torch.no_grad()
+    def reset_death_stats(self) -> None:
+        self.feature_fire_count.zero_()
+        self.tokens_since_fired.zero_()
+        self.n_tokens_seen.zero_()
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    @property
+    def uses_sparse_codes(self) -> bool:
+        return self.cfg.activation == "topk"
+
+    def dead_features(self) -> Tensor:
+        """bool [F]: features that have not fired for more than cfg.dead_after_tokens tokens."""
+        return F.dead_mask(self.tokens_since_fired, self.cfg.dead_after_tokens)
+
+    def encode(self, x: Tensor) -> F.TopKCodes | Tensor:
+        """TopK: TopKCodes(vals, idx, ...) (no AuxK candidates); otherwise dense codes [B, F]."""
+        self._check_input(x)
+        return self._encode(x, k_aux=0)
+
+    def _encode(self, x: Tensor, k_aux: int) -> F.TopKCodes | Tensor:
+        cfg = self.cfg
+        if cfg.activation == "topk":
+            dead = self.dead_features() if k_aux else None
+            return F.encode_topk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k, k_aux=k_aux, dead_mask=dead)
+        if cfg.activation == "batchtopk":
+            return F.encode_batchtopk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
+        threshold = self.threshold if cfg.activation == "jumprelu" else None
+        return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
+
+    def decode(self, codes: F.TopKCodes | Tensor) -> Tensor:
+        """Reconstruction [B, d] from what `encode` returned."""
+        if isinstance(codes, F.TopKCodes):
+            return F.decode_sparse(codes.vals, codes.idx, self.W_dec, self.b_dec)
+        return F.decode_dense(codes, self.W_dec, self.b_dec)
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        """Encode, decode and the loss terms; in training mode also updates the death statistics."""
+        self._check_input(x)
+        k_aux = self.cfg.k_aux if self.training else 0
+        codes = self._encode(x, k_aux)
+        recon = self.decode(codes)
+        mse, fvu = F.mse(recon, x), F.fvu(recon, x)
+        auxk = torch.zeros((), dtype=fvu.dtype, device=x.device)
+        if isinstance(codes, F.TopKCodes):
+            vals, idx, acts = codes.vals, codes.idx, None
+            if k_aux:
+                aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
+                n_dead = self.dead_features().sum()
+                auxk = F.auxk_loss(aux_recon, (x - recon).detach(), n_dead, k_aux)
+        else:
+            vals, idx, acts = None, None, codes
+        if self.training:
+            self._update_death_stats(codes, x.shape[0])
+        loss = fvu + self.cfg.auxk_coef * auxk
+        return SAEOutput(recon, vals, idx, acts, loss, mse, fvu, auxk)
+
+    @torch.no_grad()
+    def _update_death_stats(self, codes: F.TopKCodes | Tensor, n_tokens: int) -> None:
+        if isinstance(codes, F.TopKCodes):
+            counts = F.fire_counts(codes.idx, self.cfg.n_features, codes.vals)
+        else:
+            counts = F.fire_counts_dense(codes)
+        F.update_since_fired_(self.tokens_since_fired, counts, n_tokens)
+        self.feature_fire_count += counts
+        self.n_tokens_seen += n_tokens
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.cfg.d_in:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be [batch, d_in={self.cfg.d_in}], got {shape}")
+        if x.device != self.W_enc.device:
+            raise ValueError(f"x is on {x.device} but the SAE is on {self.W_enc.device}")
+        if self.training and x.shape[0] < 2:
+            raise ValueError(f"training needs at least 2 tokens per batch (the FVU loss), got {x.shape[0]}")
+        if self.cfg.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or infinite values (set SAEConfig.check_finite=False to skip this check)")
+
+    # -- the decoder constraint ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def remove_decoder_parallel_grad(self) -> None:
+        """Call between backward() and optimizer.step(): drops the part of W_dec.grad that would only
+        change the decoder row norms."""
+        if self.W_dec.grad is not None:
+            self.W_dec.grad.copy_(F.remove_parallel_grad(self.W_dec, self.W_dec.grad))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Call after optimizer.step(): rescales every decoder row to unit norm."""
+        self.W_dec.copy_(F.normalize_decoder_rows(self.W_dec))
+
+    # -- persistence ---------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes weights, buffers and the config (JSON in the safetensors header) to one .safetensors
+        file, atomically: a crash mid-write leaves any earlier file at `path` intact."""
+        path = Path(path)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        # The parameters' dtype may have changed since construction (sae.to(torch.bfloat16)): record it.
+        dtype_name = next(name for name, dtype in DTYPES.items() if dtype == self.W_enc.dtype)
+        cfg = dataclasses.replace(self.cfg, dtype=dtype_name)
+        metadata = {"fastsae_config": json.dumps(dataclasses.asdict(cfg)), "fastsae_format": FORMAT_VERSION}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
+        """Reads a file written by `save`. Raises FileNotFoundError if it is missing and ValueError if
+        it is not a fastsae checkpoint or its tensors do not match its config."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no SAE checkpoint at {path}")
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                metadata = f.metadata() or {}
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+        if "fastsae_config" not in metadata:
+            raise ValueError(f"{path} is a safetensors file but not a fastsae checkpoint (no fastsae_config)")
+        try:
+            cfg = SAEConfig(**json.loads(metadata["fastsae_config"]))
+        except (TypeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} has an invalid fastsae config: {error}") from error
+        sae = cls(cfg).to(device)
+        expected = sae.state_dict()
+        missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+        if missing or unexpected:
+            raise ValueError(f"{path} does not match its config: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        for name, tensor in tensors.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, config says {tuple(expected[name].shape)}"
+                )
+        sae.load_state_dict(tensors)
+        return sae
