@@ -275,7 +275,8 @@ def _decode_sparse_setup(ctx, inputs, output):
 def _decode_sparse_grad(ctx, grad_out):
     vals, idx, W_dec = ctx.saved_tensors
     dvals, dW_dec = _decode_sparse_backward(grad_out, vals, idx, W_dec)
-    db_dec = None if ctx.b_dec_dtype is None else grad_out.sum(0, dtype=torch.float32).to(ctx.b_dec_dtype)
+    acc = reference.accumulate_dtype(grad_out)
+    db_dec = None if ctx.b_dec_dtype is None else grad_out.sum(0, dtype=acc).to(ctx.b_dec_dtype)
     return _only_needed(ctx, (dvals, None, dW_dec, db_dec))
 
 

@@ -1,0 +1,23 @@
+import os
+import zlib
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_interpret = pytest.mark.skip(reason="Triton interpreter tests run with TRITON_INTERPRET=1")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+        if "interpret" in item.keywords and os.environ.get("TRITON_INTERPRET") != "1":
+            item.add_marker(skip_interpret)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Every test draws fresh data, but reproducibly from its own name."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

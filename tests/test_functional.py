@@ -1,0 +1,184 @@
+"""The public custom ops against the reference: forward, every gradient, opcheck, bad input.
+
+On CPU the ops' implementation is the reference, so these tests check the op plumbing (argument
+handling, dtypes, autograd registration, fake impls); on CUDA they check the kernels."""
+
+import pytest
+import torch
+
+from fastsae import functional as F
+from fastsae import reference
+
+from .utils import DEVICES, assert_close, assert_topk_matches, random_sae_weights
+
+# (B, d, F, k): odd row counts, d not a power of two, k = 1 and k = F.
+SHAPES = [(1, 24, 64, 1), (37, 40, 96, 8), (199, 33, 128, 128), (64, 64, 256, 32)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _ids(shape):
+    return "B{}_d{}_F{}_k{}".format(*shape)
+
+
+def _problem(shape, dtype, device):
+    B, d, F_, _ = shape
+    x = (torch.randn(B, d, dtype=torch.float64) * 2 + 1).to(device=device, dtype=dtype)
+    return x, random_sae_weights(d, F_, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_encode_topk_forward(shape, dtype, device):
+    x, (W_enc, b_enc, _, b_dec) = _problem(shape, dtype, device)
+    k = shape[3]
+    dead = torch.rand(shape[2], device=device) < 0.3
+    k_aux = min(16, shape[2])
+    codes = F.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux=k_aux, dead_mask=dead)
+    pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
+    assert codes.vals.dtype == dtype and codes.vals.shape == (shape[0], k)
+    assert_topk_matches(codes.vals, codes.idx, pre, k, dtype)
+    assert_topk_matches(codes.aux_vals, codes.aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, dtype, "aux")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("threshold", [False, True], ids=["relu", "jumprelu"])
+def test_encode_relu_forward(threshold, dtype, device):
+    x, (W_enc, b_enc, _, b_dec) = _problem((37, 40, 96, 0), dtype, device)
+    cut = torch.rand(96, device=device, dtype=dtype) if threshold else None
+    acts = F.encode_relu(x, W_enc, b_enc, b_dec, cut)
+    pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
+    cut64 = torch.zeros((), dtype=torch.float64, device=device) if cut is None else cut.double()
+    assert_close(acts, torch.where(pre > cut64, pre, 0.0), dtype, "acts")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_decode_sparse_forward(shape, dtype, device):
+    B, d, F_, k = shape
+    vals = torch.rand(B, k, device=device).to(dtype)
+    idx = torch.stack([torch.randperm(F_)[:k] for _ in range(B)]).to(device=device, dtype=torch.int32)
+    _, _, W_dec, b_dec = random_sae_weights(d, F_, dtype=dtype, device=device)
+    out = F.decode_sparse(vals, idx, W_dec, b_dec)
+    assert out.dtype == dtype
+    assert_close(out, reference.decode_sparse(vals.double(), idx, W_dec.double(), b_dec.double()), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_match_reference(device):
+    """Every gradient of a TopK encode + sparse decode + AuxK against autograd of the reference."""
+    B, d, F_, k, k_aux = 41, 20, 60, 5, 7
+    x = torch.randn(B, d, dtype=torch.float64, device=device) + 2
+    dead = torch.rand(F_, device=device) < 0.5
+
+    def run(encode, decode, x, params):
+        W_enc, b_enc, W_dec, b_dec = params
+        vals, idx, aux_vals, aux_idx = encode(x, W_enc, b_enc, b_dec, k, k_aux, dead)
+        recon = decode(vals, idx, W_dec, b_dec)
+        aux = decode(aux_vals, aux_idx, W_dec, None)
+        return reference.fvu(recon, x) + reference.fvu(aux, (x - recon).detach())
+
+    grads = []
+    for encode, decode in [(reference.encode_topk, reference.decode_sparse),
+                           (lambda *a: F.encode_topk(*a[:5], k_aux=a[5], dead_mask=a[6]), F.decode_sparse)]:
+        torch.manual_seed(0)
+        params = [p.requires_grad_() for p in random_sae_weights(d, F_, device=device)]
+        xr = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(run(encode, decode, xr, params), [xr, *params]))
+    for name, actual, expected in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec"), grads[1], grads[0]):
+        assert_close(actual, expected, torch.float64, f"d{name}")
+
+
+def test_gradcheck_fp64():
+    """Finite differences through the custom ops' registered autograd, on tiny shapes."""
+    B, d, F_, k = 6, 5, 9, 3
+    x = torch.randn(B, d, dtype=torch.float64, requires_grad=True)
+    W_enc, b_enc, W_dec, b_dec = [p.requires_grad_() for p in random_sae_weights(d, F_)]
+    dead = torch.ones(F_, dtype=torch.bool)
+    torch.autograd.gradcheck(
+        lambda *a: F.encode_topk(*a, k, k_aux=2, dead_mask=dead)[::2], (x, W_enc, b_enc, b_dec)
+    )
+    torch.autograd.gradcheck(lambda *a: F.encode_relu(*a), (x, W_enc, b_enc, b_dec))
+    vals = torch.rand(B, k, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, F_, (B, k), dtype=torch.int32)
+    torch.autograd.gradcheck(lambda v, w, b: F.decode_sparse(v, idx, w, b), (vals, W_dec, b_dec))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op(device):
+    """torch.library.opcheck: schema, fake impl, autograd registration and aot dispatch of each op."""
+    B, d, F_, k = 13, 12, 40, 4
+    x, (W_enc, b_enc, W_dec, b_dec) = _problem((B, d, F_, k), torch.float32, device)
+    W_enc.requires_grad_()
+    dead = torch.rand(F_, device=device) < 0.5
+    vals, idx, aux_vals, aux_idx = torch.ops.fastsae.encode_topk(x, W_enc, b_enc, b_dec, k, 3, dead)
+    grads = (torch.randn_like(vals), torch.randn_like(aux_vals))
+    acts = F.encode_relu(x, W_enc, b_enc, b_dec).detach()
+    cases = [
+        (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 3, dead)),
+        (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 0, None)),
+        (torch.ops.fastsae.encode_topk_backward,
+         (*grads, x, W_enc.detach(), b_dec, vals.detach(), idx, aux_vals.detach(), aux_idx)),
+        (torch.ops.fastsae.encode_relu, (x, W_enc, b_enc, b_dec, None)),
+        (torch.ops.fastsae.encode_relu_backward, (torch.randn_like(acts), x, W_enc.detach(), b_dec, acts)),
+        (torch.ops.fastsae.decode_sparse, (vals.detach().requires_grad_(), idx, W_dec, b_dec)),
+        (torch.ops.fastsae.decode_sparse_backward, (torch.randn(B, d, device=device), vals.detach(), idx, W_dec)),
+        (torch.ops.fastsae.fire_counts, (idx, F_, vals.detach())),
+        (torch.ops.fastsae.fire_counts_dense, (acts,)),
+        (torch.ops.fastsae.update_since_fired, (torch.randint(0, 100, (F_,), device=device),
+                                                torch.randint(0, 2, (F_,), device=device), B)),
+        (torch.ops.fastsae.dead_mask, (torch.randint(0, 100, (F_,), device=device), 50)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument
+
+
+def _good():
+    x = torch.randn(8, 6)
+    W_enc, b_enc, W_dec, b_dec = random_sae_weights(6, 20, dtype=torch.float32)
+    return x, W_enc, b_enc, W_dec, b_dec
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: {**a, "x": a["x"][0]}, "x must have 2 dimension"),
+        (lambda a: {**a, "x": a["x"][:0]}, "x is an empty batch"),
+        (lambda a: {**a, "x": a["x"].long()}, "x must be float32"),
+        (lambda a: {**a, "x": torch.randn(8, 7)}, "x has 7 dimensions"),
+        (lambda a: {**a, "b_enc": a["b_enc"][:3]}, "b_enc has 3 entries"),
+        (lambda a: {**a, "b_dec": a["b_dec"][:3]}, "b_dec has 3 entries"),
+        (lambda a: {**a, "k": 21}, r"k must be in \[1, n_features=20\]"),
+        (lambda a: {**a, "k": 0}, r"k must be in \[1"),
+        (lambda a: {**a, "k_aux": 4}, "k_aux > 0 needs dead_mask"),
+        (lambda a: {**a, "k_aux": 4, "dead_mask": torch.ones(19, dtype=torch.bool)}, "dead_mask must be bool"),
+        (lambda a: {**a, "x": a["x"].to("meta")}, "one device"),
+    ],
+    ids=["rank", "empty", "int-dtype", "wrong-d", "b_enc", "b_dec", "k>F", "k<1", "no-mask", "mask-shape", "device"],
+)
+def test_encode_topk_rejects_bad_input(mutate, message):
+    x, W_enc, b_enc, _, b_dec = _good()
+    args = mutate({"x": x, "W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, "k": 4})
+    with pytest.raises(ValueError, match=message):
+        F.encode_topk(**args)
+
+
+def test_decode_sparse_rejects_bad_input():
+    _, _, _, W_dec, b_dec = _good()
+    vals, idx = torch.rand(8, 4), torch.randint(0, 20, (8, 4), dtype=torch.int32)
+    with pytest.raises(ValueError, match="idx must be int32 or int64"):
+        F.decode_sparse(vals, idx.float(), W_dec)
+    with pytest.raises(ValueError, match="idx has shape"):
+        F.decode_sparse(vals, idx[:, :3], W_dec)
+    with pytest.raises(ValueError, match="vals is an empty batch"):
+        F.decode_sparse(vals[:0], idx[:0], W_dec)
+    with pytest.raises(ValueError, match="b_dec has 5 entries"):
+        F.decode_sparse(vals, idx, W_dec, b_dec[:5])
+    with pytest.raises(ValueError, match="acts has 19 features"):
+        F.decode_dense(torch.rand(8, 19), W_dec)

@@ -1,0 +1,208 @@
+"""SparseAutoencoder: against the reference, training, save/load, compile, bad input."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastsae
+from fastsae import reference
+
+from .utils import DEVICES, assert_close
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _sae(device="cpu", dtype="float64", **overrides):
+    cfg = fastsae.SAEConfig(**{"d_in": 24, "n_features": 96, "k": 6, "dtype": dtype, **overrides})
+    sae = fastsae.SparseAutoencoder(cfg).to(device)
+    sae.initialize(torch.randn(300, 24, dtype=torch.float64, device=device) + 3)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+    return sae
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu", "batchtopk"])
+def test_forward_matches_reference(activation, device):
+    sae = _sae(device, activation=activation)
+    if activation == "jumprelu":
+        sae.threshold.uniform_(0, 0.5)
+    x = torch.randn(37, 24, dtype=torch.float64, device=device) + 3
+    out = sae(x)
+    params = (sae.W_enc, sae.b_enc, sae.b_dec)
+    pre = reference.pre_activation(x, *params)
+    if activation == "topk":
+        vals, _ = reference.topk_activation(pre, 6)
+        assert_close(out.vals.sort(1).values, vals.sort(1).values, torch.float64, "vals")
+        recon = reference.decode_sparse(out.vals, out.idx, sae.W_dec, sae.b_dec)
+    else:
+        threshold = sae.threshold if activation == "jumprelu" else None
+        acts = reference.encode_relu(x, sae.W_enc, sae.b_enc, sae.b_dec, threshold)
+        if activation == "batchtopk":
+            acts = reference.batch_topk(acts, 6)
+        assert_close(out.acts, acts, torch.float64, "acts")
+        recon = reference.decode_dense(acts, sae.W_dec, sae.b_dec)
+    assert_close(out.recon, recon, torch.float64, "recon")
+    assert_close(out.fvu, reference.fvu(recon, x), torch.float64, "fvu")
+    assert_close(out.mse, reference.mse(recon, x), torch.float64, "mse")
+
+
+def test_auxk_loss_trains_dead_features_only():
+    sae = _sae(dead_after_tokens=0, k_aux=12)
+    x = torch.randn(50, 24, dtype=torch.float64) + 3
+    sae.train()
+    sae(x)  # every feature not fired in this batch is now dead (threshold 0)
+    dead = sae.dead_features()
+    assert 0 < int(dead.sum()) < 96
+    out = sae(x)
+    assert float(out.auxk) > 0
+    (out.auxk).backward()
+    grad_rows = sae.W_dec.grad.abs().sum(1) > 0
+    assert grad_rows.any() and not grad_rows[~dead].any(), "AuxK must only move dead features' decoder rows"
+
+
+def test_death_statistics_count_fires_without_sync():
+    sae = _sae()
+    sae.train()
+    x = torch.randn(40, 24, dtype=torch.float64) + 3
+    out = sae(x)
+    expected = reference.fire_counts(out.idx, 96, out.vals)
+    assert sae.feature_fire_count.tolist() == expected.tolist()
+    assert sae.tokens_since_fired.tolist() == torch.where(expected > 0, 0, 40).tolist()
+    assert int(sae.n_tokens_seen) == 40
+    sae.eval()
+    sae(x)
+    assert int(sae.n_tokens_seen) == 40, "evaluation must not change training statistics"
+
+
+def test_readme_training_loop_reduces_loss(tmp_path, monkeypatch):
+    """The README's drop-in example, executed as written (in a scratch folder: it saves a file)."""
+    monkeypatch.chdir(tmp_path)
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, str(README), "exec"), namespace)
+    losses = namespace["losses"]
+    assert losses[-1] < 0.5 * losses[0], f"FVU did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def test_decoder_rows_stay_unit_norm_in_training():
+    sae = _sae(dtype="float32")
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(5):
+        out = sae(torch.randn(64, 24) + 3)
+        out.loss.backward()
+        sae.remove_decoder_parallel_grad()
+        opt.step()
+        opt.zero_grad()
+        sae.normalize_decoder()
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-5)
+
+
+def test_save_load_round_trip(tmp_path):
+    sae = _sae(dtype="float32")
+    sae.train()
+    sae(torch.randn(64, 24) + 3)
+    sae = sae.to(torch.bfloat16)
+    path = tmp_path / "sae.safetensors"
+    sae.save(path)
+    loaded = fastsae.SparseAutoencoder.load(path)
+    assert loaded.cfg.dtype == "bfloat16" and loaded.cfg.k == 6
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    x = torch.randn(16, 24).to(torch.bfloat16) + 3
+    sae.eval(), loaded.eval()
+    assert torch.equal(sae(x).recon, loaded(x).recon)
+    assert [p.name for p in tmp_path.iterdir()] == ["sae.safetensors"], "no temporary file may be left"
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "sae.safetensors"
+    _sae().save(path)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fastsae.sae, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        _sae().save(path)
+    assert path.read_bytes() == before, "a failed save must leave the earlier file intact"
+    assert [p.name for p in tmp_path.iterdir()] == ["sae.safetensors"]
+
+
+def test_load_rejects_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no SAE checkpoint"):
+        fastsae.SparseAutoencoder.load(tmp_path / "missing.safetensors")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        fastsae.SparseAutoencoder.load(garbage)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(ValueError, match="not a fastsae checkpoint"):
+        fastsae.SparseAutoencoder.load(foreign)
+    sae = _sae()
+    path = tmp_path / "sae.safetensors"
+    sae.save(path)
+    tensors = {n: t.contiguous() for n, t in sae.state_dict().items()}
+    tensors["W_enc"] = torch.zeros(24, 95, dtype=torch.float64)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="W_enc has shape"):
+        fastsae.SparseAutoencoder.load(path)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"k": 97}, r"k must be in \[1, n_features=96\]"),
+        ({"k": 0}, r"k must be in \[1"),
+        ({"activation": "gelu"}, "activation must be one of"),
+        ({"centering": "median"}, "centering must be one of"),
+        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"k_aux": 97}, "k_aux must be in"),
+        ({"activation": "relu", "k_aux": 8}, "only defined for activation='topk'"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        fastsae.SAEConfig(**{"d_in": 24, "n_features": 96, **overrides})
+
+
+def test_forward_rejects_bad_input():
+    sae = _sae(dtype="float32")
+    with pytest.raises(ValueError, match=r"x must be \[batch, d_in=24\]"):
+        sae(torch.randn(8, 23))
+    with pytest.raises(ValueError, match="x contains NaN"):
+        sae(torch.full((8, 24), float("nan")))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        sae(torch.randn(1, 24))
+    with pytest.raises(ValueError, match="sample contains NaN"):
+        sae.initialize(torch.full((8, 24), float("nan")))
+    with pytest.raises(ValueError, match="sample has 23 dimensions"):
+        sae.initialize(torch.randn(8, 23))
+    sae.eval()
+    assert torch.isnan(sae(torch.randn(1, 24)).fvu), "one token in evaluation: FVU is documented as NaN"
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager():
+    """torch.compile(fullgraph=True) through every custom op of a TopK + AuxK step, on CPU."""
+    eager, compiled_sae = _sae(dtype="float32", dead_after_tokens=0), _sae(dtype="float32", dead_after_tokens=0)
+    compiled_sae.load_state_dict(eager.state_dict())
+    step = torch.compile(lambda sae, x: sae(x).loss, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(64, 24) + 3
+        losses = [eager(x).loss, step(compiled_sae, x)]
+        for loss in losses:
+            loss.backward()
+        assert torch.allclose(losses[0], losses[1], rtol=1e-4)
+        assert torch.allclose(eager.W_enc.grad, compiled_sae.W_enc.grad, rtol=1e-3, atol=1e-6)
+        assert torch.equal(eager.tokens_since_fired, compiled_sae.tokens_since_fired)

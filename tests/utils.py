@@ -1,0 +1,47 @@
+"""One comparison helper and one tolerance table for every test."""
+
+import pytest
+import torch
+
+# Relative RMS error allowed against an fp64 reference, by the dtype of the tested computation.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def relative_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    return float((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "output") -> None:
+    """Shape equal, no NaN (outputs are poisoned with NaN before kernels write them), and relative RMS
+    error within TOLERANCE[dtype]."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: contains NaN (unwritten elements?)"
+    error = relative_rms_error(actual, expected)
+    assert error <= TOLERANCE[dtype], f"{name}: relative RMS error {error:.3g} > {TOLERANCE[dtype]:.1g} ({dtype})"
+
+
+def random_sae_weights(d: int, n_features: int, dtype=torch.float64, device="cpu"):
+    """Encoder/decoder weights and biases with unit-norm decoder rows, like an initialised SAE."""
+    W_dec = torch.randn(n_features, d, dtype=torch.float64)
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_enc = W_dec.T.contiguous() + 0.1 * torch.randn(d, n_features, dtype=torch.float64)
+    b_enc = 0.1 * torch.randn(n_features, dtype=torch.float64)
+    b_dec = torch.randn(d, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (W_enc, b_enc, W_dec, b_dec)]
+
+
+def assert_topk_matches(vals, idx, pre, k, dtype, name="topk"):
+    """TopK checked without relying on tie order: sorted values equal the reference's top-k, and each
+    selected index's own pre-activation (post-ReLU) equals its returned value."""
+    expected = pre.double().topk(k, dim=1).values.relu()
+    assert_close(vals.double().sort(dim=1, descending=True).values, expected, dtype, f"{name} values")
+    gathered = pre.double().gather(1, idx.long().cpu().to(pre.device)).relu()
+    assert_close(vals.double(), gathered, dtype, f"{name} gathered pre-activations")
+    assert idx.dtype == torch.int32
+    assert (idx.long().sort(dim=1).values.diff(dim=1) > 0).all(), f"{name}: repeated index in a row"
