@@ -42,9 +42,7 @@ def mean(acts: Tensor) -> Tensor:
     return (total / acts.shape[0]).to(acts.dtype)
 
 
-def geometric_median(
-    acts: Tensor, *, tol: float = 1e-7, max_iter: int = 500, eps: float = 1e-12
-) -> Tensor:
+def geometric_median(acts: Tensor, *, tol: float = 1e-7, max_iter: int = 500, eps: float = 1e-12) -> Tensor:
     """Geometric median argmin_m sum_i ||acts_i - m|| by Weiszfeld's iteration, in float64 on acts'
     device (batched over rows, so a GPU sample stays on the GPU).
 

@@ -65,9 +65,7 @@ def encode_topk(
     return vals.to(W_enc.dtype), idx, aux_vals.to(W_enc.dtype), aux_idx
 
 
-def encode_relu(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor | None = None
-) -> Tensor:
+def encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor | None = None) -> Tensor:
     """Dense codes: ReLU, or JumpReLU when a per-feature `threshold` [F] is given
     (z = pre where pre > threshold, else 0). Returns [B, F] in the parameter dtype."""
     pre = pre_activation(x, W_enc, b_enc, b_dec)
@@ -83,9 +81,7 @@ def batch_topk(acts: Tensor, k: int) -> Tensor:
     return torch.zeros_like(flat).scatter(0, keep, flat[keep]).view_as(acts)
 
 
-def encoder_backward(
-    dZ: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def encoder_backward(dZ: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of pre = (x - b_dec) @ W_enc + b_enc given d pre = dZ [B, F].
     Returns dx, dW_enc, db_enc, db_dec, each in the dtype of its input."""
     xc = center(x, b_dec)

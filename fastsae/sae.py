@@ -270,7 +270,9 @@ class SparseAutoencoder(nn.Module):
         expected = sae.state_dict()
         missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
         if missing or unexpected:
-            raise ValueError(f"{path} does not match its config: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+            raise ValueError(
+                f"{path} does not match its config: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
         for name, tensor in tensors.items():
             if tensor.shape != expected[name].shape:
                 raise ValueError(

@@ -81,8 +81,10 @@ def test_gradients_match_reference(device):
         return reference.fvu(recon, x) + reference.fvu(aux, (x - recon).detach())
 
     grads = []
-    for encode, decode in [(reference.encode_topk, reference.decode_sparse),
-                           (lambda *a: F.encode_topk(*a[:5], k_aux=a[5], dead_mask=a[6]), F.decode_sparse)]:
+    for encode, decode in [
+        (reference.encode_topk, reference.decode_sparse),
+        (lambda *a: F.encode_topk(*a[:5], k_aux=a[5], dead_mask=a[6]), F.decode_sparse),
+    ]:
         torch.manual_seed(0)
         params = [p.requires_grad_() for p in random_sae_weights(d, F_, device=device)]
         xr = x.clone().requires_grad_()
@@ -97,9 +99,7 @@ def test_gradcheck_fp64():
     x = torch.randn(B, d, dtype=torch.float64, requires_grad=True)
     W_enc, b_enc, W_dec, b_dec = [p.requires_grad_() for p in random_sae_weights(d, F_)]
     dead = torch.ones(F_, dtype=torch.bool)
-    torch.autograd.gradcheck(
-        lambda *a: F.encode_topk(*a, k, k_aux=2, dead_mask=dead)[::2], (x, W_enc, b_enc, b_dec)
-    )
+    torch.autograd.gradcheck(lambda *a: F.encode_topk(*a, k, k_aux=2, dead_mask=dead)[::2], (x, W_enc, b_enc, b_dec))
     torch.autograd.gradcheck(lambda *a: F.encode_relu(*a), (x, W_enc, b_enc, b_dec))
     vals = torch.rand(B, k, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, F_, (B, k), dtype=torch.int32)
@@ -119,16 +119,20 @@ def test_opcheck_every_op(device):
     cases = [
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 3, dead)),
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 0, None)),
-        (torch.ops.fastsae.encode_topk_backward,
-         (*grads, x, W_enc.detach(), b_dec, vals.detach(), idx, aux_vals.detach(), aux_idx)),
+        (
+            torch.ops.fastsae.encode_topk_backward,
+            (*grads, x, W_enc.detach(), b_dec, vals.detach(), idx, aux_vals.detach(), aux_idx),
+        ),
         (torch.ops.fastsae.encode_relu, (x, W_enc, b_enc, b_dec, None)),
         (torch.ops.fastsae.encode_relu_backward, (torch.randn_like(acts), x, W_enc.detach(), b_dec, acts)),
         (torch.ops.fastsae.decode_sparse, (vals.detach().requires_grad_(), idx, W_dec, b_dec)),
         (torch.ops.fastsae.decode_sparse_backward, (torch.randn(B, d, device=device), vals.detach(), idx, W_dec)),
         (torch.ops.fastsae.fire_counts, (idx, F_, vals.detach())),
         (torch.ops.fastsae.fire_counts_dense, (acts,)),
-        (torch.ops.fastsae.update_since_fired, (torch.randint(0, 100, (F_,), device=device),
-                                                torch.randint(0, 2, (F_,), device=device), B)),
+        (
+            torch.ops.fastsae.update_since_fired,
+            (torch.randint(0, 100, (F_,), device=device), torch.randint(0, 2, (F_,), device=device), B),
+        ),
         (torch.ops.fastsae.dead_mask, (torch.randint(0, 100, (F_,), device=device), 50)),
     ]
     for op, args in cases:

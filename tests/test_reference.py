@@ -24,9 +24,7 @@ def test_encode_topk_backward_matches_autograd(shape):
     dead = torch.rand(F) < 0.5
     vals, idx, aux_vals, aux_idx = reference.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead)
     grad_vals, grad_aux = torch.randn_like(vals), torch.randn_like(aux_vals)
-    expected = torch.autograd.grad(
-        (vals * grad_vals).sum() + (aux_vals * grad_aux).sum(), (x, W_enc, b_enc, b_dec)
-    )
+    expected = torch.autograd.grad((vals * grad_vals).sum() + (aux_vals * grad_aux).sum(), (x, W_enc, b_enc, b_dec))
     actual = reference.encode_topk_backward(grad_vals, grad_aux, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
     for name, a, e in zip(("dx", "dW_enc", "db_enc", "db_dec"), actual, expected):
         assert_close(a, e, torch.float64, name)
@@ -64,8 +62,9 @@ def test_decode_sparse_equals_dense_decode():
     vals, idx = torch.rand(B, k, dtype=torch.float64), torch.randint(0, F, (B, k), dtype=torch.int32)
     W_dec, b_dec = torch.randn(F, d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
     dense = reference.scatter_codes(vals, idx, F)
-    assert_close(reference.decode_sparse(vals, idx, W_dec, b_dec), reference.decode_dense(dense, W_dec, b_dec),
-                 torch.float64)
+    assert_close(
+        reference.decode_sparse(vals, idx, W_dec, b_dec), reference.decode_dense(dense, W_dec, b_dec), torch.float64
+    )
 
 
 def test_topk_values_are_post_relu_and_aux_only_selects_dead():
