@@ -6,7 +6,8 @@ Three paths, tried in order, the first that works wins:
    TORCH_EXTENSIONS_DIR), when the sources are there (an editable or source install);
 3. "python": the same schemas registered from Python with fastsae.reference as the implementation,
    after one warning saying why the compiled paths failed.
-`fastsae.ext_info()` says which path is active. Fake (meta) impls are registered here for all paths.
+`fastsae.ext_info()` says which path is active. FASTSAE_EXT=prebuilt|jit|python forces one path (no
+fallback, no warning). Fake (meta) impls are registered here for all paths.
 """
 
 from __future__ import annotations
@@ -101,17 +102,20 @@ def load() -> None:
     """Makes the fastsae::fire_counts family available, once per process."""
     if _info:
         return
+    loaders = {"prebuilt": _load_prebuilt, "jit": _load_jit, "python": _register_python}
+    forced = os.environ.get("FASTSAE_EXT")
+    if forced is not None and forced not in loaders:
+        raise ValueError(f"FASTSAE_EXT must be one of {sorted(loaders)}, got {forced!r}")
     errors = []
-    loaders = [("prebuilt", _load_prebuilt)]
-    if os.environ.get("FASTSAE_NO_JIT") != "1":
-        loaders.append(("jit", _load_jit))
-    for name, loader in loaders:
+    for name in [forced] if forced else ["prebuilt", "jit"]:
         try:
-            loader()
+            loaders[name]()
         except Exception as error:  # any build or load failure moves on to the next path
+            if forced:
+                raise
             errors.append(f"{name}: {type(error).__name__}: {str(error).strip().splitlines()[-1]}")
             continue
-        _info.update(backend=name, errors=errors)
+        backend = name
         break
     else:
         warnings.warn(
@@ -121,11 +125,10 @@ def load() -> None:
             stacklevel=3,
         )
         _register_python()
-        _info.update(backend="python", errors=errors)
+        backend = "python"
     _register_fakes()
-    _info["cuda"] = _info["backend"] != "python" and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastsae::fire_counts", "CUDA"
-    )
+    has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fastsae::fire_counts", "CUDA")
+    _info.update(backend=backend, cuda=backend != "python" and has_cuda, errors=errors)
 
 
 def ext_info() -> dict:

@@ -1,0 +1,42 @@
+"""Fire counts: fastsae's CUDA histogram against torch.bincount, and the dense count against
+(acts > 0).sum(0), at the DESIGN.md shapes (B * k indices into F features)."""
+
+from __future__ import annotations
+
+import torch
+
+from fastsae import functional as F
+
+from .harness import SHAPES, Recorder, measure
+
+
+def _skewed(n_rows: int, k: int, n_features: int) -> torch.Tensor:
+    """One feature in every row plus a steep power law: the histogram's worst case for contention."""
+    idx = (torch.rand(n_rows, k, device="cuda").pow(4) * n_features).to(torch.int32)
+    idx[:, 0] = n_features // 2
+    return idx
+
+
+def run(recorder: Recorder) -> None:
+    for shape_name, (_, n_features, n_rows, k) in SHAPES.items():
+        distributions = {
+            "fire_counts": torch.randint(0, n_features, (n_rows, k), device="cuda", dtype=torch.int32),
+            "fire_counts_skewed": _skewed(n_rows, k, n_features),
+        }
+        for op, idx in distributions.items():
+            vals = torch.rand(n_rows, k, device="cuda", dtype=torch.bfloat16)
+            expected = torch.bincount(idx.flatten(), minlength=n_features)
+            assert torch.equal(F.fire_counts(idx, n_features), expected), f"{op} {shape_name}: wrong counts"
+            assert torch.equal(F.fire_counts(idx, n_features, vals), expected), f"{op} {shape_name}: wrong with vals"
+            recorder.record(op, shape_name, "fastsae", measure(lambda idx=idx: F.fire_counts(idx, n_features)))
+            recorder.record(
+                op, shape_name, "fastsae_vals", measure(lambda idx=idx, v=vals: F.fire_counts(idx, n_features, v))
+            )
+            recorder.record(
+                op, shape_name, "bincount", measure(lambda idx=idx: torch.bincount(idx.flatten(), minlength=n_features))
+            )
+        acts = (torch.randn(n_rows, n_features, device="cuda", dtype=torch.bfloat16) - 1.5).relu()
+        assert torch.equal(F.fire_counts_dense(acts), (acts > 0).sum(0)), f"fire_counts_dense {shape_name}: wrong"
+        recorder.record("fire_counts_dense", shape_name, "fastsae", measure(lambda a=acts: F.fire_counts_dense(a)))
+        recorder.record("fire_counts_dense", shape_name, "torch", measure(lambda a=acts: (a > 0).sum(0)))
+        del acts

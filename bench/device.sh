@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine through the device tool, from the repository root:
+#   bash bench/device.sh            (writes logs and the benchmark CSV under $OUT)
+# Installs fastsae without network (building the CUDA extension ahead of time), runs the gpu tests,
+# compute-sanitizer over the CUDA death-statistics ops, and the benchmarks.
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+
+if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels (see the device tool's README)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+echo "== install" | tee "$OUT/install.log"
+python3 -m pip install --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
+python3 -c "import fastsae; print('ext', fastsae.ext_info())" 2>&1 | tee -a "$OUT/install.log"
+
+echo "== gpu tests"
+python3 -m pytest -m gpu -q -p no:cacheprovider ${FASTSAE_TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+    echo "== compute-sanitizer"
+    for tool in memcheck racecheck; do
+        compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/sanitize_ext.py >"$OUT/sanitizer_$tool.log" 2>&1
+        echo "$tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
+    done
+fi
+
+echo "== benchmarks"
+python3 -m bench.run --csv "$OUT/results.csv" ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} 2>&1 | tee "$OUT/bench.log" | tail -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit $status

@@ -1,0 +1,104 @@
+"""The one benchmark harness: medians of triton.testing.do_bench, peak memory, CSV rows.
+
+Every benchmark checks correctness against the reference before timing anything, and appends rows
+with exactly the columns of COLUMNS to bench/results/<gpu>.csv (or the CSV path it is given).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+COLUMNS = [
+    "op",
+    "shape",
+    "provider",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "peak_mem_mb",
+    "gpu",
+    "torch",
+    "triton",
+    "git_sha",
+    "date",
+]
+
+# The three shapes of ../shared/DESIGN.md: (d, F, B, k).
+SHAPES = {
+    "gpt2": (768, 24576, 8192, 32),
+    "llama8b": (4096, 131072, 4096, 64),
+    "af3": (384, 16384, 16384, 32),
+}
+
+
+def environment() -> dict:
+    """gpu, torch, triton, git_sha and date columns for this run."""
+    import triton
+
+    sha = os.environ.get("FASTSAE_GIT_SHA")
+    if not sha:
+        try:
+            sha = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            sha = "unknown"
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git_sha": sha,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def measure(fn: Callable[[], object]) -> dict:
+    """Median, 20th and 80th percentile milliseconds (do_bench) and the peak memory the call
+    allocates above what was allocated before it, in MB."""
+    import triton.testing
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=200)
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "peak_mem_mb": peak_mb}
+
+
+class Recorder:
+    """Collects rows for one run and appends them to a CSV, writing the header on a new file."""
+
+    def __init__(self, csv_path: Path):
+        self.csv_path = csv_path
+        self.env = environment()
+        self.rows: list[dict] = []
+
+    def record(self, op: str, shape: str, provider: str, timing: dict) -> None:
+        row = {"op": op, "shape": shape, "provider": provider, **timing, **self.env}
+        self.rows.append(row)
+        print(
+            f"{op:>22} {shape:>24} {provider:>14} {timing['median_ms']:9.4f} ms  peak {timing['peak_mem_mb']:9.1f} MB",
+            flush=True,
+        )
+
+    def flush(self) -> None:
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        new_file = not self.csv_path.exists()
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            if new_file:
+                writer.writeheader()
+            for row in self.rows:
+                writer.writerow(
+                    {key: f"{value:.5f}" if isinstance(value, float) else value for key, value in row.items()}
+                )
+        self.rows.clear()

@@ -1,0 +1,119 @@
+"""Renders bench/results/README.md (one markdown table per op) and one plot per op from the CSVs.
+
+    python -m bench.report [RESULTS_DIR]
+
+For each (op, shape, provider) the newest row counts. Ratios are to the op's baseline provider:
+the cuBLAS GEMM floor where it was measured, else the torch provider the op is compared against.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+BASELINES = ["cublas_gemm", "bincount", "embedding_bag", "torch"]
+
+
+def _latest_rows(csv_paths: list[Path]) -> dict:
+    latest: dict = {}
+    for path in csv_paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                latest[(row["gpu"], row["op"], row["shape"], row["provider"])] = row
+    return latest
+
+
+def _table(rows: list[dict]) -> list[str]:
+    providers = sorted({r["provider"] for r in rows})
+    baseline = next((b for b in BASELINES if b in providers), None)
+    by_shape: dict = {}
+    for r in rows:
+        by_shape.setdefault(r["shape"], {})[r["provider"]] = r
+    header = "| shape | " + " | ".join(f"{p} ms (p20-p80)" for p in providers) + " |"
+    if baseline:
+        header += "".join(f" {p} / {baseline} |" for p in providers if p != baseline)
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for shape, cells in by_shape.items():
+        line = (
+            f"| {shape} | "
+            + " | ".join(
+                f"{float(cells[p]['median_ms']):.4f} ({float(cells[p]['p20_ms']):.4f}-{float(cells[p]['p80_ms']):.4f})"
+                if p in cells
+                else ""
+                for p in providers
+            )
+            + " |"
+        )
+        if baseline:
+            for p in providers:
+                if p == baseline:
+                    continue
+                ok = p in cells and baseline in cells
+                ratio = float(cells[p]["median_ms"]) / float(cells[baseline]["median_ms"]) if ok else None
+                line += f" {ratio:.2f}x |" if ratio is not None else " |"
+        lines.append(line)
+    peak = [f"{p} {float(r['peak_mem_mb']):.0f} MB" for shape, cells in by_shape.items() for p, r in cells.items()]
+    lines.append("")
+    lines.append("Peak extra memory: " + ", ".join(peak) + ".")
+    return lines
+
+
+def _plot(op: str, rows: list[dict], out_dir: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping plots")
+        return
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    providers = sorted({r["provider"] for r in rows})
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(shapes) * max(1, len(providers)) / 3, 3.5))
+    width = 0.8 / len(providers)
+    for i, provider in enumerate(providers):
+        medians = [
+            next((float(r["median_ms"]) for r in rows if r["shape"] == s and r["provider"] == provider), 0.0)
+            for s in shapes
+        ]
+        ax.bar([x + i * width for x in range(len(shapes))], medians, width, label=provider)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], shapes)
+    ax.set_ylabel("median ms")
+    ax.set_title(op)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{op}.png", dpi=120)
+    plt.close(fig)
+
+
+def render(csv_path: Path, out_dir: Path) -> None:
+    """Rewrites out_dir/README.md and out_dir/<op>.png from every CSV in csv_path's folder."""
+    latest = _latest_rows(sorted(csv_path.parent.glob("*.csv")))
+    lines = [
+        "# Benchmark results",
+        "",
+        "Rendered by `python -m bench.report` from the CSVs here; medians of",
+        "`triton.testing.do_bench`, correctness checked before timing. Newest row per (op, shape, provider).",
+        "",
+    ]
+    groups: dict = {}
+    for (gpu, op, _, _), row in latest.items():
+        groups.setdefault((gpu, op), []).append(row)
+    for (gpu, op), rows in groups.items():
+        env = rows[-1]
+        lines += [
+            f"## {op} — {gpu}",
+            "",
+            f"torch {env['torch']}, triton {env['triton']}, commit {env['git_sha']}, {env['date']}",
+            "",
+        ]
+        lines += _table(rows) + [""]
+        _plot(op, rows, out_dir)
+        lines += [f"![{op}]({op}.png)", ""]
+    (out_dir / "README.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    results = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results"
+    render(next(iter(results.glob("*.csv")), results / "none.csv"), results)

@@ -1,0 +1,44 @@
+"""Runs the benchmarks on a CUDA GPU and appends their rows to a CSV, then renders the report.
+
+python -m bench.run [--only stats,encode,train] [--csv PATH]     (or: python -m fastsae bench)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import torch
+
+from .harness import Recorder
+from .report import render
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FAMILIES = ["stats"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
+    parser.add_argument("--csv", type=Path, default=None, help="CSV to append to (default bench/results/<gpu>.csv)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("fastsae bench times CUDA kernels and needs a CUDA GPU; none is visible here.")
+        return 2
+    families = args.only.split(",")
+    unknown = set(families) - set(FAMILIES)
+    if unknown:
+        parser.error(f"unknown benchmark families {sorted(unknown)}; choose from {FAMILIES}")
+    gpu_slug = torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-")
+    csv_path = args.csv or RESULTS / f"{gpu_slug}.csv"
+    recorder = Recorder(csv_path)
+    for family in families:
+        importlib.import_module(f"bench.bench_{family}").run(recorder)
+        recorder.flush()
+    render(csv_path, csv_path.parent)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
