@@ -23,6 +23,7 @@ def extension_modules():
         return [], {}
 
     sources = ["csrc/fastsae.cpp"]
+    include_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")]
     cxx_flags = ["-O3", "-std=c++17"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if with_cuda:
@@ -34,10 +35,15 @@ def extension_modules():
             "-gencode=arch=compute_90,code=compute_90",
         ]
         ext = cpp_extension.CUDAExtension(
-            "fastsae._C", sources, extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}
+            "fastsae._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         )
     else:
-        ext = cpp_extension.CppExtension("fastsae._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = cpp_extension.CppExtension(
+            "fastsae._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}
+        )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
