@@ -68,3 +68,22 @@ def geometric_median(acts: Tensor, *, tol: float = 1e-7, max_iter: int = 500, ep
         if step <= tol * scale:
             break
     return estimate.to(acts.dtype)
+
+
+def fit_whitening(acts: Tensor, center: Tensor, *, rel_eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """ZCA (PCA) whitening of acts - center: returns (whiten, unwhiten), both [d, d] float64, with
+    (x - center) @ whiten having identity covariance and y @ unwhiten inverting it. Eigenvalues are
+    floored at rel_eps times the largest so rank-deficient samples stay invertible."""
+    check_sample(acts)
+    center64 = center.to(device=acts.device, dtype=torch.float64)
+    d = acts.shape[1]
+    covariance = torch.zeros(d, d, dtype=torch.float64, device=acts.device)
+    for chunk in _row_chunks(acts):
+        centred = chunk - center64
+        covariance += centred.T @ centred
+    covariance /= acts.shape[0]
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    eigenvalues = eigenvalues.clamp_min(rel_eps * float(eigenvalues.max().clamp_min(1e-30)))
+    whiten = eigenvectors @ torch.diag(eigenvalues.rsqrt()) @ eigenvectors.T
+    unwhiten = eigenvectors @ torch.diag(eigenvalues.sqrt()) @ eigenvectors.T
+    return whiten, unwhiten

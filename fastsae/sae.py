@@ -97,6 +97,13 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_features, dtype=dtype))
         self.W_dec = nn.Parameter(torch.empty(n_features, d, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d, dtype=dtype))
+        if cfg.centering == "whiten":
+            # A fixed input transform fitted by initialize(): the SAE works on (x - center) @ whiten and
+            # its reconstruction is mapped back with @ unwhiten + center, so losses stay in input space.
+            whiten_dtype = torch.promote_types(dtype, torch.float32)  # never whiten below fp32
+            self.register_buffer("whiten_center", torch.zeros(d, dtype=whiten_dtype))
+            self.register_buffer("whiten_matrix", torch.eye(d, dtype=whiten_dtype))
+            self.register_buffer("unwhiten_matrix", torch.eye(d, dtype=whiten_dtype))
         if cfg.activation == "jumprelu":
             # JumpReLU thresholds are set from a trained SAE (e.g. Gemma Scope); they get no gradient here.
             self.register_buffer("threshold", torch.zeros(n_features, dtype=dtype))
@@ -124,7 +131,13 @@ class SparseAutoencoder(nn.Module):
         if sample.shape[1] != self.cfg.d_in:
             raise ValueError(f"sample has {sample.shape[1]} dimensions, expected d_in={self.cfg.d_in}")
         self._init_directions()
-        if self.cfg.centering in ("geometric_median", "whiten"):
+        if self.cfg.centering == "whiten":
+            center = centering.geometric_median(sample)
+            whiten, unwhiten = centering.fit_whitening(sample, center)
+            self.whiten_center.copy_(center)
+            self.whiten_matrix.copy_(whiten)
+            self.unwhiten_matrix.copy_(unwhiten)
+        elif self.cfg.centering == "geometric_median":
             self.b_dec.copy_(centering.geometric_median(sample))
         elif self.cfg.centering == "mean":
             self.b_dec.copy_(centering.mean(sample))
@@ -152,8 +165,26 @@ class SparseAutoencoder(nn.Module):
         self._check_input(x)
         return self._encode(x, k_aux=0)
 
+    def positive_pre_activation(self, x: Tensor) -> Tensor:
+        """relu of the pre-activations [B, F], before any TopK selection (for death classification)."""
+        self._check_input(x)
+        return F.encode_relu(self._to_sae_space(x), self.W_enc, self.b_enc, self.b_dec)
+
+    def _to_sae_space(self, x: Tensor) -> Tensor:
+        if self.cfg.centering != "whiten":
+            return x
+        dtype = torch.promote_types(self.whiten_matrix.dtype, torch.float32)
+        return (x.to(dtype) - self.whiten_center.to(dtype)) @ self.whiten_matrix.to(dtype)
+
+    def _from_sae_space(self, y: Tensor) -> Tensor:
+        if self.cfg.centering != "whiten":
+            return y
+        dtype = torch.promote_types(self.unwhiten_matrix.dtype, torch.float32)
+        return (y.to(dtype) @ self.unwhiten_matrix.to(dtype) + self.whiten_center.to(dtype)).to(y.dtype)
+
     def _encode(self, x: Tensor, k_aux: int) -> F.TopKCodes | Tensor:
         cfg = self.cfg
+        x = self._to_sae_space(x)
         if cfg.activation == "topk":
             dead = self.dead_features() if k_aux else None
             return F.encode_topk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k, k_aux=k_aux, dead_mask=dead)
@@ -165,8 +196,8 @@ class SparseAutoencoder(nn.Module):
     def decode(self, codes: F.TopKCodes | Tensor) -> Tensor:
         """Reconstruction [B, d] from what `encode` returned."""
         if isinstance(codes, F.TopKCodes):
-            return F.decode_sparse(codes.vals, codes.idx, self.W_dec, self.b_dec)
-        return F.decode_dense(codes, self.W_dec, self.b_dec)
+            return self._from_sae_space(F.decode_sparse(codes.vals, codes.idx, self.W_dec, self.b_dec))
+        return self._from_sae_space(F.decode_dense(codes, self.W_dec, self.b_dec))
 
     def forward(self, x: Tensor) -> SAEOutput:
         """Encode, decode and the loss terms; in training mode also updates the death statistics."""
@@ -179,9 +210,10 @@ class SparseAutoencoder(nn.Module):
         if isinstance(codes, F.TopKCodes):
             vals, idx, acts = codes.vals, codes.idx, None
             if k_aux:
+                # The residual and its AuxK reconstruction compared in the SAE's own (possibly whitened) space.
                 aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
-                n_dead = self.dead_features().sum()
-                auxk = F.auxk_loss(aux_recon, (x - recon).detach(), n_dead, k_aux)
+                residual = (self._to_sae_space(x) - self._to_sae_space(recon)).detach()
+                auxk = F.auxk_loss(aux_recon, residual, self.dead_features().sum(), k_aux)
         else:
             vals, idx, acts = None, None, codes
         if self.training:

@@ -1,0 +1,115 @@
+"""Command line: python -m fastsae {reproduce,diagnose,bench}."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        import numpy as np
+
+        return {"array": torch.from_numpy(np.load(path, allow_pickle=False))}
+    if suffix == ".pt":
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return loaded if isinstance(loaded, dict) else {"tensor": loaded}
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def load_activations(path: Path) -> torch.Tensor:
+    """[N, d] activations from a .npy, .pt or .safetensors file holding exactly one tensor; a clear
+    ValueError for anything else."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.suffix.lower() not in (".npy", ".pt", ".safetensors"):
+        raise ValueError(f"{path}: unknown format {path.suffix!r}; expected .npy, .pt or .safetensors")
+    try:
+        tensors = _read_tensors(path)
+    except Exception as error:  # numpy, torch and safetensors each raise their own types on corrupt files
+        raise ValueError(f"{path}: cannot be read as {path.suffix}: {error}") from error
+    if len(tensors) != 1:
+        raise ValueError(f"{path}: holds {len(tensors)} tensors ({sorted(tensors)}); expected exactly one")
+    acts = next(iter(tensors.values()))
+    if not isinstance(acts, torch.Tensor) or acts.dim() != 2:
+        shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
+        raise ValueError(f"{path}: expected an [N, d] tensor of activations, got {shape}")
+    if not acts.is_floating_point():
+        raise ValueError(f"{path}: expected floating-point activations, got {acts.dtype}")
+    return acts
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnostics import diagnose
+
+    acts = load_activations(args.path)
+    print(diagnose(acts, k=args.k, n_features=args.n_features))
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import Settings, main
+
+    settings = Settings(
+        gammas=tuple(args.gammas),
+        steps=args.steps,
+        n_eval=args.n_eval,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(main(settings, args.out))
+    print(f"\nwrote {args.out / 'reproduce.md'} and {args.out / 'death_vs_gamma.png'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if not (ROOT / "bench" / "run.py").is_file():
+        print("fastsae bench runs the benchmarks of a source checkout (bench/run.py), not found here.")
+        return 2
+    sys.path.insert(0, str(ROOT))
+    from bench.run import main
+
+    return main(args.bench_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastsae", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    reproduce = commands.add_parser("reproduce", help="feature death vs outlier severity on synthetic data")
+    reproduce.add_argument("--out", type=Path, default=Path("fastsae_reproduce"), help="output folder")
+    reproduce.add_argument("--gammas", type=float, nargs="+", default=[0.5, 2, 5, 15, 30, 50])
+    reproduce.add_argument("--steps", type=int, default=300, help="training steps per SAE")
+    reproduce.add_argument("--n-eval", type=int, default=8192, help="evaluation tokens")
+    reproduce.add_argument("--seed", type=int, default=0)
+    reproduce.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    reproduce.set_defaults(run=cmd_reproduce)
+
+    diagnose = commands.add_parser("diagnose", help="outlier severity and predicted feature death of a file")
+    diagnose.add_argument("path", type=Path, help="[N, d] activations: .npy, .pt or .safetensors")
+    diagnose.add_argument("--k", type=int, default=32)
+    diagnose.add_argument("--n-features", type=int, default=24576)
+    diagnose.set_defaults(run=cmd_diagnose)
+
+    bench = commands.add_parser("bench", help="GPU benchmarks (arguments go to bench/run.py)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=cmd_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,251 @@
+"""Outlier diagnostics and feature-death accounting (Simon, Adams & Zou, ICML 2026, arXiv 2605.31518).
+
+- Outlier severity gamma = ||mu|| / ||sigma||, mu and sigma the per-dimension mean and std (ddof 0)
+  over tokens, after per-token LayerNorm times sqrt(d) (the paper's convention) or raw.
+- Effective rank: exp of the entropy of the normalised eigenvalues of the centred covariance.
+- Closed forms at initialisation (random unit encoder directions, zero biases), over N eval tokens:
+  dead-by-ReLU = Phi(-C / gamma), dead-by-TopK (ReLU-dead included) = Phi(t_k - C / gamma), with
+  C = Phi^-1(1 - 1/N) and t_k = Phi^-1(1 - k / n_features).
+- Measured death: a feature is dead if it never fires on the evaluation set; dead-by-ReLU if its
+  pre-activation is never > 0, dead-by-TopK if positive at least once but never selected.
+
+Every statistic streams over chunks in float64 (Chan's parallel merge), so 1M tokens x 4096 dims
+never sit in memory at once; pass a tensor (processed CHUNK_ROWS rows at a time, on its device) or
+any iterable of [n_i, d] tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from scipy.stats import norm
+from torch import Tensor
+
+from . import functional as F
+from .centering import CHUNK_ROWS, check_sample
+
+LAYERNORM_EPS = 1e-5
+LOW_EFFECTIVE_RANK = 8.0  # below this, centring alone leaves most directions degenerate (Evo1: ~2.8)
+CENTRE_IF_DEAD_RELU = 0.01
+CENTRE_IF_DEAD_TOPK = 0.10
+
+
+def layernorm_scaled(x: Tensor) -> Tensor:
+    """Per-token LayerNorm times sqrt(d): (x - mean_d) / sqrt(var_d + 1e-5) * sqrt(d), in float64."""
+    x = x.to(torch.float64)
+    centred = x - x.mean(1, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(1, keepdim=True) + LAYERNORM_EPS) * x.shape[1] ** 0.5
+
+
+def _chunks(acts: Tensor | Iterable[Tensor]) -> Iterator[Tensor]:
+    if isinstance(acts, Tensor):
+        check_sample(acts)
+        for start in range(0, acts.shape[0], CHUNK_ROWS):
+            yield acts[start : start + CHUNK_ROWS]
+        return
+    seen = False
+    for i, chunk in enumerate(acts):
+        check_sample(chunk, f"acts chunk {i}")
+        seen = True
+        yield chunk
+    if not seen:
+        raise ValueError("acts is empty (no chunks)")
+
+
+class RunningMoments:
+    """Token count, per-dimension mean and centred second moments (diagonal, or the full d x d matrix
+    when `full`), merged chunk by chunk with Chan et al.'s parallel update, in float64."""
+
+    def __init__(self, full: bool = False):
+        self.full = full
+        self.n = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+
+    def update(self, x: Tensor) -> None:
+        x = x.to(torch.float64)
+        n_b = x.shape[0]
+        mean_b = x.mean(0)
+        centred = x - mean_b
+        m2_b = centred.T @ centred if self.full else centred.pow(2).sum(0)
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        if x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"acts chunks disagree on d: {self.mean.shape[0]} then {x.shape[1]}")
+        n = self.n + n_b
+        delta = mean_b - self.mean.to(x.device)
+        correction = torch.outer(delta, delta) if self.full else delta.pow(2)
+        self.m2 = self.m2.to(x.device) + m2_b + correction * (self.n * n_b / n)
+        self.mean = self.mean.to(x.device) + delta * (n_b / n)
+        self.n = n
+
+    @property
+    def variance(self) -> Tensor:
+        """Per-dimension variance (ddof 0)."""
+        return (self.m2.diagonal() if self.full else self.m2) / self.n
+
+    @property
+    def gamma(self) -> float:
+        return float(self.mean.norm() / self.variance.sqrt().norm())
+
+
+def outlier_severity(acts: Tensor | Iterable[Tensor], layernorm: bool = True) -> float:
+    """gamma = ||mu|| / ||sigma|| over tokens; with `layernorm` (default, the paper's convention) each
+    token is first LayerNorm-ed and scaled by sqrt(d)."""
+    moments = RunningMoments()
+    for chunk in _chunks(acts):
+        moments.update(layernorm_scaled(chunk) if layernorm else chunk)
+    return moments.gamma
+
+
+def _effective_rank_of(covariance: Tensor) -> float:
+    eigenvalues = torch.linalg.eigvalsh(covariance).clamp_min(0)
+    p = eigenvalues / eigenvalues.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def effective_rank(acts: Tensor | Iterable[Tensor], layernorm: bool = True) -> float:
+    """exp(entropy) of the normalised eigenvalues of the centred covariance (streamed d x d, float64)."""
+    moments = RunningMoments(full=True)
+    for chunk in _chunks(acts):
+        moments.update(layernorm_scaled(chunk) if layernorm else chunk)
+    return _effective_rank_of(moments.m2 / moments.n)
+
+
+def predicted_death(gamma: float, n_eval: int, k: int, n_features: int) -> tuple[float, float]:
+    """(dead_relu, dead_topk) fractions at initialisation from the paper's closed forms; dead_topk
+    includes the ReLU-dead features."""
+    if gamma < 0 or n_eval < 2 or not 1 <= k <= n_features:
+        raise ValueError(
+            f"need gamma >= 0, n_eval >= 2, 1 <= k <= n_features; got {gamma}, {n_eval}, {k}, {n_features}"
+        )
+    if gamma == 0:
+        return 0.0, 0.0
+    c = norm.ppf(1 - 1 / n_eval)
+    t_k = norm.ppf(1 - k / n_features)
+    return float(norm.cdf(-c / gamma)), float(norm.cdf(t_k - c / gamma))
+
+
+@dataclass
+class DeathReport:
+    """Measured feature death over an evaluation set of n_tokens tokens."""
+
+    dead_relu: float  # fraction of features whose pre-activation was never > 0
+    dead_topk: float  # fraction positive at least once but never selected (0 for dense activations)
+    dead: float  # fraction that never fired: dead_relu + dead_topk
+    dead_relu_mask: Tensor
+    dead_topk_mask: Tensor
+    fire_counts: Tensor  # int64 [F]: tokens each feature fired on
+    n_tokens: int
+
+
+@torch.no_grad()
+def measure_death(sae, acts: Tensor | Iterable[Tensor], batch_size: int = 4096) -> DeathReport:
+    """Runs `sae` over the evaluation set in batches (no [N, F] tensor kept) and classifies every
+    feature: fired at least once, dead-by-TopK, or dead-by-ReLU."""
+    n_features = sae.cfg.n_features
+    device = sae.W_enc.device
+    fired = torch.zeros(n_features, dtype=torch.int64, device=device)
+    positive = torch.zeros(n_features, dtype=torch.int64, device=device)
+    n_tokens = 0
+    for chunk in _chunks(acts):
+        for start in range(0, chunk.shape[0], batch_size):
+            x = chunk[start : start + batch_size].to(device)
+            codes = sae.encode(x)
+            if isinstance(codes, F.TopKCodes):
+                fired += F.fire_counts(codes.idx, n_features, codes.vals)
+            else:
+                fired += F.fire_counts_dense(codes)
+            positive += F.fire_counts_dense(sae.positive_pre_activation(x))
+            n_tokens += x.shape[0]
+    dead_relu = positive == 0
+    dead_topk = (fired == 0) & ~dead_relu
+    return DeathReport(
+        dead_relu=float(dead_relu.float().mean()),
+        dead_topk=float(dead_topk.float().mean()),
+        dead=float((fired == 0).float().mean()),
+        dead_relu_mask=dead_relu,
+        dead_topk_mask=dead_topk,
+        fire_counts=fired,
+        n_tokens=n_tokens,
+    )
+
+
+@dataclass
+class Diagnosis:
+    """What `diagnose` found, and what to do about it."""
+
+    n_tokens: int
+    d: int
+    gamma: float  # LayerNorm convention
+    gamma_raw: float
+    effective_rank: float
+    predicted_dead_relu: float
+    predicted_dead_topk: float
+    recommendation: str  # "no action" | "centre" | "centre + whiten"
+    reason: str
+
+    def __str__(self) -> str:
+        rows = [
+            ("tokens x dims", f"{self.n_tokens} x {self.d}"),
+            ("gamma (LayerNorm x sqrt(d))", f"{self.gamma:.3f}"),
+            ("gamma (raw)", f"{self.gamma_raw:.3f}"),
+            ("effective rank", f"{self.effective_rank:.1f}"),
+            ("predicted dead-by-ReLU at init", f"{100 * self.predicted_dead_relu:.1f}%"),
+            ("predicted dead (TopK) at init", f"{100 * self.predicted_dead_topk:.1f}%"),
+            ("recommendation", self.recommendation),
+        ]
+        lines = ["| statistic | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
+        return "\n".join(lines) + f"\n\n{self.reason}"
+
+
+def diagnose(acts: Tensor | Iterable[Tensor], k: int = 32, n_features: int = 24576) -> Diagnosis:
+    """One streaming pass: gamma in both conventions, effective rank, the closed-form death an
+    uncentred TopK SAE (k of n_features) would have at initialisation over these tokens, and a
+    recommendation with its reason."""
+    layernormed, raw = RunningMoments(full=True), RunningMoments()
+    for chunk in _chunks(acts):
+        layernormed.update(layernorm_scaled(chunk))
+        raw.update(chunk)
+    d = layernormed.mean.shape[0]
+    if not 1 <= k <= n_features:
+        raise ValueError(f"k must be in [1, n_features={n_features}], got {k}")
+    gamma = layernormed.gamma
+    rank = _effective_rank_of(layernormed.m2 / layernormed.n)
+    dead_relu, dead_topk = predicted_death(gamma, max(layernormed.n, 2), k, n_features)
+    if rank < LOW_EFFECTIVE_RANK:
+        recommendation = "centre + whiten"
+        reason = (
+            f"The centred activations have effective rank {rank:.1f} (< {LOW_EFFECTIVE_RANK:g}): a few directions "
+            "carry nearly all variance, so centring alone leaves most features without signal. "
+            "Use SAEConfig(centering='whiten')."
+        )
+    elif dead_relu > CENTRE_IF_DEAD_RELU or dead_topk > CENTRE_IF_DEAD_TOPK:
+        recommendation = "centre"
+        reason = (
+            f"gamma = {gamma:.2f}: the mean offset shifts every feature's pre-activation by w . mu, so an "
+            f"uncentred SAE would start with {100 * dead_topk:.0f}% of features dead "
+            f"({100 * dead_relu:.0f}% never positive). Centre the input: SAEConfig(centering='geometric_median'), "
+            "fastsae's default."
+        )
+    else:
+        recommendation = "no action"
+        reason = (
+            f"gamma = {gamma:.2f} is small: outliers predict {100 * dead_topk:.1f}% dead features at "
+            "initialisation. The default geometric-median centring is harmless here."
+        )
+    return Diagnosis(
+        n_tokens=layernormed.n,
+        d=d,
+        gamma=gamma,
+        gamma_raw=raw.gamma,
+        effective_rank=rank,
+        predicted_dead_relu=dead_relu,
+        predicted_dead_topk=dead_topk,
+        recommendation=recommendation,
+        reason=reason,
+    )
