@@ -53,7 +53,9 @@ def _table(rows: list[dict]) -> list[str]:
                 ratio = float(cells[p]["median_ms"]) / float(cells[baseline]["median_ms"]) if ok else None
                 line += f" {ratio:.2f}x |" if ratio is not None else " |"
         lines.append(line)
-    peak = [f"{p} {float(r['peak_mem_mb']):.0f} MB" for shape, cells in by_shape.items() for p, r in cells.items()]
+    peak = [
+        f"{shape}/{p} {float(r['peak_mem_mb']):.0f} MB" for shape, cells in by_shape.items() for p, r in cells.items()
+    ]
     lines.append("")
     lines.append("Peak extra memory: " + ", ".join(peak) + ".")
     return lines

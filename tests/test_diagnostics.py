@@ -183,3 +183,9 @@ def test_reproduce_small_run(tmp_path):
     assert markdown_table(rows).count("\n") == 2
     assert cli(["reproduce", "--out", str(tmp_path), "--gammas", "30", "--steps", "20", "--n-eval", "1024"]) == 0
     assert (tmp_path / "reproduce.md").is_file() and (tmp_path / "death_vs_gamma.png").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
+def test_bench_cli_says_it_needs_a_gpu(capsys):
+    assert cli(["bench"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
