@@ -16,9 +16,11 @@ from torch import Tensor
 CHUNK_ROWS = 65536  # rows converted to float64 at a time: bounds the extra memory on big samples
 
 
-def _row_chunks(acts: Tensor, dtype: torch.dtype = torch.float64) -> Iterator[Tensor]:
+def _row_chunks(
+    acts: Tensor, dtype: torch.dtype = torch.float64, device: torch.device | None = None
+) -> Iterator[Tensor]:
     for start in range(0, acts.shape[0], CHUNK_ROWS):
-        yield acts[start : start + CHUNK_ROWS].to(dtype)
+        yield acts[start : start + CHUNK_ROWS].to(device=device or acts.device, dtype=dtype)
 
 
 def check_sample(acts: Tensor, name: str = "acts") -> None:
@@ -42,9 +44,12 @@ def mean(acts: Tensor) -> Tensor:
     return (total / acts.shape[0]).to(acts.dtype)
 
 
-def geometric_median(acts: Tensor, *, tol: float = 1e-7, max_iter: int = 500, eps: float = 1e-12) -> Tensor:
-    """Geometric median argmin_m sum_i ||acts_i - m|| by Weiszfeld's iteration, in float64 on acts'
-    device (batched over rows, so a GPU sample stays on the GPU).
+def geometric_median(
+    acts: Tensor, *, tol: float = 1e-7, max_iter: int = 500, eps: float = 1e-12, device: str | None = None
+) -> Tensor:
+    """Geometric median argmin_m sum_i ||acts_i - m|| by Weiszfeld's iteration, in float64, batched
+    over rows on `device` (default: acts' device if it is a GPU, else the GPU when there is one; the
+    sample is moved there chunk by chunk, never whole).
 
     Starts from the mean; stops when a step moves the estimate by less than `tol` times the sample's
     RMS spread, or after `max_iter` steps. Points that coincide with the estimate would get infinite
@@ -52,13 +57,15 @@ def geometric_median(acts: Tensor, *, tol: float = 1e-7, max_iter: int = 500, ep
     Returns [d] in acts' dtype.
     """
     check_sample(acts)
-    estimate = mean(acts).to(torch.float64)
-    spread = torch.sqrt(sum((c - estimate).pow(2).sum() for c in _row_chunks(acts)) / acts.shape[0])
+    if device is None:
+        device = acts.device if acts.is_cuda or not torch.cuda.is_available() else torch.device("cuda")
+    estimate = mean(acts).to(device=device, dtype=torch.float64)
+    spread = torch.sqrt(sum((c - estimate).pow(2).sum() for c in _row_chunks(acts, device=device)) / acts.shape[0])
     scale = float(spread) if float(spread) > 0 else 1.0
     for _ in range(max_iter):
         weighted_sum = torch.zeros_like(estimate)
-        weight_total = torch.zeros((), dtype=torch.float64, device=acts.device)
-        for chunk in _row_chunks(acts):
+        weight_total = torch.zeros((), dtype=torch.float64, device=device)
+        for chunk in _row_chunks(acts, device=device):
             weights = 1.0 / (chunk - estimate).norm(dim=1).clamp_min(eps * scale)
             weighted_sum += weights @ chunk
             weight_total += weights.sum()
@@ -67,7 +74,7 @@ def geometric_median(acts: Tensor, *, tol: float = 1e-7, max_iter: int = 500, ep
         estimate = new_estimate
         if step <= tol * scale:
             break
-    return estimate.to(acts.dtype)
+    return estimate.to(device=acts.device, dtype=acts.dtype)
 
 
 def fit_whitening(acts: Tensor, center: Tensor, *, rel_eps: float = 1e-6) -> tuple[Tensor, Tensor]:
