@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .reproduce import Settings
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -56,7 +58,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import Settings, main
+    from .reproduce import main
 
     settings = Settings(
         gammas=tuple(args.gammas),
@@ -86,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
     reproduce = commands.add_parser("reproduce", help="feature death vs outlier severity on synthetic data")
     reproduce.add_argument("--out", type=Path, default=Path("fastsae_reproduce"), help="output folder")
-    reproduce.add_argument("--gammas", type=float, nargs="+", default=[0.5, 2, 5, 15, 30, 50])
-    reproduce.add_argument("--steps", type=int, default=300, help="training steps per SAE")
-    reproduce.add_argument("--n-eval", type=int, default=8192, help="evaluation tokens")
-    reproduce.add_argument("--seed", type=int, default=0)
+    reproduce.add_argument("--gammas", type=float, nargs="+", default=list(Settings.gammas))
+    reproduce.add_argument("--steps", type=int, default=Settings.steps, help="training steps per SAE")
+    reproduce.add_argument("--n-eval", type=int, default=Settings.n_eval, help="evaluation tokens")
+    reproduce.add_argument("--seed", type=int, default=Settings.seed)
     reproduce.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     reproduce.set_defaults(run=cmd_reproduce)
 

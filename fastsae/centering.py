@@ -16,9 +16,10 @@ from torch import Tensor
 CHUNK_ROWS = 65536  # rows converted to float64 at a time: bounds the extra memory on big samples
 
 
-def _row_chunks(
+def row_chunks(
     acts: Tensor, dtype: torch.dtype = torch.float64, device: torch.device | None = None
 ) -> Iterator[Tensor]:
+    """acts in slices of CHUNK_ROWS rows, each converted to `dtype` on `device` (default: acts')."""
     for start in range(0, acts.shape[0], CHUNK_ROWS):
         yield acts[start : start + CHUNK_ROWS].to(device=device or acts.device, dtype=dtype)
 
@@ -37,11 +38,14 @@ def check_sample(acts: Tensor, name: str = "acts") -> None:
         raise ValueError(f"{name} contains NaN or infinite values")
 
 
+def _mean64(acts: Tensor, device: torch.device) -> Tensor:
+    return sum(chunk.sum(0) for chunk in row_chunks(acts, device=device)) / acts.shape[0]
+
+
 def mean(acts: Tensor) -> Tensor:
     """Per-dimension mean [d] (float64 accumulation), in acts' dtype."""
     check_sample(acts)
-    total = sum(chunk.sum(0) for chunk in _row_chunks(acts))
-    return (total / acts.shape[0]).to(acts.dtype)
+    return _mean64(acts, acts.device).to(acts.dtype)
 
 
 def geometric_median(
@@ -59,13 +63,13 @@ def geometric_median(
     check_sample(acts)
     if device is None:
         device = acts.device if acts.is_cuda or not torch.cuda.is_available() else torch.device("cuda")
-    estimate = mean(acts).to(device=device, dtype=torch.float64)
-    spread = torch.sqrt(sum((c - estimate).pow(2).sum() for c in _row_chunks(acts, device=device)) / acts.shape[0])
+    estimate = _mean64(acts, device)
+    spread = torch.sqrt(sum((c - estimate).pow(2).sum() for c in row_chunks(acts, device=device)) / acts.shape[0])
     scale = float(spread) if float(spread) > 0 else 1.0
     for _ in range(max_iter):
         weighted_sum = torch.zeros_like(estimate)
         weight_total = torch.zeros((), dtype=torch.float64, device=device)
-        for chunk in _row_chunks(acts, device=device):
+        for chunk in row_chunks(acts, device=device):
             weights = 1.0 / (chunk - estimate).norm(dim=1).clamp_min(eps * scale)
             weighted_sum += weights @ chunk
             weight_total += weights.sum()
@@ -85,7 +89,7 @@ def fit_whitening(acts: Tensor, center: Tensor, *, rel_eps: float = 1e-6) -> tup
     center64 = center.to(device=acts.device, dtype=torch.float64)
     d = acts.shape[1]
     covariance = torch.zeros(d, d, dtype=torch.float64, device=acts.device)
-    for chunk in _row_chunks(acts):
+    for chunk in row_chunks(acts):
         centred = chunk - center64
         covariance += centred.T @ centred
     covariance /= acts.shape[0]

@@ -24,7 +24,7 @@ from scipy.stats import norm
 from torch import Tensor
 
 from . import functional as F
-from .centering import CHUNK_ROWS, check_sample
+from .centering import check_sample, row_chunks
 
 LAYERNORM_EPS = 1e-5
 LOW_EFFECTIVE_RANK = 8.0  # below this, centring alone leaves most directions degenerate (Evo1: ~2.8)
@@ -42,8 +42,7 @@ def layernorm_scaled(x: Tensor) -> Tensor:
 def _chunks(acts: Tensor | Iterable[Tensor]) -> Iterator[Tensor]:
     if isinstance(acts, Tensor):
         check_sample(acts)
-        for start in range(0, acts.shape[0], CHUNK_ROWS):
-            yield acts[start : start + CHUNK_ROWS]
+        yield from row_chunks(acts, dtype=acts.dtype)
         return
     seen = False
     for i, chunk in enumerate(acts):
@@ -207,13 +206,13 @@ def diagnose(acts: Tensor | Iterable[Tensor], k: int = 32, n_features: int = 245
     """One streaming pass: gamma in both conventions, effective rank, the closed-form death an
     uncentred TopK SAE (k of n_features) would have at initialisation over these tokens, and a
     recommendation with its reason."""
+    if not 1 <= k <= n_features:
+        raise ValueError(f"k must be in [1, n_features={n_features}], got {k}")
     layernormed, raw = RunningMoments(full=True), RunningMoments()
     for chunk in _chunks(acts):
         layernormed.update(layernorm_scaled(chunk))
         raw.update(chunk)
     d = layernormed.mean.shape[0]
-    if not 1 <= k <= n_features:
-        raise ValueError(f"k must be in [1, n_features={n_features}], got {k}")
     gamma = layernormed.gamma
     rank = _effective_rank_of(layernormed.m2 / layernormed.n)
     dead_relu, dead_topk = predicted_death(gamma, max(layernormed.n, 2), k, n_features)

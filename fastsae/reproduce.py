@@ -163,10 +163,8 @@ def plot(rows: list[dict], s: Settings, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .diagnostics import predicted_death as closed_form
-
     grid = torch.logspace(-1, 2, 200).tolist()
-    curves = [closed_form(g, s.n_eval, s.k, s.n_features) for g in grid]
+    curves = [predicted_death(g, s.n_eval, s.k, s.n_features) for g in grid]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(grid, [100 * c[0] for c in curves], "C0-", label="predicted dead-by-ReLU (init)")
     ax.plot(grid, [100 * c[1] for c in curves], "C1-", label="predicted dead, TopK (init)")

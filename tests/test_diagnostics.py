@@ -6,7 +6,7 @@ import torch
 from scipy.optimize import minimize
 
 import fastsae
-from fastsae import diagnostics
+from fastsae import centering
 from fastsae.__main__ import main as cli
 from fastsae.reproduce import Settings, markdown_table, run
 
@@ -49,7 +49,7 @@ def test_streaming_equals_one_shot(monkeypatch):
     assert fastsae.outlier_severity(iter(chunks)) == pytest.approx(fastsae.outlier_severity(x), rel=1e-10)
     assert fastsae.effective_rank(iter(chunks)) == pytest.approx(fastsae.effective_rank(x), rel=1e-8)
     one_shot = fastsae.diagnose(x, k=8, n_features=256)
-    monkeypatch.setattr(diagnostics, "CHUNK_ROWS", 64)  # tensors are processed in chunks too
+    monkeypatch.setattr(centering, "CHUNK_ROWS", 64)  # tensors are processed in chunks too
     chunked = fastsae.diagnose(x, k=8, n_features=256)
     assert chunked.gamma == pytest.approx(one_shot.gamma, rel=1e-10)
     assert chunked.effective_rank == pytest.approx(one_shot.effective_rank, rel=1e-8)
