@@ -38,6 +38,37 @@ SHAPES = {
 }
 
 
+def sweep_name(d: int, n_features: int, n_rows: int, k: int) -> str:
+    return f"d{d}_F{n_features}_B{n_rows}_k{k}"
+
+
+def shape_dims(shape: str) -> tuple[int, int, int, int]:
+    """(d, F, B, k) of a named shape or a sweep name."""
+    if shape in SHAPES:
+        return SHAPES[shape]
+    d, n_features, n_rows, k = (int(part[1:]) for part in shape.split("_"))
+    return d, n_features, n_rows, k
+
+
+def optional_sparsify():
+    """EleutherAI's sparsify package (PyPI eai-sparsify) when it imports, else None (and why)."""
+    try:
+        import sparsify
+        import sparsify.utils
+    except ImportError as error:
+        print(f"sparsify provider skipped: {error}")
+        return None
+    return sparsify
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
+    """Relative RMS error of `actual` against `expected` within `tolerance`, else AssertionError:
+    every benchmark checks its providers' outputs before it times them."""
+    actual, expected = actual.double(), expected.double()
+    error = float((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30))
+    assert error <= tolerance, f"{what}: relative RMS error {error:.3g} > {tolerance}"
+
+
 def environment() -> dict:
     """gpu, torch, triton, git_sha and date columns for this run."""
     import triton

@@ -12,7 +12,10 @@ import csv
 import sys
 from pathlib import Path
 
+from .harness import shape_dims
+
 BASELINES = ["cublas_gemm", "bincount", "embedding_bag", "torch"]
+GEMM_OPS = ("encode_topk", "encode_relu")  # ops reported in TFLOP/s of their encoder GEMM, 2 * B * d * F
 
 
 def _latest_rows(csv_paths: list[Path]) -> dict:
@@ -24,7 +27,7 @@ def _latest_rows(csv_paths: list[Path]) -> dict:
     return latest
 
 
-def _table(rows: list[dict]) -> list[str]:
+def _table(op: str, rows: list[dict]) -> list[str]:
     providers = sorted({r["provider"] for r in rows})
     baseline = next((b for b in BASELINES if b in providers), None)
     by_shape: dict = {}
@@ -33,6 +36,8 @@ def _table(rows: list[dict]) -> list[str]:
     header = "| shape | " + " | ".join(f"{p} ms (p20-p80)" for p in providers) + " |"
     if baseline:
         header += "".join(f" {p} / {baseline} |" for p in providers if p != baseline)
+    if op in GEMM_OPS:
+        header += " fastsae TFLOP/s |"
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for shape, cells in by_shape.items():
         line = (
@@ -52,6 +57,10 @@ def _table(rows: list[dict]) -> list[str]:
                 ok = p in cells and baseline in cells
                 ratio = float(cells[p]["median_ms"]) / float(cells[baseline]["median_ms"]) if ok else None
                 line += f" {ratio:.2f}x |" if ratio is not None else " |"
+        if op in GEMM_OPS:
+            d, n_features, n_rows, _ = shape_dims(shape)
+            ms = float(cells["fastsae"]["median_ms"]) if "fastsae" in cells else None
+            line += f" {2 * n_rows * d * n_features / ms / 1e9:.0f} |" if ms else " |"
         lines.append(line)
     peak = [
         f"{shape}/{p} {float(r['peak_mem_mb']):.0f} MB" for shape, cells in by_shape.items() for p, r in cells.items()
@@ -110,7 +119,7 @@ def render(csv_path: Path, out_dir: Path) -> None:
             f"torch {env['torch']}, triton {env['triton']}, commit {env['git_sha']}, {env['date']}",
             "",
         ]
-        lines += _table(rows) + [""]
+        lines += _table(op, rows) + [""]
         _plot(op, rows, out_dir)
         lines += [f"![{op}]({op}.png)", ""]
     (out_dir / "README.md").write_text("\n".join(lines))

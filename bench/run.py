@@ -15,7 +15,7 @@ from .harness import Recorder
 from .report import render
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FAMILIES = ["stats"]
+FAMILIES = ["stats", "encode", "decode"]
 
 
 def main(argv: list[str] | None = None) -> int:

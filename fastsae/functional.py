@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from . import _ext, reference
+from .ops import decode as decode_ops
+from .ops import encode as encode_ops
 
 _ext.load()  # the C++ death-statistics ops: fire_counts, fire_counts_dense, update_since_fired, dead_mask
 
@@ -97,6 +99,9 @@ def _encode_topk(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, k_aux: int, dead_mask: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return reference.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask)
+
+
+_encode_topk.register_kernel("cuda")(encode_ops.encode_topk)
 
 
 @_encode_topk.register_fake
@@ -192,6 +197,9 @@ def _encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, thresho
     return reference.encode_relu(x, W_enc, b_enc, b_dec, threshold)
 
 
+_encode_relu.register_kernel("cuda")(encode_ops.encode_relu)
+
+
 @_encode_relu.register_fake
 def _(x, W_enc, b_enc, b_dec, threshold):
     return x.new_empty(x.shape[0], W_enc.shape[1], dtype=W_enc.dtype)
@@ -249,6 +257,9 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: 
 @torch.library.custom_op("fastsae::decode_sparse", mutates_args=())
 def _decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
     return reference.decode_sparse(vals, idx, W_dec, b_dec)
+
+
+_decode_sparse.register_kernel("cuda")(decode_ops.decode_sparse)
 
 
 @_decode_sparse.register_fake

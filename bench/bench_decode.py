@@ -1,0 +1,46 @@
+"""Sparse decode: fastsae's kernel against F.embedding_bag (what sparsify's eager path and most users
+call), a gather-and-sum in eager PyTorch, and sparsify's Triton decoder when installed.
+
+bf16 codes and decoder at the DESIGN.md shapes (B tokens, k codes each, W_dec [F, d]). Outputs are
+checked against the fp32 reference before timing.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from fastsae import functional as F
+from fastsae import reference
+
+from .harness import SHAPES, Recorder, assert_matches, measure, optional_sparsify
+
+
+def _gather_sum(vals, idx, W_dec):
+    return (W_dec[idx.long()] * vals[..., None]).sum(1)
+
+
+def _embedding_bag(vals, idx, W_dec):
+    return torch.nn.functional.embedding_bag(idx.long(), W_dec, per_sample_weights=vals, mode="sum")
+
+
+def run(recorder: Recorder) -> None:
+    sparsify = optional_sparsify()
+    for shape, (d, n_features, n_rows, k) in SHAPES.items():
+        W_dec = torch.randn(n_features, d, device="cuda")
+        W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).bfloat16()
+        vals = torch.rand(n_rows, k, device="cuda").bfloat16()
+        idx = torch.randint(0, n_features, (n_rows, k), device="cuda", dtype=torch.int32)
+        expected = reference.decode_sparse(vals, idx, W_dec).float()
+        providers = {
+            "fastsae": partial(F.decode_sparse, vals, idx, W_dec),
+            "embedding_bag": partial(_embedding_bag, vals, idx, W_dec),
+            "torch": partial(_gather_sum, vals, idx, W_dec),
+        }
+        if sparsify is not None:
+            providers["sparsify"] = partial(sparsify.utils.triton_decode, idx.long(), vals, W_dec.mT)
+        for name, fn in providers.items():
+            assert_matches(fn().float(), expected, 2e-2, f"decode_sparse {shape} {name}")
+        for name, fn in providers.items():
+            recorder.record("decode_sparse", shape, name, measure(fn))

@@ -1,0 +1,112 @@
+"""Encoders: the fused TopK and ReLU encode against eager PyTorch as SAE libraries write it, its
+torch.compile, the cuBLAS GEMM x @ W_enc alone (the floor), and sparsify's encoder when installed.
+
+bf16 weights and activations at the DESIGN.md shapes plus a sweep over F and k. Every provider's
+output is checked against the fp32 reference on the first rows before anything is timed.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from fastsae import functional as F
+from fastsae import reference
+
+from .harness import SHAPES, Recorder, assert_matches, measure, optional_sparsify, sweep_name
+
+CHECK_ROWS = 256
+SWEEP = [(768, n_features, 8192, 32) for n_features in (8192, 65536, 131072)] + [
+    (768, 24576, 8192, k) for k in (8, 128, 512)
+]
+
+
+def _torch_topk(x, W_enc, b_enc, b_dec, k):
+    """What SAE libraries run: the dense pre-activation, ReLU, torch.topk."""
+    pre = (x - b_dec) @ W_enc + b_enc
+    return pre.relu().topk(k, dim=-1)
+
+
+def _torch_relu(x, W_enc, b_enc, b_dec):
+    return ((x - b_dec) @ W_enc + b_enc).relu()
+
+
+def _gemm(x, W_enc):
+    return x @ W_enc
+
+
+def _weights(d: int, n_features: int):
+    """An initialised SAE's encoder: unit-norm decoder rows, W_enc = W_dec^T, small biases."""
+    W_dec = torch.randn(n_features, d, device="cuda")
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_enc = W_dec.T.contiguous().bfloat16()
+    b_enc = (0.01 * torch.randn(n_features, device="cuda")).bfloat16()
+    b_dec = (0.1 * torch.randn(d, device="cuda")).bfloat16()
+    return W_enc, b_enc, b_dec
+
+
+def _check_topk(vals, idx, pre, k, what):
+    expected = pre.topk(k, dim=1).values.relu()
+    assert_matches(vals[:CHECK_ROWS].float().sort(dim=1, descending=True).values, expected, 2e-2, f"{what} values")
+    gathered = pre.gather(1, idx[:CHECK_ROWS].long()).relu()
+    assert_matches(vals[:CHECK_ROWS].float(), gathered, 2e-2, f"{what} gathered pre-activations")
+
+
+def _bench_topk(recorder: Recorder, shape: str, d: int, n_features: int, n_rows: int, k: int, full: bool, sparsify):
+    x = torch.randn(n_rows, d, device="cuda").bfloat16()
+    W_enc, b_enc, b_dec = _weights(d, n_features)
+    pre = reference.pre_activation(x[:CHECK_ROWS], W_enc, b_enc, b_dec)  # fp32
+    providers = {
+        "fastsae": partial(F.encode_topk, x, W_enc, b_enc, b_dec, k),
+        "torch": partial(_torch_topk, x, W_enc, b_enc, b_dec, k),
+    }
+    if full:
+        providers["compile"] = partial(torch.compile(_torch_topk), x, W_enc, b_enc, b_dec, k)
+        if sparsify is not None:
+            coder = sparsify.SparseCoder(d, sparsify.SparseCoderConfig(num_latents=n_features, k=k), device="cuda")
+            coder = coder.to(torch.bfloat16)
+            with torch.no_grad():
+                coder.encoder.weight.copy_(W_enc.T)
+                coder.encoder.bias.copy_(b_enc)
+                coder.b_dec.copy_(b_dec)
+            providers["sparsify"] = partial(coder.encode, x)
+    for name, fn in providers.items():
+        vals, idx = fn()[:2]
+        _check_topk(vals, idx, pre, k, f"encode_topk {shape} {name}")
+    gemm_expected = x[:CHECK_ROWS].float() @ W_enc.float()
+    assert_matches(_gemm(x, W_enc)[:CHECK_ROWS].float(), gemm_expected, 2e-2, f"encode_topk {shape} cublas_gemm")
+    for name, fn in providers.items():
+        timing = measure(fn)
+        if name == "fastsae":  # the fused path never materialises the [B, F] pre-activation
+            dense_mb = n_rows * n_features * 2 / 2**20
+            assert timing["peak_mem_mb"] < 0.25 * dense_mb, f"fastsae encode_topk {shape}: {timing['peak_mem_mb']} MB"
+        recorder.record("encode_topk", shape, name, timing)
+    recorder.record("encode_topk", shape, "cublas_gemm", measure(partial(_gemm, x, W_enc)))
+
+
+def _bench_relu(recorder: Recorder, shape: str, d: int, n_features: int, n_rows: int):
+    x = torch.randn(n_rows, d, device="cuda").bfloat16()
+    W_enc, b_enc, b_dec = _weights(d, n_features)
+    expected = reference.encode_relu(x[:CHECK_ROWS], W_enc, b_enc, b_dec).float()
+    providers = {
+        "fastsae": partial(F.encode_relu, x, W_enc, b_enc, b_dec),
+        "torch": partial(_torch_relu, x, W_enc, b_enc, b_dec),
+        "compile": partial(torch.compile(_torch_relu), x, W_enc, b_enc, b_dec),
+    }
+    for name, fn in providers.items():
+        assert_matches(fn()[:CHECK_ROWS].float(), expected, 2e-2, f"encode_relu {shape} {name}")
+    for name, fn in providers.items():
+        recorder.record("encode_relu", shape, name, measure(fn))
+    recorder.record("encode_relu", shape, "cublas_gemm", measure(partial(_gemm, x, W_enc)))
+
+
+def run(recorder: Recorder) -> None:
+    sparsify = optional_sparsify()
+    for shape, (d, n_features, n_rows, k) in SHAPES.items():
+        _bench_topk(recorder, shape, d, n_features, n_rows, k, full=True, sparsify=sparsify)
+        _bench_relu(recorder, shape, d, n_features, n_rows)
+        torch.cuda.empty_cache()
+    for d, n_features, n_rows, k in SWEEP:
+        _bench_topk(recorder, sweep_name(d, n_features, n_rows, k), d, n_features, n_rows, k, full=False, sparsify=None)
+        torch.cuda.empty_cache()

@@ -1,0 +1,369 @@
+"""Fused encoder kernels: outlier-aware pre-activation with TopK, ReLU or JumpReLU epilogues.
+
+    pre = (x - b_dec) @ W_enc + b_enc          x [B, d], W_enc [d, F], b_enc [F], b_dec [d]
+
+Each x tile is centred in fp32 and only then cast to the weights' dtype for the tensor cores, so an
+outlier dimension with |mean| >> std keeps its per-token signal; products accumulate in fp32.
+
+TopK (`reference.encode_topk`): vals, idx = topk(pre, k) per row, values post-ReLU, plus optionally
+the top k_aux among features flagged dead (AuxK). The [B, F] pre-activation is never written. A
+program owns BLOCK_M rows and sweeps its share of the features in BLOCK_N tiles. Each row keeps a
+threshold (the KEEP-th largest key seen so far, KEEP = k rounded up to a power of two) and appends
+only tile entries above it to a per-row scratch buffer of CAP slots; when a buffer could overflow,
+the program compacts it to its KEEP largest keys with an exact bitonic top-k, which also raises the
+threshold. After the first few tiles a row appends about k * BLOCK_N / (features seen) entries per
+tile, so compactions are rare and the epilogue is a compare, a prefix sum and a sparse store. A key
+packs (value, feature) into one int64 that orders like the value (ties by feature), so selection is
+exact. Small batches split the features over programs (grid.y) to fill the GPU; a finishing kernel
+merges the splits' candidates and decodes the keys.
+
+ReLU / JumpReLU (`reference.encode_relu`): a tiled GEMM whose epilogue adds b_enc and applies
+`pre > threshold` (threshold 0 for ReLU), writing dense codes [B, F].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from .launch import INTERPRET, bucket, dot_dtype, input_precision, sm_count, tuned
+
+EMPTY_KEY = -(2**63)  # the key of an empty buffer slot: below every (value, feature) key
+MAX_KEEP = 4096  # largest k (and k_aux) kept in registers; beyond it the reference path runs
+SORT_ELEMENTS = 4096  # keys sorted at once in a compaction (rows x CAP), bounding register use
+
+
+@triton.jit
+def _to_key(value, feature):
+    """int64 key ordering like the fp32 `value`, ties broken by `feature` (non-negative int32)."""
+    bits = value.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # flip the magnitude bits of negatives: signed order = float order
+    return (ordered.to(tl.int64) << 32) | feature.to(tl.int64)
+
+
+@triton.jit
+def _key_value(key):
+    ordered = (key >> 32).to(tl.int32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _centered_dot(
+    x_ptr, w_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
+    stride_xm, stride_xd, stride_wd, stride_wf,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """(x[rows] - b_dec) @ W_enc[:, cols] -> fp32 [BLOCK_M, BLOCK_N], centring in fp32 before the cast."""
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xd  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * stride_wd + cols.to(tl.int64)[None, :] * stride_wf  # [BLOCK_K, BLOCK_N]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        k_valid = (d0 + ks) < D
+        x = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0).to(tl.float32)
+        center = tl.load(b_dec_ptr + d0 + ks, mask=k_valid, other=0.0).to(tl.float32)
+        xc = (x - center[None, :]).to(DOT_DTYPE)  # the outlier-aware step: subtract in fp32, then cast
+        w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(xc, w, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xd
+        w_ptrs += BLOCK_K * stride_wd
+    return acc
+
+
+@triton.jit
+def _append(buf_ptr, buf_rows, stride_buf, values, cols, candidate, count):
+    """Store the keys of the `candidate` entries of `values` [BLOCK_M, BLOCK_N] after each row's
+    `count` filled slots, in column order; returns the new counts."""
+    flags = candidate.to(tl.int32)
+    slots = count[:, None] + tl.cumsum(flags, axis=1) - 1  # [BLOCK_M, BLOCK_N]
+    ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + slots
+    tl.store(ptrs, _to_key(values, cols[None, :]), mask=candidate)
+    return count + tl.sum(flags, axis=1)
+
+
+@triton.jit
+def _compact(
+    buf_ptr, tau_ptr, buf_row0, stride_buf,
+    BLOCK_M: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SORT_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Shrink each of the program's BLOCK_M buffers to its KEEP largest keys, sorted, in slots
+    [0, KEEP) (the rest EMPTY_KEY), and write each row's KEEP-th largest value to tau (the threshold
+    for later appends; -inf while a row holds fewer than KEEP keys)."""
+    tl.debug_barrier()  # every thread's appends are visible before any thread reads the buffers
+    slots = tl.arange(0, CAP)
+    for r0 in tl.static_range(0, BLOCK_M, SORT_ROWS):
+        buf_rows = buf_row0 + r0 + tl.arange(0, SORT_ROWS)
+        ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + slots[None, :]  # [SORT_ROWS, CAP]
+        top = tl.topk(tl.load(ptrs), KEEP)  # [SORT_ROWS, KEEP], descending
+        tl.debug_barrier()  # all reads of these rows are done before they are overwritten
+        tl.store(ptrs, tl.full([SORT_ROWS, CAP], -(2**63), tl.int64), mask=slots[None, :] >= KEEP)
+        tl.store(buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + tl.arange(0, KEEP)[None, :], top)
+        kth = tl.min(top, axis=1)
+        tl.store(tau_ptr + buf_rows, tl.where(kth == -(2**63), float("-inf"), _key_value(kth)))
+    tl.debug_barrier()
+
+
+@triton.jit
+def _clear(buf_ptr, buf_row0, stride_buf, BLOCK_M: tl.constexpr, CAP: tl.constexpr, SORT_ROWS: tl.constexpr):
+    slots = tl.arange(0, CAP)
+    for r0 in tl.static_range(0, BLOCK_M, SORT_ROWS):
+        buf_rows = buf_row0 + r0 + tl.arange(0, SORT_ROWS)
+        ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + slots[None, :]
+        tl.store(ptrs, tl.full([SORT_ROWS, CAP], -(2**63), tl.int64))
+
+
+@triton.jit
+def _encode_topk_fwd_kernel(
+    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, dead_ptr,
+    buf_ptr, tau_ptr, aux_buf_ptr, aux_tau_ptr,
+    B, D, F, padded_rows, tiles_per_split,
+    stride_xm, stride_xd, stride_wd, stride_wf, stride_buf, stride_aux_buf,
+    HAS_AUX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    CAP: tl.constexpr, KEEP: tl.constexpr, SORT_ROWS: tl.constexpr,
+    AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, AUX_SORT_ROWS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    row_block = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < B
+    # This program's scratch rows: buffers are [n_split * padded_rows, CAP], so no row needs a mask.
+    buf_row0 = split * padded_rows + row_block * BLOCK_M
+    buf_rows = buf_row0 + tl.arange(0, BLOCK_M)
+    f_begin = split * tiles_per_split * BLOCK_N
+
+    _clear(buf_ptr, buf_row0, stride_buf, BLOCK_M, CAP, SORT_ROWS)
+    tau = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    count = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_AUX:
+        _clear(aux_buf_ptr, buf_row0, stride_aux_buf, BLOCK_M, AUX_CAP, AUX_SORT_ROWS)
+        aux_tau = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        aux_count = tl.zeros([BLOCK_M], dtype=tl.int32)
+    tl.debug_barrier()
+
+    for tile in range(0, tiles_per_split):  # (a plain argument as bound: the interpreter needs one)
+        cols = f_begin + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_valid = cols < F
+        pre = _centered_dot(
+            x_ptr, w_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
+            stride_xm, stride_xd, stride_wd, stride_wf,
+            BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+        )  # fmt: skip
+        pre += tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]  # [BLOCK_M, BLOCK_N]
+
+        if tl.max(count, axis=0) > CAP - BLOCK_N:  # the next append could overflow a buffer
+            _compact(buf_ptr, tau_ptr, buf_row0, stride_buf, BLOCK_M, CAP, KEEP, SORT_ROWS)
+            tau = tl.load(tau_ptr + buf_rows)
+            count = tl.full([BLOCK_M], KEEP, tl.int32)
+        count = _append(buf_ptr, buf_rows, stride_buf, pre, cols, col_valid[None, :] & (pre > tau[:, None]), count)
+
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + cols, mask=col_valid, other=0) != 0
+            if tl.max(aux_count, axis=0) > AUX_CAP - BLOCK_N:
+                _compact(aux_buf_ptr, aux_tau_ptr, buf_row0, stride_aux_buf, BLOCK_M, AUX_CAP, AUX_KEEP, AUX_SORT_ROWS)
+                aux_tau = tl.load(aux_tau_ptr + buf_rows)
+                aux_count = tl.full([BLOCK_M], AUX_KEEP, tl.int32)
+            aux_candidate = dead[None, :] & (pre > aux_tau[:, None])
+            aux_count = _append(aux_buf_ptr, buf_rows, stride_aux_buf, pre, cols, aux_candidate, aux_count)
+
+    _compact(buf_ptr, tau_ptr, buf_row0, stride_buf, BLOCK_M, CAP, KEEP, SORT_ROWS)
+    if HAS_AUX:
+        _compact(aux_buf_ptr, aux_tau_ptr, buf_row0, stride_aux_buf, BLOCK_M, AUX_CAP, AUX_KEEP, AUX_SORT_ROWS)
+
+
+@triton.jit
+def _topk_finish_kernel(
+    buf_ptr, vals_ptr, idx_ptr, B, k, padded_rows, stride_buf, stride_vm, stride_im,
+    N_SPLIT: tl.constexpr, KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Merge the sorted KEEP keys of each feature split into the row's top k: post-ReLU values in
+    vals' dtype and int32 features (an empty slot, possible for AuxK, gives value 0 and feature 0)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < B
+    j = tl.arange(0, N_SPLIT * KEEP)
+    buf_rows = (j // KEEP)[None, :] * padded_rows + rows[:, None]  # [BLOCK_M, N_SPLIT * KEEP]
+    keys = tl.load(buf_ptr + buf_rows.to(tl.int64) * stride_buf + (j % KEEP)[None, :], mask=row_valid[:, None])
+    if N_SPLIT > 1:
+        keys = tl.topk(keys, KEEP)  # [BLOCK_M, KEEP], descending
+    empty = keys == -(2**63)
+    values = tl.where(empty, 0.0, tl.maximum(_key_value(keys), 0.0))
+    features = tl.where(empty, 0, (keys & 0xFFFFFFFF).to(tl.int32))
+    slots = tl.arange(0, KEEP)
+    store_mask = row_valid[:, None] & (slots < k)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    tl.store(vals_ptr + rows64 * stride_vm + slots[None, :], values.to(vals_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(idx_ptr + rows64 * stride_im + slots[None, :], features, mask=store_mask)
+
+
+def _topk_candidates(keep: int, aux_keep: int) -> list[dict]:
+    """Tile shapes to try. Wider row blocks reuse each W_enc tile for more rows (less L2 traffic);
+    large k needs narrow row blocks so a compaction's sort fits in registers."""
+    if INTERPRET:  # numpy runs every sort step element by element: keep the interpreter's tiles small
+        shapes = [(16, 32, 32, 4, 1)]
+    elif keep <= 64:
+        shapes = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
+    elif keep <= 256:
+        shapes = [(32, 128, 64, 4, 3), (64, 128, 64, 4, 3)]
+    else:
+        shapes = [(16, 128, 64, 4, 3)]
+    candidates = []
+    for block_m, block_n, block_k, warps, stages in shapes:
+        cap = triton.next_power_of_2(keep + block_n)
+        aux_cap = triton.next_power_of_2(aux_keep + block_n)
+        candidates.append(
+            dict(
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                num_warps=warps,
+                num_stages=stages,
+                CAP=cap,
+                SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // cap)),
+                AUX_CAP=aux_cap,
+                AUX_SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // aux_cap)),
+            )  # fmt: skip
+        )
+    return candidates
+
+
+def _n_split(n_row_blocks: int, n_features: int, block_n: int, n_sms: int) -> int:
+    """Feature splits (a power of two) so that row blocks x splits fill the GPU's SMs."""
+    split = 1
+    while n_row_blocks * split < n_sms and (split * 2) * block_n <= n_features:
+        split *= 2
+    return split
+
+
+def encode_topk(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, k_aux: int, dead_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused TopK encode; same contract as `reference.encode_topk` (arguments checked by
+    `fastsae.functional.encode_topk`)."""
+    keep = triton.next_power_of_2(k)
+    aux_keep = triton.next_power_of_2(max(k_aux, 1))
+    if keep > MAX_KEEP or aux_keep > MAX_KEEP or W_enc.dtype == torch.float64:
+        return reference.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask)
+    B, D = x.shape
+    F = W_enc.shape[1]
+    has_aux = k_aux > 0
+    vals = x.new_empty(B, k, dtype=W_enc.dtype)
+    idx = x.new_empty(B, k, dtype=torch.int32)
+    aux_vals = x.new_empty(B, k_aux, dtype=W_enc.dtype)
+    aux_idx = x.new_empty(B, k_aux, dtype=torch.int32)
+    dead = dead_mask.view(torch.uint8) if has_aux else idx  # any pointer when AuxK is off
+    n_sms = sm_count(x.device)
+
+    def run(cfg: dict) -> None:
+        block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        n_row_blocks = triton.cdiv(B, block_m)
+        padded_rows = n_row_blocks * block_m
+        n_split = _n_split(n_row_blocks, F, block_n, n_sms)
+        tiles_per_split = triton.cdiv(triton.cdiv(F, n_split), block_n)
+        buf = x.new_empty(n_split * padded_rows, cfg["CAP"], dtype=torch.int64)
+        tau = x.new_empty(n_split * padded_rows, dtype=torch.float32)
+        aux_cap = cfg["AUX_CAP"] if has_aux else 1
+        aux_buf = x.new_empty(n_split * padded_rows if has_aux else 1, aux_cap, dtype=torch.int64)
+        aux_tau = x.new_empty(aux_buf.shape[0], dtype=torch.float32)
+        _encode_topk_fwd_kernel[(n_row_blocks, n_split)](
+            x, W_enc, b_enc, b_dec, dead, buf, tau, aux_buf, aux_tau,
+            B, D, F, padded_rows, tiles_per_split,
+            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), buf.stride(0), aux_buf.stride(0),
+            HAS_AUX=has_aux, KEEP=keep, AUX_KEEP=aux_keep if has_aux else 1,
+            DOT_DTYPE=dot_dtype(W_enc.dtype), INPUT_PRECISION=input_precision(W_enc.dtype),
+            **{**cfg, "AUX_CAP": aux_cap},
+        )  # fmt: skip
+        _finish(buf, vals, idx, padded_rows, n_split, keep)
+        if has_aux:
+            _finish(aux_buf, aux_vals, aux_idx, padded_rows, n_split, aux_keep)
+
+    key = ("encode_topk", D, F, bucket(B), keep, aux_keep if has_aux else 0, x.dtype, W_enc.dtype)
+    run(tuned(key, _topk_candidates(keep, aux_keep), run))
+    return vals, idx, aux_vals, aux_idx
+
+
+def _finish(buf: Tensor, vals: Tensor, idx: Tensor, padded_rows: int, n_split: int, keep: int) -> None:
+    B, k = vals.shape
+    block_m = max(1, min(64, SORT_ELEMENTS // (n_split * keep)))
+    _topk_finish_kernel[(triton.cdiv(B, block_m),)](
+        buf, vals, idx, B, k, padded_rows, buf.stride(0), vals.stride(0), idx.stride(0),
+        N_SPLIT=n_split, KEEP=keep, BLOCK_M=block_m,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# ReLU / JumpReLU
+
+
+@triton.jit
+def _encode_relu_fwd_kernel(
+    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, threshold_ptr, out_ptr,
+    B, D, F,
+    stride_xm, stride_xd, stride_wd, stride_wf, stride_om, stride_of,
+    HAS_THRESHOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # Grouped launch order: GROUP_M row blocks share each W_enc column block while it is in L2.
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(B, BLOCK_M)
+    n_col_blocks = tl.cdiv(F, BLOCK_N)
+    group = pid // (GROUP_M * n_col_blocks)
+    first_row_block = group * GROUP_M
+    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
+    row_block = first_row_block + (pid % (GROUP_M * n_col_blocks)) % group_rows
+    col_block = (pid % (GROUP_M * n_col_blocks)) // group_rows
+
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid, col_valid = rows < B, cols < F
+    pre = _centered_dot(
+        x_ptr, w_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
+        stride_xm, stride_xd, stride_wd, stride_wf,
+        BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
+    )  # fmt: skip
+    pre += tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]  # [BLOCK_M, BLOCK_N]
+    if HAS_THRESHOLD:
+        cut = tl.load(threshold_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
+    else:
+        cut = 0.0
+    acts = tl.where(pre > cut, pre, 0.0)
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols.to(tl.int64)[None, :] * stride_of
+    tl.store(out_ptrs, acts.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & col_valid[None, :])
+
+
+_RELU_CANDIDATES = [
+    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
+    for m, n, k, w, s in [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 128, 64, 8, 3),
+        (64, 256, 64, 4, 4),
+        (128, 256, 32, 8, 4),
+    ]
+]
+
+
+def encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor | None) -> Tensor:
+    """Fused ReLU / JumpReLU encode; same contract as `reference.encode_relu`."""
+    if W_enc.dtype == torch.float64:
+        return reference.encode_relu(x, W_enc, b_enc, b_dec, threshold)
+    B, D = x.shape
+    F = W_enc.shape[1]
+    out = x.new_empty(B, F, dtype=W_enc.dtype)
+
+    def run(cfg: dict) -> None:
+        grid = (triton.cdiv(B, cfg["BLOCK_M"]) * triton.cdiv(F, cfg["BLOCK_N"]),)
+        _encode_relu_fwd_kernel[grid](
+            x, W_enc, b_enc, b_dec, threshold if threshold is not None else b_enc, out,
+            B, D, F,
+            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), out.stride(0), out.stride(1),
+            HAS_THRESHOLD=threshold is not None,
+            DOT_DTYPE=dot_dtype(W_enc.dtype), INPUT_PRECISION=input_precision(W_enc.dtype),
+            **cfg,
+        )  # fmt: skip
+
+    run(tuned(("encode_relu", D, F, bucket(B), x.dtype, W_enc.dtype), _RELU_CANDIDATES, run))
+    return out

@@ -1,0 +1,57 @@
+"""What every launcher in fastsae/ops shares: interpreter detection, the matmul dtype, the SM count,
+and a small autotuner whose candidates may change the grid and scratch sizes (triton.autotune's
+configs only change constexprs)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors with numpy (tests only); its bf16/fp16 tl.dot is
+# wrong, so the launchers upcast dot operands to fp32 there.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def dot_dtype(weight_dtype: torch.dtype):
+    """The tensor-core operand dtype for weights of `weight_dtype` (fp32 under the interpreter)."""
+    if weight_dtype == torch.float64:
+        raise ValueError("the Triton kernels take fp32, bf16 or fp16 weights; fp64 runs the reference path")
+    return tl.float32 if INTERPRET else TL_DTYPES[weight_dtype]
+
+
+def input_precision(weight_dtype: torch.dtype) -> str:
+    """fp32 weights use TF32 tensor cores only when torch allows it (torch.set_float32_matmul_precision)."""
+    if INTERPRET or weight_dtype != torch.float32:
+        return "ieee"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small number exercises the split logic
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def bucket(n: int) -> int:
+    """Power-of-two bucket of a size, for tuning-cache keys."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+_best: dict[tuple, object] = {}
+
+
+def tuned(key: tuple, candidates: Sequence[object], run: Callable[[object], None]) -> object:
+    """The fastest of `candidates` for `key`, timed once per process with `run(candidate)` (which
+    launches the kernel(s) with that candidate). Under the interpreter the first candidate is used."""
+    if INTERPRET or len(candidates) == 1:
+        return candidates[0]
+    if key not in _best:
+        timings = [triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in candidates]
+        _best[key] = candidates[timings.index(min(timings))]
+    return _best[key]

@@ -1,0 +1,40 @@
+"""The Triton sparse decode kernel (fastsae/ops/decode.py) against the fp64 reference: on CPU under
+the Triton interpreter at tiny shapes, on the GPU at full ones. Outputs are poisoned with NaN first."""
+
+import pytest
+import torch
+
+from fastsae import reference
+from fastsae.ops import decode
+
+from .utils import assert_close, random_sae_weights
+
+# (B, d, F, k)
+CASES = [
+    pytest.param("cpu", 37, 40, 96, 8, marks=pytest.mark.interpret),
+    pytest.param("cpu", 1, 24, 64, 64, marks=pytest.mark.interpret),
+    pytest.param("cuda", 8192, 768, 24576, 32, marks=pytest.mark.gpu),
+    pytest.param("cuda", 199, 4096, 131072, 64, marks=pytest.mark.gpu),
+    pytest.param("cuda", 33, 100, 2000, 1024, marks=pytest.mark.gpu),
+]
+
+
+def _codes(B, F, k, dtype, device):
+    vals = torch.rand(B, k, dtype=torch.float64)
+    vals[vals < 0.2] = 0  # codes that did not fire: their gather is skipped
+    idx = torch.rand(B, F).argsort(dim=1)[:, :k].to(torch.int32)
+    return vals.to(device=device, dtype=dtype), idx.to(device)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("device, B, d, F, k", CASES, ids=lambda v: None)
+def test_decode_sparse_kernel(device, B, d, F, k, dtype, bias):
+    vals, idx = _codes(B, F, k, dtype, device)
+    _, _, W_dec, b_dec = random_sae_weights(d, F, dtype=dtype, device=device)
+    b_dec = b_dec if bias else None
+    out = decode.decode_sparse(vals, idx, W_dec, b_dec)
+    expected = reference.decode_sparse(vals.double(), idx, W_dec.double(), None if b_dec is None else b_dec.double())
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype)

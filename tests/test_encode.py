@@ -1,0 +1,126 @@
+"""The Triton encoder kernels (fastsae/ops/encode.py) against the fp64 reference: on CPU under the
+Triton interpreter at tiny shapes, on the GPU at full ones. Outputs are poisoned with NaN / -1 first."""
+
+import pytest
+import torch
+
+from fastsae import reference
+from fastsae.ops import encode
+
+from .utils import KERNEL_DEVICES, TOLERANCE, assert_close, assert_topk_matches, random_sae_weights, relative_rms_error
+
+# (B, d, F, k, k_aux): odd rows, d not a power of two, k = 1, k = F, AuxK on and off. The GPU cases add
+# the real shapes' widths, small batches (features split over programs) and k up to 1024.
+INTERPRET_CASES = [(37, 40, 300, 8, 16), (1, 24, 64, 1, 0), (20, 33, 48, 48, 5)]
+GPU_CASES = [
+    (199, 100, 4099, 32, 50),
+    (1000, 768, 24576, 32, 384),
+    (64, 4096, 131072, 64, 2048),
+    (4096, 384, 16384, 32, 192),
+    (37, 128, 4096, 1024, 0),
+    (5, 64, 640, 640, 7),
+]
+CASES = [pytest.param("cpu", *c, marks=pytest.mark.interpret) for c in INTERPRET_CASES] + [
+    pytest.param("cuda", *c, marks=pytest.mark.gpu) for c in GPU_CASES
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _case_id(value):
+    return str(value).replace("torch.", "") if isinstance(value, torch.dtype) else None
+
+
+def _problem(B, d, F, dtype, device):
+    x = (torch.randn(B, d, dtype=torch.float64) * 2 + 1).to(device=device, dtype=dtype)
+    W_enc, b_enc, _, b_dec = random_sae_weights(d, F, dtype=dtype, device=device)
+    return x, W_enc, b_enc, b_dec
+
+
+def _pre64(x, W_enc, b_enc, b_dec):
+    return reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_case_id)
+@pytest.mark.parametrize("device, B, d, F, k, k_aux", CASES, ids=lambda v: None)
+def test_encode_topk_kernel(device, B, d, F, k, k_aux, dtype):
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, dtype, device)
+    dead = torch.rand(F, device=device) < 0.3
+    vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead if k_aux else None)
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    assert vals.dtype == dtype and vals.shape == (B, k) and aux_vals.shape == (B, k_aux)
+    assert_topk_matches(vals, idx, pre, k, dtype)
+    if k_aux:
+        assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, dtype, "aux")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_encode_topk_kernel_ties_and_all_dead(device):
+    """Duplicated encoder columns give exactly tied pre-activations; every feature dead makes the AuxK
+    candidates the plain top-k_aux."""
+    B, d, F, k = 24, 32, 64, 8
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
+    W_enc = W_enc[:, torch.arange(F) % 8].contiguous()  # 8 distinct columns, each 8 times
+    b_enc = torch.zeros_like(b_enc)
+    dead = torch.ones(F, dtype=torch.bool, device=device)
+    vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 12, dead)
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    assert_topk_matches(vals, idx, pre, k, torch.float32)
+    assert_topk_matches(aux_vals, aux_idx, pre, 12, torch.float32, "aux")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_case_id)
+@pytest.mark.parametrize("threshold", [False, True], ids=["relu", "jumprelu"])
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_encode_relu_kernel(device, threshold, dtype):
+    B, d, F = (37, 40, 96) if device == "cpu" else (1000, 768, 24576 + 5)
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, dtype, device)
+    cut = torch.rand(F, device=device, dtype=dtype) if threshold else None
+    acts = encode.encode_relu(x, W_enc, b_enc, b_dec, cut)
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    cut64 = torch.zeros((), dtype=torch.float64, device=device) if cut is None else cut.double()
+    assert acts.dtype == dtype
+    assert_close(acts, torch.where(pre > cut64, pre, 0.0), dtype, "acts")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_fp32_centering_keeps_outlier_signal(device):
+    """gamma ~ 50: two dimensions sit at |mean| ~ 280 with unit std. With fp32 inputs and bf16 weights,
+    the kernels centre in fp32 before casting, matching the fp64 reference; the naive
+    bf16(x) - bf16(b_dec) rounds the outliers to a spacing of 2 and loses their per-token signal."""
+    B, d, F, k = (48, 64, 128, 8) if device == "cpu" else (4096, 768, 24576, 32)
+    mean = torch.zeros(d, dtype=torch.float64)
+    mean[:2] = 50 * d**0.5 / 2**0.5  # ||mean|| / ||std|| = 50
+    x = (mean + torch.randn(B, d, dtype=torch.float64)).float().to(device)
+    W_enc, b_enc, _, _ = random_sae_weights(d, F, dtype=torch.bfloat16, device=device)
+    b_dec = (mean + 0.1 * torch.randn(d, dtype=torch.float64)).float().to(device)
+    gamma = float(mean.norm() / torch.ones(d).norm())
+    assert 45 < gamma < 55
+
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    expected = pre.relu()
+    naive_pre = (x.bfloat16() - b_dec.bfloat16()).double() @ W_enc.double() + b_enc.double()
+    naive_error = relative_rms_error(naive_pre.relu(), expected)
+    fused_error = relative_rms_error(encode.encode_relu(x, W_enc, b_enc, b_dec, None), expected)
+    assert fused_error <= TOLERANCE[torch.bfloat16]
+    assert naive_error > 10 * fused_error, f"naive {naive_error:.3g} vs fused {fused_error:.3g}"
+    vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
+    assert_topk_matches(vals, idx, pre, k, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_offsets_beyond_int32():
+    """B * F > 2^31: the dense ReLU output and the TopK sweep index past int32 offsets."""
+    B, d, F, k = 2**17 + 3, 64, 2**14, 16
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.bfloat16, "cuda")
+    assert B * F > 2**31
+    tail = slice(B - 64, B)
+    pre = _pre64(x[tail], W_enc, b_enc, b_dec)
+    acts = encode.encode_relu(x, W_enc, b_enc, b_dec, None)
+    assert_close(acts[tail], pre.relu(), torch.bfloat16, "acts (last rows)")
+    del acts
+    vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
+    assert_topk_matches(vals[tail], idx[tail], pre, k, torch.bfloat16)
