@@ -47,8 +47,7 @@ def _decode_sparse_fwd_kernel(
 
 
 _DECODE_CANDIDATES = [
-    dict(BLOCK_M=m, BLOCK_D=d, num_warps=w)
-    for m, d, w in [(16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 8), (16, 512, 8), (8, 256, 2)]
+    dict(BLOCK_M=m, BLOCK_D=d, num_warps=w) for m, d, w in [(16, 256, 4), (32, 128, 4), (64, 128, 8), (8, 512, 4)]
 ]
 
 

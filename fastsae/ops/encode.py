@@ -33,7 +33,8 @@ from .launch import INTERPRET, bucket, dot_dtype, input_precision, sm_count, tun
 
 EMPTY_KEY = -(2**63)  # the key of an empty buffer slot: below every (value, feature) key
 MAX_KEEP = 4096  # largest k (and k_aux) kept in registers; beyond it the reference path runs
-SORT_ELEMENTS = 4096  # keys sorted at once in a compaction (rows x CAP), bounding register use
+SORT_ELEMENTS = 1024  # keys sorted at once in a compaction (rows x CAP): bounds registers and compile time
+MIN_KEEP = 32  # k and k_aux round up to at least this, so few kernel variants get compiled
 
 
 @triton.jit
@@ -95,7 +96,7 @@ def _compact(
     for later appends; -inf while a row holds fewer than KEEP keys)."""
     tl.debug_barrier()  # every thread's appends are visible before any thread reads the buffers
     slots = tl.arange(0, CAP)
-    for r0 in tl.static_range(0, BLOCK_M, SORT_ROWS):
+    for r0 in range(0, BLOCK_M, SORT_ROWS):  # a loop, not unrolled: compile time
         buf_rows = buf_row0 + r0 + tl.arange(0, SORT_ROWS)
         ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + slots[None, :]  # [SORT_ROWS, CAP]
         top = tl.topk(tl.load(ptrs), KEEP)  # [SORT_ROWS, KEEP], descending
@@ -110,7 +111,7 @@ def _compact(
 @triton.jit
 def _clear(buf_ptr, buf_row0, stride_buf, BLOCK_M: tl.constexpr, CAP: tl.constexpr, SORT_ROWS: tl.constexpr):
     slots = tl.arange(0, CAP)
-    for r0 in tl.static_range(0, BLOCK_M, SORT_ROWS):
+    for r0 in range(0, BLOCK_M, SORT_ROWS):  # a loop, not unrolled: compile time
         buf_rows = buf_row0 + r0 + tl.arange(0, SORT_ROWS)
         ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + slots[None, :]
         tl.store(ptrs, tl.full([SORT_ROWS, CAP], -(2**63), tl.int64))
@@ -205,7 +206,7 @@ def _topk_candidates(keep: int, aux_keep: int) -> list[dict]:
     if INTERPRET:  # numpy runs every sort step element by element: keep the interpreter's tiles small
         shapes = [(16, 32, 32, 4, 1)]
     elif keep <= 64:
-        shapes = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
+        shapes = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)]
     elif keep <= 256:
         shapes = [(32, 128, 64, 4, 3), (64, 128, 64, 4, 3)]
     else:
@@ -243,8 +244,8 @@ def encode_topk(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused TopK encode; same contract as `reference.encode_topk` (arguments checked by
     `fastsae.functional.encode_topk`)."""
-    keep = triton.next_power_of_2(k)
-    aux_keep = triton.next_power_of_2(max(k_aux, 1))
+    keep = max(MIN_KEEP, triton.next_power_of_2(k))
+    aux_keep = max(MIN_KEEP, triton.next_power_of_2(k_aux))
     if keep > MAX_KEEP or aux_keep > MAX_KEEP or W_enc.dtype == torch.float64:
         return reference.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask)
     B, D = x.shape
@@ -339,9 +340,7 @@ _RELU_CANDIDATES = [
     for m, n, k, w, s in [
         (128, 256, 64, 8, 3),
         (128, 128, 64, 4, 4),
-        (128, 128, 64, 8, 3),
         (64, 256, 64, 4, 4),
-        (128, 256, 32, 8, 4),
     ]
 ]
 
