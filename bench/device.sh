@@ -24,7 +24,7 @@ python3 -m pip install --no-deps --no-build-isolation -e . >>"$OUT/install.log" 
 python3 -c "import fastsae; print('ext', fastsae.ext_info())" 2>&1 | tee -a "$OUT/install.log"
 
 echo "== gpu tests"
-python3 -m pytest -m gpu -q -p no:cacheprovider ${FASTSAE_PYTEST_ARGS:-} ${FASTSAE_TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout ${FASTSAE_TEST_TIMEOUT:-1800} python3 -m pytest -m gpu -q -p no:cacheprovider ${FASTSAE_PYTEST_ARGS:-} ${FASTSAE_TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
@@ -36,6 +36,6 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
 fi
 
 echo "== benchmarks"
-python3 -m bench.run --csv "$OUT/results.csv" ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} 2>&1 | tee "$OUT/bench.log" | tail -40
+timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.run --csv "$OUT/results.csv" ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} 2>&1 | tee "$OUT/bench.log" | tail -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

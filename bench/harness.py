@@ -106,30 +106,23 @@ def measure(fn: Callable[[], object]) -> dict:
 
 
 class Recorder:
-    """Collects rows for one run and appends them to a CSV, writing the header on a new file."""
+    """Appends one row per measurement to a CSV (writing the header on a new file) as soon as it is
+    taken, so an interrupted run keeps what it measured."""
 
     def __init__(self, csv_path: Path):
         self.csv_path = csv_path
         self.env = environment()
-        self.rows: list[dict] = []
 
     def record(self, op: str, shape: str, provider: str, timing: dict) -> None:
         row = {"op": op, "shape": shape, "provider": provider, **timing, **self.env}
-        self.rows.append(row)
-        print(
-            f"{op:>22} {shape:>24} {provider:>14} {timing['median_ms']:9.4f} ms  peak {timing['peak_mem_mb']:9.1f} MB",
-            flush=True,
-        )
-
-    def flush(self) -> None:
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.csv_path.exists()
         with open(self.csv_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             if new_file:
                 writer.writeheader()
-            for row in self.rows:
-                writer.writerow(
-                    {key: f"{value:.5f}" if isinstance(value, float) else value for key, value in row.items()}
-                )
-        self.rows.clear()
+            writer.writerow({key: f"{value:.5f}" if isinstance(value, float) else value for key, value in row.items()})
+        print(
+            f"{op:>22} {shape:>24} {provider:>14} {timing['median_ms']:9.4f} ms  peak {timing['peak_mem_mb']:9.1f} MB",
+            flush=True,
+        )

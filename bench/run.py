@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     recorder = Recorder(csv_path)
     for family in families:
         importlib.import_module(f"bench.bench_{family}").run(recorder)
-        recorder.flush()
     render(csv_path, csv_path.parent)
     return 0
 

@@ -32,7 +32,8 @@ from .. import reference
 from .launch import INTERPRET, bucket, dot_dtype, input_precision, sm_count, tuned
 
 EMPTY_KEY = -(2**63)  # the key of an empty buffer slot: below every (value, feature) key
-MAX_KEEP = 4096  # largest k (and k_aux) kept in registers; beyond it the reference path runs
+MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernel keeps; beyond: reference
+MERGE_ELEMENTS = 4096  # candidates per row the finishing kernel merges (n_split x KEEP) in registers
 SORT_ELEMENTS = 1024  # keys sorted at once in a compaction (rows x CAP): bounds registers and compile time
 MIN_KEEP = 32  # k and k_aux round up to at least this, so few kernel variants get compiled
 
@@ -231,10 +232,11 @@ def _topk_candidates(keep: int, aux_keep: int) -> list[dict]:
     return candidates
 
 
-def _n_split(n_row_blocks: int, n_features: int, block_n: int, n_sms: int) -> int:
-    """Feature splits (a power of two) so that row blocks x splits fill the GPU's SMs."""
+def _n_split(n_row_blocks: int, n_features: int, block_n: int, n_sms: int, keep: int) -> int:
+    """Feature splits (a power of two) so that row blocks x splits fill the GPU's SMs, as long as the
+    finishing merge of n_split x keep candidates per row stays within MERGE_ELEMENTS."""
     split = 1
-    while n_row_blocks * split < n_sms and (split * 2) * block_n <= n_features:
+    while n_row_blocks * split < n_sms and (split * 2) * block_n <= n_features and (split * 2) * keep <= MERGE_ELEMENTS:
         split *= 2
     return split
 
@@ -262,7 +264,7 @@ def encode_topk(
         block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
         n_row_blocks = triton.cdiv(B, block_m)
         padded_rows = n_row_blocks * block_m
-        n_split = _n_split(n_row_blocks, F, block_n, n_sms)
+        n_split = _n_split(n_row_blocks, F, block_n, n_sms, max(keep, aux_keep if has_aux else 1))
         tiles_per_split = triton.cdiv(triton.cdiv(F, n_split), block_n)
         buf = x.new_empty(n_split * padded_rows, cfg["CAP"], dtype=torch.int64)
         tau = x.new_empty(n_split * padded_rows, dtype=torch.float32)
