@@ -80,7 +80,7 @@ def _bench_topk(recorder: Recorder, shape: str, d: int, n_features: int, n_rows:
         timing = measure(fn)
         if name == "fastsae":  # the fused path never materialises the [B, F] pre-activation
             dense_mb = n_rows * n_features * 2 / 2**20
-            assert timing["peak_mem_mb"] < 0.25 * dense_mb, f"fastsae encode_topk {shape}: {timing['peak_mem_mb']} MB"
+            assert timing["peak_mem_mb"] < 0.5 * dense_mb, f"fastsae encode_topk {shape}: {timing['peak_mem_mb']} MB"
         recorder.record("encode_topk", shape, name, timing)
     recorder.record("encode_topk", shape, "cublas_gemm", measure(partial(_gemm, x, W_enc)))
 
