@@ -77,51 +77,63 @@ def _centered_dot(
 
 
 @triton.jit
-def _append(buf_ptr, buf_rows, stride_buf, values, cols, candidate, count):
-    """Store the keys of the `candidate` entries of `values` [BLOCK_M, BLOCK_N] after each row's
-    `count` filled slots, in column order; returns the new counts."""
+def _append(val_ptr, idx_ptr, buf_rows, stride_buf, values, cols, candidate, count):
+    """Store the `candidate` entries of `values` [BLOCK_M, BLOCK_N] (value and feature, in two arrays:
+    no int64 tile in registers) after each row's `count` filled slots; returns the new counts."""
     flags = candidate.to(tl.int32)
     slots = count[:, None] + tl.cumsum(flags, axis=1) - 1  # [BLOCK_M, BLOCK_N]
-    ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + slots
-    tl.store(ptrs, _to_key(values, cols[None, :]), mask=candidate)
+    offsets = buf_rows.to(tl.int64)[:, None] * stride_buf + slots
+    tl.store(val_ptr + offsets, values, mask=candidate)
+    tl.store(idx_ptr + offsets, tl.broadcast_to(cols[None, :], values.shape), mask=candidate)
     return count + tl.sum(flags, axis=1)
 
 
 @triton.jit
+def _load_keys(val_ptr, idx_ptr, offsets, mask):
+    """Keys of buffer slots; an empty slot (feature -1) gets EMPTY_KEY."""
+    feature = tl.load(idx_ptr + offsets, mask=mask, other=-1)
+    value = tl.load(val_ptr + offsets, mask=mask, other=0.0)
+    return tl.where(feature < 0, -(2**63), _to_key(value, feature))
+
+
+@triton.jit
 def _compact(
-    buf_ptr, tau_ptr, buf_row0, stride_buf,
+    val_ptr, idx_ptr, tau_ptr, buf_row0, stride_buf,
     BLOCK_M: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, SORT_ROWS: tl.constexpr,
 ):  # fmt: skip
-    """Shrink each of the program's BLOCK_M buffers to its KEEP largest keys, sorted, in slots
-    [0, KEEP) (the rest EMPTY_KEY), and write each row's KEEP-th largest value to tau (the threshold
-    for later appends; -inf while a row holds fewer than KEEP keys)."""
+    """Shrink each of the program's BLOCK_M buffers to its KEEP largest entries, sorted, in slots
+    [0, KEEP) (the rest empty), and write each row's KEEP-th largest value to tau (the threshold for
+    later appends; -inf while a row holds fewer than KEEP entries)."""
     tl.debug_barrier()  # every thread's appends are visible before any thread reads the buffers
     slots = tl.arange(0, CAP)
+    kept = tl.arange(0, KEEP)
     for r0 in range(0, BLOCK_M, SORT_ROWS):  # a loop, not unrolled: compile time
-        buf_rows = buf_row0 + r0 + tl.arange(0, SORT_ROWS)
-        ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + slots[None, :]  # [SORT_ROWS, CAP]
-        top = tl.topk(tl.load(ptrs), KEEP)  # [SORT_ROWS, KEEP], descending
+        buf_rows = (buf_row0 + r0 + tl.arange(0, SORT_ROWS)).to(tl.int64)
+        offsets = buf_rows[:, None] * stride_buf + slots[None, :]  # [SORT_ROWS, CAP]
+        top = tl.topk(_load_keys(val_ptr, idx_ptr, offsets, slots[None, :] < CAP), KEEP)  # [SORT_ROWS, KEEP]
         tl.debug_barrier()  # all reads of these rows are done before they are overwritten
-        tl.store(ptrs, tl.full([SORT_ROWS, CAP], -(2**63), tl.int64), mask=slots[None, :] >= KEEP)
-        tl.store(buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + tl.arange(0, KEEP)[None, :], top)
+        tl.store(idx_ptr + offsets, tl.full([SORT_ROWS, CAP], -1, tl.int32), mask=slots[None, :] >= KEEP)
+        kept_offsets = buf_rows[:, None] * stride_buf + kept[None, :]
+        tl.store(val_ptr + kept_offsets, _key_value(top))
+        tl.store(idx_ptr + kept_offsets, tl.where(top == -(2**63), -1, (top & 0xFFFFFFFF).to(tl.int32)))
         kth = tl.min(top, axis=1)
         tl.store(tau_ptr + buf_rows, tl.where(kth == -(2**63), float("-inf"), _key_value(kth)))
     tl.debug_barrier()
 
 
 @triton.jit
-def _clear(buf_ptr, buf_row0, stride_buf, BLOCK_M: tl.constexpr, CAP: tl.constexpr, SORT_ROWS: tl.constexpr):
+def _clear(idx_ptr, buf_row0, stride_buf, BLOCK_M: tl.constexpr, CAP: tl.constexpr, SORT_ROWS: tl.constexpr):
+    """Mark every slot of the program's buffers empty (feature -1)."""
     slots = tl.arange(0, CAP)
     for r0 in range(0, BLOCK_M, SORT_ROWS):  # a loop, not unrolled: compile time
-        buf_rows = buf_row0 + r0 + tl.arange(0, SORT_ROWS)
-        ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + slots[None, :]
-        tl.store(ptrs, tl.full([SORT_ROWS, CAP], -(2**63), tl.int64))
+        buf_rows = (buf_row0 + r0 + tl.arange(0, SORT_ROWS)).to(tl.int64)
+        tl.store(idx_ptr + buf_rows[:, None] * stride_buf + slots[None, :], tl.full([SORT_ROWS, CAP], -1, tl.int32))
 
 
 @triton.jit
 def _encode_topk_fwd_kernel(
     x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, dead_ptr,
-    buf_ptr, tau_ptr, aux_buf_ptr, aux_tau_ptr,
+    val_buf_ptr, idx_buf_ptr, tau_ptr, aux_val_buf_ptr, aux_idx_buf_ptr, aux_tau_ptr,
     B, D, F, padded_rows, tiles_per_split,
     stride_xm, stride_xd, stride_wd, stride_wf, stride_buf, stride_aux_buf,
     HAS_AUX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -138,11 +150,11 @@ def _encode_topk_fwd_kernel(
     buf_rows = buf_row0 + tl.arange(0, BLOCK_M)
     f_begin = split * tiles_per_split * BLOCK_N
 
-    _clear(buf_ptr, buf_row0, stride_buf, BLOCK_M, CAP, SORT_ROWS)
+    _clear(idx_buf_ptr, buf_row0, stride_buf, BLOCK_M, CAP, SORT_ROWS)
     tau = tl.full([BLOCK_M], float("-inf"), tl.float32)
     count = tl.zeros([BLOCK_M], dtype=tl.int32)
     if HAS_AUX:
-        _clear(aux_buf_ptr, buf_row0, stride_aux_buf, BLOCK_M, AUX_CAP, AUX_SORT_ROWS)
+        _clear(aux_idx_buf_ptr, buf_row0, stride_aux_buf, BLOCK_M, AUX_CAP, AUX_SORT_ROWS)
         aux_tau = tl.full([BLOCK_M], float("-inf"), tl.float32)
         aux_count = tl.zeros([BLOCK_M], dtype=tl.int32)
     tl.debug_barrier()
@@ -158,37 +170,47 @@ def _encode_topk_fwd_kernel(
         pre += tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]  # [BLOCK_M, BLOCK_N]
 
         if tl.max(count, axis=0) > CAP - BLOCK_N:  # the next append could overflow a buffer
-            _compact(buf_ptr, tau_ptr, buf_row0, stride_buf, BLOCK_M, CAP, KEEP, SORT_ROWS)
+            _compact(val_buf_ptr, idx_buf_ptr, tau_ptr, buf_row0, stride_buf, BLOCK_M, CAP, KEEP, SORT_ROWS)
             tau = tl.load(tau_ptr + buf_rows)
             count = tl.full([BLOCK_M], KEEP, tl.int32)
-        count = _append(buf_ptr, buf_rows, stride_buf, pre, cols, col_valid[None, :] & (pre > tau[:, None]), count)
+        candidate = col_valid[None, :] & (pre > tau[:, None])
+        count = _append(val_buf_ptr, idx_buf_ptr, buf_rows, stride_buf, pre, cols, candidate, count)
 
         if HAS_AUX:
             dead = tl.load(dead_ptr + cols, mask=col_valid, other=0) != 0
             if tl.max(aux_count, axis=0) > AUX_CAP - BLOCK_N:
-                _compact(aux_buf_ptr, aux_tau_ptr, buf_row0, stride_aux_buf, BLOCK_M, AUX_CAP, AUX_KEEP, AUX_SORT_ROWS)
+                _compact(
+                    aux_val_buf_ptr, aux_idx_buf_ptr, aux_tau_ptr, buf_row0, stride_aux_buf,
+                    BLOCK_M, AUX_CAP, AUX_KEEP, AUX_SORT_ROWS,
+                )  # fmt: skip
                 aux_tau = tl.load(aux_tau_ptr + buf_rows)
                 aux_count = tl.full([BLOCK_M], AUX_KEEP, tl.int32)
             aux_candidate = dead[None, :] & (pre > aux_tau[:, None])
-            aux_count = _append(aux_buf_ptr, buf_rows, stride_aux_buf, pre, cols, aux_candidate, aux_count)
+            aux_count = _append(
+                aux_val_buf_ptr, aux_idx_buf_ptr, buf_rows, stride_aux_buf, pre, cols, aux_candidate, aux_count
+            )
 
-    _compact(buf_ptr, tau_ptr, buf_row0, stride_buf, BLOCK_M, CAP, KEEP, SORT_ROWS)
+    _compact(val_buf_ptr, idx_buf_ptr, tau_ptr, buf_row0, stride_buf, BLOCK_M, CAP, KEEP, SORT_ROWS)
     if HAS_AUX:
-        _compact(aux_buf_ptr, aux_tau_ptr, buf_row0, stride_aux_buf, BLOCK_M, AUX_CAP, AUX_KEEP, AUX_SORT_ROWS)
+        _compact(
+            aux_val_buf_ptr, aux_idx_buf_ptr, aux_tau_ptr, buf_row0, stride_aux_buf,
+            BLOCK_M, AUX_CAP, AUX_KEEP, AUX_SORT_ROWS,
+        )  # fmt: skip
 
 
 @triton.jit
 def _topk_finish_kernel(
-    buf_ptr, vals_ptr, idx_ptr, B, k, padded_rows, stride_buf, stride_vm, stride_im,
+    val_buf_ptr, idx_buf_ptr, vals_ptr, idx_ptr, B, k, padded_rows, stride_buf, stride_vm, stride_im,
     N_SPLIT: tl.constexpr, KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Merge the sorted KEEP keys of each feature split into the row's top k: post-ReLU values in
+    """Merge the sorted KEEP entries of each feature split into the row's top k: post-ReLU values in
     vals' dtype and int32 features (an empty slot, possible for AuxK, gives value 0 and feature 0)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < B
     j = tl.arange(0, N_SPLIT * KEEP)
     buf_rows = (j // KEEP)[None, :] * padded_rows + rows[:, None]  # [BLOCK_M, N_SPLIT * KEEP]
-    keys = tl.load(buf_ptr + buf_rows.to(tl.int64) * stride_buf + (j % KEEP)[None, :], mask=row_valid[:, None])
+    offsets = buf_rows.to(tl.int64) * stride_buf + (j % KEEP)[None, :]
+    keys = _load_keys(val_buf_ptr, idx_buf_ptr, offsets, row_valid[:, None])
     if N_SPLIT > 1:
         keys = tl.topk(keys, KEEP)  # [BLOCK_M, KEEP], descending
     empty = keys == -(2**63)
@@ -207,7 +229,7 @@ def _topk_candidates(keep: int, aux_keep: int) -> list[dict]:
     if INTERPRET:  # numpy runs every sort step element by element: keep the interpreter's tiles small
         shapes = [(16, 32, 32, 4, 1)]
     elif keep <= 64:
-        shapes = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)]
+        shapes = [(64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
     elif keep <= 256:
         shapes = [(32, 128, 64, 4, 3), (64, 128, 64, 4, 3)]
     else:
@@ -266,33 +288,41 @@ def encode_topk(
         padded_rows = n_row_blocks * block_m
         n_split = _n_split(n_row_blocks, F, block_n, n_sms, max(keep, aux_keep if has_aux else 1))
         tiles_per_split = triton.cdiv(triton.cdiv(F, n_split), block_n)
-        buf = x.new_empty(n_split * padded_rows, cfg["CAP"], dtype=torch.int64)
-        tau = x.new_empty(n_split * padded_rows, dtype=torch.float32)
+        buf_rows = n_split * padded_rows
+        val_buf, idx_buf = _scratch(x, buf_rows, cfg["CAP"])
+        tau = x.new_empty(buf_rows, dtype=torch.float32)
         aux_cap = cfg["AUX_CAP"] if has_aux else 1
-        aux_buf = x.new_empty(n_split * padded_rows if has_aux else 1, aux_cap, dtype=torch.int64)
-        aux_tau = x.new_empty(aux_buf.shape[0], dtype=torch.float32)
+        aux_val_buf, aux_idx_buf = _scratch(x, buf_rows if has_aux else 1, aux_cap)
+        aux_tau = x.new_empty(aux_val_buf.shape[0], dtype=torch.float32)
         _encode_topk_fwd_kernel[(n_row_blocks, n_split)](
-            x, W_enc, b_enc, b_dec, dead, buf, tau, aux_buf, aux_tau,
+            x, W_enc, b_enc, b_dec, dead, val_buf, idx_buf, tau, aux_val_buf, aux_idx_buf, aux_tau,
             B, D, F, padded_rows, tiles_per_split,
-            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), buf.stride(0), aux_buf.stride(0),
+            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), val_buf.stride(0), aux_val_buf.stride(0),
             HAS_AUX=has_aux, KEEP=keep, AUX_KEEP=aux_keep if has_aux else 1,
             DOT_DTYPE=dot_dtype(W_enc.dtype), INPUT_PRECISION=input_precision(W_enc.dtype),
             **{**cfg, "AUX_CAP": aux_cap},
         )  # fmt: skip
-        _finish(buf, vals, idx, padded_rows, n_split, keep)
+        _finish(val_buf, idx_buf, vals, idx, padded_rows, n_split, keep)
         if has_aux:
-            _finish(aux_buf, aux_vals, aux_idx, padded_rows, n_split, aux_keep)
+            _finish(aux_val_buf, aux_idx_buf, aux_vals, aux_idx, padded_rows, n_split, aux_keep)
 
     key = ("encode_topk", D, F, bucket(B), keep, aux_keep if has_aux else 0, x.dtype, W_enc.dtype)
     run(tuned(key, _topk_candidates(keep, aux_keep), run))
     return vals, idx, aux_vals, aux_idx
 
 
-def _finish(buf: Tensor, vals: Tensor, idx: Tensor, padded_rows: int, n_split: int, keep: int) -> None:
+def _scratch(x: Tensor, rows: int, cap: int) -> tuple[Tensor, Tensor]:
+    """Per-row candidate buffers: fp32 values and int32 features, [rows, cap] each."""
+    return x.new_empty(rows, cap, dtype=torch.float32), x.new_empty(rows, cap, dtype=torch.int32)
+
+
+def _finish(
+    val_buf: Tensor, idx_buf: Tensor, vals: Tensor, idx: Tensor, padded_rows: int, n_split: int, keep: int
+) -> None:
     B, k = vals.shape
     block_m = max(1, min(64, SORT_ELEMENTS // (n_split * keep)))
     _topk_finish_kernel[(triton.cdiv(B, block_m),)](
-        buf, vals, idx, B, k, padded_rows, buf.stride(0), vals.stride(0), idx.stride(0),
+        val_buf, idx_buf, vals, idx, B, k, padded_rows, val_buf.stride(0), vals.stride(0), idx.stride(0),
         N_SPLIT=n_split, KEEP=keep, BLOCK_M=block_m,
     )  # fmt: skip
 
