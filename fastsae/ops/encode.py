@@ -54,15 +54,21 @@ def _key_value(key):
 
 @triton.jit
 def _centered_dot(
-    x_ptr, w_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
+    x_ptr, w_ptr, b_dec_ptr, row_start, col_start, B, D, F,
     stride_xm, stride_xd, stride_wd, stride_wf,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """(x[rows] - b_dec) @ W_enc[:, cols] -> fp32 [BLOCK_M, BLOCK_N], centring in fp32 before the cast."""
+    """(x[rows] - b_dec) @ W_enc[:, cols] -> fp32 [BLOCK_M, BLOCK_N] for the tile at (row_start,
+    col_start), centring in fp32 before the cast."""
+    local_rows = tl.arange(0, BLOCK_M)
+    local_cols = tl.arange(0, BLOCK_N)
+    row_valid = (row_start + local_rows) < B
+    col_valid = (col_start + local_cols) < F
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xd  # [BLOCK_M, BLOCK_K]
-    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * stride_wd + cols.to(tl.int64)[None, :] * stride_wf  # [BLOCK_K, BLOCK_N]
+    # 64-bit scalar bases and 32-bit offsets within the tile: tiles of 64-bit addresses cost registers.
+    x_ptrs = (x_ptr + row_start.to(tl.int64) * stride_xm) + (local_rows[:, None] * stride_xm + ks[None, :] * stride_xd)
+    w_ptrs = (w_ptr + col_start.to(tl.int64) * stride_wf) + (ks[:, None] * stride_wd + local_cols[None, :] * stride_wf)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_K):
         k_valid = (d0 + ks) < D
@@ -77,14 +83,17 @@ def _centered_dot(
 
 
 @triton.jit
-def _append(val_ptr, idx_ptr, buf_rows, stride_buf, values, cols, candidate, count):
+def _append(val_ptr, idx_ptr, buf_row0, stride_buf, values, cols, candidate, count):
     """Store the `candidate` entries of `values` [BLOCK_M, BLOCK_N] (value and feature, in two arrays:
     no int64 tile in registers) after each row's `count` filled slots; returns the new counts."""
     flags = candidate.to(tl.int32)
     slots = count[:, None] + tl.cumsum(flags, axis=1) - 1  # [BLOCK_M, BLOCK_N]
-    offsets = buf_rows.to(tl.int64)[:, None] * stride_buf + slots
-    tl.store(val_ptr + offsets, values, mask=candidate)
-    tl.store(idx_ptr + offsets, tl.broadcast_to(cols[None, :], values.shape), mask=candidate)
+    # One 64-bit base for the program's rows and 32-bit offsets inside them (BLOCK_M * CAP < 2^31):
+    # a [BLOCK_M, BLOCK_N] tile of 64-bit addresses would not fit in registers.
+    row_offset = buf_row0.to(tl.int64) * stride_buf
+    offsets = tl.arange(0, values.shape[0])[:, None] * stride_buf + slots
+    tl.store(val_ptr + row_offset + offsets, values, mask=candidate)
+    tl.store(idx_ptr + row_offset + offsets, tl.broadcast_to(cols[None, :], values.shape), mask=candidate)
     return count + tl.sum(flags, axis=1)
 
 
@@ -143,8 +152,6 @@ def _encode_topk_fwd_kernel(
 ):  # fmt: skip
     row_block = tl.program_id(0)
     split = tl.program_id(1)
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < B
     # This program's scratch rows: buffers are [n_split * padded_rows, CAP], so no row needs a mask.
     buf_row0 = split * padded_rows + row_block * BLOCK_M
     buf_rows = buf_row0 + tl.arange(0, BLOCK_M)
@@ -163,21 +170,28 @@ def _encode_topk_fwd_kernel(
         cols = f_begin + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_valid = cols < F
         pre = _centered_dot(
-            x_ptr, w_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
+            x_ptr, w_ptr, b_dec_ptr, row_block * BLOCK_M, f_begin + tile * BLOCK_N, B, D, F,
             stride_xm, stride_xd, stride_wd, stride_wf,
             BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
         pre += tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]  # [BLOCK_M, BLOCK_N]
 
-        if tl.max(count, axis=0) > CAP - BLOCK_N:  # the next append could overflow a buffer
+        candidate = col_valid[None, :] & (pre > tau[:, None])
+        count = _append(val_buf_ptr, idx_buf_ptr, buf_row0, stride_buf, pre, cols, candidate, count)
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + cols, mask=col_valid, other=0) != 0
+            aux_candidate = dead[None, :] & (pre > aux_tau[:, None])
+            aux_count = _append(
+                aux_val_buf_ptr, aux_idx_buf_ptr, buf_row0, stride_aux_buf, pre, cols, aux_candidate, aux_count
+            )
+
+        # Compact after the appends, once the tile is dead (its registers free for the sort), whenever the
+        # next tile's append could overflow a buffer.
+        if tl.max(count, axis=0) > CAP - BLOCK_N:
             _compact(val_buf_ptr, idx_buf_ptr, tau_ptr, buf_row0, stride_buf, BLOCK_M, CAP, KEEP, SORT_ROWS)
             tau = tl.load(tau_ptr + buf_rows)
             count = tl.full([BLOCK_M], KEEP, tl.int32)
-        candidate = col_valid[None, :] & (pre > tau[:, None])
-        count = _append(val_buf_ptr, idx_buf_ptr, buf_rows, stride_buf, pre, cols, candidate, count)
-
         if HAS_AUX:
-            dead = tl.load(dead_ptr + cols, mask=col_valid, other=0) != 0
             if tl.max(aux_count, axis=0) > AUX_CAP - BLOCK_N:
                 _compact(
                     aux_val_buf_ptr, aux_idx_buf_ptr, aux_tau_ptr, buf_row0, stride_aux_buf,
@@ -185,10 +199,6 @@ def _encode_topk_fwd_kernel(
                 )  # fmt: skip
                 aux_tau = tl.load(aux_tau_ptr + buf_rows)
                 aux_count = tl.full([BLOCK_M], AUX_KEEP, tl.int32)
-            aux_candidate = dead[None, :] & (pre > aux_tau[:, None])
-            aux_count = _append(
-                aux_val_buf_ptr, aux_idx_buf_ptr, buf_rows, stride_aux_buf, pre, cols, aux_candidate, aux_count
-            )
 
     _compact(val_buf_ptr, idx_buf_ptr, tau_ptr, buf_row0, stride_buf, BLOCK_M, CAP, KEEP, SORT_ROWS)
     if HAS_AUX:
@@ -229,7 +239,8 @@ def _topk_candidates(keep: int, aux_keep: int) -> list[dict]:
     if INTERPRET:  # numpy runs every sort step element by element: keep the interpreter's tiles small
         shapes = [(16, 32, 32, 4, 1)]
     elif keep <= 64:
-        shapes = [(64, 128, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+        # 64 x 128 with 8 warps is the largest of these that compiles without register spills (sm_90).
+        shapes = [(64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)]
     elif keep <= 256:
         shapes = [(32, 128, 64, 4, 3), (64, 128, 64, 4, 3)]
     else:
@@ -353,7 +364,7 @@ def _encode_relu_fwd_kernel(
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid, col_valid = rows < B, cols < F
     pre = _centered_dot(
-        x_ptr, w_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
+        x_ptr, w_ptr, b_dec_ptr, row_block * BLOCK_M, col_block * BLOCK_N, B, D, F,
         stride_xm, stride_xd, stride_wd, stride_wf,
         BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
     )  # fmt: skip
