@@ -1,0 +1,81 @@
+"""Registers and spill stack of the encode kernels compiled for sm_90, on any machine (no GPU needed).
+
+    python -m bench.kernel_resources
+
+Compiles each kernel ahead of time the way the JIT specialises it at the GPT-2 shape (16-byte aligned
+pointers, sizes and strides divisible by 16, unit strides constant) and reads the resource usage of the cubin
+with the cuobjdump that ships with triton. A non-zero STACK means register spills: check it before
+spending GPU time on a tile configuration.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastsae.ops import encode
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+HOPPER = GPUTarget("cuda", 90, 32)
+POINTER_TYPES = {
+    "dead_ptr": "*u8",
+    "tau_ptr": "*fp32",
+    "aux_tau_ptr": "*fp32",
+    "buf_ptr": "*i64",
+    "aux_buf_ptr": "*i64",
+}
+
+
+def resources(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
+    """cuobjdump's 'REG:.. STACK:..' line for `fn` compiled with `constexprs` (bf16 tensors)."""
+    signature = {name: POINTER_TYPES.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
+    signature.update({name: "constexpr" for name in constexprs})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name not in constexprs}
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()},
+        attrs=aligned,
+    )
+    kernel = triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [str(CUOBJDUMP), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
+        ).stdout
+    return next(line.strip() for line in usage.splitlines() if "REG:" in line)
+
+
+def main() -> None:
+    unit_strides = {"stride_xd": 1, "stride_wf": 1}
+    common = {"BLOCK_K": 64, "DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", **unit_strides}
+    keep = 32
+    for cfg in encode._topk_candidates(keep, aux_keep=keep):
+        tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "CAP", "SORT_ROWS")}
+        constexprs = {
+            **common,
+            **tile,
+            "HAS_AUX": False,
+            "KEEP": keep,
+            "AUX_CAP": cfg["AUX_CAP"],
+            "AUX_KEEP": keep,
+            "AUX_SORT_ROWS": cfg["AUX_SORT_ROWS"],
+        }
+        usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
+        print(f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']}: {usage}")
+    for cfg in encode._RELU_CANDIDATES:
+        tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "GROUP_M")}
+        constexprs = {**common, **tile, "BLOCK_K": cfg["BLOCK_K"], "HAS_THRESHOLD": False, "stride_of": 1}
+        usage = resources(encode._encode_relu_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
+        print(f"encode_relu {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']}: {usage}")
+
+
+if __name__ == "__main__":
+    main()
