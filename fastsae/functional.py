@@ -126,12 +126,16 @@ def _encode_topk_backward(
     idx: Tensor,
     aux_vals: Tensor,
     aux_idx: Tensor,
+    x_requires_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return reference.encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
 
 
+_encode_topk_backward.register_kernel("cuda")(encode_ops.encode_topk_backward)
+
+
 @_encode_topk_backward.register_fake
-def _(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx):
+def _(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, x_requires_grad):
     return _encoder_grad_like(x, W_enc, b_dec)
 
 
@@ -146,7 +150,9 @@ def _encode_topk_setup(ctx, inputs, output):
 
 def _encode_topk_grad(ctx, grad_vals, _grad_idx, grad_aux_vals, _grad_aux_idx):
     x, W_enc, b_dec, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
-    grads = _encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+    grads = _encode_topk_backward(
+        grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, ctx.needs_input_grad[0]
+    )
     return (*_only_needed(ctx, grads), None, None, None)
 
 
@@ -270,6 +276,9 @@ def _(vals, idx, W_dec, b_dec):
 @torch.library.custom_op("fastsae::decode_sparse_backward", mutates_args=())
 def _decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
     return reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
+
+
+_decode_sparse_backward.register_kernel("cuda")(decode_ops.decode_sparse_backward)
 
 
 @_decode_sparse_backward.register_fake
