@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import _ext, reference
 from .ops import decode as decode_ops
+from .ops import decoder as decoder_ops
 from .ops import encode as encode_ops
 
 _ext.load()  # the C++ death-statistics ops: fire_counts, fire_counts_dense, update_since_fired, dead_mask
@@ -367,3 +368,25 @@ fvu = reference.fvu
 auxk_loss = reference.auxk_loss
 normalize_decoder_rows = reference.normalize_decoder_rows
 remove_parallel_grad = reference.remove_parallel_grad
+
+
+def _fused_decoder_kernels(W_dec: Tensor) -> bool:
+    return W_dec.is_cuda and W_dec.dtype != torch.float64
+
+
+@torch.no_grad()
+def remove_parallel_grad_(W_dec: Tensor, grad: Tensor) -> None:
+    """In place on `grad`: `remove_parallel_grad` in one pass over W_dec on CUDA (fastsae/ops/decoder.py)."""
+    if _fused_decoder_kernels(W_dec):
+        decoder_ops.remove_parallel_grad_(W_dec, grad)
+    else:
+        grad.copy_(remove_parallel_grad(W_dec, grad))
+
+
+@torch.no_grad()
+def normalize_decoder_rows_(W_dec: Tensor) -> None:
+    """In place: `normalize_decoder_rows` in one pass over W_dec on CUDA (fastsae/ops/decoder.py)."""
+    if _fused_decoder_kernels(W_dec):
+        decoder_ops.normalize_rows_(W_dec)
+    else:
+        W_dec.copy_(normalize_decoder_rows(W_dec))
