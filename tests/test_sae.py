@@ -17,7 +17,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def _sae(device="cpu", dtype="float64", **overrides):
     cfg = fastsae.SAEConfig(**{"d_in": 24, "n_features": 96, "k": 6, "dtype": dtype, **overrides})
     sae = fastsae.SparseAutoencoder(cfg).to(device)
-    sae.initialize(torch.randn(300, 24, dtype=torch.float64, device=device) + 3)
+    sae.initialize(torch.randn(300, cfg.d_in, dtype=torch.float64, device=device) + 3)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
     return sae
