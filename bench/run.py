@@ -15,7 +15,7 @@ from .harness import Recorder
 from .report import render
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FAMILIES = ["stats", "encode", "decode"]
+FAMILIES = ["stats", "encode", "decode", "train"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import _ext, reference
 from .ops import decode as decode_ops
+from .ops import decoder as decoder_ops
 from .ops import encode as encode_ops
 
 _ext.load()  # the C++ death-statistics ops: fire_counts, fire_counts_dense, update_since_fired, dead_mask
@@ -126,12 +127,16 @@ def _encode_topk_backward(
     idx: Tensor,
     aux_vals: Tensor,
     aux_idx: Tensor,
+    x_requires_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return reference.encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
 
 
+_encode_topk_backward.register_kernel("cuda")(encode_ops.encode_topk_backward)
+
+
 @_encode_topk_backward.register_fake
-def _(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx):
+def _(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, x_requires_grad):
     return _encoder_grad_like(x, W_enc, b_dec)
 
 
@@ -146,7 +151,9 @@ def _encode_topk_setup(ctx, inputs, output):
 
 def _encode_topk_grad(ctx, grad_vals, _grad_idx, grad_aux_vals, _grad_aux_idx):
     x, W_enc, b_dec, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
-    grads = _encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+    grads = _encode_topk_backward(
+        grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, ctx.needs_input_grad[0]
+    )
     return (*_only_needed(ctx, grads), None, None, None)
 
 
@@ -272,6 +279,9 @@ def _decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: 
     return reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
 
 
+_decode_sparse_backward.register_kernel("cuda")(decode_ops.decode_sparse_backward)
+
+
 @_decode_sparse_backward.register_fake
 def _(grad_out, vals, idx, W_dec):
     return torch.empty_like(vals), torch.empty_like(W_dec)
@@ -358,3 +368,25 @@ fvu = reference.fvu
 auxk_loss = reference.auxk_loss
 normalize_decoder_rows = reference.normalize_decoder_rows
 remove_parallel_grad = reference.remove_parallel_grad
+
+
+def _fused_decoder_kernels(W_dec: Tensor) -> bool:
+    return W_dec.is_cuda and W_dec.dtype != torch.float64
+
+
+@torch.no_grad()
+def remove_parallel_grad_(W_dec: Tensor, grad: Tensor) -> None:
+    """In place on `grad`: `remove_parallel_grad` in one pass over W_dec on CUDA (fastsae/ops/decoder.py)."""
+    if _fused_decoder_kernels(W_dec):
+        decoder_ops.remove_parallel_grad_(W_dec, grad)
+    else:
+        grad.copy_(remove_parallel_grad(W_dec, grad))
+
+
+@torch.no_grad()
+def normalize_decoder_rows_(W_dec: Tensor) -> None:
+    """In place: `normalize_decoder_rows` in one pass over W_dec on CUDA (fastsae/ops/decoder.py)."""
+    if _fused_decoder_kernels(W_dec):
+        decoder_ops.normalize_rows_(W_dec)
+    else:
+        W_dec.copy_(normalize_decoder_rows(W_dec))

@@ -249,12 +249,12 @@ class SparseAutoencoder(nn.Module):
         """Call between backward() and optimizer.step(): drops the part of W_dec.grad that would only
         change the decoder row norms."""
         if self.W_dec.grad is not None:
-            self.W_dec.grad.copy_(F.remove_parallel_grad(self.W_dec, self.W_dec.grad))
+            F.remove_parallel_grad_(self.W_dec, self.W_dec.grad)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Call after optimizer.step(): rescales every decoder row to unit norm."""
-        self.W_dec.copy_(F.normalize_decoder_rows(self.W_dec))
+        F.normalize_decoder_rows_(self.W_dec)
 
     # -- persistence ---------------------------------------------------------------------------------
 

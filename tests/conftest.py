@@ -38,3 +38,13 @@ def poison_empty(monkeypatch):
         return out.fill_(float("nan") if out.is_floating_point() else -1)
 
     monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
+
+
+@pytest.fixture(params=[False, True], ids=["atomic", "deterministic"])
+def deterministic(request):
+    """Runs a test with torch's deterministic algorithms off (fastsae's fast atomic reductions) and on
+    (its sorted, bit-reproducible reductions)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param)
+    yield request.param
+    torch.use_deterministic_algorithms(previous)

@@ -38,3 +38,28 @@ def test_decode_sparse_kernel(device, B, d, F, k, dtype, bias):
     expected = reference.decode_sparse(vals.double(), idx, W_dec.double(), None if b_dec is None else b_dec.double())
     assert out.dtype == dtype
     assert_close(out, expected, dtype)
+
+
+BACKWARD_CASES = [
+    pytest.param("cpu", 37, 40, 96, 8, marks=pytest.mark.interpret),
+    pytest.param("cuda", 8192, 768, 24576, 32, marks=pytest.mark.gpu),
+    pytest.param("cuda", 33, 100, 2000, 1024, marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device, B, d, F, k", BACKWARD_CASES, ids=lambda v: None)
+def test_decode_sparse_backward_kernel(device, B, d, F, k, dtype, deterministic):
+    vals, idx = _codes(B, F, k, dtype, device)
+    _, _, W_dec, _ = random_sae_weights(d, F, dtype=dtype, device=device)
+    grad_out = torch.randn(B, d, device=device, dtype=dtype)
+    dvals, dW_dec = decode.decode_sparse_backward(grad_out, vals, idx, W_dec)
+    expected_dvals, expected_dW = reference.decode_sparse_backward(
+        grad_out.double(), vals.double(), idx, W_dec.double()
+    )
+    assert dvals.dtype == dtype and dW_dec.dtype == dtype
+    assert_close(dvals, expected_dvals, dtype, "dvals")
+    assert_close(dW_dec, expected_dW, dtype, "dW_dec")
+    if deterministic:
+        assert torch.equal(decode.decode_sparse_backward(grad_out, vals, idx, W_dec)[1], dW_dec), "not bit-identical"

@@ -123,3 +123,34 @@ def test_offsets_beyond_int32():
     del acts
     vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
     assert_topk_matches(vals[tail], idx[tail], pre, k, torch.bfloat16)
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_case_id)
+@pytest.mark.parametrize(
+    "device, B, d, F, k, k_aux",
+    [
+        pytest.param("cpu", 37, 40, 96, 8, 5, marks=pytest.mark.interpret),
+        pytest.param("cuda", 4096, 768, 24576, 32, 384, marks=pytest.mark.gpu),
+        pytest.param("cuda", 199, 100, 4099, 64, 0, marks=pytest.mark.gpu),
+    ],
+    ids=lambda v: None,
+)
+def test_encode_topk_backward_kernel(device, B, d, F, k, k_aux, dtype, deterministic):
+    """Every gradient of the TopK encode (with AuxK codes) against the reference's dense formulas in fp64."""
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, dtype, device)
+    dead = torch.rand(F, device=device) < 0.5
+    vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead if k_aux else None)
+    grad_vals = torch.randn_like(vals)
+    grad_aux = torch.randn_like(aux_vals)
+    saved = (x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+    grads = encode.encode_topk_backward(grad_vals, grad_aux, *saved, True)
+    expected = reference.encode_topk_backward(
+        grad_vals.double(), grad_aux.double(), *(t.double() if t.is_floating_point() else t for t in saved)
+    )
+    for name, actual, want in zip(("dx", "dW_enc", "db_enc", "db_dec"), grads, expected):
+        assert actual.dtype == dtype, name
+        assert_close(actual, want, dtype, name)
+    if deterministic:
+        again = encode.encode_topk_backward(grad_vals, grad_aux, *saved, True)
+        assert all(torch.equal(a, b) for a, b in zip(grads, again)), "not bit-identical"

@@ -121,7 +121,7 @@ def test_opcheck_every_op(device):
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 0, None)),
         (
             torch.ops.fastsae.encode_topk_backward,
-            (*grads, x, W_enc.detach(), b_dec, vals.detach(), idx, aux_vals.detach(), aux_idx),
+            (*grads, x, W_enc.detach(), b_dec, vals.detach(), idx, aux_vals.detach(), aux_idx, True),
         ),
         (torch.ops.fastsae.encode_relu, (x, W_enc, b_enc, b_dec, None)),
         (torch.ops.fastsae.encode_relu_backward, (torch.randn_like(acts), x, W_enc.detach(), b_dec, acts)),

@@ -17,7 +17,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 def _sae(device="cpu", dtype="float64", **overrides):
     cfg = fastsae.SAEConfig(**{"d_in": 24, "n_features": 96, "k": 6, "dtype": dtype, **overrides})
     sae = fastsae.SparseAutoencoder(cfg).to(device)
-    sae.initialize(torch.randn(300, 24, dtype=torch.float64, device=device) + 3)
+    sae.initialize(torch.randn(300, cfg.d_in, dtype=torch.float64, device=device) + 3)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
     return sae
@@ -206,3 +206,39 @@ def test_compiled_training_step_matches_eager():
         assert torch.allclose(losses[0], losses[1], rtol=1e-4)
         assert torch.allclose(eager.W_enc.grad, compiled_sae.W_enc.grad, rtol=1e-3, atol=1e-6)
         assert torch.equal(eager.tokens_since_fired, compiled_sae.tokens_since_fired)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_cuda_training_matches_reference_path(deterministic):
+    """200 Adam steps of a TopK + AuxK SAE in fp32: on CUDA every op runs fastsae's kernels, on CPU
+    the reference. Same initial state and data; the loss curves and final weights agree."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        cpu = _sae(dtype="float32", d_in=64, n_features=1024, k=16, k_aux=32, dead_after_tokens=2048)
+        cuda = fastsae.SparseAutoencoder(cpu.cfg).cuda()
+        cuda.load_state_dict(cpu.state_dict())
+        curves = {}
+        for name, sae in (("cpu", cpu), ("cuda", cuda)):
+            device = next(sae.parameters()).device
+            optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+            data = torch.Generator().manual_seed(0)
+            curves[name] = []
+            for _ in range(200):
+                x = (torch.randn(256, 64, generator=data) * torch.linspace(0.1, 3, 64) + 3).to(device)
+                out = sae(x)
+                out.loss.backward()
+                sae.remove_decoder_parallel_grad()
+                optimizer.step()
+                optimizer.zero_grad()
+                sae.normalize_decoder()
+                curves[name].append(float(out.loss))
+        losses = {name: torch.tensor(curve) for name, curve in curves.items()}
+        assert float(losses["cpu"][-1]) < 0.7 * float(losses["cpu"][0]), "the reference run did not train"
+        assert ((losses["cuda"] - losses["cpu"]).abs() / losses["cpu"]).max() < 2e-2
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert_close(getattr(cuda, name), getattr(cpu, name).double(), torch.bfloat16, name)
+    finally:
+        torch.use_deterministic_algorithms(previous)

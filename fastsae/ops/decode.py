@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from .launch import bucket, tuned
+from .scatter import feature_sums
 
 
 @triton.jit
@@ -72,3 +73,64 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
 
     run(tuned(("decode_sparse", D, F, bucket(B), bucket(K), W_dec.dtype), _DECODE_CANDIDATES, run))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backward: d vals = d x_hat . W_dec[idx] (a gathered dot per code); dW_dec = per-feature sums (scatter.py)
+
+
+@triton.jit
+def _decode_sparse_bwd_vals_kernel(
+    grad_ptr, idx_ptr, w_ptr, dvals_ptr,
+    B, K, D, F,
+    stride_gm, stride_gd, stride_im, stride_ik, stride_wf, stride_wd, stride_dm, stride_dk,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < B
+    rows64 = rows.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    for j in range(0, K):
+        f = tl.load(idx_ptr + rows64 * stride_im + j * stride_ik, mask=row_valid, other=0).to(tl.int64)
+        gather = row_valid & (f >= 0) & (f < F)
+        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dim_valid = (d0 + dims) < D
+            g = tl.load(
+                grad_ptr + rows64[:, None] * stride_gm + (d0 + dims)[None, :] * stride_gd,
+                mask=row_valid[:, None] & dim_valid[None, :],
+                other=0.0,
+            ).to(tl.float32)  # [BLOCK_M, BLOCK_D], from L1/L2 after the first code
+            w = tl.load(
+                w_ptr + f[:, None] * stride_wf + (d0 + dims)[None, :] * stride_wd,
+                mask=gather[:, None] & dim_valid[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(g * w, axis=1)
+        tl.store(dvals_ptr + rows64 * stride_dm + j * stride_dk, acc.to(dvals_ptr.dtype.element_ty), mask=row_valid)
+
+
+_DVALS_CANDIDATES = [dict(BLOCK_M=m, BLOCK_D=d, num_warps=w) for m, d, w in [(32, 128, 4), (16, 256, 4), (64, 64, 4)]]
+
+
+def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """(d vals, dW_dec) of the sparse decode; same contract as `reference.decode_sparse_backward`.
+    dW_dec comes from `scatter.feature_sums`: deterministic when torch's deterministic algorithms are on."""
+    if W_dec.dtype == torch.float64:
+        return reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
+    B, K = vals.shape
+    F, D = W_dec.shape
+    dvals = vals.new_empty(B, K)
+
+    def run(cfg: dict) -> None:
+        _decode_sparse_bwd_vals_kernel[(triton.cdiv(B, cfg["BLOCK_M"]),)](
+            grad_out, idx, W_dec, dvals,
+            B, K, D, F,
+            grad_out.stride(0), grad_out.stride(1), idx.stride(0), idx.stride(1),
+            W_dec.stride(0), W_dec.stride(1), dvals.stride(0), dvals.stride(1),
+            **cfg,
+        )  # fmt: skip
+
+    run(tuned(("decode_sparse_bwd_vals", D, F, bucket(B), bucket(K), W_dec.dtype), _DVALS_CANDIDATES, run))
+    dW_dec, _ = feature_sums(grad_out, vals, idx, F)
+    return dvals, dW_dec.to(W_dec.dtype)

@@ -29,7 +29,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
+from .decode import decode_sparse
 from .launch import INTERPRET, bucket, dot_dtype, input_precision, sm_count, tuned
+from .scatter import feature_sums
 
 EMPTY_KEY = -(2**63)  # the key of an empty buffer slot: below every (value, feature) key
 MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernel keeps; beyond: reference
@@ -409,3 +411,38 @@ def encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshol
 
     run(tuned(("encode_relu", D, F, bucket(B), x.dtype, W_enc.dtype), _RELU_CANDIDATES, run))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# TopK backward: d pre has k (+ k_aux) non-zeros per row, so every gradient is a sum over codes
+
+
+def encode_topk_backward(
+    grad_vals: Tensor,
+    grad_aux_vals: Tensor,
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor,
+    vals: Tensor,
+    idx: Tensor,
+    aux_vals: Tensor,
+    aux_idx: Tensor,
+    x_requires_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dW_enc, db_enc, db_dec) of `encode_topk`; same contract as `reference.encode_topk_backward`
+    except that dx is zeros unless `x_requires_grad`. No [B, F] matrix: dW_enc^T and db_enc are
+    per-feature sums over the codes (scatter.feature_sums, deterministic when torch's deterministic
+    algorithms are on), db_dec = -W_enc @ db_enc (the centering's gradient summed over tokens), and dx
+    gathers the selected encoder columns."""
+    if W_enc.dtype == torch.float64:
+        return reference.encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+    # The ReLU passes gradient only where the code fired.
+    coef = torch.cat([torch.where(vals > 0, grad_vals, 0), torch.where(aux_vals > 0, grad_aux_vals, 0)], dim=1)
+    codes = torch.cat([idx, aux_idx], dim=1)
+    dW_enc_t, db_enc = feature_sums(x, coef, codes, W_enc.shape[1], center=b_dec)
+    db_dec = -(W_enc.float() @ db_enc)
+    if x_requires_grad:
+        dx = decode_sparse(coef, codes, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
+    else:
+        dx = torch.zeros_like(x)
+    return dx, dW_enc_t.t().to(W_enc.dtype).contiguous(), db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype)

@@ -1,0 +1,131 @@
+"""The full TopK training step (forward, backward, Adam, decoder constraint; AuxK on with 5% of the
+features dead): fastsae's module against the eager dense step SAE code usually runs, its
+torch.compile, and sparsify's SparseCoder when installed, with the cuBLAS encoder GEMM as the floor.
+
+bf16 parameters at the DESIGN.md shapes. Before timing, every provider's FVU on the same batch and
+weights is checked against the fp32 reference.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+import fastsae
+from fastsae import reference
+
+from .harness import SHAPES, Recorder, assert_matches, measure, optional_sparsify
+
+DEAD_FRACTION = 0.05
+
+
+def _fastsae_step(d, n_features, k, weights, dead):
+    cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype="bfloat16", check_finite=False,
+                            dead_after_tokens=1)  # fmt: skip
+    sae = fastsae.SparseAutoencoder(cfg).cuda()
+    sae.load_state_dict({**sae.state_dict(), **weights})
+    with torch.no_grad():
+        sae.tokens_since_fired.copy_(dead.long() * 2)  # > dead_after_tokens: these features are dead
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+    def step(x):
+        out = sae(x)
+        out.loss.backward()
+        sae.remove_decoder_parallel_grad()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sae.normalize_decoder()
+        sae.tokens_since_fired.copy_(dead.long() * 2)  # keep the same features dead every step
+        return out.fvu
+
+    return step
+
+
+def _dense_loss(params, x, k, k_aux, dead):
+    """What SAE code usually runs: the dense pre-activation, topk, a dense [B, F] code matrix."""
+    W_enc, b_enc, W_dec, b_dec = params
+    pre = ((x - b_dec) @ W_enc + b_enc).relu()
+    vals, idx = pre.topk(k, dim=-1)
+    recon = torch.zeros_like(pre).scatter(1, idx, vals) @ W_dec + b_dec
+    fvu = reference.fvu(recon, x)
+    aux_vals, aux_idx = pre.masked_fill(~dead, 0).topk(k_aux, dim=-1)
+    aux_recon = torch.zeros_like(pre).scatter(1, aux_idx, aux_vals) @ W_dec
+    scale = (dead.sum() / k_aux).clamp(max=1.0)
+    return fvu, fvu + reference.fvu(aux_recon, (x - recon).detach()) * scale / 32
+
+
+def _dense_step(k, k_aux, weights, dead, compile_loss: bool):
+    params = [weights[name].clone().requires_grad_() for name in ("W_enc", "b_enc", "W_dec", "b_dec")]
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    loss_fn = torch.compile(_dense_loss) if compile_loss else _dense_loss
+
+    def step(x):
+        fvu, loss = loss_fn(params, x, k, k_aux, dead)
+        loss.backward()
+        W_dec = params[2]
+        W_dec.grad.copy_(reference.remove_parallel_grad(W_dec, W_dec.grad))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            W_dec.copy_(reference.normalize_decoder_rows(W_dec))
+        return fvu
+
+    return step
+
+
+def _sparsify_step(sparsify, d, n_features, k, weights, dead):
+    coder = sparsify.SparseCoder(d, sparsify.SparseCoderConfig(num_latents=n_features, k=k), device="cuda")
+    coder = coder.to(torch.bfloat16)
+    with torch.no_grad():
+        coder.encoder.weight.copy_(weights["W_enc"].T)
+        coder.encoder.bias.copy_(weights["b_enc"])
+        coder.W_dec.copy_(weights["W_dec"])
+        coder.b_dec.copy_(weights["b_dec"])
+    optimizer = torch.optim.Adam(coder.parameters(), lr=1e-4)
+
+    def step(x):
+        out = coder(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        coder.set_decoder_norm_to_unit_norm()
+        return out.fvu
+
+    return step
+
+
+def run(recorder: Recorder) -> None:
+    sparsify = optional_sparsify()
+    for shape, (d, n_features, n_rows, k) in SHAPES.items():
+        k_aux = d // 2
+        x = (torch.randn(n_rows, d, device="cuda") + 0.5).bfloat16()
+        W_dec = torch.randn(n_features, d, device="cuda")
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        weights = {
+            "W_enc": W_dec.T.contiguous().bfloat16(),
+            "b_enc": torch.zeros(n_features, device="cuda").bfloat16(),
+            "W_dec": W_dec.bfloat16(),
+            "b_dec": (0.5 * torch.ones(d, device="cuda")).bfloat16(),
+        }
+        dead = torch.rand(n_features, device="cuda") < DEAD_FRACTION
+        pre = reference.pre_activation(x, *(weights[name] for name in ("W_enc", "b_enc", "b_dec")))
+        vals, idx = reference.topk_activation(pre, k)
+        expected_fvu = reference.fvu(reference.decode_sparse(vals, idx, weights["W_dec"].float(),
+                                                             weights["b_dec"].float()), x)  # fmt: skip
+        del pre
+        providers = {
+            "fastsae": _fastsae_step(d, n_features, k, weights, dead),
+            "torch": _dense_step(k, k_aux, weights, dead, compile_loss=False),
+            "compile": _dense_step(k, k_aux, weights, dead, compile_loss=True),
+        }
+        if sparsify is not None:
+            providers["sparsify"] = _sparsify_step(sparsify, d, n_features, k, weights, dead)
+        for name, step in providers.items():  # the first step sees the shared initial weights
+            assert_matches(step(x).detach().float(), expected_fvu, 2e-2, f"train_step {shape} {name} FVU")
+        for name, step in providers.items():
+            recorder.record("train_step", shape, name, measure(partial(step, x)))
+        recorder.record("train_step", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))
+        del providers
+        torch.cuda.empty_cache()

@@ -1,0 +1,66 @@
+"""The decoder's unit-norm constraint, one pass over W_dec [F, d] each (`reference.remove_parallel_grad`,
+`reference.normalize_decoder_rows`):
+
+    before optimizer.step():  grad[f] -= (grad[f] . W[f]) / (W[f] . W[f]) * W[f]     (in place on grad)
+    after optimizer.step():   W[f] /= max(||W[f]||, eps)                             (in place on W)
+
+A program owns BLOCK_F rows and holds each row whole (d fits in registers for SAE widths), so every
+row is read once and written once, with fp32 dot products.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _remove_parallel_grad_kernel(
+    w_ptr, grad_ptr, F, D, stride_wf, stride_wd, stride_gf, stride_gd, eps,
+    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < F)[:, None] & (dims < D)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    w = tl.load(w_ptr + rows64 * stride_wf + dims[None, :] * stride_wd, mask=mask, other=0.0).to(tl.float32)
+    g_ptrs = grad_ptr + rows64 * stride_gf + dims[None, :] * stride_gd
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_F, BLOCK_D]
+    parallel = tl.sum(g * w, axis=1) / tl.maximum(tl.sum(w * w, axis=1), eps)
+    tl.store(g_ptrs, (g - parallel[:, None] * w).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _normalize_rows_kernel(
+    w_ptr, F, D, stride_wf, stride_wd, eps, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < F)[:, None] & (dims < D)[None, :]
+    ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wf + dims[None, :] * stride_wd
+    w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_F, BLOCK_D]
+    norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), eps)
+    tl.store(ptrs, (w / norm[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid(W: Tensor) -> tuple[tuple[int], dict]:
+    block_d = triton.next_power_of_2(W.shape[1])
+    block_f = max(1, min(64, 8192 // block_d))  # about 8k elements per program
+    return (triton.cdiv(W.shape[0], block_f),), dict(BLOCK_F=block_f, BLOCK_D=block_d, num_warps=4)
+
+
+def remove_parallel_grad_(W_dec: Tensor, grad: Tensor, eps: float = 1e-12) -> None:
+    """In place on `grad`: drop each row's component along its decoder row (eps: as `reference`,
+    on the squared norm)."""
+    grid, cfg = _grid(W_dec)
+    _remove_parallel_grad_kernel[grid](
+        W_dec, grad, W_dec.shape[0], W_dec.shape[1],
+        W_dec.stride(0), W_dec.stride(1), grad.stride(0), grad.stride(1), eps, **cfg,
+    )  # fmt: skip
+
+
+def normalize_rows_(W_dec: Tensor, eps: float = 1e-12) -> None:
+    """In place: every row of W_dec scaled to unit L2 norm."""
+    grid, cfg = _grid(W_dec)
+    _normalize_rows_kernel[grid](W_dec, W_dec.shape[0], W_dec.shape[1], W_dec.stride(0), W_dec.stride(1), eps, **cfg)

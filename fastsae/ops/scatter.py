@@ -1,0 +1,141 @@
+"""Per-feature sums over sparse codes: the weight gradients of a TopK SAE without a dense [B, F] matrix.
+
+    out[f]      = sum over (b, j) with idx[b, j] == f of coef[b, j] * (rows[b] - center)     [F, d], fp32
+    coef_sum[f] = sum over the same (b, j) of coef[b, j]                                      [F], fp32
+
+dW_dec is this with rows = d x_hat and coef = vals; dW_enc^T (and d b_enc) with rows = x, center =
+b_dec and coef = d vals masked by the ReLU (`reference.decode_sparse_backward`,
+`reference.encode_topk_backward`). Two implementations:
+- deterministic, used when `torch.are_deterministic_algorithms_enabled()`: the codes are sorted by
+  feature (CSR); one program per (feature, d block) sums its codes in a fixed order and writes its row
+  once, so results are bit-identical from run to run;
+- fast, otherwise: one program per (token block, d block) adds each code's contribution to its
+  feature's row with fp32 atomics (no sort; the order of the additions varies between runs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .launch import bucket, tuned
+
+
+@triton.jit
+def _feature_sum_sorted_kernel(
+    rows_ptr, center_ptr, coef_ptr, token_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
+    D, stride_rm, stride_rd,
+    HAS_CENTER: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    feature = tl.program_id(0)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dim_valid = dims < D
+    start = tl.load(offsets_ptr + feature)
+    end = tl.load(offsets_ptr + feature + 1)
+    if HAS_CENTER:
+        center = tl.load(center_ptr + dims, mask=dim_valid, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    coef_total = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        entries = e0 + tl.arange(0, BLOCK_E)
+        valid = entries < end
+        coef = tl.load(coef_ptr + entries, mask=valid, other=0.0).to(tl.float32)  # [BLOCK_E]
+        token = tl.load(token_ptr + entries, mask=valid, other=0).to(tl.int64)
+        rows = tl.load(
+            rows_ptr + token[:, None] * stride_rm + dims[None, :] * stride_rd,
+            mask=valid[:, None] & dim_valid[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BLOCK_E, BLOCK_D]
+        if HAS_CENTER:
+            rows = rows - center[None, :]
+        acc += tl.sum(coef[:, None] * rows, axis=0)
+        coef_total += coef
+    out_offsets = feature.to(tl.int64) * D + dims
+    tl.store(out_ptr + out_offsets, acc, mask=dim_valid)
+    if tl.program_id(1) == 0:
+        tl.store(coef_sum_ptr + feature, tl.sum(coef_total, axis=0))
+
+
+@triton.jit
+def _feature_sum_atomic_kernel(
+    rows_ptr, center_ptr, coef_ptr, idx_ptr, out_ptr, coef_sum_ptr,
+    B, K, D, stride_rm, stride_rd,
+    HAS_CENTER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    tokens = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    token_valid, dim_valid = tokens < B, dims < D
+    tokens64 = tokens.to(tl.int64)
+    rows = tl.load(
+        rows_ptr + tokens64[:, None] * stride_rm + dims[None, :] * stride_rd,
+        mask=token_valid[:, None] & dim_valid[None, :],
+        other=0.0,
+    ).to(tl.float32)  # [BLOCK_M, BLOCK_D], loaded once for all k codes of these tokens
+    if HAS_CENTER:
+        rows = rows - tl.load(center_ptr + dims, mask=dim_valid, other=0.0).to(tl.float32)[None, :]
+    for j in range(0, K):
+        coef = tl.load(coef_ptr + tokens64 * K + j, mask=token_valid, other=0.0).to(tl.float32)
+        feature = tl.load(idx_ptr + tokens64 * K + j, mask=token_valid, other=0).to(tl.int64)
+        live = token_valid & (coef != 0.0)  # codes that did not fire add nothing: skip their atomics
+        tl.atomic_add(
+            out_ptr + feature[:, None] * D + dims[None, :],
+            coef[:, None] * rows,
+            mask=live[:, None] & dim_valid[None, :],
+            sem="relaxed",
+        )
+        if tl.program_id(1) == 0:
+            tl.atomic_add(coef_sum_ptr + feature, coef, mask=live, sem="relaxed")
+
+
+def feature_sums(
+    rows: Tensor, coef: Tensor, idx: Tensor, n_features: int, center: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """(out [F, d], coef_sum [F]) in fp32, as defined in the module docstring. rows [B, d];
+    coef, idx [B, K] (contiguous); center [d] or None."""
+    B, d = rows.shape
+    K = idx.shape[1]
+    coef, idx = coef.contiguous(), idx.contiguous()
+    center_arg = center if center is not None else rows
+    if torch.are_deterministic_algorithms_enabled():
+        order = torch.argsort(idx.flatten(), stable=True)
+        counts = torch.bincount(idx.flatten(), minlength=n_features)
+        offsets = torch.zeros(n_features + 1, dtype=torch.int64, device=rows.device)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        tokens = (order // K).to(torch.int32)
+        sorted_coef = coef.flatten()[order]
+        out = rows.new_empty(n_features, d, dtype=torch.float32)
+        coef_sum = rows.new_empty(n_features, dtype=torch.float32)
+
+        def run(cfg: dict) -> None:
+            grid = (n_features, triton.cdiv(d, cfg["BLOCK_D"]))
+            _feature_sum_sorted_kernel[grid](
+                rows, center_arg, sorted_coef, tokens, offsets, out, coef_sum,
+                d, rows.stride(0), rows.stride(1),
+                HAS_CENTER=center is not None, **cfg,
+            )  # fmt: skip
+
+        candidates = [
+            dict(BLOCK_E=e, BLOCK_D=bd, num_warps=w) for e, bd, w in [(16, 256, 4), (8, 512, 4), (32, 128, 4)]
+        ]
+    else:
+        out = torch.zeros(n_features, d, dtype=torch.float32, device=rows.device)
+        coef_sum = torch.zeros(n_features, dtype=torch.float32, device=rows.device)
+
+        def run(cfg: dict) -> None:
+            out.zero_()
+            coef_sum.zero_()
+            grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
+            _feature_sum_atomic_kernel[grid](
+                rows, center_arg, coef, idx, out, coef_sum,
+                B, K, d, rows.stride(0), rows.stride(1),
+                HAS_CENTER=center is not None, **cfg,
+            )  # fmt: skip
+
+        candidates = [
+            dict(BLOCK_M=m, BLOCK_D=bd, num_warps=w) for m, bd, w in [(32, 128, 4), (16, 256, 4), (64, 128, 8)]
+        ]
+    mode = "sorted" if torch.are_deterministic_algorithms_enabled() else "atomic"
+    run(tuned(("feature_sums", mode, d, n_features, bucket(B), bucket(K), rows.dtype), candidates, run))
+    return out, coef_sum

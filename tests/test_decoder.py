@@ -1,0 +1,29 @@
+"""The decoder-constraint kernels (fastsae/ops/decoder.py) against the reference in fp64."""
+
+import pytest
+import torch
+
+from fastsae import reference
+from fastsae.ops import decoder
+
+from .utils import assert_close
+
+CASES = [
+    pytest.param("cpu", 37, 40, marks=pytest.mark.interpret),
+    pytest.param("cuda", 24576, 768, marks=pytest.mark.gpu),
+    pytest.param("cuda", 1001, 4096, marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device, F, d", CASES, ids=lambda v: None)
+def test_decoder_constraint_kernels(device, F, d, dtype):
+    W = (torch.randn(F, d, dtype=torch.float64) * 3).to(device=device, dtype=dtype)
+    grad = torch.randn(F, d, dtype=torch.float64).to(device=device, dtype=dtype)
+    expected_grad = reference.remove_parallel_grad(W.double(), grad.double())
+    decoder.remove_parallel_grad_(W, grad)
+    assert_close(grad, expected_grad, dtype, "projected grad")
+    expected_W = reference.normalize_decoder_rows(W.double())
+    decoder.normalize_rows_(W)
+    assert_close(W, expected_W, dtype, "normalised rows")
+    assert torch.allclose(W.double().norm(dim=1), torch.ones(F, dtype=torch.float64, device=device), atol=1e-2)
