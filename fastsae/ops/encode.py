@@ -53,13 +53,14 @@ def _key_value(key):
 
 
 @triton.jit
-def _centered_dot(
-    x_ptr, w_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
+def _pre_activation_tile(
+    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
     stride_xm, stride_xd, stride_wd, stride_wf,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """(x[rows] - b_dec) @ W_enc[:, cols] -> fp32 [BLOCK_M, BLOCK_N], centring in fp32 before the cast."""
+    """(x[rows] - b_dec) @ W_enc[:, cols] + b_enc[cols] -> fp32 [BLOCK_M, BLOCK_N], centring in fp32
+    before the cast to the matmul dtype."""
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :] * stride_xd  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * stride_wd + cols.to(tl.int64)[None, :] * stride_wf  # [BLOCK_K, BLOCK_N]
@@ -73,7 +74,7 @@ def _centered_dot(
         acc = tl.dot(xc, w, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_wd
-    return acc
+    return acc + tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -150,12 +151,11 @@ def _encode_topk_fwd_kernel(
     for tile in range(0, tiles_per_split):  # (a plain argument as bound: the interpreter needs one)
         cols = f_begin + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_valid = cols < F
-        pre = _centered_dot(
-            x_ptr, w_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
+        pre = _pre_activation_tile(  # [BLOCK_M, BLOCK_N]
+            x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
             stride_xm, stride_xd, stride_wd, stride_wf,
             BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
-        pre += tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]  # [BLOCK_M, BLOCK_N]
 
         if tl.max(count, axis=0) > CAP - BLOCK_N:  # the next append could overflow a buffer
             _compact(buf_ptr, tau_ptr, buf_row0, stride_buf, BLOCK_M, CAP, KEEP, SORT_ROWS)
@@ -322,12 +322,11 @@ def _encode_relu_fwd_kernel(
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid, col_valid = rows < B, cols < F
-    pre = _centered_dot(
-        x_ptr, w_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
+    pre = _pre_activation_tile(  # [BLOCK_M, BLOCK_N]
+        x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, rows, row_valid, cols, col_valid, D,
         stride_xm, stride_xd, stride_wd, stride_wf,
         BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
     )  # fmt: skip
-    pre += tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]  # [BLOCK_M, BLOCK_N]
     if HAS_THRESHOLD:
         cut = tl.load(threshold_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
     else:
