@@ -55,14 +55,14 @@ def _key_value(key):
 
 
 @triton.jit
-def _centered_dot(
-    x_ptr, w_ptr, b_dec_ptr, row_start, col_start, B, D, F,
+def _pre_activation_tile(
+    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, row_start, col_start, B, D, F,
     stride_xm, stride_xd, stride_wd, stride_wf,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """(x[rows] - b_dec) @ W_enc[:, cols] -> fp32 [BLOCK_M, BLOCK_N] for the tile at (row_start,
-    col_start), centring in fp32 before the cast."""
+    """(x[rows] - b_dec) @ W_enc[:, cols] + b_enc[cols] -> fp32 [BLOCK_M, BLOCK_N] for the tile at
+    (row_start, col_start), centring in fp32 before the cast to the matmul dtype."""
     local_rows = tl.arange(0, BLOCK_M)
     local_cols = tl.arange(0, BLOCK_N)
     row_valid = (row_start + local_rows) < B
@@ -81,7 +81,7 @@ def _centered_dot(
         acc = tl.dot(xc, w, acc, input_precision=INPUT_PRECISION)
         x_ptrs += BLOCK_K * stride_xd
         w_ptrs += BLOCK_K * stride_wd
-    return acc
+    return acc + tl.load(b_enc_ptr + col_start + local_cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -171,12 +171,11 @@ def _encode_topk_fwd_kernel(
     for tile in range(0, tiles_per_split):  # (a plain argument as bound: the interpreter needs one)
         cols = f_begin + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_valid = cols < F
-        pre = _centered_dot(
-            x_ptr, w_ptr, b_dec_ptr, row_block * BLOCK_M, f_begin + tile * BLOCK_N, B, D, F,
+        pre = _pre_activation_tile(  # [BLOCK_M, BLOCK_N]
+            x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, row_block * BLOCK_M, f_begin + tile * BLOCK_N, B, D, F,
             stride_xm, stride_xd, stride_wd, stride_wf,
             BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
-        pre += tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]  # [BLOCK_M, BLOCK_N]
 
         candidate = col_valid[None, :] & (pre > tau[:, None])
         count = _append(val_buf_ptr, idx_buf_ptr, buf_row0, stride_buf, pre, cols, candidate, count)
@@ -365,12 +364,11 @@ def _encode_relu_fwd_kernel(
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid, col_valid = rows < B, cols < F
-    pre = _centered_dot(
-        x_ptr, w_ptr, b_dec_ptr, row_block * BLOCK_M, col_block * BLOCK_N, B, D, F,
+    pre = _pre_activation_tile(  # [BLOCK_M, BLOCK_N]
+        x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, row_block * BLOCK_M, col_block * BLOCK_N, B, D, F,
         stride_xm, stride_xd, stride_wd, stride_wf,
         BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
     )  # fmt: skip
-    pre += tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]  # [BLOCK_M, BLOCK_N]
     if HAS_THRESHOLD:
         cut = tl.load(threshold_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
     else:
