@@ -7,7 +7,7 @@ import torch
 from fastsae import reference
 from fastsae.ops import decode
 
-from .utils import assert_close, random_sae_weights
+from .utils import KERNEL_DEVICES, assert_close, random_sae_weights
 
 # (B, d, F, k)
 CASES = [
@@ -63,3 +63,15 @@ def test_decode_sparse_backward_kernel(device, B, d, F, k, dtype, deterministic)
     assert_close(dW_dec, expected_dW, dtype, "dW_dec")
     if deterministic:
         assert torch.equal(decode.decode_sparse_backward(grad_out, vals, idx, W_dec)[1], dW_dec), "not bit-identical"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_decode_sparse_strided_inputs(device):
+    """Non-contiguous codes, decoder and bias (views with stride 2)."""
+    B, d, F, k = 20, 24, 64, 4
+    vals, idx = _codes(B, F, 2 * k, torch.float32, device)
+    vals, idx = vals[:, ::2], idx[:, ::2]
+    _, _, W_dec, b_dec = random_sae_weights(2 * d, F, dtype=torch.float32, device=device)
+    W_dec, b_dec = W_dec[:, ::2], b_dec[::2]
+    expected = reference.decode_sparse(vals.double(), idx, W_dec.double(), b_dec.double())
+    assert_close(decode.decode_sparse(vals, idx, W_dec, b_dec), expected, torch.float32)

@@ -59,6 +59,7 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
         return reference.decode_sparse(vals, idx, W_dec, b_dec)
     B, K = vals.shape
     F, D = W_dec.shape
+    b_dec = None if b_dec is None else b_dec.contiguous()  # the kernel reads it with unit stride
     out = vals.new_empty(B, D, dtype=W_dec.dtype)
 
     def run(cfg: dict) -> None:

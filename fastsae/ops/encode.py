@@ -287,11 +287,12 @@ def encode_topk(
     B, D = x.shape
     F = W_enc.shape[1]
     has_aux = k_aux > 0
+    b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()  # the kernel reads vectors with unit stride
     vals = x.new_empty(B, k, dtype=W_enc.dtype)
     idx = x.new_empty(B, k, dtype=torch.int32)
     aux_vals = x.new_empty(B, k_aux, dtype=W_enc.dtype)
     aux_idx = x.new_empty(B, k_aux, dtype=torch.int32)
-    dead = dead_mask.view(torch.uint8) if has_aux else idx  # any pointer when AuxK is off
+    dead = dead_mask.contiguous().view(torch.uint8) if has_aux else idx  # any pointer when AuxK is off
     n_sms = sm_count(x.device)
 
     def run(cfg: dict) -> None:
@@ -394,6 +395,8 @@ def encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshol
         return reference.encode_relu(x, W_enc, b_enc, b_dec, threshold)
     B, D = x.shape
     F = W_enc.shape[1]
+    b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()  # the kernel reads vectors with unit stride
+    threshold = None if threshold is None else threshold.contiguous()
     out = x.new_empty(B, F, dtype=W_enc.dtype)
 
     def run(cfg: dict) -> None:
