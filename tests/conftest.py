@@ -6,6 +6,11 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Compiled graphs embed the custom ops' schemas; an on-disk cache written by another checkout of
+# fastsae (another branch) would replay a stale one. The tests compile from scratch.
+torch._inductor.config.fx_graph_cache = False
+torch._functorch.config.enable_autograd_cache = False
+
 # Tests check each kernel's first (default) configuration instead of autotuning every new shape, which
 # would compile every candidate; the benchmarks tune and check the tuned configuration before timing.
 os.environ.setdefault("FASTSAE_AUTOTUNE", "0")
