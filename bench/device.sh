@@ -2,7 +2,10 @@
 # Runs on the GPU machine through the device tool, from the repository root:
 #   bash bench/device.sh            (writes logs and the benchmark CSV under $OUT)
 # Installs fastsae without network (building the CUDA extension ahead of time), runs the gpu tests,
-# compute-sanitizer over the CUDA death-statistics ops, and the benchmarks.
+# compute-sanitizer over the CUDA death-statistics ops, and the benchmarks. Knobs (environment):
+# FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_RUN_BENCH=0 skip a step; FASTSAE_TESTS, FASTSAE_PYTEST_ARGS,
+# FASTSAE_BENCH (families), FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT (seconds); FASTSAE_GIT_SHA for the
+# CSV (the device's git metadata can be stale: pass the commit literally).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -23,9 +26,11 @@ echo "== install" | tee "$OUT/install.log"
 python3 -m pip install --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
 python3 -c "import fastsae; print('ext', fastsae.ext_info())" 2>&1 | tee -a "$OUT/install.log"
 
-echo "== gpu tests"
-timeout ${FASTSAE_TEST_TIMEOUT:-1800} python3 -m pytest -m gpu -q -p no:cacheprovider ${FASTSAE_PYTEST_ARGS:-} ${FASTSAE_TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -25
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "${FASTSAE_RUN_TESTS:-1}" = 1 ]; then
+    echo "== gpu tests"
+    timeout ${FASTSAE_TEST_TIMEOUT:-1800} python3 -m pytest -m gpu -q -p no:cacheprovider ${FASTSAE_PYTEST_ARGS:-} ${FASTSAE_TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -25
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
 if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer"
@@ -35,7 +40,9 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
     done
 fi
 
-echo "== benchmarks"
-timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.run --csv "$OUT/results.csv" ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} 2>&1 | tee "$OUT/bench.log" | tail -40
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "${FASTSAE_RUN_BENCH:-1}" = 1 ]; then
+    echo "== benchmarks"
+    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.run --csv "$OUT/results.csv" ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} 2>&1 | tee "$OUT/bench.log" | tail -40
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 exit $status
