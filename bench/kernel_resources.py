@@ -1,11 +1,12 @@
-"""Registers and spill stack of the encode kernels compiled for sm_90, on any machine (no GPU needed).
+"""Registers and spill stack of the Triton kernels compiled for sm_90, on any machine (no GPU needed).
 
     python -m bench.kernel_resources
 
 Compiles each kernel ahead of time the way the JIT specialises it at the GPT-2 shape (16-byte aligned
 pointers, sizes and strides divisible by 16, unit strides constant) and reads the resource usage of the cubin
 with the cuobjdump that ships with triton. A non-zero STACK means register spills: check it before
-spending GPU time on a tile configuration.
+spending GPU time on a tile configuration. The tests run it too, so a kernel that only the GPU
+compiler rejects fails on CPU first.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastsae.ops import encode
+from fastsae.ops import decode, encode
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -57,26 +58,26 @@ def resources(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
 
 def main() -> None:
     unit_strides = {"stride_xd": 1, "stride_wf": 1}
-    common = {"BLOCK_K": 64, "DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", **unit_strides}
-    keep = 32
-    for cfg in encode._topk_candidates(keep, aux_keep=keep):
+    common = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", **unit_strides}
+    keep, aux_keep = 32, 512  # GPT-2: k = 32, k_aux = d / 2 = 384
+    for i, cfg in enumerate(encode._topk_candidates(keep, aux_keep)):
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "CAP", "SORT_ROWS")}
-        constexprs = {
-            **common,
-            **tile,
-            "HAS_AUX": False,
-            "KEEP": keep,
-            "AUX_CAP": cfg["AUX_CAP"],
-            "AUX_KEEP": keep,
-            "AUX_SORT_ROWS": cfg["AUX_SORT_ROWS"],
-        }
-        usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
-        print(f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']}: {usage}")
+        aux = {"AUX_CAP": cfg["AUX_CAP"], "AUX_KEEP": aux_keep, "AUX_SORT_ROWS": cfg["AUX_SORT_ROWS"]}
+        for has_aux in (False, True) if i == 0 else (False,):
+            constexprs = {**common, **tile, **aux, "HAS_AUX": has_aux, "KEEP": keep}
+            usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
+            print(f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}: {usage}")
+    usage = resources(encode._topk_finish_kernel, {"N_SPLIT": 2, "KEEP": keep, "BLOCK_M": 16}, num_warps=4)
+    print(f"topk_finish: {usage}")
     for cfg in encode._RELU_CANDIDATES:
-        tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "GROUP_M")}
-        constexprs = {**common, **tile, "BLOCK_K": cfg["BLOCK_K"], "HAS_THRESHOLD": False, "stride_of": 1}
+        tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        constexprs = {**common, **tile, "HAS_THRESHOLD": False, "stride_of": 1}
         usage = resources(encode._encode_relu_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
         print(f"encode_relu {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']}: {usage}")
+    for cfg in decode._DECODE_CANDIDATES:
+        constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_vk": 1}
+        usage = resources(decode._decode_sparse_fwd_kernel, constexprs, cfg["num_warps"])
+        print(f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}: {usage}")
 
 
 if __name__ == "__main__":

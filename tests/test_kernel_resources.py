@@ -1,0 +1,27 @@
+"""Every Triton kernel compiles for sm_90 (the H200) on this CPU machine, so a kernel only the GPU
+compiler rejects fails here first; kernels whose configurations compile without register spills stay
+that way. (The TopK encode's configurations spill today: bench/results and the issue notes track it.)"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPILL_FREE = ("topk_finish", "encode_relu", "decode_sparse")
+
+
+def test_kernels_compile_for_sm90():
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}  # real compilation
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.kernel_resources"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    usage = dict(re.findall(r"^(.+?): (REG:\d+ STACK:\d+)", result.stdout, flags=re.M))
+    assert any(name.startswith("encode_topk") and "aux=True" in name for name in usage), result.stdout
+    for kernel in SPILL_FREE:
+        lines = {name: value for name, value in usage.items() if name.startswith(kernel)}
+        assert lines, f"{kernel} was not compiled:\n{result.stdout}"
+        spilling = {name: value for name, value in lines.items() if not value.endswith("STACK:0")}
+        assert not spilling, f"register spills: {spilling}"
