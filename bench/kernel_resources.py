@@ -15,12 +15,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastsae.ops import decode, encode
+from fastsae.ops import decode, decoder, encode, scatter
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -32,6 +33,12 @@ POINTER_TYPES = {
     "idx_buf_ptr": "*i32",
     "aux_val_buf_ptr": "*fp32",
     "aux_idx_buf_ptr": "*i32",
+    "idx_ptr": "*i32",
+    "token_ptr": "*i32",
+    "offsets_ptr": "*i64",
+    "out_ptr": "*fp32",
+    "coef_sum_ptr": "*fp32",
+    "eps": "fp32",
 }
 
 
@@ -78,6 +85,26 @@ def main() -> None:
         constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_vk": 1}
         usage = resources(decode._decode_sparse_fwd_kernel, constexprs, cfg["num_warps"])
         print(f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}: {usage}")
+    for cfg in decode._DVALS_CANDIDATES:
+        constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_gd": 1, "stride_ik": 1}
+        usage = resources(decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"])
+        print(f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}: {usage}")
+    for has_center in (False, True):
+        usage = resources(
+            scatter._feature_sum_sorted_kernel, {"HAS_CENTER": has_center, "BLOCK_E": 16, "BLOCK_D": 256}, 4
+        )
+        print(f"feature_sum_sorted center={has_center}: {usage}")
+        usage = resources(
+            scatter._feature_sum_atomic_kernel, {"HAS_CENTER": has_center, "BLOCK_M": 32, "BLOCK_D": 128}, 4
+        )
+        print(f"feature_sum_atomic center={has_center}: {usage}")
+    for d in (768, 4096):
+        _, cfg = decoder._grid(torch.empty(1, d, device="meta"))
+        tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_D": cfg["BLOCK_D"]}
+        usage = resources(decoder._remove_parallel_grad_kernel, tile, cfg["num_warps"])
+        print(f"decoder_remove_parallel_grad d={d}: {usage}")
+        usage = resources(decoder._normalize_rows_kernel, tile, cfg["num_warps"])
+        print(f"decoder_normalize_rows d={d}: {usage}")
 
 
 if __name__ == "__main__":
