@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import reference
 from .launch import INTERPRET, bucket, dot_dtype, input_precision, sm_count, tuned
 
-EMPTY_KEY = -(2**63)  # the key of an empty buffer slot: below every (value, feature) key
+EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty buffer slot: below every (value, feature) key
 MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernel keeps; beyond: reference
 MERGE_ELEMENTS = 4096  # candidates per row the finishing kernel merges (n_split x KEEP) in registers
 SORT_ELEMENTS = 1024  # keys sorted at once in a compaction (rows x CAP): bounds registers and compile time
@@ -100,13 +100,14 @@ def _compact(
     slots = tl.arange(0, CAP)
     for r0 in range(0, BLOCK_M, SORT_ROWS):  # a loop, not unrolled: compile time
         buf_rows = buf_row0 + r0 + tl.arange(0, SORT_ROWS)
-        ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + slots[None, :]  # [SORT_ROWS, CAP]
+        row_ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf  # [SORT_ROWS, 1]
+        ptrs = row_ptrs + slots[None, :]  # [SORT_ROWS, CAP]
         top = tl.topk(tl.load(ptrs), KEEP)  # [SORT_ROWS, KEEP], descending
         tl.debug_barrier()  # all reads of these rows are done before they are overwritten
-        tl.store(ptrs, tl.full([SORT_ROWS, CAP], -(2**63), tl.int64), mask=slots[None, :] >= KEEP)
-        tl.store(buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + tl.arange(0, KEEP)[None, :], top)
+        tl.store(ptrs, tl.full([SORT_ROWS, CAP], EMPTY_KEY, tl.int64), mask=slots[None, :] >= KEEP)
+        tl.store(row_ptrs + tl.arange(0, KEEP)[None, :], top)
         kth = tl.min(top, axis=1)
-        tl.store(tau_ptr + buf_rows, tl.where(kth == -(2**63), float("-inf"), _key_value(kth)))
+        tl.store(tau_ptr + buf_rows, tl.where(kth == EMPTY_KEY, float("-inf"), _key_value(kth)))
     tl.debug_barrier()
 
 
@@ -116,7 +117,7 @@ def _clear(buf_ptr, buf_row0, stride_buf, BLOCK_M: tl.constexpr, CAP: tl.constex
     for r0 in range(0, BLOCK_M, SORT_ROWS):  # a loop, not unrolled: compile time
         buf_rows = buf_row0 + r0 + tl.arange(0, SORT_ROWS)
         ptrs = buf_ptr + buf_rows.to(tl.int64)[:, None] * stride_buf + slots[None, :]
-        tl.store(ptrs, tl.full([SORT_ROWS, CAP], -(2**63), tl.int64))
+        tl.store(ptrs, tl.full([SORT_ROWS, CAP], EMPTY_KEY, tl.int64))
 
 
 @triton.jit
@@ -191,7 +192,7 @@ def _topk_finish_kernel(
     keys = tl.load(buf_ptr + buf_rows.to(tl.int64) * stride_buf + (j % KEEP)[None, :], mask=row_valid[:, None])
     if N_SPLIT > 1:
         keys = tl.topk(keys, KEEP)  # [BLOCK_M, KEEP], descending
-    empty = keys == -(2**63)
+    empty = keys == EMPTY_KEY
     values = tl.where(empty, 0.0, tl.maximum(_key_value(keys), 0.0))
     features = tl.where(empty, 0, (keys & 0xFFFFFFFF).to(tl.int32))
     slots = tl.arange(0, KEEP)
