@@ -28,8 +28,7 @@ def _embedding_bag(vals, idx, W_dec):
 def run(recorder: Recorder) -> None:
     sparsify = optional_sparsify()
     for shape, (d, n_features, n_rows, k) in SHAPES.items():
-        W_dec = torch.randn(n_features, d, device="cuda")
-        W_dec = (W_dec / W_dec.norm(dim=1, keepdim=True)).bfloat16()
+        W_dec = reference.normalize_decoder_rows(torch.randn(n_features, d, device="cuda")).bfloat16()
         vals = torch.rand(n_rows, k, device="cuda").bfloat16()
         idx = torch.randint(0, n_features, (n_rows, k), device="cuda", dtype=torch.int32)
         expected = reference.decode_sparse(vals, idx, W_dec).float()

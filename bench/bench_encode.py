@@ -38,8 +38,7 @@ def _gemm(x, W_enc):
 
 def _weights(d: int, n_features: int):
     """An initialised SAE's encoder: unit-norm decoder rows, W_enc = W_dec^T, small biases."""
-    W_dec = torch.randn(n_features, d, device="cuda")
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_dec = reference.normalize_decoder_rows(torch.randn(n_features, d, device="cuda"))
     W_enc = W_dec.T.contiguous().bfloat16()
     b_enc = (0.01 * torch.randn(n_features, device="cuda")).bfloat16()
     b_dec = (0.1 * torch.randn(d, device="cuda")).bfloat16()

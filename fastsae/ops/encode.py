@@ -33,7 +33,7 @@ from .decode import decode_sparse
 from .launch import INTERPRET, bucket, dot_dtype, input_precision, sm_count, tuned
 from .scatter import feature_sums
 
-EMPTY_KEY = -(2**63)  # the key of an empty buffer slot: below every (value, feature) key
+EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty buffer slot: below every (value, feature) key
 MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernel keeps; beyond: reference
 MERGE_ELEMENTS = 4096  # candidates per row the finishing kernel merges (n_split x KEEP) in registers
 SORT_ELEMENTS = 1024  # keys sorted at once in a compaction (rows x CAP): bounds registers and compile time
@@ -104,7 +104,7 @@ def _load_keys(val_ptr, idx_ptr, offsets, mask):
     """Keys of buffer slots; an empty slot (feature -1) gets EMPTY_KEY."""
     feature = tl.load(idx_ptr + offsets, mask=mask, other=-1)
     value = tl.load(val_ptr + offsets, mask=mask, other=0.0)
-    return tl.where(feature < 0, -(2**63), _to_key(value, feature))
+    return tl.where(feature < 0, EMPTY_KEY, _to_key(value, feature))
 
 
 @triton.jit
@@ -126,9 +126,9 @@ def _compact(
         tl.store(idx_ptr + offsets, tl.full([SORT_ROWS, CAP], -1, tl.int32), mask=slots[None, :] >= KEEP)
         kept_offsets = buf_rows[:, None] * stride_buf + kept[None, :]
         tl.store(val_ptr + kept_offsets, _key_value(top))
-        tl.store(idx_ptr + kept_offsets, tl.where(top == -(2**63), -1, (top & 0xFFFFFFFF).to(tl.int32)))
+        tl.store(idx_ptr + kept_offsets, tl.where(top == EMPTY_KEY, -1, (top & 0xFFFFFFFF).to(tl.int32)))
         kth = tl.min(top, axis=1)
-        tl.store(tau_ptr + buf_rows, tl.where(kth == -(2**63), float("-inf"), _key_value(kth)))
+        tl.store(tau_ptr + buf_rows, tl.where(kth == EMPTY_KEY, float("-inf"), _key_value(kth)))
     tl.debug_barrier()
 
 
@@ -224,7 +224,7 @@ def _topk_finish_kernel(
     keys = _load_keys(val_buf_ptr, idx_buf_ptr, offsets, row_valid[:, None])
     if N_SPLIT > 1:
         keys = tl.topk(keys, KEEP)  # [BLOCK_M, KEEP], descending
-    empty = keys == -(2**63)
+    empty = keys == EMPTY_KEY
     values = tl.where(empty, 0.0, tl.maximum(_key_value(keys), 0.0))
     features = tl.where(empty, 0, (keys & 0xFFFFFFFF).to(tl.int32))
     slots = tl.arange(0, KEEP)
