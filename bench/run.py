@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import traceback
 from pathlib import Path
 
 import torch
@@ -33,10 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     gpu_slug = torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-")
     csv_path = args.csv or RESULTS / f"{gpu_slug}.csv"
     recorder = Recorder(csv_path)
-    for family in families:
-        importlib.import_module(f"bench.bench_{family}").run(recorder)
-    render(csv_path, csv_path.parent)
-    return 0
+    failed = []
+    for family in families:  # a failing family (a correctness check, say) does not cost the others their rows
+        try:
+            importlib.import_module(f"bench.bench_{family}").run(recorder)
+        except Exception:
+            traceback.print_exc()
+            failed.append(family)
+    if csv_path.exists():
+        render(csv_path, csv_path.parent)
+    if failed:
+        print(f"benchmark families that failed: {failed}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
