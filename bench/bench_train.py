@@ -96,19 +96,25 @@ def _sparsify_step(sparsify, d, n_features, k, weights, dead):
     return step
 
 
+def _initial_weights(d: int, n_features: int, n_rows: int) -> tuple[torch.Tensor, dict]:
+    """A bf16 batch and an initialised SAE's bf16 weights (W_enc = W_dec^T, unit-norm rows)."""
+    x = (torch.randn(n_rows, d, device="cuda") + 0.5).bfloat16()
+    W_dec = torch.randn(n_features, d, device="cuda")
+    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    weights = {
+        "W_enc": W_dec.T.contiguous().bfloat16(),
+        "b_enc": torch.zeros(n_features, device="cuda").bfloat16(),
+        "W_dec": W_dec.bfloat16(),
+        "b_dec": (0.5 * torch.ones(d, device="cuda")).bfloat16(),
+    }
+    return x, weights
+
+
 def run(recorder: Recorder) -> None:
     sparsify = optional_sparsify()
     for shape, (d, n_features, n_rows, k) in SHAPES.items():
         k_aux = d // 2
-        x = (torch.randn(n_rows, d, device="cuda") + 0.5).bfloat16()
-        W_dec = torch.randn(n_features, d, device="cuda")
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
-        weights = {
-            "W_enc": W_dec.T.contiguous().bfloat16(),
-            "b_enc": torch.zeros(n_features, device="cuda").bfloat16(),
-            "W_dec": W_dec.bfloat16(),
-            "b_dec": (0.5 * torch.ones(d, device="cuda")).bfloat16(),
-        }
+        x, weights = _initial_weights(d, n_features, n_rows)
         dead = torch.rand(n_features, device="cuda") < DEAD_FRACTION
         pre = reference.pre_activation(x, *(weights[name] for name in ("W_enc", "b_enc", "b_dec")))
         vals, idx = reference.topk_activation(pre, k)

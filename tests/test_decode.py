@@ -20,10 +20,10 @@ CASES = [
 
 
 def _codes(B, F, k, dtype, device):
-    vals = torch.rand(B, k, dtype=torch.float64)
+    vals = torch.rand(B, k, dtype=torch.float64, device=device)
     vals[vals < 0.2] = 0  # codes that did not fire: their gather is skipped
-    idx = torch.rand(B, F).argsort(dim=1)[:, :k].to(torch.int32)
-    return vals.to(device=device, dtype=dtype), idx.to(device)
+    idx = torch.rand(B, F, device=device).argsort(dim=1)[:, :k].to(torch.int32)  # on the GPU: [B, F] is large
+    return vals.to(dtype=dtype), idx
 
 
 @pytest.mark.usefixtures("poison_empty")

@@ -30,7 +30,7 @@ def _case_id(value):
 
 
 def _problem(B, d, F, dtype, device):
-    x = (torch.randn(B, d, dtype=torch.float64) * 2 + 1).to(device=device, dtype=dtype)
+    x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).to(dtype=dtype)
     W_enc, b_enc, _, b_dec = random_sae_weights(d, F, dtype=dtype, device=device)
     return x, W_enc, b_enc, b_dec
 

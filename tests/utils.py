@@ -19,7 +19,7 @@ KERNEL_DEVICES = [
 
 
 def relative_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    actual, expected = actual.detach().double(), expected.detach().double().to(actual.device)
     return float((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
@@ -33,13 +33,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def random_sae_weights(d: int, n_features: int, dtype=torch.float64, device="cpu"):
-    """Encoder/decoder weights and biases with unit-norm decoder rows, like an initialised SAE."""
-    W_dec = torch.randn(n_features, d, dtype=torch.float64)
+    """Encoder/decoder weights and biases with unit-norm decoder rows, like an initialised SAE (drawn
+    on `device`: full-width GPU cases would spend seconds drawing them on the CPU)."""
+    W_dec = torch.randn(n_features, d, dtype=torch.float64, device=device)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
-    W_enc = W_dec.T.contiguous() + 0.1 * torch.randn(d, n_features, dtype=torch.float64)
-    b_enc = 0.1 * torch.randn(n_features, dtype=torch.float64)
-    b_dec = torch.randn(d, dtype=torch.float64)
-    return [t.to(device=device, dtype=dtype) for t in (W_enc, b_enc, W_dec, b_dec)]
+    W_enc = W_dec.T.contiguous() + 0.1 * torch.randn(d, n_features, dtype=torch.float64, device=device)
+    b_enc = 0.1 * torch.randn(n_features, dtype=torch.float64, device=device)
+    b_dec = torch.randn(d, dtype=torch.float64, device=device)
+    return [t.to(dtype=dtype) for t in (W_enc, b_enc, W_dec, b_dec)]
 
 
 def assert_topk_matches(vals, idx, pre, k, dtype, name="topk"):
