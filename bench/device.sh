@@ -3,7 +3,8 @@
 #   bash bench/device.sh            (writes logs and the benchmark CSV under $OUT)
 # Installs fastsae without network (building the CUDA extension ahead of time), runs the gpu tests,
 # compute-sanitizer over the CUDA death-statistics ops, and the benchmarks. Knobs (environment):
-# FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_RUN_BENCH=0 skip a step; FASTSAE_TESTS, FASTSAE_PYTEST_ARGS,
+# FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_RUN_BENCH=0 skip a step; FASTSAE_TESTS (pytest targets) or
+# FASTSAE_TEST_GROUPS (';'-separated pytest targets run in parallel), FASTSAE_PYTEST_ARGS,
 # FASTSAE_BENCH (families), FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT (seconds); FASTSAE_GIT_SHA for the
 # CSV (the device's git metadata can be stale: pass the commit literally).
 set -uo pipefail
@@ -28,8 +29,19 @@ python3 -c "import fastsae; print('ext', fastsae.ext_info())" 2>&1 | tee -a "$OU
 
 if [ "${FASTSAE_RUN_TESTS:-1}" = 1 ]; then
     echo "== gpu tests"
-    timeout ${FASTSAE_TEST_TIMEOUT:-1800} python3 -m pytest -m gpu -q -p no:cacheprovider ${FASTSAE_PYTEST_ARGS:-} ${FASTSAE_TESTS:-tests} 2>&1 | tee "$OUT/tests.log" | tail -25
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    # Groups separated by ';' run as parallel pytest processes sharing the GPU: compiling the Triton
+    # kernels (CPU-bound) dominates the tests' time on a fresh machine.
+    IFS=';' read -ra groups <<<"${FASTSAE_TEST_GROUPS:-${FASTSAE_TESTS:-tests}}"
+    pids=()
+    for i in "${!groups[@]}"; do
+        eval "timeout ${FASTSAE_TEST_TIMEOUT:-1800} python3 -m pytest -m gpu -q -p no:cacheprovider ${FASTSAE_PYTEST_ARGS:-} ${groups[i]}" >"/tmp/fastsae_tests_$i.log" 2>&1 &
+        pids+=($!)
+    done
+    for i in "${!groups[@]}"; do
+        wait "${pids[i]}" || status=1
+        { echo "== group $i: ${groups[i]}"; cat "/tmp/fastsae_tests_$i.log"; } >>"$OUT/tests.log"
+        echo "group $i: $(tail -1 "/tmp/fastsae_tests_$i.log")"
+    done
 fi
 
 if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
