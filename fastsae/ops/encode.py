@@ -457,5 +457,5 @@ def encode_topk_backward(
             codes = aux_columns.dense_codes(aux_coef, aux_idx, W_enc.dtype)
             dx += (codes @ W_enc[:, aux_columns.features].t()).float()
     db_dec = -(W_enc.float() @ db_enc)
-    dW_enc = dW_enc_t.t().to(W_enc.dtype).contiguous()
+    dW_enc = W_enc.new_empty(W_enc.shape).copy_(dW_enc_t.t())  # one transposing copy, no bf16 intermediate
     return dx.to(x.dtype), dW_enc, db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype)
