@@ -81,7 +81,13 @@ def test_encode_relu_kernel(device, threshold, dtype):
     pre = _pre64(x, W_enc, b_enc, b_dec)
     cut64 = torch.zeros((), dtype=torch.float64, device=device) if cut is None else cut.double()
     assert acts.dtype == dtype
-    assert_close(acts, torch.where(pre > cut64, pre, 0.0), dtype, "acts")
+    expected = torch.where(pre > cut64, pre, 0.0)
+    # A pre-activation within fp32 rounding of a non-zero threshold may fire in one precision and not
+    # in the other, a jump of the threshold's size; there either outcome is right.
+    at_threshold = (pre - cut64).abs() <= 1e-4 * pre.abs().clamp_min(1.0)
+    outcome_ok = (acts[at_threshold] == 0) | ((acts[at_threshold].double() - pre[at_threshold]).abs() <= 0.02)
+    assert outcome_ok.all(), "acts at the threshold: neither 0 nor the pre-activation"
+    assert_close(torch.where(at_threshold, expected, acts.double()), expected, dtype, "acts")
 
 
 @pytest.mark.usefixtures("poison_empty")
