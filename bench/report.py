@@ -98,6 +98,17 @@ def _plot(op: str, rows: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
+def _runs(rows: list[dict]) -> str:
+    """Which commit (and date) each row comes from, when the newest rows of an op span several runs."""
+    runs: dict = {}
+    for r in rows:
+        runs.setdefault((r["git_sha"], r["date"]), []).append(f"{r['shape']}/{r['provider']}")
+    if len(runs) == 1:
+        (sha, date), _ = runs.popitem()
+        return f"commit {sha}, {date}"
+    return "; ".join(f"commit {sha} ({date}): {', '.join(cells)}" for (sha, date), cells in runs.items())
+
+
 def render(csv_path: Path, out_dir: Path) -> None:
     """Rewrites out_dir/README.md and out_dir/<op>.png from every CSV in csv_path's folder."""
     latest = _latest_rows(sorted(csv_path.parent.glob("*.csv")))
@@ -116,7 +127,7 @@ def render(csv_path: Path, out_dir: Path) -> None:
         lines += [
             f"## {op} — {gpu}",
             "",
-            f"torch {env['torch']}, triton {env['triton']}, commit {env['git_sha']}, {env['date']}",
+            f"torch {env['torch']}, triton {env['triton']}; {_runs(rows)}",
             "",
         ]
         lines += _table(op, rows) + [""]
