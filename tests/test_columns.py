@@ -8,7 +8,7 @@ import torch
 from fastsae import reference
 from fastsae.ops import columns, decode, encode
 
-from .utils import assert_close, random_sae_weights
+from .utils import assert_close, check_encode_topk_backward, random_sae_weights
 
 
 @pytest.fixture
@@ -63,17 +63,8 @@ def test_auxk_codes_on_the_dense_path(device, B, d, F, k, k_aux, dead_fraction, 
         assert actual.dtype == dtype, name
         assert_close(actual, want, dtype, name)
 
-    grad_vals, grad_aux = torch.randn_like(vals), torch.randn_like(aux_vals)
-    saved = (x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
-    encode_grads = encode.encode_topk_backward(grad_vals, grad_aux, *saved, True)
-    expected = reference.encode_topk_backward(
-        grad_vals.double(), grad_aux.double(), *(t.double() if t.is_floating_point() else t for t in saved)
-    )
-    for name, actual, want in zip(("dx", "dW_enc", "db_enc", "db_dec"), encode_grads, expected):
-        assert actual.dtype == dtype, name
-        assert_close(actual, want, dtype, name)
+    encode_grads, encode_again = check_encode_topk_backward(x, W_enc, b_dec, (vals, idx, aux_vals, aux_idx), dtype)
 
     if deterministic:
-        again = decode.decode_sparse_backward(grad_out, aux_vals, aux_idx, W_dec)
-        again += encode.encode_topk_backward(grad_vals, grad_aux, *saved, True)
+        again = decode.decode_sparse_backward(grad_out, aux_vals, aux_idx, W_dec) + encode_again()
         assert all(torch.equal(a, b) for a, b in zip(decode_grads + encode_grads, again)), "not bit-identical"

@@ -7,7 +7,15 @@ import torch
 from fastsae import reference
 from fastsae.ops import encode
 
-from .utils import KERNEL_DEVICES, TOLERANCE, assert_close, assert_topk_matches, random_sae_weights, relative_rms_error
+from .utils import (
+    KERNEL_DEVICES,
+    TOLERANCE,
+    assert_close,
+    assert_topk_matches,
+    check_encode_topk_backward,
+    random_sae_weights,
+    relative_rms_error,
+)
 
 # (B, d, F, k, k_aux): odd rows, d not a power of two, k = 1, k = F, AuxK on and off. The GPU cases add
 # the real shapes' widths, small batches (features split over programs) and k up to 1024.
@@ -87,7 +95,8 @@ def test_encode_relu_kernel(device, threshold, dtype):
     # there either outcome is right.
     band = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.1}[dtype] * pre.abs().clamp_min(1.0)
     at_threshold = (pre - cut64).abs() <= band
-    outcome_ok = (acts[at_threshold] == 0) | ((acts[at_threshold].double() - pre[at_threshold]).abs() <= band[at_threshold])
+    fired_there, pre_there = acts[at_threshold].double(), pre[at_threshold]
+    outcome_ok = (fired_there == 0) | ((fired_there - pre_there).abs() <= band[at_threshold])
     assert outcome_ok.all(), "acts at the threshold: neither 0 nor the pre-activation"
     assert_close(torch.where(at_threshold, expected, acts.double()), expected, dtype, "acts")
 
@@ -148,20 +157,10 @@ def test_encode_topk_backward_kernel(device, B, d, F, k, k_aux, dtype, determini
     """Every gradient of the TopK encode (with AuxK codes) against the reference's dense formulas in fp64."""
     x, W_enc, b_enc, b_dec = _problem(B, d, F, dtype, device)
     dead = torch.rand(F, device=device) < 0.5
-    vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead if k_aux else None)
-    grad_vals = torch.randn_like(vals)
-    grad_aux = torch.randn_like(aux_vals)
-    saved = (x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
-    grads = encode.encode_topk_backward(grad_vals, grad_aux, *saved, True)
-    expected = reference.encode_topk_backward(
-        grad_vals.double(), grad_aux.double(), *(t.double() if t.is_floating_point() else t for t in saved)
-    )
-    for name, actual, want in zip(("dx", "dW_enc", "db_enc", "db_dec"), grads, expected):
-        assert actual.dtype == dtype, name
-        assert_close(actual, want, dtype, name)
+    codes = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead if k_aux else None)
+    grads, run_again = check_encode_topk_backward(x, W_enc, b_dec, codes, dtype)
     if deterministic:
-        again = encode.encode_topk_backward(grad_vals, grad_aux, *saved, True)
-        assert all(torch.equal(a, b) for a, b in zip(grads, again)), "not bit-identical"
+        assert all(torch.equal(a, b) for a, b in zip(grads, run_again())), "not bit-identical"
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

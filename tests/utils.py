@@ -1,4 +1,4 @@
-"""One comparison helper and one tolerance table for every test."""
+"""The comparison helpers and the one tolerance table that every test uses."""
 
 import pytest
 import torch
@@ -56,3 +56,27 @@ def assert_topk_matches(vals, idx, pre, k, dtype, name="topk"):
     assert_close(vals.double().to(pre.device), gathered, dtype, f"{name} gathered pre-activations")
     fired_idx = torch.where(fired, idx, -1 - torch.arange(idx.shape[1], device=idx.device))  # unique fillers
     assert (fired_idx.sort(dim=1).values.diff(dim=1) > 0).all(), f"{name}: a feature fired twice in a row"
+
+
+def check_encode_topk_backward(x, W_enc, b_dec, codes, dtype):
+    """`ops.encode.encode_topk_backward` of random output gradients for `codes` (vals, idx, aux_vals,
+    aux_idx), every gradient checked against `reference.encode_topk_backward` in fp64. Returns the
+    gradients and a function that recomputes them (for repeatability checks)."""
+    from fastsae import reference
+    from fastsae.ops import encode
+
+    vals, _, aux_vals, _ = codes
+    grad_vals, grad_aux = torch.randn_like(vals), torch.randn_like(aux_vals)
+    saved = (x, W_enc, b_dec, *codes)
+
+    def run():
+        return encode.encode_topk_backward(grad_vals, grad_aux, *saved, True)
+
+    grads = run()
+    expected = reference.encode_topk_backward(
+        grad_vals.double(), grad_aux.double(), *(t.double() if t.is_floating_point() else t for t in saved)
+    )
+    for name, actual, want in zip(("dx", "dW_enc", "db_enc", "db_dec"), grads, expected):
+        assert actual.dtype == dtype, name
+        assert_close(actual, want, dtype, name)
+    return grads, run
