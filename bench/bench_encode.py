@@ -13,8 +13,9 @@ import torch
 
 from fastsae import functional as F
 from fastsae import reference
+from fastsae.testing import assert_close, assert_topk_matches
 
-from .harness import SHAPES, Recorder, assert_matches, measure, optional_sparsify, sweep_name
+from .harness import SHAPES, Recorder, measure, optional_sparsify, sweep_name
 
 CHECK_ROWS = 256
 SWEEP = [(768, n_features, 8192, 32) for n_features in (8192, 65536, 131072)] + [
@@ -45,13 +46,6 @@ def _weights(d: int, n_features: int):
     return W_enc, b_enc, b_dec
 
 
-def _check_topk(vals, idx, pre, k, what):
-    expected = pre.topk(k, dim=1).values.relu()
-    assert_matches(vals[:CHECK_ROWS].float().sort(dim=1, descending=True).values, expected, 2e-2, f"{what} values")
-    gathered = pre.gather(1, idx[:CHECK_ROWS].long()).relu()
-    assert_matches(vals[:CHECK_ROWS].float(), gathered, 2e-2, f"{what} gathered pre-activations")
-
-
 def _bench_topk(recorder: Recorder, shape: str, d: int, n_features: int, n_rows: int, k: int, full: bool, sparsify):
     x = torch.randn(n_rows, d, device="cuda").bfloat16()
     W_enc, b_enc, b_dec = _weights(d, n_features)
@@ -72,9 +66,9 @@ def _bench_topk(recorder: Recorder, shape: str, d: int, n_features: int, n_rows:
             providers["sparsify"] = partial(coder.encode, x)
     for name, fn in providers.items():
         vals, idx = fn()[:2]
-        _check_topk(vals, idx, pre, k, f"encode_topk {shape} {name}")
+        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre, k, 2e-2, f"encode_topk {shape} {name}")
     gemm_expected = x[:CHECK_ROWS].float() @ W_enc.float()
-    assert_matches(_gemm(x, W_enc)[:CHECK_ROWS].float(), gemm_expected, 2e-2, f"encode_topk {shape} cublas_gemm")
+    assert_close(_gemm(x, W_enc)[:CHECK_ROWS].float(), gemm_expected, 2e-2, f"encode_topk {shape} cublas_gemm")
     for name, fn in providers.items():
         timing = measure(fn)
         if name == "fastsae":  # the fused path never materialises the [B, F] pre-activation
@@ -94,7 +88,7 @@ def _bench_relu(recorder: Recorder, shape: str, d: int, n_features: int, n_rows:
         "compile": partial(torch.compile(_torch_relu), x, W_enc, b_enc, b_dec),
     }
     for name, fn in providers.items():
-        assert_matches(fn()[:CHECK_ROWS].float(), expected, 2e-2, f"encode_relu {shape} {name}")
+        assert_close(fn()[:CHECK_ROWS].float(), expected, 2e-2, f"encode_relu {shape} {name}")
     for name, fn in providers.items():
         recorder.record("encode_relu", shape, name, measure(fn))
     recorder.record("encode_relu", shape, "cublas_gemm", measure(partial(_gemm, x, W_enc)))

@@ -14,8 +14,9 @@ import torch
 
 import fastsae
 from fastsae import reference
+from fastsae.testing import assert_close
 
-from .harness import SHAPES, Recorder, assert_matches, measure, optional_sparsify
+from .harness import SHAPES, Recorder, measure, optional_sparsify
 
 DEAD_FRACTION = 0.05
 
@@ -129,7 +130,7 @@ def run(recorder: Recorder) -> None:
         if sparsify is not None:
             providers["sparsify"] = _sparsify_step(sparsify, d, n_features, k, weights, dead)
         for name, step in providers.items():  # the first step sees the shared initial weights
-            assert_matches(step(x).detach().float(), expected_fvu, 2e-2, f"train_step {shape} {name} FVU")
+            assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step {shape} {name} FVU")
         for name, step in providers.items():
             recorder.record("train_step", shape, name, measure(partial(step, x)))
         recorder.record("train_step", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))

@@ -61,14 +61,6 @@ def optional_sparsify():
     return sparsify
 
 
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str) -> None:
-    """Relative RMS error of `actual` against `expected` within `tolerance`, else AssertionError:
-    every benchmark checks its providers' outputs before it times them."""
-    actual, expected = actual.double(), expected.double()
-    error = float((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30))
-    assert error <= tolerance, f"{what}: relative RMS error {error:.3g} > {tolerance}"
-
-
 def environment() -> dict:
     """gpu, torch, triton, git_sha and date columns for this run."""
     import triton

@@ -6,6 +6,7 @@ import torch
 
 from fastsae import reference
 from fastsae.ops import encode
+from fastsae.testing import relative_rms_error
 
 from .utils import (
     KERNEL_DEVICES,
@@ -14,7 +15,6 @@ from .utils import (
     assert_topk_matches,
     check_encode_topk_backward,
     random_sae_weights,
-    relative_rms_error,
 )
 
 # (B, d, F, k, k_aux): odd rows, d not a power of two, k = 1, k = F, AuxK on and off. The GPU cases add

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from fastsae import testing
+
 # Relative RMS error allowed against an fp64 reference, by the dtype of the tested computation.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
@@ -18,18 +20,9 @@ KERNEL_DEVICES = [
 ]
 
 
-def relative_rms_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double().to(actual.device)
-    return float((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-30))
-
-
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, name: str = "output") -> None:
-    """Shape equal, no NaN (outputs are poisoned with NaN before kernels write them), and relative RMS
-    error within TOLERANCE[dtype]."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not torch.isnan(actual).any(), f"{name}: contains NaN (unwritten elements?)"
-    error = relative_rms_error(actual, expected)
-    assert error <= TOLERANCE[dtype], f"{name}: relative RMS error {error:.3g} > {TOLERANCE[dtype]:.1g} ({dtype})"
+    """`fastsae.testing.assert_close` at the tolerance of `dtype`."""
+    testing.assert_close(actual, expected, TOLERANCE[dtype], f"{name} ({dtype})")
 
 
 def random_sae_weights(d: int, n_features: int, dtype=torch.float64, device="cpu"):
@@ -44,18 +37,9 @@ def random_sae_weights(d: int, n_features: int, dtype=torch.float64, device="cpu
 
 
 def assert_topk_matches(vals, idx, pre, k, dtype, name="topk"):
-    """TopK checked without relying on tie order: sorted values equal the reference's top-k, and each
-    fired code's (value > 0) own pre-activation equals its value, with no feature fired twice in a row.
-    Codes of value 0 did not fire; their index is unspecified."""
-    expected = pre.double().topk(k, dim=1).values.relu()
-    assert_close(vals.double().sort(dim=1, descending=True).values, expected, dtype, f"{name} values")
-    assert idx.dtype == torch.int32
-    idx, pre, fired = idx.long().to(pre.device), pre.double(), vals.to(pre.device) > 0
-    assert ((idx >= 0) & (idx < pre.shape[1])).all(), f"{name}: index out of range"
-    gathered = torch.where(fired, pre.gather(1, idx), 0.0)
-    assert_close(vals.double().to(pre.device), gathered, dtype, f"{name} gathered pre-activations")
-    fired_idx = torch.where(fired, idx, -1 - torch.arange(idx.shape[1], device=idx.device))  # unique fillers
-    assert (fired_idx.sort(dim=1).values.diff(dim=1) > 0).all(), f"{name}: a feature fired twice in a row"
+    """`fastsae.testing.assert_topk_matches` at the tolerance of `dtype`, with fastsae's int32 indices."""
+    assert idx.dtype == torch.int32, f"{name}: indices are {idx.dtype}"
+    testing.assert_topk_matches(vals, idx, pre, k, TOLERANCE[dtype], f"{name} ({dtype})")
 
 
 def check_encode_topk_backward(x, W_enc, b_dec, codes, dtype):

@@ -57,11 +57,14 @@ class Columns:
 
 def concentrated_columns(idx: Tensor, n_features: int) -> Columns | None:
     """The features that the codes idx [B, K] touch, when few enough for the dense path (see the
-    module docstring), else None. Synchronises with the device once (n is a tensor size); an index
-    outside [0, F) raises here, where the sparse kernels would skip it."""
+    module docstring), else None. Synchronises with the device once (n is a tensor size), so it
+    answers None while a CUDA graph is being captured; an index outside [0, F) raises here, where the
+    sparse kernels would skip it."""
     B, K = idx.shape
     if K < MIN_CODES_PER_TOKEN or B == 0:
         return None
+    if idx.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None  # a CUDA graph being captured cannot hand n to the host: the sparse kernels run
     flat = idx.flatten().long()
     used = torch.zeros(n_features, dtype=torch.bool, device=idx.device)
     used[flat.clamp(0, n_features - 1)] = True
