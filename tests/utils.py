@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fastsae import testing
+from fastsae import reference, testing
+from fastsae.ops import encode
 
 # Relative RMS error allowed against an fp64 reference, by the dtype of the tested computation.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
@@ -46,9 +47,6 @@ def check_encode_topk_backward(x, W_enc, b_dec, codes, dtype):
     """`ops.encode.encode_topk_backward` of random output gradients for `codes` (vals, idx, aux_vals,
     aux_idx), every gradient checked against `reference.encode_topk_backward` in fp64. Returns the
     gradients and a function that recomputes them (for repeatability checks)."""
-    from fastsae import reference
-    from fastsae.ops import encode
-
     vals, _, aux_vals, _ = codes
     grad_vals, grad_aux = torch.randn_like(vals), torch.randn_like(aux_vals)
     saved = (x, W_enc, b_dec, *codes)

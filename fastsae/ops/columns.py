@@ -46,10 +46,11 @@ class Columns:
         """dense [B, n] read back at each code's feature: [B, K]."""
         return dense.gather(1, self.position[idx.long()])
 
-    def feature_sums(self, rows: Tensor, coef: Tensor, idx: Tensor, center: Tensor | None) -> tuple[Tensor, Tensor]:
-        """`scatter.feature_sums` restricted to these features: ([n, d], [n]) in fp32, one GEMM in
-        the rows' dtype (fp32 accumulation). Rows are centred in fp32 before the cast."""
-        codes = self.dense_codes(coef, idx, torch.float32)
+    @staticmethod
+    def feature_sums(rows: Tensor, codes: Tensor, center: Tensor | None) -> tuple[Tensor, Tensor]:
+        """`scatter.feature_sums` restricted to these features, from their fp32 `dense_codes`:
+        ([n, d], [n]) in fp32, one GEMM in the rows' dtype (fp32 accumulation). Rows are centred in
+        fp32 before the cast."""
         centered = rows.float() - center.float() if center is not None else rows
         sums = codes.t().to(rows.dtype) @ centered.to(rows.dtype)
         return sums.float(), codes.sum(dim=0)

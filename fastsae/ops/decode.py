@@ -131,7 +131,7 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
     if columns is not None:  # AuxK-like codes: GEMMs over the features they touch
         W_touched = W_dec[columns.features]
         dvals = columns.gather(grad_out.to(W_dec.dtype) @ W_touched.t(), idx).to(vals.dtype)
-        sums, _ = columns.feature_sums(grad_out, vals, idx, center=None)
+        sums, _ = columns.feature_sums(grad_out, columns.dense_codes(vals, idx, torch.float32), center=None)
         dW_dec = torch.zeros_like(W_dec)
         dW_dec[columns.features] = sums.to(W_dec.dtype)
         return dvals, dW_dec

@@ -487,12 +487,12 @@ def encode_topk_backward(
     else:
         dx = torch.zeros_like(x, dtype=torch.float32)
     if aux_columns is not None:  # AuxK codes concentrated on the dead features: GEMMs over those
-        aux_sums, aux_coef_sums = aux_columns.feature_sums(x, aux_coef, aux_idx, center=b_dec)
+        aux_codes = aux_columns.dense_codes(aux_coef, aux_idx, torch.float32)
+        aux_sums, aux_coef_sums = aux_columns.feature_sums(x, aux_codes, center=b_dec)
         dW_enc_t.index_add_(0, aux_columns.features, aux_sums)  # features are distinct: deterministic
         db_enc.index_add_(0, aux_columns.features, aux_coef_sums)
         if x_requires_grad:
-            codes = aux_columns.dense_codes(aux_coef, aux_idx, W_enc.dtype)
-            dx += (codes @ W_enc[:, aux_columns.features].t()).float()
+            dx += (aux_codes.to(W_enc.dtype) @ W_enc[:, aux_columns.features].t()).float()
     db_dec = -(W_enc.float() @ db_enc)
     dW_enc = W_enc.new_empty(W_enc.shape).copy_(dW_enc_t.t())  # one transposing copy, no bf16 intermediate
     return dx.to(x.dtype), dW_enc, db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype)
