@@ -33,6 +33,19 @@ def _torch_relu(x, W_enc, b_enc, b_dec):
     return ((x - b_dec) @ W_enc + b_enc).relu()
 
 
+def _torch_topk_positive_counts(x, W_enc, b_enc, b_dec, k):
+    """The TopK codes and per-feature positive counts from one dense pre-activation."""
+    pre = (x - b_dec) @ W_enc + b_enc
+    vals, idx = pre.relu().topk(k, dim=-1)
+    return vals, idx, (pre > 0).sum(dim=0)
+
+
+def _two_pass_positive_counts(x, W_enc, b_enc, b_dec, k):
+    """fastsae without the fused counts: the TopK encode, then a dense ReLU encode to count."""
+    codes = F.encode_topk(x, W_enc, b_enc, b_dec, k)
+    return codes.vals, codes.idx, F.fire_counts_dense(F.encode_relu(x, W_enc, b_enc, b_dec))
+
+
 def _gemm(x, W_enc):
     return x @ W_enc
 
@@ -94,11 +107,36 @@ def _bench_relu(recorder: Recorder, shape: str, d: int, n_features: int, n_rows:
     recorder.record("encode_relu", shape, "cublas_gemm", measure(partial(_gemm, x, W_enc)))
 
 
+def _bench_positive_counts(recorder: Recorder, shape: str, d: int, n_features: int, n_rows: int, k: int):
+    """TopK codes plus per-feature counts of positive pre-activations (what measure_death needs)."""
+    x = torch.randn(n_rows, d, device="cuda").bfloat16()
+    W_enc, b_enc, b_dec = _weights(d, n_features)
+    pre = reference.pre_activation(x, W_enc, b_enc, b_dec)  # fp32, all rows: the counts cover the batch
+    expected_counts = (pre > 0).sum(dim=0)
+    pre = pre[:CHECK_ROWS]
+    providers = {
+        "fastsae": partial(F.encode_topk_positive_counts, x, W_enc, b_enc, b_dec, k),
+        "fastsae_two_pass": partial(_two_pass_positive_counts, x, W_enc, b_enc, b_dec, k),
+        "torch": partial(_torch_topk_positive_counts, x, W_enc, b_enc, b_dec, k),
+    }
+    what = f"encode_topk_positive_counts {shape}"
+    for name, fn in providers.items():
+        vals, idx, counts = fn()
+        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre, k, 2e-2, f"{what} {name}")
+        # bf16 pre-activations within rounding of 0 (about 0.3% of them) may count either way.
+        assert_close(counts.double(), expected_counts.double(), 1e-2, f"{what} {name} counts")
+    del pre, expected_counts
+    for name, fn in providers.items():
+        recorder.record("encode_topk_positive_counts", shape, name, measure(fn))
+    recorder.record("encode_topk_positive_counts", shape, "cublas_gemm", measure(partial(_gemm, x, W_enc)))
+
+
 def run(recorder: Recorder) -> None:
     sparsify = optional_sparsify()
     for shape, (d, n_features, n_rows, k) in SHAPES.items():
         _bench_topk(recorder, shape, d, n_features, n_rows, k, full=True, sparsify=sparsify)
         _bench_relu(recorder, shape, d, n_features, n_rows)
+        _bench_positive_counts(recorder, shape, d, n_features, n_rows, k)
         torch.cuda.empty_cache()
     for d, n_features, n_rows, k in SWEEP:
         _bench_topk(recorder, sweep_name(d, n_features, n_rows, k), d, n_features, n_rows, k, full=False, sparsify=None)

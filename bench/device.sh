@@ -5,7 +5,7 @@
 # compute-sanitizer over the CUDA death-statistics ops, and the benchmarks. Knobs (environment):
 # FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_RUN_BENCH=0 skip a step; FASTSAE_TESTS (pytest targets) or
 # FASTSAE_TEST_GROUPS (';'-separated pytest targets run in parallel), FASTSAE_PYTEST_ARGS,
-# FASTSAE_BENCH (families), FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT (seconds); FASTSAE_GIT_SHA for the
+# FASTSAE_BENCH (families), FASTSAE_PROFILE (shapes for bench.profile_train), FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT (seconds); FASTSAE_GIT_SHA for the
 # CSV (the device's git metadata can be stale: pass the commit literally).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -50,6 +50,12 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
         compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/sanitize_ext.py >"$OUT/sanitizer_$tool.log" 2>&1
         echo "$tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
     done
+fi
+
+if [ -n "${FASTSAE_PROFILE:-}" ]; then  # shapes for bench.profile_train's kernel tables
+    echo "== profile"
+    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.profile_train --shapes "$FASTSAE_PROFILE" --rows 18 >"$OUT/profile.log" 2>&1
+    grep "^==" "$OUT/profile.log"
 fi
 
 if [ "${FASTSAE_RUN_BENCH:-1}" = 1 ]; then

@@ -33,6 +33,7 @@ POINTER_TYPES = {
     "idx_buf_ptr": "*i32",
     "aux_val_buf_ptr": "*fp32",
     "aux_idx_buf_ptr": "*i32",
+    "positive_ptr": "*i32",
     "idx_ptr": "*i32",
     "token_ptr": "*i32",
     "offsets_ptr": "*i64",
@@ -70,10 +71,12 @@ def main() -> None:
     for i, cfg in enumerate(encode._topk_candidates(keep, aux_keep)):
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "CAP", "SORT_ROWS")}
         aux = {"AUX_CAP": cfg["AUX_CAP"], "AUX_KEEP": aux_keep, "AUX_SORT_ROWS": cfg["AUX_SORT_ROWS"]}
-        for has_aux in (False, True) if i == 0 else (False,):
-            constexprs = {**common, **tile, **aux, "HAS_AUX": has_aux, "KEEP": keep}
+        variants = [(False, False), (True, False), (False, True)] if i == 0 else [(False, False)]
+        for has_aux, count_positive in variants:  # (the AuxK stream, the positive counts)
+            constexprs = {**common, **tile, **aux, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive, "KEEP": keep}
             usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
-            print(f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}: {usage}")
+            name = f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
+            print(f"{name}{' positive_counts' if count_positive else ''}: {usage}")
     usage = resources(encode._topk_finish_kernel, {"N_SPLIT": 2, "KEEP": keep, "BLOCK_M": 16}, num_warps=4)
     print(f"topk_finish: {usage}")
     for cfg in encode._RELU_CANDIDATES:

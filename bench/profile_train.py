@@ -7,6 +7,7 @@ python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25]
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -23,11 +24,20 @@ def profile_step(shape: str, auxk: bool, rows: int) -> None:
     for _ in range(3):  # compile, autotune, warm the allocator
         step(x)
     torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        step(x)
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / 5 * 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step(x)
         torch.cuda.synchronize()
-    print(f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}, 5 steps")
+    # Kernel time summed over the step against the step's wall time: a large gap means the GPU waits on
+    # the host (Python dispatch, syncs), not on kernels.
+    gpu_ms = sum(event.self_device_time_total for event in prof.key_averages()) / 5 / 1e3
+    print(f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}: "
+          f"{wall_ms:.2f} ms wall per step, {gpu_ms:.2f} ms of kernels")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from .harness import shape_dims
 
 BASELINES = ["cublas_gemm", "bincount", "embedding_bag", "torch"]
-GEMM_OPS = ("encode_topk", "encode_relu")  # ops reported in TFLOP/s of their encoder GEMM, 2 * B * d * F
+# Ops reported in TFLOP/s of their encoder GEMM, 2 * B * d * F.
+GEMM_OPS = ("encode_topk", "encode_relu", "encode_topk_positive_counts")
 
 
 def _latest_rows(csv_paths: list[Path]) -> dict:

@@ -23,7 +23,6 @@ import torch
 from scipy.stats import norm
 from torch import Tensor
 
-from . import functional as F
 from .centering import check_sample, row_chunks
 
 LAYERNORM_EPS = 1e-5
@@ -154,12 +153,9 @@ def measure_death(sae, acts: Tensor | Iterable[Tensor], batch_size: int = 4096) 
     for chunk in _chunks(acts):
         for start in range(0, chunk.shape[0], batch_size):
             x = chunk[start : start + batch_size].to(device)
-            codes = sae.encode(x)
-            if isinstance(codes, F.TopKCodes):
-                fired += F.fire_counts(codes.idx, n_features, codes.vals)
-            else:
-                fired += F.fire_counts_dense(codes)
-            positive += F.fire_counts_dense(sae.positive_pre_activation(x))
+            fired_here, positive_here = sae.fire_and_positive_counts(x)
+            fired += fired_here
+            positive += positive_here
             n_tokens += x.shape[0]
     dead_relu = positive == 0
     dead_topk = (fired == 0) & ~dead_relu

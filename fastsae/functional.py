@@ -195,6 +195,38 @@ def encode_topk(
     return TopKCodes(*_encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask if k_aux > 0 else None))
 
 
+@torch.library.custom_op("fastsae::encode_topk_positive_counts", mutates_args=())
+def _encode_topk_positive_counts(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    return reference.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
+
+
+_encode_topk_positive_counts.register_kernel("cuda")(encode_ops.encode_topk_positive_counts)
+
+
+@_encode_topk_positive_counts.register_fake
+def _(x, W_enc, b_enc, b_dec, k):
+    batch, n_features = x.shape[0], W_enc.shape[1]
+    return (
+        x.new_empty(batch, k, dtype=W_enc.dtype),
+        x.new_empty(batch, k, dtype=torch.int32),
+        x.new_empty(n_features, dtype=torch.int64),
+    )
+
+
+def encode_topk_positive_counts(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TopK encode (vals [B, k], idx [B, k] int32, as `encode_topk`) and, from the same pass over the
+    pre-activations, int64 [F] counts of the tokens on which each feature's pre-activation is > 0.
+    For classifying dead features (`fastsae.measure_death`) without a second, dense encode; not
+    differentiable."""
+    _check_encoder_args(x, W_enc, b_enc, b_dec)
+    _check_k("k", k, W_enc.shape[1], minimum=1)
+    return _encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
+
+
 # ---------------------------------------------------------------------------------------------------
 # ReLU / JumpReLU encode
 

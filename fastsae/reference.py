@@ -65,6 +65,17 @@ def encode_topk(
     return vals.to(W_enc.dtype), idx, aux_vals.to(W_enc.dtype), aux_idx
 
 
+def encode_topk_positive_counts(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TopK encode (vals, idx as in `encode_topk`) and, per feature, how many tokens have a positive
+    pre-activation (int64 [F]): the death classification's evidence, since a feature never positive
+    is dead-by-ReLU and one positive but never selected is dead-by-TopK."""
+    pre = pre_activation(x, W_enc, b_enc, b_dec)
+    vals, idx = topk_activation(pre, k)
+    return vals.to(W_enc.dtype), idx, (pre > 0).sum(dim=0)
+
+
 def encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor | None = None) -> Tensor:
     """Dense codes: ReLU, or JumpReLU when a per-feature `threshold` [F] is given
     (z = pre where pre > threshold, else 0). Returns [B, F] in the parameter dtype."""

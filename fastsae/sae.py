@@ -165,10 +165,18 @@ class SparseAutoencoder(nn.Module):
         self._check_input(x)
         return self._encode(x, k_aux=0)
 
-    def positive_pre_activation(self, x: Tensor) -> Tensor:
-        """relu of the pre-activations [B, F], before any TopK selection (for death classification)."""
+    def fire_and_positive_counts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per feature, int64 [F] each: how many tokens of x it fired on, and on how many its
+        pre-activation is > 0 (the evidence for classifying dead features). TopK takes both from one
+        fused pass; the other activations encode, then count a ReLU encode."""
         self._check_input(x)
-        return F.encode_relu(self._to_sae_space(x), self.W_enc, self.b_enc, self.b_dec)
+        cfg = self.cfg
+        sae_x = self._to_sae_space(x)
+        if cfg.activation == "topk":
+            vals, idx, positive = F.encode_topk_positive_counts(sae_x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
+            return F.fire_counts(idx, cfg.n_features, vals), positive
+        fired = F.fire_counts_dense(self._encode(x, k_aux=0))
+        return fired, F.fire_counts_dense(F.encode_relu(sae_x, self.W_enc, self.b_enc, self.b_dec))
 
     def _to_sae_space(self, x: Tensor) -> Tensor:
         if self.cfg.centering != "whiten":

@@ -6,7 +6,7 @@ import torch
 from scipy.optimize import minimize
 
 import fastsae
-from fastsae import centering
+from fastsae import centering, reference
 from fastsae.__main__ import main as cli
 from fastsae.reproduce import Settings, markdown_table, run
 
@@ -103,6 +103,27 @@ def test_measure_death_classifies_each_pathway():
     assert report.dead_topk_mask.tolist() == [False, True, False, True]
     assert report.fire_counts.tolist() == [200, 0, 0, 0]
     assert (report.dead_relu, report.dead_topk, report.dead) == (0.25, 0.5, 0.75)
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "batchtopk"])
+def test_fire_and_positive_counts_match_the_dense_encode(activation):
+    """The module's counts for death classification (one fused pass for TopK) against counting the
+    reference's dense pre-activations and the module's own codes."""
+    cfg = fastsae.SAEConfig(d_in=12, n_features=40, k=3, activation=activation, centering="mean")
+    sae = fastsae.SparseAutoencoder(cfg)
+    x = torch.randn(64, 12) + 2
+    sae.initialize(x)
+    with torch.no_grad():
+        fired, positive = sae.fire_and_positive_counts(x)
+        pre = reference.pre_activation(x, sae.W_enc, sae.b_enc, sae.b_dec)
+        codes = sae.encode(x)
+    dense = codes if isinstance(codes, torch.Tensor) else torch.zeros(64, 40).scatter(1, codes.idx.long(), codes.vals)
+    assert positive.tolist() == (pre > 0).sum(dim=0).tolist()
+    assert fired.tolist() == (dense > 0).sum(dim=0).tolist()
+    if activation == "relu":
+        assert fired.tolist() == positive.tolist()
+    else:  # TopK and BatchTopK fire a subset of the positive pre-activations
+        assert 0 < int(fired.sum()) < int(positive.sum())
 
 
 def test_diagnose_recommends_by_severity_and_rank():

@@ -77,6 +77,36 @@ def test_encode_topk_kernel_ties_and_all_dead(device):
     assert_topk_matches(aux_vals, aux_idx, pre, 12, torch.float32, "aux")
 
 
+# A pre-activation within the kernel's rounding of a threshold (the centred input is cast to the
+# weights' dtype before the matmul) may land on either side of it, relative to max(|pre|, 1).
+ROUNDING_BAND = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.1}
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("dtype", DTYPES, ids=_case_id)
+@pytest.mark.parametrize(
+    "device, B, d, F, k",
+    [
+        pytest.param("cpu", 37, 40, 300, 8, marks=pytest.mark.interpret),
+        pytest.param("cuda", 1000, 768, 24576 + 5, 32, marks=pytest.mark.gpu),
+        pytest.param("cuda", 37, 128, 4096, 1024, marks=pytest.mark.gpu),
+    ],
+    ids=lambda v: None,
+)
+def test_encode_topk_positive_counts_kernel(device, B, d, F, k, dtype):
+    """Per-feature counts of tokens with a positive pre-activation, from the TopK pass: equal to the
+    fp64 reference's except for tokens within rounding of 0; the codes are the plain TopK's."""
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, dtype, device)
+    vals, idx, counts = encode.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    assert counts.dtype == torch.int64 and counts.shape == (F,)
+    assert_topk_matches(vals, idx, pre, k, dtype)
+    near_zero = (pre.abs() <= ROUNDING_BAND[dtype]).sum(dim=0)
+    difference = (counts - (pre > 0).sum(dim=0)).abs()
+    assert (difference <= near_zero).all(), f"counts off by up to {int(difference.max())}"
+    assert int(difference.sum()) <= int(near_zero.sum())
+
+
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("dtype", DTYPES, ids=_case_id)
 @pytest.mark.parametrize("threshold", [False, True], ids=["relu", "jumprelu"])
@@ -90,10 +120,9 @@ def test_encode_relu_kernel(device, threshold, dtype):
     cut64 = torch.zeros((), dtype=torch.float64, device=device) if cut is None else cut.double()
     assert acts.dtype == dtype
     expected = torch.where(pre > cut64, pre, 0.0)
-    # A pre-activation within the kernel's rounding of its threshold (the centred input is cast to the
-    # weights' dtype) may fire in one precision and not the other, a jump of the threshold's size;
-    # there either outcome is right.
-    band = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.1}[dtype] * pre.abs().clamp_min(1.0)
+    # Near its threshold a pre-activation may fire in one precision and not the other, a jump of the
+    # threshold's size; there either outcome is right.
+    band = ROUNDING_BAND[dtype] * pre.abs().clamp_min(1.0)
     at_threshold = (pre - cut64).abs() <= band
     fired_there, pre_there = acts[at_threshold].double(), pre[at_threshold]
     outcome_ok = (fired_there == 0) | ((fired_there - pre_there).abs() <= band[at_threshold])

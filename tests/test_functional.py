@@ -119,6 +119,7 @@ def test_opcheck_every_op(device):
     cases = [
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 3, dead)),
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 0, None)),
+        (torch.ops.fastsae.encode_topk_positive_counts, (x, W_enc.detach(), b_enc, b_dec, k)),
         (
             torch.ops.fastsae.encode_topk_backward,
             (*grads, x, W_enc.detach(), b_dec, vals.detach(), idx, aux_vals.detach(), aux_idx, True),

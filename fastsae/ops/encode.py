@@ -145,10 +145,11 @@ def _clear(idx_ptr, buf_row0, stride_buf, BLOCK_M: tl.constexpr, CAP: tl.constex
 @triton.jit
 def _encode_topk_fwd_kernel(
     x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, dead_ptr,
-    val_buf_ptr, idx_buf_ptr, tau_ptr, aux_val_buf_ptr, aux_idx_buf_ptr, aux_tau_ptr,
+    val_buf_ptr, idx_buf_ptr, tau_ptr, aux_val_buf_ptr, aux_idx_buf_ptr, aux_tau_ptr, positive_ptr,
     B, D, F, padded_rows, tiles_per_split,
     stride_xm, stride_xd, stride_wd, stride_wf, stride_buf, stride_aux_buf,
-    HAS_AUX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_AUX: tl.constexpr, COUNT_POSITIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     CAP: tl.constexpr, KEEP: tl.constexpr, SORT_ROWS: tl.constexpr,
     AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, AUX_SORT_ROWS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -178,6 +179,9 @@ def _encode_topk_fwd_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION,
         )  # fmt: skip
 
+        if COUNT_POSITIVE:  # tokens whose pre-activation is > 0, per feature (death classification)
+            positive = (pre > 0) & ((row_block * BLOCK_M + tl.arange(0, BLOCK_M)) < B)[:, None]
+            tl.atomic_add(positive_ptr + cols, tl.sum(positive.to(tl.int32), axis=0), mask=col_valid, sem="relaxed")
         candidate = col_valid[None, :] & (pre > tau[:, None])
         count = _append(val_buf_ptr, idx_buf_ptr, buf_row0, stride_buf, pre, cols, candidate, count)
         if HAS_AUX:
@@ -281,9 +285,38 @@ def encode_topk(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused TopK encode; same contract as `reference.encode_topk` (arguments checked by
     `fastsae.functional.encode_topk`)."""
+    return _encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts=None)
+
+
+def encode_topk_positive_counts(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """TopK encode and, in the same pass, per-feature counts of tokens with a positive
+    pre-activation; same contract as `reference.encode_topk_positive_counts`."""
+    positive_counts = x.new_empty(W_enc.shape[1], dtype=torch.int32)
+    vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, positive_counts)
+    return vals, idx, positive_counts.long()
+
+
+def _encode_topk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    k_aux: int,
+    dead_mask: Tensor | None,
+    positive_counts: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The TopK launcher. `positive_counts` (int32 [F], or None) receives the per-feature counts of
+    tokens whose pre-activation is > 0."""
     keep = max(MIN_KEEP, triton.next_power_of_2(k))
     aux_keep = max(MIN_KEEP, triton.next_power_of_2(k_aux))
     if keep > MAX_KEEP or aux_keep > MAX_KEEP or W_enc.dtype == torch.float64:
+        if positive_counts is not None:
+            vals, idx, counts = reference.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
+            positive_counts.copy_(counts)
+            return vals, idx, vals[:, :0], idx[:, :0]
         return reference.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask)
     B, D = x.shape
     F = W_enc.shape[1]
@@ -308,11 +341,14 @@ def encode_topk(
         aux_cap = cfg["AUX_CAP"] if has_aux else 1
         aux_val_buf, aux_idx_buf = _scratch(x, buf_rows if has_aux else 1, aux_cap)
         aux_tau = x.new_empty(aux_val_buf.shape[0], dtype=torch.float32)
+        if positive_counts is not None:
+            positive_counts.zero_()  # the tuner runs candidates one after another into the same counts
         _encode_topk_fwd_kernel[(n_row_blocks, n_split)](
             x, W_enc, b_enc, b_dec, dead, val_buf, idx_buf, tau, aux_val_buf, aux_idx_buf, aux_tau,
+            positive_counts if positive_counts is not None else idx,  # any pointer when not counting
             B, D, F, padded_rows, tiles_per_split,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), val_buf.stride(0), aux_val_buf.stride(0),
-            HAS_AUX=has_aux, KEEP=keep, AUX_KEEP=aux_keep if has_aux else 1,
+            HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None, KEEP=keep, AUX_KEEP=aux_keep if has_aux else 1,
             DOT_DTYPE=dot_dtype(W_enc.dtype), INPUT_PRECISION=input_precision(W_enc.dtype),
             **{**cfg, "AUX_CAP": aux_cap},
         )  # fmt: skip
@@ -320,7 +356,8 @@ def encode_topk(
         if has_aux:
             _finish(aux_val_buf, aux_idx_buf, aux_vals, aux_idx, padded_rows, n_split, aux_keep)
 
-    key = ("encode_topk", D, F, bucket(B), keep, aux_keep if has_aux else 0, x.dtype, W_enc.dtype)
+    key = ("encode_topk", D, F, bucket(B), keep, aux_keep if has_aux else 0, x.dtype, W_enc.dtype,
+           positive_counts is not None)  # fmt: skip
     run(tuned(key, _topk_candidates(keep, aux_keep), run))
     return vals, idx, aux_vals, aux_idx
 
