@@ -349,6 +349,31 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
     return _decode_sparse(vals, idx, W_dec, b_dec)
 
 
+def auxk_reconstruction(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int
+) -> Tensor:
+    """The AuxK reconstruction (no b_dec) from the top-k_aux post-ReLU pre-activations among `features`
+    (int64 [n], the dead ones), computed densely over just those n features: one [B, n] GEMM for the
+    pre-activations (centred in fp32 first), torch.topk, and one GEMM to decode. The same value as
+    `decode_sparse` of `encode_topk(..., k_aux, dead_mask)`'s aux codes, and cheaper when n is a small
+    multiple of k_aux: per-code gathers and atomics cost B * k_aux * d each, more than the encoder GEMM
+    at k_aux = d/2. Plain PyTorch ops, so autograd gives every gradient. -> [B, d] in W_dec's dtype."""
+    _check_encoder_args(x, W_enc, b_enc, b_dec)
+    _check_float("W_dec", W_dec, 2)
+    if W_dec.shape != (W_enc.shape[1], W_enc.shape[0]):
+        raise ValueError(f"W_dec must be [n_features, d_in] = {tuple(W_enc.shape[::-1])}, got {tuple(W_dec.shape)}")
+    if features.dtype != torch.int64 or features.dim() != 1:
+        shape = tuple(features.shape)
+        raise ValueError(f"features must be an int64 [n] tensor of feature indices, got {features.dtype} {shape}")
+    _check_k("k_aux", k_aux, W_enc.shape[1], minimum=1)
+    _check_same_device(x=x, W_enc=W_enc, W_dec=W_dec, features=features)
+    centered = reference.center(x, b_dec).to(W_enc.dtype)
+    pre = centered @ W_enc[:, features] + b_enc[features]
+    top = pre.topk(min(k_aux, features.shape[0]), dim=1)
+    codes = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    return codes.to(W_dec.dtype) @ W_dec[features]
+
+
 def decode_dense(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
     """Dense decode acts @ W_dec (+ b_dec) for ReLU / JumpReLU / BatchTopK codes: one GEMM, so plain
     PyTorch (cuBLAS) is the fast path."""

@@ -26,6 +26,9 @@ ACTIVATIONS = ("topk", "relu", "jumprelu", "batchtopk")
 CENTERING_MODES = ("geometric_median", "mean", "none", "whiten")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 FORMAT_VERSION = "1"
+# AuxK runs densely over the dead features (F.auxk_reconstruction) while there are at most this many
+# per AuxK code: the [B, n_dead] matrices stay within 8x the [B, k_aux] codes, a few tens of MB.
+AUXK_DENSE_MAX_DEAD_PER_CODE = 8
 
 
 @dataclass
@@ -190,6 +193,19 @@ class SparseAutoencoder(nn.Module):
         dtype = torch.promote_types(self.unwhiten_matrix.dtype, torch.float32)
         return (y.to(dtype) @ self.unwhiten_matrix.to(dtype) + self.whiten_center.to(dtype)).to(y.dtype)
 
+    def _few_dead_features(self, dead: Tensor | None) -> Tensor | None:
+        """The dead features' indices when there are at most AUXK_DENSE_MAX_DEAD_PER_CODE * k_aux of
+        them, for `F.auxk_reconstruction` (dense over those features: at 5% of F dead it takes the
+        AuxK step from the fused encode's second top-k stream and B * k_aux * d atomics to two thin
+        GEMMs); else None, and the fused encode selects the AuxK codes. Learning n costs one host sync,
+        so while compiling or capturing a CUDA graph this answers None and the step stays sync-free."""
+        if dead is None or torch.compiler.is_compiling():
+            return None
+        if dead.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        features = dead.nonzero().squeeze(1)
+        return features if features.shape[0] <= AUXK_DENSE_MAX_DEAD_PER_CODE * self.cfg.k_aux else None
+
     def _encode(self, x: Tensor, k_aux: int) -> F.TopKCodes | Tensor:
         cfg = self.cfg
         x = self._to_sae_space(x)
@@ -208,10 +224,14 @@ class SparseAutoencoder(nn.Module):
         return self._from_sae_space(F.decode_dense(codes, self.W_dec, self.b_dec))
 
     def forward(self, x: Tensor) -> SAEOutput:
-        """Encode, decode and the loss terms; in training mode also updates the death statistics."""
+        """Encode, decode and the loss terms; in training mode also updates the death statistics. A
+        training step with AuxK synchronises once with the device, to count the dead features (not
+        while compiling: see `_few_dead_features`)."""
         self._check_input(x)
         k_aux = self.cfg.k_aux if self.training else 0
-        codes = self._encode(x, k_aux)
+        dead = self.dead_features() if k_aux else None
+        few_dead = self._few_dead_features(dead)
+        codes = self._encode(x, k_aux if few_dead is None else 0)
         recon = self.decode(codes)
         mse, fvu = F.mse(recon, x), F.fvu(recon, x)
         auxk = torch.zeros((), dtype=fvu.dtype, device=x.device)
@@ -219,9 +239,14 @@ class SparseAutoencoder(nn.Module):
             vals, idx, acts = codes.vals, codes.idx, None
             if k_aux:
                 # The residual and its AuxK reconstruction compared in the SAE's own (possibly whitened) space.
-                aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
+                if few_dead is None:
+                    aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
+                else:
+                    sae_x = self._to_sae_space(x)
+                    params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
+                    aux_recon = F.auxk_reconstruction(sae_x, *params, few_dead, k_aux)
                 residual = (self._to_sae_space(x) - self._to_sae_space(recon)).detach()
-                auxk = F.auxk_loss(aux_recon, residual, self.dead_features().sum(), k_aux)
+                auxk = F.auxk_loss(aux_recon, residual, dead.sum(), k_aux)
         else:
             vals, idx, acts = None, None, codes
         if self.training:

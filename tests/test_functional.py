@@ -93,6 +93,36 @@ def test_gradients_match_reference(device):
         assert_close(actual, expected, torch.float64, f"d{name}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_dead", [3, 25, 0])
+def test_auxk_reconstruction_matches_the_fused_aux_codes(n_dead, device):
+    """The dense AuxK path over the dead features against decode_sparse of the reference encode's aux
+    codes: value and every gradient, with fewer dead features than k_aux, more, and none."""
+    B, d, F_, k, k_aux = 41, 20, 60, 5, 7
+    x = torch.randn(B, d, dtype=torch.float64, device=device) + 2
+    features = torch.randperm(F_, device=device)[:n_dead]
+    dead = torch.zeros(F_, dtype=torch.bool, device=device).index_fill_(0, features, True)
+    params = [p.requires_grad_() for p in random_sae_weights(d, F_, device=device)]
+    W_enc, b_enc, W_dec, b_dec = params
+    _, _, aux_vals, aux_idx = reference.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead)
+    expected = reference.decode_sparse(aux_vals, aux_idx, W_dec, None)
+    actual = F.auxk_reconstruction(x, W_enc, b_enc, b_dec, W_dec, features, k_aux)
+    assert_close(actual, expected, torch.float64, "aux_recon")
+    weights = torch.randn_like(expected)  # a loss whose gradient differs per element
+    expected_grads = torch.autograd.grad((expected * weights).sum(), params, allow_unused=True, materialize_grads=True)
+    actual_grads = torch.autograd.grad((actual * weights).sum(), params, allow_unused=True, materialize_grads=True)
+    for name, got, want in zip(("W_enc", "b_enc", "W_dec", "b_dec"), actual_grads, expected_grads):
+        assert_close(got, want, torch.float64, f"d{name}")
+
+
+def test_auxk_reconstruction_rejects_bad_features():
+    x, W_enc, b_enc, W_dec, b_dec = _good()
+    with pytest.raises(ValueError, match="features must be an int64"):
+        F.auxk_reconstruction(x, W_enc, b_enc, b_dec, W_dec, torch.tensor([1, 2], dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="W_dec must be"):
+        F.auxk_reconstruction(x, W_enc, b_enc, b_dec, W_dec.t(), torch.tensor([1, 2]), 4)
+
+
 def test_gradcheck_fp64():
     """Finite differences through the custom ops' registered autograd, on tiny shapes."""
     B, d, F_, k = 6, 5, 9, 3

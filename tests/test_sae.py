@@ -1,5 +1,6 @@
 """SparseAutoencoder: against the reference, training, save/load, compile, bad input."""
 
+import copy
 import re
 from pathlib import Path
 
@@ -61,6 +62,27 @@ def test_auxk_loss_trains_dead_features_only():
     (out.auxk).backward()
     grad_rows = sae.W_dec.grad.abs().sum(1) > 0
     assert grad_rows.any() and not grad_rows[~dead].any(), "AuxK must only move dead features' decoder rows"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auxk_paths_agree(device, monkeypatch):
+    """AuxK dense over the few dead features (the eager default) and from the fused encode's AuxK
+    codes (what runs when many are dead, or while compiling) give the same loss and gradients."""
+    sae = _sae(device, dead_after_tokens=0, k_aux=12)
+    sae.train()
+    x = torch.randn(50, 24, dtype=torch.float64, device=device) + 3
+    sae(x)  # the features not fired on this batch are now dead
+    assert 0 < int(sae.dead_features().sum()) <= fastsae.sae.AUXK_DENSE_MAX_DEAD_PER_CODE * 12
+    fused = copy.deepcopy(sae)
+    results = []
+    for model in (sae, fused):
+        if model is fused:
+            monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_DEAD_PER_CODE", 0)
+        out = model(x)
+        assert float(out.auxk.detach()) > 0
+        results.append((out.loss, *torch.autograd.grad(out.loss, list(model.parameters()))))
+    for name, dense, from_codes in zip(("loss", *dict(sae.named_parameters())), *results):
+        assert_close(dense, from_codes, torch.float64, name)
 
 
 def test_death_statistics_count_fires_without_sync():

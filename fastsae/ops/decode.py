@@ -14,7 +14,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .columns import concentrated_columns
 from .launch import bucket, tuned
 from .scatter import feature_sums
 
@@ -60,11 +59,6 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
         return reference.decode_sparse(vals, idx, W_dec, b_dec)
     B, K = vals.shape
     F, D = W_dec.shape
-    columns = concentrated_columns(idx, F)
-    if columns is not None:  # AuxK-like codes: one GEMM over the features they touch
-        codes = columns.dense_codes(vals, idx, W_dec.dtype)
-        W_touched = W_dec[columns.features]
-        return codes @ W_touched if b_dec is None else torch.addmm(b_dec.to(W_dec.dtype), codes, W_touched)
     b_dec = None if b_dec is None else b_dec.contiguous()  # the kernel reads it with unit stride
     out = vals.new_empty(B, D, dtype=W_dec.dtype)
 
@@ -127,14 +121,6 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
         return reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
     B, K = vals.shape
     F, D = W_dec.shape
-    columns = concentrated_columns(idx, F)
-    if columns is not None:  # AuxK-like codes: GEMMs over the features they touch
-        W_touched = W_dec[columns.features]
-        dvals = columns.gather(grad_out.to(W_dec.dtype) @ W_touched.t(), idx).to(vals.dtype)
-        sums, _ = columns.feature_sums(grad_out, columns.dense_codes(vals, idx, torch.float32), center=None)
-        dW_dec = torch.zeros_like(W_dec)
-        dW_dec[columns.features] = sums.to(W_dec.dtype)
-        return dvals, dW_dec
     dvals = vals.new_empty(B, K)
 
     def run(cfg: dict) -> None:

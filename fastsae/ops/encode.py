@@ -29,7 +29,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .columns import concentrated_columns
 from .decode import decode_sparse
 from .launch import INTERPRET, bucket, dot_dtype, input_precision, sm_count, tuned
 from .scatter import feature_sums
@@ -478,21 +477,12 @@ def encode_topk_backward(
     # The ReLU passes gradient only where the code fired.
     coef = torch.where(vals > 0, grad_vals, 0)
     aux_coef = torch.where(aux_vals > 0, grad_aux_vals, 0)
-    aux_columns = concentrated_columns(aux_idx, W_enc.shape[1])
-    if aux_columns is None:  # few or widely spread AuxK codes: all codes through the sparse kernels
-        coef, idx = torch.cat([coef, aux_coef], dim=1), torch.cat([idx, aux_idx], dim=1)
+    coef, idx = torch.cat([coef, aux_coef], dim=1), torch.cat([idx, aux_idx], dim=1)
     dW_enc_t, db_enc = feature_sums(x, coef, idx, W_enc.shape[1], center=b_dec)
     if x_requires_grad:
-        dx = decode_sparse(coef, idx, W_enc.t(), None).float()  # rows of W_enc^T: strided gathers
+        dx = decode_sparse(coef, idx, W_enc.t(), None)  # rows of W_enc^T: strided gathers
     else:
-        dx = torch.zeros_like(x, dtype=torch.float32)
-    if aux_columns is not None:  # AuxK codes concentrated on the dead features: GEMMs over those
-        aux_codes = aux_columns.dense_codes(aux_coef, aux_idx, torch.float32)
-        aux_sums, aux_coef_sums = aux_columns.feature_sums(x, aux_codes, center=b_dec)
-        dW_enc_t.index_add_(0, aux_columns.features, aux_sums)  # features are distinct: deterministic
-        db_enc.index_add_(0, aux_columns.features, aux_coef_sums)
-        if x_requires_grad:
-            dx += (aux_codes.to(W_enc.dtype) @ W_enc[:, aux_columns.features].t()).float()
+        dx = torch.zeros_like(x)
     db_dec = -(W_enc.float() @ db_enc)
     dW_enc = W_enc.new_empty(W_enc.shape).copy_(dW_enc_t.t())  # one transposing copy, no bf16 intermediate
     return dx.to(x.dtype), dW_enc, db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype)
