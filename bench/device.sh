@@ -5,7 +5,7 @@
 # compute-sanitizer over the CUDA death-statistics ops, and the benchmarks. Knobs (environment):
 # FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_RUN_BENCH=0 skip a step; FASTSAE_TESTS (pytest targets) or
 # FASTSAE_TEST_GROUPS (';'-separated pytest targets run in parallel), FASTSAE_PYTEST_ARGS,
-# FASTSAE_BENCH (families), FASTSAE_PROFILE (shapes for bench.profile_train), FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT (seconds); FASTSAE_GIT_SHA for the
+# FASTSAE_BENCH (families), FASTSAE_BENCH_SHAPES, FASTSAE_PROFILE (shapes for bench.profile_train), FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT (seconds); FASTSAE_GIT_SHA for the
 # CSV (the device's git metadata can be stale: pass the commit literally).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -60,7 +60,7 @@ fi
 
 if [ "${FASTSAE_RUN_BENCH:-1}" = 1 ]; then
     echo "== benchmarks"
-    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.run --csv "$OUT/results.csv" ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} 2>&1 | tee "$OUT/bench.log" | tail -40
+    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.run --csv "$OUT/results.csv" ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} ${FASTSAE_BENCH_SHAPES:+--shapes $FASTSAE_BENCH_SHAPES} 2>&1 | tee "$OUT/bench.log" | tail -40
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status

@@ -1,6 +1,6 @@
 """Runs the benchmarks on a CUDA GPU and appends their rows to a CSV, then renders the report.
 
-python -m bench.run [--only stats,encode,train] [--csv PATH]     (or: python -m fastsae bench)
+python -m bench.run [--only stats,encode,train] [--shapes gpt2,af3] [--csv PATH]     (or: python -m fastsae bench)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import Recorder
+from .harness import SHAPES, Recorder
 from .report import render
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -22,6 +22,7 @@ FAMILIES = ["stats", "encode", "decode", "train"]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
     parser.add_argument("--csv", type=Path, default=None, help="CSV to append to (default bench/results/<gpu>.csv)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -31,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(families) - set(FAMILIES)
     if unknown:
         parser.error(f"unknown benchmark families {sorted(unknown)}; choose from {FAMILIES}")
+    shapes = args.shapes.split(",")
+    if set(shapes) - set(SHAPES):
+        parser.error(f"unknown shapes {sorted(set(shapes) - set(SHAPES))}; choose from {list(SHAPES)}")
+    for name in list(SHAPES):  # every family loops over this one dict
+        if name not in shapes:
+            del SHAPES[name]
     gpu_slug = torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-")
     csv_path = args.csv or RESULTS / f"{gpu_slug}.csv"
     recorder = Recorder(csv_path)
