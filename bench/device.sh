@@ -2,11 +2,15 @@
 # Runs on the GPU machine through the device tool, from the repository root:
 #   bash bench/device.sh            (writes logs and the benchmark CSV under $OUT)
 # Installs fastsae without network (building the CUDA extension ahead of time), runs the gpu tests,
-# compute-sanitizer over the CUDA death-statistics ops, and the benchmarks. Knobs (environment):
-# FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_RUN_BENCH=0 skip a step; FASTSAE_TESTS (pytest targets) or
-# FASTSAE_TEST_GROUPS (';'-separated pytest targets run in parallel), FASTSAE_PYTEST_ARGS,
-# FASTSAE_BENCH (families), FASTSAE_BENCH_SHAPES, FASTSAE_PROFILE (shapes for bench.profile_train), FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT (seconds); FASTSAE_GIT_SHA for the
-# CSV (the device's git metadata can be stale: pass the commit literally).
+# compute-sanitizer over the CUDA death-statistics ops, the training-step profile and the benchmarks.
+# Knobs (environment):
+#   FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_RUN_BENCH=0   skip a step
+#   FASTSAE_TESTS            pytest targets, or FASTSAE_TEST_GROUPS: ';'-separated targets run in parallel
+#   FASTSAE_PYTEST_ARGS      extra pytest arguments
+#   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset)
+#   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of the DESIGN.md shapes
+#   FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT   seconds per test group / for the profile and the bench
+#   FASTSAE_GIT_SHA          the commit for the CSV (the device's git metadata can be stale: pass it literally)
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
