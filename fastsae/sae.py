@@ -166,7 +166,7 @@ class SparseAutoencoder(nn.Module):
     def encode(self, x: Tensor) -> F.TopKCodes | Tensor:
         """TopK: TopKCodes(vals, idx, ...) (no AuxK candidates); otherwise dense codes [B, F]."""
         self._check_input(x)
-        return self._encode(x, k_aux=0)
+        return self._encode(x)
 
     def fire_and_positive_counts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per feature, int64 [F] each: how many tokens of x it fired on, and on how many its
@@ -178,7 +178,7 @@ class SparseAutoencoder(nn.Module):
         if cfg.activation == "topk":
             vals, idx, positive = F.encode_topk_positive_counts(sae_x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
             return F.fire_counts(idx, cfg.n_features, vals), positive
-        fired = F.fire_counts_dense(self._encode(x, k_aux=0))
+        fired = F.fire_counts_dense(self._encode(x))
         return fired, F.fire_counts_dense(F.encode_relu(sae_x, self.W_enc, self.b_enc, self.b_dec))
 
     def _to_sae_space(self, x: Tensor) -> Tensor:
@@ -206,12 +206,13 @@ class SparseAutoencoder(nn.Module):
         features = dead.nonzero().squeeze(1)
         return features if features.shape[0] <= AUXK_DENSE_MAX_DEAD_PER_CODE * self.cfg.k_aux else None
 
-    def _encode(self, x: Tensor, k_aux: int) -> F.TopKCodes | Tensor:
+    def _encode(self, x: Tensor, aux_dead: Tensor | None = None) -> F.TopKCodes | Tensor:
+        """With `aux_dead` (the dead-feature mask), a TopK encode also selects the AuxK codes."""
         cfg = self.cfg
         x = self._to_sae_space(x)
         if cfg.activation == "topk":
-            dead = self.dead_features() if k_aux else None
-            return F.encode_topk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k, k_aux=k_aux, dead_mask=dead)
+            k_aux = cfg.k_aux if aux_dead is not None else 0
+            return F.encode_topk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k, k_aux=k_aux, dead_mask=aux_dead)
         if cfg.activation == "batchtopk":
             return F.encode_batchtopk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
         threshold = self.threshold if cfg.activation == "jumprelu" else None
@@ -231,7 +232,7 @@ class SparseAutoencoder(nn.Module):
         k_aux = self.cfg.k_aux if self.training else 0
         dead = self.dead_features() if k_aux else None
         few_dead = self._few_dead_features(dead)
-        codes = self._encode(x, k_aux if few_dead is None else 0)
+        codes = self._encode(x, dead if few_dead is None else None)
         recon = self.decode(codes)
         mse, fvu = F.mse(recon, x), F.fvu(recon, x)
         auxk = torch.zeros((), dtype=fvu.dtype, device=x.device)
@@ -239,13 +240,13 @@ class SparseAutoencoder(nn.Module):
             vals, idx, acts = codes.vals, codes.idx, None
             if k_aux:
                 # The residual and its AuxK reconstruction compared in the SAE's own (possibly whitened) space.
+                sae_x = self._to_sae_space(x)
                 if few_dead is None:
                     aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
                 else:
-                    sae_x = self._to_sae_space(x)
                     params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
                     aux_recon = F.auxk_reconstruction(sae_x, *params, few_dead, k_aux)
-                residual = (self._to_sae_space(x) - self._to_sae_space(recon)).detach()
+                residual = (sae_x - self._to_sae_space(recon)).detach()
                 auxk = F.auxk_loss(aux_recon, residual, dead.sum(), k_aux)
         else:
             vals, idx, acts = None, None, codes

@@ -85,6 +85,31 @@ def test_auxk_paths_agree(device, monkeypatch):
         assert_close(dense, from_codes, torch.float64, name)
 
 
+@pytest.mark.parametrize("path", ["dense_over_dead", "fused_codes"])
+def test_whitened_auxk_loss_matches_reference(path, monkeypatch):
+    """With centering="whiten" the codes, the residual and its AuxK reconstruction live in the whitened
+    space and the FVU in the input space; checked term by term against the reference on both AuxK paths."""
+    if path == "fused_codes":
+        monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_DEAD_PER_CODE", 0)
+    sae = _sae(centering="whiten", dead_after_tokens=0, k_aux=12)
+    sae.train()
+    x = torch.randn(50, 24, dtype=torch.float64) @ torch.randn(24, 24, dtype=torch.float64) + 3
+    sae(x)  # the features not fired on this batch are now dead
+    dead = sae.dead_features()
+    out = sae(x)
+    white = (x - sae.whiten_center) @ sae.whiten_matrix
+    params = (sae.W_enc, sae.b_enc, sae.b_dec)
+    vals, idx, aux_vals, aux_idx = reference.encode_topk(white, *params, 6, 12, dead)
+    recon_white = reference.decode_sparse(vals, idx, sae.W_dec, sae.b_dec)
+    recon = recon_white @ sae.unwhiten_matrix + sae.whiten_center
+    aux_recon = reference.decode_sparse(aux_vals, aux_idx, sae.W_dec, None)
+    auxk = reference.auxk_loss(aux_recon, white - recon_white, dead.sum(), 12)
+    assert_close(out.recon, recon, torch.float64, "recon")
+    assert_close(out.fvu, reference.fvu(recon, x), torch.float64, "fvu")
+    assert_close(out.auxk, auxk, torch.float64, "auxk")
+    assert float(auxk) > 0
+
+
 def test_death_statistics_count_fires_without_sync():
     sae = _sae()
     sae.train()
