@@ -10,6 +10,7 @@ import argparse
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from .bench_train import DEAD_FRACTION, _fastsae_step, _initial_weights
@@ -36,7 +37,8 @@ def profile_step(shape: str, auxk: bool, rows: int) -> None:
     # Kernel time summed over the step against the step's wall time: a large gap means the GPU waits on
     # the host (Python dispatch, syncs), not on kernels. The second table shows where the host's time goes.
     events = prof.key_averages()
-    gpu_ms = sum(event.self_device_time_total for event in events) / 5 / 1e3
+    # Device-side events only: a host op's self device time repeats the kernels it launched.
+    gpu_ms = sum(event.self_device_time_total for event in events if event.device_type != DeviceType.CPU) / 5 / 1e3
     print(
         f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}: "
         f"{wall_ms:.2f} ms wall per step, {gpu_ms:.2f} ms of kernels (5 steps below)"
