@@ -171,14 +171,17 @@ class SparseAutoencoder(nn.Module):
     def fire_and_positive_counts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per feature, int64 [F] each: how many tokens of x it fired on, and on how many its
         pre-activation is > 0 (the evidence for classifying dead features). TopK takes both from one
-        fused pass; the other activations encode, then count a ReLU encode."""
+        fused pass, ReLU from its one encode; the other activations encode, then count a ReLU encode."""
         self._check_input(x)
         cfg = self.cfg
-        sae_x = self._to_sae_space(x)
         if cfg.activation == "topk":
+            sae_x = self._to_sae_space(x)
             vals, idx, positive = F.encode_topk_positive_counts(sae_x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
             return F.fire_counts(idx, cfg.n_features, vals), positive
         fired = F.fire_counts_dense(self._encode(x))
+        if cfg.activation == "relu":  # a ReLU code fires exactly where its pre-activation is > 0
+            return fired, fired.clone()
+        sae_x = self._to_sae_space(x)
         return fired, F.fire_counts_dense(F.encode_relu(sae_x, self.W_enc, self.b_enc, self.b_dec))
 
     def _to_sae_space(self, x: Tensor) -> Tensor:
