@@ -98,9 +98,11 @@ def feature_sums(
     K = idx.shape[1]
     coef, idx = coef.contiguous(), idx.contiguous()
     center_arg = center if center is not None else rows
-    if torch.are_deterministic_algorithms_enabled():
-        order = torch.argsort(idx.flatten(), stable=True)
-        counts = torch.bincount(idx.flatten(), minlength=n_features)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        flat_idx = idx.flatten()
+        order = torch.argsort(flat_idx, stable=True)
+        counts = torch.bincount(flat_idx, minlength=n_features)
         offsets = torch.zeros(n_features + 1, dtype=torch.int64, device=rows.device)
         torch.cumsum(counts, 0, out=offsets[1:])
         tokens = (order // K).to(torch.int32)
@@ -136,6 +138,6 @@ def feature_sums(
         candidates = [
             dict(BLOCK_M=m, BLOCK_D=bd, num_warps=w) for m, bd, w in [(32, 128, 4), (16, 256, 4), (64, 128, 8)]
         ]
-    mode = "sorted" if torch.are_deterministic_algorithms_enabled() else "atomic"
+    mode = "sorted" if deterministic else "atomic"
     run(tuned(("feature_sums", mode, d, n_features, bucket(B), bucket(K), rows.dtype), candidates, run))
     return out, coef_sum
