@@ -100,8 +100,7 @@ def _sparsify_step(sparsify, d, n_features, k, weights, dead):
 def _initial_weights(d: int, n_features: int, n_rows: int) -> tuple[torch.Tensor, dict]:
     """A bf16 batch and an initialised SAE's bf16 weights (W_enc = W_dec^T, unit-norm rows)."""
     x = (torch.randn(n_rows, d, device="cuda") + 0.5).bfloat16()
-    W_dec = torch.randn(n_features, d, device="cuda")
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
+    W_dec = reference.normalize_decoder_rows(torch.randn(n_features, d, device="cuda"))
     weights = {
         "W_enc": W_dec.T.contiguous().bfloat16(),
         "b_enc": torch.zeros(n_features, device="cuda").bfloat16(),

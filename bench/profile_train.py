@@ -35,9 +35,9 @@ def profile_step(shape: str, auxk: bool, rows: int) -> None:
             step(x)
         torch.cuda.synchronize()
     # Kernel time summed over the step against the step's wall time: a large gap means the GPU waits on
-    # the host (Python dispatch, syncs), not on kernels. The second table shows where the host's time goes.
+    # the host (Python dispatch, syncs), not on kernels. Device-side events only: a host op's self device
+    # time repeats the kernels it launched. The second table shows where the host's time goes.
     events = prof.key_averages()
-    # Device-side events only: a host op's self device time repeats the kernels it launched.
     gpu_ms = sum(event.self_device_time_total for event in events if event.device_type != DeviceType.CPU) / 5 / 1e3
     print(
         f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}: "

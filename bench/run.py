@@ -19,6 +19,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 FAMILIES = ["stats", "encode", "decode", "train"]
 
 
+def _subset(parser: argparse.ArgumentParser, value: str, choices: list[str], what: str) -> list[str]:
+    """The comma-separated names in `value`; a name outside `choices` is a usage error."""
+    names = value.split(",")
+    unknown = set(names) - set(choices)
+    if unknown:
+        parser.error(f"unknown {what} {sorted(unknown)}; choose from {choices}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
@@ -28,13 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("fastsae bench times CUDA kernels and needs a CUDA GPU; none is visible here.")
         return 2
-    families = args.only.split(",")
-    unknown = set(families) - set(FAMILIES)
-    if unknown:
-        parser.error(f"unknown benchmark families {sorted(unknown)}; choose from {FAMILIES}")
-    shapes = args.shapes.split(",")
-    if set(shapes) - set(SHAPES):
-        parser.error(f"unknown shapes {sorted(set(shapes) - set(SHAPES))}; choose from {list(SHAPES)}")
+    families = _subset(parser, args.only, FAMILIES, "benchmark families")
+    shapes = _subset(parser, args.shapes, list(SHAPES), "shapes")
     for name in list(SHAPES):  # every family loops over this one dict
         if name not in shapes:
             del SHAPES[name]
