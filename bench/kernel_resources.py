@@ -21,7 +21,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastsae.ops import decode, decoder, encode, scatter
+from fastsae.ops import decode, decoder, encode, filter, scatter
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -34,6 +34,11 @@ POINTER_TYPES = {
     "aux_val_buf_ptr": "*fp32",
     "aux_idx_buf_ptr": "*i32",
     "positive_ptr": "*i32",
+    "flag_ptr": "*i8",
+    "count_ptr": "*i32",
+    "aux_count_ptr": "*i32",
+    "winners_ptr": "*i64",
+    "group_max_ptr": "*bf16",
     "idx_ptr": "*i32",
     "token_ptr": "*i32",
     "offsets_ptr": "*i64",
@@ -68,15 +73,31 @@ def main() -> None:
     unit_strides = {"stride_xd": 1, "stride_wf": 1}
     common = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", **unit_strides}
     keep, aux_keep = 32, 512  # GPT-2: k = 32, k_aux = d / 2 = 384
-    for i, cfg in enumerate(encode._topk_candidates(keep, aux_keep)):
-        tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "CAP", "SORT_ROWS")}
-        aux = {"AUX_CAP": cfg["AUX_CAP"], "AUX_KEEP": aux_keep, "AUX_SORT_ROWS": cfg["AUX_SORT_ROWS"]}
-        variants = [(False, False), (True, False), (False, True)] if i == 0 else [(False, False)]
-        for has_aux, count_positive in variants:  # (the AuxK stream, the positive counts)
-            constexprs = {**common, **tile, **aux, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive, "KEEP": keep}
-            usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
-            name = f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
-            print(f"{name}{' positive_counts' if count_positive else ''}: {usage}")
+    cfg = encode._sweep_config(keep, aux_keep)
+    tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "CAP", "SORT_ROWS")}
+    aux = {"AUX_CAP": cfg["AUX_CAP"], "AUX_KEEP": aux_keep, "AUX_SORT_ROWS": cfg["AUX_SORT_ROWS"]}
+    for has_aux, count_positive, only_flagged in [(False, False, False), (True, False, True), (False, True, False)]:
+        constexprs = {**common, **tile, **aux, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive,
+                      "ONLY_FLAGGED": only_flagged, "KEEP": keep}  # fmt: skip
+        usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
+        name = f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
+        print(f"{name}{' positive_counts' if count_positive else ''}: {usage}")
+    for cfg in filter.filter_configs(keep, 0, interpret=False)[:2]:
+        tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        for has_aux, count_positive in [(False, False), (True, True)]:
+            constexprs = {"INPUT_PRECISION": "ieee", "stride_wf": 1, **tile, "HAS_AUX": has_aux,
+                          "COUNT_POSITIVE": count_positive}  # fmt: skip
+            usage = resources(filter._filter_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
+            print(f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}: {usage}")
+    for cap in (256, 1024, 4096):
+        block_m = max(1, min(16, filter.SELECT_ELEMENTS // cap))
+        constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP_BLOCK": cap, "KEEP": keep, "BLOCK_M": block_m}
+        usage = resources(filter._select_kernel, constexprs, 4 if cap <= 1024 else 8)
+        print(f"filter_select cap={cap}: {usage}")
+    usage = resources(filter._threshold_kernel, {"BLOCK_M": 16, "BLOCK_G": 256}, num_warps=4)
+    print(f"filter_threshold: {usage}")
+    usage = resources(filter._center_kernel, {"BLOCK_M": 16, "BLOCK_D": 256, "stride_xd": 1}, num_warps=4)
+    print(f"filter_center: {usage}")
     usage = resources(encode._topk_finish_kernel, {"N_SPLIT": 2, "KEEP": keep, "BLOCK_M": 16}, num_warps=4)
     print(f"topk_finish: {usage}")
     for cfg in encode._RELU_CANDIDATES:

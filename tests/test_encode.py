@@ -6,6 +6,7 @@ import torch
 
 from fastsae import reference
 from fastsae.ops import encode
+from fastsae.ops.filter import filter_topk
 from fastsae.testing import relative_rms_error
 
 from .utils import (
@@ -59,6 +60,72 @@ def test_encode_topk_kernel(device, B, d, F, k, k_aux, dtype):
     assert_topk_matches(vals, idx, pre, k, dtype)
     if k_aux:
         assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, dtype, "aux")
+
+
+ROUTE_CASES = [pytest.param("cpu", *c, marks=pytest.mark.interpret) for c in INTERPRET_CASES[:2]] + [
+    pytest.param("cuda", *c, marks=pytest.mark.gpu) for c in GPU_CASES[:3]
+]
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("route", ["filter", "sweep", "dense"])
+@pytest.mark.parametrize("device, B, d, F, k, k_aux", ROUTE_CASES, ids=lambda v: None)
+def test_encode_topk_routes(device, B, d, F, k, k_aux, route):
+    """Every route the tuner may pick (the threshold-first filter in each of its configurations, the
+    sweep, the dense cuBLAS + torch.topk chunks) gives the reference's top-k."""
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.bfloat16, device)
+    dead = torch.rand(F, device=device) < 0.3
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    candidates = [c for c in encode.topk_routes(k, k_aux) if c[0] == route]
+    assert candidates, f"no {route} route for k={k}"
+    for candidate in candidates:
+        vals, idx, aux_vals, aux_idx = encode.encode_topk(
+            x, W_enc, b_enc, b_dec, k, k_aux, dead if k_aux else None, route=candidate
+        )
+        assert_topk_matches(vals, idx, pre, k, torch.bfloat16, f"{candidate}")
+        if k_aux:
+            assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.bfloat16, "aux")
+
+
+def _filter_route(k, k_aux, **overrides):
+    name, cfg = encode.topk_routes(k, k_aux)[0]
+    assert name == "filter"
+    return name, {**cfg, **overrides}
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_filter_fallbacks(device):
+    """Rows the filter cannot finish are flagged on the device and recomputed by the sweep: rows whose
+    buffer overflows (a capacity below the survivors), rows left with fewer than k survivors (thresholds
+    raised past the k-th value), NaN rows (never selected: value 0) and AuxK with fewer dead features than
+    k_aux (not a failure: the rest are empty codes)."""
+    B, d, F, k, k_aux = (40, 32, 256, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
+    x[3] = float("nan")
+    x[5] = b_dec  # a constant row: its pre-activation is b_enc
+    dead = torch.zeros(F, dtype=torch.bool, device=device)
+    dead[torch.randperm(F, device=device)[: k_aux // 2]] = True  # fewer dead features than k_aux
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    finite = torch.ones(B, dtype=torch.bool, device=device)
+    finite[3] = False
+    for overrides, margin_shift in [({"CAP": k // 2}, 0.0), ({}, 1e3), ({}, 0.0)]:
+        route = _filter_route(k, k_aux, **overrides)
+        outputs = (torch.full((B, k), float("nan"), device=device), torch.full((B, k), -1, dtype=torch.int32, device=device),
+                   torch.full((B, k_aux), float("nan"), device=device), torch.full((B, k_aux), -1, dtype=torch.int32, device=device))  # fmt: skip
+        flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1], margin_shift)
+        flagged = flags.bool()
+        assert flagged[3], "the NaN row was not flagged"
+        assert int(flagged.sum()) == (1 if (not overrides and not margin_shift) else B), (overrides, margin_shift)
+        assert not torch.isnan(outputs[0][~flagged]).any(), "an unflagged row was left unwritten"
+        vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, route=route)
+        assert_topk_matches(vals[finite], idx[finite], pre[finite], k, torch.float32)
+        assert (vals[3] == 0).all() and (aux_vals[3] == 0).all(), "NaN pre-activations were selected"
+        dead_pre = pre.masked_fill(~dead, float("-inf"))[finite]
+        assert_topk_matches(aux_vals[finite], aux_idx[finite], dead_pre, k_aux, torch.float32, "aux")
+        # Beyond the dead features every AuxK code is empty (value 0); the fired ones are dead features.
+        assert (aux_vals[:, k_aux // 2 :] == 0).all()
+        assert dead[aux_idx.long()][aux_vals > 0].all()
 
 
 @pytest.mark.usefixtures("poison_empty")

@@ -31,27 +31,14 @@ from torch import Tensor
 from .. import reference
 from .decode import decode_sparse
 from .launch import INTERPRET, bucket, dot_dtype, input_precision, sm_count, tuned
+from .filter import EMPTY_KEY, filter_configs, filter_topk, key_value, to_key
 from .scatter import feature_sums
 
-EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty buffer slot: below every (value, feature) key
-MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernel keeps; beyond: reference
+MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernels keep; beyond: dense route
 MERGE_ELEMENTS = 4096  # candidates per row the finishing kernel merges (n_split x KEEP) in registers
 SORT_ELEMENTS = 1024  # keys sorted at once in a compaction (rows x CAP): bounds registers and compile time
 MIN_KEEP = 32  # k and k_aux round up to at least this, so few kernel variants get compiled
-
-
-@triton.jit
-def _to_key(value, feature):
-    """int64 key ordering like the fp32 `value`, ties broken by `feature` (non-negative int32)."""
-    bits = value.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # flip the magnitude bits of negatives: signed order = float order
-    return (ordered.to(tl.int64) << 32) | feature.to(tl.int64)
-
-
-@triton.jit
-def _key_value(key):
-    ordered = (key >> 32).to(tl.int32)
-    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+DENSE_ELEMENTS = 2**25  # pre-activations the dense route holds at once (128 MB in fp32), whatever B and F
 
 
 @triton.jit
@@ -104,7 +91,7 @@ def _load_keys(val_ptr, idx_ptr, offsets, mask):
     """Keys of buffer slots; an empty slot (feature -1) gets EMPTY_KEY."""
     feature = tl.load(idx_ptr + offsets, mask=mask, other=-1)
     value = tl.load(val_ptr + offsets, mask=mask, other=0.0)
-    return tl.where(feature < 0, EMPTY_KEY, _to_key(value, feature))
+    return tl.where(feature < 0, EMPTY_KEY, to_key(value, feature))
 
 
 @triton.jit
@@ -125,10 +112,10 @@ def _compact(
         tl.debug_barrier()  # all reads of these rows are done before they are overwritten
         tl.store(idx_ptr + offsets, tl.full([SORT_ROWS, CAP], -1, tl.int32), mask=slots[None, :] >= KEEP)
         kept_offsets = buf_rows[:, None] * stride_buf + kept[None, :]
-        tl.store(val_ptr + kept_offsets, _key_value(top))
+        tl.store(val_ptr + kept_offsets, key_value(top))
         tl.store(idx_ptr + kept_offsets, tl.where(top == EMPTY_KEY, -1, (top & 0xFFFFFFFF).to(tl.int32)))
         kth = tl.min(top, axis=1)
-        tl.store(tau_ptr + buf_rows, tl.where(kth == EMPTY_KEY, float("-inf"), _key_value(kth)))
+        tl.store(tau_ptr + buf_rows, tl.where(kth == EMPTY_KEY, float("-inf"), key_value(kth)))
     tl.debug_barrier()
 
 
@@ -144,10 +131,10 @@ def _clear(idx_ptr, buf_row0, stride_buf, BLOCK_M: tl.constexpr, CAP: tl.constex
 @triton.jit
 def _encode_topk_fwd_kernel(
     x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, dead_ptr,
-    val_buf_ptr, idx_buf_ptr, tau_ptr, aux_val_buf_ptr, aux_idx_buf_ptr, aux_tau_ptr, positive_ptr,
+    val_buf_ptr, idx_buf_ptr, tau_ptr, aux_val_buf_ptr, aux_idx_buf_ptr, aux_tau_ptr, positive_ptr, flag_ptr,
     B, D, F, padded_rows, tiles_per_split,
     stride_xm, stride_xd, stride_wd, stride_wf, stride_buf, stride_aux_buf,
-    HAS_AUX: tl.constexpr, COUNT_POSITIVE: tl.constexpr,
+    HAS_AUX: tl.constexpr, COUNT_POSITIVE: tl.constexpr, ONLY_FLAGGED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     CAP: tl.constexpr, KEEP: tl.constexpr, SORT_ROWS: tl.constexpr,
     AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, AUX_SORT_ROWS: tl.constexpr,
@@ -155,6 +142,10 @@ def _encode_topk_fwd_kernel(
 ):  # fmt: skip
     row_block = tl.program_id(0)
     split = tl.program_id(1)
+    if ONLY_FLAGGED:  # the fallback of the filter route: only row blocks holding a flagged row work
+        block_rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        if tl.max(tl.load(flag_ptr + block_rows, mask=block_rows < B, other=0).to(tl.int32), axis=0) == 0:
+            return
     # This program's scratch rows: buffers are [n_split * padded_rows, CAP], so no row needs a mask.
     buf_row0 = split * padded_rows + row_block * BLOCK_M
     buf_rows = buf_row0 + tl.arange(0, BLOCK_M)
@@ -215,13 +206,16 @@ def _encode_topk_fwd_kernel(
 
 @triton.jit
 def _topk_finish_kernel(
-    val_buf_ptr, idx_buf_ptr, vals_ptr, idx_ptr, B, k, padded_rows, stride_buf, stride_vm, stride_im,
-    N_SPLIT: tl.constexpr, KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+    val_buf_ptr, idx_buf_ptr, vals_ptr, idx_ptr, flag_ptr, B, k, padded_rows, stride_buf, stride_vm, stride_im,
+    N_SPLIT: tl.constexpr, KEEP: tl.constexpr, BLOCK_M: tl.constexpr, ONLY_FLAGGED: tl.constexpr,
 ):  # fmt: skip
     """Merge the sorted KEEP entries of each feature split into the row's top k: post-ReLU values in
-    vals' dtype and int32 features (an empty slot, possible for AuxK, gives value 0 and feature 0)."""
+    vals' dtype and int32 features (an empty slot, possible for AuxK, gives value 0 and feature 0).
+    ONLY_FLAGGED: write the flagged rows only (the sweep skipped the others)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < B
+    if ONLY_FLAGGED:
+        row_valid = row_valid & (tl.load(flag_ptr + rows, mask=row_valid, other=0) != 0)
     j = tl.arange(0, N_SPLIT * KEEP)
     buf_rows = (j // KEEP)[None, :] * padded_rows + rows[:, None]  # [BLOCK_M, N_SPLIT * KEEP]
     offsets = buf_rows.to(tl.int64) * stride_buf + (j % KEEP)[None, :]
@@ -229,7 +223,7 @@ def _topk_finish_kernel(
     if N_SPLIT > 1:
         keys = tl.topk(keys, KEEP)  # [BLOCK_M, KEEP], descending
     empty = keys == EMPTY_KEY
-    values = tl.where(empty, 0.0, tl.maximum(_key_value(keys), 0.0))
+    values = tl.where(empty, 0.0, tl.maximum(key_value(keys), 0.0))
     features = tl.where(empty, 0, (keys & 0xFFFFFFFF).to(tl.int32))
     slots = tl.arange(0, KEEP)
     store_mask = row_valid[:, None] & (slots < k)[None, :]
@@ -279,21 +273,46 @@ def _n_split(n_row_blocks: int, n_features: int, block_n: int, n_sms: int, keep:
     return split
 
 
+def topk_routes(k: int, k_aux: int) -> list[tuple[str, dict]]:
+    """The ways to compute a TopK encode, as (route, configuration) candidates for the tuner:
+    "filter" (threshold-first, `filter.py`; flagged rows recomputed by the sweep), "sweep" (this file's
+    single-pass kernel) and "dense" (cuBLAS pre-activations of bounded row chunks + torch.topk: what a
+    user would write, so the tuner never picks a path slower than it). The first is the default."""
+    if max(k, k_aux) > MAX_KEEP:  # beyond the sweep's buffers (the filter's fallback)
+        return [("dense", {})]
+    routes = [("filter", cfg) for cfg in filter_configs(k, k_aux, INTERPRET)]
+    routes.append(("sweep", _sweep_config(k, k_aux)))  # compiled anyway as the filter's fallback
+    routes.append(("dense", {}))
+    return routes
+
+
+def _sweep_config(k: int, k_aux: int) -> dict:
+    """The sweep's tile shape, the first of its candidates (spill-free on sm_90 for k <= 64)."""
+    return _topk_candidates(max(MIN_KEEP, triton.next_power_of_2(k)), max(MIN_KEEP, triton.next_power_of_2(k_aux)))[0]
+
+
 def encode_topk(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, k_aux: int, dead_mask: Tensor | None
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    k_aux: int,
+    dead_mask: Tensor | None,
+    route: tuple[str, dict] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Fused TopK encode; same contract as `reference.encode_topk` (arguments checked by
-    `fastsae.functional.encode_topk`)."""
-    return _encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts=None)
+    """TopK encode; same contract as `reference.encode_topk` (arguments checked by
+    `fastsae.functional.encode_topk`). `route` (one of `topk_routes`) bypasses the tuner."""
+    return _encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, None, route)
 
 
 def encode_topk_positive_counts(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, route: tuple[str, dict] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """TopK encode and, in the same pass, per-feature counts of tokens with a positive
     pre-activation; same contract as `reference.encode_topk_positive_counts`."""
     positive_counts = x.new_empty(W_enc.shape[1], dtype=torch.int32)
-    vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, positive_counts)
+    vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, positive_counts, route)
     return vals, idx, positive_counts.long()
 
 
@@ -306,12 +325,12 @@ def _encode_topk(
     k_aux: int,
     dead_mask: Tensor | None,
     positive_counts: Tensor | None,
+    route: tuple[str, dict] | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The TopK launcher. `positive_counts` (int32 [F], or None) receives the per-feature counts of
-    tokens whose pre-activation is > 0."""
-    keep = max(MIN_KEEP, triton.next_power_of_2(k))
-    aux_keep = max(MIN_KEEP, triton.next_power_of_2(k_aux))
-    if keep > MAX_KEEP or aux_keep > MAX_KEEP or W_enc.dtype == torch.float64:
+    """The TopK launcher: runs `route`, or the tuner's fastest of `topk_routes` for this shape.
+    `positive_counts` (int32 [F], or None) receives the per-feature counts of tokens whose
+    pre-activation is > 0."""
+    if W_enc.dtype == torch.float64:
         if positive_counts is not None:
             vals, idx, counts = reference.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
             positive_counts.copy_(counts)
@@ -320,45 +339,95 @@ def _encode_topk(
     B, D = x.shape
     F = W_enc.shape[1]
     has_aux = k_aux > 0
-    b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()  # the kernel reads vectors with unit stride
-    vals = x.new_empty(B, k, dtype=W_enc.dtype)
-    idx = x.new_empty(B, k, dtype=torch.int32)
-    aux_vals = x.new_empty(B, k_aux, dtype=W_enc.dtype)
-    aux_idx = x.new_empty(B, k_aux, dtype=torch.int32)
-    dead = dead_mask.contiguous().view(torch.uint8) if has_aux else idx  # any pointer when AuxK is off
-    n_sms = sm_count(x.device)
+    outputs = (
+        x.new_empty(B, k, dtype=W_enc.dtype),
+        x.new_empty(B, k, dtype=torch.int32),
+        x.new_empty(B, k_aux, dtype=W_enc.dtype),
+        x.new_empty(B, k_aux, dtype=torch.int32),
+    )
+    dead = dead_mask if has_aux else None
 
-    def run(cfg: dict) -> None:
-        block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        n_row_blocks = triton.cdiv(B, block_m)
-        padded_rows = n_row_blocks * block_m
-        n_split = _n_split(n_row_blocks, F, block_n, n_sms, max(keep, aux_keep if has_aux else 1))
-        tiles_per_split = triton.cdiv(triton.cdiv(F, n_split), block_n)
-        buf_rows = n_split * padded_rows
-        val_buf, idx_buf = _scratch(x, buf_rows, cfg["CAP"])
-        tau = x.new_empty(buf_rows, dtype=torch.float32)
-        aux_cap = cfg["AUX_CAP"] if has_aux else 1
-        aux_val_buf, aux_idx_buf = _scratch(x, buf_rows if has_aux else 1, aux_cap)
-        aux_tau = x.new_empty(aux_val_buf.shape[0], dtype=torch.float32)
+    def run(candidate: tuple[str, dict]) -> None:
+        name, cfg = candidate
         if positive_counts is not None:
             positive_counts.zero_()  # the tuner runs candidates one after another into the same counts
-        _encode_topk_fwd_kernel[(n_row_blocks, n_split)](
-            x, W_enc, b_enc, b_dec, dead, val_buf, idx_buf, tau, aux_val_buf, aux_idx_buf, aux_tau,
-            positive_counts if positive_counts is not None else idx,  # any pointer when not counting
-            B, D, F, padded_rows, tiles_per_split,
-            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), val_buf.stride(0), aux_val_buf.stride(0),
-            HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None, KEEP=keep, AUX_KEEP=aux_keep if has_aux else 1,
-            DOT_DTYPE=dot_dtype(W_enc.dtype), INPUT_PRECISION=input_precision(W_enc.dtype),
-            **{**cfg, "AUX_CAP": aux_cap},
-        )  # fmt: skip
-        _finish(val_buf, idx_buf, vals, idx, padded_rows, n_split, keep)
-        if has_aux:
-            _finish(aux_val_buf, aux_idx_buf, aux_vals, aux_idx, padded_rows, n_split, aux_keep)
+        if name == "dense":
+            _dense_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, positive_counts, outputs)
+        elif name == "sweep":
+            _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, positive_counts, outputs, cfg, flags=None)
+        else:
+            flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, positive_counts, outputs, cfg)
+            _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, _sweep_config(k, k_aux), flags=flags)
 
-    key = ("encode_topk", D, F, bucket(B), keep, aux_keep if has_aux else 0, x.dtype, W_enc.dtype,
-           positive_counts is not None)  # fmt: skip
-    run(tuned(key, _topk_candidates(keep, aux_keep), run))
-    return vals, idx, aux_vals, aux_idx
+    if route is None:
+        key = ("encode_topk", D, F, bucket(B), k, k_aux, x.dtype, W_enc.dtype, positive_counts is not None)
+        route = tuned(key, topk_routes(k, k_aux), run)
+    run(route)
+    return outputs
+
+
+def _dense_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, outputs) -> None:
+    """The dense route: per chunk of at most DENSE_ELEMENTS pre-activations, the fp32-centred input
+    times W_enc on cuBLAS (fp32 out), torch.topk; AuxK over the dead-masked copy."""
+    vals, idx, aux_vals, aux_idx = outputs
+    B, F = x.shape[0], W_enc.shape[1]
+    matmul_dtype = torch.float32 if INTERPRET else W_enc.dtype  # the interpreter's rule, for the same numerics
+    rows_per_chunk = max(1, DENSE_ELEMENTS // F)
+    for start in range(0, B, rows_per_chunk):
+        rows = slice(start, min(B, start + rows_per_chunk))
+        xc = reference.center(x[rows], b_dec).to(matmul_dtype)
+        pre = torch.mm(xc, W_enc.to(matmul_dtype), out_dtype=torch.float32) if matmul_dtype != torch.float32 else (
+            xc @ W_enc.float()
+        )
+        pre += b_enc.float()
+        pre.nan_to_num_(nan=float("-inf"))  # a NaN is never selected, as on the kernel routes
+        top = pre.topk(k, dim=1)
+        vals[rows] = top.values.clamp_min_(0)
+        idx[rows] = top.indices
+        if positive_counts is not None:
+            positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
+        if aux_vals.shape[1]:
+            aux = pre.masked_fill_(~dead_mask, float("-inf")).topk(aux_vals.shape[1], dim=1)
+            aux_vals[rows] = aux.values.clamp_min_(0)
+            aux_idx[rows] = aux.indices
+
+
+def _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, outputs, cfg, flags) -> None:
+    """The sweep route (`_encode_topk_fwd_kernel`), for every row or, given int8 `flags` [B], only for
+    the rows flagged non-zero (the filter route's fallback: unflagged row blocks return at once)."""
+    vals, idx, aux_vals, aux_idx = outputs
+    keep = max(MIN_KEEP, triton.next_power_of_2(k))
+    aux_keep = max(MIN_KEEP, triton.next_power_of_2(k_aux))
+    B, D = x.shape
+    F = W_enc.shape[1]
+    has_aux = k_aux > 0
+    b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()  # the kernel reads vectors with unit stride
+    dead = dead_mask.contiguous().view(torch.uint8) if has_aux else idx  # any pointer when AuxK is off
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    n_row_blocks = triton.cdiv(B, block_m)
+    padded_rows = n_row_blocks * block_m
+    n_split = _n_split(n_row_blocks, F, block_n, sm_count(x.device), max(keep, aux_keep if has_aux else 1))
+    tiles_per_split = triton.cdiv(triton.cdiv(F, n_split), block_n)
+    buf_rows = n_split * padded_rows
+    val_buf, idx_buf = _scratch(x, buf_rows, cfg["CAP"])
+    tau = x.new_empty(buf_rows, dtype=torch.float32)
+    aux_cap = cfg["AUX_CAP"] if has_aux else 1
+    aux_val_buf, aux_idx_buf = _scratch(x, buf_rows if has_aux else 1, aux_cap)
+    aux_tau = x.new_empty(aux_val_buf.shape[0], dtype=torch.float32)
+    _encode_topk_fwd_kernel[(n_row_blocks, n_split)](
+        x, W_enc, b_enc, b_dec, dead, val_buf, idx_buf, tau, aux_val_buf, aux_idx_buf, aux_tau,
+        positive_counts if positive_counts is not None else idx,  # any pointer when not counting
+        flags if flags is not None else idx,  # any pointer when every row is computed
+        B, D, F, padded_rows, tiles_per_split,
+        x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), val_buf.stride(0), aux_val_buf.stride(0),
+        HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None, ONLY_FLAGGED=flags is not None,
+        KEEP=keep, AUX_KEEP=aux_keep if has_aux else 1,
+        DOT_DTYPE=dot_dtype(W_enc.dtype), INPUT_PRECISION=input_precision(W_enc.dtype),
+        **{**cfg, "AUX_CAP": aux_cap},
+    )  # fmt: skip
+    _finish(val_buf, idx_buf, vals, idx, padded_rows, n_split, keep, flags)
+    if has_aux:
+        _finish(aux_val_buf, aux_idx_buf, aux_vals, aux_idx, padded_rows, n_split, aux_keep, flags)
 
 
 def _scratch(x: Tensor, rows: int, cap: int) -> tuple[Tensor, Tensor]:
@@ -367,13 +436,21 @@ def _scratch(x: Tensor, rows: int, cap: int) -> tuple[Tensor, Tensor]:
 
 
 def _finish(
-    val_buf: Tensor, idx_buf: Tensor, vals: Tensor, idx: Tensor, padded_rows: int, n_split: int, keep: int
+    val_buf: Tensor,
+    idx_buf: Tensor,
+    vals: Tensor,
+    idx: Tensor,
+    padded_rows: int,
+    n_split: int,
+    keep: int,
+    flags: Tensor | None,
 ) -> None:
     B, k = vals.shape
     block_m = max(1, min(64, SORT_ELEMENTS // (n_split * keep)))
     _topk_finish_kernel[(triton.cdiv(B, block_m),)](
-        val_buf, idx_buf, vals, idx, B, k, padded_rows, val_buf.stride(0), vals.stride(0), idx.stride(0),
-        N_SPLIT=n_split, KEEP=keep, BLOCK_M=block_m,
+        val_buf, idx_buf, vals, idx, flags if flags is not None else idx,
+        B, k, padded_rows, val_buf.stride(0), vals.stride(0), idx.stride(0),
+        N_SPLIT=n_split, KEEP=keep, BLOCK_M=block_m, ONLY_FLAGGED=flags is not None,
     )  # fmt: skip
 
 

@@ -1,0 +1,382 @@
+"""Threshold-first TopK encode: filter the pre-activation inside the GEMM against a per-row lower bound
+on its k-th largest value, then select exactly among the few survivors.
+
+    pre = (x - b_dec) @ W_enc + b_enc          x [B, d], W_enc [d, F], b_enc [F], b_dec [d]
+    vals, idx = the k largest of pre per row, values post-ReLU       (`reference.encode_topk`)
+
+Four launches; none writes a [B, F] matrix:
+1. centre: xc = cast(fp32(x) - fp32(b_dec)) [B, d], once. The subtraction in fp32 before the cast is
+   the outlier-aware step; every later GEMM reads xc, so it costs B * d, not B * d per feature tile.
+2. threshold: the pre-activation of S features (cuBLAS, in row chunks of bounded size) max-pooled over
+   groups of G adjacent features; tau_r is the k-th largest group maximum minus a rounding margin.
+   Those k maxima are k distinct features at or above tau_r, so tau_r is a lower bound on the row's
+   k-th largest pre-activation, not an estimate: about k * F / S features per row pass it.
+3. filter: a tiled GEMM of xc and W_enc whose epilogue adds b_enc and appends every entry > tau_r
+   (value, feature) to its row's buffer of CAP slots, each slot taken by an atomic on the row's
+   counter. No sort and no running threshold in the GEMM: a compare and a rare store per entry.
+4. select: per row, the k-th largest (value, feature) key among the survivors by bisection over the
+   int64 keys (unique, so it stops with exactly k keys at or above it after about log2(survivors)
+   rounds), and the k winners sorted by value, as torch.topk returns them.
+Exactness: when at least k entries of a row pass tau_r, its k largest all pass (whatever tau_r is),
+so the selection is exact. A row whose buffer overflowed or that kept fewer than k (a NaN row, or
+rounding beyond the margin) is flagged on the device, and the caller recomputes the flagged rows
+(`encode.py`'s sweep kernel skips every row block without a flag): no host synchronisation.
+AuxK runs the same way with its own threshold over dead features (the first S_aux of them), and the
+per-feature counts of positive pre-activations ride in the filter epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .launch import dot_dtype, input_precision
+
+EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty slot: below every (value, feature) key
+FULL_KEY = tl.constexpr(2**63 - 1)  # above every key
+THRESHOLD_ELEMENTS = 2**25  # pre-activations of the threshold pass held at once (64 MB in bf16)
+MAX_GROUPS = 2048  # group maxima per row that the threshold kernel selects from in registers
+SELECT_ELEMENTS = 4096  # buffer slots (rows x CAP) one select program holds in registers
+# Relative margin below the k-th group maximum: covers the threshold GEMM's rounding to the weights'
+# dtype (2^-9 for bf16) and its different summation order, so that count < k stays an exception.
+MARGIN = tl.constexpr(2.0**-7)
+
+
+@triton.jit
+def to_key(value, feature):
+    """int64 key ordering like the fp32 `value`, ties broken by `feature` (non-negative int32)."""
+    bits = value.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # flip the magnitude bits of negatives: signed order = float order
+    return (ordered.to(tl.int64) << 32) | feature.to(tl.int64)
+
+
+@triton.jit
+def key_value(key):
+    ordered = (key >> 32).to(tl.int32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _kth_largest_key(keys, k):
+    """Per row of `keys` [BLOCK_M, N] (unique, EMPTY_KEY where absent): the k-th largest key, or
+    EMPTY_KEY for a row with fewer than k. Bisection keeps count(keys >= lo) >= k > count(keys >= hi)
+    and stops once the first count is exactly k, which unique keys reach by hi == lo + 1 at the latest."""
+    present = keys != EMPTY_KEY
+    n = tl.sum(present.to(tl.int32), axis=1)
+    lo = tl.min(tl.where(present, keys, FULL_KEY), axis=1)
+    hi = tl.max(keys, axis=1) + 1
+    count = n
+    done = count <= k  # n == k: the smallest is the k-th; n < k: there is none
+    while tl.sum((~done).to(tl.int32), axis=0) > 0:
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int64 overflow
+        above = tl.sum((keys >= mid[:, None]).to(tl.int32), axis=1)
+        raise_lo = ~done & (above >= k)
+        lower_hi = ~done & (above < k)
+        lo = tl.where(raise_lo, mid, lo)
+        count = tl.where(raise_lo, above, count)
+        hi = tl.where(lower_hi, mid, hi)
+        done = done | (count == k)
+    return tl.where(n >= k, lo, EMPTY_KEY)
+
+
+@triton.jit
+def _center_kernel(
+    x_ptr, b_dec_ptr, out_ptr, B, D, stride_xm, stride_xd, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows < B)[:, None] & (dims < D)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * stride_xm + dims[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    center = tl.load(b_dec_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows64 * D + dims[None, :], (x - center[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _threshold_kernel(
+    group_max_ptr, tau_ptr, B, M, k, stride_gm, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr
+):  # fmt: skip
+    """tau[r] = (k-th largest of the row's M group maxima) - margin; -inf when fewer than k."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    groups = tl.arange(0, BLOCK_G)
+    valid = (rows < B)[:, None] & (groups < M)[None, :]
+    maxima = tl.load(
+        group_max_ptr + rows.to(tl.int64)[:, None] * stride_gm + groups[None, :], mask=valid, other=0.0
+    ).to(tl.float32)  # [BLOCK_M, BLOCK_G]
+    kth = _kth_largest_key(tl.where(valid, to_key(maxima, groups[None, :]), EMPTY_KEY), k)
+    value = key_value(kth)
+    top = tl.max(tl.where(valid, maxima, float("-inf")), axis=1)
+    margin = MARGIN * tl.maximum(tl.abs(value), tl.abs(top))  # -inf or +inf in the row: tau = -inf
+    tau = tl.where(kth == EMPTY_KEY, float("-inf"), value - margin)
+    tl.store(tau_ptr + rows, tau, mask=rows < B)
+
+
+@triton.jit
+def _append_survivors(val_buf_ptr, idx_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap):
+    """Append the `take` entries of `pre` [BLOCK_M, BLOCK_N] to their rows' buffers: each takes the
+    slot its row counter had (one relaxed atomic per survivor); slots past `cap` are not stored (the
+    counter still counts them, which flags the row)."""
+    slot = tl.atomic_add(count_ptr + tl.broadcast_to(rows[:, None], pre.shape), 1, mask=take, sem="relaxed")
+    fits = take & (slot < cap)
+    # One 64-bit base for the tile's rows and 32-bit offsets inside them (BLOCK_M * cap < 2^31): a
+    # [BLOCK_M, BLOCK_N] tile of 64-bit addresses costs registers the accumulator needs.
+    base = row_start.to(tl.int64) * cap
+    offsets = (rows - row_start)[:, None] * cap + slot
+    tl.store(val_buf_ptr + base + offsets, pre, mask=fits)
+    tl.store(idx_buf_ptr + base + offsets, tl.broadcast_to(cols[None, :], pre.shape), mask=fits)
+
+
+@triton.jit
+def _filter_fwd_kernel(
+    xc_ptr, w_ptr, b_enc_ptr, tau_ptr, count_ptr, val_buf_ptr, idx_buf_ptr,
+    dead_ptr, aux_tau_ptr, aux_count_ptr, aux_val_buf_ptr, aux_idx_buf_ptr, positive_ptr,
+    B, D, F, cap, aux_cap, stride_wd, stride_wf,
+    HAS_AUX: tl.constexpr, COUNT_POSITIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # Grouped launch order: GROUP_M row blocks share each W_enc column block while it is in L2.
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(B, BLOCK_M)
+    n_col_blocks = tl.cdiv(F, BLOCK_N)
+    group = pid // (GROUP_M * n_col_blocks)
+    first_row_block = group * GROUP_M
+    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
+    row_block = first_row_block + (pid % (GROUP_M * n_col_blocks)) % group_rows
+    col_block = (pid % (GROUP_M * n_col_blocks)) // group_rows
+
+    row_start = row_block * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid, col_valid = rows < B, cols < F
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = (xc_ptr + row_start.to(tl.int64) * D) + (tl.arange(0, BLOCK_M)[:, None] * D + ks[None, :])
+    w_ptrs = (w_ptr + (col_block * BLOCK_N).to(tl.int64) * stride_wf) + (
+        ks[:, None] * stride_wd + tl.arange(0, BLOCK_N)[None, :] * stride_wf
+    )
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        k_valid = (d0 + ks) < D
+        xc = tl.load(x_ptrs, mask=row_valid[:, None] & k_valid[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_valid[:, None] & col_valid[None, :], other=0.0).to(xc.dtype)
+        acc = tl.dot(xc, w, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wd
+    pre = acc + tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]  # [BLOCK_M, BLOCK_N]
+
+    in_range = row_valid[:, None] & col_valid[None, :]
+    if COUNT_POSITIVE:  # tokens whose pre-activation is > 0, per feature (death classification)
+        positive = tl.sum(((pre > 0) & in_range).to(tl.int32), axis=0)
+        tl.atomic_add(positive_ptr + cols, positive, mask=col_valid & (positive > 0), sem="relaxed")
+    tau = tl.load(tau_ptr + rows, mask=row_valid, other=float("inf"))
+    take = in_range & (pre > tau[:, None])
+    _append_survivors(val_buf_ptr, idx_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap)
+    if HAS_AUX:
+        dead = tl.load(dead_ptr + cols, mask=col_valid, other=0) != 0
+        aux_tau = tl.load(aux_tau_ptr + rows, mask=row_valid, other=float("inf"))
+        aux_take = in_range & dead[None, :] & (pre > aux_tau[:, None])
+        _append_survivors(aux_val_buf_ptr, aux_idx_buf_ptr, aux_count_ptr, row_start, rows, cols, pre, aux_take, aux_cap)
+
+
+@triton.jit
+def _select_kernel(
+    val_buf_ptr, idx_buf_ptr, count_ptr, tau_ptr, winners_ptr, vals_ptr, idx_ptr, flag_ptr,
+    B, k, cap, stride_vm, stride_im,
+    FEWER_IF_UNBOUNDED: tl.constexpr, OR_FLAGS: tl.constexpr,
+    CAP_BLOCK: tl.constexpr, KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """The k largest of each row's survivors, sorted descending: post-ReLU values in vals' dtype and
+    int32 features. Rows that overflowed or kept fewer than k are flagged and left unwritten.
+    FEWER_IF_UNBOUNDED (AuxK): a row whose threshold was -inf kept every candidate, so fewer than k is
+    its answer (the rest are empty codes, value 0 and feature 0). OR_FLAGS: add to the flags."""
+    row_start = tl.program_id(0) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < B
+    n = tl.load(count_ptr + rows, mask=row_valid, other=0)
+    if FEWER_IF_UNBOUNDED:
+        bounded = tl.load(tau_ptr + rows, mask=row_valid, other=0.0) > float("-inf")
+        failed = (n > cap) | ((n < k) & bounded)
+    else:
+        failed = (n > cap) | (n < k)
+    failed = failed & row_valid
+    slots = tl.arange(0, CAP_BLOCK)
+    present = (row_valid & ~failed)[:, None] & (slots[None, :] < n[:, None])
+    base = row_start.to(tl.int64) * cap
+    offsets = tl.arange(0, BLOCK_M)[:, None] * cap + slots[None, :]
+    feature = tl.load(idx_buf_ptr + base + offsets, mask=present, other=0)
+    value = tl.load(val_buf_ptr + base + offsets, mask=present, other=0.0)
+    keys = tl.where(present, to_key(value, feature), EMPTY_KEY)  # [BLOCK_M, CAP_BLOCK]
+
+    kth = _kth_largest_key(keys, k)  # EMPTY_KEY where fewer than k: then every present key wins
+    win = present & (keys >= kth[:, None])
+    position = tl.cumsum(win.to(tl.int32), axis=1) - 1
+    winners_base = row_start.to(tl.int64) * KEEP
+    tl.store(winners_ptr + winners_base + tl.arange(0, BLOCK_M)[:, None] * KEEP + position, keys, mask=win)
+    tl.debug_barrier()  # the winners are visible to every thread before they are read back to sort
+    kept = tl.arange(0, KEEP)
+    n_won = tl.minimum(n, k)
+    won = (row_valid & ~failed)[:, None] & (kept[None, :] < n_won[:, None])
+    top = tl.load(winners_ptr + winners_base + tl.arange(0, BLOCK_M)[:, None] * KEEP + kept[None, :], mask=won, other=EMPTY_KEY)
+    top = tl.sort(top, dim=1, descending=True)  # [BLOCK_M, KEEP]
+    empty = top == EMPTY_KEY
+    out_values = tl.where(empty, 0.0, tl.maximum(key_value(top), 0.0))
+    out_features = tl.where(empty, 0, (top & 0xFFFFFFFF).to(tl.int32))
+    store = (row_valid & ~failed)[:, None] & (kept[None, :] < k)
+    rows64 = rows.to(tl.int64)[:, None]
+    tl.store(vals_ptr + rows64 * stride_vm + kept[None, :], out_values.to(vals_ptr.dtype.element_ty), mask=store)
+    tl.store(idx_ptr + rows64 * stride_im + kept[None, :], out_features, mask=store)
+    if OR_FLAGS:
+        failed = failed | (tl.load(flag_ptr + rows, mask=row_valid, other=0) != 0)
+    tl.store(flag_ptr + rows, failed.to(tl.int8), mask=row_valid)
+
+
+def center(x: Tensor, b_dec: Tensor, dtype: torch.dtype) -> Tensor:
+    """cast(fp32(x) - fp32(b_dec)) as a contiguous [B, d] tensor of `dtype`, in one pass."""
+    B, D = x.shape
+    out = x.new_empty(B, D, dtype=dtype)
+    block_d = min(256, triton.next_power_of_2(D))
+    _center_kernel[(triton.cdiv(B, 16), triton.cdiv(D, block_d))](
+        x, b_dec.contiguous(), out, B, D, x.stride(0), x.stride(1), BLOCK_M=16, BLOCK_D=block_d
+    )
+    return out
+
+
+def subset_plan(k: int, n_features: int, cap: int) -> tuple[int, int]:
+    """(S, G): the threshold pass reads the pre-activation of S features, max-pooled in groups of G.
+    Expected survivors per row are about k * F / S; S is sized so that they fill half of `cap`. G is as
+    large as 8 while at least 4 * k groups remain (then the k largest groups rarely share a group with
+    a k-th-largest candidate, and the bound stays close to the subset's own k-th largest value) and at
+    most MAX_GROUPS groups are left for the select."""
+    size = min(n_features, max(triton.cdiv(2 * k * n_features, cap), k))
+    group = 1
+    while group < 8 and size // (2 * group) >= 4 * k:
+        group *= 2
+    while size // group > MAX_GROUPS:
+        group *= 2
+    size = max(k * group, size // group * group)  # whole groups, and at least k of them
+    if size > n_features:  # k groups of G do not fit: single features (k <= F always fits)
+        return min(n_features, max(k, size // group)), 1
+    return size, group
+
+
+def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, columns: Tensor | None = None,
+               valid: Tensor | None = None) -> Tensor:  # fmt: skip
+    """tau [B] fp32 for rows of centred inputs `xc`: a lower bound on each row's k-th largest
+    pre-activation over the features in `columns` that are `valid` (all features when None)."""
+    B = xc.shape[0]
+    n_features = W_enc.shape[1] if columns is None else columns.numel()
+    size, group = subset_plan(k, n_features, cap)
+    if columns is None:
+        weights, bias = W_enc[:, :size], b_enc[:size]
+    else:
+        weights, bias = W_enc.index_select(1, columns[:size]), b_enc.index_select(0, columns[:size])
+    weights, bias = weights.to(xc.dtype), bias.to(xc.dtype)
+    n_groups = size // group
+    tau = xc.new_empty(B, dtype=torch.float32)
+    block_g = triton.next_power_of_2(n_groups)
+    block_m = max(1, min(16, SELECT_ELEMENTS // block_g))
+    chunk = max(block_m, THRESHOLD_ELEMENTS // size // block_m * block_m)
+    for start in range(0, B, chunk):
+        rows = slice(start, min(B, start + chunk))
+        pre = torch.addmm(bias, xc[rows], weights)  # [rows, S] in the matmul dtype
+        if valid is not None:
+            pre.masked_fill_(~valid[: size][None, :], float("-inf"))
+        group_max = pre.view(pre.shape[0], n_groups, group).amax(dim=2) if group > 1 else pre
+        _threshold_kernel[(triton.cdiv(group_max.shape[0], block_m),)](
+            group_max, tau[rows], group_max.shape[0], n_groups, k, group_max.stride(0),
+            BLOCK_M=block_m, BLOCK_G=block_g,
+        )  # fmt: skip
+    return tau
+
+
+def filter_configs(k: int, k_aux: int, interpret: bool) -> list[dict]:
+    """Tile shapes of the filter GEMM (the ReLU encode's, whose mainloop runs near cuBLAS) and buffer
+    capacities. A larger buffer lets the threshold pass read fewer features but costs the select more."""
+    if interpret:  # numpy runs the kernels element by element: small tiles
+        tiles = [(16, 32, 32, 1, 4, 1)]
+    else:
+        tiles = [(128, 128, 64, 8, 8, 4), (64, 256, 64, 8, 8, 4), (128, 128, 64, 8, 8, 3)]  # spill-free on sm_90
+    caps = [max(256, triton.next_power_of_2(8 * k)), max(512, triton.next_power_of_2(16 * k))]
+    aux_cap = max(256, triton.next_power_of_2(8 * k_aux)) if k_aux else 1
+    return [
+        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, CAP=cap, AUX_CAP=aux_cap)
+        for cap in caps
+        for m, n, bk, g, w, s in tiles
+    ]
+
+
+def filter_topk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    k_aux: int,
+    dead_mask: Tensor | None,
+    positive_counts: Tensor | None,
+    outputs: tuple[Tensor, Tensor, Tensor, Tensor],
+    cfg: dict,
+    margin_shift: float = 0.0,
+) -> Tensor:
+    """Writes `outputs` = (vals, idx, aux_vals, aux_idx) as `reference.encode_topk` does, except rows
+    flagged in the returned int8 flags [B], left unwritten for the caller to recompute. `positive_counts` (int32 [F], zeroed, or None) gets the
+    per-feature counts of positive pre-activations. `margin_shift` (tests only) raises every threshold
+    by that much, so that rows keep fewer than k survivors."""
+    B, _ = x.shape
+    F = W_enc.shape[1]
+    has_aux = k_aux > 0
+    cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
+    xc = center(x, b_dec, _TORCH_DOT_DTYPES[dot_dtype(W_enc.dtype)])
+    tau = thresholds(xc, W_enc, b_enc, k, cap)
+    if margin_shift:
+        tau += margin_shift
+    count = x.new_zeros(B, dtype=torch.int32)
+    val_buf = x.new_empty(B, cap, dtype=torch.float32)
+    idx_buf = x.new_empty(B, cap, dtype=torch.int32)
+    if has_aux:
+        # The dead features first (a stable sort keeps feature order), so the AuxK threshold pass reads
+        # dead features only whenever there are enough of them; no host synchronisation.
+        dead_first = torch.sort(dead_mask.to(torch.uint8), descending=True, stable=True).indices
+        aux_tau = thresholds(xc, W_enc, b_enc, k_aux, aux_cap, columns=dead_first, valid=dead_mask[dead_first])
+        aux_count = x.new_zeros(B, dtype=torch.int32)
+        aux_val_buf = x.new_empty(B, aux_cap, dtype=torch.float32)
+        aux_idx_buf = x.new_empty(B, aux_cap, dtype=torch.int32)
+        dead = dead_mask.contiguous().view(torch.uint8)
+    else:
+        aux_tau = aux_count = aux_val_buf = aux_idx_buf = dead = count  # any pointer when AuxK is off
+    tiles = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
+    grid = (triton.cdiv(B, cfg["BLOCK_M"]) * triton.cdiv(F, cfg["BLOCK_N"]),)
+    _filter_fwd_kernel[grid](
+        xc, W_enc, b_enc.contiguous(), tau, count, val_buf, idx_buf,
+        dead, aux_tau, aux_count, aux_val_buf, aux_idx_buf,
+        positive_counts if positive_counts is not None else count,  # any pointer when not counting
+        B, xc.shape[1], F, cap, aux_cap, W_enc.stride(0), W_enc.stride(1),
+        HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None,
+        INPUT_PRECISION=input_precision(W_enc.dtype), **tiles,
+    )  # fmt: skip
+    vals, idx, aux_vals, aux_idx = outputs
+    flags = x.new_empty(B, dtype=torch.int8)
+    _select(val_buf, idx_buf, count, tau, vals, idx, flags, fewer_if_unbounded=False, or_flags=False)
+    if has_aux:
+        _select(aux_val_buf, aux_idx_buf, aux_count, aux_tau, aux_vals, aux_idx, flags, fewer_if_unbounded=True,
+                or_flags=True)  # fmt: skip
+    return flags
+
+
+def _select(val_buf, idx_buf, count, tau, vals, idx, flags, fewer_if_unbounded: bool, or_flags: bool) -> None:
+    B, k = vals.shape
+    cap = val_buf.shape[1]
+    keep = triton.next_power_of_2(k)
+    block_m = max(1, min(16, SELECT_ELEMENTS // cap))
+    winners = val_buf.new_empty(B, keep, dtype=torch.int64)
+    _select_kernel[(triton.cdiv(B, block_m),)](
+        val_buf, idx_buf, count, tau, winners, vals, idx, flags,
+        B, k, cap, vals.stride(0), idx.stride(0),
+        FEWER_IF_UNBOUNDED=fewer_if_unbounded, OR_FLAGS=or_flags, CAP_BLOCK=cap, KEEP=keep, BLOCK_M=block_m,
+        num_warps=4 if cap <= 1024 else 8,
+    )  # fmt: skip
+
+
+_TORCH_DOT_DTYPES = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}
