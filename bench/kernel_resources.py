@@ -90,11 +90,10 @@ def main() -> None:
             usage = resources(filter._filter_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
             print(f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}: {usage}")
     for cap in (256, 1024, 4096):
-        block_m = max(1, min(16, filter.SELECT_ELEMENTS // cap))
-        constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP_BLOCK": cap, "KEEP": keep, "BLOCK_M": block_m}
-        usage = resources(filter._select_kernel, constexprs, 4 if cap <= 1024 else 8)
+        constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP_BLOCK": cap, "KEEP": keep, "BLOCK_M": 1}
+        usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))
         print(f"filter_select cap={cap}: {usage}")
-    usage = resources(filter._threshold_kernel, {"BLOCK_M": 16, "BLOCK_G": 256}, num_warps=4)
+    usage = resources(filter._threshold_kernel, {"BLOCK_M": 1, "BLOCK_G": 1024}, num_warps=1)
     print(f"filter_threshold: {usage}")
     usage = resources(filter._center_kernel, {"BLOCK_M": 16, "BLOCK_D": 256, "stride_xd": 1}, num_warps=4)
     print(f"filter_center: {usage}")

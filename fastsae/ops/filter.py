@@ -35,10 +35,9 @@ from torch import Tensor
 from .launch import dot_dtype, input_precision
 
 EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty slot: below every (value, feature) key
-FULL_KEY = tl.constexpr(2**63 - 1)  # above every key
 THRESHOLD_ELEMENTS = 2**25  # pre-activations of the threshold pass held at once (64 MB in bf16)
+FILTER_SLOTS = 2**26  # candidate-buffer slots held at once (512 MB): larger batches run in row chunks
 MAX_GROUPS = 2048  # group maxima per row that the threshold kernel selects from in registers
-SELECT_ELEMENTS = 4096  # buffer slots (rows x CAP) one select program holds in registers
 # Relative margin below the k-th group maximum: covers the threshold GEMM's rounding to the weights'
 # dtype (2^-9 for bf16) and its different summation order, so that count < k stays an exception.
 MARGIN = tl.constexpr(2.0**-7)
@@ -59,26 +58,31 @@ def key_value(key):
 
 
 @triton.jit
-def _kth_largest_key(keys, k):
-    """Per row of `keys` [BLOCK_M, N] (unique, EMPTY_KEY where absent): the k-th largest key, or
-    EMPTY_KEY for a row with fewer than k. Bisection keeps count(keys >= lo) >= k > count(keys >= hi)
-    and stops once the first count is exactly k, which unique keys reach by hi == lo + 1 at the latest."""
-    present = keys != EMPTY_KEY
-    n = tl.sum(present.to(tl.int32), axis=1)
-    lo = tl.min(tl.where(present, keys, FULL_KEY), axis=1)
-    hi = tl.max(keys, axis=1) + 1
-    count = n
-    done = count <= k  # n == k: the smallest is the k-th; n < k: there is none
+def _ordered(value):
+    """int32 whose signed order is the fp32 `value`'s order (NaN above +inf)."""
+    bits = value.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # flip the magnitude bits of negatives
+
+
+@triton.jit
+def _kth_largest(keys, present, k):
+    """Per row of int32 `keys` [BLOCK_M, N] where `present`: the largest t with at least k present keys
+    >= t, i.e. the k-th largest key (the row's smallest when it has k or fewer). Bisection keeps
+    count(keys >= lo) >= k > count(keys >= hi) and stops as soon as the first count is exactly k: about
+    log2(n) rounds, each a compare and a row sum (rows stay within one warp: no barrier)."""
+    lo = tl.min(tl.where(present, keys, 2**31 - 1), axis=1).to(tl.int64)
+    hi = tl.max(tl.where(present, keys, -(2**31)), axis=1).to(tl.int64) + 1
+    count = tl.sum(present.to(tl.int32), axis=1)
+    done = count <= k
     while tl.sum((~done).to(tl.int32), axis=0) > 0:
-        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without int64 overflow
-        above = tl.sum((keys >= mid[:, None]).to(tl.int32), axis=1)
+        mid = (lo + hi) >> 1
+        above = tl.sum((present & (keys >= mid.to(tl.int32)[:, None])).to(tl.int32), axis=1)
         raise_lo = ~done & (above >= k)
-        lower_hi = ~done & (above < k)
         lo = tl.where(raise_lo, mid, lo)
         count = tl.where(raise_lo, above, count)
-        hi = tl.where(lower_hi, mid, hi)
-        done = done | (count == k)
-    return tl.where(n >= k, lo, EMPTY_KEY)
+        hi = tl.where(~done & (above < k), mid, hi)
+        done = done | (count == k) | (hi - lo <= 1)
+    return lo.to(tl.int32)
 
 
 @triton.jit
@@ -105,11 +109,13 @@ def _threshold_kernel(
     maxima = tl.load(
         group_max_ptr + rows.to(tl.int64)[:, None] * stride_gm + groups[None, :], mask=valid, other=0.0
     ).to(tl.float32)  # [BLOCK_M, BLOCK_G]
-    kth = _kth_largest_key(tl.where(valid, to_key(maxima, groups[None, :]), EMPTY_KEY), k)
-    value = key_value(kth)
+    # Ties do not matter here: any value with at least k maxima at or above it is a lower bound.
+    kth = _kth_largest(_ordered(maxima), valid, k)
+    value = tl.where(kth < 0, kth ^ 0x7FFFFFFF, kth).to(tl.float32, bitcast=True)  # back from _ordered
     top = tl.max(tl.where(valid, maxima, float("-inf")), axis=1)
     margin = MARGIN * tl.maximum(tl.abs(value), tl.abs(top))  # -inf or +inf in the row: tau = -inf
-    tau = tl.where(kth == EMPTY_KEY, float("-inf"), value - margin)
+    enough = tl.sum(valid.to(tl.int32), axis=1) >= k
+    tau = tl.where(enough, value - margin, float("-inf"))
     tl.store(tau_ptr + rows, tau, mask=rows < B)
 
 
@@ -207,10 +213,16 @@ def _select_kernel(
     offsets = tl.arange(0, BLOCK_M)[:, None] * cap + slots[None, :]
     feature = tl.load(idx_buf_ptr + base + offsets, mask=present, other=0)
     value = tl.load(val_buf_ptr + base + offsets, mask=present, other=0.0)
-    keys = tl.where(present, to_key(value, feature), EMPTY_KEY)  # [BLOCK_M, CAP_BLOCK]
+    ordered = _ordered(value)  # [BLOCK_M, CAP_BLOCK]
 
-    kth = _kth_largest_key(keys, k)  # EMPTY_KEY where fewer than k: then every present key wins
-    win = present & (keys >= kth[:, None])
+    # The k-th largest value, then, among the entries equal to it, the features that complete k (ties go
+    # to the larger feature, as the sweep's keys order them). A row with fewer than k keeps them all.
+    kth = _kth_largest(ordered, present, k)
+    greater = present & (ordered > kth[:, None])
+    tied = present & (ordered == kth[:, None])
+    need = k - tl.sum(greater.to(tl.int32), axis=1)
+    win = greater | (tied & (feature >= _kth_largest(feature, tied, need)[:, None]))
+    keys = to_key(value, feature)
     position = tl.cumsum(win.to(tl.int32), axis=1) - 1
     winners_base = row_start.to(tl.int64) * KEEP
     tl.store(winners_ptr + winners_base + tl.arange(0, BLOCK_M)[:, None] * KEEP + position, keys, mask=win)
@@ -276,17 +288,16 @@ def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, colum
     n_groups = size // group
     tau = xc.new_empty(B, dtype=torch.float32)
     block_g = triton.next_power_of_2(n_groups)
-    block_m = max(1, min(16, SELECT_ELEMENTS // block_g))
-    chunk = max(block_m, THRESHOLD_ELEMENTS // size // block_m * block_m)
+    chunk = max(1, THRESHOLD_ELEMENTS // size)
     for start in range(0, B, chunk):
         rows = slice(start, min(B, start + chunk))
         pre = torch.addmm(bias, xc[rows], weights)  # [rows, S] in the matmul dtype
         if valid is not None:
             pre.masked_fill_(~valid[: size][None, :], float("-inf"))
         group_max = pre.view(pre.shape[0], n_groups, group).amax(dim=2) if group > 1 else pre
-        _threshold_kernel[(triton.cdiv(group_max.shape[0], block_m),)](
+        _threshold_kernel[(group_max.shape[0],)](
             group_max, tau[rows], group_max.shape[0], n_groups, k, group_max.stride(0),
-            BLOCK_M=block_m, BLOCK_G=block_g,
+            BLOCK_M=1, BLOCK_G=block_g, num_warps=_row_warps(block_g),
         )  # fmt: skip
     return tau
 
@@ -298,7 +309,7 @@ def filter_configs(k: int, k_aux: int, interpret: bool) -> list[dict]:
         tiles = [(16, 32, 32, 1, 4, 1)]
     else:
         tiles = [(128, 128, 64, 8, 8, 4), (64, 256, 64, 8, 8, 4), (128, 128, 64, 8, 8, 3)]  # spill-free on sm_90
-    caps = [max(256, triton.next_power_of_2(8 * k)), max(512, triton.next_power_of_2(16 * k))]
+    caps = [max(512, triton.next_power_of_2(16 * k)), max(1024, triton.next_power_of_2(32 * k))]
     aux_cap = max(256, triton.next_power_of_2(8 * k_aux)) if k_aux else 1
     return [
         dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, CAP=cap, AUX_CAP=aux_cap)
@@ -324,6 +335,16 @@ def filter_topk(
     flagged in the returned int8 flags [B], left unwritten for the caller to recompute. `positive_counts` (int32 [F], zeroed, or None) gets the
     per-feature counts of positive pre-activations. `margin_shift` (tests only) raises every threshold
     by that much, so that rows keep fewer than k survivors."""
+    flags = x.new_empty(x.shape[0], dtype=torch.int8)
+    rows_per_chunk = max(1, FILTER_SLOTS // max(cfg["CAP"], cfg["AUX_CAP"] if k_aux else 1))
+    for start in range(0, x.shape[0], rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        _filter_rows(x[rows], W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts,
+                     tuple(out[rows] for out in outputs), flags[rows], cfg, margin_shift)  # fmt: skip
+    return flags
+
+
+def _filter_rows(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, outputs, flags, cfg, margin_shift):
     B, _ = x.shape
     F = W_enc.shape[1]
     has_aux = k_aux > 0
@@ -357,26 +378,29 @@ def filter_topk(
         INPUT_PRECISION=input_precision(W_enc.dtype), **tiles,
     )  # fmt: skip
     vals, idx, aux_vals, aux_idx = outputs
-    flags = x.new_empty(B, dtype=torch.int8)
     _select(val_buf, idx_buf, count, tau, vals, idx, flags, fewer_if_unbounded=False, or_flags=False)
     if has_aux:
         _select(aux_val_buf, aux_idx_buf, aux_count, aux_tau, aux_vals, aux_idx, flags, fewer_if_unbounded=True,
                 or_flags=True)  # fmt: skip
-    return flags
 
 
 def _select(val_buf, idx_buf, count, tau, vals, idx, flags, fewer_if_unbounded: bool, or_flags: bool) -> None:
     B, k = vals.shape
     cap = val_buf.shape[1]
     keep = triton.next_power_of_2(k)
-    block_m = max(1, min(16, SELECT_ELEMENTS // cap))
     winners = val_buf.new_empty(B, keep, dtype=torch.int64)
-    _select_kernel[(triton.cdiv(B, block_m),)](
+    _select_kernel[(B,)](
         val_buf, idx_buf, count, tau, winners, vals, idx, flags,
         B, k, cap, vals.stride(0), idx.stride(0),
-        FEWER_IF_UNBOUNDED=fewer_if_unbounded, OR_FLAGS=or_flags, CAP_BLOCK=cap, KEEP=keep, BLOCK_M=block_m,
-        num_warps=4 if cap <= 1024 else 8,
+        FEWER_IF_UNBOUNDED=fewer_if_unbounded, OR_FLAGS=or_flags, CAP_BLOCK=cap, KEEP=keep, BLOCK_M=1,
+        num_warps=_row_warps(cap),
     )  # fmt: skip
+
+
+def _row_warps(n: int) -> int:
+    """Warps for a program that bisects over one row of n elements: one warp up to 1024 elements (so
+    the bisection's row sums are warp shuffles, with no barrier), then more to bound registers."""
+    return max(1, min(8, n // 1024))
 
 
 _TORCH_DOT_DTYPES = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}
