@@ -38,6 +38,9 @@ POINTER_TYPES = {
     "count_ptr": "*i32",
     "aux_count_ptr": "*i32",
     "winners_ptr": "*i64",
+    "key_buf_ptr": "*i64",
+    "aux_key_buf_ptr": "*i64",
+    "pre_ptr": "*bf16",
     "group_max_ptr": "*bf16",
     "idx_ptr": "*i32",
     "token_ptr": "*i32",
@@ -82,18 +85,19 @@ def main() -> None:
         usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
         name = f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
         print(f"{name}{' positive_counts' if count_positive else ''}: {usage}")
-    for cfg in filter.filter_configs(keep, 0, interpret=False)[:2]:
+    for cfg in filter.filter_configs(keep, 0, interpret=False)[::2]:
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         for has_aux, count_positive in [(False, False), (True, True)]:
             constexprs = {"INPUT_PRECISION": "ieee", "stride_wf": 1, **tile, "HAS_AUX": has_aux,
-                          "COUNT_POSITIVE": count_positive}  # fmt: skip
+                          "COUNT_POSITIVE": count_positive, "ROW_ATOMICS": cfg["ROW_ATOMICS"]}  # fmt: skip
             usage = resources(filter._filter_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
-            print(f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}: {usage}")
+            name = f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} row_atomics={cfg['ROW_ATOMICS']}"
+            print(f"{name} aux={has_aux}: {usage}")
     for cap in (256, 1024, 4096):
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP_BLOCK": cap, "KEEP": keep, "BLOCK_M": 1}
         usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))
         print(f"filter_select cap={cap}: {usage}")
-    usage = resources(filter._threshold_kernel, {"BLOCK_M": 1, "BLOCK_G": 1024}, num_warps=1)
+    usage = resources(filter._threshold_kernel, {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": 1024}, num_warps=1)
     print(f"filter_threshold: {usage}")
     usage = resources(filter._center_kernel, {"BLOCK_M": 16, "BLOCK_D": 256, "stride_xd": 1}, num_warps=4)
     print(f"filter_center: {usage}")

@@ -100,15 +100,17 @@ def _center_kernel(
 
 @triton.jit
 def _threshold_kernel(
-    group_max_ptr, tau_ptr, B, M, k, stride_gm, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr
+    pre_ptr, tau_ptr, B, M, k, stride_pm, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr
 ):  # fmt: skip
-    """tau[r] = (k-th largest of the row's M group maxima) - margin; -inf when fewer than k."""
+    """tau[r] = (k-th largest of the maxima of the row's M groups of GROUP adjacent pre-activations) -
+    margin; -inf when fewer than k groups."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     groups = tl.arange(0, BLOCK_G)
     valid = (rows < B)[:, None] & (groups < M)[None, :]
-    maxima = tl.load(
-        group_max_ptr + rows.to(tl.int64)[:, None] * stride_gm + groups[None, :], mask=valid, other=0.0
-    ).to(tl.float32)  # [BLOCK_M, BLOCK_G]
+    group_ptrs = pre_ptr + rows.to(tl.int64)[:, None] * stride_pm + groups[None, :] * GROUP
+    maxima = tl.full([BLOCK_M, BLOCK_G], float("-inf"), tl.float32)
+    for j in tl.static_range(GROUP):  # strided loads; the group's other members are in cache by then
+        maxima = tl.maximum(maxima, tl.load(group_ptrs + j, mask=valid, other=float("-inf")).to(tl.float32))
     # Ties do not matter here: any value with at least k maxima at or above it is a lower bound.
     kth = _kth_largest(_ordered(maxima), valid, k)
     value = tl.where(kth < 0, kth ^ 0x7FFFFFFF, kth).to(tl.float32, bitcast=True)  # back from _ordered
@@ -120,26 +122,31 @@ def _threshold_kernel(
 
 
 @triton.jit
-def _append_survivors(val_buf_ptr, idx_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap):
-    """Append the `take` entries of `pre` [BLOCK_M, BLOCK_N] to their rows' buffers: each takes the
-    slot its row counter had (one relaxed atomic per survivor); slots past `cap` are not stored (the
-    counter still counts them, which flags the row)."""
-    slot = tl.atomic_add(count_ptr + tl.broadcast_to(rows[:, None], pre.shape), 1, mask=take, sem="relaxed")
+def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap, ROW_ATOMICS: tl.constexpr):
+    """Append the `take` entries of `pre` [BLOCK_M, BLOCK_N] to their rows' buffers as (value,
+    feature) keys. ROW_ATOMICS: one atomic per row claims the row's slots and a prefix sum orders them;
+    else each survivor claims its slot with its own atomic. Slots past `cap` are not stored (the counter
+    still counts them, which flags the row)."""
+    if ROW_ATOMICS:
+        flags = take.to(tl.int32)
+        n_row = tl.sum(flags, axis=1)
+        first = tl.atomic_add(count_ptr + rows, n_row, mask=n_row > 0, sem="relaxed")
+        slot = first[:, None] + tl.cumsum(flags, axis=1) - 1
+    else:
+        slot = tl.atomic_add(count_ptr + tl.broadcast_to(rows[:, None], pre.shape), 1, mask=take, sem="relaxed")
     fits = take & (slot < cap)
     # One 64-bit base for the tile's rows and 32-bit offsets inside them (BLOCK_M * cap < 2^31): a
     # [BLOCK_M, BLOCK_N] tile of 64-bit addresses costs registers the accumulator needs.
-    base = row_start.to(tl.int64) * cap
     offsets = (rows - row_start)[:, None] * cap + slot
-    tl.store(val_buf_ptr + base + offsets, pre, mask=fits)
-    tl.store(idx_buf_ptr + base + offsets, tl.broadcast_to(cols[None, :], pre.shape), mask=fits)
+    tl.store(key_buf_ptr + row_start.to(tl.int64) * cap + offsets, to_key(pre, cols[None, :]), mask=fits)
 
 
 @triton.jit
 def _filter_fwd_kernel(
-    xc_ptr, w_ptr, b_enc_ptr, tau_ptr, count_ptr, val_buf_ptr, idx_buf_ptr,
-    dead_ptr, aux_tau_ptr, aux_count_ptr, aux_val_buf_ptr, aux_idx_buf_ptr, positive_ptr,
+    xc_ptr, w_ptr, b_enc_ptr, tau_ptr, count_ptr, key_buf_ptr,
+    dead_ptr, aux_tau_ptr, aux_count_ptr, aux_key_buf_ptr, positive_ptr,
     B, D, F, cap, aux_cap, stride_wd, stride_wf,
-    HAS_AUX: tl.constexpr, COUNT_POSITIVE: tl.constexpr,
+    HAS_AUX: tl.constexpr, COUNT_POSITIVE: tl.constexpr, ROW_ATOMICS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -178,17 +185,17 @@ def _filter_fwd_kernel(
         tl.atomic_add(positive_ptr + cols, positive, mask=col_valid & (positive > 0), sem="relaxed")
     tau = tl.load(tau_ptr + rows, mask=row_valid, other=float("inf"))
     take = in_range & (pre > tau[:, None])
-    _append_survivors(val_buf_ptr, idx_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap)
+    _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap, ROW_ATOMICS)
     if HAS_AUX:
         dead = tl.load(dead_ptr + cols, mask=col_valid, other=0) != 0
         aux_tau = tl.load(aux_tau_ptr + rows, mask=row_valid, other=float("inf"))
         aux_take = in_range & dead[None, :] & (pre > aux_tau[:, None])
-        _append_survivors(aux_val_buf_ptr, aux_idx_buf_ptr, aux_count_ptr, row_start, rows, cols, pre, aux_take, aux_cap)
+        _append_survivors(aux_key_buf_ptr, aux_count_ptr, row_start, rows, cols, pre, aux_take, aux_cap, ROW_ATOMICS)
 
 
 @triton.jit
 def _select_kernel(
-    val_buf_ptr, idx_buf_ptr, count_ptr, tau_ptr, winners_ptr, vals_ptr, idx_ptr, flag_ptr,
+    key_buf_ptr, count_ptr, tau_ptr, winners_ptr, vals_ptr, idx_ptr, flag_ptr,
     B, k, cap, stride_vm, stride_im,
     FEWER_IF_UNBOUNDED: tl.constexpr, OR_FLAGS: tl.constexpr,
     CAP_BLOCK: tl.constexpr, KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -211,9 +218,9 @@ def _select_kernel(
     present = (row_valid & ~failed)[:, None] & (slots[None, :] < n[:, None])
     base = row_start.to(tl.int64) * cap
     offsets = tl.arange(0, BLOCK_M)[:, None] * cap + slots[None, :]
-    feature = tl.load(idx_buf_ptr + base + offsets, mask=present, other=0)
-    value = tl.load(val_buf_ptr + base + offsets, mask=present, other=0.0)
-    ordered = _ordered(value)  # [BLOCK_M, CAP_BLOCK]
+    keys = tl.load(key_buf_ptr + base + offsets, mask=present, other=0)  # [BLOCK_M, CAP_BLOCK]
+    ordered = (keys >> 32).to(tl.int32)
+    feature = (keys & 0xFFFFFFFF).to(tl.int32)
 
     # The k-th largest value, then, among the entries equal to it, the features that complete k (ties go
     # to the larger feature, as the sweep's keys order them). A row with fewer than k keeps them all.
@@ -222,7 +229,6 @@ def _select_kernel(
     tied = present & (ordered == kth[:, None])
     need = k - tl.sum(greater.to(tl.int32), axis=1)
     win = greater | (tied & (feature >= _kth_largest(feature, tied, need)[:, None]))
-    keys = to_key(value, feature)
     position = tl.cumsum(win.to(tl.int32), axis=1) - 1
     winners_base = row_start.to(tl.int64) * KEEP
     tl.store(winners_ptr + winners_base + tl.arange(0, BLOCK_M)[:, None] * KEEP + position, keys, mask=win)
@@ -294,10 +300,9 @@ def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, colum
         pre = torch.addmm(bias, xc[rows], weights)  # [rows, S] in the matmul dtype
         if valid is not None:
             pre.masked_fill_(~valid[: size][None, :], float("-inf"))
-        group_max = pre.view(pre.shape[0], n_groups, group).amax(dim=2) if group > 1 else pre
-        _threshold_kernel[(group_max.shape[0],)](
-            group_max, tau[rows], group_max.shape[0], n_groups, k, group_max.stride(0),
-            BLOCK_M=1, BLOCK_G=block_g, num_warps=_row_warps(block_g),
+        _threshold_kernel[(pre.shape[0],)](
+            pre, tau[rows], pre.shape[0], n_groups, k, pre.stride(0),
+            GROUP=group, BLOCK_M=1, BLOCK_G=block_g, num_warps=_row_warps(block_g),
         )  # fmt: skip
     return tau
 
@@ -308,11 +313,13 @@ def filter_configs(k: int, k_aux: int, interpret: bool) -> list[dict]:
     if interpret:  # numpy runs the kernels element by element: small tiles
         tiles = [(16, 32, 32, 1, 4, 1)]
     else:
-        tiles = [(128, 128, 64, 8, 8, 4), (64, 256, 64, 8, 8, 4), (128, 128, 64, 8, 8, 3)]  # spill-free on sm_90
+        tiles = [(128, 128, 64, 8, 8, 4), (64, 256, 64, 8, 8, 4)]  # spill-free on sm_90
     caps = [max(512, triton.next_power_of_2(16 * k)), max(1024, triton.next_power_of_2(32 * k))]
     aux_cap = max(256, triton.next_power_of_2(8 * k_aux)) if k_aux else 1
     return [
-        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, CAP=cap, AUX_CAP=aux_cap)
+        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, CAP=cap, AUX_CAP=aux_cap,
+             ROW_ATOMICS=row_atomics)  # fmt: skip
+        for row_atomics in (True, False)
         for cap in caps
         for m, n, bk, g, w, s in tiles
     ]
@@ -354,43 +361,41 @@ def _filter_rows(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, o
     if margin_shift:
         tau += margin_shift
     count = x.new_zeros(B, dtype=torch.int32)
-    val_buf = x.new_empty(B, cap, dtype=torch.float32)
-    idx_buf = x.new_empty(B, cap, dtype=torch.int32)
+    key_buf = x.new_empty(B, cap, dtype=torch.int64)
     if has_aux:
         # The dead features first (a stable sort keeps feature order), so the AuxK threshold pass reads
         # dead features only whenever there are enough of them; no host synchronisation.
         dead_first = torch.sort(dead_mask.to(torch.uint8), descending=True, stable=True).indices
         aux_tau = thresholds(xc, W_enc, b_enc, k_aux, aux_cap, columns=dead_first, valid=dead_mask[dead_first])
         aux_count = x.new_zeros(B, dtype=torch.int32)
-        aux_val_buf = x.new_empty(B, aux_cap, dtype=torch.float32)
-        aux_idx_buf = x.new_empty(B, aux_cap, dtype=torch.int32)
+        aux_key_buf = x.new_empty(B, aux_cap, dtype=torch.int64)
         dead = dead_mask.contiguous().view(torch.uint8)
     else:
-        aux_tau = aux_count = aux_val_buf = aux_idx_buf = dead = count  # any pointer when AuxK is off
-    tiles = {key: cfg[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
+        aux_tau = aux_count = aux_key_buf = dead = count  # any pointer when AuxK is off
+    tiles = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")}
     grid = (triton.cdiv(B, cfg["BLOCK_M"]) * triton.cdiv(F, cfg["BLOCK_N"]),)
     _filter_fwd_kernel[grid](
-        xc, W_enc, b_enc.contiguous(), tau, count, val_buf, idx_buf,
-        dead, aux_tau, aux_count, aux_val_buf, aux_idx_buf,
+        xc, W_enc, b_enc.contiguous(), tau, count, key_buf,
+        dead, aux_tau, aux_count, aux_key_buf,
         positive_counts if positive_counts is not None else count,  # any pointer when not counting
         B, xc.shape[1], F, cap, aux_cap, W_enc.stride(0), W_enc.stride(1),
-        HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None,
+        HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None, ROW_ATOMICS=cfg["ROW_ATOMICS"],
         INPUT_PRECISION=input_precision(W_enc.dtype), **tiles,
     )  # fmt: skip
     vals, idx, aux_vals, aux_idx = outputs
-    _select(val_buf, idx_buf, count, tau, vals, idx, flags, fewer_if_unbounded=False, or_flags=False)
+    _select(key_buf, count, tau, vals, idx, flags, fewer_if_unbounded=False, or_flags=False)
     if has_aux:
-        _select(aux_val_buf, aux_idx_buf, aux_count, aux_tau, aux_vals, aux_idx, flags, fewer_if_unbounded=True,
+        _select(aux_key_buf, aux_count, aux_tau, aux_vals, aux_idx, flags, fewer_if_unbounded=True,
                 or_flags=True)  # fmt: skip
 
 
-def _select(val_buf, idx_buf, count, tau, vals, idx, flags, fewer_if_unbounded: bool, or_flags: bool) -> None:
+def _select(key_buf, count, tau, vals, idx, flags, fewer_if_unbounded: bool, or_flags: bool) -> None:
     B, k = vals.shape
-    cap = val_buf.shape[1]
+    cap = key_buf.shape[1]
     keep = triton.next_power_of_2(k)
-    winners = val_buf.new_empty(B, keep, dtype=torch.int64)
+    winners = key_buf.new_empty(B, keep, dtype=torch.int64)
     _select_kernel[(B,)](
-        val_buf, idx_buf, count, tau, winners, vals, idx, flags,
+        key_buf, count, tau, winners, vals, idx, flags,
         B, k, cap, vals.stride(0), idx.stride(0),
         FEWER_IF_UNBOUNDED=fewer_if_unbounded, OR_FLAGS=or_flags, CAP_BLOCK=cap, KEEP=keep, BLOCK_M=1,
         num_warps=_row_warps(cap),
