@@ -122,18 +122,12 @@ def _threshold_kernel(
 
 
 @triton.jit
-def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap, ROW_ATOMICS: tl.constexpr):
+def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap):
     """Append the `take` entries of `pre` [BLOCK_M, BLOCK_N] to their rows' buffers as (value,
-    feature) keys. ROW_ATOMICS: one atomic per row claims the row's slots and a prefix sum orders them;
-    else each survivor claims its slot with its own atomic. Slots past `cap` are not stored (the counter
-    still counts them, which flags the row)."""
-    if ROW_ATOMICS:
-        flags = take.to(tl.int32)
-        n_row = tl.sum(flags, axis=1)
-        first = tl.atomic_add(count_ptr + rows, n_row, mask=n_row > 0, sem="relaxed")
-        slot = first[:, None] + tl.cumsum(flags, axis=1) - 1
-    else:
-        slot = tl.atomic_add(count_ptr + tl.broadcast_to(rows[:, None], pre.shape), 1, mask=take, sem="relaxed")
+    feature) keys, each survivor claiming its slot with one relaxed atomic on its row's counter (one
+    atomic per row and tile plus a prefix sum over the tile measured slower on the H200). Slots past
+    `cap` are not stored (the counter still counts them, which flags the row)."""
+    slot = tl.atomic_add(count_ptr + tl.broadcast_to(rows[:, None], pre.shape), 1, mask=take, sem="relaxed")
     fits = take & (slot < cap)
     # One 64-bit base for the tile's rows and 32-bit offsets inside them (BLOCK_M * cap < 2^31): a
     # [BLOCK_M, BLOCK_N] tile of 64-bit addresses costs registers the accumulator needs.
@@ -146,7 +140,7 @@ def _filter_fwd_kernel(
     xc_ptr, w_ptr, b_enc_ptr, tau_ptr, count_ptr, key_buf_ptr,
     dead_ptr, aux_tau_ptr, aux_count_ptr, aux_key_buf_ptr, positive_ptr,
     B, D, F, cap, aux_cap, stride_wd, stride_wf,
-    HAS_AUX: tl.constexpr, COUNT_POSITIVE: tl.constexpr, ROW_ATOMICS: tl.constexpr,
+    HAS_AUX: tl.constexpr, COUNT_POSITIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -185,12 +179,12 @@ def _filter_fwd_kernel(
         tl.atomic_add(positive_ptr + cols, positive, mask=col_valid & (positive > 0), sem="relaxed")
     tau = tl.load(tau_ptr + rows, mask=row_valid, other=float("inf"))
     take = in_range & (pre > tau[:, None])
-    _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap, ROW_ATOMICS)
+    _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap)
     if HAS_AUX:
         dead = tl.load(dead_ptr + cols, mask=col_valid, other=0) != 0
         aux_tau = tl.load(aux_tau_ptr + rows, mask=row_valid, other=float("inf"))
         aux_take = in_range & dead[None, :] & (pre > aux_tau[:, None])
-        _append_survivors(aux_key_buf_ptr, aux_count_ptr, row_start, rows, cols, pre, aux_take, aux_cap, ROW_ATOMICS)
+        _append_survivors(aux_key_buf_ptr, aux_count_ptr, row_start, rows, cols, pre, aux_take, aux_cap)
 
 
 @triton.jit
@@ -263,11 +257,12 @@ def center(x: Tensor, b_dec: Tensor, dtype: torch.dtype) -> Tensor:
 
 def subset_plan(k: int, n_features: int, cap: int) -> tuple[int, int]:
     """(S, G): the threshold pass reads the pre-activation of S features, max-pooled in groups of G.
-    Expected survivors per row are about k * F / S; S is sized so that they fill half of `cap`. G is as
+    Expected survivors per row are about k * F / S; S is sized so that they fill a third of `cap` (at
+    half, rows overflowed on the H200 at the AF3 shape, and each overflowing row costs a sweep). G is as
     large as 8 while at least 4 * k groups remain (then the k largest groups rarely share a group with
     a k-th-largest candidate, and the bound stays close to the subset's own k-th largest value) and at
     most MAX_GROUPS groups are left for the select."""
-    size = min(n_features, max(triton.cdiv(2 * k * n_features, cap), k))
+    size = min(n_features, max(triton.cdiv(3 * k * n_features, cap), k))
     group = 1
     while group < 8 and size // (2 * group) >= 4 * k:
         group *= 2
@@ -313,13 +308,11 @@ def filter_configs(k: int, k_aux: int, interpret: bool) -> list[dict]:
     if interpret:  # numpy runs the kernels element by element: small tiles
         tiles = [(16, 32, 32, 1, 4, 1)]
     else:
-        tiles = [(128, 128, 64, 8, 8, 4), (64, 256, 64, 8, 8, 4)]  # spill-free on sm_90
+        tiles = [(128, 128, 64, 8, 8, 4)]  # spill-free on sm_90; faster than 64 x 256 at all three shapes
     caps = [max(512, triton.next_power_of_2(16 * k)), max(1024, triton.next_power_of_2(32 * k))]
     aux_cap = max(256, triton.next_power_of_2(8 * k_aux)) if k_aux else 1
     return [
-        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, CAP=cap, AUX_CAP=aux_cap,
-             ROW_ATOMICS=row_atomics)  # fmt: skip
-        for row_atomics in (True, False)
+        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, CAP=cap, AUX_CAP=aux_cap)
         for cap in caps
         for m, n, bk, g, w, s in tiles
     ]
@@ -379,7 +372,7 @@ def _filter_rows(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, o
         dead, aux_tau, aux_count, aux_key_buf,
         positive_counts if positive_counts is not None else count,  # any pointer when not counting
         B, xc.shape[1], F, cap, aux_cap, W_enc.stride(0), W_enc.stride(1),
-        HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None, ROW_ATOMICS=cfg["ROW_ATOMICS"],
+        HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None,
         INPUT_PRECISION=input_precision(W_enc.dtype), **tiles,
     )  # fmt: skip
     vals, idx, aux_vals, aux_idx = outputs
