@@ -142,12 +142,16 @@ def _bench_positive_counts(recorder: Recorder, shape: str, d: int, n_features: i
 
 
 def run(recorder: Recorder) -> None:
+    """TopK at the three shapes and over the sweep first (the rows an interrupted run should keep),
+    then the ReLU encode and the positive counts."""
     sparsify = optional_sparsify()
     for shape, (d, n_features, n_rows, k) in SHAPES.items():
         _bench_topk(recorder, shape, d, n_features, n_rows, k, full=True, sparsify=sparsify)
-        _bench_relu(recorder, shape, d, n_features, n_rows)
-        _bench_positive_counts(recorder, shape, d, n_features, n_rows, k)
         torch.cuda.empty_cache()
     for d, n_features, n_rows, k in SWEEP:
         _bench_topk(recorder, sweep_name(d, n_features, n_rows, k), d, n_features, n_rows, k, full=False, sparsify=None)
+        torch.cuda.empty_cache()
+    for shape, (d, n_features, n_rows, k) in SHAPES.items():
+        _bench_relu(recorder, shape, d, n_features, n_rows)
+        _bench_positive_counts(recorder, shape, d, n_features, n_rows, k)
         torch.cuda.empty_cache()
