@@ -85,7 +85,7 @@ def main() -> None:
         usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
         name = f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
         print(f"{name}{' positive_counts' if count_positive else ''}: {usage}")
-    for cfg in filter.filter_configs(keep, 0, interpret=False)[:1]:
+    for cfg in filter.filter_configs(keep, 0, 24576, interpret=False)[:1]:
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         for has_aux, count_positive in [(False, False), (True, True)]:
             constexprs = {"INPUT_PRECISION": "ieee", "stride_wf": 1, **tile, "HAS_AUX": has_aux,

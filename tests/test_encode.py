@@ -76,7 +76,7 @@ def test_encode_topk_routes(device, B, d, F, k, k_aux, route):
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.bfloat16, device)
     dead = torch.rand(F, device=device) < 0.3
     pre = _pre64(x, W_enc, b_enc, b_dec)
-    candidates = [c for c in encode.topk_routes(k, k_aux) if c[0] == route]
+    candidates = [c for c in encode.topk_routes(k, k_aux, F) if c[0] == route]
     assert candidates, f"no {route} route for k={k}"
     for candidate in candidates:
         vals, idx, aux_vals, aux_idx = encode.encode_topk(
@@ -88,7 +88,7 @@ def test_encode_topk_routes(device, B, d, F, k, k_aux, route):
 
 
 def _filter_route(k, k_aux, **overrides):
-    name, cfg = encode.topk_routes(k, k_aux)[0]
+    name, cfg = encode.topk_routes(k, k_aux, F)[0]
     assert name == "filter"
     return name, {**cfg, **overrides}
 

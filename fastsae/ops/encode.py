@@ -273,14 +273,14 @@ def _n_split(n_row_blocks: int, n_features: int, block_n: int, n_sms: int, keep:
     return split
 
 
-def topk_routes(k: int, k_aux: int) -> list[tuple[str, dict]]:
+def topk_routes(k: int, k_aux: int, n_features: int) -> list[tuple[str, dict]]:
     """The ways to compute a TopK encode, as (route, configuration) candidates for the tuner:
     "filter" (threshold-first, `filter.py`; flagged rows recomputed by the sweep), "sweep" (this file's
     single-pass kernel) and "dense" (cuBLAS pre-activations of bounded row chunks + torch.topk: what a
     user would write, so the tuner never picks a path slower than it). The first is the default."""
     if max(k, k_aux) > MAX_KEEP:  # beyond the sweep's buffers (the filter's fallback)
         return [("dense", {})]
-    routes = [("filter", cfg) for cfg in filter_configs(k, k_aux, INTERPRET)]
+    routes = [("filter", cfg) for cfg in filter_configs(k, k_aux, n_features, INTERPRET)]
     routes.append(("sweep", _sweep_config(k, k_aux)))  # compiled anyway as the filter's fallback
     routes.append(("dense", {}))
     return routes
@@ -361,7 +361,7 @@ def _encode_topk(
 
     if route is None:
         key = ("encode_topk", D, F, bucket(B), k, k_aux, x.dtype, W_enc.dtype, positive_counts is not None)
-        route = tuned(key, topk_routes(k, k_aux), run)
+        route = tuned(key, topk_routes(k, k_aux, F), run)
     run(route)
     return outputs
 

@@ -36,7 +36,7 @@ from .launch import dot_dtype, input_precision
 
 EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty slot: below every (value, feature) key
 THRESHOLD_ELEMENTS = 2**25  # pre-activations of the threshold pass held at once (64 MB in bf16)
-FILTER_SLOTS = 2**26  # candidate-buffer slots held at once (512 MB): larger batches run in row chunks
+FILTER_SLOTS = 2**24  # candidate-buffer slots held at once (128 MB of keys): larger batches run in row chunks
 MAX_GROUPS = 2048  # group maxima per row that the threshold kernel selects from in registers
 # Relative margin below the k-th group maximum: covers the threshold GEMM's rounding to the weights'
 # dtype (2^-9 for bf16) and its different summation order, so that count < k stays an exception.
@@ -302,14 +302,16 @@ def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, colum
     return tau
 
 
-def filter_configs(k: int, k_aux: int, interpret: bool) -> list[dict]:
-    """Tile shapes of the filter GEMM (the ReLU encode's, whose mainloop runs near cuBLAS) and buffer
-    capacities. A larger buffer lets the threshold pass read fewer features but costs the select more."""
+def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list[dict]:
+    """Tile shapes of the filter GEMM and buffer capacities. A larger buffer lets the threshold pass read
+    fewer features but costs the select more; none is above half the features (then filtering keeps
+    most of the row and the dense route is the one to take)."""
     if interpret:  # numpy runs the kernels element by element: small tiles
         tiles = [(16, 32, 32, 1, 4, 1)]
     else:
         tiles = [(128, 128, 64, 8, 8, 4)]  # spill-free on sm_90; faster than 64 x 256 at all three shapes
-    caps = [max(512, triton.next_power_of_2(16 * k)), max(1024, triton.next_power_of_2(32 * k))]
+    widest = max(512, n_features // 2)
+    caps = [cap for cap in (max(512, triton.next_power_of_2(16 * k)), max(1024, triton.next_power_of_2(32 * k))) if cap <= widest]
     aux_cap = max(256, triton.next_power_of_2(8 * k_aux)) if k_aux else 1
     return [
         dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, CAP=cap, AUX_CAP=aux_cap)
