@@ -87,8 +87,8 @@ def test_encode_topk_routes(device, B, d, F, k, k_aux, route):
             assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.bfloat16, "aux")
 
 
-def _filter_route(k, k_aux, **overrides):
-    name, cfg = encode.topk_routes(k, k_aux, F)[0]
+def _filter_route(k, k_aux, n_features, **overrides):
+    name, cfg = encode.topk_routes(k, k_aux, n_features)[0]
     assert name == "filter"
     return name, {**cfg, **overrides}
 
@@ -110,7 +110,7 @@ def test_filter_fallbacks(device):
     finite = torch.ones(B, dtype=torch.bool, device=device)
     finite[3] = False
     for overrides, margin_shift in [({"CAP": k // 2}, 0.0), ({}, 1e3), ({}, 0.0)]:
-        route = _filter_route(k, k_aux, **overrides)
+        route = _filter_route(k, k_aux, F, **overrides)
         outputs = (torch.full((B, k), float("nan"), device=device), torch.full((B, k), -1, dtype=torch.int32, device=device),
                    torch.full((B, k_aux), float("nan"), device=device), torch.full((B, k_aux), -1, dtype=torch.int32, device=device))  # fmt: skip
         flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1], margin_shift)
