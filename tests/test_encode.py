@@ -111,8 +111,11 @@ def test_filter_fallbacks(device):
     finite[3] = False
     for overrides, margin_shift in [({"CAP": k // 2}, 0.0), ({}, 1e3), ({}, 0.0)]:
         route = _filter_route(k, k_aux, F, **overrides)
-        outputs = (torch.full((B, k), float("nan"), device=device), torch.full((B, k), -1, dtype=torch.int32, device=device),
-                   torch.full((B, k_aux), float("nan"), device=device), torch.full((B, k_aux), -1, dtype=torch.int32, device=device))  # fmt: skip
+        outputs = tuple(
+            torch.full((B, width), float("nan"), device=device) if floating else
+            torch.full((B, width), -1, dtype=torch.int32, device=device)
+            for width in (k, k_aux) for floating in (True, False)
+        )  # fmt: skip
         flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1], margin_shift)
         flagged = flags.bool()
         assert flagged[3], "the NaN row was not flagged"

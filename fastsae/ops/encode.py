@@ -30,15 +30,15 @@ from torch import Tensor
 
 from .. import reference
 from .decode import decode_sparse
-from .launch import INTERPRET, bucket, dot_dtype, input_precision, sm_count, tuned
-from .filter import EMPTY_KEY, filter_configs, filter_topk, key_value, to_key
+from .filter import EMPTY_KEY, center, filter_configs, filter_topk, key_value, to_key
+from .launch import INTERPRET, bucket, dot_dtype, input_precision, matmul_dtype, sm_count, tuned
 from .scatter import feature_sums
 
 MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernels keep; beyond: dense route
 MERGE_ELEMENTS = 4096  # candidates per row the finishing kernel merges (n_split x KEEP) in registers
 SORT_ELEMENTS = 1024  # keys sorted at once in a compaction (rows x CAP): bounds registers and compile time
 MIN_KEEP = 32  # k and k_aux round up to at least this, so few kernel variants get compiled
-DENSE_ELEMENTS = 2**25  # pre-activations the dense route holds at once (128 MB in fp32), whatever B and F
+DENSE_ELEMENTS = 2**25  # pre-activations the dense route holds at once (64 MB in bf16), whatever B and F
 
 
 @triton.jit
@@ -232,36 +232,27 @@ def _topk_finish_kernel(
     tl.store(idx_ptr + rows64 * stride_im + slots[None, :], features, mask=store_mask)
 
 
-def _topk_candidates(keep: int, aux_keep: int) -> list[dict]:
-    """Tile shapes to try. Wider row blocks reuse each W_enc tile for more rows (less L2 traffic);
-    large k needs narrow row blocks so a compaction's sort fits in registers."""
+def _sweep_config(k: int, k_aux: int) -> dict:
+    """The sweep's tile shape. Wider row blocks reuse each W_enc tile for more rows (less L2 traffic);
+    large k needs narrow row blocks so a compaction's sort fits in registers. 64 x 128 with 8 warps is
+    the largest that compiles without register spills for k <= 64 (sm_90)."""
+    keep = max(MIN_KEEP, triton.next_power_of_2(k))
+    aux_keep = max(MIN_KEEP, triton.next_power_of_2(k_aux))
     if INTERPRET:  # numpy runs every sort step element by element: keep the interpreter's tiles small
-        shapes = [(16, 32, 32, 4, 1)]
+        block_m, block_n, block_k, warps, stages = 16, 32, 32, 4, 1
     elif keep <= 64:
-        # 64 x 128 with 8 warps is the largest of these that compiles without register spills (sm_90).
-        shapes = [(64, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3)]
+        block_m, block_n, block_k, warps, stages = 64, 128, 64, 8, 3
     elif keep <= 256:
-        shapes = [(32, 128, 64, 4, 3), (64, 128, 64, 4, 3)]
+        block_m, block_n, block_k, warps, stages = 32, 128, 64, 4, 3
     else:
-        shapes = [(16, 128, 64, 4, 3)]
-    candidates = []
-    for block_m, block_n, block_k, warps, stages in shapes:
-        cap = triton.next_power_of_2(keep + block_n)
-        aux_cap = triton.next_power_of_2(aux_keep + block_n)
-        candidates.append(
-            dict(
-                BLOCK_M=block_m,
-                BLOCK_N=block_n,
-                BLOCK_K=block_k,
-                num_warps=warps,
-                num_stages=stages,
-                CAP=cap,
-                SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // cap)),
-                AUX_CAP=aux_cap,
-                AUX_SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // aux_cap)),
-            )  # fmt: skip
-        )
-    return candidates
+        block_m, block_n, block_k, warps, stages = 16, 128, 64, 4, 3
+    cap = triton.next_power_of_2(keep + block_n)
+    aux_cap = triton.next_power_of_2(aux_keep + block_n)
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        CAP=cap, SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // cap)),
+        AUX_CAP=aux_cap, AUX_SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // aux_cap)),
+    )  # fmt: skip
 
 
 def _n_split(n_row_blocks: int, n_features: int, block_n: int, n_sms: int, keep: int) -> int:
@@ -284,11 +275,6 @@ def topk_routes(k: int, k_aux: int, n_features: int) -> list[tuple[str, dict]]:
     routes.append(("sweep", _sweep_config(k, k_aux)))  # compiled anyway as the filter's fallback
     routes.append(("dense", {}))
     return routes
-
-
-def _sweep_config(k: int, k_aux: int) -> dict:
-    """The sweep's tile shape, the first of its candidates (spill-free on sm_90 for k <= 64)."""
-    return _topk_candidates(max(MIN_KEEP, triton.next_power_of_2(k)), max(MIN_KEEP, triton.next_power_of_2(k_aux)))[0]
 
 
 def encode_topk(
@@ -367,28 +353,26 @@ def _encode_topk(
 
 
 def _dense_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, outputs) -> None:
-    """The dense route: per chunk of at most DENSE_ELEMENTS pre-activations, the fp32-centred input
-    times W_enc on cuBLAS (fp32 out), torch.topk; AuxK over the dead-masked copy."""
+    """The dense route, what a user would write but in row chunks of at most DENSE_ELEMENTS
+    pre-activations: the fp32-centred input times W_enc plus b_enc on cuBLAS (one addmm, in the
+    weights' dtype as eager PyTorch computes it), torch.topk, ReLU on the k winners only; AuxK over the
+    dead-masked copy. A NaN pre-activation may be selected here, so its value is zeroed: never fired."""
     vals, idx, aux_vals, aux_idx = outputs
     B, F = x.shape[0], W_enc.shape[1]
-    matmul_dtype = torch.float32 if INTERPRET else W_enc.dtype  # the interpreter's rule, for the same numerics
+    dtype = matmul_dtype(W_enc.dtype)
+    weights, bias = W_enc.to(dtype), b_enc.to(dtype)
     rows_per_chunk = max(1, DENSE_ELEMENTS // F)
     for start in range(0, B, rows_per_chunk):
         rows = slice(start, min(B, start + rows_per_chunk))
-        xc = reference.center(x[rows], b_dec).to(matmul_dtype)
-        pre = torch.mm(xc, W_enc.to(matmul_dtype), out_dtype=torch.float32) if matmul_dtype != torch.float32 else (
-            xc @ W_enc.float()
-        )
-        pre += b_enc.float()
-        pre.nan_to_num_(nan=float("-inf"))  # a NaN is never selected, as on the kernel routes
+        pre = torch.addmm(bias, center(x[rows], b_dec, dtype), weights)  # [rows, F]
         top = pre.topk(k, dim=1)
-        vals[rows] = top.values.clamp_min_(0)
+        vals[rows] = top.values.clamp_min(0).nan_to_num_(nan=0.0)
         idx[rows] = top.indices
         if positive_counts is not None:
             positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
         if aux_vals.shape[1]:
             aux = pre.masked_fill_(~dead_mask, float("-inf")).topk(aux_vals.shape[1], dim=1)
-            aux_vals[rows] = aux.values.clamp_min_(0)
+            aux_vals[rows] = aux.values.clamp_min(0).nan_to_num_(nan=0.0)
             aux_idx[rows] = aux.indices
 
 

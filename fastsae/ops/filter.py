@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import dot_dtype, input_precision
+from .launch import input_precision, matmul_dtype
 
 EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty slot: below every (value, feature) key
 THRESHOLD_ELEMENTS = 2**25  # pre-activations of the threshold pass held at once (64 MB in bf16)
@@ -230,7 +230,8 @@ def _select_kernel(
     kept = tl.arange(0, KEEP)
     n_won = tl.minimum(n, k)
     won = (row_valid & ~failed)[:, None] & (kept[None, :] < n_won[:, None])
-    top = tl.load(winners_ptr + winners_base + tl.arange(0, BLOCK_M)[:, None] * KEEP + kept[None, :], mask=won, other=EMPTY_KEY)
+    winner_offsets = tl.arange(0, BLOCK_M)[:, None] * KEEP + kept[None, :]
+    top = tl.load(winners_ptr + winners_base + winner_offsets, mask=won, other=EMPTY_KEY)
     top = tl.sort(top, dim=1, descending=True)  # [BLOCK_M, KEEP]
     empty = top == EMPTY_KEY
     out_values = tl.where(empty, 0.0, tl.maximum(key_value(top), 0.0))
@@ -294,7 +295,7 @@ def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, colum
         rows = slice(start, min(B, start + chunk))
         pre = torch.addmm(bias, xc[rows], weights)  # [rows, S] in the matmul dtype
         if valid is not None:
-            pre.masked_fill_(~valid[: size][None, :], float("-inf"))
+            pre.masked_fill_(~valid[:size][None, :], float("-inf"))
         _threshold_kernel[(pre.shape[0],)](
             pre, tau[rows], pre.shape[0], n_groups, k, pre.stride(0),
             GROUP=group, BLOCK_M=1, BLOCK_G=block_g, num_warps=_row_warps(block_g),
@@ -311,7 +312,8 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list
     else:
         tiles = [(128, 128, 64, 8, 8, 4)]  # spill-free on sm_90; faster than 64 x 256 at all three shapes
     widest = max(512, n_features // 2)
-    caps = [cap for cap in (max(512, triton.next_power_of_2(16 * k)), max(1024, triton.next_power_of_2(32 * k))) if cap <= widest]
+    caps = [max(512, triton.next_power_of_2(16 * k)), max(1024, triton.next_power_of_2(32 * k))]
+    caps = [cap for cap in caps if cap <= widest]
     aux_cap = max(256, triton.next_power_of_2(8 * k_aux)) if k_aux else 1
     return [
         dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, CAP=cap, AUX_CAP=aux_cap)
@@ -334,9 +336,10 @@ def filter_topk(
     margin_shift: float = 0.0,
 ) -> Tensor:
     """Writes `outputs` = (vals, idx, aux_vals, aux_idx) as `reference.encode_topk` does, except rows
-    flagged in the returned int8 flags [B], left unwritten for the caller to recompute. `positive_counts` (int32 [F], zeroed, or None) gets the
-    per-feature counts of positive pre-activations. `margin_shift` (tests only) raises every threshold
-    by that much, so that rows keep fewer than k survivors."""
+    flagged in the returned int8 flags [B], left unwritten for the caller to recompute.
+    `positive_counts` (int32 [F], zeroed, or None) gets the per-feature counts of positive
+    pre-activations. `margin_shift` (tests only) raises every threshold by that much, so that rows keep
+    fewer than k survivors. Rows run in chunks of at most FILTER_SLOTS buffer slots."""
     flags = x.new_empty(x.shape[0], dtype=torch.int8)
     rows_per_chunk = max(1, FILTER_SLOTS // max(cfg["CAP"], cfg["AUX_CAP"] if k_aux else 1))
     for start in range(0, x.shape[0], rows_per_chunk):
@@ -351,7 +354,7 @@ def _filter_rows(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, o
     F = W_enc.shape[1]
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
-    xc = center(x, b_dec, _TORCH_DOT_DTYPES[dot_dtype(W_enc.dtype)])
+    xc = center(x, b_dec, matmul_dtype(W_enc.dtype))
     tau = thresholds(xc, W_enc, b_enc, k, cap)
     if margin_shift:
         tau += margin_shift
@@ -401,6 +404,3 @@ def _row_warps(n: int) -> int:
     """Warps for a program that bisects over one row of n elements: one warp up to 1024 elements (so
     the bisection's row sums are warp shuffles, with no barrier), then more to bound registers."""
     return max(1, min(8, n // 1024))
-
-
-_TORCH_DOT_DTYPES = {tl.float32: torch.float32, tl.bfloat16: torch.bfloat16, tl.float16: torch.float16}

@@ -26,6 +26,11 @@ def dot_dtype(weight_dtype: torch.dtype):
     return tl.float32 if INTERPRET else TL_DTYPES[weight_dtype]
 
 
+def matmul_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """`dot_dtype` as a torch dtype: what a centred input is cast to before it meets the weights."""
+    return torch.float32 if INTERPRET else weight_dtype
+
+
 def input_precision(weight_dtype: torch.dtype) -> str:
     """fp32 weights use TF32 tensor cores only when torch allows it (torch.set_float32_matmul_precision)."""
     if INTERPRET or weight_dtype != torch.float32:
