@@ -13,7 +13,7 @@ import torch
 
 from fastsae import functional as F
 from fastsae import reference
-from fastsae.ops import encode
+from fastsae.ops import encode, launch
 from fastsae.testing import assert_close, assert_topk_matches
 
 from .harness import SHAPES, Recorder, measure, optional_sparsify, sweep_name
@@ -88,6 +88,7 @@ def _bench_topk(recorder: Recorder, shape: str, d: int, n_features: int, n_rows:
     for name, fn in providers.items():
         vals, idx = fn()[:2]
         assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre, k, 2e-2, f"encode_topk {shape} {name}")
+    print(f"encode_topk {shape}: tuned routes {launch.tuned_choices('encode_topk', d, n_features)}")
     gemm_expected = x[:CHECK_ROWS].float() @ W_enc.float()
     assert_close(_gemm(x, W_enc)[:CHECK_ROWS].float(), gemm_expected, 2e-2, f"encode_topk {shape} cublas_gemm")
     for name, fn in providers.items():

@@ -99,6 +99,35 @@ def _plot(op: str, rows: list[dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
+def _plot_ratio_against_k(rows: list[dict], out_dir: Path) -> bool:
+    """encode_topk time / cuBLAS GEMM time against k, for the shapes that differ from GPT-2's only in
+    k (d = 768, F = 24576, B = 8192); False when fewer than two such k were measured."""
+    import matplotlib.pyplot as plt
+
+    gpt2_width = (768, 24576, 8192)
+    by_k: dict = {}
+    for r in rows:
+        d, n_features, n_rows, k = shape_dims(r["shape"])
+        if (d, n_features, n_rows) == gpt2_width:
+            by_k.setdefault(k, {})[r["provider"]] = float(r["median_ms"])
+    points = {k: p for k, p in sorted(by_k.items()) if "cublas_gemm" in p}
+    if len(points) < 2:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for provider in ("fastsae", "torch"):
+        ks = [k for k, p in points.items() if provider in p]
+        ax.plot(ks, [points[k][provider] / points[k]["cublas_gemm"] for k in ks], marker="o", label=provider)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    ax.set_ylabel("time / cuBLAS GEMM time")
+    ax.set_title("encode_topk, d=768 F=24576 B=8192")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_dir / "encode_topk_vs_k.png", dpi=120)
+    plt.close(fig)
+    return True
+
+
 def _runs(rows: list[dict]) -> str:
     """Which commit (and date) each row comes from, when the newest rows of an op span several runs."""
     runs: dict = {}
@@ -134,6 +163,8 @@ def render(csv_path: Path, out_dir: Path) -> None:
         lines += _table(op, rows) + [""]
         _plot(op, rows, out_dir)
         lines += [f"![{op}]({op}.png)", ""]
+        if op == "encode_topk" and _plot_ratio_against_k(rows, out_dir):
+            lines += ["![encode_topk against k](encode_topk_vs_k.png)", ""]
     (out_dir / "README.md").write_text("\n".join(lines))
 
 

@@ -6,16 +6,20 @@ Each x tile is centred in fp32 and only then cast to the weights' dtype for the 
 outlier dimension with |mean| >> std keeps its per-token signal; products accumulate in fp32.
 
 TopK (`reference.encode_topk`): vals, idx = topk(pre, k) per row, values post-ReLU, plus optionally
-the top k_aux among features flagged dead (AuxK). The [B, F] pre-activation is never written. A
-program owns BLOCK_M rows and sweeps its share of the features in BLOCK_N tiles. Each row keeps a
-threshold (the KEEP-th largest key seen so far, KEEP = k rounded up to a power of two) and appends
-only tile entries above it to a per-row scratch buffer of CAP slots; when a buffer could overflow,
-the program compacts it to its KEEP largest keys with an exact bitonic top-k, which also raises the
-threshold. After the first few tiles a row appends about k * BLOCK_N / (features seen) entries per
-tile, so compactions are rare and the epilogue is a compare, a prefix sum and a sparse store. A key
-packs (value, feature) into one int64 that orders like the value (ties by feature), so selection is
-exact. Small batches split the features over programs (grid.y) to fill the GPU; a finishing kernel
-merges the splits' candidates and decodes the keys.
+the top k_aux among features flagged dead (AuxK). Three routes (`topk_routes`), picked per shape by
+the tuner: "filter", threshold-first (`filter.py`, the default); "dense", cuBLAS pre-activations of
+bounded row chunks and torch.topk, which is what eager PyTorch computes, so the tuner never picks a
+route slower than it; and "sweep", this file's single-pass kernel, which also recomputes the rows
+the filter flags. None writes the whole [B, F] pre-activation.
+
+The sweep: a program owns BLOCK_M rows and sweeps its share of the features in BLOCK_N tiles. Each
+row keeps a threshold (the KEEP-th largest key seen so far, KEEP = k rounded up to a power of two) and
+appends only tile entries above it to a per-row scratch buffer of CAP slots; when a buffer could
+overflow, the program compacts it to its KEEP largest keys with an exact bitonic top-k, which also
+raises the threshold. A key packs (value, feature) into one int64 that orders like the value (ties by
+feature), so selection is exact. Small batches split the features over programs (grid.y) to fill the
+GPU; a finishing kernel merges the splits' candidates and decodes the keys. With ONLY_FLAGGED, row
+blocks without a flagged row return at once.
 
 ReLU / JumpReLU (`reference.encode_relu`): a tiled GEMM whose epilogue adds b_enc and applies
 `pre > threshold` (threshold 0 for ReLU), writing dense codes [B, F].

@@ -63,3 +63,8 @@ def tuned(key: tuple, candidates: Sequence[object], run: Callable[[object], None
         timings = [triton.testing.do_bench(lambda c=c: run(c), warmup=5, rep=20) for c in candidates]
         _best[key] = candidates[timings.index(min(timings))]
     return _best[key]
+
+
+def tuned_choices(*key_prefix: object) -> list[object]:
+    """What the tuner picked for every key that starts with `key_prefix` (benchmarks report it)."""
+    return [choice for key, choice in _best.items() if key[: len(key_prefix)] == key_prefix]
