@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     diagnose = commands.add_parser("diagnose", help="outlier severity and predicted feature death of a file")
     diagnose.add_argument("path", type=Path, help="[N, d] activations: .npy, .pt or .safetensors")
     diagnose.add_argument("--k", type=int, default=32)
-    diagnose.add_argument("--n-features", type=int, default=24576)
+    diagnose.add_argument("--n-features", type=int, default=None, help="features of the SAE to assess (default 16 x d)")
     diagnose.set_defaults(run=cmd_diagnose)
 
     bench = commands.add_parser("bench", help="GPU benchmarks (arguments go to bench/run.py)")

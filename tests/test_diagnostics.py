@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import minimize
+from scipy.stats import norm
 
 import fastsae
-from fastsae import centering, reference
+from fastsae import centering, diagnostics, reference
 from fastsae.__main__ import main as cli
 from fastsae.reproduce import Settings, markdown_table, run
 
@@ -210,3 +211,35 @@ def test_reproduce_small_run(tmp_path):
 def test_bench_cli_says_it_needs_a_gpu(capsys):
     assert cli(["bench"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_degenerate_inputs_get_the_papers_conventions_or_clear_errors():
+    """NaN gamma is an error; constant activations (all-zero ones too) have gamma inf and nothing to
+    learn; the closed forms at gamma inf are their limit; fractions are Python floats."""
+    with pytest.raises(ValueError, match="NaN"):
+        fastsae.predicted_death(float("nan"), 1000, 32, 1024)
+    dead_relu, dead_topk = fastsae.predicted_death(float("inf"), 1000, 32, 1024)
+    assert type(dead_relu) is float and dead_relu == 0.5
+    assert dead_topk == pytest.approx(float(norm.cdf(norm.ppf(1 - 32 / 1024))))
+    row = torch.randn(40, dtype=torch.float64)
+    for acts in (row.expand(500, 40).clone(), torch.zeros(500, 40), torch.full((500, 40), 3.0)):
+        assert fastsae.outlier_severity(acts) == float("inf")
+        assert fastsae.outlier_severity(acts, layernorm=False) == float("inf")
+        report = fastsae.diagnose(acts, k=8)
+        assert report.recommendation == "nothing to learn" and "constant" in str(report)
+        assert report.effective_rank == 0.0 and type(report.predicted_dead_topk) is float
+
+
+def test_diagnose_subsamples_the_covariance_on_one_grid(monkeypatch):
+    """Past EIGEN_TOKENS tokens the effective rank comes from an evenly spaced subsample, the same rows
+    whether the tensor is processed in one chunk or many; gamma still uses every token. The SAE assumed
+    by default has 16 x d features."""
+    x = _outlier_data(n=1000, gamma=2.0)
+    monkeypatch.setattr(diagnostics, "EIGEN_TOKENS", 100)
+    one_shot = fastsae.diagnose(x, k=8)
+    assert one_shot.n_features == 16 * x.shape[1] and "8 of 640" in str(one_shot)
+    assert one_shot.gamma == pytest.approx(fastsae.outlier_severity(x), rel=1e-12)
+    assert one_shot.effective_rank == pytest.approx(fastsae.effective_rank(x[::10]), rel=1e-10)
+    assert one_shot.effective_rank == pytest.approx(fastsae.effective_rank(x), rel=0.2)
+    monkeypatch.setattr(centering, "CHUNK_ROWS", 64)
+    assert fastsae.diagnose(x, k=8).effective_rank == pytest.approx(one_shot.effective_rank, rel=1e-10)
