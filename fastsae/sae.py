@@ -26,6 +26,9 @@ ACTIVATIONS = ("topk", "relu", "jumprelu", "batchtopk")
 CENTERING_MODES = ("geometric_median", "mean", "none", "whiten")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 FORMAT_VERSION = "1"
+# The BatchTopK inference threshold's running-average factor per training step (Bussmann et al. 2024;
+# dictionary_learning's default).
+BATCHTOPK_THRESHOLD_DECAY = 0.999
 # AuxK runs densely over the dead features (F.auxk_reconstruction) while there are at most this many
 # per AuxK code: the [B, n_dead] matrices stay within 8x the [B, k_aux] codes, a few tens of MB.
 AUXK_DENSE_MAX_DEAD_PER_CODE = 8
@@ -110,6 +113,11 @@ class SparseAutoencoder(nn.Module):
         if cfg.activation == "jumprelu":
             # JumpReLU thresholds are set from a trained SAE (e.g. Gemma Scope); they get no gradient here.
             self.register_buffer("threshold", torch.zeros(n_features, dtype=dtype))
+        if cfg.activation == "batchtopk":
+            # The inference threshold (Bussmann et al. 2024): a running average of the smallest code
+            # BatchTopK kept in each training batch. In eval mode the codes are JumpReLU at it, so a
+            # token's codes do not depend on the rest of its batch. -1 until a training step sets it.
+            self.register_buffer("batchtopk_threshold", torch.full((), -1.0, dtype=torch.float32))
         self.register_buffer("feature_fire_count", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("n_tokens_seen", torch.zeros((), dtype=torch.int64))
@@ -217,6 +225,10 @@ class SparseAutoencoder(nn.Module):
             k_aux = cfg.k_aux if aux_dead is not None else 0
             return F.encode_topk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k, k_aux=k_aux, dead_mask=aux_dead)
         if cfg.activation == "batchtopk":
+            # One host read in eval mode: before any training step there is no threshold to use.
+            if not self.training and float(self.batchtopk_threshold) >= 0:
+                threshold = self.batchtopk_threshold.to(self.W_enc.dtype).expand(cfg.n_features)
+                return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
             return F.encode_batchtopk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
         threshold = self.threshold if cfg.activation == "jumprelu" else None
         return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
@@ -255,6 +267,8 @@ class SparseAutoencoder(nn.Module):
             vals, idx, acts = None, None, codes
         if self.training:
             self._update_death_stats(codes, x.shape[0])
+            if self.cfg.activation == "batchtopk":
+                self._update_batchtopk_threshold(codes)
         loss = fvu + self.cfg.auxk_coef * auxk
         return SAEOutput(recon, vals, idx, acts, loss, mse, fvu, auxk)
 
@@ -267,6 +281,16 @@ class SparseAutoencoder(nn.Module):
         F.update_since_fired_(self.tokens_since_fired, counts, n_tokens)
         self.feature_fire_count += counts
         self.n_tokens_seen += n_tokens
+
+    @torch.no_grad()
+    def _update_batchtopk_threshold(self, acts: Tensor) -> None:
+        """Fold this batch's smallest kept code into the running inference threshold (on the device:
+        no synchronisation); a batch that kept nothing leaves it unchanged."""
+        smallest = torch.where(acts > 0, acts, float("inf")).amin().float()
+        running = self.batchtopk_threshold
+        averaged = BATCHTOPK_THRESHOLD_DECAY * running + (1 - BATCHTOPK_THRESHOLD_DECAY) * smallest
+        updated = torch.where(running < 0, smallest, averaged)
+        running.copy_(torch.where(torch.isinf(smallest), running, updated))
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.cfg.d_in:
@@ -338,6 +362,9 @@ class SparseAutoencoder(nn.Module):
         sae = cls(cfg).to(device)
         expected = sae.state_dict()
         missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+        if missing == {"batchtopk_threshold"}:  # saved before the threshold existed: still unset
+            tensors["batchtopk_threshold"] = expected["batchtopk_threshold"]
+            missing = set()
         if missing or unexpected:
             raise ValueError(
                 f"{path} does not match its config: missing {sorted(missing)}, unexpected {sorted(unexpected)}"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import fastsae
 from fastsae import reference
@@ -289,3 +291,44 @@ def test_cuda_training_matches_reference_path(deterministic):
             assert_close(getattr(cuda, name), getattr(cpu, name).double(), torch.bfloat16, name)
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def test_batchtopk_eval_codes_do_not_depend_on_the_batch(tmp_path):
+    """Training steps keep a running average of the smallest code BatchTopK kept; in eval mode the
+    codes are JumpReLU at it, so a token alone and in a batch get the same codes. Before any training
+    step, eval falls back to the batch rule. The threshold survives save/load; an older checkpoint
+    without it loads unset."""
+    sae = _sae(activation="batchtopk")
+    x = torch.randn(40, 24, dtype=torch.float64) + 3
+    sae.eval()
+    assert torch.equal(sae(x).acts, reference.batch_topk(reference.encode_relu(x, *_encoder(sae)), 6))
+    sae.train()
+    out = sae(x)
+    first = float(out.acts.detach()[out.acts > 0].min())
+    assert float(sae.batchtopk_threshold) == pytest.approx(first)
+    y = torch.randn(40, 24, dtype=torch.float64) + 3
+    out = sae(y)
+    decay = fastsae.sae.BATCHTOPK_THRESHOLD_DECAY
+    expected = decay * first + (1 - decay) * float(out.acts.detach()[out.acts > 0].min())
+    assert float(sae.batchtopk_threshold) == pytest.approx(expected)
+    sae.eval()
+    together = sae(x).acts
+    alone = torch.cat([sae(x[i : i + 1]).acts for i in range(x.shape[0])])
+    assert torch.equal(together > 0, alone > 0), "a token's codes changed with its batch"
+    assert_close(alone, together, torch.float64, "codes alone")
+    threshold = sae.batchtopk_threshold.double().expand(96)
+    assert_close(together, reference.encode_relu(x, *_encoder(sae), threshold), torch.float64, "eval codes")
+    assert 0 < int((together > 0).sum()) < together.numel()
+    path = tmp_path / "batchtopk.safetensors"
+    sae.save(path)
+    assert float(fastsae.SparseAutoencoder.load(path).batchtopk_threshold) == float(sae.batchtopk_threshold)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    del tensors["batchtopk_threshold"]
+    save_file(tensors, path, metadata=metadata)
+    assert float(fastsae.SparseAutoencoder.load(path).batchtopk_threshold) == -1.0
+
+
+def _encoder(sae):
+    return sae.W_enc, sae.b_enc, sae.b_dec
