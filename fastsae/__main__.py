@@ -65,6 +65,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         steps=args.steps,
         n_eval=args.n_eval,
         seed=args.seed,
+        seeds=args.seeds,
         device=args.device,
     )
     print(main(settings, args.out))
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("--gammas", type=float, nargs="+", default=list(Settings.gammas))
     reproduce.add_argument("--steps", type=int, default=Settings.steps, help="training steps per SAE")
     reproduce.add_argument("--n-eval", type=int, default=Settings.n_eval, help="evaluation tokens")
-    reproduce.add_argument("--seed", type=int, default=Settings.seed)
+    reproduce.add_argument("--seed", type=int, default=Settings.seed, help="the first seed")
+    reproduce.add_argument("--seeds", type=int, default=Settings.seeds, help="seeds per gamma (paired variants each)")
     reproduce.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     reproduce.set_defaults(run=cmd_reproduce)
 

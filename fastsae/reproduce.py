@@ -8,6 +8,9 @@ gamma = ||mu|| / ||sigma|| takes each value of a sweep. For each gamma:
 2. after a short training run, % dead, feature recovery (MMCS: mean over true features of the best
    cosine similarity with a decoder row) and FVU for an uncentred baseline (b_dec = 0), the baseline
    with AuxK, and fastsae's default (b_dec = geometric median, AuxK on).
+The variants are paired: within a seed they start from the same random directions and see the same
+batches, so a difference between them is the variant's, not the draw's (at gamma >= 15 an uncentred
+TopK SAE is bimodal in its initialisation). Every number is a mean over `seeds` seeds, +- their std.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ class Settings:
     steps: int = 300
     batch_size: int = 512
     lr: float = 3e-3
-    seed: int = 0
+    seed: int = 0  # the first seed
+    seeds: int = 1  # seeds per gamma: seed, seed + 1, ...
     device: str = "cpu"
 
 
@@ -94,49 +98,78 @@ VARIANTS = {  # name -> (centering, AuxK on)
 
 
 def run(s: Settings) -> list[dict]:
-    """One row per gamma: init death (measured, predicted) and, per variant, % dead, MMCS, FVU."""
+    """One row per gamma: init death (measured, predicted) and, per variant, % dead, MMCS, FVU; each
+    value is a list with one entry per seed."""
     rows = []
-    progress = tqdm(total=len(s.gammas) * len(VARIANTS) * s.steps, desc="training", unit="step", leave=False)
+    total = len(s.gammas) * s.seeds * len(VARIANTS) * s.steps
+    progress = tqdm(total=total, desc="training", unit="step", leave=False)
     for gamma in s.gammas:
-        generator = torch.Generator().manual_seed(s.seed)
-        torch.manual_seed(s.seed)
-        data = SyntheticActivations(s, gamma, generator)
-        eval_set = data.sample(s.n_eval)
-        moments = RunningMoments()
-        moments.update(eval_set)
-        base = dict(d_in=s.d, n_features=s.n_features, k=s.k, check_finite=False)
-        at_init = SparseAutoencoder(SAEConfig(**base, centering="none", k_aux=0)).to(s.device)
-        init = measure_death(at_init, eval_set)
-        predicted_relu, predicted_topk = predicted_death(moments.gamma, s.n_eval, s.k, s.n_features)
-        row = {
-            "gamma": gamma,
-            "gamma_measured": moments.gamma,
-            "init_dead_relu": init.dead_relu,
-            "init_dead_relu_predicted": predicted_relu,
-            "init_dead": init.dead,
-            "init_dead_predicted": predicted_topk,
-        }
-        for name, (centering, auxk) in VARIANTS.items():
-            cfg = SAEConfig(
-                **base,
-                centering=centering,
-                k_aux=s.d // 2 if auxk else 0,
-                dead_after_tokens=20 * s.batch_size,
-            )
-            sae = _train(data, cfg, s, progress)
-            with torch.no_grad():
-                fvu = float(sae(eval_set).fvu)
-            row[f"{name}_dead"] = measure_death(sae, eval_set).dead
-            row[f"{name}_mmcs"] = mean_max_cosine(sae, data.dictionary)
-            row[f"{name}_fvu"] = fvu
+        row: dict = {"gamma": gamma}
+        for seed in range(s.seed, s.seed + s.seeds):
+            for key, value in _one_seed(s, gamma, seed, progress).items():
+                row.setdefault(key, []).append(value)
         rows.append(row)
     progress.close()
     return rows
 
 
+def _one_seed(s: Settings, gamma: float, seed: int, progress: tqdm) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    data = SyntheticActivations(s, gamma, generator)
+    eval_set = data.sample(s.n_eval)
+    moments = RunningMoments()
+    moments.update(eval_set)
+    base = dict(d_in=s.d, n_features=s.n_features, k=s.k, check_finite=False)
+    torch.manual_seed(seed)
+    at_init = SparseAutoencoder(SAEConfig(**base, centering="none", k_aux=0)).to(s.device)
+    init = measure_death(at_init, eval_set)
+    predicted_relu, predicted_topk = predicted_death(moments.gamma, s.n_eval, s.k, s.n_features)
+    result = {
+        "gamma_measured": moments.gamma,
+        "init_dead_relu": init.dead_relu,
+        "init_dead_relu_predicted": predicted_relu,
+        "init_dead": init.dead,
+        "init_dead_predicted": predicted_topk,
+    }
+    stream = generator.get_state()  # every variant's batches are drawn from here
+    for name, (centering, auxk) in VARIANTS.items():
+        cfg = SAEConfig(
+            **base,
+            centering=centering,
+            k_aux=s.d // 2 if auxk else 0,
+            dead_after_tokens=20 * s.batch_size,
+        )
+        generator.set_state(stream)
+        torch.manual_seed(seed)  # the same initial directions for every variant
+        sae = _train(data, cfg, s, progress)
+        with torch.no_grad():
+            fvu = float(sae(eval_set).fvu)
+        result[f"{name}_dead"] = measure_death(sae, eval_set).dead
+        result[f"{name}_mmcs"] = mean_max_cosine(sae, data.dictionary)
+        result[f"{name}_fvu"] = fvu
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _spread(values: list[float]) -> float:
+    """Standard deviation over seeds (0 for one seed)."""
+    mean = _mean(values)
+    return (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+
+
+def _cell(values: list[float], percent: bool) -> str:
+    scale, unit, digits = (100, "%", 1) if percent else (1, "", 3)
+    text = f"{scale * _mean(values):.{digits}f}"
+    if len(values) > 1:
+        text += f" ± {scale * _spread(values):.{digits}f}"
+    return text + unit
+
+
 def _per_variant(row: dict, metric: str, percent: bool = False) -> str:
-    values = [row[f"{name}_{metric}"] for name in VARIANTS]
-    return " / ".join(f"{100 * v:.1f}%" if percent else f"{v:.3f}" for v in values)
+    return " / ".join(_cell(row[f"{name}_{metric}"], percent) for name in VARIANTS)
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -148,9 +181,9 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['gamma_measured']:.1f} "
-            f"| {100 * r['init_dead_relu']:.1f}% / {100 * r['init_dead_relu_predicted']:.1f}% "
-            f"| {100 * r['init_dead']:.1f}% / {100 * r['init_dead_predicted']:.1f}% "
+            f"| {_mean(r['gamma_measured']):.1f} "
+            f"| {_cell(r['init_dead_relu'], True)} / {_cell(r['init_dead_relu_predicted'], True)} "
+            f"| {_cell(r['init_dead'], True)} / {_cell(r['init_dead_predicted'], True)} "
             f"| {_per_variant(r, 'dead', percent=True)} | {_per_variant(r, 'mmcs')} | {_per_variant(r, 'fvu')} |"
         )
     return "\n".join(lines)
@@ -168,15 +201,20 @@ def plot(rows: list[dict], s: Settings, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(grid, [100 * c[0] for c in curves], "C0-", label="predicted dead-by-ReLU (init)")
     ax.plot(grid, [100 * c[1] for c in curves], "C1-", label="predicted dead, TopK (init)")
-    gammas = [r["gamma_measured"] for r in rows]
-    ax.plot(gammas, [100 * r["init_dead_relu"] for r in rows], "C0o", label="measured dead-by-ReLU (init)")
-    ax.plot(gammas, [100 * r["init_dead"] for r in rows], "C1o", label="measured dead, TopK (init)")
-    for i, name in enumerate(VARIANTS):
-        ax.plot(gammas, [100 * r[f"{name}_dead"] for r in rows], f"C{i + 2}s--", label=f"after training: {name}")
+    gammas = [_mean(r["gamma_measured"]) for r in rows]
+    series = [
+        ("init_dead_relu", "C0o", "measured dead-by-ReLU (init)"),
+        ("init_dead", "C1o", "measured dead, TopK (init)"),
+        *((f"{name}_dead", f"C{i + 2}s--", f"after training: {name}") for i, name in enumerate(VARIANTS)),
+    ]
+    for key, style, label in series:  # means over seeds, their std as error bars
+        means = [100 * _mean(r[key]) for r in rows]
+        spreads = [100 * _spread(r[key]) for r in rows]
+        ax.errorbar(gammas, means, yerr=spreads, fmt=style, capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("outlier severity gamma")
     ax.set_ylabel("% features dead")
-    ax.set_title(f"Feature death vs outliers (d={s.d}, F={s.n_features}, k={s.k}, N={s.n_eval})")
+    ax.set_title(f"Feature death vs outliers (d={s.d}, F={s.n_features}, k={s.k}, N={s.n_eval}, {s.seeds} seeds)")
     ax.legend(fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=130)

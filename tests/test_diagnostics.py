@@ -9,7 +9,7 @@ from scipy.stats import norm
 import fastsae
 from fastsae import centering, diagnostics, reference
 from fastsae.__main__ import main as cli
-from fastsae.reproduce import Settings, markdown_table, run
+from fastsae.reproduce import Settings, SyntheticActivations, markdown_table, run
 
 
 def _outlier_data(n=3000, d=40, gamma=5.0):
@@ -198,13 +198,42 @@ def test_reproduce_small_run(tmp_path):
     """A small reproduce: at gamma 30 the uncentred SAE loses many features, the centred one none."""
     settings = Settings(gammas=(30.0,), steps=200, n_eval=2048)
     rows = run(settings)
-    high = rows[0]
+    high = {key: value[0] for key, value in rows[0].items() if key != "gamma"}  # the one seed
     assert high["init_dead"] > 0.8 and high["init_dead_predicted"] > 0.8
     assert high["baseline_dead"] > 0.3 and high["centred_dead"] < 0.02
     assert high["centred_mmcs"] > high["baseline_mmcs"] + 0.2
     assert markdown_table(rows).count("\n") == 2
     assert cli(["reproduce", "--out", str(tmp_path), "--gammas", "30", "--steps", "20", "--n-eval", "1024"]) == 0
     assert (tmp_path / "reproduce.md").is_file() and (tmp_path / "death_vs_gamma.png").is_file()
+
+
+def test_reproduce_pairs_its_variants(monkeypatch):
+    """Within a seed every variant starts from the same directions and sees the same batches; seeds
+    differ, and the table reports their mean +- std."""
+    initial, drawn = [], []
+    original_initialize, original_sample = fastsae.SparseAutoencoder.initialize, SyntheticActivations.sample
+
+    def initialize(self, sample):
+        original_initialize(self, sample)
+        initial.append(self.W_dec.detach().clone())
+        return self
+
+    def sample(self, n):
+        drawn.append(original_sample(self, n))
+        return drawn[-1]
+
+    monkeypatch.setattr(fastsae.SparseAutoencoder, "initialize", initialize)
+    monkeypatch.setattr(SyntheticActivations, "sample", sample)
+    rows = run(Settings(gammas=(5.0,), steps=2, n_eval=256, seeds=2))
+    variants, per_variant = 3, 3  # the initialisation sample and two batches each
+    for seed in range(2):
+        inits = initial[seed * variants : (seed + 1) * variants]
+        assert all(torch.equal(inits[0], w) for w in inits[1:]), "variants start from different directions"
+        first = seed * (1 + variants * per_variant) + 1  # past this seed's eval set
+        streams = [drawn[first + i * per_variant : first + (i + 1) * per_variant] for i in range(variants)]
+        assert all(torch.equal(a, b) for stream in streams[1:] for a, b in zip(streams[0], stream)), "batches differ"
+    assert not torch.equal(initial[0], initial[variants]), "two seeds drew the same directions"
+    assert len(rows[0]["baseline_dead"]) == 2 and " ± " in markdown_table(rows)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
