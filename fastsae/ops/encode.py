@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import reference
 from .decode import decode_sparse
-from .filter import EMPTY_KEY, center, filter_configs, filter_topk, key_value, to_key
+from .filter import EMPTY_KEY, center, filter_configs, filter_topk, grouped_tile, key_value, to_key
 from .launch import INTERPRET, bucket, dot_dtype, input_precision, matmul_dtype, sm_count, tuned
 from .scatter import feature_sums
 
@@ -454,15 +454,7 @@ def _encode_relu_fwd_kernel(
     HAS_THRESHOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # Grouped launch order: GROUP_M row blocks share each W_enc column block while it is in L2.
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(B, BLOCK_M)
-    n_col_blocks = tl.cdiv(F, BLOCK_N)
-    group = pid // (GROUP_M * n_col_blocks)
-    first_row_block = group * GROUP_M
-    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
-    row_block = first_row_block + (pid % (GROUP_M * n_col_blocks)) % group_rows
-    col_block = (pid % (GROUP_M * n_col_blocks)) // group_rows
+    row_block, col_block = grouped_tile(B, F, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)

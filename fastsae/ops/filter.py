@@ -86,6 +86,20 @@ def _kth_largest(keys, present, k):
 
 
 @triton.jit
+def grouped_tile(B, F, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of this program of a GEMM grid in grouped launch order: GROUP_M row
+    blocks share each W_enc column block while it is in L2."""
+    pid = tl.program_id(0)
+    n_row_blocks = tl.cdiv(B, BLOCK_M)
+    n_col_blocks = tl.cdiv(F, BLOCK_N)
+    first_row_block = pid // (GROUP_M * n_col_blocks) * GROUP_M
+    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
+    row_block = first_row_block + (pid % (GROUP_M * n_col_blocks)) % group_rows
+    col_block = (pid % (GROUP_M * n_col_blocks)) // group_rows
+    return row_block, col_block
+
+
+@triton.jit
 def _center_kernel(
     x_ptr, b_dec_ptr, out_ptr, B, D, stride_xm, stride_xd, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
 ):  # fmt: skip
@@ -144,15 +158,7 @@ def _filter_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # Grouped launch order: GROUP_M row blocks share each W_enc column block while it is in L2.
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(B, BLOCK_M)
-    n_col_blocks = tl.cdiv(F, BLOCK_N)
-    group = pid // (GROUP_M * n_col_blocks)
-    first_row_block = group * GROUP_M
-    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP_M)
-    row_block = first_row_block + (pid % (GROUP_M * n_col_blocks)) % group_rows
-    col_block = (pid % (GROUP_M * n_col_blocks)) // group_rows
+    row_block, col_block = grouped_tile(B, F, BLOCK_M, BLOCK_N, GROUP_M)
 
     row_start = row_block * BLOCK_M
     rows = row_start + tl.arange(0, BLOCK_M)
