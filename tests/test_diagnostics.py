@@ -53,7 +53,7 @@ def test_streaming_equals_one_shot(monkeypatch):
     monkeypatch.setattr(centering, "CHUNK_ROWS", 64)  # tensors are processed in chunks too
     chunked = fastsae.diagnose(x, k=8, n_features=256)
     assert chunked.gamma == pytest.approx(one_shot.gamma, rel=1e-10)
-    assert chunked.effective_rank == pytest.approx(one_shot.effective_rank, rel=1e-8)
+    assert chunked.effective_rank == pytest.approx(one_shot.effective_rank, rel=1e-6)  # float32 covariance
 
 
 def test_closed_forms_at_known_values():
@@ -268,7 +268,7 @@ def test_diagnose_subsamples_the_covariance_on_one_grid(monkeypatch):
     one_shot = fastsae.diagnose(x, k=8)
     assert one_shot.n_features == 16 * x.shape[1] and "8 of 640" in str(one_shot)
     assert one_shot.gamma == pytest.approx(fastsae.outlier_severity(x), rel=1e-12)
-    assert one_shot.effective_rank == pytest.approx(fastsae.effective_rank(x[::10]), rel=1e-10)
+    assert one_shot.effective_rank == pytest.approx(fastsae.effective_rank(x[::10]), rel=1e-6)
     assert one_shot.effective_rank == pytest.approx(fastsae.effective_rank(x), rel=0.2)
     monkeypatch.setattr(centering, "CHUNK_ROWS", 64)
-    assert fastsae.diagnose(x, k=8).effective_rank == pytest.approx(one_shot.effective_rank, rel=1e-10)
+    assert fastsae.diagnose(x, k=8).effective_rank == pytest.approx(one_shot.effective_rank, rel=1e-6)
