@@ -53,7 +53,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from .diagnostics import diagnose
 
     acts = load_activations(args.path)
-    print(diagnose(acts, k=args.k, n_features=args.n_features))
+    print(diagnose(acts, k=args.k, n_features=args.n_features, measure_tokens=args.measure_tokens))
     return 0
 
 
@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     diagnose.add_argument("path", type=Path, help="[N, d] activations: .npy, .pt or .safetensors")
     diagnose.add_argument("--k", type=int, default=32)
     diagnose.add_argument("--n-features", type=int, default=None, help="features of the SAE to assess (default 16 x d)")
+    diagnose.add_argument(
+        "--measure-tokens", type=int, default=None,
+        help="tokens encoded by random-init SAEs to measure death (default: 65536 on a GPU, 2048 on a CPU; 0: skip)",
+    )  # fmt: skip
     diagnose.set_defaults(run=cmd_diagnose)
 
     bench = commands.add_parser("bench", help="GPU benchmarks (arguments go to bench/run.py)")

@@ -26,6 +26,7 @@ from scipy.stats import norm
 from torch import Tensor
 
 from .centering import check_sample, row_chunks
+from .sae import SAEConfig, SparseAutoencoder
 
 LAYERNORM_EPS = 1e-5
 LOW_EFFECTIVE_RANK = 8.0  # below this, centring alone leaves most directions degenerate (Evo1: ~2.8)
@@ -34,6 +35,11 @@ CENTRE_IF_DEAD_TOPK = 0.10
 # diagnose estimates the covariance (n * d^2 work) from an evenly spaced subsample of this many tokens:
 # at d = 1536 all of 62k tokens cost 8 s of float64 GEMM on a 2-core CPU for the same effective rank.
 EIGEN_TOKENS = 16384
+# diagnose measures death at initialisation by encoding this many (evenly spaced) tokens with random-init
+# SAEs of the user's shape: all of them on a GPU, few on a CPU (a dense reference encode there).
+MEASURE_TOKENS_GPU = 65536
+MEASURE_TOKENS_CPU = 2048
+MEASURED_CENTERINGS = {"none": "uncentred", "geometric_median": "centred", "whiten": "whitened"}
 
 
 def layernorm_scaled(x: Tensor) -> Tensor:
@@ -210,8 +216,13 @@ class Diagnosis:
     gamma: float  # LayerNorm convention
     gamma_raw: float
     effective_rank: float
-    predicted_dead_relu: float
+    predicted_dead_relu: float  # closed forms at the LayerNorm gamma, over n_tokens
     predicted_dead_topk: float
+    predicted_dead_relu_raw: float  # ... at the raw gamma (what an SAE on raw activations sees)
+    predicted_dead_topk_raw: float
+    measured_tokens: int  # tokens the random-init SAEs encoded (0: not measured)
+    measured_dead: dict[str, float]  # centering -> fraction dead at initialisation over measured_tokens
+    measured_dead_relu: dict[str, float]  # centering -> fraction never positive
     recommendation: str  # "no action" | "centre" | "centre + whiten" | "nothing to learn"
     reason: str
 
@@ -222,23 +233,55 @@ class Diagnosis:
             ("gamma (LayerNorm x sqrt(d))", f"{self.gamma:.3f}"),
             ("gamma (raw)", f"{self.gamma_raw:.3f}"),
             ("effective rank", f"{self.effective_rank:.1f}"),
-            ("predicted dead-by-ReLU at init", f"{100 * self.predicted_dead_relu:.1f}%"),
-            ("predicted dead (TopK) at init", f"{100 * self.predicted_dead_topk:.1f}%"),
-            ("recommendation", self.recommendation),
-        ]
+            ("predicted dead-by-ReLU at init (LayerNorm / raw gamma)",
+             f"{100 * self.predicted_dead_relu:.1f}% / {100 * self.predicted_dead_relu_raw:.1f}%"),
+            ("predicted dead (TopK) at init (LayerNorm / raw gamma)",
+             f"{100 * self.predicted_dead_topk:.1f}% / {100 * self.predicted_dead_topk_raw:.1f}%"),
+        ]  # fmt: skip
+        if self.measured_tokens:
+            names = " / ".join(MEASURED_CENTERINGS[c] for c in self.measured_dead)
+            rows += [
+                (f"measured dead at init over {self.measured_tokens} tokens: {names}", _percents(self.measured_dead)),
+                ("measured dead-by-ReLU at init", _percents(self.measured_dead_relu)),
+            ]
+        rows.append(("recommendation", self.recommendation))
         lines = ["| statistic | value |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]
         return "\n".join(lines) + f"\n\n{self.reason}"
 
 
-def diagnose(acts: Tensor | Iterable[Tensor], k: int = 32, n_features: int | None = None) -> Diagnosis:
+def _percents(fractions: dict[str, float]) -> str:
+    return " / ".join(f"{100 * value:.1f}%" for value in fractions.values())
+
+
+def measure_death_at_init(
+    sample: Tensor, k: int, n_features: int, centerings=tuple(MEASURED_CENTERINGS), seed: int = 0
+) -> dict[str, DeathReport]:
+    """Death at initialisation of a TopK SAE (k of n_features) over `sample` [N, d], for each centering
+    mode: every SAE starts from the same random directions (drawn from `seed`, the caller's RNG left
+    untouched) and is initialised (b_dec, whitening) from the sample itself."""
+    reports = {}
+    for centering in centerings:
+        cfg = SAEConfig(d_in=sample.shape[1], n_features=n_features, k=k, k_aux=0, centering=centering)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sae = SparseAutoencoder(cfg).to(sample.device).initialize(sample)
+        reports[centering] = measure_death(sae.eval(), sample)
+    return reports
+
+
+def diagnose(
+    acts: Tensor | Iterable[Tensor], k: int = 32, n_features: int | None = None, measure_tokens: int | None = None
+) -> Diagnosis:
     """One streaming pass: gamma in both conventions, effective rank, the closed-form death an
-    uncentred TopK SAE (k of n_features, default 16 x d) would have at initialisation over these tokens,
-    and a recommendation with its reason. For a tensor, the covariance behind the effective rank comes
-    from an evenly spaced subsample of at most EIGEN_TOKENS tokens; every other statistic uses all."""
+    uncentred TopK SAE (k of n_features, default 16 x d) would have at initialisation over these tokens;
+    then death measured at initialisation with random-init SAEs of that shape, uncentred, centred and
+    whitened, over `measure_tokens` evenly spaced tokens (default MEASURE_TOKENS_GPU on a GPU,
+    MEASURE_TOKENS_CPU on a CPU; 0 skips it), and a recommendation based on what was measured. For a
+    tensor, the covariance behind the effective rank comes from an evenly spaced subsample of at most
+    EIGEN_TOKENS tokens; gamma uses every token."""
     step = max(1, acts.shape[0] // EIGEN_TOKENS) if isinstance(acts, Tensor) else 1
-    # The effective rank needs no float64 GEMM: a float32 one over float64-centred tokens changes it ~1e-7.
     layernormed, raw, covariance = RunningMoments(), RunningMoments(), RunningMoments(True, torch.float32)
-    seen = 0
+    seen, kept = 0, []  # kept: the first tokens of an iterable, for the measurement
     for chunk in _chunks(acts):
         normed = layernorm_scaled(chunk)
         layernormed.update(normed)
@@ -246,51 +289,106 @@ def diagnose(acts: Tensor | Iterable[Tensor], k: int = 32, n_features: int | Non
         sampled = normed[(-seen) % step :: step]  # the rows of this chunk on the global grid of the subsample
         if sampled.shape[0]:
             covariance.update(sampled)
+        if not isinstance(acts, Tensor) and sum(t.shape[0] for t in kept) < (measure_tokens or MEASURE_TOKENS_GPU):
+            kept.append(chunk)
         seen += chunk.shape[0]
     d = raw.mean.shape[0]
     n_features = 16 * d if n_features is None else n_features
     if not 1 <= k <= n_features:
         raise ValueError(f"k must be in [1, n_features={n_features}], got {k}")
-    gamma = layernormed.gamma
+    gamma, gamma_raw = layernormed.gamma, raw.gamma
     rank = _effective_rank_of(covariance)
-    dead_relu, dead_topk = predicted_death(gamma, max(layernormed.n, 2), k, n_features)
-    if raw.constant:
-        recommendation = "nothing to learn"
-        reason = (
-            "The activations are constant: every token is the same vector, so there is no variation for an "
-            "SAE to learn (gamma is infinite by the paper's convention). Check the hook point and the data."
-        )
-    elif rank < LOW_EFFECTIVE_RANK:
-        recommendation = "centre + whiten"
-        reason = (
-            f"The centred activations have effective rank {rank:.1f} (< {LOW_EFFECTIVE_RANK:g}): a few directions "
-            "carry nearly all variance, so centring alone leaves most features without signal. "
-            "Use SAEConfig(centering='whiten')."
-        )
-    elif dead_relu > CENTRE_IF_DEAD_RELU or dead_topk > CENTRE_IF_DEAD_TOPK:
-        recommendation = "centre"
-        reason = (
-            f"gamma = {gamma:.2f}: the mean offset shifts every feature's pre-activation by w . mu, so an "
-            f"uncentred SAE would start with {100 * dead_topk:.0f}% of features dead "
-            f"({100 * dead_relu:.0f}% never positive). Centre the input: SAEConfig(centering='geometric_median'), "
-            "fastsae's default."
-        )
-    else:
-        recommendation = "no action"
-        reason = (
-            f"gamma = {gamma:.2f} is small: outliers predict {100 * dead_topk:.1f}% dead features at "
-            "initialisation. The default geometric-median centring is harmless here."
-        )
+    n_eval = max(layernormed.n, 2)
+    dead_relu, dead_topk = predicted_death(gamma, n_eval, k, n_features)
+    dead_relu_raw, dead_topk_raw = predicted_death(gamma_raw, n_eval, k, n_features)
+
+    sample = _measurement_sample(acts if isinstance(acts, Tensor) else torch.cat(kept), measure_tokens)
+    measured = {} if raw.constant or sample is None else measure_death_at_init(sample, k, n_features)
+    recommendation, reason = _advice(raw.constant, gamma, rank, dead_relu, dead_topk, measured, k, n_features)
     return Diagnosis(
         n_tokens=layernormed.n,
         d=d,
         k=k,
         n_features=n_features,
         gamma=gamma,
-        gamma_raw=raw.gamma,
+        gamma_raw=gamma_raw,
         effective_rank=rank,
         predicted_dead_relu=dead_relu,
         predicted_dead_topk=dead_topk,
+        predicted_dead_relu_raw=dead_relu_raw,
+        predicted_dead_topk_raw=dead_topk_raw,
+        measured_tokens=0 if not measured else sample.shape[0],
+        measured_dead={c: report.dead for c, report in measured.items()},
+        measured_dead_relu={c: report.dead_relu for c, report in measured.items()},
         recommendation=recommendation,
         reason=reason,
+    )
+
+
+def _measurement_sample(acts: Tensor, measure_tokens: int | None) -> Tensor | None:
+    """Evenly spaced tokens of `acts` for the measurement, on the GPU when there is one; None for 0."""
+    device = acts.device if acts.is_cuda or not torch.cuda.is_available() else torch.device("cuda")
+    if measure_tokens is None:
+        measure_tokens = MEASURE_TOKENS_GPU if device.type == "cuda" else MEASURE_TOKENS_CPU
+    if measure_tokens <= 0:
+        return None
+    rows = torch.linspace(0, acts.shape[0] - 1, min(measure_tokens, acts.shape[0]), device=acts.device).round().long()
+    return acts[rows].to(device=device, dtype=torch.float32)
+
+
+def _advice(
+    constant: bool,
+    gamma: float,
+    rank: float,
+    dead_relu: float,
+    dead_topk: float,
+    measured: dict[str, DeathReport],
+    k: int,
+    n_features: int,
+) -> tuple[str, str]:
+    """(recommendation, reason): from the measured death when there is a measurement, else from the
+    closed forms."""
+    if constant:
+        return "nothing to learn", (
+            "The activations are constant: every token is the same vector, so there is no variation for an "
+            "SAE to learn (gamma is infinite by the paper's convention). Check the hook point and the data."
+        )
+    if measured:
+        n = measured["none"].n_tokens
+        uncentred, centred, whitened = (measured[c].dead for c in MEASURED_CENTERINGS)
+        predicted = predicted_death(gamma, max(n, 2), k, n_features)[1]  # over the same tokens
+        summary = (
+            f"Random-init SAEs of this shape left {100 * uncentred:.1f}% of features dead uncentred, "
+            f"{100 * centred:.1f}% centred and {100 * whitened:.1f}% whitened over {n} tokens "
+            f"(the closed form predicts {100 * predicted:.1f}% uncentred at gamma = {gamma:.2f})."
+        )
+        if uncentred > 2 * max(predicted, 0.01):
+            summary += (
+                " More die than gamma explains: the activations are anisotropic (a few directions carry most "
+                "of the variance), so features die by TopK even at low gamma."
+            )
+        if rank < LOW_EFFECTIVE_RANK or (centred > CENTRE_IF_DEAD_TOPK and whitened < centred / 2):
+            return "centre + whiten", (
+                f"{summary} Effective rank {rank:.1f}: centring alone leaves features without signal. "
+                "Use SAEConfig(centering='whiten')."
+            )
+        if uncentred > CENTRE_IF_DEAD_TOPK or measured["none"].dead_relu > CENTRE_IF_DEAD_RELU:
+            return "centre", f"{summary} Centre the input: SAEConfig(centering='geometric_median'), fastsae's default."
+        return "no action", f"{summary} The default geometric-median centring is harmless here."
+    if rank < LOW_EFFECTIVE_RANK:
+        return "centre + whiten", (
+            f"The centred activations have effective rank {rank:.1f} (< {LOW_EFFECTIVE_RANK:g}): a few directions "
+            "carry nearly all variance, so centring alone leaves most features without signal. "
+            "Use SAEConfig(centering='whiten')."
+        )
+    if dead_relu > CENTRE_IF_DEAD_RELU or dead_topk > CENTRE_IF_DEAD_TOPK:
+        return "centre", (
+            f"gamma = {gamma:.2f}: the mean offset shifts every feature's pre-activation by w . mu, so an "
+            f"uncentred SAE would start with {100 * dead_topk:.0f}% of features dead "
+            f"({100 * dead_relu:.0f}% never positive). Centre the input: SAEConfig(centering='geometric_median'), "
+            "fastsae's default."
+        )
+    return "no action", (
+        f"gamma = {gamma:.2f} is small: outliers predict {100 * dead_topk:.1f}% dead features at "
+        "initialisation. The default geometric-median centring is harmless here."
     )

@@ -272,3 +272,25 @@ def test_diagnose_subsamples_the_covariance_on_one_grid(monkeypatch):
     assert one_shot.effective_rank == pytest.approx(fastsae.effective_rank(x), rel=0.2)
     monkeypatch.setattr(centering, "CHUNK_ROWS", 64)
     assert fastsae.diagnose(x, k=8).effective_rank == pytest.approx(one_shot.effective_rank, rel=1e-6)
+
+
+def test_diagnose_measures_death_at_init_like_measure_death():
+    """diagnose's measured death is measure_death's on the same random-init SAEs (uncentred, centred,
+    whitened, from one seed), and its advice follows it; measure_tokens=0 falls back to the closed forms."""
+    x = _outlier_data(n=1500, gamma=20.0)
+    report = fastsae.diagnose(x, k=16, n_features=512, measure_tokens=1000)
+    rows = torch.linspace(0, 1499, 1000).round().long()
+    sample = x[rows].float()
+    assert report.measured_tokens == 1000
+    for mode in ("none", "geometric_median", "whiten"):
+        cfg = fastsae.SAEConfig(d_in=40, n_features=512, k=16, k_aux=0, centering=mode)
+        torch.manual_seed(0)
+        sae = fastsae.SparseAutoencoder(cfg).initialize(sample).eval()
+        expected = fastsae.measure_death(sae, sample)
+        assert report.measured_dead[mode] == expected.dead
+        assert report.measured_dead_relu[mode] == expected.dead_relu
+    assert report.measured_dead["none"] > 0.8 and report.measured_dead["geometric_median"] < 0.02
+    assert report.recommendation == "centre" and "1000 tokens" in str(report)
+    unmeasured = fastsae.diagnose(x, k=16, n_features=512, measure_tokens=0)
+    assert unmeasured.measured_tokens == 0 and not unmeasured.measured_dead
+    assert unmeasured.recommendation == "centre" and "measured" not in str(unmeasured)
