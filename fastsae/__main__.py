@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     diagnose.add_argument("--n-features", type=int, default=None, help="features of the SAE to assess (default 16 x d)")
     diagnose.add_argument(
         "--measure-tokens", type=int, default=None,
-        help="tokens encoded by random-init SAEs to measure death (default: 65536 on a GPU, 2048 on a CPU; 0: skip)",
+        help="tokens random-init SAEs encode to measure death at init (default: 65536 with a GPU, else 0: skip)",
     )  # fmt: skip
     diagnose.set_defaults(run=cmd_diagnose)
 

@@ -36,9 +36,9 @@ CENTRE_IF_DEAD_TOPK = 0.10
 # at d = 1536 all of 62k tokens cost 8 s of float64 GEMM on a 2-core CPU for the same effective rank.
 EIGEN_TOKENS = 16384
 # diagnose measures death at initialisation by encoding this many (evenly spaced) tokens with random-init
-# SAEs of the user's shape: all of them on a GPU, few on a CPU (a dense reference encode there).
+# SAEs of the user's shape, by default only on a GPU: a CPU's dense reference encode of enough tokens for
+# a meaningful count (each feature selected ~20 times by chance) takes minutes at d = 1536, F = 16 d.
 MEASURE_TOKENS_GPU = 65536
-MEASURE_TOKENS_CPU = 2048
 MEASURED_CENTERINGS = {"none": "uncentred", "geometric_median": "centred", "whiten": "whitened"}
 
 
@@ -275,8 +275,8 @@ def diagnose(
     """One streaming pass: gamma in both conventions, effective rank, the closed-form death an
     uncentred TopK SAE (k of n_features, default 16 x d) would have at initialisation over these tokens;
     then death measured at initialisation with random-init SAEs of that shape, uncentred, centred and
-    whitened, over `measure_tokens` evenly spaced tokens (default MEASURE_TOKENS_GPU on a GPU,
-    MEASURE_TOKENS_CPU on a CPU; 0 skips it), and a recommendation based on what was measured. For a
+    whitened, over `measure_tokens` evenly spaced tokens (default MEASURE_TOKENS_GPU when there is a GPU,
+    else 0, which skips it), and a recommendation based on what was measured. For a
     tensor, the covariance behind the effective rank comes from an evenly spaced subsample of at most
     EIGEN_TOKENS tokens; gamma uses every token."""
     step = max(1, acts.shape[0] // EIGEN_TOKENS) if isinstance(acts, Tensor) else 1
@@ -329,7 +329,7 @@ def _measurement_sample(acts: Tensor, measure_tokens: int | None) -> Tensor | No
     """Evenly spaced tokens of `acts` for the measurement, on the GPU when there is one; None for 0."""
     device = acts.device if acts.is_cuda or not torch.cuda.is_available() else torch.device("cuda")
     if measure_tokens is None:
-        measure_tokens = MEASURE_TOKENS_GPU if device.type == "cuda" else MEASURE_TOKENS_CPU
+        measure_tokens = MEASURE_TOKENS_GPU if device.type == "cuda" else 0
     if measure_tokens <= 0:
         return None
     rows = torch.linspace(0, acts.shape[0] - 1, min(measure_tokens, acts.shape[0]), device=acts.device).round().long()
@@ -357,11 +357,19 @@ def _advice(
         n = measured["none"].n_tokens
         uncentred, centred, whitened = (measured[c].dead for c in MEASURED_CENTERINGS)
         predicted = predicted_death(gamma, max(n, 2), k, n_features)[1]  # over the same tokens
+        # With few tokens, features also go unselected by chance: k of n_features per token, Poisson.
+        chance = math.exp(-n * k / n_features)
         summary = (
             f"Random-init SAEs of this shape left {100 * uncentred:.1f}% of features dead uncentred, "
             f"{100 * centred:.1f}% centred and {100 * whitened:.1f}% whitened over {n} tokens "
             f"(the closed form predicts {100 * predicted:.1f}% uncentred at gamma = {gamma:.2f})."
         )
+        if chance > 1e-3:
+            summary += (
+                f" Over so few tokens about {100 * chance:.1f}% stay unselected by chance alone "
+                "(--measure-tokens for more)."
+            )
+        uncentred, centred, whitened = (max(0.0, dead - chance) for dead in (uncentred, centred, whitened))
         if uncentred > 2 * max(predicted, 0.01):
             summary += (
                 " More die than gamma explains: the activations are anisotropic (a few directions carry most "
