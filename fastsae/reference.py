@@ -134,10 +134,15 @@ def encode_relu_backward(
     return encoder_backward(grad_acts * (acts != 0), x, W_enc, b_dec)
 
 
+def _gather_rows(W: Tensor, idx: Tensor) -> Tensor:
+    """W[idx] -> [B, k, d] (index_select: several times faster than advanced indexing on a CPU)."""
+    return W.index_select(0, idx.long().flatten()).view(*idx.shape, W.shape[1])
+
+
 def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
     """x_hat[b] = sum_j vals[b, j] * W_dec[idx[b, j]] (+ b_dec). Returns [B, d] in W_dec's dtype."""
     acc = accumulate_dtype(vals, W_dec)
-    out = torch.einsum("bk,bkd->bd", vals.to(acc), W_dec.to(acc)[idx.long()])
+    out = torch.einsum("bk,bkd->bd", vals.to(acc), _gather_rows(W_dec.to(acc), idx))
     if b_dec is not None:
         out = out + b_dec.to(acc)
     return out.to(W_dec.dtype)
@@ -149,7 +154,7 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
     (d b_dec is grad_out summed over the batch.)"""
     acc = accumulate_dtype(grad_out, vals, W_dec)
     g = grad_out.to(acc)
-    rows = W_dec.to(acc)[idx.long()]  # [B, k, d]
+    rows = _gather_rows(W_dec.to(acc), idx)
     dvals = torch.einsum("bd,bkd->bk", g, rows)
     contributions = vals.to(acc)[..., None] * g[:, None, :]  # [B, k, d]
     dW_dec = torch.zeros(W_dec.shape, dtype=acc, device=W_dec.device)

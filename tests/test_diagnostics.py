@@ -1,5 +1,7 @@
 """Outlier severity, effective rank, closed forms, measured death, centering, and the CLI."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -224,7 +226,7 @@ def test_reproduce_pairs_its_variants(monkeypatch):
 
     monkeypatch.setattr(fastsae.SparseAutoencoder, "initialize", initialize)
     monkeypatch.setattr(SyntheticActivations, "sample", sample)
-    rows = run(Settings(gammas=(5.0,), steps=2, n_eval=256, seeds=2))
+    rows = run(Settings(gammas=(5.0,), steps=2, n_eval=256, seeds=2, workers=1))  # one process: the patches see it
     variants, per_variant = 3, 3  # the initialisation sample and two batches each
     for seed in range(2):
         inits = initial[seed * variants : (seed + 1) * variants]
@@ -294,3 +296,14 @@ def test_diagnose_measures_death_at_init_like_measure_death():
     unmeasured = fastsae.diagnose(x, k=16, n_features=512, measure_tokens=0)
     assert unmeasured.measured_tokens == 0 and not unmeasured.measured_dead
     assert unmeasured.recommendation == "centre" and "measured" not in str(unmeasured)
+
+
+def test_reproduce_in_processes_matches_one_process():
+    """The (gamma, seed) runs seed themselves: spread over processes they give the same numbers."""
+    settings = Settings(gammas=(2.0, 5.0), steps=3, n_eval=256, seeds=2)
+    parallel = run(dataclasses.replace(settings, workers=2))
+    serial = run(dataclasses.replace(settings, workers=1))
+    for together, alone in zip(parallel, serial):
+        assert together.keys() == alone.keys()
+        for key in together:
+            assert together[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-6), key
