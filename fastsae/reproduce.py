@@ -7,7 +7,8 @@ gamma = ||mu|| / ||sigma|| takes each value of a sweep. For each gamma:
    features (dead-by-ReLU, and dead overall under TopK) against the paper's closed forms;
 2. after a short training run, % dead, feature recovery (MMCS: mean over true features of the best
    cosine similarity with a decoder row) and FVU for an uncentred baseline (b_dec = 0), the baseline
-   with AuxK, and fastsae's default (b_dec = geometric median, AuxK on).
+   with AuxK, fastsae's default (b_dec = geometric median, AuxK on) and the whitened SAE (PCA whitening
+   after the geometric median, AuxK on).
 The variants are paired: within a seed they start from the same random directions and see the same
 batches, so a difference between them is the variant's, not the draw's (at gamma >= 15 an uncentred
 TopK SAE is bimodal in its initialisation). Every number is a mean over `seeds` seeds, +- their std.
@@ -68,11 +69,23 @@ class SyntheticActivations:
 
     def _centred(self, n: int) -> torch.Tensor:
         s = self.s
-        active = torch.rand(n, s.n_true, generator=self.generator) < s.active_per_token / s.n_true
-        codes = torch.zeros(n, s.n_true)
-        codes[active] = 0.5 + torch.rand(int(active.sum()), generator=self.generator)  # magnitudes of the active
+        active = self._active(n * s.n_true, s.active_per_token / s.n_true)
+        codes = torch.zeros(n * s.n_true)
+        codes[active] = 0.5 + torch.rand(active.numel(), generator=self.generator)  # magnitudes of the active
         noise = s.noise * torch.randn(n, s.d, generator=self.generator)
-        return codes @ self.dictionary + noise
+        return codes.view(n, s.n_true) @ self.dictionary + noise
+
+    def _active(self, total: int, p: float) -> torch.Tensor:
+        """Positions in [0, total) each active independently with probability p, from geometric gaps
+        between them: about p * total draws instead of total."""
+        positions, last = [], -1
+        while last < total:
+            gaps = torch.empty(int(1.1 * p * total) + 64).geometric_(p, generator=self.generator).long()
+            chunk = last + gaps.cumsum(0)
+            positions.append(chunk)
+            last = int(chunk[-1])
+        positions = torch.cat(positions)
+        return positions[positions < total]
 
     def sample(self, n: int) -> torch.Tensor:
         return (self._centred(n) + self.offset).to(self.s.device)
@@ -102,6 +115,7 @@ VARIANTS = {  # name -> (centering, AuxK on)
     "baseline": ("none", False),
     "+AuxK": ("none", True),
     "centred": ("geometric_median", True),
+    "whitened": ("whiten", True),
 }
 
 
@@ -196,11 +210,13 @@ def _per_variant(row: dict, metric: str, percent: bool = False) -> str:
     return " / ".join(_cell(row[f"{name}_{metric}"], percent) for name in VARIANTS)
 
 
+_NAMES = " / ".join(VARIANTS)
+
+
 def markdown_table(rows: list[dict]) -> str:
     header = (
         "| gamma | init dead-by-ReLU measured / predicted | init dead (TopK) measured / predicted "
-        "| dead after training: baseline / +AuxK / centred | MMCS: baseline / +AuxK / centred "
-        "| FVU: baseline / +AuxK / centred |"
+        f"| dead after training: {_NAMES} | MMCS: {_NAMES} | FVU: {_NAMES} |"
     )
     lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:

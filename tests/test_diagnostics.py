@@ -11,7 +11,7 @@ from scipy.stats import norm
 import fastsae
 from fastsae import centering, diagnostics, reference
 from fastsae.__main__ import main as cli
-from fastsae.reproduce import Settings, SyntheticActivations, markdown_table, run
+from fastsae.reproduce import VARIANTS, Settings, SyntheticActivations, markdown_table, run
 
 
 def _outlier_data(n=3000, d=40, gamma=5.0):
@@ -227,7 +227,7 @@ def test_reproduce_pairs_its_variants(monkeypatch):
     monkeypatch.setattr(fastsae.SparseAutoencoder, "initialize", initialize)
     monkeypatch.setattr(SyntheticActivations, "sample", sample)
     rows = run(Settings(gammas=(5.0,), steps=2, n_eval=256, seeds=2, workers=1))  # one process: the patches see it
-    variants, per_variant = 3, 3  # the initialisation sample and two batches each
+    variants, per_variant = len(VARIANTS), 3  # the initialisation sample and two batches each
     for seed in range(2):
         inits = initial[seed * variants : (seed + 1) * variants]
         assert all(torch.equal(inits[0], w) for w in inits[1:]), "variants start from different directions"
