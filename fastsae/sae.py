@@ -7,8 +7,10 @@ Parameters follow SAELens: W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d]. The
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,34 +323,51 @@ class SparseAutoencoder(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes weights, buffers and the config (JSON in the safetensors header) to one .safetensors
-        file, atomically: a crash mid-write leaves any earlier file at `path` intact."""
+        file, atomically: a crash mid-write leaves any earlier file at `path` intact, and the temporary
+        file a killed save leaves behind is removed by the next save. The file gets the usual
+        permissions (0666 less the umask) and a checksum that `load` verifies."""
         path = Path(path)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         # The parameters' dtype may have changed since construction (sae.to(torch.bfloat16)): record it.
         dtype_name = next(name for name, dtype in DTYPES.items() if dtype == self.W_enc.dtype)
         cfg = dataclasses.replace(self.cfg, dtype=dtype_name)
-        metadata = {"fastsae_config": json.dumps(dataclasses.asdict(cfg)), "fastsae_format": FORMAT_VERSION}
+        metadata = {
+            "fastsae_config": json.dumps(dataclasses.asdict(cfg)),
+            "fastsae_format": FORMAT_VERSION,
+            "fastsae_checksum": _checksum(tensors),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        _remove_stale_temporaries(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from a shared cluster's group
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
         """Reads a file written by `save`. Raises FileNotFoundError if it is missing and ValueError if
-        it is not a fastsae checkpoint or its tensors do not match its config."""
+        it is not a fastsae checkpoint, is corrupted (truncated, a flipped bit: checked against the
+        checksum save wrote), or its tensors do not match its config in name, shape or dtype. Nothing
+        is returned half-loaded."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no SAE checkpoint at {path}")
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
         except (SafetensorError, OSError) as error:
@@ -374,5 +393,41 @@ class SparseAutoencoder(nn.Module):
                 raise ValueError(
                     f"{path}: {name} has shape {tuple(tensor.shape)}, config says {tuple(expected[name].shape)}"
                 )
+            if tensor.dtype != expected[name].dtype:
+                raise ValueError(f"{path}: {name} is {tensor.dtype}, config says {expected[name].dtype}")
+        if "fastsae_checksum" in metadata and _checksum(tensors) != metadata["fastsae_checksum"]:
+            raise ValueError(f"{path} is corrupted: its tensors do not match the checksum written when it was saved")
         sae.load_state_dict(tensors)
         return sae
+
+
+def _checksum(tensors: dict[str, Tensor]) -> str:
+    """blake2b over every tensor's name, dtype, shape and bytes, in name order. safetensors has no
+    checksum of its own: a flipped bit in the data would load as a wrong weight."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _temporary_prefix(path: Path) -> str:
+    """`.<name>.<host>.<pid>.`: whose temporary file it is, so that a later save can tell one a killed
+    save left behind from one a live save is writing."""
+    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Deletes the temporary files of saves to `path` by processes of this host that no longer run."""
+    host = socket.gethostname()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 :].rsplit(".", 3)  # host, pid, random, "tmp"
+        if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass

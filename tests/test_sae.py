@@ -1,7 +1,12 @@
 """SparseAutoencoder: against the reference, training, save/load, compile, bad input."""
 
 import copy
+import os
 import re
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -324,6 +329,7 @@ def test_batchtopk_eval_codes_do_not_depend_on_the_batch(tmp_path):
     assert float(fastsae.SparseAutoencoder.load(path).batchtopk_threshold) == float(sae.batchtopk_threshold)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
+    del metadata["fastsae_checksum"]  # as an older fastsae wrote it: no threshold, no checksum
     tensors = load_file(path)
     del tensors["batchtopk_threshold"]
     save_file(tensors, path, metadata=metadata)
@@ -332,3 +338,84 @@ def test_batchtopk_eval_codes_do_not_depend_on_the_batch(tmp_path):
 
 def _encoder(sae):
     return sae.W_enc, sae.b_enc, sae.b_dec
+
+
+def _saved(tmp_path, name="sae.safetensors"):
+    path = tmp_path / name
+    _sae().save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        pytest.param(lambda b: b[: len(b) // 2], "not a readable safetensors file", id="truncated"),
+        pytest.param(lambda b: b[:-9] + bytes([b[-9] ^ 0x10]) + b[-8:], "corrupted", id="bit-flip-in-data"),
+        pytest.param(lambda b: (2**40).to_bytes(8, "little") + b[8:], "not a readable", id="oversized-header"),
+        pytest.param(lambda b: b"", "not a readable safetensors file", id="empty"),
+    ],
+)
+def test_load_rejects_damaged_files(tmp_path, damage, message):
+    """A damaged checkpoint raises a ValueError that says so; nothing half-loaded comes back."""
+    path = _saved(tmp_path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=message):
+        fastsae.SparseAutoencoder.load(path)
+
+
+def test_load_checks_dtypes(tmp_path):
+    """A tensor of the right shape but another dtype than the config's is refused, naming both."""
+    path = _saved(tmp_path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    saved = tensors["b_enc"].dtype
+    other = torch.float32 if saved == torch.float64 else torch.float64
+    tensors["b_enc"] = tensors["b_enc"].to(other)
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(ValueError, match=f"b_enc is {other}, config says {saved}"):
+        fastsae.SparseAutoencoder.load(path)
+
+
+def test_saved_file_has_the_usual_permissions(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        path = _saved(tmp_path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+KILLED_SAVE = """
+import sys, time
+import fastsae, fastsae.sae
+real_save_file = fastsae.sae.save_file
+def half_written(tensors, filename, metadata):
+    real_save_file(tensors, filename, metadata=metadata)
+    data = open(filename, "rb").read()
+    open(filename, "wb").write(data[: len(data) // 2])  # killed in the middle of writing
+    print("writing", flush=True)
+    time.sleep(60)
+fastsae.sae.save_file = half_written
+sae = fastsae.SparseAutoencoder(fastsae.SAEConfig(d_in=24, n_features=96, k=6))
+sae.save(sys.argv[1])
+"""
+
+
+def test_a_save_killed_midway_loses_nothing_and_leaves_nothing(tmp_path):
+    """SIGKILL during save (a real subprocess): the earlier checkpoint stays intact and loadable, and
+    the next save removes the dead save's temporary file."""
+    path = _saved(tmp_path)
+    before = path.read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert len(leftovers) == 1, "the killed save should be caught with its temporary file written"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert path.read_bytes() == before
+    fastsae.SparseAutoencoder.load(path)
+    _sae().save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["sae.safetensors"], "the dead save's temporary file remains"
