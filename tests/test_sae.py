@@ -419,3 +419,26 @@ def test_a_save_killed_midway_loses_nothing_and_leaves_nothing(tmp_path):
     fastsae.SparseAutoencoder.load(path)
     _sae().save(path)
     assert [p.name for p in tmp_path.iterdir()] == ["sae.safetensors"], "the dead save's temporary file remains"
+
+
+def test_a_non_finite_batch_mid_training_changes_nothing():
+    """With check_finite (the default), one inf in the middle of training raises before any parameter,
+    gradient, optimizer state or death statistic changes."""
+    sae = _sae(dtype="float32", k_aux=12)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    sae.train()
+    for _ in range(3):
+        sae(torch.randn(32, 24) + 3).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = copy.deepcopy(sae.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    bad = torch.randn(32, 24) + 3
+    bad[17, 5] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sae(bad)
+    assert all(torch.equal(tensor, sae.state_dict()[name]) for name, tensor in state.items())
+    assert all(p.grad is None or not p.grad.any() for p in sae.parameters())
+    after = optimizer.state_dict()["state"]
+    for index, moments in optimizer_state["state"].items():
+        assert all(torch.equal(value, after[index][key]) for key, value in moments.items()), index
