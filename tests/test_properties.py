@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fastsae import reference
 from fastsae.ops import decode, encode
 
-from .utils import assert_close, assert_topk_matches
+from .utils import assert_close, assert_topk_matches, check_encode_topk_backward
 
 pytestmark = pytest.mark.interpret
 
@@ -56,7 +56,8 @@ def _pre64(x, W_enc, b_enc, b_dec):
 @EXAMPLES
 @given(problem=encoder_problems(), data=st.data())
 def test_encode_topk_properties(problem, data):
-    """Every route of the TopK encode, with AuxK over a random dead mask, gives the reference's top k."""
+    """Every route of the TopK encode, with AuxK over a random dead mask, gives the reference's top k,
+    and the backward of those codes the reference's gradients."""
     x, W_enc, b_enc, b_dec = problem
     F = W_enc.shape[1]
     k = data.draw(st.integers(1, F), label="k")
@@ -68,6 +69,7 @@ def test_encode_topk_properties(problem, data):
     assert_topk_matches(vals, idx, pre, k, x.dtype)
     if k_aux:
         assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, x.dtype, "aux")
+    check_encode_topk_backward(x, W_enc, b_dec, (vals, idx, aux_vals, aux_idx), x.dtype)  # every gradient
 
 
 @EXAMPLES
@@ -97,7 +99,7 @@ def test_encode_relu_properties(problem, jump):
     data=st.data(),
 )
 def test_decode_sparse_properties(B, d, F, dtype, seed, bias, data):
-    """Sparse decode of random codes (zeros, repeated features) equals the dense reference."""
+    """Sparse decode of random codes (zeros, repeated features) and its backward equal the reference."""
     k = data.draw(st.integers(1, F), label="k")
     generator = torch.Generator().manual_seed(seed)
     vals = torch.rand(B, k, generator=generator, dtype=torch.float64)
@@ -110,3 +112,10 @@ def test_decode_sparse_properties(B, d, F, dtype, seed, bias, data):
     out = decode.decode_sparse(vals, idx, W_dec, b_dec)
     expected = reference.decode_sparse(vals.double(), idx, W_dec.double(), None if b_dec is None else b_dec.double())
     assert_close(out, expected, dtype, "x_hat")
+    grad_out = torch.randn(B, d, generator=generator, dtype=torch.float64).to(dtype)
+    dvals, dW_dec = decode.decode_sparse_backward(grad_out, vals, idx, W_dec)
+    expected_dvals, expected_dW = reference.decode_sparse_backward(
+        grad_out.double(), vals.double(), idx, W_dec.double()
+    )
+    assert_close(dvals, expected_dvals, dtype, "dvals")
+    assert_close(dW_dec, expected_dW, dtype, "dW_dec")
