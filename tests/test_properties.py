@@ -1,7 +1,8 @@
 """Property tests: the Triton kernels against the fp64 reference on problems hypothesis draws (shapes
 down to 1, k from 1 to F, fp32 and bf16, strided views, tied columns, magnitudes from 1e-3 to 1e3, a
-large mean offset). Under the interpreter at tiny shapes, with a bounded number of examples so CI stays
-fast; a failure prints the falsifying example, its seed included, and a blob for @reproduce_failure."""
+large mean offset). The Triton kernels run under the interpreter at tiny shapes, the C++ death
+statistics natively, with a bounded number of examples so CI stays fast; a failure prints the
+falsifying example, its seed included, and a blob for @reproduce_failure."""
 
 import os
 
@@ -10,12 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastsae import reference
+from fastsae import functional, reference
 from fastsae.ops import decode, encode
 
 from .utils import assert_close, assert_topk_matches, check_encode_topk_backward
-
-pytestmark = pytest.mark.interpret
 
 # FASTSAE_PROPERTY_EXAMPLES raises the budget for a longer search than CI's.
 EXAMPLES = settings(
@@ -53,6 +52,7 @@ def _pre64(x, W_enc, b_enc, b_dec):
     return reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
 
 
+@pytest.mark.interpret  # Triton kernels on CPU tensors
 @EXAMPLES
 @given(problem=encoder_problems(), data=st.data())
 def test_encode_topk_properties(problem, data):
@@ -72,6 +72,7 @@ def test_encode_topk_properties(problem, data):
     check_encode_topk_backward(x, W_enc, b_dec, (vals, idx, aux_vals, aux_idx), x.dtype)  # every gradient
 
 
+@pytest.mark.interpret  # Triton kernels on CPU tensors
 @EXAMPLES
 @given(problem=encoder_problems(), jump=st.booleans())
 def test_encode_relu_properties(problem, jump):
@@ -88,6 +89,7 @@ def test_encode_relu_properties(problem, jump):
     assert_close(torch.where(clear, acts.double(), 0.0), torch.where(clear, expected, 0.0), x.dtype, "acts")
 
 
+@pytest.mark.interpret  # Triton kernels on CPU tensors
 @EXAMPLES
 @given(
     B=st.integers(1, 20),
@@ -119,3 +121,32 @@ def test_decode_sparse_properties(B, d, F, dtype, seed, bias, data):
     )
     assert_close(dvals, expected_dvals, dtype, "dvals")
     assert_close(dW_dec, expected_dW, dtype, "dW_dec")
+
+
+@EXAMPLES
+@given(
+    B=st.integers(1, 50),
+    F=st.integers(1, 300),
+    index_dtype=st.sampled_from([torch.int32, torch.int64]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
+)
+def test_death_statistics_properties(B, F, index_dtype, dtype, seed, data):
+    """The extension's fire counts (sparse, with and without values, and dense), tokens-since-fired
+    update and dead mask equal the reference's."""
+    k = data.draw(st.integers(1, F), label="k")
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, F, (B, k), generator=generator).to(index_dtype)
+    vals = (torch.rand(B, k, generator=generator) - 0.3).clamp_min(0).to(dtype)  # ~30% did not fire
+    assert torch.equal(functional.fire_counts(idx, F), reference.fire_counts(idx, F))
+    counts = functional.fire_counts(idx, F, vals)
+    assert torch.equal(counts, reference.fire_counts(idx, F, vals))
+    acts = (torch.randn(B, F, generator=generator) - 0.5).clamp_min(0).to(dtype)
+    assert torch.equal(functional.fire_counts_dense(acts), reference.fire_counts_dense(acts))
+    since = torch.randint(0, 10**6, (F,), generator=generator)
+    expected = reference.update_since_fired(since, counts, B)
+    functional.update_since_fired_(since, counts, B)
+    assert torch.equal(since, expected)
+    threshold = data.draw(st.integers(0, 10**6), label="threshold")
+    assert torch.equal(functional.dead_mask(since, threshold), reference.dead_mask(since, threshold))
