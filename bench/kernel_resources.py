@@ -41,7 +41,6 @@ POINTER_TYPES = {
     "key_buf_ptr": "*i64",
     "aux_key_buf_ptr": "*i64",
     "pre_ptr": "*bf16",
-    "group_max_ptr": "*bf16",
     "idx_ptr": "*i32",
     "token_ptr": "*i32",
     "offsets_ptr": "*i64",
@@ -77,11 +76,11 @@ def main() -> None:
     common = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", **unit_strides}
     keep, aux_keep = 32, 512  # GPT-2: k = 32, k_aux = d / 2 = 384
     cfg = encode._sweep_config(keep, aux_keep)
-    tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "CAP", "SORT_ROWS")}
-    aux = {"AUX_CAP": cfg["AUX_CAP"], "AUX_KEEP": aux_keep, "AUX_SORT_ROWS": cfg["AUX_SORT_ROWS"]}
+    tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "KEEP", "CAP", "SORT_ROWS")}
+    aux = {name: cfg[name] for name in ("AUX_KEEP", "AUX_CAP", "AUX_SORT_ROWS")}
     for has_aux, count_positive, only_flagged in [(False, False, False), (True, False, True), (False, True, False)]:
         constexprs = {**common, **tile, **aux, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive,
-                      "ONLY_FLAGGED": only_flagged, "KEEP": keep}  # fmt: skip
+                      "ONLY_FLAGGED": only_flagged}  # fmt: skip
         usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
         name = f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
         print(f"{name}{' positive_counts' if count_positive else ''}: {usage}")
@@ -94,7 +93,7 @@ def main() -> None:
             name = f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']}"
             print(f"{name} aux={has_aux}: {usage}")
     for cap in (256, 1024, 4096):
-        constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP_BLOCK": cap, "KEEP": keep, "BLOCK_M": 1}
+        constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}
         usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))
         print(f"filter_select cap={cap}: {usage}")
     usage = resources(filter._threshold_kernel, {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": 1024}, num_warps=1)

@@ -254,8 +254,8 @@ def _sweep_config(k: int, k_aux: int) -> dict:
     aux_cap = triton.next_power_of_2(aux_keep + block_n)
     return dict(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
-        CAP=cap, SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // cap)),
-        AUX_CAP=aux_cap, AUX_SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // aux_cap)),
+        KEEP=keep, CAP=cap, SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // cap)),
+        AUX_KEEP=aux_keep, AUX_CAP=aux_cap, AUX_SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // aux_cap)),
     )  # fmt: skip
 
 
@@ -384,8 +384,7 @@ def _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, ou
     """The sweep route (`_encode_topk_fwd_kernel`), for every row or, given int8 `flags` [B], only for
     the rows flagged non-zero (the filter route's fallback: unflagged row blocks return at once)."""
     vals, idx, aux_vals, aux_idx = outputs
-    keep = max(MIN_KEEP, triton.next_power_of_2(k))
-    aux_keep = max(MIN_KEEP, triton.next_power_of_2(k_aux))
+    keep, aux_keep = cfg["KEEP"], cfg["AUX_KEEP"]
     B, D = x.shape
     F = W_enc.shape[1]
     has_aux = k_aux > 0
@@ -409,9 +408,8 @@ def _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, ou
         B, D, F, padded_rows, tiles_per_split,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), val_buf.stride(0), aux_val_buf.stride(0),
         HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None, ONLY_FLAGGED=flags is not None,
-        KEEP=keep, AUX_KEEP=aux_keep if has_aux else 1,
         DOT_DTYPE=dot_dtype(W_enc.dtype), INPUT_PRECISION=input_precision(W_enc.dtype),
-        **{**cfg, "AUX_CAP": aux_cap},
+        **{**cfg, "AUX_KEEP": aux_keep if has_aux else 1, "AUX_CAP": aux_cap},
     )  # fmt: skip
     _finish(val_buf, idx_buf, vals, idx, padded_rows, n_split, keep, flags)
     if has_aux:

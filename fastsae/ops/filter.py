@@ -14,9 +14,10 @@ Four launches; none writes a [B, F] matrix:
 3. filter: a tiled GEMM of xc and W_enc whose epilogue adds b_enc and appends every entry > tau_r
    (value, feature) to its row's buffer of CAP slots, each slot taken by an atomic on the row's
    counter. No sort and no running threshold in the GEMM: a compare and a rare store per entry.
-4. select: per row, the k-th largest (value, feature) key among the survivors by bisection over the
-   int64 keys (unique, so it stops with exactly k keys at or above it after about log2(survivors)
-   rounds), and the k winners sorted by value, as torch.topk returns them.
+4. select: per row (one warp each), the k-th largest survivor value by bisection over order-preserving
+   int32 images of the values (about log2(survivors) rounds), then among the values tied with it the
+   features that complete k (the larger feature wins), and the k winners sorted by value, as torch.topk
+   returns them.
 Exactness: when at least k entries of a row pass tau_r, its k largest all pass (whatever tau_r is),
 so the selection is exact. A row whose buffer overflowed or that kept fewer than k (a NaN row, or
 rounding beyond the margin) is flagged on the device, and the caller recomputes the flagged rows
@@ -44,24 +45,27 @@ MARGIN = tl.constexpr(2.0**-7)
 
 
 @triton.jit
-def to_key(value, feature):
-    """int64 key ordering like the fp32 `value`, ties broken by `feature` (non-negative int32)."""
-    bits = value.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # flip the magnitude bits of negatives: signed order = float order
-    return (ordered.to(tl.int64) << 32) | feature.to(tl.int64)
-
-
-@triton.jit
-def key_value(key):
-    ordered = (key >> 32).to(tl.int32)
-    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _ordered(value):
     """int32 whose signed order is the fp32 `value`'s order (NaN above +inf)."""
     bits = value.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)  # flip the magnitude bits of negatives
+
+
+@triton.jit
+def _from_ordered(ordered):
+    """The fp32 value of an `_ordered` int32 (the flip is its own inverse)."""
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_key(value, feature):
+    """int64 key ordering like the fp32 `value`, ties broken by `feature` (non-negative int32)."""
+    return (_ordered(value).to(tl.int64) << 32) | feature.to(tl.int64)
+
+
+@triton.jit
+def key_value(key):
+    return _from_ordered((key >> 32).to(tl.int32))
 
 
 @triton.jit
@@ -127,7 +131,7 @@ def _threshold_kernel(
         maxima = tl.maximum(maxima, tl.load(group_ptrs + j, mask=valid, other=float("-inf")).to(tl.float32))
     # Ties do not matter here: any value with at least k maxima at or above it is a lower bound.
     kth = _kth_largest(_ordered(maxima), valid, k)
-    value = tl.where(kth < 0, kth ^ 0x7FFFFFFF, kth).to(tl.float32, bitcast=True)  # back from _ordered
+    value = _from_ordered(kth)
     top = tl.max(tl.where(valid, maxima, float("-inf")), axis=1)
     margin = MARGIN * tl.maximum(tl.abs(value), tl.abs(top))  # -inf or +inf in the row: tau = -inf
     enough = tl.sum(valid.to(tl.int32), axis=1) >= k
@@ -196,9 +200,9 @@ def _filter_fwd_kernel(
 @triton.jit
 def _select_kernel(
     key_buf_ptr, count_ptr, tau_ptr, winners_ptr, vals_ptr, idx_ptr, flag_ptr,
-    B, k, cap, stride_vm, stride_im,
+    B, k, stride_vm, stride_im,
     FEWER_IF_UNBOUNDED: tl.constexpr, OR_FLAGS: tl.constexpr,
-    CAP_BLOCK: tl.constexpr, KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+    CAP: tl.constexpr, KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """The k largest of each row's survivors, sorted descending: post-ReLU values in vals' dtype and
     int32 features. Rows that overflowed or kept fewer than k are flagged and left unwritten.
@@ -210,15 +214,15 @@ def _select_kernel(
     n = tl.load(count_ptr + rows, mask=row_valid, other=0)
     if FEWER_IF_UNBOUNDED:
         bounded = tl.load(tau_ptr + rows, mask=row_valid, other=0.0) > float("-inf")
-        failed = (n > cap) | ((n < k) & bounded)
+        failed = (n > CAP) | ((n < k) & bounded)
     else:
-        failed = (n > cap) | (n < k)
+        failed = (n > CAP) | (n < k)
     failed = failed & row_valid
-    slots = tl.arange(0, CAP_BLOCK)
+    slots = tl.arange(0, CAP)
     present = (row_valid & ~failed)[:, None] & (slots[None, :] < n[:, None])
-    base = row_start.to(tl.int64) * cap
-    offsets = tl.arange(0, BLOCK_M)[:, None] * cap + slots[None, :]
-    keys = tl.load(key_buf_ptr + base + offsets, mask=present, other=0)  # [BLOCK_M, CAP_BLOCK]
+    base = row_start.to(tl.int64) * CAP
+    offsets = tl.arange(0, BLOCK_M)[:, None] * CAP + slots[None, :]
+    keys = tl.load(key_buf_ptr + base + offsets, mask=present, other=0)  # [BLOCK_M, CAP]
     ordered = (keys >> 32).to(tl.int32)
     feature = (keys & 0xFFFFFFFF).to(tl.int32)
 
@@ -400,8 +404,8 @@ def _select(key_buf, count, tau, vals, idx, flags, fewer_if_unbounded: bool, or_
     winners = key_buf.new_empty(B, keep, dtype=torch.int64)
     _select_kernel[(B,)](
         key_buf, count, tau, winners, vals, idx, flags,
-        B, k, cap, vals.stride(0), idx.stride(0),
-        FEWER_IF_UNBOUNDED=fewer_if_unbounded, OR_FLAGS=or_flags, CAP_BLOCK=cap, KEEP=keep, BLOCK_M=1,
+        B, k, vals.stride(0), idx.stride(0),
+        FEWER_IF_UNBOUNDED=fewer_if_unbounded, OR_FLAGS=or_flags, CAP=cap, KEEP=keep, BLOCK_M=1,
         num_warps=_row_warps(cap),
     )  # fmt: skip
 

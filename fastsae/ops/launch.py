@@ -19,16 +19,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def matmul_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The matmul operand dtype for weights of `weight_dtype`: what a centred input is cast to before
+    it meets them (fp32 under the interpreter)."""
+    return torch.float32 if INTERPRET else weight_dtype
+
+
 def dot_dtype(weight_dtype: torch.dtype):
-    """The tensor-core operand dtype for weights of `weight_dtype` (fp32 under the interpreter)."""
+    """`matmul_dtype` as the Triton dtype of tensor-core operands."""
     if weight_dtype == torch.float64:
         raise ValueError("the Triton kernels take fp32, bf16 or fp16 weights; fp64 runs the reference path")
-    return tl.float32 if INTERPRET else TL_DTYPES[weight_dtype]
-
-
-def matmul_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """`dot_dtype` as a torch dtype: what a centred input is cast to before it meets the weights."""
-    return torch.float32 if INTERPRET else weight_dtype
+    return TL_DTYPES[matmul_dtype(weight_dtype)]
 
 
 def input_precision(weight_dtype: torch.dtype) -> str:
