@@ -280,8 +280,10 @@ def diagnose(
     tensor, the covariance behind the effective rank comes from an evenly spaced subsample of at most
     EIGEN_TOKENS tokens; gamma uses every token."""
     step = max(1, acts.shape[0] // EIGEN_TOKENS) if isinstance(acts, Tensor) else 1
+    if measure_tokens is None:
+        measure_tokens = MEASURE_TOKENS_GPU if torch.cuda.is_available() else 0
     layernormed, raw, covariance = RunningMoments(), RunningMoments(), RunningMoments(True, torch.float32)
-    seen, kept = 0, []  # kept: the first tokens of an iterable, for the measurement
+    seen, kept, n_kept = 0, [], 0  # kept: an iterable's first tokens, for the measurement
     for chunk in _chunks(acts):
         normed = layernorm_scaled(chunk)
         layernormed.update(normed)
@@ -289,8 +291,9 @@ def diagnose(
         sampled = normed[(-seen) % step :: step]  # the rows of this chunk on the global grid of the subsample
         if sampled.shape[0]:
             covariance.update(sampled)
-        if not isinstance(acts, Tensor) and sum(t.shape[0] for t in kept) < (measure_tokens or MEASURE_TOKENS_GPU):
+        if not isinstance(acts, Tensor) and n_kept < measure_tokens:
             kept.append(chunk)
+            n_kept += chunk.shape[0]
         seen += chunk.shape[0]
     d = raw.mean.shape[0]
     n_features = 16 * d if n_features is None else n_features
@@ -302,8 +305,10 @@ def diagnose(
     dead_relu, dead_topk = predicted_death(gamma, n_eval, k, n_features)
     dead_relu_raw, dead_topk_raw = predicted_death(gamma_raw, n_eval, k, n_features)
 
-    sample = _measurement_sample(acts if isinstance(acts, Tensor) else torch.cat(kept), measure_tokens)
-    measured = {} if raw.constant or sample is None else measure_death_at_init(sample, k, n_features)
+    measured = {}
+    if measure_tokens > 0 and not raw.constant:
+        sample = _measurement_sample(acts if isinstance(acts, Tensor) else torch.cat(kept), measure_tokens)
+        measured = measure_death_at_init(sample, k, n_features)
     recommendation, reason = _advice(raw.constant, gamma, rank, dead_relu, dead_topk, measured, k, n_features)
     return Diagnosis(
         n_tokens=layernormed.n,
@@ -317,7 +322,7 @@ def diagnose(
         predicted_dead_topk=dead_topk,
         predicted_dead_relu_raw=dead_relu_raw,
         predicted_dead_topk_raw=dead_topk_raw,
-        measured_tokens=0 if not measured else sample.shape[0],
+        measured_tokens=next(iter(measured.values())).n_tokens if measured else 0,
         measured_dead={c: report.dead for c, report in measured.items()},
         measured_dead_relu={c: report.dead_relu for c, report in measured.items()},
         recommendation=recommendation,
@@ -325,13 +330,9 @@ def diagnose(
     )
 
 
-def _measurement_sample(acts: Tensor, measure_tokens: int | None) -> Tensor | None:
-    """Evenly spaced tokens of `acts` for the measurement, on the GPU when there is one; None for 0."""
+def _measurement_sample(acts: Tensor, measure_tokens: int) -> Tensor:
+    """Up to `measure_tokens` evenly spaced tokens of `acts` in float32, on the GPU when there is one."""
     device = acts.device if acts.is_cuda or not torch.cuda.is_available() else torch.device("cuda")
-    if measure_tokens is None:
-        measure_tokens = MEASURE_TOKENS_GPU if device.type == "cuda" else 0
-    if measure_tokens <= 0:
-        return None
     rows = torch.linspace(0, acts.shape[0] - 1, min(measure_tokens, acts.shape[0]), device=acts.device).round().long()
     return acts[rows].to(device=device, dtype=torch.float32)
 

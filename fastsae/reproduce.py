@@ -22,6 +22,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean, stdev
 
 import torch
 from tqdm import tqdm
@@ -188,19 +189,14 @@ def _one_seed(s: Settings, gamma: float, seed: int) -> dict:
     return result
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _spread(values: list[float]) -> float:
     """Standard deviation over seeds (0 for one seed)."""
-    mean = _mean(values)
-    return (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
+    return stdev(values) if len(values) > 1 else 0.0
 
 
 def _cell(values: list[float], percent: bool) -> str:
     scale, unit, digits = (100, "%", 1) if percent else (1, "", 3)
-    text = f"{scale * _mean(values):.{digits}f}"
+    text = f"{scale * fmean(values):.{digits}f}"
     if len(values) > 1:
         text += f" ± {scale * _spread(values):.{digits}f}"
     return text + unit
@@ -221,7 +217,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = [header, "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {_mean(r['gamma_measured']):.1f} "
+            f"| {fmean(r['gamma_measured']):.1f} "
             f"| {_cell(r['init_dead_relu'], True)} / {_cell(r['init_dead_relu_predicted'], True)} "
             f"| {_cell(r['init_dead'], True)} / {_cell(r['init_dead_predicted'], True)} "
             f"| {_per_variant(r, 'dead', percent=True)} | {_per_variant(r, 'mmcs')} | {_per_variant(r, 'fvu')} |"
@@ -241,14 +237,14 @@ def plot(rows: list[dict], s: Settings, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(grid, [100 * c[0] for c in curves], "C0-", label="predicted dead-by-ReLU (init)")
     ax.plot(grid, [100 * c[1] for c in curves], "C1-", label="predicted dead, TopK (init)")
-    gammas = [_mean(r["gamma_measured"]) for r in rows]
+    gammas = [fmean(r["gamma_measured"]) for r in rows]
     series = [
         ("init_dead_relu", "C0o", "measured dead-by-ReLU (init)"),
         ("init_dead", "C1o", "measured dead, TopK (init)"),
         *((f"{name}_dead", f"C{i + 2}s--", f"after training: {name}") for i, name in enumerate(VARIANTS)),
     ]
     for key, style, label in series:  # means over seeds, their std as error bars
-        means = [100 * _mean(r[key]) for r in rows]
+        means = [100 * fmean(r[key]) for r in rows]
         spreads = [100 * _spread(r[key]) for r in rows]
         ax.errorbar(gammas, means, yerr=spreads, fmt=style, capsize=3, label=label)
     ax.set_xscale("log")
