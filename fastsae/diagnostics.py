@@ -282,6 +282,8 @@ def diagnose(
     step = max(1, acts.shape[0] // EIGEN_TOKENS) if isinstance(acts, Tensor) else 1
     if measure_tokens is None:
         measure_tokens = MEASURE_TOKENS_GPU if torch.cuda.is_available() else 0
+    if measure_tokens < 0:
+        raise ValueError(f"measure_tokens must be >= 0 (0 skips the measurement), got {measure_tokens}")
     layernormed, raw, covariance = RunningMoments(), RunningMoments(), RunningMoments(True, torch.float32)
     seen, kept, n_kept = 0, [], 0  # kept: an iterable's first tokens, for the measurement
     for chunk in _chunks(acts):

@@ -125,6 +125,8 @@ def run(s: Settings) -> list[dict]:
     value is a list with one entry per seed. On a CPU the (gamma, seed) runs go to one single-threaded
     process per core: their small matrices gain little from intra-op threads, so this is ~2x faster on
     2 cores; each run seeds itself, so the numbers do not depend on where it ran."""
+    if s.seeds < 1 or (s.workers is not None and s.workers < 1):
+        raise ValueError(f"reproduce needs seeds >= 1 and workers >= 1 (or None), got {s.seeds} and {s.workers}")
     jobs = [(gamma, seed) for gamma in s.gammas for seed in range(s.seed, s.seed + s.seeds)]
     workers = s.workers or (min(len(jobs), os.cpu_count() or 1) if s.device == "cpu" else 1)
     progress = tqdm(total=len(jobs), desc="training", unit="run", leave=False)

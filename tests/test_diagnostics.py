@@ -236,6 +236,8 @@ def test_reproduce_pairs_its_variants(monkeypatch):
         assert all(torch.equal(a, b) for stream in streams[1:] for a, b in zip(streams[0], stream)), "batches differ"
     assert not torch.equal(initial[0], initial[variants]), "two seeds drew the same directions"
     assert len(rows[0]["baseline_dead"]) == 2 and " ± " in markdown_table(rows)
+    with pytest.raises(ValueError, match="seeds >= 1"):
+        run(Settings(gammas=(5.0,), seeds=0))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
@@ -296,6 +298,8 @@ def test_diagnose_measures_death_at_init_like_measure_death():
     unmeasured = fastsae.diagnose(x, k=16, n_features=512, measure_tokens=0)
     assert unmeasured.measured_tokens == 0 and not unmeasured.measured_dead
     assert unmeasured.recommendation == "centre" and "measured" not in str(unmeasured)
+    with pytest.raises(ValueError, match="measure_tokens must be >= 0"):
+        fastsae.diagnose(x, k=16, n_features=512, measure_tokens=-1)
 
 
 def test_reproduce_in_processes_matches_one_process():
