@@ -50,9 +50,11 @@ POINTER_TYPES = {
 }
 
 
-def resources(fn, constexprs: dict, num_warps: int, num_stages: int = 3) -> str:
-    """cuobjdump's 'REG:.. STACK:..' line for `fn` compiled with `constexprs` (bf16 tensors)."""
+def resources(fn, constexprs: dict, num_warps: int, num_stages: int = 3, descriptors: dict | None = None) -> str:
+    """cuobjdump's 'REG:.. STACK:..' line for `fn` compiled with `constexprs` (bf16 tensors) and
+    `descriptors` (argument name: TMA block shape of a bf16 tensor)."""
     signature = {name: POINTER_TYPES.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
+    signature.update({name: f"tensordesc<bf16{list(block)}>" for name, block in (descriptors or {}).items()})
     signature.update({name: "constexpr" for name in constexprs})
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name not in constexprs}
     source = ASTSource(
@@ -86,11 +88,12 @@ def main() -> None:
         print(f"{name}{' positive_counts' if count_positive else ''}: {usage}")
     for cfg in filter.filter_configs(keep, 0, 24576, interpret=False)[:1]:
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        for has_aux, count_positive in [(False, False), (True, True)]:
-            constexprs = {"INPUT_PRECISION": "ieee", "stride_wf": 1, **tile, "HAS_AUX": has_aux,
-                          "COUNT_POSITIVE": count_positive}  # fmt: skip
-            usage = resources(filter._filter_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
-            name = f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']}"
+        blocks = {"xc_desc": (cfg["BLOCK_M"], cfg["BLOCK_K"]), "w_desc": (cfg["BLOCK_K"], cfg["BLOCK_N"])}
+        for has_aux, count_positive, flatten in [(False, False, True), (False, False, False), (True, True, True)]:
+            constexprs = {"INPUT_PRECISION": "ieee", **tile, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive,
+                          "INLINE_PTX": True, "N_PROGRAMS": 132, "FLATTEN": flatten}  # fmt: skip
+            usage = resources(filter._filter_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"], blocks)
+            name = f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} flatten={flatten}"
             print(f"{name} aux={has_aux}: {usage}")
     for cap in (256, 1024, 4096):
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}

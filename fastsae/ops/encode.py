@@ -452,7 +452,7 @@ def _encode_relu_fwd_kernel(
     HAS_THRESHOLD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    row_block, col_block = grouped_tile(B, F, BLOCK_M, BLOCK_N, GROUP_M)
+    row_block, col_block = grouped_tile(tl.program_id(0), B, F, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
