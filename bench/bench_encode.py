@@ -19,9 +19,13 @@ from fastsae.testing import assert_close, assert_topk_matches
 from .harness import SHAPES, Recorder, measure, optional_sparsify, sweep_name
 
 CHECK_ROWS = 256
-# (d, F, B, k) beyond the three shapes: k from 8 to 512 at GPT-2 width, F from 8192 to 262144, B from
-# 1024 to 65536, d from 384 to 4096 (a subset of that grid: every point costs tuning and three timings).
-SWEEP = [(768, 24576, 8192, k) for k in (8, 128, 512)] + [
+# (d, F, B, k) beyond the three shapes: k from 8 to 512 at GPT-2 width and k = 64 / 128 at the AF3 and
+# Llama-8B shapes, F from 8192 to 262144, B from 1024 to 65536, d from 384 to 4096 (a subset of that
+# grid: every point costs tuning and three timings).
+SWEEP = [(768, 24576, 8192, k) for k in (8, 64, 128, 512)] + [
+    (384, 16384, 16384, 64),
+    (384, 16384, 16384, 128),
+    (4096, 131072, 4096, 128),
     (768, 8192, 8192, 32),
     (768, 131072, 8192, 32),
     (768, 65536, 1024, 32),

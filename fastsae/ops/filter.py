@@ -144,22 +144,26 @@ def _threshold_kernel(
 @triton.jit
 def _atomic_increment(base, offsets, mask):
     """Per element where `mask`: atomically add 1 to the int32 base[offset] and return its old value
-    (relaxed, device scope); 0 elsewhere. Elementwise inline PTX: see `_append_survivors`."""
+    (relaxed, device scope); 0 elsewhere. Elementwise inline PTX (see `_append_survivors`) that
+    branches around the atomic, so an element without a survivor costs a compare and a branch."""
     return tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $3, 0; mad.wide.s32 a, $2, 4, $1; mov.u32 $0, 0; "
-        "@p atom.global.gpu.relaxed.add.u32 $0, [a], 1; }",
+        "{ .reg .pred p; .reg .b64 a; mov.u32 $0, 0; setp.eq.b32 p, $3, 0; @p bra SKIP; "
+        "mad.wide.s32 a, $2, 4, $1; atom.global.gpu.relaxed.add.u32 $0, [a], 1; SKIP: }",
         "=r,l,r,r", [base, offsets, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
 
 
 @triton.jit
-def _store_where(base, offsets, values, mask):
-    """Per element where `mask`: base[offset] = value (int64). Elementwise inline PTX: see
-    `_append_survivors`. Returns a dummy 0 (an inline-asm op must have a result)."""
+def _store_key_where(base, offsets, value, feature, mask):
+    """Per element where `mask`: base[offset] = `to_key(value, feature)` (int64). Elementwise inline
+    PTX (see `_append_survivors`) that builds the key only on the branch that stores it. Returns a
+    dummy 0 (an inline-asm op must have a result)."""
     return tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $4, 0; mad.wide.s32 a, $2, 8, $1; "
-        "@p st.global.b64 [a], $3; mov.u32 $0, 0; }",
-        "=r,l,r,l,r", [base, offsets, values, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+        "{ .reg .pred p; .reg .b32 b, s; .reg .b64 a; setp.eq.b32 p, $5, 0; @p bra SKIP; "
+        "shr.s32 s, $3, 31; and.b32 s, s, 2147483647; xor.b32 b, $3, s; "  # _ordered(value)
+        "mad.wide.s32 a, $2, 8, $1; st.global.v2.b32 [a], {$4, b}; SKIP: mov.u32 $0, 0; }",
+        "=r,l,r,r,r,r", [base, offsets, value.to(tl.int32, bitcast=True), feature, mask.to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
 
 
@@ -177,15 +181,15 @@ def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, take, 
     # One 64-bit base for the tile's rows and 32-bit offsets inside them (BLOCK_M * cap < 2^31): a
     # [BLOCK_M, BLOCK_N] tile of 64-bit addresses costs registers the accumulator needs.
     tile_base = key_buf_ptr + row_start.to(tl.int64) * cap
-    keys = to_key(pre, tl.broadcast_to(cols[None, :], pre.shape))
+    features = tl.broadcast_to(cols[None, :], pre.shape)
     if INLINE_PTX:
         slot = _atomic_increment(count_ptr, tl.broadcast_to(rows[:, None], pre.shape), take)
         fits = take & (slot < cap)
-        _store_where(tile_base, (rows - row_start)[:, None] * cap + slot, keys, fits)
+        _store_key_where(tile_base, (rows - row_start)[:, None] * cap + slot, pre, features, fits)
     else:
         slot = tl.atomic_add(count_ptr + tl.broadcast_to(rows[:, None], pre.shape), 1, mask=take, sem="relaxed")
         fits = take & (slot < cap)
-        tl.store(tile_base + (rows - row_start)[:, None] * cap + slot, keys, mask=fits)
+        tl.store(tile_base + (rows - row_start)[:, None] * cap + slot, to_key(pre, features), mask=fits)
 
 
 @triton.jit
