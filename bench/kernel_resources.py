@@ -86,15 +86,15 @@ def main() -> None:
         usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
         name = f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
         print(f"{name}{' positive_counts' if count_positive else ''}: {usage}")
-    for cfg in filter.filter_configs(keep, 0, 24576, interpret=False)[:1]:
+    for cfg in filter.filter_configs(keep, 0, 24576, interpret=False)[::3]:  # each tile shape
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         blocks = {"xc_desc": (cfg["BLOCK_M"], cfg["BLOCK_K"]), "w_desc": (cfg["BLOCK_K"], cfg["BLOCK_N"])}
         for has_aux, count_positive, flatten in [(False, False, True), (False, False, False), (True, True, True)]:
             constexprs = {"INPUT_PRECISION": "ieee", **tile, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive,
                           "INLINE_PTX": True, "N_PROGRAMS": 132, "FLATTEN": flatten}  # fmt: skip
             usage = resources(filter._filter_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"], blocks)
-            name = f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} flatten={flatten}"
-            print(f"{name} aux={has_aux}: {usage}")
+            name = f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
+            print(f"{name} flatten={flatten}: {usage}")
     for cap in (256, 1024, 4096):
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}
         usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))

@@ -40,6 +40,7 @@ from .launch import INTERPRET, input_precision, matmul_dtype, sm_count
 EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty slot: below every (value, feature) key
 THRESHOLD_ELEMENTS = 2**25  # pre-activations of the threshold pass held at once (64 MB in bf16)
 FILTER_SLOTS = 2**24  # candidate-buffer slots held at once (128 MB of keys): larger batches run in row chunks
+MIN_RANK = 32  # the lowest order statistic a threshold is taken from (`thresholds`)
 MAX_GROUPS = 2048  # group maxima per row that the threshold kernel selects from in registers
 # Relative margin below the k-th group maximum: covers the threshold GEMM's rounding to the weights'
 # dtype (2^-9 for bf16) and its different summation order, so that count < k stays an exception.
@@ -341,10 +342,14 @@ def subset_plan(k: int, n_features: int, cap: int) -> tuple[int, int]:
 def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, columns: Tensor | None = None,
                valid: Tensor | None = None) -> Tensor:  # fmt: skip
     """tau [B] fp32 for rows of centred inputs `xc`: a lower bound on each row's k-th largest
-    pre-activation over the features in `columns` that are `valid` (all features when None)."""
+    pre-activation over the features in `columns` that are `valid` (all features when None). The
+    bound is the subset's rank-th largest group maximum with rank = k, raised to MIN_RANK where the
+    features allow (a lower bound still): rarer order statistics vary more from row to row, and at k = 8
+    rows overflowed their buffers on the H200."""
     B = xc.shape[0]
     n_features = W_enc.shape[1] if columns is None else columns.numel()
-    size, group = subset_plan(k, n_features, cap)
+    rank = max(k, min(MIN_RANK, n_features // 64))
+    size, group = subset_plan(rank, n_features, cap)
     if columns is None:
         weights, bias = W_enc[:, :size], b_enc[:size]
     else:
@@ -360,7 +365,7 @@ def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, colum
         if valid is not None:
             pre.masked_fill_(~valid[:size][None, :], float("-inf"))
         _threshold_kernel[(pre.shape[0],)](
-            pre, tau[rows], pre.shape[0], n_groups, k, pre.stride(0),
+            pre, tau[rows], pre.shape[0], n_groups, rank, pre.stride(0),
             GROUP=group, BLOCK_M=1, BLOCK_G=block_g, num_warps=_row_warps(block_g),
         )  # fmt: skip
     return tau
@@ -370,20 +375,23 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list
     """Tile shapes of the filter GEMM and buffer capacities. A larger buffer lets the threshold pass read
     fewer features but costs the select more; none is above half the features (then filtering keeps
     most of the row and the dense route is the one to take). BLOCK_K is for 2-byte operands; fp32 ones
-    take half of it, so that the stages fit the same shared memory."""
+    take half of it, so that the stages fit the same shared memory. PER_SM: persistent programs per SM;
+    with two, one program's epilogue can overlap the other's matmul."""
     if interpret:  # numpy runs the kernels element by element: small tiles
-        tiles = [(16, 32, 32, 1, 4, 1)]
+        tiles = [(16, 32, 32, 1, 4, 1, 1)]
     else:
         # Spill-free on sm_90; 128 x 256 tiles spill in the epilogue and measured slower at GPT-2 and AF3.
-        tiles = [(128, 128, 64, 8, 8, 4)]
+        tiles = [(128, 128, 64, 8, 8, 4, 1), (64, 128, 64, 8, 4, 4, 2)]
     widest = max(512, n_features // 2)
     caps = [max(512 * 2**i, triton.next_power_of_2(16 * 2**i * k)) for i in range(3)]
     caps = [cap for cap in caps if cap <= widest]
     aux_cap = max(256, triton.next_power_of_2(8 * k_aux)) if k_aux else 1
     return [
-        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, CAP=cap, AUX_CAP=aux_cap)
+        dict(
+            BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, PER_SM=p, CAP=cap, AUX_CAP=aux_cap
+        )  # fmt: skip
+        for m, n, bk, g, w, s, p in tiles
         for cap in caps
-        for m, n, bk, g, w, s in tiles
     ]
 
 
@@ -437,7 +445,7 @@ def _filter_rows(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, o
         aux_tau = aux_count = aux_key_buf = dead = count  # any pointer when AuxK is off
     block_k = cfg["BLOCK_K"] * 2 // xc.element_size()
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    n_programs = sm_count(x.device)  # a constant, so batch sizes share one compiled kernel
+    n_programs = cfg["PER_SM"] * sm_count(x.device)  # a constant, so batch sizes share one compiled kernel
     _filter_fwd_kernel[(n_programs,)](
         TensorDescriptor.from_tensor(xc, [block_m, block_k]),
         TensorDescriptor.from_tensor(tma_operand(W_enc), [block_k, block_n]),
