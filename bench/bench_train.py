@@ -16,7 +16,7 @@ import fastsae
 from fastsae import reference
 from fastsae.testing import assert_close
 
-from .harness import SHAPES, Recorder, measure, optional_sparsify
+from .harness import SHAPES, Recorder, measure, optional_sparsify, sweep_name
 
 DEAD_FRACTION = 0.05
 
@@ -110,9 +110,13 @@ def _initial_weights(d: int, n_features: int, n_rows: int) -> tuple[torch.Tensor
     return x, weights
 
 
+# Beyond the three shapes: the GPT-2 shape at k = 128, where the TopK encode's share of the step is largest.
+EXTRA_SHAPES = {sweep_name(768, 24576, 8192, 128): (768, 24576, 8192, 128)}
+
+
 def run(recorder: Recorder) -> None:
     sparsify = optional_sparsify()
-    for shape, (d, n_features, n_rows, k) in SHAPES.items():
+    for shape, (d, n_features, n_rows, k) in {**SHAPES, **EXTRA_SHAPES}.items():
         k_aux = d // 2
         x, weights = _initial_weights(d, n_features, n_rows)
         dead = torch.rand(n_features, device="cuda") < DEAD_FRACTION

@@ -143,54 +143,58 @@ def _threshold_kernel(
 
 
 @triton.jit
-def _atomic_increment(base, offsets, mask):
-    """Per element where `mask`: atomically add 1 to the int32 base[offset] and return its old value
-    (relaxed, device scope); 0 elsewhere. Elementwise inline PTX (see `_append_survivors`) that
-    branches around the atomic, so an element without a survivor costs a compare and a branch."""
+def _claim_slots(count_ptr, rows, value_bits, threshold_bits):
+    """Per element whose fp32 value > threshold (both passed as their bits): atomically add 1 to
+    count_ptr[row] and return its old value (relaxed, device scope); 0 elsewhere. Elementwise inline
+    PTX (see `_append_survivors`) that compares and branches around the atomic, so an element without
+    a survivor costs a compare and a branch."""
     return tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b64 a; mov.u32 $0, 0; setp.eq.b32 p, $3, 0; @p bra SKIP; "
+        "{ .reg .pred p; .reg .b64 a; mov.u32 $0, 0; setp.gt.f32 p, $3, $4; @!p bra SKIP; "
         "mad.wide.s32 a, $2, 4, $1; atom.global.gpu.relaxed.add.u32 $0, [a], 1; SKIP: }",
-        "=r,l,r,r", [base, offsets, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+        "=r,l,r,r,r", [count_ptr, rows, value_bits, threshold_bits], dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
 
 
 @triton.jit
-def _store_key_where(base, offsets, value, feature, mask):
-    """Per element where `mask`: base[offset] = `to_key(value, feature)` (int64). Elementwise inline
-    PTX (see `_append_survivors`) that builds the key only on the branch that stores it. Returns a
-    dummy 0 (an inline-asm op must have a result)."""
+def _store_survivors(tile_base, row_offsets, slot, value_bits, threshold_bits, feature, cap):
+    """Per element whose value > threshold and whose slot < cap: tile_base[row_offset + slot] =
+    `to_key(value, feature)` (int64), the key built only on the branch that stores it. Elementwise
+    inline PTX (see `_append_survivors`); returns a dummy 0 (an inline-asm op must have a result)."""
     return tl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .b32 b, s; .reg .b64 a; setp.eq.b32 p, $5, 0; @p bra SKIP; "
-        "shr.s32 s, $3, 31; and.b32 s, s, 2147483647; xor.b32 b, $3, s; "  # _ordered(value)
-        "mad.wide.s32 a, $2, 8, $1; st.global.v2.b32 [a], {$4, b}; SKIP: mov.u32 $0, 0; }",
-        "=r,l,r,r,r,r", [base, offsets, value.to(tl.int32, bitcast=True), feature, mask.to(tl.int32)],
+        "{ .reg .pred p; .reg .b32 b, s; .reg .b64 a; setp.gt.f32 p, $4, $5; setp.lt.and.s32 p, $3, $7, p; "
+        "@!p bra SKIP; shr.s32 s, $4, 31; and.b32 s, s, 2147483647; xor.b32 b, $4, s; "  # _ordered(value)
+        "add.s32 s, $2, $3; mad.wide.s32 a, s, 8, $1; st.global.v2.b32 [a], {$6, b}; SKIP: mov.u32 $0, 0; }",
+        "=r,l,r,r,r,r,r,r", [tile_base, row_offsets, slot, value_bits, threshold_bits, feature, cap],
         dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
 
 
 @triton.jit
-def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap, INLINE_PTX: tl.constexpr):
-    """Append the `take` entries of `pre` [BLOCK_M, BLOCK_N] to their rows' buffers as (value,
-    feature) keys, each survivor claiming its slot with one relaxed atomic on its row's counter (one
-    atomic per row and tile plus a prefix sum over the tile measured slower on the H200). Slots past
-    `cap` are not stored (the counter still counts them, which flags the row).
+def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, threshold, cap, INLINE_PTX: tl.constexpr):
+    """Append the entries of `pre` [BLOCK_M, BLOCK_N] above `threshold` (broadcast to it) to their
+    rows' buffers as (value, feature) keys, each survivor claiming its slot with one relaxed atomic on
+    its row's counter (one atomic per row and tile plus a prefix sum over the tile measured slower on
+    the H200). Slots past `cap` are not stored (the counter still counts them, which flags the row).
     INLINE_PTX: tl.atomic_add and tl.store give their operands the blocked layout Triton picks for
     memory access, so on the accumulator tile they cost five layout conversions through shared memory
     (about 100 barriers per tile); the same atomics and stores as elementwise inline PTX stay in the
     accumulator's registers (the filter GEMM at GPT-2 on the H200: 1.13 -> 0.89 ms, 0.78 ms with
     FLATTEN). The interpreter cannot run PTX: it takes the tl.atomic_add path."""
+    row_offsets = tl.broadcast_to((rows - row_start)[:, None] * cap, pre.shape)
     # One 64-bit base for the tile's rows and 32-bit offsets inside them (BLOCK_M * cap < 2^31): a
     # [BLOCK_M, BLOCK_N] tile of 64-bit addresses costs registers the accumulator needs.
     tile_base = key_buf_ptr + row_start.to(tl.int64) * cap
     features = tl.broadcast_to(cols[None, :], pre.shape)
+    threshold = tl.broadcast_to(threshold, pre.shape)
     if INLINE_PTX:
-        slot = _atomic_increment(count_ptr, tl.broadcast_to(rows[:, None], pre.shape), take)
-        fits = take & (slot < cap)
-        _store_key_where(tile_base, (rows - row_start)[:, None] * cap + slot, pre, features, fits)
+        value_bits = pre.to(tl.int32, bitcast=True)
+        threshold_bits = threshold.to(tl.int32, bitcast=True)
+        slot = _claim_slots(count_ptr, tl.broadcast_to(rows[:, None], pre.shape), value_bits, threshold_bits)
+        _store_survivors(tile_base, row_offsets, slot, value_bits, threshold_bits, features, cap)
     else:
+        take = pre > threshold
         slot = tl.atomic_add(count_ptr + tl.broadcast_to(rows[:, None], pre.shape), 1, mask=take, sem="relaxed")
-        fits = take & (slot < cap)
-        tl.store(tile_base + (rows - row_start)[:, None] * cap + slot, to_key(pre, features), mask=fits)
+        tl.store(tile_base + row_offsets + slot, to_key(pre, features), mask=take & (slot < cap))
 
 
 @triton.jit
@@ -218,20 +222,20 @@ def _filter_fwd_kernel(
         rows = row_start + tl.arange(0, BLOCK_M)
         cols = col_start + tl.arange(0, BLOCK_N)
         row_valid, col_valid = rows < B, cols < F
-        pre = acc + tl.load(b_enc_ptr + cols, mask=col_valid, other=0.0).to(tl.float32)[None, :]
-
-        in_range = row_valid[:, None] & col_valid[None, :]
+        # Out-of-range columns get pre = -inf and out-of-range rows tau = +inf: no entry outside the
+        # problem passes a threshold, with no mask in the epilogue.
+        pre = acc + tl.load(b_enc_ptr + cols, mask=col_valid, other=float("-inf")).to(tl.float32)[None, :]
         if COUNT_POSITIVE:  # tokens whose pre-activation is > 0, per feature (death classification)
-            positive = tl.sum(((pre > 0) & in_range).to(tl.int32), axis=0)
+            positive = tl.sum(((pre > 0) & row_valid[:, None]).to(tl.int32), axis=0)
             tl.atomic_add(positive_ptr + cols, positive, mask=col_valid & (positive > 0), sem="relaxed")
         tau = tl.load(tau_ptr + rows, mask=row_valid, other=float("inf"))
-        take = in_range & (pre > tau[:, None])
-        _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, take, cap, INLINE_PTX)
+        _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, tau[:, None], cap, INLINE_PTX)
         if HAS_AUX:
             dead = tl.load(dead_ptr + cols, mask=col_valid, other=0) != 0
             aux_tau = tl.load(aux_tau_ptr + rows, mask=row_valid, other=float("inf"))
-            aux_take = in_range & dead[None, :] & (pre > aux_tau[:, None])
-            _append_survivors(aux_key_buf_ptr, aux_count_ptr, row_start, rows, cols, pre, aux_take, aux_cap, INLINE_PTX)
+            aux_threshold = tl.where(dead[None, :], aux_tau[:, None], float("inf"))  # live features never pass
+            _append_survivors(aux_key_buf_ptr, aux_count_ptr, row_start, rows, cols, pre, aux_threshold, aux_cap,
+                              INLINE_PTX)  # fmt: skip
 
 
 @triton.jit
@@ -381,7 +385,7 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list
         tiles = [(16, 32, 32, 1, 4, 1, 1)]
     else:
         # Spill-free on sm_90; 128 x 256 tiles spill in the epilogue and measured slower at GPT-2 and AF3.
-        tiles = [(128, 128, 64, 8, 8, 4, 1), (64, 128, 64, 8, 4, 4, 2)]
+        tiles = [(128, 128, 64, 8, 8, 4, 1), (64, 128, 64, 8, 4, 4, 2), (128, 128, 128, 8, 8, 3, 1)]
     widest = max(512, n_features // 2)
     caps = [max(512 * 2**i, triton.next_power_of_2(16 * 2**i * k)) for i in range(3)]
     caps = [cap for cap in caps if cap <= widest]
