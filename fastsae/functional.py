@@ -91,6 +91,23 @@ def _check_codes(vals: Tensor, idx: Tensor, n_features: int) -> None:
         raise ValueError(f"vals has k={vals.shape[1]} codes per token but there are only {n_features} features")
 
 
+def _assert_indices_in_range(name: str, idx: Tensor, n_features: int) -> None:
+    """A negative index would wrap around to another feature (PyTorch indexing) and one >= n_features
+    would contribute nothing in the CUDA kernels: both silently wrong. Checked on the device with no
+    host synchronisation (torch._assert_async): on CUDA a failure is a device-side assert reported at
+    the next synchronisation, on CPU it raises at once."""
+    in_range = ((idx >= 0) & (idx < n_features)).all()
+    torch._assert_async(in_range, f"{name} holds a feature index outside [0, {n_features})")
+
+
+def _check_decoder_bias(b_dec: Tensor | None, W_dec: Tensor) -> None:
+    if b_dec is None:
+        return
+    _check_float("b_dec", b_dec, 1)
+    if b_dec.shape[0] != W_dec.shape[1]:
+        raise ValueError(f"b_dec has {b_dec.shape[0]} entries, expected d_in={W_dec.shape[1]}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # TopK encode
 
@@ -341,11 +358,9 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
     Differentiable w.r.t. vals, W_dec and b_dec."""
     _check_float("W_dec", W_dec, 2)
     _check_codes(vals, idx, W_dec.shape[0])
-    if b_dec is not None:
-        _check_float("b_dec", b_dec, 1)
-        if b_dec.shape[0] != W_dec.shape[1]:
-            raise ValueError(f"b_dec has {b_dec.shape[0]} entries, expected d_in={W_dec.shape[1]}")
+    _check_decoder_bias(b_dec, W_dec)
     _check_same_device(vals=vals, idx=idx, W_dec=W_dec, b_dec=b_dec)
+    _assert_indices_in_range("idx", idx, W_dec.shape[0])
     return _decode_sparse(vals, idx, W_dec, b_dec)
 
 
@@ -389,6 +404,8 @@ def decode_dense(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Te
     _check_float("W_dec", W_dec, 2)
     if acts.shape[1] != W_dec.shape[0]:
         raise ValueError(f"acts has {acts.shape[1]} features but W_dec has {W_dec.shape[0]} rows")
+    _check_decoder_bias(b_dec, W_dec)
+    _check_same_device(acts=acts, W_dec=W_dec, b_dec=b_dec)
     out = acts.to(W_dec.dtype) @ W_dec
     return out if b_dec is None else out + b_dec.to(W_dec.dtype)
 
@@ -442,6 +459,10 @@ def _fused_decoder_kernels(W_dec: Tensor) -> bool:
 @torch.no_grad()
 def remove_parallel_grad_(W_dec: Tensor, grad: Tensor) -> None:
     """In place on `grad`: `remove_parallel_grad` in one pass over W_dec on CUDA (fastsae/ops/decoder.py)."""
+    _check_float("W_dec", W_dec, 2)
+    if grad.shape != W_dec.shape:
+        raise ValueError(f"grad has shape {tuple(grad.shape)} but W_dec has {tuple(W_dec.shape)}")
+    _check_same_device(W_dec=W_dec, grad=grad)
     if _fused_decoder_kernels(W_dec):
         decoder_ops.remove_parallel_grad_(W_dec, grad)
     else:
@@ -451,6 +472,7 @@ def remove_parallel_grad_(W_dec: Tensor, grad: Tensor) -> None:
 @torch.no_grad()
 def normalize_decoder_rows_(W_dec: Tensor) -> None:
     """In place: `normalize_decoder_rows` in one pass over W_dec on CUDA (fastsae/ops/decoder.py)."""
+    _check_float("W_dec", W_dec, 2)
     if _fused_decoder_kernels(W_dec):
         decoder_ops.normalize_rows_(W_dec)
     else:
