@@ -264,7 +264,8 @@ def test_encode_topk_backward_kernel(device, B, d, F, k, k_aux, dtype, determini
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_strided_inputs(device):
-    """Non-contiguous x, W_enc and bias / threshold / mask vectors (views with stride 2)."""
+    """Non-contiguous x, W_enc and bias / threshold / mask vectors (views with stride 2), forward and
+    backward (a strided b_dec once gave a wrong dW_enc)."""
     B, d, F, k = 20, 24, 64, 4
     x, W_enc, b_enc, b_dec = _problem(B, 2 * d, 2 * F, torch.float32, device)
     x, W_enc, b_enc, b_dec = x[:, ::2], W_enc[::2, ::2], b_enc[::2], b_dec[::2]
@@ -274,5 +275,6 @@ def test_strided_inputs(device):
     vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 6, dead)
     assert_topk_matches(vals, idx, pre, k, torch.float32)
     assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), 6, torch.float32, "aux")
+    check_encode_topk_backward(x, W_enc, b_dec, (vals, idx, aux_vals, aux_idx), torch.float32)
     acts = encode.encode_relu(x, W_enc, b_enc, b_dec, cut)
     assert_close(acts, torch.where(pre > cut.double(), pre, 0.0), torch.float32, "jumprelu acts")

@@ -97,7 +97,7 @@ def feature_sums(
     B, d = rows.shape
     K = idx.shape[1]
     coef, idx = coef.contiguous(), idx.contiguous()
-    center_arg = center if center is not None else rows
+    center_arg = center.contiguous() if center is not None else rows  # the kernels read it with unit stride
     deterministic = torch.are_deterministic_algorithms_enabled()
     if deterministic:
         flat_idx = idx.flatten()
