@@ -2,9 +2,12 @@
 # Runs on the GPU machine through the device tool, from the repository root:
 #   bash bench/device.sh            (writes logs and the benchmark CSV under $OUT)
 # Installs fastsae without network (building the CUDA extension ahead of time), runs the gpu tests,
-# compute-sanitizer over the CUDA death-statistics ops, the training-step profile and the benchmarks.
+# compute-sanitizer (memcheck, racecheck, initcheck) over the CUDA death-statistics ops and every Triton
+# kernel, the determinism and soak run (bench/soak.py), the training-step profile and the benchmarks.
 # Knobs (environment):
-#   FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_RUN_BENCH=0   skip a step
+#   FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_SOAK / FASTSAE_RUN_BENCH=0   skip a step
+#   FASTSAE_SANITIZE_SHAPES  bench.sanitize_kernels shapes (default small,odd; large takes long under racecheck)
+#   FASTSAE_SOAK_STEPS       training steps of the soak run (default 20000)
 #   FASTSAE_TESTS            pytest targets, or FASTSAE_TEST_GROUPS: ';'-separated targets run in parallel
 #   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 15)
 #   FASTSAE_PYTEST_ARGS      extra pytest arguments
@@ -54,10 +57,23 @@ fi
 
 if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer"
-    for tool in memcheck racecheck; do
-        compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/sanitize_ext.py >"$OUT/sanitizer_$tool.log" 2>&1
-        echo "$tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)"
+    # Without the caching allocator every tensor has its own bounds for memcheck to check.
+    for tool in memcheck racecheck initcheck; do
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/sanitize_ext.py \
+            >"$OUT/sanitizer_ext_$tool.log" 2>&1
+        echo "ext $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_ext_$tool.log" | tail -1)"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+            python3 -m bench.sanitize_kernels --shapes "${FASTSAE_SANITIZE_SHAPES:-small,odd}" \
+            >"$OUT/sanitizer_kernels_$tool.log" 2>&1
+        echo "kernels $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_kernels_$tool.log" | tail -1)"
     done
+fi
+
+if [ "${FASTSAE_SOAK:-1}" = 1 ]; then
+    echo "== determinism and soak"
+    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.soak --steps "${FASTSAE_SOAK_STEPS:-20000}" --out "$OUT" \
+        >"$OUT/soak.log" 2>&1 || status=1
+    grep -E "^determinism|^soak" "$OUT/soak.log"
 fi
 
 if [ -n "${FASTSAE_PROFILE:-}" ]; then  # shapes for bench.profile_train's kernel tables

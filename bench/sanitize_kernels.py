@@ -1,0 +1,104 @@
+"""A short run of every Triton kernel, for compute-sanitizer (memcheck, racecheck, initcheck):
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python -m bench.sanitize_kernels
+
+Each shape runs the TopK encode through every route the tuner may pick (the threshold-first filter in
+each configuration, with its flagged-row fallback forced, the sweep, the dense route) with AuxK and the
+positive counts, its backward (atomic and deterministic reductions), the ReLU and JumpReLU encode, the
+sparse decode and its backward, and the decoder-constraint kernels; every result is checked against
+the reference, so a kernel that reads or writes out of bounds and happens to survive still fails.
+Without the caching allocator (the variable above) memcheck sees each tensor's own bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ["FASTSAE_AUTOTUNE"] = "0"  # every route is run explicitly; no timing runs under the sanitizer
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from fastsae import reference  # noqa: E402
+from fastsae.ops import decode, decoder, encode, filter  # noqa: E402
+from fastsae.testing import assert_close, assert_topk_matches  # noqa: E402
+
+# name: (B, d, F, k, k_aux): tiny, odd sizes everywhere, and the GPT-2 width
+SHAPES = {"small": (5, 24, 100, 3, 4), "odd": (37, 100, 4099, 17, 33), "large": (1024, 768, 24576, 32, 384)}
+TOLERANCE = 2e-2  # bf16
+
+
+def _problem(B: int, d: int, n_features: int):
+    W_dec = reference.normalize_decoder_rows(torch.randn(n_features, d, device="cuda"))
+    W_enc = W_dec.T.contiguous().bfloat16()
+    x = (torch.randn(B, d, device="cuda") + 0.5).bfloat16()
+    b_enc = (0.01 * torch.randn(n_features, device="cuda")).bfloat16()
+    b_dec = (0.5 + 0.1 * torch.randn(d, device="cuda")).bfloat16()
+    return x, W_enc, b_enc, b_dec, W_dec.bfloat16()
+
+
+def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int) -> None:
+    x, W_enc, b_enc, b_dec, W_dec = _problem(B, d, n_features)
+    dead = torch.rand(n_features, device="cuda") < 0.3
+    pre = reference.pre_activation(x, W_enc, b_enc, b_dec)
+    dead_pre = pre.masked_fill(~dead, float("-inf"))
+    for route in encode.topk_routes(k, k_aux, n_features):
+        vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, route=route)
+        assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} {route[0]}")
+        assert_topk_matches(aux_vals, aux_idx, dead_pre, k_aux, TOLERANCE, f"{name} {route[0]} aux")
+        if route[0] == "filter":  # a capacity below k overflows every row: the fallback recomputes them all
+            cfg = {**route[1], "CAP": max(1, triton.next_power_of_2(k) // 2)}
+            vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("filter", cfg))
+            assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} filter fallback")
+    vals, idx, counts = encode.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
+    assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} positive counts")
+    assert_close(counts.double(), (pre > 0).sum(0).double(), 1e-2, f"{name} positive counts")
+
+    vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead)
+    grad_vals, grad_aux = torch.randn_like(vals), torch.randn_like(aux_vals)
+    expected = reference.encode_topk_backward(grad_vals, grad_aux, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        grads = encode.encode_topk_backward(grad_vals, grad_aux, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, True)
+        for grad_name, actual, want in zip(("dx", "dW_enc", "db_enc", "db_dec"), grads, expected):
+            assert_close(actual.float(), want.float(), TOLERANCE, f"{name} {grad_name} deterministic={deterministic}")
+    torch.use_deterministic_algorithms(False)
+
+    threshold = torch.rand(n_features, device="cuda").bfloat16()
+    for cut in (None, threshold):
+        acts = encode.encode_relu(x, W_enc, b_enc, b_dec, cut)
+        expected_acts = reference.encode_relu(x, W_enc, b_enc, b_dec, cut)
+        assert_close(acts.float(), expected_acts.float(), TOLERANCE, f"{name} relu threshold={cut is not None}")
+
+    x_hat = decode.decode_sparse(vals, idx, W_dec, b_dec)
+    assert_close(x_hat.float(), reference.decode_sparse(vals, idx, W_dec, b_dec).float(), TOLERANCE, f"{name} decode")
+    grad_out = torch.randn_like(x_hat)
+    dvals, dW_dec = decode.decode_sparse_backward(grad_out, vals, idx, W_dec)
+    want_dvals, want_dW = reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
+    assert_close(dvals.float(), want_dvals.float(), TOLERANCE, f"{name} decode dvals")
+    assert_close(dW_dec.float(), want_dW.float(), TOLERANCE, f"{name} decode dW_dec")
+
+    grad = torch.randn_like(W_dec)
+    expected_grad = reference.remove_parallel_grad(W_dec, grad)
+    decoder.remove_parallel_grad_(W_dec, grad)
+    assert_close(grad.float(), expected_grad.float(), TOLERANCE, f"{name} remove_parallel_grad")
+    rows = 3 * W_dec
+    decoder.normalize_rows_(rows)
+    assert_close(rows.float(), reference.normalize_decoder_rows(W_dec).float(), TOLERANCE, f"{name} normalize rows")
+    filter.center(x, b_dec, torch.bfloat16)  # also run by the encode; here at every shape on its own
+    torch.cuda.synchronize()
+    print(f"sanitize_kernels {name} (B={B}, d={d}, F={n_features}, k={k}, k_aux={k_aux}): every kernel ran and matched")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    for name in args.shapes.split(","):
+        run_shape(name, *SHAPES[name])
+
+
+if __name__ == "__main__":
+    main()
