@@ -1,7 +1,7 @@
 """Encoders: the fused TopK and ReLU encode against eager PyTorch as SAE libraries write it, its
 torch.compile, the cuBLAS GEMM x @ W_enc alone (the floor), and sparsify's encoder when installed.
 
-bf16 weights and activations at the DESIGN.md shapes plus a sweep over F and k. Every provider's
+bf16 weights and activations at the benchmark shapes (harness.SHAPES) plus a sweep over F and k. Every provider's
 output is checked against the fp32 reference on the first rows before anything is timed.
 """
 

@@ -1,5 +1,5 @@
 """Fire counts: fastsae's CUDA histogram against torch.bincount, and the dense count against
-(acts > 0).sum(0), at the DESIGN.md shapes (B * k indices into F features)."""
+(acts > 0).sum(0), at the benchmark shapes (harness.SHAPES) (B * k indices into F features)."""
 
 from __future__ import annotations
 

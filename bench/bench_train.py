@@ -2,7 +2,7 @@
 features dead): fastsae's module against the eager dense step SAE code usually runs, its
 torch.compile, and sparsify's SparseCoder when installed, with the cuBLAS encoder GEMM as the floor.
 
-bf16 parameters at the DESIGN.md shapes. Before timing, every provider's FVU on the same batch and
+bf16 parameters at the benchmark shapes (harness.SHAPES). Before timing, every provider's FVU on the same batch and
 weights is checked against the fp32 reference.
 """
 
@@ -16,7 +16,7 @@ import fastsae
 from fastsae import reference
 from fastsae.testing import assert_close
 
-from .harness import SHAPES, Recorder, measure, optional_sparsify, sweep_name
+from .harness import SHAPES, Recorder, measure, optional_sparsify, sae_train_step, sweep_name
 
 DEAD_FRACTION = 0.05
 
@@ -31,12 +31,7 @@ def _fastsae_step(d, n_features, k, weights, dead):
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step(x):
-        out = sae(x)
-        out.loss.backward()
-        sae.remove_decoder_parallel_grad()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sae.normalize_decoder()
+        out = sae_train_step(sae, optimizer, x)
         sae.tokens_since_fired.copy_(dead.long() * 2)  # keep the same features dead every step
         return out.fvu
 

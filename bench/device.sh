@@ -12,7 +12,7 @@
 #   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 15)
 #   FASTSAE_PYTEST_ARGS      extra pytest arguments
 #   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset)
-#   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of the DESIGN.md shapes
+#   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of bench/harness.py SHAPES
 #   FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT   seconds per test group / for the profile and the bench
 #   FASTSAE_GIT_SHA          the commit for the CSV (the device's git metadata can be stale: pass it literally)
 set -uo pipefail

@@ -30,7 +30,8 @@ COLUMNS = [
     "date",
 ]
 
-# The three shapes of ../shared/DESIGN.md: (d, F, B, k).
+# The benchmark shapes, (d, F, B, k): SAEs at the widths of GPT-2 small (d = 768), Llama-3-8B (d = 4096)
+# and AlphaFold3's pair representation (d = 384), with batch sizes and k as their SAEs are trained.
 SHAPES = {
     "gpt2": (768, 24576, 8192, 32),
     "llama8b": (4096, 131072, 4096, 64),
@@ -40,6 +41,18 @@ SHAPES = {
 
 def sweep_name(d: int, n_features: int, n_rows: int, k: int) -> str:
     return f"d{d}_F{n_features}_B{n_rows}_k{k}"
+
+
+def sae_train_step(sae, optimizer: torch.optim.Optimizer, x: torch.Tensor):
+    """One training step of a `fastsae.SparseAutoencoder` as the README's loop runs it (forward, backward,
+    decoder constraint, optimizer); returns the forward's output."""
+    out = sae(x)
+    out.loss.backward()
+    sae.remove_decoder_parallel_grad()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sae.normalize_decoder()
+    return out
 
 
 def shape_dims(shape: str) -> tuple[int, int, int, int]:

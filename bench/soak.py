@@ -31,6 +31,8 @@ import triton  # noqa: E402
 
 import fastsae  # noqa: E402
 
+from .harness import sae_train_step  # noqa: E402
+
 # (d, F, B, k)
 SHAPES = {"gpt2": (768, 24576, 8192, 32), "tiny": (16, 64, 32, 4)}
 N_BATCHES = 8  # the pool the steps cycle through
@@ -56,15 +58,6 @@ def _setup(shape: str, device: str, seed: int):
     return sae, optimizer, batches
 
 
-def _step(sae, optimizer, x) -> None:
-    out = sae(x)
-    out.loss.backward()
-    sae.remove_decoder_parallel_grad()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sae.normalize_decoder()
-
-
 def _synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -79,7 +72,7 @@ def determinism(shape: str, device: str, steps: int, seed: int = 0) -> dict:
         for _ in range(2):
             sae, optimizer, batches = _setup(shape, device, seed)
             for step in range(steps):
-                _step(sae, optimizer, batches[step % N_BATCHES])
+                sae_train_step(sae, optimizer, batches[step % N_BATCHES])
             optimizer_state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
             states.append([t.detach().clone() for t in (*sae.state_dict().values(), *optimizer_state)])
     finally:
@@ -98,7 +91,7 @@ def soak(shape: str, device: str, steps: int, every: int, seed: int = 0) -> list
         _synchronize(device)
         start = time.perf_counter()
         for step in range(1, steps + 1):
-            _step(sae, optimizer, batches[step % N_BATCHES])
+            sae_train_step(sae, optimizer, batches[step % N_BATCHES])
             if step % every == 0:
                 _synchronize(device)
                 now = time.perf_counter()
