@@ -76,8 +76,9 @@ class SAEConfig:
 
 
 class SAEOutput(NamedTuple):
-    """recon [B, d]; vals/idx [B, k] for TopK (else None); acts [B, F] for dense codes (else None);
-    loss = fvu + auxk_coef * auxk (the scalar to backpropagate); mse, fvu, auxk (0 when off)."""
+    """For input x [..., d] (e.g. [batch, seq, d] from a transformer hook): recon [..., d]; vals/idx
+    [..., k] for TopK (else None); acts [..., F] for dense codes (else None); loss = fvu + auxk_coef *
+    auxk (the scalar to backpropagate, over all tokens); mse, fvu, auxk (0 when off)."""
 
     recon: Tensor
     vals: Tensor | None
@@ -174,9 +175,14 @@ class SparseAutoencoder(nn.Module):
         return F.dead_mask(self.tokens_since_fired, self.cfg.dead_after_tokens)
 
     def encode(self, x: Tensor) -> F.TopKCodes | Tensor:
-        """TopK: TopKCodes(vals, idx, ...) (no AuxK candidates); otherwise dense codes [B, F]."""
+        """x [..., d] -> TopK: TopKCodes(vals, idx, ...) [..., k] each (no AuxK candidates); otherwise
+        dense codes [..., F]."""
         self._check_input(x)
-        return self._encode(x)
+        lead = x.shape[:-1]
+        codes = self._encode(x.reshape(-1, self.cfg.d_in))
+        if isinstance(codes, F.TopKCodes):
+            return F.TopKCodes(*(t.reshape(*lead, t.shape[-1]) for t in codes))
+        return codes.reshape(*lead, codes.shape[-1])
 
     def fire_and_positive_counts(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per feature, int64 [F] each: how many tokens of x it fired on, and on how many its
@@ -184,6 +190,7 @@ class SparseAutoencoder(nn.Module):
         fused pass, ReLU from its one encode; the other activations encode, then count a ReLU encode."""
         self._check_input(x)
         cfg = self.cfg
+        x = x.reshape(-1, cfg.d_in)
         if cfg.activation == "topk":
             sae_x = self._to_sae_space(x)
             vals, idx, positive = F.encode_topk_positive_counts(sae_x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
@@ -236,16 +243,22 @@ class SparseAutoencoder(nn.Module):
         return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
 
     def decode(self, codes: F.TopKCodes | Tensor) -> Tensor:
-        """Reconstruction [B, d] from what `encode` returned."""
+        """Reconstruction [..., d] from what `encode` returned ([..., k] sparse or [..., F] dense codes)."""
         if isinstance(codes, F.TopKCodes):
-            return self._from_sae_space(F.decode_sparse(codes.vals, codes.idx, self.W_dec, self.b_dec))
-        return self._from_sae_space(F.decode_dense(codes, self.W_dec, self.b_dec))
+            lead, k = codes.vals.shape[:-1], codes.vals.shape[-1]
+            recon = F.decode_sparse(codes.vals.reshape(-1, k), codes.idx.reshape(-1, k), self.W_dec, self.b_dec)
+        else:
+            lead = codes.shape[:-1]
+            recon = F.decode_dense(codes.reshape(-1, codes.shape[-1]), self.W_dec, self.b_dec)
+        return self._from_sae_space(recon).reshape(*lead, self.cfg.d_in)
 
     def forward(self, x: Tensor) -> SAEOutput:
         """Encode, decode and the loss terms; in training mode also updates the death statistics. A
         training step with AuxK synchronises once with the device, to count the dead features (not
         while compiling: see `_few_dead_features`)."""
         self._check_input(x)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.cfg.d_in)
         k_aux = self.cfg.k_aux if self.training else 0
         dead = self.dead_features() if k_aux else None
         few_dead = self._few_dead_features(dead)
@@ -272,7 +285,8 @@ class SparseAutoencoder(nn.Module):
             if self.cfg.activation == "batchtopk":
                 self._update_batchtopk_threshold(codes)
         loss = fvu + self.cfg.auxk_coef * auxk
-        return SAEOutput(recon, vals, idx, acts, loss, mse, fvu, auxk)
+        vals, idx, acts = (None if t is None else t.reshape(*lead, t.shape[-1]) for t in (vals, idx, acts))
+        return SAEOutput(recon.reshape(*lead, self.cfg.d_in), vals, idx, acts, loss, mse, fvu, auxk)
 
     @torch.no_grad()
     def _update_death_stats(self, codes: F.TopKCodes | Tensor, n_tokens: int) -> None:
@@ -295,13 +309,17 @@ class SparseAutoencoder(nn.Module):
         running.copy_(torch.where(torch.isinf(smallest), running, updated))
 
     def _check_input(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.cfg.d_in:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.cfg.d_in:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be [batch, d_in={self.cfg.d_in}], got {shape}")
+            raise ValueError(
+                f"x must be [..., d_in={self.cfg.d_in}] (e.g. [batch, d_in] or [batch, seq, d_in]), got {shape}"
+            )
         if x.device != self.W_enc.device:
             raise ValueError(f"x is on {x.device} but the SAE is on {self.W_enc.device}")
-        if self.training and x.shape[0] < 2:
-            raise ValueError(f"training needs at least 2 tokens per batch (the FVU loss), got {x.shape[0]}")
+        if self.training and x.numel() < 2 * self.cfg.d_in:
+            raise ValueError(
+                f"training needs at least 2 tokens per batch (the FVU loss), got {x.numel() // self.cfg.d_in}"
+            )
         if self.cfg.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or infinite values (set SAEConfig.check_finite=False to skip this check)")
 

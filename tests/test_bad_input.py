@@ -123,7 +123,7 @@ BAD_INPUTS = [
      ValueError, "activation must be one of"),
     ("SparseAutoencoder: x of the wrong width",
      lambda a: SparseAutoencoder(SAEConfig(d_in=D, n_features=N_FEATURES, k=K))(torch.randn(BATCH, D + 1)),
-     ValueError, r"x must be \[batch, d_in=6\]"),
+     ValueError, r"x must be \[\.\.\., d_in=6\]"),
     ("SparseAutoencoder: NaN in x", lambda a: SparseAutoencoder(SAEConfig(d_in=D, n_features=N_FEATURES, k=K))(
      _with(a["x"], (2, 3), float("nan"))), ValueError, "x contains NaN or infinite values"),
     ("SparseAutoencoder.load: no such file", lambda a: SparseAutoencoder.load("/nonexistent/sae.safetensors"),

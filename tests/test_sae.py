@@ -230,9 +230,31 @@ def test_config_rejects_bad_values(overrides, message):
         fastsae.SAEConfig(**{"d_in": 24, "n_features": 96, **overrides})
 
 
+@pytest.mark.parametrize("activation", ["topk", "relu", "batchtopk"])
+def test_leading_dimensions(activation):
+    """Activations shaped [batch, seq, d] (as transformer hooks give them) train and encode like the
+    flattened [batch * seq, d] tokens, and every output keeps the leading shape."""
+    sae = _sae(activation=activation)
+    x = torch.randn(3, 5, 24, dtype=torch.float64) + 3
+    flat = copy.deepcopy(sae)
+    out, out_flat = sae(x), flat(x.reshape(15, 24))
+    assert out.recon.shape == (3, 5, 24)
+    assert torch.equal(out.recon.reshape(15, 24), out_flat.recon) and torch.equal(out.loss, out_flat.loss)
+    codes = out.vals if activation == "topk" else out.acts
+    assert codes.shape[:2] == (3, 5)
+    assert torch.equal(sae.tokens_since_fired, flat.tokens_since_fired)  # 15 tokens seen either way
+    sae.eval()
+    encoded = sae.encode(x)
+    first = encoded.vals if activation == "topk" else encoded
+    assert first.shape[:2] == (3, 5)
+    assert torch.allclose(sae.decode(encoded), sae(x).recon)
+    single = sae.encode(x[0, 0])  # one token, [d]
+    assert torch.allclose(single.vals if activation == "topk" else single, first[0, 0])
+
+
 def test_forward_rejects_bad_input():
     sae = _sae(dtype="float32")
-    with pytest.raises(ValueError, match=r"x must be \[batch, d_in=24\]"):
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., d_in=24\]"):
         sae(torch.randn(8, 23))
     with pytest.raises(ValueError, match="x contains NaN"):
         sae(torch.full((8, 24), float("nan")))
