@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -75,6 +76,11 @@ class SAEConfig:
             raise ValueError(f"dead_after_tokens must be >= 0, got {self.dead_after_tokens}")
 
 
+def _mark_initialized(module: SparseAutoencoder, incompatible_keys) -> None:
+    """load_state_dict post-hook: loaded weights come with their centering."""
+    module._initialized = True
+
+
 class SAEOutput(NamedTuple):
     """For input x [..., d] (e.g. [batch, seq, d] from a transformer hook): recon [..., d]; vals/idx
     [..., k] for TopK (else None); acts [..., F] for dense codes (else None); loss = fvu + auxk_coef *
@@ -125,6 +131,10 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("n_tokens_seen", torch.zeros((), dtype=torch.int64))
         self._init_directions()
+        # Whether the centering was fitted (`initialize`) or weights were loaded; a training forward
+        # without either fits it to its first batch (`_initialize_lazily`).
+        self._initialized = cfg.centering == "none"
+        self.register_load_state_dict_post_hook(_mark_initialized)
 
     # -- initialisation ------------------------------------------------------------------------------
 
@@ -145,6 +155,13 @@ class SparseAutoencoder(nn.Module):
         if sample.shape[1] != self.cfg.d_in:
             raise ValueError(f"sample has {sample.shape[1]} dimensions, expected d_in={self.cfg.d_in}")
         self._init_directions()
+        self._fit_centering(sample)
+        self.reset_death_stats()
+        return self
+
+    @torch.no_grad()
+    def _fit_centering(self, sample: Tensor) -> None:
+        """b_dec (or the whitening transform) from a sample [N, d] by the config's centering mode."""
         if self.cfg.centering == "whiten":
             center = centering.geometric_median(sample)
             whiten, unwhiten = centering.fit_whitening(sample, center)
@@ -155,8 +172,24 @@ class SparseAutoencoder(nn.Module):
             self.b_dec.copy_(centering.geometric_median(sample))
         elif self.cfg.centering == "mean":
             self.b_dec.copy_(centering.mean(sample))
-        self.reset_death_stats()
-        return self
+        self._initialized = True
+
+    def _initialize_lazily(self, x: Tensor) -> None:
+        """The first training batch of an SAE that was neither initialised nor loaded fits the centering
+        (b_dec = 0 would leave the outlier dimensions that kill features at initialisation), once, with a
+        warning: a larger sample passed to `initialize` estimates it better."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "SparseAutoencoder: call sae.initialize(sample) before compiling the training step; the "
+                "centering cannot be fitted to the first batch inside torch.compile"
+            )
+        warnings.warn(
+            f"SparseAutoencoder.initialize() was not called: fitting the {self.cfg.centering!r} centering to the "
+            f"first training batch ({x.shape[0]} tokens). Call sae.initialize(sample) before training to choose the "
+            "sample.",
+            stacklevel=3,
+        )
+        self._fit_centering(x.detach())
 
     @torch.no_grad()
     def reset_death_stats(self) -> None:
@@ -173,6 +206,11 @@ class SparseAutoencoder(nn.Module):
     def dead_features(self) -> Tensor:
         """bool [F]: features that have not fired for more than cfg.dead_after_tokens tokens."""
         return F.dead_mask(self.tokens_since_fired, self.cfg.dead_after_tokens)
+
+    def never_fired(self) -> Tensor:
+        """bool [F]: features that have not fired once in training since the statistics were last reset
+        (dead from the start, whatever `dead_after_tokens` says)."""
+        return self.feature_fire_count == 0
 
     def encode(self, x: Tensor) -> F.TopKCodes | Tensor:
         """x [..., d] -> TopK: TopKCodes(vals, idx, ...) [..., k] each (no AuxK candidates); otherwise
@@ -259,6 +297,8 @@ class SparseAutoencoder(nn.Module):
         self._check_input(x)
         lead = x.shape[:-1]
         x = x.reshape(-1, self.cfg.d_in)
+        if self.training and not self._initialized:
+            self._initialize_lazily(x)
         k_aux = self.cfg.k_aux if self.training else 0
         dead = self.dead_features() if k_aux else None
         few_dead = self._few_dead_features(dead)

@@ -7,6 +7,7 @@ import signal
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,32 @@ def test_leading_dimensions(activation):
     assert torch.allclose(sae.decode(encoded), sae(x).recon)
     single = sae.encode(x[0, 0])  # one token, [d]
     assert torch.allclose(single.vals if activation == "topk" else single, first[0, 0])
+
+
+def test_first_training_batch_fits_the_centering_when_not_initialized():
+    """Training an SAE that was neither initialised nor loaded fits b_dec to the first batch (once,
+    with a warning); a loaded SAE keeps its b_dec; `never_fired` reports features silent so far."""
+    cfg = fastsae.SAEConfig(d_in=24, n_features=96, k=6, dtype="float64")
+    x = torch.randn(200, 24, dtype=torch.float64) + 3
+    sae = fastsae.SparseAutoencoder(cfg)
+    with torch.no_grad():
+        sae.b_enc[:3] = -1e6  # three features that cannot fire
+    with pytest.warns(UserWarning, match="initialize\\(\\) was not called"):
+        sae(x)
+    assert torch.allclose(sae.b_dec, fastsae.centering.geometric_median(x))
+    b_dec = sae.b_dec.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sae(x + 1)  # no second fit, no second warning
+    assert torch.equal(sae.b_dec, b_dec)
+    assert sae.never_fired().nonzero().flatten().tolist() == [0, 1, 2]
+
+    loaded = fastsae.SparseAutoencoder(cfg)
+    loaded.load_state_dict(sae.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded(x)
+    assert torch.equal(loaded.b_dec, b_dec)
 
 
 def test_forward_rejects_bad_input():
