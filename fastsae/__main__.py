@@ -28,7 +28,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_activations(path: Path) -> torch.Tensor:
-    """[N, d] activations from a .npy, .pt or .safetensors file holding exactly one tensor; a clear
+    """[N, d] activations from a .npy, .pt or .safetensors file holding exactly one tensor of shape
+    [..., d] (e.g. [batch, seq, d] as a transformer hook gives them: every position is a token); a clear
     ValueError for anything else."""
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
@@ -41,12 +42,12 @@ def load_activations(path: Path) -> torch.Tensor:
     if len(tensors) != 1:
         raise ValueError(f"{path}: holds {len(tensors)} tensors ({sorted(tensors)}); expected exactly one")
     acts = next(iter(tensors.values()))
-    if not isinstance(acts, torch.Tensor) or acts.dim() != 2:
+    if not isinstance(acts, torch.Tensor) or acts.dim() < 2:
         shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
-        raise ValueError(f"{path}: expected an [N, d] tensor of activations, got {shape}")
+        raise ValueError(f"{path}: expected an [N, d] (or [..., d]) tensor of activations, got {shape}")
     if not acts.is_floating_point():
         raise ValueError(f"{path}: expected floating-point activations, got {acts.dtype}")
-    return acts
+    return acts.reshape(-1, acts.shape[-1])
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
@@ -60,6 +61,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import main
 
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is visible to this torch ({torch.__version__})")
     settings = Settings(
         gammas=tuple(args.gammas),
         steps=args.steps,
@@ -85,33 +88,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastsae", description=__doc__)
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
     commands = parser.add_subparsers(dest="command", required=True)
 
-    reproduce = commands.add_parser("reproduce", help="feature death vs outlier severity on synthetic data")
+    reproduce = commands.add_parser("reproduce", help="feature death vs outlier severity on synthetic data", **defaults)
     reproduce.add_argument("--out", type=Path, default=Path("fastsae_reproduce"), help="output folder")
-    reproduce.add_argument("--gammas", type=float, nargs="+", default=list(Settings.gammas))
+    reproduce.add_argument("--gammas", type=float, nargs="+", default=list(Settings.gammas),
+                           help="outlier severities to sweep")  # fmt: skip
     reproduce.add_argument("--steps", type=int, default=Settings.steps, help="training steps per SAE")
     reproduce.add_argument("--n-eval", type=int, default=Settings.n_eval, help="evaluation tokens")
     reproduce.add_argument("--seed", type=int, default=Settings.seed, help="the first seed")
     reproduce.add_argument("--seeds", type=int, default=Settings.seeds, help="seeds per gamma (paired variants each)")
-    reproduce.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    reproduce.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     reproduce.set_defaults(run=cmd_reproduce)
 
-    diagnose = commands.add_parser("diagnose", help="outlier severity and predicted feature death of a file")
-    diagnose.add_argument("path", type=Path, help="[N, d] activations: .npy, .pt or .safetensors")
-    diagnose.add_argument("--k", type=int, default=32)
-    diagnose.add_argument("--n-features", type=int, default=None, help="features of the SAE to assess (default 16 x d)")
+    what = "outlier severity and predicted feature death of a file"
+    diagnose = commands.add_parser("diagnose", help=what, **defaults)
+    diagnose.add_argument("path", type=Path, help="[N, d] or [..., d] activations: .npy, .pt or .safetensors")
+    diagnose.add_argument("--k", type=int, default=32, help="active features per token of the TopK SAE to assess")
+    diagnose.add_argument("--n-features", type=int, default=None, help="features of the SAE to assess; None: 16 x d")
     diagnose.add_argument(
         "--measure-tokens", type=int, default=None,
-        help="tokens random-init SAEs encode to measure death at init (default: 65536 with a GPU, else 0: skip)",
+        help="tokens random-init SAEs encode to measure death at init; None: 65536 with a GPU, else 0 (skip)",
     )  # fmt: skip
     diagnose.set_defaults(run=cmd_diagnose)
 
-    bench = commands.add_parser("bench", help="GPU benchmarks (arguments go to bench/run.py)")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench = commands.add_parser("bench", help="GPU benchmarks (arguments go to bench/run.py, e.g. --only encode)")
     bench.set_defaults(run=cmd_bench)
 
-    args = parser.parse_args(argv)
+    # bench passes every argument after it to bench/run.py (argparse would refuse its options here).
+    args, bench_args = parser.parse_known_args(argv)
+    if bench_args and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(bench_args)}")
+    args.bench_args = bench_args
     try:
         return args.run(args)
     except ValueError as error:

@@ -168,7 +168,8 @@ def test_diagnose_cli_reads_every_format(tmp_path, capsys):
     np.save(tmp_path / "acts.npy", x.numpy())
     torch.save(x, tmp_path / "acts.pt")
     save_file({"acts": x}, str(tmp_path / "acts.safetensors"))
-    for name in ("acts.npy", "acts.pt", "acts.safetensors"):
+    torch.save(x.reshape(4, -1, x.shape[1]), tmp_path / "acts_seq.pt")  # [batch, seq, d], as hooks give them
+    for name in ("acts.npy", "acts.pt", "acts.safetensors", "acts_seq.pt"):
         assert cli(["diagnose", str(tmp_path / name), "--k", "8", "--n-features", "256"]) == 0
         assert "| recommendation | centre |" in capsys.readouterr().out
 
@@ -185,7 +186,7 @@ def test_diagnose_cli_fails_clearly_on_bad_files(tmp_path, capsys):
     cases = {
         "missing.npy": "no such file",
         "garbage.npy": "cannot be read as .npy",
-        "vector.npy": r"expected an [N, d] tensor",
+        "vector.npy": "expected an [N, d] (or [..., d]) tensor",
         "ints.npy": "expected floating-point",
         "nan.npy": "NaN",
         "two.safetensors": "holds 2 tensors",
@@ -240,10 +241,19 @@ def test_reproduce_pairs_its_variants(monkeypatch):
         run(Settings(gammas=(5.0,), seeds=0))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on machines without a GPU")
-def test_bench_cli_says_it_needs_a_gpu(capsys):
-    assert cli(["bench"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().out
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages shown on machines without a GPU")
+def test_cli_says_what_needs_a_gpu(capsys):
+    """bench (with bench/run.py's own options) and reproduce --device cuda explain, without a traceback."""
+    assert cli(["bench"]) == 2 and cli(["bench", "--only", "encode"]) == 2
+    assert capsys.readouterr().out.count("needs a CUDA GPU") == 2
+    assert cli(["reproduce", "--device", "cuda", "--steps", "1"]) == 2
+    assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_cli_refuses_unknown_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["diagnose", "acts.npy", "--bogus"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_degenerate_inputs_get_the_papers_conventions_or_clear_errors():
