@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -379,11 +380,17 @@ class SparseAutoencoder(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike, format: str = "fastsae") -> None:
         """Writes weights, buffers and the config (JSON in the safetensors header) to one .safetensors
         file, atomically: a crash mid-write leaves any earlier file at `path` intact, and the temporary
         file a killed save leaves behind is removed by the next save. The file gets the usual
-        permissions (0666 less the umask) and a checksum that `load` verifies."""
+        permissions (0666 less the umask) and a checksum that `load` verifies. format="saelens" or
+        "sparsify" writes that library's checkpoint directory instead (`fastsae.io`)."""
+        if format != "fastsae":
+            from . import io
+
+            io.save(self, path, format)
+            return
         path = Path(path)
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
         # The parameters' dtype may have changed since construction (sae.to(torch.bfloat16)): record it.
@@ -394,34 +401,19 @@ class SparseAutoencoder(nn.Module):
             "fastsae_format": FORMAT_VERSION,
             "fastsae_checksum": _checksum(tensors),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from a shared cluster's group
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
         """Reads a file written by `save`. Raises FileNotFoundError if it is missing and ValueError if
         it is not a fastsae checkpoint, is corrupted (truncated, a flipped bit: checked against the
         checksum save wrote), or its tensors do not match its config in name, shape or dtype. Nothing
-        is returned half-loaded."""
+        is returned half-loaded. A directory is read as a SAELens or sparsify checkpoint (`fastsae.io`)."""
         path = Path(path)
+        if path.is_dir():
+            from . import io
+
+            return io.load(path, device)
         if not path.is_file():
             raise FileNotFoundError(f"no SAE checkpoint at {path}")
         try:
@@ -468,6 +460,34 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Creates or replaces the file `path` with what `write(temporary_path)` writes, atomically: the
+    temporary file beside it is synced, given the usual permissions (0666 less the umask; mkstemp's
+    0600 would hide it from a shared cluster's group) and renamed over `path`, and the rename is made
+    durable. A crash leaves any earlier file intact; the temporary file a killed write leaves behind
+    is removed by the next write to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _temporary_prefix(path: Path) -> str:

@@ -1,0 +1,174 @@
+"""SAELens and sparsify checkpoints, both ways (fastsae/io.py).
+
+The fixtures are written file by file in each library's on-disk layout (SAELens `save_model`: cfg.json
++ sae_weights.safetensors; sparsify `save_to_disk`: cfg.json + sae.safetensors), and the expected
+outputs come from each library's forward pass written out here in plain PyTorch. The libraries
+themselves (sae-lens, eai-sparsify) are not installed in CI.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fastsae
+from fastsae import io
+
+D, N_FEATURES, K = 12, 40, 5
+
+
+def _weights(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "W_enc": torch.randn(D, N_FEATURES, generator=generator, dtype=torch.float64),
+        "b_enc": 0.1 * torch.randn(N_FEATURES, generator=generator, dtype=torch.float64),
+        "W_dec": torch.randn(N_FEATURES, D, generator=generator, dtype=torch.float64),
+        "b_dec": torch.randn(D, generator=generator, dtype=torch.float64),
+    }
+
+
+def _x(seed=1):
+    return torch.randn(16, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 1
+
+
+def _saelens_forward(cfg, w, x):
+    """SAELens' encode and decode (StandardSAE, TopKSAE, JumpReLUSAE) -> (dense codes, reconstruction)."""
+    pre = (x - w["b_dec"] * cfg.get("apply_b_dec_to_input", True)) @ w["W_enc"] + w["b_enc"]
+    if cfg["architecture"] == "topk":
+        top = pre.topk(cfg["k"], dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    elif cfg["architecture"] == "jumprelu":
+        acts = pre.relu() * (pre > w["threshold"])
+    else:
+        acts = pre.relu()
+    return acts, acts @ w["W_dec"] + w["b_dec"]
+
+
+def _sparsify_forward(cfg, w, x):
+    """sparsify's SparseCoder: the k largest of relu(encoder(x - b_dec)), decoded with W_dec."""
+    top = ((x - w["b_dec"]) @ w["encoder.weight"].T + w["encoder.bias"]).relu().topk(cfg["k"], dim=-1)
+    acts = torch.zeros(x.shape[0], w["W_dec"].shape[0], dtype=x.dtype).scatter(-1, top.indices, top.values)
+    return acts, acts @ w["W_dec"] + w["b_dec"]
+
+
+def _dense_codes(sae, x):
+    out = sae(x)
+    if out.acts is not None:
+        return out.acts, out.recon
+    return torch.zeros(x.shape[0], N_FEATURES, dtype=x.dtype).scatter(-1, out.idx.long(), out.vals), out.recon
+
+
+def _assert_outputs(sae, expected):
+    """The loaded SAE's (dense codes, reconstruction) of _x() in eval mode equal `expected`."""
+    for got, want in zip(_dense_codes(sae.eval(), _x()), expected):
+        torch.testing.assert_close(got, want)
+
+
+def _write(directory, weights_name, tensors, cfg):
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / weights_name))
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+@pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
+def test_saelens_checkpoint_gives_saelens_outputs(tmp_path, architecture, apply_b_dec):
+    w = _weights()
+    if architecture == "jumprelu":
+        w["threshold"] = torch.rand(N_FEATURES, dtype=torch.float64) - 0.2  # a few negative: ReLU'd first
+    cfg = {"architecture": architecture, "d_in": D, "d_sae": N_FEATURES, "dtype": "float64", "device": "cpu",
+           "apply_b_dec_to_input": apply_b_dec, "normalize_activations": "none", "k": K, "meta": {}}  # fmt: skip
+    _write(tmp_path / "sae", "sae_weights.safetensors", w, cfg)
+    assert io.detect_format(tmp_path / "sae") == "saelens"
+    _assert_outputs(fastsae.SparseAutoencoder.load(tmp_path / "sae"), _saelens_forward(cfg, w, _x()))
+
+
+def test_sparsify_checkpoint_gives_sparsify_outputs(tmp_path):
+    w = _weights()
+    tensors = {"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"],
+               "b_dec": w["b_dec"]}  # fmt: skip
+    cfg = {"expansion_factor": 3, "normalize_decoder": True, "num_latents": N_FEATURES, "k": K,
+           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D}  # fmt: skip
+    _write(tmp_path / "layers.3", "sae.safetensors", tensors, cfg)
+    _write(tmp_path / "layers.5", "sae.safetensors", tensors, cfg)
+    assert io.detect_format(tmp_path / "layers.3") == "sparsify"
+    _assert_outputs(fastsae.SparseAutoencoder.load(tmp_path / "layers.3"), _sparsify_forward(cfg, tensors, _x()))
+    assert sorted(io.load_hookpoints(tmp_path)) == ["layers.3", "layers.5"]
+
+
+def _trained(activation, **overrides):
+    cfg = fastsae.SAEConfig(d_in=D, n_features=N_FEATURES, k=K, activation=activation, dtype="float64", **overrides)
+    sae = fastsae.SparseAutoencoder(cfg).initialize(_x(2))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        if activation == "jumprelu":
+            sae.threshold.uniform_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    if activation == "batchtopk":
+        sae(_x(5))  # one training forward sets the inference threshold
+    return sae.eval()
+
+
+@pytest.mark.parametrize(
+    "format, activation",
+    [("saelens", "topk"), ("saelens", "relu"), ("saelens", "jumprelu"), ("saelens", "batchtopk"), ("sparsify", "topk")],
+)
+def test_round_trip_keeps_weights_and_outputs(tmp_path, format, activation):
+    sae = _trained(activation)
+    sae.save(tmp_path / "out", format=format)
+    loaded = fastsae.SparseAutoencoder.load(tmp_path / "out")
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(loaded, name), getattr(sae, name)), name
+    _assert_outputs(loaded, _dense_codes(sae, _x()))
+
+
+def test_saved_checkpoints_are_in_the_libraries_layout(tmp_path):
+    sae = _trained("topk")
+    sae.save(tmp_path / "saelens", format="saelens")
+    cfg = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == K and cfg["d_sae"] == N_FEATURES and cfg["d_in"] == D
+    assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
+    weights = load_file(str(tmp_path / "saelens" / "sae_weights.safetensors"))
+    shapes = {name: tuple(t.shape) for name, t in weights.items()}
+    assert shapes == {"W_enc": (D, N_FEATURES), "b_enc": (N_FEATURES,), "W_dec": (N_FEATURES, D), "b_dec": (D,)}
+    sae.save(tmp_path / "sparsify", format="sparsify")
+    tensors = load_file(str(tmp_path / "sparsify" / "sae.safetensors"))
+    assert tuple(tensors["encoder.weight"].shape) == (N_FEATURES, D)
+    assert json.loads((tmp_path / "sparsify" / "cfg.json").read_text())["num_latents"] == N_FEATURES
+
+
+def _saelens_dir(tmp_path, **cfg_changes):
+    cfg = {"architecture": "topk", "d_in": D, "d_sae": N_FEATURES, "dtype": "float64", "k": K, **cfg_changes}
+    _write(tmp_path / "bad", "sae_weights.safetensors", _weights(), cfg)
+    return tmp_path / "bad"
+
+
+def test_what_fastsae_cannot_represent_is_refused(tmp_path):
+    cases = [
+        (lambda: io.load_saelens(_saelens_dir(tmp_path, architecture="gated")), "architecture 'gated'"),
+        (lambda: io.load_saelens(_saelens_dir(tmp_path, normalize_activations="layer_norm")), "normalize_activations"),
+        (lambda: io.load_saelens(_saelens_dir(tmp_path, rescale_acts_by_decoder_norm=True)), "rescale_acts_by"),
+        (lambda: _trained("relu").save(tmp_path / "x", format="sparsify"), "sparsify SAEs are TopK"),
+        (lambda: _trained("topk", centering="whiten").save(tmp_path / "y", format="saelens"), "whitened"),
+        (
+            lambda: fastsae.SparseAutoencoder(
+                fastsae.SAEConfig(d_in=D, n_features=N_FEATURES, k=K, activation="batchtopk")
+            ).save(tmp_path / "z", "saelens"),
+            "not been trained",
+        ),  # fmt: skip
+        (lambda: _trained("topk").save(tmp_path / "w", format="onnx"), "format must be one of"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    transcoder = tmp_path / "transcoder"
+    _write(transcoder, "sae.safetensors", {"b_dec": torch.zeros(D)}, {"k": K, "transcode": True})
+    with pytest.raises(ValueError, match="transcoder"):
+        fastsae.SparseAutoencoder.load(transcoder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a SAELens SAE"):
+        fastsae.SparseAutoencoder.load(tmp_path / "empty")
+    broken = _saelens_dir(tmp_path)
+    (broken / "cfg.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable JSON config"):
+        fastsae.SparseAutoencoder.load(broken)
