@@ -1,0 +1,195 @@
+"""Activations from real models, as [tokens, d] batches for training SAEs.
+
+    stream = ActivationStream(model, tokenizer, texts, hookpoints=["transformer.h.6"], batch_tokens=4096)
+    for batch in stream:                # {hookpoint: [batch_tokens, d] tensor}, shuffled across texts
+        sae(batch["transformer.h.6"])
+
+Any `nn.Module` works: a hook point is a submodule's name (`model.get_submodule`), and its output (the
+first element when a module returns a tuple, as transformer blocks do) is what is collected. Several
+hook points come from one forward pass, which stops as soon as the last of them has run. The tokenizer
+is any Hugging Face tokenizer (or a callable with the same `(texts, padding=True, truncation=True,
+max_length=..., return_tensors="pt")` interface returning input_ids and attention_mask).
+
+Padding positions are dropped, and with `drop_special_tokens` so are the tokenizer's special tokens
+(BOS among them, whose activations have norms far above the rest: a known outlier source). Tokens
+pass through a shuffling buffer of `buffer_tokens` on the device, so a batch mixes many texts.
+`cache_dir` writes every collected token to safetensors shards on first use and reads them on later
+passes (the model is not run again).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .sae import write_atomically
+
+
+class _StopForward(Exception):
+    """Raised by the last hook to end a forward pass whose remaining layers nobody reads."""
+
+
+def capture(model: nn.Module, hookpoints: Sequence[str], inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """{hookpoint: output [batch, seq, d]} of the named submodules for one forward pass of `model` on
+    `inputs` (keyword arguments), stopping after the last hook point's module has run."""
+    modules = {name: _submodule(model, name) for name in hookpoints}
+    outputs: dict[str, Tensor] = {}
+
+    def hook(name):
+        def record(module, args, output):
+            outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
+            if len(outputs) == len(modules):
+                raise _StopForward
+
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in hookpoints if name not in outputs]
+    if missing:
+        raise ValueError(f"hook points {missing} did not run in the model's forward pass")
+    return outputs
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in model.named_modules() if n][:20]
+        raise ValueError(f"the model has no submodule {name!r} (some it has: {names})") from None
+
+
+class ActivationStream:
+    """Iterable of {hookpoint: [batch_tokens, d]} batches (see the module docstring). Each pass over
+    it goes through `texts` once; the last, partial batch is dropped."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        texts: Iterable[str],
+        hookpoints: Sequence[str],
+        batch_tokens: int = 4096,
+        context_size: int = 128,
+        texts_per_forward: int = 32,
+        buffer_tokens: int = 2**16,
+        drop_special_tokens: bool = True,
+        cache_dir: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        if not hookpoints:
+            raise ValueError("hookpoints is empty: name at least one submodule of the model")
+        if batch_tokens < 1 or buffer_tokens < batch_tokens:
+            raise ValueError(f"need 1 <= batch_tokens <= buffer_tokens, got {batch_tokens} and {buffer_tokens}")
+        self.model, self.tokenizer, self.texts = model, tokenizer, texts
+        self.hookpoints = list(hookpoints)
+        self.batch_tokens, self.context_size, self.texts_per_forward = batch_tokens, context_size, texts_per_forward
+        self.buffer_tokens, self.drop_special_tokens = buffer_tokens, drop_special_tokens
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.seed, self.progress = seed, progress
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        pending: dict[str, list[Tensor]] = {name: [] for name in self.hookpoints}
+        held = 0
+        for chunk in self._token_chunks():
+            for name in self.hookpoints:
+                pending[name].append(chunk[name].to(self.device))
+            held += chunk[self.hookpoints[0]].shape[0]
+            if held >= self.buffer_tokens:
+                # Emit about half the buffer in shuffled batches; the rest mixes with what comes next.
+                mixed = self._shuffle(pending, generator)
+                emit = (held - held // 2) // self.batch_tokens * self.batch_tokens
+                yield from self._batches(mixed, emit)
+                pending = {name: [t[emit:]] for name, t in mixed.items()}
+                held -= emit
+        if held >= self.batch_tokens:
+            yield from self._batches(self._shuffle(pending, generator), held // self.batch_tokens * self.batch_tokens)
+
+    def _batches(self, mixed: dict[str, Tensor], n_tokens: int) -> Iterator[dict[str, Tensor]]:
+        for start in range(0, n_tokens, self.batch_tokens):
+            yield {name: t[start : start + self.batch_tokens] for name, t in mixed.items()}
+
+    def _shuffle(self, pending: dict[str, list[Tensor]], generator: torch.Generator) -> dict[str, Tensor]:
+        """The pending tokens in one random order, the same for every hook point."""
+        merged = {name: torch.cat(parts) for name, parts in pending.items()}
+        order = torch.randperm(merged[self.hookpoints[0]].shape[0], generator=generator).to(self.device)
+        return {name: t[order] for name, t in merged.items()}
+
+    def _token_chunks(self) -> Iterator[dict[str, Tensor]]:
+        """{hookpoint: [tokens, d]} per forward pass, read from the cache when it is complete."""
+        if self.cache_dir is not None and (self.cache_dir / "complete").is_file():
+            yield from read_cache(self.cache_dir, self.hookpoints)
+            return
+        chunks = self._collect()
+        if self.cache_dir is None:
+            yield from chunks
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for index, chunk in enumerate(chunks):
+            tensors = {name: t.cpu().contiguous() for name, t in chunk.items()}
+            shard = self.cache_dir / f"shard_{index:06d}.safetensors"
+            write_atomically(shard, lambda tmp, tensors=tensors: save_file(tensors, tmp))
+            yield chunk
+        write_atomically(self.cache_dir / "complete", lambda tmp: Path(tmp).write_text("\n".join(self.hookpoints)))
+
+    def _collect(self) -> Iterator[dict[str, Tensor]]:
+        special = _special_token_ids(self.tokenizer) if self.drop_special_tokens else []
+        model_device = next(self.model.parameters()).device
+        batches = _batched(self.texts, self.texts_per_forward)
+        for texts in tqdm(batches, desc="activations", unit=" forward", disable=not self.progress):
+            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context_size,
+                                     return_tensors="pt")  # fmt: skip
+            input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+            keep = attention_mask.bool()
+            for token_id in special:
+                keep &= input_ids != token_id
+            inputs = {"input_ids": input_ids.to(model_device), "attention_mask": attention_mask.to(model_device)}
+            outputs = capture(self.model, self.hookpoints, inputs)
+            yield {name: out[keep.to(out.device)] for name, out in outputs.items()}
+
+
+def read_cache(cache_dir: str | os.PathLike, hookpoints: Sequence[str]) -> Iterator[dict[str, Tensor]]:
+    """The {hookpoint: [tokens, d]} shards an ActivationStream with `cache_dir` wrote, in order."""
+    cache_dir = Path(cache_dir)
+    for shard in sorted(cache_dir.glob("shard_*.safetensors")):
+        with safe_open(str(shard), framework="pt", device="cpu") as f:
+            missing = [name for name in hookpoints if name not in f.keys()]
+            if missing:
+                raise ValueError(f"{shard} holds no activations for {missing} (it has {sorted(f.keys())})")
+            yield {name: f.get_tensor(name) for name in hookpoints}
+
+
+def _special_token_ids(tokenizer) -> list[int]:
+    ids = getattr(tokenizer, "all_special_ids", None)
+    if ids is None:
+        raise ValueError("drop_special_tokens needs a tokenizer with all_special_ids (a Hugging Face tokenizer)")
+    return sorted(set(ids))
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    current = []
+    for item in items:
+        current.append(item)
+        if len(current) == size:
+            yield current
+            current = []
+    if current:
+        yield current
