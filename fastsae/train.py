@@ -1,0 +1,223 @@
+"""`python -m fastsae train`: SAEs on a model's activations, from text files, end to end.
+
+    python -m fastsae train --model gpt2 --hookpoint h.6 --texts corpus.txt --tokens 20_000_000
+
+It loads the model and tokenizer with Hugging Face transformers (a hub name or a local directory; hook
+points are submodule names of `AutoModel.from_pretrained(model)`, e.g. h.6 for GPT-2, layers.6 for
+Llama), streams activations of each hook point (`fastsae.activations`), runs `diagnose` on the first
+tokens and prints its advice, initialises one SAE per hook point from those tokens (the chosen
+centering), and trains it with AuxK (TopK) or the activation's own loss. Every --log-every tokens it
+appends FVU, dead-feature % (features silent for --dead-after tokens) and tokens/s to OUT/log.csv and
+redraws OUT/training.png; every --checkpoint-every tokens (and at the end) it writes each SAE
+(OUT/<hookpoint>.safetensors) and the optimizer state (OUT/state.pt), atomically. Run it again with the
+same OUT to resume: the SAEs, the optimizer and the token count are restored and the batches already
+used are skipped (the stream is deterministic for the same texts). Text files hold one document per
+line (.txt) or one JSON object with a "text" field per line (.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .activations import ActivationStream
+from .diagnostics import diagnose
+from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, write_atomically
+
+LOG_COLUMNS = ["tokens", "hookpoint", "fvu", "dead_pct", "tokens_per_s"]
+
+
+def add_parser(commands) -> None:
+    train = commands.add_parser("train", help="train SAEs on a model's activations", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    train.add_argument("--model", required=True, help="Hugging Face model name or local directory")
+    train.add_argument("--hookpoint", required=True, nargs="+", help="submodule names of the model, e.g. h.6")
+    train.add_argument("--texts", required=True, nargs="+", type=Path, help=".txt or .jsonl files")
+    train.add_argument("--out", type=Path, default=Path("fastsae_run"), help="output and resume directory")
+    train.add_argument("--tokens", type=int, default=10_000_000, help="training tokens per SAE")
+    train.add_argument("--activation", choices=ACTIVATIONS, default="topk")
+    train.add_argument("--k", type=int, default=32, help="active features per token (topk, batchtopk)")
+    train.add_argument("--expansion-factor", type=int, default=16, help="features per input dimension")
+    train.add_argument("--centering", choices=CENTERING_MODES, default="geometric_median")
+    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 / sqrt(F / 16384))")
+    train.add_argument("--batch-tokens", type=int, default=4096)
+    train.add_argument("--diagnose-tokens", type=int, default=2**16,
+                       help="tokens diagnose and the centering see first (not trained on)")  # fmt: skip
+    train.add_argument("--context-size", type=int, default=128, help="tokens per text at most")
+    train.add_argument("--dead-after", type=int, default=10_000_000, help="tokens without firing: dead")
+    train.add_argument("--log-every", type=int, default=100_000, help="tokens between log rows")
+    train.add_argument("--checkpoint-every", type=int, default=1_000_000, help="tokens between checkpoints")
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--dtype", choices=list(DTYPES), default=None, help="SAE dtype (default bf16 on CUDA)")
+    train.add_argument("--keep-special-tokens", action="store_true", help="keep BOS and other special tokens")
+    train.set_defaults(run=run)
+
+
+def read_texts(paths: list[Path]) -> Iterator[str]:
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"{path}: no such text file")
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if path.suffix == ".jsonl":
+                    try:
+                        line = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as error:
+                        raise ValueError(f"{path}:{number}: not a JSON object with a 'text' field") from error
+                if line.strip():
+                    yield line.strip()
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoModel, AutoTokenizer
+
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is visible to this torch ({torch.__version__})")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(args.model).to(args.device).eval()
+    stream = ActivationStream(
+        model, tokenizer, read_texts(args.texts), args.hookpoint, batch_tokens=args.batch_tokens,
+        context_size=args.context_size, buffer_tokens=max(16 * args.batch_tokens, 2**16),
+        drop_special_tokens=not args.keep_special_tokens, device=args.device,
+    )  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    state_path = args.out / "state.pt"
+    resumed = state_path.is_file()
+    batches = iter(stream)
+    if resumed:
+        saes = {name: SparseAutoencoder.load(_checkpoint(args.out, name), args.device) for name in args.hookpoint}
+        state = torch.load(state_path, map_location=args.device, weights_only=True)
+        tokens_done, used_batches = int(state["tokens"]), int(state["batches"])
+        for _ in range(used_batches):  # the diagnosis sample and the batches already trained on
+            next(batches)
+        print(f"resuming from {args.out} at {tokens_done} tokens")
+    else:
+        sample, used_batches = _first_tokens(batches, args.hookpoint, args.diagnose_tokens)
+        saes = {}
+        for name in args.hookpoint:
+            print(f"== {name}: diagnose on {sample[name].shape[0]} tokens")
+            print(diagnose(sample[name].float(), k=args.k, n_features=args.expansion_factor * sample[name].shape[1]))
+            saes[name] = _new_sae(args, sample[name])
+        tokens_done, state = 0, None
+    optimizers = {name: torch.optim.Adam(sae.parameters(), lr=_lr(args, sae)) for name, sae in saes.items()}
+    if state is not None:
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+    _train(args, saes, optimizers, batches, tokens_done, used_batches)
+    return 0
+
+
+def _checkpoint(out: Path, hookpoint: str) -> Path:
+    return out / f"{hookpoint}.safetensors"
+
+
+def _first_tokens(batches: Iterator[dict], hookpoints: list[str], n_tokens: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Up to n_tokens tokens per hook point (consumed from the stream: not trained on), and how many
+    batches they took."""
+    taken: dict[str, list[torch.Tensor]] = {name: [] for name in hookpoints}
+    count = 0
+    for batch in batches:
+        for name in hookpoints:
+            taken[name].append(batch[name])
+        count += batch[hookpoints[0]].shape[0]
+        if count >= n_tokens:
+            break
+    if count < 2:
+        raise ValueError("the texts gave fewer than one batch of activations: nothing to train on")
+    return {name: torch.cat(parts) for name, parts in taken.items()}, len(taken[hookpoints[0]])
+
+
+def _new_sae(args: argparse.Namespace, sample: torch.Tensor) -> SparseAutoencoder:
+    dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
+    d = sample.shape[1]
+    cfg = SAEConfig(d_in=d, n_features=args.expansion_factor * d, activation=args.activation, k=args.k,
+                    centering=args.centering, dtype=dtype, dead_after_tokens=args.dead_after)  # fmt: skip
+    return SparseAutoencoder(cfg).to(args.device).initialize(sample.to(DTYPES[dtype]))
+
+
+def _lr(args: argparse.Namespace, sae: SparseAutoencoder) -> float:
+    """The given rate, else Gao et al.'s scaling with the number of features (2e-4 at 16384)."""
+    return args.lr if args.lr is not None else 2e-4 / (sae.cfg.n_features / 2**14) ** 0.5
+
+
+def _train(args, saes, optimizers, batches, tokens_done: int, used_batches: int) -> None:
+    log_path = args.out / "log.csv"
+    new_log = not log_path.is_file()
+    next_log = (tokens_done // args.log_every + 1) * args.log_every
+    next_checkpoint = (tokens_done // args.checkpoint_every + 1) * args.checkpoint_every
+    window_start, window_tokens = time.perf_counter(), 0
+    with open(log_path, "a", newline="") as log_file:
+        log = csv.writer(log_file)
+        if new_log:
+            log.writerow(LOG_COLUMNS)
+        fvus: dict[str, float] = {}
+        for batch in batches:
+            if tokens_done >= args.tokens:
+                break
+            for name, sae in saes.items():
+                out = sae(batch[name].to(sae.W_enc.dtype))
+                out.loss.backward()
+                sae.remove_decoder_parallel_grad()
+                optimizers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
+                sae.normalize_decoder()
+                fvus[name] = out.fvu.detach()
+            n = batch[args.hookpoint[0]].shape[0]
+            tokens_done += n
+            used_batches += 1
+            window_tokens += n
+            if tokens_done >= next_log or tokens_done >= args.tokens:
+                rate = window_tokens / (time.perf_counter() - window_start)
+                for name, sae in saes.items():
+                    dead = 100 * float(sae.dead_features().float().mean())
+                    log.writerow([tokens_done, name, f"{float(fvus[name]):.5f}", f"{dead:.2f}", f"{rate:.0f}"])
+                    print(f"{tokens_done:>12} tokens  {name}: FVU {float(fvus[name]):.4f}  dead {dead:.1f}%  "
+                          f"{rate:,.0f} tokens/s")  # fmt: skip
+                log_file.flush()
+                _plot(log_path, args.out / "training.png")
+                next_log += args.log_every
+                window_start, window_tokens = time.perf_counter(), 0
+            if tokens_done >= next_checkpoint:
+                _save(args, saes, optimizers, tokens_done, used_batches)
+                next_checkpoint += args.checkpoint_every
+    _save(args, saes, optimizers, tokens_done, used_batches)
+    print(f"trained on {tokens_done} tokens; SAEs and state in {args.out}")
+
+
+def _save(args, saes, optimizers, tokens_done: int, used_batches: int) -> None:
+    """Each SAE, then the optimizer state and the counts a resumed run continues from."""
+    for name, sae in saes.items():
+        sae.save(_checkpoint(args.out, name))
+    optimizer_states = {name: opt.state_dict() for name, opt in optimizers.items()}
+    state = {"tokens": tokens_done, "batches": used_batches, "optimizers": optimizer_states}
+    write_atomically(args.out / "state.pt", lambda tmp: torch.save(state, tmp))
+
+
+def _plot(log_path: Path, png_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    figure, (fvu_axis, dead_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name in sorted({row["hookpoint"] for row in rows}):
+        mine = [row for row in rows if row["hookpoint"] == name]
+        tokens = [int(row["tokens"]) for row in mine]
+        fvu_axis.plot(tokens, [float(row["fvu"]) for row in mine], label=name)
+        dead_axis.plot(tokens, [float(row["dead_pct"]) for row in mine], label=name)
+    fvu_axis.set(xlabel="tokens", ylabel="FVU", yscale="log")
+    dead_axis.set(xlabel="tokens", ylabel="dead features (%)")
+    fvu_axis.legend()
+    figure.tight_layout()
+    write_atomically(png_path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)

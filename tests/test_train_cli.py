@@ -1,0 +1,68 @@
+"""`python -m fastsae train` end to end on CPU: a tiny randomly initialised GPT-2 saved from a config
+(no download), a text file, two hook points, logging, checkpoints and a resumed run."""
+
+import csv
+
+import pytest
+import torch
+
+import fastsae
+from fastsae.__main__ import main as cli
+
+from .test_activations import WORDS, _gpt2, _texts, _tokenizer
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    directory = tmp_path / "tiny-gpt2"
+    _gpt2().save_pretrained(directory)
+    _tokenizer().save_pretrained(directory)
+    return directory
+
+
+def _rows(out):
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_command_logs_checkpoints_and_resumes(tmp_path, model_dir, capsys):
+    texts = tmp_path / "corpus.txt"
+    texts.write_text("\n".join(t.replace("[BOS] ", "") for t in _texts(400, seed=3)) + "\n")
+    out = tmp_path / "run"
+    common = ["train", "--model", str(model_dir), "--hookpoint", "h.0", "h.1", "--texts", str(texts),
+              "--out", str(out), "--batch-tokens", "64", "--diagnose-tokens", "128", "--expansion-factor", "4",
+              "--k", "4", "--log-every", "256", "--checkpoint-every", "512", "--device", "cpu"]  # fmt: skip
+    assert cli([*common, "--tokens", "1024"]) == 0
+    printed = capsys.readouterr().out
+    assert "== h.0: diagnose" in printed and "| recommendation |" in printed
+    rows = _rows(out)
+    assert {row["hookpoint"] for row in rows} == {"h.0", "h.1"}
+    assert int(rows[-1]["tokens"]) == 1024 and all(0 <= float(row["fvu"]) < 10 for row in rows)
+    assert (out / "training.png").stat().st_size > 0
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["tokens"] == 1024
+    first = fastsae.SparseAutoencoder.load(out / "h.0.safetensors")
+    assert first.cfg.n_features == 4 * 16 and first.cfg.k == 4
+
+    assert cli([*common, "--tokens", "1536"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert int(_rows(out)[-1]["tokens"]) == 1536 and len(_rows(out)) > len(rows)
+    resumed = fastsae.SparseAutoencoder.load(out / "h.0.safetensors")
+    assert not torch.equal(resumed.W_dec, first.W_dec), "the resumed run did not train"
+    assert int(resumed.n_tokens_seen) == 1536  # statistics continued from the checkpoint
+
+
+def test_train_command_explains_bad_input(tmp_path, model_dir, capsys):
+    args = ["train", "--model", str(model_dir), "--hookpoint", "h.0", "--device", "cpu", "--out", str(tmp_path / "o")]
+    assert cli([*args, "--texts", str(tmp_path / "missing.txt")]) == 2
+    assert "no such text file" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "the cat"}\n')
+    assert cli([*args, "--texts", str(bad)]) == 2
+    assert "bad.jsonl:1: not a JSON object with a 'text' field" in capsys.readouterr().err
+    good = tmp_path / "good.txt"
+    good.write_text(" ".join(WORDS) + "\n")
+    assert cli([*args[:4], "h.9", *args[5:], "--texts", str(good)]) == 2
+    assert "no submodule 'h.9'" in capsys.readouterr().err
