@@ -448,6 +448,7 @@ def dead_mask(tokens_since_fired: Tensor, threshold: int) -> Tensor:
 mse = reference.mse
 fvu = reference.fvu
 auxk_loss = reference.auxk_loss
+l1_penalty = reference.l1_penalty
 normalize_decoder_rows = reference.normalize_decoder_rows
 remove_parallel_grad = reference.remove_parallel_grad
 

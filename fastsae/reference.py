@@ -195,6 +195,19 @@ def auxk_loss(aux_recon: Tensor, residual: Tensor, n_dead: Tensor, k_aux: int) -
     return fvu(aux_recon, residual) * scale
 
 
+def l1_penalty(acts: Tensor, W_dec: Tensor, x: Tensor) -> Tensor:
+    """The ReLU SAE's sparsity penalty (SAELens' standard SAE), in the units of the FVU loss: per token
+    sum_f acts_f * ||W_dec_f|| (each code weighted by its decoder row's norm, so shrinking rows cannot
+    dodge it), averaged over the batch and divided by sqrt(d * E||x - mean(x)||^2). At that scale,
+    FVU + l1_coef * l1_penalty is SAELens' MSE + l1_coefficient * L1 on activations normalised to
+    E||x||^2 = d, divided by d: SAELens' l1_coefficient values carry over."""
+    acc = accumulate_dtype(acts, x)
+    l1 = (acts.to(acc) * W_dec.to(acc).norm(dim=1)).sum(-1).mean()
+    x = x.to(acc)
+    variance = (x - x.mean(0)).pow(2).sum(-1).mean()
+    return l1 / (x.shape[-1] * variance).sqrt()
+
+
 def fire_counts(idx: Tensor, n_features: int, vals: Tensor | None = None) -> Tensor:
     """How many tokens each feature fired on: int64 [F]. With `vals`, entries whose value is not > 0
     are not fires (a selected feature with value 0 did not fire)."""

@@ -100,6 +100,22 @@ def test_losses_on_known_values():
     assert float(reference.auxk_loss(x_hat, x, torch.tensor(0), 4)) == 0.0
 
 
+def test_l1_penalty_is_decoder_weighted_and_scale_free():
+    """Per token sum_f acts_f ||W_dec_f||, batch mean, over sqrt(d * total variance): rescaling the
+    activations and codes together leaves it unchanged, and a decoder row's norm weighs its code."""
+    acts = torch.rand(10, 7, dtype=torch.float64)
+    W_dec = torch.randn(7, 5, dtype=torch.float64)
+    x = torch.randn(10, 5, dtype=torch.float64) + 3
+    expected = (acts * W_dec.norm(dim=1)).sum(1).mean() / (5 * (x - x.mean(0)).pow(2).sum(1).mean()).sqrt()
+    assert torch.allclose(reference.l1_penalty(acts, W_dec, x), expected)
+    assert torch.allclose(reference.l1_penalty(100 * acts, W_dec, 100 * x), expected)
+    doubled = W_dec.clone()
+    doubled[2] *= 2
+    only_two = torch.zeros_like(acts)
+    only_two[:, 2] = acts[:, 2]
+    assert torch.allclose(reference.l1_penalty(only_two, doubled, x), 2 * reference.l1_penalty(only_two, W_dec, x))
+
+
 def test_decoder_constraint():
     W = torch.randn(30, 7, dtype=torch.float64) * 3
     normalized = reference.normalize_decoder_rows(W)

@@ -279,6 +279,29 @@ def test_first_training_batch_fits_the_centering_when_not_initialized():
     assert torch.equal(loaded.b_dec, b_dec)
 
 
+def test_relu_sae_learns_sparse_codes_with_its_l1_penalty():
+    """The ReLU SAE's loss includes l1_coef times its L1 penalty, which makes its codes sparser than
+    training without it (the same data and initialisation)."""
+    torch.manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(64, 16), dim=1)
+    data = [(torch.rand(256, 64) * (torch.rand(256, 64) < 0.05)) @ features + 5 for _ in range(60)]
+    active = {}
+    for l1_coef in (0.0, 5.0):
+        torch.manual_seed(1)
+        sae = fastsae.SparseAutoencoder(fastsae.SAEConfig(d_in=16, n_features=128, activation="relu", l1_coef=l1_coef))
+        sae.initialize(torch.cat(data[:4]))
+        optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+        for x in data:
+            out = sae(x)
+            assert torch.allclose(out.loss, out.fvu + l1_coef * out.l1)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            sae.normalize_decoder()
+        active[l1_coef] = float((out.acts > 0).sum(1).float().mean())
+    assert active[5.0] < 0.7 * active[0.0], active
+
+
 def test_forward_rejects_bad_input():
     sae = _sae(dtype="float32")
     with pytest.raises(ValueError, match=r"x must be \[\.\.\., d_in=24\]"):
