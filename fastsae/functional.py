@@ -449,6 +449,8 @@ mse = reference.mse
 fvu = reference.fvu
 auxk_loss = reference.auxk_loss
 l1_penalty = reference.l1_penalty
+l0_penalty = reference.l0_penalty
+jumprelu = reference.jumprelu
 normalize_decoder_rows = reference.normalize_decoder_rows
 remove_parallel_grad = reference.remove_parallel_grad
 

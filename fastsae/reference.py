@@ -208,6 +208,57 @@ def l1_penalty(acts: Tensor, W_dec: Tensor, x: Tensor) -> Tensor:
     return l1 / (x.shape[-1] * variance).sqrt()
 
 
+def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """K((pre - threshold) / bandwidth) / bandwidth with K the unit rectangle on (-1/2, 1/2)."""
+    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * (pre > threshold); the threshold's gradient is the straight-through estimate of
+    Rajamanoharan et al. 2024 (-threshold * K((pre - threshold) / bandwidth) / bandwidth per code)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        grad_pre = grad * (pre > threshold)
+        grad_threshold = (grad * -threshold * _rectangle(pre, threshold, ctx.bandwidth)).sum(0)
+        return grad_pre, grad_threshold, None
+
+
+class _Step(torch.autograd.Function):
+    """(pre > threshold) as a float, with the straight-through threshold gradient
+    -K((pre - threshold) / bandwidth) / bandwidth and none for pre (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        return None, (grad * -_rectangle(pre, threshold, ctx.bandwidth)).sum(0), None
+
+
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """JumpReLU codes [B, F] of pre-activations [B, F] at per-feature thresholds [F], differentiable in
+    the thresholds through a straight-through estimate over a window of width `bandwidth`."""
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def l0_penalty(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """Codes above threshold per token, averaged over the batch (the JumpReLU SAE's L0 loss),
+    differentiable in the thresholds through the same straight-through estimate."""
+    return _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
+
+
 def fire_counts(idx: Tensor, n_features: int, vals: Tensor | None = None) -> Tensor:
     """How many tokens each feature fired on: int64 [F]. With `vals`, entries whose value is not > 0
     are not fires (a selected feature with value 0 did not fire)."""

@@ -116,6 +116,26 @@ def test_l1_penalty_is_decoder_weighted_and_scale_free():
     assert torch.allclose(reference.l1_penalty(only_two, doubled, x), 2 * reference.l1_penalty(only_two, W_dec, x))
 
 
+def test_jumprelu_threshold_gradients_are_the_straight_through_estimates():
+    """Rajamanoharan et al. 2024: d/dtheta of pre * H(pre - theta) is -theta/eps * K((pre - theta)/eps)
+    and of H(pre - theta) is -1/eps * K(...), K the unit rectangle; pre gets H from the codes, nothing
+    from the L0."""
+    pre = torch.tensor([[0.50, 0.10, 0.30], [0.26, 0.00, 0.90]], dtype=torch.float64, requires_grad=True)
+    threshold = torch.tensor([0.25, 0.20, 0.30], dtype=torch.float64, requires_grad=True)
+    codes = reference.jumprelu(pre, threshold, bandwidth=0.1)
+    assert torch.equal(codes.detach(), torch.tensor([[0.5, 0.0, 0.0], [0.26, 0.0, 0.9]], dtype=torch.float64))
+    codes.sum().backward()
+    # Within the window |pre - theta| < 0.05: (1, 0) [0.5 - 0.25 no], (0, 2) yes, (1, 0) 0.01 yes, (0, 1) 0.1 no.
+    assert torch.allclose(threshold.grad, torch.tensor([-0.25 / 0.1, 0.0, -0.3 / 0.1], dtype=torch.float64))
+    assert torch.equal(pre.grad, torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64))
+    threshold.grad, pre.grad = None, None
+    l0 = reference.l0_penalty(pre, threshold, bandwidth=0.1)
+    assert float(l0) == pytest.approx(1.5)  # (1 + 2) codes over 2 tokens
+    l0.backward()
+    assert torch.allclose(threshold.grad, torch.tensor([-0.5 / 0.1, 0.0, -0.5 / 0.1], dtype=torch.float64))
+    assert pre.grad is None or not pre.grad.any()
+
+
 def test_decoder_constraint():
     W = torch.randn(30, 7, dtype=torch.float64) * 3
     normalized = reference.normalize_decoder_rows(W)

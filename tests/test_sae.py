@@ -37,7 +37,8 @@ def _sae(device="cpu", dtype="float64", **overrides):
 def test_forward_matches_reference(activation, device):
     sae = _sae(device, activation=activation)
     if activation == "jumprelu":
-        sae.threshold.uniform_(0, 0.5)
+        with torch.no_grad():
+            sae.threshold.uniform_(0, 0.5)
     x = torch.randn(37, 24, dtype=torch.float64, device=device) + 3
     out = sae(x)
     params = (sae.W_enc, sae.b_enc, sae.b_dec)
@@ -293,13 +294,37 @@ def test_relu_sae_learns_sparse_codes_with_its_l1_penalty():
         optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
         for x in data:
             out = sae(x)
-            assert torch.allclose(out.loss, out.fvu + l1_coef * out.l1)
+            penalty = reference.l1_penalty(out.acts, sae.W_dec, x)
+            assert torch.allclose(out.sparsity, l1_coef * penalty) and torch.allclose(out.loss, out.fvu + out.sparsity)
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             sae.normalize_decoder()
         active[l1_coef] = float((out.acts > 0).sum(1).float().mean())
     assert active[5.0] < 0.7 * active[0.0], active
+
+
+def test_jumprelu_sae_learns_its_thresholds():
+    """Trained from zero thresholds (ReLU), a JumpReLU SAE raises them through the straight-through
+    estimates of its L0 penalty and ends with fewer active codes; its loss is FVU + l0_coef * L0."""
+    torch.manual_seed(0)
+    features = torch.nn.functional.normalize(torch.randn(64, 16), dim=1)
+    data = [(torch.rand(256, 64) * (torch.rand(256, 64) < 0.05)) @ features + 5 for _ in range(80)]
+    cfg = fastsae.SAEConfig(d_in=16, n_features=128, activation="jumprelu", l0_coef=1e-2)
+    sae = fastsae.SparseAutoencoder(cfg).initialize(torch.cat(data[:4]))
+    optimizer = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    active = []
+    for x in data:
+        out = sae(x)
+        active.append(float((out.acts > 0).sum(1).float().mean()))
+        assert torch.allclose(out.sparsity, 1e-2 * torch.tensor(active[-1], dtype=out.sparsity.dtype))
+        assert torch.allclose(out.loss, out.fvu + out.sparsity)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sae.normalize_decoder()
+    assert float(sae.threshold.mean()) > 0
+    assert active[-1] < 0.7 * active[0], (active[0], active[-1])
 
 
 def test_forward_rejects_bad_input():
