@@ -1,8 +1,8 @@
 """Sparse decode: fastsae's kernel against F.embedding_bag (what sparsify's eager path and most users
 call), a gather-and-sum in eager PyTorch, and sparsify's Triton decoder when installed.
 
-bf16 codes and decoder at the benchmark shapes (harness.SHAPES) (B tokens, k codes each, W_dec [F, d]). Outputs are
-checked against the fp32 reference before timing.
+bf16 codes and decoder at the benchmark shapes (harness.SHAPES) (B tokens, k codes each, W_dec [F, d]).
+Outputs are checked against the fp32 reference before timing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Encoders: the fused TopK and ReLU encode against eager PyTorch as SAE libraries write it, its
-torch.compile, the cuBLAS GEMM x @ W_enc alone (the floor), and sparsify's encoder when installed.
+"""Encoders: the fused TopK, ReLU and BatchTopK encode against eager PyTorch as SAE libraries write it,
+its torch.compile, the cuBLAS GEMM x @ W_enc alone (the floor), and sparsify's encoder when installed.
 
-bf16 weights and activations at the benchmark shapes (harness.SHAPES) plus a sweep over F and k. Every provider's
-output is checked against the fp32 reference on the first rows before anything is timed.
+bf16 weights and activations at the benchmark shapes (harness.SHAPES) plus a sweep over F and k. Every
+provider's output is checked against the fp32 reference on the first rows before anything is timed.
 """
 
 from __future__ import annotations
@@ -39,6 +39,15 @@ def _torch_topk(x, W_enc, b_enc, b_dec, k):
     """What SAE libraries run: the dense pre-activation, ReLU, torch.topk."""
     pre = (x - b_dec) @ W_enc + b_enc
     return pre.relu().topk(k, dim=-1)
+
+
+def _torch_batchtopk(x, W_enc, b_enc, b_dec, k):
+    """BatchTopK as SAELens and dictionary_learning compute it: the dense post-ReLU codes, the B * k
+    largest of the whole batch kept, the rest zero."""
+    acts = ((x - b_dec) @ W_enc + b_enc).relu()
+    flat = acts.flatten()
+    top = flat.topk(k * x.shape[0])
+    return torch.zeros_like(flat).scatter(0, top.indices, top.values).view_as(acts)
 
 
 def _torch_relu(x, W_enc, b_enc, b_dec):
@@ -122,6 +131,25 @@ def _bench_relu(recorder: Recorder, shape: str, d: int, n_features: int, n_rows:
     recorder.record("encode_relu", shape, "cublas_gemm", measure(partial(_gemm, x, W_enc)))
 
 
+def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, n_rows: int, k: int):
+    """BatchTopK codes (the batch's B * k largest): the whole batch decides each code, so the check
+    covers every row."""
+    x = torch.randn(n_rows, d, device="cuda").bfloat16()
+    W_enc, b_enc, b_dec = _weights(d, n_features)
+    expected = reference.batch_topk(reference.pre_activation(x, W_enc, b_enc, b_dec).relu(), k)
+    providers = {
+        "fastsae": partial(F.encode_batchtopk, x, W_enc, b_enc, b_dec, k),
+        "torch": partial(_torch_batchtopk, x, W_enc, b_enc, b_dec, k),
+    }
+    for name, fn in providers.items():
+        # bf16 rounding may swap codes at the batch's threshold: compared as a relative RMS error.
+        assert_close(fn().float(), expected, 2e-2, f"encode_batchtopk {shape} {name}")
+    del expected
+    for name, fn in providers.items():
+        recorder.record("encode_batchtopk", shape, name, measure(fn))
+    recorder.record("encode_batchtopk", shape, "cublas_gemm", measure(partial(_gemm, x, W_enc)))
+
+
 def _bench_positive_counts(recorder: Recorder, shape: str, d: int, n_features: int, n_rows: int, k: int):
     """TopK codes plus per-feature counts of positive pre-activations (what measure_death needs)."""
     x = torch.randn(n_rows, d, device="cuda").bfloat16()
@@ -148,7 +176,7 @@ def _bench_positive_counts(recorder: Recorder, shape: str, d: int, n_features: i
 
 def run(recorder: Recorder) -> None:
     """TopK at the three shapes and over the sweep first (the rows an interrupted run should keep),
-    then the ReLU encode and the positive counts."""
+    then the ReLU and BatchTopK encodes and the positive counts."""
     sparsify = optional_sparsify()
     for shape, (d, n_features, n_rows, k) in SHAPES.items():
         _bench_topk(recorder, shape, d, n_features, n_rows, k, full=True, sparsify=sparsify)
@@ -158,5 +186,6 @@ def run(recorder: Recorder) -> None:
         torch.cuda.empty_cache()
     for shape, (d, n_features, n_rows, k) in SHAPES.items():
         _bench_relu(recorder, shape, d, n_features, n_rows)
+        _bench_batchtopk(recorder, shape, d, n_features, n_rows, k)
         _bench_positive_counts(recorder, shape, d, n_features, n_rows, k)
         torch.cuda.empty_cache()

@@ -1,5 +1,6 @@
-"""Fire counts: fastsae's CUDA histogram against torch.bincount, and the dense count against
-(acts > 0).sum(0), at the benchmark shapes (harness.SHAPES) (B * k indices into F features)."""
+"""Fire counts: fastsae's CUDA histogram against torch.bincount, and the dense count against (acts >
+0).sum(0), at the benchmark shapes (harness.SHAPES) (B * k indices into F features).
+"""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """The full TopK training step (forward, backward, Adam, decoder constraint; AuxK on with 5% of the
-features dead): fastsae's module against the eager dense step SAE code usually runs, its
-torch.compile, and sparsify's SparseCoder when installed, with the cuBLAS encoder GEMM as the floor.
+features dead): fastsae's module against the eager dense step SAE code usually runs, its torch.compile,
+and sparsify's SparseCoder when installed, with the cuBLAS encoder GEMM as the floor.
 
-bf16 parameters at the benchmark shapes (harness.SHAPES). Before timing, every provider's FVU on the same batch and
-weights is checked against the fp32 reference.
+bf16 parameters at the benchmark shapes (harness.SHAPES). Before timing, every provider's FVU on the
+same batch and weights is checked against the fp32 reference.
 """
 
 from __future__ import annotations

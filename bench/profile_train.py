@@ -1,5 +1,6 @@
-"""Where fastsae's TopK training step spends its time: torch.profiler's kernel and host-op tables for
-the step that bench_train times, at each benchmark shape (harness.SHAPES), with AuxK on (5% of features dead) and off.
+"""Where fastsae's TopK training step spends its time: torch.profiler's kernel and host-op tables for the
+step that bench_train times, at each benchmark shape (harness.SHAPES), with AuxK on (5% of features
+dead) and off.
 
 python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25]
 """

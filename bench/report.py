@@ -16,7 +16,7 @@ from .harness import shape_dims
 
 BASELINES = ["cublas_gemm", "bincount", "embedding_bag", "torch"]
 # Ops reported in TFLOP/s of their encoder GEMM, 2 * B * d * F.
-GEMM_OPS = ("encode_topk", "encode_relu", "encode_topk_positive_counts")
+GEMM_OPS = ("encode_topk", "encode_relu", "encode_batchtopk", "encode_topk_positive_counts")
 
 
 def _latest_rows(csv_paths: list[Path]) -> dict:
