@@ -75,7 +75,8 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 
 class ActivationStream:
     """Iterable of {hookpoint: [batch_tokens, d]} batches (see the module docstring). Each pass over
-    it goes through `texts` once; the last, partial batch is dropped."""
+    it goes through `texts` once (a list can be passed over again; a generator only once, unless the
+    cache is complete); the last, partial batch is dropped. Batches are in the hook points' dtype."""
 
     def __init__(
         self,

@@ -55,6 +55,8 @@ def add_parser(commands) -> None:
     train.add_argument("--checkpoint-every", type=int, default=1_000_000, help="tokens between checkpoints")
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--dtype", choices=list(DTYPES), default=None, help="SAE dtype (default bf16 on CUDA)")
+    train.add_argument("--model-dtype", choices=list(DTYPES), default=None,
+                       help="dtype the model runs in (default: as its checkpoint stores it)")  # fmt: skip
     train.add_argument("--keep-special-tokens", action="store_true", help="keep BOS and other special tokens")
     train.set_defaults(run=run)
 
@@ -82,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(args.model).to(args.device).eval()
+    dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
+    model = AutoModel.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     stream = ActivationStream(
         model, tokenizer, read_texts(args.texts), args.hookpoint, batch_tokens=args.batch_tokens,
         context_size=args.context_size, buffer_tokens=max(16 * args.batch_tokens, 2**16),

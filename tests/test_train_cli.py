@@ -46,7 +46,7 @@ def test_train_command_logs_checkpoints_and_resumes(tmp_path, model_dir, capsys)
     first = fastsae.SparseAutoencoder.load(out / "h.0.safetensors")
     assert first.cfg.n_features == 4 * 16 and first.cfg.k == 4
 
-    assert cli([*common, "--tokens", "1536"]) == 0
+    assert cli([*common, "--tokens", "1536", "--model-dtype", "float32"]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert int(_rows(out)[-1]["tokens"]) == 1536 and len(_rows(out)) > len(rows)
     resumed = fastsae.SparseAutoencoder.load(out / "h.0.safetensors")
