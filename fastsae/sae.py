@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -92,6 +93,20 @@ class SAEConfig:
             raise ValueError(f"l1_coef and l0_coef must be >= 0, got {self.l1_coef} and {self.l0_coef}")
 
 
+def _all_gather_rows(rows: Tensor, group) -> Tensor:
+    """Every replica's [n_i, d] rows, concatenated in rank order (the n_i may differ)."""
+    world = dist.get_world_size(group)
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    longest = int(max(counts))
+    padded = rows.new_zeros(longest, rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([part[: int(n)] for part, n in zip(gathered, counts)])
+
+
 def _mark_initialized(module: SparseAutoencoder, incompatible_keys) -> None:
     """load_state_dict post-hook: loaded weights come with their centering."""
     module._initialized = True
@@ -155,6 +170,7 @@ class SparseAutoencoder(nn.Module):
         # without either fits it to its first batch (`_initialize_lazily`).
         self._initialized = cfg.centering == "none"
         self.register_load_state_dict_post_hook(_mark_initialized)
+        self._group = None  # the data-parallel process group (`data_parallel`), or None
 
     # -- initialisation ------------------------------------------------------------------------------
 
@@ -168,13 +184,36 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.zero_()
 
     @torch.no_grad()
+    def data_parallel(self, group=None) -> SparseAutoencoder:
+        """Makes this module one replica of data-parallel training over `group` (torch.distributed's
+        default group when None), e.g. wrapped in DistributedDataParallel. From then on `initialize`
+        fits the centering to every replica's sample and takes rank 0's random directions, and training
+        forwards all-reduce the death statistics (every replica sees the same dead features) and
+        normalise the FVU, MSE and AuxK losses over every replica's tokens, so that N replicas of B
+        tokens train as one process on all N x B tokens (DDP averages the gradients). TopK SAEs only:
+        BatchTopK selects within a batch, and the ReLU and JumpReLU penalties would average per replica."""
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "data_parallel needs torch.distributed initialised (torch.distributed.init_process_group)"
+            )
+        if self.cfg.activation != "topk":
+            raise ValueError(f"data_parallel supports TopK SAEs; this one is {self.cfg.activation!r}")
+        self._group = group if group is not None else dist.group.WORLD
+        return self
+
     def initialize(self, sample: Tensor) -> SparseAutoencoder:
         """Fresh random directions (unit-norm W_dec rows, W_enc = W_dec^T, b_enc = 0), b_dec from a
-        sample of activations [N, d] by the config's centering mode, and reset death statistics."""
+        sample of activations [N, d] by the config's centering mode, and reset death statistics. In
+        data-parallel training, the sample is every replica's and the directions are rank 0's."""
         centering.check_sample(sample, "sample")
         if sample.shape[1] != self.cfg.d_in:
             raise ValueError(f"sample has {sample.shape[1]} dimensions, expected d_in={self.cfg.d_in}")
         self._init_directions()
+        if self._group is not None:
+            sample = _all_gather_rows(sample, self._group)
+            with torch.no_grad():
+                for directions in (self.W_enc, self.W_dec):
+                    dist.broadcast(directions, src=dist.get_global_rank(self._group, 0), group=self._group)
         self._fit_centering(sample)
         self.reset_death_stats()
         return self
@@ -339,8 +378,13 @@ class SparseAutoencoder(nn.Module):
         else:
             codes = self._encode(x, dead if few_dead is None else None)
         recon = self.decode(codes)
-        mse, fvu = F.mse(recon, x), F.fvu(recon, x)
-        auxk = torch.zeros((), dtype=fvu.dtype, device=x.device)
+        replicated = self._group is not None and self.training
+        if replicated:
+            fvu, fvu_term, mse = self._replicated_fvu(recon, x)
+        else:
+            mse, fvu = F.mse(recon, x), F.fvu(recon, x)
+            fvu_term = fvu
+        auxk = auxk_term = torch.zeros((), dtype=fvu.dtype, device=x.device)
         if isinstance(codes, F.TopKCodes):
             vals, idx, acts = codes.vals, codes.idx, None
             if k_aux:
@@ -352,7 +396,12 @@ class SparseAutoencoder(nn.Module):
                     params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
                     aux_recon = F.auxk_reconstruction(sae_x, *params, few_dead, k_aux)
                 residual = (sae_x - self._to_sae_space(recon)).detach()
-                auxk = F.auxk_loss(aux_recon, residual, dead.sum(), k_aux)
+                if replicated:  # reference.auxk_loss with the FVU over every replica's tokens
+                    scale = (dead.sum().to(torch.float32) / k_aux).clamp(max=1.0)
+                    aux_fvu, aux_term, _ = self._replicated_fvu(aux_recon, residual)
+                    auxk, auxk_term = aux_fvu * scale, aux_term * scale
+                else:
+                    auxk = auxk_term = F.auxk_loss(aux_recon, residual, dead.sum(), k_aux)
         else:
             vals, idx, acts = None, None, codes
         if self.cfg.activation == "relu" and self.cfg.l1_coef:
@@ -361,9 +410,24 @@ class SparseAutoencoder(nn.Module):
             self._update_death_stats(codes, x.shape[0])
             if self.cfg.activation == "batchtopk":
                 self._update_batchtopk_threshold(codes)
-        loss = fvu + self.cfg.auxk_coef * auxk + sparsity
+        loss = fvu_term + self.cfg.auxk_coef * auxk_term + sparsity
         vals, idx, acts = (None if t is None else t.reshape(*lead, t.shape[-1]) for t in (vals, idx, acts))
         return SAEOutput(recon.reshape(*lead, self.cfg.d_in), vals, idx, acts, loss, mse, fvu, auxk, sparsity)
+
+    def _replicated_fvu(self, prediction: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(FVU, loss term, MSE) over every data-parallel replica's tokens: the squared error and the
+        target's moments are all-reduced (in fp64: the variance comes from raw moments). The loss term,
+        world * local error / global variance, has the global FVU's gradient once DDP averages it."""
+        target64 = target.detach().double()
+        error = (prediction.to(torch.promote_types(prediction.dtype, torch.float32)) - target).pow(2).sum()
+        count = torch.tensor([float(target.shape[0])], dtype=torch.float64, device=target.device)
+        moments = torch.cat([count, target64.sum(0), target64.pow(2).sum()[None], error.detach().double()[None]])
+        dist.all_reduce(moments, group=self._group)
+        n, total, squares, total_error = moments[0], moments[1:-2], moments[-2], moments[-1]
+        variance = squares - total.pow(2).sum() / n  # sum over tokens of ||x - mean||^2
+        world = dist.get_world_size(self._group)
+        fvu = (total_error / variance).to(error.dtype)
+        return fvu, world * error / variance.to(error.dtype), (total_error / (n * target.shape[1])).to(error.dtype)
 
     @torch.no_grad()
     def _update_death_stats(self, codes: F.TopKCodes | Tensor, n_tokens: int) -> None:
@@ -371,6 +435,11 @@ class SparseAutoencoder(nn.Module):
             counts = F.fire_counts(codes.idx, self.cfg.n_features, codes.vals)
         else:
             counts = F.fire_counts_dense(codes)
+        if self._group is not None:  # every replica counts every replica's tokens
+            dist.all_reduce(counts, group=self._group)
+            tokens = torch.tensor([n_tokens], dtype=torch.int64, device=counts.device)
+            dist.all_reduce(tokens, group=self._group)
+            n_tokens = int(tokens)
         F.update_since_fired_(self.tokens_since_fired, counts, n_tokens)
         self.feature_fire_count += counts
         self.n_tokens_seen += n_tokens

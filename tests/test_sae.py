@@ -323,7 +323,7 @@ def test_jumprelu_sae_learns_its_thresholds():
         optimizer.step()
         optimizer.zero_grad()
         sae.normalize_decoder()
-    assert float(sae.threshold.mean()) > 0
+    assert float(sae.threshold.detach().mean()) > 0
     assert active[-1] < 0.7 * active[0], (active[0], active[-1])
 
 
