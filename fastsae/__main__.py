@@ -62,8 +62,6 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import main
 
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is visible to this torch ({torch.__version__})")
     settings = Settings(
         gammas=tuple(args.gammas),
         steps=args.steps,
@@ -124,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bench_args)}")
     args.bench_args = bench_args
     try:
+        device = getattr(args, "device", None)  # the commands that take --device
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is visible to this torch ({torch.__version__})")
         return args.run(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -448,6 +448,7 @@ def dead_mask(tokens_since_fired: Tensor, threshold: int) -> Tensor:
 mse = reference.mse
 fvu = reference.fvu
 auxk_loss = reference.auxk_loss
+auxk_scale = reference.auxk_scale
 l1_penalty = reference.l1_penalty
 l0_penalty = reference.l0_penalty
 jumprelu = reference.jumprelu

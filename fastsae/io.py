@@ -30,11 +30,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .sae import DTYPES, SAEConfig, SparseAutoencoder, write_atomically
+from .sae import DTYPES, SAEConfig, SparseAutoencoder, read_safetensors, write_atomically
 
 FORMATS = ("fastsae", "saelens", "sparsify")
 SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
@@ -95,7 +94,7 @@ def load_hookpoints(path: str | os.PathLike, device: str | torch.device = "cpu")
 def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
     path = Path(path)
     cfg = _read_json(path / "cfg.json")
-    tensors = _read_safetensors(path / "sae_weights.safetensors")
+    _, tensors = read_safetensors(path / "sae_weights.safetensors")
     architecture = cfg.get("architecture", "standard")
     if architecture not in SAELENS_ACTIVATIONS:
         raise ValueError(f"{path}: SAELens architecture {architecture!r} is not supported; "
@@ -160,7 +159,7 @@ def save_saelens(sae: SparseAutoencoder, path: str | os.PathLike) -> None:
 def load_sparsify(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
     path = Path(path)
     cfg = _read_json(path / "cfg.json")
-    tensors = _read_safetensors(path / "sae.safetensors")
+    _, tensors = read_safetensors(path / "sae.safetensors")
     for flag, what in (("transcode", "a transcoder"), ("skip_connection", "a skip connection")):
         if cfg.get(flag):
             raise ValueError(f"{path}: {what} ({flag}=true) is not a sparse autoencoder fastsae computes")
@@ -202,14 +201,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} is not a JSON object")
     return cfg
-
-
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
 
 
 def _require(path: Path, tensors: dict[str, Tensor], names: tuple[str, ...]) -> None:

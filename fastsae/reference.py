@@ -191,8 +191,12 @@ def auxk_loss(aux_recon: Tensor, residual: Tensor, n_dead: Tensor, k_aux: int) -
     """AuxK loss (Gao et al. 2024): how well the top-k_aux dead features reconstruct the main
     reconstruction's residual, as an FVU of the residual, scaled by min(n_dead / k_aux, 1) so it
     vanishes when no feature is dead (no host synchronisation needed to switch it off)."""
-    scale = (n_dead.to(torch.float32) / k_aux).clamp(max=1.0)
-    return fvu(aux_recon, residual) * scale
+    return fvu(aux_recon, residual) * auxk_scale(n_dead, k_aux)
+
+
+def auxk_scale(n_dead: Tensor, k_aux: int) -> Tensor:
+    """The AuxK loss's weight min(n_dead / k_aux, 1)."""
+    return (n_dead.to(torch.float32) / k_aux).clamp(max=1.0)
 
 
 def l1_penalty(acts: Tensor, W_dec: Tensor, x: Tensor) -> Tensor:
@@ -208,7 +212,7 @@ def l1_penalty(acts: Tensor, W_dec: Tensor, x: Tensor) -> Tensor:
     return l1 / (x.shape[-1] * variance).sqrt()
 
 
-def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
     """K((pre - threshold) / bandwidth) / bandwidth with K the unit rectangle on (-1/2, 1/2)."""
     return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype) / bandwidth
 
@@ -218,7 +222,7 @@ class _JumpReLU(torch.autograd.Function):
     Rajamanoharan et al. 2024 (-threshold * K((pre - threshold) / bandwidth) / bandwidth per code)."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
         return pre * (pre > threshold)
@@ -236,7 +240,7 @@ class _Step(torch.autograd.Function):
     -K((pre - threshold) / bandwidth) / bandwidth and none for pre (Rajamanoharan et al. 2024)."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
         return (pre > threshold).to(pre.dtype)
@@ -247,13 +251,14 @@ class _Step(torch.autograd.Function):
         return None, (grad * -_rectangle(pre, threshold, ctx.bandwidth)).sum(0), None
 
 
-def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+def jumprelu(pre: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
     """JumpReLU codes [B, F] of pre-activations [B, F] at per-feature thresholds [F], differentiable in
-    the thresholds through a straight-through estimate over a window of width `bandwidth`."""
+    the thresholds through a straight-through estimate over a window of width `bandwidth` (a float, or
+    a 0-d tensor that stays on the device)."""
     return _JumpReLU.apply(pre, threshold, bandwidth)
 
 
-def l0_penalty(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+def l0_penalty(pre: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:
     """Codes above threshold per token, averaged over the batch (the JumpReLU SAE's L0 loss),
     differentiable in the thresholds through the same straight-through estimate."""
     return _Step.apply(pre, threshold, bandwidth).sum(-1).mean()

@@ -183,7 +183,6 @@ class SparseAutoencoder(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
-    @torch.no_grad()
     def data_parallel(self, group=None) -> SparseAutoencoder:
         """Makes this module one replica of data-parallel training over `group` (torch.distributed's
         default group when None), e.g. wrapped in DistributedDataParallel. From then on `initialize`
@@ -201,6 +200,7 @@ class SparseAutoencoder(nn.Module):
         self._group = group if group is not None else dist.group.WORLD
         return self
 
+    @torch.no_grad()
     def initialize(self, sample: Tensor) -> SparseAutoencoder:
         """Fresh random directions (unit-norm W_dec rows, W_enc = W_dec^T, b_enc = 0), b_dec from a
         sample of activations [N, d] by the config's centering mode, and reset death statistics. In
@@ -211,9 +211,8 @@ class SparseAutoencoder(nn.Module):
         self._init_directions()
         if self._group is not None:
             sample = _all_gather_rows(sample, self._group)
-            with torch.no_grad():
-                for directions in (self.W_enc, self.W_dec):
-                    dist.broadcast(directions, src=dist.get_global_rank(self._group, 0), group=self._group)
+            for directions in (self.W_enc, self.W_dec):
+                dist.broadcast(directions, src=dist.get_global_rank(self._group, 0), group=self._group)
         self._fit_centering(sample)
         self.reset_death_stats()
         return self
@@ -346,7 +345,7 @@ class SparseAutoencoder(nn.Module):
         sae_x = self._to_sae_space(x)
         pre = F.encode_relu(sae_x, self.W_enc, self.b_enc, self.b_dec, None)  # dense, differentiable
         spread = sae_x.detach().float()
-        bandwidth = JUMPRELU_BANDWIDTH * float((spread - spread.mean(0)).pow(2).mean().sqrt().clamp_min(1e-12))
+        bandwidth = JUMPRELU_BANDWIDTH * (spread - spread.mean(0)).pow(2).mean().sqrt().clamp_min(1e-12)  # on device
         codes = F.jumprelu(pre, self.threshold, bandwidth)
         return codes, self.cfg.l0_coef * F.l0_penalty(pre, self.threshold, bandwidth)
 
@@ -397,7 +396,7 @@ class SparseAutoencoder(nn.Module):
                     aux_recon = F.auxk_reconstruction(sae_x, *params, few_dead, k_aux)
                 residual = (sae_x - self._to_sae_space(recon)).detach()
                 if replicated:  # reference.auxk_loss with the FVU over every replica's tokens
-                    scale = (dead.sum().to(torch.float32) / k_aux).clamp(max=1.0)
+                    scale = F.auxk_scale(dead.sum(), k_aux)
                     aux_fvu, aux_term, _ = self._replicated_fvu(aux_recon, residual)
                     auxk, auxk_term = aux_fvu * scale, aux_term * scale
                 else:
@@ -521,12 +520,7 @@ class SparseAutoencoder(nn.Module):
             return io.load(path, device)
         if not path.is_file():
             raise FileNotFoundError(f"no SAE checkpoint at {path}")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+        metadata, tensors = read_safetensors(path)
         if "fastsae_config" not in metadata:
             raise ValueError(f"{path} is a safetensors file but not a fastsae checkpoint (no fastsae_config)")
         try:
@@ -554,6 +548,16 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"{path} is corrupted: its tensors do not match the checksum written when it was saved")
         sae.load_state_dict(tensors)
         return sae
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(metadata, every tensor on the CPU) of a safetensors file; a ValueError naming the file if it
+    cannot be read as one."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
 
 
 def _checksum(tensors: dict[str, Tensor]) -> str:

@@ -79,8 +79,6 @@ def read_texts(paths: list[Path]) -> Iterator[str]:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModel, AutoTokenizer
 
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is visible to this torch ({torch.__version__})")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -418,6 +418,7 @@ def filter_topk(
     pre-activations. `margin_shift` (tests only) raises every threshold by that much, so that rows keep
     fewer than k survivors. Rows run in chunks of at most FILTER_SLOTS buffer slots."""
     flags = x.new_empty(x.shape[0], dtype=torch.int8)
+    W_enc = tma_operand(W_enc)  # once for every row chunk (a copy only when TMA cannot address it)
     rows_per_chunk = max(1, FILTER_SLOTS // max(cfg["CAP"], cfg["AUX_CAP"] if k_aux else 1))
     for start in range(0, x.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
@@ -452,7 +453,7 @@ def _filter_rows(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, o
     n_programs = cfg["PER_SM"] * sm_count(x.device)  # a constant, so batch sizes share one compiled kernel
     _filter_fwd_kernel[(n_programs,)](
         TensorDescriptor.from_tensor(xc, [block_m, block_k]),
-        TensorDescriptor.from_tensor(tma_operand(W_enc), [block_k, block_n]),
+        TensorDescriptor.from_tensor(W_enc, [block_k, block_n]),
         b_enc.contiguous(), tau, count, key_buf, dead, aux_tau, aux_count, aux_key_buf,
         positive_counts if positive_counts is not None else count,  # any pointer when not counting
         B, xc.shape[1], F, cap, aux_cap,
