@@ -14,11 +14,14 @@ import torch
 from fastsae import functional as F
 from fastsae import reference
 from fastsae.ops import encode, launch
-from fastsae.testing import assert_close, assert_topk_matches
+from fastsae.testing import assert_batchtopk_matches, assert_close, assert_topk_matches
 
 from .harness import SHAPES, Recorder, measure, optional_sparsify, sweep_name
 
 CHECK_ROWS = 256
+ROUNDING_BAND = (
+    0.05  # bf16 rounding of pre-activations of a few units: codes this close to the BatchTopK threshold may swap
+)
 # (d, F, B, k) beyond the three shapes: k from 8 to 512 at GPT-2 width and k = 64 / 128 at the AF3 and
 # Llama-8B shapes, F from 8192 to 262144, B from 1024 to 65536, d from 384 to 4096 (a subset of that
 # grid: every point costs tuning and three timings).
@@ -136,15 +139,14 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, n_
     covers every row."""
     x = torch.randn(n_rows, d, device="cuda").bfloat16()
     W_enc, b_enc, b_dec = _weights(d, n_features)
-    expected = reference.batch_topk(reference.pre_activation(x, W_enc, b_enc, b_dec).relu(), k)
+    pre = reference.pre_activation(x, W_enc, b_enc, b_dec)
     providers = {
         "fastsae": partial(F.encode_batchtopk, x, W_enc, b_enc, b_dec, k),
         "torch": partial(_torch_batchtopk, x, W_enc, b_enc, b_dec, k),
     }
-    for name, fn in providers.items():
-        # bf16 rounding may swap codes at the batch's threshold: compared as a relative RMS error.
-        assert_close(fn().float(), expected, 2e-2, f"encode_batchtopk {shape} {name}")
-    del expected
+    for name, fn in providers.items():  # bf16 rounding may swap the codes at the batch's threshold
+        assert_batchtopk_matches(fn(), pre, k, ROUNDING_BAND, f"encode_batchtopk {shape} {name}")
+    del pre
     for name, fn in providers.items():
         recorder.record("encode_batchtopk", shape, name, measure(fn))
     recorder.record("encode_batchtopk", shape, "cublas_gemm", measure(partial(_gemm, x, W_enc)))
