@@ -98,10 +98,16 @@ def soak(shape: str, device: str, steps: int, every: int, seed: int = 0) -> list
                 allocated = torch.cuda.memory_allocated() / 2**20 if device == "cuda" else None
                 windows.append({"step": step, "allocated_mb": allocated, "ms_per_step": (now - start) / every * 1e3,
                                 "kernels_compiled": len(compiled)})  # fmt: skip
+                print(_table_row(windows[-1]), flush=True)  # as it goes: a run cut short still shows its windows
                 start = time.perf_counter()
     finally:
         triton.knobs.runtime.jit_post_compile_hook = None
     return windows
+
+
+def _table_row(window: dict) -> str:
+    allocated = "" if window["allocated_mb"] is None else f"{window['allocated_mb']:.1f}"
+    return f"| {window['step']} | {allocated} | {window['ms_per_step']:.3f} | {window['kernels_compiled']} |"
 
 
 def verdict(determinism_result: dict, windows: list[dict]) -> list[str]:
@@ -140,11 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     same = determinism(args.shape, args.device, args.determinism_steps)
     print(f"determinism: {same['steps']} steps twice, {same['differing_tensors']} of {same['tensors']} "
           f"tensors differ")  # fmt: skip
-    windows = soak(args.shape, args.device, args.steps, args.every)
     print("| step | allocated MB | ms / step | kernels compiled |\n|---|---|---|---|")
-    for w in windows:
-        allocated = "" if w["allocated_mb"] is None else f"{w['allocated_mb']:.1f}"
-        print(f"| {w['step']} | {allocated} | {w['ms_per_step']:.3f} | {w['kernels_compiled']} |")
+    windows = soak(args.shape, args.device, args.steps, args.every)
     failures = verdict(same, windows)
     print("soak: " + ("; ".join(failures) if failures else "passed"))
     summary = {
