@@ -67,6 +67,11 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
             >"$OUT/sanitizer_kernels_$tool.log" 2>&1
         echo "kernels $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_kernels_$tool.log" | tail -1)"
     done
+    # initcheck does not see cuBLAS's stores on every stack (bench/initcheck_cublas.py shows it with torch's
+    # own kernels): name the kernels it reported, to tell those reads from a kernel's own.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck python3 bench/initcheck_cublas.py >"$OUT/sanitizer_cublas_initcheck.log" 2>&1
+    echo "cublas probe initcheck: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_cublas_initcheck.log" | head -1)"
+    echo "kernels initcheck reported in: $(grep -A1 'Uninitialized' "$OUT/sanitizer_kernels_initcheck.log" | grep -oE ' at [A-Za-z_0-9]+' | sort | uniq -c | tr '\n' ' ')"
 fi
 
 if [ "${FASTSAE_SOAK:-1}" = 1 ]; then
