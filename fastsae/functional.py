@@ -450,6 +450,7 @@ fvu = reference.fvu
 auxk_loss = reference.auxk_loss
 auxk_scale = reference.auxk_scale
 l1_penalty = reference.l1_penalty
+l1_sum = reference.l1_sum
 l0_penalty = reference.l0_penalty
 jumprelu = reference.jumprelu
 normalize_decoder_rows = reference.normalize_decoder_rows

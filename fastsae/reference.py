@@ -206,10 +206,15 @@ def l1_penalty(acts: Tensor, W_dec: Tensor, x: Tensor) -> Tensor:
     FVU + l1_coef * l1_penalty is SAELens' MSE + l1_coefficient * L1 on activations normalised to
     E||x||^2 = d, divided by d: SAELens' l1_coefficient values carry over."""
     acc = accumulate_dtype(acts, x)
-    l1 = (acts.to(acc) * W_dec.to(acc).norm(dim=1)).sum(-1).mean()
     x = x.to(acc)
     variance = (x - x.mean(0)).pow(2).sum(-1).mean()
-    return l1 / (x.shape[-1] * variance).sqrt()
+    return l1_sum(acts, W_dec, acc) / acts.shape[0] / (x.shape[-1] * variance).sqrt()
+
+
+def l1_sum(acts: Tensor, W_dec: Tensor, acc: torch.dtype) -> Tensor:
+    """sum over tokens and features of acts_f * ||W_dec_f||, in `acc`: `l1_penalty` before its
+    normalisation (data-parallel training normalises it over every replica's tokens)."""
+    return (acts.to(acc) * W_dec.to(acc).norm(dim=1)).sum()
 
 
 def _rectangle(pre: Tensor, threshold: Tensor, bandwidth: float | Tensor) -> Tensor:

@@ -189,14 +189,19 @@ class SparseAutoencoder(nn.Module):
         fits the centering to every replica's sample and takes rank 0's random directions, and training
         forwards all-reduce the death statistics (every replica sees the same dead features) and
         normalise the FVU, MSE and AuxK losses over every replica's tokens, so that N replicas of B
-        tokens train as one process on all N x B tokens (DDP averages the gradients). TopK SAEs only:
-        BatchTopK selects within a batch, and the ReLU and JumpReLU penalties would average per replica."""
+        tokens train as one process on all N x B tokens (DDP averages the gradients). The ReLU L1 and
+        JumpReLU L0 penalties (and JumpReLU's estimator window) are normalised the same way. TopK, ReLU
+        and JumpReLU SAEs; not yet BatchTopK, whose selection over the whole batch would need the
+        replicas' codes."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "data_parallel needs torch.distributed initialised (torch.distributed.init_process_group)"
             )
-        if self.cfg.activation != "topk":
-            raise ValueError(f"data_parallel supports TopK SAEs; this one is {self.cfg.activation!r}")
+        if self.cfg.activation == "batchtopk":
+            raise ValueError(
+                "data_parallel supports TopK, ReLU and JumpReLU SAEs, not yet BatchTopK: its batch threshold "
+                "would have to be selected over every replica's codes"
+            )
         self._group = group if group is not None else dist.group.WORLD
         return self
 
@@ -338,16 +343,66 @@ class SparseAutoencoder(nn.Module):
         threshold = self.threshold if cfg.activation == "jumprelu" else None
         return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
 
-    def _encode_jumprelu_for_training(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """JumpReLU codes whose thresholds get straight-through gradients, and l0_coef x the L0 penalty.
-        The estimates' window is JUMPRELU_BANDWIDTH times the batch's per-dimension RMS around its
-        mean (the paper's 0.001 on activations normalised to unit per-dimension scale)."""
+    def _encode_jumprelu_for_training(self, x: Tensor, replicated: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """JumpReLU codes whose thresholds get straight-through gradients, l0_coef x the L0 penalty and
+        its loss term (equal in one process; over every replica's tokens when `replicated`). The
+        estimates' window is JUMPRELU_BANDWIDTH times the batch's per-dimension RMS around its mean
+        (the paper's 0.001 on activations normalised to unit per-dimension scale), on the device."""
         sae_x = self._to_sae_space(x)
         pre = F.encode_relu(sae_x, self.W_enc, self.b_enc, self.b_dec, None)  # dense, differentiable
-        spread = sae_x.detach().float()
-        bandwidth = JUMPRELU_BANDWIDTH * (spread - spread.mean(0)).pow(2).mean().sqrt().clamp_min(1e-12)  # on device
-        codes = F.jumprelu(pre, self.threshold, bandwidth)
-        return codes, self.cfg.l0_coef * F.l0_penalty(pre, self.threshold, bandwidth)
+        n, squared_deviations, _ = self._spread(sae_x, replicated)
+        bandwidth = JUMPRELU_BANDWIDTH * (squared_deviations / (n * sae_x.shape[1])).sqrt().clamp_min(1e-12)
+        codes = F.jumprelu(pre, self.threshold, bandwidth.to(pre.dtype))
+        l0 = self.cfg.l0_coef * F.l0_penalty(pre, self.threshold, bandwidth.to(pre.dtype))
+        if not replicated:
+            return codes, l0, l0
+        local_sum = l0 * x.shape[0]  # this replica's sum over its tokens
+        (total,) = self._replica_sums(local_sum)
+        return codes, *self._mean_over_replicas(local_sum, total, n)
+
+    def _relu_l1(self, acts: Tensor, x: Tensor, replicated: bool) -> tuple[Tensor, Tensor]:
+        """l1_coef x the ReLU SAE's L1 penalty (`reference.l1_penalty`) and its loss term (equal in one
+        process; over every replica's tokens when `replicated`)."""
+        sae_x = self._to_sae_space(x)
+        if not replicated:
+            l1 = self.cfg.l1_coef * F.l1_penalty(acts, self.W_dec, sae_x)
+            return l1, l1
+        local_sum = F.l1_sum(acts, self.W_dec, torch.promote_types(acts.dtype, torch.float32))
+        n, squared_deviations, (total,) = self._spread(sae_x, replicated, local_sum)
+        scale = (self.cfg.l1_coef / (sae_x.shape[1] * squared_deviations / n).sqrt()).to(local_sum.dtype)
+        return self._mean_over_replicas(local_sum * scale, total * scale, n)
+
+    def _replicated_fvu(self, prediction: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(FVU, loss term, MSE) over every data-parallel replica's tokens: the squared error over the
+        target's spread, both summed over the replicas."""
+        error = (prediction.to(torch.promote_types(prediction.dtype, torch.float32)) - target).pow(2).sum()
+        n, squared_deviations, (total_error,) = self._spread(target, True, error)
+        world = dist.get_world_size(self._group)
+        fvu = (total_error / squared_deviations).to(error.dtype)
+        mse = (total_error / (n * target.shape[1])).to(error.dtype)
+        return fvu, world * error / squared_deviations.to(error.dtype), mse  # the term: see _mean_over_replicas
+
+    def _spread(self, x: Tensor, replicated: bool, *local_sums: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """(n, sum over tokens of ||x - mean(x)||^2, totals of `local_sums`) of x [n, d]: over every
+        replica's tokens in one all-reduce when `replicated` (fp64 moments: the deviations come from
+        raw sums), else this process's."""
+        x64 = x.detach().double()
+        sums = [x64.new_tensor(float(x.shape[0])), x64.sum(0), x64.pow(2).sum(), *local_sums]
+        n, total, squares, *totals = self._replica_sums(*sums) if replicated else sums
+        return n, squares - total.pow(2).sum() / n, totals
+
+    def _mean_over_replicas(self, local_sum: Tensor, total: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+        """(total / n, world * local_sum / n) for a quantity summed over every replica's n tokens: the
+        value, and a loss term whose gradient, once DDP averages it over the replicas, is the value's."""
+        world = dist.get_world_size(self._group)
+        return (total / n).to(local_sum.dtype), world * local_sum / n.to(local_sum.dtype)
+
+    def _replica_sums(self, *local: Tensor) -> list[Tensor]:
+        """The sums of `local` tensors over every data-parallel replica, in fp64 and one all-reduce
+        (detached)."""
+        flat = torch.cat([t.detach().double().reshape(-1) for t in local])
+        dist.all_reduce(flat, group=self._group)
+        return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in local]), local)]
 
     def decode(self, codes: F.TopKCodes | Tensor) -> Tensor:
         """Reconstruction [..., d] from what `encode` returned ([..., k] sparse or [..., F] dense codes)."""
@@ -371,13 +426,14 @@ class SparseAutoencoder(nn.Module):
         k_aux = self.cfg.k_aux if self.training else 0
         dead = self.dead_features() if k_aux else None
         few_dead = self._few_dead_features(dead)
+        replicated = self._group is not None and self.training
         sparsity = torch.zeros((), dtype=torch.promote_types(self.W_enc.dtype, torch.float32), device=x.device)
+        sparsity_term = sparsity
         if self.cfg.activation == "jumprelu" and self.training:
-            codes, sparsity = self._encode_jumprelu_for_training(x)
+            codes, sparsity, sparsity_term = self._encode_jumprelu_for_training(x, replicated)
         else:
             codes = self._encode(x, dead if few_dead is None else None)
         recon = self.decode(codes)
-        replicated = self._group is not None and self.training
         if replicated:
             fvu, fvu_term, mse = self._replicated_fvu(recon, x)
         else:
@@ -404,29 +460,14 @@ class SparseAutoencoder(nn.Module):
         else:
             vals, idx, acts = None, None, codes
         if self.cfg.activation == "relu" and self.cfg.l1_coef:
-            sparsity = self.cfg.l1_coef * F.l1_penalty(acts, self.W_dec, self._to_sae_space(x))
+            sparsity, sparsity_term = self._relu_l1(acts, x, replicated)
         if self.training:
             self._update_death_stats(codes, x.shape[0])
             if self.cfg.activation == "batchtopk":
                 self._update_batchtopk_threshold(codes)
-        loss = fvu_term + self.cfg.auxk_coef * auxk_term + sparsity
+        loss = fvu_term + self.cfg.auxk_coef * auxk_term + sparsity_term
         vals, idx, acts = (None if t is None else t.reshape(*lead, t.shape[-1]) for t in (vals, idx, acts))
         return SAEOutput(recon.reshape(*lead, self.cfg.d_in), vals, idx, acts, loss, mse, fvu, auxk, sparsity)
-
-    def _replicated_fvu(self, prediction: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(FVU, loss term, MSE) over every data-parallel replica's tokens: the squared error and the
-        target's moments are all-reduced (in fp64: the variance comes from raw moments). The loss term,
-        world * local error / global variance, has the global FVU's gradient once DDP averages it."""
-        target64 = target.detach().double()
-        error = (prediction.to(torch.promote_types(prediction.dtype, torch.float32)) - target).pow(2).sum()
-        count = torch.tensor([float(target.shape[0])], dtype=torch.float64, device=target.device)
-        moments = torch.cat([count, target64.sum(0), target64.pow(2).sum()[None], error.detach().double()[None]])
-        dist.all_reduce(moments, group=self._group)
-        n, total, squares, total_error = moments[0], moments[1:-2], moments[-2], moments[-1]
-        variance = squares - total.pow(2).sum() / n  # sum over tokens of ||x - mean||^2
-        world = dist.get_world_size(self._group)
-        fvu = (total_error / variance).to(error.dtype)
-        return fvu, world * error / variance.to(error.dtype), (total_error / (n * target.shape[1])).to(error.dtype)
 
     @torch.no_grad()
     def _update_death_stats(self, codes: F.TopKCodes | Tensor, n_tokens: int) -> None:
