@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import centering
+from . import centering, parallel
 from . import functional as F
 
 ACTIVATIONS = ("topk", "relu", "jumprelu", "batchtopk")
@@ -41,6 +41,9 @@ BATCHTOPK_THRESHOLD_DECAY = 0.999
 # AuxK runs densely over the dead features (F.auxk_reconstruction) while there are at most this many
 # per AuxK code: the [B, n_dead] matrices stay within 8x the [B, k_aux] codes, a few tens of MB.
 AUXK_DENSE_MAX_DEAD_PER_CODE = 8
+# The tensors indexed by feature, and their feature dimension: what `shard_features` splits and `save` gathers.
+FEATURE_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "feature_fire_count": 0, "tokens_since_fired": 0}
+INIT_BLOCK_ROWS = 4096  # decoder rows per seeded block of the random initialisation (`_init_directions`)
 
 
 @dataclass
@@ -91,20 +94,6 @@ class SAEConfig:
             raise ValueError(f"dead_after_tokens must be >= 0, got {self.dead_after_tokens}")
         if self.l1_coef < 0 or self.l0_coef < 0:
             raise ValueError(f"l1_coef and l0_coef must be >= 0, got {self.l1_coef} and {self.l0_coef}")
-
-
-def _all_gather_rows(rows: Tensor, group) -> Tensor:
-    """Every replica's [n_i, d] rows, concatenated in rank order (the n_i may differ)."""
-    world = dist.get_world_size(group)
-    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count, group=group)
-    longest = int(max(counts))
-    padded = rows.new_zeros(longest, rows.shape[1])
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded, group=group)
-    return torch.cat([part[: int(n)] for part, n in zip(gathered, counts)])
 
 
 def _mark_initialized(module: SparseAutoencoder, incompatible_keys) -> None:
@@ -165,19 +154,32 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("feature_fire_count", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("n_tokens_seen", torch.zeros((), dtype=torch.int64))
+        self._group = None  # the data-parallel process group (`data_parallel`), or None
+        self._feature_group = None  # the feature-sharding process group (`shard_features`), or None
+        self._feature_start = 0  # this module's first feature (of cfg.n_features) when sharded
         self._init_directions()
         # Whether the centering was fitted (`initialize`) or weights were loaded; a training forward
         # without either fits it to its first batch (`_initialize_lazily`).
         self._initialized = cfg.centering == "none"
         self.register_load_state_dict_post_hook(_mark_initialized)
-        self._group = None  # the data-parallel process group (`data_parallel`), or None
 
     # -- initialisation ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _init_directions(self) -> None:
-        """Random unit-norm decoder rows, encoder = decoder transpose, zero biases (uses torch's RNG)."""
-        directions = F.normalize_decoder_rows(torch.randn(self.W_dec.shape, dtype=torch.float32))
+    def _init_directions(self, seed: int | None = None) -> None:
+        """Random unit-norm decoder rows, encoder = decoder transpose, zero biases. The rows are drawn in
+        blocks of INIT_BLOCK_ROWS, block b from a generator seeded with seed + b (`seed` from torch's
+        RNG when None), so a feature shard draws its own rows, equal to the same rows of the whole."""
+        if seed is None:
+            seed = int(torch.randint(2**62, ()))
+        start, stop = self._feature_start, self._feature_start + self.W_dec.shape[0]
+        rows = []
+        for block in range(start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS)):
+            first = block * INIT_BLOCK_ROWS
+            size = min(INIT_BLOCK_ROWS, self.cfg.n_features - first)
+            drawn = torch.randn(size, self.cfg.d_in, generator=torch.Generator().manual_seed(seed + block))
+            rows.append(drawn[max(start - first, 0) : stop - first])
+        directions = F.normalize_decoder_rows(torch.cat(rows))
         self.W_dec.copy_(directions.to(self.W_dec.device))
         self.W_enc.copy_(self.W_dec.T)
         self.b_enc.zero_()
@@ -206,6 +208,46 @@ class SparseAutoencoder(nn.Module):
         return self
 
     @torch.no_grad()
+    def shard_features(self, group=None) -> SparseAutoencoder:
+        """Makes this module one shard of a feature-sharded (tensor-parallel) TopK SAE over `group`
+        (torch.distributed's default group when None): it keeps its contiguous share of the features
+        (`parallel.shard_bounds`) of W_enc, b_enc, W_dec and the death statistics, and a forward
+        exchanges each token's [k] candidate codes and the [d] reconstruction with the other shards
+        (`fastsae.parallel`), so the codes, losses and gradients are those of the whole SAE. b_dec (and
+        the whitening) stay whole on every rank, with the full gradient. Call it on the whole SAE
+        (constructed, loaded or initialised: each rank keeps its slice); combine with `data_parallel`
+        over a second group for a 2-D mesh (wrap in DistributedDataParallel over that group). `save`
+        gathers the shards into one file that loads whole, to be sharded again over any world size.
+        TopK SAEs; every shard must hold at least k and k_aux features."""
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "shard_features needs torch.distributed initialised (torch.distributed.init_process_group)"
+            )
+        if self.cfg.activation != "topk":
+            raise ValueError(f"shard_features supports TopK SAEs; this one is {self.cfg.activation!r}")
+        if self._feature_group is not None:
+            raise RuntimeError("this SAE is already feature-sharded")
+        group = group if group is not None else dist.group.WORLD
+        start, stop = parallel.shard_bounds(self.cfg.n_features, group)
+        smallest = self.cfg.n_features // dist.get_world_size(group)
+        if smallest < max(self.cfg.k, self.cfg.k_aux):
+            raise ValueError(
+                f"{dist.get_world_size(group)} shards of {self.cfg.n_features} features hold {smallest}, fewer than "
+                f"k={self.cfg.k} or k_aux={self.cfg.k_aux}: use fewer shards"
+            )
+        for name, dim in (
+            ("W_enc", 1),
+            ("b_enc", 0),
+            ("W_dec", 0),
+            ("feature_fire_count", 0),
+            ("tokens_since_fired", 0),
+        ):
+            tensor = getattr(self, name)
+            tensor.data = tensor.data.narrow(dim, start, stop - start).clone()
+        self._feature_group, self._feature_start = group, start
+        return self
+
+    @torch.no_grad()
     def initialize(self, sample: Tensor) -> SparseAutoencoder:
         """Fresh random directions (unit-norm W_dec rows, W_enc = W_dec^T, b_enc = 0), b_dec from a
         sample of activations [N, d] by the config's centering mode, and reset death statistics. In
@@ -213,12 +255,20 @@ class SparseAutoencoder(nn.Module):
         centering.check_sample(sample, "sample")
         if sample.shape[1] != self.cfg.d_in:
             raise ValueError(f"sample has {sample.shape[1]} dimensions, expected d_in={self.cfg.d_in}")
-        self._init_directions()
+        seed = torch.randint(2**62, (1,), dtype=torch.int64)
+        for group in (self._feature_group, self._group):  # rank 0's seed (of a 2-D mesh's first row, then column)
+            if group is not None:
+                seed = seed.to(self.W_dec.device)
+                dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+        self._init_directions(int(seed))
         if self._group is not None:
-            sample = _all_gather_rows(sample, self._group)
-            for directions in (self.W_enc, self.W_dec):
-                dist.broadcast(directions, src=dist.get_global_rank(self._group, 0), group=self._group)
+            sample = parallel.gather_rows(sample, self._group)
         self._fit_centering(sample)
+        if self._feature_group is not None:  # the shards of one replica share one centering
+            source = dist.get_global_rank(self._feature_group, 0)
+            for name in ("b_dec", "whiten_center", "whiten_matrix", "unwhiten_matrix"):
+                if hasattr(self, name):
+                    dist.broadcast(getattr(self, name).data, src=source, group=self._feature_group)
         self.reset_death_stats()
         return self
 
@@ -280,7 +330,10 @@ class SparseAutoencoder(nn.Module):
         dense codes [..., F]."""
         self._check_input(x)
         lead = x.shape[:-1]
-        codes = self._encode(x.reshape(-1, self.cfg.d_in))
+        if self._feature_group is not None:
+            codes = self._encode_shard(self._to_sae_space(x.reshape(-1, self.cfg.d_in)), None)[1]
+        else:
+            codes = self._encode(x.reshape(-1, self.cfg.d_in))
         if isinstance(codes, F.TopKCodes):
             return F.TopKCodes(*(t.reshape(*lead, t.shape[-1]) for t in codes))
         return codes.reshape(*lead, codes.shape[-1])
@@ -290,6 +343,8 @@ class SparseAutoencoder(nn.Module):
         pre-activation is > 0 (the evidence for classifying dead features). TopK takes both from one
         fused pass, ReLU from its one encode; the other activations encode, then count a ReLU encode."""
         self._check_input(x)
+        if self._feature_group is not None:
+            raise NotImplementedError("fire_and_positive_counts of a feature-sharded SAE: load the saved SAE whole")
         cfg = self.cfg
         x = x.reshape(-1, cfg.d_in)
         if cfg.activation == "topk":
@@ -342,6 +397,29 @@ class SparseAutoencoder(nn.Module):
             return F.encode_batchtopk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
         threshold = self.threshold if cfg.activation == "jumprelu" else None
         return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
+
+    def _encode_shard(self, x: Tensor, aux_dead: Tensor | None) -> tuple[F.TopKCodes, F.TopKCodes]:
+        """TopK over the feature shards, x in SAE space: (this shard's codes: shard-local features, value
+        0 where another shard's candidate won, differentiable; the global codes: features of the whole
+        SAE, detached). With `aux_dead` (this shard's dead features) the AuxK codes the same way."""
+        group, start = self._feature_group, self._feature_start
+        cfg = self.cfg
+        x, b_dec = parallel.shared_input(x, group), parallel.shared_input(self.b_dec, group)
+        k_aux = cfg.k_aux if aux_dead is not None else 0
+        local = F.encode_topk(x, self.W_enc, self.b_enc, b_dec, cfg.k, k_aux=k_aux, dead_mask=aux_dead)
+        kept, vals, idx = parallel.merge_topk(local.vals, local.idx, start, cfg.k, group)
+        aux_vals, aux_idx, local_aux_vals = local.aux_vals, local.aux_idx.to(torch.int64), local.aux_vals
+        if k_aux:
+            aux_kept, aux_vals, aux_idx = parallel.merge_topk(local.aux_vals, local.aux_idx, start, k_aux, group)
+            local_aux_vals = torch.where(aux_kept, local.aux_vals, 0)
+        shard_codes = F.TopKCodes(torch.where(kept, local.vals, 0), local.idx, local_aux_vals, local.aux_idx)
+        return shard_codes, F.TopKCodes(vals, idx, aux_vals, aux_idx)
+
+    def _decode_shard(self, vals: Tensor, idx: Tensor, bias: bool = True) -> Tensor:
+        """The reconstruction (in SAE space) from this shard's codes [B, k] (shard-local features),
+        summed over the shards, plus b_dec when `bias`."""
+        recon = parallel.sum_over_shards(F.decode_sparse(vals, idx, self.W_dec), self._feature_group)
+        return recon + self.b_dec if bias else recon
 
     def _encode_jumprelu_for_training(self, x: Tensor, replicated: bool) -> tuple[Tensor, Tensor, Tensor]:
         """JumpReLU codes whose thresholds get straight-through gradients, l0_coef x the L0 penalty and
@@ -408,7 +486,13 @@ class SparseAutoencoder(nn.Module):
         """Reconstruction [..., d] from what `encode` returned ([..., k] sparse or [..., F] dense codes)."""
         if isinstance(codes, F.TopKCodes):
             lead, k = codes.vals.shape[:-1], codes.vals.shape[-1]
-            recon = F.decode_sparse(codes.vals.reshape(-1, k), codes.idx.reshape(-1, k), self.W_dec, self.b_dec)
+            vals, idx = codes.vals.reshape(-1, k), codes.idx.reshape(-1, k)
+            if self._feature_group is not None:  # features of the whole SAE: this shard decodes its own
+                mine = (idx >= self._feature_start) & (idx < self._feature_start + self.W_dec.shape[0])
+                shard_idx = torch.where(mine, idx - self._feature_start, 0).to(torch.int32)
+                recon = self._decode_shard(torch.where(mine, vals, 0), shard_idx)
+            else:
+                recon = F.decode_sparse(vals, idx, self.W_dec, self.b_dec)
         else:
             lead = codes.shape[:-1]
             recon = F.decode_dense(codes.reshape(-1, codes.shape[-1]), self.W_dec, self.b_dec)
@@ -425,15 +509,18 @@ class SparseAutoencoder(nn.Module):
             self._initialize_lazily(x)
         k_aux = self.cfg.k_aux if self.training else 0
         dead = self.dead_features() if k_aux else None
-        few_dead = self._few_dead_features(dead)
+        sharded = self._feature_group is not None
+        few_dead = None if sharded else self._few_dead_features(dead)  # shards: the fused AuxK stream
         replicated = self._group is not None and self.training
         sparsity = torch.zeros((), dtype=torch.promote_types(self.W_enc.dtype, torch.float32), device=x.device)
         sparsity_term = sparsity
         if self.cfg.activation == "jumprelu" and self.training:
             codes, sparsity, sparsity_term = self._encode_jumprelu_for_training(x, replicated)
+        elif sharded:  # this shard's codes for the decode, the gradients and its statistics; global ones shown
+            codes, shown = self._encode_shard(self._to_sae_space(x), dead)
         else:
             codes = self._encode(x, dead if few_dead is None else None)
-        recon = self.decode(codes)
+        recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx)) if sharded else self.decode(codes)
         if replicated:
             fvu, fvu_term, mse = self._replicated_fvu(recon, x)
         else:
@@ -445,18 +532,23 @@ class SparseAutoencoder(nn.Module):
             if k_aux:
                 # The residual and its AuxK reconstruction compared in the SAE's own (possibly whitened) space.
                 sae_x = self._to_sae_space(x)
-                if few_dead is None:
+                if sharded:
+                    aux_recon = self._decode_shard(codes.aux_vals, codes.aux_idx, bias=False)
+                elif few_dead is None:
                     aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
                 else:
                     params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
                     aux_recon = F.auxk_reconstruction(sae_x, *params, few_dead, k_aux)
                 residual = (sae_x - self._to_sae_space(recon)).detach()
+                n_dead = dead.sum()
+                if sharded:  # every shard's dead features
+                    dist.all_reduce(n_dead, group=self._feature_group)
                 if replicated:  # reference.auxk_loss with the FVU over every replica's tokens
-                    scale = F.auxk_scale(dead.sum(), k_aux)
+                    scale = F.auxk_scale(n_dead, k_aux)
                     aux_fvu, aux_term, _ = self._replicated_fvu(aux_recon, residual)
                     auxk, auxk_term = aux_fvu * scale, aux_term * scale
                 else:
-                    auxk = auxk_term = F.auxk_loss(aux_recon, residual, dead.sum(), k_aux)
+                    auxk = auxk_term = F.auxk_loss(aux_recon, residual, n_dead, k_aux)
         else:
             vals, idx, acts = None, None, codes
         if self.cfg.activation == "relu" and self.cfg.l1_coef:
@@ -466,13 +558,15 @@ class SparseAutoencoder(nn.Module):
             if self.cfg.activation == "batchtopk":
                 self._update_batchtopk_threshold(codes)
         loss = fvu_term + self.cfg.auxk_coef * auxk_term + sparsity_term
+        if sharded:
+            vals, idx = shown.vals, shown.idx
         vals, idx, acts = (None if t is None else t.reshape(*lead, t.shape[-1]) for t in (vals, idx, acts))
         return SAEOutput(recon.reshape(*lead, self.cfg.d_in), vals, idx, acts, loss, mse, fvu, auxk, sparsity)
 
     @torch.no_grad()
     def _update_death_stats(self, codes: F.TopKCodes | Tensor, n_tokens: int) -> None:
         if isinstance(codes, F.TopKCodes):
-            counts = F.fire_counts(codes.idx, self.cfg.n_features, codes.vals)
+            counts = F.fire_counts(codes.idx, self.W_dec.shape[0], codes.vals)  # this shard's features
         else:
             counts = F.fire_counts_dense(codes)
         if self._group is not None:  # every replica counts every replica's tokens
@@ -532,12 +626,24 @@ class SparseAutoencoder(nn.Module):
         permissions (0666 less the umask) and a checksum that `load` verifies. format="saelens" or
         "sparsify" writes that library's checkpoint directory instead (`fastsae.io`)."""
         if format != "fastsae":
+            if self._feature_group is not None:
+                raise ValueError(
+                    f"a feature-sharded SAE saves in the fastsae format only: save it, load it whole "
+                    f"(SparseAutoencoder.load) and save that as {format!r}"
+                )
             from . import io
 
             io.save(self, path, format)
             return
         path = Path(path)
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        state = self.state_dict()
+        if self._feature_group is not None:  # one whole SAE, written by global rank 0
+            state.update({name: parallel.gather_rows(state[name], self._feature_group, dim) for name, dim in
+                          FEATURE_DIMS.items()})  # fmt: skip
+            if dist.get_rank() != 0:
+                dist.barrier(group=self._feature_group)
+                return
+        tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
         # The parameters' dtype may have changed since construction (sae.to(torch.bfloat16)): record it.
         dtype_name = next(name for name, dtype in DTYPES.items() if dtype == self.W_enc.dtype)
         cfg = dataclasses.replace(self.cfg, dtype=dtype_name)
@@ -547,6 +653,8 @@ class SparseAutoencoder(nn.Module):
             "fastsae_checksum": _checksum(tensors),
         }
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        if self._feature_group is not None:  # the other shards return once the file is complete
+            dist.barrier(group=self._feature_group)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:

@@ -1,7 +1,12 @@
-"""Data-parallel training on torch.distributed (gloo on CPU): N replicas of B tokens, each a
-`data_parallel` SAE wrapped in DistributedDataParallel, train exactly as one process on the N x B
-tokens: the same initial centering and directions, losses, death statistics and parameters after
-several Adam steps."""
+"""Multi-process training on torch.distributed (gloo on CPU), against one process:
+
+- data parallel: N replicas of B tokens, each a `data_parallel` SAE wrapped in DistributedDataParallel,
+  train exactly as one process on the N x B tokens (the same initial centering and directions, losses,
+  death statistics and parameters after several Adam steps);
+- feature sharding: N ranks each holding F / N features (`shard_features`) give the same codes,
+  losses, gradients and, after 20 Adam steps, parameters and statistics as the whole SAE; the saved
+  checkpoint is the whole SAE and loads sharded over another number of ranks;
+- both on a 2 x 2 mesh."""
 
 import socket
 
@@ -12,15 +17,17 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import fastsae
+from fastsae import parallel
+from fastsae.sae import FEATURE_DIMS
 
 D, N_FEATURES, K, K_AUX, TOKENS, STEPS = 12, 48, 4, 6, 26, 6  # 26 tokens: uneven over 3 or 4 replicas
 
 
-def _data():
-    """A shared sample and STEPS global batches, with an outlier dimension."""
+def _data(steps=STEPS):
+    """A shared sample and `steps` global batches, with an outlier dimension."""
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(64, D, generator=generator, dtype=torch.float64) + 3
-    batches = [torch.randn(TOKENS, D, generator=generator, dtype=torch.float64) + 3 for _ in range(STEPS)]
+    batches = [torch.randn(TOKENS, D, generator=generator, dtype=torch.float64) + 3 for _ in range(steps)]
     return sample, batches
 
 
@@ -110,3 +117,133 @@ def test_data_parallel_needs_torch_distributed():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
         _sae().data_parallel()
+
+
+SHARDED_STEPS = 20
+
+
+def _train_recorded(model, sae, batches, full_grad=lambda name, grad: grad):
+    """Adam steps on `batches`: per step the losses and the codes (sorted by feature), and every
+    parameter's gradient of the first step (`full_grad` turns a shard's into the whole SAE's)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses, codes, first_grads = [], [], None
+    for x in batches:
+        out = model(x)
+        out.loss.backward()
+        if first_grads is None:
+            first_grads = {name: full_grad(name, p.grad.clone()) for name, p in sae.named_parameters()}
+        sae.remove_decoder_parallel_grad()
+        optimizer.step()
+        optimizer.zero_grad()
+        sae.normalize_decoder()
+        losses.append(tuple(float(t.detach()) for t in (out.fvu, out.auxk, out.mse)))
+        order = out.idx.long().argsort(dim=1)
+        codes.append((out.idx.long().gather(1, order), out.vals.detach().gather(1, order)))
+    return losses, codes, first_grads
+
+
+def _full_grad(sae):
+    return lambda name, grad: (
+        parallel.gather_rows(grad, sae._feature_group, FEATURE_DIMS[name]) if name in FEATURE_DIMS else grad
+    )
+
+
+def _sharded_replica(rank, world, port, directory):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(1 if rank == 0 else 100 + rank)  # rank 0 has the single process's RNG state
+        sample, batches = _data(SHARDED_STEPS)
+        sae = _sae().shard_features()
+        sae.initialize(sample)
+        record = _train_recorded(sae, sae, batches, _full_grad(sae))
+        sae.save(directory / "sharded.safetensors")
+        if rank == 0:
+            torch.save(record, directory / "record.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _resharded_forward(rank, world, port, directory):
+    """The checkpoint saved by another number of shards, loaded whole and sharded over `world`."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        sae = fastsae.SparseAutoencoder.load(directory / "sharded.safetensors").shard_features()
+        sae.train()
+        out = sae(_data()[1][0])
+        if rank == 0:
+            torch.save((out.recon.detach(), out.idx.long().sort(dim=1).values, float(out.loss.detach())),
+                       directory / f"resharded{world}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_same_training(record, expected):
+    (losses, codes, grads), (want_losses, want_codes, want_grads) = record, expected
+    for got, want in zip(losses, want_losses):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert any(auxk > 0 for _, auxk, _ in want_losses), "AuxK never ran: the test would not cover it"
+    for (idx, vals), (want_idx, want_vals) in zip(codes, want_codes):
+        assert torch.equal(idx, want_idx)
+        torch.testing.assert_close(vals, want_vals, rtol=1e-9, atol=1e-12)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-12, msg=f"first-step gradient of {name}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_feature_sharding_trains_like_one_process(world, tmp_path):
+    """Codes, losses (AuxK included), every first-step gradient and, after 20 Adam steps, every parameter
+    and statistic equal the whole SAE's; the saved checkpoint is the whole SAE, and sharded over 3 ranks
+    it gives the whole SAE's forward."""
+    sample, batches = _data(SHARDED_STEPS)
+    torch.manual_seed(1)
+    single = _sae().initialize(sample)
+    expected = _train_recorded(single, single, batches)
+
+    mp.spawn(_sharded_replica, args=(world, _free_port(), tmp_path), nprocs=world, join=True)
+    _assert_same_training(torch.load(tmp_path / "record.pt", weights_only=True), expected)
+    saved = fastsae.SparseAutoencoder.load(tmp_path / "sharded.safetensors")
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
+
+    mp.spawn(_resharded_forward, args=(3, _free_port(), tmp_path), nprocs=3, join=True)
+    recon, idx, loss = torch.load(tmp_path / "resharded3.pt", weights_only=True)
+    want = single(_data()[1][0])
+    torch.testing.assert_close(recon, want.recon.detach(), rtol=1e-9, atol=1e-12)
+    assert torch.equal(idx, want.idx.long().sort(dim=1).values)
+    assert loss == pytest.approx(float(want.loss.detach()), rel=1e-9)
+
+
+def _mesh_replica(rank, world, port, directory):
+    """2 replicas x 2 feature shards: rank = 2 * replica + shard."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        replica, shard = divmod(rank, 2)
+        rows = [dist.new_group([2 * r, 2 * r + 1]) for r in range(2)]  # every rank creates every group
+        columns = [dist.new_group([s, 2 + s]) for s in range(2)]
+        torch.manual_seed(1 if rank == 0 else 100 + rank)
+        sample, batches = _data()
+        sae = _sae().shard_features(rows[replica]).data_parallel(columns[shard])
+        sae.initialize(sample.chunk(2)[replica])
+        model = DistributedDataParallel(sae, process_group=columns[shard])
+        record = _train_recorded(model, sae, [x.chunk(2)[replica] for x in batches], _full_grad(sae))
+        sae.save(directory / "mesh.safetensors")
+        if rank == 0:
+            torch.save(record[0], directory / "losses.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mesh_of_replicas_and_shards_trains_like_one_process(tmp_path):
+    """Data parallel over 2 replicas of 2 feature shards each: the losses and, after the steps, the
+    saved SAE equal one process training the whole SAE on the whole batches."""
+    sample, batches = _data()
+    torch.manual_seed(1)
+    single = _sae().initialize(sample)
+    want_losses = _train_recorded(single, single, batches)[0]
+
+    mp.spawn(_mesh_replica, args=(4, _free_port(), tmp_path), nprocs=4, join=True)
+    for got, want in zip(torch.load(tmp_path / "losses.pt", weights_only=True), want_losses):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    saved = fastsae.SparseAutoencoder.load(tmp_path / "mesh.safetensors")
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[name], tensor, rtol=1e-9, atol=1e-12, msg=name)

@@ -1,0 +1,104 @@
+"""The torch.distributed pieces of multi-process training (`SparseAutoencoder.data_parallel` and
+`SparseAutoencoder.shard_features`).
+
+Feature sharding splits the F features into contiguous shards, one per rank of a process group, as
+tensor parallelism splits a linear layer's outputs: each rank holds W_enc[:, shard], b_enc[shard] and
+W_dec[shard] and its death statistics. A TopK forward encodes each shard (its k largest codes contain
+every code of the row's global top k that lies in the shard), gathers the [B, k] candidate values of
+every shard, keeps the global top k among them, decodes its own kept codes and sums the partial
+reconstructions over the ranks. The two autograd functions below are the collectives' gradients:
+a reconstruction summed over the shards passes its gradient through unchanged (every rank computes
+the same loss from the same sum), and an input every shard reads (x, b_dec) sums the shards'
+gradients, so that every rank holds the full gradient of the replicated parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def shard_bounds(n_features: int, group) -> tuple[int, int]:
+    """[start, stop) of this rank's features: contiguous shards in rank order whose sizes differ by at
+    most one (the first n_features % world ranks hold one more), as torch.tensor_split splits."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    base, extra = divmod(n_features, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class _SumOverShards(torch.autograd.Function):
+    """Forward: the sum of `partial` over the group's ranks. Backward: the gradient unchanged (each rank
+    computes the same loss from the same sum, so each holds the whole gradient already)."""
+
+    @staticmethod
+    def forward(ctx, partial: Tensor, group) -> Tensor:
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _SharedInput(torch.autograd.Function):
+    """Forward: `t` unchanged. Backward: the sum of the gradient over the group's ranks (each shard
+    contributes the part of the gradient that flows through its features)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_over_shards(partial: Tensor, group) -> Tensor:
+    return _SumOverShards.apply(partial, group)
+
+
+def shared_input(t: Tensor, group) -> Tensor:
+    return _SharedInput.apply(t, group)
+
+
+def merge_topk(vals: Tensor, idx: Tensor, start: int, k: int, group) -> tuple[Tensor, Tensor, Tensor]:
+    """Each rank's [B, k] TopK candidates (post-ReLU values, shard-local features from `start`) ->
+    (kept [B, k] bool: which of this rank's candidates are among the row's global k largest, and the
+    global codes: values [B, k] and global features [B, k] int64, detached). Every rank gathers every
+    shard's candidates, so all agree on the selection (torch.topk over the same values)."""
+    world = dist.get_world_size(group)
+    local = torch.cat([vals.detach().to(torch.float64), (idx.to(torch.int64) + start).to(torch.float64)], dim=1)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local.contiguous(), group=group)
+    candidates = torch.stack(gathered, dim=1)  # [B, world, 2k]: values, then global features
+    values = candidates[:, :, :k].reshape(vals.shape[0], world * k)
+    features = candidates[:, :, k:].reshape(vals.shape[0], world * k)
+    top = values.topk(k, dim=1)
+    rank = dist.get_rank(group)
+    mine = (top.indices >= rank * k) & (top.indices < (rank + 1) * k)
+    # Other shards' winners go to a spare column k, dropped after: no two writes reach a kept slot.
+    slots = torch.where(mine, top.indices - rank * k, k)
+    kept = torch.zeros(vals.shape[0], k + 1, dtype=torch.bool, device=vals.device).scatter_(1, slots, True)[:, :k]
+    return kept, top.values.to(vals.dtype), features.gather(1, top.indices).to(torch.int64)
+
+
+def gather_rows(rows: Tensor, group, dim: int = 0) -> Tensor:
+    """Every rank's `rows`, concatenated along `dim` in rank order (their sizes along `dim` may differ;
+    the other dimensions must agree)."""
+    rows = rows.movedim(dim, 0)
+    world = dist.get_world_size(group)
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    longest = int(max(counts))
+    padded = rows.new_zeros(longest, *rows.shape[1:])
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded.contiguous(), group=group)
+    return torch.cat([part[: int(n)] for part, n in zip(gathered, counts)]).movedim(0, dim)
