@@ -623,38 +623,32 @@ class SparseAutoencoder(nn.Module):
         """Writes weights, buffers and the config (JSON in the safetensors header) to one .safetensors
         file, atomically: a crash mid-write leaves any earlier file at `path` intact, and the temporary
         file a killed save leaves behind is removed by the next save. The file gets the usual
-        permissions (0666 less the umask) and a checksum that `load` verifies. format="saelens" or
-        "sparsify" writes that library's checkpoint directory instead (`fastsae.io`)."""
+        permissions (0666 less the umask) and a checksum that `load` verifies. In data-parallel or
+        feature-sharded training every rank calls it and global rank 0 writes the whole SAE. format=
+        "saelens" or "sparsify" writes that library's checkpoint directory instead (`fastsae.io`)."""
+        if format != "fastsae" and self._feature_group is not None:
+            raise ValueError(
+                f"a feature-sharded SAE saves in the fastsae format only: save it, load it whole "
+                f"(SparseAutoencoder.load) and save that as {format!r}"
+            )
+        # In multi-process training every rank of the job calls save and global rank 0 writes (a
+        # feature-sharded SAE gathered whole); the others return once the file is complete.
+        distributed = self._feature_group is not None or self._group is not None
+        state = self.state_dict()
+        if self._feature_group is not None:
+            state.update({name: parallel.gather_rows(state[name], self._feature_group, dim) for name, dim in
+                          FEATURE_DIMS.items()})  # fmt: skip
+        if distributed and dist.get_rank() != 0:
+            dist.barrier()
+            return
         if format != "fastsae":
-            if self._feature_group is not None:
-                raise ValueError(
-                    f"a feature-sharded SAE saves in the fastsae format only: save it, load it whole "
-                    f"(SparseAutoencoder.load) and save that as {format!r}"
-                )
             from . import io
 
             io.save(self, path, format)
-            return
-        path = Path(path)
-        state = self.state_dict()
-        if self._feature_group is not None:  # one whole SAE, written by global rank 0
-            state.update({name: parallel.gather_rows(state[name], self._feature_group, dim) for name, dim in
-                          FEATURE_DIMS.items()})  # fmt: skip
-            if dist.get_rank() != 0:
-                dist.barrier(group=self._feature_group)
-                return
-        tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
-        # The parameters' dtype may have changed since construction (sae.to(torch.bfloat16)): record it.
-        dtype_name = next(name for name, dtype in DTYPES.items() if dtype == self.W_enc.dtype)
-        cfg = dataclasses.replace(self.cfg, dtype=dtype_name)
-        metadata = {
-            "fastsae_config": json.dumps(dataclasses.asdict(cfg)),
-            "fastsae_format": FORMAT_VERSION,
-            "fastsae_checksum": _checksum(tensors),
-        }
-        write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        if self._feature_group is not None:  # the other shards return once the file is complete
-            dist.barrier(group=self._feature_group)
+        else:
+            _write_checkpoint(Path(path), state, self.cfg, self.W_enc.dtype)
+        if distributed:
+            dist.barrier()
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
@@ -697,6 +691,19 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"{path} is corrupted: its tensors do not match the checksum written when it was saved")
         sae.load_state_dict(tensors)
         return sae
+
+
+def _write_checkpoint(path: Path, state: dict[str, Tensor], cfg: SAEConfig, dtype: torch.dtype) -> None:
+    """`SparseAutoencoder.save`'s file: the tensors, the config (with the parameters' `dtype`, which
+    may have changed since construction: sae.to(torch.bfloat16)), the format and a checksum."""
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
+    dtype_name = next(name for name, candidate in DTYPES.items() if candidate == dtype)
+    metadata = {
+        "fastsae_config": json.dumps(dataclasses.asdict(dataclasses.replace(cfg, dtype=dtype_name))),
+        "fastsae_format": FORMAT_VERSION,
+        "fastsae_checksum": _checksum(tensors),
+    }
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
