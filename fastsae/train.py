@@ -13,18 +13,34 @@ redraws OUT/training.png; every --checkpoint-every tokens (and at the end) it wr
 same OUT to resume: the SAEs, the optimizer and the token count are restored and the batches already
 used are skipped (the stream is deterministic for the same texts). Text files hold one document per
 line (.txt) or one JSON object with a "text" field per line (.jsonl).
+
+The same command trains on several GPUs under torchrun, unchanged:
+
+    torchrun --nproc-per-node 8 -m fastsae train --model gpt2 --hookpoint h.6 --texts corpus.txt \
+        --feature-shards 2
+
+Each process takes one GPU (cuda:LOCAL_RANK; gloo on CPU). The processes form a mesh of replicas x
+--feature-shards (`torch.distributed.device_mesh`): the replicas train data-parallel (each reads every
+replicas-th text), and the shards of one replica split the features (`SparseAutoencoder.shard_features`;
+each runs the model on the same texts). --tokens counts every replica's tokens; rank 0 prints, logs
+and plots; the checkpoints hold the whole SAE and resume onto the same mesh.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
+import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .activations import ActivationStream
 from .diagnostics import diagnose
@@ -58,7 +74,48 @@ def add_parser(commands) -> None:
     train.add_argument("--model-dtype", choices=list(DTYPES), default=None,
                        help="dtype the model runs in (default: as its checkpoint stores it)")  # fmt: skip
     train.add_argument("--keep-special-tokens", action="store_true", help="keep BOS and other special tokens")
+    train.add_argument("--feature-shards", type=int, default=1,
+                       help="under torchrun: processes that split each SAE's features")  # fmt: skip
     train.set_defaults(run=run)
+
+
+@dataclass
+class Layout:
+    """Where this process sits in a torchrun job (one process, one replica, no groups otherwise)."""
+
+    replica: int = 0
+    replicas: int = 1
+    shard_group: object = None  # the processes that split one replica's features, or None
+    replica_group: object = None  # the processes that hold the same features in every replica, or None
+
+    @property
+    def main(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _layout(args: argparse.Namespace) -> Layout:
+    """Joins the torchrun job when there is one (WORLD_SIZE > 1): the process group, this process's
+    GPU (args.device becomes cuda:LOCAL_RANK) and the replicas x shards mesh."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.feature_shards < 1 or world % args.feature_shards:
+        raise ValueError(f"--feature-shards must divide the {world} processes, got {args.feature_shards}")
+    if world == 1:
+        return Layout()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = torch.device(args.device).type
+    if device_type == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(args.device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    replicas = world // args.feature_shards
+    mesh = init_device_mesh(device_type, (replicas, args.feature_shards), mesh_dim_names=("replica", "shard"))
+    return Layout(
+        replica=mesh.get_local_rank("replica"), replicas=replicas,
+        shard_group=mesh.get_group("shard") if args.feature_shards > 1 else None,
+        replica_group=mesh.get_group("replica") if replicas > 1 else None,
+    )  # fmt: skip
 
 
 def read_texts(paths: list[Path]) -> Iterator[str]:
@@ -79,41 +136,65 @@ def read_texts(paths: list[Path]) -> Iterator[str]:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModel, AutoTokenizer
 
+    layout = _layout(args)
+    say = print if layout.main else lambda *_, **__: None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
     model = AutoModel.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    texts = itertools.islice(read_texts(args.texts), layout.replica, None, layout.replicas)  # this replica's
     stream = ActivationStream(
-        model, tokenizer, read_texts(args.texts), args.hookpoint, batch_tokens=args.batch_tokens,
+        model, tokenizer, texts, args.hookpoint, batch_tokens=args.batch_tokens,
         context_size=args.context_size, buffer_tokens=max(16 * args.batch_tokens, 2**16),
         drop_special_tokens=not args.keep_special_tokens, device=args.device,
     )  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    state_path = args.out / "state.pt"
+    state_path = _state_path(args.out, layout)
     resumed = state_path.is_file()
     batches = iter(stream)
     if resumed:
-        saes = {name: SparseAutoencoder.load(_checkpoint(args.out, name), args.device) for name in args.hookpoint}
+        saes = {}
+        for name in args.hookpoint:
+            saes[name] = _distribute(SparseAutoencoder.load(_checkpoint(args.out, name), args.device), layout)
         state = torch.load(state_path, map_location=args.device, weights_only=True)
         tokens_done, used_batches = int(state["tokens"]), int(state["batches"])
         for _ in range(used_batches):  # the diagnosis sample and the batches already trained on
             next(batches)
-        print(f"resuming from {args.out} at {tokens_done} tokens")
+        say(f"resuming from {args.out} at {tokens_done} tokens")
     else:
         sample, used_batches = _first_tokens(batches, args.hookpoint, args.diagnose_tokens)
         saes = {}
         for name in args.hookpoint:
-            print(f"== {name}: diagnose on {sample[name].shape[0]} tokens")
-            print(diagnose(sample[name].float(), k=args.k, n_features=args.expansion_factor * sample[name].shape[1]))
-            saes[name] = _new_sae(args, sample[name])
+            say(f"== {name}: diagnose on {sample[name].shape[0]} tokens")
+            if layout.main:
+                print(
+                    diagnose(sample[name].float(), k=args.k, n_features=args.expansion_factor * sample[name].shape[1])
+                )
+            saes[name] = _new_sae(args, sample[name], layout)
         tokens_done, state = 0, None
     optimizers = {name: torch.optim.Adam(sae.parameters(), lr=_lr(args, sae)) for name, sae in saes.items()}
     if state is not None:
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
-    _train(args, saes, optimizers, batches, tokens_done, used_batches)
+    _train(args, layout, saes, optimizers, batches, tokens_done, used_batches)
     return 0
+
+
+def _distribute(sae: SparseAutoencoder, layout: Layout) -> SparseAutoencoder:
+    """The whole SAE made this process's part of it: its features' shard, one replica of the data."""
+    if layout.shard_group is not None:
+        sae.shard_features(layout.shard_group)
+    if layout.replica_group is not None:
+        sae.data_parallel(layout.replica_group)
+    return sae
+
+
+def _state_path(out: Path, layout: Layout) -> Path:
+    """The optimizer state and counts; one file per feature shard (the shards' Adam states differ)."""
+    if layout.shard_group is None:
+        return out / "state.pt"
+    return out / f"state.shard{dist.get_rank(layout.shard_group)}.pt"
 
 
 def _checkpoint(out: Path, hookpoint: str) -> Path:
@@ -136,12 +217,13 @@ def _first_tokens(batches: Iterator[dict], hookpoints: list[str], n_tokens: int)
     return {name: torch.cat(parts) for name, parts in taken.items()}, len(taken[hookpoints[0]])
 
 
-def _new_sae(args: argparse.Namespace, sample: torch.Tensor) -> SparseAutoencoder:
+def _new_sae(args: argparse.Namespace, sample: torch.Tensor, layout: Layout) -> SparseAutoencoder:
     dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     d = sample.shape[1]
     cfg = SAEConfig(d_in=d, n_features=args.expansion_factor * d, activation=args.activation, k=args.k,
                     centering=args.centering, dtype=dtype, dead_after_tokens=args.dead_after)  # fmt: skip
-    return SparseAutoencoder(cfg).to(args.device).initialize(sample.to(DTYPES[dtype]))
+    sae = _distribute(SparseAutoencoder(cfg).to(args.device), layout)
+    return sae.initialize(sample.to(DTYPES[dtype]))
 
 
 def _lr(args: argparse.Namespace, sae: SparseAutoencoder) -> float:
@@ -149,57 +231,94 @@ def _lr(args: argparse.Namespace, sae: SparseAutoencoder) -> float:
     return args.lr if args.lr is not None else 2e-4 / (sae.cfg.n_features / 2**14) ** 0.5
 
 
-def _train(args, saes, optimizers, batches, tokens_done: int, used_batches: int) -> None:
+def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, used_batches: int) -> None:
+    models = {  # DistributedDataParallel over the replicas: it averages their gradients
+        name: DistributedDataParallel(sae, process_group=layout.replica_group)
+        if layout.replica_group is not None else sae
+        for name, sae in saes.items()
+    }  # fmt: skip
     log_path = args.out / "log.csv"
     new_log = not log_path.is_file()
     next_log = (tokens_done // args.log_every + 1) * args.log_every
     next_checkpoint = (tokens_done // args.checkpoint_every + 1) * args.checkpoint_every
     window_start, window_tokens = time.perf_counter(), 0
-    with open(log_path, "a", newline="") as log_file:
+    with open(log_path, "a", newline="") if layout.main else _nowhere() as log_file:
         log = csv.writer(log_file)
         if new_log:
             log.writerow(LOG_COLUMNS)
         fvus: dict[str, float] = {}
-        for batch in batches:
-            if tokens_done >= args.tokens:
+        while tokens_done < args.tokens:
+            batch = next(batches, None)
+            n = _tokens_in_step(batch, args, layout)
+            if n is None:  # a replica's texts ran out: every process stops at the same step
                 break
             for name, sae in saes.items():
-                out = sae(batch[name].to(sae.W_enc.dtype))
+                out = models[name](batch[name].to(sae.W_enc.dtype))
                 out.loss.backward()
                 sae.remove_decoder_parallel_grad()
                 optimizers[name].step()
                 optimizers[name].zero_grad(set_to_none=True)
                 sae.normalize_decoder()
                 fvus[name] = out.fvu.detach()
-            n = batch[args.hookpoint[0]].shape[0]
             tokens_done += n
             used_batches += 1
             window_tokens += n
             if tokens_done >= next_log or tokens_done >= args.tokens:
                 rate = window_tokens / (time.perf_counter() - window_start)
                 for name, sae in saes.items():
-                    dead = 100 * float(sae.dead_features().float().mean())
+                    dead = 100 * float(_dead_features(sae, layout)) / sae.cfg.n_features
                     log.writerow([tokens_done, name, f"{float(fvus[name]):.5f}", f"{dead:.2f}", f"{rate:.0f}"])
-                    print(f"{tokens_done:>12} tokens  {name}: FVU {float(fvus[name]):.4f}  dead {dead:.1f}%  "
-                          f"{rate:,.0f} tokens/s")  # fmt: skip
-                log_file.flush()
-                _plot(log_path, args.out / "training.png")
+                    if layout.main:
+                        print(f"{tokens_done:>12} tokens  {name}: FVU {float(fvus[name]):.4f}  dead {dead:.1f}%  "
+                              f"{rate:,.0f} tokens/s")  # fmt: skip
+                if layout.main:
+                    log_file.flush()
+                    _plot(log_path, args.out / "training.png")
                 next_log += args.log_every
                 window_start, window_tokens = time.perf_counter(), 0
             if tokens_done >= next_checkpoint:
-                _save(args, saes, optimizers, tokens_done, used_batches)
+                _save(args, layout, saes, optimizers, tokens_done, used_batches)
                 next_checkpoint += args.checkpoint_every
-    _save(args, saes, optimizers, tokens_done, used_batches)
-    print(f"trained on {tokens_done} tokens; SAEs and state in {args.out}")
+    _save(args, layout, saes, optimizers, tokens_done, used_batches)
+    if layout.main:
+        print(f"trained on {tokens_done} tokens; SAEs and state in {args.out}")
 
 
-def _save(args, saes, optimizers, tokens_done: int, used_batches: int) -> None:
-    """Each SAE, then the optimizer state and the counts a resumed run continues from."""
+def _nowhere():
+    """The log file of a process that does not log."""
+    return open(os.devnull, "w", newline="")
+
+
+def _tokens_in_step(batch: dict | None, args, layout: Layout) -> int | None:
+    """The tokens this step trains on over every replica, or None when any replica has no batch left
+    (one all-reduce per step in a torchrun job, so that every process stops at the same step)."""
+    n = 0 if batch is None else batch[args.hookpoint[0]].shape[0]
+    if not dist.is_initialized():
+        return None if batch is None else n
+    first_shard = layout.shard_group is None or dist.get_rank(layout.shard_group) == 0
+    status = torch.tensor([int(batch is None), n if first_shard else 0], device=args.device)
+    dist.all_reduce(status)
+    return None if int(status[0]) else int(status[1])
+
+
+def _dead_features(sae: SparseAutoencoder, layout: Layout) -> torch.Tensor:
+    """How many features are dead, over every shard."""
+    dead = sae.dead_features().sum()
+    if layout.shard_group is not None:
+        dist.all_reduce(dead, group=layout.shard_group)
+    return dead
+
+
+def _save(args, layout: Layout, saes, optimizers, tokens_done: int, used_batches: int) -> None:
+    """Each SAE (every process takes part; rank 0 writes it whole), then the optimizer state and the
+    counts a resumed run continues from (the first replica writes each shard's)."""
     for name, sae in saes.items():
         sae.save(_checkpoint(args.out, name))
+    if layout.replica != 0:
+        return
     optimizer_states = {name: opt.state_dict() for name, opt in optimizers.items()}
     state = {"tokens": tokens_done, "batches": used_batches, "optimizers": optimizer_states}
-    write_atomically(args.out / "state.pt", lambda tmp: torch.save(state, tmp))
+    write_atomically(_state_path(args.out, layout), lambda tmp: torch.save(state, tmp))
 
 
 def _plot(log_path: Path, png_path: Path) -> None:

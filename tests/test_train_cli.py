@@ -1,7 +1,10 @@
 """`python -m fastsae train` end to end on CPU: a tiny randomly initialised GPT-2 saved from a config
-(no download), a text file, two hook points, logging, checkpoints and a resumed run."""
+(no download), a text file, two hook points, logging, checkpoints and a resumed run; the same command
+under torchrun (2 processes, gloo) as 2 data-parallel replicas and as 2 feature shards."""
 
 import csv
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,3 +69,26 @@ def test_train_command_explains_bad_input(tmp_path, model_dir, capsys):
     good.write_text(" ".join(WORDS) + "\n")
     assert cli([*args[:4], "h.9", *args[5:], "--texts", str(good)]) == 2
     assert "no submodule 'h.9'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shards", [1, 2], ids=["2 replicas", "2 feature shards"])
+def test_train_command_under_torchrun(tmp_path, model_dir, shards):
+    texts = tmp_path / "corpus.txt"
+    texts.write_text("\n".join(t.replace("[BOS] ", "") for t in _texts(400, seed=3)) + "\n")
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command = [*torchrun, "-m", "fastsae", "train", "--model", str(model_dir), "--hookpoint", "h.0",
+               "--texts", str(texts), "--out", str(out), "--batch-tokens", "64", "--diagnose-tokens", "128",
+               "--expansion-factor", "4", "--k", "4", "--log-every", "256", "--device", "cpu",
+               "--feature-shards", str(shards)]  # fmt: skip
+    for previous, tokens in ((0, 512), (512, 768)):  # a run, then a resumed one
+        result = subprocess.run([*command, "--tokens", str(tokens)], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        logged = [row for row in _rows(out) if previous < int(row["tokens"]) <= tokens]
+        assert result.stdout.count("tokens  h.0: FVU") == len(logged) > 0  # rank 0 prints and logs, once
+    assert "resuming from" in result.stdout
+    assert [int(row["tokens"]) for row in _rows(out)] == [256, 512, 768]  # every replica's tokens, logged once
+    sae = fastsae.SparseAutoencoder.load(out / "h.0.safetensors")  # the whole SAE
+    assert sae.cfg.n_features == 64 and int(sae.n_tokens_seen) == 768
+    states = ["state.pt"] if shards == 1 else ["state.shard0.pt", "state.shard1.pt"]
+    assert sorted(path.name for path in out.glob("state*.pt")) == states
