@@ -96,6 +96,25 @@ class SAEConfig:
             raise ValueError(f"l1_coef and l0_coef must be >= 0, got {self.l1_coef} and {self.l0_coef}")
 
 
+def _feature_shard(cfg: SAEConfig, group) -> tuple[object, int, int]:
+    """(group, start, stop) of this rank's features in a feature-sharded SAE over `group` (the default
+    group when None), after checking that the SAE can be sharded so."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "feature sharding needs torch.distributed initialised (torch.distributed.init_process_group)"
+        )
+    if cfg.activation != "topk":
+        raise ValueError(f"feature sharding supports TopK SAEs; this one is {cfg.activation!r}")
+    group = group if group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    if cfg.n_features // world < max(cfg.k, cfg.k_aux):
+        raise ValueError(
+            f"{world} shards of {cfg.n_features} features hold {cfg.n_features // world}, fewer than k={cfg.k} or "
+            f"k_aux={cfg.k_aux}: use fewer shards"
+        )
+    return group, *parallel.shard_bounds(cfg.n_features, group)
+
+
 def _mark_initialized(module: SparseAutoencoder, incompatible_keys) -> None:
     """load_state_dict post-hook: loaded weights come with their centering."""
     module._initialized = True
@@ -126,10 +145,16 @@ class SparseAutoencoder(nn.Module):
     `feature_fire_count` (fires per feature since the last reset), `tokens_since_fired`, `n_tokens_seen`.
     """
 
-    def __init__(self, cfg: SAEConfig):
+    def __init__(self, cfg: SAEConfig, feature_group=None):
+        """A new SAE with random directions. With `feature_group`, this rank's feature shard of it
+        (`shard_features`), built and drawn without the whole: for SAEs one device cannot hold."""
         super().__init__()
         self.cfg = cfg
-        d, n_features = cfg.d_in, cfg.n_features
+        self._group = None  # the data-parallel process group (`data_parallel`), or None
+        self._feature_group, self._feature_start, stop = None, 0, cfg.n_features  # `shard_features`
+        if feature_group is not None:
+            self._feature_group, self._feature_start, stop = _feature_shard(cfg, feature_group)
+        d, n_features = cfg.d_in, stop - self._feature_start  # this module's features
         dtype = DTYPES[cfg.dtype]
         self.W_enc = nn.Parameter(torch.empty(d, n_features, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n_features, dtype=dtype))
@@ -154,9 +179,6 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("feature_fire_count", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("n_tokens_seen", torch.zeros((), dtype=torch.int64))
-        self._group = None  # the data-parallel process group (`data_parallel`), or None
-        self._feature_group = None  # the feature-sharding process group (`shard_features`), or None
-        self._feature_start = 0  # this module's first feature (of cfg.n_features) when sharded
         self._init_directions()
         # Whether the centering was fitted (`initialize`) or weights were loaded; a training forward
         # without either fits it to its first batch (`_initialize_lazily`).
@@ -215,33 +237,15 @@ class SparseAutoencoder(nn.Module):
         exchanges each token's [k] candidate codes and the [d] reconstruction with the other shards
         (`fastsae.parallel`), so the codes, losses and gradients are those of the whole SAE. b_dec (and
         the whitening) stay whole on every rank, with the full gradient. Call it on the whole SAE
-        (constructed, loaded or initialised: each rank keeps its slice); combine with `data_parallel`
+        (constructed, loaded or initialised: each rank keeps its slice; `SparseAutoencoder(cfg,
+        feature_group=group)` builds a new one's shard without the whole); combine with `data_parallel`
         over a second group for a 2-D mesh (wrap in DistributedDataParallel over that group). `save`
         gathers the shards into one file that loads whole, to be sharded again over any world size.
         TopK SAEs; every shard must hold at least k and k_aux features."""
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(
-                "shard_features needs torch.distributed initialised (torch.distributed.init_process_group)"
-            )
-        if self.cfg.activation != "topk":
-            raise ValueError(f"shard_features supports TopK SAEs; this one is {self.cfg.activation!r}")
         if self._feature_group is not None:
             raise RuntimeError("this SAE is already feature-sharded")
-        group = group if group is not None else dist.group.WORLD
-        start, stop = parallel.shard_bounds(self.cfg.n_features, group)
-        smallest = self.cfg.n_features // dist.get_world_size(group)
-        if smallest < max(self.cfg.k, self.cfg.k_aux):
-            raise ValueError(
-                f"{dist.get_world_size(group)} shards of {self.cfg.n_features} features hold {smallest}, fewer than "
-                f"k={self.cfg.k} or k_aux={self.cfg.k_aux}: use fewer shards"
-            )
-        for name, dim in (
-            ("W_enc", 1),
-            ("b_enc", 0),
-            ("W_dec", 0),
-            ("feature_fire_count", 0),
-            ("tokens_since_fired", 0),
-        ):
+        group, start, stop = _feature_shard(self.cfg, group)
+        for name, dim in FEATURE_DIMS.items():
             tensor = getattr(self, name)
             tensor.data = tensor.data.narrow(dim, start, stop - start).clone()
         self._feature_group, self._feature_start = group, start

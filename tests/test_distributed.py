@@ -31,11 +31,14 @@ def _data(steps=STEPS):
     return sample, batches
 
 
-def _sae(activation="topk"):
+def _cfg(activation="topk"):
     k_aux = K_AUX if activation == "topk" else 0
-    cfg = fastsae.SAEConfig(d_in=D, n_features=N_FEATURES, k=K, k_aux=k_aux, activation=activation, dtype="float64",
-                            dead_after_tokens=30)  # fmt: skip
-    return fastsae.SparseAutoencoder(cfg)
+    return fastsae.SAEConfig(d_in=D, n_features=N_FEATURES, k=K, k_aux=k_aux, activation=activation, dtype="float64",
+                             dead_after_tokens=30)  # fmt: skip
+
+
+def _sae(activation="topk"):
+    return fastsae.SparseAutoencoder(_cfg(activation))
 
 
 def _train(model, sae, batches):
@@ -153,7 +156,10 @@ def _sharded_replica(rank, world, port, directory):
     try:
         torch.manual_seed(1 if rank == 0 else 100 + rank)  # rank 0 has the single process's RNG state
         sample, batches = _data(SHARDED_STEPS)
-        sae = _sae().shard_features()
+        if world == 2:  # the whole SAE, then sharded
+            sae = _sae().shard_features()
+        else:  # built as a shard
+            sae = fastsae.SparseAutoencoder(_cfg(), feature_group=dist.group.WORLD)
         sae.initialize(sample)
         record = _train_recorded(sae, sae, batches, _full_grad(sae))
         sae.save(directory / "sharded.safetensors")
@@ -192,8 +198,8 @@ def _assert_same_training(record, expected):
 @pytest.mark.parametrize("world", [2, 4])
 def test_feature_sharding_trains_like_one_process(world, tmp_path):
     """Codes, losses (AuxK included), every first-step gradient and, after 20 Adam steps, every parameter
-    and statistic equal the whole SAE's; the saved checkpoint is the whole SAE, and sharded over 3 ranks
-    it gives the whole SAE's forward."""
+    and statistic equal the whole SAE's (2 ranks shard the whole SAE, 4 build their shards directly);
+    the saved checkpoint is the whole SAE, and sharded over 3 ranks it gives the whole SAE's forward."""
     sample, batches = _data(SHARDED_STEPS)
     torch.manual_seed(1)
     single = _sae().initialize(sample)
@@ -247,3 +253,28 @@ def test_mesh_of_replicas_and_shards_trains_like_one_process(tmp_path):
     saved = fastsae.SparseAutoencoder.load(tmp_path / "mesh.safetensors")
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(saved.state_dict()[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def _refusals(rank, world, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with pytest.raises(ValueError, match="supports TopK"):
+            _sae("relu").shard_features()
+        tiny = fastsae.SAEConfig(d_in=D, n_features=10, k=6, k_aux=0, dtype="float64")
+        with pytest.raises(ValueError, match="fewer than k=6"):
+            fastsae.SparseAutoencoder(tiny, feature_group=dist.group.WORLD)
+        sae = _sae().shard_features()
+        with pytest.raises(RuntimeError, match="already feature-sharded"):
+            sae.shard_features()
+        with pytest.raises(ValueError, match="fastsae format only"):
+            sae.save("unused", format="saelens")
+        with pytest.raises(NotImplementedError, match="load the saved SAE whole"):
+            sae.fire_and_positive_counts(_data()[1][0])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_feature_sharding_refuses_what_it_cannot_shard():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        _sae().shard_features()
+    mp.spawn(_refusals, args=(2, _free_port()), nprocs=2, join=True)
