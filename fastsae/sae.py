@@ -654,6 +654,25 @@ class SparseAutoencoder(nn.Module):
         if distributed:
             dist.barrier()
 
+    def save_shards(self, directory: str | os.PathLike) -> None:
+        """A feature-sharded SAE as one file per shard and a manifest (`fastsae.shards`), for SAEs too
+        large to gather on one rank: every rank calls it and no rank holds more than its shard. The
+        manifest is written last, so a directory with one is complete."""
+        from . import shards
+
+        shards.save(self, directory)
+
+    @classmethod
+    def load_shards(
+        cls, directory: str | os.PathLike, feature_group=None, device: str | torch.device = "cpu"
+    ) -> SparseAutoencoder:
+        """This rank's shard over `feature_group` (the whole SAE when None) of a `save_shards`
+        directory, whatever number of shards saved it; each rank reads only the files that hold its
+        features. Corrupted or missing shard files raise ValueError; nothing is returned half-loaded."""
+        from . import shards
+
+        return shards.load(directory, feature_group, device)
+
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
         """Reads a file written by `save`. Raises FileNotFoundError if it is missing and ValueError if

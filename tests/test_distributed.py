@@ -163,6 +163,7 @@ def _sharded_replica(rank, world, port, directory):
         sae.initialize(sample)
         record = _train_recorded(sae, sae, batches, _full_grad(sae))
         sae.save(directory / "sharded.safetensors")
+        sae.save_shards(directory / "shards")
         if rank == 0:
             torch.save(record, directory / "record.pt")
     finally:
@@ -173,12 +174,14 @@ def _resharded_forward(rank, world, port, directory):
     """The checkpoint saved by another number of shards, loaded whole and sharded over `world`."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        sae = fastsae.SparseAutoencoder.load(directory / "sharded.safetensors").shard_features()
-        sae.train()
-        out = sae(_data()[1][0])
+        whole = fastsae.SparseAutoencoder.load(directory / "sharded.safetensors").shard_features()
+        from_shards = fastsae.SparseAutoencoder.load_shards(directory / "shards", dist.group.WORLD)
+        outputs = []
+        for sae in (whole, from_shards):
+            out = sae(_data()[1][0])
+            outputs.append((out.recon.detach(), out.idx.long().sort(dim=1).values, float(out.loss.detach())))
         if rank == 0:
-            torch.save((out.recon.detach(), out.idx.long().sort(dim=1).values, float(out.loss.detach())),
-                       directory / f"resharded{world}.pt")  # fmt: skip
+            torch.save(outputs, directory / f"resharded{world}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -195,11 +198,28 @@ def _assert_same_training(record, expected):
         torch.testing.assert_close(grads[name], grad, rtol=1e-9, atol=1e-12, msg=f"first-step gradient of {name}")
 
 
+def _check_damaged_shards(directory, world):
+    """A shard directory without its manifest, with a flipped bit or without a shard file never loads."""
+    last = directory / f"shard-{world - 1:05d}-of-{world:05d}.safetensors"
+    data = bytearray(last.read_bytes())
+    data[-3] ^= 0x10
+    last.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        fastsae.SparseAutoencoder.load_shards(directory)
+    last.unlink()
+    with pytest.raises(ValueError, match="is missing"):
+        fastsae.SparseAutoencoder.load_shards(directory)
+    (directory / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a complete save_shards directory"):
+        fastsae.SparseAutoencoder.load_shards(directory)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_feature_sharding_trains_like_one_process(world, tmp_path):
     """Codes, losses (AuxK included), every first-step gradient and, after 20 Adam steps, every parameter
-    and statistic equal the whole SAE's (2 ranks shard the whole SAE, 4 build their shards directly);
-    the saved checkpoint is the whole SAE, and sharded over 3 ranks it gives the whole SAE's forward."""
+    and statistic equal the whole SAE's (2 ranks shard the whole SAE, 4 build their shards directly).
+    The saved file and the per-shard files (save_shards) both hold the whole SAE, and sharded over 3
+    ranks each gives the whole SAE's forward."""
     sample, batches = _data(SHARDED_STEPS)
     torch.manual_seed(1)
     single = _sae().initialize(sample)
@@ -211,12 +231,17 @@ def test_feature_sharding_trains_like_one_process(world, tmp_path):
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(saved.state_dict()[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
 
+    from_shards = fastsae.SparseAutoencoder.load_shards(tmp_path / "shards")  # whole, from the shard files
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(from_shards.state_dict()[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
+
     mp.spawn(_resharded_forward, args=(3, _free_port(), tmp_path), nprocs=3, join=True)
-    recon, idx, loss = torch.load(tmp_path / "resharded3.pt", weights_only=True)
     want = single(_data()[1][0])
-    torch.testing.assert_close(recon, want.recon.detach(), rtol=1e-9, atol=1e-12)
-    assert torch.equal(idx, want.idx.long().sort(dim=1).values)
-    assert loss == pytest.approx(float(want.loss.detach()), rel=1e-9)
+    for recon, idx, loss in torch.load(tmp_path / "resharded3.pt", weights_only=True):  # from the file, the shards
+        torch.testing.assert_close(recon, want.recon.detach(), rtol=1e-9, atol=1e-12)
+        assert torch.equal(idx, want.idx.long().sort(dim=1).values)
+        assert loss == pytest.approx(float(want.loss.detach()), rel=1e-9)
+    _check_damaged_shards(tmp_path / "shards", world)
 
 
 def _mesh_replica(rank, world, port, directory):
