@@ -87,7 +87,7 @@ def load(directory: str | os.PathLike, feature_group, device) -> SparseAutoencod
     replicated_from = None
     for shard in manifest["shards"]:
         first, last = max(start, shard["start"]), min(stop, shard["stop"])
-        if first >= last and replicated_from is not None:
+        if first >= last:  # none of this rank's features
             continue
         path = directory / shard["file"]
         if not path.is_file():
@@ -97,11 +97,10 @@ def load(directory: str | os.PathLike, feature_group, device) -> SparseAutoencod
             raise ValueError(f"{path} is corrupted: its tensors do not match the checksum written when it was saved")
         if json.loads(metadata["fastsae_shard"]) != {"start": shard["start"], "stop": shard["stop"]}:
             raise ValueError(f"{path} holds other features than {manifest_path} says")
-        if replicated_from is None:  # b_dec and the other whole tensors: every shard file has them
+        if replicated_from is None:  # b_dec and the other whole tensors: every shard file holds them
             replicated_from = tensors
         for name, dim in FEATURE_DIMS.items():
-            if first < last:
-                pieces[name].append(tensors[name].narrow(dim, first - shard["start"], last - first))
+            pieces[name].append(tensors[name].narrow(dim, first - shard["start"], last - first))
     for name, tensor in replicated_from.items():
         state[name] = torch.cat(pieces[name], FEATURE_DIMS[name]) if name in FEATURE_DIMS else tensor
     for name, tensor in state.items():
