@@ -214,17 +214,11 @@ class SparseAutoencoder(nn.Module):
         forwards all-reduce the death statistics (every replica sees the same dead features) and
         normalise the FVU, MSE and AuxK losses over every replica's tokens, so that N replicas of B
         tokens train as one process on all N x B tokens (DDP averages the gradients). The ReLU L1 and
-        JumpReLU L0 penalties (and JumpReLU's estimator window) are normalised the same way. TopK, ReLU
-        and JumpReLU SAEs; not yet BatchTopK, whose selection over the whole batch would need the
-        replicas' codes."""
+        JumpReLU L0 penalties (and JumpReLU's estimator window) are normalised the same way, and
+        BatchTopK keeps the N x B x k largest codes of all the replicas' tokens (`_batchtopk_replicated`)."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "data_parallel needs torch.distributed initialised (torch.distributed.init_process_group)"
-            )
-        if self.cfg.activation == "batchtopk":
-            raise ValueError(
-                "data_parallel supports TopK, ReLU and JumpReLU SAEs, not yet BatchTopK: its batch threshold "
-                "would have to be selected over every replica's codes"
             )
         self._group = group if group is not None else dist.group.WORLD
         return self
@@ -398,6 +392,8 @@ class SparseAutoencoder(nn.Module):
             if not self.training and float(self.batchtopk_threshold) >= 0:
                 threshold = self.batchtopk_threshold.to(self.W_enc.dtype).expand(cfg.n_features)
                 return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
+            if self._group is not None and self.training:
+                return self._batchtopk_replicated(F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec), cfg.k)
             return F.encode_batchtopk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
         threshold = self.threshold if cfg.activation == "jumprelu" else None
         return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
@@ -424,6 +420,21 @@ class SparseAutoencoder(nn.Module):
         summed over the shards, plus b_dec when `bias`."""
         recon = parallel.sum_over_shards(F.decode_sparse(vals, idx, self.W_dec), self._feature_group)
         return recon + self.b_dec if bias else recon
+
+    def _batchtopk_replicated(self, acts: Tensor, k: int) -> Tensor:
+        """BatchTopK over every data-parallel replica's tokens: the codes of `acts` [B, F] at or above
+        the k * (all replicas' tokens)-th largest of all of them (ties at it all kept). Each replica
+        contributes its largest that many values (no more can pass), all-gathered."""
+        (tokens,) = self._replica_sums(acts.new_tensor(float(acts.shape[0])))
+        budget = k * int(tokens)
+        local = acts.detach().flatten()
+        candidates = local.topk(min(budget, local.numel())).values  # in acts' dtype: the threshold is one of them
+        padded = torch.full((budget,), float("-inf"), dtype=acts.dtype, device=acts.device)
+        padded[: candidates.numel()] = candidates
+        gathered = [torch.empty_like(padded) for _ in range(dist.get_world_size(self._group))]
+        dist.all_gather(gathered, padded, group=self._group)
+        threshold = torch.cat(gathered).topk(budget).values[-1].clamp_min(0)
+        return torch.where((acts >= threshold) & (acts > 0), acts, 0)
 
     def _encode_jumprelu_for_training(self, x: Tensor, replicated: bool) -> tuple[Tensor, Tensor, Tensor]:
         """JumpReLU codes whose thresholds get straight-through gradients, l0_coef x the L0 penalty and
@@ -587,6 +598,8 @@ class SparseAutoencoder(nn.Module):
         """Fold this batch's smallest kept code into the running inference threshold (on the device:
         no synchronisation); a batch that kept nothing leaves it unchanged."""
         smallest = torch.where(acts > 0, acts, float("inf")).amin().float()
+        if self._group is not None:  # the smallest code any replica kept: the batch's
+            dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=self._group)
         running = self.batchtopk_threshold
         averaged = BATCHTOPK_THRESHOLD_DECAY * running + (1 - BATCHTOPK_THRESHOLD_DECAY) * smallest
         updated = torch.where(running < 0, smallest, averaged)

@@ -77,11 +77,14 @@ def _free_port():
 
 
 @pytest.mark.parametrize(
-    ("activation", "world"), [("topk", 2), ("topk", 4), ("relu", 2), ("jumprelu", 3)], ids=lambda v: str(v)
+    ("activation", "world"),
+    [("topk", 2), ("topk", 4), ("relu", 2), ("jumprelu", 3), ("batchtopk", 2), ("batchtopk", 3)],
+    ids=lambda v: str(v),
 )
 def test_data_parallel_trains_like_one_process(activation, world, tmp_path):
-    """Losses, the sparsity penalty (ReLU's L1, JumpReLU's L0 with its estimator window) and every
-    parameter and statistic after STEPS Adam steps match one process on the whole batch. Over 3 or 4
+    """Losses, the sparsity penalty (ReLU's L1, JumpReLU's L0 with its estimator window), BatchTopK's
+    selection over every replica's tokens, and every parameter and statistic (BatchTopK's inference
+    threshold too) after STEPS Adam steps match one process on the whole batch. Over 3 or 4
     replicas the batches split unevenly (9 + 9 + 8, 7 + 7 + 7 + 5 tokens), which the losses'
     normalisation over every replica's tokens must not notice."""
     sample, batches = _data()
@@ -96,24 +99,10 @@ def test_data_parallel_trains_like_one_process(activation, world, tmp_path):
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     if activation == "topk":
         assert any(auxk > 0 for _, auxk, _, _ in expected_losses), "AuxK never ran: the test would not cover it"
-    else:
+    elif activation != "batchtopk":  # BatchTopK: its codes and inference threshold are in the state below
         assert all(sparsity > 0 for *_, sparsity in expected_losses), "no sparsity penalty: the test would not cover it"
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(state[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
-
-
-def test_data_parallel_refuses_batchtopk(tmp_path):
-    """BatchTopK's batch threshold would need every replica's codes: refused by name, not trained wrongly."""
-    mp.spawn(_refuses_batchtopk, args=(_free_port(),), nprocs=1, join=True)
-
-
-def _refuses_batchtopk(rank, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1)
-    try:
-        with pytest.raises(ValueError, match="BatchTopK"):
-            _sae("batchtopk").data_parallel()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_data_parallel_needs_torch_distributed():
