@@ -12,6 +12,7 @@
 #   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 15)
 #   FASTSAE_PYTEST_ARGS      extra pytest arguments
 #   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset)
+#   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,shard)
 #   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of bench/harness.py SHAPES
 #   FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT   seconds per test group / for the profile and the bench
 #   FASTSAE_GIT_SHA          the commit for the CSV (the device's git metadata can be stale: pass it literally)
@@ -85,6 +86,14 @@ if [ -n "${FASTSAE_PROFILE:-}" ]; then  # shapes for bench.profile_train's kerne
     echo "== profile"
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.profile_train --shapes "$FASTSAE_PROFILE" --rows 18 >"$OUT/profile.log" 2>&1
     grep "^==" "$OUT/profile.log"
+fi
+
+if [ "${FASTSAE_DISTRIBUTED:-0}" = 1 ]; then  # a machine with several GPUs: bench.bench_distributed
+    echo "== distributed"
+    gpus=$(nvidia-smi -L | wc -l)
+    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} torchrun --standalone --nproc-per-node "$gpus" -m bench.bench_distributed \
+        --csv "$OUT/results.csv" ${FASTSAE_DISTRIBUTED_CASES:+--cases $FASTSAE_DISTRIBUTED_CASES} 2>&1 | tee "$OUT/distributed.log" | tail -20
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if [ "${FASTSAE_RUN_BENCH:-1}" = 1 ]; then

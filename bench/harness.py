@@ -43,10 +43,11 @@ def sweep_name(d: int, n_features: int, n_rows: int, k: int) -> str:
     return f"d{d}_F{n_features}_B{n_rows}_k{k}"
 
 
-def sae_train_step(sae, optimizer: torch.optim.Optimizer, x: torch.Tensor):
+def sae_train_step(sae, optimizer: torch.optim.Optimizer, x: torch.Tensor, model=None):
     """One training step of a `fastsae.SparseAutoencoder` as the README's loop runs it (forward, backward,
-    decoder constraint, optimizer); returns the forward's output."""
-    out = sae(x)
+    decoder constraint, optimizer); returns the forward's output. `model`: a wrapper of `sae` to run the
+    forward through (DistributedDataParallel)."""
+    out = (model if model is not None else sae)(x)
     out.loss.backward()
     sae.remove_decoder_parallel_grad()
     optimizer.step()
@@ -87,7 +88,7 @@ def environment() -> dict:
         except (OSError, subprocess.CalledProcessError):
             sha = "unknown"
     return {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "git_sha": sha,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .harness import shape_dims
 
-BASELINES = ["cublas_gemm", "bincount", "embedding_bag", "torch"]
+BASELINES = ["cublas_gemm", "bincount", "embedding_bag", "torch", "fastsae_1gpu"]
 # Ops reported in TFLOP/s of their encoder GEMM, 2 * B * d * F.
 GEMM_OPS = ("encode_topk", "encode_relu", "encode_batchtopk", "encode_topk_positive_counts")
 

@@ -8,7 +8,11 @@
   checkpoint is the whole SAE and loads sharded over another number of ranks;
 - both on a 2 x 2 mesh."""
 
+import csv
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,3 +296,17 @@ def test_feature_sharding_refuses_what_it_cannot_shard():
     with pytest.raises(RuntimeError, match="init_process_group"):
         _sae().shard_features()
     mp.spawn(_refusals, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def test_distributed_benchmark_runs_and_checks_itself(tmp_path):
+    """bench.bench_distributed under torchrun on 2 CPU processes (gloo, its tiny shape): it checks the
+    data-parallel FVU and the sharded codes before timing, and rank 0 writes every row."""
+    csv_path = tmp_path / "rows.csv"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "bench.bench_distributed", "--device", "cpu", "--csv", str(csv_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rows = {(row["op"], row["provider"]) for row in csv.DictReader(open(csv_path, newline=""))}
+    assert rows == {("train_step_dp", "fastsae_1gpu"), ("train_step_dp", "fastsae_2gpu"),
+                    ("train_step_sharded", "fastsae_1gpu"), ("train_step_sharded", "fastsae_2gpu"),
+                    ("train_step_sharded", "comm_2gpu")}  # fmt: skip

@@ -1,0 +1,232 @@
+"""Multi-GPU training: data parallel and feature sharding against one GPU, in one torchrun job.
+
+    torchrun --nproc-per-node 2 -m bench.bench_distributed [--cases dp,shard] [--csv PATH]
+
+Every process takes one GPU (NCCL). Rank 0 first times the single-GPU step alone (the baseline, in the
+same run), then every rank times the multi-GPU step; rank 0 appends the rows to the CSV
+(bench/results/<gpu>.csv by default). The step is the README's TopK training step (bf16, AuxK with a
+few dead features, torch Adam, decoder constraint); times are medians over STEPS steps after WARMUP,
+each step timed with CUDA events between barriers (every rank runs the same steps: the collectives
+must pair up).
+
+- Data parallel (op `train_step_dp`, shapes gpt2 and llama8b of harness.SHAPES): each GPU steps on
+  its own B tokens, so N GPUs train N x B tokens per step; tokens/s against one GPU is
+  N x (1-GPU ms) / (N-GPU ms).
+- Feature sharding (op `train_step_sharded`, Llama-8B width: d = 4096, B = 8192, k = 64, F = 262144,
+  1048576 and 2097152): each GPU holds F / N features; the same B tokens per step, so the speed-up is
+  (1-GPU ms) / (N-GPU ms). The one-GPU baseline is skipped where the SAE with its Adam state does not
+  fit one GPU. The provider `comm_<N>gpu` is the time of one step's collectives alone (the candidate
+  gathers and the reconstruction all-reduces of the forward, AuxK's included, and the backward's
+  b_dec all-reduce), at the step's sizes.
+
+Before timing, each case checks its result: the data-parallel FVU against one process on every
+replica's tokens, the sharded codes of a few tokens against the top k of their fp32 pre-activations
+over every shard. Peak memory (peak_mem_mb) is the largest per-GPU peak of the step. `--device cpu` runs the same on
+CPU processes with gloo at a tiny shape (a smoke run for the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import fastsae
+from fastsae import parallel, reference
+from fastsae.testing import assert_close
+
+from .harness import SHAPES, Recorder, sae_train_step, sweep_name
+
+WARMUP, STEPS = 3, 10
+DP_SHAPES = ["gpt2", "llama8b"]
+SHARDED = [(4096, n_features, 8192, 64) for n_features in (2**18, 2**20, 2**21)]
+TINY = (16, 256, 64, 4)  # --device cpu
+DEAD_FRACTION = 0.05
+ONE_GPU_FITS_PARAMETERS = 2**32  # d * F above this (17 GB of bf16 weights, x4 with grads and Adam): no 1-GPU run
+
+
+def _sae(d: int, n_features: int, k: int, device: str, feature_group=None) -> fastsae.SparseAutoencoder:
+    dtype = "bfloat16" if device != "cpu" else "float32"
+    cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype=dtype, check_finite=False,
+                            dead_after_tokens=1)  # fmt: skip
+    return fastsae.SparseAutoencoder(cfg, feature_group=feature_group).to(device)
+
+
+def _step(sae: fastsae.SparseAutoencoder, x: torch.Tensor, model=None):
+    """A training step closure (through `model`, a DistributedDataParallel wrapper, when given) with
+    DEAD_FRACTION of this module's features kept dead, so that AuxK runs."""
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    n_local = sae.W_dec.shape[0]
+    dead = torch.arange(n_local, device=x.device) < int(DEAD_FRACTION * n_local)
+
+    def step():
+        with torch.no_grad():
+            sae.tokens_since_fired.copy_(dead.long() * 2)  # > dead_after_tokens: these stay dead
+        return sae_train_step(sae, optimizer, x, model)
+
+    return step
+
+
+def _time(step, device: str, group=None) -> tuple[list[float], float]:
+    """Milliseconds of each of STEPS steps after WARMUP (barriers between them when `group` is set, so
+    that every rank's step spans the same collectives), and this process's peak memory in MB."""
+    cuda = device != "cpu"
+    for _ in range(WARMUP):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(STEPS):
+        if group is not None:
+            dist.barrier(group=group)
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            import time
+
+            begin = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - begin) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0
+    return times, peak
+
+
+def _row(times: list[float], peak_mb: float) -> dict:
+    quantiles = statistics.quantiles(times, n=5)
+    return {"median_ms": statistics.median(times), "p20_ms": quantiles[0], "p80_ms": quantiles[3],
+            "peak_mem_mb": peak_mb}  # fmt: skip
+
+
+def _largest(value: float, device: str) -> float:
+    """The largest of every rank's `value`."""
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor)
+
+
+def _single_gpu(recorder, op: str, shape: str, d, n_features, n_rows, k, device: str) -> None:
+    """Rank 0 alone: the whole SAE's step; the other ranks wait at the barrier after."""
+    if dist.get_rank() == 0:
+        torch.manual_seed(0)
+        x = torch.randn(n_rows, d, device=device)
+        sae = _sae(d, n_features, k, device).initialize(x)
+        times, peak = _time(_step(sae, x.to(sae.W_enc.dtype)), device)
+        recorder.record(op, shape, "fastsae_1gpu", _row(times, peak))
+        del sae
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    dist.barrier()
+
+
+def data_parallel(recorder, shape: str, d, n_features, n_rows, k, device: str) -> None:
+    _single_gpu(recorder, "train_step_dp", shape, d, n_features, n_rows, k, device)
+    torch.manual_seed(dist.get_rank())  # every rank its own tokens
+    x = torch.randn(n_rows, d, device=device)
+    sae = _sae(d, n_features, k, device).data_parallel()
+    sae.initialize(x)
+    _check_data_parallel(sae, x.to(sae.W_enc.dtype))
+    model = torch.nn.parallel.DistributedDataParallel(sae)
+    times, peak = _time(_step(sae, x.to(sae.W_enc.dtype), model), device, dist.group.WORLD)
+    _record(recorder, "train_step_dp", shape, times, _largest(peak, device))
+
+
+def feature_sharded(recorder, d, n_features, n_rows, k, device: str) -> None:
+    shape = sweep_name(d, n_features, n_rows, k)
+    if d * n_features <= ONE_GPU_FITS_PARAMETERS:
+        _single_gpu(recorder, "train_step_sharded", shape, d, n_features, n_rows, k, device)
+    torch.manual_seed(0)  # every rank the same tokens
+    x = torch.randn(n_rows, d, device=device)
+    sae = _sae(d, n_features, k, device, feature_group=dist.group.WORLD)
+    sae.initialize(x)
+    _check_sharded(sae, x.to(sae.W_enc.dtype))
+    times, peak = _time(_step(sae, x.to(sae.W_enc.dtype)), device, dist.group.WORLD)
+    peak = _largest(peak, device)
+    comm, _ = _time(lambda: _collectives(sae, n_rows, k), device, dist.group.WORLD)
+    _record(recorder, "train_step_sharded", shape, times, peak)
+    _record(recorder, "train_step_sharded", shape, comm, 0.0, provider="comm")
+
+
+@torch.no_grad()
+def _check_data_parallel(sae: fastsae.SparseAutoencoder, x: torch.Tensor) -> None:
+    """Before timing: the replicas' FVU is one process's FVU on all their tokens (rank 0 runs the same
+    weights, not data-parallel, on every rank's batch)."""
+    fvu = float(sae(x).fvu)
+    everything = parallel.gather_rows(x, dist.group.WORLD)
+    if dist.get_rank() == 0:
+        whole = fastsae.SparseAutoencoder(sae.cfg).to(x.device)
+        whole.load_state_dict(sae.state_dict())
+        want = float(whole(everything).fvu)
+        assert abs(fvu - want) <= 2e-2 * want, f"data-parallel FVU {fvu:.5f} != one process's {want:.5f}"
+    sae.reset_death_stats()
+
+
+@torch.no_grad()
+def _check_sharded(sae: fastsae.SparseAutoencoder, x: torch.Tensor, rows: int = 16) -> None:
+    """Before timing: the sharded codes of a few tokens are the top k of their fp32 pre-activations
+    over every shard (each rank computes its shard's, all gathered)."""
+    codes = sae.encode(x[:rows])
+    pre = reference.pre_activation(x[:rows], sae.W_enc, sae.b_enc, sae.b_dec)
+    local = pre.topk(sae.cfg.k, dim=1).values
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    want = torch.cat(gathered, dim=1).topk(sae.cfg.k, dim=1).values.relu()
+    got = codes.vals.float().sort(dim=1, descending=True).values
+    assert_close(got, want, 2e-2, "feature-sharded codes")
+
+
+def _record(recorder, op: str, shape: str, times: list[float], peak_mb: float, provider: str = "fastsae") -> None:
+    if recorder is not None:  # rank 0
+        recorder.record(op, shape, f"{provider}_{dist.get_world_size()}gpu", _row(times, peak_mb))
+
+
+def _collectives(sae: fastsae.SparseAutoencoder, n_rows: int, k: int) -> None:
+    """One sharded step's collectives at its sizes: the candidate gathers (k and k_aux) and the
+    reconstruction all-reduces of the forward (the main one and AuxK's), and b_dec's gradient."""
+    group, device, dtype, d = sae._feature_group, sae.W_dec.device, sae.W_dec.dtype, sae.cfg.d_in
+    for width in (k, sae.cfg.k_aux):
+        vals = torch.zeros(n_rows, width, device=device, dtype=dtype)
+        parallel.merge_topk(vals, torch.zeros_like(vals, dtype=torch.int32), sae._feature_start, width, group)
+        dist.all_reduce(torch.zeros(n_rows, d, device=device, dtype=dtype), group=group)
+    dist.all_reduce(torch.zeros(d, device=device, dtype=dtype), group=group)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="dp,shard", help="comma-separated subset of dp,shard")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--csv", type=Path, default=None, help="CSV to append to (default bench/results/<gpu>.csv)")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+    recorder = None
+    if dist.get_rank() == 0:
+        name = torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-") if cuda else "cpu"
+        recorder = Recorder(args.csv or Path(__file__).resolve().parent / "results" / f"{name}.csv")
+    cases = args.cases.split(",")
+    if "dp" in cases:
+        for shape in DP_SHAPES if cuda else ["tiny"]:
+            data_parallel(recorder, shape, *(SHAPES[shape] if cuda else TINY), device)
+    if "shard" in cases:
+        for d, n_features, n_rows, k in SHARDED if cuda else [TINY]:
+            feature_sharded(recorder, d, n_features, n_rows, k, device)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
