@@ -29,6 +29,7 @@ per-feature counts of positive pre-activations ride in the filter epilogue.
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -144,7 +145,11 @@ def _threshold_kernel(
     tl.store(tau_ptr + rows, tau, mask=rows < B)
 
 
-EPILOGUE_PACK = tl.constexpr(4)  # accumulator entries per inline-PTX block in the filter epilogue (`_append_survivors`)
+# Accumulator entries per inline-PTX block in the filter epilogue (`_append_survivors`); the variable
+# FASTSAE_EPILOGUE_PACK (1, 2, 4 or 8, read at import) is for measuring the choice.
+EPILOGUE_PACK = tl.constexpr(int(os.environ.get("FASTSAE_EPILOGUE_PACK", "4")))
+if EPILOGUE_PACK.value not in (1, 2, 4, 8):
+    raise ValueError(f"FASTSAE_EPILOGUE_PACK must be 1, 2, 4 or 8, got {EPILOGUE_PACK.value}")
 
 
 def _packed_ptx(inputs: str, pack: int, guards: str, body: str) -> tuple[str, str]:
@@ -163,7 +168,7 @@ def _packed_ptx(inputs: str, pack: int, guards: str, body: str) -> tuple[str, st
     predicates = [f"p{j}" for j in range(pack)]
     lines = [f"{{ .reg .pred {', '.join(predicates)}, any; .reg .b32 b, s; .reg .b64 a;"]
     lines += [fill(guards, j) for j in range(pack)]
-    lines += ["or.pred any, p0, p1;"] + [f"or.pred any, any, p{j};" for j in range(2, pack)]
+    lines += [f"or.pred any, p0, p{min(1, pack - 1)};"] + [f"or.pred any, any, p{j};" for j in range(2, pack)]
     lines += ["@!any bra SKIP;"] + [fill(body, j) for j in range(pack)] + ["SKIP: }"]
     constraints = ["=r"] * pack + [kind for kind in inputs for _ in range(pack)]
     return " ".join(lines), ",".join(constraints)
