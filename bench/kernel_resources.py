@@ -47,6 +47,13 @@ POINTER_TYPES = {
     "out_ptr": "*fp32",
     "coef_sum_ptr": "*fp32",
     "eps": "fp32",
+    "norm_eps": "fp32",
+    "beta1": "fp32",
+    "beta2": "fp32",
+    "step_size": "fp32",
+    "bias2_sqrt": "fp32",
+    "m_ptr": "*fp32",
+    "v_ptr": "*fp32",
 }
 
 
@@ -134,6 +141,8 @@ def main() -> None:
         print(f"decoder_remove_parallel_grad d={d}: {usage}")
         usage = resources(decoder._normalize_rows_kernel, tile, cfg["num_warps"])
         print(f"decoder_normalize_rows d={d}: {usage}")
+        usage = resources(decoder._decoder_adam_kernel, tile, cfg["num_warps"])
+        print(f"decoder_adam d={d}: {usage}")
 
 
 if __name__ == "__main__":

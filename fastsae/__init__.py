@@ -1,6 +1,6 @@
 """fastsae: fast sparse autoencoders for PyTorch, and the centering that keeps their features alive."""
 
-from . import functional
+from . import functional, optim
 from ._ext import ext_info
 from .centering import geometric_median
 from .diagnostics import (
@@ -28,6 +28,7 @@ __all__ = [
     "functional",
     "geometric_median",
     "measure_death",
+    "optim",
     "outlier_severity",
     "predicted_death",
 ]

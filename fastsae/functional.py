@@ -475,6 +475,29 @@ def remove_parallel_grad_(W_dec: Tensor, grad: Tensor) -> None:
 
 
 @torch.no_grad()
+def decoder_adam_(
+    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float, beta1: float,
+    beta2: float, eps: float,
+) -> None:  # fmt: skip
+    """In place on W_dec and the Adam moments: `reference.decoder_adam` (the gradient's parallel part
+    removed, Adam's step, rows renormalised), in one pass over them on CUDA (fastsae/ops/decoder.py)."""
+    _check_float("W_dec", W_dec, 2)
+    for name, tensor in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if tensor.shape != W_dec.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but W_dec has {tuple(W_dec.shape)}")
+    _check_same_device(W_dec=W_dec, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    unit_rows = all(t.stride(1) == 1 for t in (W_dec, grad, exp_avg, exp_avg_sq))
+    if _fused_decoder_kernels(W_dec) and unit_rows:
+        decoder_ops.decoder_adam_(W_dec, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
+    else:
+        for target, value in zip(
+            (W_dec, exp_avg, exp_avg_sq),
+            reference.decoder_adam(W_dec, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps),
+        ):
+            target.copy_(value)
+
+
+@torch.no_grad()
 def normalize_decoder_rows_(W_dec: Tensor) -> None:
     """In place: `normalize_decoder_rows` in one pass over W_dec on CUDA (fastsae/ops/decoder.py)."""
     _check_float("W_dec", W_dec, 2)

@@ -307,3 +307,21 @@ def remove_parallel_grad(W_dec: Tensor, grad: Tensor, eps: float = 1e-12) -> Ten
     w, g = W_dec.to(acc), grad.to(acc)
     parallel = (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(eps)
     return (g - parallel * w).to(grad.dtype)
+
+
+def decoder_adam(
+    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float, beta1: float,
+    beta2: float, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """One Adam step of the decoder under its unit-norm constraint (`fastsae.optim.SAEAdam`): the
+    gradient without its component along each row (`remove_parallel_grad`), torch.optim.Adam's update
+    (step counted from 1), then every row renormalised. Returns (W_dec, exp_avg, exp_avg_sq), each in
+    its input's dtype; computed in fp32 (fp64 for fp64 inputs)."""
+    acc = accumulate_dtype(W_dec, grad, exp_avg)
+    w, m, v = W_dec.to(acc), exp_avg.to(acc), exp_avg_sq.to(acc)
+    g = remove_parallel_grad(w, grad.to(acc))
+    m = m.lerp(g, 1 - beta1)
+    v = beta2 * v + (1 - beta2) * g * g
+    denominator = v.sqrt() / (1 - beta2**step) ** 0.5 + eps
+    w = w - lr / (1 - beta1**step) * m / denominator
+    return normalize_decoder_rows(w).to(W_dec.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)

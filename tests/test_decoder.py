@@ -27,3 +27,22 @@ def test_decoder_constraint_kernels(device, F, d, dtype):
     decoder.normalize_rows_(W)
     assert_close(W, expected_W, dtype, "normalised rows")
     assert torch.allclose(W.double().norm(dim=1), torch.ones(F, dtype=torch.float64, device=device), atol=1e-2)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, None], ids=["fp32 moments", "moments in W's dtype"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device, F, d", CASES, ids=lambda v: None)
+def test_decoder_adam_kernel(device, F, d, dtype, state_dtype):
+    """The fused decoder step (projection, Adam, renormalisation) against the fp64 reference, at step
+    1 and at a later step with non-zero moments."""
+    moments_dtype = state_dtype or dtype
+    W = reference.normalize_decoder_rows(torch.randn(F, d, dtype=torch.float64)).to(device=device, dtype=dtype)
+    for step in (1, 7):
+        grad = torch.randn(F, d, dtype=torch.float64).to(device=device, dtype=dtype)
+        m = (0.1 * torch.randn(F, d, dtype=torch.float64) * (step > 1)).to(device=device, dtype=moments_dtype)
+        v = (0.01 * torch.rand(F, d, dtype=torch.float64) * (step > 1)).to(device=device, dtype=moments_dtype)
+        want = reference.decoder_adam(W.double(), grad.double(), m.double(), v.double(), step, 1e-2, 0.9, 0.999, 1e-8)
+        decoder.decoder_adam_(W, grad, m, v, step, 1e-2, 0.9, 0.999, 1e-8)
+        for name, got, expected in zip(("W_dec", "exp_avg", "exp_avg_sq"), (W, m, v), want):
+            assert_close(got, expected, dtype, f"{name} at step {step}")
+        assert torch.allclose(W.double().norm(dim=1), torch.ones(F, dtype=torch.float64, device=device), atol=1e-2)

@@ -4,6 +4,10 @@
     before optimizer.step():  grad[f] -= (grad[f] . W[f]) / (W[f] . W[f]) * W[f]     (in place on grad)
     after optimizer.step():   W[f] /= max(||W[f]||, eps)                             (in place on W)
 
+and both fused with the Adam step between them (`reference.decoder_adam`, for `fastsae.optim.SAEAdam`):
+one read of W, grad and the two moments and one write of W and the moments, where the three separate
+steps read and write W_dec-sized tensors twelve times.
+
 A program owns BLOCK_F rows and holds each row whole (d fits in registers for SAE widths), so every
 row is read once and written once, with fp32 dot products.
 """
@@ -66,3 +70,43 @@ def normalize_rows_(W_dec: Tensor, eps: float = 1e-12) -> None:
     """In place: every row of W_dec scaled to unit L2 norm."""
     grid, cfg = _grid(W_dec)
     _normalize_rows_kernel[grid](W_dec, W_dec.shape[0], W_dec.shape[1], W_dec.stride(0), W_dec.stride(1), eps, **cfg)
+
+
+@triton.jit
+def _decoder_adam_kernel(
+    w_ptr, grad_ptr, m_ptr, v_ptr, F, D, stride_wf, stride_gf, stride_mf, stride_vf,
+    beta1, beta2, step_size, bias2_sqrt, eps, norm_eps, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows < F)[:, None] & (dims < D)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    w_ptrs = w_ptr + rows64 * stride_wf + dims[None, :]
+    m_ptrs = m_ptr + rows64 * stride_mf + dims[None, :]
+    v_ptrs = v_ptr + rows64 * stride_vf + dims[None, :]
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)  # padded columns stay 0 throughout
+    g = tl.load(grad_ptr + rows64 * stride_gf + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g -= (tl.sum(g * w, axis=1) / tl.maximum(tl.sum(w * w, axis=1), norm_eps))[:, None] * w
+    m += (1 - beta1) * (g - m)  # torch's lerp
+    v = beta2 * v + (1 - beta2) * g * g
+    w -= step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), norm_eps)
+    tl.store(w_ptrs, (w / norm[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptrs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptrs, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+
+def decoder_adam_(
+    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float, beta1: float,
+    beta2: float, eps: float, norm_eps: float = 1e-12,
+) -> None:  # fmt: skip
+    """In place on W_dec and the moments: `reference.decoder_adam` in one pass (rows with unit column
+    stride)."""
+    grid, cfg = _grid(W_dec)
+    _decoder_adam_kernel[grid](
+        W_dec, grad, exp_avg, exp_avg_sq, W_dec.shape[0], W_dec.shape[1],
+        W_dec.stride(0), grad.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0),
+        beta1, beta2, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps, norm_eps, **cfg,
+    )  # fmt: skip

@@ -1,0 +1,86 @@
+"""`SAEAdam`: Adam for a `SparseAutoencoder` with the decoder's unit-norm constraint fused into its step.
+
+    optimizer = fastsae.optim.SAEAdam(sae, lr=2e-4)       # instead of torch.optim.Adam(sae.parameters())
+    out = sae(x); out.loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+One `step()` does what `sae.remove_decoder_parallel_grad()`, `torch.optim.Adam.step()` and
+`sae.normalize_decoder()` do together. On W_dec it is one pass over the rows (`F.decoder_adam_`: the
+gradient without its component along the row, Adam's update, the row renormalised). The other
+parameters take torch.optim.Adam's multi-tensor update, step for step. `state_dtype=torch.float32`
+keeps the moments in fp32 for bf16 parameters (torch.optim.Adam keeps them in the parameters' dtype);
+those parameters are then updated in fp32 and rounded once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .sae import SparseAutoencoder
+
+
+class SAEAdam(torch.optim.Optimizer):
+    """Adam (no weight decay, no AMSGrad) over every parameter of `sae`, the decoder's constraint
+    included (see the module docstring)."""
+
+    def __init__(
+        self, sae: SparseAutoencoder, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, state_dtype: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
+        if not isinstance(sae, SparseAutoencoder):
+            raise TypeError(f"SAEAdam takes a fastsae.SparseAutoencoder, got {type(sae).__name__}")
+        if lr < 0 or eps < 0 or not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"need lr >= 0, eps >= 0 and betas in [0, 1), got lr={lr}, eps={eps}, betas={betas}")
+        others = [p for name, p in sae.named_parameters() if name != "W_dec"]
+        groups = [{"params": others, "decoder": False}, {"params": [sae.W_dec], "decoder": True}]
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, state_dtype=state_dtype))
+
+    def _state(self, p: Tensor, dtype: torch.dtype | None) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype or p.dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype or p.dtype)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            params = [p for p in group["params"] if p.grad is not None]
+            states = [self._state(p, group["state_dtype"]) for p in params]
+            for state in states:
+                state["step"] += 1
+            if group["decoder"]:
+                for p, state in zip(params, states):
+                    F.decoder_adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
+                                    beta1, beta2, group["eps"])  # fmt: skip
+            elif params:
+                _adam([p for p in params], [p.grad for p in params], states, group["lr"], beta1, beta2, group["eps"])
+        return loss
+
+
+def _adam(params: list[Tensor], grads: list[Tensor], states: list[dict], lr, beta1, beta2, eps) -> None:
+    """torch.optim.Adam's multi-tensor update (its `_multi_tensor_adam`, without the options SAEAdam
+    leaves out), on fp32 copies of the parameters whose moments are fp32 and they are not."""
+    exp_avgs = [state["exp_avg"] for state in states]
+    exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+    targets = [p if p.dtype == m.dtype else p.to(m.dtype) for p, m in zip(params, exp_avgs)]
+    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    steps = [state["step"] for state in states]
+    step_sizes = [-lr / (1 - beta1**step) for step in steps]
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominators, [(1 - beta2**step) ** 0.5 for step in steps])
+    torch._foreach_add_(denominators, eps)
+    torch._foreach_addcdiv_(targets, exp_avgs, denominators, step_sizes)
+    for p, target in zip(params, targets):
+        if target is not p:
+            p.copy_(target)

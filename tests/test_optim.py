@@ -1,0 +1,108 @@
+"""fastsae.optim.SAEAdam against what it replaces: torch.optim.Adam with the decoder constraint's two
+calls around its step (remove_decoder_parallel_grad, normalize_decoder)."""
+
+import io
+
+import pytest
+import torch
+
+import fastsae
+from fastsae.optim import SAEAdam
+
+D, N_FEATURES, K = 12, 48, 4
+
+
+def _pair(dtype="float64"):
+    """Two identical SAEs (TopK with AuxK, centred on the same sample)."""
+    cfg = fastsae.SAEConfig(d_in=D, n_features=N_FEATURES, k=K, k_aux=6, dtype=dtype, dead_after_tokens=20)
+    torch.manual_seed(0)
+    sample = torch.randn(64, D, dtype=torch.float64) + 3
+    first = fastsae.SparseAutoencoder(cfg).initialize(sample.to(getattr(torch, dtype)))
+    second = fastsae.SparseAutoencoder(cfg)
+    second.load_state_dict(first.state_dict())
+    return first, second
+
+
+def _batches(n, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, D, generator=generator, dtype=torch.float64) + 3).to(dtype) for _ in range(n)]
+
+
+def test_matches_torch_adam_with_the_decoder_constraint():
+    """Eight steps (AuxK runs once features die): every parameter, moment and loss as torch.optim.Adam
+    (multi-tensor) between remove_decoder_parallel_grad and normalize_decoder, to fp64 rounding."""
+    fused, plain = _pair()
+    sae_adam, torch_adam = SAEAdam(fused, lr=1e-2), torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=True)
+    auxk = []
+    for x in _batches(8):
+        out, want = fused(x), plain(x)
+        assert float(out.loss.detach()) == pytest.approx(float(want.loss.detach()), rel=1e-10)
+        auxk.append(float(want.auxk.detach()))
+        out.loss.backward()
+        sae_adam.step()
+        sae_adam.zero_grad()
+        want.loss.backward()
+        plain.remove_decoder_parallel_grad()
+        torch_adam.step()
+        torch_adam.zero_grad()
+        plain.normalize_decoder()
+    assert any(value > 0 for value in auxk), "AuxK never ran"
+    for (name, got), want in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sae_adam.state[got][moment], torch_adam.state[want][moment], rtol=1e-9,
+                                       atol=1e-14, msg=f"{name} {moment}")  # fmt: skip
+
+
+def test_fp32_moments_for_bf16_parameters():
+    """state_dtype=float32: fp32 moments, and each bf16 parameter (but W_dec) is Adam's update of its
+    value computed in fp32, rounded once to bf16."""
+    sae, _ = _pair("bfloat16")
+    optimizer = SAEAdam(sae, lr=1e-2, state_dtype=torch.float32)
+    for step, x in enumerate(_batches(3, torch.bfloat16), 1):
+        sae(x).loss.backward()
+        expected = {}
+        for name, p in sae.named_parameters():
+            state = optimizer.state[p]
+            m0 = state["exp_avg"] if state else torch.zeros_like(p, dtype=torch.float32)
+            v0 = state["exp_avg_sq"] if state else torch.zeros_like(p, dtype=torch.float32)
+            g = p.grad.float()
+            m, v = m0.lerp(g, 0.1), 0.999 * v0 + 0.001 * g * g
+            update = 1e-2 / (1 - 0.9**step) * m / (v.sqrt() / (1 - 0.999**step) ** 0.5 + 1e-8)
+            expected[name] = (p.float() - update).to(torch.bfloat16)
+        optimizer.step()
+        optimizer.zero_grad()
+        for name, p in sae.named_parameters():
+            assert optimizer.state[p]["exp_avg"].dtype == torch.float32
+            if name != "W_dec":  # fp32 arithmetic in another order: at most one bf16 rounding step apart
+                torch.testing.assert_close(p, expected[name], rtol=2**-7, atol=0, msg=name)
+
+
+def test_state_dict_resumes_the_same_run():
+    first, second = _pair()
+    optimizer = SAEAdam(first, lr=1e-2)
+    batches = _batches(4)
+    for x in batches[:2]:
+        first(x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    second.load_state_dict(first.state_dict())
+    resumed = SAEAdam(second, lr=1e-2)
+    checkpoint = io.BytesIO()  # as a resumed run reads it: not sharing the first optimizer's tensors
+    torch.save(optimizer.state_dict(), checkpoint)
+    checkpoint.seek(0)
+    resumed.load_state_dict(torch.load(checkpoint, weights_only=True))
+    for x in batches[2:]:
+        for sae, opt in ((first, optimizer), (second, resumed)):
+            sae(x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for got, want in zip(second.parameters(), first.parameters()):
+        assert torch.equal(got, want)
+
+
+def test_refuses_what_it_cannot_optimise():
+    with pytest.raises(TypeError, match="SparseAutoencoder"):
+        SAEAdam(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="betas"):
+        SAEAdam(_pair()[0], betas=(0.9, 1.0))
