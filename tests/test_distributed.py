@@ -170,11 +170,15 @@ def _resharded_forward(rank, world, port, directory):
         whole = fastsae.SparseAutoencoder.load(directory / "sharded.safetensors").shard_features()
         from_shards = fastsae.SparseAutoencoder.load_shards(directory / "shards", dist.group.WORLD)
         outputs = []
+        x = _data()[1][0]
         for sae in (whole, from_shards):
-            out = sae(_data()[1][0])
+            out = sae(x)
             outputs.append((out.recon.detach(), out.idx.long().sort(dim=1).values, float(out.loss.detach())))
+        whole.eval()  # the public encode (global codes, [batch, seq, d] input) and decode
+        codes = whole.encode(x.view(2, 13, D))
+        api = (codes.idx.long().sort(dim=-1).values, whole.decode(codes).detach())
         if rank == 0:
-            torch.save(outputs, directory / f"resharded{world}.pt")
+            torch.save((outputs, api), directory / f"resharded{world}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -229,11 +233,17 @@ def test_feature_sharding_trains_like_one_process(world, tmp_path):
         torch.testing.assert_close(from_shards.state_dict()[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
 
     mp.spawn(_resharded_forward, args=(3, _free_port(), tmp_path), nprocs=3, join=True)
-    want = single(_data()[1][0])
-    for recon, idx, loss in torch.load(tmp_path / "resharded3.pt", weights_only=True):  # from the file, the shards
-        torch.testing.assert_close(recon, want.recon.detach(), rtol=1e-9, atol=1e-12)
-        assert torch.equal(idx, want.idx.long().sort(dim=1).values)
+    x = _data()[1][0]
+    want = single(x)
+    outputs, (idx, recon) = torch.load(tmp_path / "resharded3.pt", weights_only=True)
+    for got_recon, got_idx, loss in outputs:  # from the file, from the shard files
+        torch.testing.assert_close(got_recon, want.recon.detach(), rtol=1e-9, atol=1e-12)
+        assert torch.equal(got_idx, want.idx.long().sort(dim=1).values)
         assert loss == pytest.approx(float(want.loss.detach()), rel=1e-9)
+    single.eval()
+    codes = single.encode(x.view(2, 13, D))
+    assert torch.equal(idx, codes.idx.long().sort(dim=-1).values)
+    torch.testing.assert_close(recon, single.decode(codes).detach(), rtol=1e-9, atol=1e-12)
     _check_damaged_shards(tmp_path / "shards", world)
 
 
