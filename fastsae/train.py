@@ -178,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
     _train(args, layout, saes, optimizers, batches, tokens_done, used_batches)
+    if dist.is_initialized():  # every process finishes its last collective before any leaves
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

@@ -8,6 +8,7 @@
   checkpoint is the whole SAE and loads sharded over another number of ranks;
 - both on a 2 x 2 mesh."""
 
+import contextlib
 import csv
 import socket
 import subprocess
@@ -25,6 +26,18 @@ from fastsae import parallel
 from fastsae.sae import FEATURE_DIMS
 
 D, N_FEATURES, K, K_AUX, TOKENS, STEPS = 12, 48, 4, 6, 26, 6  # 26 tokens: uneven over 3 or 4 replicas
+
+
+@contextlib.contextmanager
+def _process_group(rank, world, port):
+    """This test process's gloo group. On success every rank meets at a barrier before the group is
+    destroyed: a rank that left while another was still finishing its last collective aborted it."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _data(steps=STEPS):
@@ -60,8 +73,7 @@ def _train(model, sae, batches):
 
 
 def _replica(rank, world, port, activation, result_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         # Rank 0 has the single process's RNG state; the others differ, and must still get its directions.
         torch.manual_seed(1 if rank == 0 else 100 + rank)
         sample, batches = _data()
@@ -70,8 +82,6 @@ def _replica(rank, world, port, activation, result_path):
         losses = _train(DistributedDataParallel(sae), sae, [x.chunk(world)[rank] for x in batches])
         if rank == 0:
             torch.save((losses, sae.state_dict()), result_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def _free_port():
@@ -145,8 +155,7 @@ def _full_grad(sae):
 
 
 def _sharded_replica(rank, world, port, directory):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         torch.manual_seed(1 if rank == 0 else 100 + rank)  # rank 0 has the single process's RNG state
         sample, batches = _data(SHARDED_STEPS)
         if world == 2:  # the whole SAE, then sharded
@@ -159,14 +168,11 @@ def _sharded_replica(rank, world, port, directory):
         sae.save_shards(directory / "shards")
         if rank == 0:
             torch.save(record, directory / "record.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _resharded_forward(rank, world, port, directory):
     """The checkpoint saved by another number of shards, loaded whole and sharded over `world`."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         whole = fastsae.SparseAutoencoder.load(directory / "sharded.safetensors").shard_features()
         from_shards = fastsae.SparseAutoencoder.load_shards(directory / "shards", dist.group.WORLD)
         outputs = []
@@ -179,8 +185,6 @@ def _resharded_forward(rank, world, port, directory):
         api = (codes.idx.long().sort(dim=-1).values, whole.decode(codes).detach())
         if rank == 0:
             torch.save((outputs, api), directory / f"resharded{world}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _assert_same_training(record, expected):
@@ -249,8 +253,7 @@ def test_feature_sharding_trains_like_one_process(world, tmp_path):
 
 def _mesh_replica(rank, world, port, directory):
     """2 replicas x 2 feature shards: rank = 2 * replica + shard."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         replica, shard = divmod(rank, 2)
         rows = [dist.new_group([2 * r, 2 * r + 1]) for r in range(2)]  # every rank creates every group
         columns = [dist.new_group([s, 2 + s]) for s in range(2)]
@@ -263,8 +266,6 @@ def _mesh_replica(rank, world, port, directory):
         sae.save(directory / "mesh.safetensors")
         if rank == 0:
             torch.save(record[0], directory / "losses.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_mesh_of_replicas_and_shards_trains_like_one_process(tmp_path):
@@ -284,8 +285,7 @@ def test_mesh_of_replicas_and_shards_trains_like_one_process(tmp_path):
 
 
 def _refusals(rank, world, port):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         with pytest.raises(ValueError, match="supports TopK"):
             _sae("relu").shard_features()
         tiny = fastsae.SAEConfig(d_in=D, n_features=10, k=6, k_aux=0, dtype="float64")
@@ -298,8 +298,6 @@ def _refusals(rank, world, port):
             sae.save("unused", format="saelens")
         with pytest.raises(NotImplementedError, match="load the saved SAE whole"):
             sae.fire_and_positive_counts(_data()[1][0])
-    finally:
-        dist.destroy_process_group()
 
 
 def test_feature_sharding_refuses_what_it_cannot_shard():
