@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import itertools
 import json
 import os
@@ -134,6 +135,15 @@ def read_texts(paths: list[Path]) -> Iterator[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    _run(args)
+    if dist.is_initialized():  # a torchrun job: the run's objects that hold the group go first
+        gc.collect()  # (gloo's threads abort a process that leaves them to the interpreter's shutdown)
+        dist.barrier()  # and every process finishes its last collective before any leaves
+        dist.destroy_process_group()
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     layout = _layout(args)
@@ -178,10 +188,6 @@ def run(args: argparse.Namespace) -> int:
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
     _train(args, layout, saes, optimizers, batches, tokens_done, used_batches)
-    if dist.is_initialized():  # every process finishes its last collective before any leaves
-        dist.barrier()
-        dist.destroy_process_group()
-    return 0
 
 
 def _distribute(sae: SparseAutoencoder, layout: Layout) -> SparseAutoencoder:

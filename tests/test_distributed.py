@@ -6,10 +6,14 @@
 - feature sharding: N ranks each holding F / N features (`shard_features`) give the same codes,
   losses, gradients and, after 20 Adam steps, parameters and statistics as the whole SAE; the saved
   checkpoint is the whole SAE and loads sharded over another number of ranks;
-- both on a 2 x 2 mesh."""
+- both on a 2 x 2 mesh.
 
-import contextlib
+FASTSAE_TEST_BACKEND=nccl runs the processes on GPUs instead (one each; cases needing more GPUs than
+the machine has are skipped), for the multi-GPU machine."""
+
 import csv
+import gc
+import os
 import socket
 import subprocess
 import sys
@@ -28,16 +32,43 @@ from fastsae.sae import FEATURE_DIMS
 D, N_FEATURES, K, K_AUX, TOKENS, STEPS = 12, 48, 4, 6, 26, 6  # 26 tokens: uneven over 3 or 4 replicas
 
 
-@contextlib.contextmanager
-def _process_group(rank, world, port):
-    """This test process's gloo group. On success every rank meets at a barrier before the group is
-    destroyed: a rank that left while another was still finishing its last collective aborted it."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+BACKEND = os.environ.get("FASTSAE_TEST_BACKEND", "gloo")
+
+
+def _in_group(rank, world, port, body, *args):
+    """Runs body(rank, world, *args) in this test process's group (on its own GPU under NCCL). The
+    body's objects that hold the group (modules, autograd graphs) are collected before every rank
+    meets at a barrier and the group is destroyed: gloo's threads aborted the process (SIGABRT) when
+    such objects were left for the interpreter's shutdown, or when a rank left while another was still
+    finishing its last collective."""
+    if BACKEND == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(BACKEND, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        yield
+        body(rank, world, *args)
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _local(value):
+    """`value` (a tensor, a module, or a list or tuple of them) on this process's device."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_local(item) for item in value)
+    return value.to(f"cuda:{dist.get_rank()}" if BACKEND == "nccl" else "cpu")
+
+
+def _spawn(body, args, processes):
+    """body(rank, world, *args) in `processes` processes (`_in_group`), or a skip where NCCL would
+    need more GPUs than there are."""
+    if BACKEND == "nccl" and processes > torch.cuda.device_count():
+        pytest.skip(f"{processes} processes under NCCL need {processes} GPUs")
+    mp.spawn(_in_group, args=(processes, _free_port(), body, *args), nprocs=processes, join=True)
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _data(steps=STEPS):
@@ -72,16 +103,15 @@ def _train(model, sae, batches):
     return losses
 
 
-def _replica(rank, world, port, activation, result_path):
-    with _process_group(rank, world, port):
-        # Rank 0 has the single process's RNG state; the others differ, and must still get its directions.
-        torch.manual_seed(1 if rank == 0 else 100 + rank)
-        sample, batches = _data()
-        sae = _sae(activation).data_parallel()
-        sae.initialize(sample.chunk(world)[rank])
-        losses = _train(DistributedDataParallel(sae), sae, [x.chunk(world)[rank] for x in batches])
-        if rank == 0:
-            torch.save((losses, sae.state_dict()), result_path)
+def _replica(rank, world, activation, result_path):
+    # Rank 0 has the single process's RNG state; the others differ, and must still get its directions.
+    torch.manual_seed(1 if rank == 0 else 100 + rank)
+    sample, batches = _local(_data())
+    sae = _local(_sae(activation)).data_parallel()
+    sae.initialize(sample.chunk(world)[rank])
+    losses = _train(DistributedDataParallel(sae), sae, [x.chunk(world)[rank] for x in batches])
+    if rank == 0:
+        torch.save((losses, {name: t.cpu() for name, t in sae.state_dict().items()}), result_path)
 
 
 def _free_port():
@@ -107,8 +137,8 @@ def test_data_parallel_trains_like_one_process(activation, world, tmp_path):
     expected_losses = _train(single, single, batches)
 
     result_path = tmp_path / "rank0.pt"
-    mp.spawn(_replica, args=(world, _free_port(), activation, result_path), nprocs=world, join=True)
-    losses, state = torch.load(result_path, weights_only=True)
+    _spawn(_replica, (activation, result_path), world)
+    losses, state = _load(result_path)
     for got, want in zip(losses, expected_losses):
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     if activation == "topk":
@@ -154,37 +184,37 @@ def _full_grad(sae):
     )
 
 
-def _sharded_replica(rank, world, port, directory):
-    with _process_group(rank, world, port):
-        torch.manual_seed(1 if rank == 0 else 100 + rank)  # rank 0 has the single process's RNG state
-        sample, batches = _data(SHARDED_STEPS)
-        if world == 2:  # the whole SAE, then sharded
-            sae = _sae().shard_features()
-        else:  # built as a shard
-            sae = fastsae.SparseAutoencoder(_cfg(), feature_group=dist.group.WORLD)
-        sae.initialize(sample)
-        record = _train_recorded(sae, sae, batches, _full_grad(sae))
-        sae.save(directory / "sharded.safetensors")
-        sae.save_shards(directory / "shards")
-        if rank == 0:
-            torch.save(record, directory / "record.pt")
+def _sharded_replica(rank, world, directory):
+    torch.manual_seed(1 if rank == 0 else 100 + rank)  # rank 0 has the single process's RNG state
+    sample, batches = _local(_data(SHARDED_STEPS))
+    if world == 2:  # the whole SAE, then sharded
+        sae = _local(_sae()).shard_features()
+    else:  # built as a shard
+        sae = _local(fastsae.SparseAutoencoder(_cfg(), feature_group=dist.group.WORLD))
+    sae.initialize(sample)
+    record = _train_recorded(sae, sae, batches, _full_grad(sae))
+    sae.save(directory / "sharded.safetensors")
+    sae.save_shards(directory / "shards")
+    if rank == 0:
+        losses, codes, grads = record
+        codes = [(idx.cpu(), vals.cpu()) for idx, vals in codes]
+        torch.save((losses, codes, {name: grad.cpu() for name, grad in grads.items()}), directory / "record.pt")
 
 
-def _resharded_forward(rank, world, port, directory):
+def _resharded_forward(rank, world, directory):
     """The checkpoint saved by another number of shards, loaded whole and sharded over `world`."""
-    with _process_group(rank, world, port):
-        whole = fastsae.SparseAutoencoder.load(directory / "sharded.safetensors").shard_features()
-        from_shards = fastsae.SparseAutoencoder.load_shards(directory / "shards", dist.group.WORLD)
-        outputs = []
-        x = _data()[1][0]
-        for sae in (whole, from_shards):
-            out = sae(x)
-            outputs.append((out.recon.detach(), out.idx.long().sort(dim=1).values, float(out.loss.detach())))
-        whole.eval()  # the public encode (global codes, [batch, seq, d] input) and decode
-        codes = whole.encode(x.view(2, 13, D))
-        api = (codes.idx.long().sort(dim=-1).values, whole.decode(codes).detach())
-        if rank == 0:
-            torch.save((outputs, api), directory / f"resharded{world}.pt")
+    whole = _local(fastsae.SparseAutoencoder.load(directory / "sharded.safetensors")).shard_features()
+    from_shards = _local(fastsae.SparseAutoencoder.load_shards(directory / "shards", dist.group.WORLD))
+    outputs = []
+    x = _local(_data()[1][0])
+    for sae in (whole, from_shards):
+        out = sae(x)
+        outputs.append((out.recon.detach().cpu(), out.idx.long().sort(dim=1).values.cpu(), float(out.loss.detach())))
+    whole.eval()  # the public encode (global codes, [batch, seq, d] input) and decode
+    codes = whole.encode(x.view(2, 13, D))
+    api = (codes.idx.long().sort(dim=-1).values.cpu(), whole.decode(codes).detach().cpu())
+    if rank == 0:
+        torch.save((outputs, api), directory / "resharded.pt")
 
 
 def _assert_same_training(record, expected):
@@ -226,8 +256,8 @@ def test_feature_sharding_trains_like_one_process(world, tmp_path):
     single = _sae().initialize(sample)
     expected = _train_recorded(single, single, batches)
 
-    mp.spawn(_sharded_replica, args=(world, _free_port(), tmp_path), nprocs=world, join=True)
-    _assert_same_training(torch.load(tmp_path / "record.pt", weights_only=True), expected)
+    _spawn(_sharded_replica, (tmp_path,), world)
+    _assert_same_training(_load(tmp_path / "record.pt"), expected)
     saved = fastsae.SparseAutoencoder.load(tmp_path / "sharded.safetensors")
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(saved.state_dict()[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
@@ -236,10 +266,11 @@ def test_feature_sharding_trains_like_one_process(world, tmp_path):
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(from_shards.state_dict()[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
 
-    mp.spawn(_resharded_forward, args=(3, _free_port(), tmp_path), nprocs=3, join=True)
+    reshard = 3 if BACKEND != "nccl" else min(3, torch.cuda.device_count())  # another count where there are GPUs
+    _spawn(_resharded_forward, (tmp_path,), reshard)
     x = _data()[1][0]
     want = single(x)
-    outputs, (idx, recon) = torch.load(tmp_path / "resharded3.pt", weights_only=True)
+    outputs, (idx, recon) = _load(tmp_path / "resharded.pt")
     for got_recon, got_idx, loss in outputs:  # from the file, from the shard files
         torch.testing.assert_close(got_recon, want.recon.detach(), rtol=1e-9, atol=1e-12)
         assert torch.equal(got_idx, want.idx.long().sort(dim=1).values)
@@ -251,21 +282,20 @@ def test_feature_sharding_trains_like_one_process(world, tmp_path):
     _check_damaged_shards(tmp_path / "shards", world)
 
 
-def _mesh_replica(rank, world, port, directory):
+def _mesh_replica(rank, world, directory):
     """2 replicas x 2 feature shards: rank = 2 * replica + shard."""
-    with _process_group(rank, world, port):
-        replica, shard = divmod(rank, 2)
-        rows = [dist.new_group([2 * r, 2 * r + 1]) for r in range(2)]  # every rank creates every group
-        columns = [dist.new_group([s, 2 + s]) for s in range(2)]
-        torch.manual_seed(1 if rank == 0 else 100 + rank)
-        sample, batches = _data()
-        sae = _sae().shard_features(rows[replica]).data_parallel(columns[shard])
-        sae.initialize(sample.chunk(2)[replica])
-        model = DistributedDataParallel(sae, process_group=columns[shard])
-        record = _train_recorded(model, sae, [x.chunk(2)[replica] for x in batches], _full_grad(sae))
-        sae.save(directory / "mesh.safetensors")
-        if rank == 0:
-            torch.save(record[0], directory / "losses.pt")
+    replica, shard = divmod(rank, 2)
+    rows = [dist.new_group([2 * r, 2 * r + 1]) for r in range(2)]  # every rank creates every group
+    columns = [dist.new_group([s, 2 + s]) for s in range(2)]
+    torch.manual_seed(1 if rank == 0 else 100 + rank)
+    sample, batches = _local(_data())
+    sae = _local(_sae()).shard_features(rows[replica]).data_parallel(columns[shard])
+    sae.initialize(sample.chunk(2)[replica])
+    model = DistributedDataParallel(sae, process_group=columns[shard])
+    record = _train_recorded(model, sae, [x.chunk(2)[replica] for x in batches], _full_grad(sae))
+    sae.save(directory / "mesh.safetensors")
+    if rank == 0:
+        torch.save(record[0], directory / "losses.pt")
 
 
 def test_mesh_of_replicas_and_shards_trains_like_one_process(tmp_path):
@@ -276,34 +306,33 @@ def test_mesh_of_replicas_and_shards_trains_like_one_process(tmp_path):
     single = _sae().initialize(sample)
     want_losses = _train_recorded(single, single, batches)[0]
 
-    mp.spawn(_mesh_replica, args=(4, _free_port(), tmp_path), nprocs=4, join=True)
-    for got, want in zip(torch.load(tmp_path / "losses.pt", weights_only=True), want_losses):
+    _spawn(_mesh_replica, (tmp_path,), 4)
+    for got, want in zip(_load(tmp_path / "losses.pt"), want_losses):
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     saved = fastsae.SparseAutoencoder.load(tmp_path / "mesh.safetensors")
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(saved.state_dict()[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def _refusals(rank, world, port):
-    with _process_group(rank, world, port):
-        with pytest.raises(ValueError, match="supports TopK"):
-            _sae("relu").shard_features()
-        tiny = fastsae.SAEConfig(d_in=D, n_features=10, k=6, k_aux=0, dtype="float64")
-        with pytest.raises(ValueError, match="fewer than k=6"):
-            fastsae.SparseAutoencoder(tiny, feature_group=dist.group.WORLD)
-        sae = _sae().shard_features()
-        with pytest.raises(RuntimeError, match="already feature-sharded"):
-            sae.shard_features()
-        with pytest.raises(ValueError, match="fastsae format only"):
-            sae.save("unused", format="saelens")
-        with pytest.raises(NotImplementedError, match="load the saved SAE whole"):
-            sae.fire_and_positive_counts(_data()[1][0])
+def _refusals(rank, world):
+    with pytest.raises(ValueError, match="supports TopK"):
+        _sae("relu").shard_features()
+    tiny = fastsae.SAEConfig(d_in=D, n_features=10, k=6, k_aux=0, dtype="float64")
+    with pytest.raises(ValueError, match="fewer than k=6"):
+        fastsae.SparseAutoencoder(tiny, feature_group=dist.group.WORLD)
+    sae = _local(_sae()).shard_features()
+    with pytest.raises(RuntimeError, match="already feature-sharded"):
+        sae.shard_features()
+    with pytest.raises(ValueError, match="fastsae format only"):
+        sae.save("unused", format="saelens")
+    with pytest.raises(NotImplementedError, match="load the saved SAE whole"):
+        sae.fire_and_positive_counts(_local(_data()[1][0]))
 
 
 def test_feature_sharding_refuses_what_it_cannot_shard():
     with pytest.raises(RuntimeError, match="init_process_group"):
         _sae().shard_features()
-    mp.spawn(_refusals, args=(2, _free_port()), nprocs=2, join=True)
+    _spawn(_refusals, (), 2)
 
 
 def test_distributed_benchmark_runs_and_checks_itself(tmp_path):
