@@ -31,6 +31,7 @@ import argparse
 import gc
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -93,8 +94,6 @@ def _time(step, device: str, group=None) -> tuple[list[float], float]:
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
-            import time
-
             begin = time.perf_counter()
             step()
             times.append((time.perf_counter() - begin) * 1e3)

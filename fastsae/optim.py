@@ -61,7 +61,7 @@ class SAEAdam(torch.optim.Optimizer):
                     F.decoder_adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
                                     beta1, beta2, group["eps"])  # fmt: skip
             elif params:
-                _adam([p for p in params], [p.grad for p in params], states, group["lr"], beta1, beta2, group["eps"])
+                _adam(params, [p.grad for p in params], states, group["lr"], beta1, beta2, group["eps"])
         return loss
 
 

@@ -19,13 +19,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 
-def shard_bounds(n_features: int, group) -> tuple[int, int]:
-    """[start, stop) of this rank's features: contiguous shards in rank order whose sizes differ by at
-    most one (the first n_features % world ranks hold one more), as torch.tensor_split splits."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+def shard_ranges(n_features: int, world: int) -> list[tuple[int, int]]:
+    """[start, stop) of each of `world` shards' features: contiguous, in rank order, sizes differing by
+    at most one (the first n_features % world shards hold one more), as torch.tensor_split splits."""
     base, extra = divmod(n_features, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
+    starts = [rank * base + min(rank, extra) for rank in range(world + 1)]
+    return list(zip(starts[:-1], starts[1:]))
+
+
+def shard_bounds(n_features: int, group) -> tuple[int, int]:
+    """[start, stop) of this rank's features (`shard_ranges`)."""
+    return shard_ranges(n_features, dist.get_world_size(group))[dist.get_rank(group)]
 
 
 class _SumOverShards(torch.autograd.Function):

@@ -663,7 +663,7 @@ class SparseAutoencoder(nn.Module):
 
             io.save(self, path, format)
         else:
-            _write_checkpoint(Path(path), state, self.cfg, self.W_enc.dtype)
+            _write_checkpoint(Path(path), state, saved_config(self))
         if distributed:
             dist.barrier()
 
@@ -729,13 +729,18 @@ class SparseAutoencoder(nn.Module):
         return sae
 
 
-def _write_checkpoint(path: Path, state: dict[str, Tensor], cfg: SAEConfig, dtype: torch.dtype) -> None:
-    """`SparseAutoencoder.save`'s file: the tensors, the config (with the parameters' `dtype`, which
-    may have changed since construction: sae.to(torch.bfloat16)), the format and a checksum."""
+def saved_config(sae: SparseAutoencoder) -> SAEConfig:
+    """The config a checkpoint records: `sae.cfg` with the parameters' dtype, which may have changed
+    since construction (sae.to(torch.bfloat16))."""
+    dtype_name = next(name for name, dtype in DTYPES.items() if dtype == sae.W_enc.dtype)
+    return dataclasses.replace(sae.cfg, dtype=dtype_name)
+
+
+def _write_checkpoint(path: Path, state: dict[str, Tensor], cfg: SAEConfig) -> None:
+    """`SparseAutoencoder.save`'s file: the tensors, the config, the format and a checksum."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
-    dtype_name = next(name for name, candidate in DTYPES.items() if candidate == dtype)
     metadata = {
-        "fastsae_config": json.dumps(dataclasses.asdict(dataclasses.replace(cfg, dtype=dtype_name))),
+        "fastsae_config": json.dumps(dataclasses.asdict(cfg)),
         "fastsae_format": FORMAT_VERSION,
         "fastsae_checksum": _checksum(tensors),
     }

@@ -20,14 +20,15 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from . import parallel
 from .sae import (
-    DTYPES,
     FEATURE_DIMS,
     FORMAT_VERSION,
     SAEConfig,
     SparseAutoencoder,
     _checksum,
     read_safetensors,
+    saved_config,
     write_atomically,
 )
 
@@ -49,15 +50,13 @@ def save(sae: SparseAutoencoder, directory: str | os.PathLike) -> None:
         metadata = {"fastsae_shard": json.dumps({"start": start, "stop": stop}), "fastsae_checksum": _checksum(tensors)}
         path = directory / _shard_name(index, count)
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    ranges: list = [None] * count
-    dist.all_gather_object(ranges, (start, stop), group=group)
     dist.barrier()  # every shard file is complete before the manifest names it
     if dist.get_rank() == 0:
-        dtype_name = next(name for name, dtype in DTYPES.items() if dtype == sae.W_enc.dtype)
+        ranges = parallel.shard_ranges(sae.cfg.n_features, count)
         manifest = {
             "format": SHARDS_FORMAT,
             "version": FORMAT_VERSION,
-            "config": dataclasses.asdict(dataclasses.replace(sae.cfg, dtype=dtype_name)),
+            "config": dataclasses.asdict(saved_config(sae)),
             "shards": [{"file": _shard_name(i, count), "start": a, "stop": b} for i, (a, b) in enumerate(ranges)],
         }
         write_atomically(directory / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
