@@ -14,8 +14,10 @@ must pair up).
   N x (1-GPU ms) / (N-GPU ms).
 - Feature sharding (op `train_step_sharded`, Llama-8B width: d = 4096, B = 8192, k = 64, F = 262144,
   1048576 and 2097152): each GPU holds F / N features; the same B tokens per step, so the speed-up is
-  (1-GPU ms) / (N-GPU ms). The one-GPU baseline is skipped where the SAE with its Adam state does not
-  fit one GPU. The provider `comm_<N>gpu` is the time of one step's collectives alone (the candidate
+  (1-GPU ms) / (N-GPU ms). The optimizer is fastsae.optim.SAEAdam with fp32 moments (as large SAEs are
+  trained; 2^21 features then need about 206 GB, more than one H200 holds). The one-GPU baseline is
+  skipped where the SAE with its Adam state does not fit one GPU, and recorded as missing where it
+  runs out of memory. The provider `comm_<N>gpu` is the time of one step's collectives alone (the candidate
   gathers and the reconstruction all-reduces of the forward, AuxK's included, and the backward's
   b_dec all-reduce), at the step's sizes.
 
@@ -58,10 +60,14 @@ def _sae(d: int, n_features: int, k: int, device: str, feature_group=None) -> fa
     return fastsae.SparseAutoencoder(cfg, feature_group=feature_group).to(device)
 
 
-def _step(sae: fastsae.SparseAutoencoder, x: torch.Tensor, model=None):
+def _step(sae: fastsae.SparseAutoencoder, x: torch.Tensor, model=None, fp32_moments: bool = False):
     """A training step closure (through `model`, a DistributedDataParallel wrapper, when given) with
-    DEAD_FRACTION of this module's features kept dead, so that AuxK runs."""
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    DEAD_FRACTION of this module's features kept dead, so that AuxK runs. torch.optim.Adam, or
+    SAEAdam with fp32 moments (`fp32_moments`)."""
+    if fp32_moments:
+        optimizer = fastsae.optim.SAEAdam(sae, lr=1e-4, state_dtype=torch.float32)
+    else:
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
     n_local = sae.W_dec.shape[0]
     dead = torch.arange(n_local, device=x.device) < int(DEAD_FRACTION * n_local)
 
@@ -114,17 +120,20 @@ def _largest(value: float, device: str) -> float:
     return float(tensor)
 
 
-def _single_gpu(recorder, op: str, shape: str, d, n_features, n_rows, k, device: str) -> None:
-    """Rank 0 alone: the whole SAE's step; the other ranks wait at the barrier after."""
+def _single_gpu(recorder, op: str, shape: str, d, n_features, n_rows, k, device: str, fp32_moments=False) -> None:
+    """Rank 0 alone: the whole SAE's step; the other ranks wait at the barrier after. A step that runs
+    out of memory is reported and leaves no row."""
     if dist.get_rank() == 0:
         torch.manual_seed(0)
-        x = torch.randn(n_rows, d, device=device)
-        sae = _sae(d, n_features, k, device).initialize(x)
-        times, peak = _time(_step(sae, x.to(sae.W_enc.dtype)), device)
-        recorder.record(op, shape, "fastsae_1gpu", _row(times, peak))
-        del sae
-        if device != "cpu":
-            torch.cuda.empty_cache()
+        try:
+            x = torch.randn(n_rows, d, device=device)
+            sae = _sae(d, n_features, k, device).initialize(x)
+            times, peak = _time(_step(sae, x.to(sae.W_enc.dtype), fp32_moments=fp32_moments), device)
+            recorder.record(op, shape, "fastsae_1gpu", _row(times, peak))
+        except torch.OutOfMemoryError as error:
+            print(f"{op} {shape}: one GPU runs out of memory ({str(error).splitlines()[0]})", flush=True)
+        x = sae = None  # the step's closure and its optimizer state go with them
+        _release(device)
     dist.barrier()
 
 
@@ -143,13 +152,13 @@ def data_parallel(recorder, shape: str, d, n_features, n_rows, k, device: str) -
 def feature_sharded(recorder, d, n_features, n_rows, k, device: str) -> None:
     shape = sweep_name(d, n_features, n_rows, k)
     if d * n_features <= ONE_GPU_FITS_PARAMETERS:
-        _single_gpu(recorder, "train_step_sharded", shape, d, n_features, n_rows, k, device)
+        _single_gpu(recorder, "train_step_sharded", shape, d, n_features, n_rows, k, device, fp32_moments=True)
     torch.manual_seed(0)  # every rank the same tokens
     x = torch.randn(n_rows, d, device=device)
     sae = _sae(d, n_features, k, device, feature_group=dist.group.WORLD)
     sae.initialize(x)
     _check_sharded(sae, x.to(sae.W_enc.dtype))
-    times, peak = _time(_step(sae, x.to(sae.W_enc.dtype)), device, dist.group.WORLD)
+    times, peak = _time(_step(sae, x.to(sae.W_enc.dtype), fp32_moments=True), device, dist.group.WORLD)
     peak = _largest(peak, device)
     comm, _ = _time(lambda: _collectives(sae, n_rows, k), device, dist.group.WORLD)
     _record(recorder, "train_step_sharded", shape, times, peak)
@@ -200,6 +209,14 @@ def _collectives(sae: fastsae.SparseAutoencoder, n_rows: int, k: int) -> None:
     dist.all_reduce(torch.zeros(d, device=device, dtype=dtype), group=group)
 
 
+def _release(device: str) -> None:
+    """The finished case's SAE, optimizer state and DDP wrapper (reference cycles) leave the GPU before
+    the next case allocates."""
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="dp,shard", help="comma-separated subset of dp,shard")
@@ -220,9 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     if "dp" in cases:
         for shape in DP_SHAPES if cuda else ["tiny"]:
             data_parallel(recorder, shape, *(SHAPES[shape] if cuda else TINY), device)
+            _release(device)
     if "shard" in cases:
         for d, n_features, n_rows, k in SHARDED if cuda else [TINY]:
             feature_sharded(recorder, d, n_features, n_rows, k, device)
+            _release(device)
     gc.collect()  # objects holding the group go before it (gloo's threads abort a process that leaves them)
     dist.barrier()
     dist.destroy_process_group()

@@ -34,13 +34,7 @@ def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False
     optimizer = fastsae.optim.SAEAdam(sae, lr=1e-4) if fused_optimizer else torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step(x):
-        if fused_optimizer:
-            out = sae(x)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            out = sae_train_step(sae, optimizer, x)
+        out = sae_train_step(sae, optimizer, x)
         sae.tokens_since_fired.copy_(dead.long() * 2)  # keep the same features dead every step
         return out.fvu
 

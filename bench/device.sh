@@ -91,7 +91,8 @@ fi
 if [ "${FASTSAE_DISTRIBUTED:-0}" = 1 ]; then  # a machine with several GPUs: bench.bench_distributed
     echo "== distributed"
     gpus=$(nvidia-smi -L | wc -l)
-    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} torchrun --standalone --nproc-per-node "$gpus" -m bench.bench_distributed \
+    # Expandable segments: the 2^21-feature case fills most of each GPU, with no room for fragmentation.
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${FASTSAE_BENCH_TIMEOUT:-3600} torchrun --standalone --nproc-per-node "$gpus" -m bench.bench_distributed \
         --csv "$OUT/results.csv" ${FASTSAE_DISTRIBUTED_CASES:+--cases $FASTSAE_DISTRIBUTED_CASES} 2>&1 | tee "$OUT/distributed.log" | tail -20
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+import fastsae
+
 COLUMNS = [
     "op",
     "shape",
@@ -45,14 +47,17 @@ def sweep_name(d: int, n_features: int, n_rows: int, k: int) -> str:
 
 def sae_train_step(sae, optimizer: torch.optim.Optimizer, x: torch.Tensor, model=None):
     """One training step of a `fastsae.SparseAutoencoder` as the README's loop runs it (forward, backward,
-    decoder constraint, optimizer); returns the forward's output. `model`: a wrapper of `sae` to run the
-    forward through (DistributedDataParallel)."""
+    decoder constraint, optimizer; with fastsae.optim.SAEAdam the constraint is inside its step); returns
+    the forward's output. `model`: a wrapper of `sae` to run the forward through (DistributedDataParallel)."""
     out = (model if model is not None else sae)(x)
     out.loss.backward()
-    sae.remove_decoder_parallel_grad()
+    constrained = isinstance(optimizer, fastsae.optim.SAEAdam)
+    if not constrained:
+        sae.remove_decoder_parallel_grad()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    sae.normalize_decoder()
+    if not constrained:
+        sae.normalize_decoder()
     return out
 
 

@@ -65,17 +65,25 @@ class SAEAdam(torch.optim.Optimizer):
         return loss
 
 
+# Elements updated at once: the update's temporaries (fp32 copies of bf16 parameters and gradients, the
+# denominators) stay a few hundred MB however large the encoder (a 2^20-feature encoder at d = 4096 would
+# otherwise need 48 GiB of them in fp32).
+CHUNK_ELEMENTS = 2**26
+
+
 def _adam(params: list[Tensor], grads: list[Tensor], states: list[dict], lr, beta1, beta2, eps) -> None:
     """torch.optim.Adam's multi-tensor update (its `_multi_tensor_adam`, without the options SAEAdam
-    leaves out), on fp32 copies of the parameters whose moments are fp32 and they are not."""
-    exp_avgs = [state["exp_avg"] for state in states]
-    exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+    leaves out), on fp32 copies of the parameters whose moments are fp32 and they are not, over pieces
+    of at most CHUNK_ELEMENTS of each tensor."""
+    pieces = [_pieces(p, g, s["exp_avg"], s["exp_avg_sq"]) for p, g, s in zip(params, grads, states)]
+    steps = [state["step"] for state, parts in zip(states, pieces) for _ in parts]
+    flat = [part for parts in pieces for part in parts]
+    params, grads, exp_avgs, exp_avg_sqs = (list(column) for column in zip(*flat))
     targets = [p if p.dtype == m.dtype else p.to(m.dtype) for p, m in zip(params, exp_avgs)]
     grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    steps = [state["step"] for state in states]
     step_sizes = [-lr / (1 - beta1**step) for step in steps]
     denominators = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denominators, [(1 - beta2**step) ** 0.5 for step in steps])
@@ -84,3 +92,11 @@ def _adam(params: list[Tensor], grads: list[Tensor], states: list[dict], lr, bet
     for p, target in zip(params, targets):
         if target is not p:
             p.copy_(target)
+
+
+def _pieces(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """Same-shaped tensors cut into matching flat views of at most CHUNK_ELEMENTS (whole when one of
+    them is not contiguous: a view of its pieces would not be flat)."""
+    if tensors[0].numel() <= CHUNK_ELEMENTS or not all(t.is_contiguous() for t in tensors):
+        return [tensors]
+    return list(zip(*(t.view(-1).split(CHUNK_ELEMENTS) for t in tensors)))

@@ -4,6 +4,8 @@ import zlib
 import pytest
 import torch
 
+from fastsae.ops import scatter
+
 HAS_CUDA = torch.cuda.is_available()
 
 # Compiled graphs embed the custom ops' schemas; an on-disk cache written by another checkout of
@@ -45,11 +47,13 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", poisoned)
 
 
-@pytest.fixture(params=[False, True], ids=["atomic", "deterministic"])
-def deterministic(request):
-    """Runs a test with torch's deterministic algorithms off (fastsae's fast atomic reductions) and on
-    (its sorted, bit-reproducible reductions)."""
+@pytest.fixture(params=["atomic", "sorted", "deterministic"])
+def deterministic(request, monkeypatch):
+    """Runs a test with each route of the per-feature sums (fastsae.ops.scatter): the atomic one, the
+    sorted one chosen by FASTSAE_FEATURE_SUMS=sorted, and the sorted one that torch's deterministic
+    algorithms select; yields whether the results must be bit-reproducible."""
+    monkeypatch.setattr(scatter, "ROUTE", "sorted" if request.param == "sorted" else "atomic")
     previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(request.param)
-    yield request.param
+    torch.use_deterministic_algorithms(request.param == "deterministic")
+    yield request.param != "atomic"
     torch.use_deterministic_algorithms(previous)

@@ -28,9 +28,13 @@ def _batches(n, dtype=torch.float64):
     return [(torch.randn(32, D, generator=generator, dtype=torch.float64) + 3).to(dtype) for _ in range(n)]
 
 
-def test_matches_torch_adam_with_the_decoder_constraint():
+@pytest.mark.parametrize("chunk", [None, 100], ids=["whole", "in_pieces"])
+def test_matches_torch_adam_with_the_decoder_constraint(chunk, monkeypatch):
     """Eight steps (AuxK runs once features die): every parameter, moment and loss as torch.optim.Adam
-    (multi-tensor) between remove_decoder_parallel_grad and normalize_decoder, to fp64 rounding."""
+    (multi-tensor) between remove_decoder_parallel_grad and normalize_decoder, to fp64 rounding; also
+    with the encoder updated in pieces (as large encoders are) of a size that leaves a remainder."""
+    if chunk is not None:
+        monkeypatch.setattr(fastsae.optim, "CHUNK_ELEMENTS", chunk)
     fused, plain = _pair()
     sae_adam, torch_adam = SAEAdam(fused, lr=1e-2), torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=True)
     auxk = []
@@ -54,9 +58,12 @@ def test_matches_torch_adam_with_the_decoder_constraint():
                                        atol=1e-14, msg=f"{name} {moment}")  # fmt: skip
 
 
-def test_fp32_moments_for_bf16_parameters():
+@pytest.mark.parametrize("chunk", [None, 100], ids=["whole", "in_pieces"])
+def test_fp32_moments_for_bf16_parameters(chunk, monkeypatch):
     """state_dtype=float32: fp32 moments, and each bf16 parameter (but W_dec) is Adam's update of its
-    value computed in fp32, rounded once to bf16."""
+    value computed in fp32, rounded once to bf16 (also when updated in pieces)."""
+    if chunk is not None:
+        monkeypatch.setattr(fastsae.optim, "CHUNK_ELEMENTS", chunk)
     sae, _ = _pair("bfloat16")
     optimizer = SAEAdam(sae, lr=1e-2, state_dtype=torch.float32)
     for step, x in enumerate(_batches(3, torch.bfloat16), 1):

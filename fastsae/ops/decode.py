@@ -133,5 +133,5 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
         )  # fmt: skip
 
     run(tuned(("decode_sparse_bwd_vals", D, F, bucket(B), bucket(K), W_dec.dtype), _DVALS_CANDIDATES, run))
-    dW_dec, _ = feature_sums(grad_out, vals, idx, F)
-    return dvals, dW_dec.to(W_dec.dtype)
+    dW_dec, _ = feature_sums(grad_out, vals, idx, F, dtype=W_dec.dtype)
+    return dvals, dW_dec

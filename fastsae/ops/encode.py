@@ -535,11 +535,10 @@ def encode_topk_backward(
     coef = torch.where(vals > 0, grad_vals, 0)
     aux_coef = torch.where(aux_vals > 0, grad_aux_vals, 0)
     coef, idx = torch.cat([coef, aux_coef], dim=1), torch.cat([idx, aux_idx], dim=1)
-    dW_enc_t, db_enc = feature_sums(x, coef, idx, W_enc.shape[1], center=b_dec)
+    dW_enc, db_enc = feature_sums(x, coef, idx, W_enc.shape[1], center=b_dec, dtype=W_enc.dtype, transposed=True)
     if x_requires_grad:
         dx = decode_sparse(coef, idx, W_enc.t(), None)  # rows of W_enc^T: strided gathers
     else:
         dx = torch.zeros_like(x)
     db_dec = -(W_enc.float() @ db_enc)
-    dW_enc = W_enc.new_empty(W_enc.shape).copy_(dW_enc_t.t())  # one transposing copy, no bf16 intermediate
     return dx.to(x.dtype), dW_enc, db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype)

@@ -1,19 +1,27 @@
 """Per-feature sums over sparse codes: the weight gradients of a TopK SAE without a dense [B, F] matrix.
 
-    out[f]      = sum over (b, j) with idx[b, j] == f of coef[b, j] * (rows[b] - center)     [F, d], fp32
+    out[f]      = sum over (b, j) with idx[b, j] == f of coef[b, j] * (rows[b] - center)     [F, d]
     coef_sum[f] = sum over the same (b, j) of coef[b, j]                                      [F], fp32
+
+summed in fp32 and returned in the dtype the caller asks for (the weight's), or transposed ([d, F]).
 
 dW_dec is this with rows = d x_hat and coef = vals; dW_enc^T (and d b_enc) with rows = x, center =
 b_dec and coef = d vals masked by the ReLU (`reference.decode_sparse_backward`,
 `reference.encode_topk_backward`). Two implementations:
-- deterministic, used when `torch.are_deterministic_algorithms_enabled()`: the codes are sorted by
-  feature (CSR); one program per (feature, d block) sums its codes in a fixed order and writes its row
-  once, so results are bit-identical from run to run;
-- fast, otherwise: one program per (token block, d block) adds each code's contribution to its
-  feature's row with fp32 atomics (no sort; the order of the additions varies between runs).
+- sorted, used when `torch.are_deterministic_algorithms_enabled()` or ROUTE is "sorted": the codes are
+  sorted by feature (CSR); one program per (feature, d block) sums its codes in a fixed order and
+  writes its row once, in the output's dtype, so results are bit-identical from run to run and no
+  fp32 [F, d] buffer is needed;
+- atomic, otherwise: one program per (token block, d block) adds each code's contribution to its
+  feature's row of a zeroed fp32 buffer with atomics (no sort; the order of the additions varies
+  between runs), cast (and transposed) in one copy after.
+ROUTE comes from the environment variable FASTSAE_FEATURE_SUMS ("atomic", the default, or "sorted"),
+read at import.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -21,6 +29,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch import bucket, tuned
+
+ROUTE = os.environ.get("FASTSAE_FEATURE_SUMS", "atomic")
+if ROUTE not in ("atomic", "sorted"):
+    raise ValueError(f"FASTSAE_FEATURE_SUMS must be 'atomic' or 'sorted', got {ROUTE!r}")
 
 
 @triton.jit
@@ -53,7 +65,7 @@ def _feature_sum_sorted_kernel(
         acc += tl.sum(coef[:, None] * rows, axis=0)
         coef_total += coef
     out_offsets = feature.to(tl.int64) * D + dims
-    tl.store(out_ptr + out_offsets, acc, mask=dim_valid)
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=dim_valid)
     if tl.program_id(1) == 0:
         tl.store(coef_sum_ptr + feature, tl.sum(coef_total, axis=0))
 
@@ -90,16 +102,23 @@ def _feature_sum_atomic_kernel(
 
 
 def feature_sums(
-    rows: Tensor, coef: Tensor, idx: Tensor, n_features: int, center: Tensor | None = None
+    rows: Tensor,
+    coef: Tensor,
+    idx: Tensor,
+    n_features: int,
+    center: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    transposed: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(out [F, d], coef_sum [F]) in fp32, as defined in the module docstring. rows [B, d];
-    coef, idx [B, K] (contiguous); center [d] or None."""
+    """(out, coef_sum [F] in fp32) as defined in the module docstring; out is [F, d] in `dtype`, or
+    its transpose [d, F] (contiguous) when `transposed`. rows [B, d]; coef, idx [B, K]; center [d] or
+    None."""
     B, d = rows.shape
     K = idx.shape[1]
     coef, idx = coef.contiguous(), idx.contiguous()
     center_arg = center.contiguous() if center is not None else rows  # the kernels read it with unit stride
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    if deterministic:
+    sort = ROUTE == "sorted" or torch.are_deterministic_algorithms_enabled()
+    if sort:
         flat_idx = idx.flatten()
         order = torch.argsort(flat_idx, stable=True)
         counts = torch.bincount(flat_idx, minlength=n_features)
@@ -107,7 +126,7 @@ def feature_sums(
         torch.cumsum(counts, 0, out=offsets[1:])
         tokens = (order // K).to(torch.int32)
         sorted_coef = coef.flatten()[order]
-        out = rows.new_empty(n_features, d, dtype=torch.float32)
+        out = rows.new_empty(n_features, d, dtype=dtype)
         coef_sum = rows.new_empty(n_features, dtype=torch.float32)
 
         def run(cfg: dict) -> None:
@@ -138,6 +157,10 @@ def feature_sums(
         candidates = [
             dict(BLOCK_M=m, BLOCK_D=bd, num_warps=w) for m, bd, w in [(32, 128, 4), (16, 256, 4), (64, 128, 8)]
         ]
-    mode = "sorted" if deterministic else "atomic"
-    run(tuned(("feature_sums", mode, d, n_features, bucket(B), bucket(K), rows.dtype), candidates, run))
+    route = "sorted" if sort else "atomic"
+    run(tuned(("feature_sums", route, d, n_features, bucket(B), bucket(K), rows.dtype, dtype), candidates, run))
+    if transposed:  # one copy: from the fp32 sums, casting as it transposes, on the atomic route
+        out = out.new_empty(d, n_features, dtype=dtype).copy_(out.t())
+    elif out.dtype != dtype:
+        out = out.to(dtype)
     return out, coef_sum
