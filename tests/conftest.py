@@ -49,9 +49,9 @@ def poison_empty(monkeypatch):
 
 @pytest.fixture(params=["atomic", "sorted", "deterministic"])
 def deterministic(request, monkeypatch):
-    """Runs a test with each route of the per-feature sums (fastsae.ops.scatter): the atomic one, the
-    sorted one chosen by FASTSAE_FEATURE_SUMS=sorted, and the sorted one that torch's deterministic
-    algorithms select; yields whether the results must be bit-reproducible."""
+    """Runs a test with each route of the per-feature sums (fastsae.ops.scatter): the atomic one and
+    the sorted one (FASTSAE_FEATURE_SUMS), and the sorted one that torch's deterministic algorithms
+    select; yields whether the results must be bit-reproducible."""
     monkeypatch.setattr(scatter, "ROUTE", "sorted" if request.param == "sorted" else "atomic")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(request.param == "deterministic")

@@ -75,7 +75,8 @@ def normalize_rows_(W_dec: Tensor, eps: float = 1e-12) -> None:
 @triton.jit
 def _decoder_adam_kernel(
     w_ptr, grad_ptr, m_ptr, v_ptr, F, D, stride_wf, stride_gf, stride_mf, stride_vf,
-    beta1, beta2, step_size, bias2_sqrt, eps, norm_eps, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    beta2, one_minus_beta1, one_minus_beta2, step_size, bias2_sqrt, eps, norm_eps,
+    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     dims = tl.arange(0, BLOCK_D)
@@ -89,8 +90,8 @@ def _decoder_adam_kernel(
     m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
     g -= (tl.sum(g * w, axis=1) / tl.maximum(tl.sum(w * w, axis=1), norm_eps))[:, None] * w
-    m += (1 - beta1) * (g - m)  # torch's lerp
-    v = beta2 * v + (1 - beta2) * g * g
+    m += one_minus_beta1 * (g - m)  # torch's lerp
+    v = beta2 * v + one_minus_beta2 * g * g
     w -= step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
     norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), norm_eps)
     tl.store(w_ptrs, (w / norm[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
@@ -108,5 +109,6 @@ def decoder_adam_(
     _decoder_adam_kernel[grid](
         W_dec, grad, exp_avg, exp_avg_sq, W_dec.shape[0], W_dec.shape[1],
         W_dec.stride(0), grad.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0),
-        beta1, beta2, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps, norm_eps, **cfg,
+        # 1 - beta in double precision: in fp32, 1 - fp32(0.999) is 1.3e-5 off
+        beta2, 1 - beta1, 1 - beta2, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps, norm_eps, **cfg,
     )  # fmt: skip
