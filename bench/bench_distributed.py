@@ -209,6 +209,11 @@ def _collectives(sae: fastsae.SparseAutoencoder, n_rows: int, k: int) -> None:
     dist.all_reduce(torch.zeros(d, device=device, dtype=dtype), group=group)
 
 
+def _log(message: str, begin: float) -> None:
+    if dist.get_rank() == 0:
+        print(f"[{time.perf_counter() - begin:6.1f} s] {message}", flush=True)
+
+
 def _release(device: str) -> None:
     """The finished case's SAE, optimizer state and DDP wrapper (reference cycles) leave the GPU before
     the next case allocates."""
@@ -219,7 +224,7 @@ def _release(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="dp,shard", help="comma-separated subset of dp,shard")
+    parser.add_argument("--cases", default="dp,shard", help="comma-separated subset of dp,shard, run in that order")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--csv", type=Path, default=None, help="CSV to append to (default bench/results/<gpu>.csv)")
     args = parser.parse_args(argv)
@@ -233,15 +238,20 @@ def main(argv: list[str] | None = None) -> int:
     if dist.get_rank() == 0:
         name = torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-") if cuda else "cpu"
         recorder = Recorder(args.csv or Path(__file__).resolve().parent / "results" / f"{name}.csv")
-    cases = args.cases.split(",")
-    if "dp" in cases:
-        for shape in DP_SHAPES if cuda else ["tiny"]:
-            data_parallel(recorder, shape, *(SHAPES[shape] if cuda else TINY), device)
-            _release(device)
-    if "shard" in cases:
-        for d, n_features, n_rows, k in SHARDED if cuda else [TINY]:
-            feature_sharded(recorder, d, n_features, n_rows, k, device)
-            _release(device)
+    begin = time.perf_counter()
+    for case in args.cases.split(","):  # in the order given
+        if case == "dp":
+            for shape in DP_SHAPES if cuda else ["tiny"]:
+                data_parallel(recorder, shape, *(SHAPES[shape] if cuda else TINY), device)
+                _release(device)
+                _log(f"data parallel {shape} done", begin)
+        elif case == "shard":
+            for d, n_features, n_rows, k in SHARDED if cuda else [TINY]:
+                feature_sharded(recorder, d, n_features, n_rows, k, device)
+                _release(device)
+                _log(f"feature sharding F={n_features} done", begin)
+        else:
+            raise SystemExit(f"unknown case {case!r}: choose from dp, shard")
     gc.collect()  # objects holding the group go before it (gloo's threads abort a process that leaves them)
     dist.barrier()
     dist.destroy_process_group()

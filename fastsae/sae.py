@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import centering, parallel
+from . import centering, parallel, reference
 from . import functional as F
 
 ACTIVATIONS = ("topk", "relu", "jumprelu", "batchtopk")
@@ -584,12 +584,15 @@ class SparseAutoencoder(nn.Module):
             counts = F.fire_counts(codes.idx, self.W_dec.shape[0], codes.vals)  # this shard's features
         else:
             counts = F.fire_counts_dense(codes)
-        if self._group is not None:  # every replica counts every replica's tokens
-            dist.all_reduce(counts, group=self._group)
-            tokens = torch.tensor([n_tokens], dtype=torch.int64, device=counts.device)
-            dist.all_reduce(tokens, group=self._group)
-            n_tokens = int(tokens)
-        F.update_since_fired_(self.tokens_since_fired, counts, n_tokens)
+        if self._group is not None:
+            # Every replica counts every replica's tokens: one all-reduce, and the token count stays on the
+            # device (reading it on the host would stall the host before it queues the backward).
+            totals = torch.cat([counts, counts.new_tensor([n_tokens])])
+            dist.all_reduce(totals, group=self._group)
+            counts, n_tokens = totals[:-1], totals[-1]
+            self.tokens_since_fired.copy_(reference.update_since_fired(self.tokens_since_fired, counts, n_tokens))
+        else:
+            F.update_since_fired_(self.tokens_since_fired, counts, n_tokens)
         self.feature_fire_count += counts
         self.n_tokens_seen += n_tokens
 
