@@ -57,7 +57,8 @@ def _sae(d: int, n_features: int, k: int, device: str, feature_group=None) -> fa
     dtype = "bfloat16" if device != "cpu" else "float32"
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype=dtype, check_finite=False,
                             dead_after_tokens=1)  # fmt: skip
-    return fastsae.SparseAutoencoder(cfg, feature_group=feature_group).to(device)
+    with torch.device(device):  # built where it trains: no host copy of a large SAE
+        return fastsae.SparseAutoencoder(cfg, feature_group=feature_group)
 
 
 def _step(sae: fastsae.SparseAutoencoder, x: torch.Tensor, model=None, fp32_moments: bool = False):

@@ -11,6 +11,7 @@ Shapes: x [B, d], W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d], vals/idx [B,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -365,14 +366,17 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
 
 
 def auxk_reconstruction(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int
-) -> Tensor:
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int,
+    keep: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:  # fmt: skip
     """The AuxK reconstruction (no b_dec) from the top-k_aux post-ReLU pre-activations among `features`
     (int64 [n], the dead ones), computed densely over just those n features: one [B, n] GEMM for the
     pre-activations (centred in fp32 first), torch.topk, and one GEMM to decode. The same value as
     `decode_sparse` of `encode_topk(..., k_aux, dead_mask)`'s aux codes, and cheaper when n is a small
     multiple of k_aux: per-code gathers and atomics cost B * k_aux * d each, more than the encoder GEMM
-    at k_aux = d/2. Plain PyTorch ops, so autograd gives every gradient. -> [B, d] in W_dec's dtype."""
+    at k_aux = d/2. Plain PyTorch ops, so autograd gives every gradient. -> [B, d] in W_dec's dtype.
+    `keep`, when given, maps the selected codes [B, min(k_aux, n)] to those to decode (a feature shard
+    keeps the ones among the top k_aux over every shard, zeroing the others)."""
     _check_encoder_args(x, W_enc, b_enc, b_dec)
     _check_float("W_dec", W_dec, 2)
     if W_dec.shape != (W_enc.shape[1], W_enc.shape[0]):
@@ -393,7 +397,8 @@ def auxk_reconstruction(
     # is a sort-based index_put, 5.5 ms per step at the Llama-8B shape (measured).
     pre = centered @ W_enc.index_select(1, padded) + b_enc.index_select(0, padded)
     top = pre[:, :n].topk(min(k_aux, n), dim=1)
-    codes = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    values = top.values.relu() if keep is None else keep(top.values.relu())
+    codes = torch.zeros_like(pre).scatter(1, top.indices, values)
     return codes.to(W_dec.dtype) @ W_dec.index_select(0, padded)
 
 

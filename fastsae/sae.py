@@ -14,6 +14,7 @@ import socket
 import tempfile
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -190,19 +191,26 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def _init_directions(self, seed: int | None = None) -> None:
         """Random unit-norm decoder rows, encoder = decoder transpose, zero biases. The rows are drawn in
-        blocks of INIT_BLOCK_ROWS, block b from a generator seeded with seed + b (`seed` from torch's
-        RNG when None), so a feature shard draws its own rows, equal to the same rows of the whole."""
+        blocks of INIT_BLOCK_ROWS, block b from a CPU generator seeded with seed + b (`seed` from torch's
+        RNG when None), so a feature shard draws its own rows, equal to the same rows of the whole, on
+        any device. The blocks are drawn in parallel threads: on one thread a 2^21-feature SAE at
+        d = 4096 took minutes."""
         if seed is None:
             seed = int(torch.randint(2**62, ()))
         start, stop = self._feature_start, self._feature_start + self.W_dec.shape[0]
-        rows = []
-        for block in range(start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS)):
+
+        def draw(block: int) -> None:
             first = block * INIT_BLOCK_ROWS
             size = min(INIT_BLOCK_ROWS, self.cfg.n_features - first)
             drawn = torch.randn(size, self.cfg.d_in, generator=torch.Generator().manual_seed(seed + block))
-            rows.append(drawn[max(start - first, 0) : stop - first])
-        directions = F.normalize_decoder_rows(torch.cat(rows))
-        self.W_dec.copy_(directions.to(self.W_dec.device))
+            rows = F.normalize_decoder_rows(drawn[max(start - first, 0) : stop - first])
+            offset = max(first - start, 0)
+            with torch.no_grad():  # grad mode is per thread
+                self.W_dec[offset : offset + rows.shape[0]] = rows.to(self.W_dec.device)
+
+        blocks = range(start // INIT_BLOCK_ROWS, -(-stop // INIT_BLOCK_ROWS))
+        with ThreadPoolExecutor(min(len(blocks), os.cpu_count() or 1)) as pool:
+            list(pool.map(draw, blocks))  # list(): a block's exception is raised here
         self.W_enc.copy_(self.W_dec.T)
         self.b_enc.zero_()
         self.b_dec.zero_()
@@ -372,13 +380,19 @@ class SparseAutoencoder(nn.Module):
         them, for `F.auxk_reconstruction` (dense over those features: at 5% of F dead it takes the
         AuxK step from the fused encode's second top-k stream and B * k_aux * d atomics to two thin
         GEMMs); else None, and the fused encode selects the AuxK codes. Learning n costs one host sync,
-        so while compiling or capturing a CUDA graph this answers None and the step stays sync-free."""
+        so while compiling or capturing a CUDA graph this answers None and the step stays sync-free. A
+        feature shard's dead features are its own; the shard with the most decides for every shard."""
         if dead is None or torch.compiler.is_compiling():
             return None
         if dead.is_cuda and torch.cuda.is_current_stream_capturing():
             return None
         features = dead.nonzero().squeeze(1)
-        return features if features.shape[0] <= AUXK_DENSE_MAX_DEAD_PER_CODE * self.cfg.k_aux else None
+        most = features.shape[0]
+        if self._feature_group is not None:  # every shard takes the same path (their collectives pair up)
+            most = torch.tensor(most, device=dead.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self._feature_group)
+            most = int(most)
+        return features if most <= AUXK_DENSE_MAX_DEAD_PER_CODE * self.cfg.k_aux else None
 
     def _encode(self, x: Tensor, aux_dead: Tensor | None = None) -> F.TopKCodes | Tensor:
         """With `aux_dead` (the dead-feature mask), a TopK encode also selects the AuxK codes."""
@@ -420,6 +434,21 @@ class SparseAutoencoder(nn.Module):
         summed over the shards, plus b_dec when `bias`."""
         recon = parallel.sum_over_shards(F.decode_sparse(vals, idx, self.W_dec), self._feature_group)
         return recon + self.b_dec if bias else recon
+
+    def _auxk_shard(self, x: Tensor, features: Tensor, k_aux: int) -> Tensor:
+        """The AuxK reconstruction (SAE space, no b_dec) over the feature shards, dense over this shard's
+        dead `features` (F.auxk_reconstruction): each shard's top k_aux candidates are merged, and each
+        decodes those of its own that are among the top k_aux over every shard; summed over the shards."""
+        group = self._feature_group
+
+        def keep(values: Tensor) -> Tensor:  # [B, min(k_aux, n)]; padded with zeros (codes that do not fire)
+            padded = torch.cat([values, values.new_zeros(values.shape[0], k_aux - values.shape[1])], dim=1)
+            kept, _, _ = parallel.merge_topk(padded, torch.zeros_like(padded, dtype=torch.int64), 0, k_aux, group)
+            return torch.where(kept[:, : values.shape[1]], values, 0)
+
+        x, b_dec = parallel.shared_input(x, group), parallel.shared_input(self.b_dec, group)
+        partial = F.auxk_reconstruction(x, self.W_enc, self.b_enc, b_dec, self.W_dec, features, k_aux, keep=keep)
+        return parallel.sum_over_shards(partial, group)
 
     def _batchtopk_replicated(self, acts: Tensor, k: int) -> Tensor:
         """BatchTopK over every data-parallel replica's tokens: the codes of `acts` [B, F] at or above
@@ -525,14 +554,14 @@ class SparseAutoencoder(nn.Module):
         k_aux = self.cfg.k_aux if self.training else 0
         dead = self.dead_features() if k_aux else None
         sharded = self._feature_group is not None
-        few_dead = None if sharded else self._few_dead_features(dead)  # shards: the fused AuxK stream
+        few_dead = self._few_dead_features(dead)
         replicated = self._group is not None and self.training
         sparsity = torch.zeros((), dtype=torch.promote_types(self.W_enc.dtype, torch.float32), device=x.device)
         sparsity_term = sparsity
         if self.cfg.activation == "jumprelu" and self.training:
             codes, sparsity, sparsity_term = self._encode_jumprelu_for_training(x, replicated)
         elif sharded:  # this shard's codes for the decode, the gradients and its statistics; global ones shown
-            codes, shown = self._encode_shard(self._to_sae_space(x), dead)
+            codes, shown = self._encode_shard(self._to_sae_space(x), dead if few_dead is None else None)
         else:
             codes = self._encode(x, dead if few_dead is None else None)
         recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx)) if sharded else self.decode(codes)
@@ -547,7 +576,9 @@ class SparseAutoencoder(nn.Module):
             if k_aux:
                 # The residual and its AuxK reconstruction compared in the SAE's own (possibly whitened) space.
                 sae_x = self._to_sae_space(x)
-                if sharded:
+                if sharded and few_dead is not None:
+                    aux_recon = self._auxk_shard(sae_x, few_dead, k_aux)
+                elif sharded:
                     aux_recon = self._decode_shard(codes.aux_vals, codes.aux_idx, bias=False)
                 elif few_dead is None:
                     aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)

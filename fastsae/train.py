@@ -231,7 +231,8 @@ def _new_sae(args: argparse.Namespace, sample: torch.Tensor, layout: Layout) -> 
     d = sample.shape[1]
     cfg = SAEConfig(d_in=d, n_features=args.expansion_factor * d, activation=args.activation, k=args.k,
                     centering=args.centering, dtype=dtype, dead_after_tokens=args.dead_after)  # fmt: skip
-    sae = SparseAutoencoder(cfg, feature_group=layout.shard_group).to(args.device)  # this process's features
+    with torch.device(args.device):  # this process's features, built where they train
+        sae = SparseAutoencoder(cfg, feature_group=layout.shard_group)
     if layout.replica_group is not None:
         sae.data_parallel(layout.replica_group)
     return sae.initialize(sample.to(DTYPES[dtype]))

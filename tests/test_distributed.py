@@ -186,6 +186,8 @@ def _full_grad(sae):
 
 def _sharded_replica(rank, world, directory):
     torch.manual_seed(1 if rank == 0 else 100 + rank)  # rank 0 has the single process's RNG state
+    if world == 4:  # AuxK through the fused encode's second stream (with 2 ranks: dense over the dead)
+        fastsae.sae.AUXK_DENSE_MAX_DEAD_PER_CODE = 0
     sample, batches = _local(_data(SHARDED_STEPS))
     if world == 2:  # the whole SAE, then sharded
         sae = _local(_sae()).shard_features()
@@ -248,7 +250,8 @@ def _check_damaged_shards(directory, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_feature_sharding_trains_like_one_process(world, tmp_path):
     """Codes, losses (AuxK included), every first-step gradient and, after 20 Adam steps, every parameter
-    and statistic equal the whole SAE's (2 ranks shard the whole SAE, 4 build their shards directly).
+    and statistic equal the whole SAE's (2 ranks shard the whole SAE and take AuxK dense over their dead
+    features, 4 build their shards directly and take it from the fused encode).
     The saved file and the per-shard files (save_shards) both hold the whole SAE, and sharded over 3
     ranks each gives the whole SAE's forward."""
     sample, batches = _data(SHARDED_STEPS)
