@@ -66,19 +66,33 @@ class SAEAdam(torch.optim.Optimizer):
 
 
 # Elements updated at once: the update's temporaries (fp32 copies of bf16 parameters and gradients, the
-# denominators) stay a few hundred MB however large the encoder (a 2^20-feature encoder at d = 4096 would
-# otherwise need 48 GiB of them in fp32).
+# denominators) stay a few hundred MB however large the encoder (a 2^20-feature encoder at d = 4096
+# needs 48 GiB of them in fp32 at once: one H200 ran out of memory at 135 GiB).
 CHUNK_ELEMENTS = 2**26
 
 
 def _adam(params: list[Tensor], grads: list[Tensor], states: list[dict], lr, beta1, beta2, eps) -> None:
     """torch.optim.Adam's multi-tensor update (its `_multi_tensor_adam`, without the options SAEAdam
-    leaves out), on fp32 copies of the parameters whose moments are fp32 and they are not, over pieces
-    of at most CHUNK_ELEMENTS of each tensor."""
-    pieces = [_pieces(p, g, s["exp_avg"], s["exp_avg_sq"]) for p, g, s in zip(params, grads, states)]
-    steps = [state["step"] for state, parts in zip(states, pieces) for _ in parts]
-    flat = [part for parts in pieces for part in parts]
-    params, grads, exp_avgs, exp_avg_sqs = (list(column) for column in zip(*flat))
+    leaves out), on fp32 copies of the parameters whose moments are fp32 and they are not; in batches
+    of pieces of at most CHUNK_ELEMENTS in all, one after the other."""
+    pieces = [
+        (*part, state["step"])
+        for p, g, state in zip(params, grads, states)
+        for part in _pieces(p, g, state["exp_avg"], state["exp_avg_sq"])
+    ]
+    batch, size = [], 0
+    for piece in pieces:
+        if batch and size + piece[0].numel() > CHUNK_ELEMENTS:
+            _adam_batch(batch, lr, beta1, beta2, eps)
+            batch, size = [], 0
+        batch.append(piece)
+        size += piece[0].numel()
+    _adam_batch(batch, lr, beta1, beta2, eps)
+
+
+def _adam_batch(pieces: list[tuple], lr, beta1, beta2, eps) -> None:
+    """One multi-tensor update of (parameter, gradient, exp_avg, exp_avg_sq, step) pieces."""
+    params, grads, exp_avgs, exp_avg_sqs, steps = (list(column) for column in zip(*pieces))
     targets = [p if p.dtype == m.dtype else p.to(m.dtype) for p, m in zip(params, exp_avgs)]
     grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)

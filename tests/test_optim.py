@@ -62,8 +62,13 @@ def test_matches_torch_adam_with_the_decoder_constraint(chunk, monkeypatch):
 def test_fp32_moments_for_bf16_parameters(chunk, monkeypatch):
     """state_dtype=float32: fp32 moments, and each bf16 parameter (but W_dec) is Adam's update of its
     value computed in fp32, rounded once to bf16 (also when updated in pieces)."""
+    updated_at_once = []  # elements of each multi-tensor update: at most the chunk
     if chunk is not None:
         monkeypatch.setattr(fastsae.optim, "CHUNK_ELEMENTS", chunk)
+        sqrt = torch._foreach_sqrt
+        monkeypatch.setattr(
+            torch, "_foreach_sqrt", lambda ts: updated_at_once.append(sum(t.numel() for t in ts)) or sqrt(ts)
+        )
     sae, _ = _pair("bfloat16")
     optimizer = SAEAdam(sae, lr=1e-2, state_dtype=torch.float32)
     for step, x in enumerate(_batches(3, torch.bfloat16), 1):
@@ -83,6 +88,8 @@ def test_fp32_moments_for_bf16_parameters(chunk, monkeypatch):
             assert optimizer.state[p]["exp_avg"].dtype == torch.float32
             if name != "W_dec":  # fp32 arithmetic in another order: at most one bf16 rounding step apart
                 torch.testing.assert_close(p, expected[name], rtol=2**-7, atol=0, msg=name)
+    if chunk is not None:
+        assert len(updated_at_once) > 3 and max(updated_at_once) <= chunk, updated_at_once
 
 
 def test_state_dict_resumes_the_same_run():
