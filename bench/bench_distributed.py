@@ -161,7 +161,8 @@ def feature_sharded(recorder, d, n_features, n_rows, k, device: str) -> None:
     _check_sharded(sae, x.to(sae.W_enc.dtype))
     times, peak = _time(_step(sae, x.to(sae.W_enc.dtype), fp32_moments=True), device, dist.group.WORLD)
     peak = _largest(peak, device)
-    comm, _ = _time(lambda: _collectives(sae, n_rows, k), device, dist.group.WORLD)
+    dense_auxk = sae._few_dead_features(sae.dead_features()) is not None  # the path the timed steps took
+    comm, _ = _time(lambda: _collectives(sae, n_rows, k, dense_auxk), device, dist.group.WORLD)
     _record(recorder, "train_step_sharded", shape, times, peak)
     _record(recorder, "train_step_sharded", shape, comm, 0.0, provider="comm")
 
@@ -199,13 +200,17 @@ def _record(recorder, op: str, shape: str, times: list[float], peak_mb: float, p
         recorder.record(op, shape, f"{provider}_{dist.get_world_size()}gpu", _row(times, peak_mb))
 
 
-def _collectives(sae: fastsae.SparseAutoencoder, n_rows: int, k: int) -> None:
-    """One sharded step's collectives at its sizes: the candidate gathers (k and k_aux) and the
-    reconstruction all-reduces of the forward (the main one and AuxK's), and b_dec's gradient."""
+def _collectives(sae: fastsae.SparseAutoencoder, n_rows: int, k: int, dense_auxk: bool) -> None:
+    """One sharded step's collectives at its sizes: the candidate gathers (k, and k_aux: values alone
+    when AuxK runs dense over the few dead features) and the reconstruction all-reduces of the forward
+    (the main one and AuxK's), and b_dec's gradient."""
     group, device, dtype, d = sae._feature_group, sae.W_dec.device, sae.W_dec.dtype, sae.cfg.d_in
     for width in (k, sae.cfg.k_aux):
         vals = torch.zeros(n_rows, width, device=device, dtype=dtype)
-        parallel.merge_topk(vals, torch.zeros_like(vals, dtype=torch.int32), sae._feature_start, width, group)
+        if width == sae.cfg.k_aux and dense_auxk:
+            parallel.kept_in_top(vals, group)
+        else:
+            parallel.merge_topk(vals, torch.zeros_like(vals, dtype=torch.int32), sae._feature_start, width, group)
         dist.all_reduce(torch.zeros(n_rows, d, device=device, dtype=dtype), group=group)
     dist.all_reduce(torch.zeros(d, device=device, dtype=dtype), group=group)
 

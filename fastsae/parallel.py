@@ -84,12 +84,29 @@ def merge_topk(vals: Tensor, idx: Tensor, start: int, k: int, group) -> tuple[Te
     values = candidates[:, :, :k].reshape(vals.shape[0], world * k)
     features = candidates[:, :, k:].reshape(vals.shape[0], world * k)
     top = values.topk(k, dim=1)
-    rank = dist.get_rank(group)
-    mine = (top.indices >= rank * k) & (top.indices < (rank + 1) * k)
-    # Other shards' winners go to a spare column k, dropped after: no two writes reach a kept slot.
-    slots = torch.where(mine, top.indices - rank * k, k)
-    kept = torch.zeros(vals.shape[0], k + 1, dtype=torch.bool, device=vals.device).scatter_(1, slots, True)[:, :k]
+    kept = _own_winners(top.indices, dist.get_rank(group), k)
     return kept, top.values.to(vals.dtype), features.gather(1, top.indices).to(torch.int64)
+
+
+def kept_in_top(vals: Tensor, group) -> Tensor:
+    """Which of this rank's candidate values [B, k] are among the row's k largest over every rank's:
+    merge_topk's `kept` alone, from a gather of the values in their own dtype (the AuxK codes' merge,
+    B x k_aux values per rank: a quarter of merge_topk's bytes in fp32, an eighth in bf16)."""
+    world, k = dist.get_world_size(group), vals.shape[1]
+    gathered = [torch.empty_like(vals) for _ in range(world)]
+    dist.all_gather(gathered, vals.detach().contiguous(), group=group)
+    top = torch.cat(gathered, dim=1).topk(k, dim=1)
+    return _own_winners(top.indices, dist.get_rank(group), k)
+
+
+def _own_winners(winners: Tensor, rank: int, k: int) -> Tensor:
+    """[B, k] bool: which of rank `rank`'s k candidates are among `winners` [B, k], positions in the
+    ranks' candidates laid side by side."""
+    mine = (winners >= rank * k) & (winners < (rank + 1) * k)
+    # Other shards' winners go to a spare column k, dropped after: no two writes reach a kept slot.
+    slots = torch.where(mine, winners - rank * k, k)
+    kept = torch.zeros(winners.shape[0], k + 1, dtype=torch.bool, device=winners.device)
+    return kept.scatter_(1, slots, True)[:, :k]
 
 
 def gather_rows(rows: Tensor, group, dim: int = 0) -> Tensor:

@@ -443,8 +443,7 @@ class SparseAutoencoder(nn.Module):
 
         def keep(values: Tensor) -> Tensor:  # [B, min(k_aux, n)]; padded with zeros (codes that do not fire)
             padded = torch.cat([values, values.new_zeros(values.shape[0], k_aux - values.shape[1])], dim=1)
-            kept, _, _ = parallel.merge_topk(padded, torch.zeros_like(padded, dtype=torch.int64), 0, k_aux, group)
-            return torch.where(kept[:, : values.shape[1]], values, 0)
+            return torch.where(parallel.kept_in_top(padded, group)[:, : values.shape[1]], values, 0)
 
         x, b_dec = parallel.shared_input(x, group), parallel.shared_input(self.b_dec, group)
         partial = F.auxk_reconstruction(x, self.W_enc, self.b_enc, b_dec, self.W_dec, features, k_aux, keep=keep)
