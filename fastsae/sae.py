@@ -389,7 +389,7 @@ class SparseAutoencoder(nn.Module):
         features = dead.nonzero().squeeze(1)
         most = features.shape[0]
         if self._feature_group is not None:  # every shard takes the same path (their collectives pair up)
-            most = torch.tensor(most, device=dead.device)
+            most = torch.full((), most, device=dead.device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self._feature_group)
             most = int(most)
         return features if most <= AUXK_DENSE_MAX_DEAD_PER_CODE * self.cfg.k_aux else None
@@ -508,7 +508,8 @@ class SparseAutoencoder(nn.Module):
         replica's tokens in one all-reduce when `replicated` (fp64 moments: the deviations come from
         raw sums), else this process's."""
         x64 = x.detach().double()
-        sums = [x64.new_tensor(float(x.shape[0])), x64.sum(0), x64.pow(2).sum(), *local_sums]
+        # new_full, not new_tensor: a host-to-device copy waits for the device; a fill does not.
+        sums = [x64.new_full((), float(x.shape[0])), x64.sum(0), x64.pow(2).sum(), *local_sums]
         n, total, squares, *totals = self._replica_sums(*sums) if replicated else sums
         return n, squares - total.pow(2).sum() / n, totals
 
@@ -617,7 +618,7 @@ class SparseAutoencoder(nn.Module):
         if self._group is not None:
             # Every replica counts every replica's tokens: one all-reduce, and the token count stays on the
             # device (reading it on the host would stall the host before it queues the backward).
-            totals = torch.cat([counts, counts.new_tensor([n_tokens])])
+            totals = torch.cat([counts, counts.new_full((1,), n_tokens)])
             dist.all_reduce(totals, group=self._group)
             counts, n_tokens = totals[:-1], totals[-1]
             self.tokens_since_fired.copy_(reference.update_since_fired(self.tokens_since_fired, counts, n_tokens))
