@@ -161,7 +161,7 @@ def feature_sharded(recorder, d, n_features, n_rows, k, device: str) -> None:
     _check_sharded(sae, x.to(sae.W_enc.dtype))
     times, peak = _time(_step(sae, x.to(sae.W_enc.dtype), fp32_moments=True), device, dist.group.WORLD)
     peak = _largest(peak, device)
-    dense_auxk = sae._few_dead_features(sae.dead_features()) is not None  # the path the timed steps took
+    dense_auxk = sae._few_dead_features(sae.dead_features(), n_rows) is not None  # the timed steps' path
     comm, _ = _time(lambda: _collectives(sae, n_rows, k, dense_auxk), device, dist.group.WORLD)
     _record(recorder, "train_step_sharded", shape, times, peak)
     _record(recorder, "train_step_sharded", shape, comm, 0.0, provider="comm")

@@ -39,9 +39,13 @@ JUMPRELU_BANDWIDTH = 1e-2
 # The BatchTopK inference threshold's running-average factor per training step (Bussmann et al. 2024;
 # dictionary_learning's default).
 BATCHTOPK_THRESHOLD_DECAY = 0.999
-# AuxK runs densely over the dead features (F.auxk_reconstruction) while there are at most this many
-# per AuxK code: the [B, n_dead] matrices stay within 8x the [B, k_aux] codes, a few tens of MB.
-AUXK_DENSE_MAX_DEAD_PER_CODE = 8
+# AuxK runs densely over the dead features (F.auxk_reconstruction) while its [B, n_dead] matrices have
+# at most this many elements (1 GiB each in bf16; the step holds about four at once), else as the fused
+# encode's second top-k stream. Dense was the faster wherever both were timed on the H200: the fused
+# stream gathers B * k_aux decoder rows of d, forward and backward, where dense runs thin GEMMs; at
+# d = 4096, k_aux = 2048, a feature-sharded step (8192 tokens, 2^17 features and 6553 dead per GPU)
+# took 104 ms dense against 576 ms fused.
+AUXK_DENSE_MAX_ELEMENTS = 2**29
 # The tensors indexed by feature, and their feature dimension: what `shard_features` splits and `save` gathers.
 FEATURE_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "feature_fire_count": 0, "tokens_since_fired": 0}
 INIT_BLOCK_ROWS = 4096  # decoder rows per seeded block of the random initialisation (`_init_directions`)
@@ -375,11 +379,11 @@ class SparseAutoencoder(nn.Module):
         dtype = torch.promote_types(self.unwhiten_matrix.dtype, torch.float32)
         return (y.to(dtype) @ self.unwhiten_matrix.to(dtype) + self.whiten_center.to(dtype)).to(y.dtype)
 
-    def _few_dead_features(self, dead: Tensor | None) -> Tensor | None:
-        """The dead features' indices when there are at most AUXK_DENSE_MAX_DEAD_PER_CODE * k_aux of
-        them, for `F.auxk_reconstruction` (dense over those features: at 5% of F dead it takes the
-        AuxK step from the fused encode's second top-k stream and B * k_aux * d atomics to two thin
-        GEMMs); else None, and the fused encode selects the AuxK codes. Learning n costs one host sync,
+    def _few_dead_features(self, dead: Tensor | None, n_rows: int) -> Tensor | None:
+        """The dead features' indices when n_rows x their number is at most AUXK_DENSE_MAX_ELEMENTS,
+        for `F.auxk_reconstruction` (dense over those features: it takes the AuxK step from the fused
+        encode's second top-k stream and B * k_aux * d gathers and atomics to thin GEMMs); else None,
+        and the fused encode selects the AuxK codes. Learning n costs one host sync,
         so while compiling or capturing a CUDA graph this answers None and the step stays sync-free. A
         feature shard's dead features are its own; the shard with the most decides for every shard."""
         if dead is None or torch.compiler.is_compiling():
@@ -392,7 +396,7 @@ class SparseAutoencoder(nn.Module):
             most = torch.full((), most, device=dead.device)
             dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self._feature_group)
             most = int(most)
-        return features if most <= AUXK_DENSE_MAX_DEAD_PER_CODE * self.cfg.k_aux else None
+        return features if most * n_rows <= AUXK_DENSE_MAX_ELEMENTS else None
 
     def _encode(self, x: Tensor, aux_dead: Tensor | None = None) -> F.TopKCodes | Tensor:
         """With `aux_dead` (the dead-feature mask), a TopK encode also selects the AuxK codes."""
@@ -554,7 +558,7 @@ class SparseAutoencoder(nn.Module):
         k_aux = self.cfg.k_aux if self.training else 0
         dead = self.dead_features() if k_aux else None
         sharded = self._feature_group is not None
-        few_dead = self._few_dead_features(dead)
+        few_dead = self._few_dead_features(dead, x.shape[0])
         replicated = self._group is not None and self.training
         sparsity = torch.zeros((), dtype=torch.promote_types(self.W_enc.dtype, torch.float32), device=x.device)
         sparsity_term = sparsity

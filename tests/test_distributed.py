@@ -187,7 +187,7 @@ def _full_grad(sae):
 def _sharded_replica(rank, world, directory):
     torch.manual_seed(1 if rank == 0 else 100 + rank)  # rank 0 has the single process's RNG state
     if world == 4:  # AuxK through the fused encode's second stream (with 2 ranks: dense over the dead)
-        fastsae.sae.AUXK_DENSE_MAX_DEAD_PER_CODE = 0
+        fastsae.sae.AUXK_DENSE_MAX_ELEMENTS = 0
     sample, batches = _local(_data(SHARDED_STEPS))
     if world == 2:  # the whole SAE, then sharded
         sae = _local(_sae()).shard_features()

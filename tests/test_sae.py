@@ -81,12 +81,12 @@ def test_auxk_paths_agree(device, monkeypatch):
     sae.train()
     x = torch.randn(50, 24, dtype=torch.float64, device=device) + 3
     sae(x)  # the features not fired on this batch are now dead
-    assert 0 < int(sae.dead_features().sum()) <= fastsae.sae.AUXK_DENSE_MAX_DEAD_PER_CODE * 12
+    assert 0 < int(sae.dead_features().sum()) * 50 <= fastsae.sae.AUXK_DENSE_MAX_ELEMENTS
     fused = copy.deepcopy(sae)
     results = []
     for model in (sae, fused):
         if model is fused:
-            monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_DEAD_PER_CODE", 0)
+            monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_ELEMENTS", 0)
         out = model(x)
         assert float(out.auxk.detach()) > 0
         results.append((out.loss, *torch.autograd.grad(out.loss, list(model.parameters()))))
@@ -99,7 +99,7 @@ def test_whitened_auxk_loss_matches_reference(path, monkeypatch):
     """With centering="whiten" the codes, the residual and its AuxK reconstruction live in the whitened
     space and the FVU in the input space; checked term by term against the reference on both AuxK paths."""
     if path == "fused_codes":
-        monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_DEAD_PER_CODE", 0)
+        monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_ELEMENTS", 0)
     sae = _sae(centering="whiten", dead_after_tokens=0, k_aux=12)
     sae.train()
     x = torch.randn(50, 24, dtype=torch.float64) @ torch.randn(24, 24, dtype=torch.float64) + 3
