@@ -89,18 +89,28 @@ def _sae(activation="topk"):
     return fastsae.SparseAutoencoder(_cfg(activation))
 
 
-def _train(model, sae, batches):
+def _train(model, sae, batches, full_grad=lambda name, grad: grad):
+    """Adam steps on `batches` through `model` (`sae` or its DDP wrapper): per step the losses and the
+    TopK codes (sorted by feature; None for dense codes), and every parameter's gradient of the first
+    step (`full_grad` turns a shard's into the whole SAE's)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
+    losses, codes, first_grads = [], [], None
     for x in batches:
         out = model(x)
         out.loss.backward()
+        if first_grads is None:
+            first_grads = {name: full_grad(name, p.grad.clone()) for name, p in sae.named_parameters()}
         sae.remove_decoder_parallel_grad()
         optimizer.step()
         optimizer.zero_grad()
         sae.normalize_decoder()
         losses.append(tuple(float(t.detach()) for t in (out.fvu, out.auxk, out.mse, out.sparsity)))
-    return losses
+        if out.idx is None:
+            codes.append(None)
+        else:
+            order = out.idx.long().argsort(dim=1)
+            codes.append((out.idx.long().gather(1, order), out.vals.detach().gather(1, order)))
+    return losses, codes, first_grads
 
 
 def _replica(rank, world, activation, result_path):
@@ -109,7 +119,7 @@ def _replica(rank, world, activation, result_path):
     sample, batches = _local(_data())
     sae = _local(_sae(activation)).data_parallel()
     sae.initialize(sample.chunk(world)[rank])
-    losses = _train(DistributedDataParallel(sae), sae, [x.chunk(world)[rank] for x in batches])
+    losses, _, _ = _train(DistributedDataParallel(sae), sae, [x.chunk(world)[rank] for x in batches])
     if rank == 0:
         torch.save((losses, {name: t.cpu() for name, t in sae.state_dict().items()}), result_path)
 
@@ -134,7 +144,7 @@ def test_data_parallel_trains_like_one_process(activation, world, tmp_path):
     sample, batches = _data()
     torch.manual_seed(1)
     single = _sae(activation).initialize(sample)
-    expected_losses = _train(single, single, batches)
+    expected_losses, _, _ = _train(single, single, batches)
 
     result_path = tmp_path / "rank0.pt"
     _spawn(_replica, (activation, result_path), world)
@@ -158,26 +168,6 @@ def test_data_parallel_needs_torch_distributed():
 SHARDED_STEPS = 20
 
 
-def _train_recorded(model, sae, batches, full_grad=lambda name, grad: grad):
-    """Adam steps on `batches`: per step the losses and the codes (sorted by feature), and every
-    parameter's gradient of the first step (`full_grad` turns a shard's into the whole SAE's)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses, codes, first_grads = [], [], None
-    for x in batches:
-        out = model(x)
-        out.loss.backward()
-        if first_grads is None:
-            first_grads = {name: full_grad(name, p.grad.clone()) for name, p in sae.named_parameters()}
-        sae.remove_decoder_parallel_grad()
-        optimizer.step()
-        optimizer.zero_grad()
-        sae.normalize_decoder()
-        losses.append(tuple(float(t.detach()) for t in (out.fvu, out.auxk, out.mse)))
-        order = out.idx.long().argsort(dim=1)
-        codes.append((out.idx.long().gather(1, order), out.vals.detach().gather(1, order)))
-    return losses, codes, first_grads
-
-
 def _full_grad(sae):
     return lambda name, grad: (
         parallel.gather_rows(grad, sae._feature_group, FEATURE_DIMS[name]) if name in FEATURE_DIMS else grad
@@ -194,7 +184,7 @@ def _sharded_replica(rank, world, directory):
     else:  # built as a shard
         sae = _local(fastsae.SparseAutoencoder(_cfg(), feature_group=dist.group.WORLD))
     sae.initialize(sample)
-    record = _train_recorded(sae, sae, batches, _full_grad(sae))
+    record = _train(sae, sae, batches, _full_grad(sae))
     sae.save(directory / "sharded.safetensors")
     sae.save_shards(directory / "shards")
     if rank == 0:
@@ -223,7 +213,7 @@ def _assert_same_training(record, expected):
     (losses, codes, grads), (want_losses, want_codes, want_grads) = record, expected
     for got, want in zip(losses, want_losses):
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
-    assert any(auxk > 0 for _, auxk, _ in want_losses), "AuxK never ran: the test would not cover it"
+    assert any(auxk > 0 for _, auxk, _, _ in want_losses), "AuxK never ran: the test would not cover it"
     for (idx, vals), (want_idx, want_vals) in zip(codes, want_codes):
         assert torch.equal(idx, want_idx)
         torch.testing.assert_close(vals, want_vals, rtol=1e-9, atol=1e-12)
@@ -257,7 +247,7 @@ def test_feature_sharding_trains_like_one_process(world, tmp_path):
     sample, batches = _data(SHARDED_STEPS)
     torch.manual_seed(1)
     single = _sae().initialize(sample)
-    expected = _train_recorded(single, single, batches)
+    expected = _train(single, single, batches)
 
     _spawn(_sharded_replica, (tmp_path,), world)
     _assert_same_training(_load(tmp_path / "record.pt"), expected)
@@ -295,7 +285,7 @@ def _mesh_replica(rank, world, directory):
     sae = _local(_sae()).shard_features(rows[replica]).data_parallel(columns[shard])
     sae.initialize(sample.chunk(2)[replica])
     model = DistributedDataParallel(sae, process_group=columns[shard])
-    record = _train_recorded(model, sae, [x.chunk(2)[replica] for x in batches], _full_grad(sae))
+    record = _train(model, sae, [x.chunk(2)[replica] for x in batches], _full_grad(sae))
     sae.save(directory / "mesh.safetensors")
     if rank == 0:
         torch.save(record[0], directory / "losses.pt")
@@ -307,7 +297,7 @@ def test_mesh_of_replicas_and_shards_trains_like_one_process(tmp_path):
     sample, batches = _data()
     torch.manual_seed(1)
     single = _sae().initialize(sample)
-    want_losses = _train_recorded(single, single, batches)[0]
+    want_losses = _train(single, single, batches)[0]
 
     _spawn(_mesh_replica, (tmp_path,), 4)
     for got, want in zip(_load(tmp_path / "losses.pt"), want_losses):
