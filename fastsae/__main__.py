@@ -9,46 +9,10 @@ from pathlib import Path
 import torch
 
 from . import train
+from .activations import load_activations
 from .reproduce import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        import numpy as np
-
-        return {"array": torch.from_numpy(np.load(path, allow_pickle=False))}
-    if suffix == ".pt":
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        return loaded if isinstance(loaded, dict) else {"tensor": loaded}
-    from safetensors.torch import load_file
-
-    return load_file(path)
-
-
-def load_activations(path: Path) -> torch.Tensor:
-    """[N, d] activations from a .npy, .pt or .safetensors file holding exactly one tensor of shape
-    [..., d] (e.g. [batch, seq, d] as a transformer hook gives them: every position is a token); a clear
-    ValueError for anything else."""
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    if path.suffix.lower() not in (".npy", ".pt", ".safetensors"):
-        raise ValueError(f"{path}: unknown format {path.suffix!r}; expected .npy, .pt or .safetensors")
-    try:
-        tensors = _read_tensors(path)
-    except Exception as error:  # numpy, torch and safetensors each raise their own types on corrupt files
-        raise ValueError(f"{path}: cannot be read as {path.suffix}: {error}") from error
-    if len(tensors) != 1:
-        raise ValueError(f"{path}: holds {len(tensors)} tensors ({sorted(tensors)}); expected exactly one")
-    acts = next(iter(tensors.values()))
-    if not isinstance(acts, torch.Tensor) or acts.dim() < 2:
-        shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
-        raise ValueError(f"{path}: expected an [N, d] (or [..., d]) tensor of activations, got {shape}")
-    if not acts.is_floating_point():
-        raise ValueError(f"{path}: expected floating-point activations, got {acts.dtype}")
-    return acts.reshape(-1, acts.shape[-1])
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:

@@ -15,17 +15,21 @@ Padding positions are dropped, and with `drop_special_tokens` so are the tokeniz
 pass through a shuffling buffer of `buffer_tokens` on the device, so a batch mixes many texts.
 `cache_dir` writes every collected token to safetensors shards on first use and reads them on later
 passes (the model is not run again).
+
+Activations saved by other means (a .npy, .pt or .safetensors file of [N, d], or [..., d]) load with
+`load_activations`, and `saved_activation_batches` serves them as the same kind of batches.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -194,3 +198,60 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
             current = []
     if current:
         yield current
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        import numpy as np
+
+        return {"array": torch.from_numpy(np.load(path, allow_pickle=False))}
+    if suffix == ".pt":
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return loaded if isinstance(loaded, dict) else {"tensor": loaded}
+    return load_file(path)
+
+
+def load_activations(path: str | os.PathLike) -> Tensor:
+    """[N, d] activations from a .npy, .pt or .safetensors file holding exactly one tensor of shape
+    [..., d] (e.g. [batch, seq, d] as a transformer hook gives them: every position is a token); a clear
+    ValueError for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if path.suffix.lower() not in (".npy", ".pt", ".safetensors"):
+        raise ValueError(f"{path}: unknown format {path.suffix!r}; expected .npy, .pt or .safetensors")
+    try:
+        tensors = _read_tensors(path)
+    except Exception as error:  # numpy, torch and safetensors each raise their own types on corrupt files
+        raise ValueError(f"{path}: cannot be read as {path.suffix}: {error}") from error
+    if len(tensors) != 1:
+        raise ValueError(f"{path}: holds {len(tensors)} tensors ({sorted(tensors)}); expected exactly one")
+    acts = next(iter(tensors.values()))
+    if not isinstance(acts, torch.Tensor) or acts.dim() < 2:
+        shape = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
+        raise ValueError(f"{path}: expected an [N, d] (or [..., d]) tensor of activations, got {shape}")
+    if not acts.is_floating_point():
+        raise ValueError(f"{path}: expected floating-point activations, got {acts.dtype}")
+    return acts.reshape(-1, acts.shape[-1])
+
+
+def saved_activation_batches(
+    tensors: dict[str, Tensor], batch_tokens: int, replica: int = 0, replicas: int = 1
+) -> Iterator[dict[str, Tensor]]:
+    """{name: [batch_tokens, d]} batches of saved activations ({name: [N, d]}, the same N tokens for
+    every name, e.g. several hook points of one model), endlessly: epoch e is the tokens in a
+    permutation seeded with e (the same in every run, so a resumed run can skip the batches it trained
+    on), cut into whole batches; replica r of `replicas` takes every replicas-th batch."""
+    sizes = {name: t.shape[0] for name, t in tensors.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"saved activations must hold the same number of tokens each, got {sizes}")
+    n_tokens = next(iter(sizes.values()))
+    if n_tokens < batch_tokens * replicas:
+        raise ValueError(f"{n_tokens} saved tokens are fewer than one batch of {batch_tokens} per replica")
+    for epoch in itertools.count():
+        order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(epoch))
+        for number, start in enumerate(range(0, n_tokens - batch_tokens + 1, batch_tokens)):
+            if number % replicas == replica:
+                rows = order[start : start + batch_tokens]
+                yield {name: t[rows] for name, t in tensors.items()}

@@ -14,6 +14,14 @@ same OUT to resume: the SAEs, the optimizer and the token count are restored and
 used are skipped (the stream is deterministic for the same texts). Text files hold one document per
 line (.txt) or one JSON object with a "text" field per line (.jsonl).
 
+Activations you already have (from a model transformers does not load, or saved earlier) train the
+same way, one SAE per file, named by the file's stem:
+
+    python -m fastsae train --activations layer6.safetensors layer9.npy --tokens 20_000_000
+
+Each file holds one [N, d] (or [..., d]) tensor, the same N tokens in each; the run goes over them
+epoch after epoch, each epoch in a seeded order (so a resumed run skips what it trained on).
+
 The same command trains on several GPUs under torchrun, unchanged:
 
     torchrun --nproc-per-node 8 -m fastsae train --model gpt2 --hookpoint h.6 --texts corpus.txt \
@@ -43,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .activations import ActivationStream
+from .activations import ActivationStream, load_activations, saved_activation_batches
 from .diagnostics import diagnose
 from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, write_atomically
 
@@ -53,9 +61,12 @@ LOG_COLUMNS = ["tokens", "hookpoint", "fvu", "dead_pct", "tokens_per_s"]
 def add_parser(commands) -> None:
     train = commands.add_parser("train", help="train SAEs on a model's activations", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    train.add_argument("--model", required=True, help="Hugging Face model name or local directory")
-    train.add_argument("--hookpoint", required=True, nargs="+", help="submodule names of the model, e.g. h.6")
-    train.add_argument("--texts", required=True, nargs="+", type=Path, help=".txt or .jsonl files")
+    train.add_argument("--model", help="Hugging Face model name or local directory")
+    train.add_argument("--hookpoint", nargs="+", help="submodule names of the model, e.g. h.6")
+    train.add_argument("--texts", nargs="+", type=Path, help=".txt or .jsonl files")
+    train.add_argument("--activations", nargs="+", type=Path,
+                       help="instead of --model/--hookpoint/--texts: saved [N, d] activations (.npy, .pt, "
+                            ".safetensors), one SAE per file, named by its stem")  # fmt: skip
     train.add_argument("--out", type=Path, default=Path("fastsae_run"), help="output and resume directory")
     train.add_argument("--tokens", type=int, default=10_000_000, help="training tokens per SAE")
     train.add_argument("--activation", choices=ACTIVATIONS, default="topk")
@@ -144,25 +155,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from transformers import AutoModel, AutoTokenizer
-
+    _check_source(args)
     layout = _layout(args)
     say = print if layout.main else lambda *_, **__: None
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
-    model = AutoModel.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-    texts = itertools.islice(read_texts(args.texts), layout.replica, None, layout.replicas)  # this replica's
-    stream = ActivationStream(
-        model, tokenizer, texts, args.hookpoint, batch_tokens=args.batch_tokens,
-        context_size=args.context_size, buffer_tokens=max(16 * args.batch_tokens, 2**16),
-        drop_special_tokens=not args.keep_special_tokens, device=args.device,
-    )  # fmt: skip
+    batches = _batches(args, layout)
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = _state_path(args.out, layout)
     resumed = state_path.is_file()
-    batches = iter(stream)
     if resumed:
         saes = {}
         for name in args.hookpoint:
@@ -188,6 +187,45 @@ def _run(args: argparse.Namespace) -> None:
         for name, optimizer in optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
     _train(args, layout, saes, optimizers, batches, tokens_done, used_batches)
+
+
+def _check_source(args: argparse.Namespace) -> None:
+    """Either a model (--model, --hookpoint, --texts) or saved activations (--activations, whose file
+    stems become the hook points' names)."""
+    model_args = {"--model": args.model, "--hookpoint": args.hookpoint, "--texts": args.texts}
+    if args.activations:
+        given = [flag for flag, value in model_args.items() if value]
+        if given:
+            raise ValueError(f"--activations trains on saved activations; {', '.join(given)} belong to a model")
+        args.hookpoint = [path.stem for path in args.activations]
+        if len(set(args.hookpoint)) != len(args.hookpoint):
+            raise ValueError(f"--activations files need distinct names (their stems name the SAEs): {args.hookpoint}")
+    elif not all(model_args.values()):
+        missing = [flag for flag, value in model_args.items() if not value]
+        raise ValueError(f"give --model, --hookpoint and --texts (missing {', '.join(missing)}), or --activations")
+
+
+def _batches(args: argparse.Namespace, layout: Layout) -> Iterator[dict]:
+    """This replica's {hookpoint: [batch_tokens, d]} batches: from the model run on the texts, or from
+    the saved activations (epoch after epoch)."""
+    if args.activations:
+        tensors = {path.stem: load_activations(path) for path in args.activations}
+        batches = saved_activation_batches(tensors, args.batch_tokens, layout.replica, layout.replicas)
+        return ({name: t.to(args.device) for name, t in batch.items()} for batch in batches)
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
+    model = AutoModel.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    texts = itertools.islice(read_texts(args.texts), layout.replica, None, layout.replicas)  # this replica's
+    stream = ActivationStream(
+        model, tokenizer, texts, args.hookpoint, batch_tokens=args.batch_tokens,
+        context_size=args.context_size, buffer_tokens=max(16 * args.batch_tokens, 2**16),
+        drop_special_tokens=not args.keep_special_tokens, device=args.device,
+    )  # fmt: skip
+    return iter(stream)
 
 
 def _distribute(sae: SparseAutoencoder, layout: Layout) -> SparseAutoencoder:

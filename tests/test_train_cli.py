@@ -92,3 +92,41 @@ def test_train_command_under_torchrun(tmp_path, model_dir, shards):
     assert sae.cfg.n_features == 64 and int(sae.n_tokens_seen) == 768
     states = ["state.pt"] if shards == 1 else ["state.shard0.pt", "state.shard1.pt"]
     assert sorted(path.name for path in out.glob("state*.pt")) == states
+
+
+def test_train_command_on_saved_activations(tmp_path, capsys):
+    """--activations: one SAE per file (named by its stem; .safetensors and .npy, [N, d] and
+    [batch, seq, d]), over several epochs of the saved tokens, and a resumed run."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    acts = torch.randn(300, 16, generator=generator) * torch.linspace(0.1, 3, 16) + 2
+    save_file({"acts": acts}, str(tmp_path / "layer6.safetensors"))
+    np.save(tmp_path / "layer9.npy", (2 * acts).reshape(10, 30, 16).numpy())
+    out = tmp_path / "run"
+    common = ["train", "--activations", str(tmp_path / "layer6.safetensors"), str(tmp_path / "layer9.npy"),
+              "--out", str(out), "--batch-tokens", "64", "--diagnose-tokens", "128", "--expansion-factor", "4",
+              "--k", "4", "--log-every", "256", "--checkpoint-every", "512", "--device", "cpu"]  # fmt: skip
+    assert cli([*common, "--tokens", "1024"]) == 0  # 300 tokens saved: about four epochs
+    assert "== layer6: diagnose" in capsys.readouterr().out
+    rows = _rows(out)
+    assert {row["hookpoint"] for row in rows} == {"layer6", "layer9"} and int(rows[-1]["tokens"]) == 1024
+    first = fastsae.SparseAutoencoder.load(out / "layer9.safetensors")
+    assert cli([*common, "--tokens", "1536"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    resumed = fastsae.SparseAutoencoder.load(out / "layer9.safetensors")
+    assert int(resumed.n_tokens_seen) == 1536 and not torch.equal(resumed.W_dec, first.W_dec)
+
+
+def test_train_command_wants_a_model_or_saved_activations(tmp_path, model_dir, capsys):
+    saved = tmp_path / "acts.pt"
+    torch.save(torch.randn(100, 8), saved)
+    for args, message in [
+        (["--hookpoint", "h.0", "--texts", "t.txt"], "missing --model"),
+        (["--activations", str(saved), "--model", str(model_dir)], "--model belong to a model"),
+        (["--activations", str(saved), str(saved)], "distinct names"),
+        (["--activations", str(saved)], "fewer than one batch"),
+    ]:
+        assert cli(["train", *args, "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+        assert message in capsys.readouterr().err
