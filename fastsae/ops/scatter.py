@@ -7,10 +7,14 @@ summed in fp32 and returned in the dtype the caller asks for (the weight's), or 
 
 dW_dec is this with rows = d x_hat and coef = vals; dW_enc^T (and d b_enc) with rows = x, center =
 b_dec and coef = d vals masked by the ReLU (`reference.decode_sparse_backward`,
-`reference.encode_topk_backward`). Two implementations:
+`reference.encode_topk_backward`). Three implementations:
 - sorted: the codes are sorted by feature (CSR); one program per (feature, d block) sums its codes in
   a fixed order and writes its row once, in the output's dtype, so results are bit-identical from run
   to run and no fp32 [F, d] buffer is needed;
+- blocked (experimental: not timed yet, chosen only by FASTSAE_FEATURE_SUMS=blocked): the same CSR
+  order, one program per (BLOCK_F features, d block), which sums its features' codes with tensor-core
+  products and writes the output in its final layout ([F, d] or [d, F]: no transposing copy);
+  bit-reproducible too;
 - atomic: one program per (token block, d block) adds each code's contribution to its feature's row
   of a zeroed fp32 buffer with atomics (no sort; the order of the additions varies between runs),
   cast (and transposed) in one copy after.
@@ -19,8 +23,8 @@ measured faster: on the H200 (bf16, B * k codes of a training step with AuxK) it
 atomic route's time at the Llama-8B shape (F * d = 2^29), where filling, casting and transposing the
 fp32 buffer dominate, and 1.9-2.1x at GPT-2 and AlphaFold3 widths (F * d = 2^24, 2^22.6), whose
 features have few codes each; SORTED_FROM_OUTPUT_ELEMENTS sits between. ROUTE, from the environment
-variable FASTSAE_FEATURE_SUMS ("auto", the default, "atomic" or "sorted"; read at import), overrides
-the choice.
+variable FASTSAE_FEATURE_SUMS ("auto", the default, "atomic", "sorted" or "blocked"; read at import),
+overrides the choice.
 """
 
 from __future__ import annotations
@@ -32,11 +36,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import bucket, tuned
+from .launch import bucket, dot_dtype, input_precision, tuned
 
 ROUTE = os.environ.get("FASTSAE_FEATURE_SUMS", "auto")
-if ROUTE not in ("auto", "atomic", "sorted"):
-    raise ValueError(f"FASTSAE_FEATURE_SUMS must be 'auto', 'atomic' or 'sorted', got {ROUTE!r}")
+if ROUTE not in ("auto", "atomic", "sorted", "blocked"):
+    raise ValueError(f"FASTSAE_FEATURE_SUMS must be 'auto', 'atomic', 'sorted' or 'blocked', got {ROUTE!r}")
 SORTED_FROM_OUTPUT_ELEMENTS = 2**27  # F * d from which "auto" takes the sorted route
 
 
@@ -106,6 +110,49 @@ def _feature_sum_atomic_kernel(
             tl.atomic_add(coef_sum_ptr + feature, coef, mask=live, sem="relaxed")
 
 
+@triton.jit
+def _feature_sum_blocked_kernel(
+    rows_ptr, center_ptr, coef_ptr, token_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
+    F, D, stride_rm, stride_rd, stride_of, stride_od,
+    HAS_CENTER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # BLOCK_F consecutive features own one contiguous run of the CSR codes. Each chunk of BLOCK_E codes
+    # is a [BLOCK_F, BLOCK_E] matrix holding each code's coefficient in its feature's row (one entry
+    # per column) times the codes' gathered rows [BLOCK_E, BLOCK_D]: a tensor-core product adds every
+    # code to its feature's sum. The centre comes off after, as sum(coef) * center.
+    first = tl.program_id(0) * BLOCK_F
+    features = first + tl.arange(0, BLOCK_F)
+    feature_valid = features < F
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dim_valid = dims < D
+    start = tl.load(offsets_ptr + first)
+    end = tl.load(offsets_ptr + tl.minimum(first + BLOCK_F, F))
+    acc = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
+    coef_total = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        entries = e0 + tl.arange(0, BLOCK_E)
+        valid = entries < end
+        coef = tl.load(coef_ptr + entries, mask=valid, other=0.0).to(tl.float32)
+        token = tl.load(token_ptr + entries, mask=valid, other=0).to(tl.int64)
+        feature = tl.load(feature_ptr + entries, mask=valid, other=-1)
+        spread = tl.where(feature[None, :] == features[:, None], coef[None, :], 0.0)  # [BLOCK_F, BLOCK_E]
+        rows = tl.load(
+            rows_ptr + token[:, None] * stride_rm + dims[None, :] * stride_rd,
+            mask=valid[:, None] & dim_valid[None, :],
+            other=0.0,
+        )  # [BLOCK_E, BLOCK_D]
+        acc = tl.dot(spread.to(DOT_DTYPE), rows.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        coef_total += tl.sum(spread, axis=1)
+    if HAS_CENTER:
+        center = tl.load(center_ptr + dims, mask=dim_valid, other=0.0).to(tl.float32)
+        acc -= coef_total[:, None] * center[None, :]
+    out = out_ptr + features.to(tl.int64)[:, None] * stride_of + dims[None, :] * stride_od
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=feature_valid[:, None] & dim_valid[None, :])
+    if tl.program_id(1) == 0:
+        tl.store(coef_sum_ptr + features, coef_total, mask=feature_valid)
+
+
 def feature_sums(
     rows: Tensor,
     coef: Tensor,
@@ -122,21 +169,22 @@ def feature_sums(
     K = idx.shape[1]
     coef, idx = coef.contiguous(), idx.contiguous()
     center_arg = center.contiguous() if center is not None else rows  # the kernels read it with unit stride
-    sort = (
-        torch.are_deterministic_algorithms_enabled()
-        or ROUTE == "sorted"
-        or (ROUTE == "auto" and n_features * d >= SORTED_FROM_OUTPUT_ELEMENTS)
-    )
-    if sort:
+    if torch.are_deterministic_algorithms_enabled():
+        route = "sorted"
+    elif ROUTE == "auto":
+        route = "sorted" if n_features * d >= SORTED_FROM_OUTPUT_ELEMENTS else "atomic"
+    else:
+        route = ROUTE
+    coef_sum = rows.new_empty(n_features, dtype=torch.float32)
+    if route in ("sorted", "blocked"):  # the codes in CSR order: by feature, then by token
         flat_idx = idx.flatten()
         order = torch.argsort(flat_idx, stable=True)
-        counts = torch.bincount(flat_idx, minlength=n_features)
         offsets = torch.zeros(n_features + 1, dtype=torch.int64, device=rows.device)
-        torch.cumsum(counts, 0, out=offsets[1:])
+        torch.cumsum(torch.bincount(flat_idx, minlength=n_features), 0, out=offsets[1:])
         tokens = (order // K).to(torch.int32)
         sorted_coef = coef.flatten()[order]
+    if route == "sorted":
         out = rows.new_empty(n_features, d, dtype=dtype)
-        coef_sum = rows.new_empty(n_features, dtype=torch.float32)
 
         def run(cfg: dict) -> None:
             grid = (n_features, triton.cdiv(d, cfg["BLOCK_D"]))
@@ -149,9 +197,26 @@ def feature_sums(
         candidates = [
             dict(BLOCK_E=e, BLOCK_D=bd, num_warps=w) for e, bd, w in [(16, 256, 4), (8, 512, 4), (32, 128, 4)]
         ]
+    elif route == "blocked":
+        out = rows.new_empty((d, n_features) if transposed else (n_features, d), dtype=dtype)
+        out_f = out.t() if transposed else out  # [F, d] view: the kernel writes either layout directly
+        sorted_features = flat_idx[order].to(torch.int32)
+
+        def run(cfg: dict) -> None:
+            grid = (triton.cdiv(n_features, cfg["BLOCK_F"]), triton.cdiv(d, cfg["BLOCK_D"]))
+            _feature_sum_blocked_kernel[grid](
+                rows, center_arg, sorted_coef, tokens, sorted_features, offsets, out_f, coef_sum,
+                n_features, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
+                HAS_CENTER=center is not None, DOT_DTYPE=dot_dtype(rows.dtype),
+                INPUT_PRECISION=input_precision(rows.dtype), **cfg,
+            )  # fmt: skip
+
+        candidates = [
+            dict(BLOCK_F=f, BLOCK_E=e, BLOCK_D=bd, num_warps=w)
+            for f, e, bd, w in [(64, 32, 128, 4), (32, 32, 128, 4), (64, 64, 64, 4), (128, 32, 64, 8)]
+        ]
     else:
         out = torch.zeros(n_features, d, dtype=torch.float32, device=rows.device)
-        coef_sum = torch.zeros(n_features, dtype=torch.float32, device=rows.device)
 
         def run(cfg: dict) -> None:
             out.zero_()
@@ -166,9 +231,10 @@ def feature_sums(
         candidates = [
             dict(BLOCK_M=m, BLOCK_D=bd, num_warps=w) for m, bd, w in [(32, 128, 4), (16, 256, 4), (64, 128, 8)]
         ]
-    route = "sorted" if sort else "atomic"
     run(tuned(("feature_sums", route, d, n_features, bucket(B), bucket(K), rows.dtype, dtype), candidates, run))
-    if transposed:  # one copy: from the fp32 sums, casting as it transposes, on the atomic route
+    if route == "blocked":
+        return out, coef_sum
+    if transposed:  # one copy, casting as it transposes (from the fp32 sums on the atomic route)
         out = out.new_empty(d, n_features, dtype=dtype).copy_(out.t())
     elif out.dtype != dtype:
         out = out.to(dtype)
