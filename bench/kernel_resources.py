@@ -43,6 +43,7 @@ POINTER_TYPES = {
     "pre_ptr": "*bf16",
     "idx_ptr": "*i32",
     "token_ptr": "*i32",
+    "feature_ptr": "*i32",
     "offsets_ptr": "*i64",
     "out_ptr": "*fp32",
     "coef_sum_ptr": "*fp32",
@@ -50,6 +51,8 @@ POINTER_TYPES = {
     "norm_eps": "fp32",
     "beta1": "fp32",
     "beta2": "fp32",
+    "one_minus_beta1": "fp32",
+    "one_minus_beta2": "fp32",
     "step_size": "fp32",
     "bias2_sqrt": "fp32",
     "m_ptr": "*fp32",
@@ -134,6 +137,10 @@ def main() -> None:
             scatter._feature_sum_atomic_kernel, {"HAS_CENTER": has_center, "BLOCK_M": 32, "BLOCK_D": 128}, 4
         )
         print(f"feature_sum_atomic center={has_center}: {usage}")
+        constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center, "BLOCK_F": 64,
+                      "BLOCK_E": 32, "BLOCK_D": 128, "stride_rd": 1}  # fmt: skip
+        usage = resources(scatter._feature_sum_blocked_kernel, constexprs, 4)
+        print(f"feature_sum_blocked center={has_center}: {usage}")
     for d in (768, 4096):
         _, cfg = decoder._grid(torch.empty(1, d, device="meta"))
         tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_D": cfg["BLOCK_D"]}
