@@ -1,10 +1,11 @@
 """Property tests: the Triton kernels against the fp64 reference on problems hypothesis draws (shapes
 down to 1, k from 1 to F, fp32 and bf16, strided views, tied columns, magnitudes from 1e-3 to 1e3, a
-large mean offset). Each test runs twice: on CPU tensors (the Triton kernels under the interpreter at
-tiny shapes, the C++ death statistics natively; in CI, with a bounded number of examples) and on CUDA
-at full shapes (the GPU script). A failure prints the falsifying example, its seed included, and a
-blob for @reproduce_failure."""
+large mean offset, every route of the per-feature sums). Each test runs twice: on CPU tensors (the
+Triton kernels under the interpreter at tiny shapes, the C++ death statistics natively; in CI, with a
+bounded number of examples) and on CUDA at full shapes (the GPU script). A failure prints the
+falsifying example, its seed included, and a blob for @reproduce_failure."""
 
+import contextlib
 import os
 
 import pytest
@@ -13,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastsae import functional, reference
-from fastsae.ops import decode, encode
+from fastsae.ops import decode, decoder, encode, scatter
+from fastsae.testing import assert_batchtopk_matches
 
 from .utils import assert_close, assert_topk_matches, check_encode_topk_backward
 
@@ -28,6 +30,17 @@ DTYPES = st.sampled_from([torch.float32, torch.bfloat16])
 # The largest (B, d, F) drawn per device: the interpreter runs kernels element by element.
 SIZES = {"cpu": (20, 40, 80), "cuda": (2048, 1024, 8192)}
 DEVICES = [pytest.param("cpu", marks=pytest.mark.interpret), pytest.param("cuda", marks=pytest.mark.gpu)]
+# The per-feature sums behind the weight gradients (fastsae/ops/scatter.py), drawn per example.
+FEATURE_SUMS_ROUTES = st.sampled_from(["atomic", "sorted", "blocked"])
+
+
+@contextlib.contextmanager
+def _feature_sums_route(route):
+    previous, scatter.ROUTE = scatter.ROUTE, route
+    try:
+        yield
+    finally:
+        scatter.ROUTE = previous
 
 
 @st.composite
@@ -76,7 +89,8 @@ def test_encode_topk_properties(device, data):
     assert_topk_matches(vals, idx, pre, k, x.dtype)
     if k_aux:
         assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, x.dtype, "aux")
-    check_encode_topk_backward(x, W_enc, b_dec, (vals, idx, aux_vals, aux_idx), x.dtype)  # every gradient
+    with _feature_sums_route(data.draw(FEATURE_SUMS_ROUTES, label="feature sums")):
+        check_encode_topk_backward(x, W_enc, b_dec, (vals, idx, aux_vals, aux_idx), x.dtype)  # every gradient
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -94,6 +108,61 @@ def test_encode_relu_properties(device, data, jump):
     band = {torch.float32: 1e-4, torch.bfloat16: 0.1}[x.dtype] * pre.abs().clamp_min(1.0)
     clear = (pre - cut).abs() > band
     assert_close(torch.where(clear, acts.double(), 0.0), torch.where(clear, expected, 0.0), x.dtype, "acts")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@EXAMPLES
+@given(data=st.data())
+def test_encode_batchtopk_properties(device, data):
+    """BatchTopK codes (the ReLU encode, then the batch's B x k largest) are the reference's, up to
+    values within rounding of the batch threshold."""
+    x, W_enc, b_enc, b_dec = data.draw(encoder_problems(device), label="problem")
+    k = data.draw(st.integers(1, W_enc.shape[1]), label="k")
+    if device == "cuda":
+        codes = functional.encode_batchtopk(x, W_enc, b_enc, b_dec, k)
+    else:  # what functional.encode_batchtopk runs on CUDA, with the Triton encode under the interpreter
+        codes = reference.batch_topk(encode.encode_relu(x, W_enc, b_enc, b_dec, None), k)
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    band = {torch.float32: 1e-4, torch.bfloat16: 0.1}[x.dtype] * float(pre.abs().max().clamp_min(1.0))
+    assert_batchtopk_matches(codes, pre, k, band)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@EXAMPLES
+@given(dtype=DTYPES, seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_decoder_constraint_properties(device, dtype, seed, data):
+    """The decoder constraint's kernels (the gradient's parallel part removed, rows renormalised, and
+    both fused with Adam's step, moments in fp32 or the weights' dtype) equal the fp64 reference on
+    rows of any length and scale, a zero row included."""
+    F = data.draw(st.integers(1, 30 if device == "cpu" else 8192), label="F")
+    # d >= 2: at d = 1 nothing lies across the row, the projected gradient is 0 up to rounding, and
+    # Adam's step divides that rounding by sqrt(v) ~ it (as torch.optim.Adam would): nothing to compare.
+    d = data.draw(st.integers(2, 40 if device == "cpu" else 4096), label="d")
+    scale = data.draw(st.sampled_from([1e-3, 1.0, 1e3]), label="scale")
+    step = data.draw(st.sampled_from([1, 2, 1000]), label="step")
+    lr, beta1, beta2 = (data.draw(st.sampled_from(options), label=name) for name, options in
+                        (("lr", [1e-4, 1e-2]), ("beta1", [0.0, 0.9]), ("beta2", [0.95, 0.999])))  # fmt: skip
+    moments_dtype = data.draw(st.sampled_from([torch.float32, dtype]), label="moments dtype")
+    generator = torch.Generator().manual_seed(seed)
+    W = scale * torch.randn(F, d, generator=generator, dtype=torch.float64)
+    if data.draw(st.booleans(), label="zero row"):
+        W[0] = 0
+    grad = torch.randn(F, d, generator=generator, dtype=torch.float64)
+    m = 0.1 * torch.randn(F, d, generator=generator, dtype=torch.float64) * (step > 1)
+    v = 0.01 * torch.rand(F, d, generator=generator, dtype=torch.float64) * (step > 1)
+    W, grad = W.to(device, dtype), grad.to(device, dtype)
+    m, v = m.to(device, moments_dtype), v.to(device, moments_dtype)
+
+    projected = grad.clone()
+    decoder.remove_parallel_grad_(W, projected)
+    assert_close(projected, reference.remove_parallel_grad(W.double(), grad.double()), dtype, "projected grad")
+    normalised = W.clone()
+    decoder.normalize_rows_(normalised)
+    assert_close(normalised, reference.normalize_decoder_rows(W.double()), dtype, "normalised rows")
+    want = reference.decoder_adam(W.double(), grad.double(), m.double(), v.double(), step, lr, beta1, beta2, 1e-8)
+    decoder.decoder_adam_(W, grad, m, v, step, lr, beta1, beta2, 1e-8)
+    for name, got, expected in zip(("W_dec", "exp_avg", "exp_avg_sq"), (W, m, v), want):
+        assert_close(got, expected, dtype, f"{name} after Adam")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -116,7 +185,8 @@ def test_decode_sparse_properties(device, dtype, seed, bias, data):
     expected = reference.decode_sparse(vals.double(), idx, W_dec.double(), None if b_dec is None else b_dec.double())
     assert_close(out, expected, dtype, "x_hat")
     grad_out = torch.randn(B, d, generator=generator, dtype=torch.float64).to(device, dtype)
-    dvals, dW_dec = decode.decode_sparse_backward(grad_out, vals, idx, W_dec)
+    with _feature_sums_route(data.draw(FEATURE_SUMS_ROUTES, label="feature sums")):
+        dvals, dW_dec = decode.decode_sparse_backward(grad_out, vals, idx, W_dec)
     expected_dvals, expected_dW = reference.decode_sparse_backward(
         grad_out.double(), vals.double(), idx, W_dec.double()
     )

@@ -120,7 +120,9 @@ def _feature_sum_blocked_kernel(
     # BLOCK_F consecutive features own one contiguous run of the CSR codes. Each chunk of BLOCK_E codes
     # is a [BLOCK_F, BLOCK_E] matrix holding each code's coefficient in its feature's row (one entry
     # per column) times the codes' gathered rows [BLOCK_E, BLOCK_D]: a tensor-core product adds every
-    # code to its feature's sum. The centre comes off after, as sum(coef) * center.
+    # code to its feature's sum. The rows are centred in fp32 before they meet the product's dtype, as
+    # the encoder kernels centre theirs (subtracting sum(coef) * center after would cancel when the
+    # rows sit far from 0 and near the centre).
     first = tl.program_id(0) * BLOCK_F
     features = first + tl.arange(0, BLOCK_F)
     feature_valid = features < F
@@ -128,6 +130,8 @@ def _feature_sum_blocked_kernel(
     dim_valid = dims < D
     start = tl.load(offsets_ptr + first)
     end = tl.load(offsets_ptr + tl.minimum(first + BLOCK_F, F))
+    if HAS_CENTER:
+        center = tl.load(center_ptr + dims, mask=dim_valid, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
     coef_total = tl.zeros([BLOCK_F], dtype=tl.float32)
     for e0 in range(start, end, BLOCK_E):
@@ -141,12 +145,11 @@ def _feature_sum_blocked_kernel(
             rows_ptr + token[:, None] * stride_rm + dims[None, :] * stride_rd,
             mask=valid[:, None] & dim_valid[None, :],
             other=0.0,
-        )  # [BLOCK_E, BLOCK_D]
+        ).to(tl.float32)  # [BLOCK_E, BLOCK_D]
+        if HAS_CENTER:
+            rows = tl.where(valid[:, None], rows - center[None, :], 0.0)
         acc = tl.dot(spread.to(DOT_DTYPE), rows.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         coef_total += tl.sum(spread, axis=1)
-    if HAS_CENTER:
-        center = tl.load(center_ptr + dims, mask=dim_valid, other=0.0).to(tl.float32)
-        acc -= coef_total[:, None] * center[None, :]
     out = out_ptr + features.to(tl.int64)[:, None] * stride_of + dims[None, :] * stride_od
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=feature_valid[:, None] & dim_valid[None, :])
     if tl.program_id(1) == 0:
