@@ -71,16 +71,24 @@ def test_train_command_explains_bad_input(tmp_path, model_dir, capsys):
     assert "no submodule 'h.9'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("shards", [1, 2], ids=["2 replicas", "2 feature shards"])
-def test_train_command_under_torchrun(tmp_path, model_dir, shards):
-    texts = tmp_path / "corpus.txt"
-    texts.write_text("\n".join(t.replace("[BOS] ", "") for t in _texts(400, seed=3)) + "\n")
+@pytest.mark.parametrize(
+    "source, shards",
+    [("texts", 1), ("texts", 2), ("activations", 1)],
+    ids=["2 replicas", "2 feature shards", "2 replicas on saved activations"],
+)
+def test_train_command_under_torchrun(tmp_path, model_dir, source, shards):
     out = tmp_path / "run"
+    if source == "texts":
+        texts = tmp_path / "corpus.txt"
+        texts.write_text("\n".join(t.replace("[BOS] ", "") for t in _texts(400, seed=3)) + "\n")
+        inputs = ["--model", str(model_dir), "--hookpoint", "h.0", "--texts", str(texts)]
+    else:  # named h.0 by its stem, like the model's hook point
+        torch.save(torch.randn(600, 16, generator=torch.Generator().manual_seed(0)) + 1, tmp_path / "h.0.pt")
+        inputs = ["--activations", str(tmp_path / "h.0.pt")]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    command = [*torchrun, "-m", "fastsae", "train", "--model", str(model_dir), "--hookpoint", "h.0",
-               "--texts", str(texts), "--out", str(out), "--batch-tokens", "64", "--diagnose-tokens", "128",
-               "--expansion-factor", "4", "--k", "4", "--log-every", "256", "--device", "cpu",
-               "--feature-shards", str(shards)]  # fmt: skip
+    command = [*torchrun, "-m", "fastsae", "train", *inputs, "--out", str(out), "--batch-tokens", "64",
+               "--diagnose-tokens", "128", "--expansion-factor", "4", "--k", "4", "--log-every", "256",
+               "--device", "cpu", "--feature-shards", str(shards)]  # fmt: skip
     for previous, tokens in ((0, 512), (512, 768)):  # a run, then a resumed one
         result = subprocess.run([*command, "--tokens", str(tokens)], capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
