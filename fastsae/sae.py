@@ -383,9 +383,9 @@ class SparseAutoencoder(nn.Module):
         """The dead features' indices when n_rows x their number is at most AUXK_DENSE_MAX_ELEMENTS,
         for `F.auxk_reconstruction` (dense over those features: it takes the AuxK step from the fused
         encode's second top-k stream and B * k_aux * d gathers and atomics to thin GEMMs); else None,
-        and the fused encode selects the AuxK codes. Learning n costs one host sync,
-        so while compiling or capturing a CUDA graph this answers None and the step stays sync-free. A
-        feature shard's dead features are its own; the shard with the most decides for every shard."""
+        and the fused encode selects the AuxK codes. Learning n costs one host sync, so while compiling
+        or capturing a CUDA graph this answers None and the step stays sync-free. A feature shard's dead
+        features are its own; the shard with the most decides for every shard."""
         if dead is None or torch.compiler.is_compiling():
             return None
         if dead.is_cuda and torch.cuda.is_current_stream_capturing():
