@@ -130,10 +130,6 @@ def main() -> None:
         print(f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}: {usage}")
     for has_center in (False, True):
         usage = resources(
-            scatter._feature_sum_sorted_kernel, {"HAS_CENTER": has_center, "BLOCK_E": 16, "BLOCK_D": 256}, 4
-        )
-        print(f"feature_sum_sorted center={has_center}: {usage}")
-        usage = resources(
             scatter._feature_sum_atomic_kernel, {"HAS_CENTER": has_center, "BLOCK_M": 32, "BLOCK_D": 128}, 4
         )
         print(f"feature_sum_atomic center={has_center}: {usage}")

@@ -7,24 +7,22 @@ summed in fp32 and returned in the dtype the caller asks for (the weight's), or 
 
 dW_dec is this with rows = d x_hat and coef = vals; dW_enc^T (and d b_enc) with rows = x, center =
 b_dec and coef = d vals masked by the ReLU (`reference.decode_sparse_backward`,
-`reference.encode_topk_backward`). Three implementations:
-- sorted: the codes are sorted by feature (CSR); one program per (feature, d block) sums its codes in
-  a fixed order and writes its row once, in the output's dtype, so results are bit-identical from run
-  to run and no fp32 [F, d] buffer is needed;
-- blocked (experimental: not timed yet, chosen only by FASTSAE_FEATURE_SUMS=blocked): the same CSR
-  order, one program per (BLOCK_F features, d block), which sums its features' codes with tensor-core
-  products and writes the output in its final layout ([F, d] or [d, F]: no transposing copy);
-  bit-reproducible too;
+`reference.encode_topk_backward`). Two implementations:
+- blocked: the codes are sorted by feature (CSR); one program per (BLOCK_F features, d block) sums
+  its features' codes in a fixed order with tensor-core products and writes the output once, in its
+  final dtype and layout ([F, d] or [d, F]: no fp32 buffer, no transposing copy), so results are
+  bit-identical from run to run;
 - atomic: one program per (token block, d block) adds each code's contribution to its feature's row
   of a zeroed fp32 buffer with atomics (no sort; the order of the additions varies between runs),
   cast (and transposed) in one copy after.
-The sorted route runs when `torch.are_deterministic_algorithms_enabled()`, and otherwise where it
-measured faster: on the H200 (bf16, B * k codes of a training step with AuxK) it took 0.6-0.7x the
-atomic route's time at the Llama-8B shape (F * d = 2^29), where filling, casting and transposing the
-fp32 buffer dominate, and 1.9-2.1x at GPT-2 and AlphaFold3 widths (F * d = 2^24, 2^22.6), whose
-features have few codes each; SORTED_FROM_OUTPUT_ELEMENTS sits between. ROUTE, from the environment
-variable FASTSAE_FEATURE_SUMS ("auto", the default, "atomic", "sorted" or "blocked"; read at import),
-overrides the choice.
+The blocked route runs when `torch.are_deterministic_algorithms_enabled()`, and otherwise where it
+measured faster. On the H200 (bf16, a whole TopK training step with AuxK, fused optimizer) it took
+34.2 ms against the atomic route's 42.9 at the Llama-8B shape (F * d = 2^29: filling, casting and
+transposing the fp32 buffer dominate there), 7.07 against 7.29 at GPT-2 (2^24.2), and 8.77 against
+7.99 at AlphaFold3 (2^22.6), whose features have few codes each; BLOCKED_FROM_OUTPUT_ELEMENTS sits
+between. (A third route, one program per feature summing on CUDA cores, measured slower than the
+blocked one at all three.) ROUTE, from the environment variable FASTSAE_FEATURE_SUMS ("auto", the
+default, "atomic" or "blocked"; read at import), overrides the choice.
 """
 
 from __future__ import annotations
@@ -39,44 +37,9 @@ from torch import Tensor
 from .launch import bucket, dot_dtype, input_precision, tuned
 
 ROUTE = os.environ.get("FASTSAE_FEATURE_SUMS", "auto")
-if ROUTE not in ("auto", "atomic", "sorted", "blocked"):
-    raise ValueError(f"FASTSAE_FEATURE_SUMS must be 'auto', 'atomic', 'sorted' or 'blocked', got {ROUTE!r}")
-SORTED_FROM_OUTPUT_ELEMENTS = 2**27  # F * d from which "auto" takes the sorted route
-
-
-@triton.jit
-def _feature_sum_sorted_kernel(
-    rows_ptr, center_ptr, coef_ptr, token_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
-    D, stride_rm, stride_rd,
-    HAS_CENTER: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    feature = tl.program_id(0)
-    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dim_valid = dims < D
-    start = tl.load(offsets_ptr + feature)
-    end = tl.load(offsets_ptr + feature + 1)
-    if HAS_CENTER:
-        center = tl.load(center_ptr + dims, mask=dim_valid, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    coef_total = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for e0 in range(start, end, BLOCK_E):
-        entries = e0 + tl.arange(0, BLOCK_E)
-        valid = entries < end
-        coef = tl.load(coef_ptr + entries, mask=valid, other=0.0).to(tl.float32)  # [BLOCK_E]
-        token = tl.load(token_ptr + entries, mask=valid, other=0).to(tl.int64)
-        rows = tl.load(
-            rows_ptr + token[:, None] * stride_rm + dims[None, :] * stride_rd,
-            mask=valid[:, None] & dim_valid[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_E, BLOCK_D]
-        if HAS_CENTER:
-            rows = rows - center[None, :]
-        acc += tl.sum(coef[:, None] * rows, axis=0)
-        coef_total += coef
-    out_offsets = feature.to(tl.int64) * D + dims
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=dim_valid)
-    if tl.program_id(1) == 0:
-        tl.store(coef_sum_ptr + feature, tl.sum(coef_total, axis=0))
+if ROUTE not in ("auto", "atomic", "blocked"):
+    raise ValueError(f"FASTSAE_FEATURE_SUMS must be 'auto', 'atomic' or 'blocked', got {ROUTE!r}")
+BLOCKED_FROM_OUTPUT_ELEMENTS = 2**24  # F * d from which "auto" takes the blocked route
 
 
 @triton.jit
@@ -173,37 +136,23 @@ def feature_sums(
     coef, idx = coef.contiguous(), idx.contiguous()
     center_arg = center.contiguous() if center is not None else rows  # the kernels read it with unit stride
     if torch.are_deterministic_algorithms_enabled():
-        route = "sorted"
+        route = "blocked"
     elif ROUTE == "auto":
-        route = "sorted" if n_features * d >= SORTED_FROM_OUTPUT_ELEMENTS else "atomic"
+        route = "blocked" if n_features * d >= BLOCKED_FROM_OUTPUT_ELEMENTS else "atomic"
     else:
         route = ROUTE
     coef_sum = rows.new_empty(n_features, dtype=torch.float32)
-    if route in ("sorted", "blocked"):  # the codes in CSR order: by feature, then by token
+    if route == "blocked":
+        # The codes in CSR order: by feature, then by token.
         flat_idx = idx.flatten()
         order = torch.argsort(flat_idx, stable=True)
         offsets = torch.zeros(n_features + 1, dtype=torch.int64, device=rows.device)
         torch.cumsum(torch.bincount(flat_idx, minlength=n_features), 0, out=offsets[1:])
         tokens = (order // K).to(torch.int32)
         sorted_coef = coef.flatten()[order]
-    if route == "sorted":
-        out = rows.new_empty(n_features, d, dtype=dtype)
-
-        def run(cfg: dict) -> None:
-            grid = (n_features, triton.cdiv(d, cfg["BLOCK_D"]))
-            _feature_sum_sorted_kernel[grid](
-                rows, center_arg, sorted_coef, tokens, offsets, out, coef_sum,
-                d, rows.stride(0), rows.stride(1),
-                HAS_CENTER=center is not None, **cfg,
-            )  # fmt: skip
-
-        candidates = [
-            dict(BLOCK_E=e, BLOCK_D=bd, num_warps=w) for e, bd, w in [(16, 256, 4), (8, 512, 4), (32, 128, 4)]
-        ]
-    elif route == "blocked":
+        sorted_features = flat_idx[order].to(torch.int32)
         out = rows.new_empty((d, n_features) if transposed else (n_features, d), dtype=dtype)
         out_f = out.t() if transposed else out  # [F, d] view: the kernel writes either layout directly
-        sorted_features = flat_idx[order].to(torch.int32)
 
         def run(cfg: dict) -> None:
             grid = (triton.cdiv(n_features, cfg["BLOCK_F"]), triton.cdiv(d, cfg["BLOCK_D"]))
