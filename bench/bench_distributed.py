@@ -145,7 +145,7 @@ def data_parallel(recorder, shape: str, d, n_features, n_rows, k, device: str) -
     sae = _sae(d, n_features, k, device).data_parallel()
     sae.initialize(x)
     _check_data_parallel(sae, x.to(sae.W_enc.dtype))
-    model = parallel.replicated(sae)
+    model = torch.nn.parallel.DistributedDataParallel(sae)
     times, peak = _time(_step(sae, x.to(sae.W_enc.dtype), model), device, dist.group.WORLD)
     _record(recorder, "train_step_dp", shape, times, _largest(peak, device))
 

@@ -123,15 +123,3 @@ def gather_rows(rows: Tensor, group, dim: int = 0) -> Tensor:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded.contiguous(), group=group)
     return torch.cat([part[: int(n)] for part, n in zip(gathered, counts)]).movedim(0, dim)
-
-
-def replicated(sae: torch.nn.Module, group=None) -> torch.nn.parallel.DistributedDataParallel:
-    """`sae` (already `data_parallel`) wrapped in DistributedDataParallel over `group` (the default
-    group when None), which averages the replicas' gradients. Two of DDP's defaults are off: buffers
-    are not broadcast from rank 0 at every forward (the replicas' death statistics are all-reduced
-    and identical already: one collective per step saved), and gradients live in DDP's
-    communication buckets (gradient_as_bucket_view), so the weight gradients (2 GB in bf16 at
-    Llama-8B width, 131072 features) are not copied into the buckets and back at every step."""
-    return torch.nn.parallel.DistributedDataParallel(
-        sae, process_group=group, broadcast_buffers=False, gradient_as_bucket_view=True
-    )

@@ -49,8 +49,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from . import parallel
 from .activations import ActivationStream, load_activations, saved_activation_batches
 from .diagnostics import diagnose
 from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, write_atomically
@@ -283,7 +283,7 @@ def _lr(args: argparse.Namespace, sae: SparseAutoencoder) -> float:
 
 def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, used_batches: int) -> None:
     models = {  # DistributedDataParallel over the replicas: it averages their gradients
-        name: parallel.replicated(sae, layout.replica_group)
+        name: DistributedDataParallel(sae, process_group=layout.replica_group)
         if layout.replica_group is not None else sae
         for name, sae in saes.items()
     }  # fmt: skip

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 import fastsae
 from fastsae import parallel
@@ -118,7 +119,7 @@ def _replica(rank, world, activation, result_path):
     sample, batches = _local(_data())
     sae = _local(_sae(activation)).data_parallel()
     sae.initialize(sample.chunk(world)[rank])
-    losses, _, _ = _train(parallel.replicated(sae), sae, [x.chunk(world)[rank] for x in batches])
+    losses, _, _ = _train(DistributedDataParallel(sae), sae, [x.chunk(world)[rank] for x in batches])
     if rank == 0:
         torch.save((losses, {name: t.cpu() for name, t in sae.state_dict().items()}), result_path)
 
@@ -283,7 +284,7 @@ def _mesh_replica(rank, world, directory):
     sample, batches = _local(_data())
     sae = _local(_sae()).shard_features(rows[replica]).data_parallel(columns[shard])
     sae.initialize(sample.chunk(2)[replica])
-    model = parallel.replicated(sae, columns[shard])
+    model = DistributedDataParallel(sae, process_group=columns[shard])
     record = _train(model, sae, [x.chunk(2)[replica] for x in batches], _full_grad(sae))
     sae.save(directory / "mesh.safetensors")
     if rank == 0:
