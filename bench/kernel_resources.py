@@ -109,8 +109,10 @@ def main() -> None:
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}
         usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))
         print(f"filter_select cap={cap}: {usage}")
-    usage = resources(filter._threshold_kernel, {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": 1024}, num_warps=1)
-    print(f"filter_threshold: {usage}")
+    for block_g in (512, 1024, 2048):
+        constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
+        usage = resources(filter._threshold_kernel, constexprs, num_warps=filter._row_warps(2 * block_g))
+        print(f"filter_threshold groups={block_g}: {usage}")
     usage = resources(filter._center_kernel, {"BLOCK_M": 16, "BLOCK_D": 256, "stride_xd": 1}, num_warps=4)
     print(f"filter_center: {usage}")
     usage = resources(encode._topk_finish_kernel, {"N_SPLIT": 2, "KEEP": keep, "BLOCK_M": 16}, num_warps=4)

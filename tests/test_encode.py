@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastsae import reference
-from fastsae.ops import encode
+from fastsae.ops import encode, filter
 from fastsae.ops.filter import filter_topk
 from fastsae.testing import assert_positive_counts_match, relative_rms_error
 
@@ -85,6 +85,48 @@ def test_encode_topk_routes(device, B, d, F, k, k_aux, route):
         assert_topk_matches(vals, idx, pre, k, torch.bfloat16, f"{candidate}")
         if k_aux:
             assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.bfloat16, "aux")
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("k, n_features, cap", [(8, 4096, 512), (32, 2048, 1024), (3, 60, 512)])
+def test_thresholds_are_the_group_maxima_bound(device, k, n_features, cap):
+    """Each row's threshold is the rank-th largest maximum of the subset's groups (torch computes them
+    from the same matmul) minus the rounding margin, and a lower bound on the row's k-th largest
+    pre-activation; dead-feature thresholds (`columns`, `valid`) take only the valid features."""
+    B, d = (64, 48) if device == "cpu" else (4096, 768)
+    x, W_enc, b_enc, b_dec = _problem(B, d, n_features, torch.float32, device)
+    xc = filter.center(x, b_dec, W_enc.dtype)
+    valid = torch.rand(n_features, device=device) < 0.5
+    columns = torch.sort(valid.to(torch.uint8), descending=True, stable=True).indices
+    for subset_columns, subset_valid in [(None, None), (columns, valid[columns])]:
+        tau = filter.thresholds(xc, W_enc, b_enc, k, cap, subset_columns, subset_valid)
+        n = n_features if subset_columns is None else int(valid.sum())
+        rank = max(k, min(filter.MIN_RANK, n_features // 64))
+        size, group = filter.subset_plan(rank, n_features, cap)
+        order = torch.arange(n_features, device=device) if subset_columns is None else subset_columns
+        pre = torch.addmm(b_enc[order[:size]], xc, W_enc[:, order[:size]])
+        if subset_valid is not None:
+            pre.masked_fill_(~subset_valid[:size], float("-inf"))
+        maxima = pre.view(B, size // group, group).amax(dim=2).float()
+        if maxima.shape[1] >= rank:
+            # The bisection stops at any value with exactly `rank` maxima at or above it: between the
+            # rank-th and the next largest maximum, less the margin.
+            top = maxima.topk(min(rank + 1, maxima.shape[1]), dim=1).values
+            bounds = [top[:, rank - 1], top[:, -1] if top.shape[1] > rank else top[:, rank - 1]]
+            highest, lowest = (v - filter.MARGIN.value * torch.maximum(v.abs(), top[:, 0].abs()) for v in bounds)
+            slack = 1e-6 * top[:, 0].abs()
+            finite = highest > float("-inf")
+            assert (tau[~finite] == float("-inf")).all(), "a finite threshold where the subset has none"
+            assert (tau[finite] <= highest[finite] + slack[finite]).all(), "a threshold above the rank-th maximum"
+            assert (tau[finite] >= lowest[finite] - slack[finite]).all(), "a threshold below the next maximum"
+        else:
+            assert (tau == float("-inf")).all(), "a finite threshold from fewer groups than the rank"
+        full = _pre64(x, W_enc, b_enc, b_dec)
+        if subset_valid is not None:
+            full = full.masked_fill(~valid, float("-inf"))
+        if n >= k:
+            kth = full.topk(k, dim=1).values[:, -1]
+            assert (tau.double() <= kth).all(), "a threshold above the row's k-th largest pre-activation"
 
 
 def _filter_route(k, k_aux, n_features, **overrides):
