@@ -12,6 +12,7 @@
 #   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 15)
 #   FASTSAE_PYTEST_ARGS      extra pytest arguments
 #   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset)
+#   FASTSAE_PROFILE_ENCODE   shapes for bench.profile_encode (off when unset)
 #   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,shard)
 #   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of bench/harness.py SHAPES
 #   FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT   seconds per test group / for the profile and the bench
@@ -86,6 +87,12 @@ if [ -n "${FASTSAE_PROFILE:-}" ]; then  # shapes for bench.profile_train's kerne
     echo "== profile"
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.profile_train --shapes "$FASTSAE_PROFILE" --rows 18 >"$OUT/profile.log" 2>&1
     grep "^==" "$OUT/profile.log"
+fi
+
+if [ -n "${FASTSAE_PROFILE_ENCODE:-}" ]; then  # shapes for bench.profile_encode's per-launch breakdown
+    echo "== encode profile"
+    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.profile_encode --shapes "$FASTSAE_PROFILE_ENCODE" >"$OUT/profile_encode.log" 2>&1
+    grep -E "^==|GEMM|select|thresholds|centre" "$OUT/profile_encode.log"
 fi
 
 if [ "${FASTSAE_DISTRIBUTED:-0}" = 1 ]; then  # a machine with several GPUs: bench.bench_distributed

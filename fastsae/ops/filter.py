@@ -465,7 +465,6 @@ def filter_topk(
 
 def _filter_rows(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, outputs, flags, cfg, margin_shift):
     B, _ = x.shape
-    F = W_enc.shape[1]
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
     xc = center(x, b_dec, matmul_dtype(W_enc.dtype))
@@ -474,6 +473,7 @@ def _filter_rows(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, o
         tau += margin_shift
     count = x.new_zeros(B, dtype=torch.int32)
     key_buf = x.new_empty(B, cap, dtype=torch.int64)
+    aux = None
     if has_aux:
         # The dead features first (a stable sort keeps feature order), so the AuxK threshold pass reads
         # dead features only whenever there are enough of them; no host synchronisation.
@@ -481,30 +481,53 @@ def _filter_rows(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, o
         aux_tau = thresholds(xc, W_enc, b_enc, k_aux, aux_cap, columns=dead_first, valid=dead_mask[dead_first])
         aux_count = x.new_zeros(B, dtype=torch.int32)
         aux_key_buf = x.new_empty(B, aux_cap, dtype=torch.int64)
-        dead = dead_mask.contiguous().view(torch.uint8)
-    else:
-        aux_tau = aux_count = aux_key_buf = dead = count  # any pointer when AuxK is off
-    block_k = cfg["BLOCK_K"] * 2 // xc.element_size()
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    n_programs = cfg["PER_SM"] * sm_count(x.device)  # a constant, so batch sizes share one compiled kernel
-    _filter_fwd_kernel[(n_programs,)](
-        TensorDescriptor.from_tensor(xc, [block_m, block_k]),
-        TensorDescriptor.from_tensor(W_enc, [block_k, block_n]),
-        b_enc.contiguous(), tau, count, key_buf, dead, aux_tau, aux_count, aux_key_buf,
-        positive_counts if positive_counts is not None else count,  # any pointer when not counting
-        B, xc.shape[1], F, cap, aux_cap,
-        HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None, INLINE_PTX=not INTERPRET,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], N_PROGRAMS=n_programs,
-        # Short reductions gain from overlapping the next tile's loads with this epilogue (H200: d = 384
-        # and 768); at d = 4096 the unflattened loop measured faster.
-        FLATTEN=triton.cdiv(xc.shape[1], block_k) <= 16,
-        INPUT_PRECISION=input_precision(W_enc.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )  # fmt: skip
+        aux = (dead_mask, aux_tau, aux_count, aux_key_buf)
+    filter_gemm(xc, W_enc, b_enc, tau, count, key_buf, aux, positive_counts, cfg)
     vals, idx, aux_vals, aux_idx = outputs
     _select(key_buf, count, tau, vals, idx, flags, fewer_if_unbounded=False, or_flags=False)
     if has_aux:
         _select(aux_key_buf, aux_count, aux_tau, aux_vals, aux_idx, flags, fewer_if_unbounded=True,
                 or_flags=True)  # fmt: skip
+
+
+def filter_gemm(
+    xc: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    tau: Tensor,
+    count: Tensor,
+    key_buf: Tensor,
+    aux: tuple[Tensor, Tensor, Tensor, Tensor] | None,
+    positive_counts: Tensor | None,
+    cfg: dict,
+) -> None:
+    """The filter GEMM alone (step 3): appends each entry of xc @ W_enc + b_enc above its row's `tau`
+    to the row's `key_buf` [B, CAP] (int64 keys), counting in `count` (int32 [B], zeroed); `aux` =
+    (dead_mask, aux_tau, aux_count, aux_key_buf) does the same for dead features against their own
+    thresholds. W_enc must be a `tma_operand`."""
+    B, D = xc.shape
+    F = W_enc.shape[1]
+    if aux is None:
+        dead = aux_tau = aux_count = aux_key_buf = count  # any pointer when AuxK is off
+    else:
+        dead_mask, aux_tau, aux_count, aux_key_buf = aux
+        dead = dead_mask.contiguous().view(torch.uint8)
+    block_k = cfg["BLOCK_K"] * 2 // xc.element_size()
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    n_programs = cfg["PER_SM"] * sm_count(xc.device)  # a constant, so batch sizes share one compiled kernel
+    _filter_fwd_kernel[(n_programs,)](
+        TensorDescriptor.from_tensor(xc, [block_m, block_k]),
+        TensorDescriptor.from_tensor(W_enc, [block_k, block_n]),
+        b_enc.contiguous(), tau, count, key_buf, dead, aux_tau, aux_count, aux_key_buf,
+        positive_counts if positive_counts is not None else count,  # any pointer when not counting
+        B, D, F, key_buf.shape[1], aux_key_buf.shape[1] if aux is not None else 1,
+        HAS_AUX=aux is not None, COUNT_POSITIVE=positive_counts is not None, INLINE_PTX=not INTERPRET,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], N_PROGRAMS=n_programs,
+        # Short reductions gain from overlapping the next tile's loads with this epilogue (H200: d = 384
+        # and 768); at d = 4096 the unflattened loop measured faster.
+        FLATTEN=triton.cdiv(D, block_k) <= 16,
+        INPUT_PRECISION=input_precision(W_enc.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
 
 
 def _select(key_buf, count, tau, vals, idx, flags, fewer_if_unbounded: bool, or_flags: bool) -> None:

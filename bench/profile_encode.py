@@ -1,0 +1,97 @@
+"""Where the TopK encode's time goes: each launch of the route the tuner picks, timed alone, against the
+cuBLAS GEMM x @ W_enc of the same shape (the floor), and torch.profiler's kernel table of the whole
+encode. For the threshold-first filter route (fastsae/ops/filter.py) the parts are: centring, the
+threshold pass (a cuBLAS GEMM over a subset of the features and the group-maxima kernel), the filter
+GEMM with its survivor epilogue, the same GEMM with no survivor (every threshold +inf: the GEMM and its
+compares alone, so the difference is what the survivors' appends cost) and the exact select.
+
+python -m bench.profile_encode [--shapes gpt2,af3,d768_F24576_B8192_k128] [--rows 12]
+
+bf16 weights and activations as bench_encode draws them; the codes are checked against the fp32
+reference on the first rows before anything is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+from fastsae import reference
+from fastsae.ops import encode, filter, launch
+from fastsae.testing import assert_topk_matches
+
+from .bench_encode import CHECK_ROWS, _weights
+from .harness import SHAPES, shape_dims
+
+
+def _ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50)
+
+
+def profile_encode(shape: str, rows: int) -> None:
+    d, n_features, n_rows, k = shape_dims(shape)
+    x = torch.randn(n_rows, d, device="cuda").bfloat16()
+    W_enc, b_enc, b_dec = _weights(d, n_features)
+    vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)  # tunes the route
+    assert_topk_matches(
+        vals[:CHECK_ROWS], idx[:CHECK_ROWS], reference.pre_activation(x[:CHECK_ROWS], W_enc, b_enc, b_dec), k, 2e-2
+    )
+    tuned = launch.tuned_choices("encode_topk", d, n_features, launch.bucket(n_rows), k)
+    route = tuned[0] if tuned else encode.topk_routes(k, 0, n_features)[0]  # FASTSAE_AUTOTUNE=0: the first
+    gemm = _ms(lambda: x @ W_enc)
+    whole = _ms(lambda: encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None))
+    flops = 2 * n_rows * d * n_features
+    print(f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}: cuBLAS GEMM {gemm:.3f} ms, encode {whole:.3f} ms "
+          f"({whole / gemm:.2f}x), route {route[0]} {route[1]}")  # fmt: skip
+    if route[0] == "filter":
+        cfg = route[1]
+        xc = filter.center(x, b_dec, W_enc.dtype)
+        tau = filter.thresholds(xc, W_enc, b_enc, k, cfg["CAP"])
+        count = torch.zeros(n_rows, dtype=torch.int32, device="cuda")
+        key_buf = torch.empty(n_rows, cfg["CAP"], dtype=torch.int64, device="cuda")
+        no_survivor = torch.full_like(tau, float("inf"))
+
+        def gemm_with(thresholds):
+            count.zero_()
+            filter.filter_gemm(xc, W_enc, b_enc, thresholds, count, key_buf, None, None, cfg)
+
+        gemm_with(tau)
+        survivors = count.clone()
+        vals, idx = torch.empty_like(vals), torch.empty_like(idx)
+        flags = torch.empty(n_rows, dtype=torch.int8, device="cuda")
+        parts = {
+            "centre": _ms(lambda: filter.center(x, b_dec, W_enc.dtype)),
+            "thresholds": _ms(lambda: filter.thresholds(xc, W_enc, b_enc, k, cfg["CAP"])),
+            "filter GEMM": _ms(lambda: gemm_with(tau)),
+            "filter GEMM, no survivor": _ms(lambda: gemm_with(no_survivor)),
+            "select": _ms(lambda: filter._select(key_buf, survivors, tau, vals, idx, flags, False, False)),
+        }
+        for name, ms in parts.items():
+            print(f"  {name:>26} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
+        tflops = flops / parts["filter GEMM, no survivor"] / 1e9
+        print(f"  filter GEMM with no survivor: {tflops:.0f} TFLOP/s (cuBLAS {flops / gemm / 1e9:.0f}); survivors per "
+              f"row {survivors.float().mean():.0f} mean, {int(survivors.max())} max (CAP {cfg['CAP']}); "
+              f"{int(flags.sum())} rows flagged")  # fmt: skip
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
+        torch.cuda.synchronize()
+    print("  (10 encodes below)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join([*SHAPES, "d768_F24576_B8192_k128"]))
+    parser.add_argument("--rows", type=int, default=12)
+    args = parser.parse_args(argv)
+    for shape in args.shapes.split(","):
+        profile_encode(shape, args.rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
