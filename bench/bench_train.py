@@ -1,7 +1,8 @@
 """The full TopK training step (forward, backward, Adam, decoder constraint; AuxK on with 5% of the
-features dead): fastsae's module (with torch.optim.Adam, and as `fastsae_saeadam` with
-fastsae.optim.SAEAdam) against the eager dense step SAE code usually runs, its torch.compile, and
-sparsify's SparseCoder when installed, with the cuBLAS encoder GEMM as the floor.
+features dead): fastsae's module (with torch.optim.Adam, as `fastsae_saeadam` with
+fastsae.optim.SAEAdam, and as `fastsae_graph` replayed as one CUDA graph) against the eager dense
+step SAE code usually runs, its torch.compile, and sparsify's SparseCoder when installed, with the
+cuBLAS encoder GEMM as the floor.
 
 bf16 parameters at the benchmark shapes (harness.SHAPES). Before timing, every provider's FVU on the
 same batch and weights is checked against the fp32 reference.
@@ -22,19 +23,24 @@ from .harness import SHAPES, Recorder, measure, optional_sparsify, sae_train_ste
 DEAD_FRACTION = 0.05
 
 
-def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False):
-    """The module's step with torch.optim.Adam and the decoder constraint's two calls, or with
-    fastsae.optim.SAEAdam (`fused_optimizer`: the constraint inside its step)."""
+def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False):
+    """The module's step with torch.optim.Adam and the decoder constraint's two calls, with
+    fastsae.optim.SAEAdam (`fused_optimizer`: the constraint inside its step), or replayed as one CUDA
+    graph by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam, which a graph can hold)."""
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype="bfloat16", check_finite=False,
                             dead_after_tokens=1)  # fmt: skip
     sae = fastsae.SparseAutoencoder(cfg).cuda()
     sae.load_state_dict({**sae.state_dict(), **weights})
     with torch.no_grad():
         sae.tokens_since_fired.copy_(dead.long() * 2)  # > dead_after_tokens: these features are dead
-    optimizer = fastsae.optim.SAEAdam(sae, lr=1e-4) if fused_optimizer else torch.optim.Adam(sae.parameters(), lr=1e-4)
+    if fused_optimizer:
+        optimizer = fastsae.optim.SAEAdam(sae, lr=1e-4)
+    else:
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=graph)
+    captured = fastsae.graphs.CapturedStep(sae, optimizer) if graph else None
 
     def step(x):
-        out = sae_train_step(sae, optimizer, x)
+        out = captured(x) if graph else sae_train_step(sae, optimizer, x)
         sae.tokens_since_fired.copy_(dead.long() * 2)  # keep the same features dead every step
         return out.fvu
 
@@ -126,6 +132,7 @@ def run(recorder: Recorder) -> None:
         providers = {
             "fastsae": _fastsae_step(d, n_features, k, weights, dead),
             "fastsae_saeadam": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True),
+            "fastsae_graph": _fastsae_step(d, n_features, k, weights, dead, graph=True),
             "torch": _dense_step(k, k_aux, weights, dead, compile_loss=False),
             "compile": _dense_step(k, k_aux, weights, dead, compile_loss=True),
         }

@@ -1,6 +1,6 @@
 """fastsae: fast sparse autoencoders for PyTorch, and the centering that keeps their features alive."""
 
-from . import functional, optim
+from . import functional, graphs, optim
 from ._ext import ext_info
 from .centering import geometric_median
 from .diagnostics import (
@@ -27,6 +27,7 @@ __all__ = [
     "ext_info",
     "functional",
     "geometric_median",
+    "graphs",
     "measure_death",
     "optim",
     "outlier_severity",

@@ -376,7 +376,9 @@ def auxk_reconstruction(
     multiple of k_aux: per-code gathers and atomics cost B * k_aux * d each, more than the encoder GEMM
     at k_aux = d/2. Plain PyTorch ops, so autograd gives every gradient. -> [B, d] in W_dec's dtype.
     `keep`, when given, maps the selected codes [B, min(k_aux, n)] to those to decode (a feature shard
-    keeps the ones among the top k_aux over every shard, zeroing the others)."""
+    keeps the ones among the top k_aux over every shard, zeroing the others). Negative entries of
+    `features` are padding, no feature: a list of fixed length (`torch.nonzero_static`) keeps every
+    shape static, as a captured CUDA graph needs."""
     _check_encoder_args(x, W_enc, b_enc, b_dec)
     _check_float("W_dec", W_dec, 2)
     if W_dec.shape != (W_enc.shape[1], W_enc.shape[0]):
@@ -389,14 +391,15 @@ def auxk_reconstruction(
     n = features.shape[0]
     # Padded to a multiple of 8 columns (with feature 0, masked out of the top-k below): a bf16 [B, n]
     # matrix whose rows are not 16-byte aligned sends cuBLAS to kernels several times slower (measured:
-    # sm75 kernels at n = 1228 on the H200). The padding columns get no code, so neither a value nor a
-    # gradient.
-    padded = torch.cat([features, features.new_zeros(-n % 8)])
+    # sm75 kernels at n = 1228 on the H200). The padding columns, and the caller's (negative entries),
+    # are -inf before the top-k: they get no code, so neither a value nor a gradient.
+    padding = features < 0
+    padded = torch.cat([features.clamp_min(0), features.new_zeros(-n % 8)])
     centered = reference.center(x, b_dec).to(W_enc.dtype)
     # index_select, not W[:, padded]: its gradient is an index_add (atomics), where advanced indexing's
     # is a sort-based index_put, 5.5 ms per step at the Llama-8B shape (measured).
     pre = centered @ W_enc.index_select(1, padded) + b_enc.index_select(0, padded)
-    top = pre[:, :n].topk(min(k_aux, n), dim=1)
+    top = pre[:, :n].masked_fill(padding, float("-inf")).topk(min(k_aux, n), dim=1)
     values = top.values.relu() if keep is None else keep(top.values.relu())
     codes = torch.zeros_like(pre).scatter(1, top.indices, values)
     return codes.to(W_dec.dtype) @ W_dec.index_select(0, padded)

@@ -156,6 +156,9 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self._group = None  # the data-parallel process group (`data_parallel`), or None
+        # Length of the dead-feature list a compiled or captured training step's AuxK reads (set by
+        # `fastsae.graphs.CapturedStep`); None: such a step takes the fused AuxK stream.
+        self.auxk_capacity: int | None = None
         self._feature_group, self._feature_start, stop = None, 0, cfg.n_features  # `shard_features`
         if feature_group is not None:
             self._feature_group, self._feature_start, stop = _feature_shard(cfg, feature_group)
@@ -384,12 +387,16 @@ class SparseAutoencoder(nn.Module):
         for `F.auxk_reconstruction` (dense over those features: it takes the AuxK step from the fused
         encode's second top-k stream and B * k_aux * d gathers and atomics to thin GEMMs); else None,
         and the fused encode selects the AuxK codes. Learning n costs one host sync, so while compiling
-        or capturing a CUDA graph this answers None and the step stays sync-free. A feature shard's dead
-        features are its own; the shard with the most decides for every shard."""
-        if dead is None or torch.compiler.is_compiling():
+        or capturing a CUDA graph this answers a list of `auxk_capacity` entries instead
+        (`torch.nonzero_static`, padded with -1: static shapes; whoever sets it keeps it at least the
+        number of dead features), or None when that is unset. A feature shard's dead features are its
+        own; the shard with the most decides for every shard."""
+        if dead is None:
             return None
-        if dead.is_cuda and torch.cuda.is_current_stream_capturing():
-            return None
+        if torch.compiler.is_compiling() or (dead.is_cuda and torch.cuda.is_current_stream_capturing()):
+            if self.auxk_capacity is None or self._feature_group is not None:
+                return None
+            return torch.nonzero_static(dead, size=self.auxk_capacity, fill_value=-1).squeeze(1)
         features = dead.nonzero().squeeze(1)
         most = features.shape[0]
         if self._feature_group is not None:  # every shard takes the same path (their collectives pair up)
@@ -655,7 +662,13 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(
                 f"training needs at least 2 tokens per batch (the FVU loss), got {x.numel() // self.cfg.d_in}"
             )
-        if self.cfg.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(x).all()):
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # CapturedStep checks x itself
+        if (
+            self.cfg.check_finite
+            and not torch.compiler.is_compiling()
+            and not capturing
+            and not bool(torch.isfinite(x).all())
+        ):
             raise ValueError("x contains NaN or infinite values (set SAEConfig.check_finite=False to skip this check)")
 
     # -- the decoder constraint ----------------------------------------------------------------------

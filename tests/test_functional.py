@@ -94,14 +94,17 @@ def test_gradients_match_reference(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("padding", [0, 13], ids=["exact", "padded"])
 @pytest.mark.parametrize("n_dead", [3, 25, 0])
-def test_auxk_reconstruction_matches_the_fused_aux_codes(n_dead, device):
+def test_auxk_reconstruction_matches_the_fused_aux_codes(n_dead, padding, device):
     """The dense AuxK path over the dead features against decode_sparse of the reference encode's aux
-    codes: value and every gradient, with fewer dead features than k_aux, more, and none."""
+    codes: value and every gradient, with fewer dead features than k_aux, more, and none; also from a
+    fixed-length list padded with -1 (what a captured step passes)."""
     B, d, F_, k, k_aux = 41, 20, 60, 5, 7
     x = torch.randn(B, d, dtype=torch.float64, device=device) + 2
     features = torch.randperm(F_, device=device)[:n_dead]
     dead = torch.zeros(F_, dtype=torch.bool, device=device).index_fill_(0, features, True)
+    features = torch.cat([features, features.new_full((padding,), -1)])
     params = [p.requires_grad_() for p in random_sae_weights(d, F_, device=device)]
     W_enc, b_enc, W_dec, b_dec = params
     _, _, aux_vals, aux_idx = reference.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead)

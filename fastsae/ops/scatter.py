@@ -143,14 +143,16 @@ def feature_sums(
         route = ROUTE
     coef_sum = rows.new_empty(n_features, dtype=torch.float32)
     if route == "blocked":
-        # The codes in CSR order: by feature, then by token.
+        # The codes in CSR order: by feature, then by token. Each feature's first code is found by
+        # binary search (torch.bincount would size its output from the largest index: a host sync,
+        # which a captured CUDA graph cannot hold).
         flat_idx = idx.flatten()
-        order = torch.argsort(flat_idx, stable=True)
-        offsets = torch.zeros(n_features + 1, dtype=torch.int64, device=rows.device)
-        torch.cumsum(torch.bincount(flat_idx, minlength=n_features), 0, out=offsets[1:])
+        sorted_idx, order = torch.sort(flat_idx, stable=True)
+        features = torch.arange(n_features + 1, device=rows.device, dtype=sorted_idx.dtype)
+        offsets = torch.searchsorted(sorted_idx, features)
         tokens = (order // K).to(torch.int32)
         sorted_coef = coef.flatten()[order]
-        sorted_features = flat_idx[order].to(torch.int32)
+        sorted_features = sorted_idx.to(torch.int32)
         out = rows.new_empty((d, n_features) if transposed else (n_features, d), dtype=dtype)
         out_f = out.t() if transposed else out  # [F, d] view: the kernel writes either layout directly
 

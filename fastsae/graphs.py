@@ -1,0 +1,124 @@
+"""`CapturedStep`: a whole SAE training step (forward, backward, decoder constraint, optimizer step)
+replayed as one CUDA graph, so the host launches one graph per step instead of a few hundred kernels.
+
+    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4, fused=True)   # or capturable=True
+    step = fastsae.graphs.CapturedStep(sae, optimizer)
+    for x in batches:                      # CUDA tensors of one shape
+        out = step(x)                      # out.loss, out.fvu, ... (the graph's own tensors: read or copy
+                                           # them before the next call, which overwrites them)
+
+The first `warmup` calls run eagerly (on a side stream, as torch.cuda.graphs asks: they tune the
+kernels and settle the allocator) and train as usual; the next one captures the step and replays it
+from then on. A captured step cannot count dead features on the host, so AuxK reads a dead-feature
+list of fixed length (`SparseAutoencoder.auxk_capacity`, a power of two at least the current count;
+while tokens x that length is at most sae.AUXK_DENSE_MAX_ELEMENTS, else the fused AuxK stream). Before
+each replay the host checks the count (with the input's finiteness when cfg.check_finite: one
+synchronisation per step, which costs little when the step is one launch) and captures again, after
+one eager step, when the list would be too short.
+
+Not covered yet: data-parallel or feature-sharded SAEs, and `fastsae.optim.SAEAdam` (its step count
+lives on the host); torch.optim.Adam / AdamW with `fused=True` or `capturable=True` capture.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from .sae import AUXK_DENSE_MAX_ELEMENTS, SAEOutput, SparseAutoencoder
+
+MIN_AUXK_CAPACITY = 64  # the shortest dead-feature list: fewer captures while features die one by one
+
+
+class CapturedStep:
+    """Call with a batch [..., d] (the same shape every call) to train `sae` one step with `optimizer`;
+    returns the step's SAEOutput (see the module docstring)."""
+
+    def __init__(self, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, warmup: int = 3) -> None:
+        if not isinstance(sae, SparseAutoencoder):
+            raise TypeError(f"CapturedStep takes a fastsae.SparseAutoencoder, got {type(sae).__name__}")
+        if not all(group.get("capturable") or group.get("fused") for group in optimizer.param_groups):
+            raise ValueError(
+                f"{type(optimizer).__name__} cannot be captured: its step count lives on the host "
+                "(use torch.optim.Adam or AdamW with fused=True or capturable=True)"
+            )
+        if not sae.W_enc.is_cuda:
+            raise ValueError("CapturedStep captures CUDA graphs: move the SAE to a GPU first")
+        if sae._group is not None or sae._feature_group is not None:
+            raise ValueError("CapturedStep does not capture data-parallel or feature-sharded SAEs yet")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (kernels are tuned and the allocator settled first), got {warmup}")
+        self.sae, self.optimizer = sae, optimizer
+        self._eager_left = warmup
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_x: Tensor | None = None
+        self._static_out: SAEOutput | None = None
+
+    def __call__(self, x: Tensor) -> SAEOutput:
+        sae = self.sae
+        if not sae.training:
+            raise ValueError("CapturedStep trains the SAE: call sae.train() first")
+        if self._static_x is not None and (x.shape != self._static_x.shape or x.dtype != self._static_x.dtype):
+            raise ValueError(
+                f"x is {tuple(x.shape)} {x.dtype}, but the captured step takes "
+                f"{tuple(self._static_x.shape)} {self._static_x.dtype} (make one CapturedStep per batch shape)"
+            )
+        n_tokens = x.numel() // sae.cfg.d_in
+        capacity = self._auxk_capacity(n_tokens)
+        if self._graph is not None and capacity != sae.auxk_capacity:
+            self._graph = None  # the dead-feature list outgrew the captured one: one eager step, then capture
+            self._eager_left = 1
+        if self._graph is None and self._eager_left > 0:
+            self._eager_left -= 1
+            return self._eager_step(x)
+        if sae.cfg.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or infinite values (set SAEConfig.check_finite=False to skip this check)")
+        if self._graph is None:
+            sae.auxk_capacity = capacity
+            self._capture(x)
+        self._static_x.copy_(x)
+        self._graph.replay()
+        return self._static_out
+
+    def _auxk_capacity(self, n_tokens: int) -> int | None:
+        """The dead-feature list length the next step needs: the captured one while the dead features fit
+        it, else the next power of two, capped where tokens x length reaches AUXK_DENSE_MAX_ELEMENTS;
+        None (the fused AuxK stream) where the dead features are more than that, as in an eager step.
+        One synchronisation, to read the count."""
+        sae = self.sae
+        if not (sae.cfg.activation == "topk" and sae.cfg.k_aux):
+            return None
+        n_dead = int(sae.dead_features().sum())
+        if sae.auxk_capacity is not None and n_dead <= sae.auxk_capacity:
+            return sae.auxk_capacity
+        longest = min(sae.cfg.n_features, AUXK_DENSE_MAX_ELEMENTS // n_tokens)
+        capacity = min(longest, max(MIN_AUXK_CAPACITY, triton.next_power_of_2(n_dead)))
+        return capacity if n_dead <= capacity else None
+
+    def _train(self, x: Tensor) -> SAEOutput:
+        out = self.sae(x)
+        out.loss.backward()
+        self.sae.remove_decoder_parallel_grad()
+        self.optimizer.step()
+        self.sae.normalize_decoder()
+        return out
+
+    def _eager_step(self, x: Tensor) -> SAEOutput:
+        """A step outside the graph, on a side stream (torch.cuda.graphs' warm-up pattern)."""
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self._train(x)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        return out
+
+    def _capture(self, x: Tensor) -> None:
+        # Gradients are None when capture starts, so the captured backward writes (not accumulates) them
+        # into the graph's own memory, the same addresses at every replay.
+        self.optimizer.zero_grad(set_to_none=True)
+        self._static_x = x.clone()
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._static_out = self._train(self._static_x)

@@ -1,0 +1,84 @@
+"""fastsae.graphs.CapturedStep: a training step replayed as one CUDA graph trains as the eager step does,
+captures again when the dead features outgrow its AuxK list, and refuses what it cannot capture."""
+
+import pytest
+import torch
+
+import fastsae
+from fastsae.graphs import CapturedStep
+
+from .utils import assert_close
+
+
+def _pair(device, **overrides):
+    """Two identical fp32 TopK SAEs with their own fused-capable Adam (capturable on CUDA)."""
+    cfg = fastsae.SAEConfig(d_in=64, n_features=1024, k=8, dtype="float32", dead_after_tokens=10**6, **overrides)
+    x = torch.randn(512, cfg.d_in, device=device) + 2
+    first = fastsae.SparseAutoencoder(cfg).to(device).initialize(x)
+    second = fastsae.SparseAutoencoder(cfg).to(device)
+    second.load_state_dict(first.state_dict())
+    optimizers = [torch.optim.Adam(sae.parameters(), lr=1e-3, capturable=device == "cuda") for sae in (first, second)]
+    return (first, second), optimizers
+
+
+def _eager_step(sae, optimizer, x):
+    optimizer.zero_grad(set_to_none=True)
+    out = sae(x)
+    out.loss.backward()
+    sae.remove_decoder_parallel_grad()
+    optimizer.step()
+    sae.normalize_decoder()
+    return out
+
+
+@pytest.mark.gpu
+def test_captured_step_trains_like_the_eager_step():
+    """Warm-up steps, a capture, replays, and a capture again when the dead features grow past the
+    captured list (64, then 256): losses and parameters follow the eager twin's."""
+    (eager, captured), (eager_opt, captured_opt) = _pair("cuda")
+    step = CapturedStep(captured, captured_opt, warmup=2)
+    batches = [torch.randn(512, 64, device="cuda") + 2 for _ in range(10)]
+    for i, x in enumerate(batches):
+        n_dead = 10 if i < 6 else 200  # features kept dead (silent for more than dead_after_tokens)
+        for sae in (eager, captured):
+            with torch.no_grad():
+                sae.tokens_since_fired[:n_dead] = 10**7
+        want = _eager_step(eager, eager_opt, x)
+        got = step(x)
+        assert abs(float(got.loss) - float(want.loss)) <= 1e-4 * float(want.loss), (
+            i,
+            float(got.loss),
+            float(want.loss),
+        )
+        assert abs(float(got.auxk) - float(want.auxk)) <= 1e-3 * max(float(want.auxk), 1e-6), i
+        if i == 4:
+            assert captured.auxk_capacity == 64 and step._graph is not None
+    assert captured.auxk_capacity == 256, "the dead features outgrew the list: a new capture"
+    # Atomic per-feature sums add in a different order from run to run: fp32 rounding, amplified by Adam.
+    for name, p in captured.named_parameters():
+        assert_close(p, dict(eager.named_parameters())[name], torch.float16, name)
+    assert int(captured.n_tokens_seen) == int(eager.n_tokens_seen) == 10 * 512
+
+
+@pytest.mark.gpu
+def test_captured_step_checks_its_input():
+    (sae, _), (optimizer, _) = _pair("cuda")
+    step = CapturedStep(sae, optimizer, warmup=1)
+    step(torch.randn(512, 64, device="cuda"))
+    step(torch.randn(512, 64, device="cuda"))  # captured
+    with pytest.raises(ValueError, match="make one CapturedStep per batch shape"):
+        step(torch.randn(256, 64, device="cuda"))
+    with pytest.raises(ValueError, match="NaN"):
+        step(torch.full((512, 64), float("nan"), device="cuda"))
+
+
+def test_captured_step_refuses_what_it_cannot_capture():
+    (sae, _), (optimizer, _) = _pair("cpu")
+    with pytest.raises(ValueError, match="SAEAdam cannot be captured"):
+        CapturedStep(sae, fastsae.optim.SAEAdam(sae))
+    with pytest.raises(ValueError, match="Adam cannot be captured"):
+        CapturedStep(sae, torch.optim.Adam(sae.parameters()))
+    with pytest.raises(ValueError, match="move the SAE to a GPU"):
+        CapturedStep(sae, torch.optim.Adam(sae.parameters(), capturable=True))
+    with pytest.raises(TypeError, match="SparseAutoencoder"):
+        CapturedStep(torch.nn.Linear(2, 2), optimizer)
