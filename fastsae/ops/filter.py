@@ -149,6 +149,10 @@ def _threshold_kernel(
     tl.store(tau_ptr + rows, tau, mask=rows < B)
 
 
+# FASTSAE_FILTER_WS=1 (read at import) adds `filter_ws`'s warp-specialised Gluon kernel to the tuner's
+# candidates: experimental, not yet run on a GPU.
+WARP_SPECIALIZED = os.environ.get("FASTSAE_FILTER_WS") == "1"
+
 # Accumulator entries per inline-PTX block in the filter epilogue (`_append_survivors`); the variable
 # FASTSAE_EPILOGUE_PACK (1, 2, 4 or 8, read at import) is for measuring the choice.
 EPILOGUE_PACK = tl.constexpr(int(os.environ.get("FASTSAE_EPILOGUE_PACK", "4")))
@@ -180,7 +184,7 @@ def _packed_ptx(inputs: str, pack: int, guards: str, body: str) -> tuple[str, st
 
 # Per entry whose value > threshold (fp32 bits): slot = atomicAdd(&count[row], 1) (relaxed, device
 # scope), -1 elsewhere. Inputs: count_ptr, row, value bits, threshold bits.
-_CLAIM_PTX, _CLAIM_CONSTRAINTS = (tl.constexpr(text) for text in _packed_ptx(
+CLAIM_PTX, CLAIM_CONSTRAINTS = (tl.constexpr(text) for text in _packed_ptx(
     "lrrr", EPILOGUE_PACK.value,
     guards="mov.u32 {o}, -1; setp.gt.f32 p{j}, {i2}, {i3};",
     body="mad.wide.s32 a, {i1}, 4, {i0}; @p{j} atom.global.gpu.relaxed.add.u32 {o}, [a], 1;",
@@ -188,7 +192,7 @@ _CLAIM_PTX, _CLAIM_CONSTRAINTS = (tl.constexpr(text) for text in _packed_ptx(
 # Per entry whose slot is in [0, cap): tile_base[row_offset + slot] = to_key(value, feature) as an int64
 # (high word: `_ordered(value)`, low word: the feature). Inputs: tile_base, row_offset, slot, value bits,
 # feature, cap. The output is a dummy 0 (an inline-asm op must have a result).
-_STORE_PTX, _STORE_CONSTRAINTS = (tl.constexpr(text) for text in _packed_ptx(
+STORE_PTX, STORE_CONSTRAINTS = (tl.constexpr(text) for text in _packed_ptx(
     "lrrrrr", EPILOGUE_PACK.value,
     guards="mov.u32 {o}, 0; setp.lt.u32 p{j}, {i2}, {i5};",
     body="shr.s32 s, {i3}, 31; and.b32 s, s, 2147483647; xor.b32 b, {i3}, s; "
@@ -217,12 +221,12 @@ def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, thresh
     if INLINE_PTX:
         value_bits = pre.to(tl.int32, bitcast=True)
         slot = tl.inline_asm_elementwise(
-            _CLAIM_PTX, _CLAIM_CONSTRAINTS,
+            CLAIM_PTX, CLAIM_CONSTRAINTS,
             [count_ptr, tl.broadcast_to(rows[:, None], pre.shape), value_bits, threshold.to(tl.int32, bitcast=True)],
             dtype=tl.int32, is_pure=False, pack=EPILOGUE_PACK,
         )  # fmt: skip
         tl.inline_asm_elementwise(
-            _STORE_PTX, _STORE_CONSTRAINTS,
+            STORE_PTX, STORE_CONSTRAINTS,
             [tile_base, row_offsets, slot, value_bits, features, tl.broadcast_to(cap, pre.shape)],
             dtype=tl.int32, is_pure=False, pack=EPILOGUE_PACK,
         )  # fmt: skip
@@ -411,7 +415,8 @@ def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, colum
     return tau
 
 
-def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list[dict]:
+def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
+                   warp_specialized: bool = WARP_SPECIALIZED) -> list[dict]:  # fmt: skip
     """Tile shapes of the filter GEMM and buffer capacities. A larger buffer lets the threshold pass read
     fewer features but costs the select more; none is above half the features (then filtering keeps
     most of the row and the dense route is the one to take). BLOCK_K is for 2-byte operands; fp32 ones
@@ -426,13 +431,30 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list
     caps = [max(512 * 2**i, triton.next_power_of_2(16 * 2**i * k)) for i in range(3)]
     caps = [cap for cap in caps if cap <= widest]
     aux_cap = max(256, triton.next_power_of_2(8 * k_aux)) if k_aux else 1
-    return [
+    configs = [
         dict(
             BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, PER_SM=p, CAP=cap, AUX_CAP=aux_cap
         )  # fmt: skip
         for m, n, bk, g, w, s, p in tiles
         for cap in caps
     ]
+    if warp_specialized and not interpret:  # `filter_ws`: 64 x 128 tiles per consumer warpgroup (spill-free)
+        configs += [
+            dict(
+                BLOCK_M=64,
+                BLOCK_N=128,
+                BLOCK_K=64,
+                GROUP_M=8,
+                num_warps=4,
+                num_stages=4,
+                PER_SM=1,
+                CAP=cap,
+                AUX_CAP=aux_cap,
+                WARP_SPECIALIZED=True,
+            )  # fmt: skip
+            for cap in caps
+        ]
+    return configs
 
 
 def filter_topk(
@@ -504,7 +526,14 @@ def filter_gemm(
     """The filter GEMM alone (step 3): appends each entry of xc @ W_enc + b_enc above its row's `tau`
     to the row's `key_buf` [B, CAP] (int64 keys), counting in `count` (int32 [B], zeroed); `aux` =
     (dead_mask, aux_tau, aux_count, aux_key_buf) does the same for dead features against their own
-    thresholds. W_enc must be a `tma_operand`."""
+    thresholds. W_enc must be a `tma_operand`. A WARP_SPECIALIZED configuration runs `filter_ws`'s
+    kernel where it applies (bf16 / fp16, no AuxK, no positive counts), else this one with its tiles."""
+    if cfg.get("WARP_SPECIALIZED") and W_enc.dtype in (torch.bfloat16, torch.float16) and aux is None \
+            and positive_counts is None:  # fmt: skip
+        from .filter_ws import filter_gemm_ws  # here, not at the top: filter_ws imports this module's PTX
+
+        filter_gemm_ws(xc, W_enc, b_enc, tau, count, key_buf, cfg)
+        return
     B, D = xc.shape
     F = W_enc.shape[1]
     if aux is None:
