@@ -218,7 +218,7 @@ def _dtype_name(dtype: torch.dtype, path: Path) -> str:
 
 def _build(cfg: SAEConfig, weights: dict[str, Tensor], path: Path) -> SparseAutoencoder:
     """A fastsae SAE holding `weights` (checked against the config's shapes), statistics reset."""
-    sae = SparseAutoencoder(cfg)
+    sae = SparseAutoencoder(cfg, draw_directions=not {"W_enc", "W_dec"} <= weights.keys())
     expected = sae.state_dict()
     for name, tensor in weights.items():
         if tensor.shape != expected[name].shape:

@@ -150,9 +150,11 @@ class SparseAutoencoder(nn.Module):
     `feature_fire_count` (fires per feature since the last reset), `tokens_since_fired`, `n_tokens_seen`.
     """
 
-    def __init__(self, cfg: SAEConfig, feature_group=None):
+    def __init__(self, cfg: SAEConfig, feature_group=None, *, draw_directions: bool = True):
         """A new SAE with random directions. With `feature_group`, this rank's feature shard of it
-        (`shard_features`), built and drawn without the whole: for SAEs one device cannot hold."""
+        (`shard_features`), built and drawn without the whole: for SAEs one device cannot hold.
+        `draw_directions=False` leaves W_enc and W_dec unset, for a loader that overwrites every
+        parameter (drawing a 2^20 x 4096 decoder takes seconds and a second copy's memory)."""
         super().__init__()
         self.cfg = cfg
         self._group = None  # the data-parallel process group (`data_parallel`), or None
@@ -187,7 +189,8 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("feature_fire_count", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("n_tokens_seen", torch.zeros((), dtype=torch.int64))
-        self._init_directions()
+        if draw_directions:
+            self._init_directions()
         # Whether the centering was fitted (`initialize`) or weights were loaded; a training forward
         # without either fits it to its first batch (`_initialize_lazily`).
         self._initialized = cfg.centering == "none"
@@ -757,7 +760,8 @@ class SparseAutoencoder(nn.Module):
             cfg = SAEConfig(**json.loads(metadata["fastsae_config"]))
         except (TypeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} has an invalid fastsae config: {error}") from error
-        sae = cls(cfg).to(device)
+        with torch.device(device):  # built where it loads, with nothing drawn: every tensor is overwritten
+            sae = cls(cfg, draw_directions=False)
         expected = sae.state_dict()
         missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
         if missing == {"batchtopk_threshold"}:  # saved before the threshold existed: still unset

@@ -79,7 +79,7 @@ def load(directory: str | os.PathLike, feature_group, device) -> SparseAutoencod
     if manifest.get("format") != SHARDS_FORMAT:
         raise ValueError(f"{manifest_path} is not a fastsae shard manifest")
     cfg = SAEConfig(**manifest["config"])
-    sae = SparseAutoencoder(cfg, feature_group=feature_group)
+    sae = SparseAutoencoder(cfg, feature_group=feature_group, draw_directions=False)  # every tensor is loaded
     start, stop = sae._feature_start, sae._feature_start + sae.W_dec.shape[0]
     state = sae.state_dict()
     pieces: dict[str, list[torch.Tensor]] = {name: [] for name in FEATURE_DIMS}

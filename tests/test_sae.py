@@ -173,6 +173,22 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["sae.safetensors"], "no temporary file may be left"
 
 
+def test_loading_draws_no_random_directions(tmp_path, monkeypatch):
+    """Every tensor of a checkpoint is loaded, so loading skips the random initialisation (seconds and a
+    second copy's memory for a large SAE): a fastsae file and a SAELens directory."""
+    sae = _sae(dtype="float32")
+    sae.save(tmp_path / "sae.safetensors")
+    sae.save(tmp_path / "saelens", format="saelens")
+
+    def no_draw(self, seed=None):
+        raise AssertionError("a loader drew random directions")
+
+    monkeypatch.setattr(fastsae.SparseAutoencoder, "_init_directions", no_draw)
+    for path in (tmp_path / "sae.safetensors", tmp_path / "saelens"):
+        loaded = fastsae.SparseAutoencoder.load(path)
+        assert torch.equal(loaded.W_dec, sae.W_dec) and torch.equal(loaded.W_enc, sae.W_enc), path
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "sae.safetensors"
     _sae().save(path)
