@@ -439,21 +439,8 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
         for cap in caps
     ]
     if warp_specialized and not interpret:  # `filter_ws`: 64 x 128 tiles per consumer warpgroup (spill-free)
-        configs += [
-            dict(
-                BLOCK_M=64,
-                BLOCK_N=128,
-                BLOCK_K=64,
-                GROUP_M=8,
-                num_warps=4,
-                num_stages=4,
-                PER_SM=1,
-                CAP=cap,
-                AUX_CAP=aux_cap,
-                WARP_SPECIALIZED=True,
-            )  # fmt: skip
-            for cap in caps
-        ]
+        tile = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, PER_SM=1)
+        configs += [dict(tile, CAP=cap, AUX_CAP=aux_cap, WARP_SPECIALIZED=True) for cap in caps]
     return configs
 
 
