@@ -26,7 +26,7 @@ DEAD_FRACTION = 0.05
 def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False):
     """The module's step with torch.optim.Adam and the decoder constraint's two calls, with
     fastsae.optim.SAEAdam (`fused_optimizer`: the constraint inside its step), or replayed as one CUDA
-    graph by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam, which a graph can hold)."""
+    graph by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam made capturable)."""
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype="bfloat16", check_finite=False,
                             dead_after_tokens=1)  # fmt: skip
     sae = fastsae.SparseAutoencoder(cfg).cuda()
@@ -36,7 +36,7 @@ def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False
     if fused_optimizer:
         optimizer = fastsae.optim.SAEAdam(sae, lr=1e-4)
     else:
-        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=graph)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=graph, capturable=graph)
     captured = fastsae.graphs.CapturedStep(sae, optimizer) if graph else None
 
     def step(x):

@@ -1,7 +1,7 @@
 """`CapturedStep`: a whole SAE training step (forward, backward, decoder constraint, optimizer step)
 replayed as one CUDA graph, so the host launches one graph per step instead of a few hundred kernels.
 
-    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4, fused=True)   # or capturable=True
+    optimizer = torch.optim.Adam(sae.parameters(), lr=2e-4, fused=True, capturable=True)
     step = fastsae.graphs.CapturedStep(sae, optimizer)
     for x in batches:                      # CUDA tensors of one shape
         out = step(x)                      # out.loss, out.fvu, ... (the graph's own tensors: read or copy
@@ -17,7 +17,8 @@ synchronisation per step, which costs little when the step is one launch) and ca
 one eager step, when the list would be too short.
 
 Not covered yet: data-parallel or feature-sharded SAEs, and `fastsae.optim.SAEAdam` (its step count
-lives on the host); torch.optim.Adam / AdamW with `fused=True` or `capturable=True` capture.
+lives on the host); torch.optim.Adam / AdamW capture with `capturable=True` (torch refuses any other
+optimizer under capture, fused or not), fastest with `fused=True` as well.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ class CapturedStep:
     def __init__(self, sae: SparseAutoencoder, optimizer: torch.optim.Optimizer, warmup: int = 3) -> None:
         if not isinstance(sae, SparseAutoencoder):
             raise TypeError(f"CapturedStep takes a fastsae.SparseAutoencoder, got {type(sae).__name__}")
-        if not all(group.get("capturable") or group.get("fused") for group in optimizer.param_groups):
+        if not all(group.get("capturable") for group in optimizer.param_groups):
             raise ValueError(
                 f"{type(optimizer).__name__} cannot be captured: its step count lives on the host "
-                "(use torch.optim.Adam or AdamW with fused=True or capturable=True)"
+                "(use torch.optim.Adam or AdamW with capturable=True, and fused=True for speed)"
             )
         if not sae.W_enc.is_cuda:
             raise ValueError("CapturedStep captures CUDA graphs: move the SAE to a GPU first")

@@ -11,13 +11,14 @@ from .utils import assert_close
 
 
 def _pair(device, **overrides):
-    """Two identical fp32 TopK SAEs with their own fused-capable Adam (capturable on CUDA)."""
+    """Two identical fp32 TopK SAEs with their own Adam (fused and capturable on CUDA)."""
     cfg = fastsae.SAEConfig(d_in=64, n_features=1024, k=8, dtype="float32", dead_after_tokens=10**6, **overrides)
     x = torch.randn(512, cfg.d_in, device=device) + 2
     first = fastsae.SparseAutoencoder(cfg).to(device).initialize(x)
     second = fastsae.SparseAutoencoder(cfg).to(device)
     second.load_state_dict(first.state_dict())
-    optimizers = [torch.optim.Adam(sae.parameters(), lr=1e-3, capturable=device == "cuda") for sae in (first, second)]
+    optimizers = [torch.optim.Adam(sae.parameters(), lr=1e-3, capturable=device == "cuda", fused=device == "cuda")
+                  for sae in (first, second)]
     return (first, second), optimizers
 
 
@@ -78,6 +79,8 @@ def test_captured_step_refuses_what_it_cannot_capture():
         CapturedStep(sae, fastsae.optim.SAEAdam(sae))
     with pytest.raises(ValueError, match="Adam cannot be captured"):
         CapturedStep(sae, torch.optim.Adam(sae.parameters()))
+    with pytest.raises(ValueError, match="Adam cannot be captured"):  # torch refuses fused Adam under capture too
+        CapturedStep(sae, torch.optim.Adam(sae.parameters(), fused=True))
     with pytest.raises(ValueError, match="move the SAE to a GPU"):
         CapturedStep(sae, torch.optim.Adam(sae.parameters(), capturable=True))
     with pytest.raises(TypeError, match="SparseAutoencoder"):

@@ -11,7 +11,10 @@ survivor) it took 1.38x / 1.41x the cuBLAS GEMM at the GPT-2 / AlphaFold3 widths
   `empty` mbarriers per slot);
 - two consumer warpgroups take the program's tiles in turn (even and odd), each accumulating its tile
   with asynchronous wgmma over the ring and then running the epilogue, so one consumer's epilogue runs
-  while the other's tile occupies the tensor cores (cuBLAS's ping-pong schedule).
+  while the other's tile occupies the tensor cores (cuBLAS's ping-pong schedule). Their mainloops
+  alternate in tile order (a `turns` mbarrier per consumer): an mbarrier's parity wait cannot tell
+  phase n from n + 2, so a consumer must not wait on a ring slot more than one fill ahead of it (the
+  first version let the odd consumer start early, read slots before they were filled and fault).
 The epilogue is the Triton kernel's: pre = acc + b_enc, and every entry above its row's threshold
 appended to the row's buffer as an int64 (value, feature) key through `filter._append_survivors`' PTX,
 in the accumulator's own registers. Same contract as `filter.filter_gemm` without AuxK and positive
@@ -60,7 +63,7 @@ def _producer(xc_desc, w_desc, ready, empty, a_ring, b_ring, B, D, F,
 
 
 @gluon.jit
-def _consumer(xc_desc, w_desc, ready, empty, a_ring, b_ring, B, D, F,
+def _consumer(xc_desc, w_desc, ready, empty, turns, a_ring, b_ring, B, D, F,
               b_enc_ptr, tau_ptr, count_ptr, key_buf_ptr, cap,
               PARITY: gl.constexpr, GROUP_M: gl.constexpr, N_PROGRAMS: gl.constexpr):  # fmt: skip
     """The program's tiles whose local index has PARITY: matmul over the ring, then the epilogue."""
@@ -81,6 +84,9 @@ def _consumer(xc_desc, w_desc, ready, empty, a_ring, b_ring, B, D, F,
             row_block, col_block = grouped_tile(tile, B, F, BLOCK_M, BLOCK_N, GROUP_M)
             row_start, col_start = row_block * BLOCK_M, col_block * BLOCK_N
             position = local * k_steps
+            # Wait until the other consumer's mainloop of the previous tile is done: its arrival number
+            # (local - 1) // 2, written without a negative operand for local = 0 (no wait there).
+            mbarrier.wait(turns.index(1 - PARITY), ((local + 1) // 2 - 1) & 1, pred=local > 0)
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout)
             for step in range(k_steps):
                 slot = position % NUM_STAGES
@@ -92,6 +98,7 @@ def _consumer(xc_desc, w_desc, ready, empty, a_ring, b_ring, B, D, F,
                 position += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((position + NUM_STAGES - 1) % NUM_STAGES), count=1)
+            mbarrier.arrive(turns.index(PARITY), count=1)  # the other consumer's mainloop may start
             _epilogue(acc, row_start, col_start, B, F, b_enc_ptr, tau_ptr, count_ptr, key_buf_ptr, cap,
                       rows_layout, cols_layout)  # fmt: skip
         local += 1
@@ -134,14 +141,17 @@ def _filter_ws_kernel(
     b_ring = gl.allocate_shared_memory(w_desc.dtype, [NUM_STAGES] + w_desc.block_type.shape, w_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
     gl.warp_specialize(
         [
-            (_consumer, (xc_desc, w_desc, ready, empty, a_ring, b_ring, B, D, F,  # the default partition
+            (_consumer, (xc_desc, w_desc, ready, empty, turns, a_ring, b_ring, B, D, F,  # the default partition
                          b_enc_ptr, tau_ptr, count_ptr, key_buf_ptr, cap, 0, GROUP_M, N_PROGRAMS)),
-            (_consumer, (xc_desc, w_desc, ready, empty, a_ring, b_ring, B, D, F,
+            (_consumer, (xc_desc, w_desc, ready, empty, turns, a_ring, b_ring, B, D, F,
                          b_enc_ptr, tau_ptr, count_ptr, key_buf_ptr, cap, 1, GROUP_M, N_PROGRAMS)),
             (_producer, (xc_desc, w_desc, ready, empty, a_ring, b_ring, B, D, F, GROUP_M, N_PROGRAMS)),
         ],
