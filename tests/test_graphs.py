@@ -17,8 +17,10 @@ def _pair(device, **overrides):
     first = fastsae.SparseAutoencoder(cfg).to(device).initialize(x)
     second = fastsae.SparseAutoencoder(cfg).to(device)
     second.load_state_dict(first.state_dict())
-    optimizers = [torch.optim.Adam(sae.parameters(), lr=1e-3, capturable=device == "cuda", fused=device == "cuda")
-                  for sae in (first, second)]
+    optimizers = [
+        torch.optim.Adam(sae.parameters(), lr=1e-3, capturable=device == "cuda", fused=device == "cuda")
+        for sae in (first, second)
+    ]
     return (first, second), optimizers
 
 
