@@ -3,9 +3,10 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python -m bench.sanitize_kernels
 
 Each shape runs the TopK encode through every route the tuner may pick (the threshold-first filter in
-each configuration, with its flagged-row fallback forced, the sweep, the dense route) with AuxK and the
-positive counts, its backward (atomic and deterministic reductions), the ReLU and JumpReLU encode, the
-sparse decode and its backward, and the decoder-constraint kernels; every result is checked against
+each configuration, with its flagged-row fallback forced, the sweep, the dense route), the experimental
+warp-specialised filter GEMM's configurations, AuxK and the positive counts, its backward (both
+per-feature-sums routes and the deterministic mode), the ReLU and JumpReLU encode, the sparse decode and
+its backward, the decoder-constraint kernels and SAEAdam's decoder step; every result is checked against
 the reference, so a kernel that reads or writes out of bounds and happens to survive still fails.
 Without the caching allocator (the variable above) memcheck sees each tensor's own bounds.
 """
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from fastsae import reference  # noqa: E402
-from fastsae.ops import decode, decoder, encode, filter  # noqa: E402
+from fastsae.ops import decode, decoder, encode, filter, scatter  # noqa: E402
 from fastsae.testing import assert_close, assert_positive_counts_match, assert_topk_matches  # noqa: E402
 
 # name: (B, d, F, k, k_aux): tiny, odd sizes everywhere, and the GPT-2 width
@@ -52,6 +53,10 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int) ->
             cfg = {**route[1], "CAP": max(1, triton.next_power_of_2(k) // 2)}
             vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("filter", cfg))
             assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} filter fallback")
+    for cfg in filter.filter_configs(k, 0, n_features, interpret=False, warp_specialized=True):
+        if cfg.get("WARP_SPECIALIZED"):  # experimental (FASTSAE_FILTER_WS=1): no AuxK in that kernel
+            vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("filter", cfg))
+            assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} warp-specialised filter {cfg}")
     vals, idx, counts = encode.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
     assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} positive counts")
     assert_positive_counts_match(counts, pre, ROUNDING_BAND, f"{name} positive counts")
@@ -59,11 +64,13 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int) ->
     vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead)
     grad_vals, grad_aux = torch.randn_like(vals), torch.randn_like(aux_vals)
     expected = reference.encode_topk_backward(grad_vals, grad_aux, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
-    for deterministic in (False, True):
+    for sums_route, deterministic in (("atomic", False), ("blocked", False), ("auto", True)):
+        scatter.ROUTE = sums_route
         torch.use_deterministic_algorithms(deterministic)
         grads = encode.encode_topk_backward(grad_vals, grad_aux, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, True)
         for grad_name, actual, want in zip(("dx", "dW_enc", "db_enc", "db_dec"), grads, expected):
-            assert_close(actual.float(), want.float(), TOLERANCE, f"{name} {grad_name} deterministic={deterministic}")
+            assert_close(actual.float(), want.float(), TOLERANCE, f"{name} {grad_name} {sums_route} {deterministic=}")
+    scatter.ROUTE = "auto"
     torch.use_deterministic_algorithms(False)
 
     threshold = torch.rand(n_features, device="cuda").bfloat16()
@@ -87,6 +94,11 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int) ->
     rows = 3 * W_dec
     decoder.normalize_rows_(rows)
     assert_close(rows.float(), reference.normalize_decoder_rows(W_dec).float(), TOLERANCE, f"{name} normalize rows")
+    moments = [torch.randn_like(W_dec), torch.rand_like(W_dec)]
+    expected_adam = reference.decoder_adam(W_dec, grad, *moments, 3, 1e-3, 0.9, 0.999, 1e-8)
+    decoder.decoder_adam_(W_dec, grad, *moments, 3, 1e-3, 0.9, 0.999, 1e-8)
+    for part, actual, want in zip(("W_dec", "exp_avg", "exp_avg_sq"), (W_dec, *moments), expected_adam):
+        assert_close(actual.float(), want.float(), TOLERANCE, f"{name} decoder_adam {part}")
     filter.center(x, b_dec, torch.bfloat16)  # also run by the encode; here at every shape on its own
     torch.cuda.synchronize()
     print(f"sanitize_kernels {name} (B={B}, d={d}, F={n_features}, k={k}, k_aux={k_aux}): every kernel ran and matched")
