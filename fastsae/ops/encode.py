@@ -94,9 +94,10 @@ def _append(val_ptr, idx_ptr, buf_row0, stride_buf, values, cols, candidate, cou
 
 @triton.jit
 def _load_keys(val_ptr, idx_ptr, offsets, mask):
-    """Keys of buffer slots; an empty slot (feature -1) gets EMPTY_KEY."""
+    """Keys of buffer slots; an empty slot (feature -1) gets EMPTY_KEY. An empty slot's value was never
+    written: it is not read (compute-sanitizer's initcheck flags the read even when it is discarded)."""
     feature = tl.load(idx_ptr + offsets, mask=mask, other=-1)
-    value = tl.load(val_ptr + offsets, mask=mask, other=0.0)
+    value = tl.load(val_ptr + offsets, mask=mask & (feature >= 0), other=0.0)
     return tl.where(feature < 0, EMPTY_KEY, to_key(value, feature))
 
 
