@@ -150,7 +150,7 @@ def _threshold_kernel(
 
 
 # FASTSAE_FILTER_WS=1 (read at import) adds `filter_ws`'s warp-specialised Gluon kernel to the tuner's
-# candidates: experimental, not yet run on a GPU.
+# candidates: experimental (see its docstring for what it measured on the H200 and why it is off).
 WARP_SPECIALIZED = os.environ.get("FASTSAE_FILTER_WS") == "1"
 
 # Accumulator entries per inline-PTX block in the filter epilogue (`_append_survivors`); the variable

@@ -1,6 +1,11 @@
 """The filter GEMM of the threshold-first TopK encode (`filter.py`, step 3), warp-specialised for Hopper in
-Gluon: experimental, a tuner candidate only with FASTSAE_FILTER_WS=1 (`filter.WARP_SPECIALIZED`; not yet
-run on a GPU).
+Gluon: experimental, a tuner candidate only with FASTSAE_FILTER_WS=1 (`filter.WARP_SPECIALIZED`).
+
+On the H200 (bf16, same run as the Triton kernel) its survivors matched the Triton kernel's. With no
+survivor its 6-stage ring ran at 1.14x the cuBLAS GEMM at the GPT-2 width (Triton: 1.27x). With the
+survivors its best configuration made the encode 2.02x the GEMM at GPT-2 (Triton: 2.15x), level at AF3
+(2.95x) and slower at k = 128 and at the Llama-8B width. It is off by default because compute-sanitizer's
+racecheck reports a hazard in its partition dispatch, not yet explained (bench/results/reliability.md).
 
 Why: the Triton filter kernel's epilogue (bias, compare, survivor appends) runs on the same warps as its
 matmul, so no tile's epilogue overlaps any matmul; on the H200 with every threshold at +inf (no
