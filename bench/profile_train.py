@@ -1,8 +1,11 @@
 """Where fastsae's TopK training step spends its time: torch.profiler's kernel and host-op tables for the
-step that bench_train times, at each benchmark shape (harness.SHAPES), with AuxK on (5% of features
-dead) and off.
+step that bench_train times, at each benchmark shape (harness.SHAPES, or a sweep name such as
+d768_F24576_B8192_k128), with AuxK on (5% of features dead) and off, run eagerly and replayed as one
+CUDA graph (fastsae.graphs.CapturedStep). Each header gives the wall time per step, the kernel time, the
+host overhead (wall minus kernel time, as a share of the wall), the kernels run per step and the host's
+launch calls per step (kernel and graph launches: one per kernel eagerly, one graph when captured).
 
-python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25]
+python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25] [--modes eager,graph]
 """
 
 from __future__ import annotations
@@ -15,47 +18,65 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from .bench_train import DEAD_FRACTION, _fastsae_step, _initial_weights
-from .harness import SHAPES
+from .harness import SHAPES, shape_dims
+
+STEPS = 5  # profiled steps
 
 
-def profile_step(shape: str, auxk: bool, rows: int) -> None:
-    d, n_features, n_rows, k = SHAPES[shape]
+def profile_step(shape: str, auxk: bool, rows: int, graph: bool = False) -> dict:
+    """Prints the step's tables; returns its {"wall_ms", "kernel_ms", "host_share", "kernels", "launches"}
+    per step."""
+    d, n_features, n_rows, k = shape_dims(shape)
     x, weights = _initial_weights(d, n_features, n_rows)
     dead = torch.rand(n_features, device="cuda") < (DEAD_FRACTION if auxk else 0.0)
-    step = _fastsae_step(d, n_features, k, weights, dead)
-    for _ in range(3):  # compile, autotune, warm the allocator
+    step = _fastsae_step(d, n_features, k, weights, dead, graph=graph)
+    for _ in range(5):  # compile, autotune, warm the allocator; the captured step captures on the fourth
         step(x)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for _ in range(5):
+    for _ in range(STEPS):
         step(x)
     torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) / 5 * 1e3
+    wall_ms = (time.perf_counter() - start) / STEPS * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
+        for _ in range(STEPS):
             step(x)
         torch.cuda.synchronize()
     # Kernel time summed over the step against the step's wall time: a large gap means the GPU waits on
     # the host (Python dispatch, syncs), not on kernels. Device-side events only: a host op's self device
     # time repeats the kernels it launched. The second table shows where the host's time goes.
     events = prof.key_averages()
-    gpu_ms = sum(event.self_device_time_total for event in events if event.device_type != DeviceType.CPU) / 5 / 1e3
+    kernels = [event for event in events if event.device_type != DeviceType.CPU]
+    kernel_ms = sum(event.self_device_time_total for event in kernels) / STEPS / 1e3
+    n_kernels = sum(event.count for event in kernels) / STEPS
+    launches = sum(
+        event.count for event in events
+        if event.device_type == DeviceType.CPU and ("LaunchKernel" in event.key or "GraphLaunch" in event.key)
+    ) / STEPS  # fmt: skip
+    # Kernels on side streams can overlap, so kernel time may exceed the wall: no negative overhead.
+    host_share = max(0.0, wall_ms - kernel_ms) / wall_ms
     print(
-        f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}: "
-        f"{wall_ms:.2f} ms wall per step, {gpu_ms:.2f} ms of kernels (5 steps below)"
-    )
+        f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}, "
+        f"{'captured graph' if graph else 'eager'}: {wall_ms:.2f} ms wall per step, {kernel_ms:.2f} ms of kernels, "
+        f"host overhead {100 * host_share:.0f}%, {n_kernels:.0f} kernels from {launches:.0f} host launches per step "
+        f"({STEPS} steps below)"
+    )  # fmt: skip
     print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
+    return {"wall_ms": wall_ms, "kernel_ms": kernel_ms, "host_share": host_share, "kernels": n_kernels,
+            "launches": launches}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--modes", default="eager,graph", help="comma-separated subset of eager,graph")
     args = parser.parse_args(argv)
     for shape in args.shapes.split(","):
         for auxk in (True, False):
-            profile_step(shape, auxk, args.rows)
+            for mode in args.modes.split(","):
+                profile_step(shape, auxk, args.rows, graph=mode == "graph")
     return 0
 
 

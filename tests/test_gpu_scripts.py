@@ -1,10 +1,10 @@
 """The GPU script's helpers run and check themselves: the compute-sanitizer driver over every Triton
 kernel (at its smallest shape here; the GPU script runs all of them under the sanitizers) and the
-encode profile (at a small shape)."""
+encode and training-step profiles (at small shapes)."""
 
 import pytest
 
-from bench import profile_encode, sanitize_kernels
+from bench import profile_encode, profile_train, sanitize_kernels
 
 
 @pytest.mark.gpu
@@ -16,3 +16,14 @@ def test_sanitize_kernels_runs_and_matches():
 def test_profile_encode_runs(capsys):
     profile_encode.profile_encode("d384_F4096_B1024_k32", rows=5)
     assert "filter GEMM, no survivor" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_profile_train_reports_launches_and_host_time(capsys):
+    eager, graph = (profile_train.profile_step("d128_F2048_B1024_k16", True, 5, graph) for graph in (False, True))
+    for step in (eager, graph):
+        assert step["kernels"] > 10 and step["kernel_ms"] > 0 and 0 <= step["host_share"] < 1
+    # Captured, the step is one graph launch plus the few small kernels run outside it (the dead-feature
+    # count, the bench's own bookkeeping); eagerly, one launch per kernel.
+    assert graph["launches"] <= eager["launches"] / 4
+    assert "host launches per step" in capsys.readouterr().out
