@@ -7,6 +7,8 @@
 # Knobs (environment):
 #   FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_SOAK / FASTSAE_RUN_BENCH=0   skip a step
 #   FASTSAE_SANITIZE_SHAPES  bench.sanitize_kernels shapes (default small,odd; large takes long under racecheck)
+#   FASTSAE_SANITIZE_KERNEL_ARGS  extra bench.sanitize_kernels arguments (e.g. --filter-configs first)
+#   FASTSAE_SANITIZER_ARGS   extra compute-sanitizer arguments (e.g. to leave out cuBLAS's kernels)
 #   FASTSAE_SOAK_STEPS       training steps of the soak run (default 20000)
 #   FASTSAE_TESTS            pytest targets, or FASTSAE_TEST_GROUPS: ';'-separated targets run in parallel
 #   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 15)
@@ -64,8 +66,8 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/sanitize_ext.py \
             >"$OUT/sanitizer_ext_$tool.log" 2>&1
         echo "ext $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_ext_$tool.log" | tail -1)"
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-            python3 -m bench.sanitize_kernels --shapes "${FASTSAE_SANITIZE_SHAPES:-small,odd}" \
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 ${FASTSAE_SANITIZER_ARGS:-} \
+            python3 -m bench.sanitize_kernels --shapes "${FASTSAE_SANITIZE_SHAPES:-small,odd}" ${FASTSAE_SANITIZE_KERNEL_ARGS:-} \
             >"$OUT/sanitizer_kernels_$tool.log" 2>&1
         echo "kernels $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_kernels_$tool.log" | tail -1)"
     done

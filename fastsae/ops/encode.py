@@ -94,10 +94,9 @@ def _append(val_ptr, idx_ptr, buf_row0, stride_buf, values, cols, candidate, cou
 
 @triton.jit
 def _load_keys(val_ptr, idx_ptr, offsets, mask):
-    """Keys of buffer slots; an empty slot (feature -1) gets EMPTY_KEY. An empty slot's value was never
-    written: it is not read (compute-sanitizer's initcheck flags the read even when it is discarded)."""
+    """Keys of buffer slots; an empty slot (feature -1) gets EMPTY_KEY."""
     feature = tl.load(idx_ptr + offsets, mask=mask, other=-1)
-    value = tl.load(val_ptr + offsets, mask=mask & (feature >= 0), other=0.0)
+    value = tl.load(val_ptr + offsets, mask=mask, other=0.0)
     return tl.where(feature < 0, EMPTY_KEY, to_key(value, feature))
 
 
@@ -127,12 +126,18 @@ def _compact(
 
 
 @triton.jit
-def _clear(idx_ptr, buf_row0, stride_buf, BLOCK_M: tl.constexpr, CAP: tl.constexpr, SORT_ROWS: tl.constexpr):
-    """Mark every slot of the program's buffers empty (feature -1)."""
+def _clear(val_ptr, idx_ptr, buf_row0, stride_buf, BLOCK_M: tl.constexpr, CAP: tl.constexpr,
+           SORT_ROWS: tl.constexpr):  # fmt: skip
+    """Mark every slot of the program's buffers empty (feature -1, value 0). The value is written too:
+    `_load_keys` reads every slot's value and discards an empty one's, and a read of memory never
+    written is what compute-sanitizer's initcheck reports (masking that load by the feature instead
+    made the sweep kernel spill)."""
     slots = tl.arange(0, CAP)
     for r0 in range(0, BLOCK_M, SORT_ROWS):  # a loop, not unrolled: compile time
         buf_rows = (buf_row0 + r0 + tl.arange(0, SORT_ROWS)).to(tl.int64)
-        tl.store(idx_ptr + buf_rows[:, None] * stride_buf + slots[None, :], tl.full([SORT_ROWS, CAP], -1, tl.int32))
+        offsets = buf_rows[:, None] * stride_buf + slots[None, :]
+        tl.store(idx_ptr + offsets, tl.full([SORT_ROWS, CAP], -1, tl.int32))
+        tl.store(val_ptr + offsets, tl.zeros([SORT_ROWS, CAP], val_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -158,11 +163,11 @@ def _encode_topk_fwd_kernel(
     buf_rows = buf_row0 + tl.arange(0, BLOCK_M)
     f_begin = split * tiles_per_split * BLOCK_N
 
-    _clear(idx_buf_ptr, buf_row0, stride_buf, BLOCK_M, CAP, SORT_ROWS)
+    _clear(val_buf_ptr, idx_buf_ptr, buf_row0, stride_buf, BLOCK_M, CAP, SORT_ROWS)
     tau = tl.full([BLOCK_M], float("-inf"), tl.float32)
     count = tl.zeros([BLOCK_M], dtype=tl.int32)
     if HAS_AUX:
-        _clear(aux_idx_buf_ptr, buf_row0, stride_aux_buf, BLOCK_M, AUX_CAP, AUX_SORT_ROWS)
+        _clear(aux_val_buf_ptr, aux_idx_buf_ptr, buf_row0, stride_aux_buf, BLOCK_M, AUX_CAP, AUX_SORT_ROWS)
         aux_tau = tl.full([BLOCK_M], float("-inf"), tl.float32)
         aux_count = tl.zeros([BLOCK_M], dtype=tl.int32)
     tl.debug_barrier()
