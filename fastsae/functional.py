@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _ext, reference
+from .ops import batchtopk as batchtopk_ops
 from .ops import decode as decode_ops
 from .ops import decoder as decoder_ops
 from .ops import encode as encode_ops
@@ -304,7 +305,7 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: 
     """BatchTopK codes [B, F]: the B * k largest ReLU codes over the whole batch (Bussmann et al. 2024)."""
     _check_encoder_args(x, W_enc, b_enc, b_dec)
     _check_k("k", k, W_enc.shape[1], minimum=1)
-    return reference.batch_topk(_encode_relu(x, W_enc, b_enc, b_dec, None), k)
+    return batchtopk_ops.batch_topk(_encode_relu(x, W_enc, b_enc, b_dec, None), k)
 
 
 # ---------------------------------------------------------------------------------------------------

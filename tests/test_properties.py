@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastsae import functional, reference
-from fastsae.ops import decode, decoder, encode, scatter
+from fastsae.ops import batchtopk, decode, decoder, encode, scatter
 from fastsae.testing import assert_batchtopk_matches
 
 from .utils import assert_close, assert_topk_matches, check_encode_topk_backward
@@ -125,6 +125,39 @@ def test_encode_batchtopk_properties(device, data):
     pre = _pre64(x, W_enc, b_enc, b_dec)
     band = {torch.float32: 1e-4, torch.bfloat16: 0.1}[x.dtype] * float(pre.abs().max().clamp_min(1.0))
     assert_batchtopk_matches(codes, pre, k, band)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@EXAMPLES
+@given(dtype=DTYPES, seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_grouped_batch_topk_keeps_the_reference_codes(device, dtype, seed, data):
+    """The grouped BatchTopK selection (fastsae/ops/batchtopk.py: a threshold on group maxima, then
+    topk above it) keeps the same codes as the reference's topk over the whole batch: codes drawn from
+    few values (ties at the threshold, whole rows and columns of zeros) or continuous, any group size,
+    rows whose last codes form no whole group, NaN codes (the reference's route then)."""
+    max_B, _, max_F = SIZES[device]
+    B, F = data.draw(st.integers(1, max_B), label="B"), data.draw(st.integers(1, max_F), label="F")
+    k = data.draw(st.integers(1, F), label="k")
+    group = data.draw(st.sampled_from([1, 3, 8, 64]), label="group")
+    generator = torch.Generator().manual_seed(seed)
+    if data.draw(st.booleans(), label="tied"):
+        acts = torch.randint(0, 4, (B, F), generator=generator).double()
+    else:
+        acts = torch.randn(B, F, generator=generator, dtype=torch.float64).relu()
+    acts = acts.to(dtype=dtype, device=device)
+    if data.draw(st.booleans(), label="nan"):
+        acts[data.draw(st.integers(0, B - 1), label="nan row"), 0] = float("nan")
+    acts.requires_grad_(True)
+    codes, expected = batchtopk.grouped_batch_topk(acts, k, group), reference.batch_topk(acts.detach(), k)
+    codes.sum().backward()  # the gradient reaches each kept code once, and nothing else
+    assert acts.grad.double().sum() == min(k * B, acts.numel()) and bool((acts.grad[codes.detach() != 0] == 1).all())
+    codes = codes.detach()
+    if acts.isnan().any():
+        assert torch.equal(codes.isnan(), expected.isnan()), "NaN codes"
+        codes, expected = codes.nan_to_num(-1.0), expected.nan_to_num(-1.0)
+    fired = codes != 0
+    assert torch.equal(codes[fired], acts.nan_to_num(-1.0)[fired]), "a kept code differs from its input"
+    assert torch.equal(codes.flatten().sort().values, expected.flatten().sort().values), "different codes kept"
 
 
 @pytest.mark.parametrize("device", DEVICES)
