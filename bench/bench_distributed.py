@@ -24,7 +24,10 @@ must pair up).
 Before timing, each case checks its result: the data-parallel FVU against one process on every
 replica's tokens, the sharded codes of a few tokens against the top k of their fp32 pre-activations
 over every shard. Peak memory (peak_mem_mb) is the largest per-GPU peak of the step. `--device cpu` runs the same on
-CPU processes with gloo at a tiny shape (a smoke run for the tests).
+CPU processes with gloo at a tiny shape (a smoke run for the tests). `--profile` prints, from rank 0,
+torch.profiler's tables of a few data-parallel steps after timing them, headed by the step's wall
+time, kernel time, host overhead and launches (bench.profile_train's summary): where a data-parallel
+step spends what one GPU's step does not.
 """
 
 from __future__ import annotations
@@ -38,14 +41,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
 import fastsae
 from fastsae import parallel, reference
 from fastsae.testing import assert_close
 
 from .harness import SHAPES, Recorder, sae_train_step, sweep_name
+from .profile_train import describe, print_tables, step_summary
 
 WARMUP, STEPS = 3, 10
+PROFILE_STEPS, PROFILE_ROWS = 5, 20  # --profile
 DP_SHAPES = ["gpt2", "llama8b"]
 SHARDED = [(4096, n_features, 8192, 64) for n_features in (2**18, 2**20, 2**21)]
 TINY = (16, 256, 64, 4)  # --device cpu
@@ -138,7 +144,7 @@ def _single_gpu(recorder, op: str, shape: str, d, n_features, n_rows, k, device:
     dist.barrier()
 
 
-def data_parallel(recorder, shape: str, d, n_features, n_rows, k, device: str) -> None:
+def data_parallel(recorder, shape: str, d, n_features, n_rows, k, device: str, profile_steps: bool = False) -> None:
     _single_gpu(recorder, "train_step_dp", shape, d, n_features, n_rows, k, device)
     torch.manual_seed(dist.get_rank())  # every rank its own tokens
     x = torch.randn(n_rows, d, device=device)
@@ -146,8 +152,31 @@ def data_parallel(recorder, shape: str, d, n_features, n_rows, k, device: str) -
     sae.initialize(x)
     _check_data_parallel(sae, x.to(sae.W_enc.dtype))
     model = torch.nn.parallel.DistributedDataParallel(sae)
-    times, peak = _time(_step(sae, x.to(sae.W_enc.dtype), model), device, dist.group.WORLD)
+    step = _step(sae, x.to(sae.W_enc.dtype), model)
+    times, peak = _time(step, device, dist.group.WORLD)
     _record(recorder, "train_step_dp", shape, times, _largest(peak, device))
+    if profile_steps:
+        _profile(step, device, f"data parallel {shape}, {dist.get_world_size()} processes")
+
+
+def _profile(step, device: str, title: str) -> None:
+    """Every rank runs PROFILE_STEPS steps under torch.profiler (the collectives must pair up); rank 0
+    prints its summary and tables. The wall time per step is from as many steps just before."""
+    cuda = device != "cpu"
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    dist.barrier()
+    begin = time.perf_counter()
+    for _ in range(PROFILE_STEPS):
+        step()
+    synchronize()
+    wall_ms = (time.perf_counter() - begin) / PROFILE_STEPS * 1e3
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(PROFILE_STEPS):
+            step()
+        synchronize()
+    if dist.get_rank() == 0:
+        print(f"== {title}, rank 0: {describe(step_summary(prof, wall_ms, PROFILE_STEPS))}", flush=True)
+        print_tables(prof, PROFILE_ROWS)
 
 
 def feature_sharded(recorder, d, n_features, n_rows, k, device: str) -> None:
@@ -233,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="dp,shard", help="comma-separated subset of dp,shard, run in that order")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--csv", type=Path, default=None, help="CSV to append to (default bench/results/<gpu>.csv)")
+    parser.add_argument("--profile", action="store_true", help="rank 0's profile of the data-parallel steps")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda:
@@ -248,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.cases.split(","):  # in the order given
         if case == "dp":
             for shape in DP_SHAPES if cuda else ["tiny"]:
-                data_parallel(recorder, shape, *(SHAPES[shape] if cuda else TINY), device)
+                data_parallel(recorder, shape, *(SHAPES[shape] if cuda else TINY), device, args.profile)
                 _release(device)
                 _log(f"data parallel {shape} done", begin)
         elif case == "shard":

@@ -15,7 +15,8 @@
 #   FASTSAE_PYTEST_ARGS      extra pytest arguments
 #   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset)
 #   FASTSAE_PROFILE_ENCODE   shapes for bench.profile_encode (off when unset)
-#   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,shard)
+#   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,shard;
+#                            FASTSAE_DISTRIBUTED_PROFILE=1: rank 0's profile of the data-parallel steps)
 #   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of bench/harness.py SHAPES
 #   FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT   seconds per test group / for the profile and the bench
 #   FASTSAE_GIT_SHA          the commit for the CSV (the device's git metadata can be stale: pass it literally)
@@ -102,7 +103,8 @@ if [ "${FASTSAE_DISTRIBUTED:-0}" = 1 ]; then  # a machine with several GPUs: ben
     gpus=$(nvidia-smi -L | wc -l)
     # Expandable segments: the 2^21-feature case fills most of each GPU, with no room for fragmentation.
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${FASTSAE_BENCH_TIMEOUT:-3600} torchrun --standalone --nproc-per-node "$gpus" -m bench.bench_distributed \
-        --csv "$OUT/results.csv" ${FASTSAE_DISTRIBUTED_CASES:+--cases $FASTSAE_DISTRIBUTED_CASES} 2>&1 | tee "$OUT/distributed.log" | tail -20
+        --csv "$OUT/results.csv" ${FASTSAE_DISTRIBUTED_CASES:+--cases $FASTSAE_DISTRIBUTED_CASES} \
+        $([ "${FASTSAE_DISTRIBUTED_PROFILE:-0}" = 1 ] && echo --profile) 2>&1 | tee "$OUT/distributed.log" | tail -20
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

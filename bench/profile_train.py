@@ -42,29 +42,47 @@ def profile_step(shape: str, auxk: bool, rows: int, graph: bool = False) -> dict
         for _ in range(STEPS):
             step(x)
         torch.cuda.synchronize()
-    # Kernel time summed over the step against the step's wall time: a large gap means the GPU waits on
-    # the host (Python dispatch, syncs), not on kernels. Device-side events only: a host op's self device
-    # time repeats the kernels it launched. The second table shows where the host's time goes.
+    summary = step_summary(prof, wall_ms, STEPS)
+    print(
+        f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}, "
+        f"{'captured graph' if graph else 'eager'}: {describe(summary)} ({STEPS} steps below)"
+    )
+    print_tables(prof, rows)
+    return summary
+
+
+def step_summary(prof: profile, wall_ms: float, steps: int) -> dict:
+    """{"wall_ms", "kernel_ms", "host_share", "kernels", "launches"} per step, from a profile of `steps`
+    steps that took `wall_ms` each. Kernel time summed over the step against its wall time: a large gap
+    means the GPU waits on the host (Python dispatch, syncs), not on kernels. Device-side events only (a
+    host op's self device time repeats the kernels it launched); launches are the host's kernel and
+    graph launch calls."""
     events = prof.key_averages()
     kernels = [event for event in events if event.device_type != DeviceType.CPU]
-    kernel_ms = sum(event.self_device_time_total for event in kernels) / STEPS / 1e3
-    n_kernels = sum(event.count for event in kernels) / STEPS
+    kernel_ms = sum(event.self_device_time_total for event in kernels) / steps / 1e3
     launches = sum(
         event.count for event in events
         if event.device_type == DeviceType.CPU and ("LaunchKernel" in event.key or "GraphLaunch" in event.key)
-    ) / STEPS  # fmt: skip
+    )  # fmt: skip
     # Kernels on side streams can overlap, so kernel time may exceed the wall: no negative overhead.
     host_share = max(0.0, wall_ms - kernel_ms) / wall_ms
-    print(
-        f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}, "
-        f"{'captured graph' if graph else 'eager'}: {wall_ms:.2f} ms wall per step, {kernel_ms:.2f} ms of kernels, "
-        f"host overhead {100 * host_share:.0f}%, {n_kernels:.0f} kernels from {launches:.0f} host launches per step "
-        f"({STEPS} steps below)"
-    )  # fmt: skip
+    return {"wall_ms": wall_ms, "kernel_ms": kernel_ms, "host_share": host_share,
+            "kernels": sum(event.count for event in kernels) / steps, "launches": launches / steps}  # fmt: skip
+
+
+def describe(summary: dict) -> str:
+    return (
+        f"{summary['wall_ms']:.2f} ms wall per step, {summary['kernel_ms']:.2f} ms of kernels, host overhead "
+        f"{100 * summary['host_share']:.0f}%, {summary['kernels']:.0f} kernels from {summary['launches']:.0f} "
+        "host launches per step"
+    )
+
+
+def print_tables(prof: profile, rows: int) -> None:
+    """The kernels by device time, then the host ops by their own host time (where the host's time goes)."""
+    events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
-    return {"wall_ms": wall_ms, "kernel_ms": kernel_ms, "host_share": host_share, "kernels": n_kernels,
-            "launches": launches}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
