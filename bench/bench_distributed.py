@@ -41,14 +41,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.profiler import ProfilerActivity, profile
 
 import fastsae
 from fastsae import parallel, reference
 from fastsae.testing import assert_close
 
 from .harness import SHAPES, Recorder, sae_train_step, sweep_name
-from .profile_train import describe, print_tables, step_summary
+from .profile_train import describe, print_tables, step_summary, timed_profile
 
 WARMUP, STEPS = 3, 10
 PROFILE_STEPS, PROFILE_ROWS = 5, 20  # --profile
@@ -162,18 +161,8 @@ def data_parallel(recorder, shape: str, d, n_features, n_rows, k, device: str, p
 def _profile(step, device: str, title: str) -> None:
     """Every rank runs PROFILE_STEPS steps under torch.profiler (the collectives must pair up); rank 0
     prints its summary and tables. The wall time per step is from as many steps just before."""
-    cuda = device != "cpu"
-    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     dist.barrier()
-    begin = time.perf_counter()
-    for _ in range(PROFILE_STEPS):
-        step()
-    synchronize()
-    wall_ms = (time.perf_counter() - begin) / PROFILE_STEPS * 1e3
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for _ in range(PROFILE_STEPS):
-            step()
-        synchronize()
+    prof, wall_ms = timed_profile(step, PROFILE_STEPS, cuda=device != "cpu")
     if dist.get_rank() == 0:
         print(f"== {title}, rank 0: {describe(step_summary(prof, wall_ms, PROFILE_STEPS))}", flush=True)
         print_tables(prof, PROFILE_ROWS)

@@ -32,16 +32,7 @@ def profile_step(shape: str, auxk: bool, rows: int, graph: bool = False) -> dict
     step = _fastsae_step(d, n_features, k, weights, dead, graph=graph)
     for _ in range(5):  # compile, autotune, warm the allocator; the captured step captures on the fourth
         step(x)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(STEPS):
-        step(x)
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) / STEPS * 1e3
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(STEPS):
-            step(x)
-        torch.cuda.synchronize()
+    prof, wall_ms = timed_profile(lambda: step(x), STEPS, cuda=True)
     summary = step_summary(prof, wall_ms, STEPS)
     print(
         f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}, "
@@ -49,6 +40,23 @@ def profile_step(shape: str, auxk: bool, rows: int, graph: bool = False) -> dict
     )
     print_tables(prof, rows)
     return summary
+
+
+def timed_profile(run, steps: int, cuda: bool) -> tuple[profile, float]:
+    """`steps` calls of `run` timed on the wall clock, then as many under torch.profiler (CUDA activity
+    too when `cuda`): (the profile, wall ms per step)."""
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        run()
+    synchronize()
+    wall_ms = (time.perf_counter() - start) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            run()
+        synchronize()
+    return prof, wall_ms
 
 
 def step_summary(prof: profile, wall_ms: float, steps: int) -> dict:
@@ -60,14 +68,15 @@ def step_summary(prof: profile, wall_ms: float, steps: int) -> dict:
     events = prof.key_averages()
     kernels = [event for event in events if event.device_type != DeviceType.CPU]
     kernel_ms = sum(event.self_device_time_total for event in kernels) / steps / 1e3
+    n_kernels = sum(event.count for event in kernels) / steps
     launches = sum(
         event.count for event in events
         if event.device_type == DeviceType.CPU and ("LaunchKernel" in event.key or "GraphLaunch" in event.key)
-    )  # fmt: skip
+    ) / steps  # fmt: skip
     # Kernels on side streams can overlap, so kernel time may exceed the wall: no negative overhead.
     host_share = max(0.0, wall_ms - kernel_ms) / wall_ms
-    return {"wall_ms": wall_ms, "kernel_ms": kernel_ms, "host_share": host_share,
-            "kernels": sum(event.count for event in kernels) / steps, "launches": launches / steps}  # fmt: skip
+    return {"wall_ms": wall_ms, "kernel_ms": kernel_ms, "host_share": host_share, "kernels": n_kernels,
+            "launches": launches}  # fmt: skip
 
 
 def describe(summary: dict) -> str:

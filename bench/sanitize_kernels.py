@@ -72,13 +72,14 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
     vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead)
     grad_vals, grad_aux = torch.randn_like(vals), torch.randn_like(aux_vals)
     expected = reference.encode_topk_backward(grad_vals, grad_aux, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+    previous_route = scatter.ROUTE
     for sums_route, deterministic in (("atomic", False), ("blocked", False), ("auto", True)):
         scatter.ROUTE = sums_route
         torch.use_deterministic_algorithms(deterministic)
         grads = encode.encode_topk_backward(grad_vals, grad_aux, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, True)
         for grad_name, actual, want in zip(("dx", "dW_enc", "db_enc", "db_dec"), grads, expected):
             assert_close(actual.float(), want.float(), TOLERANCE, f"{name} {grad_name} {sums_route} {deterministic=}")
-    scatter.ROUTE = "auto"
+    scatter.ROUTE = previous_route
     torch.use_deterministic_algorithms(False)
 
     threshold = torch.rand(n_features, device="cuda").bfloat16()
