@@ -9,6 +9,8 @@
 #   FASTSAE_SANITIZE_SHAPES  bench.sanitize_kernels shapes (default small,odd; large takes long under racecheck)
 #   FASTSAE_SANITIZE_KERNEL_ARGS  extra bench.sanitize_kernels arguments (e.g. --filter-configs first)
 #   FASTSAE_SANITIZER_ARGS   extra compute-sanitizer arguments (e.g. to leave out cuBLAS's kernels)
+#   FASTSAE_SANITIZE_TOOLS   which tools (default "memcheck racecheck initcheck")
+#   FASTSAE_SANITIZE_TIMEOUT seconds per tool over the Triton kernels (default 1800; a cut run keeps its log)
 #   FASTSAE_SOAK_STEPS       training steps of the soak run (default 20000)
 #   FASTSAE_TESTS            pytest targets, or FASTSAE_TEST_GROUPS: ';'-separated targets run in parallel
 #   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 15)
@@ -63,11 +65,12 @@ fi
 if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer"
     # Without the caching allocator every tensor has its own bounds for memcheck to check.
-    for tool in memcheck racecheck initcheck; do
+    for tool in ${FASTSAE_SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/sanitize_ext.py \
             >"$OUT/sanitizer_ext_$tool.log" 2>&1
         echo "ext $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_ext_$tool.log" | tail -1)"
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 ${FASTSAE_SANITIZER_ARGS:-} \
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${FASTSAE_SANITIZE_TIMEOUT:-1800}" \
+            compute-sanitizer --tool "$tool" --error-exitcode 3 ${FASTSAE_SANITIZER_ARGS:-} \
             python3 -m bench.sanitize_kernels --shapes "${FASTSAE_SANITIZE_SHAPES:-small,odd}" ${FASTSAE_SANITIZE_KERNEL_ARGS:-} \
             >"$OUT/sanitizer_kernels_$tool.log" 2>&1
         echo "kernels $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_kernels_$tool.log" | tail -1)"
@@ -76,7 +79,13 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
     # own kernels): name the kernels it reported, to tell those reads from a kernel's own.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck python3 bench/initcheck_cublas.py >"$OUT/sanitizer_cublas_initcheck.log" 2>&1
     echo "cublas probe initcheck: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_cublas_initcheck.log" | head -1)"
-    echo "kernels initcheck reported in: $(grep -A1 'Uninitialized' "$OUT/sanitizer_kernels_initcheck.log" | grep -oE ' at [A-Za-z_0-9]+' | sort | uniq -c | tr '\n' ' ')"
+    # racecheck on Gluon's warp specialisation alone, in filter_ws's partition structure and a minimal one
+    # (bench/racecheck_gluon.py): whether filter_ws's report comes with the structure or with the kernel.
+    for structure in minimal filter_ws filter_ws_no_maxnreg; do
+        compute-sanitizer --tool racecheck python3 bench/racecheck_gluon.py --structure "$structure" >>"$OUT/sanitizer_gluon_racecheck.log" 2>&1
+        echo "gluon $structure racecheck: $(grep -E 'RACECHECK SUMMARY' "$OUT/sanitizer_gluon_racecheck.log" | tail -1)"
+    done
+    [ -f "$OUT/sanitizer_kernels_initcheck.log" ] && echo "kernels initcheck reported in: $(grep -A1 'Uninitialized' "$OUT/sanitizer_kernels_initcheck.log" | grep -oE ' at [A-Za-z_0-9]+' | sort | uniq -c | tr '\n' ' ')"
 fi
 
 if [ "${FASTSAE_SOAK:-1}" = 1 ]; then

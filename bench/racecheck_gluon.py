@@ -1,13 +1,18 @@
 """Whether compute-sanitizer's racecheck reports hazards in Gluon's warp specialisation itself, for
 reading racecheck's reports on the warp-specialised filter GEMM (fastsae/ops/filter_ws.py):
 
-    compute-sanitizer --tool racecheck python bench/racecheck_gluon.py
+    compute-sanitizer --tool racecheck python bench/racecheck_gluon.py --structure filter_ws
 
-The kernel below has no shared memory of its own: a default partition (4 warps) and one worker
-partition (1 warp), handed a pointer and an integer, each store to their own global slots. Any hazard
-racecheck reports here lies in how `gl.warp_specialize` starts its partitions and hands them their
-arguments, not in a kernel that uses it.
+The kernels below have no shared memory of their own: each partition stores a constant into its own
+global slots, so any hazard racecheck reports lies in how `gl.warp_specialize` starts its partitions,
+hands them their arguments and sends them the exit state, not in a kernel that uses it. Structures:
+- `minimal`: a default partition of 4 warps and one worker of 1 warp;
+- `filter_ws`: filter_ws's partitions (default 4 warps, workers of 4 and 1 warps, registers rebalanced
+  to 232 / 40 from a launch at 168), so a report here and not in `minimal` comes with that structure;
+- `filter_ws_no_maxnreg`: the same partitions without the register rebalancing (no setmaxnreg).
 """
+
+import argparse
 
 import torch
 from triton.experimental import gluon
@@ -15,30 +20,54 @@ from triton.experimental.gluon import language as gl
 
 
 @gluon.jit
-def _default_partition(out_ptr, value):
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    offsets = gl.arange(0, 128, layout=layout)
-    gl.store(out_ptr + offsets, gl.full([128], value, gl.int32, layout))
+def _store_constant(out_ptr, value, START: gl.constexpr, WARPS: gl.constexpr):
+    """out[START : START + 32 * WARPS] = value + START, one element per thread of the partition."""
+    layout: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    offsets = START + gl.arange(0, 32 * WARPS, layout=layout)
+    gl.store(out_ptr + offsets, gl.full([32 * WARPS], value + START, gl.int32, layout))
 
 
 @gluon.jit
-def _worker_partition(out_ptr, value):
-    layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    offsets = 128 + gl.arange(0, 32, layout=layout)
-    gl.store(out_ptr + offsets, gl.full([32], value + 1, gl.int32, layout))
-
-
-@gluon.jit
-def _warp_specialized_kernel(out_ptr, value):
+def _minimal_kernel(out_ptr, value):
     gl.warp_specialize(
-        [(_default_partition, (out_ptr, value)), (_worker_partition, (out_ptr, value))],
-        [1],
-        [24],
+        [(_store_constant, (out_ptr, value, 0, 4)), (_store_constant, (out_ptr, value, 128, 1))], [1], [24]
     )
 
 
-out = torch.zeros(160, dtype=torch.int32, device="cuda")
-_warp_specialized_kernel[(1,)](out, 7, num_warps=4)
-expected = torch.tensor([7] * 128 + [8] * 32, dtype=torch.int32, device="cuda")
-assert torch.equal(out, expected), "the partitions' stores"
-print("gluon warp_specialize: both partitions stored their values")
+@gluon.jit
+def _filter_ws_structure_kernel(out_ptr, value):
+    gl.warp_specialize(
+        [
+            (_store_constant, (out_ptr, value, 0, 4)),
+            (_store_constant, (out_ptr, value, 128, 4)),
+            (_store_constant, (out_ptr, value, 256, 1)),
+        ],
+        [4, 1],
+        [232, 40],
+    )
+
+
+# structure: (kernel, the partitions' (start, warps), launch options)
+STRUCTURES = {
+    "minimal": (_minimal_kernel, [(0, 4), (128, 1)], {}),
+    "filter_ws": (_filter_ws_structure_kernel, [(0, 4), (128, 4), (256, 1)], {"maxnreg": 168}),
+    "filter_ws_no_maxnreg": (_filter_ws_structure_kernel, [(0, 4), (128, 4), (256, 1)], {}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--structure", choices=sorted(STRUCTURES), default="minimal")
+    structure = parser.parse_args().structure
+    kernel, partitions, launch = STRUCTURES[structure]
+    value = 7
+    size = sum(32 * warps for _, warps in partitions)
+    out = torch.zeros(size, dtype=torch.int32, device="cuda")
+    kernel[(1,)](out, value, num_warps=4, **launch)
+    expected = torch.cat([torch.full((32 * warps,), value + start, dtype=torch.int32) for start, warps in partitions])
+    assert torch.equal(out.cpu(), expected), f"{structure}: the partitions' stores"
+    print(f"gluon warp_specialize ({structure}): every partition stored its values")
+
+
+if __name__ == "__main__":
+    main()
