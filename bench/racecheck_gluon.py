@@ -9,7 +9,11 @@ hands them their arguments and sends them the exit state, not in a kernel that u
 - `minimal`: a default partition of 4 warps and one worker of 1 warp;
 - `filter_ws`: filter_ws's partitions (default 4 warps, workers of 4 and 1 warps, registers rebalanced
   to 232 / 40 from a launch at 168), so a report here and not in `minimal` comes with that structure;
-- `filter_ws_no_maxnreg`: the same partitions without the register rebalancing (no setmaxnreg).
+- `filter_ws_no_maxnreg`: the same partitions without the register rebalancing (no setmaxnreg);
+- `filter_ws_mbarriers`: filter_ws's structure with mbarriers allocated and initialised in shared memory
+  before `gl.warp_specialize`, as filter_ws does, and not used after;
+- `filter_ws_handoff`: the same, and each worker arrives on its mbarrier after its stores, which the
+  default partition waits for before its own (partitions ordered through mbarriers, as in filter_ws).
 """
 
 import argparse
@@ -17,6 +21,7 @@ import argparse
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 
 @gluon.jit
@@ -47,11 +52,55 @@ def _filter_ws_structure_kernel(out_ptr, value):
     )
 
 
+@gluon.jit
+def _store_then_arrive(out_ptr, value, bars, START: gl.constexpr, WARPS: gl.constexpr, BAR: gl.constexpr):
+    _store_constant(out_ptr, value, START, WARPS)
+    mbarrier.arrive(bars.index(BAR), count=1)
+
+
+@gluon.jit
+def _wait_then_store(out_ptr, value, bars, HANDOFF: gl.constexpr):
+    if HANDOFF:
+        mbarrier.wait(bars.index(0), 0)
+        mbarrier.wait(bars.index(1), 0)
+    _store_constant(out_ptr, value, 0, 4)
+
+
+@gluon.jit
+def _filter_ws_mbarriers_kernel(out_ptr, value, HANDOFF: gl.constexpr):
+    bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(bars.index(i), count=1)
+    if HANDOFF:
+        gl.warp_specialize(
+            [
+                (_wait_then_store, (out_ptr, value, bars, HANDOFF)),
+                (_store_then_arrive, (out_ptr, value, bars, 128, 4, 0)),
+                (_store_then_arrive, (out_ptr, value, bars, 256, 1, 1)),
+            ],
+            [4, 1],
+            [232, 40],
+        )
+    else:
+        gl.warp_specialize(
+            [
+                (_wait_then_store, (out_ptr, value, bars, HANDOFF)),
+                (_store_constant, (out_ptr, value, 128, 4)),
+                (_store_constant, (out_ptr, value, 256, 1)),
+            ],
+            [4, 1],
+            [232, 40],
+        )
+
+
+FILTER_WS_PARTITIONS = [(0, 4), (128, 4), (256, 1)]
 # structure: (kernel, the partitions' (start, warps), launch options)
 STRUCTURES = {
     "minimal": (_minimal_kernel, [(0, 4), (128, 1)], {}),
-    "filter_ws": (_filter_ws_structure_kernel, [(0, 4), (128, 4), (256, 1)], {"maxnreg": 168}),
-    "filter_ws_no_maxnreg": (_filter_ws_structure_kernel, [(0, 4), (128, 4), (256, 1)], {}),
+    "filter_ws": (_filter_ws_structure_kernel, FILTER_WS_PARTITIONS, {"maxnreg": 168}),
+    "filter_ws_no_maxnreg": (_filter_ws_structure_kernel, FILTER_WS_PARTITIONS, {}),
+    "filter_ws_mbarriers": (_filter_ws_mbarriers_kernel, FILTER_WS_PARTITIONS, {"maxnreg": 168, "HANDOFF": False}),
+    "filter_ws_handoff": (_filter_ws_mbarriers_kernel, FILTER_WS_PARTITIONS, {"maxnreg": 168, "HANDOFF": True}),
 }
 
 
