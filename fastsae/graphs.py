@@ -11,10 +11,19 @@ The first `warmup` calls run eagerly (on a side stream, as torch.cuda.graphs ask
 kernels and settle the allocator) and train as usual; the next one captures the step and replays it
 from then on. A captured step cannot count dead features on the host, so AuxK reads a dead-feature
 list of fixed length (`SparseAutoencoder.auxk_capacity`, a power of two at least the current count;
-while tokens x that length is at most sae.AUXK_DENSE_MAX_ELEMENTS, else the fused AuxK stream). Before
-each replay the host checks the count (with the input's finiteness when cfg.check_finite: one
-synchronisation per step, which costs little when the step is one launch) and captures again, after
-one eager step, when the list would be too short.
+while tokens x that length is at most sae.AUXK_DENSE_MAX_ELEMENTS, else the fused AuxK stream), and
+the step captures again, after one eager step, when the list would be too short.
+
+Deciding that needs no synchronisation in steady state, so the host queues the next replay while the
+GPU runs this one. A feature's tokens-since-fired grows by at most one batch per step, so the features
+within two batches of the dead threshold at the end of step t bound the dead features that step t + 2
+sees. Each replay computes that bound into its own memory, and an asynchronous copy brings it to
+pinned host memory. Before step t + 2 the host reads the copy of step t, finished by then while step
+t + 1 runs. Where there is no such copy (the first replays after a capture) or something else wrote
+the statistics since (an eager step, `reset_death_stats`, `load_state_dict`: the tensor's version
+counter tells), the host counts the dead features with one synchronisation instead.
+With cfg.check_finite the input's check synchronises at every step; turn it off where the data is
+known finite for a step that never waits on the GPU.
 
 Not covered yet: data-parallel or feature-sharded SAEs, and `fastsae.optim.SAEAdam` (its step count
 lives on the host); torch.optim.Adam / AdamW capture with `capturable=True` (torch refuses any other
@@ -23,6 +32,8 @@ optimizer under capture, fused or not), fastest with `fused=True` as well.
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 import triton
 from torch import Tensor
@@ -30,6 +41,9 @@ from torch import Tensor
 from .sae import AUXK_DENSE_MAX_ELEMENTS, SAEOutput, SparseAutoencoder
 
 MIN_AUXK_CAPACITY = 64  # the shortest dead-feature list: fewer captures while features die one by one
+# Steps between the statistics a dead-count bound is computed from and the step it is used for: the
+# host reads replay t's bound before launching step t + 2, while replay t + 1 runs.
+BOUND_LOOKAHEAD_STEPS = 2
 
 
 class CapturedStep:
@@ -55,6 +69,11 @@ class CapturedStep:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_x: Tensor | None = None
         self._static_out: SAEOutput | None = None
+        self._static_dead_bound: Tensor | None = None  # the captured step's bound on the dead count
+        # (event, pinned host copy) of the last two replays' bounds, oldest first, and the statistics'
+        # version counter after the last replay (replays do not bump it; any other write does)
+        self._dead_bounds: deque[tuple[torch.cuda.Event, Tensor]] = deque()
+        self._stats_version = -1
 
     def __call__(self, x: Tensor) -> SAEOutput:
         sae = self.sae
@@ -80,22 +99,51 @@ class CapturedStep:
             self._capture(x)
         self._static_x.copy_(x)
         self._graph.replay()
+        self._copy_dead_bound()
         return self._static_out
 
     def _auxk_capacity(self, n_tokens: int) -> int | None:
         """The dead-feature list length the next step needs: the captured one while the dead features fit
         it, else the next power of two, capped where tokens x length reaches AUXK_DENSE_MAX_ELEMENTS;
-        None (the fused AuxK stream) where the dead features are more than that, as in an eager step.
-        One synchronisation, to read the count."""
+        None (the fused AuxK stream) where the dead features are more than that, as in an eager step."""
         sae = self.sae
-        if not (sae.cfg.activation == "topk" and sae.cfg.k_aux):
+        if not self._uses_auxk():
             return None
-        n_dead = int(sae.dead_features().sum())
+        n_dead = self._dead_count_bound()
         if sae.auxk_capacity is not None and n_dead <= sae.auxk_capacity:
             return sae.auxk_capacity
         longest = min(sae.cfg.n_features, AUXK_DENSE_MAX_ELEMENTS // n_tokens)
         capacity = min(longest, max(MIN_AUXK_CAPACITY, triton.next_power_of_2(n_dead)))
         return capacity if n_dead <= capacity else None
+
+    def _uses_auxk(self) -> bool:
+        return self.sae.cfg.activation == "topk" and bool(self.sae.cfg.k_aux)
+
+    def _dead_count_bound(self) -> int:
+        """At least the number of dead features the next step's AuxK sees: the bound replay t - 1
+        copied, when the statistics have not been written outside the replays since; else the count
+        itself (one synchronisation)."""
+        if self.sae.tokens_since_fired._version != self._stats_version:
+            self._dead_bounds.clear()
+        if len(self._dead_bounds) == BOUND_LOOKAHEAD_STEPS:
+            event, host = self._dead_bounds[0]
+            event.synchronize()  # done long ago in steady state: the GPU is running the replay after it
+            return int(host)
+        return int(self.sae.dead_features().sum())
+
+    def _copy_dead_bound(self) -> None:
+        """Queue the copy of this replay's dead-count bound to pinned host memory, reusing the oldest
+        copy's buffer once the host has read it."""
+        if self._static_dead_bound is None:
+            return
+        if len(self._dead_bounds) == BOUND_LOOKAHEAD_STEPS:
+            event, host = self._dead_bounds.popleft()
+        else:
+            event, host = torch.cuda.Event(), torch.empty((), dtype=torch.int32, pin_memory=True)
+        host.copy_(self._static_dead_bound, non_blocking=True)
+        event.record()
+        self._dead_bounds.append((event, host))
+        self._stats_version = self.sae.tokens_since_fired._version
 
     def _train(self, x: Tensor) -> SAEOutput:
         out = self.sae(x)
@@ -123,3 +171,8 @@ class CapturedStep:
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._static_out = self._train(self._static_x)
+            if self._uses_auxk():  # features this step's statistics leave within reach of death
+                n_tokens = x.numel() // self.sae.cfg.d_in
+                reach = self.sae.cfg.dead_after_tokens - BOUND_LOOKAHEAD_STEPS * n_tokens
+                self._static_dead_bound = (self.sae.tokens_since_fired > reach).sum(dtype=torch.int32)
+        self._dead_bounds.clear()

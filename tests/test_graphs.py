@@ -1,5 +1,6 @@
 """fastsae.graphs.CapturedStep: a training step replayed as one CUDA graph trains as the eager step does,
-captures again when the dead features outgrow its AuxK list, and refuses what it cannot capture."""
+captures again when the dead features outgrow its AuxK list (written from outside or dying in training),
+replays without synchronising in steady state, and refuses what it cannot capture."""
 
 import pytest
 import torch
@@ -10,9 +11,11 @@ from fastsae.graphs import CapturedStep
 from .utils import assert_close
 
 
-def _pair(device, **overrides):
+def _pair(device, dead_after_tokens=10**6, **overrides):
     """Two identical fp32 TopK SAEs with their own Adam (fused and capturable on CUDA)."""
-    cfg = fastsae.SAEConfig(d_in=64, n_features=1024, k=8, dtype="float32", dead_after_tokens=10**6, **overrides)
+    cfg = fastsae.SAEConfig(
+        d_in=64, n_features=1024, k=8, dtype="float32", dead_after_tokens=dead_after_tokens, **overrides
+    )
     x = torch.randn(512, cfg.d_in, device=device) + 2
     first = fastsae.SparseAutoencoder(cfg).to(device).initialize(x)
     second = fastsae.SparseAutoencoder(cfg).to(device)
@@ -61,6 +64,47 @@ def test_captured_step_trains_like_the_eager_step():
     for name, p in captured.named_parameters():
         assert_close(p, dict(eager.named_parameters())[name], torch.float16, name)
     assert int(captured.n_tokens_seen) == int(eager.n_tokens_seen) == 10 * 512
+
+
+@pytest.mark.gpu
+def test_captured_step_follows_features_dying_in_training():
+    """300 features that cannot fire die after 5 batches, through the statistics the step itself
+    updates: the bounds the replays copy back grow the AuxK list before they die, and every step's
+    losses follow the eager twin's."""
+    (eager, captured), (eager_opt, captured_opt) = _pair("cuda", dead_after_tokens=4 * 512)
+    with torch.no_grad():
+        for sae in (eager, captured):
+            sae.b_enc[:300] = -1e3
+    step = CapturedStep(captured, captured_opt, warmup=1)
+    for i in range(12):
+        x = torch.randn(512, 64, device="cuda") + 2
+        n_dead = int(captured.dead_features().sum())  # what this step's AuxK sees
+        want = _eager_step(eager, eager_opt, x)
+        got = step(x)
+        if step._graph is not None and captured.auxk_capacity is not None:
+            assert n_dead <= captured.auxk_capacity, (i, n_dead, captured.auxk_capacity)
+        assert abs(float(got.loss) - float(want.loss)) <= 1e-4 * float(want.loss), i
+        assert abs(float(got.auxk) - float(want.auxk)) <= 1e-3 * max(float(want.auxk), 1e-6), i
+    assert int(captured.dead_features().sum()) >= 300
+    assert step._graph is not None and captured.auxk_capacity >= 512
+
+
+@pytest.mark.gpu
+def test_captured_step_replays_without_synchronising():
+    """From the third replay on, the host reads the dead-count bound of two replays back: no call
+    waits on the GPU (torch's sync debug mode raises on any synchronising call)."""
+    (sae, _), (optimizer, _) = _pair("cuda", check_finite=False)
+    step = CapturedStep(sae, optimizer, warmup=1)
+    batches = [torch.randn(512, 64, device="cuda") + 2 for _ in range(8)]
+    for x in batches[:4]:  # an eager step, the capture and two replays, whose bounds come back
+        step(x)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for x in batches[4:]:
+            step(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert step._graph is not None
 
 
 @pytest.mark.gpu
