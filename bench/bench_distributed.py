@@ -11,7 +11,8 @@ must pair up).
 
 - Data parallel (op `train_step_dp`, shapes gpt2 and llama8b of harness.SHAPES): each GPU steps on
   its own B tokens, so N GPUs train N x B tokens per step; tokens/s against one GPU is
-  N x (1-GPU ms) / (N-GPU ms).
+  N x (1-GPU ms) / (N-GPU ms). Provider `fastsae` wraps the SAE in DistributedDataParallel with its
+  defaults, `fastsae_nobroadcast` without the buffer broadcast and with gradients as bucket views.
 - Feature sharding (op `train_step_sharded`, Llama-8B width: d = 4096, B = 8192, k = 64, F = 262144,
   1048576 and 2097152): each GPU holds F / N features; the same B tokens per step, so the speed-up is
   (1-GPU ms) / (N-GPU ms). The optimizer is fastsae.optim.SAEAdam with fp32 moments (as large SAEs are
@@ -52,6 +53,10 @@ from .profile_train import describe, print_tables, step_summary, timed_profile
 WARMUP, STEPS = 3, 10
 PROFILE_STEPS, PROFILE_ROWS = 5, 20  # --profile
 DP_SHAPES = ["gpt2", "llama8b"]
+# DistributedDataParallel's options per provider. The SAE all-reduces its own death statistics and fits
+# its centering over every rank, so its buffers agree without DDP broadcasting them from rank 0 before
+# every forward; and the gradients can live in DDP's buckets instead of being copied there.
+DDP_VARIANTS = {"fastsae": {}, "fastsae_nobroadcast": {"broadcast_buffers": False, "gradient_as_bucket_view": True}}
 SHARDED = [(4096, n_features, 8192, 64) for n_features in (2**18, 2**20, 2**21)]
 TINY = (16, 256, 64, 4)  # --device cpu
 DEAD_FRACTION = 0.05
@@ -145,17 +150,20 @@ def _single_gpu(recorder, op: str, shape: str, d, n_features, n_rows, k, device:
 
 def data_parallel(recorder, shape: str, d, n_features, n_rows, k, device: str, profile_steps: bool = False) -> None:
     _single_gpu(recorder, "train_step_dp", shape, d, n_features, n_rows, k, device)
-    torch.manual_seed(dist.get_rank())  # every rank its own tokens
-    x = torch.randn(n_rows, d, device=device)
-    sae = _sae(d, n_features, k, device).data_parallel()
-    sae.initialize(x)
-    _check_data_parallel(sae, x.to(sae.W_enc.dtype))
-    model = torch.nn.parallel.DistributedDataParallel(sae)
-    step = _step(sae, x.to(sae.W_enc.dtype), model)
-    times, peak = _time(step, device, dist.group.WORLD)
-    _record(recorder, "train_step_dp", shape, times, _largest(peak, device))
-    if profile_steps:
-        _profile(step, device, f"data parallel {shape}, {dist.get_world_size()} processes")
+    for provider, ddp_options in DDP_VARIANTS.items():
+        torch.manual_seed(dist.get_rank())  # every rank its own tokens
+        x = torch.randn(n_rows, d, device=device)
+        sae = _sae(d, n_features, k, device).data_parallel()
+        sae.initialize(x)
+        _check_data_parallel(sae, x.to(sae.W_enc.dtype))
+        model = torch.nn.parallel.DistributedDataParallel(sae, **ddp_options)
+        step = _step(sae, x.to(sae.W_enc.dtype), model)
+        times, peak = _time(step, device, dist.group.WORLD)
+        _record(recorder, "train_step_dp", shape, times, _largest(peak, device), provider)
+        if profile_steps:
+            _profile(step, device, f"data parallel {shape} ({provider}), {dist.get_world_size()} processes")
+        x = sae = model = step = None
+        _release(device)
 
 
 def _profile(step, device: str, title: str) -> None:

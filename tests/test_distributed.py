@@ -331,15 +331,18 @@ def test_feature_sharding_refuses_what_it_cannot_shard():
 def test_distributed_benchmark_runs_and_checks_itself(tmp_path):
     """bench.bench_distributed under torchrun on 2 CPU processes (gloo, its tiny shape): it checks the
     data-parallel FVU and the sharded codes before timing, rank 0 writes every row and prints the
-    data-parallel profile."""
+    data-parallel profile of each DistributedDataParallel variant."""
     csv_path = tmp_path / "rows.csv"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "bench.bench_distributed", "--device", "cpu", "--csv", str(csv_path), "--profile"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent.parent)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert result.stdout.count("== data parallel tiny, 2 processes, rank 0:") == 1, result.stdout[-2000:]
+    for provider in ("fastsae", "fastsae_nobroadcast"):  # every DistributedDataParallel variant, profiled
+        title = f"== data parallel tiny ({provider}), 2 processes, rank 0:"
+        assert result.stdout.count(title) == 1, result.stdout[-2000:]
     assert "host launches per step" in result.stdout and "allreduce" in result.stdout, result.stdout[-4000:]
     rows = {(row["op"], row["provider"]) for row in csv.DictReader(open(csv_path, newline=""))}
     assert rows == {("train_step_dp", "fastsae_1gpu"), ("train_step_dp", "fastsae_2gpu"),
+                    ("train_step_dp", "fastsae_nobroadcast_2gpu"),
                     ("train_step_sharded", "fastsae_1gpu"), ("train_step_sharded", "fastsae_2gpu"),
                     ("train_step_sharded", "comm_2gpu")}  # fmt: skip
