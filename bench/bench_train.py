@@ -6,6 +6,12 @@ cuBLAS encoder GEMM as the floor.
 
 bf16 parameters at the benchmark shapes (harness.SHAPES). Before timing, every provider's FVU on the
 same batch and weights is checked against the fp32 reference.
+
+The dead features are silenced (encoder bias SILENT_BIAS: they never reach a token's top k, so they stay
+dead) and fastsae's statistics say so from the start (tokens since fired beyond `dead_after_tokens`,
+which the live features do not reach while timed). Every provider gets the same dead set and the same
+weights, and nothing writes the statistics between steps, which would make the captured step count the
+dead features with a synchronisation, as it must after a write from outside.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from fastsae.testing import assert_close
 from .harness import SHAPES, Recorder, measure, optional_sparsify, sae_train_step, sweep_name
 
 DEAD_FRACTION = 0.05
+SILENT_BIAS = -1e4  # a dead feature's encoder bias: its pre-activation never reaches a top k
+DEAD_AFTER_TOKENS = 2**40  # beyond what the live features go without firing while timed
 
 
 def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False):
@@ -28,11 +36,11 @@ def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False
     fastsae.optim.SAEAdam (`fused_optimizer`: the constraint inside its step), or replayed as one CUDA
     graph by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam made capturable)."""
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype="bfloat16", check_finite=False,
-                            dead_after_tokens=1)  # fmt: skip
+                            dead_after_tokens=DEAD_AFTER_TOKENS)  # fmt: skip
     sae = fastsae.SparseAutoencoder(cfg).cuda()
     sae.load_state_dict({**sae.state_dict(), **weights})
-    with torch.no_grad():
-        sae.tokens_since_fired.copy_(dead.long() * 2)  # > dead_after_tokens: these features are dead
+    with torch.no_grad():  # the silenced features are dead from the start, and stay dead
+        sae.tokens_since_fired.copy_(dead.long() * 2 * DEAD_AFTER_TOKENS)
     if fused_optimizer:
         optimizer = fastsae.optim.SAEAdam(sae, lr=1e-4)
     else:
@@ -40,9 +48,7 @@ def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False
     captured = fastsae.graphs.CapturedStep(sae, optimizer) if graph else None
 
     def step(x):
-        out = captured(x) if graph else sae_train_step(sae, optimizer, x)
-        sae.tokens_since_fired.copy_(dead.long() * 2)  # keep the same features dead every step
-        return out.fvu
+        return (captured(x) if graph else sae_train_step(sae, optimizer, x)).fvu
 
     return step
 
@@ -101,13 +107,14 @@ def _sparsify_step(sparsify, d, n_features, k, weights, dead):
     return step
 
 
-def _initial_weights(d: int, n_features: int, n_rows: int) -> tuple[torch.Tensor, dict]:
-    """A bf16 batch and an initialised SAE's bf16 weights (W_enc = W_dec^T, unit-norm rows)."""
+def _initial_weights(d: int, n_features: int, n_rows: int, dead: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """A bf16 batch and an initialised SAE's bf16 weights (W_enc = W_dec^T, unit-norm rows), the `dead`
+    features silenced."""
     x = (torch.randn(n_rows, d, device="cuda") + 0.5).bfloat16()
     W_dec = reference.normalize_decoder_rows(torch.randn(n_features, d, device="cuda"))
     weights = {
         "W_enc": W_dec.T.contiguous().bfloat16(),
-        "b_enc": torch.zeros(n_features, device="cuda").bfloat16(),
+        "b_enc": (dead * SILENT_BIAS).bfloat16(),
         "W_dec": W_dec.bfloat16(),
         "b_dec": (0.5 * torch.ones(d, device="cuda")).bfloat16(),
     }
@@ -122,8 +129,8 @@ def run(recorder: Recorder) -> None:
     sparsify = optional_sparsify()
     for shape, (d, n_features, n_rows, k) in {**SHAPES, **EXTRA_SHAPES}.items():
         k_aux = d // 2
-        x, weights = _initial_weights(d, n_features, n_rows)
         dead = torch.rand(n_features, device="cuda") < DEAD_FRACTION
+        x, weights = _initial_weights(d, n_features, n_rows, dead)
         pre = reference.pre_activation(x, *(weights[name] for name in ("W_enc", "b_enc", "b_dec")))
         vals, idx = reference.topk_activation(pre, k)
         expected_fvu = reference.fvu(reference.decode_sparse(vals, idx, weights["W_dec"].float(),

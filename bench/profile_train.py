@@ -27,8 +27,8 @@ def profile_step(shape: str, auxk: bool, rows: int, graph: bool = False) -> dict
     """Prints the step's tables; returns its {"wall_ms", "kernel_ms", "host_share", "kernels", "launches"}
     per step."""
     d, n_features, n_rows, k = shape_dims(shape)
-    x, weights = _initial_weights(d, n_features, n_rows)
     dead = torch.rand(n_features, device="cuda") < (DEAD_FRACTION if auxk else 0.0)
+    x, weights = _initial_weights(d, n_features, n_rows, dead)
     step = _fastsae_step(d, n_features, k, weights, dead, graph=graph)
     for _ in range(5):  # compile, autotune, warm the allocator; the captured step captures on the fourth
         step(x)
