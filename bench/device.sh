@@ -81,7 +81,7 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
     echo "cublas probe initcheck: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_cublas_initcheck.log" | head -1)"
     # racecheck on Gluon's warp specialisation alone, in filter_ws's partition structure and a minimal one
     # (bench/racecheck_gluon.py): whether filter_ws's report comes with the structure or with the kernel.
-    for structure in ${FASTSAE_GLUON_STRUCTURES:-minimal filter_ws filter_ws_no_maxnreg filter_ws_mbarriers filter_ws_handoff}; do
+    for structure in ${FASTSAE_GLUON_STRUCTURES:-minimal filter_ws filter_ws_no_maxnreg filter_ws_mbarriers filter_ws_handoff filter_ws_group_barrier}; do
         compute-sanitizer --tool racecheck python3 bench/racecheck_gluon.py --structure "$structure" >>"$OUT/sanitizer_gluon_racecheck.log" 2>&1
         echo "gluon $structure racecheck: $(grep -E 'RACECHECK SUMMARY' "$OUT/sanitizer_gluon_racecheck.log" | tail -1)"
     done

@@ -5,7 +5,10 @@ On the H200 (bf16, same run as the Triton kernel) its survivors matched the Trit
 survivor its 6-stage ring ran at 1.14x the cuBLAS GEMM at the GPT-2 width (Triton: 1.27x). With the
 survivors its best configuration made the encode 2.02x the GEMM at GPT-2 (Triton: 2.15x), level at AF3
 (2.95x) and slower at k = 128 and at the Llama-8B width. It is off by default because compute-sanitizer's
-racecheck reports a hazard in its partition dispatch, not yet explained (bench/results/reliability.md).
+racecheck reports a hazard in its partition dispatch. A Gluon kernel with no logic of its own draws the
+same report once it initialises mbarriers before `gl.warp_specialize` (bench/racecheck_gluon.py), so
+the report comes with Gluon's dispatch, not this kernel; whether it is real is not settled yet
+(bench/results/reliability.md).
 
 Why: the Triton filter kernel's epilogue (bias, compare, survivor appends) runs on the same warps as its
 matmul, so no tile's epilogue overlaps any matmul; on the H200 with every threshold at +inf (no
