@@ -50,7 +50,9 @@ def _minimal_kernel(out_ptr, value):
 
 
 @gluon.jit
-def _filter_ws_structure_kernel(out_ptr, value):
+def _filter_ws_structure_kernel(out_ptr, value, GROUP_BARRIER: gl.constexpr):
+    if GROUP_BARRIER:
+        gl.thread_barrier()  # only the default warps run here: it lowers to bar.sync 0, 128
     gl.warp_specialize(
         [
             (_store_constant, (out_ptr, value, 0, 4)),
@@ -103,29 +105,19 @@ def _filter_ws_mbarriers_kernel(out_ptr, value, HANDOFF: gl.constexpr):
         )
 
 
-@gluon.jit
-def _filter_ws_group_barrier_kernel(out_ptr, value):
-    gl.thread_barrier()  # only the default warps run here: it lowers to bar.sync 0, 128
-    gl.warp_specialize(
-        [
-            (_store_constant, (out_ptr, value, 0, 4)),
-            (_store_constant, (out_ptr, value, 128, 4)),
-            (_store_constant, (out_ptr, value, 256, 1)),
-        ],
-        [4, 1],
-        [232, 40],
-    )
-
-
 FILTER_WS_PARTITIONS = [(0, 4), (128, 4), (256, 1)]
 # structure: (kernel, the partitions' (start, warps), launch options)
 STRUCTURES = {
     "minimal": (_minimal_kernel, [(0, 4), (128, 1)], {}),
-    "filter_ws": (_filter_ws_structure_kernel, FILTER_WS_PARTITIONS, {"maxnreg": 168}),
-    "filter_ws_no_maxnreg": (_filter_ws_structure_kernel, FILTER_WS_PARTITIONS, {}),
+    "filter_ws": (_filter_ws_structure_kernel, FILTER_WS_PARTITIONS, {"maxnreg": 168, "GROUP_BARRIER": False}),
+    "filter_ws_no_maxnreg": (_filter_ws_structure_kernel, FILTER_WS_PARTITIONS, {"GROUP_BARRIER": False}),
     "filter_ws_mbarriers": (_filter_ws_mbarriers_kernel, FILTER_WS_PARTITIONS, {"maxnreg": 168, "HANDOFF": False}),
     "filter_ws_handoff": (_filter_ws_mbarriers_kernel, FILTER_WS_PARTITIONS, {"maxnreg": 168, "HANDOFF": True}),
-    "filter_ws_group_barrier": (_filter_ws_group_barrier_kernel, FILTER_WS_PARTITIONS, {"maxnreg": 168}),
+    "filter_ws_group_barrier": (
+        _filter_ws_structure_kernel,
+        FILTER_WS_PARTITIONS,
+        {"maxnreg": 168, "GROUP_BARRIER": True},
+    ),
 }
 
 
