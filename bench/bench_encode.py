@@ -148,10 +148,16 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, n_
         "fastsae": partial(F.encode_batchtopk, x, W_enc, b_enc, b_dec, k),
         # The selection's dense route (FASTSAE_BATCHTOPK=dense: torch.topk over the batch), beside the default.
         "fastsae_dense": partial(_dense_route_batchtopk, x, W_enc, b_enc, b_dec, k),
+        # Sparse codes: each row's 4k candidates from the TopK encode, the batch's B * k largest among them.
+        "fastsae_sparse": partial(F.encode_batchtopk_sparse, x, W_enc, b_enc, b_dec, k),
         "torch": partial(_torch_batchtopk, x, W_enc, b_enc, b_dec, k),
     }
     for name, fn in providers.items():  # bf16 rounding may swap the codes at the batch's threshold
-        assert_batchtopk_matches(fn(), pre, k, ROUNDING_BAND, f"encode_batchtopk {shape} {name}")
+        codes = fn()
+        if isinstance(codes, F.TopKCodes):
+            codes = torch.zeros_like(pre, dtype=codes.vals.dtype).scatter_add_(1, codes.idx.long(), codes.vals)
+        assert_batchtopk_matches(codes, pre, k, ROUNDING_BAND, f"encode_batchtopk {shape} {name}")
+        del codes
     del pre
     for name, fn in providers.items():
         recorder.record("encode_batchtopk", shape, name, measure(fn))

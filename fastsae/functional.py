@@ -308,6 +308,28 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: 
     return batchtopk_ops.batch_topk(_encode_relu(x, W_enc, b_enc, b_dec, None), k)
 
 
+def encode_batchtopk_sparse(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> TopKCodes:
+    """BatchTopK codes as sparse TopKCodes (no AuxK candidates): the codes `encode_batchtopk` keeps (up
+    to which of equal codes at the batch's threshold is kept), without a [B, F] tensor. Each row's
+    candidates are its top min(F, 4k) codes from the TopK encode; the batch's B * k largest among them
+    keep their values and the other candidates carry 0 (vals and idx are [B, min(F, 4k)]). Where a row
+    may keep more codes than its candidates, the dense route runs instead, and vals and idx are [B, w]
+    with w the most codes any row keeps (`fastsae/ops/batchtopk.py`). One host synchronisation, two on
+    the dense route. Differentiable w.r.t. x, W_enc, b_enc, b_dec."""
+    _check_encoder_args(x, W_enc, b_enc, b_dec)
+    n_features = W_enc.shape[1]
+    _check_k("k", k, n_features, minimum=1)
+    width = batchtopk_ops.candidate_width(k, n_features)
+    vals, idx, aux_vals, aux_idx = _encode_topk(x, W_enc, b_enc, b_dec, width, 0, None)
+    keep = batchtopk_ops.select_among_candidates(vals, k, complete=width == n_features)
+    if keep is not None:
+        return TopKCodes(torch.where(keep, vals, 0), idx, aux_vals, aux_idx)
+    codes = batchtopk_ops.batch_topk(_encode_relu(x, W_enc, b_enc, b_dec, None), k)
+    most = max(1, int((codes != 0).sum(dim=1).max()))
+    vals, idx = codes.topk(most, dim=1)
+    return TopKCodes(vals, idx.to(torch.int32), aux_vals, aux_idx)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Decode
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from . import centering, parallel, reference
 from . import functional as F
+from .ops import batchtopk as batchtopk_ops
 
 ACTIVATIONS = ("topk", "relu", "jumprelu", "batchtopk")
 CENTERING_MODES = ("geometric_median", "mean", "none", "whiten")
@@ -422,6 +423,8 @@ class SparseAutoencoder(nn.Module):
                 return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
             if self._group is not None and self.training:
                 return self._batchtopk_replicated(F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec), cfg.k)
+            if self.training and batchtopk_ops.SPARSE_CODES and batchtopk_ops.may_synchronize(x):
+                return F.encode_batchtopk_sparse(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
             return F.encode_batchtopk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
         threshold = self.threshold if cfg.activation == "jumprelu" else None
         return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
@@ -565,7 +568,7 @@ class SparseAutoencoder(nn.Module):
         x = x.reshape(-1, self.cfg.d_in)
         if self.training and not self._initialized:
             self._initialize_lazily(x)
-        k_aux = self.cfg.k_aux if self.training else 0
+        k_aux = self.cfg.k_aux if self.training and self.cfg.activation == "topk" else 0  # AuxK is TopK's
         dead = self.dead_features() if k_aux else None
         sharded = self._feature_group is not None
         few_dead = self._few_dead_features(dead, x.shape[0])
@@ -616,7 +619,7 @@ class SparseAutoencoder(nn.Module):
         if self.training:
             self._update_death_stats(codes, x.shape[0])
             if self.cfg.activation == "batchtopk":
-                self._update_batchtopk_threshold(codes)
+                self._update_batchtopk_threshold(codes.vals if isinstance(codes, F.TopKCodes) else codes)
         loss = fvu_term + self.cfg.auxk_coef * auxk_term + sparsity_term
         if sharded:
             vals, idx = shown.vals, shown.idx

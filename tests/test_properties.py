@@ -127,6 +127,20 @@ def test_encode_batchtopk_properties(device, data):
     assert_batchtopk_matches(codes, pre, k, band)
 
 
+def _batch_codes(data, B: int, F: int, dtype, device, seed: int) -> torch.Tensor:
+    """Post-ReLU codes [B, F] for the BatchTopK selections: drawn from few values (ties at the threshold,
+    whole rows and columns of zeros) or continuous, and possibly a NaN."""
+    generator = torch.Generator().manual_seed(seed)
+    if data.draw(st.booleans(), label="tied"):
+        acts = torch.randint(0, 4, (B, F), generator=generator).double()
+    else:
+        acts = torch.randn(B, F, generator=generator, dtype=torch.float64).relu()
+    acts = acts.to(dtype=dtype, device=device)
+    if data.draw(st.booleans(), label="nan"):
+        acts[data.draw(st.integers(0, B - 1), label="nan row"), 0] = float("nan")
+    return acts
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @EXAMPLES
 @given(dtype=DTYPES, seed=st.integers(0, 2**31 - 1), data=st.data())
@@ -139,14 +153,7 @@ def test_grouped_batch_topk_keeps_the_reference_codes(device, dtype, seed, data)
     B, F = data.draw(st.integers(1, max_B), label="B"), data.draw(st.integers(1, max_F), label="F")
     k = data.draw(st.integers(1, F), label="k")
     group = data.draw(st.sampled_from([1, 3, 8, 64]), label="group")
-    generator = torch.Generator().manual_seed(seed)
-    if data.draw(st.booleans(), label="tied"):
-        acts = torch.randint(0, 4, (B, F), generator=generator).double()
-    else:
-        acts = torch.randn(B, F, generator=generator, dtype=torch.float64).relu()
-    acts = acts.to(dtype=dtype, device=device)
-    if data.draw(st.booleans(), label="nan"):
-        acts[data.draw(st.integers(0, B - 1), label="nan row"), 0] = float("nan")
+    acts = _batch_codes(data, B, F, dtype, device, seed)
     acts.requires_grad_(True)
     codes, expected = batchtopk.grouped_batch_topk(acts, k, group), reference.batch_topk(acts.detach(), k)
     codes.sum().backward()  # the gradient reaches each kept code once, and nothing else
@@ -158,6 +165,52 @@ def test_grouped_batch_topk_keeps_the_reference_codes(device, dtype, seed, data)
     fired = codes != 0
     assert torch.equal(codes[fired], acts.nan_to_num(-1.0)[fired]), "a kept code differs from its input"
     assert torch.equal(codes.flatten().sort().values, expected.flatten().sort().values), "different codes kept"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@EXAMPLES
+@given(dtype=DTYPES, seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_batchtopk_among_candidates_keeps_the_reference_codes(device, dtype, seed, data):
+    """The sparse BatchTopK selection (the batch's B x k largest among each row's c largest codes)
+    keeps the reference's codes over whole rows, or answers None, and then only where a row's smallest
+    candidate is above the batch threshold or a candidate is NaN: tied or continuous codes, any c."""
+    max_B, _, max_F = SIZES[device]
+    B, F = data.draw(st.integers(1, max_B), label="B"), data.draw(st.integers(1, max_F), label="F")
+    k = data.draw(st.integers(1, F), label="k")
+    width = data.draw(st.integers(k, F), label="candidates per row")
+    acts = _batch_codes(data, B, F, dtype, device, seed)
+    vals, idx = acts.topk(width, dim=1)
+    keep = batchtopk.select_among_candidates(vals, k, complete=width == F)
+    expected = reference.batch_topk(acts, k)
+    budget = min(k * B, acts.numel())
+    if keep is None:
+        threshold = vals.flatten().topk(budget).values.min()
+        assert width < F and bool(vals.isnan().any() | (vals.amin(dim=1) > threshold).any()), "a needless fallback"
+        return
+    assert int(keep.sum()) == budget
+    codes = torch.zeros_like(acts).scatter(1, idx, torch.where(keep, vals, 0))
+    if acts.isnan().any():
+        assert torch.equal(codes.isnan(), expected.isnan()), "NaN codes"
+        codes, expected = codes.nan_to_num(-1.0), expected.nan_to_num(-1.0)
+    assert torch.equal(codes.flatten().sort().values, expected.flatten().sort().values), "different codes kept"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@EXAMPLES
+@given(data=st.data())
+def test_encode_batchtopk_sparse_properties(device, data):
+    """Sparse BatchTopK codes (the TopK encode's candidates, then the batch's B x k largest among them,
+    or the dense route) are the reference's BatchTopK codes, up to values within rounding of the batch
+    threshold; every code is a kept code or 0."""
+    x, W_enc, b_enc, b_dec = data.draw(encoder_problems(device), label="problem")
+    k = data.draw(st.integers(1, W_enc.shape[1]), label="k")
+    vals, idx, aux_vals, _ = functional.encode_batchtopk_sparse(x, W_enc, b_enc, b_dec, k)
+    assert aux_vals.shape == (x.shape[0], 0) and vals.shape == idx.shape and idx.dtype == torch.int32
+    codes = torch.zeros(x.shape[0], W_enc.shape[1], dtype=vals.dtype, device=device)
+    codes.scatter_add_(1, idx.long(), vals)  # a feature twice in a row would add up and be caught
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    band = {torch.float32: 1e-4, torch.bfloat16: 0.1}[x.dtype] * float(pre.abs().max().clamp_min(1.0))
+    assert_batchtopk_matches(codes, pre, k, band)
 
 
 @pytest.mark.parametrize("device", DEVICES)

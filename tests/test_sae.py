@@ -411,6 +411,40 @@ def test_cuda_training_matches_reference_path(deterministic):
         torch.use_deterministic_algorithms(previous)
 
 
+def test_batchtopk_trains_the_same_on_sparse_codes(monkeypatch):
+    """FASTSAE_BATCHTOPK_SPARSE: a BatchTopK SAE trained on the sparse codes (each row's candidates,
+    the batch's B x k largest among them; `functional.encode_batchtopk_sparse`) follows its twin on the
+    dense codes step by step: the same codes, losses, gradients, death statistics and inference
+    threshold. Rows that keep more than their candidates (a batch whose codes crowd into few rows) take
+    the dense route inside the sparse one."""
+    from fastsae.ops import batchtopk
+
+    dense, sparse = _sae(activation="batchtopk"), _sae(activation="batchtopk")
+    sparse.load_state_dict(dense.state_dict())
+    optimizers = [torch.optim.Adam(sae.parameters(), lr=1e-3) for sae in (dense, sparse)]
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(40, 24, dtype=torch.float64, generator=generator) + 3 for _ in range(4)]
+    batches[2][:2] *= 30  # two rows hold most of the batch's largest codes: more than 4k each
+    for x in batches:
+        outs = []
+        for sae, optimizer, sparse_codes in zip((dense, sparse), optimizers, (False, True)):
+            monkeypatch.setattr(batchtopk, "SPARSE_CODES", sparse_codes)
+            optimizer.zero_grad()
+            out = sae(x)
+            out.loss.backward()
+            optimizer.step()
+            outs.append(out)
+        want, got = outs
+        assert got.acts is None and want.vals is None
+        codes = torch.zeros_like(want.acts).scatter_add(1, got.idx.long(), got.vals)
+        assert_close(codes, want.acts, torch.float64, "codes")
+        assert_close(got.loss, want.loss, torch.float64, "loss")
+        for name, p in sparse.named_parameters():
+            assert_close(p.grad, dict(dense.named_parameters())[name].grad, torch.float64, f"{name} gradient")
+    for name in ("tokens_since_fired", "feature_fire_count", "batchtopk_threshold"):
+        assert torch.equal(getattr(sparse, name), getattr(dense, name)), name
+
+
 def test_batchtopk_eval_codes_do_not_depend_on_the_batch(tmp_path):
     """Training steps keep a running average of the smallest code BatchTopK kept; in eval mode the
     codes are JumpReLU at it, so a token alone and in a batch get the same codes. Before any training

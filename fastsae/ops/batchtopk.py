@@ -17,10 +17,23 @@ Where the floor is not positive (fewer positive group maxima than B * k: zeros w
 a number (NaN codes), the reference's route runs instead. Two host synchronisations: the floor's sign
 and the number of positions; so while compiling or capturing a CUDA graph the reference's route runs.
 
+Sparse codes (`functional.encode_batchtopk_sparse`, `select_among_candidates`): the TopK encode keeps
+each row's CANDIDATES_PER_K * k largest codes, and the batch's B * k largest are chosen among those
+alone, so no [B, F] tensor is made and the codes come out as (vals, idx) for the sparse decode and
+backward. That is exact unless a row keeps more codes than its candidates: a row whose smallest
+candidate is above the batch's threshold may have more codes above it, and then (detected, one host
+synchronisation) the dense route runs instead.
+
 On the H200 (bf16, the whole BatchTopK encode, same run) the grouped route took 0.92x / 0.90x / 0.95x
 the dense route's time at the GPT-2 / AlphaFold3 / Llama-8B shapes (3.07 / 3.78 / 12.73 ms against
 3.35 / 4.21 / 13.41; eager PyTorch 3.86 / 4.87 / 14.21), so it is the default. ROUTE, from the
 environment variable FASTSAE_BATCHTOPK ("grouped", the default, or "dense"; read at import).
+
+SPARSE_CODES, from FASTSAE_BATCHTOPK_SPARSE=1 (read at import; experimental, not yet timed on a GPU):
+a `SparseAutoencoder` with activation "batchtopk" trains on the sparse codes (its SAEOutput then carries
+vals and idx in training mode, and acts is None), so the sparse decode and backward serve it as they
+serve TopK. The same codes either way; eval mode, data-parallel replicas, compiling and graph capture
+keep the dense codes.
 """
 
 from __future__ import annotations
@@ -35,16 +48,24 @@ from .. import reference
 ROUTE = os.environ.get("FASTSAE_BATCHTOPK", "grouped")
 if ROUTE not in ("dense", "grouped"):
     raise ValueError(f"FASTSAE_BATCHTOPK must be 'dense' or 'grouped', got {ROUTE!r}")
+SPARSE_CODES = os.environ.get("FASTSAE_BATCHTOPK_SPARSE") == "1"
 GROUP = 64  # codes per group: F / 64 maxima per row still hold the top k of most rows in distinct groups
+# Each row's candidates for the sparse codes: its 4k largest. A row keeps k codes on average; the
+# candidates fall short only for a row that keeps more than 4x the average.
+CANDIDATES_PER_K = 4
 
 
 def batch_topk(acts: Tensor, k: int) -> Tensor:
     """`reference.batch_topk(acts, k)` by ROUTE; the reference's route (no host synchronisation) while
     compiling or capturing a CUDA graph."""
-    capturing = acts.is_cuda and torch.cuda.is_current_stream_capturing()
-    if ROUTE == "grouped" and not (torch.compiler.is_compiling() or capturing):
+    if ROUTE == "grouped" and may_synchronize(acts):
         return grouped_batch_topk(acts, k)
     return reference.batch_topk(acts, k)
+
+
+def may_synchronize(t: Tensor) -> bool:
+    """Whether a route may read a value of `t` on the host: not while compiling or capturing a graph."""
+    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def grouped_batch_topk(acts: Tensor, k: int, group: int = GROUP) -> Tensor:
@@ -64,3 +85,28 @@ def grouped_batch_topk(acts: Tensor, k: int, group: int = GROUP) -> Tensor:
     keep = positions[flat_codes[positions].topk(budget, sorted=False).indices]
     flat = acts.reshape(-1)
     return torch.zeros_like(flat).scatter(0, keep, flat[keep]).view_as(acts)
+
+
+def candidate_width(k: int, n_features: int) -> int:
+    """Candidates per row for the sparse BatchTopK codes: CANDIDATES_PER_K * k, at most the row."""
+    return min(n_features, CANDIDATES_PER_K * k)
+
+
+def select_among_candidates(vals: Tensor, k: int, complete: bool) -> Tensor | None:
+    """Which of the candidate codes vals [B, c] (post-ReLU; each row's c largest, from the TopK encode)
+    are the batch's B * k largest: a bool mask [B, c] keeping the codes `reference.batch_topk` keeps
+    over whole rows (up to which of equal codes at the threshold is kept). None where the candidates
+    may not hold them all: a row whose smallest candidate is above the batch's threshold may have more
+    codes above it, and NaN codes are ranked first by the reference (neither when the candidates are
+    `complete` rows). One host synchronisation, for that check."""
+    codes = vals.detach()
+    flat = codes.reshape(-1)
+    budget = min(k * codes.shape[0], flat.numel())
+    keep = flat.topk(budget, sorted=False).indices
+    if not complete:
+        threshold = flat[keep].min()
+        if bool(codes.isnan().any() | (codes.amin(dim=1) > threshold).any()):
+            return None
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    mask[keep] = True
+    return mask.view_as(codes)
