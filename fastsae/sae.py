@@ -102,6 +102,11 @@ class SAEConfig:
             raise ValueError(f"l1_coef and l0_coef must be >= 0, got {self.l1_coef} and {self.l0_coef}")
 
 
+def _squared_deviations(n: Tensor, total: Tensor, squares: Tensor) -> Tensor:
+    """Sum over n tokens of ||x - mean(x)||^2 from their count, sum and sum of squares."""
+    return squares - total.pow(2).sum() / n
+
+
 def _feature_shard(cfg: SAEConfig, group) -> tuple[object, int, int]:
     """(group, start, stop) of this rank's features in a feature-sharded SAE over `group` (the default
     group when None), after checking that the SAE can be sharded so."""
@@ -231,7 +236,8 @@ class SparseAutoencoder(nn.Module):
         default group when None), e.g. wrapped in DistributedDataParallel. From then on `initialize`
         fits the centering to every replica's sample and takes rank 0's random directions, and training
         forwards all-reduce the death statistics (every replica sees the same dead features) and
-        normalise the FVU, MSE and AuxK losses over every replica's tokens, so that N replicas of B
+        normalise the FVU, MSE and AuxK losses over every replica's tokens (the sums behind all of these
+        in one all-reduce), so that N replicas of B
         tokens train as one process on all N x B tokens (DDP averages the gradients). The ReLU L1 and
         JumpReLU L0 penalties (and JumpReLU's estimator window) are normalised the same way, and
         BatchTopK keeps the N x B x k largest codes of all the replicas' tokens (`_batchtopk_replicated`)."""
@@ -510,25 +516,38 @@ class SparseAutoencoder(nn.Module):
         scale = (self.cfg.l1_coef / (sae_x.shape[1] * squared_deviations / n).sqrt()).to(local_sum.dtype)
         return self._mean_over_replicas(local_sum * scale, total * scale, n)
 
-    def _replicated_fvu(self, prediction: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(FVU, loss term, MSE) over every data-parallel replica's tokens: the squared error over the
-        target's spread, both summed over the replicas."""
+    def _fvu_sums(self, prediction: Tensor, target: Tensor) -> list[Tensor]:
+        """This replica's sums behind an FVU over every data-parallel replica's tokens: the token count,
+        the target's sum and sum of squares (fp64: its spread comes from raw sums) and the squared error
+        (differentiable), for `_replica_sums` and then `_fvu_from_totals`."""
         error = (prediction.to(torch.promote_types(prediction.dtype, torch.float32)) - target).pow(2).sum()
-        n, squared_deviations, (total_error,) = self._spread(target, True, error)
+        return [*self._moments(target), error]
+
+    def _fvu_from_totals(self, error: Tensor, totals: list[Tensor], width: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(FVU, loss term, MSE) over every replica's tokens from `_fvu_sums`' totals: the squared error
+        over the target's spread, both summed over the replicas; `error` is this replica's."""
+        n, total, squares, total_error = totals
+        squared_deviations = _squared_deviations(n, total, squares)
         world = dist.get_world_size(self._group)
         fvu = (total_error / squared_deviations).to(error.dtype)
-        mse = (total_error / (n * target.shape[1])).to(error.dtype)
+        mse = (total_error / (n * width)).to(error.dtype)
         return fvu, world * error / squared_deviations.to(error.dtype), mse  # the term: see _mean_over_replicas
 
     def _spread(self, x: Tensor, replicated: bool, *local_sums: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
         """(n, sum over tokens of ||x - mean(x)||^2, totals of `local_sums`) of x [n, d]: over every
         replica's tokens in one all-reduce when `replicated` (fp64 moments: the deviations come from
         raw sums), else this process's."""
+        sums = [*self._moments(x), *local_sums]
+        n, total, squares, *totals = self._replica_sums(*sums) if replicated else sums
+        return n, _squared_deviations(n, total, squares), totals
+
+    @staticmethod
+    def _moments(x: Tensor) -> list[Tensor]:
+        """[token count, sum over tokens, sum of squares] of x [n, d] in fp64 (a spread computed from raw
+        sums needs it)."""
         x64 = x.detach().double()
         # new_full, not new_tensor: a host-to-device copy waits for the device; a fill does not.
-        sums = [x64.new_full((), float(x.shape[0])), x64.sum(0), x64.pow(2).sum(), *local_sums]
-        n, total, squares, *totals = self._replica_sums(*sums) if replicated else sums
-        return n, squares - total.pow(2).sum() / n, totals
+        return [x64.new_full((), float(x.shape[0])), x64.sum(0), x64.pow(2).sum()]
 
     def _mean_over_replicas(self, local_sum: Tensor, total: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
         """(total / n, world * local_sum / n) for a quantity summed over every replica's n tokens: the
@@ -582,12 +601,7 @@ class SparseAutoencoder(nn.Module):
         else:
             codes = self._encode(x, dead if few_dead is None else None)
         recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx)) if sharded else self.decode(codes)
-        if replicated:
-            fvu, fvu_term, mse = self._replicated_fvu(recon, x)
-        else:
-            mse, fvu = F.mse(recon, x), F.fvu(recon, x)
-            fvu_term = fvu
-        auxk = auxk_term = torch.zeros((), dtype=fvu.dtype, device=x.device)
+        aux_recon = None
         if isinstance(codes, F.TopKCodes):
             vals, idx, acts = codes.vals, codes.idx, None
             if k_aux:
@@ -606,18 +620,29 @@ class SparseAutoencoder(nn.Module):
                 n_dead = dead.sum()
                 if sharded:  # every shard's dead features
                     dist.all_reduce(n_dead, group=self._feature_group)
-                if replicated:  # reference.auxk_loss with the FVU over every replica's tokens
-                    scale = F.auxk_scale(n_dead, k_aux)
-                    aux_fvu, aux_term, _ = self._replicated_fvu(aux_recon, residual)
-                    auxk, auxk_term = aux_fvu * scale, aux_term * scale
-                else:
-                    auxk = auxk_term = F.auxk_loss(aux_recon, residual, n_dead, k_aux)
         else:
             vals, idx, acts = None, None, codes
+        counts, n_tokens = (self._fire_counts(codes), x.shape[0]) if self.training else (None, None)
+        if replicated:  # the FVU, AuxK's FVU and the fire counts over every replica's tokens: one all-reduce
+            fvu_sums = self._fvu_sums(recon, x)
+            aux_sums = [] if aux_recon is None else self._fvu_sums(aux_recon, residual)
+            *totals, counts, n_tokens = self._replica_sums(*fvu_sums, *aux_sums, counts, counts.new_full((), n_tokens))
+            counts, n_tokens = counts.long(), n_tokens.long()
+            fvu, fvu_term, mse = self._fvu_from_totals(fvu_sums[-1], totals[:4], x.shape[1])
+        else:
+            mse, fvu = F.mse(recon, x), F.fvu(recon, x)
+            fvu_term = fvu
+        auxk = auxk_term = torch.zeros((), dtype=fvu.dtype, device=x.device)
+        if aux_recon is not None and replicated:  # reference.auxk_loss with the FVU over every replica's tokens
+            scale = F.auxk_scale(n_dead, k_aux)
+            aux_fvu, aux_term, _ = self._fvu_from_totals(aux_sums[-1], totals[4:], residual.shape[1])
+            auxk, auxk_term = aux_fvu * scale, aux_term * scale
+        elif aux_recon is not None:
+            auxk = auxk_term = F.auxk_loss(aux_recon, residual, n_dead, k_aux)
         if self.cfg.activation == "relu" and self.cfg.l1_coef:
             sparsity, sparsity_term = self._relu_l1(acts, x, replicated)
         if self.training:
-            self._update_death_stats(codes, x.shape[0])
+            self._update_death_stats(counts, n_tokens)
             if self.cfg.activation == "batchtopk":
                 self._update_batchtopk_threshold(codes.vals if isinstance(codes, F.TopKCodes) else codes)
         loss = fvu_term + self.cfg.auxk_coef * auxk_term + sparsity_term
@@ -627,17 +652,18 @@ class SparseAutoencoder(nn.Module):
         return SAEOutput(recon.reshape(*lead, self.cfg.d_in), vals, idx, acts, loss, mse, fvu, auxk, sparsity)
 
     @torch.no_grad()
-    def _update_death_stats(self, codes: F.TopKCodes | Tensor, n_tokens: int) -> None:
+    def _fire_counts(self, codes: F.TopKCodes | Tensor) -> Tensor:
+        """int64 [F]: how many of this batch's tokens each feature (of this shard) fired on."""
         if isinstance(codes, F.TopKCodes):
-            counts = F.fire_counts(codes.idx, self.W_dec.shape[0], codes.vals)  # this shard's features
-        else:
-            counts = F.fire_counts_dense(codes)
-        if self._group is not None:
-            # Every replica counts every replica's tokens: one all-reduce, and the token count stays on the
-            # device (reading it on the host would stall the host before it queues the backward).
-            totals = torch.cat([counts, counts.new_full((1,), n_tokens)])
-            dist.all_reduce(totals, group=self._group)
-            counts, n_tokens = totals[:-1], totals[-1]
+            return F.fire_counts(codes.idx, self.W_dec.shape[0], codes.vals)
+        return F.fire_counts_dense(codes)
+
+    @torch.no_grad()
+    def _update_death_stats(self, counts: Tensor, n_tokens: int | Tensor) -> None:
+        """Fold a batch's fire counts into the statistics. A data-parallel replica passes every replica's
+        counts and its token count as a device tensor (reading it on the host would stall the host
+        before it queues the backward)."""
+        if isinstance(n_tokens, Tensor):
             self.tokens_since_fired.copy_(reference.update_since_fired(self.tokens_since_fired, counts, n_tokens))
         else:
             F.update_since_fired_(self.tokens_since_fired, counts, n_tokens)
