@@ -73,6 +73,10 @@ BAD_INPUTS = [
      torch.zeros(3)), ValueError, "threshold has 3 entries, expected n_features=20"),
     ("encode_batchtopk: k > n_features", lambda a: F.encode_batchtopk(a["x"], a["W_enc"], a["b_enc"], a["b_dec"],
      N_FEATURES + 1), ValueError, r"k must be in \[1, n_features=20\]"),
+    ("encode_batchtopk_sparse: k > n_features", lambda a: F.encode_batchtopk_sparse(
+     a["x"], a["W_enc"], a["b_enc"], a["b_dec"], N_FEATURES + 1), ValueError, r"k must be in \[1, n_features=20\]"),
+    ("encode_batchtopk_sparse: empty batch", lambda a: F.encode_batchtopk_sparse(
+     a["x"][:0], a["W_enc"], a["b_enc"], a["b_dec"], K), ValueError, "empty batch"),
     ("decode_sparse: float idx", lambda a: _decode_sparse(a, idx=a["idx"].float()), ValueError,
      "idx must be int32 or int64"),
     ("decode_sparse: idx and vals shapes differ", lambda a: _decode_sparse(a, idx=a["idx"][:, :3]), ValueError,
@@ -142,6 +146,7 @@ def test_good_input_passes_every_check():
     """The table's good arguments themselves are accepted (so each row fails for its one change)."""
     a = _good()
     _encode_topk(a)
+    F.encode_batchtopk_sparse(a["x"], a["W_enc"], a["b_enc"], a["b_dec"], K)
     _decode_sparse(a)
     F.decode_dense(torch.rand(BATCH, N_FEATURES), a["W_dec"], a["b_dec"])
     F.fire_counts(a["idx"], N_FEATURES, a["vals"])
