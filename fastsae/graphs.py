@@ -19,9 +19,10 @@ GPU runs this one. A feature's tokens-since-fired grows by at most one batch per
 within two batches of the dead threshold at the end of step t bound the dead features that step t + 2
 sees. Each replay computes that bound into its own memory, and an asynchronous copy brings it to
 pinned host memory. Before step t + 2 the host reads the copy of step t, finished by then while step
-t + 1 runs. Where there is no such copy (the first replays after a capture) or something else wrote
-the statistics since (an eager step, `reset_death_stats`, `load_state_dict`: the tensor's version
-counter tells), the host counts the dead features with one synchronisation instead.
+t + 1 runs. Where the bound exceeds the list (features near death: the count decides then), there is
+no such copy (the first replays after a capture), or something else wrote the statistics since (an
+eager step, `reset_death_stats`, `load_state_dict`: the tensor's version counter tells), the host
+counts the dead features with one synchronisation instead.
 With cfg.check_finite the input's check synchronises at every step; turn it off where the data is
 known finite for a step that never waits on the GPU.
 
@@ -109,7 +110,11 @@ class CapturedStep:
         sae = self.sae
         if not self._uses_auxk():
             return None
-        n_dead = self._dead_count_bound()
+        if sae.auxk_capacity is not None:
+            bound = self._dead_count_bound()
+            if bound is not None and bound <= sae.auxk_capacity:
+                return sae.auxk_capacity  # the list holds them, known without a synchronisation
+        n_dead = int(sae.dead_features().sum())  # one synchronisation
         if sae.auxk_capacity is not None and n_dead <= sae.auxk_capacity:
             return sae.auxk_capacity
         longest = min(sae.cfg.n_features, AUXK_DENSE_MAX_ELEMENTS // n_tokens)
@@ -119,17 +124,16 @@ class CapturedStep:
     def _uses_auxk(self) -> bool:
         return self.sae.cfg.activation == "topk" and bool(self.sae.cfg.k_aux)
 
-    def _dead_count_bound(self) -> int:
+    def _dead_count_bound(self) -> int | None:
         """At least the number of dead features the next step's AuxK sees: the bound replay t - 1
-        copied, when the statistics have not been written outside the replays since; else the count
-        itself (one synchronisation)."""
+        copied; None when there is none, or the statistics were written outside the replays since."""
         if self.sae.tokens_since_fired._version != self._stats_version:
             self._dead_bounds.clear()
-        if len(self._dead_bounds) == BOUND_LOOKAHEAD_STEPS:
-            event, host = self._dead_bounds[0]
-            event.synchronize()  # done long ago in steady state: the GPU is running the replay after it
-            return int(host)
-        return int(self.sae.dead_features().sum())
+        if len(self._dead_bounds) < BOUND_LOOKAHEAD_STEPS:
+            return None
+        event, host = self._dead_bounds[0]
+        event.synchronize()  # done long ago in steady state: the GPU is running the replay after it
+        return int(host)
 
     def _copy_dead_bound(self) -> None:
         """Queue the copy of this replay's dead-count bound to pinned host memory, reusing the oldest

@@ -2,6 +2,8 @@
 captures again when the dead features outgrow its AuxK list (written from outside or dying in training),
 replays without synchronising in steady state, and refuses what it cannot capture."""
 
+from collections import deque
+
 import pytest
 import torch
 
@@ -105,6 +107,45 @@ def test_captured_step_replays_without_synchronising():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert step._graph is not None
+
+
+class _FinishedEvent:
+    """Stands for a CUDA event whose copy is done (the host-side decisions run on CPU)."""
+
+    def synchronize(self):
+        pass
+
+
+def test_captured_step_decides_the_auxk_list_from_the_bound_or_the_count(monkeypatch):
+    """The host's decision before a replay, on CPU: with two replays' bounds and statistics untouched
+    since, the older bound keeps the captured list without counting; a bound above the list, no
+    bounds, or statistics written from outside make it count (the list grows to the next power of
+    two when the count outgrows it)."""
+    cfg = fastsae.SAEConfig(d_in=8, n_features=256, k=4, dtype="float32", dead_after_tokens=1000)
+    sae = fastsae.SparseAutoencoder(cfg)
+    sae.auxk_capacity = 64
+    step = object.__new__(CapturedStep)  # its decisions alone: no graph, no CUDA
+    step.sae, step._dead_bounds, step._stats_version = sae, deque(), -1
+    counted = []
+    real_dead_features = sae.dead_features
+    monkeypatch.setattr(sae, "dead_features", lambda: counted.append(1) or real_dead_features())
+    with torch.no_grad():
+        sae.tokens_since_fired[:10] = 2000  # 10 dead features
+    assert step._auxk_capacity(100) == 64 and len(counted) == 1, "no bounds yet: counted"
+
+    def replayed(*bounds):  # as _copy_dead_bound leaves them after two replays
+        step._dead_bounds = deque((_FinishedEvent(), torch.tensor(b, dtype=torch.int32)) for b in bounds)
+        step._stats_version = sae.tokens_since_fired._version
+
+    replayed(50, 999)
+    assert step._auxk_capacity(100) == 64 and len(counted) == 1, "the older bound holds: no count"
+    replayed(80, 0)
+    assert step._auxk_capacity(100) == 64 and len(counted) == 2, "bound above the list: counted, 10 fit"
+    replayed(50, 50)
+    with torch.no_grad():
+        sae.tokens_since_fired[:100] = 2000  # written from outside: 100 dead, more than the bound says
+    assert step._auxk_capacity(100) == 128 and len(counted) == 3, "statistics written: counted, the list grows"
+    assert not step._dead_bounds
 
 
 @pytest.mark.gpu
