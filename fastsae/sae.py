@@ -427,9 +427,10 @@ class SparseAutoencoder(nn.Module):
             if not self.training and float(self.batchtopk_threshold) >= 0:
                 threshold = self.batchtopk_threshold.to(self.W_enc.dtype).expand(cfg.n_features)
                 return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
+            sparse = self.training and batchtopk_ops.SPARSE_CODES and batchtopk_ops.may_synchronize(x)
             if self._group is not None and self.training:
-                return self._batchtopk_replicated(F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec), cfg.k)
-            if self.training and batchtopk_ops.SPARSE_CODES and batchtopk_ops.may_synchronize(x):
+                return self._batchtopk_replicated_sparse(x) if sparse else self._batchtopk_replicated(x)
+            if sparse:
                 return F.encode_batchtopk_sparse(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
             return F.encode_batchtopk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
         threshold = self.threshold if cfg.activation == "jumprelu" else None
@@ -472,20 +473,46 @@ class SparseAutoencoder(nn.Module):
         partial = F.auxk_reconstruction(x, self.W_enc, self.b_enc, b_dec, self.W_dec, features, k_aux, keep=keep)
         return parallel.sum_over_shards(partial, group)
 
-    def _batchtopk_replicated(self, acts: Tensor, k: int) -> Tensor:
-        """BatchTopK over every data-parallel replica's tokens: the codes of `acts` [B, F] at or above
-        the k * (all replicas' tokens)-th largest of all of them (ties at it all kept). Each replica
-        contributes its largest that many values (no more can pass), all-gathered."""
-        (tokens,) = self._replica_sums(acts.new_tensor(float(acts.shape[0])))
-        budget = k * int(tokens)
-        local = acts.detach().flatten()
-        candidates = local.topk(min(budget, local.numel())).values  # in acts' dtype: the threshold is one of them
-        padded = torch.full((budget,), float("-inf"), dtype=acts.dtype, device=acts.device)
+    def _batchtopk_replicated(self, x: Tensor) -> Tensor:
+        """BatchTopK over every data-parallel replica's tokens, x in SAE space: the ReLU codes [B, F] at or
+        above the k * (all replicas' tokens)-th largest of all of them (ties at it all kept)."""
+        acts = F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec)
+        threshold = self._replicated_batch_threshold(acts.detach(), x.shape[0])
+        return torch.where((acts >= threshold) & (acts > 0), acts, 0)
+
+    def _batchtopk_replicated_sparse(self, x: Tensor) -> F.TopKCodes | Tensor:
+        """`_batchtopk_replicated` as sparse codes (FASTSAE_BATCHTOPK_SPARSE): each row's candidates from
+        the TopK encode (`batchtopk.candidate_width`), the threshold over every replica's candidates,
+        and the candidates at or above it kept. Where a row on any replica may hold more codes at or
+        above it than its candidates (its smallest candidate is above the threshold, or at a positive
+        one: ties are all kept), every replica takes the dense codes instead (one more all-reduce)."""
+        cfg = self.cfg
+        width = batchtopk_ops.candidate_width(cfg.k, cfg.n_features)
+        codes = F.encode_topk(x, self.W_enc, self.b_enc, self.b_dec, width)
+        vals = codes.vals.detach()
+        threshold = self._replicated_batch_threshold(vals, x.shape[0])
+        smallest = vals.amin(dim=1)
+        crowded = ((smallest > threshold) | ((smallest == threshold) & (threshold > 0))).any().double()
+        if width == cfg.n_features:
+            crowded.zero_()  # whole rows: nothing outside the candidates
+        dist.all_reduce(crowded, op=dist.ReduceOp.MAX, group=self._group)
+        if bool(crowded):
+            return self._batchtopk_replicated(x)
+        keep = (vals >= threshold) & (vals > 0)
+        return F.TopKCodes(torch.where(keep, codes.vals, 0), codes.idx, codes.aux_vals, codes.aux_idx)
+
+    def _replicated_batch_threshold(self, codes: Tensor, n_rows: int) -> Tensor:
+        """The k * (all replicas' tokens)-th largest of every replica's `codes` (at least 0): each replica
+        contributes its largest that many (no more can pass), all-gathered."""
+        (tokens,) = self._replica_sums(codes.new_full((), float(n_rows)))
+        budget = self.cfg.k * int(tokens)
+        local = codes.flatten()
+        candidates = local.topk(min(budget, local.numel())).values  # in the codes' dtype: the threshold is one
+        padded = torch.full((budget,), float("-inf"), dtype=codes.dtype, device=codes.device)
         padded[: candidates.numel()] = candidates
         gathered = [torch.empty_like(padded) for _ in range(dist.get_world_size(self._group))]
         dist.all_gather(gathered, padded, group=self._group)
-        threshold = torch.cat(gathered).topk(budget).values[-1].clamp_min(0)
-        return torch.where((acts >= threshold) & (acts > 0), acts, 0)
+        return torch.cat(gathered).topk(budget).values[-1].clamp_min(0)
 
     def _encode_jumprelu_for_training(self, x: Tensor, replicated: bool) -> tuple[Tensor, Tensor, Tensor]:
         """JumpReLU codes whose thresholds get straight-through gradients, l0_coef x the L0 penalty and

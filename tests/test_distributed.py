@@ -71,11 +71,14 @@ def _load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _data(steps=STEPS):
-    """A shared sample and `steps` global batches, with an outlier dimension."""
+def _data(steps=STEPS, crowd=False):
+    """A shared sample and `steps` global batches, with an outlier dimension; with `crowd`, the third
+    batch's first tokens scaled up so that they hold most of its largest codes."""
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(64, D, generator=generator, dtype=torch.float64) + 3
     batches = [torch.randn(TOKENS, D, generator=generator, dtype=torch.float64) + 3 for _ in range(steps)]
+    if crowd:
+        batches[2][:2] *= 30
     return sample, batches
 
 
@@ -113,15 +116,16 @@ def _train(model, sae, batches, full_grad=lambda name, grad: grad):
     return losses, codes, first_grads
 
 
-def _replica(rank, world, activation, result_path):
+def _replica(rank, world, activation, result_path, crowd=False):
     # Rank 0 has the single process's RNG state; the others differ, and must still get its directions.
     torch.manual_seed(1 if rank == 0 else 100 + rank)
-    sample, batches = _local(_data())
+    sample, batches = _local(_data(crowd=crowd))
     sae = _local(_sae(activation)).data_parallel()
     sae.initialize(sample.chunk(world)[rank])
-    losses, _, _ = _train(DistributedDataParallel(sae), sae, [x.chunk(world)[rank] for x in batches])
+    losses, codes, _ = _train(DistributedDataParallel(sae), sae, [x.chunk(world)[rank] for x in batches])
     if rank == 0:
-        torch.save((losses, {name: t.cpu() for name, t in sae.state_dict().items()}), result_path)
+        sparse_steps = [step for step, step_codes in enumerate(codes) if step_codes is not None]
+        torch.save((losses, {name: t.cpu() for name, t in sae.state_dict().items()}, sparse_steps), result_path)
 
 
 def _free_port():
@@ -148,15 +152,37 @@ def test_data_parallel_trains_like_one_process(activation, world, tmp_path):
 
     result_path = tmp_path / "rank0.pt"
     _spawn(_replica, (activation, result_path), world)
-    losses, state = _load(result_path)
-    for got, want in zip(losses, expected_losses):
-        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    losses, state, _ = _load(result_path)
+    _assert_trained_alike(single, expected_losses, losses, state)
     if activation == "topk":
         assert any(auxk > 0 for _, auxk, _, _ in expected_losses), "AuxK never ran: the test would not cover it"
-    elif activation != "batchtopk":  # BatchTopK: its codes and inference threshold are in the state below
+    elif activation != "batchtopk":  # BatchTopK: its codes and inference threshold are in the state
         assert all(sparsity > 0 for *_, sparsity in expected_losses), "no sparsity penalty: the test would not cover it"
+
+
+def _assert_trained_alike(single, expected_losses, losses, state):
+    for got, want in zip(losses, expected_losses):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     for name, tensor in single.state_dict().items():
         torch.testing.assert_close(state[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_data_parallel_batchtopk_trains_like_one_process_on_sparse_codes(world, tmp_path, monkeypatch):
+    """FASTSAE_BATCHTOPK_SPARSE=1 in the replicas: BatchTopK over every replica's tokens from each row's
+    candidates (the sparse codes) trains as one process on the dense codes, and a batch whose first
+    tokens crowd out the rest's codes (more than their candidates) takes the dense codes on every
+    replica, with the same result."""
+    sample, batches = _data(crowd=True)
+    torch.manual_seed(1)
+    single = _sae("batchtopk").initialize(sample)
+    expected_losses, _, _ = _train(single, single, batches)
+    monkeypatch.setenv("FASTSAE_BATCHTOPK_SPARSE", "1")  # read at import by the spawned replicas
+    result_path = tmp_path / "rank0.pt"
+    _spawn(_replica, ("batchtopk", result_path, True), world)
+    losses, state, sparse_steps = _load(result_path)
+    _assert_trained_alike(single, expected_losses, losses, state)
+    assert 2 not in sparse_steps and len(sparse_steps) >= STEPS - 2, sparse_steps
 
 
 def test_data_parallel_needs_torch_distributed():

@@ -32,8 +32,8 @@ environment variable FASTSAE_BATCHTOPK ("grouped", the default, or "dense"; read
 SPARSE_CODES, from FASTSAE_BATCHTOPK_SPARSE=1 (read at import; experimental, not yet timed on a GPU):
 a `SparseAutoencoder` with activation "batchtopk" trains on the sparse codes (its SAEOutput then carries
 vals and idx in training mode, and acts is None), so the sparse decode and backward serve it as they
-serve TopK. The same codes either way; eval mode, data-parallel replicas, compiling and graph capture
-keep the dense codes.
+serve TopK, data-parallel replicas included (`SparseAutoencoder._batchtopk_replicated_sparse`). The
+same codes either way; eval mode, compiling and graph capture keep the dense codes.
 """
 
 from __future__ import annotations
