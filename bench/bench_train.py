@@ -7,6 +7,10 @@ cuBLAS encoder GEMM as the floor.
 bf16 parameters at the benchmark shapes (harness.SHAPES). Before timing, every provider's FVU on the
 same batch and weights is checked against the fp32 reference.
 
+Op `train_step_batchtopk`: the BatchTopK SAE's step (no AuxK) at the three shapes, on the dense codes
+(`fastsae`) and on the sparse ones (`fastsae_sparse`, FASTSAE_BATCHTOPK_SPARSE), against the eager
+dense BatchTopK step (`torch`).
+
 The dead features are silenced (encoder bias SILENT_BIAS: they never reach a token's top k, so they stay
 dead) and fastsae's statistics say so from the start (tokens since fired beyond `dead_after_tokens`,
 which the live features do not reach while timed). Every provider gets the same dead set and the same
@@ -22,6 +26,7 @@ import torch
 
 import fastsae
 from fastsae import reference
+from fastsae.ops import batchtopk as batchtopk_ops
 from fastsae.testing import assert_close
 
 from .harness import SHAPES, Recorder, measure, optional_sparsify, sae_train_step, sweep_name
@@ -53,6 +58,34 @@ def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False
     return step
 
 
+def _batchtopk_step(d, n_features, k, weights, sparse_codes: bool):
+    """A BatchTopK SAE's step (torch.optim.Adam, the decoder constraint) on the dense codes or, with
+    `sparse_codes`, on the sparse ones (the module-level switch FASTSAE_BATCHTOPK_SPARSE sets, set here
+    around each step)."""
+    cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, activation="batchtopk", dtype="bfloat16",
+                            check_finite=False)  # fmt: skip
+    sae = fastsae.SparseAutoencoder(cfg).cuda()
+    sae.load_state_dict({**sae.state_dict(), **weights})
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+    def step(x):
+        previous, batchtopk_ops.SPARSE_CODES = batchtopk_ops.SPARSE_CODES, sparse_codes
+        try:
+            return sae_train_step(sae, optimizer, x).fvu
+        finally:
+            batchtopk_ops.SPARSE_CODES = previous
+
+    return step
+
+
+def _dense_batchtopk_loss(params, x, k):
+    """Eager BatchTopK as SAE code usually writes it: dense codes, topk over the whole batch."""
+    W_enc, b_enc, W_dec, b_dec = params
+    codes = reference.batch_topk(((x - b_dec) @ W_enc + b_enc).relu(), k)
+    fvu = reference.fvu(codes @ W_dec + b_dec, x)
+    return fvu, fvu
+
+
 def _dense_loss(params, x, k, k_aux, dead):
     """What SAE code usually runs: the dense pre-activation, topk, a dense [B, F] code matrix."""
     W_enc, b_enc, W_dec, b_dec = params
@@ -66,13 +99,14 @@ def _dense_loss(params, x, k, k_aux, dead):
     return fvu, fvu + reference.fvu(aux_recon, (x - recon).detach()) * scale / 32
 
 
-def _dense_step(k, k_aux, weights, dead, compile_loss: bool):
+def _dense_step(loss_fn, weights, compile_loss: bool):
+    """The eager step around loss_fn(params, x) -> (FVU, loss), or its torch.compile."""
     params = [weights[name].clone().requires_grad_() for name in ("W_enc", "b_enc", "W_dec", "b_dec")]
     optimizer = torch.optim.Adam(params, lr=1e-4)
-    loss_fn = torch.compile(_dense_loss) if compile_loss else _dense_loss
+    loss_fn = torch.compile(loss_fn) if compile_loss else loss_fn
 
     def step(x):
-        fvu, loss = loss_fn(params, x, k, k_aux, dead)
+        fvu, loss = loss_fn(params, x)
         loss.backward()
         W_dec = params[2]
         W_dec.grad.copy_(reference.remove_parallel_grad(W_dec, W_dec.grad))
@@ -140,8 +174,8 @@ def run(recorder: Recorder) -> None:
             "fastsae": _fastsae_step(d, n_features, k, weights, dead),
             "fastsae_saeadam": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True),
             "fastsae_graph": _fastsae_step(d, n_features, k, weights, dead, graph=True),
-            "torch": _dense_step(k, k_aux, weights, dead, compile_loss=False),
-            "compile": _dense_step(k, k_aux, weights, dead, compile_loss=True),
+            "torch": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=False),
+            "compile": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=True),
         }
         if sparsify is not None:
             providers["sparsify"] = _sparsify_step(sparsify, d, n_features, k, weights, dead)
@@ -151,4 +185,23 @@ def run(recorder: Recorder) -> None:
             recorder.record("train_step", shape, name, measure(partial(step, x)))
         recorder.record("train_step", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))
         del providers
+        if shape in SHAPES:
+            _bench_batchtopk(recorder, shape, d, n_features, k, x, weights)
         torch.cuda.empty_cache()
+
+
+def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, k: int, x, weights) -> None:
+    acts = reference.pre_activation(x, *(weights[name] for name in ("W_enc", "b_enc", "b_dec"))).relu()
+    codes = reference.batch_topk(acts, k)
+    del acts
+    expected_fvu = reference.fvu(codes @ weights["W_dec"].float() + weights["b_dec"].float(), x)
+    del codes
+    providers = {
+        "fastsae": _batchtopk_step(d, n_features, k, weights, sparse_codes=False),
+        "fastsae_sparse": _batchtopk_step(d, n_features, k, weights, sparse_codes=True),
+        "torch": _dense_step(partial(_dense_batchtopk_loss, k=k), weights, compile_loss=False),
+    }
+    for name, step in providers.items():  # the first step sees the shared initial weights
+        assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step_batchtopk {shape} {name} FVU")
+    for name, step in providers.items():
+        recorder.record("train_step_batchtopk", shape, name, measure(partial(step, x)))
