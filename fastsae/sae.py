@@ -237,10 +237,10 @@ class SparseAutoencoder(nn.Module):
         fits the centering to every replica's sample and takes rank 0's random directions, and training
         forwards all-reduce the death statistics (every replica sees the same dead features) and
         normalise the FVU, MSE and AuxK losses over every replica's tokens (the sums behind all of these
-        in one all-reduce), so that N replicas of B
-        tokens train as one process on all N x B tokens (DDP averages the gradients). The ReLU L1 and
-        JumpReLU L0 penalties (and JumpReLU's estimator window) are normalised the same way, and
-        BatchTopK keeps the N x B x k largest codes of all the replicas' tokens (`_batchtopk_replicated`)."""
+        in one all-reduce), so that N replicas of B tokens train as one process on all N x B tokens
+        (DDP averages the gradients). The ReLU L1 and JumpReLU L0 penalties (and JumpReLU's estimator
+        window) are normalised the same way, and BatchTopK keeps the N x B x k largest codes of all the
+        replicas' tokens (`_batchtopk_replicated`)."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
                 "data_parallel needs torch.distributed initialised (torch.distributed.init_process_group)"
