@@ -19,10 +19,11 @@ GPU runs this one. A feature's tokens-since-fired grows by at most one batch per
 within two batches of the dead threshold at the end of step t bound the dead features that step t + 2
 sees. Each replay computes that bound into its own memory, and an asynchronous copy brings it to
 pinned host memory. Before step t + 2 the host reads the copy of step t, finished by then while step
-t + 1 runs. Where the bound exceeds the list (features near death: the count decides then), there is
-no such copy (the first replays after a capture), or something else wrote the statistics since (an
-eager step, `reset_death_stats`, `load_state_dict`: the tensor's version counter tells), the host
-counts the dead features with one synchronisation instead.
+t + 1 runs. The host counts the dead features instead, with one synchronisation, in three cases:
+- the bound exceeds the list (features near death: the count decides);
+- there is no such copy yet (the first replays after a capture);
+- something else wrote the statistics since (an eager step, `reset_death_stats`, `load_state_dict`:
+  the tensor's version counter tells).
 With cfg.check_finite the input's check synchronises at every step; turn it off where the data is
 known finite for a step that never waits on the GPU.
 
