@@ -26,9 +26,9 @@ Before timing, each case checks its result: the data-parallel FVU against one pr
 replica's tokens, the sharded codes of a few tokens against the top k of their fp32 pre-activations
 over every shard. Peak memory (peak_mem_mb) is the largest per-GPU peak of the step. `--device cpu` runs the same on
 CPU processes with gloo at a tiny shape (a smoke run for the tests). `--profile` prints, from rank 0,
-torch.profiler's tables of a few data-parallel steps after timing them, headed by the step's wall
-time, kernel time, host overhead and launches (bench.profile_train's summary): where a data-parallel
-step spends what one GPU's step does not.
+torch.profiler's tables of a few data-parallel and feature-sharded steps after timing them, headed by
+the step's wall time, kernel time, host overhead and launches (bench.profile_train's summary): where
+a multi-GPU step spends what one GPU's step does not.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def _profile(step, device: str, title: str) -> None:
         print_tables(prof, PROFILE_ROWS)
 
 
-def feature_sharded(recorder, d, n_features, n_rows, k, device: str) -> None:
+def feature_sharded(recorder, d, n_features, n_rows, k, device: str, profile_steps: bool = False) -> None:
     shape = sweep_name(d, n_features, n_rows, k)
     if d * n_features <= ONE_GPU_FITS_PARAMETERS:
         _single_gpu(recorder, "train_step_sharded", shape, d, n_features, n_rows, k, device, fp32_moments=True)
@@ -185,12 +185,15 @@ def feature_sharded(recorder, d, n_features, n_rows, k, device: str) -> None:
     sae = _sae(d, n_features, k, device, feature_group=dist.group.WORLD)
     sae.initialize(x)
     _check_sharded(sae, x.to(sae.W_enc.dtype))
-    times, peak = _time(_step(sae, x.to(sae.W_enc.dtype), fp32_moments=True), device, dist.group.WORLD)
+    step = _step(sae, x.to(sae.W_enc.dtype), fp32_moments=True)
+    times, peak = _time(step, device, dist.group.WORLD)
     peak = _largest(peak, device)
     dense_auxk = sae._few_dead_features(sae.dead_features(), n_rows) is not None  # the timed steps' path
     comm, _ = _time(lambda: _collectives(sae, n_rows, k, dense_auxk), device, dist.group.WORLD)
     _record(recorder, "train_step_sharded", shape, times, peak)
     _record(recorder, "train_step_sharded", shape, comm, 0.0, provider="comm")
+    if profile_steps:
+        _profile(step, device, f"feature sharding {shape}, {dist.get_world_size()} processes")
 
 
 @torch.no_grad()
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="dp,shard", help="comma-separated subset of dp,shard, run in that order")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--csv", type=Path, default=None, help="CSV to append to (default bench/results/<gpu>.csv)")
-    parser.add_argument("--profile", action="store_true", help="rank 0's profile of the data-parallel steps")
+    parser.add_argument("--profile", action="store_true", help="rank 0's profile of the multi-GPU steps")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda:
@@ -280,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"data parallel {shape} done", begin)
         elif case == "shard":
             for d, n_features, n_rows, k in SHARDED if cuda else [TINY]:
-                feature_sharded(recorder, d, n_features, n_rows, k, device)
+                feature_sharded(recorder, d, n_features, n_rows, k, device, args.profile)
                 _release(device)
                 _log(f"feature sharding F={n_features} done", begin)
         else:

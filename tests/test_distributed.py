@@ -357,7 +357,7 @@ def test_feature_sharding_refuses_what_it_cannot_shard():
 def test_distributed_benchmark_runs_and_checks_itself(tmp_path):
     """bench.bench_distributed under torchrun on 2 CPU processes (gloo, its tiny shape): it checks the
     data-parallel FVU and the sharded codes before timing, rank 0 writes every row and prints the
-    data-parallel profile of each DistributedDataParallel variant."""
+    profile of each DistributedDataParallel variant and of the feature-sharded step."""
     csv_path = tmp_path / "rows.csv"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "bench.bench_distributed", "--device", "cpu", "--csv", str(csv_path), "--profile"]  # fmt: skip
@@ -366,6 +366,7 @@ def test_distributed_benchmark_runs_and_checks_itself(tmp_path):
     for provider in ("fastsae", "fastsae_nobroadcast"):  # every DistributedDataParallel variant, profiled
         title = f"== data parallel tiny ({provider}), 2 processes, rank 0:"
         assert result.stdout.count(title) == 1, result.stdout[-2000:]
+    assert result.stdout.count("== feature sharding d16_F256_B64_k4, 2 processes, rank 0:") == 1, result.stdout[-2000:]
     assert "host launches per step" in result.stdout and "allreduce" in result.stdout, result.stdout[-4000:]
     rows = {(row["op"], row["provider"]) for row in csv.DictReader(open(csv_path, newline=""))}
     assert rows == {("train_step_dp", "fastsae_1gpu"), ("train_step_dp", "fastsae_2gpu"),
