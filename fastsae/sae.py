@@ -504,7 +504,8 @@ class SparseAutoencoder(nn.Module):
     def _replicated_batch_threshold(self, codes: Tensor, n_rows: int) -> Tensor:
         """The k * (all replicas' tokens)-th largest of every replica's `codes` (at least 0): each replica
         contributes its largest that many (no more can pass), all-gathered."""
-        (tokens,) = self._replica_sums(codes.new_full((), float(n_rows)))
+        # fp64, not the codes' dtype: bf16 rounds a token count such as 257 to 256.
+        (tokens,) = self._replica_sums(codes.new_full((), float(n_rows), dtype=torch.float64))
         budget = self.cfg.k * int(tokens)
         local = codes.flatten()
         candidates = local.topk(min(budget, local.numel())).values  # in the codes' dtype: the threshold is one

@@ -185,6 +185,29 @@ def test_data_parallel_batchtopk_trains_like_one_process_on_sparse_codes(world, 
     assert 2 not in sparse_steps and len(sparse_steps) >= STEPS - 2, sparse_steps
 
 
+def _bf16_threshold_replica(rank, world, result_path):
+    sae = _local(_sae("batchtopk")).data_parallel()
+    # 257 x 8 distinct positive bf16 codes per replica (consecutive bit patterns), none shared
+    bits = torch.arange(257 * 8) + 0x3C00 + rank * 257 * 8
+    codes = _local(bits.to(torch.int16).view(torch.bfloat16).reshape(257, 8))
+    threshold = sae._replicated_batch_threshold(codes, 257)
+    everything = [torch.empty_like(codes) for _ in range(world)]
+    dist.all_gather(everything, codes)
+    if rank == 0:
+        expected = torch.cat(everything).flatten().topk(K * 257 * world).values[-1]
+        torch.save((threshold.cpu(), expected.cpu()), result_path)
+
+
+def test_data_parallel_batchtopk_budget_counts_every_token_in_bf16(tmp_path):
+    """BatchTopK over 2 replicas of 257 tokens with bf16 codes takes the (k x 514)-th largest code as
+    its threshold: the token count that sets the budget is summed in fp64 (in bf16, 257 rounds to 256
+    and the budget to k x 512)."""
+    result_path = tmp_path / "threshold.pt"
+    _spawn(_bf16_threshold_replica, (result_path,), 2)
+    threshold, expected = _load(result_path)
+    assert torch.equal(threshold, expected), (threshold, expected)
+
+
 def test_data_parallel_needs_torch_distributed():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):
