@@ -155,7 +155,7 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, n_
     for name, fn in providers.items():  # bf16 rounding may swap the codes at the batch's threshold
         codes = fn()
         if isinstance(codes, F.TopKCodes):
-            codes = torch.zeros_like(pre, dtype=codes.vals.dtype).scatter_add_(1, codes.idx.long(), codes.vals)
+            codes = reference.scatter_codes(codes.vals, codes.idx, n_features)
         assert_batchtopk_matches(codes, pre, k, ROUNDING_BAND, f"encode_batchtopk {shape} {name}")
         del codes
     del pre

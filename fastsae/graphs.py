@@ -94,8 +94,7 @@ class CapturedStep:
         if self._graph is None and self._eager_left > 0:
             self._eager_left -= 1
             return self._eager_step(x)
-        if sae.cfg.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError("x contains NaN or infinite values (set SAEConfig.check_finite=False to skip this check)")
+        sae._check_input(x)  # the module's own checks, which skip the finiteness one inside the graph
         if self._graph is None:
             sae.auxk_capacity = capacity
             self._capture(x)

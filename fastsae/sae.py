@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from . import centering, parallel, reference
 from . import functional as F
 from .ops import batchtopk as batchtopk_ops
+from .ops.launch import may_synchronize
 
 ACTIVATIONS = ("topk", "relu", "jumprelu", "batchtopk")
 CENTERING_MODES = ("geometric_median", "mean", "none", "whiten")
@@ -403,7 +404,7 @@ class SparseAutoencoder(nn.Module):
         own; the shard with the most decides for every shard."""
         if dead is None:
             return None
-        if torch.compiler.is_compiling() or (dead.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not may_synchronize(dead):
             if self.auxk_capacity is None or self._feature_group is not None:
                 return None
             return torch.nonzero_static(dead, size=self.auxk_capacity, fill_value=-1).squeeze(1)
@@ -427,7 +428,7 @@ class SparseAutoencoder(nn.Module):
             if not self.training and float(self.batchtopk_threshold) >= 0:
                 threshold = self.batchtopk_threshold.to(self.W_enc.dtype).expand(cfg.n_features)
                 return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
-            sparse = self.training and batchtopk_ops.SPARSE_CODES and batchtopk_ops.may_synchronize(x)
+            sparse = self.training and batchtopk_ops.SPARSE_CODES and may_synchronize(x)
             if self._group is not None and self.training:
                 return self._batchtopk_replicated_sparse(x) if sparse else self._batchtopk_replicated(x)
             if sparse:
@@ -491,13 +492,12 @@ class SparseAutoencoder(nn.Module):
         codes = F.encode_topk(x, self.W_enc, self.b_enc, self.b_dec, width)
         vals = codes.vals.detach()
         threshold = self._replicated_batch_threshold(vals, x.shape[0])
-        smallest = vals.amin(dim=1)
-        crowded = ((smallest > threshold) | ((smallest == threshold) & (threshold > 0))).any().double()
-        if width == cfg.n_features:
-            crowded.zero_()  # whole rows: nothing outside the candidates
-        dist.all_reduce(crowded, op=dist.ReduceOp.MAX, group=self._group)
-        if bool(crowded):
-            return self._batchtopk_replicated(x)
+        if width < cfg.n_features:  # every replica has the same width: the all-reduce pairs up (whole rows: none)
+            smallest = vals.amin(dim=1)
+            crowded = ((smallest > threshold) | ((smallest == threshold) & (threshold > 0))).any().double()
+            dist.all_reduce(crowded, op=dist.ReduceOp.MAX, group=self._group)
+            if bool(crowded):
+                return self._batchtopk_replicated(x)
         keep = (vals >= threshold) & (vals > 0)
         return F.TopKCodes(torch.where(keep, codes.vals, 0), codes.idx, codes.aux_vals, codes.aux_idx)
 
@@ -722,13 +722,8 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(
                 f"training needs at least 2 tokens per batch (the FVU loss), got {x.numel() // self.cfg.d_in}"
             )
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()  # CapturedStep checks x itself
-        if (
-            self.cfg.check_finite
-            and not torch.compiler.is_compiling()
-            and not capturing
-            and not bool(torch.isfinite(x).all())
-        ):
+        # Not while compiling or capturing (CapturedStep checks x itself before each replay).
+        if self.cfg.check_finite and may_synchronize(x) and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or infinite values (set SAEConfig.check_finite=False to skip this check)")
 
     # -- the decoder constraint ----------------------------------------------------------------------

@@ -206,8 +206,7 @@ def test_encode_batchtopk_sparse_properties(device, data):
     k = data.draw(st.integers(1, W_enc.shape[1]), label="k")
     vals, idx, aux_vals, _ = functional.encode_batchtopk_sparse(x, W_enc, b_enc, b_dec, k)
     assert aux_vals.shape == (x.shape[0], 0) and vals.shape == idx.shape and idx.dtype == torch.int32
-    codes = torch.zeros(x.shape[0], W_enc.shape[1], dtype=vals.dtype, device=device)
-    codes.scatter_add_(1, idx.long(), vals)  # a feature twice in a row would add up and be caught
+    codes = reference.scatter_codes(vals, idx, W_enc.shape[1])  # a feature twice in a row would add up
     pre = _pre64(x, W_enc, b_enc, b_dec)
     band = {torch.float32: 1e-4, torch.bfloat16: 0.1}[x.dtype] * float(pre.abs().max().clamp_min(1.0))
     assert_batchtopk_matches(codes, pre, k, band)

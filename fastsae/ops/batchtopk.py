@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .launch import may_synchronize
 
 ROUTE = os.environ.get("FASTSAE_BATCHTOPK", "grouped")
 if ROUTE not in ("dense", "grouped"):
@@ -61,11 +62,6 @@ def batch_topk(acts: Tensor, k: int) -> Tensor:
     if ROUTE == "grouped" and may_synchronize(acts):
         return grouped_batch_topk(acts, k)
     return reference.batch_topk(acts, k)
-
-
-def may_synchronize(t: Tensor) -> bool:
-    """Whether a route may read a value of `t` on the host: not while compiling or capturing a graph."""
-    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def grouped_batch_topk(acts: Tensor, k: int, group: int = GROUP) -> Tensor:

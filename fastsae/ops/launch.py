@@ -11,12 +11,19 @@ from collections.abc import Callable, Sequence
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 # TRITON_INTERPRET=1 runs the kernels on CPU tensors with numpy (tests only); its bf16/fp16 tl.dot is
 # wrong, so the launchers upcast dot operands to fp32 there.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def may_synchronize(t: Tensor) -> bool:
+    """Whether code may read a value of `t` on the host: not while torch.compile traces it or a CUDA
+    graph captures it (where a host read breaks the graph or fails)."""
+    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
 def matmul_dtype(weight_dtype: torch.dtype) -> torch.dtype:
