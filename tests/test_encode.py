@@ -6,7 +6,7 @@ import torch
 
 from fastsae import reference
 from fastsae.ops import encode, filter
-from fastsae.ops.filter import filter_topk
+from fastsae.ops.filter import filter_topk, row_filter_topk
 from fastsae.testing import assert_positive_counts_match, relative_rms_error
 
 from .utils import (
@@ -68,11 +68,12 @@ ROUTE_CASES = [pytest.param("cpu", *c, marks=pytest.mark.interpret) for c in INT
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("route", ["filter", "sweep", "dense"])
+@pytest.mark.parametrize("route", ["filter", "row_filter", "sweep", "dense"])
 @pytest.mark.parametrize("device, B, d, F, k, k_aux", ROUTE_CASES, ids=lambda v: None)
 def test_encode_topk_routes(device, B, d, F, k, k_aux, route):
     """Every route the tuner may pick (the threshold-first filter in each of its configurations, the
-    sweep, the dense cuBLAS + torch.topk chunks) gives the reference's top-k."""
+    row filter over cuBLAS chunks, the sweep, the dense cuBLAS + torch.topk chunks) gives the
+    reference's top-k."""
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.bfloat16, device)
     dead = torch.rand(F, device=device) < 0.3
     pre = _pre64(x, W_enc, b_enc, b_dec)
@@ -155,19 +156,19 @@ def test_warp_specialized_filter_gemm():
     assert (counts[0] >= k).all() and (counts[0] - counts[1]).abs().max() <= 2, "different survivors"
 
 
-def _filter_route(k, k_aux, n_features, **overrides):
-    name, cfg = encode.topk_routes(k, k_aux, n_features)[0]
-    assert name == "filter"
+def _first_route(name, k, k_aux, n_features, **overrides):
+    cfg = next(cfg for route, cfg in encode.topk_routes(k, k_aux, n_features) if route == name)
     return name, {**cfg, **overrides}
 
 
 @pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("name", ["filter", "row_filter"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_filter_fallbacks(device):
-    """Rows the filter cannot finish are flagged on the device and recomputed by the sweep: rows whose
-    buffer overflows (a capacity below the survivors), rows left with fewer than k survivors (thresholds
-    raised past the k-th value), NaN rows (never selected: value 0) and AuxK with fewer dead features than
-    k_aux (not a failure: the rest are empty codes)."""
+def test_filter_fallbacks(device, name):
+    """Rows a filter route cannot finish are flagged on the device and recomputed by the sweep: rows
+    whose buffer overflows (a capacity below the survivors), rows left with fewer than k survivors
+    (thresholds raised past the k-th value: the filter GEMM's margin only), NaN rows (never selected:
+    value 0) and AuxK with fewer dead features than k_aux (not a failure: the rest are empty codes)."""
     B, d, F, k, k_aux = (40, 32, 256, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     x[3] = float("nan")
@@ -177,14 +178,18 @@ def test_filter_fallbacks(device):
     pre = _pre64(x, W_enc, b_enc, b_dec)
     finite = torch.ones(B, dtype=torch.bool, device=device)
     finite[3] = False
-    for overrides, margin_shift in [({"CAP": k // 2}, 0.0), ({}, 1e3), ({}, 0.0)]:
-        route = _filter_route(k, k_aux, F, **overrides)
+    cases = [({"CAP": k // 2}, 0.0), ({}, 1e3), ({}, 0.0)] if name == "filter" else [({"CAP": k // 2}, 0.0), ({}, 0.0)]
+    for overrides, margin_shift in cases:
+        route = _first_route(name, k, k_aux, F, **overrides)
         outputs = tuple(
             torch.full((B, width), float("nan"), device=device) if floating else
             torch.full((B, width), -1, dtype=torch.int32, device=device)
             for width in (k, k_aux) for floating in (True, False)
         )  # fmt: skip
-        flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1], margin_shift)
+        if name == "filter":
+            flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1], margin_shift)
+        else:
+            flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1])
         flagged = flags.bool()
         assert flagged[3], "the NaN row was not flagged"
         assert int(flagged.sum()) == (1 if (not overrides and not margin_shift) else B), (overrides, margin_shift)

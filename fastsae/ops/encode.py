@@ -34,7 +34,18 @@ from torch import Tensor
 
 from .. import reference
 from .decode import decode_sparse
-from .filter import EMPTY_KEY, center, filter_configs, filter_topk, grouped_tile, key_value, to_key
+from .filter import (
+    EMPTY_KEY,
+    PRE_ACTIVATION_CHUNK,
+    center,
+    filter_configs,
+    filter_topk,
+    grouped_tile,
+    key_value,
+    row_filter_configs,
+    row_filter_topk,
+    to_key,
+)
 from .launch import INTERPRET, bucket, dot_dtype, input_precision, matmul_dtype, sm_count, tuned
 from .scatter import feature_sums
 
@@ -42,9 +53,6 @@ MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the k
 MERGE_ELEMENTS = 4096  # candidates per row the finishing kernel merges (n_split x KEEP) in registers
 SORT_ELEMENTS = 1024  # keys sorted at once in a compaction (rows x CAP): bounds registers and compile time
 MIN_KEEP = 32  # k and k_aux round up to at least this, so few kernel variants get compiled
-# Pre-activations the dense route holds at once, whatever B and F (256 MB in bf16): torch.topk over
-# smaller chunks measured up to 1.4x slower on the H200 at k = 512.
-DENSE_ELEMENTS = 2**27
 
 
 @triton.jit
@@ -278,12 +286,14 @@ def _n_split(n_row_blocks: int, n_features: int, block_n: int, n_sms: int, keep:
 
 def topk_routes(k: int, k_aux: int, n_features: int) -> list[tuple[str, dict]]:
     """The ways to compute a TopK encode, as (route, configuration) candidates for the tuner:
-    "filter" (threshold-first, `filter.py`; flagged rows recomputed by the sweep), "sweep" (this file's
+    "filter" (threshold-first, `filter.py`; flagged rows recomputed by the sweep), "row_filter" (the same
+    filter over cuBLAS pre-activations of row chunks, where F allows), "sweep" (this file's
     single-pass kernel) and "dense" (cuBLAS pre-activations of bounded row chunks + torch.topk: what a
     user would write, so the tuner never picks a path slower than it). The first is the default."""
     if max(k, k_aux) > MAX_KEEP:  # beyond the sweep's buffers (the filter's fallback)
         return [("dense", {})]
     routes = [("filter", cfg) for cfg in filter_configs(k, k_aux, n_features, INTERPRET)]
+    routes += [("row_filter", cfg) for cfg in row_filter_configs(k, k_aux, n_features)]
     routes.append(("sweep", _sweep_config(k, k_aux)))  # compiled anyway as the filter's fallback
     routes.append(("dense", {}))
     return routes
@@ -354,7 +364,8 @@ def _encode_topk(
         elif name == "sweep":
             _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, positive_counts, outputs, cfg, flags=None)
         else:
-            flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, positive_counts, outputs, cfg)
+            topk = filter_topk if name == "filter" else row_filter_topk
+            flags = topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, positive_counts, outputs, cfg)
             _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, _sweep_config(k, k_aux), flags=flags)
 
     if route is None:
@@ -365,15 +376,15 @@ def _encode_topk(
 
 
 def _dense_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, outputs) -> None:
-    """The dense route, what a user would write but in row chunks of at most DENSE_ELEMENTS
-    pre-activations: the fp32-centred input times W_enc plus b_enc on cuBLAS (one addmm, in the
+    """The dense route, what a user would write but in row chunks of at most PRE_ACTIVATION_CHUNK
+    pre-activations (torch.topk over smaller chunks measured up to 1.4x slower on the H200 at k = 512): the fp32-centred input times W_enc plus b_enc on cuBLAS (one addmm, in the
     weights' dtype as eager PyTorch computes it), torch.topk, ReLU on the k winners only; AuxK over the
     dead-masked copy. A NaN pre-activation may be selected here, so its value is zeroed: never fired."""
     vals, idx, aux_vals, aux_idx = outputs
     B, F = x.shape[0], W_enc.shape[1]
     dtype = matmul_dtype(W_enc.dtype)
     weights, bias = W_enc.to(dtype), b_enc.to(dtype)
-    rows_per_chunk = max(1, DENSE_ELEMENTS // F)
+    rows_per_chunk = max(1, PRE_ACTIVATION_CHUNK // F)
     for start in range(0, B, rows_per_chunk):
         rows = slice(start, min(B, start + rows_per_chunk))
         pre = torch.addmm(bias, center(x[rows], b_dec, dtype), weights)  # [rows, F]

@@ -48,6 +48,11 @@ MAX_GROUPS = 2048  # group maxima per row that the threshold kernel selects from
 # Relative margin below the k-th group maximum: covers the threshold GEMM's rounding to the weights'
 # dtype (2^-9 for bf16) and its different summation order, so that count < k stays an exception.
 MARGIN = tl.constexpr(2.0**-7)
+# Pre-activations that cuBLAS writes at once for the routes that take a whole row (the dense route and
+# the row filter), whatever B and F: 256 MB in bf16.
+PRE_ACTIVATION_CHUNK = 2**27
+ROW_FILTER_FEATURES = 2**15  # the widest row the row filter takes: a program holds its group maxima in registers
+ROW_FILTER_CHUNK = 4096  # entries of a row the row filter compares at once
 
 
 @triton.jit
@@ -201,9 +206,11 @@ STORE_PTX, STORE_CONSTRAINTS = (tl.constexpr(text) for text in _packed_ptx(
 
 
 @triton.jit
-def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, threshold, cap, INLINE_PTX: tl.constexpr):
-    """Append the entries of `pre` [BLOCK_M, BLOCK_N] above `threshold` (broadcast to it) to their
-    rows' buffers as (value, feature) keys, each survivor claiming its slot with one relaxed atomic on
+def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, features, pre, threshold, cap,
+                      INLINE_PTX: tl.constexpr):  # fmt: skip
+    """Append the entries of `pre` [BLOCK_M, BLOCK_N] above `threshold` to their rows' buffers as
+    (value, feature) keys; `rows`, `features` and `threshold` broadcast to `pre`'s shape (a tile's
+    rows [BLOCK_M, 1] and features [1, BLOCK_N]). Each survivor claims its slot with one relaxed atomic on
     its row's counter (one atomic per row and tile plus a prefix sum over the tile measured slower on
     the H200). Slots past `cap` are not stored (the counter still counts them, which flags the row).
     INLINE_PTX: tl.atomic_add and tl.store give their operands the blocked layout Triton picks for
@@ -212,17 +219,18 @@ def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, thresh
     registers, EPILOGUE_PACK entries per block, which a thread without a survivor among them passes
     with compares and one branch (sm_90, 128 x 128 tile: 537 instructions per thread on that path
     against 1202 with one branch per entry). The interpreter cannot run PTX: it takes the tl.atomic_add path."""
-    row_offsets = tl.broadcast_to((rows - row_start)[:, None] * cap, pre.shape)
+    row_offsets = tl.broadcast_to((rows - row_start) * cap, pre.shape)  # before broadcasting: per row, not per entry
+    rows = tl.broadcast_to(rows, pre.shape)
     # One 64-bit base for the tile's rows and 32-bit offsets inside them (BLOCK_M * cap < 2^31): a
     # [BLOCK_M, BLOCK_N] tile of 64-bit addresses costs registers the accumulator needs.
     tile_base = key_buf_ptr + row_start.to(tl.int64) * cap
-    features = tl.broadcast_to(cols[None, :], pre.shape)
+    features = tl.broadcast_to(features, pre.shape)
     threshold = tl.broadcast_to(threshold, pre.shape)
     if INLINE_PTX:
         value_bits = pre.to(tl.int32, bitcast=True)
         slot = tl.inline_asm_elementwise(
             CLAIM_PTX, CLAIM_CONSTRAINTS,
-            [count_ptr, tl.broadcast_to(rows[:, None], pre.shape), value_bits, threshold.to(tl.int32, bitcast=True)],
+            [count_ptr, rows, value_bits, threshold.to(tl.int32, bitcast=True)],
             dtype=tl.int32, is_pure=False, pack=EPILOGUE_PACK,
         )  # fmt: skip
         tl.inline_asm_elementwise(
@@ -232,7 +240,7 @@ def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, thresh
         )  # fmt: skip
     else:
         take = pre > threshold
-        slot = tl.atomic_add(count_ptr + tl.broadcast_to(rows[:, None], pre.shape), 1, mask=take, sem="relaxed")
+        slot = tl.atomic_add(count_ptr + rows, 1, mask=take, sem="relaxed")
         tl.store(tile_base + row_offsets + slot, to_key(pre, features), mask=take & (slot < cap))
 
 
@@ -268,13 +276,65 @@ def _filter_fwd_kernel(
             positive = tl.sum(((pre > 0) & row_valid[:, None]).to(tl.int32), axis=0)
             tl.atomic_add(positive_ptr + cols, positive, mask=col_valid & (positive > 0), sem="relaxed")
         tau = tl.load(tau_ptr + rows, mask=row_valid, other=float("inf"))
-        _append_survivors(key_buf_ptr, count_ptr, row_start, rows, cols, pre, tau[:, None], cap, INLINE_PTX)
+        _append_survivors(key_buf_ptr, count_ptr, row_start, rows[:, None], cols[None, :], pre, tau[:, None], cap,
+                          INLINE_PTX)  # fmt: skip
         if HAS_AUX:
             dead = tl.load(dead_ptr + cols, mask=col_valid, other=0) != 0
             aux_tau = tl.load(aux_tau_ptr + rows, mask=row_valid, other=float("inf"))
             aux_threshold = tl.where(dead[None, :], aux_tau[:, None], float("inf"))  # live features never pass
-            _append_survivors(aux_key_buf_ptr, aux_count_ptr, row_start, rows, cols, pre, aux_threshold, aux_cap,
+            _append_survivors(aux_key_buf_ptr, aux_count_ptr, row_start, rows[:, None], cols[None, :], pre,
+                              aux_threshold, aux_cap, INLINE_PTX)  # fmt: skip
+
+
+@triton.jit
+def _row_filter_kernel(
+    pre_ptr, stride_pm, F, k, tau_ptr, count_ptr, key_buf_ptr, cap,
+    dead_ptr, k_aux, aux_tau_ptr, aux_count_ptr, aux_key_buf_ptr, aux_cap,
+    HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
+    CHUNK: tl.constexpr,
+):  # fmt: skip
+    """The row filter (`row_filter_topk`), one program per row of `pre` [rows, F], pre-activations that
+    cuBLAS wrote: the row's threshold is the k-th largest of its N_GROUPS group maxima (GROUP adjacent
+    features each), which k distinct features reach, so at least k entries are at or above it and the
+    row's k largest are among them. With the whole row behind the bound, about k entries pass (the
+    filter GEMM's bound from a subset passes about 10 k). A second read of the row (from L2), CHUNK
+    entries at a time so that the row is never whole in registers, appends every entry at or above the
+    threshold (NaN never) to the row's buffer as the filter GEMM appends; AuxK the same over the dead
+    features."""
+    row = tl.program_id(0)
+    row_ptr = pre_ptr + row.to(tl.int64) * stride_pm
+    groups = tl.arange(0, N_GROUPS)
+    members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    in_row = members < F
+    group_valid = groups * GROUP < F
+    values = tl.load(row_ptr + members, mask=in_row, other=float("-inf"))
+    tau = _threshold_at_kth_maximum(tl.max(values, axis=1).to(tl.float32), group_valid, k)  # [1]
+    tl.store(tau_ptr + row + tl.arange(0, 1), tau)
+    if HAS_AUX:
+        dead_members = tl.load(dead_ptr + members, mask=in_row, other=0) != 0
+        dead_maxima = tl.max(tl.where(dead_members, values, float("-inf")), axis=1).to(tl.float32)
+        aux_tau = _threshold_at_kth_maximum(dead_maxima, group_valid, k_aux)
+        tl.store(aux_tau_ptr + row + tl.arange(0, 1), aux_tau)
+    rows = row + tl.zeros([1, 1], dtype=tl.int32)
+    for start in range(0, F, CHUNK):
+        features = start + tl.arange(0, CHUNK)[None, :]  # [1, CHUNK]
+        chunk = tl.load(row_ptr + features, mask=features < F, other=float("-inf")).to(tl.float32)
+        _append_survivors(key_buf_ptr, count_ptr, row, rows, features, chunk, tau[:, None], cap, INLINE_PTX)
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + features, mask=features < F, other=0) != 0
+            aux_threshold = tl.where(dead, aux_tau[:, None], float("inf"))  # live features never pass
+            _append_survivors(aux_key_buf_ptr, aux_count_ptr, row, rows, features, chunk, aux_threshold, aux_cap,
                               INLINE_PTX)  # fmt: skip
+
+
+@triton.jit
+def _threshold_at_kth_maximum(maxima, groups, k):
+    """[1]: the largest fp32 below the k-th largest of the fp32 `maxima` [N_GROUPS] over `groups` (so
+    that `> threshold` keeps what is at or above it), or -inf when that maximum is -inf (then every
+    finite entry passes: fewer than k groups hold one). A NaN maximum counts as -inf."""
+    maxima = tl.where(maxima == maxima, maxima, float("-inf"))
+    kth = _kth_largest(_ordered(maxima)[None, :], groups[None, :], k)
+    return tl.where(_from_ordered(kth) == float("-inf"), float("-inf"), _from_ordered(kth - 1))
 
 
 @triton.jit
@@ -442,6 +502,76 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
         tile = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, PER_SM=1)
         configs += [dict(tile, CAP=cap, AUX_CAP=aux_cap, WARP_SPECIALIZED=True) for cap in caps]
     return configs
+
+
+def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
+    """The row filter's buffer capacities (about k entries pass its bound; a capacity of 2k rarely
+    overflows and keeps the select short) and group size: as large as 16 while at least 4 * k groups
+    remain, so that the k-th largest group maximum stays close to the row's k-th largest value."""
+    if n_features > ROW_FILTER_FEATURES:
+        return []
+    group = 16
+    while group > 1 and n_features // group < 4 * max(k, k_aux):
+        group //= 2
+    aux_cap = max(64, triton.next_power_of_2(4 * k_aux)) if k_aux else 1
+    caps = {max(64, triton.next_power_of_2(2 * k)), max(64, triton.next_power_of_2(4 * k))}
+    return [dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group) for cap in sorted(caps)]
+
+
+def row_filter_warps(n_features: int) -> int:
+    """Warps of a row-filter program: 64 entries of the row per thread at most."""
+    return max(4, min(16, triton.next_power_of_2(n_features) // 2048))
+
+
+def row_filter_topk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    k_aux: int,
+    dead_mask: Tensor | None,
+    positive_counts: Tensor | None,
+    outputs: tuple[Tensor, Tensor, Tensor, Tensor],
+    cfg: dict,
+) -> Tensor:
+    """The row-filter route: `filter_topk`'s contract (flagged rows left unwritten), with the
+    pre-activation of row chunks written by cuBLAS (at most PRE_ACTIVATION_CHUNK entries: what eager
+    PyTorch computes, in the weights' dtype) and filtered by `_row_filter_kernel` instead of inside the
+    GEMM. Where d is small the GEMM is short next to a fused epilogue, and cuBLAS's GEMM plus one read
+    of its output costs less than the filter GEMM."""
+    B, F = x.shape[0], W_enc.shape[1]
+    has_aux = k_aux > 0
+    cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
+    dtype = matmul_dtype(W_enc.dtype)
+    weights, bias = W_enc.to(dtype), b_enc.to(dtype)
+    xc = center(x, b_dec, dtype)
+    dead = dead_mask.contiguous().view(torch.uint8) if has_aux else xc  # any pointer when AuxK is off
+    flags = x.new_empty(B, dtype=torch.int8)
+    block_f = triton.next_power_of_2(F)
+    rows_per_chunk = max(1, min(PRE_ACTIVATION_CHUNK // F, FILTER_SLOTS // max(cap, aux_cap)))
+    for start in range(0, B, rows_per_chunk):
+        rows = slice(start, min(B, start + rows_per_chunk))
+        pre = torch.addmm(bias, xc[rows], weights)  # [rows, F]
+        if positive_counts is not None:
+            positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
+        n = pre.shape[0]
+        tau, aux_tau = x.new_empty(n, dtype=torch.float32), x.new_empty(n if has_aux else 1, dtype=torch.float32)
+        count, aux_count = x.new_zeros(n, dtype=torch.int32), x.new_zeros(n if has_aux else 1, dtype=torch.int32)
+        key_buf = x.new_empty(n, cap, dtype=torch.int64)
+        aux_key_buf = x.new_empty(n if has_aux else 1, aux_cap, dtype=torch.int64)
+        _row_filter_kernel[(n,)](
+            pre, pre.stride(0), F, k, tau, count, key_buf, cap,
+            dead, k_aux, aux_tau, aux_count, aux_key_buf, aux_cap,
+            HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=block_f // cfg["GROUP"], GROUP=cfg["GROUP"],
+            CHUNK=min(block_f, ROW_FILTER_CHUNK), num_warps=row_filter_warps(F),
+        )  # fmt: skip
+        vals, idx, aux_vals, aux_idx = (out[rows] for out in outputs)
+        _select(key_buf, count, tau, vals, idx, flags[rows], fewer_if_unbounded=False, or_flags=False)
+        if has_aux:
+            _select(aux_key_buf, aux_count, aux_tau, aux_vals, aux_idx, flags[rows], fewer_if_unbounded=True,
+                    or_flags=True)  # fmt: skip
+    return flags
 
 
 def filter_topk(
