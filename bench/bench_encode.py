@@ -13,7 +13,7 @@ import torch
 
 from fastsae import functional as F
 from fastsae import reference
-from fastsae.ops import encode, filter, launch
+from fastsae.ops import filter, launch
 from fastsae.testing import assert_batchtopk_matches, assert_close, assert_topk_matches
 
 from .harness import SHAPES, Recorder, measure, optional_sparsify, sweep_name
@@ -111,7 +111,8 @@ def _bench_topk(recorder: Recorder, shape: str, d: int, n_features: int, n_rows:
         timing = measure(fn)
         if name == "fastsae":  # never the whole [B, F] pre-activation: at most one dense chunk of it
             dense_mb = n_rows * n_features * 2 / 2**20
-            chunk_mb = 2 * filter.PRE_ACTIVATION_CHUNK * 4 / 2**20  # the dense route's chunk (fp32 at most) and its topk
+            # the dense route's chunk (fp32 at most) and its topk
+            chunk_mb = 2 * filter.PRE_ACTIVATION_CHUNK * 4 / 2**20
             bound = max(0.5 * dense_mb, chunk_mb)
             assert timing["peak_mem_mb"] < bound, f"fastsae encode_topk {shape}: {timing['peak_mem_mb']} MB"
         recorder.record("encode_topk", shape, name, timing)

@@ -377,9 +377,10 @@ def _encode_topk(
 
 def _dense_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, outputs) -> None:
     """The dense route, what a user would write but in row chunks of at most PRE_ACTIVATION_CHUNK
-    pre-activations (torch.topk over smaller chunks measured up to 1.4x slower on the H200 at k = 512): the fp32-centred input times W_enc plus b_enc on cuBLAS (one addmm, in the
-    weights' dtype as eager PyTorch computes it), torch.topk, ReLU on the k winners only; AuxK over the
-    dead-masked copy. A NaN pre-activation may be selected here, so its value is zeroed: never fired."""
+    pre-activations (torch.topk over smaller chunks measured up to 1.4x slower on the H200 at k = 512):
+    the fp32-centred input times W_enc plus b_enc on cuBLAS (one addmm, in the weights' dtype as eager
+    PyTorch computes it), torch.topk, ReLU on the k winners only; AuxK over the dead-masked copy. A NaN
+    pre-activation may be selected here, so its value is zeroed: never fired."""
     vals, idx, aux_vals, aux_idx = outputs
     B, F = x.shape[0], W_enc.shape[1]
     dtype = matmul_dtype(W_enc.dtype)
