@@ -51,8 +51,8 @@ MARGIN = tl.constexpr(2.0**-7)
 # Pre-activations that cuBLAS writes at once for the routes that take a whole row (the dense route and
 # the row filter), whatever B and F: 256 MB in bf16.
 PRE_ACTIVATION_CHUNK = 2**27
-ROW_FILTER_FEATURES = 2**15  # the widest row the row filter takes: a program holds its group maxima in registers
-ROW_FILTER_CHUNK = 4096  # entries of a row the row filter compares at once
+ROW_FILTER_GROUPS = 1024  # group maxima per row the row filter selects from (one warp's registers: 32 per thread)
+ROW_FILTER_CHUNK = 1024  # entries of a row the row filter reads at once (32 per thread: whole EPILOGUE_PACKs)
 
 
 @triton.jit
@@ -288,42 +288,60 @@ def _filter_fwd_kernel(
 
 @triton.jit
 def _row_filter_kernel(
-    pre_ptr, stride_pm, F, k, tau_ptr, count_ptr, key_buf_ptr, cap,
+    pre_ptr, stride_pm, F, k, maxima_ptr, tau_ptr, count_ptr, key_buf_ptr, cap,
     dead_ptr, k_aux, aux_tau_ptr, aux_count_ptr, aux_key_buf_ptr, aux_cap,
     HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK_GROUPS: tl.constexpr,
 ):  # fmt: skip
-    """The row filter (`row_filter_topk`), one program per row of `pre` [rows, F], pre-activations that
-    cuBLAS wrote: the row's threshold is the k-th largest of its N_GROUPS group maxima (GROUP adjacent
-    features each), which k distinct features reach, so at least k entries are at or above it and the
-    row's k largest are among them. With the whole row behind the bound, about k entries pass (the
-    filter GEMM's bound from a subset passes about 10 k). A second read of the row (from L2), CHUNK
-    entries at a time so that the row is never whole in registers, appends every entry at or above the
-    threshold (NaN never) to the row's buffer as the filter GEMM appends; AuxK the same over the dead
-    features."""
+    """The row filter (`row_filter_topk`): one warp per row of `pre` [rows, F], pre-activations that
+    cuBLAS wrote, so that every reduction is a warp shuffle (no barrier).
+    1. The row's N_GROUPS group maxima (GROUP adjacent features each; a thread reads whole groups,
+       coalesced), CHUNK_GROUPS groups at a time, into the row's scratch `maxima` (global memory:
+       registers cannot gather the chunks).
+    2. The threshold: the k-th largest group maximum, which k distinct features reach, so at least k
+       entries are at or above it and the row's k largest are among them. With the whole row behind
+       the bound about k entries pass (the filter GEMM's bound from a subset passes about 10 k).
+    3. Only the groups whose maximum passes are read again (the others' loads are masked off: about k
+       groups, not the row) and their entries at or above the threshold (NaN never) are appended to
+       the row's buffer as the filter GEMM appends them.
+    AuxK the same over the dead features, with its own maxima (the second half of the scratch row)."""
     row = tl.program_id(0)
     row_ptr = pre_ptr + row.to(tl.int64) * stride_pm
-    groups = tl.arange(0, N_GROUPS)
-    members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    in_row = members < F
-    group_valid = groups * GROUP < F
-    values = tl.load(row_ptr + members, mask=in_row, other=float("-inf"))
-    tau = _threshold_at_kth_maximum(tl.max(values, axis=1).to(tl.float32), group_valid, k)  # [1]
+    maxima_row = maxima_ptr + row.to(tl.int64) * (2 * N_GROUPS if HAS_AUX else N_GROUPS)
+    for first in range(0, N_GROUPS, CHUNK_GROUPS):
+        groups = first + tl.arange(0, CHUNK_GROUPS)
+        members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
+        tl.store(maxima_row + groups, tl.max(values, axis=1).to(tl.float32))
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
+            dead_maxima = tl.max(tl.where(dead, values, float("-inf")), axis=1).to(tl.float32)
+            tl.store(maxima_row + N_GROUPS + groups, dead_maxima)
+    tl.debug_barrier()  # the maxima are visible to every thread before they are read back
+    every_group = tl.arange(0, N_GROUPS)
+    holds_features = every_group * GROUP < F
+    tau = _threshold_at_kth_maximum(tl.load(maxima_row + every_group), holds_features, k)  # [1]
     tl.store(tau_ptr + row + tl.arange(0, 1), tau)
+    aux_tau = tau
     if HAS_AUX:
-        dead_members = tl.load(dead_ptr + members, mask=in_row, other=0) != 0
-        dead_maxima = tl.max(tl.where(dead_members, values, float("-inf")), axis=1).to(tl.float32)
-        aux_tau = _threshold_at_kth_maximum(dead_maxima, group_valid, k_aux)
+        aux_tau = _threshold_at_kth_maximum(tl.load(maxima_row + N_GROUPS + every_group), holds_features, k_aux)
         tl.store(aux_tau_ptr + row + tl.arange(0, 1), aux_tau)
     rows = row + tl.zeros([1, 1], dtype=tl.int32)
-    for start in range(0, F, CHUNK):
-        features = start + tl.arange(0, CHUNK)[None, :]  # [1, CHUNK]
-        chunk = tl.load(row_ptr + features, mask=features < F, other=float("-inf")).to(tl.float32)
-        _append_survivors(key_buf_ptr, count_ptr, row, rows, features, chunk, tau[:, None], cap, INLINE_PTX)
+    for first in range(0, N_GROUPS, CHUNK_GROUPS):
+        groups = first + tl.arange(0, CHUNK_GROUPS)
+        members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        hot = tl.load(maxima_row + groups) > tau
         if HAS_AUX:
-            dead = tl.load(dead_ptr + features, mask=features < F, other=0) != 0
+            aux_hot = tl.load(maxima_row + N_GROUPS + groups) > aux_tau
+            read = (members < F) & (hot | aux_hot)[:, None]
+        else:
+            read = (members < F) & hot[:, None]
+        values = tl.load(row_ptr + members, mask=read, other=float("-inf")).to(tl.float32)
+        _append_survivors(key_buf_ptr, count_ptr, row, rows, members, values, tau[:, None], cap, INLINE_PTX)
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + members, mask=read, other=0) != 0
             aux_threshold = tl.where(dead, aux_tau[:, None], float("inf"))  # live features never pass
-            _append_survivors(aux_key_buf_ptr, aux_count_ptr, row, rows, features, chunk, aux_threshold, aux_cap,
+            _append_survivors(aux_key_buf_ptr, aux_count_ptr, row, rows, members, values, aux_threshold, aux_cap,
                               INLINE_PTX)  # fmt: skip
 
 
@@ -506,21 +524,20 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
 
 def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     """The row filter's buffer capacities (about k entries pass its bound; a capacity of 2k rarely
-    overflows and keeps the select short) and group size: as large as 16 while at least 4 * k groups
-    remain, so that the k-th largest group maximum stays close to the row's k-th largest value."""
-    if n_features > ROW_FILTER_FEATURES:
+    overflows and keeps the select short) and group size: ROW_FILTER_GROUPS groups (one warp's
+    registers) over the row rounded up to a power of two, and no fewer than ROW_FILTER_CHUNK features
+    (so that every read fills whole PTX packs of every thread). None when fewer than k groups would
+    hold features."""
+    group = _row_filter_width(n_features) // ROW_FILTER_GROUPS
+    if triton.cdiv(n_features, group) < max(k, k_aux):
         return []
-    group = 16
-    while group > 1 and n_features // group < 4 * max(k, k_aux):
-        group //= 2
     aux_cap = max(64, triton.next_power_of_2(4 * k_aux)) if k_aux else 1
     caps = {max(64, triton.next_power_of_2(2 * k)), max(64, triton.next_power_of_2(4 * k))}
     return [dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group) for cap in sorted(caps)]
 
 
-def row_filter_warps(n_features: int) -> int:
-    """Warps of a row-filter program: 64 entries of the row per thread at most."""
-    return max(4, min(16, triton.next_power_of_2(n_features) // 2048))
+def _row_filter_width(n_features: int) -> int:
+    return max(ROW_FILTER_GROUPS, ROW_FILTER_CHUNK, triton.next_power_of_2(n_features))
 
 
 def row_filter_topk(
@@ -548,7 +565,8 @@ def row_filter_topk(
     xc = center(x, b_dec, dtype)
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else xc  # any pointer when AuxK is off
     flags = x.new_empty(B, dtype=torch.int8)
-    block_f = triton.next_power_of_2(F)
+    group = cfg["GROUP"]
+    n_groups = _row_filter_width(F) // group
     rows_per_chunk = max(1, min(PRE_ACTIVATION_CHUNK // F, FILTER_SLOTS // max(cap, aux_cap)))
     for start in range(0, B, rows_per_chunk):
         rows = slice(start, min(B, start + rows_per_chunk))
@@ -560,11 +578,12 @@ def row_filter_topk(
         count, aux_count = x.new_zeros(n, dtype=torch.int32), x.new_zeros(n if has_aux else 1, dtype=torch.int32)
         key_buf = x.new_empty(n, cap, dtype=torch.int64)
         aux_key_buf = x.new_empty(n if has_aux else 1, aux_cap, dtype=torch.int64)
+        maxima = x.new_empty(n, n_groups * (2 if has_aux else 1), dtype=torch.float32)
         _row_filter_kernel[(n,)](
-            pre, pre.stride(0), F, k, tau, count, key_buf, cap,
+            pre, pre.stride(0), F, k, maxima, tau, count, key_buf, cap,
             dead, k_aux, aux_tau, aux_count, aux_key_buf, aux_cap,
-            HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=block_f // cfg["GROUP"], GROUP=cfg["GROUP"],
-            CHUNK=min(block_f, ROW_FILTER_CHUNK), num_warps=row_filter_warps(F),
+            HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
+            CHUNK_GROUPS=ROW_FILTER_CHUNK // group, num_warps=1,
         )  # fmt: skip
         vals, idx, aux_vals, aux_idx = (out[rows] for out in outputs)
         _select(key_buf, count, tau, vals, idx, flags[rows], fewer_if_unbounded=False, or_flags=False)
