@@ -30,7 +30,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {
     "dead_ptr": "*u8",
     "tau_ptr": "*fp32",
-    "maxima_ptr": "*fp32",
+    "scratch_ptr": "*i32",
     "aux_tau_ptr": "*fp32",
     "val_buf_ptr": "*fp32",
     "idx_buf_ptr": "*i32",
@@ -141,11 +141,12 @@ def main() -> None:
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}
         usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))
         print(f"filter_select cap={cap}: {usage}")
-    for n_features, k, k_aux in [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (300, 8, 16)]:
+    for n_features, k, k_aux in [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]:
         cfg = filter.row_filter_configs(k, k_aux, n_features)[0]
         n_groups = filter._row_filter_width(n_features) // cfg["GROUP"]
         constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": cfg["GROUP"],
-                      "CHUNK_GROUPS": filter.ROW_FILTER_CHUNK // cfg["GROUP"]}  # fmt: skip
+                      "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
+                      "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"]}  # fmt: skip
         usage = resources(filter._row_filter_kernel, constexprs, num_warps=1)
         print(f"row_filter F={n_features} k={k} k_aux={k_aux} group={cfg['GROUP']}: {usage}")
     for block_g in (512, 1024, 2048):

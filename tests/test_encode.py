@@ -206,6 +206,31 @@ def test_filter_fallbacks(device, name):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_row_filter_reads_hot_groups_in_rounds(device, monkeypatch):
+    """The row filter reads the groups whose maximum reaches the threshold again in rounds of
+    ROW_FILTER_REREAD entries: with rounds of two groups, every row takes many rounds (AuxK with few
+    dead features makes every group with a dead feature hot), and the codes are still the reference's."""
+    B, d, F, k, k_aux = (12, 32, 300, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
+    dead = torch.zeros(F, dtype=torch.bool, device=device)
+    dead[torch.randperm(F, device=device)[: 3 * k_aux]] = True
+    route = _first_route("row_filter", k, k_aux, F)
+    monkeypatch.setattr(filter, "ROW_FILTER_REREAD", 2 * route[1]["GROUP"])
+    outputs = tuple(
+        torch.full((B, width), float("nan"), device=device) if floating else
+        torch.full((B, width), -1, dtype=torch.int32, device=device)
+        for width in (k, k_aux) for floating in (True, False)
+    )  # fmt: skip
+    flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1])
+    assert not flags.any(), "rows left to the fallback: the rounds missed survivors"
+    vals, idx, aux_vals, aux_idx = outputs
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    assert_topk_matches(vals, idx, pre, k, torch.float32)
+    assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.float32, "aux")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_encode_topk_kernel_ties_and_all_dead(device):
     """Duplicated encoder columns give exactly tied pre-activations; every feature dead makes the AuxK
     candidates the plain top-k_aux."""

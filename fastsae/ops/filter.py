@@ -51,8 +51,12 @@ MARGIN = tl.constexpr(2.0**-7)
 # Pre-activations that cuBLAS writes at once for the routes that take a whole row (the dense route and
 # the row filter), whatever B and F: 256 MB in bf16.
 PRE_ACTIVATION_CHUNK = 2**27
-ROW_FILTER_GROUPS = 1024  # group maxima per row the row filter selects from (one warp's registers: 32 per thread)
-ROW_FILTER_CHUNK = 1024  # entries of a row the row filter reads at once (32 per thread: whole EPILOGUE_PACKs)
+# The row filter (one warp per row): group maxima it selects from (32 per thread), entries it reads at
+# once for them (bf16 in 32 registers per thread: fewer dependent reads per row) and entries of the
+# groups it reads again at once (32 per thread: whole EPILOGUE_PACKs, in the registers the appends leave).
+ROW_FILTER_GROUPS = 1024
+ROW_FILTER_READ = 4096
+ROW_FILTER_REREAD = 1024
 
 
 @triton.jit
@@ -288,57 +292,61 @@ def _filter_fwd_kernel(
 
 @triton.jit
 def _row_filter_kernel(
-    pre_ptr, stride_pm, F, k, maxima_ptr, tau_ptr, count_ptr, key_buf_ptr, cap,
+    pre_ptr, stride_pm, F, k, scratch_ptr, tau_ptr, count_ptr, key_buf_ptr, cap,
     dead_ptr, k_aux, aux_tau_ptr, aux_count_ptr, aux_key_buf_ptr, aux_cap,
     HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
-    CHUNK_GROUPS: tl.constexpr,
+    CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
 ):  # fmt: skip
     """The row filter (`row_filter_topk`): one warp per row of `pre` [rows, F], pre-activations that
-    cuBLAS wrote, so that every reduction is a warp shuffle (no barrier).
-    1. The row's N_GROUPS group maxima (GROUP adjacent features each; a thread reads whole groups,
-       coalesced), CHUNK_GROUPS groups at a time, into the row's scratch `maxima` (global memory:
-       registers cannot gather the chunks).
+    cuBLAS wrote, so that every reduction is a warp shuffle (no barrier). The row's `scratch` (global
+    memory: registers cannot gather a loop's chunks) holds N_GROUPS int32, twice with AuxK.
+    1. The maxima of the row's N_GROUPS groups (GROUP adjacent features each; a thread reads whole
+       groups, coalesced), CHUNK_GROUPS groups at a time, as `_ordered` keys into the scratch.
     2. The threshold: the k-th largest group maximum, which k distinct features reach, so at least k
        entries are at or above it and the row's k largest are among them. With the whole row behind
        the bound about k entries pass (the filter GEMM's bound from a subset passes about 10 k).
-    3. Only the groups whose maximum passes are read again (the others' loads are masked off: about k
-       groups, not the row) and their entries at or above the threshold (NaN never) are appended to
-       the row's buffer as the filter GEMM appends them.
-    AuxK the same over the dead features, with its own maxima (the second half of the scratch row)."""
+    3. Only the groups whose maximum reaches it can hold a survivor: their indices are compacted into
+       the scratch and those groups alone read again, HOT_GROUPS at a time (about k groups, usually
+       one read), and their entries at or above the threshold (NaN never) appended to the row's
+       buffer as the filter GEMM appends them.
+    AuxK the same over the dead features, in the second half of the scratch row."""
     row = tl.program_id(0)
     row_ptr = pre_ptr + row.to(tl.int64) * stride_pm
-    maxima_row = maxima_ptr + row.to(tl.int64) * (2 * N_GROUPS if HAS_AUX else N_GROUPS)
+    scratch_row = scratch_ptr + row.to(tl.int64) * (2 * N_GROUPS if HAS_AUX else N_GROUPS)
     for first in range(0, N_GROUPS, CHUNK_GROUPS):
         groups = first + tl.arange(0, CHUNK_GROUPS)
         members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
-        tl.store(maxima_row + groups, tl.max(values, axis=1).to(tl.float32))
+        tl.store(scratch_row + groups, _maximum_key(values))
         if HAS_AUX:
             dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
-            dead_maxima = tl.max(tl.where(dead, values, float("-inf")), axis=1).to(tl.float32)
-            tl.store(maxima_row + N_GROUPS + groups, dead_maxima)
+            tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
     tl.debug_barrier()  # the maxima are visible to every thread before they are read back
     every_group = tl.arange(0, N_GROUPS)
     holds_features = every_group * GROUP < F
-    tau = _threshold_at_kth_maximum(tl.load(maxima_row + every_group), holds_features, k)  # [1]
+    keys = tl.load(scratch_row + every_group)
+    kth = _kth_largest(keys[None, :], holds_features[None, :], k)  # [1]
+    tau = _threshold_below(kth)
     tl.store(tau_ptr + row + tl.arange(0, 1), tau)
-    aux_tau = tau
     if HAS_AUX:
-        aux_tau = _threshold_at_kth_maximum(tl.load(maxima_row + N_GROUPS + every_group), holds_features, k_aux)
+        aux_keys = tl.load(scratch_row + N_GROUPS + every_group)
+        aux_kth = _kth_largest(aux_keys[None, :], holds_features[None, :], k_aux)
+        aux_tau = _threshold_below(aux_kth)
         tl.store(aux_tau_ptr + row + tl.arange(0, 1), aux_tau)
+    tl.debug_barrier()  # every thread has read the maxima before the scratch is overwritten
+    n_hot = _compact_hot_groups(scratch_row, keys, holds_features & (keys >= kth))
+    if HAS_AUX:
+        aux_n_hot = _compact_hot_groups(scratch_row + N_GROUPS, aux_keys, holds_features & (aux_keys >= aux_kth))
+    tl.debug_barrier()  # the hot groups are visible to every thread before they are read back
     rows = row + tl.zeros([1, 1], dtype=tl.int32)
-    for first in range(0, N_GROUPS, CHUNK_GROUPS):
-        groups = first + tl.arange(0, CHUNK_GROUPS)
-        members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        hot = tl.load(maxima_row + groups) > tau
-        if HAS_AUX:
-            aux_hot = tl.load(maxima_row + N_GROUPS + groups) > aux_tau
-            read = (members < F) & (hot | aux_hot)[:, None]
-        else:
-            read = (members < F) & hot[:, None]
+    for first in range(0, n_hot, HOT_GROUPS):
+        members, read = _hot_members(scratch_row, first, n_hot, F, GROUP, HOT_GROUPS)
         values = tl.load(row_ptr + members, mask=read, other=float("-inf")).to(tl.float32)
         _append_survivors(key_buf_ptr, count_ptr, row, rows, members, values, tau[:, None], cap, INLINE_PTX)
-        if HAS_AUX:
+    if HAS_AUX:
+        for first in range(0, aux_n_hot, HOT_GROUPS):
+            members, read = _hot_members(scratch_row + N_GROUPS, first, aux_n_hot, F, GROUP, HOT_GROUPS)
+            values = tl.load(row_ptr + members, mask=read, other=float("-inf")).to(tl.float32)
             dead = tl.load(dead_ptr + members, mask=read, other=0) != 0
             aux_threshold = tl.where(dead, aux_tau[:, None], float("inf"))  # live features never pass
             _append_survivors(aux_key_buf_ptr, aux_count_ptr, row, rows, members, values, aux_threshold, aux_cap,
@@ -346,13 +354,34 @@ def _row_filter_kernel(
 
 
 @triton.jit
-def _threshold_at_kth_maximum(maxima, groups, k):
-    """[1]: the largest fp32 below the k-th largest of the fp32 `maxima` [N_GROUPS] over `groups` (so
-    that `> threshold` keeps what is at or above it), or -inf when that maximum is -inf (then every
-    finite entry passes: fewer than k groups hold one). A NaN maximum counts as -inf."""
-    maxima = tl.where(maxima == maxima, maxima, float("-inf"))
-    kth = _kth_largest(_ordered(maxima)[None, :], groups[None, :], k)
+def _maximum_key(values):
+    """The `_ordered` key of each row's maximum of `values` [groups, GROUP]; a NaN maximum is -inf."""
+    maxima = tl.max(values, axis=1).to(tl.float32)
+    return _ordered(tl.where(maxima == maxima, maxima, float("-inf")))
+
+
+@triton.jit
+def _threshold_below(kth):
+    """The largest fp32 below the value of `_ordered` key `kth` (so that `> threshold` keeps what is at
+    or above it), or -inf when that value is -inf (then every finite entry passes)."""
     return tl.where(_from_ordered(kth) == float("-inf"), float("-inf"), _from_ordered(kth - 1))
+
+
+@triton.jit
+def _compact_hot_groups(list_ptr, keys, hot):
+    """Writes the indices of the `hot` groups, in order, to `list_ptr`; returns how many."""
+    position = tl.cumsum(hot.to(tl.int32), axis=0) - 1
+    tl.store(list_ptr + position, tl.arange(0, keys.shape[0]), mask=hot)
+    return tl.sum(hot.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _hot_members(list_ptr, first, n_hot, F, GROUP: tl.constexpr, HOT_GROUPS: tl.constexpr):
+    """(features [HOT_GROUPS, GROUP], in range) of the hot groups first .. first + HOT_GROUPS."""
+    slots = first + tl.arange(0, HOT_GROUPS)
+    groups = tl.load(list_ptr + slots, mask=slots < n_hot, other=0)
+    members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    return members, (slots < n_hot)[:, None] & (members < F)
 
 
 @triton.jit
@@ -525,7 +554,7 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
 def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     """The row filter's buffer capacities (about k entries pass its bound; a capacity of 2k rarely
     overflows and keeps the select short) and group size: ROW_FILTER_GROUPS groups (one warp's
-    registers) over the row rounded up to a power of two, and no fewer than ROW_FILTER_CHUNK features
+    registers) over the row rounded up to a power of two, and no fewer than ROW_FILTER_READ features
     (so that every read fills whole PTX packs of every thread). None when fewer than k groups would
     hold features."""
     group = _row_filter_width(n_features) // ROW_FILTER_GROUPS
@@ -537,7 +566,7 @@ def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
 
 
 def _row_filter_width(n_features: int) -> int:
-    return max(ROW_FILTER_GROUPS, ROW_FILTER_CHUNK, triton.next_power_of_2(n_features))
+    return max(ROW_FILTER_GROUPS, ROW_FILTER_READ, triton.next_power_of_2(n_features))
 
 
 def row_filter_topk(
@@ -578,12 +607,12 @@ def row_filter_topk(
         count, aux_count = x.new_zeros(n, dtype=torch.int32), x.new_zeros(n if has_aux else 1, dtype=torch.int32)
         key_buf = x.new_empty(n, cap, dtype=torch.int64)
         aux_key_buf = x.new_empty(n if has_aux else 1, aux_cap, dtype=torch.int64)
-        maxima = x.new_empty(n, n_groups * (2 if has_aux else 1), dtype=torch.float32)
+        scratch = x.new_empty(n, n_groups * (2 if has_aux else 1), dtype=torch.int32)
         _row_filter_kernel[(n,)](
-            pre, pre.stride(0), F, k, maxima, tau, count, key_buf, cap,
+            pre, pre.stride(0), F, k, scratch, tau, count, key_buf, cap,
             dead, k_aux, aux_tau, aux_count, aux_key_buf, aux_cap,
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
-            CHUNK_GROUPS=ROW_FILTER_CHUNK // group, num_warps=1,
+            CHUNK_GROUPS=ROW_FILTER_READ // group, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group), num_warps=1,
         )  # fmt: skip
         vals, idx, aux_vals, aux_idx = (out[rows] for out in outputs)
         _select(key_buf, count, tau, vals, idx, flags[rows], fewer_if_unbounded=False, or_flags=False)
