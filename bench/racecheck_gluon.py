@@ -22,8 +22,10 @@ structures 1 (the workers' read of their partition-state byte against the defaul
 it, at the start and at the exit), as filter_ws does. In their SASS (sm_90) each of those writes comes
 before a CTA-wide `BAR.SYNC 1` that the workers pass before their read, in program order on both sides;
 the mbarrier structures differ from the hazard-free ones only by the mbarrier initialisation and the
-default warps' `BAR.SYNC 0, 128` after it. `filter_ws_group_barrier` tells whether that partial barrier
-alone draws the report.
+default warps' `BAR.SYNC 0, 128` after it. `filter_ws_group_barrier`, that partial barrier alone with no
+mbarrier and no shared memory of the kernel's own, also drew the report (the same read against the same
+writes): it comes with a barrier of the default warps before `gl.warp_specialize`, which Gluon emits
+after any mbarrier initialisation, and not with what a kernel does in its partitions.
 """
 
 import argparse

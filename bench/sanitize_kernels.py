@@ -55,10 +55,10 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
         vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, route=route)
         assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} {route[0]}")
         assert_topk_matches(aux_vals, aux_idx, dead_pre, k_aux, TOLERANCE, f"{name} {route[0]} aux")
-        if route[0] == "filter":  # a capacity below k overflows every row: the fallback recomputes them all
-            cfg = {**route[1], "CAP": max(1, triton.next_power_of_2(k) // 2)}
-            vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("filter", cfg))
-            assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} filter fallback")
+        if route[0] in ("filter", "row_filter"):  # a capacity below k overflows every row: the fallback
+            cfg = {**route[1], "CAP": max(1, triton.next_power_of_2(k) // 2)}  # recomputes them all
+            vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=(route[0], cfg))
+            assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} {route[0]} fallback")
     # The experimental warp-specialised configurations (FASTSAE_FILTER_WS=1): no AuxK in that kernel.
     warp_specialized = [cfg for cfg in filter.filter_configs(k, 0, n_features, interpret=False, warp_specialized=True)
                         if cfg.get("WARP_SPECIALIZED")]  # fmt: skip

@@ -16,6 +16,7 @@ SPILL_FREE = (
     "filter 64x128 warps=4 aux=False",
     "filter_ws",  # the experimental warp-specialised filter GEMM (Gluon)
     "filter_select",
+    "row_filter",  # the row filter over cuBLAS chunks, AuxK included
     "filter_threshold",
     "filter_center",
     "encode_relu",

@@ -6,11 +6,12 @@ Each x tile is centred in fp32 and only then cast to the weights' dtype for the 
 outlier dimension with |mean| >> std keeps its per-token signal; products accumulate in fp32.
 
 TopK (`reference.encode_topk`): vals, idx = topk(pre, k) per row, values post-ReLU, plus optionally
-the top k_aux among features flagged dead (AuxK). Three routes (`topk_routes`), picked per shape by
-the tuner: "filter", threshold-first (`filter.py`, the default); "dense", cuBLAS pre-activations of
-bounded row chunks and torch.topk, which is what eager PyTorch computes, so the tuner never picks a
-route slower than it; and "sweep", this file's single-pass kernel, which also recomputes the rows
-the filter flags. None writes the whole [B, F] pre-activation.
+the top k_aux among features flagged dead (AuxK). Four routes (`topk_routes`), picked per shape by
+the tuner: "filter", threshold-first inside the GEMM (`filter.py`, the default without tuning);
+"row_filter", the same over cuBLAS pre-activations of bounded row chunks (`filter.py`); "dense",
+cuBLAS pre-activations of bounded row chunks and torch.topk, which is what eager PyTorch computes, so
+the tuner never picks a route slower than it; and "sweep", this file's single-pass kernel, which also
+recomputes the rows the filters flag. None writes the whole [B, F] pre-activation.
 
 The sweep: a program owns BLOCK_M rows and sweeps its share of the features in BLOCK_N tiles. Each
 row keeps a threshold (the KEEP-th largest key seen so far, KEEP = k rounded up to a power of two) and

@@ -4,11 +4,10 @@ Gluon: experimental, a tuner candidate only with FASTSAE_FILTER_WS=1 (`filter.WA
 On the H200 (bf16, same run as the Triton kernel) its survivors matched the Triton kernel's. With no
 survivor its 6-stage ring ran at 1.14x the cuBLAS GEMM at the GPT-2 width (Triton: 1.27x). With the
 survivors its best configuration made the encode 2.02x the GEMM at GPT-2 (Triton: 2.15x), level at AF3
-(2.95x) and slower at k = 128 and at the Llama-8B width. It is off by default because compute-sanitizer's
-racecheck reports a hazard in its partition dispatch. A Gluon kernel with no logic of its own draws the
-same report once it initialises mbarriers before `gl.warp_specialize` (bench/racecheck_gluon.py), so
-the report comes with Gluon's dispatch, not this kernel; whether it is real is not settled yet
-(bench/results/reliability.md).
+(2.95x) and slower at k = 128 and at the Llama-8B width, so it is off by default. compute-sanitizer's
+racecheck reports one hazard in its partition dispatch; a Gluon kernel with no logic and no shared
+memory of its own draws the same report from the default warps' barrier before `gl.warp_specialize`
+alone (bench/racecheck_gluon.py, bench/results/reliability.md), so it is not in this kernel.
 
 Why: the Triton filter kernel's epilogue (bias, compare, survivor appends) runs on the same warps as its
 matmul, so no tile's epilogue overlaps any matmul; on the H200 with every threshold at +inf (no
