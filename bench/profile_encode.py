@@ -1,9 +1,11 @@
 """Where the TopK encode's time goes: each launch of the route the tuner picks, timed alone, against the
 cuBLAS GEMM x @ W_enc of the same shape (the floor), and torch.profiler's kernel table of the whole
-encode. For the threshold-first filter route (fastsae/ops/filter.py) the parts are: centring, the
-threshold pass (a cuBLAS GEMM over a subset of the features and the group-maxima kernel), the filter
-GEMM with its survivor epilogue, the same GEMM with no survivor (every threshold +inf: the GEMM and its
-compares alone, so the difference is what the survivors' appends cost) and the exact select.
+encode, and the encode back to back eagerly and as a CUDA graph replay (GPU time alone: the gap to
+do_bench and to eager is the host's launches). For the threshold-first filter route
+(fastsae/ops/filter.py) the parts are: centring, the threshold pass (a cuBLAS GEMM over a subset of the
+features and the group-maxima kernel), the filter GEMM with its survivor epilogue, the same GEMM with no
+survivor (every threshold +inf: the GEMM and its compares alone, so the difference is what the
+survivors' appends cost) and the exact select.
 
 python -m bench.profile_encode [--shapes gpt2,af3,d768_F24576_B8192_k128] [--rows 12]
 
@@ -31,6 +33,20 @@ def _ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50)
 
 
+def _graph_replay_seconds(fn) -> float:
+    """Seconds per replay of a CUDA graph of `fn`, back to back: the GPU's time alone, with none of the
+    host's launches (fn warms up on a side stream first, as torch.cuda.graphs asks)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return launch.seconds_per_call(graph.replay)
+
+
 def profile_encode(shape: str, rows: int) -> None:
     d, n_features, n_rows, k = shape_dims(shape)
     x = torch.randn(n_rows, d, device="cuda").bfloat16()
@@ -46,6 +62,13 @@ def profile_encode(shape: str, rows: int) -> None:
     flops = 2 * n_rows * d * n_features
     print(f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}: cuBLAS GEMM {gemm:.3f} ms, encode {whole:.3f} ms "
           f"({whole / gemm:.2f}x), route {route[0]} {route[1]}")  # fmt: skip
+    # do_bench clears the L2 before each call, so the GPU waits for the host's launches; back to back, the
+    # host runs ahead, and a graph replay has no launches at all: the gap is the host's share.
+    routed = lambda: encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=route)  # noqa: E731
+    eager, replay = launch.seconds_per_call(routed) * 1e3, _graph_replay_seconds(routed) * 1e3
+    floor = launch.seconds_per_call(lambda: x @ W_enc) * 1e3
+    print(f"  back to back: eager {eager:.3f} ms, CUDA graph replay {replay:.3f} ms (GPU time alone), GEMM "
+          f"{floor:.3f} ms: {eager / floor:.2f}x / {replay / floor:.2f}x the GEMM")  # fmt: skip
     if route[0] == "filter":
         cfg = route[1]
         xc = filter.center(x, b_dec, W_enc.dtype)
