@@ -232,6 +232,20 @@ def test_row_filter_in_rounds_and_row_chunks(device, monkeypatch):
     assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.float32, "aux")
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_row_filter_bound_keeps_about_k(device):
+    """The row filter's bound comes from the whole row: on Gaussian pre-activations about k entries pass
+    it, so its smallest buffer (2k, at least 64) overflows no row and nothing is left to the fallback."""
+    B, d, F, k = (16, 48, 4096, 32) if device == "cpu" else (4096, 768, 24576, 32)
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
+    route = _first_route("row_filter", k, 0, F)
+    assert route[1]["CAP"] == 64
+    outputs = (x.new_empty(B, k), x.new_empty(B, k, dtype=torch.int32), x.new_empty(B, 0), x.new_empty(B, 0))
+    flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, route[1])
+    assert not flags.any(), f"{int(flags.sum())} of {B} rows kept more than {route[1]['CAP']} entries"
+    assert_topk_matches(outputs[0], outputs[1], _pre64(x, W_enc, b_enc, b_dec), k, torch.float32)
+
+
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_encode_topk_kernel_ties_and_all_dead(device):
