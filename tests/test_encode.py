@@ -156,6 +156,15 @@ def test_warp_specialized_filter_gemm():
     assert (counts[0] >= k).all() and (counts[0] - counts[1]).abs().max() <= 2, "different survivors"
 
 
+def _poisoned_outputs(B, k, k_aux, device):
+    """(vals, idx, aux_vals, aux_idx) for a filter route to write, NaN and -1 wherever it does not."""
+    return tuple(
+        torch.full((B, width), float("nan"), device=device) if floating else
+        torch.full((B, width), -1, dtype=torch.int32, device=device)
+        for width in (k, k_aux) for floating in (True, False)
+    )  # fmt: skip
+
+
 def _first_route(name, k, k_aux, n_features, **overrides):
     cfg = next(cfg for route, cfg in encode.topk_routes(k, k_aux, n_features) if route == name)
     return name, {**cfg, **overrides}
@@ -181,11 +190,7 @@ def test_filter_fallbacks(device, name):
     cases = [({"CAP": k // 2}, 0.0), ({}, 1e3), ({}, 0.0)] if name == "filter" else [({"CAP": k // 2}, 0.0), ({}, 0.0)]
     for overrides, margin_shift in cases:
         route = _first_route(name, k, k_aux, F, **overrides)
-        outputs = tuple(
-            torch.full((B, width), float("nan"), device=device) if floating else
-            torch.full((B, width), -1, dtype=torch.int32, device=device)
-            for width in (k, k_aux) for floating in (True, False)
-        )  # fmt: skip
+        outputs = _poisoned_outputs(B, k, k_aux, device)
         if name == "filter":
             flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1], margin_shift)
         else:
@@ -219,11 +224,7 @@ def test_row_filter_in_rounds_and_row_chunks(device, monkeypatch):
     route = _first_route("row_filter", k, k_aux, F)
     monkeypatch.setattr(filter, "ROW_FILTER_REREAD", 2 * route[1]["GROUP"])
     monkeypatch.setattr(filter, "PRE_ACTIVATION_CHUNK", 5 * F)
-    outputs = tuple(
-        torch.full((B, width), float("nan"), device=device) if floating else
-        torch.full((B, width), -1, dtype=torch.int32, device=device)
-        for width in (k, k_aux) for floating in (True, False)
-    )  # fmt: skip
+    outputs = _poisoned_outputs(B, k, k_aux, device)
     flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1])
     assert not flags.any(), "rows left to the fallback: the rounds missed survivors"
     vals, idx, aux_vals, aux_idx = outputs

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -345,9 +346,9 @@ def _row_filter_kernel(
         aux_tau = _threshold_below(aux_kth)
         tl.store(aux_tau_ptr + row + tl.arange(0, 1), aux_tau)
     tl.debug_barrier()  # every thread has read the maxima before the scratch is overwritten
-    n_hot = _compact_hot_groups(scratch_row, keys, holds_features & (keys >= kth))
+    n_hot = _compact_hot_groups(scratch_row, holds_features & (keys >= kth))
     if HAS_AUX:
-        aux_n_hot = _compact_hot_groups(scratch_row + N_GROUPS, aux_keys, holds_features & (aux_keys >= aux_kth))
+        aux_n_hot = _compact_hot_groups(scratch_row + N_GROUPS, holds_features & (aux_keys >= aux_kth))
     tl.debug_barrier()  # the hot groups are visible to every thread before they are read back
     rows = row + tl.zeros([1, 1], dtype=tl.int32)
     for first in range(0, n_hot, HOT_GROUPS):
@@ -379,10 +380,10 @@ def _threshold_below(kth):
 
 
 @triton.jit
-def _compact_hot_groups(list_ptr, keys, hot):
+def _compact_hot_groups(list_ptr, hot):
     """Writes the indices of the `hot` groups, in order, to `list_ptr`; returns how many."""
     position = tl.cumsum(hot.to(tl.int32), axis=0) - 1
-    tl.store(list_ptr + position, tl.arange(0, keys.shape[0]), mask=hot)
+    tl.store(list_ptr + position, tl.arange(0, hot.shape[0]), mask=hot)
     return tl.sum(hot.to(tl.int32), axis=0)
 
 
@@ -576,6 +577,23 @@ def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     return [dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group) for cap in sorted(caps)]
 
 
+def pre_activation_chunks(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, rows_per_chunk: int, positive_counts: Tensor | None
+) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, pre) for the batch in chunks of `rows_per_chunk` rows: pre [rows, F] is the fp32-centred
+    input times W_enc plus b_enc on cuBLAS (one addmm, in the weights' dtype as eager PyTorch computes
+    it). `positive_counts` (int32 [F], or None) gains each chunk's per-feature counts of pre > 0."""
+    dtype = matmul_dtype(W_enc.dtype)
+    weights, bias = W_enc.to(dtype), b_enc.to(dtype)
+    xc = center(x, b_dec, dtype)
+    for start in range(0, x.shape[0], rows_per_chunk):
+        rows = slice(start, min(x.shape[0], start + rows_per_chunk))
+        pre = torch.addmm(bias, xc[rows], weights)
+        if positive_counts is not None:
+            positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
+        yield rows, pre
+
+
 def _row_filter_width(n_features: int) -> int:
     return max(ROW_FILTER_GROUPS, ROW_FILTER_READ, triton.next_power_of_2(n_features))
 
@@ -600,10 +618,6 @@ def row_filter_topk(
     B, F = x.shape[0], W_enc.shape[1]
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
-    dtype = matmul_dtype(W_enc.dtype)
-    weights, bias = W_enc.to(dtype), b_enc.to(dtype)
-    xc = center(x, b_dec, dtype)
-    dead = dead_mask.contiguous().view(torch.uint8) if has_aux else xc  # any pointer when AuxK is off
     group = cfg["GROUP"]
     n_groups = _row_filter_width(F) // group
     rows_per_chunk = max(1, min(B, PRE_ACTIVATION_CHUNK // F, FILTER_SLOTS // max(cap, aux_cap)))
@@ -614,11 +628,8 @@ def row_filter_topk(
     aux_rows = B if has_aux else 1  # one dummy entry when AuxK is off
     aux_tau, aux_count = x.new_empty(aux_rows, dtype=torch.float32), x.new_zeros(aux_rows, dtype=torch.int32)
     aux_key_buf = x.new_empty(rows_per_chunk if has_aux else 1, aux_cap, dtype=torch.int64)
-    for start in range(0, B, rows_per_chunk):
-        rows = slice(start, min(B, start + rows_per_chunk))
-        pre = torch.addmm(bias, xc[rows], weights)  # [rows, F]
-        if positive_counts is not None:
-            positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
+    dead = dead_mask.contiguous().view(torch.uint8) if has_aux else count  # any pointer when AuxK is off
+    for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
         n = pre.shape[0]
         aux_chunk = rows if has_aux else slice(0, 1)
         _row_filter_kernel[(n,)](
