@@ -40,7 +40,7 @@ POINTER_TYPES = {
     "flag_ptr": "*i8",
     "count_ptr": "*i32",
     "aux_count_ptr": "*i32",
-    "winners_ptr": "*i64",
+    "aux_idx_ptr": "*i32",
     "key_buf_ptr": "*i64",
     "aux_key_buf_ptr": "*i64",
     "pre_ptr": "*bf16",
@@ -119,7 +119,7 @@ def main() -> None:
     aux = {name: cfg[name] for name in ("AUX_KEEP", "AUX_CAP", "AUX_SORT_ROWS")}
     for has_aux, count_positive, only_flagged in [(False, False, False), (True, False, True), (False, True, False)]:
         constexprs = {**common, **tile, **aux, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive,
-                      "ONLY_FLAGGED": only_flagged}  # fmt: skip
+                      "ONLY_FLAGGED": only_flagged, "FINISH": only_flagged}  # fmt: skip
         usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
         name = f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
         print(f"{name}{' positive_counts' if count_positive else ''}: {usage}")
@@ -142,13 +142,16 @@ def main() -> None:
         usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))
         print(f"filter_select cap={cap}: {usage}")
     for n_features, k, k_aux in [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]:
-        cfg = filter.row_filter_configs(k, k_aux, n_features)[0]
-        n_groups = filter._row_filter_width(n_features) // cfg["GROUP"]
-        constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": cfg["GROUP"],
-                      "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
-                      "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"]}  # fmt: skip
-        usage = resources(filter._row_filter_kernel, constexprs, num_warps=1)
-        print(f"row_filter F={n_features} k={k} k_aux={k_aux} group={cfg['GROUP']}: {usage}")
+        for cfg in filter.row_filter_configs(k, k_aux, n_features):
+            n_groups = filter._row_filter_width(n_features) // cfg["GROUP"]
+            constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": cfg["GROUP"],
+                          "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
+                          "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
+                          "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
+                          "AUX_KEEP": triton.next_power_of_2(max(1, k_aux))}  # fmt: skip
+            warps = filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"]))
+            usage = resources(filter._row_filter_kernel, constexprs, num_warps=warps)
+            print(f"row_filter F={n_features} k={k} k_aux={k_aux} group={cfg['GROUP']} cap={cfg['CAP']}: {usage}")
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         usage = resources(filter._threshold_kernel, constexprs, num_warps=filter._row_warps(2 * block_g))

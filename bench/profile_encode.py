@@ -1,7 +1,7 @@
 """Where the TopK encode's time goes: each launch of the route the tuner picks, timed alone, against the
 cuBLAS GEMM x @ W_enc of the same shape (the floor), and torch.profiler's kernel table of the whole
 encode, and the encode back to back eagerly and as a CUDA graph replay (GPU time alone: the gap to
-do_bench and to eager is the host's launches). For the threshold-first filter route
+do_bench and to eager is the host's launches), and the host's time per call alone. For the threshold-first filter route
 (fastsae/ops/filter.py) the parts are: centring, the threshold pass (a cuBLAS GEMM over a subset of the
 features and the group-maxima kernel), the filter GEMM with its survivor epilogue, the same GEMM with no
 survivor (every threshold +inf: the GEMM and its compares alone, so the difference is what the
@@ -16,6 +16,7 @@ reference on the first rows before anything is timed.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 import triton.testing
@@ -47,6 +48,20 @@ def _graph_replay_seconds(fn) -> float:
     return launch.seconds_per_call(graph.replay)
 
 
+def _host_seconds(fn, calls: int = 20) -> float:
+    """Host seconds per call of `fn` alone: the calls are queued behind a long GPU sleep, so no launch
+    waits for the GPU (a call that synchronised would show the sleep)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2 * 10**8)  # about 0.1 s of GPU cycles
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls
+    torch.cuda.synchronize()
+    return host
+
+
 def profile_encode(shape: str, rows: int) -> None:
     d, n_features, n_rows, k = shape_dims(shape)
     x = torch.randn(n_rows, d, device="cuda").bfloat16()
@@ -68,7 +83,8 @@ def profile_encode(shape: str, rows: int) -> None:
     eager, replay = launch.seconds_per_call(routed) * 1e3, _graph_replay_seconds(routed) * 1e3
     floor = launch.seconds_per_call(lambda: x @ W_enc) * 1e3
     print(f"  back to back: eager {eager:.3f} ms, CUDA graph replay {replay:.3f} ms (GPU time alone), GEMM "
-          f"{floor:.3f} ms: {eager / floor:.2f}x / {replay / floor:.2f}x the GEMM")  # fmt: skip
+          f"{floor:.3f} ms: {eager / floor:.2f}x / {replay / floor:.2f}x the GEMM; the host's time per call "
+          f"{_host_seconds(routed) * 1e3:.3f} ms (GEMM {_host_seconds(lambda: x @ W_enc) * 1e3:.3f})")  # fmt: skip
     if route[0] == "filter":
         cfg = route[1]
         xc = filter.center(x, b_dec, W_enc.dtype)

@@ -19,14 +19,16 @@ appends only tile entries above it to a per-row scratch buffer of CAP slots; whe
 overflow, the program compacts it to its KEEP largest keys with an exact bitonic top-k, which also
 raises the threshold. A key packs (value, feature) into one int64 that orders like the value (ties by
 feature), so selection is exact. Small batches split the features over programs (grid.y) to fill the
-GPU; a finishing kernel merges the splits' candidates and decodes the keys. With ONLY_FLAGGED, row
-blocks without a flagged row return at once.
+GPU; a finishing kernel merges the splits' candidates and decodes the keys (with one split the sweep
+writes its codes itself). With ONLY_FLAGGED, row blocks without a flagged row return at once.
 
 ReLU / JumpReLU (`reference.encode_relu`): a tiled GEMM whose epilogue adds b_enc and applies
 `pre > threshold` (threshold 0 for ReLU), writing dense codes [B, F].
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -153,9 +155,10 @@ def _clear(val_ptr, idx_ptr, buf_row0, stride_buf, BLOCK_M: tl.constexpr, CAP: t
 def _encode_topk_fwd_kernel(
     x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, dead_ptr,
     val_buf_ptr, idx_buf_ptr, tau_ptr, aux_val_buf_ptr, aux_idx_buf_ptr, aux_tau_ptr, positive_ptr, flag_ptr,
+    vals_ptr, idx_ptr, aux_vals_ptr, aux_idx_ptr, k, k_aux,
     B, D, F, padded_rows, tiles_per_split,
-    stride_xm, stride_xd, stride_wd, stride_wf, stride_buf, stride_aux_buf,
-    HAS_AUX: tl.constexpr, COUNT_POSITIVE: tl.constexpr, ONLY_FLAGGED: tl.constexpr,
+    stride_xm, stride_xd, stride_wd, stride_wf, stride_buf, stride_aux_buf, stride_vm, stride_im, stride_avm, stride_aim,
+    HAS_AUX: tl.constexpr, COUNT_POSITIVE: tl.constexpr, ONLY_FLAGGED: tl.constexpr, FINISH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     CAP: tl.constexpr, KEEP: tl.constexpr, SORT_ROWS: tl.constexpr,
     AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, AUX_SORT_ROWS: tl.constexpr,
@@ -223,6 +226,43 @@ def _encode_topk_fwd_kernel(
             aux_val_buf_ptr, aux_idx_buf_ptr, aux_tau_ptr, buf_row0, stride_aux_buf,
             BLOCK_M, AUX_CAP, AUX_KEEP, AUX_SORT_ROWS,
         )  # fmt: skip
+    if FINISH:  # one feature split: the compacted buffers are the rows' answers, sorted; no finishing kernel
+        for r0 in range(0, BLOCK_M, SORT_ROWS):
+            rows = row_block * BLOCK_M + r0 + tl.arange(0, SORT_ROWS)
+            offsets = rows.to(tl.int64)[:, None] * stride_buf + tl.arange(0, KEEP)[None, :]
+            keys = _load_keys(val_buf_ptr, idx_buf_ptr, offsets, (rows < B)[:, None])
+            _store_codes(keys, rows, _rows_to_write(rows, B, flag_ptr, ONLY_FLAGGED), vals_ptr, idx_ptr, k,
+                         stride_vm, stride_im)  # fmt: skip
+        if HAS_AUX:
+            for r0 in range(0, BLOCK_M, AUX_SORT_ROWS):
+                rows = row_block * BLOCK_M + r0 + tl.arange(0, AUX_SORT_ROWS)
+                offsets = rows.to(tl.int64)[:, None] * stride_aux_buf + tl.arange(0, AUX_KEEP)[None, :]
+                keys = _load_keys(aux_val_buf_ptr, aux_idx_buf_ptr, offsets, (rows < B)[:, None])
+                _store_codes(keys, rows, _rows_to_write(rows, B, flag_ptr, ONLY_FLAGGED), aux_vals_ptr, aux_idx_ptr,
+                             k_aux, stride_avm, stride_aim)  # fmt: skip
+
+
+@triton.jit
+def _rows_to_write(rows, B, flag_ptr, ONLY_FLAGGED: tl.constexpr):
+    """The `rows` in the batch, and with ONLY_FLAGGED only those flagged (the others are the filter's)."""
+    valid = rows < B
+    if ONLY_FLAGGED:
+        valid = valid & (tl.load(flag_ptr + rows, mask=valid, other=0) != 0)
+    return valid
+
+
+@triton.jit
+def _store_codes(keys, rows, row_valid, vals_ptr, idx_ptr, k, stride_vm, stride_im):
+    """Writes the first k of each row's keys [BLOCK_M, KEEP] (sorted descending) as post-ReLU values in
+    vals' dtype and int32 features; an empty slot (possible for AuxK) gives value 0 and feature 0."""
+    empty = keys == EMPTY_KEY
+    values = tl.where(empty, 0.0, tl.maximum(key_value(keys), 0.0))
+    features = tl.where(empty, 0, (keys & 0xFFFFFFFF).to(tl.int32))
+    slots = tl.arange(0, keys.shape[1])
+    store_mask = row_valid[:, None] & (slots < k)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    tl.store(vals_ptr + rows64 * stride_vm + slots[None, :], values.to(vals_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(idx_ptr + rows64 * stride_im + slots[None, :], features, mask=store_mask)
 
 
 @triton.jit
@@ -234,23 +274,14 @@ def _topk_finish_kernel(
     vals' dtype and int32 features (an empty slot, possible for AuxK, gives value 0 and feature 0).
     ONLY_FLAGGED: write the flagged rows only (the sweep skipped the others)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < B
-    if ONLY_FLAGGED:
-        row_valid = row_valid & (tl.load(flag_ptr + rows, mask=row_valid, other=0) != 0)
+    row_valid = _rows_to_write(rows, B, flag_ptr, ONLY_FLAGGED)
     j = tl.arange(0, N_SPLIT * KEEP)
     buf_rows = (j // KEEP)[None, :] * padded_rows + rows[:, None]  # [BLOCK_M, N_SPLIT * KEEP]
     offsets = buf_rows.to(tl.int64) * stride_buf + (j % KEEP)[None, :]
     keys = _load_keys(val_buf_ptr, idx_buf_ptr, offsets, row_valid[:, None])
     if N_SPLIT > 1:
         keys = tl.topk(keys, KEEP)  # [BLOCK_M, KEEP], descending
-    empty = keys == EMPTY_KEY
-    values = tl.where(empty, 0.0, tl.maximum(key_value(keys), 0.0))
-    features = tl.where(empty, 0, (keys & 0xFFFFFFFF).to(tl.int32))
-    slots = tl.arange(0, KEEP)
-    store_mask = row_valid[:, None] & (slots < k)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    tl.store(vals_ptr + rows64 * stride_vm + slots[None, :], values.to(vals_ptr.dtype.element_ty), mask=store_mask)
-    tl.store(idx_ptr + rows64 * stride_im + slots[None, :], features, mask=store_mask)
+    _store_codes(keys, rows, row_valid, vals_ptr, idx_ptr, k, stride_vm, stride_im)
 
 
 def _sweep_config(k: int, k_aux: int) -> dict:
@@ -298,6 +329,12 @@ def topk_routes(k: int, k_aux: int, n_features: int) -> list[tuple[str, dict]]:
     routes.append(("sweep", _sweep_config(k, k_aux)))  # compiled anyway as the filter's fallback
     routes.append(("dense", {}))
     return routes
+
+
+@functools.cache
+def _cached_routes(k: int, k_aux: int, n_features: int) -> tuple[tuple[str, dict], ...]:
+    """`topk_routes` built once per shape: building them costs the host more than a kernel launch."""
+    return tuple(topk_routes(k, k_aux, n_features))
 
 
 def encode_topk(
@@ -371,7 +408,7 @@ def _encode_topk(
 
     if route is None:
         key = ("encode_topk", D, F, bucket(B), k, k_aux, x.dtype, W_enc.dtype, positive_counts is not None)
-        route = tuned(key, topk_routes(k, k_aux, F), run)
+        route = tuned(key, _cached_routes(k, k_aux, F), run)
     run(route)
     return outputs
 
@@ -395,7 +432,8 @@ def _dense_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, ou
 
 def _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, outputs, cfg, flags) -> None:
     """The sweep route (`_encode_topk_fwd_kernel`), for every row or, given int8 `flags` [B], only for
-    the rows flagged non-zero (the filter route's fallback: unflagged row blocks return at once)."""
+    the rows flagged non-zero (the filters' fallback: unflagged row blocks return at once). The
+    fallback runs one feature split, so that it is one launch on every call (flagged rows are rare)."""
     vals, idx, aux_vals, aux_idx = outputs
     keep, aux_keep = cfg["KEEP"], cfg["AUX_KEEP"]
     B, D = x.shape
@@ -406,7 +444,10 @@ def _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, ou
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     n_row_blocks = triton.cdiv(B, block_m)
     padded_rows = n_row_blocks * block_m
-    n_split = _n_split(n_row_blocks, F, block_n, sm_count(x.device), max(keep, aux_keep if has_aux else 1))
+    if flags is None:
+        n_split = _n_split(n_row_blocks, F, block_n, sm_count(x.device), max(keep, aux_keep if has_aux else 1))
+    else:
+        n_split = 1
     tiles_per_split = triton.cdiv(triton.cdiv(F, n_split), block_n)
     buf_rows = n_split * padded_rows
     val_buf, idx_buf = _scratch(x, buf_rows, cfg["CAP"])
@@ -418,15 +459,18 @@ def _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, ou
         x, W_enc, b_enc, b_dec, dead, val_buf, idx_buf, tau, aux_val_buf, aux_idx_buf, aux_tau,
         positive_counts if positive_counts is not None else idx,  # any pointer when not counting
         flags if flags is not None else idx,  # any pointer when every row is computed
+        vals, idx, aux_vals, aux_idx, k, k_aux,
         B, D, F, padded_rows, tiles_per_split,
         x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1), val_buf.stride(0), aux_val_buf.stride(0),
+        vals.stride(0), idx.stride(0), aux_vals.stride(0), aux_idx.stride(0),
         HAS_AUX=has_aux, COUNT_POSITIVE=positive_counts is not None, ONLY_FLAGGED=flags is not None,
-        DOT_DTYPE=dot_dtype(W_enc.dtype), INPUT_PRECISION=input_precision(W_enc.dtype),
+        FINISH=n_split == 1, DOT_DTYPE=dot_dtype(W_enc.dtype), INPUT_PRECISION=input_precision(W_enc.dtype),
         **{**cfg, "AUX_KEEP": aux_keep if has_aux else 1, "AUX_CAP": aux_cap},
     )  # fmt: skip
-    _finish(val_buf, idx_buf, vals, idx, padded_rows, n_split, keep, flags)
-    if has_aux:
-        _finish(aux_val_buf, aux_idx_buf, aux_vals, aux_idx, padded_rows, n_split, aux_keep, flags)
+    if n_split > 1:
+        _finish(val_buf, idx_buf, vals, idx, padded_rows, n_split, keep, flags)
+        if has_aux:
+            _finish(aux_val_buf, aux_idx_buf, aux_vals, aux_idx, padded_rows, n_split, aux_keep, flags)
 
 
 def _scratch(x: Tensor, rows: int, cap: int) -> tuple[Tensor, Tensor]:

@@ -251,7 +251,7 @@ def _append_survivors(key_buf_ptr, count_ptr, row_start, rows, features, pre, th
         )  # fmt: skip
         tl.inline_asm_elementwise(
             STORE_PTX, STORE_CONSTRAINTS,
-            [tile_base, row_offsets, slot, value_bits, features, tl.broadcast_to(cap, pre.shape)],
+            [tile_base, row_offsets, slot, value_bits, features, cap + tl.zeros(pre.shape, dtype=tl.int32)],
             dtype=tl.int32, is_pure=False, pack=EPILOGUE_PACK,
         )  # fmt: skip
     else:
@@ -304,14 +304,17 @@ def _filter_fwd_kernel(
 
 @triton.jit
 def _row_filter_kernel(
-    pre_ptr, stride_pm, F, k, scratch_ptr, tau_ptr, count_ptr, key_buf_ptr, cap,
-    dead_ptr, k_aux, aux_tau_ptr, aux_count_ptr, aux_key_buf_ptr, aux_cap,
+    pre_ptr, stride_pm, F, k, row0, scratch_ptr, count_ptr, key_buf_ptr, vals_ptr, idx_ptr, stride_vm, stride_im,
+    flag_ptr, dead_ptr, k_aux, aux_count_ptr, aux_key_buf_ptr, aux_vals_ptr, aux_idx_ptr, stride_avm, stride_aim,
     HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
     CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
+    CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr,
 ):  # fmt: skip
-    """The row filter (`row_filter_topk`): one warp per row of `pre` [rows, F], pre-activations that
-    cuBLAS wrote, so that every reduction is a warp shuffle (no barrier). The row's `scratch` (global
-    memory: registers cannot gather a loop's chunks) holds N_GROUPS int32, twice with AuxK.
+    """The row filter (`row_filter_topk`): one program per row of `pre` [rows, F], pre-activations that
+    cuBLAS wrote for the batch's rows row0 .. row0 + rows; with one warp (buffers up to 1024 slots)
+    every reduction is a warp shuffle. The row's `scratch` (global memory: registers cannot gather a
+    loop's chunks) holds N_GROUPS int32, twice with AuxK; its count and key buffer are reused by the
+    next chunk.
     1. The maxima of the row's N_GROUPS groups (GROUP adjacent features each; a thread reads whole
        groups, coalesced), CHUNK_GROUPS groups at a time, as `_ordered` keys into the scratch.
     2. The threshold: the k-th largest group maximum, which k distinct features reach, so at least k
@@ -321,10 +324,15 @@ def _row_filter_kernel(
        the scratch and those groups alone read again, HOT_GROUPS at a time (about k groups, usually
        one read), and their entries at or above the threshold (NaN never) appended to the row's
        buffer as the filter GEMM appends them.
+    4. The select (`_select_rows`) writes the row's codes, or flags the row for the sweep.
     AuxK the same over the dead features, in the second half of the scratch row."""
     row = tl.program_id(0)
+    one = tl.arange(0, 1)
     row_ptr = pre_ptr + row.to(tl.int64) * stride_pm
     scratch_row = scratch_ptr + row.to(tl.int64) * (2 * N_GROUPS if HAS_AUX else N_GROUPS)
+    tl.store(count_ptr + row + one, tl.zeros([1], dtype=tl.int32))  # the previous chunk's count
+    if HAS_AUX:
+        tl.store(aux_count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
     for first in range(0, N_GROUPS, CHUNK_GROUPS):
         groups = first + tl.arange(0, CHUNK_GROUPS)
         members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -333,18 +341,16 @@ def _row_filter_kernel(
         if HAS_AUX:
             dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
             tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
-    tl.debug_barrier()  # the maxima are visible to every thread before they are read back
+    tl.debug_barrier()  # the maxima (and the zeroed counts) are visible to every thread
     every_group = tl.arange(0, N_GROUPS)
     holds_features = every_group * GROUP < F
     keys = tl.load(scratch_row + every_group)
     kth = _kth_largest(keys[None, :], holds_features[None, :], k)  # [1]
     tau = _threshold_below(kth)
-    tl.store(tau_ptr + row + tl.arange(0, 1), tau)
     if HAS_AUX:
         aux_keys = tl.load(scratch_row + N_GROUPS + every_group)
         aux_kth = _kth_largest(aux_keys[None, :], holds_features[None, :], k_aux)
         aux_tau = _threshold_below(aux_kth)
-        tl.store(aux_tau_ptr + row + tl.arange(0, 1), aux_tau)
     tl.debug_barrier()  # every thread has read the maxima before the scratch is overwritten
     n_hot = _compact_hot_groups(scratch_row, holds_features & (keys >= kth))
     if HAS_AUX:
@@ -354,15 +360,31 @@ def _row_filter_kernel(
     for first in range(0, n_hot, HOT_GROUPS):
         members, read = _hot_members(scratch_row, first, n_hot, F, GROUP, HOT_GROUPS)
         values = tl.load(row_ptr + members, mask=read, other=float("-inf")).to(tl.float32)
-        _append_survivors(key_buf_ptr, count_ptr, row, rows, members, values, tau[:, None], cap, INLINE_PTX)
+        _append_survivors(key_buf_ptr, count_ptr, row, rows, members, values, tau[:, None], CAP, INLINE_PTX)
     if HAS_AUX:
         for first in range(0, aux_n_hot, HOT_GROUPS):
             members, read = _hot_members(scratch_row + N_GROUPS, first, aux_n_hot, F, GROUP, HOT_GROUPS)
             values = tl.load(row_ptr + members, mask=read, other=float("-inf")).to(tl.float32)
             dead = tl.load(dead_ptr + members, mask=read, other=0) != 0
             aux_threshold = tl.where(dead, aux_tau[:, None], float("inf"))  # live features never pass
-            _append_survivors(aux_key_buf_ptr, aux_count_ptr, row, rows, members, values, aux_threshold, aux_cap,
+            _append_survivors(aux_key_buf_ptr, aux_count_ptr, row, rows, members, values, aux_threshold, AUX_CAP,
                               INLINE_PTX)  # fmt: skip
+    tl.debug_barrier()  # every append is visible before the select reads the buffers
+    # The counts through L2 (".cg"): the appends' atomics are performed there, not in this SM's L1.
+    n = tl.load(count_ptr + row + one, cache_modifier=".cg")
+    batch_row = row0 + row + one
+    valid = tl.full([1], True, tl.int1)
+    failed = _select_rows(
+        key_buf_ptr + row.to(tl.int64) * CAP, n, ~valid, batch_row, valid,
+        vals_ptr, idx_ptr, k, stride_vm, stride_im, CAP, KEEP,
+    )  # fmt: skip
+    if HAS_AUX:
+        aux_n = tl.load(aux_count_ptr + row + one, cache_modifier=".cg")
+        failed = failed | _select_rows(
+            aux_key_buf_ptr + row.to(tl.int64) * AUX_CAP, aux_n, aux_tau == float("-inf"), batch_row, valid,
+            aux_vals_ptr, aux_idx_ptr, k_aux, stride_avm, stride_aim, AUX_CAP, AUX_KEEP,
+        )  # fmt: skip
+    tl.store(flag_ptr + batch_row, failed.to(tl.int8))
 
 
 @triton.jit
@@ -397,31 +419,23 @@ def _hot_members(list_ptr, first, n_hot, F, GROUP: tl.constexpr, HOT_GROUPS: tl.
 
 
 @triton.jit
-def _select_kernel(
-    key_buf_ptr, count_ptr, tau_ptr, winners_ptr, vals_ptr, idx_ptr, flag_ptr,
-    B, k, stride_vm, stride_im,
-    FEWER_IF_UNBOUNDED: tl.constexpr, OR_FLAGS: tl.constexpr,
-    CAP: tl.constexpr, KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+def _select_rows(
+    key_ptr, n, keeps_fewer, rows, row_valid, vals_ptr, idx_ptr, k, stride_vm, stride_im,
+    CAP: tl.constexpr, KEEP: tl.constexpr,
 ):  # fmt: skip
-    """The k largest of each row's survivors, sorted descending: post-ReLU values in vals' dtype and
-    int32 features. Rows that overflowed or kept fewer than k are flagged and left unwritten.
-    FEWER_IF_UNBOUNDED (AuxK): a row whose threshold was -inf kept every candidate, so fewer than k is
-    its answer (the rest are empty codes, value 0 and feature 0). OR_FLAGS: add to the flags."""
-    row_start = tl.program_id(0) * BLOCK_M
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_valid = rows < B
-    n = tl.load(count_ptr + rows, mask=row_valid, other=0)
-    if FEWER_IF_UNBOUNDED:
-        bounded = tl.load(tau_ptr + rows, mask=row_valid, other=0.0) > float("-inf")
-        failed = (n > CAP) | ((n < k) & bounded)
-    else:
-        failed = (n > CAP) | (n < k)
-    failed = failed & row_valid
+    """The k largest of the survivors of `rows` [BLOCK_M], whose keys fill the first `n` of CAP slots
+    of consecutive buffers from `key_ptr`, sorted descending: post-ReLU values in vals' dtype and int32
+    features. Returns the rows that failed (overflowed, or kept fewer than k unless `keeps_fewer`),
+    which are left unwritten. `keeps_fewer` (AuxK with an unbounded threshold: every candidate was
+    kept) marks rows whose answer is fewer than k codes (the rest empty: value 0 and feature 0). The
+    min(n, k) winners are sorted in their own buffers' first slots (a selected row has n <= CAP), so no
+    scratch is needed."""
+    failed = row_valid & ((n > CAP) | ((n < k) & ~keeps_fewer))
+    selecting = row_valid & ~failed
     slots = tl.arange(0, CAP)
-    present = (row_valid & ~failed)[:, None] & (slots[None, :] < n[:, None])
-    base = row_start.to(tl.int64) * CAP
-    offsets = tl.arange(0, BLOCK_M)[:, None] * CAP + slots[None, :]
-    keys = tl.load(key_buf_ptr + base + offsets, mask=present, other=0)  # [BLOCK_M, CAP]
+    present = selecting[:, None] & (slots[None, :] < n[:, None])
+    buffers = tl.arange(0, rows.shape[0])[:, None] * CAP
+    keys = tl.load(key_ptr + buffers + slots[None, :], mask=present, other=0)  # [BLOCK_M, CAP]
     ordered = (keys >> 32).to(tl.int32)
     feature = (keys & 0xFFFFFFFF).to(tl.int32)
 
@@ -432,23 +446,46 @@ def _select_kernel(
     tied = present & (ordered == kth[:, None])
     need = k - tl.sum(greater.to(tl.int32), axis=1)
     win = greater | (tied & (feature >= _kth_largest(feature, tied, need)[:, None]))
-    position = tl.cumsum(win.to(tl.int32), axis=1) - 1
-    winners_base = row_start.to(tl.int64) * KEEP
-    tl.store(winners_ptr + winners_base + tl.arange(0, BLOCK_M)[:, None] * KEEP + position, keys, mask=win)
+    position = tl.cumsum(win.to(tl.int32), axis=1) - 1  # <= the slot it came from: compaction in place
+    tl.debug_barrier()  # every key is read before the winners overwrite the buffers' first slots
+    tl.store(key_ptr + buffers + position, keys, mask=win)
     tl.debug_barrier()  # the winners are visible to every thread before they are read back to sort
     kept = tl.arange(0, KEEP)
-    n_won = tl.minimum(n, k)
-    won = (row_valid & ~failed)[:, None] & (kept[None, :] < n_won[:, None])
-    winner_offsets = tl.arange(0, BLOCK_M)[:, None] * KEEP + kept[None, :]
-    top = tl.load(winners_ptr + winners_base + winner_offsets, mask=won, other=EMPTY_KEY)
+    won = selecting[:, None] & (kept[None, :] < tl.minimum(n, k)[:, None])
+    top = tl.load(key_ptr + buffers + kept[None, :], mask=won, other=EMPTY_KEY)
     top = tl.sort(top, dim=1, descending=True)  # [BLOCK_M, KEEP]
     empty = top == EMPTY_KEY
     out_values = tl.where(empty, 0.0, tl.maximum(key_value(top), 0.0))
     out_features = tl.where(empty, 0, (top & 0xFFFFFFFF).to(tl.int32))
-    store = (row_valid & ~failed)[:, None] & (kept[None, :] < k)
+    store = selecting[:, None] & (kept[None, :] < k)
     rows64 = rows.to(tl.int64)[:, None]
     tl.store(vals_ptr + rows64 * stride_vm + kept[None, :], out_values.to(vals_ptr.dtype.element_ty), mask=store)
     tl.store(idx_ptr + rows64 * stride_im + kept[None, :], out_features, mask=store)
+    return failed
+
+
+@triton.jit
+def _select_kernel(
+    key_buf_ptr, count_ptr, tau_ptr, vals_ptr, idx_ptr, flag_ptr,
+    B, k, stride_vm, stride_im,
+    FEWER_IF_UNBOUNDED: tl.constexpr, OR_FLAGS: tl.constexpr,
+    CAP: tl.constexpr, KEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """`_select_rows` over the filter GEMM's buffers, flagging the rows that failed.
+    FEWER_IF_UNBOUNDED (AuxK): a row whose threshold was -inf kept every candidate, so fewer than k is
+    its answer. OR_FLAGS: add to the flags."""
+    row_start = tl.program_id(0) * BLOCK_M
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_valid = rows < B
+    n = tl.load(count_ptr + rows, mask=row_valid, other=0)
+    if FEWER_IF_UNBOUNDED:
+        keeps_fewer = tl.load(tau_ptr + rows, mask=row_valid, other=0.0) == float("-inf")
+    else:
+        keeps_fewer = tl.zeros([BLOCK_M], dtype=tl.int1)
+    failed = _select_rows(
+        key_buf_ptr + row_start.to(tl.int64) * CAP, n, keeps_fewer, rows, row_valid,
+        vals_ptr, idx_ptr, k, stride_vm, stride_im, CAP, KEEP,
+    )  # fmt: skip
     if OR_FLAGS:
         failed = failed | (tl.load(flag_ptr + rows, mask=row_valid, other=0) != 0)
     tl.store(flag_ptr + rows, failed.to(tl.int8), mask=row_valid)
@@ -612,37 +649,32 @@ def row_filter_topk(
 ) -> Tensor:
     """The row-filter route: `filter_topk`'s contract (flagged rows left unwritten), with the
     pre-activation of row chunks written by cuBLAS (at most PRE_ACTIVATION_CHUNK entries: what eager
-    PyTorch computes, in the weights' dtype) and filtered by `_row_filter_kernel` instead of inside the
-    GEMM. The buffers are allocated once for the largest chunk and reused by every chunk (the launches
-    are ordered on the stream), so a call costs the host few allocations."""
+    PyTorch computes, in the weights' dtype) and filtered and selected by `_row_filter_kernel`, one
+    launch per chunk. Its scratch is allocated once for the largest chunk and reused by every chunk (the
+    launches are ordered on the stream), so a call costs the host few allocations."""
     B, F = x.shape[0], W_enc.shape[1]
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
     group = cfg["GROUP"]
     n_groups = _row_filter_width(F) // group
     rows_per_chunk = max(1, min(B, PRE_ACTIVATION_CHUNK // F, FILTER_SLOTS // max(cap, aux_cap)))
+    vals, idx, aux_vals, aux_idx = outputs
     flags = x.new_empty(B, dtype=torch.int8)
-    tau, count = x.new_empty(B, dtype=torch.float32), x.new_zeros(B, dtype=torch.int32)
+    counts = x.new_empty(2, rows_per_chunk, dtype=torch.int32)  # zeroed by the kernel, row by row
     key_buf = x.new_empty(rows_per_chunk, cap, dtype=torch.int64)
     scratch = x.new_empty(rows_per_chunk, n_groups * (2 if has_aux else 1), dtype=torch.int32)
-    aux_rows = B if has_aux else 1  # one dummy entry when AuxK is off
-    aux_tau, aux_count = x.new_empty(aux_rows, dtype=torch.float32), x.new_zeros(aux_rows, dtype=torch.int32)
-    aux_key_buf = x.new_empty(rows_per_chunk if has_aux else 1, aux_cap, dtype=torch.int64)
-    dead = dead_mask.contiguous().view(torch.uint8) if has_aux else count  # any pointer when AuxK is off
+    aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
+    dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
     for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
-        n = pre.shape[0]
-        aux_chunk = rows if has_aux else slice(0, 1)
-        _row_filter_kernel[(n,)](
-            pre, pre.stride(0), F, k, scratch, tau[rows], count[rows], key_buf, cap,
-            dead, k_aux, aux_tau[aux_chunk], aux_count[aux_chunk], aux_key_buf, aux_cap,
+        _row_filter_kernel[(pre.shape[0],)](
+            pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
+            idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
+            aux_vals.stride(0), aux_idx.stride(0),
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
-            CHUNK_GROUPS=ROW_FILTER_READ // group, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group), num_warps=1,
+            CHUNK_GROUPS=ROW_FILTER_READ // group, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
+            CAP=cap, KEEP=triton.next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=triton.next_power_of_2(max(1, k_aux)),
+            num_warps=_row_warps(max(cap, aux_cap)),
         )  # fmt: skip
-        vals, idx, aux_vals, aux_idx = (out[rows] for out in outputs)
-        _select(key_buf[:n], count[rows], tau[rows], vals, idx, flags[rows], fewer_if_unbounded=False, or_flags=False)
-        if has_aux:
-            _select(aux_key_buf[:n], aux_count[rows], aux_tau[rows], aux_vals, aux_idx, flags[rows],
-                    fewer_if_unbounded=True, or_flags=True)  # fmt: skip
     return flags
 
 
@@ -751,13 +783,11 @@ def filter_gemm(
 def _select(key_buf, count, tau, vals, idx, flags, fewer_if_unbounded: bool, or_flags: bool) -> None:
     B, k = vals.shape
     cap = key_buf.shape[1]
-    keep = triton.next_power_of_2(k)
-    winners = key_buf.new_empty(B, keep, dtype=torch.int64)
     _select_kernel[(B,)](
-        key_buf, count, tau, winners, vals, idx, flags,
+        key_buf, count, tau, vals, idx, flags,
         B, k, vals.stride(0), idx.stride(0),
-        FEWER_IF_UNBOUNDED=fewer_if_unbounded, OR_FLAGS=or_flags, CAP=cap, KEEP=keep, BLOCK_M=1,
-        num_warps=_row_warps(cap),
+        FEWER_IF_UNBOUNDED=fewer_if_unbounded, OR_FLAGS=or_flags, CAP=cap, KEEP=triton.next_power_of_2(k),
+        BLOCK_M=1, num_warps=_row_warps(cap),
     )  # fmt: skip
 
 
