@@ -50,7 +50,8 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
     dead_pre = pre.masked_fill(~dead, float("-inf"))
     routes = encode.topk_routes(k, k_aux, n_features)
     if not all_configs:  # the first filter configuration and every other route
-        routes = [route for i, route in enumerate(routes) if route[0] != "filter" or i == 0]
+        first_filter = next((route for route in routes if route[0] == "filter"), None)
+        routes = [route for route in routes if route[0] != "filter" or route is first_filter]
     for route in routes:
         vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, route=route)
         assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} {route[0]}")
