@@ -692,8 +692,7 @@ def row_filter_topk(
             idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
             aux_vals.stride(0), aux_idx.stride(0),
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
-            HOT_GROUPS=max(1, ROW_FILTER_REREAD // group), CAP=cap, KEEP=triton.next_power_of_2(k),
-            AUX_CAP=aux_cap, AUX_KEEP=triton.next_power_of_2(max(1, k_aux)),
+            HOT_GROUPS=max(1, ROW_FILTER_REREAD // group), CAP=cap, KEEP=triton.next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=triton.next_power_of_2(max(1, k_aux)),
             num_warps=_row_warps(max(cap, aux_cap)),
         )  # fmt: skip
     return flags
