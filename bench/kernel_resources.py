@@ -31,7 +31,6 @@ POINTER_TYPES = {
     "dead_ptr": "*u8",
     "tau_ptr": "*fp32",
     "scratch_ptr": "*i32",
-    "maxima_ptr": "*i32",
     "aux_tau_ptr": "*fp32",
     "val_buf_ptr": "*fp32",
     "idx_buf_ptr": "*i32",
@@ -144,20 +143,15 @@ def main() -> None:
         print(f"filter_select cap={cap}: {usage}")
     for n_features, k, k_aux in [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]:
         for cfg in filter.row_filter_configs(k, k_aux, n_features):
-            group = cfg["GROUP"]
-            n_groups = filter._row_filter_width(n_features) // group
-            constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": group,
-                          "HOT_GROUPS": filter.ROW_FILTER_REREAD // group, "CAP": cfg["CAP"],
+            n_groups = filter._row_filter_width(n_features) // cfg["GROUP"]
+            constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": cfg["GROUP"],
+                          "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
+                          "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
                           "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
                           "AUX_KEEP": triton.next_power_of_2(max(1, k_aux))}  # fmt: skip
             warps = filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"]))
             usage = resources(filter._row_filter_kernel, constexprs, num_warps=warps)
-            print(f"row_filter F={n_features} k={k} k_aux={k_aux} group={group} cap={cfg['CAP']}: {usage}")
-        block_g = filter.ROW_FILTER_REREAD // group  # as row_filter_topk launches it
-        constexprs = {"HAS_AUX": k_aux > 0, "N_GROUPS": n_groups, "GROUP": group, "BLOCK_G": block_g,
-                      "BLOCK_R": filter.ROW_FILTER_MAXIMA_TILE // (block_g * group)}  # fmt: skip
-        usage = resources(filter._group_maxima_kernel, constexprs, num_warps=4)
-        print(f"row_filter_maxima F={n_features} k_aux={k_aux} group={group}: {usage}")
+            print(f"row_filter F={n_features} k={k} k_aux={k_aux} group={cfg['GROUP']} cap={cfg['CAP']}: {usage}")
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         usage = resources(filter._threshold_kernel, constexprs, num_warps=filter._row_warps(2 * block_g))

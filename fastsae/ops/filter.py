@@ -27,10 +27,9 @@ AuxK runs the same way with its own threshold over dead features (the first S_au
 per-feature counts of positive pre-activations ride in the filter epilogue.
 
 The row filter (`row_filter_topk`) is the same filter and select over pre-activations that cuBLAS
-writes in row chunks of at most PRE_ACTIVATION_CHUNK entries (256 MB in bf16): a streaming kernel takes
-the maxima of groups of adjacent features, then a kernel with one warp per row bounds the row's k-th
-largest value by the k-th largest of its group maxima taken over the whole row (not a subset: about k
-entries pass, not 10 k), reads again only the groups that reach it and selects among their entries. It
+writes in row chunks of at most PRE_ACTIVATION_CHUNK entries (256 MB in bf16): a kernel with one warp
+per row bounds the row's k-th largest value by the k-th largest of its group maxima taken over the whole
+row (not a subset: about k entries pass, not 10 k) and reads again only the groups that reach it. It
 writes and reads the chunk once more than the filter GEMM, but the GEMM runs at cuBLAS's speed: on the
 H200 the tuner picked it at all 9 shapes timed so far (at the GPT-2 width, the filter GEMM's epilogue
 alone costs more than the chunk's write and read); it picks between the two per shape.
@@ -64,13 +63,11 @@ MARGIN = tl.constexpr(2.0**-7)
 # Pre-activations that cuBLAS writes at once for the routes that take a whole row (the dense route and
 # the row filter), whatever B and F: 256 MB in bf16.
 PRE_ACTIVATION_CHUNK = 2**27
-# The row filter: group maxima per row that its select kernel bounds from (32 per thread of one warp),
-# the fewest features a row is split into groups as (groups of at least 4: whole PTX packs per thread
-# in the re-read tiles), the maxima kernel's entries per program, and the entries of the groups the
-# select kernel reads again at once (32 per thread: whole EPILOGUE_PACKs, in the registers the appends leave).
+# The row filter (one warp per row): group maxima it selects from (32 per thread), entries it reads at
+# once for them (bf16 in 32 registers per thread: fewer dependent reads per row) and entries of the
+# groups it reads again at once (32 per thread: whole EPILOGUE_PACKs, in the registers the appends leave).
 ROW_FILTER_GROUPS = 1024
-ROW_FILTER_MIN_WIDTH = 4096
-ROW_FILTER_MAXIMA_TILE = 16384
+ROW_FILTER_READ = 4096
 ROW_FILTER_REREAD = 1024
 
 
@@ -306,40 +303,20 @@ def _filter_fwd_kernel(
 
 
 @triton.jit
-def _group_maxima_kernel(
-    pre_ptr, stride_pm, n_rows, F, maxima_ptr, stride_mm, dead_ptr,
-    HAS_AUX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
-):  # fmt: skip
-    """Step 1 of the row filter (`row_filter_topk`): the maximum of each group of GROUP adjacent
-    pre-activations of `pre` [rows, F], as `_ordered` keys into `maxima` [rows, N_GROUPS] (with AuxK,
-    the maxima over dead features into the next N_GROUPS columns); a NaN maximum is -inf. A streaming
-    pass over BLOCK_R rows x BLOCK_G groups per program, so that the read runs at the memory's speed
-    (inside the per-row select kernel it was a chain of dependent reads: 1.9 TB/s on the H200)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    groups = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [BLOCK_G, GROUP]
-    row_valid = rows < n_rows
-    pointers = pre_ptr + rows.to(tl.int64)[:, None, None] * stride_pm + members[None, :, :]
-    values = tl.load(pointers, mask=row_valid[:, None, None] & (members < F)[None, :, :], other=float("-inf"))
-    out = maxima_ptr + rows.to(tl.int64)[:, None] * stride_mm + groups[None, :]
-    written = row_valid[:, None] & (groups < N_GROUPS)[None, :]
-    tl.store(out, _maximum_key(values), mask=written)
-    if HAS_AUX:
-        dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
-        tl.store(out + N_GROUPS, _maximum_key(tl.where(dead[None, :, :], values, float("-inf"))), mask=written)
-
-
-@triton.jit
 def _row_filter_kernel(
-    pre_ptr, stride_pm, F, k, row0, maxima_ptr, count_ptr, key_buf_ptr, vals_ptr, idx_ptr, stride_vm, stride_im,
+    pre_ptr, stride_pm, F, k, row0, scratch_ptr, count_ptr, key_buf_ptr, vals_ptr, idx_ptr, stride_vm, stride_im,
     flag_ptr, dead_ptr, k_aux, aux_count_ptr, aux_key_buf_ptr, aux_vals_ptr, aux_idx_ptr, stride_avm, stride_aim,
     HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
-    HOT_GROUPS: tl.constexpr, CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr,
+    CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
+    CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr,
 ):  # fmt: skip
-    """Steps 2-4 of the row filter (`row_filter_topk`): one program per row of `pre` [rows, F],
-    pre-activations that cuBLAS wrote for the batch's rows row0 .. row0 + rows; with one warp (buffers
-    up to 1024 slots) every reduction is a warp shuffle. The row's `maxima` (`_group_maxima_kernel`)
-    is its scratch afterwards; its count and key buffer are reused by the next chunk.
+    """The row filter (`row_filter_topk`): one program per row of `pre` [rows, F], pre-activations that
+    cuBLAS wrote for the batch's rows row0 .. row0 + rows; with one warp (buffers up to 1024 slots)
+    every reduction is a warp shuffle. The row's `scratch` (global memory: registers cannot gather a
+    loop's chunks) holds N_GROUPS int32, twice with AuxK; its count and key buffer are reused by the
+    next chunk.
+    1. The maxima of the row's N_GROUPS groups (GROUP adjacent features each; a thread reads whole
+       groups, coalesced), CHUNK_GROUPS groups at a time, as `_ordered` keys into the scratch.
     2. The threshold: the k-th largest group maximum, which k distinct features reach, so at least k
        entries are at or above it and the row's k largest are among them. With the whole row behind
        the bound about k entries pass (the filter GEMM's bound from a subset passes about 10 k).
@@ -352,24 +329,33 @@ def _row_filter_kernel(
     row = tl.program_id(0)
     one = tl.arange(0, 1)
     row_ptr = pre_ptr + row.to(tl.int64) * stride_pm
-    scratch_row = maxima_ptr + row.to(tl.int64) * (2 * N_GROUPS if HAS_AUX else N_GROUPS)
+    scratch_row = scratch_ptr + row.to(tl.int64) * (2 * N_GROUPS if HAS_AUX else N_GROUPS)
     tl.store(count_ptr + row + one, tl.zeros([1], dtype=tl.int32))  # the previous chunk's count
     if HAS_AUX:
         tl.store(aux_count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
+    for first in range(0, N_GROUPS, CHUNK_GROUPS):
+        groups = first + tl.arange(0, CHUNK_GROUPS)
+        members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
+        tl.store(scratch_row + groups, _maximum_key(values))
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
+            tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
+    tl.debug_barrier()  # the maxima (and the zeroed counts) are visible to every thread
     every_group = tl.arange(0, N_GROUPS)
     holds_features = every_group * GROUP < F
-    keys = tl.load(scratch_row + every_group, mask=holds_features, other=0)
+    keys = tl.load(scratch_row + every_group)
     kth = _kth_largest(keys[None, :], holds_features[None, :], k)  # [1]
     tau = _threshold_below(kth)
     if HAS_AUX:
-        aux_keys = tl.load(scratch_row + N_GROUPS + every_group, mask=holds_features, other=0)
+        aux_keys = tl.load(scratch_row + N_GROUPS + every_group)
         aux_kth = _kth_largest(aux_keys[None, :], holds_features[None, :], k_aux)
         aux_tau = _threshold_below(aux_kth)
     tl.debug_barrier()  # every thread has read the maxima before the scratch is overwritten
     n_hot = _compact_hot_groups(scratch_row, holds_features & (keys >= kth))
     if HAS_AUX:
         aux_n_hot = _compact_hot_groups(scratch_row + N_GROUPS, holds_features & (aux_keys >= aux_kth))
-    tl.debug_barrier()  # the hot groups (and the zeroed counts) are visible to every thread
+    tl.debug_barrier()  # the hot groups are visible to every thread before they are read back
     rows = row + tl.zeros([1, 1], dtype=tl.int32)
     for first in range(0, n_hot, HOT_GROUPS):
         members, read = _hot_members(scratch_row, first, n_hot, F, GROUP, HOT_GROUPS)
@@ -403,8 +389,8 @@ def _row_filter_kernel(
 
 @triton.jit
 def _maximum_key(values):
-    """The `_ordered` key of the maximum of `values` [rows, groups, GROUP] per group; a NaN maximum is -inf."""
-    maxima = tl.max(values, axis=2).to(tl.float32)
+    """The `_ordered` key of each row's maximum of `values` [groups, GROUP]; a NaN maximum is -inf."""
+    maxima = tl.max(values, axis=1).to(tl.float32)
     return _ordered(tl.where(maxima == maxima, maxima, float("-inf")))
 
 
@@ -617,8 +603,9 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
 def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     """The row filter's buffer capacities (about k entries pass its bound; a capacity of 2k rarely
     overflows and keeps the select short) and group size: ROW_FILTER_GROUPS groups (one warp's
-    registers) over the row rounded up to a power of two, and no fewer than ROW_FILTER_MIN_WIDTH
-    features. None when fewer than k groups would hold features."""
+    registers) over the row rounded up to a power of two, and no fewer than ROW_FILTER_READ features
+    (so that every read fills whole PTX packs of every thread). None when fewer than k groups would
+    hold features."""
     group = _row_filter_width(n_features) // ROW_FILTER_GROUPS
     if triton.cdiv(n_features, group) < max(k, k_aux):
         return []
@@ -645,7 +632,7 @@ def pre_activation_chunks(
 
 
 def _row_filter_width(n_features: int) -> int:
-    return max(ROW_FILTER_GROUPS, ROW_FILTER_MIN_WIDTH, triton.next_power_of_2(n_features))
+    return max(ROW_FILTER_GROUPS, ROW_FILTER_READ, triton.next_power_of_2(n_features))
 
 
 def row_filter_topk(
@@ -662,10 +649,9 @@ def row_filter_topk(
 ) -> Tensor:
     """The row-filter route: `filter_topk`'s contract (flagged rows left unwritten), with the
     pre-activation of row chunks written by cuBLAS (at most PRE_ACTIVATION_CHUNK entries: what eager
-    PyTorch computes, in the weights' dtype), whose group maxima `_group_maxima_kernel` takes and which
-    `_row_filter_kernel` filters and selects from: two launches per chunk. The scratch is allocated once
-    for the largest chunk and reused by every chunk (the launches are ordered on the stream), so a call
-    costs the host few allocations."""
+    PyTorch computes, in the weights' dtype) and filtered and selected by `_row_filter_kernel`, one
+    launch per chunk. Its scratch is allocated once for the largest chunk and reused by every chunk (the
+    launches are ordered on the stream), so a call costs the host few allocations."""
     B, F = x.shape[0], W_enc.shape[1]
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
@@ -676,23 +662,17 @@ def row_filter_topk(
     flags = x.new_empty(B, dtype=torch.int8)
     counts = x.new_empty(2, rows_per_chunk, dtype=torch.int32)  # zeroed by the kernel, row by row
     key_buf = x.new_empty(rows_per_chunk, cap, dtype=torch.int64)
-    maxima = x.new_empty(rows_per_chunk, n_groups * (2 if has_aux else 1), dtype=torch.int32)
+    scratch = x.new_empty(rows_per_chunk, n_groups * (2 if has_aux else 1), dtype=torch.int32)
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
-    block_g = max(1, ROW_FILTER_REREAD // group)  # the maxima kernel's groups per row and program
-    block_r = max(1, ROW_FILTER_MAXIMA_TILE // (block_g * group))
     for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
-        n = pre.shape[0]
-        _group_maxima_kernel[(triton.cdiv(n, block_r), triton.cdiv(triton.cdiv(F, group), block_g))](
-            pre, pre.stride(0), n, F, maxima, maxima.stride(0), dead,
-            HAS_AUX=has_aux, N_GROUPS=n_groups, GROUP=group, BLOCK_R=block_r, BLOCK_G=block_g, num_warps=4,
-        )  # fmt: skip
-        _row_filter_kernel[(n,)](
-            pre, pre.stride(0), F, k, rows.start, maxima, counts[0], key_buf, vals, idx, vals.stride(0),
+        _row_filter_kernel[(pre.shape[0],)](
+            pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
             idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
             aux_vals.stride(0), aux_idx.stride(0),
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
-            HOT_GROUPS=max(1, ROW_FILTER_REREAD // group), CAP=cap, KEEP=triton.next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=triton.next_power_of_2(max(1, k_aux)),
+            CHUNK_GROUPS=ROW_FILTER_READ // group, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
+            CAP=cap, KEEP=triton.next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=triton.next_power_of_2(max(1, k_aux)),
             num_warps=_row_warps(max(cap, aux_cap)),
         )  # fmt: skip
     return flags
