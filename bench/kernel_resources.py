@@ -149,9 +149,10 @@ def main() -> None:
                           "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
                           "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
                           "AUX_KEEP": triton.next_power_of_2(max(1, k_aux))}  # fmt: skip
-            warps = filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"]))
+            warps = max(cfg["WARPS"], filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"])))
             usage = resources(filter._row_filter_kernel, constexprs, num_warps=warps)
-            print(f"row_filter F={n_features} k={k} k_aux={k_aux} group={cfg['GROUP']} cap={cfg['CAP']}: {usage}")
+            print(f"row_filter F={n_features} k={k} k_aux={k_aux} group={cfg['GROUP']} cap={cfg['CAP']} warps={warps}: "
+                  f"{usage}")  # fmt: skip
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         usage = resources(filter._threshold_kernel, constexprs, num_warps=filter._row_warps(2 * block_g))
