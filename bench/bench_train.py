@@ -7,9 +7,9 @@ cuBLAS encoder GEMM as the floor.
 bf16 parameters at the benchmark shapes (harness.SHAPES). Before timing, every provider's FVU on the
 same batch and weights is checked against the fp32 reference.
 
-Op `train_step_batchtopk`: the BatchTopK SAE's step (no AuxK) at the three shapes, on the dense codes
-(`fastsae`) and on the sparse ones (`fastsae_sparse`, FASTSAE_BATCHTOPK_SPARSE), against the eager
-dense BatchTopK step (`torch`).
+Op `train_step_batchtopk`: the BatchTopK SAE's step (no AuxK) at the three shapes, on the sparse codes
+(`fastsae`, the default) and on the dense ones (`fastsae_dense_codes`, FASTSAE_BATCHTOPK_SPARSE=0),
+against the eager dense BatchTopK step (`torch`).
 
 The dead features are silenced (encoder bias SILENT_BIAS: they never reach a token's top k, so they stay
 dead) and fastsae's statistics say so from the start (tokens since fired beyond `dead_after_tokens`,
@@ -197,8 +197,8 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, k:
     expected_fvu = reference.fvu(codes @ weights["W_dec"].float() + weights["b_dec"].float(), x)
     del codes
     providers = {
-        "fastsae": _batchtopk_step(d, n_features, k, weights, sparse_codes=False),
-        "fastsae_sparse": _batchtopk_step(d, n_features, k, weights, sparse_codes=True),
+        "fastsae": _batchtopk_step(d, n_features, k, weights, sparse_codes=True),
+        "fastsae_dense_codes": _batchtopk_step(d, n_features, k, weights, sparse_codes=False),
         "torch": _dense_step(partial(_dense_batchtopk_loss, k=k), weights, compile_loss=False),
     }
     for name, step in providers.items():  # the first step sees the shared initial weights

@@ -29,11 +29,12 @@ the dense route's time at the GPT-2 / AlphaFold3 / Llama-8B shapes (3.07 / 3.78 
 3.35 / 4.21 / 13.41; eager PyTorch 3.86 / 4.87 / 14.21), so it is the default. ROUTE, from the
 environment variable FASTSAE_BATCHTOPK ("grouped", the default, or "dense"; read at import).
 
-SPARSE_CODES, from FASTSAE_BATCHTOPK_SPARSE=1 (read at import; experimental, not yet timed on a GPU):
-a `SparseAutoencoder` with activation "batchtopk" trains on the sparse codes (its SAEOutput then carries
-vals and idx in training mode, and acts is None), so the sparse decode and backward serve it as they
-serve TopK, data-parallel replicas included (`SparseAutoencoder._batchtopk_replicated_sparse`). The
-same codes either way; eval mode, compiling and graph capture keep the dense codes.
+SPARSE_CODES, on unless FASTSAE_BATCHTOPK_SPARSE=0 (read at import): a `SparseAutoencoder` with
+activation "batchtopk" trains on the sparse codes (its SAEOutput then carries vals and idx in training
+mode, and acts is None), so the sparse decode and backward serve it as they serve TopK, data-parallel
+replicas included (`SparseAutoencoder._batchtopk_replicated_sparse`). The same codes either way; eval
+mode, compiling and graph capture keep the dense codes. On the H200 (bf16, GPT-2 shape, AuxK off, same
+run) its training step took 5.2 ms against 19.9 ms on the dense codes and eager PyTorch's 7.6 ms.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .launch import may_synchronize
 ROUTE = os.environ.get("FASTSAE_BATCHTOPK", "grouped")
 if ROUTE not in ("dense", "grouped"):
     raise ValueError(f"FASTSAE_BATCHTOPK must be 'dense' or 'grouped', got {ROUTE!r}")
-SPARSE_CODES = os.environ.get("FASTSAE_BATCHTOPK_SPARSE") == "1"
+SPARSE_CODES = os.environ.get("FASTSAE_BATCHTOPK_SPARSE", "1") != "0"
 GROUP = 64  # codes per group: F / 64 maxima per row still hold the top k of most rows in distinct groups
 # Each row's candidates for the sparse codes: its 4k largest. A row keeps k codes on average; the
 # candidates fall short only for a row that keeps more than 4x the average.
