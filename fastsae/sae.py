@@ -134,7 +134,8 @@ def _mark_initialized(module: SparseAutoencoder, incompatible_keys) -> None:
 
 class SAEOutput(NamedTuple):
     """For input x [..., d] (e.g. [batch, seq, d] from a transformer hook): recon [..., d]; vals/idx
-    [..., k] for TopK (else None); acts [..., F] for dense codes (else None); loss = fvu + auxk_coef *
+    [..., k] for TopK and for a training BatchTopK SAE (its sparse codes: each row's candidates, value 0
+    where not kept; else None); acts [..., F] for dense codes (else None); loss = fvu + auxk_coef *
     auxk + the sparsity term (the scalar to backpropagate, over all tokens); mse, fvu, auxk (TopK's
     AuxK loss) and sparsity (the ReLU SAE's L1 penalty or, while training, the JumpReLU SAE's L0), each
     0 when it does not apply."""
@@ -375,7 +376,11 @@ class SparseAutoencoder(nn.Module):
             sae_x = self._to_sae_space(x)
             vals, idx, positive = F.encode_topk_positive_counts(sae_x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
             return F.fire_counts(idx, cfg.n_features, vals), positive
-        fired = F.fire_counts_dense(self._encode(x))
+        codes = self._encode(x)  # a training BatchTopK SAE's codes are sparse
+        if isinstance(codes, F.TopKCodes):
+            fired = F.fire_counts(codes.idx, cfg.n_features, codes.vals)
+        else:
+            fired = F.fire_counts_dense(codes)
         if cfg.activation == "relu":  # a ReLU code fires exactly where its pre-activation is > 0
             return fired, fired.clone()
         sae_x = self._to_sae_space(x)

@@ -50,9 +50,12 @@ def test_forward_matches_reference(activation, device):
     else:
         threshold = sae.threshold if activation == "jumprelu" else None
         acts = reference.encode_relu(x, sae.W_enc, sae.b_enc, sae.b_dec, threshold)
-        if activation == "batchtopk":
+        if activation == "batchtopk":  # a training BatchTopK SAE's codes are sparse (vals, idx)
             acts = reference.batch_topk(acts, 6)
-        assert_close(out.acts, acts, torch.float64, "acts")
+            assert out.acts is None
+            assert_close(reference.scatter_codes(out.vals, out.idx, acts.shape[1]), acts, torch.float64, "codes")
+        else:
+            assert_close(out.acts, acts, torch.float64, "acts")
         recon = reference.decode_dense(acts, sae.W_dec, sae.b_dec)
     assert_close(out.recon, recon, torch.float64, "recon")
     assert_close(out.fvu, reference.fvu(recon, x), torch.float64, "fvu")
@@ -258,7 +261,7 @@ def test_leading_dimensions(activation):
     out, out_flat = sae(x), flat(x.reshape(15, 24))
     assert out.recon.shape == (3, 5, 24)
     assert torch.equal(out.recon.reshape(15, 24), out_flat.recon) and torch.equal(out.loss, out_flat.loss)
-    codes = out.vals if activation == "topk" else out.acts
+    codes = out.vals if activation in ("topk", "batchtopk") else out.acts  # BatchTopK trains on sparse codes
     assert codes.shape[:2] == (3, 5)
     assert torch.equal(sae.tokens_since_fired, flat.tokens_since_fired)  # 15 tokens seen either way
     sae.eval()
@@ -455,13 +458,13 @@ def test_batchtopk_eval_codes_do_not_depend_on_the_batch(tmp_path):
     sae.eval()
     assert torch.equal(sae(x).acts, reference.batch_topk(reference.encode_relu(x, *_encoder(sae)), 6))
     sae.train()
-    out = sae(x)
-    first = float(out.acts.detach()[out.acts > 0].min())
+    out = sae(x)  # sparse codes while training
+    first = float(out.vals.detach()[out.vals > 0].min())
     assert float(sae.batchtopk_threshold) == pytest.approx(first)
     y = torch.randn(40, 24, dtype=torch.float64) + 3
     out = sae(y)
     decay = fastsae.sae.BATCHTOPK_THRESHOLD_DECAY
-    expected = decay * first + (1 - decay) * float(out.acts.detach()[out.acts > 0].min())
+    expected = decay * first + (1 - decay) * float(out.vals.detach()[out.vals > 0].min())
     assert float(sae.batchtopk_threshold) == pytest.approx(expected)
     sae.eval()
     together = sae(x).acts
