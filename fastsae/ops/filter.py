@@ -31,8 +31,8 @@ writes in row chunks of at most PRE_ACTIVATION_CHUNK entries (256 MB in bf16): a
 per row bounds the row's k-th largest value by the k-th largest of its group maxima taken over the whole
 row (not a subset: about k entries pass, not 10 k) and reads again only the groups that reach it. It
 writes and reads the chunk once more than the filter GEMM, but the GEMM runs at cuBLAS's speed: on the
-H200 the tuner picked it at all 9 shapes timed so far (at the GPT-2 width, the filter GEMM's epilogue
-alone costs more than the chunk's write and read); it picks between the two per shape.
+H200 the tuner picked it at every shape timed (at the GPT-2 width, the filter GEMM's epilogue alone
+costs more than the chunk's write and read); it picks between the two per shape.
 Its pre-activations are rounded to the weights' dtype, as eager PyTorch's are (the centring before the
 matmul is still fp32): two features within that rounding of each other at the k-th place tie, and the
 larger index wins, where the filter GEMM's fp32 accumulators may order them the other way.
