@@ -143,7 +143,7 @@ def main() -> None:
         print(f"filter_select cap={cap}: {usage}")
     for n_features, k, k_aux in [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]:
         for cfg in filter.row_filter_configs(k, k_aux, n_features):
-            n_groups = filter._row_filter_width(n_features) // cfg["GROUP"]
+            n_groups = cfg["N_GROUPS"]
             constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": cfg["GROUP"],
                           "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
                           "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
@@ -151,7 +151,7 @@ def main() -> None:
                           "AUX_KEEP": triton.next_power_of_2(max(1, k_aux))}  # fmt: skip
             warps = max(cfg["WARPS"], filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"])))
             usage = resources(filter._row_filter_kernel, constexprs, num_warps=warps)
-            print(f"row_filter F={n_features} k={k} k_aux={k_aux} group={cfg['GROUP']} cap={cfg['CAP']} warps={warps}: "
+            print(f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps}: "
                   f"{usage}")  # fmt: skip
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}

@@ -63,10 +63,11 @@ MARGIN = tl.constexpr(2.0**-7)
 # Pre-activations that cuBLAS writes at once for the routes that take a whole row (the dense route and
 # the row filter), whatever B and F: 256 MB in bf16.
 PRE_ACTIVATION_CHUNK = 2**27
-# The row filter: group maxima it selects from (32 per thread of a warp), entries it reads at
+# The row filter: group maxima per warp it selects from (32 per thread), entries it reads at
 # once for them (bf16 in 32 registers per thread: fewer dependent reads per row) and entries of the
 # groups it reads again at once (32 per thread: whole EPILOGUE_PACKs, in the registers the appends leave).
 ROW_FILTER_GROUPS = 1024
+ROW_FILTER_MIN_GROUP = 4  # features per group, at least: a re-read tile gives each thread whole PTX packs
 ROW_FILTER_READ = 4096
 ROW_FILTER_REREAD = 1024
 
@@ -607,17 +608,25 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
 
 
 def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
-    """The row filter's buffer capacities (about k entries pass its bound; a capacity of 2k rarely
-    overflows and keeps the select short), warps per row and group size: ROW_FILTER_GROUPS groups over
-    the row rounded up to a power of two, and no fewer than ROW_FILTER_READ features (so that every
-    read fills whole PTX packs of every thread). None when fewer than k groups would hold features."""
-    group = _row_filter_width(n_features) // ROW_FILTER_GROUPS
-    if triton.cdiv(n_features, group) < max(k, k_aux):
-        return []
+    """The row filter's configurations: buffer capacities (about k entries pass its bound; a capacity of
+    2k rarely overflows and keeps the select short), warps per row (2 measured fastest at k = 32 and 4
+    at k = 128 on the H200, GPT-2 and AF3 widths) and groups per row: ROW_FILTER_GROUPS, or that many per
+    warp (a tighter bound: fewer groups reach it and fewer entries are read again, which matters at
+    large k), over the row rounded up to a power of two, each group of at least ROW_FILTER_MIN_GROUP
+    features. Configurations where fewer than k groups would hold features are left out."""
     aux_cap = max(64, triton.next_power_of_2(4 * k_aux)) if k_aux else 1
-    caps = {max(64, triton.next_power_of_2(2 * k)), max(64, triton.next_power_of_2(4 * k))}
-    # Warps per row: 2 measured fastest at k = 32 and 4 at k = 128 (H200, GPT-2 and AF3 widths).
-    return [dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, WARPS=warps) for warps in (2, 4) for cap in sorted(caps)]
+    caps = sorted({max(64, triton.next_power_of_2(2 * k)), max(64, triton.next_power_of_2(4 * k))})
+    configs = []
+    for warps in (2, 4):
+        for n_groups in sorted({ROW_FILTER_GROUPS, ROW_FILTER_GROUPS * warps}):
+            if n_groups > ROW_FILTER_GROUPS and _row_filter_width(n_features, n_groups) > _row_filter_width(
+                n_features, ROW_FILTER_GROUPS
+            ):  # the extra groups would widen the row with empty ones, not split it finer
+                continue
+            group = _row_filter_width(n_features, n_groups) // n_groups
+            if triton.cdiv(n_features, group) >= max(k, k_aux):
+                configs += [dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, N_GROUPS=n_groups, WARPS=warps) for cap in caps]
+    return configs
 
 
 def pre_activation_chunks(
@@ -637,8 +646,9 @@ def pre_activation_chunks(
         yield rows, pre
 
 
-def _row_filter_width(n_features: int) -> int:
-    return max(ROW_FILTER_GROUPS, ROW_FILTER_READ, triton.next_power_of_2(n_features))
+def _row_filter_width(n_features: int, n_groups: int) -> int:
+    """Features per row the row filter splits into `n_groups` groups (a power of two, >= n_features)."""
+    return max(ROW_FILTER_MIN_GROUP * n_groups, ROW_FILTER_READ, triton.next_power_of_2(n_features))
 
 
 def row_filter_topk(
@@ -662,7 +672,7 @@ def row_filter_topk(
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
     group = cfg["GROUP"]
-    n_groups = _row_filter_width(F) // group
+    n_groups = cfg["N_GROUPS"]
     rows_per_chunk = max(1, min(B, PRE_ACTIVATION_CHUNK // F, FILTER_SLOTS // max(cap, aux_cap)))
     vals, idx, aux_vals, aux_idx = outputs
     flags = x.new_empty(B, dtype=torch.int8)
