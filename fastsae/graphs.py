@@ -37,9 +37,9 @@ from __future__ import annotations
 from collections import deque
 
 import torch
-import triton
 from torch import Tensor
 
+from .ops.launch import next_power_of_2
 from .sae import AUXK_DENSE_MAX_ELEMENTS, SAEOutput, SparseAutoencoder
 
 MIN_AUXK_CAPACITY = 64  # the shortest dead-feature list: fewer captures while features die one by one
@@ -118,7 +118,7 @@ class CapturedStep:
         if sae.auxk_capacity is not None and n_dead <= sae.auxk_capacity:
             return sae.auxk_capacity
         longest = min(sae.cfg.n_features, AUXK_DENSE_MAX_ELEMENTS // n_tokens)
-        capacity = min(longest, max(MIN_AUXK_CAPACITY, triton.next_power_of_2(n_dead)))
+        capacity = min(longest, max(MIN_AUXK_CAPACITY, next_power_of_2(n_dead)))
         return capacity if n_dead <= capacity else None
 
     def _uses_auxk(self) -> bool:

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .launch import bucket, tuned
+from .launch import bucket, cdiv, tuned
 from .scatter import feature_sums
 
 
@@ -63,7 +63,7 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
     out = vals.new_empty(B, D, dtype=W_dec.dtype)
 
     def run(cfg: dict) -> None:
-        grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(D, cfg["BLOCK_D"]))
+        grid = (cdiv(B, cfg["BLOCK_M"]), cdiv(D, cfg["BLOCK_D"]))
         _decode_sparse_fwd_kernel[grid](
             vals, idx, W_dec, b_dec if b_dec is not None else W_dec, out,
             B, K, D, F,
@@ -124,7 +124,7 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
     dvals = vals.new_empty(B, K)
 
     def run(cfg: dict) -> None:
-        _decode_sparse_bwd_vals_kernel[(triton.cdiv(B, cfg["BLOCK_M"]),)](
+        _decode_sparse_bwd_vals_kernel[(cdiv(B, cfg["BLOCK_M"]),)](
             grad_out, idx, W_dec, dvals,
             B, K, D, F,
             grad_out.stride(0), grad_out.stride(1), idx.stride(0), idx.stride(1),

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .launch import cdiv, next_power_of_2
+
 
 @triton.jit
 def _remove_parallel_grad_kernel(
@@ -50,10 +52,10 @@ def _normalize_rows_kernel(
 
 def _grid(W: Tensor) -> tuple[tuple[int], dict]:
     """About 16 row elements per thread (more spill registers: checked with bench.kernel_resources)."""
-    block_d = triton.next_power_of_2(W.shape[1])
+    block_d = next_power_of_2(W.shape[1])
     num_warps = 4 if block_d <= 2048 else 8
     block_f = max(1, 16 * 32 * num_warps // block_d)
-    return (triton.cdiv(W.shape[0], block_f),), dict(BLOCK_F=block_f, BLOCK_D=block_d, num_warps=num_warps)
+    return (cdiv(W.shape[0], block_f),), dict(BLOCK_F=block_f, BLOCK_D=block_d, num_warps=num_warps)
 
 
 def remove_parallel_grad_(W_dec: Tensor, grad: Tensor, eps: float = 1e-12) -> None:

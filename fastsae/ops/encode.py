@@ -50,7 +50,7 @@ from .filter import (
     row_filter_topk,
     to_key,
 )
-from .launch import INTERPRET, bucket, dot_dtype, input_precision, sm_count, tuned
+from .launch import INTERPRET, bucket, cdiv, dot_dtype, input_precision, next_power_of_2, sm_count, tuned
 from .scatter import feature_sums
 
 MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernels keep; beyond: dense route
@@ -286,12 +286,13 @@ def _topk_finish_kernel(
     _store_codes(keys, rows, row_valid, vals_ptr, idx_ptr, k, stride_vm, stride_im)
 
 
+@functools.cache  # the filters' fallback asks for it on every call
 def _sweep_config(k: int, k_aux: int) -> dict:
     """The sweep's tile shape. Wider row blocks reuse each W_enc tile for more rows (less L2 traffic);
     large k needs narrow row blocks so a compaction's sort fits in registers. 64 x 128 with 8 warps is
     the largest that compiles without register spills for k <= 64 (sm_90)."""
-    keep = max(MIN_KEEP, triton.next_power_of_2(k))
-    aux_keep = max(MIN_KEEP, triton.next_power_of_2(k_aux))
+    keep = max(MIN_KEEP, next_power_of_2(k))
+    aux_keep = max(MIN_KEEP, next_power_of_2(k_aux))
     if INTERPRET:  # numpy runs every sort step element by element: keep the interpreter's tiles small
         block_m, block_n, block_k, warps, stages = 16, 32, 32, 4, 1
     elif keep <= 64:
@@ -300,8 +301,8 @@ def _sweep_config(k: int, k_aux: int) -> dict:
         block_m, block_n, block_k, warps, stages = 32, 128, 64, 4, 3
     else:
         block_m, block_n, block_k, warps, stages = 16, 128, 64, 4, 3
-    cap = triton.next_power_of_2(keep + block_n)
-    aux_cap = triton.next_power_of_2(aux_keep + block_n)
+    cap = next_power_of_2(keep + block_n)
+    aux_cap = next_power_of_2(aux_keep + block_n)
     return dict(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
         KEEP=keep, CAP=cap, SORT_ROWS=max(1, min(block_m, SORT_ELEMENTS // cap)),
@@ -445,19 +446,22 @@ def _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, ou
     b_enc, b_dec = b_enc.contiguous(), b_dec.contiguous()  # the kernel reads vectors with unit stride
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else idx  # any pointer when AuxK is off
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    n_row_blocks = triton.cdiv(B, block_m)
+    n_row_blocks = cdiv(B, block_m)
     padded_rows = n_row_blocks * block_m
     if flags is None:
         n_split = _n_split(n_row_blocks, F, block_n, sm_count(x.device), max(keep, aux_keep if has_aux else 1))
     else:
         n_split = 1
-    tiles_per_split = triton.cdiv(triton.cdiv(F, n_split), block_n)
+    tiles_per_split = cdiv(cdiv(F, n_split), block_n)
     buf_rows = n_split * padded_rows
     val_buf, idx_buf = _scratch(x, buf_rows, cfg["CAP"])
     tau = x.new_empty(buf_rows, dtype=torch.float32)
     aux_cap = cfg["AUX_CAP"] if has_aux else 1
-    aux_val_buf, aux_idx_buf = _scratch(x, buf_rows if has_aux else 1, aux_cap)
-    aux_tau = x.new_empty(aux_val_buf.shape[0], dtype=torch.float32)
+    if has_aux:
+        aux_val_buf, aux_idx_buf = _scratch(x, buf_rows, aux_cap)
+        aux_tau = x.new_empty(buf_rows, dtype=torch.float32)
+    else:  # any pointers: the kernel does not touch them
+        aux_val_buf, aux_idx_buf, aux_tau = val_buf, idx_buf, tau
     _encode_topk_fwd_kernel[(n_row_blocks, n_split)](
         x, W_enc, b_enc, b_dec, dead, val_buf, idx_buf, tau, aux_val_buf, aux_idx_buf, aux_tau,
         positive_counts if positive_counts is not None else idx,  # any pointer when not counting
@@ -493,7 +497,7 @@ def _finish(
 ) -> None:
     B, k = vals.shape
     block_m = max(1, min(64, SORT_ELEMENTS // (n_split * keep)))
-    _topk_finish_kernel[(triton.cdiv(B, block_m),)](
+    _topk_finish_kernel[(cdiv(B, block_m),)](
         val_buf, idx_buf, vals, idx, flags if flags is not None else idx,
         B, k, padded_rows, val_buf.stride(0), vals.stride(0), idx.stride(0),
         N_SPLIT=n_split, KEEP=keep, BLOCK_M=block_m, ONLY_FLAGGED=flags is not None,
@@ -552,7 +556,7 @@ def encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshol
     out = x.new_empty(B, F, dtype=W_enc.dtype)
 
     def run(cfg: dict) -> None:
-        grid = (triton.cdiv(B, cfg["BLOCK_M"]) * triton.cdiv(F, cfg["BLOCK_N"]),)
+        grid = (cdiv(B, cfg["BLOCK_M"]) * cdiv(F, cfg["BLOCK_N"]),)
         _encode_relu_fwd_kernel[grid](
             x, W_enc, b_enc, b_dec, threshold if threshold is not None else b_enc, out,
             B, D, F,

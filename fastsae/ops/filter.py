@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .launch import INTERPRET, input_precision, matmul_dtype, sm_count
+from .launch import INTERPRET, cdiv, input_precision, matmul_dtype, next_power_of_2, sm_count
 
 EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty slot: below every (value, feature) key
 THRESHOLD_ELEMENTS = 2**25  # pre-activations of the threshold pass held at once (64 MB in bf16)
@@ -503,8 +503,8 @@ def center(x: Tensor, b_dec: Tensor, dtype: torch.dtype) -> Tensor:
     16-byte aligned (a TMA operand for any d), in one pass."""
     B, D = x.shape
     out = x.new_empty(B, _aligned(D, dtype), dtype=dtype)[:, :D]
-    block_d = min(256, triton.next_power_of_2(D))
-    _center_kernel[(triton.cdiv(B, 16), triton.cdiv(D, block_d))](
+    block_d = min(256, next_power_of_2(D))
+    _center_kernel[(cdiv(B, 16), cdiv(D, block_d))](
         x, b_dec.contiguous(), out, B, D, x.stride(0), x.stride(1), out.stride(0), BLOCK_M=16, BLOCK_D=block_d
     )
     return out
@@ -513,7 +513,7 @@ def center(x: Tensor, b_dec: Tensor, dtype: torch.dtype) -> Tensor:
 def _aligned(n: int, dtype: torch.dtype) -> int:
     """n rounded up to a whole number of 16-byte units of `dtype` elements."""
     per_unit = 16 // dtype.itemsize
-    return triton.cdiv(n, per_unit) * per_unit
+    return cdiv(n, per_unit) * per_unit
 
 
 def tma_operand(t: Tensor) -> Tensor:
@@ -533,7 +533,7 @@ def subset_plan(k: int, n_features: int, cap: int) -> tuple[int, int]:
     large as 8 while at least 4 * k groups remain (then the k largest groups rarely share a group with
     a k-th-largest candidate, and the bound stays close to the subset's own k-th largest value) and at
     most MAX_GROUPS groups are left for the select."""
-    size = min(n_features, max(triton.cdiv(3 * k * n_features, cap), k))
+    size = min(n_features, max(cdiv(3 * k * n_features, cap), k))
     group = 1
     while group < 8 and size // (2 * group) >= 4 * k:
         group *= 2
@@ -563,7 +563,7 @@ def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, colum
     weights, bias = weights.to(xc.dtype), bias.to(xc.dtype)
     n_groups = size // group
     tau = xc.new_empty(B, dtype=torch.float32)
-    block_g = triton.next_power_of_2(n_groups)
+    block_g = next_power_of_2(n_groups)
     chunk = max(1, THRESHOLD_ELEMENTS // size)
     for start in range(0, B, chunk):
         rows = slice(start, min(B, start + chunk))
@@ -591,9 +591,9 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
         # Spill-free on sm_90; 128 x 256 tiles spill in the epilogue and measured slower at GPT-2 and AF3.
         tiles = [(128, 128, 64, 8, 8, 4, 1), (64, 128, 64, 8, 4, 4, 2), (128, 128, 128, 8, 8, 3, 1)]
     widest = max(512, n_features // 2)
-    caps = [max(512 * 2**i, triton.next_power_of_2(16 * 2**i * k)) for i in range(3)]
+    caps = [max(512 * 2**i, next_power_of_2(16 * 2**i * k)) for i in range(3)]
     caps = [cap for cap in caps if cap <= widest]
-    aux_cap = max(256, triton.next_power_of_2(8 * k_aux)) if k_aux else 1
+    aux_cap = max(256, next_power_of_2(8 * k_aux)) if k_aux else 1
     configs = [
         dict(
             BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, PER_SM=p, CAP=cap, AUX_CAP=aux_cap
@@ -614,8 +614,8 @@ def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     warp (a tighter bound: fewer groups reach it and fewer entries are read again, which matters at
     large k), over the row rounded up to a power of two, each group of at least ROW_FILTER_MIN_GROUP
     features. Configurations where fewer than k groups would hold features are left out."""
-    aux_cap = max(64, triton.next_power_of_2(4 * k_aux)) if k_aux else 1
-    caps = sorted({max(64, triton.next_power_of_2(2 * k)), max(64, triton.next_power_of_2(4 * k))})
+    aux_cap = max(64, next_power_of_2(4 * k_aux)) if k_aux else 1
+    caps = sorted({max(64, next_power_of_2(2 * k)), max(64, next_power_of_2(4 * k))})
     configs = []
     for warps in (2, 4):
         for n_groups in sorted({ROW_FILTER_GROUPS, ROW_FILTER_GROUPS * warps}):
@@ -624,7 +624,7 @@ def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
             ):  # the extra groups would widen the row with empty ones, not split it finer
                 continue
             group = _row_filter_width(n_features, n_groups) // n_groups
-            if triton.cdiv(n_features, group) >= max(k, k_aux):
+            if cdiv(n_features, group) >= max(k, k_aux):
                 configs += [dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, N_GROUPS=n_groups, WARPS=warps) for cap in caps]
     return configs
 
@@ -648,7 +648,7 @@ def pre_activation_chunks(
 
 def _row_filter_width(n_features: int, n_groups: int) -> int:
     """Features per row the row filter splits into `n_groups` groups (a power of two, >= n_features)."""
-    return max(ROW_FILTER_MIN_GROUP * n_groups, ROW_FILTER_READ, triton.next_power_of_2(n_features))
+    return max(ROW_FILTER_MIN_GROUP * n_groups, ROW_FILTER_READ, next_power_of_2(n_features))
 
 
 def row_filter_topk(
@@ -688,7 +688,7 @@ def row_filter_topk(
             aux_vals.stride(0), aux_idx.stride(0),
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
             CHUNK_GROUPS=ROW_FILTER_READ // group, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
-            CAP=cap, KEEP=triton.next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=triton.next_power_of_2(max(1, k_aux)),
+            CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
             num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
         )  # fmt: skip
     return flags
@@ -791,7 +791,7 @@ def filter_gemm(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["GROUP_M"], N_PROGRAMS=n_programs,
         # Short reductions gain from overlapping the next tile's loads with this epilogue (H200: d = 384
         # and 768); at d = 4096 the unflattened loop measured faster.
-        FLATTEN=triton.cdiv(D, block_k) <= 16,
+        FLATTEN=cdiv(D, block_k) <= 16,
         INPUT_PRECISION=input_precision(W_enc.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
 
@@ -802,7 +802,7 @@ def _select(key_buf, count, tau, vals, idx, flags, fewer_if_unbounded: bool, or_
     _select_kernel[(B,)](
         key_buf, count, tau, vals, idx, flags,
         B, k, vals.stride(0), idx.stride(0),
-        FEWER_IF_UNBOUNDED=fewer_if_unbounded, OR_FLAGS=or_flags, CAP=cap, KEEP=triton.next_power_of_2(k),
+        FEWER_IF_UNBOUNDED=fewer_if_unbounded, OR_FLAGS=or_flags, CAP=cap, KEEP=next_power_of_2(k),
         BLOCK_M=1, num_warps=_row_warps(cap),
     )  # fmt: skip
 

@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
@@ -52,9 +51,20 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code. (triton.cdiv and triton.next_power_of_2 are constexpr functions in
+    Triton 3.6 that cost the host about 4 us per call, and a training step makes dozens of them.)"""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host code (see `cdiv`)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def bucket(n: int) -> int:
     """Power-of-two bucket of a size, for tuning-cache keys."""
-    return triton.next_power_of_2(max(n, 1))
+    return next_power_of_2(n)
 
 
 _best: dict[tuple, object] = {}

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import bucket, dot_dtype, input_precision, tuned
+from .launch import bucket, cdiv, dot_dtype, input_precision, tuned
 
 ROUTE = os.environ.get("FASTSAE_FEATURE_SUMS", "auto")
 if ROUTE not in ("auto", "atomic", "blocked"):
@@ -157,7 +157,7 @@ def feature_sums(
         out_f = out.t() if transposed else out  # [F, d] view: the kernel writes either layout directly
 
         def run(cfg: dict) -> None:
-            grid = (triton.cdiv(n_features, cfg["BLOCK_F"]), triton.cdiv(d, cfg["BLOCK_D"]))
+            grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(d, cfg["BLOCK_D"]))
             _feature_sum_blocked_kernel[grid](
                 rows, center_arg, sorted_coef, tokens, sorted_features, offsets, out_f, coef_sum,
                 n_features, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
@@ -175,7 +175,7 @@ def feature_sums(
         def run(cfg: dict) -> None:
             out.zero_()
             coef_sum.zero_()
-            grid = (triton.cdiv(B, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
+            grid = (cdiv(B, cfg["BLOCK_M"]), cdiv(d, cfg["BLOCK_D"]))
             _feature_sum_atomic_kernel[grid](
                 rows, center_arg, coef, idx, out, coef_sum,
                 B, K, d, rows.stride(0), rows.stride(1),
