@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fastsae
 from fastsae import parallel
+from fastsae.ops import batchtopk
 from fastsae.sae import FEATURE_DIMS
 
 D, N_FEATURES, K, K_AUX, TOKENS, STEPS = 12, 48, 4, 6, 26, 6  # 26 tokens: uneven over 3 or 4 replicas
@@ -139,12 +140,15 @@ def _free_port():
     [("topk", 2), ("topk", 4), ("relu", 2), ("jumprelu", 3), ("batchtopk", 2), ("batchtopk", 3)],
     ids=lambda v: str(v),
 )
-def test_data_parallel_trains_like_one_process(activation, world, tmp_path):
+def test_data_parallel_trains_like_one_process(activation, world, tmp_path, monkeypatch):
     """Losses, the sparsity penalty (ReLU's L1, JumpReLU's L0 with its estimator window), BatchTopK's
     selection over every replica's tokens, and every parameter and statistic (BatchTopK's inference
     threshold too) after STEPS Adam steps match one process on the whole batch. Over 3 or 4
     replicas the batches split unevenly (9 + 9 + 8, 7 + 7 + 7 + 5 tokens), which the losses'
-    normalisation over every replica's tokens must not notice."""
+    normalisation over every replica's tokens must not notice. BatchTopK here on its dense codes (the
+    sparse ones: the next test)."""
+    monkeypatch.setattr(batchtopk, "SPARSE_CODES", False)
+    monkeypatch.setenv("FASTSAE_BATCHTOPK_SPARSE", "0")  # read at import by the spawned replicas
     sample, batches = _data()
     torch.manual_seed(1)
     single = _sae(activation).initialize(sample)
@@ -176,6 +180,7 @@ def test_data_parallel_batchtopk_trains_like_one_process_on_sparse_codes(world, 
     sample, batches = _data(crowd=True)
     torch.manual_seed(1)
     single = _sae("batchtopk").initialize(sample)
+    monkeypatch.setattr(batchtopk, "SPARSE_CODES", False)  # the one process on the dense codes
     expected_losses, _, _ = _train(single, single, batches)
     monkeypatch.setenv("FASTSAE_BATCHTOPK_SPARSE", "1")  # read at import by the spawned replicas
     result_path = tmp_path / "rank0.pt"
