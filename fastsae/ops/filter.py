@@ -27,9 +27,10 @@ AuxK runs the same way with its own threshold over dead features (the first S_au
 per-feature counts of positive pre-activations ride in the filter epilogue.
 
 The row filter (`row_filter_topk`) is the same filter and select over pre-activations that cuBLAS
-writes in row chunks of at most PRE_ACTIVATION_CHUNK entries (256 MB in bf16): a kernel with one warp
-per row bounds the row's k-th largest value by the k-th largest of its group maxima taken over the whole
-row (not a subset: about k entries pass, not 10 k) and reads again only the groups that reach it. It
+writes in row chunks of at most PRE_ACTIVATION_CHUNK entries (256 MB in bf16): one kernel launch per
+chunk, a program per row, bounds the row's k-th largest value by its group maxima taken over the whole
+row (not a subset: about k entries pass, not 10 k), reads again only the groups that reach the bound and
+selects among their entries. It
 writes and reads the chunk once more than the filter GEMM, but the GEMM runs at cuBLAS's speed: on the
 H200 the tuner picked it at every shape timed (at the GPT-2 width, the filter GEMM's epilogue alone
 costs more than the chunk's write and read); it picks between the two per shape.
@@ -317,9 +318,9 @@ def _row_filter_kernel(
     cuBLAS wrote for the batch's rows row0 .. row0 + rows. A row's work is a chain of dependent steps,
     so what hides its latency is rows in flight: a program of one warp needs about 155 registers per
     thread (too few rows per SM), one of 2 or 4 warps 40-80 (`row_filter_configs`: measured faster on
-    the H200 despite the reductions across warps). The row's `scratch` (global memory: registers cannot gather a
-    loop's chunks) holds N_GROUPS int32, twice with AuxK; its count and key buffer are reused by the
-    next chunk.
+    the H200 despite the reductions across warps). The row's `scratch` (global memory: registers
+    cannot gather a loop's chunks) holds N_GROUPS int32, twice with AuxK; its count and key buffer are
+    reused by the next chunk.
     1. The maxima of the row's N_GROUPS groups (GROUP adjacent features each; a thread reads whole
        groups, coalesced), CHUNK_GROUPS groups at a time, as `_ordered` keys into the scratch.
     2. The threshold: a value that k to k + k / 4 group maxima reach (the k-th largest maximum or a
