@@ -229,19 +229,28 @@ def _encode_topk_fwd_kernel(
             BLOCK_M, AUX_CAP, AUX_KEEP, AUX_SORT_ROWS,
         )  # fmt: skip
     if FINISH:  # one feature split: the compacted buffers are the rows' answers, sorted; no finishing kernel
-        for r0 in range(0, BLOCK_M, SORT_ROWS):
-            rows = row_block * BLOCK_M + r0 + tl.arange(0, SORT_ROWS)
-            offsets = rows.to(tl.int64)[:, None] * stride_buf + tl.arange(0, KEEP)[None, :]
-            keys = _load_keys(val_buf_ptr, idx_buf_ptr, offsets, (rows < B)[:, None])
-            _store_codes(keys, rows, _rows_to_write(rows, B, flag_ptr, ONLY_FLAGGED), vals_ptr, idx_ptr, k,
-                         stride_vm, stride_im)  # fmt: skip
+        _write_compacted(val_buf_ptr, idx_buf_ptr, stride_buf, vals_ptr, idx_ptr, k, stride_vm, stride_im,
+                         row_block * BLOCK_M, B, flag_ptr, ONLY_FLAGGED, BLOCK_M, KEEP, SORT_ROWS)  # fmt: skip
         if HAS_AUX:
-            for r0 in range(0, BLOCK_M, AUX_SORT_ROWS):
-                rows = row_block * BLOCK_M + r0 + tl.arange(0, AUX_SORT_ROWS)
-                offsets = rows.to(tl.int64)[:, None] * stride_aux_buf + tl.arange(0, AUX_KEEP)[None, :]
-                keys = _load_keys(aux_val_buf_ptr, aux_idx_buf_ptr, offsets, (rows < B)[:, None])
-                _store_codes(keys, rows, _rows_to_write(rows, B, flag_ptr, ONLY_FLAGGED), aux_vals_ptr, aux_idx_ptr,
-                             k_aux, stride_avm, stride_aim)  # fmt: skip
+            _write_compacted(
+                aux_val_buf_ptr, aux_idx_buf_ptr, stride_aux_buf, aux_vals_ptr, aux_idx_ptr, k_aux, stride_avm,
+                stride_aim, row_block * BLOCK_M, B, flag_ptr, ONLY_FLAGGED, BLOCK_M, AUX_KEEP, AUX_SORT_ROWS,
+            )  # fmt: skip
+
+
+@triton.jit
+def _write_compacted(
+    val_buf_ptr, idx_buf_ptr, stride_buf, vals_ptr, idx_ptr, k, stride_vm, stride_im, row_start, B, flag_ptr,
+    ONLY_FLAGGED: tl.constexpr, BLOCK_M: tl.constexpr, KEEP: tl.constexpr, SORT_ROWS: tl.constexpr,
+):  # fmt: skip
+    """The codes of the BLOCK_M rows from row_start, from their compacted buffers (the KEEP largest keys,
+    sorted: what `_compact` leaves), SORT_ROWS rows at a time."""
+    for r0 in range(0, BLOCK_M, SORT_ROWS):
+        rows = row_start + r0 + tl.arange(0, SORT_ROWS)
+        offsets = rows.to(tl.int64)[:, None] * stride_buf + tl.arange(0, KEEP)[None, :]
+        keys = _load_keys(val_buf_ptr, idx_buf_ptr, offsets, (rows < B)[:, None])
+        _store_codes(keys, rows, _rows_to_write(rows, B, flag_ptr, ONLY_FLAGGED), vals_ptr, idx_ptr, k,
+                     stride_vm, stride_im)  # fmt: skip
 
 
 @triton.jit
@@ -319,7 +328,8 @@ def _n_split(n_row_blocks: int, n_features: int, block_n: int, n_sms: int, keep:
     return split
 
 
-def topk_routes(k: int, k_aux: int, n_features: int) -> list[tuple[str, dict]]:
+@functools.cache  # built once per shape: building them costs the host more than a kernel launch
+def topk_routes(k: int, k_aux: int, n_features: int) -> tuple[tuple[str, dict], ...]:
     """The ways to compute a TopK encode, as (route, configuration) candidates for the tuner:
     "row_filter" (threshold-first over cuBLAS pre-activations of row chunks, where F allows; flagged rows
     recomputed by the sweep), "filter" (the same filter inside the GEMM, `filter.py`), "sweep" (this
@@ -327,18 +337,12 @@ def topk_routes(k: int, k_aux: int, n_features: int) -> list[tuple[str, dict]]:
     what a user would write, so the tuner never picks a path slower than it). The first is the default:
     the row filter, which the tuner picked at every shape timed on the H200."""
     if max(k, k_aux) > MAX_KEEP:  # beyond the sweep's buffers (the filter's fallback)
-        return [("dense", {})]
+        return (("dense", {}),)
     routes = [("row_filter", cfg) for cfg in row_filter_configs(k, k_aux, n_features)]
     routes += [("filter", cfg) for cfg in filter_configs(k, k_aux, n_features, INTERPRET)]
     routes.append(("sweep", _sweep_config(k, k_aux)))  # compiled anyway as the filter's fallback
     routes.append(("dense", {}))
-    return routes
-
-
-@functools.cache
-def _cached_routes(k: int, k_aux: int, n_features: int) -> tuple[tuple[str, dict], ...]:
-    """`topk_routes` built once per shape: building them costs the host more than a kernel launch."""
-    return tuple(topk_routes(k, k_aux, n_features))
+    return tuple(routes)
 
 
 def encode_topk(
@@ -412,7 +416,7 @@ def _encode_topk(
 
     if route is None:
         key = ("encode_topk", D, F, bucket(B), k, k_aux, x.dtype, W_enc.dtype, positive_counts is not None)
-        route = tuned(key, _cached_routes(k, k_aux, F), run)
+        route = tuned(key, topk_routes(k, k_aux, F), run)
     run(route)
     return outputs
 
