@@ -10,7 +10,7 @@
 #   FASTSAE_SANITIZE_KERNEL_ARGS  extra bench.sanitize_kernels arguments (e.g. --filter-configs first)
 #   FASTSAE_SANITIZER_ARGS   extra compute-sanitizer arguments (e.g. to leave out cuBLAS's kernels)
 #   FASTSAE_SANITIZE_TOOLS   which tools (default "memcheck racecheck initcheck")
-#   FASTSAE_SANITIZE_TIMEOUT seconds per tool over the Triton kernels (default 1800; a cut run keeps its log)
+#   FASTSAE_SANITIZE_TIMEOUT seconds per check (default 1800; a cut check keeps its log)
 #   FASTSAE_SOAK_STEPS       training steps of the soak run (default 20000)
 #   FASTSAE_TESTS            pytest targets, or FASTSAE_TEST_GROUPS: ';'-separated targets run in parallel
 #   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 15)
@@ -64,28 +64,49 @@ fi
 
 if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer"
-    # Without the caching allocator every tensor has its own bounds for memcheck to check.
+    # Each check is a process of its own, all started at once: the sanitizers are CPU-bound and one GPU
+    # serves them all, so the whole step takes as long as its slowest check, not their sum. Without the
+    # caching allocator every tensor has its own bounds for memcheck to check.
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    checks=()
+    sanitize() {  # NAME TOOL COMMAND...: compute-sanitizer's log in $OUT/sanitizer_NAME.log
+        local name=$1 tool=$2
+        shift 2
+        timeout "${FASTSAE_SANITIZE_TIMEOUT:-1800}" compute-sanitizer --tool "$tool" --error-exitcode 3 "$@" \
+            >"$OUT/sanitizer_$name.log" 2>&1 &
+        checks+=("$name:$!")
+    }
+    IFS=',' read -ra shapes <<<"${FASTSAE_SANITIZE_SHAPES:-small,odd}"
     for tool in ${FASTSAE_SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 bench/sanitize_ext.py \
-            >"$OUT/sanitizer_ext_$tool.log" 2>&1
-        echo "ext $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_ext_$tool.log" | tail -1)"
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${FASTSAE_SANITIZE_TIMEOUT:-1800}" \
-            compute-sanitizer --tool "$tool" --error-exitcode 3 ${FASTSAE_SANITIZER_ARGS:-} \
-            python3 -m bench.sanitize_kernels --shapes "${FASTSAE_SANITIZE_SHAPES:-small,odd}" ${FASTSAE_SANITIZE_KERNEL_ARGS:-} \
-            >"$OUT/sanitizer_kernels_$tool.log" 2>&1
-        echo "kernels $tool exit $? : $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_kernels_$tool.log" | tail -1)"
+        sanitize "ext_$tool" "$tool" python3 bench/sanitize_ext.py
+        for shape in "${shapes[@]}"; do
+            # shellcheck disable=SC2086  # the extra arguments are words
+            sanitize "kernels_${tool}_$shape" "$tool" ${FASTSAE_SANITIZER_ARGS:-} \
+                python3 -m bench.sanitize_kernels --shapes "$shape" ${FASTSAE_SANITIZE_KERNEL_ARGS:-}
+        done
     done
     # initcheck does not see cuBLAS's stores on every stack (bench/initcheck_cublas.py shows it with torch's
-    # own kernels): name the kernels it reported, to tell those reads from a kernel's own.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck python3 bench/initcheck_cublas.py >"$OUT/sanitizer_cublas_initcheck.log" 2>&1
-    echo "cublas probe initcheck: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_cublas_initcheck.log" | head -1)"
+    # own kernels): the summary names the kernels initcheck reported, to tell those reads from a kernel's own.
+    sanitize cublas_probe_initcheck initcheck python3 bench/initcheck_cublas.py
     # racecheck on Gluon's warp specialisation alone, in filter_ws's partition structure and a minimal one
     # (bench/racecheck_gluon.py): whether filter_ws's report comes with the structure or with the kernel.
-    for structure in ${FASTSAE_GLUON_STRUCTURES:-minimal filter_ws filter_ws_no_maxnreg filter_ws_mbarriers filter_ws_handoff filter_ws_group_barrier}; do
-        compute-sanitizer --tool racecheck python3 bench/racecheck_gluon.py --structure "$structure" >>"$OUT/sanitizer_gluon_racecheck.log" 2>&1
-        echo "gluon $structure racecheck: $(grep -E 'RACECHECK SUMMARY' "$OUT/sanitizer_gluon_racecheck.log" | tail -1)"
+    # FASTSAE_GLUON_STRUCTURES= (empty) leaves them out.
+    for structure in ${FASTSAE_GLUON_STRUCTURES-minimal filter_ws filter_ws_no_maxnreg filter_ws_mbarriers filter_ws_handoff filter_ws_group_barrier}; do
+        sanitize "gluon_${structure}_racecheck" racecheck python3 bench/racecheck_gluon.py --structure "$structure"
     done
-    [ -f "$OUT/sanitizer_kernels_initcheck.log" ] && echo "kernels initcheck reported in: $(grep -A1 'Uninitialized' "$OUT/sanitizer_kernels_initcheck.log" | grep -oE ' at [A-Za-z_0-9]+' | sort | uniq -c | tr '\n' ' ')"
+    for check in "${checks[@]}"; do
+        name=${check%%:*} log="$OUT/sanitizer_${check%%:*}.log"
+        wait "${check#*:}"
+        code=$?
+        summary=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)
+        [ $code = 124 ] && summary="cut by FASTSAE_SANITIZE_TIMEOUT; $summary"
+        grep -q 'every kernel ran and matched' "$log" && summary="$summary; every kernel ran and matched"
+        echo "$name exit $code: $summary"
+        case $name in kernels_initcheck_*)
+            echo "    initcheck reported in: $(grep -A1 'Uninitialized' "$log" | grep -oE ' at [A-Za-z_0-9]+' | sort | uniq -c | tr '\n' ' ')" ;;
+        esac
+    done
+    unset PYTORCH_NO_CUDA_MEMORY_CACHING
 fi
 
 if [ "${FASTSAE_SOAK:-1}" = 1 ]; then
