@@ -6,7 +6,9 @@
 # kernel, the determinism and soak run (bench/soak.py), the training-step profile and the benchmarks.
 # Knobs (environment):
 #   FASTSAE_RUN_TESTS / FASTSAE_SANITIZE / FASTSAE_SOAK / FASTSAE_RUN_BENCH=0   skip a step
-#   FASTSAE_SANITIZE_SHAPES  bench.sanitize_kernels shapes (default small,odd; large takes long under racecheck)
+#   FASTSAE_SANITIZE_SHAPES  bench.sanitize_kernels shapes for every tool (default small,odd,wide)
+#   FASTSAE_SANITIZE_LARGE_TOOLS  the tools that also run at `large` (default memcheck: racecheck instruments
+#                            cuBLAS's GEMMs there at about a minute a launch)
 #   FASTSAE_SANITIZE_KERNEL_ARGS  extra bench.sanitize_kernels arguments (e.g. --filter-configs first)
 #   FASTSAE_SANITIZER_ARGS   extra compute-sanitizer arguments (e.g. to leave out cuBLAS's kernels)
 #   FASTSAE_SANITIZE_TOOLS   which tools (default "memcheck racecheck initcheck")
@@ -76,9 +78,10 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
             >"$OUT/sanitizer_$name.log" 2>&1 &
         checks+=("$name:$!")
     }
-    IFS=',' read -ra shapes <<<"${FASTSAE_SANITIZE_SHAPES:-small,odd}"
     for tool in ${FASTSAE_SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
         sanitize "ext_$tool" "$tool" python3 bench/sanitize_ext.py
+        IFS=',' read -ra shapes <<<"${FASTSAE_SANITIZE_SHAPES:-small,odd,wide}"
+        [[ " ${FASTSAE_SANITIZE_LARGE_TOOLS-memcheck} " == *" $tool "* ]] && shapes+=(large)
         for shape in "${shapes[@]}"; do
             # shellcheck disable=SC2086  # the extra arguments are words
             sanitize "kernels_${tool}_$shape" "$tool" ${FASTSAE_SANITIZER_ARGS:-} \

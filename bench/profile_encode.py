@@ -114,6 +114,12 @@ def profile_encode(shape: str, rows: int) -> None:
         print(f"  filter GEMM with no survivor: {tflops:.0f} TFLOP/s (cuBLAS {flops / gemm / 1e9:.0f}); survivors per "
               f"row {survivors.float().mean():.0f} mean, {int(survivors.max())} max (CAP {cfg['CAP']}); "
               f"{int(flags.sum())} rows flagged")  # fmt: skip
+    if route[0] == "row_filter":  # cuBLAS's pre-activation chunks, and the row kernel as the remainder
+        chunk_rows = filter.PRE_ACTIVATION_CHUNK // n_features
+        pre_ms = _ms(lambda: [pre for _, pre in filter.pre_activation_chunks(x, W_enc, b_enc, b_dec, chunk_rows, None)])
+        route_ms = _ms(routed)
+        for name, ms in (("centre + cuBLAS pre-activation", pre_ms), ("row kernel (the rest)", route_ms - pre_ms)):
+            print(f"  {name:>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)

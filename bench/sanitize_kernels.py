@@ -28,8 +28,17 @@ from fastsae import reference  # noqa: E402
 from fastsae.ops import decode, decoder, encode, filter, scatter  # noqa: E402
 from fastsae.testing import assert_close, assert_positive_counts_match, assert_topk_matches  # noqa: E402
 
-# name: (B, d, F, k, k_aux): tiny, odd sizes everywhere, and the GPT-2 width
-SHAPES = {"small": (5, 24, 100, 3, 4), "odd": (37, 100, 4099, 17, 33), "large": (1024, 768, 24576, 32, 384)}
+# name: (B, d, F, k, k_aux): tiny, odd sizes everywhere, the GPT-2 width with few rows, and the GPT-2 width.
+# `wide` runs every kernel configuration `large` does (they depend on F and k, not on B or d) at a small
+# fraction of its cuBLAS work: racecheck instruments cuBLAS's GEMMs at about a minute per launch at
+# `large`, and leaving cuBLAS out (--kernel-name-exclude) makes this sanitizer fail ("Internal Sanitizer
+# Error") on the H200, so racecheck and initcheck run at `wide`, and memcheck at `large` too.
+SHAPES = {
+    "small": (5, 24, 100, 3, 4),
+    "odd": (37, 100, 4099, 17, 33),
+    "wide": (64, 128, 24576, 32, 384),
+    "large": (1024, 768, 24576, 32, 384),
+}
 TOLERANCE = 2e-2  # bf16
 ROUNDING_BAND = 0.1  # |pre-activation| within which bf16 rounding may flip its sign (the positive counts)
 

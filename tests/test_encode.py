@@ -233,6 +233,25 @@ def test_row_filter_in_rounds_and_row_chunks(device, monkeypatch):
     assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.float32, "aux")
 
 
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_row_filter_skips_only_the_chunks_past_the_features(device):
+    """F = 9000 is read as a row of 16384 in chunks of ROW_FILTER_READ = 4096: the kernel reads 3 chunks
+    and skips the fourth, which holds no feature (its group maxima, never written, are masked out of the
+    bound). The largest pre-activations sit in the last, partial chunk, so a chunk skipped too many
+    would lose them, and a skipped group's unwritten maximum in the bound would change the codes."""
+    B, d, F, k = (4, 16, 9000, 8) if device == "cpu" else (512, 64, 9000, 32)
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
+    b_enc[8192:] += 3.0
+    route = _first_route("row_filter", k, 0, F)
+    assert filter._row_filter_width(F, route[1]["N_GROUPS"]) == 16384
+    outputs = (x.new_empty(B, k), x.new_empty(B, k, dtype=torch.int32), x.new_empty(B, 0), x.new_empty(B, 0))
+    flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, route[1])
+    assert not flags.any()
+    assert (outputs[1] >= 8192).any(), "the test's largest pre-activations are in the last chunk"
+    assert_topk_matches(outputs[0], outputs[1], _pre64(x, W_enc, b_enc, b_dec), k, torch.float32)
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_row_filter_bound_keeps_about_k(device):
     """The row filter's bound comes from the whole row: on Gaussian pre-activations about k entries pass

@@ -5,6 +5,7 @@ encode and training-step profiles (at small shapes)."""
 import pytest
 
 from bench import profile_encode, profile_train, sanitize_kernels
+from fastsae.ops import encode, launch
 
 
 @pytest.mark.gpu
@@ -13,9 +14,15 @@ def test_sanitize_kernels_runs_and_matches():
 
 
 @pytest.mark.gpu
-def test_profile_encode_runs(capsys):
+@pytest.mark.parametrize("route", ["row_filter", "filter"])
+def test_profile_encode_runs(capsys, monkeypatch, route):
+    """The profile's breakdown of the route the tuner picks (here forced: each route's own parts)."""
+    picked = next(r for r in encode.topk_routes(32, 0, 4096) if r[0] == route)
+    monkeypatch.setattr(launch, "tuned_choices", lambda *key: [picked])
     profile_encode.profile_encode("d384_F4096_B1024_k32", rows=5)
-    assert "filter GEMM, no survivor" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "back to back" in printed and "host's time per call" in printed
+    assert {"row_filter": "row kernel (the rest)", "filter": "filter GEMM, no survivor"}[route] in printed
 
 
 @pytest.mark.gpu

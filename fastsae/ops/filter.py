@@ -340,7 +340,9 @@ def _row_filter_kernel(
     tl.store(count_ptr + row + one, tl.zeros([1], dtype=tl.int32))  # the previous chunk's count
     if HAS_AUX:
         tl.store(aux_count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
-    for first in range(0, N_GROUPS, CHUNK_GROUPS):
+    # Only the chunks that hold features: the row's width is a power of two (24576 features read as
+    # 32768), and the groups past F are masked out of the bound below, so their maxima are not needed.
+    for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
         groups = first + tl.arange(0, CHUNK_GROUPS)
         members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
@@ -351,12 +353,12 @@ def _row_filter_kernel(
     tl.debug_barrier()  # the maxima (and the zeroed counts) are visible to every thread
     every_group = tl.arange(0, N_GROUPS)
     holds_features = every_group * GROUP < F
-    keys = tl.load(scratch_row + every_group)
+    keys = tl.load(scratch_row + every_group, mask=holds_features, other=0)
     # A bound is all the filter needs: the bisection stops once at most k + k / 4 maxima reach it.
     kth = _kth_largest(keys[None, :], holds_features[None, :], k, k // 4)  # [1]
     tau = _threshold_below(kth)
     if HAS_AUX:
-        aux_keys = tl.load(scratch_row + N_GROUPS + every_group)
+        aux_keys = tl.load(scratch_row + N_GROUPS + every_group, mask=holds_features, other=0)
         aux_kth = _kth_largest(aux_keys[None, :], holds_features[None, :], k_aux, k_aux // 4)
         aux_tau = _threshold_below(aux_kth)
     tl.debug_barrier()  # every thread has read the maxima before the scratch is overwritten
