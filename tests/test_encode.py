@@ -215,9 +215,9 @@ def test_row_filter_in_rounds_and_row_chunks(device, monkeypatch):
     """The row filter reads the groups whose maximum reaches the threshold again in rounds of
     ROW_FILTER_REREAD entries, and takes the batch in row chunks of PRE_ACTIVATION_CHUNK entries: with
     rounds of two groups every row takes many rounds (AuxK with few dead features makes every group with
-    a dead feature hot), with chunks of 5 rows the last one is short, and the codes are still the
+    a dead feature hot), with chunks of at most 5 rows the last one is short, and the codes are still the
     reference's, with no row left to the fallback."""
-    B, d, F, k, k_aux = (12, 32, 300, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
+    B, d, F, k, k_aux = (13, 32, 300, 8, 6) if device == "cpu" else (1003, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     dead = torch.zeros(F, dtype=torch.bool, device=device)
     dead[torch.randperm(F, device=device)[: 3 * k_aux]] = True
