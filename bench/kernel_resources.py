@@ -64,7 +64,12 @@ POINTER_TYPES = {
 
 
 def resources(
-    fn, constexprs: dict, num_warps: int, num_stages: int = 3, descriptors: dict | None = None, maxnreg: int | None = None
+    fn,
+    constexprs: dict,
+    num_warps: int,
+    num_stages: int = 3,
+    descriptors: dict | None = None,
+    maxnreg: int | None = None,
 ) -> str:
     """cuobjdump's 'REG:.. STACK:..' line for `fn` compiled with `constexprs` (bf16 tensors),
     `descriptors` (argument name: TMA block shape of a bf16 tensor) and a register limit `maxnreg`."""
@@ -146,8 +151,9 @@ def main() -> None:
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}
         usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))
         print(f"filter_select cap={cap}: {usage}")
-    for n_features, k, k_aux in [(24576, keep, 384), (24576, keep, 0), (16384, keep, 0), (24576, 128, 0), (24576, 512, 0),
-                                 (131072, 64, 0), (5000, 8, 16)]:  # fmt: skip
+    row_shapes = [(24576, keep, 384), (24576, keep, 0), (16384, keep, 0), (24576, 128, 0), (24576, 512, 0),
+                  (131072, 64, 0), (5000, 8, 16)]  # fmt: skip
+    for n_features, k, k_aux in row_shapes:
         for cfg in filter.row_filter_configs(k, k_aux, n_features):
             n_groups = cfg["N_GROUPS"]
             constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": cfg["GROUP"],
