@@ -63,16 +63,9 @@ POINTER_TYPES = {
 }
 
 
-def resources(
-    fn,
-    constexprs: dict,
-    num_warps: int,
-    num_stages: int = 3,
-    descriptors: dict | None = None,
-    maxnreg: int | None = None,
-) -> str:
-    """cuobjdump's 'REG:.. STACK:..' line for `fn` compiled with `constexprs` (bf16 tensors),
-    `descriptors` (argument name: TMA block shape of a bf16 tensor) and a register limit `maxnreg`."""
+def resources(fn, constexprs: dict, num_warps: int, num_stages: int = 3, descriptors: dict | None = None) -> str:
+    """cuobjdump's 'REG:.. STACK:..' line for `fn` compiled with `constexprs` (bf16 tensors) and
+    `descriptors` (argument name: TMA block shape of a bf16 tensor)."""
     signature = {name: POINTER_TYPES.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
     signature.update({name: f"tensordesc<bf16{list(block)}>" for name, block in (descriptors or {}).items()})
     signature.update({name: "constexpr" for name in constexprs})
@@ -83,10 +76,7 @@ def resources(
         constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()},
         attrs=aligned,
     )
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    if maxnreg is not None:
-        options["maxnreg"] = maxnreg
-    return _usage(triton.compile(source, target=HOPPER, options=options))
+    return _usage(triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages}))
 
 
 def warp_specialized_filter_resources(cfg: dict) -> str:
@@ -151,9 +141,7 @@ def main() -> None:
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}
         usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))
         print(f"filter_select cap={cap}: {usage}")
-    row_shapes = [(24576, keep, 384), (24576, keep, 0), (16384, keep, 0), (24576, 128, 0), (24576, 512, 0),
-                  (131072, 64, 0), (5000, 8, 16)]  # fmt: skip
-    for n_features, k, k_aux in row_shapes:
+    for n_features, k, k_aux in [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]:
         for cfg in filter.row_filter_configs(k, k_aux, n_features):
             n_groups = cfg["N_GROUPS"]
             constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": cfg["GROUP"],
@@ -162,9 +150,9 @@ def main() -> None:
                           "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
                           "AUX_KEEP": triton.next_power_of_2(max(1, k_aux))}  # fmt: skip
             warps = max(cfg["WARPS"], filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"])))
-            usage = resources(filter._row_filter_kernel, constexprs, num_warps=warps, maxnreg=cfg["MAXNREG"])
-            print(f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps} "
-                  f"maxnreg={cfg['MAXNREG']}: {usage}")  # fmt: skip
+            usage = resources(filter._row_filter_kernel, constexprs, num_warps=warps)
+            print(f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps}: "
+                  f"{usage}")  # fmt: skip
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         usage = resources(filter._threshold_kernel, constexprs, num_warps=filter._row_warps(2 * block_g))

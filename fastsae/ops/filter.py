@@ -71,13 +71,6 @@ ROW_FILTER_GROUPS = 1024
 ROW_FILTER_MIN_GROUP = 4  # features per group, at least: a re-read tile gives each thread whole PTX packs
 ROW_FILTER_READ = 4096
 ROW_FILTER_REREAD = 1024
-# A register limit per thread the tuner also tries for the row filter, by warps per row. A row is a
-# chain of dependent loads: on the H200 (ncu, GPT-2 shape, 2 warps at ptxas's 80 registers) its warps
-# spent half their cycles waiting on them, at 37.5% occupancy, limited by registers. The limits compile
-# without spills for sm_90 (bench.kernel_resources) without AuxK, with ROW_FILTER_GROUPS groups and
-# buffers of at most ROW_FILTER_LIMITED_CAP slots; elsewhere they spill, and are not tried.
-ROW_FILTER_MAXNREG = {2: 64, 4: 40}
-ROW_FILTER_LIMITED_CAP = 256
 
 
 @triton.jit
@@ -620,8 +613,7 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
 def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     """The row filter's configurations: buffer capacities (about k entries pass its bound; a capacity of
     2k rarely overflows and keeps the select short), warps per row (2 measured fastest at k = 32 and 4
-    at k = 128 on the H200, GPT-2 and AF3 widths), a register limit per thread (ROW_FILTER_MAXNREG: more
-    rows in flight per SM) and groups per row: ROW_FILTER_GROUPS, or that many per
+    at k = 128 on the H200, GPT-2 and AF3 widths) and groups per row: ROW_FILTER_GROUPS, or that many per
     warp (a tighter bound: fewer groups reach it and fewer entries are read again, which matters at
     large k), over the row rounded up to a power of two, each group of at least ROW_FILTER_MIN_GROUP
     features. Configurations where fewer than k groups would hold features are left out."""
@@ -636,15 +628,7 @@ def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
                 continue
             group = _row_filter_width(n_features, n_groups) // n_groups
             if cdiv(n_features, group) >= max(k, k_aux):
-                limits = [None]
-                if not k_aux and n_groups == ROW_FILTER_GROUPS:
-                    limits.append(ROW_FILTER_MAXNREG[warps])
-                configs += [
-                    dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, N_GROUPS=n_groups, WARPS=warps, MAXNREG=maxnreg)
-                    for maxnreg in limits
-                    for cap in caps
-                    if maxnreg is None or cap <= ROW_FILTER_LIMITED_CAP
-                ]
+                configs += [dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, N_GROUPS=n_groups, WARPS=warps) for cap in caps]
     return configs
 
 
@@ -709,14 +693,9 @@ def row_filter_topk(
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
             CHUNK_GROUPS=ROW_FILTER_READ // group, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
             CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
-            num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))), **_register_limit(cfg),
+            num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
         )  # fmt: skip
     return flags
-
-
-def _register_limit(cfg: dict) -> dict:
-    """The launch option of a configuration's MAXNREG (none under the interpreter, which has no registers)."""
-    return {} if INTERPRET or cfg.get("MAXNREG") is None else {"maxnreg": cfg["MAXNREG"]}
 
 
 def filter_topk(
