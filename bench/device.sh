@@ -94,12 +94,6 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
     # initcheck does not see cuBLAS's stores on every stack (bench/initcheck_cublas.py shows it with torch's
     # own kernels): the summary names the kernels initcheck reported, to tell those reads from a kernel's own.
     sanitize cublas_probe_initcheck initcheck python3 bench/initcheck_cublas.py
-    # racecheck on Gluon's warp specialisation alone, in filter_ws's partition structure and a minimal one
-    # (bench/racecheck_gluon.py): whether filter_ws's report comes with the structure or with the kernel.
-    # FASTSAE_GLUON_STRUCTURES= (empty) leaves them out.
-    for structure in ${FASTSAE_GLUON_STRUCTURES-minimal filter_ws filter_ws_no_maxnreg filter_ws_mbarriers filter_ws_handoff filter_ws_group_barrier}; do
-        sanitize "gluon_${structure}_racecheck" racecheck python3 bench/racecheck_gluon.py --structure "$structure"
-    done
     for check in "${checks[@]}"; do
         name=${check%%:*} log="$OUT/sanitizer_${check%%:*}.log"
         wait "${check#*:}"

@@ -20,10 +20,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource
 
-from fastsae.ops import decode, decoder, encode, filter, filter_ws, scatter
+from fastsae.ops import decode, decoder, encode, filter, scatter
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -79,27 +77,6 @@ def resources(fn, constexprs: dict, num_warps: int, num_stages: int = 3, descrip
     return _usage(triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages}))
 
 
-def warp_specialized_filter_resources(cfg: dict) -> str:
-    """`resources` of filter_ws's Gluon kernel (bf16) with the tiles of a WARP_SPECIALIZED filter
-    configuration, launched as filter_ws launches it."""
-    fn = filter_ws._filter_ws_kernel
-    blocks = {"xc_desc": [cfg["BLOCK_M"], cfg["BLOCK_K"]], "w_desc": [cfg["BLOCK_K"], cfg["BLOCK_N"]]}
-    signature = {name: POINTER_TYPES.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
-    for name, block in blocks.items():
-        layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
-        signature[name] = f"tensordesc<bf16{block},{layout!r}>"
-    constexprs = {"GROUP_M": cfg["GROUP_M"], "N_PROGRAMS": 132, "NUM_STAGES": cfg["num_stages"]}
-    signature.update({name: "constexpr" for name in constexprs})
-    source = GluonASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()},
-        attrs={(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name][0] == "*"},
-    )
-    options = {"num_warps": filter_ws.CONSUMER_WARPS.value, "maxnreg": filter_ws.LAUNCH_REGISTERS}
-    return _usage(triton.compile(source, target=HOPPER, options=options))
-
-
 def _usage(kernel) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
@@ -132,11 +109,6 @@ def main() -> None:
             usage = resources(filter._filter_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"], blocks)
             name = f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
             print(f"{name} flatten={flatten}: {usage}")
-    ws = next(cfg for cfg in filter.filter_configs(keep, 0, 24576, interpret=False, warp_specialized=True)
-              if cfg.get("WARP_SPECIALIZED"))  # fmt: skip
-    print(
-        f"filter_ws {ws['BLOCK_M']}x{ws['BLOCK_N']} stages={ws['num_stages']}: {warp_specialized_filter_resources(ws)}"
-    )
     for cap in (256, 1024, 4096):
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}
         usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))

@@ -3,13 +3,13 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python -m bench.sanitize_kernels
 
 Each shape runs the TopK encode through every route the tuner may pick (the threshold-first filter in
-each configuration, with its flagged-row fallback forced, the sweep, the dense route), the experimental
-warp-specialised filter GEMM's configurations, AuxK and the positive counts, its backward (both
+each configuration, with its flagged-row fallback forced, the row filter, the sweep, the dense route),
+AuxK and the positive counts, its backward (both
 per-feature-sums routes and the deterministic mode), the ReLU and JumpReLU encode, the sparse decode and
 its backward, the decoder-constraint kernels and SAEAdam's decoder step; every result is checked against
 the reference, so a kernel that reads or writes out of bounds and happens to survive still fails.
 Without the caching allocator (the variable above) memcheck sees each tensor's own bounds.
-`--filter-configs first` runs one filter configuration (and one warp-specialised one) instead of all:
+`--filter-configs first` runs one configuration of the filter GEMM instead of all:
 the configurations differ only in tile sizes and capacities, and racecheck and initcheck at `large`
 take too long for all of them.
 """
@@ -69,12 +69,6 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
             cfg = {**route[1], "CAP": max(1, triton.next_power_of_2(k) // 2)}  # recomputes them all
             vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=(route[0], cfg))
             assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} {route[0]} fallback")
-    # The experimental warp-specialised configurations (FASTSAE_FILTER_WS=1): no AuxK in that kernel.
-    warp_specialized = [cfg for cfg in filter.filter_configs(k, 0, n_features, interpret=False, warp_specialized=True)
-                        if cfg.get("WARP_SPECIALIZED")]  # fmt: skip
-    for cfg in warp_specialized if all_configs else warp_specialized[:1]:
-        vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("filter", cfg))
-        assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} warp-specialised filter {cfg}")
     vals, idx, counts = encode.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
     assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} positive counts")
     assert_positive_counts_match(counts, pre, ROUNDING_BAND, f"{name} positive counts")

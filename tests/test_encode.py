@@ -130,32 +130,6 @@ def test_thresholds_are_the_group_maxima_bound(device, k, n_features, cap):
             assert (tau.double() <= kth).all(), "a threshold above the row's k-th largest pre-activation"
 
 
-@pytest.mark.gpu
-@pytest.mark.usefixtures("poison_empty")
-def test_warp_specialized_filter_gemm():
-    """The experimental warp-specialised filter GEMM (fastsae/ops/filter_ws.py, Gluon): the reference's
-    top-k through each of its configurations, and the survivors of the Triton filter GEMM with the
-    same tiles (up to entries within rounding of a threshold)."""
-    B, d, F, k = 1000, 768, 24576, 32
-    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.bfloat16, "cuda")
-    pre = _pre64(x, W_enc, b_enc, b_dec)
-    configs = [cfg for cfg in filter.filter_configs(k, 0, F, interpret=False, warp_specialized=True)
-               if cfg.get("WARP_SPECIALIZED")]  # fmt: skip
-    assert configs
-    for cfg in configs:
-        vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("filter", cfg))
-        assert_topk_matches(vals, idx, pre, k, torch.bfloat16, f"{cfg}")
-    xc = filter.center(x, b_dec, W_enc.dtype)
-    tau = filter.thresholds(xc, W_enc, b_enc, k, configs[0]["CAP"])
-    counts = []
-    for cfg in (configs[0], {**configs[0], "WARP_SPECIALIZED": False}):
-        count = torch.zeros(B, dtype=torch.int32, device="cuda")
-        key_buf = torch.empty(B, cfg["CAP"], dtype=torch.int64, device="cuda")
-        filter.filter_gemm(xc, filter.tma_operand(W_enc), b_enc, tau, count, key_buf, None, None, cfg)
-        counts.append(count)
-    assert (counts[0] >= k).all() and (counts[0] - counts[1]).abs().max() <= 2, "different survivors"
-
-
 def _poisoned_outputs(B, k, k_aux, device):
     """(vals, idx, aux_vals, aux_idx) for a filter route to write, NaN and -1 wherever it does not."""
     return tuple(

@@ -14,7 +14,6 @@ SPILL_FREE = (
     "topk_finish",
     "filter 128x128 warps=8 aux=False",  # the threshold-first filter GEMM (with AuxK it spills 72-88 B)
     "filter 64x128 warps=4 aux=False",
-    "filter_ws",  # the experimental warp-specialised filter GEMM (Gluon)
     "filter_select",
     "row_filter",  # the row filter over cuBLAS chunks, AuxK included
     "filter_threshold",

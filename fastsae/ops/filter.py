@@ -174,10 +174,6 @@ def _threshold_kernel(
     tl.store(tau_ptr + rows, tau, mask=rows < B)
 
 
-# FASTSAE_FILTER_WS=1 (read at import) adds `filter_ws`'s warp-specialised Gluon kernel to the tuner's
-# candidates: experimental (see its docstring for what it measured on the H200 and why it is off).
-WARP_SPECIALIZED = os.environ.get("FASTSAE_FILTER_WS") == "1"
-
 # Accumulator entries per inline-PTX block in the filter epilogue (`_append_survivors`); the variable
 # FASTSAE_EPILOGUE_PACK (1, 2, 4 or 8, read at import) is for measuring the choice.
 EPILOGUE_PACK = tl.constexpr(int(os.environ.get("FASTSAE_EPILOGUE_PACK", "4")))
@@ -581,8 +577,7 @@ def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, colum
     return tau
 
 
-def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
-                   warp_specialized: bool = WARP_SPECIALIZED) -> list[dict]:  # fmt: skip
+def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list[dict]:
     """Tile shapes of the filter GEMM and buffer capacities. A larger buffer lets the threshold pass read
     fewer features but costs the select more; none is above half the features (then filtering keeps
     most of the row and the dense route is the one to take). BLOCK_K is for 2-byte operands; fp32 ones
@@ -604,9 +599,6 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool,
         for m, n, bk, g, w, s, p in tiles
         for cap in caps
     ]
-    if warp_specialized and not interpret:  # `filter_ws`: 64 x 128 tiles per consumer warpgroup (spill-free)
-        tile = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4, PER_SM=1)
-        configs += [dict(tile, CAP=cap, AUX_CAP=aux_cap, WARP_SPECIALIZED=True) for cap in caps]
     return configs
 
 
@@ -767,14 +759,7 @@ def filter_gemm(
     """The filter GEMM alone (step 3): appends each entry of xc @ W_enc + b_enc above its row's `tau`
     to the row's `key_buf` [B, CAP] (int64 keys), counting in `count` (int32 [B], zeroed); `aux` =
     (dead_mask, aux_tau, aux_count, aux_key_buf) does the same for dead features against their own
-    thresholds. W_enc must be a `tma_operand`. A WARP_SPECIALIZED configuration runs `filter_ws`'s
-    kernel where it applies (bf16 / fp16, no AuxK, no positive counts), else this one with its tiles."""
-    if cfg.get("WARP_SPECIALIZED") and W_enc.dtype in (torch.bfloat16, torch.float16) and aux is None \
-            and positive_counts is None:  # fmt: skip
-        from .filter_ws import filter_gemm_ws  # here, not at the top: filter_ws imports this module's PTX
-
-        filter_gemm_ws(xc, W_enc, b_enc, tau, count, key_buf, cfg)
-        return
+    thresholds. W_enc must be a `tma_operand`."""
     B, D = xc.shape
     F = W_enc.shape[1]
     if aux is None:
