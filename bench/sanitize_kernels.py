@@ -20,6 +20,7 @@ import argparse
 import os
 
 os.environ["FASTSAE_AUTOTUNE"] = "0"  # every route is run explicitly; no timing runs under the sanitizer
+os.environ["FASTSAE_SORT_SELECT"] = "1"  # the experimental row-filter configurations too
 
 import torch  # noqa: E402
 import triton  # noqa: E402
