@@ -1,6 +1,6 @@
 """Property tests: the Triton kernels against the fp64 reference on problems hypothesis draws (shapes
-down to 1, k from 1 to F, fp32 and bf16, strided views, tied columns, magnitudes from 1e-3 to 1e3, a
-large mean offset, every route of the per-feature sums). Each test runs twice: on CPU tensors (the
+down to 1, k from 1 to F, fp32 and bf16, strided views and storage offsets, tied columns, magnitudes
+from 1e-3 to 1e3, a large mean offset, every route of the per-feature sums). Each test runs twice: on CPU tensors (the
 Triton kernels under the interpreter at tiny shapes, the C++ death statistics natively; in CI, with a
 bounded number of examples) and on CUDA at full shapes (the GPU script). A failure prints the
 falsifying example, its seed included, and a blob for @reproduce_failure."""
@@ -45,25 +45,27 @@ def _feature_sums_route(route):
 
 @st.composite
 def encoder_problems(draw, device):
-    """(x, W_enc, b_enc, b_dec) on `device` in one dtype, possibly strided views, with tied columns."""
+    """(x, W_enc, b_enc, b_dec) on `device` in one dtype, possibly strided views starting one element
+    into their storage (pointers off the 16-byte alignment the kernels specialise on), with tied columns."""
     max_B, max_d, max_F = SIZES[device]
     B, d, F = draw(st.integers(1, max_B)), draw(st.integers(1, max_d)), draw(st.integers(1, max_F))
     dtype, seed = draw(DTYPES), draw(st.integers(0, 2**31 - 1))
     scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
     offset = draw(st.sampled_from([0.0, 50.0]))  # a mean offset in every dimension, centred by b_dec
     step = draw(st.sampled_from([1, 2]))  # 2: every tensor is a view with stride 2
+    shift = draw(st.sampled_from([0, 1]))  # 1: every tensor's storage offset is one element
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
-    x = scale * randn(B, d * step) + offset
-    W_enc = randn(d * step, F * step)
+    x = scale * randn(B, d * step + shift) + offset
+    W_enc = randn(d * step, F * step + shift)
     if draw(st.booleans()):  # groups of identical columns: exactly tied pre-activations
-        W_enc = W_enc[:, torch.arange(F * step) % max(1, F // 3)].contiguous()
-    b_enc, b_dec = 0.1 * scale * randn(F * step), offset + scale * randn(d * step)
+        W_enc = W_enc[:, torch.arange(F * step + shift) % max(1, F // 3)].contiguous()
+    b_enc, b_dec = 0.1 * scale * randn(F * step + shift), offset + scale * randn(d * step + shift)
     x, W_enc, b_enc, b_dec = (t.to(device, dtype) for t in (x, W_enc, b_enc, b_dec))
-    return x[:, ::step], W_enc[::step, ::step], b_enc[::step], b_dec[::step]
+    return x[:, shift::step], W_enc[::step, shift::step], b_enc[shift::step], b_dec[shift::step]
 
 
 def _pre64(x, W_enc, b_enc, b_dec):
@@ -266,6 +268,9 @@ def test_decode_sparse_properties(device, dtype, seed, bias, data):
     b_dec = torch.randn(d, generator=generator, dtype=torch.float64) if bias else None
     vals, idx, W_dec = vals.to(device, dtype), idx.to(device), W_dec.to(device, dtype)
     b_dec = None if b_dec is None else b_dec.to(device, dtype)
+    if data.draw(st.booleans(), label="storage offset"):  # views starting one element into their storage
+        vals, idx, W_dec = (torch.cat([t.new_zeros(1), t.flatten()])[1:].view_as(t) for t in (vals, idx, W_dec))
+        b_dec = None if b_dec is None else torch.cat([b_dec.new_zeros(1), b_dec])[1:]
     out = decode.decode_sparse(vals, idx, W_dec, b_dec)
     expected = reference.decode_sparse(vals.double(), idx, W_dec.double(), None if b_dec is None else b_dec.double())
     assert_close(out, expected, dtype, "x_hat")
