@@ -115,7 +115,7 @@ def profile_encode(shape: str, rows: int) -> None:
               f"row {survivors.float().mean():.0f} mean, {int(survivors.max())} max (CAP {cfg['CAP']}); "
               f"{int(flags.sum())} rows flagged")  # fmt: skip
     if route[0] == "row_filter":  # cuBLAS's pre-activation chunks, and the row kernel as the remainder
-        chunk_rows = filter.PRE_ACTIVATION_CHUNK // n_features
+        chunk_rows = filter.row_filter_chunk_rows(n_rows, n_features, route[1]["CAP"])  # the route's own chunks
         pre_ms = _ms(lambda: [pre for _, pre in filter.pre_activation_chunks(x, W_enc, b_enc, b_dec, chunk_rows, None)])
         route_ms = _ms(routed)
         for name, ms in (("centre + cuBLAS pre-activation", pre_ms), ("row kernel (the rest)", route_ms - pre_ms)):

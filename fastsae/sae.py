@@ -376,11 +376,7 @@ class SparseAutoencoder(nn.Module):
             sae_x = self._to_sae_space(x)
             vals, idx, positive = F.encode_topk_positive_counts(sae_x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
             return F.fire_counts(idx, cfg.n_features, vals), positive
-        codes = self._encode(x)  # a training BatchTopK SAE's codes are sparse
-        if isinstance(codes, F.TopKCodes):
-            fired = F.fire_counts(codes.idx, cfg.n_features, codes.vals)
-        else:
-            fired = F.fire_counts_dense(codes)
+        fired = self._fire_counts(self._encode(x))  # a training BatchTopK SAE's codes are sparse
         if cfg.activation == "relu":  # a ReLU code fires exactly where its pre-activation is > 0
             return fired, fired.clone()
         sae_x = self._to_sae_space(x)

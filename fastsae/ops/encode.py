@@ -48,6 +48,7 @@ from .filter import (
     pre_activation_chunks,
     row_filter_configs,
     row_filter_topk,
+    store_codes,
     to_key,
 )
 from .launch import INTERPRET, bucket, cdiv, dot_dtype, input_precision, next_power_of_2, sm_count, tuned
@@ -249,7 +250,7 @@ def _write_compacted(
         rows = row_start + r0 + tl.arange(0, SORT_ROWS)
         offsets = rows.to(tl.int64)[:, None] * stride_buf + tl.arange(0, KEEP)[None, :]
         keys = _load_keys(val_buf_ptr, idx_buf_ptr, offsets, (rows < B)[:, None])
-        _store_codes(keys, rows, _rows_to_write(rows, B, flag_ptr, ONLY_FLAGGED), vals_ptr, idx_ptr, k,
+        store_codes(keys, rows, _rows_to_write(rows, B, flag_ptr, ONLY_FLAGGED), vals_ptr, idx_ptr, k,
                      stride_vm, stride_im)  # fmt: skip
 
 
@@ -260,20 +261,6 @@ def _rows_to_write(rows, B, flag_ptr, ONLY_FLAGGED: tl.constexpr):
     if ONLY_FLAGGED:
         valid = valid & (tl.load(flag_ptr + rows, mask=valid, other=0) != 0)
     return valid
-
-
-@triton.jit
-def _store_codes(keys, rows, row_valid, vals_ptr, idx_ptr, k, stride_vm, stride_im):
-    """Writes the first k of each row's keys [BLOCK_M, KEEP] (sorted descending) as post-ReLU values in
-    vals' dtype and int32 features; an empty slot (possible for AuxK) gives value 0 and feature 0."""
-    empty = keys == EMPTY_KEY
-    values = tl.where(empty, 0.0, tl.maximum(key_value(keys), 0.0))
-    features = tl.where(empty, 0, (keys & 0xFFFFFFFF).to(tl.int32))
-    slots = tl.arange(0, keys.shape[1])
-    store_mask = row_valid[:, None] & (slots < k)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    tl.store(vals_ptr + rows64 * stride_vm + slots[None, :], values.to(vals_ptr.dtype.element_ty), mask=store_mask)
-    tl.store(idx_ptr + rows64 * stride_im + slots[None, :], features, mask=store_mask)
 
 
 @triton.jit
@@ -292,7 +279,7 @@ def _topk_finish_kernel(
     keys = _load_keys(val_buf_ptr, idx_buf_ptr, offsets, row_valid[:, None])
     if N_SPLIT > 1:
         keys = tl.topk(keys, KEEP)  # [BLOCK_M, KEEP], descending
-    _store_codes(keys, rows, row_valid, vals_ptr, idx_ptr, k, stride_vm, stride_im)
+    store_codes(keys, rows, row_valid, vals_ptr, idx_ptr, k, stride_vm, stride_im)
 
 
 @functools.cache  # the filters' fallback asks for it on every call

@@ -30,10 +30,10 @@ The row filter (`row_filter_topk`) is the same filter and select over pre-activa
 writes in row chunks of at most PRE_ACTIVATION_CHUNK entries (256 MB in bf16): one kernel launch per
 chunk, a program per row, bounds the row's k-th largest value by its group maxima taken over the whole
 row (not a subset: about k entries pass, not 10 k), reads again only the groups that reach the bound and
-selects among their entries. It
-writes and reads the chunk once more than the filter GEMM, but the GEMM runs at cuBLAS's speed: on the
-H200 the tuner picked it at every shape timed (at the GPT-2 width, the filter GEMM's epilogue alone
-costs more than the chunk's write and read); it picks between the two per shape.
+selects among their entries. It writes and reads the chunk once more than the filter GEMM, but the GEMM
+runs at cuBLAS's speed: on the H200 the tuner picked it at every shape timed (at the GPT-2 width, the
+filter GEMM's epilogue alone costs more than the chunk's write and read); it picks between the two per
+shape.
 Its pre-activations are rounded to the weights' dtype, as eager PyTorch's are (the centring before the
 matmul is still fp32): two features within that rounding of each other at the k-th place tie, and the
 larger index wins, where the filter GEMM's fp32 accumulators may order them the other way.
@@ -451,8 +451,7 @@ def _select_rows(
         # Sorted whole in registers, a buffer's first k keys are the answer: no bisection, and no store
         # and reload of the winners (a round trip through memory on the row filter's chain of steps).
         keys = tl.load(key_ptr + buffers + slots[None, :], mask=present, other=EMPTY_KEY)  # [BLOCK_M, CAP]
-        _store_sorted_codes(tl.sort(keys, dim=1, descending=True), slots, selecting, rows, k,
-                            vals_ptr, idx_ptr, stride_vm, stride_im)  # fmt: skip
+        store_codes(tl.sort(keys, dim=1, descending=True), rows, selecting, vals_ptr, idx_ptr, k, stride_vm, stride_im)
         return failed
     keys = tl.load(key_ptr + buffers + slots[None, :], mask=present, other=0)  # [BLOCK_M, CAP]
     ordered = (keys >> 32).to(tl.int32)
@@ -472,22 +471,23 @@ def _select_rows(
     kept = tl.arange(0, KEEP)
     won = selecting[:, None] & (kept[None, :] < tl.minimum(n, k)[:, None])
     top = tl.load(key_ptr + buffers + kept[None, :], mask=won, other=EMPTY_KEY)
-    _store_sorted_codes(tl.sort(top, dim=1, descending=True), kept, selecting, rows, k,
-                        vals_ptr, idx_ptr, stride_vm, stride_im)  # fmt: skip
+    store_codes(tl.sort(top, dim=1, descending=True), rows, selecting, vals_ptr, idx_ptr, k, stride_vm, stride_im)
     return failed
 
 
 @triton.jit
-def _store_sorted_codes(top, columns, selecting, rows, k, vals_ptr, idx_ptr, stride_vm, stride_im):
-    """Writes the first k `columns` of keys `top` [BLOCK_M, n], sorted descending, as the `selecting`
-    rows' codes: post-ReLU values in vals' dtype and int32 features (an EMPTY_KEY: value 0, feature 0)."""
-    empty = top == EMPTY_KEY
-    out_values = tl.where(empty, 0.0, tl.maximum(key_value(top), 0.0))
-    out_features = tl.where(empty, 0, (top & 0xFFFFFFFF).to(tl.int32))
-    store = selecting[:, None] & (columns[None, :] < k)
+def store_codes(keys, rows, row_valid, vals_ptr, idx_ptr, k, stride_vm, stride_im):
+    """Writes the first k of each row's keys [BLOCK_M, n] (sorted descending) as the `row_valid` rows'
+    codes: post-ReLU values in vals' dtype and int32 features; an empty slot (EMPTY_KEY: possible for
+    AuxK, or a row that keeps fewer than k) gives value 0 and feature 0."""
+    empty = keys == EMPTY_KEY
+    values = tl.where(empty, 0.0, tl.maximum(key_value(keys), 0.0))
+    features = tl.where(empty, 0, (keys & 0xFFFFFFFF).to(tl.int32))
+    slots = tl.arange(0, keys.shape[1])
+    store_mask = row_valid[:, None] & (slots < k)[None, :]
     rows64 = rows.to(tl.int64)[:, None]
-    tl.store(vals_ptr + rows64 * stride_vm + columns[None, :], out_values.to(vals_ptr.dtype.element_ty), mask=store)
-    tl.store(idx_ptr + rows64 * stride_im + columns[None, :], out_features, mask=store)
+    tl.store(vals_ptr + rows64 * stride_vm + slots[None, :], values.to(vals_ptr.dtype.element_ty), mask=store_mask)
+    tl.store(idx_ptr + rows64 * stride_im + slots[None, :], features, mask=store_mask)
 
 
 @triton.jit
@@ -629,8 +629,7 @@ def row_filter_configs(k: int, k_aux: int, n_features: int, sort_select: bool = 
     warp (a tighter bound: fewer groups reach it and fewer entries are read again, which matters at
     large k), over the row rounded up to a power of two, each group of at least ROW_FILTER_MIN_GROUP
     features; with `sort_select`, buffers of at most ROW_FILTER_SORT_CAP slots also with the select that
-    sorts them whole.
-    Configurations where fewer than k groups would hold features are left out."""
+    sorts them whole. Configurations where fewer than k groups would hold features are left out."""
     aux_cap = max(64, next_power_of_2(4 * k_aux)) if k_aux else 1
     caps = sorted({max(64, next_power_of_2(2 * k)), max(64, next_power_of_2(4 * k))})
     configs = []
@@ -673,6 +672,13 @@ def _row_filter_width(n_features: int, n_groups: int) -> int:
     return max(ROW_FILTER_MIN_GROUP * n_groups, ROW_FILTER_READ, next_power_of_2(n_features))
 
 
+def row_filter_chunk_rows(n_rows: int, n_features: int, slots: int) -> int:
+    """Rows per launch of the row filter: at most PRE_ACTIVATION_CHUNK pre-activations and FILTER_SLOTS
+    buffer slots (`slots` per row), in chunks of equal rows, so that no launch is a short tail."""
+    most = max(1, min(n_rows, PRE_ACTIVATION_CHUNK // n_features, FILTER_SLOTS // slots))
+    return cdiv(n_rows, cdiv(n_rows, most))
+
+
 def row_filter_topk(
     x: Tensor,
     W_enc: Tensor,
@@ -695,8 +701,7 @@ def row_filter_topk(
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
     group = cfg["GROUP"]
     n_groups = cfg["N_GROUPS"]
-    rows_per_chunk = max(1, min(B, PRE_ACTIVATION_CHUNK // F, FILTER_SLOTS // max(cap, aux_cap)))
-    rows_per_chunk = cdiv(B, cdiv(B, rows_per_chunk))  # chunks of equal rows: no launch is a short tail
+    rows_per_chunk = row_filter_chunk_rows(B, F, max(cap, aux_cap))
     vals, idx, aux_vals, aux_idx = outputs
     flags = x.new_empty(B, dtype=torch.int8)
     counts = x.new_empty(2, rows_per_chunk, dtype=torch.int32)  # zeroed by the kernel, row by row
