@@ -15,7 +15,7 @@
 #   FASTSAE_SANITIZE_TIMEOUT seconds per check (default 1800; a cut check keeps its log)
 #   FASTSAE_SOAK_STEPS       training steps of the soak run (default 20000)
 #   FASTSAE_TESTS            pytest targets, or FASTSAE_TEST_GROUPS: ';'-separated targets run in parallel
-#   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 8)
+#   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 5)
 #   FASTSAE_PYTEST_ARGS      extra pytest arguments
 #   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset)
 #   FASTSAE_PROFILE_ENCODE   shapes for bench.profile_encode (off when unset)
@@ -47,12 +47,13 @@ python3 -c "import fastsae; print('ext', fastsae.ext_info())" 2>&1 | tee -a "$OU
 if [ "${FASTSAE_RUN_TESTS:-1}" = 1 ]; then
     echo "== gpu tests"
     # Compiling the Triton kernels (CPU-bound) dominates most tests' time on a fresh machine, and the CUDA
-    # property tests (full shapes against fp64) are the longest: they run as a group of their own beside
-    # the rest. Groups separated by ';' run as parallel pytest processes, each with pytest-xdist workers
-    # sharing the GPU.
+    # property tests (full shapes against fp64) and the module's training tests (200-step runs, tuned in
+    # fp32) are the longest: each runs as a group of its own beside the rest. Groups separated by ';' run
+    # as parallel pytest processes, each with pytest-xdist workers sharing the GPU.
     workers=""
-    python3 -c "import xdist" 2>/dev/null && workers="-n ${FASTSAE_TEST_WORKERS:-8}"
-    IFS=';' read -ra groups <<<"${FASTSAE_TEST_GROUPS:-${FASTSAE_TESTS:-tests --ignore=tests/test_properties.py;tests/test_properties.py}}"
+    python3 -c "import xdist" 2>/dev/null && workers="-n ${FASTSAE_TEST_WORKERS:-5}"
+    default_groups="tests --ignore=tests/test_properties.py --ignore=tests/test_sae.py;tests/test_sae.py;tests/test_properties.py"
+    IFS=';' read -ra groups <<<"${FASTSAE_TEST_GROUPS:-${FASTSAE_TESTS:-$default_groups}}"
     pids=()
     for i in "${!groups[@]}"; do
         # -v: a line per finished test, so a group cut by its time limit still names what failed
