@@ -58,9 +58,6 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
     pre = reference.pre_activation(x, W_enc, b_enc, b_dec)
     dead_pre = pre.masked_fill(~dead, float("-inf"))
     routes = encode.topk_routes(k, k_aux, n_features)
-    experimental = [("row_filter", cfg) for cfg in filter.row_filter_configs(k, k_aux, n_features, sort_select=True)
-                    if cfg["SORT_SELECT"]]  # fmt: skip
-    routes = [*routes, *(route for route in experimental if route not in routes)]  # FASTSAE_SORT_SELECT's too
     if not all_configs:  # the first filter configuration and every other route
         first_filter = next((route for route in routes if route[0] == "filter"), None)
         routes = [route for route in routes if route[0] != "filter" or route is first_filter]

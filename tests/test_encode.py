@@ -145,14 +145,13 @@ def _first_route(name, k, k_aux, n_features, **overrides):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("name, sort_select", [("filter", False), ("row_filter", False), ("row_filter", True)])
+@pytest.mark.parametrize("name", ["filter", "row_filter"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_filter_fallbacks(device, name, sort_select):
+def test_filter_fallbacks(device, name):
     """Rows a filter route cannot finish are flagged on the device and recomputed by the sweep: rows
     whose buffer overflows (a capacity below the survivors), rows left with fewer than k survivors
     (thresholds raised past the k-th value: the filter GEMM's margin only), NaN rows (never selected:
-    value 0) and AuxK with fewer dead features than k_aux (not a failure: the rest are empty codes); the
-    row filter with each select (bisection, or sorting the buffer)."""
+    value 0) and AuxK with fewer dead features than k_aux (not a failure: the rest are empty codes)."""
     B, d, F, k, k_aux = (40, 32, 256, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     x[3] = float("nan")
@@ -164,7 +163,7 @@ def test_filter_fallbacks(device, name, sort_select):
     finite[3] = False
     cases = [({"CAP": k // 2}, 0.0), ({}, 1e3), ({}, 0.0)] if name == "filter" else [({"CAP": k // 2}, 0.0), ({}, 0.0)]
     for overrides, margin_shift in cases:
-        route = _first_route(name, k, k_aux, F, **overrides, **({"SORT_SELECT": True} if sort_select else {}))
+        route = _first_route(name, k, k_aux, F, **overrides)
         outputs = _poisoned_outputs(B, k, k_aux, device)
         if name == "filter":
             flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1], margin_shift)
@@ -243,16 +242,15 @@ def test_row_filter_bound_keeps_about_k(device):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("sort_select", [False, True])
-def test_encode_topk_kernel_ties_and_all_dead(device, sort_select):
+def test_encode_topk_kernel_ties_and_all_dead(device):
     """Duplicated encoder columns give exactly tied pre-activations; every feature dead makes the AuxK
-    candidates the plain top-k_aux. The row filter with each select (bisection, or sorting the buffer)."""
+    candidates the plain top-k_aux."""
     B, d, F, k = 24, 32, 64, 8
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     W_enc = W_enc[:, torch.arange(F) % 8].contiguous()  # 8 distinct columns, each 8 times
     b_enc = torch.zeros_like(b_enc)
     dead = torch.ones(F, dtype=torch.bool, device=device)
-    route = _first_route("row_filter", k, 12, F, SORT_SELECT=sort_select)
+    route = _first_route("row_filter", k, 12, F)
     vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 12, dead, route=route)
     pre = _pre64(x, W_enc, b_enc, b_dec)
     assert_topk_matches(vals, idx, pre, k, torch.float32)

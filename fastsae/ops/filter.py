@@ -71,11 +71,6 @@ ROW_FILTER_GROUPS = 1024
 ROW_FILTER_MIN_GROUP = 4  # features per group, at least: a re-read tile gives each thread whole PTX packs
 ROW_FILTER_READ = 4096
 ROW_FILTER_REREAD = 1024
-# Buffers of at most this many slots may also be selected by sorting them whole in registers
-# (`_select_rows`' SORT): no bisection, and no store and reload of the winners. Experimental until timed
-# on the GPU: FASTSAE_SORT_SELECT=1 (read at import) adds those configurations to the tuner's candidates.
-ROW_FILTER_SORT_CAP = 256
-ROW_FILTER_SORT_SELECT = os.environ.get("FASTSAE_SORT_SELECT") == "1"
 
 
 @triton.jit
@@ -313,7 +308,7 @@ def _row_filter_kernel(
     flag_ptr, dead_ptr, k_aux, aux_count_ptr, aux_key_buf_ptr, aux_vals_ptr, aux_idx_ptr, stride_avm, stride_aim,
     HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
     CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
-    CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, SORT_SELECT: tl.constexpr,
+    CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr,
 ):  # fmt: skip
     """The row filter (`row_filter_topk`): one program per row of `pre` [rows, F], pre-activations that
     cuBLAS wrote for the batch's rows row0 .. row0 + rows. A row's work is a chain of dependent steps,
@@ -332,7 +327,7 @@ def _row_filter_kernel(
        the scratch and those groups alone read again, HOT_GROUPS at a time (about k groups, usually
        one read), and their entries at or above the threshold (NaN never) appended to the row's
        buffer as the filter GEMM appends them.
-    4. The select (`_select_rows`; SORT_SELECT: by sorting the whole buffer) writes the row's codes, or
+    4. The select (`_select_rows`) writes the row's codes, or
        flags the row for the sweep.
     AuxK the same over the dead features, in the second half of the scratch row."""
     row = tl.program_id(0)
@@ -388,7 +383,7 @@ def _row_filter_kernel(
     valid = tl.full([1], True, tl.int1)
     failed = _select_rows(
         key_buf_ptr + row.to(tl.int64) * CAP, n, ~valid, batch_row, valid,
-        vals_ptr, idx_ptr, k, stride_vm, stride_im, CAP, KEEP, SORT_SELECT,
+        vals_ptr, idx_ptr, k, stride_vm, stride_im, CAP, KEEP,
     )  # fmt: skip
     if HAS_AUX:
         aux_n = tl.load(aux_count_ptr + row + one, cache_modifier=".cg")
@@ -433,7 +428,7 @@ def _hot_members(list_ptr, first, n_hot, F, GROUP: tl.constexpr, HOT_GROUPS: tl.
 @triton.jit
 def _select_rows(
     key_ptr, n, keeps_fewer, rows, row_valid, vals_ptr, idx_ptr, k, stride_vm, stride_im,
-    CAP: tl.constexpr, KEEP: tl.constexpr, SORT: tl.constexpr = False,
+    CAP: tl.constexpr, KEEP: tl.constexpr,
 ):  # fmt: skip
     """The k largest of the survivors of `rows` [BLOCK_M], whose keys fill the first `n` of CAP slots
     of consecutive buffers from `key_ptr`, sorted descending: post-ReLU values in vals' dtype and int32
@@ -441,18 +436,12 @@ def _select_rows(
     which are left unwritten. `keeps_fewer` (AuxK with an unbounded threshold: every candidate was
     kept) marks rows whose answer is fewer than k codes (the rest empty: value 0 and feature 0). The
     min(n, k) winners are sorted in their own buffers' first slots (a selected row has n <= CAP), so no
-    scratch is needed. With SORT (small buffers) the whole buffer is sorted instead."""
+    scratch is needed."""
     failed = row_valid & ((n > CAP) | ((n < k) & ~keeps_fewer))
     selecting = row_valid & ~failed
     slots = tl.arange(0, CAP)
     present = selecting[:, None] & (slots[None, :] < n[:, None])
     buffers = tl.arange(0, rows.shape[0])[:, None] * CAP
-    if SORT:
-        # Sorted whole in registers, a buffer's first k keys are the answer: no bisection, and no store
-        # and reload of the winners (a round trip through memory on the row filter's chain of steps).
-        keys = tl.load(key_ptr + buffers + slots[None, :], mask=present, other=EMPTY_KEY)  # [BLOCK_M, CAP]
-        store_codes(tl.sort(keys, dim=1, descending=True), rows, selecting, vals_ptr, idx_ptr, k, stride_vm, stride_im)
-        return failed
     keys = tl.load(key_ptr + buffers + slots[None, :], mask=present, other=0)  # [BLOCK_M, CAP]
     ordered = (keys >> 32).to(tl.int32)
     feature = (keys & 0xFFFFFFFF).to(tl.int32)
@@ -622,14 +611,13 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list
     return configs
 
 
-def row_filter_configs(k: int, k_aux: int, n_features: int, sort_select: bool = ROW_FILTER_SORT_SELECT) -> list[dict]:
+def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     """The row filter's configurations: buffer capacities (about k entries pass its bound; a capacity of
     2k rarely overflows and keeps the select short), warps per row (2 measured fastest at k = 32 and 4
     at k = 128 on the H200, GPT-2 and AF3 widths) and groups per row: ROW_FILTER_GROUPS, or that many per
     warp (a tighter bound: fewer groups reach it and fewer entries are read again, which matters at
     large k), over the row rounded up to a power of two, each group of at least ROW_FILTER_MIN_GROUP
-    features; with `sort_select`, buffers of at most ROW_FILTER_SORT_CAP slots also with the select that
-    sorts them whole. Configurations where fewer than k groups would hold features are left out."""
+    features. Configurations where fewer than k groups would hold features are left out."""
     aux_cap = max(64, next_power_of_2(4 * k_aux)) if k_aux else 1
     caps = sorted({max(64, next_power_of_2(2 * k)), max(64, next_power_of_2(4 * k))})
     configs = []
@@ -641,12 +629,7 @@ def row_filter_configs(k: int, k_aux: int, n_features: int, sort_select: bool = 
                 continue
             group = _row_filter_width(n_features, n_groups) // n_groups
             if cdiv(n_features, group) >= max(k, k_aux):
-                configs += [
-                    dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, N_GROUPS=n_groups, WARPS=warps, SORT_SELECT=sort)
-                    for sort in ((False, True) if sort_select else (False,))
-                    for cap in caps
-                    if not sort or cap <= ROW_FILTER_SORT_CAP
-                ]
+                configs += [dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, N_GROUPS=n_groups, WARPS=warps) for cap in caps]
     return configs
 
 
@@ -717,7 +700,7 @@ def row_filter_topk(
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
             CHUNK_GROUPS=ROW_FILTER_READ // group, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
             CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
-            SORT_SELECT=cfg.get("SORT_SELECT", False), num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
+            num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
         )  # fmt: skip
     return flags
 
