@@ -76,8 +76,9 @@ def _pre64(x, W_enc, b_enc, b_dec):
 @EXAMPLES
 @given(data=st.data())
 def test_encode_topk_properties(device, data):
-    """Every route of the TopK encode, with AuxK over a random dead mask, gives the reference's top k,
-    and the backward of those codes the reference's gradients."""
+    """Every route of the TopK encode (the row filter also with its maxima from a pass of their own:
+    FASTSAE_ROW_FILTER_SPLIT's), with AuxK over a random dead mask, gives the reference's top k, and the
+    backward of those codes the reference's gradients."""
     x, W_enc, b_enc, b_dec = data.draw(encoder_problems(device), label="problem")
     F = W_enc.shape[1]
     k = data.draw(st.integers(1, F), label="k")
@@ -85,7 +86,9 @@ def test_encode_topk_properties(device, data):
     dead_fraction = data.draw(st.sampled_from([0.0, 0.05, 0.5, 1.0]), label="dead fraction")
     dead = torch.rand(F, generator=torch.Generator().manual_seed(F)) < dead_fraction
     dead = dead.to(device)
-    route = data.draw(st.sampled_from([r for r in encode.topk_routes(k, k_aux, F) if r[0] != "sweep"]), label="route")
+    routes = [r for r in encode.topk_routes(k, k_aux, F) if r[0] != "sweep"]
+    routes += [("row_filter", {**cfg, "SPLIT": True}) for name, cfg in routes if name == "row_filter"]  # experimental
+    route = data.draw(st.sampled_from(routes), label="route")
     vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead if k_aux else None, route)
     pre = _pre64(x, W_enc, b_enc, b_dec)
     assert_topk_matches(vals, idx, pre, k, x.dtype)
