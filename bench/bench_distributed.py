@@ -13,6 +13,9 @@ must pair up).
   its own B tokens, so N GPUs train N x B tokens per step; tokens/s against one GPU is
   N x (1-GPU ms) / (N-GPU ms). Provider `fastsae` wraps the SAE in DistributedDataParallel with its
   defaults, `fastsae_nobroadcast` without the buffer broadcast and with gradients as bucket views.
+- Data parallel captured (op `train_step_dp_graph`, CUDA only): each rank's step replayed as one CUDA
+  graph by fastsae.graphs.CapturedStep (no DDP: the gradients' all-reduces inside the graph), against
+  one GPU's captured step (`fastsae_1gpu` of that op), torch's fused capturable Adam for both.
 - Feature sharding (op `train_step_sharded`, Llama-8B width: d = 4096, B = 8192, k = 64, F = 262144,
   1048576 and 2097152): each GPU holds F / N features; the same B tokens per step, so the speed-up is
   (1-GPU ms) / (N-GPU ms). The optimizer is fastsae.optim.SAEAdam with fp32 moments (as large SAEs are
@@ -60,13 +63,17 @@ DDP_VARIANTS = {"fastsae": {}, "fastsae_nobroadcast": {"broadcast_buffers": Fals
 SHARDED = [(4096, n_features, 8192, 64) for n_features in (2**18, 2**20, 2**21)]
 TINY = (16, 256, 64, 4)  # --device cpu
 DEAD_FRACTION = 0.05
+# The captured steps' dead features are dead from the start and stay dead, and the live ones never go
+# that long without firing: no rewrite of the statistics per step, which would make CapturedStep count
+# the dead features again (a synchronisation) before every replay.
+GRAPH_DEAD_AFTER_TOKENS = 2**40
 ONE_GPU_FITS_PARAMETERS = 2**32  # d * F above this (17 GB of bf16 weights, x4 with grads and Adam): no 1-GPU run
 
 
-def _sae(d: int, n_features: int, k: int, device: str, feature_group=None) -> fastsae.SparseAutoencoder:
+def _sae(d: int, n_features: int, k: int, device: str, feature_group=None, dead_after_tokens: int = 1):
     dtype = "bfloat16" if device != "cpu" else "float32"
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype=dtype, check_finite=False,
-                            dead_after_tokens=1)  # fmt: skip
+                            dead_after_tokens=dead_after_tokens)  # fmt: skip
     with torch.device(device):  # built where it trains: no host copy of a large SAE
         return fastsae.SparseAutoencoder(cfg, feature_group=feature_group)
 
@@ -88,6 +95,19 @@ def _step(sae: fastsae.SparseAutoencoder, x: torch.Tensor, model=None, fp32_mome
         return sae_train_step(sae, optimizer, x, model)
 
     return step
+
+
+def _captured_step(sae: fastsae.SparseAutoencoder, x: torch.Tensor):
+    """The step replayed as one CUDA graph by fastsae.graphs.CapturedStep (torch's fused, capturable
+    Adam; a data-parallel SAE's gradients averaged inside the graph), with DEAD_FRACTION of this
+    module's features dead throughout. One eager warm-up step, then the capture."""
+    n_local = sae.W_dec.shape[0]
+    dead = torch.arange(n_local, device=x.device) < int(DEAD_FRACTION * n_local)
+    with torch.no_grad():
+        sae.tokens_since_fired.copy_(dead.long() * 2 * sae.cfg.dead_after_tokens)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True, capturable=True)
+    captured = fastsae.graphs.CapturedStep(sae, optimizer, warmup=1)
+    return lambda: captured(x)
 
 
 def _time(step, device: str, group=None) -> tuple[list[float], float]:
@@ -164,6 +184,27 @@ def data_parallel(recorder, shape: str, d, n_features, n_rows, k, device: str, p
             _profile(step, device, f"data parallel {shape} ({provider}), {dist.get_world_size()} processes")
         x = sae = model = step = None
         _release(device)
+
+
+def data_parallel_captured(recorder, shape: str, d, n_features, n_rows, k, device: str) -> None:
+    """Op train_step_dp_graph: one GPU's captured step (rank 0 alone), then every rank's."""
+    op = "train_step_dp_graph"
+    if dist.get_rank() == 0:
+        torch.manual_seed(0)
+        x = torch.randn(n_rows, d, device=device)
+        sae = _sae(d, n_features, k, device, dead_after_tokens=GRAPH_DEAD_AFTER_TOKENS).initialize(x)
+        times, peak = _time(_captured_step(sae, x.to(sae.W_enc.dtype)), device)
+        recorder.record(op, shape, "fastsae_1gpu", _row(times, peak))
+        x = sae = None
+        _release(device)
+    dist.barrier()
+    torch.manual_seed(dist.get_rank())  # every rank its own tokens
+    x = torch.randn(n_rows, d, device=device)
+    sae = _sae(d, n_features, k, device, dead_after_tokens=GRAPH_DEAD_AFTER_TOKENS).data_parallel()
+    sae.initialize(x)
+    _check_data_parallel(sae, x.to(sae.W_enc.dtype))
+    times, peak = _time(_captured_step(sae, x.to(sae.W_enc.dtype)), device, dist.group.WORLD)
+    _record(recorder, op, shape, times, _largest(peak, device))
 
 
 def _profile(step, device: str, title: str) -> None:
@@ -259,7 +300,8 @@ def _release(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default="dp,shard", help="comma-separated subset of dp,shard, run in that order")
+    cases_help = "comma-separated subset of dp,dp_graph,shard, run in that order (dp_graph: CUDA only)"
+    parser.add_argument("--cases", default="dp,dp_graph,shard", help=cases_help)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--csv", type=Path, default=None, help="CSV to append to (default bench/results/<gpu>.csv)")
     parser.add_argument("--profile", action="store_true", help="rank 0's profile of the multi-GPU steps")
@@ -281,13 +323,20 @@ def main(argv: list[str] | None = None) -> int:
                 data_parallel(recorder, shape, *(SHAPES[shape] if cuda else TINY), device, args.profile)
                 _release(device)
                 _log(f"data parallel {shape} done", begin)
+        elif case == "dp_graph" and cuda:
+            for shape in DP_SHAPES:
+                data_parallel_captured(recorder, shape, *SHAPES[shape], device)
+                _release(device)
+                _log(f"data parallel captured {shape} done", begin)
+        elif case == "dp_graph":
+            _log("data parallel captured: skipped (CUDA graphs)", begin)
         elif case == "shard":
             for d, n_features, n_rows, k in SHARDED if cuda else [TINY]:
                 feature_sharded(recorder, d, n_features, n_rows, k, device, args.profile)
                 _release(device)
                 _log(f"feature sharding F={n_features} done", begin)
         else:
-            raise SystemExit(f"unknown case {case!r}: choose from dp, shard")
+            raise SystemExit(f"unknown case {case!r}: choose from dp, dp_graph, shard")
     gc.collect()  # objects holding the group go before it (gloo's threads abort a process that leaves them)
     dist.barrier()
     dist.destroy_process_group()

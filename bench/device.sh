@@ -19,7 +19,7 @@
 #   FASTSAE_PYTEST_ARGS      extra pytest arguments
 #   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset)
 #   FASTSAE_PROFILE_ENCODE   shapes for bench.profile_encode (off when unset)
-#   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,shard;
+#   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,dp_graph,shard;
 #                            FASTSAE_DISTRIBUTED_PROFILE=1: rank 0's profile of the multi-GPU steps)
 #   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of bench/harness.py SHAPES
 #   FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT   seconds per test group / for the profile and the bench

@@ -27,18 +27,28 @@ t + 1 runs. The host counts the dead features instead, with one synchronisation,
 With cfg.check_finite the input's check synchronises at every step; turn it off where the data is
 known finite for a step that never waits on the GPU.
 
-Not covered yet: data-parallel or feature-sharded SAEs, and `fastsae.optim.SAEAdam` (its step count
-lives on the host); torch.optim.Adam / AdamW capture with `capturable=True` (torch refuses any other
-optimizer under capture, fused or not), fastest with `fused=True` as well.
+A data-parallel TopK SAE (`sae.data_parallel()`) is captured too, each rank its own graph, without
+DistributedDataParallel (whose buckets and host-side bookkeeping cannot be captured; CapturedStep takes
+the SAE itself): the step all-reduces each gradient as soon as the backward has accumulated it and
+averages it over the replicas (`fastsae.parallel.averaging_gradients`), the forward's collectives (death
+statistics, loss normalisation) are captured with it, and the death statistics are the same on every
+rank, so every rank decides the same captures and the collectives stay paired.
+
+Not covered yet: feature-sharded SAEs, data-parallel SAEs other than TopK (BatchTopK's selection over
+the replicas synchronises), and `fastsae.optim.SAEAdam` (its step count lives on the host);
+torch.optim.Adam / AdamW capture with `capturable=True` (torch refuses any other optimizer under
+capture, fused or not), fastest with `fused=True` as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 
 import torch
 from torch import Tensor
 
+from . import parallel
 from .ops.launch import next_power_of_2
 from .sae import AUXK_DENSE_MAX_ELEMENTS, SAEOutput, SparseAutoencoder
 
@@ -60,10 +70,12 @@ class CapturedStep:
                 f"{type(optimizer).__name__} cannot be captured: its step count lives on the host "
                 "(use torch.optim.Adam or AdamW with capturable=True, and fused=True for speed)"
             )
+        if sae._feature_group is not None:
+            raise ValueError("CapturedStep does not capture feature-sharded SAEs yet")
+        if sae._group is not None and sae.cfg.activation != "topk":
+            raise ValueError(f"CapturedStep captures data-parallel TopK SAEs only, not {sae.cfg.activation!r}")
         if not sae.W_enc.is_cuda:
             raise ValueError("CapturedStep captures CUDA graphs: move the SAE to a GPU first")
-        if sae._group is not None or sae._feature_group is not None:
-            raise ValueError("CapturedStep does not capture data-parallel or feature-sharded SAEs yet")
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (kernels are tuned and the allocator settled first), got {warmup}")
         self.sae, self.optimizer = sae, optimizer
@@ -150,11 +162,17 @@ class CapturedStep:
         self._stats_version = self.sae.tokens_since_fired._version
 
     def _train(self, x: Tensor) -> SAEOutput:
-        out = self.sae(x)
-        out.loss.backward()
-        self.sae.remove_decoder_parallel_grad()
+        sae = self.sae
+        out = sae(x)
+        if sae._group is None:
+            averaged = contextlib.nullcontext()
+        else:  # the replicas' mean gradient, as DistributedDataParallel would leave it
+            averaged = parallel.averaging_gradients(list(sae.parameters()), sae._group)
+        with averaged:
+            out.loss.backward()
+        sae.remove_decoder_parallel_grad()
         self.optimizer.step()
-        self.sae.normalize_decoder()
+        sae.normalize_decoder()
         return out
 
     def _eager_step(self, x: Tensor) -> SAEOutput:

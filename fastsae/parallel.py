@@ -10,9 +10,16 @@ reconstructions over the ranks. The two autograd functions below are the collect
 a reconstruction summed over the shards passes its gradient through unchanged (every rank computes
 the same loss from the same sum), and an input every shard reads (x, b_dec) sums the shards'
 gradients, so that every rank holds the full gradient of the replicated parameters.
+
+Data parallel trains under torch's DistributedDataParallel, or (`averaging_gradients`, what
+`fastsae.graphs.CapturedStep` uses: DDP's buckets and host-side bookkeeping cannot be captured in a
+CUDA graph) with each parameter's gradient all-reduced as soon as the backward has accumulated it.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -123,3 +130,31 @@ def gather_rows(rows: Tensor, group, dim: int = 0) -> Tensor:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded.contiguous(), group=group)
     return torch.cat([part[: int(n)] for part, n in zip(gathered, counts)]).movedim(0, dim)
+
+
+@contextlib.contextmanager
+def averaging_gradients(parameters: list[torch.nn.Parameter], group) -> Iterator[None]:
+    """Around a backward: every one of `parameters` has its gradient summed over the group's ranks as
+    soon as the backward has accumulated it (an asynchronous all-reduce from a post-accumulate-grad
+    hook, so that it overlaps the rest of the backward: W_dec's with the encoder's backward), and on
+    exit, once all are done, divided by the group's size: the replicas' mean gradient, as
+    DistributedDataParallel leaves it. Every rank runs the same backward, so the hooks fire, and the
+    collectives pair up, in the same order."""
+    works = []
+
+    def all_reduce(parameter: torch.nn.Parameter) -> None:
+        works.append(dist.all_reduce(parameter.grad, group=group, async_op=True))
+
+    parameters = [parameter for parameter in parameters if parameter.requires_grad]
+    hooks = [parameter.register_post_accumulate_grad_hook(all_reduce) for parameter in parameters]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+    world = dist.get_world_size(group)
+    for work in works:
+        work.wait()
+    for parameter in parameters:
+        if parameter.grad is not None:
+            parameter.grad.div_(world)

@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -93,15 +94,17 @@ def _sae(activation="topk"):
     return fastsae.SparseAutoencoder(_cfg(activation))
 
 
-def _train(model, sae, batches, full_grad=lambda name, grad: grad):
-    """Adam steps on `batches` through `model` (`sae` or its DDP wrapper): per step the losses and the
-    TopK codes (sorted by feature; None for dense codes), and every parameter's gradient of the first
-    step (`full_grad` turns a shard's into the whole SAE's)."""
+def _train(model, sae, batches, full_grad=lambda name, grad: grad, averaging=False):
+    """Adam steps on `batches` through `model` (`sae` or its DDP wrapper; with `averaging`, `sae` with
+    its gradients averaged by `parallel.averaging_gradients`): per step the losses and the TopK codes
+    (sorted by feature; None for dense codes), and every parameter's gradient of the first step
+    (`full_grad` turns a shard's into the whole SAE's)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses, codes, first_grads = [], [], None
     for x in batches:
         out = model(x)
-        out.loss.backward()
+        with parallel.averaging_gradients(list(sae.parameters()), sae._group) if averaging else nullcontext():
+            out.loss.backward()
         if first_grads is None:
             first_grads = {name: full_grad(name, p.grad.clone()) for name, p in sae.named_parameters()}
         sae.remove_decoder_parallel_grad()
@@ -117,13 +120,14 @@ def _train(model, sae, batches, full_grad=lambda name, grad: grad):
     return losses, codes, first_grads
 
 
-def _replica(rank, world, activation, result_path, crowd=False):
+def _replica(rank, world, activation, result_path, crowd=False, averaging=False):
     # Rank 0 has the single process's RNG state; the others differ, and must still get its directions.
     torch.manual_seed(1 if rank == 0 else 100 + rank)
     sample, batches = _local(_data(crowd=crowd))
     sae = _local(_sae(activation)).data_parallel()
     sae.initialize(sample.chunk(world)[rank])
-    losses, codes, _ = _train(DistributedDataParallel(sae), sae, [x.chunk(world)[rank] for x in batches])
+    model = sae if averaging else DistributedDataParallel(sae)
+    losses, codes, _ = _train(model, sae, [x.chunk(world)[rank] for x in batches], averaging=averaging)
     if rank == 0:
         sparse_steps = [step for step, step_codes in enumerate(codes) if step_codes is not None]
         torch.save((losses, {name: t.cpu() for name, t in sae.state_dict().items()}, sparse_steps), result_path)
@@ -164,11 +168,55 @@ def test_data_parallel_trains_like_one_process(activation, world, tmp_path, monk
         assert all(sparsity > 0 for *_, sparsity in expected_losses), "no sparsity penalty: the test would not cover it"
 
 
-def _assert_trained_alike(single, expected_losses, losses, state):
+@pytest.mark.parametrize("world", [2, 3])
+def test_averaging_gradients_trains_like_one_process(world, tmp_path):
+    """Without DistributedDataParallel, `parallel.averaging_gradients` around each replica's backward
+    (what `graphs.CapturedStep` captures for a data-parallel SAE) trains a TopK SAE with AuxK as one
+    process on the whole batch does: losses, parameters and statistics after STEPS Adam steps."""
+    sample, batches = _data()
+    torch.manual_seed(1)
+    single = _sae().initialize(sample)
+    expected_losses, _, _ = _train(single, single, batches)
+    result_path = tmp_path / "rank0.pt"
+    _spawn(_replica, ("topk", result_path, False, True), world)
+    losses, state, _ = _load(result_path)
+    _assert_trained_alike(single, expected_losses, losses, state)
+    assert any(auxk > 0 for _, auxk, _, _ in expected_losses), "AuxK never ran: the test would not cover it"
+
+
+def _captured_replica(rank, world, result_path):
+    torch.manual_seed(1 if rank == 0 else 100 + rank)
+    sample, batches = _local(_data())
+    sae = _local(_sae()).data_parallel()
+    sae.initialize(sample.chunk(world)[rank])
+    step = fastsae.graphs.CapturedStep(sae, torch.optim.Adam(sae.parameters(), lr=1e-2, capturable=True))
+    losses = []
+    for x in batches:
+        out = step(x.chunk(world)[rank])
+        losses.append(tuple(float(t.detach()) for t in (out.fvu, out.auxk, out.mse, out.sparsity)))
+    if rank == 0:
+        torch.save((losses, {name: t.cpu() for name, t in sae.state_dict().items()}, []), result_path)
+
+
+@pytest.mark.skipif(BACKEND != "nccl", reason="CUDA graphs: the NCCL run on GPUs")
+def test_captured_data_parallel_step_trains_like_one_process(tmp_path):
+    """`graphs.CapturedStep` of a data-parallel TopK SAE on 2 GPUs (its warm-up steps eager, the rest
+    replayed, the gradients' all-reduces inside the graph) trains as one process on the whole batch."""
+    sample, batches = _data()
+    torch.manual_seed(1)
+    single = _sae().initialize(sample)
+    expected_losses, _, _ = _train(single, single, batches)
+    result_path = tmp_path / "rank0.pt"
+    _spawn(_captured_replica, (result_path,), 2)
+    losses, state, _ = _load(result_path)
+    _assert_trained_alike(single, expected_losses, losses, state, rel=1e-6)
+
+
+def _assert_trained_alike(single, expected_losses, losses, state, rel=1e-9):
     for got, want in zip(losses, expected_losses):
-        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert got == pytest.approx(want, rel=rel, abs=1e-12)
     for name, tensor in single.state_dict().items():
-        torch.testing.assert_close(state[name], tensor, rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(state[name], tensor, rtol=rel, atol=1e-12, msg=name)
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -364,6 +412,10 @@ def test_mesh_of_replicas_and_shards_trains_like_one_process(tmp_path):
 def _refusals(rank, world):
     with pytest.raises(ValueError, match="supports TopK"):
         _sae("relu").shard_features()
+    uncapturable = ((_sae().shard_features(), "feature-sharded"), (_sae("relu").data_parallel(), "TopK SAEs only"))
+    for sae, message in uncapturable:
+        with pytest.raises(ValueError, match=message):  # graph capture of what it cannot capture yet
+            fastsae.graphs.CapturedStep(sae, torch.optim.Adam(sae.parameters(), capturable=True))
     tiny = fastsae.SAEConfig(d_in=D, n_features=10, k=6, k_aux=0, dtype="float64")
     with pytest.raises(ValueError, match="fewer than k=6"):
         fastsae.SparseAutoencoder(tiny, feature_group=dist.group.WORLD)
