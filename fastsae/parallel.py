@@ -139,7 +139,8 @@ def averaging_gradients(parameters: list[torch.nn.Parameter], group) -> Iterator
     hook, so that it overlaps the rest of the backward: W_dec's with the encoder's backward), and on
     exit, once all are done, divided by the group's size: the replicas' mean gradient, as
     DistributedDataParallel leaves it. Every rank runs the same backward, so the hooks fire, and the
-    collectives pair up, in the same order."""
+    collectives pair up, in the same order. The hooks reduce the accumulated gradient: start from none
+    (zero_grad), not from a previous backward's."""
     works = []
 
     def all_reduce(parameter: torch.nn.Parameter) -> None:
