@@ -72,10 +72,11 @@ ROW_FILTER_MIN_GROUP = 4  # features per group, at least: a re-read tile gives e
 ROW_FILTER_READ = 4096
 ROW_FILTER_REREAD = 1024
 # The row filter's group maxima may come from a pass of their own (`_group_maxima_kernel`: many small
-# programs that only stream the pre-activation, at most of the memory bandwidth), leaving the row kernel
-# the latency-bound chain from the bound to the codes. Inside the row kernel the stream stalls while a
-# row selects (about half of the DRAM bandwidth at GPT-2 on the H200). Experimental until timed on the
-# GPU: FASTSAE_ROW_FILTER_SPLIT=1 (read at import) adds those configurations to the tuner's candidates.
+# programs that only stream the pre-activation, which should reach most of the memory bandwidth), leaving
+# the row kernel the latency-bound chain from the bound to the codes. Inside the row kernel the stream
+# stalls while rows select (it drew about half of the DRAM bandwidth at GPT-2 on the H200, ncu).
+# Experimental until timed on the GPU: FASTSAE_ROW_FILTER_SPLIT=1 (read at import) adds those
+# configurations to the tuner's candidates.
 ROW_FILTER_SPLIT = os.environ.get("FASTSAE_ROW_FILTER_SPLIT") == "1"
 
 
