@@ -12,11 +12,30 @@ import csv
 import sys
 from pathlib import Path
 
-from .harness import shape_dims
+from .harness import SHAPES, shape_dims
 
 BASELINES = ["cublas_gemm", "bincount", "embedding_bag", "torch", "fastsae_1gpu"]
 # Ops reported in TFLOP/s of their encoder GEMM, 2 * B * d * F.
-GEMM_OPS = ("encode_topk", "encode_relu", "encode_batchtopk", "encode_topk_positive_counts")
+GEMM_OPS = ("encode_topk", "encode_relu", "encode_batchtopk", "encode_topk_positive_counts", "encode_topk_sort_select")
+# What each op times, and where its bench says more (printed under the op's heading).
+OP_NOTES = {
+    "fire_counts": "Per-feature fire counts of sparse codes (`bench/bench_stats.py`).",
+    "fire_counts_skewed": "The same with most codes on a few features (`bench/bench_stats.py`).",
+    "fire_counts_dense": "Per-feature counts of positive entries of dense codes (`bench/bench_stats.py`).",
+    "encode_topk": "The TopK encode against the cuBLAS GEMM x @ W_enc and eager torch (`bench/bench_encode.py`).",
+    "encode_relu": "The ReLU encode, writing the whole [B, F] codes (`bench/bench_encode.py`).",
+    "encode_batchtopk": "The BatchTopK encode, dense and sparse codes (`bench/bench_encode.py`).",
+    "encode_topk_positive_counts": "The TopK encode with the per-feature positive counts (`bench/bench_encode.py`).",
+    "encode_topk_sort_select": "The TopK encode with the experimental sort-select row-filter configurations, "
+    "timed once and removed (no faster than `encode_topk`'s route).",
+    "decode_sparse": "The sparse decode of [B, k] codes (`bench/bench_decode.py`).",
+    "train_step": "A whole TopK training step with AuxK (`bench/bench_train.py`).",
+    "train_step_batchtopk": "A BatchTopK training step, sparse and dense codes (`bench/bench_train.py`).",
+    "train_step_dp": "Data parallel under DistributedDataParallel against one GPU (`bench/bench_distributed.py`).",
+    "train_step_dp_graph": "Data parallel with every rank's step captured against one GPU's captured step "
+    "(`bench/bench_distributed.py`).",
+    "train_step_sharded": "Feature sharding against one GPU, fp32 Adam moments (`bench/bench_distributed.py`).",
+}
 
 
 def _latest_rows(csv_paths: list[Path]) -> dict:
@@ -147,6 +166,9 @@ def render(csv_path: Path, out_dir: Path) -> None:
         "",
         "Rendered by `python -m bench.report` from the CSVs here; medians of",
         "`triton.testing.do_bench`, correctness checked before timing. Newest row per (op, shape, provider).",
+        "Shapes (d, F, B, k): " + ", ".join(f"{name} = {dims}" for name, dims in SHAPES.items()) + ";",
+        "the others are named d<d>_F<F>_B<B>_k<k>. A table's rows may come from different runs (each row's",
+        "commit is listed under its heading): compare ratios within one run.",
         "",
     ]
     groups: dict = {}
@@ -157,6 +179,7 @@ def render(csv_path: Path, out_dir: Path) -> None:
         lines += [
             f"## {op} — {gpu}",
             "",
+            *([OP_NOTES[op], ""] if op in OP_NOTES else []),
             f"torch {env['torch']}, triton {env['triton']}; {_runs(rows)}",
             "",
         ]
