@@ -151,19 +151,25 @@ def _largest(value: float, device: str) -> float:
     return float(tensor)
 
 
-def _single_gpu(recorder, op: str, shape: str, d, n_features, n_rows, k, device: str, fp32_moments=False) -> None:
-    """Rank 0 alone: the whole SAE's step; the other ranks wait at the barrier after. A step that runs
-    out of memory is reported and leaves no row."""
+def _single_gpu(recorder, op: str, shape: str, d, n_features, n_rows, k, device: str, fp32_moments=False,
+                captured=False) -> None:  # fmt: skip
+    """Rank 0 alone: the whole SAE's step (`captured`: `_captured_step`'s); the other ranks wait at the
+    barrier after. A step that runs out of memory is reported and leaves no row."""
     if dist.get_rank() == 0:
         torch.manual_seed(0)
         try:
             x = torch.randn(n_rows, d, device=device)
-            sae = _sae(d, n_features, k, device).initialize(x)
-            times, peak = _time(_step(sae, x.to(sae.W_enc.dtype), fp32_moments=fp32_moments), device)
+            if captured:
+                sae = _sae(d, n_features, k, device, dead_after_tokens=GRAPH_DEAD_AFTER_TOKENS).initialize(x)
+                step = _captured_step(sae, x.to(sae.W_enc.dtype))
+            else:
+                sae = _sae(d, n_features, k, device).initialize(x)
+                step = _step(sae, x.to(sae.W_enc.dtype), fp32_moments=fp32_moments)
+            times, peak = _time(step, device)
             recorder.record(op, shape, "fastsae_1gpu", _row(times, peak))
         except torch.OutOfMemoryError as error:
             print(f"{op} {shape}: one GPU runs out of memory ({str(error).splitlines()[0]})", flush=True)
-        x = sae = None  # the step's closure and its optimizer state go with them
+        x = sae = step = None  # the step's closure and its optimizer state go with them
         _release(device)
     dist.barrier()
 
@@ -189,15 +195,7 @@ def data_parallel(recorder, shape: str, d, n_features, n_rows, k, device: str, p
 def data_parallel_captured(recorder, shape: str, d, n_features, n_rows, k, device: str) -> None:
     """Op train_step_dp_graph: one GPU's captured step (rank 0 alone), then every rank's."""
     op = "train_step_dp_graph"
-    if dist.get_rank() == 0:
-        torch.manual_seed(0)
-        x = torch.randn(n_rows, d, device=device)
-        sae = _sae(d, n_features, k, device, dead_after_tokens=GRAPH_DEAD_AFTER_TOKENS).initialize(x)
-        times, peak = _time(_captured_step(sae, x.to(sae.W_enc.dtype)), device)
-        recorder.record(op, shape, "fastsae_1gpu", _row(times, peak))
-        x = sae = None
-        _release(device)
-    dist.barrier()
+    _single_gpu(recorder, op, shape, d, n_features, n_rows, k, device, captured=True)
     torch.manual_seed(dist.get_rank())  # every rank its own tokens
     x = torch.randn(n_rows, d, device=device)
     sae = _sae(d, n_features, k, device, dead_after_tokens=GRAPH_DEAD_AFTER_TOKENS).data_parallel()

@@ -111,7 +111,7 @@ def _train(model, sae, batches, full_grad=lambda name, grad: grad, averaging=Fal
         optimizer.step()
         optimizer.zero_grad()
         sae.normalize_decoder()
-        losses.append(tuple(float(t.detach()) for t in (out.fvu, out.auxk, out.mse, out.sparsity)))
+        losses.append(_losses(out))
         if out.idx is None:
             codes.append(None)
         else:
@@ -120,17 +120,41 @@ def _train(model, sae, batches, full_grad=lambda name, grad: grad, averaging=Fal
     return losses, codes, first_grads
 
 
-def _replica(rank, world, activation, result_path, crowd=False, averaging=False):
+def _losses(out):
+    return tuple(float(t.detach()) for t in (out.fvu, out.auxk, out.mse, out.sparsity))
+
+
+def _one_process(activation="topk"):
+    """The whole SAE trained by one process on the whole batches: (the SAE, its losses per step)."""
+    sample, batches = _data()
+    torch.manual_seed(1)
+    single = _sae(activation).initialize(sample)
+    expected_losses, _, _ = _train(single, single, batches)
+    return single, expected_losses
+
+
+def _data_parallel_replica(rank, world, activation, crowd=False):
+    """This rank's data-parallel SAE, initialised on its share of the sample, and its share of each
+    batch."""
     # Rank 0 has the single process's RNG state; the others differ, and must still get its directions.
     torch.manual_seed(1 if rank == 0 else 100 + rank)
     sample, batches = _local(_data(crowd=crowd))
     sae = _local(_sae(activation)).data_parallel()
     sae.initialize(sample.chunk(world)[rank])
-    model = sae if averaging else DistributedDataParallel(sae)
-    losses, codes, _ = _train(model, sae, [x.chunk(world)[rank] for x in batches], averaging=averaging)
+    return sae, [x.chunk(world)[rank] for x in batches]
+
+
+def _save_rank0(rank, result_path, losses, sae, sparse_steps):
     if rank == 0:
-        sparse_steps = [step for step, step_codes in enumerate(codes) if step_codes is not None]
         torch.save((losses, {name: t.cpu() for name, t in sae.state_dict().items()}, sparse_steps), result_path)
+
+
+def _replica(rank, world, activation, result_path, crowd=False, averaging=False):
+    sae, batches = _data_parallel_replica(rank, world, activation, crowd)
+    model = sae if averaging else DistributedDataParallel(sae)
+    losses, codes, _ = _train(model, sae, batches, averaging=averaging)
+    sparse_steps = [step for step, step_codes in enumerate(codes) if step_codes is not None]
+    _save_rank0(rank, result_path, losses, sae, sparse_steps)
 
 
 def _free_port():
@@ -153,11 +177,7 @@ def test_data_parallel_trains_like_one_process(activation, world, tmp_path, monk
     sparse ones: the next test)."""
     monkeypatch.setattr(batchtopk, "SPARSE_CODES", False)
     monkeypatch.setenv("FASTSAE_BATCHTOPK_SPARSE", "0")  # read at import by the spawned replicas
-    sample, batches = _data()
-    torch.manual_seed(1)
-    single = _sae(activation).initialize(sample)
-    expected_losses, _, _ = _train(single, single, batches)
-
+    single, expected_losses = _one_process(activation)
     result_path = tmp_path / "rank0.pt"
     _spawn(_replica, (activation, result_path), world)
     losses, state, _ = _load(result_path)
@@ -173,10 +193,7 @@ def test_averaging_gradients_trains_like_one_process(world, tmp_path):
     """Without DistributedDataParallel, `parallel.averaging_gradients` around each replica's backward
     (what `graphs.CapturedStep` captures for a data-parallel SAE) trains a TopK SAE with AuxK as one
     process on the whole batch does: losses, parameters and statistics after STEPS Adam steps."""
-    sample, batches = _data()
-    torch.manual_seed(1)
-    single = _sae().initialize(sample)
-    expected_losses, _, _ = _train(single, single, batches)
+    single, expected_losses = _one_process()
     result_path = tmp_path / "rank0.pt"
     _spawn(_replica, ("topk", result_path, False, True), world)
     losses, state, _ = _load(result_path)
@@ -185,27 +202,16 @@ def test_averaging_gradients_trains_like_one_process(world, tmp_path):
 
 
 def _captured_replica(rank, world, result_path):
-    torch.manual_seed(1 if rank == 0 else 100 + rank)
-    sample, batches = _local(_data())
-    sae = _local(_sae()).data_parallel()
-    sae.initialize(sample.chunk(world)[rank])
+    sae, batches = _data_parallel_replica(rank, world, "topk")
     step = fastsae.graphs.CapturedStep(sae, torch.optim.Adam(sae.parameters(), lr=1e-2, capturable=True))
-    losses = []
-    for x in batches:
-        out = step(x.chunk(world)[rank])
-        losses.append(tuple(float(t.detach()) for t in (out.fvu, out.auxk, out.mse, out.sparsity)))
-    if rank == 0:
-        torch.save((losses, {name: t.cpu() for name, t in sae.state_dict().items()}, []), result_path)
+    _save_rank0(rank, result_path, [_losses(step(x)) for x in batches], sae, [])
 
 
 @pytest.mark.skipif(BACKEND != "nccl", reason="CUDA graphs: the NCCL run on GPUs")
 def test_captured_data_parallel_step_trains_like_one_process(tmp_path):
     """`graphs.CapturedStep` of a data-parallel TopK SAE on 2 GPUs (its warm-up steps eager, the rest
     replayed, the gradients' all-reduces inside the graph) trains as one process on the whole batch."""
-    sample, batches = _data()
-    torch.manual_seed(1)
-    single = _sae().initialize(sample)
-    expected_losses, _, _ = _train(single, single, batches)
+    single, expected_losses = _one_process()
     result_path = tmp_path / "rank0.pt"
     _spawn(_captured_replica, (result_path,), 2)
     losses, state, _ = _load(result_path)
