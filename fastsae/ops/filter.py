@@ -730,7 +730,7 @@ def row_filter_topk(
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
     chunk_groups = ROW_FILTER_READ // group
-    split = cfg.get("SPLIT", False)
+    split = cfg["SPLIT"]
     for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
         if split:
             _group_maxima_kernel[(pre.shape[0], cdiv(F, chunk_groups * group))](
