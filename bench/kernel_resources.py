@@ -114,22 +114,17 @@ def main() -> None:
         usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))
         print(f"filter_select cap={cap}: {usage}")
     for n_features, k, k_aux in [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]:
-        for cfg in filter.row_filter_configs(k, k_aux, n_features, split=True):
+        for cfg in filter.row_filter_configs(k, k_aux, n_features):
             n_groups = cfg["N_GROUPS"]
             constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": cfg["GROUP"],
                           "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
                           "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
                           "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
-                          "AUX_KEEP": triton.next_power_of_2(max(1, k_aux)), "MAXIMA_GIVEN": cfg["SPLIT"]}  # fmt: skip
+                          "AUX_KEEP": triton.next_power_of_2(max(1, k_aux))}  # fmt: skip
             warps = max(cfg["WARPS"], filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"])))
             usage = resources(filter._row_filter_kernel, constexprs, num_warps=warps)
-            print(f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps} "
-                  f"split={cfg['SPLIT']}: {usage}")  # fmt: skip
-    for group, has_aux in [(32, False), (16, True), (4, False)]:
-        chunk_groups = filter.ROW_FILTER_READ // group
-        constexprs = {"HAS_AUX": has_aux, "N_GROUPS": 1024, "GROUP": group, "CHUNK_GROUPS": chunk_groups}
-        usage = resources(filter._group_maxima_kernel, constexprs, num_warps=4)
-        print(f"group_maxima group={group} aux={has_aux}: {usage}")
+            print(f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps}: "
+                  f"{usage}")  # fmt: skip
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         usage = resources(filter._threshold_kernel, constexprs, num_warps=filter._row_warps(2 * block_g))

@@ -58,9 +58,6 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
     pre = reference.pre_activation(x, W_enc, b_enc, b_dec)
     dead_pre = pre.masked_fill(~dead, float("-inf"))
     routes = encode.topk_routes(k, k_aux, n_features)
-    # each row-filter configuration also with its group maxima from a pass of their own (SPLIT, which
-    # FASTSAE_ROW_FILTER_SPLIT offers the tuner without AuxK), here with AuxK too
-    routes = [*routes, *(("row_filter", {**cfg, "SPLIT": True}) for name, cfg in routes if name == "row_filter")]
     if not all_configs:  # the first filter configuration and every other route
         first_filter = next((route for route in routes if route[0] == "filter"), None)
         routes = [route for route in routes if route[0] != "filter" or route is first_filter]

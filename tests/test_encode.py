@@ -145,14 +145,13 @@ def _first_route(name, k, k_aux, n_features, **overrides):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("name, split", [("filter", False), ("row_filter", False), ("row_filter", True)])
+@pytest.mark.parametrize("name", ["filter", "row_filter"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_filter_fallbacks(device, name, split):
+def test_filter_fallbacks(device, name):
     """Rows a filter route cannot finish are flagged on the device and recomputed by the sweep: rows
     whose buffer overflows (a capacity below the survivors), rows left with fewer than k survivors
     (thresholds raised past the k-th value: the filter GEMM's margin only), NaN rows (never selected:
-    value 0) and AuxK with fewer dead features than k_aux (not a failure: the rest are empty codes); the row
-    filter with its group maxima in the row kernel or from a pass of their own (SPLIT)."""
+    value 0) and AuxK with fewer dead features than k_aux (not a failure: the rest are empty codes)."""
     B, d, F, k, k_aux = (40, 32, 256, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     x[3] = float("nan")
@@ -164,7 +163,7 @@ def test_filter_fallbacks(device, name, split):
     finite[3] = False
     cases = [({"CAP": k // 2}, 0.0), ({}, 1e3), ({}, 0.0)] if name == "filter" else [({"CAP": k // 2}, 0.0), ({}, 0.0)]
     for overrides, margin_shift in cases:
-        route = _first_route(name, k, k_aux, F, **overrides, **({"SPLIT": True} if split else {}))
+        route = _first_route(name, k, k_aux, F, **overrides)
         outputs = _poisoned_outputs(B, k, k_aux, device)
         if name == "filter":
             flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1], margin_shift)
@@ -210,18 +209,15 @@ def test_row_filter_in_rounds_and_row_chunks(device, monkeypatch):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("split", [False, True])
-def test_row_filter_skips_only_the_chunks_past_the_features(device, split):
+def test_row_filter_skips_only_the_chunks_past_the_features(device):
     """F = 9000 is read as a row of 16384 in chunks of ROW_FILTER_READ = 4096: the kernel reads 3 chunks
     and skips the fourth, which holds no feature (its group maxima, never written, are masked out of the
     bound). The largest pre-activations sit in the last, partial chunk, so a chunk skipped too many
-    would lose them, and a skipped group's unwritten maximum in the bound would change the codes. The
-    same with the maxima from a pass of their own (SPLIT: one program per row and chunk that holds
-    features)."""
+    would lose them, and a skipped group's unwritten maximum in the bound would change the codes."""
     B, d, F, k = (4, 16, 9000, 8) if device == "cpu" else (512, 64, 9000, 32)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     b_enc[8192:] += 3.0
-    route = _first_route("row_filter", k, 0, F, SPLIT=split)
+    route = _first_route("row_filter", k, 0, F)
     assert filter._row_filter_width(F, route[1]["N_GROUPS"]) == 16384
     outputs = (x.new_empty(B, k), x.new_empty(B, k, dtype=torch.int32), x.new_empty(B, 0), x.new_empty(B, 0))
     flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, route[1])
@@ -246,17 +242,15 @@ def test_row_filter_bound_keeps_about_k(device):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("split", [False, True])
-def test_encode_topk_kernel_ties_and_all_dead(device, split):
+def test_encode_topk_kernel_ties_and_all_dead(device):
     """Duplicated encoder columns give exactly tied pre-activations; every feature dead makes the AuxK
-    candidates the plain top-k_aux. The row filter with its group maxima in the row kernel or from a pass
-    of their own (SPLIT)."""
+    candidates the plain top-k_aux."""
     B, d, F, k = 24, 32, 64, 8
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     W_enc = W_enc[:, torch.arange(F) % 8].contiguous()  # 8 distinct columns, each 8 times
     b_enc = torch.zeros_like(b_enc)
     dead = torch.ones(F, dtype=torch.bool, device=device)
-    route = _first_route("row_filter", k, 12, F, SPLIT=split)
+    route = _first_route("row_filter", k, 12, F)
     vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 12, dead, route=route)
     pre = _pre64(x, W_enc, b_enc, b_dec)
     assert_topk_matches(vals, idx, pre, k, torch.float32)

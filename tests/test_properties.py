@@ -76,8 +76,7 @@ def _pre64(x, W_enc, b_enc, b_dec):
 @EXAMPLES
 @given(data=st.data())
 def test_encode_topk_properties(device, data):
-    """Every route of the TopK encode (the row filter also with its maxima from a pass of their own:
-    FASTSAE_ROW_FILTER_SPLIT's), with AuxK over a random dead mask, gives the reference's top k, and the
+    """Every route of the TopK encode, with AuxK over a random dead mask, gives the reference's top k, and the
     backward of those codes the reference's gradients."""
     x, W_enc, b_enc, b_dec = data.draw(encoder_problems(device), label="problem")
     F = W_enc.shape[1]
@@ -87,7 +86,6 @@ def test_encode_topk_properties(device, data):
     dead = torch.rand(F, generator=torch.Generator().manual_seed(F)) < dead_fraction
     dead = dead.to(device)
     routes = [r for r in encode.topk_routes(k, k_aux, F) if r[0] != "sweep"]
-    routes += [("row_filter", {**cfg, "SPLIT": True}) for name, cfg in routes if name == "row_filter"]  # experimental
     route = data.draw(st.sampled_from(routes), label="route")
     vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead if k_aux else None, route)
     pre = _pre64(x, W_enc, b_enc, b_dec)

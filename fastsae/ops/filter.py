@@ -71,13 +71,6 @@ ROW_FILTER_GROUPS = 1024
 ROW_FILTER_MIN_GROUP = 4  # features per group, at least: a re-read tile gives each thread whole PTX packs
 ROW_FILTER_READ = 4096
 ROW_FILTER_REREAD = 1024
-# The row filter's group maxima may come from a pass of their own (`_group_maxima_kernel`: many small
-# programs that only stream the pre-activation, which should reach most of the memory bandwidth), leaving
-# the row kernel the latency-bound chain from the bound to the codes. Inside the row kernel the stream
-# stalls while rows select (it drew about half of the DRAM bandwidth at GPT-2 on the H200, ncu).
-# Experimental until timed on the GPU: FASTSAE_ROW_FILTER_SPLIT=1 (read at import) adds those
-# configurations to the tuner's candidates.
-ROW_FILTER_SPLIT = os.environ.get("FASTSAE_ROW_FILTER_SPLIT") == "1"
 
 
 @triton.jit
@@ -325,26 +318,12 @@ def _store_group_maxima(row_ptr, scratch_row, dead_ptr, first, F, N_GROUPS: tl.c
 
 
 @triton.jit
-def _group_maxima_kernel(
-    pre_ptr, stride_pm, F, scratch_ptr, dead_ptr,
-    HAS_AUX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr, CHUNK_GROUPS: tl.constexpr,
-):  # fmt: skip
-    """Step 1 of `_row_filter_kernel` as a pass of its own (a configuration's SPLIT): program (row, c)
-    stores the maxima of the row's chunk c of CHUNK_GROUPS groups."""
-    row = tl.program_id(0)
-    scratch_row = scratch_ptr + row.to(tl.int64) * (2 * N_GROUPS if HAS_AUX else N_GROUPS)
-    _store_group_maxima(pre_ptr + row.to(tl.int64) * stride_pm, scratch_row, dead_ptr,
-                        tl.program_id(1) * CHUNK_GROUPS, F, N_GROUPS, GROUP, CHUNK_GROUPS, HAS_AUX)  # fmt: skip
-
-
-@triton.jit
 def _row_filter_kernel(
     pre_ptr, stride_pm, F, k, row0, scratch_ptr, count_ptr, key_buf_ptr, vals_ptr, idx_ptr, stride_vm, stride_im,
     flag_ptr, dead_ptr, k_aux, aux_count_ptr, aux_key_buf_ptr, aux_vals_ptr, aux_idx_ptr, stride_avm, stride_aim,
     HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
     CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
     CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr,
-    MAXIMA_GIVEN: tl.constexpr,
 ):  # fmt: skip
     """The row filter (`row_filter_topk`): one program per row of `pre` [rows, F], pre-activations that
     cuBLAS wrote for the batch's rows row0 .. row0 + rows. A row's work is a chain of dependent steps,
@@ -354,7 +333,7 @@ def _row_filter_kernel(
     cannot gather a loop's chunks) holds N_GROUPS int32, twice with AuxK; its count and key buffer are
     reused by the next chunk.
     1. The maxima of the row's N_GROUPS groups (`_store_group_maxima`), CHUNK_GROUPS groups at a time,
-       as `_ordered` keys into the scratch; with MAXIMA_GIVEN, `_group_maxima_kernel` stored them.
+       as `_ordered` keys into the scratch.
     2. The threshold: a value that k to k + k / 4 group maxima reach (the k-th largest maximum or a
        little below), so at least k distinct features are at or above it and the row's k largest are
        among them. With the whole row behind the bound about 1.1 k entries pass (the filter GEMM's
@@ -372,11 +351,10 @@ def _row_filter_kernel(
     tl.store(count_ptr + row + one, tl.zeros([1], dtype=tl.int32))  # the previous chunk's count
     if HAS_AUX:
         tl.store(aux_count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
-    if not MAXIMA_GIVEN:
-        # Only the chunks that hold features: the row's width is a power of two (24576 features read as
-        # 32768), and the groups past F are masked out of the bound below, so their maxima are not needed.
-        for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
-            _store_group_maxima(row_ptr, scratch_row, dead_ptr, first, F, N_GROUPS, GROUP, CHUNK_GROUPS, HAS_AUX)
+    # Only the chunks that hold features: the row's width is a power of two (24576 features read as
+    # 32768), and the groups past F are masked out of the bound below, so their maxima are not needed.
+    for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
+        _store_group_maxima(row_ptr, scratch_row, dead_ptr, first, F, N_GROUPS, GROUP, CHUNK_GROUPS, HAS_AUX)
     tl.debug_barrier()  # the maxima (and the zeroed counts) are visible to every thread
     every_group = tl.arange(0, N_GROUPS)
     holds_features = every_group * GROUP < F
@@ -641,15 +619,13 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list
     return configs
 
 
-def row_filter_configs(k: int, k_aux: int, n_features: int, split: bool = ROW_FILTER_SPLIT) -> list[dict]:
+def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     """The row filter's configurations: buffer capacities (about k entries pass its bound; a capacity of
     2k rarely overflows and keeps the select short), warps per row (2 measured fastest at k = 32 and 4
     at k = 128 on the H200, GPT-2 and AF3 widths) and groups per row: ROW_FILTER_GROUPS, or that many per
     warp (a tighter bound: fewer groups reach it and fewer entries are read again, which matters at
     large k), over the row rounded up to a power of two, each group of at least ROW_FILTER_MIN_GROUP
-    features; with `split` and no AuxK, each also with its group maxima from a pass of their own (SPLIT;
-    with AuxK one of them spills on sm_90). Configurations where fewer than k groups would hold features
-    are left out."""
+    features. Configurations where fewer than k groups would hold features are left out."""
     aux_cap = max(64, next_power_of_2(4 * k_aux)) if k_aux else 1
     caps = sorted({max(64, next_power_of_2(2 * k)), max(64, next_power_of_2(4 * k))})
     configs = []
@@ -661,11 +637,7 @@ def row_filter_configs(k: int, k_aux: int, n_features: int, split: bool = ROW_FI
                 continue
             group = _row_filter_width(n_features, n_groups) // n_groups
             if cdiv(n_features, group) >= max(k, k_aux):
-                configs += [
-                    dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, N_GROUPS=n_groups, WARPS=warps, SPLIT=split_maxima)
-                    for split_maxima in ((False, True) if split and not k_aux else (False,))
-                    for cap in caps
-                ]
+                configs += [dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, N_GROUPS=n_groups, WARPS=warps) for cap in caps]
     return configs
 
 
@@ -713,7 +685,7 @@ def row_filter_topk(
     """The row-filter route: `filter_topk`'s contract (flagged rows left unwritten), with the
     pre-activation of row chunks written by cuBLAS (at most PRE_ACTIVATION_CHUNK entries: what eager
     PyTorch computes, in the weights' dtype) and filtered and selected by `_row_filter_kernel`, one
-    launch per chunk (after `_group_maxima_kernel`'s, with the configuration's SPLIT). Its scratch is
+    launch per chunk. Its scratch is
     allocated once for the largest chunk and reused by every chunk (the launches are ordered on the
     stream), so a call costs the host few allocations."""
     B, F = x.shape[0], W_enc.shape[1]
@@ -730,13 +702,7 @@ def row_filter_topk(
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
     chunk_groups = ROW_FILTER_READ // group
-    split = cfg["SPLIT"]
     for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
-        if split:
-            _group_maxima_kernel[(pre.shape[0], cdiv(F, chunk_groups * group))](
-                pre, pre.stride(0), F, scratch, dead,
-                HAS_AUX=has_aux, N_GROUPS=n_groups, GROUP=group, CHUNK_GROUPS=chunk_groups, num_warps=4,
-            )  # fmt: skip
         _row_filter_kernel[(pre.shape[0],)](
             pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
             idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
@@ -744,7 +710,7 @@ def row_filter_topk(
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
             CHUNK_GROUPS=chunk_groups, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
             CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
-            MAXIMA_GIVEN=split, num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
+            num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
         )  # fmt: skip
     return flags
 
