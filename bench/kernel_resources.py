@@ -147,14 +147,18 @@ def main() -> None:
         usage = resources(decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"])
         print(f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}: {usage}")
     for has_center in (False, True):
-        usage = resources(
-            scatter._feature_sum_atomic_kernel, {"HAS_CENTER": has_center, "BLOCK_M": 32, "BLOCK_D": 128}, 4
-        )
-        print(f"feature_sum_atomic center={has_center}: {usage}")
-        constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center, "BLOCK_F": 64,
-                      "BLOCK_E": 32, "BLOCK_D": 128, "stride_rd": 1}  # fmt: skip
-        usage = resources(scatter._feature_sum_blocked_kernel, constexprs, 4)
-        print(f"feature_sum_blocked center={has_center}: {usage}")
+        for cfg in scatter._ATOMIC_CANDIDATES:
+            tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]}
+            usage = resources(scatter._feature_sum_atomic_kernel, {"HAS_CENTER": has_center, **tile}, cfg["num_warps"])
+            print(f"feature_sum_atomic {tile} warps={cfg['num_warps']} center={has_center}: {usage}")
+        for cfg in scatter._BLOCKED_CANDIDATES:
+            tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_E": cfg["BLOCK_E"], "BLOCK_D": cfg["BLOCK_D"]}
+            constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center, **tile,
+                          "stride_rd": 1}  # fmt: skip
+            usage = resources(scatter._feature_sum_blocked_kernel, constexprs, cfg["num_warps"])
+            print(f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}: {usage}")
+    tile = {"BLOCK_D": encode.CENTERING_GRAD_ROWS, "BLOCK_F": encode.CENTERING_GRAD_BLOCK}
+    print(f"centering_grad: {resources(encode._centering_grad_kernel, tile, 4)}")
     for d in (768, 4096):
         _, cfg = decoder._grid(torch.empty(1, d, device="meta"))
         tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_D": cfg["BLOCK_D"]}

@@ -354,6 +354,7 @@ def test_offsets_beyond_int32():
     "device, B, d, F, k, k_aux",
     [
         pytest.param("cpu", 37, 40, 96, 8, 5, marks=pytest.mark.interpret),
+        pytest.param("cpu", 37, 40, 96, 8, 0, marks=pytest.mark.interpret),
         pytest.param("cuda", 4096, 768, 24576, 32, 384, marks=pytest.mark.gpu),
         pytest.param("cuda", 199, 100, 4099, 64, 0, marks=pytest.mark.gpu),
     ],
@@ -367,6 +368,22 @@ def test_encode_topk_backward_kernel(device, B, d, F, k, k_aux, dtype, determini
     grads, run_again = check_encode_topk_backward(x, W_enc, b_dec, codes, dtype)
     if deterministic:
         assert all(torch.equal(a, b) for a, b in zip(grads, run_again())), "not bit-identical"
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+@pytest.mark.parametrize("splits", [1, 2, 64])
+def test_centering_grad_over_feature_splits(device, splits, monkeypatch):
+    """db_dec = -W_enc @ db_enc, read in the weights' dtype and summed in fp32 over feature splits: one,
+    two (the last one short) or as many as programs of 512 features (a partial one last), on a W_enc
+    with strides (a transposed view) and an F that is no multiple of 512."""
+    d, F = 24, 1300
+    monkeypatch.setattr(encode, "CENTERING_GRAD_FEATURES", 512)
+    monkeypatch.setattr(encode, "CENTERING_GRAD_SPLITS", splits)
+    W_enc = torch.randn(F, d, device=device).bfloat16().t()
+    db_enc = torch.randn(F, device=device)
+    out = encode._centering_grad(W_enc, db_enc)
+    assert out.dtype == torch.float32 and out.shape == (d,)
+    assert_close(out, -(W_enc.double() @ db_enc.double()), torch.float32, "db_dec")
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

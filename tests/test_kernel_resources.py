@@ -16,12 +16,12 @@ SPILL_FREE = (
     "filter 64x128 warps=4 aux=False",
     "filter_select",
     "row_filter",  # the row filter over cuBLAS chunks, AuxK included
-    "group_maxima",  # its maxima as a pass of their own
     "filter_threshold",
     "filter_center",
     "encode_relu",
     "decode_sparse",
     "feature_sum",
+    "centering_grad",
     "decoder_",
 )
 

@@ -41,6 +41,24 @@ if ROUTE not in ("auto", "atomic", "blocked"):
     raise ValueError(f"FASTSAE_FEATURE_SUMS must be 'auto', 'atomic' or 'blocked', got {ROUTE!r}")
 BLOCKED_FROM_OUTPUT_ELEMENTS = 2**24  # F * d from which "auto" takes the blocked route
 
+# Tile configurations the tuner times for each route. Blocked: BLOCK_F features x BLOCK_D dimensions per
+# program, BLOCK_E codes per step of its loop (the last two take more of each gathered row, or more codes,
+# per step; 128 x 64 x 128 spills on sm_90). Atomic: BLOCK_M tokens x BLOCK_D dimensions per program.
+_BLOCKED_CANDIDATES = [
+    dict(BLOCK_F=f, BLOCK_E=e, BLOCK_D=bd, num_warps=w)
+    for f, e, bd, w in [
+        (64, 32, 128, 4),
+        (32, 32, 128, 4),
+        (64, 64, 64, 4),
+        (128, 32, 64, 8),
+        (64, 32, 256, 8),
+        (64, 64, 128, 8),
+    ]  # fmt: skip
+]
+_ATOMIC_CANDIDATES = [
+    dict(BLOCK_M=m, BLOCK_D=bd, num_warps=w) for m, bd, w in [(32, 128, 4), (16, 256, 4), (64, 128, 8)]
+]
+
 
 @triton.jit
 def _feature_sum_atomic_kernel(
@@ -165,10 +183,7 @@ def feature_sums(
                 INPUT_PRECISION=input_precision(rows.dtype), **cfg,
             )  # fmt: skip
 
-        candidates = [
-            dict(BLOCK_F=f, BLOCK_E=e, BLOCK_D=bd, num_warps=w)
-            for f, e, bd, w in [(64, 32, 128, 4), (32, 32, 128, 4), (64, 64, 64, 4), (128, 32, 64, 8)]
-        ]
+        candidates = _BLOCKED_CANDIDATES
     else:
         out = torch.zeros(n_features, d, dtype=torch.float32, device=rows.device)
 
@@ -182,9 +197,7 @@ def feature_sums(
                 HAS_CENTER=center is not None, **cfg,
             )  # fmt: skip
 
-        candidates = [
-            dict(BLOCK_M=m, BLOCK_D=bd, num_warps=w) for m, bd, w in [(32, 128, 4), (16, 256, 4), (64, 128, 8)]
-        ]
+        candidates = _ATOMIC_CANDIDATES
     run(tuned(("feature_sums", route, d, n_features, bucket(B), bucket(K), rows.dtype, dtype), candidates, run))
     if route == "blocked":
         return out, coef_sum
