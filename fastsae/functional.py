@@ -22,6 +22,7 @@ from .ops import batchtopk as batchtopk_ops
 from .ops import decode as decode_ops
 from .ops import decoder as decoder_ops
 from .ops import encode as encode_ops
+from .ops import loss as loss_ops
 
 _ext.load()  # the C++ death-statistics ops: fire_counts, fire_counts_dense, update_since_fired, dead_mask
 
@@ -478,9 +479,80 @@ def dead_mask(tokens_since_fired: Tensor, threshold: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------------
 # Losses and the decoder constraint (elementwise / reductions: plain PyTorch is the fast path)
 
-mse = reference.mse
-fvu = reference.fvu
-auxk_loss = reference.auxk_loss
+
+@torch.library.custom_op("fastsae::reconstruction_sums", mutates_args=())
+def _reconstruction_sums(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    return reference.reconstruction_sums(x_hat, x)
+
+
+_reconstruction_sums.register_kernel("cuda")(loss_ops.reconstruction_sums)
+
+
+@_reconstruction_sums.register_fake
+def _(x_hat, x):
+    acc = reference.accumulate_dtype(x_hat, x)
+    return x.new_empty((), dtype=acc), x.new_empty((), dtype=acc)
+
+
+@torch.library.custom_op("fastsae::reconstruction_sums_backward", mutates_args=())
+def _reconstruction_sums_backward(
+    grad_error: Tensor, grad_deviations: Tensor, x_hat: Tensor, x: Tensor, x_hat_grad: bool, x_grad: bool
+) -> tuple[Tensor, Tensor]:
+    return loss_ops.only_asked(reference.reconstruction_sums_backward(grad_error, grad_deviations, x_hat, x),
+                               (x_hat_grad, x_grad))  # fmt: skip
+
+
+_reconstruction_sums_backward.register_kernel("cuda")(loss_ops.reconstruction_sums_backward)
+
+
+@_reconstruction_sums_backward.register_fake
+def _(grad_error, grad_deviations, x_hat, x, x_hat_grad, x_grad):
+    return loss_ops.only_asked((torch.empty_like(x_hat), torch.empty_like(x)), (x_hat_grad, x_grad))
+
+
+def _reconstruction_sums_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _reconstruction_sums_grad(ctx, grad_error, grad_deviations):
+    x_hat, x = ctx.saved_tensors
+    grads = _reconstruction_sums_backward(grad_error, grad_deviations, x_hat, x, *ctx.needs_input_grad)
+    return _only_needed(ctx, grads)
+
+
+_reconstruction_sums.register_autograd(_reconstruction_sums_grad, setup_context=_reconstruction_sums_setup)
+
+
+def reconstruction_sums(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(squared error, squared deviations): sum of (x_hat - x)^2 over every element and sum over the tokens
+    of ||x - mean(x)||^2, fp32 scalars (fp64 for fp64 inputs) for x_hat and x [n, d] of any float dtypes;
+    what `mse` and `fvu` divide. On CUDA one pass over both (fastsae/ops/loss.py). Differentiable."""
+    _check_float("x_hat", x_hat, 2)
+    _check_float("x", x, 2)
+    if x_hat.shape != x.shape:
+        raise ValueError(f"x_hat {tuple(x_hat.shape)} and x {tuple(x.shape)} must have the same shape")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (0 tokens): there is no reconstruction error to sum")
+    _check_same_device(x_hat=x_hat, x=x)
+    return _reconstruction_sums(x_hat, x)
+
+
+def mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """`reference.mse` from `reconstruction_sums`."""
+    return reconstruction_sums(x_hat, x)[0] / x.numel()
+
+
+def fvu(x_hat: Tensor, x: Tensor) -> Tensor:
+    """`reference.fvu` from `reconstruction_sums`."""
+    return reference.fvu_from_sums(*reconstruction_sums(x_hat, x), x.shape[0])
+
+
+def auxk_loss(aux_recon: Tensor, residual: Tensor, n_dead: Tensor, k_aux: int) -> Tensor:
+    """`reference.auxk_loss` from `reconstruction_sums`."""
+    return fvu(aux_recon, residual) * auxk_scale(n_dead, k_aux)
+
+
+fvu_from_sums = reference.fvu_from_sums
 auxk_scale = reference.auxk_scale
 l1_penalty = reference.l1_penalty
 l1_sum = reference.l1_sum

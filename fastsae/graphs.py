@@ -190,6 +190,7 @@ class CapturedStep:
         # into the graph's own memory, the same addresses at every replay.
         self.optimizer.zero_grad(set_to_none=True)
         self._static_x = x.clone()
+        _create_backward_cublas_handle(x.device)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._static_out = self._train(self._static_x)
@@ -198,3 +199,12 @@ class CapturedStep:
                 reach = self.sae.cfg.dead_after_tokens - BOUND_LOOKAHEAD_STEPS * n_tokens
                 self._static_dead_bound = (self.sae.tokens_since_fired > reach).sum(dtype=torch.int32)
         self._dead_bounds.clear()
+
+
+def _create_backward_cublas_handle(device: torch.device) -> None:
+    """A product in a backward pass, so that autograd's thread for `device` has created its cuBLAS handle:
+    cuBLAS cannot create one inside a capture, and the eager steps before it need not have run a product
+    in their backward (the captured step's AuxK list is a product over dead features that an eager step
+    with none skips)."""
+    weight = torch.ones(1, 1, device=device, requires_grad=True)
+    (weight @ weight).sum().backward()

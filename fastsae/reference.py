@@ -171,20 +171,41 @@ def decode_dense(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Te
     return out.to(W_dec.dtype)
 
 
+def reconstruction_sums(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(squared error, squared deviations) of a reconstruction x_hat of x [n, d], fp32 (or fp64) scalars:
+    sum over every element of (x_hat - x)^2, and sum over the tokens of ||x - mean(x)||^2 (mean over the
+    n tokens): what the MSE and the FVU divide."""
+    acc = accumulate_dtype(x_hat, x)
+    x = x.to(acc)
+    return (x_hat.to(acc) - x).pow(2).sum(), (x - x.mean(0)).pow(2).sum()
+
+
+def reconstruction_sums_backward(
+    grad_error: Tensor, grad_deviations: Tensor, x_hat: Tensor, x: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(d x_hat, d x) of `reconstruction_sums`, in their inputs' dtypes: d x_hat = 2 grad_error (x_hat - x),
+    d x = -2 grad_error (x_hat - x) + 2 grad_deviations (x - mean(x)) (the mean's own gradient sums to 0)."""
+    acc = accumulate_dtype(x_hat, x)
+    x_acc = x.to(acc)
+    scaled = 2 * grad_error.to(acc) * (x_hat.to(acc) - x_acc)
+    return scaled.to(x_hat.dtype), (2 * grad_deviations.to(acc) * (x_acc - x_acc.mean(0)) - scaled).to(x.dtype)
+
+
 def mse(x_hat: Tensor, x: Tensor) -> Tensor:
     """Mean squared error over all elements, as an fp32 (or fp64) scalar."""
-    acc = accumulate_dtype(x_hat, x)
-    return (x_hat.to(acc) - x.to(acc)).pow(2).mean()
+    return reconstruction_sums(x_hat, x)[0] / x.numel()
 
 
 def fvu(x_hat: Tensor, x: Tensor) -> Tensor:
     """Fraction of variance unexplained: squared error summed over the batch divided by the total
     variance of x around its batch mean. NaN for a batch of one token (no variance to explain)."""
-    acc = accumulate_dtype(x_hat, x)
-    x = x.to(acc)
-    error = (x_hat.to(acc) - x).pow(2).sum()
-    total = (x - x.mean(0)).pow(2).sum()
-    return error / total if x.shape[0] > 1 else torch.full((), float("nan"), dtype=acc, device=x.device)
+    error, deviations = reconstruction_sums(x_hat, x)
+    return fvu_from_sums(error, deviations, x.shape[0])
+
+
+def fvu_from_sums(error: Tensor, deviations: Tensor, n_tokens: int) -> Tensor:
+    """The FVU from `reconstruction_sums` over n_tokens tokens (NaN for one token)."""
+    return error / deviations if n_tokens > 1 else torch.full_like(error, float("nan"))
 
 
 def auxk_loss(aux_recon: Tensor, residual: Tensor, n_dead: Tensor, k_aux: int) -> Tensor:

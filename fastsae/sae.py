@@ -659,7 +659,8 @@ class SparseAutoencoder(nn.Module):
             counts, n_tokens = counts.long(), n_tokens.long()
             fvu, fvu_term, mse = self._fvu_from_totals(fvu_sums[-1], totals[:4], x.shape[1])
         else:
-            mse, fvu = F.mse(recon, x), F.fvu(recon, x)
+            error, deviations = F.reconstruction_sums(recon, x)  # one pass for the MSE and the FVU
+            mse, fvu = error / x.numel(), F.fvu_from_sums(error, deviations, x.shape[0])
             fvu_term = fvu
         auxk = auxk_term = torch.zeros((), dtype=fvu.dtype, device=x.device)
         if aux_recon is not None and replicated:  # reference.auxk_loss with the FVU over every replica's tokens

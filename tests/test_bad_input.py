@@ -77,6 +77,11 @@ BAD_INPUTS = [
      a["x"], a["W_enc"], a["b_enc"], a["b_dec"], N_FEATURES + 1), ValueError, r"k must be in \[1, n_features=20\]"),
     ("encode_batchtopk_sparse: empty batch", lambda a: F.encode_batchtopk_sparse(
      a["x"][:0], a["W_enc"], a["b_enc"], a["b_dec"], K), ValueError, "empty batch"),
+    ("reconstruction_sums: shapes differ", lambda a: F.reconstruction_sums(a["x"][:, :3], a["x"]), ValueError,
+     "must have the same shape"),
+    ("reconstruction_sums: empty batch", lambda a: F.fvu(a["x"][:0], a["x"][:0]), ValueError, "empty batch"),
+    ("reconstruction_sums: integer x", lambda a: F.mse(a["x"], a["idx"][:, :1].expand(BATCH, D)), ValueError,
+     "x must be float32"),
     ("decode_sparse: float idx", lambda a: _decode_sparse(a, idx=a["idx"].float()), ValueError,
      "idx must be int32 or int64"),
     ("decode_sparse: idx and vals shapes differ", lambda a: _decode_sparse(a, idx=a["idx"][:, :3]), ValueError,
