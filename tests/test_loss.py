@@ -40,6 +40,8 @@ def test_reconstruction_sums_kernels(device, n, d, dtypes, strided):
     error, deviations = loss.reconstruction_sums(x_hat, x)
     want_error, want_deviations = reference.reconstruction_sums(x_hat.double(), x.double())
     assert error.dtype == deviations.dtype == torch.float32
+    # fastsae::reconstruction_sums returns them: a custom op's outputs may not share memory
+    assert error.untyped_storage().data_ptr() != deviations.untyped_storage().data_ptr()
     assert_close(error, want_error, torch.float32, "squared error")
     assert_close(deviations, want_deviations, torch.float32, "squared deviations")
     grad_error, grad_deviations = torch.randn(2, dtype=torch.float64, device=device)
