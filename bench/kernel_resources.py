@@ -21,7 +21,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastsae.ops import decode, decoder, encode, filter, scatter
+from fastsae.ops import auxk, decode, decoder, encode, filter, loss, scatter
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -157,6 +157,15 @@ def main() -> None:
                           "stride_rd": 1}  # fmt: skip
             usage = resources(scatter._feature_sum_blocked_kernel, constexprs, cfg["num_warps"])
             print(f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}: {usage}")
+    for n in (2048, auxk.MAX_ROW):  # the GPT-2 step's dead-feature list, and the longest row
+        tile = {"BLOCK_M": max(1, auxk.ROW_ELEMENTS // n), "BLOCK_N": n}
+        print(f"auxk_row_topk n={n}: {resources(auxk._row_topk_kernel, {'KEY_SHIFT': 16, **tile}, 8)}")
+    for d in (768, 4096):
+        block_m, block_d = loss._tile(d)
+        tile = {"BLOCK_M": block_m, "BLOCK_D": block_d}
+        print(f"reconstruction_sums d={d}: {resources(loss._reconstruction_sums_kernel, tile, 8)}")
+        constexprs = {"X_HAT_GRAD": True, "X_GRAD": True, **tile}
+        print(f"reconstruction_sums_bwd d={d}: {resources(loss._reconstruction_sums_bwd_kernel, constexprs, 8)}")
     tile = {"BLOCK_D": encode.CENTERING_GRAD_ROWS, "BLOCK_F": encode.CENTERING_GRAD_BLOCK}
     print(f"centering_grad: {resources(encode._centering_grad_kernel, tile, 4)}")
     for d in (768, 4096):

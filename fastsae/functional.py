@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _ext, reference
+from .ops import auxk as auxk_ops
 from .ops import batchtopk as batchtopk_ops
 from .ops import decode as decode_ops
 from .ops import decoder as decoder_ops
@@ -423,11 +424,16 @@ def auxk_reconstruction(
     # index_select, not W[:, padded]: its gradient is an index_add (atomics), where advanced indexing's
     # is a sort-based index_put, 5.5 ms per step at the Llama-8B shape (measured).
     pre = centered @ W_enc.index_select(1, padded) + b_enc.index_select(0, padded)
-    # Unsorted: the codes are scattered back by feature, so their order is not needed, and sorting
-    # B x k_aux values took a third of the AuxK forward on the H200 (GPT-2 shape, k_aux = 384).
-    top = pre[:, :n].masked_fill(padding, float("-inf")).topk(min(k_aux, n), dim=1, sorted=False)
-    values = top.values.relu() if keep is None else keep(top.values.relu())
-    codes = torch.zeros_like(pre).scatter(1, top.indices, values)
+    scores = pre[:, :n].masked_fill(padding, float("-inf"))
+    if auxk_ops.ROW_TOPK and scores.is_cuda and n <= auxk_ops.MAX_ROW:
+        indices = auxk_ops.row_topk_indices(scores, min(k_aux, n))
+        top_values = scores.gather(1, indices)
+    else:
+        # Unsorted: the codes are scattered back by feature, so their order is not needed, and sorting
+        # B x k_aux values took a third of the AuxK forward on the H200 (GPT-2 shape, k_aux = 384).
+        top_values, indices = scores.topk(min(k_aux, n), dim=1, sorted=False)
+    values = top_values.relu() if keep is None else keep(top_values.relu())
+    codes = torch.zeros_like(pre).scatter(1, indices, values)
     return codes.to(W_dec.dtype) @ W_dec.index_select(0, padded)
 
 

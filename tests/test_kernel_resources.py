@@ -22,6 +22,8 @@ SPILL_FREE = (
     "decode_sparse",
     "feature_sum",
     "centering_grad",
+    "auxk_row_topk",
+    "reconstruction_sums",
     "decoder_",
 )
 
