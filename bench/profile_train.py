@@ -5,7 +5,11 @@ CUDA graph (fastsae.graphs.CapturedStep). Each header gives the wall time per st
 host overhead (wall minus kernel time, as a share of the wall), the kernels run per step and the host's
 launch calls per step (kernel and graph launches: one per kernel eagerly, one graph when captured).
 
-python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25] [--modes eager,graph]
+python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25] [--modes eager,graph] [--by-shape]
+
+`--by-shape` adds, for the eager steps, the host ops grouped by their input shapes and sorted by the
+device time of the kernels they launched: which call (a cast of [B, d], a fill of [F, d]) a kernel
+of the first table comes from. (A replayed graph runs no host ops, so it has no such table.)
 """
 
 from __future__ import annotations
@@ -23,28 +27,33 @@ from .harness import SHAPES, shape_dims
 STEPS = 5  # profiled steps
 
 
-def profile_step(shape: str, auxk: bool, rows: int, graph: bool = False) -> dict:
-    """Prints the step's tables; returns its {"wall_ms", "kernel_ms", "host_share", "kernels", "launches"}
-    per step."""
+def profile_step(shape: str, auxk: bool, rows: int, graph: bool = False, by_shape: bool = False) -> dict:
+    """Prints the step's tables (`by_shape`: and the host ops by input shape, eager steps only); returns
+    its {"wall_ms", "kernel_ms", "host_share", "kernels", "launches"} per step."""
     d, n_features, n_rows, k = shape_dims(shape)
     dead = torch.rand(n_features, device="cuda") < (DEAD_FRACTION if auxk else 0.0)
     x, weights = _initial_weights(d, n_features, n_rows, dead)
     step = _fastsae_step(d, n_features, k, weights, dead, graph=graph)
     for _ in range(5):  # compile, autotune, warm the allocator; the captured step captures on the fourth
         step(x)
-    prof, wall_ms = timed_profile(lambda: step(x), STEPS, cuda=True)
+    by_shape = by_shape and not graph
+    prof, wall_ms = timed_profile(lambda: step(x), STEPS, cuda=True, record_shapes=by_shape)
     summary = step_summary(prof, wall_ms, STEPS)
     print(
         f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}, "
         f"{'captured graph' if graph else 'eager'}: {describe(summary)} ({STEPS} steps below)"
     )
     print_tables(prof, rows)
+    if by_shape:
+        events = prof.key_averages(group_by_input_shape=True)
+        print(events.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=40,
+                           max_shapes_column_width=60))  # fmt: skip
     return summary
 
 
-def timed_profile(run, steps: int, cuda: bool) -> tuple[profile, float]:
+def timed_profile(run, steps: int, cuda: bool, record_shapes: bool = False) -> tuple[profile, float]:
     """`steps` calls of `run` timed on the wall clock, then as many under torch.profiler (CUDA activity
-    too when `cuda`): (the profile, wall ms per step)."""
+    too when `cuda`; the ops' input shapes with `record_shapes`): (the profile, wall ms per step)."""
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     synchronize()
     start = time.perf_counter()
@@ -52,7 +61,8 @@ def timed_profile(run, steps: int, cuda: bool) -> tuple[profile, float]:
         run()
     synchronize()
     wall_ms = (time.perf_counter() - start) / steps * 1e3
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=record_shapes) as prof:
         for _ in range(steps):
             run()
         synchronize()
@@ -99,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--modes", default="eager,graph", help="comma-separated subset of eager,graph")
+    parser.add_argument("--by-shape", action="store_true", help="the eager steps' host ops by input shape too")
     args = parser.parse_args(argv)
     for shape in args.shapes.split(","):
         for auxk in (True, False):
             for mode in args.modes.split(","):
-                profile_step(shape, auxk, args.rows, graph=mode == "graph")
+                profile_step(shape, auxk, args.rows, graph=mode == "graph", by_shape=args.by_shape)
     return 0
 
 
