@@ -153,6 +153,11 @@ def test_opcheck_every_op(device):
         (torch.ops.fastsae.encode_relu_backward, (torch.randn_like(acts), x, W_enc.detach(), b_dec, acts)),
         (torch.ops.fastsae.decode_sparse, (vals.detach().requires_grad_(), idx, W_dec, b_dec)),
         (torch.ops.fastsae.decode_sparse_backward, (torch.randn(B, d, device=device), vals.detach(), idx, W_dec)),
+        (torch.ops.fastsae.reconstruction_sums, (torch.randn(B, d, device=device, requires_grad=True), x)),
+        (
+            torch.ops.fastsae.reconstruction_sums_backward,
+            (*torch.randn(2, device=device), torch.randn(B, d, device=device), x, True, False),
+        ),
         (torch.ops.fastsae.fire_counts, (idx, F_, vals.detach())),
         (torch.ops.fastsae.fire_counts_dense, (acts,)),
         (
