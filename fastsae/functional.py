@@ -483,7 +483,8 @@ def dead_mask(tokens_since_fired: Tensor, threshold: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Losses and the decoder constraint (elementwise / reductions: plain PyTorch is the fast path)
+# Losses and the decoder constraint: the reconstruction sums and the decoder's in-place steps as kernels
+# on CUDA (one pass each); the other penalties are elementwise / reductions where plain PyTorch is fast
 
 
 @torch.library.custom_op("fastsae::reconstruction_sums", mutates_args=())

@@ -303,21 +303,6 @@ def _filter_fwd_kernel(
 
 
 @triton.jit
-def _store_group_maxima(row_ptr, scratch_row, dead_ptr, first, F, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
-                        CHUNK_GROUPS: tl.constexpr, HAS_AUX: tl.constexpr):  # fmt: skip
-    """The `_ordered` maxima keys of a row's groups first .. first + CHUNK_GROUPS (GROUP adjacent features
-    each; a thread reads whole groups, coalesced) into its scratch row; with AuxK, the maxima over the
-    dead features into the second half."""
-    groups = first + tl.arange(0, CHUNK_GROUPS)
-    members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
-    tl.store(scratch_row + groups, _maximum_key(values))
-    if HAS_AUX:
-        dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
-        tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
-
-
-@triton.jit
 def _row_filter_kernel(
     pre_ptr, stride_pm, F, k, row0, scratch_ptr, count_ptr, key_buf_ptr, vals_ptr, idx_ptr, stride_vm, stride_im,
     flag_ptr, dead_ptr, k_aux, aux_count_ptr, aux_key_buf_ptr, aux_vals_ptr, aux_idx_ptr, stride_avm, stride_aim,
@@ -332,8 +317,8 @@ def _row_filter_kernel(
     the H200 despite the reductions across warps). The row's `scratch` (global memory: registers
     cannot gather a loop's chunks) holds N_GROUPS int32, twice with AuxK; its count and key buffer are
     reused by the next chunk.
-    1. The maxima of the row's N_GROUPS groups (`_store_group_maxima`), CHUNK_GROUPS groups at a time,
-       as `_ordered` keys into the scratch.
+    1. The maxima of the row's N_GROUPS groups (GROUP adjacent features each; a thread reads whole
+       groups, coalesced), CHUNK_GROUPS groups at a time, as `_ordered` keys into the scratch.
     2. The threshold: a value that k to k + k / 4 group maxima reach (the k-th largest maximum or a
        little below), so at least k distinct features are at or above it and the row's k largest are
        among them. With the whole row behind the bound about 1.1 k entries pass (the filter GEMM's
@@ -354,7 +339,13 @@ def _row_filter_kernel(
     # Only the chunks that hold features: the row's width is a power of two (24576 features read as
     # 32768), and the groups past F are masked out of the bound below, so their maxima are not needed.
     for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
-        _store_group_maxima(row_ptr, scratch_row, dead_ptr, first, F, N_GROUPS, GROUP, CHUNK_GROUPS, HAS_AUX)
+        groups = first + tl.arange(0, CHUNK_GROUPS)
+        members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
+        tl.store(scratch_row + groups, _maximum_key(values))
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
+            tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
     tl.debug_barrier()  # the maxima (and the zeroed counts) are visible to every thread
     every_group = tl.arange(0, N_GROUPS)
     holds_features = every_group * GROUP < F
@@ -685,9 +676,8 @@ def row_filter_topk(
     """The row-filter route: `filter_topk`'s contract (flagged rows left unwritten), with the
     pre-activation of row chunks written by cuBLAS (at most PRE_ACTIVATION_CHUNK entries: what eager
     PyTorch computes, in the weights' dtype) and filtered and selected by `_row_filter_kernel`, one
-    launch per chunk. Its scratch is
-    allocated once for the largest chunk and reused by every chunk (the launches are ordered on the
-    stream), so a call costs the host few allocations."""
+    launch per chunk. Its scratch is allocated once for the largest chunk and reused by every chunk (the
+    launches are ordered on the stream), so a call costs the host few allocations."""
     B, F = x.shape[0], W_enc.shape[1]
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
@@ -701,14 +691,13 @@ def row_filter_topk(
     scratch = x.new_empty(rows_per_chunk, n_groups * (2 if has_aux else 1), dtype=torch.int32)
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
-    chunk_groups = ROW_FILTER_READ // group
     for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
         _row_filter_kernel[(pre.shape[0],)](
             pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
             idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
             aux_vals.stride(0), aux_idx.stride(0),
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
-            CHUNK_GROUPS=chunk_groups, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
+            CHUNK_GROUPS=ROW_FILTER_READ // group, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
             CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
             num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
         )  # fmt: skip
