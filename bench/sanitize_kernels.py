@@ -6,7 +6,8 @@ Each shape runs the TopK encode through every route the tuner may pick (the thre
 each configuration, with its flagged-row fallback forced, the row filter, the sweep, the dense route),
 AuxK and the positive counts, its backward (both
 per-feature-sums routes and the deterministic mode), the ReLU and JumpReLU encode, the sparse decode and
-its backward, the decoder-constraint kernels and SAEAdam's decoder step; every result is checked against
+its backward, the decoder-constraint kernels, SAEAdam's decoder step, the reconstruction sums of the
+loss and their backward, and the dense AuxK path's row top-k; every result is checked against
 the reference, so a kernel that reads or writes out of bounds and happens to survive still fails.
 Without the caching allocator (the variable above) memcheck sees each tensor's own bounds.
 `--filter-configs first` runs one configuration of the filter GEMM instead of all:
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from fastsae import reference  # noqa: E402
-from fastsae.ops import decode, decoder, encode, filter, scatter  # noqa: E402
+from fastsae.ops import auxk, decode, decoder, encode, filter, loss, scatter  # noqa: E402
 from fastsae.testing import assert_close, assert_positive_counts_match, assert_topk_matches  # noqa: E402
 
 # name: (B, d, F, k, k_aux): tiny, odd sizes everywhere, the GPT-2 width with few rows, and the GPT-2 width.
@@ -112,6 +113,18 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
     decoder.decoder_adam_(W_dec, grad, *moments, 3, 1e-3, 0.9, 0.999, 1e-8)
     for part, actual, want in zip(("W_dec", "exp_avg", "exp_avg_sq"), (W_dec, *moments), expected_adam):
         assert_close(actual.float(), want.float(), TOLERANCE, f"{name} decoder_adam {part}")
+    sums = loss.reconstruction_sums(x_hat, x)
+    for part, actual, want in zip(("error", "deviations"), sums, reference.reconstruction_sums(x_hat, x)):
+        assert_close(actual, want, TOLERANCE, f"{name} reconstruction_sums {part}")
+    grad_sums = torch.randn(2, device="cuda")
+    grads = loss.reconstruction_sums_backward(*grad_sums, x_hat, x, True, True)
+    for part, actual, want in zip(("x_hat", "x"), grads, reference.reconstruction_sums_backward(*grad_sums, x_hat, x)):
+        assert_close(actual.float(), want.float(), TOLERANCE, f"{name} reconstruction_sums backward {part}")
+    dead_columns = pre[:, dead].bfloat16()  # AuxK's dense selection over the dead features' pre-activations
+    if dead_columns.shape[1] >= k_aux:
+        aux_rows = auxk.row_topk_indices(dead_columns, k_aux)
+        aux_vals = dead_columns.gather(1, aux_rows).relu()
+        assert_topk_matches(aux_vals, aux_rows, dead_columns, k_aux, TOLERANCE, f"{name} auxk row top-k")
     filter.center(x, b_dec, torch.bfloat16)  # also run by the encode; here at every shape on its own
     torch.cuda.synchronize()
     print(f"sanitize_kernels {name} (B={B}, d={d}, F={n_features}, k={k}, k_aux={k_aux}): every kernel ran and matched")
