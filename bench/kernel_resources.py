@@ -143,9 +143,9 @@ def main() -> None:
         usage = resources(decode._decode_sparse_fwd_kernel, constexprs, cfg["num_warps"])
         print(f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}: {usage}")
     for cfg in decode._DVALS_CANDIDATES:
-        constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_gd": 1, "stride_ik": 1}
-        usage = resources(decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"])
-        print(f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}: {usage}")
+        tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "CODES": cfg["CODES"]}
+        usage = resources(decode._decode_sparse_bwd_vals_kernel, {**tile, "stride_gd": 1, "stride_ik": 1}, cfg["num_warps"])
+        print(f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']} warps={cfg['num_warps']}: {usage}")
     for has_center in (False, True):
         for cfg in scatter._ATOMIC_CANDIDATES:
             tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]}
@@ -158,8 +158,9 @@ def main() -> None:
             usage = resources(scatter._feature_sum_blocked_kernel, constexprs, cfg["num_warps"])
             print(f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}: {usage}")
     for n in (2048, auxk.MAX_ROW):  # the GPT-2 step's dead-feature list, and the longest row
-        tile = {"BLOCK_M": max(1, auxk.ROW_ELEMENTS // n), "BLOCK_N": n}
-        print(f"auxk_row_topk n={n}: {resources(auxk._row_topk_kernel, {'KEY_SHIFT': 16, **tile}, 8)}")
+        tile = auxk.row_tile(n)
+        warps = tile.pop("num_warps")
+        print(f"auxk_row_topk n={n}: {resources(auxk._row_topk_kernel, {'KEY_SHIFT': 16, **tile}, warps)}")
     for d in (768, 4096):
         block_m, block_d = loss._tile(d)
         tile = {"BLOCK_M": block_m, "BLOCK_D": block_d}

@@ -425,7 +425,7 @@ def auxk_reconstruction(
     # is a sort-based index_put, 5.5 ms per step at the Llama-8B shape (measured).
     pre = centered @ W_enc.index_select(1, padded) + b_enc.index_select(0, padded)
     scores = pre[:, :n].masked_fill(padding, float("-inf"))
-    if auxk_ops.ROW_TOPK and scores.is_cuda and n <= auxk_ops.MAX_ROW:
+    if auxk_ops.ROW_TOPK and scores.is_cuda and 0 < n <= auxk_ops.MAX_ROW:
         indices = auxk_ops.row_topk_indices(scores, min(k_aux, n))
         top_values = scores.gather(1, indices)
     else:

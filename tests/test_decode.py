@@ -65,6 +65,22 @@ def test_decode_sparse_backward_kernel(device, B, d, F, k, dtype, deterministic)
         assert torch.equal(decode.decode_sparse_backward(grad_out, vals, idx, W_dec)[1], dW_dec), "not bit-identical"
 
 
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("cfg", decode._DVALS_CANDIDATES, ids=lambda cfg: "-".join(map(str, cfg.values())))
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_decode_sparse_backward_every_dvals_tile(device, cfg, monkeypatch):
+    """Each tile the tuner may pick for d vals, with k = 9 codes (not a multiple of any tile's codes per
+    program) and a d that is not a multiple of its BLOCK_D."""
+    monkeypatch.setattr(decode, "_DVALS_CANDIDATES", [cfg])
+    B, d, F, k = 70, 72, 50, 9
+    vals, idx = _codes(B, F, k, torch.float32, device)
+    _, _, W_dec, _ = random_sae_weights(d, F, device=device)
+    grad_out = torch.randn(B, d, device=device)
+    dvals, _ = decode.decode_sparse_backward(grad_out, vals, idx, W_dec)
+    expected, _ = reference.decode_sparse_backward(grad_out.double(), vals.double(), idx, W_dec.double())
+    assert_close(dvals, expected, torch.float32, "dvals")
+
+
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_decode_sparse_strided_inputs(device):
     """Non-contiguous codes, decoder and bias (views with stride 2)."""

@@ -9,6 +9,9 @@ sum), then writes the indices of the entries above it and of the ties at it that
 the larger index, as the fused encode's AuxK stream breaks them; NaN counts as -inf. The indices are in
 no particular order (the caller scatters the codes back by index).
 
+A row of up to ROW_ELEMENTS entries is one warp's, so that each round's row sum is a few shuffles with
+no barrier: with 8 warps sharing two rows (the first version) the rounds' block-wide sums made it
+slower than torch.topk (217 against 138 us per step at the GPT-2 shape on the H200, 1600 columns).
 Experimental until timed on the GPU: FASTSAE_AUXK_ROW_TOPK=1 (read at import) makes
 `functional.auxk_reconstruction` use it on CUDA.
 """
@@ -26,8 +29,8 @@ from .filter import _kth_largest, _ordered
 from .launch import cdiv, next_power_of_2
 
 ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK") == "1"
-MAX_ROW = 16384  # entries per row held in registers: 64 per thread of 8 warps
-ROW_ELEMENTS = 4096  # entries per program (16 per thread): shorter rows are taken several at a time
+ROW_ELEMENTS = 2048  # entries per warp (64 per thread): shorter rows are taken several to a warp
+MAX_ROW = 8 * ROW_ELEMENTS  # longer rows than one warp holds are shared by up to 8 warps
 # Low bits of the fp32 order keys that are zero (positives) or one (negatives) in every value of a dtype.
 KEY_SHIFT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
 
@@ -55,6 +58,12 @@ def _row_topk_kernel(
     tl.store(idx_ptr + rows64 * stride_im + position, cols.to(tl.int64) + tl.zeros_like(rows64), mask=win)
 
 
+def row_tile(n: int) -> dict:
+    """The launch configuration for rows of n entries: rows per program, padded row length, warps."""
+    block_n = next_power_of_2(n)
+    return dict(BLOCK_M=max(1, ROW_ELEMENTS // block_n), BLOCK_N=block_n, num_warps=max(1, block_n // ROW_ELEMENTS))
+
+
 def row_topk_indices(pre: Tensor, k: int) -> Tensor:
     """int64 [B, k]: the indices of each row's k largest entries of `pre` [B, n] (float32 / bfloat16 /
     float16, any strides, 1 <= k <= n <= MAX_ROW), in no particular order; ties to the larger index."""
@@ -62,10 +71,8 @@ def row_topk_indices(pre: Tensor, k: int) -> Tensor:
     if not 1 <= k <= n <= MAX_ROW:
         raise ValueError(f"row_topk_indices takes 1 <= k <= n <= {MAX_ROW}, got k={k}, n={n}")
     idx = pre.new_empty(B, k, dtype=torch.int64)
-    block_n = next_power_of_2(n)
-    block_m = max(1, ROW_ELEMENTS // block_n)
-    _row_topk_kernel[(cdiv(B, block_m),)](
-        pre, idx, B, n, k, pre.stride(0), pre.stride(1), idx.stride(0),
-        KEY_SHIFT=KEY_SHIFT[pre.dtype], BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
+    tile = row_tile(n)
+    _row_topk_kernel[(cdiv(B, tile["BLOCK_M"]),)](
+        pre, idx, B, n, k, pre.stride(0), pre.stride(1), idx.stride(0), KEY_SHIFT=KEY_SHIFT[pre.dtype], **tile
     )  # fmt: skip
     return idx
