@@ -144,8 +144,10 @@ def main() -> None:
         print(f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}: {usage}")
     for cfg in decode._DVALS_CANDIDATES:
         tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "CODES": cfg["CODES"]}
-        usage = resources(decode._decode_sparse_bwd_vals_kernel, {**tile, "stride_gd": 1, "stride_ik": 1}, cfg["num_warps"])
-        print(f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']} warps={cfg['num_warps']}: {usage}")
+        constexprs = {**tile, "stride_gd": 1, "stride_ik": 1}
+        usage = resources(decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"])
+        name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}"
+        print(f"{name} warps={cfg['num_warps']}: {usage}")
     for has_center in (False, True):
         for cfg in scatter._ATOMIC_CANDIDATES:
             tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]}

@@ -118,7 +118,8 @@ def _decode_sparse_bwd_vals_kernel(
 
 _DVALS_CANDIDATES = [
     dict(BLOCK_M=m, BLOCK_D=d, CODES=c, num_warps=w)
-    for m, d, c, w in [(32, 128, 64, 4), (16, 256, 64, 4), (64, 64, 64, 4), (32, 128, 4, 4), (16, 256, 8, 4), (64, 128, 2, 8)]
+    for m, d, c, w in [(32, 128, 64, 4), (16, 256, 64, 4), (64, 64, 64, 4), (32, 128, 4, 4), (16, 256, 8, 4)]
+    + [(64, 128, 2, 8)]
 ]
 
 
