@@ -155,13 +155,14 @@ def _initial_weights(d: int, n_features: int, n_rows: int, dead: torch.Tensor) -
     return x, weights
 
 
-# Beyond the three shapes: the GPT-2 shape at k = 128, where the TopK encode's share of the step is largest.
+# Beyond the three shapes: the GPT-2 shape at k = 128, where the TopK encode's share of the step is largest
+# (run with the GPT-2 shape: `--shapes` selecting gpt2 selects it too).
 EXTRA_SHAPES = {sweep_name(768, 24576, 8192, 128): (768, 24576, 8192, 128)}
 
 
 def run(recorder: Recorder) -> None:
     sparsify = optional_sparsify()
-    for shape, (d, n_features, n_rows, k) in {**SHAPES, **EXTRA_SHAPES}.items():
+    for shape, (d, n_features, n_rows, k) in {**SHAPES, **(EXTRA_SHAPES if "gpt2" in SHAPES else {})}.items():
         k_aux = d // 2
         dead = torch.rand(n_features, device="cuda") < DEAD_FRACTION
         x, weights = _initial_weights(d, n_features, n_rows, dead)

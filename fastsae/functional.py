@@ -399,7 +399,7 @@ def auxk_reconstruction(
     pre-activations (centred in fp32 first), torch.topk, and one GEMM to decode. The same value as
     `decode_sparse` of `encode_topk(..., k_aux, dead_mask)`'s aux codes, and cheaper when n is a small
     multiple of k_aux: per-code gathers and atomics cost B * k_aux * d each, more than the encoder GEMM
-    at k_aux = d/2. Plain PyTorch ops, so autograd gives every gradient. -> [B, d] in W_dec's dtype.
+    at k_aux = d/2. Differentiable w.r.t. x and every weight (`_DenseAuxK`). -> [B, d] in W_dec's dtype.
     `keep`, when given, maps the selected codes [B, min(k_aux, n)] to those to decode (a feature shard
     keeps the ones among the top k_aux over every shard, zeroing the others). Negative entries of
     `features` are padding, no feature: a list of fixed length (`torch.nonzero_static`) keeps every
@@ -413,28 +413,69 @@ def auxk_reconstruction(
         raise ValueError(f"features must be an int64 [n] tensor of feature indices, got {features.dtype} {shape}")
     _check_k("k_aux", k_aux, W_enc.shape[1], minimum=1)
     _check_same_device(x=x, W_enc=W_enc, W_dec=W_dec, features=features)
-    n = features.shape[0]
-    # Padded to a multiple of 8 columns (with feature 0, masked out of the top-k below): a bf16 [B, n]
-    # matrix whose rows are not 16-byte aligned sends cuBLAS to kernels several times slower (measured:
-    # sm75 kernels at n = 1228 on the H200). The padding columns, and the caller's (negative entries),
-    # are -inf before the top-k: they get no code, so neither a value nor a gradient.
-    padding = features < 0
-    padded = torch.cat([features.clamp_min(0), features.new_zeros(-n % 8)])
-    centered = reference.center(x, b_dec).to(W_enc.dtype)
-    # index_select, not W[:, padded]: its gradient is an index_add (atomics), where advanced indexing's
-    # is a sort-based index_put, 5.5 ms per step at the Llama-8B shape (measured).
-    pre = centered @ W_enc.index_select(1, padded) + b_enc.index_select(0, padded)
-    scores = pre[:, :n].masked_fill(padding, float("-inf"))
-    if auxk_ops.ROW_TOPK and scores.is_cuda and 0 < n <= auxk_ops.MAX_ROW:
-        indices = auxk_ops.row_topk_indices(scores, min(k_aux, n))
-        top_values = scores.gather(1, indices)
-    else:
-        # Unsorted: the codes are scattered back by feature, so their order is not needed, and sorting
-        # B x k_aux values took a third of the AuxK forward on the H200 (GPT-2 shape, k_aux = 384).
-        top_values, indices = scores.topk(min(k_aux, n), dim=1, sorted=False)
-    values = top_values.relu() if keep is None else keep(top_values.relu())
-    codes = torch.zeros_like(pre).scatter(1, indices, values)
-    return codes.to(W_dec.dtype) @ W_dec.index_select(0, padded)
+    return _DenseAuxK.apply(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep)
+
+
+class _DenseAuxK(torch.autograd.Function):
+    """`auxk_reconstruction` with a backward written out: the gradient reaches the pre-activations only
+    through the selected codes that are positive, so it is one masked product away from the decoder's,
+    and d b_dec = -W_enc[:, features] @ d b_enc[features] is a matrix-vector product (autograd took a
+    [B, d] product and the centring's backward for it). Autograd through the plain ops also spent
+    about ten [B, n] copies, fills and scatters per step on the masked fill, the scatter into the
+    codes and their backward (GPT-2 shape on the H200)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep):
+        n = features.shape[0]
+        # Padded to a multiple of 8 columns (with feature 0, masked out of the top-k below): a bf16 [B, n]
+        # matrix whose rows are not 16-byte aligned sends cuBLAS to kernels several times slower (measured:
+        # sm75 kernels at n = 1228 on the H200). The padding columns, and the caller's (negative entries),
+        # are -inf before the top-k: they get no code, so neither a value nor a gradient.
+        padded = torch.cat([features.clamp_min(0), features.new_zeros(-n % 8)])
+        centered = reference.center(x, b_dec).to(W_enc.dtype)
+        W_enc_dead = W_enc.index_select(1, padded)
+        b_enc_dead = b_enc.index_select(0, padded)
+        if b_enc_dead.dtype == centered.dtype:
+            pre = torch.addmm(b_enc_dead, centered, W_enc_dead)
+        else:
+            pre = centered @ W_enc_dead + b_enc_dead
+        scores = pre[:, :n].masked_fill_(features < 0, float("-inf"))  # in place: pre is this function's own
+        if auxk_ops.ROW_TOPK and scores.is_cuda and 0 < n <= auxk_ops.MAX_ROW:
+            indices = auxk_ops.row_topk_indices(scores, min(k_aux, n))
+            top_values = scores.gather(1, indices)
+        else:
+            # Unsorted: the codes are scattered back by feature, so their order is not needed, and sorting
+            # B x k_aux values took a third of the AuxK forward on the H200 (GPT-2 shape, k_aux = 384).
+            top_values, indices = scores.topk(min(k_aux, n), dim=1, sorted=False)
+        values = top_values.relu_() if keep is None else keep(top_values.relu_())
+        codes = torch.zeros_like(pre, dtype=W_dec.dtype).scatter_(1, indices, values.to(W_dec.dtype))
+        W_dec_dead = W_dec.index_select(0, padded)
+        ctx.save_for_backward(centered, W_enc_dead, W_dec_dead, codes, padded)
+        ctx.dtypes = (x.dtype, W_enc.shape, b_enc.dtype, b_dec.dtype, W_dec.shape)
+        return codes @ W_dec_dead
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        centered, W_enc_dead, W_dec_dead, codes, padded = ctx.saved_tensors
+        x_dtype, W_enc_shape, b_enc_dtype, b_dec_dtype, W_dec_shape = ctx.dtypes
+        needs_x, needs_W_enc, needs_b_enc, needs_b_dec, needs_W_dec = ctx.needs_input_grad[:5]
+        grad_out = grad_out.to(codes.dtype)
+        dx = dW_enc = db_enc = db_dec = dW_dec = None
+        if needs_W_dec:
+            dW_dec = codes.new_zeros(W_dec_shape).index_add_(0, padded, codes.t() @ grad_out)
+        if not (needs_x or needs_W_enc or needs_b_enc or needs_b_dec):
+            return dx, dW_enc, db_enc, db_dec, dW_dec, None, None, None
+        d_pre = (grad_out @ W_dec_dead.t()).mul_(codes > 0).to(centered.dtype)  # ReLU and top-k: selected, > 0
+        if needs_W_enc:
+            dW_enc = centered.new_zeros(W_enc_shape).index_add_(1, padded, centered.t() @ d_pre)
+        db_enc_dead = d_pre.sum(0, dtype=torch.promote_types(d_pre.dtype, torch.float32))
+        if needs_b_enc:
+            db_enc = db_enc_dead.new_zeros(W_enc_shape[1]).index_add_(0, padded, db_enc_dead).to(b_enc_dtype)
+        if needs_b_dec:
+            db_dec = -(W_enc_dead.to(db_enc_dead.dtype) @ db_enc_dead).to(b_dec_dtype)
+        if needs_x:
+            dx = (d_pre @ W_enc_dead.t()).to(x_dtype)
+        return dx, dW_enc, db_enc, db_dec, dW_dec, None, None, None
 
 
 def decode_dense(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:

@@ -107,15 +107,21 @@ def test_auxk_reconstruction_matches_the_fused_aux_codes(n_dead, padding, device
     features = torch.cat([features, features.new_full((padding,), -1)])
     params = [p.requires_grad_() for p in random_sae_weights(d, F_, device=device)]
     W_enc, b_enc, W_dec, b_dec = params
+    x.requires_grad_()
+    params.append(x)
     _, _, aux_vals, aux_idx = reference.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead)
     expected = reference.decode_sparse(aux_vals, aux_idx, W_dec, None)
     actual = F.auxk_reconstruction(x, W_enc, b_enc, b_dec, W_dec, features, k_aux)
     assert_close(actual, expected, torch.float64, "aux_recon")
     weights = torch.randn_like(expected)  # a loss whose gradient differs per element
     expected_grads = torch.autograd.grad((expected * weights).sum(), params, allow_unused=True, materialize_grads=True)
-    actual_grads = torch.autograd.grad((actual * weights).sum(), params, allow_unused=True, materialize_grads=True)
-    for name, got, want in zip(("W_enc", "b_enc", "W_dec", "b_dec"), actual_grads, expected_grads):
+    actual_loss = (actual * weights).sum()
+    actual_grads = torch.autograd.grad(actual_loss, params, retain_graph=True, materialize_grads=True)
+    for name, got, want in zip(("W_enc", "b_enc", "W_dec", "b_dec", "x"), actual_grads, expected_grads):
         assert_close(got, want, torch.float64, f"d{name}")
+    for needed, together in zip(params, actual_grads):  # each alone (the backward skips products not asked for)
+        (alone,) = torch.autograd.grad(actual_loss, [needed], retain_graph=True, materialize_grads=True)
+        assert_close(alone, together, torch.float64, "a gradient asked for alone")
 
 
 def test_gradcheck_fp64():
