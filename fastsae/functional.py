@@ -440,7 +440,7 @@ class _DenseAuxK(torch.autograd.Function):
         else:
             pre = centered @ W_enc_dead + b_enc_dead
         scores = pre[:, :n].masked_fill_(features < 0, float("-inf"))  # in place: pre is this function's own
-        if auxk_ops.ROW_TOPK and scores.is_cuda and 0 < n <= auxk_ops.MAX_ROW:
+        if auxk_ops.ROW_TOPK and scores.is_cuda and scores.dtype in auxk_ops.KEY_SHIFT and 0 < n <= auxk_ops.MAX_ROW:
             indices = auxk_ops.row_topk_indices(scores, min(k_aux, n))
             top_values = scores.gather(1, indices)
         else:

@@ -10,10 +10,10 @@ the larger index, as the fused encode's AuxK stream breaks them; NaN counts as -
 no particular order (the caller scatters the codes back by index).
 
 A row of up to ROW_ELEMENTS entries is one warp's, so that each round's row sum is a few shuffles with
-no barrier: with 8 warps sharing two rows (the first version) the rounds' block-wide sums made it
-slower than torch.topk (217 against 138 us per step at the GPT-2 shape on the H200, 1600 columns).
-`functional.auxk_reconstruction` uses it on CUDA; FASTSAE_AUXK_ROW_TOPK=0 (read at import) takes
-torch.topk instead.
+no barrier. Experimental, off by default: it has not beaten torch.topk yet. Per captured GPT-2 step on
+the H200 (8192 rows of 1600 columns, k = 384), eight warps sharing two rows took 217 us and a warp per
+row 178 us, against torch.topk's 155 us. FASTSAE_AUXK_ROW_TOPK=1 (read at import) makes
+`functional.auxk_reconstruction` use it on CUDA for bf16, fp16 and fp32 rows.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor
 from .filter import _kth_largest, _ordered
 from .launch import cdiv, next_power_of_2
 
-ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK", "1") == "1"
+ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK") == "1"
 ROW_ELEMENTS = 2048  # entries per warp (64 per thread): shorter rows are taken several to a warp
 MAX_ROW = 8 * ROW_ELEMENTS  # longer rows than one warp holds are shared by up to 8 warps
 # Low bits of the fp32 order keys that are zero (positives) or one (negatives) in every value of a dtype.
