@@ -405,77 +405,183 @@ def auxk_reconstruction(
     `features` are padding, no feature: a list of fixed length (`torch.nonzero_static`) keeps every
     shape static, as a captured CUDA graph needs."""
     _check_encoder_args(x, W_enc, b_enc, b_dec)
-    _check_float("W_dec", W_dec, 2)
-    if W_dec.shape != (W_enc.shape[1], W_enc.shape[0]):
-        raise ValueError(f"W_dec must be [n_features, d_in] = {tuple(W_enc.shape[::-1])}, got {tuple(W_dec.shape)}")
-    if features.dtype != torch.int64 or features.dim() != 1:
-        shape = tuple(features.shape)
-        raise ValueError(f"features must be an int64 [n] tensor of feature indices, got {features.dtype} {shape}")
-    _check_k("k_aux", k_aux, W_enc.shape[1], minimum=1)
+    _check_decoder_weight(W_dec, W_enc)
+    _check_auxk_features(features, k_aux, W_enc.shape[1])
     _check_same_device(x=x, W_enc=W_enc, W_dec=W_dec, features=features)
     return _DenseAuxK.apply(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep)
 
 
-class _DenseAuxK(torch.autograd.Function):
-    """`auxk_reconstruction` with a backward written out: the gradient reaches the pre-activations only
+def _check_decoder_weight(W_dec: Tensor, W_enc: Tensor) -> None:
+    _check_float("W_dec", W_dec, 2)
+    if W_dec.shape != (W_enc.shape[1], W_enc.shape[0]):
+        raise ValueError(f"W_dec must be [n_features, d_in] = {tuple(W_enc.shape[::-1])}, got {tuple(W_dec.shape)}")
+
+
+def _check_auxk_features(features: Tensor, k_aux: int, n_features: int) -> None:
+    if features.dtype != torch.int64 or features.dim() != 1:
+        shape = tuple(features.shape)
+        raise ValueError(f"features must be an int64 [n] tensor of feature indices, got {features.dtype} {shape}")
+    _check_k("k_aux", k_aux, n_features, minimum=1)
+
+
+def topk_autoencoder(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: int, *,
+    dead_features: Tensor | None = None, k_aux: int = 0,
+) -> TopKAutoencoderOutput:  # fmt: skip
+    """A TopK SAE's training forward in one autograd node: the codes `encode_topk(x, W_enc, b_enc, b_dec,
+    k)`, their reconstruction `decode_sparse(vals, idx, W_dec, b_dec)` and, given `dead_features` (int64
+    [n]; negative entries are padding), the AuxK reconstruction `auxk_reconstruction(x, W_enc, b_enc,
+    b_dec, W_dec, dead_features, k_aux)`: the same values and gradients as those three calls, with
+    AuxK's weight gradients added into the encode's and the decode's own in place (`_TopKAutoencoder`).
+    Differentiable w.r.t. x, the weights and the biases (and vals: a loss may use the codes)."""
+    _check_encoder_args(x, W_enc, b_enc, b_dec)
+    _check_decoder_weight(W_dec, W_enc)
+    _check_k("k", k, W_enc.shape[1], minimum=1)
+    if dead_features is not None:
+        _check_auxk_features(dead_features, k_aux, W_enc.shape[1])
+    _check_same_device(x=x, W_enc=W_enc, W_dec=W_dec, dead_features=dead_features)
+    recon, vals, idx, aux_recon = _TopKAutoencoder.apply(x, W_enc, b_enc, b_dec, W_dec, k, dead_features, k_aux)
+    return TopKAutoencoderOutput(recon, vals, idx, None if dead_features is None else aux_recon)
+
+
+def _dense_auxk_forward(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int,
+    keep: Callable[[Tensor], Tensor] | None,
+) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
+    """`auxk_reconstruction`'s value, and what `_dense_auxk_backward` needs: (centred x, W_enc's and
+    W_dec's dead-feature columns and rows, the dense codes [B, n'], the padded feature list [n'])."""
+    n = features.shape[0]
+    # Padded to a multiple of 8 columns (with feature 0, masked out of the top-k below): a bf16 [B, n]
+    # matrix whose rows are not 16-byte aligned sends cuBLAS to kernels several times slower (measured:
+    # sm75 kernels at n = 1228 on the H200). The padding columns, and the caller's (negative entries),
+    # are -inf before the top-k: they get no code, so neither a value nor a gradient.
+    padded = torch.cat([features.clamp_min(0), features.new_zeros(-n % 8)])
+    centered = reference.center(x, b_dec).to(W_enc.dtype)
+    W_enc_dead = W_enc.index_select(1, padded)
+    b_enc_dead = b_enc.index_select(0, padded)
+    if b_enc_dead.dtype == centered.dtype:
+        pre = torch.addmm(b_enc_dead, centered, W_enc_dead)
+    else:
+        pre = centered @ W_enc_dead + b_enc_dead
+    scores = pre[:, :n].masked_fill_(features < 0, float("-inf"))  # in place: pre is this function's own
+    if auxk_ops.ROW_TOPK and scores.is_cuda and scores.dtype in auxk_ops.KEY_SHIFT and 0 < n <= auxk_ops.MAX_ROW:
+        indices = auxk_ops.row_topk_indices(scores, min(k_aux, n))
+        top_values = scores.gather(1, indices)
+    else:
+        # Unsorted: the codes are scattered back by feature, so their order is not needed, and sorting
+        # B x k_aux values took a third of the AuxK forward on the H200 (GPT-2 shape, k_aux = 384).
+        top_values, indices = scores.topk(min(k_aux, n), dim=1, sorted=False)
+    values = top_values.relu_() if keep is None else keep(top_values.relu_())
+    codes = torch.zeros_like(pre, dtype=W_dec.dtype).scatter_(1, indices, values.to(W_dec.dtype))
+    W_dec_dead = W_dec.index_select(0, padded)
+    return codes @ W_dec_dead, (centered, W_enc_dead, W_dec_dead, codes, padded)
+
+
+def _dense_auxk_backward(
+    grad_out: Tensor, saved: tuple[Tensor, ...], needs_x: bool, needs_encoder: bool, needs_decoder: bool
+) -> tuple[Tensor | None, ...]:
+    """The AuxK reconstruction's gradients over the dead features alone: (dx, dW_enc[:, padded] [d, n'],
+    db_enc[padded] and db_dec in the accumulate dtype, dW_dec[padded] [n', d]); None where not asked
+    for (`needs_encoder` covers W_enc, b_enc and b_dec). The gradient reaches the pre-activations only
     through the selected codes that are positive, so it is one masked product away from the decoder's,
-    and d b_dec = -W_enc[:, features] @ d b_enc[features] is a matrix-vector product (autograd took a
-    [B, d] product and the centring's backward for it). Autograd through the plain ops also spent
-    about ten [B, n] copies, fills and scatters per step on the masked fill, the scatter into the
-    codes and their backward (GPT-2 shape on the H200)."""
+    and db_dec = -W_enc[:, padded] @ db_enc[padded] is a matrix-vector product."""
+    centered, W_enc_dead, W_dec_dead, codes, _ = saved
+    grad_out = grad_out.to(codes.dtype)
+    dW_dec_dead = codes.t() @ grad_out if needs_decoder else None
+    if not (needs_x or needs_encoder):
+        return None, None, None, None, dW_dec_dead
+    d_pre = (grad_out @ W_dec_dead.t()).mul_(codes > 0).to(centered.dtype)  # ReLU and top-k: selected, > 0
+    db_enc_dead = d_pre.sum(0, dtype=torch.promote_types(d_pre.dtype, torch.float32))
+    dW_enc_dead = centered.t() @ d_pre if needs_encoder else None
+    db_dec = -(W_enc_dead.to(db_enc_dead.dtype) @ db_enc_dead) if needs_encoder else None
+    dx = d_pre @ W_enc_dead.t() if needs_x else None
+    return dx, dW_enc_dead, db_enc_dead, db_dec, dW_dec_dead
+
+
+class _DenseAuxK(torch.autograd.Function):
+    """`auxk_reconstruction` with its backward written out (`_dense_auxk_backward`): autograd through
+    the plain ops took a [B, d] product and the centring's backward for db_dec, and about ten [B, n]
+    copies, fills and scatters per step for the masked fill, the scatter into the codes and their
+    backward (GPT-2 shape on the H200). Each weight's gradient is full-size, zero off the dead features."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep):
-        n = features.shape[0]
-        # Padded to a multiple of 8 columns (with feature 0, masked out of the top-k below): a bf16 [B, n]
-        # matrix whose rows are not 16-byte aligned sends cuBLAS to kernels several times slower (measured:
-        # sm75 kernels at n = 1228 on the H200). The padding columns, and the caller's (negative entries),
-        # are -inf before the top-k: they get no code, so neither a value nor a gradient.
-        padded = torch.cat([features.clamp_min(0), features.new_zeros(-n % 8)])
-        centered = reference.center(x, b_dec).to(W_enc.dtype)
-        W_enc_dead = W_enc.index_select(1, padded)
-        b_enc_dead = b_enc.index_select(0, padded)
-        if b_enc_dead.dtype == centered.dtype:
-            pre = torch.addmm(b_enc_dead, centered, W_enc_dead)
-        else:
-            pre = centered @ W_enc_dead + b_enc_dead
-        scores = pre[:, :n].masked_fill_(features < 0, float("-inf"))  # in place: pre is this function's own
-        if auxk_ops.ROW_TOPK and scores.is_cuda and scores.dtype in auxk_ops.KEY_SHIFT and 0 < n <= auxk_ops.MAX_ROW:
-            indices = auxk_ops.row_topk_indices(scores, min(k_aux, n))
-            top_values = scores.gather(1, indices)
-        else:
-            # Unsorted: the codes are scattered back by feature, so their order is not needed, and sorting
-            # B x k_aux values took a third of the AuxK forward on the H200 (GPT-2 shape, k_aux = 384).
-            top_values, indices = scores.topk(min(k_aux, n), dim=1, sorted=False)
-        values = top_values.relu_() if keep is None else keep(top_values.relu_())
-        codes = torch.zeros_like(pre, dtype=W_dec.dtype).scatter_(1, indices, values.to(W_dec.dtype))
-        W_dec_dead = W_dec.index_select(0, padded)
-        ctx.save_for_backward(centered, W_enc_dead, W_dec_dead, codes, padded)
+        recon, saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep)
+        ctx.save_for_backward(*saved)
         ctx.dtypes = (x.dtype, W_enc.shape, b_enc.dtype, b_dec.dtype, W_dec.shape)
-        return codes @ W_dec_dead
+        return recon
 
     @staticmethod
     def backward(ctx, grad_out):
-        centered, W_enc_dead, W_dec_dead, codes, padded = ctx.saved_tensors
         x_dtype, W_enc_shape, b_enc_dtype, b_dec_dtype, W_dec_shape = ctx.dtypes
         needs_x, needs_W_enc, needs_b_enc, needs_b_dec, needs_W_dec = ctx.needs_input_grad[:5]
-        grad_out = grad_out.to(codes.dtype)
-        dx = dW_enc = db_enc = db_dec = dW_dec = None
-        if needs_W_dec:
-            dW_dec = codes.new_zeros(W_dec_shape).index_add_(0, padded, codes.t() @ grad_out)
-        if not (needs_x or needs_W_enc or needs_b_enc or needs_b_dec):
-            return dx, dW_enc, db_enc, db_dec, dW_dec, None, None, None
-        d_pre = (grad_out @ W_dec_dead.t()).mul_(codes > 0).to(centered.dtype)  # ReLU and top-k: selected, > 0
-        if needs_W_enc:
-            dW_enc = centered.new_zeros(W_enc_shape).index_add_(1, padded, centered.t() @ d_pre)
-        db_enc_dead = d_pre.sum(0, dtype=torch.promote_types(d_pre.dtype, torch.float32))
-        if needs_b_enc:
-            db_enc = db_enc_dead.new_zeros(W_enc_shape[1]).index_add_(0, padded, db_enc_dead).to(b_enc_dtype)
-        if needs_b_dec:
-            db_dec = -(W_enc_dead.to(db_enc_dead.dtype) @ db_enc_dead).to(b_dec_dtype)
-        if needs_x:
-            dx = (d_pre @ W_enc_dead.t()).to(x_dtype)
-        return dx, dW_enc, db_enc, db_dec, dW_dec, None, None, None
+        saved = ctx.saved_tensors
+        padded = saved[-1]
+        needs_encoder = needs_W_enc or needs_b_enc or needs_b_dec
+        dx, dW_enc_dead, db_enc_dead, db_dec, dW_dec_dead = _dense_auxk_backward(
+            grad_out, saved, needs_x, needs_encoder, needs_W_dec
+        )
+        dW_enc = dW_enc_dead.new_zeros(W_enc_shape).index_add_(1, padded, dW_enc_dead) if needs_W_enc else None
+        db_enc = db_enc_dead.new_zeros(W_enc_shape[1]).index_add_(0, padded, db_enc_dead) if needs_b_enc else None
+        dW_dec = dW_dec_dead.new_zeros(W_dec_shape).index_add_(0, padded, dW_dec_dead) if needs_W_dec else None
+        return (
+            None if dx is None else dx.to(x_dtype),
+            dW_enc,
+            None if db_enc is None else db_enc.to(b_enc_dtype),
+            db_dec.to(b_dec_dtype) if needs_b_dec else None,
+            dW_dec,
+            None,
+            None,
+            None,
+        )
+
+
+class TopKAutoencoderOutput(NamedTuple):
+    recon: Tensor  # [B, d] in W_dec's dtype
+    vals: Tensor  # [B, k]
+    idx: Tensor  # [B, k] int32
+    aux_recon: Tensor | None  # [B, d], the AuxK reconstruction (no b_dec); None without dead_features
+
+
+class _TopKAutoencoder(torch.autograd.Function):
+    """`topk_autoencoder`: the encode and decode ops' forwards and backwards composed in one node, so
+    that the AuxK gradients over the dead features are added into the columns and rows of the encode's
+    and the decode's own weight gradients in place. Through separate nodes each weight got a full-size
+    AuxK gradient (mostly zeros) that autograd then added to the other: a fill and a sum over F x d per
+    weight and step."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux):
+        vals, idx, aux_vals, aux_idx = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
+        recon = _decode_sparse(vals, idx, W_dec, b_dec)
+        aux_recon, aux_saved = recon.new_empty(0), ()
+        if features is not None:
+            aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, aux_vals, aux_idx, *aux_saved)
+        return recon, vals, idx, aux_recon
+
+    @staticmethod
+    def backward(ctx, grad_recon, grad_vals, _grad_idx, grad_aux):
+        x, W_enc, b_dec, W_dec, vals, idx, aux_vals, aux_idx, *aux_saved = ctx.saved_tensors
+        needs_x = ctx.needs_input_grad[0]
+        dvals, dW_dec = _decode_sparse_backward(grad_recon, vals, idx, W_dec)  # as decode_sparse's backward
+        db_dec_decode = grad_recon.sum(0, dtype=reference.accumulate_dtype(grad_recon)).to(b_dec.dtype)
+        dx, dW_enc, db_enc, db_dec = _encode_topk_backward(
+            dvals + grad_vals, torch.zeros_like(aux_vals), x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, needs_x
+        )
+        db_dec = db_dec + db_dec_decode
+        if aux_saved:
+            padded = aux_saved[-1]
+            dx_aux, dW_enc_dead, db_enc_dead, db_dec_aux, dW_dec_dead = _dense_auxk_backward(
+                grad_aux, aux_saved, needs_x, True, True
+            )
+            dW_enc.index_add_(1, padded, dW_enc_dead.to(dW_enc.dtype))
+            db_enc.index_add_(0, padded, db_enc_dead.to(db_enc.dtype))
+            dW_dec.index_add_(0, padded, dW_dec_dead.to(dW_dec.dtype))
+            db_dec = db_dec + db_dec_aux.to(db_dec.dtype)
+            dx = dx + dx_aux.to(dx.dtype) if needs_x else dx
+        return (dx if needs_x else None), dW_enc, db_enc, db_dec, dW_dec, None, None, None
 
 
 def decode_dense(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:

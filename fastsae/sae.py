@@ -41,7 +41,8 @@ JUMPRELU_BANDWIDTH = 1e-2
 # The BatchTopK inference threshold's running-average factor per training step (Bussmann et al. 2024;
 # dictionary_learning's default).
 BATCHTOPK_THRESHOLD_DECAY = 0.999
-# AuxK runs densely over the dead features (F.auxk_reconstruction) while its [B, n_dead] matrices have
+# AuxK runs densely over the dead features (F.topk_autoencoder, and F.auxk_reconstruction on a feature
+# shard) while its [B, n_dead] matrices have
 # at most this many elements (1 GiB each in bf16; the step holds about four at once), else as the fused
 # encode's second top-k stream. Dense was the faster wherever both were timed on the H200: the fused
 # stream gathers B * k_aux decoder rows of d, forward and backward, where dense runs thin GEMMs; at
@@ -627,9 +628,16 @@ class SparseAutoencoder(nn.Module):
             codes, sparsity, sparsity_term = self._encode_jumprelu_for_training(x, replicated)
         elif sharded:  # this shard's codes for the decode, the gradients and its statistics; global ones shown
             codes, shown = self._encode_shard(self._to_sae_space(x), dead if few_dead is None else None)
+        elif few_dead is not None:  # encode, decode and AuxK over the few dead features as one autograd node
+            params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
+            step = F.topk_autoencoder(self._to_sae_space(x), *params, self.cfg.k, dead_features=few_dead, k_aux=k_aux)
+            codes = F.TopKCodes(step.vals, step.idx, step.vals[:, :0], step.idx[:, :0])
         else:
             codes = self._encode(x, dead if few_dead is None else None)
-        recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx)) if sharded else self.decode(codes)
+        if sharded:
+            recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx))
+        else:
+            recon = self.decode(codes) if few_dead is None else self._from_sae_space(step.recon)
         aux_recon = None
         if isinstance(codes, F.TopKCodes):
             vals, idx, acts = codes.vals, codes.idx, None
@@ -643,8 +651,7 @@ class SparseAutoencoder(nn.Module):
                 elif few_dead is None:
                     aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
                 else:
-                    params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
-                    aux_recon = F.auxk_reconstruction(sae_x, *params, few_dead, k_aux)
+                    aux_recon = step.aux_recon
                 residual = (sae_x - self._to_sae_space(recon)).detach()
                 n_dead = dead.sum()
                 if sharded:  # every shard's dead features

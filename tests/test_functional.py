@@ -124,6 +124,40 @@ def test_auxk_reconstruction_matches_the_fused_aux_codes(n_dead, padding, device
         assert_close(alone, together, torch.float64, "a gradient asked for alone")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dead", ["none", "few", "padded"])
+def test_topk_autoencoder_matches_its_three_calls(dead, device):
+    """F.topk_autoencoder (one autograd node) against encode_topk + decode_sparse + auxk_reconstruction
+    called apart: the values, and every gradient of a loss that also uses the codes' values."""
+    B, d, F_, k, k_aux = 41, 20, 60, 5, 7
+    x = (torch.randn(B, d, dtype=torch.float64, device=device) + 2).requires_grad_()
+    features = {"none": None, "few": torch.randperm(F_, device=device)[:25]}.get(dead)
+    if dead == "padded":
+        features = torch.cat([torch.randperm(F_, device=device)[:9], torch.full((6,), -1, device=device)])
+    params = [p.requires_grad_() for p in random_sae_weights(d, F_, device=device)]
+    W_enc, b_enc, W_dec, b_dec = params
+    weights = [torch.randn(B, d, dtype=torch.float64, device=device) for _ in range(2)]
+
+    def loss(recon, vals, aux_recon):
+        aux_term = 0 if aux_recon is None else (aux_recon * weights[1]).sum()
+        return (recon * weights[0]).sum() + vals.square().sum() + aux_term
+
+    vals, idx, _, _ = F.encode_topk(x, W_enc, b_enc, b_dec, k)
+    recon = F.decode_sparse(vals, idx, W_dec, b_dec)
+    aux_recon = None if features is None else F.auxk_reconstruction(x, W_enc, b_enc, b_dec, W_dec, features, k_aux)
+    expected = (recon, vals, idx, aux_recon)
+    actual = F.topk_autoencoder(x, W_enc, b_enc, b_dec, W_dec, k, dead_features=features, k_aux=k_aux)
+    for name, got, want in zip(("recon", "vals", "idx", "aux_recon"), actual, expected):
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert_close(got, want, torch.float64, name)
+    inputs = [x, *params]
+    expected_grads = torch.autograd.grad(loss(recon, vals, aux_recon), inputs)
+    actual_grads = torch.autograd.grad(loss(actual.recon, actual.vals, actual.aux_recon), inputs)
+    for name, got, want in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec"), actual_grads, expected_grads):
+        assert_close(got, want, torch.float64, f"d{name}")
+
+
 def test_gradcheck_fp64():
     """Finite differences through the custom ops' registered autograd, on tiny shapes."""
     B, d, F_, k = 6, 5, 9, 3

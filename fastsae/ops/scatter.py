@@ -159,6 +159,8 @@ def feature_sums(
         # binary search (torch.bincount would size its output from the largest index: a host sync,
         # which a captured CUDA graph cannot hold).
         flat_idx = idx.flatten()
+        if n_features < torch.iinfo(torch.int16).max:  # 16-bit keys: half the radix sort's passes of 32-bit ones
+            flat_idx = flat_idx.to(torch.int16)
         sorted_idx, order = torch.sort(flat_idx, stable=True)
         features = torch.arange(n_features + 1, device=rows.device, dtype=sorted_idx.dtype)
         offsets = torch.searchsorted(sorted_idx, features)
