@@ -1,6 +1,7 @@
 """The full TopK training step (forward, backward, Adam, decoder constraint; AuxK on with 5% of the
 features dead): fastsae's module (with torch.optim.Adam, as `fastsae_saeadam` with
-fastsae.optim.SAEAdam, and as `fastsae_graph` replayed as one CUDA graph) against the eager dense
+fastsae.optim.SAEAdam, as `fastsae_graph` replayed as one CUDA graph, and as `fastsae_saeadam_graph`
+both) against the eager dense
 step SAE code usually runs, its torch.compile, and sparsify's SparseCoder when installed, with the
 cuBLAS encoder GEMM as the floor.
 
@@ -38,8 +39,8 @@ DEAD_AFTER_TOKENS = 2**40  # beyond what the live features go without firing whi
 
 def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False):
     """The module's step with torch.optim.Adam and the decoder constraint's two calls, with
-    fastsae.optim.SAEAdam (`fused_optimizer`: the constraint inside its step), or replayed as one CUDA
-    graph by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam made capturable)."""
+    fastsae.optim.SAEAdam (`fused_optimizer`: the constraint inside its step), replayed as one CUDA graph
+    by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam made capturable), or both."""
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype="bfloat16", check_finite=False,
                             dead_after_tokens=DEAD_AFTER_TOKENS)  # fmt: skip
     sae = fastsae.SparseAutoencoder(cfg).cuda()
@@ -47,7 +48,7 @@ def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False
     with torch.no_grad():  # the silenced features are dead from the start, and stay dead
         sae.tokens_since_fired.copy_(dead.long() * 2 * DEAD_AFTER_TOKENS)
     if fused_optimizer:
-        optimizer = fastsae.optim.SAEAdam(sae, lr=1e-4)
+        optimizer = fastsae.optim.SAEAdam(sae, lr=1e-4, capturable=graph)
     else:
         optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=graph, capturable=graph)
     captured = fastsae.graphs.CapturedStep(sae, optimizer) if graph else None
@@ -175,6 +176,7 @@ def run(recorder: Recorder) -> None:
             "fastsae": _fastsae_step(d, n_features, k, weights, dead),
             "fastsae_saeadam": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True),
             "fastsae_graph": _fastsae_step(d, n_features, k, weights, dead, graph=True),
+            "fastsae_saeadam_graph": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True, graph=True),
             "torch": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=False),
             "compile": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=True),
         }

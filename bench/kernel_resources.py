@@ -54,8 +54,7 @@ POINTER_TYPES = {
     "beta2": "fp32",
     "one_minus_beta1": "fp32",
     "one_minus_beta2": "fp32",
-    "step_size": "fp32",
-    "bias2_sqrt": "fp32",
+    "corrections_ptr": "*fp32",
     "m_ptr": "*fp32",
     "v_ptr": "*fp32",
 }

@@ -735,11 +735,12 @@ def remove_parallel_grad_(W_dec: Tensor, grad: Tensor) -> None:
 
 @torch.no_grad()
 def decoder_adam_(
-    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float, beta1: float,
-    beta2: float, eps: float,
+    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    beta1: float, beta2: float, eps: float,
 ) -> None:  # fmt: skip
     """In place on W_dec and the Adam moments: `reference.decoder_adam` (the gradient's parallel part
-    removed, Adam's step, rows renormalised), in one pass over them on CUDA (fastsae/ops/decoder.py)."""
+    removed, Adam's step, rows renormalised), in one pass over them on CUDA (fastsae/ops/decoder.py).
+    `step` (counted from 1) may be a 0-dim tensor on W_dec's device, which a CUDA graph can capture."""
     _check_float("W_dec", W_dec, 2)
     for name, tensor in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if tensor.shape != W_dec.shape:

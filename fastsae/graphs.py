@@ -34,10 +34,13 @@ averages it over the replicas (`fastsae.parallel.averaging_gradients`), the forw
 statistics, loss normalisation) are captured with it, and the death statistics are the same on every
 rank, so every rank decides the same captures and the collectives stay paired.
 
-Not covered yet: feature-sharded SAEs, data-parallel SAEs other than TopK (BatchTopK's selection over
-the replicas synchronises), and `fastsae.optim.SAEAdam` (its step count lives on the host);
-torch.optim.Adam / AdamW capture with `capturable=True` (torch refuses any other optimizer under
-capture, fused or not), fastest with `fused=True` as well.
+The optimizer: torch.optim.Adam / AdamW with `capturable=True` (torch refuses any other optimizer under
+capture, fused or not), fastest with `fused=True` as well, between the decoder constraint's two calls;
+or `fastsae.optim.SAEAdam(sae, capturable=True)`, whose step applies the constraint in its own pass
+over W_dec (the captured step then leaves out the two calls, each a pass over W_dec-sized tensors).
+
+Not covered yet: feature-sharded SAEs, and data-parallel SAEs other than TopK (BatchTopK's selection
+over the replicas synchronises).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from torch import Tensor
 
 from . import parallel
 from .ops.launch import cdiv
+from .optim import SAEAdam
 from .sae import AUXK_DENSE_MAX_ELEMENTS, SAEOutput, SparseAutoencoder
 
 MIN_AUXK_CAPACITY = 64  # the shortest dead-feature list: fewer captures while features die one by one
@@ -73,8 +77,8 @@ class CapturedStep:
             raise TypeError(f"CapturedStep takes a fastsae.SparseAutoencoder, got {type(sae).__name__}")
         if not all(group.get("capturable") for group in optimizer.param_groups):
             raise ValueError(
-                f"{type(optimizer).__name__} cannot be captured: its step count lives on the host "
-                "(use torch.optim.Adam or AdamW with capturable=True, and fused=True for speed)"
+                f"{type(optimizer).__name__} cannot be captured: its step count lives on the host (use "
+                "fastsae.optim.SAEAdam, or torch.optim.Adam or AdamW with fused=True, with capturable=True)"
             )
         if sae._feature_group is not None:
             raise ValueError("CapturedStep does not capture feature-sharded SAEs yet")
@@ -177,9 +181,12 @@ class CapturedStep:
             averaged = parallel.averaging_gradients(list(sae.parameters()), sae._group)
         with averaged:
             out.loss.backward()
-        sae.remove_decoder_parallel_grad()
-        self.optimizer.step()
-        sae.normalize_decoder()
+        if isinstance(self.optimizer, SAEAdam):  # the constraint inside its step
+            self.optimizer.step()
+        else:
+            sae.remove_decoder_parallel_grad()
+            self.optimizer.step()
+            sae.normalize_decoder()
         return out
 
     def _eager_step(self, x: Tensor) -> SAEOutput:

@@ -9,6 +9,12 @@ gradient without its component along the row, Adam's update, the row renormalise
 parameters take torch.optim.Adam's multi-tensor update, step for step. `state_dtype=torch.float32`
 keeps the moments in fp32 for bf16 parameters (torch.optim.Adam keeps them in the parameters' dtype);
 those parameters are then updated in fp32 and rounded once.
+
+`capturable=True` keeps the step counts on the parameters' device, as torch.optim.Adam's capturable
+option does, so that `fastsae.graphs.CapturedStep` can replay the step in a CUDA graph: the encoder and
+the biases take torch's fused Adam kernel (torch.optim.Adam(fused=True, capturable=True)'s update) and
+the decoder's pass computes its bias corrections on the device. It keeps the moments in the
+parameters' dtype (the fused kernel's).
 """
 
 from __future__ import annotations
@@ -26,22 +32,42 @@ class SAEAdam(torch.optim.Optimizer):
 
     def __init__(
         self, sae: SparseAutoencoder, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8, state_dtype: torch.dtype | None = None,
+        eps: float = 1e-8, state_dtype: torch.dtype | None = None, capturable: bool = False,
     ) -> None:  # fmt: skip
         if not isinstance(sae, SparseAutoencoder):
             raise TypeError(f"SAEAdam takes a fastsae.SparseAutoencoder, got {type(sae).__name__}")
         if lr < 0 or eps < 0 or not all(0 <= beta < 1 for beta in betas):
             raise ValueError(f"need lr >= 0, eps >= 0 and betas in [0, 1), got lr={lr}, eps={eps}, betas={betas}")
+        if capturable and state_dtype not in (None, sae.W_dec.dtype):
+            raise ValueError(f"capturable=True keeps the moments in the parameters' dtype, not {state_dtype}")
         others = [p for name, p in sae.named_parameters() if name != "W_dec"]
         groups = [{"params": others, "decoder": False}, {"params": [sae.W_dec], "decoder": True}]
-        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, state_dtype=state_dtype))
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, state_dtype=state_dtype, capturable=capturable))
 
-    def _state(self, p: Tensor, dtype: torch.dtype | None) -> dict:
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, except that this optimizer keeps its own `capturable` setting (torch takes every
+        group option from the saved state) and holds the loaded step counts in its form: a state saved
+        with the other setting, or from before the option, resumes the same run."""
+        capturable = [group["capturable"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, on_device in zip(self.param_groups, capturable):
+            group["capturable"] = on_device
+            for p in group["params"]:
+                saved = self.state.get(p)
+                if not saved:
+                    continue
+                if on_device:
+                    saved["step"] = torch.as_tensor(saved["step"], dtype=torch.float32).to(p.device)
+                else:
+                    saved["step"] = int(saved["step"])
+
+    def _state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
         if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype or p.dtype)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype or p.dtype)
+            # The count on the device when capturable (fp32, as torch.optim.Adam keeps it)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device) if group["capturable"] else 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=group["state_dtype"] or p.dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=group["state_dtype"] or p.dtype)
         return state
 
     @torch.no_grad()
@@ -53,14 +79,28 @@ class SAEAdam(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             params = [p for p in group["params"] if p.grad is not None]
-            states = [self._state(p, group["state_dtype"]) for p in params]
-            for state in states:
-                state["step"] += 1
+            states = [self._state(p, group) for p in params]
             if group["decoder"]:
                 for p, state in zip(params, states):
+                    state["step"] += 1  # in place on a capturable count
                     F.decoder_adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
                                     beta1, beta2, group["eps"])  # fmt: skip
+            elif params and group["capturable"]:
+                kinds: dict[tuple, list[int]] = {}  # the fused kernel takes one device and dtype per call
+                for i, p in enumerate(params):
+                    kinds.setdefault((p.device, p.dtype), []).append(i)
+                for members in kinds.values():
+                    steps = [states[i]["step"] for i in members]
+                    torch._foreach_add_(steps, 1)
+                    torch._fused_adam_(
+                        [params[i] for i in members], [params[i].grad for i in members],
+                        [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members], [],
+                        steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"],
+                        amsgrad=False, maximize=False,
+                    )  # fmt: skip
             elif params:
+                for state in states:
+                    state["step"] += 1
                 _adam(params, [p.grad for p in params], states, group["lr"], beta1, beta2, group["eps"])
         return loss
 

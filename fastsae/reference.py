@@ -331,13 +331,13 @@ def remove_parallel_grad(W_dec: Tensor, grad: Tensor, eps: float = 1e-12) -> Ten
 
 
 def decoder_adam(
-    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float, beta1: float,
-    beta2: float, eps: float,
+    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    beta1: float, beta2: float, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """One Adam step of the decoder under its unit-norm constraint (`fastsae.optim.SAEAdam`): the
     gradient without its component along each row (`remove_parallel_grad`), torch.optim.Adam's update
-    (step counted from 1), then every row renormalised. Returns (W_dec, exp_avg, exp_avg_sq), each in
-    its input's dtype; computed in fp32 (fp64 for fp64 inputs)."""
+    (step counted from 1: a number, or a 0-dim tensor), then every row renormalised. Returns (W_dec,
+    exp_avg, exp_avg_sq), each in its input's dtype; computed in fp32 (fp64 for fp64 inputs)."""
     acc = accumulate_dtype(W_dec, grad, exp_avg)
     w, m, v = W_dec.to(acc), exp_avg.to(acc), exp_avg_sq.to(acc)
     g = remove_parallel_grad(w, grad.to(acc))

@@ -34,10 +34,10 @@ def test_decoder_constraint_kernels(device, F, d, dtype):
 @pytest.mark.parametrize("device, F, d", CASES, ids=lambda v: None)
 def test_decoder_adam_kernel(device, F, d, dtype, state_dtype):
     """The fused decoder step (projection, Adam, renormalisation) against the fp64 reference, at step
-    1 and at a later step with non-zero moments."""
+    1, at a later step with non-zero moments, and with the count in a 0-dim tensor."""
     moments_dtype = state_dtype or dtype
     W = reference.normalize_decoder_rows(torch.randn(F, d, dtype=torch.float64)).to(device=device, dtype=dtype)
-    for step in (1, 7):
+    for step in (1, 7, torch.tensor(9.0, device=device)):  # a tensor count: the capturable SAEAdam's
         grad = torch.randn(F, d, dtype=torch.float64).to(device=device, dtype=dtype)
         m = (0.1 * torch.randn(F, d, dtype=torch.float64) * (step > 1)).to(device=device, dtype=moments_dtype)
         v = (0.01 * torch.rand(F, d, dtype=torch.float64) * (step > 1)).to(device=device, dtype=moments_dtype)

@@ -69,6 +69,31 @@ def test_captured_step_trains_like_the_eager_step():
 
 
 @pytest.mark.gpu
+def test_captured_step_with_the_fused_optimizer():
+    """SAEAdam(capturable=True): the captured step (the decoder constraint inside the optimizer's step)
+    follows eager steps of the default SAEAdam, through warm-up, capture and replays."""
+    (eager, captured), _ = _pair("cuda")
+    eager_opt = fastsae.optim.SAEAdam(eager, lr=1e-3)
+    step = CapturedStep(captured, fastsae.optim.SAEAdam(captured, lr=1e-3, capturable=True), warmup=2)
+    for i in range(8):
+        x = torch.randn(512, 64, device="cuda") + 2
+        for sae in (eager, captured):
+            with torch.no_grad():
+                sae.tokens_since_fired[:10] = 10**7
+        eager_opt.zero_grad(set_to_none=True)
+        want = eager(x)
+        want.loss.backward()
+        eager_opt.step()
+        got = step(x)
+        assert abs(float(got.loss) - float(want.loss)) <= 1e-4 * float(want.loss), (i, float(got.loss))
+    assert step._graph is not None
+    for name, p in captured.named_parameters():
+        assert_close(p, dict(eager.named_parameters())[name], torch.float16, name)
+    norms = captured.W_dec.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), "the decoder rows stay unit-norm"
+
+
+@pytest.mark.gpu
 def test_captured_step_follows_features_dying_in_training():
     """300 features that cannot fire die after 5 batches, through the statistics the step itself
     updates: the bounds the replays copy back grow the AuxK list before they die, and every step's

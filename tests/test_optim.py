@@ -115,8 +115,40 @@ def test_state_dict_resumes_the_same_run():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_capturable_steps_like_the_default(dtype):
+    """capturable=True (step counts on the device, torch's fused Adam kernel for the encoder and biases,
+    the decoder's bias corrections computed from the count tensor in fp32 as torch's capturable Adam
+    computes them) trains like the default; its state dict loads into either kind and resumes."""
+    first, second = _pair(dtype)
+    default, capturable = SAEAdam(first, lr=1e-2), SAEAdam(second, lr=1e-2, capturable=True)
+    batches = _batches(6, getattr(torch, dtype))
+    for x in batches[:4]:
+        for sae, optimizer in ((first, default), (second, capturable)):
+            sae(x).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert all(isinstance(state["step"], torch.Tensor) for state in capturable.state.values())
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == "float64" else dict(rtol=2**-6, atol=1e-3)  # fp32 counts
+    for (name, got), want in zip(second.named_parameters(), first.parameters()):
+        torch.testing.assert_close(got, want, **tolerance, msg=name)
+    resumed = SAEAdam(first, lr=1e-2)  # the capturable state into a default optimizer, and back
+    resumed.load_state_dict(capturable.state_dict())
+    assert all(isinstance(state["step"], int) for state in resumed.state.values())
+    again = SAEAdam(second, lr=1e-2, capturable=True)
+    again.load_state_dict(resumed.state_dict())
+    assert all(float(state["step"]) == 4 for state in again.state.values())
+    for x in batches[4:]:
+        second(x).loss.backward()
+        again.step()
+        again.zero_grad()
+    assert all(float(state["step"]) == 6 for state in again.state.values())
+
+
 def test_refuses_what_it_cannot_optimise():
     with pytest.raises(TypeError, match="SparseAutoencoder"):
         SAEAdam(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="betas"):
         SAEAdam(_pair()[0], betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="capturable=True keeps the moments in the parameters' dtype"):
+        SAEAdam(_pair("bfloat16")[0], state_dtype=torch.float32, capturable=True)

@@ -14,6 +14,7 @@ row is read once and written once, with fp32 dot products.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -77,9 +78,11 @@ def normalize_rows_(W_dec: Tensor, eps: float = 1e-12) -> None:
 @triton.jit
 def _decoder_adam_kernel(
     w_ptr, grad_ptr, m_ptr, v_ptr, F, D, stride_wf, stride_gf, stride_mf, stride_vf,
-    beta2, one_minus_beta1, one_minus_beta2, step_size, bias2_sqrt, eps, norm_eps,
+    corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps, norm_eps,
     BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    step_size = tl.load(corrections_ptr)  # lr / (1 - beta1^step)
+    bias2_sqrt = tl.load(corrections_ptr + 1)  # sqrt(1 - beta2^step)
     rows = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows < F)[:, None] & (dims < D)[None, :]
@@ -102,15 +105,20 @@ def _decoder_adam_kernel(
 
 
 def decoder_adam_(
-    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, lr: float, beta1: float,
-    beta2: float, eps: float, norm_eps: float = 1e-12,
+    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    beta1: float, beta2: float, eps: float, norm_eps: float = 1e-12,
 ) -> None:  # fmt: skip
     """In place on W_dec and the moments: `reference.decoder_adam` in one pass (rows with unit column
-    stride)."""
+    stride). `step` is a number, or a tensor on W_dec's device (a captured step: the bias corrections
+    are then computed on the device, as torch.optim.Adam's capturable step computes them)."""
+    if isinstance(step, Tensor):
+        corrections = torch.stack([lr / (1 - beta1**step), (1 - beta2**step).sqrt()]).float()
+    else:  # in double precision on the host
+        corrections = torch.tensor([lr / (1 - beta1**step), (1 - beta2**step) ** 0.5], device=W_dec.device)
     grid, cfg = _grid(W_dec)
     _decoder_adam_kernel[grid](
         W_dec, grad, exp_avg, exp_avg_sq, W_dec.shape[0], W_dec.shape[1],
         W_dec.stride(0), grad.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0),
         # 1 - beta in double precision: in fp32, 1 - fp32(0.999) is 1.3e-5 off
-        beta2, 1 - beta1, 1 - beta2, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, eps, norm_eps, **cfg,
+        corrections, beta2, 1 - beta1, 1 - beta2, eps, norm_eps, **cfg,
     )  # fmt: skip
