@@ -630,14 +630,15 @@ class SparseAutoencoder(nn.Module):
             codes, shown = self._encode_shard(self._to_sae_space(x), dead if few_dead is None else None)
         elif few_dead is not None:  # encode, decode and AuxK over the few dead features as one autograd node
             params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
-            step = F.topk_autoencoder(self._to_sae_space(x), *params, self.cfg.k, dead_features=few_dead, k_aux=k_aux)
-            codes = F.TopKCodes(step.vals, step.idx, step.vals[:, :0], step.idx[:, :0])
+            joint = F.topk_autoencoder(self._to_sae_space(x), *params, self.cfg.k, dead_features=few_dead, k_aux=k_aux)
+            no_aux_codes = (joint.vals[:, :0], joint.idx[:, :0])  # AuxK's codes stay inside the node
+            codes = F.TopKCodes(joint.vals, joint.idx, *no_aux_codes)
         else:
-            codes = self._encode(x, dead if few_dead is None else None)
+            codes = self._encode(x, dead)  # with the fused encode's AuxK codes when `dead` is given
         if sharded:
             recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx))
         else:
-            recon = self.decode(codes) if few_dead is None else self._from_sae_space(step.recon)
+            recon = self.decode(codes) if few_dead is None else self._from_sae_space(joint.recon)
         aux_recon = None
         if isinstance(codes, F.TopKCodes):
             vals, idx, acts = codes.vals, codes.idx, None
@@ -651,7 +652,7 @@ class SparseAutoencoder(nn.Module):
                 elif few_dead is None:
                     aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
                 else:
-                    aux_recon = step.aux_recon
+                    aux_recon = joint.aux_recon
                 residual = (sae_x - self._to_sae_space(recon)).detach()
                 n_dead = dead.sum()
                 if sharded:  # every shard's dead features
