@@ -371,9 +371,13 @@ def _decode_sparse_setup(ctx, inputs, output):
 def _decode_sparse_grad(ctx, grad_out):
     vals, idx, W_dec = ctx.saved_tensors
     dvals, dW_dec = _decode_sparse_backward(grad_out, vals, idx, W_dec)
-    acc = reference.accumulate_dtype(grad_out)
-    db_dec = None if ctx.b_dec_dtype is None else grad_out.sum(0, dtype=acc).to(ctx.b_dec_dtype)
+    db_dec = None if ctx.b_dec_dtype is None else _decoder_bias_grad(grad_out, ctx.b_dec_dtype)
     return _only_needed(ctx, (dvals, None, dW_dec, db_dec))
+
+
+def _decoder_bias_grad(grad_out: Tensor, dtype: torch.dtype) -> Tensor:
+    """d b_dec of a decode: grad_out [B, d] summed over the batch in the accumulate dtype."""
+    return grad_out.sum(0, dtype=reference.accumulate_dtype(grad_out)).to(dtype)
 
 
 _decode_sparse.register_autograd(_decode_sparse_grad, setup_context=_decode_sparse_setup)
@@ -566,7 +570,7 @@ class _TopKAutoencoder(torch.autograd.Function):
         x, W_enc, b_dec, W_dec, vals, idx, aux_vals, aux_idx, *aux_saved = ctx.saved_tensors
         needs_x = ctx.needs_input_grad[0]
         dvals, dW_dec = _decode_sparse_backward(grad_recon, vals, idx, W_dec)  # as decode_sparse's backward
-        db_dec_decode = grad_recon.sum(0, dtype=reference.accumulate_dtype(grad_recon)).to(b_dec.dtype)
+        db_dec_decode = _decoder_bias_grad(grad_recon, b_dec.dtype)
         dx, dW_enc, db_enc, db_dec = _encode_topk_backward(
             dvals + grad_vals, torch.zeros_like(aux_vals), x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, needs_x
         )

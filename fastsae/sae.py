@@ -619,6 +619,8 @@ class SparseAutoencoder(nn.Module):
             self._initialize_lazily(x)
         k_aux = self.cfg.k_aux if self.training and self.cfg.activation == "topk" else 0  # AuxK is TopK's
         dead = self.dead_features() if k_aux else None
+        # AuxK compares the residual and its reconstruction in the SAE's own (possibly whitened) space.
+        sae_x = self._to_sae_space(x) if k_aux else None
         sharded = self._feature_group is not None
         few_dead = self._few_dead_features(dead, x.shape[0])
         replicated = self._group is not None and self.training
@@ -630,7 +632,7 @@ class SparseAutoencoder(nn.Module):
             codes, shown = self._encode_shard(self._to_sae_space(x), dead if few_dead is None else None)
         elif few_dead is not None:  # encode, decode and AuxK over the few dead features as one autograd node
             params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
-            joint = F.topk_autoencoder(self._to_sae_space(x), *params, self.cfg.k, dead_features=few_dead, k_aux=k_aux)
+            joint = F.topk_autoencoder(sae_x, *params, self.cfg.k, dead_features=few_dead, k_aux=k_aux)
             no_aux_codes = (joint.vals[:, :0], joint.idx[:, :0])  # AuxK's codes stay inside the node
             codes = F.TopKCodes(joint.vals, joint.idx, *no_aux_codes)
         else:
@@ -643,8 +645,6 @@ class SparseAutoencoder(nn.Module):
         if isinstance(codes, F.TopKCodes):
             vals, idx, acts = codes.vals, codes.idx, None
             if k_aux:
-                # The residual and its AuxK reconstruction compared in the SAE's own (possibly whitened) space.
-                sae_x = self._to_sae_space(x)
                 if sharded and few_dead is not None:
                     aux_recon = self._auxk_shard(sae_x, few_dead, k_aux)
                 elif sharded:

@@ -113,8 +113,9 @@ def decoder_adam_(
     are then computed on the device, as torch.optim.Adam's capturable step computes them)."""
     if isinstance(step, Tensor):
         corrections = torch.stack([lr / (1 - beta1**step), (1 - beta2**step).sqrt()]).float()
-    else:  # in double precision on the host
-        corrections = torch.tensor([lr / (1 - beta1**step), (1 - beta2**step) ** 0.5], device=W_dec.device)
+    else:  # in double precision on the host, written by fills: a copy from the host would synchronise
+        corrections = torch.full((2,), lr / (1 - beta1**step), dtype=torch.float32, device=W_dec.device)
+        corrections[1] = (1 - beta2**step) ** 0.5
     grid, cfg = _grid(W_dec)
     _decoder_adam_kernel[grid](
         W_dec, grad, exp_avg, exp_avg_sq, W_dec.shape[0], W_dec.shape[1],
