@@ -38,9 +38,10 @@ def test_decoder_adam_kernel(device, F, d, dtype, state_dtype):
     moments_dtype = state_dtype or dtype
     W = reference.normalize_decoder_rows(torch.randn(F, d, dtype=torch.float64)).to(device=device, dtype=dtype)
     for step in (1, 7, torch.tensor(9.0, device=device)):  # a tensor count: the capturable SAEAdam's
+        later_step = float(step) > 1  # zero moments at step 1, as torch.optim.Adam starts
         grad = torch.randn(F, d, dtype=torch.float64).to(device=device, dtype=dtype)
-        m = (0.1 * torch.randn(F, d, dtype=torch.float64) * (step > 1)).to(device=device, dtype=moments_dtype)
-        v = (0.01 * torch.rand(F, d, dtype=torch.float64) * (step > 1)).to(device=device, dtype=moments_dtype)
+        m = (0.1 * torch.randn(F, d, dtype=torch.float64) * later_step).to(device=device, dtype=moments_dtype)
+        v = (0.01 * torch.rand(F, d, dtype=torch.float64) * later_step).to(device=device, dtype=moments_dtype)
         want = reference.decoder_adam(W.double(), grad.double(), m.double(), v.double(), step, 1e-2, 0.9, 0.999, 1e-8)
         decoder.decoder_adam_(W, grad, m, v, step, 1e-2, 0.9, 0.999, 1e-8)
         for name, got, expected in zip(("W_dec", "exp_avg", "exp_avg_sq"), (W, m, v), want):
