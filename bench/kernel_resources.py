@@ -48,6 +48,8 @@ POINTER_TYPES = {
     "offsets_ptr": "*i64",
     "out_ptr": "*fp32",
     "coef_sum_ptr": "*fp32",
+    "extra_slot_ptr": "*i32",
+    "extra_sums_ptr": "*fp32",
     "eps": "fp32",
     "norm_eps": "fp32",
     "beta1": "fp32",
@@ -154,8 +156,10 @@ def main() -> None:
             print(f"feature_sum_atomic {tile} warps={cfg['num_warps']} center={has_center}: {usage}")
         for cfg in scatter._BLOCKED_CANDIDATES:
             tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_E": cfg["BLOCK_E"], "BLOCK_D": cfg["BLOCK_D"]}
-            constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center, **tile,
-                          "stride_rd": 1}  # fmt: skip
+            # The encoder's sums (centred) with AuxK's dead-feature sums added, the decoder's without.
+            constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center,
+                          "HAS_EXTRA": has_center, "HAS_EXTRA_SUMS": has_center, **tile,
+                          "stride_rd": 1, "stride_xd": 1}  # fmt: skip
             usage = resources(scatter._feature_sum_blocked_kernel, constexprs, cfg["num_warps"])
             print(f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}: {usage}")
     for n in (2048, auxk.MAX_ROW):  # the GPT-2 step's dead-feature list, and the longest row

@@ -6,6 +6,10 @@ host overhead (wall minus kernel time, as a share of the wall), the kernels run 
 launch calls per step (kernel and graph launches: one per kernel eagerly, one graph when captured).
 
 python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25] [--modes eager,graph] [--by-shape]
+                              [--auxk on,off] [--optimizer adam|saeadam]
+
+`--optimizer saeadam` profiles the step with fastsae.optim.SAEAdam (the decoder constraint inside its
+step) instead of torch.optim.Adam and the constraint's two calls.
 
 `--by-shape` adds, for the eager steps, the host ops grouped by their input shapes and sorted by the
 device time of the kernels they launched: which call (a cast of [B, d], a fill of [F, d]) a kernel
@@ -27,13 +31,15 @@ from .harness import SHAPES, shape_dims
 STEPS = 5  # profiled steps
 
 
-def profile_step(shape: str, auxk: bool, rows: int, graph: bool = False, by_shape: bool = False) -> dict:
+def profile_step(
+    shape: str, auxk: bool, rows: int, graph: bool = False, by_shape: bool = False, fused_optimizer: bool = False
+) -> dict:
     """Prints the step's tables (`by_shape`: and the host ops by input shape, eager steps only); returns
     its {"wall_ms", "kernel_ms", "host_share", "kernels", "launches"} per step."""
     d, n_features, n_rows, k = shape_dims(shape)
     dead = torch.rand(n_features, device="cuda") < (DEAD_FRACTION if auxk else 0.0)
     x, weights = _initial_weights(d, n_features, n_rows, dead)
-    step = _fastsae_step(d, n_features, k, weights, dead, graph=graph)
+    step = _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=fused_optimizer, graph=graph)
     for _ in range(5):  # compile, autotune, warm the allocator; the captured step captures on the fourth
         step(x)
     by_shape = by_shape and not graph
@@ -41,7 +47,8 @@ def profile_step(shape: str, auxk: bool, rows: int, graph: bool = False, by_shap
     summary = step_summary(prof, wall_ms, STEPS)
     print(
         f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}, "
-        f"{'captured graph' if graph else 'eager'}: {describe(summary)} ({STEPS} steps below)"
+        f"{'captured graph' if graph else 'eager'}{', SAEAdam' if fused_optimizer else ''}: {describe(summary)} "
+        f"({STEPS} steps below)"
     )
     print_tables(prof, rows)
     if by_shape:
@@ -110,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--modes", default="eager,graph", help="comma-separated subset of eager,graph")
     parser.add_argument("--by-shape", action="store_true", help="the eager steps' host ops by input shape too")
+    parser.add_argument("--auxk", default="on,off", help="comma-separated subset of on,off")
+    parser.add_argument("--optimizer", choices=["adam", "saeadam"], default="adam")
     args = parser.parse_args(argv)
     for shape in args.shapes.split(","):
-        for auxk in (True, False):
+        for auxk in args.auxk.split(","):
             for mode in args.modes.split(","):
-                profile_step(shape, auxk, args.rows, graph=mode == "graph", by_shape=args.by_shape)
+                profile_step(shape, auxk == "on", args.rows, graph=mode == "graph", by_shape=args.by_shape,
+                             fused_optimizer=args.optimizer == "saeadam")  # fmt: skip
     return 0
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _ext, reference
+from .ops import autoencoder as autoencoder_ops
 from .ops import auxk as auxk_ops
 from .ops import batchtopk as batchtopk_ops
 from .ops import decode as decode_ops
@@ -453,13 +454,15 @@ def _dense_auxk_forward(
     keep: Callable[[Tensor], Tensor] | None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
     """`auxk_reconstruction`'s value, and what `_dense_auxk_backward` needs: (centred x, W_enc's and
-    W_dec's dead-feature columns and rows, the dense codes [B, n'], the padded feature list [n'])."""
+    W_dec's dead-feature columns and rows, the dense codes [B, n'], the feature list padded to n' with
+    -1, its negative entries kept)."""
     n = features.shape[0]
     # Padded to a multiple of 8 columns (with feature 0, masked out of the top-k below): a bf16 [B, n]
     # matrix whose rows are not 16-byte aligned sends cuBLAS to kernels several times slower (measured:
     # sm75 kernels at n = 1228 on the H200). The padding columns, and the caller's (negative entries),
     # are -inf before the top-k: they get no code, so neither a value nor a gradient.
-    padded = torch.cat([features.clamp_min(0), features.new_zeros(-n % 8)])
+    slots = torch.cat([features, features.new_full((-n % 8,), -1)])  # negative: padding, no feature
+    padded = slots.clamp_min(0)
     centered = reference.center(x, b_dec).to(W_enc.dtype)
     W_enc_dead = W_enc.index_select(1, padded)
     b_enc_dead = b_enc.index_select(0, padded)
@@ -478,28 +481,27 @@ def _dense_auxk_forward(
     values = top_values.relu_() if keep is None else keep(top_values.relu_())
     codes = torch.zeros_like(pre, dtype=W_dec.dtype).scatter_(1, indices, values.to(W_dec.dtype))
     W_dec_dead = W_dec.index_select(0, padded)
-    return codes @ W_dec_dead, (centered, W_enc_dead, W_dec_dead, codes, padded)
+    return codes @ W_dec_dead, (centered, W_enc_dead, W_dec_dead, codes, slots)
 
 
 def _dense_auxk_backward(
     grad_out: Tensor, saved: tuple[Tensor, ...], needs_x: bool, needs_encoder: bool, needs_decoder: bool
 ) -> tuple[Tensor | None, ...]:
-    """The AuxK reconstruction's gradients over the dead features alone: (dx, dW_enc[:, padded] [d, n'],
-    db_enc[padded] and db_dec in the accumulate dtype, dW_dec[padded] [n', d]); None where not asked
-    for (`needs_encoder` covers W_enc, b_enc and b_dec). The gradient reaches the pre-activations only
-    through the selected codes that are positive, so it is one masked product away from the decoder's,
-    and db_dec = -W_enc[:, padded] @ db_enc[padded] is a matrix-vector product."""
+    """The AuxK reconstruction's gradients over the dead features alone: (dx, dW_enc's dead columns as
+    rows [n', d], db_enc[padded] in the accumulate dtype, dW_dec[padded] [n', d]); None where not
+    asked for (`needs_encoder` covers W_enc and b_enc). The gradient reaches the pre-activations only
+    through the selected codes that are positive, so it is one masked product away from the decoder's.
+    d b_dec, the centring's share, is -W_enc[:, padded] @ db_enc[padded]: the callers take it."""
     centered, W_enc_dead, W_dec_dead, codes, _ = saved
     grad_out = grad_out.to(codes.dtype)
     dW_dec_dead = codes.t() @ grad_out if needs_decoder else None
     if not (needs_x or needs_encoder):
-        return None, None, None, None, dW_dec_dead
+        return None, None, None, dW_dec_dead
     d_pre = (grad_out @ W_dec_dead.t()).mul_(codes > 0).to(centered.dtype)  # ReLU and top-k: selected, > 0
     db_enc_dead = d_pre.sum(0, dtype=torch.promote_types(d_pre.dtype, torch.float32))
-    dW_enc_dead = centered.t() @ d_pre if needs_encoder else None
-    db_dec = -(W_enc_dead.to(db_enc_dead.dtype) @ db_enc_dead) if needs_encoder else None
+    dW_enc_dead = d_pre.t() @ centered if needs_encoder else None
     dx = d_pre @ W_enc_dead.t() if needs_x else None
-    return dx, dW_enc_dead, db_enc_dead, db_dec, dW_dec_dead
+    return dx, dW_enc_dead, db_enc_dead, dW_dec_dead
 
 
 class _DenseAuxK(torch.autograd.Function):
@@ -520,19 +522,20 @@ class _DenseAuxK(torch.autograd.Function):
         x_dtype, W_enc_shape, b_enc_dtype, b_dec_dtype, W_dec_shape = ctx.dtypes
         needs_x, needs_W_enc, needs_b_enc, needs_b_dec, needs_W_dec = ctx.needs_input_grad[:5]
         saved = ctx.saved_tensors
-        padded = saved[-1]
+        W_enc_dead, padded = saved[1], saved[-1].clamp_min(0)  # (padding entries have zero gradients)
         needs_encoder = needs_W_enc or needs_b_enc or needs_b_dec
-        dx, dW_enc_dead, db_enc_dead, db_dec, dW_dec_dead = _dense_auxk_backward(
+        dx, dW_enc_dead, db_enc_dead, dW_dec_dead = _dense_auxk_backward(
             grad_out, saved, needs_x, needs_encoder, needs_W_dec
         )
-        dW_enc = dW_enc_dead.new_zeros(W_enc_shape).index_add_(1, padded, dW_enc_dead) if needs_W_enc else None
+        dW_enc = dW_enc_dead.new_zeros(W_enc_shape).index_add_(1, padded, dW_enc_dead.t()) if needs_W_enc else None
         db_enc = db_enc_dead.new_zeros(W_enc_shape[1]).index_add_(0, padded, db_enc_dead) if needs_b_enc else None
+        db_dec = -(W_enc_dead.to(db_enc_dead.dtype) @ db_enc_dead) if needs_b_dec else None
         dW_dec = dW_dec_dead.new_zeros(W_dec_shape).index_add_(0, padded, dW_dec_dead) if needs_W_dec else None
         return (
             None if dx is None else dx.to(x_dtype),
             dW_enc,
             None if db_enc is None else db_enc.to(b_enc_dtype),
-            db_dec.to(b_dec_dtype) if needs_b_dec else None,
+            None if db_dec is None else db_dec.to(b_dec_dtype),
             dW_dec,
             None,
             None,
@@ -548,44 +551,59 @@ class TopKAutoencoderOutput(NamedTuple):
 
 
 class _TopKAutoencoder(torch.autograd.Function):
-    """`topk_autoencoder`: the encode and decode ops' forwards and backwards composed in one node, so
-    that the AuxK gradients over the dead features are added into the columns and rows of the encode's
-    and the decode's own weight gradients in place. Through separate nodes each weight got a full-size
-    AuxK gradient (mostly zeros) that autograd then added to the other: a fill and a sum over F x d per
-    weight and step."""
+    """`topk_autoencoder`: the encode and decode ops' forwards composed in one node, with one backward
+    (`_topk_autoencoder_backward`) that adds AuxK's gradients over the dead features into the encode's
+    and the decode's own weight gradients as it writes them. Through separate nodes each weight got a
+    full-size AuxK gradient (mostly zeros) that autograd then added to the other: a fill and a sum over
+    F x d per weight and step."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux):
-        vals, idx, aux_vals, aux_idx = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
+        vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
         recon = _decode_sparse(vals, idx, W_dec, b_dec)
         aux_recon, aux_saved = recon.new_empty(0), ()
         if features is not None:
             aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
         ctx.mark_non_differentiable(idx)
-        ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, aux_vals, aux_idx, *aux_saved)
+        ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, *aux_saved)
         return recon, vals, idx, aux_recon
 
     @staticmethod
     def backward(ctx, grad_recon, grad_vals, _grad_idx, grad_aux):
-        x, W_enc, b_dec, W_dec, vals, idx, aux_vals, aux_idx, *aux_saved = ctx.saved_tensors
+        x, W_enc, b_dec, W_dec, vals, idx, *aux_saved = ctx.saved_tensors
         needs_x = ctx.needs_input_grad[0]
-        dvals, dW_dec = _decode_sparse_backward(grad_recon, vals, idx, W_dec)  # as decode_sparse's backward
-        db_dec_decode = _decoder_bias_grad(grad_recon, b_dec.dtype)
-        dx, dW_enc, db_enc, db_dec = _encode_topk_backward(
-            dvals + grad_vals, torch.zeros_like(aux_vals), x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, needs_x
-        )
-        db_dec = db_dec + db_dec_decode
+        dx_aux, dead, dead_dW_enc, dead_db_enc, dead_dW_dec = None, None, None, None, None
         if aux_saved:
-            padded = aux_saved[-1]
-            dx_aux, dW_enc_dead, db_enc_dead, db_dec_aux, dW_dec_dead = _dense_auxk_backward(
-                grad_aux, aux_saved, needs_x, True, True
-            )
-            dW_enc.index_add_(1, padded, dW_enc_dead.to(dW_enc.dtype))
-            db_enc.index_add_(0, padded, db_enc_dead.to(db_enc.dtype))
-            dW_dec.index_add_(0, padded, dW_dec_dead.to(dW_dec.dtype))
-            db_dec = db_dec + db_dec_aux.to(db_dec.dtype)
-            dx = dx + dx_aux.to(dx.dtype) if needs_x else dx
-        return (dx if needs_x else None), dW_enc, db_enc, db_dec, dW_dec, None, None, None
+            aux_grads = _dense_auxk_backward(grad_aux, aux_saved, needs_x, True, True)
+            (dx_aux, dead_dW_enc, dead_db_enc, dead_dW_dec), dead = aux_grads, aux_saved[-1]
+        dx, dW_enc, db_enc, db_dec, dW_dec = _topk_autoencoder_backward(
+            grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc, dead_db_enc,
+            dead_dW_dec,
+        )  # fmt: skip
+        if not needs_x:
+            dx = None
+        elif dx_aux is not None:
+            dx = dx + dx_aux.to(dx.dtype)
+        return dx, dW_enc, db_enc, db_dec, dW_dec, None, None, None
+
+
+@torch.library.custom_op("fastsae::topk_autoencoder_backward", mutates_args=())
+def _topk_autoencoder_backward(
+    grad_recon: Tensor, grad_vals: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, W_dec: Tensor, vals: Tensor,
+    idx: Tensor, x_requires_grad: bool, dead: Tensor | None, dead_dW_enc: Tensor | None,
+    dead_db_enc: Tensor | None, dead_dW_dec: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    return reference.topk_autoencoder_backward(
+        grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, dead, dead_dW_enc, dead_db_enc, dead_dW_dec
+    )
+
+
+_topk_autoencoder_backward.register_kernel("cuda")(autoencoder_ops.topk_autoencoder_backward)
+
+
+@_topk_autoencoder_backward.register_fake
+def _(grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, x_requires_grad, *_dead):
+    return (*_encoder_grad_like(x, W_enc, b_dec), torch.empty_like(W_dec))
 
 
 def decode_dense(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:

@@ -162,6 +162,35 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
     return dvals.to(vals.dtype), dW_dec.to(W_dec.dtype)
 
 
+def topk_autoencoder_backward(
+    grad_recon: Tensor, grad_vals: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, W_dec: Tensor, vals: Tensor,
+    idx: Tensor, dead: Tensor | None = None, dead_dW_enc: Tensor | None = None, dead_db_enc: Tensor | None = None,
+    dead_dW_dec: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Backward of a TopK SAE's training node (`functional.topk_autoencoder`) through its encode and its
+    sparse decode x_hat = decode_sparse(vals, idx, W_dec, b_dec): the decode's gradients, then the
+    encode's of grad_vals + the decode's d vals. Given `dead` ([n] int64, negative entries none), the
+    gradients computed apart for those features (AuxK's) are added to theirs: dead_dW_enc [n, d] (their
+    columns of dW_enc, as rows), dead_db_enc [n] and dead_dW_dec [n, d]; their d b_enc reaches d b_dec
+    through the centring as the rest does. Returns dx, dW_enc, db_enc, db_dec, dW_dec."""
+    dvals, dW_dec = decode_sparse_backward(grad_recon, vals, idx, W_dec)
+    no_codes = vals[:, :0]
+    dx, dW_enc, db_enc, db_dec = encode_topk_backward(
+        grad_vals + dvals, no_codes, x, W_enc, b_dec, vals, idx, no_codes, idx[:, :0]
+    )
+    acc = accumulate_dtype(grad_recon, W_enc)
+    db_dec = db_dec.to(acc) + grad_recon.to(acc).sum(0)
+    if dead is not None:
+        present = dead >= 0
+        features = dead.clamp_min(0)
+        dW_enc = dW_enc.to(acc).index_add(1, features, (dead_dW_enc.to(acc) * present[:, None]).t()).to(W_enc.dtype)
+        dead_db_enc = dead_db_enc.to(acc) * present
+        db_enc = db_enc.to(acc).index_add(0, features, dead_db_enc).to(W_enc.dtype)
+        db_dec = db_dec - W_enc.to(acc)[:, features] @ dead_db_enc
+        dW_dec = dW_dec.to(acc).index_add(0, features, dead_dW_dec.to(acc) * present[:, None]).to(W_dec.dtype)
+    return dx, dW_enc, db_enc, db_dec.to(b_dec.dtype), dW_dec
+
+
 def decode_dense(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
     """x_hat = acts @ W_dec (+ b_dec), for dense (ReLU / JumpReLU / BatchTopK) codes."""
     acc = accumulate_dtype(acts, W_dec)

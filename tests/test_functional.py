@@ -181,6 +181,10 @@ def test_opcheck_every_op(device):
     vals, idx, aux_vals, aux_idx = torch.ops.fastsae.encode_topk(x, W_enc, b_enc, b_dec, k, 3, dead)
     grads = (torch.randn_like(vals), torch.randn_like(aux_vals))
     acts = F.encode_relu(x, W_enc, b_enc, b_dec).detach()
+    joint_grads = (torch.randn(B, d, device=device), grads[0], x, W_enc.detach(), b_dec, W_dec, vals.detach(), idx)
+    dead_features = torch.tensor([3, -1, 0], device=device)  # AuxK's, padded
+    W_rows, dec_rows = torch.randn(2, 3, d, device=device)
+    dead_grads = (dead_features, W_rows, torch.randn(3, device=device), dec_rows)
     cases = [
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 3, dead)),
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 0, None)),
@@ -193,6 +197,8 @@ def test_opcheck_every_op(device):
         (torch.ops.fastsae.encode_relu_backward, (torch.randn_like(acts), x, W_enc.detach(), b_dec, acts)),
         (torch.ops.fastsae.decode_sparse, (vals.detach().requires_grad_(), idx, W_dec, b_dec)),
         (torch.ops.fastsae.decode_sparse_backward, (torch.randn(B, d, device=device), vals.detach(), idx, W_dec)),
+        (torch.ops.fastsae.topk_autoencoder_backward, (*joint_grads, True, None, None, None, None)),
+        (torch.ops.fastsae.topk_autoencoder_backward, (*joint_grads, False, *dead_grads)),
         (torch.ops.fastsae.reconstruction_sums, (torch.randn(B, d, device=device, requires_grad=True), x)),
         (
             torch.ops.fastsae.reconstruction_sums_backward,

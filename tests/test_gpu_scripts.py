@@ -33,4 +33,7 @@ def test_profile_train_reports_launches_and_host_time(capsys):
     # Captured, the step is one graph launch plus the few small kernels run outside it (the dead-feature
     # count, the bench's own bookkeeping); eagerly, one launch per kernel.
     assert graph["launches"] <= eager["launches"] / 4
-    assert "host launches per step" in capsys.readouterr().out
+    with_saeadam = profile_train.profile_step("d128_F2048_B1024_k16", True, 5, graph=True, fused_optimizer=True)
+    assert with_saeadam["launches"] <= eager["launches"] / 4
+    printed = capsys.readouterr().out
+    assert "host launches per step" in printed and "captured graph, SAEAdam" in printed

@@ -128,6 +128,12 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
     dW_dec comes from `scatter.feature_sums`: deterministic when torch's deterministic algorithms are on."""
     if W_dec.dtype == torch.float64:
         return reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
+    dW_dec, _ = feature_sums(grad_out, vals, idx, W_dec.shape[0], dtype=W_dec.dtype)
+    return sparse_dvals(grad_out, vals, idx, W_dec), dW_dec
+
+
+def sparse_dvals(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """d vals[b, j] = grad_out[b] . W_dec[idx[b, j]] -> [B, K] in vals' dtype."""
     B, K = vals.shape
     F, D = W_dec.shape
     dvals = vals.new_empty(B, K)
@@ -142,5 +148,4 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
         )  # fmt: skip
 
     run(tuned(("decode_sparse_bwd_vals", D, F, bucket(B), bucket(K), W_dec.dtype), _DVALS_CANDIDATES, run))
-    dW_dec, _ = feature_sums(grad_out, vals, idx, F, dtype=W_dec.dtype)
-    return dvals, dW_dec
+    return dvals

@@ -594,7 +594,7 @@ def encode_topk_backward(
         dx = decode_sparse(coef, idx, W_enc.t(), None)  # rows of W_enc^T: strided gathers
     else:
         dx = torch.zeros_like(x)
-    return dx.to(x.dtype), dW_enc, db_enc.to(W_enc.dtype), _centering_grad(W_enc, db_enc).to(b_dec.dtype)
+    return dx.to(x.dtype), dW_enc, db_enc.to(W_enc.dtype), centering_grad(W_enc, db_enc).to(b_dec.dtype)
 
 
 @triton.jit
@@ -625,7 +625,7 @@ def _centering_grad_kernel(
 CENTERING_GRAD_ROWS, CENTERING_GRAD_FEATURES, CENTERING_GRAD_BLOCK, CENTERING_GRAD_SPLITS = 8, 4096, 512, 64
 
 
-def _centering_grad(W_enc: Tensor, db_enc: Tensor) -> Tensor:
+def centering_grad(W_enc: Tensor, db_enc: Tensor) -> Tensor:
     """db_dec = -W_enc @ db_enc (fp32 [d]: the centring's gradient summed over the tokens), reading W_enc in
     its own dtype and accumulating in fp32 in a fixed order (cuBLAS would need W_enc in fp32 first: a
     copy of [d, F] that cost more than this whole product)."""

@@ -23,11 +23,17 @@ transposing the fp32 buffer dominate there), 7.07 against 7.29 at GPT-2 (2^24.2)
 between. (A third route, one program per feature summing on CUDA cores, measured slower than the
 blocked one at all three.) ROUTE, from the environment variable FASTSAE_FEATURE_SUMS ("auto", the
 default, "atomic" or "blocked"; read at import), overrides the choice.
+
+Two sums over the same codes (a TopK step's dW_dec and dW_enc) share one sort (`sort_by_feature`). Sums
+computed apart for a few features (AuxK's dense gradients over the dead ones) are added to theirs before
+the output is written (`extra`): on the blocked route in the kernel's epilogue, where an index_add_ into
+the finished [d, F] gradient scattered single elements across F (0.8 ms per Llama-8B step on the H200).
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -44,10 +50,13 @@ BLOCKED_FROM_OUTPUT_ELEMENTS = 2**24  # F * d from which "auto" takes the blocke
 # Tile configurations the tuner times for each route. Blocked: BLOCK_F features x BLOCK_D dimensions per
 # program, BLOCK_E codes per step of its loop (wider tiles, 64 x 32 x 256 and 64 x 64 x 128 with 8 warps,
 # measured no faster at the GPT-2 shape on the H200, 171 us a call either way; the gathered rows already
-# load through cp.async, pipelined). Atomic: BLOCK_M tokens x BLOCK_D dimensions per program.
+# load through cp.async, pipelined). The last two take more codes per step, for features with few codes
+# each (two at the Llama-8B shape), where a program's few dependent index-then-row loads, not the
+# product, bound it. Atomic: BLOCK_M tokens x BLOCK_D dimensions per program.
 _BLOCKED_CANDIDATES = [
     dict(BLOCK_F=f, BLOCK_E=e, BLOCK_D=bd, num_warps=w)
     for f, e, bd, w in [(64, 32, 128, 4), (32, 32, 128, 4), (64, 64, 64, 4), (128, 32, 64, 8)]
+    + [(32, 64, 128, 4), (128, 64, 64, 8)]
 ]
 _ATOMIC_CANDIDATES = [
     dict(BLOCK_M=m, BLOCK_D=bd, num_warps=w) for m, bd, w in [(32, 128, 4), (16, 256, 4), (64, 128, 8)]
@@ -88,8 +97,10 @@ def _feature_sum_atomic_kernel(
 @triton.jit
 def _feature_sum_blocked_kernel(
     rows_ptr, center_ptr, coef_ptr, token_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
-    F, D, stride_rm, stride_rd, stride_of, stride_od,
-    HAS_CENTER: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    extra_slot_ptr, extra_rows_ptr, extra_sums_ptr,
+    F, D, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd,
+    HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     # BLOCK_F consecutive features own one contiguous run of the CSR codes. Each chunk of BLOCK_E codes
@@ -125,10 +136,48 @@ def _feature_sum_blocked_kernel(
             rows = tl.where(valid[:, None], rows - center[None, :], 0.0)
         acc = tl.dot(spread.to(DOT_DTYPE), rows.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         coef_total += tl.sum(spread, axis=1)
+    if HAS_EXTRA:  # the sums computed apart, at their features' slots (-1: none)
+        slot = tl.load(extra_slot_ptr + features, mask=feature_valid, other=-1)
+        has_extra = slot >= 0
+        extra = extra_rows_ptr + slot.to(tl.int64)[:, None] * stride_xm + dims[None, :] * stride_xd
+        acc += tl.load(extra, mask=has_extra[:, None] & dim_valid[None, :], other=0.0).to(tl.float32)
+        if HAS_EXTRA_SUMS:
+            coef_total += tl.load(extra_sums_ptr + slot, mask=has_extra, other=0.0).to(tl.float32)
     out = out_ptr + features.to(tl.int64)[:, None] * stride_of + dims[None, :] * stride_od
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=feature_valid[:, None] & dim_valid[None, :])
     if tl.program_id(1) == 0:
         tl.store(coef_sum_ptr + features, coef_total, mask=feature_valid)
+
+
+class CodesByFeature(NamedTuple):
+    """Codes [B, K] in CSR order (by feature, then by token), as the blocked route reads them."""
+
+    order: Tensor  # [B * K] int64: the flat code at each sorted position
+    offsets: Tensor  # [F + 1]: each feature's first sorted position
+    tokens: Tensor  # [B * K] int32: each sorted code's token
+    features: Tensor  # [B * K] int32: each sorted code's feature
+
+
+def sort_by_feature(idx: Tensor, n_features: int) -> CodesByFeature:
+    """The codes idx [B, K] sorted by feature (stable: by token within a feature). Each feature's first
+    code is found by binary search (torch.bincount would size its output from the largest index: a host
+    sync, which a captured CUDA graph cannot hold)."""
+    flat_idx = idx.flatten()
+    if n_features < torch.iinfo(torch.int16).max:  # 16-bit keys: half the radix sort's passes of 32-bit ones
+        flat_idx = flat_idx.to(torch.int16)
+    sorted_idx, order = torch.sort(flat_idx, stable=True)
+    features = torch.arange(n_features + 1, device=idx.device, dtype=sorted_idx.dtype)
+    offsets = torch.searchsorted(sorted_idx, features)
+    return CodesByFeature(order, offsets, (order // idx.shape[1]).to(torch.int32), sorted_idx.to(torch.int32))
+
+
+def route(n_features: int, d: int) -> str:
+    """The route `feature_sums` takes for an [F, d] output: "blocked" or "atomic"."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "blocked"
+    if ROUTE == "auto":
+        return "blocked" if n_features * d >= BLOCKED_FROM_OUTPUT_ELEMENTS else "atomic"
+    return ROUTE
 
 
 def feature_sums(
@@ -139,66 +188,78 @@ def feature_sums(
     center: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     transposed: bool = False,
+    by_feature: CodesByFeature | None = None,
+    extra: tuple[Tensor, Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out, coef_sum [F] in fp32) as defined in the module docstring; out is [F, d] in `dtype`, or
     its transpose [d, F] (contiguous) when `transposed`. rows [B, d]; coef, idx [B, K]; center [d] or
-    None."""
+    None. `by_feature`: `sort_by_feature(idx, F)`, when the caller shares it between sums (the blocked
+    route sorts otherwise). `extra` = (features [n] int64, distinct where >= 0, negative entries none;
+    their rows [n, d]; their coef sums [n] or None): added to those features' sums."""
     B, d = rows.shape
     K = idx.shape[1]
     coef, idx = coef.contiguous(), idx.contiguous()
     center_arg = center.contiguous() if center is not None else rows  # the kernels read it with unit stride
-    if torch.are_deterministic_algorithms_enabled():
-        route = "blocked"
-    elif ROUTE == "auto":
-        route = "blocked" if n_features * d >= BLOCKED_FROM_OUTPUT_ELEMENTS else "atomic"
-    else:
-        route = ROUTE
     coef_sum = rows.new_empty(n_features, dtype=torch.float32)
-    if route == "blocked":
-        # The codes in CSR order: by feature, then by token. Each feature's first code is found by
-        # binary search (torch.bincount would size its output from the largest index: a host sync,
-        # which a captured CUDA graph cannot hold).
-        flat_idx = idx.flatten()
-        if n_features < torch.iinfo(torch.int16).max:  # 16-bit keys: half the radix sort's passes of 32-bit ones
-            flat_idx = flat_idx.to(torch.int16)
-        sorted_idx, order = torch.sort(flat_idx, stable=True)
-        features = torch.arange(n_features + 1, device=rows.device, dtype=sorted_idx.dtype)
-        offsets = torch.searchsorted(sorted_idx, features)
-        tokens = (order // K).to(torch.int32)
-        sorted_coef = coef.flatten()[order]
-        sorted_features = sorted_idx.to(torch.int32)
+    if route(n_features, d) == "blocked":
+        codes = by_feature if by_feature is not None else sort_by_feature(idx, n_features)
+        sorted_coef = coef.flatten()[codes.order]
         out = rows.new_empty((d, n_features) if transposed else (n_features, d), dtype=dtype)
         out_f = out.t() if transposed else out  # [F, d] view: the kernel writes either layout directly
+        if extra is not None:
+            extra_features, extra_rows, extra_sums = extra
+            extra_slot = _slots(extra_features, n_features)
+        else:
+            extra_slot, extra_rows, extra_sums = coef_sum, rows, None  # placeholders the kernel never reads
 
         def run(cfg: dict) -> None:
             grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(d, cfg["BLOCK_D"]))
             _feature_sum_blocked_kernel[grid](
-                rows, center_arg, sorted_coef, tokens, sorted_features, offsets, out_f, coef_sum,
+                rows, center_arg, sorted_coef, codes.tokens, codes.features, codes.offsets, out_f, coef_sum,
+                extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums,
                 n_features, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
-                HAS_CENTER=center is not None, DOT_DTYPE=dot_dtype(rows.dtype),
-                INPUT_PRECISION=input_precision(rows.dtype), **cfg,
+                extra_rows.stride(0), extra_rows.stride(1),
+                HAS_CENTER=center is not None, HAS_EXTRA=extra is not None, HAS_EXTRA_SUMS=extra_sums is not None,
+                DOT_DTYPE=dot_dtype(rows.dtype), INPUT_PRECISION=input_precision(rows.dtype), **cfg,
             )  # fmt: skip
 
         candidates = _BLOCKED_CANDIDATES
-    else:
-        out = torch.zeros(n_features, d, dtype=torch.float32, device=rows.device)
-
-        def run(cfg: dict) -> None:
-            out.zero_()
-            coef_sum.zero_()
-            grid = (cdiv(B, cfg["BLOCK_M"]), cdiv(d, cfg["BLOCK_D"]))
-            _feature_sum_atomic_kernel[grid](
-                rows, center_arg, coef, idx, out, coef_sum,
-                B, K, d, rows.stride(0), rows.stride(1),
-                HAS_CENTER=center is not None, **cfg,
-            )  # fmt: skip
-
-        candidates = _ATOMIC_CANDIDATES
-    run(tuned(("feature_sums", route, d, n_features, bucket(B), bucket(K), rows.dtype, dtype), candidates, run))
-    if route == "blocked":
+        key = ("feature_sums", "blocked", d, n_features, bucket(B), bucket(K), rows.dtype, dtype, extra is not None)
+        run(tuned(key, candidates, run))
         return out, coef_sum
+
+    out = torch.zeros(n_features, d, dtype=torch.float32, device=rows.device)
+
+    def run(cfg: dict) -> None:
+        out.zero_()
+        coef_sum.zero_()
+        grid = (cdiv(B, cfg["BLOCK_M"]), cdiv(d, cfg["BLOCK_D"]))
+        _feature_sum_atomic_kernel[grid](
+            rows, center_arg, coef, idx, out, coef_sum,
+            B, K, d, rows.stride(0), rows.stride(1),
+            HAS_CENTER=center is not None, **cfg,
+        )  # fmt: skip
+
+    run(tuned(("feature_sums", "atomic", d, n_features, bucket(B), bucket(K), rows.dtype), _ATOMIC_CANDIDATES, run))
+    if extra is not None:  # rows of the fp32 buffer: a cheap index_add_ before the cast
+        extra_features, extra_rows, extra_sums = extra
+        valid = extra_features >= 0
+        target = extra_features.clamp_min(0)
+        out.index_add_(0, target, torch.where(valid[:, None], extra_rows.float(), 0.0))
+        if extra_sums is not None:
+            coef_sum.index_add_(0, target, torch.where(valid, extra_sums.float(), 0.0))
     if transposed:  # one copy, casting as it transposes (from the fp32 sums on the atomic route)
         out = out.new_empty(d, n_features, dtype=dtype).copy_(out.t())
     elif out.dtype != dtype:
         out = out.to(dtype)
     return out, coef_sum
+
+
+def _slots(features: Tensor, n_features: int) -> Tensor:
+    """int32 [F]: each feature's position in `features` (distinct where >= 0), -1 where it is absent.
+    The negative entries write to slots past F, dropped after (one scatter, no host sync)."""
+    n = features.shape[0]
+    positions = torch.arange(n, device=features.device, dtype=torch.int32)
+    target = torch.where(features >= 0, features, n_features + positions.long())
+    slots = torch.full((n_features + n,), -1, device=features.device, dtype=torch.int32)
+    return slots.scatter_(0, target, positions)[:n_features]

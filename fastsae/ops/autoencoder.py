@@ -1,0 +1,53 @@
+"""Backward of a TopK SAE's training node (`functional.topk_autoencoder`): the sparse decode's and the
+encode's gradients in one pass over the codes (`reference.topk_autoencoder_backward`).
+
+Against the two ops' backwards called in turn (`decode.decode_sparse_backward`, then
+`encode.encode_topk_backward`), it
+- sorts the codes by feature once for both weight gradients, which sum over the same idx
+  (`scatter.sort_by_feature`, on the blocked route);
+- adds AuxK's dense gradients over the dead features inside those per-feature sums, before each
+  gradient is written, instead of scattering them into the finished gradients with index_add_ (along
+  F in dW_enc's [d, F] layout: one element per 32-byte sector);
+- takes d b_dec's centring term from d b_enc with AuxK's share already in it (one pass over W_enc).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .decode import decode_sparse, sparse_dvals
+from .encode import centering_grad
+from .scatter import feature_sums, route, sort_by_feature
+
+
+def topk_autoencoder_backward(
+    grad_recon: Tensor, grad_vals: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, W_dec: Tensor, vals: Tensor,
+    idx: Tensor, x_requires_grad: bool, dead: Tensor | None, dead_dW_enc: Tensor | None,
+    dead_db_enc: Tensor | None, dead_dW_dec: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dx, dW_enc, db_enc, db_dec, dW_dec); same contract as `reference.topk_autoencoder_backward`
+    except that dx is zeros unless `x_requires_grad`. Deterministic when torch's deterministic
+    algorithms are on (`scatter.feature_sums`)."""
+    if torch.float64 in (W_enc.dtype, W_dec.dtype):
+        return reference.topk_autoencoder_backward(
+            grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, dead, dead_dW_enc, dead_db_enc, dead_dW_dec
+        )
+    d, n_features = W_enc.shape
+    coef = torch.where(vals > 0, sparse_dvals(grad_recon, vals, idx, W_dec) + grad_vals, 0)  # the ReLU's mask
+    by_feature = sort_by_feature(idx, n_features) if route(n_features, d) == "blocked" else None
+    dW_dec, _ = feature_sums(
+        grad_recon, vals, idx, n_features, dtype=W_dec.dtype, by_feature=by_feature,
+        extra=None if dead is None else (dead, dead_dW_dec, None),
+    )  # fmt: skip
+    dW_enc, db_enc = feature_sums(
+        x, coef, idx, n_features, center=b_dec, dtype=W_enc.dtype, transposed=True, by_feature=by_feature,
+        extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc),
+    )  # fmt: skip
+    db_dec = centering_grad(W_enc, db_enc) + grad_recon.sum(0, dtype=torch.float32)
+    if x_requires_grad:
+        dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
+    else:
+        dx = torch.zeros_like(x)
+    return dx, dW_enc, db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype), dW_dec

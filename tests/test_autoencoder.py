@@ -1,0 +1,63 @@
+"""The TopK training node's backward kernel path (fastsae/ops/autoencoder.py) against the fp64 reference:
+on CPU under the Triton interpreter at tiny shapes, on the GPU at full ones, on each route of the
+per-feature sums, with and without AuxK's dead-feature gradients. Outputs are poisoned with NaN first."""
+
+import pytest
+import torch
+
+from fastsae import reference
+from fastsae.ops import autoencoder
+
+from .utils import assert_close, random_sae_weights
+
+# (B, d, F, k): the GPT-2 width (blocked route by default), the AlphaFold3 one (atomic) and the
+# Llama-8B one at few tokens (two codes per feature or fewer).
+CASES = [
+    pytest.param("cpu", 37, 40, 96, 8, marks=pytest.mark.interpret),
+    pytest.param("cuda", 4096, 768, 24576, 32, marks=pytest.mark.gpu),
+    pytest.param("cuda", 2048, 384, 16384, 32, marks=pytest.mark.gpu),
+    pytest.param("cuda", 199, 4096, 131072, 64, marks=pytest.mark.gpu),
+]
+
+
+def _dead_gradients(n_dead, F, d, dtype, device):
+    """AuxK's gradients over `n_dead` dead features, feature 0 among them, in a list padded with -1
+    whose padding rows hold garbage (they must be ignored)."""
+    features = torch.cat([torch.zeros(1, dtype=torch.int64), torch.randperm(F - 1)[: n_dead - 1] + 1])
+    dead = torch.cat([features[torch.randperm(n_dead)], torch.full((3,), -1)]).to(device)
+    n = dead.shape[0]
+    W_rows = torch.randn(n, d, device=device).to(dtype)
+    b_sums = torch.randn(n, device=device)
+    dec_rows = torch.randn(n, d, device=device).to(dtype)
+    return dead, W_rows, b_sums, dec_rows
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("with_dead", [False, True], ids=["no-auxk", "auxk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device, B, d, F, k", CASES, ids=lambda v: None)
+def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, deterministic):
+    """dx, dW_enc, db_enc, db_dec and dW_dec against `reference.topk_autoencoder_backward` in fp64;
+    bit-identical from run to run on the blocked route."""
+    x = (torch.randn(B, d, device=device) * 2 + 1).to(dtype)
+    W_enc, _, W_dec, b_dec = random_sae_weights(d, F, dtype=dtype, device=device)
+    vals = torch.rand(B, k, dtype=torch.float64, device=device)
+    vals[vals < 0.2] = 0  # codes that did not fire pass no gradient to the encoder
+    vals = vals.to(dtype)
+    idx = torch.rand(B, F, device=device).argsort(dim=1)[:, :k].to(torch.int32)
+    grad_recon, grad_vals = torch.randn(B, d, device=device).to(dtype), torch.randn(B, k, device=device).to(dtype)
+    dead = _dead_gradients(min(F // 4, 200), F, d, dtype, device) if with_dead else (None,) * 4
+    args = (grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx)
+
+    def run():
+        return autoencoder.topk_autoencoder_backward(*args, True, *dead)
+
+    grads = run()
+    in_fp64 = [t.double() if t is not None and t.is_floating_point() else t for t in (*args, *dead)]
+    expected = reference.topk_autoencoder_backward(*in_fp64)
+    for name, got, want, like in zip(("dx", "dW_enc", "db_enc", "db_dec", "dW_dec"), grads, expected,
+                                     (x, W_enc, W_enc, b_dec, W_dec)):  # fmt: skip
+        assert got.dtype == like.dtype, name
+        assert_close(got, want, dtype, name)
+    if deterministic:
+        assert all(torch.equal(a, b) for a, b in zip(grads, run())), "not bit-identical"
