@@ -780,6 +780,29 @@ def decoder_adam_(
 
 
 @torch.no_grad()
+def adam_(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    beta1: float, beta2: float, eps: float,
+) -> None:  # fmt: skip
+    """In place on `param` and the Adam moments: `reference.adam` (torch.optim.Adam's step), in one
+    pass over them on CUDA (fastsae/ops/decoder.py). `step` (counted from 1) may be a 0-dim tensor on
+    param's device, which a CUDA graph can capture."""
+    _check_float("param", param, param.dim())
+    for name, tensor in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if tensor.shape != param.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but param has {tuple(param.shape)}")
+    _check_same_device(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    contiguous = all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))
+    if _fused_decoder_kernels(param) and contiguous:
+        decoder_ops.adam_(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
+    else:
+        for target, value in zip(
+            (param, exp_avg, exp_avg_sq), reference.adam(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
+        ):
+            target.copy_(value)
+
+
+@torch.no_grad()
 def normalize_decoder_rows_(W_dec: Tensor) -> None:
     """In place: `normalize_decoder_rows` in one pass over W_dec on CUDA (fastsae/ops/decoder.py)."""
     _check_float("W_dec", W_dec, 2)

@@ -368,10 +368,28 @@ def decoder_adam(
     (step counted from 1: a number, or a 0-dim tensor), then every row renormalised. Returns (W_dec,
     exp_avg, exp_avg_sq), each in its input's dtype; computed in fp32 (fp64 for fp64 inputs)."""
     acc = accumulate_dtype(W_dec, grad, exp_avg)
-    w, m, v = W_dec.to(acc), exp_avg.to(acc), exp_avg_sq.to(acc)
+    w = W_dec.to(acc)
     g = remove_parallel_grad(w, grad.to(acc))
+    w, m, v = _adam_update(w, g, exp_avg.to(acc), exp_avg_sq.to(acc), step, lr, beta1, beta2, eps)
+    return normalize_decoder_rows(w).to(W_dec.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
+
+
+def adam(
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    beta1: float, beta2: float, eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """One torch.optim.Adam step (no weight decay, no AMSGrad; step counted from 1: a number, or a
+    0-dim tensor). Returns (param, exp_avg, exp_avg_sq), each in its input's dtype; computed in fp32
+    (fp64 for fp64 inputs)."""
+    acc = accumulate_dtype(param, grad, exp_avg)
+    p, m, v = _adam_update(
+        param.to(acc), grad.to(acc), exp_avg.to(acc), exp_avg_sq.to(acc), step, lr, beta1, beta2, eps
+    )
+    return p.to(param.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
+
+
+def _adam_update(p, g, m, v, step, lr, beta1, beta2, eps) -> tuple[Tensor, Tensor, Tensor]:
     m = m.lerp(g, 1 - beta1)
     v = beta2 * v + (1 - beta2) * g * g
     denominator = v.sqrt() / (1 - beta2**step) ** 0.5 + eps
-    w = w - lr / (1 - beta1**step) * m / denominator
-    return normalize_decoder_rows(w).to(W_dec.dtype), m.to(exp_avg.dtype), v.to(exp_avg_sq.dtype)
+    return p - lr / (1 - beta1**step) * m / denominator, m, v

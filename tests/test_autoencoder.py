@@ -11,12 +11,12 @@ from fastsae.ops import autoencoder
 from .utils import assert_close, random_sae_weights
 
 # (B, d, F, k): the GPT-2 width (blocked route by default), the AlphaFold3 one (atomic) and the
-# Llama-8B one at few tokens (two codes per feature or fewer).
+# Llama-8B d at few tokens, with fewer codes than features (at full F the fp64 reference needs 28 GB).
 CASES = [
     pytest.param("cpu", 37, 40, 96, 8, marks=pytest.mark.interpret),
     pytest.param("cuda", 4096, 768, 24576, 32, marks=pytest.mark.gpu),
     pytest.param("cuda", 2048, 384, 16384, 32, marks=pytest.mark.gpu),
-    pytest.param("cuda", 199, 4096, 131072, 64, marks=pytest.mark.gpu),
+    pytest.param("cuda", 199, 4096, 32768, 64, marks=pytest.mark.gpu),
 ]
 
 

@@ -29,21 +29,28 @@ def test_decoder_constraint_kernels(device, F, d, dtype):
     assert torch.allclose(W.double().norm(dim=1), torch.ones(F, dtype=torch.float64, device=device), atol=1e-2)
 
 
+@pytest.mark.parametrize("constrained", [True, False], ids=["decoder", "plain"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, None], ids=["fp32 moments", "moments in W's dtype"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device, F, d", CASES, ids=lambda v: None)
-def test_decoder_adam_kernel(device, F, d, dtype, state_dtype):
-    """The fused decoder step (projection, Adam, renormalisation) against the fp64 reference, at step
-    1, at a later step with non-zero moments, and with the count in a 0-dim tensor."""
+def test_adam_kernels(device, F, d, dtype, state_dtype, constrained):
+    """The fused decoder step (projection, Adam, renormalisation) and the plain Adam step against the
+    fp64 reference, at step 1, at a later step with non-zero moments, and with the count in a 0-dim
+    tensor."""
     moments_dtype = state_dtype or dtype
+    kernel, expected_step = (decoder.decoder_adam_, reference.decoder_adam)
+    if not constrained:
+        kernel, expected_step = decoder.adam_, reference.adam
     W = reference.normalize_decoder_rows(torch.randn(F, d, dtype=torch.float64)).to(device=device, dtype=dtype)
     for step in (1, 7, torch.tensor(9.0, device=device)):  # a tensor count: the capturable SAEAdam's
         later_step = float(step) > 1  # zero moments at step 1, as torch.optim.Adam starts
         grad = torch.randn(F, d, dtype=torch.float64).to(device=device, dtype=dtype)
         m = (0.1 * torch.randn(F, d, dtype=torch.float64) * later_step).to(device=device, dtype=moments_dtype)
         v = (0.01 * torch.rand(F, d, dtype=torch.float64) * later_step).to(device=device, dtype=moments_dtype)
-        want = reference.decoder_adam(W.double(), grad.double(), m.double(), v.double(), step, 1e-2, 0.9, 0.999, 1e-8)
-        decoder.decoder_adam_(W, grad, m, v, step, 1e-2, 0.9, 0.999, 1e-8)
-        for name, got, expected in zip(("W_dec", "exp_avg", "exp_avg_sq"), (W, m, v), want):
+        want = expected_step(W.double(), grad.double(), m.double(), v.double(), step, 1e-2, 0.9, 0.999, 1e-8)
+        kernel(W, grad, m, v, step, 1e-2, 0.9, 0.999, 1e-8)
+        for name, got, expected in zip(("W", "exp_avg", "exp_avg_sq"), (W, m, v), want):
             assert_close(got, expected, dtype, f"{name} at step {step}")
-        assert torch.allclose(W.double().norm(dim=1), torch.ones(F, dtype=torch.float64, device=device), atol=1e-2)
+        if constrained:
+            norms = W.double().norm(dim=1)
+            assert torch.allclose(norms, torch.ones(F, dtype=torch.float64, device=device), atol=1e-2)

@@ -145,6 +145,28 @@ def test_capturable_steps_like_the_default(dtype):
     assert all(float(state["step"]) == 6 for state in again.state.values())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("capturable", [False, True], ids=["default", "capturable"])
+def test_on_cuda_matches_torch_adam_with_the_decoder_constraint(capturable):
+    """On CUDA every parameter takes a Triton pass (F.adam_, F.decoder_adam_): five fp32 steps as
+    torch.optim.Adam between the decoder constraint's two calls, to fp32 rounding."""
+    fused, plain = (sae.to(device="cuda", dtype=torch.float32) for sae in _pair())
+    sae_adam = SAEAdam(fused, lr=1e-2, capturable=capturable)
+    torch_adam = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    for x in _batches(5, torch.float32):
+        x = x.cuda()
+        fused(x).loss.backward()
+        sae_adam.step()
+        sae_adam.zero_grad()
+        plain(x).loss.backward()
+        plain.remove_decoder_parallel_grad()
+        torch_adam.step()
+        torch_adam.zero_grad()
+        plain.normalize_decoder()
+    for (name, got), want in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_refuses_what_it_cannot_optimise():
     with pytest.raises(TypeError, match="SparseAutoencoder"):
         SAEAdam(torch.nn.Linear(2, 2))
