@@ -25,6 +25,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from fastsae.ops import launch
+
 from .bench_train import DEAD_FRACTION, _fastsae_step, _initial_weights
 from .harness import SHAPES, shape_dims
 
@@ -51,6 +53,8 @@ def profile_step(
         f"({STEPS} steps below)"
     )
     print_tables(prof, rows)
+    for route in ("blocked", "atomic"):  # the per-feature sums' tiles the tuner picked (none under FASTSAE_AUTOTUNE=0)
+        print(f"feature sums, {route} route: tiles {launch.tuned_choices('feature_sums', route, d, n_features)}")
     if by_shape:
         events = prof.key_averages(group_by_input_shape=True)
         print(events.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=40,
