@@ -52,7 +52,9 @@ BLOCKED_FROM_OUTPUT_ELEMENTS = 2**24  # F * d from which "auto" takes the blocke
 # measured no faster at the GPT-2 shape on the H200, 171 us a call either way; the gathered rows already
 # load through cp.async, pipelined). More codes per step, 32 x 64 x 128 and 128 x 64 x 64 with 8 warps,
 # measured slower at the Llama-8B shape (two codes per feature) on the H200: 2.64 and 5.83 ms a call
-# against 32 x 32 x 128's 1.49. Atomic: BLOCK_M tokens x BLOCK_D dimensions per program.
+# against 32 x 32 x 128's 1.49. (Loading AuxK's dead-feature rows before the codes' loop, to overlap
+# their latency, made that tile 1.88 ms a call instead of 1.74: more registers, fewer programs per SM.)
+# Atomic: BLOCK_M tokens x BLOCK_D dimensions per program.
 _BLOCKED_CANDIDATES = [
     dict(BLOCK_F=f, BLOCK_E=e, BLOCK_D=bd, num_warps=w)
     for f, e, bd, w in [(64, 32, 128, 4), (32, 32, 128, 4), (64, 64, 64, 4), (128, 32, 64, 8)]
@@ -119,14 +121,6 @@ def _feature_sum_blocked_kernel(
         center = tl.load(center_ptr + dims, mask=dim_valid, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
     coef_total = tl.zeros([BLOCK_F], dtype=tl.float32)
-    if HAS_EXTRA:  # the sums computed apart, at their features' slots (-1: none), loaded before the loop
-        # and added after it, so that their two dependent loads wait while the loop runs, not after it
-        slot = tl.load(extra_slot_ptr + features, mask=feature_valid, other=-1)
-        has_extra = slot >= 0
-        extra_ptrs = extra_rows_ptr + slot.to(tl.int64)[:, None] * stride_xm + dims[None, :] * stride_xd
-        extra = tl.load(extra_ptrs, mask=has_extra[:, None] & dim_valid[None, :], other=0.0)
-        if HAS_EXTRA_SUMS:
-            extra_sums = tl.load(extra_sums_ptr + slot, mask=has_extra, other=0.0)
     for e0 in range(start, end, BLOCK_E):
         entries = e0 + tl.arange(0, BLOCK_E)
         valid = entries < end
@@ -143,10 +137,13 @@ def _feature_sum_blocked_kernel(
             rows = tl.where(valid[:, None], rows - center[None, :], 0.0)
         acc = tl.dot(spread.to(DOT_DTYPE), rows.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         coef_total += tl.sum(spread, axis=1)
-    if HAS_EXTRA:
-        acc += extra.to(tl.float32)
+    if HAS_EXTRA:  # the sums computed apart, at their features' slots (-1: none)
+        slot = tl.load(extra_slot_ptr + features, mask=feature_valid, other=-1)
+        has_extra = slot >= 0
+        extra = extra_rows_ptr + slot.to(tl.int64)[:, None] * stride_xm + dims[None, :] * stride_xd
+        acc += tl.load(extra, mask=has_extra[:, None] & dim_valid[None, :], other=0.0).to(tl.float32)
         if HAS_EXTRA_SUMS:
-            coef_total += extra_sums.to(tl.float32)
+            coef_total += tl.load(extra_sums_ptr + slot, mask=has_extra, other=0.0).to(tl.float32)
     out = out_ptr + features.to(tl.int64)[:, None] * stride_of + dims[None, :] * stride_od
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=feature_valid[:, None] & dim_valid[None, :])
     if tl.program_id(1) == 0:
