@@ -764,19 +764,13 @@ def decoder_adam_(
     removed, Adam's step, rows renormalised), in one pass over them on CUDA (fastsae/ops/decoder.py).
     `step` (counted from 1) may be a 0-dim tensor on W_dec's device, which a CUDA graph can capture."""
     _check_float("W_dec", W_dec, 2)
-    for name, tensor in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if tensor.shape != W_dec.shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but W_dec has {tuple(W_dec.shape)}")
-    _check_same_device(W_dec=W_dec, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    _check_adam_state("W_dec", W_dec, grad, exp_avg, exp_avg_sq)
     unit_rows = all(t.stride(1) == 1 for t in (W_dec, grad, exp_avg, exp_avg_sq))
+    args = (W_dec, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
     if _fused_decoder_kernels(W_dec) and unit_rows:
-        decoder_ops.decoder_adam_(W_dec, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
+        decoder_ops.decoder_adam_(*args)
     else:
-        for target, value in zip(
-            (W_dec, exp_avg, exp_avg_sq),
-            reference.decoder_adam(W_dec, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps),
-        ):
-            target.copy_(value)
+        _copy_into((W_dec, exp_avg, exp_avg_sq), reference.decoder_adam(*args))
 
 
 @torch.no_grad()
@@ -788,18 +782,26 @@ def adam_(
     pass over them on CUDA (fastsae/ops/decoder.py). `step` (counted from 1) may be a 0-dim tensor on
     param's device, which a CUDA graph can capture."""
     _check_float("param", param, param.dim())
-    for name, tensor in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        if tensor.shape != param.shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but param has {tuple(param.shape)}")
-    _check_same_device(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    _check_adam_state("param", param, grad, exp_avg, exp_avg_sq)
     contiguous = all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))
+    args = (param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
     if _fused_decoder_kernels(param) and contiguous:
-        decoder_ops.adam_(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
+        decoder_ops.adam_(*args)
     else:
-        for target, value in zip(
-            (param, exp_avg, exp_avg_sq), reference.adam(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
-        ):
-            target.copy_(value)
+        _copy_into((param, exp_avg, exp_avg_sq), reference.adam(*args))
+
+
+def _check_adam_state(name: str, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+    for other, tensor in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if tensor.shape != param.shape:
+            raise ValueError(f"{other} has shape {tuple(tensor.shape)} but {name} has {tuple(param.shape)}")
+    _check_same_device(**{name: param}, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+
+
+def _copy_into(targets: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> None:
+    """The reference's results written into the caller's tensors (the in-place ops' CPU path)."""
+    for target, value in zip(targets, values):
+        target.copy_(value)
 
 
 @torch.no_grad()

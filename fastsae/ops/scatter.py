@@ -224,9 +224,8 @@ def feature_sums(
                 DOT_DTYPE=dot_dtype(rows.dtype), INPUT_PRECISION=input_precision(rows.dtype), **cfg,
             )  # fmt: skip
 
-        candidates = _BLOCKED_CANDIDATES
         key = ("feature_sums", "blocked", d, n_features, bucket(B), bucket(K), rows.dtype, dtype, extra is not None)
-        run(tuned(key, candidates, run))
+        run(tuned(key, _BLOCKED_CANDIDATES, run))
         return out, coef_sum
 
     out = torch.zeros(n_features, d, dtype=torch.float32, device=rows.device)
