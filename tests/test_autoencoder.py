@@ -10,8 +10,9 @@ from fastsae.ops import autoencoder
 
 from .utils import assert_close, random_sae_weights
 
-# (B, d, F, k): the GPT-2 width (blocked route by default), the AlphaFold3 one (atomic) and the
-# Llama-8B d at few tokens, with fewer codes than features (at full F the fp64 reference needs 28 GB).
+# (B, d, F, k): the GPT-2 and AlphaFold3 widths and the Llama-8B d at few tokens, with fewer codes than
+# features (at full F the fp64 reference needs 28 GB); the blocked route by default at these widths, the
+# atomic one at the interpreter's (tests/test_properties.py draws both routes on the GPU).
 CASES = [
     pytest.param("cpu", 37, 40, 96, 8, marks=pytest.mark.interpret),
     pytest.param("cuda", 4096, 768, 24576, 32, marks=pytest.mark.gpu),

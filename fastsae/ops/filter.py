@@ -326,7 +326,9 @@ def _row_filter_kernel(
     3. Only the groups whose maximum reaches it can hold a survivor: their indices are compacted into
        the scratch and those groups alone read again, HOT_GROUPS at a time (about k groups, usually
        one read), and their entries at or above the threshold (NaN never) appended to the row's
-       buffer as the filter GEMM appends them.
+       buffer as the filter GEMM appends them. Where more than CAP pass, a bisection over those groups
+       raises the bound until at most CAP do, and they are appended again (`_survivors`): the row
+       overflows only where more than CAP entries tie at its k-th value.
     4. The select (`_select_rows`) writes the row's codes, or flags the row for the sweep.
     AuxK the same over the dead features, in the second half of the scratch row."""
     row = tl.program_id(0)
@@ -352,32 +354,23 @@ def _row_filter_kernel(
     keys = tl.load(scratch_row + every_group, mask=holds_features, other=0)
     # A bound is all the filter needs: the bisection stops once at most k + k / 4 maxima reach it.
     kth = _kth_largest(keys[None, :], holds_features[None, :], k, k // 4)  # [1]
-    tau = _threshold_below(kth)
+    top = tl.max(keys, axis=0)  # the row's largest value: the maxima die with the compaction below
     if HAS_AUX:
         aux_keys = tl.load(scratch_row + N_GROUPS + every_group, mask=holds_features, other=0)
         aux_kth = _kth_largest(aux_keys[None, :], holds_features[None, :], k_aux, k_aux // 4)
+        aux_top = tl.max(aux_keys, axis=0)
         aux_tau = _threshold_below(aux_kth)
     tl.debug_barrier()  # every thread has read the maxima before the scratch is overwritten
     n_hot = _compact_hot_groups(scratch_row, holds_features & (keys >= kth))
     if HAS_AUX:
         aux_n_hot = _compact_hot_groups(scratch_row + N_GROUPS, holds_features & (aux_keys >= aux_kth))
     tl.debug_barrier()  # the hot groups are visible to every thread before they are read back
-    rows = row + tl.zeros([1, 1], dtype=tl.int32)
-    for first in range(0, n_hot, HOT_GROUPS):
-        members, read = _hot_members(scratch_row, first, n_hot, F, GROUP, HOT_GROUPS)
-        values = tl.load(row_ptr + members, mask=read, other=float("-inf")).to(tl.float32)
-        _append_survivors(key_buf_ptr, count_ptr, row, rows, members, values, tau[:, None], CAP, INLINE_PTX)
+    n = _survivors(row_ptr, scratch_row, n_hot, F, dead_ptr, kth, top, k, key_buf_ptr, count_ptr,
+                   row, False, CAP, GROUP, HOT_GROUPS, INLINE_PTX)  # fmt: skip
     if HAS_AUX:
-        for first in range(0, aux_n_hot, HOT_GROUPS):
-            members, read = _hot_members(scratch_row + N_GROUPS, first, aux_n_hot, F, GROUP, HOT_GROUPS)
-            values = tl.load(row_ptr + members, mask=read, other=float("-inf")).to(tl.float32)
-            dead = tl.load(dead_ptr + members, mask=read, other=0) != 0
-            aux_threshold = tl.where(dead, aux_tau[:, None], float("inf"))  # live features never pass
-            _append_survivors(aux_key_buf_ptr, aux_count_ptr, row, rows, members, values, aux_threshold, AUX_CAP,
-                              INLINE_PTX)  # fmt: skip
-    tl.debug_barrier()  # every append is visible before the select reads the buffers
-    # The counts through L2 (".cg"): the appends' atomics are performed there, not in this SM's L1.
-    n = tl.load(count_ptr + row + one, cache_modifier=".cg")
+        aux_n = _survivors(row_ptr, scratch_row + N_GROUPS, aux_n_hot, F, dead_ptr, aux_kth, aux_top,
+                           k_aux, aux_key_buf_ptr, aux_count_ptr, row, True, AUX_CAP, GROUP, HOT_GROUPS,
+                           INLINE_PTX)  # fmt: skip
     batch_row = row0 + row + one
     valid = tl.full([1], True, tl.int1)
     failed = _select_rows(
@@ -385,12 +378,86 @@ def _row_filter_kernel(
         vals_ptr, idx_ptr, k, stride_vm, stride_im, CAP, KEEP,
     )  # fmt: skip
     if HAS_AUX:
-        aux_n = tl.load(aux_count_ptr + row + one, cache_modifier=".cg")
         failed = failed | _select_rows(
             aux_key_buf_ptr + row.to(tl.int64) * AUX_CAP, aux_n, aux_tau == float("-inf"), batch_row, valid,
             aux_vals_ptr, aux_idx_ptr, k_aux, stride_avm, stride_aim, AUX_CAP, AUX_KEEP,
         )  # fmt: skip
     tl.store(flag_ptr + batch_row, failed.to(tl.int8))
+
+
+@triton.jit
+def _survivors(
+    row_ptr, hot_list, n_hot, F, dead_ptr, kth, top, k, key_buf_ptr, count_ptr, row,
+    DEAD_ONLY: tl.constexpr, CAP: tl.constexpr, GROUP: tl.constexpr, HOT_GROUPS: tl.constexpr,
+    INLINE_PTX: tl.constexpr,
+):  # fmt: skip
+    """Appends the entries of the row's hot groups at or above `_ordered` key `kth` [1] (`DEAD_ONLY`:
+    of the dead features only) to its buffer of CAP slots and returns how many passed, [1].
+    When more than CAP pass (the row's largest values share groups: in a trained SAE, or on
+    adversarial input), the bound is raised before the row is given up: a bisection between kth and
+    `top` (the largest group maximum) over the hot groups alone, which keep every entry above kth,
+    finds a key that at least k and at most CAP of them reach, and the buffer is filled again from it.
+    Only ties at the k-th value beyond CAP entries (a constant row) leave it overflowing, for the
+    fallback."""
+    one = tl.arange(0, 1)
+    _append_hot(row_ptr, hot_list, n_hot, F, dead_ptr, _threshold_below(kth), key_buf_ptr, count_ptr, row,
+                DEAD_ONLY, CAP, GROUP, HOT_GROUPS, INLINE_PTX)  # fmt: skip
+    tl.debug_barrier()  # every append is visible before the count is read
+    # The count through L2 (".cg"): the appends' atomics are performed there, not in this SM's L1.
+    n = tl.load(count_ptr + row + one, cache_modifier=".cg")
+    if tl.max(n, axis=0) > CAP:
+        # count(>= lo) = n >= k > count(>= hi) = 0
+        lo, hi, count = kth.to(tl.int64), top.to(tl.int64) + 1 + tl.zeros([1], dtype=tl.int64), n
+        while tl.max(((count > CAP) & (hi - lo > 1)).to(tl.int32), axis=0) > 0:
+            mid = (lo + hi) >> 1
+            above = _count_hot(row_ptr, hot_list, n_hot, F, dead_ptr, _threshold_below(mid.to(tl.int32)), DEAD_ONLY,
+                               GROUP, HOT_GROUPS)  # fmt: skip
+            lo = tl.where(above >= k, mid, lo)
+            count = tl.where(above >= k, above, count)
+            hi = tl.where(above < k, mid, hi)
+        if tl.max(count, axis=0) <= CAP:
+            tl.store(count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
+            tl.debug_barrier()  # the count is zeroed before any thread appends again
+            _append_hot(row_ptr, hot_list, n_hot, F, dead_ptr, _threshold_below(lo.to(tl.int32)), key_buf_ptr,
+                        count_ptr, row, DEAD_ONLY, CAP, GROUP, HOT_GROUPS, INLINE_PTX)  # fmt: skip
+            tl.debug_barrier()
+            n = tl.load(count_ptr + row + one, cache_modifier=".cg")
+    return n
+
+
+@triton.jit
+def _hot_values(row_ptr, hot_list, first, n_hot, F, dead_ptr, DEAD_ONLY: tl.constexpr, GROUP: tl.constexpr,
+                HOT_GROUPS: tl.constexpr):  # fmt: skip
+    """(features, fp32 values) [HOT_GROUPS, GROUP] of the hot groups first .. first + HOT_GROUPS; -inf
+    where there is no feature (or, `DEAD_ONLY`, a live one), so that no threshold passes it."""
+    members, read = _hot_members(hot_list, first, n_hot, F, GROUP, HOT_GROUPS)
+    values = tl.load(row_ptr + members, mask=read, other=float("-inf")).to(tl.float32)
+    if DEAD_ONLY:
+        dead = tl.load(dead_ptr + members, mask=read, other=0) != 0
+        values = tl.where(dead, values, float("-inf"))
+    return members, values
+
+
+@triton.jit
+def _append_hot(row_ptr, hot_list, n_hot, F, dead_ptr, threshold, key_buf_ptr, count_ptr, row,
+                DEAD_ONLY: tl.constexpr, CAP: tl.constexpr, GROUP: tl.constexpr, HOT_GROUPS: tl.constexpr,
+                INLINE_PTX: tl.constexpr):  # fmt: skip
+    """Appends the hot groups' entries > `threshold` [1] to the row's buffer, HOT_GROUPS at a time."""
+    rows = row + tl.zeros([1, 1], dtype=tl.int32)
+    for first in range(0, n_hot, HOT_GROUPS):
+        members, values = _hot_values(row_ptr, hot_list, first, n_hot, F, dead_ptr, DEAD_ONLY, GROUP, HOT_GROUPS)
+        _append_survivors(key_buf_ptr, count_ptr, row, rows, members, values, threshold[:, None], CAP, INLINE_PTX)
+
+
+@triton.jit
+def _count_hot(row_ptr, hot_list, n_hot, F, dead_ptr, threshold, DEAD_ONLY: tl.constexpr, GROUP: tl.constexpr,
+               HOT_GROUPS: tl.constexpr):  # fmt: skip
+    """How many of the hot groups' entries are > `threshold` [1] (NaN never), [1]."""
+    count = tl.zeros([1], dtype=tl.int32)
+    for first in range(0, n_hot, HOT_GROUPS):
+        _, values = _hot_values(row_ptr, hot_list, first, n_hot, F, dead_ptr, DEAD_ONLY, GROUP, HOT_GROUPS)
+        count += tl.sum(tl.sum((values > threshold[:, None]).to(tl.int32), axis=1), axis=0)
+    return count
 
 
 @triton.jit

@@ -18,9 +18,10 @@ b_dec and coef = d vals masked by the ReLU (`reference.decode_sparse_backward`,
 The blocked route runs when `torch.are_deterministic_algorithms_enabled()`, and otherwise where it
 measured faster. On the H200 (bf16, a whole TopK training step with AuxK, fused optimizer) it took
 34.2 ms against the atomic route's 42.9 at the Llama-8B shape (F * d = 2^29: filling, casting and
-transposing the fp32 buffer dominate there), 7.07 against 7.29 at GPT-2 (2^24.2), and 8.77 against
-7.99 at AlphaFold3 (2^22.6), whose features have few codes each; BLOCKED_FROM_OUTPUT_ELEMENTS sits
-between. (A third route, one program per feature summing on CUDA cores, measured slower than the
+transposing the fp32 buffer dominate there) and 7.07 against 7.29 at GPT-2 (2^24.2); at AlphaFold3
+(2^22.6), whose features have few codes each, 2.38 against 2.50 in the captured step with SAEAdam once
+the two sums shared one sort (8.77 against 7.99 before). BLOCKED_FROM_OUTPUT_ELEMENTS sits below that.
+(A third route, one program per feature summing on CUDA cores, measured slower than the
 blocked one at all three.) ROUTE, from the environment variable FASTSAE_FEATURE_SUMS ("auto", the
 default, "atomic" or "blocked"; read at import), overrides the choice.
 
@@ -45,7 +46,7 @@ from .launch import bucket, cdiv, dot_dtype, input_precision, tuned
 ROUTE = os.environ.get("FASTSAE_FEATURE_SUMS", "auto")
 if ROUTE not in ("auto", "atomic", "blocked"):
     raise ValueError(f"FASTSAE_FEATURE_SUMS must be 'auto', 'atomic' or 'blocked', got {ROUTE!r}")
-BLOCKED_FROM_OUTPUT_ELEMENTS = 2**24  # F * d from which "auto" takes the blocked route
+BLOCKED_FROM_OUTPUT_ELEMENTS = 2**22  # F * d from which "auto" takes the blocked route
 
 # Tile configurations the tuner times for each route. Blocked: BLOCK_F features x BLOCK_D dimensions per
 # program, BLOCK_E codes per step of its loop (wider tiles, 64 x 32 x 256 and 64 x 64 x 128 with 8 warps,
