@@ -230,22 +230,27 @@ def test_row_filter_skips_only_the_chunks_past_the_features(device):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_row_filter_raises_its_bound_when_survivors_share_groups(device):
     """When a row's largest values share groups (features whose encoder columns nearly agree, as
-    training makes them), far more than CAP entries reach the k-th largest group maximum: the kernel
-    raises the bound by bisection over those groups and selects exactly, leaving no row (AuxK's
-    included) to the fallback, whose single pass over F costs milliseconds per flagged row block."""
+    training makes them), far more than CAP entries reach the k-th largest group maximum, and where
+    they tie (bias steps of 0.01 here; bf16 rounding in a trained SAE) more than CAP may equal the
+    k-th value itself (row 0, whose pre-activation is the bias: a quarter of the features tie): the
+    kernel raises the bound by bisection over those groups, over values then over the tied features,
+    and selects exactly, leaving no row (AuxK's included) to the fallback, whose single pass over F
+    costs milliseconds per flagged row block."""
     B, d, F, k, k_aux = (6, 16, 16384, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
     route = _first_route("row_filter", k, k_aux, F)
     group = route[1]["GROUP"]
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     features = torch.arange(F, device=device)
     W_enc = W_enc[:, features // group * group].contiguous()  # a group's columns are its first one's
-    b_enc = 1e-2 * torch.randn(F, device=device)  # distinct values inside a group
+    b_enc = 1e-2 * torch.randint(0, 4, (F,), device=device).float()  # four values inside a group
+    x[0] = b_dec
     dead = (features // group) % 2 == 1  # every other group dead
     pre = _pre64(x, W_enc, b_enc, b_dec)
     dead_pre = pre.masked_fill(~dead, float("-inf"))
     for values, top, cap in ((pre, k, route[1]["CAP"]), (dead_pre, k_aux, route[1]["AUX_CAP"])):
         kth_maximum = values.view(B, F // group, group).amax(dim=2).topk(top, dim=1).values[:, -1:]
         assert ((values >= kth_maximum).sum(dim=1) > cap).all(), "the first bound would not overflow every row"
+        assert (values[0] == values[0].topk(top).values[-1]).sum() > cap, "row 0's k-th value is not tied enough"
     outputs = _poisoned_outputs(B, k, k_aux, device)
     flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1])
     assert not flags.any(), f"{int(flags.sum())} of {B} rows left to the fallback"

@@ -27,9 +27,11 @@ SPILL_FREE = (
     "decoder_",
 )
 
-# Bytes of stack a kernel may use: at some shapes ptxas keeps two of the row filter's registers on the
-# stack (SASS: two STL at the start of the row, two LDL at its end), a negligible cost per row.
-STACK_ALLOWANCE = {"row_filter": 8}
+# Bytes of stack a kernel may use. The row filter: since its overflowing rows raise their bound in the
+# kernel (two bisections, `filter._survivors`), ptxas keeps up to 72 bytes on the stack at some
+# configurations (GPT-2 width, AuxK, 2 warps) rather than use more registers per thread (168 against
+# 208 before); the tuner times those configurations against the ones without a stack.
+STACK_ALLOWANCE = {"row_filter": 72}
 
 
 def test_kernels_compile_for_sm90():
