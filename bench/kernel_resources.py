@@ -160,9 +160,9 @@ def main() -> None:
             constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center,
                           "HAS_EXTRA": has_center, "HAS_EXTRA_SUMS": has_center, **tile,
                           "stride_rd": 1, "stride_xd": 1}  # fmt: skip
-            usage = resources(scatter._feature_sum_blocked_kernel, constexprs, cfg["num_warps"])
+            usage = resources(scatter._feature_sum_blocked_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
             print(f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}: {usage}")
-    for n in (2048, auxk.MAX_ROW):  # the GPT-2 step's dead-feature list, and the longest row
+    for n in (1024, auxk.MAX_ROW):  # AlphaFold3's and GPT-2's dead-feature lists (the longest row)
         tile = auxk.row_tile(n)
         warps = tile.pop("num_warps")
         print(f"auxk_row_topk n={n}: {resources(auxk._row_topk_kernel, {'KEY_SHIFT': 16, **tile}, warps)}")

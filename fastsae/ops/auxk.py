@@ -1,19 +1,21 @@
 """The dense AuxK path's selection (`functional.auxk_reconstruction`): the indices of the k largest
 entries of each row of its pre-activations over the dead features, [B, n] with n up to MAX_ROW.
 
-torch.topk takes several multi-block radix passes over the whole matrix (about 0.19 ms of a captured
-training step at the GPT-2 shape on the H200, k_aux = 384 of 2048 columns: a sixth of what AuxK costs).
-Here each program holds whole rows in registers and finds each row's k-th largest by bisection on
-order-preserving integer keys (16-bit keys for bf16 inputs: at most 16 rounds of a compare and a row
-sum), then writes the indices of the entries above it and of the ties at it that complete k. Ties go to
-the larger index, as the fused encode's AuxK stream breaks them; NaN counts as -inf. The indices are in
-no particular order (the caller scatters the codes back by index).
+torch.topk takes several multi-block radix passes over the whole matrix (about 0.17 ms of a captured
+training step at the GPT-2 shape on the H200, k_aux = 384 of 1232 columns, and 0.29 ms at AlphaFold3's,
+192 of 824). Here a program of four warps holds one row in registers (up to 16 entries a thread) and
+sets the row's k-th largest order-preserving integer key bit by bit from the top (16 rounds for bf16:
+a compare and a row sum each), then writes the indices of the entries above it and of the ties at it
+that complete k. Ties go to the larger index, as the fused encode's AuxK stream breaks them; NaN counts
+as -inf. The indices are in no particular order (the caller scatters the codes back by index).
 
-A row of up to ROW_ELEMENTS entries is one warp's, so that each round's row sum is a few shuffles with
-no barrier. Experimental, off by default: it has not beaten torch.topk yet. Per captured GPT-2 step on
-the H200 (8192 rows of 1600 columns, k = 384), eight warps sharing two rows took 217 us and a warp per
-row 178 us, against torch.topk's 155 us. FASTSAE_AUXK_ROW_TOPK=1 (read at import) makes
-`functional.auxk_reconstruction` use it on CUDA for bf16, fp16 and fp32 rows.
+Measured on the H200 (bf16, one call): 134 us against torch.topk's 183 at the GPT-2 shape (8192 rows)
+and 141 against 289 at AlphaFold3's (16384 rows). One warp a row (64 entries a thread, 168 registers)
+took 262 and 245, eight warps 148 and 163: fewer registers a thread keep more rows in flight until the
+cross-warp sums of each round dominate. Rows longer than MAX_ROW go to torch.topk: at the Llama-8B
+shape (4096 rows of 6560, k = 2048) the best tile, eight warps, took 474 us against torch.topk's 299.
+Counting the keys that reach three candidates per round (two bits at a time, half the rounds) was
+slower at every shape. FASTSAE_AUXK_ROW_TOPK=0 (read at import) turns it off.
 """
 
 from __future__ import annotations
@@ -25,20 +27,34 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .filter import _kth_largest, _ordered
+from .filter import _ordered
 from .launch import cdiv, next_power_of_2
 
-ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK") == "1"
-ROW_ELEMENTS = 2048  # entries per warp (64 per thread): shorter rows are taken several to a warp
-MAX_ROW = 8 * ROW_ELEMENTS  # longer rows than one warp holds are shared by up to 8 warps
+ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK", "1") == "1"
+MAX_ROW = 2048  # longest row (16 entries a thread of four warps); longer ones measured faster in torch.topk
+WARPS = 4
+PROGRAM_ELEMENTS = 1024  # shorter rows are taken several to a program, up to this many entries
 # Low bits of the fp32 order keys that are zero (positives) or one (negatives) in every value of a dtype.
 KEY_SHIFT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
 
 
 @triton.jit
+def _largest_reaching(keys, present, k, BITS: tl.constexpr):
+    """Per row of uint32 `keys` [BLOCK_M, N] below 2^BITS where `present`: the largest t with at least k
+    present keys >= t (the k-th largest key), set bit by bit from the top: BITS rounds of a compare and
+    a row sum, with no bounds to carry and no test for an early exit (filter._kth_largest's bisection,
+    whose loop condition is one more reduction a round, measured slower here)."""
+    t = tl.zeros([keys.shape[0]], dtype=tl.uint32)
+    for bit in tl.static_range(BITS - 1, -1, -1):
+        candidate = t | (1 << bit)
+        t = tl.where(tl.sum((present & (keys >= candidate[:, None])).to(tl.int32), axis=1) >= k, candidate, t)
+    return t
+
+
+@triton.jit
 def _row_topk_kernel(
     pre_ptr, idx_ptr, B, n, k, stride_pm, stride_pn, stride_im,
-    KEY_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLUMN_BITS: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)[:, None]
@@ -46,22 +62,31 @@ def _row_topk_kernel(
     present = (rows < B)[:, None] & (cols < n)
     values = tl.load(pre_ptr + rows64 * stride_pm + cols * stride_pn, mask=present, other=float("-inf"))
     values = values.to(tl.float32)
-    keys = _ordered(tl.where(values == values, values, float("-inf"))) >> KEY_SHIFT
-    kth = _kth_largest(keys, present, k)
+    # Unsigned keys of 32 - KEY_SHIFT bits in the values' order: the signed `_ordered` key shifted, then
+    # offset by half its range (a wrapping add in uint32).
+    signed = _ordered(tl.where(values == values, values, float("-inf"))) >> KEY_SHIFT
+    keys = signed.to(tl.uint32, bitcast=True) + (1 << (31 - KEY_SHIFT))
+    kth = _largest_reaching(keys, present, k, 32 - KEY_SHIFT)
     greater = present & (keys > kth[:, None])
     tied = present & (keys == kth[:, None])
     need = k - tl.sum(greater.to(tl.int32), axis=1)
-    # Among the ties, the `need` largest indices (none when the bound fell between two keys: no ties).
-    cut = _kth_largest(cols + tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), tied, need)
-    win = greater | (tied & (cols >= cut[:, None]))
+    # Among the ties, the `need` of largest index; rounds over the column bits only where some row of
+    # the block has more ties than it needs.
+    cut = tl.zeros([BLOCK_M], dtype=tl.uint32)
+    if tl.max(tl.sum(tied.to(tl.int32), axis=1) - need, axis=0) > 0:
+        column_keys = cols.to(tl.uint32) + tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.uint32)
+        cut = _largest_reaching(column_keys, tied, need, COLUMN_BITS)
+    win = greater | (tied & (cols.to(tl.uint32) >= cut[:, None]))
     position = tl.cumsum(win.to(tl.int32), axis=1) - 1
     tl.store(idx_ptr + rows64 * stride_im + position, cols.to(tl.int64) + tl.zeros_like(rows64), mask=win)
 
 
 def row_tile(n: int) -> dict:
-    """The launch configuration for rows of n entries: rows per program, padded row length, warps."""
+    """The launch configuration for rows of n <= MAX_ROW entries: rows per program, padded row length, the
+    bits of a column index, warps."""
     block_n = next_power_of_2(n)
-    return dict(BLOCK_M=max(1, ROW_ELEMENTS // block_n), BLOCK_N=block_n, num_warps=max(1, block_n // ROW_ELEMENTS))
+    column_bits = max(1, block_n.bit_length() - 1)
+    return dict(BLOCK_M=max(1, PROGRAM_ELEMENTS // block_n), BLOCK_N=block_n, COLUMN_BITS=column_bits, num_warps=WARPS)
 
 
 def row_topk_indices(pre: Tensor, k: int) -> Tensor:

@@ -49,16 +49,17 @@ if ROUTE not in ("auto", "atomic", "blocked"):
 BLOCKED_FROM_OUTPUT_ELEMENTS = 2**22  # F * d from which "auto" takes the blocked route
 
 # Tile configurations the tuner times for each route. Blocked: BLOCK_F features x BLOCK_D dimensions per
-# program, BLOCK_E codes per step of its loop (wider tiles, 64 x 32 x 256 and 64 x 64 x 128 with 8 warps,
-# measured no faster at the GPT-2 shape on the H200, 171 us a call either way; the gathered rows already
-# load through cp.async, pipelined). More codes per step, 32 x 64 x 128 and 128 x 64 x 64 with 8 warps,
-# measured slower at the Llama-8B shape (two codes per feature) on the H200: 2.64 and 5.83 ms a call
-# against 32 x 32 x 128's 1.49. (Loading AuxK's dead-feature rows before the codes' loop, to overlap
-# their latency, made that tile 1.88 ms a call instead of 1.74: more registers, fewer programs per SM.)
+# program, BLOCK_E codes per step of its loop, not software-pipelined (num_stages=1). On the H200 (bf16,
+# dW_enc^T from 32 codes a token) 16 features a program without pipelining took 125-132 us a call at the
+# GPT-2 shape, 123 at AlphaFold3 and 1.03-1.16 ms at Llama-8B, against 198, 194 and 1506 for 32 x 32 x
+# 128 with Triton's default three stages: more programs in flight balance features of uneven code counts,
+# and the stages' buffers only cost occupancy (the gathered rows' addresses come from the codes loaded
+# in the same step). Loading the next step's codes and rows before this step's product by hand did not
+# help either. Wider tiles (64 x 32 x 256 and 64 x 64 x 128, 8 warps) measured no faster before.
 # Atomic: BLOCK_M tokens x BLOCK_D dimensions per program.
 _BLOCKED_CANDIDATES = [
-    dict(BLOCK_F=f, BLOCK_E=e, BLOCK_D=bd, num_warps=w)
-    for f, e, bd, w in [(64, 32, 128, 4), (32, 32, 128, 4), (64, 64, 64, 4), (128, 32, 64, 8)]
+    dict(BLOCK_F=16, BLOCK_E=e, BLOCK_D=bd, num_warps=w, num_stages=1)
+    for e, bd, w in [(32, 128, 4), (32, 256, 4), (16, 128, 4), (32, 128, 2)]
 ]
 _ATOMIC_CANDIDATES = [
     dict(BLOCK_M=m, BLOCK_D=bd, num_warps=w) for m, bd, w in [(32, 128, 4), (16, 256, 4), (64, 128, 8)]
