@@ -6,13 +6,16 @@ Compiles each kernel ahead of time the way the JIT specialises it at the GPT-2 s
 pointers, sizes and strides divisible by 16, unit strides constant) and reads the resource usage of the cubin
 with the cuobjdump that ships with triton. A non-zero STACK means register spills: check it before
 spending GPU time on a tile configuration. The tests run it too, so a kernel that only the GPU
-compiler rejects fails on CPU first.
+compiler rejects fails on CPU first. The configurations compile in parallel, one process per core.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -88,7 +91,32 @@ def _usage(kernel) -> str:
     return next(line.strip() for line in usage.splitlines() if "REG:" in line)
 
 
+def check(
+    name: str, fn, constexprs: dict, num_warps: int, num_stages: int = 3, descriptors: dict | None = None
+) -> None:
+    """Queues `resources(fn, ...)` for `main` to print as 'name: usage'."""
+    _queue.append((name, (fn, constexprs, num_warps, num_stages, descriptors)))
+
+
+_queue: list[tuple[str, tuple]] = []
+
+
+def _compile(index: int) -> str:
+    name, arguments = _queue[index]
+    return f"{name}: {resources(*arguments)}"
+
+
 def main() -> None:
+    """Compiles every queued kernel configuration, one process per core (forked: the workers read the
+    queue, whose kernels do not pickle), and prints the results in the queue's order."""
+    _queue_kernels()
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=context) as pool:
+        for line in pool.map(_compile, range(len(_queue))):
+            print(line, flush=True)
+
+
+def _queue_kernels() -> None:
     unit_strides = {"stride_xd": 1, "stride_wf": 1}
     common = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", **unit_strides}
     keep, aux_keep = 32, 512  # GPT-2: k = 32, k_aux = d / 2 = 384
@@ -98,22 +126,32 @@ def main() -> None:
     for has_aux, count_positive, only_flagged in [(False, False, False), (True, False, True), (False, True, False)]:
         constexprs = {**common, **tile, **aux, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive,
                       "ONLY_FLAGGED": only_flagged, "FINISH": only_flagged}  # fmt: skip
-        usage = resources(encode._encode_topk_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
         name = f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
-        print(f"{name}{' positive_counts' if count_positive else ''}: {usage}")
+        check(
+            f"{name}{' positive_counts' if count_positive else ''}",
+            encode._encode_topk_fwd_kernel,
+            constexprs,
+            cfg["num_warps"],
+            cfg["num_stages"],
+        )
     for cfg in filter.filter_configs(keep, 0, 24576, interpret=False)[::3]:  # each tile shape
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         blocks = {"xc_desc": (cfg["BLOCK_M"], cfg["BLOCK_K"]), "w_desc": (cfg["BLOCK_K"], cfg["BLOCK_N"])}
         for has_aux, count_positive, flatten in [(False, False, True), (False, False, False), (True, True, True)]:
             constexprs = {"INPUT_PRECISION": "ieee", **tile, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive,
                           "INLINE_PTX": True, "N_PROGRAMS": 132, "FLATTEN": flatten}  # fmt: skip
-            usage = resources(filter._filter_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"], blocks)
             name = f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
-            print(f"{name} flatten={flatten}: {usage}")
+            check(
+                f"{name} flatten={flatten}",
+                filter._filter_fwd_kernel,
+                constexprs,
+                cfg["num_warps"],
+                cfg["num_stages"],
+                blocks,
+            )
     for cap in (256, 1024, 4096):
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}
-        usage = resources(filter._select_kernel, constexprs, filter._row_warps(cap))
-        print(f"filter_select cap={cap}: {usage}")
+        check(f"filter_select cap={cap}", filter._select_kernel, constexprs, filter._row_warps(cap))
     for n_features, k, k_aux in [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]:
         for cfg in filter.row_filter_configs(k, k_aux, n_features):
             n_groups = cfg["N_GROUPS"]
@@ -123,66 +161,85 @@ def main() -> None:
                           "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
                           "AUX_KEEP": triton.next_power_of_2(max(1, k_aux))}  # fmt: skip
             warps = max(cfg["WARPS"], filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"])))
-            usage = resources(filter._row_filter_kernel, constexprs, num_warps=warps)
-            print(f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps}: "
-                  f"{usage}")  # fmt: skip
+            check(
+                f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps}",
+                filter._row_filter_kernel,
+                constexprs,
+                num_warps=warps,
+            )
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
-        usage = resources(filter._threshold_kernel, constexprs, num_warps=filter._row_warps(2 * block_g))
-        print(f"filter_threshold groups={block_g}: {usage}")
-    usage = resources(filter._center_kernel, {"BLOCK_M": 16, "BLOCK_D": 256, "stride_xd": 1}, num_warps=4)
-    print(f"filter_center: {usage}")
-    usage = resources(encode._topk_finish_kernel, {"N_SPLIT": 2, "KEEP": keep, "BLOCK_M": 16}, num_warps=4)
-    print(f"topk_finish: {usage}")
+        check(
+            f"filter_threshold groups={block_g}",
+            filter._threshold_kernel,
+            constexprs,
+            num_warps=filter._row_warps(2 * block_g),
+        )
+    check("filter_center", filter._center_kernel, {"BLOCK_M": 16, "BLOCK_D": 256, "stride_xd": 1}, num_warps=4)
+    check("topk_finish", encode._topk_finish_kernel, {"N_SPLIT": 2, "KEEP": keep, "BLOCK_M": 16}, num_warps=4)
     for cfg in encode._RELU_CANDIDATES:
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         constexprs = {**common, **tile, "HAS_THRESHOLD": False, "stride_of": 1}
-        usage = resources(encode._encode_relu_fwd_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
-        print(f"encode_relu {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']}: {usage}")
+        check(
+            f"encode_relu {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']}",
+            encode._encode_relu_fwd_kernel,
+            constexprs,
+            cfg["num_warps"],
+            cfg["num_stages"],
+        )
     for cfg in decode._DECODE_CANDIDATES:
         constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_vk": 1}
-        usage = resources(decode._decode_sparse_fwd_kernel, constexprs, cfg["num_warps"])
-        print(f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}: {usage}")
+        check(
+            f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}",
+            decode._decode_sparse_fwd_kernel,
+            constexprs,
+            cfg["num_warps"],
+        )
     for cfg in decode._DVALS_CANDIDATES:
         tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "CODES": cfg["CODES"]}
         constexprs = {**tile, "stride_gd": 1, "stride_ik": 1}
-        usage = resources(decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"])
         name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}"
-        print(f"{name} warps={cfg['num_warps']}: {usage}")
+        check(f"{name} warps={cfg['num_warps']}", decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"])
     for has_center in (False, True):
         for cfg in scatter._ATOMIC_CANDIDATES:
             tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]}
-            usage = resources(scatter._feature_sum_atomic_kernel, {"HAS_CENTER": has_center, **tile}, cfg["num_warps"])
-            print(f"feature_sum_atomic {tile} warps={cfg['num_warps']} center={has_center}: {usage}")
+            check(
+                f"feature_sum_atomic {tile} warps={cfg['num_warps']} center={has_center}",
+                scatter._feature_sum_atomic_kernel,
+                {"HAS_CENTER": has_center, **tile},
+                cfg["num_warps"],
+            )
         for cfg in scatter._BLOCKED_CANDIDATES:
             tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_E": cfg["BLOCK_E"], "BLOCK_D": cfg["BLOCK_D"]}
             # The encoder's sums (centred) with AuxK's dead-feature sums added, the decoder's without.
             constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center,
                           "HAS_EXTRA": has_center, "HAS_EXTRA_SUMS": has_center, **tile,
                           "stride_rd": 1, "stride_xd": 1}  # fmt: skip
-            usage = resources(scatter._feature_sum_blocked_kernel, constexprs, cfg["num_warps"], cfg["num_stages"])
-            print(f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}: {usage}")
+            check(
+                f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}",
+                scatter._feature_sum_blocked_kernel,
+                constexprs,
+                cfg["num_warps"],
+                cfg["num_stages"],
+            )
     for n in (1024, auxk.MAX_ROW):  # AlphaFold3's and GPT-2's dead-feature lists (the longest row)
         tile = auxk.row_tile(n)
         warps = tile.pop("num_warps")
-        print(f"auxk_row_topk n={n}: {resources(auxk._row_topk_kernel, {'KEY_SHIFT': 16, **tile}, warps)}")
+        check(f"auxk_row_topk n={n}", auxk._row_topk_kernel, {"KEY_SHIFT": 16, **tile}, warps)
     for d in (768, 4096):
         block_m, block_d = loss._tile(d)
         tile = {"BLOCK_M": block_m, "BLOCK_D": block_d}
-        print(f"reconstruction_sums d={d}: {resources(loss._reconstruction_sums_kernel, tile, 8)}")
+        check(f"reconstruction_sums d={d}", loss._reconstruction_sums_kernel, tile, 8)
         constexprs = {"X_HAT_GRAD": True, "X_GRAD": True, **tile}
-        print(f"reconstruction_sums_bwd d={d}: {resources(loss._reconstruction_sums_bwd_kernel, constexprs, 8)}")
+        check(f"reconstruction_sums_bwd d={d}", loss._reconstruction_sums_bwd_kernel, constexprs, 8)
     tile = {"BLOCK_D": encode.CENTERING_GRAD_ROWS, "BLOCK_F": encode.CENTERING_GRAD_BLOCK}
-    print(f"centering_grad: {resources(encode._centering_grad_kernel, tile, 4)}")
+    check("centering_grad", encode._centering_grad_kernel, tile, 4)
     for d in (768, 4096):
         _, cfg = decoder._grid(torch.empty(1, d, device="meta"))
         tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_D": cfg["BLOCK_D"]}
-        usage = resources(decoder._remove_parallel_grad_kernel, tile, cfg["num_warps"])
-        print(f"decoder_remove_parallel_grad d={d}: {usage}")
-        usage = resources(decoder._normalize_rows_kernel, tile, cfg["num_warps"])
-        print(f"decoder_normalize_rows d={d}: {usage}")
-        usage = resources(decoder._decoder_adam_kernel, tile, cfg["num_warps"])
-        print(f"decoder_adam d={d}: {usage}")
+        check(f"decoder_remove_parallel_grad d={d}", decoder._remove_parallel_grad_kernel, tile, cfg["num_warps"])
+        check(f"decoder_normalize_rows d={d}", decoder._normalize_rows_kernel, tile, cfg["num_warps"])
+        check(f"decoder_adam d={d}", decoder._decoder_adam_kernel, tile, cfg["num_warps"])
 
 
 if __name__ == "__main__":

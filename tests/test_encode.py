@@ -152,7 +152,7 @@ def test_filter_fallbacks(device, name):
     whose buffer overflows (a capacity below the survivors), rows left with fewer than k survivors
     (thresholds raised past the k-th value: the filter GEMM's margin only), NaN rows (never selected:
     value 0) and AuxK with fewer dead features than k_aux (not a failure: the rest are empty codes)."""
-    B, d, F, k, k_aux = (40, 32, 256, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
+    B, d, F, k, k_aux = (12, 32, 256, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     x[3] = float("nan")
     x[5] = b_dec  # a constant row: its pre-activation is b_enc

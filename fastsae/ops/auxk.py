@@ -9,13 +9,20 @@ a compare and a row sum each), then writes the indices of the entries above it a
 that complete k. Ties go to the larger index, as the fused encode's AuxK stream breaks them; NaN counts
 as -inf. The indices are in no particular order (the caller scatters the codes back by index).
 
-Measured on the H200 (bf16, one call): 134 us against torch.topk's 183 at the GPT-2 shape (8192 rows)
-and 141 against 289 at AlphaFold3's (16384 rows). One warp a row (64 entries a thread, 168 registers)
-took 262 and 245, eight warps 148 and 163: fewer registers a thread keep more rows in flight until the
-cross-warp sums of each round dominate. Rows longer than MAX_ROW go to torch.topk: at the Llama-8B
-shape (4096 rows of 6560, k = 2048) the best tile, eight warps, took 474 us against torch.topk's 299.
-Counting the keys that reach three candidates per round (two bits at a time, half the rounds) was
-slower at every shape. FASTSAE_AUXK_ROW_TOPK=0 (read at import) turns it off.
+Measured on the H200 (bf16, one call on Gaussian rows): 134 us against torch.topk's 183 at the GPT-2
+shape (8192 rows of 1232) and 141 against 289 at AlphaFold3's (16384 rows of 824). One warp a row (64
+entries a thread, 168 registers) took 262 and 245, eight warps 148 and 163: fewer registers a thread
+keep more rows in flight until the cross-warp sums of each round dominate. Counting the keys that reach
+three candidates per round (two bits at a time, half the rounds) was slower at every shape, and rows
+longer than MAX_ROW are slower than torch.topk (Llama-8B's 6560 dead features, k = 2048: 474 against
+299 us with eight warps).
+
+Off by default: inside the captured training step it did not win. The benchmark silences its dead
+features with an encoder bias of -1e4, which rounds their bf16 pre-activations to one value: every
+entry of every row ties and every row takes the column rounds too (26 rounds in all). There it took
+163 us a step at GPT-2 (an AuxK list of 1600) and 325 at AlphaFold3 (1024), against torch.topk's
+kernels at about 175 and 300. FASTSAE_AUXK_ROW_TOPK=1 (read at import) makes
+`functional.auxk_reconstruction` use it on CUDA for bf16, fp16 and fp32 rows.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from torch import Tensor
 from .filter import _ordered
 from .launch import cdiv, next_power_of_2
 
-ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK", "1") == "1"
+ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK") == "1"
 MAX_ROW = 2048  # longest row (16 entries a thread of four warps); longer ones measured faster in torch.topk
 WARPS = 4
 PROGRAM_ELEMENTS = 1024  # shorter rows are taken several to a program, up to this many entries
