@@ -6,8 +6,9 @@ training step at the GPT-2 shape on the H200, k_aux = 384 of 1232 columns, and 0
 192 of 824). Here a program of four warps holds one row in registers (up to 16 entries a thread) and
 sets the row's k-th largest order-preserving integer key bit by bit from the top (16 rounds for bf16:
 a compare and a row sum each), then writes the indices of the entries above it and of the ties at it
-that complete k. Ties go to the larger index, as the fused encode's AuxK stream breaks them; NaN counts
-as -inf. The indices are in no particular order (the caller scatters the codes back by index).
+that complete k (found with one scan). Ties go to the larger index, as the fused encode's AuxK stream
+breaks them; NaN counts as -inf. The indices are in no particular order (the caller scatters the codes
+back by index).
 
 Measured on the H200 (bf16, one call on Gaussian rows): 134 us against torch.topk's 183 at the GPT-2
 shape (8192 rows of 1232) and 141 against 289 at AlphaFold3's (16384 rows of 824). One warp a row (64
@@ -19,10 +20,11 @@ longer than MAX_ROW are slower than torch.topk (Llama-8B's 6560 dead features, k
 
 Off by default: inside the captured training step it did not win. The benchmark silences its dead
 features with an encoder bias of -1e4, which rounds their bf16 pre-activations to one value: every
-entry of every row ties and every row takes the column rounds too (26 rounds in all). There it took
-163 us a step at GPT-2 (an AuxK list of 1600) and 325 at AlphaFold3 (1024), against torch.topk's
-kernels at about 175 and 300. FASTSAE_AUXK_ROW_TOPK=1 (read at import) makes
-`functional.auxk_reconstruction` use it on CUDA for bf16, fp16 and fp32 rows.
+entry of every row ties. With the ties then completed by rounds over the column bits (26 rounds in
+all) it took 163 us a step at GPT-2 (an AuxK list of 1600) and 325 at AlphaFold3 (1024), against
+torch.topk's kernels at about 175 and 300; one scan completes them now (not yet timed on the H200).
+FASTSAE_AUXK_ROW_TOPK=1 (read at import) makes `functional.auxk_reconstruction` use it on CUDA for
+bf16, fp16 and fp32 rows.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _largest_reaching(keys, present, k, BITS: tl.constexpr):
 @triton.jit
 def _row_topk_kernel(
     pre_ptr, idx_ptr, B, n, k, stride_pm, stride_pn, stride_im,
-    KEY_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COLUMN_BITS: tl.constexpr,
+    KEY_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)[:, None]
@@ -77,23 +79,19 @@ def _row_topk_kernel(
     greater = present & (keys > kth[:, None])
     tied = present & (keys == kth[:, None])
     need = k - tl.sum(greater.to(tl.int32), axis=1)
-    # Among the ties, the `need` of largest index; rounds over the column bits only where some row of
-    # the block has more ties than it needs.
-    cut = tl.zeros([BLOCK_M], dtype=tl.uint32)
-    if tl.max(tl.sum(tied.to(tl.int32), axis=1) - need, axis=0) > 0:
-        column_keys = cols.to(tl.uint32) + tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.uint32)
-        cut = _largest_reaching(column_keys, tied, need, COLUMN_BITS)
-    win = greater | (tied & (cols.to(tl.uint32) >= cut[:, None]))
+    # Among the ties, the `need` of largest index: those with at most `need` tied entries at or after
+    # them (one scan, where rounds over the column bits cost as many cross-warp sums as the bits).
+    tied_count = tied.to(tl.int32)
+    tied_from_here = tl.sum(tied_count, axis=1)[:, None] - tl.cumsum(tied_count, axis=1) + tied_count
+    win = greater | (tied & (tied_from_here <= need[:, None]))
     position = tl.cumsum(win.to(tl.int32), axis=1) - 1
     tl.store(idx_ptr + rows64 * stride_im + position, cols.to(tl.int64) + tl.zeros_like(rows64), mask=win)
 
 
 def row_tile(n: int) -> dict:
-    """The launch configuration for rows of n <= MAX_ROW entries: rows per program, padded row length, the
-    bits of a column index, warps."""
+    """The launch configuration for rows of n <= MAX_ROW entries: rows per program, padded row length, warps."""
     block_n = next_power_of_2(n)
-    column_bits = max(1, block_n.bit_length() - 1)
-    return dict(BLOCK_M=max(1, PROGRAM_ELEMENTS // block_n), BLOCK_N=block_n, COLUMN_BITS=column_bits, num_warps=WARPS)
+    return dict(BLOCK_M=max(1, PROGRAM_ELEMENTS // block_n), BLOCK_N=block_n, num_warps=WARPS)
 
 
 def row_topk_indices(pre: Tensor, k: int) -> Tensor:
