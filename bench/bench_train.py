@@ -33,7 +33,12 @@ from fastsae.testing import assert_close
 from .harness import SHAPES, Recorder, measure, optional_sparsify, sae_train_step, sweep_name
 
 DEAD_FRACTION = 0.05
-SILENT_BIAS = -1e4  # a dead feature's encoder bias: its pre-activation never reaches a top k
+# A dead feature's encoder bias. The live features' pre-activations are N(0, 1) here (unit-norm encoder
+# columns, centred Gaussian tokens), their top 32 above about 3; at -8 a dead feature's never reaches a
+# top k nor 0 (no AuxK code fires, so no gradient moves it), and its values still spread over a row as
+# a trained SAE's dead features do. (Until 1d0e7c9 it was -1e4, which rounds every dead pre-activation
+# to one bf16 value: AuxK's top-k then selected among a row of ties, which no training run shows.)
+SILENT_BIAS = -8.0
 DEAD_AFTER_TOKENS = 2**40  # beyond what the live features go without firing while timed
 
 

@@ -18,9 +18,9 @@ three candidates per round (two bits at a time, half the rounds) was slower at e
 longer than MAX_ROW are slower than torch.topk (Llama-8B's 6560 dead features, k = 2048: 474 against
 299 us with eight warps).
 
-Off by default: inside the captured training step it did not win. The benchmark silences its dead
-features with an encoder bias of -1e4, which rounds their bf16 pre-activations to one value: every
-entry of every row ties. With the ties then completed by rounds over the column bits (26 rounds in
+Off by default: inside the captured training step it did not win. The benchmark then silenced its dead
+features with an encoder bias of -1e4 (-8 since), which rounds their bf16 pre-activations to one value:
+every entry of every row tied. With the ties then completed by rounds over the column bits (26 rounds in
 all) it took 163 us a step at GPT-2 (an AuxK list of 1600) and 325 at AlphaFold3 (1024), against
 torch.topk's kernels at about 175 and 300; one scan completes them now (not yet timed on the H200).
 FASTSAE_AUXK_ROW_TOPK=1 (read at import) makes `functional.auxk_reconstruction` use it on CUDA for
