@@ -120,7 +120,8 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
     grads = loss.reconstruction_sums_backward(*grad_sums, x_hat, x, True, True)
     for part, actual, want in zip(("x_hat", "x"), grads, reference.reconstruction_sums_backward(*grad_sums, x_hat, x)):
         assert_close(actual.float(), want.float(), TOLERANCE, f"{name} reconstruction_sums backward {part}")
-    dead_columns = pre[:, dead].bfloat16()  # AuxK's dense selection over the dead features' pre-activations
+    # AuxK's dense selection over the dead features' pre-activations, at most the MAX_ROW it takes
+    dead_columns = pre[:, dead][:, : auxk.MAX_ROW].bfloat16()
     if dead_columns.shape[1] >= k_aux:
         aux_rows = auxk.row_topk_indices(dead_columns, k_aux)
         aux_vals = dead_columns.gather(1, aux_rows).relu()
