@@ -91,7 +91,7 @@ def _usage(kernel) -> str:
     return next(line.strip() for line in usage.splitlines() if "REG:" in line)
 
 
-def check(
+def queue_compile(
     name: str, fn, constexprs: dict, num_warps: int, num_stages: int = 3, descriptors: dict | None = None
 ) -> None:
     """Queues `resources(fn, ...)` for `main` to print as 'name: usage'."""
@@ -127,7 +127,7 @@ def _queue_kernels() -> None:
         constexprs = {**common, **tile, **aux, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive,
                       "ONLY_FLAGGED": only_flagged, "FINISH": only_flagged}  # fmt: skip
         name = f"encode_topk {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
-        check(
+        queue_compile(
             f"{name}{' positive_counts' if count_positive else ''}",
             encode._encode_topk_fwd_kernel,
             constexprs,
@@ -141,7 +141,7 @@ def _queue_kernels() -> None:
             constexprs = {"INPUT_PRECISION": "ieee", **tile, "HAS_AUX": has_aux, "COUNT_POSITIVE": count_positive,
                           "INLINE_PTX": True, "N_PROGRAMS": 132, "FLATTEN": flatten}  # fmt: skip
             name = f"filter {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']} aux={has_aux}"
-            check(
+            queue_compile(
                 f"{name} flatten={flatten}",
                 filter._filter_fwd_kernel,
                 constexprs,
@@ -151,7 +151,7 @@ def _queue_kernels() -> None:
             )
     for cap in (256, 1024, 4096):
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}
-        check(f"filter_select cap={cap}", filter._select_kernel, constexprs, filter._row_warps(cap))
+        queue_compile(f"filter_select cap={cap}", filter._select_kernel, constexprs, filter._row_warps(cap))
     for n_features, k, k_aux in [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]:
         for cfg in filter.row_filter_configs(k, k_aux, n_features):
             n_groups = cfg["N_GROUPS"]
@@ -161,7 +161,7 @@ def _queue_kernels() -> None:
                           "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
                           "AUX_KEEP": triton.next_power_of_2(max(1, k_aux))}  # fmt: skip
             warps = max(cfg["WARPS"], filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"])))
-            check(
+            queue_compile(
                 f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps}",
                 filter._row_filter_kernel,
                 constexprs,
@@ -169,18 +169,18 @@ def _queue_kernels() -> None:
             )
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
-        check(
+        queue_compile(
             f"filter_threshold groups={block_g}",
             filter._threshold_kernel,
             constexprs,
             num_warps=filter._row_warps(2 * block_g),
         )
-    check("filter_center", filter._center_kernel, {"BLOCK_M": 16, "BLOCK_D": 256, "stride_xd": 1}, num_warps=4)
-    check("topk_finish", encode._topk_finish_kernel, {"N_SPLIT": 2, "KEEP": keep, "BLOCK_M": 16}, num_warps=4)
+    queue_compile("filter_center", filter._center_kernel, {"BLOCK_M": 16, "BLOCK_D": 256, "stride_xd": 1}, num_warps=4)
+    queue_compile("topk_finish", encode._topk_finish_kernel, {"N_SPLIT": 2, "KEEP": keep, "BLOCK_M": 16}, num_warps=4)
     for cfg in encode._RELU_CANDIDATES:
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
         constexprs = {**common, **tile, "HAS_THRESHOLD": False, "stride_of": 1}
-        check(
+        queue_compile(
             f"encode_relu {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']}",
             encode._encode_relu_fwd_kernel,
             constexprs,
@@ -189,7 +189,7 @@ def _queue_kernels() -> None:
         )
     for cfg in decode._DECODE_CANDIDATES:
         constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_vk": 1}
-        check(
+        queue_compile(
             f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}",
             decode._decode_sparse_fwd_kernel,
             constexprs,
@@ -199,11 +199,13 @@ def _queue_kernels() -> None:
         tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "CODES": cfg["CODES"]}
         constexprs = {**tile, "stride_gd": 1, "stride_ik": 1}
         name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}"
-        check(f"{name} warps={cfg['num_warps']}", decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"])
+        queue_compile(
+            f"{name} warps={cfg['num_warps']}", decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"]
+        )
     for has_center in (False, True):
         for cfg in scatter._ATOMIC_CANDIDATES:
             tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]}
-            check(
+            queue_compile(
                 f"feature_sum_atomic {tile} warps={cfg['num_warps']} center={has_center}",
                 scatter._feature_sum_atomic_kernel,
                 {"HAS_CENTER": has_center, **tile},
@@ -215,7 +217,7 @@ def _queue_kernels() -> None:
             constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center,
                           "HAS_EXTRA": has_center, "HAS_EXTRA_SUMS": has_center, **tile,
                           "stride_rd": 1, "stride_xd": 1}  # fmt: skip
-            check(
+            queue_compile(
                 f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}",
                 scatter._feature_sum_blocked_kernel,
                 constexprs,
@@ -225,21 +227,23 @@ def _queue_kernels() -> None:
     for n in (1024, auxk.MAX_ROW):  # AlphaFold3's and GPT-2's dead-feature lists (the longest row)
         tile = auxk.row_tile(n)
         warps = tile.pop("num_warps")
-        check(f"auxk_row_topk n={n}", auxk._row_topk_kernel, {"KEY_SHIFT": 16, **tile}, warps)
+        queue_compile(f"auxk_row_topk n={n}", auxk._row_topk_kernel, {"KEY_SHIFT": 16, **tile}, warps)
     for d in (768, 4096):
         block_m, block_d = loss._tile(d)
         tile = {"BLOCK_M": block_m, "BLOCK_D": block_d}
-        check(f"reconstruction_sums d={d}", loss._reconstruction_sums_kernel, tile, 8)
+        queue_compile(f"reconstruction_sums d={d}", loss._reconstruction_sums_kernel, tile, 8)
         constexprs = {"X_HAT_GRAD": True, "X_GRAD": True, **tile}
-        check(f"reconstruction_sums_bwd d={d}", loss._reconstruction_sums_bwd_kernel, constexprs, 8)
+        queue_compile(f"reconstruction_sums_bwd d={d}", loss._reconstruction_sums_bwd_kernel, constexprs, 8)
     tile = {"BLOCK_D": encode.CENTERING_GRAD_ROWS, "BLOCK_F": encode.CENTERING_GRAD_BLOCK}
-    check("centering_grad", encode._centering_grad_kernel, tile, 4)
+    queue_compile("centering_grad", encode._centering_grad_kernel, tile, 4)
     for d in (768, 4096):
         _, cfg = decoder._grid(torch.empty(1, d, device="meta"))
         tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_D": cfg["BLOCK_D"]}
-        check(f"decoder_remove_parallel_grad d={d}", decoder._remove_parallel_grad_kernel, tile, cfg["num_warps"])
-        check(f"decoder_normalize_rows d={d}", decoder._normalize_rows_kernel, tile, cfg["num_warps"])
-        check(f"decoder_adam d={d}", decoder._decoder_adam_kernel, tile, cfg["num_warps"])
+        queue_compile(
+            f"decoder_remove_parallel_grad d={d}", decoder._remove_parallel_grad_kernel, tile, cfg["num_warps"]
+        )
+        queue_compile(f"decoder_normalize_rows d={d}", decoder._normalize_rows_kernel, tile, cfg["num_warps"])
+        queue_compile(f"decoder_adam d={d}", decoder._decoder_adam_kernel, tile, cfg["num_warps"])
 
 
 if __name__ == "__main__":
