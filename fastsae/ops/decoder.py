@@ -79,13 +79,23 @@ def normalize_rows_(W_dec: Tensor, eps: float = 1e-12) -> None:
 
 
 @triton.jit
+def _adam_update(p, g, m, v, corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps):
+    """Adam's step on fp32 values, with torch.optim.Adam's arithmetic: (p, m, v) after it. The bias
+    corrections come from `corrections_ptr` (`_bias_corrections`)."""
+    step_size = tl.load(corrections_ptr)  # lr / (1 - beta1^step)
+    bias2_sqrt = tl.load(corrections_ptr + 1)  # sqrt(1 - beta2^step)
+    m += one_minus_beta1 * (g - m)  # torch's lerp
+    v = beta2 * v + one_minus_beta2 * g * g
+    p -= step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    return p, m, v
+
+
+@triton.jit
 def _decoder_adam_kernel(
     w_ptr, grad_ptr, m_ptr, v_ptr, F, D, stride_wf, stride_gf, stride_mf, stride_vf,
     corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps, norm_eps,
     BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    step_size = tl.load(corrections_ptr)  # lr / (1 - beta1^step)
-    bias2_sqrt = tl.load(corrections_ptr + 1)  # sqrt(1 - beta2^step)
     rows = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows < F)[:, None] & (dims < D)[None, :]
@@ -98,9 +108,7 @@ def _decoder_adam_kernel(
     m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
     g -= (tl.sum(g * w, axis=1) / tl.maximum(tl.sum(w * w, axis=1), norm_eps))[:, None] * w
-    m += one_minus_beta1 * (g - m)  # torch's lerp
-    v = beta2 * v + one_minus_beta2 * g * g
-    w -= step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    w, m, v = _adam_update(w, g, m, v, corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps)
     norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), norm_eps)
     tl.store(w_ptrs, (w / norm[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptrs, m.to(m_ptr.dtype.element_ty), mask=mask)
@@ -138,17 +146,13 @@ def _adam_kernel(
     p_ptr, grad_ptr, m_ptr, v_ptr, n, corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    step_size = tl.load(corrections_ptr)
-    bias2_sqrt = tl.load(corrections_ptr + 1)
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    m += one_minus_beta1 * (g - m)
-    v = beta2 * v + one_minus_beta2 * g * g
-    p -= step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
+    p, m, v = _adam_update(p, g, m, v, corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps)
     tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
