@@ -52,10 +52,12 @@ BLOCKED_FROM_OUTPUT_ELEMENTS = 2**22  # F * d from which "auto" takes the blocke
 # program, BLOCK_E codes per step of its loop, not software-pipelined (num_stages=1). On the H200 (bf16,
 # dW_enc^T from 32 codes a token) 16 features a program without pipelining took 125-132 us a call at the
 # GPT-2 shape, 123 at AlphaFold3 and 1.03-1.16 ms at Llama-8B, against 198, 194 and 1506 for 32 x 32 x
-# 128 with Triton's default three stages: more programs in flight balance features of uneven code counts,
-# and the stages' buffers only cost occupancy (the gathered rows' addresses come from the codes loaded
-# in the same step). Loading the next step's codes and rows before this step's product by hand did not
-# help either. Wider tiles (64 x 32 x 256 and 64 x 64 x 128, 8 warps) measured no faster before.
+# 128 with Triton's default three stages (175 for that tile with one stage): more, smaller programs in
+# flight balance features of uneven code counts, and pipelining bought nothing for loads whose addresses
+# come from the codes loaded in the same step while it cost registers (128 a thread at 32 x 32 x 128
+# against 87 at 16 x 32 x 128 unpipelined, sm_90). Loading the next step's codes and rows before this
+# step's product by hand did not help either. Wider tiles (64 x 32 x 256 and 64 x 64 x 128, 8 warps)
+# measured no faster before.
 # Atomic: BLOCK_M tokens x BLOCK_D dimensions per program.
 _BLOCKED_CANDIDATES = [
     dict(BLOCK_F=16, BLOCK_E=e, BLOCK_D=bd, num_warps=w, num_stages=1)
