@@ -81,8 +81,7 @@ def _row_topk_kernel(
     need = k - tl.sum(greater.to(tl.int32), axis=1)
     # Among the ties, the `need` of largest index: those with at most `need` tied entries at or after
     # them (one scan, where rounds over the column bits cost as many cross-warp sums as the bits).
-    tied_count = tied.to(tl.int32)
-    tied_from_here = tl.sum(tied_count, axis=1)[:, None] - tl.cumsum(tied_count, axis=1) + tied_count
+    tied_from_here = tl.cumsum(tied.to(tl.int32), axis=1, reverse=True)
     win = greater | (tied & (tied_from_here <= need[:, None]))
     position = tl.cumsum(win.to(tl.int32), axis=1) - 1
     tl.store(idx_ptr + rows64 * stride_im + position, cols.to(tl.int64) + tl.zeros_like(rows64), mask=win)
