@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastsae.ops import auxk, decode, decoder, encode, filter, loss, scatter
+from fastsae.ops import auxk, columns, decode, decoder, encode, filter, loss, scatter
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -227,7 +227,12 @@ def _queue_kernels() -> None:
     for n in (1024, auxk.MAX_ROW):  # AlphaFold3's and GPT-2's dead-feature lists (the longest row)
         tile = auxk.row_tile(n)
         warps = tile.pop("num_warps")
-        queue_compile(f"auxk_row_topk n={n}", auxk._row_topk_kernel, {"KEY_SHIFT": 16, **tile}, warps)
+        for write_codes in (False, True):
+            constexprs = {"KEY_SHIFT": 16, "WRITE_CODES": write_codes, **tile}
+            queue_compile(f"auxk_row_topk n={n} codes={write_codes}", auxk._row_topk_kernel, constexprs, warps)
+    for masked in (False, True):
+        tile = {"MASKED": masked, "BLOCK_M": columns.BLOCK_M, "BLOCK_N": columns.BLOCK_N}
+        queue_compile(f"column_sums masked={masked}", columns._column_sums_kernel, tile, columns.WARPS)
     for d in (768, 4096):
         block_m, block_d = loss._tile(d)
         tile = {"BLOCK_M": block_m, "BLOCK_D": block_d}

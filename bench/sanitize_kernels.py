@@ -7,7 +7,8 @@ each configuration, with its flagged-row fallback forced, the row filter, the sw
 AuxK and the positive counts, its backward (both
 per-feature-sums routes and the deterministic mode), the ReLU and JumpReLU encode, the sparse decode and
 its backward, the decoder-constraint kernels, SAEAdam's decoder step, the reconstruction sums of the
-loss and their backward, and the dense AuxK path's row top-k; every result is checked against
+loss and their backward, the dense AuxK path's row top-k (indices and codes) and the column sums
+(plain and masked); every result is checked against
 the reference, so a kernel that reads or writes out of bounds and happens to survive still fails.
 Without the caching allocator (the variable above) memcheck sees each tensor's own bounds.
 `--filter-configs first` runs one configuration of the filter GEMM instead of all:
@@ -26,7 +27,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from fastsae import reference  # noqa: E402
-from fastsae.ops import auxk, decode, decoder, encode, filter, loss, scatter  # noqa: E402
+from fastsae.ops import auxk, columns, decode, decoder, encode, filter, loss, scatter  # noqa: E402
 from fastsae.testing import assert_close, assert_positive_counts_match, assert_topk_matches  # noqa: E402
 
 # name: (B, d, F, k, k_aux): tiny, odd sizes everywhere, the GPT-2 width with few rows, and the GPT-2 width.
@@ -126,6 +127,15 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
         aux_rows = auxk.row_topk_indices(dead_columns, k_aux)
         aux_vals = dead_columns.gather(1, aux_rows).relu()
         assert_topk_matches(aux_vals, aux_rows, dead_columns, k_aux, TOLERANCE, f"{name} auxk row top-k")
+        aux_codes = auxk.row_topk_codes(dead_columns, dead_columns.shape[1], k_aux, torch.bfloat16)
+        expected_codes = torch.zeros_like(dead_columns).scatter_(1, aux_rows, aux_vals)
+        assert torch.equal(aux_codes, expected_codes), f"{name} auxk row top-k codes"
+        grad_pre = torch.randn_like(dead_columns)
+        expected_masked = torch.where(aux_codes > 0, grad_pre, 0)
+        masked_sums = columns.masked_column_sums_(grad_pre, aux_codes)
+        assert torch.equal(grad_pre, expected_masked), f"{name} masked column sums' mask"
+        assert_close(masked_sums, expected_masked.double().sum(0), TOLERANCE, f"{name} masked column sums")
+    assert_close(columns.column_sums(x), x.double().sum(0), TOLERANCE, f"{name} column sums")
     filter.center(x, b_dec, torch.bfloat16)  # also run by the encode; here at every shape on its own
     torch.cuda.synchronize()
     print(f"sanitize_kernels {name} (B={B}, d={d}, F={n_features}, k={k}, k_aux={k_aux}): every kernel ran and matched")

@@ -21,6 +21,7 @@ from . import _ext, reference
 from .ops import autoencoder as autoencoder_ops
 from .ops import auxk as auxk_ops
 from .ops import batchtopk as batchtopk_ops
+from .ops import columns as column_ops
 from .ops import decode as decode_ops
 from .ops import decoder as decoder_ops
 from .ops import encode as encode_ops
@@ -471,17 +472,30 @@ def _dense_auxk_forward(
     else:
         pre = centered @ W_enc_dead + b_enc_dead
     scores = pre[:, :n].masked_fill_(features < 0, float("-inf"))  # in place: pre is this function's own
-    if auxk_ops.ROW_TOPK and scores.is_cuda and scores.dtype in auxk_ops.KEY_SHIFT and 0 < n <= auxk_ops.MAX_ROW:
-        indices = auxk_ops.row_topk_indices(scores, min(k_aux, n))
-        top_values = scores.gather(1, indices)
+    if _row_topk(scores, n):
+        if keep is None:  # the kernel writes the codes themselves, the padding columns' zeros included
+            codes = auxk_ops.row_topk_codes(pre, n, min(k_aux, n), W_dec.dtype)
+        else:
+            indices = auxk_ops.row_topk_indices(scores, min(k_aux, n))
+            codes = _scatter_codes(pre, indices, keep(scores.gather(1, indices).relu_()), W_dec.dtype)
     else:
         # Unsorted: the codes are scattered back by feature, so their order is not needed, and sorting
         # B x k_aux values took a third of the AuxK forward on the H200 (GPT-2 shape, k_aux = 384).
         top_values, indices = scores.topk(min(k_aux, n), dim=1, sorted=False)
-    values = top_values.relu_() if keep is None else keep(top_values.relu_())
-    codes = torch.zeros_like(pre, dtype=W_dec.dtype).scatter_(1, indices, values.to(W_dec.dtype))
+        values = top_values.relu_() if keep is None else keep(top_values.relu_())
+        codes = _scatter_codes(pre, indices, values, W_dec.dtype)
     W_dec_dead = W_dec.index_select(0, padded)
     return codes @ W_dec_dead, (centered, W_enc_dead, W_dec_dead, codes, slots)
+
+
+def _row_topk(scores: Tensor, n: int) -> bool:
+    """Whether the dense AuxK path selects with `auxk_ops`' row top-k (else torch.topk)."""
+    return auxk_ops.ROW_TOPK and scores.is_cuda and scores.dtype in auxk_ops.KEY_SHIFT and 0 < n <= auxk_ops.MAX_ROW
+
+
+def _scatter_codes(pre: Tensor, indices: Tensor, values: Tensor, dtype: torch.dtype) -> Tensor:
+    """Dense codes shaped like `pre`, in `dtype`: `values` at `indices` in each row, zeros elsewhere."""
+    return torch.zeros_like(pre, dtype=dtype).scatter_(1, indices, values.to(dtype))
 
 
 def _dense_auxk_backward(
@@ -497,8 +511,13 @@ def _dense_auxk_backward(
     dW_dec_dead = codes.t() @ grad_out if needs_decoder else None
     if not (needs_x or needs_encoder):
         return None, None, None, dW_dec_dead
-    d_pre = (grad_out @ W_dec_dead.t()).mul_(codes > 0).to(centered.dtype)  # ReLU and top-k: selected, > 0
-    db_enc_dead = d_pre.sum(0, dtype=torch.promote_types(d_pre.dtype, torch.float32))
+    d_pre = grad_out @ W_dec_dead.t()
+    if d_pre.is_cuda and d_pre.dtype != torch.float64:  # the mask and the sum in one pass (ops/columns.py)
+        db_enc_dead = column_ops.masked_column_sums_(d_pre, codes)
+    else:
+        d_pre.mul_(codes > 0)  # ReLU and top-k: selected, > 0
+        db_enc_dead = d_pre.sum(0, dtype=torch.promote_types(d_pre.dtype, torch.float32))
+    d_pre = d_pre.to(centered.dtype)
     dW_enc_dead = d_pre.t() @ centered if needs_encoder else None
     dx = d_pre @ W_enc_dead.t() if needs_x else None
     return dx, dW_enc_dead, db_enc_dead, dW_dec_dead

@@ -83,3 +83,25 @@ def test_auxk_reconstruction_with_the_row_topk(monkeypatch):
         results.append((out, *grads))
     for name, got, want in zip(("recon", "dW_enc", "db_enc", "dW_dec", "db_dec"), results[1], results[0]):
         assert_close(got, want, torch.float32, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device, B, n", CASES, ids=lambda v: None)
+def test_row_topk_codes(device, B, n, dtype):
+    """The codes the row top-k writes are the ReLU of the entries `row_topk_indices` selects, scattered
+    into zeros (ties included: the same selection; the input's dtype, as the SAE's weights share one),
+    with padding columns beyond n
+    (zeros whatever they hold) and negative, -inf and NaN entries."""
+    n_out = n + (-n % 8 or 8)
+    pre = torch.randn(B, n_out, device=device).to(dtype)
+    pre[:, :2] = float("-inf")
+    pre[0, 3] = float("nan")
+    pre[1 % B, :] = pre[1 % B, 5]  # a row of ties
+    for k in (1, min(n, 384) // 3 + 1, n):
+        idx = auxk.row_topk_indices(pre[:, :n], k)
+        expected = torch.zeros_like(pre).scatter_(1, idx, pre.gather(1, idx).relu())
+        got = auxk.row_topk_codes(pre, n, k, dtype)
+        assert got.dtype == dtype and got.shape == (B, n_out)
+        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num()), k
+    with pytest.raises(ValueError, match="n_out"):
+        auxk.row_topk_codes(pre[:, : n - 1], n, 1, torch.bfloat16)

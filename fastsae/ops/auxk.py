@@ -1,14 +1,16 @@
-"""The dense AuxK path's selection (`functional.auxk_reconstruction`): the indices of the k largest
-entries of each row of its pre-activations over the dead features, [B, n] with n up to MAX_ROW.
+"""The dense AuxK path's selection (`functional.auxk_reconstruction`): each row's k largest entries of
+its pre-activations over the dead features, [B, n] with n up to MAX_ROW, as indices or straight as the
+dense codes the path decodes.
 
 torch.topk takes several multi-block radix passes over the whole matrix (about 0.17 ms of a captured
 training step at the GPT-2 shape on the H200, k_aux = 384 of 1232 columns, and 0.29 ms at AlphaFold3's,
 192 of 824). Here a program of four warps holds one row in registers (up to 16 entries a thread) and
 sets the row's k-th largest order-preserving integer key bit by bit from the top (16 rounds for bf16:
-a compare and a row sum each), then writes the indices of the entries above it and of the ties at it
-that complete k (found with one scan). Ties go to the larger index, as the fused encode's AuxK stream
-breaks them; NaN counts as -inf. The indices are in no particular order (the caller scatters the codes
-back by index).
+a compare and a row sum each), then takes the entries above it and the ties at it that complete k
+(found with one scan). Ties go to the larger index, as the fused encode's AuxK stream breaks them; NaN
+counts as -inf. It writes either the indices (in no particular order) or the codes: the ReLU of each
+selected entry in its column and zeros elsewhere, which spares the dense path the gather, the fill and
+the scatter that turn indices into codes.
 
 Measured on the H200 (bf16, one call on Gaussian rows): 134 us against torch.topk's 183 at the GPT-2
 shape (8192 rows of 1232) and 141 against 289 at AlphaFold3's (16384 rows of 824). One warp a row (64
@@ -16,15 +18,12 @@ entries a thread, 168 registers) took 262 and 245, eight warps 148 and 163: fewe
 keep more rows in flight until the cross-warp sums of each round dominate. Counting the keys that reach
 three candidates per round (two bits at a time, half the rounds) was slower at every shape, and rows
 longer than MAX_ROW are slower than torch.topk (Llama-8B's 6560 dead features, k = 2048: 474 against
-299 us with eight warps).
+299 us with eight warps). Inside the captured training step (SAEAdam, 5% of the features dead, their
+bf16 values spread over each row), indices then torch's scatter: 2.199 against 2.251 ms a step with
+torch.topk at GPT-2, 2.193 against 2.273 at AlphaFold3 (dc0b2c6).
 
-Off by default: inside the captured training step it did not win. The benchmark then silenced its dead
-features with an encoder bias of -1e4 (-8 since), which rounds their bf16 pre-activations to one value:
-every entry of every row tied. With the ties then completed by rounds over the column bits (26 rounds in
-all) it took 163 us a step at GPT-2 (an AuxK list of 1600) and 325 at AlphaFold3 (1024), against
-torch.topk's kernels at about 175 and 300; one scan completes them now (not yet timed on the H200).
-FASTSAE_AUXK_ROW_TOPK=1 (read at import) makes `functional.auxk_reconstruction` use it on CUDA for
-bf16, fp16 and fp32 rows.
+On by default for bf16, fp16 and fp32 rows on CUDA; FASTSAE_AUXK_ROW_TOPK=0 (read at import) keeps
+torch.topk.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from torch import Tensor
 from .filter import _ordered
 from .launch import cdiv, next_power_of_2
 
-ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK") == "1"
+ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK", "1") == "1"
 MAX_ROW = 2048  # longest row (16 entries a thread of four warps); longer ones measured faster in torch.topk
 WARPS = 4
 PROGRAM_ELEMENTS = 1024  # shorter rows are taken several to a program, up to this many entries
@@ -62,9 +61,12 @@ def _largest_reaching(keys, present, k, BITS: tl.constexpr):
 
 @triton.jit
 def _row_topk_kernel(
-    pre_ptr, idx_ptr, B, n, k, stride_pm, stride_pn, stride_im,
-    KEY_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    pre_ptr, out_ptr, B, n, n_out, k, stride_pm, stride_pn, stride_om,
+    KEY_SHIFT: tl.constexpr, WRITE_CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
+    """Per row of `pre` [B, n]: the indices of its k largest entries into `out` [B, k], or with
+    WRITE_CODES the dense codes [B, n_out] (each selected entry's ReLU in its column, zeros elsewhere,
+    columns n to n_out included)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
@@ -83,8 +85,13 @@ def _row_topk_kernel(
     # them (one scan, where rounds over the column bits cost as many cross-warp sums as the bits).
     tied_from_here = tl.cumsum(tied.to(tl.int32), axis=1, reverse=True)
     win = greater | (tied & (tied_from_here <= need[:, None]))
-    position = tl.cumsum(win.to(tl.int32), axis=1) - 1
-    tl.store(idx_ptr + rows64 * stride_im + position, cols.to(tl.int64) + tl.zeros_like(rows64), mask=win)
+    if WRITE_CODES:
+        codes = tl.where(win, tl.where(values < 0, 0.0, values), 0.0)  # torch.relu's: NaN stays, -inf is 0
+        written = (rows < B)[:, None] & (cols < n_out)
+        tl.store(out_ptr + rows64 * stride_om + cols, codes.to(out_ptr.dtype.element_ty), mask=written)
+    else:
+        position = tl.cumsum(win.to(tl.int32), axis=1) - 1
+        tl.store(out_ptr + rows64 * stride_om + position, cols.to(tl.int64) + tl.zeros_like(rows64), mask=win)
 
 
 def row_tile(n: int) -> dict:
@@ -97,11 +104,36 @@ def row_topk_indices(pre: Tensor, k: int) -> Tensor:
     """int64 [B, k]: the indices of each row's k largest entries of `pre` [B, n] (float32 / bfloat16 /
     float16, any strides, 1 <= k <= n <= MAX_ROW), in no particular order; ties to the larger index."""
     B, n = pre.shape
-    if not 1 <= k <= n <= MAX_ROW:
-        raise ValueError(f"row_topk_indices takes 1 <= k <= n <= {MAX_ROW}, got k={k}, n={n}")
+    _check_row(n, k)
     idx = pre.new_empty(B, k, dtype=torch.int64)
-    tile = row_tile(n)
-    _row_topk_kernel[(cdiv(B, tile["BLOCK_M"]),)](
-        pre, idx, B, n, k, pre.stride(0), pre.stride(1), idx.stride(0), KEY_SHIFT=KEY_SHIFT[pre.dtype], **tile
-    )  # fmt: skip
+    _launch(pre, idx, n, k, write_codes=False)
     return idx
+
+
+def row_topk_codes(pre: Tensor, n: int, k: int, dtype: torch.dtype) -> Tensor:
+    """Dense codes [B, n_out] in `dtype` from `pre` [B, n_out] (float32 / bfloat16 / float16, any
+    strides): in each row, the ReLU of its k largest entries among the first n columns (1 <= k <= n <=
+    MAX_ROW) in their columns, zeros elsewhere. The same codes as scattering the ReLU of
+    `row_topk_indices(pre[:, :n], k)`'s entries into zeros, without the indices, the gather, the fill
+    and the scatter in between."""
+    B, n_out = pre.shape
+    _check_row(n, k)
+    if not n <= n_out <= MAX_ROW:
+        raise ValueError(f"row_topk_codes takes n <= n_out <= {MAX_ROW}, got n={n}, n_out={n_out}")
+    codes = pre.new_empty(B, n_out, dtype=dtype)
+    _launch(pre, codes, n, k, write_codes=True)
+    return codes
+
+
+def _check_row(n: int, k: int) -> None:
+    if not 1 <= k <= n <= MAX_ROW:
+        raise ValueError(f"row top-k takes 1 <= k <= n <= {MAX_ROW}, got k={k}, n={n}")
+
+
+def _launch(pre: Tensor, out: Tensor, n: int, k: int, write_codes: bool) -> None:
+    B, n_out = pre.shape
+    tile = row_tile(n_out)
+    _row_topk_kernel[(cdiv(B, tile["BLOCK_M"]),)](
+        pre, out, B, n, n_out, k, pre.stride(0), pre.stride(1), out.stride(0),
+        KEY_SHIFT=KEY_SHIFT[pre.dtype], WRITE_CODES=write_codes, **tile,
+    )  # fmt: skip
