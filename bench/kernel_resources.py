@@ -230,9 +230,8 @@ def _queue_kernels() -> None:
         for write_codes in (False, True):
             constexprs = {"KEY_SHIFT": 16, "WRITE_CODES": write_codes, **tile}
             queue_compile(f"auxk_row_topk n={n} codes={write_codes}", auxk._row_topk_kernel, constexprs, warps)
-    for masked in (False, True):
-        tile = {"MASKED": masked, "BLOCK_M": columns.BLOCK_M, "BLOCK_N": columns.BLOCK_N}
-        queue_compile(f"column_sums masked={masked}", columns._column_sums_kernel, tile, columns.WARPS)
+    tile = {"BLOCK_M": columns.BLOCK_M, "BLOCK_N": columns.BLOCK_N}
+    queue_compile("masked_column_sums", columns._masked_column_sums_kernel, tile, columns.WARPS)
     for d in (768, 4096):
         block_m, block_d = loss._tile(d)
         tile = {"BLOCK_M": block_m, "BLOCK_D": block_d}

@@ -7,8 +7,8 @@ each configuration, with its flagged-row fallback forced, the row filter, the sw
 AuxK and the positive counts, its backward (both
 per-feature-sums routes and the deterministic mode), the ReLU and JumpReLU encode, the sparse decode and
 its backward, the decoder-constraint kernels, SAEAdam's decoder step, the reconstruction sums of the
-loss and their backward, the dense AuxK path's row top-k (indices and codes) and the column sums
-(plain and masked); every result is checked against
+loss and their backward, the dense AuxK path's row top-k (indices and codes) and its backward's masked
+column sums; every result is checked against
 the reference, so a kernel that reads or writes out of bounds and happens to survive still fails.
 Without the caching allocator (the variable above) memcheck sees each tensor's own bounds.
 `--filter-configs first` runs one configuration of the filter GEMM instead of all:
@@ -135,7 +135,6 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
         masked_sums = columns.masked_column_sums_(grad_pre, aux_codes)
         assert torch.equal(grad_pre, expected_masked), f"{name} masked column sums' mask"
         assert_close(masked_sums, expected_masked.double().sum(0), TOLERANCE, f"{name} masked column sums")
-    assert_close(columns.column_sums(x), x.double().sum(0), TOLERANCE, f"{name} column sums")
     filter.center(x, b_dec, torch.bfloat16)  # also run by the encode; here at every shape on its own
     torch.cuda.synchronize()
     print(f"sanitize_kernels {name} (B={B}, d={d}, F={n_features}, k={k}, k_aux={k_aux}): every kernel ran and matched")

@@ -23,7 +23,7 @@ SPILL_FREE = (
     "feature_sum",
     "centering_grad",
     "auxk_row_topk",
-    "column_sums",
+    "masked_column_sums",
     "reconstruction_sums",
     "decoder_",
 )
