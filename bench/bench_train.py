@@ -46,6 +46,19 @@ DEAD_AFTER_TOKENS = 2**40  # beyond what the live features go without firing whi
 STEADY_CALLS = 5
 
 
+def _warm_up(step, x) -> float:
+    """Takes STEADY_CALLS steps; returns the peak memory they allocate above what was allocated before
+    them, in MB. For a CapturedStep that is its capture's: the replays that `measure` times allocate
+    nothing new (the graph's pool holds what they use), so its own figure is 0 (as at d2089ab)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(STEADY_CALLS):
+        step(x)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False):
     """The module's step with torch.optim.Adam and the decoder constraint's two calls, with
     fastsae.optim.SAEAdam (`fused_optimizer`: the constraint inside its step), replayed as one CUDA graph
@@ -194,9 +207,10 @@ def run(recorder: Recorder) -> None:
         for name, step in providers.items():  # the first step sees the shared initial weights
             assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step {shape} {name} FVU")
         for name, step in providers.items():
-            for _ in range(STEADY_CALLS):
-                step(x)
-            recorder.record("train_step", shape, name, measure(partial(step, x)))
+            warm_up_peak = _warm_up(step, x)
+            timing = measure(partial(step, x))
+            timing["peak_mem_mb"] = max(timing["peak_mem_mb"], warm_up_peak)
+            recorder.record("train_step", shape, name, timing)
         recorder.record("train_step", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))
         del providers
         if shape in SHAPES:
