@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastsae import reference
-from fastsae.ops import autoencoder
+from fastsae.ops import autoencoder, scatter
 
 from .utils import assert_close, random_sae_weights
 
@@ -62,3 +62,15 @@ def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, 
         assert_close(got, want, dtype, name)
     if deterministic:
         assert all(torch.equal(a, b) for a, b in zip(grads, run())), "not bit-identical"
+
+
+def test_feature_sums_dots_need_the_blocked_route_without_a_centre(monkeypatch):
+    """d vals' dots ride in the blocked route's sums of uncentred rows only: elsewhere a clear error."""
+    rows, weights = torch.randn(4, 8), torch.randn(16, 8)
+    coef, idx = torch.rand(4, 2), torch.randint(0, 16, (4, 2), dtype=torch.int32)
+    monkeypatch.setattr(scatter, "ROUTE", "atomic")
+    with pytest.raises(ValueError, match="blocked route"):
+        scatter.feature_sums(rows, coef, idx, 16, weights=weights)
+    monkeypatch.setattr(scatter, "ROUTE", "blocked")
+    with pytest.raises(ValueError, match="without a centre"):
+        scatter.feature_sums(rows, coef, idx, 16, center=torch.zeros(8), weights=weights)

@@ -8,10 +8,15 @@ Against the two ops' backwards called in turn (`decode.decode_sparse_backward`, 
 - adds AuxK's dense gradients over the dead features inside those per-feature sums, before each
   gradient is written, instead of scattering them into the finished gradients with index_add_ (along
   F in dW_enc's [d, F] layout: one element per 32-byte sector);
-- takes d b_dec's centring term from d b_enc with AuxK's share already in it (one pass over W_enc).
+- takes d b_dec's centring term from d b_enc with AuxK's share already in it (one pass over W_enc);
+- on the blocked route, takes d vals (each code's d x_hat . its decoder row) inside dW_dec's sums,
+  which load every code's d x_hat row anyway: the decoder rows are read once per feature instead of
+  once per code (FASTSAE_FUSED_DVALS=0, read at import, keeps the separate d vals kernel).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -20,6 +25,8 @@ from .. import reference
 from .decode import decode_sparse, sparse_dvals
 from .encode import centering_grad
 from .scatter import feature_sums, route, sort_by_feature
+
+FUSED_DVALS = os.environ.get("FASTSAE_FUSED_DVALS", "1") == "1"
 
 
 def topk_autoencoder_backward(
@@ -35,13 +42,15 @@ def topk_autoencoder_backward(
             grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, dead, dead_dW_enc, dead_db_enc, dead_dW_dec
         )
     d, n_features = W_enc.shape
-    coef = torch.where(vals > 0, sparse_dvals(grad_recon, vals, idx, W_dec) + grad_vals, 0)  # the ReLU's mask
     by_feature = sort_by_feature(idx, n_features) if route(n_features, d) == "blocked" else None
-    dW_dec, _ = feature_sums(
+    fuse_dvals = FUSED_DVALS and by_feature is not None and grad_recon.dtype == W_dec.dtype
+    dW_dec, _, dots = feature_sums(
         grad_recon, vals, idx, n_features, dtype=W_dec.dtype, by_feature=by_feature,
-        extra=None if dead is None else (dead, dead_dW_dec, None),
+        extra=None if dead is None else (dead, dead_dW_dec, None), weights=W_dec if fuse_dvals else None,
     )  # fmt: skip
-    dW_enc, db_enc = feature_sums(
+    dvals = dots.to(vals.dtype) if fuse_dvals else sparse_dvals(grad_recon, vals, idx, W_dec)
+    coef = torch.where(vals > 0, dvals + grad_vals, 0)  # the ReLU's mask
+    dW_enc, db_enc, _ = feature_sums(
         x, coef, idx, n_features, center=b_dec, dtype=W_enc.dtype, transposed=True, by_feature=by_feature,
         extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc),
     )  # fmt: skip

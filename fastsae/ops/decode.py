@@ -128,7 +128,7 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
     dW_dec comes from `scatter.feature_sums`: deterministic when torch's deterministic algorithms are on."""
     if W_dec.dtype == torch.float64:
         return reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
-    dW_dec, _ = feature_sums(grad_out, vals, idx, W_dec.shape[0], dtype=W_dec.dtype)
+    dW_dec = feature_sums(grad_out, vals, idx, W_dec.shape[0], dtype=W_dec.dtype).out
     return sparse_dvals(grad_out, vals, idx, W_dec), dW_dec
 
 
