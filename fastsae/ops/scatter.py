@@ -239,18 +239,18 @@ def feature_sums(
         else:
             extra_slot, extra_rows, extra_sums = coef_sum, rows, None  # placeholders the kernel never reads
 
-        # Partial dots, one row per block of dimensions, summed after (in a fixed order: no atomics).
-        dot_parts = {}
+        dot_partials = None  # one row of partial dots per block of dimensions, summed after (no atomics)
+        if weights is not None:
+            most_blocks = cdiv(d, min(cfg["BLOCK_D"] for cfg in _BLOCKED_CANDIDATES))
+            dot_partials = rows.new_empty(most_blocks, B * K, dtype=torch.float32)
+        weight_arg = weights if weights is not None else rows  # placeholders the kernel never reads
+        dots_arg = dot_partials if dot_partials is not None else coef_sum
 
         def run(cfg: dict) -> None:
             grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(d, cfg["BLOCK_D"]))
-            if weights is not None:
-                dot_parts["sorted"] = rows.new_empty(grid[1], B * K, dtype=torch.float32)
-            weight_arg = weights if weights is not None else rows  # a placeholder the kernel never reads
             _feature_sum_blocked_kernel[grid](
                 rows, center_arg, sorted_coef, codes.tokens, codes.features, codes.offsets, out_f, coef_sum,
-                extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums,
-                weight_arg, dot_parts.get("sorted", coef_sum),
+                extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums, weight_arg, dots_arg,
                 n_features, d, B * K, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
                 extra_rows.stride(0), extra_rows.stride(1), weight_arg.stride(0), weight_arg.stride(1),
                 HAS_CENTER=center is not None, HAS_EXTRA=extra is not None, HAS_EXTRA_SUMS=extra_sums is not None,
@@ -260,12 +260,12 @@ def feature_sums(
 
         key = ("feature_sums", "blocked", d, n_features, bucket(B), bucket(K), rows.dtype, dtype, extra is not None,
                weights is not None)  # fmt: skip
-        run(tuned(key, _BLOCKED_CANDIDATES, run))
-        if weights is None:
+        chosen = tuned(key, _BLOCKED_CANDIDATES, run)
+        run(chosen)
+        if dot_partials is None:
             return FeatureSums(out, coef_sum, None)
-        dots = torch.empty_like(sorted_coef, dtype=torch.float32).index_copy_(
-            0, codes.order, dot_parts["sorted"].sum(0)
-        )
+        sorted_dots = dot_partials[: cdiv(d, chosen["BLOCK_D"])].sum(0)
+        dots = torch.empty_like(sorted_dots).index_copy_(0, codes.order, sorted_dots)  # back to code order
         return FeatureSums(out, coef_sum, dots.view(B, K))
 
     out = torch.zeros(n_features, d, dtype=torch.float32, device=rows.device)
