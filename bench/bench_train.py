@@ -46,6 +46,15 @@ DEAD_AFTER_TOKENS = 2**40  # beyond what the live features go without firing whi
 STEADY_CALLS = 5
 
 
+def expected_topk_fvu(x: torch.Tensor, weights: dict, k: int) -> torch.Tensor:
+    """The fp32 reference's FVU of a TopK SAE with `weights` on x: what every provider's first step
+    must report."""
+    pre = reference.pre_activation(x, *(weights[name] for name in ("W_enc", "b_enc", "b_dec")))
+    vals, idx = reference.topk_activation(pre, k)
+    del pre
+    return reference.fvu(reference.decode_sparse(vals, idx, weights["W_dec"].float(), weights["b_dec"].float()), x)
+
+
 def _warm_up(step, x) -> float:
     """Takes STEADY_CALLS steps; returns the peak memory they allocate above what was allocated before
     them, in MB. For a CapturedStep that is its capture's: the replays that `measure` times allocate
@@ -189,11 +198,7 @@ def run(recorder: Recorder) -> None:
         k_aux = d // 2
         dead = torch.rand(n_features, device="cuda") < DEAD_FRACTION
         x, weights = _initial_weights(d, n_features, n_rows, dead)
-        pre = reference.pre_activation(x, *(weights[name] for name in ("W_enc", "b_enc", "b_dec")))
-        vals, idx = reference.topk_activation(pre, k)
-        expected_fvu = reference.fvu(reference.decode_sparse(vals, idx, weights["W_dec"].float(),
-                                                             weights["b_dec"].float()), x)  # fmt: skip
-        del pre
+        expected_fvu = expected_topk_fvu(x, weights, k)
         providers = {
             "fastsae": _fastsae_step(d, n_features, k, weights, dead),
             "fastsae_saeadam": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True),

@@ -31,6 +31,7 @@ OP_NOTES = {
     "decode_sparse": "The sparse decode of [B, k] codes (`bench/bench_decode.py`).",
     "train_step": "A whole TopK training step with AuxK (`bench/bench_train.py`).",
     "train_step_batchtopk": "A BatchTopK training step, sparse and dense codes (`bench/bench_train.py`).",
+    "train_step_ab": "The captured SAEAdam step under each value of one switch (`bench/ab_step.py`).",
     "train_step_dp": "Data parallel under DistributedDataParallel against one GPU (`bench/bench_distributed.py`).",
     "train_step_dp_graph": "Data parallel with every rank's step captured against one GPU's captured step "
     "(`bench/bench_distributed.py`).",

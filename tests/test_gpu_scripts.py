@@ -1,11 +1,14 @@
 """The GPU script's helpers run and check themselves: the compute-sanitizer driver over every Triton
-kernel (at its smallest shape here; the GPU script runs all of them under the sanitizers) and the
-encode and training-step profiles (at small shapes)."""
+kernel (at its smallest shape here; the GPU script runs all of them under the sanitizers), the
+encode and training-step profiles and the A/B of a switch (at small shapes)."""
+
+import csv
 
 import pytest
 
-from bench import profile_encode, profile_train, sanitize_kernels
-from fastsae.ops import encode, launch
+from bench import ab_step, profile_encode, profile_train, sanitize_kernels
+from bench.harness import Recorder
+from fastsae.ops import autoencoder, encode, launch
 
 
 @pytest.mark.gpu
@@ -37,3 +40,29 @@ def test_profile_train_reports_launches_and_host_time(capsys):
     assert with_saeadam["launches"] <= eager["launches"] / 4
     printed = capsys.readouterr().out
     assert "host launches per step" in printed and "captured graph, SAEAdam" in printed
+
+
+def test_ab_step_parses_switches():
+    assert ab_step.parse_switch("fastsae.ops.autoencoder.FUSED_DVALS=False,True") == (
+        autoencoder,
+        "FUSED_DVALS",
+        [False, True],
+    )
+    for spec, message in [
+        ("fastsae.ops.autoencoder.FUSED_DVALS", "expected module.NAME"),
+        ("fastsae.ops.autoencoder.NO_SUCH_SWITCH=1", "has no switch"),
+        ("fastsae.ops.autoencoder.FUSED_DVALS=on", "Python literals"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ab_step.parse_switch(spec)
+
+
+@pytest.mark.gpu
+def test_ab_step_records_each_value(tmp_path):
+    """A row per value and round, and the GEMM's; the switch is restored after."""
+    csv_path, original = tmp_path / "ab.csv", autoencoder.FUSED_DVALS
+    ab_step.run(Recorder(csv_path), "fastsae.ops.autoencoder.FUSED_DVALS=False,True", ["d128_F8192_B1024_k16"], 1)
+    with open(csv_path, newline="") as f:
+        providers = [row["provider"] for row in csv.DictReader(f)]
+    assert providers == ["FUSED_DVALS=False", "FUSED_DVALS=True", "cublas_gemm"]
+    assert autoencoder.FUSED_DVALS is original

@@ -1,0 +1,92 @@
+"""The captured training step under each value of one of fastsae's switches, in one run, to set its
+default by measurement:
+
+    python -m bench.ab_step fastsae.ops.autoencoder.FUSED_DVALS=False,True [--shapes gpt2,af3] [--csv PATH]
+
+A switch is a module attribute that fastsae reads when it runs an op (most are set from an environment
+variable at import: FASTSAE_FUSED_DVALS, FASTSAE_AUXK_ROW_TOPK, ...). For each shape and value, in
+turns (`--rounds`: every value once per round, so drift during the run reaches each alike), it builds
+`bench_train`'s `fastsae_saeadam_graph` step (SAEAdam, one CUDA graph, AuxK on with 5% of the features
+dead), checks its FVU against the fp32 reference, and times it; then the cuBLAS encoder GEMM. Rows:
+op `train_step_ab`, provider `NAME=value` (one per round), and `cublas_gemm`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from fastsae.testing import assert_close
+
+from . import bench_train
+from .harness import SHAPES, Recorder, measure, shape_dims
+
+
+def parse_switch(spec: str) -> tuple[object, str, list[object]]:
+    """(module, attribute name, values) of 'package.module.NAME=v1,v2,...'; values are Python literals."""
+    target, _, values = spec.partition("=")
+    module_name, _, name = target.rpartition(".")
+    if not values or not module_name:
+        raise ValueError(f"expected module.NAME=value,value,..., got {spec!r}")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, name):
+        raise ValueError(f"{module_name} has no switch {name}")
+    try:
+        parsed = [ast.literal_eval(value) for value in values.split(",")]
+    except (ValueError, SyntaxError) as error:
+        raise ValueError(f"the values of {spec!r} must be Python literals ({error})") from None
+    return module, name, parsed
+
+
+def run(recorder: Recorder, spec: str, shapes: list[str], rounds: int) -> None:
+    module, name, values = parse_switch(spec)
+    original = getattr(module, name)
+    try:
+        for shape in shapes:
+            d, n_features, n_rows, k = shape_dims(shape)
+            dead = torch.rand(n_features, device="cuda") < bench_train.DEAD_FRACTION
+            x, weights = bench_train._initial_weights(d, n_features, n_rows, dead)
+            expected_fvu = bench_train.expected_topk_fvu(x, weights, k)
+            for _ in range(rounds):
+                for value in values:
+                    setattr(module, name, value)
+                    step = bench_train._fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True, graph=True)
+                    assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step_ab {shape} {name}={value}")
+                    warm_up_peak = bench_train._warm_up(step, x)
+                    timing = measure(partial(step, x))
+                    timing["peak_mem_mb"] = max(timing["peak_mem_mb"], warm_up_peak)
+                    recorder.record("train_step_ab", shape, f"{name}={value}", timing)
+                    del step
+                    torch.cuda.empty_cache()
+            recorder.record("train_step_ab", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))
+    finally:
+        setattr(module, name, original)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("switch", help="module.NAME=value,value,... (Python literals)")
+    parser.add_argument(
+        "--shapes", default="gpt2,af3", help=f"comma-separated: of {list(SHAPES)} or d<d>_F<F>_B<B>_k<k>"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="times each value is measured, in turns")
+    parser.add_argument("--csv", type=Path, required=True, help="CSV to append the rows to")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench.ab_step times the training step on a CUDA GPU; none is visible here.")
+        return 2
+    try:
+        parse_switch(args.switch)
+    except (ImportError, ValueError) as error:
+        parser.error(str(error))
+    run(Recorder(args.csv), args.switch, args.shapes.split(","), args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
