@@ -13,7 +13,7 @@ Against the two ops' backwards called in turn (`decode.decode_sparse_backward`, 
   . its decoder row) inside dW_dec's sums, which load every code's d x_hat row anyway, instead of a
   kernel of its own (`decode.sparse_dvals`: about 100 us of the captured GPT-2 and AlphaFold3 steps on
   the H200). Correct on the H200 (tests/test_autoencoder.py at both widths), not yet timed there, so
-  off by default: the sums' registers rise from about 80 to 99 a thread (sm_90, 16 x 32 x 128 tile).
+  off by default: the decoder sums' registers rise from 72 to 99 a thread (sm_90, 16 x 32 x 128 tile).
 """
 
 from __future__ import annotations
