@@ -43,8 +43,9 @@ def parse_switch(spec: str) -> tuple[object, str, list[object]]:
     return module, name, parsed
 
 
-def run(recorder: Recorder, spec: str, shapes: list[str], rounds: int) -> None:
-    module, name, values = parse_switch(spec)
+def run(recorder: Recorder, switch: tuple[object, str, list[object]], shapes: list[str], rounds: int) -> None:
+    """Rows for each shape: the step under each value of `switch` (`parse_switch`'s), then the GEMM."""
+    module, name, values = switch
     original = getattr(module, name)
     try:
         for shape in shapes:
@@ -57,10 +58,7 @@ def run(recorder: Recorder, spec: str, shapes: list[str], rounds: int) -> None:
                     setattr(module, name, value)
                     step = bench_train._fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True, graph=True)
                     assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step_ab {shape} {name}={value}")
-                    warm_up_peak = bench_train._warm_up(step, x)
-                    timing = measure(partial(step, x))
-                    timing["peak_mem_mb"] = max(timing["peak_mem_mb"], warm_up_peak)
-                    recorder.record("train_step_ab", shape, f"{name}={value}", timing)
+                    recorder.record("train_step_ab", shape, f"{name}={value}", bench_train.measure_step(step, x))
                     del step
                     torch.cuda.empty_cache()
             recorder.record("train_step_ab", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("switch", help="module.NAME=value,value,... (Python literals)")
     parser.add_argument(
-        "--shapes", default="gpt2,af3", help=f"comma-separated: of {list(SHAPES)} or d<d>_F<F>_B<B>_k<k>"
+        "--shapes", default="gpt2,af3", help=f"comma-separated, from {list(SHAPES)} or d<d>_F<F>_B<B>_k<k>"
     )
     parser.add_argument("--rounds", type=int, default=1, help="times each value is measured, in turns")
     parser.add_argument("--csv", type=Path, required=True, help="CSV to append the rows to")
@@ -81,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.ab_step times the training step on a CUDA GPU; none is visible here.")
         return 2
     try:
-        parse_switch(args.switch)
+        switch = parse_switch(args.switch)
     except (ImportError, ValueError) as error:
         parser.error(str(error))
-    run(Recorder(args.csv), args.switch, args.shapes.split(","), args.rounds)
+    run(Recorder(args.csv), switch, args.shapes.split(","), args.rounds)
     return 0
 
 

@@ -55,17 +55,21 @@ def expected_topk_fvu(x: torch.Tensor, weights: dict, k: int) -> torch.Tensor:
     return reference.fvu(reference.decode_sparse(vals, idx, weights["W_dec"].float(), weights["b_dec"].float()), x)
 
 
-def _warm_up(step, x) -> float:
-    """Takes STEADY_CALLS steps; returns the peak memory they allocate above what was allocated before
-    them, in MB. For a CapturedStep that is its capture's: the replays that `measure` times allocate
-    nothing new (the graph's pool holds what they use), so its own figure is 0 (as at d2089ab)."""
+def measure_step(step, x) -> dict:
+    """`measure` of a provider's step on x, after STEADY_CALLS steps, with the peak memory those steps
+    allocate above what was allocated before them where it is larger: a CapturedStep allocates in its
+    capture, and the replays `measure` sees allocate nothing new (the graph's pool holds what they use;
+    at d2089ab its rows read 0 MB)."""
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     for _ in range(STEADY_CALLS):
         step(x)
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    warm_up_peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    timing = measure(partial(step, x))
+    timing["peak_mem_mb"] = max(timing["peak_mem_mb"], warm_up_peak)
+    return timing
 
 
 def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False):
@@ -212,10 +216,7 @@ def run(recorder: Recorder) -> None:
         for name, step in providers.items():  # the first step sees the shared initial weights
             assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step {shape} {name} FVU")
         for name, step in providers.items():
-            warm_up_peak = _warm_up(step, x)
-            timing = measure(partial(step, x))
-            timing["peak_mem_mb"] = max(timing["peak_mem_mb"], warm_up_peak)
-            recorder.record("train_step", shape, name, timing)
+            recorder.record("train_step", shape, name, measure_step(step, x))
         recorder.record("train_step", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))
         del providers
         if shape in SHAPES:

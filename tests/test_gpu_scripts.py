@@ -61,7 +61,8 @@ def test_ab_step_parses_switches():
 def test_ab_step_records_each_value(tmp_path):
     """A row per value and round, and the GEMM's; the switch is restored after."""
     csv_path, original = tmp_path / "ab.csv", autoencoder.FUSED_DVALS
-    ab_step.run(Recorder(csv_path), "fastsae.ops.autoencoder.FUSED_DVALS=False,True", ["d128_F8192_B1024_k16"], 1)
+    switch = ab_step.parse_switch("fastsae.ops.autoencoder.FUSED_DVALS=False,True")
+    ab_step.run(Recorder(csv_path), switch, ["d128_F8192_B1024_k16"], 1)
     with open(csv_path, newline="") as f:
         providers = [row["provider"] for row in csv.DictReader(f)]
     assert providers == ["FUSED_DVALS=False", "FUSED_DVALS=True", "cublas_gemm"]
