@@ -184,18 +184,20 @@ def test_filter_fallbacks(device, name):
 
 
 @pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("split", [False, True], ids=["one_launch", "split"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_in_rounds_and_row_chunks(device, monkeypatch):
+def test_row_filter_in_rounds_and_row_chunks(device, split, monkeypatch):
     """The row filter reads the groups whose maximum reaches the threshold again in rounds of
     ROW_FILTER_REREAD entries, and takes the batch in row chunks of PRE_ACTIVATION_CHUNK entries: with
     rounds of two groups every row takes many rounds (AuxK with few dead features makes every group with
     a dead feature hot), with chunks of at most 5 rows the last one is short, and the codes are still the
-    reference's, with no row left to the fallback."""
+    reference's, with no row left to the fallback; with its group maxima in a launch of their own
+    (`split`), each chunk's maxima reach the row program that reads them."""
     B, d, F, k, k_aux = (13, 32, 300, 8, 6) if device == "cpu" else (1003, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     dead = torch.zeros(F, dtype=torch.bool, device=device)
     dead[torch.randperm(F, device=device)[: 3 * k_aux]] = True
-    route = _first_route("row_filter", k, k_aux, F)
+    route = _first_route("row_filter", k, k_aux, F, SPLIT=split)
     monkeypatch.setattr(filter, "ROW_FILTER_REREAD", 2 * route[1]["GROUP"])
     monkeypatch.setattr(filter, "PRE_ACTIVATION_CHUNK", 5 * F)
     outputs = _poisoned_outputs(B, k, k_aux, device)
@@ -208,16 +210,18 @@ def test_row_filter_in_rounds_and_row_chunks(device, monkeypatch):
 
 
 @pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("split", [False, True], ids=["one_launch", "split"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_skips_only_the_chunks_past_the_features(device):
-    """F = 9000 is read as a row of 16384 in chunks of ROW_FILTER_READ = 4096: the kernel reads 3 chunks
-    and skips the fourth, which holds no feature (its group maxima, never written, are masked out of the
-    bound). The largest pre-activations sit in the last, partial chunk, so a chunk skipped too many
-    would lose them, and a skipped group's unwritten maximum in the bound would change the codes."""
+def test_row_filter_skips_only_the_chunks_past_the_features(device, split):
+    """F = 9000 is read as a row of 16384 in chunks of ROW_FILTER_READ = 4096: the kernel (or with
+    `split` the group maxima's launch) reads 3 chunks and skips the fourth, which holds no feature (its
+    group maxima, never written, are masked out of the bound). The largest pre-activations sit in the
+    last, partial chunk, so a chunk skipped too many would lose them, and a skipped group's unwritten
+    maximum in the bound would change the codes."""
     B, d, F, k = (4, 16, 9000, 8) if device == "cpu" else (512, 64, 9000, 32)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     b_enc[8192:] += 3.0
-    route = _first_route("row_filter", k, 0, F)
+    route = _first_route("row_filter", k, 0, F, SPLIT=split)
     assert filter._row_filter_width(F, route[1]["N_GROUPS"]) == 16384
     outputs = (x.new_empty(B, k), x.new_empty(B, k, dtype=torch.int32), x.new_empty(B, 0), x.new_empty(B, 0))
     flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, route[1])
