@@ -155,31 +155,22 @@ def _queue_kernels() -> None:
     row_filter_cases = [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]
     for n_features, k, k_aux in row_filter_cases:
         for cfg in filter.row_filter_configs(k, k_aux, n_features):
-            if cfg["SPLIT"] and (n_features, k, k_aux) != row_filter_cases[0]:
-                continue  # the split row program is the other without its first loop: one case of it is enough
+            if not cfg["SELECT"] and (n_features, k, k_aux) != row_filter_cases[0]:
+                continue  # the row program less its select (filter_select below): one case of it is enough
             n_groups = cfg["N_GROUPS"]
             constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": cfg["GROUP"],
                           "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
                           "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
                           "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
-                          "AUX_KEEP": triton.next_power_of_2(max(1, k_aux)), "MAXIMA_STORED": cfg["SPLIT"]}  # fmt: skip
+                          "AUX_KEEP": triton.next_power_of_2(max(1, k_aux)), "SELECT": cfg["SELECT"]}  # fmt: skip
             warps = max(cfg["WARPS"], filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"])))
             queue_compile(
                 f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps}"
-                f"{' split' if cfg['SPLIT'] else ''}",
+                f"{'' if cfg['SELECT'] else ' select_launch'}",
                 filter._row_filter_kernel,
                 constexprs,
                 num_warps=warps,
             )
-    for has_aux in (False, True):
-        group = 32  # the GPT-2 width's groups (24576 features read as 32768, 1024 groups)
-        constexprs = {
-            "HAS_AUX": has_aux,
-            "N_GROUPS": 1024,
-            "GROUP": group,
-            "CHUNK_GROUPS": filter.ROW_FILTER_READ // group,
-        }
-        queue_compile(f"row_filter_group_maxima aux={has_aux}", filter._group_maxima_kernel, constexprs, num_warps=4)
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         queue_compile(

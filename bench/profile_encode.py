@@ -121,10 +121,10 @@ def profile_encode(shape: str, rows: int) -> None:
         route_ms = _ms(routed)
         for name, ms in (("centre + cuBLAS pre-activation", pre_ms), ("row kernel (the rest)", route_ms - pre_ms)):
             print(f"  {name:>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
-        for split in (False, True):  # the group maxima inside the row program, or in a launch of their own
-            variant = ("row_filter", {**route[1], "SPLIT": split})
+        for select in (True, False):  # the select in the row program, or in a launch of one warp a row
+            variant = ("row_filter", {**route[1], "SELECT": select})
             ms = _ms(partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None, route=variant)) - pre_ms
-            print(f"  {'row kernels, SPLIT=' + str(split):>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
+            print(f"  {'row kernels, SELECT=' + str(select):>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)

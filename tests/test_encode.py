@@ -145,13 +145,14 @@ def _first_route(name, k, k_aux, n_features, **overrides):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("name", ["filter", "row_filter"])
+@pytest.mark.parametrize("name, select", [("filter", None), ("row_filter", True), ("row_filter", False)])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_filter_fallbacks(device, name):
+def test_filter_fallbacks(device, name, select):
     """Rows a filter route cannot finish are flagged on the device and recomputed by the sweep: rows
     whose buffer overflows (a capacity below the survivors), rows left with fewer than k survivors
     (thresholds raised past the k-th value: the filter GEMM's margin only), NaN rows (never selected:
-    value 0) and AuxK with fewer dead features than k_aux (not a failure: the rest are empty codes)."""
+    value 0) and AuxK with fewer dead features than k_aux (not a failure: the rest are empty codes).
+    The row filter flags them in its row program or in its select launch (`select`)."""
     B, d, F, k, k_aux = (12, 32, 256, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     x[3] = float("nan")
@@ -163,7 +164,7 @@ def test_filter_fallbacks(device, name):
     finite[3] = False
     cases = [({"CAP": k // 2}, 0.0), ({}, 1e3), ({}, 0.0)] if name == "filter" else [({"CAP": k // 2}, 0.0), ({}, 0.0)]
     for overrides, margin_shift in cases:
-        route = _first_route(name, k, k_aux, F, **overrides)
+        route = _first_route(name, k, k_aux, F, **overrides, **({} if select is None else {"SELECT": select}))
         outputs = _poisoned_outputs(B, k, k_aux, device)
         if name == "filter":
             flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1], margin_shift)
@@ -184,20 +185,20 @@ def test_filter_fallbacks(device, name):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("split", [False, True], ids=["one_launch", "split"])
+@pytest.mark.parametrize("select", [True, False], ids=["select_in_row_program", "select_launch"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_in_rounds_and_row_chunks(device, split, monkeypatch):
+def test_row_filter_in_rounds_and_row_chunks(device, select, monkeypatch):
     """The row filter reads the groups whose maximum reaches the threshold again in rounds of
     ROW_FILTER_REREAD entries, and takes the batch in row chunks of PRE_ACTIVATION_CHUNK entries: with
     rounds of two groups every row takes many rounds (AuxK with few dead features makes every group with
     a dead feature hot), with chunks of at most 5 rows the last one is short, and the codes are still the
-    reference's, with no row left to the fallback; with its group maxima in a launch of their own
-    (`split`), each chunk's maxima reach the row program that reads them."""
+    reference's, with no row left to the fallback, whether each chunk's select runs in the row program
+    or in a launch of its own after it (`select`: the chunks reuse one buffer)."""
     B, d, F, k, k_aux = (13, 32, 300, 8, 6) if device == "cpu" else (1003, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     dead = torch.zeros(F, dtype=torch.bool, device=device)
     dead[torch.randperm(F, device=device)[: 3 * k_aux]] = True
-    route = _first_route("row_filter", k, k_aux, F, SPLIT=split)
+    route = _first_route("row_filter", k, k_aux, F, SELECT=select)
     monkeypatch.setattr(filter, "ROW_FILTER_REREAD", 2 * route[1]["GROUP"])
     monkeypatch.setattr(filter, "PRE_ACTIVATION_CHUNK", 5 * F)
     outputs = _poisoned_outputs(B, k, k_aux, device)
@@ -210,18 +211,16 @@ def test_row_filter_in_rounds_and_row_chunks(device, split, monkeypatch):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("split", [False, True], ids=["one_launch", "split"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_skips_only_the_chunks_past_the_features(device, split):
-    """F = 9000 is read as a row of 16384 in chunks of ROW_FILTER_READ = 4096: the kernel (or with
-    `split` the group maxima's launch) reads 3 chunks and skips the fourth, which holds no feature (its
-    group maxima, never written, are masked out of the bound). The largest pre-activations sit in the
-    last, partial chunk, so a chunk skipped too many would lose them, and a skipped group's unwritten
-    maximum in the bound would change the codes."""
+def test_row_filter_skips_only_the_chunks_past_the_features(device):
+    """F = 9000 is read as a row of 16384 in chunks of ROW_FILTER_READ = 4096: the kernel reads 3 chunks
+    and skips the fourth, which holds no feature (its group maxima, never written, are masked out of the
+    bound). The largest pre-activations sit in the last, partial chunk, so a chunk skipped too many
+    would lose them, and a skipped group's unwritten maximum in the bound would change the codes."""
     B, d, F, k = (4, 16, 9000, 8) if device == "cpu" else (512, 64, 9000, 32)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     b_enc[8192:] += 3.0
-    route = _first_route("row_filter", k, 0, F, SPLIT=split)
+    route = _first_route("row_filter", k, 0, F)
     assert filter._row_filter_width(F, route[1]["N_GROUPS"]) == 16384
     outputs = (x.new_empty(B, k), x.new_empty(B, k, dtype=torch.int32), x.new_empty(B, 0), x.new_empty(B, 0))
     flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, route[1])
@@ -231,17 +230,19 @@ def test_row_filter_skips_only_the_chunks_past_the_features(device, split):
 
 
 @pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("select", [True, False], ids=["select_in_row_program", "select_launch"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_raises_its_bound_when_survivors_share_groups(device):
+def test_row_filter_raises_its_bound_when_survivors_share_groups(device, select):
     """When a row's largest values share groups (features whose encoder columns nearly agree, as
     training makes them), far more than CAP entries reach the k-th largest group maximum, and where
     they tie (bias steps of 0.01 here; bf16 rounding in a trained SAE) more than CAP may equal the
     k-th value itself (row 0, whose pre-activation is the bias: a quarter of the features tie): the
     kernel raises the bound by bisection over those groups, over values then over the tied features,
     and selects exactly, leaving no row (AuxK's included) to the fallback, whose single pass over F
-    costs milliseconds per flagged row block."""
+    costs milliseconds per flagged row block. The same whether the select runs in the row program or
+    after it (`select`)."""
     B, d, F, k, k_aux = (6, 16, 16384, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
-    route = _first_route("row_filter", k, k_aux, F)
+    route = _first_route("row_filter", k, k_aux, F, SELECT=select)
     group = route[1]["GROUP"]
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     features = torch.arange(F, device=device)

@@ -303,42 +303,13 @@ def _filter_fwd_kernel(
 
 
 @triton.jit
-def _store_group_maxima(row_ptr, scratch_row, first, F, dead_ptr, HAS_AUX: tl.constexpr, N_GROUPS: tl.constexpr,
-                        GROUP: tl.constexpr, CHUNK_GROUPS: tl.constexpr):  # fmt: skip
-    """The row filter's first step for groups first .. first + CHUNK_GROUPS of one row: their maxima
-    (GROUP adjacent features each; a thread reads whole groups, coalesced) as `_ordered` keys into the
-    row's scratch, and with AuxK the maxima over their dead features into its second half."""
-    groups = first + tl.arange(0, CHUNK_GROUPS)
-    members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
-    tl.store(scratch_row + groups, _maximum_key(values))
-    if HAS_AUX:
-        dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
-        tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
-
-
-@triton.jit
-def _group_maxima_kernel(
-    pre_ptr, stride_pm, F, scratch_ptr, dead_ptr,
-    HAS_AUX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr, CHUNK_GROUPS: tl.constexpr,
-):  # fmt: skip
-    """The row filter's first step as a launch of its own (configurations with SPLIT): program (row, c)
-    stores the maxima of the row's c-th CHUNK_GROUPS groups. A streaming read with nothing after it, so
-    that the GPU keeps many reads in flight, where the row program (`_row_filter_kernel`) holds a row's
-    reads back while it selects."""
-    row = tl.program_id(0)
-    scratch_row = scratch_ptr + row.to(tl.int64) * (2 * N_GROUPS if HAS_AUX else N_GROUPS)
-    _store_group_maxima(pre_ptr + row.to(tl.int64) * stride_pm, scratch_row, tl.program_id(1) * CHUNK_GROUPS, F,
-                        dead_ptr, HAS_AUX, N_GROUPS, GROUP, CHUNK_GROUPS)  # fmt: skip
-
-
-@triton.jit
 def _row_filter_kernel(
     pre_ptr, stride_pm, F, k, row0, scratch_ptr, count_ptr, key_buf_ptr, vals_ptr, idx_ptr, stride_vm, stride_im,
     flag_ptr, dead_ptr, k_aux, aux_count_ptr, aux_key_buf_ptr, aux_vals_ptr, aux_idx_ptr, stride_avm, stride_aim,
+    aux_tau_ptr,
     HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
     CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
-    CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, MAXIMA_STORED: tl.constexpr,
+    CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, SELECT: tl.constexpr,
 ):  # fmt: skip
     """The row filter (`row_filter_topk`): one program per row of `pre` [rows, F], pre-activations that
     cuBLAS wrote for the batch's rows row0 .. row0 + rows. A row's work is a chain of dependent steps,
@@ -347,8 +318,8 @@ def _row_filter_kernel(
     the H200 despite the reductions across warps). The row's `scratch` (global memory: registers
     cannot gather a loop's chunks) holds N_GROUPS int32, twice with AuxK; its count and key buffer are
     reused by the next chunk.
-    1. The maxima of the row's N_GROUPS groups, CHUNK_GROUPS groups at a time (`_store_group_maxima`),
-       or, with MAXIMA_STORED, none: `_group_maxima_kernel` stored them before this launch.
+    1. The maxima of the row's N_GROUPS groups (GROUP adjacent features each; a thread reads whole
+       groups, coalesced), CHUNK_GROUPS groups at a time, as `_ordered` keys into the scratch.
     2. The threshold: a value that k to k + k / 4 group maxima reach (the k-th largest maximum or a
        little below), so at least k distinct features are at or above it and the row's k largest are
        among them. With the whole row behind the bound about 1.1 k entries pass (the filter GEMM's
@@ -359,7 +330,10 @@ def _row_filter_kernel(
        buffer as the filter GEMM appends them. Where more than CAP pass, a bisection over those groups
        raises the bound, ties at the k-th value broken by feature, until at most CAP do, and they are
        appended again (`_survivors`): no row overflows.
-    4. The select (`_select_rows`) writes the row's codes, or flags the row for the sweep.
+    4. The select (`_select_rows`) writes the row's codes, or flags the row for the sweep. Without
+       SELECT, a launch of its own (`_select_kernel`, one warp a row: its bisections' row sums are warp
+       shuffles, where this program's cross warps) does that from the buffers, the counts and (AuxK)
+       the threshold this program leaves in `aux_tau`.
     AuxK the same over the dead features, in the second half of the scratch row."""
     row = tl.program_id(0)
     one = tl.arange(0, 1)
@@ -370,9 +344,14 @@ def _row_filter_kernel(
         tl.store(aux_count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
     # Only the chunks that hold features: the row's width is a power of two (24576 features read as
     # 32768), and the groups past F are masked out of the bound below, so their maxima are not needed.
-    if not MAXIMA_STORED:
-        for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
-            _store_group_maxima(row_ptr, scratch_row, first, F, dead_ptr, HAS_AUX, N_GROUPS, GROUP, CHUNK_GROUPS)
+    for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
+        groups = first + tl.arange(0, CHUNK_GROUPS)
+        members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
+        tl.store(scratch_row + groups, _maximum_key(values))
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
+            tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
     tl.debug_barrier()  # the maxima (and the zeroed counts) are visible to every thread
     every_group = tl.arange(0, N_GROUPS)
     holds_features = every_group * GROUP < F
@@ -396,18 +375,21 @@ def _row_filter_kernel(
         aux_n = _survivors(row_ptr, scratch_row + N_GROUPS, aux_n_hot, F, dead_ptr, aux_kth, aux_top,
                            k_aux, aux_key_buf_ptr, aux_count_ptr, row, True, AUX_CAP, GROUP, HOT_GROUPS,
                            INLINE_PTX)  # fmt: skip
-    batch_row = row0 + row + one
-    valid = tl.full([1], True, tl.int1)
-    failed = _select_rows(
-        key_buf_ptr + row.to(tl.int64) * CAP, n, ~valid, batch_row, valid,
-        vals_ptr, idx_ptr, k, stride_vm, stride_im, CAP, KEEP,
-    )  # fmt: skip
-    if HAS_AUX:
-        failed = failed | _select_rows(
-            aux_key_buf_ptr + row.to(tl.int64) * AUX_CAP, aux_n, aux_tau == float("-inf"), batch_row, valid,
-            aux_vals_ptr, aux_idx_ptr, k_aux, stride_avm, stride_aim, AUX_CAP, AUX_KEEP,
+    if SELECT:
+        batch_row = row0 + row + one
+        valid = tl.full([1], True, tl.int1)
+        failed = _select_rows(
+            key_buf_ptr + row.to(tl.int64) * CAP, n, ~valid, batch_row, valid,
+            vals_ptr, idx_ptr, k, stride_vm, stride_im, CAP, KEEP,
         )  # fmt: skip
-    tl.store(flag_ptr + batch_row, failed.to(tl.int8))
+        if HAS_AUX:
+            failed = failed | _select_rows(
+                aux_key_buf_ptr + row.to(tl.int64) * AUX_CAP, aux_n, aux_tau == float("-inf"), batch_row, valid,
+                aux_vals_ptr, aux_idx_ptr, k_aux, stride_avm, stride_aim, AUX_CAP, AUX_KEEP,
+            )  # fmt: skip
+        tl.store(flag_ptr + batch_row, failed.to(tl.int8))
+    elif HAS_AUX:
+        tl.store(aux_tau_ptr + row + one, aux_tau)
 
 
 @triton.jit
@@ -728,8 +710,8 @@ def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     at k = 128 on the H200, GPT-2 and AF3 widths) and groups per row: ROW_FILTER_GROUPS, or that many per
     warp (a tighter bound: fewer groups reach it and fewer entries are read again, which matters at
     large k), over the row rounded up to a power of two, each group of at least ROW_FILTER_MIN_GROUP
-    features; the group maxima in the row program or (SPLIT) in a streaming launch of their own before
-    it. Configurations where fewer than k groups would hold features are left out."""
+    features; the select in the row program or (SELECT False) in a launch of one warp a row after it.
+    Configurations where fewer than k groups would hold features are left out."""
     aux_cap = max(64, next_power_of_2(4 * k_aux)) if k_aux else 1
     caps = sorted({max(64, next_power_of_2(2 * k)), max(64, next_power_of_2(4 * k))})
     configs = []
@@ -742,8 +724,8 @@ def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
             group = _row_filter_width(n_features, n_groups) // n_groups
             if cdiv(n_features, group) >= max(k, k_aux):
                 configs += [
-                    dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, N_GROUPS=n_groups, WARPS=warps, SPLIT=split)
-                    for split in (False, True)
+                    dict(CAP=cap, AUX_CAP=aux_cap, GROUP=group, N_GROUPS=n_groups, WARPS=warps, SELECT=select)
+                    for select in (True, False)
                     for cap in caps
                 ]
     return configs
@@ -807,24 +789,25 @@ def row_filter_topk(
     key_buf = x.new_empty(rows_per_chunk, cap, dtype=torch.int64)
     scratch = x.new_empty(rows_per_chunk, n_groups * (2 if has_aux else 1), dtype=torch.int32)
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
+    aux_tau = x.new_empty(rows_per_chunk, dtype=torch.float32) if has_aux else counts  # any pointer without AuxK
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
-    chunk_groups = max(1, ROW_FILTER_READ // group)  # groups wider than a read (F > 2^22) are read one at a time
     for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
-        if cfg["SPLIT"]:
-            _group_maxima_kernel[(pre.shape[0], cdiv(F, chunk_groups * group))](
-                pre, pre.stride(0), F, scratch, dead,
-                HAS_AUX=has_aux, N_GROUPS=n_groups, GROUP=group, CHUNK_GROUPS=chunk_groups, num_warps=4,
-            )  # fmt: skip
         _row_filter_kernel[(pre.shape[0],)](
             pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
             idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
-            aux_vals.stride(0), aux_idx.stride(0),
+            aux_vals.stride(0), aux_idx.stride(0), aux_tau,
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
-            CHUNK_GROUPS=chunk_groups, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
+            CHUNK_GROUPS=max(1, ROW_FILTER_READ // group), HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
             CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
-            MAXIMA_STORED=cfg["SPLIT"],
-            num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
+            SELECT=cfg["SELECT"], num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
         )  # fmt: skip
+        if not cfg["SELECT"]:
+            n = pre.shape[0]
+            _select(key_buf[:n], counts[0, :n], counts[0, :n], vals[rows], idx[rows], flags[rows], False, False)
+            if has_aux:
+                _select(
+                    aux_key_buf[:n], counts[1, :n], aux_tau[:n], aux_vals[rows], aux_idx[rows], flags[rows], True, True
+                )
     return flags
 
 
