@@ -1,10 +1,10 @@
 """The captured training step under each value of one of fastsae's switches, in one run, to set its
 default by measurement:
 
-    python -m bench.ab_step fastsae.ops.autoencoder.FUSED_DVALS=False,True [--shapes gpt2,af3] [--csv PATH]
+    python -m bench.ab_step fastsae.ops.auxk.WARPS=2,4 [--shapes gpt2,af3] [--csv PATH]
 
 A switch is a module attribute that fastsae reads when it runs an op (most are set from an environment
-variable at import: FASTSAE_FUSED_DVALS, FASTSAE_AUXK_ROW_TOPK, ...). For each shape and value, in
+variable at import: FASTSAE_AUXK_ROW_TOPK, FASTSAE_FEATURE_SUMS, ...). For each shape and value, in
 turns (`--rounds`: every value once per round, so drift during the run reaches each alike), it builds
 `bench_train`'s `fastsae_saeadam_graph` step (SAEAdam, one CUDA graph, AuxK on with 5% of the features
 dead), checks its FVU against the fp32 reference, and times it; then the cuBLAS encoder GEMM. Rows:

@@ -215,16 +215,15 @@ def _queue_kernels() -> None:
                 {"HAS_CENTER": has_center, **tile},
                 cfg["num_warps"],
             )
-    # The blocked sums: the encoder's (centred, with AuxK's dead-feature sums added) and the decoder's
-    # (FASTSAE_FUSED_DVALS: with and without the d vals dots).
-    for has_center, has_dots in [(True, False), (False, False), (False, True)]:
+    # The blocked sums: the encoder's (centred, with AuxK's dead-feature sums added) and the decoder's.
+    for has_center in (True, False):
         for cfg in scatter._BLOCKED_CANDIDATES:
             tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_E": cfg["BLOCK_E"], "BLOCK_D": cfg["BLOCK_D"]}
             constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center,
-                          "HAS_EXTRA": has_center, "HAS_EXTRA_SUMS": has_center, "HAS_DOTS": has_dots,
-                          **tile, "stride_rd": 1, "stride_xd": 1, "stride_wd": 1}  # fmt: skip
+                          "HAS_EXTRA": has_center, "HAS_EXTRA_SUMS": has_center,
+                          **tile, "stride_rd": 1, "stride_xd": 1}  # fmt: skip
             queue_compile(
-                f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center} dots={has_dots}",
+                f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}",
                 scatter._feature_sum_blocked_kernel,
                 constexprs,
                 cfg["num_warps"],

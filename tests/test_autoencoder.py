@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastsae import reference
-from fastsae.ops import autoencoder, scatter
+from fastsae.ops import autoencoder
 
 from .utils import assert_close, random_sae_weights
 
@@ -34,17 +34,12 @@ def _dead_gradients(n_dead, F, d, dtype, device):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("fused_dvals", [False, True], ids=["dvals-kernel", "dvals-in-sums"])
 @pytest.mark.parametrize("with_dead", [False, True], ids=["no-auxk", "auxk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device, B, d, F, k", CASES, ids=lambda v: None)
-def test_topk_autoencoder_backward_kernel(
-    device, B, d, F, k, dtype, with_dead, fused_dvals, deterministic, monkeypatch
-):
+def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, deterministic):
     """dx, dW_enc, db_enc, db_dec and dW_dec against `reference.topk_autoencoder_backward` in fp64;
-    bit-identical from run to run on the blocked route; d vals from their own kernel or, on the blocked
-    route, from dW_dec's sums (FASTSAE_FUSED_DVALS)."""
-    monkeypatch.setattr(autoencoder, "FUSED_DVALS", fused_dvals)
+    bit-identical from run to run on the blocked route."""
     x = (torch.randn(B, d, device=device) * 2 + 1).to(dtype)
     W_enc, _, W_dec, b_dec = random_sae_weights(d, F, dtype=dtype, device=device)
     vals = torch.rand(B, k, dtype=torch.float64, device=device)
@@ -67,15 +62,3 @@ def test_topk_autoencoder_backward_kernel(
         assert_close(got, want, dtype, name)
     if deterministic:
         assert all(torch.equal(a, b) for a, b in zip(grads, run())), "not bit-identical"
-
-
-def test_feature_sums_dots_need_the_blocked_route_without_a_centre(monkeypatch):
-    """d vals' dots ride in the blocked route's sums of uncentred rows only: elsewhere a clear error."""
-    rows, weights = torch.randn(4, 8), torch.randn(16, 8)
-    coef, idx = torch.rand(4, 2), torch.randint(0, 16, (4, 2), dtype=torch.int32)
-    monkeypatch.setattr(scatter, "ROUTE", "atomic")
-    with pytest.raises(ValueError, match="blocked route"):
-        scatter.feature_sums(rows, coef, idx, 16, weights=weights)
-    monkeypatch.setattr(scatter, "ROUTE", "blocked")
-    with pytest.raises(ValueError, match="without a centre"):
-        scatter.feature_sums(rows, coef, idx, 16, center=torch.zeros(8), weights=weights)

@@ -230,6 +230,25 @@ def test_row_filter_skips_only_the_chunks_past_the_features(device):
 
 
 @pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_row_filter_reads_groups_wider_than_a_read(device, monkeypatch):
+    """Beyond F = 2^22 a row's 1024 groups are wider than ROW_FILTER_READ, and the kernel reads one
+    group at a time (no read of zero groups, which does not compile): here with reads of 2 features
+    against groups of 4 or more, the codes are still the reference's."""
+    B, d, F, k, k_aux = (5, 16, 300, 8, 6) if device == "cpu" else (64, 64, 5000, 32, 16)
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
+    dead = torch.rand(F, device=device) < 0.3
+    route = _first_route("row_filter", k, k_aux, F)
+    monkeypatch.setattr(filter, "ROW_FILTER_READ", route[1]["GROUP"] // 2)
+    outputs = _poisoned_outputs(B, k, k_aux, device)
+    flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1])
+    assert not flags.any()
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    assert_topk_matches(outputs[0], outputs[1], pre, k, torch.float32)
+    assert_topk_matches(outputs[2], outputs[3], pre.masked_fill(~dead, float("-inf")), k_aux, torch.float32, "aux")
+
+
+@pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("select", [True, False], ids=["select_in_row_program", "select_launch"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_row_filter_raises_its_bound_when_survivors_share_groups(device, select):

@@ -8,7 +8,7 @@ import pytest
 
 from bench import ab_step, profile_encode, profile_train, sanitize_kernels
 from bench.harness import Recorder
-from fastsae.ops import autoencoder, encode, launch
+from fastsae.ops import auxk, encode, launch
 
 
 @pytest.mark.gpu
@@ -43,15 +43,11 @@ def test_profile_train_reports_launches_and_host_time(capsys):
 
 
 def test_ab_step_parses_switches():
-    assert ab_step.parse_switch("fastsae.ops.autoencoder.FUSED_DVALS=False,True") == (
-        autoencoder,
-        "FUSED_DVALS",
-        [False, True],
-    )
+    assert ab_step.parse_switch("fastsae.ops.auxk.ROW_TOPK=True,False") == (auxk, "ROW_TOPK", [True, False])
     for spec, message in [
-        ("fastsae.ops.autoencoder.FUSED_DVALS", "expected module.NAME"),
-        ("fastsae.ops.autoencoder.NO_SUCH_SWITCH=1", "has no switch"),
-        ("fastsae.ops.autoencoder.FUSED_DVALS=on", "Python literals"),
+        ("fastsae.ops.auxk.ROW_TOPK", "expected module.NAME"),
+        ("fastsae.ops.auxk.NO_SUCH_SWITCH=1", "has no switch"),
+        ("fastsae.ops.auxk.ROW_TOPK=on", "Python literals"),
     ]:
         with pytest.raises(ValueError, match=message):
             ab_step.parse_switch(spec)
@@ -60,10 +56,10 @@ def test_ab_step_parses_switches():
 @pytest.mark.gpu
 def test_ab_step_records_each_value(tmp_path):
     """A row per value and round, and the GEMM's; the switch is restored after."""
-    csv_path, original = tmp_path / "ab.csv", autoencoder.FUSED_DVALS
-    switch = ab_step.parse_switch("fastsae.ops.autoencoder.FUSED_DVALS=False,True")
+    csv_path, original = tmp_path / "ab.csv", auxk.ROW_TOPK
+    switch = ab_step.parse_switch("fastsae.ops.auxk.ROW_TOPK=True,False")
     ab_step.run(Recorder(csv_path), switch, ["d128_F8192_B1024_k16"], 1)
     with open(csv_path, newline="") as f:
         providers = [row["provider"] for row in csv.DictReader(f)]
-    assert providers == ["FUSED_DVALS=False", "FUSED_DVALS=True", "cublas_gemm"]
-    assert autoencoder.FUSED_DVALS is original
+    assert providers == ["ROW_TOPK=True", "ROW_TOPK=False", "cublas_gemm"]
+    assert auxk.ROW_TOPK is original

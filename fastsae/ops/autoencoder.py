@@ -8,17 +8,16 @@ Against the two ops' backwards called in turn (`decode.decode_sparse_backward`, 
 - adds AuxK's dense gradients over the dead features inside those per-feature sums, before each
   gradient is written, instead of scattering them into the finished gradients with index_add_ (along
   F in dW_enc's [d, F] layout: one element per 32-byte sector);
-- takes d b_dec's centring term from d b_enc with AuxK's share already in it (one pass over W_enc);
-- with FASTSAE_FUSED_DVALS=1 (read at import), on the blocked route, takes d vals (each code's d x_hat
-  . its decoder row) inside dW_dec's sums, which load every code's d x_hat row anyway, instead of a
-  kernel of its own (`decode.sparse_dvals`: about 100 us of the captured GPT-2 and AlphaFold3 steps on
-  the H200). Correct on the H200 (tests/test_autoencoder.py at both widths), not yet timed there, so
-  off by default: the decoder sums' registers rise from 72 to 99 a thread (sm_90, 16 x 32 x 128 tile).
+- takes d b_dec's centring term from d b_enc with AuxK's share already in it (one pass over W_enc).
+d vals (each code's d x_hat . its decoder row) stay a kernel of their own (`decode.sparse_dvals`, about
+100 us of the captured GPT-2 and AlphaFold3 steps on the H200). Taking them inside dW_dec's sums, which
+load every code's d x_hat row anyway, measured no faster there: the captured SAEAdam step 1.983 against
+1.970 ms at GPT-2, 1.946 against 1.937 at AlphaFold3 and 3.021 against 3.035 at k = 128 (op
+`train_step_ab` in bench/results, two rounds each), as the decoder sums' registers rose from 72 to 99 a
+thread; commit 77d3235 has that path (FASTSAE_FUSED_DVALS).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor
@@ -27,8 +26,6 @@ from .. import reference
 from .decode import decode_sparse, sparse_dvals
 from .encode import centering_grad
 from .scatter import feature_sums, route, sort_by_feature
-
-FUSED_DVALS = os.environ.get("FASTSAE_FUSED_DVALS") == "1"
 
 
 def topk_autoencoder_backward(
@@ -45,14 +42,13 @@ def topk_autoencoder_backward(
         )
     d, n_features = W_enc.shape
     by_feature = sort_by_feature(idx, n_features) if route(n_features, d) == "blocked" else None
-    fuse_dvals = FUSED_DVALS and by_feature is not None and grad_recon.dtype == W_dec.dtype
-    dW_dec, _, dots = feature_sums(
+    dW_dec, _ = feature_sums(
         grad_recon, vals, idx, n_features, dtype=W_dec.dtype, by_feature=by_feature,
-        extra=None if dead is None else (dead, dead_dW_dec, None), weights=W_dec if fuse_dvals else None,
+        extra=None if dead is None else (dead, dead_dW_dec, None),
     )  # fmt: skip
-    dvals = dots.to(vals.dtype) if fuse_dvals else sparse_dvals(grad_recon, vals, idx, W_dec)
+    dvals = sparse_dvals(grad_recon, vals, idx, W_dec)
     coef = torch.where(vals > 0, dvals + grad_vals, 0)  # the ReLU's mask
-    dW_enc, db_enc, _ = feature_sums(
+    dW_enc, db_enc = feature_sums(
         x, coef, idx, n_features, center=b_dec, dtype=W_enc.dtype, transposed=True, by_feature=by_feature,
         extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc),
     )  # fmt: skip

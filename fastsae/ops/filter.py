@@ -30,7 +30,8 @@ The row filter (`row_filter_topk`) is the same filter and select over pre-activa
 writes in row chunks of at most PRE_ACTIVATION_CHUNK entries (256 MB in bf16): one kernel launch per
 chunk, a program per row, bounds the row's k-th largest value by its group maxima taken over the whole
 row (not a subset: about k entries pass, not 10 k), reads again only the groups that reach the bound and
-selects among their entries. It writes and reads the chunk once more than the filter GEMM, but the GEMM
+selects among their entries, or leaves the select to a launch of one warp per row after it (configurations
+with SELECT False; the tuner times both). It writes and reads the chunk once more than the filter GEMM, but the GEMM
 runs at cuBLAS's speed: on the H200 the tuner picked it at every shape timed (at the GPT-2 width, the
 filter GEMM's epilogue alone costs more than the chunk's write and read); it picks between the two per
 shape.

@@ -102,9 +102,9 @@ def _feature_sum_atomic_kernel(
 @triton.jit
 def _feature_sum_blocked_kernel(
     rows_ptr, center_ptr, coef_ptr, token_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
-    extra_slot_ptr, extra_rows_ptr, extra_sums_ptr, weights_ptr, dots_ptr,
-    F, D, n_codes, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd, stride_wf, stride_wd,
-    HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr, HAS_DOTS: tl.constexpr,
+    extra_slot_ptr, extra_rows_ptr, extra_sums_ptr,
+    F, D, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd,
+    HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -141,17 +141,6 @@ def _feature_sum_blocked_kernel(
             rows = tl.where(valid[:, None], rows - center[None, :], 0.0)
         acc = tl.dot(spread.to(DOT_DTYPE), rows.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         coef_total += tl.sum(spread, axis=1)
-        if HAS_DOTS:  # each code's row . its feature's weights over these dimensions, in fp32: [BLOCK_E]
-            # The weight rows of this program's BLOCK_F features, gathered per code: cache hits after the
-            # first, in the rows' own layout (a tensor-core product needed them in a second operand
-            # layout: 166-255 registers a thread against 87, sm_90).
-            weights = tl.load(
-                weights_ptr + feature.to(tl.int64)[:, None] * stride_wf + dims[None, :] * stride_wd,
-                mask=valid[:, None] & dim_valid[None, :],
-                other=0.0,
-            )
-            own = tl.sum(rows * weights.to(tl.float32), axis=1)
-            tl.store(dots_ptr + tl.program_id(1).to(tl.int64) * n_codes + entries, own, mask=valid)
     if HAS_EXTRA:  # the sums computed apart, at their features' slots (-1: none)
         slot = tl.load(extra_slot_ptr + features, mask=feature_valid, other=-1)
         has_extra = slot >= 0
@@ -168,7 +157,6 @@ def _feature_sum_blocked_kernel(
 class FeatureSums(NamedTuple):
     out: Tensor  # [F, d] in the asked dtype, or [d, F] when transposed
     coef_sum: Tensor  # [F] fp32
-    dots: Tensor | None  # [B, K] fp32: each code's row . weights[its feature], when `weights` was given
 
 
 class CodesByFeature(NamedTuple):
@@ -212,19 +200,14 @@ def feature_sums(
     transposed: bool = False,
     by_feature: CodesByFeature | None = None,
     extra: tuple[Tensor, Tensor, Tensor | None] | None = None,
-    weights: Tensor | None = None,
 ) -> FeatureSums:
-    """(out, coef_sum [F] in fp32, dots) as defined in the module docstring; out is [F, d] in `dtype`,
+    """(out, coef_sum [F] in fp32) as defined in the module docstring; out is [F, d] in `dtype`,
     or its transpose [d, F] (contiguous) when `transposed`. rows [B, d]; coef, idx [B, K]; center [d] or
     None. `by_feature`: `sort_by_feature(idx, F)`, when the caller shares it between sums (the blocked
     route sorts otherwise). `extra` = (features [n] int64, distinct where >= 0, negative entries none;
-    their rows [n, d]; their coef sums [n] or None): added to those features' sums. `weights` [F, d]
-    (blocked route, no centre): dots = each code's row . weights[its feature] in fp32, from the rows the
-    sums load anyway (a TopK decode's d vals, with weights = W_dec); else dots is None."""
+    their rows [n, d]; their coef sums [n] or None): added to those features' sums."""
     B, d = rows.shape
     K = idx.shape[1]
-    if weights is not None and (center is not None or route(n_features, d) != "blocked"):
-        raise ValueError("feature_sums computes dots on the blocked route (scatter.route) without a centre only")
     coef, idx = coef.contiguous(), idx.contiguous()
     center_arg = center.contiguous() if center is not None else rows  # the kernels read it with unit stride
     coef_sum = rows.new_empty(n_features, dtype=torch.float32)
@@ -239,34 +222,20 @@ def feature_sums(
         else:
             extra_slot, extra_rows, extra_sums = coef_sum, rows, None  # placeholders the kernel never reads
 
-        dot_partials = None  # one row of partial dots per block of dimensions, summed after (no atomics)
-        if weights is not None:
-            most_blocks = cdiv(d, min(cfg["BLOCK_D"] for cfg in _BLOCKED_CANDIDATES))
-            dot_partials = rows.new_empty(most_blocks, B * K, dtype=torch.float32)
-        weight_arg = weights if weights is not None else rows  # placeholders the kernel never reads
-        dots_arg = dot_partials if dot_partials is not None else coef_sum
-
         def run(cfg: dict) -> None:
             grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(d, cfg["BLOCK_D"]))
             _feature_sum_blocked_kernel[grid](
                 rows, center_arg, sorted_coef, codes.tokens, codes.features, codes.offsets, out_f, coef_sum,
-                extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums, weight_arg, dots_arg,
-                n_features, d, B * K, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
-                extra_rows.stride(0), extra_rows.stride(1), weight_arg.stride(0), weight_arg.stride(1),
+                extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums,
+                n_features, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
+                extra_rows.stride(0), extra_rows.stride(1),
                 HAS_CENTER=center is not None, HAS_EXTRA=extra is not None, HAS_EXTRA_SUMS=extra_sums is not None,
-                HAS_DOTS=weights is not None,
                 DOT_DTYPE=dot_dtype(rows.dtype), INPUT_PRECISION=input_precision(rows.dtype), **cfg,
             )  # fmt: skip
 
-        key = ("feature_sums", "blocked", d, n_features, bucket(B), bucket(K), rows.dtype, dtype, extra is not None,
-               weights is not None)  # fmt: skip
-        chosen = tuned(key, _BLOCKED_CANDIDATES, run)
-        run(chosen)
-        if dot_partials is None:
-            return FeatureSums(out, coef_sum, None)
-        sorted_dots = dot_partials[: cdiv(d, chosen["BLOCK_D"])].sum(0)
-        dots = torch.empty_like(sorted_dots).index_copy_(0, codes.order, sorted_dots)  # back to code order
-        return FeatureSums(out, coef_sum, dots.view(B, K))
+        key = ("feature_sums", "blocked", d, n_features, bucket(B), bucket(K), rows.dtype, dtype, extra is not None)
+        run(tuned(key, _BLOCKED_CANDIDATES, run))
+        return FeatureSums(out, coef_sum)
 
     out = torch.zeros(n_features, d, dtype=torch.float32, device=rows.device)
 
@@ -292,7 +261,7 @@ def feature_sums(
         out = out.new_empty(d, n_features, dtype=dtype).copy_(out.t())
     elif out.dtype != dtype:
         out = out.to(dtype)
-    return FeatureSums(out, coef_sum, None)
+    return FeatureSums(out, coef_sum)
 
 
 def _slots(features: Tensor, n_features: int) -> Tensor:
