@@ -1,7 +1,8 @@
 """Where the TopK encode's time goes: each launch of the route the tuner picks, timed alone, against the
 cuBLAS GEMM x @ W_enc of the same shape (the floor), and torch.profiler's kernel table of the whole
 encode, and the encode back to back eagerly and as a CUDA graph replay (GPU time alone: the gap to
-do_bench and to eager is the host's launches), and the host's time per call alone. For the threshold-first filter route
+do_bench and to eager is the host's launches), the host's time per call alone, and cProfile's table of
+where that host time goes. For the threshold-first filter route
 (fastsae/ops/filter.py) the parts are: centring, the threshold pass (a cuBLAS GEMM over a subset of the
 features and the group-maxima kernel), the filter GEMM with its survivor epilogue, the same GEMM with no
 survivor (every threshold +inf: the GEMM and its compares alone, so the difference is what the
@@ -16,6 +17,9 @@ reference on the first rows before anything is timed.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 from functools import partial
 
@@ -23,6 +27,7 @@ import torch
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
+from fastsae import functional as F
 from fastsae import reference
 from fastsae.ops import encode, filter, launch
 from fastsae.testing import assert_topk_matches
@@ -61,6 +66,24 @@ def _host_seconds(fn, calls: int = 20) -> float:
     host = (time.perf_counter() - start) / calls
     torch.cuda.synchronize()
     return host
+
+
+def _host_profile(fn, rows: int, calls: int = 20) -> str:
+    """cProfile's table of the host's time in `calls` calls of `fn` (queued behind a GPU sleep, as in
+    `_host_seconds`), the `rows` functions with the most time of their own: where an eager call's launch
+    time goes (Triton's argument binding per launch, torch.library's dispatch, allocations)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2 * 10**8)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    return text.getvalue()
 
 
 def profile_encode(shape: str, rows: int) -> None:
@@ -131,6 +154,8 @@ def profile_encode(shape: str, rows: int) -> None:
         torch.cuda.synchronize()
     print("  (10 encodes below)")
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
+    print("  the host's time of 20 eager calls of the public encode (cProfile, by own time; profiling slows it):")
+    print(_host_profile(partial(F.encode_topk, x, W_enc, b_enc, b_dec, k), rows))
 
 
 def main(argv: list[str] | None = None) -> int:
