@@ -162,7 +162,8 @@ def _queue_kernels() -> None:
                           "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
                           "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
                           "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
-                          "AUX_KEEP": triton.next_power_of_2(max(1, k_aux)), "SELECT": cfg["SELECT"]}  # fmt: skip
+                          "AUX_KEEP": triton.next_power_of_2(max(1, k_aux)), "SELECT": cfg["SELECT"],
+                          "STAGES": filter.ROW_FILTER_STAGES}  # fmt: skip
             warps = max(cfg["WARPS"], filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"])))
             queue_compile(
                 f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps}"
@@ -171,6 +172,17 @@ def _queue_kernels() -> None:
                 constexprs,
                 num_warps=warps,
             )
+            if (n_features, k, k_aux) in row_filter_cases[:2] and cfg == filter.row_filter_configs(
+                k, k_aux, n_features
+            )[0]:
+                for stages in (2, 3):  # the pipelined first loop (ROW_FILTER_STAGES), with and without AuxK
+                    queue_compile(
+                        f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} "
+                        f"warps={warps} stages={stages}",
+                        filter._row_filter_kernel,
+                        {**constexprs, "STAGES": stages},
+                        num_warps=warps,
+                    )
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         queue_compile(
