@@ -203,21 +203,26 @@ def _queue_kernels() -> None:
             cfg["num_warps"],
             cfg["num_stages"],
         )
-    for cfg in decode._DECODE_CANDIDATES:
-        constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_vk": 1}
-        queue_compile(
-            f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}",
-            decode._decode_sparse_fwd_kernel,
-            constexprs,
-            cfg["num_warps"],
-        )
-    for cfg in decode._DVALS_CANDIDATES:
-        tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "CODES": cfg["CODES"]}
-        constexprs = {**tile, "stride_gd": 1, "stride_ik": 1}
-        name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}"
-        queue_compile(
-            f"{name} warps={cfg['num_warps']}", decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"]
-        )
+    for stages in sorted({decode.GATHER_STAGES, 3}):  # the default and the pipelined gather loops
+        for cfg in decode._DECODE_CANDIDATES:
+            constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "STAGES": stages,
+                          "stride_vk": 1}  # fmt: skip
+            queue_compile(
+                f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']} stages={stages}",
+                decode._decode_sparse_fwd_kernel,
+                constexprs,
+                cfg["num_warps"],
+            )
+        for cfg in decode._DVALS_CANDIDATES:
+            tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "CODES": cfg["CODES"]}
+            constexprs = {**tile, "STAGES": stages, "stride_gd": 1, "stride_ik": 1}
+            name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}"
+            queue_compile(
+                f"{name} warps={cfg['num_warps']} stages={stages}",
+                decode._decode_sparse_bwd_vals_kernel,
+                constexprs,
+                cfg["num_warps"],
+            )
     for has_center in (False, True):
         for cfg in scatter._ATOMIC_CANDIDATES:
             tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]}
