@@ -150,7 +150,8 @@ fi
 
 if [ "${FASTSAE_RUN_BENCH:-1}" = 1 ]; then
     echo "== benchmarks"
-    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.run --csv "$OUT/results.csv" ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} ${FASTSAE_BENCH_SHAPES:+--shapes $FASTSAE_BENCH_SHAPES} 2>&1 | tee "$OUT/bench.log" | tail -40
+    # Only the rows: the report is rendered where they are merged into bench/results (python -m bench.report).
+    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.run --csv "$OUT/results.csv" --no-render ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} ${FASTSAE_BENCH_SHAPES:+--shapes $FASTSAE_BENCH_SHAPES} 2>&1 | tee "$OUT/bench.log" | tail -40
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status

@@ -1,6 +1,7 @@
 """Runs the benchmarks on a CUDA GPU and appends their rows to a CSV, then renders the report.
 
-python -m bench.run [--only stats,encode,train] [--shapes gpt2,af3] [--csv PATH]     (or: python -m fastsae bench)
+python -m bench.run [--only stats,encode,train] [--shapes gpt2,af3] [--csv PATH] [--no-render]
+(or: python -m fastsae bench)
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
     parser.add_argument("--csv", type=Path, default=None, help="CSV to append to (default bench/results/<gpu>.csv)")
+    parser.add_argument(
+        "--no-render", action="store_true", help="only append the rows (no README.md and plots next to the CSV)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("fastsae bench times CUDA kernels and needs a CUDA GPU; none is visible here.")
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             traceback.print_exc()
             failed.append(family)
-    if csv_path.exists():
+    if csv_path.exists() and not args.no_render:
         render(csv_path, csv_path.parent)
     if failed:
         print(f"benchmark families that failed: {failed}")
