@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from fastsae.ops import launch
 from fastsae.testing import assert_close
 
 from . import bench_train
@@ -59,6 +60,9 @@ def run(recorder: Recorder, switch: tuple[object, str, list[object]], shapes: li
                     step = bench_train._fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True, graph=True)
                     assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step_ab {shape} {name}={value}")
                     recorder.record("train_step_ab", shape, f"{name}={value}", bench_train.measure_step(step, x))
+                    # The tuner times its candidates once per process: the step's picks, to tell a switch's
+                    # effect from a different pick.
+                    print(f"  tuner's picks: {[(key[0], choice) for key, choice in launch.tuned_items()]}")
                     del step
                     torch.cuda.empty_cache()
             recorder.record("train_step_ab", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))

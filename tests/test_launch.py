@@ -18,6 +18,7 @@ def test_tuner_picks_the_fastest_back_to_back_and_remembers(monkeypatch):
     key = ("test_tuner", 1)
     assert launch.tuned(key, [0.004, 0.001, 0.003], run) == 0.001
     assert launch.tuned_choices("test_tuner") == [0.001]
+    assert launch.tuned_items("test_tuner") == [(key, 0.001)]
     timed = len(calls)
     assert launch.tuned(key, [0.004, 0.001, 0.003], run) == 0.001 and len(calls) == timed  # not timed again
     assert 0.001 <= launch.seconds_per_call(lambda: time.sleep(0.001), calls=3, rounds=2) < 0.01

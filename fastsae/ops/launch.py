@@ -105,6 +105,11 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def tuned_items(*key_prefix: object) -> list[tuple[tuple, object]]:
+    """(key, what the tuner picked) for every key that starts with `key_prefix` (benchmarks report it)."""
+    return [(key, choice) for key, choice in _best.items() if key[: len(key_prefix)] == key_prefix]
+
+
 def tuned_choices(*key_prefix: object) -> list[object]:
-    """What the tuner picked for every key that starts with `key_prefix` (benchmarks report it)."""
-    return [choice for key, choice in _best.items() if key[: len(key_prefix)] == key_prefix]
+    """What the tuner picked for every key that starts with `key_prefix`."""
+    return [choice for _, choice in tuned_items(*key_prefix)]
