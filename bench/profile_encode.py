@@ -54,33 +54,34 @@ def _graph_replay_seconds(fn) -> float:
     return launch.seconds_per_call(graph.replay)
 
 
-def _host_seconds(fn, calls: int = 20) -> float:
-    """Host seconds per call of `fn` alone: the calls are queued behind a long GPU sleep, so no launch
-    waits for the GPU (a call that synchronised would show the sleep)."""
+def _behind_gpu_sleep(fn, calls: int, measure):
+    """`measure(loop)`, where `loop` makes `calls` calls of `fn` queued behind a long GPU sleep, so that no
+    launch waits for the GPU (a call that synchronised would show the sleep)."""
     fn()
     torch.cuda.synchronize()
     torch.cuda._sleep(2 * 10**8)  # about 0.1 s of GPU cycles
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - start) / calls
+    result = measure(lambda: [fn() for _ in range(calls)])
     torch.cuda.synchronize()
-    return host
+    return result
+
+
+def _host_seconds(fn, calls: int = 20) -> float:
+    """Host seconds per call of `fn` alone."""
+
+    def seconds(loop) -> float:
+        start = time.perf_counter()
+        loop()
+        return (time.perf_counter() - start) / calls
+
+    return _behind_gpu_sleep(fn, calls, seconds)
 
 
 def _host_profile(fn, rows: int, calls: int = 20) -> str:
-    """cProfile's table of the host's time in `calls` calls of `fn` (queued behind a GPU sleep, as in
-    `_host_seconds`), the `rows` functions with the most time of their own: where an eager call's launch
-    time goes (Triton's argument binding per launch, torch.library's dispatch, allocations)."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(2 * 10**8)
+    """cProfile's table of the host's time in `calls` calls of `fn` alone, the `rows` functions with the
+    most time of their own: where an eager call's launch time goes (Triton's argument binding per
+    launch, torch.library's dispatch, allocations)."""
     profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(calls):
-        fn()
-    profiler.disable()
-    torch.cuda.synchronize()
+    _behind_gpu_sleep(fn, calls, profiler.runcall)
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
     return text.getvalue()
