@@ -14,18 +14,16 @@ summed (a plain loop waits for each gather in turn). 1 is the plain loops; not y
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .launch import bucket, cdiv, tuned
+from .launch import bucket, cdiv, pipeline_stages, tuned
 from .scatter import feature_sums
 
-GATHER_STAGES = int(os.environ.get("FASTSAE_GATHER_STAGES", "1"))
+GATHER_STAGES = pipeline_stages("FASTSAE_GATHER_STAGES")
 
 
 @triton.jit

@@ -52,7 +52,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .launch import INTERPRET, cdiv, input_precision, matmul_dtype, next_power_of_2, sm_count
+from .launch import INTERPRET, cdiv, input_precision, matmul_dtype, next_power_of_2, pipeline_stages, sm_count
 
 EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty slot: below every (value, feature) key
 THRESHOLD_ELEMENTS = 2**25  # pre-activations of the threshold pass held at once (64 MB in bf16)
@@ -78,7 +78,7 @@ ROW_FILTER_REREAD = 1024
 # each read in turn (6 at the GPT-2 width). 1, the default, is the plain loop. Not yet timed on the H200:
 # FASTSAE_ROW_FILTER_STAGES (read at import; bench.ab_step fastsae.ops.filter.ROW_FILTER_STAGES=1,2,3
 # compares them) until it is.
-ROW_FILTER_STAGES = int(os.environ.get("FASTSAE_ROW_FILTER_STAGES", "1"))
+ROW_FILTER_STAGES = pipeline_stages("FASTSAE_ROW_FILTER_STAGES")
 
 
 @triton.jit
