@@ -154,7 +154,7 @@ def _queue_kernels() -> None:
         queue_compile(f"filter_select cap={cap}", filter._select_kernel, constexprs, filter._row_warps(cap))
     row_filter_cases = [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]
     for n_features, k, k_aux in row_filter_cases:
-        for i, cfg in enumerate(filter.row_filter_configs(k, k_aux, n_features)):
+        for cfg in filter.row_filter_configs(k, k_aux, n_features):
             if not cfg["SELECT"] and (n_features, k, k_aux) != row_filter_cases[0]:
                 continue  # the row program less its select (filter_select below): one case of it is enough
             n_groups = cfg["N_GROUPS"]
@@ -162,8 +162,7 @@ def _queue_kernels() -> None:
                           "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
                           "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
                           "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
-                          "AUX_KEEP": triton.next_power_of_2(max(1, k_aux)), "SELECT": cfg["SELECT"],
-                          "STAGES": filter.ROW_FILTER_STAGES}  # fmt: skip
+                          "AUX_KEEP": triton.next_power_of_2(max(1, k_aux)), "SELECT": cfg["SELECT"]}  # fmt: skip
             warps = max(cfg["WARPS"], filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"])))
             queue_compile(
                 f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps}"
@@ -172,15 +171,6 @@ def _queue_kernels() -> None:
                 constexprs,
                 num_warps=warps,
             )
-            if i == 0 and (n_features, k, k_aux) in row_filter_cases[:2]:
-                for stages in (2, 3):  # the pipelined first loop (ROW_FILTER_STAGES), with and without AuxK
-                    queue_compile(
-                        f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} "
-                        f"warps={warps} stages={stages}",
-                        filter._row_filter_kernel,
-                        {**constexprs, "STAGES": stages},
-                        num_warps=warps,
-                    )
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         queue_compile(
@@ -201,26 +191,21 @@ def _queue_kernels() -> None:
             cfg["num_warps"],
             cfg["num_stages"],
         )
-    for stages in sorted({decode.GATHER_STAGES, 3}):  # the default and the pipelined gather loops
-        for cfg in decode._DECODE_CANDIDATES:
-            constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "STAGES": stages,
-                          "stride_vk": 1}  # fmt: skip
-            queue_compile(
-                f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']} stages={stages}",
-                decode._decode_sparse_fwd_kernel,
-                constexprs,
-                cfg["num_warps"],
-            )
-        for cfg in decode._DVALS_CANDIDATES:
-            tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "CODES": cfg["CODES"]}
-            constexprs = {**tile, "STAGES": stages, "stride_gd": 1, "stride_ik": 1}
-            name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}"
-            queue_compile(
-                f"{name} warps={cfg['num_warps']} stages={stages}",
-                decode._decode_sparse_bwd_vals_kernel,
-                constexprs,
-                cfg["num_warps"],
-            )
+    for cfg in decode._DECODE_CANDIDATES:
+        constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_vk": 1}
+        queue_compile(
+            f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}",
+            decode._decode_sparse_fwd_kernel,
+            constexprs,
+            cfg["num_warps"],
+        )
+    for cfg in decode._DVALS_CANDIDATES:
+        tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "CODES": cfg["CODES"]}
+        constexprs = {**tile, "stride_gd": 1, "stride_ik": 1}
+        name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}"
+        queue_compile(
+            f"{name} warps={cfg['num_warps']}", decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"]
+        )
     for has_center in (False, True):
         for cfg in scatter._ATOMIC_CANDIDATES:
             tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]}

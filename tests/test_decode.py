@@ -27,13 +27,10 @@ def _codes(B, F, k, dtype, device):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("stages", [1, 3], ids=["plain", "pipelined"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("device, B, d, F, k", CASES, ids=lambda v: None)
-def test_decode_sparse_kernel(device, B, d, F, k, dtype, bias, stages, monkeypatch):
-    """The decode against the fp64 reference, its gather loop plain or pipelined (GATHER_STAGES)."""
-    monkeypatch.setattr(decode, "GATHER_STAGES", stages)
+def test_decode_sparse_kernel(device, B, d, F, k, dtype, bias):
     vals, idx = _codes(B, F, k, dtype, device)
     _, _, W_dec, b_dec = random_sae_weights(d, F, dtype=dtype, device=device)
     b_dec = b_dec if bias else None
@@ -69,16 +66,12 @@ def test_decode_sparse_backward_kernel(device, B, d, F, k, dtype, deterministic)
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("stages", [1, 3], ids=["plain", "pipelined"])
 @pytest.mark.parametrize("cfg", decode._DVALS_CANDIDATES, ids=lambda cfg: "-".join(map(str, cfg.values())))
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_decode_sparse_backward_every_dvals_tile(device, cfg, stages, monkeypatch):
+def test_decode_sparse_backward_every_dvals_tile(device, cfg, monkeypatch):
     """Each tile the tuner may pick for d vals, with k = 9 codes (not a multiple of any tile's codes per
-    program) and a d that is not a multiple of its BLOCK_D; the loop over codes and dimension blocks
-    plain or as one pipelined loop over both (GATHER_STAGES: each code's sum finishes, is stored and
-    starts again from zero inside it)."""
+    program) and a d that is not a multiple of its BLOCK_D (fp32: fp64 weights take the reference)."""
     monkeypatch.setattr(decode, "_DVALS_CANDIDATES", [cfg])
-    monkeypatch.setattr(decode, "GATHER_STAGES", stages)
     B, d, F, k = 70, 72, 50, 9
     vals, idx = _codes(B, F, k, torch.float32, device)
     _, _, W_dec, _ = random_sae_weights(d, F, dtype=torch.float32, device=device)

@@ -185,24 +185,20 @@ def test_filter_fallbacks(device, name, select):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize(
-    "select, stages", [(True, 1), (False, 1), (True, 3)], ids=["select_in_row_program", "select_launch", "pipelined"]
-)
+@pytest.mark.parametrize("select", [True, False], ids=["select_in_row_program", "select_launch"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_in_rounds_and_row_chunks(device, select, stages, monkeypatch):
+def test_row_filter_in_rounds_and_row_chunks(device, select, monkeypatch):
     """The row filter reads the groups whose maximum reaches the threshold again in rounds of
     ROW_FILTER_REREAD entries, and takes the batch in row chunks of PRE_ACTIVATION_CHUNK entries: with
     rounds of two groups every row takes many rounds (AuxK with few dead features makes every group with
     a dead feature hot), with chunks of at most 5 rows the last one is short, and the codes are still the
     reference's, with no row left to the fallback, whether each chunk's select runs in the row program
-    or in a launch of its own after it (`select`: the chunks reuse one buffer), and with the group
-    maxima's reads pipelined (`stages`, ROW_FILTER_STAGES; the interpreter runs the plain loop)."""
+    or in a launch of its own after it (`select`: the chunks reuse one buffer)."""
     B, d, F, k, k_aux = (13, 32, 300, 8, 6) if device == "cpu" else (1003, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     dead = torch.zeros(F, dtype=torch.bool, device=device)
     dead[torch.randperm(F, device=device)[: 3 * k_aux]] = True
     route = _first_route("row_filter", k, k_aux, F, SELECT=select)
-    monkeypatch.setattr(filter, "ROW_FILTER_STAGES", stages)
     monkeypatch.setattr(filter, "ROW_FILTER_REREAD", 2 * route[1]["GROUP"])
     monkeypatch.setattr(filter, "PRE_ACTIVATION_CHUNK", 5 * F)
     outputs = _poisoned_outputs(B, k, k_aux, device)

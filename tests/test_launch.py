@@ -3,8 +3,6 @@ time (host time included), once per key."""
 
 import time
 
-import pytest
-
 from fastsae.ops import launch
 
 
@@ -24,15 +22,3 @@ def test_tuner_picks_the_fastest_back_to_back_and_remembers(monkeypatch):
     timed = len(calls)
     assert launch.tuned(key, [0.004, 0.001, 0.003], run) == 0.001 and len(calls) == timed  # not timed again
     assert 0.001 <= launch.seconds_per_call(lambda: time.sleep(0.001), calls=3, rounds=2) < 0.01
-
-
-def test_pipeline_stages_from_the_environment(monkeypatch):
-    """A kernel loop's pipelining stages: 1 unless set, and a clear error naming the variable otherwise."""
-    monkeypatch.delenv("FASTSAE_TEST_STAGES", raising=False)
-    assert launch.pipeline_stages("FASTSAE_TEST_STAGES") == 1
-    monkeypatch.setenv("FASTSAE_TEST_STAGES", "3")
-    assert launch.pipeline_stages("FASTSAE_TEST_STAGES") == 3
-    for bad in ("0", "-2", "two", ""):
-        monkeypatch.setenv("FASTSAE_TEST_STAGES", bad)
-        with pytest.raises(ValueError, match="FASTSAE_TEST_STAGES must be a positive integer"):
-            launch.pipeline_stages("FASTSAE_TEST_STAGES")

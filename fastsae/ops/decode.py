@@ -4,12 +4,6 @@ vals/idx [B, k], W_dec [F, d], b_dec [d] -> x_hat [B, d] in W_dec's dtype. A pro
 tokens and BLOCK_D output dimensions; for each of the k codes it gathers BLOCK_M decoder row
 segments (contiguous BLOCK_D elements each) and accumulates in fp32. Only B*k*d elements of W_dec
 are read, against B*F*d for a dense decode.
-
-GATHER_STAGES (FASTSAE_GATHER_STAGES, read at import; default 1): software-pipelining stages of the
-gather loops here, the decode's loop over the codes and d vals' loop over (code, dimension block) pairs,
-which Triton's pipeliner turns into cp.async reads of the next iterations' decoder rows while one is
-summed (a plain loop waits for each gather in turn). 1 is the plain loops; not yet timed on the H200
-(bench.ab_step fastsae.ops.decode.GATHER_STAGES=1,2,3 compares them).
 """
 
 from __future__ import annotations
@@ -20,10 +14,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .launch import bucket, cdiv, pipeline_stages, tuned
+from .launch import bucket, cdiv, tuned
 from .scatter import feature_sums
-
-GATHER_STAGES = pipeline_stages("FASTSAE_GATHER_STAGES")
 
 
 @triton.jit
@@ -31,14 +23,14 @@ def _decode_sparse_fwd_kernel(
     vals_ptr, idx_ptr, w_ptr, b_dec_ptr, out_ptr,
     B, K, D, F,
     stride_vm, stride_vk, stride_im, stride_ik, stride_wf, stride_wd, stride_om, stride_od,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STAGES: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_valid, dim_valid = rows < B, dims < D
     rows64 = rows.to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for j in tl.range(0, K, num_stages=STAGES):
+    for j in range(0, K):
         v = tl.load(vals_ptr + rows64 * stride_vm + j * stride_vk, mask=row_valid, other=0.0).to(tl.float32)
         f = tl.load(idx_ptr + rows64 * stride_im + j * stride_ik, mask=row_valid, other=0).to(tl.int64)
         # An index outside [0, F) contributes nothing instead of reading out of bounds.
@@ -77,7 +69,7 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
             B, K, D, F,
             vals.stride(0), vals.stride(1), idx.stride(0), idx.stride(1),
             W_dec.stride(0), W_dec.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=b_dec is not None, STAGES=GATHER_STAGES, **cfg,
+            HAS_BIAS=b_dec is not None, **cfg,
         )  # fmt: skip
 
     run(tuned(("decode_sparse", D, F, bucket(B), bucket(K), W_dec.dtype), _DECODE_CANDIDATES, run))
@@ -93,7 +85,7 @@ def _decode_sparse_bwd_vals_kernel(
     grad_ptr, idx_ptr, w_ptr, dvals_ptr,
     B, K, D, F,
     stride_gm, stride_gd, stride_im, stride_ik, stride_wf, stride_wd, stride_dm, stride_dk,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES: tl.constexpr,
 ):  # fmt: skip
     # Program (i, c) owns tokens block i and their codes c * CODES ... (c + 1) * CODES - 1: splitting the
     # codes as well as the tokens puts more gathers in flight (one program per token block ran its k
@@ -104,47 +96,24 @@ def _decode_sparse_bwd_vals_kernel(
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     first_code = tl.program_id(1) * CODES
-    last_code = tl.minimum(first_code + CODES, K)
-    if STAGES == 1:
-        for j in range(first_code, last_code):
-            f = tl.load(idx_ptr + rows64 * stride_im + j * stride_ik, mask=row_valid, other=0).to(tl.int64)
-            acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                acc += _dvals_part(grad_ptr, w_ptr, rows64, row_valid, f, d0 + dims, D, F,
-                                   stride_gm, stride_gd, stride_wf, stride_wd)  # fmt: skip
-            tl.store(dvals_ptr + rows64 * stride_dm + j * stride_dk, acc.to(dvals_ptr.dtype.element_ty), mask=row_valid)
-    else:  # one loop over (code, dimension block) pairs, so that the pipeliner streams across codes
-        blocks = tl.cdiv(D, BLOCK_D)
+    for j in range(first_code, tl.minimum(first_code + CODES, K)):
+        f = tl.load(idx_ptr + rows64 * stride_im + j * stride_ik, mask=row_valid, other=0).to(tl.int64)
+        gather = row_valid & (f >= 0) & (f < F)
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for step in tl.range(first_code * blocks, last_code * blocks, num_stages=STAGES):
-            j = step // blocks
-            d0 = (step - j * blocks) * BLOCK_D
-            f = tl.load(idx_ptr + rows64 * stride_im + j * stride_ik, mask=row_valid, other=0).to(tl.int64)
-            acc += _dvals_part(grad_ptr, w_ptr, rows64, row_valid, f, d0 + dims, D, F,
-                               stride_gm, stride_gd, stride_wf, stride_wd)  # fmt: skip
-            code_done = d0 + BLOCK_D >= D
-            tl.store(dvals_ptr + rows64 * stride_dm + j * stride_dk, acc.to(dvals_ptr.dtype.element_ty),
-                     mask=row_valid & code_done)  # fmt: skip
-            acc = tl.where(code_done, 0.0, acc)
-
-
-@triton.jit
-def _dvals_part(grad_ptr, w_ptr, rows64, row_valid, f, dims, D, F, stride_gm, stride_gd, stride_wf, stride_wd):
-    """grad_out[rows, dims] . W_dec[f, dims] in fp32, [BLOCK_M]: one dimension block of the d vals of
-    the codes of features f [BLOCK_M] (int64; an index outside [0, F) gathers nothing)."""
-    gather = row_valid & (f >= 0) & (f < F)
-    dim_valid = dims < D
-    g = tl.load(
-        grad_ptr + rows64[:, None] * stride_gm + dims[None, :] * stride_gd,
-        mask=row_valid[:, None] & dim_valid[None, :],
-        other=0.0,
-    ).to(tl.float32)  # [BLOCK_M, BLOCK_D], from L1/L2 after the first code
-    w = tl.load(
-        w_ptr + f[:, None] * stride_wf + dims[None, :] * stride_wd,
-        mask=gather[:, None] & dim_valid[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    return tl.sum(g * w, axis=1)
+        for d0 in range(0, D, BLOCK_D):
+            dim_valid = (d0 + dims) < D
+            g = tl.load(
+                grad_ptr + rows64[:, None] * stride_gm + (d0 + dims)[None, :] * stride_gd,
+                mask=row_valid[:, None] & dim_valid[None, :],
+                other=0.0,
+            ).to(tl.float32)  # [BLOCK_M, BLOCK_D], from L1/L2 after the first code
+            w = tl.load(
+                w_ptr + f[:, None] * stride_wf + (d0 + dims)[None, :] * stride_wd,
+                mask=gather[:, None] & dim_valid[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(g * w, axis=1)
+        tl.store(dvals_ptr + rows64 * stride_dm + j * stride_dk, acc.to(dvals_ptr.dtype.element_ty), mask=row_valid)
 
 
 _DVALS_CANDIDATES = [
@@ -175,7 +144,7 @@ def sparse_dvals(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> 
             B, K, D, F,
             grad_out.stride(0), grad_out.stride(1), idx.stride(0), idx.stride(1),
             W_dec.stride(0), W_dec.stride(1), dvals.stride(0), dvals.stride(1),
-            STAGES=GATHER_STAGES, **cfg,
+            **cfg,
         )  # fmt: skip
 
     run(tuned(("decode_sparse_bwd_vals", D, F, bucket(B), bucket(K), W_dec.dtype), _DVALS_CANDIDATES, run))

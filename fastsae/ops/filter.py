@@ -52,7 +52,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .launch import INTERPRET, cdiv, input_precision, matmul_dtype, next_power_of_2, pipeline_stages, sm_count
+from .launch import INTERPRET, cdiv, input_precision, matmul_dtype, next_power_of_2, sm_count
 
 EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty slot: below every (value, feature) key
 THRESHOLD_ELEMENTS = 2**25  # pre-activations of the threshold pass held at once (64 MB in bf16)
@@ -72,13 +72,6 @@ ROW_FILTER_GROUPS = 1024
 ROW_FILTER_MIN_GROUP = 4  # features per group, at least: a re-read tile gives each thread whole PTX packs
 ROW_FILTER_READ = 4096
 ROW_FILTER_REREAD = 1024
-# Software-pipelining stages of the row filter's first loop (the row's group maxima, ROW_FILTER_READ
-# features an iteration): with 2 or more, Triton's pipeliner keeps the next iterations' reads in flight
-# (cp.async into shared memory, 8 KB a stage in bf16) while one is reduced, where a plain loop waits for
-# each read in turn (6 at the GPT-2 width). 1, the default, is the plain loop. Not yet timed on the H200:
-# FASTSAE_ROW_FILTER_STAGES (read at import; bench.ab_step fastsae.ops.filter.ROW_FILTER_STAGES=1,2,3
-# compares them) until it is.
-ROW_FILTER_STAGES = pipeline_stages("FASTSAE_ROW_FILTER_STAGES")
 
 
 @triton.jit
@@ -318,7 +311,6 @@ def _row_filter_kernel(
     HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
     CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
     CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, SELECT: tl.constexpr,
-    STAGES: tl.constexpr,
 ):  # fmt: skip
     """The row filter (`row_filter_topk`): one program per row of `pre` [rows, F], pre-activations that
     cuBLAS wrote for the batch's rows row0 .. row0 + rows. A row's work is a chain of dependent steps,
@@ -328,8 +320,7 @@ def _row_filter_kernel(
     cannot gather a loop's chunks) holds N_GROUPS int32, twice with AuxK; its count and key buffer are
     reused by the next chunk.
     1. The maxima of the row's N_GROUPS groups (GROUP adjacent features each; a thread reads whole
-       groups, coalesced), CHUNK_GROUPS groups at a time (STAGES of them in flight, ROW_FILTER_STAGES),
-       as `_ordered` keys into the scratch.
+       groups, coalesced), CHUNK_GROUPS groups at a time, as `_ordered` keys into the scratch.
     2. The threshold: a value that k to k + k / 4 group maxima reach (the k-th largest maximum or a
        little below), so at least k distinct features are at or above it and the row's k largest are
        among them. With the whole row behind the bound about 1.1 k entries pass (the filter GEMM's
@@ -354,7 +345,7 @@ def _row_filter_kernel(
         tl.store(aux_count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
     # Only the chunks that hold features: the row's width is a power of two (24576 features read as
     # 32768), and the groups past F are masked out of the bound below, so their maxima are not needed.
-    for first in tl.range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS, num_stages=STAGES):
+    for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
         groups = first + tl.arange(0, CHUNK_GROUPS)
         members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
@@ -809,7 +800,7 @@ def row_filter_topk(
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
             CHUNK_GROUPS=max(1, ROW_FILTER_READ // group), HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
             CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
-            SELECT=cfg["SELECT"], STAGES=ROW_FILTER_STAGES, num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
+            SELECT=cfg["SELECT"], num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
         )  # fmt: skip
         if not cfg["SELECT"]:
             n = pre.shape[0]

@@ -25,15 +25,6 @@ def may_synchronize(t: Tensor) -> bool:
     return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
 
 
-def pipeline_stages(variable: str) -> int:
-    """Software-pipelining stages of a kernel loop from the environment variable `variable` (default 1,
-    a plain loop), a positive integer or a clear error naming the variable."""
-    value = os.environ.get(variable, "1")
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{variable} must be a positive integer (pipelining stages), got {value!r}")
-    return int(value)
-
-
 def matmul_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The matmul operand dtype for weights of `weight_dtype`: what a centred input is cast to before
     it meets them (fp32 under the interpreter)."""
