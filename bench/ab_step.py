@@ -1,7 +1,7 @@
 """The captured training step under each value of one of fastsae's switches, in one run, to set its
 default by measurement:
 
-    python -m bench.ab_step fastsae.ops.auxk.WARPS=2,4 [--shapes gpt2,af3] [--csv PATH]
+    python -m bench.ab_step fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 [--shapes gpt2,af3] [--csv PATH]
 
 A switch is a module attribute that fastsae reads when it runs an op (most are set from an environment
 variable at import: FASTSAE_AUXK_ROW_TOPK, FASTSAE_FEATURE_SUMS, ...). For each shape and value, in

@@ -19,7 +19,7 @@
 #   FASTSAE_PYTEST_ARGS      extra pytest arguments
 #   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset)
 #   FASTSAE_PROFILE_ENCODE   shapes for bench.profile_encode (off when unset)
-#   FASTSAE_AB               a switch for bench.ab_step, e.g. fastsae.ops.auxk.WARPS=2,4 (off
+#   FASTSAE_AB               a switch for bench.ab_step, e.g. fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 (off
 #                            when unset; FASTSAE_AB_SHAPES, default gpt2,af3): its rows go to $OUT/results.csv
 #   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,dp_graph,shard;
 #                            FASTSAE_DISTRIBUTED_PROFILE=1: rank 0's profile of the multi-GPU steps)

@@ -10,7 +10,8 @@ replayed as one CUDA graph, so the host launches one graph per step instead of a
 The first `warmup` calls run eagerly (on a side stream, as torch.cuda.graphs asks: they tune the
 kernels and settle the allocator) and train as usual; the next one captures the step and replays it
 from then on. A captured step cannot count dead features on the host, so AuxK reads a dead-feature
-list of fixed length (`SparseAutoencoder.auxk_capacity`, the current count and a quarter, rounded up;
+list of fixed length (`SparseAutoencoder.auxk_capacity`, the current count and a quarter, rounded up,
+or a power of two if that is shorter and leaves room;
 while tokens x that length is at most sae.AUXK_DENSE_MAX_ELEMENTS, else the fused AuxK stream), and
 the step captures again, after one eager step, when the list would be too short.
 
@@ -53,15 +54,18 @@ import torch
 from torch import Tensor
 
 from . import parallel
-from .ops.launch import cdiv
+from .ops.launch import cdiv, next_power_of_2
 from .optim import SAEAdam
 from .sae import AUXK_DENSE_MAX_ELEMENTS, SAEOutput, SparseAutoencoder
 
 MIN_AUXK_CAPACITY = 64  # the shortest dead-feature list: fewer captures while features die one by one
 # A new list holds the dead features counted and AUXK_HEADROOM as many again, rounded up to a multiple of
-# MIN_AUXK_CAPACITY: AuxK's products and top-k run over the whole list, which the next power of two made
-# up to twice the count (2048 columns for 1229 dead features at the GPT-2 benchmark shape), while the
-# headroom keeps new captures (an eager step and a capture each) few while features die.
+# MIN_AUXK_CAPACITY: AuxK's products run over the whole list, which the next power of two made up to
+# twice the count (2048 columns for 1229 dead features at the GPT-2 benchmark shape), while the headroom
+# keeps new captures (an eager step and a capture each) few while features die. Where a power of two
+# holds the count and MIN_AUXK_CAPACITY more and is shorter, the list takes it: the row top-k
+# (ops/auxk.py) pads each row to a power of two, and one past it doubles its work (at AlphaFold3's
+# benchmark shape, about 820 dead features: 1088 columns padded to 2048, against 1024).
 AUXK_HEADROOM = 0.25
 # Steps between the statistics a dead-count bound is computed from and the step it is used for: the
 # host reads replay t's bound before launching step t + 2, while replay t + 1 runs.
@@ -141,7 +145,8 @@ class CapturedStep:
             return sae.auxk_capacity
         longest = min(sae.cfg.n_features, AUXK_DENSE_MAX_ELEMENTS // n_tokens)
         wanted = n_dead + math.ceil(AUXK_HEADROOM * n_dead)
-        capacity = min(longest, max(MIN_AUXK_CAPACITY, cdiv(wanted, MIN_AUXK_CAPACITY) * MIN_AUXK_CAPACITY))
+        rounded = max(MIN_AUXK_CAPACITY, cdiv(wanted, MIN_AUXK_CAPACITY) * MIN_AUXK_CAPACITY)
+        capacity = min(longest, rounded, next_power_of_2(n_dead + MIN_AUXK_CAPACITY))
         return capacity if n_dead <= capacity else None
 
     def _uses_auxk(self) -> bool:

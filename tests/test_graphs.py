@@ -145,8 +145,9 @@ def test_captured_step_decides_the_auxk_list_from_the_bound_or_the_count(monkeyp
     """The host's decision before a replay, on CPU: with two replays' bounds and statistics untouched
     since, the older bound keeps the captured list without counting; a bound above the list, no
     bounds, or statistics written from outside make it count (the list grows to the count and a
-    quarter, rounded up to a multiple of 64, when the count outgrows it)."""
-    cfg = fastsae.SAEConfig(d_in=8, n_features=256, k=4, dtype="float32", dead_after_tokens=1000)
+    quarter, rounded up to a multiple of 64, or a power of two that is shorter and leaves 64 to spare,
+    when the count outgrows it)."""
+    cfg = fastsae.SAEConfig(d_in=8, n_features=2048, k=4, dtype="float32", dead_after_tokens=1000)
     sae = fastsae.SparseAutoencoder(cfg)
     sae.auxk_capacity = 64
     step = object.__new__(CapturedStep)  # its decisions alone: no graph, no CUDA
@@ -173,6 +174,12 @@ def test_captured_step_decides_the_auxk_list_from_the_bound_or_the_count(monkeyp
     with torch.no_grad():
         sae.tokens_since_fired[:150] = 2000  # 150 + 38 = 188: three multiples of 64, where a power of two is 256
     assert step._auxk_capacity(100) == 192, "the count and a quarter, rounded up to a multiple of 64"
+    with torch.no_grad():
+        sae.tokens_since_fired[:832] = 2000  # 832 + 208 = 1040 -> 1088, where 1024 holds 832 + 64
+    assert step._auxk_capacity(100) == 1024, "a power of two that leaves 64 to spare, where shorter"
+    with torch.no_grad():
+        sae.tokens_since_fired[:1000] = 2000  # 1024 would leave 24: 1000 + 250 -> 1280
+    assert step._auxk_capacity(100) == 1280, "no power of two leaves room below the rounded count"
     assert not step._dead_bounds
 
 

@@ -4,25 +4,28 @@ dense codes the path decodes.
 
 torch.topk takes several multi-block radix passes over the whole matrix (about 0.17 ms of a captured
 training step at the GPT-2 shape on the H200, k_aux = 384 of 1232 columns, and 0.29 ms at AlphaFold3's,
-192 of 824). Here a program of four warps holds one row in registers (up to 16 entries a thread) and
-sets the row's k-th largest order-preserving integer key bit by bit from the top (16 rounds for bf16:
-a compare and a row sum each), then takes the entries above it and the ties at it that complete k
-(found with one scan). Ties go to the larger index, as the fused encode's AuxK stream breaks them; NaN
-counts as -inf. It writes either the indices (in no particular order) or the codes: the ReLU of each
-selected entry in its column and zeros elsewhere, which spares the dense path the gather, the fill and
-the scatter that turn indices into codes.
+192 of 824). Here a program of one to four warps holds one row in registers (about 16 entries a
+thread) and sets the row's k-th largest order-preserving integer key bit by bit from the top (16 rounds
+for bf16: a compare and a row sum each), then takes the entries above it and the ties at it that
+complete k (found with one scan). Ties go to the larger index, as the fused encode's AuxK stream breaks
+them; NaN counts as -inf. It writes either the indices (in no particular order) or the codes: the ReLU
+of each selected entry in its column and zeros elsewhere, which spares the dense path the gather, the
+fill and the scatter that turn indices into codes.
 
 Measured on the H200 (bf16, one call on Gaussian rows): 134 us against torch.topk's 183 at the GPT-2
-shape (8192 rows of 1232) and 141 against 289 at AlphaFold3's (16384 rows of 824). One warp a row (64
-entries a thread, 168 registers) took 262 and 245, eight warps 148 and 163: fewer registers a thread
-keep more rows in flight until the cross-warp sums of each round dominate. Counting the keys that reach
-three candidates per round (two bits at a time, half the rounds) was slower at every shape, and rows
-longer than MAX_ROW are slower than torch.topk (Llama-8B's 6560 dead features, k = 2048: 474 against
-299 us with eight warps). Inside the captured training step (SAEAdam, 5% of the features dead, their
-bf16 values spread over each row), indices then torch's scatter: 2.199 against 2.251 ms a step with
-torch.topk at GPT-2, 2.193 against 2.273 at AlphaFold3 (dc0b2c6). Writing the codes, the kernel takes 86
-us of that step at GPT-2 (an AuxK list of 1600) and 167 at AlphaFold3 (16384 rows of 1024: four warps
-hold 8 entries a thread there, and the rounds' cross-warp sums dominate; two warps a row are untried).
+shape (8192 rows of 1232) and 141 against 289 at AlphaFold3's (16384 rows of 824). Counting the keys
+that reach three candidates per round (two bits at a time, half the rounds) was slower at every shape,
+and rows longer than MAX_ROW are slower than torch.topk (Llama-8B's 6560 dead features, k = 2048: 474
+against 299 us with eight warps). Inside the captured training step (SAEAdam, 5% of the features dead,
+their bf16 values spread over each row), indices then torch's scatter: 2.199 against 2.251 ms a step
+with torch.topk at GPT-2, 2.193 against 2.273 at AlphaFold3 (dc0b2c6).
+
+Writing the codes, at the captured step's list lengths (e1b5c40, `do_bench`, Gaussian rows with the
+list's padding at -inf; torch.topk alone 210 / 301 us): with four warps a row and the values live
+through the rounds, 88.9 us at GPT-2 (8192 rows of 1600, k = 384) and 89.7 at AlphaFold3 (16384 of
+1024, k = 192); with only the keys live (the winners' values loaded again for the codes), 82.5 / 81.3
+at 16 entries a thread (four / two warps), 86.2 / 79.7 at 32, 99.6 / 92.0 at 8. Two or four rows a
+program were slower at every warp count (94-217 us).
 
 On by default for bf16, fp16 and fp32 rows on CUDA; FASTSAE_AUXK_ROW_TOPK=0 (read at import) keeps
 torch.topk.
@@ -42,22 +45,22 @@ from .launch import cdiv, next_power_of_2
 
 ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK", "1") == "1"
 MAX_ROW = 2048  # longest row (16 entries a thread of four warps); longer ones measured faster in torch.topk
-WARPS = 4
+ENTRIES_PER_THREAD = 16
 PROGRAM_ELEMENTS = 1024  # shorter rows are taken several to a program, up to this many entries
 # Low bits of the fp32 order keys that are zero (positives) or one (negatives) in every value of a dtype.
 KEY_SHIFT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
 
 
 @triton.jit
-def _largest_reaching(keys, present, k, BITS: tl.constexpr):
-    """Per row of uint32 `keys` [BLOCK_M, N] below 2^BITS where `present`: the largest t with at least k
-    present keys >= t (the k-th largest key), set bit by bit from the top: BITS rounds of a compare and
-    a row sum, with no bounds to carry and no test for an early exit (filter._kth_largest's bisection,
-    whose loop condition is one more reduction a round, measured slower here)."""
+def _largest_reaching(keys, k, BITS: tl.constexpr):
+    """Per row of uint32 `keys` [BLOCK_M, N] below 2^BITS: the largest t >= 1 with at least k keys >= t
+    (the k-th largest key; keys of 0 never count), set bit by bit from the top: BITS rounds of a compare
+    and a row sum, with no bounds to carry and no test for an early exit (filter._kth_largest's
+    bisection, whose loop condition is one more reduction a round, measured slower here)."""
     t = tl.zeros([keys.shape[0]], dtype=tl.uint32)
     for bit in tl.static_range(BITS - 1, -1, -1):
         candidate = t | (1 << bit)
-        t = tl.where(tl.sum((present & (keys >= candidate[:, None])).to(tl.int32), axis=1) >= k, candidate, t)
+        t = tl.where(tl.sum((keys >= candidate[:, None]).to(tl.int32), axis=1) >= k, candidate, t)
     return t
 
 
@@ -76,19 +79,23 @@ def _row_topk_kernel(
     values = tl.load(pre_ptr + rows64 * stride_pm + cols * stride_pn, mask=present, other=float("-inf"))
     values = values.to(tl.float32)
     # Unsigned keys of 32 - KEY_SHIFT bits in the values' order: the signed `_ordered` key shifted, then
-    # offset by half its range (a wrapping add in uint32).
+    # offset by half its range (a wrapping add in uint32), NaN as -inf. -inf's key is above 0, so
+    # entries outside the row get key 0 and the rounds need no mask. The codes load the winners' values
+    # again (from L2) rather than keep them live through the rounds: measured faster (module docstring).
     signed = _ordered(tl.where(values == values, values, float("-inf"))) >> KEY_SHIFT
-    keys = signed.to(tl.uint32, bitcast=True) + (1 << (31 - KEY_SHIFT))
-    kth = _largest_reaching(keys, present, k, 32 - KEY_SHIFT)
-    greater = present & (keys > kth[:, None])
-    tied = present & (keys == kth[:, None])
+    keys = tl.where(present, signed.to(tl.uint32, bitcast=True) + (1 << (31 - KEY_SHIFT)), 0)
+    kth = _largest_reaching(keys, k, 32 - KEY_SHIFT)
+    # kth is 0 only in rows past B (no key reaches 1): their entries, all at key 0, must not tie.
+    greater = keys > kth[:, None]
+    tied = (keys == kth[:, None]) & (kth > 0)[:, None]
     need = k - tl.sum(greater.to(tl.int32), axis=1)
     # Among the ties, the `need` of largest index: those with at most `need` tied entries at or after
     # them (one scan, where rounds over the column bits cost as many cross-warp sums as the bits).
     tied_from_here = tl.cumsum(tied.to(tl.int32), axis=1, reverse=True)
     win = greater | (tied & (tied_from_here <= need[:, None]))
     if WRITE_CODES:
-        codes = tl.where(win, tl.where(values < 0, 0.0, values), 0.0)  # torch.relu's: NaN stays, -inf is 0
+        values = tl.load(pre_ptr + rows64 * stride_pm + cols * stride_pn, mask=win, other=0.0).to(tl.float32)
+        codes = tl.where(values < 0, 0.0, values)  # torch.relu's: NaN stays, -inf is 0
         written = (rows < B)[:, None] & (cols < n_out)
         tl.store(out_ptr + rows64 * stride_om + cols, codes.to(out_ptr.dtype.element_ty), mask=written)
     else:
@@ -97,9 +104,12 @@ def _row_topk_kernel(
 
 
 def row_tile(n: int) -> dict:
-    """The launch configuration for rows of n <= MAX_ROW entries: rows per program, padded row length, warps."""
+    """The launch configuration for rows of n <= MAX_ROW entries: rows per program, padded row length, and
+    warps for about ENTRIES_PER_THREAD entries a thread (at most four)."""
     block_n = next_power_of_2(n)
-    return dict(BLOCK_M=max(1, PROGRAM_ELEMENTS // block_n), BLOCK_N=block_n, num_warps=WARPS)
+    block_m = max(1, PROGRAM_ELEMENTS // block_n)
+    warps = min(4, max(1, block_m * block_n // (32 * ENTRIES_PER_THREAD)))
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
 
 
 def row_topk_indices(pre: Tensor, k: int) -> Tensor:
