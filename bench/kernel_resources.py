@@ -59,7 +59,12 @@ POINTER_TYPES = {
     "beta2": "fp32",
     "one_minus_beta1": "fp32",
     "one_minus_beta2": "fp32",
-    "corrections_ptr": "*fp32",
+    "step_ptr": "*fp32",
+    "step_size": "fp32",
+    "bias2_sqrt": "fp32",
+    "lr": "fp32",
+    "log2_beta1": "fp32",
+    "log2_beta2": "fp32",
     "m_ptr": "*fp32",
     "v_ptr": "*fp32",
 }
@@ -252,7 +257,12 @@ def _queue_kernels() -> None:
             f"decoder_remove_parallel_grad d={d}", decoder._remove_parallel_grad_kernel, tile, cfg["num_warps"]
         )
         queue_compile(f"decoder_normalize_rows d={d}", decoder._normalize_rows_kernel, tile, cfg["num_warps"])
-        queue_compile(f"decoder_adam d={d}", decoder._decoder_adam_kernel, tile, cfg["num_warps"])
+        for on_device in (False, True):  # the bias corrections from the host, or from a count on the device
+            constexprs = {**tile, "STEP_ON_DEVICE": on_device}
+            queue_compile(f"decoder_adam d={d} count_on_device={on_device}", decoder._decoder_adam_kernel,
+                          constexprs, cfg["num_warps"])  # fmt: skip
+    queue_compile("adam count_on_device=True", decoder._adam_kernel, {"STEP_ON_DEVICE": True,
+                  "BLOCK": decoder.ADAM_BLOCK}, num_warps=4)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -63,6 +63,17 @@ class SAEAdam(torch.optim.Optimizer):
                 else:
                     saved["step"] = int(saved["step"])
 
+    @staticmethod
+    def _count_step(states: list[dict]) -> None:
+        """Every parameter's step count up by one: the capturable counts (tensors) in one launch, where
+        an in-place add per parameter took one each."""
+        counts = [state["step"] for state in states if isinstance(state["step"], Tensor)]
+        if counts:
+            torch._foreach_add_(counts, 1)
+        for state in states:
+            if not isinstance(state["step"], Tensor):
+                state["step"] += 1
+
     def _state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
         if not state:
@@ -78,18 +89,19 @@ class SAEAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        groups = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             params = [p for p in group["params"] if p.grad is not None]
-            states = [self._state(p, group) for p in params]
+            groups.append((group, params, [self._state(p, group) for p in params]))
+        self._count_step([state for _, _, states in groups for state in states])
+        for group, params, states in groups:
+            beta1, beta2 = group["betas"]
             if group["decoder"]:
                 for p, state in zip(params, states):
-                    state["step"] += 1  # in place on a capturable count
                     F.decoder_adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
                                     beta1, beta2, group["eps"])  # fmt: skip
             elif params and params[0].is_cuda:  # (a module's parameters share one device)
                 for p, state in zip(params, states):
-                    state["step"] += 1
                     F.adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"], beta1,
                             beta2, group["eps"])  # fmt: skip
             elif params and group["capturable"]:
@@ -97,17 +109,13 @@ class SAEAdam(torch.optim.Optimizer):
                 for i, p in enumerate(params):
                     kinds.setdefault((p.device, p.dtype), []).append(i)
                 for members in kinds.values():
-                    steps = [states[i]["step"] for i in members]
-                    torch._foreach_add_(steps, 1)
                     torch._fused_adam_(
                         [params[i] for i in members], [params[i].grad for i in members],
                         [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members], [],
-                        steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=0.0, eps=group["eps"],
-                        amsgrad=False, maximize=False,
+                        [states[i]["step"] for i in members], lr=group["lr"], beta1=beta1, beta2=beta2,
+                        weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False,
                     )  # fmt: skip
             elif params:
-                for state in states:
-                    state["step"] += 1
                 _adam(params, [p.grad for p in params], states, group["lr"], beta1, beta2, group["eps"])
         return loss
 

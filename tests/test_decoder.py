@@ -36,13 +36,14 @@ def test_decoder_constraint_kernels(device, F, d, dtype):
 def test_adam_kernels(device, F, d, dtype, state_dtype, constrained):
     """The fused decoder step (projection, Adam, renormalisation) and the plain Adam step against the
     fp64 reference, at step 1, at a later step with non-zero moments, and with the count in a 0-dim
-    tensor."""
+    tensor (the kernel computes the bias corrections from it: at step 1 they are smallest)."""
     moments_dtype = state_dtype or dtype
     kernel, expected_step = (decoder.decoder_adam_, reference.decoder_adam)
     if not constrained:
         kernel, expected_step = decoder.adam_, reference.adam
     W = reference.normalize_decoder_rows(torch.randn(F, d, dtype=torch.float64)).to(device=device, dtype=dtype)
-    for step in (1, 7, torch.tensor(9.0, device=device)):  # a tensor count: the capturable SAEAdam's
+    counts = (torch.tensor(1.0, device=device), torch.tensor(9.0, device=device))  # the capturable SAEAdam's
+    for step in (1, 7, *counts):
         later_step = float(step) > 1  # zero moments at step 1, as torch.optim.Adam starts
         grad = torch.randn(F, d, dtype=torch.float64).to(device=device, dtype=dtype)
         m = (0.1 * torch.randn(F, d, dtype=torch.float64) * later_step).to(device=device, dtype=moments_dtype)
@@ -54,3 +55,17 @@ def test_adam_kernels(device, F, d, dtype, state_dtype, constrained):
         if constrained:
             norms = W.double().norm(dim=1)
             assert torch.allclose(norms, torch.ones(F, dtype=torch.float64, device=device), atol=1e-2)
+
+
+@pytest.mark.parametrize("device, F, d", CASES, ids=lambda v: None)
+def test_adam_kernels_with_beta1_zero_and_a_count_on_the_device(device, F, d):
+    """beta1 = 0 (no first-moment averaging): the kernel's corrections from a count tensor (beta1^step
+    as exp2 of step x log2 beta1, which is -inf) are the host's."""
+    W = reference.normalize_decoder_rows(torch.randn(F, d, dtype=torch.float64)).to(device=device)
+    grad = torch.randn(F, d, dtype=torch.float64).to(device=device, dtype=torch.float32)
+    m, v = (0.1 * torch.rand(2, F, d, dtype=torch.float64)).to(device=device, dtype=torch.float32)
+    step = torch.tensor(3.0, device=device)
+    want = reference.adam(W.double(), grad.double(), m.double(), v.double(), 3, 1e-2, 0.0, 0.999, 1e-8)
+    decoder.adam_(W, grad, m, v, step, 1e-2, 0.0, 0.999, 1e-8)
+    for name, got, expected in zip(("W", "exp_avg", "exp_avg_sq"), (W, m, v), want):
+        assert_close(got, expected, torch.float32, name)

@@ -17,7 +17,8 @@ row is read once and written once, with fp32 dot products.
 
 from __future__ import annotations
 
-import torch
+import math
+
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -79,11 +80,22 @@ def normalize_rows_(W_dec: Tensor, eps: float = 1e-12) -> None:
 
 
 @triton.jit
-def _adam_update(p, g, m, v, corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps):
-    """Adam's step on fp32 values, with torch.optim.Adam's arithmetic: (p, m, v) after it. The bias
-    corrections come from `corrections_ptr` (`_bias_corrections`)."""
-    step_size = tl.load(corrections_ptr)  # lr / (1 - beta1^step)
-    bias2_sqrt = tl.load(corrections_ptr + 1)  # sqrt(1 - beta2^step)
+def _bias_corrections(
+    step_ptr, step_size, bias2_sqrt, lr, log2_beta1, log2_beta2, STEP_ON_DEVICE: tl.constexpr
+):  # fmt: skip
+    """(lr / (1 - beta1^step), sqrt(1 - beta2^step)): the host's, or with STEP_ON_DEVICE computed here
+    from the count at `step_ptr` in fp32 (`_bias_correction_args`)."""
+    if STEP_ON_DEVICE:
+        step = tl.load(step_ptr).to(tl.float32)
+        step_size = lr / (1 - tl.exp2(step * log2_beta1))
+        bias2_sqrt = tl.sqrt(1 - tl.exp2(step * log2_beta2))
+    return step_size, bias2_sqrt
+
+
+@triton.jit
+def _adam_update(p, g, m, v, step_size, bias2_sqrt, beta2, one_minus_beta1, one_minus_beta2, eps):
+    """Adam's step on fp32 values, with torch.optim.Adam's arithmetic: (p, m, v) after it, given the
+    bias corrections (`_bias_corrections`)."""
     m += one_minus_beta1 * (g - m)  # torch's lerp
     v = beta2 * v + one_minus_beta2 * g * g
     p -= step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
@@ -93,8 +105,8 @@ def _adam_update(p, g, m, v, corrections_ptr, beta2, one_minus_beta1, one_minus_
 @triton.jit
 def _decoder_adam_kernel(
     w_ptr, grad_ptr, m_ptr, v_ptr, F, D, stride_wf, stride_gf, stride_mf, stride_vf,
-    corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps, norm_eps,
-    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    step_ptr, step_size, bias2_sqrt, lr, log2_beta1, log2_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
+    norm_eps, STEP_ON_DEVICE: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     dims = tl.arange(0, BLOCK_D)
@@ -108,7 +120,9 @@ def _decoder_adam_kernel(
     m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
     g -= (tl.sum(g * w, axis=1) / tl.maximum(tl.sum(w * w, axis=1), norm_eps))[:, None] * w
-    w, m, v = _adam_update(w, g, m, v, corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps)
+    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, log2_beta1, log2_beta2,
+                                              STEP_ON_DEVICE)  # fmt: skip
+    w, m, v = _adam_update(w, g, m, v, step_size, bias2_sqrt, beta2, one_minus_beta1, one_minus_beta2, eps)
     norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), norm_eps)
     tl.store(w_ptrs, (w / norm[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptrs, m.to(m_ptr.dtype.element_ty), mask=mask)
@@ -123,28 +137,34 @@ def decoder_adam_(
     stride). `step` is a number, or a tensor on W_dec's device (a captured step: the bias corrections
     are then computed on the device, as torch.optim.Adam's capturable step computes them)."""
     grid, cfg = _grid(W_dec)
+    corrections, on_device = _bias_correction_args(step, lr, beta1, beta2)
     _decoder_adam_kernel[grid](
         W_dec, grad, exp_avg, exp_avg_sq, W_dec.shape[0], W_dec.shape[1],
         W_dec.stride(0), grad.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0),
         # 1 - beta in double precision: in fp32, 1 - fp32(0.999) is 1.3e-5 off
-        _bias_corrections(step, lr, beta1, beta2, W_dec.device), beta2, 1 - beta1, 1 - beta2, eps, norm_eps, **cfg,
+        *corrections, beta2, 1 - beta1, 1 - beta2, eps, norm_eps, STEP_ON_DEVICE=on_device, **cfg,
     )  # fmt: skip
 
 
-def _bias_corrections(step: int | Tensor, lr: float, beta1: float, beta2: float, device: torch.device) -> Tensor:
-    """fp32 [lr / (1 - beta1^step), sqrt(1 - beta2^step)] on `device`, which the Adam kernels read."""
+def _bias_correction_args(step: int | Tensor, lr: float, beta1: float, beta2: float) -> tuple[tuple, bool]:
+    """The Adam kernels' bias-correction arguments (count, lr / (1 - beta1^step), sqrt(1 - beta2^step),
+    lr, log2 beta1, log2 beta2) and whether the kernel computes the corrections from the count. A number
+    of steps: the host computes them in double precision. A count tensor on the device (a captured
+    step): the kernel reads it and computes them in fp32, as torch.optim.Adam's capturable step does,
+    where torch's arithmetic on the count took seven launches per parameter and step."""
     if isinstance(step, Tensor):
-        return torch.stack([lr / (1 - beta1**step), (1 - beta2**step).sqrt()]).float()
-    # In double precision on the host, written by fills: a copy from the host would synchronise.
-    corrections = torch.full((2,), lr / (1 - beta1**step), dtype=torch.float32, device=device)
-    corrections[1] = (1 - beta2**step) ** 0.5
-    return corrections
+        return (step, 0.0, 0.0, lr, _log2(beta1), _log2(beta2)), True
+    return (None, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, lr, 0.0, 0.0), False
+
+
+def _log2(beta: float) -> float:
+    return math.log2(beta) if beta > 0 else float("-inf")  # beta = 0: beta^step is 0 from step 1
 
 
 @triton.jit
 def _adam_kernel(
-    p_ptr, grad_ptr, m_ptr, v_ptr, n, corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps,
-    BLOCK: tl.constexpr,
+    p_ptr, grad_ptr, m_ptr, v_ptr, n, step_ptr, step_size, bias2_sqrt, lr, log2_beta1, log2_beta2, beta2,
+    one_minus_beta1, one_minus_beta2, eps, STEP_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
@@ -152,7 +172,9 @@ def _adam_kernel(
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    p, m, v = _adam_update(p, g, m, v, corrections_ptr, beta2, one_minus_beta1, one_minus_beta2, eps)
+    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, log2_beta1, log2_beta2,
+                                              STEP_ON_DEVICE)  # fmt: skip
+    p, m, v = _adam_update(p, g, m, v, step_size, bias2_sqrt, beta2, one_minus_beta1, one_minus_beta2, eps)
     tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
@@ -168,7 +190,8 @@ def adam_(
     """In place on `param` and the moments (all contiguous): `reference.adam` in one pass. `step` as
     `decoder_adam_`'s."""
     n = param.numel()
+    corrections, on_device = _bias_correction_args(step, lr, beta1, beta2)
     _adam_kernel[(cdiv(n, ADAM_BLOCK),)](
-        param, grad, exp_avg, exp_avg_sq, n, _bias_corrections(step, lr, beta1, beta2, param.device),
-        beta2, 1 - beta1, 1 - beta2, eps, BLOCK=ADAM_BLOCK, num_warps=4,
+        param, grad, exp_avg, exp_avg_sq, n, *corrections, beta2, 1 - beta1, 1 - beta2, eps,
+        STEP_ON_DEVICE=on_device, BLOCK=ADAM_BLOCK, num_warps=4,
     )  # fmt: skip
