@@ -63,8 +63,6 @@ POINTER_TYPES = {
     "step_size": "fp32",
     "bias2_sqrt": "fp32",
     "lr": "fp32",
-    "log2_beta1": "fp32",
-    "log2_beta2": "fp32",
     "m_ptr": "*fp32",
     "v_ptr": "*fp32",
 }
