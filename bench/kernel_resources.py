@@ -63,6 +63,8 @@ POINTER_TYPES = {
     "step_size": "fp32",
     "bias2_sqrt": "fp32",
     "lr": "fp32",
+    "log_beta1": "fp32",
+    "log_beta2": "fp32",
     "m_ptr": "*fp32",
     "v_ptr": "*fp32",
 }

@@ -57,11 +57,10 @@ def test_adam_kernels(device, F, d, dtype, state_dtype, constrained):
             assert torch.allclose(norms, torch.ones(F, dtype=torch.float64, device=device), atol=1e-2)
 
 
-@pytest.mark.filterwarnings("ignore:divide by zero encountered in log")  # the interpreter's log 0, as meant
 @pytest.mark.parametrize("device, F, d", CASES, ids=lambda v: None)
 def test_adam_kernels_with_beta1_zero_and_a_count_on_the_device(device, F, d):
-    """beta1 = 0 (no first-moment averaging): the kernel's corrections from a count tensor (beta1^step
-    as the exp of step x log beta1, which is -inf) are the host's."""
+    """beta1 = 0 (no first-moment averaging): the kernel's corrections from a count tensor (from step x
+    log beta1, which is -inf) are the host's."""
     W = reference.normalize_decoder_rows(torch.randn(F, d, dtype=torch.float64)).to(device=device)
     grad = torch.randn(F, d, dtype=torch.float64).to(device=device, dtype=torch.float32)
     m, v = (0.1 * torch.rand(2, F, d, dtype=torch.float64)).to(device=device, dtype=torch.float32)

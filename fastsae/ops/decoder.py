@@ -17,6 +17,8 @@ row is read once and written once, with fp32 dot products.
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -78,21 +80,28 @@ def normalize_rows_(W_dec: Tensor, eps: float = 1e-12) -> None:
 
 
 @triton.jit
-def _bias_corrections(
-    step_ptr, step_size, bias2_sqrt, lr, one_minus_beta1, one_minus_beta2, STEP_ON_DEVICE: tl.constexpr
-):
+def _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, STEP_ON_DEVICE: tl.constexpr):
     """(lr / (1 - beta1^step), sqrt(1 - beta2^step)): the host's, or with STEP_ON_DEVICE computed here
-    from the count at `step_ptr`, in fp64 from 1 - beta (`_bias_correction_args`). In fp32 (exp2 of the
-    count times log2 beta) the step-1 update of fp32 weights was 1.1-1.4e-5 off the fp64 reference on
-    the H200, above fp32's tolerance: 1 - beta2^step loses most of its digits there."""
+    from the count at `step_ptr` (`_bias_correction_args`)."""
     if STEP_ON_DEVICE:
-        step = tl.load(step_ptr).to(tl.float64)
-        one = tl.full([], 1.0, tl.float64)
-        bias1 = 1 - tl.exp(step * tl.log(one - one_minus_beta1))  # beta1 = 0: log 0 = -inf, bias1 = 1
-        bias2 = 1 - tl.exp(step * tl.log(one - one_minus_beta2))
-        step_size = (lr / bias1).to(tl.float32)
-        bias2_sqrt = tl.sqrt(bias2).to(tl.float32)
+        step = tl.load(step_ptr).to(tl.float32)
+        step_size = lr / _one_minus_power(step * log_beta1)
+        bias2_sqrt = tl.sqrt(_one_minus_power(step * log_beta2))
     return step_size, bias2_sqrt
+
+
+@triton.jit
+def _one_minus_power(y):
+    """1 - e^y for y <= 0 (y = step x log beta) in fp32, with no cancellation near y = 0: Taylor's series
+    there. 1 - e^y alone loses about four of the seven digits of 1 - 0.999^1: with it (as exp2 of the
+    count times log2 beta) the step-1 update of fp32 weights was 1.1-1.4e-5 off the fp64 reference on
+    the H200, above fp32's tolerance. For y >= -0.5 the series' first nine terms leave out less than
+    0.5^9 / 10! (6e-10) of the value."""
+    z = tl.maximum(y, -0.5)  # (beta = 0 gives y = -inf: the series must not see it)
+    series = -z * (
+        1 + z / 2 * (1 + z / 3 * (1 + z / 4 * (1 + z / 5 * (1 + z / 6 * (1 + z / 7 * (1 + z / 8 * (1 + z / 9)))))))
+    )
+    return tl.where(y >= -0.5, series, 1 - tl.exp(y))
 
 
 @triton.jit
@@ -108,7 +117,7 @@ def _adam_update(p, g, m, v, step_size, bias2_sqrt, beta2, one_minus_beta1, one_
 @triton.jit
 def _decoder_adam_kernel(
     w_ptr, grad_ptr, m_ptr, v_ptr, F, D, stride_wf, stride_gf, stride_mf, stride_vf,
-    step_ptr, step_size, bias2_sqrt, lr, beta2, one_minus_beta1, one_minus_beta2, eps,
+    step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
     norm_eps, STEP_ON_DEVICE: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -123,8 +132,8 @@ def _decoder_adam_kernel(
     m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
     g -= (tl.sum(g * w, axis=1) / tl.maximum(tl.sum(w * w, axis=1), norm_eps))[:, None] * w
-    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, one_minus_beta1,
-                                              one_minus_beta2, STEP_ON_DEVICE)  # fmt: skip
+    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2,
+                                              STEP_ON_DEVICE)  # fmt: skip
     w, m, v = _adam_update(w, g, m, v, step_size, bias2_sqrt, beta2, one_minus_beta1, one_minus_beta2, eps)
     norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), norm_eps)
     tl.store(w_ptrs, (w / norm[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
@@ -138,7 +147,7 @@ def decoder_adam_(
 ) -> None:  # fmt: skip
     """In place on W_dec and the moments: `reference.decoder_adam` in one pass (rows with unit column
     stride). `step` is a number, or a tensor on W_dec's device (a captured step: the kernel computes
-    the bias corrections from it, in fp64)."""
+    the bias corrections from it)."""
     grid, cfg = _grid(W_dec)
     corrections, on_device = _bias_correction_args(step, lr, beta1, beta2)
     _decoder_adam_kernel[grid](
@@ -151,18 +160,22 @@ def decoder_adam_(
 
 def _bias_correction_args(step: int | Tensor, lr: float, beta1: float, beta2: float) -> tuple[tuple, bool]:
     """The Adam kernels' bias-correction arguments (count, lr / (1 - beta1^step), sqrt(1 - beta2^step),
-    lr) and whether the kernel computes the corrections from the count. A number of steps: the host
-    computes them in double precision. A count tensor on the device (a captured step): the kernel reads
-    it and computes them, where torch's arithmetic on the count took seven launches per parameter and
-    step (186 -> 143 kernels a captured GPT-2 step on the H200)."""
+    lr, log beta1, log beta2) and whether the kernel computes the corrections from the count. A number
+    of steps: the host computes them in double precision. A count tensor on the device (a captured
+    step): the kernel reads it and computes them in fp32, where torch's arithmetic on the count took
+    seven launches per parameter and step (186 -> 143 kernels a captured GPT-2 step on the H200)."""
     if isinstance(step, Tensor):
-        return (step, 0.0, 0.0, lr), True
-    return (None, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, lr), False
+        return (step, 0.0, 0.0, lr, _log(beta1), _log(beta2)), True
+    return (None, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, lr, 0.0, 0.0), False
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else float("-inf")  # beta = 0: beta^step is 0 from step 1
 
 
 @triton.jit
 def _adam_kernel(
-    p_ptr, grad_ptr, m_ptr, v_ptr, n, step_ptr, step_size, bias2_sqrt, lr, beta2,
+    p_ptr, grad_ptr, m_ptr, v_ptr, n, step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, beta2,
     one_minus_beta1, one_minus_beta2, eps, STEP_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -171,8 +184,8 @@ def _adam_kernel(
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, one_minus_beta1,
-                                              one_minus_beta2, STEP_ON_DEVICE)  # fmt: skip
+    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2,
+                                              STEP_ON_DEVICE)  # fmt: skip
     p, m, v = _adam_update(p, g, m, v, step_size, bias2_sqrt, beta2, one_minus_beta1, one_minus_beta2, eps)
     tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
