@@ -259,10 +259,10 @@ def _queue_kernels() -> None:
         queue_compile(f"decoder_normalize_rows d={d}", decoder._normalize_rows_kernel, tile, cfg["num_warps"])
         for on_device in (False, True):  # the bias corrections from the host, or from a count on the device
             constexprs = {**tile, "STEP_ON_DEVICE": on_device}
-            queue_compile(f"decoder_adam d={d} count_on_device={on_device}", decoder._decoder_adam_kernel,
-                          constexprs, cfg["num_warps"])  # fmt: skip
-    queue_compile("adam count_on_device=True", decoder._adam_kernel, {"STEP_ON_DEVICE": True,
-                  "BLOCK": decoder.ADAM_BLOCK}, num_warps=4)  # fmt: skip
+            name = f"decoder_adam d={d} count_on_device={on_device}"
+            queue_compile(name, decoder._decoder_adam_kernel, constexprs, cfg["num_warps"])
+    adam_constexprs = {"STEP_ON_DEVICE": True, "BLOCK": decoder.ADAM_BLOCK}
+    queue_compile("adam count_on_device=True", decoder._adam_kernel, adam_constexprs, num_warps=4)
 
 
 if __name__ == "__main__":

@@ -105,9 +105,14 @@ def _one_minus_power(y):
 
 
 @triton.jit
-def _adam_update(p, g, m, v, step_size, bias2_sqrt, beta2, one_minus_beta1, one_minus_beta2, eps):
-    """Adam's step on fp32 values, with torch.optim.Adam's arithmetic: (p, m, v) after it, given the
-    bias corrections (`_bias_corrections`)."""
+def _adam_update(
+    p, g, m, v, step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
+    one_minus_beta2, eps, STEP_ON_DEVICE: tl.constexpr,
+):  # fmt: skip
+    """Adam's step on fp32 values, with torch.optim.Adam's arithmetic: (p, m, v) after it. The bias
+    corrections as `_bias_corrections` gives them."""
+    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2,
+                                              STEP_ON_DEVICE)  # fmt: skip
     m += one_minus_beta1 * (g - m)  # torch's lerp
     v = beta2 * v + one_minus_beta2 * g * g
     p -= step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
@@ -132,9 +137,8 @@ def _decoder_adam_kernel(
     m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
     g -= (tl.sum(g * w, axis=1) / tl.maximum(tl.sum(w * w, axis=1), norm_eps))[:, None] * w
-    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2,
-                                              STEP_ON_DEVICE)  # fmt: skip
-    w, m, v = _adam_update(w, g, m, v, step_size, bias2_sqrt, beta2, one_minus_beta1, one_minus_beta2, eps)
+    w, m, v = _adam_update(w, g, m, v, step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, beta2,
+                           one_minus_beta1, one_minus_beta2, eps, STEP_ON_DEVICE)  # fmt: skip
     norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), norm_eps)
     tl.store(w_ptrs, (w / norm[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptrs, m.to(m_ptr.dtype.element_ty), mask=mask)
@@ -184,9 +188,8 @@ def _adam_kernel(
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2,
-                                              STEP_ON_DEVICE)  # fmt: skip
-    p, m, v = _adam_update(p, g, m, v, step_size, bias2_sqrt, beta2, one_minus_beta1, one_minus_beta2, eps)
+    p, m, v = _adam_update(p, g, m, v, step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, beta2,
+                           one_minus_beta1, one_minus_beta2, eps, STEP_ON_DEVICE)  # fmt: skip
     tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
