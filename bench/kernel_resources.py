@@ -240,8 +240,11 @@ def _queue_kernels() -> None:
         for write_codes in (False, True):
             constexprs = {"KEY_SHIFT": 16, "WRITE_CODES": write_codes, **tile}
             queue_compile(f"auxk_row_topk n={n} codes={write_codes}", auxk._row_topk_kernel, constexprs, warps)
-    tile = {"BLOCK_M": columns.BLOCK_M, "BLOCK_N": columns.BLOCK_N}
-    queue_compile("masked_column_sums", columns._masked_column_sums_kernel, tile, columns.WARPS)
+    for masked, tile in ((True, columns.MASKED_TILE), (False, columns.PLAIN_TILE)):
+        constexprs = {"MASKED": masked, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": columns.BLOCK_N}
+        queue_compile(f"column_sums masked={masked}", columns._column_sums_kernel, constexprs, columns.WARPS)
+    tile = {"BLOCK_P": columns.PARTIAL_ROWS, "BLOCK_N": columns.PARTIAL_COLUMNS}
+    queue_compile("add_partial_sums", columns._add_partial_sums_kernel, tile, 4)
     for d in (768, 4096):
         block_m, block_d = loss._tile(d)
         tile = {"BLOCK_M": block_m, "BLOCK_D": block_d}

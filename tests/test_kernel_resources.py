@@ -23,7 +23,8 @@ SPILL_FREE = (
     "feature_sum",
     "centering_grad",
     "auxk_row_topk",
-    "masked_column_sums",
+    "column_sums",
+    "add_partial_sums",
     "reconstruction_sums",
     "decoder_",
 )

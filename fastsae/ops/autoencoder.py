@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from .columns import column_sums
 from .decode import decode_sparse, sparse_dvals
 from .encode import centering_grad
 from .scatter import feature_sums, route, sort_by_feature
@@ -52,7 +53,7 @@ def topk_autoencoder_backward(
         x, coef, idx, n_features, center=b_dec, dtype=W_enc.dtype, transposed=True, by_feature=by_feature,
         extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc),
     )  # fmt: skip
-    db_dec = centering_grad(W_enc, db_enc) + grad_recon.sum(0, dtype=torch.float32)
+    db_dec = centering_grad(W_enc, db_enc) + column_sums(grad_recon)
     if x_requires_grad:
         dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
     else:

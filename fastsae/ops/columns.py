@@ -1,13 +1,18 @@
-"""The dense AuxK backward's masked column sums (`masked_column_sums_`): zero, in place, the entries of
-the gradient that reaches its pre-activations [B, n] where the code is not positive (the ReLU's and
-the top-k's mask), and sum the result over the rows in fp32 (d b_enc over the dead features).
+"""Column sums of a training step's [B, n] matrices in fp32, in two launches whose order of addition
+depends only on the shape and the device (the same inputs give the same bits, with no atomics):
 
-In torch that is a compare, a multiply and a column reduction: 13 + 43 + 16 us a step inside the
-captured GPT-2 step on the H200 (8192 x 1232 bf16), 9 + 61 + 22 at AlphaFold3's (16384 x 824). Here it
-is one pass: each program masks and sums a fixed range of rows over BLOCK_N columns into its own row
-of partial sums, which torch then adds (a few hundred rows), so the same inputs give the same bits,
-with no atomics. (The unmasked column sums of the step, plain `sum(0)`, measured no faster this way:
-about 13 us against torch's 16-20 for 8192 x 768 bf16, plus the partial sums' 5.)
+- `column_sums(values, scale)`: scale * the sum over the rows, e.g. the column means of x that the
+  FVU's deviations subtract and d b_dec's sum of d x_hat over the tokens;
+- `masked_column_sums_(values, codes)`: the dense AuxK backward's, which first zeroes, in place, the
+  entries of the gradient that reaches its pre-activations where the code is not positive (the ReLU's
+  and the top-k's mask), and sums the result (d b_enc over the dead features).
+
+Each program of the first launch sums a fixed range of rows over BLOCK_N columns into its own row of
+partial sums; the second adds those rows (a few hundred) column by column. In torch the masked sums are
+a compare, a multiply and a column reduction: 13 + 43 + 16 us a step inside the captured GPT-2 step on
+the H200 (8192 x 1232 bf16), 9 + 61 + 22 at AlphaFold3's (16384 x 824); and torch's column reduction of
+a bf16 [16384, 384] matrix (AlphaFold3's x and d x_hat) took 23-25 us, about 0.5 TB/s, three times a
+step.
 """
 
 from __future__ import annotations
@@ -20,18 +25,22 @@ from torch import Tensor
 from .launch import cdiv, sm_count
 
 # A program owns BLOCK_N columns (256 contiguous bytes of a bf16 row) and loads BLOCK_M rows of them a
-# loop iteration: 8 entries a thread of WARPS warps, with 72 registers a thread on sm_90 (32 rows took
-# 138). PROGRAMS_PER_SM keeps reads in flight.
-BLOCK_M = 16
+# loop iteration, with WARPS warps and PROGRAMS_PER_SM programs per SM to keep reads in flight. The
+# masked sums load two matrices and store one: 8 entries a thread, 72 registers a thread on sm_90 (32
+# rows took 138). The plain sums load one: 32 entries a thread, 16 KB a program in flight.
 BLOCK_N = 128
 WARPS = 8
-PROGRAMS_PER_SM = 8
+MASKED_TILE = {"BLOCK_M": 16, "PROGRAMS_PER_SM": 8}
+PLAIN_TILE = {"BLOCK_M": 64, "PROGRAMS_PER_SM": 4}
+# The second launch: a program adds PARTIAL_ROWS rows of PARTIAL_COLUMNS partial sums at a time.
+PARTIAL_ROWS = 64
+PARTIAL_COLUMNS = 64
 
 
 @triton.jit
-def _masked_column_sums_kernel(
+def _column_sums_kernel(
     values_ptr, codes_ptr, partial_ptr, B, n, rows_per_program, stride_vm, stride_vn, stride_cm, stride_cn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     first = tl.program_id(0) * rows_per_program
@@ -45,14 +54,34 @@ def _masked_column_sums_kernel(
     sums = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in range(first, end, BLOCK_M):
         mask = (start + local < end) & (cols < n)[None, :]
-        codes = tl.load(codes_row + code_offsets, mask=mask, other=0.0)
         values = tl.load(values_row + value_offsets, mask=mask, other=0.0)
-        values = tl.where(codes > 0, values, 0.0)  # as torch's threshold_backward masks
-        tl.store(values_row + value_offsets, values.to(values_ptr.dtype.element_ty), mask=mask)
+        if MASKED:
+            codes = tl.load(codes_row + code_offsets, mask=mask, other=0.0)
+            values = tl.where(codes > 0, values, 0.0)  # as torch's threshold_backward masks
+            tl.store(values_row + value_offsets, values.to(values_ptr.dtype.element_ty), mask=mask)
+            codes_row += BLOCK_M * stride_cm
         sums += values.to(tl.float32)
         values_row += BLOCK_M * stride_vm
-        codes_row += BLOCK_M * stride_cm
     tl.store(partial_ptr + tl.program_id(0).to(tl.int64) * n + cols, tl.sum(sums, axis=0), mask=cols < n)
+
+
+@triton.jit
+def _add_partial_sums_kernel(
+    partial_ptr, out_ptr, P, n, scale, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    """out[c] = scale * the sum of partial [P, n]'s column c, in a fixed order."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = tl.arange(0, BLOCK_P)[:, None]
+    sums = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        mask = (start + local < P) & (cols < n)[None, :]
+        sums += tl.load(partial_ptr + (start + local) * n + cols[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + cols, tl.sum(sums, axis=0) * scale, mask=cols < n)
+
+
+def column_sums(values: Tensor, scale: float = 1.0) -> Tensor:
+    """fp32 [n]: `scale` times the sums over the rows of `values` [B, n] (any strides, any float dtype)."""
+    return _column_sums(values, None, scale)
 
 
 def masked_column_sums_(values: Tensor, codes: Tensor) -> Tensor:
@@ -60,17 +89,30 @@ def masked_column_sums_(values: Tensor, codes: Tensor) -> Tensor:
     returns the fp32 [n] sums over the rows of the result. Any strides (`values` writable: no overlaps)."""
     if codes.shape != values.shape:
         raise ValueError(f"codes {tuple(codes.shape)} and values {tuple(values.shape)} differ in shape")
+    return _column_sums(values, codes, 1.0)
+
+
+def _column_sums(values: Tensor, codes: Tensor | None, scale: float) -> Tensor:
+    if values.dim() != 2:
+        raise ValueError(f"column sums take a [rows, columns] matrix, got shape {tuple(values.shape)}")
     B, n = values.shape
     if B == 0 or n == 0:  # (a captured step's AuxK list may have no entries: no dead feature yet)
         return values.new_zeros(n, dtype=torch.float32)
-    column_blocks = cdiv(n, BLOCK_N)
+    tile = PLAIN_TILE if codes is None else MASKED_TILE
+    block_m, column_blocks = tile["BLOCK_M"], cdiv(n, BLOCK_N)
     # Enough programs to fill the GPU, each a whole number of BLOCK_M rows; the split depends on the
     # shape and the device alone, so the order of every sum does too.
-    splits = max(1, min(cdiv(B, BLOCK_M), cdiv(PROGRAMS_PER_SM * sm_count(values.device), column_blocks)))
-    rows_per_program = cdiv(cdiv(B, splits), BLOCK_M) * BLOCK_M
+    programs = tile["PROGRAMS_PER_SM"] * sm_count(values.device)
+    splits = max(1, min(cdiv(B, block_m), cdiv(programs, column_blocks)))
+    rows_per_program = cdiv(cdiv(B, splits), block_m) * block_m
     partial = values.new_empty(cdiv(B, rows_per_program), n, dtype=torch.float32)
-    _masked_column_sums_kernel[(partial.shape[0], column_blocks)](
-        values, codes, partial, B, n, rows_per_program, *values.stride(), *codes.stride(),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=WARPS,
+    code_args = (values, 0, 0) if codes is None else (codes, *codes.stride())
+    _column_sums_kernel[(partial.shape[0], column_blocks)](
+        values, code_args[0], partial, B, n, rows_per_program, *values.stride(), *code_args[1:],
+        MASKED=codes is not None, BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=WARPS,
     )  # fmt: skip
-    return partial.sum(0)
+    sums = values.new_empty(n, dtype=torch.float32)
+    _add_partial_sums_kernel[(cdiv(n, PARTIAL_COLUMNS),)](
+        partial, sums, partial.shape[0], n, scale, BLOCK_P=PARTIAL_ROWS, BLOCK_N=PARTIAL_COLUMNS, num_warps=4
+    )  # fmt: skip
+    return sums

@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
+from .columns import column_sums
 from .launch import cdiv, next_power_of_2
 
 BLOCK_ELEMENTS = 4096  # of a [BLOCK_M, BLOCK_D] tile, loaded at once: 16 fp32 per thread of 8 warps
@@ -87,7 +88,7 @@ def reconstruction_sums(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     block_m, block_d = _tile(D)
     partial = x.new_empty(cdiv(N, block_m), 2, dtype=torch.float32)
     _reconstruction_sums_kernel[(partial.shape[0],)](
-        x_hat, x, x.mean(0, dtype=torch.float32), partial, N, D,
+        x_hat, x, column_sums(x, 1 / N), partial, N, D,
         x_hat.stride(0), x_hat.stride(1), x.stride(0), x.stride(1), BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,
     )  # fmt: skip
     return partial[:, 0].sum(), partial[:, 1].sum()  # two tensors: a custom op's outputs may not alias
@@ -105,7 +106,7 @@ def reconstruction_sums_backward(
     d_x_hat = x_hat.new_empty((N, D) if x_hat_grad else 0)
     d_x = x.new_empty((N, D) if x_grad else 0)
     grads = torch.stack([grad_error, grad_deviations]).float()
-    mean = x.mean(0, dtype=torch.float32) if x_grad else grads
+    mean = column_sums(x, 1 / N) if x_grad else grads
     block_m, block_d = _tile(D)
     _reconstruction_sums_bwd_kernel[(cdiv(N, block_m), cdiv(D, block_d))](
         x_hat, x, mean, grads, d_x_hat, d_x, N, D, x_hat.stride(0), x_hat.stride(1), x.stride(0), x.stride(1),
