@@ -240,8 +240,8 @@ def _queue_kernels() -> None:
         for write_codes in (False, True):
             constexprs = {"KEY_SHIFT": 16, "WRITE_CODES": write_codes, **tile}
             queue_compile(f"auxk_row_topk n={n} codes={write_codes}", auxk._row_topk_kernel, constexprs, warps)
-    for masked, tile in ((True, columns.MASKED_TILE), (False, columns.PLAIN_TILE)):
-        constexprs = {"MASKED": masked, "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": columns.BLOCK_N}
+    for masked, block_m in ((True, columns.MASKED_BLOCK_M), (False, columns.PLAIN_BLOCK_M)):
+        constexprs = {"MASKED": masked, "BLOCK_M": block_m, "BLOCK_N": columns.BLOCK_N}
         queue_compile(f"column_sums masked={masked}", columns._column_sums_kernel, constexprs, columns.WARPS)
     tile = {"BLOCK_P": columns.PARTIAL_ROWS, "BLOCK_N": columns.PARTIAL_COLUMNS}
     queue_compile("add_partial_sums", columns._add_partial_sums_kernel, tile, 4)

@@ -27,11 +27,14 @@ from .launch import cdiv, sm_count
 # A program owns BLOCK_N columns (256 contiguous bytes of a bf16 row) and loads BLOCK_M rows of them a
 # loop iteration, with WARPS warps and PROGRAMS_PER_SM programs per SM to keep reads in flight. The
 # masked sums load two matrices and store one: 8 entries a thread, 72 registers a thread on sm_90 (32
-# rows took 138). The plain sums load one: 32 entries a thread, 16 KB a program in flight.
+# rows took 138). The plain sums load one: 32 entries a thread, 16 KB a program in flight, 128
+# registers a thread. (Separate names, so that `python -m bench.ab_step` can time other values.)
 BLOCK_N = 128
 WARPS = 8
-MASKED_TILE = {"BLOCK_M": 16, "PROGRAMS_PER_SM": 8}
-PLAIN_TILE = {"BLOCK_M": 64, "PROGRAMS_PER_SM": 4}
+MASKED_BLOCK_M = 16
+MASKED_PROGRAMS_PER_SM = 8
+PLAIN_BLOCK_M = 64
+PLAIN_PROGRAMS_PER_SM = 4
 # The second launch: a program adds PARTIAL_ROWS rows of PARTIAL_COLUMNS partial sums at a time.
 PARTIAL_ROWS = 64
 PARTIAL_COLUMNS = 64
@@ -98,11 +101,13 @@ def _column_sums(values: Tensor, codes: Tensor | None, scale: float) -> Tensor:
     B, n = values.shape
     if B == 0 or n == 0:  # (a captured step's AuxK list may have no entries: no dead feature yet)
         return values.new_zeros(n, dtype=torch.float32)
-    tile = PLAIN_TILE if codes is None else MASKED_TILE
-    block_m, column_blocks = tile["BLOCK_M"], cdiv(n, BLOCK_N)
+    block_m, per_sm = (
+        (PLAIN_BLOCK_M, PLAIN_PROGRAMS_PER_SM) if codes is None else (MASKED_BLOCK_M, MASKED_PROGRAMS_PER_SM)
+    )
+    column_blocks = cdiv(n, BLOCK_N)
     # Enough programs to fill the GPU, each a whole number of BLOCK_M rows; the split depends on the
     # shape and the device alone, so the order of every sum does too.
-    programs = tile["PROGRAMS_PER_SM"] * sm_count(values.device)
+    programs = per_sm * sm_count(values.device)
     splits = max(1, min(cdiv(B, block_m), cdiv(programs, column_blocks)))
     rows_per_program = cdiv(cdiv(B, splits), block_m) * block_m
     partial = values.new_empty(cdiv(B, rows_per_program), n, dtype=torch.float32)
