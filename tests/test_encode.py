@@ -189,7 +189,7 @@ def test_filter_fallbacks(device, name, select):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_row_filter_in_rounds_and_row_chunks(device, select, monkeypatch):
     """The row filter reads the groups whose maximum reaches the threshold again in rounds of
-    ROW_FILTER_REREAD entries, and takes the batch in row chunks of PRE_ACTIVATION_CHUNK entries: with
+    ROW_FILTER_REREAD entries, and takes the batch in row chunks of ROW_FILTER_CHUNK entries: with
     rounds of two groups every row takes many rounds (AuxK with few dead features makes every group with
     a dead feature hot), with chunks of at most 5 rows the last one is short, and the codes are still the
     reference's, with no row left to the fallback, whether each chunk's select runs in the row program
@@ -200,7 +200,7 @@ def test_row_filter_in_rounds_and_row_chunks(device, select, monkeypatch):
     dead[torch.randperm(F, device=device)[: 3 * k_aux]] = True
     route = _first_route("row_filter", k, k_aux, F, SELECT=select)
     monkeypatch.setattr(filter, "ROW_FILTER_REREAD", 2 * route[1]["GROUP"])
-    monkeypatch.setattr(filter, "PRE_ACTIVATION_CHUNK", 5 * F)
+    monkeypatch.setattr(filter, "ROW_FILTER_CHUNK", 5 * F)
     outputs = _poisoned_outputs(B, k, k_aux, device)
     flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1])
     assert not flags.any(), "rows left to the fallback: the rounds missed survivors"

@@ -27,7 +27,7 @@ AuxK runs the same way with its own threshold over dead features (the first S_au
 per-feature counts of positive pre-activations ride in the filter epilogue.
 
 The row filter (`row_filter_topk`) is the same filter and select over pre-activations that cuBLAS
-writes in row chunks of at most PRE_ACTIVATION_CHUNK entries (256 MB in bf16): one kernel launch per
+writes in row chunks of at most ROW_FILTER_CHUNK entries (256 MB in bf16): one kernel launch per
 chunk, a program per row, bounds the row's k-th largest value by its group maxima taken over the whole
 row (not a subset: about k entries pass, not 10 k), reads again only the groups that reach the bound and
 selects among their entries, or leaves the select to a launch of one warp per row after it (configurations
@@ -65,6 +65,10 @@ MARGIN = tl.constexpr(2.0**-7)
 # Pre-activations that cuBLAS writes at once for the routes that take a whole row (the dense route and
 # the row filter), whatever B and F: 256 MB in bf16.
 PRE_ACTIVATION_CHUNK = 2**27
+# The row filter's own chunk. A chunk of 32-64 MB might stay in the L2 cache between cuBLAS's write and
+# the row kernel's read (at 2^27 the kernel reads HBM at about 2.5 TB/s), at the cost of fewer rows in
+# flight per launch; not yet measured on a GPU, so the dense route's until `bench.ab_step` times it.
+ROW_FILTER_CHUNK = PRE_ACTIVATION_CHUNK
 # The row filter: group maxima per warp it selects from (32 per thread), entries it reads at
 # once for them (bf16 in 32 registers per thread: fewer dependent reads per row) and entries of the
 # groups it reads again at once (32 per thread: whole EPILOGUE_PACKs, in the registers the appends leave).
@@ -755,9 +759,9 @@ def _row_filter_width(n_features: int, n_groups: int) -> int:
 
 
 def row_filter_chunk_rows(n_rows: int, n_features: int, slots: int) -> int:
-    """Rows per launch of the row filter: at most PRE_ACTIVATION_CHUNK pre-activations and FILTER_SLOTS
+    """Rows per launch of the row filter: at most ROW_FILTER_CHUNK pre-activations and FILTER_SLOTS
     buffer slots (`slots` per row), in chunks of equal rows, so that no launch is a short tail."""
-    most = max(1, min(n_rows, PRE_ACTIVATION_CHUNK // n_features, FILTER_SLOTS // slots))
+    most = max(1, min(n_rows, ROW_FILTER_CHUNK // n_features, FILTER_SLOTS // slots))
     return cdiv(n_rows, cdiv(n_rows, most))
 
 
@@ -774,7 +778,7 @@ def row_filter_topk(
     cfg: dict,
 ) -> Tensor:
     """The row-filter route: `filter_topk`'s contract (flagged rows left unwritten), with the
-    pre-activation of row chunks written by cuBLAS (at most PRE_ACTIVATION_CHUNK entries: what eager
+    pre-activation of row chunks written by cuBLAS (at most ROW_FILTER_CHUNK entries: what eager
     PyTorch computes, in the weights' dtype) and filtered and selected by `_row_filter_kernel`, one
     launch per chunk. Its scratch is allocated once for the largest chunk and reused by every chunk (the
     launches are ordered on the stream), so a call costs the host few allocations."""
