@@ -1,7 +1,7 @@
 """The captured training step under each value of one of fastsae's switches, in one run, to set its
 default by measurement:
 
-    python -m bench.ab_step fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 [--shapes gpt2,af3] [--csv PATH]
+    python -m bench.ab_step fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 [--shapes gpt2,af3] [--csv PATH] [--retune]
 
 A switch is a module attribute that fastsae reads when it runs an op (most are set from an environment
 variable at import: FASTSAE_AUXK_ROW_TOPK, FASTSAE_FEATURE_SUMS, ...). For each shape and value, in
@@ -9,6 +9,11 @@ turns (`--rounds`: every value once per round, so drift during the run reaches e
 `bench_train`'s `fastsae_saeadam_graph` step (SAEAdam, one CUDA graph, AuxK on with 5% of the features
 dead), checks its FVU against the fp32 reference, and times it; then the cuBLAS encoder GEMM. Rows:
 op `train_step_ab`, provider `NAME=value` (one per round), and `cublas_gemm`.
+
+fastsae's tuner times its candidates (routes, tiles) once per process, so by default every value runs
+the picks made under the first, and the switch's effect is told apart from a different pick. With
+`--retune` the tuner times them again under each value: for a switch that changes which candidate is
+fastest (e.g. fastsae.ops.filter.ROW_FILTER_CHUNK, the row filter's chunk of pre-activations).
 """
 
 from __future__ import annotations
@@ -44,8 +49,11 @@ def parse_switch(spec: str) -> tuple[object, str, list[object]]:
     return module, name, parsed
 
 
-def run(recorder: Recorder, switch: tuple[object, str, list[object]], shapes: list[str], rounds: int) -> None:
-    """Rows for each shape: the step under each value of `switch` (`parse_switch`'s), then the GEMM."""
+def run(
+    recorder: Recorder, switch: tuple[object, str, list[object]], shapes: list[str], rounds: int, retune: bool = False
+) -> None:
+    """Rows for each shape: the step under each value of `switch` (`parse_switch`'s), then the GEMM;
+    `retune`: the tuner's picks made again under each value."""
     module, name, values = switch
     original = getattr(module, name)
     try:
@@ -57,6 +65,8 @@ def run(recorder: Recorder, switch: tuple[object, str, list[object]], shapes: li
             for _ in range(rounds):
                 for value in values:
                     setattr(module, name, value)
+                    if retune:
+                        launch.forget_tuned()
                     step = bench_train._fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True, graph=True)
                     assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step_ab {shape} {name}={value}")
                     recorder.record("train_step_ab", shape, f"{name}={value}", bench_train.measure_step(step, x))
@@ -78,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=1, help="times each value is measured, in turns")
     parser.add_argument("--csv", type=Path, required=True, help="CSV to append the rows to")
+    parser.add_argument("--retune", action="store_true", help="the tuner's picks made again under each value")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.ab_step times the training step on a CUDA GPU; none is visible here.")
@@ -86,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         switch = parse_switch(args.switch)
     except (ImportError, ValueError) as error:
         parser.error(str(error))
-    run(Recorder(args.csv), switch, args.shapes.split(","), args.rounds)
+    run(Recorder(args.csv), switch, args.shapes.split(","), args.rounds, args.retune)
     return 0
 
 

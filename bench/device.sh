@@ -20,7 +20,8 @@
 #   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset)
 #   FASTSAE_PROFILE_ENCODE   shapes for bench.profile_encode (off when unset)
 #   FASTSAE_AB               a switch for bench.ab_step, e.g. fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 (off
-#                            when unset; FASTSAE_AB_SHAPES, default gpt2,af3): its rows go to $OUT/results.csv
+#                            when unset; FASTSAE_AB_SHAPES, default gpt2,af3; FASTSAE_AB_ARGS, e.g. --retune
+#                            or --rounds 2): its rows go to $OUT/results.csv
 #   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,dp_graph,shard;
 #                            FASTSAE_DISTRIBUTED_PROFILE=1: rank 0's profile of the multi-GPU steps)
 #   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of bench/harness.py SHAPES
@@ -134,7 +135,7 @@ fi
 if [ -n "${FASTSAE_AB:-}" ]; then  # the captured step under each value of one switch
     echo "== A/B of $FASTSAE_AB"
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.ab_step "$FASTSAE_AB" --shapes "${FASTSAE_AB_SHAPES:-gpt2,af3}" \
-        --csv "$OUT/results.csv" 2>&1 | tee "$OUT/ab.log" | grep train_step_ab
+        --csv "$OUT/results.csv" ${FASTSAE_AB_ARGS:-} 2>&1 | tee "$OUT/ab.log" | grep train_step_ab
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

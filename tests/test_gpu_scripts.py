@@ -56,10 +56,11 @@ def test_ab_step_parses_switches():
 
 @pytest.mark.gpu
 def test_ab_step_records_each_value(tmp_path):
-    """A row per value and round, and the GEMM's; the switch is restored after."""
+    """A row per value and round, and the GEMM's (with the tuner's picks made again under each value);
+    the switch is restored after."""
     csv_path, original = tmp_path / "ab.csv", auxk.ROW_TOPK
     switch = ab_step.parse_switch("fastsae.ops.auxk.ROW_TOPK=True,False")
-    ab_step.run(Recorder(csv_path), switch, ["d128_F8192_B1024_k16"], 1)
+    ab_step.run(Recorder(csv_path), switch, ["d128_F8192_B1024_k16"], 1, retune=True)
     with open(csv_path, newline="") as f:
         providers = [row["provider"] for row in csv.DictReader(f)]
     assert providers == ["ROW_TOPK=True", "ROW_TOPK=False", "cublas_gemm"]

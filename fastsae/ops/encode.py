@@ -37,7 +37,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from . import filter as filter_ops
 from .decode import decode_sparse
 from .filter import (
     EMPTY_KEY,
@@ -403,9 +402,7 @@ def _encode_topk(
             _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, _sweep_config(k, k_aux), flags=flags)
 
     if route is None:
-        # (with the row filter's chunk: `bench.ab_step` sets it, and each value gets routes tuned for it)
-        key = ("encode_topk", D, F, bucket(B), k, k_aux, x.dtype, W_enc.dtype, positive_counts is not None,
-               filter_ops.ROW_FILTER_CHUNK)  # fmt: skip
+        key = ("encode_topk", D, F, bucket(B), k, k_aux, x.dtype, W_enc.dtype, positive_counts is not None)
         route = tuned(key, topk_routes(k, k_aux, F), run)
     run(route)
     return outputs

@@ -67,7 +67,8 @@ MARGIN = tl.constexpr(2.0**-7)
 PRE_ACTIVATION_CHUNK = 2**27
 # The row filter's own chunk. A chunk of 32-64 MB might stay in the L2 cache between cuBLAS's write and
 # the row kernel's read (at 2^27 the kernel reads HBM at about 2.5 TB/s), at the cost of fewer rows in
-# flight per launch; not yet measured on a GPU, so the dense route's until `bench.ab_step` times it.
+# flight per launch; not yet measured on a GPU, so the dense route's until `bench.ab_step --retune`
+# times it.
 ROW_FILTER_CHUNK = PRE_ACTIVATION_CHUNK
 # The row filter: group maxima per warp it selects from (32 per thread), entries it reads at
 # once for them (bf16 in 32 registers per thread: fewer dependent reads per row) and entries of the

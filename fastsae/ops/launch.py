@@ -105,6 +105,12 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def forget_tuned() -> None:
+    """Forgets every pick, so that the next call of each op times its candidates again (`bench.ab_step
+    --retune`: a switch that changes which candidate is fastest)."""
+    _best.clear()
+
+
 def tuned_items(*key_prefix: object) -> list[tuple[tuple, object]]:
     """(key, what the tuner picked) for every key that starts with `key_prefix` (benchmarks report it)."""
     return [(key, choice) for key, choice in _best.items() if key[: len(key_prefix)] == key_prefix]
