@@ -12,7 +12,8 @@ partial sums; the second adds those rows (a few hundred) column by column. In to
 a compare, a multiply and a column reduction: 13 + 43 + 16 us a step inside the captured GPT-2 step on
 the H200 (8192 x 1232 bf16), 9 + 61 + 22 at AlphaFold3's (16384 x 824); and torch's column reduction of
 a bf16 [16384, 384] matrix (AlphaFold3's x and d x_hat) took 23-25 us, about 0.5 TB/s, three times a
-step.
+step. These launches took 57 + 12 us for the captured AlphaFold3 step's four column sums, against
+109 us before (b071ab0), and 52 + 10 us at GPT-2's.
 """
 
 from __future__ import annotations
