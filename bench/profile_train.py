@@ -108,8 +108,20 @@ def describe(summary: dict) -> str:
     )
 
 
+def kernels_per_step(prof: profile, steps: int) -> list[tuple[str, float, float]]:
+    """(kernel, microseconds per step, launches per step), the longest first: the first table's device
+    time divided by the profiled steps, to set a step's breakdown beside another's."""
+    kernels = [event for event in prof.key_averages() if event.device_type != DeviceType.CPU]
+    rows = [(event.key, event.self_device_time_total / steps, event.count / steps) for event in kernels]
+    return sorted(rows, key=lambda row: -row[1])
+
+
 def print_tables(prof: profile, rows: int) -> None:
-    """The kernels by device time, then the host ops by their own host time (where the host's time goes)."""
+    """The kernels per step, the kernels by device time, then the host ops by their own host time (where
+    the host's time goes)."""
+    print("kernels per step: us, launches")
+    for name, micros, launches in kernels_per_step(prof, STEPS)[:rows]:
+        print(f"  {micros:9.1f} {launches:5.1f}  {name[:100]}")
     events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70))
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))

@@ -3,8 +3,10 @@ kernel (at its smallest shape here; the GPU script runs all of them under the sa
 encode and training-step profiles and the A/B of a switch (at small shapes)."""
 
 import csv
+from types import SimpleNamespace
 
 import pytest
+from torch.autograd import DeviceType
 
 from bench import ab_step, profile_encode, profile_train, sanitize_kernels
 from bench.harness import Recorder
@@ -41,6 +43,18 @@ def test_profile_train_reports_launches_and_host_time(capsys):
     assert with_saeadam["launches"] <= eager["launches"] / 4
     printed = capsys.readouterr().out
     assert "host launches per step" in printed and "captured graph, SAEAdam" in printed
+
+
+def test_profile_train_divides_kernel_time_by_the_steps():
+    """The per-step breakdown: device events only, their time and launches divided by the steps, the
+    longest first."""
+    events = [
+        SimpleNamespace(key="gemm", device_type=DeviceType.CUDA, self_device_time_total=900.0, count=6),
+        SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=900.0, count=6),
+        SimpleNamespace(key="sort", device_type=DeviceType.CUDA, self_device_time_total=1200.0, count=3),
+    ]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert profile_train.kernels_per_step(prof, 3) == [("sort", 400.0, 1.0), ("gemm", 300.0, 2.0)]
 
 
 def test_ab_step_parses_switches():
