@@ -86,10 +86,10 @@ def step_summary(prof: profile, wall_ms: float, steps: int) -> dict:
     means the GPU waits on the host (Python dispatch, syncs), not on kernels. Device-side events only (a
     host op's self device time repeats the kernels it launched); launches are the host's kernel and
     graph launch calls."""
+    kernels = kernels_per_step(prof, steps)
+    kernel_ms = sum(micros for _, micros, _ in kernels) / 1e3
+    n_kernels = sum(launches for _, _, launches in kernels)
     events = prof.key_averages()
-    kernels = [event for event in events if event.device_type != DeviceType.CPU]
-    kernel_ms = sum(event.self_device_time_total for event in kernels) / steps / 1e3
-    n_kernels = sum(event.count for event in kernels) / steps
     launches = sum(
         event.count for event in events
         if event.device_type == DeviceType.CPU and ("LaunchKernel" in event.key or "GraphLaunch" in event.key)

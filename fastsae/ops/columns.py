@@ -112,9 +112,9 @@ def _column_sums(values: Tensor, codes: Tensor | None, scale: float) -> Tensor:
     splits = max(1, min(cdiv(B, block_m), cdiv(programs, column_blocks)))
     rows_per_program = cdiv(cdiv(B, splits), block_m) * block_m
     partial = values.new_empty(cdiv(B, rows_per_program), n, dtype=torch.float32)
-    code_args = (values, 0, 0) if codes is None else (codes, *codes.stride())
+    codes_arg, code_strides = (values, (0, 0)) if codes is None else (codes, codes.stride())  # unread unmasked
     _column_sums_kernel[(partial.shape[0], column_blocks)](
-        values, code_args[0], partial, B, n, rows_per_program, *values.stride(), *code_args[1:],
+        values, codes_arg, partial, B, n, rows_per_program, *values.stride(), *code_strides,
         MASKED=codes is not None, BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=WARPS,
     )  # fmt: skip
     sums = values.new_empty(n, dtype=torch.float32)
