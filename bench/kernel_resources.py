@@ -46,8 +46,8 @@ POINTER_TYPES = {
     "aux_key_buf_ptr": "*i64",
     "pre_ptr": "*bf16",
     "idx_ptr": "*i32",
-    "order_ptr": "*i64",
-    "feature_ptr": "*i16",  # the sort keys of the GPT-2 width (F < 2^15)
+    "token_ptr": "*i32",
+    "feature_ptr": "*i32",
     "offsets_ptr": "*i64",
     "out_ptr": "*fp32",
     "coef_sum_ptr": "*fp32",

@@ -65,14 +65,15 @@ MARGIN = tl.constexpr(2.0**-7)
 # Pre-activations that cuBLAS writes at once for the routes that take a whole row (the dense route and
 # the row filter), whatever B and F: 256 MB in bf16.
 PRE_ACTIVATION_CHUNK = 2**27
-# The row filter's own chunk. A chunk of 32-64 MB might stay in the L2 cache between cuBLAS's write and
-# the row kernel's read (at 2^27 the kernel reads HBM at about 2.5 TB/s), at the cost of fewer rows in
-# flight per launch; not yet measured on a GPU, so the dense route's until `bench.ab_step --retune`
-# times it.
+# The row filter's own chunk. At 2^27 the row kernel reads HBM at about 2.5 TB/s; chunks of 32-64 MB
+# that might stay in the L2 cache between cuBLAS's write and the row kernel's read measured slower (H200,
+# bf16, captured step with each value's own tuned route: AF3 1.71 ms at 2^27, 1.92 at 2^25, 1.99 at
+# 2^24; GPT-2 1.91, 2.04, 2.48): a launch of a few thousand rows is mostly its tail.
 ROW_FILTER_CHUNK = PRE_ACTIVATION_CHUNK
 # The row filter: group maxima per warp it selects from (32 per thread), entries it reads at
-# once for them (bf16 in 32 registers per thread: fewer dependent reads per row) and entries of the
-# groups it reads again at once (32 per thread: whole EPILOGUE_PACKs, in the registers the appends leave).
+# once for them (bf16 in 32 registers per thread: fewer dependent reads per row; 8192 measured the same
+# and 16384 slower at AF3, H200) and entries of the groups it reads again at once (32 per thread: whole
+# EPILOGUE_PACKs, in the registers the appends leave).
 ROW_FILTER_GROUPS = 1024
 ROW_FILTER_MIN_GROUP = 4  # features per group, at least: a re-read tile gives each thread whole PTX packs
 ROW_FILTER_READ = 4096

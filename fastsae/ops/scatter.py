@@ -101,9 +101,9 @@ def _feature_sum_atomic_kernel(
 
 @triton.jit
 def _feature_sum_blocked_kernel(
-    rows_ptr, center_ptr, coef_ptr, order_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
+    rows_ptr, center_ptr, coef_ptr, token_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
     extra_slot_ptr, extra_rows_ptr, extra_sums_ptr,
-    F, K, D, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd,
+    F, D, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd,
     HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -113,9 +113,7 @@ def _feature_sum_blocked_kernel(
     # per column) times the codes' gathered rows [BLOCK_E, BLOCK_D]: a tensor-core product adds every
     # code to its feature's sum. The rows are centred in fp32 before they meet the product's dtype, as
     # the encoder kernels centre theirs (subtracting sum(coef) * center after would cancel when the
-    # rows sit far from 0 and near the centre). Each code's coefficient and token come from its flat
-    # position (`order`): the codes' [B, K] coefficients are read in place, not gathered into sorted
-    # order by a launch of their own.
+    # rows sit far from 0 and near the centre).
     first = tl.program_id(0) * BLOCK_F
     features = first + tl.arange(0, BLOCK_F)
     feature_valid = features < F
@@ -130,10 +128,9 @@ def _feature_sum_blocked_kernel(
     for e0 in range(start, end, BLOCK_E):
         entries = e0 + tl.arange(0, BLOCK_E)
         valid = entries < end
-        code = tl.load(order_ptr + entries, mask=valid, other=0)  # int64 flat position in [B, K]
-        coef = tl.load(coef_ptr + code, mask=valid, other=0.0).to(tl.float32)
-        token = code // K
-        feature = tl.load(feature_ptr + entries, mask=valid, other=-1).to(tl.int32)
+        coef = tl.load(coef_ptr + entries, mask=valid, other=0.0).to(tl.float32)
+        token = tl.load(token_ptr + entries, mask=valid, other=0).to(tl.int64)
+        feature = tl.load(feature_ptr + entries, mask=valid, other=-1)
         spread = tl.where(feature[None, :] == features[:, None], coef[None, :], 0.0)  # [BLOCK_F, BLOCK_E]
         rows = tl.load(
             rows_ptr + token[:, None] * stride_rm + dims[None, :] * stride_rd,
@@ -163,13 +160,12 @@ class FeatureSums(NamedTuple):
 
 
 class CodesByFeature(NamedTuple):
-    """Codes [B, K] in CSR order (by feature, then by token), as the blocked route reads them: the
-    sort's own outputs, with no conversion launched (the kernel derives each code's token from its flat
-    position)."""
+    """Codes [B, K] in CSR order (by feature, then by token), as the blocked route reads them."""
 
-    order: Tensor  # [B * K] int64: the flat code (token * K + slot) at each sorted position
+    order: Tensor  # [B * K] int64: the flat code at each sorted position
     offsets: Tensor  # [F + 1]: each feature's first sorted position
-    features: Tensor  # [B * K]: each sorted code's feature (the sort's keys: int16 when F < 2^15, else idx's dtype)
+    tokens: Tensor  # [B * K] int32: each sorted code's token
+    features: Tensor  # [B * K] int32: each sorted code's feature
 
 
 def sort_by_feature(idx: Tensor, n_features: int) -> CodesByFeature:
@@ -182,7 +178,7 @@ def sort_by_feature(idx: Tensor, n_features: int) -> CodesByFeature:
     sorted_idx, order = torch.sort(flat_idx, stable=True)
     features = torch.arange(n_features + 1, device=idx.device, dtype=sorted_idx.dtype)
     offsets = torch.searchsorted(sorted_idx, features)
-    return CodesByFeature(order, offsets, sorted_idx)
+    return CodesByFeature(order, offsets, (order // idx.shape[1]).to(torch.int32), sorted_idx.to(torch.int32))
 
 
 def route(n_features: int, d: int) -> str:
@@ -217,6 +213,7 @@ def feature_sums(
     coef_sum = rows.new_empty(n_features, dtype=torch.float32)
     if route(n_features, d) == "blocked":
         codes = by_feature if by_feature is not None else sort_by_feature(idx, n_features)
+        sorted_coef = coef.flatten()[codes.order]
         out = rows.new_empty((d, n_features) if transposed else (n_features, d), dtype=dtype)
         out_f = out.t() if transposed else out  # [F, d] view: the kernel writes either layout directly
         if extra is not None:
@@ -228,9 +225,9 @@ def feature_sums(
         def run(cfg: dict) -> None:
             grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(d, cfg["BLOCK_D"]))
             _feature_sum_blocked_kernel[grid](
-                rows, center_arg, coef, codes.order, codes.features, codes.offsets, out_f, coef_sum,
+                rows, center_arg, sorted_coef, codes.tokens, codes.features, codes.offsets, out_f, coef_sum,
                 extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums,
-                n_features, K, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
+                n_features, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
                 extra_rows.stride(0), extra_rows.stride(1),
                 HAS_CENTER=center is not None, HAS_EXTRA=extra is not None, HAS_EXTRA_SUMS=extra_sums is not None,
                 DOT_DTYPE=dot_dtype(rows.dtype), INPUT_PRECISION=input_precision(rows.dtype), **cfg,
