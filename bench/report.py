@@ -2,8 +2,10 @@
 
     python -m bench.report [RESULTS_DIR]
 
-For each (op, shape, provider) the newest row counts. Ratios are to the op's baseline provider:
-the cuBLAS GEMM floor where it was measured, else the torch provider the op is compared against.
+For each (op, shape, provider) the newest row counts. Ratios are to the op's baseline provider (the
+cuBLAS GEMM floor where it was measured, else the torch provider the op is compared against) as
+measured in the same run as the row (the same commit and date) where that run measured it, else its
+newest row: a switch's A/B rows from an earlier run keep their own run's GEMM.
 """
 
 from __future__ import annotations
@@ -39,16 +41,22 @@ OP_NOTES = {
 }
 
 
-def _latest_rows(csv_paths: list[Path]) -> dict:
-    latest: dict = {}
+def _read_rows(csv_paths: list[Path]) -> list[dict]:
+    rows: list[dict] = []
     for path in csv_paths:
         with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                latest[(row["gpu"], row["op"], row["shape"], row["provider"])] = row
-    return latest
+            rows += csv.DictReader(f)
+    return rows
 
 
-def _table(op: str, rows: list[dict]) -> list[str]:
+def _run_key(row: dict) -> tuple:
+    """What tells one run's rows of an op and shape from another's: the GPU, the commit and the date."""
+    return row["gpu"], row["op"], row["shape"], row["git_sha"], row["date"]
+
+
+def _table(op: str, rows: list[dict], runs: dict) -> list[str]:
+    """The op's table from its newest `rows`; `runs` maps each `_run_key` to that run's rows by provider
+    (the baselines of ratios)."""
     providers = sorted({r["provider"] for r in rows})
     baseline = next((b for b in BASELINES if b in providers), None)
     by_shape: dict = {}
@@ -75,8 +83,8 @@ def _table(op: str, rows: list[dict]) -> list[str]:
             for p in providers:
                 if p == baseline:
                     continue
-                ok = p in cells and baseline in cells
-                ratio = float(cells[p]["median_ms"]) / float(cells[baseline]["median_ms"]) if ok else None
+                base = runs[_run_key(cells[p])].get(baseline, cells.get(baseline)) if p in cells else None
+                ratio = float(cells[p]["median_ms"]) / float(base["median_ms"]) if base else None
                 line += f" {ratio:.2f}x |" if ratio is not None else " |"
         if op in GEMM_OPS:
             d, n_features, n_rows, _ = shape_dims(shape)
@@ -161,7 +169,11 @@ def _runs(rows: list[dict]) -> str:
 
 def render(csv_path: Path, out_dir: Path) -> None:
     """Rewrites out_dir/README.md and out_dir/<op>.png from every CSV in csv_path's folder."""
-    latest = _latest_rows(sorted(csv_path.parent.glob("*.csv")))
+    latest: dict = {}
+    runs: dict = {}
+    for row in _read_rows(sorted(csv_path.parent.glob("*.csv"))):  # in order: the newest row wins
+        latest[(row["gpu"], row["op"], row["shape"], row["provider"])] = row
+        runs.setdefault(_run_key(row), {})[row["provider"]] = row
     lines = [
         "# Benchmark results",
         "",
@@ -169,7 +181,8 @@ def render(csv_path: Path, out_dir: Path) -> None:
         "`triton.testing.do_bench`, correctness checked before timing. Newest row per (op, shape, provider).",
         "Shapes (d, F, B, k): " + ", ".join(f"{name} = {dims}" for name, dims in SHAPES.items()) + ";",
         "the others are named d<d>_F<F>_B<B>_k<k>. A table's rows may come from different runs (each row's",
-        "commit is listed under its heading): compare ratios within one run.",
+        "commit is listed under its heading); each ratio is to the baseline of its row's own run where that",
+        "run measured one.",
         "",
     ]
     groups: dict = {}
@@ -184,7 +197,7 @@ def render(csv_path: Path, out_dir: Path) -> None:
             f"torch {env['torch']}, triton {env['triton']}; {_runs(rows)}",
             "",
         ]
-        lines += _table(op, rows) + [""]
+        lines += _table(op, rows, runs) + [""]
         _plot(op, rows, out_dir)
         lines += [f"![{op}]({op}.png)", ""]
         if op == "encode_topk" and _plot_ratio_against_k(rows, out_dir):

@@ -1,0 +1,39 @@
+"""bench.report renders the newest row per (op, shape, provider) and takes each ratio against the
+baseline of its row's own run (commit and date) where that run measured one, else the newest baseline."""
+
+import csv
+
+from bench import report
+from bench.harness import COLUMNS
+
+
+def _row(provider, median_ms, sha, date, shape="gpt2", op="train_step_ab"):
+    env = {"gpu": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "git_sha": sha, "date": date}
+    timing = {"median_ms": median_ms, "p20_ms": median_ms, "p80_ms": median_ms, "peak_mem_mb": 1.0}
+    return {"op": op, "shape": shape, "provider": provider, **timing, **env}
+
+
+def _table_line(readme: str, shape: str) -> list[str]:
+    line = next(line for line in readme.splitlines() if line.startswith(f"| {shape} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_ratios_use_their_own_runs_baseline(tmp_path):
+    rows = [
+        _row("A=1", 2.0, "aaaaaaa", "2026-12-01"),  # an earlier A/B whose run measured the GEMM at 0.5
+        _row("cublas_gemm", 0.5, "aaaaaaa", "2026-12-01"),
+        _row("B=1", 1.6, "bbbbbbb", "2026-12-02"),  # a later one, GEMM 0.4: the newest GEMM row
+        _row("cublas_gemm", 0.4, "bbbbbbb", "2026-12-02"),
+        _row("C=1", 3.0, "ccccccc", "2026-12-03"),  # a run without a GEMM row: the newest one counts
+    ]
+    path = tmp_path / "h200.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    report.render(path, tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    # Columns: shape, the four providers' ms (sorted: A=1, B=1, C=1, cublas_gemm), then the three ratios.
+    cells = _table_line(readme, "gpt2")
+    assert cells[4].startswith("0.4000"), cells  # the newest GEMM row is the one shown
+    assert cells[5:8] == ["4.00x", "4.00x", "7.50x"], cells
