@@ -129,6 +129,16 @@ def main() -> None:
             print(line, flush=True)
 
 
+def _row_filter_constexprs(cfg: dict, k: int, k_aux: int) -> dict:
+    """The row filter kernel's constexprs for one of `filter.row_filter_configs(k, k_aux, F)`, as
+    `filter.row_filter_topk` launches it."""
+    return {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": cfg["N_GROUPS"], "GROUP": cfg["GROUP"],
+            "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
+            "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
+            "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
+            "AUX_KEEP": triton.next_power_of_2(max(1, k_aux)), "SELECT": cfg["SELECT"]}  # fmt: skip
+
+
 def _queue_kernels() -> None:
     unit_strides = {"stride_xd": 1, "stride_wf": 1}
     common = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", **unit_strides}
@@ -170,18 +180,12 @@ def _queue_kernels() -> None:
         for cfg in filter.row_filter_configs(k, k_aux, n_features):
             if not cfg["SELECT"] and (n_features, k, k_aux) != row_filter_cases[0]:
                 continue  # the row program less its select (filter_select below): one case of it is enough
-            n_groups = cfg["N_GROUPS"]
-            constexprs = {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": n_groups, "GROUP": cfg["GROUP"],
-                          "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
-                          "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
-                          "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
-                          "AUX_KEEP": triton.next_power_of_2(max(1, k_aux)), "SELECT": cfg["SELECT"]}  # fmt: skip
             warps = max(cfg["WARPS"], filter._row_warps(max(cfg["CAP"], cfg["AUX_CAP"])))
             queue_compile(
-                f"row_filter F={n_features} k={k} k_aux={k_aux} groups={n_groups} cap={cfg['CAP']} warps={warps}"
-                f"{'' if cfg['SELECT'] else ' select_launch'}",
+                f"row_filter F={n_features} k={k} k_aux={k_aux} groups={cfg['N_GROUPS']} cap={cfg['CAP']} "
+                f"warps={warps}{'' if cfg['SELECT'] else ' select_launch'}",
                 filter._row_filter_kernel,
-                constexprs,
+                _row_filter_constexprs(cfg, k, k_aux),
                 num_warps=warps,
             )
     # The H200's picks at AF3 and GPT-2 (groups of 16 and 32, select in its own launch) with their registers
@@ -189,14 +193,10 @@ def _queue_kernels() -> None:
     for n_features in (16384, 24576):
         cfg = next(c for c in filter.row_filter_configs(keep, 0, n_features)
                    if c["WARPS"] == 4 and c["N_GROUPS"] == filter.ROW_FILTER_GROUPS and not c["SELECT"])  # fmt: skip
-        constexprs = {"HAS_AUX": False, "INLINE_PTX": True, "N_GROUPS": cfg["N_GROUPS"], "GROUP": cfg["GROUP"],
-                      "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
-                      "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"], "KEEP": keep,
-                      "AUX_CAP": 1, "AUX_KEEP": 1, "SELECT": False}  # fmt: skip
         queue_compile(
             f"row_filter at 40 registers F={n_features} k={keep} groups={cfg['N_GROUPS']} cap={cfg['CAP']} warps=4",
             filter._row_filter_kernel,
-            constexprs,
+            _row_filter_constexprs(cfg, keep, 0),
             num_warps=4,
             max_registers=40,
         )
