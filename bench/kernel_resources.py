@@ -70,13 +70,9 @@ POINTER_TYPES = {
 }
 
 
-def resources(
-    fn, constexprs: dict, num_warps: int, num_stages: int = 3, descriptors: dict | None = None,
-    max_registers: int | None = None,
-) -> str:  # fmt: skip
+def resources(fn, constexprs: dict, num_warps: int, num_stages: int = 3, descriptors: dict | None = None) -> str:
     """cuobjdump's 'REG:.. STACK:..' line for `fn` compiled with `constexprs` (bf16 tensors) and
-    `descriptors` (argument name: TMA block shape of a bf16 tensor), its registers per thread capped at
-    `max_registers` (ptxas's maxnreg) when given."""
+    `descriptors` (argument name: TMA block shape of a bf16 tensor)."""
     signature = {name: POINTER_TYPES.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in fn.arg_names}
     signature.update({name: f"tensordesc<bf16{list(block)}>" for name, block in (descriptors or {}).items()})
     signature.update({name: "constexpr" for name in constexprs})
@@ -87,10 +83,7 @@ def resources(
         constexprs={(fn.arg_names.index(name),): value for name, value in constexprs.items()},
         attrs=aligned,
     )
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    if max_registers is not None:
-        options["maxnreg"] = max_registers
-    return _usage(triton.compile(source, target=HOPPER, options=options))
+    return _usage(triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages}))
 
 
 def _usage(kernel) -> str:
@@ -104,11 +97,10 @@ def _usage(kernel) -> str:
 
 
 def queue_compile(
-    name: str, fn, constexprs: dict, num_warps: int, num_stages: int = 3, descriptors: dict | None = None,
-    max_registers: int | None = None,
-) -> None:  # fmt: skip
+    name: str, fn, constexprs: dict, num_warps: int, num_stages: int = 3, descriptors: dict | None = None
+) -> None:
     """Queues `resources(fn, ...)` for `main` to print as 'name: usage'."""
-    _queue.append((name, (fn, constexprs, num_warps, num_stages, descriptors, max_registers)))
+    _queue.append((name, (fn, constexprs, num_warps, num_stages, descriptors)))
 
 
 _queue: list[tuple[str, tuple]] = []
@@ -188,18 +180,6 @@ def _queue_kernels() -> None:
                 _row_filter_constexprs(cfg, k, k_aux),
                 num_warps=warps,
             )
-    # The H200's picks at AF3 and GPT-2 (groups of 16 and 32, select in its own launch) with their registers
-    # capped at 40 a thread (filter.ROW_FILTER_MAX_REGISTERS), which must not spill.
-    for n_features in (16384, 24576):
-        cfg = next(c for c in filter.row_filter_configs(keep, 0, n_features)
-                   if c["WARPS"] == 4 and c["N_GROUPS"] == filter.ROW_FILTER_GROUPS and not c["SELECT"])  # fmt: skip
-        queue_compile(
-            f"row_filter at 40 registers F={n_features} k={keep} groups={cfg['N_GROUPS']} cap={cfg['CAP']} warps=4",
-            filter._row_filter_kernel,
-            _row_filter_constexprs(cfg, keep, 0),
-            num_warps=4,
-            max_registers=40,
-        )
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         queue_compile(

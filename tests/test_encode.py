@@ -185,18 +185,15 @@ def test_filter_fallbacks(device, name, select):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("max_registers", [None, 40], ids=["registers_free", "registers_40"])
 @pytest.mark.parametrize("select", [True, False], ids=["select_in_row_program", "select_launch"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_in_rounds_and_row_chunks(device, select, max_registers, monkeypatch):
+def test_row_filter_in_rounds_and_row_chunks(device, select, monkeypatch):
     """The row filter reads the groups whose maximum reaches the threshold again in rounds of
     ROW_FILTER_REREAD entries, and takes the batch in row chunks of ROW_FILTER_CHUNK entries: with
     rounds of two groups every row takes many rounds (AuxK with few dead features makes every group with
     a dead feature hot), with chunks of at most 5 rows the last one is short, and the codes are still the
     reference's, with no row left to the fallback, whether each chunk's select runs in the row program
-    or in a launch of its own after it (`select`: the chunks reuse one buffer), and whether the compiler
-    chooses the row program's registers or they are capped (ROW_FILTER_MAX_REGISTERS; the interpreter
-    has no registers to cap)."""
+    or in a launch of its own after it (`select`: the chunks reuse one buffer)."""
     B, d, F, k, k_aux = (13, 32, 300, 8, 6) if device == "cpu" else (1003, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     dead = torch.zeros(F, dtype=torch.bool, device=device)
@@ -204,7 +201,6 @@ def test_row_filter_in_rounds_and_row_chunks(device, select, max_registers, monk
     route = _first_route("row_filter", k, k_aux, F, SELECT=select)
     monkeypatch.setattr(filter, "ROW_FILTER_REREAD", 2 * route[1]["GROUP"])
     monkeypatch.setattr(filter, "ROW_FILTER_CHUNK", 5 * F)
-    monkeypatch.setattr(filter, "ROW_FILTER_MAX_REGISTERS", max_registers)
     outputs = _poisoned_outputs(B, k, k_aux, device)
     flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1])
     assert not flags.any(), "rows left to the fallback: the rounds missed survivors"

@@ -16,7 +16,6 @@ SPILL_FREE = (
     "filter 64x128 warps=4 aux=False",
     "filter_select",
     "row_filter",  # the row filter over cuBLAS chunks, AuxK included
-    "row_filter at 40 registers",  # filter.ROW_FILTER_MAX_REGISTERS's candidate: no stack at all
     "filter_threshold",
     "filter_center",
     "encode_relu",

@@ -78,13 +78,11 @@ ROW_FILTER_GROUPS = 1024
 ROW_FILTER_MIN_GROUP = 4  # features per group, at least: a re-read tile gives each thread whole PTX packs
 ROW_FILTER_READ = 4096
 ROW_FILTER_REREAD = 1024
-# A cap on the row program's registers per thread (ptxas's maxnreg), None for the compiler's choice. Rows
-# in flight are what hide a row's chain of dependent steps, and registers bound them: at the H200's
-# picks for AF3 and GPT-2 (4 warps, 1024 groups, select in its own launch) the program takes 48 a thread,
-# 10 programs an SM; at 40 it compiles for sm_90 without spilling (`bench.kernel_resources`) and 12
-# fit; at 32 it spills. Not yet timed on a GPU: `bench.ab_step fastsae.ops.filter.ROW_FILTER_MAX_REGISTERS=None,40
-# --retune` decides it.
-ROW_FILTER_MAX_REGISTERS: int | None = None
+# Registers do not bound the row filter's speed: its program at the H200's AF3 and GPT-2 picks takes 48 a
+# thread (10 programs an SM); capped at 40 (ptxas's maxnreg, 12 programs an SM, no spills) the captured
+# step measured the same (AF3 1.7118 against 1.7117 ms, GPT-2 1.9074 against 1.9073, each with its own
+# tuned route, cdb226e), and the cap broke the configuration that selects in the row program (misaligned
+# address on the H200), so the compiler chooses.
 
 
 @triton.jit
@@ -805,7 +803,6 @@ def row_filter_topk(
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
     aux_tau = x.new_empty(rows_per_chunk, dtype=torch.float32) if has_aux else counts  # any pointer without AuxK
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
-    register_cap = {} if ROW_FILTER_MAX_REGISTERS is None else {"maxnreg": ROW_FILTER_MAX_REGISTERS}
     for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
         _row_filter_kernel[(pre.shape[0],)](
             pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
@@ -814,7 +811,7 @@ def row_filter_topk(
             HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
             CHUNK_GROUPS=max(1, ROW_FILTER_READ // group), HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
             CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
-            SELECT=cfg["SELECT"], num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))), **register_cap,
+            SELECT=cfg["SELECT"], num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
         )  # fmt: skip
         if not cfg["SELECT"]:
             n = pre.shape[0]
