@@ -11,7 +11,8 @@ Shapes: x [B, d], W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d], vals/idx [B,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -580,6 +581,46 @@ class TopKAutoencoderOutput(NamedTuple):
     aux_recon: Tensor | None  # [B, d], the AuxK reconstruction (no b_dec); None without dead_features
 
 
+# The joint node's AuxK forward and backward on a second CUDA stream, beside the TopK encode and decode
+# and their backward up to the weight gradients' sums (which add AuxK's in): AuxK's thin GEMMs and row
+# top-k can take the SMs that the row filter's, the decode's and the sort's launches leave idle, and
+# their tails. Eager steps and captured CUDA graphs (which record the fork and the join); never under
+# torch.compile, which traces one stream.
+AUXK_SIDE_STREAM = False
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _auxk_side_stream(x: Tensor) -> torch.cuda.Stream | None:
+    """The second stream of x's device (high priority: its kernels' blocks go first to the SMs that
+    free up), or None where AuxK runs in line."""
+    if not (AUXK_SIDE_STREAM and x.is_cuda) or torch.compiler.is_compiling():
+        return None
+    if x.device not in _side_streams:
+        _side_streams[x.device] = torch.cuda.Stream(x.device, priority=-1)
+    return _side_streams[x.device]
+
+
+@contextlib.contextmanager
+def _on_side_stream(side: torch.cuda.Stream | None) -> Iterator[None]:
+    """Runs the block on `side` after the work queued so far on the current stream (in line when None)."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        yield
+
+
+def _join_side_stream(side: torch.cuda.Stream, *made_there: Tensor | None) -> None:
+    """The current stream waits for `side`; the tensors made there are marked as used on the current
+    stream, so the caching allocator does not hand their memory to `side` again while it may still be read."""
+    current = torch.cuda.current_stream(side.device)
+    current.wait_stream(side)
+    for tensor in made_there:
+        if tensor is not None:
+            tensor.record_stream(current)
+
+
 class _TopKAutoencoder(torch.autograd.Function):
     """`topk_autoencoder`: the encode and decode ops' forwards composed in one node, with one backward
     (`_topk_autoencoder_backward`) that adds AuxK's gradients over the dead features into the encode's
@@ -589,27 +630,45 @@ class _TopKAutoencoder(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux):
+        aux_recon, aux_saved = x.new_empty(0, dtype=W_dec.dtype), ()
+        side = _auxk_side_stream(x) if features is not None else None
+        if side is not None:  # queued first: the side stream's work is short and takes free SMs first
+            with _on_side_stream(side):
+                aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
         vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
         recon = _decode_sparse(vals, idx, W_dec, b_dec)
-        aux_recon, aux_saved = recon.new_empty(0), ()
-        if features is not None:
+        if side is not None:
+            _join_side_stream(side, aux_recon, *aux_saved)
+        elif features is not None:
             aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
         ctx.mark_non_differentiable(idx)
         ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, *aux_saved)
+        ctx.side_stream = side
         return recon, vals, idx, aux_recon
 
     @staticmethod
     def backward(ctx, grad_recon, grad_vals, _grad_idx, grad_aux):
         x, W_enc, b_dec, W_dec, vals, idx, *aux_saved = ctx.saved_tensors
         needs_x = ctx.needs_input_grad[0]
+        side = ctx.side_stream if aux_saved else None
         dx_aux, dead, dead_dW_enc, dead_db_enc, dead_dW_dec = None, None, None, None, None
         if aux_saved:
-            aux_grads = _dense_auxk_backward(grad_aux, aux_saved, needs_x, True, True)
+            with _on_side_stream(side):
+                aux_grads = _dense_auxk_backward(grad_aux, aux_saved, needs_x, True, True)
             (dx_aux, dead_dW_enc, dead_db_enc, dead_dW_dec), dead = aux_grads, aux_saved[-1]
-        dx, dW_enc, db_enc, db_dec, dW_dec = _topk_autoencoder_backward(
-            grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc, dead_db_enc,
-            dead_dW_dec,
-        )  # fmt: skip
+        if side is not None:
+            # The CUDA implementation itself, which waits for the side stream only where AuxK's
+            # gradients are first added (after the codes' sort and d vals); the op is its dispatch.
+            dx, dW_enc, db_enc, db_dec, dW_dec = autoencoder_ops.topk_autoencoder_backward(
+                grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc,
+                dead_db_enc, dead_dW_dec,
+                dead_ready=lambda: _join_side_stream(side, dx_aux, dead_dW_enc, dead_db_enc, dead_dW_dec),
+            )  # fmt: skip
+        else:
+            dx, dW_enc, db_enc, db_dec, dW_dec = _topk_autoencoder_backward(
+                grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc, dead_db_enc,
+                dead_dW_dec,
+            )  # fmt: skip
         if not needs_x:
             dx = None
         elif dx_aux is not None:

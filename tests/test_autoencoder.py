@@ -62,3 +62,31 @@ def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, 
         assert_close(got, want, dtype, name)
     if deterministic:
         assert all(torch.equal(a, b) for a, b in zip(grads, run())), "not bit-identical"
+
+
+@pytest.mark.interpret
+def test_topk_autoencoder_backward_reads_auxk_gradients_after_dead_ready():
+    """`dead_ready` (how the joint node waits for AuxK's gradients from a side stream) is called before
+    they are first read: here it writes them, and the gradients match the reference only if no sum
+    read them before."""
+    B, d, F, k, dtype = 37, 40, 96, 8, torch.float32
+    x = torch.randn(B, d) * 2 + 1
+    W_enc, _, W_dec, b_dec = random_sae_weights(d, F, dtype=dtype)
+    vals = torch.rand(B, k)
+    idx = torch.rand(B, F).argsort(dim=1)[:, :k].to(torch.int32)
+    args = (torch.randn(B, d), torch.randn(B, k), x, W_enc, b_dec, W_dec, vals, idx)
+    dead, *gradients = _dead_gradients(20, F, d, dtype, "cpu")
+    written_late = [torch.full_like(g, float("nan")) for g in gradients]
+    calls = []
+
+    def dead_ready():
+        calls.append(True)
+        for late, gradient in zip(written_late, gradients):
+            late.copy_(gradient)
+
+    grads = autoencoder.topk_autoencoder_backward(*args, True, dead, *written_late, dead_ready=dead_ready)
+    expected = reference.topk_autoencoder_backward(*(t.double() for t in args[:-1]), idx, dead,
+                                                   *(g.double() for g in gradients))  # fmt: skip
+    assert calls == [True]
+    for name, got, want in zip(("dx", "dW_enc", "db_enc", "db_dec", "dW_dec"), grads, expected):
+        assert_close(got, want, dtype, name)

@@ -158,6 +158,37 @@ def test_topk_autoencoder_matches_its_three_calls(dead, device):
         assert_close(got, want, torch.float64, f"d{name}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_topk_autoencoder_with_auxk_on_a_side_stream(dtype, deterministic, monkeypatch):
+    """F.AUXK_SIDE_STREAM: AuxK's forward and backward on a second stream give the same values and
+    gradients as in line (bit for bit on the reproducible routes), with the side stream's outputs read
+    only after they are written (a kernel on each stream, none waiting, would race here)."""
+    B, d, F_, k, k_aux = 2048, 256, 4096, 32, 64
+    x = (torch.randn(B, d, device="cuda") * 2 + 1).to(dtype).requires_grad_()
+    params = [p.requires_grad_() for p in random_sae_weights(d, F_, dtype=dtype, device="cuda")]
+    W_enc, b_enc, W_dec, b_dec = params
+    features = torch.cat([torch.randperm(F_, device="cuda")[:300], torch.full((20,), -1, device="cuda")])
+    weights = [torch.randn(B, d, device="cuda").to(dtype) for _ in range(2)]
+
+    def run(side_stream):
+        monkeypatch.setattr(F, "AUXK_SIDE_STREAM", side_stream)
+        out = F.topk_autoencoder(x, W_enc, b_enc, b_dec, W_dec, k, dead_features=features, k_aux=k_aux)
+        loss = (out.recon * weights[0]).float().sum() + (out.aux_recon * weights[1]).float().sum()
+        return (out.recon, out.vals, out.idx, out.aux_recon, *torch.autograd.grad(loss, [x, *params]))
+
+    in_line = run(False)
+    F._side_streams.clear()
+    beside = run(True)
+    assert F._side_streams, "AuxK did not run on a side stream"
+    names = ("recon", "vals", "idx", "aux_recon", "dx", "dW_enc", "db_enc", "dW_dec", "db_dec")
+    for i, (name, got, want) in enumerate(zip(names, beside, in_line)):
+        if deterministic or i < 4:  # the forward has no atomics
+            assert torch.equal(got, want), name
+        else:
+            assert_close(got, want, dtype, name)
+
+
 def test_gradcheck_fp64():
     """Finite differences through the custom ops' registered autograd, on tiny shapes."""
     B, d, F_, k = 6, 5, 9, 3

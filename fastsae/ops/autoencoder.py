@@ -19,6 +19,8 @@ thread; commit 77d3235 has that path (FASTSAE_FUSED_DVALS).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -32,23 +34,29 @@ from .scatter import feature_sums, route, sort_by_feature
 def topk_autoencoder_backward(
     grad_recon: Tensor, grad_vals: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, W_dec: Tensor, vals: Tensor,
     idx: Tensor, x_requires_grad: bool, dead: Tensor | None, dead_dW_enc: Tensor | None,
-    dead_db_enc: Tensor | None, dead_dW_dec: Tensor | None,
+    dead_db_enc: Tensor | None, dead_dW_dec: Tensor | None, dead_ready: Callable[[], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dW_enc, db_enc, db_dec, dW_dec); same contract as `reference.topk_autoencoder_backward`
     except that dx is zeros unless `x_requires_grad`. Deterministic when torch's deterministic
-    algorithms are on (`scatter.feature_sums`)."""
+    algorithms are on (`scatter.feature_sums`). `dead_ready`, when given, is called before AuxK's
+    gradients are first read (they may still be computed on another stream): the codes' sort and d vals
+    come before it."""
     if torch.float64 in (W_enc.dtype, W_dec.dtype):
+        if dead_ready is not None:
+            dead_ready()
         return reference.topk_autoencoder_backward(
             grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, dead, dead_dW_enc, dead_db_enc, dead_dW_dec
         )
     d, n_features = W_enc.shape
     by_feature = sort_by_feature(idx, n_features) if route(n_features, d) == "blocked" else None
+    dvals = sparse_dvals(grad_recon, vals, idx, W_dec)
+    coef = torch.where(vals > 0, dvals + grad_vals, 0)  # the ReLU's mask
+    if dead_ready is not None:
+        dead_ready()
     dW_dec, _ = feature_sums(
         grad_recon, vals, idx, n_features, dtype=W_dec.dtype, by_feature=by_feature,
         extra=None if dead is None else (dead, dead_dW_dec, None),
     )  # fmt: skip
-    dvals = sparse_dvals(grad_recon, vals, idx, W_dec)
-    coef = torch.where(vals > 0, dvals + grad_vals, 0)  # the ReLU's mask
     dW_enc, db_enc = feature_sums(
         x, coef, idx, n_features, center=b_dec, dtype=W_enc.dtype, transposed=True, by_feature=by_feature,
         extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc),
