@@ -12,7 +12,7 @@ Shapes: x [B, d], W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d], vals/idx [B,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -28,6 +28,7 @@ from .ops import decoder as decoder_ops
 from .ops import encode as encode_ops
 from .ops import filter as filter_ops
 from .ops import loss as loss_ops
+from .ops.launch import join_stream, on_stream
 
 _ext.load()  # the C++ death-statistics ops: fire_counts, fire_counts_dense, update_since_fired, dead_mask
 
@@ -583,10 +584,11 @@ class TopKAutoencoderOutput(NamedTuple):
 
 # The joint node's AuxK forward and backward on a second CUDA stream, beside the TopK encode and decode
 # and their backward up to the weight gradients' sums (which add AuxK's in): AuxK's thin GEMMs and row
-# top-k can take the SMs that the row filter's, the decode's and the sort's launches leave idle, and
-# their tails. Eager steps and captured CUDA graphs (which record the fork and the join); never under
-# torch.compile, which traces one stream.
-AUXK_SIDE_STREAM = False
+# top-k take the SMs that the row filter's, the decode's and the sort's launches leave idle, and their
+# tails. Captured SAEAdam step on the H200 (bench.ab_step, cecab45): 1.711 -> 1.675 ms at AlphaFold3's
+# shape, 1.906 -> 1.838 at GPT-2's, 2.940 -> 2.883 at GPT-2 width with k = 128. Eager steps and captured
+# CUDA graphs (which record the fork and the join); never under torch.compile, which traces one stream.
+AUXK_SIDE_STREAM = True
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -598,27 +600,6 @@ def _auxk_side_stream(x: Tensor) -> torch.cuda.Stream | None:
     if x.device not in _side_streams:
         _side_streams[x.device] = torch.cuda.Stream(x.device, priority=-1)
     return _side_streams[x.device]
-
-
-@contextlib.contextmanager
-def _on_side_stream(side: torch.cuda.Stream | None) -> Iterator[None]:
-    """Runs the block on `side` after the work queued so far on the current stream (in line when None)."""
-    if side is None:
-        yield
-        return
-    side.wait_stream(torch.cuda.current_stream(side.device))
-    with torch.cuda.stream(side):
-        yield
-
-
-def _join_side_stream(side: torch.cuda.Stream, *made_there: Tensor | None) -> None:
-    """The current stream waits for `side`; the tensors made there are marked as used on the current
-    stream, so the caching allocator does not hand their memory to `side` again while it may still be read."""
-    current = torch.cuda.current_stream(side.device)
-    current.wait_stream(side)
-    for tensor in made_there:
-        if tensor is not None:
-            tensor.record_stream(current)
 
 
 class _TopKAutoencoder(torch.autograd.Function):
@@ -633,12 +614,12 @@ class _TopKAutoencoder(torch.autograd.Function):
         aux_recon, aux_saved = x.new_empty(0, dtype=W_dec.dtype), ()
         side = _auxk_side_stream(x) if features is not None else None
         if side is not None:  # queued first: the side stream's work is short and takes free SMs first
-            with _on_side_stream(side):
+            with on_stream(side):
                 aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
         vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
         recon = _decode_sparse(vals, idx, W_dec, b_dec)
         if side is not None:
-            _join_side_stream(side, aux_recon, *aux_saved)
+            join_stream(side, aux_recon, *aux_saved)
         elif features is not None:
             aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
         ctx.mark_non_differentiable(idx)
@@ -653,7 +634,7 @@ class _TopKAutoencoder(torch.autograd.Function):
         side = ctx.side_stream if aux_saved else None
         dx_aux, dead, dead_dW_enc, dead_db_enc, dead_dW_dec = None, None, None, None, None
         if aux_saved:
-            with _on_side_stream(side):
+            with on_stream(side) if side is not None else contextlib.nullcontext():
                 aux_grads = _dense_auxk_backward(grad_aux, aux_saved, needs_x, True, True)
             (dx_aux, dead_dW_enc, dead_db_enc, dead_dW_dec), dead = aux_grads, aux_saved[-1]
         if side is not None:
@@ -661,9 +642,9 @@ class _TopKAutoencoder(torch.autograd.Function):
             # gradients are first added (after the codes' sort and d vals); the op is its dispatch.
             dx, dW_enc, db_enc, db_dec, dW_dec = autoencoder_ops.topk_autoencoder_backward(
                 grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc,
-                dead_db_enc, dead_dW_dec,
-                dead_ready=lambda: _join_side_stream(side, dx_aux, dead_dW_enc, dead_db_enc, dead_dW_dec),
+                dead_db_enc, dead_dW_dec, side=side,
             )  # fmt: skip
+            join_stream(side, dx_aux)
         else:
             dx, dW_enc, db_enc, db_dec, dW_dec = _topk_autoencoder_backward(
                 grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc, dead_db_enc,

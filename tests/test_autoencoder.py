@@ -65,10 +65,10 @@ def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, 
 
 
 @pytest.mark.interpret
-def test_topk_autoencoder_backward_reads_auxk_gradients_after_dead_ready():
-    """`dead_ready` (how the joint node waits for AuxK's gradients from a side stream) is called before
-    they are first read: here it writes them, and the gradients match the reference only if no sum
-    read them before."""
+def test_topk_autoencoder_backward_reads_auxk_gradients_after_joining_their_stream(monkeypatch):
+    """With AuxK's gradients still computed on a side stream (`functional.AUXK_SIDE_STREAM`), the
+    backward reads them only after it joins that stream: here the join writes them, and the gradients
+    match the reference only if no sum read them before."""
     B, d, F, k, dtype = 37, 40, 96, 8, torch.float32
     x = torch.randn(B, d) * 2 + 1
     W_enc, _, W_dec, b_dec = random_sae_weights(d, F, dtype=dtype)
@@ -77,16 +77,19 @@ def test_topk_autoencoder_backward_reads_auxk_gradients_after_dead_ready():
     args = (torch.randn(B, d), torch.randn(B, k), x, W_enc, b_dec, W_dec, vals, idx)
     dead, *gradients = _dead_gradients(20, F, d, dtype, "cpu")
     written_late = [torch.full_like(g, float("nan")) for g in gradients]
-    calls = []
+    side = object()  # stands for the stream: only the join sees it
+    joins = []
 
-    def dead_ready():
-        calls.append(True)
+    def join_stream(stream, *made_there):
+        joins.append(stream)
         for late, gradient in zip(written_late, gradients):
             late.copy_(gradient)
 
-    grads = autoencoder.topk_autoencoder_backward(*args, True, dead, *written_late, dead_ready=dead_ready)
+    monkeypatch.setattr(autoencoder, "join_stream", join_stream)
+    monkeypatch.setattr(autoencoder, "DECODER_SUMS_ON_SIDE_STREAM", False)
+    grads = autoencoder.topk_autoencoder_backward(*args, True, dead, *written_late, side=side)
     expected = reference.topk_autoencoder_backward(*(t.double() for t in args[:-1]), idx, dead,
                                                    *(g.double() for g in gradients))  # fmt: skip
-    assert calls == [True]
+    assert joins == [side]
     for name, got, want in zip(("dx", "dW_enc", "db_enc", "db_dec", "dW_dec"), grads, expected):
         assert_close(got, want, dtype, name)

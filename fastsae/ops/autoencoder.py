@@ -19,8 +19,6 @@ thread; commit 77d3235 has that path (FASTSAE_FUSED_DVALS).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -28,35 +26,48 @@ from .. import reference
 from .columns import column_sums
 from .decode import decode_sparse, sparse_dvals
 from .encode import centering_grad
+from .launch import join_stream, on_stream
 from .scatter import feature_sums, route, sort_by_feature
+
+# With AuxK on a side stream (`functional.AUXK_SIDE_STREAM`), dW_dec's per-feature sums run there after
+# AuxK's backward, beside d vals on the current stream (both gather a [B, d] row per code from L2).
+DECODER_SUMS_ON_SIDE_STREAM = False
 
 
 def topk_autoencoder_backward(
     grad_recon: Tensor, grad_vals: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, W_dec: Tensor, vals: Tensor,
     idx: Tensor, x_requires_grad: bool, dead: Tensor | None, dead_dW_enc: Tensor | None,
-    dead_db_enc: Tensor | None, dead_dW_dec: Tensor | None, dead_ready: Callable[[], None] | None = None,
+    dead_db_enc: Tensor | None, dead_dW_dec: Tensor | None, side: torch.cuda.Stream | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dW_enc, db_enc, db_dec, dW_dec); same contract as `reference.topk_autoencoder_backward`
     except that dx is zeros unless `x_requires_grad`. Deterministic when torch's deterministic
-    algorithms are on (`scatter.feature_sums`). `dead_ready`, when given, is called before AuxK's
-    gradients are first read (they may still be computed on another stream): the codes' sort and d vals
-    come before it."""
+    algorithms are on (`scatter.feature_sums`). `side`: the stream that is still computing AuxK's
+    gradients (`functional.AUXK_SIDE_STREAM`); the current stream waits for it only where they are first
+    added, after the codes' sort and d vals, and with DECODER_SUMS_ON_SIDE_STREAM dW_dec's sums run
+    there too, beside d vals."""
     if torch.float64 in (W_enc.dtype, W_dec.dtype):
-        if dead_ready is not None:
-            dead_ready()
+        if side is not None:
+            join_stream(side)
         return reference.topk_autoencoder_backward(
             grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, dead, dead_dW_enc, dead_db_enc, dead_dW_dec
         )
     d, n_features = W_enc.shape
     by_feature = sort_by_feature(idx, n_features) if route(n_features, d) == "blocked" else None
+
+    def decoder_sums() -> Tensor:
+        extra = None if dead is None else (dead, dead_dW_dec, None)
+        return feature_sums(grad_recon, vals, idx, n_features, dtype=W_dec.dtype, by_feature=by_feature, extra=extra)[0]
+
+    dW_dec = None
+    if side is not None and DECODER_SUMS_ON_SIDE_STREAM:
+        with on_stream(side):  # after AuxK's backward, queued there first
+            dW_dec = decoder_sums()
     dvals = sparse_dvals(grad_recon, vals, idx, W_dec)
     coef = torch.where(vals > 0, dvals + grad_vals, 0)  # the ReLU's mask
-    if dead_ready is not None:
-        dead_ready()
-    dW_dec, _ = feature_sums(
-        grad_recon, vals, idx, n_features, dtype=W_dec.dtype, by_feature=by_feature,
-        extra=None if dead is None else (dead, dead_dW_dec, None),
-    )  # fmt: skip
+    if side is not None:
+        join_stream(side, dW_dec, dead_dW_enc, dead_db_enc, dead_dW_dec)
+    if dW_dec is None:
+        dW_dec = decoder_sums()
     dW_enc, db_enc = feature_sums(
         x, coef, idx, n_features, center=b_dec, dtype=W_enc.dtype, transposed=True, by_feature=by_feature,
         extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc),

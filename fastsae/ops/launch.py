@@ -4,9 +4,10 @@ configs only change constexprs)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import triton.language as tl
@@ -23,6 +24,25 @@ def may_synchronize(t: Tensor) -> bool:
     """Whether code may read a value of `t` on the host: not while torch.compile traces it or a CUDA
     graph captures it (where a host read breaks the graph or fails)."""
     return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+@contextlib.contextmanager
+def on_stream(stream: torch.cuda.Stream) -> Iterator[None]:
+    """Runs the block on `stream`, after the work queued so far on the current stream."""
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    with torch.cuda.stream(stream):
+        yield
+
+
+def join_stream(stream: torch.cuda.Stream, *made_there: Tensor | None) -> None:
+    """The current stream waits for `stream`; the tensors made there are marked as used on the current
+    stream, so the caching allocator does not hand their memory to `stream` again while it may still be
+    read."""
+    current = torch.cuda.current_stream(stream.device)
+    current.wait_stream(stream)
+    for tensor in made_there:
+        if tensor is not None:
+            tensor.record_stream(current)
 
 
 def matmul_dtype(weight_dtype: torch.dtype) -> torch.dtype:
