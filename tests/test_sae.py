@@ -414,6 +414,20 @@ def test_cuda_training_matches_reference_path(deterministic):
         torch.use_deterministic_algorithms(previous)
 
 
+def _step_twins(saes, optimizers, x, monkeypatch, module, switch):
+    """One training step of each of two twin SAEs on x, `module.switch` False for the first and True
+    for the second; their outputs."""
+    outs = []
+    for sae, optimizer, value in zip(saes, optimizers, (False, True)):
+        monkeypatch.setattr(module, switch, value)
+        optimizer.zero_grad()
+        out = sae(x)
+        out.loss.backward()
+        optimizer.step()
+        outs.append(out)
+    return outs
+
+
 def test_batchtopk_trains_the_same_on_sparse_codes(monkeypatch):
     """FASTSAE_BATCHTOPK_SPARSE: a BatchTopK SAE trained on the sparse codes (each row's candidates,
     the batch's B x k largest among them; `functional.encode_batchtopk_sparse`) follows its twin on the
@@ -429,15 +443,7 @@ def test_batchtopk_trains_the_same_on_sparse_codes(monkeypatch):
     batches = [torch.randn(40, 24, dtype=torch.float64, generator=generator) + 3 for _ in range(4)]
     batches[2][:2] *= 30  # two rows hold most of the batch's largest codes: more than 4k each
     for x in batches:
-        outs = []
-        for sae, optimizer, sparse_codes in zip((dense, sparse), optimizers, (False, True)):
-            monkeypatch.setattr(batchtopk, "SPARSE_CODES", sparse_codes)
-            optimizer.zero_grad()
-            out = sae(x)
-            out.loss.backward()
-            optimizer.step()
-            outs.append(out)
-        want, got = outs
+        want, got = _step_twins((dense, sparse), optimizers, x, monkeypatch, batchtopk, "SPARSE_CODES")
         assert got.acts is None and want.vals is None
         codes = reference.scatter_codes(got.vals, got.idx, want.acts.shape[1])
         assert_close(codes, want.acts, torch.float64, "codes")
@@ -466,15 +472,7 @@ def test_batchtopk_trains_the_same_from_a_floor(monkeypatch):
     select = batchtopk.select_above_floor
     monkeypatch.setattr(batchtopk, "select_above_floor", lambda *a: answers.append(select(*a)) or answers[-1])
     for x in batches:
-        outs = []
-        for sae, optimizer, floor_codes in zip((twin, floored), optimizers, (False, True)):
-            monkeypatch.setattr(batchtopk, "FLOOR_CODES", floor_codes)
-            optimizer.zero_grad()
-            out = sae(x)
-            out.loss.backward()
-            optimizer.step()
-            outs.append(out)
-        want, got = outs
+        want, got = _step_twins((twin, floored), optimizers, x, monkeypatch, batchtopk, "FLOOR_CODES")
         n_features = floored.cfg.n_features
         got_codes = reference.scatter_codes(got.vals, got.idx, n_features)
         assert_close(got_codes, reference.scatter_codes(want.vals, want.idx, n_features), torch.float32, "codes")
