@@ -13,7 +13,6 @@ import torch
 
 from fastsae import functional as F
 from fastsae import reference
-from fastsae.ops import batchtopk as batchtopk_ops
 from fastsae.ops import filter, launch
 from fastsae.testing import assert_batchtopk_matches, assert_close, assert_topk_matches
 
@@ -152,11 +151,6 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, n_
         "fastsae_dense": partial(_dense_route_batchtopk, x, W_enc, b_enc, b_dec, k),
         # Sparse codes: each row's 4k candidates from the TopK encode, the batch's B * k largest among them.
         "fastsae_sparse": partial(F.encode_batchtopk_sparse, x, W_enc, b_enc, b_dec, k),
-        # Sparse codes from a floor: each row's codes above it (a training step's floor is the previous
-        # batch's threshold less batchtopk.FLOOR_MARGIN of it; here this batch's stands in for it).
-        "fastsae_sparse_floor": partial(
-            F.encode_batchtopk_sparse, x, W_enc, b_enc, b_dec, k, _batchtopk_floor(x, W_enc, b_enc, b_dec, k)
-        ),
         "torch": partial(_torch_batchtopk, x, W_enc, b_enc, b_dec, k),
     }
     for name, fn in providers.items():  # bf16 rounding may swap the codes at the batch's threshold
@@ -169,16 +163,6 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, n_
     for name, fn in providers.items():
         recorder.record("encode_batchtopk", shape, name, measure(fn))
     recorder.record("encode_batchtopk", shape, "cublas_gemm", measure(partial(_gemm, x, W_enc)))
-
-
-def _batchtopk_floor(x, W_enc, b_enc, b_dec, k) -> torch.Tensor:
-    """The batch's BatchTopK threshold less batchtopk.FLOOR_MARGIN of it, checked to give the floor's
-    route (not its fallback)."""
-    vals = F.encode_batchtopk_sparse(x, W_enc, b_enc, b_dec, k).vals
-    floor = (1 - batchtopk_ops.FLOOR_MARGIN) * vals[vals > 0].min().float()
-    keys, counts = filter.codes_above(x, W_enc, b_enc, b_dec, floor, batchtopk_ops.floor_slots(k, W_enc.shape[1]))
-    assert batchtopk_ops.select_above_floor(keys, counts, k, W_enc.dtype) is not None, "the floor's route fell back"
-    return floor
 
 
 def _bench_positive_counts(recorder: Recorder, shape: str, d: int, n_features: int, n_rows: int, k: int):

@@ -9,8 +9,7 @@ bf16 parameters at the benchmark shapes (harness.SHAPES). Before timing, every p
 same batch and weights is checked against the fp32 reference.
 
 Op `train_step_batchtopk`: the BatchTopK SAE's step (no AuxK) at the three shapes, on the sparse codes
-(`fastsae`, the default), on the sparse codes above the previous step's floor (`fastsae_floor`,
-FASTSAE_BATCHTOPK_FLOOR=1) and on the dense ones (`fastsae_dense_codes`, FASTSAE_BATCHTOPK_SPARSE=0),
+(`fastsae`, the default) and on the dense ones (`fastsae_dense_codes`, FASTSAE_BATCHTOPK_SPARSE=0),
 against the eager dense BatchTopK step (`torch`).
 
 The dead features are silenced (encoder bias SILENT_BIAS: they never reach a token's top k, so they stay
@@ -95,11 +94,10 @@ def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False
     return step
 
 
-def _batchtopk_step(d, n_features, k, weights, sparse_codes: bool, floor_codes: bool = False):
+def _batchtopk_step(d, n_features, k, weights, sparse_codes: bool):
     """A BatchTopK SAE's step (torch.optim.Adam, the decoder constraint) on the dense codes or, with
-    `sparse_codes`, on the sparse ones, taken from the previous step's floor with `floor_codes` (the
-    module-level switches FASTSAE_BATCHTOPK_SPARSE and FASTSAE_BATCHTOPK_FLOOR set, set here around each
-    step)."""
+    `sparse_codes`, on the sparse ones (the module-level switch FASTSAE_BATCHTOPK_SPARSE sets, set here
+    around each step)."""
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, activation="batchtopk", dtype="bfloat16",
                             check_finite=False)  # fmt: skip
     sae = fastsae.SparseAutoencoder(cfg).cuda()
@@ -107,12 +105,11 @@ def _batchtopk_step(d, n_features, k, weights, sparse_codes: bool, floor_codes: 
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step(x):
-        previous = batchtopk_ops.SPARSE_CODES, batchtopk_ops.FLOOR_CODES
-        batchtopk_ops.SPARSE_CODES, batchtopk_ops.FLOOR_CODES = sparse_codes, floor_codes
+        previous, batchtopk_ops.SPARSE_CODES = batchtopk_ops.SPARSE_CODES, sparse_codes
         try:
             return sae_train_step(sae, optimizer, x).fvu
         finally:
-            batchtopk_ops.SPARSE_CODES, batchtopk_ops.FLOOR_CODES = previous
+            batchtopk_ops.SPARSE_CODES = previous
 
     return step
 
@@ -235,8 +232,6 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, k:
     del codes
     providers = {
         "fastsae": _batchtopk_step(d, n_features, k, weights, sparse_codes=True),
-        # From the second step on, each row's codes above the previous step's threshold less 5%.
-        "fastsae_floor": _batchtopk_step(d, n_features, k, weights, sparse_codes=True, floor_codes=True),
         "fastsae_dense_codes": _batchtopk_step(d, n_features, k, weights, sparse_codes=False),
         "torch": _dense_step(partial(_dense_batchtopk_loss, k=k), weights, compile_loss=False),
     }

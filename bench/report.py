@@ -26,13 +26,16 @@ OP_NOTES = {
     "fire_counts_dense": "Per-feature counts of positive entries of dense codes (`bench/bench_stats.py`).",
     "encode_topk": "The TopK encode against the cuBLAS GEMM x @ W_enc and eager torch (`bench/bench_encode.py`).",
     "encode_relu": "The ReLU encode, writing the whole [B, F] codes (`bench/bench_encode.py`).",
-    "encode_batchtopk": "The BatchTopK encode, dense and sparse codes (`bench/bench_encode.py`).",
+    "encode_batchtopk": "The BatchTopK encode, dense and sparse codes (`bench/bench_encode.py`); "
+    "`fastsae_sparse_floor` (each row's codes above a floor, from the previous batch's threshold) was timed "
+    "once and removed (slower than `fastsae_sparse`).",
     "encode_topk_positive_counts": "The TopK encode with the per-feature positive counts (`bench/bench_encode.py`).",
     "encode_topk_sort_select": "The TopK encode with the experimental sort-select row-filter configurations, "
     "timed once and removed (no faster than `encode_topk`'s route).",
     "decode_sparse": "The sparse decode of [B, k] codes (`bench/bench_decode.py`).",
     "train_step": "A whole TopK training step with AuxK (`bench/bench_train.py`).",
-    "train_step_batchtopk": "A BatchTopK training step, sparse and dense codes (`bench/bench_train.py`).",
+    "train_step_batchtopk": "A BatchTopK training step, sparse and dense codes (`bench/bench_train.py`); "
+    "`fastsae_floor` (the sparse codes above the previous step's floor) was timed once and removed.",
     "train_step_ab": "The captured SAEAdam step under each value of one switch (`bench/ab_step.py`).",
     "train_step_dp": "Data parallel under DistributedDataParallel against one GPU (`bench/bench_distributed.py`).",
     "train_step_dp_graph": "Data parallel with every rank's step captured against one GPU's captured step "

@@ -315,33 +315,18 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: 
     return batchtopk_ops.batch_topk(_encode_relu(x, W_enc, b_enc, b_dec, None), k)
 
 
-def encode_batchtopk_sparse(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, floor: Tensor | None = None
-) -> TopKCodes:  # fmt: skip
+def encode_batchtopk_sparse(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> TopKCodes:
     """BatchTopK codes as sparse TopKCodes (no AuxK candidates): the codes `encode_batchtopk` keeps (up
     to which of equal codes at the batch's threshold is kept), without a [B, F] tensor. Each row's
     candidates are its top min(F, 4k) codes from the TopK encode; the batch's B * k largest among them
     keep their values and the other candidates carry 0 (vals and idx are [B, min(F, 4k)]). Where a row
     may keep more codes than its candidates, the dense route runs instead, and vals and idx are [B, w]
     with w the most codes any row keeps (`fastsae/ops/batchtopk.py`). One host synchronisation, two on
-    the dense route. Differentiable w.r.t. x, W_enc, b_enc, b_dec.
-    `floor` (a 0-dim tensor on x's device, e.g. the previous batch's threshold lowered by a margin): on
-    CUDA the candidates are each row's codes above it instead (`batchtopk.select_above_floor`; vals
-    and idx are [B, min(F, 8k)], a row's codes in no particular order), and the route above runs only
-    where the floor was not below this batch's threshold or a row held more than those slots."""
+    the dense route. Differentiable w.r.t. x, W_enc, b_enc, b_dec."""
     _check_encoder_args(x, W_enc, b_enc, b_dec)
     n_features = W_enc.shape[1]
     _check_k("k", k, n_features, minimum=1)
     width = batchtopk_ops.candidate_width(k, n_features)
-    if floor is not None and x.is_cuda and torch.float64 not in (x.dtype, W_enc.dtype):
-        _check_same_device(x=x, floor=floor)
-        slots = batchtopk_ops.floor_slots(k, n_features)
-        keys, counts = filter_ops.codes_above(x, W_enc, b_enc, b_dec, floor.clamp_min(0), slots)
-        selected = batchtopk_ops.select_above_floor(keys, counts, k, W_enc.dtype)
-        if selected is not None:
-            vals, idx = selected
-            no_aux = vals.new_zeros(vals.shape[0], 0), idx.new_zeros(idx.shape[0], 0)
-            return TopKCodes(_CodesChosenOutside.apply(x, W_enc, b_enc, b_dec, vals, idx), idx, *no_aux)
     vals, idx, aux_vals, aux_idx = _encode_topk(x, W_enc, b_enc, b_dec, width, 0, None)
     keep = batchtopk_ops.select_among_candidates(vals, k, complete=width == n_features)
     if keep is not None:
@@ -350,25 +335,6 @@ def encode_batchtopk_sparse(
     most = max(1, int((codes != 0).sum(dim=1).max()))
     vals, idx = codes.topk(most, dim=1)
     return TopKCodes(vals, idx.to(torch.int32), aux_vals, aux_idx)
-
-
-class _CodesChosenOutside(torch.autograd.Function):
-    """Codes vals [B, c] (post-ReLU pre-activations of x at idx, 0 where not kept) chosen without
-    autograd, given the TopK encode's backward: each kept code's gradient reaches its pre-activation."""
-
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, vals, idx):
-        ctx.save_for_backward(x, W_enc, b_dec, vals, idx)
-        return vals.clone()  # an output of its own, not the input autograd already holds
-
-    @staticmethod
-    def backward(ctx, grad_vals):
-        x, W_enc, b_dec, vals, idx = ctx.saved_tensors
-        no_vals, no_idx = vals.new_zeros(vals.shape[0], 0), idx.new_zeros(idx.shape[0], 0)
-        grads = _encode_topk_backward(
-            grad_vals, no_vals, x, W_enc, b_dec, vals, idx, no_vals, no_idx, ctx.needs_input_grad[0]
-        )
-        return (*_only_needed(ctx, grads), None, None)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -195,9 +195,6 @@ class SparseAutoencoder(nn.Module):
             # BatchTopK kept in each training batch. In eval mode the codes are JumpReLU at it, so a
             # token's codes do not depend on the rest of its batch. -1 until a training step sets it.
             self.register_buffer("batchtopk_threshold", torch.full((), -1.0, dtype=torch.float32))
-            # The last training batch's threshold less batchtopk.FLOOR_MARGIN of it: the floor of the next
-            # batch's sparse codes (batchtopk.FLOOR_CODES). Not saved: a new run starts without one.
-            self.register_buffer("_batchtopk_floor", torch.full((), -1.0, dtype=torch.float32), persistent=False)
         self.register_buffer("feature_fire_count", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("n_tokens_seen", torch.zeros((), dtype=torch.int64))
@@ -437,8 +434,7 @@ class SparseAutoencoder(nn.Module):
             if self._group is not None and self.training:
                 return self._batchtopk_replicated_sparse(x) if sparse else self._batchtopk_replicated(x)
             if sparse:
-                floor = self._batchtopk_floor if batchtopk_ops.FLOOR_CODES else None
-                return F.encode_batchtopk_sparse(x, self.W_enc, self.b_enc, self.b_dec, cfg.k, floor)
+                return F.encode_batchtopk_sparse(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
             return F.encode_batchtopk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
         threshold = self.threshold if cfg.activation == "jumprelu" else None
         return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
@@ -723,9 +719,6 @@ class SparseAutoencoder(nn.Module):
         averaged = BATCHTOPK_THRESHOLD_DECAY * running + (1 - BATCHTOPK_THRESHOLD_DECAY) * smallest
         updated = torch.where(running < 0, smallest, averaged)
         running.copy_(torch.where(torch.isinf(smallest), running, updated))
-        # -1 (no floor: every positive code a candidate, the fallback) after a batch that kept nothing
-        lowered = (1 - batchtopk_ops.FLOOR_MARGIN) * smallest
-        self._batchtopk_floor.copy_(torch.where(torch.isinf(smallest), -1.0, lowered))
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.cfg.d_in:

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from fastsae import reference
-from fastsae.ops import batchtopk as batchtopk_ops
 from fastsae.ops import encode, filter
 from fastsae.ops.filter import filter_topk, row_filter_topk
 from fastsae.testing import assert_positive_counts_match, relative_rms_error
@@ -460,34 +459,3 @@ def test_strided_inputs(device):
     check_encode_topk_backward(x, W_enc, b_dec, (vals, idx, aux_vals, aux_idx), torch.float32)
     acts = encode.encode_relu(x, W_enc, b_enc, b_dec, cut)
     assert_close(acts, torch.where(pre > cut.double(), pre, 0.0), torch.float32, "jumprelu acts")
-
-
-@pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_codes_above_finds_every_code_above_the_floor(device, monkeypatch):
-    """filter.codes_above (BatchTopK's candidates from a floor): each row's count is the number of its
-    cuBLAS pre-activations above the floor or NaN, and a row that fits its slots holds exactly those
-    (value, feature) keys; a row with more (here a NaN row) counts them all and writes no slot past its
-    own. The batch in row chunks of 5 rows."""
-    B, d, F, cap = (13, 32, 300, 24) if device == "cpu" else (1003, 768, 24576, 128)
-    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
-    x[1, 0] = float("nan")  # a NaN input makes the whole row NaN
-    # The pre-activations as the launcher computes them: cuBLAS's (here the CPU's) in row chunks of 5
-    pre = torch.cat([chunk for _, chunk in filter.pre_activation_chunks(x, W_enc, b_enc, b_dec, 5, None)]).float()
-    floor = pre.nan_to_num(float("-inf")).topk(cap // 2, dim=1).values[:, -1].median()  # about cap / 2 a row
-    above = (pre > floor) | pre.isnan()
-    monkeypatch.setattr(filter, "ROW_FILTER_CHUNK", 5 * F)
-    keys, counts = filter.codes_above(x, W_enc, b_enc, b_dec, floor, cap)
-    assert torch.equal(counts.long(), above.sum(dim=1)), "counts"
-    assert int(counts[1]) == F and bool((counts <= cap).any()), "rows within their slots and beyond"
-    values, features = batchtopk_ops.key_values(keys)
-    for row in range(B):
-        n = int(counts[row])
-        if n > cap:
-            continue
-        expected = above[row].nonzero().squeeze(1)
-        got = features[row, :n].long().sort().values
-        assert torch.equal(got, expected), f"row {row}: features"
-        order = features[row, :n].long().argsort()
-        want = pre[row, expected]
-        assert torch.equal(values[row, :n][order].nan_to_num(-7.0), want.nan_to_num(-7.0)), f"row {row}: values"

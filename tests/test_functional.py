@@ -9,8 +9,6 @@ import torch
 from fastsae import functional as F
 from fastsae import reference
 from fastsae.ops import autoencoder as autoencoder_ops
-from fastsae.ops import batchtopk as batchtopk_ops
-from fastsae.testing import assert_batchtopk_matches
 
 from .utils import DEVICES, assert_close, assert_topk_matches, random_sae_weights
 
@@ -193,33 +191,6 @@ def test_topk_autoencoder_with_auxk_on_a_side_stream(dtype, decoder_sums_beside,
             assert torch.equal(got, want), name
         else:
             assert_close(got, want, dtype, name)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("margin", [batchtopk_ops.FLOOR_MARGIN, -0.05], ids=["floor_below", "floor_above"])
-def test_encode_batchtopk_sparse_from_a_floor(margin, monkeypatch):
-    """encode_batchtopk_sparse with a floor (each row's codes above it as candidates, `batchtopk.FLOOR_CODES`):
-    the reference's codes and the same gradients as without it, from the floor's route when the floor is
-    below the batch's threshold and from its fallback when above."""
-    B, d, F_, k = 2048, 256, 4096, 32
-    x = (torch.randn(B, d, device="cuda") * 2 + 1).requires_grad_()
-    params = [p.requires_grad_() for p in random_sae_weights(d, F_, device="cuda")]
-    W_enc, b_enc, _, b_dec = params
-    without = F.encode_batchtopk_sparse(x, W_enc, b_enc, b_dec, k)
-    threshold = without.vals[without.vals > 0].min().detach()
-    answers = []
-    original = batchtopk_ops.select_above_floor
-    monkeypatch.setattr(batchtopk_ops, "select_above_floor", lambda *a: answers.append(original(*a)) or answers[-1])
-    codes = F.encode_batchtopk_sparse(x, W_enc, b_enc, b_dec, k, (1 - margin) * threshold)
-    assert len(answers) == 1 and (answers[0] is None) == (margin < 0), "the floor's route or its fallback"
-    pre = reference.pre_activation(*(t.detach().double() for t in (x, W_enc, b_enc, b_dec)))
-    assert_batchtopk_matches(reference.scatter_codes(codes.vals.detach(), codes.idx, F_), pre, k, 1e-4)
-    weights = torch.randn(B, F_, device="cuda")
-    inputs = [x, W_enc, b_enc, b_dec]
-    grads = torch.autograd.grad((reference.scatter_codes(codes.vals, codes.idx, F_) * weights).sum(), inputs)
-    expected = torch.autograd.grad((reference.scatter_codes(without.vals, without.idx, F_) * weights).sum(), inputs)
-    for name, got, want in zip(("x", "W_enc", "b_enc", "b_dec"), grads, expected):
-        assert_close(got, want, torch.float32, f"d{name}")
 
 
 def test_gradcheck_fp64():

@@ -198,51 +198,6 @@ def test_batchtopk_among_candidates_keeps_the_reference_codes(device, dtype, see
     assert torch.equal(codes.flatten().sort().values, expected.flatten().sort().values), "different codes kept"
 
 
-def _keys(values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """`filter.to_key` in torch: int64 keys ordering like the fp32 values, the feature in the low word."""
-    bits = values.float().view(torch.int32)
-    return ((bits ^ ((bits >> 31) & 0x7FFFFFFF)).long() << 32) | features.long()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@EXAMPLES
-@given(dtype=DTYPES, seed=st.integers(0, 2**31 - 1), data=st.data())
-def test_batchtopk_above_a_floor_keeps_the_reference_codes(device, dtype, seed, data):
-    """The sparse BatchTopK selection from a floor (the batch's B x k largest among each row's codes
-    above it and NaN codes, in the first of its slots in any order, garbage after) keeps the reference's
-    codes, or answers None, and then only where a row held more than its slots or fewer than B x k
-    codes passed: floors below and above the threshold, tied or continuous codes."""
-    max_B, _, max_F = SIZES[device]
-    B, F = data.draw(st.integers(1, max_B), label="B"), data.draw(st.integers(1, max_F), label="F")
-    k = data.draw(st.integers(1, F), label="k")
-    cap = data.draw(st.integers(k, F), label="slots per row")
-    floor = data.draw(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.5]), label="floor")
-    acts = _batch_codes(data, B, F, dtype, device, seed)
-    passed = (acts > floor) | acts.isnan()
-    counts = passed.sum(dim=1).int()
-    generator = torch.Generator().manual_seed(seed)
-    keys = torch.randint(-(2**62), 2**62, (B, cap), generator=generator).to(device)  # garbage past the counts
-    for row in range(B):
-        features = passed[row].nonzero().squeeze(1)
-        features = features[torch.randperm(features.numel(), generator=generator).to(device)][:cap]
-        keys[row, : features.numel()] = _keys(acts[row, features], features)
-    selected = batchtopk.select_above_floor(keys, counts, k, dtype)
-    budget = k * B
-    if selected is None:
-        assert bool((counts > cap).any()) or int(counts.sum()) < budget, "a needless fallback"
-        return
-    assert bool((counts <= cap).all()) and int(counts.sum()) >= budget
-    vals, idx = selected
-    assert vals.dtype == dtype and idx.dtype == torch.int32 and vals.shape == idx.shape == (B, cap)
-    assert int((vals != 0).sum()) <= budget
-    codes = reference.scatter_codes(vals, idx, F)  # empty slots hold (0, feature 0): they add nothing
-    expected = reference.batch_topk(acts, k)
-    if acts.isnan().any():
-        assert torch.equal(codes.isnan(), expected.isnan()), "NaN codes"
-        codes, expected = codes.nan_to_num(-1.0), expected.nan_to_num(-1.0)
-    assert torch.equal(codes.flatten().sort().values, expected.flatten().sort().values), "different codes kept"
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @EXAMPLES
 @given(data=st.data())

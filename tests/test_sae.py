@@ -414,20 +414,6 @@ def test_cuda_training_matches_reference_path(deterministic):
         torch.use_deterministic_algorithms(previous)
 
 
-def _step_twins(saes, optimizers, x, monkeypatch, module, switch):
-    """One training step of each of two twin SAEs on x, `module.switch` False for the first and True
-    for the second; their outputs."""
-    outs = []
-    for sae, optimizer, value in zip(saes, optimizers, (False, True)):
-        monkeypatch.setattr(module, switch, value)
-        optimizer.zero_grad()
-        out = sae(x)
-        out.loss.backward()
-        optimizer.step()
-        outs.append(out)
-    return outs
-
-
 def test_batchtopk_trains_the_same_on_sparse_codes(monkeypatch):
     """FASTSAE_BATCHTOPK_SPARSE: a BatchTopK SAE trained on the sparse codes (each row's candidates,
     the batch's B x k largest among them; `functional.encode_batchtopk_sparse`) follows its twin on the
@@ -443,7 +429,15 @@ def test_batchtopk_trains_the_same_on_sparse_codes(monkeypatch):
     batches = [torch.randn(40, 24, dtype=torch.float64, generator=generator) + 3 for _ in range(4)]
     batches[2][:2] *= 30  # two rows hold most of the batch's largest codes: more than 4k each
     for x in batches:
-        want, got = _step_twins((dense, sparse), optimizers, x, monkeypatch, batchtopk, "SPARSE_CODES")
+        outs = []
+        for sae, optimizer, sparse_codes in zip((dense, sparse), optimizers, (False, True)):
+            monkeypatch.setattr(batchtopk, "SPARSE_CODES", sparse_codes)
+            optimizer.zero_grad()
+            out = sae(x)
+            out.loss.backward()
+            optimizer.step()
+            outs.append(out)
+        want, got = outs
         assert got.acts is None and want.vals is None
         codes = reference.scatter_codes(got.vals, got.idx, want.acts.shape[1])
         assert_close(codes, want.acts, torch.float64, "codes")
@@ -452,37 +446,6 @@ def test_batchtopk_trains_the_same_on_sparse_codes(monkeypatch):
             assert_close(p.grad, dict(dense.named_parameters())[name].grad, torch.float64, f"{name} gradient")
     for name in ("tokens_since_fired", "feature_fire_count", "batchtopk_threshold"):
         assert torch.equal(getattr(sparse, name), getattr(dense, name)), name
-
-
-@pytest.mark.gpu
-def test_batchtopk_trains_the_same_from_a_floor(monkeypatch):
-    """batchtopk.FLOOR_CODES: a BatchTopK SAE whose sparse codes come from each row's codes above the
-    previous batch's threshold less FLOOR_MARGIN follows its twin on the TopK candidates step by step
-    (codes, losses, gradients, statistics); the first step (no floor yet) and a batch whose codes crowd
-    into few rows take the fallback, the others the floor's route."""
-    from fastsae.ops import batchtopk
-
-    overrides = {"device": "cuda", "dtype": "float32", "activation": "batchtopk", "d_in": 64, "n_features": 2048}
-    twin, floored = _sae(**overrides), _sae(**overrides)
-    floored.load_state_dict(twin.state_dict())
-    optimizers = [torch.optim.Adam(sae.parameters(), lr=1e-3) for sae in (twin, floored)]
-    batches = [torch.randn(512, 64, device="cuda") + 3 for _ in range(6)]
-    batches[3][:2] *= 30  # two rows hold most of the batch's largest codes: more than their slots
-    answers = []
-    select = batchtopk.select_above_floor
-    monkeypatch.setattr(batchtopk, "select_above_floor", lambda *a: answers.append(select(*a)) or answers[-1])
-    for x in batches:
-        want, got = _step_twins((twin, floored), optimizers, x, monkeypatch, batchtopk, "FLOOR_CODES")
-        n_features = floored.cfg.n_features
-        got_codes = reference.scatter_codes(got.vals, got.idx, n_features)
-        assert_close(got_codes, reference.scatter_codes(want.vals, want.idx, n_features), torch.float32, "codes")
-        assert_close(got.loss, want.loss, torch.float32, "loss")
-        for name, p in floored.named_parameters():
-            assert_close(p.grad, dict(twin.named_parameters())[name].grad, torch.float32, f"{name} gradient")
-    taken = [answer is not None for answer in answers]
-    assert not taken[0] and not taken[3] and sum(taken) >= 2, f"the floor's route taken at steps {taken}"
-    for name in ("tokens_since_fired", "feature_fire_count", "batchtopk_threshold"):
-        assert torch.equal(getattr(floored, name), getattr(twin, name)), name
 
 
 def test_batchtopk_eval_codes_do_not_depend_on_the_batch(tmp_path):

@@ -31,7 +31,9 @@ from .scatter import feature_sums, route, sort_by_feature
 
 # With AuxK on a side stream (`functional.AUXK_SIDE_STREAM`), dW_dec's per-feature sums run there after
 # AuxK's backward, beside d vals on the current stream (both gather a [B, d] row per code from L2).
-DECODER_SUMS_ON_SIDE_STREAM = False
+# Measured on the H200 (captured SAEAdam step, bf16, off -> on): AF3 1.686 -> 1.659 ms, GPT-2 1.920 ->
+# 1.877 ms, and AF3's peak memory 740 -> 675 MB.
+DECODER_SUMS_ON_SIDE_STREAM = True
 
 
 def topk_autoencoder_backward(

@@ -24,14 +24,6 @@ backward. That is exact unless a row keeps more codes than its candidates: a row
 candidate is above the batch's threshold may have more codes above it, and then (detected, one host
 synchronisation) the dense route runs instead.
 
-Sparse codes from a floor (FLOOR_CODES, on with FASTSAE_BATCHTOPK_FLOOR=1, read at import; off until
-timed on a GPU): a training step passes a floor below the batch's threshold (the previous batch's
-threshold less FLOOR_MARGIN of it), and each row's candidates are its codes above the floor
-(`filter.codes_above`: one compare per cuBLAS pre-activation, no per-row top-k), the batch's B * k
-largest among them kept (`select_above_floor`). Exact when at least B * k candidates pass and no row
-holds more than its slots (then every code at or above the batch's threshold is a candidate); else
-(one host synchronisation) the TopK candidates' route runs.
-
 On the H200 (bf16, the whole BatchTopK encode, same run) the grouped route took 0.92x / 0.90x / 0.95x
 the dense route's time at the GPT-2 / AlphaFold3 / Llama-8B shapes (3.07 / 3.78 / 12.73 ms against
 3.35 / 4.21 / 13.41; eager PyTorch 3.86 / 4.87 / 14.21), so it is the default. ROUTE, from the
@@ -63,12 +55,6 @@ GROUP = 64  # codes per group: F / 64 maxima per row still hold the top k of mos
 # Each row's candidates for the sparse codes: its 4k largest. A row keeps k codes on average; the
 # candidates fall short only for a row that keeps more than 4x the average.
 CANDIDATES_PER_K = 4
-FLOOR_CODES = os.environ.get("FASTSAE_BATCHTOPK_FLOOR", "0") == "1"
-# The floor: the previous batch's threshold less FLOOR_MARGIN of it (consecutive batches of B * k codes
-# set nearly the same threshold). Each row has FLOOR_SLOTS_PER_K * k slots for its codes above it: rows
-# keep k codes on average and many more above a floor a little below the threshold.
-FLOOR_MARGIN = 0.05
-FLOOR_SLOTS_PER_K = 8
 
 
 def batch_topk(acts: Tensor, k: int) -> Tensor:
@@ -126,36 +112,3 @@ def select_among_candidates(vals: Tensor, k: int, complete: bool) -> Tensor | No
     mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     mask[top.indices] = True
     return mask.view_as(codes)
-
-
-def floor_slots(k: int, n_features: int) -> int:
-    """Slots per row for the codes above a floor: FLOOR_SLOTS_PER_K * k, at most the row."""
-    return min(n_features, FLOOR_SLOTS_PER_K * k)
-
-
-def key_values(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """(fp32 values, int32 features) of `filter.to_key` keys (int64, any shape)."""
-    ordered = (keys >> 32).to(torch.int32)
-    values = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)  # the order flip is its own inverse
-    return values, (keys & 0xFFFFFFFF).to(torch.int32)
-
-
-def select_above_floor(keys: Tensor, counts: Tensor, k: int, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-    """The batch's B * k largest codes among the candidates `filter.codes_above` found (each row's codes
-    above a positive floor, and its NaN codes, in the first counts[r] of its cap slots): (vals [B, cap] in
-    `dtype`, the kept codes' values and 0 elsewhere; idx int32 [B, cap], 0 in empty slots), the codes
-    `reference.batch_topk` keeps (up to which of equal codes at the threshold is kept). None where the
-    candidates may not hold them all: a row held more than its slots, or fewer than B * k codes passed
-    the floor (it was not below the batch's threshold). One host synchronisation, for that check."""
-    n_rows, cap = keys.shape
-    budget = k * n_rows
-    present = torch.arange(cap, device=keys.device) < counts[:, None]
-    values, features = key_values(keys)
-    values = torch.where(present, values, float("-inf"))
-    top = values.view(-1).topk(budget, sorted=False)
-    if bool((counts > cap).any() | (top.values == float("-inf")).any()):
-        return None
-    keep = torch.zeros(values.numel(), dtype=torch.bool, device=keys.device)
-    keep[top.indices] = True
-    vals = torch.where(keep.view_as(values), values, 0).to(dtype)
-    return vals, torch.where(present, features, 0)

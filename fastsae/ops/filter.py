@@ -823,47 +823,6 @@ def row_filter_topk(
     return flags
 
 
-# Entries of a row that the BatchTopK filter (`codes_above`) reads at once.
-ABOVE_READ = 4096
-
-
-@triton.jit
-def _above_kernel(pre_ptr, stride_pm, F, floor_ptr, count_ptr, key_buf_ptr, CAP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per row of `pre` [rows, F]: appends the row's entries above the fp32 scalar at
-    `floor_ptr`, and its NaN entries (BatchTopK's reference ranks NaN first), to its buffer of CAP
-    slots as (value, feature) keys, each slot claimed by an atomic on the row's count, which also counts
-    the entries past CAP. Unlike the TopK row filter no bound is derived per row: one compare a read."""
-    row = tl.program_id(0)
-    floor = tl.load(floor_ptr)
-    row_ptr = pre_ptr + row.to(tl.int64) * stride_pm
-    buffer = key_buf_ptr + row.to(tl.int64) * CAP
-    for start in range(0, F, BLOCK_N):
-        features = start + tl.arange(0, BLOCK_N)
-        values = tl.load(row_ptr + features, mask=features < F, other=float("-inf")).to(tl.float32)
-        take = (values > floor) | (values != values)
-        slot = tl.atomic_add(count_ptr + row + tl.zeros_like(features), 1, mask=take, sem="relaxed")
-        tl.store(buffer + slot, to_key(values, features), mask=take & (slot < CAP))
-
-
-def codes_above(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, floor: Tensor, cap: int
-) -> tuple[Tensor, Tensor]:
-    """(keys int64 [B, cap], counts int32 [B]): each row's pre-activations above `floor` (a 0-dim
-    tensor on x's device) and its NaN ones, as `to_key` keys in the first min(count, cap) slots of its
-    row, in no particular order (a count above cap: the row held more). The pre-activations are
-    cuBLAS's, in the weights' dtype, in the row filter's chunks (`pre_activation_chunks`)."""
-    B, F = x.shape[0], W_enc.shape[1]
-    keys = x.new_empty(B, cap, dtype=torch.int64)
-    counts = x.new_zeros(B, dtype=torch.int32)
-    floor = floor.to(device=x.device, dtype=torch.float32)
-    for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, row_filter_chunk_rows(B, F, cap), None):
-        _above_kernel[(pre.shape[0],)](
-            pre, pre.stride(0), F, floor, counts[rows], keys[rows], CAP=cap,
-            BLOCK_N=min(ABOVE_READ, next_power_of_2(F)), num_warps=4,
-        )  # fmt: skip
-    return keys, counts
-
-
 def filter_topk(
     x: Tensor,
     W_enc: Tensor,
