@@ -208,10 +208,10 @@ def _queue_kernels() -> None:
             constexprs,
             cfg["num_warps"],
         )
-    for cfg in decode._DVALS_CANDIDATES:
-        tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "CODES": cfg["CODES"]}
+    for cfg in decode._dvals_candidates():
+        tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_D", "CODES", "CODES_TILE")}
         constexprs = {**tile, "stride_gd": 1, "stride_ik": 1}
-        name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}"
+        name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}/{cfg['CODES_TILE']}"
         queue_compile(
             f"{name} warps={cfg['num_warps']}", decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"]
         )

@@ -85,42 +85,66 @@ def _decode_sparse_bwd_vals_kernel(
     grad_ptr, idx_ptr, w_ptr, dvals_ptr,
     B, K, D, F,
     stride_gm, stride_gd, stride_im, stride_ik, stride_wf, stride_wd, stride_dm, stride_dk,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES: tl.constexpr, CODES_TILE: tl.constexpr,
 ):  # fmt: skip
     # Program (i, c) owns tokens block i and their codes c * CODES ... (c + 1) * CODES - 1: splitting the
     # codes as well as the tokens puts more gathers in flight (one program per token block ran its k
     # dependent gathers in turn: 141 us per step at the GPT-2 shape on the H200, twice the forward's time
-    # for the same gathered bytes).
+    # for the same gathered bytes). It takes CODES_TILE of them at once, a [BLOCK_M, CODES_TILE, BLOCK_D]
+    # gather of decoder rows, and sums each code's products across the threads once, after the last
+    # BLOCK_D slice of the row, not once per slice.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < B
     rows64 = rows.to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     first_code = tl.program_id(1) * CODES
-    for j in range(first_code, tl.minimum(first_code + CODES, K)):
-        f = tl.load(idx_ptr + rows64 * stride_im + j * stride_ik, mask=row_valid, other=0).to(tl.int64)
-        gather = row_valid & (f >= 0) & (f < F)
-        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    last_code = tl.minimum(first_code + CODES, K)
+    for j0 in range(first_code, last_code, CODES_TILE):
+        codes = j0 + tl.arange(0, CODES_TILE)
+        pair_valid = row_valid[:, None] & (codes < last_code)[None, :]  # [BLOCK_M, CODES_TILE]
+        f = tl.load(idx_ptr + rows64[:, None] * stride_im + codes[None, :] * stride_ik, mask=pair_valid, other=0)
+        f = f.to(tl.int64)
+        gather = pair_valid & (f >= 0) & (f < F)
+        acc = tl.zeros([BLOCK_M, CODES_TILE, BLOCK_D], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dim_valid = (d0 + dims) < D
             g = tl.load(
                 grad_ptr + rows64[:, None] * stride_gm + (d0 + dims)[None, :] * stride_gd,
                 mask=row_valid[:, None] & dim_valid[None, :],
                 other=0.0,
-            ).to(tl.float32)  # [BLOCK_M, BLOCK_D], from L1/L2 after the first code
+            ).to(tl.float32)  # [BLOCK_M, BLOCK_D], from L1/L2 after the first codes
             w = tl.load(
-                w_ptr + f[:, None] * stride_wf + (d0 + dims)[None, :] * stride_wd,
-                mask=gather[:, None] & dim_valid[None, :],
+                w_ptr + f[:, :, None] * stride_wf + (d0 + dims)[None, None, :] * stride_wd,
+                mask=gather[:, :, None] & dim_valid[None, None, :],
                 other=0.0,
-            ).to(tl.float32)
-            acc += tl.sum(g * w, axis=1)
-        tl.store(dvals_ptr + rows64 * stride_dm + j * stride_dk, acc.to(dvals_ptr.dtype.element_ty), mask=row_valid)
+            ).to(tl.float32)  # [BLOCK_M, CODES_TILE, BLOCK_D]
+            acc += g[:, None, :] * w
+        dvals = tl.sum(acc, axis=2)
+        tl.store(
+            dvals_ptr + rows64[:, None] * stride_dm + codes[None, :] * stride_dk,
+            dvals.to(dvals_ptr.dtype.element_ty),
+            mask=pair_valid,
+        )
 
 
-_DVALS_CANDIDATES = [
-    dict(BLOCK_M=m, BLOCK_D=d, CODES=c, num_warps=w)
-    for m, d, c, w in [(32, 128, 64, 4), (16, 256, 64, 4), (64, 64, 64, 4), (32, 128, 4, 4), (16, 256, 8, 4)]
-    + [(64, 128, 2, 8)]
-]
+# Codes gathered at once by a d vals program (CODES_TILE) in the candidates beside those of one code at a
+# time; 1 leaves only those (a switch for bench.ab_step).
+DVALS_CODES_TILE = 4
+
+
+def _dvals_candidates() -> list[dict]:
+    one_code = [
+        dict(BLOCK_M=m, BLOCK_D=d, CODES=c, CODES_TILE=1, num_warps=w)
+        for m, d, c, w in [(32, 128, 64, 4), (16, 256, 64, 4), (64, 64, 64, 4), (32, 128, 4, 4), (16, 256, 8, 4)]
+        + [(64, 128, 2, 8)]
+    ]
+    if DVALS_CODES_TILE == 1:
+        return one_code
+    tile = DVALS_CODES_TILE
+    return one_code + [
+        dict(BLOCK_M=m, BLOCK_D=d, CODES=c * tile, CODES_TILE=tile, num_warps=w)
+        for m, d, c, w in [(8, 128, 2, 4), (16, 128, 2, 4), (8, 128, 8, 4), (16, 64, 8, 4), (32, 64, 2, 8)]
+    ]
 
 
 def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,5 +171,6 @@ def sparse_dvals(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> 
             **cfg,
         )  # fmt: skip
 
-    run(tuned(("decode_sparse_bwd_vals", D, F, bucket(B), bucket(K), W_dec.dtype), _DVALS_CANDIDATES, run))
+    key = ("decode_sparse_bwd_vals", D, F, bucket(B), bucket(K), W_dec.dtype)
+    run(tuned(key, _dvals_candidates(), run))
     return dvals
