@@ -128,7 +128,8 @@ def _decode_sparse_bwd_vals_kernel(
 
 
 # Codes gathered at once by a d vals program (CODES_TILE) in the candidates beside those of one code at a
-# time; 1 leaves only those (a switch for bench.ab_step).
+# time; 1 leaves only those (a switch for bench.ab_step). On the H200 the tuner picked a 4-code tile at
+# AF3 and GPT-2: captured SAEAdam step 1.644 -> 1.632 ms and 1.833 -> 1.818 ms.
 DVALS_CODES_TILE = 4
 
 
