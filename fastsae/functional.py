@@ -28,7 +28,6 @@ from .ops import decoder as decoder_ops
 from .ops import encode as encode_ops
 from .ops import filter as filter_ops
 from .ops import loss as loss_ops
-from .ops import scatter as scatter_ops
 from .ops.launch import join_stream, on_stream
 
 _ext.load()  # the C++ death-statistics ops: fire_counts, fire_counts_dense, update_since_fired, dead_mask
@@ -590,10 +589,6 @@ class TopKAutoencoderOutput(NamedTuple):
 # shape, 1.906 -> 1.838 at GPT-2's, 2.940 -> 2.883 at GPT-2 width with k = 128. Eager steps and captured
 # CUDA graphs (which record the fork and the join); never under torch.compile, which traces one stream.
 AUXK_SIDE_STREAM = True
-# With AuxK on the side stream, the codes' sort by feature (which the backward's weight-gradient sums
-# read) runs there too, in the forward: after the encode, beside the decode, where the forward's join
-# waits for it, instead of in line at the start of the backward.
-SORT_CODES_IN_FORWARD = False
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -622,26 +617,19 @@ class _TopKAutoencoder(torch.autograd.Function):
             with on_stream(side):
                 aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
         vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
-        by_feature = ()
-        if side is not None and SORT_CODES_IN_FORWARD and scatter_ops.route(*W_dec.shape) == "blocked":
-            with on_stream(side):  # after the encode
-                by_feature = scatter_ops.sort_by_feature(idx, W_dec.shape[0])
         recon = _decode_sparse(vals, idx, W_dec, b_dec)
         if side is not None:
-            join_stream(side, aux_recon, *aux_saved, *by_feature)
+            join_stream(side, aux_recon, *aux_saved)
         elif features is not None:
             aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
         ctx.mark_non_differentiable(idx)
-        ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, *by_feature, *aux_saved)
-        ctx.side_stream, ctx.codes_sorted = side, bool(by_feature)
+        ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, *aux_saved)
+        ctx.side_stream = side
         return recon, vals, idx, aux_recon
 
     @staticmethod
     def backward(ctx, grad_recon, grad_vals, _grad_idx, grad_aux):
         x, W_enc, b_dec, W_dec, vals, idx, *aux_saved = ctx.saved_tensors
-        by_feature = None
-        if ctx.codes_sorted:
-            by_feature, aux_saved = scatter_ops.CodesByFeature(*aux_saved[:4]), aux_saved[4:]
         needs_x = ctx.needs_input_grad[0]
         side = ctx.side_stream if aux_saved else None
         dx_aux, dead, dead_dW_enc, dead_db_enc, dead_dW_dec = None, None, None, None, None
@@ -654,7 +642,7 @@ class _TopKAutoencoder(torch.autograd.Function):
             # gradients are first added (after the codes' sort and d vals); the op is its dispatch.
             dx, dW_enc, db_enc, db_dec, dW_dec = autoencoder_ops.topk_autoencoder_backward(
                 grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc,
-                dead_db_enc, dead_dW_dec, side=side, by_feature=by_feature,
+                dead_db_enc, dead_dW_dec, side=side,
             )  # fmt: skip
             join_stream(side, dx_aux)
         else:

@@ -7,7 +7,6 @@ import torch
 
 from fastsae import reference
 from fastsae.ops import autoencoder
-from fastsae.ops.scatter import sort_by_feature
 
 from .utils import assert_close, random_sae_weights
 
@@ -35,14 +34,12 @@ def _dead_gradients(n_dead, F, d, dtype, device):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("sorted_before", [False, True], ids=["sorted-here", "sorted-before"])
 @pytest.mark.parametrize("with_dead", [False, True], ids=["no-auxk", "auxk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device, B, d, F, k", CASES, ids=lambda v: None)
-def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, sorted_before, deterministic):
+def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, deterministic):
     """dx, dW_enc, db_enc, db_dec and dW_dec against `reference.topk_autoencoder_backward` in fp64;
-    bit-identical from run to run on the blocked route; `sorted_before`: given the codes already sorted
-    by feature (`functional.SORT_CODES_IN_FORWARD`), which the blocked route reads."""
+    bit-identical from run to run on the blocked route."""
     x = (torch.randn(B, d, device=device) * 2 + 1).to(dtype)
     W_enc, _, W_dec, b_dec = random_sae_weights(d, F, dtype=dtype, device=device)
     vals = torch.rand(B, k, dtype=torch.float64, device=device)
@@ -53,10 +50,8 @@ def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, 
     dead = _dead_gradients(min(F // 4, 200), F, d, dtype, device) if with_dead else (None,) * 4
     args = (grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx)
 
-    by_feature = sort_by_feature(idx, F) if sorted_before else None
-
     def run():
-        return autoencoder.topk_autoencoder_backward(*args, True, *dead, by_feature=by_feature)
+        return autoencoder.topk_autoencoder_backward(*args, True, *dead)
 
     grads = run()
     in_fp64 = [t.double() if t is not None and t.is_floating_point() else t for t in (*args, *dead)]

@@ -160,18 +160,14 @@ def test_topk_autoencoder_matches_its_three_calls(dead, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sort_in_forward", [False, True], ids=["sort_in_backward", "sort_in_forward"])
 @pytest.mark.parametrize("decoder_sums_beside", [False, True], ids=["decoder_sums_in_line", "decoder_sums_beside"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_topk_autoencoder_with_auxk_on_a_side_stream(
-    dtype, decoder_sums_beside, sort_in_forward, deterministic, monkeypatch
-):  # fmt: skip
+def test_topk_autoencoder_with_auxk_on_a_side_stream(dtype, decoder_sums_beside, deterministic, monkeypatch):
     """F.AUXK_SIDE_STREAM: AuxK's forward and backward on a second stream (and dW_dec's sums with them,
-    `DECODER_SUMS_ON_SIDE_STREAM`, and the codes' sort in the forward, `SORT_CODES_IN_FORWARD`) give the
-    same values and gradients as in line (bit for bit on the reproducible routes), with the side stream's
-    outputs read only after they are written (a kernel on each stream, none waiting, would race here)."""
+    `DECODER_SUMS_ON_SIDE_STREAM`) give the same values and gradients as in line (bit for bit on the
+    reproducible routes), with the side stream's outputs read only after they are written (a kernel on
+    each stream, none waiting, would race here)."""
     monkeypatch.setattr(autoencoder_ops, "DECODER_SUMS_ON_SIDE_STREAM", decoder_sums_beside)
-    monkeypatch.setattr(F, "SORT_CODES_IN_FORWARD", sort_in_forward)
     B, d, F_, k, k_aux = 2048, 256, 4096, 32, 64
     x = (torch.randn(B, d, device="cuda") * 2 + 1).to(dtype).requires_grad_()
     params = [p.requires_grad_() for p in random_sae_weights(d, F_, dtype=dtype, device="cuda")]

@@ -9,7 +9,6 @@ import torch
 
 import fastsae
 from fastsae.graphs import CapturedStep
-from fastsae.ops import scatter
 
 from .utils import assert_close
 
@@ -41,20 +40,12 @@ def _eager_step(sae, optimizer, x):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "auxk_side_stream, sort_in_forward",
-    [(False, False), (True, False), (True, True)],
-    ids=["auxk_in_line", "auxk_side_stream", "auxk_side_stream_sort_in_forward"],
-)
-def test_captured_step_trains_like_the_eager_step(auxk_side_stream, sort_in_forward, monkeypatch):
+@pytest.mark.parametrize("auxk_side_stream", [False, True], ids=["auxk_in_line", "auxk_side_stream"])
+def test_captured_step_trains_like_the_eager_step(auxk_side_stream, monkeypatch):
     """Warm-up steps, a capture, replays, and a capture again when the dead features grow past the
     captured list (64, then 256): losses and parameters follow the eager twin's, with AuxK in line
-    and on a stream of its own (F.AUXK_SIDE_STREAM: the graph records the fork and the join), there
-    with the codes' sort too (F.SORT_CODES_IN_FORWARD, read by the blocked route of the sums)."""
+    and on a stream of its own (F.AUXK_SIDE_STREAM: the graph records the fork and the join)."""
     monkeypatch.setattr(fastsae.functional, "AUXK_SIDE_STREAM", auxk_side_stream)
-    monkeypatch.setattr(fastsae.functional, "SORT_CODES_IN_FORWARD", sort_in_forward)
-    if sort_in_forward:
-        monkeypatch.setattr(scatter, "ROUTE", "blocked")
     (eager, captured), (eager_opt, captured_opt) = _pair("cuda")
     step = CapturedStep(captured, captured_opt, warmup=2)
     batches = [torch.randn(512, 64, device="cuda") + 2 for _ in range(10)]

@@ -27,7 +27,7 @@ from .columns import column_sums
 from .decode import decode_sparse, sparse_dvals
 from .encode import centering_grad
 from .launch import join_stream, on_stream
-from .scatter import CodesByFeature, feature_sums, route, sort_by_feature
+from .scatter import feature_sums, route, sort_by_feature
 
 # With AuxK on a side stream (`functional.AUXK_SIDE_STREAM`), dW_dec's per-feature sums run there after
 # AuxK's backward, beside d vals on the current stream (both gather a [B, d] row per code from L2).
@@ -41,15 +41,13 @@ def topk_autoencoder_backward(
     grad_recon: Tensor, grad_vals: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, W_dec: Tensor, vals: Tensor,
     idx: Tensor, x_requires_grad: bool, dead: Tensor | None, dead_dW_enc: Tensor | None,
     dead_db_enc: Tensor | None, dead_dW_dec: Tensor | None, side: torch.cuda.Stream | None = None,
-    by_feature: CodesByFeature | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dW_enc, db_enc, db_dec, dW_dec); same contract as `reference.topk_autoencoder_backward`
     except that dx is zeros unless `x_requires_grad`. Deterministic when torch's deterministic
     algorithms are on (`scatter.feature_sums`). `side`: the stream that is still computing AuxK's
     gradients (`functional.AUXK_SIDE_STREAM`); the current stream waits for it only where they are first
     added, after the codes' sort and d vals, and with DECODER_SUMS_ON_SIDE_STREAM dW_dec's sums run
-    there too, beside d vals. `by_feature`: the codes already sorted by feature (`sort_by_feature`), or
-    None to sort them here where the sums take the blocked route."""
+    there too, beside d vals."""
     if torch.float64 in (W_enc.dtype, W_dec.dtype):
         if side is not None:
             join_stream(side)
@@ -57,10 +55,7 @@ def topk_autoencoder_backward(
             grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, dead, dead_dW_enc, dead_db_enc, dead_dW_dec
         )
     d, n_features = W_enc.shape
-    if route(n_features, d) != "blocked":
-        by_feature = None
-    elif by_feature is None:
-        by_feature = sort_by_feature(idx, n_features)
+    by_feature = sort_by_feature(idx, n_features) if route(n_features, d) == "blocked" else None
 
     def decoder_sums() -> Tensor:
         extra = None if dead is None else (dead, dead_dW_dec, None)
