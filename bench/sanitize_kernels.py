@@ -5,10 +5,10 @@
 Each shape runs the TopK encode through every route the tuner may pick (the threshold-first filter in
 each configuration, with its flagged-row fallback forced, the row filter, the sweep, the dense route),
 AuxK and the positive counts, its backward (both per-feature-sums routes and the deterministic mode),
-the ReLU and JumpReLU encode, the sparse decode and its
-backward, the decoder-constraint kernels, SAEAdam's decoder step, the reconstruction sums of the loss
-and their backward, the dense AuxK path's row top-k (indices and codes) and its backward's masked
-column sums; every result is checked against
+the ReLU and JumpReLU encode, the sparse decode and its backward (d vals in every tile), the
+decoder-constraint kernels, SAEAdam's decoder step, the reconstruction sums of the loss and their
+backward, the dense AuxK path's row top-k (indices and codes) and its backward's masked column sums;
+every result is checked against
 the reference, so a kernel that reads or writes out of bounds and happens to survive still fails.
 Without the caching allocator (the variable above) memcheck sees each tensor's own bounds.
 `--filter-configs first` runs one configuration of the filter GEMM instead of all:
@@ -101,6 +101,9 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
     want_dvals, want_dW = reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
     assert_close(dvals.float(), want_dvals.float(), TOLERANCE, f"{name} decode dvals")
     assert_close(dW_dec.float(), want_dW.float(), TOLERANCE, f"{name} decode dW_dec")
+    for cfg in decode._dvals_candidates()[1:]:  # every tile the tuner may pick (the first ran above)
+        dvals = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg)
+        assert_close(dvals.float(), want_dvals.float(), TOLERANCE, f"{name} decode dvals {cfg}")
 
     grad = torch.randn_like(W_dec)
     expected_grad = reference.remove_parallel_grad(W_dec, grad)

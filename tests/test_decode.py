@@ -68,16 +68,15 @@ def test_decode_sparse_backward_kernel(device, B, d, F, k, dtype, deterministic)
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("cfg", decode._dvals_candidates(), ids=lambda cfg: "-".join(map(str, cfg.values())))
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_decode_sparse_backward_every_dvals_tile(device, cfg, monkeypatch):
+def test_decode_sparse_backward_every_dvals_tile(device, cfg):
     """Each tile the tuner may pick for d vals, with k = 9 codes (not a multiple of any tile's codes per
     program or codes at once) and a d that is not a multiple of its BLOCK_D (fp32: fp64 weights take the
     reference)."""
-    monkeypatch.setattr(decode, "_dvals_candidates", lambda: [cfg])
     B, d, F, k = 70, 72, 50, 9
     vals, idx = _codes(B, F, k, torch.float32, device)
     _, _, W_dec, _ = random_sae_weights(d, F, dtype=torch.float32, device=device)
     grad_out = torch.randn(B, d, device=device)
-    dvals, _ = decode.decode_sparse_backward(grad_out, vals, idx, W_dec)
+    dvals = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg)
     expected, _ = reference.decode_sparse_backward(grad_out.double(), vals.double(), idx, W_dec.double())
     assert_close(dvals, expected, torch.float32, "dvals")
 
