@@ -157,8 +157,8 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
     return sparse_dvals(grad_out, vals, idx, W_dec), dW_dec
 
 
-def sparse_dvals(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor, cfg: dict | None = None) -> Tensor:
-    """d vals[b, j] = grad_out[b] . W_dec[idx[b, j]] -> [B, K] in vals' dtype; `cfg`: one of
+def sparse_dvals(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor, tile: dict | None = None) -> Tensor:
+    """d vals[b, j] = grad_out[b] . W_dec[idx[b, j]] -> [B, K] in vals' dtype; `tile`: one of
     `_dvals_candidates()` instead of the tuner's pick."""
     B, K = vals.shape
     F, D = W_dec.shape
@@ -173,6 +173,7 @@ def sparse_dvals(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor, cfg
             **cfg,
         )  # fmt: skip
 
-    key = ("decode_sparse_bwd_vals", D, F, bucket(B), bucket(K), W_dec.dtype)
-    run(cfg if cfg is not None else tuned(key, _dvals_candidates(), run))
+    if tile is None:
+        tile = tuned(("decode_sparse_bwd_vals", D, F, bucket(B), bucket(K), W_dec.dtype), _dvals_candidates(), run)
+    run(tile)
     return dvals
