@@ -46,10 +46,6 @@ from .launch import bucket, cdiv, dot_dtype, input_precision, tuned
 ROUTE = os.environ.get("FASTSAE_FEATURE_SUMS", "auto")
 if ROUTE not in ("auto", "atomic", "blocked"):
     raise ValueError(f"FASTSAE_FEATURE_SUMS must be 'auto', 'atomic' or 'blocked', got {ROUTE!r}")
-# The blocked kernel takes each sorted code's token and coefficient through the sort's `order` (one
-# gather inside its loop), where torch would make the sorted tokens, features and coefficients first
-# (four to five [B * K] kernels per step): a switch for `bench.ab_step`.
-GATHER_IN_KERNEL = True
 BLOCKED_FROM_OUTPUT_ELEMENTS = 2**22  # F * d from which "auto" takes the blocked route
 
 # Tile configurations the tuner times for each route. Blocked: BLOCK_F features x BLOCK_D dimensions per
@@ -105,10 +101,10 @@ def _feature_sum_atomic_kernel(
 
 @triton.jit
 def _feature_sum_blocked_kernel(
-    rows_ptr, center_ptr, coef_ptr, order_ptr, token_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
+    rows_ptr, center_ptr, coef_ptr, token_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
     extra_slot_ptr, extra_rows_ptr, extra_sums_ptr,
-    F, D, K, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd,
-    GATHER: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr,
+    F, D, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd,
+    HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -132,13 +128,8 @@ def _feature_sum_blocked_kernel(
     for e0 in range(start, end, BLOCK_E):
         entries = e0 + tl.arange(0, BLOCK_E)
         valid = entries < end
-        if GATHER:  # coef [B * K] in the codes' own order, each sorted code's token from its flat position
-            code = tl.load(order_ptr + entries, mask=valid, other=0)
-            coef = tl.load(coef_ptr + code, mask=valid, other=0.0).to(tl.float32)
-            token = code // K
-        else:
-            coef = tl.load(coef_ptr + entries, mask=valid, other=0.0).to(tl.float32)
-            token = tl.load(token_ptr + entries, mask=valid, other=0).to(tl.int64)
+        coef = tl.load(coef_ptr + entries, mask=valid, other=0.0).to(tl.float32)
+        token = tl.load(token_ptr + entries, mask=valid, other=0).to(tl.int64)
         feature = tl.load(feature_ptr + entries, mask=valid, other=-1)
         spread = tl.where(feature[None, :] == features[:, None], coef[None, :], 0.0)  # [BLOCK_F, BLOCK_E]
         rows = tl.load(
@@ -187,8 +178,6 @@ def sort_by_feature(idx: Tensor, n_features: int) -> CodesByFeature:
     sorted_idx, order = torch.sort(flat_idx, stable=True)
     features = torch.arange(n_features + 1, device=idx.device, dtype=sorted_idx.dtype)
     offsets = torch.searchsorted(sorted_idx, features)
-    if GATHER_IN_KERNEL:  # the kernel takes each code's token and coefficient from `order` itself
-        return CodesByFeature(order, offsets, order, sorted_idx)
     return CodesByFeature(order, offsets, (order // idx.shape[1]).to(torch.int32), sorted_idx.to(torch.int32))
 
 
@@ -224,7 +213,7 @@ def feature_sums(
     coef_sum = rows.new_empty(n_features, dtype=torch.float32)
     if route(n_features, d) == "blocked":
         codes = by_feature if by_feature is not None else sort_by_feature(idx, n_features)
-        sorted_coef = coef.flatten() if GATHER_IN_KERNEL else coef.flatten()[codes.order]
+        sorted_coef = coef.flatten()[codes.order]
         out = rows.new_empty((d, n_features) if transposed else (n_features, d), dtype=dtype)
         out_f = out.t() if transposed else out  # [F, d] view: the kernel writes either layout directly
         if extra is not None:
@@ -236,10 +225,10 @@ def feature_sums(
         def run(cfg: dict) -> None:
             grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(d, cfg["BLOCK_D"]))
             _feature_sum_blocked_kernel[grid](
-                rows, center_arg, sorted_coef, codes.order, codes.tokens, codes.features, codes.offsets, out_f,
-                coef_sum, extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums,
-                n_features, d, K, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
-                extra_rows.stride(0), extra_rows.stride(1), GATHER=GATHER_IN_KERNEL,
+                rows, center_arg, sorted_coef, codes.tokens, codes.features, codes.offsets, out_f, coef_sum,
+                extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums,
+                n_features, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
+                extra_rows.stride(0), extra_rows.stride(1),
                 HAS_CENTER=center is not None, HAS_EXTRA=extra is not None, HAS_EXTRA_SUMS=extra_sums is not None,
                 DOT_DTYPE=dot_dtype(rows.dtype), INPUT_PRECISION=input_precision(rows.dtype), **cfg,
             )  # fmt: skip
