@@ -68,16 +68,12 @@ ROUTE_CASES = [pytest.param("cpu", *c, marks=pytest.mark.interpret) for c in INT
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("route", ["filter", "row_filter", "pooled", "sweep", "dense"])
+@pytest.mark.parametrize("route", ["filter", "row_filter", "sweep", "dense"])
 @pytest.mark.parametrize("device, B, d, F, k, k_aux", ROUTE_CASES, ids=lambda v: None)
 def test_encode_topk_routes(device, B, d, F, k, k_aux, route):
     """Every route the tuner may pick (the threshold-first filter in each of its configurations, the
-    row filter over cuBLAS chunks, the pooled row filter over fastsae's GEMM, the sweep, the dense
-    cuBLAS + torch.topk chunks) gives the reference's top-k. The pooled route is offered without AuxK
-    only."""
-    if route == "pooled":
-        assert not [c for c in encode.topk_routes(k, 5, F) if c[0] == route], "a pooled route with AuxK"
-        k_aux = 0
+    row filter over cuBLAS chunks, the sweep, the dense cuBLAS + torch.topk chunks) gives the
+    reference's top-k."""
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.bfloat16, device)
     dead = torch.rand(F, device=device) < 0.3
     pre = _pre64(x, W_enc, b_enc, b_dec)
@@ -149,20 +145,15 @@ def _first_route(name, k, k_aux, n_features, **overrides):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize(
-    "name, select", [("filter", None), ("row_filter", True), ("row_filter", False), ("pooled", True), ("pooled", False)]
-)
+@pytest.mark.parametrize("name, select", [("filter", None), ("row_filter", True), ("row_filter", False)])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_filter_fallbacks(device, name, select):
     """Rows a filter route cannot finish are flagged on the device and recomputed by the sweep: rows
     whose buffer overflows (a capacity below the survivors), rows left with fewer than k survivors
     (thresholds raised past the k-th value: the filter GEMM's margin only), NaN rows (never selected:
     value 0) and AuxK with fewer dead features than k_aux (not a failure: the rest are empty codes).
-    The row filter flags them in its row program or in its select launch (`select`); the pooled one
-    the same, without AuxK."""
+    The row filter flags them in its row program or in its select launch (`select`)."""
     B, d, F, k, k_aux = (12, 32, 256, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
-    if name == "pooled":
-        k_aux = 0
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     x[3] = float("nan")
     x[5] = b_dec  # a constant row: its pre-activation is b_enc
@@ -186,8 +177,6 @@ def test_filter_fallbacks(device, name, select):
         vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, route=route)
         assert_topk_matches(vals[finite], idx[finite], pre[finite], k, torch.float32)
         assert (vals[3] == 0).all() and (aux_vals[3] == 0).all(), "NaN pre-activations were selected"
-        if not k_aux:
-            continue
         dead_pre = pre.masked_fill(~dead, float("-inf"))[finite]
         assert_topk_matches(aux_vals[finite], aux_idx[finite], dead_pre, k_aux, torch.float32, "aux")
         # Beyond the dead features every AuxK code is empty (value 0); the fired ones are dead features.
@@ -197,23 +186,19 @@ def test_filter_fallbacks(device, name, select):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("select", [True, False], ids=["select_in_row_program", "select_launch"])
-@pytest.mark.parametrize("name", ["row_filter", "pooled"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_in_rounds_and_row_chunks(device, name, select, monkeypatch):
+def test_row_filter_in_rounds_and_row_chunks(device, select, monkeypatch):
     """The row filter reads the groups whose maximum reaches the threshold again in rounds of
     ROW_FILTER_REREAD entries, and takes the batch in row chunks of ROW_FILTER_CHUNK entries: with
     rounds of two groups every row takes many rounds (AuxK with few dead features makes every group with
     a dead feature hot), with chunks of at most 5 rows the last one is short, and the codes are still the
     reference's, with no row left to the fallback, whether each chunk's select runs in the row program
-    or in a launch of its own after it (`select`: the chunks reuse one buffer). The pooled route (no
-    AuxK) also reuses one pre-activation and one maxima buffer."""
+    or in a launch of its own after it (`select`: the chunks reuse one buffer)."""
     B, d, F, k, k_aux = (13, 32, 300, 8, 6) if device == "cpu" else (1003, 768, 24576, 32, 64)
-    if name == "pooled":
-        k_aux = 0
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     dead = torch.zeros(F, dtype=torch.bool, device=device)
     dead[torch.randperm(F, device=device)[: 3 * k_aux]] = True
-    route = _first_route(name, k, k_aux, F, SELECT=select)
+    route = _first_route("row_filter", k, k_aux, F, SELECT=select)
     monkeypatch.setattr(filter, "ROW_FILTER_REREAD", 2 * route[1]["GROUP"])
     monkeypatch.setattr(filter, "ROW_FILTER_CHUNK", 5 * F)
     outputs = _poisoned_outputs(B, k, k_aux, device)
@@ -222,8 +207,7 @@ def test_row_filter_in_rounds_and_row_chunks(device, name, select, monkeypatch):
     vals, idx, aux_vals, aux_idx = outputs
     pre = _pre64(x, W_enc, b_enc, b_dec)
     assert_topk_matches(vals, idx, pre, k, torch.float32)
-    if k_aux:
-        assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.float32, "aux")
+    assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.float32, "aux")
 
 
 @pytest.mark.usefixtures("poison_empty")
@@ -266,9 +250,8 @@ def test_row_filter_reads_groups_wider_than_a_read(device, monkeypatch):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("select", [True, False], ids=["select_in_row_program", "select_launch"])
-@pytest.mark.parametrize("name", ["row_filter", "pooled"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_raises_its_bound_when_survivors_share_groups(device, name, select):
+def test_row_filter_raises_its_bound_when_survivors_share_groups(device, select):
     """When a row's largest values share groups (features whose encoder columns nearly agree, as
     training makes them), far more than CAP entries reach the k-th largest group maximum, and where
     they tie (bias steps of 0.01 here; bf16 rounding in a trained SAE) more than CAP may equal the
@@ -276,11 +259,9 @@ def test_row_filter_raises_its_bound_when_survivors_share_groups(device, name, s
     kernel raises the bound by bisection over those groups, over values then over the tied features,
     and selects exactly, leaving no row (AuxK's included) to the fallback, whose single pass over F
     costs milliseconds per flagged row block. The same whether the select runs in the row program or
-    after it (`select`), and from the pooled route's maxima (no AuxK)."""
+    after it (`select`)."""
     B, d, F, k, k_aux = (6, 16, 16384, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
-    if name == "pooled":
-        k_aux = 0
-    route = _first_route(name, k, k_aux, F, SELECT=select)
+    route = _first_route("row_filter", k, k_aux, F, SELECT=select)
     group = route[1]["GROUP"]
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     features = torch.arange(F, device=device)
@@ -290,7 +271,7 @@ def test_row_filter_raises_its_bound_when_survivors_share_groups(device, name, s
     dead = (features // group) % 2 == 1  # every other group dead
     pre = _pre64(x, W_enc, b_enc, b_dec)
     dead_pre = pre.masked_fill(~dead, float("-inf"))
-    for values, top, cap in ((pre, k, route[1]["CAP"]), (dead_pre, k_aux, route[1]["AUX_CAP"]))[: 2 if k_aux else 1]:
+    for values, top, cap in ((pre, k, route[1]["CAP"]), (dead_pre, k_aux, route[1]["AUX_CAP"])):
         kth_maximum = values.view(B, F // group, group).amax(dim=2).topk(top, dim=1).values[:, -1:]
         assert ((values >= kth_maximum).sum(dim=1) > cap).all(), "the first bound would not overflow every row"
         assert (values[0] == values[0].topk(top).values[-1]).sum() > cap, "row 0's k-th value is not tied enough"
@@ -299,8 +280,7 @@ def test_row_filter_raises_its_bound_when_survivors_share_groups(device, name, s
     assert not flags.any(), f"{int(flags.sum())} of {B} rows left to the fallback"
     vals, idx, aux_vals, aux_idx = outputs
     assert_topk_matches(vals, idx, pre, k, torch.float32)
-    if k_aux:
-        assert_topk_matches(aux_vals, aux_idx, dead_pre, k_aux, torch.float32, "aux")
+    assert_topk_matches(aux_vals, aux_idx, dead_pre, k_aux, torch.float32, "aux")
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -350,14 +330,11 @@ ROUNDING_BAND = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.1}
     ],
     ids=lambda v: None,
 )
-@pytest.mark.parametrize("route", ["default", "pooled"])
-def test_encode_topk_positive_counts_kernel(device, B, d, F, k, dtype, route):
-    """Per-feature counts of tokens with a positive pre-activation, from the TopK pass (the default
-    route's, or the pooled GEMM's epilogue): equal to the fp64 reference's except for tokens within
-    rounding of 0; the codes are the plain TopK's."""
+def test_encode_topk_positive_counts_kernel(device, B, d, F, k, dtype):
+    """Per-feature counts of tokens with a positive pre-activation, from the TopK pass: equal to the
+    fp64 reference's except for tokens within rounding of 0; the codes are the plain TopK's."""
     x, W_enc, b_enc, b_dec = _problem(B, d, F, dtype, device)
-    chosen = None if route == "default" else _first_route(route, k, 0, F)
-    vals, idx, counts = encode.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k, route=chosen)
+    vals, idx, counts = encode.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
     pre = _pre64(x, W_enc, b_enc, b_dec)
     assert counts.dtype == torch.int64 and counts.shape == (F,)
     assert_topk_matches(vals, idx, pre, k, dtype)
@@ -424,9 +401,8 @@ def test_offsets_beyond_int32():
     acts = encode.encode_relu(x, W_enc, b_enc, b_dec, None)
     assert_close(acts[tail], pre.relu(), torch.bfloat16, "acts (last rows)")
     del acts
-    for route in (None, _first_route("pooled", k, 0, F)):
-        vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=route)
-        assert_topk_matches(vals[tail], idx[tail], pre, k, torch.bfloat16, str(route))
+    vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
+    assert_topk_matches(vals[tail], idx[tail], pre, k, torch.bfloat16)
 
 
 @pytest.mark.usefixtures("poison_empty")

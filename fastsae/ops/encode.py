@@ -30,7 +30,6 @@ ReLU / JumpReLU (`reference.encode_relu`): a tiled GEMM whose epilogue adds b_en
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -46,7 +45,6 @@ from .filter import (
     filter_topk,
     grouped_tile,
     key_value,
-    pooled_filter_configs,
     pre_activation_chunks,
     row_filter_configs,
     row_filter_topk,
@@ -56,10 +54,6 @@ from .filter import (
 from .launch import INTERPRET, bucket, cdiv, dot_dtype, input_precision, next_power_of_2, sm_count, tuned
 from .scatter import feature_sums
 
-# Whether the tuner may pick the pooled route (the row filter over fastsae's own GEMM, which writes each
-# row's group maxima beside its pre-activations; FASTSAE_POOLED_ROUTE=0 leaves it out): a switch for
-# `bench.ab_step`.
-POOLED_ROUTE = os.environ.get("FASTSAE_POOLED_ROUTE", "1") == "1"
 MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernels keep; beyond: dense route
 MERGE_ELEMENTS = 4096  # candidates per row the finishing kernel merges (n_split x KEEP) in registers
 SORT_ELEMENTS = 1024  # keys sorted at once in a compaction (rows x CAP): bounds registers and compile time
@@ -332,8 +326,6 @@ def topk_routes(k: int, k_aux: int, n_features: int) -> tuple[tuple[str, dict], 
     if max(k, k_aux) > MAX_KEEP:  # beyond the sweep's buffers (the filter's fallback)
         return (("dense", {}),)
     routes = [("row_filter", cfg) for cfg in row_filter_configs(k, k_aux, n_features)]
-    if POOLED_ROUTE:
-        routes += [("pooled", cfg) for cfg in pooled_filter_configs(k, k_aux, n_features, INTERPRET)]
     routes += [("filter", cfg) for cfg in filter_configs(k, k_aux, n_features, INTERPRET)]
     routes.append(("sweep", _sweep_config(k, k_aux)))  # compiled anyway as the filter's fallback
     routes.append(("dense", {}))
@@ -405,7 +397,7 @@ def _encode_topk(
         elif name == "sweep":
             _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, positive_counts, outputs, cfg, flags=None)
         else:
-            topk = filter_topk if name == "filter" else row_filter_topk  # "pooled": the cfg says
+            topk = filter_topk if name == "filter" else row_filter_topk
             flags = topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, positive_counts, outputs, cfg)
             _sweep_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, _sweep_config(k, k_aux), flags=flags)
 

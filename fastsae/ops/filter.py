@@ -315,53 +315,11 @@ def _filter_fwd_kernel(
 
 
 @triton.jit
-def _pooled_gemm_kernel(
-    xc_desc, w_desc, pre_desc, b_enc_ptr, maxima_ptr, positive_ptr, B, D, F, n_groups,
-    COUNT_POSITIVE: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    N_PROGRAMS: tl.constexpr, FLATTEN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """The pooled row filter's GEMM (`pooled_pre_activation_chunks`): pre = xc @ W_enc + b_enc rounded
-    to pre's dtype, written through a TMA descriptor as cuBLAS would write it, and in the same epilogue
-    the `_ordered` key of the maximum of each GROUP adjacent rounded entries, maxima [B, n_groups]: the
-    row filter's first pass (a read of the whole row) without the read. Persistent and TMA-fed as
-    `_filter_fwd_kernel`; GROUP divides BLOCK_N, so a tile holds whole groups."""
-    TILE_GROUPS: tl.constexpr = BLOCK_N // GROUP
-    n_tiles = tl.cdiv(B, BLOCK_M) * tl.cdiv(F, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), n_tiles, N_PROGRAMS, flatten=FLATTEN):
-        row_block, col_block = grouped_tile(tile, B, F, BLOCK_M, BLOCK_N, GROUP_M)
-        row_start = row_block * BLOCK_M
-        col_start = col_block * BLOCK_N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_K):
-            xc = xc_desc.load([row_start, d0])
-            w = w_desc.load([d0, col_start]).to(xc.dtype)
-            acc = tl.dot(xc, w, acc, input_precision=INPUT_PRECISION)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        cols = col_start + tl.arange(0, BLOCK_N)
-        row_valid = rows < B
-        # Columns past F get -inf: their groups' maxima ignore them (the descriptor clips their stores).
-        bias = tl.load(b_enc_ptr + cols, mask=cols < F, other=float("-inf")).to(tl.float32)
-        pre = (acc + bias[None, :]).to(pre_desc.dtype)
-        pre_desc.store([row_start, col_start], pre)
-        if COUNT_POSITIVE:  # tokens whose pre-activation is > 0, per feature (death classification)
-            positive = tl.sum(((pre > 0) & row_valid[:, None]).to(tl.int32), axis=0)
-            tl.atomic_add(positive_ptr + cols, positive, mask=(cols < F) & (positive > 0), sem="relaxed")
-        maxima = tl.reshape(_maximum_key(tl.reshape(pre, [BLOCK_M * TILE_GROUPS, GROUP])), [BLOCK_M, TILE_GROUPS])
-        groups = col_start // GROUP + tl.arange(0, TILE_GROUPS)
-        tl.store(
-            maxima_ptr + rows.to(tl.int64)[:, None] * n_groups + groups[None, :], maxima,
-            mask=row_valid[:, None] & (groups < n_groups)[None, :],
-        )  # fmt: skip
-
-
-@triton.jit
 def _row_filter_kernel(
     pre_ptr, stride_pm, F, k, row0, scratch_ptr, count_ptr, key_buf_ptr, vals_ptr, idx_ptr, stride_vm, stride_im,
     flag_ptr, dead_ptr, k_aux, aux_count_ptr, aux_key_buf_ptr, aux_vals_ptr, aux_idx_ptr, stride_avm, stride_aim,
-    aux_tau_ptr, maxima_ptr,
-    HAS_AUX: tl.constexpr, MAXIMA_GIVEN: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr,
-    GROUP: tl.constexpr,
+    aux_tau_ptr,
+    HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
     CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
     CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, SELECT: tl.constexpr,
 ):  # fmt: skip
@@ -388,9 +346,7 @@ def _row_filter_kernel(
        SELECT, a launch of its own (`_select_kernel`, one warp a row: its bisections' row sums are warp
        shuffles, where this program's cross warps) does that from the buffers, the counts and (AuxK)
        the threshold this program leaves in `aux_tau`.
-    AuxK the same over the dead features, in the second half of the scratch row.
-    MAXIMA_GIVEN (the pooled route, no AuxK): step 1's keys come from `maxima` [rows, N_GROUPS], which
-    the GEMM that wrote `pre` left (`_pooled_gemm_kernel`), and the row is read only where it is hot."""
+    AuxK the same over the dead features, in the second half of the scratch row."""
     row = tl.program_id(0)
     one = tl.arange(0, 1)
     row_ptr = pre_ptr + row.to(tl.int64) * stride_pm
@@ -400,22 +356,18 @@ def _row_filter_kernel(
         tl.store(aux_count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
     # Only the chunks that hold features: the row's width is a power of two (24576 features read as
     # 32768), and the groups past F are masked out of the bound below, so their maxima are not needed.
-    maxima_row = scratch_row
-    if MAXIMA_GIVEN:
-        maxima_row = maxima_ptr + row.to(tl.int64) * N_GROUPS
-    else:
-        for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
-            groups = first + tl.arange(0, CHUNK_GROUPS)
-            members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-            values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
-            tl.store(scratch_row + groups, _maximum_key(values))
-            if HAS_AUX:
-                dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
-                tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
+    for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
+        groups = first + tl.arange(0, CHUNK_GROUPS)
+        members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
+        tl.store(scratch_row + groups, _maximum_key(values))
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
+            tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
     tl.debug_barrier()  # the maxima (and the zeroed counts) are visible to every thread
     every_group = tl.arange(0, N_GROUPS)
     holds_features = every_group * GROUP < F
-    keys = tl.load(maxima_row + every_group, mask=holds_features, other=0)
+    keys = tl.load(scratch_row + every_group, mask=holds_features, other=0)
     # A bound is all the filter needs: the bisection stops once at most k + k / 4 maxima reach it.
     kth = _kth_largest(keys[None, :], holds_features[None, :], k, k // 4)  # [1]
     top = tl.max(keys, axis=0)  # the row's largest value: the maxima die with the compaction below
@@ -808,59 +760,6 @@ def pre_activation_chunks(
         yield rows, pre
 
 
-# The pooled route's GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages), as the filter GEMM's:
-# a row's groups must divide BLOCK_N.
-POOLED_TILES = [(128, 128, 64, 8, 8, 4), (128, 256, 64, 8, 8, 3)]
-
-
-def pooled_filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list[dict]:
-    """The pooled route's configurations: the row filter's without AuxK (the GEMM pools the row's maxima,
-    not its dead features'), each with a GEMM tile whose width holds whole groups."""
-    if k_aux:
-        return []
-    tiles = [(16, 32, 32, 1, 4, 1)] if interpret else POOLED_TILES
-    return [
-        dict(cfg, GEMM=dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=st))
-        for cfg in row_filter_configs(k, 0, n_features)
-        for m, n, bk, g, w, st in tiles
-        if n % cfg["GROUP"] == 0
-    ]
-
-
-def pooled_pre_activation_chunks(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, rows_per_chunk: int, positive_counts: Tensor | None,
-    group: int, n_groups: int, gemm: dict,
-) -> Iterator[tuple[slice, Tensor, Tensor]]:  # fmt: skip
-    """`pre_activation_chunks` from `_pooled_gemm_kernel` (b_enc added in fp32 before the rounding),
-    with the maxima of each row's groups of `group` features as `_ordered` keys, [rows, n_groups]. The
-    chunks share one pre and one maxima buffer: each launch follows the last one's reader on the stream."""
-    B, D = x.shape
-    F = W_enc.shape[1]
-    dtype = matmul_dtype(W_enc.dtype)
-    xc = center(x, b_dec, dtype)
-    chunk = min(B, rows_per_chunk)
-    pre_buffer = x.new_empty(chunk, _aligned(F, dtype), dtype=dtype)[:, :F]
-    maxima = x.new_empty(chunk, n_groups, dtype=torch.int32)
-    block_m, block_n = gemm["BLOCK_M"], gemm["BLOCK_N"]
-    block_k = gemm["BLOCK_K"] * 2 // xc.element_size()
-    weights = TensorDescriptor.from_tensor(tma_operand(W_enc.to(dtype)), [block_k, block_n])
-    n_programs = sm_count(x.device)
-    for start in range(0, B, rows_per_chunk):
-        rows = slice(start, min(B, start + rows_per_chunk))
-        pre = pre_buffer[: rows.stop - start]
-        _pooled_gemm_kernel[(n_programs,)](
-            TensorDescriptor.from_tensor(xc[rows], [block_m, block_k]), weights,
-            TensorDescriptor.from_tensor(pre, [block_m, block_n]), b_enc.contiguous(), maxima,
-            positive_counts if positive_counts is not None else maxima,  # any pointer when not counting
-            pre.shape[0], D, F, n_groups,
-            COUNT_POSITIVE=positive_counts is not None, GROUP=group,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=gemm["GROUP_M"], N_PROGRAMS=n_programs,
-            FLATTEN=cdiv(D, block_k) <= 16, INPUT_PRECISION=input_precision(W_enc.dtype),
-            num_warps=gemm["num_warps"], num_stages=gemm["num_stages"],
-        )  # fmt: skip
-        yield rows, pre, maxima
-
-
 def _row_filter_width(n_features: int, n_groups: int) -> int:
     """Features per row the row filter splits into `n_groups` groups (a power of two, >= n_features)."""
     return max(ROW_FILTER_MIN_GROUP * n_groups, ROW_FILTER_READ, next_power_of_2(n_features))
@@ -889,9 +788,7 @@ def row_filter_topk(
     pre-activation of row chunks written by cuBLAS (at most ROW_FILTER_CHUNK entries: what eager
     PyTorch computes, in the weights' dtype) and filtered and selected by `_row_filter_kernel`, one
     launch per chunk. Its scratch is allocated once for the largest chunk and reused by every chunk (the
-    launches are ordered on the stream), so a call costs the host few allocations. A `cfg` with a
-    "GEMM" tile (`pooled_filter_configs`) is the pooled route: `_pooled_gemm_kernel` writes each chunk
-    and its group maxima, and the row kernel starts from those."""
+    launches are ordered on the stream), so a call costs the host few allocations."""
     B, F = x.shape[0], W_enc.shape[1]
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
@@ -906,22 +803,12 @@ def row_filter_topk(
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
     aux_tau = x.new_empty(rows_per_chunk, dtype=torch.float32) if has_aux else counts  # any pointer without AuxK
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
-    if "GEMM" in cfg:
-        chunks = pooled_pre_activation_chunks(
-            x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts, group, n_groups, cfg["GEMM"]
-        )
-    else:
-        chunks = (
-            (rows, pre, None)
-            for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts)
-        )
-    for rows, pre, maxima in chunks:
+    for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
         _row_filter_kernel[(pre.shape[0],)](
             pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
             idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
-            aux_vals.stride(0), aux_idx.stride(0), aux_tau, maxima if maxima is not None else scratch,
-            HAS_AUX=has_aux, MAXIMA_GIVEN=maxima is not None, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups,
-            GROUP=group,
+            aux_vals.stride(0), aux_idx.stride(0), aux_tau,
+            HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
             CHUNK_GROUPS=max(1, ROW_FILTER_READ // group), HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
             CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
             SELECT=cfg["SELECT"], num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
