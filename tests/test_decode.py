@@ -79,6 +79,12 @@ def test_decode_sparse_backward_every_dvals_tile(device, cfg):
     dvals = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg)
     expected, _ = reference.decode_sparse_backward(grad_out.double(), vals.double(), idx, W_dec.double())
     assert_close(dvals, expected, torch.float32, "dvals")
+    # The TopK encode's coefficients from the same kernel: the ReLU's mask (`_codes` leaves some codes at
+    # 0) over d vals + grad_vals (strided here).
+    grad_vals = torch.randn(k, B, device=device).t()
+    coef = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg, grad_vals=grad_vals)
+    assert_close(coef, torch.where(vals.double() > 0, expected + grad_vals.double(), 0.0), torch.float32, "coef")
+    assert (coef[vals == 0] == 0).all(), "a code that did not fire has a coefficient"
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

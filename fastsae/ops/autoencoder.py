@@ -35,6 +35,9 @@ from .scatter import feature_sums, route, sort_by_feature
 # 1.877 ms, GPT-2 width at k = 128 2.799 -> 2.756 ms, Llama-8B level (16.42 -> 16.47 ms), and AF3's peak
 # memory 740 -> 675 MB.
 DECODER_SUMS_ON_SIDE_STREAM = True
+# The encoder's coefficients, where(vals > 0, d vals + grad_vals, 0), written by the d vals kernel (in
+# fp32 before the rounding) instead of three torch launches over [B, K] after it: a switch for the A/B.
+COEF_IN_DVALS = True
 
 
 def topk_autoencoder_backward(
@@ -65,8 +68,10 @@ def topk_autoencoder_backward(
     if side is not None and DECODER_SUMS_ON_SIDE_STREAM:
         with on_stream(side):  # after AuxK's backward, queued there first
             dW_dec = decoder_sums()
-    dvals = sparse_dvals(grad_recon, vals, idx, W_dec)
-    coef = torch.where(vals > 0, dvals + grad_vals, 0)  # the ReLU's mask
+    if COEF_IN_DVALS:
+        coef = sparse_dvals(grad_recon, vals, idx, W_dec, grad_vals=grad_vals)
+    else:
+        coef = torch.where(vals > 0, sparse_dvals(grad_recon, vals, idx, W_dec) + grad_vals, 0)  # the ReLU's mask
     if side is not None:
         join_stream(side, dW_dec, dead_dW_enc, dead_db_enc, dead_dW_dec)
     if dW_dec is None:

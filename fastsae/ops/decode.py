@@ -82,17 +82,19 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
 
 @triton.jit
 def _decode_sparse_bwd_vals_kernel(
-    grad_ptr, idx_ptr, w_ptr, dvals_ptr,
+    grad_ptr, idx_ptr, w_ptr, dvals_ptr, vals_ptr, grad_vals_ptr,
     B, K, D, F,
     stride_gm, stride_gd, stride_im, stride_ik, stride_wf, stride_wd, stride_dm, stride_dk,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES: tl.constexpr, CODES_TILE: tl.constexpr,
+    stride_vm, stride_vk, stride_gvm, stride_gvk,
+    COEF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES: tl.constexpr, CODES_TILE: tl.constexpr,
 ):  # fmt: skip
     # Program (i, c) owns tokens block i and their codes c * CODES ... (c + 1) * CODES - 1: splitting the
     # codes as well as the tokens puts more gathers in flight (one program per token block ran its k
     # dependent gathers in turn: 141 us per step at the GPT-2 shape on the H200, twice the forward's time
     # for the same gathered bytes). It takes CODES_TILE of them at once, a [BLOCK_M, CODES_TILE, BLOCK_D]
     # gather of decoder rows, and sums each code's products across the threads once, after the last
-    # BLOCK_D slice of the row, not once per slice.
+    # BLOCK_D slice of the row, not once per slice. COEF: writes the encoder's coefficients instead,
+    # where(vals > 0, d vals + grad_vals, 0) (the ReLU's mask), from the fp32 sums.
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < B
     rows64 = rows.to(tl.int64)
@@ -120,6 +122,13 @@ def _decode_sparse_bwd_vals_kernel(
             ).to(tl.float32)  # [BLOCK_M, CODES_TILE, BLOCK_D]
             acc += g[:, None, :] * w
         dvals = tl.sum(acc, axis=2)
+        if COEF:
+            code_offsets = rows64[:, None] * stride_vm + codes[None, :] * stride_vk
+            fired = tl.load(vals_ptr + code_offsets, mask=pair_valid, other=0.0) > 0
+            grad_vals = tl.load(
+                grad_vals_ptr + rows64[:, None] * stride_gvm + codes[None, :] * stride_gvk, mask=pair_valid, other=0.0
+            ).to(tl.float32)
+            dvals = tl.where(fired, dvals + grad_vals, 0.0)
         tl.store(
             dvals_ptr + rows64[:, None] * stride_dm + codes[None, :] * stride_dk,
             dvals.to(dvals_ptr.dtype.element_ty),
@@ -157,20 +166,27 @@ def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: T
     return sparse_dvals(grad_out, vals, idx, W_dec), dW_dec
 
 
-def sparse_dvals(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor, tile: dict | None = None) -> Tensor:
+def sparse_dvals(
+    grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor, tile: dict | None = None,
+    grad_vals: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """d vals[b, j] = grad_out[b] . W_dec[idx[b, j]] -> [B, K] in vals' dtype; `tile`: one of
-    `_dvals_candidates()` instead of the tuner's pick."""
+    `_dvals_candidates()` instead of the tuner's pick. Given `grad_vals` [B, K], the TopK encode's
+    coefficients instead: where(vals > 0, d vals + grad_vals, 0), summed in fp32 before the rounding."""
     B, K = vals.shape
     F, D = W_dec.shape
     dvals = vals.new_empty(B, K)
+    coef = grad_vals is not None
+    grad_vals = grad_vals if coef else vals  # any [B, K] tensor when not read
 
     def run(cfg: dict) -> None:
         _decode_sparse_bwd_vals_kernel[(cdiv(B, cfg["BLOCK_M"]), cdiv(K, cfg["CODES"]))](
-            grad_out, idx, W_dec, dvals,
+            grad_out, idx, W_dec, dvals, vals, grad_vals,
             B, K, D, F,
             grad_out.stride(0), grad_out.stride(1), idx.stride(0), idx.stride(1),
             W_dec.stride(0), W_dec.stride(1), dvals.stride(0), dvals.stride(1),
-            **cfg,
+            vals.stride(0), vals.stride(1), grad_vals.stride(0), grad_vals.stride(1),
+            COEF=coef, **cfg,
         )  # fmt: skip
 
     if tile is None:
