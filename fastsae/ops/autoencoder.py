@@ -36,7 +36,9 @@ from .scatter import feature_sums, route, sort_by_feature
 # memory 740 -> 675 MB.
 DECODER_SUMS_ON_SIDE_STREAM = True
 # The encoder's coefficients, where(vals > 0, d vals + grad_vals, 0), written by the d vals kernel (in
-# fp32 before the rounding) instead of three torch launches over [B, K] after it: a switch for the A/B.
+# fp32 before the rounding) instead of three torch launches over [B, K] after it. Measured on the H200
+# (captured SAEAdam step, bf16, off -> on, one round): AF3 1.642 -> 1.644 ms (level), GPT-2 1.740 ->
+# 1.730 ms (9706992).
 COEF_IN_DVALS = True
 
 
