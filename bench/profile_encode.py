@@ -8,7 +8,11 @@ features and the group-maxima kernel), the filter GEMM with its survivor epilogu
 survivor (every threshold +inf: the GEMM and its compares alone, so the difference is what the
 survivors' appends cost) and the exact select.
 
-python -m bench.profile_encode [--shapes gpt2,af3,d768_F24576_B8192_k128] [--rows 12]
+python -m bench.profile_encode [--shapes gpt2,af3,d768_F24576_B8192_k128] [--rows 12] [--batchtopk]
+
+With --batchtopk, the sparse BatchTopK encode (`functional.encode_batchtopk_sparse`) instead: the whole
+call, its TopK encode of each row's 4k candidates, the batch's select among them (one host
+synchronisation), and eager PyTorch's dense BatchTopK, against the GEMM.
 
 bf16 weights and activations as bench_encode draws them; the codes are checked against the fp32
 reference on the first rows before anything is timed.
@@ -29,10 +33,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from fastsae import functional as F
 from fastsae import reference
-from fastsae.ops import encode, filter, launch
+from fastsae.ops import batchtopk, encode, filter, launch
 from fastsae.testing import assert_topk_matches
 
-from .bench_encode import CHECK_ROWS, _weights
+from .bench_encode import CHECK_ROWS, _torch_batchtopk, _weights
 from .harness import SHAPES, shape_dims
 
 
@@ -159,13 +163,48 @@ def profile_encode(shape: str, rows: int) -> None:
     print(_host_profile(partial(F.encode_topk, x, W_enc, b_enc, b_dec, k), rows))
 
 
+def profile_batchtopk(shape: str) -> None:
+    """The sparse BatchTopK encode's parts against the GEMM: the TopK encode of min(F, 4k) candidates
+    a row (tuned), the select among them alone, and the whole call; do_bench (the L2 flushed, the host
+    waited for) and back to back, since the select waits on the host once a call."""
+    d, n_features, n_rows, k = shape_dims(shape)
+    x = torch.randn(n_rows, d, device="cuda").bfloat16()
+    W_enc, b_enc, b_dec = _weights(d, n_features)
+    width = batchtopk.candidate_width(k, n_features)
+    candidates = encode.encode_topk(x, W_enc, b_enc, b_dec, width, 0, None)[0]  # tunes the route
+    keep = batchtopk.select_among_candidates(candidates, k, complete=width == n_features)
+    if keep is None:  # a row may keep more codes than its candidates: the call takes the dense route
+        print(f"\n  {shape}: the candidates may not hold the batch's codes; encode_batchtopk_sparse runs densely")
+    else:
+        assert int(keep.sum()) == min(n_rows * k, candidates.numel()), "not the batch's B * k codes"
+    parts = {
+        "cuBLAS GEMM": lambda: x @ W_enc,
+        f"TopK encode of {width} candidates a row": lambda: encode.encode_topk(x, W_enc, b_enc, b_dec, width, 0, None),
+        "select among the candidates": lambda: batchtopk.select_among_candidates(candidates, k, width == n_features),
+        "encode_batchtopk_sparse": lambda: F.encode_batchtopk_sparse(x, W_enc, b_enc, b_dec, k),
+        "eager dense BatchTopK": lambda: _torch_batchtopk(x, W_enc, b_enc, b_dec, k),
+    }
+    route = launch.tuned_choices("encode_topk", d, n_features, launch.bucket(n_rows), width)
+    print(f"\n== BatchTopK {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}: TopK route {route}")
+    gemm = _ms(parts["cuBLAS GEMM"])
+    gemm_back_to_back = launch.seconds_per_call(parts["cuBLAS GEMM"]) * 1e3
+    for name, fn in parts.items():
+        ms, back_to_back = _ms(fn), launch.seconds_per_call(fn) * 1e3
+        print(f"  {name:>40} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM; back to back {back_to_back:8.3f} ms "
+              f"{back_to_back / gemm_back_to_back:5.2f}x")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join([*SHAPES, "d768_F24576_B8192_k128"]))
     parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--batchtopk", action="store_true", help="the sparse BatchTopK encode's parts instead")
     args = parser.parse_args(argv)
     for shape in args.shapes.split(","):
-        profile_encode(shape, args.rows)
+        if args.batchtopk:
+            profile_batchtopk(shape)
+        else:
+            profile_encode(shape, args.rows)
     return 0
 
 

@@ -32,6 +32,15 @@ def test_profile_encode_runs(capsys, monkeypatch, route):
 
 
 @pytest.mark.gpu
+def test_profile_batchtopk_runs(capsys):
+    """The sparse BatchTopK encode's breakdown: each part timed against the GEMM."""
+    profile_encode.profile_batchtopk("d384_F4096_B1024_k32")
+    printed = capsys.readouterr().out
+    for part in ("TopK encode of 128 candidates a row", "select among the candidates", "eager dense BatchTopK"):
+        assert part in printed
+
+
+@pytest.mark.gpu
 def test_profile_train_reports_launches_and_host_time(capsys):
     eager, graph = (profile_train.profile_step("d128_F2048_B1024_k16", True, 5, graph) for graph in (False, True))
     for step in (eager, graph):
