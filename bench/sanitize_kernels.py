@@ -5,7 +5,8 @@
 Each shape runs the TopK encode through every route the tuner may pick (the threshold-first filter in
 each configuration, with its flagged-row fallback forced, the row filter, the sweep, the dense route),
 AuxK and the positive counts, its backward (both per-feature-sums routes and the deterministic mode),
-the ReLU and JumpReLU encode, the sparse decode and its backward (d vals in every tile), the
+the ReLU and JumpReLU encode, the sparse decode and its backward (d vals and the TopK step's
+coefficients in every tile), the
 decoder-constraint kernels, SAEAdam's decoder step, the reconstruction sums of the loss and their
 backward, the dense AuxK path's row top-k (indices and codes) and its backward's masked column sums;
 every result is checked against
@@ -101,9 +102,13 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
     want_dvals, want_dW = reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
     assert_close(dvals.float(), want_dvals.float(), TOLERANCE, f"{name} decode dvals")
     assert_close(dW_dec.float(), want_dW.float(), TOLERANCE, f"{name} decode dW_dec")
-    for cfg in decode._dvals_candidates()[1:]:  # every tile the tuner may pick (the first ran above)
+    grad_vals = torch.randn_like(want_dvals)
+    want_coef = torch.where(vals > 0, want_dvals.float() + grad_vals.float(), 0.0)  # the TopK step's coefficients
+    for cfg in decode._dvals_candidates():  # every tile the tuner may pick
         dvals = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg)
         assert_close(dvals.float(), want_dvals.float(), TOLERANCE, f"{name} decode dvals {cfg}")
+        coef = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg, grad_vals=grad_vals)
+        assert_close(coef.float(), want_coef, TOLERANCE, f"{name} decode coef {cfg}")
 
     grad = torch.randn_like(W_dec)
     expected_grad = reference.remove_parallel_grad(W_dec, grad)
