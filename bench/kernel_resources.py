@@ -210,11 +210,15 @@ def _queue_kernels() -> None:
         )
     for cfg in decode._dvals_candidates():
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_D", "CODES", "CODES_TILE")}
-        constexprs = {**tile, "stride_gd": 1, "stride_ik": 1}
-        name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}/{cfg['CODES_TILE']}"
-        queue_compile(
-            f"{name} warps={cfg['num_warps']}", decode._decode_sparse_bwd_vals_kernel, constexprs, cfg["num_warps"]
-        )
+        for coef in (False, True):  # d vals alone, and the TopK step's coefficients (`sparse_dvals(grad_vals=)`)
+            constexprs = {**tile, "COEF": coef, "stride_gd": 1, "stride_ik": 1}
+            name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}/{cfg['CODES_TILE']}"
+            queue_compile(
+                f"{name} coef={coef} warps={cfg['num_warps']}",
+                decode._decode_sparse_bwd_vals_kernel,
+                constexprs,
+                cfg["num_warps"],
+            )
     for has_center in (False, True):
         for cfg in scatter._ATOMIC_CANDIDATES:
             tile = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"]}

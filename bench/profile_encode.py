@@ -171,8 +171,9 @@ def profile_batchtopk(shape: str) -> None:
     x = torch.randn(n_rows, d, device="cuda").bfloat16()
     W_enc, b_enc, b_dec = _weights(d, n_features)
     width = batchtopk.candidate_width(k, n_features)
+    complete = width == n_features  # the candidates are whole rows
     candidates = encode.encode_topk(x, W_enc, b_enc, b_dec, width, 0, None)[0]  # tunes the route
-    keep = batchtopk.select_among_candidates(candidates, k, complete=width == n_features)
+    keep = batchtopk.select_among_candidates(candidates, k, complete)
     if keep is None:  # a row may keep more codes than its candidates: the call takes the dense route
         print(f"\n  {shape}: the candidates may not hold the batch's codes; encode_batchtopk_sparse runs densely")
     else:
@@ -180,16 +181,15 @@ def profile_batchtopk(shape: str) -> None:
     parts = {
         "cuBLAS GEMM": lambda: x @ W_enc,
         f"TopK encode of {width} candidates a row": lambda: encode.encode_topk(x, W_enc, b_enc, b_dec, width, 0, None),
-        "select among the candidates": lambda: batchtopk.select_among_candidates(candidates, k, width == n_features),
+        "select among the candidates": lambda: batchtopk.select_among_candidates(candidates, k, complete),
         "encode_batchtopk_sparse": lambda: F.encode_batchtopk_sparse(x, W_enc, b_enc, b_dec, k),
         "eager dense BatchTopK": lambda: _torch_batchtopk(x, W_enc, b_enc, b_dec, k),
     }
     route = launch.tuned_choices("encode_topk", d, n_features, launch.bucket(n_rows), width)
     print(f"\n== BatchTopK {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}: TopK route {route}")
-    gemm = _ms(parts["cuBLAS GEMM"])
-    gemm_back_to_back = launch.seconds_per_call(parts["cuBLAS GEMM"]) * 1e3
-    for name, fn in parts.items():
-        ms, back_to_back = _ms(fn), launch.seconds_per_call(fn) * 1e3
+    timings = {name: (_ms(fn), launch.seconds_per_call(fn) * 1e3) for name, fn in parts.items()}
+    gemm, gemm_back_to_back = timings["cuBLAS GEMM"]
+    for name, (ms, back_to_back) in timings.items():
         print(f"  {name:>40} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM; back to back {back_to_back:8.3f} ms "
               f"{back_to_back / gemm_back_to_back:5.2f}x")  # fmt: skip
 
