@@ -589,17 +589,20 @@ class TopKAutoencoderOutput(NamedTuple):
 # shape, 1.906 -> 1.838 at GPT-2's, 2.940 -> 2.883 at GPT-2 width with k = 128. Eager steps and captured
 # CUDA graphs (which record the fork and the join); never under torch.compile, which traces one stream.
 AUXK_SIDE_STREAM = True
-_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+# Its CUDA priority: -1 (high: its kernels' blocks go first to the SMs that free up) or 0 (the default,
+# as the main stream's).
+AUXK_SIDE_STREAM_PRIORITY = -1
+_side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 
 
 def _auxk_side_stream(x: Tensor) -> torch.cuda.Stream | None:
-    """The second stream of x's device (high priority: its kernels' blocks go first to the SMs that
-    free up), or None where AuxK runs in line."""
+    """The second stream of x's device (AUXK_SIDE_STREAM_PRIORITY), or None where AuxK runs in line."""
     if not (AUXK_SIDE_STREAM and x.is_cuda) or torch.compiler.is_compiling():
         return None
-    if x.device not in _side_streams:
-        _side_streams[x.device] = torch.cuda.Stream(x.device, priority=-1)
-    return _side_streams[x.device]
+    key = (x.device, AUXK_SIDE_STREAM_PRIORITY)
+    if key not in _side_streams:
+        _side_streams[key] = torch.cuda.Stream(x.device, priority=AUXK_SIDE_STREAM_PRIORITY)
+    return _side_streams[key]
 
 
 class _TopKAutoencoder(torch.autograd.Function):

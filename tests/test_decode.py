@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastsae import reference
-from fastsae.ops import decode
+from fastsae.ops import decode, scatter
 
 from .utils import KERNEL_DEVICES, assert_close, random_sae_weights
 
@@ -85,6 +85,28 @@ def test_decode_sparse_backward_every_dvals_tile(device, cfg):
     coef = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg, grad_vals=grad_vals)
     assert_close(coef, torch.where(vals.double() > 0, expected + grad_vals.double(), 0.0), torch.float32, "coef")
     assert (coef[vals == 0] == 0).all(), "a code that did not fire has a coefficient"
+
+
+@pytest.mark.parametrize(
+    "B, F, k", [(37, 96, 8), (1, 64, 64), (0, 50, 4), (300, 40000, 3)], ids=["gaps", "k=F", "empty", "int32-keys"]
+)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_sort_by_feature(device, B, F, k):
+    """The per-feature sums' CSR form of the codes: sorted by feature, then by token, with each feature's
+    first position (features without codes, at the start, the end and between, included: the codes
+    below use only the even features), against torch's sort and bincount."""
+    idx = (2 * torch.rand(B, F // 2, device=device).argsort(dim=1)[:, :k]).to(torch.int32) if k < F else None
+    if idx is None:  # k = F: every feature in every row
+        idx = torch.rand(B, F, device=device).argsort(dim=1).to(torch.int32)
+    codes = scatter.sort_by_feature(idx, F)
+    flat = idx.flatten().long()
+    position = torch.arange(flat.numel(), device=device)
+    expected_order = torch.sort(flat * flat.numel() + position).indices  # by feature, then by flat position
+    assert torch.equal(codes.order, expected_order)
+    assert torch.equal(codes.features, flat[expected_order].int())
+    assert torch.equal(codes.tokens, (expected_order // k).int())
+    expected_offsets = torch.cat([flat.new_zeros(1), torch.bincount(flat, minlength=F).cumsum(0)])
+    assert torch.equal(codes.offsets.long(), expected_offsets)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
