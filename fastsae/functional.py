@@ -592,7 +592,7 @@ AUXK_SIDE_STREAM = True
 # Its CUDA priority: 0, the main stream's. A high priority (-1), whose kernels' blocks go first to the
 # SMs that free up, let AuxK's row top-k slow the first row filter launch beside it (250 against 102 us
 # for the second, in a trace of the captured AlphaFold3 step): captured SAEAdam step on the H200, -1 -> 0,
-# 1.634 -> 1.608 ms at AlphaFold3's shape, 1.870 -> 1.820 at GPT-2's (bench.ab_step, 74c3811).
+# 1.634 -> 1.608 ms at AlphaFold3's shape, 1.870 -> 1.820 at GPT-2's (bench.ab_step, 4197cff).
 AUXK_SIDE_STREAM_PRIORITY = 0
 _side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 
@@ -638,11 +638,8 @@ class _TopKAutoencoder(torch.autograd.Function):
         needs_x = ctx.needs_input_grad[0]
         side = ctx.side_stream if aux_saved else None
         dx_aux, dead, dead_dW_enc, dead_db_enc, dead_dW_dec = None, None, None, None, None
-        by_feature = None
         if aux_saved:
             with on_stream(side) if side is not None else contextlib.nullcontext():
-                if side is not None and autoencoder_ops.SORT_ON_SIDE_STREAM:  # first there: d vals needs no sort
-                    by_feature = autoencoder_ops.sort_codes(idx, W_enc.shape[1], W_enc.shape[0])
                 aux_grads = _dense_auxk_backward(grad_aux, aux_saved, needs_x, True, True)
             (dx_aux, dead_dW_enc, dead_db_enc, dead_dW_dec), dead = aux_grads, aux_saved[-1]
         if side is not None:
@@ -650,7 +647,7 @@ class _TopKAutoencoder(torch.autograd.Function):
             # gradients are first added (after the codes' sort and d vals); the op is its dispatch.
             dx, dW_enc, db_enc, db_dec, dW_dec = autoencoder_ops.topk_autoencoder_backward(
                 grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc,
-                dead_db_enc, dead_dW_dec, side=side, by_feature=by_feature,
+                dead_db_enc, dead_dW_dec, side=side,
             )  # fmt: skip
             join_stream(side, dx_aux)
         else:

@@ -27,7 +27,7 @@ from .columns import column_sums
 from .decode import decode_sparse, sparse_dvals
 from .encode import centering_grad
 from .launch import join_stream, on_stream
-from .scatter import CodesByFeature, feature_sums, route, sort_by_feature
+from .scatter import feature_sums, route, sort_by_feature
 
 # With AuxK on a side stream (`functional.AUXK_SIDE_STREAM`), dW_dec's per-feature sums run there after
 # AuxK's backward, beside d vals on the current stream (both gather a [B, d] row per code from L2).
@@ -40,31 +40,21 @@ DECODER_SUMS_ON_SIDE_STREAM = True
 # (captured SAEAdam step, bf16, off -> on, one round): AF3 1.642 -> 1.644 ms (level), GPT-2 1.740 ->
 # 1.730 ms (9706992).
 COEF_IN_DVALS = True
-# With AuxK on a side stream, the codes' sort by feature runs there first, before AuxK's backward
-# (`sort_codes`, called by the node's backward), so that d vals, which does not need it, starts on the
-# current stream at once: the sort (about 100 us of the captured AlphaFold3 step on the H200) and AuxK's
-# backward overlap d vals, and only the sums wait for them.
-SORT_ON_SIDE_STREAM = True
-
-
-def sort_codes(idx: Tensor, n_features: int, d: int) -> CodesByFeature | None:
-    """The codes sorted by feature for the per-feature sums, where their route reads them (blocked)."""
-    return sort_by_feature(idx, n_features) if route(n_features, d) == "blocked" else None
 
 
 def topk_autoencoder_backward(
     grad_recon: Tensor, grad_vals: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, W_dec: Tensor, vals: Tensor,
     idx: Tensor, x_requires_grad: bool, dead: Tensor | None, dead_dW_enc: Tensor | None,
     dead_db_enc: Tensor | None, dead_dW_dec: Tensor | None, side: torch.cuda.Stream | None = None,
-    by_feature: CodesByFeature | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dW_enc, db_enc, db_dec, dW_dec); same contract as `reference.topk_autoencoder_backward`
     except that dx is zeros unless `x_requires_grad`. Deterministic when torch's deterministic
     algorithms are on (`scatter.feature_sums`). `side`: the stream that is still computing AuxK's
     gradients (`functional.AUXK_SIDE_STREAM`); the current stream waits for it only where they are first
     added, after the codes' sort and d vals, and with DECODER_SUMS_ON_SIDE_STREAM dW_dec's sums run
-    there too, beside d vals. `by_feature`: `sort_codes(idx, F, d)`, when the caller sorted the codes
-    already (on `side`, with SORT_ON_SIDE_STREAM)."""
+    there too, beside d vals. (Sorting the codes on `side` first, before AuxK's backward, so that d vals
+    starts at once, measured slower on the H200: captured SAEAdam step 1.605 -> 1.643 ms at AlphaFold3's
+    shape, 5183f92.)"""
     if torch.float64 in (W_enc.dtype, W_dec.dtype):
         if side is not None:
             join_stream(side)
@@ -72,8 +62,7 @@ def topk_autoencoder_backward(
             grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, dead, dead_dW_enc, dead_db_enc, dead_dW_dec
         )
     d, n_features = W_enc.shape
-    if by_feature is None:
-        by_feature = sort_codes(idx, n_features, d)
+    by_feature = sort_by_feature(idx, n_features) if route(n_features, d) == "blocked" else None
 
     def decoder_sums() -> Tensor:
         extra = None if dead is None else (dead, dead_dW_dec, None)
@@ -88,7 +77,7 @@ def topk_autoencoder_backward(
     else:
         coef = torch.where(vals > 0, sparse_dvals(grad_recon, vals, idx, W_dec) + grad_vals, 0)  # the ReLU's mask
     if side is not None:
-        join_stream(side, dW_dec, dead_dW_enc, dead_db_enc, dead_dW_dec, *(by_feature or ()))
+        join_stream(side, dW_dec, dead_dW_enc, dead_db_enc, dead_dW_dec)
     if dW_dec is None:
         dW_dec = decoder_sums()
     dW_enc, db_enc = feature_sums(

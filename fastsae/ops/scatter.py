@@ -173,7 +173,7 @@ def sort_by_feature(idx: Tensor, n_features: int) -> CodesByFeature:
     code is found by binary search (torch.bincount would size its output from the largest index: a host
     sync, which a captured CUDA graph cannot hold). (One Triton launch in place of the searchsorted,
     division and two casts after the sort measured slower on the H200: 60 us for its binary searches,
-    captured SAEAdam step 1.613 -> 1.631 ms at AlphaFold3's shape, level at GPT-2's; 74c3811.)"""
+    captured SAEAdam step 1.613 -> 1.631 ms at AlphaFold3's shape, level at GPT-2's; 4197cff.)"""
     flat_idx = idx.flatten()
     if n_features < torch.iinfo(torch.int16).max:  # 16-bit keys: half the radix sort's passes of 32-bit ones
         flat_idx = flat_idx.to(torch.int16)
