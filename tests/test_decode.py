@@ -95,9 +95,10 @@ def test_sort_by_feature(device, B, F, k):
     """The per-feature sums' CSR form of the codes: sorted by feature, then by token, with each feature's
     first position (features without codes, at the start, the end and between, included: the codes
     below use only the even features), against torch's sort and bincount."""
-    idx = (2 * torch.rand(B, F // 2, device=device).argsort(dim=1)[:, :k]).to(torch.int32) if k < F else None
-    if idx is None:  # k = F: every feature in every row
+    if k == F:  # every feature in every row
         idx = torch.rand(B, F, device=device).argsort(dim=1).to(torch.int32)
+    else:
+        idx = (2 * torch.rand(B, F // 2, device=device).argsort(dim=1)[:, :k]).to(torch.int32)
     codes = scatter.sort_by_feature(idx, F)
     flat = idx.flatten().long()
     position = torch.arange(flat.numel(), device=device)
