@@ -210,9 +210,9 @@ def _queue_kernels() -> None:
         )
     for cfg in decode._dvals_candidates():
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_D", "CODES", "CODES_TILE")}
+        name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}/{cfg['CODES_TILE']}"
         for coef in (False, True):  # d vals alone, and the TopK step's coefficients (`sparse_dvals(grad_vals=)`)
             constexprs = {**tile, "COEF": coef, "stride_gd": 1, "stride_ik": 1}
-            name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}/{cfg['CODES_TILE']}"
             queue_compile(
                 f"{name} coef={coef} warps={cfg['num_warps']}",
                 decode._decode_sparse_bwd_vals_kernel,
