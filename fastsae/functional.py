@@ -594,6 +594,9 @@ AUXK_SIDE_STREAM = True
 # for the second, in a trace of the captured AlphaFold3 step): captured SAEAdam step on the H200, -1 -> 0,
 # 1.634 -> 1.608 ms at AlphaFold3's shape, 1.870 -> 1.820 at GPT-2's (bench.ab_step, 4197cff).
 AUXK_SIDE_STREAM_PRIORITY = 0
+# AuxK's forward queued on the side stream after the encode (beside the decode and what follows it)
+# rather than before it (beside the encode's row filter).
+AUXK_AFTER_ENCODE = True
 _side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 
 
@@ -618,10 +621,16 @@ class _TopKAutoencoder(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux):
         aux_recon, aux_saved = x.new_empty(0, dtype=W_dec.dtype), ()
         side = _auxk_side_stream(x) if features is not None else None
-        if side is not None:  # queued first: the side stream's work is short and takes free SMs first
+
+        def queue_auxk():
             with on_stream(side):
-                aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
+                return _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
+
+        if side is not None and not AUXK_AFTER_ENCODE:  # the side stream's work is short and takes free SMs first
+            aux_recon, aux_saved = queue_auxk()
         vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
+        if side is not None and AUXK_AFTER_ENCODE:
+            aux_recon, aux_saved = queue_auxk()
         recon = _decode_sparse(vals, idx, W_dec, b_dec)
         if side is not None:
             join_stream(side, aux_recon, *aux_saved)
@@ -801,6 +810,100 @@ def fvu(x_hat: Tensor, x: Tensor) -> Tensor:
 def auxk_loss(aux_recon: Tensor, residual: Tensor, n_dead: Tensor, k_aux: int) -> Tensor:
     """`reference.auxk_loss` from `reconstruction_sums`."""
     return fvu(aux_recon, residual) * auxk_scale(n_dead, k_aux)
+
+
+@torch.library.custom_op("fastsae::training_losses", mutates_args=())
+def _training_losses(
+    recon: Tensor, x: Tensor, aux_recon: Tensor | None, n_dead: Tensor | None, k_aux: int, auxk_coef: float
+) -> tuple[Tensor, Tensor]:
+    return reference.training_losses(recon, x, aux_recon, n_dead, k_aux, auxk_coef)
+
+
+_training_losses.register_kernel("cuda")(loss_ops.training_losses)
+
+
+@_training_losses.register_fake
+def _(recon, x, aux_recon, n_dead, k_aux, auxk_coef):
+    acc = reference.accumulate_dtype(recon, x, aux_recon)
+    return x.new_empty(4, dtype=acc), x.new_empty(5, dtype=acc)
+
+
+@torch.library.custom_op("fastsae::training_losses_backward", mutates_args=())
+def _training_losses_backward(
+    grad_losses: Tensor, sums: Tensor, recon: Tensor, x: Tensor, aux_recon: Tensor | None, auxk_coef: float,
+    recon_grad: bool, x_grad: bool, aux_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    d_recon, d_x, d_aux = reference.training_losses_backward(grad_losses, sums, recon, x, aux_recon, auxk_coef)
+    grads = (d_recon, d_x, x.new_empty(0) if d_aux is None else d_aux)
+    return tuple(g if wanted else g.new_empty(0) for g, wanted in zip(grads, (recon_grad, x_grad, aux_grad)))
+
+
+_training_losses_backward.register_kernel("cuda")(loss_ops.training_losses_backward)
+
+
+@_training_losses_backward.register_fake
+def _(grad_losses, sums, recon, x, aux_recon, auxk_coef, recon_grad, x_grad, aux_grad):
+    shapes = (recon_grad, x_grad, aux_grad and aux_recon is not None)
+    return tuple(
+        t.new_empty(t.shape if wanted else 0)
+        for t, wanted in zip((recon, x, x if aux_recon is None else aux_recon), shapes)
+    )
+
+
+def _training_losses_setup(ctx, inputs, output):
+    recon, x, aux_recon, _, _, auxk_coef = inputs
+    ctx.save_for_backward(recon, x, aux_recon, output[1])
+    ctx.auxk_coef = auxk_coef
+    ctx.mark_non_differentiable(output[1])
+
+
+def _training_losses_grad(ctx, grad_losses, _grad_sums):
+    recon, x, aux_recon, sums = ctx.saved_tensors
+    asked = ctx.needs_input_grad[:3]
+    grads = _training_losses_backward(grad_losses, sums, recon, x, aux_recon, ctx.auxk_coef, *asked)
+    return (*(g if wanted else None for g, wanted in zip(grads, asked)), None, None, None)
+
+
+_training_losses.register_autograd(_training_losses_grad, setup_context=_training_losses_setup)
+
+
+class TrainingLosses(NamedTuple):
+    """A TopK SAE's training losses, fp32 scalars: loss = fvu + auxk_coef * auxk (to backpropagate),
+    the MSE, the FVU and AuxK's loss (0 without it)."""
+
+    loss: Tensor
+    mse: Tensor
+    fvu: Tensor
+    auxk: Tensor
+
+
+def training_losses(
+    recon: Tensor, x: Tensor, aux_recon: Tensor | None = None, n_dead: Tensor | None = None, k_aux: int = 1,
+    auxk_coef: float = 1 / 32,
+) -> TrainingLosses:  # fmt: skip
+    """`reference.training_losses`: the MSE and FVU of the reconstruction `recon` of x [n, d] and, given
+    `aux_recon` [n, d] and `n_dead` (a 0-d integer tensor, the dead features' count), AuxK's loss: the
+    FVU of its reconstruction of the residual x - recon (detached), weighted by min(n_dead / k_aux, 1);
+    loss = fvu + auxk_coef * auxk. On CUDA two launches, and one for the gradient (fastsae/ops/loss.py),
+    where the same values through `reconstruction_sums` and scalar arithmetic take about 35.
+    Differentiable w.r.t. recon, x and aux_recon."""
+    _check_float("recon", recon, 2)
+    _check_float("x", x, 2)
+    if recon.shape != x.shape:
+        raise ValueError(f"recon has shape {tuple(recon.shape)} but x has {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (0 tokens)")
+    if aux_recon is not None:
+        _check_float("aux_recon", aux_recon, 2)
+        if aux_recon.shape != x.shape:
+            raise ValueError(f"aux_recon has shape {tuple(aux_recon.shape)} but x has {tuple(x.shape)}")
+        if not isinstance(n_dead, Tensor) or n_dead.dim() != 0 or n_dead.is_floating_point():
+            raise ValueError(f"n_dead must be a 0-d integer tensor with aux_recon, got {n_dead!r}")
+        if not isinstance(k_aux, int) or isinstance(k_aux, bool) or k_aux < 1:
+            raise ValueError(f"k_aux must be a positive int, got {k_aux!r}")
+    _check_same_device(recon=recon, x=x, aux_recon=aux_recon, n_dead=n_dead)
+    losses, _ = _training_losses(recon, x, aux_recon, n_dead if aux_recon is not None else None, k_aux, auxk_coef)
+    return TrainingLosses(*losses.unbind())
 
 
 fvu_from_sums = reference.fvu_from_sums

@@ -249,6 +249,53 @@ def auxk_scale(n_dead: Tensor, k_aux: int) -> Tensor:
     return (n_dead.to(torch.float32) / k_aux).clamp(max=1.0)
 
 
+def training_losses(
+    recon: Tensor, x: Tensor, aux_recon: Tensor | None, n_dead: Tensor | None, k_aux: int, auxk_coef: float
+) -> tuple[Tensor, Tensor]:
+    """A TopK SAE's training losses from its reconstruction `recon` of x [n, d] and, given `aux_recon`,
+    AuxK's reconstruction of the residual x - recon (taken in fp32 and detached: AuxK trains the dead
+    features alone). Returns (losses, sums), fp32 (fp64 for fp64 inputs):
+    - losses [4] = (loss, mse, fvu, auxk), loss = fvu + auxk_coef * auxk, auxk = the residual's FVU x
+      auxk_scale(n_dead, k_aux) (`auxk_loss`; 0 without `aux_recon`);
+    - sums [5] = (error, deviations, aux_error, aux_deviations, aux_scale): `reconstruction_sums` of
+      (recon, x) and of (aux_recon, residual) (zeros without `aux_recon`), what the gradient needs."""
+    error, deviations = reconstruction_sums(recon, x)
+    fvu = fvu_from_sums(error, deviations, x.shape[0])
+    aux_sums = torch.zeros(3, dtype=error.dtype, device=error.device)
+    auxk = torch.zeros_like(fvu)
+    if aux_recon is not None:
+        acc = accumulate_dtype(recon, x, aux_recon)
+        residual = (x.to(acc) - recon.to(acc)).detach()
+        aux_error, aux_deviations = reconstruction_sums(aux_recon, residual)
+        scale = auxk_scale(n_dead, k_aux).to(error.dtype)
+        aux_sums = torch.stack([aux_error, aux_deviations, scale])
+        auxk = fvu_from_sums(aux_error, aux_deviations, x.shape[0]) * scale
+    losses = torch.stack([fvu + auxk_coef * auxk, error / x.numel(), fvu, auxk])
+    return losses, torch.cat([torch.stack([error, deviations]), aux_sums]).detach()
+
+
+def training_losses_backward(
+    grad_losses: Tensor, sums: Tensor, recon: Tensor, x: Tensor, aux_recon: Tensor | None, auxk_coef: float
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(d recon, d x, d aux_recon) of `training_losses` from the gradient of its losses [4] and its sums
+    [5], in their inputs' dtypes (d aux_recon None without `aux_recon`). The FVUs of one token are NaN
+    constants: no gradient. The residual is detached, so AuxK's loss reaches aux_recon alone."""
+    acc = accumulate_dtype(recon, x, aux_recon)
+    grad_loss, grad_mse, grad_fvu, grad_auxk = grad_losses.to(acc)
+    error, deviations, aux_error, aux_deviations, aux_scale = sums.to(acc)
+    several = x.shape[0] > 1
+    grad_error, grad_deviations = grad_mse / x.numel(), torch.zeros_like(grad_mse)
+    if several:
+        fvu_grad = grad_fvu + grad_loss
+        grad_error, grad_deviations = grad_error + fvu_grad / deviations, -fvu_grad * error / deviations**2
+    d_recon, d_x = reconstruction_sums_backward(grad_error, grad_deviations, recon, x)
+    if aux_recon is None:
+        return d_recon, d_x, None
+    grad_aux_error = (grad_auxk + auxk_coef * grad_loss) * aux_scale / aux_deviations if several else 0 * grad_auxk
+    residual = x.to(acc) - recon.to(acc)
+    return d_recon, d_x, (2 * grad_aux_error * (aux_recon.to(acc) - residual)).to(aux_recon.dtype)
+
+
 def l1_penalty(acts: Tensor, W_dec: Tensor, x: Tensor) -> Tensor:
     """The ReLU SAE's sparsity penalty (SAELens' standard SAE), in the units of the FVU loss: per token
     sum_f acts_f * ||W_dec_f|| (each code weighted by its decoder row's norm, so shrinking rows cannot

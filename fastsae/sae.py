@@ -6,6 +6,7 @@ Parameters follow SAELens: W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d]. The
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 from . import centering, parallel, reference
 from . import functional as F
 from .ops import batchtopk as batchtopk_ops
-from .ops.launch import may_synchronize
+from .ops.launch import join_stream, may_synchronize, on_stream
 
 ACTIVATIONS = ("topk", "relu", "jumprelu", "batchtopk")
 CENTERING_MODES = ("geometric_median", "mean", "none", "whiten")
@@ -49,6 +50,10 @@ BATCHTOPK_THRESHOLD_DECAY = 0.999
 # d = 4096, k_aux = 2048, a feature-sharded step (8192 tokens, 2^17 features and 6553 dead per GPU)
 # took 104 ms dense against 576 ms fused.
 AUXK_DENSE_MAX_ELEMENTS = 2**29
+# A training step's fire counts and death-statistics update on the CUDA side stream that AuxK uses
+# (`functional.AUXK_SIDE_STREAM`), beside the losses, joined before the forward returns.
+DEATH_STATS_ON_SIDE_STREAM = True
+FUSED_LOSSES = True  # TEMPORARY A/B
 # The tensors indexed by feature, and their feature dimension: what `shard_features` splits and `save` gathers.
 FEATURE_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "feature_fire_count": 0, "tokens_since_fired": 0}
 INIT_BLOCK_ROWS = 4096  # decoder rows per seeded block of the random initialisation (`_init_directions`)
@@ -620,12 +625,12 @@ class SparseAutoencoder(nn.Module):
         k_aux = self.cfg.k_aux if self.training and self.cfg.activation == "topk" else 0  # AuxK is TopK's
         dead = self.dead_features() if k_aux else None
         # AuxK compares the residual and its reconstruction in the SAE's own (possibly whitened) space.
-        sae_x = self._to_sae_space(x) if k_aux else None
+        sae_x = self._to_sae_space(x) if k_aux else None  # (without whitening, x itself)
         sharded = self._feature_group is not None
         few_dead = self._few_dead_features(dead, x.shape[0])
         replicated = self._group is not None and self.training
         sparsity = torch.zeros((), dtype=torch.promote_types(self.W_enc.dtype, torch.float32), device=x.device)
-        sparsity_term = sparsity
+        sparsity_term = None  # the ReLU SAE's L1 or the JumpReLU SAE's L0 term of the loss, where it has one
         if self.cfg.activation == "jumprelu" and self.training:
             codes, sparsity, sparsity_term = self._encode_jumprelu_for_training(x, replicated)
         elif sharded:  # this shard's codes for the decode, the gradients and its statistics; global ones shown
@@ -653,37 +658,58 @@ class SparseAutoencoder(nn.Module):
                     aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
                 else:
                     aux_recon = joint.aux_recon
-                residual = (sae_x - self._to_sae_space(recon)).detach()
                 n_dead = dead.sum()
                 if sharded:  # every shard's dead features
                     dist.all_reduce(n_dead, group=self._feature_group)
         else:
             vals, idx, acts = None, None, codes
-        counts, n_tokens = (self._fire_counts(codes), x.shape[0]) if self.training else (None, None)
+        counts, n_tokens, stats_stream = None, None, None
+        if self.training:
+            stats_stream = F._auxk_side_stream(x) if DEATH_STATS_ON_SIDE_STREAM and not replicated else None
+            with contextlib.nullcontext() if stats_stream is None else on_stream(stats_stream):
+                counts, n_tokens = self._fire_counts(codes), x.shape[0]
+                if stats_stream is not None:
+                    self._update_death_stats(counts, n_tokens)
+        aux_in_input_space = aux_recon is not None and self.cfg.centering != "whiten"
         if replicated:  # the FVU, AuxK's FVU and the fire counts over every replica's tokens: one all-reduce
+            residual = None if aux_recon is None else (sae_x - self._to_sae_space(recon)).detach()
             fvu_sums = self._fvu_sums(recon, x)
             aux_sums = [] if aux_recon is None else self._fvu_sums(aux_recon, residual)
             *totals, counts, n_tokens = self._replica_sums(*fvu_sums, *aux_sums, counts, counts.new_full((), n_tokens))
             counts, n_tokens = counts.long(), n_tokens.long()
-            fvu, fvu_term, mse = self._fvu_from_totals(fvu_sums[-1], totals[:4], x.shape[1])
-        else:
-            error, deviations = F.reconstruction_sums(recon, x)  # one pass for the MSE and the FVU
+            fvu, loss, mse = self._fvu_from_totals(fvu_sums[-1], totals[:4], x.shape[1])
+            auxk = torch.zeros((), dtype=fvu.dtype, device=x.device)
+            if aux_recon is not None:  # reference.auxk_loss with the FVU over every replica's tokens
+                scale = F.auxk_scale(n_dead, k_aux)
+                aux_fvu, aux_term, _ = self._fvu_from_totals(aux_sums[-1], totals[4:], residual.shape[1])
+                auxk, loss = aux_fvu * scale, loss + self.cfg.auxk_coef * aux_term * scale
+        elif not FUSED_LOSSES:  # TEMPORARY A/B
+            error, deviations = F.reconstruction_sums(recon, x)
             mse, fvu = error / x.numel(), F.fvu_from_sums(error, deviations, x.shape[0])
-            fvu_term = fvu
-        auxk = auxk_term = torch.zeros((), dtype=fvu.dtype, device=x.device)
-        if aux_recon is not None and replicated:  # reference.auxk_loss with the FVU over every replica's tokens
-            scale = F.auxk_scale(n_dead, k_aux)
-            aux_fvu, aux_term, _ = self._fvu_from_totals(aux_sums[-1], totals[4:], residual.shape[1])
-            auxk, auxk_term = aux_fvu * scale, aux_term * scale
-        elif aux_recon is not None:
-            auxk = auxk_term = F.auxk_loss(aux_recon, residual, n_dead, k_aux)
+            auxk = torch.zeros((), dtype=fvu.dtype, device=x.device)
+            if aux_recon is not None:
+                auxk = F.auxk_loss(aux_recon, (sae_x - self._to_sae_space(recon)).detach(), n_dead, k_aux)
+            loss = fvu + self.cfg.auxk_coef * auxk
+        else:  # the MSE, the FVU, AuxK's loss and the loss mixing them in one node (two launches on CUDA)
+            loss, mse, fvu, auxk = F.training_losses(
+                recon, x, aux_recon if aux_in_input_space else None, n_dead if aux_in_input_space else None,
+                max(k_aux, 1), self.cfg.auxk_coef,
+            )  # fmt: skip
+            if aux_recon is not None and not aux_in_input_space:
+                residual = (sae_x - self._to_sae_space(recon)).detach()
+                auxk = F.auxk_loss(aux_recon, residual, n_dead, k_aux)
+                loss = loss + self.cfg.auxk_coef * auxk
         if self.cfg.activation == "relu" and self.cfg.l1_coef:
             sparsity, sparsity_term = self._relu_l1(acts, x, replicated)
         if self.training:
-            self._update_death_stats(counts, n_tokens)
+            if stats_stream is None:
+                self._update_death_stats(counts, n_tokens)
+            else:
+                join_stream(stats_stream, counts)
             if self.cfg.activation == "batchtopk":
                 self._update_batchtopk_threshold(codes.vals if isinstance(codes, F.TopKCodes) else codes)
-        loss = fvu_term + self.cfg.auxk_coef * auxk_term + sparsity_term
+        if sparsity_term is not None:
+            loss = loss + sparsity_term
         if sharded:
             vals, idx = shown.vals, shown.idx
         vals, idx, acts = (None if t is None else t.reshape(*lead, t.shape[-1]) for t in (vals, idx, acts))

@@ -239,6 +239,32 @@ def test_opcheck_every_op(device):
             torch.ops.fastsae.reconstruction_sums_backward,
             (*torch.randn(2, device=device), torch.randn(B, d, device=device), x, True, False),
         ),
+        (
+            torch.ops.fastsae.training_losses,
+            (
+                torch.randn(B, d, device=device, requires_grad=True),
+                x,
+                torch.randn(B, d, device=device),
+                torch.tensor(2, device=device),
+                4,
+                0.5,
+            ),
+        ),
+        (torch.ops.fastsae.training_losses, (torch.randn(B, d, device=device), x, None, None, 1, 0.5)),
+        (
+            torch.ops.fastsae.training_losses_backward,
+            (
+                torch.randn(4, device=device),
+                torch.rand(5, device=device) + 1,
+                torch.randn(B, d, device=device),
+                x,
+                torch.randn(B, d, device=device),
+                0.5,
+                True,
+                False,
+                True,
+            ),
+        ),
         (torch.ops.fastsae.fire_counts, (idx, F_, vals.detach())),
         (torch.ops.fastsae.fire_counts_dense, (acts,)),
         (

@@ -1,5 +1,6 @@
 """The reconstruction loss's sums and their gradients (fastsae/ops/loss.py, `F.reconstruction_sums`) against
-the reference in fp64, and the module's MSE / FVU / AuxK FVU built on them."""
+the reference in fp64, the MSE / FVU / AuxK FVU built on them, and a TopK SAE's training losses in one node
+(`F.training_losses`)."""
 
 import pytest
 import torch
@@ -80,3 +81,81 @@ def test_losses_and_their_gradients_match_the_reference(device):
 def test_fvu_of_one_token_is_nan():
     x = torch.randn(1, 8)
     assert torch.isnan(F.fvu(x + 1, x))
+
+
+def _auxk_triple(n, d, dtypes, device, strided):
+    """(recon, x, aux_recon): `_pair`'s, and AuxK's reconstruction of part of the residual x - recon."""
+    recon, x = _pair(n, d, dtypes, device, strided)
+    aux = 0.5 * (x.double() - recon.double()) + 0.1 * torch.randn(n, d, dtype=torch.float64, device=device)
+    return recon, x, aux.to(dtypes[0])
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda v: f"{v[0]}-{v[1]}")
+@pytest.mark.parametrize("device, n, d", CASES, ids=lambda v: None)
+def test_training_losses_kernels(device, n, d, dtypes, strided, monkeypatch):
+    """The two launches' losses and sums, with AuxK and without, and the backward's three gradients, alone
+    and together, against the reference in fp64. The outlier column (mean 1e3) checks that the spreads
+    come out exact from the programs' merged means; two partial means merged at a time under the
+    interpreter drive the finishing launch's loop over them."""
+    if device == "cpu":
+        monkeypatch.setattr(loss, "FINISH_BLOCK_P", 2)
+    recon, x, aux = _auxk_triple(n, d, dtypes, device, strided)
+    n_dead = torch.tensor(40, device=device)
+    for aux_recon in (aux, None):
+        losses, sums = loss.training_losses(recon, x, aux_recon, n_dead, 64, 0.25)
+        as64 = None if aux_recon is None else aux_recon.double()
+        want_losses, want_sums = reference.training_losses(recon.double(), x.double(), as64, n_dead, 64, 0.25)
+        assert losses.dtype == sums.dtype == torch.float32
+        assert_close(losses, want_losses, torch.float32, "losses")
+        assert_close(sums, want_sums, torch.float32, "sums")
+        # positive: the FVU's and the MSE's shares of d recon, of like size here, add up rather than cancel
+        grad = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+        want = reference.training_losses_backward(grad, want_sums, recon.double(), x.double(), as64, 0.25)
+        for asked in [(True, False, False), (False, True, False), (False, False, True), (True, True, True)]:
+            grads = loss.training_losses_backward(grad.float(), sums, recon, x, aux_recon, 0.25, *asked)
+            for name, got, expected, wanted in zip(("d recon", "d x", "d aux_recon"), grads, want, asked):
+                if wanted and expected is not None:
+                    # d x holds x - mean(x): bf16's tolerance, as in test_reconstruction_sums_kernels
+                    tolerance = torch.bfloat16 if name == "d x" else recon.dtype
+                    assert_close(got, expected, tolerance, name)
+                else:
+                    assert got.numel() == 0, f"{name} was not asked for (or there is no aux_recon)"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_dead", [0, 40, 200])
+def test_training_losses_match_the_losses_they_mix(device, n_dead):
+    """F.training_losses is the MSE, the FVU and AuxK's loss of the detached residual (the reference's
+    separate functions), with loss = fvu + auxk_coef * auxk, and so are its gradients w.r.t. recon, x and
+    aux_recon under autograd in fp64 (AuxK's weight clamped at 1, and 0 with no dead feature)."""
+    recon, x, aux = _auxk_triple(300, 96, (torch.bfloat16, torch.float32), device, strided=False)
+    for t in (recon, x, aux):
+        t.requires_grad_()
+    dead = torch.tensor(n_dead, device=device)
+    got = F.training_losses(recon, x, aux, dead, 64, 0.25)
+    (got.loss + 2 * got.mse + 3 * got.fvu + 4 * got.auxk).backward()
+    recon64, x64, aux64 = (t.detach().double().requires_grad_() for t in (recon, x, aux))
+    fvu = reference.fvu(recon64, x64)
+    auxk = reference.auxk_loss(aux64, (x64 - recon64).detach(), dead, 64)
+    want = (fvu + 0.25 * auxk, reference.mse(recon64, x64), fvu, auxk)
+    (want[0] + 2 * want[1] + 3 * want[2] + 4 * want[3]).backward()
+    for name, value, expected in zip(got._fields, got, want):
+        assert value.dtype == torch.float32, name
+        assert_close(value, expected, torch.float32, name)
+    for name, t, t64 in (("d recon", recon, recon64), ("d x", x, x64), ("d aux_recon", aux, aux64)):
+        assert_close(t.grad, t64.grad, torch.bfloat16, name)
+    without = F.training_losses(recon, x)
+    assert float(without.auxk) == 0.0 and torch.equal(without.loss, without.fvu)
+
+
+def test_training_losses_of_one_token_are_nan():
+    """One token has no spread: its FVUs (so the loss) are NaN, its MSE is not, and only the MSE has a
+    gradient."""
+    x = torch.randn(1, 8)
+    recon = (x + 1).requires_grad_()
+    out = F.training_losses(recon, x, torch.zeros(1, 8), torch.tensor(3), 4)
+    assert torch.isnan(out.fvu) and torch.isnan(out.auxk) and torch.isnan(out.loss)
+    assert_close(out.mse, torch.tensor(1.0), torch.float32, "mse")
+    out.mse.backward()
+    assert_close(recon.grad, torch.full((1, 8), 2 / 8), torch.float32, "d recon")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import reference
 from .columns import column_sums
-from .launch import cdiv, next_power_of_2
+from .launch import cdiv, next_power_of_2, sm_count
 
 BLOCK_ELEMENTS = 4096  # of a [BLOCK_M, BLOCK_D] tile, loaded at once: 16 fp32 per thread of 8 warps
 
@@ -118,3 +118,249 @@ def reconstruction_sums_backward(
 def only_asked(grads: tuple[Tensor, Tensor], asked: tuple[bool, bool]) -> tuple[Tensor, Tensor]:
     """`grads`, each replaced by an empty tensor of its dtype where not `asked` (what the kernel returns)."""
     return tuple(grad if wanted else grad.new_empty(0) for grad, wanted in zip(grads, asked))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A TopK SAE's training losses in one node (`reference.training_losses`): the MSE, the FVU and AuxK's
+# FVU of the residual x - recon, each from its sums, and the loss that mixes them, in two launches; the
+# gradient of all four in one. Through `reconstruction_sums` and torch's scalar arithmetic the captured
+# step ran about 35 launches for them and their backward, most a few scalars each.
+#
+# The spreads (sums over the tokens of ||v - mean(v)||^2 for v = x and the residual) take no pass of
+# their own for the means: each program keeps, per column, the mean and the squared deviations about it
+# of its rows, merging each tile's exact ones in (Chan, Golub and LeVeque's pairwise update), and the
+# finishing launch merges the programs' the same way. No raw moments: an outlier dimension whose mean
+# is far above its spread keeps its spread exact.
+
+LOSS_PROGRAMS_PER_SM = 2  # the sums' programs: enough to fill the GPU, few partial means to merge
+LOSS_BLOCK_M = 8  # rows of a tile; with BLOCK_D = min(next_power_of_2(d), 512), three tiles in flight
+FINISH_BLOCK_P = 64  # programs' partial means merged at once by the finishing launch
+
+
+@triton.jit
+def _merge_tile(count, mean, spread, tile_count, values, valid):
+    """(mean, spread) per column of the rows seen so far (`count` of them) and of a tile's `valid` rows
+    (`tile_count`), merged: spread is the sum of squared deviations about the mean."""
+    tile_mean = tl.sum(tl.where(valid, values, 0.0), axis=0) / tile_count
+    deviations = tl.where(valid, values - tile_mean[None, :], 0.0)
+    total = count + tile_count
+    delta = tile_mean - mean
+    return (
+        mean + delta * (tile_count / total),
+        spread + tl.sum(deviations * deviations, axis=0) + delta * delta * (count * tile_count / total),
+    )
+
+
+@triton.jit
+def _training_sums_kernel(
+    recon_ptr, x_ptr, aux_ptr, means_ptr, partial_ptr, N, D, rows_per_program,
+    stride_rm, stride_rd, stride_xm, stride_xd, stride_am, stride_ad,
+    HAS_AUX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Program p's rows [p * rows_per_program, ...): partial [p] = (squared error, AuxK's squared error,
+    x's spread, the residual's spread) about the program's own column means, means [p] = (x's, the
+    residual's) column means."""
+    program = tl.program_id(0)
+    first = program * rows_per_program
+    end = tl.minimum(first + rows_per_program, N)
+    local = tl.arange(0, BLOCK_M)
+    error = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    aux_error = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    spread = tl.zeros([BLOCK_D], dtype=tl.float32)
+    aux_spread = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        count = tl.zeros([BLOCK_D], dtype=tl.float32)  # rows seen (a vector: loop-carried like the means)
+        mean = tl.zeros([BLOCK_D], dtype=tl.float32)
+        column_spread = tl.zeros([BLOCK_D], dtype=tl.float32)
+        aux_mean = tl.zeros([BLOCK_D], dtype=tl.float32)
+        aux_column_spread = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(first, end, BLOCK_M):
+            rows = (start + local).to(tl.int64)[:, None]
+            valid = (start + local < end)[:, None] & (dims < D)[None, :]
+            x = tl.load(x_ptr + rows * stride_xm + dims[None, :] * stride_xd, mask=valid, other=0.0).to(tl.float32)
+            recon = tl.load(recon_ptr + rows * stride_rm + dims[None, :] * stride_rd, mask=valid, other=0.0)
+            diff = recon.to(tl.float32) - x  # the residual is -diff
+            error += diff * diff
+            tile_count = tl.minimum(end - start, BLOCK_M).to(tl.float32)
+            mean, column_spread = _merge_tile(count, mean, column_spread, tile_count, x, valid)
+            if HAS_AUX:
+                aux = tl.load(aux_ptr + rows * stride_am + dims[None, :] * stride_ad, mask=valid, other=0.0)
+                aux_diff = aux.to(tl.float32) + diff
+                aux_error += aux_diff * aux_diff
+                aux_mean, aux_column_spread = _merge_tile(count, aux_mean, aux_column_spread, tile_count, -diff, valid)
+            count += tile_count
+        spread += column_spread
+        aux_spread += aux_column_spread
+        means = means_ptr + program.to(tl.int64) * 2 * D + dims
+        tl.store(means, mean, mask=dims < D)
+        tl.store(means + D, aux_mean, mask=dims < D)
+    partial = partial_ptr + program * 4
+    tl.store(partial, tl.sum(tl.sum(error, axis=1), axis=0))
+    tl.store(partial + 1, tl.sum(tl.sum(aux_error, axis=1), axis=0))
+    tl.store(partial + 2, tl.sum(spread, axis=0))
+    tl.store(partial + 3, tl.sum(aux_spread, axis=0))
+
+
+@triton.jit
+def _spread_between(means_ptr, N, D, P, rows_per_program, which, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum over the columns and programs of n_p (mean_p - mean)^2 for the `which` means (0: x's, 1: the
+    residual's): what the programs' own spreads lack of the spread about the whole batch's mean."""
+    programs = tl.arange(0, BLOCK_P)
+    between = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        weighted = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + programs
+            rows = tl.minimum(tl.maximum(N - p * rows_per_program, 0), rows_per_program).to(tl.float32)
+            mask = (p < P)[:, None] & (dims < D)[None, :]
+            means = tl.load(means_ptr + (p.to(tl.int64) * 2 + which)[:, None] * D + dims[None, :], mask=mask, other=0.0)
+            weighted += rows[:, None] * means
+        mean = tl.sum(weighted, axis=0) / N
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + programs
+            rows = tl.minimum(tl.maximum(N - p * rows_per_program, 0), rows_per_program).to(tl.float32)
+            mask = (p < P)[:, None] & (dims < D)[None, :]
+            means = tl.load(means_ptr + (p.to(tl.int64) * 2 + which)[:, None] * D + dims[None, :], mask=mask, other=0.0)
+            offset = tl.where(mask, means - mean[None, :], 0.0)
+            between += rows[:, None] * offset * offset
+    return tl.sum(tl.sum(between, axis=1), axis=0)
+
+
+@triton.jit
+def _training_losses_kernel(
+    partial_ptr, means_ptr, n_dead_ptr, losses_ptr, sums_ptr, N, D, P, rows_per_program, k_aux, auxk_coef,
+    HAS_AUX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program: the programs' partial sums merged in a fixed order, then losses = (loss, mse, fvu,
+    auxk) and sums = (error, deviations, aux_error, aux_deviations, aux_scale)."""
+    programs = tl.arange(0, BLOCK_P)
+    totals = tl.zeros([BLOCK_P, 4], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + programs
+        totals += tl.load(partial_ptr + p[:, None] * 4 + tl.arange(0, 4)[None, :], mask=(p < P)[:, None], other=0.0)
+    totals = tl.sum(totals, axis=0)
+    column = tl.arange(0, 4)
+    error = tl.sum(tl.where(column == 0, totals, 0.0), axis=0)
+    deviations = tl.sum(tl.where(column == 2, totals, 0.0), axis=0)
+    deviations += _spread_between(means_ptr, N, D, P, rows_per_program, 0, BLOCK_P, BLOCK_D)
+    nan = float("nan")
+    fvu = tl.where(N > 1, error / deviations, nan)
+    tl.store(sums_ptr, error)
+    tl.store(sums_ptr + 1, deviations)
+    auxk = 0.0
+    if HAS_AUX:
+        aux_error = tl.sum(tl.where(column == 1, totals, 0.0), axis=0)
+        aux_deviations = tl.sum(tl.where(column == 3, totals, 0.0), axis=0)
+        aux_deviations += _spread_between(means_ptr, N, D, P, rows_per_program, 1, BLOCK_P, BLOCK_D)
+        scale = tl.minimum(tl.load(n_dead_ptr).to(tl.float32) / k_aux, 1.0)
+        auxk = tl.where(N > 1, aux_error / aux_deviations, nan) * scale
+        tl.store(sums_ptr + 2, aux_error)
+        tl.store(sums_ptr + 3, aux_deviations)
+        tl.store(sums_ptr + 4, scale)
+    else:
+        tl.store(sums_ptr + 2 + tl.arange(0, 4), tl.zeros([4], dtype=tl.float32), mask=tl.arange(0, 4) < 3)
+    tl.store(losses_ptr, fvu + auxk_coef * auxk)
+    tl.store(losses_ptr + 1, error / (N.to(tl.float32) * D))
+    tl.store(losses_ptr + 2, fvu)
+    tl.store(losses_ptr + 3, auxk)
+
+
+@triton.jit
+def _training_losses_bwd_kernel(
+    recon_ptr, x_ptr, aux_ptr, mean_ptr, grad_ptr, sums_ptr, d_recon_ptr, d_x_ptr, d_aux_ptr, N, D, auxk_coef,
+    stride_rm, stride_rd, stride_xm, stride_xd, stride_am, stride_ad,
+    RECON_GRAD: tl.constexpr, X_GRAD: tl.constexpr, AUX_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """`reference.training_losses_backward` over a [BLOCK_M, BLOCK_D] tile; the scalars it needs come
+    from `grad` [4] and `sums` [5]."""
+    grad_loss = tl.load(grad_ptr)
+    error = tl.load(sums_ptr)
+    deviations = tl.load(sums_ptr + 1)
+    fvu_grad = tl.where(N > 1, tl.load(grad_ptr + 2) + grad_loss, 0.0)
+    grad_error = fvu_grad / deviations + tl.load(grad_ptr + 1) / (N.to(tl.float32) * D)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (rows < N)[:, None] & (dims < D)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * stride_xm + dims[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
+    recon = tl.load(recon_ptr + rows64 * stride_rm + dims[None, :] * stride_rd, mask=mask, other=0.0)
+    diff = recon.to(tl.float32) - x
+    contiguous = rows64 * D + dims[None, :]  # the gradients are new contiguous tensors
+    if RECON_GRAD:
+        tl.store(d_recon_ptr + contiguous, (2 * grad_error * diff).to(d_recon_ptr.dtype.element_ty), mask=mask)
+    if X_GRAD:
+        grad_deviations = -fvu_grad * error / (deviations * deviations)
+        mean = tl.load(mean_ptr + dims, mask=dims < D, other=0.0)
+        d_x = 2 * grad_deviations * (x - mean[None, :]) - 2 * grad_error * diff
+        tl.store(d_x_ptr + contiguous, d_x.to(d_x_ptr.dtype.element_ty), mask=mask)
+    if AUX_GRAD:
+        aux_grad = tl.load(grad_ptr + 3) + auxk_coef * grad_loss
+        grad_aux_error = tl.where(N > 1, aux_grad * tl.load(sums_ptr + 4) / tl.load(sums_ptr + 3), 0.0)
+        aux = tl.load(aux_ptr + rows64 * stride_am + dims[None, :] * stride_ad, mask=mask, other=0.0)
+        d_aux = 2 * grad_aux_error * (aux.to(tl.float32) + diff)  # aux_recon - (x - recon)
+        tl.store(d_aux_ptr + contiguous, d_aux.to(d_aux_ptr.dtype.element_ty), mask=mask)
+
+
+def _reference_only(recon: Tensor, x: Tensor, aux_recon: Tensor | None) -> bool:
+    """fp64 inputs (tests), and a batch of one token, whose FVUs are NaN constants, take the reference."""
+    return x.shape[0] < 2 or torch.float64 in (recon.dtype, x.dtype, getattr(aux_recon, "dtype", None))
+
+
+def _loss_tile(D: int) -> tuple[int, int]:
+    return LOSS_BLOCK_M, min(next_power_of_2(D), 512)
+
+
+def training_losses(
+    recon: Tensor, x: Tensor, aux_recon: Tensor | None, n_dead: Tensor | None, k_aux: int, auxk_coef: float
+) -> tuple[Tensor, Tensor]:
+    """`reference.training_losses`: (losses [4], sums [5]) in fp32, in two launches."""
+    if _reference_only(recon, x, aux_recon):
+        return reference.training_losses(recon, x, aux_recon, n_dead, k_aux, auxk_coef)
+    N, D = x.shape
+    block_m, block_d = _loss_tile(D)
+    programs = min(cdiv(N, block_m), LOSS_PROGRAMS_PER_SM * sm_count(x.device))
+    rows_per_program = cdiv(cdiv(N, programs), block_m) * block_m  # depends on the shape and device alone
+    programs = cdiv(N, rows_per_program)
+    partial = x.new_empty(programs, 4, dtype=torch.float32)
+    means = x.new_empty(programs, 2, D, dtype=torch.float32)
+    has_aux = aux_recon is not None
+    aux, aux_strides = (aux_recon, aux_recon.stride()) if has_aux else (x, (0, 0))  # unread without AuxK
+    _training_sums_kernel[(programs,)](
+        recon, x, aux, means, partial, N, D, rows_per_program, *recon.stride(), *x.stride(), *aux_strides,
+        HAS_AUX=has_aux, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    losses = x.new_empty(4, dtype=torch.float32)
+    sums = x.new_empty(5, dtype=torch.float32)
+    _training_losses_kernel[(1,)](
+        partial, means, partial if n_dead is None else n_dead, losses, sums, N, D, programs, rows_per_program,
+        max(k_aux, 1), auxk_coef, HAS_AUX=has_aux, BLOCK_P=FINISH_BLOCK_P, BLOCK_D=min(block_d, 128), num_warps=4,
+    )  # fmt: skip
+    return losses, sums
+
+
+def training_losses_backward(
+    grad_losses: Tensor, sums: Tensor, recon: Tensor, x: Tensor, aux_recon: Tensor | None, auxk_coef: float,
+    recon_grad: bool, x_grad: bool, aux_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """`reference.training_losses_backward`, except that a gradient not asked for is an empty tensor."""
+    aux_grad = aux_grad and aux_recon is not None
+    if _reference_only(recon, x, aux_recon):
+        d_recon, d_x, d_aux = reference.training_losses_backward(grad_losses, sums, recon, x, aux_recon, auxk_coef)
+        grads = (d_recon, d_x, x.new_empty(0) if d_aux is None else d_aux)
+        return tuple(g if wanted else g.new_empty(0) for g, wanted in zip(grads, (recon_grad, x_grad, aux_grad)))
+    N, D = x.shape
+    d_recon = recon.new_empty((N, D) if recon_grad else 0)
+    d_x = x.new_empty((N, D) if x_grad else 0)
+    d_aux = (recon if aux_recon is None else aux_recon).new_empty((N, D) if aux_grad else 0)
+    mean = column_sums(x, 1 / N) if x_grad else sums
+    aux, aux_strides = (aux_recon, aux_recon.stride()) if aux_recon is not None else (x, (0, 0))
+    block_m, block_d = _tile(D)
+    _training_losses_bwd_kernel[(cdiv(N, block_m), cdiv(D, block_d))](
+        recon, x, aux, mean, grad_losses.float(), sums, d_recon, d_x, d_aux, N, D, auxk_coef,
+        *recon.stride(), *x.stride(), *aux_strides,
+        RECON_GRAD=recon_grad, X_GRAD=x_grad, AUX_GRAD=aux_grad, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,
+    )  # fmt: skip
+    return d_recon, d_x, d_aux
