@@ -28,6 +28,7 @@ from .ops import decoder as decoder_ops
 from .ops import encode as encode_ops
 from .ops import filter as filter_ops
 from .ops import loss as loss_ops
+from .ops import scatter as scatter_ops
 from .ops.launch import join_stream, on_stream
 
 _ext.load()  # the C++ death-statistics ops: fire_counts, fire_counts_dense, update_since_fired, dead_mask
@@ -597,6 +598,9 @@ AUXK_SIDE_STREAM_PRIORITY = 0
 # AuxK's forward queued on the side stream after the encode (beside the decode and what follows it)
 # rather than before it (beside the encode's row filter).
 AUXK_AFTER_ENCODE = True
+# The codes' sort by feature for the backward's per-feature sums (`scatter.sort_by_feature`) done in the
+# forward, on the main stream after the decode, while the side stream still runs AuxK's forward.
+SORT_IN_FORWARD = True
 _side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 
 
@@ -632,6 +636,10 @@ class _TopKAutoencoder(torch.autograd.Function):
         if side is not None and AUXK_AFTER_ENCODE:
             aux_recon, aux_saved = queue_auxk()
         recon = _decode_sparse(vals, idx, W_dec, b_dec)
+        ctx.by_feature = None
+        n_features, d = W_enc.shape[1], W_enc.shape[0]
+        if side is not None and SORT_IN_FORWARD and scatter_ops.route(n_features, d) == "blocked":
+            ctx.by_feature = scatter_ops.sort_by_feature(idx, n_features)  # while the side stream runs AuxK
         if side is not None:
             join_stream(side, aux_recon, *aux_saved)
         elif features is not None:
@@ -656,7 +664,7 @@ class _TopKAutoencoder(torch.autograd.Function):
             # gradients are first added (after the codes' sort and d vals); the op is its dispatch.
             dx, dW_enc, db_enc, db_dec, dW_dec = autoencoder_ops.topk_autoencoder_backward(
                 grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc,
-                dead_db_enc, dead_dW_dec, side=side,
+                dead_db_enc, dead_dW_dec, side=side, by_feature=ctx.by_feature,
             )  # fmt: skip
             join_stream(side, dx_aux)
         else:

@@ -27,7 +27,7 @@ from .columns import column_sums
 from .decode import decode_sparse, sparse_dvals
 from .encode import centering_grad
 from .launch import join_stream, on_stream
-from .scatter import feature_sums, route, sort_by_feature
+from .scatter import CodesByFeature, feature_sums, route, sort_by_feature
 
 # With AuxK on a side stream (`functional.AUXK_SIDE_STREAM`), dW_dec's per-feature sums run there after
 # AuxK's backward, beside d vals on the current stream (both gather a [B, d] row per code from L2).
@@ -46,6 +46,7 @@ def topk_autoencoder_backward(
     grad_recon: Tensor, grad_vals: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor, W_dec: Tensor, vals: Tensor,
     idx: Tensor, x_requires_grad: bool, dead: Tensor | None, dead_dW_enc: Tensor | None,
     dead_db_enc: Tensor | None, dead_dW_dec: Tensor | None, side: torch.cuda.Stream | None = None,
+    by_feature: CodesByFeature | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dW_enc, db_enc, db_dec, dW_dec); same contract as `reference.topk_autoencoder_backward`
     except that dx is zeros unless `x_requires_grad`. Deterministic when torch's deterministic
@@ -54,7 +55,8 @@ def topk_autoencoder_backward(
     added, after the codes' sort and d vals, and with DECODER_SUMS_ON_SIDE_STREAM dW_dec's sums run
     there too, beside d vals. (Sorting the codes on `side` first, before AuxK's backward, so that d vals
     starts at once, measured slower on the H200: captured SAEAdam step 1.605 -> 1.643 ms at AlphaFold3's
-    shape, 5183f92.)"""
+    shape, 5183f92.) `by_feature`: `sort_by_feature(idx, F)`, where the caller has sorted the codes
+    already (`functional.SORT_IN_FORWARD`)."""
     if torch.float64 in (W_enc.dtype, W_dec.dtype):
         if side is not None:
             join_stream(side)
@@ -62,7 +64,8 @@ def topk_autoencoder_backward(
             grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, dead, dead_dW_enc, dead_db_enc, dead_dW_dec
         )
     d, n_features = W_enc.shape
-    by_feature = sort_by_feature(idx, n_features) if route(n_features, d) == "blocked" else None
+    if by_feature is None and route(n_features, d) == "blocked":
+        by_feature = sort_by_feature(idx, n_features)
 
     def decoder_sums() -> Tensor:
         extra = None if dead is None else (dead, dead_dW_dec, None)
