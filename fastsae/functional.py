@@ -823,7 +823,7 @@ def auxk_loss(aux_recon: Tensor, residual: Tensor, n_dead: Tensor, k_aux: int) -
 @torch.library.custom_op("fastsae::training_losses", mutates_args=())
 def _training_losses(
     recon: Tensor, x: Tensor, aux_recon: Tensor | None, n_dead: Tensor | None, k_aux: int, auxk_coef: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return reference.training_losses(recon, x, aux_recon, n_dead, k_aux, auxk_coef)
 
 
@@ -833,15 +833,18 @@ _training_losses.register_kernel("cuda")(loss_ops.training_losses)
 @_training_losses.register_fake
 def _(recon, x, aux_recon, n_dead, k_aux, auxk_coef):
     acc = reference.accumulate_dtype(recon, x, aux_recon)
-    return x.new_empty(4, dtype=acc), x.new_empty(5, dtype=acc)
+    return (*(x.new_empty((), dtype=acc) for _ in range(4)), x.new_empty(5, dtype=acc))
 
 
 @torch.library.custom_op("fastsae::training_losses_backward", mutates_args=())
 def _training_losses_backward(
-    grad_losses: Tensor, sums: Tensor, recon: Tensor, x: Tensor, aux_recon: Tensor | None, auxk_coef: float,
-    recon_grad: bool, x_grad: bool, aux_grad: bool,
+    grad_loss: Tensor | None, grad_mse: Tensor | None, grad_fvu: Tensor | None, grad_auxk: Tensor | None,
+    sums: Tensor, recon: Tensor, x: Tensor, aux_recon: Tensor | None, auxk_coef: float, recon_grad: bool,
+    x_grad: bool, aux_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    d_recon, d_x, d_aux = reference.training_losses_backward(grad_losses, sums, recon, x, aux_recon, auxk_coef)
+    grads = (grad_loss, grad_mse, grad_fvu, grad_auxk)
+    grad = torch.stack([sums.new_zeros(()) if g is None else g.to(sums.dtype) for g in grads])
+    d_recon, d_x, d_aux = reference.training_losses_backward(grad, sums, recon, x, aux_recon, auxk_coef)
     grads = (d_recon, d_x, x.new_empty(0) if d_aux is None else d_aux)
     return tuple(g if wanted else g.new_empty(0) for g, wanted in zip(grads, (recon_grad, x_grad, aux_grad)))
 
@@ -850,7 +853,7 @@ _training_losses_backward.register_kernel("cuda")(loss_ops.training_losses_backw
 
 
 @_training_losses_backward.register_fake
-def _(grad_losses, sums, recon, x, aux_recon, auxk_coef, recon_grad, x_grad, aux_grad):
+def _(grad_loss, grad_mse, grad_fvu, grad_auxk, sums, recon, x, aux_recon, auxk_coef, recon_grad, x_grad, aux_grad):
     shapes = (recon_grad, x_grad, aux_grad and aux_recon is not None)
     return tuple(
         t.new_empty(t.shape if wanted else 0)
@@ -860,15 +863,19 @@ def _(grad_losses, sums, recon, x, aux_recon, auxk_coef, recon_grad, x_grad, aux
 
 def _training_losses_setup(ctx, inputs, output):
     recon, x, aux_recon, _, _, auxk_coef = inputs
-    ctx.save_for_backward(recon, x, aux_recon, output[1])
+    ctx.save_for_backward(recon, x, aux_recon, output[-1])
     ctx.auxk_coef = auxk_coef
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[-1])
+    # A loss no one differentiates gets None, not a zero tensor: no fills and no launches for it.
+    ctx.set_materialize_grads(False)
 
 
-def _training_losses_grad(ctx, grad_losses, _grad_sums):
+def _training_losses_grad(ctx, grad_loss, grad_mse, grad_fvu, grad_auxk, _grad_sums):
     recon, x, aux_recon, sums = ctx.saved_tensors
     asked = ctx.needs_input_grad[:3]
-    grads = _training_losses_backward(grad_losses, sums, recon, x, aux_recon, ctx.auxk_coef, *asked)
+    grads = _training_losses_backward(
+        grad_loss, grad_mse, grad_fvu, grad_auxk, sums, recon, x, aux_recon, ctx.auxk_coef, *asked
+    )
     return (*(g if wanted else None for g, wanted in zip(grads, asked)), None, None, None)
 
 
@@ -892,7 +899,7 @@ def training_losses(
     """`reference.training_losses`: the MSE and FVU of the reconstruction `recon` of x [n, d] and, given
     `aux_recon` [n, d] and `n_dead` (a 0-d integer tensor, the dead features' count), AuxK's loss: the
     FVU of its reconstruction of the residual x - recon (detached), weighted by min(n_dead / k_aux, 1);
-    loss = fvu + auxk_coef * auxk. On CUDA two launches, and one for the gradient (fastsae/ops/loss.py),
+    loss = fvu + auxk_coef * auxk. On CUDA three launches, and one for the gradient (fastsae/ops/loss.py),
     where the same values through `reconstruction_sums` and scalar arithmetic take about 35.
     Differentiable w.r.t. recon, x and aux_recon."""
     _check_float("recon", recon, 2)
@@ -910,8 +917,8 @@ def training_losses(
         if not isinstance(k_aux, int) or isinstance(k_aux, bool) or k_aux < 1:
             raise ValueError(f"k_aux must be a positive int, got {k_aux!r}")
     _check_same_device(recon=recon, x=x, aux_recon=aux_recon, n_dead=n_dead)
-    losses, _ = _training_losses(recon, x, aux_recon, n_dead if aux_recon is not None else None, k_aux, auxk_coef)
-    return TrainingLosses(*losses.unbind())
+    *losses, _ = _training_losses(recon, x, aux_recon, n_dead if aux_recon is not None else None, k_aux, auxk_coef)
+    return TrainingLosses(*losses)
 
 
 fvu_from_sums = reference.fvu_from_sums

@@ -251,14 +251,14 @@ def auxk_scale(n_dead: Tensor, k_aux: int) -> Tensor:
 
 def training_losses(
     recon: Tensor, x: Tensor, aux_recon: Tensor | None, n_dead: Tensor | None, k_aux: int, auxk_coef: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A TopK SAE's training losses from its reconstruction `recon` of x [n, d] and, given `aux_recon`,
     AuxK's reconstruction of the residual x - recon (taken in fp32 and detached: AuxK trains the dead
-    features alone). Returns (losses, sums), fp32 (fp64 for fp64 inputs):
-    - losses [4] = (loss, mse, fvu, auxk), loss = fvu + auxk_coef * auxk, auxk = the residual's FVU x
-      auxk_scale(n_dead, k_aux) (`auxk_loss`; 0 without `aux_recon`);
-    - sums [5] = (error, deviations, aux_error, aux_deviations, aux_scale): `reconstruction_sums` of
-      (recon, x) and of (aux_recon, residual) (zeros without `aux_recon`), what the gradient needs."""
+    features alone). Returns (loss, mse, fvu, auxk, sums), fp32 (fp64 for fp64 inputs):
+    loss = fvu + auxk_coef * auxk, auxk = the residual's FVU x auxk_scale(n_dead, k_aux) (`auxk_loss`;
+    0 without `aux_recon`), and sums [5] = (error, deviations, aux_error, aux_deviations, aux_scale):
+    `reconstruction_sums` of (recon, x) and of (aux_recon, residual) (zeros without `aux_recon`), what
+    the gradient needs."""
     error, deviations = reconstruction_sums(recon, x)
     fvu = fvu_from_sums(error, deviations, x.shape[0])
     aux_sums = torch.zeros(3, dtype=error.dtype, device=error.device)
@@ -270,16 +270,17 @@ def training_losses(
         scale = auxk_scale(n_dead, k_aux).to(error.dtype)
         aux_sums = torch.stack([aux_error, aux_deviations, scale])
         auxk = fvu_from_sums(aux_error, aux_deviations, x.shape[0]) * scale
-    losses = torch.stack([fvu + auxk_coef * auxk, error / x.numel(), fvu, auxk])
-    return losses, torch.cat([torch.stack([error, deviations]), aux_sums]).detach()
+    sums = torch.cat([torch.stack([error, deviations]), aux_sums]).detach()
+    return fvu + auxk_coef * auxk, error / x.numel(), fvu, auxk, sums
 
 
 def training_losses_backward(
     grad_losses: Tensor, sums: Tensor, recon: Tensor, x: Tensor, aux_recon: Tensor | None, auxk_coef: float
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(d recon, d x, d aux_recon) of `training_losses` from the gradient of its losses [4] and its sums
-    [5], in their inputs' dtypes (d aux_recon None without `aux_recon`). The FVUs of one token are NaN
-    constants: no gradient. The residual is detached, so AuxK's loss reaches aux_recon alone."""
+    """(d recon, d x, d aux_recon) of `training_losses` from the gradients of its losses [4] (of loss,
+    mse, fvu and auxk) and its sums [5], in their inputs' dtypes (d aux_recon None without `aux_recon`).
+    The FVUs of one token are NaN constants: no gradient. The residual is detached, so AuxK's loss
+    reaches aux_recon alone."""
     acc = accumulate_dtype(recon, x, aux_recon)
     grad_loss, grad_mse, grad_fvu, grad_auxk = grad_losses.to(acc)
     error, deviations, aux_error, aux_deviations, aux_scale = sums.to(acc)

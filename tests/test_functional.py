@@ -254,7 +254,7 @@ def test_opcheck_every_op(device):
         (
             torch.ops.fastsae.training_losses_backward,
             (
-                torch.randn(4, device=device),
+                *torch.randn(4, device=device),
                 torch.rand(5, device=device) + 1,
                 torch.randn(B, d, device=device),
                 x,
@@ -263,6 +263,23 @@ def test_opcheck_every_op(device):
                 True,
                 False,
                 True,
+            ),
+        ),
+        (
+            torch.ops.fastsae.training_losses_backward,
+            (
+                torch.randn((), device=device),
+                None,
+                None,
+                None,
+                torch.rand(5, device=device) + 1,
+                torch.randn(B, d, device=device),
+                x,
+                None,
+                0.5,
+                True,
+                False,
+                False,
             ),
         ),
         (torch.ops.fastsae.fire_counts, (idx, F_, vals.detach())),

@@ -94,33 +94,37 @@ def _auxk_triple(n, d, dtypes, device, strided):
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda v: f"{v[0]}-{v[1]}")
 @pytest.mark.parametrize("device, n, d", CASES, ids=lambda v: None)
 def test_training_losses_kernels(device, n, d, dtypes, strided, monkeypatch):
-    """The two launches' losses and sums, with AuxK and without, and the backward's three gradients, alone
-    and together, against the reference in fp64. The outlier column (mean 1e3) checks that the spreads
-    come out exact from the programs' merged means; two partial means merged at a time under the
-    interpreter drive the finishing launch's loop over them."""
+    """The three launches' losses and sums, with AuxK and without, and the backward's three gradients,
+    alone and together, from all four losses' gradients or the loss's alone (the others None), against
+    the reference in fp64. The outlier column (mean 1e3) checks that the spreads come out exact from the
+    programs' merged means; under the interpreter, partial means of a few columns a program of the merge
+    drive its grid over the columns."""
     if device == "cpu":
-        monkeypatch.setattr(loss, "FINISH_BLOCK_P", 2)
+        monkeypatch.setattr(loss, "MERGE_ELEMENTS", 64)
     recon, x, aux = _auxk_triple(n, d, dtypes, device, strided)
     n_dead = torch.tensor(40, device=device)
     for aux_recon in (aux, None):
-        losses, sums = loss.training_losses(recon, x, aux_recon, n_dead, 64, 0.25)
+        *losses, sums = loss.training_losses(recon, x, aux_recon, n_dead, 64, 0.25)
         as64 = None if aux_recon is None else aux_recon.double()
-        want_losses, want_sums = reference.training_losses(recon.double(), x.double(), as64, n_dead, 64, 0.25)
-        assert losses.dtype == sums.dtype == torch.float32
-        assert_close(losses, want_losses, torch.float32, "losses")
+        *want_losses, want_sums = reference.training_losses(recon.double(), x.double(), as64, n_dead, 64, 0.25)
+        assert all(t.dtype == torch.float32 for t in (*losses, sums))
+        assert_close(torch.stack(losses), torch.stack(want_losses), torch.float32, "losses")
         assert_close(sums, want_sums, torch.float32, "sums")
         # positive: the FVU's and the MSE's shares of d recon, of like size here, add up rather than cancel
         grad = torch.rand(4, dtype=torch.float64, device=device) + 0.5
-        want = reference.training_losses_backward(grad, want_sums, recon.double(), x.double(), as64, 0.25)
-        for asked in [(True, False, False), (False, True, False), (False, False, True), (True, True, True)]:
-            grads = loss.training_losses_backward(grad.float(), sums, recon, x, aux_recon, 0.25, *asked)
-            for name, got, expected, wanted in zip(("d recon", "d x", "d aux_recon"), grads, want, asked):
-                if wanted and expected is not None:
-                    # d x holds x - mean(x): bf16's tolerance, as in test_reconstruction_sums_kernels
-                    tolerance = torch.bfloat16 if name == "d x" else recon.dtype
-                    assert_close(got, expected, tolerance, name)
-                else:
-                    assert got.numel() == 0, f"{name} was not asked for (or there is no aux_recon)"
+        for given in [(True,) * 4, (True, False, False, False)]:
+            grad_given = grad * torch.tensor(given, dtype=torch.float64, device=device)
+            want = reference.training_losses_backward(grad_given, want_sums, recon.double(), x.double(), as64, 0.25)
+            grads_in = [g.float() if wanted else None for g, wanted in zip(grad, given)]
+            for asked in [(True, False, False), (False, True, False), (False, False, True), (True, True, True)]:
+                grads = loss.training_losses_backward(*grads_in, sums, recon, x, aux_recon, 0.25, *asked)
+                for name, got, expected, wanted in zip(("d recon", "d x", "d aux_recon"), grads, want, asked):
+                    if wanted and expected is not None:
+                        # d x holds x - mean(x): bf16's tolerance, as in test_reconstruction_sums_kernels
+                        tolerance = torch.bfloat16 if name == "d x" else recon.dtype
+                        assert_close(got, expected, tolerance, name)
+                    else:
+                        assert got.numel() == 0, f"{name} was not asked for (or there is no aux_recon)"
 
 
 @pytest.mark.parametrize("device", DEVICES)

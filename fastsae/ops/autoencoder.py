@@ -26,7 +26,7 @@ from .. import reference
 from .columns import column_sums
 from .decode import decode_sparse, sparse_dvals
 from .encode import centering_grad
-from .launch import join_stream, on_stream
+from .launch import join_event, join_stream, on_stream
 from .scatter import CodesByFeature, feature_sums, route, sort_by_feature
 
 # With AuxK on a side stream (`functional.AUXK_SIDE_STREAM`), dW_dec's per-feature sums run there after
@@ -72,15 +72,16 @@ def topk_autoencoder_backward(
         return feature_sums(grad_recon, vals, idx, n_features, dtype=W_dec.dtype, by_feature=by_feature, extra=extra)[0]
 
     dW_dec = None
+    auxk_done = None if side is None else side.record_event()  # AuxK's backward, queued there first
     if side is not None and DECODER_SUMS_ON_SIDE_STREAM:
-        with on_stream(side):  # after AuxK's backward, queued there first
+        with on_stream(side):
             dW_dec = decoder_sums()
     if COEF_IN_DVALS:
         coef = sparse_dvals(grad_recon, vals, idx, W_dec, grad_vals=grad_vals)
     else:
         coef = torch.where(vals > 0, sparse_dvals(grad_recon, vals, idx, W_dec) + grad_vals, 0)  # the ReLU's mask
-    if side is not None:
-        join_stream(side, dW_dec, dead_dW_enc, dead_db_enc, dead_dW_dec)
+    if auxk_done is not None:  # AuxK's gradients, not dW_dec's sums behind them: dW_enc's run beside those
+        join_event(auxk_done, dead_dW_enc, dead_db_enc, dead_dW_dec)
     if dW_dec is None:
         dW_dec = decoder_sums()
     dW_enc, db_enc = feature_sums(
@@ -92,4 +93,6 @@ def topk_autoencoder_backward(
         dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
     else:
         dx = torch.zeros_like(x)
+    if side is not None:
+        join_stream(side, dW_dec)
     return dx, dW_enc, db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype), dW_dec

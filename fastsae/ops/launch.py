@@ -45,6 +45,16 @@ def join_stream(stream: torch.cuda.Stream, *made_there: Tensor | None) -> None:
             tensor.record_stream(current)
 
 
+def join_event(event: torch.cuda.Event, *made_there: Tensor | None) -> None:
+    """`join_stream` up to `event` only: the current stream waits for the work queued on another stream
+    before the event was recorded there, not for what was queued after it."""
+    current = torch.cuda.current_stream()
+    current.wait_event(event)
+    for tensor in made_there:
+        if tensor is not None:
+            tensor.record_stream(current)
+
+
 def matmul_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The matmul operand dtype for weights of `weight_dtype`: what a centred input is cast to before
     it meets them (fp32 under the interpreter)."""

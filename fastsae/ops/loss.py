@@ -122,19 +122,22 @@ def only_asked(grads: tuple[Tensor, Tensor], asked: tuple[bool, bool]) -> tuple[
 
 # ---------------------------------------------------------------------------------------------------
 # A TopK SAE's training losses in one node (`reference.training_losses`): the MSE, the FVU and AuxK's
-# FVU of the residual x - recon, each from its sums, and the loss that mixes them, in two launches; the
-# gradient of all four in one. Through `reconstruction_sums` and torch's scalar arithmetic the captured
-# step ran about 35 launches for them and their backward, most a few scalars each.
+# FVU of the residual x - recon, each from its sums, and the loss that mixes them, in three launches;
+# the gradient of all four in one. Through `reconstruction_sums` and torch's scalar arithmetic the
+# captured step ran about 35 launches for them and their backward, most a few scalars each.
 #
-# The spreads (sums over the tokens of ||v - mean(v)||^2 for v = x and the residual) take no pass of
-# their own for the means: each program keeps, per column, the mean and the squared deviations about it
-# of its rows, merging each tile's exact ones in (Chan, Golub and LeVeque's pairwise update), and the
-# finishing launch merges the programs' the same way. No raw moments: an outlier dimension whose mean
-# is far above its spread keeps its spread exact.
+# The spreads (sums over the tokens of ||v - mean(v)||^2, v = x and the residual) take no pass of their
+# own for the means: a program of the first launch keeps, per column, the mean of its rows and the
+# squared deviations about it, merging each tile's exact ones in (Chan, Golub and LeVeque's pairwise
+# update); the second merges the programs' per column, each of its programs loading every program's
+# means of a few columns at once (one read: a loop over them waits out a read per iteration); the third
+# adds it all up. No raw moments: an outlier dimension whose mean is far above its spread keeps its
+# spread exact.
 
-LOSS_PROGRAMS_PER_SM = 2  # the sums' programs: enough to fill the GPU, few partial means to merge
-LOSS_BLOCK_M = 8  # rows of a tile; with BLOCK_D = min(next_power_of_2(d), 512), three tiles in flight
-FINISH_BLOCK_P = 64  # programs' partial means merged at once by the finishing launch
+LOSS_PROGRAMS_PER_SM = 2  # row ranges of the first launch: few partial means for the second to merge
+LOSS_BLOCK_M = 16  # rows of a tile of the first launch
+LOSS_BLOCK_D = 128  # columns a program of the first launch owns
+MERGE_ELEMENTS = 16384  # partial means a program of the second launch loads at once (programs x columns)
 
 
 @triton.jit
@@ -157,45 +160,40 @@ def _training_sums_kernel(
     stride_rm, stride_rd, stride_xm, stride_xd, stride_am, stride_ad,
     HAS_AUX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Program p's rows [p * rows_per_program, ...): partial [p] = (squared error, AuxK's squared error,
-    x's spread, the residual's spread) about the program's own column means, means [p] = (x's, the
-    residual's) column means."""
+    """Program (p, c), over rows [p * rows_per_program, ...) and column block c: partial [p, c] =
+    (squared error, AuxK's squared error, x's spread, the residual's spread) about the program's own
+    column means, and means [p, 0 / 1, its columns] = x's / the residual's column means."""
     program = tl.program_id(0)
     first = program * rows_per_program
     end = tl.minimum(first + rows_per_program, N)
     local = tl.arange(0, BLOCK_M)
+    dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     error = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     aux_error = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    count = tl.zeros([BLOCK_D], dtype=tl.float32)  # rows seen (a vector: loop-carried like the means)
+    mean = tl.zeros([BLOCK_D], dtype=tl.float32)
     spread = tl.zeros([BLOCK_D], dtype=tl.float32)
+    aux_mean = tl.zeros([BLOCK_D], dtype=tl.float32)
     aux_spread = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        count = tl.zeros([BLOCK_D], dtype=tl.float32)  # rows seen (a vector: loop-carried like the means)
-        mean = tl.zeros([BLOCK_D], dtype=tl.float32)
-        column_spread = tl.zeros([BLOCK_D], dtype=tl.float32)
-        aux_mean = tl.zeros([BLOCK_D], dtype=tl.float32)
-        aux_column_spread = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for start in range(first, end, BLOCK_M):
-            rows = (start + local).to(tl.int64)[:, None]
-            valid = (start + local < end)[:, None] & (dims < D)[None, :]
-            x = tl.load(x_ptr + rows * stride_xm + dims[None, :] * stride_xd, mask=valid, other=0.0).to(tl.float32)
-            recon = tl.load(recon_ptr + rows * stride_rm + dims[None, :] * stride_rd, mask=valid, other=0.0)
-            diff = recon.to(tl.float32) - x  # the residual is -diff
-            error += diff * diff
-            tile_count = tl.minimum(end - start, BLOCK_M).to(tl.float32)
-            mean, column_spread = _merge_tile(count, mean, column_spread, tile_count, x, valid)
-            if HAS_AUX:
-                aux = tl.load(aux_ptr + rows * stride_am + dims[None, :] * stride_ad, mask=valid, other=0.0)
-                aux_diff = aux.to(tl.float32) + diff
-                aux_error += aux_diff * aux_diff
-                aux_mean, aux_column_spread = _merge_tile(count, aux_mean, aux_column_spread, tile_count, -diff, valid)
-            count += tile_count
-        spread += column_spread
-        aux_spread += aux_column_spread
-        means = means_ptr + program.to(tl.int64) * 2 * D + dims
-        tl.store(means, mean, mask=dims < D)
-        tl.store(means + D, aux_mean, mask=dims < D)
-    partial = partial_ptr + program * 4
+    for start in range(first, end, BLOCK_M):
+        rows = (start + local).to(tl.int64)[:, None]
+        valid = (start + local < end)[:, None] & (dims < D)[None, :]
+        x = tl.load(x_ptr + rows * stride_xm + dims[None, :] * stride_xd, mask=valid, other=0.0).to(tl.float32)
+        recon = tl.load(recon_ptr + rows * stride_rm + dims[None, :] * stride_rd, mask=valid, other=0.0)
+        diff = recon.to(tl.float32) - x  # the residual is -diff
+        error += diff * diff
+        tile_count = tl.minimum(end - start, BLOCK_M).to(tl.float32)
+        mean, spread = _merge_tile(count, mean, spread, tile_count, x, valid)
+        if HAS_AUX:
+            aux = tl.load(aux_ptr + rows * stride_am + dims[None, :] * stride_ad, mask=valid, other=0.0)
+            aux_diff = aux.to(tl.float32) + diff
+            aux_error += aux_diff * aux_diff
+            aux_mean, aux_spread = _merge_tile(count, aux_mean, aux_spread, tile_count, -diff, valid)
+        count += tile_count
+    means = means_ptr + program.to(tl.int64) * 2 * D + dims
+    tl.store(means, mean, mask=dims < D)
+    tl.store(means + D, aux_mean, mask=dims < D)
+    partial = partial_ptr + (program * tl.num_programs(1) + tl.program_id(1)) * 4
     tl.store(partial, tl.sum(tl.sum(error, axis=1), axis=0))
     tl.store(partial + 1, tl.sum(tl.sum(aux_error, axis=1), axis=0))
     tl.store(partial + 2, tl.sum(spread, axis=0))
@@ -203,48 +201,40 @@ def _training_sums_kernel(
 
 
 @triton.jit
-def _spread_between(means_ptr, N, D, P, rows_per_program, which, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Sum over the columns and programs of n_p (mean_p - mean)^2 for the `which` means (0: x's, 1: the
-    residual's): what the programs' own spreads lack of the spread about the whole batch's mean."""
-    programs = tl.arange(0, BLOCK_P)
-    between = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        weighted = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + programs
-            rows = tl.minimum(tl.maximum(N - p * rows_per_program, 0), rows_per_program).to(tl.float32)
-            mask = (p < P)[:, None] & (dims < D)[None, :]
-            means = tl.load(means_ptr + (p.to(tl.int64) * 2 + which)[:, None] * D + dims[None, :], mask=mask, other=0.0)
-            weighted += rows[:, None] * means
-        mean = tl.sum(weighted, axis=0) / N
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + programs
-            rows = tl.minimum(tl.maximum(N - p * rows_per_program, 0), rows_per_program).to(tl.float32)
-            mask = (p < P)[:, None] & (dims < D)[None, :]
-            means = tl.load(means_ptr + (p.to(tl.int64) * 2 + which)[:, None] * D + dims[None, :], mask=mask, other=0.0)
-            offset = tl.where(mask, means - mean[None, :], 0.0)
-            between += rows[:, None] * offset * offset
-    return tl.sum(tl.sum(between, axis=1), axis=0)
+def _merge_means_kernel(
+    means_ptr, between_ptr, N, D, P, rows_per_program, HAS_AUX: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """between [g, 0 / 1]: over column block g, the sum over its columns and the programs of
+    n_p (mean_p - mean)^2 for x's / the residual's means: what the programs' own spreads lack of the
+    spread about the whole batch's mean."""
+    p = tl.arange(0, BLOCK_P)
+    dims = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = tl.minimum(tl.maximum(N - p * rows_per_program, 0), rows_per_program).to(tl.float32)[:, None]
+    mask = (p < P)[:, None] & (dims < D)[None, :]
+    offsets = (p.to(tl.int64) * 2)[:, None] * D + dims[None, :]
+    for which in tl.static_range(2 if HAS_AUX else 1):
+        means = tl.load(means_ptr + offsets + which * D, mask=mask, other=0.0)
+        mean = tl.sum(rows * means, axis=0) / N
+        offset = tl.where(mask, means - mean[None, :], 0.0)
+        tl.store(between_ptr + tl.program_id(0) * 2 + which, tl.sum(tl.sum(rows * offset * offset, axis=1), axis=0))
 
 
 @triton.jit
 def _training_losses_kernel(
-    partial_ptr, means_ptr, n_dead_ptr, losses_ptr, sums_ptr, N, D, P, rows_per_program, k_aux, auxk_coef,
-    HAS_AUX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    partial_ptr, between_ptr, n_dead_ptr, loss_ptr, mse_ptr, fvu_ptr, auxk_ptr, sums_ptr, N, D, n_partial,
+    n_between, k_aux, auxk_coef, HAS_AUX: tl.constexpr, BLOCK_PARTIAL: tl.constexpr, BLOCK_BETWEEN: tl.constexpr,
 ):  # fmt: skip
-    """One program: the programs' partial sums merged in a fixed order, then losses = (loss, mse, fvu,
-    auxk) and sums = (error, deviations, aux_error, aux_deviations, aux_scale)."""
-    programs = tl.arange(0, BLOCK_P)
-    totals = tl.zeros([BLOCK_P, 4], dtype=tl.float32)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + programs
-        totals += tl.load(partial_ptr + p[:, None] * 4 + tl.arange(0, 4)[None, :], mask=(p < P)[:, None], other=0.0)
-    totals = tl.sum(totals, axis=0)
+    """One program: the partial sums added in a fixed order, then (loss, mse, fvu, auxk) and sums =
+    (error, deviations, aux_error, aux_deviations, aux_scale)."""
+    entries = tl.arange(0, BLOCK_PARTIAL)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    totals = tl.sum(tl.load(partial_ptr + entries, mask=entries < n_partial * 4, other=0.0), axis=0)
+    pairs = tl.arange(0, BLOCK_BETWEEN)[:, None] * 2 + tl.arange(0, 2)[None, :]
+    between = tl.sum(tl.load(between_ptr + pairs, mask=pairs < n_between * 2, other=0.0), axis=0)
     column = tl.arange(0, 4)
     error = tl.sum(tl.where(column == 0, totals, 0.0), axis=0)
     deviations = tl.sum(tl.where(column == 2, totals, 0.0), axis=0)
-    deviations += _spread_between(means_ptr, N, D, P, rows_per_program, 0, BLOCK_P, BLOCK_D)
+    deviations += tl.sum(tl.where(tl.arange(0, 2) == 0, between, 0.0), axis=0)
     nan = float("nan")
     fvu = tl.where(N > 1, error / deviations, nan)
     tl.store(sums_ptr, error)
@@ -253,7 +243,7 @@ def _training_losses_kernel(
     if HAS_AUX:
         aux_error = tl.sum(tl.where(column == 1, totals, 0.0), axis=0)
         aux_deviations = tl.sum(tl.where(column == 3, totals, 0.0), axis=0)
-        aux_deviations += _spread_between(means_ptr, N, D, P, rows_per_program, 1, BLOCK_P, BLOCK_D)
+        aux_deviations += tl.sum(tl.where(tl.arange(0, 2) == 1, between, 0.0), axis=0)
         scale = tl.minimum(tl.load(n_dead_ptr).to(tl.float32) / k_aux, 1.0)
         auxk = tl.where(N > 1, aux_error / aux_deviations, nan) * scale
         tl.store(sums_ptr + 2, aux_error)
@@ -261,26 +251,31 @@ def _training_losses_kernel(
         tl.store(sums_ptr + 4, scale)
     else:
         tl.store(sums_ptr + 2 + tl.arange(0, 4), tl.zeros([4], dtype=tl.float32), mask=tl.arange(0, 4) < 3)
-    tl.store(losses_ptr, fvu + auxk_coef * auxk)
-    tl.store(losses_ptr + 1, error / (N.to(tl.float32) * D))
-    tl.store(losses_ptr + 2, fvu)
-    tl.store(losses_ptr + 3, auxk)
+    tl.store(loss_ptr, fvu + auxk_coef * auxk)
+    tl.store(mse_ptr, error / (N.to(tl.float32) * D))
+    tl.store(fvu_ptr, fvu)
+    tl.store(auxk_ptr, auxk)
 
 
 @triton.jit
 def _training_losses_bwd_kernel(
-    recon_ptr, x_ptr, aux_ptr, mean_ptr, grad_ptr, sums_ptr, d_recon_ptr, d_x_ptr, d_aux_ptr, N, D, auxk_coef,
+    recon_ptr, x_ptr, aux_ptr, mean_ptr, grad_loss_ptr, grad_mse_ptr, grad_fvu_ptr, grad_auxk_ptr, sums_ptr,
+    d_recon_ptr, d_x_ptr, d_aux_ptr, N, D, auxk_coef,
     stride_rm, stride_rd, stride_xm, stride_xd, stride_am, stride_ad,
+    GRAD_LOSS: tl.constexpr, GRAD_MSE: tl.constexpr, GRAD_FVU: tl.constexpr, GRAD_AUXK: tl.constexpr,
     RECON_GRAD: tl.constexpr, X_GRAD: tl.constexpr, AUX_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """`reference.training_losses_backward` over a [BLOCK_M, BLOCK_D] tile; the scalars it needs come
-    from `grad` [4] and `sums` [5]."""
-    grad_loss = tl.load(grad_ptr)
+    from the losses' gradients (each absent, a zero, where its flag is off) and `sums` [5]."""
+    grad_loss = tl.load(grad_loss_ptr).to(tl.float32) if GRAD_LOSS else 0.0
+    grad_mse = tl.load(grad_mse_ptr).to(tl.float32) if GRAD_MSE else 0.0
+    grad_fvu = tl.load(grad_fvu_ptr).to(tl.float32) if GRAD_FVU else 0.0
+    grad_auxk = tl.load(grad_auxk_ptr).to(tl.float32) if GRAD_AUXK else 0.0
     error = tl.load(sums_ptr)
     deviations = tl.load(sums_ptr + 1)
-    fvu_grad = tl.where(N > 1, tl.load(grad_ptr + 2) + grad_loss, 0.0)
-    grad_error = fvu_grad / deviations + tl.load(grad_ptr + 1) / (N.to(tl.float32) * D)
+    fvu_grad = tl.where(N > 1, grad_fvu + grad_loss, 0.0)
+    grad_error = fvu_grad / deviations + grad_mse / (N.to(tl.float32) * D)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (rows < N)[:, None] & (dims < D)[None, :]
@@ -297,7 +292,7 @@ def _training_losses_bwd_kernel(
         d_x = 2 * grad_deviations * (x - mean[None, :]) - 2 * grad_error * diff
         tl.store(d_x_ptr + contiguous, d_x.to(d_x_ptr.dtype.element_ty), mask=mask)
     if AUX_GRAD:
-        aux_grad = tl.load(grad_ptr + 3) + auxk_coef * grad_loss
+        aux_grad = grad_auxk + auxk_coef * grad_loss
         grad_aux_error = tl.where(N > 1, aux_grad * tl.load(sums_ptr + 4) / tl.load(sums_ptr + 3), 0.0)
         aux = tl.load(aux_ptr + rows64 * stride_am + dims[None, :] * stride_ad, mask=mask, other=0.0)
         d_aux = 2 * grad_aux_error * (aux.to(tl.float32) + diff)  # aux_recon - (x - recon)
@@ -309,46 +304,56 @@ def _reference_only(recon: Tensor, x: Tensor, aux_recon: Tensor | None) -> bool:
     return x.shape[0] < 2 or torch.float64 in (recon.dtype, x.dtype, getattr(aux_recon, "dtype", None))
 
 
-def _loss_tile(D: int) -> tuple[int, int]:
-    return LOSS_BLOCK_M, min(next_power_of_2(D), 512)
-
-
 def training_losses(
     recon: Tensor, x: Tensor, aux_recon: Tensor | None, n_dead: Tensor | None, k_aux: int, auxk_coef: float
-) -> tuple[Tensor, Tensor]:
-    """`reference.training_losses`: (losses [4], sums [5]) in fp32, in two launches."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`reference.training_losses`: (loss, mse, fvu, auxk, sums [5]) in fp32, in three launches."""
     if _reference_only(recon, x, aux_recon):
         return reference.training_losses(recon, x, aux_recon, n_dead, k_aux, auxk_coef)
     N, D = x.shape
-    block_m, block_d = _loss_tile(D)
-    programs = min(cdiv(N, block_m), LOSS_PROGRAMS_PER_SM * sm_count(x.device))
-    rows_per_program = cdiv(cdiv(N, programs), block_m) * block_m  # depends on the shape and device alone
+    block_d = min(next_power_of_2(D), LOSS_BLOCK_D)
+    programs = min(cdiv(N, LOSS_BLOCK_M), LOSS_PROGRAMS_PER_SM * sm_count(x.device))
+    # a whole number of tiles a program, from the shape and the device alone (so is every sum's order)
+    rows_per_program = cdiv(cdiv(N, programs), LOSS_BLOCK_M) * LOSS_BLOCK_M
     programs = cdiv(N, rows_per_program)
-    partial = x.new_empty(programs, 4, dtype=torch.float32)
+    partial = x.new_empty(programs, cdiv(D, block_d), 4, dtype=torch.float32)
     means = x.new_empty(programs, 2, D, dtype=torch.float32)
     has_aux = aux_recon is not None
     aux, aux_strides = (aux_recon, aux_recon.stride()) if has_aux else (x, (0, 0))  # unread without AuxK
-    _training_sums_kernel[(programs,)](
+    _training_sums_kernel[(programs, cdiv(D, block_d))](
         recon, x, aux, means, partial, N, D, rows_per_program, *recon.stride(), *x.stride(), *aux_strides,
-        HAS_AUX=has_aux, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        HAS_AUX=has_aux, BLOCK_M=LOSS_BLOCK_M, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
-    losses = x.new_empty(4, dtype=torch.float32)
+    block_p = next_power_of_2(programs)
+    merge_d = max(1, min(next_power_of_2(D), MERGE_ELEMENTS // block_p))
+    between = x.new_empty(cdiv(D, merge_d), 2, dtype=torch.float32)
+    _merge_means_kernel[(between.shape[0],)](
+        means, between, N, D, programs, rows_per_program, HAS_AUX=has_aux, BLOCK_P=block_p, BLOCK_D=merge_d,
+        num_warps=8,
+    )  # fmt: skip
+    loss, mse, fvu, auxk = (x.new_empty((), dtype=torch.float32) for _ in range(4))
     sums = x.new_empty(5, dtype=torch.float32)
     _training_losses_kernel[(1,)](
-        partial, means, partial if n_dead is None else n_dead, losses, sums, N, D, programs, rows_per_program,
-        max(k_aux, 1), auxk_coef, HAS_AUX=has_aux, BLOCK_P=FINISH_BLOCK_P, BLOCK_D=min(block_d, 128), num_warps=4,
+        partial, between, partial if n_dead is None else n_dead, loss, mse, fvu, auxk, sums, N, D,
+        partial.numel() // 4, between.shape[0], max(k_aux, 1), auxk_coef, HAS_AUX=has_aux,
+        BLOCK_PARTIAL=next_power_of_2(partial.numel() // 4), BLOCK_BETWEEN=next_power_of_2(between.shape[0]),
+        num_warps=4,
     )  # fmt: skip
-    return losses, sums
+    return loss, mse, fvu, auxk, sums
 
 
 def training_losses_backward(
-    grad_losses: Tensor, sums: Tensor, recon: Tensor, x: Tensor, aux_recon: Tensor | None, auxk_coef: float,
-    recon_grad: bool, x_grad: bool, aux_grad: bool,
+    grad_loss: Tensor | None, grad_mse: Tensor | None, grad_fvu: Tensor | None, grad_auxk: Tensor | None,
+    sums: Tensor, recon: Tensor, x: Tensor, aux_recon: Tensor | None, auxk_coef: float, recon_grad: bool,
+    x_grad: bool, aux_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """`reference.training_losses_backward`, except that a gradient not asked for is an empty tensor."""
+    """`reference.training_losses_backward` (a loss's gradient None: zero), except that a gradient not
+    asked for is an empty tensor."""
+    grads_in = (grad_loss, grad_mse, grad_fvu, grad_auxk)
     aux_grad = aux_grad and aux_recon is not None
     if _reference_only(recon, x, aux_recon):
-        d_recon, d_x, d_aux = reference.training_losses_backward(grad_losses, sums, recon, x, aux_recon, auxk_coef)
+        grad = torch.stack([sums.new_zeros(()) if g is None else g.to(sums.dtype) for g in grads_in])
+        d_recon, d_x, d_aux = reference.training_losses_backward(grad, sums, recon, x, aux_recon, auxk_coef)
         grads = (d_recon, d_x, x.new_empty(0) if d_aux is None else d_aux)
         return tuple(g if wanted else g.new_empty(0) for g, wanted in zip(grads, (recon_grad, x_grad, aux_grad)))
     N, D = x.shape
@@ -359,8 +364,10 @@ def training_losses_backward(
     aux, aux_strides = (aux_recon, aux_recon.stride()) if aux_recon is not None else (x, (0, 0))
     block_m, block_d = _tile(D)
     _training_losses_bwd_kernel[(cdiv(N, block_m), cdiv(D, block_d))](
-        recon, x, aux, mean, grad_losses.float(), sums, d_recon, d_x, d_aux, N, D, auxk_coef,
-        *recon.stride(), *x.stride(), *aux_strides,
-        RECON_GRAD=recon_grad, X_GRAD=x_grad, AUX_GRAD=aux_grad, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,
+        recon, x, aux, mean, *(sums if g is None else g for g in grads_in), sums, d_recon, d_x, d_aux, N, D,
+        auxk_coef, *recon.stride(), *x.stride(), *aux_strides,
+        GRAD_LOSS=grad_loss is not None, GRAD_MSE=grad_mse is not None, GRAD_FVU=grad_fvu is not None,
+        GRAD_AUXK=grad_auxk is not None, RECON_GRAD=recon_grad, X_GRAD=x_grad, AUX_GRAD=aux_grad,
+        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,
     )  # fmt: skip
     return d_recon, d_x, d_aux
