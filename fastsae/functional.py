@@ -593,13 +593,20 @@ AUXK_SIDE_STREAM = True
 # Its CUDA priority: 0, the main stream's. A high priority (-1), whose kernels' blocks go first to the
 # SMs that free up, let AuxK's row top-k slow the first row filter launch beside it (250 against 102 us
 # for the second, in a trace of the captured AlphaFold3 step): captured SAEAdam step on the H200, -1 -> 0,
-# 1.634 -> 1.608 ms at AlphaFold3's shape, 1.870 -> 1.820 at GPT-2's (bench.ab_step, 4197cff).
+# 1.634 -> 1.608 ms at AlphaFold3's shape, 1.870 -> 1.820 at GPT-2's (bench.ab_step, 4197cff). With AuxK
+# after the encode and the sort in the forward (below), high was slower still: 0 -> -1, 1.620 -> 1.641 ms
+# at AlphaFold3's, 1.784 -> 1.796 at GPT-2's (b61f826).
 AUXK_SIDE_STREAM_PRIORITY = 0
-# AuxK's forward queued on the side stream after the encode (beside the decode and what follows it)
-# rather than before it (beside the encode's row filter).
+# AuxK's forward queued on the side stream after the encode, beside the decode and the codes' sort
+# (SORT_IN_FORWARD), rather than before it, where it ran beside the first row filter launch and slowed
+# it 2.5x (250 against 102 us in a trace of the captured AlphaFold3 step). Alone it measured level
+# (before -> after: 1.645 -> 1.649 ms at AlphaFold3's shape, 1.906 -> 1.914 at GPT-2's, 278bf24, the
+# sort then in the backward's critical path); it leaves the time that the sort fills.
 AUXK_AFTER_ENCODE = True
 # The codes' sort by feature for the backward's per-feature sums (`scatter.sort_by_feature`) done in the
-# forward, on the main stream after the decode, while the side stream still runs AuxK's forward.
+# forward, on the main stream after the decode, while the side stream still runs AuxK's forward: about
+# 100 us of the captured AlphaFold3 step's backward moved beside AuxK. Captured SAEAdam step on the H200,
+# off -> on: 1.574 -> 1.553 ms at AlphaFold3's shape, 1.774 -> 1.769 at GPT-2's (b61f826).
 SORT_IN_FORWARD = True
 _side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastsae import reference
-from fastsae.ops import autoencoder
+from fastsae.ops import autoencoder, scatter
 
 from .utils import assert_close, random_sae_weights
 
@@ -67,8 +67,9 @@ def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, 
 @pytest.mark.interpret
 def test_topk_autoencoder_backward_reads_auxk_gradients_after_joining_their_stream(monkeypatch):
     """With AuxK's gradients still computed on a side stream (`functional.AUXK_SIDE_STREAM`), the
-    backward reads them only after it joins that stream: here the join writes them, and the gradients
-    match the reference only if no sum read them before."""
+    backward reads them only after it waits for the event recorded there behind AuxK's backward: here
+    that wait writes them, and the gradients match the reference only if no sum read them before. The
+    whole stream is joined before the backward returns."""
     B, d, F, k, dtype = 37, 40, 96, 8, torch.float32
     x = torch.randn(B, d) * 2 + 1
     W_enc, _, W_dec, b_dec = random_sae_weights(d, F, dtype=dtype)
@@ -77,19 +78,50 @@ def test_topk_autoencoder_backward_reads_auxk_gradients_after_joining_their_stre
     args = (torch.randn(B, d), torch.randn(B, k), x, W_enc, b_dec, W_dec, vals, idx)
     dead, *gradients = _dead_gradients(20, F, d, dtype, "cpu")
     written_late = [torch.full_like(g, float("nan")) for g in gradients]
-    side = object()  # stands for the stream: only the join sees it
-    joins = []
+    auxk_done = object()  # stands for the event: only the wait sees it
 
-    def join_stream(stream, *made_there):
-        joins.append(stream)
+    class Side:  # stands for the stream
+        def record_event(self):
+            return auxk_done
+
+    side = Side()
+    waits = []
+
+    def join_event(event, *made_there):
+        waits.append(event)
         for late, gradient in zip(written_late, gradients):
             late.copy_(gradient)
 
-    monkeypatch.setattr(autoencoder, "join_stream", join_stream)
+    monkeypatch.setattr(autoencoder, "join_event", join_event)
+    monkeypatch.setattr(autoencoder, "join_stream", lambda stream, *made_there: waits.append(stream))
     monkeypatch.setattr(autoencoder, "DECODER_SUMS_ON_SIDE_STREAM", False)
     grads = autoencoder.topk_autoencoder_backward(*args, True, dead, *written_late, side=side)
     expected = reference.topk_autoencoder_backward(*(t.double() for t in args[:-1]), idx, dead,
                                                    *(g.double() for g in gradients))  # fmt: skip
-    assert joins == [side]
+    assert waits == [auxk_done, side]
+    for name, got, want in zip(("dx", "dW_enc", "db_enc", "db_dec", "dW_dec"), grads, expected):
+        assert_close(got, want, dtype, name)
+
+
+@pytest.mark.interpret
+def test_topk_autoencoder_backward_takes_the_callers_sort(monkeypatch):
+    """Given the codes already sorted by feature (`functional.SORT_IN_FORWARD`), the blocked route's
+    backward uses that sort (here: it never sorts again) and gives the reference's gradients."""
+    B, d, F, k, dtype = 37, 40, 96, 8, torch.float32
+    W_enc, _, W_dec, b_dec = random_sae_weights(d, F, dtype=dtype)
+    idx = torch.rand(B, F).argsort(dim=1)[:, :k].to(torch.int32)
+    args = (torch.randn(B, d), torch.randn(B, k), torch.randn(B, d), W_enc, b_dec, W_dec, torch.rand(B, k), idx)
+    dead, *gradients = _dead_gradients(20, F, d, dtype, "cpu")
+    monkeypatch.setattr(scatter, "ROUTE", "blocked")
+    by_feature = scatter.sort_by_feature(idx, F)
+
+    def no_sort(*_):
+        raise AssertionError("the codes were sorted again")
+
+    monkeypatch.setattr(autoencoder, "sort_by_feature", no_sort)
+    monkeypatch.setattr(scatter, "sort_by_feature", no_sort)
+    grads = autoencoder.topk_autoencoder_backward(*args, True, dead, *gradients, by_feature=by_feature)
+    expected = reference.topk_autoencoder_backward(*(t.double() for t in args[:-1]), idx, dead,
+                                                   *(g.double() for g in gradients))  # fmt: skip
     for name, got, want in zip(("dx", "dW_enc", "db_enc", "db_dec", "dW_dec"), grads, expected):
         assert_close(got, want, dtype, name)
