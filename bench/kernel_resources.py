@@ -259,6 +259,18 @@ def _queue_kernels() -> None:
         queue_compile(f"reconstruction_sums d={d}", loss._reconstruction_sums_kernel, tile, 8)
         constexprs = {"X_HAT_GRAD": True, "X_GRAD": True, **tile}
         queue_compile(f"reconstruction_sums_bwd d={d}", loss._reconstruction_sums_bwd_kernel, constexprs, 8)
+    for two_passes in (False, True):  # the training losses' three launches and their gradient's one
+        constexprs = {"HAS_AUX": True, "TWO_PASSES": two_passes, "BLOCK_M": loss.LOSS_BLOCK_M,
+                      "BLOCK_D": loss.LOSS_BLOCK_D[two_passes]}  # fmt: skip
+        queue_compile(f"training_sums two_passes={two_passes}", loss._training_sums_kernel, constexprs, 4)
+    constexprs = {"HAS_AUX": True, "BLOCK_P": 512, "BLOCK_D": loss.MERGE_ELEMENTS // 512}  # 264 programs (H200)
+    queue_compile("training_merge_means", loss._merge_means_kernel, constexprs, 8)
+    constexprs = {"HAS_AUX": True, "BLOCK_PARTIAL": 1024, "BLOCK_BETWEEN": 16}
+    queue_compile("training_losses", loss._training_losses_kernel, constexprs, 4)
+    block_m, block_d = loss._tile(768)
+    flags = ("GRAD_LOSS", "GRAD_MSE", "GRAD_FVU", "GRAD_AUXK", "RECON_GRAD", "X_GRAD", "AUX_GRAD")
+    constexprs = {**dict.fromkeys(flags, True), "BLOCK_M": block_m, "BLOCK_D": block_d}
+    queue_compile("training_losses_bwd", loss._training_losses_bwd_kernel, constexprs, 8)
     tile = {"BLOCK_D": encode.CENTERING_GRAD_ROWS, "BLOCK_F": encode.CENTERING_GRAD_BLOCK}
     queue_compile("centering_grad", encode._centering_grad_kernel, tile, 4)
     for d in (768, 4096):

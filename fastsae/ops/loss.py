@@ -143,8 +143,16 @@ def only_asked(grads: tuple[Tensor, Tensor], asked: tuple[bool, bool]) -> tuple[
 
 LOSS_PROGRAMS_PER_SM = 2  # row ranges of the first launch: few partial means for the second to merge
 LOSS_BLOCK_M = 16  # rows of a tile of the first launch
-LOSS_BLOCK_D = 128  # columns a program of the first launch owns
+# Columns a program of the first launch owns. With the per-tile merges and 128 columns ptxas takes 255
+# registers a thread and spills 48 bytes (the measured configuration); the two passes over 64 columns
+# take 120 and spill none (bench.kernel_resources).
+LOSS_BLOCK_D = {False: 128, True: 64}
 MERGE_ELEMENTS = 16384  # partial means a program of the second launch loads at once (programs x columns)
+# The first launch's spreads in two passes over each program's rows (the means, then the squared
+# deviations about them; the second read from L2) instead of the per-tile merges, whose reductions
+# across the tile's rows made it take 70 us of the captured AlphaFold3 step (above). Not yet timed on the
+# H200: off until `python -m bench.ab_step fastsae.ops.loss.SUMS_IN_TWO_PASSES=False,True` says.
+SUMS_IN_TWO_PASSES = False
 
 
 @triton.jit
@@ -162,41 +170,81 @@ def _merge_tile(count, mean, spread, tile_count, values, valid):
 
 
 @triton.jit
+def _load_pair(recon_ptr, x_ptr, rows, dims, valid, stride_rm, stride_rd, stride_xm, stride_xd):
+    """x and recon - x of a tile, in fp32 (zeros outside `valid`)."""
+    x = tl.load(x_ptr + rows * stride_xm + dims[None, :] * stride_xd, mask=valid, other=0.0).to(tl.float32)
+    recon = tl.load(recon_ptr + rows * stride_rm + dims[None, :] * stride_rd, mask=valid, other=0.0)
+    return x, recon.to(tl.float32) - x
+
+
+@triton.jit
 def _training_sums_kernel(
     recon_ptr, x_ptr, aux_ptr, means_ptr, partial_ptr, N, D, rows_per_program,
     stride_rm, stride_rd, stride_xm, stride_xd, stride_am, stride_ad,
-    HAS_AUX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_AUX: tl.constexpr, TWO_PASSES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Program (p, c), over rows [p * rows_per_program, ...) and column block c: partial [p, c] =
     (squared error, AuxK's squared error, x's spread, the residual's spread) about the program's own
-    column means, and means [p, 0 / 1, its columns] = x's / the residual's column means."""
+    column means, and means [p, 0 / 1, its columns] = x's / the residual's column means. TWO_PASSES:
+    the means first, then the spreads about them, reading the program's rows of x and recon twice (the
+    second time from L2), in place of the per-tile merges."""
     program = tl.program_id(0)
     first = program * rows_per_program
     end = tl.minimum(first + rows_per_program, N)
     local = tl.arange(0, BLOCK_M)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    strides = (stride_rm, stride_rd, stride_xm, stride_xd)
     error = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     aux_error = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    count = tl.zeros([BLOCK_D], dtype=tl.float32)  # rows seen (a vector: loop-carried like the means)
-    mean = tl.zeros([BLOCK_D], dtype=tl.float32)
-    spread = tl.zeros([BLOCK_D], dtype=tl.float32)
-    aux_mean = tl.zeros([BLOCK_D], dtype=tl.float32)
-    aux_spread = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(first, end, BLOCK_M):
-        rows = (start + local).to(tl.int64)[:, None]
-        valid = (start + local < end)[:, None] & (dims < D)[None, :]
-        x = tl.load(x_ptr + rows * stride_xm + dims[None, :] * stride_xd, mask=valid, other=0.0).to(tl.float32)
-        recon = tl.load(recon_ptr + rows * stride_rm + dims[None, :] * stride_rd, mask=valid, other=0.0)
-        diff = recon.to(tl.float32) - x  # the residual is -diff
-        error += diff * diff
-        tile_count = tl.minimum(end - start, BLOCK_M).to(tl.float32)
-        mean, spread = _merge_tile(count, mean, spread, tile_count, x, valid)
-        if HAS_AUX:
-            aux = tl.load(aux_ptr + rows * stride_am + dims[None, :] * stride_ad, mask=valid, other=0.0)
-            aux_diff = aux.to(tl.float32) + diff
-            aux_error += aux_diff * aux_diff
-            aux_mean, aux_spread = _merge_tile(count, aux_mean, aux_spread, tile_count, -diff, valid)
-        count += tile_count
+    if TWO_PASSES:
+        total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        aux_total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(first, end, BLOCK_M):
+            rows = (start + local).to(tl.int64)[:, None]
+            valid = (start + local < end)[:, None] & (dims < D)[None, :]
+            x, diff = _load_pair(recon_ptr, x_ptr, rows, dims, valid, *strides)  # the residual is -diff
+            error += diff * diff
+            total += x
+            if HAS_AUX:
+                aux = tl.load(aux_ptr + rows * stride_am + dims[None, :] * stride_ad, mask=valid, other=0.0)
+                aux_diff = aux.to(tl.float32) + diff
+                aux_error += aux_diff * aux_diff
+                aux_total -= diff
+        count = (end - first).to(tl.float32)
+        mean = tl.sum(total, axis=0) / count
+        aux_mean = tl.sum(aux_total, axis=0) / count
+        squares = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        aux_squares = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start in range(first, end, BLOCK_M):
+            rows = (start + local).to(tl.int64)[:, None]
+            valid = (start + local < end)[:, None] & (dims < D)[None, :]
+            x, diff = _load_pair(recon_ptr, x_ptr, rows, dims, valid, *strides)
+            deviation = tl.where(valid, x - mean[None, :], 0.0)
+            squares += deviation * deviation
+            if HAS_AUX:
+                aux_deviation = tl.where(valid, -diff - aux_mean[None, :], 0.0)
+                aux_squares += aux_deviation * aux_deviation
+        spread = tl.sum(squares, axis=0)
+        aux_spread = tl.sum(aux_squares, axis=0)
+    else:
+        count = tl.zeros([BLOCK_D], dtype=tl.float32)  # rows seen (a vector: loop-carried like the means)
+        mean = tl.zeros([BLOCK_D], dtype=tl.float32)
+        spread = tl.zeros([BLOCK_D], dtype=tl.float32)
+        aux_mean = tl.zeros([BLOCK_D], dtype=tl.float32)
+        aux_spread = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(first, end, BLOCK_M):
+            rows = (start + local).to(tl.int64)[:, None]
+            valid = (start + local < end)[:, None] & (dims < D)[None, :]
+            x, diff = _load_pair(recon_ptr, x_ptr, rows, dims, valid, *strides)  # the residual is -diff
+            error += diff * diff
+            tile_count = tl.minimum(end - start, BLOCK_M).to(tl.float32)
+            mean, spread = _merge_tile(count, mean, spread, tile_count, x, valid)
+            if HAS_AUX:
+                aux = tl.load(aux_ptr + rows * stride_am + dims[None, :] * stride_ad, mask=valid, other=0.0)
+                aux_diff = aux.to(tl.float32) + diff
+                aux_error += aux_diff * aux_diff
+                aux_mean, aux_spread = _merge_tile(count, aux_mean, aux_spread, tile_count, -diff, valid)
+            count += tile_count
     means = means_ptr + program.to(tl.int64) * 2 * D + dims
     tl.store(means, mean, mask=dims < D)
     tl.store(means + D, aux_mean, mask=dims < D)
@@ -318,7 +366,7 @@ def training_losses(
     if _reference_only(recon, x, aux_recon):
         return reference.training_losses(recon, x, aux_recon, n_dead, k_aux, auxk_coef)
     N, D = x.shape
-    block_d = min(next_power_of_2(D), LOSS_BLOCK_D)
+    block_d = min(next_power_of_2(D), LOSS_BLOCK_D[SUMS_IN_TWO_PASSES])
     programs = min(cdiv(N, LOSS_BLOCK_M), LOSS_PROGRAMS_PER_SM * sm_count(x.device))
     # a whole number of tiles a program, from the shape and the device alone (so is every sum's order)
     rows_per_program = cdiv(cdiv(N, programs), LOSS_BLOCK_M) * LOSS_BLOCK_M
@@ -329,7 +377,7 @@ def training_losses(
     aux, aux_strides = (aux_recon, aux_recon.stride()) if has_aux else (x, (0, 0))  # unread without AuxK
     _training_sums_kernel[(programs, cdiv(D, block_d))](
         recon, x, aux, means, partial, N, D, rows_per_program, *recon.stride(), *x.stride(), *aux_strides,
-        HAS_AUX=has_aux, BLOCK_M=LOSS_BLOCK_M, BLOCK_D=block_d, num_warps=4,
+        HAS_AUX=has_aux, TWO_PASSES=SUMS_IN_TWO_PASSES, BLOCK_M=LOSS_BLOCK_M, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
     block_p = next_power_of_2(programs)
     merge_d = max(1, min(next_power_of_2(D), MERGE_ELEMENTS // block_p))
