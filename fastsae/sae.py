@@ -684,7 +684,7 @@ class SparseAutoencoder(nn.Module):
                 scale = F.auxk_scale(n_dead, k_aux)
                 aux_fvu, aux_term, _ = self._fvu_from_totals(aux_sums[-1], totals[4:], residual.shape[1])
                 auxk, loss = aux_fvu * scale, loss + self.cfg.auxk_coef * aux_term * scale
-        else:  # the MSE, the FVU, AuxK's loss and the loss mixing them in one node (two launches on CUDA)
+        else:  # the MSE, the FVU, AuxK's loss and the loss mixing them in one node (three launches on CUDA)
             loss, mse, fvu, auxk = F.training_losses(
                 recon, x, aux_recon if aux_in_input_space else None, n_dead if aux_in_input_space else None,
                 max(k_aux, 1), self.cfg.auxk_coef,

@@ -12,6 +12,9 @@ times: about 35 launches over [n, d] tensors per step. Here the forward is one p
 means, one reduction) and each backward one more.
 Each program sums BLOCK_M rows in a fixed order into its own partial sums, added after (no atomics: the
 same inputs give the same bits).
+
+A TopK SAE's training step takes its losses from `training_losses` (below): the same sums for the main
+reconstruction and for AuxK's of the residual, and the scalars that mix them, in three launches.
 """
 
 from __future__ import annotations
