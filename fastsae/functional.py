@@ -805,16 +805,21 @@ def _reconstruction_sums_grad(ctx, grad_error, grad_deviations):
 _reconstruction_sums.register_autograd(_reconstruction_sums_grad, setup_context=_reconstruction_sums_setup)
 
 
+def _check_reconstruction(name: str, x_hat: Tensor, x: Tensor) -> None:
+    """x_hat, named `name`, and x: float [n, d] of one shape, n > 0."""
+    _check_float(name, x_hat, 2)
+    _check_float("x", x, 2)
+    if x_hat.shape != x.shape:
+        raise ValueError(f"{name} {tuple(x_hat.shape)} and x {tuple(x.shape)} must have the same shape")
+    if x.shape[0] == 0:
+        raise ValueError("x is an empty batch (0 tokens): there is no reconstruction error to sum")
+
+
 def reconstruction_sums(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     """(squared error, squared deviations): sum of (x_hat - x)^2 over every element and sum over the tokens
     of ||x - mean(x)||^2, fp32 scalars (fp64 for fp64 inputs) for x_hat and x [n, d] of any float dtypes;
     what `mse` and `fvu` divide. On CUDA one pass over both (fastsae/ops/loss.py). Differentiable."""
-    _check_float("x_hat", x_hat, 2)
-    _check_float("x", x, 2)
-    if x_hat.shape != x.shape:
-        raise ValueError(f"x_hat {tuple(x_hat.shape)} and x {tuple(x.shape)} must have the same shape")
-    if x.shape[0] == 0:
-        raise ValueError("x is an empty batch (0 tokens): there is no reconstruction error to sum")
+    _check_reconstruction("x_hat", x_hat, x)
     _check_same_device(x_hat=x_hat, x=x)
     return _reconstruction_sums(x_hat, x)
 
@@ -856,11 +861,9 @@ def _training_losses_backward(
     sums: Tensor, recon: Tensor, x: Tensor, aux_recon: Tensor | None, auxk_coef: float, recon_grad: bool,
     x_grad: bool, aux_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    grads = (grad_loss, grad_mse, grad_fvu, grad_auxk)
-    grad = torch.stack([sums.new_zeros(()) if g is None else g.to(sums.dtype) for g in grads])
-    d_recon, d_x, d_aux = reference.training_losses_backward(grad, sums, recon, x, aux_recon, auxk_coef)
-    grads = (d_recon, d_x, x.new_empty(0) if d_aux is None else d_aux)
-    return tuple(g if wanted else g.new_empty(0) for g, wanted in zip(grads, (recon_grad, x_grad, aux_grad)))
+    return loss_ops.reference_training_losses_backward(
+        (grad_loss, grad_mse, grad_fvu, grad_auxk), sums, recon, x, aux_recon, auxk_coef, (recon_grad, x_grad, aux_grad)
+    )
 
 
 _training_losses_backward.register_kernel("cuda")(loss_ops.training_losses_backward)
@@ -916,16 +919,9 @@ def training_losses(
     loss = fvu + auxk_coef * auxk. On CUDA three launches, and one for the gradient (fastsae/ops/loss.py),
     where the same values through `reconstruction_sums` and scalar arithmetic take about 35.
     Differentiable w.r.t. recon, x and aux_recon."""
-    _check_float("recon", recon, 2)
-    _check_float("x", x, 2)
-    if recon.shape != x.shape:
-        raise ValueError(f"recon has shape {tuple(recon.shape)} but x has {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError("x is an empty batch (0 tokens)")
+    _check_reconstruction("recon", recon, x)
     if aux_recon is not None:
-        _check_float("aux_recon", aux_recon, 2)
-        if aux_recon.shape != x.shape:
-            raise ValueError(f"aux_recon has shape {tuple(aux_recon.shape)} but x has {tuple(x.shape)}")
+        _check_reconstruction("aux_recon", aux_recon, x)
         if not isinstance(n_dead, Tensor) or n_dead.dim() != 0 or n_dead.is_floating_point():
             raise ValueError(f"n_dead must be a 0-d integer tensor with aux_recon, got {n_dead!r}")
         if not isinstance(k_aux, int) or isinstance(k_aux, bool) or k_aux < 1:

@@ -83,7 +83,7 @@ BAD_INPUTS = [
     ("reconstruction_sums: integer x", lambda a: F.mse(a["x"], a["idx"][:, :1].expand(BATCH, D)), ValueError,
      "x must be float32"),
     ("training_losses: shapes differ", lambda a: F.training_losses(a["x"][:, :3], a["x"]), ValueError,
-     r"recon has shape \(8, 3\) but x has \(8, 6\)"),
+     r"recon \(8, 3\) and x \(8, 6\) must have the same shape"),
     ("training_losses: empty batch", lambda a: F.training_losses(a["x"][:0], a["x"][:0]), ValueError, "empty batch"),
     ("training_losses: aux_recon without n_dead", lambda a: F.training_losses(a["x"], a["x"], a["x"]), ValueError,
      "n_dead must be a 0-d integer tensor"),

@@ -118,7 +118,7 @@ def reconstruction_sums_backward(
     return d_x_hat, d_x
 
 
-def only_asked(grads: tuple[Tensor, Tensor], asked: tuple[bool, bool]) -> tuple[Tensor, Tensor]:
+def only_asked(grads: tuple[Tensor, ...], asked: tuple[bool, ...]) -> tuple[Tensor, ...]:
     """`grads`, each replaced by an empty tensor of its dtype where not `asked` (what the kernel returns)."""
     return tuple(grad if wanted else grad.new_empty(0) for grad, wanted in zip(grads, asked))
 
@@ -357,6 +357,18 @@ def _training_losses_bwd_kernel(
         tl.store(d_aux_ptr + contiguous, d_aux.to(d_aux_ptr.dtype.element_ty), mask=mask)
 
 
+def reference_training_losses_backward(
+    grads_in: tuple[Tensor | None, ...], sums: Tensor, recon: Tensor, x: Tensor, aux_recon: Tensor | None,
+    auxk_coef: float, asked: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """`reference.training_losses_backward` with `training_losses_backward`'s contract: the losses'
+    gradients one by one (None: zero), and an empty tensor for a gradient not `asked` for (d aux_recon
+    too, without aux_recon)."""
+    grad = torch.stack([sums.new_zeros(()) if g is None else g.to(sums.dtype) for g in grads_in])
+    d_recon, d_x, d_aux = reference.training_losses_backward(grad, sums, recon, x, aux_recon, auxk_coef)
+    return only_asked((d_recon, d_x, x.new_empty(0) if d_aux is None else d_aux), asked)
+
+
 def _reference_only(recon: Tensor, x: Tensor, aux_recon: Tensor | None) -> bool:
     """fp64 inputs (tests), and a batch of one token, whose FVUs are NaN constants, take the reference."""
     return x.shape[0] < 2 or torch.float64 in (recon.dtype, x.dtype, getattr(aux_recon, "dtype", None))
@@ -408,12 +420,10 @@ def training_losses_backward(
     """`reference.training_losses_backward` (a loss's gradient None: zero), except that a gradient not
     asked for is an empty tensor."""
     grads_in = (grad_loss, grad_mse, grad_fvu, grad_auxk)
-    aux_grad = aux_grad and aux_recon is not None
+    asked = (recon_grad, x_grad, aux_grad)
     if _reference_only(recon, x, aux_recon):
-        grad = torch.stack([sums.new_zeros(()) if g is None else g.to(sums.dtype) for g in grads_in])
-        d_recon, d_x, d_aux = reference.training_losses_backward(grad, sums, recon, x, aux_recon, auxk_coef)
-        grads = (d_recon, d_x, x.new_empty(0) if d_aux is None else d_aux)
-        return tuple(g if wanted else g.new_empty(0) for g, wanted in zip(grads, (recon_grad, x_grad, aux_grad)))
+        return reference_training_losses_backward(grads_in, sums, recon, x, aux_recon, auxk_coef, asked)
+    aux_grad = aux_grad and aux_recon is not None
     N, D = x.shape
     d_recon = recon.new_empty((N, D) if recon_grad else 0)
     d_x = x.new_empty((N, D) if x_grad else 0)
