@@ -259,10 +259,9 @@ def _queue_kernels() -> None:
         queue_compile(f"reconstruction_sums d={d}", loss._reconstruction_sums_kernel, tile, 8)
         constexprs = {"X_HAT_GRAD": True, "X_GRAD": True, **tile}
         queue_compile(f"reconstruction_sums_bwd d={d}", loss._reconstruction_sums_bwd_kernel, constexprs, 8)
-    for two_passes in (False, True):  # the training losses' three launches and their gradient's one
-        constexprs = {"HAS_AUX": True, "TWO_PASSES": two_passes, "BLOCK_M": loss.LOSS_BLOCK_M,
-                      "BLOCK_D": loss.LOSS_BLOCK_D[two_passes]}  # fmt: skip
-        queue_compile(f"training_sums two_passes={two_passes}", loss._training_sums_kernel, constexprs, 4)
+    # the training losses' three launches and their gradient's one
+    constexprs = {"HAS_AUX": True, "BLOCK_M": loss.LOSS_BLOCK_M, "BLOCK_D": loss.LOSS_BLOCK_D}
+    queue_compile("training_sums", loss._training_sums_kernel, constexprs, 4)
     constexprs = {"HAS_AUX": True, "BLOCK_P": 512, "BLOCK_D": loss.MERGE_ELEMENTS // 512}  # 264 programs (H200)
     queue_compile("training_merge_means", loss._merge_means_kernel, constexprs, 8)
     constexprs = {"HAS_AUX": True, "BLOCK_PARTIAL": 1024, "BLOCK_BETWEEN": 16}

@@ -595,7 +595,9 @@ AUXK_SIDE_STREAM = True
 # for the second, in a trace of the captured AlphaFold3 step): captured SAEAdam step on the H200, -1 -> 0,
 # 1.634 -> 1.608 ms at AlphaFold3's shape, 1.870 -> 1.820 at GPT-2's (bench.ab_step, 4197cff). With AuxK
 # after the encode and the sort in the forward (below), high was slower still: 0 -> -1, 1.620 -> 1.641 ms
-# at AlphaFold3's, 1.784 -> 1.796 at GPT-2's (b61f826).
+# at AlphaFold3's, 1.784 -> 1.796 at GPT-2's (b61f826). So was a high priority for AuxK's backward alone,
+# whose split-K reduce waited 67 us for d vals' blocks in a trace of that AlphaFold3 step: 0 -> -1,
+# 1.551 -> 1.573 ms at AlphaFold3's shape, 1.795 -> 1.800 at GPT-2's (f2cdcf3).
 AUXK_SIDE_STREAM_PRIORITY = 0
 # AuxK's forward queued on the side stream after the encode, beside the decode and the codes' sort
 # (SORT_IN_FORWARD), rather than before it, where it ran beside the first row filter launch and slowed
@@ -608,23 +610,16 @@ AUXK_AFTER_ENCODE = True
 # 100 us of the captured AlphaFold3 step's backward moved beside AuxK. Captured SAEAdam step on the H200,
 # off -> on: 1.574 -> 1.553 ms at AlphaFold3's shape, 1.774 -> 1.769 at GPT-2's (b61f826).
 SORT_IN_FORWARD = True
-# The CUDA priority of the side stream that runs AuxK's backward (and dW_dec's sums after it). In a trace
-# of the captured AlphaFold3 step (b61f826) the split-K reduce of AuxK's first GEMM waited 67 us for d vals'
-# blocks, launched after it on the main stream, to leave the SMs: AuxK's backward then held up dW_enc's sums.
-# A high priority (-1) here, apart from the forward's, is not yet timed.
-AUXK_BACKWARD_PRIORITY = 0
 _side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 
 
-def _auxk_side_stream(x: Tensor, priority: int | None = None) -> torch.cuda.Stream | None:
-    """The second stream of x's device at `priority` (default AUXK_SIDE_STREAM_PRIORITY), or None where
-    AuxK runs in line."""
+def _auxk_side_stream(x: Tensor) -> torch.cuda.Stream | None:
+    """The second stream of x's device (at AUXK_SIDE_STREAM_PRIORITY), or None where AuxK runs in line."""
     if not (AUXK_SIDE_STREAM and x.is_cuda) or torch.compiler.is_compiling():
         return None
-    priority = AUXK_SIDE_STREAM_PRIORITY if priority is None else priority
-    key = (x.device, priority)
+    key = (x.device, AUXK_SIDE_STREAM_PRIORITY)
     if key not in _side_streams:
-        _side_streams[key] = torch.cuda.Stream(x.device, priority=priority)
+        _side_streams[key] = torch.cuda.Stream(x.device, priority=AUXK_SIDE_STREAM_PRIORITY)
     return _side_streams[key]
 
 
@@ -667,7 +662,7 @@ class _TopKAutoencoder(torch.autograd.Function):
     def backward(ctx, grad_recon, grad_vals, _grad_idx, grad_aux):
         x, W_enc, b_dec, W_dec, vals, idx, *aux_saved = ctx.saved_tensors
         needs_x = ctx.needs_input_grad[0]
-        side = _auxk_side_stream(x, AUXK_BACKWARD_PRIORITY) if ctx.side_stream is not None and aux_saved else None
+        side = ctx.side_stream if ctx.side_stream is not None and aux_saved else None
         dx_aux, dead, dead_dW_enc, dead_db_enc, dead_dW_dec = None, None, None, None, None
         if aux_saved:
             with on_stream(side) if side is not None else contextlib.nullcontext():

@@ -90,17 +90,15 @@ def _auxk_triple(n, d, dtypes, device, strided):
     return recon, x, aux.to(dtypes[0])
 
 
-@pytest.mark.parametrize("two_passes", [False, True], ids=["merged", "two-passes"])
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda v: f"{v[0]}-{v[1]}")
 @pytest.mark.parametrize("device, n, d", CASES, ids=lambda v: None)
-def test_training_losses_kernels(device, n, d, dtypes, strided, two_passes, monkeypatch):
+def test_training_losses_kernels(device, n, d, dtypes, strided, monkeypatch):
     """The three launches' losses and sums, with AuxK and without, and the backward's three gradients,
     alone and together, from all four losses' gradients or the loss's alone (the others None), against
     the reference in fp64. The outlier column (mean 1e3) checks that the spreads come out exact from the
     programs' merged means; under the interpreter, partial means of a few columns a program of the merge
-    drive its grid over the columns. Both ways of the first launch (`loss.SUMS_IN_TWO_PASSES`)."""
-    monkeypatch.setattr(loss, "SUMS_IN_TWO_PASSES", two_passes)
+    drive its grid over the columns."""
     if device == "cpu":
         monkeypatch.setattr(loss, "MERGE_ELEMENTS", 64)
     recon, x, aux = _auxk_triple(n, d, dtypes, device, strided)

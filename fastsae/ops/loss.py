@@ -129,47 +129,24 @@ def only_asked(grads: tuple[Tensor, ...], asked: tuple[bool, ...]) -> tuple[Tens
 # the gradient of all four in one. Through `reconstruction_sums` and torch's scalar arithmetic the
 # captured step ran about 35 launches for them and their backward, most a few scalars each.
 #
-# The spreads (sums over the tokens of ||v - mean(v)||^2, v = x and the residual) take no pass of their
-# own for the means: a program of the first launch keeps, per column, the mean of its rows and the
-# squared deviations about it, merging each tile's exact ones in (Chan, Golub and LeVeque's pairwise
-# update); the second merges the programs' per column, each of its programs loading every program's
-# means of a few columns at once (one read: a loop over them waits out a read per iteration); the third
-# adds it all up. No raw moments: an outlier dimension whose mean is far above its spread keeps its
-# spread exact.
+# The spreads (sums over the tokens of ||v - mean(v)||^2, v = x and the residual) take no launch of their
+# own for the means: a program of the first launch takes its rows' column means, then the squared
+# deviations about them (a second read of its rows, from L2); the second launch adds what those lack of
+# the spread about the whole batch's means, each of its programs loading every program's means of a few
+# columns at once (one read: a loop over them waits out a read per iteration); the third adds it all
+# up. No raw moments: an outlier dimension whose mean is far above its spread keeps its spread exact.
 #
 # Measured on the H200 (captured SAEAdam step, bf16, b61f826): through `reconstruction_sums` -> this node,
-# 1.575 -> 1.552 ms at AlphaFold3's shape, 1.793 -> 1.782 at GPT-2's. In a trace of that AlphaFold3 step
-# the first launch took 70 us (against 12 for `reconstruction_sums`' pass over two of the three
-# matrices), the merge 6 and the last 2.5: the per-tile merges (four reductions across the tile's rows
-# an iteration) cost more than the reads. (A single program that looped over the programs' means took
-# 81 us: one read's latency per iteration.)
+# 1.575 -> 1.552 ms at AlphaFold3's shape, 1.793 -> 1.782 at GPT-2's. The first launch then merged each
+# tile's means and spreads into its running ones (Chan, Golub and LeVeque's pairwise update: four
+# reductions across the tile's rows an iteration, 255 registers a thread and a 48-byte spill on sm_90) and
+# took 70 us of the AlphaFold3 step; the two passes take 120 registers and no spill: 1.553 -> 1.516 ms
+# at AlphaFold3's shape, 1.796 -> 1.759 at GPT-2's (f2cdcf3).
 
 LOSS_PROGRAMS_PER_SM = 2  # row ranges of the first launch: few partial means for the second to merge
 LOSS_BLOCK_M = 16  # rows of a tile of the first launch
-# Columns a program of the first launch owns. With the per-tile merges and 128 columns ptxas takes 255
-# registers a thread and spills 48 bytes (the measured configuration); the two passes over 64 columns
-# take 120 and spill none (bench.kernel_resources).
-LOSS_BLOCK_D = {False: 128, True: 64}
+LOSS_BLOCK_D = 64  # columns a program of the first launch owns
 MERGE_ELEMENTS = 16384  # partial means a program of the second launch loads at once (programs x columns)
-# The first launch's spreads in two passes over each program's rows (the means, then the squared
-# deviations about them; the second read from L2) instead of the per-tile merges, whose reductions
-# across the tile's rows made it take 70 us of the captured AlphaFold3 step (above). Not yet timed on the
-# H200: off until `python -m bench.ab_step fastsae.ops.loss.SUMS_IN_TWO_PASSES=False,True` says.
-SUMS_IN_TWO_PASSES = False
-
-
-@triton.jit
-def _merge_tile(count, mean, spread, tile_count, values, valid):
-    """(mean, spread) per column of the rows seen so far (`count` of them) and of a tile's `valid` rows
-    (`tile_count`), merged: spread is the sum of squared deviations about the mean."""
-    tile_mean = tl.sum(tl.where(valid, values, 0.0), axis=0) / tile_count
-    deviations = tl.where(valid, values - tile_mean[None, :], 0.0)
-    total = count + tile_count
-    delta = tile_mean - mean
-    return (
-        mean + delta * (tile_count / total),
-        spread + tl.sum(deviations * deviations, axis=0) + delta * delta * (count * tile_count / total),
-    )
 
 
 @triton.jit
@@ -184,13 +161,13 @@ def _load_pair(recon_ptr, x_ptr, rows, dims, valid, stride_rm, stride_rd, stride
 def _training_sums_kernel(
     recon_ptr, x_ptr, aux_ptr, means_ptr, partial_ptr, N, D, rows_per_program,
     stride_rm, stride_rd, stride_xm, stride_xd, stride_am, stride_ad,
-    HAS_AUX: tl.constexpr, TWO_PASSES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_AUX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Program (p, c), over rows [p * rows_per_program, ...) and column block c: partial [p, c] =
     (squared error, AuxK's squared error, x's spread, the residual's spread) about the program's own
-    column means, and means [p, 0 / 1, its columns] = x's / the residual's column means. TWO_PASSES:
-    the means first, then the spreads about them, reading the program's rows of x and recon twice (the
-    second time from L2), in place of the per-tile merges."""
+    column means, and means [p, 0 / 1, its columns] = x's / the residual's column means: the means
+    first, then the spreads about them, reading the program's rows of x and recon twice (the second
+    time from L2)."""
     program = tl.program_id(0)
     first = program * rows_per_program
     end = tl.minimum(first + rows_per_program, N)
@@ -199,55 +176,35 @@ def _training_sums_kernel(
     strides = (stride_rm, stride_rd, stride_xm, stride_xd)
     error = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     aux_error = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if TWO_PASSES:
-        total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        aux_total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start in range(first, end, BLOCK_M):
-            rows = (start + local).to(tl.int64)[:, None]
-            valid = (start + local < end)[:, None] & (dims < D)[None, :]
-            x, diff = _load_pair(recon_ptr, x_ptr, rows, dims, valid, *strides)  # the residual is -diff
-            error += diff * diff
-            total += x
-            if HAS_AUX:
-                aux = tl.load(aux_ptr + rows * stride_am + dims[None, :] * stride_ad, mask=valid, other=0.0)
-                aux_diff = aux.to(tl.float32) + diff
-                aux_error += aux_diff * aux_diff
-                aux_total -= diff
-        count = (end - first).to(tl.float32)
-        mean = tl.sum(total, axis=0) / count
-        aux_mean = tl.sum(aux_total, axis=0) / count
-        squares = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        aux_squares = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start in range(first, end, BLOCK_M):
-            rows = (start + local).to(tl.int64)[:, None]
-            valid = (start + local < end)[:, None] & (dims < D)[None, :]
-            x, diff = _load_pair(recon_ptr, x_ptr, rows, dims, valid, *strides)
-            deviation = tl.where(valid, x - mean[None, :], 0.0)
-            squares += deviation * deviation
-            if HAS_AUX:
-                aux_deviation = tl.where(valid, -diff - aux_mean[None, :], 0.0)
-                aux_squares += aux_deviation * aux_deviation
-        spread = tl.sum(squares, axis=0)
-        aux_spread = tl.sum(aux_squares, axis=0)
-    else:
-        count = tl.zeros([BLOCK_D], dtype=tl.float32)  # rows seen (a vector: loop-carried like the means)
-        mean = tl.zeros([BLOCK_D], dtype=tl.float32)
-        spread = tl.zeros([BLOCK_D], dtype=tl.float32)
-        aux_mean = tl.zeros([BLOCK_D], dtype=tl.float32)
-        aux_spread = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for start in range(first, end, BLOCK_M):
-            rows = (start + local).to(tl.int64)[:, None]
-            valid = (start + local < end)[:, None] & (dims < D)[None, :]
-            x, diff = _load_pair(recon_ptr, x_ptr, rows, dims, valid, *strides)  # the residual is -diff
-            error += diff * diff
-            tile_count = tl.minimum(end - start, BLOCK_M).to(tl.float32)
-            mean, spread = _merge_tile(count, mean, spread, tile_count, x, valid)
-            if HAS_AUX:
-                aux = tl.load(aux_ptr + rows * stride_am + dims[None, :] * stride_ad, mask=valid, other=0.0)
-                aux_diff = aux.to(tl.float32) + diff
-                aux_error += aux_diff * aux_diff
-                aux_mean, aux_spread = _merge_tile(count, aux_mean, aux_spread, tile_count, -diff, valid)
-            count += tile_count
+    total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    aux_total = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(first, end, BLOCK_M):
+        rows = (start + local).to(tl.int64)[:, None]
+        valid = (start + local < end)[:, None] & (dims < D)[None, :]
+        x, diff = _load_pair(recon_ptr, x_ptr, rows, dims, valid, *strides)  # the residual is -diff
+        error += diff * diff
+        total += x
+        if HAS_AUX:
+            aux = tl.load(aux_ptr + rows * stride_am + dims[None, :] * stride_ad, mask=valid, other=0.0)
+            aux_diff = aux.to(tl.float32) + diff
+            aux_error += aux_diff * aux_diff
+            aux_total -= diff
+    count = (end - first).to(tl.float32)
+    mean = tl.sum(total, axis=0) / count
+    aux_mean = tl.sum(aux_total, axis=0) / count
+    squares = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    aux_squares = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(first, end, BLOCK_M):
+        rows = (start + local).to(tl.int64)[:, None]
+        valid = (start + local < end)[:, None] & (dims < D)[None, :]
+        x, diff = _load_pair(recon_ptr, x_ptr, rows, dims, valid, *strides)
+        deviation = tl.where(valid, x - mean[None, :], 0.0)
+        squares += deviation * deviation
+        if HAS_AUX:
+            aux_deviation = tl.where(valid, -diff - aux_mean[None, :], 0.0)
+            aux_squares += aux_deviation * aux_deviation
+    spread = tl.sum(squares, axis=0)
+    aux_spread = tl.sum(aux_squares, axis=0)
     means = means_ptr + program.to(tl.int64) * 2 * D + dims
     tl.store(means, mean, mask=dims < D)
     tl.store(means + D, aux_mean, mask=dims < D)
@@ -381,7 +338,7 @@ def training_losses(
     if _reference_only(recon, x, aux_recon):
         return reference.training_losses(recon, x, aux_recon, n_dead, k_aux, auxk_coef)
     N, D = x.shape
-    block_d = min(next_power_of_2(D), LOSS_BLOCK_D[SUMS_IN_TWO_PASSES])
+    block_d = min(next_power_of_2(D), LOSS_BLOCK_D)
     programs = min(cdiv(N, LOSS_BLOCK_M), LOSS_PROGRAMS_PER_SM * sm_count(x.device))
     # a whole number of tiles a program, from the shape and the device alone (so is every sum's order)
     rows_per_program = cdiv(cdiv(N, programs), LOSS_BLOCK_M) * LOSS_BLOCK_M
@@ -392,7 +349,7 @@ def training_losses(
     aux, aux_strides = (aux_recon, aux_recon.stride()) if has_aux else (x, (0, 0))  # unread without AuxK
     _training_sums_kernel[(programs, cdiv(D, block_d))](
         recon, x, aux, means, partial, N, D, rows_per_program, *recon.stride(), *x.stride(), *aux_strides,
-        HAS_AUX=has_aux, TWO_PASSES=SUMS_IN_TWO_PASSES, BLOCK_M=LOSS_BLOCK_M, BLOCK_D=block_d, num_warps=4,
+        HAS_AUX=has_aux, BLOCK_M=LOSS_BLOCK_M, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
     block_p = next_power_of_2(programs)
     merge_d = max(1, min(next_power_of_2(D), MERGE_ELEMENTS // block_p))
