@@ -29,7 +29,7 @@ from .ops import encode as encode_ops
 from .ops import filter as filter_ops
 from .ops import loss as loss_ops
 from .ops import scatter as scatter_ops
-from .ops.launch import join_stream, on_stream
+from .ops.launch import join_stream, on_stream, only_asked
 
 _ext.load()  # the C++ death-statistics ops: fire_counts, fire_counts_dense, update_since_fired, dead_mask
 
@@ -156,7 +156,8 @@ def _encode_topk_backward(
     aux_idx: Tensor,
     x_requires_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return reference.encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+    grads = reference.encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+    return only_asked(grads, (x_requires_grad, True, True, True))
 
 
 _encode_topk_backward.register_kernel("cuda")(encode_ops.encode_topk_backward)
@@ -164,11 +165,14 @@ _encode_topk_backward.register_kernel("cuda")(encode_ops.encode_topk_backward)
 
 @_encode_topk_backward.register_fake
 def _(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, x_requires_grad):
-    return _encoder_grad_like(x, W_enc, b_dec)
+    return _encoder_grad_like(x, W_enc, b_dec, x_requires_grad)
 
 
-def _encoder_grad_like(x: Tensor, W_enc: Tensor, b_dec: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[1]), torch.empty_like(b_dec)
+def _encoder_grad_like(
+    x: Tensor, W_enc: Tensor, b_dec: Tensor, x_requires_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[1]), torch.empty_like(b_dec)
+    return only_asked(grads, (x_requires_grad, True, True, True))
 
 
 def _encode_topk_setup(ctx, inputs, output):
@@ -280,7 +284,7 @@ def _encode_relu_backward(
 
 @_encode_relu_backward.register_fake
 def _(grad_acts, x, W_enc, b_dec, acts):
-    return _encoder_grad_like(x, W_enc, b_dec)
+    return _encoder_grad_like(x, W_enc, b_dec, True)
 
 
 def _encode_relu_setup(ctx, inputs, output):
@@ -512,6 +516,11 @@ def _scatter_codes(pre: Tensor, indices: Tensor, values: Tensor, dtype: torch.dt
     return torch.zeros_like(pre, dtype=dtype).scatter_(1, indices, values.to(dtype))
 
 
+# AuxK's backward takes dW_dec's dead rows (a split-K product over the tokens) last, after the chain of
+# d_pre, its masked column sums and dW_enc's dead columns that dW_enc's sums wait for. Not yet timed.
+AUXK_DECODER_GRAD_LAST = False
+
+
 def _dense_auxk_backward(
     grad_out: Tensor, saved: tuple[Tensor, ...], needs_x: bool, needs_encoder: bool, needs_decoder: bool
 ) -> tuple[Tensor | None, ...]:
@@ -522,7 +531,7 @@ def _dense_auxk_backward(
     d b_dec, the centring's share, is -W_enc[:, padded] @ db_enc[padded]: the callers take it."""
     centered, W_enc_dead, W_dec_dead, codes, _ = saved
     grad_out = grad_out.to(codes.dtype)
-    dW_dec_dead = codes.t() @ grad_out if needs_decoder else None
+    dW_dec_dead = codes.t() @ grad_out if needs_decoder and not AUXK_DECODER_GRAD_LAST else None
     if not (needs_x or needs_encoder):
         return None, None, None, dW_dec_dead
     d_pre = grad_out @ W_dec_dead.t()
@@ -534,6 +543,8 @@ def _dense_auxk_backward(
     d_pre = d_pre.to(centered.dtype)
     dW_enc_dead = d_pre.t() @ centered if needs_encoder else None
     dx = d_pre @ W_enc_dead.t() if needs_x else None
+    if needs_decoder and AUXK_DECODER_GRAD_LAST:
+        dW_dec_dead = codes.t() @ grad_out
     return dx, dW_enc_dead, db_enc_dead, dW_dec_dead
 
 
@@ -694,9 +705,10 @@ def _topk_autoencoder_backward(
     idx: Tensor, x_requires_grad: bool, dead: Tensor | None, dead_dW_enc: Tensor | None,
     dead_db_enc: Tensor | None, dead_dW_dec: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    return reference.topk_autoencoder_backward(
+    grads = reference.topk_autoencoder_backward(
         grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, dead, dead_dW_enc, dead_db_enc, dead_dW_dec
     )
+    return only_asked(grads, (x_requires_grad, True, True, True, True))
 
 
 _topk_autoencoder_backward.register_kernel("cuda")(autoencoder_ops.topk_autoencoder_backward)
@@ -704,7 +716,7 @@ _topk_autoencoder_backward.register_kernel("cuda")(autoencoder_ops.topk_autoenco
 
 @_topk_autoencoder_backward.register_fake
 def _(grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, x_requires_grad, *_dead):
-    return (*_encoder_grad_like(x, W_enc, b_dec), torch.empty_like(W_dec))
+    return (*_encoder_grad_like(x, W_enc, b_dec, x_requires_grad), torch.empty_like(W_dec))
 
 
 def decode_dense(acts: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
@@ -775,7 +787,7 @@ def _(x_hat, x):
 def _reconstruction_sums_backward(
     grad_error: Tensor, grad_deviations: Tensor, x_hat: Tensor, x: Tensor, x_hat_grad: bool, x_grad: bool
 ) -> tuple[Tensor, Tensor]:
-    return loss_ops.only_asked(reference.reconstruction_sums_backward(grad_error, grad_deviations, x_hat, x),
+    return only_asked(reference.reconstruction_sums_backward(grad_error, grad_deviations, x_hat, x),
                                (x_hat_grad, x_grad))  # fmt: skip
 
 
@@ -784,7 +796,7 @@ _reconstruction_sums_backward.register_kernel("cuda")(loss_ops.reconstruction_su
 
 @_reconstruction_sums_backward.register_fake
 def _(grad_error, grad_deviations, x_hat, x, x_hat_grad, x_grad):
-    return loss_ops.only_asked((torch.empty_like(x_hat), torch.empty_like(x)), (x_hat_grad, x_grad))
+    return only_asked((torch.empty_like(x_hat), torch.empty_like(x)), (x_hat_grad, x_grad))
 
 
 def _reconstruction_sums_setup(ctx, inputs, output):

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from . import parallel
-from .ops.launch import cdiv, next_power_of_2
+from .ops.launch import cdiv, join_stream, next_power_of_2, on_stream
 from .optim import SAEAdam
 from .sae import AUXK_DENSE_MAX_ELEMENTS, SAEOutput, SparseAutoencoder
 
@@ -177,9 +177,16 @@ class CapturedStep:
         self._dead_bounds.append((event, host))
         self._stats_version = self.sae.tokens_since_fired._version
 
-    def _train(self, x: Tensor) -> SAEOutput:
+    def _train(self, x: Tensor, bound_stream: torch.cuda.Stream | None = None) -> SAEOutput:
+        """One step; with `bound_stream` (while capturing), the dead-count bound on that stream beside the
+        backward, once the forward has updated the statistics it reads."""
         sae = self.sae
         out = sae(x)
+        if bound_stream is not None:
+            with on_stream(bound_stream):
+                n_tokens = x.numel() // sae.cfg.d_in
+                reach = sae.cfg.dead_after_tokens - BOUND_LOOKAHEAD_STEPS * n_tokens
+                self._static_dead_bound = (sae.tokens_since_fired > reach).sum(dtype=torch.int32)
         if sae._group is None:
             averaged = contextlib.nullcontext()
         else:  # the replicas' mean gradient, as DistributedDataParallel would leave it
@@ -192,6 +199,8 @@ class CapturedStep:
             sae.remove_decoder_parallel_grad()
             self.optimizer.step()
             sae.normalize_decoder()
+        if bound_stream is not None:
+            join_stream(bound_stream, self._static_dead_bound)
         return out
 
     def _eager_step(self, x: Tensor) -> SAEOutput:
@@ -211,12 +220,10 @@ class CapturedStep:
         self._static_x = x.clone()
         _create_backward_cublas_handle(x.device)
         self._graph = torch.cuda.CUDAGraph()
+        # features this step's statistics leave within reach of death, counted beside the backward
+        bound_stream = torch.cuda.Stream(x.device) if self._uses_auxk() else None
         with torch.cuda.graph(self._graph):
-            self._static_out = self._train(self._static_x)
-            if self._uses_auxk():  # features this step's statistics leave within reach of death
-                n_tokens = x.numel() // self.sae.cfg.d_in
-                reach = self.sae.cfg.dead_after_tokens - BOUND_LOOKAHEAD_STEPS * n_tokens
-                self._static_dead_bound = (self.sae.tokens_since_fired > reach).sum(dtype=torch.int32)
+            self._static_out = self._train(self._static_x, bound_stream)
         self._dead_bounds.clear()
 
 

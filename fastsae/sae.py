@@ -624,12 +624,20 @@ class SparseAutoencoder(nn.Module):
         if self.training and not self._initialized:
             self._initialize_lazily(x)
         k_aux = self.cfg.k_aux if self.training and self.cfg.activation == "topk" else 0  # AuxK is TopK's
-        dead = self.dead_features() if k_aux else None
+        sharded = self._feature_group is not None
+        replicated = self._group is not None and self.training
+        # While a CUDA graph is captured the dead-feature list (a compare and nonzero_static's five launches)
+        # is queued on AuxK's side stream, where AuxK reads it, instead of ahead of the encode.
+        list_stream = None
+        if k_aux and not (sharded or replicated or may_synchronize(x)):
+            list_stream = F._auxk_side_stream(x)
+        with contextlib.nullcontext() if list_stream is None else on_stream(list_stream):
+            dead = self.dead_features() if k_aux else None
+            few_dead = self._few_dead_features(dead, x.shape[0])
+        if list_stream is not None and few_dead is None:  # the fused encode reads the mask on this stream
+            join_stream(list_stream, dead)
         # AuxK compares the residual and its reconstruction in the SAE's own (possibly whitened) space.
         sae_x = self._to_sae_space(x) if k_aux else None  # (without whitening, x itself)
-        sharded = self._feature_group is not None
-        few_dead = self._few_dead_features(dead, x.shape[0])
-        replicated = self._group is not None and self.training
         sparsity = torch.zeros((), dtype=torch.promote_types(self.W_enc.dtype, torch.float32), device=x.device)
         sparsity_term = None  # the ReLU SAE's L1 or the JumpReLU SAE's L0 term of the loss, where it has one
         if self.cfg.activation == "jumprelu" and self.training:
@@ -639,6 +647,8 @@ class SparseAutoencoder(nn.Module):
         elif few_dead is not None:  # encode, decode and AuxK over the few dead features as one autograd node
             params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
             joint = F.topk_autoencoder(sae_x, *params, self.cfg.k, dead_features=few_dead, k_aux=k_aux)
+            if list_stream is not None:  # (the node has joined it: this marks the list's memory as used here)
+                join_stream(list_stream, dead, few_dead)
             no_aux_codes = (joint.vals[:, :0], joint.idx[:, :0])  # AuxK's codes stay inside the node
             codes = F.TopKCodes(joint.vals, joint.idx, *no_aux_codes)
         else:

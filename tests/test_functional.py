@@ -228,6 +228,10 @@ def test_opcheck_every_op(device):
             torch.ops.fastsae.encode_topk_backward,
             (*grads, x, W_enc.detach(), b_dec, vals.detach(), idx, aux_vals.detach(), aux_idx, True),
         ),
+        (  # dx not asked for: an empty tensor
+            torch.ops.fastsae.encode_topk_backward,
+            (*grads, x, W_enc.detach(), b_dec, vals.detach(), idx, aux_vals.detach(), aux_idx, False),
+        ),
         (torch.ops.fastsae.encode_relu, (x, W_enc, b_enc, b_dec, None)),
         (torch.ops.fastsae.encode_relu_backward, (torch.randn_like(acts), x, W_enc.detach(), b_dec, acts)),
         (torch.ops.fastsae.decode_sparse, (vals.detach().requires_grad_(), idx, W_dec, b_dec)),

@@ -43,12 +43,15 @@ def assert_topk_matches(vals, idx, pre, k, dtype, name="topk"):
     testing.assert_topk_matches(vals, idx, pre, k, TOLERANCE[dtype], f"{name} ({dtype})")
 
 
-def check_encode_topk_backward(x, W_enc, b_dec, codes, dtype):
+def check_encode_topk_backward(x, W_enc, b_dec, codes, dtype, generator=None):
     """`ops.encode.encode_topk_backward` of random output gradients for `codes` (vals, idx, aux_vals,
-    aux_idx), every gradient checked against `reference.encode_topk_backward` in fp64. Returns the
-    gradients and a function that recomputes them (for repeatability checks)."""
+    aux_idx), drawn from `generator` (a CPU one; default torch's), every gradient checked against
+    `reference.encode_topk_backward` in fp64. Returns the gradients and a function that recomputes them
+    (for repeatability checks)."""
     vals, _, aux_vals, _ = codes
-    grad_vals, grad_aux = torch.randn_like(vals), torch.randn_like(aux_vals)
+    grad_vals, grad_aux = (
+        torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device) for t in (vals, aux_vals)
+    )
     saved = (x, W_enc, b_dec, *codes)
 
     def run():

@@ -26,8 +26,8 @@ from .. import reference
 from .columns import column_sums
 from .decode import decode_sparse, sparse_dvals
 from .encode import centering_grad
-from .launch import join_event, join_stream, on_stream
-from .scatter import CodesByFeature, feature_sums, route, sort_by_feature
+from .launch import join_event, join_stream, on_stream, only_asked
+from .scatter import CodesByFeature, feature_sums, route, slots, sort_by_feature
 
 # With AuxK on a side stream (`functional.AUXK_SIDE_STREAM`), dW_dec's per-feature sums run there after
 # AuxK's backward, beside d vals on the current stream (both gather a [B, d] row per code from L2).
@@ -49,7 +49,7 @@ def topk_autoencoder_backward(
     by_feature: CodesByFeature | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dx, dW_enc, db_enc, db_dec, dW_dec); same contract as `reference.topk_autoencoder_backward`
-    except that dx is zeros unless `x_requires_grad`. Deterministic when torch's deterministic
+    except that dx is an empty tensor unless `x_requires_grad`. Deterministic when torch's deterministic
     algorithms are on (`scatter.feature_sums`). `side`: the stream that is still computing AuxK's
     gradients (`functional.AUXK_SIDE_STREAM`); the current stream waits for it only where they are first
     added, after the codes' sort and d vals, and with DECODER_SUMS_ON_SIDE_STREAM dW_dec's sums run
@@ -60,22 +60,33 @@ def topk_autoencoder_backward(
     if torch.float64 in (W_enc.dtype, W_dec.dtype):
         if side is not None:
             join_stream(side)
-        return reference.topk_autoencoder_backward(
+        grads = reference.topk_autoencoder_backward(
             grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, dead, dead_dW_enc, dead_db_enc, dead_dW_dec
         )
+        return only_asked(grads, (x_requires_grad, True, True, True, True))
     d, n_features = W_enc.shape
-    if by_feature is None and route(n_features, d) == "blocked":
-        by_feature = sort_by_feature(idx, n_features)
+    dead_slots = None
+    if route(n_features, d) == "blocked":
+        if by_feature is None:
+            by_feature = sort_by_feature(idx, n_features)
+        if dead is not None:  # where both sums add AuxK's rows, found once
+            dead_slots = slots(dead, n_features)
 
     def decoder_sums() -> Tensor:
         extra = None if dead is None else (dead, dead_dW_dec, None)
-        return feature_sums(grad_recon, vals, idx, n_features, dtype=W_dec.dtype, by_feature=by_feature, extra=extra)[0]
+        return feature_sums(
+            grad_recon, vals, idx, n_features, dtype=W_dec.dtype, by_feature=by_feature, extra=extra,
+            extra_slots=dead_slots,
+        )[0]  # fmt: skip
 
     dW_dec = None
     auxk_done = None if side is None else side.record_event()  # AuxK's backward, queued there first
     if side is not None and DECODER_SUMS_ON_SIDE_STREAM:
         with on_stream(side):
             dW_dec = decoder_sums()
+    # d b_dec's decoder term, while AuxK's backward (the critical path here) runs on `side`, rather than
+    # after the weights' sums, where the step's last launches wait for it
+    grad_recon_sums = column_sums(grad_recon)
     if COEF_IN_DVALS:
         coef = sparse_dvals(grad_recon, vals, idx, W_dec, grad_vals=grad_vals)
     else:
@@ -86,13 +97,13 @@ def topk_autoencoder_backward(
         dW_dec = decoder_sums()
     dW_enc, db_enc = feature_sums(
         x, coef, idx, n_features, center=b_dec, dtype=W_enc.dtype, transposed=True, by_feature=by_feature,
-        extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc),
+        extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc), extra_slots=dead_slots,
     )  # fmt: skip
-    db_dec = centering_grad(W_enc, db_enc) + column_sums(grad_recon)
+    db_dec = centering_grad(W_enc, db_enc) + grad_recon_sums
     if x_requires_grad:
         dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
-    else:
-        dx = torch.zeros_like(x)
+    else:  # (nobody reads it: no fill of [B, d])
+        dx = x.new_empty(0)
     if side is not None:
         join_stream(side, dW_dec)
     return dx, dW_enc, db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype), dW_dec

@@ -51,7 +51,17 @@ from .filter import (
     store_codes,
     to_key,
 )
-from .launch import INTERPRET, bucket, cdiv, dot_dtype, input_precision, next_power_of_2, sm_count, tuned
+from .launch import (
+    INTERPRET,
+    bucket,
+    cdiv,
+    dot_dtype,
+    input_precision,
+    next_power_of_2,
+    only_asked,
+    sm_count,
+    tuned,
+)
 from .scatter import feature_sums
 
 MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernels keep; beyond: dense route
@@ -578,12 +588,13 @@ def encode_topk_backward(
     x_requires_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dW_enc, db_enc, db_dec) of `encode_topk`; same contract as `reference.encode_topk_backward`
-    except that dx is zeros unless `x_requires_grad`. No [B, F] matrix: dW_enc^T and db_enc are
+    except that dx is an empty tensor unless `x_requires_grad`. No [B, F] matrix: dW_enc^T and db_enc are
     per-feature sums over the codes (scatter.feature_sums, deterministic when torch's deterministic
     algorithms are on), db_dec = -W_enc @ db_enc (the centering's gradient summed over tokens), and dx
     gathers the selected encoder columns."""
     if W_enc.dtype == torch.float64:
-        return reference.encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+        grads = reference.encode_topk_backward(grad_vals, grad_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx)
+        return only_asked(grads, (x_requires_grad, True, True, True))
     # The ReLU passes gradient only where the code fired.
     coef = torch.where(vals > 0, grad_vals, 0)
     if aux_idx.shape[1]:  # (no AuxK codes: the module's few-dead path, or none: no copy)
@@ -591,10 +602,10 @@ def encode_topk_backward(
         coef, idx = torch.cat([coef, aux_coef], dim=1), torch.cat([idx, aux_idx], dim=1)
     dW_enc, db_enc = feature_sums(x, coef, idx, W_enc.shape[1], center=b_dec, dtype=W_enc.dtype, transposed=True)
     if x_requires_grad:
-        dx = decode_sparse(coef, idx, W_enc.t(), None)  # rows of W_enc^T: strided gathers
+        dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
     else:
-        dx = torch.zeros_like(x)
-    return dx.to(x.dtype), dW_enc, db_enc.to(W_enc.dtype), centering_grad(W_enc, db_enc).to(b_dec.dtype)
+        dx = x.new_empty(0)
+    return dx, dW_enc, db_enc.to(W_enc.dtype), centering_grad(W_enc, db_enc).to(b_dec.dtype)
 
 
 @triton.jit

@@ -55,6 +55,12 @@ def join_event(event: torch.cuda.Event, *made_there: Tensor | None) -> None:
             tensor.record_stream(current)
 
 
+def only_asked(grads: tuple[Tensor, ...], asked: tuple[bool, ...]) -> tuple[Tensor, ...]:
+    """`grads`, each replaced by an empty tensor of its dtype where not `asked` (what the backward kernels
+    return for a gradient nobody asked for, rather than filling one)."""
+    return tuple(grad if wanted else grad.new_empty(0) for grad, wanted in zip(grads, asked))
+
+
 def matmul_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The matmul operand dtype for weights of `weight_dtype`: what a centred input is cast to before
     it meets them (fp32 under the interpreter)."""

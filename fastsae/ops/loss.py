@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .. import reference
 from .columns import column_sums
-from .launch import cdiv, next_power_of_2, sm_count
+from .launch import cdiv, next_power_of_2, only_asked, sm_count
 
 BLOCK_ELEMENTS = 4096  # of a [BLOCK_M, BLOCK_D] tile, loaded at once: 16 fp32 per thread of 8 warps
 
@@ -116,11 +116,6 @@ def reconstruction_sums_backward(
         X_HAT_GRAD=x_hat_grad, X_GRAD=x_grad, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,
     )  # fmt: skip
     return d_x_hat, d_x
-
-
-def only_asked(grads: tuple[Tensor, ...], asked: tuple[bool, ...]) -> tuple[Tensor, ...]:
-    """`grads`, each replaced by an empty tensor of its dtype where not `asked` (what the kernel returns)."""
-    return tuple(grad if wanted else grad.new_empty(0) for grad, wanted in zip(grads, asked))
 
 
 # ---------------------------------------------------------------------------------------------------

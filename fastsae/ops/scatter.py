@@ -101,7 +101,7 @@ def _feature_sum_atomic_kernel(
 
 @triton.jit
 def _feature_sum_blocked_kernel(
-    rows_ptr, center_ptr, coef_ptr, token_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
+    rows_ptr, center_ptr, coef_ptr, order_ptr, token_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
     extra_slot_ptr, extra_rows_ptr, extra_sums_ptr,
     F, D, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd,
     HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr,
@@ -128,7 +128,10 @@ def _feature_sum_blocked_kernel(
     for e0 in range(start, end, BLOCK_E):
         entries = e0 + tl.arange(0, BLOCK_E)
         valid = entries < end
-        coef = tl.load(coef_ptr + entries, mask=valid, other=0.0).to(tl.float32)
+        # each code's coefficient read where the caller wrote it, through the sort's order (no gather of
+        # coef into CSR order first: a launch on the backward's critical path)
+        code = tl.load(order_ptr + entries, mask=valid, other=0)
+        coef = tl.load(coef_ptr + code, mask=valid, other=0.0).to(tl.float32)
         token = tl.load(token_ptr + entries, mask=valid, other=0).to(tl.int64)
         feature = tl.load(feature_ptr + entries, mask=valid, other=-1)
         spread = tl.where(feature[None, :] == features[:, None], coef[None, :], 0.0)  # [BLOCK_F, BLOCK_E]
@@ -202,12 +205,14 @@ def feature_sums(
     transposed: bool = False,
     by_feature: CodesByFeature | None = None,
     extra: tuple[Tensor, Tensor, Tensor | None] | None = None,
+    extra_slots: Tensor | None = None,
 ) -> FeatureSums:
     """(out, coef_sum [F] in fp32) as defined in the module docstring; out is [F, d] in `dtype`,
     or its transpose [d, F] (contiguous) when `transposed`. rows [B, d]; coef, idx [B, K]; center [d] or
     None. `by_feature`: `sort_by_feature(idx, F)`, when the caller shares it between sums (the blocked
     route sorts otherwise). `extra` = (features [n] int64, distinct where >= 0, negative entries none;
-    their rows [n, d]; their coef sums [n] or None): added to those features' sums."""
+    their rows [n, d]; their coef sums [n] or None): added to those features' sums. `extra_slots`:
+    `slots(features, F)`, when the caller shares it between sums."""
     B, d = rows.shape
     K = idx.shape[1]
     coef, idx = coef.contiguous(), idx.contiguous()
@@ -215,19 +220,18 @@ def feature_sums(
     coef_sum = rows.new_empty(n_features, dtype=torch.float32)
     if route(n_features, d) == "blocked":
         codes = by_feature if by_feature is not None else sort_by_feature(idx, n_features)
-        sorted_coef = coef.flatten()[codes.order]
         out = rows.new_empty((d, n_features) if transposed else (n_features, d), dtype=dtype)
         out_f = out.t() if transposed else out  # [F, d] view: the kernel writes either layout directly
         if extra is not None:
             extra_features, extra_rows, extra_sums = extra
-            extra_slot = _slots(extra_features, n_features)
+            extra_slot = slots(extra_features, n_features) if extra_slots is None else extra_slots
         else:
             extra_slot, extra_rows, extra_sums = coef_sum, rows, None  # placeholders the kernel never reads
 
         def run(cfg: dict) -> None:
             grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(d, cfg["BLOCK_D"]))
             _feature_sum_blocked_kernel[grid](
-                rows, center_arg, sorted_coef, codes.tokens, codes.features, codes.offsets, out_f, coef_sum,
+                rows, center_arg, coef, codes.order, codes.tokens, codes.features, codes.offsets, out_f, coef_sum,
                 extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums,
                 n_features, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
                 extra_rows.stride(0), extra_rows.stride(1),
@@ -266,7 +270,7 @@ def feature_sums(
     return FeatureSums(out, coef_sum)
 
 
-def _slots(features: Tensor, n_features: int) -> Tensor:
+def slots(features: Tensor, n_features: int) -> Tensor:
     """int32 [F]: each feature's position in `features` (distinct where >= 0), -1 where it is absent.
     The negative entries write to slots past F, dropped after (one scatter, no host sync)."""
     n = features.shape[0]
