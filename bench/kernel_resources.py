@@ -49,7 +49,6 @@ POINTER_TYPES = {
     "token_ptr": "*i32",
     "feature_ptr": "*i32",
     "offsets_ptr": "*i64",
-    "order_ptr": "*i64",
     "out_ptr": "*fp32",
     "coef_sum_ptr": "*fp32",
     "extra_slot_ptr": "*i32",
@@ -229,16 +228,15 @@ def _queue_kernels() -> None:
                 {"HAS_CENTER": has_center, **tile},
                 cfg["num_warps"],
             )
-    # The blocked sums: the encoder's (centred, with AuxK's dead-feature sums added), alone and with the
-    # decoder's paired in its launch, and the decoder's alone.
-    for has_center, paired in ((True, False), (True, True), (False, False)):
-        for cfg in scatter._PAIRED_CANDIDATES if paired else scatter._BLOCKED_CANDIDATES:
+    # The blocked sums: the encoder's (centred, with AuxK's dead-feature sums added) and the decoder's.
+    for has_center in (True, False):
+        for cfg in scatter._BLOCKED_CANDIDATES:
             tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_E": cfg["BLOCK_E"], "BLOCK_D": cfg["BLOCK_D"]}
             constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center,
-                          "HAS_EXTRA": has_center, "HAS_EXTRA_SUMS": has_center, "PAIRED": paired,
+                          "HAS_EXTRA": has_center, "HAS_EXTRA_SUMS": has_center,
                           **tile, "stride_rd": 1, "stride_xd": 1}  # fmt: skip
             queue_compile(
-                f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center} paired={paired}",
+                f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}",
                 scatter._feature_sum_blocked_kernel,
                 constexprs,
                 cfg["num_warps"],

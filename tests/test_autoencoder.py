@@ -34,15 +34,12 @@ def _dead_gradients(n_dead, F, d, dtype, device):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("paired", [False, True], ids=["apart", "paired"])
 @pytest.mark.parametrize("with_dead", [False, True], ids=["no-auxk", "auxk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device, B, d, F, k", CASES, ids=lambda v: None)
-def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, paired, deterministic, monkeypatch):
+def test_topk_autoencoder_backward_kernel(device, B, d, F, k, dtype, with_dead, deterministic):
     """dx, dW_enc, db_enc, db_dec and dW_dec against `reference.topk_autoencoder_backward` in fp64;
-    bit-identical from run to run on the blocked route. `paired`: dW_dec's sums in dW_enc's launch
-    (`autoencoder.PAIRED_SUMS`; the atomic route takes them apart)."""
-    monkeypatch.setattr(autoencoder, "PAIRED_SUMS", paired)
+    bit-identical from run to run on the blocked route."""
     x = (torch.randn(B, d, device=device) * 2 + 1).to(dtype)
     W_enc, _, W_dec, b_dec = random_sae_weights(d, F, dtype=dtype, device=device)
     vals = torch.rand(B, k, dtype=torch.float64, device=device)

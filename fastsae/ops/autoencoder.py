@@ -27,7 +27,7 @@ from .columns import column_sums
 from .decode import decode_sparse, sparse_dvals
 from .encode import centering_grad
 from .launch import join_event, join_stream, on_stream, only_asked
-from .scatter import CodesByFeature, PairedSum, feature_sums, route, slots, sort_by_feature
+from .scatter import CodesByFeature, feature_sums, route, slots, sort_by_feature
 
 # With AuxK on a side stream (`functional.AUXK_SIDE_STREAM`), dW_dec's per-feature sums run there after
 # AuxK's backward, beside d vals on the current stream (both gather a [B, d] row per code from L2).
@@ -40,10 +40,6 @@ DECODER_SUMS_ON_SIDE_STREAM = True
 # (captured SAEAdam step, bf16, off -> on, one round): AF3 1.642 -> 1.644 ms (level), GPT-2 1.740 ->
 # 1.730 ms (9706992).
 COEF_IN_DVALS = True
-# dW_dec's sums taken in dW_enc's launch (`scatter.PairedSum`: each code's order, token and feature loaded
-# once for both, the two rows gathered side by side) on the blocked route, after d vals and AuxK's
-# backward, instead of on the side stream beside them. Not yet timed on the H200.
-PAIRED_SUMS = False
 
 
 def topk_autoencoder_backward(
@@ -70,7 +66,6 @@ def topk_autoencoder_backward(
         return only_asked(grads, (x_requires_grad, True, True, True, True))
     d, n_features = W_enc.shape
     dead_slots = None
-    paired = PAIRED_SUMS and route(n_features, d) == "blocked"
     if route(n_features, d) == "blocked":
         if by_feature is None:
             by_feature = sort_by_feature(idx, n_features)
@@ -86,7 +81,7 @@ def topk_autoencoder_backward(
 
     dW_dec = None
     auxk_done = None if side is None else side.record_event()  # AuxK's backward, queued there first
-    if side is not None and DECODER_SUMS_ON_SIDE_STREAM and not paired:
+    if side is not None and DECODER_SUMS_ON_SIDE_STREAM:
         with on_stream(side):
             dW_dec = decoder_sums()
     # d b_dec's decoder term, while AuxK's backward (the critical path here) runs on `side`, rather than
@@ -98,15 +93,12 @@ def topk_autoencoder_backward(
         coef = torch.where(vals > 0, sparse_dvals(grad_recon, vals, idx, W_dec) + grad_vals, 0)  # the ReLU's mask
     if auxk_done is not None:  # AuxK's gradients, not dW_dec's sums behind them: dW_enc's run beside those
         join_event(auxk_done, dead_dW_enc, dead_db_enc, dead_dW_dec)
-    if dW_dec is None and not paired:
+    if dW_dec is None:
         dW_dec = decoder_sums()
-    decoder_pair = PairedSum(grad_recon, vals, W_dec.dtype, dead_dW_dec) if paired else None
-    dW_enc, db_enc, paired_dW_dec = feature_sums(
+    dW_enc, db_enc = feature_sums(
         x, coef, idx, n_features, center=b_dec, dtype=W_enc.dtype, transposed=True, by_feature=by_feature,
-        extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc), extra_slots=dead_slots, paired=decoder_pair,
+        extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc), extra_slots=dead_slots,
     )  # fmt: skip
-    if paired:
-        dW_dec = paired_dW_dec
     db_dec = centering_grad(W_enc, db_enc) + grad_recon_sums
     if x_requires_grad:
         dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers

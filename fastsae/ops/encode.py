@@ -600,7 +600,7 @@ def encode_topk_backward(
     if aux_idx.shape[1]:  # (no AuxK codes: the module's few-dead path, or none: no copy)
         aux_coef = torch.where(aux_vals > 0, grad_aux_vals, 0)
         coef, idx = torch.cat([coef, aux_coef], dim=1), torch.cat([idx, aux_idx], dim=1)
-    dW_enc, db_enc, _ = feature_sums(x, coef, idx, W_enc.shape[1], center=b_dec, dtype=W_enc.dtype, transposed=True)
+    dW_enc, db_enc = feature_sums(x, coef, idx, W_enc.shape[1], center=b_dec, dtype=W_enc.dtype, transposed=True)
     if x_requires_grad:
         dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
     else:

@@ -58,13 +58,6 @@ BLOCKED_FROM_OUTPUT_ELEMENTS = 2**22  # F * d from which "auto" takes the blocke
 # against 87 at 16 x 32 x 128 unpipelined, sm_90). Loading the next step's codes and rows before this
 # step's product by hand did not help either. Wider tiles (64 x 32 x 256 and 64 x 64 x 128, 8 warps)
 # measured no faster before.
-# A paired sum (`PairedSum`) keeps two accumulators and two row tiles live: at the tiles above ptxas takes
-# 168-255 registers a thread on sm_90 (spilling at 256 columns), so its candidates hold half the columns a
-# warp (115-127 registers).
-_PAIRED_CANDIDATES = [
-    dict(BLOCK_F=16, BLOCK_E=e, BLOCK_D=bd, num_warps=w, num_stages=1)
-    for e, bd, w in [(32, 128, 8), (16, 128, 8), (32, 64, 4), (16, 64, 4)]
-]
 # Atomic: BLOCK_M tokens x BLOCK_D dimensions per program.
 _BLOCKED_CANDIDATES = [
     dict(BLOCK_F=16, BLOCK_E=e, BLOCK_D=bd, num_warps=w, num_stages=1)
@@ -109,10 +102,9 @@ def _feature_sum_atomic_kernel(
 @triton.jit
 def _feature_sum_blocked_kernel(
     rows_ptr, center_ptr, coef_ptr, order_ptr, token_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
-    extra_slot_ptr, extra_rows_ptr, extra_sums_ptr, rows2_ptr, coef2_ptr, out2_ptr, extra_rows2_ptr,
+    extra_slot_ptr, extra_rows_ptr, extra_sums_ptr,
     F, D, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd,
-    stride_r2m, stride_r2d, stride_o2f, stride_o2d, stride_x2m, stride_x2d,
-    HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr, PAIRED: tl.constexpr,
+    HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -121,8 +113,7 @@ def _feature_sum_blocked_kernel(
     # per column) times the codes' gathered rows [BLOCK_E, BLOCK_D]: a tensor-core product adds every
     # code to its feature's sum. The rows are centred in fp32 before they meet the product's dtype, as
     # the encoder kernels centre theirs (subtracting sum(coef) * center after would cancel when the
-    # rows sit far from 0 and near the centre). PAIRED: a second sum over the same codes (rows2, coef2,
-    # no centre, no coef sums) in the same loop, into out2 [F, d].
+    # rows sit far from 0 and near the centre).
     first = tl.program_id(0) * BLOCK_F
     features = first + tl.arange(0, BLOCK_F)
     feature_valid = features < F
@@ -133,7 +124,6 @@ def _feature_sum_blocked_kernel(
     if HAS_CENTER:
         center = tl.load(center_ptr + dims, mask=dim_valid, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
     coef_total = tl.zeros([BLOCK_F], dtype=tl.float32)
     for e0 in range(start, end, BLOCK_E):
         entries = e0 + tl.arange(0, BLOCK_E)
@@ -144,22 +134,12 @@ def _feature_sum_blocked_kernel(
         coef = tl.load(coef_ptr + code, mask=valid, other=0.0).to(tl.float32)
         token = tl.load(token_ptr + entries, mask=valid, other=0).to(tl.int64)
         feature = tl.load(feature_ptr + entries, mask=valid, other=-1)
-        owner = feature[None, :] == features[:, None]
-        spread = tl.where(owner, coef[None, :], 0.0)  # [BLOCK_F, BLOCK_E]
+        spread = tl.where(feature[None, :] == features[:, None], coef[None, :], 0.0)  # [BLOCK_F, BLOCK_E]
         rows = tl.load(
             rows_ptr + token[:, None] * stride_rm + dims[None, :] * stride_rd,
             mask=valid[:, None] & dim_valid[None, :],
             other=0.0,
         ).to(tl.float32)  # [BLOCK_E, BLOCK_D]
-        if PAIRED:
-            coef2 = tl.load(coef2_ptr + code, mask=valid, other=0.0).to(tl.float32)
-            rows2 = tl.load(
-                rows2_ptr + token[:, None] * stride_r2m + dims[None, :] * stride_r2d,
-                mask=valid[:, None] & dim_valid[None, :],
-                other=0.0,
-            )
-            spread2 = tl.where(owner, coef2[None, :], 0.0)
-            acc2 = tl.dot(spread2.to(DOT_DTYPE), rows2.to(DOT_DTYPE), acc2, input_precision=INPUT_PRECISION)
         if HAS_CENTER:
             rows = tl.where(valid[:, None], rows - center[None, :], 0.0)
         acc = tl.dot(spread.to(DOT_DTYPE), rows.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
@@ -171,14 +151,8 @@ def _feature_sum_blocked_kernel(
         acc += tl.load(extra, mask=has_extra[:, None] & dim_valid[None, :], other=0.0).to(tl.float32)
         if HAS_EXTRA_SUMS:
             coef_total += tl.load(extra_sums_ptr + slot, mask=has_extra, other=0.0).to(tl.float32)
-        if PAIRED:
-            extra2 = extra_rows2_ptr + slot.to(tl.int64)[:, None] * stride_x2m + dims[None, :] * stride_x2d
-            acc2 += tl.load(extra2, mask=has_extra[:, None] & dim_valid[None, :], other=0.0).to(tl.float32)
     out = out_ptr + features.to(tl.int64)[:, None] * stride_of + dims[None, :] * stride_od
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=feature_valid[:, None] & dim_valid[None, :])
-    if PAIRED:
-        out2 = out2_ptr + features.to(tl.int64)[:, None] * stride_o2f + dims[None, :] * stride_o2d
-        tl.store(out2, acc2.to(out2_ptr.dtype.element_ty), mask=feature_valid[:, None] & dim_valid[None, :])
     if tl.program_id(1) == 0:
         tl.store(coef_sum_ptr + features, coef_total, mask=feature_valid)
 
@@ -186,18 +160,6 @@ def _feature_sum_blocked_kernel(
 class FeatureSums(NamedTuple):
     out: Tensor  # [F, d] in the asked dtype, or [d, F] when transposed
     coef_sum: Tensor  # [F] fp32
-    paired: Tensor | None = None  # [F, d]: the `PairedSum`'s out, where one was asked for
-
-
-class PairedSum(NamedTuple):
-    """A second sum over the same codes, taken in the same pass on the blocked route (each code's token,
-    feature and order loaded once for both): out2[f] = sum of coef[b, j] * rows[b], no centre, [F, d] in
-    `dtype`; `extra_rows` [n, d] added at the first sum's extra features (given when it has extras)."""
-
-    rows: Tensor  # [B, d]
-    coef: Tensor  # [B, K]
-    dtype: torch.dtype
-    extra_rows: Tensor | None = None
 
 
 class CodesByFeature(NamedTuple):
@@ -244,22 +206,18 @@ def feature_sums(
     by_feature: CodesByFeature | None = None,
     extra: tuple[Tensor, Tensor, Tensor | None] | None = None,
     extra_slots: Tensor | None = None,
-    paired: PairedSum | None = None,
 ) -> FeatureSums:
     """(out, coef_sum [F] in fp32) as defined in the module docstring; out is [F, d] in `dtype`,
     or its transpose [d, F] (contiguous) when `transposed`. rows [B, d]; coef, idx [B, K]; center [d] or
     None. `by_feature`: `sort_by_feature(idx, F)`, when the caller shares it between sums (the blocked
     route sorts otherwise). `extra` = (features [n] int64, distinct where >= 0, negative entries none;
     their rows [n, d]; their coef sums [n] or None): added to those features' sums. `extra_slots`:
-    `slots(features, F)`, when the caller shares it between sums. `paired`: a second sum over the same
-    codes, returned as FeatureSums.paired (in the same launch on the blocked route)."""
+    `slots(features, F)`, when the caller shares it between sums."""
     B, d = rows.shape
     K = idx.shape[1]
     coef, idx = coef.contiguous(), idx.contiguous()
     center_arg = center.contiguous() if center is not None else rows  # the kernels read it with unit stride
     coef_sum = rows.new_empty(n_features, dtype=torch.float32)
-    if paired is not None and (paired.extra_rows is None) != (extra is None):
-        raise ValueError("the paired sum's extra rows go with the first sum's extra features")
     if route(n_features, d) == "blocked":
         codes = by_feature if by_feature is not None else sort_by_feature(idx, n_features)
         out = rows.new_empty((d, n_features) if transposed else (n_features, d), dtype=dtype)
@@ -269,31 +227,21 @@ def feature_sums(
             extra_slot = slots(extra_features, n_features) if extra_slots is None else extra_slots
         else:
             extra_slot, extra_rows, extra_sums = coef_sum, rows, None  # placeholders the kernel never reads
-        if paired is not None:
-            rows2, coef2 = paired.rows, paired.coef.contiguous()
-            out2 = rows.new_empty(n_features, d, dtype=paired.dtype)
-            extra_rows2 = extra_rows if paired.extra_rows is None else paired.extra_rows
-        else:  # placeholders the kernel never reads
-            rows2, coef2, out2, extra_rows2 = rows, coef, out_f, extra_rows
 
         def run(cfg: dict) -> None:
             grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(d, cfg["BLOCK_D"]))
             _feature_sum_blocked_kernel[grid](
                 rows, center_arg, coef, codes.order, codes.tokens, codes.features, codes.offsets, out_f, coef_sum,
-                extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums, rows2, coef2, out2,
-                extra_rows2, n_features, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
-                extra_rows.stride(0), extra_rows.stride(1), *rows2.stride(), *out2.stride(), *extra_rows2.stride(),
+                extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums,
+                n_features, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
+                extra_rows.stride(0), extra_rows.stride(1),
                 HAS_CENTER=center is not None, HAS_EXTRA=extra is not None, HAS_EXTRA_SUMS=extra_sums is not None,
-                PAIRED=paired is not None, DOT_DTYPE=dot_dtype(rows.dtype), INPUT_PRECISION=input_precision(rows.dtype),
-                **cfg,
+                DOT_DTYPE=dot_dtype(rows.dtype), INPUT_PRECISION=input_precision(rows.dtype), **cfg,
             )  # fmt: skip
 
-        key = (
-            "feature_sums", "blocked", d, n_features, bucket(B), bucket(K), rows.dtype, dtype, extra is not None,
-            paired is not None,
-        )  # fmt: skip
-        run(tuned(key, _BLOCKED_CANDIDATES if paired is None else _PAIRED_CANDIDATES, run))
-        return FeatureSums(out, coef_sum, None if paired is None else out2)
+        key = ("feature_sums", "blocked", d, n_features, bucket(B), bucket(K), rows.dtype, dtype, extra is not None)
+        run(tuned(key, _BLOCKED_CANDIDATES, run))
+        return FeatureSums(out, coef_sum)
 
     out = torch.zeros(n_features, d, dtype=torch.float32, device=rows.device)
 
@@ -319,11 +267,7 @@ def feature_sums(
         out = out.new_empty(d, n_features, dtype=dtype).copy_(out.t())
     elif out.dtype != dtype:
         out = out.to(dtype)
-    paired_out = None
-    if paired is not None:  # (a pass of its own here)
-        paired_extra = None if extra is None else (extra[0], paired.extra_rows, None)
-        paired_out = feature_sums(paired.rows, paired.coef, idx, n_features, dtype=paired.dtype, extra=paired_extra).out
-    return FeatureSums(out, coef_sum, paired_out)
+    return FeatureSums(out, coef_sum)
 
 
 def slots(features: Tensor, n_features: int) -> Tensor:
