@@ -516,11 +516,6 @@ def _scatter_codes(pre: Tensor, indices: Tensor, values: Tensor, dtype: torch.dt
     return torch.zeros_like(pre, dtype=dtype).scatter_(1, indices, values.to(dtype))
 
 
-# AuxK's backward takes dW_dec's dead rows (a split-K product over the tokens) last, after the chain of
-# d_pre, its masked column sums and dW_enc's dead columns that dW_enc's sums wait for. Not yet timed.
-AUXK_DECODER_GRAD_LAST = False
-
-
 def _dense_auxk_backward(
     grad_out: Tensor, saved: tuple[Tensor, ...], needs_x: bool, needs_encoder: bool, needs_decoder: bool
 ) -> tuple[Tensor | None, ...]:
@@ -531,7 +526,7 @@ def _dense_auxk_backward(
     d b_dec, the centring's share, is -W_enc[:, padded] @ db_enc[padded]: the callers take it."""
     centered, W_enc_dead, W_dec_dead, codes, _ = saved
     grad_out = grad_out.to(codes.dtype)
-    dW_dec_dead = codes.t() @ grad_out if needs_decoder and not AUXK_DECODER_GRAD_LAST else None
+    dW_dec_dead = codes.t() @ grad_out if needs_decoder else None
     if not (needs_x or needs_encoder):
         return None, None, None, dW_dec_dead
     d_pre = grad_out @ W_dec_dead.t()
@@ -543,8 +538,6 @@ def _dense_auxk_backward(
     d_pre = d_pre.to(centered.dtype)
     dW_enc_dead = d_pre.t() @ centered if needs_encoder else None
     dx = d_pre @ W_enc_dead.t() if needs_x else None
-    if needs_decoder and AUXK_DECODER_GRAD_LAST:
-        dW_dec_dead = codes.t() @ grad_out
     return dx, dW_enc_dead, db_enc_dead, dW_dec_dead
 
 

@@ -14,7 +14,11 @@ d vals (each code's d x_hat . its decoder row) stay a kernel of their own (`deco
 load every code's d x_hat row anyway, measured no faster there: the captured SAEAdam step 1.983 against
 1.970 ms at GPT-2, 1.946 against 1.937 at AlphaFold3 and 3.021 against 3.035 at k = 128 (op
 `train_step_ab` in bench/results, two rounds each), as the decoder sums' registers rose from 72 to 99 a
-thread; commit 77d3235 has that path (FASTSAE_FUSED_DVALS).
+thread; commit 77d3235 has that path (FASTSAE_FUSED_DVALS). Nor did taking dW_dec's sums in dW_enc's
+launch (each code's order, token and feature loaded once, the two rows gathered side by side; 115-127
+registers a thread at half the columns a warp): 1.475 -> 1.541 ms at AlphaFold3's shape, 1.700 -> 1.763
+at GPT-2's (a54747a has it). AuxK's backward with dW_dec's dead rows last measured level (1.472 ->
+1.476 ms at AlphaFold3's, 1.699 -> 1.695 at GPT-2's).
 """
 
 from __future__ import annotations
