@@ -49,6 +49,8 @@ POINTER_TYPES = {
     "token_ptr": "*i32",
     "feature_ptr": "*i32",
     "offsets_ptr": "*i64",
+    "order_ptr": "*i64",
+    "weighted_ptr": "*fp32",
     "out_ptr": "*fp32",
     "coef_sum_ptr": "*fp32",
     "extra_slot_ptr": "*i32",
@@ -228,12 +230,13 @@ def _queue_kernels() -> None:
                 {"HAS_CENTER": has_center, **tile},
                 cfg["num_warps"],
             )
-    # The blocked sums: the encoder's (centred, with AuxK's dead-feature sums added) and the decoder's.
+    # The blocked sums: the encoder's (centred, with AuxK's dead-feature sums added and the centring's
+    # gradient from its coef sums) and the decoder's.
     for has_center in (True, False):
         for cfg in scatter._BLOCKED_CANDIDATES:
             tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_E": cfg["BLOCK_E"], "BLOCK_D": cfg["BLOCK_D"]}
             constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", "HAS_CENTER": has_center,
-                          "HAS_EXTRA": has_center, "HAS_EXTRA_SUMS": has_center,
+                          "HAS_EXTRA": has_center, "HAS_EXTRA_SUMS": has_center, "WEIGHTED": has_center,
                           **tile, "stride_rd": 1, "stride_xd": 1}  # fmt: skip
             queue_compile(
                 f"feature_sum_blocked {tile} warps={cfg['num_warps']} center={has_center}",

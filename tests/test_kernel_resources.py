@@ -26,9 +26,7 @@ SPILL_FREE = (
     "column_sums",
     "add_partial_sums",
     "reconstruction_sums",
-    # (the training losses' first launch with per-tile merges, the default until the two passes are
-    # timed, spills 48 B: fastsae/ops/loss.py)
-    "training_sums two_passes=True",
+    "training_sums",
     "training_merge_means",
     "training_losses",
     "decoder_",

@@ -99,11 +99,12 @@ def topk_autoencoder_backward(
         join_event(auxk_done, dead_dW_enc, dead_db_enc, dead_dW_dec)
     if dW_dec is None:
         dW_dec = decoder_sums()
-    dW_enc, db_enc = feature_sums(
+    dW_enc, db_enc, weighted = feature_sums(
         x, coef, idx, n_features, center=b_dec, dtype=W_enc.dtype, transposed=True, by_feature=by_feature,
-        extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc), extra_slots=dead_slots,
+        extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc), extra_slots=dead_slots, weight=W_enc,
     )  # fmt: skip
-    db_dec = centering_grad(W_enc, db_enc) + grad_recon_sums
+    # the centring's share, -W_enc @ db_enc: from the sums' own launch on the blocked route
+    db_dec = (centering_grad(W_enc, db_enc) if weighted is None else -weighted) + grad_recon_sums
     if x_requires_grad:
         dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
     else:  # (nobody reads it: no fill of [B, d])

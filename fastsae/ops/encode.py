@@ -600,12 +600,15 @@ def encode_topk_backward(
     if aux_idx.shape[1]:  # (no AuxK codes: the module's few-dead path, or none: no copy)
         aux_coef = torch.where(aux_vals > 0, grad_aux_vals, 0)
         coef, idx = torch.cat([coef, aux_coef], dim=1), torch.cat([idx, aux_idx], dim=1)
-    dW_enc, db_enc = feature_sums(x, coef, idx, W_enc.shape[1], center=b_dec, dtype=W_enc.dtype, transposed=True)
+    dW_enc, db_enc, weighted = feature_sums(
+        x, coef, idx, W_enc.shape[1], center=b_dec, dtype=W_enc.dtype, transposed=True, weight=W_enc
+    )
+    db_dec = centering_grad(W_enc, db_enc) if weighted is None else -weighted  # (from the sums' launch)
     if x_requires_grad:
         dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
     else:
         dx = x.new_empty(0)
-    return dx, dW_enc, db_enc.to(W_enc.dtype), centering_grad(W_enc, db_enc).to(b_dec.dtype)
+    return dx, dW_enc, db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype)
 
 
 @triton.jit

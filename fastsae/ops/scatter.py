@@ -102,9 +102,9 @@ def _feature_sum_atomic_kernel(
 @triton.jit
 def _feature_sum_blocked_kernel(
     rows_ptr, center_ptr, coef_ptr, order_ptr, token_ptr, feature_ptr, offsets_ptr, out_ptr, coef_sum_ptr,
-    extra_slot_ptr, extra_rows_ptr, extra_sums_ptr,
-    F, D, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd,
-    HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr,
+    extra_slot_ptr, extra_rows_ptr, extra_sums_ptr, weight_ptr, weighted_ptr,
+    F, D, stride_rm, stride_rd, stride_of, stride_od, stride_xm, stride_xd, stride_wd, stride_wf,
+    HAS_CENTER: tl.constexpr, HAS_EXTRA: tl.constexpr, HAS_EXTRA_SUMS: tl.constexpr, WEIGHTED: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_F: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -113,7 +113,8 @@ def _feature_sum_blocked_kernel(
     # per column) times the codes' gathered rows [BLOCK_E, BLOCK_D]: a tensor-core product adds every
     # code to its feature's sum. The rows are centred in fp32 before they meet the product's dtype, as
     # the encoder kernels centre theirs (subtracting sum(coef) * center after would cancel when the
-    # rows sit far from 0 and near the centre).
+    # rows sit far from 0 and near the centre). WEIGHTED: weighted [feature block, its dims] = the block's
+    # share of weight @ coef sums (every program of a feature block has its coef sums whole).
     first = tl.program_id(0) * BLOCK_F
     features = first + tl.arange(0, BLOCK_F)
     feature_valid = features < F
@@ -155,11 +156,17 @@ def _feature_sum_blocked_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=feature_valid[:, None] & dim_valid[None, :])
     if tl.program_id(1) == 0:
         tl.store(coef_sum_ptr + features, coef_total, mask=feature_valid)
+    if WEIGHTED:
+        weight = weight_ptr + dims.to(tl.int64)[None, :] * stride_wd + features[:, None] * stride_wf
+        w = tl.load(weight, mask=feature_valid[:, None] & dim_valid[None, :], other=0.0).to(tl.float32)
+        weighted = weighted_ptr + tl.program_id(0).to(tl.int64) * D + dims
+        tl.store(weighted, tl.sum(w * coef_total[:, None], axis=0), mask=dim_valid)
 
 
 class FeatureSums(NamedTuple):
     out: Tensor  # [F, d] in the asked dtype, or [d, F] when transposed
     coef_sum: Tensor  # [F] fp32
+    weighted: Tensor | None = None  # [d] fp32: weight @ coef_sum, where asked for on the blocked route
 
 
 class CodesByFeature(NamedTuple):
@@ -206,18 +213,23 @@ def feature_sums(
     by_feature: CodesByFeature | None = None,
     extra: tuple[Tensor, Tensor, Tensor | None] | None = None,
     extra_slots: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> FeatureSums:
     """(out, coef_sum [F] in fp32) as defined in the module docstring; out is [F, d] in `dtype`,
     or its transpose [d, F] (contiguous) when `transposed`. rows [B, d]; coef, idx [B, K]; center [d] or
     None. `by_feature`: `sort_by_feature(idx, F)`, when the caller shares it between sums (the blocked
     route sorts otherwise). `extra` = (features [n] int64, distinct where >= 0, negative entries none;
     their rows [n, d]; their coef sums [n] or None): added to those features' sums. `extra_slots`:
-    `slots(features, F)`, when the caller shares it between sums."""
+    `slots(features, F)`, when the caller shares it between sums. `weight` [d, F]: on the blocked route
+    FeatureSums.weighted = weight @ coef_sum in fp32, from the same launch's epilogue (per feature block,
+    added after in a fixed order); None on the atomic route."""
     B, d = rows.shape
     K = idx.shape[1]
     coef, idx = coef.contiguous(), idx.contiguous()
     center_arg = center.contiguous() if center is not None else rows  # the kernels read it with unit stride
     coef_sum = rows.new_empty(n_features, dtype=torch.float32)
+    if weight is not None and weight.shape != (d, n_features):
+        raise ValueError(f"weight must be [d, F] = {(d, n_features)}, got {tuple(weight.shape)}")
     if route(n_features, d) == "blocked":
         codes = by_feature if by_feature is not None else sort_by_feature(idx, n_features)
         out = rows.new_empty((d, n_features) if transposed else (n_features, d), dtype=dtype)
@@ -228,20 +240,30 @@ def feature_sums(
         else:
             extra_slot, extra_rows, extra_sums = coef_sum, rows, None  # placeholders the kernel never reads
 
+        weighted_parts = coef_sum  # [feature blocks, d] where `weight` is given (a placeholder otherwise)
+        weight_arg = coef_sum[None, :] if weight is None else weight
+
         def run(cfg: dict) -> None:
+            nonlocal weighted_parts
             grid = (cdiv(n_features, cfg["BLOCK_F"]), cdiv(d, cfg["BLOCK_D"]))
+            if weight is not None:
+                weighted_parts = rows.new_empty(grid[0], d, dtype=torch.float32)
             _feature_sum_blocked_kernel[grid](
                 rows, center_arg, coef, codes.order, codes.tokens, codes.features, codes.offsets, out_f, coef_sum,
-                extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums,
+                extra_slot, extra_rows, coef_sum if extra_sums is None else extra_sums, weight_arg, weighted_parts,
                 n_features, d, rows.stride(0), rows.stride(1), out_f.stride(0), out_f.stride(1),
-                extra_rows.stride(0), extra_rows.stride(1),
+                extra_rows.stride(0), extra_rows.stride(1), weight_arg.stride(0), weight_arg.stride(1),
                 HAS_CENTER=center is not None, HAS_EXTRA=extra is not None, HAS_EXTRA_SUMS=extra_sums is not None,
-                DOT_DTYPE=dot_dtype(rows.dtype), INPUT_PRECISION=input_precision(rows.dtype), **cfg,
+                WEIGHTED=weight is not None, DOT_DTYPE=dot_dtype(rows.dtype),
+                INPUT_PRECISION=input_precision(rows.dtype), **cfg,
             )  # fmt: skip
 
-        key = ("feature_sums", "blocked", d, n_features, bucket(B), bucket(K), rows.dtype, dtype, extra is not None)
+        key = (
+            "feature_sums", "blocked", d, n_features, bucket(B), bucket(K), rows.dtype, dtype, extra is not None,
+            weight is not None,
+        )  # fmt: skip
         run(tuned(key, _BLOCKED_CANDIDATES, run))
-        return FeatureSums(out, coef_sum)
+        return FeatureSums(out, coef_sum, None if weight is None else weighted_parts.sum(dim=0))
 
     out = torch.zeros(n_features, d, dtype=torch.float32, device=rows.device)
 
