@@ -29,7 +29,7 @@ from .ops import encode as encode_ops
 from .ops import filter as filter_ops
 from .ops import loss as loss_ops
 from .ops import scatter as scatter_ops
-from .ops.launch import join_stream, on_stream, only_asked
+from .ops.launch import join_event, join_stream, on_stream, only_asked
 
 _ext.load()  # the C++ death-statistics ops: fire_counts, fire_counts_dense, update_since_fired, dead_mask
 
@@ -614,7 +614,12 @@ AUXK_AFTER_ENCODE = True
 # 100 us of the captured AlphaFold3 step's backward moved beside AuxK. Captured SAEAdam step on the H200,
 # off -> on: 1.574 -> 1.553 ms at AlphaFold3's shape, 1.774 -> 1.769 at GPT-2's (b61f826).
 SORT_IN_FORWARD = True
+# That sort on a third stream of its own, which only the backward waits for (an event), so that the
+# forward's losses start as soon as the decode and AuxK's forward are done rather than after the sort
+# too. (In a trace of the captured AlphaFold3 step, a54747a, the losses waited 27 us for the sort's tail.)
+SORT_ON_OWN_STREAM = True
 _side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
+_sort_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _auxk_side_stream(x: Tensor) -> torch.cuda.Stream | None:
@@ -649,10 +654,18 @@ class _TopKAutoencoder(torch.autograd.Function):
         if side is not None and AUXK_AFTER_ENCODE:
             aux_recon, aux_saved = queue_auxk()
         recon = _decode_sparse(vals, idx, W_dec, b_dec)
-        ctx.by_feature = None
+        ctx.by_feature, ctx.sorted = None, None
         n_features, d = W_enc.shape[1], W_enc.shape[0]
         if side is not None and SORT_IN_FORWARD and scatter_ops.route(n_features, d) == "blocked":
-            ctx.by_feature = scatter_ops.sort_by_feature(idx, n_features)  # while the side stream runs AuxK
+            if SORT_ON_OWN_STREAM:
+                if x.device not in _sort_streams:
+                    _sort_streams[x.device] = torch.cuda.Stream(x.device)
+                sort_stream = _sort_streams[x.device]
+                with on_stream(sort_stream):
+                    ctx.by_feature = scatter_ops.sort_by_feature(idx, n_features)
+                ctx.sorted = sort_stream.record_event()  # what the backward waits for
+            else:
+                ctx.by_feature = scatter_ops.sort_by_feature(idx, n_features)  # while the side stream runs AuxK
         if side is not None:
             join_stream(side, aux_recon, *aux_saved)
         elif features is not None:
@@ -666,6 +679,8 @@ class _TopKAutoencoder(torch.autograd.Function):
     def backward(ctx, grad_recon, grad_vals, _grad_idx, grad_aux):
         x, W_enc, b_dec, W_dec, vals, idx, *aux_saved = ctx.saved_tensors
         needs_x = ctx.needs_input_grad[0]
+        if ctx.sorted is not None:  # (long done: the forward's losses ran beside it)
+            join_event(ctx.sorted, *ctx.by_feature)
         side = ctx.side_stream if ctx.side_stream is not None and aux_saved else None
         dx_aux, dead, dead_dW_enc, dead_db_enc, dead_dW_dec = None, None, None, None, None
         if aux_saved:

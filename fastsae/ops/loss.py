@@ -141,7 +141,10 @@ def reconstruction_sums_backward(
 LOSS_PROGRAMS_PER_SM = 2  # row ranges of the first launch: few partial means for the second to merge
 LOSS_BLOCK_M = 16  # rows of a tile of the first launch
 LOSS_BLOCK_D = 64  # columns a program of the first launch owns
-MERGE_ELEMENTS = 16384  # partial means a program of the second launch loads at once (programs x columns)
+# Partial means a program of the second launch loads at once (programs x columns): 4096 gives 48 programs
+# at AlphaFold3's shape on the H200 (264 programs' means of 384 columns) where 16384 gave 12, which took
+# 12 us of the captured step's forward (trace of a54747a).
+MERGE_ELEMENTS = 4096
 
 
 @triton.jit
