@@ -797,8 +797,8 @@ def _(x_hat, x):
 def _reconstruction_sums_backward(
     grad_error: Tensor, grad_deviations: Tensor, x_hat: Tensor, x: Tensor, x_hat_grad: bool, x_grad: bool
 ) -> tuple[Tensor, Tensor]:
-    return only_asked(reference.reconstruction_sums_backward(grad_error, grad_deviations, x_hat, x),
-                               (x_hat_grad, x_grad))  # fmt: skip
+    grads = reference.reconstruction_sums_backward(grad_error, grad_deviations, x_hat, x)
+    return only_asked(grads, (x_hat_grad, x_grad))
 
 
 _reconstruction_sums_backward.register_kernel("cuda")(loss_ops.reconstruction_sums_backward)

@@ -51,17 +51,7 @@ from .filter import (
     store_codes,
     to_key,
 )
-from .launch import (
-    INTERPRET,
-    bucket,
-    cdiv,
-    dot_dtype,
-    input_precision,
-    next_power_of_2,
-    only_asked,
-    sm_count,
-    tuned,
-)
+from .launch import INTERPRET, bucket, cdiv, dot_dtype, input_precision, next_power_of_2, only_asked, sm_count, tuned
 from .scatter import feature_sums
 
 MAX_KEEP = 2048  # largest k (and k_aux, both rounded up to powers of two) the kernels keep; beyond: dense route
