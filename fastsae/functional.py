@@ -458,13 +458,19 @@ def topk_autoencoder(
     return TopKAutoencoderOutput(recon, vals, idx, None if dead_features is None else aux_recon)
 
 
-def _dense_auxk_forward(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int,
-    keep: Callable[[Tensor], Tensor] | None,
-) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
-    """`auxk_reconstruction`'s value, and what `_dense_auxk_backward` needs: (centred x, W_enc's and
-    W_dec's dead-feature columns and rows, the dense codes [B, n'], the feature list padded to n' with
-    -1, its negative entries kept)."""
+class _AuxKOperands(NamedTuple):
+    """What the dense AuxK path's products read, gathered from the weights before them."""
+
+    slots: Tensor  # [n'] the feature list padded to a multiple of 8 with -1 (negative entries: none)
+    centered: Tensor  # [B, d] x - b_dec in W_enc's dtype
+    W_enc_dead: Tensor  # [d, n'] W_enc's columns of the listed features
+    b_enc_dead: Tensor  # [n'] their biases, -inf at the padding
+    W_dec_dead: Tensor  # [n', d] W_dec's rows of the listed features
+
+
+def _auxk_operands(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor
+) -> _AuxKOperands:
     n = features.shape[0]
     # Padded to a multiple of 8 columns (with feature 0, masked out of the top-k below): a bf16 [B, n]
     # matrix whose rows are not 16-byte aligned sends cuBLAS to kernels several times slower (measured:
@@ -474,9 +480,23 @@ def _dense_auxk_forward(
     # step on the H200 and 42 at AlphaFold3's).
     slots = torch.cat([features, features.new_full((-n % 8,), -1)])  # negative: padding, no feature
     padded = slots.clamp_min(0)
-    centered = _centered(x, b_dec, W_enc.dtype)
-    W_enc_dead = W_enc.index_select(1, padded)
     b_enc_dead = b_enc.index_select(0, padded).masked_fill_(slots < 0, float("-inf"))
+    W_enc_dead, W_dec_dead = W_enc.index_select(1, padded), W_dec.index_select(0, padded)
+    return _AuxKOperands(slots, _centered(x, b_dec, W_enc.dtype), W_enc_dead, b_enc_dead, W_dec_dead)
+
+
+def _dense_auxk_forward(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int,
+    keep: Callable[[Tensor], Tensor] | None, operands: _AuxKOperands | None = None,
+) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
+    """`auxk_reconstruction`'s value, and what `_dense_auxk_backward` needs: (centred x, W_enc's and
+    W_dec's dead-feature columns and rows, the dense codes [B, n'], the feature list padded to n' with
+    -1, its negative entries kept). `operands`: `_auxk_operands(...)`, where the caller gathered them
+    already."""
+    n = features.shape[0]
+    if operands is None:
+        operands = _auxk_operands(x, W_enc, b_enc, b_dec, W_dec, features)
+    slots, centered, W_enc_dead, b_enc_dead, W_dec_dead = operands
     if b_enc_dead.dtype == centered.dtype:
         pre = torch.addmm(b_enc_dead, centered, W_enc_dead)
     else:
@@ -494,7 +514,6 @@ def _dense_auxk_forward(
         top_values, indices = scores.topk(min(k_aux, n), dim=1, sorted=False)
         values = top_values.relu_() if keep is None else keep(top_values.relu_())
         codes = _scatter_codes(pre, indices, values, W_dec.dtype)
-    W_dec_dead = W_dec.index_select(0, padded)
     return codes @ W_dec_dead, (centered, W_enc_dead, W_dec_dead, codes, slots)
 
 
@@ -620,6 +639,11 @@ SORT_IN_FORWARD = True
 # Captured SAEAdam step on the H200, off -> on: 1.474 -> 1.466 ms at AlphaFold3's shape, level at GPT-2's
 # (1.705 -> 1.706; afefa16).
 SORT_ON_OWN_STREAM = True
+# With AuxK after the encode, its operands (the centred x, the dead features' weight columns and rows: a
+# cat, a centring and three gathers, about 35 us of launches in a trace of the captured AlphaFold3 step,
+# a54747a, which started only once the decode left the SMs) gathered on the side stream before the
+# encode, so that after it AuxK's products start at once. Not yet timed on the H200.
+AUXK_OPERANDS_FIRST = False
 _side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 _sort_streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -646,9 +670,14 @@ class _TopKAutoencoder(torch.autograd.Function):
         aux_recon, aux_saved = x.new_empty(0, dtype=W_dec.dtype), ()
         side = _auxk_side_stream(x) if features is not None else None
 
+        operands = None
+        if side is not None and AUXK_AFTER_ENCODE and AUXK_OPERANDS_FIRST:
+            with on_stream(side):
+                operands = _auxk_operands(x, W_enc, b_enc, b_dec, W_dec, features)
+
         def queue_auxk():
             with on_stream(side):
-                return _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
+                return _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None, operands)
 
         if side is not None and not AUXK_AFTER_ENCODE:  # the side stream's work is short and takes free SMs first
             aux_recon, aux_saved = queue_auxk()
