@@ -535,6 +535,13 @@ def _scatter_codes(pre: Tensor, indices: Tensor, values: Tensor, dtype: torch.dt
     return torch.zeros_like(pre, dtype=dtype).scatter_(1, indices, values.to(dtype))
 
 
+# The dense AuxK backward's d pre-activations, masked, and their column sums from one GEMM launch of
+# fastsae's (`columns.masked_product_sums`: the mask, the write and the sums in its epilogue) instead of
+# cuBLAS's product and `masked_column_sums_` after it (25 + 33 us, which write and read the [B, n] product
+# twice, on the critical path of the captured AlphaFold3 step's backward, a54747a). Not yet timed.
+AUXK_MASKED_PRODUCT = False
+
+
 def _dense_auxk_backward(
     grad_out: Tensor, saved: tuple[Tensor, ...], needs_x: bool, needs_encoder: bool, needs_decoder: bool
 ) -> tuple[Tensor | None, ...]:
@@ -548,12 +555,16 @@ def _dense_auxk_backward(
     dW_dec_dead = codes.t() @ grad_out if needs_decoder else None
     if not (needs_x or needs_encoder):
         return None, None, None, dW_dec_dead
-    d_pre = grad_out @ W_dec_dead.t()
-    if d_pre.is_cuda and d_pre.dtype != torch.float64:  # the mask and the sum in one pass (ops/columns.py)
-        db_enc_dead = column_ops.masked_column_sums_(d_pre, codes)
+    on_gpu = grad_out.is_cuda and grad_out.dtype != torch.float64
+    if on_gpu and AUXK_MASKED_PRODUCT:
+        d_pre, db_enc_dead = column_ops.masked_product_sums(grad_out, W_dec_dead, codes)
     else:
-        d_pre.mul_(codes > 0)  # ReLU and top-k: selected, > 0
-        db_enc_dead = d_pre.sum(0, dtype=torch.promote_types(d_pre.dtype, torch.float32))
+        d_pre = grad_out @ W_dec_dead.t()
+        if on_gpu:  # the mask and the sum in one pass (ops/columns.py)
+            db_enc_dead = column_ops.masked_column_sums_(d_pre, codes)
+        else:
+            d_pre.mul_(codes > 0)  # ReLU and top-k: selected, > 0
+            db_enc_dead = d_pre.sum(0, dtype=torch.promote_types(d_pre.dtype, torch.float32))
     d_pre = d_pre.to(centered.dtype)
     dW_enc_dead = d_pre.t() @ centered if needs_encoder else None
     dx = d_pre @ W_enc_dead.t() if needs_x else None

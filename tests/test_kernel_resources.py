@@ -24,6 +24,7 @@ SPILL_FREE = (
     "centering_grad",
     "auxk_row_topk",
     "column_sums",
+    "masked_product",
     "add_partial_sums",
     "reconstruction_sums",
     "training_sums",
