@@ -5,8 +5,10 @@ both) against the eager dense
 step SAE code usually runs, its torch.compile, and sparsify's SparseCoder when installed, with the
 cuBLAS encoder GEMM as the floor.
 
-bf16 parameters at the benchmark shapes (harness.SHAPES). Before timing, every provider's FVU on the
-same batch and weights is checked against the fp32 reference.
+bf16 parameters at the benchmark shapes (harness.SHAPES). Every provider steps with the same optimizer,
+torch.optim.Adam with fused=True (`adam`; in rows up to commit ce049f2 the eager providers stepped with
+torch's default multi-tensor Adam), except the SAEAdam rows. Before timing, every provider's FVU on the same batch and weights is
+checked against the fp32 reference.
 
 Op `train_step_batchtopk`: the BatchTopK SAE's step (no AuxK) at the three shapes, on the sparse codes
 (`fastsae`, the default) and on the dense ones (`fastsae_dense_codes`, FASTSAE_BATCHTOPK_SPARSE=0),
@@ -44,6 +46,11 @@ DEAD_AFTER_TOKENS = 2**40  # beyond what the live features go without firing whi
 # otherwise fall in do_bench's estimate of the step's time, from which it sizes its timed loop (at
 # a3c6605 both fastsae_graph rows came out with p20 = median = p80: one timed replay, it seems).
 STEADY_CALLS = 5
+
+
+def adam(params, capturable: bool = False) -> torch.optim.Adam:
+    """Every provider's optimizer: torch's fused Adam (one kernel over the parameters, no temporaries)."""
+    return torch.optim.Adam(params, lr=1e-4, fused=True, capturable=capturable)
 
 
 def expected_topk_fvu(x: torch.Tensor, weights: dict, k: int) -> torch.Tensor:
@@ -85,7 +92,7 @@ def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False
     if fused_optimizer:
         optimizer = fastsae.optim.SAEAdam(sae, lr=1e-4, capturable=graph)
     else:
-        optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=graph, capturable=graph)
+        optimizer = adam(sae.parameters(), capturable=graph)
     captured = fastsae.graphs.CapturedStep(sae, optimizer) if graph else None
 
     def step(x):
@@ -102,7 +109,7 @@ def _batchtopk_step(d, n_features, k, weights, sparse_codes: bool):
                             check_finite=False)  # fmt: skip
     sae = fastsae.SparseAutoencoder(cfg).cuda()
     sae.load_state_dict({**sae.state_dict(), **weights})
-    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    optimizer = adam(sae.parameters())
 
     def step(x):
         previous, batchtopk_ops.SPARSE_CODES = batchtopk_ops.SPARSE_CODES, sparse_codes
@@ -138,7 +145,7 @@ def _dense_loss(params, x, k, k_aux, dead):
 def _dense_step(loss_fn, weights, compile_loss: bool):
     """The eager step around loss_fn(params, x) -> (FVU, loss), or its torch.compile."""
     params = [weights[name].clone().requires_grad_() for name in ("W_enc", "b_enc", "W_dec", "b_dec")]
-    optimizer = torch.optim.Adam(params, lr=1e-4)
+    optimizer = adam(params)
     loss_fn = torch.compile(loss_fn) if compile_loss else loss_fn
 
     def step(x):
@@ -163,7 +170,7 @@ def _sparsify_step(sparsify, d, n_features, k, weights, dead):
         coder.encoder.bias.copy_(weights["b_enc"])
         coder.W_dec.copy_(weights["W_dec"])
         coder.b_dec.copy_(weights["b_dec"])
-    optimizer = torch.optim.Adam(coder.parameters(), lr=1e-4)
+    optimizer = adam(coder.parameters())
 
     def step(x):
         out = coder(x, dead_mask=dead)
