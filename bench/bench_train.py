@@ -7,8 +7,8 @@ cuBLAS encoder GEMM as the floor.
 
 bf16 parameters at the benchmark shapes (harness.SHAPES). Every provider steps with the same optimizer,
 torch.optim.Adam with fused=True (`adam`; in rows up to commit ce049f2 the eager providers stepped with
-torch's default multi-tensor Adam), except the SAEAdam rows. Before timing, every provider's FVU on the same batch and weights is
-checked against the fp32 reference.
+torch's default multi-tensor Adam), except the SAEAdam rows. Before timing, every provider's FVU on the
+same batch and weights is checked against the fp32 reference.
 
 Op `train_step_batchtopk`: the BatchTopK SAE's step (no AuxK) at the three shapes, on the sparse codes
 (`fastsae`, the default) and on the dense ones (`fastsae_dense_codes`, FASTSAE_BATCHTOPK_SPARSE=0),
