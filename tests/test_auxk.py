@@ -105,23 +105,28 @@ def test_auxk_backward_with_the_masked_product(dtype, monkeypatch):
         assert_close(got, want, dtype, name)
 
 
+@pytest.mark.parametrize("shortcut", [False, True], ids=["select", "shortcut"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device, B, n", CASES, ids=lambda v: None)
-def test_row_topk_codes(device, B, n, dtype):
+def test_row_topk_codes(device, B, n, dtype, shortcut, monkeypatch):
     """The codes the row top-k writes are the ReLU of the entries `row_topk_indices` selects, scattered
     into zeros (ties included: the same selection; the input's dtype, as the SAE's weights share one),
     with padding columns beyond n
-    (zeros whatever they hold) and negative, -inf and NaN entries."""
+    (zeros whatever they hold) and negative, -inf and NaN entries. With `auxk.CODES_WITHOUT_SELECTION`
+    (`shortcut`), rows shifted down to a few positive entries take it where k reaches their count."""
+    monkeypatch.setattr(auxk, "CODES_WITHOUT_SELECTION", shortcut)
     n_out = min(n + 5, auxk.MAX_ROW)
-    pre = torch.randn(B, n_out, device=device).to(dtype)
-    pre[:, :2] = float("-inf")
-    pre[0, 3] = float("nan")
-    pre[1 % B, :] = pre[1 % B, 5]  # a row of ties
-    for k in (1, min(n, 384) // 3 + 1, n):
-        idx = auxk.row_topk_indices(pre[:, :n], k)
-        expected = torch.zeros_like(pre).scatter_(1, idx, pre.gather(1, idx).relu())
-        got = auxk.row_topk_codes(pre, n, k, dtype)
-        assert got.dtype == dtype and got.shape == (B, n_out)
-        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.nan_to_num(), expected.nan_to_num()), k
+    for shift in (0.0, -2.0):
+        pre = (torch.randn(B, n_out, device=device) + shift).to(dtype)
+        pre[:, :2] = float("-inf")
+        pre[0, 3] = float("nan")
+        pre[1 % B, :] = pre[1 % B, 5]  # a row of ties
+        for k in (1, min(n, 384) // 3 + 1, n):
+            idx = auxk.row_topk_indices(pre[:, :n], k)
+            expected = torch.zeros_like(pre).scatter_(1, idx, pre.gather(1, idx).relu())
+            got = auxk.row_topk_codes(pre, n, k, dtype)
+            assert got.dtype == dtype and got.shape == (B, n_out)
+            same_nans = torch.equal(got.isnan(), expected.isnan())
+            assert same_nans and torch.equal(got.nan_to_num(), expected.nan_to_num()), (shift, k)
     with pytest.raises(ValueError, match="n_out"):
         auxk.row_topk_codes(pre[:, : n - 1], n, 1, torch.bfloat16)

@@ -46,6 +46,10 @@ from .launch import cdiv, next_power_of_2
 ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK", "1") == "1"
 MAX_ROW = 2048  # longest row (16 entries a thread of four warps); longer ones measured faster in torch.topk
 ENTRIES_PER_THREAD = 16
+# `row_topk_codes` writes a row's ReLU without selecting where the row has at most k positive entries
+# (`_row_topk_kernel`'s SHORTCUT): dead features' pre-activations are mostly negative, and in the
+# training benchmark (bench/bench_train.py: dead features' bias -8) every row's are. Not yet timed.
+CODES_WITHOUT_SELECTION = False
 PROGRAM_ELEMENTS = 1024  # shorter rows are taken several to a program, up to this many entries
 # Low bits of the fp32 order keys that are zero (positives) or one (negatives) in every value of a dtype.
 KEY_SHIFT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
@@ -65,19 +69,9 @@ def _largest_reaching(keys, k, BITS: tl.constexpr):
 
 
 @triton.jit
-def _row_topk_kernel(
-    pre_ptr, out_ptr, B, n, n_out, k, stride_pm, stride_pn, stride_om,
-    KEY_SHIFT: tl.constexpr, WRITE_CODES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Per row of `pre` [B, n]: the indices of its k largest entries into `out` [B, k], or with
-    WRITE_CODES the dense codes [B, n_out] (each selected entry's ReLU in its column, zeros elsewhere,
-    columns n to n_out included)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)[:, None]
-    cols = tl.arange(0, BLOCK_N)[None, :]
-    present = (rows < B)[:, None] & (cols < n)
-    values = tl.load(pre_ptr + rows64 * stride_pm + cols * stride_pn, mask=present, other=float("-inf"))
-    values = values.to(tl.float32)
+def _winners(values, present, k, KEY_SHIFT: tl.constexpr):
+    """bool [BLOCK_M, BLOCK_N]: each row's k largest `values` where `present` (ties to the larger index,
+    NaN as -inf)."""
     # Unsigned keys of 32 - KEY_SHIFT bits in the values' order: the signed `_ordered` key shifted, then
     # offset by half its range (a wrapping add in uint32), NaN as -inf. -inf's key is above 0, so
     # entries outside the row get key 0 and the rounds need no mask. The codes load the winners' values
@@ -92,13 +86,41 @@ def _row_topk_kernel(
     # Among the ties, the `need` of largest index: those with at most `need` tied entries at or after
     # them (one scan, where rounds over the column bits cost as many cross-warp sums as the bits).
     tied_from_here = tl.cumsum(tied.to(tl.int32), axis=1, reverse=True)
-    win = greater | (tied & (tied_from_here <= need[:, None]))
+    return greater | (tied & (tied_from_here <= need[:, None]))
+
+
+@triton.jit
+def _row_topk_kernel(
+    pre_ptr, out_ptr, B, n, n_out, k, stride_pm, stride_pn, stride_om,
+    KEY_SHIFT: tl.constexpr, WRITE_CODES: tl.constexpr, SHORTCUT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Per row of `pre` [B, n]: the indices of its k largest entries into `out` [B, k], or with
+    WRITE_CODES the dense codes [B, n_out] (each selected entry's ReLU in its column, zeros elsewhere,
+    columns n to n_out included). SHORTCUT (codes only): a program whose rows each hold at most k
+    positive entries and no NaN writes their ReLU without selecting: every positive entry is among the
+    k largest, and the entries that complete k have codes of 0 whichever they are."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    present = (rows < B)[:, None] & (cols < n)
+    values = tl.load(pre_ptr + rows64 * stride_pm + cols * stride_pn, mask=present, other=float("-inf"))
+    values = values.to(tl.float32)
     if WRITE_CODES:
-        values = tl.load(pre_ptr + rows64 * stride_pm + cols * stride_pn, mask=win, other=0.0).to(tl.float32)
-        codes = tl.where(values < 0, 0.0, values)  # torch.relu's: NaN stays, -inf is 0
         written = (rows < B)[:, None] & (cols < n_out)
+        codes = tl.where(values > 0, values, 0.0)  # the shortcut's (a program with a NaN selects)
+        select = True
+        if SHORTCUT:
+            most_positive = tl.max(tl.sum((values > 0).to(tl.int32), axis=1), axis=0)
+            nans = tl.sum(tl.sum((values != values).to(tl.int32), axis=1), axis=0)
+            select = (most_positive > k) | (nans > 0)
+        if select:
+            win = _winners(values, present, k, KEY_SHIFT)
+            values = tl.load(pre_ptr + rows64 * stride_pm + cols * stride_pn, mask=win, other=0.0).to(tl.float32)
+            codes = tl.where(values < 0, 0.0, values)  # torch.relu's: NaN stays, -inf is 0
         tl.store(out_ptr + rows64 * stride_om + cols, codes.to(out_ptr.dtype.element_ty), mask=written)
     else:
+        win = _winners(values, present, k, KEY_SHIFT)
         position = tl.cumsum(win.to(tl.int32), axis=1) - 1
         tl.store(out_ptr + rows64 * stride_om + position, cols.to(tl.int64) + tl.zeros_like(rows64), mask=win)
 
@@ -147,5 +169,5 @@ def _launch(pre: Tensor, out: Tensor, n: int, k: int, write_codes: bool) -> None
     tile = row_tile(n_out)
     _row_topk_kernel[(cdiv(B, tile["BLOCK_M"]),)](
         pre, out, B, n, n_out, k, pre.stride(0), pre.stride(1), out.stride(0),
-        KEY_SHIFT=KEY_SHIFT[pre.dtype], WRITE_CODES=write_codes, **tile,
+        KEY_SHIFT=KEY_SHIFT[pre.dtype], WRITE_CODES=write_codes, SHORTCUT=CODES_WITHOUT_SELECTION, **tile,
     )  # fmt: skip
