@@ -285,8 +285,8 @@ def _queue_kernels() -> None:
     flags = ("GRAD_LOSS", "GRAD_MSE", "GRAD_FVU", "GRAD_AUXK", "RECON_GRAD", "X_GRAD", "AUX_GRAD")
     constexprs = {**dict.fromkeys(flags, True), "BLOCK_M": block_m, "BLOCK_D": block_d}
     queue_compile("training_losses_bwd", loss._training_losses_bwd_kernel, constexprs, 8)
-    tile = {"BLOCK_D": encode.CENTERING_GRAD_ROWS, "BLOCK_F": encode.CENTERING_GRAD_BLOCK}
-    queue_compile("centering_grad", encode._centering_grad_kernel, tile, 4)
+    tile = {"BLOCK_D": scatter.WEIGHTED_SUMS_ROWS, "BLOCK_F": scatter.WEIGHTED_SUMS_BLOCK}
+    queue_compile("weighted_sums", scatter._weighted_sums_kernel, tile, 4)
     for d in (768, 4096):
         _, cfg = decoder._grid(torch.empty(1, d, device="meta"))
         tile = {"BLOCK_F": cfg["BLOCK_F"], "BLOCK_D": cfg["BLOCK_D"]}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastsae import reference
-from fastsae.ops import encode, filter
+from fastsae.ops import encode, filter, scatter
 from fastsae.ops.filter import filter_topk, row_filter_topk
 from fastsae.testing import assert_positive_counts_match, relative_rms_error
 
@@ -429,18 +429,19 @@ def test_encode_topk_backward_kernel(device, B, d, F, k, k_aux, dtype, determini
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("splits", [1, 2, 64])
-def test_centering_grad_over_feature_splits(device, splits, monkeypatch):
-    """db_dec = -W_enc @ db_enc, read in the weights' dtype and summed in fp32 over feature splits: one,
-    two (the last one short) or as many as programs of 512 features (a partial one last), on a W_enc
-    with strides (a transposed view) and an F that is no multiple of 512."""
+def test_weighted_sums_over_feature_splits(device, splits, monkeypatch):
+    """W_enc @ db_enc (the centring's gradient, negated, on the feature sums' atomic route), read in the
+    weights' dtype and summed in fp32 over feature splits: one, two (the last one short) or as many as
+    programs of 512 features (a partial one last), on a W_enc with strides (a transposed view) and an F
+    that is no multiple of 512."""
     d, F = 24, 1300
-    monkeypatch.setattr(encode, "CENTERING_GRAD_FEATURES", 512)
-    monkeypatch.setattr(encode, "CENTERING_GRAD_SPLITS", splits)
+    monkeypatch.setattr(scatter, "WEIGHTED_SUMS_FEATURES", 512)
+    monkeypatch.setattr(scatter, "WEIGHTED_SUMS_SPLITS", splits)
     W_enc = torch.randn(F, d, device=device).bfloat16().t()
     db_enc = torch.randn(F, device=device)
-    out = encode.centering_grad(W_enc, db_enc)
+    out = scatter.weighted_sums(W_enc, db_enc)
     assert out.dtype == torch.float32 and out.shape == (d,)
-    assert_close(out, -(W_enc.double() @ db_enc.double()), torch.float32, "db_dec")
+    assert_close(out, W_enc.double() @ db_enc.double(), torch.float32, "W_enc @ db_enc")
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

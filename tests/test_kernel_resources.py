@@ -21,7 +21,7 @@ SPILL_FREE = (
     "encode_relu",
     "decode_sparse",
     "feature_sum",
-    "centering_grad",
+    "weighted_sums",
     "auxk_row_topk",
     "column_sums",
     "masked_product",

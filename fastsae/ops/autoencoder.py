@@ -29,7 +29,6 @@ from torch import Tensor
 from .. import reference
 from .columns import column_sums
 from .decode import decode_sparse, sparse_dvals
-from .encode import centering_grad
 from .launch import join_event, join_stream, on_stream, only_asked
 from .scatter import CodesByFeature, feature_sums, route, slots, sort_by_feature
 
@@ -103,8 +102,7 @@ def topk_autoencoder_backward(
         x, coef, idx, n_features, center=b_dec, dtype=W_enc.dtype, transposed=True, by_feature=by_feature,
         extra=None if dead is None else (dead, dead_dW_enc, dead_db_enc), extra_slots=dead_slots, weight=W_enc,
     )  # fmt: skip
-    # the centring's share, -W_enc @ db_enc: from the sums' own launch on the blocked route
-    db_dec = (centering_grad(W_enc, db_enc) if weighted is None else -weighted) + grad_recon_sums
+    db_dec = grad_recon_sums - weighted  # the centring's share, -W_enc @ db_enc, from the sums
     if x_requires_grad:
         dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
     else:  # (nobody reads it: no fill of [B, d])

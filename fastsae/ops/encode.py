@@ -593,53 +593,9 @@ def encode_topk_backward(
     dW_enc, db_enc, weighted = feature_sums(
         x, coef, idx, W_enc.shape[1], center=b_dec, dtype=W_enc.dtype, transposed=True, weight=W_enc
     )
-    db_dec = centering_grad(W_enc, db_enc) if weighted is None else -weighted  # (from the sums' launch)
+    db_dec = -weighted  # the centring's gradient, -W_enc @ db_enc, from the sums
     if x_requires_grad:
         dx = decode_sparse(coef, idx, W_enc.t(), None).to(x.dtype)  # rows of W_enc^T: strided gathers
     else:
         dx = x.new_empty(0)
     return dx, dW_enc, db_enc.to(W_enc.dtype), db_dec.to(b_dec.dtype)
-
-
-@triton.jit
-def _centering_grad_kernel(
-    w_ptr, db_enc_ptr, partial_ptr, D, F, features_per_split, stride_wd, stride_wf,
-    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
-):  # fmt: skip
-    """partial[split, dims] = sum over the split's features f of W_enc[dims, f] * db_enc[f], in fp32."""
-    dims = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    dim_valid = dims < D
-    split = tl.program_id(1)
-    first = split * features_per_split
-    last = tl.minimum(first + features_per_split, F)
-    acc = tl.zeros([BLOCK_D, BLOCK_F], dtype=tl.float32)
-    for f0 in range(first, last, BLOCK_F):
-        features = f0 + tl.arange(0, BLOCK_F)
-        feature_valid = features < last
-        w = tl.load(w_ptr + dims.to(tl.int64)[:, None] * stride_wd + features[None, :] * stride_wf,
-                    mask=dim_valid[:, None] & feature_valid[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        acc += w * tl.load(db_enc_ptr + features, mask=feature_valid, other=0.0)[None, :]
-    tl.store(partial_ptr + split * D + dims, tl.sum(acc, axis=1), mask=dim_valid)
-
-
-# The centring's gradient reads W_enc in programs of CENTERING_GRAD_ROWS rows x CENTERING_GRAD_FEATURES
-# features (enough programs in flight to stream W_enc at memory speed), CENTERING_GRAD_BLOCK features per
-# step of a program's loop, in at most CENTERING_GRAD_SPLITS feature splits (their fp32 partial sums,
-# [splits, d], are added after).
-CENTERING_GRAD_ROWS, CENTERING_GRAD_FEATURES, CENTERING_GRAD_BLOCK, CENTERING_GRAD_SPLITS = 8, 4096, 512, 64
-
-
-def centering_grad(W_enc: Tensor, db_enc: Tensor) -> Tensor:
-    """db_dec = -W_enc @ db_enc (fp32 [d]: the centring's gradient summed over the tokens), reading W_enc in
-    its own dtype and accumulating in fp32 in a fixed order (cuBLAS would need W_enc in fp32 first: a
-    copy of [d, F] that cost more than this whole product)."""
-    D, F = W_enc.shape
-    n_split = min(cdiv(F, CENTERING_GRAD_FEATURES), CENTERING_GRAD_SPLITS)
-    features_per_split = cdiv(cdiv(F, n_split), CENTERING_GRAD_BLOCK) * CENTERING_GRAD_BLOCK
-    n_split = cdiv(F, features_per_split)
-    partial = db_enc.new_empty(n_split, D)
-    _centering_grad_kernel[(cdiv(D, CENTERING_GRAD_ROWS), n_split)](
-        W_enc, db_enc, partial, D, F, features_per_split, W_enc.stride(0), W_enc.stride(1),
-        BLOCK_D=CENTERING_GRAD_ROWS, BLOCK_F=CENTERING_GRAD_BLOCK, num_warps=4,
-    )  # fmt: skip
-    return -partial.sum(dim=0)

@@ -166,7 +166,7 @@ def _feature_sum_blocked_kernel(
 class FeatureSums(NamedTuple):
     out: Tensor  # [F, d] in the asked dtype, or [d, F] when transposed
     coef_sum: Tensor  # [F] fp32
-    weighted: Tensor | None = None  # [d] fp32: weight @ coef_sum, where asked for on the blocked route
+    weighted: Tensor | None = None  # [d] fp32: weight @ coef_sum, where a weight was given
 
 
 class CodesByFeature(NamedTuple):
@@ -220,9 +220,9 @@ def feature_sums(
     None. `by_feature`: `sort_by_feature(idx, F)`, when the caller shares it between sums (the blocked
     route sorts otherwise). `extra` = (features [n] int64, distinct where >= 0, negative entries none;
     their rows [n, d]; their coef sums [n] or None): added to those features' sums. `extra_slots`:
-    `slots(features, F)`, when the caller shares it between sums. `weight` [d, F]: on the blocked route
-    FeatureSums.weighted = weight @ coef_sum in fp32, from the same launch's epilogue (per feature block,
-    added after in a fixed order); None on the atomic route."""
+    `slots(features, F)`, when the caller shares it between sums. `weight` [d, F]: FeatureSums.weighted =
+    weight @ coef_sum in fp32, on the blocked route from the same launch's epilogue (per feature block,
+    added after in a fixed order), on the atomic route by `weighted_sums` after it."""
     B, d = rows.shape
     K = idx.shape[1]
     coef, idx = coef.contiguous(), idx.contiguous()
@@ -289,7 +289,51 @@ def feature_sums(
         out = out.new_empty(d, n_features, dtype=dtype).copy_(out.t())
     elif out.dtype != dtype:
         out = out.to(dtype)
-    return FeatureSums(out, coef_sum)
+    return FeatureSums(out, coef_sum, None if weight is None else weighted_sums(weight, coef_sum))
+
+
+@triton.jit
+def _weighted_sums_kernel(
+    w_ptr, values_ptr, partial_ptr, D, F, features_per_split, stride_wd, stride_wf,
+    BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    """partial[split, dims] = sum over the split's features f of weight[dims, f] * values[f], in fp32."""
+    dims = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dim_valid = dims < D
+    split = tl.program_id(1)
+    first = split * features_per_split
+    last = tl.minimum(first + features_per_split, F)
+    acc = tl.zeros([BLOCK_D, BLOCK_F], dtype=tl.float32)
+    for f0 in range(first, last, BLOCK_F):
+        features = f0 + tl.arange(0, BLOCK_F)
+        feature_valid = features < last
+        w = tl.load(w_ptr + dims.to(tl.int64)[:, None] * stride_wd + features[None, :] * stride_wf,
+                    mask=dim_valid[:, None] & feature_valid[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        acc += w * tl.load(values_ptr + features, mask=feature_valid, other=0.0)[None, :]
+    tl.store(partial_ptr + split * D + dims, tl.sum(acc, axis=1), mask=dim_valid)
+
+
+# `weighted_sums` reads the weight in programs of WEIGHTED_SUMS_ROWS rows x WEIGHTED_SUMS_FEATURES
+# features (enough programs in flight to stream it at memory speed), WEIGHTED_SUMS_BLOCK features per
+# step of a program's loop, in at most WEIGHTED_SUMS_SPLITS feature splits (their fp32 partial sums,
+# [splits, d], are added after).
+WEIGHTED_SUMS_ROWS, WEIGHTED_SUMS_FEATURES, WEIGHTED_SUMS_BLOCK, WEIGHTED_SUMS_SPLITS = 8, 4096, 512, 64
+
+
+def weighted_sums(weight: Tensor, values: Tensor) -> Tensor:
+    """weight [d, F] @ values [F] in fp32 [d], reading the weight in its own dtype and accumulating in a
+    fixed order (cuBLAS would need the weight in fp32 first: a copy of [d, F] that cost more than this
+    whole product): the centring's gradient of a TopK encode, -W_enc @ db_enc, on the atomic route."""
+    D, F = weight.shape
+    n_split = min(cdiv(F, WEIGHTED_SUMS_FEATURES), WEIGHTED_SUMS_SPLITS)
+    features_per_split = cdiv(cdiv(F, n_split), WEIGHTED_SUMS_BLOCK) * WEIGHTED_SUMS_BLOCK
+    n_split = cdiv(F, features_per_split)
+    partial = values.new_empty(n_split, D, dtype=torch.float32)
+    _weighted_sums_kernel[(cdiv(D, WEIGHTED_SUMS_ROWS), n_split)](
+        weight, values, partial, D, F, features_per_split, weight.stride(0), weight.stride(1),
+        BLOCK_D=WEIGHTED_SUMS_ROWS, BLOCK_F=WEIGHTED_SUMS_BLOCK, num_warps=4,
+    )  # fmt: skip
+    return partial.sum(dim=0)
 
 
 def slots(features: Tensor, n_features: int) -> Tensor:
