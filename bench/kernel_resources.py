@@ -256,16 +256,6 @@ def _queue_kernels() -> None:
     for masked, block_m in ((True, columns.MASKED_BLOCK_M), (False, columns.PLAIN_BLOCK_M)):
         constexprs = {"MASKED": masked, "BLOCK_M": block_m, "BLOCK_N": columns.BLOCK_N}
         queue_compile(f"column_sums masked={masked}", columns._column_sums_kernel, constexprs, columns.WARPS)
-    for cfg in columns._MASKED_PRODUCT_CANDIDATES:  # AuxK's masked product (functional.AUXK_MASKED_PRODUCT)
-        tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        constexprs = {"DOT_DTYPE": tl.bfloat16, "INPUT_PRECISION": "ieee", **tile, "stride_ak": 1, "stride_bk": 1}
-        queue_compile(
-            f"masked_product {cfg['BLOCK_M']}x{cfg['BLOCK_N']} warps={cfg['num_warps']}",
-            columns._masked_product_kernel,
-            constexprs,
-            cfg["num_warps"],
-            cfg["num_stages"],
-        )
     tile = {"BLOCK_P": columns.PARTIAL_ROWS, "BLOCK_N": columns.PARTIAL_COLUMNS}
     queue_compile("add_partial_sums", columns._add_partial_sums_kernel, tile, 4)
     for d in (768, 4096):

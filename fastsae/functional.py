@@ -535,13 +535,6 @@ def _scatter_codes(pre: Tensor, indices: Tensor, values: Tensor, dtype: torch.dt
     return torch.zeros_like(pre, dtype=dtype).scatter_(1, indices, values.to(dtype))
 
 
-# The dense AuxK backward's d pre-activations, masked, and their column sums from one GEMM launch of
-# fastsae's (`columns.masked_product_sums`: the mask, the write and the sums in its epilogue) instead of
-# cuBLAS's product and `masked_column_sums_` after it (25 + 33 us, which write and read the [B, n] product
-# twice, on the critical path of the captured AlphaFold3 step's backward, a54747a). Not yet timed.
-AUXK_MASKED_PRODUCT = False
-
-
 def _dense_auxk_backward(
     grad_out: Tensor, saved: tuple[Tensor, ...], needs_x: bool, needs_encoder: bool, needs_decoder: bool
 ) -> tuple[Tensor | None, ...]:
@@ -556,15 +549,12 @@ def _dense_auxk_backward(
     if not (needs_x or needs_encoder):
         return None, None, None, dW_dec_dead
     on_gpu = grad_out.is_cuda and grad_out.dtype != torch.float64
-    if on_gpu and AUXK_MASKED_PRODUCT:
-        d_pre, db_enc_dead = column_ops.masked_product_sums(grad_out, W_dec_dead, codes)
+    d_pre = grad_out @ W_dec_dead.t()
+    if on_gpu:  # the mask and the sum in one pass (ops/columns.py)
+        db_enc_dead = column_ops.masked_column_sums_(d_pre, codes)
     else:
-        d_pre = grad_out @ W_dec_dead.t()
-        if on_gpu:  # the mask and the sum in one pass (ops/columns.py)
-            db_enc_dead = column_ops.masked_column_sums_(d_pre, codes)
-        else:
-            d_pre.mul_(codes > 0)  # ReLU and top-k: selected, > 0
-            db_enc_dead = d_pre.sum(0, dtype=torch.promote_types(d_pre.dtype, torch.float32))
+        d_pre.mul_(codes > 0)  # ReLU and top-k: selected, > 0
+        db_enc_dead = d_pre.sum(0, dtype=torch.promote_types(d_pre.dtype, torch.float32))
     d_pre = d_pre.to(centered.dtype)
     dW_enc_dead = d_pre.t() @ centered if needs_encoder else None
     dx = d_pre @ W_enc_dead.t() if needs_x else None
@@ -653,8 +643,13 @@ SORT_ON_OWN_STREAM = True
 # With AuxK after the encode, its operands (the centred x, the dead features' weight columns and rows: a
 # cat, a centring and three gathers, about 35 us of launches in a trace of the captured AlphaFold3 step,
 # a54747a, which started only once the decode left the SMs) gathered on the side stream before the
-# encode, so that after it AuxK's products start at once. Not yet timed on the H200.
-AUXK_OPERANDS_FIRST = False
+# encode, so that after it AuxK's products start at once. Captured SAEAdam step on the H200, off -> on:
+# 1.462 -> 1.442 ms at AlphaFold3's shape, 1.717 -> 1.691 at GPT-2's (bd19299), for 13-17 MB more peak
+# memory (the operands live through the encode). AuxK's masked d pre-activations and their column sums
+# from one Triton GEMM (mask, write and sums in its epilogue) in place of cuBLAS's product and
+# `masked_column_sums_` measured slower and were removed: 1.461 -> 1.487 ms at AlphaFold3's shape,
+# 1.631 -> 1.651 at GPT-2's (bd19299).
+AUXK_OPERANDS_FIRST = True
 _side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 _sort_streams: dict[torch.device, torch.cuda.Stream] = {}
 

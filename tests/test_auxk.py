@@ -85,26 +85,6 @@ def test_auxk_reconstruction_with_the_row_topk(monkeypatch):
         assert_close(got, want, torch.float32, name)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_auxk_backward_with_the_masked_product(dtype, monkeypatch):
-    """F.auxk_reconstruction's gradients with AuxK's d pre-activations from fastsae's masked product
-    (`functional.AUXK_MASKED_PRODUCT`) as from cuBLAS's product and the masked column sums."""
-    d, n_features, B, k_aux = 64, 4096, 700, 96
-    weights = [t.cuda().to(dtype).requires_grad_() for t in random_sae_weights(d, n_features)]
-    x = torch.randn(B, d, device="cuda").to(dtype)
-    features = torch.cat([torch.randperm(n_features, device="cuda")[:1000], torch.full((5,), -1, device="cuda")])
-    weight = torch.randn(B, d, device="cuda").to(dtype)
-    results = []
-    for masked_product in (False, True):
-        monkeypatch.setattr(F, "AUXK_MASKED_PRODUCT", masked_product)
-        W_enc, b_enc, W_dec, b_dec = weights
-        out = F.auxk_reconstruction(x, W_enc, b_enc, b_dec, W_dec, features, k_aux)
-        results.append(torch.autograd.grad((out * weight).float().sum(), weights))
-    for name, got, want in zip(("dW_enc", "db_enc", "dW_dec", "db_dec"), results[1], results[0]):
-        assert_close(got, want, dtype, name)
-
-
 @pytest.mark.parametrize("shortcut", [False, True], ids=["select", "shortcut"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device, B, n", CASES, ids=lambda v: None)

@@ -1,6 +1,5 @@
 """Column sums (fastsae/ops/columns.py): the plain and AuxK's masked sums against fp64 torch sums, the
-masked sums' in-place zeroing against torch.where, the masked product's GEMM with its sums, their
-repeatability, and the shapes they take."""
+masked sums' in-place zeroing against torch.where, their repeatability, and the shapes they take."""
 
 import pytest
 import torch
@@ -52,33 +51,6 @@ def test_masked_column_sums(device, dtype):
             assert got.dtype == torch.float32 and got.shape == (n,)
             assert_close(got, expected.double().sum(0), torch.float32, f"masked column sums {B}x{n}")
             assert torch.equal(got, columns.masked_column_sums_(layout(grads), layout(codes))), "not repeatable"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_masked_product_sums(device, dtype):
-    """where(codes > 0, a @ b_rows^T, 0) and its column sums against fp64 torch, codes zero, negative or
-    NaN masked; row and column counts off the tiles (a partial last row block and column block), strided
-    operands (b_rows a transposed view, as W_dec's rows are not), the same bits on a second call; no
-    dead feature listed gives empty outputs; mismatched shapes an error."""
-    for B, n, d in [(1, 1, 1), (37, 300, 24), (700, 129, 70)]:
-        a = torch.randn(B, d, device=device).to(dtype)
-        b_rows = torch.randn(d, n, device=device).to(dtype).t()
-        codes = torch.randn(B, n, device=device).relu_().to(dtype)
-        codes[0, 0] = float("nan")
-        product, sums = columns.masked_product_sums(a, b_rows, codes)
-        expected = torch.where(codes > 0, a.double() @ b_rows.double().t(), 0)
-        assert product.dtype == dtype and sums.dtype == torch.float32
-        assert_close(product, expected, dtype, f"masked product {B}x{n}")
-        assert_close(sums, product.double().sum(0), torch.float32, f"its column sums {B}x{n}")
-        again = columns.masked_product_sums(a, b_rows, codes)
-        assert torch.equal(product, again[0]) and torch.equal(sums, again[1]), "not repeatable"
-    product, sums = columns.masked_product_sums(a, b_rows[:0], codes[:, :0])
-    assert product.shape == (B, 0) and sums.shape == (0,)
-    with pytest.raises(ValueError, match="must share d"):
-        columns.masked_product_sums(a, b_rows[:, :-1], codes)
-    with pytest.raises(ValueError, match=r"codes must be \[B, n\]"):
-        columns.masked_product_sums(a, b_rows, codes.t())
 
 
 def _contiguous(t):

@@ -160,19 +160,19 @@ def test_topk_autoencoder_matches_its_three_calls(dead, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["default", "sort_in_line", "operands_first"])
+@pytest.mark.parametrize("layout", ["default", "sort_in_line", "operands_after_encode"])
 @pytest.mark.parametrize("decoder_sums_beside", [False, True], ids=["decoder_sums_in_line", "decoder_sums_beside"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_topk_autoencoder_with_auxk_on_a_side_stream(dtype, decoder_sums_beside, layout, deterministic, monkeypatch):
     """F.AUXK_SIDE_STREAM: AuxK's forward and backward on a second stream (and dW_dec's sums with them,
     `DECODER_SUMS_ON_SIDE_STREAM`; the codes' sort on a third, or on the current one with
-    `SORT_ON_OWN_STREAM` off; AuxK's operands gathered before the encode, `AUXK_OPERANDS_FIRST`) give
+    `SORT_ON_OWN_STREAM` off; AuxK's operands gathered after the encode, `AUXK_OPERANDS_FIRST` off) give
     the same values and gradients as in line (bit for bit on the reproducible routes), with the other
     streams' outputs read only after they are written (a kernel on each stream, none waiting, would race
     here)."""
     monkeypatch.setattr(autoencoder_ops, "DECODER_SUMS_ON_SIDE_STREAM", decoder_sums_beside)
     monkeypatch.setattr(F, "SORT_ON_OWN_STREAM", layout != "sort_in_line")
-    monkeypatch.setattr(F, "AUXK_OPERANDS_FIRST", layout == "operands_first")
+    monkeypatch.setattr(F, "AUXK_OPERANDS_FIRST", layout != "operands_after_encode")
     B, d, F_, k, k_aux = 2048, 256, 4096, 32, 64
     x = (torch.randn(B, d, device="cuda") * 2 + 1).to(dtype).requires_grad_()
     params = [p.requires_grad_() for p in random_sae_weights(d, F_, dtype=dtype, device="cuda")]

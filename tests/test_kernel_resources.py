@@ -24,7 +24,6 @@ SPILL_FREE = (
     "weighted_sums",
     "auxk_row_topk",
     "column_sums",
-    "masked_product",
     "add_partial_sums",
     "reconstruction_sums",
     "training_sums",

@@ -46,10 +46,14 @@ from .launch import cdiv, next_power_of_2
 ROW_TOPK = os.environ.get("FASTSAE_AUXK_ROW_TOPK", "1") == "1"
 MAX_ROW = 2048  # longest row (16 entries a thread of four warps); longer ones measured faster in torch.topk
 ENTRIES_PER_THREAD = 16
-# `row_topk_codes` writes a row's ReLU without selecting where the row has at most k positive entries
-# (`_row_topk_kernel`'s SHORTCUT): dead features' pre-activations are mostly negative, and in the
-# training benchmark (bench/bench_train.py: dead features' bias -8) every row's are. Not yet timed.
-CODES_WITHOUT_SELECTION = False
+# `row_topk_codes` writes a row's ReLU without selecting where each row of the program has at most k
+# positive entries and no NaN (`_row_topk_kernel`'s SHORTCUT; exact, and a program that must select pays
+# only the count). Captured SAEAdam step on the H200, off -> on: 1.462 -> 1.395 ms at AlphaFold3's shape,
+# 1.693 -> 1.619 at GPT-2's (bd19299). In that benchmark every dead feature's pre-activations are negative
+# (bench/bench_train.py gives them a bias of -8), so every row takes it: the figures are its best case.
+# In training it takes the rows whose dead features mostly sit below 0, as features that stopped firing
+# tend to; where they do not, the step is the "off" figure.
+CODES_WITHOUT_SELECTION = True
 PROGRAM_ELEMENTS = 1024  # shorter rows are taken several to a program, up to this many entries
 # Low bits of the fp32 order keys that are zero (positives) or one (negatives) in every value of a dtype.
 KEY_SHIFT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}

@@ -23,8 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .filter import grouped_tile
-from .launch import bucket, cdiv, dot_dtype, input_precision, sm_count, tuned
+from .launch import cdiv, sm_count
 
 # A program owns BLOCK_N columns (256 contiguous bytes of a bf16 row) and loads BLOCK_M rows of them a
 # loop iteration, with WARPS warps and PROGRAMS_PER_SM programs per SM to keep reads in flight. The
@@ -129,73 +128,3 @@ def _add_partial_sums(partial: Tensor, scale: float) -> Tensor:
         partial, sums, P, n, scale, BLOCK_P=PARTIAL_ROWS, BLOCK_N=PARTIAL_COLUMNS, num_warps=4
     )  # fmt: skip
     return sums
-
-
-# ---------------------------------------------------------------------------------------------------
-# The dense AuxK backward's product and masked sums in one GEMM launch (`masked_product_sums`).
-
-
-@triton.jit
-def _masked_product_kernel(
-    a_ptr, b_ptr, codes_ptr, out_ptr, partial_ptr, M, N, K,
-    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """A tile of out = where(codes > 0, a @ b^T, 0) (b given as rows [N, K]) and its column sums, in the
-    rounding that `out` keeps, into partial [row block, its columns]."""
-    row_block, col_block = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_valid, col_valid = rows < M, cols < N
-    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=row_valid[:, None] & (ks < K)[None, :], other=0.0)  # fmt: skip
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols64[None, :] * stride_bn,
-                    mask=(ks < K)[:, None] & col_valid[None, :], other=0.0)  # fmt: skip
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-    valid = row_valid[:, None] & col_valid[None, :]
-    codes = tl.load(codes_ptr + rows64[:, None] * stride_cm + cols64[None, :] * stride_cn, mask=valid, other=0.0)
-    product = tl.where(codes > 0, acc, 0.0).to(out_ptr.dtype.element_ty)  # as torch's threshold_backward masks
-    tl.store(out_ptr + rows64[:, None] * stride_om + cols64[None, :] * stride_on, product, mask=valid)
-    tl.store(partial_ptr + row_block.to(tl.int64) * N + cols, tl.sum(product.to(tl.float32), axis=0), mask=col_valid)
-
-
-# Tiles of 64 rows: at 128 x 128 the epilogue's codes tile and column sums take ptxas past 255 registers
-# a thread on sm_90 (8-512 bytes of stack, 4 or 8 warps); these take 173-183 and none.
-_MASKED_PRODUCT_CANDIDATES = [
-    dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
-    for m, n, k, w, s in [(64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (64, 64, 64, 4, 4)]
-]
-
-
-def masked_product_sums(a: Tensor, b_rows: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
-    """(where(codes > 0, a @ b_rows^T, 0) [B, n] in codes' dtype, its fp32 column sums [n]) for a [B, d],
-    b_rows [n, d] and codes [B, n] (float dtypes; the product accumulated in fp32): what `a @ b_rows.t()`
-    then `masked_column_sums_` give, in one GEMM launch whose epilogue masks, writes and sums each tile
-    (a row block's partial sums, added after in a fixed order) instead of writing the product, then
-    reading it and the codes and writing it again."""
-    if a.dim() != 2 or b_rows.dim() != 2 or a.shape[1] != b_rows.shape[1]:
-        raise ValueError(f"a [B, d] and b_rows [n, d] must share d, got {tuple(a.shape)} and {tuple(b_rows.shape)}")
-    B, n = a.shape[0], b_rows.shape[0]
-    if codes.shape != (B, n):
-        raise ValueError(f"codes must be [B, n] = {(B, n)}, got {tuple(codes.shape)}")
-    out = codes.new_empty(B, n)
-    if B == 0 or n == 0:  # (a captured step's AuxK list may have no entries: no dead feature yet)
-        return out, codes.new_zeros(n, dtype=torch.float32)
-    partial = codes.new_empty(0, dtype=torch.float32)
-
-    def run(cfg: dict) -> None:
-        nonlocal partial
-        partial = codes.new_empty(cdiv(B, cfg["BLOCK_M"]), n, dtype=torch.float32)
-        _masked_product_kernel[(cdiv(B, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)](
-            a, b_rows, codes, out, partial, B, n, a.shape[1], *a.stride(), *b_rows.stride(), *codes.stride(),
-            *out.stride(), DOT_DTYPE=dot_dtype(a.dtype), INPUT_PRECISION=input_precision(a.dtype), **cfg,
-        )  # fmt: skip
-
-    key = ("masked_product", a.shape[1], bucket(n), bucket(B), a.dtype, codes.dtype)
-    run(tuned(key, _MASKED_PRODUCT_CANDIDATES, run))
-    return out, _add_partial_sums(partial, 1.0)
