@@ -210,6 +210,35 @@ def test_row_filter_in_rounds_and_row_chunks(device, select, monkeypatch):
     assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.float32, "aux")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("carveout", [0, 16], ids=["shared_sms", "carveout"])
+@pytest.mark.parametrize("select", [True, False], ids=["select_in_row_program", "select_launch"])
+def test_row_filter_pipelined_with_cublas(select, carveout, monkeypatch):
+    """`filter.ROW_FILTER_PIPELINE`: each chunk's filter and select on a stream of their own while cuBLAS
+    writes the next chunk into the other of two buffers gives the same codes, AuxK codes, flags and
+    positive counts, bit for bit, as one stream, over eleven chunks (the last one short), so that every
+    buffer is written again only after the filter of the chunk before it has read it; and the current
+    stream has waited for the filter when the route returns (its outputs are read at once)."""
+    B, d, F, k, k_aux = 1003, 384, 16384, 32, 64
+    x, W_enc, b_enc, b_dec = (t.to(torch.bfloat16) for t in _problem(B, d, F, torch.float32, "cuda"))
+    dead = torch.zeros(F, dtype=torch.bool, device="cuda")
+    dead[torch.randperm(F, device="cuda")[:800]] = True
+    route = _first_route("row_filter", k, k_aux, F, SELECT=select)
+    monkeypatch.setattr(filter, "ROW_FILTER_CHUNK", 2 * 97 * F)  # pipelined: 11 chunks of 92 rows, then 83
+    results = []
+    for pipeline in (None, carveout):
+        monkeypatch.setattr(filter, "ROW_FILTER_PIPELINE", pipeline)
+        outputs = _poisoned_outputs(B, k, k_aux, "cuda")
+        counts = torch.zeros(F, dtype=torch.int32, device="cuda")
+        flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, counts, outputs, route[1])
+        results.append((flags.clone(), counts.clone(), *(t.clone() for t in outputs)))
+    assert filter._consumer_streams, "the pipeline did not run on a stream of its own"
+    for name, got, want in zip(("flags", "positive counts", "vals", "idx", "aux_vals", "aux_idx"), *results[::-1]):
+        assert torch.equal(got, want), name
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    assert_positive_counts_match(results[1][1], pre, ROUNDING_BAND[torch.bfloat16])
+
+
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_row_filter_skips_only_the_chunks_past_the_features(device):

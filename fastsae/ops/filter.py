@@ -42,6 +42,7 @@ larger index wins, where the filter GEMM's fp32 accumulators may order them the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -70,6 +71,15 @@ PRE_ACTIVATION_CHUNK = 2**27
 # bf16, captured step with each value's own tuned route: AF3 1.71 ms at 2^27, 1.92 at 2^25, 1.99 at
 # 2^24; GPT-2 1.91, 2.04, 2.48): a launch of a few thousand rows is mostly its tail.
 ROW_FILTER_CHUNK = PRE_ACTIVATION_CHUNK
+# The row filter pipelined with cuBLAS: each chunk's filter and select run on a stream of their own while
+# cuBLAS writes the next chunk into the other of two buffers (of ROW_FILTER_CHUNK / 2 entries each, so
+# the pre-activations held at once stay ROW_FILTER_CHUNK). cuBLAS's GEMM is bound by the tensor cores
+# and the row filter by HBM, so the two can share the GPU; in one stream the filter's launches (two of
+# 104 us and their selects at AlphaFold3's shape, 625 us of encode against 380 of GEMM in a trace of the
+# captured step, 3247d53) wait for the GEMM and the GEMM for them. The value is the SMs that cuBLAS
+# leaves to the filter while they overlap (torch's SM carveout for cuBLAS; 0: none, the block scheduler
+# shares them), or None: one stream, chunks of ROW_FILTER_CHUNK. Not yet timed.
+ROW_FILTER_PIPELINE: int | None = None
 # The row filter: group maxima per warp it selects from (32 per thread), entries it reads at
 # once for them (bf16 in 32 registers per thread: fewer dependent reads per row; 8192 measured the same
 # and 16384 slower at AF3, H200) and entries of the groups it reads again at once (32 per thread: whole
@@ -744,20 +754,81 @@ def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
 
 
 def pre_activation_chunks(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, rows_per_chunk: int, positive_counts: Tensor | None
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    rows_per_chunk: int,
+    positive_counts: Tensor | None,
+    consumer: torch.cuda.Stream | None = None,
+    carveout: int = 0,
 ) -> Iterator[tuple[slice, Tensor]]:
     """(rows, pre) for the batch in chunks of `rows_per_chunk` rows: pre [rows, F] is the fp32-centred
     input times W_enc plus b_enc on cuBLAS (one addmm, in the weights' dtype as eager PyTorch computes
-    it). `positive_counts` (int32 [F], or None) gains each chunk's per-feature counts of pre > 0."""
+    it). `positive_counts` (int32 [F], or None) gains each chunk's per-feature counts of pre > 0.
+    With a `consumer` stream, the caller's work on each chunk (what it launches before taking the next)
+    is queued there, after that chunk's addmm, while the current stream goes on to the next chunks: the
+    chunks take turns in two buffers, and an addmm waits for the consumer's work on the chunk that last
+    used its buffer. cuBLAS leaves `carveout` SMs to the consumer while its work can overlap (every chunk
+    but the first), and the current stream waits for the consumer when the chunks are done."""
     dtype = matmul_dtype(W_enc.dtype)
     weights, bias = W_enc.to(dtype), b_enc.to(dtype)
     xc = center(x, b_dec, dtype)
-    for start in range(0, x.shape[0], rows_per_chunk):
-        rows = slice(start, min(x.shape[0], start + rows_per_chunk))
-        pre = torch.addmm(bias, xc[rows], weights)
+    B, F = x.shape[0], W_enc.shape[1]
+    if consumer is None:
+        for start in range(0, B, rows_per_chunk):
+            rows = slice(start, min(B, start + rows_per_chunk))
+            pre = torch.addmm(bias, xc[rows], weights)
+            if positive_counts is not None:
+                positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
+            yield rows, pre
+        return
+    producer = torch.cuda.current_stream(x.device)
+    buffers = [x.new_empty(min(B, rows_per_chunk), F, dtype=dtype) for _ in range(2)]
+    consumed: list[torch.cuda.Event | None] = [None, None]
+    for chunk, start in enumerate(range(0, B, rows_per_chunk)):
+        rows = slice(start, min(B, start + rows_per_chunk))
+        turn = chunk % 2
+        pre = buffers[turn][: rows.stop - rows.start]
+        if consumed[turn] is not None:
+            producer.wait_event(consumed[turn])
+        with _sm_carveout(carveout if chunk > 0 else 0):
+            torch.addmm(bias, xc[rows], weights, out=pre)
         if positive_counts is not None:
             positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
-        yield rows, pre
+        consumer.wait_stream(producer)
+        with torch.cuda.stream(consumer):
+            yield rows, pre
+        consumed[turn] = consumer.record_event()
+    producer.wait_stream(consumer)
+
+
+@contextlib.contextmanager
+def _sm_carveout(n_sms: int) -> Iterator[None]:
+    """cuBLAS's matmuls in the block leave `n_sms` SMs free for other streams' kernels (torch's
+    experimental carveout, which sets cuBLASLt's SM count target; nothing where torch lacks it)."""
+    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
+    if not n_sms or setter is None:
+        yield
+        return
+    previous = torch._C._get_sm_carveout_experimental()
+    setter(n_sms)
+    try:
+        yield
+    finally:
+        setter(previous)
+
+
+_consumer_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _row_filter_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The stream that the row filter's launches take beside cuBLAS (`ROW_FILTER_PIPELINE`), or None."""
+    if ROW_FILTER_PIPELINE is None or device.type != "cuda" or torch.compiler.is_compiling():
+        return None
+    if device not in _consumer_streams:
+        _consumer_streams[device] = torch.cuda.Stream(device)
+    return _consumer_streams[device]
 
 
 def _row_filter_width(n_features: int, n_groups: int) -> int:
@@ -765,10 +836,11 @@ def _row_filter_width(n_features: int, n_groups: int) -> int:
     return max(ROW_FILTER_MIN_GROUP * n_groups, ROW_FILTER_READ, next_power_of_2(n_features))
 
 
-def row_filter_chunk_rows(n_rows: int, n_features: int, slots: int) -> int:
-    """Rows per launch of the row filter: at most ROW_FILTER_CHUNK pre-activations and FILTER_SLOTS
-    buffer slots (`slots` per row), in chunks of equal rows, so that no launch is a short tail."""
-    most = max(1, min(n_rows, ROW_FILTER_CHUNK // n_features, FILTER_SLOTS // slots))
+def row_filter_chunk_rows(n_rows: int, n_features: int, slots: int, chunk: int | None = None) -> int:
+    """Rows per launch of the row filter: at most `chunk` (ROW_FILTER_CHUNK) pre-activations and
+    FILTER_SLOTS buffer slots (`slots` per row), in chunks of equal rows, so that no launch is a short tail."""
+    chunk = ROW_FILTER_CHUNK if chunk is None else chunk
+    most = max(1, min(n_rows, chunk // n_features, FILTER_SLOTS // slots))
     return cdiv(n_rows, cdiv(n_rows, most))
 
 
@@ -794,7 +866,12 @@ def row_filter_topk(
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
     group = cfg["GROUP"]
     n_groups = cfg["N_GROUPS"]
+    stream = _row_filter_stream(x.device)
     rows_per_chunk = row_filter_chunk_rows(B, F, max(cap, aux_cap))
+    if stream is not None:  # two chunks held at once (`ROW_FILTER_PIPELINE`)
+        rows_per_chunk = row_filter_chunk_rows(B, F, max(cap, aux_cap), ROW_FILTER_CHUNK // 2)
+        if rows_per_chunk >= B:  # one chunk: nothing to overlap
+            stream = None
     vals, idx, aux_vals, aux_idx = outputs
     flags = x.new_empty(B, dtype=torch.int8)
     counts = x.new_empty(2, rows_per_chunk, dtype=torch.int32)  # zeroed by the kernel, row by row
@@ -803,7 +880,11 @@ def row_filter_topk(
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
     aux_tau = x.new_empty(rows_per_chunk, dtype=torch.float32) if has_aux else counts  # any pointer without AuxK
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
-    for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
+    # With the pipeline, the scratch, buffers and outputs are used on `stream` alone, in chunk order.
+    chunks = pre_activation_chunks(
+        x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts, stream, ROW_FILTER_PIPELINE or 0
+    )
+    for rows, pre in chunks:
         _row_filter_kernel[(pre.shape[0],)](
             pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
             idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
