@@ -232,7 +232,7 @@ def test_row_filter_pipelined_with_cublas(select, carveout, monkeypatch):
         counts = torch.zeros(F, dtype=torch.int32, device="cuda")
         flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, counts, outputs, route[1])
         results.append((flags.clone(), counts.clone(), *(t.clone() for t in outputs)))
-    assert filter._consumer_streams, "the pipeline did not run on a stream of its own"
+    assert filter._pipeline_streams, "the pipeline did not run on streams of its own"
     for name, got, want in zip(("flags", "positive counts", "vals", "idx", "aux_vals", "aux_idx"), *results[::-1]):
         assert torch.equal(got, want), name
     pre = _pre64(x, W_enc, b_enc, b_dec)

@@ -78,7 +78,11 @@ ROW_FILTER_CHUNK = PRE_ACTIVATION_CHUNK
 # 104 us and their selects at AlphaFold3's shape, 625 us of encode against 380 of GEMM in a trace of the
 # captured step, 3247d53) wait for the GEMM and the GEMM for them. The value is the SMs that cuBLAS
 # leaves to the filter while they overlap (torch's SM carveout for cuBLAS; 0: none, the block scheduler
-# shares them), or None: one stream, chunks of ROW_FILTER_CHUNK. Not yet timed.
+# shares them), or None: one stream, chunks of ROW_FILTER_CHUNK. With cuBLAS on the current stream it
+# measured slower (captured SAEAdam step on the H200, None / 0 / 16 / 32: 1.385 / 1.464 / 1.393 / 1.492
+# ms at AlphaFold3's shape, 1.597 / 1.610 / 1.731 / 1.716 at GPT-2's, 3b8a6cc): the filter's blocks,
+# dispatched first, held every SM, and the next GEMM started only as their last wave left, so nothing
+# overlapped. cuBLAS now writes the chunks on a high-priority stream, whose blocks go first.
 ROW_FILTER_PIPELINE: int | None = None
 # The row filter: group maxima per warp it selects from (32 per thread), entries it reads at
 # once for them (bf16 in 32 registers per thread: fewer dependent reads per row; 8192 measured the same
@@ -765,42 +769,48 @@ def pre_activation_chunks(
 ) -> Iterator[tuple[slice, Tensor]]:
     """(rows, pre) for the batch in chunks of `rows_per_chunk` rows: pre [rows, F] is the fp32-centred
     input times W_enc plus b_enc on cuBLAS (one addmm, in the weights' dtype as eager PyTorch computes
-    it). `positive_counts` (int32 [F], or None) gains each chunk's per-feature counts of pre > 0.
+    it). `positive_counts` (int32 [F], or None) gains each chunk's per-feature counts of pre > 0. Every
+    chunk is written into one buffer, after the caller's work on the chunk before (the stream orders
+    them): a chunk's worth of memory, where a new tensor per chunk held two while the next was written.
     With a `consumer` stream, the caller's work on each chunk (what it launches before taking the next)
-    is queued there, after that chunk's addmm, while the current stream goes on to the next chunks: the
-    chunks take turns in two buffers, and an addmm waits for the consumer's work on the chunk that last
-    used its buffer. cuBLAS leaves `carveout` SMs to the consumer while its work can overlap (every chunk
-    but the first), and the current stream waits for the consumer when the chunks are done."""
+    is queued there, and cuBLAS writes the next chunk meanwhile on a high-priority stream of its own
+    (whose blocks the GPU dispatches first), leaving `carveout` SMs to the consumer: the chunks take
+    turns in two buffers, an addmm waits for the consumer's work on the chunk that last used its buffer,
+    and the current stream waits for both streams when the chunks are done."""
     dtype = matmul_dtype(W_enc.dtype)
     weights, bias = W_enc.to(dtype), b_enc.to(dtype)
     xc = center(x, b_dec, dtype)
     B, F = x.shape[0], W_enc.shape[1]
-    if consumer is None:
-        for start in range(0, B, rows_per_chunk):
-            rows = slice(start, min(B, start + rows_per_chunk))
-            pre = torch.addmm(bias, xc[rows], weights)
-            if positive_counts is not None:
-                positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
-            yield rows, pre
-        return
-    producer = torch.cuda.current_stream(x.device)
-    buffers = [x.new_empty(min(B, rows_per_chunk), F, dtype=dtype) for _ in range(2)]
-    consumed: list[torch.cuda.Event | None] = [None, None]
-    for chunk, start in enumerate(range(0, B, rows_per_chunk)):
-        rows = slice(start, min(B, start + rows_per_chunk))
-        turn = chunk % 2
-        pre = buffers[turn][: rows.stop - rows.start]
-        if consumed[turn] is not None:
-            producer.wait_event(consumed[turn])
-        with _sm_carveout(carveout if chunk > 0 else 0):
-            torch.addmm(bias, xc[rows], weights, out=pre)
+    buffers = [x.new_empty(min(B, rows_per_chunk), F, dtype=dtype) for _ in range(1 if consumer is None else 2)]
+    chunks = [slice(start, min(B, start + rows_per_chunk)) for start in range(0, B, rows_per_chunk)]
+
+    def write(chunk: int, rows: slice) -> Tensor:
+        pre = buffers[chunk % len(buffers)][: rows.stop - rows.start]
+        torch.addmm(bias, xc[rows], weights, out=pre)
         if positive_counts is not None:
-            positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
+            positive_counts.add_((pre > 0).sum(dim=0, dtype=torch.int32))
+        return pre
+
+    if consumer is None:
+        for chunk, rows in enumerate(chunks):
+            yield rows, write(chunk, rows)
+        return
+    current = torch.cuda.current_stream(x.device)
+    producer = _stream(x.device, "producer", priority=-1)
+    producer.wait_stream(current)
+    consumed: list[torch.cuda.Event | None] = [None, None]
+    for chunk, rows in enumerate(chunks):
+        with torch.cuda.stream(producer):
+            if consumed[chunk % 2] is not None:
+                producer.wait_event(consumed[chunk % 2])
+            with _sm_carveout(carveout if chunk > 0 else 0):
+                pre = write(chunk, rows)
         consumer.wait_stream(producer)
         with torch.cuda.stream(consumer):
             yield rows, pre
-        consumed[turn] = consumer.record_event()
-    producer.wait_stream(consumer)
+        consumed[chunk % 2] = consumer.record_event()
+    current.wait_stream(producer)
+    current.wait_stream(consumer)
 
 
 @contextlib.contextmanager
@@ -819,16 +829,21 @@ def _sm_carveout(n_sms: int) -> Iterator[None]:
         setter(previous)
 
 
-_consumer_streams: dict[torch.device, torch.cuda.Stream] = {}
+_pipeline_streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
+
+
+def _stream(device: torch.device, role: str, priority: int = 0) -> torch.cuda.Stream:
+    """The pipeline's stream for `role` on `device`, made once."""
+    if (device, role) not in _pipeline_streams:
+        _pipeline_streams[device, role] = torch.cuda.Stream(device, priority=priority)
+    return _pipeline_streams[device, role]
 
 
 def _row_filter_stream(device: torch.device) -> torch.cuda.Stream | None:
     """The stream that the row filter's launches take beside cuBLAS (`ROW_FILTER_PIPELINE`), or None."""
     if ROW_FILTER_PIPELINE is None or device.type != "cuda" or torch.compiler.is_compiling():
         return None
-    if device not in _consumer_streams:
-        _consumer_streams[device] = torch.cuda.Stream(device)
-    return _consumer_streams[device]
+    return _stream(device, "consumer")
 
 
 def _row_filter_width(n_features: int, n_groups: int) -> int:
