@@ -89,6 +89,24 @@ def test_encode_topk_routes(device, B, d, F, k, k_aux, route):
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_dense_route_in_row_chunks(device, monkeypatch):
+    """The dense route writes every row chunk's pre-activations into one buffer, which its AuxK selection
+    masks in place: with chunks of at most 5 rows (the last one short) the codes, the AuxK codes and the
+    positive counts are still the reference's, so no chunk reads what the next one wrote."""
+    B, d, F, k, k_aux = (13, 32, 300, 8, 6) if device == "cpu" else (1003, 768, 24576, 32, 64)
+    monkeypatch.setattr(encode, "PRE_ACTIVATION_CHUNK", 5 * F)
+    x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
+    dead = torch.rand(F, device=device) < 0.3
+    pre = _pre64(x, W_enc, b_enc, b_dec)
+    vals, idx, aux_vals, aux_idx = encode.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, route=("dense", {}))
+    assert_topk_matches(vals, idx, pre, k, torch.float32)
+    assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.float32, "aux")
+    vals, idx, counts = encode.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k, route=("dense", {}))
+    assert_topk_matches(vals, idx, pre, k, torch.float32, "with counts")
+    assert_positive_counts_match(counts, pre, ROUNDING_BAND[torch.float32])
+
+
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 @pytest.mark.parametrize("k, n_features, cap", [(8, 4096, 512), (32, 2048, 1024), (3, 60, 512)])
 def test_thresholds_are_the_group_maxima_bound(device, k, n_features, cap):
     """Each row's threshold is the rank-th largest maximum of the subset's groups (torch computes them
@@ -208,35 +226,6 @@ def test_row_filter_in_rounds_and_row_chunks(device, select, monkeypatch):
     pre = _pre64(x, W_enc, b_enc, b_dec)
     assert_topk_matches(vals, idx, pre, k, torch.float32)
     assert_topk_matches(aux_vals, aux_idx, pre.masked_fill(~dead, float("-inf")), k_aux, torch.float32, "aux")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("carveout", [0, 16], ids=["shared_sms", "carveout"])
-@pytest.mark.parametrize("select", [True, False], ids=["select_in_row_program", "select_launch"])
-def test_row_filter_pipelined_with_cublas(select, carveout, monkeypatch):
-    """`filter.ROW_FILTER_PIPELINE`: each chunk's filter and select on a stream of their own while cuBLAS
-    writes the next chunk into the other of two buffers gives the same codes, AuxK codes, flags and
-    positive counts, bit for bit, as one stream, over eleven chunks (the last one short), so that every
-    buffer is written again only after the filter of the chunk before it has read it; and the current
-    stream has waited for the filter when the route returns (its outputs are read at once)."""
-    B, d, F, k, k_aux = 1003, 384, 16384, 32, 64
-    x, W_enc, b_enc, b_dec = (t.to(torch.bfloat16) for t in _problem(B, d, F, torch.float32, "cuda"))
-    dead = torch.zeros(F, dtype=torch.bool, device="cuda")
-    dead[torch.randperm(F, device="cuda")[:800]] = True
-    route = _first_route("row_filter", k, k_aux, F, SELECT=select)
-    monkeypatch.setattr(filter, "ROW_FILTER_CHUNK", 2 * 97 * F)  # pipelined: 11 chunks of 92 rows, then 83
-    results = []
-    for pipeline in (None, carveout):
-        monkeypatch.setattr(filter, "ROW_FILTER_PIPELINE", pipeline)
-        outputs = _poisoned_outputs(B, k, k_aux, "cuda")
-        counts = torch.zeros(F, dtype=torch.int32, device="cuda")
-        flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, counts, outputs, route[1])
-        results.append((flags.clone(), counts.clone(), *(t.clone() for t in outputs)))
-    assert filter._pipeline_streams, "the pipeline did not run on streams of its own"
-    for name, got, want in zip(("flags", "positive counts", "vals", "idx", "aux_vals", "aux_idx"), *results[::-1]):
-        assert torch.equal(got, want), name
-    pre = _pre64(x, W_enc, b_enc, b_dec)
-    assert_positive_counts_match(results[1][1], pre, ROUNDING_BAND[torch.bfloat16])
 
 
 @pytest.mark.usefixtures("poison_empty")

@@ -42,7 +42,6 @@ larger index wins, where the filter GEMM's fp32 accumulators may order them the 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from collections.abc import Iterator
@@ -71,19 +70,13 @@ PRE_ACTIVATION_CHUNK = 2**27
 # bf16, captured step with each value's own tuned route: AF3 1.71 ms at 2^27, 1.92 at 2^25, 1.99 at
 # 2^24; GPT-2 1.91, 2.04, 2.48): a launch of a few thousand rows is mostly its tail.
 ROW_FILTER_CHUNK = PRE_ACTIVATION_CHUNK
-# The row filter pipelined with cuBLAS: each chunk's filter and select run on a stream of their own while
-# cuBLAS writes the next chunk into the other of two buffers (of ROW_FILTER_CHUNK / 2 entries each, so
-# the pre-activations held at once stay ROW_FILTER_CHUNK). cuBLAS's GEMM is bound by the tensor cores
-# and the row filter by HBM, so the two can share the GPU; in one stream the filter's launches (two of
-# 104 us and their selects at AlphaFold3's shape, 625 us of encode against 380 of GEMM in a trace of the
-# captured step, 3247d53) wait for the GEMM and the GEMM for them. The value is the SMs that cuBLAS
-# leaves to the filter while they overlap (torch's SM carveout for cuBLAS; 0: none, the block scheduler
-# shares them), or None: one stream, chunks of ROW_FILTER_CHUNK. With cuBLAS on the current stream it
-# measured slower (captured SAEAdam step on the H200, None / 0 / 16 / 32: 1.385 / 1.464 / 1.393 / 1.492
-# ms at AlphaFold3's shape, 1.597 / 1.610 / 1.731 / 1.716 at GPT-2's, 3b8a6cc): the filter's blocks,
-# dispatched first, held every SM, and the next GEMM started only as their last wave left, so nothing
-# overlapped. cuBLAS now writes the chunks on a high-priority stream, whose blocks go first.
-ROW_FILTER_PIPELINE: int | None = None
+# Measured slower and removed: the row filter pipelined with cuBLAS (each chunk filtered on a stream of
+# its own while cuBLAS wrote the next into the other of two half-size buffers, leaving the filter 0, 16 or
+# 32 SMs through torch's SM carveout). Captured SAEAdam step on the H200, one stream / pipelined at
+# 0 / 16 / 32 SMs: 1.385 / 1.464 / 1.393 / 1.492 ms at AlphaFold3's shape, 1.597 / 1.610 / 1.731 / 1.716
+# at GPT-2's (3b8a6cc): the filter's blocks, dispatched first, held every SM, and the next GEMM started
+# only as their last wave left. With cuBLAS on a high-priority stream: 1.381 / - / 1.504 / 1.508 ms at
+# AlphaFold3's (e8d6f4c).
 # The row filter: group maxima per warp it selects from (32 per thread), entries it reads at
 # once for them (bf16 in 32 registers per thread: fewer dependent reads per row; 8192 measured the same
 # and 16384 slower at AF3, H200) and entries of the groups it reads again at once (32 per thread: whole
@@ -758,92 +751,28 @@ def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
 
 
 def pre_activation_chunks(
-    x: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor,
-    b_dec: Tensor,
-    rows_per_chunk: int,
-    positive_counts: Tensor | None,
-    consumer: torch.cuda.Stream | None = None,
-    carveout: int = 0,
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, rows_per_chunk: int, positive_counts: Tensor | None
 ) -> Iterator[tuple[slice, Tensor]]:
     """(rows, pre) for the batch in chunks of `rows_per_chunk` rows: pre [rows, F] is the fp32-centred
     input times W_enc plus b_enc on cuBLAS (one addmm, in the weights' dtype as eager PyTorch computes
     it). `positive_counts` (int32 [F], or None) gains each chunk's per-feature counts of pre > 0. Every
     chunk is written into one buffer, after the caller's work on the chunk before (the stream orders
-    them): a chunk's worth of memory, where a new tensor per chunk held two while the next was written.
-    With a `consumer` stream, the caller's work on each chunk (what it launches before taking the next)
-    is queued there, and cuBLAS writes the next chunk meanwhile on a high-priority stream of its own
-    (whose blocks the GPU dispatches first), leaving `carveout` SMs to the consumer: the chunks take
-    turns in two buffers, an addmm waits for the consumer's work on the chunk that last used its buffer,
-    and the current stream waits for both streams when the chunks are done."""
+    them): a chunk's worth of memory, where a new tensor per chunk held two while the next was written
+    (captured SAEAdam step's peak on the H200: 630 -> 440 MB at AlphaFold3's shape, 438 -> 311 at
+    GPT-2's, 880 -> 815 at Llama-8B's, 3247d53 -> e8d6f4c). The caller must be done with a chunk before
+    it takes the next."""
     dtype = matmul_dtype(W_enc.dtype)
     weights, bias = W_enc.to(dtype), b_enc.to(dtype)
     xc = center(x, b_dec, dtype)
     B, F = x.shape[0], W_enc.shape[1]
-    buffers = [x.new_empty(min(B, rows_per_chunk), F, dtype=dtype) for _ in range(1 if consumer is None else 2)]
-    chunks = [slice(start, min(B, start + rows_per_chunk)) for start in range(0, B, rows_per_chunk)]
-
-    def write(chunk: int, rows: slice) -> Tensor:
-        pre = buffers[chunk % len(buffers)][: rows.stop - rows.start]
+    buffer = x.new_empty(min(B, rows_per_chunk), F, dtype=dtype)
+    for start in range(0, B, rows_per_chunk):
+        rows = slice(start, min(B, start + rows_per_chunk))
+        pre = buffer[: rows.stop - rows.start]
         torch.addmm(bias, xc[rows], weights, out=pre)
         if positive_counts is not None:
-            positive_counts.add_((pre > 0).sum(dim=0, dtype=torch.int32))
-        return pre
-
-    if consumer is None:
-        for chunk, rows in enumerate(chunks):
-            yield rows, write(chunk, rows)
-        return
-    current = torch.cuda.current_stream(x.device)
-    producer = _stream(x.device, "producer", priority=-1)
-    producer.wait_stream(current)
-    consumed: list[torch.cuda.Event | None] = [None, None]
-    for chunk, rows in enumerate(chunks):
-        with torch.cuda.stream(producer):
-            if consumed[chunk % 2] is not None:
-                producer.wait_event(consumed[chunk % 2])
-            with _sm_carveout(carveout if chunk > 0 else 0):
-                pre = write(chunk, rows)
-        consumer.wait_stream(producer)
-        with torch.cuda.stream(consumer):
-            yield rows, pre
-        consumed[chunk % 2] = consumer.record_event()
-    current.wait_stream(producer)
-    current.wait_stream(consumer)
-
-
-@contextlib.contextmanager
-def _sm_carveout(n_sms: int) -> Iterator[None]:
-    """cuBLAS's matmuls in the block leave `n_sms` SMs free for other streams' kernels (torch's
-    experimental carveout, which sets cuBLASLt's SM count target; nothing where torch lacks it)."""
-    setter = getattr(torch._C, "_set_sm_carveout_experimental", None)
-    if not n_sms or setter is None:
-        yield
-        return
-    previous = torch._C._get_sm_carveout_experimental()
-    setter(n_sms)
-    try:
-        yield
-    finally:
-        setter(previous)
-
-
-_pipeline_streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
-
-
-def _stream(device: torch.device, role: str, priority: int = 0) -> torch.cuda.Stream:
-    """The pipeline's stream for `role` on `device`, made once."""
-    if (device, role) not in _pipeline_streams:
-        _pipeline_streams[device, role] = torch.cuda.Stream(device, priority=priority)
-    return _pipeline_streams[device, role]
-
-
-def _row_filter_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """The stream that the row filter's launches take beside cuBLAS (`ROW_FILTER_PIPELINE`), or None."""
-    if ROW_FILTER_PIPELINE is None or device.type != "cuda" or torch.compiler.is_compiling():
-        return None
-    return _stream(device, "consumer")
+            positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
+        yield rows, pre
 
 
 def _row_filter_width(n_features: int, n_groups: int) -> int:
@@ -851,11 +780,10 @@ def _row_filter_width(n_features: int, n_groups: int) -> int:
     return max(ROW_FILTER_MIN_GROUP * n_groups, ROW_FILTER_READ, next_power_of_2(n_features))
 
 
-def row_filter_chunk_rows(n_rows: int, n_features: int, slots: int, chunk: int | None = None) -> int:
-    """Rows per launch of the row filter: at most `chunk` (ROW_FILTER_CHUNK) pre-activations and
-    FILTER_SLOTS buffer slots (`slots` per row), in chunks of equal rows, so that no launch is a short tail."""
-    chunk = ROW_FILTER_CHUNK if chunk is None else chunk
-    most = max(1, min(n_rows, chunk // n_features, FILTER_SLOTS // slots))
+def row_filter_chunk_rows(n_rows: int, n_features: int, slots: int) -> int:
+    """Rows per launch of the row filter: at most ROW_FILTER_CHUNK pre-activations and FILTER_SLOTS
+    buffer slots (`slots` per row), in chunks of equal rows, so that no launch is a short tail."""
+    most = max(1, min(n_rows, ROW_FILTER_CHUNK // n_features, FILTER_SLOTS // slots))
     return cdiv(n_rows, cdiv(n_rows, most))
 
 
@@ -881,12 +809,7 @@ def row_filter_topk(
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
     group = cfg["GROUP"]
     n_groups = cfg["N_GROUPS"]
-    stream = _row_filter_stream(x.device)
     rows_per_chunk = row_filter_chunk_rows(B, F, max(cap, aux_cap))
-    if stream is not None:  # two chunks held at once (`ROW_FILTER_PIPELINE`)
-        rows_per_chunk = row_filter_chunk_rows(B, F, max(cap, aux_cap), ROW_FILTER_CHUNK // 2)
-        if rows_per_chunk >= B:  # one chunk: nothing to overlap
-            stream = None
     vals, idx, aux_vals, aux_idx = outputs
     flags = x.new_empty(B, dtype=torch.int8)
     counts = x.new_empty(2, rows_per_chunk, dtype=torch.int32)  # zeroed by the kernel, row by row
@@ -895,11 +818,7 @@ def row_filter_topk(
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
     aux_tau = x.new_empty(rows_per_chunk, dtype=torch.float32) if has_aux else counts  # any pointer without AuxK
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
-    # With the pipeline, the scratch, buffers and outputs are used on `stream` alone, in chunk order.
-    chunks = pre_activation_chunks(
-        x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts, stream, ROW_FILTER_PIPELINE or 0
-    )
-    for rows, pre in chunks:
+    for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
         _row_filter_kernel[(pre.shape[0],)](
             pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
             idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
