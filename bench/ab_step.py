@@ -2,6 +2,7 @@
 default by measurement:
 
     python -m bench.ab_step fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 [--shapes gpt2,af3] [--csv PATH] [--retune]
+        [--with fastsae.ops.auxk.CODES_WITHOUT_SELECTION=False ...]
 
 A switch is a module attribute that fastsae reads when it runs an op (most are set from an environment
 variable at import: FASTSAE_AUXK_ROW_TOPK, FASTSAE_FEATURE_SUMS, ...). For each shape and value, in
@@ -14,6 +15,9 @@ fastsae's tuner times its candidates (routes, tiles) once per process, so by def
 the picks made under the first, and the switch's effect is told apart from a different pick. With
 `--retune` the tuner times them again under each value: for a switch that changes which candidate is
 fastest (e.g. fastsae.ops.filter.ROW_FILTER_CHUNK, the row filter's chunk of pre-activations).
+`--with module.NAME=value` (repeatable) holds other switches at a value for the whole run, to time a
+switch where another would hide it (e.g. AuxK's row top-k selection, which the benchmark's rows skip
+unless CODES_WITHOUT_SELECTION is off); the providers then read `NAME=value with OTHER=value`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -50,13 +55,22 @@ def parse_switch(spec: str) -> tuple[object, str, list[object]]:
 
 
 def run(
-    recorder: Recorder, switch: tuple[object, str, list[object]], shapes: list[str], rounds: int, retune: bool = False
+    recorder: Recorder,
+    switch: tuple[object, str, list[object]],
+    shapes: list[str],
+    rounds: int,
+    retune: bool = False,
+    held: Sequence[tuple[object, str, list[object]]] = (),
 ) -> None:
     """Rows for each shape: the step under each value of `switch` (`parse_switch`'s), then the GEMM;
-    `retune`: the tuner's picks made again under each value."""
+    `retune`: the tuner's picks made again under each value; `held`: switches (`parse_switch`'s, one
+    value each) set for the whole run. Every switch is restored after."""
     module, name, values = switch
-    original = getattr(module, name)
+    originals = [(module, name, getattr(module, name))] + [(m, n, getattr(m, n)) for m, n, _ in held]
+    suffix = "".join(f" with {n}={v[0]}" for _, n, v in held)
     try:
+        for held_module, held_name, (value,) in held:
+            setattr(held_module, held_name, value)
         for shape in shapes:
             d, n_features, n_rows, k = shape_dims(shape)
             dead = torch.rand(n_features, device="cuda") < bench_train.DEAD_FRACTION
@@ -69,7 +83,8 @@ def run(
                         launch.forget_tuned()
                     step = bench_train._fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True, graph=True)
                     assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step_ab {shape} {name}={value}")
-                    recorder.record("train_step_ab", shape, f"{name}={value}", bench_train.measure_step(step, x))
+                    provider = f"{name}={value}{suffix}"
+                    recorder.record("train_step_ab", shape, provider, bench_train.measure_step(step, x))
                     # The tuner times its candidates once per process: the step's picks, to tell a switch's
                     # effect from a different pick.
                     print(f"  tuner's picks: {[(key[0], choice) for key, choice in launch.tuned_items()]}")
@@ -77,7 +92,8 @@ def run(
                     torch.cuda.empty_cache()
             recorder.record("train_step_ab", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))
     finally:
-        setattr(module, name, original)
+        for restored_module, restored_name, original in originals:
+            setattr(restored_module, restored_name, original)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,15 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="times each value is measured, in turns")
     parser.add_argument("--csv", type=Path, required=True, help="CSV to append the rows to")
     parser.add_argument("--retune", action="store_true", help="the tuner's picks made again under each value")
+    parser.add_argument(
+        "--with", dest="held", action="append", default=[], help="module.NAME=value held for the whole run"
+    )
     args = parser.parse_args(argv)
+    try:
+        switch = parse_switch(args.switch)
+        held = [parse_switch(spec) for spec in args.held]
+    except (ImportError, ValueError) as error:
+        parser.error(str(error))
+    if any(len(values) != 1 for _, _, values in held):
+        parser.error("--with takes one value per switch")
     if not torch.cuda.is_available():
         print("bench.ab_step times the training step on a CUDA GPU; none is visible here.")
         return 2
-    try:
-        switch = parse_switch(args.switch)
-    except (ImportError, ValueError) as error:
-        parser.error(str(error))
-    run(Recorder(args.csv), switch, args.shapes.split(","), args.rounds, args.retune)
+    run(Recorder(args.csv), switch, args.shapes.split(","), args.rounds, args.retune, held)
     return 0
 
 

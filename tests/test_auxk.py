@@ -28,11 +28,14 @@ def _check(pre, idx, k):
     assert torch.equal(got, want), "not the k largest values"
 
 
+@pytest.mark.parametrize("radix_bits", [0, 4, 8], ids=["bitwise", "radix4", "radix8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("device, B, n", CASES, ids=lambda v: None)
-def test_row_topk_indices(device, B, n, dtype):
+def test_row_topk_indices(device, B, n, dtype, radix_bits, monkeypatch):
     """Gaussian rows (bf16 and fp16 values tie often), with -inf padding, NaN entries and a column
-    slice of a wider matrix (strides), for k = 1, a middle k and k = n."""
+    slice of a wider matrix (strides), for k = 1, a middle k and k = n; the k-th largest key set a bit a
+    round or (`auxk.RADIX_BITS`, rows of a program of their own) 4 or 8 bits a round."""
+    monkeypatch.setattr(auxk, "RADIX_BITS", radix_bits)
     wide = torch.randn(B, n + 5, device=device).to(dtype)
     pre = wide[:, 2 : n + 2]
     pre[:, -3:] = float("-inf")
@@ -42,6 +45,44 @@ def test_row_topk_indices(device, B, n, dtype):
     # Values that differ only in their lowest mantissa bits (largest first): all of a key's bits count.
     close = (1 - torch.arange(n, device=device) * 2.0**-22).to(dtype).expand(B, n)
     _check(close, auxk.row_topk_indices(close, min(n, 384) // 3 + 1), min(n, 384) // 3 + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_radix_select_picks_what_the_bitwise_rounds_pick(device, dtype, monkeypatch):
+    """`auxk.RADIX_BITS`: the k-th largest key set 4 or 8 bits a round gives the same indices as one bit a
+    round, on long rows (a program each) built to break it: few distinct values (ties at every k),
+    values that differ only in their lowest bits, one value throughout, all -inf, NaN among them, and
+    rows shorter than their program (padding keys of 0), for k from 1 to n; and only rows of their own
+    program take it (rows of 40, several a program, give the same indices whatever RADIX_BITS is)."""
+    n = 1500
+    rows = [
+        torch.randn(n, device=device),
+        (torch.arange(n, device=device) % 7).float() - 3,
+        1 - torch.arange(n, device=device) * 2.0**-22,
+        torch.full((n,), 2.5, device=device),
+        torch.full((n,), float("-inf"), device=device),
+        torch.where(torch.arange(n, device=device) % 5 == 0, float("nan"), torch.randn(n, device=device)),
+    ]
+    pre = torch.stack(rows).to(dtype)
+    monkeypatch.setattr(auxk, "CODES_WITHOUT_SELECTION", False)
+    for width in (n, 1100):  # 1100: the row's program (2048 entries) is mostly padding
+        for k in (1, 2, 7, 64, 215, 1099, width):
+            picks, codes = [], []
+            for radix_bits in (0, 4, 8):
+                monkeypatch.setattr(auxk, "RADIX_BITS", radix_bits)
+                picks.append(auxk.row_topk_indices(pre[:, :width], k).sort(dim=1).values)
+                # The codes show a selection of more than k, which the indices' [B, k] cannot hold.
+                codes.append(auxk.row_topk_codes(pre, width, k, torch.float32))
+            _check(pre[:, :width], picks[0], k)
+            assert torch.equal(picks[1], picks[0]) and torch.equal(picks[2], picks[0]), (width, k)
+            for got in codes[1:]:
+                assert torch.equal(got.nan_to_num(), codes[0].nan_to_num()), (width, k)
+    short = pre[:, :40]
+    for radix_bits in (0, 8):
+        monkeypatch.setattr(auxk, "RADIX_BITS", radix_bits)
+        picks.append(auxk.row_topk_indices(short, 9).sort(dim=1).values)
+    assert torch.equal(picks[-1], picks[-2])
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

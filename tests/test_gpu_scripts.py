@@ -77,14 +77,21 @@ def test_ab_step_parses_switches():
             ab_step.parse_switch(spec)
 
 
+def test_ab_step_holds_switches_with_one_value():
+    """`--with` takes one value per switch: more is an error before anything runs."""
+    with pytest.raises(SystemExit):
+        ab_step.main(["fastsae.ops.auxk.ROW_TOPK=True", "--csv", "x.csv", "--with", "fastsae.ops.auxk.RADIX_BITS=0,4"])
+
+
 @pytest.mark.gpu
 def test_ab_step_records_each_value(tmp_path):
-    """A row per value and round, and the GEMM's (with the tuner's picks made again under each value);
-    the switch is restored after."""
-    csv_path, original = tmp_path / "ab.csv", auxk.ROW_TOPK
+    """A row per value and round, and the GEMM's (with the tuner's picks made again under each value),
+    with a held switch named in the providers; both switches are restored after."""
+    csv_path, original, original_radix = tmp_path / "ab.csv", auxk.ROW_TOPK, auxk.RADIX_BITS
     switch = ab_step.parse_switch("fastsae.ops.auxk.ROW_TOPK=True,False")
-    ab_step.run(Recorder(csv_path), switch, ["d128_F8192_B1024_k16"], 1, retune=True)
+    held = [ab_step.parse_switch("fastsae.ops.auxk.RADIX_BITS=8")]
+    ab_step.run(Recorder(csv_path), switch, ["d128_F8192_B1024_k16"], 1, retune=True, held=held)
     with open(csv_path, newline="") as f:
         providers = [row["provider"] for row in csv.DictReader(f)]
-    assert providers == ["ROW_TOPK=True", "ROW_TOPK=False", "cublas_gemm"]
-    assert auxk.ROW_TOPK is original
+    assert providers == ["ROW_TOPK=True with RADIX_BITS=8", "ROW_TOPK=False with RADIX_BITS=8", "cublas_gemm"]
+    assert auxk.ROW_TOPK is original and auxk.RADIX_BITS == original_radix
