@@ -548,9 +548,8 @@ def _dense_auxk_backward(
     dW_dec_dead = codes.t() @ grad_out if needs_decoder else None
     if not (needs_x or needs_encoder):
         return None, None, None, dW_dec_dead
-    on_gpu = grad_out.is_cuda and grad_out.dtype != torch.float64
     d_pre = grad_out @ W_dec_dead.t()
-    if on_gpu:  # the mask and the sum in one pass (ops/columns.py)
+    if d_pre.is_cuda and d_pre.dtype != torch.float64:  # the mask and the sum in one pass (ops/columns.py)
         db_enc_dead = column_ops.masked_column_sums_(d_pre, codes)
     else:
         d_pre.mul_(codes > 0)  # ReLU and top-k: selected, > 0

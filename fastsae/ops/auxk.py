@@ -106,7 +106,7 @@ def _kth_key_radix(keys, k, BITS: tl.constexpr, DIGIT: tl.constexpr):
 
 
 @triton.jit
-def _winners(values, present, k, KEY_SHIFT: tl.constexpr, RADIX_BITS: tl.constexpr = 0):
+def _winners(values, present, k, KEY_SHIFT: tl.constexpr, RADIX_BITS: tl.constexpr):
     """bool [BLOCK_M, BLOCK_N]: each row's k largest `values` where `present` (ties to the larger index,
     NaN as -inf)."""
     # Unsigned keys of 32 - KEY_SHIFT bits in the values' order: the signed `_ordered` key shifted, then

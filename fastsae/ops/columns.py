@@ -117,14 +117,8 @@ def _column_sums(values: Tensor, codes: Tensor | None, scale: float) -> Tensor:
         values, codes_arg, partial, B, n, rows_per_program, *values.stride(), *code_strides,
         MASKED=codes is not None, BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=WARPS,
     )  # fmt: skip
-    return _add_partial_sums(partial, scale)
-
-
-def _add_partial_sums(partial: Tensor, scale: float) -> Tensor:
-    """fp32 [n]: scale times the sums of partial [P, n]'s columns (the second launch)."""
-    P, n = partial.shape
-    sums = partial.new_empty(n)
+    sums = values.new_empty(n, dtype=torch.float32)
     _add_partial_sums_kernel[(cdiv(n, PARTIAL_COLUMNS),)](
-        partial, sums, P, n, scale, BLOCK_P=PARTIAL_ROWS, BLOCK_N=PARTIAL_COLUMNS, num_warps=4
+        partial, sums, partial.shape[0], n, scale, BLOCK_P=PARTIAL_ROWS, BLOCK_N=PARTIAL_COLUMNS, num_warps=4
     )  # fmt: skip
     return sums

@@ -323,7 +323,7 @@ WEIGHTED_SUMS_ROWS, WEIGHTED_SUMS_FEATURES, WEIGHTED_SUMS_BLOCK, WEIGHTED_SUMS_S
 def weighted_sums(weight: Tensor, values: Tensor) -> Tensor:
     """weight [d, F] @ values [F] in fp32 [d], reading the weight in its own dtype and accumulating in a
     fixed order (cuBLAS would need the weight in fp32 first: a copy of [d, F] that cost more than this
-    whole product): the centring's gradient of a TopK encode, -W_enc @ db_enc, on the atomic route."""
+    whole product). On the atomic route, W_enc @ db_enc: minus the centring's gradient of a TopK encode."""
     D, F = weight.shape
     n_split = min(cdiv(F, WEIGHTED_SUMS_FEATURES), WEIGHTED_SUMS_SPLITS)
     features_per_split = cdiv(cdiv(F, n_split), WEIGHTED_SUMS_BLOCK) * WEIGHTED_SUMS_BLOCK
