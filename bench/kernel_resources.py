@@ -249,10 +249,9 @@ def _queue_kernels() -> None:
     for n in (1024, auxk.MAX_ROW):  # AlphaFold3's and GPT-2's dead-feature lists (the longest row)
         tile = auxk.row_tile(n)
         warps = tile.pop("num_warps")
-        for write_codes, shortcut, radix in ((False, False, 0), (True, False, 0), (True, True, 0), (True, True, 4),
-                                             (True, True, 8)):  # fmt: skip
-            constexprs = {"KEY_SHIFT": 16, "WRITE_CODES": write_codes, "SHORTCUT": shortcut, "RADIX_BITS": radix}
-            name = f"auxk_row_topk n={n} codes={write_codes} shortcut={shortcut} radix={radix}"
+        for write_codes, shortcut in ((False, False), (True, False), (True, True)):
+            constexprs = {"KEY_SHIFT": 16, "WRITE_CODES": write_codes, "SHORTCUT": shortcut}
+            name = f"auxk_row_topk n={n} codes={write_codes} shortcut={shortcut}"
             queue_compile(name, auxk._row_topk_kernel, {**constexprs, **tile}, warps)
     for masked, block_m in ((True, columns.MASKED_BLOCK_M), (False, columns.PLAIN_BLOCK_M)):
         constexprs = {"MASKED": masked, "BLOCK_M": block_m, "BLOCK_N": columns.BLOCK_N}

@@ -44,44 +44,6 @@ def test_row_topk_indices(device, B, n, dtype):
     _check(close, auxk.row_topk_indices(close, min(n, 384) // 3 + 1), min(n, 384) // 3 + 1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_radix_select_picks_what_the_bitwise_rounds_pick(device, dtype, monkeypatch):
-    """`auxk.RADIX_BITS`: the k-th largest key set 4 or 8 bits a round gives the same indices as one bit a
-    round, on long rows (a program each) built to break it: few distinct values (ties at every k),
-    values that differ only in their lowest bits, one value throughout, all -inf, NaN among them, and
-    rows shorter than their program (padding keys of 0), for k from 1 to n; and only rows of their own
-    program take it (rows of 40, several a program, give the same indices whatever RADIX_BITS is)."""
-    n = 1500
-    rows = [
-        torch.randn(n, device=device),
-        (torch.arange(n, device=device) % 7).float() - 3,
-        1 - torch.arange(n, device=device) * 2.0**-22,
-        torch.full((n,), 2.5, device=device),
-        torch.full((n,), float("-inf"), device=device),
-        torch.where(torch.arange(n, device=device) % 5 == 0, float("nan"), torch.randn(n, device=device)),
-    ]
-    pre = torch.stack(rows).to(dtype)
-    monkeypatch.setattr(auxk, "CODES_WITHOUT_SELECTION", False)
-    for width, ks in ((n, (1, 7, 215, n)), (1100, (64, 1099))):  # 1100: the program's 2048 entries mostly padding
-        for k in ks:
-            picks, codes = [], []
-            for radix_bits in (0, 4, 8):
-                monkeypatch.setattr(auxk, "RADIX_BITS", radix_bits)
-                picks.append(auxk.row_topk_indices(pre[:, :width], k).sort(dim=1).values)
-                # The codes show a selection of more than k, which the indices' [B, k] cannot hold.
-                codes.append(auxk.row_topk_codes(pre, width, k, torch.float32))
-            _check(pre[:, :width], picks[0], k)
-            assert torch.equal(picks[1], picks[0]) and torch.equal(picks[2], picks[0]), (width, k)
-            for got in codes[1:]:
-                assert torch.equal(got.nan_to_num(), codes[0].nan_to_num()), (width, k)
-    short = pre[:, :40]
-    for radix_bits in (0, 8):
-        monkeypatch.setattr(auxk, "RADIX_BITS", radix_bits)
-        picks.append(auxk.row_topk_indices(short, 9).sort(dim=1).values)
-    assert torch.equal(picks[-1], picks[-2])
-
-
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_row_topk_ties_go_to_the_larger_index(device):
     """Rows of few distinct values: the ties at the k-th value that complete k are those of largest index;

@@ -80,18 +80,27 @@ def test_ab_step_parses_switches():
 def test_ab_step_holds_switches_with_one_value():
     """`--with` takes one value per switch: more is an error before anything runs."""
     with pytest.raises(SystemExit):
-        ab_step.main(["fastsae.ops.auxk.ROW_TOPK=True", "--csv", "x.csv", "--with", "fastsae.ops.auxk.RADIX_BITS=0,4"])
+        ab_step.main(
+            [
+                "fastsae.ops.auxk.ROW_TOPK=True",
+                "--csv",
+                "x.csv",
+                "--with",
+                "fastsae.ops.auxk.CODES_WITHOUT_SELECTION=True,False",
+            ]
+        )
 
 
 @pytest.mark.gpu
 def test_ab_step_records_each_value(tmp_path):
     """A row per value and round, and the GEMM's (with the tuner's picks made again under each value),
     with a held switch named in the providers; both switches are restored after."""
-    csv_path, original, original_radix = tmp_path / "ab.csv", auxk.ROW_TOPK, auxk.RADIX_BITS
+    csv_path, original, original_shortcut = tmp_path / "ab.csv", auxk.ROW_TOPK, auxk.CODES_WITHOUT_SELECTION
     switch = ab_step.parse_switch("fastsae.ops.auxk.ROW_TOPK=True,False")
-    held = [ab_step.parse_switch("fastsae.ops.auxk.RADIX_BITS=8")]
+    held = [ab_step.parse_switch(f"fastsae.ops.auxk.CODES_WITHOUT_SELECTION={not original_shortcut}")]
     ab_step.run(Recorder(csv_path), switch, ["d128_F8192_B1024_k16"], 1, retune=True, held=held)
     with open(csv_path, newline="") as f:
         providers = [row["provider"] for row in csv.DictReader(f)]
-    assert providers == ["ROW_TOPK=True with RADIX_BITS=8", "ROW_TOPK=False with RADIX_BITS=8", "cublas_gemm"]
-    assert auxk.ROW_TOPK is original and auxk.RADIX_BITS == original_radix
+    held_name = f"CODES_WITHOUT_SELECTION={not original_shortcut}"
+    assert providers == [f"ROW_TOPK=True with {held_name}", f"ROW_TOPK=False with {held_name}", "cublas_gemm"]
+    assert auxk.ROW_TOPK is original and auxk.CODES_WITHOUT_SELECTION is original_shortcut

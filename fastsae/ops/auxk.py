@@ -54,13 +54,11 @@ ENTRIES_PER_THREAD = 16
 # In training it takes the rows whose dead features mostly sit below 0, as features that stopped firing
 # tend to; where they do not, the step is the "off" figure.
 CODES_WITHOUT_SELECTION = True
-# Where a program holds one row (n > PROGRAM_ELEMENTS / 2), its k-th largest key by a radix select of
-# RADIX_BITS bits a round (`_kth_key_radix`: a histogram of each digit among the keys that share the
-# digits set so far) in place of `_largest_reaching`'s one bit a round: 4 rounds of 16 bins (8 bits: 2
-# of 256) for bf16 keys, each one histogram, against 16 rounds of a compare and a cross-warp row sum.
-# 0 keeps the bitwise rounds. For the rows that must select (the shortcut above does not apply): 87 us
-# of the captured AlphaFold3 step's forward critical path with the bitwise rounds (a54747a). Not yet timed.
-RADIX_BITS = 0
+# Measured slower and removed: the k-th largest key of a row that a program holds alone by a radix select
+# (tl.histogram of 4 or 8 bits a round among the keys matching the digits set so far) in place of
+# `_largest_reaching`'s 16 bitwise rounds. Captured SAEAdam step on the H200 with every row selecting
+# (CODES_WITHOUT_SELECTION off), bitwise / 4 / 8 bits a round: 1.432 / 1.464 / 1.508 ms at AlphaFold3's
+# shape, 1.666 / 1.700 / 1.740 at GPT-2's (e0f787e).
 PROGRAM_ELEMENTS = 1024  # shorter rows are taken several to a program, up to this many entries
 # Low bits of the fp32 order keys that are zero (positives) or one (negatives) in every value of a dtype.
 KEY_SHIFT = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}
@@ -80,33 +78,7 @@ def _largest_reaching(keys, k, BITS: tl.constexpr):
 
 
 @triton.jit
-def _kth_key_radix(keys, k, BITS: tl.constexpr, DIGIT: tl.constexpr):
-    """`_largest_reaching` for one row of uint32 `keys` [1, N] below 2^BITS: the row's k-th largest key
-    (0 where fewer than k keys exceed 0: keys of 0 are the smallest, so they never move the k-th largest
-    of a row that holds k others), set DIGIT bits a round from the top. Each round counts, in a histogram
-    of 2^DIGIT bins, the digits of the keys whose higher digits match those set so far, and takes the
-    largest digit that at least the `need` still missing reach; the keys above it count toward k."""
-    flat = tl.reshape(keys, [keys.shape[1]])
-    bins = tl.arange(0, 1 << DIGIT)
-    t = tl.zeros([1], dtype=tl.uint32)
-    need = k + tl.zeros([], dtype=tl.int32)
-    ROUNDS: tl.constexpr = (BITS + DIGIT - 1) // DIGIT
-    for r in tl.static_range(ROUNDS):
-        shift = (ROUNDS - 1 - r) * DIGIT
-        digits = ((flat >> shift) & ((1 << DIGIT) - 1)).to(tl.int32)
-        if r == 0:
-            counts = tl.histogram(digits, 1 << DIGIT)
-        else:
-            counts = tl.histogram(digits, 1 << DIGIT, mask=(flat >> (shift + DIGIT)) == (t >> (shift + DIGIT)))
-        reaching = tl.cumsum(counts, axis=0, reverse=True)  # keys of the prefix with this digit or above
-        digit = tl.max(tl.where(reaching >= need, bins, 0), axis=0)
-        need -= tl.sum(tl.where(bins == digit, reaching - counts, 0), axis=0)
-        t = t | (digit.to(tl.uint32) << shift)
-    return t
-
-
-@triton.jit
-def _winners(values, present, k, KEY_SHIFT: tl.constexpr, RADIX_BITS: tl.constexpr):
+def _winners(values, present, k, KEY_SHIFT: tl.constexpr):
     """bool [BLOCK_M, BLOCK_N]: each row's k largest `values` where `present` (ties to the larger index,
     NaN as -inf)."""
     # Unsigned keys of 32 - KEY_SHIFT bits in the values' order: the signed `_ordered` key shifted, then
@@ -115,10 +87,7 @@ def _winners(values, present, k, KEY_SHIFT: tl.constexpr, RADIX_BITS: tl.constex
     # again (from L2) rather than keep them live through the rounds: measured faster (module docstring).
     signed = _ordered(tl.where(values == values, values, float("-inf"))) >> KEY_SHIFT
     keys = tl.where(present, signed.to(tl.uint32, bitcast=True) + (1 << (31 - KEY_SHIFT)), 0)
-    if RADIX_BITS > 0 and keys.shape[0] == 1:
-        kth = _kth_key_radix(keys, k, 32 - KEY_SHIFT, RADIX_BITS)
-    else:
-        kth = _largest_reaching(keys, k, 32 - KEY_SHIFT)
+    kth = _largest_reaching(keys, k, 32 - KEY_SHIFT)
     # kth is 0 only in rows past B (no key reaches 1): their entries, all at key 0, must not tie.
     greater = keys > kth[:, None]
     tied = (keys == kth[:, None]) & (kth > 0)[:, None]
@@ -132,7 +101,7 @@ def _winners(values, present, k, KEY_SHIFT: tl.constexpr, RADIX_BITS: tl.constex
 @triton.jit
 def _row_topk_kernel(
     pre_ptr, out_ptr, B, n, n_out, k, stride_pm, stride_pn, stride_om,
-    KEY_SHIFT: tl.constexpr, WRITE_CODES: tl.constexpr, SHORTCUT: tl.constexpr, RADIX_BITS: tl.constexpr,
+    KEY_SHIFT: tl.constexpr, WRITE_CODES: tl.constexpr, SHORTCUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Per row of `pre` [B, n]: the indices of its k largest entries into `out` [B, k], or with
@@ -155,12 +124,12 @@ def _row_topk_kernel(
             nans = tl.sum(tl.sum((values != values).to(tl.int32), axis=1), axis=0)
             select = (most_positive > k) | (nans > 0)
         if select:
-            win = _winners(values, present, k, KEY_SHIFT, RADIX_BITS)
+            win = _winners(values, present, k, KEY_SHIFT)
             values = tl.load(pre_ptr + rows64 * stride_pm + cols * stride_pn, mask=win, other=0.0).to(tl.float32)
             codes = tl.where(values < 0, 0.0, values)  # torch.relu's: NaN stays, -inf is 0
         tl.store(out_ptr + rows64 * stride_om + cols, codes.to(out_ptr.dtype.element_ty), mask=written)
     else:
-        win = _winners(values, present, k, KEY_SHIFT, RADIX_BITS)
+        win = _winners(values, present, k, KEY_SHIFT)
         position = tl.cumsum(win.to(tl.int32), axis=1) - 1
         tl.store(out_ptr + rows64 * stride_om + position, cols.to(tl.int64) + tl.zeros_like(rows64), mask=win)
 
@@ -210,5 +179,5 @@ def _launch(pre: Tensor, out: Tensor, n: int, k: int, write_codes: bool) -> None
     _row_topk_kernel[(cdiv(B, tile["BLOCK_M"]),)](
         pre, out, B, n, n_out, k, pre.stride(0), pre.stride(1), out.stride(0),
         KEY_SHIFT=KEY_SHIFT[pre.dtype], WRITE_CODES=write_codes, SHORTCUT=CODES_WITHOUT_SELECTION,
-        RADIX_BITS=RADIX_BITS, **tile,
+        **tile,
     )  # fmt: skip
