@@ -250,9 +250,9 @@ def _queue_kernels() -> None:
         tile = auxk.row_tile(n)
         warps = tile.pop("num_warps")
         for write_codes, shortcut in ((False, False), (True, False), (True, True)):
-            constexprs = {"KEY_SHIFT": 16, "WRITE_CODES": write_codes, "SHORTCUT": shortcut}
+            constexprs = {"KEY_SHIFT": 16, "WRITE_CODES": write_codes, "SHORTCUT": shortcut, **tile}
             name = f"auxk_row_topk n={n} codes={write_codes} shortcut={shortcut}"
-            queue_compile(name, auxk._row_topk_kernel, {**constexprs, **tile}, warps)
+            queue_compile(name, auxk._row_topk_kernel, constexprs, warps)
     for masked, block_m in ((True, columns.MASKED_BLOCK_M), (False, columns.PLAIN_BLOCK_M)):
         constexprs = {"MASKED": masked, "BLOCK_M": block_m, "BLOCK_N": columns.BLOCK_N}
         queue_compile(f"column_sums masked={masked}", columns._column_sums_kernel, constexprs, columns.WARPS)

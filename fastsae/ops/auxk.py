@@ -101,8 +101,8 @@ def _winners(values, present, k, KEY_SHIFT: tl.constexpr):
 @triton.jit
 def _row_topk_kernel(
     pre_ptr, out_ptr, B, n, n_out, k, stride_pm, stride_pn, stride_om,
-    KEY_SHIFT: tl.constexpr, WRITE_CODES: tl.constexpr, SHORTCUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_SHIFT: tl.constexpr, WRITE_CODES: tl.constexpr, SHORTCUT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Per row of `pre` [B, n]: the indices of its k largest entries into `out` [B, k], or with
     WRITE_CODES the dense codes [B, n_out] (each selected entry's ReLU in its column, zeros elsewhere,
@@ -178,6 +178,5 @@ def _launch(pre: Tensor, out: Tensor, n: int, k: int, write_codes: bool) -> None
     tile = row_tile(n_out)
     _row_topk_kernel[(cdiv(B, tile["BLOCK_M"]),)](
         pre, out, B, n, n_out, k, pre.stride(0), pre.stride(1), out.stride(0),
-        KEY_SHIFT=KEY_SHIFT[pre.dtype], WRITE_CODES=write_codes, SHORTCUT=CODES_WITHOUT_SELECTION,
-        **tile,
+        KEY_SHIFT=KEY_SHIFT[pre.dtype], WRITE_CODES=write_codes, SHORTCUT=CODES_WITHOUT_SELECTION, **tile,
     )  # fmt: skip
