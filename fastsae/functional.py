@@ -469,10 +469,8 @@ class _AuxKOperands(NamedTuple):
 
 
 def _auxk_operands(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, spare_column: bool = False
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor
 ) -> _AuxKOperands:
-    """`spare_column`: at least one padding column (8 where n is a multiple of 8), where
-    `_auxk_forward_from_encode` sends the selections it drops."""
     n = features.shape[0]
     # Padded to a multiple of 8 columns (with feature 0, masked out of the top-k below): a bf16 [B, n]
     # matrix whose rows are not 16-byte aligned sends cuBLAS to kernels several times slower (measured:
@@ -480,8 +478,7 @@ def _auxk_operands(
     # are -inf before the top-k: they get no code, so neither a value nor a gradient. Their bias is -inf
     # (a masked fill of the [B, n] pre-activations, its mask broadcast, took 27 us of the captured GPT-2
     # step on the H200 and 42 at AlphaFold3's).
-    padding = -n % 8 or (8 if spare_column else 0)
-    slots = torch.cat([features, features.new_full((padding,), -1)])  # negative: padding, no feature
+    slots = torch.cat([features, features.new_full((-n % 8,), -1)])  # negative: padding, no feature
     padded = slots.clamp_min(0)
     b_enc_dead = b_enc.index_select(0, padded).masked_fill_(slots < 0, float("-inf"))
     W_enc_dead, W_dec_dead = W_enc.index_select(1, padded), W_dec.index_select(0, padded)
@@ -517,32 +514,6 @@ def _dense_auxk_forward(
         top_values, indices = scores.topk(min(k_aux, n), dim=1, sorted=False)
         values = top_values.relu_() if keep is None else keep(top_values.relu_())
         codes = _scatter_codes(pre, indices, values, W_dec.dtype)
-    return codes @ W_dec_dead, (centered, W_enc_dead, W_dec_dead, codes, slots)
-
-
-def _list_columns(features: Tensor, n_features: int) -> Tensor:
-    """int64 [F]: each feature's position in the list `features` (negative entries: padding), and the
-    list's length n for the features not in it."""
-    n = features.shape[0]
-    target = torch.where(features >= 0, features, n_features)  # padding: a slot past the features, dropped
-    columns = torch.full((n_features + 1,), n, dtype=torch.int64, device=features.device)
-    return columns.scatter_(0, target, torch.arange(n, device=features.device))[:n_features]
-
-
-def _auxk_forward_from_encode(
-    aux_vals: Tensor, aux_idx: Tensor, columns: Tensor, n_listed: int, operands: _AuxKOperands, dtype: torch.dtype
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """`_dense_auxk_forward`'s value and saved tensors from the AuxK codes that the TopK encode selected
-    (`encode_topk` with k_aux and the n_listed features of the list as its dead mask; `columns`:
-    `_list_columns`): each positive code in its feature's column of the dense [B, n'] codes. The
-    encode's empty slots (value 0, feature 0) and its codes of 0 go to column n_listed, the first
-    padding column (`operands` built with `spare_column`), which only zeros reach: no write lands where
-    a selected code does, so the scatter is deterministic."""
-    slots, centered, W_enc_dead, _, W_dec_dead = operands
-    column = columns[aux_idx.long()]
-    kept = (aux_vals > 0) & (column < n_listed)
-    codes = torch.zeros(aux_vals.shape[0], slots.shape[0], dtype=dtype, device=aux_vals.device)
-    codes.scatter_(1, torch.where(kept, column, n_listed), torch.where(kept, aux_vals, 0).to(dtype))
     return codes @ W_dec_dead, (centered, W_enc_dead, W_dec_dead, codes, slots)
 
 
@@ -678,14 +649,12 @@ SORT_ON_OWN_STREAM = True
 # `masked_column_sums_` measured slower and were removed: 1.461 -> 1.487 ms at AlphaFold3's shape,
 # 1.631 -> 1.651 at GPT-2's (bd19299).
 AUXK_OPERANDS_FIRST = True
-# AuxK's codes from the TopK encode's own pass: the row filter reads every pre-activation, the dead
-# features' included, and can select the top k_aux among the listed ones as it selects the top k
-# (`encode_topk` with k_aux and a dead mask), where the dense path computes their pre-activations again
-# (a [B, n] GEMM) and selects with its row top-k: 27 + 82 us of the captured AlphaFold3 step's forward
-# critical path where every row must select (a trace on the H200, 41674c7). The selected codes are
-# scattered into the dense [B, n] codes, which AuxK's decode and backward take as before. Not yet
-# timed on the GPU: off.
-AUXK_FROM_ENCODE = False
+# Measured slower and removed: AuxK's codes selected by the TopK encode's own pass (encode_topk with
+# k_aux and the dead list as its dead mask, the codes scattered into the dense [B, n] codes) in place of
+# the [B, n] GEMM and row top-k. With no bound on the dead features' values, the row filter keeps every
+# dead pre-activation (1024 slots a row at AlphaFold3's shape): its launches took 290 against 103 us and
+# the select 142 against 13 (H200 trace). Captured SAEAdam step on the H200, dense path / from the
+# encode: 1.386 / 2.138 ms at AlphaFold3's shape (402af13).
 _side_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 _sort_streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -711,39 +680,21 @@ class _TopKAutoencoder(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux):
         aux_recon, aux_saved = x.new_empty(0, dtype=W_dec.dtype), ()
         side = _auxk_side_stream(x) if features is not None else None
-        from_encode = features is not None and AUXK_FROM_ENCODE
-
-        def beside():  # AuxK's work: on the side stream where there is one
-            return on_stream(side) if side is not None else contextlib.nullcontext()
 
         operands = None
         if side is not None and AUXK_AFTER_ENCODE and AUXK_OPERANDS_FIRST:
-            with beside():
-                operands = _auxk_operands(x, W_enc, b_enc, b_dec, W_dec, features, spare_column=from_encode)
+            with on_stream(side):
+                operands = _auxk_operands(x, W_enc, b_enc, b_dec, W_dec, features)
 
-        def queue_auxk(selected=None):
-            """AuxK's forward (recon, saved); `selected`: the encode's (aux_vals, aux_idx, columns)."""
-            with beside():
-                if selected is None:
-                    return _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None, operands)
-                if operands is None:
-                    gathered = _auxk_operands(x, W_enc, b_enc, b_dec, W_dec, features, spare_column=True)
-                else:
-                    gathered = operands
-                return _auxk_forward_from_encode(*selected, features.shape[0], gathered, W_dec.dtype)
+        def queue_auxk():
+            with on_stream(side):
+                return _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None, operands)
 
-        if side is not None and not AUXK_AFTER_ENCODE and not from_encode:  # short work that takes free SMs first
+        if side is not None and not AUXK_AFTER_ENCODE:  # the side stream's work is short and takes free SMs first
             aux_recon, aux_saved = queue_auxk()
-        if from_encode:
-            columns = _list_columns(features, W_enc.shape[1])
-            listed = columns < features.shape[0]
-            k_listed = min(k_aux, features.shape[0])
-            vals, idx, aux_vals, aux_idx = _encode_topk(x, W_enc, b_enc, b_dec, k, k_listed, listed)
-            aux_recon, aux_saved = queue_auxk((aux_vals, aux_idx, columns))
-        else:
-            vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
-            if side is not None and AUXK_AFTER_ENCODE:
-                aux_recon, aux_saved = queue_auxk()
+        vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
+        if side is not None and AUXK_AFTER_ENCODE:
+            aux_recon, aux_saved = queue_auxk()
         recon = _decode_sparse(vals, idx, W_dec, b_dec)
         ctx.by_feature, ctx.sorted = None, None
         n_features, d = W_enc.shape[1], W_enc.shape[0]
@@ -759,8 +710,8 @@ class _TopKAutoencoder(torch.autograd.Function):
                 ctx.by_feature = scatter_ops.sort_by_feature(idx, n_features)  # while the side stream runs AuxK
         if side is not None:
             join_stream(side, aux_recon, *aux_saved)
-        elif features is not None and not from_encode:
-            aux_recon, aux_saved = queue_auxk()
+        elif features is not None:
+            aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
         ctx.mark_non_differentiable(idx)
         ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, *aux_saved)
         ctx.side_stream = side

@@ -126,21 +126,14 @@ def test_auxk_reconstruction_matches_the_fused_aux_codes(n_dead, padding, device
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("from_encode", [False, True], ids=["auxk_dense", "auxk_from_encode"])
 @pytest.mark.parametrize("dead", ["none", "few", "scarce", "padded"])
-def test_topk_autoencoder_matches_its_three_calls(dead, from_encode, device, monkeypatch):
+def test_topk_autoencoder_matches_its_three_calls(dead, device):
     """F.topk_autoencoder (one autograd node) against encode_topk + decode_sparse + auxk_reconstruction
-    called apart: the values, and every gradient of a loss that also uses the codes' values; with
-    AuxK's codes selected by its own pass or by the TopK encode (`AUXK_FROM_ENCODE`), and dead
-    features more than k_aux, fewer ("scarce": the encode's AuxK keeps empty slots) or padded."""
-    monkeypatch.setattr(F, "AUXK_FROM_ENCODE", from_encode)
+    called apart: the values, and every gradient of a loss that also uses the codes' values; with dead
+    features more than k_aux, fewer ("scarce") or padded."""
     B, d, F_, k, k_aux = 41, 20, 60, 5, 7
     x = (torch.randn(B, d, dtype=torch.float64, device=device) + 2).requires_grad_()
-    # "scarce" lists feature 0: the CUDA encode's empty AuxK slots name feature 0 (with value 0)
-    scarce = torch.cat(
-        [torch.zeros(1, dtype=torch.int64, device=device), torch.randperm(F_ - 1, device=device)[:2] + 1]
-    )
-    dead_lists = {"few": torch.randperm(F_, device=device)[:25], "scarce": scarce}
+    dead_lists = {"few": torch.randperm(F_, device=device)[:25], "scarce": torch.randperm(F_, device=device)[:3]}
     features = dead_lists.get(dead)
     if dead == "padded":
         features = torch.cat([torch.randperm(F_, device=device)[:9], torch.full((6,), -1, device=device)])
@@ -169,21 +162,19 @@ def test_topk_autoencoder_matches_its_three_calls(dead, from_encode, device, mon
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout", ["default", "sort_in_line", "operands_after_encode", "auxk_from_encode"])
+@pytest.mark.parametrize("layout", ["default", "sort_in_line", "operands_after_encode"])
 @pytest.mark.parametrize("decoder_sums_beside", [False, True], ids=["decoder_sums_in_line", "decoder_sums_beside"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_topk_autoencoder_with_auxk_on_a_side_stream(dtype, decoder_sums_beside, layout, deterministic, monkeypatch):
     """F.AUXK_SIDE_STREAM: AuxK's forward and backward on a second stream (and dW_dec's sums with them,
     `DECODER_SUMS_ON_SIDE_STREAM`; the codes' sort on a third, or on the current one with
-    `SORT_ON_OWN_STREAM` off; AuxK's operands gathered after the encode, `AUXK_OPERANDS_FIRST` off; its
-    codes selected by the encode, `AUXK_FROM_ENCODE`) give
+    `SORT_ON_OWN_STREAM` off; AuxK's operands gathered after the encode, `AUXK_OPERANDS_FIRST` off) give
     the same values and gradients as in line (bit for bit on the reproducible routes), with the other
     streams' outputs read only after they are written (a kernel on each stream, none waiting, would race
     here)."""
     monkeypatch.setattr(autoencoder_ops, "DECODER_SUMS_ON_SIDE_STREAM", decoder_sums_beside)
     monkeypatch.setattr(F, "SORT_ON_OWN_STREAM", layout != "sort_in_line")
     monkeypatch.setattr(F, "AUXK_OPERANDS_FIRST", layout != "operands_after_encode")
-    monkeypatch.setattr(F, "AUXK_FROM_ENCODE", layout == "auxk_from_encode")
     B, d, F_, k, k_aux = 2048, 256, 4096, 32, 64
     x = (torch.randn(B, d, device="cuda") * 2 + 1).to(dtype).requires_grad_()
     params = [p.requires_grad_() for p in random_sae_weights(d, F_, dtype=dtype, device="cuda")]
