@@ -22,6 +22,10 @@ same way, one SAE per file, named by the file's stem:
 Each file holds one [N, d] (or [..., d]) tensor, the same N tokens in each; the run goes over them
 epoch after epoch, each epoch in a seeded order (so a resumed run skips what it trained on).
 
+On one GPU a TopK SAE's steps run as one captured CUDA graph each (`fastsae.graphs.CapturedStep`, with
+torch's fused Adam: the host launches one graph a step instead of a few hundred kernels; a batch of
+another shape, such as a shorter last one, runs eagerly); --no-capture runs every step eagerly.
+
 The same command trains on several GPUs under torchrun, unchanged:
 
     torchrun --nproc-per-node 8 -m fastsae train --model gpt2 --hookpoint h.6 --texts corpus.txt \
@@ -53,6 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .activations import ActivationStream, load_activations, saved_activation_batches
 from .diagnostics import diagnose
+from .graphs import CapturedStep
 from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, write_atomically
 
 LOG_COLUMNS = ["tokens", "hookpoint", "fvu", "dead_pct", "tokens_per_s"]
@@ -88,6 +93,8 @@ def add_parser(commands) -> None:
     train.add_argument("--keep-special-tokens", action="store_true", help="keep BOS and other special tokens")
     train.add_argument("--feature-shards", type=int, default=1,
                        help="under torchrun: processes that split each SAE's features")  # fmt: skip
+    train.add_argument("--no-capture", action="store_true",
+                       help="run every step eagerly, not as one captured CUDA graph (see below)")  # fmt: skip
     train.set_defaults(run=run)
 
 
@@ -182,11 +189,41 @@ def _run(args: argparse.Namespace) -> None:
                 )
             saes[name] = _new_sae(args, sample[name], layout)
         tokens_done, state = 0, None
-    optimizers = {name: torch.optim.Adam(sae.parameters(), lr=_lr(args, sae)) for name, sae in saes.items()}
+    capture = _captures(args, layout)
+    optimizers = {name: _optimizer(args, sae, capture) for name, sae in saes.items()}
     if state is not None:
         for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
+            _load_optimizer_state(optimizer, state["optimizers"][name])
     _train(args, layout, saes, optimizers, batches, tokens_done, used_batches)
+
+
+def _captures(args: argparse.Namespace, layout: Layout) -> bool:
+    """Whether the steps run as one captured CUDA graph (fastsae.graphs.CapturedStep): TopK SAEs on one
+    GPU, unless --no-capture. (BatchTopK takes its dense codes under capture, slower than its eager sparse
+    step; the multi-process layouts' steps are not captured yet.)"""
+    single = layout.replica_group is None and layout.shard_group is None
+    return not args.no_capture and args.activation == "topk" and single and torch.device(args.device).type == "cuda"
+
+
+def _optimizer(args: argparse.Namespace, sae: SparseAutoencoder, capture: bool) -> torch.optim.Adam:
+    """Adam: torch's fused kernel on CUDA (one launch over the parameters), capturable for a captured step."""
+    return torch.optim.Adam(sae.parameters(), lr=_lr(args, sae), fused=sae.W_enc.is_cuda, capturable=capture)
+
+
+def _load_optimizer_state(optimizer: torch.optim.Adam, state: dict) -> None:
+    """The saved Adam state, run with this run's kernel (fused, capturable), which the saved groups would
+    otherwise set: a run saved eagerly or on another device resumes captured, and the other way round.
+    Capturable and fused Adam keep each step count on the parameter's device, the others on the host."""
+    kernel = [{key: group[key] for key in ("fused", "capturable")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, kernel):
+        group.update(flags)
+        for param in group["params"]:
+            param_state = optimizer.state.get(param, {})
+            if "step" in param_state:
+                on_device = flags["fused"] or flags["capturable"]
+                step = param_state["step"].to(torch.float32)
+                param_state["step"] = step.to(param.device) if on_device else step.cpu()
 
 
 def _check_source(args: argparse.Namespace) -> None:
@@ -287,6 +324,11 @@ def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, us
         if layout.replica_group is not None else sae
         for name, sae in saes.items()
     }  # fmt: skip
+    # One captured graph per SAE, for batches of the first batch's shape (a shorter last batch runs eagerly)
+    captured = (
+        {name: CapturedStep(sae, optimizers[name]) for name, sae in saes.items()} if _captures(args, layout) else {}
+    )
+    captured_shapes: dict[str, torch.Size] = {}
     log_path = args.out / "log.csv"
     new_log = not log_path.is_file()
     next_log = (tokens_done // args.log_every + 1) * args.log_every
@@ -303,7 +345,11 @@ def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, us
             if n is None:  # a replica's texts ran out: every process stops at the same step
                 break
             for name, sae in saes.items():
-                out = models[name](batch[name].to(sae.W_enc.dtype))
+                x = batch[name].to(sae.W_enc.dtype)
+                if name in captured and captured_shapes.setdefault(name, x.shape) == x.shape:
+                    fvus[name] = captured[name](x).fvu.clone()  # the graph's tensor: the next replay rewrites it
+                    continue
+                out = models[name](x)
                 out.loss.backward()
                 sae.remove_decoder_parallel_grad()
                 optimizers[name].step()

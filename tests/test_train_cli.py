@@ -138,3 +138,42 @@ def test_train_command_wants_a_model_or_saved_activations(tmp_path, model_dir, c
     ]:
         assert cli(["train", *args, "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_train_command_captures_the_step_on_a_gpu(tmp_path, monkeypatch, capsys):
+    """On a GPU a TopK SAE's steps replay one captured CUDA graph (after CapturedStep's eager warm-up
+    steps); the log follows the eager run's (--no-capture) from the same start, and either run resumes
+    in the other mode (Adam's saved state taken by the other kernel)."""
+    from safetensors.torch import save_file
+
+    from fastsae.graphs import CapturedStep
+
+    captures = []
+    capture = CapturedStep._capture
+    monkeypatch.setattr(CapturedStep, "_capture", lambda self, x: (captures.append(x.shape), capture(self, x)))
+    generator = torch.Generator().manual_seed(0)
+    acts = torch.randn(4096, 64, generator=generator) * torch.linspace(0.1, 3, 64) + 2
+    save_file({"acts": acts}, str(tmp_path / "layer6.safetensors"))
+    common = ["train", "--activations", str(tmp_path / "layer6.safetensors"), "--batch-tokens", "256",
+              "--diagnose-tokens", "512", "--expansion-factor", "8", "--k", "8", "--log-every", "1024",
+              "--checkpoint-every", "4096", "--device", "cuda", "--dtype", "float32"]  # fmt: skip
+    runs = {"captured": [], "eager": ["--no-capture"]}
+    for mode, flags in runs.items():
+        torch.manual_seed(0)  # the same initial SAE
+        assert cli([*common, *flags, "--out", str(tmp_path / mode), "--tokens", "8192"]) == 0
+    assert captures == [torch.Size([256, 64])]  # the captured run's one capture, none in the eager run
+    captured_fvu = [float(row["fvu"]) for row in _rows(tmp_path / "captured")]
+    eager_fvu = [float(row["fvu"]) for row in _rows(tmp_path / "eager")]
+    assert len(captured_fvu) == len(eager_fvu) == 8 and captured_fvu[-1] < captured_fvu[0]
+    torch.testing.assert_close(torch.tensor(captured_fvu), torch.tensor(eager_fvu), rtol=2e-2, atol=1e-3)
+    for mode in runs:  # each resumed the other way round
+        other = runs["eager" if mode == "captured" else "captured"]
+        assert cli([*common, *other, "--out", str(tmp_path / mode), "--tokens", "12288"]) == 0
+        assert "resuming from" in capsys.readouterr().out
+        sae = fastsae.SparseAutoencoder.load(tmp_path / mode / "layer6.safetensors")
+        assert (
+            int(sae.n_tokens_seen) == 12288
+            and [float(row["fvu"]) for row in _rows(tmp_path / mode)][-1] < captured_fvu[0]
+        )
+    assert len(captures) == 2  # the eager run's resumption captured
