@@ -13,7 +13,7 @@ import torch
 
 from fastsae import functional as F
 from fastsae import reference
-from fastsae.ops import filter, launch
+from fastsae.ops import batch_filter, filter, launch
 from fastsae.testing import assert_batchtopk_matches, assert_close, assert_topk_matches
 
 from .harness import SHAPES, Recorder, measure, optional_sparsify, sweep_name
@@ -144,6 +144,13 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, n_
     covers every row."""
     x = torch.randn(n_rows, d, device="cuda").bfloat16()
     W_enc, b_enc, b_dec = _weights(d, n_features)
+    # A training step's estimate of its batch threshold: the threshold of another batch drawn the same way
+    # (a BatchTopK SAE keeps a running one; fastsae_threshold filters by it).
+    estimate = reference.pre_activation(torch.randn_like(x), W_enc, b_enc, b_dec).flatten().topk(n_rows * k)
+    estimate = estimate.values[-1].float()
+    assert batch_filter.threshold_first_codes(x, W_enc, b_enc, b_dec, k, estimate) is not None, (
+        f"encode_batchtopk {shape}: the threshold-first route handed the batch back"
+    )
     pre = reference.pre_activation(x, W_enc, b_enc, b_dec)
     providers = {
         "fastsae": partial(F.encode_batchtopk, x, W_enc, b_enc, b_dec, k),
@@ -151,6 +158,8 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, n_
         "fastsae_dense": partial(_dense_route_batchtopk, x, W_enc, b_enc, b_dec, k),
         # Sparse codes: each row's 4k candidates from the TopK encode, the batch's B * k largest among them.
         "fastsae_sparse": partial(F.encode_batchtopk_sparse, x, W_enc, b_enc, b_dec, k),
+        # Sparse codes, threshold-first: one filtering pass against the estimate, then an exact selection.
+        "fastsae_threshold": partial(F.encode_batchtopk_sparse, x, W_enc, b_enc, b_dec, k, estimate),
         "torch": partial(_torch_batchtopk, x, W_enc, b_enc, b_dec, k),
     }
     for name, fn in providers.items():  # bf16 rounding may swap the codes at the batch's threshold

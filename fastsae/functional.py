@@ -21,6 +21,7 @@ from torch import Tensor
 from . import _ext, reference
 from .ops import autoencoder as autoencoder_ops
 from .ops import auxk as auxk_ops
+from .ops import batch_filter as batch_filter_ops
 from .ops import batchtopk as batchtopk_ops
 from .ops import columns as column_ops
 from .ops import decode as decode_ops
@@ -320,17 +321,37 @@ def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: 
     return batchtopk_ops.batch_topk(_encode_relu(x, W_enc, b_enc, b_dec, None), k)
 
 
-def encode_batchtopk_sparse(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> TopKCodes:
+def encode_batchtopk_sparse(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, threshold: Tensor | None = None
+) -> TopKCodes:
     """BatchTopK codes as sparse TopKCodes (no AuxK candidates): the codes `encode_batchtopk` keeps (up
     to which of equal codes at the batch's threshold is kept), without a [B, F] tensor. Each row's
     candidates are its top min(F, 4k) codes from the TopK encode; the batch's B * k largest among them
     keep their values and the other candidates carry 0 (vals and idx are [B, min(F, 4k)]). Where a row
     may keep more codes than its candidates, the dense route runs instead, and vals and idx are [B, w]
     with w the most codes any row keeps (`fastsae/ops/batchtopk.py`). One host synchronisation, two on
-    the dense route. Differentiable w.r.t. x, W_enc, b_enc, b_dec."""
+    the dense route.
+
+    `threshold` (optional; a 0-dim tensor on x's device): an estimate of the batch's threshold (the
+    smallest code BatchTopK keeps), such as a BatchTopK SAE's running inference threshold. With it a CUDA
+    batch first takes the threshold-first route (`fastsae/ops/batch_filter.py`: one pass keeps the
+    entries within a margin of the estimate, then an exact selection among them, no per-row top-k): the
+    same codes, [B, batch_filter.buffer_width(k, F)], each row's kept codes first in descending order
+    and zeros after them. An estimate too far above the batch's threshold costs the route above after
+    it. Differentiable w.r.t. x, W_enc, b_enc, b_dec."""
     _check_encoder_args(x, W_enc, b_enc, b_dec)
     n_features = W_enc.shape[1]
     _check_k("k", k, n_features, minimum=1)
+    if threshold is not None:
+        if not isinstance(threshold, Tensor) or threshold.dim() != 0:
+            raise ValueError(f"threshold must be a 0-dim tensor, got {threshold!r}")
+        _check_same_device(x=x, threshold=threshold)
+        if x.is_cuda and W_enc.dtype != torch.float64:
+            detached = (t.detach() for t in (x, W_enc, b_enc, b_dec))
+            codes = batch_filter_ops.threshold_first_codes(*detached, k, threshold.detach())
+            if codes is not None:
+                vals, idx = _SparseCodes.apply(*codes, x, W_enc, b_enc, b_dec)
+                return TopKCodes(vals, idx, vals[:, :0], idx[:, :0])
     width = batchtopk_ops.candidate_width(k, n_features)
     vals, idx, aux_vals, aux_idx = _encode_topk(x, W_enc, b_enc, b_dec, width, 0, None)
     keep = batchtopk_ops.select_among_candidates(vals, k, complete=width == n_features)
@@ -340,6 +361,26 @@ def encode_batchtopk_sparse(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tens
     most = max(1, int((codes != 0).sum(dim=1).max()))
     vals, idx = codes.topk(most, dim=1)
     return TopKCodes(vals, idx.to(torch.int32), aux_vals, aux_idx)
+
+
+class _SparseCodes(torch.autograd.Function):
+    """Sparse codes (vals, idx) selected without autograd, given the encoder's gradient: each code's
+    value is its feature's post-ReLU pre-activation, so the TopK encode's backward applies."""
+
+    @staticmethod
+    def forward(ctx, vals, idx, x, W_enc, b_enc, b_dec):
+        ctx.save_for_backward(x, W_enc, b_dec, vals, idx)
+        ctx.mark_non_differentiable(idx)
+        return vals.view_as(vals), idx.view_as(idx)
+
+    @staticmethod
+    def backward(ctx, grad_vals, _grad_idx):
+        x, W_enc, b_dec, vals, idx = ctx.saved_tensors
+        no_aux_vals, no_aux_idx = vals[:, :0], idx[:, :0]
+        grads = _encode_topk_backward(
+            grad_vals, no_aux_vals, x, W_enc, b_dec, vals, idx, no_aux_vals, no_aux_idx, ctx.needs_input_grad[2]
+        )
+        return None, None, *(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad[2:]))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -440,7 +440,10 @@ class SparseAutoencoder(nn.Module):
             if self._group is not None and self.training:
                 return self._batchtopk_replicated_sparse(x) if sparse else self._batchtopk_replicated(x)
             if sparse:
-                return F.encode_batchtopk_sparse(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
+                # The running threshold (from the last steps) is the estimate the threshold-first route filters by.
+                return F.encode_batchtopk_sparse(
+                    x, self.W_enc, self.b_enc, self.b_dec, cfg.k, threshold=self.batchtopk_threshold
+                )
             return F.encode_batchtopk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
         threshold = self.threshold if cfg.activation == "jumprelu" else None
         return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)

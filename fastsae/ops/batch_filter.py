@@ -1,0 +1,279 @@
+"""Threshold-first BatchTopK: sparse codes of the batch's B * k largest post-ReLU pre-activations from
+one filtering pass against an estimate of the batch's threshold, with no per-row top-k.
+
+    pre = (x - b_dec) @ W_enc + b_enc                                   x [B, d], W_enc [d, F]
+    codes = the batch's B * k largest values of relu(pre)       (`reference.batch_topk` over whole rows)
+
+A BatchTopK SAE keeps a running estimate of its batch threshold (the smallest code it keeps, for
+inference); a training batch's threshold sits close to it. Given such an estimate t:
+1. filter: every entry above floor = (1 - FLOOR_MARGIN) * t is appended, as a (value, feature) key, to its
+   row's buffer of CAP slots (`filter.filter_gemm`'s epilogue, or a streaming pass over the pre-activation
+   that cuBLAS writes in row chunks; the tuner times both). No [B, F] tensor, no per-row selection.
+2. sort: each row's buffer sorted in descending order (so that a row's kept codes are a prefix of it),
+   and a histogram of the survivors' top 16 value bits over the batch.
+3. cut: the bin that holds the batch's (B * k)-th largest survivor (one program scans the histogram),
+   then among that bin's members (collected in one list), the exact cut by (value, position): ties at
+   the threshold go to the earlier row, then within a row to the larger feature (the sorted order).
+4. codes: each row's survivors at or above the cut, in place, value 0 and feature 0 elsewhere.
+Exact whatever t is, when every row's survivors fit its buffer and at least B * k entries pass the
+floor: then the batch's B * k largest are all survivors. Otherwise (t too high, a row with more than CAP
+survivors, more than CUT_LIST members in the threshold's bin, or a non-finite input, which the filter
+cannot rank as the reference does) the launcher returns None after one host synchronisation, and the
+caller takes another route; so does an estimate t <= 0 or NaN, which lets nothing through the filter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .filter import (
+    EMPTY_KEY,
+    PRE_ACTIVATION_CHUNK,
+    _append_survivors,
+    center,
+    filter_configs,
+    filter_gemm,
+    key_value,
+    pre_activation_chunks,
+    tma_operand,
+)
+from .launch import INTERPRET, cdiv, matmul_dtype, next_power_of_2, tuned
+
+# The filter keeps entries above (1 - FLOOR_MARGIN) x the estimate: a batch whose threshold falls more
+# than that below the estimate (early in training, when it moves fast) takes the caller's other route.
+FLOOR_MARGIN = 0.25
+# Survivors per row: BUFFER_PER_K x k slots, at least MIN_SLOTS (a power of two). A row keeps k codes on
+# average; at small k the rows' counts spread wider about it.
+BUFFER_PER_K = 4
+MIN_SLOTS = 64
+MAX_SLOTS = 2**25  # B x CAP buffer slots at most (256 MB of keys); larger batches take the other route
+BINS = 2**16  # the histogram of the survivors' top 16 value bits
+CUT_LIST = 8192  # members of the threshold's bin that the cut ranks in one program
+# Fields of the int32 state the kernels share.
+TOTAL, OVERFLOWED, MEMBERS, CUT_BIN, NEED, OK = (tl.constexpr(field) for field in range(6))
+
+
+def buffer_width(k: int, n_features: int) -> int:
+    """Slots per row (CAP), which is also the codes' width."""
+    return next_power_of_2(min(n_features, max(MIN_SLOTS, BUFFER_PER_K * k)))
+
+
+@triton.jit
+def _stream_filter_kernel(
+    pre_ptr, stride_pm, n_rows, row0, F, floor_ptr, count_ptr, key_buf_ptr, cap,
+    INLINE_PTX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Appends the entries of `pre` [n_rows, F] (the batch's rows row0 ..) above the floor to their
+    rows' buffers, as the filter GEMM's epilogue does."""
+    local = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = (local < n_rows)[:, None] & (cols < F)[None, :]
+    pre = tl.load(pre_ptr + local.to(tl.int64)[:, None] * stride_pm + cols[None, :], mask=inside, other=float("-inf"))
+    floor = tl.zeros([BLOCK_M, 1], dtype=tl.float32) + tl.load(floor_ptr)
+    row_start = row0 + tl.program_id(0) * BLOCK_M
+    _append_survivors(key_buf_ptr, count_ptr, row_start, (row0 + local)[:, None], cols[None, :], pre.to(tl.float32),
+                      floor, cap, INLINE_PTX)  # fmt: skip
+
+
+@triton.jit
+def _sorted_survivors(key_ptr, count_ptr, rows, B, CAP: tl.constexpr):
+    """(keys [BLOCK_M, CAP] as stored, present [BLOCK_M, CAP]) of `rows`: a row's first min(count, CAP)
+    slots hold its survivors."""
+    valid = rows < B
+    n = tl.minimum(tl.load(count_ptr + rows, mask=valid, other=0), CAP)
+    slots = tl.arange(0, CAP)
+    present = valid[:, None] & (slots[None, :] < n[:, None])
+    keys = tl.load(key_ptr + rows.to(tl.int64)[:, None] * CAP + slots[None, :], mask=present, other=EMPTY_KEY)
+    return keys, present
+
+
+@triton.jit
+def _bin_and_rank(keys, rows, CAP: tl.constexpr):
+    """Per key: its bin (the top 16 bits of the value's order, 0 .. BINS - 1) and its rank key inside the
+    bin, larger first: the low 16 value bits, then the earlier position (row * CAP + slot)."""
+    ordered = (keys >> 32).to(tl.int32)
+    bins = (ordered >> 16) + 32768
+    position = rows.to(tl.int64)[:, None] * CAP + tl.arange(0, CAP)[None, :]
+    rank = ((ordered & 0xFFFF).to(tl.int64) << 31) | (2**31 - 1 - position)
+    return bins, rank
+
+
+@triton.jit
+def _sort_kernel(key_ptr, count_ptr, hist_ptr, state_ptr, B, CAP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Sorts each row's survivors in descending (value, feature) order in place (empty slots last),
+    adds them to the histogram of bins, and counts the batch's survivors and overflowed rows."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    keys, present = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
+    keys = tl.sort(keys, dim=1, descending=True)
+    slots = tl.arange(0, CAP)
+    tl.store(key_ptr + rows.to(tl.int64)[:, None] * CAP + slots[None, :], keys, mask=(rows < B)[:, None])
+    present = slots[None, :] < tl.sum(present.to(tl.int32), axis=1)[:, None]  # the sort moved them first
+    bins, _ = _bin_and_rank(keys, rows, CAP)
+    tl.atomic_add(hist_ptr + bins, 1, mask=present, sem="relaxed")
+    tl.atomic_add(state_ptr + TOTAL, tl.sum(tl.sum(present.to(tl.int32), axis=1), axis=0), sem="relaxed")
+    overflowed = tl.load(count_ptr + rows, mask=rows < B, other=0) > CAP
+    tl.atomic_add(state_ptr + OVERFLOWED, tl.sum(overflowed.to(tl.int32), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _cut_bin_kernel(hist_ptr, state_ptr, budget, BINS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the highest bin b with at least `budget` survivors in bins >= b (the bin of the
+    batch's budget-th largest), and how many of that bin's members the codes need; bin -1 when fewer
+    than `budget` survived."""
+    above = tl.zeros([], dtype=tl.int32)
+    cut_bin = tl.full([], -1, dtype=tl.int32)
+    need = tl.zeros([], dtype=tl.int32)
+    lanes = tl.arange(0, BLOCK)
+    for i in range(BINS // BLOCK):  # from the top bins down
+        start = BINS - (i + 1) * BLOCK
+        h = tl.load(hist_ptr + start + lanes)
+        reaching = tl.cumsum(h, axis=0, reverse=True) + above  # survivors in bins >= start + lane
+        n_reach = tl.sum((reaching >= budget).to(tl.int32), axis=0)  # a prefix of the lanes
+        last = n_reach - 1
+        above_last = tl.sum(tl.where(lanes == last, reaching - h, 0), axis=0)
+        first_found = (cut_bin < 0) & (n_reach > 0)
+        cut_bin = tl.where(first_found, start + last, cut_bin)
+        need = tl.where(first_found, budget - above_last, need)
+        above += tl.sum(h, axis=0)
+    tl.store(state_ptr + CUT_BIN, cut_bin)
+    tl.store(state_ptr + NEED, need)
+
+
+@triton.jit
+def _members_kernel(
+    key_ptr, count_ptr, state_ptr, list_ptr, B, CAP: tl.constexpr, LIST: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """Appends the rank keys of the cut bin's members to the list (one atomic per program)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    keys, present = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
+    bins, rank = _bin_and_rank(keys, rows, CAP)
+    member = present & (bins == tl.load(state_ptr + CUT_BIN))
+    per_row = tl.sum(member.to(tl.int32), axis=1)
+    n = tl.sum(per_row, axis=0)
+    base = tl.atomic_add(state_ptr + MEMBERS, n, sem="relaxed")
+    slot = base + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(member.to(tl.int32), axis=1) - 1
+    tl.store(list_ptr + slot, rank, mask=member & (slot < LIST))
+
+
+@triton.jit
+def _cut_kernel(list_ptr, state_ptr, finite_ptr, cut_ptr, LIST: tl.constexpr):
+    """One program: the need-th largest rank key among the cut bin's members (they are distinct), by
+    bisection; and whether the whole selection is exact (OK)."""
+    members = tl.load(state_ptr + MEMBERS)
+    need = tl.load(state_ptr + NEED)
+    lanes = tl.arange(0, LIST)
+    present = lanes < members
+    rank = tl.load(list_ptr + lanes, mask=present, other=-1)
+    lo = tl.zeros([], dtype=tl.int64)  # count(rank >= lo) = members >= need > count(rank >= hi) = 0
+    hi = tl.full([], 2**47, dtype=tl.int64)
+    reaching = members
+    while (hi - lo > 1) & (reaching != need):
+        mid = (lo + hi) >> 1
+        n = tl.sum((rank >= mid).to(tl.int32), axis=0)
+        lo = tl.where(n >= need, mid, lo)
+        reaching = tl.where(n >= need, n, reaching)
+        hi = tl.where(n >= need, hi, mid)
+    # With exactly `need` members at or above lo, the cut is the smallest of them.
+    cut = tl.min(tl.where(rank >= lo, rank, 2**47), axis=0)
+    tl.store(cut_ptr, cut)
+    ok = (
+        (tl.load(state_ptr + CUT_BIN) >= 0)
+        & (tl.load(state_ptr + OVERFLOWED) == 0)
+        & (members <= LIST)
+        & (tl.load(finite_ptr) != 0)
+    )
+    tl.store(state_ptr + OK, ok.to(tl.int32))
+
+
+@triton.jit
+def _codes_kernel(
+    key_ptr, count_ptr, state_ptr, cut_ptr, vals_ptr, idx_ptr, B, CAP: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """Each row's codes [CAP]: its survivors above the cut bin, or in it at or above the cut; value 0
+    and feature 0 elsewhere."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    keys, present = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
+    bins, rank = _bin_and_rank(keys, rows, CAP)
+    cut_bin = tl.load(state_ptr + CUT_BIN)
+    kept = present & ((bins > cut_bin) | ((bins == cut_bin) & (rank >= tl.load(cut_ptr))))
+    values = tl.where(kept, tl.maximum(key_value(keys), 0.0), 0.0)
+    features = tl.where(kept, (keys & 0xFFFFFFFF).to(tl.int32), 0)
+    out = rows.to(tl.int64)[:, None] * CAP + tl.arange(0, CAP)[None, :]
+    row_valid = (rows < B)[:, None]
+    tl.store(vals_ptr + out, values.to(vals_ptr.dtype.element_ty), mask=row_valid)
+    tl.store(idx_ptr + out, features, mask=row_valid)
+
+
+def routes(k: int, n_features: int) -> list[tuple[str, dict]]:
+    """The filter's candidates for the tuner: the filter GEMM's tiles, and the streaming pass over cuBLAS
+    row chunks (("chunks", tile))."""
+    cap = buffer_width(k, n_features)
+    gemm = [("gemm", {**cfg, "CAP": cap}) for cfg in filter_configs(k, 0, max(n_features, 2 * cap), INTERPRET)]
+    gemm = list({str(cfg): (name, cfg) for name, cfg in gemm}.values())  # the capacities collapse to one
+    tiles = [(16, 64)] if INTERPRET else [(8, 512), (16, 256), (4, 1024)]
+    return [("chunks", dict(BLOCK_M=m, BLOCK_N=n, CAP=cap)) for m, n in tiles] + gemm
+
+
+def threshold_first_codes(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, threshold: Tensor,
+    route: tuple[str, dict] | None = None,
+) -> tuple[Tensor, Tensor] | None:  # fmt: skip
+    """(vals [B, CAP] in W_enc's dtype, idx [B, CAP] int32): the batch's B * k largest codes, each row's
+    sorted by value (then feature) in descending order, value 0 and feature 0 after them; or None where
+    this route cannot answer exactly (the module docstring; one host synchronisation). `threshold`: a
+    0-dim estimate of the batch's threshold on x's device. `route` (one of `routes`) bypasses the tuner."""
+    B, D = x.shape
+    F = W_enc.shape[1]
+    cap = buffer_width(k, F)
+    if B * cap > MAX_SLOTS:
+        return None
+    floor = torch.where(threshold > 0, threshold.float() * (1 - FLOOR_MARGIN), float("inf")).reshape(1)
+    count = x.new_empty(B, dtype=torch.int32)
+    key_buf = x.new_empty(B, cap, dtype=torch.int64)
+
+    def run(candidate: tuple[str, dict]) -> None:
+        name, cfg = candidate
+        count.zero_()
+        if name == "gemm":
+            xc = center(x, b_dec, matmul_dtype(W_enc.dtype))
+            floors = floor.expand(B).contiguous()  # the epilogue reads a threshold per row
+            filter_gemm(xc, tma_operand(W_enc), b_enc, floors, count, key_buf, None, None, cfg)
+            return
+        rows_per_chunk = max(1, min(B, PRE_ACTIVATION_CHUNK // F))
+        for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, None):
+            grid = (cdiv(pre.shape[0], cfg["BLOCK_M"]), cdiv(F, cfg["BLOCK_N"]))
+            _stream_filter_kernel[grid](
+                pre, pre.stride(0), pre.shape[0], rows.start, F, floor, count, key_buf, cap,
+                INLINE_PTX=not INTERPRET, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=4,
+            )  # fmt: skip
+
+    if route is None:
+        key = ("batchtopk_filter", D, F, B, k, x.dtype, W_enc.dtype)
+        route = tuned(key, routes(k, F), run)
+    run(route)
+    return _select(key_buf, count, B * k, torch.isfinite(x).all(), W_enc.dtype)
+
+
+def _select(key_buf: Tensor, count: Tensor, budget: int, finite: Tensor, dtype: torch.dtype):
+    """Steps 2-4 over the filled buffers; None where the selection is not exact."""
+    B, cap = key_buf.shape
+    block_m = max(1, 1024 // cap)
+    grid = (cdiv(B, block_m),)
+    state = count.new_zeros(8)
+    hist = count.new_zeros(BINS)
+    warps = max(1, min(8, block_m * cap // 256))
+    _sort_kernel[grid](key_buf, count, hist, state, B, CAP=cap, BLOCK_M=block_m, num_warps=warps)
+    _cut_bin_kernel[(1,)](hist, state, budget, BINS=BINS, BLOCK=4096, num_warps=8)
+    members = key_buf.new_empty(CUT_LIST)
+    _members_kernel[grid](key_buf, count, state, members, B, CAP=cap, LIST=CUT_LIST, BLOCK_M=block_m, num_warps=warps)
+    cut = key_buf.new_empty(1)
+    _cut_kernel[(1,)](members, state, finite.to(torch.int32).reshape(1), cut, LIST=CUT_LIST, num_warps=8)
+    vals = key_buf.new_empty(B, cap, dtype=dtype)
+    idx = key_buf.new_empty(B, cap, dtype=torch.int32)
+    _codes_kernel[grid](key_buf, count, state, cut, vals, idx, B, CAP=cap, BLOCK_M=block_m, num_warps=warps)
+    if not bool(state[OK.value]):
+        return None
+    return vals, idx
