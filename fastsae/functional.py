@@ -336,7 +336,7 @@ def encode_batchtopk_sparse(
     smallest code BatchTopK keeps), such as a BatchTopK SAE's running inference threshold. With it a CUDA
     batch first takes the threshold-first route (`fastsae/ops/batch_filter.py`: one pass keeps the
     entries within a margin of the estimate, then an exact selection among them, no per-row top-k): the
-    same codes, [B, batch_filter.buffer_width(k, F)], each row's kept codes first in descending order
+    same codes, [B, batch_filter.codes_width(k, F)], each row's kept codes first in descending order
     and zeros after them. An estimate too far above the batch's threshold costs the route above after
     it. Differentiable w.r.t. x, W_enc, b_enc, b_dec."""
     _check_encoder_args(x, W_enc, b_enc, b_dec)

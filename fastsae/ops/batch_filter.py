@@ -14,10 +14,11 @@ inference); a training batch's threshold sits close to it. Given such an estimat
 3. cut: the bin that holds the batch's (B * k)-th largest survivor (one program scans the histogram),
    then among that bin's members (collected in one list), the exact cut by (value, position): ties at
    the threshold go to the earlier row, then within a row to the larger feature (the sorted order).
-4. codes: each row's survivors at or above the cut, in place, value 0 and feature 0 elsewhere.
+4. codes: each row's survivors at or above the cut, CODES_PER_K x k wide, value 0 and feature 0 after them.
 Exact whatever t is, when every row's survivors fit its buffer and at least B * k entries pass the
 floor: then the batch's B * k largest are all survivors. Otherwise (t too high, a row with more than CAP
-survivors, more than CUT_LIST members in the threshold's bin, or a non-finite input, which the filter
+survivors or more kept codes than the codes' width, more than CUT_LIST members in the threshold's bin,
+or a non-finite input, which the filter
 cannot rank as the reference does) the launcher returns None after one host synchronisation, and the
 caller takes another route; so does an estimate t <= 0 or NaN, which lets nothing through the filter.
 """
@@ -42,23 +43,31 @@ from .filter import (
 )
 from .launch import INTERPRET, cdiv, matmul_dtype, next_power_of_2, tuned
 
-# The filter keeps entries above (1 - FLOOR_MARGIN) x the estimate: a batch whose threshold falls more
-# than that below the estimate (early in training, when it moves fast) takes the caller's other route.
-FLOOR_MARGIN = 0.25
-# Survivors per row: BUFFER_PER_K x k slots, at least MIN_SLOTS (a power of two). A row keeps k codes on
-# average; at small k the rows' counts spread wider about it.
-BUFFER_PER_K = 4
+# The filter keeps entries above (1 - FLOOR_MARGIN) x the estimate. In a Gaussian-like tail a small
+# step in value is a large one in count (at GPT-2's k / F, 0.75 x the threshold passes 9x the codes, 0.9 x
+# about 2.7x), so the margin is narrow: a batch whose threshold falls further below the estimate (early
+# in training, when it moves fast) takes the caller's other route.
+FLOOR_MARGIN = 0.1
+# Survivors per row: SLOTS_PER_K x k buffer slots, at least MIN_SLOTS (a power of two); a row keeps k codes
+# on average (their spread across rows is wider at small k), so the codes are CODES_PER_K x k wide.
+SLOTS_PER_K = 8
 MIN_SLOTS = 64
+CODES_PER_K = 4
 MAX_SLOTS = 2**25  # B x CAP buffer slots at most (256 MB of keys); larger batches take the other route
 BINS = 2**16  # the histogram of the survivors' top 16 value bits
 CUT_LIST = 8192  # members of the threshold's bin that the cut ranks in one program
 # Fields of the int32 state the kernels share.
-TOTAL, OVERFLOWED, MEMBERS, CUT_BIN, NEED, OK = (tl.constexpr(field) for field in range(6))
+TOTAL, OVERFLOWED, MEMBERS, CUT_BIN, NEED, OK, TOO_WIDE = (tl.constexpr(field) for field in range(7))
 
 
-def buffer_width(k: int, n_features: int) -> int:
-    """Slots per row (CAP), which is also the codes' width."""
-    return next_power_of_2(min(n_features, max(MIN_SLOTS, BUFFER_PER_K * k)))
+def buffer_slots(k: int, n_features: int) -> int:
+    """Buffer slots per row (CAP)."""
+    return next_power_of_2(min(n_features, max(MIN_SLOTS, SLOTS_PER_K * k)))
+
+
+def codes_width(k: int, n_features: int) -> int:
+    """The codes' width: a row keeping more codes than this is handed back."""
+    return min(buffer_slots(k, n_features), next_power_of_2(CODES_PER_K * k))
 
 
 @triton.jit
@@ -190,27 +199,31 @@ def _cut_kernel(list_ptr, state_ptr, finite_ptr, cut_ptr, LIST: tl.constexpr):
 
 @triton.jit
 def _codes_kernel(
-    key_ptr, count_ptr, state_ptr, cut_ptr, vals_ptr, idx_ptr, B, CAP: tl.constexpr, BLOCK_M: tl.constexpr
-):
-    """Each row's codes [CAP]: its survivors above the cut bin, or in it at or above the cut; value 0
-    and feature 0 elsewhere."""
+    key_ptr, count_ptr, state_ptr, cut_ptr, vals_ptr, idx_ptr, B,
+    CAP: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Each row's codes [WIDTH]: its survivors above the cut bin, or in it at or above the cut (a prefix
+    of the sorted row); value 0 and feature 0 after them. Counts the rows that keep more than WIDTH."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     keys, present = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
     bins, rank = _bin_and_rank(keys, rows, CAP)
     cut_bin = tl.load(state_ptr + CUT_BIN)
     kept = present & ((bins > cut_bin) | ((bins == cut_bin) & (rank >= tl.load(cut_ptr))))
+    too_wide = tl.sum((tl.sum(kept.to(tl.int32), axis=1) > WIDTH).to(tl.int32), axis=0)
+    tl.atomic_add(state_ptr + TOO_WIDE, too_wide, sem="relaxed")
     values = tl.where(kept, tl.maximum(key_value(keys), 0.0), 0.0)
     features = tl.where(kept, (keys & 0xFFFFFFFF).to(tl.int32), 0)
-    out = rows.to(tl.int64)[:, None] * CAP + tl.arange(0, CAP)[None, :]
-    row_valid = (rows < B)[:, None]
-    tl.store(vals_ptr + out, values.to(vals_ptr.dtype.element_ty), mask=row_valid)
-    tl.store(idx_ptr + out, features, mask=row_valid)
+    slots = tl.arange(0, CAP)
+    out = rows.to(tl.int64)[:, None] * WIDTH + slots[None, :]
+    written = (rows < B)[:, None] & (slots < WIDTH)[None, :]
+    tl.store(vals_ptr + out, values.to(vals_ptr.dtype.element_ty), mask=written)
+    tl.store(idx_ptr + out, features, mask=written)
 
 
 def routes(k: int, n_features: int) -> list[tuple[str, dict]]:
     """The filter's candidates for the tuner: the filter GEMM's tiles, and the streaming pass over cuBLAS
     row chunks (("chunks", tile))."""
-    cap = buffer_width(k, n_features)
+    cap = buffer_slots(k, n_features)
     gemm = [("gemm", {**cfg, "CAP": cap}) for cfg in filter_configs(k, 0, max(n_features, 2 * cap), INTERPRET)]
     gemm = list({str(cfg): (name, cfg) for name, cfg in gemm}.values())  # the capacities collapse to one
     tiles = [(16, 64)] if INTERPRET else [(8, 512), (16, 256), (4, 1024)]
@@ -221,13 +234,13 @@ def threshold_first_codes(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, threshold: Tensor,
     route: tuple[str, dict] | None = None,
 ) -> tuple[Tensor, Tensor] | None:  # fmt: skip
-    """(vals [B, CAP] in W_enc's dtype, idx [B, CAP] int32): the batch's B * k largest codes, each row's
+    """(vals [B, w] in W_enc's dtype, idx [B, w] int32, w = `codes_width`): the batch's B * k largest codes, each row's
     sorted by value (then feature) in descending order, value 0 and feature 0 after them; or None where
     this route cannot answer exactly (the module docstring; one host synchronisation). `threshold`: a
     0-dim estimate of the batch's threshold on x's device. `route` (one of `routes`) bypasses the tuner."""
     B, D = x.shape
     F = W_enc.shape[1]
-    cap = buffer_width(k, F)
+    cap = buffer_slots(k, F)
     if B * cap > MAX_SLOTS:
         return None
     floor = torch.where(threshold > 0, threshold.float() * (1 - FLOOR_MARGIN), float("inf")).reshape(1)
@@ -254,10 +267,10 @@ def threshold_first_codes(
         key = ("batchtopk_filter", D, F, B, k, x.dtype, W_enc.dtype)
         route = tuned(key, routes(k, F), run)
     run(route)
-    return _select(key_buf, count, B * k, torch.isfinite(x).all(), W_enc.dtype)
+    return _select(key_buf, count, B * k, codes_width(k, F), torch.isfinite(x).all(), W_enc.dtype)
 
 
-def _select(key_buf: Tensor, count: Tensor, budget: int, finite: Tensor, dtype: torch.dtype):
+def _select(key_buf: Tensor, count: Tensor, budget: int, width: int, finite: Tensor, dtype: torch.dtype):
     """Steps 2-4 over the filled buffers; None where the selection is not exact."""
     B, cap = key_buf.shape
     block_m = max(1, 1024 // cap)
@@ -271,9 +284,12 @@ def _select(key_buf: Tensor, count: Tensor, budget: int, finite: Tensor, dtype: 
     _members_kernel[grid](key_buf, count, state, members, B, CAP=cap, LIST=CUT_LIST, BLOCK_M=block_m, num_warps=warps)
     cut = key_buf.new_empty(1)
     _cut_kernel[(1,)](members, state, finite.to(torch.int32).reshape(1), cut, LIST=CUT_LIST, num_warps=8)
-    vals = key_buf.new_empty(B, cap, dtype=dtype)
-    idx = key_buf.new_empty(B, cap, dtype=torch.int32)
-    _codes_kernel[grid](key_buf, count, state, cut, vals, idx, B, CAP=cap, BLOCK_M=block_m, num_warps=warps)
-    if not bool(state[OK.value]):
+    vals = key_buf.new_empty(B, width, dtype=dtype)
+    idx = key_buf.new_empty(B, width, dtype=torch.int32)
+    _codes_kernel[grid](
+        key_buf, count, state, cut, vals, idx, B, CAP=cap, WIDTH=width, BLOCK_M=block_m, num_warps=warps
+    )  # fmt: skip
+    ok, too_wide = state[[OK.value, TOO_WIDE.value]].tolist()
+    if not ok or too_wide:
         return None
     return vals, idx
