@@ -39,20 +39,23 @@ def _check_codes(vals, idx, pre, k, band):
     assert_batchtopk_matches(reference.scatter_codes(vals, idx, n_features), pre, k, band)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("route", ["chunks", "gemm"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_codes_match_reference_for_estimates_about_the_threshold(device, route):
+def test_codes_match_reference_for_estimates_about_the_threshold(device, route, dtype):
     """Exact for an estimate a little above the batch's threshold (within the margin) or below it: the
-    estimate only decides how many entries the selection ranks."""
-    x, W_enc, b_enc, b_dec, k = _problem(device)
+    estimate only decides how many entries the selection ranks. In bf16 the streaming route's
+    pre-activations are bf16 values, thousands of which tie at the threshold."""
+    x, W_enc, b_enc, b_dec, k = _problem(device, dtype)
     pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
+    band = (1e-4 if dtype == torch.float32 else 1e-2) * float(pre.abs().max())
     threshold = _batch_threshold(pre, k)
-    for scale in (1.05, 1.0, 0.9):
+    for scale in (1.05, 1.0, 0.95):
         codes = batch_filter.threshold_first_codes(
             x, W_enc, b_enc, b_dec, k, threshold * scale, route=_route(route, k, W_enc.shape[1])
         )
         assert codes is not None, f"estimate {scale} x the threshold was handed back"
-        _check_codes(*codes, pre, k, band=1e-4)
+        _check_codes(*codes, pre, k, band)
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
@@ -81,8 +84,7 @@ def test_ties_at_the_threshold_go_to_the_earlier_rows_then_larger_features(devic
 def test_hands_back_what_it_cannot_answer_exactly(device, monkeypatch):
     """None for an estimate too far above the threshold (fewer than B * k survivors), one that lets
     nothing through (<= 0, NaN), a row with more survivors than its buffer or more kept codes than the
-    codes' width, a non-finite input, more members of the threshold's bin than the cut ranks, and a batch
-    beyond the buffers' bound."""
+    codes' width, a non-finite input, and a batch beyond the buffers' bound."""
     x, W_enc, b_enc, b_dec, k = _problem(device)
     pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
     threshold = _batch_threshold(pre, k)
@@ -104,9 +106,6 @@ def test_hands_back_what_it_cannot_answer_exactly(device, monkeypatch):
     poisoned = x.clone()
     poisoned[2, 0] = float("nan")
     assert codes(x=poisoned) is None, "a NaN input"
-    with monkeypatch.context() as patch:
-        patch.setattr(batch_filter, "CUT_LIST", 1)
-        assert codes() is None, "a cut bin with more members than the list"
     monkeypatch.setattr(batch_filter, "MAX_SLOTS", x.shape[0] - 1)
     assert codes() is None, "a batch beyond the buffers' bound"
     monkeypatch.undo()

@@ -9,17 +9,17 @@ inference); a training batch's threshold sits close to it. Given such an estimat
 1. filter: every entry above floor = (1 - FLOOR_MARGIN) * t is appended, as a (value, feature) key, to its
    row's buffer of CAP slots (`filter.filter_gemm`'s epilogue, or a streaming pass over the pre-activation
    that cuBLAS writes in row chunks; the tuner times both). No [B, F] tensor, no per-row selection.
-2. sort: each row's buffer sorted in descending order (so that a row's kept codes are a prefix of it),
-   and a histogram of the survivors' top 16 value bits over the batch.
-3. cut: the bin that holds the batch's (B * k)-th largest survivor (one program scans the histogram),
-   then among that bin's members (collected in one list), the exact cut by (value, position): ties at
-   the threshold go to the earlier row, then within a row to the larger feature (the sorted order).
-4. codes: each row's survivors at or above the cut, CODES_PER_K x k wide, value 0 and feature 0 after them.
+2. sort: each row's buffer sorted in descending (value, feature) order, so that a row's kept codes are a
+   prefix of it and ties within a row go to the larger feature, and a histogram of the survivors' top 16
+   value bits over the batch.
+3. threshold: the bin that holds the batch's (B * k)-th largest survivor (one program scans the
+   histogram), then a histogram of the low 16 bits of that bin's members gives its exact value; of the
+   entries equal to it (16-bit pre-activations tie often), the earlier rows' are kept first.
+4. codes: each row's kept survivors, CODES_PER_K x k wide, value 0 and feature 0 after them.
 Exact whatever t is, when every row's survivors fit its buffer and at least B * k entries pass the
 floor: then the batch's B * k largest are all survivors. Otherwise (t too high, a row with more than CAP
-survivors or more kept codes than the codes' width, more than CUT_LIST members in the threshold's bin,
-or a non-finite input, which the filter
-cannot rank as the reference does) the launcher returns None after one host synchronisation, and the
+survivors or more kept codes than the codes' width, or a non-finite input, which the filter cannot
+rank as the reference does) the launcher returns None after one host synchronisation, and the
 caller takes another route; so does an estimate t <= 0 or NaN, which lets nothing through the filter.
 """
 
@@ -54,10 +54,9 @@ SLOTS_PER_K = 8
 MIN_SLOTS = 64
 CODES_PER_K = 4
 MAX_SLOTS = 2**25  # B x CAP buffer slots at most (256 MB of keys); larger batches take the other route
-BINS = 2**16  # the histogram of the survivors' top 16 value bits
-CUT_LIST = 8192  # members of the threshold's bin that the cut ranks in one program
+BINS = 2**16  # each pass's histogram: 16 bits of the survivors' values
 # Fields of the int32 state the kernels share.
-TOTAL, OVERFLOWED, MEMBERS, CUT_BIN, NEED, OK, TOO_WIDE = (tl.constexpr(field) for field in range(7))
+TOTAL, OVERFLOWED, CUT_HIGH, NEED_HIGH, CUT_LOW, NEED, OK, TOO_WIDE = (tl.constexpr(field) for field in range(8))
 
 
 def buffer_slots(k: int, n_features: int) -> int:
@@ -89,49 +88,55 @@ def _stream_filter_kernel(
 
 @triton.jit
 def _sorted_survivors(key_ptr, count_ptr, rows, B, CAP: tl.constexpr):
-    """(keys [BLOCK_M, CAP] as stored, present [BLOCK_M, CAP]) of `rows`: a row's first min(count, CAP)
-    slots hold its survivors."""
+    """(keys [BLOCK_M, CAP] as stored, present [BLOCK_M, CAP], the values' `_ordered` keys) of `rows`: a
+    row's first min(count, CAP) slots hold its survivors."""
     valid = rows < B
     n = tl.minimum(tl.load(count_ptr + rows, mask=valid, other=0), CAP)
     slots = tl.arange(0, CAP)
     present = valid[:, None] & (slots[None, :] < n[:, None])
     keys = tl.load(key_ptr + rows.to(tl.int64)[:, None] * CAP + slots[None, :], mask=present, other=EMPTY_KEY)
-    return keys, present
+    return keys, present, (keys >> 32).to(tl.int32)
 
 
 @triton.jit
-def _bin_and_rank(keys, rows, CAP: tl.constexpr):
-    """Per key: its bin (the top 16 bits of the value's order, 0 .. BINS - 1) and its rank key inside the
-    bin, larger first: the low 16 value bits, then the earlier position (row * CAP + slot)."""
-    ordered = (keys >> 32).to(tl.int32)
-    bins = (ordered >> 16) + 32768
-    position = rows.to(tl.int64)[:, None] * CAP + tl.arange(0, CAP)[None, :]
-    rank = ((ordered & 0xFFFF).to(tl.int64) << 31) | (2**31 - 1 - position)
-    return bins, rank
+def _high(ordered):
+    """The histogram bin of the first pass: the top 16 bits of an `_ordered` key, 0 .. BINS - 1."""
+    return (ordered >> 16) + 32768
+
+
+@triton.jit
+def _threshold_key(state_ptr):
+    """The `_ordered` key of the batch's (B * k)-th largest survivor, from both passes' bins."""
+    return ((tl.load(state_ptr + CUT_HIGH) - 32768) << 16) | tl.load(state_ptr + CUT_LOW)
 
 
 @triton.jit
 def _sort_kernel(key_ptr, count_ptr, hist_ptr, state_ptr, B, CAP: tl.constexpr, BLOCK_M: tl.constexpr):
     """Sorts each row's survivors in descending (value, feature) order in place (empty slots last),
-    adds them to the histogram of bins, and counts the batch's survivors and overflowed rows."""
+    adds them to the first pass's histogram, and counts the batch's survivors and overflowed rows."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys, present = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
+    keys, present, _ = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
     keys = tl.sort(keys, dim=1, descending=True)
     slots = tl.arange(0, CAP)
     tl.store(key_ptr + rows.to(tl.int64)[:, None] * CAP + slots[None, :], keys, mask=(rows < B)[:, None])
     present = slots[None, :] < tl.sum(present.to(tl.int32), axis=1)[:, None]  # the sort moved them first
-    bins, _ = _bin_and_rank(keys, rows, CAP)
-    tl.atomic_add(hist_ptr + bins, 1, mask=present, sem="relaxed")
+    tl.atomic_add(hist_ptr + _high((keys >> 32).to(tl.int32)), 1, mask=present, sem="relaxed")
     tl.atomic_add(state_ptr + TOTAL, tl.sum(tl.sum(present.to(tl.int32), axis=1), axis=0), sem="relaxed")
     overflowed = tl.load(count_ptr + rows, mask=rows < B, other=0) > CAP
     tl.atomic_add(state_ptr + OVERFLOWED, tl.sum(overflowed.to(tl.int32), axis=0), sem="relaxed")
 
 
 @triton.jit
-def _cut_bin_kernel(hist_ptr, state_ptr, budget, BINS: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: the highest bin b with at least `budget` survivors in bins >= b (the bin of the
-    batch's budget-th largest), and how many of that bin's members the codes need; bin -1 when fewer
-    than `budget` survived."""
+def _cut_bin_kernel(
+    hist_ptr, state_ptr, finite_ptr, budget, BINS: tl.constexpr, BLOCK: tl.constexpr, SECOND: tl.constexpr
+):
+    """One program: the highest bin b with at least `budget` counts in bins >= b (the bin of the
+    budget-th largest), and how many of b's entries are needed. The first pass (16 high bits of the
+    survivors) writes CUT_HIGH (-1 when fewer than `budget` survived) and NEED_HIGH; the second (16 low
+    bits of CUT_HIGH's members, budget NEED_HIGH) writes CUT_LOW and NEED (the entries equal to the
+    threshold to keep) and whether the selection is exact (OK)."""
+    if SECOND:
+        budget = tl.load(state_ptr + NEED_HIGH)
     above = tl.zeros([], dtype=tl.int32)
     cut_bin = tl.full([], -1, dtype=tl.int32)
     need = tl.zeros([], dtype=tl.int32)
@@ -139,7 +144,7 @@ def _cut_bin_kernel(hist_ptr, state_ptr, budget, BINS: tl.constexpr, BLOCK: tl.c
     for i in range(BINS // BLOCK):  # from the top bins down
         start = BINS - (i + 1) * BLOCK
         h = tl.load(hist_ptr + start + lanes)
-        reaching = tl.cumsum(h, axis=0, reverse=True) + above  # survivors in bins >= start + lane
+        reaching = tl.cumsum(h, axis=0, reverse=True) + above  # counts in bins >= start + lane
         n_reach = tl.sum((reaching >= budget).to(tl.int32), axis=0)  # a prefix of the lanes
         last = n_reach - 1
         above_last = tl.sum(tl.where(lanes == last, reaching - h, 0), axis=0)
@@ -147,68 +152,64 @@ def _cut_bin_kernel(hist_ptr, state_ptr, budget, BINS: tl.constexpr, BLOCK: tl.c
         cut_bin = tl.where(first_found, start + last, cut_bin)
         need = tl.where(first_found, budget - above_last, need)
         above += tl.sum(h, axis=0)
-    tl.store(state_ptr + CUT_BIN, cut_bin)
-    tl.store(state_ptr + NEED, need)
+    if SECOND:
+        tl.store(state_ptr + CUT_LOW, cut_bin)
+        tl.store(state_ptr + NEED, need)
+        ok = (
+            (tl.load(state_ptr + CUT_HIGH) >= 0)
+            & (tl.load(state_ptr + OVERFLOWED) == 0)
+            & (tl.load(finite_ptr) != 0)
+        )  # fmt: skip
+        tl.store(state_ptr + OK, ok.to(tl.int32))
+    else:
+        tl.store(state_ptr + CUT_HIGH, cut_bin)
+        tl.store(state_ptr + NEED_HIGH, need)
 
 
 @triton.jit
-def _members_kernel(
-    key_ptr, count_ptr, state_ptr, list_ptr, B, CAP: tl.constexpr, LIST: tl.constexpr, BLOCK_M: tl.constexpr
-):
-    """Appends the rank keys of the cut bin's members to the list (one atomic per program)."""
+def _low_hist_kernel(key_ptr, count_ptr, state_ptr, hist_ptr, B, CAP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The second pass's histogram: the low 16 bits of the survivors in bin CUT_HIGH. A program whose
+    members all share their low bits (16-bit pre-activations: all zero) adds them in one atomic, where
+    an atomic per entry would queue every program's on one address."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys, present = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
-    bins, rank = _bin_and_rank(keys, rows, CAP)
-    member = present & (bins == tl.load(state_ptr + CUT_BIN))
-    per_row = tl.sum(member.to(tl.int32), axis=1)
-    n = tl.sum(per_row, axis=0)
-    base = tl.atomic_add(state_ptr + MEMBERS, n, sem="relaxed")
-    slot = base + (tl.cumsum(per_row, axis=0) - per_row)[:, None] + tl.cumsum(member.to(tl.int32), axis=1) - 1
-    tl.store(list_ptr + slot, rank, mask=member & (slot < LIST))
+    keys, present, ordered = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
+    member = present & (_high(ordered) == tl.load(state_ptr + CUT_HIGH))
+    low = ordered & 0xFFFF
+    n = tl.sum(tl.sum(member.to(tl.int32), axis=1), axis=0)
+    lowest = tl.min(tl.min(tl.where(member, low, 65536), axis=1), axis=0)
+    highest = tl.max(tl.max(tl.where(member, low, -1), axis=1), axis=0)
+    if lowest == highest:
+        tl.atomic_add(hist_ptr + lowest, n, sem="relaxed")
+    elif n > 0:
+        tl.atomic_add(hist_ptr + low, 1, mask=member, sem="relaxed")
 
 
 @triton.jit
-def _cut_kernel(list_ptr, state_ptr, finite_ptr, cut_ptr, LIST: tl.constexpr):
-    """One program: the need-th largest rank key among the cut bin's members (they are distinct), by
-    bisection; and whether the whole selection is exact (OK)."""
-    members = tl.load(state_ptr + MEMBERS)
-    need = tl.load(state_ptr + NEED)
-    lanes = tl.arange(0, LIST)
-    present = lanes < members
-    rank = tl.load(list_ptr + lanes, mask=present, other=-1)
-    lo = tl.zeros([], dtype=tl.int64)  # count(rank >= lo) = members >= need > count(rank >= hi) = 0
-    hi = tl.full([], 2**47, dtype=tl.int64)
-    reaching = members
-    while (hi - lo > 1) & (reaching != need):
-        mid = (lo + hi) >> 1
-        n = tl.sum((rank >= mid).to(tl.int32), axis=0)
-        lo = tl.where(n >= need, mid, lo)
-        reaching = tl.where(n >= need, n, reaching)
-        hi = tl.where(n >= need, hi, mid)
-    # With exactly `need` members at or above lo, the cut is the smallest of them.
-    cut = tl.min(tl.where(rank >= lo, rank, 2**47), axis=0)
-    tl.store(cut_ptr, cut)
-    ok = (
-        (tl.load(state_ptr + CUT_BIN) >= 0)
-        & (tl.load(state_ptr + OVERFLOWED) == 0)
-        & (members <= LIST)
-        & (tl.load(finite_ptr) != 0)
-    )
-    tl.store(state_ptr + OK, ok.to(tl.int32))
+def _tied_kernel(key_ptr, count_ptr, state_ptr, tied_ptr, B, CAP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each row's count of survivors equal to the threshold."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    _, present, ordered = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
+    tied = tl.sum((present & (ordered == _threshold_key(state_ptr))).to(tl.int32), axis=1)
+    tl.store(tied_ptr + rows, tied, mask=rows < B)
 
 
 @triton.jit
 def _codes_kernel(
-    key_ptr, count_ptr, state_ptr, cut_ptr, vals_ptr, idx_ptr, B,
+    key_ptr, count_ptr, state_ptr, tied_before_ptr, vals_ptr, idx_ptr, B,
     CAP: tl.constexpr, WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Each row's codes [WIDTH]: its survivors above the cut bin, or in it at or above the cut (a prefix
-    of the sorted row); value 0 and feature 0 after them. Counts the rows that keep more than WIDTH."""
+    """Each row's codes [WIDTH]: its survivors above the threshold, and of those equal to it the first
+    NEED of the batch (earlier rows first, then within a row larger features: the sorted order); value
+    0 and feature 0 after them (the kept ones are a prefix of the sorted row). Counts the rows that keep
+    more than WIDTH."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys, present = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
-    bins, rank = _bin_and_rank(keys, rows, CAP)
-    cut_bin = tl.load(state_ptr + CUT_BIN)
-    kept = present & ((bins > cut_bin) | ((bins == cut_bin) & (rank >= tl.load(cut_ptr))))
+    keys, present, ordered = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
+    threshold = _threshold_key(state_ptr)
+    tied = present & (ordered == threshold)
+    tied_before = tl.load(tied_before_ptr + rows, mask=rows < B, other=0)  # in the rows before this one
+    tied_taken = tl.maximum(tl.load(state_ptr + NEED) - tied_before, 0)
+    tie_rank = tl.cumsum(tied.to(tl.int32), axis=1) - 1
+    kept = (present & (ordered > threshold)) | (tied & (tie_rank < tied_taken[:, None]))
     too_wide = tl.sum((tl.sum(kept.to(tl.int32), axis=1) > WIDTH).to(tl.int32), axis=0)
     tl.atomic_add(state_ptr + TOO_WIDE, too_wide, sem="relaxed")
     values = tl.where(kept, tl.maximum(key_value(keys), 0.0), 0.0)
@@ -275,20 +276,20 @@ def _select(key_buf: Tensor, count: Tensor, budget: int, width: int, finite: Ten
     B, cap = key_buf.shape
     block_m = max(1, 1024 // cap)
     grid = (cdiv(B, block_m),)
+    rows = dict(B=B, CAP=cap, BLOCK_M=block_m, num_warps=max(1, min(8, block_m * cap // 256)))
     state = count.new_zeros(8)
-    hist = count.new_zeros(BINS)
-    warps = max(1, min(8, block_m * cap // 256))
-    _sort_kernel[grid](key_buf, count, hist, state, B, CAP=cap, BLOCK_M=block_m, num_warps=warps)
-    _cut_bin_kernel[(1,)](hist, state, budget, BINS=BINS, BLOCK=4096, num_warps=8)
-    members = key_buf.new_empty(CUT_LIST)
-    _members_kernel[grid](key_buf, count, state, members, B, CAP=cap, LIST=CUT_LIST, BLOCK_M=block_m, num_warps=warps)
-    cut = key_buf.new_empty(1)
-    _cut_kernel[(1,)](members, state, finite.to(torch.int32).reshape(1), cut, LIST=CUT_LIST, num_warps=8)
+    hists = count.new_zeros(2, BINS)
+    finite = finite.to(torch.int32).reshape(1)
+    _sort_kernel[grid](key_buf, count, hists[0], state, **rows)
+    _cut_bin_kernel[(1,)](hists[0], state, finite, budget, BINS=BINS, BLOCK=4096, SECOND=False, num_warps=8)
+    _low_hist_kernel[grid](key_buf, count, state, hists[1], **rows)
+    _cut_bin_kernel[(1,)](hists[1], state, finite, budget, BINS=BINS, BLOCK=4096, SECOND=True, num_warps=8)
+    tied = count.new_empty(B)
+    _tied_kernel[grid](key_buf, count, state, tied, **rows)
+    tied_before = torch.cumsum(tied, 0, dtype=torch.int32) - tied
     vals = key_buf.new_empty(B, width, dtype=dtype)
     idx = key_buf.new_empty(B, width, dtype=torch.int32)
-    _codes_kernel[grid](
-        key_buf, count, state, cut, vals, idx, B, CAP=cap, WIDTH=width, BLOCK_M=block_m, num_warps=warps
-    )  # fmt: skip
+    _codes_kernel[grid](key_buf, count, state, tied_before, vals, idx, WIDTH=width, **rows)
     ok, too_wide = state[[OK.value, TOO_WIDE.value]].tolist()
     if not ok or too_wide:
         return None
