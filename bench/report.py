@@ -28,7 +28,8 @@ OP_NOTES = {
     "encode_relu": "The ReLU encode, writing the whole [B, F] codes (`bench/bench_encode.py`).",
     "encode_batchtopk": "The BatchTopK encode, dense and sparse codes (`bench/bench_encode.py`); "
     "`fastsae_sparse_floor` (each row's codes above a floor, from the previous batch's threshold) was timed "
-    "once and removed (slower than `fastsae_sparse`).",
+    "once and removed (slower than `fastsae_sparse`); `fastsae_threshold` is the threshold-first route "
+    "(`fastsae/ops/batch_filter.py`), given another batch's threshold as its estimate.",
     "encode_topk_positive_counts": "The TopK encode with the per-feature positive counts (`bench/bench_encode.py`).",
     "encode_topk_sort_select": "The TopK encode with the experimental sort-select row-filter configurations, "
     "timed once and removed (no faster than `encode_topk`'s route).",

@@ -201,9 +201,9 @@ class SparseAutoencoder(nn.Module):
             # BatchTopK kept in each training batch. In eval mode the codes are JumpReLU at it, so a
             # token's codes do not depend on the rest of its batch. -1 until a training step sets it.
             self.register_buffer("batchtopk_threshold", torch.full((), -1.0, dtype=torch.float32))
-            # The last training batch's threshold, the estimate the next one filters by
-            # (`F.encode_batchtopk_sparse`): closer to it than the running average, which lags while the
-            # threshold moves. -1 until a training step sets it; not saved.
+            # The last training batch's threshold, the estimate the next one filters by when
+            # batchtopk.THRESHOLD_FIRST (`F.encode_batchtopk_sparse`): closer to it than the running
+            # average, which lags while the threshold moves. -1 until a training step sets it; not saved.
             self.register_buffer("last_batch_threshold", torch.full((), -1.0, dtype=torch.float32), persistent=False)
         self.register_buffer("feature_fire_count", torch.zeros(n_features, dtype=torch.int64))
         self.register_buffer("tokens_since_fired", torch.zeros(n_features, dtype=torch.int64))
@@ -444,9 +444,8 @@ class SparseAutoencoder(nn.Module):
             if self._group is not None and self.training:
                 return self._batchtopk_replicated_sparse(x) if sparse else self._batchtopk_replicated(x)
             if sparse:
-                return F.encode_batchtopk_sparse(
-                    x, self.W_enc, self.b_enc, self.b_dec, cfg.k, threshold=self.last_batch_threshold
-                )
+                estimate = self.last_batch_threshold if batchtopk_ops.THRESHOLD_FIRST else None
+                return F.encode_batchtopk_sparse(x, self.W_enc, self.b_enc, self.b_dec, cfg.k, threshold=estimate)
             return F.encode_batchtopk(x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
         threshold = self.threshold if cfg.activation == "jumprelu" else None
         return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)

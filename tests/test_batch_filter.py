@@ -132,10 +132,13 @@ def test_functional_threshold_route_has_the_candidates_route_gradients():
 
 @pytest.mark.gpu
 def test_batchtopk_sae_filters_by_its_last_batch_threshold(monkeypatch):
-    """A training BatchTopK SAE on the GPU passes its last batch's threshold as the estimate: from the
-    second step on its codes come from the threshold-first route, and it trains step by step like a twin
-    that never takes it (the same codes, losses and gradients)."""
+    """With batchtopk.THRESHOLD_FIRST a training BatchTopK SAE on the GPU passes its last batch's
+    threshold as the estimate: from the second step on its codes come from the threshold-first route,
+    and it trains step by step like a twin that never takes it (the same codes, losses and gradients)."""
     import fastsae
+    from fastsae.ops import batchtopk
+
+    monkeypatch.setattr(batchtopk, "THRESHOLD_FIRST", True)
 
     cfg = fastsae.SAEConfig(d_in=256, n_features=8192, k=32, activation="batchtopk")
     saes = [fastsae.SparseAutoencoder(cfg).to("cuda") for _ in range(2)]

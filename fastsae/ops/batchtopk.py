@@ -51,6 +51,13 @@ ROUTE = os.environ.get("FASTSAE_BATCHTOPK", "grouped")
 if ROUTE not in ("dense", "grouped"):
     raise ValueError(f"FASTSAE_BATCHTOPK must be 'dense' or 'grouped', got {ROUTE!r}")
 SPARSE_CODES = os.environ.get("FASTSAE_BATCHTOPK_SPARSE", "1") != "0"
+# A training SAE's sparse codes by the threshold-first route (`batch_filter.py`, filtering by the last
+# batch's threshold): off unless FASTSAE_BATCHTOPK_THRESHOLD_FIRST=1 (read at import). Its GPU time is
+# below the candidates' route's (about 0.89 against 1.14 ms at AlphaFold3's shape), but an eager call,
+# which waits for its exactness check, measured slower on the H200 (bf16, 73600d9): 1.113 / 1.352 / 7.55
+# ms at GPT-2 / AlphaFold3 / Llama-8B against 1.094 / 1.293 / 7.43; its launches after the GEMM are
+# more than the host queues while the GEMM runs.
+THRESHOLD_FIRST = os.environ.get("FASTSAE_BATCHTOPK_THRESHOLD_FIRST", "0") == "1"
 GROUP = 64  # codes per group: F / 64 maxima per row still hold the top k of most rows in distinct groups
 # Each row's candidates for the sparse codes: its 4k largest. A row keeps k codes on average; the
 # candidates fall short only for a row that keeps more than 4x the average.
