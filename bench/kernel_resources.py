@@ -24,7 +24,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastsae.ops import auxk, columns, decode, decoder, encode, filter, loss, scatter
+from fastsae.ops import auxk, batch_filter, columns, decode, decoder, encode, filter, loss, scatter
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -43,6 +43,13 @@ POINTER_TYPES = {
     "aux_count_ptr": "*i32",
     "aux_idx_ptr": "*i32",
     "key_buf_ptr": "*i64",
+    "key_ptr": "*i64",
+    "floor_ptr": "*fp32",
+    "hist_ptr": "*i32",
+    "state_ptr": "*i32",
+    "finite_ptr": "*i32",
+    "tied_ptr": "*i32",
+    "tied_before_ptr": "*i32",
     "aux_key_buf_ptr": "*i64",
     "pre_ptr": "*bf16",
     "idx_ptr": "*i32",
@@ -170,6 +177,24 @@ def _queue_kernels() -> None:
     for cap in (256, 1024, 4096):
         constexprs = {"FEWER_IF_UNBOUNDED": False, "OR_FLAGS": False, "CAP": cap, "KEEP": keep, "BLOCK_M": 1}
         queue_compile(f"filter_select cap={cap}", filter._select_kernel, constexprs, filter._row_warps(cap))
+    # The threshold-first BatchTopK (batch_filter.py) at k = 32 and 64 (256 and 512 buffer slots).
+    for k in (32, 64):
+        cap = batch_filter.buffer_slots(k, 24576)
+        for name, cfg in batch_filter.routes(k, 24576):
+            if name == "chunks":
+                constexprs = {"INLINE_PTX": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
+                tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}"
+                queue_compile(f"batch_filter_stream {tile}", batch_filter._stream_filter_kernel, constexprs, 4)
+        rows = {"CAP": cap, "BLOCK_M": max(1, 1024 // cap)}
+        queue_compile(f"batch_filter_sort cap={cap}", batch_filter._sort_kernel, {"CAP": cap, "BLOCK_M": 1}, cap // 128)
+        queue_compile(f"batch_filter_high_hist cap={cap}", batch_filter._high_hist_kernel, {**rows, "WINDOW": 256}, 4)
+        queue_compile(f"batch_filter_low_hist cap={cap}", batch_filter._low_hist_kernel, rows, 4)
+        queue_compile(f"batch_filter_tied cap={cap}", batch_filter._tied_kernel, rows, 4)
+        width = batch_filter.codes_width(k, 24576)
+        queue_compile(f"batch_filter_codes cap={cap}", batch_filter._codes_kernel, {**rows, "WIDTH": width}, 4)
+    for second in (False, True):
+        constexprs = {"BINS": batch_filter.BINS, "BLOCK": 8192, "SECOND": second}
+        queue_compile(f"batch_filter_cut_bin second={second}", batch_filter._cut_bin_kernel, constexprs, 16)
     row_filter_cases = [(24576, keep, 384), (16384, keep, 0), (24576, 512, 0), (131072, 64, 0), (5000, 8, 16)]
     for n_features, k, k_aux in row_filter_cases:
         for cfg in filter.row_filter_configs(k, k_aux, n_features):

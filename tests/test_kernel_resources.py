@@ -23,6 +23,7 @@ SPILL_FREE = (
     "feature_sum",
     "weighted_sums",
     "auxk_row_topk",
+    "batch_filter_",
     "column_sums",
     "add_partial_sums",
     "reconstruction_sums",
