@@ -333,7 +333,7 @@ def encode_batchtopk_sparse(
     the dense route.
 
     `threshold` (optional; a 0-dim tensor on x's device): an estimate of the batch's threshold (the
-    smallest code BatchTopK keeps), such as a BatchTopK SAE's running inference threshold. With it a CUDA
+    smallest code BatchTopK keeps), such as the last training batch's threshold. With it a CUDA
     batch first takes the threshold-first route (`fastsae/ops/batch_filter.py`: one pass keeps the
     entries within a margin of the estimate, then an exact selection among them, no per-row top-k): the
     same codes, [B, batch_filter.codes_width(k, F)], each row's kept codes first in descending order

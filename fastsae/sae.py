@@ -753,8 +753,10 @@ class SparseAutoencoder(nn.Module):
         running = self.batchtopk_threshold
         averaged = BATCHTOPK_THRESHOLD_DECAY * running + (1 - BATCHTOPK_THRESHOLD_DECAY) * smallest
         updated = torch.where(running < 0, smallest, averaged)
-        running.copy_(torch.where(torch.isinf(smallest), running, updated))
-        self.last_batch_threshold.copy_(torch.where(torch.isinf(smallest), self.last_batch_threshold, smallest))
+        kept_none = torch.isinf(smallest)
+        running.copy_(torch.where(kept_none, running, updated))
+        if batchtopk_ops.THRESHOLD_FIRST:  # the next batch's estimate
+            self.last_batch_threshold.copy_(torch.where(kept_none, self.last_batch_threshold, smallest))
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.cfg.d_in:

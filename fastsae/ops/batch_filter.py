@@ -4,8 +4,8 @@ one filtering pass against an estimate of the batch's threshold, with no per-row
     pre = (x - b_dec) @ W_enc + b_enc                                   x [B, d], W_enc [d, F]
     codes = the batch's B * k largest values of relu(pre)       (`reference.batch_topk` over whole rows)
 
-A BatchTopK SAE keeps a running estimate of its batch threshold (the smallest code it keeps, for
-inference); a training batch's threshold sits close to it. Given such an estimate t:
+A training batch's threshold (the smallest code BatchTopK keeps) sits close to the last batch's, which
+a BatchTopK SAE keeps. Given such an estimate t:
 1. filter: every entry above floor = (1 - FLOOR_MARGIN) * t is appended, as a (value, feature) key, to its
    row's buffer of CAP slots (`filter.filter_gemm`'s epilogue, or a streaming pass over the pre-activation
    that cuBLAS writes in row chunks; the tuner times both). No [B, F] tensor, no per-row selection.
@@ -35,8 +35,8 @@ from .filter import (
     PRE_ACTIVATION_CHUNK,
     _append_survivors,
     center,
-    filter_configs,
     filter_gemm,
+    filter_tiles,
     key_value,
     pre_activation_chunks,
     tma_operand,
@@ -56,7 +56,7 @@ CODES_PER_K = 4
 MAX_SLOTS = 2**25  # B x CAP buffer slots at most (256 MB of keys); larger batches take the other route
 BINS = 2**16  # each pass's histogram: 16 bits of the survivors' values
 # Fields of the int32 state the kernels share.
-TOTAL, OVERFLOWED, CUT_HIGH, NEED_HIGH, CUT_LOW, NEED, OK, TOO_WIDE = (tl.constexpr(field) for field in range(8))
+OVERFLOWED, CUT_HIGH, NEED_HIGH, CUT_LOW, NEED, OK, TOO_WIDE = (tl.constexpr(field) for field in range(7))
 
 
 def buffer_slots(k: int, n_features: int) -> int:
@@ -113,12 +113,11 @@ def _threshold_key(state_ptr):
 @triton.jit
 def _sort_kernel(key_ptr, count_ptr, state_ptr, B, CAP: tl.constexpr, BLOCK_M: tl.constexpr):
     """Sorts each row's survivors in descending (value, feature) order in place (empty slots last), and
-    counts the batch's survivors and overflowed rows."""
+    counts the overflowed rows."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys, present, _ = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
+    keys, _, _ = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
     keys = tl.sort(keys, dim=1, descending=True)
     tl.store(key_ptr + rows.to(tl.int64)[:, None] * CAP + tl.arange(0, CAP)[None, :], keys, mask=(rows < B)[:, None])
-    tl.atomic_add(state_ptr + TOTAL, tl.sum(tl.sum(present.to(tl.int32), axis=1), axis=0), sem="relaxed")
     overflowed = tl.load(count_ptr + rows, mask=rows < B, other=0) > CAP
     tl.atomic_add(state_ptr + OVERFLOWED, tl.sum(overflowed.to(tl.int32), axis=0), sem="relaxed")
 
@@ -187,7 +186,7 @@ def _low_hist_kernel(key_ptr, count_ptr, state_ptr, hist_ptr, B, CAP: tl.constex
     members all share their low bits (16-bit pre-activations: all zero) adds them in one atomic, where
     an atomic per entry would queue every program's on one address."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys, present, ordered = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
+    _, present, ordered = _sorted_survivors(key_ptr, count_ptr, rows, B, CAP)
     member = present & (_high(ordered) == tl.load(state_ptr + CUT_HIGH))
     low = ordered & 0xFFFF
     n = tl.sum(tl.sum(member.to(tl.int32), axis=1), axis=0)
@@ -240,8 +239,7 @@ def routes(k: int, n_features: int) -> list[tuple[str, dict]]:
     """The filter's candidates for the tuner: the filter GEMM's tiles, and the streaming pass over cuBLAS
     row chunks (("chunks", tile))."""
     cap = buffer_slots(k, n_features)
-    gemm = [("gemm", {**cfg, "CAP": cap}) for cfg in filter_configs(k, 0, max(n_features, 2 * cap), INTERPRET)]
-    gemm = list({str(cfg): (name, cfg) for name, cfg in gemm}.values())  # the capacities collapse to one
+    gemm = [("gemm", dict(tile, CAP=cap, AUX_CAP=1)) for tile in filter_tiles(INTERPRET)]
     tiles = [(16, 64)] if INTERPRET else [(8, 512), (16, 256), (4, 1024)]
     return [("chunks", dict(BLOCK_M=m, BLOCK_N=n, CAP=cap)) for m, n in tiles] + gemm
 
@@ -250,10 +248,11 @@ def threshold_first_codes(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, threshold: Tensor,
     route: tuple[str, dict] | None = None,
 ) -> tuple[Tensor, Tensor] | None:  # fmt: skip
-    """(vals [B, w] in W_enc's dtype, idx [B, w] int32, w = `codes_width`): the batch's B * k largest codes, each row's
-    sorted by value (then feature) in descending order, value 0 and feature 0 after them; or None where
-    this route cannot answer exactly (the module docstring; one host synchronisation). `threshold`: a
-    0-dim estimate of the batch's threshold on x's device. `route` (one of `routes`) bypasses the tuner."""
+    """(vals [B, w] in W_enc's dtype, idx [B, w] int32, w = `codes_width`): the batch's B * k largest
+    codes, each row's sorted by value (then feature) in descending order, value 0 and feature 0 after
+    them; or None where this route cannot answer exactly (the module docstring; one host
+    synchronisation). `threshold`: a 0-dim estimate of the batch's threshold on x's device. `route` (one
+    of `routes`) bypasses the tuner."""
     B, D = x.shape
     F = W_enc.shape[1]
     cap = buffer_slots(k, F)
@@ -271,7 +270,7 @@ def threshold_first_codes(
             floors = floor.expand(B).contiguous()  # the epilogue reads a threshold per row
             filter_gemm(xc, tma_operand(W_enc), b_enc, floors, count, key_buf, None, None, cfg)
             return
-        rows_per_chunk = max(1, min(B, PRE_ACTIVATION_CHUNK // F))
+        rows_per_chunk = max(1, PRE_ACTIVATION_CHUNK // F)
         for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, None):
             grid = (cdiv(pre.shape[0], cfg["BLOCK_M"]), cdiv(F, cfg["BLOCK_N"]))
             _stream_filter_kernel[grid](

@@ -698,29 +698,30 @@ def thresholds(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, cap: int, colum
     return tau
 
 
-def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list[dict]:
-    """Tile shapes of the filter GEMM and buffer capacities. A larger buffer lets the threshold pass read
-    fewer features but costs the select more; none is above half the features (then filtering keeps
-    most of the row and the dense route is the one to take). BLOCK_K is for 2-byte operands; fp32 ones
-    take half of it, so that the stages fit the same shared memory. PER_SM: persistent programs per SM;
-    with two, one program's epilogue can overlap the other's matmul."""
+def filter_tiles(interpret: bool) -> list[dict]:
+    """Tile shapes of the filter GEMM. BLOCK_K is for 2-byte operands; fp32 ones take half of it, so that
+    the stages fit the same shared memory. PER_SM: persistent programs per SM; with two, one program's
+    epilogue can overlap the other's matmul."""
     if interpret:  # numpy runs the kernels element by element: small tiles
         tiles = [(16, 32, 32, 1, 4, 1, 1)]
     else:
         # Spill-free on sm_90; 128 x 256 tiles spill in the epilogue and measured slower at GPT-2 and AF3.
         tiles = [(128, 128, 64, 8, 8, 4, 1), (64, 128, 64, 8, 4, 4, 2), (128, 128, 128, 8, 8, 3, 1)]
+    return [
+        dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, PER_SM=p)
+        for m, n, bk, g, w, s, p in tiles
+    ]
+
+
+def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list[dict]:
+    """`filter_tiles` and buffer capacities. A larger buffer lets the threshold pass read fewer features
+    but costs the select more; none is above half the features (then filtering keeps most of the row and
+    the dense route is the one to take)."""
     widest = max(512, n_features // 2)
     caps = [max(512 * 2**i, next_power_of_2(16 * 2**i * k)) for i in range(3)]
     caps = [cap for cap in caps if cap <= widest]
     aux_cap = max(256, next_power_of_2(8 * k_aux)) if k_aux else 1
-    configs = [
-        dict(
-            BLOCK_M=m, BLOCK_N=n, BLOCK_K=bk, GROUP_M=g, num_warps=w, num_stages=s, PER_SM=p, CAP=cap, AUX_CAP=aux_cap
-        )  # fmt: skip
-        for m, n, bk, g, w, s, p in tiles
-        for cap in caps
-    ]
-    return configs
+    return [dict(tile, CAP=cap, AUX_CAP=aux_cap) for tile in filter_tiles(interpret) for cap in caps]
 
 
 def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
