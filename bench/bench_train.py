@@ -12,7 +12,9 @@ same batch and weights is checked against the fp32 reference.
 
 Op `train_step_batchtopk`: the BatchTopK SAE's step (no AuxK) at the three shapes, on the sparse codes
 (`fastsae`, the default) and on the dense ones (`fastsae_dense_codes`, FASTSAE_BATCHTOPK_SPARSE=0),
-against the eager dense BatchTopK step (`torch`).
+replayed by CapturedStep on the sparse codes (`fastsae_graph`; `fastsae_threshold_graph` with the
+threshold-first route, FASTSAE_BATCHTOPK_THRESHOLD_FIRST=1), against the eager dense BatchTopK step
+(`torch`).
 
 The dead features are silenced (encoder bias SILENT_BIAS: they never reach a token's top k, so they stay
 dead) and fastsae's statistics say so from the start (tokens since fired beyond `dead_after_tokens`,
@@ -101,23 +103,27 @@ def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False
     return step
 
 
-def _batchtopk_step(d, n_features, k, weights, sparse_codes: bool):
+def _batchtopk_step(d, n_features, k, weights, sparse_codes: bool, graph: bool = False, threshold_first: bool = False):
     """A BatchTopK SAE's step (torch.optim.Adam, the decoder constraint) on the dense codes or, with
-    `sparse_codes`, on the sparse ones (the module-level switch FASTSAE_BATCHTOPK_SPARSE sets, set here
-    around each step)."""
+    `sparse_codes`, on the sparse ones (the module-level switches FASTSAE_BATCHTOPK_SPARSE and
+    FASTSAE_BATCHTOPK_THRESHOLD_FIRST set, set here around each step); with `graph`, replayed by
+    fastsae.graphs.CapturedStep (its `captured` attribute), with torch's fused Adam made capturable."""
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, activation="batchtopk", dtype="bfloat16",
                             check_finite=False)  # fmt: skip
     sae = fastsae.SparseAutoencoder(cfg).cuda()
     sae.load_state_dict({**sae.state_dict(), **weights})
-    optimizer = adam(sae.parameters())
+    optimizer = adam(sae.parameters(), capturable=graph)
+    captured = fastsae.graphs.CapturedStep(sae, optimizer) if graph else None
 
     def step(x):
-        previous, batchtopk_ops.SPARSE_CODES = batchtopk_ops.SPARSE_CODES, sparse_codes
+        switches = batchtopk_ops.SPARSE_CODES, batchtopk_ops.THRESHOLD_FIRST
+        batchtopk_ops.SPARSE_CODES, batchtopk_ops.THRESHOLD_FIRST = sparse_codes, threshold_first
         try:
-            return sae_train_step(sae, optimizer, x).fvu
+            return (captured(x) if graph else sae_train_step(sae, optimizer, x)).fvu
         finally:
-            batchtopk_ops.SPARSE_CODES = previous
+            batchtopk_ops.SPARSE_CODES, batchtopk_ops.THRESHOLD_FIRST = switches
 
+    step.captured = captured
     return step
 
 
@@ -240,9 +246,16 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, k:
     providers = {
         "fastsae": _batchtopk_step(d, n_features, k, weights, sparse_codes=True),
         "fastsae_dense_codes": _batchtopk_step(d, n_features, k, weights, sparse_codes=False),
+        "fastsae_graph": _batchtopk_step(d, n_features, k, weights, sparse_codes=True, graph=True),
+        "fastsae_threshold_graph": _batchtopk_step(
+            d, n_features, k, weights, sparse_codes=True, graph=True, threshold_first=True
+        ),
         "torch": _dense_step(partial(_dense_batchtopk_loss, k=k), weights, compile_loss=False),
     }
     for name, step in providers.items():  # the first step sees the shared initial weights
         assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step_batchtopk {shape} {name} FVU")
     for name, step in providers.items():
-        recorder.record("train_step_batchtopk", shape, name, measure(partial(step, x)))
+        recorder.record("train_step_batchtopk", shape, name, measure_step(step, x))
+        captured = getattr(step, "captured", None)
+        # the timed calls were replays, not the eager steps that stand in for codes that are not exact
+        assert captured is None or captured.eager_fallbacks == 0, f"{shape} {name}: {captured.eager_fallbacks}"

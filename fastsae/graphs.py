@@ -40,6 +40,14 @@ capture, fused or not), fastest with `fused=True` as well, between the decoder c
 or `fastsae.optim.SAEAdam(sae, capturable=True)`, whose step applies the constraint in its own pass
 over W_dec (the captured step then leaves out the two calls, each a pass over W_dec-sized tensors).
 
+A BatchTopK SAE trains on its sparse codes in the graph too (`fastsae/ops/batchtopk.py`). Their
+selection is exact unless a row keeps more codes than the codes' fixed width, which its check finds on
+the device, and a graph cannot wait for that check. So the step is captured as two graphs that share one
+memory pool: the first ends at the check (nothing the step writes, parameters, optimizer state or
+statistics, is written before it), the second holds the rest. A replay runs the first, reads the flag
+(one synchronisation a step), then runs the second, or, where the codes would not be exact, runs the
+step eagerly instead (the exact routes, dense codes where needed; `eager_fallbacks` counts those steps).
+
 Not covered yet: feature-sharded SAEs, and data-parallel SAEs other than TopK (BatchTopK's selection
 over the replicas synchronises).
 """
@@ -47,6 +55,7 @@ over the replicas synchronises).
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from collections import deque
 
@@ -54,6 +63,7 @@ import torch
 from torch import Tensor
 
 from . import parallel
+from .ops import batchtopk as batchtopk_ops
 from .ops.launch import cdiv, join_stream, next_power_of_2, on_stream
 from .optim import SAEAdam
 from .sae import AUXK_DENSE_MAX_ELEMENTS, SAEOutput, SparseAutoencoder
@@ -95,6 +105,11 @@ class CapturedStep:
         self.sae, self.optimizer = sae, optimizer
         self._eager_left = warmup
         self._graph: torch.cuda.CUDAGraph | None = None
+        # A BatchTopK step's second graph (the step after its codes' exactness check, which ends the first)
+        # and that check's flag, True where the codes would not be exact
+        self._rest: torch.cuda.CUDAGraph | None = None
+        self._static_inexact: Tensor | None = None
+        self.eager_fallbacks = 0  # replays whose BatchTopK codes were not exact: those steps ran eagerly
         self._static_x: Tensor | None = None
         self._static_out: SAEOutput | None = None
         self._static_dead_bound: Tensor | None = None  # the captured step's bound on the dead count
@@ -126,6 +141,11 @@ class CapturedStep:
             self._capture(x)
         self._static_x.copy_(x)
         self._graph.replay()
+        if self._rest is not None:
+            if bool(self._static_inexact):  # one synchronisation; nothing the step writes is written yet
+                self.eager_fallbacks += 1
+                return self._fallback_step(x)
+            self._rest.replay()
         self._copy_dead_bound()
         return self._static_out
 
@@ -213,18 +233,60 @@ class CapturedStep:
         torch.cuda.current_stream(x.device).wait_stream(side)
         return out
 
+    def _fallback_step(self, x: Tensor) -> SAEOutput:
+        """An eager step in place of a replay, leaving the graph's gradient tensors in place (the replays
+        write them at their addresses; the eager step's own gradients are dropped afterwards)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        static_grads = [p.grad for p in params]
+        out = self._eager_step(x)
+        for param, grad in zip(params, static_grads):
+            param.grad = grad
+        return out
+
     def _capture(self, x: Tensor) -> None:
+        """Captures the step as one graph, or, where a BatchTopK step's codes check their exactness
+        (`batchtopk_ops.exact`), as two: the first ends at the check (`_split`), the second (sharing the
+        first's memory pool) holds the rest. torch.cuda.graph cannot end a capture inside its block,
+        so this does what it does around capture_begin and capture_end."""
         # Gradients are None when capture starts, so the captured backward writes (not accumulates) them
         # into the graph's own memory, the same addresses at every replay.
         self.optimizer.zero_grad(set_to_none=True)
         self._static_x = x.clone()
         _create_backward_cublas_handle(x.device)
-        self._graph = torch.cuda.CUDAGraph()
+        self._graph, self._rest, self._static_inexact = torch.cuda.CUDAGraph(), None, None
         # features this step's statistics leave within reach of death, counted beside the backward
         bound_stream = torch.cuda.Stream(x.device) if self._uses_auxk() else None
-        with torch.cuda.graph(self._graph):
-            self._static_out = self._train(self._static_x, bound_stream)
+        torch.cuda.synchronize(x.device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        capture_stream = torch.cuda.Stream(x.device)
+        capture_stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(capture_stream):
+            self._graph.capture_begin()
+            try:
+                with batchtopk_ops.exactness_checkpoint(self._split):
+                    self._static_out = self._train(self._static_x, bound_stream)
+            except BaseException:
+                with contextlib.suppress(RuntimeError):  # the capture's own error is the one to raise
+                    self._capturing().capture_end()
+                self._graph = self._rest = None
+                raise
+            self._capturing().capture_end()
+        torch.cuda.current_stream(x.device).wait_stream(capture_stream)
         self._dead_bounds.clear()
+
+    def _capturing(self) -> torch.cuda.CUDAGraph:
+        return self._graph if self._rest is None else self._rest
+
+    def _split(self, inexact: Tensor) -> None:
+        """The BatchTopK codes' exactness check, reached while capturing: the first graph ends here, and
+        the rest of the step is captured as the second."""
+        if self._rest is not None:
+            raise RuntimeError("a captured step checks the exactness of its BatchTopK codes once")
+        self._static_inexact = inexact
+        self._graph.capture_end()
+        self._rest = torch.cuda.CUDAGraph()
+        self._rest.capture_begin(pool=self._graph.pool())
 
 
 def _create_backward_cublas_handle(device: torch.device) -> None:

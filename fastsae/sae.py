@@ -440,7 +440,7 @@ class SparseAutoencoder(nn.Module):
             if not self.training and float(self.batchtopk_threshold) >= 0:
                 threshold = self.batchtopk_threshold.to(self.W_enc.dtype).expand(cfg.n_features)
                 return F.encode_relu(x, self.W_enc, self.b_enc, self.b_dec, threshold)
-            sparse = self.training and batchtopk_ops.SPARSE_CODES and may_synchronize(x)
+            sparse = self.training and batchtopk_ops.SPARSE_CODES and batchtopk_ops.sparse_codes_possible(x)
             if self._group is not None and self.training:
                 return self._batchtopk_replicated_sparse(x) if sparse else self._batchtopk_replicated(x)
             if sparse:

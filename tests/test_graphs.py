@@ -137,6 +137,33 @@ def test_captured_step_replays_without_synchronising():
     assert step._graph is not None
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("threshold_first", [False, True], ids=["candidates", "threshold_first"])
+def test_captured_batchtopk_step_trains_like_the_eager_step(threshold_first, monkeypatch):
+    """A BatchTopK SAE's captured step (two graphs, split at the sparse codes' exactness check, by each
+    sparse route) follows its eager twin; a batch with a row that keeps more codes than the codes'
+    width runs eagerly instead of the second graph, and the replays after it follow the twin too."""
+    monkeypatch.setattr(fastsae.ops.batchtopk, "THRESHOLD_FIRST", threshold_first)
+    (eager, captured), (eager_opt, captured_opt) = _pair("cuda", activation="batchtopk")
+    step = CapturedStep(captured, captured_opt, warmup=2)
+    for i in range(10):
+        x = torch.randn(512, 64, device="cuda") + 2
+        hot = i == 6
+        if hot:  # this row's codes outrank every other row's: it keeps far more than 4k of them
+            x[0] *= 50
+        want = _eager_step(eager, eager_opt, x)
+        fallbacks = step.eager_fallbacks
+        got = step(x)
+        assert abs(float(got.loss) - float(want.loss)) <= 1e-4 * float(want.loss), (i, float(got.loss))
+        if i >= 2:  # replays: the second graph, or, for the hot batch, an eager step
+            assert step._rest is not None and step.eager_fallbacks == fallbacks + hot, i
+            width = 4 * captured.cfg.k  # the captured codes' width; the exact routes' are as wide as needed
+            assert (got.vals.shape[-1] > width) == hot, (i, got.vals.shape)
+    for name, p in captured.named_parameters():
+        assert_close(p, dict(eager.named_parameters())[name], torch.float16, name)
+    assert float(captured.batchtopk_threshold) == pytest.approx(float(eager.batchtopk_threshold), rel=1e-4)
+
+
 class _FinishedEvent:
     """Stands for a CUDA event whose copy is done (the host-side decisions run on CPU)."""
 

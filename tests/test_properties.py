@@ -7,6 +7,7 @@ falsifying example, its seed included, and a blob for @reproduce_failure."""
 
 import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -187,6 +188,13 @@ def test_batchtopk_among_candidates_keeps_the_reference_codes(device, dtype, see
     acts = _batch_codes(data, B, F, dtype, device, seed)
     vals, idx = acts.topk(width, dim=1)
     keep = batchtopk.select_among_candidates(vals, k, complete=width == F)
+    # As a CapturedStep's capture runs it: the check's flag goes to the checkpoint, unread, and the
+    # selection goes on; the flag says what the host's check said.
+    flags, capturing = [], mock.patch.object(batchtopk, "may_synchronize", lambda _tensor: False)
+    with batchtopk.exactness_checkpoint(flags.append), capturing:
+        captured_keep = batchtopk.select_among_candidates(vals, k, complete=width == F)
+    assert [bool(flag) for flag in flags] == ([] if width == F else [keep is None]), "the checkpoint's flag"
+    assert keep is None or torch.equal(captured_keep, keep), "the captured selection"
     expected = reference.batch_topk(acts, k)
     budget = min(k * B, acts.numel())
     if keep is None:

@@ -19,8 +19,9 @@ a BatchTopK SAE keeps. Given such an estimate t:
 Exact whatever t is, when every row's survivors fit its buffer and at least B * k entries pass the
 floor: then the batch's B * k largest are all survivors. Otherwise (t too high, a row with more than CAP
 survivors or more kept codes than the codes' width, or a non-finite input, which the filter cannot
-rank as the reference does) the launcher returns None after one host synchronisation, and the
-caller takes another route; so does an estimate t <= 0 or NaN, which lets nothing through the filter.
+rank as the reference does) the launcher returns None after one host synchronisation
+(`batchtopk.exact`: a capture's checkpoint takes the check instead), and the caller takes another
+route; so does an estimate t <= 0 or NaN, which lets nothing through the filter.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .batchtopk import exact
 from .filter import (
     EMPTY_KEY,
     PRE_ACTIVATION_CHUNK,
@@ -307,7 +309,6 @@ def _select(key_buf: Tensor, count: Tensor, budget: int, width: int, finite: Ten
     vals = key_buf.new_empty(B, width, dtype=dtype)
     idx = key_buf.new_empty(B, width, dtype=torch.int32)
     _codes_kernel[grid](key_buf, count, state, tied_before, vals, idx, WIDTH=width, **rows)
-    ok, too_wide = state[[OK.value, TOO_WIDE.value]].tolist()
-    if not ok or too_wide:
+    if not exact((state[OK.value] == 0) | (state[TOO_WIDE.value] != 0)):
         return None
     return vals, idx

@@ -24,6 +24,12 @@ backward. That is exact unless a row keeps more codes than its candidates: a row
 candidate is above the batch's threshold may have more codes above it, and then (detected, one host
 synchronisation) the dense route runs instead.
 
+Captured steps (`fastsae.graphs.CapturedStep`): a graph cannot wait for that check, and the sparse
+codes' shapes are fixed, so the capture installs an `exactness_checkpoint`. The sparse routes then hand
+their check's device flag to it (`exact`) instead of reading it; the capture ends its first graph there
+and captures the rest of the step as a second one, and each replay reads the flag between the two,
+running the step eagerly (this module's exact routes) where the codes would not be exact.
+
 On the H200 (bf16, the whole BatchTopK encode, same run) the grouped route took 0.92x / 0.90x / 0.95x
 the dense route's time at the GPT-2 / AlphaFold3 / Llama-8B shapes (3.07 / 3.78 / 12.73 ms against
 3.35 / 4.21 / 13.41; eager PyTorch 3.86 / 4.87 / 14.21), so it is the default. ROUTE, from the
@@ -33,13 +39,16 @@ SPARSE_CODES, on unless FASTSAE_BATCHTOPK_SPARSE=0 (read at import): a `SparseAu
 activation "batchtopk" trains on the sparse codes (its SAEOutput then carries vals and idx in training
 mode, and acts is None), so the sparse decode and backward serve it as they serve TopK, data-parallel
 replicas included (`SparseAutoencoder._batchtopk_replicated_sparse`). The same codes either way; eval
-mode, compiling and graph capture keep the dense codes. On the H200 (bf16, GPT-2 shape, AuxK off, same
-run) its training step took 5.2 ms against 19.9 ms on the dense codes and eager PyTorch's 7.6 ms.
+mode, compiling and graph captures other than a CapturedStep's (below) keep the dense codes. On the
+H200 (bf16, GPT-2 shape, AuxK off, same run) its training step took 5.2 ms against 19.9 ms on the
+dense codes and eager PyTorch's 7.6 ms.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -62,6 +71,39 @@ GROUP = 64  # codes per group: F / 64 maxima per row still hold the top k of mos
 # Each row's candidates for the sparse codes: its 4k largest. A row keeps k codes on average; the
 # candidates fall short only for a row that keeps more than 4x the average.
 CANDIDATES_PER_K = 4
+
+
+# The callback of the capture in progress (`exactness_checkpoint`), or None.
+_checkpoint: Callable[[Tensor], None] | None = None
+
+
+@contextlib.contextmanager
+def exactness_checkpoint(callback: Callable[[Tensor], None]) -> Iterator[None]:
+    """While the block captures a CUDA graph, the sparse BatchTopK routes call `callback` with their
+    check's flag (a bool tensor, True where the codes are not exact) in place of reading it, and go on
+    as if the codes were exact (`exact`)."""
+    global _checkpoint
+    previous, _checkpoint = _checkpoint, callback
+    try:
+        yield
+    finally:
+        _checkpoint = previous
+
+
+def sparse_codes_possible(x: Tensor) -> bool:
+    """Whether the sparse routes can answer for x now: they read their check on the host, or hand it to
+    a capture's checkpoint."""
+    return may_synchronize(x) or _checkpoint is not None
+
+
+def exact(inexact: Tensor) -> bool:
+    """Whether the codes whose check gave `inexact` (a 0-dim bool tensor) are exact: read on the host
+    (one synchronisation), or, while a checkpointed capture runs, handed to its checkpoint and taken as
+    exact (each replay reads it before the rest of the step)."""
+    if _checkpoint is not None and not may_synchronize(inexact):
+        _checkpoint(inexact)
+        return True
+    return not bool(inexact)
 
 
 def batch_topk(acts: Tensor, k: int) -> Tensor:
@@ -114,7 +156,7 @@ def select_among_candidates(vals: Tensor, k: int, complete: bool) -> Tensor | No
         # host synchronisation, which the host waits out: the H200 ran this select at 0.20 ms at the GPT-2
         # shape and 0.56 at AlphaFold3's against about 0.1 of kernels).
         threshold = top.values.min()
-        if bool(threshold.isnan() | (codes.amin(dim=1) > threshold).any()):
+        if not exact(threshold.isnan() | (codes.amin(dim=1) > threshold).any()):
             return None
     mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     mask[top.indices] = True
