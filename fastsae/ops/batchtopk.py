@@ -159,5 +159,5 @@ def select_among_candidates(vals: Tensor, k: int, complete: bool) -> Tensor | No
         if not exact(threshold.isnan() | (codes.amin(dim=1) > threshold).any()):
             return None
     mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
-    mask[top.indices] = True
+    mask.index_fill_(0, top.indices, True)  # (an indexed assignment of True copies it from the host)
     return mask.view_as(codes)
