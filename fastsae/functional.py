@@ -337,9 +337,9 @@ def encode_batchtopk_sparse(
     batch first takes the threshold-first route (`fastsae/ops/batch_filter.py`: one pass keeps the
     entries within a margin of the estimate, then an exact selection among them, no per-row top-k): the
     same codes, [B, batch_filter.codes_width(k, F)], each row's kept codes first in descending order
-    and zeros after them. An estimate too far above the batch's threshold costs the route above after
-    it. On the H200 it measured 2-5% slower than the route above (`batchtopk.THRESHOLD_FIRST` has the
-    figures). Differentiable w.r.t. x, W_enc, b_enc, b_dec."""
+    and zeros after them (on features spread over the dictionary). An estimate too far above the
+    batch's threshold costs the route above after it. On the H200 it measured 2-5% slower than the
+    route above (`batchtopk.THRESHOLD_FIRST` has the figures). Differentiable w.r.t. x, W_enc, b_enc, b_dec."""
     _check_encoder_args(x, W_enc, b_enc, b_dec)
     n_features = W_enc.shape[1]
     _check_k("k", k, n_features, minimum=1)

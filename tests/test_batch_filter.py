@@ -29,13 +29,14 @@ def _route(name, k, n_features):
 
 def _check_codes(vals, idx, pre, k, band):
     """The codes are the batch's B * k largest, each row's kept codes first in descending order with
-    value 0 and feature 0 after them."""
+    value 0 after them, on feature (row x width + slot) mod F."""
     B, n_features = pre.shape
     assert vals.shape == idx.shape == (B, batch_filter.codes_width(k, n_features)) and idx.dtype == torch.int32
     kept = vals > 0
     assert not (kept[:, 1:] & ~kept[:, :-1]).any(), "a kept code after an empty slot"
     assert (vals[:, :-1] >= vals[:, 1:]).all(), "a row's codes are not in descending order"
-    assert (idx[~kept] == 0).all(), "an empty slot names a feature"
+    spread = torch.arange(idx.numel(), device=idx.device).view_as(idx) % n_features
+    assert (idx[~kept] == spread[~kept]).all(), "an empty slot's feature"
     assert_batchtopk_matches(reference.scatter_codes(vals, idx, n_features), pre, k, band)
 
 
