@@ -108,6 +108,15 @@ def test_sort_by_feature(device, B, F, k):
     assert torch.equal(codes.tokens, (expected_order // k).int())
     expected_offsets = torch.cat([flat.new_zeros(1), torch.bincount(flat, minlength=F).cumsum(0)])
     assert torch.equal(codes.offsets.long(), expected_offsets)
+    # with coefficients: the codes whose coefficient is 0 after every feature's range
+    coef = torch.randint(0, 2, idx.shape, device=device).float()
+    skipping = scatter.sort_by_feature(idx, F, coef)
+    kept = coef.flatten() != 0
+    kept_order = expected_order[kept[expected_order]]
+    assert torch.equal(skipping.order[: kept_order.numel()], kept_order)
+    expected_offsets = torch.cat([flat.new_zeros(1), torch.bincount(flat[kept], minlength=F).cumsum(0)])
+    assert torch.equal(skipping.offsets.long(), expected_offsets)
+    assert (skipping.features[kept_order.numel() :] == F).all(), "a skipped code inside a feature's range"
 
 
 @pytest.mark.parametrize("device", KERNEL_DEVICES)

@@ -178,13 +178,18 @@ class CodesByFeature(NamedTuple):
     features: Tensor  # [B * K] int32: each sorted code's feature
 
 
-def sort_by_feature(idx: Tensor, n_features: int) -> CodesByFeature:
+def sort_by_feature(idx: Tensor, n_features: int, coef: Tensor | None = None) -> CodesByFeature:
     """The codes idx [B, K] sorted by feature (stable: by token within a feature). Each feature's first
     code is found by binary search (torch.bincount would size its output from the largest index: a host
     sync, which a captured CUDA graph cannot hold). (One Triton launch in place of the searchsorted,
     division and two casts after the sort measured slower on the H200: 60 us for its binary searches,
-    captured SAEAdam step 1.613 -> 1.631 ms at AlphaFold3's shape, level at GPT-2's; 4197cff.)"""
+    captured SAEAdam step 1.613 -> 1.631 ms at AlphaFold3's shape, level at GPT-2's; 4197cff.)
+    With `coef` [B, K], the codes whose coefficient is 0 sort after every feature (key F: in no feature's
+    range), so the sums skip them: they add nothing, and a BatchTopK step's codes are mostly such (each
+    row's candidates that the batch did not keep, value 0)."""
     flat_idx = idx.flatten()
+    if coef is not None:
+        flat_idx = torch.where(coef.flatten() != 0, flat_idx, n_features)
     if n_features < torch.iinfo(torch.int16).max:  # 16-bit keys: half the radix sort's passes of 32-bit ones
         flat_idx = flat_idx.to(torch.int16)
     sorted_idx, order = torch.sort(flat_idx, stable=True)
@@ -218,8 +223,9 @@ def feature_sums(
     """(out, coef_sum [F] in fp32) as defined in the module docstring; out is [F, d] in `dtype`,
     or its transpose [d, F] (contiguous) when `transposed`. rows [B, d]; coef, idx [B, K]; center [d] or
     None. `by_feature`: `sort_by_feature(idx, F)`, when the caller shares it between sums (the blocked
-    route sorts otherwise). `extra` = (features [n] int64, distinct where >= 0, negative entries none;
-    their rows [n, d]; their coef sums [n] or None): added to those features' sums. `extra_slots`:
+    route sorts otherwise, leaving out the codes whose coef is 0). `extra` = (features [n] int64,
+    distinct where >= 0, negative entries none; their rows [n, d]; their coef sums [n] or None): added
+    to those features' sums. `extra_slots`:
     `slots(features, F)`, when the caller shares it between sums. `weight` [d, F]: FeatureSums.weighted =
     weight @ coef_sum in fp32, on the blocked route from the same launch's epilogue (per feature block,
     added after in a fixed order), on the atomic route by `weighted_sums` after it."""
@@ -231,7 +237,7 @@ def feature_sums(
     if weight is not None and weight.shape != (d, n_features):
         raise ValueError(f"weight must be [d, F] = {(d, n_features)}, got {tuple(weight.shape)}")
     if route(n_features, d) == "blocked":
-        codes = by_feature if by_feature is not None else sort_by_feature(idx, n_features)
+        codes = by_feature if by_feature is not None else sort_by_feature(idx, n_features, coef)
         out = rows.new_empty((d, n_features) if transposed else (n_features, d), dtype=dtype)
         out_f = out.t() if transposed else out  # [F, d] view: the kernel writes either layout directly
         if extra is not None:
