@@ -24,7 +24,8 @@ epoch after epoch, each epoch in a seeded order (so a resumed run skips what it 
 
 On one GPU a TopK SAE's steps run as one captured CUDA graph each (`fastsae.graphs.CapturedStep`, with
 torch's fused Adam: the host launches one graph a step instead of a few hundred kernels; a batch of
-another shape, such as a shorter last one, runs eagerly); --no-capture runs every step eagerly.
+another shape, such as a shorter last one, runs eagerly), and a BatchTopK SAE's as two (split at its
+codes' exactness check); --no-capture runs every step eagerly.
 
 The same command trains on several GPUs under torchrun, unchanged:
 
@@ -198,11 +199,12 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _captures(args: argparse.Namespace, layout: Layout) -> bool:
-    """Whether the steps run as one captured CUDA graph (fastsae.graphs.CapturedStep): TopK SAEs on one
-    GPU, unless --no-capture. (BatchTopK takes its dense codes under capture, slower than its eager sparse
-    step; the multi-process layouts' steps are not captured yet.)"""
+    """Whether the steps run as captured CUDA graphs (fastsae.graphs.CapturedStep): TopK and BatchTopK
+    SAEs on one GPU, unless --no-capture. (The ReLU and JumpReLU SAEs' steps have not been measured
+    captured; the multi-process layouts' steps are not captured yet.)"""
     single = layout.replica_group is None and layout.shard_group is None
-    return not args.no_capture and args.activation == "topk" and single and torch.device(args.device).type == "cuda"
+    captured = args.activation in ("topk", "batchtopk")
+    return not args.no_capture and captured and single and torch.device(args.device).type == "cuda"
 
 
 def _optimizer(args: argparse.Namespace, sae: SparseAutoencoder, capture: bool) -> torch.optim.Adam:

@@ -1,6 +1,8 @@
 """fastsae.graphs.CapturedStep: a training step replayed as one CUDA graph trains as the eager step does,
 captures again when the dead features outgrow its AuxK list (written from outside or dying in training),
-replays without synchronising in steady state, and refuses what it cannot capture."""
+replays without synchronising in steady state, and refuses what it cannot capture; a BatchTopK step,
+replayed as two graphs around its codes' exactness check, trains as the eager step does too, running
+eagerly the batches whose codes would not be exact."""
 
 from collections import deque
 

@@ -141,10 +141,11 @@ def test_train_command_wants_a_model_or_saved_activations(tmp_path, model_dir, c
 
 
 @pytest.mark.gpu
-def test_train_command_captures_the_step_on_a_gpu(tmp_path, monkeypatch, capsys):
-    """On a GPU a TopK SAE's steps replay one captured CUDA graph (after CapturedStep's eager warm-up
-    steps); the log follows the eager run's (--no-capture) from the same start, and either run resumes
-    in the other mode (Adam's saved state taken by the other kernel)."""
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_train_command_captures_the_step_on_a_gpu(activation, tmp_path, monkeypatch, capsys):
+    """On a GPU a TopK or BatchTopK SAE's steps replay a captured step (after CapturedStep's eager
+    warm-up steps); the log follows the eager run's (--no-capture) from the same start, and either run
+    resumes in the other mode (Adam's saved state taken by the other kernel)."""
     from safetensors.torch import save_file
 
     from fastsae.graphs import CapturedStep
@@ -157,7 +158,8 @@ def test_train_command_captures_the_step_on_a_gpu(tmp_path, monkeypatch, capsys)
     save_file({"acts": acts}, str(tmp_path / "layer6.safetensors"))
     common = ["train", "--activations", str(tmp_path / "layer6.safetensors"), "--batch-tokens", "256",
               "--diagnose-tokens", "512", "--expansion-factor", "8", "--k", "8", "--log-every", "1024",
-              "--checkpoint-every", "4096", "--device", "cuda", "--dtype", "float32"]  # fmt: skip
+              "--checkpoint-every", "4096", "--device", "cuda", "--dtype", "float32",
+              "--activation", activation]  # fmt: skip
     runs = {"captured": [], "eager": ["--no-capture"]}
     for mode, flags in runs.items():
         torch.manual_seed(0)  # the same initial SAE
