@@ -113,6 +113,23 @@ def test_hands_back_what_it_cannot_answer_exactly(device, monkeypatch):
     assert codes() is not None, "the batch itself was handed back"
 
 
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_tunes_on_a_positive_estimate_only(device, monkeypatch):
+    """The first call for a shape, which times the routes on its own filter, hands the batch back before
+    any work when its estimate keeps nothing (<= 0 or NaN: a training SAE's first batch), and a positive
+    estimate's call tunes (the tuner stands in for itself here: under the interpreter it times nothing)."""
+    x, W_enc, b_enc, b_dec, k = _problem(device)
+    threshold = _batch_threshold(reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec))), k)
+    timed = []
+    monkeypatch.setattr(batch_filter, "needs_tuning", lambda key, candidates: not timed)
+    monkeypatch.setattr(batch_filter, "tuned", lambda key, candidates, run: timed.append(key) or candidates[0])
+    for estimate in (threshold * 0, threshold * 0 - 1, threshold * float("nan")):
+        assert batch_filter.threshold_first_codes(x, W_enc, b_enc, b_dec, k, estimate) is None
+    assert not timed, "tuned on an empty filter"
+    assert batch_filter.threshold_first_codes(x, W_enc, b_enc, b_dec, k, threshold) is not None
+    assert len(timed) == 1
+
+
 @pytest.mark.gpu
 def test_functional_threshold_route_has_the_candidates_route_gradients():
     """`functional.encode_batchtopk_sparse` with an estimate: the same codes and the same gradients

@@ -45,7 +45,7 @@ from .filter import (
     pre_activation_chunks,
     tma_operand,
 )
-from .launch import INTERPRET, cdiv, matmul_dtype, next_power_of_2, tuned
+from .launch import INTERPRET, cdiv, matmul_dtype, may_synchronize, needs_tuning, next_power_of_2, tuned
 
 # The filter keeps entries above (1 - FLOOR_MARGIN) x the estimate. In a Gaussian-like tail a small
 # step in value is a large one in count (at GPT-2's k / F, 0.75 x the threshold passes 9x the codes, 0.9 x
@@ -262,6 +262,14 @@ def threshold_first_codes(
     cap = buffer_slots(k, F)
     if B * cap > MAX_SLOTS:
         return None
+    key = ("batchtopk_filter", D, F, B, k, x.dtype, W_enc.dtype)
+    candidates = routes(k, F) if route is None else [route]
+    # The tuner times the routes on this call's filter. Without a positive estimate (a training SAE's
+    # first batch) that filter keeps nothing, and the route fastest at keeping nothing need not be the
+    # fastest at keeping B x k: such a call hands the batch back before any work (one host read, on the
+    # first call for a shape only).
+    if needs_tuning(key, candidates) and not (may_synchronize(threshold) and float(threshold) > 0):
+        return None
     floor = torch.where(threshold > 0, threshold.float() * (1 - FLOOR_MARGIN), float("inf")).reshape(1)
     count = x.new_empty(B, dtype=torch.int32)
     key_buf = x.new_empty(B, cap, dtype=torch.int64)
@@ -282,10 +290,7 @@ def threshold_first_codes(
                 INLINE_PTX=not INTERPRET, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=4,
             )  # fmt: skip
 
-    if route is None:
-        key = ("batchtopk_filter", D, F, B, k, x.dtype, W_enc.dtype)
-        route = tuned(key, routes(k, F), run)
-    run(route)
+    run(tuned(key, candidates, run))
     return _select(key_buf, count, B * k, codes_width(k, F), F, torch.isfinite(x).all(), W_enc.dtype)
 
 

@@ -106,12 +106,21 @@ def bucket(n: int) -> int:
 _best: dict[tuple, object] = {}
 
 
+def _timed(candidates: Sequence[object]) -> bool:
+    return not (INTERPRET or os.environ.get("FASTSAE_AUTOTUNE") == "0" or len(candidates) == 1)
+
+
+def needs_tuning(key: tuple, candidates: Sequence[object]) -> bool:
+    """Whether `tuned(key, candidates, run)` would time the candidates now (its first call for `key`)."""
+    return _timed(candidates) and key not in _best
+
+
 def tuned(key: tuple, candidates: Sequence[object], run: Callable[[object], None]) -> object:
     """The fastest of `candidates` for `key`, timed once per process with `run(candidate)` (which
     launches the kernel(s) with that candidate). Under the interpreter, or with FASTSAE_AUTOTUNE=0 (the
     tests set it to bound compile time; the benchmarks tune and check the tuned result before timing
     it), the first candidate is used."""
-    if INTERPRET or os.environ.get("FASTSAE_AUTOTUNE") == "0" or len(candidates) == 1:
+    if not _timed(candidates):
         return candidates[0]
     if key not in _best:
         timings = [seconds_per_call(lambda c=c: run(c)) for c in candidates]
