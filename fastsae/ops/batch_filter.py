@@ -16,8 +16,11 @@ a BatchTopK SAE keeps. Given such an estimate t:
    histogram), then a histogram of the low 16 bits of that bin's members gives its exact value; of the
    entries equal to it (16-bit pre-activations tie often), the earlier rows' are kept first.
 4. codes: each row's kept survivors, CODES_PER_K x k wide, value 0 after them on features spread over
-   the dictionary (the backward's per-feature sums take every slot, and on one feature the empty ones
-   would all fall to one program: 33 ms a step at GPT-2's shape on the H200 with feature 0).
+   the dictionary. (With every empty slot on feature 0, the backward's blocked per-feature sums gave
+   that one feature all of them: 33 ms a step at GPT-2's shape on the H200, 0a6f244. Those sums now
+   leave codes with a zero coefficient out of their sort, `scatter.sort_by_feature`, as the atomic
+   route skips them, so the spread no longer matters to them; whether the sparse decode reads the
+   empty slots' W_dec rows faster spread or all on feature 0 has not been measured.)
 Exact whatever t is, when every row's survivors fit its buffer and at least B * k entries pass the
 floor: then the batch's B * k largest are all survivors. Otherwise (t too high, a row with more than CAP
 survivors or more kept codes than the codes' width, or a non-finite input, which the filter cannot

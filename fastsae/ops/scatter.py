@@ -223,10 +223,10 @@ def feature_sums(
     """(out, coef_sum [F] in fp32) as defined in the module docstring; out is [F, d] in `dtype`,
     or its transpose [d, F] (contiguous) when `transposed`. rows [B, d]; coef, idx [B, K]; center [d] or
     None. `by_feature`: `sort_by_feature(idx, F)`, when the caller shares it between sums (the blocked
-    route sorts otherwise, leaving out the codes whose coef is 0). `extra` = (features [n] int64,
-    distinct where >= 0, negative entries none; their rows [n, d]; their coef sums [n] or None): added
-    to those features' sums. `extra_slots`:
-    `slots(features, F)`, when the caller shares it between sums. `weight` [d, F]: FeatureSums.weighted =
+    route sorts otherwise, leaving out the codes whose coef is 0, as the atomic route skips them).
+    `extra` = (features [n] int64, distinct where >= 0, negative entries none; their rows [n, d]; their
+    coef sums [n] or None): added to those features' sums. `extra_slots`: `slots(features, F)`, when
+    the caller shares it between sums. `weight` [d, F]: FeatureSums.weighted =
     weight @ coef_sum in fp32, on the blocked route from the same launch's epilogue (per feature block,
     added after in a fixed order), on the atomic route by `weighted_sums` after it."""
     B, d = rows.shape
