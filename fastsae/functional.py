@@ -389,42 +389,47 @@ class _SparseCodes(torch.autograd.Function):
 
 
 @torch.library.custom_op("fastsae::decode_sparse", mutates_args=())
-def _decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+def _decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None, fired_only: bool = False) -> Tensor:
     return reference.decode_sparse(vals, idx, W_dec, b_dec)
 
 
-_decode_sparse.register_kernel("cuda")(decode_ops.decode_sparse)
+@_decode_sparse.register_kernel("cuda")
+def _(vals, idx, W_dec, b_dec, fired_only=False):
+    return decode_ops.decode_sparse(vals, idx, W_dec, b_dec)  # `fired_only` concerns the backward alone
 
 
 @_decode_sparse.register_fake
-def _(vals, idx, W_dec, b_dec):
+def _(vals, idx, W_dec, b_dec, fired_only=False):
     return vals.new_empty(vals.shape[0], W_dec.shape[1], dtype=W_dec.dtype)
 
 
 @torch.library.custom_op("fastsae::decode_sparse_backward", mutates_args=())
-def _decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
-    return reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
+def _decode_sparse_backward(
+    grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor, fired_only: bool = False
+) -> tuple[Tensor, Tensor]:
+    return reference.decode_sparse_backward(grad_out, vals, idx, W_dec, fired_only)
 
 
 _decode_sparse_backward.register_kernel("cuda")(decode_ops.decode_sparse_backward)
 
 
 @_decode_sparse_backward.register_fake
-def _(grad_out, vals, idx, W_dec):
+def _(grad_out, vals, idx, W_dec, fired_only=False):
     return torch.empty_like(vals), torch.empty_like(W_dec)
 
 
 def _decode_sparse_setup(ctx, inputs, output):
-    vals, idx, W_dec, b_dec = inputs
+    vals, idx, W_dec, b_dec, fired_only = inputs
     ctx.b_dec_dtype = None if b_dec is None else b_dec.dtype
+    ctx.fired_only = fired_only
     ctx.save_for_backward(vals, idx, W_dec)
 
 
 def _decode_sparse_grad(ctx, grad_out):
     vals, idx, W_dec = ctx.saved_tensors
-    dvals, dW_dec = _decode_sparse_backward(grad_out, vals, idx, W_dec)
+    dvals, dW_dec = _decode_sparse_backward(grad_out, vals, idx, W_dec, ctx.fired_only)
     db_dec = None if ctx.b_dec_dtype is None else _decoder_bias_grad(grad_out, ctx.b_dec_dtype)
-    return _only_needed(ctx, (dvals, None, dW_dec, db_dec))
+    return _only_needed(ctx, (dvals, None, dW_dec, db_dec, None))
 
 
 def _decoder_bias_grad(grad_out: Tensor, dtype: torch.dtype) -> Tensor:
@@ -435,15 +440,20 @@ def _decoder_bias_grad(grad_out: Tensor, dtype: torch.dtype) -> Tensor:
 _decode_sparse.register_autograd(_decode_sparse_grad, setup_context=_decode_sparse_setup)
 
 
-def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None) -> Tensor:
+def decode_sparse(
+    vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None = None, *, fired_only: bool = False
+) -> Tensor:
     """Sparse decode x_hat[b] = sum_j vals[b, j] * W_dec[idx[b, j]] (+ b_dec) -> [B, d] in W_dec's dtype.
-    Differentiable w.r.t. vals, W_dec and b_dec."""
+    Differentiable w.r.t. vals, W_dec and b_dec. `fired_only`: the gradient w.r.t. vals is 0 wherever
+    vals is not > 0 (`reference.decode_sparse_backward`), for codes that are ReLU outputs, whose gradient
+    the ReLU masks there anyway: the backward then skips those codes' decoder rows (a BatchTopK SAE's
+    candidates that the batch did not keep, with value 0, are three quarters of its sparse codes)."""
     _check_float("W_dec", W_dec, 2)
     _check_codes(vals, idx, W_dec.shape[0])
     _check_decoder_bias(b_dec, W_dec)
     _check_same_device(vals=vals, idx=idx, W_dec=W_dec, b_dec=b_dec)
     _assert_indices_in_range("idx", idx, W_dec.shape[0])
-    return _decode_sparse(vals, idx, W_dec, b_dec)
+    return _decode_sparse(vals, idx, W_dec, b_dec, fired_only)
 
 
 def auxk_reconstruction(

@@ -148,14 +148,19 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
     return out.to(W_dec.dtype)
 
 
-def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+def decode_sparse_backward(
+    grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor, fired_only: bool = False
+) -> tuple[Tensor, Tensor]:
     """Backward of `decode_sparse` w.r.t. vals and W_dec:
     dvals[b, j] = grad_out[b] . W_dec[idx[b, j]];  dW_dec[f] = sum over idx[b, j] == f of vals[b, j] * grad_out[b].
-    (d b_dec is grad_out summed over the batch.)"""
+    (d b_dec is grad_out summed over the batch.) `fired_only`: dvals[b, j] = 0 where vals[b, j] is not > 0,
+    for codes that are ReLU outputs (a training SAE's), whose gradient the ReLU masks there anyway."""
     acc = accumulate_dtype(grad_out, vals, W_dec)
     g = grad_out.to(acc)
     rows = _gather_rows(W_dec.to(acc), idx)
     dvals = torch.einsum("bd,bkd->bk", g, rows)
+    if fired_only:
+        dvals = torch.where(vals > 0, dvals, 0)
     contributions = vals.to(acc)[..., None] * g[:, None, :]  # [B, k, d]
     dW_dec = torch.zeros(W_dec.shape, dtype=acc, device=W_dec.device)
     dW_dec.index_add_(0, idx.long().flatten(), contributions.flatten(0, 1))

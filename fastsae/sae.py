@@ -603,8 +603,10 @@ class SparseAutoencoder(nn.Module):
         dist.all_reduce(flat, group=self._group)
         return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in local]), local)]
 
-    def decode(self, codes: F.TopKCodes | Tensor) -> Tensor:
-        """Reconstruction [..., d] from what `encode` returned ([..., k] sparse or [..., F] dense codes)."""
+    def decode(self, codes: F.TopKCodes | Tensor, fired_only: bool = False) -> Tensor:
+        """Reconstruction [..., d] from what `encode` returned ([..., k] sparse or [..., F] dense codes).
+        `fired_only` (sparse codes): `F.decode_sparse`'s, the gradient w.r.t. the codes' values taken where
+        they are > 0 only (as the encoder's ReLU keeps it); the training forward passes it."""
         if isinstance(codes, F.TopKCodes):
             lead, k = codes.vals.shape[:-1], codes.vals.shape[-1]
             vals, idx = codes.vals.reshape(-1, k), codes.idx.reshape(-1, k)
@@ -613,7 +615,7 @@ class SparseAutoencoder(nn.Module):
                 shard_idx = torch.where(mine, idx - self._feature_start, 0).to(torch.int32)
                 recon = self._decode_shard(torch.where(mine, vals, 0), shard_idx)
             else:
-                recon = F.decode_sparse(vals, idx, self.W_dec, self.b_dec)
+                recon = F.decode_sparse(vals, idx, self.W_dec, self.b_dec, fired_only=fired_only)
         else:
             lead = codes.shape[:-1]
             recon = F.decode_dense(codes.reshape(-1, codes.shape[-1]), self.W_dec, self.b_dec)
@@ -661,7 +663,11 @@ class SparseAutoencoder(nn.Module):
         if sharded:
             recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx))
         else:
-            recon = self.decode(codes) if few_dead is None else self._from_sae_space(joint.recon)
+            # The codes are ReLU outputs: the decode's backward skips the zero ones' decoder rows
+            # (BatchTopK's unkept candidates), whose gradient the encoder's ReLU masks anyway.
+            recon = (
+                self.decode(codes, fired_only=self.training) if few_dead is None else self._from_sae_space(joint.recon)
+            )
         aux_recon = None
         if isinstance(codes, F.TopKCodes):
             vals, idx, acts = codes.vals, codes.idx, None

@@ -85,6 +85,38 @@ def test_decode_sparse_backward_every_dvals_tile(device, cfg):
     coef = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg, grad_vals=grad_vals)
     assert_close(coef, torch.where(vals.double() > 0, expected + grad_vals.double(), 0.0), torch.float32, "coef")
     assert (coef[vals == 0] == 0).all(), "a code that did not fire has a coefficient"
+    # Only the fired codes' d vals, on codes where whole tiles did not fire (the first 40 rows: the loop
+    # over d is skipped there) and some values are negative; the coefficients on the same codes.
+    vals[:40] = 0
+    vals[40:45] = -vals[40:45]
+    expected, _ = reference.decode_sparse_backward(
+        grad_out.double(), vals.double(), idx, W_dec.double(), fired_only=True
+    )
+    fired_only = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg, fired_only=True)
+    assert_close(fired_only, expected, torch.float32, "fired-only dvals")
+    assert (fired_only[vals <= 0] == 0).all() and (fired_only[vals > 0] != 0).all()
+    coef = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg, grad_vals=grad_vals)
+    assert_close(coef, torch.where(vals.double() > 0, expected + grad_vals.double(), 0.0), torch.float32, "coef")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_decode_sparse_stops_after_the_last_nonzero_code(device):
+    """Codes as BatchTopK's: each row's nonzero codes first, zeros after them (some rows all zero), over
+    more codes than a program reads at once to find the last nonzero one; a NaN late in one row still
+    reaches its output."""
+    B, d, F, k = 37, 40, 300, 2 * decode.CODES_READ + 9
+    vals, idx = _codes(B, F, k, torch.float32, device)
+    vals[vals == 0] = 0.5
+    kept = torch.randint(0, k + 1, (B, 1), device=device)
+    kept[:5] = 0
+    vals = torch.where(torch.arange(k, device=device) < kept, vals, 0.0)
+    _, _, W_dec, b_dec = random_sae_weights(d, F, dtype=torch.float32, device=device)
+    expected = reference.decode_sparse(vals.double(), idx, W_dec.double(), b_dec.double())
+    assert_close(decode.decode_sparse(vals, idx, W_dec, b_dec), expected, torch.float32)
+    vals[7, k - 3] = float("nan")
+    out = decode.decode_sparse(vals, idx, W_dec, b_dec)
+    assert out[7].isnan().all() and not out[8:].isnan().any()
 
 
 @pytest.mark.parametrize(

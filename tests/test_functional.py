@@ -67,6 +67,25 @@ def test_decode_sparse_forward(shape, dtype, device):
     assert_close(out, reference.decode_sparse(vals.double(), idx, W_dec.double(), b_dec.double()), dtype)
 
 
+def test_decode_sparse_fired_only_gradient():
+    """`fired_only`: the gradient w.r.t. vals is the plain one where vals > 0 and 0 elsewhere (zeros and
+    negative values here); the weights' and the bias's gradients do not change."""
+    B, d, n_features, k = 12, 16, 40, 6
+    vals = torch.randn(B, k, dtype=torch.float64)
+    vals[vals.abs() < 0.3] = 0
+    idx = torch.randint(0, n_features, (B, k), dtype=torch.int32)
+    W_dec, b_dec = torch.randn(n_features, d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    grad_out = torch.randn(B, d, dtype=torch.float64)
+    grads = []
+    for fired_only in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (vals, W_dec, b_dec)]
+        F.decode_sparse(leaves[0], idx, leaves[1], leaves[2], fired_only=fired_only).backward(grad_out)
+        grads.append([leaf.grad for leaf in leaves])
+    (plain_vals, plain_W, plain_b), (fired_vals, fired_W, fired_b) = grads
+    assert torch.equal(fired_vals, torch.where(vals > 0, plain_vals, 0.0))
+    assert torch.equal(fired_W, plain_W) and torch.equal(fired_b, plain_b)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradients_match_reference(device):
     """Every gradient of a TopK encode + sparse decode + AuxK against autograd of the reference."""

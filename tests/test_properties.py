@@ -268,7 +268,8 @@ def test_decoder_constraint_properties(device, dtype, seed, data):
 @EXAMPLES
 @given(dtype=DTYPES, seed=st.integers(0, 2**31 - 1), bias=st.booleans(), data=st.data())
 def test_decode_sparse_properties(device, dtype, seed, bias, data):
-    """Sparse decode of random codes (zeros, repeated features) and its backward equal the reference."""
+    """Sparse decode of random codes (zeros, repeated features) and its backward (with d vals for every
+    code or for the fired ones only) equal the reference."""
     max_B, max_d, max_F = SIZES[device]
     B, d, F = (data.draw(st.integers(1, largest), label=name) for name, largest in zip("BdF", (max_B, max_d, max_F)))
     k = data.draw(st.integers(1, min(F, 512)), label="k")
@@ -287,10 +288,11 @@ def test_decode_sparse_properties(device, dtype, seed, bias, data):
     expected = reference.decode_sparse(vals.double(), idx, W_dec.double(), None if b_dec is None else b_dec.double())
     assert_close(out, expected, dtype, "x_hat")
     grad_out = torch.randn(B, d, generator=generator, dtype=torch.float64).to(device, dtype)
+    fired_only = data.draw(st.booleans(), label="fired only")  # d vals of codes > 0 only
     with _feature_sums_route(data.draw(FEATURE_SUMS_ROUTES, label="feature sums")):
-        dvals, dW_dec = decode.decode_sparse_backward(grad_out, vals, idx, W_dec)
+        dvals, dW_dec = decode.decode_sparse_backward(grad_out, vals, idx, W_dec, fired_only)
     expected_dvals, expected_dW = reference.decode_sparse_backward(
-        grad_out.double(), vals.double(), idx, W_dec.double()
+        grad_out.double(), vals.double(), idx, W_dec.double(), fired_only
     )
     assert_close(dvals, expected_dvals, dtype, "dvals")
     assert_close(dW_dec, expected_dW, dtype, "dW_dec")

@@ -19,18 +19,33 @@ from .scatter import feature_sums
 
 
 @triton.jit
+def _codes_to_read(vals_ptr, rows64, row_valid, K, stride_vm, stride_vk, CODES_READ: tl.constexpr):
+    """1 + the last code with a nonzero value in any of the program's rows (0 if none): the codes after
+    it contribute nothing, so the loop over codes stops there. BatchTopK's sparse codes are each row's
+    candidates with the batch's kept ones first and zeros after them (three quarters of the codes);
+    TopK's are nonzero up to k, so this costs them one more read of their values."""
+    last = tl.zeros([], dtype=tl.int32)
+    for j0 in range(0, K, CODES_READ):
+        codes = j0 + tl.arange(0, CODES_READ)
+        mask = row_valid[:, None] & (codes < K)[None, :]
+        v = tl.load(vals_ptr + rows64[:, None] * stride_vm + codes[None, :] * stride_vk, mask=mask, other=0.0)
+        last = tl.maximum(last, tl.max(tl.max(tl.where(v != 0, codes[None, :] + 1, 0), axis=1), axis=0))
+    return last
+
+
+@triton.jit
 def _decode_sparse_fwd_kernel(
     vals_ptr, idx_ptr, w_ptr, b_dec_ptr, out_ptr,
     B, K, D, F,
     stride_vm, stride_vk, stride_im, stride_ik, stride_wf, stride_wd, stride_om, stride_od,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES_READ: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_valid, dim_valid = rows < B, dims < D
     rows64 = rows.to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for j in range(0, K):
+    for j in range(0, _codes_to_read(vals_ptr, rows64, row_valid, K, stride_vm, stride_vk, CODES_READ)):
         v = tl.load(vals_ptr + rows64 * stride_vm + j * stride_vk, mask=row_valid, other=0.0).to(tl.float32)
         f = tl.load(idx_ptr + rows64 * stride_im + j * stride_ik, mask=row_valid, other=0).to(tl.int64)
         # An index outside [0, F) contributes nothing instead of reading out of bounds.
@@ -47,6 +62,7 @@ def _decode_sparse_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
 
 
+CODES_READ = 64  # codes' values a decode program reads at once to find where its codes end (`_codes_to_read`)
 _DECODE_CANDIDATES = [
     dict(BLOCK_M=m, BLOCK_D=d, num_warps=w) for m, d, w in [(16, 256, 4), (32, 128, 4), (64, 128, 8), (8, 512, 4)]
 ]
@@ -69,7 +85,7 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
             B, K, D, F,
             vals.stride(0), vals.stride(1), idx.stride(0), idx.stride(1),
             W_dec.stride(0), W_dec.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=b_dec is not None, **cfg,
+            HAS_BIAS=b_dec is not None, CODES_READ=min(CODES_READ, triton.next_power_of_2(K)), **cfg,
         )  # fmt: skip
 
     run(tuned(("decode_sparse", D, F, bucket(B), bucket(K), W_dec.dtype), _DECODE_CANDIDATES, run))
@@ -86,7 +102,8 @@ def _decode_sparse_bwd_vals_kernel(
     B, K, D, F,
     stride_gm, stride_gd, stride_im, stride_ik, stride_wf, stride_wd, stride_dm, stride_dk,
     stride_vm, stride_vk, stride_gvm, stride_gvk,
-    COEF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES: tl.constexpr, CODES_TILE: tl.constexpr,
+    COEF: tl.constexpr, FIRED_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES: tl.constexpr,
+    CODES_TILE: tl.constexpr,
 ):  # fmt: skip
     # Program (i, c) owns tokens block i and their codes c * CODES ... (c + 1) * CODES - 1: splitting the
     # codes as well as the tokens puts more gathers in flight (one program per token block ran its k
@@ -94,7 +111,10 @@ def _decode_sparse_bwd_vals_kernel(
     # for the same gathered bytes). It takes CODES_TILE of them at once, a [BLOCK_M, CODES_TILE, BLOCK_D]
     # gather of decoder rows, and sums each code's products across the threads once, after the last
     # BLOCK_D slice of the row, not once per slice. COEF: writes the encoder's coefficients instead,
-    # where(vals > 0, d vals + grad_vals, 0) (the ReLU's mask), from the fp32 sums.
+    # where(vals > 0, d vals + grad_vals, 0) (the ReLU's mask), from the fp32 sums. FIRED_ONLY: d vals of
+    # codes whose value is not > 0 are 0. Under either, those codes' decoder rows are not gathered, and a
+    # tile of codes none of which fired skips the loop over d (BatchTopK's candidates the batch did not
+    # keep: three quarters of its codes).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < B
     rows64 = rows.to(tl.int64)
@@ -107,8 +127,14 @@ def _decode_sparse_bwd_vals_kernel(
         f = tl.load(idx_ptr + rows64[:, None] * stride_im + codes[None, :] * stride_ik, mask=pair_valid, other=0)
         f = f.to(tl.int64)
         gather = pair_valid & (f >= 0) & (f < F)
+        code_offsets = rows64[:, None] * stride_vm + codes[None, :] * stride_vk
+        d_end = D
+        if COEF or FIRED_ONLY:
+            fired = tl.load(vals_ptr + code_offsets, mask=pair_valid, other=0.0) > 0
+            gather = gather & fired
+            d_end = tl.where(tl.max(tl.max(fired.to(tl.int32), axis=1), axis=0) > 0, D, 0)
         acc = tl.zeros([BLOCK_M, CODES_TILE, BLOCK_D], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
+        for d0 in range(0, d_end, BLOCK_D):
             dim_valid = (d0 + dims) < D
             g = tl.load(
                 grad_ptr + rows64[:, None] * stride_gm + (d0 + dims)[None, :] * stride_gd,
@@ -123,12 +149,12 @@ def _decode_sparse_bwd_vals_kernel(
             acc += g[:, None, :] * w
         dvals = tl.sum(acc, axis=2)
         if COEF:
-            code_offsets = rows64[:, None] * stride_vm + codes[None, :] * stride_vk
-            fired = tl.load(vals_ptr + code_offsets, mask=pair_valid, other=0.0) > 0
             grad_vals = tl.load(
                 grad_vals_ptr + rows64[:, None] * stride_gvm + codes[None, :] * stride_gvk, mask=pair_valid, other=0.0
             ).to(tl.float32)
             dvals = tl.where(fired, dvals + grad_vals, 0.0)
+        elif FIRED_ONLY:
+            dvals = tl.where(fired, dvals, 0.0)  # 0 even where d x_hat is not finite
         tl.store(
             dvals_ptr + rows64[:, None] * stride_dm + codes[None, :] * stride_dk,
             dvals.to(dvals_ptr.dtype.element_ty),
@@ -157,22 +183,26 @@ def _dvals_candidates() -> list[dict]:
     ]
 
 
-def decode_sparse_backward(grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
+def decode_sparse_backward(
+    grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor, fired_only: bool = False
+) -> tuple[Tensor, Tensor]:
     """(d vals, dW_dec) of the sparse decode; same contract as `reference.decode_sparse_backward`.
     dW_dec comes from `scatter.feature_sums`: deterministic when torch's deterministic algorithms are on."""
     if W_dec.dtype == torch.float64:
-        return reference.decode_sparse_backward(grad_out, vals, idx, W_dec)
+        return reference.decode_sparse_backward(grad_out, vals, idx, W_dec, fired_only)
     dW_dec = feature_sums(grad_out, vals, idx, W_dec.shape[0], dtype=W_dec.dtype).out
-    return sparse_dvals(grad_out, vals, idx, W_dec), dW_dec
+    return sparse_dvals(grad_out, vals, idx, W_dec, fired_only=fired_only), dW_dec
 
 
 def sparse_dvals(
     grad_out: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor, tile: dict | None = None,
-    grad_vals: Tensor | None = None,
+    grad_vals: Tensor | None = None, fired_only: bool = False,
 ) -> Tensor:  # fmt: skip
     """d vals[b, j] = grad_out[b] . W_dec[idx[b, j]] -> [B, K] in vals' dtype; `tile`: one of
     `_dvals_candidates()` instead of the tuner's pick. Given `grad_vals` [B, K], the TopK encode's
-    coefficients instead: where(vals > 0, d vals + grad_vals, 0), summed in fp32 before the rounding."""
+    coefficients instead: where(vals > 0, d vals + grad_vals, 0), summed in fp32 before the rounding.
+    `fired_only`: where(vals > 0, d vals, 0), for codes that are ReLU outputs whose gradient the
+    encoder's backward masks anyway (`reference.decode_sparse_backward`)."""
     B, K = vals.shape
     F, D = W_dec.shape
     dvals = vals.new_empty(B, K)
@@ -186,10 +216,11 @@ def sparse_dvals(
             grad_out.stride(0), grad_out.stride(1), idx.stride(0), idx.stride(1),
             W_dec.stride(0), W_dec.stride(1), dvals.stride(0), dvals.stride(1),
             vals.stride(0), vals.stride(1), grad_vals.stride(0), grad_vals.stride(1),
-            COEF=coef, **cfg,
+            COEF=coef, FIRED_ONLY=fired_only, **cfg,
         )  # fmt: skip
 
     if tile is None:
-        tile = tuned(("decode_sparse_bwd_vals", D, F, bucket(B), bucket(K), W_dec.dtype), _dvals_candidates(), run)
+        key = ("decode_sparse_bwd_vals", D, F, bucket(B), bucket(K), W_dec.dtype, coef or fired_only)
+        tile = tuned(key, _dvals_candidates(), run)
     run(tile)
     return dvals
