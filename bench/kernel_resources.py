@@ -229,7 +229,8 @@ def _queue_kernels() -> None:
             cfg["num_stages"],
         )
     for cfg in decode._DECODE_CANDIDATES:
-        constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_vk": 1}
+        constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_vk": 1,
+                      "CODES_READ": decode.CODES_READ}  # fmt: skip
         queue_compile(
             f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}",
             decode._decode_sparse_fwd_kernel,
@@ -239,10 +240,12 @@ def _queue_kernels() -> None:
     for cfg in decode._dvals_candidates():
         tile = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_D", "CODES", "CODES_TILE")}
         name = f"decode_sparse_bwd_vals {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES']}/{cfg['CODES_TILE']}"
-        for coef in (False, True):  # d vals alone, and the TopK step's coefficients (`sparse_dvals(grad_vals=)`)
-            constexprs = {**tile, "COEF": coef, "stride_gd": 1, "stride_ik": 1}
+        # d vals alone, the fired codes' only (`sparse_dvals(fired_only=)`) and the TopK step's coefficients
+        # (`sparse_dvals(grad_vals=)`)
+        for coef, fired_only in ((False, False), (False, True), (True, False)):
+            constexprs = {**tile, "COEF": coef, "FIRED_ONLY": fired_only, "stride_gd": 1, "stride_ik": 1}
             queue_compile(
-                f"{name} coef={coef} warps={cfg['num_warps']}",
+                f"{name} coef={coef} fired_only={fired_only} warps={cfg['num_warps']}",
                 decode._decode_sparse_bwd_vals_kernel,
                 constexprs,
                 cfg["num_warps"],

@@ -90,6 +90,15 @@ ROW_FILTER_REREAD = 1024
 # step measured the same (AF3 1.7118 against 1.7117 ms, GPT-2 1.9074 against 1.9073, each with its own
 # tuned route, cdb226e), and the cap broke the configuration that selects in the row program (misaligned
 # address on the H200), so the compiler chooses.
+# Where the row kernel waits (ncu on the H200 at AlphaFold3's shape, 3184981: an 8192-row launch takes
+# 121 us and reads HBM at 2.5 TB/s, 37.5% occupancy by its 80 registers, an instruction issued every 1.9
+# cycles per scheduler): stall samples on the group maxima's reads 23-31%, on the hot groups' gather (the
+# line of the appends' atomics, which consume the gathered values) 15-22%, on the bisections' row sums
+# 10%. Measured and not adopted: the appends' slots from a prefix sum in the row program (it owns the row)
+# instead of an atomic each; in one process against this kernel (do_bench, 2 warps, select launched
+# apart) 0.657 -> 0.675 ms at GPT-2's shape, 0.646 -> 0.635 at AlphaFold3's, 0.766 -> 0.738 at GPT-2
+# width with k = 128, the tuned encode 0.658 -> 0.664 at GPT-2's and 0.639 -> 0.658 at AlphaFold3's (its
+# registers 80 -> 112).
 
 
 @triton.jit
