@@ -5,8 +5,8 @@
 Each shape runs the TopK encode through every route the tuner may pick (the threshold-first filter in
 each configuration, with its flagged-row fallback forced, the row filter, the sweep, the dense route),
 AuxK and the positive counts, its backward (both per-feature-sums routes and the deterministic mode),
-the ReLU and JumpReLU encode, the sparse decode and its backward (d vals and the TopK step's
-coefficients in every tile), the
+the ReLU and JumpReLU encode, the sparse decode and its backward (d vals, the fired codes' only and the
+TopK step's coefficients in every tile), the threshold-first BatchTopK codes through each filter route, the
 decoder-constraint kernels, SAEAdam's decoder step, the reconstruction sums of the loss and their
 backward, the dense AuxK path's row top-k (indices and codes) and its backward's masked column sums;
 every result is checked against
@@ -28,8 +28,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from fastsae import reference  # noqa: E402
-from fastsae.ops import auxk, columns, decode, decoder, encode, filter, loss, scatter  # noqa: E402
-from fastsae.testing import assert_close, assert_positive_counts_match, assert_topk_matches  # noqa: E402
+from fastsae.ops import auxk, batch_filter, columns, decode, decoder, encode, filter, loss, scatter  # noqa: E402
+from fastsae.testing import (  # noqa: E402
+    assert_batchtopk_matches,
+    assert_close,
+    assert_positive_counts_match,
+    assert_topk_matches,
+)
 
 # name: (B, d, F, k, k_aux): tiny, odd sizes everywhere, the GPT-2 width with few rows, and the GPT-2 width.
 # `wide` runs every kernel configuration `large` does (they depend on F and k, not on B or d) at a small
@@ -109,6 +114,25 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
         assert_close(dvals.float(), want_dvals.float(), TOLERANCE, f"{name} decode dvals {cfg}")
         coef = decode.sparse_dvals(grad_out, vals, idx, W_dec, cfg, grad_vals=grad_vals)
         assert_close(coef.float(), want_coef, TOLERANCE, f"{name} decode coef {cfg}")
+    # Codes as BatchTopK's: each row's nonzero codes first, zeros after them (the decode's loop stops at a
+    # program's last nonzero code), and d vals of the fired codes only, in every tile.
+    kept = torch.randint(0, k + 1, (B, 1), device="cuda")
+    prefix = torch.where(torch.arange(k, device="cuda") < kept, vals, 0)
+    want = reference.decode_sparse(prefix, idx, W_dec, b_dec).float()
+    assert_close(decode.decode_sparse(prefix, idx, W_dec, b_dec).float(), want, TOLERANCE, f"{name} decode prefix")
+    want_fired = torch.where(prefix > 0, reference.decode_sparse_backward(grad_out, prefix, idx, W_dec)[0], 0).float()
+    for cfg in decode._dvals_candidates():
+        fired = decode.sparse_dvals(grad_out, prefix, idx, W_dec, cfg, fired_only=True)
+        assert_close(fired.float(), want_fired, TOLERANCE, f"{name} decode fired-only dvals {cfg}")
+
+    # The threshold-first BatchTopK codes through each filter route, given the batch's own threshold
+    batch_threshold = pre.relu().flatten().topk(B * k).values[-1]
+    if batch_threshold > 0:  # otherwise the route hands every batch back
+        band = 1e-2 * float(pre.abs().max())
+        for route in batch_filter.routes(k, n_features):
+            codes = batch_filter.threshold_first_codes(x, W_enc, b_enc, b_dec, k, batch_threshold, route=route)
+            assert codes is not None, f"{name} threshold-first {route[0]} handed the batch back"
+            assert_batchtopk_matches(reference.scatter_codes(*codes, n_features), pre, k, band, f"{name} {route[0]}")
 
     grad = torch.randn_like(W_dec)
     expected_grad = reference.remove_parallel_grad(W_dec, grad)
