@@ -104,7 +104,7 @@ def test_decode_sparse_backward_every_dvals_tile(device, cfg):
 def test_decode_sparse_stops_after_the_last_nonzero_code(device):
     """Codes as BatchTopK's: each row's nonzero codes first, zeros after them (some rows all zero), over
     more codes than a program reads at once to find the last nonzero one; a NaN late in one row still
-    reaches its output."""
+    reaches its output; no codes at all give the bias."""
     B, d, F, k = 37, 40, 300, 2 * decode.CODES_READ + 9
     vals, idx = _codes(B, F, k, torch.float32, device)
     vals[vals == 0] = 0.5
@@ -117,6 +117,8 @@ def test_decode_sparse_stops_after_the_last_nonzero_code(device):
     vals[7, k - 3] = float("nan")
     out = decode.decode_sparse(vals, idx, W_dec, b_dec)
     assert out[7].isnan().all() and not out[8:].isnan().any()
+    no_codes = decode.decode_sparse(vals[:, :0], idx[:, :0], W_dec, b_dec)  # (AuxK's when it has none)
+    assert torch.equal(no_codes, b_dec.expand(B, d))
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .launch import bucket, cdiv, tuned
+from .launch import bucket, cdiv, next_power_of_2, tuned
 from .scatter import feature_sums
 
 
@@ -85,7 +85,7 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
             B, K, D, F,
             vals.stride(0), vals.stride(1), idx.stride(0), idx.stride(1),
             W_dec.stride(0), W_dec.stride(1), out.stride(0), out.stride(1),
-            HAS_BIAS=b_dec is not None, CODES_READ=min(CODES_READ, triton.next_power_of_2(K)), **cfg,
+            HAS_BIAS=b_dec is not None, CODES_READ=min(CODES_READ, next_power_of_2(K)), **cfg,
         )  # fmt: skip
 
     run(tuned(("decode_sparse", D, F, bucket(B), bucket(K), W_dec.dtype), _DECODE_CANDIDATES, run))
