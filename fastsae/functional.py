@@ -452,6 +452,8 @@ def decode_sparse(
     _check_codes(vals, idx, W_dec.shape[0])
     _check_decoder_bias(b_dec, W_dec)
     _check_same_device(vals=vals, idx=idx, W_dec=W_dec, b_dec=b_dec)
+    if not isinstance(fired_only, bool):
+        raise ValueError(f"fired_only must be True or False, got {fired_only!r}")
     _assert_indices_in_range("idx", idx, W_dec.shape[0])
     return _decode_sparse(vals, idx, W_dec, b_dec, fired_only)
 

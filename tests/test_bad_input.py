@@ -105,6 +105,8 @@ BAD_INPUTS = [
      RuntimeError, r"idx holds a feature index outside \[0, 20\)"),
     ("decode_sparse: b_dec too short", lambda a: _decode_sparse(a, b_dec=a["b_dec"][:5]), ValueError,
      "b_dec has 5 entries"),
+    ("decode_sparse: fired_only not a bool", lambda a: _decode_sparse(a, fired_only=a["vals"] > 0), ValueError,
+     "fired_only must be True or False"),
     ("decode_dense: acts of the wrong width", lambda a: F.decode_dense(torch.rand(BATCH, 19), a["W_dec"]), ValueError,
      "acts has 19 features"),
     ("decode_dense: b_dec too short", lambda a: F.decode_dense(torch.rand(BATCH, N_FEATURES), a["W_dec"],
