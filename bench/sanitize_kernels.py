@@ -120,7 +120,7 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
     prefix = torch.where(torch.arange(k, device="cuda") < kept, vals, 0)
     want = reference.decode_sparse(prefix, idx, W_dec, b_dec).float()
     assert_close(decode.decode_sparse(prefix, idx, W_dec, b_dec).float(), want, TOLERANCE, f"{name} decode prefix")
-    want_fired = torch.where(prefix > 0, reference.decode_sparse_backward(grad_out, prefix, idx, W_dec)[0], 0).float()
+    want_fired = reference.decode_sparse_backward(grad_out, prefix, idx, W_dec, fired_only=True)[0].float()
     for cfg in decode._dvals_candidates():
         fired = decode.sparse_dvals(grad_out, prefix, idx, W_dec, cfg, fired_only=True)
         assert_close(fired.float(), want_fired, TOLERANCE, f"{name} decode fired-only dvals {cfg}")

@@ -603,7 +603,7 @@ class SparseAutoencoder(nn.Module):
         dist.all_reduce(flat, group=self._group)
         return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in local]), local)]
 
-    def decode(self, codes: F.TopKCodes | Tensor, fired_only: bool = False) -> Tensor:
+    def decode(self, codes: F.TopKCodes | Tensor, *, fired_only: bool = False) -> Tensor:
         """Reconstruction [..., d] from what `encode` returned ([..., k] sparse or [..., F] dense codes).
         `fired_only` (sparse codes): `F.decode_sparse`'s, the gradient w.r.t. the codes' values taken where
         they are > 0 only (as the encoder's ReLU keeps it); the training forward passes it."""
