@@ -1,6 +1,10 @@
 """The Triton encoder kernels (fastsae/ops/encode.py) against the fp64 reference: on CPU under the
 Triton interpreter at tiny shapes, on the GPU at full ones. Outputs are poisoned with NaN / -1 first."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -478,3 +482,16 @@ def test_strided_inputs(device):
     check_encode_topk_backward(x, W_enc, b_dec, (vals, idx, aux_vals, aux_idx), torch.float32)
     acts = encode.encode_relu(x, W_enc, b_enc, b_dec, cut)
     assert_close(acts, torch.where(pre > cut.double(), pre, 0.0), torch.float32, "jumprelu acts")
+
+
+@pytest.mark.parametrize("setting", ["0", "-5", "lots", "1e9"])
+def test_row_filter_chunk_setting_is_checked(setting):
+    """FASTSAE_ROW_FILTER_CHUNK (the row filter's chunk of pre-activations, read at import) that is not a
+    positive whole number is a clear error naming it, not a chunk of no rows or a crash later."""
+    env = {**os.environ, "FASTSAE_ROW_FILTER_CHUNK": setting}
+    result = subprocess.run(
+        [sys.executable, "-c", "import fastsae.ops.filter"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode != 0
+    assert "FASTSAE_ROW_FILTER_CHUNK must be a positive whole number" in result.stderr
+    assert repr(setting) in result.stderr

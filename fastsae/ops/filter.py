@@ -27,7 +27,7 @@ AuxK runs the same way with its own threshold over dead features (the first S_au
 per-feature counts of positive pre-activations ride in the filter epilogue.
 
 The row filter (`row_filter_topk`) is the same filter and select over pre-activations that cuBLAS
-writes in row chunks of at most ROW_FILTER_CHUNK entries (256 MB in bf16): one kernel launch per
+writes in row chunks of at most ROW_FILTER_CHUNK entries (512 MB in bf16): one kernel launch per
 chunk, a program per row, bounds the row's k-th largest value by its group maxima taken over the whole
 row (not a subset: about k entries pass, not 10 k), reads again only the groups that reach the bound and
 selects among their entries, or leaves the select to a launch of one warp per row after it (configurations
@@ -65,11 +65,19 @@ MARGIN = tl.constexpr(2.0**-7)
 # Pre-activations that cuBLAS writes at once for the routes that take a whole row (the dense route and
 # the row filter), whatever B and F: 256 MB in bf16.
 PRE_ACTIVATION_CHUNK = 2**27
-# The row filter's own chunk. At 2^27 the row kernel reads HBM at about 2.5 TB/s; chunks of 32-64 MB
-# that might stay in the L2 cache between cuBLAS's write and the row kernel's read measured slower (H200,
-# bf16, captured step with each value's own tuned route: AF3 1.71 ms at 2^27, 1.92 at 2^25, 1.99 at
-# 2^24; GPT-2 1.91, 2.04, 2.48): a launch of a few thousand rows is mostly its tail.
-ROW_FILTER_CHUNK = PRE_ACTIVATION_CHUNK
+# The row filter's own chunk, 512 MB in bf16 whatever the batch (FASTSAE_ROW_FILTER_CHUNK, entries, read at
+# import, lowers it where memory is short). Larger chunks measured faster at every size tried: one launch
+# of cuBLAS and of the row kernel has one tail, where each chunk adds two. Captured SAEAdam step on the
+# H200 with each value's own tuned route: 2^24 / 2^25 / 2^27 entries took 1.99 / 1.92 / 1.71 ms at AF3 and
+# 2.48 / 2.04 / 1.91 at GPT-2 (a61f7d5); 2^27 / 2^28 with AuxK's row top-k selecting in every row, two
+# rounds: 1.443, 1.458 / 1.383, 1.383 ms at AF3 (one chunk of 16384 rows instead of two; peak memory 440
+# -> 708 MB, 0.33x eager PyTorch's step) and 1.667, 1.723 / 1.636, 1.637 at GPT-2 (one chunk instead of
+# two; 279 -> 489 MB), efba117. Chunks of 32-64 MB that might stay in the L2 cache between cuBLAS's write
+# and the row kernel's read were the slowest: a launch of a few thousand rows is mostly its tail.
+_chunk_setting = os.environ.get("FASTSAE_ROW_FILTER_CHUNK", str(2 * PRE_ACTIVATION_CHUNK))
+if not _chunk_setting.isdigit() or int(_chunk_setting) < 1:
+    raise ValueError(f"FASTSAE_ROW_FILTER_CHUNK must be a positive whole number of entries, got {_chunk_setting!r}")
+ROW_FILTER_CHUNK = int(_chunk_setting)
 # Measured slower and removed: the row filter pipelined with cuBLAS (each chunk filtered on a stream of
 # its own while cuBLAS wrote the next into the other of two half-size buffers, leaving the filter 0, 16 or
 # 32 SMs through torch's SM carveout). Captured SAEAdam step on the H200, one stream / pipelined at
