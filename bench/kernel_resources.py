@@ -131,11 +131,10 @@ def main() -> None:
             print(line, flush=True)
 
 
-def _row_filter_constexprs(cfg: dict, k: int, k_aux: int, maxima_first: bool = False) -> dict:
+def _row_filter_constexprs(cfg: dict, k: int, k_aux: int) -> dict:
     """The row filter kernel's constexprs for one of `filter.row_filter_configs(k, k_aux, F)`, as
-    `filter.row_filter_topk` launches it (`maxima_first`: after `_group_maxima_kernel`, without AuxK)."""
-    return {"HAS_AUX": k_aux > 0, "MAXIMA_FIRST": maxima_first, "INLINE_PTX": True, "N_GROUPS": cfg["N_GROUPS"],
-            "GROUP": cfg["GROUP"],
+    `filter.row_filter_topk` launches it."""
+    return {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": cfg["N_GROUPS"], "GROUP": cfg["GROUP"],
             "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
             "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
             "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
@@ -209,18 +208,6 @@ def _queue_kernels() -> None:
                 _row_filter_constexprs(cfg, k, k_aux),
                 num_warps=warps,
             )
-    for cfg in filter.row_filter_configs(keep, 0, 16384)[::4]:  # the row program after the maxima's launch
-        warps = max(cfg["WARPS"], filter._row_warps(cfg["CAP"]))
-        queue_compile(
-            f"row_filter maxima_first F=16384 k={keep} groups={cfg['N_GROUPS']} cap={cfg['CAP']} warps={warps}"
-            f"{'' if cfg['SELECT'] else ' select_launch'}",
-            filter._row_filter_kernel,
-            _row_filter_constexprs(cfg, keep, 0, maxima_first=True),
-            num_warps=warps,
-        )
-    for group in (4, 16, 32):
-        constexprs = {"N_GROUPS": 1024, "GROUP": group, "CHUNK_GROUPS": filter.ROW_FILTER_READ // group}
-        queue_compile(f"row_filter_group_maxima group={group}", filter._group_maxima_kernel, constexprs, 4)
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         queue_compile(

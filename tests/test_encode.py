@@ -233,15 +233,12 @@ def test_row_filter_in_rounds_and_row_chunks(device, select, monkeypatch):
 
 
 @pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("maxima_first", [False, True], ids=["maxima_in_row_kernel", "maxima_first"])
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_skips_only_the_chunks_past_the_features(device, maxima_first, monkeypatch):
+def test_row_filter_skips_only_the_chunks_past_the_features(device):
     """F = 9000 is read as a row of 16384 in chunks of ROW_FILTER_READ = 4096: the kernel reads 3 chunks
     and skips the fourth, which holds no feature (its group maxima, never written, are masked out of the
     bound). The largest pre-activations sit in the last, partial chunk, so a chunk skipped too many
-    would lose them, and a skipped group's unwritten maximum in the bound would change the codes. The
-    same with the maxima from a launch of their own (`maxima_first`)."""
-    monkeypatch.setattr(filter, "MAXIMA_FIRST", maxima_first)
+    would lose them, and a skipped group's unwritten maximum in the bound would change the codes."""
     B, d, F, k = (4, 16, 9000, 8) if device == "cpu" else (512, 64, 9000, 32)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     b_enc[8192:] += 3.0

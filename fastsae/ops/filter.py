@@ -89,10 +89,6 @@ ROW_FILTER_CHUNK = int(_chunk_setting)
 # once for them (bf16 in 32 registers per thread: fewer dependent reads per row; 8192 measured the same
 # and 16384 slower at AF3, H200) and entries of the groups it reads again at once (32 per thread: whole
 # EPILOGUE_PACKs, in the registers the appends leave).
-# Without AuxK, the row filter's group maxima from a launch of their own before the row kernel
-# (`_group_maxima_kernel`: a pure streaming read of the chunk at full occupancy), so that the row kernel
-# starts from them instead of reading the whole row in its chain of dependent steps.
-MAXIMA_FIRST = False
 ROW_FILTER_GROUPS = 1024
 ROW_FILTER_MIN_GROUP = 4  # features per group, at least: a re-read tile gives each thread whole PTX packs
 ROW_FILTER_READ = 4096
@@ -111,6 +107,12 @@ ROW_FILTER_REREAD = 1024
 # apart) 0.657 -> 0.675 ms at GPT-2's shape, 0.646 -> 0.635 at AlphaFold3's, 0.766 -> 0.738 at GPT-2
 # width with k = 128, the tuned encode 0.658 -> 0.664 at GPT-2's and 0.639 -> 0.658 at AlphaFold3's (its
 # registers 80 -> 112).
+# Measured slower and removed: the group maxima from a launch of their own before the row kernel (a
+# streaming read of the chunk, one row's 4096 entries a program, writing the `_ordered` keys into the
+# scratch), the row kernel starting from them. Captured SAEAdam step with AuxK's row top-k selecting in
+# every row, without / with it, two rounds: 1.373, 1.368 / 1.461, 1.451 ms at AlphaFold3's shape, 1.584,
+# 1.650 / 1.687, 1.688 at GPT-2's (6b0133c): the row kernel's other steps go no faster for starting from
+# the maxima, and the chunk's read no longer overlaps them.
 
 
 @triton.jit
@@ -347,8 +349,7 @@ def _row_filter_kernel(
     pre_ptr, stride_pm, F, k, row0, scratch_ptr, count_ptr, key_buf_ptr, vals_ptr, idx_ptr, stride_vm, stride_im,
     flag_ptr, dead_ptr, k_aux, aux_count_ptr, aux_key_buf_ptr, aux_vals_ptr, aux_idx_ptr, stride_avm, stride_aim,
     aux_tau_ptr,
-    HAS_AUX: tl.constexpr, MAXIMA_FIRST: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr,
-    GROUP: tl.constexpr,
+    HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
     CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
     CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, SELECT: tl.constexpr,
 ):  # fmt: skip
@@ -385,15 +386,14 @@ def _row_filter_kernel(
         tl.store(aux_count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
     # Only the chunks that hold features: the row's width is a power of two (24576 features read as
     # 32768), and the groups past F are masked out of the bound below, so their maxima are not needed.
-    if not MAXIMA_FIRST:  # (else `_group_maxima_kernel` has written them)
-        for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
-            groups = first + tl.arange(0, CHUNK_GROUPS)
-            members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-            values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
-            tl.store(scratch_row + groups, _maximum_key(values))
-            if HAS_AUX:
-                dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
-                tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
+    for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
+        groups = first + tl.arange(0, CHUNK_GROUPS)
+        members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
+        tl.store(scratch_row + groups, _maximum_key(values))
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
+            tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
     tl.debug_barrier()  # the maxima (and the zeroed counts) are visible to every thread
     every_group = tl.arange(0, N_GROUPS)
     holds_features = every_group * GROUP < F
@@ -432,20 +432,6 @@ def _row_filter_kernel(
         tl.store(flag_ptr + batch_row, failed.to(tl.int8))
     elif HAS_AUX:
         tl.store(aux_tau_ptr + row + one, aux_tau)
-
-
-@triton.jit
-def _group_maxima_kernel(pre_ptr, stride_pm, F, scratch_ptr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
-                         CHUNK_GROUPS: tl.constexpr):  # fmt: skip
-    """The row filter's first step as a launch of its own (MAXIMA_FIRST): the `_maximum_key` of each group
-    of GROUP adjacent pre-activations of `pre` [rows, F] into the row's scratch [rows, N_GROUPS],
-    CHUNK_GROUPS groups of one row a program. Groups past the last program's are not written (the row
-    kernel masks them out)."""
-    row = tl.program_id(0).to(tl.int64)
-    groups = tl.program_id(1) * CHUNK_GROUPS + tl.arange(0, CHUNK_GROUPS)
-    members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-    values = tl.load(pre_ptr + row * stride_pm + members, mask=members < F, other=float("-inf"))
-    tl.store(scratch_ptr + row * N_GROUPS + groups, _maximum_key(values))
 
 
 @triton.jit
@@ -856,19 +842,13 @@ def row_filter_topk(
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
     aux_tau = x.new_empty(rows_per_chunk, dtype=torch.float32) if has_aux else counts  # any pointer without AuxK
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
-    maxima_first = MAXIMA_FIRST and not has_aux
-    chunk_groups = max(1, ROW_FILTER_READ // group)
     for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
-        if maxima_first:
-            _group_maxima_kernel[(pre.shape[0], cdiv(F, chunk_groups * group))](
-                pre, pre.stride(0), F, scratch, N_GROUPS=n_groups, GROUP=group, CHUNK_GROUPS=chunk_groups, num_warps=4
-            )
         _row_filter_kernel[(pre.shape[0],)](
             pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
             idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
             aux_vals.stride(0), aux_idx.stride(0), aux_tau,
-            HAS_AUX=has_aux, MAXIMA_FIRST=maxima_first, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
-            CHUNK_GROUPS=chunk_groups, HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
+            HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
+            CHUNK_GROUPS=max(1, ROW_FILTER_READ // group), HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
             CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
             SELECT=cfg["SELECT"], num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
         )  # fmt: skip
