@@ -1,7 +1,7 @@
 """The full TopK training step (forward, backward, Adam, decoder constraint; AuxK on with 5% of the
 features dead): fastsae's module (with torch.optim.Adam, as `fastsae_saeadam` with
-fastsae.optim.SAEAdam, as `fastsae_graph` replayed as one CUDA graph, and as `fastsae_saeadam_graph`
-both) against the eager dense
+fastsae.optim.SAEAdam, as `fastsae_graph` replayed as one CUDA graph, as `fastsae_saeadam_graph`
+both, and as `fastsae_compile` with its forward through torch.compile(fullgraph=True)) against the eager dense
 step SAE code usually runs, its torch.compile, and sparsify's SparseCoder when installed, with the
 cuBLAS encoder GEMM as the floor.
 
@@ -81,10 +81,14 @@ def measure_step(step, x) -> dict:
     return timing
 
 
-def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False):
+def _fastsae_step(
+    d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False, compiled: bool = False
+):
     """The module's step with torch.optim.Adam and the decoder constraint's two calls, with
     fastsae.optim.SAEAdam (`fused_optimizer`: the constraint inside its step), replayed as one CUDA graph
-    by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam made capturable), or both."""
+    by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam made capturable), or both; `compiled`:
+    the forward through torch.compile(sae, fullgraph=True), as a user compiling the module runs it (the
+    backward and the optimizer eager)."""
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype="bfloat16", check_finite=False,
                             dead_after_tokens=DEAD_AFTER_TOKENS)  # fmt: skip
     sae = fastsae.SparseAutoencoder(cfg).cuda()
@@ -96,9 +100,10 @@ def _fastsae_step(d, n_features, k, weights, dead, fused_optimizer: bool = False
     else:
         optimizer = adam(sae.parameters(), capturable=graph)
     captured = fastsae.graphs.CapturedStep(sae, optimizer) if graph else None
+    model = torch.compile(sae, fullgraph=True) if compiled else None
 
     def step(x):
-        return (captured(x) if graph else sae_train_step(sae, optimizer, x)).fvu
+        return (captured(x) if graph else sae_train_step(sae, optimizer, x, model=model)).fvu
 
     return step
 
@@ -221,6 +226,7 @@ def run(recorder: Recorder) -> None:
             "fastsae_saeadam": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True),
             "fastsae_graph": _fastsae_step(d, n_features, k, weights, dead, graph=True),
             "fastsae_saeadam_graph": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True, graph=True),
+            "fastsae_compile": _fastsae_step(d, n_features, k, weights, dead, compiled=True),
             "torch": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=False),
             "compile": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=True),
         }
