@@ -467,10 +467,11 @@ class SparseAutoencoder(nn.Module):
         shard_codes = F.TopKCodes(torch.where(kept, local.vals, 0), local.idx, local_aux_vals, local.aux_idx)
         return shard_codes, F.TopKCodes(vals, idx, aux_vals, aux_idx)
 
-    def _decode_shard(self, vals: Tensor, idx: Tensor, bias: bool = True) -> Tensor:
+    def _decode_shard(self, vals: Tensor, idx: Tensor, bias: bool = True, fired_only: bool = False) -> Tensor:
         """The reconstruction (in SAE space) from this shard's codes [B, k] (shard-local features),
-        summed over the shards, plus b_dec when `bias`."""
-        recon = parallel.sum_over_shards(F.decode_sparse(vals, idx, self.W_dec), self._feature_group)
+        summed over the shards, plus b_dec when `bias`; `fired_only` as `decode`'s."""
+        recon = F.decode_sparse(vals, idx, self.W_dec, fired_only=fired_only)
+        recon = parallel.sum_over_shards(recon, self._feature_group)
         return recon + self.b_dec if bias else recon
 
     def _auxk_shard(self, x: Tensor, features: Tensor, k_aux: int) -> Tensor:
@@ -613,7 +614,8 @@ class SparseAutoencoder(nn.Module):
             if self._feature_group is not None:  # features of the whole SAE: this shard decodes its own
                 mine = (idx >= self._feature_start) & (idx < self._feature_start + self.W_dec.shape[0])
                 shard_idx = torch.where(mine, idx - self._feature_start, 0).to(torch.int32)
-                recon = self._decode_shard(torch.where(mine, vals, 0), shard_idx)
+                # (another shard's codes are 0 here: fired_only gives them no gradient, nor does the where)
+                recon = self._decode_shard(torch.where(mine, vals, 0), shard_idx, fired_only=fired_only)
             else:
                 recon = F.decode_sparse(vals, idx, self.W_dec, self.b_dec, fired_only=fired_only)
         else:
@@ -660,11 +662,11 @@ class SparseAutoencoder(nn.Module):
             codes = F.TopKCodes(joint.vals, joint.idx, *no_aux_codes)
         else:
             codes = self._encode(x, dead)  # with the fused encode's AuxK codes when `dead` is given
+        # The codes are ReLU outputs: the decode's backward skips the zero ones' decoder rows (BatchTopK's
+        # unkept candidates, another shard's codes), whose gradient the encoder's ReLU masks anyway.
         if sharded:
-            recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx))
+            recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx, fired_only=self.training))
         else:
-            # The codes are ReLU outputs: the decode's backward skips the zero ones' decoder rows
-            # (BatchTopK's unkept candidates), whose gradient the encoder's ReLU masks anyway.
             recon = (
                 self.decode(codes, fired_only=self.training) if few_dead is None else self._from_sae_space(joint.recon)
             )
