@@ -62,8 +62,9 @@ MAX_GROUPS = 2048  # group maxima per row that the threshold kernel selects from
 # Relative margin below the k-th group maximum: covers the threshold GEMM's rounding to the weights'
 # dtype (2^-9 for bf16) and its different summation order, so that count < k stays an exception.
 MARGIN = tl.constexpr(2.0**-7)
-# Pre-activations that cuBLAS writes at once for the routes that take a whole row (the dense route and
-# the row filter), whatever B and F: 256 MB in bf16.
+# Pre-activations that cuBLAS writes at once for the other routes that take a whole row (the dense route
+# and the threshold-first BatchTopK's streaming pass), whatever B and F: 256 MB in bf16. The row filter
+# has its own, ROW_FILTER_CHUNK.
 PRE_ACTIVATION_CHUNK = 2**27
 # The row filter's own chunk, 512 MB in bf16 whatever the batch (FASTSAE_ROW_FILTER_CHUNK, entries, read at
 # import, lowers it where memory is short). Larger chunks measured faster at every size tried: one launch
