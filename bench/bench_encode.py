@@ -16,7 +16,7 @@ from fastsae import reference
 from fastsae.ops import batch_filter, filter, launch
 from fastsae.testing import assert_batchtopk_matches, assert_close, assert_topk_matches
 
-from .harness import SHAPES, Recorder, measure, optional_sparsify, sweep_name
+from .harness import SHAPES, Recorder, measure, optional_sparsify, selected, sweep_name
 
 CHECK_ROWS = 256
 ROUNDING_BAND = (
@@ -101,6 +101,7 @@ def _bench_topk(recorder: Recorder, shape: str, d: int, n_features: int, n_rows:
                 coder.encoder.bias.copy_(b_enc)
                 coder.b_dec.copy_(b_dec)
             providers["sparsify"] = partial(coder.encode, x)
+    providers = selected(providers)
     for name, fn in providers.items():
         vals, idx = fn()[:2]
         assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre, k, 2e-2, f"encode_topk {shape} {name}")
@@ -128,6 +129,7 @@ def _bench_relu(recorder: Recorder, shape: str, d: int, n_features: int, n_rows:
         "torch": partial(_torch_relu, x, W_enc, b_enc, b_dec),
         "compile": partial(torch.compile(_torch_relu), x, W_enc, b_enc, b_dec),
     }
+    providers = selected(providers)
     for name, fn in providers.items():
         assert_close(fn()[:CHECK_ROWS].float(), expected, 2e-2, f"encode_relu {shape} {name}")
     for name, fn in providers.items():
@@ -162,6 +164,7 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, n_
         "fastsae_threshold": partial(F.encode_batchtopk_sparse, x, W_enc, b_enc, b_dec, k, estimate),
         "torch": partial(_torch_batchtopk, x, W_enc, b_enc, b_dec, k),
     }
+    providers = selected(providers)
     for name, fn in providers.items():  # bf16 rounding may swap the codes at the batch's threshold
         codes = fn()
         if isinstance(codes, F.TopKCodes):
@@ -187,6 +190,7 @@ def _bench_positive_counts(recorder: Recorder, shape: str, d: int, n_features: i
         "torch": partial(_torch_topk_positive_counts, x, W_enc, b_enc, b_dec, k),
     }
     what = f"encode_topk_positive_counts {shape}"
+    providers = selected(providers)
     for name, fn in providers.items():
         vals, idx, counts = fn()
         assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre, k, 2e-2, f"{what} {name}")

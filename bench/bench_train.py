@@ -34,7 +34,7 @@ from fastsae import reference
 from fastsae.ops import batchtopk as batchtopk_ops
 from fastsae.testing import assert_close
 
-from .harness import SHAPES, Recorder, measure, optional_sparsify, sae_train_step, sweep_name
+from .harness import SHAPES, Recorder, measure, optional_sparsify, sae_train_step, selected, sweep_name
 
 DEAD_FRACTION = 0.05
 # A dead feature's encoder bias. The live features' pre-activations are N(0, 1) here (unit-norm encoder
@@ -232,6 +232,7 @@ def run(recorder: Recorder) -> None:
         }
         if sparsify is not None:
             providers["sparsify"] = _sparsify_step(sparsify, d, n_features, k, weights, dead)
+        providers = selected(providers)
         for name, step in providers.items():  # the first step sees the shared initial weights
             assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step {shape} {name} FVU")
         for name, step in providers.items():
@@ -258,6 +259,7 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, k:
         ),
         "torch": _dense_step(partial(_dense_batchtopk_loss, k=k), weights, compile_loss=False),
     }
+    providers = selected(providers)
     for name, step in providers.items():  # the first step sees the shared initial weights
         assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step_batchtopk {shape} {name} FVU")
     for name, step in providers.items():

@@ -17,14 +17,16 @@
 #   FASTSAE_TESTS            pytest targets, or FASTSAE_TEST_GROUPS: ';'-separated targets run in parallel
 #   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 5)
 #   FASTSAE_PYTEST_ARGS      extra pytest arguments
-#   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset)
+#   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset; FASTSAE_PROFILE_ARGS, e.g.
+#                            --modes eager,compile --auxk on)
 #   FASTSAE_PROFILE_ENCODE   shapes for bench.profile_encode (off when unset)
 #   FASTSAE_AB               a switch for bench.ab_step, e.g. fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 (off
 #                            when unset; FASTSAE_AB_SHAPES, default gpt2,af3; FASTSAE_AB_ARGS, e.g. --retune
 #                            or --rounds 2): its rows go to $OUT/results.csv
 #   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,dp_graph,shard;
 #                            FASTSAE_DISTRIBUTED_PROFILE=1: rank 0's profile of the multi-GPU steps)
-#   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of bench/harness.py SHAPES
+#   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of bench/harness.py SHAPES;
+#                            FASTSAE_BENCH_PROVIDERS: of the providers (bench.run --providers)
 #   FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT   seconds per test group / for the profile and the bench
 #   FASTSAE_GIT_SHA          the commit for the CSV (the device's git metadata can be stale: pass it literally)
 set -uo pipefail
@@ -122,7 +124,7 @@ fi
 
 if [ -n "${FASTSAE_PROFILE:-}" ]; then  # shapes for bench.profile_train's kernel tables
     echo "== profile"
-    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.profile_train --shapes "$FASTSAE_PROFILE" --rows 18 >"$OUT/profile.log" 2>&1
+    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.profile_train --shapes "$FASTSAE_PROFILE" --rows 18 ${FASTSAE_PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1
     grep "^==" "$OUT/profile.log"
 fi
 
@@ -152,7 +154,8 @@ fi
 if [ "${FASTSAE_RUN_BENCH:-1}" = 1 ]; then
     echo "== benchmarks"
     # Only the rows: the report is rendered where they are merged into bench/results (python -m bench.report).
-    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.run --csv "$OUT/results.csv" --no-render ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} ${FASTSAE_BENCH_SHAPES:+--shapes $FASTSAE_BENCH_SHAPES} 2>&1 | tee "$OUT/bench.log" | tail -40
+    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.run --csv "$OUT/results.csv" --no-render ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} ${FASTSAE_BENCH_SHAPES:+--shapes $FASTSAE_BENCH_SHAPES} \
+        ${FASTSAE_BENCH_PROVIDERS:+--providers $FASTSAE_BENCH_PROVIDERS} 2>&1 | tee "$OUT/bench.log" | tail -40
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 exit $status

@@ -41,6 +41,16 @@ SHAPES = {
 }
 
 
+# The providers to run (bench.run --providers): None runs every one. The cuBLAS GEMM, each family's floor,
+# always runs.
+PROVIDERS: set[str] | None = None
+
+
+def selected(providers: dict) -> dict:
+    """The entries of a family's {provider: fn} that PROVIDERS selects."""
+    return {name: fn for name, fn in providers.items() if PROVIDERS is None or name in PROVIDERS}
+
+
 def sweep_name(d: int, n_features: int, n_rows: int, k: int) -> str:
     return f"d{d}_F{n_features}_B{n_rows}_k{k}"
 

@@ -1,11 +1,13 @@
 """Where fastsae's TopK training step spends its time: torch.profiler's kernel and host-op tables for the
 step that bench_train times, at each benchmark shape (harness.SHAPES, or a sweep name such as
-d768_F24576_B8192_k128), with AuxK on (5% of features dead) and off, run eagerly and replayed as one
-CUDA graph (fastsae.graphs.CapturedStep). Each header gives the wall time per step, the kernel time, the
-host overhead (wall minus kernel time, as a share of the wall), the kernels run per step and the host's
-launch calls per step (kernel and graph launches: one per kernel eagerly, one graph when captured).
+d768_F24576_B8192_k128), with AuxK on (5% of features dead) and off, run eagerly, replayed as one
+CUDA graph (fastsae.graphs.CapturedStep) and with the forward through torch.compile(fullgraph=True)
+(bench_train's `fastsae_compile`: the backward and the optimizer eager). Each header gives the wall
+time per step, the kernel time, the host overhead (wall minus kernel time, as a share of the wall), the
+kernels run per step and the host's launch calls per step (kernel and graph launches: one per kernel
+eagerly, one graph when captured).
 
-python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25] [--modes eager,graph] [--by-shape]
+python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25] [--modes eager,graph,compile] [--by-shape]
                               [--auxk on,off] [--optimizer adam|saeadam]
 
 `--optimizer saeadam` profiles the step with fastsae.optim.SAEAdam (the decoder constraint inside its
@@ -33,23 +35,31 @@ from .harness import SHAPES, shape_dims
 STEPS = 5  # profiled steps
 
 
+MODES = {"eager": "eager", "graph": "captured graph", "compile": "compiled forward"}
+
+
 def profile_step(
-    shape: str, auxk: bool, rows: int, graph: bool = False, by_shape: bool = False, fused_optimizer: bool = False
+    shape: str, auxk: bool, rows: int, mode: str = "eager", by_shape: bool = False, fused_optimizer: bool = False
 ) -> dict:
-    """Prints the step's tables (`by_shape`: and the host ops by input shape, eager steps only); returns
-    its {"wall_ms", "kernel_ms", "host_share", "kernels", "launches"} per step."""
+    """Prints the step's tables (`by_shape`: and the host ops by input shape, eager steps only) in `mode`
+    (a key of MODES); returns its {"wall_ms", "kernel_ms", "host_share", "kernels", "launches"} per step."""
+    if mode not in MODES:
+        raise ValueError(f"profile_step: mode {mode!r} is not one of {list(MODES)}")
+    graph = mode == "graph"
     d, n_features, n_rows, k = shape_dims(shape)
     dead = torch.rand(n_features, device="cuda") < (DEAD_FRACTION if auxk else 0.0)
     x, weights = _initial_weights(d, n_features, n_rows, dead)
-    step = _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=fused_optimizer, graph=graph)
+    step = _fastsae_step(
+        d, n_features, k, weights, dead, fused_optimizer=fused_optimizer, graph=graph, compiled=mode == "compile"
+    )
     for _ in range(5):  # compile, autotune, warm the allocator; the captured step captures on the fourth
         step(x)
-    by_shape = by_shape and not graph
+    by_shape = by_shape and mode == "eager"
     prof, wall_ms = timed_profile(lambda: step(x), STEPS, cuda=True, record_shapes=by_shape)
     summary = step_summary(prof, wall_ms, STEPS)
     print(
         f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}, AuxK {'on' if auxk else 'off'}, "
-        f"{'captured graph' if graph else 'eager'}{', SAEAdam' if fused_optimizer else ''}: {describe(summary)} "
+        f"{MODES[mode]}{', SAEAdam' if fused_optimizer else ''}: {describe(summary)} "
         f"({STEPS} steps below)"
     )
     print_tables(prof, rows)
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--modes", default="eager,graph", help="comma-separated subset of eager,graph")
+    parser.add_argument("--modes", default="eager,graph", help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--by-shape", action="store_true", help="the eager steps' host ops by input shape too")
     parser.add_argument("--auxk", default="on,off", help="comma-separated subset of on,off")
     parser.add_argument("--optimizer", choices=["adam", "saeadam"], default="adam")
@@ -139,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes.split(","):
         for auxk in args.auxk.split(","):
             for mode in args.modes.split(","):
-                profile_step(shape, auxk == "on", args.rows, graph=mode == "graph", by_shape=args.by_shape,
+                profile_step(shape, auxk == "on", args.rows, mode=mode, by_shape=args.by_shape,
                              fused_optimizer=args.optimizer == "saeadam")  # fmt: skip
     return 0
 

@@ -1,6 +1,7 @@
 """Runs the benchmarks on a CUDA GPU and appends their rows to a CSV, then renders the report.
 
-python -m bench.run [--only stats,encode,train] [--shapes gpt2,af3] [--csv PATH] [--no-render]
+python -m bench.run [--only stats,encode,train] [--shapes gpt2,af3] [--providers fastsae,torch] [--csv PATH]
+                    [--no-render]
 (or: python -m fastsae bench)
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import harness
 from .harness import SHAPES, Recorder
 from .report import render
 
@@ -33,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
+    parser.add_argument(
+        "--providers",
+        default=None,
+        help="comma-separated providers to run in the encode, decode and train families (default: all; the cuBLAS "
+        "GEMM, their floor, always runs)",
+    )
     parser.add_argument("--csv", type=Path, default=None, help="CSV to append to (default bench/results/<gpu>.csv)")
     parser.add_argument(
         "--no-render", action="store_true", help="only append the rows (no README.md and plots next to the CSV)"
@@ -46,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in list(SHAPES):  # every family loops over this one dict
         if name not in shapes:
             del SHAPES[name]
+    if args.providers is not None:
+        harness.PROVIDERS = set(args.providers.split(","))
     gpu_slug = torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-")
     csv_path = args.csv or RESULTS / f"{gpu_slug}.csv"
     recorder = Recorder(csv_path)

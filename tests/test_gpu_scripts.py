@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from torch.autograd import DeviceType
 
-from bench import ab_step, profile_encode, profile_train, sanitize_kernels
+from bench import ab_step, harness, profile_encode, profile_train, sanitize_kernels
 from bench.harness import Recorder
 from fastsae.ops import auxk, encode, launch
 
@@ -42,16 +42,21 @@ def test_profile_batchtopk_runs(capsys):
 
 @pytest.mark.gpu
 def test_profile_train_reports_launches_and_host_time(capsys):
-    eager, graph = (profile_train.profile_step("d128_F2048_B1024_k16", True, 5, graph) for graph in (False, True))
-    for step in (eager, graph):
+    eager, graph, compiled = (
+        profile_train.profile_step("d128_F2048_B1024_k16", True, 5, mode) for mode in ("eager", "graph", "compile")
+    )
+    for step in (eager, graph, compiled):
         assert step["kernels"] > 10 and step["kernel_ms"] > 0 and 0 <= step["host_share"] < 1
     # Captured, the step is one graph launch plus the few small kernels run outside it (the dead-feature
     # count, the bench's own bookkeeping); eagerly, one launch per kernel.
     assert graph["launches"] <= eager["launches"] / 4
-    with_saeadam = profile_train.profile_step("d128_F2048_B1024_k16", True, 5, graph=True, fused_optimizer=True)
+    with_saeadam = profile_train.profile_step("d128_F2048_B1024_k16", True, 5, "graph", fused_optimizer=True)
     assert with_saeadam["launches"] <= eager["launches"] / 4
     printed = capsys.readouterr().out
     assert "host launches per step" in printed and "captured graph, SAEAdam" in printed
+    assert "compiled forward:" in printed
+    with pytest.raises(ValueError, match="mode 'captured'"):
+        profile_train.profile_step("d128_F2048_B1024_k16", True, 5, "captured")
 
 
 def test_profile_train_divides_kernel_time_by_the_steps():
@@ -104,3 +109,11 @@ def test_ab_step_records_each_value(tmp_path):
     held_name = f"CODES_WITHOUT_SELECTION={not original_shortcut}"
     assert providers == [f"ROW_TOPK=True with {held_name}", f"ROW_TOPK=False with {held_name}", "cublas_gemm"]
     assert auxk.ROW_TOPK is original and auxk.CODES_WITHOUT_SELECTION is original_shortcut
+
+
+def test_bench_providers_filter(monkeypatch):
+    """bench.run --providers: a family runs only the named providers; unset, every one."""
+    providers = {"fastsae": 1, "torch": 2, "sparsify": 3}
+    assert harness.selected(providers) == providers
+    monkeypatch.setattr(harness, "PROVIDERS", {"torch", "compile"})
+    assert harness.selected(providers) == {"torch": 2}
