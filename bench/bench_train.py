@@ -1,7 +1,8 @@
 """The full TopK training step (forward, backward, Adam, decoder constraint; AuxK on with 5% of the
 features dead): fastsae's module (with torch.optim.Adam, as `fastsae_saeadam` with
 fastsae.optim.SAEAdam, as `fastsae_graph` replayed as one CUDA graph, as `fastsae_saeadam_graph`
-both, and as `fastsae_compile` with its forward through torch.compile(fullgraph=True)) against the eager dense
+both, as `fastsae_compile` with its forward through torch.compile(sae, fullgraph=True) and as
+`fastsae_module_compile` through sae.compile(), which leaves the dead-feature list eager) against the eager dense
 step SAE code usually runs, its torch.compile, and sparsify's SparseCoder when installed, with the
 cuBLAS encoder GEMM as the floor.
 
@@ -82,13 +83,14 @@ def measure_step(step, x) -> dict:
 
 
 def _fastsae_step(
-    d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False, compiled: bool = False
+    d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False, compiled: str | None = None
 ):
     """The module's step with torch.optim.Adam and the decoder constraint's two calls, with
     fastsae.optim.SAEAdam (`fused_optimizer`: the constraint inside its step), replayed as one CUDA graph
-    by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam made capturable), or both; `compiled`:
-    the forward through torch.compile(sae, fullgraph=True), as a user compiling the module runs it (the
-    backward and the optimizer eager)."""
+    by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam made capturable), or both. `compiled`:
+    the forward through torch.compile(sae, fullgraph=True) ("torch.compile") or sae.compile() ("sae.compile":
+    the forward past the dead-feature list), as a user compiling the module runs it (the backward and the
+    optimizer eager)."""
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype="bfloat16", check_finite=False,
                             dead_after_tokens=DEAD_AFTER_TOKENS)  # fmt: skip
     sae = fastsae.SparseAutoencoder(cfg).cuda()
@@ -100,7 +102,9 @@ def _fastsae_step(
     else:
         optimizer = adam(sae.parameters(), capturable=graph)
     captured = fastsae.graphs.CapturedStep(sae, optimizer) if graph else None
-    model = torch.compile(sae, fullgraph=True) if compiled else None
+    model = torch.compile(sae, fullgraph=True) if compiled == "torch.compile" else None
+    if compiled == "sae.compile":
+        sae.compile()
 
     def step(x):
         return (captured(x) if graph else sae_train_step(sae, optimizer, x, model=model)).fvu
@@ -226,7 +230,8 @@ def run(recorder: Recorder) -> None:
             "fastsae_saeadam": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True),
             "fastsae_graph": _fastsae_step(d, n_features, k, weights, dead, graph=True),
             "fastsae_saeadam_graph": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True, graph=True),
-            "fastsae_compile": _fastsae_step(d, n_features, k, weights, dead, compiled=True),
+            "fastsae_compile": _fastsae_step(d, n_features, k, weights, dead, compiled="torch.compile"),
+            "fastsae_module_compile": _fastsae_step(d, n_features, k, weights, dead, compiled="sae.compile"),
             "torch": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=False),
             "compile": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=True),
         }

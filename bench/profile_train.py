@@ -1,14 +1,14 @@
 """Where fastsae's TopK training step spends its time: torch.profiler's kernel and host-op tables for the
 step that bench_train times, at each benchmark shape (harness.SHAPES, or a sweep name such as
 d768_F24576_B8192_k128), with AuxK on (5% of features dead) and off, run eagerly, replayed as one
-CUDA graph (fastsae.graphs.CapturedStep) and with the forward through torch.compile(fullgraph=True)
-(bench_train's `fastsae_compile`: the backward and the optimizer eager). Each header gives the wall
-time per step, the kernel time, the host overhead (wall minus kernel time, as a share of the wall), the
-kernels run per step and the host's launch calls per step (kernel and graph launches: one per kernel
-eagerly, one graph when captured).
+CUDA graph (fastsae.graphs.CapturedStep), and with the forward through torch.compile(sae, fullgraph=True)
+or sae.compile() (bench_train's `fastsae_compile` and `fastsae_module_compile`: the backward and the
+optimizer eager). Each header gives the wall time per step, the kernel time, the host overhead (wall
+minus kernel time, as a share of the wall), the kernels run per step and the host's launch calls per
+step (kernel and graph launches: one per kernel eagerly, one graph when captured).
 
-python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25] [--modes eager,graph,compile] [--by-shape]
-                              [--auxk on,off] [--optimizer adam|saeadam]
+python -m bench.profile_train [--shapes gpt2,llama8b] [--rows 25] [--modes eager,graph,compile,module_compile]
+                              [--by-shape] [--auxk on,off] [--optimizer adam|saeadam]
 
 `--optimizer saeadam` profiles the step with fastsae.optim.SAEAdam (the decoder constraint inside its
 step) instead of torch.optim.Adam and the constraint's two calls.
@@ -35,7 +35,12 @@ from .harness import SHAPES, shape_dims
 STEPS = 5  # profiled steps
 
 
-MODES = {"eager": "eager", "graph": "captured graph", "compile": "compiled forward"}
+MODES = {
+    "eager": "eager",
+    "graph": "captured graph",
+    "compile": "forward through torch.compile",
+    "module_compile": "forward through sae.compile",
+}
 
 
 def profile_step(
@@ -49,9 +54,8 @@ def profile_step(
     d, n_features, n_rows, k = shape_dims(shape)
     dead = torch.rand(n_features, device="cuda") < (DEAD_FRACTION if auxk else 0.0)
     x, weights = _initial_weights(d, n_features, n_rows, dead)
-    step = _fastsae_step(
-        d, n_features, k, weights, dead, fused_optimizer=fused_optimizer, graph=graph, compiled=mode == "compile"
-    )
+    compiled = {"compile": "torch.compile", "module_compile": "sae.compile"}.get(mode)
+    step = _fastsae_step(d, n_features, k, weights, dead, fused_optimizer, graph, compiled)
     for _ in range(5):  # compile, autotune, warm the allocator; the captured step captures on the fourth
         step(x)
     by_shape = by_shape and mode == "eager"

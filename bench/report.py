@@ -35,7 +35,8 @@ OP_NOTES = {
     "timed once and removed (no faster than `encode_topk`'s route).",
     "decode_sparse": "The sparse decode of [B, k] codes (`bench/bench_decode.py`).",
     "train_step": "A whole TopK training step with AuxK (`bench/bench_train.py`); `fastsae_compile` runs the "
-    "module's forward through `torch.compile(fullgraph=True)`, the backward and Adam eager.",
+    "module's forward through `torch.compile(sae, fullgraph=True)` and `fastsae_module_compile` through "
+    "`sae.compile()` (the dead-feature list eager), the backward and Adam eager.",
     "train_step_batchtopk": "A BatchTopK training step, sparse and dense codes (`bench/bench_train.py`); "
     "`fastsae_graph` replays it with `fastsae.graphs.CapturedStep` (two graphs split at the sparse codes' "
     "exactness check), `fastsae_threshold_graph` the same with the threshold-first route, whose GPT-2 and "

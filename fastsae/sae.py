@@ -176,6 +176,7 @@ class SparseAutoencoder(nn.Module):
         # Length of the dead-feature list a compiled or captured training step's AuxK reads (set by
         # `fastsae.graphs.CapturedStep`); None: such a step takes the fused AuxK stream.
         self.auxk_capacity: int | None = None
+        self._compiled_forward = None  # `compile`'s compiled part of the forward
         self._feature_group, self._feature_start, stop = None, 0, cfg.n_features  # `shard_features`
         if feature_group is not None:
             self._feature_group, self._feature_start, stop = _feature_shard(cfg, feature_group)
@@ -623,18 +624,26 @@ class SparseAutoencoder(nn.Module):
             recon = F.decode_dense(codes.reshape(-1, codes.shape[-1]), self.W_dec, self.b_dec)
         return self._from_sae_space(recon).reshape(*lead, self.cfg.d_in)
 
+    def compile(self, *args, **kwargs) -> None:
+        """torch.compile this SAE's forward (the arguments are torch.compile's), all but its first part:
+        the input's checks and, in a training step with AuxK, the dead-feature list, which stay eager.
+        So AuxK runs densely over the few dead features as in an eager step (one synchronisation to
+        count them; the list's length is a dynamic dimension of the compiled part), where
+        `torch.compile(sae)`, which cannot count them, takes the fused encode's second top-k stream:
+        much slower where k_aux and d are large (`AUXK_DENSE_MAX_ELEMENTS`). While a CUDA graph is
+        captured (`fastsae.graphs.CapturedStep`) the forward runs uncompiled."""
+        self._compiled_forward = torch.compile(self._forward_from_dead_list, *args, **kwargs)
+
     def forward(self, x: Tensor) -> SAEOutput:
         """Encode, decode and the loss terms; in training mode also updates the death statistics. A
         training step with AuxK synchronises once with the device, to count the dead features (not
-        while compiling: see `_few_dead_features`)."""
+        while compiling or capturing: see `_few_dead_features`)."""
         self._check_input(x)
         lead = x.shape[:-1]
         x = x.reshape(-1, self.cfg.d_in)
         if self.training and not self._initialized:
             self._initialize_lazily(x)
-        k_aux = self.cfg.k_aux if self.training and self.cfg.activation == "topk" else 0  # AuxK is TopK's
-        sharded = self._feature_group is not None
-        replicated = self._group is not None and self.training
+        k_aux, sharded, replicated = self._step_kind()
         # While a CUDA graph is captured the dead-feature list (a compare and nonzero_static's five launches)
         # is queued on AuxK's side stream, where AuxK reads it, instead of ahead of the encode.
         list_stream = None
@@ -645,6 +654,24 @@ class SparseAutoencoder(nn.Module):
             few_dead = self._few_dead_features(dead, x.shape[0])
         if list_stream is not None and few_dead is None:  # the fused encode reads the mask on this stream
             join_stream(list_stream, dead)
+        if self._compiled_forward is not None and may_synchronize(x):  # `compile`: the rest compiled
+            if few_dead is not None:  # one graph for every length of the list, not one per length
+                torch._dynamo.maybe_mark_dynamic(few_dead, 0)
+            return self._compiled_forward(x, lead, dead, few_dead, None)
+        return self._forward_from_dead_list(x, lead, dead, few_dead, list_stream)
+
+    def _step_kind(self) -> tuple[int, bool, bool]:
+        """(k_aux of this forward: AuxK is TopK's and training's, whether the features are sharded,
+        whether the batch is replicated across data-parallel ranks)."""
+        k_aux = self.cfg.k_aux if self.training and self.cfg.activation == "topk" else 0
+        return k_aux, self._feature_group is not None, self._group is not None and self.training
+
+    def _forward_from_dead_list(
+        self, x: Tensor, lead: torch.Size, dead: Tensor | None, few_dead: Tensor | None, list_stream
+    ) -> SAEOutput:
+        """The forward past the dead-feature mask and list (`forward`), on x [B, d_in] (`lead`: its
+        leading dimensions as given), with the list built on `list_stream` (or None)."""
+        k_aux, sharded, replicated = self._step_kind()
         # AuxK compares the residual and its reconstruction in the SAE's own (possibly whitened) space.
         sae_x = self._to_sae_space(x) if k_aux else None  # (without whitening, x itself)
         sparsity = torch.zeros((), dtype=torch.promote_types(self.W_enc.dtype, torch.float32), device=x.device)

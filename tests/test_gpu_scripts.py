@@ -42,10 +42,11 @@ def test_profile_batchtopk_runs(capsys):
 
 @pytest.mark.gpu
 def test_profile_train_reports_launches_and_host_time(capsys):
-    eager, graph, compiled = (
-        profile_train.profile_step("d128_F2048_B1024_k16", True, 5, mode) for mode in ("eager", "graph", "compile")
+    eager, graph, *compiled = (
+        profile_train.profile_step("d128_F2048_B1024_k16", True, 5, mode)
+        for mode in ("eager", "graph", "compile", "module_compile")
     )
-    for step in (eager, graph, compiled):
+    for step in (eager, graph, *compiled):
         assert step["kernels"] > 10 and step["kernel_ms"] > 0 and 0 <= step["host_share"] < 1
     # Captured, the step is one graph launch plus the few small kernels run outside it (the dead-feature
     # count, the bench's own bookkeeping); eagerly, one launch per kernel.
@@ -54,7 +55,7 @@ def test_profile_train_reports_launches_and_host_time(capsys):
     assert with_saeadam["launches"] <= eager["launches"] / 4
     printed = capsys.readouterr().out
     assert "host launches per step" in printed and "captured graph, SAEAdam" in printed
-    assert "compiled forward:" in printed
+    assert "forward through torch.compile:" in printed and "forward through sae.compile:" in printed
     with pytest.raises(ValueError, match="mode 'captured'"):
         profile_train.profile_step("d128_F2048_B1024_k16", True, 5, "captured")
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import fastsae
 from fastsae import reference
@@ -376,6 +377,44 @@ def test_compiled_training_step_matches_eager():
         assert torch.allclose(losses[0], losses[1], rtol=1e-4)
         assert torch.allclose(eager.W_enc.grad, compiled_sae.W_enc.grad, rtol=1e-3, atol=1e-6)
         assert torch.equal(eager.tokens_since_fired, compiled_sae.tokens_since_fired)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_compile_keeps_auxk_over_the_dead_list(device):
+    """sae.compile(fullgraph=True): the forward past the dead-feature list compiled, the list eager (its
+    length dynamic). Steps with 0, 5, 13 and 30 dead features train like the eager twin (losses, AuxK's
+    loss, gradients, statistics), the compiled graphs take the list (AuxK over it, as eagerly), and
+    the compiled part is compiled a bounded number of times, not once per length."""
+    eager = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
+    compiled = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
+    compiled.load_state_dict(eager.state_dict())
+    counter = CompileCounterWithBackend("inductor")
+    compiled.compile(fullgraph=True, backend=counter)
+    for n_dead in (0, 5, 13, 30, 5):
+        dead = torch.randperm(96, device=device)[:n_dead]
+        for sae in (eager, compiled):
+            with torch.no_grad():
+                sae.tokens_since_fired.zero_()
+                sae.tokens_since_fired[dead] = 2000
+        x = torch.randn(64, 24, device=device) + 3
+        outs = [sae(x) for sae in (eager, compiled)]
+        for out in outs:
+            out.loss.backward()
+        assert (outs[1].auxk > 0) == (n_dead > 0), f"{n_dead} dead: AuxK's loss {float(outs[1].auxk)}"
+        for name in ("loss", "auxk", "fvu"):
+            assert torch.allclose(getattr(outs[0], name), getattr(outs[1], name), rtol=1e-4), name
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            expected, actual = getattr(eager, name).grad, getattr(compiled, name).grad
+            assert torch.allclose(expected, actual, rtol=1e-3, atol=1e-5), f"{n_dead} dead: {name}.grad"
+            getattr(eager, name).grad, getattr(compiled, name).grad = None, None
+        assert torch.equal(eager.tokens_since_fired, compiled.tokens_since_fired)
+    # the empty list (a length of 0 or 1 is specialised, never dynamic), then any length (at most: a guard
+    # on whether it is a multiple of 8, the padding)
+    assert counter.frame_count <= 3, f"compiled {counter.frame_count} times for 4 list lengths"
+    # every compiled graph takes the list as an input
+    inputs = [[node.name for node in graph.graph.nodes if node.op == "placeholder"] for graph in counter.graphs]
+    assert all(any("few_dead" in name for name in names) for names in inputs), inputs
 
 
 @pytest.mark.gpu
