@@ -634,6 +634,11 @@ class SparseAutoencoder(nn.Module):
         captured (`fastsae.graphs.CapturedStep`) the forward runs uncompiled."""
         self._compiled_forward = torch.compile(self._forward_from_dead_list, *args, **kwargs)
 
+    def __getstate__(self) -> dict:
+        """A copy or a pickle runs uncompiled, as nn.Module.compile's do: the compiled forward is bound to
+        this module, and would train it instead of the copy."""
+        return {**super().__getstate__(), "_compiled_forward": None}
+
     def forward(self, x: Tensor) -> SAEOutput:
         """Encode, decode and the loss terms; in training mode also updates the death statistics. A
         training step with AuxK synchronises once with the device, to count the dead features (not

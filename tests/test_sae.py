@@ -413,10 +413,16 @@ def test_module_compile_keeps_auxk_over_the_dead_list(device):
     # The empty list (a length of 0 or 1 is specialised, never dynamic), then any length, recompiled where a
     # guard on it flips: the list shorter than k_aux or not (min(k_aux, n)), a multiple of 8 or not (the
     # padding), and on CUDA Triton's specialisation of the kernels' integer arguments.
-    assert counter.frame_count <= 5, f"compiled {counter.frame_count} times for {len(lengths)} list lengths"
+    frames = counter.frame_count
+    assert frames <= 5, f"compiled {frames} times for {len(lengths)} list lengths"
     # every compiled graph takes the list as an input
     inputs = [[node.name for node in graph.graph.nodes if node.op == "placeholder"] for graph in counter.graphs]
     assert all(any("few_dead" in name for name in names) for names in inputs), inputs
+    # A copy runs uncompiled (the compiled forward is bound to the original, which it would train instead).
+    twin = copy.deepcopy(compiled)
+    twin(torch.randn(64, 24, device=device) + 3).loss.backward()
+    assert twin.W_enc.grad is not None and compiled.W_enc.grad is None
+    assert counter.frame_count == frames, "the copy ran the original's compiled forward"
 
 
 @pytest.mark.gpu
