@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 from collections import deque
 
 import torch
@@ -64,19 +63,10 @@ from torch import Tensor
 
 from . import parallel
 from .ops import batchtopk as batchtopk_ops
-from .ops.launch import cdiv, join_stream, next_power_of_2, on_stream
+from .ops.launch import join_stream, on_stream
 from .optim import SAEAdam
-from .sae import AUXK_DENSE_MAX_ELEMENTS, SAEOutput, SparseAutoencoder
+from .sae import SAEOutput, SparseAutoencoder, auxk_list_length
 
-MIN_AUXK_CAPACITY = 64  # the shortest dead-feature list: fewer captures while features die one by one
-# A new list holds the dead features counted and AUXK_HEADROOM as many again, rounded up to a multiple of
-# MIN_AUXK_CAPACITY: AuxK's products run over the whole list, which the next power of two made up to
-# twice the count (2048 columns for 1229 dead features at the GPT-2 benchmark shape), while the headroom
-# keeps new captures (an eager step and a capture each) few while features die. Where a power of two
-# holds the count and MIN_AUXK_CAPACITY more and is shorter, the list takes it: the row top-k
-# (ops/auxk.py) pads each row to a power of two, and one past it doubles its work (at AlphaFold3's
-# benchmark shape, about 820 dead features: 1088 columns padded to 2048, against 1024).
-AUXK_HEADROOM = 0.25
 # Steps between the statistics a dead-count bound is computed from and the step it is used for: the
 # host reads replay t's bound before launching step t + 2, while replay t + 1 runs.
 BOUND_LOOKAHEAD_STEPS = 2
@@ -161,13 +151,7 @@ class CapturedStep:
             if bound is not None and bound <= sae.auxk_capacity:
                 return sae.auxk_capacity  # the list holds them, known without a synchronisation
         n_dead = int(sae.dead_features().sum())  # one synchronisation
-        if sae.auxk_capacity is not None and n_dead <= sae.auxk_capacity:
-            return sae.auxk_capacity
-        longest = min(sae.cfg.n_features, AUXK_DENSE_MAX_ELEMENTS // n_tokens)
-        wanted = n_dead + math.ceil(AUXK_HEADROOM * n_dead)
-        rounded = max(MIN_AUXK_CAPACITY, cdiv(wanted, MIN_AUXK_CAPACITY) * MIN_AUXK_CAPACITY)
-        capacity = min(longest, rounded, next_power_of_2(n_dead + MIN_AUXK_CAPACITY))
-        return capacity if n_dead <= capacity else None
+        return auxk_list_length(n_dead, sae.auxk_capacity, n_tokens, sae.cfg.n_features)
 
     def _uses_auxk(self) -> bool:
         return self.sae.cfg.activation == "topk" and bool(self.sae.cfg.k_aux)

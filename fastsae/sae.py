@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from . import centering, parallel, reference
 from . import functional as F
 from .ops import batchtopk as batchtopk_ops
-from .ops.launch import join_stream, may_synchronize, on_stream
+from .ops.launch import cdiv, join_stream, may_synchronize, next_power_of_2, on_stream
 
 ACTIVATIONS = ("topk", "relu", "jumprelu", "batchtopk")
 CENTERING_MODES = ("geometric_median", "mean", "none", "whiten")
@@ -50,6 +51,16 @@ BATCHTOPK_THRESHOLD_DECAY = 0.999
 # d = 4096, k_aux = 2048, a feature-sharded step (8192 tokens, 2^17 features and 6553 dead per GPU)
 # took 104 ms dense against 576 ms fused.
 AUXK_DENSE_MAX_ELEMENTS = 2**29
+MIN_AUXK_CAPACITY = 64  # the shortest dead-feature list: fewer captures (CapturedStep) and
+# compiles (`SparseAutoencoder.compile`) while features die one by one
+# A new list holds the dead features counted and AUXK_HEADROOM as many again, rounded up to a multiple of
+# MIN_AUXK_CAPACITY: AuxK's products run over the whole list, which the next power of two made up to
+# twice the count (2048 columns for 1229 dead features at the GPT-2 benchmark shape), while the headroom
+# keeps new captures (an eager step and a capture each) and compiles few while features die. Where a power of two
+# holds the count and MIN_AUXK_CAPACITY more and is shorter, the list takes it: the row top-k
+# (ops/auxk.py) pads each row to a power of two, and one past it doubles its work (at AlphaFold3's
+# benchmark shape, about 820 dead features: 1088 columns padded to 2048, against 1024).
+AUXK_HEADROOM = 0.25
 # A training step's fire counts and death-statistics update on the CUDA side stream that AuxK uses
 # (`functional.AUXK_SIDE_STREAM`), beside the losses, joined before the forward returns. Measured on the
 # H200 (captured SAEAdam step, bf16, off -> on, 278bf24): 1.684 -> 1.659 ms at AlphaFold3's shape,
@@ -115,6 +126,20 @@ def _squared_deviations(n: Tensor, total: Tensor, squares: Tensor) -> Tensor:
     return squares - total.pow(2).sum() / n
 
 
+def auxk_list_length(n_dead: int, current: int | None, n_tokens: int, n_features: int) -> int | None:
+    """The length of the dead-feature list (padded with -1) that a captured or compiled training step's
+    AuxK reads, given n_dead dead features: `current` while it holds them, else a longer one
+    (AUXK_HEADROOM), capped where n_tokens x length reaches AUXK_DENSE_MAX_ELEMENTS; None (the fused
+    AuxK stream) where the dead features are more than that, as in an eager step."""
+    if current is not None and n_dead <= current:
+        return current
+    longest = min(n_features, AUXK_DENSE_MAX_ELEMENTS // n_tokens)
+    wanted = n_dead + math.ceil(AUXK_HEADROOM * n_dead)
+    rounded = max(MIN_AUXK_CAPACITY, cdiv(wanted, MIN_AUXK_CAPACITY) * MIN_AUXK_CAPACITY)
+    length = min(longest, rounded, next_power_of_2(n_dead + MIN_AUXK_CAPACITY))
+    return length if n_dead <= length else None
+
+
 def _feature_shard(cfg: SAEConfig, group) -> tuple[object, int, int]:
     """(group, start, stop) of this rank's features in a feature-sharded SAE over `group` (the default
     group when None), after checking that the SAE can be sharded so."""
@@ -177,6 +202,7 @@ class SparseAutoencoder(nn.Module):
         # `fastsae.graphs.CapturedStep`); None: such a step takes the fused AuxK stream.
         self.auxk_capacity: int | None = None
         self._compiled_forward = None  # `compile`'s compiled part of the forward
+        self._compiled_list_length: int | None = None  # the dead-feature list's length it was compiled for
         self._feature_group, self._feature_start, stop = None, 0, cfg.n_features  # `shard_features`
         if feature_group is not None:
             self._feature_group, self._feature_start, stop = _feature_shard(cfg, feature_group)
@@ -628,7 +654,8 @@ class SparseAutoencoder(nn.Module):
         """torch.compile this SAE's forward (the arguments are torch.compile's), all but its first part:
         the input's checks and, in a training step with AuxK, the dead-feature list, which stay eager.
         So AuxK runs densely over the few dead features as in an eager step (one synchronisation to
-        count them; the list's length is a dynamic dimension of the compiled part), where
+        count them; the list padded to `auxk_list_length`, so that it is compiled for again only when
+        the dead features outgrow it), where
         `torch.compile(sae)`, which cannot count them, takes the fused encode's second top-k stream:
         much slower where k_aux and d are large (`AUXK_DENSE_MAX_ELEMENTS`). While a CUDA graph is
         captured (`fastsae.graphs.CapturedStep`) the forward runs uncompiled."""
@@ -660,8 +687,15 @@ class SparseAutoencoder(nn.Module):
         if list_stream is not None and few_dead is None:  # the fused encode reads the mask on this stream
             join_stream(list_stream, dead)
         if self._compiled_forward is not None and may_synchronize(x):  # `compile`: the rest compiled
-            if few_dead is not None:  # one graph for every length of the list, not one per length
-                torch._dynamo.maybe_mark_dynamic(few_dead, 0)
+            if few_dead is not None and not sharded:
+                # Padded with -1 to a length that changes rarely, as a captured step's: the compiled part is
+                # compiled again only when the list outgrows it. (As a dynamic dimension, the list's length
+                # was compiled for again at most lengths on the H200: guards on it in the CUDA kernels'
+                # launches and Triton's integer specialisation; and Dynamo failed on GPT-2's shape.)
+                n_dead = few_dead.shape[0]
+                length = auxk_list_length(n_dead, self._compiled_list_length, x.shape[0], self.cfg.n_features)
+                self._compiled_list_length = length
+                few_dead = torch.cat([few_dead, few_dead.new_full((length - n_dead,), -1)])
             return self._compiled_forward(x, lead, dead, few_dead, None)
         return self._forward_from_dead_list(x, lead, dead, few_dead, list_stream)
 
