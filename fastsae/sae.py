@@ -655,7 +655,7 @@ class SparseAutoencoder(nn.Module):
         the input's checks and, in a training step with AuxK, the dead-feature list, which stay eager.
         So AuxK runs densely over the few dead features as in an eager step (one synchronisation to
         count them; the list padded to `auxk_list_length`, so that it is compiled for again only when
-        the dead features outgrow it), where
+        the dead features outgrow it; a feature shard's list is not padded), where
         `torch.compile(sae)`, which cannot count them, takes the fused encode's second top-k stream:
         much slower where k_aux and d are large (`AUXK_DENSE_MAX_ELEMENTS`). While a CUDA graph is
         captured (`fastsae.graphs.CapturedStep`) the forward runs uncompiled."""
