@@ -51,13 +51,14 @@ BATCHTOPK_THRESHOLD_DECAY = 0.999
 # d = 4096, k_aux = 2048, a feature-sharded step (8192 tokens, 2^17 features and 6553 dead per GPU)
 # took 104 ms dense against 576 ms fused.
 AUXK_DENSE_MAX_ELEMENTS = 2**29
-MIN_AUXK_CAPACITY = 64  # the shortest dead-feature list: fewer captures (CapturedStep) and
-# compiles (`SparseAutoencoder.compile`) while features die one by one
+# The shortest dead-feature list of a captured or compiled step (`auxk_list_length`): fewer captures
+# (CapturedStep) and compiles (`SparseAutoencoder.compile`) while features die one by one.
+MIN_AUXK_CAPACITY = 64
 # A new list holds the dead features counted and AUXK_HEADROOM as many again, rounded up to a multiple of
 # MIN_AUXK_CAPACITY: AuxK's products run over the whole list, which the next power of two made up to
 # twice the count (2048 columns for 1229 dead features at the GPT-2 benchmark shape), while the headroom
-# keeps new captures (an eager step and a capture each) and compiles few while features die. Where a power of two
-# holds the count and MIN_AUXK_CAPACITY more and is shorter, the list takes it: the row top-k
+# keeps new captures (an eager step and a capture each) and compiles few while features die. Where a
+# power of two holds the count and MIN_AUXK_CAPACITY more and is shorter, the list takes it: the row top-k
 # (ops/auxk.py) pads each row to a power of two, and one past it doubles its work (at AlphaFold3's
 # benchmark shape, about 820 dead features: 1088 columns padded to 2048, against 1024).
 AUXK_HEADROOM = 0.25
@@ -696,7 +697,7 @@ class SparseAutoencoder(nn.Module):
                 length = auxk_list_length(n_dead, self._compiled_list_length, x.shape[0], self.cfg.n_features)
                 self._compiled_list_length = length
                 few_dead = torch.cat([few_dead, few_dead.new_full((length - n_dead,), -1)])
-            return self._compiled_forward(x, lead, dead, few_dead, None)
+            return self._compiled_forward(x, lead, dead, few_dead, list_stream)  # (None: not capturing)
         return self._forward_from_dead_list(x, lead, dead, few_dead, list_stream)
 
     def _step_kind(self) -> tuple[int, bool, bool]:
