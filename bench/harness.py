@@ -42,12 +42,15 @@ SHAPES = {
 
 
 # The providers to run (bench.run --providers): None runs every one. The cuBLAS GEMM, each family's floor,
-# always runs.
+# always runs. OFFERED collects every provider name the families offered, so that bench.run can name the
+# selected ones that none offered (a typo would otherwise run nothing, silently).
 PROVIDERS: set[str] | None = None
+OFFERED: set[str] = set()
 
 
 def selected(providers: dict) -> dict:
     """The entries of a family's {provider: fn} that PROVIDERS selects."""
+    OFFERED.update(providers)
     return {name: fn for name, fn in providers.items() if PROVIDERS is None or name in PROVIDERS}
 
 

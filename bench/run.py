@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         render(csv_path, csv_path.parent)
     if failed:
         print(f"benchmark families that failed: {failed}")
-    return 1 if failed else 0
+    unknown = sorted((harness.PROVIDERS or set()) - harness.OFFERED)
+    if unknown:
+        print(f"--providers {unknown}: no benchmark family offers them; offered: {sorted(harness.OFFERED)}")
+    return 1 if failed or unknown else 0
 
 
 if __name__ == "__main__":

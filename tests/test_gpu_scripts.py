@@ -113,8 +113,11 @@ def test_ab_step_records_each_value(tmp_path):
 
 
 def test_bench_providers_filter(monkeypatch):
-    """bench.run --providers: a family runs only the named providers; unset, every one."""
+    """bench.run --providers: a family runs only the named providers; unset, every one. Every name a family
+    offers is noted, so that bench.run can name a selected provider none offered."""
+    monkeypatch.setattr(harness, "OFFERED", set())
     providers = {"fastsae": 1, "torch": 2, "sparsify": 3}
     assert harness.selected(providers) == providers
     monkeypatch.setattr(harness, "PROVIDERS", {"torch", "compile"})
     assert harness.selected(providers) == {"torch": 2}
+    assert harness.OFFERED == {"fastsae", "torch", "sparsify"}
