@@ -11,7 +11,6 @@ Shapes: x [B, d], W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d], vals/idx [B,
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -614,6 +613,55 @@ def _dense_auxk_backward(
     return dx, dW_enc_dead, db_enc_dead, dW_dec_dead
 
 
+# The dense AuxK path as opaque ops, for `_TopKAutoencoder` where AuxK runs in line: under torch.compile
+# (`SparseAutoencoder.compile`), Dynamo traced its Triton launches inside the autograd.Function's forward
+# and failed on the H200 (an assertion on the forward's outputs, at the GPT-2 and AlphaFold3 shapes).
+@torch.library.custom_op("fastsae::dense_auxk_forward", mutates_args=())
+def _dense_auxk_forward_op(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`_dense_auxk_forward` without `keep`: (AuxK's reconstruction, *what its backward needs), the
+    centred x contiguous (the centring kernel pads its rows)."""
+    recon, (centered, *saved) = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
+    return recon, centered.contiguous(), *saved
+
+
+@_dense_auxk_forward_op.register_fake
+def _(x, W_enc, b_enc, b_dec, W_dec, features, k_aux):
+    (B, d), slots = x.shape, features.shape[0] + -features.shape[0] % 8  # `_auxk_operands`' padding
+    return (
+        x.new_empty(B, d, dtype=W_dec.dtype),
+        x.new_empty(B, d, dtype=W_enc.dtype),
+        W_enc.new_empty(d, slots),
+        W_dec.new_empty(slots, d),
+        x.new_empty(B, slots, dtype=W_dec.dtype),
+        features.new_empty(slots),
+    )
+
+
+@torch.library.custom_op("fastsae::dense_auxk_backward", mutates_args=())
+def _dense_auxk_backward_op(
+    grad_out: Tensor, centered: Tensor, W_enc_dead: Tensor, W_dec_dead: Tensor, codes: Tensor, slots: Tensor,
+    x_requires_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """`_dense_auxk_backward` of `_dense_auxk_forward_op`'s outputs, for x (empty where not asked for)
+    and every weight."""
+    saved = (centered, W_enc_dead, W_dec_dead, codes, slots)
+    dx, *weight_grads = _dense_auxk_backward(grad_out, saved, x_requires_grad, True, True)
+    return centered.new_empty(0) if dx is None else dx, *weight_grads
+
+
+@_dense_auxk_backward_op.register_fake
+def _(grad_out, centered, W_enc_dead, W_dec_dead, codes, slots, x_requires_grad):
+    grads = (
+        torch.empty_like(centered),
+        W_enc_dead.new_empty(W_enc_dead.shape[::-1]),
+        codes.new_empty(codes.shape[1], dtype=torch.promote_types(codes.dtype, torch.float32)),
+        torch.empty_like(W_dec_dead),
+    )
+    return only_asked(grads, (x_requires_grad, True, True, True))
+
+
 class _DenseAuxK(torch.autograd.Function):
     """`auxk_reconstruction` with its backward written out (`_dense_auxk_backward`): autograd through
     the plain ops took a [B, d] product and the centring's backward for db_dec, and about ten [B, n]
@@ -765,7 +813,7 @@ class _TopKAutoencoder(torch.autograd.Function):
         if side is not None:
             join_stream(side, aux_recon, *aux_saved)
         elif features is not None:
-            aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
+            aux_recon, *aux_saved = _dense_auxk_forward_op(x, W_enc, b_enc, b_dec, W_dec, features, k_aux)
         ctx.mark_non_differentiable(idx)
         ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, *aux_saved)
         ctx.side_stream = side
@@ -780,8 +828,11 @@ class _TopKAutoencoder(torch.autograd.Function):
         side = ctx.side_stream if ctx.side_stream is not None and aux_saved else None
         dx_aux, dead, dead_dW_enc, dead_db_enc, dead_dW_dec = None, None, None, None, None
         if aux_saved:
-            with on_stream(side) if side is not None else contextlib.nullcontext():
-                aux_grads = _dense_auxk_backward(grad_aux, aux_saved, needs_x, True, True)
+            if side is not None:
+                with on_stream(side):
+                    aux_grads = _dense_auxk_backward(grad_aux, aux_saved, needs_x, True, True)
+            else:
+                aux_grads = _dense_auxk_backward_op(grad_aux, *aux_saved, needs_x)
             (dx_aux, dead_dW_enc, dead_db_enc, dead_dW_dec), dead = aux_grads, aux_saved[-1]
         if side is not None:
             # The CUDA implementation itself, which waits for the side stream only where AuxK's
