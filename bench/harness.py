@@ -93,6 +93,11 @@ def optional_sparsify():
     return sparsify
 
 
+def gpu_slug(gpu: str) -> str:
+    """A GPU's name as results file names carry it: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3"."""
+    return gpu.lower().replace("nvidia ", "").replace(" ", "-")
+
+
 def environment() -> dict:
     """gpu, torch, triton, git_sha and date columns for this run."""
     import triton

@@ -14,7 +14,7 @@ import csv
 import sys
 from pathlib import Path
 
-from .harness import SHAPES, shape_dims
+from .harness import SHAPES, gpu_slug, shape_dims
 
 BASELINES = ["cublas_gemm", "bincount", "embedding_bag", "torch", "fastsae_1gpu"]
 # Ops reported in TFLOP/s of their encoder GEMM, 2 * B * d * F.
@@ -111,7 +111,7 @@ def _table(op: str, rows: list[dict], runs: dict) -> list[str]:
     return lines
 
 
-def _plot(op: str, rows: list[dict], out_dir: Path) -> None:
+def _plot(op: str, rows: list[dict], path: Path) -> None:
     try:
         import matplotlib
 
@@ -135,13 +135,13 @@ def _plot(op: str, rows: list[dict], out_dir: Path) -> None:
     ax.set_title(op)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out_dir / f"{op}.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _plot_ratio_against_k(rows: list[dict], out_dir: Path) -> bool:
+def _plot_ratio_against_k(rows: list[dict], path: Path) -> bool:
     """encode_topk time / cuBLAS GEMM time against k, for the shapes that differ from GPT-2's only in
-    k (d = 768, F = 24576, B = 8192); False when fewer than two such k were measured."""
+    k (d = 768, F = 24576, B = 8192), saved to `path`; False when fewer than two such k were measured."""
     import matplotlib.pyplot as plt
 
     gpt2_width = (768, 24576, 8192)
@@ -163,7 +163,7 @@ def _plot_ratio_against_k(rows: list[dict], out_dir: Path) -> bool:
     ax.set_title("encode_topk, d=768 F=24576 B=8192")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out_dir / "encode_topk_vs_k.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
@@ -180,7 +180,8 @@ def _runs(rows: list[dict]) -> str:
 
 
 def render(csv_path: Path, out_dir: Path) -> None:
-    """Rewrites out_dir/README.md and out_dir/<op>.png from every CSV in csv_path's folder."""
+    """Rewrites out_dir/README.md and out_dir/<op>.png from every CSV in csv_path's folder (one
+    <op>-<gpu>.png per GPU where an op was measured on several)."""
     latest: dict = {}
     runs: dict = {}
     for row in _read_rows(sorted(csv_path.parent.glob("*.csv"))):  # in order: the newest row wins
@@ -200,8 +201,15 @@ def render(csv_path: Path, out_dir: Path) -> None:
     groups: dict = {}
     for (gpu, op, _, _), row in latest.items():
         groups.setdefault((gpu, op), []).append(row)
-    for (gpu, op), rows in groups.items():
+    gpus_per_op: dict = {}
+    for gpu, op in groups:
+        gpus_per_op.setdefault(op, []).append(gpu)
+    ops_per_gpu = {gpu: sum(g == gpu for g, _ in groups) for gpu, _ in groups}
+    # the GPU that measured the most ops first (the others measured a few cases again)
+    for (gpu, op), rows in sorted(groups.items(), key=lambda group: -ops_per_gpu[group[0][0]]):
         env = rows[-1]
+        # An op measured on one GPU keeps its plain plot names; on several, each GPU's plots are its own.
+        suffix = "" if len(gpus_per_op[op]) == 1 else f"-{gpu_slug(gpu)}"
         lines += [
             f"## {op} — {gpu}",
             "",
@@ -210,10 +218,10 @@ def render(csv_path: Path, out_dir: Path) -> None:
             "",
         ]
         lines += _table(op, rows, runs) + [""]
-        _plot(op, rows, out_dir)
-        lines += [f"![{op}]({op}.png)", ""]
-        if op == "encode_topk" and _plot_ratio_against_k(rows, out_dir):
-            lines += ["![encode_topk against k](encode_topk_vs_k.png)", ""]
+        _plot(op, rows, out_dir / f"{op}{suffix}.png")
+        lines += [f"![{op}]({op}{suffix}.png)", ""]
+        if op == "encode_topk" and _plot_ratio_against_k(rows, out_dir / f"encode_topk_vs_k{suffix}.png"):
+            lines += [f"![encode_topk against k](encode_topk_vs_k{suffix}.png)", ""]
     (out_dir / "README.md").write_text("\n".join(lines))
 
 

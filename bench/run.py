@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             del SHAPES[name]
     if args.providers is not None:
         harness.PROVIDERS = set(args.providers.split(","))
-    gpu_slug = torch.cuda.get_device_name().lower().replace("nvidia ", "").replace(" ", "-")
-    csv_path = args.csv or RESULTS / f"{gpu_slug}.csv"
+    csv_path = args.csv or RESULTS / f"{harness.gpu_slug(torch.cuda.get_device_name())}.csv"
     recorder = Recorder(csv_path)
     failed = []
     for family in families:  # a failing family (a correctness check, say) does not cost the others their rows

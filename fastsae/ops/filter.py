@@ -92,9 +92,6 @@ ROW_FILTER_CHUNK = int(_chunk_setting)
 # EPILOGUE_PACKs, in the registers the appends leave).
 ROW_FILTER_GROUPS = 1024
 ROW_FILTER_MIN_GROUP = 4  # features per group, at least: a re-read tile gives each thread whole PTX packs
-# From this k on the row filter also tries 8 warps a row with 8192 groups: about k groups reach the bound
-# and are read again, 4 features each at the GPT-2 width where 4096 groups read 8.
-ROW_FILTER_WIDE_K = 256
 ROW_FILTER_READ = 4096
 ROW_FILTER_REREAD = 1024
 # Registers do not bound the row filter's speed: its program at the H200's AF3 and GPT-2 picks takes 48 a
@@ -754,15 +751,17 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list
 def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     """The row filter's configurations: buffer capacities (about k entries pass its bound; a capacity of
     2k rarely overflows and keeps the select short), warps per row (2 measured fastest at k = 32 and 4
-    at k = 128 on the H200, GPT-2 and AF3 widths; 8 tried too from ROW_FILTER_WIDE_K) and groups per
-    row: ROW_FILTER_GROUPS, or that many per warp (a tighter bound: fewer groups reach it and fewer
-    entries are read again, which matters at large k), over the row rounded up to a power of two, each
-    group of at least ROW_FILTER_MIN_GROUP features; the select in the row program or (SELECT False) in
-    a launch of one warp a row after it. Configurations where fewer than k groups would hold features are left out."""
+    at k = 128 on the H200, GPT-2 and AF3 widths) and groups per row: ROW_FILTER_GROUPS, or that many per
+    warp (a tighter bound: fewer groups reach it and fewer entries are read again, which matters at
+    large k), over the row rounded up to a power of two, each group of at least ROW_FILTER_MIN_GROUP
+    features; the select in the row program or (SELECT False) in a launch of one warp a row after it.
+    Tried and left out: 8 warps a row, with 1024 or 8192 groups (4 features each at the GPT-2 width), at
+    k = 512: on an H100 the tuner picked 4 warps and 4096 groups over them (45dd7b6). Configurations
+    where fewer than k groups would hold features are left out."""
     aux_cap = max(64, next_power_of_2(4 * k_aux)) if k_aux else 1
     caps = sorted({max(64, next_power_of_2(2 * k)), max(64, next_power_of_2(4 * k))})
     configs = []
-    for warps in (2, 4, 8) if k >= ROW_FILTER_WIDE_K else (2, 4):
+    for warps in (2, 4):
         for n_groups in sorted({ROW_FILTER_GROUPS, ROW_FILTER_GROUPS * warps}):
             if n_groups > ROW_FILTER_GROUPS and _row_filter_width(n_features, n_groups) > _row_filter_width(
                 n_features, ROW_FILTER_GROUPS
