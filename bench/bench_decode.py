@@ -15,7 +15,7 @@ from fastsae import functional as F
 from fastsae import reference
 from fastsae.testing import assert_close
 
-from .harness import SHAPES, Recorder, measure, optional_sparsify, selected
+from .harness import SHAPES, Recorder, measure, optional_sparsify, selected, selected_shapes
 
 
 def _gather_sum(vals, idx, W_dec):
@@ -28,7 +28,7 @@ def _embedding_bag(vals, idx, W_dec):
 
 def run(recorder: Recorder) -> None:
     sparsify = optional_sparsify()
-    for shape, (d, n_features, n_rows, k) in SHAPES.items():
+    for shape, (d, n_features, n_rows, k) in selected_shapes(SHAPES).items():
         W_dec = reference.normalize_decoder_rows(torch.randn(n_features, d, device="cuda")).bfloat16()
         vals = torch.rand(n_rows, k, device="cuda").bfloat16()
         idx = torch.randint(0, n_features, (n_rows, k), device="cuda", dtype=torch.int32)

@@ -16,7 +16,7 @@ from fastsae import reference
 from fastsae.ops import batch_filter, filter, launch
 from fastsae.testing import assert_batchtopk_matches, assert_close, assert_topk_matches
 
-from .harness import SHAPES, Recorder, measure, optional_sparsify, selected, sweep_name
+from .harness import SHAPES, Recorder, measure, optional_sparsify, selected, selected_shapes, sweep_name
 
 CHECK_ROWS = 256
 ROUNDING_BAND = (
@@ -206,13 +206,13 @@ def run(recorder: Recorder) -> None:
     """TopK at the three shapes and over the sweep first (the rows an interrupted run should keep),
     then the ReLU and BatchTopK encodes and the positive counts."""
     sparsify = optional_sparsify()
-    for shape, (d, n_features, n_rows, k) in SHAPES.items():
+    for shape, (d, n_features, n_rows, k) in selected_shapes(SHAPES).items():
         _bench_topk(recorder, shape, d, n_features, n_rows, k, full=True, sparsify=sparsify)
         torch.cuda.empty_cache()
-    for d, n_features, n_rows, k in SWEEP:
-        _bench_topk(recorder, sweep_name(d, n_features, n_rows, k), d, n_features, n_rows, k, full=False, sparsify=None)
+    for shape, (d, n_features, n_rows, k) in selected_shapes({sweep_name(*dims): dims for dims in SWEEP}).items():
+        _bench_topk(recorder, shape, d, n_features, n_rows, k, full=False, sparsify=None)
         torch.cuda.empty_cache()
-    for shape, (d, n_features, n_rows, k) in SHAPES.items():
+    for shape, (d, n_features, n_rows, k) in selected_shapes(SHAPES).items():
         _bench_relu(recorder, shape, d, n_features, n_rows)
         _bench_batchtopk(recorder, shape, d, n_features, n_rows, k)
         _bench_positive_counts(recorder, shape, d, n_features, n_rows, k)

@@ -10,7 +10,7 @@ import torch
 
 from fastsae import functional as F
 
-from .harness import SHAPES, Recorder, measure
+from .harness import SHAPES, Recorder, measure, selected_shapes
 
 
 def _skewed(n_rows: int, k: int, n_features: int) -> torch.Tensor:
@@ -26,7 +26,7 @@ def _positive_per_column(acts: torch.Tensor) -> torch.Tensor:
 
 
 def run(recorder: Recorder) -> None:
-    for shape_name, (_, n_features, n_rows, k) in SHAPES.items():
+    for shape_name, (_, n_features, n_rows, k) in selected_shapes(SHAPES).items():
         distributions = {
             "fire_counts": torch.randint(0, n_features, (n_rows, k), device="cuda", dtype=torch.int32),
             "fire_counts_skewed": _skewed(n_rows, k, n_features),

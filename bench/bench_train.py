@@ -35,7 +35,16 @@ from fastsae import reference
 from fastsae.ops import batchtopk as batchtopk_ops
 from fastsae.testing import assert_close
 
-from .harness import SHAPES, Recorder, measure, optional_sparsify, sae_train_step, selected, sweep_name
+from .harness import (
+    SHAPES,
+    Recorder,
+    measure,
+    optional_sparsify,
+    sae_train_step,
+    selected,
+    selected_shapes,
+    sweep_name,
+)
 
 DEAD_FRACTION = 0.05
 # A dead feature's encoder bias. The live features' pre-activations are N(0, 1) here (unit-norm encoder
@@ -213,14 +222,13 @@ def _initial_weights(d: int, n_features: int, n_rows: int, dead: torch.Tensor) -
     return x, weights
 
 
-# Beyond the three shapes: the GPT-2 shape at k = 128, where the TopK encode's share of the step is largest
-# (run with the GPT-2 shape: `--shapes` selecting gpt2 selects it too).
+# Beyond the three shapes: the GPT-2 shape at k = 128, where the TopK encode's share of the step is largest.
 EXTRA_SHAPES = {sweep_name(768, 24576, 8192, 128): (768, 24576, 8192, 128)}
 
 
 def run(recorder: Recorder) -> None:
     sparsify = optional_sparsify()
-    for shape, (d, n_features, n_rows, k) in {**SHAPES, **(EXTRA_SHAPES if "gpt2" in SHAPES else {})}.items():
+    for shape, (d, n_features, n_rows, k) in selected_shapes({**SHAPES, **EXTRA_SHAPES}).items():
         k_aux = d // 2
         dead = torch.rand(n_features, device="cuda") < DEAD_FRACTION
         x, weights = _initial_weights(d, n_features, n_rows, dead)

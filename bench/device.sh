@@ -25,7 +25,8 @@
 #                            or --rounds 2): its rows go to $OUT/results.csv
 #   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,dp_graph,shard;
 #                            FASTSAE_DISTRIBUTED_PROFILE=1: rank 0's profile of the multi-GPU steps)
-#   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: a subset of bench/harness.py SHAPES;
+#   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: the shapes (bench.run --shapes: of
+#                            bench/harness.py SHAPES, or a family's own d<d>_F<F>_B<B>_k<k>, e.g. the encode sweep's);
 #                            FASTSAE_BENCH_PROVIDERS: of the providers (bench.run --providers)
 #   FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT   seconds per test group / for the profile and the bench
 #   FASTSAE_GIT_SHA          the commit for the CSV (the device's git metadata can be stale: pass it literally)

@@ -54,6 +54,19 @@ def selected(providers: dict) -> dict:
     return {name: fn for name, fn in providers.items() if PROVIDERS is None or name in PROVIDERS}
 
 
+# The shapes to run (bench.run --shapes): None runs every one. A name is one of SHAPES or a shape a family
+# runs beyond them (the encode sweep's, the train family's k = 128 case), so that a run can time one case
+# alone; OFFERED_SHAPES collects every name the families offered, as OFFERED does for providers.
+SHAPE_NAMES: set[str] | None = None
+OFFERED_SHAPES: set[str] = set()
+
+
+def selected_shapes(shapes: dict) -> dict:
+    """The entries of a family's {shape name: (d, F, B, k)} that SHAPE_NAMES selects."""
+    OFFERED_SHAPES.update(shapes)
+    return {name: dims for name, dims in shapes.items() if SHAPE_NAMES is None or name in SHAPE_NAMES}
+
+
 def sweep_name(d: int, n_features: int, n_rows: int, k: int) -> str:
     return f"d{d}_F{n_features}_B{n_rows}_k{k}"
 
@@ -78,7 +91,10 @@ def shape_dims(shape: str) -> tuple[int, int, int, int]:
     """(d, F, B, k) of a named shape or a sweep name."""
     if shape in SHAPES:
         return SHAPES[shape]
-    d, n_features, n_rows, k = (int(part[1:]) for part in shape.split("_"))
+    parts = shape.split("_")
+    if [part[:1] for part in parts] != list("dFBk") or not all(part[1:].isdigit() for part in parts):
+        raise ValueError(f"{shape!r} is neither one of {list(SHAPES)} nor a name d<d>_F<F>_B<B>_k<k>")
+    d, n_features, n_rows, k = (int(part[1:]) for part in parts)
     return d, n_features, n_rows, k
 
 

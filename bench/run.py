@@ -1,7 +1,7 @@
 """Runs the benchmarks on a CUDA GPU and appends their rows to a CSV, then renders the report.
 
-python -m bench.run [--only stats,encode,train] [--shapes gpt2,af3] [--providers fastsae,torch] [--csv PATH]
-                    [--no-render]
+python -m bench.run [--only stats,encode,train] [--shapes gpt2,d768_F24576_B8192_k512] [--providers fastsae,torch]
+                    [--csv PATH] [--no-render]
 (or: python -m fastsae bench)
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from . import harness
-from .harness import SHAPES, Recorder
+from .harness import SHAPES, Recorder, shape_dims
 from .report import render
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -34,7 +34,12 @@ def _subset(parser: argparse.ArgumentParser, value: str, choices: list[str], wha
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(FAMILIES), help=f"comma-separated subset of {FAMILIES}")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help=f"comma-separated shapes to run: of {list(SHAPES)} or the families' others, named d<d>_F<F>_B<B>_k<k> "
+        "(the encode sweep's; default: all)",
+    )
     parser.add_argument(
         "--providers",
         default=None,
@@ -46,16 +51,19 @@ def main(argv: list[str] | None = None) -> int:
         "--no-render", action="store_true", help="only append the rows (no README.md and plots next to the CSV)"
     )
     args = parser.parse_args(argv)
+    families = _subset(parser, args.only, FAMILIES, "benchmark families")
+    if args.shapes is not None:
+        for name in args.shapes.split(","):
+            try:
+                shape_dims(name)
+            except ValueError as error:
+                parser.error(str(error))
+        harness.SHAPE_NAMES = set(args.shapes.split(","))
+    if args.providers is not None:
+        harness.PROVIDERS = set(args.providers.split(","))
     if not torch.cuda.is_available():
         print("fastsae bench times CUDA kernels and needs a CUDA GPU; none is visible here.")
         return 2
-    families = _subset(parser, args.only, FAMILIES, "benchmark families")
-    shapes = _subset(parser, args.shapes, list(SHAPES), "shapes")
-    for name in list(SHAPES):  # every family loops over this one dict
-        if name not in shapes:
-            del SHAPES[name]
-    if args.providers is not None:
-        harness.PROVIDERS = set(args.providers.split(","))
     csv_path = args.csv or RESULTS / f"{harness.gpu_slug(torch.cuda.get_device_name())}.csv"
     recorder = Recorder(csv_path)
     failed = []
@@ -72,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted((harness.PROVIDERS or set()) - harness.OFFERED)
     if unknown:
         print(f"--providers {unknown}: no benchmark family offers them; offered: {sorted(harness.OFFERED)}")
-    return 1 if failed or unknown else 0
+    unknown_shapes = sorted((harness.SHAPE_NAMES or set()) - harness.OFFERED_SHAPES)
+    if unknown_shapes:
+        print(f"--shapes {unknown_shapes}: no family run offers them; offered: {sorted(harness.OFFERED_SHAPES)}")
+    return 1 if failed or unknown or unknown_shapes else 0
 
 
 if __name__ == "__main__":

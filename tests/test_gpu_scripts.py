@@ -9,6 +9,7 @@ import pytest
 from torch.autograd import DeviceType
 
 from bench import ab_step, harness, profile_encode, profile_train, sanitize_kernels
+from bench import run as bench_run
 from bench.harness import Recorder
 from fastsae.ops import auxk, encode, launch
 
@@ -121,3 +122,21 @@ def test_bench_providers_filter(monkeypatch):
     monkeypatch.setattr(harness, "PROVIDERS", {"torch", "compile"})
     assert harness.selected(providers) == {"torch": 2}
     assert harness.OFFERED == {"fastsae", "torch", "sparsify"}
+
+
+def test_bench_shapes_filter(monkeypatch):
+    """bench.run --shapes: a family runs only the named shapes, its own beyond harness.SHAPES (the encode
+    sweep's) included, so one case can be timed alone; unset, every one. A name that is neither one of
+    SHAPES nor d<d>_F<F>_B<B>_k<k> is a usage error before anything runs."""
+    monkeypatch.setattr(harness, "OFFERED_SHAPES", set())
+    shapes = {"gpt2": harness.SHAPES["gpt2"], "d768_F24576_B8192_k512": (768, 24576, 8192, 512)}
+    assert harness.selected_shapes(shapes) == shapes
+    monkeypatch.setattr(harness, "SHAPE_NAMES", {"d768_F24576_B8192_k512", "af3"})
+    assert harness.selected_shapes(shapes) == {"d768_F24576_B8192_k512": (768, 24576, 8192, 512)}
+    assert harness.OFFERED_SHAPES == set(shapes)
+    assert harness.shape_dims("d768_F24576_B8192_k512") == (768, 24576, 8192, 512)
+    for bad in ("gpt3", "d768_F24576_B8192", "d768_F24576_B8192_kx"):
+        with pytest.raises(ValueError, match="nor a name d<d>_F<F>_B<B>_k<k>"):
+            harness.shape_dims(bad)
+    with pytest.raises(SystemExit):
+        bench_run.main(["--shapes", "gpt2,gpt3"])
