@@ -11,6 +11,7 @@ Shapes: x [B, d], W_enc [d, F], b_enc [F], W_dec [F, d], b_dec [d], vals/idx [B,
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -613,55 +614,6 @@ def _dense_auxk_backward(
     return dx, dW_enc_dead, db_enc_dead, dW_dec_dead
 
 
-# The dense AuxK path as opaque ops, for `_TopKAutoencoder` where AuxK runs in line: under torch.compile
-# (`SparseAutoencoder.compile`), Dynamo traced its Triton launches inside the autograd.Function's forward
-# and failed on the H200 (an assertion on the forward's outputs, at the GPT-2 and AlphaFold3 shapes).
-@torch.library.custom_op("fastsae::dense_auxk_forward", mutates_args=())
-def _dense_auxk_forward_op(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """`_dense_auxk_forward` without `keep`: (AuxK's reconstruction, *what its backward needs), the
-    centred x contiguous (the centring kernel pads its rows)."""
-    recon, (centered, *saved) = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
-    return recon, centered.contiguous(), *saved
-
-
-@_dense_auxk_forward_op.register_fake
-def _(x, W_enc, b_enc, b_dec, W_dec, features, k_aux):
-    (B, d), slots = x.shape, features.shape[0] + -features.shape[0] % 8  # `_auxk_operands`' padding
-    return (
-        x.new_empty(B, d, dtype=W_dec.dtype),
-        x.new_empty(B, d, dtype=W_enc.dtype),
-        W_enc.new_empty(d, slots),
-        W_dec.new_empty(slots, d),
-        x.new_empty(B, slots, dtype=W_dec.dtype),
-        features.new_empty(slots),
-    )
-
-
-@torch.library.custom_op("fastsae::dense_auxk_backward", mutates_args=())
-def _dense_auxk_backward_op(
-    grad_out: Tensor, centered: Tensor, W_enc_dead: Tensor, W_dec_dead: Tensor, codes: Tensor, slots: Tensor,
-    x_requires_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """`_dense_auxk_backward` of `_dense_auxk_forward_op`'s outputs, for x (empty where not asked for)
-    and every weight."""
-    saved = (centered, W_enc_dead, W_dec_dead, codes, slots)
-    dx, *weight_grads = _dense_auxk_backward(grad_out, saved, x_requires_grad, True, True)
-    return centered.new_empty(0) if dx is None else dx, *weight_grads
-
-
-@_dense_auxk_backward_op.register_fake
-def _(grad_out, centered, W_enc_dead, W_dec_dead, codes, slots, x_requires_grad):
-    grads = (
-        torch.empty_like(centered),
-        W_enc_dead.new_empty(W_enc_dead.shape[::-1]),
-        codes.new_empty(codes.shape[1], dtype=torch.promote_types(codes.dtype, torch.float32)),
-        torch.empty_like(W_dec_dead),
-    )
-    return only_asked(grads, (x_requires_grad, True, True, True))
-
-
 class _DenseAuxK(torch.autograd.Function):
     """`auxk_reconstruction` with its backward written out (`_dense_auxk_backward`): autograd through
     the plain ops took a [B, d] product and the centring's backward for db_dec, and about ten [B, n]
@@ -713,7 +665,8 @@ class TopKAutoencoderOutput(NamedTuple):
 # top-k take the SMs that the row filter's, the decode's and the sort's launches leave idle, and their
 # tails. Captured SAEAdam step on the H200 (bench.ab_step, cecab45): 1.711 -> 1.675 ms at AlphaFold3's
 # shape, 1.906 -> 1.838 at GPT-2's, 2.940 -> 2.883 at GPT-2 width with k = 128. Eager steps and captured
-# CUDA graphs (which record the fork and the join); never under torch.compile, which traces one stream.
+# CUDA graphs (which record the fork and the join); under torch.compile only inside the opaque ops that
+# `_TopKAutoencoder` runs while it is traced (traced code runs on one stream).
 AUXK_SIDE_STREAM = True
 # Its CUDA priority: 0, the main stream's. A high priority (-1), whose kernels' blocks go first to the
 # SMs that free up, let AuxK's row top-k slow the first row filter launch beside it (250 against 102 us
@@ -776,82 +729,170 @@ class _TopKAutoencoder(torch.autograd.Function):
     (`_topk_autoencoder_backward`) that adds AuxK's gradients over the dead features into the encode's
     and the decode's own weight gradients as it writes them. Through separate nodes each weight got a
     full-size AuxK gradient (mostly zeros) that autograd then added to the other: a fill and a sum over
-    F x d per weight and step."""
+    F x d per weight and step. While torch.compile traces it, a node with AuxK runs its forward and its
+    backward as two opaque ops (`_topk_autoencoder_op`, `_topk_autoencoder_backward_op`): Dynamo had
+    failed on the H200 tracing the dense AuxK's Triton launches inside the forward (at the GPT-2 and
+    AlphaFold3 shapes), and inside an op AuxK keeps its side stream, which traced code cannot."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux):
-        aux_recon, aux_saved = x.new_empty(0, dtype=W_dec.dtype), ()
-        side = _auxk_side_stream(x) if features is not None else None
-
-        operands = None
-        if side is not None and AUXK_AFTER_ENCODE and AUXK_OPERANDS_FIRST:
-            with on_stream(side):
-                operands = _auxk_operands(x, W_enc, b_enc, b_dec, W_dec, features)
-
-        def queue_auxk():
-            with on_stream(side):
-                return _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None, operands)
-
-        if side is not None and not AUXK_AFTER_ENCODE:  # the side stream's work is short and takes free SMs first
-            aux_recon, aux_saved = queue_auxk()
-        vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
-        if side is not None and AUXK_AFTER_ENCODE:
-            aux_recon, aux_saved = queue_auxk()
-        recon = _decode_sparse(vals, idx, W_dec, b_dec)
-        ctx.by_feature, ctx.sorted = None, None
-        n_features, d = W_enc.shape[1], W_enc.shape[0]
-        if side is not None and SORT_IN_FORWARD and scatter_ops.route(n_features, d) == "blocked":
-            if SORT_ON_OWN_STREAM:
-                if x.device not in _sort_streams:
-                    _sort_streams[x.device] = torch.cuda.Stream(x.device)
-                sort_stream = _sort_streams[x.device]
-                with on_stream(sort_stream):
-                    ctx.by_feature = scatter_ops.sort_by_feature(idx, n_features)
-                ctx.sorted = sort_stream.record_event()  # what the backward waits for
-            else:
-                ctx.by_feature = scatter_ops.sort_by_feature(idx, n_features)  # while the side stream runs AuxK
-        if side is not None:
-            join_stream(side, aux_recon, *aux_saved)
-        elif features is not None:
-            aux_recon, *aux_saved = _dense_auxk_forward_op(x, W_enc, b_enc, b_dec, W_dec, features, k_aux)
+        ctx.through_ops = features is not None and torch.compiler.is_compiling()
+        ctx.side_stream, ctx.by_feature, ctx.sorted = None, None, None
+        if ctx.through_ops:
+            recon, vals, idx, aux_recon, *aux_saved = _topk_autoencoder_op(
+                x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux
+            )
+        else:
+            ctx.side_stream = _auxk_side_stream(x) if features is not None else None
+            recon, vals, idx, aux_recon, aux_saved, ctx.by_feature, ctx.sorted = _topk_autoencoder_forward(
+                x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux, ctx.side_stream, sort_in_forward=True
+            )
         ctx.mark_non_differentiable(idx)
         ctx.save_for_backward(x, W_enc, b_dec, W_dec, vals, idx, *aux_saved)
-        ctx.side_stream = side
         return recon, vals, idx, aux_recon
 
     @staticmethod
     def backward(ctx, grad_recon, grad_vals, _grad_idx, grad_aux):
         x, W_enc, b_dec, W_dec, vals, idx, *aux_saved = ctx.saved_tensors
         needs_x = ctx.needs_input_grad[0]
-        if ctx.sorted is not None:  # (long done: the forward's losses ran beside it)
-            join_event(ctx.sorted, *ctx.by_feature)
-        side = ctx.side_stream if ctx.side_stream is not None and aux_saved else None
-        dx_aux, dead, dead_dW_enc, dead_db_enc, dead_dW_dec = None, None, None, None, None
-        if aux_saved:
-            if side is not None:
-                with on_stream(side):
-                    aux_grads = _dense_auxk_backward(grad_aux, aux_saved, needs_x, True, True)
-            else:
-                aux_grads = _dense_auxk_backward_op(grad_aux, *aux_saved, needs_x)
-            (dx_aux, dead_dW_enc, dead_db_enc, dead_dW_dec), dead = aux_grads, aux_saved[-1]
-        if side is not None:
-            # The CUDA implementation itself, which waits for the side stream only where AuxK's
-            # gradients are first added (after the codes' sort and d vals); the op is its dispatch.
-            dx, dW_enc, db_enc, db_dec, dW_dec = autoencoder_ops.topk_autoencoder_backward(
-                grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc,
-                dead_db_enc, dead_dW_dec, side=side, by_feature=ctx.by_feature,
-            )  # fmt: skip
-            join_stream(side, dx_aux)
+        if ctx.through_ops:
+            grads = _topk_autoencoder_backward_op(
+                grad_recon, grad_vals, grad_aux, x, W_enc, b_dec, W_dec, vals, idx, *aux_saved, needs_x
+            )
         else:
-            dx, dW_enc, db_enc, db_dec, dW_dec = _topk_autoencoder_backward(
-                grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc, dead_db_enc,
-                dead_dW_dec,
+            if ctx.sorted is not None:  # (long done: the forward's losses ran beside it)
+                join_event(ctx.sorted, *ctx.by_feature)
+            grads = _topk_autoencoder_backward_with_auxk(
+                grad_recon, grad_vals, grad_aux, x, W_enc, b_dec, W_dec, vals, idx, tuple(aux_saved), needs_x,
+                ctx.side_stream, ctx.by_feature,
             )  # fmt: skip
-        if not needs_x:
-            dx = None
-        elif dx_aux is not None:
-            dx = dx + dx_aux.to(dx.dtype)
-        return dx, dW_enc, db_enc, db_dec, dW_dec, None, None, None
+        dx, dW_enc, db_enc, db_dec, dW_dec = grads
+        return dx if needs_x else None, dW_enc, db_enc, db_dec, dW_dec, None, None, None
+
+
+def _topk_autoencoder_forward(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: int, features: Tensor | None,
+    k_aux: int, side: torch.cuda.Stream | None, sort_in_forward: bool,
+) -> tuple:  # fmt: skip
+    """`_TopKAutoencoder`'s forward: (recon, vals, idx, AuxK's reconstruction (empty without `features`),
+    what AuxK's backward needs (`_dense_auxk_forward`), the codes sorted by feature for the backward and
+    the event the sort's stream recorded after it (both None unless `sort_in_forward` and the SORT_IN_FORWARD
+    conditions hold)). With `side`, AuxK runs on that stream beside the encode and is joined before this
+    returns."""
+    aux_recon, aux_saved = x.new_empty(0, dtype=W_dec.dtype), ()
+    operands = None
+    if side is not None and AUXK_AFTER_ENCODE and AUXK_OPERANDS_FIRST:
+        with on_stream(side):
+            operands = _auxk_operands(x, W_enc, b_enc, b_dec, W_dec, features)
+
+    def queue_auxk():
+        with on_stream(side):
+            return _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None, operands)
+
+    if side is not None and not AUXK_AFTER_ENCODE:  # the side stream's work is short and takes free SMs first
+        aux_recon, aux_saved = queue_auxk()
+    vals, idx, _, _ = _encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
+    if side is not None and AUXK_AFTER_ENCODE:
+        aux_recon, aux_saved = queue_auxk()
+    recon = _decode_sparse(vals, idx, W_dec, b_dec)
+    by_feature, sorted_event = None, None
+    n_features, d = W_enc.shape[1], W_enc.shape[0]
+    if side is not None and sort_in_forward and SORT_IN_FORWARD and scatter_ops.route(n_features, d) == "blocked":
+        if SORT_ON_OWN_STREAM:
+            if x.device not in _sort_streams:
+                _sort_streams[x.device] = torch.cuda.Stream(x.device)
+            sort_stream = _sort_streams[x.device]
+            with on_stream(sort_stream):
+                by_feature = scatter_ops.sort_by_feature(idx, n_features)
+            sorted_event = sort_stream.record_event()  # what the backward waits for
+        else:
+            by_feature = scatter_ops.sort_by_feature(idx, n_features)  # while the side stream runs AuxK
+    if side is not None:
+        join_stream(side, aux_recon, *aux_saved)
+    elif features is not None:
+        aux_recon, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
+    return recon, vals, idx, aux_recon, aux_saved, by_feature, sorted_event
+
+
+def _topk_autoencoder_backward_with_auxk(
+    grad_recon: Tensor, grad_vals: Tensor, grad_aux: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor,
+    W_dec: Tensor, vals: Tensor, idx: Tensor, aux_saved: tuple[Tensor, ...], needs_x: bool,
+    side: torch.cuda.Stream | None, by_feature: scatter_ops.CodesByFeature | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """`_TopKAutoencoder`'s backward: (dx (empty unless `needs_x`), dW_enc, db_enc, db_dec, dW_dec), AuxK's
+    gradients (from `aux_saved`, `_topk_autoencoder_forward`'s) added in. With `side` (AuxK's forward
+    ran there), AuxK's backward runs there too, joined before this returns."""
+    side = side if aux_saved else None
+    dx_aux, dead, dead_dW_enc, dead_db_enc, dead_dW_dec = None, None, None, None, None
+    if aux_saved:
+        with on_stream(side) if side is not None else contextlib.nullcontext():
+            aux_grads = _dense_auxk_backward(grad_aux, aux_saved, needs_x, True, True)
+        (dx_aux, dead_dW_enc, dead_db_enc, dead_dW_dec), dead = aux_grads, aux_saved[-1]
+    if side is not None:
+        # The CUDA implementation itself, which waits for the side stream only where AuxK's
+        # gradients are first added (after the codes' sort and d vals); the op is its dispatch.
+        dx, dW_enc, db_enc, db_dec, dW_dec = autoencoder_ops.topk_autoencoder_backward(
+            grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc,
+            dead_db_enc, dead_dW_dec, side=side, by_feature=by_feature,
+        )  # fmt: skip
+        join_stream(side, dx_aux)
+    else:
+        dx, dW_enc, db_enc, db_dec, dW_dec = _topk_autoencoder_backward(
+            grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, needs_x, dead, dead_dW_enc, dead_db_enc,
+            dead_dW_dec,
+        )  # fmt: skip
+    if needs_x and dx_aux is not None:
+        dx = dx + dx_aux.to(dx.dtype)
+    return dx, dW_enc, db_enc, db_dec, dW_dec
+
+
+@torch.library.custom_op("fastsae::topk_autoencoder", mutates_args=())
+def _topk_autoencoder_op(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: int, features: Tensor, k_aux: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`_topk_autoencoder_forward` with AuxK on its side stream (as eagerly), the codes not sorted (the
+    backward sorts them): (recon, vals, idx, AuxK's reconstruction, *what AuxK's backward needs), the
+    centred x contiguous (the centring kernel pads its rows)."""
+    recon, vals, idx, aux_recon, (centered, *saved), _, _ = _topk_autoencoder_forward(
+        x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux, _auxk_side_stream(x), sort_in_forward=False
+    )
+    return recon, vals, idx, aux_recon, centered.contiguous(), *saved
+
+
+@_topk_autoencoder_op.register_fake
+def _(x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux):
+    (B, d), slots = x.shape, features.shape[0] + -features.shape[0] % 8  # `_auxk_operands`' padding
+    return (
+        x.new_empty(B, d, dtype=W_dec.dtype),
+        x.new_empty(B, k, dtype=W_enc.dtype),
+        x.new_empty(B, k, dtype=torch.int32),
+        x.new_empty(B, d, dtype=W_dec.dtype),
+        x.new_empty(B, d, dtype=W_enc.dtype),
+        W_enc.new_empty(d, slots),
+        W_dec.new_empty(slots, d),
+        x.new_empty(B, slots, dtype=W_dec.dtype),
+        features.new_empty(slots),
+    )
+
+
+@torch.library.custom_op("fastsae::topk_autoencoder_backward_with_auxk", mutates_args=())
+def _topk_autoencoder_backward_op(
+    grad_recon: Tensor, grad_vals: Tensor, grad_aux: Tensor, x: Tensor, W_enc: Tensor, b_dec: Tensor,
+    W_dec: Tensor, vals: Tensor, idx: Tensor, centered: Tensor, W_enc_dead: Tensor, W_dec_dead: Tensor,
+    codes: Tensor, slots: Tensor, x_requires_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """`_topk_autoencoder_backward_with_auxk` of `_topk_autoencoder_op`'s outputs, AuxK's backward on
+    its side stream (as eagerly)."""
+    aux_saved = (centered, W_enc_dead, W_dec_dead, codes, slots)
+    return _topk_autoencoder_backward_with_auxk(
+        grad_recon, grad_vals, grad_aux, x, W_enc, b_dec, W_dec, vals, idx, aux_saved, x_requires_grad,
+        _auxk_side_stream(x), None,
+    )  # fmt: skip
+
+
+@_topk_autoencoder_backward_op.register_fake
+def _(grad_recon, grad_vals, grad_aux, x, W_enc, b_dec, W_dec, vals, idx, *aux_saved_and_asked):
+    return (*_encoder_grad_like(x, W_enc, b_dec, aux_saved_and_asked[-1]), torch.empty_like(W_dec))
 
 
 @torch.library.custom_op("fastsae::topk_autoencoder_backward", mutates_args=())

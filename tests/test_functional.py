@@ -246,8 +246,11 @@ def test_opcheck_every_op(device):
     dead_features = torch.tensor([3, -1, 0], device=device)  # AuxK's, padded
     W_rows, dec_rows = torch.randn(2, 3, d, device=device)
     dead_grads = (dead_features, W_rows, torch.randn(3, device=device), dec_rows)
-    auxk_args = (x, W_enc.detach(), b_enc, b_dec, W_dec, torch.tensor([3, 17, 0, -1, 9], device=device), 3)
-    _, *auxk_saved = torch.ops.fastsae.dense_auxk_forward(*auxk_args)
+    features = torch.tensor([3, 17, 0, -1, 9], device=device)  # AuxK's dead features, one padding entry
+    joint_args = (x, W_enc.detach(), b_enc, b_dec, W_dec, k, features, 3)
+    _, joint_vals, joint_idx, _, *auxk_saved = torch.ops.fastsae.topk_autoencoder(*joint_args)
+    grad_recon, grad_aux = torch.randn(2, B, d, device=device)
+    joint_backward = (grad_recon, grads[0], grad_aux, x, W_enc.detach(), b_dec, W_dec, joint_vals, joint_idx)
     cases = [
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 3, dead)),
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 0, None)),
@@ -266,9 +269,9 @@ def test_opcheck_every_op(device):
         (torch.ops.fastsae.decode_sparse_backward, (torch.randn(B, d, device=device), vals.detach(), idx, W_dec)),
         (torch.ops.fastsae.topk_autoencoder_backward, (*joint_grads, True, None, None, None, None)),
         (torch.ops.fastsae.topk_autoencoder_backward, (*joint_grads, False, *dead_grads)),
-        (torch.ops.fastsae.dense_auxk_forward, auxk_args),
-        (torch.ops.fastsae.dense_auxk_backward, (torch.randn(B, d, device=device), *auxk_saved, True)),
-        (torch.ops.fastsae.dense_auxk_backward, (torch.randn(B, d, device=device), *auxk_saved, False)),
+        (torch.ops.fastsae.topk_autoencoder, joint_args),
+        (torch.ops.fastsae.topk_autoencoder_backward_with_auxk, (*joint_backward, *auxk_saved, True)),
+        (torch.ops.fastsae.topk_autoencoder_backward_with_auxk, (*joint_backward, *auxk_saved, False)),
         (torch.ops.fastsae.reconstruction_sums, (torch.randn(B, d, device=device, requires_grad=True), x)),
         (
             torch.ops.fastsae.reconstruction_sums_backward,
