@@ -665,9 +665,12 @@ class TopKAutoencoderOutput(NamedTuple):
 # top-k take the SMs that the row filter's, the decode's and the sort's launches leave idle, and their
 # tails. Captured SAEAdam step on the H200 (bench.ab_step, cecab45): 1.711 -> 1.675 ms at AlphaFold3's
 # shape, 1.906 -> 1.838 at GPT-2's, 2.940 -> 2.883 at GPT-2 width with k = 128. Eager steps and captured
-# CUDA graphs (which record the fork and the join); under torch.compile only inside the opaque ops that
-# `_TopKAutoencoder` runs while it is traced (traced code runs on one stream).
+# CUDA graphs (which record the fork and the join); never in code that torch.compile traces (one stream).
 AUXK_SIDE_STREAM = True
+# Under torch.compile, inside the opaque ops that `_TopKAutoencoder` runs while it is traced, as eagerly:
+# experimental, off until measured (sae.compile()'s step at Llama-8B ran 2.5% slower than the eager one,
+# AuxK in line, on the H200 at 9047ae7; bench_train's fastsae_module_compile with this on against off).
+AUXK_SIDE_STREAM_COMPILED = False
 # Its CUDA priority: 0, the main stream's. A high priority (-1), whose kernels' blocks go first to the
 # SMs that free up, let AuxK's row top-k slow the first row filter launch beside it (250 against 102 us
 # for the second, in a trace of the captured AlphaFold3 step): captured SAEAdam step on the H200, -1 -> 0,
@@ -724,6 +727,11 @@ def _auxk_side_stream(x: Tensor) -> torch.cuda.Stream | None:
     return _side_streams[key]
 
 
+def _compiled_side_stream(x: Tensor) -> torch.cuda.Stream | None:
+    """AuxK's side stream inside the ops that compiled code calls, where AUXK_SIDE_STREAM_COMPILED."""
+    return _auxk_side_stream(x) if AUXK_SIDE_STREAM_COMPILED else None
+
+
 class _TopKAutoencoder(torch.autograd.Function):
     """`topk_autoencoder`: the encode and decode ops' forwards composed in one node, with one backward
     (`_topk_autoencoder_backward`) that adds AuxK's gradients over the dead features into the encode's
@@ -732,7 +740,8 @@ class _TopKAutoencoder(torch.autograd.Function):
     F x d per weight and step. While torch.compile traces it, a node with AuxK runs its forward and its
     backward as two opaque ops (`_topk_autoencoder_op`, `_topk_autoencoder_backward_op`): Dynamo had
     failed on the H200 tracing the dense AuxK's Triton launches inside the forward (at the GPT-2 and
-    AlphaFold3 shapes), and inside an op AuxK keeps its side stream, which traced code cannot."""
+    AlphaFold3 shapes), and inside an op AuxK can keep its side stream (AUXK_SIDE_STREAM_COMPILED),
+    which traced code cannot."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux):
@@ -850,11 +859,11 @@ def _topk_autoencoder_backward_with_auxk(
 def _topk_autoencoder_op(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: int, features: Tensor, k_aux: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """`_topk_autoencoder_forward` with AuxK on its side stream (as eagerly), the codes not sorted (the
-    backward sorts them): (recon, vals, idx, AuxK's reconstruction, *what AuxK's backward needs), the
+    """`_topk_autoencoder_forward`, AuxK on its side stream where AUXK_SIDE_STREAM_COMPILED, the codes
+    not sorted (the backward sorts them): (recon, vals, idx, AuxK's reconstruction, *what AuxK's backward needs), the
     centred x contiguous (the centring kernel pads its rows)."""
     recon, vals, idx, aux_recon, (centered, *saved), _, _ = _topk_autoencoder_forward(
-        x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux, _auxk_side_stream(x), sort_in_forward=False
+        x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux, _compiled_side_stream(x), sort_in_forward=False
     )
     return recon, vals, idx, aux_recon, centered.contiguous(), *saved
 
@@ -882,11 +891,11 @@ def _topk_autoencoder_backward_op(
     codes: Tensor, slots: Tensor, x_requires_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """`_topk_autoencoder_backward_with_auxk` of `_topk_autoencoder_op`'s outputs, AuxK's backward on
-    its side stream (as eagerly)."""
+    its side stream where AUXK_SIDE_STREAM_COMPILED."""
     aux_saved = (centered, W_enc_dead, W_dec_dead, codes, slots)
     return _topk_autoencoder_backward_with_auxk(
         grad_recon, grad_vals, grad_aux, x, W_enc, b_dec, W_dec, vals, idx, aux_saved, x_requires_grad,
-        _auxk_side_stream(x), None,
+        _compiled_side_stream(x), None,
     )  # fmt: skip
 
 
