@@ -26,6 +26,9 @@ def _embedding_bag(vals, idx, W_dec):
     return torch.nn.functional.embedding_bag(idx.long(), W_dec, per_sample_weights=vals, mode="sum")
 
 
+EXTRA_SHAPES: dict = {}  # no shapes beyond harness.SHAPES
+
+
 def run(recorder: Recorder) -> None:
     sparsify = optional_sparsify()
     for shape, (d, n_features, n_rows, k) in selected_shapes(SHAPES).items():

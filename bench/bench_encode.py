@@ -25,7 +25,7 @@ ROUNDING_BAND = (
 # (d, F, B, k) beyond the three shapes: k from 8 to 512 at GPT-2 width and k = 64 / 128 at the AF3 and
 # Llama-8B shapes, F from 8192 to 262144, B from 1024 to 65536, d from 384 to 4096 (a subset of that
 # grid: every point costs tuning and three timings).
-SWEEP = [(768, 24576, 8192, k) for k in (8, 64, 128, 512)] + [
+SWEEP_DIMS = [(768, 24576, 8192, k) for k in (8, 64, 128, 512)] + [
     (384, 16384, 16384, 64),
     (384, 16384, 16384, 128),
     (4096, 131072, 4096, 128),
@@ -36,6 +36,7 @@ SWEEP = [(768, 24576, 8192, k) for k in (8, 64, 128, 512)] + [
     (4096, 65536, 8192, 128),
     (4096, 262144, 1024, 64),
 ]
+EXTRA_SHAPES = {sweep_name(*dims): dims for dims in SWEEP_DIMS}  # by name, as bench.run --shapes selects them
 
 
 def _torch_topk(x, W_enc, b_enc, b_dec, k):
@@ -209,7 +210,7 @@ def run(recorder: Recorder) -> None:
     for shape, (d, n_features, n_rows, k) in selected_shapes(SHAPES).items():
         _bench_topk(recorder, shape, d, n_features, n_rows, k, full=True, sparsify=sparsify)
         torch.cuda.empty_cache()
-    for shape, (d, n_features, n_rows, k) in selected_shapes({sweep_name(*dims): dims for dims in SWEEP}).items():
+    for shape, (d, n_features, n_rows, k) in selected_shapes(EXTRA_SHAPES).items():
         _bench_topk(recorder, shape, d, n_features, n_rows, k, full=False, sparsify=None)
         torch.cuda.empty_cache()
     for shape, (d, n_features, n_rows, k) in selected_shapes(SHAPES).items():

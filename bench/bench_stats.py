@@ -25,6 +25,9 @@ def _positive_per_column(acts: torch.Tensor) -> torch.Tensor:
     return (acts > 0).sum(0)
 
 
+EXTRA_SHAPES: dict = {}  # no shapes beyond harness.SHAPES
+
+
 def run(recorder: Recorder) -> None:
     for shape_name, (_, n_features, n_rows, k) in selected_shapes(SHAPES).items():
         distributions = {

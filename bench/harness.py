@@ -54,16 +54,14 @@ def selected(providers: dict) -> dict:
     return {name: fn for name, fn in providers.items() if PROVIDERS is None or name in PROVIDERS}
 
 
-# The shapes to run (bench.run --shapes): None runs every one. A name is one of SHAPES or a shape a family
-# runs beyond them (the encode sweep's, the train family's k = 128 case), so that a run can time one case
-# alone; OFFERED_SHAPES collects every name the families offered, as OFFERED does for providers.
+# The shapes to run (bench.run --shapes): None runs every one. A name is one of SHAPES or of a family's
+# EXTRA_SHAPES, the shapes it runs beyond them (the encode sweep's, the train family's k = 128 case), so
+# that a run can time one case alone.
 SHAPE_NAMES: set[str] | None = None
-OFFERED_SHAPES: set[str] = set()
 
 
 def selected_shapes(shapes: dict) -> dict:
     """The entries of a family's {shape name: (d, F, B, k)} that SHAPE_NAMES selects."""
-    OFFERED_SHAPES.update(shapes)
     return {name: dims for name, dims in shapes.items() if SHAPE_NAMES is None or name in SHAPE_NAMES}
 
 

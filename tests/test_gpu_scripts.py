@@ -124,19 +124,21 @@ def test_bench_providers_filter(monkeypatch):
     assert harness.OFFERED == {"fastsae", "torch", "sparsify"}
 
 
-def test_bench_shapes_filter(monkeypatch):
+def test_bench_shapes_filter(monkeypatch, capsys):
     """bench.run --shapes: a family runs only the named shapes, its own beyond harness.SHAPES (the encode
     sweep's) included, so one case can be timed alone; unset, every one. A name that is neither one of
-    SHAPES nor d<d>_F<F>_B<B>_k<k> is a usage error before anything runs."""
-    monkeypatch.setattr(harness, "OFFERED_SHAPES", set())
+    SHAPES nor of a selected family's EXTRA_SHAPES is a usage error before anything runs."""
     shapes = {"gpt2": harness.SHAPES["gpt2"], "d768_F24576_B8192_k512": (768, 24576, 8192, 512)}
     assert harness.selected_shapes(shapes) == shapes
     monkeypatch.setattr(harness, "SHAPE_NAMES", {"d768_F24576_B8192_k512", "af3"})
     assert harness.selected_shapes(shapes) == {"d768_F24576_B8192_k512": (768, 24576, 8192, 512)}
-    assert harness.OFFERED_SHAPES == set(shapes)
     assert harness.shape_dims("d768_F24576_B8192_k512") == (768, 24576, 8192, 512)
     for bad in ("gpt3", "d768_F24576_B8192", "d768_F24576_B8192_kx"):
         with pytest.raises(ValueError, match="nor a name d<d>_F<F>_B<B>_k<k>"):
             harness.shape_dims(bad)
-    with pytest.raises(SystemExit):
-        bench_run.main(["--shapes", "gpt2,gpt3"])
+    # the sweep's k = 512 case is the encode family's, not the train family's; k = 1000 nobody's
+    for argv in (["--shapes", "gpt2,gpt3"], ["--only", "train", "--shapes", "d768_F24576_B8192_k512"],
+                 ["--shapes", "d768_F24576_B8192_k1000"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            bench_run.main(argv)
+        assert "unknown shapes" in capsys.readouterr().err
