@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     families = _subset(parser, args.only, FAMILIES, "benchmark families")
     if args.shapes is not None:
         offered = [*SHAPES, *(name for family in families for name in _family(family).EXTRA_SHAPES)]
-        _subset(parser, args.shapes, offered, f"shapes of the families {families}")
-        harness.SHAPE_NAMES = set(args.shapes.split(","))
+        harness.SHAPE_NAMES = set(_subset(parser, args.shapes, offered, f"shapes of the families {families}"))
     if args.providers is not None:
         harness.PROVIDERS = set(args.providers.split(","))
     if not torch.cuda.is_available():

@@ -860,8 +860,8 @@ def _topk_autoencoder_op(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: int, features: Tensor, k_aux: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`_topk_autoencoder_forward`, AuxK on its side stream where AUXK_SIDE_STREAM_COMPILED, the codes
-    not sorted (the backward sorts them): (recon, vals, idx, AuxK's reconstruction, *what AuxK's backward needs), the
-    centred x contiguous (the centring kernel pads its rows)."""
+    not sorted (the backward sorts them): (recon, vals, idx, AuxK's reconstruction, *what AuxK's
+    backward needs), the centred x contiguous (the centring kernel pads its rows)."""
     recon, vals, idx, aux_recon, (centered, *saved), _, _ = _topk_autoencoder_forward(
         x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux, _compiled_side_stream(x), sort_in_forward=False
     )
@@ -900,8 +900,11 @@ def _topk_autoencoder_backward_op(
 
 
 @_topk_autoencoder_backward_op.register_fake
-def _(grad_recon, grad_vals, grad_aux, x, W_enc, b_dec, W_dec, vals, idx, *aux_saved_and_asked):
-    return (*_encoder_grad_like(x, W_enc, b_dec, aux_saved_and_asked[-1]), torch.empty_like(W_dec))
+def _(
+    grad_recon, grad_vals, grad_aux, x, W_enc, b_dec, W_dec, vals, idx, centered, W_enc_dead, W_dec_dead, codes,
+    slots, x_requires_grad,
+):  # fmt: skip
+    return (*_encoder_grad_like(x, W_enc, b_dec, x_requires_grad), torch.empty_like(W_dec))
 
 
 @torch.library.custom_op("fastsae::topk_autoencoder_backward", mutates_args=())
