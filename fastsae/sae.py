@@ -51,6 +51,13 @@ BATCHTOPK_THRESHOLD_DECAY = 0.999
 # d = 4096, k_aux = 2048, a feature-sharded step (8192 tokens, 2^17 features and 6553 dead per GPU)
 # took 104 ms dense against 576 ms fused.
 AUXK_DENSE_MAX_ELEMENTS = 2**29
+# An eager (or `compile`d) training step with AuxK takes its dead-feature count from the step before
+# (queued to pinned host memory after that step's statistics update, `_count_dead_ahead`) instead of
+# synchronising with the device to count them: the host then waits only for that update, long done,
+# and queues the step while the GPU still runs the last one's backward and optimizer step. Off: one
+# `nonzero` a step, which drains the GPU's queue (it waited 11 ms a step at Llama-8B's shape on the
+# H200, the GPU idle while the host then queued the forward).
+DEAD_COUNT_AHEAD = True
 # The shortest dead-feature list of a captured or compiled step (`auxk_list_length`): fewer captures
 # (CapturedStep) and compiles (`SparseAutoencoder.compile`) while features die one by one.
 MIN_AUXK_CAPACITY = 64
@@ -204,6 +211,10 @@ class SparseAutoencoder(nn.Module):
         self.auxk_capacity: int | None = None
         self._compiled_forward = None  # `compile`'s compiled part of the forward
         self._compiled_list_length: int | None = None  # the dead-feature list's length it was compiled for
+        # (event, host copy, statistics version, dead threshold) of the dead count after the last step
+        # (`_count_dead_ahead`), read by the next one; None where there is none to trust
+        self._dead_count_ahead: tuple | None = None
+        self._dead_count_host: Tensor | None = None  # its pinned host memory (CUDA), reused every step
         self._feature_group, self._feature_start, stop = None, 0, cfg.n_features  # `shard_features`
         if feature_group is not None:
             self._feature_group, self._feature_start, stop = _feature_shard(cfg, feature_group)
@@ -437,7 +448,8 @@ class SparseAutoencoder(nn.Module):
         """The dead features' indices when n_rows x their number is at most AUXK_DENSE_MAX_ELEMENTS,
         for `F.auxk_reconstruction` (dense over those features: it takes the AuxK step from the fused
         encode's second top-k stream and B * k_aux * d gathers and atomics to thin GEMMs); else None,
-        and the fused encode selects the AuxK codes. Learning n costs one host sync, so while compiling
+        and the fused encode selects the AuxK codes. Learning n costs one host sync, unless the last
+        step queued the count (`_count_dead_ahead`; not on a feature shard), so while compiling
         or capturing a CUDA graph this answers a list of `auxk_capacity` entries instead
         (`torch.nonzero_static`, padded with -1: static shapes; whoever sets it keeps it at least the
         number of dead features), or None when that is unset. A feature shard's dead features are its
@@ -448,7 +460,11 @@ class SparseAutoencoder(nn.Module):
             if self.auxk_capacity is None or self._feature_group is not None:
                 return None
             return torch.nonzero_static(dead, size=self.auxk_capacity, fill_value=-1).squeeze(1)
-        features = dead.nonzero().squeeze(1)
+        counted = self._dead_count_from_last_step() if self._feature_group is None else None
+        if counted is None:
+            features = dead.nonzero().squeeze(1)  # one synchronisation
+        else:  # the same list, of a length known on the host without one
+            features = torch.nonzero_static(dead, size=counted).squeeze(1)
         most = features.shape[0]
         if self._feature_group is not None:  # every shard takes the same path (their collectives pair up)
             most = torch.full((), most, device=dead.device)
@@ -664,13 +680,17 @@ class SparseAutoencoder(nn.Module):
 
     def __getstate__(self) -> dict:
         """A copy or a pickle runs uncompiled, as nn.Module.compile's do: the compiled forward is bound to
-        this module, and would train it instead of the copy."""
-        return {**super().__getstate__(), "_compiled_forward": None}
+        this module, and would train it instead of the copy. Its first step counts the dead features
+        itself (a CUDA event does not pickle)."""
+        state = super().__getstate__()
+        return {**state, "_compiled_forward": None, "_dead_count_ahead": None, "_dead_count_host": None}
 
     def forward(self, x: Tensor) -> SAEOutput:
         """Encode, decode and the loss terms; in training mode also updates the death statistics. A
-        training step with AuxK synchronises once with the device, to count the dead features (not
-        while compiling or capturing: see `_few_dead_features`)."""
+        training step with AuxK learns the number of dead features from the step before it (queued
+        asynchronously, `_count_dead_ahead`), or where there is none, such as the first step or after
+        the statistics were written, synchronises once with the device to count them (not while
+        compiling or capturing: see `_few_dead_features`)."""
         self._check_input(x)
         lead = x.shape[:-1]
         x = x.reshape(-1, self.cfg.d_in)
@@ -697,8 +717,44 @@ class SparseAutoencoder(nn.Module):
                 length = auxk_list_length(n_dead, self._compiled_list_length, x.shape[0], self.cfg.n_features)
                 self._compiled_list_length = length
                 few_dead = torch.cat([few_dead, few_dead.new_full((length - n_dead,), -1)])
-            return self._compiled_forward(x, lead, dead, few_dead, list_stream)  # (None: not capturing)
-        return self._forward_from_dead_list(x, lead, dead, few_dead, list_stream)
+            out = self._compiled_forward(x, lead, dead, few_dead, list_stream)  # (None: not capturing)
+        else:
+            out = self._forward_from_dead_list(x, lead, dead, few_dead, list_stream)
+        self._count_dead_ahead(x, k_aux, sharded)
+        return out
+
+    def _count_dead_ahead(self, x: Tensor, k_aux: int, sharded: bool) -> None:
+        """After a training step's statistics update: queue the count of the features now dead (what the
+        next step's `_few_dead_features` would count) to host memory (DEAD_COUNT_AHEAD). A forward that
+        cannot synchronise (traced whole by torch.compile, captured in a CUDA graph) leaves none: its
+        replays write the statistics without a trace the host could check. An evaluation writes none:
+        the count queued before it still holds."""
+        if not self.training:
+            return
+        self._dead_count_ahead = None
+        if not (DEAD_COUNT_AHEAD and k_aux and not sharded and may_synchronize(x)):
+            return
+        count, event = self.dead_features().sum(), None
+        if count.is_cuda:
+            if self._dead_count_host is None:
+                self._dead_count_host = torch.empty((), dtype=count.dtype, pin_memory=True)
+            count = self._dead_count_host.copy_(count, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._dead_count_ahead = (event, count, self.tokens_since_fired._version, self.cfg.dead_after_tokens)
+
+    def _dead_count_from_last_step(self) -> int | None:
+        """The dead count `_count_dead_ahead` queued after the last step, if nothing has written the
+        statistics (or changed the dead threshold) since; it is read once."""
+        ahead, self._dead_count_ahead = self._dead_count_ahead, None
+        if ahead is None:
+            return None
+        event, count, version, threshold = ahead
+        if version != self.tokens_since_fired._version or threshold != self.cfg.dead_after_tokens:
+            return None
+        if event is not None:
+            event.synchronize()  # the last step's statistics update: the GPU is past it in steady state
+        return int(count)
 
     def _step_kind(self) -> tuple[int, bool, bool]:
         """(k_aux of this forward: AuxK is TopK's and training's, whether the features are sharded,

@@ -137,6 +137,68 @@ def test_death_statistics_count_fires_without_sync():
     assert int(sae.n_tokens_seen) == 40, "evaluation must not change training statistics"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_dead_count_comes_from_the_step_before(device, monkeypatch):
+    """A training step with AuxK takes the dead features' count from the step before (DEAD_COUNT_AHEAD),
+    with no synchronising count after the first step, and trains exactly as a twin that counts them
+    at every step. A write to the statistics, a new dead threshold or a forward that cannot
+    synchronise (traced by torch.compile) makes the next step count them itself; an evaluation keeps
+    the count."""
+    ahead = _sae(device, k_aux=12, dead_after_tokens=40)  # dead: not fired on the last batch
+    counting = copy.deepcopy(ahead)
+    optimizers = {id(sae): torch.optim.SGD(sae.parameters(), lr=1e-2) for sae in (ahead, counting)}
+    from_last_step = []
+    read = fastsae.SparseAutoencoder._dead_count_from_last_step
+
+    def spy(sae):
+        from_last_step.append(read(sae))
+        return from_last_step[-1]
+
+    monkeypatch.setattr(fastsae.SparseAutoencoder, "_dead_count_from_last_step", spy)
+    true_counts = []
+    for _ in range(6):
+        x = torch.randn(50, 24, dtype=torch.float64, device=device) + 3
+        true_counts.append(int(ahead.dead_features().sum()))
+        outs = []
+        for sae, use_count in ((ahead, True), (counting, False)):
+            monkeypatch.setattr(fastsae.sae, "DEAD_COUNT_AHEAD", use_count)
+            out = sae(x)
+            out.loss.backward()
+            optimizers[id(sae)].step()
+            optimizers[id(sae)].zero_grad()
+            outs.append(out)
+        for name in ("loss", "auxk", "fvu"):
+            assert_close(getattr(outs[0], name), getattr(outs[1], name), torch.float64, name)
+    assert len(set(true_counts[1:])) > 1 and min(true_counts[1:]) > 0, true_counts  # the list changed
+    assert_close(ahead.W_enc, counting.W_enc, torch.float64, "W_enc after training")
+    assert torch.equal(ahead.tokens_since_fired, counting.tokens_since_fired)
+    # the counting twin never had a count to read; the other read one at every step after the first
+    assert from_last_step[::2] == [None] + true_counts[1:], (from_last_step, true_counts)
+
+    def list_length() -> int:
+        return ahead._few_dead_features(ahead.dead_features(), 50).shape[0]
+
+    monkeypatch.setattr(fastsae.sae, "DEAD_COUNT_AHEAD", True)
+    x = torch.randn(50, 24, dtype=torch.float64, device=device) + 3
+    ahead.eval()
+    ahead(x)
+    ahead.train()
+    assert list_length() == int(ahead.dead_features().sum())
+    assert from_last_step[-1] is not None, "an evaluation dropped the count"
+    ahead(x)
+    with torch.no_grad():
+        ahead.tokens_since_fired.fill_(1000)  # every feature dead: the count queued before is stale
+    assert list_length() == 96 and from_last_step[-1] is None
+    ahead(x)
+    ahead.cfg.dead_after_tokens = 10**6  # none dead
+    assert list_length() == 0 and from_last_step[-1] is None
+    ahead.cfg.dead_after_tokens = 40
+    ahead(x)
+    ahead.compile(backend="eager")  # (the compiled part does not count them: the eager part does)
+    assert ahead(x).loss.isfinite() and ahead._dead_count_ahead is not None
+    torch._dynamo.reset()
+
+
 def test_readme_training_loop_reduces_loss(tmp_path, monkeypatch):
     """The README's drop-in example, executed as written (in a scratch folder: it saves a file)."""
     monkeypatch.chdir(tmp_path)
