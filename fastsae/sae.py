@@ -58,6 +58,17 @@ AUXK_DENSE_MAX_ELEMENTS = 2**29
 # `nonzero` a step, which drains the GPU's queue (it waited 11 ms a step at Llama-8B's shape on the
 # H200, the GPU idle while the host then queued the forward).
 DEAD_COUNT_AHEAD = True
+# `compile`'s dead-feature list as long as the dead features (False), or padded with -1 to
+# `auxk_list_length` as a captured step's (True). Unpadded, its length becomes a dynamic dimension once a
+# second length is seen (torch.compile's automatic dynamic shapes), so the compiled part is compiled about
+# three times (for the first length, for any, and for a length of 1, which Dynamo specialises), and
+# AuxK's products run over the dead features alone, where the padding made them a quarter or more
+# longer (8192 columns for 6554 dead features at Llama-8B's shape, 1600 for 1229 at GPT-2's). The list
+# had been padded because its dynamic length was compiled for again at most lengths on the H200 (guards
+# on it in the CUDA kernels' launches, Triton's integer specialisation) and Dynamo failed at GPT-2's
+# shape: that was while Dynamo traced AuxK's kernels, which now run inside opaque ops
+# (`F._topk_autoencoder_op`).
+COMPILED_LIST_PADDED = False
 # The shortest dead-feature list of a captured or compiled step (`auxk_list_length`): fewer captures
 # (CapturedStep) and compiles (`SparseAutoencoder.compile`) while features die one by one.
 MIN_AUXK_CAPACITY = 64
@@ -210,7 +221,7 @@ class SparseAutoencoder(nn.Module):
         # `fastsae.graphs.CapturedStep`); None: such a step takes the fused AuxK stream.
         self.auxk_capacity: int | None = None
         self._compiled_forward = None  # `compile`'s compiled part of the forward
-        self._compiled_list_length: int | None = None  # the dead-feature list's length it was compiled for
+        self._compiled_list_length: int | None = None  # the padded list's length (COMPILED_LIST_PADDED)
         # (event, host copy, statistics version, dead threshold) of the dead count after the last step
         # (`_count_dead_ahead`), read by the next one; None where there is none to trust
         self._dead_count_ahead: tuple | None = None
@@ -670,9 +681,8 @@ class SparseAutoencoder(nn.Module):
     def compile(self, *args, **kwargs) -> None:
         """torch.compile this SAE's forward (the arguments are torch.compile's), all but its first part:
         the input's checks and, in a training step with AuxK, the dead-feature list, which stay eager.
-        So AuxK runs densely over the few dead features as in an eager step (one synchronisation to
-        count them; the list padded to `auxk_list_length`, so that it is compiled for again only when
-        the dead features outgrow it; a feature shard's list is not padded), where
+        So AuxK runs densely over the few dead features as in an eager step (counted as an eager step
+        counts them; the list's length a dynamic dimension, COMPILED_LIST_PADDED), where
         `torch.compile(sae)`, which cannot count them, takes the fused encode's second top-k stream:
         much slower where k_aux and d are large (`AUXK_DENSE_MAX_ELEMENTS`). While a CUDA graph is
         captured (`fastsae.graphs.CapturedStep`) the forward runs uncompiled."""
@@ -708,11 +718,7 @@ class SparseAutoencoder(nn.Module):
         if list_stream is not None and few_dead is None:  # the fused encode reads the mask on this stream
             join_stream(list_stream, dead)
         if self._compiled_forward is not None and may_synchronize(x):  # `compile`: the rest compiled
-            if few_dead is not None and not sharded:
-                # Padded with -1 to a length that changes rarely, as a captured step's: the compiled part is
-                # compiled again only when the list outgrows it. (As a dynamic dimension, the list's length
-                # was compiled for again at most lengths on the H200: guards on it in the CUDA kernels'
-                # launches and Triton's integer specialisation; and Dynamo failed on GPT-2's shape.)
+            if few_dead is not None and not sharded and COMPILED_LIST_PADDED:
                 n_dead = few_dead.shape[0]
                 length = auxk_list_length(n_dead, self._compiled_list_length, x.shape[0], self.cfg.n_features)
                 self._compiled_list_length = length

@@ -443,18 +443,22 @@ def test_compiled_training_step_matches_eager():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-def test_module_compile_keeps_auxk_over_the_dead_list(device):
-    """sae.compile(fullgraph=True): the forward past the dead-feature list compiled, the list eager (padded
-    to `auxk_list_length`). Steps with 0 to 70 dead features train like the eager twin (losses, AuxK's
-    loss, gradients, statistics), the compiled graphs take the list (AuxK over it, as eagerly), and the
-    compiled part is compiled once per list length: 64 for up to 51 dead features, 96 (all of them) for
-    70, which the later, shorter lists keep."""
+@pytest.mark.parametrize("padded", [False, True], ids=["dynamic_list", "padded_list"])
+def test_module_compile_keeps_auxk_over_the_dead_list(device, padded, monkeypatch):
+    """sae.compile(fullgraph=True): the forward past the dead-feature list compiled, the list eager.
+    Steps with 0 to 70 dead features train like the eager twin (losses, AuxK's loss, gradients,
+    statistics) and the compiled graphs take the list (AuxK over it, as eagerly). As long as the dead
+    features (COMPILED_LIST_PADDED off), the list's length is static for the first graph and dynamic
+    from the second length on: 2 compiles, and a third for a length of 1, which Dynamo specialises.
+    Padded to `auxk_list_length`: compiled once per padded length, 64 for up to 51 dead features and 96
+    (all of them) for 70, which the later, shorter lists keep."""
+    monkeypatch.setattr(fastsae.sae, "COMPILED_LIST_PADDED", padded)
     eager = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
     compiled = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
     compiled.load_state_dict(eager.state_dict())
     counter = CompileCounterWithBackend("inductor")
     compiled.compile(fullgraph=True, backend=counter)
-    lengths = (0, 5, 13, 30, 21, 45, 27, 51, 70, 37, 19)
+    lengths = (0, 5, 13, 30, 21, 45, 27, 51, 70, 37, 19, 1)
     for n_dead in lengths:
         dead = torch.randperm(96, device=device)[:n_dead]
         for sae in (eager, compiled):
@@ -474,7 +478,10 @@ def test_module_compile_keeps_auxk_over_the_dead_list(device):
             getattr(eager, name).grad, getattr(compiled, name).grad = None, None
         assert torch.equal(eager.tokens_since_fired, compiled.tokens_since_fired)
     frames = counter.frame_count
-    assert frames == 2 and compiled._compiled_list_length == 96, f"compiled {frames} times"
+    if padded:
+        assert frames == 2 and compiled._compiled_list_length == 96, f"compiled {frames} times"
+    else:
+        assert frames == 3 and compiled._compiled_list_length is None, f"compiled {frames} times"
     # every compiled graph takes the list as an input
     inputs = [[node.name for node in graph.graph.nodes if node.op == "placeholder"] for graph in counter.graphs]
     assert all(any("few_dead" in name for name in names) for names in inputs), inputs
