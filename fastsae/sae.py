@@ -58,17 +58,16 @@ AUXK_DENSE_MAX_ELEMENTS = 2**29
 # `nonzero` a step, which drains the GPU's queue (it waited 11 ms a step at Llama-8B's shape on the
 # H200, the GPU idle while the host then queued the forward).
 DEAD_COUNT_AHEAD = True
-# `compile`'s dead-feature list as long as the dead features (False), or padded with -1 to
-# `auxk_list_length` as a captured step's (True). Unpadded, its length becomes a dynamic dimension once a
-# second length is seen (torch.compile's automatic dynamic shapes), so the compiled part is compiled about
-# three times (for the first length, for any, and for a length of 1, which Dynamo specialises), and
-# AuxK's products run over the dead features alone, where the padding made them a quarter or more
-# longer (8192 columns for 6554 dead features at Llama-8B's shape, 1600 for 1229 at GPT-2's). The list
-# had been padded because its dynamic length was compiled for again at most lengths on the H200 (guards
-# on it in the CUDA kernels' launches, Triton's integer specialisation) and Dynamo failed at GPT-2's
-# shape: that was while Dynamo traced AuxK's kernels, which now run inside opaque ops
-# (`F._topk_autoencoder_op`).
-COMPILED_LIST_PADDED = False
+# `compile`'s dead-feature list padded with -1 to `auxk_list_length` as a captured step's (True), or as
+# long as the dead features (False). Unpadded, its length becomes a dynamic dimension once a second length
+# is seen (torch.compile's automatic dynamic shapes), so the compiled part is compiled about three times
+# (for the first length, for any, and for a length of 1, which Dynamo specialises), and AuxK's products
+# run over the dead features alone, where the padding makes them a quarter or more longer (8192 columns
+# for 6554 dead features at Llama-8B's shape, 1600 for 1229 at GPT-2's). Padded by default: a dynamic
+# length had been compiled for again at most lengths on CUDA (guards on it in the kernels' launches,
+# Triton's integer specialisation) and failed at GPT-2's shape while Dynamo traced AuxK's kernels, which
+# now run inside opaque ops (`F._topk_autoencoder_op`); the unpadded list is tested on CPU only so far.
+COMPILED_LIST_PADDED = True
 # The shortest dead-feature list of a captured or compiled step (`auxk_list_length`): fewer captures
 # (CapturedStep) and compiles (`SparseAutoencoder.compile`) while features die one by one.
 MIN_AUXK_CAPACITY = 64
@@ -475,7 +474,9 @@ class SparseAutoencoder(nn.Module):
         if counted is None:
             features = dead.nonzero().squeeze(1)  # one synchronisation
         else:  # the same list, of a length known on the host without one
-            features = torch.nonzero_static(dead, size=counted).squeeze(1)
+            # (-1, which AuxK skips, pads the list should the count be stale: statistics written
+            # through `.data` do not move the version counter that vouches for it)
+            features = torch.nonzero_static(dead, size=counted, fill_value=-1).squeeze(1)
         most = features.shape[0]
         if self._feature_group is not None:  # every shard takes the same path (their collectives pair up)
             most = torch.full((), most, device=dead.device)

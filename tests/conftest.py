@@ -35,6 +35,15 @@ def _seed(request):
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """A compiling test starts and ends with Dynamo's caches empty: what an earlier test compiled in the
+    same process (a dimension Dynamo has since made dynamic) would change what this one compiles."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def poison_empty(monkeypatch):
     """Tensor.new_empty (how the kernel launchers allocate outputs and scratch) returns NaN-filled
     floats and -1-filled integers, so any element a kernel leaves unwritten fails the comparison."""

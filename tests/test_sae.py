@@ -138,7 +138,7 @@ def test_death_statistics_count_fires_without_sync():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dead_count_comes_from_the_step_before(device, monkeypatch):
+def test_dead_count_comes_from_the_step_before(device, monkeypatch, fresh_dynamo):
     """A training step with AuxK takes the dead features' count from the step before (DEAD_COUNT_AHEAD),
     with no synchronising count after the first step, and trains exactly as a twin that counts them
     at every step. A write to the statistics, a new dead threshold or a forward that cannot
@@ -196,7 +196,6 @@ def test_dead_count_comes_from_the_step_before(device, monkeypatch):
     ahead(x)
     ahead.compile(backend="eager")  # (the compiled part does not count them: the eager part does)
     assert ahead(x).loss.isfinite() and ahead._dead_count_ahead is not None
-    torch._dynamo.reset()
 
 
 def test_readme_training_loop_reduces_loss(tmp_path, monkeypatch):
@@ -426,7 +425,7 @@ def test_forward_rejects_bad_input():
 
 
 @pytest.mark.slow
-def test_compiled_training_step_matches_eager():
+def test_compiled_training_step_matches_eager(fresh_dynamo):
     """torch.compile(fullgraph=True) through every custom op of a TopK + AuxK step, on CPU."""
     eager, compiled_sae = _sae(dtype="float32", dead_after_tokens=0), _sae(dtype="float32", dead_after_tokens=0)
     compiled_sae.load_state_dict(eager.state_dict())
@@ -444,7 +443,7 @@ def test_compiled_training_step_matches_eager():
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padded", [False, True], ids=["dynamic_list", "padded_list"])
-def test_module_compile_keeps_auxk_over_the_dead_list(device, padded, monkeypatch):
+def test_module_compile_keeps_auxk_over_the_dead_list(device, padded, monkeypatch, fresh_dynamo):
     """sae.compile(fullgraph=True): the forward past the dead-feature list compiled, the list eager.
     Steps with 0 to 70 dead features train like the eager twin (losses, AuxK's loss, gradients,
     statistics) and the compiled graphs take the list (AuxK over it, as eagerly). As long as the dead
