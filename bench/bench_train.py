@@ -121,6 +121,17 @@ def _fastsae_step(
     return step
 
 
+# fastsae's steps by provider name: `_fastsae_step`'s arguments (bench.ab_step times one under a switch).
+FASTSAE_STEPS = {
+    "fastsae": {},
+    "fastsae_saeadam": {"fused_optimizer": True},
+    "fastsae_graph": {"graph": True},
+    "fastsae_saeadam_graph": {"fused_optimizer": True, "graph": True},
+    "fastsae_compile": {"compiled": "torch.compile"},
+    "fastsae_module_compile": {"compiled": "sae.compile"},
+}
+
+
 def _batchtopk_step(d, n_features, k, weights, sparse_codes: bool, graph: bool = False, threshold_first: bool = False):
     """A BatchTopK SAE's step (torch.optim.Adam, the decoder constraint) on the dense codes or, with
     `sparse_codes`, on the sparse ones (the module-level switches FASTSAE_BATCHTOPK_SPARSE and
@@ -233,13 +244,8 @@ def run(recorder: Recorder) -> None:
         dead = torch.rand(n_features, device="cuda") < DEAD_FRACTION
         x, weights = _initial_weights(d, n_features, n_rows, dead)
         expected_fvu = expected_topk_fvu(x, weights, k)
-        providers = {
-            "fastsae": _fastsae_step(d, n_features, k, weights, dead),
-            "fastsae_saeadam": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True),
-            "fastsae_graph": _fastsae_step(d, n_features, k, weights, dead, graph=True),
-            "fastsae_saeadam_graph": _fastsae_step(d, n_features, k, weights, dead, fused_optimizer=True, graph=True),
-            "fastsae_compile": _fastsae_step(d, n_features, k, weights, dead, compiled="torch.compile"),
-            "fastsae_module_compile": _fastsae_step(d, n_features, k, weights, dead, compiled="sae.compile"),
+        providers = {name: _fastsae_step(d, n_features, k, weights, dead, **how) for name, how in FASTSAE_STEPS.items()}
+        providers |= {
             "torch": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=False),
             "compile": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=True),
         }

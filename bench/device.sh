@@ -21,8 +21,8 @@
 #                            --modes eager,compile --auxk on)
 #   FASTSAE_PROFILE_ENCODE   shapes for bench.profile_encode (off when unset)
 #   FASTSAE_AB               a switch for bench.ab_step, e.g. fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 (off
-#                            when unset; FASTSAE_AB_SHAPES, default gpt2,af3; FASTSAE_AB_ARGS, e.g. --retune
-#                            or --rounds 2): its rows go to $OUT/results.csv
+#                            when unset; FASTSAE_AB_SHAPES, default gpt2,af3; FASTSAE_AB_ARGS, e.g. --retune,
+#                            --rounds 2 or --steps fastsae,fastsae_module_compile): its rows go to $OUT/results.csv
 #   FASTSAE_DISTRIBUTED=1    bench.bench_distributed over every GPU (FASTSAE_DISTRIBUTED_CASES: dp,dp_graph,shard;
 #                            FASTSAE_DISTRIBUTED_PROFILE=1: rank 0's profile of the multi-GPU steps)
 #   FASTSAE_BENCH            benchmark families; FASTSAE_BENCH_SHAPES: the shapes (bench.run --shapes: of
@@ -135,7 +135,7 @@ if [ -n "${FASTSAE_PROFILE_ENCODE:-}" ]; then  # shapes for bench.profile_encode
     grep -E "^==|GEMM|select|thresholds|centre" "$OUT/profile_encode.log"
 fi
 
-if [ -n "${FASTSAE_AB:-}" ]; then  # the captured step under each value of one switch
+if [ -n "${FASTSAE_AB:-}" ]; then  # a training step (the captured one unless --steps) under each value of one switch
     echo "== A/B of $FASTSAE_AB"
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.ab_step "$FASTSAE_AB" --shapes "${FASTSAE_AB_SHAPES:-gpt2,af3}" \
         --csv "$OUT/results.csv" ${FASTSAE_AB_ARGS:-} 2>&1 | tee "$OUT/ab.log" | grep train_step_ab

@@ -45,7 +45,8 @@ OP_NOTES = {
     "just below the threshold (the top-level README, Kernels and speed). The sparse codes above the previous "
     "step's floor took 96.2 ms a step at GPT-2 against 6.9 ms (bd324ad) and were removed; that row is left out "
     "of the CSV so that the plot stays legible.",
-    "train_step_ab": "The captured SAEAdam step under each value of one switch (`bench/ab_step.py`).",
+    "train_step_ab": "A training step under each value of one switch (`bench/ab_step.py`): the captured SAEAdam "
+    "step, or the one a provider names first.",
     "train_step_dp": "Data parallel under DistributedDataParallel against one GPU (`bench/bench_distributed.py`).",
     "train_step_dp_graph": "Data parallel with every rank's step captured against one GPU's captured step "
     "(`bench/bench_distributed.py`).",

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 import os
 import socket
 import tempfile
@@ -117,6 +118,21 @@ class SAEConfig:
     check_finite: bool = True
 
     def __post_init__(self) -> None:
+        # Whole numbers as Python ints (numpy's too: a config read from another library's file may hold
+        # them), so that a float or a bool fails here rather than inside the first forward.
+        for name in ("d_in", "n_features", "k", "k_aux", "dead_after_tokens"):
+            value = getattr(self, name)
+            if value is None and name == "k_aux":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be a whole number (int), got {value!r}")
+            setattr(self, name, int(value))
+        for name in ("auxk_coef", "l1_coef", "l0_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {value!r}")
+        if not isinstance(self.check_finite, bool):
+            raise TypeError(f"check_finite must be True or False, got {self.check_finite!r}")
         if self.d_in < 1 or self.n_features < 1:
             raise ValueError(f"d_in and n_features must be >= 1, got {self.d_in} and {self.n_features}")
         if self.activation not in ACTIVATIONS:

@@ -98,18 +98,29 @@ def test_ab_step_holds_switches_with_one_value():
         )
 
 
+def test_ab_step_takes_the_train_benchmarks_steps():
+    """`--steps` names steps of bench_train.FASTSAE_STEPS; another name is an error before anything runs."""
+    with pytest.raises(SystemExit):
+        ab_step.main(["fastsae.ops.auxk.ROW_TOPK=True", "--csv", "x.csv", "--steps", "fastsae,fastsae_eager"])
+
+
 @pytest.mark.gpu
 def test_ab_step_records_each_value(tmp_path):
-    """A row per value and round, and the GEMM's (with the tuner's picks made again under each value),
-    with a held switch named in the providers; both switches are restored after."""
+    """A row per value, step and round, and the GEMM's (with the tuner's picks made again under each
+    value), with a held switch named in the providers and a step other than the captured SAEAdam one
+    named first; both switches are restored after."""
     csv_path, original, original_shortcut = tmp_path / "ab.csv", auxk.ROW_TOPK, auxk.CODES_WITHOUT_SELECTION
     switch = ab_step.parse_switch("fastsae.ops.auxk.ROW_TOPK=True,False")
     held = [ab_step.parse_switch(f"fastsae.ops.auxk.CODES_WITHOUT_SELECTION={not original_shortcut}")]
-    ab_step.run(Recorder(csv_path), switch, ["d128_F8192_B1024_k16"], 1, retune=True, held=held)
+    steps = (ab_step.DEFAULT_STEP, "fastsae")
+    ab_step.run(Recorder(csv_path), switch, ["d128_F8192_B1024_k16"], 1, retune=True, held=held, steps=steps)
     with open(csv_path, newline="") as f:
         providers = [row["provider"] for row in csv.DictReader(f)]
     held_name = f"CODES_WITHOUT_SELECTION={not original_shortcut}"
-    assert providers == [f"ROW_TOPK=True with {held_name}", f"ROW_TOPK=False with {held_name}", "cublas_gemm"]
+    assert providers == [
+        f"ROW_TOPK=True with {held_name}", f"fastsae ROW_TOPK=True with {held_name}",
+        f"ROW_TOPK=False with {held_name}", f"fastsae ROW_TOPK=False with {held_name}", "cublas_gemm",
+    ]  # fmt: skip
     assert auxk.ROW_TOPK is original and auxk.CODES_WITHOUT_SELECTION is original_shortcut
 
 
