@@ -951,6 +951,10 @@ class SparseAutoencoder(nn.Module):
         permissions (0666 less the umask) and a checksum that `load` verifies. In data-parallel or
         feature-sharded training every rank calls it and global rank 0 writes the whole SAE. format=
         "saelens" or "sparsify" writes that library's checkpoint directory instead (`fastsae.io`)."""
+        if format == "fastsae" and Path(path).is_dir():  # (every rank checks: none is left waiting for rank 0)
+            raise IsADirectoryError(
+                f"{path} is a directory: save writes one .safetensors file there, e.g. {Path(path) / 'sae.safetensors'}"
+            )
         if format != "fastsae" and self._feature_group is not None:
             raise ValueError(
                 f"a feature-sharded SAE saves in the fastsae format only: save it, load it whole "

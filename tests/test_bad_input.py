@@ -9,6 +9,8 @@ on CPU they raise at once, on CUDA a failure is a device-side assert at the next
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -162,6 +164,8 @@ BAD_INPUTS = [
      ValueError, r"x must be \[\.\.\., d_in=6\]"),
     ("SparseAutoencoder: NaN in x", lambda a: SparseAutoencoder(SAEConfig(d_in=D, n_features=N_FEATURES, k=K))(
      _with(a["x"], (2, 3), float("nan"))), ValueError, "x contains NaN or infinite values"),
+    ("SparseAutoencoder.save: a directory", lambda a: SparseAutoencoder(SAEConfig(d_in=D, n_features=N_FEATURES,
+     k=K)).save(Path(__file__).parent), IsADirectoryError, "is a directory: save writes one .safetensors file"),
     ("SparseAutoencoder.load: no such file", lambda a: SparseAutoencoder.load("/nonexistent/sae.safetensors"),
      FileNotFoundError, "no SAE checkpoint"),
 ]
