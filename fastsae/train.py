@@ -1,4 +1,4 @@
-"""`python -m fastsae train`: SAEs on a model's activations, from text files, end to end.
+r"""`python -m fastsae train`: SAEs on a model's activations, from text files, end to end.
 
     python -m fastsae train --model gpt2 --hookpoint h.6 --texts corpus.txt --tokens 20_000_000
 
@@ -74,25 +74,26 @@ def add_parser(commands) -> None:
                        help="instead of --model/--hookpoint/--texts: saved [N, d] activations (.npy, .pt, "
                             ".safetensors), one SAE per file, named by its stem")  # fmt: skip
     train.add_argument("--out", type=Path, default=Path("fastsae_run"), help="output and resume directory")
-    train.add_argument("--tokens", type=int, default=10_000_000, help="training tokens per SAE")
+    train.add_argument("--tokens", type=_at_least(1), default=10_000_000, help="training tokens per SAE")
     train.add_argument("--activation", choices=ACTIVATIONS, default="topk")
-    train.add_argument("--k", type=int, default=32, help="active features per token (topk, batchtopk)")
-    train.add_argument("--expansion-factor", type=int, default=16, help="features per input dimension")
+    train.add_argument("--k", type=_at_least(1), default=32, help="active features per token (topk, batchtopk)")
+    train.add_argument("--expansion-factor", type=_at_least(1), default=16, help="features per input dimension")
     train.add_argument("--centering", choices=CENTERING_MODES, default="geometric_median")
-    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-4 / sqrt(F / 16384))")
-    train.add_argument("--batch-tokens", type=int, default=4096)
-    train.add_argument("--diagnose-tokens", type=int, default=2**16,
+    train.add_argument("--lr", type=_positive_float, default=None,
+                       help="Adam learning rate (default 2e-4 / sqrt(F / 16384))")  # fmt: skip
+    train.add_argument("--batch-tokens", type=_at_least(2), default=4096)
+    train.add_argument("--diagnose-tokens", type=_at_least(1), default=2**16,
                        help="tokens diagnose and the centering see first (not trained on)")  # fmt: skip
-    train.add_argument("--context-size", type=int, default=128, help="tokens per text at most")
-    train.add_argument("--dead-after", type=int, default=10_000_000, help="tokens without firing: dead")
-    train.add_argument("--log-every", type=int, default=100_000, help="tokens between log rows")
-    train.add_argument("--checkpoint-every", type=int, default=1_000_000, help="tokens between checkpoints")
+    train.add_argument("--context-size", type=_at_least(1), default=128, help="tokens per text at most")
+    train.add_argument("--dead-after", type=_at_least(0), default=10_000_000, help="tokens without firing: dead")
+    train.add_argument("--log-every", type=_at_least(1), default=100_000, help="tokens between log rows")
+    train.add_argument("--checkpoint-every", type=_at_least(1), default=1_000_000, help="tokens between checkpoints")
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--dtype", choices=list(DTYPES), default=None, help="SAE dtype (default bf16 on CUDA)")
     train.add_argument("--model-dtype", choices=list(DTYPES), default=None,
                        help="dtype the model runs in (default: as its checkpoint stores it)")  # fmt: skip
     train.add_argument("--keep-special-tokens", action="store_true", help="keep BOS and other special tokens")
-    train.add_argument("--feature-shards", type=int, default=1,
+    train.add_argument("--feature-shards", type=_at_least(1), default=1,
                        help="under torchrun: processes that split each SAE's features")  # fmt: skip
     train.add_argument("--no-capture", action="store_true",
                        help="run every step eagerly, not as one captured CUDA graph (see below)")  # fmt: skip
@@ -153,6 +154,26 @@ def read_texts(paths: list[Path]) -> Iterator[str]:
                     yield line.strip()
 
 
+def _at_least(minimum: int):
+    """An argparse type: a whole number >= minimum, so that a zero or negative count is a usage error
+    naming the option rather than a failure (or a run that trains nothing) later."""
+
+    def whole_number(text: str) -> int:
+        value = int(text)  # (not a whole number: argparse's "invalid whole_number value")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return whole_number
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # (NaN too)
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     _run(args)
     if dist.is_initialized():  # a torchrun job: the run's objects that hold the group go first
@@ -183,12 +204,12 @@ def _run(args: argparse.Namespace) -> None:
         sample, used_batches = _first_tokens(batches, args.hookpoint, args.diagnose_tokens)
         saes = {}
         for name in args.hookpoint:
+            saes[name] = _new_sae(args, sample[name], layout)  # first: a config error (k > features) costs no diagnosis
             say(f"== {name}: diagnose on {sample[name].shape[0]} tokens")
             if layout.main:
                 print(
                     diagnose(sample[name].float(), k=args.k, n_features=args.expansion_factor * sample[name].shape[1])
                 )
-            saes[name] = _new_sae(args, sample[name], layout)
         tokens_done, state = 0, None
     capture = _captures(args, layout)
     optimizers = {name: _optimizer(args, sae, capture) for name, sae in saes.items()}

@@ -140,6 +140,32 @@ def test_train_command_wants_a_model_or_saved_activations(tmp_path, model_dir, c
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("--tokens", "-5", "must be >= 1, got -5"), ("--tokens", "1e6", "invalid whole_number value"),
+     ("--batch-tokens", "1", "must be >= 2"), ("--log-every", "0", "must be >= 1"),
+     ("--checkpoint-every", "0", "must be >= 1"), ("--dead-after", "-3", "must be >= 0"),
+     ("--k", "0", "must be >= 1"), ("--lr", "-1e-4", "must be > 0"), ("--lr", "nan", "must be > 0")],
+)  # fmt: skip
+def test_train_command_refuses_counts_out_of_range(option, value, message, tmp_path, capsys):
+    """A zero or negative count is a usage error naming its option, before anything loads (it had
+    divided by zero, or trained on nothing and reported success)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["train", "--activations", str(tmp_path / "acts.pt"), "--out", str(tmp_path / "o"), f"{option}={value}"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_train_command_checks_the_sae_before_diagnosing(tmp_path, capsys):
+    """k beyond the features fails on the config, before the diagnosis of the first tokens."""
+    saved = tmp_path / "acts.pt"
+    torch.save(torch.randn(256, 8), saved)
+    args = ["--activations", str(saved), "--batch-tokens", "64", "--expansion-factor", "2", "--k", "17"]
+    assert cli(["train", *args, "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    output = capsys.readouterr()
+    assert "k must be in [1, n_features=16], got 17" in output.err and "diagnose on" not in output.out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
 def test_train_command_captures_the_step_on_a_gpu(activation, tmp_path, monkeypatch, capsys):
