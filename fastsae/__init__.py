@@ -1,6 +1,6 @@
 """fastsae: fast sparse autoencoders for PyTorch, and the centering that keeps their features alive."""
 
-from . import functional, graphs, optim
+from . import evaluate, functional, graphs, optim
 from ._ext import ext_info
 from .centering import geometric_median
 from .diagnostics import (
@@ -24,6 +24,7 @@ __all__ = [
     "SparseAutoencoder",
     "diagnose",
     "effective_rank",
+    "evaluate",
     "ext_info",
     "functional",
     "geometric_median",

@@ -1,4 +1,4 @@
-"""Command line: python -m fastsae {train,reproduce,diagnose,bench}."""
+"""Command line: python -m fastsae {train,evaluate,reproduce,diagnose,bench}."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import train
+from . import evaluate, train
 from .activations import load_activations
 from .reproduce import Settings
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
     commands = parser.add_subparsers(dest="command", required=True)
     train.add_parser(commands)
+    evaluate.add_parser(commands)
 
     reproduce = commands.add_parser("reproduce", help="feature death vs outlier severity on synthetic data", **defaults)
     reproduce.add_argument("--out", type=Path, default=Path("fastsae_reproduce"), help="output folder")

@@ -182,6 +182,17 @@ def read_cache(cache_dir: str | os.PathLike, hookpoints: Sequence[str]) -> Itera
             yield {name: f.get_tensor(name) for name in hookpoints}
 
 
+def load_tokenizer(model: str):
+    """The Hugging Face tokenizer of `model` (a hub name or a local directory), padding with its end of
+    text token where it has no padding token (GPT-2's): padding positions are masked out anyway."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def _special_token_ids(tokenizer) -> list[int]:
     ids = getattr(tokenizer, "all_special_ids", None)
     if ids is None:

@@ -56,7 +56,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .activations import ActivationStream, load_activations, saved_activation_batches
+from .activations import ActivationStream, load_activations, load_tokenizer, saved_activation_batches
 from .diagnostics import diagnose
 from .graphs import CapturedStep
 from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, write_atomically
@@ -74,26 +74,26 @@ def add_parser(commands) -> None:
                        help="instead of --model/--hookpoint/--texts: saved [N, d] activations (.npy, .pt, "
                             ".safetensors), one SAE per file, named by its stem")  # fmt: skip
     train.add_argument("--out", type=Path, default=Path("fastsae_run"), help="output and resume directory")
-    train.add_argument("--tokens", type=_at_least(1), default=10_000_000, help="training tokens per SAE")
+    train.add_argument("--tokens", type=at_least(1), default=10_000_000, help="training tokens per SAE")
     train.add_argument("--activation", choices=ACTIVATIONS, default="topk")
-    train.add_argument("--k", type=_at_least(1), default=32, help="active features per token (topk, batchtopk)")
-    train.add_argument("--expansion-factor", type=_at_least(1), default=16, help="features per input dimension")
+    train.add_argument("--k", type=at_least(1), default=32, help="active features per token (topk, batchtopk)")
+    train.add_argument("--expansion-factor", type=at_least(1), default=16, help="features per input dimension")
     train.add_argument("--centering", choices=CENTERING_MODES, default="geometric_median")
-    train.add_argument("--lr", type=_positive_float, default=None,
+    train.add_argument("--lr", type=positive_float, default=None,
                        help="Adam learning rate (default 2e-4 / sqrt(F / 16384))")  # fmt: skip
-    train.add_argument("--batch-tokens", type=_at_least(2), default=4096)
-    train.add_argument("--diagnose-tokens", type=_at_least(1), default=2**16,
+    train.add_argument("--batch-tokens", type=at_least(2), default=4096)
+    train.add_argument("--diagnose-tokens", type=at_least(1), default=2**16,
                        help="tokens diagnose and the centering see first (not trained on)")  # fmt: skip
-    train.add_argument("--context-size", type=_at_least(1), default=128, help="tokens per text at most")
-    train.add_argument("--dead-after", type=_at_least(0), default=10_000_000, help="tokens without firing: dead")
-    train.add_argument("--log-every", type=_at_least(1), default=100_000, help="tokens between log rows")
-    train.add_argument("--checkpoint-every", type=_at_least(1), default=1_000_000, help="tokens between checkpoints")
+    train.add_argument("--context-size", type=at_least(1), default=128, help="tokens per text at most")
+    train.add_argument("--dead-after", type=at_least(0), default=10_000_000, help="tokens without firing: dead")
+    train.add_argument("--log-every", type=at_least(1), default=100_000, help="tokens between log rows")
+    train.add_argument("--checkpoint-every", type=at_least(1), default=1_000_000, help="tokens between checkpoints")
     train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--dtype", choices=list(DTYPES), default=None, help="SAE dtype (default bf16 on CUDA)")
     train.add_argument("--model-dtype", choices=list(DTYPES), default=None,
                        help="dtype the model runs in (default: as its checkpoint stores it)")  # fmt: skip
     train.add_argument("--keep-special-tokens", action="store_true", help="keep BOS and other special tokens")
-    train.add_argument("--feature-shards", type=_at_least(1), default=1,
+    train.add_argument("--feature-shards", type=at_least(1), default=1,
                        help="under torchrun: processes that split each SAE's features")  # fmt: skip
     train.add_argument("--no-capture", action="store_true",
                        help="run every step eagerly, not as one captured CUDA graph (see below)")  # fmt: skip
@@ -154,7 +154,7 @@ def read_texts(paths: list[Path]) -> Iterator[str]:
                     yield line.strip()
 
 
-def _at_least(minimum: int):
+def at_least(minimum: int):
     """An argparse type: a whole number >= minimum, so that a zero or negative count is a usage error
     naming the option rather than a failure (or a run that trains nothing) later."""
 
@@ -167,7 +167,7 @@ def _at_least(minimum: int):
     return whole_number
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:  # (NaN too)
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
@@ -272,11 +272,9 @@ def _batches(args: argparse.Namespace, layout: Layout) -> Iterator[dict]:
         tensors = {path.stem: load_activations(path) for path in args.activations}
         batches = saved_activation_batches(tensors, args.batch_tokens, layout.replica, layout.replicas)
         return ({name: t.to(args.device) for name, t in batch.items()} for batch in batches)
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(args.model)
     dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
     model = AutoModel.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     texts = itertools.islice(read_texts(args.texts), layout.replica, None, layout.replicas)  # this replica's

@@ -1,0 +1,290 @@
+r"""An SAE in its model: the language model's next-token loss with the SAE's reconstruction in place of
+the activations it was trained on, the measure SAE papers report beside FVU and L0.
+
+    scores = evaluate(model, tokenizer, texts, {"h.6": sae})   # model: a causal LM (logits)
+    scores["h.6"].loss_recovered, scores["h.6"].kl_div
+
+For each batch of texts the model runs once clean and, for each hook point alone, twice more: with the
+SAE's reconstruction spliced in (the hook point's output replaced at the positions the SAE trains on:
+every token but padding and, unless `keep_special_tokens`, the tokenizer's special tokens, as
+`ActivationStream` collects them) and with those positions zeroed (zero ablation). Then
+
+    loss_recovered = (loss_zero - loss_spliced) / (loss_zero - loss_clean)
+
+is 1 where the reconstruction costs the model nothing and 0 where it does no better than zeros (SAELens'
+"CE loss score", the "fraction of loss recovered" of Bricken et al. 2023 and Gao et al. 2024). `kl_div`
+is the mean KL divergence of the spliced next-token distribution from the clean one (it does not depend
+on which token came next). The losses are means over every next-token prediction whose target is a
+real token; `fvu` and `l0` (mean non-zero codes per token) are the SAE's over the spliced positions.
+
+A hook point is a submodule name of the model or, as `python -m fastsae train` names them (submodules
+of transformers' AutoModel), of its `base_model`: "h.6" finds GPT-2's `transformer.h.6`.
+
+    python -m fastsae evaluate --model gpt2 --sae gpt2_h6/h.6.safetensors --texts held_out.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as torch_F
+from torch import Tensor, nn
+
+from .activations import _batched, _special_token_ids, _submodule, load_tokenizer
+from .sae import DTYPES, SparseAutoencoder, write_atomically
+from .train import at_least, read_texts
+
+
+@dataclass
+class SpliceScores:
+    """One hook point's scores (see the module docstring); `n_tokens`: the positions spliced,
+    `n_predictions`: the next-token predictions the losses average."""
+
+    hookpoint: str
+    n_tokens: int
+    n_predictions: int
+    loss_clean: float
+    loss_spliced: float
+    loss_zero: float
+    loss_recovered: float
+    kl_div: float
+    fvu: float
+    l0: float
+
+
+class _Sums:
+    """A hook point's running sums over the batches, in fp64."""
+
+    def __init__(self, d: int, device: torch.device):
+        self.loss_spliced = self.loss_zero = self.kl = 0.0
+        self.n_tokens, self.l0 = 0, 0.0
+        self.squared_error, self.sum_of_squares = 0.0, 0.0
+        self.total = torch.zeros(d, dtype=torch.float64, device=device)
+
+    def add_codes(self, x: Tensor, out) -> None:
+        """An SAE forward's statistics: x [n, d] and its SAEOutput."""
+        x64 = x.double()
+        self.n_tokens += x.shape[0]
+        self.squared_error += float((x64 - out.recon.double()).pow(2).sum())
+        self.sum_of_squares += float(x64.pow(2).sum())
+        self.total += x64.sum(0)
+        codes = out.vals if out.vals is not None else out.acts
+        self.l0 += float((codes != 0).sum())
+
+    def fvu(self) -> float:
+        """Squared error over the total variance of the spliced activations (around their mean)."""
+        variance = self.sum_of_squares - float(self.total.pow(2).sum()) / self.n_tokens
+        return self.squared_error / variance if variance > 0 else math.nan
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer,
+    texts: Iterable[str],
+    saes: dict[str, SparseAutoencoder],
+    context_size: int = 128,
+    texts_per_forward: int = 8,
+    max_predictions: int | None = None,
+    keep_special_tokens: bool = False,
+) -> dict[str, SpliceScores]:
+    """{hook point: SpliceScores} of `saes` spliced into `model` (a causal LM whose forward returns
+    logits [batch, seq, vocab], or an output with .logits) over `texts`, tokenized by `tokenizer` (a
+    Hugging Face tokenizer) in batches of `texts_per_forward` truncated to `context_size` tokens, until
+    `max_predictions` next-token predictions have been scored (None: every text). The SAEs run in
+    evaluation mode (their statistics untouched) and are left in the mode they were in."""
+    if not saes:
+        raise ValueError("saes is empty: give {hook point: SAE}")
+    if context_size < 2 or texts_per_forward < 1:
+        raise ValueError(f"need context_size >= 2 and texts_per_forward >= 1, got {context_size}, {texts_per_forward}")
+    modules = {name: _hooked_module(model, name) for name in saes}
+    special = [] if keep_special_tokens else _special_token_ids(tokenizer)
+    device = next(model.parameters()).device
+    sums = {name: _Sums(sae.cfg.d_in, next(sae.parameters()).device) for name, sae in saes.items()}
+    clean_loss, n_predictions = 0.0, 0
+    modes = {name: sae.training for name, sae in saes.items()}
+    try:
+        for sae in saes.values():
+            sae.eval()
+        with torch.no_grad():
+            for batch in _batched(texts, texts_per_forward):
+                encoded = tokenizer(batch, padding=True, truncation=True, max_length=context_size, return_tensors="pt")
+                inputs = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
+                spliced = inputs["attention_mask"].bool()
+                for token_id in special:
+                    spliced &= inputs["input_ids"] != token_id
+                targets = inputs["attention_mask"][:, 1:].bool()  # predictions of real tokens
+                clean = _log_probs(model, inputs)
+                clean_loss += float(_cross_entropy(clean, inputs, targets))
+                n_predictions += int(targets.sum())
+                for name, sae in saes.items():
+                    _score_splices(model, inputs, spliced, targets, clean, modules[name], name, sae, sums[name])
+                if max_predictions is not None and n_predictions >= max_predictions:
+                    break
+    finally:
+        for name, sae in saes.items():
+            sae.train(modes[name])
+    if n_predictions == 0:
+        raise ValueError("the texts gave no next-token prediction to score (each needs at least 2 tokens)")
+    loss_clean = clean_loss / n_predictions
+    scores = {}
+    for name, record in sums.items():
+        if record.n_tokens == 0:
+            raise ValueError(f"{name}: no position to splice (every token was padding or a special token)")
+        spliced_loss, zero_loss = record.loss_spliced / n_predictions, record.loss_zero / n_predictions
+        # (+ 0.0: a reconstruction no better than zeros scores 0, not -0)
+        recovered = (zero_loss - spliced_loss) / (zero_loss - loss_clean) + 0.0 if zero_loss != loss_clean else math.nan
+        scores[name] = SpliceScores(
+            hookpoint=name, n_tokens=record.n_tokens, n_predictions=n_predictions, loss_clean=loss_clean,
+            loss_spliced=spliced_loss, loss_zero=zero_loss, loss_recovered=recovered,
+            kl_div=record.kl / n_predictions, fvu=record.fvu(), l0=record.l0 / record.n_tokens,
+        )  # fmt: skip
+    return scores
+
+
+def _score_splices(model, inputs, spliced, targets, clean, module, name, sae, record: _Sums) -> None:
+    """Adds one batch's spliced and zero-ablated losses and KL divergence at one hook point to `record`
+    (`clean`: the clean log-probabilities)."""
+    with _replaced(module, name, spliced, lambda x: _reconstruct(name, sae, x, record)):
+        log_probs = _log_probs(model, inputs)
+    record.loss_spliced += float(_cross_entropy(log_probs, inputs, targets))
+    record.kl += float(_kl_div(clean, log_probs, targets))
+    with _replaced(module, name, spliced, torch.zeros_like):
+        record.loss_zero += float(_cross_entropy(_log_probs(model, inputs), inputs, targets))
+
+
+def _hooked_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule `name` of the model, or of its base model (transformers' AutoModel naming)."""
+    for root in (model, getattr(model, "base_model", model)):
+        try:
+            return root.get_submodule(name)
+        except AttributeError:
+            continue
+    return _submodule(model, name)  # raises, naming some of the submodules there are
+
+
+def _log_probs(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    """fp32 log-probabilities [batch, seq - 1, vocab] of each next token."""
+    output = model(**inputs)
+    logits = output.logits if hasattr(output, "logits") else output
+    if not isinstance(logits, Tensor) or logits.dim() != 3:
+        raise ValueError("the model must return logits [batch, seq, vocab] (a causal LM), or an output with .logits")
+    return torch_F.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _cross_entropy(log_probs: Tensor, inputs: dict[str, Tensor], targets: Tensor) -> Tensor:
+    """Summed next-token loss over the predictions `targets` marks."""
+    picked = log_probs.gather(-1, inputs["input_ids"][:, 1:, None]).squeeze(-1)
+    return -(picked * targets).double().sum()
+
+
+def _kl_div(clean: Tensor, spliced: Tensor, targets: Tensor) -> Tensor:
+    """Summed KL(clean || spliced) over the predictions `targets` marks."""
+    per_position = (clean.exp() * (clean - spliced)).sum(-1)
+    return (per_position * targets).double().sum()
+
+
+def _reconstruct(name: str, sae: SparseAutoencoder, x: Tensor, record: _Sums) -> Tensor:
+    """The SAE's reconstruction of x [n, d] (in x's dtype, on x's device), its statistics recorded."""
+    if x.shape[-1] != sae.cfg.d_in:
+        raise ValueError(f"{name}: its output has {x.shape[-1]} dimensions, the SAE for it d_in={sae.cfg.d_in}")
+    if x.shape[0] == 0:  # a batch of padding and special tokens only
+        return x
+    sae_device = next(sae.parameters()).device
+    out = sae(x.to(device=sae_device, dtype=sae.W_enc.dtype))
+    record.add_codes(x.to(sae_device), out)
+    return out.recon.to(device=x.device, dtype=x.dtype)
+
+
+class _replaced:
+    """Within the block, `module`'s output (its first element when it returns a tuple) is replaced at
+    the `positions` [batch, seq] by `replace(output[positions])` [n, d]."""
+
+    def __init__(self, module: nn.Module, name: str, positions: Tensor, replace: Callable[[Tensor], Tensor]):
+        self.module, self.name, self.positions, self.replace = module, name, positions, replace
+
+    def hook(self, module: nn.Module, args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if hidden.shape[:2] != self.positions.shape:
+            raise ValueError(
+                f"{self.name} returns {tuple(hidden.shape)}, not [batch, seq, d] for the batch's "
+                f"{tuple(self.positions.shape)} tokens: not a hook point whose output an SAE reconstructs"
+            )
+        hidden = hidden.clone()
+        hidden[self.positions] = self.replace(hidden[self.positions])
+        if isinstance(output, (tuple, list)):
+            return type(output)([hidden, *output[1:]])
+        return hidden
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self.hook)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: python -m fastsae evaluate
+
+
+def add_parser(commands) -> None:
+    evaluate_cmd = commands.add_parser(
+        "evaluate", help="an SAE's loss recovered in its model", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    evaluate_cmd.add_argument("--model", required=True, help="Hugging Face causal LM: hub name or local directory")
+    evaluate_cmd.add_argument("--sae", nargs="+", type=Path, required=True,
+                              help="SAEs (fastsae files, SAELens or sparsify directories), each at the hook point "
+                                   "its file or directory is named after (h.6.safetensors: h.6)")  # fmt: skip
+    evaluate_cmd.add_argument("--hookpoint", nargs="+", help="the SAEs' hook points instead, in their order")
+    evaluate_cmd.add_argument("--texts", nargs="+", type=Path, required=True, help=".txt or .jsonl files")
+    evaluate_cmd.add_argument("--tokens", type=at_least(1), default=None,
+                              help="next-token predictions to score at most (default: every text)")  # fmt: skip
+    evaluate_cmd.add_argument("--context-size", type=at_least(2), default=128, help="tokens per text at most")
+    evaluate_cmd.add_argument("--texts-per-forward", type=at_least(1), default=8)
+    evaluate_cmd.add_argument("--keep-special-tokens", action="store_true",
+                              help="splice special tokens too (training drops them by default)")  # fmt: skip
+    evaluate_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    evaluate_cmd.add_argument("--model-dtype", choices=list(DTYPES), default=None,
+                              help="dtype the model runs in (default: as its checkpoint stores it)")  # fmt: skip
+    evaluate_cmd.add_argument("--json", type=Path, default=None, help="also write the scores to this JSON file")
+    evaluate_cmd.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM
+
+    names = args.hookpoint or [path.stem if path.suffix == ".safetensors" else path.name for path in args.sae]
+    if len(names) != len(args.sae):
+        raise ValueError(f"--hookpoint names {len(names)} hook points for {len(args.sae)} SAEs")
+    if len(set(names)) != len(names):
+        raise ValueError(f"the SAEs' hook points must be distinct, got {names} (name them with --hookpoint)")
+    saes = {name: SparseAutoencoder.load(path, args.device) for name, path in zip(names, args.sae)}
+    tokenizer = load_tokenizer(args.model)
+    dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    scores = evaluate(
+        model, tokenizer, read_texts(args.texts), saes, context_size=args.context_size,
+        texts_per_forward=args.texts_per_forward, max_predictions=args.tokens,
+        keep_special_tokens=args.keep_special_tokens,
+    )  # fmt: skip
+    print(format_scores(scores))
+    if args.json is not None:
+        text = json.dumps({name: asdict(score) for name, score in scores.items()}, indent=2)
+        write_atomically(args.json, lambda tmp: Path(tmp).write_text(text))
+    return 0
+
+
+def format_scores(scores: dict[str, SpliceScores]) -> str:
+    """A markdown table, a row per hook point."""
+    columns = ("loss_recovered", "kl_div", "fvu", "l0", "loss_clean", "loss_spliced", "loss_zero", "n_tokens")
+    lines = ["| hook point | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, score in scores.items():
+        values = [getattr(score, column) for column in columns]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in values) + " |")
+    return "\n".join(lines)
