@@ -183,11 +183,14 @@ def read_cache(cache_dir: str | os.PathLike, hookpoints: Sequence[str]) -> Itera
 
 
 def load_tokenizer(model: str):
-    """The Hugging Face tokenizer of `model` (a hub name or a local directory), padding with its end of
-    text token where it has no padding token (GPT-2's): padding positions are masked out anyway."""
+    """The Hugging Face tokenizer of `model` (a hub name or a local directory), padding on the right
+    (left padding would shift the positions of models that number them from the first token, as GPT-2
+    does) with its end of text token where it has no padding token (GPT-2's): padding positions are
+    masked out anyway."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -97,7 +97,8 @@ def evaluate(
     logits [batch, seq, vocab], or an output with .logits) over `texts`, tokenized by `tokenizer` (a
     Hugging Face tokenizer) in batches of `texts_per_forward` truncated to `context_size` tokens, until
     `max_predictions` next-token predictions have been scored (None: every text). The SAEs run in
-    evaluation mode (their statistics untouched) and are left in the mode they were in."""
+    evaluation mode (their statistics untouched), as does the model, and both are left in the mode they
+    were in."""
     if not saes:
         raise ValueError("saes is empty: give {hook point: SAE}")
     if context_size < 2 or texts_per_forward < 1:
@@ -107,10 +108,10 @@ def evaluate(
     device = next(model.parameters()).device
     sums = {name: _Sums(sae.cfg.d_in, next(sae.parameters()).device) for name, sae in saes.items()}
     clean_loss, n_predictions = 0.0, 0
-    modes = {name: sae.training for name, sae in saes.items()}
+    modes = {name: sae.training for name, sae in saes.items()} | {"": model.training}
     try:
-        for sae in saes.values():
-            sae.eval()
+        for module in (model, *saes.values()):
+            module.eval()  # (a model in training mode would score through dropout)
         with torch.no_grad():
             for batch in _batched(texts, texts_per_forward):
                 encoded = tokenizer(batch, padding=True, truncation=True, max_length=context_size, return_tensors="pt")
@@ -118,7 +119,8 @@ def evaluate(
                 spliced = inputs["attention_mask"].bool()
                 for token_id in special:
                     spliced &= inputs["input_ids"] != token_id
-                targets = inputs["attention_mask"][:, 1:].bool()  # predictions of real tokens
+                real = inputs["attention_mask"].bool()
+                targets = real[:, 1:] & real[:, :-1]  # real tokens predicted from real tokens (any padding side)
                 clean = _log_probs(model, inputs)
                 clean_loss += float(_cross_entropy(clean, inputs, targets))
                 n_predictions += int(targets.sum())
@@ -127,8 +129,8 @@ def evaluate(
                 if max_predictions is not None and n_predictions >= max_predictions:
                     break
     finally:
-        for name, sae in saes.items():
-            sae.train(modes[name])
+        for name, module in {"": model, **saes}.items():
+            module.train(modes[name])
     if n_predictions == 0:
         raise ValueError("the texts gave no next-token prediction to score (each needs at least 2 tokens)")
     loss_clean = clean_loss / n_predictions

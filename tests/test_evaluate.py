@@ -106,12 +106,24 @@ def test_special_tokens_keep_their_activations_unless_asked(model):
         assert scores["h.2"].n_tokens == expected
 
 
-def test_evaluation_leaves_the_sae_as_it_was(model):
+def test_evaluation_leaves_the_sae_and_the_model_as_they_were(model):
+    """Both run in evaluation mode (the model's dropout off: the same scores as from a model in
+    evaluation mode) and return to training mode; the SAE's statistics are untouched."""
     sae = _perfect_sae().train()
     sae.tokens_since_fired.fill_(7)
     state = {name: t.clone() for name, t in sae.state_dict().items()}
-    evaluate(model, _tokenizer(), _texts(8), {"h.0": sae})
-    assert sae.training and all(torch.equal(t, state[name]) for name, t in sae.state_dict().items())
+    in_eval_mode = evaluate(model.eval(), _tokenizer(), _texts(8), {"h.0": sae})
+    assert evaluate(model.train(), _tokenizer(), _texts(8), {"h.0": sae}) == in_eval_mode
+    assert model.training and sae.training
+    assert all(torch.equal(t, state[name]) for name, t in sae.state_dict().items())
+
+
+def test_left_padding_scores_no_prediction_from_padding(model):
+    right, left = _tokenizer(), _tokenizer()
+    left.padding_side = "left"
+    texts = _texts(10, seed=4)
+    scores = [evaluate(model, tokenizer, texts, {"h.0": _zero_sae()})["h.0"] for tokenizer in (right, left)]
+    assert scores[0].n_predictions == scores[1].n_predictions and scores[0].n_tokens == scores[1].n_tokens
 
 
 def test_max_predictions_stops_after_the_batch_that_reaches_it(model):
