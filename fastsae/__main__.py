@@ -11,6 +11,7 @@ import torch
 from . import evaluate, train
 from .activations import load_activations
 from .reproduce import Settings
+from .train import at_least
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,20 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("--out", type=Path, default=Path("fastsae_reproduce"), help="output folder")
     reproduce.add_argument("--gammas", type=float, nargs="+", default=list(Settings.gammas),
                            help="outlier severities to sweep")  # fmt: skip
-    reproduce.add_argument("--steps", type=int, default=Settings.steps, help="training steps per SAE")
-    reproduce.add_argument("--n-eval", type=int, default=Settings.n_eval, help="evaluation tokens")
+    reproduce.add_argument("--steps", type=at_least(0), default=Settings.steps, help="training steps per SAE")
+    reproduce.add_argument("--n-eval", type=at_least(2), default=Settings.n_eval, help="evaluation tokens")
     reproduce.add_argument("--seed", type=int, default=Settings.seed, help="the first seed")
-    reproduce.add_argument("--seeds", type=int, default=Settings.seeds, help="seeds per gamma (paired variants each)")
+    reproduce.add_argument("--seeds", type=at_least(1), default=Settings.seeds,
+                           help="seeds per gamma (paired variants each)")  # fmt: skip
     reproduce.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     reproduce.set_defaults(run=cmd_reproduce)
 
     what = "outlier severity and predicted feature death of a file"
     diagnose = commands.add_parser("diagnose", help=what, **defaults)
     diagnose.add_argument("path", type=Path, help="[N, d] or [..., d] activations: .npy, .pt or .safetensors")
-    diagnose.add_argument("--k", type=int, default=32, help="active features per token of the TopK SAE to assess")
-    diagnose.add_argument("--n-features", type=int, default=None, help="features of the SAE to assess; None: 16 x d")
+    diagnose.add_argument("--k", type=at_least(1), default=32,
+                          help="active features per token of the TopK SAE to assess")  # fmt: skip
+    diagnose.add_argument("--n-features", type=at_least(1), default=None,
+                          help="features of the SAE to assess; None: 16 x d")  # fmt: skip
     diagnose.add_argument(
-        "--measure-tokens", type=int, default=None,
+        "--measure-tokens", type=at_least(0), default=None,
         help="tokens random-init SAEs encode to measure death at init; None: 65536 with a GPU, else 0 (skip)",
     )  # fmt: skip
     diagnose.set_defaults(run=cmd_diagnose)

@@ -256,6 +256,19 @@ def test_cli_refuses_unknown_options(capsys):
     assert exit_info.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [(["diagnose", "acts.npy", "--n-features=-1"], "argument --n-features: must be >= 1, got -1"),
+     (["diagnose", "acts.npy", "--measure-tokens=-4"], "argument --measure-tokens: must be >= 0"),
+     (["reproduce", "--n-eval=1"], "argument --n-eval: must be >= 2"),
+     (["reproduce", "--seeds=0"], "argument --seeds: must be >= 1")],
+)  # fmt: skip
+def test_cli_refuses_counts_out_of_range(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_degenerate_inputs_get_the_papers_conventions_or_clear_errors():
     """NaN gamma is an error; constant activations (all-zero ones too) have gamma inf and nothing to
     learn; the closed forms at gamma inf are their limit; fractions are Python floats."""
