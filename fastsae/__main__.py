@@ -10,8 +10,8 @@ import torch
 
 from . import evaluate, train
 from .activations import load_activations
+from .cli import at_least
 from .reproduce import Settings
-from .train import at_least
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,8 @@
     for batch in stream:                # {hookpoint: [batch_tokens, d] tensor}, shuffled across texts
         sae(batch["transformer.h.6"])
 
-Any `nn.Module` works: a hook point is a submodule's name (`model.get_submodule`), and its output (the
+Any `nn.Module` works: a hook point is a submodule's name (`model.get_submodule`, or that of its
+`base_model`, so that a causal LM takes its AutoModel's names), and its output (the
 first element when a module returns a tuple, as transformer blocks do) is what is collected. Several
 hook points come from one forward pass, which stops as soon as the last of them has run. The tokenizer
 is any Hugging Face tokenizer (or a callable with the same `(texts, padding=True, truncation=True,
@@ -70,11 +71,15 @@ def capture(model: nn.Module, hookpoints: Sequence[str], inputs: dict[str, Tenso
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        names = [n for n, _ in model.named_modules() if n][:20]
-        raise ValueError(f"the model has no submodule {name!r} (some it has: {names})") from None
+    """The submodule `name` of the model or, failing that, of its base model (transformers' models with
+    a head hold the AutoModel's submodules under it: GPT-2's "h.6" is GPT2LMHeadModel's "transformer.h.6")."""
+    for root in (model, getattr(model, "base_model", model)):
+        try:
+            return root.get_submodule(name)
+        except AttributeError:
+            continue
+    names = [n for n, _ in model.named_modules() if n][:20]
+    raise ValueError(f"the model has no submodule {name!r} (some it has: {names})")
 
 
 class ActivationStream:

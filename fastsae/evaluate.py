@@ -37,8 +37,8 @@ import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
 from .activations import _batched, _special_token_ids, _submodule, load_tokenizer
+from .cli import at_least, read_texts
 from .sae import DTYPES, SparseAutoencoder, write_atomically
-from .train import at_least, read_texts
 
 
 @dataclass
@@ -103,7 +103,7 @@ def evaluate(
         raise ValueError("saes is empty: give {hook point: SAE}")
     if context_size < 2 or texts_per_forward < 1:
         raise ValueError(f"need context_size >= 2 and texts_per_forward >= 1, got {context_size}, {texts_per_forward}")
-    modules = {name: _hooked_module(model, name) for name in saes}
+    modules = {name: _submodule(model, name) for name in saes}
     special = [] if keep_special_tokens else _special_token_ids(tokenizer)
     device = next(model.parameters()).device
     sums = {name: _Sums(sae.cfg.d_in, next(sae.parameters()).device) for name, sae in saes.items()}
@@ -158,16 +158,6 @@ def _score_splices(model, inputs, spliced, targets, clean, module, name, sae, re
     record.kl += float(_kl_div(clean, log_probs, targets))
     with _replaced(module, name, spliced, torch.zeros_like):
         record.loss_zero += float(_cross_entropy(_log_probs(model, inputs), inputs, targets))
-
-
-def _hooked_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule `name` of the model, or of its base model (transformers' AutoModel naming)."""
-    for root in (model, getattr(model, "base_model", model)):
-        try:
-            return root.get_submodule(name)
-        except AttributeError:
-            continue
-    return _submodule(model, name)  # raises, naming some of the submodules there are
 
 
 def _log_probs(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:

@@ -12,7 +12,10 @@ redraws OUT/training.png; every --checkpoint-every tokens (and at the end) it wr
 (OUT/<hookpoint>.safetensors) and the optimizer state (OUT/state.pt), atomically. Run it again with the
 same OUT to resume: the SAEs, the optimizer and the token count are restored and the batches already
 used are skipped (the stream is deterministic for the same texts). Text files hold one document per
-line (.txt) or one JSON object with a "text" field per line (.jsonl).
+line (.txt) or one JSON object with a "text" field per line (.jsonl). With --eval-texts (held-out
+texts), each checkpoint also splices the SAEs into the model (`fastsae.evaluate`: the model is then
+loaded with its language-modelling head) and appends their loss recovered, KL divergence, FVU and L0
+to OUT/eval.csv.
 
 Activations you already have (from a model transformers does not load, or saved earlier) train the
 same way, one SAE per file, named by the file's stem:
@@ -45,11 +48,11 @@ import argparse
 import csv
 import gc
 import itertools
-import json
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,11 +60,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .activations import ActivationStream, load_activations, load_tokenizer, saved_activation_batches
+from .cli import at_least, positive_float, read_texts
 from .diagnostics import diagnose
+from .evaluate import evaluate
 from .graphs import CapturedStep
 from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, write_atomically
 
 LOG_COLUMNS = ["tokens", "hookpoint", "fvu", "dead_pct", "tokens_per_s"]
+EVAL_COLUMNS = ["tokens", "hookpoint", "loss_recovered", "kl_div", "fvu", "l0", "loss_clean", "loss_spliced",
+                "loss_zero"]  # fmt: skip
 
 
 def add_parser(commands) -> None:
@@ -73,6 +80,11 @@ def add_parser(commands) -> None:
     train.add_argument("--activations", nargs="+", type=Path,
                        help="instead of --model/--hookpoint/--texts: saved [N, d] activations (.npy, .pt, "
                             ".safetensors), one SAE per file, named by its stem")  # fmt: skip
+    train.add_argument("--eval-texts", nargs="+", type=Path,
+                       help="held-out .txt or .jsonl files: at each checkpoint the SAEs' loss recovered on them "
+                            "(fastsae.evaluate) goes to OUT/eval.csv")  # fmt: skip
+    train.add_argument("--eval-tokens", type=at_least(1), default=2**16,
+                       help="next-token predictions each evaluation scores at most")  # fmt: skip
     train.add_argument("--out", type=Path, default=Path("fastsae_run"), help="output and resume directory")
     train.add_argument("--tokens", type=at_least(1), default=10_000_000, help="training tokens per SAE")
     train.add_argument("--activation", choices=ACTIVATIONS, default="topk")
@@ -139,41 +151,6 @@ def _layout(args: argparse.Namespace) -> Layout:
     )  # fmt: skip
 
 
-def read_texts(paths: list[Path]) -> Iterator[str]:
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"{path}: no such text file")
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if path.suffix == ".jsonl":
-                    try:
-                        line = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError) as error:
-                        raise ValueError(f"{path}:{number}: not a JSON object with a 'text' field") from error
-                if line.strip():
-                    yield line.strip()
-
-
-def at_least(minimum: int):
-    """An argparse type: a whole number >= minimum, so that a zero or negative count is a usage error
-    naming the option rather than a failure (or a run that trains nothing) later."""
-
-    def whole_number(text: str) -> int:
-        value = int(text)  # (not a whole number: argparse's "invalid whole_number value")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return whole_number
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # (NaN too)
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     _run(args)
     if dist.is_initialized():  # a torchrun job: the run's objects that hold the group go first
@@ -187,7 +164,8 @@ def _run(args: argparse.Namespace) -> None:
     _check_source(args)
     layout = _layout(args)
     say = print if layout.main else lambda *_, **__: None
-    batches = _batches(args, layout)
+    model, tokenizer = (None, None) if args.activations else _model(args)
+    batches = _batches(args, layout, model, tokenizer)
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = _state_path(args.out, layout)
     resumed = state_path.is_file()
@@ -216,7 +194,8 @@ def _run(args: argparse.Namespace) -> None:
     if state is not None:
         for name, optimizer in optimizers.items():
             _load_optimizer_state(optimizer, state["optimizers"][name])
-    _train(args, layout, saes, optimizers, batches, tokens_done, used_batches)
+    evaluate_saes = partial(_evaluate, args, layout, model, tokenizer) if args.eval_texts else None
+    _train(args, layout, saes, optimizers, batches, tokens_done, used_batches, evaluate_saes)
 
 
 def _captures(args: argparse.Namespace, layout: Layout) -> bool:
@@ -254,6 +233,8 @@ def _check_source(args: argparse.Namespace) -> None:
     stems become the hook points' names)."""
     model_args = {"--model": args.model, "--hookpoint": args.hookpoint, "--texts": args.texts}
     if args.activations:
+        if args.eval_texts:
+            raise ValueError("--eval-texts scores the SAEs in their model: it needs --model, not --activations")
         given = [flag for flag, value in model_args.items() if value]
         if given:
             raise ValueError(f"--activations trains on saved activations; {', '.join(given)} belong to a model")
@@ -265,18 +246,24 @@ def _check_source(args: argparse.Namespace) -> None:
         raise ValueError(f"give --model, --hookpoint and --texts (missing {', '.join(missing)}), or --activations")
 
 
-def _batches(args: argparse.Namespace, layout: Layout) -> Iterator[dict]:
+def _model(args: argparse.Namespace) -> tuple[torch.nn.Module, object]:
+    """The model, in evaluation mode on --device, and its tokenizer; with --eval-texts the model with its
+    language-modelling head (AutoModelForCausalLM, whose base model holds the hook points)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(args.model)
+    dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
+    kind = AutoModelForCausalLM if args.eval_texts else AutoModel
+    return kind.from_pretrained(args.model, dtype=dtype).to(args.device).eval(), tokenizer
+
+
+def _batches(args: argparse.Namespace, layout: Layout, model, tokenizer) -> Iterator[dict]:
     """This replica's {hookpoint: [batch_tokens, d]} batches: from the model run on the texts, or from
     the saved activations (epoch after epoch)."""
     if args.activations:
         tensors = {path.stem: load_activations(path) for path in args.activations}
         batches = saved_activation_batches(tensors, args.batch_tokens, layout.replica, layout.replicas)
         return ({name: t.to(args.device) for name, t in batch.items()} for batch in batches)
-    from transformers import AutoModel
-
-    tokenizer = load_tokenizer(args.model)
-    dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
-    model = AutoModel.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     texts = itertools.islice(read_texts(args.texts), layout.replica, None, layout.replicas)  # this replica's
     stream = ActivationStream(
         model, tokenizer, texts, args.hookpoint, batch_tokens=args.batch_tokens,
@@ -339,7 +326,9 @@ def _lr(args: argparse.Namespace, sae: SparseAutoencoder) -> float:
     return args.lr if args.lr is not None else 2e-4 / (sae.cfg.n_features / 2**14) ** 0.5
 
 
-def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, used_batches: int) -> None:
+def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, used_batches: int, evaluate_saes) -> None:
+    """The training loop: log rows every --log-every tokens, a checkpoint (and with `evaluate_saes`, an
+    evaluation) every --checkpoint-every tokens and at the end."""
     models = {  # DistributedDataParallel over the replicas: it averages their gradients
         name: DistributedDataParallel(sae, process_group=layout.replica_group)
         if layout.replica_group is not None else sae
@@ -350,6 +339,13 @@ def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, us
         {name: CapturedStep(sae, optimizers[name]) for name, sae in saes.items()} if _captures(args, layout) else {}
     )
     captured_shapes: dict[str, torch.Size] = {}
+
+    def checkpoint(tokens_done: int, used_batches: int) -> None:
+        _save(args, layout, saes, optimizers, tokens_done, used_batches)
+        if evaluate_saes is not None:
+            evaluate_saes(saes, tokens_done)
+
+    saved_at = None
     log_path = args.out / "log.csv"
     new_log = not log_path.is_file()
     next_log = (tokens_done // args.log_every + 1) * args.log_every
@@ -394,9 +390,11 @@ def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, us
                 next_log += args.log_every
                 window_start, window_tokens = time.perf_counter(), 0
             if tokens_done >= next_checkpoint:
-                _save(args, layout, saes, optimizers, tokens_done, used_batches)
+                checkpoint(tokens_done, used_batches)
+                saved_at = tokens_done
                 next_checkpoint += args.checkpoint_every
-    _save(args, layout, saes, optimizers, tokens_done, used_batches)
+    if saved_at != tokens_done:  # (not twice when the last step ended on a checkpoint)
+        checkpoint(tokens_done, used_batches)
     if layout.main:
         print(f"trained on {tokens_done} tokens; SAEs and state in {args.out}")
 
@@ -424,6 +422,27 @@ def _dead_features(sae: SparseAutoencoder, layout: Layout) -> torch.Tensor:
     if layout.shard_group is not None:
         dist.all_reduce(dead, group=layout.shard_group)
     return dead
+
+
+def _evaluate(args, layout: Layout, model, tokenizer, saes, tokens_done: int) -> None:
+    """The SAEs' scores in the model on --eval-texts (fastsae.evaluate), appended to OUT/eval.csv. Every
+    process evaluates (a feature-sharded SAE's forward needs each of its shards); rank 0 writes."""
+    scores = evaluate(
+        model, tokenizer, read_texts(args.eval_texts), saes, context_size=args.context_size,
+        max_predictions=args.eval_tokens, keep_special_tokens=args.keep_special_tokens,
+    )  # fmt: skip
+    if not layout.main:
+        return
+    path = args.out / "eval.csv"
+    new_file = not path.is_file()
+    with open(path, "a", newline="") as f:
+        rows = csv.writer(f)
+        if new_file:
+            rows.writerow(EVAL_COLUMNS)
+        for name, score in scores.items():
+            rows.writerow([tokens_done, name, *(f"{getattr(score, column):.5f}" for column in EVAL_COLUMNS[2:])])
+            print(f"{tokens_done:>12} tokens  {name}: loss recovered {score.loss_recovered:.4f}  "
+                  f"KL {score.kl_div:.4f}  (held-out texts)")  # fmt: skip
 
 
 def _save(args, layout: Layout, saes, optimizers, tokens_done: int, used_batches: int) -> None:

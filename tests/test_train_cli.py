@@ -25,8 +25,8 @@ def model_dir(tmp_path):
     return directory
 
 
-def _rows(out):
-    with open(out / "log.csv", newline="") as f:
+def _rows(out, name="log.csv"):
+    with open(out / name, newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -37,9 +37,16 @@ def test_train_command_logs_checkpoints_and_resumes(tmp_path, model_dir, capsys)
     common = ["train", "--model", str(model_dir), "--hookpoint", "h.0", "h.1", "--texts", str(texts),
               "--out", str(out), "--batch-tokens", "64", "--diagnose-tokens", "128", "--expansion-factor", "4",
               "--k", "4", "--log-every", "256", "--checkpoint-every", "512", "--device", "cpu"]  # fmt: skip
-    assert cli([*common, "--tokens", "1024"]) == 0
+    held_out = ["--eval-texts", str(texts), "--eval-tokens", "100"]  # (the training texts: any will do here)
+    assert cli([*common, "--tokens", "1024", *held_out]) == 0
     printed = capsys.readouterr().out
     assert "== h.0: diagnose" in printed and "| recommendation |" in printed
+    assert printed.count("h.1: loss recovered") == 2  # at the checkpoints, 512 and 1024 tokens
+    evaluations = _rows(out, "eval.csv")
+    assert [(int(row["tokens"]), row["hookpoint"]) for row in evaluations] == [
+        (512, "h.0"), (512, "h.1"), (1024, "h.0"), (1024, "h.1")
+    ]  # fmt: skip
+    assert all(float(row["l0"]) == 4 and float(row["loss_clean"]) > 0 for row in evaluations)
     rows = _rows(out)
     assert {row["hookpoint"] for row in rows} == {"h.0", "h.1"}
     assert int(rows[-1]["tokens"]) == 1024 and all(0 <= float(row["fvu"]) < 10 for row in rows)
@@ -81,7 +88,8 @@ def test_train_command_under_torchrun(tmp_path, model_dir, source, shards):
     if source == "texts":
         texts = tmp_path / "corpus.txt"
         texts.write_text("\n".join(t.replace("[BOS] ", "") for t in _texts(400, seed=3)) + "\n")
-        inputs = ["--model", str(model_dir), "--hookpoint", "h.0", "--texts", str(texts)]
+        inputs = ["--model", str(model_dir), "--hookpoint", "h.0", "--texts", str(texts), "--eval-texts", str(texts),
+                  "--eval-tokens", "100"]  # fmt: skip
     else:  # named h.0 by its stem, like the model's hook point
         torch.save(torch.randn(600, 16, generator=torch.Generator().manual_seed(0)) + 1, tmp_path / "h.0.pt")
         inputs = ["--activations", str(tmp_path / "h.0.pt")]
@@ -96,6 +104,8 @@ def test_train_command_under_torchrun(tmp_path, model_dir, source, shards):
         assert result.stdout.count("tokens  h.0: FVU") == len(logged) > 0  # rank 0 prints and logs, once
     assert "resuming from" in result.stdout
     assert [int(row["tokens"]) for row in _rows(out)] == [256, 512, 768]  # every replica's tokens, logged once
+    if source == "texts":  # every process evaluated (a shard's forward needs the others); rank 0 wrote
+        assert [int(row["tokens"]) for row in _rows(out, "eval.csv")] == [512, 768]
     sae = fastsae.SparseAutoencoder.load(out / "h.0.safetensors")  # the whole SAE
     assert sae.cfg.n_features == 64 and int(sae.n_tokens_seen) == 768
     states = ["state.pt"] if shards == 1 else ["state.shard0.pt", "state.shard1.pt"]
@@ -135,6 +145,7 @@ def test_train_command_wants_a_model_or_saved_activations(tmp_path, model_dir, c
         (["--activations", str(saved), "--model", str(model_dir)], "--model belong to a model"),
         (["--activations", str(saved), str(saved)], "distinct names"),
         (["--activations", str(saved)], "fewer than one batch"),
+        (["--activations", str(saved), "--eval-texts", "t.txt"], "--eval-texts scores the SAEs in their model"),
     ]:
         assert cli(["train", *args, "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
         assert message in capsys.readouterr().err
