@@ -70,6 +70,14 @@ def capture(model: nn.Module, hookpoints: Sequence[str], inputs: dict[str, Tenso
     return outputs
 
 
+def usable_context(model: nn.Module, context_size: int) -> int:
+    """`context_size`, or the positions the model numbers (a transformers config's
+    max_position_embeddings) where those are fewer: longer texts would fail in its embedding lookup
+    with an IndexError naming neither."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return min(context_size, limit) if isinstance(limit, int) else context_size
+
+
 def _submodule(model: nn.Module, name: str) -> nn.Module:
     """The submodule `name` of the model or, failing that, of its base model (transformers' models with
     a head hold the AutoModel's submodules under it: GPT-2's "h.6" is GPT2LMHeadModel's "transformer.h.6")."""
@@ -85,7 +93,8 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
 class ActivationStream:
     """Iterable of {hookpoint: [batch_tokens, d]} batches (see the module docstring). Each pass over
     it goes through `texts` once (a list can be passed over again; a generator only once, unless the
-    cache is complete); the last, partial batch is dropped. Batches are in the hook points' dtype."""
+    cache is complete); the last, partial batch is dropped. Batches are in the hook points' dtype. Texts
+    are cut at `context_size` tokens, or at the model's maximum positions where fewer (`usable_context`)."""
 
     def __init__(
         self,
@@ -109,7 +118,8 @@ class ActivationStream:
             raise ValueError(f"need 1 <= batch_tokens <= buffer_tokens, got {batch_tokens} and {buffer_tokens}")
         self.model, self.tokenizer, self.texts = model, tokenizer, texts
         self.hookpoints = list(hookpoints)
-        self.batch_tokens, self.context_size, self.texts_per_forward = batch_tokens, context_size, texts_per_forward
+        self.batch_tokens, self.texts_per_forward = batch_tokens, texts_per_forward
+        self.context_size = usable_context(model, context_size)
         self.buffer_tokens, self.drop_special_tokens = buffer_tokens, drop_special_tokens
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
-from .activations import _batched, _special_token_ids, _submodule, load_tokenizer
+from .activations import _batched, _special_token_ids, _submodule, load_tokenizer, usable_context
 from .cli import at_least, read_texts
 from .sae import DTYPES, SparseAutoencoder, write_atomically
 
@@ -95,7 +95,8 @@ def evaluate(
 ) -> dict[str, SpliceScores]:
     """{hook point: SpliceScores} of `saes` spliced into `model` (a causal LM whose forward returns
     logits [batch, seq, vocab], or an output with .logits) over `texts`, tokenized by `tokenizer` (a
-    Hugging Face tokenizer) in batches of `texts_per_forward` truncated to `context_size` tokens, until
+    Hugging Face tokenizer) in batches of `texts_per_forward` truncated to `context_size` tokens (or the
+    model's maximum positions, where fewer), until
     `max_predictions` next-token predictions have been scored (None: every text). The SAEs run in
     evaluation mode (their statistics untouched), as does the model, and both are left in the mode they
     were in."""
@@ -103,6 +104,7 @@ def evaluate(
         raise ValueError("saes is empty: give {hook point: SAE}")
     if context_size < 2 or texts_per_forward < 1:
         raise ValueError(f"need context_size >= 2 and texts_per_forward >= 1, got {context_size}, {texts_per_forward}")
+    context_size = usable_context(model, context_size)
     modules = {name: _submodule(model, name) for name in saes}
     special = [] if keep_special_tokens else _special_token_ids(tokenizer)
     device = next(model.parameters()).device

@@ -109,3 +109,18 @@ def test_stream_rejects_bad_settings():
         ActivationStream(_TwoLayers(), _tokenizer(), [], [])
     with pytest.raises(ValueError, match="batch_tokens <= buffer_tokens"):
         ActivationStream(_TwoLayers(), _tokenizer(), [], ["first"], batch_tokens=64, buffer_tokens=32)
+    # texts longer than the model's 64 positions are cut there, not failed on in its embedding lookup
+    stream = ActivationStream(_gpt2(), _tokenizer(), [" ".join(WORDS * 6)], ["transformer.h.0"], batch_tokens=8,
+                              buffer_tokens=8, context_size=128, progress=False)  # fmt: skip
+    assert stream.context_size == 64 and sum(batch["transformer.h.0"].shape[0] for batch in stream) == 64
+
+
+def test_hook_points_resolve_in_the_base_model():
+    """A model with a head finds its AutoModel's hook point names in its base model, as the train
+    command names them (GPT-2's h.0 is GPT2LMHeadModel's transformer.h.0)."""
+    model, tokenizer = _gpt2(), _tokenizer()
+    inputs = dict(tokenizer(_texts(3), padding=True, return_tensors="pt"))
+    short, full = (capture(model, [name], inputs)[name] for name in ("h.0", "transformer.h.0"))
+    assert torch.equal(short, full)
+    with pytest.raises(ValueError, match="no submodule 'h.9'"):
+        capture(model, ["h.9"], inputs)

@@ -136,19 +136,21 @@ def test_max_predictions_stops_after_the_batch_that_reaches_it(model):
 def test_evaluate_explains_bad_input(model):
     tokenizer = _tokenizer()
     wide = fastsae.SparseAutoencoder(fastsae.SAEConfig(d_in=D + 1, n_features=64, k=4))
-    for saes, texts, message in [
-        ({}, _texts(2), "saes is empty"),
-        ({"h.7": _zero_sae()}, _texts(2), "no submodule 'h.7'"),
-        ({"h.0": wide}, _texts(2), "h.0: its output has 16 dimensions, the SAE for it d_in=17"),
-        ({"h.0": _zero_sae()}, [], "no next-token prediction"),
-        ({"h.0": _zero_sae()}, ["[BOS] the", "[BOS] cat"], None),  # (fine: one spliced token each)
-        ({"h.0": _zero_sae()}, ["[BOS]", "[BOS]"], "no next-token prediction"),
+    long_text = " ".join(WORDS * 6)  # 90 tokens: more than the model's 64 positions
+    for saes, texts, context_size, message in [
+        ({}, _texts(2), 32, "saes is empty"),
+        ({"h.7": _zero_sae()}, _texts(2), 32, "no submodule 'h.7'"),
+        ({"h.0": wide}, _texts(2), 32, "h.0: its output has 16 dimensions, the SAE for it d_in=17"),
+        ({"h.0": _zero_sae()}, [], 32, "no next-token prediction"),
+        ({"h.0": _zero_sae()}, ["[BOS]", "[BOS]"], 32, "no next-token prediction"),
+        ({"h.0": _zero_sae()}, ["[BOS] the", "[BOS] cat"], 32, None),  # (fine: one spliced token each)
+        ({"h.0": _zero_sae()}, [long_text], 100, None),  # (fine: truncated to the model's 64 positions)
     ]:
         if message is None:
-            evaluate(model, tokenizer, texts, saes)
+            evaluate(model, tokenizer, texts, saes, context_size=context_size)
             continue
         with pytest.raises(ValueError, match=message):
-            evaluate(model, tokenizer, texts, saes)
+            evaluate(model, tokenizer, texts, saes, context_size=context_size)
 
 
 def test_evaluate_command(tmp_path, model, capsys):
