@@ -153,6 +153,19 @@ def test_evaluate_explains_bad_input(model):
             evaluate(model, tokenizer, texts, saes, context_size=context_size)
 
 
+@pytest.mark.gpu
+def test_evaluate_on_cuda_in_bf16(model):
+    """A bf16 model and SAE on the GPU, the SAE's kernels included: the perfect SAE still costs the model
+    (almost) nothing, against the same evaluation on the CPU in fp32."""
+    texts, tokenizer = _texts(30), _tokenizer()
+    on_cpu = evaluate(model, tokenizer, texts, {"h.1": _perfect_sae()})["h.1"]
+    sae = _perfect_sae().to("cuda", torch.bfloat16)
+    on_gpu = evaluate(model.to("cuda", torch.bfloat16), tokenizer, texts, {"h.1": sae})["h.1"]
+    assert on_gpu.n_tokens == on_cpu.n_tokens and on_gpu.l0 <= D
+    assert on_gpu.loss_clean == pytest.approx(on_cpu.loss_clean, rel=2e-2)
+    assert on_gpu.loss_recovered == pytest.approx(1.0, abs=5e-2) and on_gpu.fvu < 1e-3
+
+
 def test_evaluate_command(tmp_path, model, capsys):
     model_dir = tmp_path / "tiny-gpt2"
     model.save_pretrained(model_dir)
