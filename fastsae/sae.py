@@ -118,13 +118,14 @@ class SAEConfig:
     check_finite: bool = True
 
     def __post_init__(self) -> None:
-        # Whole numbers as Python ints (numpy's too: a config read from another library's file may hold
-        # them), so that a float or a bool fails here rather than inside the first forward.
+        # Whole numbers as Python ints (numpy's, and floats such as 1e7 that are whole, too), so that a
+        # fraction or a bool fails here rather than inside the first forward.
         for name in ("d_in", "n_features", "k", "k_aux", "dead_after_tokens"):
             value = getattr(self, name)
             if value is None and name == "k_aux":
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if not (integral or (isinstance(value, numbers.Real) and float(value).is_integer())):
                 raise TypeError(f"{name} must be a whole number (int), got {value!r}")
             setattr(self, name, int(value))
         for name in ("auxk_coef", "l1_coef", "l0_coef"):
