@@ -124,8 +124,10 @@ class SAEConfig:
             value = getattr(self, name)
             if value is None and name == "k_aux":
                 continue
-            integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            if not (integral or (isinstance(value, numbers.Real) and float(value).is_integer())):
+            whole = isinstance(value, numbers.Integral) or (
+                isinstance(value, numbers.Real) and float(value).is_integer()
+            )
+            if isinstance(value, bool) or not whole:
                 raise TypeError(f"{name} must be a whole number (int), got {value!r}")
             setattr(self, name, int(value))
         for name in ("auxk_coef", "l1_coef", "l0_coef"):
