@@ -443,6 +443,7 @@ def _evaluate(args, layout: Layout, model, tokenizer, saes, tokens_done: int) ->
             rows.writerow([tokens_done, name, *(f"{getattr(score, column):.5f}" for column in EVAL_COLUMNS[2:])])
             print(f"{tokens_done:>12} tokens  {name}: loss recovered {score.loss_recovered:.4f}  "
                   f"KL {score.kl_div:.4f}  (held-out texts)")  # fmt: skip
+    _plot(args.out / "log.csv", args.out / "training.png")
 
 
 def _save(args, layout: Layout, saes, optimizers, tokens_done: int, used_batches: int) -> None:
@@ -458,22 +459,32 @@ def _save(args, layout: Layout, saes, optimizers, tokens_done: int, used_batches
 
 
 def _plot(log_path: Path, png_path: Path) -> None:
+    """FVU and dead features against tokens, per hook point, and the loss recovered on the held-out
+    texts where the run evaluates (eval.csv beside the log)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(log_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    figure, (fvu_axis, dead_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name in sorted({row["hookpoint"] for row in rows}):
-        mine = [row for row in rows if row["hookpoint"] == name]
-        tokens = [int(row["tokens"]) for row in mine]
-        fvu_axis.plot(tokens, [float(row["fvu"]) for row in mine], label=name)
-        dead_axis.plot(tokens, [float(row["dead_pct"]) for row in mine], label=name)
-    fvu_axis.set(xlabel="tokens", ylabel="FVU", yscale="log")
-    dead_axis.set(xlabel="tokens", ylabel="dead features (%)")
-    fvu_axis.legend()
+    rows = _read_rows(log_path)
+    eval_path = log_path.with_name("eval.csv")
+    evaluations = _read_rows(eval_path) if eval_path.is_file() else []
+    panels = [("fvu", "FVU", rows), ("dead_pct", "dead features (%)", rows)]
+    if evaluations:
+        panels.append(("loss_recovered", "loss recovered (held-out texts)", evaluations))
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
+    for axis, (column, label, table) in zip(axes, panels):
+        for name in sorted({row["hookpoint"] for row in table}):
+            mine = [row for row in table if row["hookpoint"] == name]
+            axis.plot([int(row["tokens"]) for row in mine], [float(row[column]) for row in mine], label=name)
+        axis.set(xlabel="tokens", ylabel=label)
+    axes[0].set_yscale("log")
+    axes[0].legend()
     figure.tight_layout()
     write_atomically(png_path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
