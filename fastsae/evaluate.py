@@ -232,9 +232,10 @@ def add_parser(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     evaluate_cmd.add_argument("--model", required=True, help="Hugging Face causal LM: hub name or local directory")
-    evaluate_cmd.add_argument("--sae", nargs="+", type=Path, required=True,
-                              help="SAEs (fastsae files, SAELens or sparsify directories), each at the hook point "
-                                   "its file or directory is named after (h.6.safetensors: h.6)")  # fmt: skip
+    evaluate_cmd.add_argument("--sae", nargs="+", required=True,
+                              help="SAEs (fastsae files, SAELens or sparsify directories, or hf://ORG/REPO/PATH on "
+                                   "the Hugging Face Hub), each at the hook point its file or directory is named "
+                                   "after (h.6.safetensors: h.6)")  # fmt: skip
     evaluate_cmd.add_argument("--hookpoint", nargs="+", help="the SAEs' hook points instead, in their order")
     evaluate_cmd.add_argument("--texts", nargs="+", type=Path, required=True, help=".txt or .jsonl files")
     evaluate_cmd.add_argument("--tokens", type=at_least(1), default=None,
@@ -253,12 +254,12 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
-    names = args.hookpoint or [path.stem if path.suffix == ".safetensors" else path.name for path in args.sae]
+    names = args.hookpoint or [_hookpoint_named_by(spec) for spec in args.sae]
     if len(names) != len(args.sae):
         raise ValueError(f"--hookpoint names {len(names)} hook points for {len(args.sae)} SAEs")
     if len(set(names)) != len(names):
         raise ValueError(f"the SAEs' hook points must be distinct, got {names} (name them with --hookpoint)")
-    saes = {name: SparseAutoencoder.load(path, args.device) for name, path in zip(names, args.sae)}
+    saes = {name: _load_sae(spec, args.device) for name, spec in zip(names, args.sae)}
     tokenizer = load_tokenizer(args.model)
     dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
@@ -272,6 +273,36 @@ def run(args: argparse.Namespace) -> int:
         text = json.dumps({name: asdict(score) for name, score in scores.items()}, indent=2)
         write_atomically(args.json, lambda tmp: Path(tmp).write_text(text))
     return 0
+
+
+HUB_PREFIX = "hf://"
+
+
+def _hub_location(spec: str) -> tuple[str, str]:
+    """(repository, path in it) of an hf://ORG/REPO[/PATH] --sae."""
+    parts = spec.removeprefix(HUB_PREFIX).strip("/").split("/")
+    if len(parts) < 2:
+        raise ValueError(f"{spec}: a Hub SAE is hf://ORG/REPO or hf://ORG/REPO/PATH")
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def _hookpoint_named_by(spec: str) -> str:
+    """The hook point a --sae names by default: its file's stem or its directory's name (on the Hub, the
+    last part of its path in the repository)."""
+    if spec.startswith(HUB_PREFIX):
+        repository, inside = _hub_location(spec)
+        path = Path(inside or repository)
+    else:
+        path = Path(spec)
+    return path.stem if path.suffix == ".safetensors" else path.name
+
+
+def _load_sae(spec: str, device: str) -> SparseAutoencoder:
+    if spec.startswith(HUB_PREFIX):
+        from .io import load_hub
+
+        return load_hub(*_hub_location(spec), device=device)
+    return SparseAutoencoder.load(spec, device)
 
 
 def format_scores(scores: dict[str, SpliceScores]) -> str:

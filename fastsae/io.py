@@ -3,6 +3,7 @@
     sae = SparseAutoencoder.load("path")                  # detects the format (see detect_format)
     sae.save("out_dir", format="saelens")                 # or "sparsify"; "fastsae" (one file) by default
     saes = load_hookpoints("sparsify_run/")               # a directory of per-hookpoint SAEs
+    sae = load_hub("EleutherAI/sae-llama-3-8b-32x", "layers.10")   # from the Hugging Face Hub
 
 SAELens (`SAE.save_model` / `SAE.load_from_disk`): a directory holding cfg.json and
 sae_weights.safetensors with W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in] and,
@@ -70,6 +71,27 @@ def save(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "fastsae
     if format not in savers:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     savers[format](sae, path)
+
+
+def load_hub(
+    repo_id: str, path: str = "", revision: str | None = None, device: str | torch.device = "cpu"
+) -> SparseAutoencoder:
+    """An SAE from a Hugging Face Hub repository (`huggingface_hub.snapshot_download`, its cache and
+    its token): `path` inside the repository names a SAELens or sparsify SAE directory ("layers.10" of
+    EleutherAI's per-hookpoint sparsify releases; "" for one at the repository's root) or a fastsae
+    .safetensors file. Only that SAE's files are downloaded; HF_HUB_OFFLINE=1 reads the cache alone."""
+    from huggingface_hub import snapshot_download
+
+    path = path.strip("/")
+    if path.endswith(".safetensors"):
+        patterns = [path]
+    else:
+        patterns = [f"{path}/{name}" if path else name for name in (*SAELENS_FILES, *SPARSIFY_FILES)]
+    local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns)) / path
+    if not local.exists() or (local.is_dir() and not any(local.iterdir())):  # (none of the files matched)
+        where = f"at {path!r}" if path else "at its root (name the SAE's directory in it)"
+        raise FileNotFoundError(f"the Hub repository {repo_id} holds no SAE checkpoint {where}")
+    return load(local, device)
 
 
 def load_hookpoints(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, SparseAutoencoder]:

@@ -66,3 +66,33 @@ def deterministic(request, monkeypatch):
     torch.use_deterministic_algorithms(request.param == "deterministic")
     yield request.param != "atomic"
     torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture
+def hub_repository(tmp_path, monkeypatch):
+    """A Hub repository as a local folder: huggingface_hub.snapshot_download is replaced by a copy of the
+    files its allow_patterns match (fnmatch, as the Hub filters them) into a fresh snapshot folder.
+    Gives the repository's folder (`path`) and the paths downloaded (`downloaded`)."""
+    import fnmatch
+    import shutil
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    repository = SimpleNamespace(path=tmp_path / "repository", downloaded=[])
+    repository.path.mkdir()
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        assert repo_id == "org/saes" and revision in (None, "v1")
+        snapshot = tmp_path / f"snapshot{len(list(tmp_path.glob('snapshot*')))}"
+        snapshot.mkdir()
+        for file in repository.path.rglob("*"):
+            relative = file.relative_to(repository.path).as_posix()
+            if file.is_file() and any(fnmatch.fnmatch(relative, pattern) for pattern in allow_patterns):
+                (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(file, snapshot / relative)
+                repository.downloaded.append(relative)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return repository

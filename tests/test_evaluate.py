@@ -166,7 +166,7 @@ def test_evaluate_on_cuda_in_bf16(model):
     assert on_gpu.loss_recovered == pytest.approx(1.0, abs=5e-2) and on_gpu.fvu < 1e-3
 
 
-def test_evaluate_command(tmp_path, model, capsys):
+def test_evaluate_command(tmp_path, model, capsys, hub_repository):
     model_dir = tmp_path / "tiny-gpt2"
     model.save_pretrained(model_dir)
     _tokenizer().save_pretrained(model_dir)
@@ -184,3 +184,8 @@ def test_evaluate_command(tmp_path, model, capsys):
     assert "no submodule 'zero'" in capsys.readouterr().err
     assert cli([*args, *saes, "--hookpoint", "h.1"]) == 2
     assert "names 1 hook points for 2 SAEs" in capsys.readouterr().err
+    _perfect_sae().save(hub_repository.path / "h.1", format="sparsify")  # a Hub repository's h.1
+    assert cli([*args, "--sae", "hf://org/saes/h.1"]) == 0
+    assert "| h.1 | 1 |" in capsys.readouterr().out
+    assert cli([*args, "--sae", "hf://org"]) == 2
+    assert "a Hub SAE is hf://ORG/REPO" in capsys.readouterr().err

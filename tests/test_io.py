@@ -231,3 +231,23 @@ def test_what_fastsae_cannot_represent_is_refused(tmp_path):
     (broken / "cfg.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a readable JSON config"):
         fastsae.SparseAutoencoder.load(broken)
+
+
+def test_load_hub_downloads_one_sae(hub_repository):
+    """The SAE at a path of a Hub repository (a sparsify directory per hook point, a SAELens one at the
+    root, a fastsae file), downloading its files alone; a path with no SAE is a clear error."""
+    saes = {name: fastsae.SparseAutoencoder(fastsae.SAEConfig(d_in=D, n_features=N_FEATURES, k=K)) for name in "abc"}
+    saes["a"].save(hub_repository.path / "layers.3", format="sparsify")
+    saes["b"].save(hub_repository.path / "layers.4", format="sparsify")
+    saes["c"].save(hub_repository.path, format="saelens")
+    saes["a"].save(hub_repository.path / "checkpoints" / "a.safetensors")
+    for path, name, expected_files in [
+        ("layers.3", "a", {"layers.3/cfg.json", "layers.3/sae.safetensors"}),
+        ("", "c", {"cfg.json", "sae_weights.safetensors"}),
+        ("/checkpoints/a.safetensors", "a", {"checkpoints/a.safetensors"}),
+    ]:
+        hub_repository.downloaded.clear()
+        loaded = io.load_hub("org/saes", path, revision="v1")
+        assert torch.equal(loaded.W_dec, saes[name].W_dec) and set(hub_repository.downloaded) == expected_files
+    with pytest.raises(FileNotFoundError, match="holds no SAE checkpoint at 'layers.9'"):
+        io.load_hub("org/saes", "layers.9")
