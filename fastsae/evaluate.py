@@ -15,7 +15,8 @@ is 1 where the reconstruction costs the model nothing and 0 where it does no bet
 "CE loss score", the "fraction of loss recovered" of Bricken et al. 2023 and Gao et al. 2024). `kl_div`
 is the mean KL divergence of the spliced next-token distribution from the clean one (it does not depend
 on which token came next). The losses are means over every next-token prediction whose target is a
-real token; `fvu` and `l0` (mean non-zero codes per token) are the SAE's over the spliced positions.
+real token; `fvu`, `l0` (mean non-zero codes per token) and `alive` (the fraction of features that
+fired on at least one token) are the SAE's over the spliced positions.
 
 A hook point is a submodule name of the model or, as `python -m fastsae train` names them (submodules
 of transformers' AutoModel), of its `base_model`: "h.6" finds GPT-2's `transformer.h.6`.
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
+from . import functional as F
 from .activations import _batched, _special_token_ids, _submodule, load_tokenizer, usable_context
 from .cli import at_least, read_texts
 from .sae import DTYPES, SparseAutoencoder, write_atomically
@@ -56,13 +58,15 @@ class SpliceScores:
     kl_div: float
     fvu: float
     l0: float
+    alive: float
 
 
 class _Sums:
     """A hook point's running sums over the batches, in fp64."""
 
-    def __init__(self, d: int, device: torch.device):
+    def __init__(self, d: int, n_features: int, device: torch.device):
         self.loss_spliced = self.loss_zero = self.kl = 0.0
+        self.fired = torch.zeros(n_features, dtype=torch.int64, device=device)
         self.n_tokens, self.l0 = 0, 0.0
         self.squared_error, self.sum_of_squares = 0.0, 0.0
         self.total = torch.zeros(d, dtype=torch.float64, device=device)
@@ -74,8 +78,12 @@ class _Sums:
         self.squared_error += float((x64 - out.recon.double()).pow(2).sum())
         self.sum_of_squares += float(x64.pow(2).sum())
         self.total += x64.sum(0)
-        codes = out.vals if out.vals is not None else out.acts
-        self.l0 += float((codes != 0).sum())
+        if out.idx is not None:
+            self.fired += F.fire_counts(out.idx, self.fired.shape[0], out.vals)
+            self.l0 += float((out.vals != 0).sum())
+        else:
+            self.fired += F.fire_counts_dense(out.acts)
+            self.l0 += float((out.acts != 0).sum())
 
     def fvu(self) -> float:
         """Squared error over the total variance of the spliced activations (around their mean)."""
@@ -108,7 +116,7 @@ def evaluate(
     modules = {name: _submodule(model, name) for name in saes}
     special = [] if keep_special_tokens else _special_token_ids(tokenizer)
     device = next(model.parameters()).device
-    sums = {name: _Sums(sae.cfg.d_in, next(sae.parameters()).device) for name, sae in saes.items()}
+    sums = {name: _Sums(sae.cfg.d_in, sae.cfg.n_features, next(sae.parameters()).device) for name, sae in saes.items()}
     clean_loss, n_predictions = 0.0, 0
     modes = {name: sae.training for name, sae in saes.items()} | {"": model.training}
     try:
@@ -147,6 +155,7 @@ def evaluate(
             hookpoint=name, n_tokens=record.n_tokens, n_predictions=n_predictions, loss_clean=loss_clean,
             loss_spliced=spliced_loss, loss_zero=zero_loss, loss_recovered=recovered,
             kl_div=record.kl / n_predictions, fvu=record.fvu(), l0=record.l0 / record.n_tokens,
+            alive=float((record.fired > 0).double().mean()),
         )  # fmt: skip
     return scores
 
@@ -307,7 +316,7 @@ def _load_sae(spec: str, device: str) -> SparseAutoencoder:
 
 def format_scores(scores: dict[str, SpliceScores]) -> str:
     """A markdown table, a row per hook point."""
-    columns = ("loss_recovered", "kl_div", "fvu", "l0", "loss_clean", "loss_spliced", "loss_zero", "n_tokens")
+    columns = ("loss_recovered", "kl_div", "fvu", "l0", "alive", "loss_clean", "loss_spliced", "loss_zero", "n_tokens")
     lines = ["| hook point | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, score in scores.items():
         values = [getattr(score, column) for column in columns]

@@ -67,8 +67,8 @@ from .graphs import CapturedStep
 from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, write_atomically
 
 LOG_COLUMNS = ["tokens", "hookpoint", "fvu", "dead_pct", "tokens_per_s"]
-EVAL_COLUMNS = ["tokens", "hookpoint", "loss_recovered", "kl_div", "fvu", "l0", "loss_clean", "loss_spliced",
-                "loss_zero"]  # fmt: skip
+EVAL_COLUMNS = ["tokens", "hookpoint", "loss_recovered", "kl_div", "fvu", "l0", "alive", "loss_clean",
+                "loss_spliced", "loss_zero"]  # fmt: skip
 
 
 def add_parser(commands) -> None:

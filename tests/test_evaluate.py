@@ -96,6 +96,8 @@ def test_scores_match_an_independent_splice(model):
     assert scores.n_tokens == x.shape[0] and scores.n_predictions == int(real.sum())
     assert scores.fvu == pytest.approx(float((x - out.recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-5)
     assert scores.l0 == pytest.approx(float((out.vals != 0).sum(-1).float().mean()), rel=1e-6)
+    fired = torch.bincount(out.idx[out.vals > 0], minlength=64)
+    assert scores.alive == float((fired > 0).float().mean()) and 0 < scores.alive < 1
 
 
 def test_special_tokens_keep_their_activations_unless_asked(model):
