@@ -27,9 +27,10 @@ of transformers' AutoModel), of its `base_model`: "h.6" finds GPT-2's `transform
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -204,31 +205,27 @@ def _reconstruct(name: str, sae: SparseAutoencoder, x: Tensor, record: _Sums) ->
     return out.recon.to(device=x.device, dtype=x.dtype)
 
 
-class _replaced:
+@contextlib.contextmanager
+def _replaced(module: nn.Module, name: str, positions: Tensor, replace: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """Within the block, `module`'s output (its first element when it returns a tuple) is replaced at
     the `positions` [batch, seq] by `replace(output[positions])` [n, d]."""
 
-    def __init__(self, module: nn.Module, name: str, positions: Tensor, replace: Callable[[Tensor], Tensor]):
-        self.module, self.name, self.positions, self.replace = module, name, positions, replace
-
-    def hook(self, module: nn.Module, args, output):
+    def hook(module: nn.Module, args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else output
-        if hidden.shape[:2] != self.positions.shape:
+        if hidden.shape[:2] != positions.shape:
             raise ValueError(
-                f"{self.name} returns {tuple(hidden.shape)}, not [batch, seq, d] for the batch's "
-                f"{tuple(self.positions.shape)} tokens: not a hook point whose output an SAE reconstructs"
+                f"{name} returns {tuple(hidden.shape)}, not [batch, seq, d] for the batch's "
+                f"{tuple(positions.shape)} tokens: not a hook point whose output an SAE reconstructs"
             )
         hidden = hidden.clone()
-        hidden[self.positions] = self.replace(hidden[self.positions])
-        if isinstance(output, (tuple, list)):
-            return type(output)([hidden, *output[1:]])
-        return hidden
+        hidden[positions] = replace(hidden[positions])
+        return type(output)([hidden, *output[1:]]) if isinstance(output, (tuple, list)) else hidden
 
-    def __enter__(self):
-        self.handle = self.module.register_forward_hook(self.hook)
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -155,6 +155,25 @@ def test_evaluate_explains_bad_input(model):
             evaluate(model, tokenizer, texts, saes, context_size=context_size)
 
 
+class _FlatModel(torch.nn.Module):
+    """A causal LM whose `flat` submodule sees the tokens as one [batch x seq, d] matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(len(SPECIAL) + len(WORDS), D)
+        self.flat = torch.nn.Linear(D, D)
+        self.head = torch.nn.Linear(D, len(SPECIAL) + len(WORDS))
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.flat(self.embed(input_ids).flatten(0, 1))
+        return self.head(hidden).unflatten(0, input_ids.shape)
+
+
+def test_a_hook_point_must_keep_the_tokens_shape():
+    with pytest.raises(ValueError, match=r"flat returns \(\d+, 16\), not \[batch, seq, d\]"):
+        evaluate(_FlatModel(), _tokenizer(), _texts(4), {"flat": _zero_sae()})
+
+
 @pytest.mark.gpu
 def test_evaluate_on_cuda_in_bf16(model):
     """A bf16 model and SAE on the GPU, the SAE's kernels included: the perfect SAE still costs the model
