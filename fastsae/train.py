@@ -14,8 +14,8 @@ same OUT to resume: the SAEs, the optimizer and the token count are restored and
 used are skipped (the stream is deterministic for the same texts). Text files hold one document per
 line (.txt) or one JSON object with a "text" field per line (.jsonl). With --eval-texts (held-out
 texts), each checkpoint also splices the SAEs into the model (`fastsae.evaluate`: the model is then
-loaded with its language-modelling head) and appends their loss recovered, KL divergence, FVU and L0
-to OUT/eval.csv.
+loaded with its language-modelling head) and appends their loss recovered, KL divergence, FVU, L0 and
+alive features to OUT/eval.csv.
 
 Activations you already have (from a model transformers does not load, or saved earlier) train the
 same way, one SAE per file, named by the file's stem:
@@ -96,7 +96,7 @@ def add_parser(commands) -> None:
     train.add_argument("--batch-tokens", type=at_least(2), default=4096)
     train.add_argument("--diagnose-tokens", type=at_least(1), default=2**16,
                        help="tokens diagnose and the centering see first (not trained on)")  # fmt: skip
-    train.add_argument("--context-size", type=at_least(1), default=128, help="tokens per text at most")
+    train.add_argument("--context-size", type=at_least(2), default=128, help="tokens per text at most")
     train.add_argument("--dead-after", type=at_least(0), default=10_000_000, help="tokens without firing: dead")
     train.add_argument("--log-every", type=at_least(1), default=100_000, help="tokens between log rows")
     train.add_argument("--checkpoint-every", type=at_least(1), default=1_000_000, help="tokens between checkpoints")
