@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .sae import write_atomically
+from .sae import DTYPES, write_atomically
 
 
 class _StopForward(Exception):
@@ -175,14 +175,8 @@ class ActivationStream:
         model_device = next(self.model.parameters()).device
         batches = _batched(self.texts, self.texts_per_forward)
         for texts in tqdm(batches, desc="activations", unit=" forward", disable=not self.progress):
-            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context_size,
-                                     return_tensors="pt")  # fmt: skip
-            input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-            keep = attention_mask.bool()
-            for token_id in special:
-                keep &= input_ids != token_id
-            inputs = {"input_ids": input_ids.to(model_device), "attention_mask": attention_mask.to(model_device)}
-            outputs = capture(self.model, self.hookpoints, inputs)
+            inputs, keep = encode_texts(self.tokenizer, texts, self.context_size, special)
+            outputs = capture(self.model, self.hookpoints, {name: t.to(model_device) for name, t in inputs.items()})
             yield {name: out[keep.to(out.device)] for name, out in outputs.items()}
 
 
@@ -197,18 +191,35 @@ def read_cache(cache_dir: str | os.PathLike, hookpoints: Sequence[str]) -> Itera
             yield {name: f.get_tensor(name) for name in hookpoints}
 
 
-def load_tokenizer(model: str):
-    """The Hugging Face tokenizer of `model` (a hub name or a local directory), padding on the right
-    (left padding would shift the positions of models that number them from the first token, as GPT-2
-    does) with its end of text token where it has no padding token (GPT-2's): padding positions are
-    masked out anyway."""
-    from transformers import AutoTokenizer
+def load_model(name: str, model_dtype: str | None, device: str | torch.device, lm_head: bool = False):
+    """(model, tokenizer) of a Hugging Face model (a hub name or a local directory): the model in
+    evaluation mode on `device`, in `model_dtype` (a key of DTYPES; None: as its checkpoint stores it),
+    with its language-modelling head where `lm_head` (AutoModelForCausalLM, whose base model holds the
+    AutoModel's hook points); the tokenizer padding on the right (left padding would shift the positions
+    of models that number them from the first token, as GPT-2 does) with its end of text token where it
+    has no padding token (GPT-2's): padding positions are masked out anyway."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(name)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    dtype = DTYPES[model_dtype] if model_dtype else "auto"
+    model = (AutoModelForCausalLM if lm_head else AutoModel).from_pretrained(name, dtype=dtype)
+    return model.to(device).eval(), tokenizer
+
+
+def encode_texts(
+    tokenizer, texts: list[str], context_size: int, special_ids: Sequence[int]
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The model's inputs {input_ids, attention_mask} [batch, seq] for `texts` (padded, cut at
+    `context_size` tokens) and the positions an SAE sees there: not padding, and none of `special_ids`."""
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=context_size, return_tensors="pt")
+    inputs = {name: encoded[name] for name in ("input_ids", "attention_mask")}
+    seen = inputs["attention_mask"].bool()
+    for token_id in special_ids:
+        seen &= inputs["input_ids"] != token_id
+    return inputs, seen
 
 
 def _special_token_ids(tokenizer) -> list[int]:

@@ -39,7 +39,7 @@ import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
 from . import functional as F
-from .activations import _batched, _special_token_ids, _submodule, load_tokenizer, usable_context
+from .activations import _batched, _special_token_ids, _submodule, encode_texts, load_model, usable_context
 from .cli import at_least, read_texts
 from .sae import DTYPES, SparseAutoencoder, write_atomically
 
@@ -119,17 +119,14 @@ def evaluate(
     device = next(model.parameters()).device
     sums = {name: _Sums(sae.cfg.d_in, sae.cfg.n_features, next(sae.parameters()).device) for name, sae in saes.items()}
     clean_loss, n_predictions = 0.0, 0
-    modes = {name: sae.training for name, sae in saes.items()} | {"": model.training}
+    modes = {module: module.training for module in (model, *saes.values())}
     try:
-        for module in (model, *saes.values()):
+        for module in modes:
             module.eval()  # (a model in training mode would score through dropout)
         with torch.no_grad():
             for batch in _batched(texts, texts_per_forward):
-                encoded = tokenizer(batch, padding=True, truncation=True, max_length=context_size, return_tensors="pt")
-                inputs = {name: encoded[name].to(device) for name in ("input_ids", "attention_mask")}
-                spliced = inputs["attention_mask"].bool()
-                for token_id in special:
-                    spliced &= inputs["input_ids"] != token_id
+                inputs, spliced = encode_texts(tokenizer, batch, context_size, special)
+                inputs, spliced = {name: t.to(device) for name, t in inputs.items()}, spliced.to(device)
                 real = inputs["attention_mask"].bool()
                 targets = real[:, 1:] & real[:, :-1]  # real tokens predicted from real tokens (any padding side)
                 clean = _log_probs(model, inputs)
@@ -140,8 +137,8 @@ def evaluate(
                 if max_predictions is not None and n_predictions >= max_predictions:
                     break
     finally:
-        for name, module in {"": model, **saes}.items():
-            module.train(modes[name])
+        for module, training in modes.items():
+            module.train(training)
     if n_predictions == 0:
         raise ValueError("the texts gave no next-token prediction to score (each needs at least 2 tokens)")
     loss_clean = clean_loss / n_predictions
@@ -258,17 +255,13 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM
-
     names = args.hookpoint or [_hookpoint_named_by(spec) for spec in args.sae]
     if len(names) != len(args.sae):
         raise ValueError(f"--hookpoint names {len(names)} hook points for {len(args.sae)} SAEs")
     if len(set(names)) != len(names):
         raise ValueError(f"the SAEs' hook points must be distinct, got {names} (name them with --hookpoint)")
     saes = {name: _load_sae(spec, args.device) for name, spec in zip(names, args.sae)}
-    tokenizer = load_tokenizer(args.model)
-    dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    model, tokenizer = load_model(args.model, args.model_dtype, args.device, lm_head=True)
     scores = evaluate(
         model, tokenizer, read_texts(args.texts), saes, context_size=args.context_size,
         texts_per_forward=args.texts_per_forward, max_predictions=args.tokens,

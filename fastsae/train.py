@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .activations import ActivationStream, load_activations, load_tokenizer, saved_activation_batches
+from .activations import ActivationStream, load_activations, load_model, saved_activation_batches
 from .cli import at_least, positive_float, read_texts
 from .diagnostics import diagnose
 from .evaluate import evaluate
@@ -164,7 +164,9 @@ def _run(args: argparse.Namespace) -> None:
     _check_source(args)
     layout = _layout(args)
     say = print if layout.main else lambda *_, **__: None
-    model, tokenizer = (None, None) if args.activations else _model(args)
+    model, tokenizer = None, None
+    if not args.activations:  # with --eval-texts with its head, which scores the splices (`_evaluate`)
+        model, tokenizer = load_model(args.model, args.model_dtype, args.device, lm_head=bool(args.eval_texts))
     batches = _batches(args, layout, model, tokenizer)
     args.out.mkdir(parents=True, exist_ok=True)
     state_path = _state_path(args.out, layout)
@@ -244,17 +246,6 @@ def _check_source(args: argparse.Namespace) -> None:
     elif not all(model_args.values()):
         missing = [flag for flag, value in model_args.items() if not value]
         raise ValueError(f"give --model, --hookpoint and --texts (missing {', '.join(missing)}), or --activations")
-
-
-def _model(args: argparse.Namespace) -> tuple[torch.nn.Module, object]:
-    """The model, in evaluation mode on --device, and its tokenizer; with --eval-texts the model with its
-    language-modelling head (AutoModelForCausalLM, whose base model holds the hook points)."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    tokenizer = load_tokenizer(args.model)
-    dtype = DTYPES[args.model_dtype] if args.model_dtype else "auto"
-    kind = AutoModelForCausalLM if args.eval_texts else AutoModel
-    return kind.from_pretrained(args.model, dtype=dtype).to(args.device).eval(), tokenizer
 
 
 def _batches(args: argparse.Namespace, layout: Layout, model, tokenizer) -> Iterator[dict]:
