@@ -18,7 +18,10 @@ from .harness import SHAPES, gpu_slug, shape_dims
 
 BASELINES = ["cublas_gemm", "bincount", "embedding_bag", "torch", "fastsae_1gpu"]
 # Ops reported in TFLOP/s of their encoder GEMM, 2 * B * d * F.
-GEMM_OPS = ("encode_topk", "encode_relu", "encode_batchtopk", "encode_topk_positive_counts", "encode_topk_sort_select")
+GEMM_OPS = (
+    "encode_topk", "encode_relu", "encode_batchtopk", "encode_topk_positive_counts", "encode_topk_sort_select",
+    "gemm_group_max",
+)  # fmt: skip
 # What each op times, and where its bench says more (printed under the op's heading).
 OP_NOTES = {
     "fire_counts": "Per-feature fire counts of sparse codes (`bench/bench_stats.py`).",
@@ -34,6 +37,8 @@ OP_NOTES = {
     "encode_topk_sort_select": "The TopK encode with the experimental sort-select row-filter configurations, "
     "timed once and removed (no faster than `encode_topk`'s route).",
     "decode_sparse": "The sparse decode of [B, k] codes (`bench/bench_decode.py`).",
+    "gemm_group_max": "The encoder GEMM writing the pre-activation and, in its epilogue, each row's maxima over "
+    "groups of 128 features (experimental CUTLASS kernel, `bench/bench_gemm.py`), against cuBLAS's addmm.",
     "train_step": "A whole TopK training step with AuxK (`bench/bench_train.py`); `fastsae_compile` runs the "
     "module's forward through `torch.compile(sae, fullgraph=True)` and `fastsae_module_compile` through "
     "`sae.compile()` (the dead-feature list eager), the backward and Adam eager.",

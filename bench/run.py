@@ -19,7 +19,7 @@ from .harness import SHAPES, Recorder
 from .report import render
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FAMILIES = ["stats", "encode", "decode", "train"]
+FAMILIES = ["stats", "encode", "decode", "train", "gemm"]
 
 
 def _subset(parser: argparse.ArgumentParser, value: str, choices: list[str], what: str) -> list[str]:

@@ -1,0 +1,70 @@
+"""The experimental CUTLASS GEMM with group maxima (`fastsae.ops.group_max_gemm`) against its reference,
+and the reference against a direct computation of what it defines."""
+
+import pytest
+import torch
+
+from fastsae import reference
+from fastsae.ops import group_max_gemm
+
+from .utils import assert_close
+
+
+def test_reference_maxima_are_each_rows_group_maxima():
+    torch.manual_seed(0)
+    B, d, F, group = 5, 16, 300, 128
+    xc, W_enc, b_enc = torch.randn(B, d).bfloat16(), torch.randn(d, F).bfloat16(), torch.randn(F).bfloat16()
+    pre, maxima = reference.gemm_bias_group_max(xc, W_enc, b_enc, group)
+    assert pre.dtype == torch.bfloat16 and pre.shape == (B, F)
+    assert_close(pre.double(), xc.double() @ W_enc.double() + b_enc.double(), torch.bfloat16, "pre")
+    assert maxima.dtype == torch.float32 and maxima.shape == (3, 128)  # 3 groups, rows rounded up to 128
+    for row in range(B):
+        for g in range(3):
+            assert maxima[g, row] == pre[row, g * group : (g + 1) * group].float().max()
+    assert torch.isneginf(maxima[:, B:]).all()
+
+
+def test_unbuilt_extension_fails_clearly():
+    if group_max_gemm.available():
+        pytest.skip("the CUTLASS extension is built here")
+    x = torch.zeros(8, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="cutlass"):
+        group_max_gemm.gemm_bias_group_max(x, x, x[0])
+
+
+def _operands(B, d, F):
+    xc = torch.randn(B, d, device="cuda").bfloat16()
+    W_enc = (torch.randn(d, F, device="cuda") / d**0.5).bfloat16()
+    return xc, W_enc, (0.1 * torch.randn(F, device="cuda")).bfloat16()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(300, 72, 1000), (1024, 768, 4096), (129, 384, 16384), (1, 8, 8)], ids=str)
+def test_matches_reference_on_cuda(shape):
+    if not group_max_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    torch.manual_seed(0)
+    B, d, F = shape
+    xc, W_enc, b_enc = _operands(B, d, F)
+    pre, maxima = group_max_gemm.gemm_bias_group_max(xc, W_enc, b_enc)
+    expected_pre, expected_maxima = reference.gemm_bias_group_max(xc, W_enc, b_enc, group_max_gemm.GROUP)
+    assert pre.shape == expected_pre.shape and maxima.shape == expected_maxima.shape
+    assert_close(pre.double(), expected_pre.double(), torch.bfloat16, "pre")
+    # The maxima are exactly those of the kernel's own (rounded) pre-activation, whatever its summation order.
+    assert torch.equal(maxima[:, :B], reference.group_maxima(pre, group_max_gemm.GROUP)[:, :B])
+    assert_close(maxima[:, :B].double(), expected_maxima[:, :B].double(), torch.bfloat16, "maxima")
+
+
+@pytest.mark.gpu
+def test_bad_operands_fail_clearly():
+    if not group_max_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    xc, W_enc, b_enc = _operands(64, 64, 256)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        group_max_gemm.gemm_bias_group_max(xc.float(), W_enc, b_enc)
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        group_max_gemm.gemm_bias_group_max(xc, W_enc[:, :250].contiguous(), b_enc[:250].contiguous())
+    with pytest.raises(RuntimeError, match="CUDA"):
+        group_max_gemm.gemm_bias_group_max(xc.cpu(), W_enc, b_enc)
+    with pytest.raises(RuntimeError, match="W_enc must be"):
+        group_max_gemm.gemm_bias_group_max(xc, W_enc[:32].contiguous(), b_enc)
