@@ -134,7 +134,8 @@ def main() -> None:
 def _row_filter_constexprs(cfg: dict, k: int, k_aux: int) -> dict:
     """The row filter kernel's constexprs for one of `filter.row_filter_configs(k, k_aux, F)`, as
     `filter.row_filter_topk` launches it."""
-    return {"HAS_AUX": k_aux > 0, "INLINE_PTX": True, "N_GROUPS": cfg["N_GROUPS"], "GROUP": cfg["GROUP"],
+    return {"HAS_AUX": k_aux > 0, "MAXIMA_GIVEN": cfg.get("GEMM") == "cutlass", "INLINE_PTX": True,
+            "N_GROUPS": cfg["N_GROUPS"], "GROUP": cfg["GROUP"],
             "CHUNK_GROUPS": filter.ROW_FILTER_READ // cfg["GROUP"],
             "HOT_GROUPS": filter.ROW_FILTER_REREAD // cfg["GROUP"], "CAP": cfg["CAP"],
             "KEEP": triton.next_power_of_2(k), "AUX_CAP": cfg["AUX_CAP"],
@@ -206,6 +207,16 @@ def _queue_kernels() -> None:
                 f"warps={warps}{'' if cfg['SELECT'] else ' select_launch'}",
                 filter._row_filter_kernel,
                 _row_filter_constexprs(cfg, k, k_aux),
+                num_warps=warps,
+            )
+    for n_features, k in [(24576, 32), (16384, 128), (131072, 64)]:  # over the CUTLASS GEMM's maxima
+        for cfg in filter.over_group_maxima(k, n_features):
+            warps = max(cfg["WARPS"], filter._row_warps(cfg["CAP"]))
+            queue_compile(
+                f"row_filter_given_maxima F={n_features} k={k} cap={cfg['CAP']} warps={warps}"
+                f"{'' if cfg['SELECT'] else ' select_launch'}",
+                filter._row_filter_kernel,
+                _row_filter_constexprs(cfg, k, 0),
                 num_warps=warps,
             )
     for block_g in (512, 1024, 2048):

@@ -15,6 +15,7 @@ from fastsae.testing import assert_positive_counts_match, relative_rms_error
 
 from .utils import (
     KERNEL_DEVICES,
+    ROUNDING_BAND,
     TOLERANCE,
     assert_close,
     assert_topk_matches,
@@ -334,11 +335,6 @@ def test_encode_topk_kernel_ties_and_all_dead(device):
     pre = _pre64(x, W_enc, b_enc, b_dec)
     assert_topk_matches(vals, idx, pre, k, torch.float32)
     assert_topk_matches(aux_vals, aux_idx, pre, 12, torch.float32, "aux")
-
-
-# A pre-activation within the kernel's rounding of a threshold (the centred input is cast to the
-# weights' dtype before the matmul) may land on either side of it, relative to max(|pre|, 1).
-ROUNDING_BAND = {torch.float32: 1e-4, torch.float16: 0.02, torch.bfloat16: 0.1}
 
 
 @pytest.mark.usefixtures("poison_empty")

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from fastsae import reference
-from fastsae.ops import group_max_gemm
+from fastsae.ops import encode, filter, group_max_gemm
+from fastsae.testing import assert_positive_counts_match
 
-from .utils import assert_close
+from .utils import KERNEL_DEVICES, ROUNDING_BAND, assert_close, assert_topk_matches, random_sae_weights
 
 
 def test_reference_maxima_are_each_rows_group_maxima():
@@ -68,3 +69,46 @@ def test_bad_operands_fail_clearly():
         group_max_gemm.gemm_bias_group_max(xc.cpu(), W_enc, b_enc)
     with pytest.raises(RuntimeError, match="W_enc must be"):
         group_max_gemm.gemm_bias_group_max(xc, W_enc[:32].contiguous(), b_enc)
+
+
+def _maxima_route(monkeypatch, device):
+    """The group-maxima GEMM: the CUTLASS op on the GPU (skipped where it is not built), its reference on
+    CPU tensors, so that the interpreter runs the row kernel over given maxima."""
+    if device == "cpu":
+        monkeypatch.setattr(group_max_gemm, "available", lambda: True)
+        monkeypatch.setattr(
+            group_max_gemm, "gemm_bias_group_max",
+            lambda xc, W_enc, b_enc: reference.gemm_bias_group_max(xc, W_enc, b_enc, group_max_gemm.GROUP),
+        )  # fmt: skip
+    elif not group_max_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_row_filter_over_given_maxima(device, monkeypatch):
+    """The row filter starting from the GEMM's group maxima (every configuration `group_max_configs`
+    offers, the select in the row program or after it) in row chunks of at most 5 rows on CPU, the last
+    one short: the reference's codes with no row left to the fallback, and the same positive counts."""
+    _maxima_route(monkeypatch, device)
+    B, d, F, k = (13, 32, 1000, 4) if device == "cpu" else (1003, 768, 24576, 32)
+    if device == "cpu":
+        monkeypatch.setattr(filter, "ROW_FILTER_CHUNK", 5 * F)
+    x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).bfloat16()
+    W_enc, b_enc, _, b_dec = random_sae_weights(d, F, dtype=torch.bfloat16, device=device)
+    pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
+    configs = filter.group_max_configs(k, 0, F)
+    assert configs and {cfg["SELECT"] for cfg in configs} == {True, False}
+    for cfg in configs:
+        outputs = tuple(
+            torch.full((B, k), float("nan"), device=device) if floating else
+            torch.full((B, k), -1, dtype=torch.int32, device=device)
+            for floating in (True, False)
+        ) + (torch.empty(B, 0, device=device), torch.empty(B, 0, dtype=torch.int32, device=device))  # fmt: skip
+        counts = torch.zeros(F, dtype=torch.int32, device=device)
+        flags = filter.row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, counts, outputs, cfg)
+        assert not flags.any(), f"{cfg}: rows left to the fallback"
+        assert_topk_matches(outputs[0], outputs[1], pre, k, torch.bfloat16, f"{cfg}")
+        assert_positive_counts_match(counts.long(), pre, ROUNDING_BAND[torch.bfloat16])
+    assert all(("row_filter", cfg) in encode.topk_routes(k, 0, F, True) for cfg in configs)
+    assert not filter.group_max_configs(k, 1, F), "AuxK has no maxima of its own"

@@ -52,6 +52,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import group_max_gemm
 from .launch import INTERPRET, cdiv, input_precision, matmul_dtype, next_power_of_2, sm_count
 
 EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty slot: below every (value, feature) key
@@ -349,9 +350,9 @@ def _filter_fwd_kernel(
 def _row_filter_kernel(
     pre_ptr, stride_pm, F, k, row0, scratch_ptr, count_ptr, key_buf_ptr, vals_ptr, idx_ptr, stride_vm, stride_im,
     flag_ptr, dead_ptr, k_aux, aux_count_ptr, aux_key_buf_ptr, aux_vals_ptr, aux_idx_ptr, stride_avm, stride_aim,
-    aux_tau_ptr,
-    HAS_AUX: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr, GROUP: tl.constexpr,
-    CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
+    aux_tau_ptr, maxima_ptr, stride_maxima,
+    HAS_AUX: tl.constexpr, MAXIMA_GIVEN: tl.constexpr, INLINE_PTX: tl.constexpr, N_GROUPS: tl.constexpr,
+    GROUP: tl.constexpr, CHUNK_GROUPS: tl.constexpr, HOT_GROUPS: tl.constexpr,
     CAP: tl.constexpr, KEEP: tl.constexpr, AUX_CAP: tl.constexpr, AUX_KEEP: tl.constexpr, SELECT: tl.constexpr,
 ):  # fmt: skip
     """The row filter (`row_filter_topk`): one program per row of `pre` [rows, F], pre-activations that
@@ -377,7 +378,10 @@ def _row_filter_kernel(
        SELECT, a launch of its own (`_select_kernel`, one warp a row: its bisections' row sums are warp
        shuffles, where this program's cross warps) does that from the buffers, the counts and (AuxK)
        the threshold this program leaves in `aux_tau`.
-    AuxK the same over the dead features, in the second half of the scratch row."""
+    AuxK the same over the dead features, in the second half of the scratch row.
+    MAXIMA_GIVEN (no AuxK; `group_max_gemm`'s route): step 1's maxima come from `maxima` (fp32, group g of
+    row r at g * stride_maxima + r), which the GEMM that wrote `pre` left, and the row is read only where
+    it is hot."""
     row = tl.program_id(0)
     one = tl.arange(0, 1)
     row_ptr = pre_ptr + row.to(tl.int64) * stride_pm
@@ -385,20 +389,28 @@ def _row_filter_kernel(
     tl.store(count_ptr + row + one, tl.zeros([1], dtype=tl.int32))  # the previous chunk's count
     if HAS_AUX:
         tl.store(aux_count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
-    # Only the chunks that hold features: the row's width is a power of two (24576 features read as
-    # 32768), and the groups past F are masked out of the bound below, so their maxima are not needed.
-    for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
-        groups = first + tl.arange(0, CHUNK_GROUPS)
-        members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
-        tl.store(scratch_row + groups, _maximum_key(values))
-        if HAS_AUX:
-            dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
-            tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
-    tl.debug_barrier()  # the maxima (and the zeroed counts) are visible to every thread
-    every_group = tl.arange(0, N_GROUPS)
-    holds_features = every_group * GROUP < F
-    keys = tl.load(scratch_row + every_group, mask=holds_features, other=0)
+    if MAXIMA_GIVEN:
+        every_group = tl.arange(0, N_GROUPS)
+        holds_features = every_group * GROUP < F
+        given = tl.load(maxima_ptr + every_group.to(tl.int64) * stride_maxima + row, mask=holds_features,
+                        other=float("-inf"))  # fmt: skip
+        keys = _maximum_key(given[:, None])
+        tl.debug_barrier()  # the zeroed counts are visible to every thread
+    else:
+        # Only the chunks that hold features: the row's width is a power of two (24576 features read as
+        # 32768), and the groups past F are masked out of the bound below, so their maxima are not needed.
+        for first in range(0, tl.cdiv(F, CHUNK_GROUPS * GROUP) * CHUNK_GROUPS, CHUNK_GROUPS):
+            groups = first + tl.arange(0, CHUNK_GROUPS)
+            members = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+            values = tl.load(row_ptr + members, mask=members < F, other=float("-inf"))
+            tl.store(scratch_row + groups, _maximum_key(values))
+            if HAS_AUX:
+                dead = tl.load(dead_ptr + members, mask=members < F, other=0) != 0
+                tl.store(scratch_row + N_GROUPS + groups, _maximum_key(tl.where(dead, values, float("-inf"))))
+        tl.debug_barrier()  # the maxima (and the zeroed counts) are visible to every thread
+        every_group = tl.arange(0, N_GROUPS)
+        holds_features = every_group * GROUP < F
+        keys = tl.load(scratch_row + every_group, mask=holds_features, other=0)
     # A bound is all the filter needs: the bisection stops once at most k + k / 4 maxima reach it.
     kth = _kth_largest(keys[None, :], holds_features[None, :], k, k // 4)  # [1]
     top = tl.max(keys, axis=0)  # the row's largest value: the maxima die with the compaction below
@@ -802,6 +814,43 @@ def pre_activation_chunks(
         yield rows, pre
 
 
+def group_max_chunks(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, rows_per_chunk: int, positive_counts: Tensor | None
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """`pre_activation_chunks` from `group_max_gemm` (experimental: CUTLASS, bf16 weights), with each
+    chunk's maxima over groups of group_max_gemm.GROUP features [groups, rows rounded up to 128], which
+    that GEMM's epilogue leaves. Each chunk gets buffers of its own (the op allocates its outputs)."""
+    xc = center(x, b_dec, W_enc.dtype)
+    bias = b_enc.to(W_enc.dtype).contiguous()
+    for start in range(0, x.shape[0], rows_per_chunk):
+        rows = slice(start, min(x.shape[0], start + rows_per_chunk))
+        pre, maxima = group_max_gemm.gemm_bias_group_max(xc[rows].contiguous(), W_enc, bias)
+        if positive_counts is not None:
+            positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
+        yield rows, pre, maxima
+
+
+def group_max_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
+    """The row filter's configurations over `group_max_gemm`'s maxima (GEMM "cutlass"): its groups are
+    the GEMM's, group_max_gemm.GROUP features each, and none holds AuxK (the GEMM pools no dead features'
+    maxima). None where there are fewer such groups than k, or the CUTLASS extension is not built."""
+    if k_aux or not group_max_gemm.available():
+        return []
+    return over_group_maxima(k, n_features)
+
+
+def over_group_maxima(k: int, n_features: int) -> list[dict]:
+    """`group_max_configs` whether or not the extension is built (their kernels compile without it)."""
+    n_groups = cdiv(n_features, group_max_gemm.GROUP)
+    if n_groups < k:
+        return []
+    return [
+        dict(cfg, GROUP=group_max_gemm.GROUP, N_GROUPS=next_power_of_2(n_groups), GEMM="cutlass")
+        for cfg in row_filter_configs(k, 0, n_features)
+        if cfg["N_GROUPS"] == ROW_FILTER_GROUPS  # one configuration per capacity, warps and select
+    ]
+
+
 def _row_filter_width(n_features: int, n_groups: int) -> int:
     """Features per row the row filter splits into `n_groups` groups (a power of two, >= n_features)."""
     return max(ROW_FILTER_MIN_GROUP * n_groups, ROW_FILTER_READ, next_power_of_2(n_features))
@@ -830,7 +879,9 @@ def row_filter_topk(
     pre-activation of row chunks written by cuBLAS (at most ROW_FILTER_CHUNK entries: what eager
     PyTorch computes, in the weights' dtype) and filtered and selected by `_row_filter_kernel`, one
     launch per chunk. Its scratch is allocated once for the largest chunk and reused by every chunk (the
-    launches are ordered on the stream), so a call costs the host few allocations."""
+    launches are ordered on the stream), so a call costs the host few allocations. A `cfg` with GEMM
+    "cutlass" (`group_max_configs`) takes its chunks and their group maxima from `group_max_chunks`, and
+    the row kernel starts from those maxima."""
     B, F = x.shape[0], W_enc.shape[1]
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
@@ -845,12 +896,21 @@ def row_filter_topk(
     aux_key_buf = x.new_empty(rows_per_chunk, aux_cap, dtype=torch.int64) if has_aux else key_buf
     aux_tau = x.new_empty(rows_per_chunk, dtype=torch.float32) if has_aux else counts  # any pointer without AuxK
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
-    for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts):
+    if cfg.get("GEMM") == "cutlass":
+        chunks = group_max_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts)
+    else:
+        chunks = (
+            (rows, pre, None)
+            for rows, pre in pre_activation_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts)
+        )
+    for rows, pre, maxima in chunks:
         _row_filter_kernel[(pre.shape[0],)](
             pre, pre.stride(0), F, k, rows.start, scratch, counts[0], key_buf, vals, idx, vals.stride(0),
             idx.stride(0), flags, dead, k_aux, counts[1], aux_key_buf, aux_vals, aux_idx,
             aux_vals.stride(0), aux_idx.stride(0), aux_tau,
-            HAS_AUX=has_aux, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups, GROUP=group,
+            scratch if maxima is None else maxima, 0 if maxima is None else maxima.stride(0),
+            HAS_AUX=has_aux, MAXIMA_GIVEN=maxima is not None, INLINE_PTX=not INTERPRET, N_GROUPS=n_groups,
+            GROUP=group,
             CHUNK_GROUPS=max(1, ROW_FILTER_READ // group), HOT_GROUPS=max(1, ROW_FILTER_REREAD // group),
             CAP=cap, KEEP=next_power_of_2(k), AUX_CAP=aux_cap, AUX_KEEP=next_power_of_2(max(1, k_aux)),
             SELECT=cfg["SELECT"], num_warps=max(cfg["WARPS"], _row_warps(max(cap, aux_cap))),
