@@ -9,8 +9,9 @@ pre-activation once for exactly those maxima before it reads the hot groups agai
 them costs the rest of the row's read. Triton GEMMs that did so (the pooled route, f5477b9) were slower
 than cuBLAS by more than that read; this one is CUTLASS's TMA warp-specialised kernel with an epilogue
 visitor tree (csrc/cutlass/group_max_gemm.cu), built only where CUTLASS's headers are found (setup.py,
-the `cutlass` extra) and not yet a route of the encode: `bench/bench_group_max_gemm.py` times it against
-cuBLAS's addmm first.
+the `cutlass` extra). Where it is built, the TopK encode's tuner also times the row filter over its
+chunks and maxima (`filter.group_max_configs`: bf16 weights, no AuxK stream), so it is taken only where
+it measures faster; `bench/bench_gemm.py` times the GEMM alone against cuBLAS's addmm.
 """
 
 from __future__ import annotations
