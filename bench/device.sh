@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine through the device tool, from the repository root:
 #   bash bench/device.sh            (writes logs and the benchmark CSV under $OUT)
-# Installs fastsae without network (building the CUDA extension ahead of time), runs the gpu tests,
+# Installs fastsae without network (building the CUDA extension ahead of time, and the experimental CUTLASS
+# one where the wheels under .whl/ include nvidia-cutlass: its headers), runs the gpu tests,
 # compute-sanitizer (memcheck, racecheck, initcheck) over the CUDA death-statistics ops and every Triton
 # kernel, the determinism and soak run (bench/soak.py), the training-step profile and the benchmarks.
 # Knobs (environment):
