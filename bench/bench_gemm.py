@@ -24,11 +24,11 @@ from .harness import SHAPES, Recorder, measure, selected, selected_shapes
 EXTRA_SHAPES: dict = {}  # no shapes beyond harness.SHAPES
 
 
-def _check(pre: torch.Tensor, maxima: torch.Tensor, expected_pre: torch.Tensor, shape: str) -> None:
-    assert_close(pre.float(), expected_pre.float(), 2e-2, f"gemm_group_max {shape} pre-activation")
+def _check(pre: torch.Tensor, maxima: torch.Tensor, expected_pre: torch.Tensor, name: str, group: int) -> None:
+    assert_close(pre.float(), expected_pre.float(), 2e-2, f"{name} pre-activation")
     B = pre.shape[0]
-    if not torch.equal(maxima[:, :B], reference.group_maxima(pre, group_max_gemm.GROUP)[:, :B]):
-        raise AssertionError(f"gemm_group_max {shape}: the maxima are not those of the kernel's pre-activation")
+    if not torch.equal(maxima[:, :B], reference.group_maxima(pre, group)[:, :B]):
+        raise AssertionError(f"{name}: the maxima are not those of the kernel's pre-activation")
 
 
 def run(recorder: Recorder) -> None:
@@ -40,9 +40,16 @@ def run(recorder: Recorder) -> None:
         W_enc = (torch.randn(d, n_features, device="cuda") / d**0.5).bfloat16()
         b_enc = (0.1 * torch.randn(n_features, device="cuda")).bfloat16()
         expected_pre = torch.addmm(b_enc, xc, W_enc)
-        _check(*group_max_gemm.gemm_bias_group_max(xc, W_enc, b_enc), expected_pre, shape)
+        providers = selected(
+            {
+                f"fastsae_{variant.name}": partial(group_max_gemm.gemm_bias_group_max, xc, W_enc, b_enc, number)
+                for number, variant in enumerate(group_max_gemm.VARIANTS)
+            }
+        )
+        groups = {f"fastsae_{variant.name}": variant.group for variant in group_max_gemm.VARIANTS}
+        for name, fn in providers.items():
+            _check(*fn(), expected_pre, f"gemm_group_max {shape} {name}", groups[name])
         del expected_pre
-        providers = selected({"fastsae": partial(group_max_gemm.gemm_bias_group_max, xc, W_enc, b_enc)})
         for name, fn in providers.items():
             recorder.record("gemm_group_max", shape, name, measure(fn))
         recorder.record("gemm_group_max", shape, "cublas_gemm", measure(partial(torch.addmm, b_enc, xc, W_enc)))

@@ -35,19 +35,21 @@ def pre_activation(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Te
     return xc @ W_enc.to(xc.dtype) + b_enc.to(xc.dtype)
 
 
-def gemm_bias_group_max(xc: Tensor, W_enc: Tensor, b_enc: Tensor, group: int) -> tuple[Tensor, Tensor]:
+def gemm_bias_group_max(
+    xc: Tensor, W_enc: Tensor, b_enc: Tensor, group: int, tile_rows: int = 128
+) -> tuple[Tensor, Tensor]:
     """pre = xc @ W_enc + b_enc accumulated in fp32 and rounded to xc's dtype, [B, F], and its
     `group_maxima`."""
     pre = (xc.float() @ W_enc.float() + b_enc.float()).to(xc.dtype)
-    return pre, group_maxima(pre, group)
+    return pre, group_maxima(pre, group, tile_rows)
 
 
-def group_maxima(pre: Tensor, group: int) -> Tensor:
+def group_maxima(pre: Tensor, group: int, tile_rows: int = 128) -> Tensor:
     """The maxima of each row of `pre` [B, F] over every `group` adjacent features, as fp32
-    [ceil(F / group), ceil(B / 128) * 128]: a group's maxima contiguous over the rows, which are rounded up
-    to whole 128-row tiles (the padding rows' entries are not defined; here -inf)."""
+    [ceil(F / group), B rounded up to tile_rows]: a group's maxima contiguous over the rows, which are
+    rounded up to whole tiles (the padding rows' entries are not defined; here -inf)."""
     B, F = pre.shape
-    n_groups, rows = -(-F // group), -(-B // 128) * 128
+    n_groups, rows = -(-F // group), -(-B // tile_rows) * tile_rows
     padded = pre.float().new_full((rows, n_groups * group), float("-inf"))
     padded[:B, :F] = pre.float()
     return padded.view(rows, n_groups, group).amax(-1).T.contiguous()

@@ -40,19 +40,21 @@ def _operands(B, d, F):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", range(len(group_max_gemm.VARIANTS)), ids=[v.name for v in group_max_gemm.VARIANTS])
 @pytest.mark.parametrize("shape", [(300, 72, 1000), (1024, 768, 4096), (129, 384, 16384), (1, 8, 8)], ids=str)
-def test_matches_reference_on_cuda(shape):
+def test_matches_reference_on_cuda(shape, variant):
     if not group_max_gemm.available():
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
     torch.manual_seed(0)
     B, d, F = shape
+    _, group, tile_rows = group_max_gemm.VARIANTS[variant]
     xc, W_enc, b_enc = _operands(B, d, F)
-    pre, maxima = group_max_gemm.gemm_bias_group_max(xc, W_enc, b_enc)
-    expected_pre, expected_maxima = reference.gemm_bias_group_max(xc, W_enc, b_enc, group_max_gemm.GROUP)
+    pre, maxima = group_max_gemm.gemm_bias_group_max(xc, W_enc, b_enc, variant)
+    expected_pre, expected_maxima = reference.gemm_bias_group_max(xc, W_enc, b_enc, group, tile_rows)
     assert pre.shape == expected_pre.shape and maxima.shape == expected_maxima.shape
     assert_close(pre.double(), expected_pre.double(), torch.bfloat16, "pre")
     # The maxima are exactly those of the kernel's own (rounded) pre-activation, whatever its summation order.
-    assert torch.equal(maxima[:, :B], reference.group_maxima(pre, group_max_gemm.GROUP)[:, :B])
+    assert torch.equal(maxima[:, :B], reference.group_maxima(pre, group)[:, :B])
     assert_close(maxima[:, :B].double(), expected_maxima[:, :B].double(), torch.bfloat16, "maxima")
 
 
@@ -69,6 +71,8 @@ def test_bad_operands_fail_clearly():
         group_max_gemm.gemm_bias_group_max(xc.cpu(), W_enc, b_enc)
     with pytest.raises(RuntimeError, match="W_enc must be"):
         group_max_gemm.gemm_bias_group_max(xc, W_enc[:32].contiguous(), b_enc)
+    with pytest.raises(RuntimeError, match="variant must be"):
+        group_max_gemm.gemm_bias_group_max(xc, W_enc, b_enc, len(group_max_gemm.VARIANTS))
 
 
 def _maxima_route(monkeypatch, device):
@@ -76,10 +80,12 @@ def _maxima_route(monkeypatch, device):
     CPU tensors, so that the interpreter runs the row kernel over given maxima."""
     if device == "cpu":
         monkeypatch.setattr(group_max_gemm, "available", lambda: True)
-        monkeypatch.setattr(
-            group_max_gemm, "gemm_bias_group_max",
-            lambda xc, W_enc, b_enc: reference.gemm_bias_group_max(xc, W_enc, b_enc, group_max_gemm.GROUP),
-        )  # fmt: skip
+
+        def emulated(xc, W_enc, b_enc, variant):
+            _, group, tile_rows = group_max_gemm.VARIANTS[variant]
+            return reference.gemm_bias_group_max(xc, W_enc, b_enc, group, tile_rows)
+
+        monkeypatch.setattr(group_max_gemm, "gemm_bias_group_max", emulated)
     elif not group_max_gemm.available():
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
 
@@ -88,8 +94,9 @@ def _maxima_route(monkeypatch, device):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_row_filter_over_given_maxima(device, monkeypatch):
     """The row filter starting from the GEMM's group maxima (every configuration `group_max_configs`
-    offers, the select in the row program or after it) in row chunks of at most 5 rows on CPU, the last
-    one short: the reference's codes with no row left to the fallback, and the same positive counts."""
+    offers: each variant's groups, the select in the row program or after it) in row chunks of at most
+    5 rows on CPU, the last one short: the reference's codes with no row left to the fallback, and the
+    same positive counts."""
     _maxima_route(monkeypatch, device)
     B, d, F, k = (13, 32, 1000, 4) if device == "cpu" else (1003, 768, 24576, 32)
     if device == "cpu":
@@ -98,7 +105,8 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
     W_enc, b_enc, _, b_dec = random_sae_weights(d, F, dtype=torch.bfloat16, device=device)
     pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
     configs = filter.group_max_configs(k, 0, F)
-    assert configs and {cfg["SELECT"] for cfg in configs} == {True, False}
+    assert {cfg["SELECT"] for cfg in configs} == {True, False}
+    assert {cfg["VARIANT"] for cfg in configs} == set(range(len(group_max_gemm.VARIANTS)))
     for cfg in configs:
         outputs = tuple(
             torch.full((B, k), float("nan"), device=device) if floating else

@@ -815,40 +815,44 @@ def pre_activation_chunks(
 
 
 def group_max_chunks(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, rows_per_chunk: int, positive_counts: Tensor | None
-) -> Iterator[tuple[slice, Tensor, Tensor]]:
-    """`pre_activation_chunks` from `group_max_gemm` (experimental: CUTLASS, bf16 weights), with each
-    chunk's maxima over groups of group_max_gemm.GROUP features [groups, rows rounded up to 128], which
-    that GEMM's epilogue leaves. Each chunk gets buffers of its own (the op allocates its outputs)."""
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, rows_per_chunk: int, positive_counts: Tensor | None,
+    variant: int,
+) -> Iterator[tuple[slice, Tensor, Tensor]]:  # fmt: skip
+    """`pre_activation_chunks` from `group_max_gemm`'s `variant` (experimental: CUTLASS, bf16 weights),
+    with each chunk's group maxima [groups, rows rounded up], which that GEMM's epilogue leaves. Each
+    chunk gets buffers of its own (the op allocates its outputs)."""
     xc = center(x, b_dec, W_enc.dtype)
     bias = b_enc.to(W_enc.dtype).contiguous()
     for start in range(0, x.shape[0], rows_per_chunk):
         rows = slice(start, min(x.shape[0], start + rows_per_chunk))
-        pre, maxima = group_max_gemm.gemm_bias_group_max(xc[rows].contiguous(), W_enc, bias)
+        pre, maxima = group_max_gemm.gemm_bias_group_max(xc[rows].contiguous(), W_enc, bias, variant)
         if positive_counts is not None:
             positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
         yield rows, pre, maxima
 
 
 def group_max_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
-    """The row filter's configurations over `group_max_gemm`'s maxima (GEMM "cutlass"): its groups are
-    the GEMM's, group_max_gemm.GROUP features each, and none holds AuxK (the GEMM pools no dead features'
-    maxima). None where there are fewer such groups than k, or the CUTLASS extension is not built."""
+    """The row filter's configurations over `group_max_gemm`'s maxima (GEMM "cutlass", each of its
+    VARIANTS): its groups are the GEMM's, and none holds AuxK (the GEMM pools no dead features' maxima).
+    None where the CUTLASS extension is not built."""
     if k_aux or not group_max_gemm.available():
         return []
     return over_group_maxima(k, n_features)
 
 
 def over_group_maxima(k: int, n_features: int) -> list[dict]:
-    """`group_max_configs` whether or not the extension is built (their kernels compile without it)."""
-    n_groups = cdiv(n_features, group_max_gemm.GROUP)
-    if n_groups < k:
-        return []
-    return [
-        dict(cfg, GROUP=group_max_gemm.GROUP, N_GROUPS=next_power_of_2(n_groups), GEMM="cutlass")
-        for cfg in row_filter_configs(k, 0, n_features)
-        if cfg["N_GROUPS"] == ROW_FILTER_GROUPS  # one configuration per capacity, warps and select
-    ]
+    """`group_max_configs` whether or not the extension is built (their kernels compile without it):
+    for each variant with at least k groups, one configuration per capacity, warps and select."""
+    configs = []
+    for variant, (_, group, _) in enumerate(group_max_gemm.VARIANTS):
+        n_groups = cdiv(n_features, group)
+        if n_groups >= k:
+            configs += [
+                dict(cfg, GROUP=group, N_GROUPS=next_power_of_2(n_groups), GEMM="cutlass", VARIANT=variant)
+                for cfg in row_filter_configs(k, 0, n_features)
+                if cfg["N_GROUPS"] == ROW_FILTER_GROUPS
+            ]
+    return configs
 
 
 def _row_filter_width(n_features: int, n_groups: int) -> int:
@@ -897,7 +901,7 @@ def row_filter_topk(
     aux_tau = x.new_empty(rows_per_chunk, dtype=torch.float32) if has_aux else counts  # any pointer without AuxK
     dead = dead_mask.contiguous().view(torch.uint8) if has_aux else flags  # any pointer when AuxK is off
     if cfg.get("GEMM") == "cutlass":
-        chunks = group_max_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts)
+        chunks = group_max_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts, cfg["VARIANT"])
     else:
         chunks = (
             (rows, pre, None)

@@ -1,27 +1,46 @@
 """Experimental: the encoder GEMM with each row's group maxima from its epilogue (CUTLASS, Hopper only).
 
-    pre, maxima = gemm_bias_group_max(xc, W_enc, b_enc)      (`reference.gemm_bias_group_max`)
+    pre, maxima = gemm_bias_group_max(xc, W_enc, b_enc, variant)    (`reference.gemm_bias_group_max`)
 
-pre is what cuBLAS's addmm writes (xc @ W_enc + b_enc rounded to bf16); maxima [ceil(F / GROUP),
-ceil(B / 128) * 128] fp32 holds the maximum of every GROUP adjacent features of each row, computed in the
-same epilogue from the rounded values. The TopK row filter (`filter.row_filter_topk`) reads the whole
-pre-activation once for exactly those maxima before it reads the hot groups again; a GEMM that leaves
-them costs the rest of the row's read. Triton GEMMs that did so (the pooled route, f5477b9) were slower
-than cuBLAS by more than that read; this one is CUTLASS's TMA warp-specialised kernel with an epilogue
-visitor tree (csrc/cutlass/group_max_gemm.cu), built only where CUTLASS's headers are found (setup.py,
-the `cutlass` extra). Where it is built, the TopK encode's tuner also times the row filter over its
-chunks and maxima (`filter.group_max_configs`: bf16 weights, no AuxK stream), so it is taken only where
-it measures faster; `bench/bench_gemm.py` times the GEMM alone against cuBLAS's addmm.
+pre is what cuBLAS's addmm writes (xc @ W_enc + b_enc rounded to bf16); maxima [ceil(F / group), B
+rounded up to the tile's rows] fp32 holds the maximum of every `group` adjacent features of each row
+(a group is the kernel's tile width), computed in the same epilogue from the rounded values. The TopK
+row filter (`filter.row_filter_topk`) reads the whole pre-activation once for exactly those maxima
+before it reads the hot groups again; a GEMM that leaves them saves the rest of the row's read. Triton
+GEMMs that did so (the pooled route, f5477b9) were slower than cuBLAS by more than that read; these are
+CUTLASS's TMA warp-specialised kernels with an epilogue visitor tree (csrc/cutlass/), built only where
+CUTLASS's headers are found (setup.py, the `cutlass` extra). Where they are built, the TopK encode's
+tuner also times the row filter over their chunks and maxima (`filter.group_max_configs`: bf16 weights,
+no AuxK stream), so that route is taken only where it measures faster; `bench/bench_gemm.py` times each
+variant alone against cuBLAS's addmm.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-GROUP = 128  # features per group: the kernel's tile width (csrc/cutlass/group_max_gemm.cu)
+
+class Variant(NamedTuple):
+    """A kernel of the op (csrc/cutlass/group_max_gemm_*.cu): features per group (its tile's width) and
+    the rows its maxima are rounded up to (its tile's height)."""
+
+    name: str
+    group: int
+    tile_rows: int
+
+
+# By the op's `variant` argument (csrc/cutlass/group_max_gemm.cu dispatches on it). Cooperative: two
+# warpgroups on one tile; ping-pong: each on a tile of its own, one's epilogue beside the other's matmul.
+VARIANTS = (
+    Variant("cooperative_128x128", 128, 128),
+    Variant("cooperative_128x64", 64, 128),
+    Variant("pingpong_128x128", 128, 128),
+    Variant("pingpong_64x128", 128, 64),
+)
 
 _loaded: list[bool] = []
 
@@ -36,12 +55,13 @@ def available() -> bool:
     return _loaded[0]
 
 
-def gemm_bias_group_max(xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> tuple[Tensor, Tensor]:
-    """(pre [B, F] bf16, maxima [ceil(F / GROUP), ceil(B / 128) * 128] fp32) for bf16 CUDA operands xc
-    [B, d], W_enc [d, F] and b_enc [F], d and F multiples of 8 (the kernel checks each)."""
+def gemm_bias_group_max(xc: Tensor, W_enc: Tensor, b_enc: Tensor, variant: int = 0) -> tuple[Tensor, Tensor]:
+    """(pre [B, F] bf16, maxima [ceil(F / group), B rounded up to tile_rows] fp32) by VARIANTS[variant],
+    for bf16 CUDA operands xc [B, d], W_enc [d, F] and b_enc [F], d and F multiples of 8 (the kernel
+    checks each)."""
     if not available():
         raise RuntimeError(
             "gemm_bias_group_max needs fastsae's CUTLASS extension, which this install did not build: install "
             "the `cutlass` extra (nvidia-cutlass) and rebuild fastsae with a CUDA torch"
         )
-    return torch.ops.fastsae_cutlass.gemm_bias_group_max(xc, W_enc, b_enc)
+    return torch.ops.fastsae_cutlass.gemm_bias_group_max(xc, W_enc, b_enc, variant)
