@@ -834,8 +834,8 @@ def group_max_chunks(
 def group_max_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     """The row filter's configurations over `group_max_gemm`'s maxima (GEMM "cutlass", each of its
     VARIANTS): its groups are the GEMM's, and none holds AuxK (the GEMM pools no dead features' maxima).
-    None where the CUTLASS extension is not built."""
-    if k_aux or not group_max_gemm.available():
+    None unless group_max_gemm.ROUTE is on and the CUTLASS extension is built."""
+    if k_aux or not (group_max_gemm.ROUTE and group_max_gemm.available()):
         return []
     return over_group_maxima(k, n_features)
 

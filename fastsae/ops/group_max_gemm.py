@@ -9,15 +9,16 @@ row filter (`filter.row_filter_topk`) reads the whole pre-activation once for ex
 before it reads the hot groups again; a GEMM that leaves them saves the rest of the row's read. Triton
 GEMMs that did so (the pooled route, f5477b9) were slower than cuBLAS by more than that read; these are
 CUTLASS's TMA warp-specialised kernels with an epilogue visitor tree (csrc/cutlass/), built only where
-CUTLASS's headers are found (setup.py, the `cutlass` extra). Where they are built, the TopK encode's
-tuner also times the row filter over their chunks and maxima (`filter.group_max_configs`: bf16 weights,
-no AuxK stream), so that route is taken only where it measures faster; `bench/bench_gemm.py` times each
-variant alone against cuBLAS's addmm.
+CUTLASS's headers are found (setup.py, the `cutlass` extra). Where they are built and ROUTE is on, the
+TopK encode's tuner also times the row filter over their chunks and maxima (`filter.group_max_configs`:
+bf16 weights, no AuxK stream), so that route is taken only where it measures faster;
+`bench/bench_gemm.py` times each variant alone against cuBLAS's addmm.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import NamedTuple
 
 import torch
@@ -41,6 +42,10 @@ VARIANTS = (
     Variant("pingpong_128x128", 128, 128),
     Variant("pingpong_64x128", 128, 64),
 )
+
+# The row filter over these GEMMs as a route of the TopK encode: off unless FASTSAE_GROUP_MAX_ROUTE=1 (read
+# at import) until the kernels have run on a GPU and measured faster than cuBLAS's chunks.
+ROUTE = os.environ.get("FASTSAE_GROUP_MAX_ROUTE", "0") == "1"
 
 _loaded: list[bool] = []
 
