@@ -209,16 +209,17 @@ def _queue_kernels() -> None:
                 _row_filter_constexprs(cfg, k, k_aux),
                 num_warps=warps,
             )
-    for n_features, k in [(24576, 32), (16384, 128), (131072, 64)]:  # over the CUTLASS GEMM's maxima
+    given_maxima = set()  # GEMM variants with the same groups launch the same row kernel: compiled once
+    for n_features, k in [(24576, 32), (131072, 64)]:  # over the CUTLASS GEMM's maxima
         for cfg in filter.over_group_maxima(k, n_features):
             warps = max(cfg["WARPS"], filter._row_warps(cfg["CAP"]))
-            queue_compile(
-                f"row_filter_given_maxima F={n_features} k={k} cap={cfg['CAP']} warps={warps}"
-                f"{'' if cfg['SELECT'] else ' select_launch'}",
-                filter._row_filter_kernel,
-                _row_filter_constexprs(cfg, k, 0),
-                num_warps=warps,
+            name = (
+                f"row_filter_given_maxima F={n_features} k={k} group={cfg['GROUP']} cap={cfg['CAP']} warps={warps}"
+                f"{'' if cfg['SELECT'] else ' select_launch'}"
             )
+            if name not in given_maxima:
+                given_maxima.add(name)
+                queue_compile(name, filter._row_filter_kernel, _row_filter_constexprs(cfg, k, 0), num_warps=warps)
     for block_g in (512, 1024, 2048):
         constexprs = {"GROUP": 8, "BLOCK_M": 1, "BLOCK_G": block_g}
         queue_compile(
