@@ -40,15 +40,11 @@ def run(recorder: Recorder) -> None:
         W_enc = (torch.randn(d, n_features, device="cuda") / d**0.5).bfloat16()
         b_enc = (0.1 * torch.randn(n_features, device="cuda")).bfloat16()
         expected_pre = torch.addmm(b_enc, xc, W_enc)
-        providers = selected(
-            {
-                f"fastsae_{variant.name}": partial(group_max_gemm.gemm_bias_group_max, xc, W_enc, b_enc, number)
-                for number, variant in enumerate(group_max_gemm.VARIANTS)
-            }
-        )
-        groups = {f"fastsae_{variant.name}": variant.group for variant in group_max_gemm.VARIANTS}
+        variants = {f"fastsae_{v.name}": (number, v.group) for number, v in enumerate(group_max_gemm.VARIANTS)}
+        gemm = group_max_gemm.gemm_bias_group_max
+        providers = selected({name: partial(gemm, xc, W_enc, b_enc, number) for name, (number, _) in variants.items()})
         for name, fn in providers.items():
-            _check(*fn(), expected_pre, f"gemm_group_max {shape} {name}", groups[name])
+            _check(*fn(), expected_pre, f"gemm_group_max {shape} {name}", variants[name][1])
         del expected_pre
         for name, fn in providers.items():
             recorder.record("gemm_group_max", shape, name, measure(fn))

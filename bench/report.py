@@ -38,7 +38,8 @@ OP_NOTES = {
     "timed once and removed (no faster than `encode_topk`'s route).",
     "decode_sparse": "The sparse decode of [B, k] codes (`bench/bench_decode.py`).",
     "gemm_group_max": "The encoder GEMM writing the pre-activation and, in its epilogue, each row's maxima over "
-    "groups of 128 features (experimental CUTLASS kernel, `bench/bench_gemm.py`), against cuBLAS's addmm.",
+    "groups of 128 or 64 features (a variant's tile width; experimental CUTLASS kernels, `bench/bench_gemm.py`), "
+    "against cuBLAS's addmm.",
     "train_step": "A whole TopK training step with AuxK (`bench/bench_train.py`); `fastsae_compile` runs the "
     "module's forward through `torch.compile(sae, fullgraph=True)` and `fastsae_module_compile` through "
     "`sae.compile()` (the dead-feature list eager), the backward and Adam eager.",

@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
+from . import group_max_gemm
 from .decode import decode_sparse
 from .filter import (
     EMPTY_KEY,
@@ -408,8 +409,7 @@ def _encode_topk(
 
     if route is None:
         key = ("encode_topk", D, F, bucket(B), k, k_aux, x.dtype, W_enc.dtype, positive_counts is not None)
-        group_max = x.is_cuda and W_enc.dtype == torch.bfloat16 and W_enc.is_contiguous() and D % 8 == 0 and F % 8 == 0
-        route = tuned(key, topk_routes(k, k_aux, F, group_max), run)
+        route = tuned(key, topk_routes(k, k_aux, F, group_max_gemm.takes(x, W_enc)), run)
     run(route)
     return outputs
 

@@ -389,6 +389,9 @@ def _row_filter_kernel(
     tl.store(count_ptr + row + one, tl.zeros([1], dtype=tl.int32))  # the previous chunk's count
     if HAS_AUX:
         tl.store(aux_count_ptr + row + one, tl.zeros([1], dtype=tl.int32))
+    # every_group and holds_features are made in each branch, after the maxima pass in the second: made
+    # before that loop they pushed an AuxK configuration past the stack kernel_resources allows (96
+    # against 72 bytes, sm_90).
     if MAXIMA_GIVEN:
         every_group = tl.arange(0, N_GROUPS)
         holds_features = every_group * GROUP < F

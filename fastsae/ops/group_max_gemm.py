@@ -60,6 +60,13 @@ def available() -> bool:
     return _loaded[0]
 
 
+def takes(x: Tensor, W_enc: Tensor) -> bool:
+    """Whether the op takes the encode of `x` by `W_enc`: CUDA, bf16 weights contiguous, d and F multiples
+    of 8 (what the kernel checks, so that a route over it is offered only where it runs)."""
+    d, F = W_enc.shape
+    return x.is_cuda and W_enc.dtype == torch.bfloat16 and W_enc.is_contiguous() and d % 8 == 0 and F % 8 == 0
+
+
 def gemm_bias_group_max(xc: Tensor, W_enc: Tensor, b_enc: Tensor, variant: int = 0) -> tuple[Tensor, Tensor]:
     """(pre [B, F] bf16, maxima [ceil(F / group), B rounded up to tile_rows] fp32) by VARIANTS[variant],
     for bf16 CUDA operands xc [B, d], W_enc [d, F] and b_enc [F], d and F multiples of 8 (the kernel
