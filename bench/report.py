@@ -20,7 +20,7 @@ BASELINES = ["cublas_gemm", "bincount", "embedding_bag", "torch", "fastsae_1gpu"
 # Ops reported in TFLOP/s of their encoder GEMM, 2 * B * d * F.
 GEMM_OPS = (
     "encode_topk", "encode_relu", "encode_batchtopk", "encode_topk_positive_counts", "encode_topk_sort_select",
-    "gemm_group_max",
+    "gemm_group_max", "gemm_filter",
 )  # fmt: skip
 # What each op times, and where its bench says more (printed under the op's heading).
 OP_NOTES = {
@@ -40,6 +40,9 @@ OP_NOTES = {
     "gemm_group_max": "The encoder GEMM writing the pre-activation and, in its epilogue, each row's maxima over "
     "groups of 128 or 64 features (a variant's tile width; experimental CUTLASS kernels, `bench/bench_gemm.py`), "
     "against cuBLAS's addmm.",
+    "gemm_filter": "The threshold-first filter GEMM, writing only each row's entries above its threshold (experimental "
+    "CUTLASS kernels, and `fastsae_triton`, the filter route's Triton GEMM; `bench/bench_gemm.py`), against "
+    "cuBLAS's addmm.",
     "train_step": "A whole TopK training step with AuxK (`bench/bench_train.py`); `fastsae_compile` runs the "
     "module's forward through `torch.compile(sae, fullgraph=True)` and `fastsae_module_compile` through "
     "`sae.compile()` (the dead-feature list eager), the backward and Adam eager.",

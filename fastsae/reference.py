@@ -55,6 +55,21 @@ def group_maxima(pre: Tensor, group: int, tile_rows: int = 128) -> Tensor:
     return padded.view(rows, n_groups, group).amax(-1).T.contiguous()
 
 
+def gemm_bias_filter(xc: Tensor, W_enc: Tensor, b_enc: Tensor, tau: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The filter GEMM: (count int32 [B], keys) for pre = xc @ W_enc + b_enc in fp32, where count[r] is
+    the number of entries of row r with pre > tau[r] (NaN passes none) and keys[r] their int64 keys,
+    largest first: the high word orders like the fp32 value (negative values' magnitude bits flipped),
+    the low word is the feature. A kernel stores the first `cap` that reach its buffer, in any order."""
+    pre = xc.float() @ W_enc.float() + b_enc.float()
+    passed = pre > tau.float()[:, None]
+    bits = pre.view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    features = torch.arange(pre.shape[1], device=pre.device, dtype=torch.int64)
+    keys = (ordered.to(torch.int64) << 32) | features
+    rows = [keys[r][passed[r]].sort(descending=True).values for r in range(pre.shape[0])]
+    return passed.sum(dim=1, dtype=torch.int32), rows
+
+
 def topk_activation(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Per-row top-k of `pre`; values are post-ReLU (a selected negative pre-activation becomes 0 and
     does not count as fired). Returns vals [B, k] (dtype of pre) and idx [B, k] int32."""

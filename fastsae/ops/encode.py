@@ -37,11 +37,12 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from . import group_max_gemm
+from . import cutlass_gemm
 from .decode import decode_sparse
 from .filter import (
     EMPTY_KEY,
     PRE_ACTIVATION_CHUNK,
+    cutlass_filter_configs,
     filter_configs,
     filter_topk,
     group_max_configs,
@@ -318,20 +319,25 @@ def _n_split(n_row_blocks: int, n_features: int, block_n: int, n_sms: int, keep:
 
 
 @functools.cache  # built once per shape: building them costs the host more than a kernel launch
-def topk_routes(k: int, k_aux: int, n_features: int, group_max: bool = False) -> tuple[tuple[str, dict], ...]:
+def topk_routes(
+    k: int, k_aux: int, n_features: int, cutlass: bool = False, counting: bool = False
+) -> tuple[tuple[str, dict], ...]:
     """The ways to compute a TopK encode, as (route, configuration) candidates for the tuner:
     "row_filter" (threshold-first over cuBLAS pre-activations of row chunks, where F allows; flagged rows
     recomputed by the sweep), "filter" (the same filter inside the GEMM, `filter.py`), "sweep" (this
     file's single-pass kernel) and "dense" (cuBLAS pre-activations of bounded row chunks + torch.topk:
     what a user would write, so the tuner never picks a path slower than it). The first is the default:
-    the row filter, which the tuner picked at every shape timed on the H200. With `group_max` (operands
-    that `group_max_gemm` takes, and its extension built), also the row filter over that GEMM's maxima
-    (experimental, `filter.group_max_configs`)."""
+    the row filter, which the tuner picked at every shape timed on the H200. With `cutlass` (operands
+    that `cutlass_gemm` takes, its extension built and its ROUTE on), also the experimental routes over
+    CUTLASS's GEMMs: the row filter over group maxima (`filter.group_max_configs`) and, unless `counting`
+    positive pre-activations, the filter route (`filter.cutlass_filter_configs`)."""
     if max(k, k_aux) > MAX_KEEP:  # beyond the sweep's buffers (the filter's fallback)
         return (("dense", {}),)
     routes = [("row_filter", cfg) for cfg in row_filter_configs(k, k_aux, n_features)]
-    if group_max:
+    if cutlass:
         routes += [("row_filter", cfg) for cfg in group_max_configs(k, k_aux, n_features)]
+        if not counting:
+            routes += [("filter", cfg) for cfg in cutlass_filter_configs(k, k_aux, n_features)]
     routes += [("filter", cfg) for cfg in filter_configs(k, k_aux, n_features, INTERPRET)]
     routes.append(("sweep", _sweep_config(k, k_aux)))  # compiled anyway as the filter's fallback
     routes.append(("dense", {}))
@@ -409,7 +415,8 @@ def _encode_topk(
 
     if route is None:
         key = ("encode_topk", D, F, bucket(B), k, k_aux, x.dtype, W_enc.dtype, positive_counts is not None)
-        route = tuned(key, topk_routes(k, k_aux, F, group_max_gemm.takes(x, W_enc)), run)
+        routes = topk_routes(k, k_aux, F, cutlass_gemm.takes(x, W_enc), positive_counts is not None)
+        route = tuned(key, routes, run)
     run(route)
     return outputs
 

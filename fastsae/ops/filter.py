@@ -52,7 +52,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import group_max_gemm
+from . import cutlass_gemm
 from .launch import INTERPRET, cdiv, input_precision, matmul_dtype, next_power_of_2, sm_count
 
 EMPTY_KEY = tl.constexpr(-(2**63))  # the key of an empty slot: below every (value, feature) key
@@ -379,7 +379,7 @@ def _row_filter_kernel(
        shuffles, where this program's cross warps) does that from the buffers, the counts and (AuxK)
        the threshold this program leaves in `aux_tau`.
     AuxK the same over the dead features, in the second half of the scratch row.
-    MAXIMA_GIVEN (no AuxK; `group_max_gemm`'s route): step 1's maxima come from `maxima` (fp32, group g of
+    MAXIMA_GIVEN (no AuxK; `cutlass_gemm`'s route): step 1's maxima come from `maxima` (fp32, group g of
     row r at g * stride_maxima + r), which the GEMM that wrote `pre` left, and the row is read only where
     it is hot."""
     row = tl.program_id(0)
@@ -763,6 +763,20 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list
     return [dict(tile, CAP=cap, AUX_CAP=aux_cap) for tile in filter_tiles(interpret) for cap in caps]
 
 
+def cutlass_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
+    """The filter route over `cutlass_gemm.gemm_bias_filter` (GEMM "cutlass", each of its FILTER_VARIANTS)
+    with `filter_configs`' capacities: no AuxK and no positive counts (its epilogue keeps neither). None
+    unless cutlass_gemm.ROUTE is on and the CUTLASS extension is built."""
+    if k_aux or not (cutlass_gemm.ROUTE and cutlass_gemm.available()):
+        return []
+    caps = sorted({cfg["CAP"] for cfg in filter_configs(k, 0, n_features, interpret=False)})
+    return [
+        dict(CAP=cap, AUX_CAP=1, GEMM="cutlass", VARIANT=variant)
+        for variant in range(len(cutlass_gemm.FILTER_VARIANTS))
+        for cap in caps
+    ]
+
+
 def row_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     """The row filter's configurations: buffer capacities (about k entries pass its bound; a capacity of
     2k rarely overflows and keeps the select short), warps per row (2 measured fastest at k = 32 and 4
@@ -821,24 +835,24 @@ def group_max_chunks(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, rows_per_chunk: int, positive_counts: Tensor | None,
     variant: int,
 ) -> Iterator[tuple[slice, Tensor, Tensor]]:  # fmt: skip
-    """`pre_activation_chunks` from `group_max_gemm`'s `variant` (experimental: CUTLASS, bf16 weights),
+    """`pre_activation_chunks` from `cutlass_gemm`'s `variant` (experimental: CUTLASS, bf16 weights),
     with each chunk's group maxima [groups, rows rounded up], which that GEMM's epilogue leaves. Each
     chunk gets buffers of its own (the op allocates its outputs)."""
     xc = center(x, b_dec, W_enc.dtype)
     bias = b_enc.to(W_enc.dtype).contiguous()
     for start in range(0, x.shape[0], rows_per_chunk):
         rows = slice(start, min(x.shape[0], start + rows_per_chunk))
-        pre, maxima = group_max_gemm.gemm_bias_group_max(xc[rows].contiguous(), W_enc, bias, variant)
+        pre, maxima = cutlass_gemm.gemm_bias_group_max(xc[rows].contiguous(), W_enc, bias, variant)
         if positive_counts is not None:
             positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
         yield rows, pre, maxima
 
 
 def group_max_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
-    """The row filter's configurations over `group_max_gemm`'s maxima (GEMM "cutlass", each of its
+    """The row filter's configurations over `cutlass_gemm`'s maxima (GEMM "cutlass", each of its
     VARIANTS): its groups are the GEMM's, and none holds AuxK (the GEMM pools no dead features' maxima).
-    None unless group_max_gemm.ROUTE is on and the CUTLASS extension is built."""
-    if k_aux or not (group_max_gemm.ROUTE and group_max_gemm.available()):
+    None unless cutlass_gemm.ROUTE is on and the CUTLASS extension is built."""
+    if k_aux or not (cutlass_gemm.ROUTE and cutlass_gemm.available()):
         return []
     return over_group_maxima(k, n_features)
 
@@ -847,7 +861,7 @@ def over_group_maxima(k: int, n_features: int) -> list[dict]:
     """`group_max_configs` whether or not the extension is built (their kernels compile without it):
     for each variant with at least k groups, one configuration per capacity, warps and select."""
     configs = []
-    for variant, (_, group, _) in enumerate(group_max_gemm.VARIANTS):
+    for variant, (_, group, _) in enumerate(cutlass_gemm.VARIANTS):
         n_groups = cdiv(n_features, group)
         if n_groups >= k:
             configs += [
@@ -951,7 +965,8 @@ def filter_topk(
     pre-activations. `margin_shift` (tests only) raises every threshold by that much, so that rows keep
     fewer than k survivors. Rows run in chunks of at most FILTER_SLOTS buffer slots."""
     flags = x.new_empty(x.shape[0], dtype=torch.int8)
-    W_enc = tma_operand(W_enc)  # once for every row chunk (a copy only when TMA cannot address it)
+    if cfg.get("GEMM") != "cutlass":  # (CUTLASS's operands are contiguous: `cutlass_gemm.takes`)
+        W_enc = tma_operand(W_enc)  # once for every row chunk (a copy only when TMA cannot address it)
     rows_per_chunk = max(1, FILTER_SLOTS // max(cfg["CAP"], cfg["AUX_CAP"] if k_aux else 1))
     for start in range(0, x.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
@@ -979,7 +994,13 @@ def _filter_rows(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask, positive_counts, o
         aux_count = x.new_zeros(B, dtype=torch.int32)
         aux_key_buf = x.new_empty(B, aux_cap, dtype=torch.int64)
         aux = (dead_mask, aux_tau, aux_count, aux_key_buf)
-    filter_gemm(xc, W_enc, b_enc, tau, count, key_buf, aux, positive_counts, cfg)
+    if cfg.get("GEMM") == "cutlass":
+        if aux is not None or positive_counts is not None:
+            raise ValueError("the CUTLASS filter GEMM keeps neither AuxK candidates nor positive counts")
+        bias = b_enc.to(W_enc.dtype).contiguous()
+        cutlass_gemm.gemm_bias_filter(xc.contiguous(), W_enc, bias, tau, count, key_buf, cfg["VARIANT"])
+    else:
+        filter_gemm(xc, W_enc, b_enc, tau, count, key_buf, aux, positive_counts, cfg)
     vals, idx, aux_vals, aux_idx = outputs
     _select(key_buf, count, tau, vals, idx, flags, fewer_if_unbounded=False, or_flags=False)
     if has_aux:

@@ -1,6 +1,7 @@
-"""Experimental: the encoder GEMM with each row's group maxima from its epilogue (CUTLASS, Hopper only).
+"""Experimental: the encoder GEMM with the TopK encode's work in its epilogue (CUTLASS, Hopper only).
 
     pre, maxima = gemm_bias_group_max(xc, W_enc, b_enc, variant)    (`reference.gemm_bias_group_max`)
+    gemm_bias_filter(xc, W_enc, b_enc, tau, count, key_buf, variant)   (`reference.gemm_bias_filter`)
 
 pre is what cuBLAS's addmm writes (xc @ W_enc + b_enc rounded to bf16); maxima [ceil(F / group), B
 rounded up to the tile's rows] fp32 holds the maximum of every `group` adjacent features of each row
@@ -13,6 +14,13 @@ CUTLASS's headers are found (setup.py, the `cutlass` extra). Where they are buil
 TopK encode's tuner also times the row filter over their chunks and maxima (`filter.group_max_configs`:
 bf16 weights, no AuxK stream), so that route is taken only where it measures faster;
 `bench/bench_gemm.py` times each variant alone against cuBLAS's addmm.
+
+gemm_bias_filter is the threshold-first filter GEMM (`filter.filter_gemm`'s Triton kernel without AuxK
+and positive counts): every entry of xc @ W_enc + b_enc (fp32) above its row's tau is appended to the row's
+buffer as a `filter.to_key` key, its slot claimed by an atomic on the row's count; it writes nothing
+[B, F]. The Triton filter GEMM ran its epilogue after each tile's matmul and measured slower than cuBLAS's
+write and the row filter's read; CUTLASS's ping-pong kernel runs one warpgroup's epilogue beside the
+other's matmul. Where ROUTE is on, the tuner also times the filter route over it (`filter.filter_configs`).
 """
 
 from __future__ import annotations
@@ -26,15 +34,15 @@ from torch import Tensor
 
 
 class Variant(NamedTuple):
-    """A kernel of the op (csrc/cutlass/group_max_gemm_*.cu): features per group (its tile's width) and
-    the rows its maxima are rounded up to (its tile's height)."""
+    """A kernel of gemm_bias_group_max (csrc/cutlass/group_max_gemm_*.cu): features per group (its tile's
+    width) and the rows its maxima are rounded up to (its tile's height)."""
 
     name: str
     group: int
     tile_rows: int
 
 
-# By the op's `variant` argument (csrc/cutlass/group_max_gemm.cu dispatches on it). Cooperative: two
+# By the op's `variant` argument (csrc/cutlass/ops.cu dispatches on it). Cooperative: two
 # warpgroups on one tile; ping-pong: each on a tile of its own, one's epilogue beside the other's matmul.
 VARIANTS = (
     Variant("cooperative_128x128", 128, 128),
@@ -43,9 +51,12 @@ VARIANTS = (
     Variant("pingpong_64x128", 128, 64),
 )
 
-# The row filter over these GEMMs as a route of the TopK encode: off unless FASTSAE_GROUP_MAX_ROUTE=1 (read
-# at import) until the kernels have run on a GPU and measured faster than cuBLAS's chunks.
-ROUTE = os.environ.get("FASTSAE_GROUP_MAX_ROUTE", "0") == "1"
+# gemm_bias_filter's kernels (csrc/cutlass/filter_gemm_*.cu), by its `variant` argument.
+FILTER_VARIANTS = ("pingpong_128x128", "cooperative_128x128")
+
+# The routes over these GEMMs as routes of the TopK encode: off unless FASTSAE_CUTLASS_ROUTES=1 (read at
+# import) until the kernels have run on a GPU and measured faster than the routes over cuBLAS.
+ROUTE = os.environ.get("FASTSAE_CUTLASS_ROUTES", "0") == "1"
 
 _loaded: list[bool] = []
 
@@ -71,9 +82,23 @@ def gemm_bias_group_max(xc: Tensor, W_enc: Tensor, b_enc: Tensor, variant: int =
     """(pre [B, F] bf16, maxima [ceil(F / group), B rounded up to tile_rows] fp32) by VARIANTS[variant],
     for bf16 CUDA operands xc [B, d], W_enc [d, F] and b_enc [F], d and F multiples of 8 (the kernel
     checks each)."""
+    _require("gemm_bias_group_max")
+    return torch.ops.fastsae_cutlass.gemm_bias_group_max(xc, W_enc, b_enc, variant)
+
+
+def gemm_bias_filter(
+    xc: Tensor, W_enc: Tensor, b_enc: Tensor, tau: Tensor, count: Tensor, key_buf: Tensor, variant: int = 0
+) -> None:
+    """Appends each entry of xc @ W_enc + b_enc (fp32) above tau[row] to key_buf [B, cap] (int64 keys),
+    counting in count (int32 [B], which the caller zeroes) by FILTER_VARIANTS[variant]; operands as
+    gemm_bias_group_max's, tau fp32 [B]."""
+    _require("gemm_bias_filter")
+    torch.ops.fastsae_cutlass.gemm_bias_filter(xc, W_enc, b_enc, tau, count, key_buf, variant)
+
+
+def _require(op: str) -> None:
     if not available():
         raise RuntimeError(
-            "gemm_bias_group_max needs fastsae's CUTLASS extension, which this install did not build: install "
+            f"{op} needs fastsae's CUTLASS extension, which this install did not build: install "
             "the `cutlass` extra (nvidia-cutlass) and rebuild fastsae with a CUDA torch"
         )
-    return torch.ops.fastsae_cutlass.gemm_bias_group_max(xc, W_enc, b_enc, variant)

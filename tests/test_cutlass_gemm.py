@@ -1,0 +1,287 @@
+"""The experimental CUTLASS GEMM with group maxima (`fastsae.ops.cutlass_gemm`) against its reference,
+and the reference against a direct computation of what it defines."""
+
+import pytest
+import torch
+
+from fastsae import reference
+from fastsae.ops import cutlass_gemm, encode, filter
+from fastsae.testing import assert_positive_counts_match
+
+from .utils import KERNEL_DEVICES, ROUNDING_BAND, assert_close, assert_topk_matches, random_sae_weights
+
+
+def test_reference_maxima_are_each_rows_group_maxima():
+    torch.manual_seed(0)
+    B, d, F, group = 5, 16, 300, 128
+    xc, W_enc, b_enc = torch.randn(B, d).bfloat16(), torch.randn(d, F).bfloat16(), torch.randn(F).bfloat16()
+    pre, maxima = reference.gemm_bias_group_max(xc, W_enc, b_enc, group)
+    assert pre.dtype == torch.bfloat16 and pre.shape == (B, F)
+    assert_close(pre.double(), xc.double() @ W_enc.double() + b_enc.double(), torch.bfloat16, "pre")
+    assert maxima.dtype == torch.float32 and maxima.shape == (3, 128)  # 3 groups, rows rounded up to 128
+    for row in range(B):
+        for g in range(3):
+            assert maxima[g, row] == pre[row, g * group : (g + 1) * group].float().max()
+    assert torch.isneginf(maxima[:, B:]).all()
+
+
+def test_unbuilt_extension_fails_clearly():
+    if cutlass_gemm.available():
+        pytest.skip("the CUTLASS extension is built here")
+    x = torch.zeros(8, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="cutlass"):
+        cutlass_gemm.gemm_bias_group_max(x, x, x[0])
+
+
+def _operands(B, d, F):
+    xc = torch.randn(B, d, device="cuda").bfloat16()
+    W_enc = (torch.randn(d, F, device="cuda") / d**0.5).bfloat16()
+    return xc, W_enc, (0.1 * torch.randn(F, device="cuda")).bfloat16()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", range(len(cutlass_gemm.VARIANTS)), ids=[v.name for v in cutlass_gemm.VARIANTS])
+@pytest.mark.parametrize("shape", [(300, 72, 1000), (1024, 768, 4096), (129, 384, 16384), (1, 8, 8)], ids=str)
+def test_matches_reference_on_cuda(shape, variant):
+    if not cutlass_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    torch.manual_seed(0)
+    B, d, F = shape
+    _, group, tile_rows = cutlass_gemm.VARIANTS[variant]
+    xc, W_enc, b_enc = _operands(B, d, F)
+    pre, maxima = cutlass_gemm.gemm_bias_group_max(xc, W_enc, b_enc, variant)
+    expected_pre, expected_maxima = reference.gemm_bias_group_max(xc, W_enc, b_enc, group, tile_rows)
+    assert pre.shape == expected_pre.shape and maxima.shape == expected_maxima.shape
+    assert_close(pre.double(), expected_pre.double(), torch.bfloat16, "pre")
+    # The maxima are exactly those of the kernel's own (rounded) pre-activation, whatever its summation order.
+    assert torch.equal(maxima[:, :B], reference.group_maxima(pre, group)[:, :B])
+    assert_close(maxima[:, :B].double(), expected_maxima[:, :B].double(), torch.bfloat16, "maxima")
+
+
+@pytest.mark.gpu
+def test_bad_operands_fail_clearly():
+    if not cutlass_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    xc, W_enc, b_enc = _operands(64, 64, 256)
+    with pytest.raises(RuntimeError, match="BFloat16"):
+        cutlass_gemm.gemm_bias_group_max(xc.float(), W_enc, b_enc)
+    with pytest.raises(RuntimeError, match="multiples of 8"):
+        cutlass_gemm.gemm_bias_group_max(xc, W_enc[:, :250].contiguous(), b_enc[:250].contiguous())
+    with pytest.raises(RuntimeError, match="CUDA"):
+        cutlass_gemm.gemm_bias_group_max(xc.cpu(), W_enc, b_enc)
+    with pytest.raises(RuntimeError, match="W_enc must be"):
+        cutlass_gemm.gemm_bias_group_max(xc, W_enc[:32].contiguous(), b_enc)
+    with pytest.raises(RuntimeError, match="variant must be"):
+        cutlass_gemm.gemm_bias_group_max(xc, W_enc, b_enc, len(cutlass_gemm.VARIANTS))
+
+
+def _maxima_route(monkeypatch, device):
+    """The group-maxima GEMM: the CUTLASS op on the GPU (skipped where it is not built), its reference on
+    CPU tensors, so that the interpreter runs the row kernel over given maxima."""
+    monkeypatch.setattr(cutlass_gemm, "ROUTE", True)
+    if device == "cpu":
+        monkeypatch.setattr(cutlass_gemm, "available", lambda: True)
+
+        def emulated(xc, W_enc, b_enc, variant):
+            _, group, tile_rows = cutlass_gemm.VARIANTS[variant]
+            return reference.gemm_bias_group_max(xc, W_enc, b_enc, group, tile_rows)
+
+        monkeypatch.setattr(cutlass_gemm, "gemm_bias_group_max", emulated)
+    elif not cutlass_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_row_filter_over_given_maxima(device, monkeypatch):
+    """The row filter starting from the GEMM's group maxima (every configuration `group_max_configs`
+    offers: each variant's groups, the select in the row program or after it) in row chunks of at most
+    5 rows on CPU, the last one short: the reference's codes with no row left to the fallback, and the
+    same positive counts."""
+    _maxima_route(monkeypatch, device)
+    B, d, F, k = (13, 32, 1000, 4) if device == "cpu" else (1003, 768, 24576, 32)
+    if device == "cpu":
+        monkeypatch.setattr(filter, "ROW_FILTER_CHUNK", 5 * F)
+    x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).bfloat16()
+    W_enc, b_enc, _, b_dec = random_sae_weights(d, F, dtype=torch.bfloat16, device=device)
+    pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
+    configs = filter.group_max_configs(k, 0, F)
+    assert {cfg["SELECT"] for cfg in configs} == {True, False}
+    assert {cfg["VARIANT"] for cfg in configs} == set(range(len(cutlass_gemm.VARIANTS)))
+    for cfg in configs:
+        outputs = tuple(
+            torch.full((B, k), float("nan"), device=device) if floating else
+            torch.full((B, k), -1, dtype=torch.int32, device=device)
+            for floating in (True, False)
+        ) + (torch.empty(B, 0, device=device), torch.empty(B, 0, dtype=torch.int32, device=device))  # fmt: skip
+        counts = torch.zeros(F, dtype=torch.int32, device=device)
+        flags = filter.row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, counts, outputs, cfg)
+        assert not flags.any(), f"{cfg}: rows left to the fallback"
+        assert_topk_matches(outputs[0], outputs[1], pre, k, torch.bfloat16, f"{cfg}")
+        assert_positive_counts_match(counts.long(), pre, ROUNDING_BAND[torch.bfloat16])
+    assert all(("row_filter", cfg) in encode.topk_routes(k, 0, F, True) for cfg in configs)
+    assert not filter.group_max_configs(k, 1, F), "AuxK has no maxima of its own"
+    monkeypatch.setattr(cutlass_gemm, "ROUTE", False)
+    assert not filter.group_max_configs(k, 0, F), "the route is off by default"
+
+
+def test_reference_filter_keeps_each_rows_entries_above_tau():
+    torch.manual_seed(0)
+    B, d, F = 4, 16, 40
+    xc, W_enc, b_enc = torch.randn(B, d).bfloat16(), torch.randn(d, F).bfloat16(), torch.randn(F).bfloat16()
+    xc[3] = float("nan")  # a NaN row passes no threshold
+    tau = torch.tensor([0.5, float("-inf"), float("inf"), -1.0])
+    count, keys = reference.gemm_bias_filter(xc, W_enc, b_enc, tau)
+    pre = xc.float() @ W_enc.float() + b_enc.float()
+    assert count.dtype == torch.int32 and count.tolist() == [int((pre[0] > 0.5).sum()), F, 0, 0]
+    for row in range(B):
+        expected = [(float(pre[row, f]), f) for f in range(F) if pre[row, f] > tau[row]]
+        got = [(float(_key_values(key)), int(key & 0xFFFFFFFF)) for key in keys[row]]
+        assert got == sorted(expected, reverse=True)
+
+
+def _key_values(keys: torch.Tensor) -> torch.Tensor:
+    """The fp32 values of `filter.to_key` keys (their high word, its order-preserving flip undone)."""
+    ordered = (keys >> 32).to(torch.int32)
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
+def _exact_operands(B, d, F, device):
+    """bf16 operands whose products and sums are exact in fp32 in any order (multiples of 1/32, sums
+    well below 2^19), so that the kernel's entries and the reference's are the same numbers."""
+    xc = (torch.randint(-4, 5, (B, d), device=device) / 4).bfloat16()
+    W_enc = (torch.randint(-4, 5, (d, F), device=device) / 8).bfloat16()
+    return xc, W_enc, (torch.randint(-8, 9, (F,), device=device) / 8).bfloat16()
+
+
+def _filter_thresholds(xc, W_enc, b_enc, cap):
+    """Per row a threshold that keeps about cap / 2 entries; the first row keeps none (+inf), the second
+    all (-inf: it overflows the buffer), and the third row is NaN (passes none)."""
+    pre = xc.float() @ W_enc.float() + b_enc.float()
+    tau = pre.topk(min(cap // 2, pre.shape[1]), dim=1).values[:, -1] - 1 / 64
+    tau[0] = float("inf")
+    if len(tau) > 1:
+        tau[1] = float("-inf")
+    if len(tau) > 2:
+        xc[2] = float("nan")
+    return tau
+
+
+def _assert_filter_matches(count, key_buf, expected_count, expected_keys, name):
+    assert torch.equal(count.cpu(), expected_count.cpu()), f"{name}: counts"
+    cap = key_buf.shape[1]
+    for row, expected in enumerate(expected_keys):
+        kept = key_buf[row, : min(int(count[row]), cap)].cpu()
+        if len(expected) <= cap:  # every entry above tau, in any order
+            assert torch.equal(kept.sort(descending=True).values, expected.cpu()), f"{name}: row {row}"
+        else:  # cap of them, each once
+            assert kept.unique().numel() == cap and torch.isin(kept, expected.cpu()).all(), f"{name}: row {row}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", range(len(cutlass_gemm.FILTER_VARIANTS)), ids=cutlass_gemm.FILTER_VARIANTS)
+@pytest.mark.parametrize("shape", [(300, 72, 1000), (1024, 768, 4096), (129, 384, 16384), (1, 8, 8)], ids=str)
+def test_filter_matches_reference_on_cuda(shape, variant):
+    """Every row's entries above its threshold, including rows with none, rows that overflow the buffer,
+    a NaN row, partial tiles of rows and features."""
+    if not cutlass_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    torch.manual_seed(0)
+    B, d, F = shape
+    cap = 64
+    xc, W_enc, b_enc = _exact_operands(B, d, F, "cuda")
+    tau = _filter_thresholds(xc, W_enc, b_enc, cap)
+    count = torch.zeros(B, dtype=torch.int32, device="cuda")
+    key_buf = torch.full((B, cap), -1, dtype=torch.int64, device="cuda")
+    cutlass_gemm.gemm_bias_filter(xc, W_enc, b_enc, tau, count, key_buf, variant)
+    expected_count, expected_keys = reference.gemm_bias_filter(xc, W_enc, b_enc, tau)
+    _assert_filter_matches(count, key_buf, expected_count, expected_keys, f"{shape} {variant}")
+
+
+@pytest.mark.gpu
+def test_filter_bad_operands_fail_clearly():
+    if not cutlass_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    xc, W_enc, b_enc = _operands(64, 64, 256)
+    tau = torch.zeros(64, device="cuda")
+    count = torch.zeros(64, dtype=torch.int32, device="cuda")
+    key_buf = torch.empty(64, 32, dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match="tau must be Float"):
+        cutlass_gemm.gemm_bias_filter(xc, W_enc, b_enc, tau.double(), count, key_buf)
+    with pytest.raises(RuntimeError, match="must have xc's 64 rows"):
+        cutlass_gemm.gemm_bias_filter(xc, W_enc, b_enc, tau, count[:63], key_buf)
+    with pytest.raises(RuntimeError, match="key_buf must be Long"):
+        cutlass_gemm.gemm_bias_filter(xc, W_enc, b_enc, tau, count, key_buf.int())
+    with pytest.raises(RuntimeError, match="variant must be"):
+        cutlass_gemm.gemm_bias_filter(xc, W_enc, b_enc, tau, count, key_buf, len(cutlass_gemm.FILTER_VARIANTS))
+
+
+def _filter_route(monkeypatch, device):
+    """The CUTLASS filter GEMM: the op on the GPU (skipped where it is not built), its reference writing
+    the buffers on CPU tensors, so that the interpreter runs the threshold pass and the select around it."""
+    monkeypatch.setattr(cutlass_gemm, "ROUTE", True)
+    encode.topk_routes.cache_clear()  # routes built with the switch off
+    if device == "cpu":
+        monkeypatch.setattr(cutlass_gemm, "available", lambda: True)
+
+        def emulated(xc, W_enc, b_enc, tau, count, key_buf, variant):
+            expected_count, expected_keys = reference.gemm_bias_filter(xc, W_enc, b_enc, tau)
+            count += expected_count
+            for row, keys in enumerate(expected_keys):
+                kept = keys[: key_buf.shape[1]]
+                key_buf[row, : len(kept)] = kept.flip(0)  # any order
+
+        monkeypatch.setattr(cutlass_gemm, "gemm_bias_filter", emulated)
+    elif not cutlass_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+
+
+def _outputs(B, k, device):
+    """(vals, idx, aux_vals, aux_idx) for the filter route to write without AuxK, NaN and -1 where it does not."""
+    return (
+        torch.full((B, k), float("nan"), dtype=torch.bfloat16, device=device),
+        torch.full((B, k), -1, dtype=torch.int32, device=device),
+        torch.empty(B, 0, dtype=torch.bfloat16, device=device),
+        torch.empty(B, 0, dtype=torch.int32, device=device),
+    )
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_filter_route_over_cutlass(device, monkeypatch):
+    """The filter route over the CUTLASS GEMM, every configuration `cutlass_filter_configs` offers: the
+    reference's codes, a NaN row and rows driven below k survivors left to the fallback and recomputed by
+    the encode; the route is offered only without AuxK and positive counts, and off by default."""
+    _filter_route(monkeypatch, device)
+    B, d, F, k = (13, 32, 1000, 4) if device == "cpu" else (1003, 768, 24576, 32)
+    x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).bfloat16()
+    x[5] = float("nan")
+    W_enc, b_enc, _, b_dec = random_sae_weights(d, F, dtype=torch.bfloat16, device=device)
+    pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
+    configs = filter.cutlass_filter_configs(k, 0, F)
+    assert {cfg["VARIANT"] for cfg in configs} == set(range(len(cutlass_gemm.FILTER_VARIANTS)))
+    for cfg in configs:
+        outputs = _outputs(B, k, device)
+        flags = filter.filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, cfg)
+        assert flags.nonzero().flatten().tolist() == [5], f"{cfg}: only the NaN row is left to the fallback"
+        done = flags == 0
+        assert_topk_matches(outputs[0][done], outputs[1][done], pre[done], k, torch.bfloat16, f"{cfg}")
+        vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("filter", cfg))
+        assert_topk_matches(vals[done], idx[done], pre[done], k, torch.bfloat16, f"{cfg} through the encode")
+        assert (vals[5] == 0).all(), "a NaN row fires nothing"
+    # Fallbacks: buffers below the survivors (every row overflows), thresholds raised past every value.
+    for overrides, margin_shift in (({"CAP": k // 2}, 0.0), ({}, 1e3)):
+        cfg = {**configs[0], **overrides}
+        flags = filter.filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, _outputs(B, k, device), cfg, margin_shift)
+        assert flags.bool().all(), f"{cfg}, margin {margin_shift}: a row was not flagged"
+        vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("filter", cfg))
+        done = torch.ones(B, dtype=torch.bool, device=device)
+        done[5] = False
+        assert_topk_matches(vals[done], idx[done], pre[done], k, torch.bfloat16, f"{cfg} recomputed")
+    routes = encode.topk_routes(k, 0, F, True)
+    assert all(("filter", cfg) in routes for cfg in configs)
+    assert not any(("filter", cfg) in encode.topk_routes(k, 0, F, True, True) for cfg in configs), "counting"
+    assert not filter.cutlass_filter_configs(k, 1, F), "the filter GEMM keeps no AuxK candidates"
+    monkeypatch.setattr(cutlass_gemm, "ROUTE", False)
+    assert not filter.cutlass_filter_configs(k, 0, F), "the route is off by default"
+    encode.topk_routes.cache_clear()  # routes built with the switch on
