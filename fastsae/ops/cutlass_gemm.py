@@ -83,6 +83,9 @@ def gemm_bias_group_max(xc: Tensor, W_enc: Tensor, b_enc: Tensor, variant: int =
     for bf16 CUDA operands xc [B, d], W_enc [d, F] and b_enc [F], d and F multiples of 8 (the kernel
     checks each)."""
     _require("gemm_bias_group_max")
+    _check_gemm_operands("gemm_bias_group_max", xc, W_enc, b_enc)
+    if not 0 <= variant < len(VARIANTS):
+        raise ValueError(f"gemm_bias_group_max: variant must be in [0, {len(VARIANTS)}), got {variant}")
     return torch.ops.fastsae_cutlass.gemm_bias_group_max(xc, W_enc, b_enc, variant)
 
 
@@ -93,7 +96,50 @@ def gemm_bias_filter(
     counting in count (int32 [B], which the caller zeroes) by FILTER_VARIANTS[variant]; operands as
     gemm_bias_group_max's, tau fp32 [B]."""
     _require("gemm_bias_filter")
+    _check_gemm_operands("gemm_bias_filter", xc, W_enc, b_enc)
+    B = xc.shape[0]
+    for name, t, dtype, dim in (("tau", tau, torch.float32, 1), ("count", count, torch.int32, 1),
+                                ("key_buf", key_buf, torch.int64, 2)):  # fmt: skip
+        _check_operand("gemm_bias_filter", name, t, dtype, dim, xc.device)
+        if t.shape[0] != B:
+            raise ValueError(f"gemm_bias_filter: {name} must have xc's {B} rows, got {t.shape[0]}")
+    if not 1 <= key_buf.shape[1] < 2**31:
+        raise ValueError(f"gemm_bias_filter: key_buf must have 1 to 2^31 - 1 slots a row, got {key_buf.shape[1]}")
+    if not 0 <= variant < len(FILTER_VARIANTS):
+        raise ValueError(f"gemm_bias_filter: variant must be in [0, {len(FILTER_VARIANTS)}), got {variant}")
     torch.ops.fastsae_cutlass.gemm_bias_filter(xc, W_enc, b_enc, tau, count, key_buf, variant)
+
+
+# The kernels check their operands too (csrc/cutlass/ops.cu), but a failed check there crashed the process
+# on the H100 (a segmentation fault at the second failed check in a process, 40eb821): here they are
+# checked before the op is called.
+def _check_gemm_operands(op: str, xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> None:
+    """xc [B, d], W_enc [d, F] and b_enc [F]: bf16, contiguous, on xc's CUDA device; d and F multiples of 8
+    (16-byte rows for TMA); B, d, F in [1, 2^31)."""
+    for name, t, dim in (("xc", xc, 2), ("W_enc", W_enc, 2), ("b_enc", b_enc, 1)):
+        _check_operand(op, name, t, torch.bfloat16, dim, xc.device)
+    (B, d), F = xc.shape, W_enc.shape[1]
+    if W_enc.shape[0] != d:
+        raise ValueError(f"{op}: W_enc must be [{d}, F], got {list(W_enc.shape)}")
+    if b_enc.shape[0] != F:
+        raise ValueError(f"{op}: b_enc must have {F} entries, got {b_enc.shape[0]}")
+    if d % 8 or F % 8:
+        raise ValueError(f"{op}: d and F must be multiples of 8 (16-byte rows for TMA), got d = {d}, F = {F}")
+    if not (1 <= B < 2**31 and 1 <= d < 2**31 and 1 <= F < 2**31):
+        raise ValueError(f"{op}: B, d and F must be in [1, 2^31), got {B}, {d}, {F}")
+
+
+def _check_operand(op: str, name: str, t: Tensor, dtype: torch.dtype, dim: int, device: torch.device) -> None:
+    if not t.is_cuda:
+        raise ValueError(f"{op}: {name} must be a CUDA tensor, got {t.device}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on xc's device {device}, got {t.device}")
+    if t.dtype != dtype:
+        raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+    if t.dim() != dim:
+        raise ValueError(f"{op}: {name} must have {dim} dimensions, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
 
 
 def _require(op: str) -> None:
