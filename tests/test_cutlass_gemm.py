@@ -122,7 +122,7 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
     assert all(("row_filter", cfg) in encode.topk_routes(k, 0, F, True) for cfg in configs)
     assert not filter.group_max_configs(k, 1, F), "AuxK has no maxima of its own"
     monkeypatch.setattr(cutlass_gemm, "ROUTE", False)
-    assert not filter.group_max_configs(k, 0, F), "the route is off by default"
+    assert not filter.group_max_configs(k, 0, F), "the route is offered with its switch off"
 
 
 def test_reference_filter_keeps_each_rows_entries_above_tau():
@@ -219,7 +219,7 @@ def test_filter_bad_operands_fail_clearly():
 def _filter_route(monkeypatch, device):
     """The CUTLASS filter GEMM: the op on the GPU (skipped where it is not built), its reference writing
     the buffers on CPU tensors, so that the interpreter runs the threshold pass and the select around it."""
-    monkeypatch.setattr(cutlass_gemm, "ROUTE", True)
+    monkeypatch.setattr(cutlass_gemm, "FILTER_ROUTE", True)
     encode.topk_routes.cache_clear()  # routes built with the switch off
     if device == "cpu":
         monkeypatch.setattr(cutlass_gemm, "available", lambda: True)
@@ -251,7 +251,7 @@ def _outputs(B, k, device):
 def test_filter_route_over_cutlass(device, monkeypatch):
     """The filter route over the CUTLASS GEMM, every configuration `cutlass_filter_configs` offers: the
     reference's codes, a NaN row and rows driven below k survivors left to the fallback and recomputed by
-    the encode; the route is offered only without AuxK and positive counts, and off by default."""
+    the encode; the route is offered only without AuxK and positive counts, and only with its switch on."""
     _filter_route(monkeypatch, device)
     B, d, F, k = (13, 32, 1000, 4) if device == "cpu" else (1003, 768, 24576, 32)
     x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).bfloat16()
@@ -282,6 +282,6 @@ def test_filter_route_over_cutlass(device, monkeypatch):
     assert all(("filter", cfg) in routes for cfg in configs)
     assert not any(("filter", cfg) in encode.topk_routes(k, 0, F, True, True) for cfg in configs), "counting"
     assert not filter.cutlass_filter_configs(k, 1, F), "the filter GEMM keeps no AuxK candidates"
-    monkeypatch.setattr(cutlass_gemm, "ROUTE", False)
-    assert not filter.cutlass_filter_configs(k, 0, F), "the route is off by default"
+    monkeypatch.setattr(cutlass_gemm, "FILTER_ROUTE", False)
+    assert not filter.cutlass_filter_configs(k, 0, F), "the route is offered with its switch off"
     encode.topk_routes.cache_clear()  # routes built with the switch on

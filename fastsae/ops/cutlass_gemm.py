@@ -10,17 +10,18 @@ row filter (`filter.row_filter_topk`) reads the whole pre-activation once for ex
 before it reads the hot groups again; a GEMM that leaves them saves the rest of the row's read. Triton
 GEMMs that did so (the pooled route, f5477b9) were slower than cuBLAS by more than that read; these are
 CUTLASS's TMA warp-specialised kernels with an epilogue visitor tree (csrc/cutlass/), built only where
-CUTLASS's headers are found (setup.py, the `cutlass` extra). Where they are built and ROUTE is on, the
-TopK encode's tuner also times the row filter over their chunks and maxima (`filter.group_max_configs`:
-bf16 weights, no AuxK stream), so that route is taken only where it measures faster;
-`bench/bench_gemm.py` times each variant alone against cuBLAS's addmm.
+CUTLASS's headers are found (setup.py, the `cutlass` extra). Where they are built (and ROUTE is on, the
+default), the TopK encode's tuner also times the row filter over their chunks and maxima
+(`filter.group_max_configs`: bf16 weights, no AuxK stream), so that route is taken only where it
+measures faster; `bench/bench_gemm.py` times each variant alone against cuBLAS's addmm.
 
 gemm_bias_filter is the threshold-first filter GEMM (`filter.filter_gemm`'s Triton kernel without AuxK
 and positive counts): every entry of xc @ W_enc + b_enc (fp32) above its row's tau is appended to the row's
 buffer as a `filter.to_key` key, its slot claimed by an atomic on the row's count; it writes nothing
 [B, F]. The Triton filter GEMM ran its epilogue after each tile's matmul and measured slower than cuBLAS's
 write and the row filter's read; CUTLASS's ping-pong kernel runs one warpgroup's epilogue beside the
-other's matmul. Where ROUTE is on, the tuner also times the filter route over it (`filter.filter_configs`).
+other's matmul. It measured slower than the Triton filter GEMM, so the tuner times the filter route over
+it (`filter.cutlass_filter_configs`) only with FILTER_ROUTE on.
 """
 
 from __future__ import annotations
@@ -54,9 +55,14 @@ VARIANTS = (
 # gemm_bias_filter's kernels (csrc/cutlass/filter_gemm_*.cu), by its `variant` argument.
 FILTER_VARIANTS = ("pingpong_128x128", "cooperative_128x128")
 
-# The routes over these GEMMs as routes of the TopK encode: off unless FASTSAE_CUTLASS_ROUTES=1 (read at
-# import) until the kernels have run on a GPU and measured faster than the routes over cuBLAS.
-ROUTE = os.environ.get("FASTSAE_CUTLASS_ROUTES", "0") == "1"
+# The row filter over gemm_bias_group_max as a route of the TopK encode, where the extension is built:
+# on unless FASTSAE_CUTLASS_ROUTES=0 (read at import). On an H100 (40eb821 and 7e44a77, each variant checked
+# against its reference) the tuner took it over every route on cuBLAS at GPT-2's shape, twice (the encode
+# 0.602 and 0.606 ms against the GEMM's 0.501 and 0.496), and the plain row filter at Llama-8B's.
+ROUTE = os.environ.get("FASTSAE_CUTLASS_ROUTES", "1") != "0"
+# The filter route over gemm_bias_filter: off unless FASTSAE_CUTLASS_FILTER=1 (read at import); its GEMM
+# alone took 1.04 / 1.21 ms against the Triton filter GEMM's 0.75 at GPT-2 / AF3 on an H100 (7e44a77).
+FILTER_ROUTE = os.environ.get("FASTSAE_CUTLASS_FILTER", "0") == "1"
 
 _loaded: list[bool] = []
 

@@ -328,9 +328,10 @@ def topk_routes(
     file's single-pass kernel) and "dense" (cuBLAS pre-activations of bounded row chunks + torch.topk:
     what a user would write, so the tuner never picks a path slower than it). The first is the default:
     the row filter, which the tuner picked at every shape timed on the H200. With `cutlass` (operands
-    that `cutlass_gemm` takes, its extension built and its ROUTE on), also the experimental routes over
-    CUTLASS's GEMMs: the row filter over group maxima (`filter.group_max_configs`) and, unless `counting`
-    positive pre-activations, the filter route (`filter.cutlass_filter_configs`)."""
+    that `cutlass_gemm` takes, its extension built), also the routes over CUTLASS's GEMMs: the row filter
+    over group maxima (`filter.group_max_configs`, unless cutlass_gemm.ROUTE is off) and, unless `counting`
+    positive pre-activations, the filter route (`filter.cutlass_filter_configs`, experimental: only with
+    cutlass_gemm.FILTER_ROUTE on)."""
     if max(k, k_aux) > MAX_KEEP:  # beyond the sweep's buffers (the filter's fallback)
         return (("dense", {}),)
     routes = [("row_filter", cfg) for cfg in row_filter_configs(k, k_aux, n_features)]

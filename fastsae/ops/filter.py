@@ -766,8 +766,8 @@ def filter_configs(k: int, k_aux: int, n_features: int, interpret: bool) -> list
 def cutlass_filter_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
     """The filter route over `cutlass_gemm.gemm_bias_filter` (GEMM "cutlass", each of its FILTER_VARIANTS)
     with `filter_configs`' capacities: no AuxK and no positive counts (its epilogue keeps neither). None
-    unless cutlass_gemm.ROUTE is on and the CUTLASS extension is built."""
-    if k_aux or not (cutlass_gemm.ROUTE and cutlass_gemm.available()):
+    unless cutlass_gemm.FILTER_ROUTE is on and the CUTLASS extension is built."""
+    if k_aux or not (cutlass_gemm.FILTER_ROUTE and cutlass_gemm.available()):
         return []
     caps = sorted({cfg["CAP"] for cfg in filter_configs(k, 0, n_features, interpret=False)})
     return [
