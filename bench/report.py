@@ -38,7 +38,7 @@ OP_NOTES = {
     "timed once and removed (no faster than `encode_topk`'s route).",
     "decode_sparse": "The sparse decode of [B, k] codes (`bench/bench_decode.py`).",
     "gemm_group_max": "The encoder GEMM writing the pre-activation and, in its epilogue, each row's maxima over "
-    "groups of 128 or 64 features (a variant's tile width; experimental CUTLASS kernels, `bench/bench_gemm.py`), "
+    "groups of 64 to 256 features (a variant's tile width; experimental CUTLASS kernels, `bench/bench_gemm.py`), "
     "against cuBLAS's addmm.",
     "gemm_filter": "The threshold-first filter GEMM, writing only each row's entries above its threshold (experimental "
     "CUTLASS kernels, and `fastsae_triton`, the filter route's Triton GEMM; `bench/bench_gemm.py`), against "

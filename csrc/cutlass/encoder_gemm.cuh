@@ -26,11 +26,12 @@ template <int TileM, int TileN>
 using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::_64>;
 
 // `ElementD` is what the epilogue stores by TMA ([B, F] row-major), or void for an epilogue that stores
-// nothing itself (its visitor nodes write what they write).
-template <int TileM, int TileN, bool Pingpong, class Fusion, class ElementD>
+// nothing itself (its visitor nodes write what they write). `ClusterM` CTAs along the rows form a cluster
+// that shares each W_enc tile by TMA multicast (one load from L2 for all of them).
+template <int TileM, int TileN, bool Pingpong, int ClusterM, class Fusion, class ElementD>
 struct EncoderGemm {
   using Tile = TileShape<TileM, TileN>;
-  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::_1, cute::_1>;
   static constexpr int kAlign = 16 / sizeof(Element);  // TMA: 16-byte rows
   using KernelSchedule = std::conditional_t<Pingpong, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                                             cutlass::gemm::KernelTmaWarpSpecializedCooperative>;

@@ -130,7 +130,7 @@ struct FilterAppend {
 template <int TileM, int TileN, bool Pingpong>
 struct FilterGemm {
   using Fusion = cutlass::epilogue::fusion::Sm90EVT<FilterAppend, AddBias<TileM, TileN, float>>;
-  using Gemm = EncoderGemm<TileM, TileN, Pingpong, Fusion, void>;
+  using Gemm = EncoderGemm<TileM, TileN, Pingpong, 1, Fusion, void>;
 
   // Operands checked by the op (ops.cu) before this runs.
   static void run(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& tau,

@@ -43,7 +43,10 @@ GemmResult gemm_bias_group_max(const at::Tensor& xc, const at::Tensor& W_enc, co
     case 1: return gemm_cooperative_128x64(xc, W_enc, b_enc);
     case 2: return gemm_pingpong_128x128(xc, W_enc, b_enc);
     case 3: return gemm_pingpong_64x128(xc, W_enc, b_enc);
-    default: TORCH_CHECK(false, "gemm_bias_group_max: variant must be 0, 1, 2 or 3, got ", variant);
+    case 4: return gemm_cooperative_256x128(xc, W_enc, b_enc);
+    case 5: return gemm_pingpong_128x128_cluster2(xc, W_enc, b_enc);
+    case 6: return gemm_cooperative_128x256_cluster2(xc, W_enc, b_enc);
+    default: TORCH_CHECK(false, "gemm_bias_group_max: variant must be in [0, 7), got ", variant);
   }
 }
 

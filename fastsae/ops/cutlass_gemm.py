@@ -35,12 +35,15 @@ from torch import Tensor
 
 
 class Variant(NamedTuple):
-    """A kernel of gemm_bias_group_max (csrc/cutlass/group_max_gemm_*.cu): features per group (its tile's
-    width) and the rows its maxima are rounded up to (its tile's height)."""
+    """A kernel of gemm_bias_group_max (csrc/cutlass/group_max_gemm_*.cu, named by its tile's rows x
+    features): features per group (its tile's width), the rows its maxima are rounded up to (its tile's
+    height), and whether the encode's route may run over it (only once the kernel has matched its
+    reference on a GPU: the row filter trusts the maxima)."""
 
     name: str
     group: int
     tile_rows: int
+    routed: bool = True
 
 
 # By the op's `variant` argument (csrc/cutlass/ops.cu dispatches on it). Cooperative: two
@@ -50,6 +53,11 @@ VARIANTS = (
     Variant("cooperative_128x64", 64, 128),
     Variant("pingpong_128x128", 128, 128),
     Variant("pingpong_64x128", 128, 64),
+    # Larger tiles and clusters of two CTAs sharing W_enc's tiles by multicast, as cuBLAS's kernels at
+    # these shapes are; compiled, not yet run on a GPU, so not routed.
+    Variant("cooperative_256x128", 128, 256, routed=False),
+    Variant("pingpong_128x128_cluster2", 128, 128, routed=False),
+    Variant("cooperative_128x256_cluster2", 256, 128, routed=False),
 )
 
 # gemm_bias_filter's kernels (csrc/cutlass/filter_gemm_*.cu), by its `variant` argument.

@@ -861,9 +861,10 @@ def over_group_maxima(k: int, n_features: int) -> list[dict]:
     """`group_max_configs` whether or not the extension is built (their kernels compile without it):
     for each variant with at least k groups, one configuration per capacity, warps and select."""
     configs = []
-    for variant, (_, group, _) in enumerate(cutlass_gemm.VARIANTS):
+    for variant, kernel in enumerate(cutlass_gemm.VARIANTS):
+        group = kernel.group
         n_groups = cdiv(n_features, group)
-        if n_groups >= k:
+        if kernel.routed and n_groups >= k:
             configs += [
                 dict(cfg, GROUP=group, N_GROUPS=next_power_of_2(n_groups), GEMM="cutlass", VARIANT=variant)
                 for cfg in row_filter_configs(k, 0, n_features)

@@ -1,0 +1,10 @@
+// One variant of fastsae::gemm_bias_group_max (group_max_gemm.cuh), in a translation unit of its own.
+#include "group_max_gemm.cuh"
+
+namespace fastsae_cutlass {
+
+GemmResult gemm_cooperative_128x256_cluster2(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc) {
+  return GroupMaxGemm<128, 256, false, 2>::run(xc, W_enc, b_enc);
+}
+
+}  // namespace fastsae_cutlass
