@@ -7,6 +7,8 @@ before it reads the whole pre-activation once more.
   threshold (from `filter.thresholds` at the shape's k and a 512-slot buffer) to the row's buffer;
   `fastsae_triton` is the filter route's Triton GEMM (`filter.filter_gemm`, its first tiling) on the same
   thresholds. The filter route's whole encode is this GEMM, the threshold pass and the select.
+  Providers ending `_no_survivors` run on thresholds of +inf: the GEMM and its epilogue's compares
+  without a single append.
 
 bf16 centred inputs and weights at the benchmark shapes (harness.SHAPES). Before timing, the
 pre-activation is checked against addmm's, the maxima against the kernel's own pre-activation (exactly),
@@ -59,9 +61,9 @@ def _check_filter(count, key_buf, xc, W_enc, b_enc, tau, name: str) -> None:
             raise AssertionError(f"{name}: row {row} counts {int(count[row])} above tau, expected {int(surely)}")
 
 
-def _filters(xc, W_enc, b_enc, k) -> tuple[dict, torch.Tensor]:
-    """gemm_filter's providers (each zeroes the counts and fills the buffers) and the thresholds."""
-    tau = filter.thresholds(xc, W_enc, b_enc, k, FILTER_CAP)
+def _filters(xc, W_enc, b_enc, tau, suffix: str) -> dict:
+    """gemm_filter's providers over thresholds `tau`, named with `suffix`; each zeroes the counts and
+    fills the buffers."""
     count = torch.zeros(xc.shape[0], dtype=torch.int32, device=xc.device)
     key_buf = torch.empty(xc.shape[0], FILTER_CAP, dtype=torch.int64, device=xc.device)
     triton_cfg = dict(filter.filter_tiles(interpret=False)[0], AUX_CAP=1)
@@ -76,8 +78,8 @@ def _filters(xc, W_enc, b_enc, k) -> tuple[dict, torch.Tensor]:
         filter.filter_gemm(xc, W_enc, b_enc, tau, count, key_buf, None, None, triton_cfg)
         return count, key_buf
 
-    variants = enumerate(cutlass_gemm.FILTER_VARIANTS)
-    return {**{f"fastsae_{name}": partial(cutlass, number) for number, name in variants}, "fastsae_triton": triton}, tau
+    providers = {f"fastsae_{name}{suffix}": partial(cutlass, n) for n, name in enumerate(cutlass_gemm.FILTER_VARIANTS)}
+    return {**providers, f"fastsae_triton{suffix}": triton}
 
 
 def run(recorder: Recorder) -> None:
@@ -99,8 +101,11 @@ def run(recorder: Recorder) -> None:
             recorder.record("gemm_group_max", shape, name, measure(fn))
         recorder.record("gemm_group_max", shape, "cublas_gemm", measure(partial(torch.addmm, b_enc, xc, W_enc)))
 
-        filters, tau = _filters(xc, W_enc, b_enc, k)
-        for name, fn in selected(filters).items():
-            _check_filter(*fn(), xc, W_enc, b_enc, tau, f"gemm_filter {shape} {name}")
-            recorder.record("gemm_filter", shape, name, measure(fn))
+        # The filter route's thresholds, and +inf (no survivors: the epilogue's compares alone, so that the
+        # difference is what the appends cost).
+        tau = filter.thresholds(xc, W_enc, b_enc, k, FILTER_CAP)
+        for suffix, thresholds in (("", tau), ("_no_survivors", torch.full_like(tau, float("inf")))):
+            for name, fn in selected(_filters(xc, W_enc, b_enc, thresholds, suffix)).items():
+                _check_filter(*fn(), xc, W_enc, b_enc, thresholds, f"gemm_filter {shape} {name}")
+                recorder.record("gemm_filter", shape, name, measure(fn))
         recorder.record("gemm_filter", shape, "cublas_gemm", measure(partial(torch.addmm, b_enc, xc, W_enc)))
