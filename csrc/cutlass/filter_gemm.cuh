@@ -93,7 +93,8 @@ struct FilterAppend {
         auto coord = tCcD_mn(epi_v * FragmentSize + i);
         rows[i] = first_row + static_cast<int>(cute::get<0>(coord));
         const bool inside = cute::elem_less(coord, residue);
-        passes[i] = inside && static_cast<float>(frg_input[i]) > __ldg(params.tau + (inside ? rows[i] : first_row));
+        // (no load outside the problem: a thread past the last row has no row of tau to read)
+        passes[i] = inside && static_cast<float>(frg_input[i]) > __ldg(params.tau + rows[i]);
         any |= passes[i];
       }
       if (!any) return frg_input;
