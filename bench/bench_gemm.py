@@ -49,9 +49,7 @@ def _check_filter(count, key_buf, xc, W_enc, b_enc, tau, name: str) -> None:
     slack = 1e-3 * pre.abs().amax(dim=1)  # summation-order rounding, far above fp32's
     for row in range(pre.shape[0]):
         kept = key_buf[row, : min(int(count[row]), key_buf.shape[1])]
-        features = (kept & 0xFFFFFFFF).long()
-        ordered = (kept >> 32).to(torch.int32)  # `filter.to_key`'s high word, back to the value
-        values = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
+        features, values = (kept & 0xFFFFFFFF).long(), reference.key_values(kept)
         if features.unique().numel() != features.numel():
             raise AssertionError(f"{name}: row {row} keeps a feature twice")
         if not torch.allclose(values, pre[row, features], rtol=0, atol=float(slack[row])):

@@ -59,15 +59,25 @@ def gemm_bias_filter(xc: Tensor, W_enc: Tensor, b_enc: Tensor, tau: Tensor) -> t
     """The filter GEMM: (count int32 [B], keys) for pre = xc @ W_enc + b_enc in fp32, where count[r] is
     the number of entries of row r with pre > tau[r] (NaN passes none) and keys[r] their int64 keys,
     largest first: the high word orders like the fp32 value (negative values' magnitude bits flipped),
-    the low word is the feature. A kernel stores the first `cap` that reach its buffer, in any order."""
+    the low word is the feature. A kernel stores the first `cap` that reach its buffer, in any order.
+    `key_values` reads the values back."""
     pre = xc.float() @ W_enc.float() + b_enc.float()
     passed = pre > tau.float()[:, None]
-    bits = pre.view(torch.int32)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     features = torch.arange(pre.shape[1], device=pre.device, dtype=torch.int64)
-    keys = (ordered.to(torch.int64) << 32) | features
+    keys = (_flip_negatives(pre.view(torch.int32)).to(torch.int64) << 32) | features
     rows = [keys[r][passed[r]].sort(descending=True).values for r in range(pre.shape[0])]
     return passed.sum(dim=1, dtype=torch.int32), rows
+
+
+def key_values(keys: Tensor) -> Tensor:
+    """The fp32 values of `gemm_bias_filter`'s int64 keys (their features are the low words)."""
+    return _flip_negatives((keys >> 32).to(torch.int32)).view(torch.float32)
+
+
+def _flip_negatives(bits: Tensor) -> Tensor:
+    """int32 fp32 bits with the magnitude bits of negatives flipped: signed int order is then the values'
+    order. The flip is its own inverse."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def topk_activation(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,14 @@ from fastsae import reference
 from fastsae.ops import cutlass_gemm, encode, filter
 from fastsae.testing import assert_positive_counts_match
 
-from .utils import KERNEL_DEVICES, ROUNDING_BAND, assert_close, assert_topk_matches, random_sae_weights
+from .utils import (
+    KERNEL_DEVICES,
+    ROUNDING_BAND,
+    assert_close,
+    assert_topk_matches,
+    poisoned_outputs,
+    random_sae_weights,
+)
 
 
 def test_reference_maxima_are_each_rows_group_maxima():
@@ -110,11 +117,7 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
     routed = {number for number, kernel in enumerate(cutlass_gemm.VARIANTS) if kernel.routed}
     assert {cfg["VARIANT"] for cfg in configs} == routed, "the route runs over the routed variants only"
     for cfg in configs:
-        outputs = tuple(
-            torch.full((B, k), float("nan"), device=device) if floating else
-            torch.full((B, k), -1, dtype=torch.int32, device=device)
-            for floating in (True, False)
-        ) + (torch.empty(B, 0, device=device), torch.empty(B, 0, dtype=torch.int32, device=device))  # fmt: skip
+        outputs = poisoned_outputs(B, k, 0, device)
         counts = torch.zeros(F, dtype=torch.int32, device=device)
         flags = filter.row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, counts, outputs, cfg)
         assert not flags.any(), f"{cfg}: rows left to the fallback"
@@ -137,14 +140,8 @@ def test_reference_filter_keeps_each_rows_entries_above_tau():
     assert count.dtype == torch.int32 and count.tolist() == [int((pre[0] > 0.5).sum()), F, 0, 0]
     for row in range(B):
         expected = [(float(pre[row, f]), f) for f in range(F) if pre[row, f] > tau[row]]
-        got = [(float(_key_values(key)), int(key & 0xFFFFFFFF)) for key in keys[row]]
+        got = [(float(reference.key_values(key)), int(key & 0xFFFFFFFF)) for key in keys[row]]
         assert got == sorted(expected, reverse=True)
-
-
-def _key_values(keys: torch.Tensor) -> torch.Tensor:
-    """The fp32 values of `filter.to_key` keys (their high word, its order-preserving flip undone)."""
-    ordered = (keys >> 32).to(torch.int32)
-    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
 def _exact_operands(B, d, F, device):
@@ -237,16 +234,6 @@ def _filter_route(monkeypatch, device):
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
 
 
-def _outputs(B, k, device):
-    """(vals, idx, aux_vals, aux_idx) for the filter route to write without AuxK, NaN and -1 where it does not."""
-    return (
-        torch.full((B, k), float("nan"), dtype=torch.bfloat16, device=device),
-        torch.full((B, k), -1, dtype=torch.int32, device=device),
-        torch.empty(B, 0, dtype=torch.bfloat16, device=device),
-        torch.empty(B, 0, dtype=torch.int32, device=device),
-    )
-
-
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_filter_route_over_cutlass(device, monkeypatch):
@@ -262,7 +249,7 @@ def test_filter_route_over_cutlass(device, monkeypatch):
     configs = filter.cutlass_filter_configs(k, 0, F)
     assert {cfg["VARIANT"] for cfg in configs} == set(range(len(cutlass_gemm.FILTER_VARIANTS)))
     for cfg in configs:
-        outputs = _outputs(B, k, device)
+        outputs = poisoned_outputs(B, k, 0, device)
         flags = filter.filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, cfg)
         assert flags.nonzero().flatten().tolist() == [5], f"{cfg}: only the NaN row is left to the fallback"
         done = flags == 0
@@ -273,7 +260,8 @@ def test_filter_route_over_cutlass(device, monkeypatch):
     # Fallbacks: buffers below the survivors (every row overflows), thresholds raised past every value.
     for overrides, margin_shift in (({"CAP": k // 2}, 0.0), ({}, 1e3)):
         cfg = {**configs[0], **overrides}
-        flags = filter.filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, _outputs(B, k, device), cfg, margin_shift)
+        outputs = poisoned_outputs(B, k, 0, device)
+        flags = filter.filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, cfg, margin_shift)
         assert flags.bool().all(), f"{cfg}, margin {margin_shift}: a row was not flagged"
         vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("filter", cfg))
         done = torch.ones(B, dtype=torch.bool, device=device)

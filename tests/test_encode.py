@@ -20,6 +20,7 @@ from .utils import (
     assert_close,
     assert_topk_matches,
     check_encode_topk_backward,
+    poisoned_outputs,
     random_sae_weights,
 )
 
@@ -153,15 +154,6 @@ def test_thresholds_are_the_group_maxima_bound(device, k, n_features, cap):
             assert (tau.double() <= kth).all(), "a threshold above the row's k-th largest pre-activation"
 
 
-def _poisoned_outputs(B, k, k_aux, device):
-    """(vals, idx, aux_vals, aux_idx) for a filter route to write, NaN and -1 wherever it does not."""
-    return tuple(
-        torch.full((B, width), float("nan"), device=device) if floating else
-        torch.full((B, width), -1, dtype=torch.int32, device=device)
-        for width in (k, k_aux) for floating in (True, False)
-    )  # fmt: skip
-
-
 def _first_route(name, k, k_aux, n_features, **overrides):
     cfg = next(cfg for route, cfg in encode.topk_routes(k, k_aux, n_features) if route == name)
     return name, {**cfg, **overrides}
@@ -188,7 +180,7 @@ def test_filter_fallbacks(device, name, select):
     cases = [({"CAP": k // 2}, 0.0), ({}, 1e3), ({}, 0.0)] if name == "filter" else [({"CAP": k // 2}, 0.0), ({}, 0.0)]
     for overrides, margin_shift in cases:
         route = _first_route(name, k, k_aux, F, **overrides, **({} if select is None else {"SELECT": select}))
-        outputs = _poisoned_outputs(B, k, k_aux, device)
+        outputs = poisoned_outputs(B, k, k_aux, device)
         if name == "filter":
             flags = filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1], margin_shift)
         else:
@@ -224,7 +216,7 @@ def test_row_filter_in_rounds_and_row_chunks(device, select, monkeypatch):
     route = _first_route("row_filter", k, k_aux, F, SELECT=select)
     monkeypatch.setattr(filter, "ROW_FILTER_REREAD", 2 * route[1]["GROUP"])
     monkeypatch.setattr(filter, "ROW_FILTER_CHUNK", 5 * F)
-    outputs = _poisoned_outputs(B, k, k_aux, device)
+    outputs = poisoned_outputs(B, k, k_aux, device)
     flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1])
     assert not flags.any(), "rows left to the fallback: the rounds missed survivors"
     vals, idx, aux_vals, aux_idx = outputs
@@ -263,7 +255,7 @@ def test_row_filter_reads_groups_wider_than_a_read(device, monkeypatch):
     dead = torch.rand(F, device=device) < 0.3
     route = _first_route("row_filter", k, k_aux, F)
     monkeypatch.setattr(filter, "ROW_FILTER_READ", route[1]["GROUP"] // 2)
-    outputs = _poisoned_outputs(B, k, k_aux, device)
+    outputs = poisoned_outputs(B, k, k_aux, device)
     flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1])
     assert not flags.any()
     pre = _pre64(x, W_enc, b_enc, b_dec)
@@ -298,7 +290,7 @@ def test_row_filter_raises_its_bound_when_survivors_share_groups(device, select)
         kth_maximum = values.view(B, F // group, group).amax(dim=2).topk(top, dim=1).values[:, -1:]
         assert ((values >= kth_maximum).sum(dim=1) > cap).all(), "the first bound would not overflow every row"
         assert (values[0] == values[0].topk(top).values[-1]).sum() > cap, "row 0's k-th value is not tied enough"
-    outputs = _poisoned_outputs(B, k, k_aux, device)
+    outputs = poisoned_outputs(B, k, k_aux, device)
     flags = row_filter_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead, None, outputs, route[1])
     assert not flags.any(), f"{int(flags.sum())} of {B} rows left to the fallback"
     vals, idx, aux_vals, aux_idx = outputs

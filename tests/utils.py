@@ -30,6 +30,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     testing.assert_close(actual, expected, TOLERANCE[dtype], f"{name} ({dtype})")
 
 
+def poisoned_outputs(B, k, k_aux, device):
+    """(vals, idx, aux_vals, aux_idx) for a filter route to write, NaN and -1 wherever it does not."""
+    return tuple(
+        torch.full((B, width), float("nan"), device=device) if floating else
+        torch.full((B, width), -1, dtype=torch.int32, device=device)
+        for width in (k, k_aux) for floating in (True, False)
+    )  # fmt: skip
+
+
 def random_sae_weights(d: int, n_features: int, dtype=torch.float64, device="cpu"):
     """Encoder/decoder weights and biases with unit-norm decoder rows, like an initialised SAE (drawn
     on `device`: full-width GPU cases would spend seconds drawing them on the CPU)."""
