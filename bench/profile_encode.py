@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from fastsae import functional as F
 from fastsae import reference
-from fastsae.ops import batchtopk, encode, filter, launch
+from fastsae.ops import batchtopk, cutlass_gemm, encode, filter, launch
 from fastsae.testing import assert_topk_matches
 
 from .bench_encode import CHECK_ROWS, _torch_batchtopk, _weights
@@ -143,11 +143,18 @@ def profile_encode(shape: str, rows: int) -> None:
         print(f"  filter GEMM with no survivor: {tflops:.0f} TFLOP/s (cuBLAS {flops / gemm / 1e9:.0f}); survivors per "
               f"row {survivors.float().mean():.0f} mean, {int(survivors.max())} max (CAP {cfg['CAP']}); "
               f"{int(flags.sum())} rows flagged")  # fmt: skip
-    if route[0] == "row_filter":  # cuBLAS's pre-activation chunks, and the row kernel as the remainder
-        chunk_rows = filter.row_filter_chunk_rows(n_rows, n_features, route[1]["CAP"])  # the route's own chunks
-        pre_ms = _ms(lambda: [pre for _, pre in filter.pre_activation_chunks(x, W_enc, b_enc, b_dec, chunk_rows, None)])
+    if route[0] == "row_filter":  # the pre-activation chunks (cuBLAS's or CUTLASS's), the row kernel the rest
+        cfg = route[1]
+        chunk_rows = filter.row_filter_chunk_rows(n_rows, n_features, cfg["CAP"])  # the route's own chunks
+        if cfg.get("GEMM") == "cutlass":
+            gemm_name = f"centre + CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name}"
+            chunks = partial(filter.group_max_chunks, x, W_enc, b_enc, b_dec, chunk_rows, None, cfg["VARIANT"])
+        else:
+            gemm_name = "centre + cuBLAS pre-activation"
+            chunks = partial(filter.pre_activation_chunks, x, W_enc, b_enc, b_dec, chunk_rows, None)
+        pre_ms = _ms(lambda: [chunk[1] for chunk in chunks()])
         route_ms = _ms(routed)
-        for name, ms in (("centre + cuBLAS pre-activation", pre_ms), ("row kernel (the rest)", route_ms - pre_ms)):
+        for name, ms in ((gemm_name, pre_ms), ("row kernel (the rest)", route_ms - pre_ms)):
             print(f"  {name:>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
         for select in (True, False):  # the select in the row program, or in a launch of one warp a row
             variant = ("row_filter", {**route[1], "SELECT": select})

@@ -37,8 +37,8 @@ from torch import Tensor
 class Variant(NamedTuple):
     """A kernel of gemm_bias_group_max (csrc/cutlass/group_max_gemm_*.cu, named by its tile's rows x
     features): features per group (its tile's width), the rows its maxima are rounded up to (its tile's
-    height), and whether the encode's route may run over it (only once the kernel has matched its
-    reference on a GPU: the row filter trusts the maxima)."""
+    height), and whether the encode's tuner times the route over it (`routed`: not for kernels that
+    measured slower than another variant with the same groups at every benchmark shape)."""
 
     name: str
     group: int
@@ -47,17 +47,22 @@ class Variant(NamedTuple):
 
 
 # By the op's `variant` argument (csrc/cutlass/ops.cu dispatches on it). Cooperative: two
-# warpgroups on one tile; ping-pong: each on a tile of its own, one's epilogue beside the other's matmul.
+# warpgroups on one tile; ping-pong: each on a tile of its own, one's epilogue beside the other's matmul;
+# clusters of two CTAs share W_enc's tiles by multicast. The GEMM alone on an H100 (bf16, 18ba460), ms at
+# GPT-2 / AF3 / Llama-8B's shapes against cuBLAS's addmm 0.508 / 0.381 / 6.455:
+#   cooperative_128x128 0.608 / 0.504 / 8.12     cooperative_128x64 (40eb821) 0.862 / 0.663 / 12.96
+#   pingpong_128x128    0.511 / 0.430 / 8.91     pingpong_64x128 (40eb821)    0.679 / 0.588 / 13.47
+#   cooperative_256x128 0.554 / 0.458 / 7.15     pingpong_128x128_cluster2    0.509 / 0.451 / 8.36
+#   cooperative_128x256_cluster2 0.549 / 0.468 / 6.27 (faster than cuBLAS at Llama-8B's shape)
+# The 64-wide and 64-high tiles were the slowest at every shape: the tuner leaves them out.
 VARIANTS = (
     Variant("cooperative_128x128", 128, 128),
-    Variant("cooperative_128x64", 64, 128),
+    Variant("cooperative_128x64", 64, 128, routed=False),
     Variant("pingpong_128x128", 128, 128),
-    Variant("pingpong_64x128", 128, 64),
-    # Larger tiles and clusters of two CTAs sharing W_enc's tiles by multicast, as cuBLAS's kernels at
-    # these shapes are; compiled, not yet run on a GPU, so not routed.
-    Variant("cooperative_256x128", 128, 256, routed=False),
-    Variant("pingpong_128x128_cluster2", 128, 128, routed=False),
-    Variant("cooperative_128x256_cluster2", 256, 128, routed=False),
+    Variant("pingpong_64x128", 128, 64, routed=False),
+    Variant("cooperative_256x128", 128, 256),
+    Variant("pingpong_128x128_cluster2", 128, 128),
+    Variant("cooperative_128x256_cluster2", 256, 128),
 )
 
 # gemm_bias_filter's kernels (csrc/cutlass/filter_gemm_*.cu), by its `variant` argument.
