@@ -282,7 +282,12 @@ def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, k:
     for name, step in providers.items():  # the first step sees the shared initial weights
         assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step_batchtopk {shape} {name} FVU")
     for name, step in providers.items():
-        recorder.record("train_step_batchtopk", shape, name, measure_step(step, x))
+        timing = measure_step(step, x)
         captured = getattr(step, "captured", None)
-        # the timed calls were replays, not the eager steps that stand in for codes that are not exact
-        assert captured is None or captured.eager_fallbacks == 0, f"{shape} {name}: {captured.eager_fallbacks}"
+        # A captured step's row stands for replays: where some calls were the eager steps that stand in
+        # for codes that are not exact (the threshold-first route's estimate too far off, 97 of the calls
+        # at GPT-2's shape on an H100, e4f0941), it is left out, and the other providers still run.
+        if captured is not None and captured.eager_fallbacks:
+            print(f"train_step_batchtopk {shape} {name}: not recorded, {captured.eager_fallbacks} calls ran eagerly")
+            continue
+        recorder.record("train_step_batchtopk", shape, name, timing)
