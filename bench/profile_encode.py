@@ -103,9 +103,13 @@ def profile_encode(shape: str, rows: int) -> None:
     route = tuned[0] if tuned else encode.topk_routes(k, 0, n_features)[0]  # FASTSAE_AUTOTUNE=0: the first
     gemm = _ms(lambda: x @ W_enc)
     whole = _ms(lambda: encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None))
+    # The public op (argument checks, torch.library's dispatch and autograd wrapper) as bench_encode times
+    # it: on the H100 bench_encode read 0.876 ms at GPT-2's shape where this process's `whole` read 0.605.
+    public = _ms(lambda: F.encode_topk(x, W_enc, b_enc, b_dec, k))
     flops = 2 * n_rows * d * n_features
     print(f"\n== {shape} (d, F, B, k) = {(d, n_features, n_rows, k)}: cuBLAS GEMM {gemm:.3f} ms, encode {whole:.3f} ms "
-          f"({whole / gemm:.2f}x), route {route[0]} {route[1]}")  # fmt: skip
+          f"({whole / gemm:.2f}x; the public op {public:.3f} ms, {public / gemm:.2f}x), "
+          f"route {route[0]} {route[1]}")  # fmt: skip
     # do_bench clears the L2 before each call, so the GPU waits for the host's launches; back to back, the
     # host runs ahead, and a graph replay has no launches at all: the gap is the host's share.
     routed = lambda: encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=route)  # noqa: E731

@@ -27,7 +27,7 @@ def test_profile_encode_runs(capsys, monkeypatch, route):
     monkeypatch.setattr(launch, "tuned_choices", lambda *key: [picked])
     profile_encode.profile_encode("d384_F4096_B1024_k32", rows=5)
     printed = capsys.readouterr().out
-    assert "back to back" in printed and "host's time per call" in printed
+    assert "back to back" in printed and "host's time per call" in printed and "the public op" in printed
     assert "the host's time of 20 eager calls" in printed and "tottime" in printed
     assert {"row_filter": "row kernel (the rest)", "filter": "filter GEMM, no survivor"}[route] in printed
 
