@@ -10,8 +10,9 @@ centering), and trains it with AuxK (TopK) or the activation's own loss. Every -
 appends FVU, dead-feature % (features silent for --dead-after tokens) and tokens/s to OUT/log.csv and
 redraws OUT/training.png; every --checkpoint-every tokens (and at the end) it writes each SAE
 (OUT/<hookpoint>.safetensors) and the optimizer state (OUT/state.pt), atomically. Run it again with the
-same OUT to resume: the SAEs, the optimizer and the token count are restored and the batches already
-used are skipped (the stream is deterministic for the same texts). Text files hold one document per
+same OUT to resume: the SAEs, the optimizer and the token count are restored, the batches already
+used are skipped (the stream is deterministic for the same texts), and the logs' rows after the
+checkpoint (logged before the run stopped, logged again as it trains them again) are dropped. Text files hold one document per
 line (.txt) or one JSON object with a "text" field per line (.jsonl). With --eval-texts (held-out
 texts), each checkpoint also splices the SAEs into the model (`fastsae.evaluate`: the model is then
 loaded with its language-modelling head) and appends their loss recovered, KL divergence, FVU, L0 and
@@ -66,6 +67,8 @@ from .evaluate import evaluate
 from .graphs import CapturedStep
 from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, write_atomically
 
+# The run's tables in OUT, a row per hook point each time a run logs (LOG_FILE) or evaluates (EVAL_FILE).
+LOG_FILE, EVAL_FILE = "log.csv", "eval.csv"
 LOG_COLUMNS = ["tokens", "hookpoint", "fvu", "dead_pct", "tokens_per_s"]
 EVAL_COLUMNS = ["tokens", "hookpoint", "loss_recovered", "kl_div", "fvu", "l0", "alive", "loss_clean",
                 "loss_spliced", "loss_zero"]  # fmt: skip
@@ -337,7 +340,10 @@ def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, us
             evaluate_saes(saes, tokens_done)
 
     saved_at = None
-    log_path = args.out / "log.csv"
+    log_path = args.out / LOG_FILE
+    if layout.main:  # a resumed run's tables as of its checkpoint
+        _keep_rows_up_to(log_path, LOG_COLUMNS, tokens_done)
+        _keep_rows_up_to(args.out / EVAL_FILE, EVAL_COLUMNS, tokens_done)
     new_log = not log_path.is_file()
     next_log = (tokens_done // args.log_every + 1) * args.log_every
     next_checkpoint = (tokens_done // args.checkpoint_every + 1) * args.checkpoint_every
@@ -390,6 +396,30 @@ def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, us
         print(f"trained on {tokens_done} tokens; SAEs and state in {args.out}")
 
 
+def _keep_rows_up_to(path: Path, columns: list[str], tokens_done: int) -> None:
+    """Rewrites the table at `path` (if there is one) without its rows after `tokens_done`, the
+    checkpoint a run resumes from, and without a row that a stopped run left cut short: the steps
+    after the checkpoint were logged before the run stopped and are trained and logged again now, so
+    that otherwise their token counts would appear twice, with other figures. Atomic
+    (`write_atomically`), and only where a row goes."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        text = f.read()
+    rows = list(csv.reader(text.splitlines()))
+    if rows and not text.endswith("\n"):
+        rows.pop()  # written in part
+    kept = [row for row in rows[1:] if len(row) == len(columns) and row[0].isdigit() and int(row[0]) <= tokens_done]
+    if rows[:1] == [columns] and len(kept) == len(rows) - 1 and text.endswith("\n"):
+        return
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows([columns, *kept])
+
+    write_atomically(path, write)
+
+
 def _nowhere():
     """The log file of a process that does not log."""
     return open(os.devnull, "w", newline="")
@@ -424,7 +454,7 @@ def _evaluate(args, layout: Layout, model, tokenizer, saes, tokens_done: int) ->
     )  # fmt: skip
     if not layout.main:
         return
-    path = args.out / "eval.csv"
+    path = args.out / EVAL_FILE
     new_file = not path.is_file()
     with open(path, "a", newline="") as f:
         rows = csv.writer(f)
@@ -434,7 +464,7 @@ def _evaluate(args, layout: Layout, model, tokenizer, saes, tokens_done: int) ->
             rows.writerow([tokens_done, name, *(f"{getattr(score, column):.5f}" for column in EVAL_COLUMNS[2:])])
             print(f"{tokens_done:>12} tokens  {name}: loss recovered {score.loss_recovered:.4f}  "
                   f"KL {score.kl_div:.4f}  (held-out texts)")  # fmt: skip
-    _plot(args.out / "log.csv", args.out / "training.png")
+    _plot(args.out / LOG_FILE, args.out / "training.png")
 
 
 def _save(args, layout: Layout, saes, optimizers, tokens_done: int, used_batches: int) -> None:
@@ -458,7 +488,7 @@ def _plot(log_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = _read_rows(log_path)
-    eval_path = log_path.with_name("eval.csv")
+    eval_path = log_path.with_name(EVAL_FILE)
     evaluations = _read_rows(eval_path) if eval_path.is_file() else []
     panels = [("fvu", "FVU", rows), ("dead_pct", "dead features (%)", rows)]
     if evaluations:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastsae
+from fastsae import train
 from fastsae.__main__ import main as cli
 
 from .test_activations import WORDS, _gpt2, _texts, _tokenizer
@@ -29,6 +30,28 @@ def model_dir(tmp_path):
 def _rows(out, name="log.csv"):
     with open(out / name, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def test_resumed_tables_keep_rows_up_to_the_checkpoint(tmp_path):
+    """A resumed run's table loses the rows after its checkpoint and a row cut short, atomically, and
+    is left as it is where nothing goes."""
+    columns = ["tokens", "hookpoint", "fvu"]
+    path = tmp_path / "log.csv"
+    train._keep_rows_up_to(path, columns, 512)  # no table yet: none is made
+    assert not path.exists()
+    path.write_text("tokens,hookpoint,fvu\r\n256,a,0.5\r\n512,a,0.4\r\n768,a,0.3\r\n1024,a,0.")
+    train._keep_rows_up_to(path, columns, 512)
+    assert path.read_bytes() == b"tokens,hookpoint,fvu\r\n256,a,0.5\r\n512,a,0.4\r\n"
+    before = path.stat()
+    train._keep_rows_up_to(path, columns, 512)
+    assert path.stat().st_ino == before.st_ino and path.stat().st_mtime_ns == before.st_mtime_ns, "rewritten"
+    path.write_text("tokens,hookpoint,fvu\r\n256,a,0.5\r\n256,b")  # the last row cut at its end
+    train._keep_rows_up_to(path, columns, 1024)
+    assert _rows(tmp_path) == [{"tokens": "256", "hookpoint": "a", "fvu": "0.5"}]
+    path.write_text("toke")  # stopped while writing the header
+    train._keep_rows_up_to(path, columns, 0)
+    assert path.read_bytes() == b"tokens,hookpoint,fvu\r\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"], "a temporary file was left"
 
 
 def test_train_command_logs_checkpoints_and_resumes(tmp_path, model_dir, capsys):
@@ -57,9 +80,17 @@ def test_train_command_logs_checkpoints_and_resumes(tmp_path, model_dir, capsys)
     first = fastsae.SparseAutoencoder.load(out / "h.0.safetensors")
     assert first.cfg.n_features == 4 * 16 and first.cfg.k == 4
 
+    # A run stopped after logging 1280 tokens, one row cut short, resumes from its checkpoint at 1024.
+    with open(out / "log.csv", "a", newline="") as f:
+        f.write("1280,h.0,9.99999,0.00,1\r\n1280,h.1,0.123")
     assert cli([*common, "--tokens", "1536", "--model-dtype", "float32"]) == 0
     assert "resuming from" in capsys.readouterr().out
-    assert int(_rows(out)[-1]["tokens"]) == 1536 and len(_rows(out)) > len(rows)
+    resumed_rows = _rows(out)
+    assert resumed_rows[: len(rows)] == rows and int(resumed_rows[-1]["tokens"]) == 1536
+    for name in ("h.0", "h.1"):  # each count once: the stopped run's rows after the checkpoint are gone
+        tokens = [int(row["tokens"]) for row in resumed_rows if row["hookpoint"] == name]
+        assert tokens == [256, 512, 768, 1024, 1280, 1536], tokens
+    assert all(row["fvu"] != "9.99999" for row in resumed_rows)
     resumed = fastsae.SparseAutoencoder.load(out / "h.0.safetensors")
     assert not torch.equal(resumed.W_dec, first.W_dec), "the resumed run did not train"
     assert int(resumed.n_tokens_seen) == 1536  # statistics continued from the checkpoint
