@@ -921,6 +921,8 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(
                 f"x must be [..., d_in={self.cfg.d_in}] (e.g. [batch, d_in] or [batch, seq, d_in]), got {shape}"
             )
+        if not x.is_floating_point():
+            raise ValueError(f"x must be floating point (activations), got {x.dtype}")
         if x.device != self.W_enc.device:
             raise ValueError(f"x is on {x.device} but the SAE is on {self.W_enc.device}")
         if self.training and x.numel() < 2 * self.cfg.d_in:

@@ -414,6 +414,10 @@ def test_forward_rejects_bad_input():
         sae(torch.randn(8, 23))
     with pytest.raises(ValueError, match="x contains NaN"):
         sae(torch.full((8, 24), float("nan")))
+    fresh = fastsae.SparseAutoencoder(sae.cfg)  # (its first batch would fit the centering)
+    for model in (sae, fresh):
+        with pytest.raises(ValueError, match="x must be floating point.*torch.int64"):
+            model(torch.ones(8, 24, dtype=torch.int64))
     with pytest.raises(ValueError, match="at least 2 tokens"):
         sae(torch.randn(1, 24))
     with pytest.raises(ValueError, match="sample contains NaN"):
