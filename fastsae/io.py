@@ -130,6 +130,7 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     _require(path, tensors, needed)
     W_enc, b_enc, W_dec, b_dec = (tensors[name] for name in ("W_enc", "b_enc", "W_dec", "b_dec"))
     d_in, d_sae = W_enc.shape
+    _check_sizes(path, {"d_in": cfg.get("d_in"), "d_sae": cfg.get("d_sae")}, {"d_in": d_in, "d_sae": d_sae})
     if cfg.get("rescale_acts_by_decoder_norm") and not torch.allclose(W_dec.float().norm(dim=1), torch.ones(d_sae)):
         raise ValueError(f"{path}: rescale_acts_by_decoder_norm with decoder rows that are not unit-norm ranks "
                          "codes differently from a fastsae TopK SAE")  # fmt: skip
@@ -188,6 +189,9 @@ def load_sparsify(path: str | os.PathLike, device: str | torch.device = "cpu") -
     _require(path, tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
     W_enc = tensors["encoder.weight"].T.contiguous()
     d_in, n_features = W_enc.shape
+    # sparsify's num_latents 0 means expansion_factor * d_in features
+    latents = cfg.get("num_latents") or (cfg["expansion_factor"] * d_in if cfg.get("expansion_factor") else None)
+    _check_sizes(path, {"d_in": cfg.get("d_in"), "features": latents}, {"d_in": d_in, "features": n_features})
     if "k" not in cfg:
         raise ValueError(f"{path}/cfg.json has no k")
     sae_cfg = SAEConfig(d_in=d_in, n_features=n_features, activation="topk", k=int(cfg["k"]),
@@ -223,6 +227,14 @@ def _read_json(path: Path) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"{path} is not a JSON object")
     return cfg
+
+
+def _check_sizes(path: Path, stated: dict[str, object], sizes: dict[str, int]) -> None:
+    """The sizes cfg.json states (None: not stated) are the weights': a config and weights of two
+    different SAEs in one directory are refused, not loaded as the weights' SAE under the config's k."""
+    stated = {key: value for key, value in stated.items() if value is not None}
+    if any(value != sizes[key] for key, value in stated.items()):
+        raise ValueError(f"{path}/cfg.json states {stated} but the weights have {sizes}: not the same SAE")
 
 
 def _require(path: Path, tensors: dict[str, Tensor], names: tuple[str, ...]) -> None:

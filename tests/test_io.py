@@ -71,6 +71,12 @@ def _assert_outputs(sae, expected):
         torch.testing.assert_close(got, want)
 
 
+def _sparsify_tensors(w):
+    """`_weights` under sparsify's names and layout (the encoder as nn.Linear's [features, d] weight)."""
+    return {"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"],
+            "b_dec": w["b_dec"]}  # fmt: skip
+
+
 def _write(directory, weights_name, tensors, cfg):
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / weights_name))
@@ -91,9 +97,7 @@ def test_saelens_checkpoint_gives_saelens_outputs(tmp_path, architecture, apply_
 
 
 def test_sparsify_checkpoint_gives_sparsify_outputs(tmp_path):
-    w = _weights()
-    tensors = {"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"],
-               "b_dec": w["b_dec"]}  # fmt: skip
+    tensors = _sparsify_tensors(_weights())
     cfg = {"expansion_factor": 3, "normalize_decoder": True, "num_latents": N_FEATURES, "k": K,
            "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D}  # fmt: skip
     _write(tmp_path / "layers.3", "sae.safetensors", tensors, cfg)
@@ -231,6 +235,29 @@ def test_what_fastsae_cannot_represent_is_refused(tmp_path):
     (broken / "cfg.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a readable JSON config"):
         fastsae.SparseAutoencoder.load(broken)
+
+
+def test_a_config_of_another_sae_is_refused(tmp_path):
+    """cfg.json's sizes must be the weights': sparsify's num_latents, or where it is 0 (sparsify's
+    default) expansion_factor x d_in, and SAELens' d_in and d_sae."""
+    for change in ({"d_sae": N_FEATURES + 8}, {"d_in": D + 1}):
+        with pytest.raises(ValueError, match="not the same SAE"):
+            io.load_saelens(_saelens_dir(tmp_path, **change))
+    tensors = _sparsify_tensors(_weights())
+    # N_FEATURES = 40 features of D = 12: an expansion factor of 3 states 36
+    for cfg, loads in (({"num_latents": N_FEATURES}, True), ({"num_latents": 0, "expansion_factor": 3}, False),
+                       ({"num_latents": 2 * N_FEATURES}, False), ({"d_in": D + 4}, False)):  # fmt: skip
+        _write(tmp_path / "sparsify", "sae.safetensors", tensors, {"k": K, "d_in": D, **cfg})
+        if loads:
+            assert io.load_sparsify(tmp_path / "sparsify").cfg.n_features == N_FEATURES
+        else:
+            with pytest.raises(ValueError, match="not the same SAE"):
+                io.load_sparsify(tmp_path / "sparsify")
+    w = _weights()
+    w["W_enc"], w["b_enc"], w["W_dec"] = w["W_enc"][:, :36], w["b_enc"][:36], w["W_dec"][:36]
+    default_latents = {"k": K, "d_in": D, "num_latents": 0, "expansion_factor": 3}
+    _write(tmp_path / "sparsify", "sae.safetensors", _sparsify_tensors(w), default_latents)
+    assert io.load_sparsify(tmp_path / "sparsify").cfg.n_features == 36
 
 
 def test_load_hub_downloads_one_sae(hub_repository):
