@@ -13,7 +13,8 @@ from then on. A captured step cannot count dead features on the host, so AuxK re
 list of fixed length (`SparseAutoencoder.auxk_capacity`, the current count and a quarter, rounded up,
 or a power of two if that is shorter and leaves room;
 while tokens x that length is at most sae.AUXK_DENSE_MAX_ELEMENTS, else the fused AuxK stream), and
-the step captures again, after one eager step, when the list would be too short.
+the step captures again, after one eager step, when the list would be too short, or when the dead
+features have fallen to a quarter of it (sae.AUXK_SHRINK) and a new list would be shorter.
 
 Deciding that needs no synchronisation in steady state, so the host queues the next replay while the
 GPU runs this one. A feature's tokens-since-fired grows by at most one batch per step, so the features
@@ -21,7 +22,8 @@ within two batches of the dead threshold at the end of step t bound the dead fea
 sees. Each replay computes that bound into its own memory, and an asynchronous copy brings it to
 pinned host memory. Before step t + 2 the host reads the copy of step t, finished by then while step
 t + 1 runs. The host counts the dead features instead, with one synchronisation, in three cases:
-- the bound exceeds the list (features near death: the count decides);
+- the bound exceeds the list (features near death: the count decides), or is low enough that the
+  list would shrink (the count decides how far);
 - there is no such copy yet (the first replays after a capture);
 - something else wrote the statistics since (an eager step, `reset_death_stats`, `load_state_dict`:
   the tensor's version counter tells).
@@ -65,7 +67,7 @@ from . import parallel
 from .ops import batchtopk as batchtopk_ops
 from .ops.launch import join_stream, on_stream
 from .optim import SAEAdam
-from .sae import SAEOutput, SparseAutoencoder, auxk_list_length
+from .sae import SAEOutput, SparseAutoencoder, auxk_list_length, auxk_list_shrinks
 
 # Steps between the statistics a dead-count bound is computed from and the step it is used for: the
 # host reads replay t's bound before launching step t + 2, while replay t + 1 runs.
@@ -146,10 +148,12 @@ class CapturedStep:
         sae = self.sae
         if not self._uses_auxk():
             return None
-        if sae.auxk_capacity is not None:
+        capacity = sae.auxk_capacity
+        if capacity is not None:
             bound = self._dead_count_bound()
-            if bound is not None and bound <= sae.auxk_capacity:
-                return sae.auxk_capacity  # the list holds them, known without a synchronisation
+            if bound is not None and bound <= capacity and not auxk_list_shrinks(bound, capacity, n_tokens,
+                                                                                  sae.cfg.n_features):  # fmt: skip
+                return capacity  # the list holds them and is not too long, known without a synchronisation
         n_dead = int(sae.dead_features().sum())  # one synchronisation
         return auxk_list_length(n_dead, sae.auxk_capacity, n_tokens, sae.cfg.n_features)
 

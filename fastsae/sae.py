@@ -80,6 +80,13 @@ MIN_AUXK_CAPACITY = 64
 # (ops/auxk.py) pads each row to a power of two, and one past it doubles its work (at AlphaFold3's
 # benchmark shape, about 820 dead features: 1088 columns padded to 2048, against 1024).
 AUXK_HEADROOM = 0.25
+# A list is made anew, shorter, once the dead features are at most 1 / AUXK_SHRINK of it (where a new one
+# is shorter): otherwise a list sized while many features were dead (early in training, before AuxK
+# revives them) stayed that long for the rest of the run, and AuxK's dense products (six [B, d] x [d, n]
+# GEMMs-worth, forward and backward) ran over it. A new list costs a captured step one eager step and a
+# capture; the gap between the growth (past the list) and this keeps a count that wanders from making
+# list after list.
+AUXK_SHRINK = 4
 # A training step's fire counts and death-statistics update on the CUDA side stream that AuxK uses
 # (`functional.AUXK_SIDE_STREAM`), beside the losses, joined before the forward returns. Measured on the
 # H200 (captured SAEAdam step, bf16, off -> on, 278bf24): 1.684 -> 1.659 ms at AlphaFold3's shape,
@@ -165,11 +172,28 @@ def _squared_deviations(n: Tensor, total: Tensor, squares: Tensor) -> Tensor:
 
 def auxk_list_length(n_dead: int, current: int | None, n_tokens: int, n_features: int) -> int | None:
     """The length of the dead-feature list (padded with -1) that a captured or compiled training step's
-    AuxK reads, given n_dead dead features: `current` while it holds them, else a longer one
-    (AUXK_HEADROOM), capped where n_tokens x length reaches AUXK_DENSE_MAX_ELEMENTS; None (the fused
-    AuxK stream) where the dead features are more than that, as in an eager step."""
-    if current is not None and n_dead <= current:
+    AuxK reads, given n_dead dead features: `current` while it holds them (unless `auxk_list_shrinks`),
+    else a new one (AUXK_HEADROOM), capped where n_tokens x length reaches AUXK_DENSE_MAX_ELEMENTS;
+    None (the fused AuxK stream) where the dead features are more than that, as in an eager step."""
+    if current is not None and n_dead <= current and not auxk_list_shrinks(n_dead, current, n_tokens, n_features):
         return current
+    return _new_auxk_list_length(n_dead, n_tokens, n_features)
+
+
+def auxk_list_shrinks(n_dead: int, current: int, n_tokens: int, n_features: int) -> bool:
+    """Whether a list of `current` entries gives way to a shorter one for n_dead dead features: they are
+    at most 1 / AUXK_SHRINK of it, and a new list is shorter. What holds for a bound on the count holds
+    for the count: a captured step that counts because its bound says the list shrinks makes the shorter
+    list, and does not count again at every step."""
+    if n_dead > current // AUXK_SHRINK:
+        return False
+    new = _new_auxk_list_length(n_dead, n_tokens, n_features)
+    return new is not None and new < current
+
+
+def _new_auxk_list_length(n_dead: int, n_tokens: int, n_features: int) -> int | None:
+    """`auxk_list_length` of a new list: n_dead and AUXK_HEADROOM as many again, rounded up to a
+    multiple of MIN_AUXK_CAPACITY, or a shorter power of two that leaves MIN_AUXK_CAPACITY to spare."""
     longest = min(n_features, AUXK_DENSE_MAX_ELEMENTS // n_tokens)
     wanted = n_dead + math.ceil(AUXK_HEADROOM * n_dead)
     rounded = max(MIN_AUXK_CAPACITY, cdiv(wanted, MIN_AUXK_CAPACITY) * MIN_AUXK_CAPACITY)

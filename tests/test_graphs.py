@@ -185,7 +185,8 @@ def test_captured_step_decides_the_auxk_list_from_the_bound_or_the_count(monkeyp
     since, the older bound keeps the captured list without counting; a bound above the list, no
     bounds, or statistics written from outside make it count (the list grows to the count and a
     quarter, rounded up to a multiple of 64, or a power of two that is shorter and leaves 64 to spare,
-    when the count outgrows it)."""
+    when the count outgrows it), and so does a bound of a quarter of the list or less, where a new list
+    is shorter."""
     cfg = fastsae.SAEConfig(d_in=8, n_features=2048, k=4, dtype="float32", dead_after_tokens=1000)
     sae = fastsae.SparseAutoencoder(cfg)
     sae.auxk_capacity = 64
@@ -220,6 +221,23 @@ def test_captured_step_decides_the_auxk_list_from_the_bound_or_the_count(monkeyp
         sae.tokens_since_fired[:1000] = 2000  # 1024 would leave 24: 1000 + 250 -> 1280
     assert step._auxk_capacity(100) == 1280, "no power of two leaves room below the rounded count"
     assert not step._dead_bounds
+
+    # Features revive: a list four times the dead features or longer gives way to a new one.
+    sae.auxk_capacity = 1280  # (as the capture of that list leaves it)
+    with torch.no_grad():
+        sae.tokens_since_fired.zero_()
+        sae.tokens_since_fired[:321] = 2000
+    replayed(321, 321)
+    assert step._auxk_capacity(100) == 1280 and len(counted) == 6, "more than a quarter of the list: kept"
+    with torch.no_grad():
+        sae.tokens_since_fired[300:] = 0  # 300 dead: 300 + 75 -> 384
+    replayed(320, 320)
+    assert step._auxk_capacity(100) == 384 and len(counted) == 7, "a quarter of the list or fewer: counted, shorter"
+    sae.auxk_capacity = 64
+    with torch.no_grad():
+        sae.tokens_since_fired.zero_()
+    replayed(0, 0)
+    assert step._auxk_capacity(100) == 64 and len(counted) == 7, "the shortest list: kept, no count"
 
 
 @pytest.mark.gpu

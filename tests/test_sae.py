@@ -453,8 +453,9 @@ def test_module_compile_keeps_auxk_over_the_dead_list(device, padded, monkeypatc
     statistics) and the compiled graphs take the list (AuxK over it, as eagerly). As long as the dead
     features (COMPILED_LIST_PADDED off), the list's length is static for the first graph and dynamic
     from the second length on: 2 compiles, and a third for a length of 1, which Dynamo specialises.
-    Padded to `auxk_list_length`: compiled once per padded length, 64 for up to 51 dead features and 96
-    (all of them) for 70, which the later, shorter lists keep."""
+    Padded to `auxk_list_length`: 64 for up to 51 dead features, 96 (all of them) for 70, which 37 keep,
+    and 64 again from 19 on (a quarter of the list or fewer, sae.AUXK_SHRINK): compiled for the first
+    length and, its length dynamic from then on, for the second."""
     monkeypatch.setattr(fastsae.sae, "COMPILED_LIST_PADDED", padded)
     eager = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
     compiled = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
@@ -482,7 +483,7 @@ def test_module_compile_keeps_auxk_over_the_dead_list(device, padded, monkeypatc
         assert torch.equal(eager.tokens_since_fired, compiled.tokens_since_fired)
     frames = counter.frame_count
     if padded:
-        assert frames == 2 and compiled._compiled_list_length == 96, f"compiled {frames} times"
+        assert frames == 2 and compiled._compiled_list_length == 64, f"compiled {frames} times"
     else:
         assert frames == 3 and compiled._compiled_list_length is None, f"compiled {frames} times"
     # every compiled graph takes the list as an input
