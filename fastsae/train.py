@@ -12,11 +12,11 @@ redraws OUT/training.png; every --checkpoint-every tokens (and at the end) it wr
 (OUT/<hookpoint>.safetensors) and the optimizer state (OUT/state.pt), atomically. Run it again with the
 same OUT to resume: the SAEs, the optimizer and the token count are restored, the batches already
 used are skipped (the stream is deterministic for the same texts), and the logs' rows after the
-checkpoint (logged before the run stopped, logged again as it trains them again) are dropped. Text files hold one document per
-line (.txt) or one JSON object with a "text" field per line (.jsonl). With --eval-texts (held-out
-texts), each checkpoint also splices the SAEs into the model (`fastsae.evaluate`: the model is then
-loaded with its language-modelling head) and appends their loss recovered, KL divergence, FVU, L0 and
-alive features to OUT/eval.csv.
+checkpoint (logged before the run stopped, logged again as it trains them again) are dropped. Text
+files hold one document per line (.txt) or one JSON object with a "text" field per line (.jsonl).
+With --eval-texts (held-out texts), each checkpoint also splices the SAEs into the model
+(`fastsae.evaluate`: the model is then loaded with its language-modelling head) and appends their
+loss recovered, KL divergence, FVU, L0 and alive features to OUT/eval.csv.
 
 Activations you already have (from a model transformers does not load, or saved earlier) train the
 same way, one SAE per file, named by the file's stem:
@@ -401,16 +401,16 @@ def _keep_rows_up_to(path: Path, columns: list[str], tokens_done: int) -> None:
     checkpoint a run resumes from, and without a row that a stopped run left cut short: the steps
     after the checkpoint were logged before the run stopped and are trained and logged again now, so
     that otherwise their token counts would appear twice, with other figures. Atomic
-    (`write_atomically`), and only where a row goes."""
+    (`write_atomically`), and only where a row goes; says how many went."""
     if not path.is_file():
         return
     with open(path, newline="") as f:
         text = f.read()
     rows = list(csv.reader(text.splitlines()))
-    if rows and not text.endswith("\n"):
-        rows.pop()  # written in part
-    kept = [row for row in rows[1:] if len(row) == len(columns) and row[0].isdigit() and int(row[0]) <= tokens_done]
-    if rows[:1] == [columns] and len(kept) == len(rows) - 1 and text.endswith("\n"):
+    complete = text.endswith("\n")
+    body = rows[1:] if complete else rows[1:-1]  # (a last row written in part goes)
+    kept = [row for row in body if len(row) == len(columns) and row[0].isdigit() and int(row[0]) <= tokens_done]
+    if rows[:1] == [columns] and complete and len(kept) == len(body):
         return
 
     def write(tmp: str) -> None:
@@ -418,6 +418,9 @@ def _keep_rows_up_to(path: Path, columns: list[str], tokens_done: int) -> None:
             csv.writer(f).writerows([columns, *kept])
 
     write_atomically(path, write)
+    if len(rows) - 1 > len(kept):
+        dropped = len(rows) - 1 - len(kept)
+        print(f"{path}: left out {dropped} rows logged after {tokens_done} tokens, where this run starts")
 
 
 def _nowhere():

@@ -32,7 +32,7 @@ def _rows(out, name="log.csv"):
         return list(csv.DictReader(f))
 
 
-def test_resumed_tables_keep_rows_up_to_the_checkpoint(tmp_path):
+def test_resumed_tables_keep_rows_up_to_the_checkpoint(tmp_path, capsys):
     """A resumed run's table loses the rows after its checkpoint and a row cut short, atomically, and
     is left as it is where nothing goes."""
     columns = ["tokens", "hookpoint", "fvu"]
@@ -42,6 +42,7 @@ def test_resumed_tables_keep_rows_up_to_the_checkpoint(tmp_path):
     path.write_text("tokens,hookpoint,fvu\r\n256,a,0.5\r\n512,a,0.4\r\n768,a,0.3\r\n1024,a,0.")
     train._keep_rows_up_to(path, columns, 512)
     assert path.read_bytes() == b"tokens,hookpoint,fvu\r\n256,a,0.5\r\n512,a,0.4\r\n"
+    assert "left out 2 rows logged after 512 tokens" in capsys.readouterr().out
     before = path.stat()
     train._keep_rows_up_to(path, columns, 512)
     assert path.stat().st_ino == before.st_ino and path.stat().st_mtime_ns == before.st_mtime_ns, "rewritten"
