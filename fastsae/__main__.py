@@ -10,7 +10,7 @@ import torch
 
 from . import evaluate, train
 from .activations import load_activations
-from .cli import at_least
+from .cli import at_least, non_negative_float
 from .reproduce import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     reproduce = commands.add_parser("reproduce", help="feature death vs outlier severity on synthetic data", **defaults)
     reproduce.add_argument("--out", type=Path, default=Path("fastsae_reproduce"), help="output folder")
-    reproduce.add_argument("--gammas", type=float, nargs="+", default=list(Settings.gammas),
-                           help="outlier severities to sweep")  # fmt: skip
+    reproduce.add_argument("--gammas", type=non_negative_float, nargs="+", default=list(Settings.gammas),
+                           help="outlier severities to sweep (||mu|| / ||sigma||)")  # fmt: skip
     reproduce.add_argument("--steps", type=at_least(0), default=Settings.steps, help="training steps per SAE")
     reproduce.add_argument("--n-eval", type=at_least(2), default=Settings.n_eval, help="evaluation tokens")
     reproduce.add_argument("--seed", type=int, default=Settings.seed, help="the first seed")

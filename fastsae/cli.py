@@ -44,3 +44,11 @@ def positive_float(text: str) -> float:
     if not value > 0:  # (NaN too)
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse type for a ratio of norms and the like: a number >= 0 (not NaN, not -0.5)."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value

@@ -127,6 +127,8 @@ def run(s: Settings) -> list[dict]:
     2 cores; each run seeds itself, so the numbers do not depend on where it ran."""
     if s.seeds < 1 or (s.workers is not None and s.workers < 1):
         raise ValueError(f"reproduce needs seeds >= 1 and workers >= 1 (or None), got {s.seeds} and {s.workers}")
+    if not all(gamma >= 0 for gamma in s.gammas):  # (a NaN too) the rows are labelled by the gamma measured
+        raise ValueError(f"reproduce needs gammas >= 0 (||mu|| / ||sigma||), got {s.gammas}")
     jobs = [(gamma, seed) for gamma in s.gammas for seed in range(s.seed, s.seed + s.seeds)]
     workers = s.workers or (min(len(jobs), os.cpu_count() or 1) if s.device == "cpu" else 1)
     progress = tqdm(total=len(jobs), desc="training", unit="run", leave=False)

@@ -239,6 +239,8 @@ def test_reproduce_pairs_its_variants(monkeypatch):
     assert len(rows[0]["baseline_dead"]) == 2 and " ± " in markdown_table(rows)
     with pytest.raises(ValueError, match="seeds >= 1"):
         run(Settings(gammas=(5.0,), seeds=0))
+    with pytest.raises(ValueError, match="gammas >= 0"):  # its row would read gamma 1.0, as measured
+        run(Settings(gammas=(5.0, -1.0)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages shown on machines without a GPU")
@@ -261,7 +263,9 @@ def test_cli_refuses_unknown_options(capsys):
     [(["diagnose", "acts.npy", "--n-features=-1"], "argument --n-features: must be >= 1, got -1"),
      (["diagnose", "acts.npy", "--measure-tokens=-4"], "argument --measure-tokens: must be >= 0"),
      (["reproduce", "--n-eval=1"], "argument --n-eval: must be >= 2"),
-     (["reproduce", "--seeds=0"], "argument --seeds: must be >= 1")],
+     (["reproduce", "--seeds=0"], "argument --seeds: must be >= 1"),
+     (["reproduce", "--gammas", "5", "-1"], "argument --gammas: must be >= 0, got -1"),
+     (["reproduce", "--gammas", "nan"], "argument --gammas: must be >= 0, got nan")],
 )  # fmt: skip
 def test_cli_refuses_counts_out_of_range(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
