@@ -1011,7 +1011,8 @@ class SparseAutoencoder(nn.Module):
     def save_shards(self, directory: str | os.PathLike) -> None:
         """A feature-sharded SAE as one file per shard and a manifest (`fastsae.shards`), for SAEs too
         large to gather on one rank: every rank calls it and no rank holds more than its shard. The
-        manifest is written last, so a directory with one is complete."""
+        manifest is written last, so a directory with one is complete, and a save cut short leaves the
+        previous one whole."""
         from . import shards
 
         shards.save(self, directory)

@@ -1,10 +1,15 @@
 """Checkpoints of feature-sharded SAEs as one file per shard, for SAEs too large to gather on one rank
 (`SparseAutoencoder.save_shards` / `SparseAutoencoder.load_shards`).
 
-A directory holds `shard-<i>-of-<n>.safetensors` (shard i's feature tensors, the whole b_dec and the
-other replicated tensors, its feature range and a checksum in the header) and `manifest.json` (the
-config, the dtype and each shard's file and feature range). Each file is written atomically, and
-the manifest last, once every shard is complete: a directory whose manifest is present is whole.
+A directory holds `shard-<i>-of-<n>-<save>.safetensors` (shard i's feature tensors, the whole b_dec
+and the other replicated tensors, its feature range and a checksum in the header) and `manifest.json`
+(the config, the dtype and each shard's file and feature range). Each file is written atomically, and
+the manifest last, once every shard is complete: a directory whose manifest is present is whole. A
+save names its files after itself (<save>, drawn by rank 0), so that it never overwrites the files the
+manifest names until its own manifest replaces that one: a save cut short leaves the previous save
+whole and loadable (its files and the new ones side by side meanwhile: up to twice the disk), where
+overwriting them in place had left a manifest over a mix of two saves' shards that loaded as one SAE.
+The files the new manifest does not name (the last save's, or a cut save's) are removed after it.
 Loading reads, for this rank's features, the parts of the shard files that overlap them, so a set
 saved by n shards loads onto any number of shards (or whole).
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -45,10 +51,12 @@ def save(sae: SparseAutoencoder, directory: str | os.PathLike) -> None:
     index, count = dist.get_rank(group), dist.get_world_size(group)
     start, stop = sae._feature_start, sae._feature_start + sae.W_dec.shape[0]
     first_replica = sae._group is None or dist.get_rank(sae._group) == 0
+    save_id = [uuid.uuid4().hex[:12] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(save_id, src=0)  # this save's name for its files, on every rank
     if first_replica:
         tensors = {name: t.detach().cpu().contiguous() for name, t in sae.state_dict().items()}
         metadata = {"fastsae_shard": json.dumps({"start": start, "stop": stop}), "fastsae_checksum": _checksum(tensors)}
-        path = directory / _shard_name(index, count)
+        path = directory / _shard_name(index, count, save_id[0])
         write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     dist.barrier()  # every shard file is complete before the manifest names it
     if dist.get_rank() == 0:
@@ -57,11 +65,13 @@ def save(sae: SparseAutoencoder, directory: str | os.PathLike) -> None:
             "format": SHARDS_FORMAT,
             "version": FORMAT_VERSION,
             "config": dataclasses.asdict(saved_config(sae)),
-            "shards": [{"file": _shard_name(i, count), "start": a, "stop": b} for i, (a, b) in enumerate(ranges)],
+            "shards": [
+                {"file": _shard_name(i, count, save_id[0]), "start": a, "stop": b} for i, (a, b) in enumerate(ranges)
+            ],
         }
         write_atomically(directory / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
         listed = {shard["file"] for shard in manifest["shards"]}
-        for stale in directory.glob("shard-*-of-*.safetensors"):  # an earlier save over another count
+        for stale in directory.glob("shard-*-of-*.safetensors"):  # earlier saves' files, and cut saves'
             if stale.name not in listed:
                 stale.unlink()
     dist.barrier()
@@ -111,5 +121,5 @@ def load(directory: str | os.PathLike, feature_group, device) -> SparseAutoencod
     return sae.to(device)
 
 
-def _shard_name(index: int, count: int) -> str:
-    return f"shard-{index:05d}-of-{count:05d}.safetensors"
+def _shard_name(index: int, count: int, save_id: str) -> str:
+    return f"shard-{index:05d}-of-{count:05d}-{save_id}.safetensors"

@@ -13,6 +13,7 @@ the machine has are skipped), for the multi-GPU machine."""
 
 import csv
 import gc
+import json
 import os
 import socket
 import subprocess
@@ -331,7 +332,9 @@ def _assert_same_training(record, expected):
 
 def _check_damaged_shards(directory, world):
     """A shard directory without its manifest, with a flipped bit or without a shard file never loads."""
-    last = directory / f"shard-{world - 1:05d}-of-{world:05d}.safetensors"
+    files = [shard["file"] for shard in json.loads((directory / "manifest.json").read_text())["shards"]]
+    assert len(files) == world and sorted(path.name for path in directory.glob("shard-*")) == sorted(files)
+    last = directory / files[-1]
     data = bytearray(last.read_bytes())
     data[-3] ^= 0x10
     last.write_bytes(bytes(data))
@@ -343,6 +346,46 @@ def _check_damaged_shards(directory, world):
     (directory / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a complete save_shards directory"):
         fastsae.SparseAutoencoder.load_shards(directory)
+
+
+def _cut_save(rank, world, directory):
+    """A save of the shards cut before its manifest (rank 0's write fails) leaves the save before it
+    whole: that one loads, and the next complete save replaces both."""
+    sample, _ = _data(1)
+    sae = _local(fastsae.SparseAutoencoder(_cfg(), feature_group=dist.group.WORLD))
+    sae.initialize(_local(sample))
+    sae.save_shards(directory)
+    first = {name: t.clone() for name, t in sae.state_dict().items()}
+    with torch.no_grad():
+        sae.W_dec.add_(1.0)
+    write = fastsae.shards.write_atomically
+
+    def manifest_fails(path, writer):
+        if path.name == fastsae.shards.MANIFEST:
+            raise OSError("no space left on device")
+        write(path, writer)
+
+    fastsae.shards.write_atomically = manifest_fails
+    try:
+        sae.save_shards(directory)
+    except OSError:  # rank 0's; it meets the others at the barrier they wait at
+        assert rank == 0
+        dist.barrier()
+    finally:
+        fastsae.shards.write_atomically = write
+    assert len(list(directory.glob("shard-*"))) == 2 * world  # the first save's files and the cut one's
+    loaded = fastsae.SparseAutoencoder.load_shards(directory, dist.group.WORLD)
+    for name, tensor in first.items():
+        assert torch.equal(loaded.state_dict()[name].to(tensor.device), tensor), f"{name}: not the first save's"
+    dist.barrier()  # every rank has read the directory before the next save removes files
+    sae.save_shards(directory)
+    assert len(list(directory.glob("shard-*"))) == world
+    loaded = fastsae.SparseAutoencoder.load_shards(directory, dist.group.WORLD)
+    assert torch.equal(loaded.W_dec.to(sae.W_dec.device), sae.W_dec.detach())
+
+
+def test_cut_shard_save_leaves_the_last_save_whole(tmp_path):
+    _spawn(_cut_save, (tmp_path,), 2)
 
 
 @pytest.mark.parametrize("world", [2, 4])
