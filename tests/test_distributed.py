@@ -377,9 +377,15 @@ def _cut_save(rank, world, directory):
     loaded = fastsae.SparseAutoencoder.load_shards(directory, dist.group.WORLD)
     for name, tensor in first.items():
         assert torch.equal(loaded.state_dict()[name].to(tensor.device), tensor), f"{name}: not the first save's"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process that has ended: the killed save below was its
+    killed = directory / f".shard-00000-of-00002-0123456789ab.safetensors.{socket.gethostname()}.{dead.pid}.x.tmp"
     dist.barrier()  # every rank has read the directory before the next save removes files
+    if rank == 0:
+        killed.write_bytes(b"part of a shard")
     sae.save_shards(directory)
     assert len(list(directory.glob("shard-*"))) == world
+    assert not killed.exists(), "a killed save's temporary file was left"
     loaded = fastsae.SparseAutoencoder.load_shards(directory, dist.group.WORLD)
     assert torch.equal(loaded.W_dec.to(sae.W_dec.device), sae.W_dec.detach())
 
