@@ -39,6 +39,7 @@ from .sae import DTYPES, SAEConfig, SparseAutoencoder, read_safetensors, write_a
 FORMATS = ("fastsae", "saelens", "sparsify")
 SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
 SPARSIFY_FILES = ("cfg.json", "sae.safetensors")
+SAVED_CONFIG = "fastsae_cfg"  # the weights file's metadata key for the cfg.json saved beside it
 SAELENS_ACTIVATIONS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
 
 
@@ -116,7 +117,7 @@ def load_hookpoints(path: str | os.PathLike, device: str | torch.device = "cpu")
 def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
     path = Path(path)
     cfg = _read_json(path / "cfg.json")
-    _, tensors = read_safetensors(path / "sae_weights.safetensors")
+    tensors = _read_weights(path / "sae_weights.safetensors", cfg)
     architecture = cfg.get("architecture", "standard")
     if architecture not in SAELENS_ACTIVATIONS:
         raise ValueError(f"{path}: SAELens architecture {architecture!r} is not supported; "
@@ -182,7 +183,7 @@ def save_saelens(sae: SparseAutoencoder, path: str | os.PathLike) -> None:
 def load_sparsify(path: str | os.PathLike, device: str | torch.device = "cpu") -> SparseAutoencoder:
     path = Path(path)
     cfg = _read_json(path / "cfg.json")
-    _, tensors = read_safetensors(path / "sae.safetensors")
+    tensors = _read_weights(path / "sae.safetensors", cfg)
     for flag, what in (("transcode", "a transcoder"), ("skip_connection", "a skip connection")):
         if cfg.get(flag):
             raise ValueError(f"{path}: {what} ({flag}=true) is not a sparse autoencoder fastsae computes")
@@ -277,7 +278,21 @@ def _refuse_whitening(sae: SparseAutoencoder, library: str) -> None:
 
 
 def _write_directory(path: Path, weights_name: str, tensors: dict[str, Tensor], cfg: dict) -> None:
-    """The weights, then cfg.json, each written atomically into `path` (created if needed)."""
+    """The weights, then cfg.json, each written atomically into `path` (created if needed). The weights
+    file carries the config too (its metadata, which the libraries ignore), so that a save cut between
+    the two files, its new weights beside the last save's cfg.json, is refused (`_read_weights`) rather
+    than loaded under the other config's k or architecture."""
     path.mkdir(parents=True, exist_ok=True)
-    write_atomically(path / weights_name, lambda tmp: save_file(tensors, tmp))
+    metadata = {SAVED_CONFIG: json.dumps(cfg, sort_keys=True)}
+    write_atomically(path / weights_name, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     write_atomically(path / "cfg.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2) + "\n"))
+
+
+def _read_weights(path: Path, cfg: dict) -> dict[str, Tensor]:
+    """The tensors of a SAELens or sparsify weights file, after checking that the config fastsae wrote
+    into it, where it did (`_write_directory`), is cfg.json's."""
+    metadata, tensors = read_safetensors(path)
+    if SAVED_CONFIG in metadata and json.loads(metadata[SAVED_CONFIG]) != cfg:
+        raise ValueError(f"{path} was saved with another cfg.json than the one beside it (a save cut between "
+                         "the two files?): not loaded")  # fmt: skip
+    return tensors

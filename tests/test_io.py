@@ -161,7 +161,8 @@ def test_the_real_libraries_load_what_fastsae_saves(tmp_path, monkeypatch):
 
 
 def _trained(activation, **overrides):
-    cfg = fastsae.SAEConfig(d_in=D, n_features=N_FEATURES, k=K, activation=activation, dtype="float64", **overrides)
+    settings = {"d_in": D, "n_features": N_FEATURES, "k": K, "activation": activation, "dtype": "float64"}
+    cfg = fastsae.SAEConfig(**{**settings, **overrides})
     sae = fastsae.SparseAutoencoder(cfg).initialize(_x(2))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
@@ -258,6 +259,18 @@ def test_a_config_of_another_sae_is_refused(tmp_path):
     default_latents = {"k": K, "d_in": D, "num_latents": 0, "expansion_factor": 3}
     _write(tmp_path / "sparsify", "sae.safetensors", _sparsify_tensors(w), default_latents)
     assert io.load_sparsify(tmp_path / "sparsify").cfg.n_features == 36
+
+
+@pytest.mark.parametrize("format, weights", [("saelens", "sae_weights.safetensors"), ("sparsify", "sae.safetensors")])
+def test_a_save_cut_between_its_files_is_refused(tmp_path, format, weights):
+    """A save of a k = 2K SAE over a directory holding a k = K one, cut after its weights file: the new
+    weights beside the old cfg.json are refused, not loaded as a k = K SAE."""
+    _trained("topk").save(tmp_path / "old", format=format)
+    _trained("topk", k=2 * K).save(tmp_path / "new", format=format)
+    (tmp_path / "old" / weights).write_bytes((tmp_path / "new" / weights).read_bytes())
+    with pytest.raises(ValueError, match="saved with another cfg.json"):
+        fastsae.SparseAutoencoder.load(tmp_path / "old")
+    assert fastsae.SparseAutoencoder.load(tmp_path / "new").cfg.k == 2 * K
 
 
 def test_load_hub_downloads_one_sae(hub_repository):
