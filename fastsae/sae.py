@@ -260,7 +260,8 @@ class SparseAutoencoder(nn.Module):
         self.cfg = cfg
         self._group = None  # the data-parallel process group (`data_parallel`), or None
         # Length of the dead-feature list a compiled or captured training step's AuxK reads (set by
-        # `fastsae.graphs.CapturedStep`); None: such a step takes the fused AuxK stream.
+        # `fastsae.graphs.CapturedStep`, which keeps it at least the dead count: a shorter list holds only
+        # the first dead features, and AuxK sees no others); None: such a step takes the fused AuxK stream.
         self.auxk_capacity: int | None = None
         self._compiled_forward = None  # `compile`'s compiled part of the forward
         self._compiled_list_length: int | None = None  # the padded list's length (COMPILED_LIST_PADDED)
