@@ -67,7 +67,7 @@ from . import parallel
 from .ops import batchtopk as batchtopk_ops
 from .ops.launch import join_stream, on_stream
 from .optim import SAEAdam
-from .sae import SAEOutput, SparseAutoencoder, auxk_list_length, auxk_list_shrinks
+from .sae import SAEOutput, SparseAutoencoder, auxk_list_keeps, auxk_list_length
 
 # Steps between the statistics a dead-count bound is computed from and the step it is used for: the
 # host reads replay t's bound before launching step t + 2, while replay t + 1 runs.
@@ -151,11 +151,10 @@ class CapturedStep:
         capacity = sae.auxk_capacity
         if capacity is not None:
             bound = self._dead_count_bound()
-            if bound is not None and bound <= capacity and not auxk_list_shrinks(bound, capacity, n_tokens,
-                                                                                  sae.cfg.n_features):  # fmt: skip
+            if bound is not None and auxk_list_keeps(bound, capacity, n_tokens, sae.cfg.n_features):
                 return capacity  # the list holds them and is not too long, known without a synchronisation
         n_dead = int(sae.dead_features().sum())  # one synchronisation
-        return auxk_list_length(n_dead, sae.auxk_capacity, n_tokens, sae.cfg.n_features)
+        return auxk_list_length(n_dead, capacity, n_tokens, sae.cfg.n_features)
 
     def _uses_auxk(self) -> bool:
         return self.sae.cfg.activation == "topk" and bool(self.sae.cfg.k_aux)

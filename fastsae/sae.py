@@ -172,23 +172,26 @@ def _squared_deviations(n: Tensor, total: Tensor, squares: Tensor) -> Tensor:
 
 def auxk_list_length(n_dead: int, current: int | None, n_tokens: int, n_features: int) -> int | None:
     """The length of the dead-feature list (padded with -1) that a captured or compiled training step's
-    AuxK reads, given n_dead dead features: `current` while it holds them (unless `auxk_list_shrinks`),
-    else a new one (AUXK_HEADROOM), capped where n_tokens x length reaches AUXK_DENSE_MAX_ELEMENTS;
-    None (the fused AuxK stream) where the dead features are more than that, as in an eager step."""
-    if current is not None and n_dead <= current and not auxk_list_shrinks(n_dead, current, n_tokens, n_features):
+    AuxK reads, given n_dead dead features: `current` while `auxk_list_keeps`, else a new one
+    (AUXK_HEADROOM), capped where n_tokens x length reaches AUXK_DENSE_MAX_ELEMENTS; None (the fused
+    AuxK stream) where the dead features are more than that, as in an eager step."""
+    if current is not None and auxk_list_keeps(n_dead, current, n_tokens, n_features):
         return current
     return _new_auxk_list_length(n_dead, n_tokens, n_features)
 
 
-def auxk_list_shrinks(n_dead: int, current: int, n_tokens: int, n_features: int) -> bool:
-    """Whether a list of `current` entries gives way to a shorter one for n_dead dead features: they are
-    at most 1 / AUXK_SHRINK of it, and a new list is shorter. What holds for a bound on the count holds
-    for the count: a captured step that counts because its bound says the list shrinks makes the shorter
-    list, and does not count again at every step."""
-    if n_dead > current // AUXK_SHRINK:
+def auxk_list_keeps(n_dead: int, current: int, n_tokens: int, n_features: int) -> bool:
+    """Whether a list of `current` entries stays for n_dead dead features: it holds them, and they are
+    more than 1 / AUXK_SHRINK of it or a new list would be no shorter. Where it keeps a list for a bound
+    on the count, it keeps it for the count too (a captured step decides from its bound without counting;
+    one that counts because the bound says the list shrinks makes the shorter list, and does not count
+    again at every step)."""
+    if n_dead > current:
         return False
+    if n_dead > current // AUXK_SHRINK:
+        return True
     new = _new_auxk_list_length(n_dead, n_tokens, n_features)
-    return new is not None and new < current
+    return new is None or new >= current
 
 
 def _new_auxk_list_length(n_dead: int, n_tokens: int, n_features: int) -> int | None:

@@ -418,8 +418,8 @@ def _keep_rows_up_to(path: Path, columns: list[str], tokens_done: int) -> None:
             csv.writer(f).writerows([columns, *kept])
 
     write_atomically(path, write)
-    if len(rows) - 1 > len(kept):
-        dropped = len(rows) - 1 - len(kept)
+    dropped = len(rows) - 1 - len(kept)  # (the header, and no rows, where it was cut short)
+    if dropped > 0:
         print(f"{path}: left out {dropped} rows logged after {tokens_done} tokens, where this run starts")
 
 
