@@ -160,10 +160,16 @@ def profile_encode(shape: str, rows: int) -> None:
         route_ms = _ms(routed)
         for name, ms in ((gemm_name, pre_ms), ("row kernel (the rest)", route_ms - pre_ms)):
             print(f"  {name:>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
-        for select in (True, False):  # the select in the row program, or in a launch of one warp a row
-            variant = ("row_filter", {**route[1], "SELECT": select})
-            ms = _ms(partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None, route=variant)) - pre_ms
-            print(f"  {'row kernels, SELECT=' + str(select):>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
+        # The other selects over the same chunks: the Triton row program's (with its select, or a launch of
+        # one warp a row after it) and, over CUTLASS's maxima, the CUDA kernel of one warp a row ("warp").
+        if cfg.get("GEMM") == "cutlass":
+            selects = [c for c in filter.group_max_configs(k, 0, n_features) if c["VARIANT"] == cfg["VARIANT"]]
+        else:
+            selects = [{**cfg, "SELECT": select} for select in (True, False)]
+        for select in selects:
+            ms = _ms(partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", select)))
+            label = f"select {select['SELECT']}" + ("" if select["SELECT"] == "warp" else f" CAP {select['CAP']}")
+            print(f"  {label:>30} {ms - pre_ms:8.3f} ms  {(ms - pre_ms) / gemm:5.2f}x the GEMM")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)

@@ -82,6 +82,112 @@ def test_bad_operands_fail_clearly():
         cutlass_gemm.gemm_bias_group_max(xc, W_enc, b_enc, len(cutlass_gemm.VARIANTS))
 
 
+def _exact_topk(pre, k):
+    """The select's exact answer for bf16 `pre` [B, F]: each row's k largest (value, feature) keys, ties
+    to the larger feature, NaN never (fp32-ordered keys, as the kernel's bf16 ones order), as (post-ReLU
+    fp32 values, int32 features)."""
+    features = torch.arange(pre.shape[1], device=pre.device, dtype=torch.int64)
+    keys = (reference._flip_negatives(pre.float().view(torch.int32)).to(torch.int64) << 32) | features
+    keys = keys.masked_fill(torch.isnan(pre), torch.iinfo(torch.int64).min)
+    idx = keys.topk(k, dim=1).values & 0xFFFFFFFF
+    return pre.gather(1, idx).float().relu(), idx.to(torch.int32)
+
+
+def _group_of(variant_group):
+    """A routed CUTLASS variant whose groups are `variant_group` features wide."""
+    return next(v for v, kernel in enumerate(cutlass_gemm.VARIANTS) if kernel.routed and kernel.group == variant_group)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group", cutlass_gemm.SELECT_GROUPS)
+@pytest.mark.parametrize("k", [1, 32, 96])
+def test_select_topk_group_max_is_exact_on_cuda(group, k):
+    """The warp-per-row select over the GEMM's own pre-activation and maxima (1003 rows: a partial block
+    of rows; 96 groups of 256 is k = F / 256) returns exactly each row's k largest keys, sorted, into
+    bf16 and fp32 codes and row views of a larger output, and leaves no row to the fallback."""
+    if not cutlass_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    torch.manual_seed(k)
+    B, d, F = 1003, 768, 24576
+    xc, W_enc, b_enc = _operands(B, d, F)
+    pre, maxima = cutlass_gemm.gemm_bias_group_max(xc, W_enc, b_enc, _group_of(group))
+    expected_vals, expected_idx = _exact_topk(pre, k)
+    for dtype in (torch.bfloat16, torch.float32):
+        vals = torch.full((B + 5, k), float("nan"), dtype=dtype, device="cuda")[5:]
+        idx = torch.full((B, k), -1, dtype=torch.int32, device="cuda")
+        flags = torch.full((B,), 7, dtype=torch.int8, device="cuda")
+        cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
+        assert not flags.any(), f"{int(flags.bool().sum())} rows left to the fallback"
+        assert torch.equal(idx, expected_idx)
+        assert torch.equal(vals, expected_vals.to(dtype))
+
+
+@pytest.mark.gpu
+def test_select_topk_group_max_adversarial_rows_on_cuda():
+    """Rows that break a bound from the group maxima: the kernel flags exactly the rows it cannot select
+    (all NaN, all -inf) and selects the others exactly: a constant row (every entry ties: the bound is
+    raised over values, then over features), a row whose largest 640 entries share five groups and tie
+    (more than the 512 candidate slots reach the first bound), NaN entries among the largest
+    (never selected; their groups' maxima NaN), all-negative values (codes of value 0), +inf entries,
+    and random rows around them; maxima are the reference's, which NaN propagates."""
+    if not cutlass_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    torch.manual_seed(0)
+    B, F, k, group = 16, 24576, 32, 128
+    pre = torch.randn(B, F, device="cuda").bfloat16()
+    pre[0] = float("nan")
+    pre[1] = 1.0
+    pre[2, :640] = (10 + torch.randint(0, 75, (640,), device="cuda") / 4).bfloat16()  # 75 values: ties
+    pre[2, 5000:5044] = 12.0
+    pre[3, torch.randperm(F, device="cuda")[:10]] = float("nan")  # fewer NaN groups than k: they are read
+    pre[3, :64] = torch.where(torch.arange(64, device="cuda") % 2 == 0, float("nan"), 9.0).bfloat16()
+    pre[4] = -pre[4].abs() - 1
+    pre[5] = float("-inf")
+    pre[6, [7, 700, 9000]] = float("inf")
+    maxima = reference.group_maxima(pre, group).cuda()
+    kth_group = maxima[:, 2].topk(k).values[-1]
+    assert (pre[2].float() >= kth_group).sum() > 512, "row 2 would not overflow the candidate slots"
+    vals = torch.full((B, k), float("nan"), device="cuda")
+    idx = torch.full((B, k), -1, dtype=torch.int32, device="cuda")
+    flags = torch.full((B,), 7, dtype=torch.int8, device="cuda")
+    cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
+    assert flags.tolist() == [1, 0, 0, 0, 0, 1] + [0] * (B - 6)
+    expected_vals, expected_idx = _exact_topk(pre, k)
+    selected = flags == 0
+    assert torch.equal(idx[selected], expected_idx[selected])
+    assert torch.equal(vals[selected], expected_vals[selected])
+    assert idx[1].tolist() == list(range(F - 1, F - 1 - k, -1)), "constant row: ties go to the larger feature"
+    assert (vals[4] == 0).all()
+
+
+@pytest.mark.gpu
+def test_select_topk_group_max_bad_operands_fail_clearly():
+    if not cutlass_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    B, F, k = 8, 1024, 4
+    pre = torch.randn(B, F, device="cuda").bfloat16()
+    maxima = reference.group_maxima(pre, 128).cuda()
+    vals, idx = torch.empty(B, k, device="cuda"), torch.empty(B, k, dtype=torch.int32, device="cuda")
+    flags = torch.empty(B, dtype=torch.int8, device="cuda")
+    select = cutlass_gemm.select_topk_group_max
+    with pytest.raises(ValueError, match="pre must be"):
+        select(pre.float(), maxima, 128, k, vals, idx, flags)
+    with pytest.raises(ValueError, match="group must be"):
+        select(pre, maxima, 64, k, vals, idx, flags)
+    with pytest.raises(ValueError, match="k must be"):
+        select(pre, maxima, 128, 9, torch.empty(B, 9, device="cuda"), idx, flags)  # 8 groups
+    with pytest.raises(ValueError, match="maxima must be"):
+        select(pre, maxima[:4], 128, k, vals, idx, flags)
+    with pytest.raises(ValueError, match="idx must be"):
+        select(pre, maxima, 128, k, vals, idx[:, :2], flags)
+    with pytest.raises(ValueError, match="vals must be floating"):
+        select(pre, maxima, 128, k, idx, idx, flags)
+    with pytest.raises(ValueError, match="flags must be"):
+        select(pre, maxima, 128, k, vals, idx, flags.int())
+    with pytest.raises(ValueError, match="aligned"):
+        select(pre[:, 4:], maxima, 128, k, vals, idx, flags)
+
+
 def _maxima_route(monkeypatch, device):
     """The group-maxima GEMM: the CUTLASS op on the GPU (skipped where it is not built), its reference on
     CPU tensors, so that the interpreter runs the row kernel over given maxima."""
@@ -113,10 +219,12 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
     W_enc, b_enc, _, b_dec = random_sae_weights(d, F, dtype=torch.bfloat16, device=device)
     pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
     configs = filter.group_max_configs(k, 0, F)
-    assert {cfg["SELECT"] for cfg in configs} == {True, False}
+    assert {cfg["SELECT"] for cfg in configs} == {True, False, "warp"}
     routed = {number for number, kernel in enumerate(cutlass_gemm.VARIANTS) if kernel.routed}
     assert {cfg["VARIANT"] for cfg in configs} == routed, "the route runs over the routed variants only"
     for cfg in configs:
+        if device == "cpu" and cfg["SELECT"] == "warp":
+            continue  # a CUDA kernel: test_select_topk_group_max_* run it on the GPU
         outputs = poisoned_outputs(B, k, 0, device)
         counts = torch.zeros(F, dtype=torch.int32, device=device)
         flags = filter.row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, counts, outputs, cfg)

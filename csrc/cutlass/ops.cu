@@ -1,11 +1,14 @@
 // The experimental CUTLASS ops (sm_90a: H100 and H200), fastsae_cutlass::gemm_bias_group_max and
 // fastsae_cutlass::gemm_bias_filter: their schemas, operand checks and the dispatch to the variant asked for
-// (group_max_gemm.cuh and filter_gemm.cuh say what each computes). Built only where CUTLASS's headers are
-// found (setup.py, the `cutlass` extra); fastsae/ops/group_max_gemm.py and filter_gemm.py call them.
+// (group_max_gemm.cuh and filter_gemm.cuh say what each computes); and the schema of
+// fastsae_cutlass::select_topk_group_max, the TopK select over the first op's maxima (group_max_select.cu).
+// Built only where CUTLASS's headers are found (setup.py, the `cutlass` extra); fastsae/ops/cutlass_gemm.py
+// calls them.
 #include <torch/library.h>
 
 #include "filter_gemm.cuh"
 #include "group_max_gemm.cuh"
+#include "group_max_select.cuh"
 
 namespace fastsae_cutlass {
 namespace {
@@ -77,9 +80,13 @@ TORCH_LIBRARY(fastsae_cutlass, m) {
   m.def(
       "gemm_bias_filter(Tensor xc, Tensor W_enc, Tensor b_enc, Tensor tau, Tensor(a!) count, Tensor(b!) key_buf, "
       "int variant=0) -> ()");
+  m.def(
+      "select_topk_group_max(Tensor pre, Tensor maxima, int group, int k, Tensor(a!) vals, Tensor(b!) idx, "
+      "Tensor(c!) flags) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsae_cutlass, CUDA, m) {
   m.impl("gemm_bias_group_max", &fastsae_cutlass::gemm_bias_group_max);
   m.impl("gemm_bias_filter", &fastsae_cutlass::gemm_bias_filter);
+  m.impl("select_topk_group_max", &fastsae_cutlass::select_topk_group_max);
 }

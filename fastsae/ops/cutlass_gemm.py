@@ -1,6 +1,7 @@
 """Experimental: the encoder GEMM with the TopK encode's work in its epilogue (CUTLASS, Hopper only).
 
     pre, maxima = gemm_bias_group_max(xc, W_enc, b_enc, variant)    (`reference.gemm_bias_group_max`)
+    select_topk_group_max(pre, maxima, group, k, vals, idx, flags)      (`reference.topk_activation`)
     gemm_bias_filter(xc, W_enc, b_enc, tau, count, key_buf, variant)   (`reference.gemm_bias_filter`)
 
 pre is what cuBLAS's addmm writes (xc @ W_enc + b_enc rounded to bf16); maxima [ceil(F / group), B
@@ -14,6 +15,12 @@ CUTLASS's headers are found (setup.py, the `cutlass` extra). Where they are buil
 default), the TopK encode's tuner also times the row filter over their chunks and maxima
 (`filter.group_max_configs`: bf16 weights, no AuxK stream), so that route is taken only where it
 measures faster; `bench/bench_gemm.py` times each variant alone against cuBLAS's addmm.
+
+select_topk_group_max is that route's select as a CUDA kernel of one warp per row
+(csrc/cutlass/group_max_select.cu): the row's k-th largest group maximum bounds its k-th largest entry,
+the groups that reach it are read again and their entries at or above it sorted in the warp's shared
+memory. Rows it cannot finish (flags 1: a bound of -inf, more than 512 candidates) are left for the
+caller's fallback. The tuner times it beside the Triton row kernel (`filter.over_group_maxima`).
 
 gemm_bias_filter is the threshold-first filter GEMM (`filter.filter_gemm`'s Triton kernel without AuxK
 and positive counts): every entry of xc @ W_enc + b_enc (fp32) above its row's tau is appended to the row's
@@ -65,6 +72,12 @@ VARIANTS = (
     Variant("cooperative_128x256_cluster2", 256, 128),
 )
 
+# select_topk_group_max's limits (csrc/cutlass/group_max_select.cuh): groups a row, largest k (and at most
+# one k per group), and the group widths it reads.
+SELECT_MAX_GROUPS = 1024
+SELECT_MAX_K = 256
+SELECT_GROUPS = (128, 256)
+
 # gemm_bias_filter's kernels (csrc/cutlass/filter_gemm_*.cu), by its `variant` argument.
 FILTER_VARIANTS = ("pingpong_128x128", "cooperative_128x128")
 
@@ -108,6 +121,43 @@ def gemm_bias_group_max(xc: Tensor, W_enc: Tensor, b_enc: Tensor, variant: int =
     return torch.ops.fastsae_cutlass.gemm_bias_group_max(xc, W_enc, b_enc, variant)
 
 
+def select_topk_group_max(
+    pre: Tensor, maxima: Tensor, group: int, k: int, vals: Tensor, idx: Tensor, flags: Tensor
+) -> None:
+    """Writes each row's k largest entries of pre [rows, F] (bf16, CUDA, rows contiguous and 16-byte
+    aligned) into vals [rows, k] (post-ReLU, any float dtype) and idx [rows, k] (int32), largest first, as
+    `reference.topk_activation` selects them with ties to the larger feature, from `maxima` [ceil(F /
+    group), >= rows] (fp32: `gemm_bias_group_max`'s for that pre); flags [rows] (int8) gets 1 for each
+    row it left unwritten, for the caller to recompute, and 0 for the others."""
+    _require("select_topk_group_max")
+    op = "select_topk_group_max"
+    _check_operand(op, "pre", pre, torch.bfloat16, 2, pre.device, rows_contiguous=True)
+    rows, F = pre.shape
+    if pre.stride(0) % 8 or pre.data_ptr() % 16 or F % 8:
+        raise ValueError(f"{op}: pre's rows must start 16-byte aligned and hold a multiple of 8 features")
+    if group not in SELECT_GROUPS:
+        raise ValueError(f"{op}: group must be one of {SELECT_GROUPS}, got {group}")
+    n_groups = -(-F // group)
+    if n_groups > SELECT_MAX_GROUPS:
+        raise ValueError(f"{op}: at most {SELECT_MAX_GROUPS} groups a row, got {n_groups}")
+    if not 1 <= k <= min(SELECT_MAX_K, n_groups):
+        raise ValueError(f"{op}: k must be in [1, min({SELECT_MAX_K}, groups = {n_groups})], got {k}")
+    _check_operand(op, "maxima", maxima, torch.float32, 2, pre.device, rows_contiguous=True)
+    if maxima.shape[0] != n_groups or maxima.shape[1] < rows:
+        raise ValueError(f"{op}: maxima must be [{n_groups}, >= {rows}], got {list(maxima.shape)}")
+    _check_operand(op, "vals", vals, vals.dtype, 2, pre.device, rows_contiguous=True)
+    if not vals.is_floating_point():
+        raise ValueError(f"{op}: vals must be floating point, got {vals.dtype}")
+    _check_operand(op, "idx", idx, torch.int32, 2, pre.device, rows_contiguous=True)
+    for name, t in (("vals", vals), ("idx", idx)):
+        if tuple(t.shape) != (rows, k):
+            raise ValueError(f"{op}: {name} must be [{rows}, {k}], got {list(t.shape)}")
+    _check_operand(op, "flags", flags, torch.int8, 1, pre.device)
+    if flags.shape[0] != rows:
+        raise ValueError(f"{op}: flags must have pre's {rows} rows, got {flags.shape[0]}")
+    torch.ops.fastsae_cutlass.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
+
+
 def gemm_bias_filter(
     xc: Tensor, W_enc: Tensor, b_enc: Tensor, tau: Tensor, count: Tensor, key_buf: Tensor, variant: int = 0
 ) -> None:
@@ -148,7 +198,11 @@ def _check_gemm_operands(op: str, xc: Tensor, W_enc: Tensor, b_enc: Tensor) -> N
         raise ValueError(f"{op}: B, d and F must be in [1, 2^31), got {B}, {d}, {F}")
 
 
-def _check_operand(op: str, name: str, t: Tensor, dtype: torch.dtype, dim: int, device: torch.device) -> None:
+def _check_operand(
+    op: str, name: str, t: Tensor, dtype: torch.dtype, dim: int, device: torch.device, rows_contiguous: bool = False
+) -> None:
+    """`t` is a CUDA tensor of `dtype` with `dim` dimensions on `device`, contiguous (or, with
+    `rows_contiguous`, each row contiguous: a view of a chunk of rows)."""
     if not t.is_cuda:
         raise ValueError(f"{op}: {name} must be a CUDA tensor, got {t.device}")
     if t.device != device:
@@ -157,7 +211,10 @@ def _check_operand(op: str, name: str, t: Tensor, dtype: torch.dtype, dim: int, 
         raise ValueError(f"{op}: {name} must be {dtype}, got {t.dtype}")
     if t.dim() != dim:
         raise ValueError(f"{op}: {name} must have {dim} dimensions, got {list(t.shape)}")
-    if not t.is_contiguous():
+    if rows_contiguous:
+        if t.stride(-1) != 1:
+            raise ValueError(f"{op}: {name}'s rows must be contiguous")
+    elif not t.is_contiguous():
         raise ValueError(f"{op}: {name} must be contiguous")
 
 

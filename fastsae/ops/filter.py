@@ -858,8 +858,10 @@ def group_max_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
 
 
 def over_group_maxima(k: int, n_features: int) -> list[dict]:
-    """`group_max_configs` whether or not the extension is built (their kernels compile without it):
-    for each variant with at least k groups, one configuration per capacity, warps and select."""
+    """`group_max_configs` whether or not the extension is built (their Triton kernels compile without
+    it): for each variant with at least k groups, one configuration per capacity, warps and select of
+    the Triton row kernel, and one (SELECT "warp") of `cutlass_gemm.select_topk_group_max` where its
+    limits allow (it runs on CUDA tensors only)."""
     configs = []
     for variant, kernel in enumerate(cutlass_gemm.VARIANTS):
         group = kernel.group
@@ -870,6 +872,15 @@ def over_group_maxima(k: int, n_features: int) -> list[dict]:
                 for cfg in row_filter_configs(k, 0, n_features)
                 if cfg["N_GROUPS"] == ROW_FILTER_GROUPS
             ]
+            if (
+                group in cutlass_gemm.SELECT_GROUPS
+                and n_groups <= cutlass_gemm.SELECT_MAX_GROUPS
+                and k <= cutlass_gemm.SELECT_MAX_K
+            ):
+                configs.append(
+                    dict(CAP=1, AUX_CAP=1, GROUP=group, N_GROUPS=n_groups, SELECT="warp", GEMM="cutlass",
+                         VARIANT=variant)
+                )  # fmt: skip
     return configs
 
 
@@ -903,7 +914,8 @@ def row_filter_topk(
     launch per chunk. Its scratch is allocated once for the largest chunk and reused by every chunk (the
     launches are ordered on the stream), so a call costs the host few allocations. A `cfg` with GEMM
     "cutlass" (`group_max_configs`) takes its chunks and their group maxima from `group_max_chunks`, and
-    the row kernel starts from those maxima."""
+    the row kernel starts from those maxima; with SELECT "warp", `cutlass_gemm.select_topk_group_max`
+    selects from them instead of the row kernel (no AuxK)."""
     B, F = x.shape[0], W_enc.shape[1]
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
@@ -912,6 +924,11 @@ def row_filter_topk(
     rows_per_chunk = row_filter_chunk_rows(B, F, max(cap, aux_cap))
     vals, idx, aux_vals, aux_idx = outputs
     flags = x.new_empty(B, dtype=torch.int8)
+    if cfg["SELECT"] == "warp":  # `cutlass_gemm.select_topk_group_max`: no scratch, no buffers
+        for rows, pre, maxima in group_max_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts,
+                                                  cfg["VARIANT"]):  # fmt: skip
+            cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals[rows], idx[rows], flags[rows])
+        return flags
     counts = x.new_empty(2, rows_per_chunk, dtype=torch.int32)  # zeroed by the kernel, row by row
     key_buf = x.new_empty(rows_per_chunk, cap, dtype=torch.int64)
     scratch = x.new_empty(rows_per_chunk, n_groups * (2 if has_aux else 1), dtype=torch.int32)

@@ -1,0 +1,294 @@
+// fastsae_cutlass::select_topk_group_max: the TopK select of a row chunk from the pre-activation and the
+// group maxima that gemm_bias_group_max (group_max_gemm.cuh) leaves, one warp per row. It does what the
+// Triton row filter (fastsae/ops/filter.py, `_row_filter_kernel` with MAXIMA_GIVEN) does, without that
+// program's chain of block-wide reductions, barriers and global atomics, which made it 0.2-0.5x of the
+// GEMM's time at GPT-2's and AlphaFold3's shapes on an H100: here every step is a warp's registers,
+// ballots and its own slice of shared memory, and many rows are in flight on each SM.
+//
+// Per row:
+// 1. The row's group maxima (fp32, exactly the maxima of the stored bf16 values) as order-preserving
+//    uint32 keys, kGroupsPerLane a lane. A NaN maximum counts as the largest key, so its group is read.
+// 2. The bound: the k-th largest group maximum, bit by bit from the top (32 warp sums). k groups reach
+//    it, each with an entry at or above it, so the row's k largest entries are all at or above it.
+// 3. The groups that reach the bound, listed in shared memory, are read again (4 at a time, one vector
+//    load a lane each) and their entries at or above the bound (NaN never) become keys in the warp's
+//    buffer of kCapacity slots, each lane's slot from a ballot. A key is the bf16 value's order-preserving
+//    16 bits over the feature's 32: larger value first, ties to the larger feature, as the Triton kernels
+//    order them.
+// 4. Where more than kCapacity pass (the row's largest values share groups, as a trained SAE's features
+//    with nearly equal encoder columns do, or tie in bf16), the bound is raised to the row's k-th largest
+//    key, bit by bit over the hot groups again (16 passes over values, and only where more than
+//    kCapacity still tie at the k-th value, more over features), and the buffer filled again: at most
+//    kCapacity keys. Any bound that at least k entries reach keeps the row's k largest, so the select
+//    is exact whatever the maxima were; a row that kept fewer than k is flagged.
+// 5. A bitonic sort of the buffer, descending; its first k keys are the row's codes (post-ReLU values).
+// A row whose bound is -inf (fewer than k groups with a finite maximum: a NaN row) or that kept fewer than
+// k is flagged and left unwritten: the caller recomputes it exactly (fastsae/ops/encode.py's fallback).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "group_max_select.cuh"
+
+namespace fastsae_cutlass {
+namespace {
+
+constexpr int kWarps = 4;              // rows a block, a warp each
+constexpr int kCapacity = 512;         // candidate keys a row keeps
+constexpr int kBatch = 4;              // hot groups whose loads are in flight together
+constexpr unsigned kAllLanes = 0xffffffffu;
+constexpr uint32_t kMinusInfinity = 0x007fffffu;  // ordered(-inf); 0 is no group at all
+
+// uint32 whose unsigned order is the fp32 value's (negatives' bits flipped, positives' sign bit set).
+__device__ __forceinline__ uint32_t ordered(float value) {
+  const uint32_t bits = __float_as_uint(value);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ float from_ordered(uint32_t key) {
+  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
+}
+
+// The key of a bf16 entry (`bits`) of `feature`: its order-preserving 16 bits over the feature; 0 for NaN,
+// below every other key.
+__device__ __forceinline__ uint64_t entry_key(uint32_t bits, uint32_t feature) {
+  if ((bits & 0x7fffu) > 0x7f80u) return 0;
+  const uint32_t value_key = (bits & 0x8000u) ? (~bits & 0xffffu) : (bits | 0x8000u);
+  return (static_cast<uint64_t>(value_key) << 32) | feature;
+}
+
+// The fp32 value of an `entry_key`.
+__device__ __forceinline__ float key_value(uint64_t key) {
+  const uint32_t value_key = static_cast<uint32_t>(key >> 32);
+  const uint32_t bits = (value_key & 0x8000u) ? (value_key & 0x7fffu) : (~value_key & 0xffffu);
+  return __uint_as_float(bits << 16);
+}
+
+// The lanes below this one, for a lane's position among a ballot's.
+__device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
+
+// Calls visit(key) for every entry of the row's hot groups (0 for lanes past the row's features), the
+// whole warp together (visit may take ballots): one vector load of kGroup / 32 bf16 a lane per group,
+// kBatch groups in flight.
+template <int kGroup, class Visit>
+__device__ __forceinline__ void for_hot_entries(const uint16_t* row_pre, const uint16_t* hot, int n_hot,
+                                                int n_features, int lane, Visit&& visit) {
+  constexpr int kPerLane = kGroup / 32;
+  using Vector = std::conditional_t<kPerLane == 4, uint2, uint4>;
+  for (int h = 0; h < n_hot; h += kBatch) {
+    uint32_t words[kBatch][kPerLane / 2];
+    int first[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      first[j] = h + j < n_hot ? hot[h + j] * kGroup + lane * kPerLane : n_features;
+      Vector loaded{};
+      if (first[j] < n_features) loaded = __ldg(reinterpret_cast<const Vector*>(row_pre + first[j]));
+      const uint32_t* as_words = reinterpret_cast<const uint32_t*>(&loaded);
+#pragma unroll
+      for (int w = 0; w < kPerLane / 2; ++w) words[j][w] = as_words[w];
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        const uint32_t bits = e % 2 == 0 ? words[j][e / 2] & 0xffffu : words[j][e / 2] >> 16;
+        visit(first[j] < n_features ? entry_key(bits, first[j] + e) : uint64_t(0));
+      }
+    }
+  }
+}
+
+// How many entries of the hot groups have a key at or above `lower` (every lane gets the count).
+template <int kGroup>
+__device__ int count_from(const uint16_t* row_pre, const uint16_t* hot, int n_hot, int n_features, int lane,
+                          uint64_t lower) {
+  unsigned count = 0;
+  for_hot_entries<kGroup>(row_pre, hot, n_hot, n_features, lane, [&](uint64_t key) { count += key >= lower; });
+  return static_cast<int>(__reduce_add_sync(kAllLanes, count));
+}
+
+// Writes the keys of the hot groups' entries at or above `lower` into `keys` (the first kCapacity of them)
+// and returns how many there are.
+template <int kGroup>
+__device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_hot, int n_features, int lane,
+                            uint64_t lower, uint64_t* keys) {
+  int n = 0;
+  for_hot_entries<kGroup>(row_pre, hot, n_hot, n_features, lane, [&](uint64_t key) {
+    const bool passes = key >= lower;
+    const unsigned ballot = __ballot_sync(kAllLanes, passes);
+    const int slot = n + __popc(ballot & lanes_below(lane));
+    if (passes && slot < kCapacity) keys[slot] = key;
+    n += __popc(ballot);
+  });
+  __syncwarp();
+  return n;
+}
+
+template <int kGroup, int kGroupsPerLane, typename scalar_t>
+__global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
+    const uint16_t* __restrict__ pre, int64_t stride_pre, const float* __restrict__ maxima, int64_t stride_maxima,
+    int rows, int n_features, int n_groups, int k, scalar_t* __restrict__ vals, int64_t stride_vals,
+    int32_t* __restrict__ idx, int64_t stride_idx, int8_t* __restrict__ flags) {
+  __shared__ uint64_t candidates[kWarps][kCapacity];
+  __shared__ uint16_t hot_lists[kWarps][32 * kGroupsPerLane];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = blockIdx.x * kWarps + warp;
+  if (row >= rows) return;  // the whole warp: nothing below syncs the block
+  uint64_t* keys = candidates[warp];
+  uint16_t* hot = hot_lists[warp];
+  const uint16_t* row_pre = pre + row * stride_pre;
+
+  // 1. The group maxima, group i * 32 + lane in slot i (0 where there is no group).
+  uint32_t group_key[kGroupsPerLane];
+#pragma unroll
+  for (int i = 0; i < kGroupsPerLane; ++i) {
+    const int g = i * 32 + lane;
+    const float maximum = g < n_groups ? __ldg(maxima + g * stride_maxima + row) : 0.0f;
+    group_key[i] = g >= n_groups ? 0u : maximum != maximum ? 0xffffffffu : ordered(maximum);
+  }
+
+  // 2. The largest key that at least k group maxima reach.
+  uint32_t bound = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = bound | (1u << bit);
+    unsigned reach = 0;
+#pragma unroll
+    for (int i = 0; i < kGroupsPerLane; ++i) reach += group_key[i] >= trial;
+    if (__reduce_add_sync(kAllLanes, reach) >= static_cast<unsigned>(k)) bound = trial;
+  }
+  if (bound <= kMinusInfinity || bound == 0xffffffffu) {  // a NaN row, or k NaN maxima
+    if (lane == 0) flags[row] = 1;
+    return;
+  }
+
+  // 3. The hot groups, in order, then their entries at or above the bound (as a bf16 entry's key: the
+  // maximum's top 16 bits, exact for the maxima of bf16 values).
+  int n_hot = 0;
+#pragma unroll
+  for (int i = 0; i < kGroupsPerLane; ++i) {
+    const bool is_hot = group_key[i] >= bound;
+    const unsigned ballot = __ballot_sync(kAllLanes, is_hot);
+    if (is_hot) hot[n_hot + __popc(ballot & lanes_below(lane))] = static_cast<uint16_t>(i * 32 + lane);
+    n_hot += __popc(ballot);
+  }
+  __syncwarp();
+  uint64_t lower = entry_key(__float_as_uint(from_ordered(bound)) >> 16, 0);
+  int n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, lower, keys);
+
+  // 4. Too many: the largest key that at least k entries reach (the k-th largest), bit by bit, over values
+  // then features; it stops once at most kCapacity entries reach the bits found so far.
+  if (n > kCapacity) {
+    const int feature_bits = 32 - __clz(n_features - 1);
+    uint64_t found = 0;
+    int reach = n;  // entries at or above `found`, while it is at or below `lower`: at least n
+    for (int bit = 47; bit >= 0 && reach > kCapacity; --bit) {
+      if (bit < 32 && bit >= feature_bits) continue;  // every feature is below 2^feature_bits
+      const uint64_t trial = found | (uint64_t(1) << bit);
+      if (trial <= lower) {  // the n entries at or above the bound reach it
+        found = trial;
+        continue;
+      }
+      const int trial_reach = count_from<kGroup>(row_pre, hot, n_hot, n_features, lane, trial);
+      if (trial_reach >= k) {
+        found = trial;
+        reach = trial_reach;
+      }
+    }
+    n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, found, keys);
+  }
+  if (n < k || n > kCapacity) {
+    if (lane == 0) flags[row] = 1;
+    return;
+  }
+
+  // 5. Sort the n keys descending (a bitonic sort over a power of two of slots, the rest empty: 0).
+  int size = 32;
+  while (size < n) size *= 2;
+  for (int s = n + lane; s < size; s += 32) keys[s] = 0;
+  __syncwarp();
+  for (int block = 2; block <= size; block *= 2) {
+    for (int stride = block / 2; stride > 0; stride /= 2) {
+      for (int pair = lane; pair < size / 2; pair += 32) {
+        const int lo = (pair & ~(stride - 1)) * 2 + (pair & (stride - 1)), hi = lo + stride;
+        const uint64_t a = keys[lo], b = keys[hi];
+        if ((lo & block) == 0 ? a < b : a > b) {  // descending blocks, then the whole row descending
+          keys[lo] = b;
+          keys[hi] = a;
+        }
+      }
+      __syncwarp();
+    }
+  }
+  for (int s = lane; s < k; s += 32) {
+    const uint64_t key = keys[s];
+    vals[row * stride_vals + s] = static_cast<scalar_t>(fmaxf(key_value(key), 0.0f));
+    idx[row * stride_idx + s] = static_cast<int32_t>(key & 0xffffffffu);
+  }
+  if (lane == 0) flags[row] = 0;
+}
+
+template <int kGroup, int kGroupsPerLane>
+void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tensor& vals, at::Tensor& idx,
+            at::Tensor& flags) {
+  const int rows = static_cast<int>(pre.size(0)), n_features = static_cast<int>(pre.size(1));
+  const int n_groups = (n_features + kGroup - 1) / kGroup;
+  const dim3 grid((rows + kWarps - 1) / kWarps);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "select_topk_group_max", [&] {
+    select_topk_group_max_kernel<kGroup, kGroupsPerLane, scalar_t><<<grid, kWarps * 32, 0, stream>>>(
+        reinterpret_cast<const uint16_t*>(pre.data_ptr()), pre.stride(0), maxima.data_ptr<float>(), maxima.stride(0),
+        rows, n_features, n_groups, static_cast<int>(k), vals.data_ptr<scalar_t>(), vals.stride(0),
+        idx.data_ptr<int32_t>(), idx.stride(0), flags.data_ptr<int8_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int kGroup>
+void launch_for_groups(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tensor& vals,
+                       at::Tensor& idx, at::Tensor& flags) {
+  const int64_t n_groups = (pre.size(1) + kGroup - 1) / kGroup;
+  if (n_groups <= 128) return launch<kGroup, 4>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 256) return launch<kGroup, 8>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 512) return launch<kGroup, 16>(pre, maxima, k, vals, idx, flags);
+  return launch<kGroup, 32>(pre, maxima, k, vals, idx, flags);
+}
+
+}  // namespace
+
+void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int64_t group, int64_t k,
+                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags) {
+  // fastsae/ops/cutlass_gemm.py checks the operands before it calls this (a failed check here has crashed
+  // the process at its second failure); these guard the kernel's memory accesses all the same.
+  const char* op = "select_topk_group_max";
+  TORCH_CHECK(pre.is_cuda() && pre.scalar_type() == at::kBFloat16 && pre.dim() == 2 && pre.stride(1) == 1 &&
+                  pre.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(pre.data_ptr()) % 16 == 0,
+              op, ": pre must be a bf16 CUDA matrix of 16-byte aligned contiguous rows");
+  TORCH_CHECK(group == 128 || group == 256, op, ": group must be 128 or 256, got ", group);
+  const int64_t rows = pre.size(0), n_features = pre.size(1), n_groups = (n_features + group - 1) / group;
+  TORCH_CHECK(n_features % 8 == 0 && rows < (int64_t(1) << 31) && n_groups <= kMaxGroups, op,
+              ": pre must have fewer than 2^31 rows and a multiple of 8 features in at most ", kMaxGroups, " groups");
+  TORCH_CHECK(k >= 1 && k <= kMaxK && k <= n_groups, op, ": k must be in [1, min(", kMaxK, ", groups)], got ", k);
+  TORCH_CHECK(maxima.device() == pre.device() && maxima.scalar_type() == at::kFloat && maxima.dim() == 2 &&
+                  maxima.size(0) == n_groups && maxima.size(1) >= rows && maxima.stride(1) == 1,
+              op, ": maxima must be fp32 [groups, >= rows] on pre's device");
+  TORCH_CHECK(vals.device() == pre.device() && vals.dim() == 2 && vals.size(0) == rows && vals.size(1) == k &&
+                  vals.stride(1) == 1,
+              op, ": vals must be [rows, k] on pre's device, rows contiguous");
+  TORCH_CHECK(idx.device() == pre.device() && idx.scalar_type() == at::kInt && idx.dim() == 2 &&
+                  idx.size(0) == rows && idx.size(1) == k && idx.stride(1) == 1,
+              op, ": idx must be int32 [rows, k] on pre's device, rows contiguous");
+  TORCH_CHECK(flags.device() == pre.device() && flags.scalar_type() == at::kChar && flags.dim() == 1 &&
+                  flags.size(0) == rows && flags.is_contiguous(),
+              op, ": flags must be int8 [rows] on pre's device");
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard guard(pre.device());
+  if (group == 128) return launch_for_groups<128>(pre, maxima, k, vals, idx, flags);
+  return launch_for_groups<256>(pre, maxima, k, vals, idx, flags);
+}
+
+}  // namespace fastsae_cutlass
