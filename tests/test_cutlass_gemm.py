@@ -192,6 +192,7 @@ def _maxima_route(monkeypatch, device):
     """The group-maxima GEMM: the CUTLASS op on the GPU (skipped where it is not built), its reference on
     CPU tensors, so that the interpreter runs the row kernel over given maxima."""
     monkeypatch.setattr(cutlass_gemm, "ROUTE", True)
+    monkeypatch.setattr(cutlass_gemm, "SELECT_ROUTE", True)
     if device == "cpu":
         monkeypatch.setattr(cutlass_gemm, "available", lambda: True)
 
@@ -233,6 +234,8 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
         assert_positive_counts_match(counts.long(), pre, ROUNDING_BAND[torch.bfloat16])
     assert all(("row_filter", cfg) in encode.topk_routes(k, 0, F, True) for cfg in configs)
     assert not filter.group_max_configs(k, 1, F), "AuxK has no maxima of its own"
+    monkeypatch.setattr(cutlass_gemm, "SELECT_ROUTE", False)
+    assert "warp" not in {cfg["SELECT"] for cfg in filter.group_max_configs(k, 0, F)}, "offered with its switch off"
     monkeypatch.setattr(cutlass_gemm, "ROUTE", False)
     assert not filter.group_max_configs(k, 0, F), "the route is offered with its switch off"
 

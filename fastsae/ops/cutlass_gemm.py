@@ -20,7 +20,8 @@ select_topk_group_max is that route's select as a CUDA kernel of one warp per ro
 (csrc/cutlass/group_max_select.cu): the row's k-th largest group maximum bounds its k-th largest entry,
 the groups that reach it are read again and their entries at or above it sorted in the warp's shared
 memory. Rows it cannot finish (flags 1: a bound of -inf, more than 512 candidates) are left for the
-caller's fallback. The tuner times it beside the Triton row kernel (`filter.over_group_maxima`).
+caller's fallback. With SELECT_ROUTE on, the tuner times it beside the Triton row kernel
+(`filter.over_group_maxima`).
 
 gemm_bias_filter is the threshold-first filter GEMM (`filter.filter_gemm`'s Triton kernel without AuxK
 and positive counts): every entry of xc @ W_enc + b_enc (fp32) above its row's tau is appended to the row's
@@ -86,6 +87,9 @@ FILTER_VARIANTS = ("pingpong_128x128", "cooperative_128x128")
 # against its reference) the tuner took it over every route on cuBLAS at GPT-2's shape, twice (the encode
 # 0.602 and 0.606 ms against the GEMM's 0.501 and 0.496), and the plain row filter at Llama-8B's.
 ROUTE = os.environ.get("FASTSAE_CUTLASS_ROUTES", "1") != "0"
+# select_topk_group_max as a select of that route (`filter.over_group_maxima`): off unless
+# FASTSAE_CUTLASS_SELECT=1 (read at import) until its tests and timings have run on a GPU.
+SELECT_ROUTE = os.environ.get("FASTSAE_CUTLASS_SELECT", "0") == "1"
 # The filter route over gemm_bias_filter: off unless FASTSAE_CUTLASS_FILTER=1 (read at import); its GEMM
 # alone took 1.04 / 1.21 ms against the Triton filter GEMM's 0.75 at GPT-2 / AF3 on an H100 (7e44a77).
 FILTER_ROUTE = os.environ.get("FASTSAE_CUTLASS_FILTER", "0") == "1"

@@ -860,8 +860,8 @@ def group_max_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
 def over_group_maxima(k: int, n_features: int) -> list[dict]:
     """`group_max_configs` whether or not the extension is built (their Triton kernels compile without
     it): for each variant with at least k groups, one configuration per capacity, warps and select of
-    the Triton row kernel, and one (SELECT "warp") of `cutlass_gemm.select_topk_group_max` where its
-    limits allow (it runs on CUDA tensors only)."""
+    the Triton row kernel, and (with cutlass_gemm.SELECT_ROUTE on) one (SELECT "warp") of
+    `cutlass_gemm.select_topk_group_max` where its limits allow (it runs on CUDA tensors only)."""
     configs = []
     for variant, kernel in enumerate(cutlass_gemm.VARIANTS):
         group = kernel.group
@@ -873,7 +873,8 @@ def over_group_maxima(k: int, n_features: int) -> list[dict]:
                 if cfg["N_GROUPS"] == ROW_FILTER_GROUPS
             ]
             if (
-                group in cutlass_gemm.SELECT_GROUPS
+                cutlass_gemm.SELECT_ROUTE
+                and group in cutlass_gemm.SELECT_GROUPS
                 and n_groups <= cutlass_gemm.SELECT_MAX_GROUPS
                 and k <= cutlass_gemm.SELECT_MAX_K
             ):
