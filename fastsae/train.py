@@ -9,7 +9,9 @@ tokens and prints its advice, initialises one SAE per hook point from those toke
 centering), and trains it with AuxK (TopK) or the activation's own loss. Every --log-every tokens it
 appends FVU, dead-feature % (features silent for --dead-after tokens) and tokens/s to OUT/log.csv and
 redraws OUT/training.png; every --checkpoint-every tokens (and at the end) it writes each SAE
-(OUT/<hookpoint>.safetensors) and the optimizer state (OUT/state.pt), atomically. Run it again with the
+(OUT/<hookpoint>.safetensors) and the optimizer state (OUT/state.pt) as one checkpoint: a run stopped
+while writing one resumes from the last whole one, never from new SAEs beside an older optimizer
+state. Run it again with the
 same OUT to resume: the SAEs, the optimizer and the token count are restored, the batches already
 used are skipped (the stream is deterministic for the same texts), and the logs' rows after the
 checkpoint (logged before the run stopped, logged again as it trains them again) are dropped. Text
@@ -49,6 +51,7 @@ import argparse
 import csv
 import gc
 import itertools
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -65,10 +68,12 @@ from .cli import at_least, positive_float, read_texts
 from .diagnostics import diagnose
 from .evaluate import evaluate
 from .graphs import CapturedStep
-from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, write_atomically
+from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, sync_directory, write_atomically
 
 # The run's tables in OUT, a row per hook point each time a run logs (LOG_FILE) or evaluates (EVAL_FILE).
 LOG_FILE, EVAL_FILE = "log.csv", "eval.csv"
+CHECKPOINT_FILE = "checkpoint.json"  # the commit record of the last whole checkpoint: its token count
+PENDING = ".pending"  # the suffix of a checkpoint's files until it is committed (`_save`)
 LOG_COLUMNS = ["tokens", "hookpoint", "fvu", "dead_pct", "tokens_per_s"]
 EVAL_COLUMNS = ["tokens", "hookpoint", "loss_recovered", "kl_div", "fvu", "l0", "alive", "loss_clean",
                 "loss_spliced", "loss_zero"]  # fmt: skip
@@ -172,6 +177,9 @@ def _run(args: argparse.Namespace) -> None:
         model, tokenizer = load_model(args.model, args.model_dtype, args.device, lm_head=bool(args.eval_texts))
     batches = _batches(args, layout, model, tokenizer)
     args.out.mkdir(parents=True, exist_ok=True)
+    if layout.main:
+        _finish_checkpoint(args.out)  # one that a stopped run had committed but not yet moved into place
+    _barrier()
     state_path = _state_path(args.out, layout)
     resumed = state_path.is_file()
     if resumed:
@@ -471,15 +479,51 @@ def _evaluate(args, layout: Layout, model, tokenizer, saes, tokens_done: int) ->
 
 
 def _save(args, layout: Layout, saes, optimizers, tokens_done: int, used_batches: int) -> None:
-    """Each SAE (every process takes part; rank 0 writes it whole), then the optimizer state and the
-    counts a resumed run continues from (the first replica writes each shard's)."""
+    """A checkpoint, committed as one: each SAE (every process takes part; rank 0 writes it whole) and
+    the optimizer state with the counts a resumed run continues from (the first replica writes each
+    shard's) are written beside their files as pending (`_pending`); once every process has written
+    its part, rank 0 writes the commit record (CHECKPOINT_FILE) and moves them into place
+    (`_finish_checkpoint`). A run stopped before the record resumes from the checkpoint before, whole;
+    one stopped after it moves the rest into place when it resumes."""
     for name, sae in saes.items():
-        sae.save(_checkpoint(args.out, name))
-    if layout.replica != 0:
-        return
-    optimizer_states = {name: opt.state_dict() for name, opt in optimizers.items()}
-    state = {"tokens": tokens_done, "batches": used_batches, "optimizers": optimizer_states}
-    write_atomically(_state_path(args.out, layout), lambda tmp: torch.save(state, tmp))
+        sae.save(_pending(_checkpoint(args.out, name), tokens_done))
+    if layout.replica == 0:
+        optimizer_states = {name: opt.state_dict() for name, opt in optimizers.items()}
+        state = {"tokens": tokens_done, "batches": used_batches, "optimizers": optimizer_states}
+        write_atomically(_pending(_state_path(args.out, layout), tokens_done), lambda tmp: torch.save(state, tmp))
+    _barrier()
+    if layout.main:
+        record = json.dumps({"tokens": tokens_done})
+        write_atomically(args.out / CHECKPOINT_FILE, lambda tmp: Path(tmp).write_text(record))
+        _finish_checkpoint(args.out)
+    _barrier()
+
+
+def _pending(path: Path, tokens_done: int) -> Path:
+    """Where the checkpoint at `tokens_done` writes `path` until it is committed."""
+    return path.with_name(f"{path.name}.{tokens_done}{PENDING}")
+
+
+def _finish_checkpoint(out: Path) -> None:
+    """Moves the pending files of the checkpoint that CHECKPOINT_FILE commits into place and removes
+    any other pending file (a checkpoint stopped before its commit)."""
+    record = out / CHECKPOINT_FILE
+    committed = str(json.loads(record.read_text())["tokens"]) if record.is_file() else None
+    moved = False
+    for pending in out.glob(f"*{PENDING}"):
+        name, _, tokens = pending.name[: -len(PENDING)].rpartition(".")
+        if tokens == committed:
+            os.replace(pending, out / name)
+        else:
+            pending.unlink()
+        moved = True
+    if moved:
+        sync_directory(out)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _plot(log_path: Path, png_path: Path) -> None:

@@ -170,6 +170,52 @@ def test_train_command_on_saved_activations(tmp_path, capsys):
     assert int(resumed.n_tokens_seen) == 1536 and not torch.equal(resumed.W_dec, first.W_dec)
 
 
+class _Stop(Exception):
+    """A run stopped mid-checkpoint (a kill, a lost node), as the tests below stop one."""
+
+
+@pytest.mark.parametrize("stop_at", ["before_commit", "after_commit"])
+def test_a_checkpoint_stopped_midway_resumes_whole(tmp_path, monkeypatch, capsys, stop_at):
+    """A checkpoint is one commit of the SAEs and the optimizer state: a run stopped after writing the
+    new SAEs but before the commit record resumes from the checkpoint before, SAEs and state alike (the
+    new SAEs had replaced the files beside an older optimizer state and token count), and one stopped
+    after the record but before its files were in place resumes from the new checkpoint whole."""
+    from safetensors.torch import save_file
+
+    acts = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) + 2
+    save_file({"acts": acts}, str(tmp_path / "layer6.safetensors"))
+    out = tmp_path / "run"
+    common = ["train", "--activations", str(tmp_path / "layer6.safetensors"), "--out", str(out),
+              "--batch-tokens", "64", "--diagnose-tokens", "128", "--expansion-factor", "4", "--k", "4",
+              "--log-every", "256", "--checkpoint-every", "512", "--device", "cpu"]  # fmt: skip
+    assert cli([*common, "--tokens", "1024"]) == 0
+    before = fastsae.SparseAutoencoder.load(out / "layer6.safetensors")
+    stopped = {"before_commit": "_barrier", "after_commit": "_finish_checkpoint"}[stop_at]
+    original, calls = getattr(train, stopped), []
+
+    def stop_in_the_checkpoint(*args):
+        calls.append(args)
+        if len(calls) == 2:  # the first is the resume's, before training
+            raise _Stop
+        return original(*args)
+
+    monkeypatch.setattr(train, stopped, stop_in_the_checkpoint)
+    with pytest.raises(_Stop):
+        cli([*common, "--tokens", "1536"])
+    monkeypatch.setattr(train, stopped, original)
+    assert sorted(p.name for p in out.glob("*.pending")) == ["layer6.safetensors.1536.pending", "state.pt.1536.pending"]
+    on_disk = fastsae.SparseAutoencoder.load(out / "layer6.safetensors")
+    assert torch.equal(on_disk.W_dec, before.W_dec), "the SAE file changed before the checkpoint was committed"
+    capsys.readouterr()
+    assert cli([*common, "--tokens", "1536"]) == 0
+    resumed_at = 1024 if stop_at == "before_commit" else 1536
+    assert f"resuming from {out} at {resumed_at} tokens" in capsys.readouterr().out
+    assert not list(out.glob("*.pending")), "a pending file was left"
+    assert torch.load(out / "state.pt", weights_only=True)["tokens"] == 1536
+    assert int(fastsae.SparseAutoencoder.load(out / "layer6.safetensors").n_tokens_seen) == 1536
+    assert [int(row["tokens"]) for row in _rows(out)] == [256, 512, 768, 1024, 1280, 1536]
+
+
 def test_train_command_wants_a_model_or_saved_activations(tmp_path, model_dir, capsys):
     saved = tmp_path / "acts.pt"
     torch.save(torch.randn(100, 8), saved)
