@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -1122,7 +1123,7 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     durable. A crash leaves any earlier file intact; the temporary file a killed write leaves behind
     is removed by the next write to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
+    remove_stale_temporaries(path.parent, glob.escape(path.name))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temporary_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
@@ -1154,15 +1155,16 @@ def _temporary_prefix(path: Path) -> str:
     return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Deletes the temporary files of saves to `path` by processes of this host that no longer run."""
+def remove_stale_temporaries(directory: Path, target: str) -> None:
+    """Deletes the temporary files that saves to the files in `directory` named by the glob `target`
+    left, where the process that wrote one ran on this host and no longer runs (`_temporary_prefix`)."""
     host = socket.gethostname()
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        parts = tmp.name[len(path.name) + 2 :].rsplit(".", 3)  # host, pid, random, "tmp"
-        if len(parts) != 4 or parts[0] != host or not parts[1].isdigit():
+    for tmp in directory.glob(f".{target}.*.tmp"):
+        head, pid, _, _ = tmp.name.rsplit(".", 3)  # .<target>.<host>, pid, random, "tmp"
+        if not head.endswith(f".{host}") or not pid.isdigit():
             continue
         try:
-            os.kill(int(parts[1]), 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             tmp.unlink(missing_ok=True)
         except PermissionError:  # alive, another user's

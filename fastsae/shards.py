@@ -33,8 +33,8 @@ from .sae import (
     SAEConfig,
     SparseAutoencoder,
     _checksum,
-    _remove_stale_temporaries,
     read_safetensors,
+    remove_stale_temporaries,
     saved_config,
     write_atomically,
 )
@@ -75,8 +75,7 @@ def save(sae: SparseAutoencoder, directory: str | os.PathLike) -> None:
         for stale in directory.glob("shard-*-of-*.safetensors"):  # earlier saves' files, and cut saves'
             if stale.name not in listed:
                 stale.unlink()
-        for leftover in directory.glob(".shard-*-of-*.safetensors.*.tmp"):  # a killed save's, to its own names
-            _remove_stale_temporaries(directory / (leftover.name[1:].split(".safetensors.")[0] + ".safetensors"))
+        remove_stale_temporaries(directory, "shard-*-of-*.safetensors")  # a killed save's, to its own names
     dist.barrier()
 
 
