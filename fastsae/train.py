@@ -512,6 +512,8 @@ def _finish_checkpoint(out: Path) -> None:
     moved = False
     for pending in out.glob(f"*{PENDING}"):
         name, _, tokens = pending.name[: -len(PENDING)].rpartition(".")
+        if not (name and tokens.isdigit()):  # not a checkpoint's: left alone
+            continue
         if tokens == committed:
             os.replace(pending, out / name)
         else:

@@ -203,14 +203,17 @@ def test_a_checkpoint_stopped_midway_resumes_whole(tmp_path, monkeypatch, capsys
     with pytest.raises(_Stop):
         cli([*common, "--tokens", "1536"])
     monkeypatch.setattr(train, stopped, original)
-    assert sorted(p.name for p in out.glob("*.pending")) == ["layer6.safetensors.1536.pending", "state.pt.1536.pending"]
+    (out / "notes.pending").write_text("a user's file")  # not a checkpoint's: left alone
+    assert sorted(p.name for p in out.glob("*.pending")) == [
+        "layer6.safetensors.1536.pending", "notes.pending", "state.pt.1536.pending"
+    ]  # fmt: skip
     on_disk = fastsae.SparseAutoencoder.load(out / "layer6.safetensors")
     assert torch.equal(on_disk.W_dec, before.W_dec), "the SAE file changed before the checkpoint was committed"
     capsys.readouterr()
     assert cli([*common, "--tokens", "1536"]) == 0
     resumed_at = 1024 if stop_at == "before_commit" else 1536
     assert f"resuming from {out} at {resumed_at} tokens" in capsys.readouterr().out
-    assert not list(out.glob("*.pending")), "a pending file was left"
+    assert [p.name for p in out.glob("*.pending")] == ["notes.pending"], "a checkpoint's pending file was left"
     assert torch.load(out / "state.pt", weights_only=True)["tokens"] == 1536
     assert int(fastsae.SparseAutoencoder.load(out / "layer6.safetensors").n_tokens_seen) == 1536
     assert [int(row["tokens"]) for row in _rows(out)] == [256, 512, 768, 1024, 1280, 1536]
