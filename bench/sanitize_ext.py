@@ -1,9 +1,12 @@
-"""A short run of every CUDA death-statistics op, for compute-sanitizer (memcheck, racecheck):
-uniform and skewed indices, chunked F (beyond one block's shared memory), every dtype."""
+"""A short run of every CUDA op of fastsae's extensions, for compute-sanitizer (memcheck, racecheck):
+the death-statistics ops (uniform and skewed indices, chunked F beyond one block's shared memory, every
+dtype) and, where the CUTLASS extension is built, the GEMM with group maxima and the warp select over
+them (both group widths, a partial block of rows, and a row of ties that takes the select's bisection)."""
 
 import torch
 
 from fastsae import functional as F
+from fastsae.ops import cutlass_gemm
 
 for n_features in (1, 1000, 24576, 70001):
     idx = torch.randint(0, n_features, (2048, 32), device="cuda", dtype=torch.int32)
@@ -18,5 +21,23 @@ for n_features in (1, 1000, 24576, 70001):
     since = torch.zeros(n_features, device="cuda", dtype=torch.int64)
     F.update_since_fired_(since, F.fire_counts(idx, n_features), 2048)
     F.dead_mask(since, 10)
+if cutlass_gemm.available():
+    for variant, kernel in enumerate(cutlass_gemm.VARIANTS):
+        if not kernel.routed or kernel.group not in cutlass_gemm.SELECT_GROUPS:
+            continue
+        rows, d, n_features, k = 37, 64, 4096, 8
+        xc = torch.randn(rows, d, device="cuda").bfloat16()
+        W_enc = torch.randn(d, n_features, device="cuda").bfloat16()
+        b_enc = torch.zeros(n_features, device="cuda").bfloat16()
+        W_enc[:, :1024] = 0  # row 0's first 1024 features tie at 1 (xc[0] = 0): more than the select's slots
+        b_enc[:1024] = 1
+        xc[0] = 0
+        pre, maxima = cutlass_gemm.gemm_bias_group_max(xc, W_enc, b_enc, variant)
+        vals = torch.empty(rows, k, device="cuda", dtype=torch.bfloat16)
+        idx = torch.empty(rows, k, device="cuda", dtype=torch.int32)
+        flags = torch.empty(rows, device="cuda", dtype=torch.int8)
+        cutlass_gemm.select_topk_group_max(pre, maxima, kernel.group, k, vals, idx, flags)
+        assert not flags.any() and torch.equal(vals, pre.topk(k).values.relu()), kernel.name
+        assert torch.equal(pre.gather(1, idx.long()).relu(), vals), kernel.name
 torch.cuda.synchronize()
 print("sanitize_ext: all ops ran and matched")
