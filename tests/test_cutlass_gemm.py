@@ -201,6 +201,15 @@ def _maxima_route(monkeypatch, device):
             return reference.gemm_bias_group_max(xc, W_enc, b_enc, kernel.group, kernel.tile_rows)
 
         monkeypatch.setattr(cutlass_gemm, "gemm_bias_group_max", emulated)
+
+        def emulated_select(pre, maxima, group, k, vals, idx, flags):
+            """The warp select's contract from its reference: NaN rows flagged, the others written."""
+            top_vals, top_idx = reference.topk_activation(pre.float(), k)
+            nan_rows = torch.isnan(pre).any(dim=1)
+            vals[~nan_rows], idx[~nan_rows] = top_vals[~nan_rows].to(vals.dtype), top_idx[~nan_rows]
+            flags.copy_(nan_rows)
+
+        monkeypatch.setattr(cutlass_gemm, "select_topk_group_max", emulated_select)
     elif not cutlass_gemm.available():
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
 
@@ -209,9 +218,9 @@ def _maxima_route(monkeypatch, device):
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_row_filter_over_given_maxima(device, monkeypatch):
     """The row filter starting from the GEMM's group maxima (every configuration `group_max_configs`
-    offers: each variant's groups, the select in the row program or after it) in row chunks of at most
-    5 rows on CPU, the last one short: the reference's codes with no row left to the fallback, and the
-    same positive counts."""
+    offers: each variant's groups, the select in the row program, after it or in the warp select, which
+    the interpreter runs as its reference) in row chunks of at most 5 rows on CPU, the last one short:
+    the reference's codes with no row left to the fallback, and the same positive counts."""
     _maxima_route(monkeypatch, device)
     B, d, F, k = (13, 32, 1000, 4) if device == "cpu" else (1003, 768, 24576, 32)
     if device == "cpu":
@@ -224,8 +233,6 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
     routed = {number for number, kernel in enumerate(cutlass_gemm.VARIANTS) if kernel.routed}
     assert {cfg["VARIANT"] for cfg in configs} == routed, "the route runs over the routed variants only"
     for cfg in configs:
-        if device == "cpu" and cfg["SELECT"] == "warp":
-            continue  # a CUDA kernel: test_select_topk_group_max_* run it on the GPU
         outputs = poisoned_outputs(B, k, 0, device)
         counts = torch.zeros(F, dtype=torch.int32, device=device)
         flags = filter.row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, counts, outputs, cfg)
@@ -238,6 +245,27 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
     assert "warp" not in {cfg["SELECT"] for cfg in filter.group_max_configs(k, 0, F)}, "offered with its switch off"
     monkeypatch.setattr(cutlass_gemm, "ROUTE", False)
     assert not filter.group_max_configs(k, 0, F), "the route is offered with its switch off"
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_warp_select_route_leaves_flagged_rows_to_the_fallback(device, monkeypatch):
+    """Through the TopK encode, the warp select's route leaves the rows it flags (a NaN row) to the
+    sweep, which writes them (NaN never selected: value 0), and the others are the reference's."""
+    _maxima_route(monkeypatch, device)
+    B, d, F, k = (13, 32, 1000, 4) if device == "cpu" else (1003, 768, 24576, 32)
+    x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).bfloat16()
+    x[3] = float("nan")
+    W_enc, b_enc, _, b_dec = random_sae_weights(d, F, dtype=torch.bfloat16, device=device)
+    route = next(("row_filter", c) for c in filter.group_max_configs(k, 0, F) if c["SELECT"] == "warp")
+    outputs = poisoned_outputs(B, k, 0, device)
+    flags = filter.row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, route[1])
+    assert flags.bool().tolist() == [row == 3 for row in range(B)]
+    vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=route)
+    finite = torch.arange(B, device=device) != 3
+    pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
+    assert_topk_matches(vals[finite], idx[finite], pre[finite], k, torch.bfloat16)
+    assert (vals[3] == 0).all(), "NaN pre-activations were selected"
 
 
 def test_reference_filter_keeps_each_rows_entries_above_tau():
