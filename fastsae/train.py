@@ -11,11 +11,11 @@ appends FVU, dead-feature % (features silent for --dead-after tokens) and tokens
 redraws OUT/training.png; every --checkpoint-every tokens (and at the end) it writes each SAE
 (OUT/<hookpoint>.safetensors) and the optimizer state (OUT/state.pt) as one checkpoint: a run stopped
 while writing one resumes from the last whole one, never from new SAEs beside an older optimizer
-state. Run it again with the
-same OUT to resume: the SAEs, the optimizer and the token count are restored, the batches already
-used are skipped (the stream is deterministic for the same texts), and the logs' rows after the
-checkpoint (logged before the run stopped, logged again as it trains them again) are dropped. Text
-files hold one document per line (.txt) or one JSON object with a "text" field per line (.jsonl).
+state. Run it again with the same OUT to resume: the SAEs, the optimizer and the token count are
+restored, the batches already used are skipped (the stream is deterministic for the same texts), and
+the logs' rows after the checkpoint (logged before the run stopped, logged again as it trains them
+again) are dropped. Text files hold one document per line (.txt) or one JSON object with a "text" field
+per line (.jsonl).
 With --eval-texts (held-out texts), each checkpoint also splices the SAEs into the model
 (`fastsae.evaluate`: the model is then loaded with its language-modelling head) and appends their
 loss recovered, KL divergence, FVU, L0 and alive features to OUT/eval.csv.
@@ -509,7 +509,7 @@ def _finish_checkpoint(out: Path) -> None:
     any other pending file (a checkpoint stopped before its commit)."""
     record = out / CHECKPOINT_FILE
     committed = str(json.loads(record.read_text())["tokens"]) if record.is_file() else None
-    moved = False
+    changed = False
     for pending in out.glob(f"*{PENDING}"):
         name, _, tokens = pending.name[: -len(PENDING)].rpartition(".")
         if not (name and tokens.isdigit()):  # not a checkpoint's: left alone
@@ -518,12 +518,13 @@ def _finish_checkpoint(out: Path) -> None:
             os.replace(pending, out / name)
         else:
             pending.unlink()
-        moved = True
-    if moved:
+        changed = True
+    if changed:
         sync_directory(out)
 
 
 def _barrier() -> None:
+    """Every process of a torchrun job waits here for the others (nothing to wait for alone)."""
     if dist.is_initialized():
         dist.barrier()
 
