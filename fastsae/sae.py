@@ -93,6 +93,14 @@ AUXK_SHRINK = 4
 # H200 (captured SAEAdam step, bf16, off -> on, 278bf24): 1.684 -> 1.659 ms at AlphaFold3's shape,
 # 1.953 -> 1.929 at GPT-2's.
 DEATH_STATS_ON_SIDE_STREAM = True
+# `torch.compile(sae)` (the whole forward traced, no `auxk_capacity` set) picks its AuxK path from the dead
+# features' count on the device: torch.cond over `auxk_rungs`' list lengths, each the dense AuxK over a
+# list of that length (`F.topk_autoencoder`, as an eager step's few dead features), and the fused encode's
+# second top-k stream past the last. Inductor reads a torch.cond's predicate on the host: one
+# synchronisation a step (and a few scalar reads after it), where the fused stream gathers B * k_aux
+# decoder rows of d, forward and backward (1.70x the eager step at Llama-8B's shape on an H100, e4f0941).
+# Off (the fused stream, no synchronisation) until timed on a GPU: FASTSAE_COMPILED_AUXK_RUNGS=1.
+COMPILED_AUXK_RUNGS = os.environ.get("FASTSAE_COMPILED_AUXK_RUNGS", "0") == "1"
 # The tensors indexed by feature, and their feature dimension: what `shard_features` splits and `save` gathers.
 FEATURE_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "feature_fire_count": 0, "tokens_since_fired": 0}
 INIT_BLOCK_ROWS = 4096  # decoder rows per seeded block of the random initialisation (`_init_directions`)
@@ -203,6 +211,18 @@ def _new_auxk_list_length(n_dead: int, n_tokens: int, n_features: int) -> int | 
     rounded = max(MIN_AUXK_CAPACITY, cdiv(wanted, MIN_AUXK_CAPACITY) * MIN_AUXK_CAPACITY)
     length = min(longest, rounded, next_power_of_2(n_dead + MIN_AUXK_CAPACITY))
     return length if n_dead <= length else None
+
+
+def auxk_rungs(n_tokens: int, n_features: int) -> list[int]:
+    """The dead-feature list lengths among which a whole-compiled step's AuxK chooses (COMPILED_AUXK_RUNGS):
+    0 (no feature dead), then MIN_AUXK_CAPACITY doubling up to the longest dense list (n_tokens x length
+    at most AUXK_DENSE_MAX_ELEMENTS, at most n_features), so a list is at most twice the dead features."""
+    longest = min(n_features, AUXK_DENSE_MAX_ELEMENTS // n_tokens)
+    rungs, length = [0], MIN_AUXK_CAPACITY
+    while length < longest:
+        rungs.append(length)
+        length *= 2
+    return rungs + [longest] if longest > 0 else rungs
 
 
 def _feature_shard(cfg: SAEConfig, group) -> tuple[object, int, int]:
@@ -766,6 +786,8 @@ class SparseAutoencoder(nn.Module):
             few_dead = self._few_dead_features(dead, x.shape[0])
         if list_stream is not None and few_dead is None:  # the fused encode reads the mask on this stream
             join_stream(list_stream, dead)
+        # Traced whole by torch.compile, which cannot count the dead features: AuxK's path chosen on the device.
+        rungs = COMPILED_AUXK_RUNGS and few_dead is None and dead is not None and torch.compiler.is_compiling()
         if self._compiled_forward is not None and may_synchronize(x):  # `compile`: the rest compiled
             if few_dead is not None and not sharded and COMPILED_LIST_PADDED:
                 n_dead = few_dead.shape[0]
@@ -774,7 +796,7 @@ class SparseAutoencoder(nn.Module):
                 few_dead = torch.cat([few_dead, few_dead.new_full((length - n_dead,), -1)])
             out = self._compiled_forward(x, lead, dead, few_dead, list_stream)  # (None: not capturing)
         else:
-            out = self._forward_from_dead_list(x, lead, dead, few_dead, list_stream)
+            out = self._forward_from_dead_list(x, lead, dead, few_dead, list_stream, rungs and not sharded)
         self._count_dead_ahead(x, k_aux, sharded)
         return out
 
@@ -818,24 +840,30 @@ class SparseAutoencoder(nn.Module):
         return k_aux, self._feature_group is not None, self._group is not None and self.training
 
     def _forward_from_dead_list(
-        self, x: Tensor, lead: torch.Size, dead: Tensor | None, few_dead: Tensor | None, list_stream
-    ) -> SAEOutput:
+        self, x: Tensor, lead: torch.Size, dead: Tensor | None, few_dead: Tensor | None, list_stream,
+        auxk_rungs: bool = False,
+    ) -> SAEOutput:  # fmt: skip
         """The forward past the dead-feature mask and list (`forward`), on x [B, d_in] (`lead`: its
-        leading dimensions as given), with the list built on `list_stream` (or None)."""
+        leading dimensions as given), with the list built on `list_stream` (or None); with `auxk_rungs`
+        (and no list), AuxK's path chosen on the device (`_auxk_by_dead_count`)."""
         k_aux, sharded, replicated = self._step_kind()
         # AuxK compares the residual and its reconstruction in the SAE's own (possibly whitened) space.
         sae_x = self._to_sae_space(x) if k_aux else None  # (without whitening, x itself)
         sparsity = torch.zeros((), dtype=torch.promote_types(self.W_enc.dtype, torch.float32), device=x.device)
         sparsity_term = None  # the ReLU SAE's L1 or the JumpReLU SAE's L0 term of the loss, where it has one
+        joint = None  # F.TopKAutoencoderOutput where encode, decode and AuxK ran as one
         if self.cfg.activation == "jumprelu" and self.training:
             codes, sparsity, sparsity_term = self._encode_jumprelu_for_training(x, replicated)
         elif sharded:  # this shard's codes for the decode, the gradients and its statistics; global ones shown
             codes, shown = self._encode_shard(self._to_sae_space(x), dead if few_dead is None else None)
-        elif few_dead is not None:  # encode, decode and AuxK over the few dead features as one autograd node
-            params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
-            joint = F.topk_autoencoder(sae_x, *params, self.cfg.k, dead_features=few_dead, k_aux=k_aux)
-            if list_stream is not None:  # (the node has joined it: this marks the list's memory as used here)
-                join_stream(list_stream, dead, few_dead)
+        elif few_dead is not None or auxk_rungs:  # encode, decode and AuxK (dense over the few dead features)
+            if few_dead is None:
+                joint = self._auxk_by_dead_count(sae_x, dead, k_aux)
+            else:  # as one autograd node
+                params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
+                joint = F.topk_autoencoder(sae_x, *params, self.cfg.k, dead_features=few_dead, k_aux=k_aux)
+            if list_stream is not None and few_dead is not None:  # (the node has joined it: this marks the
+                join_stream(list_stream, dead, few_dead)  # list's memory as used here; `forward` joined the mask)
             no_aux_codes = (joint.vals[:, :0], joint.idx[:, :0])  # AuxK's codes stay inside the node
             codes = F.TopKCodes(joint.vals, joint.idx, *no_aux_codes)
         else:
@@ -845,9 +873,7 @@ class SparseAutoencoder(nn.Module):
         if sharded:
             recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx, fired_only=self.training))
         else:
-            recon = (
-                self.decode(codes, fired_only=self.training) if few_dead is None else self._from_sae_space(joint.recon)
-            )
+            recon = self.decode(codes, fired_only=self.training) if joint is None else self._from_sae_space(joint.recon)
         aux_recon = None
         if isinstance(codes, F.TopKCodes):
             vals, idx, acts = codes.vals, codes.idx, None
@@ -856,10 +882,10 @@ class SparseAutoencoder(nn.Module):
                     aux_recon = self._auxk_shard(sae_x, few_dead, k_aux)
                 elif sharded:
                     aux_recon = self._decode_shard(codes.aux_vals, codes.aux_idx, bias=False)
-                elif few_dead is None:
-                    aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
-                else:
+                elif joint is not None:
                     aux_recon = joint.aux_recon
+                else:
+                    aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, self.W_dec)
                 n_dead = dead.sum()
                 if sharded:  # every shard's dead features
                     dist.all_reduce(n_dead, group=self._feature_group)
@@ -909,6 +935,41 @@ class SparseAutoencoder(nn.Module):
             vals, idx = shown.vals, shown.idx
         vals, idx, acts = (None if t is None else t.reshape(*lead, t.shape[-1]) for t in (vals, idx, acts))
         return SAEOutput(recon.reshape(*lead, self.cfg.d_in), vals, idx, acts, loss, mse, fvu, auxk, sparsity)
+
+    def _auxk_by_dead_count(self, x: Tensor, dead: Tensor, k_aux: int) -> F.TopKAutoencoderOutput:
+        """Encode, decode and AuxK of x [B, d] (SAE space) with AuxK's path chosen on the device from the
+        count of `dead` (COMPILED_AUXK_RUNGS): the dense AuxK over the shortest of `auxk_rungs`' lists
+        that holds the dead features, or the fused encode's AuxK stream where none does. A binary search
+        of torch.cond over the rungs (each predicate read on the host, the first a synchronisation)."""
+        rungs, n_dead = auxk_rungs(x.shape[0], self.cfg.n_features), dead.sum()
+        operands = (x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead, n_dead)
+        k, training = self.cfg.k, self.training
+
+        # torch.cond's backward wants a gradient for every output (torch 2.13: "outs_to_grad length !=
+        # tangents length" for an integer one): the indices travel as float32 of their bits.
+        def dense(length: int) -> Callable[..., tuple[Tensor, ...]]:
+            def branch(x, W_enc, b_enc, b_dec, W_dec, dead, n_dead):
+                features = torch.nonzero_static(dead, size=length, fill_value=-1).squeeze(1)
+                joint = F.topk_autoencoder(x, W_enc, b_enc, b_dec, W_dec, k, dead_features=features, k_aux=k_aux)
+                return joint.recon, joint.vals, joint.idx.view(torch.float32), joint.aux_recon
+
+            return branch
+
+        def fused(x, W_enc, b_enc, b_dec, W_dec, dead, n_dead):
+            codes = F.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux=k_aux, dead_mask=dead)
+            recon = F.decode_sparse(codes.vals, codes.idx, W_dec, b_dec, fired_only=training)
+            aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, W_dec)
+            return recon, codes.vals, codes.idx.view(torch.float32), aux_recon
+
+        def pick(first: int, last: int) -> Callable[..., tuple[Tensor, ...]]:  # rungs[last - 1] holds them
+            if last - first == 1:
+                return dense(rungs[first])
+            middle = (first + last - 1) // 2
+            below, above = pick(first, middle + 1), pick(middle + 1, last)
+            return lambda *operands: torch.cond(operands[-1] <= rungs[middle], below, above, operands)
+
+        recon, vals, idx_bits, aux_recon = torch.cond(n_dead <= rungs[-1], pick(0, len(rungs)), fused, operands)
+        return F.TopKAutoencoderOutput(recon, vals, idx_bits.view(torch.int32), aux_recon)
 
     @torch.no_grad()
     def _fire_counts(self, codes: F.TopKCodes | Tensor) -> Tensor:

@@ -446,6 +446,55 @@ def test_compiled_training_step_matches_eager(fresh_dynamo):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
+def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fresh_dynamo):
+    """torch.compile(sae, fullgraph=True) with COMPILED_AUXK_RUNGS: one compiled graph takes AuxK's path
+    from the dead features' count on the device (dense lists of 0, 64 and 80 features at 64 tokens with
+    dense lists capped at 80 columns, then the fused stream). Steps with 0, 5, 64, 70 and 85 dead features
+    (each rung, its edge, and past the last) take the shortest list that holds them (the profiler names
+    the ops and their operands' shapes) and train like the eager twin."""
+    monkeypatch.setattr(fastsae.sae, "COMPILED_AUXK_RUNGS", True)
+    monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_ELEMENTS", 64 * 80)
+    assert fastsae.sae.auxk_rungs(64, 96) == [0, 64, 80]
+    eager = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
+    compiled = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
+    compiled.load_state_dict(eager.state_dict())
+    counter = CompileCounterWithBackend("inductor")
+    step = torch.compile(compiled, fullgraph=True, backend=counter)
+    x = torch.randn(64, 24, device=device) + 3  # a first step each: compiled (every branch traced) before
+    for forward, sae in ((eager, eager), (step, compiled)):  # the profiles below
+        forward(x).loss.backward()
+        sae.zero_grad()
+    for n_dead, path in ((0, [0]), (5, [64]), (64, [64]), (70, [80]), (85, "fused")):
+        dead = torch.randperm(96, device=device)[:n_dead]
+        for sae in (eager, compiled):
+            with torch.no_grad():
+                sae.tokens_since_fired.zero_()
+                sae.tokens_since_fired[dead] = 2000
+        x = torch.randn(64, 24, device=device) + 3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            outs = [step(x)]
+        ops = [(event.name, event.input_shapes) for event in prof.events() if event.name.startswith("fastsae::")]
+        lists = [shapes[6][0] for name, shapes in ops if name == "fastsae::topk_autoencoder"]
+        fused = [name for name, shapes in ops if name == "fastsae::encode_topk" and shapes[6] == [96]]
+        assert lists == ([] if path == "fused" else path), f"{n_dead} dead: lists {lists}"
+        assert len(fused) == (path == "fused"), f"{n_dead} dead: {ops}"
+        outs.insert(0, eager(x))
+        for out in outs:
+            out.loss.backward()
+        assert (outs[1].auxk > 0) == (n_dead > 0), f"{n_dead} dead: AuxK's loss {float(outs[1].auxk)}"
+        for name in ("loss", "auxk", "fvu"):
+            assert torch.allclose(getattr(outs[0], name), getattr(outs[1], name), rtol=1e-4), f"{n_dead}: {name}"
+        assert torch.equal(outs[0].idx, outs[1].idx), f"{n_dead} dead: codes"
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            expected, actual = getattr(eager, name).grad, getattr(compiled, name).grad
+            assert torch.allclose(expected, actual, rtol=1e-3, atol=1e-5), f"{n_dead} dead: {name}.grad"
+            getattr(eager, name).grad, getattr(compiled, name).grad = None, None
+        assert torch.equal(eager.tokens_since_fired, compiled.tokens_since_fired)
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("padded", [False, True], ids=["dynamic_list", "padded_list"])
 def test_module_compile_keeps_auxk_over_the_dead_list(device, padded, monkeypatch, fresh_dynamo):
     """sae.compile(fullgraph=True): the forward past the dead-feature list compiled, the list eager.
