@@ -444,6 +444,38 @@ def test_compiled_training_step_matches_eager(fresh_dynamo):
         assert torch.equal(eager.tokens_since_fired, compiled_sae.tokens_since_fired)
 
 
+def _twins(device: str) -> tuple[fastsae.SparseAutoencoder, fastsae.SparseAutoencoder]:
+    """Two fp32 TopK + AuxK SAEs with the same weights: one to run eagerly, one to compile."""
+    eager = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
+    compiled = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compiled
+
+
+def _kill_features(saes, n_dead: int, device: str) -> None:
+    """Marks the same n_dead random features dead (and the rest alive) in each of `saes`."""
+    dead = torch.randperm(96, device=device)[:n_dead]
+    for sae in saes:
+        with torch.no_grad():
+            sae.tokens_since_fired.zero_()
+            sae.tokens_since_fired[dead] = 2000
+
+
+def _assert_twins_agree(outs, eager, compiled, n_dead: int) -> None:
+    """The twins' step (outs: eager's output, then the compiled one's, backward not yet run) agrees:
+    losses, AuxK's loss (positive exactly when features are dead), gradients (then cleared), statistics."""
+    for out in outs:
+        out.loss.backward()
+    assert (outs[1].auxk > 0) == (n_dead > 0), f"{n_dead} dead: AuxK's loss {float(outs[1].auxk)}"
+    for name in ("loss", "auxk", "fvu"):
+        assert torch.allclose(getattr(outs[0], name), getattr(outs[1], name), rtol=1e-4), f"{n_dead} dead: {name}"
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        expected, actual = getattr(eager, name).grad, getattr(compiled, name).grad
+        assert torch.allclose(expected, actual, rtol=1e-3, atol=1e-5), f"{n_dead} dead: {name}.grad"
+        getattr(eager, name).grad, getattr(compiled, name).grad = None, None
+    assert torch.equal(eager.tokens_since_fired, compiled.tokens_since_fired)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fresh_dynamo):
@@ -455,9 +487,7 @@ def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fre
     monkeypatch.setattr(fastsae.sae, "COMPILED_AUXK_RUNGS", True)
     monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_ELEMENTS", 64 * 80)
     assert fastsae.sae.auxk_rungs(64, 96) == [0, 64, 80]
-    eager = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
-    compiled = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
-    compiled.load_state_dict(eager.state_dict())
+    eager, compiled = _twins(device)
     counter = CompileCounterWithBackend("inductor")
     step = torch.compile(compiled, fullgraph=True, backend=counter)
     x = torch.randn(64, 24, device=device) + 3  # a first step each: compiled (every branch traced) before
@@ -465,11 +495,7 @@ def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fre
         forward(x).loss.backward()
         sae.zero_grad()
     for n_dead, path in ((0, [0]), (5, [64]), (64, [64]), (70, [80]), (85, "fused")):
-        dead = torch.randperm(96, device=device)[:n_dead]
-        for sae in (eager, compiled):
-            with torch.no_grad():
-                sae.tokens_since_fired.zero_()
-                sae.tokens_since_fired[dead] = 2000
+        _kill_features((eager, compiled), n_dead, device)
         x = torch.randn(64, 24, device=device) + 3
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
             outs = [step(x)]
@@ -479,17 +505,8 @@ def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fre
         assert lists == ([] if path == "fused" else path), f"{n_dead} dead: lists {lists}"
         assert len(fused) == (path == "fused"), f"{n_dead} dead: {ops}"
         outs.insert(0, eager(x))
-        for out in outs:
-            out.loss.backward()
-        assert (outs[1].auxk > 0) == (n_dead > 0), f"{n_dead} dead: AuxK's loss {float(outs[1].auxk)}"
-        for name in ("loss", "auxk", "fvu"):
-            assert torch.allclose(getattr(outs[0], name), getattr(outs[1], name), rtol=1e-4), f"{n_dead}: {name}"
         assert torch.equal(outs[0].idx, outs[1].idx), f"{n_dead} dead: codes"
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            expected, actual = getattr(eager, name).grad, getattr(compiled, name).grad
-            assert torch.allclose(expected, actual, rtol=1e-3, atol=1e-5), f"{n_dead} dead: {name}.grad"
-            getattr(eager, name).grad, getattr(compiled, name).grad = None, None
-        assert torch.equal(eager.tokens_since_fired, compiled.tokens_since_fired)
+        _assert_twins_agree(outs, eager, compiled, n_dead)
     assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
 
 
@@ -506,30 +523,14 @@ def test_module_compile_keeps_auxk_over_the_dead_list(device, padded, monkeypatc
     and 64 again from 19 on (a quarter of the list or fewer, sae.AUXK_SHRINK): compiled for the first
     length and, its length dynamic from then on, for the second."""
     monkeypatch.setattr(fastsae.sae, "COMPILED_LIST_PADDED", padded)
-    eager = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
-    compiled = _sae(device, dtype="float32", k_aux=8, dead_after_tokens=1000)
-    compiled.load_state_dict(eager.state_dict())
+    eager, compiled = _twins(device)
     counter = CompileCounterWithBackend("inductor")
     compiled.compile(fullgraph=True, backend=counter)
     lengths = (0, 5, 13, 30, 21, 45, 27, 51, 70, 37, 19, 1)
     for n_dead in lengths:
-        dead = torch.randperm(96, device=device)[:n_dead]
-        for sae in (eager, compiled):
-            with torch.no_grad():
-                sae.tokens_since_fired.zero_()
-                sae.tokens_since_fired[dead] = 2000
+        _kill_features((eager, compiled), n_dead, device)
         x = torch.randn(64, 24, device=device) + 3
-        outs = [sae(x) for sae in (eager, compiled)]
-        for out in outs:
-            out.loss.backward()
-        assert (outs[1].auxk > 0) == (n_dead > 0), f"{n_dead} dead: AuxK's loss {float(outs[1].auxk)}"
-        for name in ("loss", "auxk", "fvu"):
-            assert torch.allclose(getattr(outs[0], name), getattr(outs[1], name), rtol=1e-4), name
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            expected, actual = getattr(eager, name).grad, getattr(compiled, name).grad
-            assert torch.allclose(expected, actual, rtol=1e-3, atol=1e-5), f"{n_dead} dead: {name}.grad"
-            getattr(eager, name).grad, getattr(compiled, name).grad = None, None
-        assert torch.equal(eager.tokens_since_fired, compiled.tokens_since_fired)
+        _assert_twins_agree([sae(x) for sae in (eager, compiled)], eager, compiled, n_dead)
     frames = counter.frame_count
     if padded:
         assert frames == 2 and compiled._compiled_list_length == 64, f"compiled {frames} times"
