@@ -1,6 +1,8 @@
 """The experimental CUTLASS GEMM with group maxima (`fastsae.ops.cutlass_gemm`) against its reference,
 and the reference against a direct computation of what it defines."""
 
+import weakref
+
 import pytest
 import torch
 
@@ -195,10 +197,16 @@ def _maxima_route(monkeypatch, device):
     monkeypatch.setattr(cutlass_gemm, "SELECT_ROUTE", True)
     if device == "cpu":
         monkeypatch.setattr(cutlass_gemm, "available", lambda: True)
+        made = []  # weak references to the chunks made so far
 
         def emulated(xc, W_enc, b_enc, variant):
+            """(The route holds one chunk at a time: the op allocates each, and two chunks of 512 MB had
+            put the encode above the benchmark's memory bound.)"""
+            assert all(chunk() is None for chunk in made), "a chunk was held while the next was made"
             kernel = cutlass_gemm.VARIANTS[variant]
-            return reference.gemm_bias_group_max(xc, W_enc, b_enc, kernel.group, kernel.tile_rows)
+            pre, maxima = reference.gemm_bias_group_max(xc, W_enc, b_enc, kernel.group, kernel.tile_rows)
+            made.extend((weakref.ref(pre), weakref.ref(maxima)))
+            return pre, maxima
 
         monkeypatch.setattr(cutlass_gemm, "gemm_bias_group_max", emulated)
 

@@ -837,7 +837,10 @@ def group_max_chunks(
 ) -> Iterator[tuple[slice, Tensor, Tensor]]:  # fmt: skip
     """`pre_activation_chunks` from `cutlass_gemm`'s `variant` (experimental: CUTLASS, bf16 weights),
     with each chunk's group maxima [groups, rows rounded up], which that GEMM's epilogue leaves. Each
-    chunk gets buffers of its own (the op allocates its outputs)."""
+    chunk gets buffers of its own (the op allocates its outputs), so the caller must drop its references
+    to a chunk (`del`) before it asks for the next: then one chunk's memory is held at a time, the next
+    chunk reusing it in stream order. (Two held at once put the encode at Llama-8B's shape, two chunks of
+    512 MB, at 1074 MB of peak memory on an H100, above the benchmark's bound of one chunk's worth.)"""
     xc = center(x, b_dec, W_enc.dtype)
     bias = b_enc.to(W_enc.dtype).contiguous()
     for start in range(0, x.shape[0], rows_per_chunk):
@@ -846,6 +849,7 @@ def group_max_chunks(
         if positive_counts is not None:
             positive_counts += (pre > 0).sum(dim=0, dtype=torch.int32)
         yield rows, pre, maxima
+        del pre, maxima
 
 
 def group_max_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
@@ -929,6 +933,7 @@ def row_filter_topk(
         for rows, pre, maxima in group_max_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts,
                                                   cfg["VARIANT"]):  # fmt: skip
             cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals[rows], idx[rows], flags[rows])
+            del pre, maxima  # before the next chunk is made (`group_max_chunks`)
         return flags
     counts = x.new_empty(2, rows_per_chunk, dtype=torch.int32)  # zeroed by the kernel, row by row
     key_buf = x.new_empty(rows_per_chunk, cap, dtype=torch.int64)
@@ -962,6 +967,7 @@ def row_filter_topk(
                 _select(
                     aux_key_buf[:n], counts[1, :n], aux_tau[:n], aux_vals[rows], aux_idx[rows], flags[rows], True, True
                 )
+        del pre, maxima  # before the next chunk is made (`group_max_chunks`)
     return flags
 
 
