@@ -787,7 +787,10 @@ class SparseAutoencoder(nn.Module):
         if list_stream is not None and few_dead is None:  # the fused encode reads the mask on this stream
             join_stream(list_stream, dead)
         # Traced whole by torch.compile, which cannot count the dead features: AuxK's path chosen on the device.
-        rungs = COMPILED_AUXK_RUNGS and few_dead is None and dead is not None and torch.compiler.is_compiling()
+        auxk_on_device = (
+            COMPILED_AUXK_RUNGS and few_dead is None and dead is not None and not sharded
+            and torch.compiler.is_compiling()
+        )  # fmt: skip
         if self._compiled_forward is not None and may_synchronize(x):  # `compile`: the rest compiled
             if few_dead is not None and not sharded and COMPILED_LIST_PADDED:
                 n_dead = few_dead.shape[0]
@@ -796,7 +799,7 @@ class SparseAutoencoder(nn.Module):
                 few_dead = torch.cat([few_dead, few_dead.new_full((length - n_dead,), -1)])
             out = self._compiled_forward(x, lead, dead, few_dead, list_stream)  # (None: not capturing)
         else:
-            out = self._forward_from_dead_list(x, lead, dead, few_dead, list_stream, rungs and not sharded)
+            out = self._forward_from_dead_list(x, lead, dead, few_dead, list_stream, auxk_on_device)
         self._count_dead_ahead(x, k_aux, sharded)
         return out
 
@@ -841,10 +844,10 @@ class SparseAutoencoder(nn.Module):
 
     def _forward_from_dead_list(
         self, x: Tensor, lead: torch.Size, dead: Tensor | None, few_dead: Tensor | None, list_stream,
-        auxk_rungs: bool = False,
+        auxk_on_device: bool = False,
     ) -> SAEOutput:  # fmt: skip
         """The forward past the dead-feature mask and list (`forward`), on x [B, d_in] (`lead`: its
-        leading dimensions as given), with the list built on `list_stream` (or None); with `auxk_rungs`
+        leading dimensions as given), with the list built on `list_stream` (or None); with `auxk_on_device`
         (and no list), AuxK's path chosen on the device (`_auxk_by_dead_count`)."""
         k_aux, sharded, replicated = self._step_kind()
         # AuxK compares the residual and its reconstruction in the SAE's own (possibly whitened) space.
@@ -856,7 +859,7 @@ class SparseAutoencoder(nn.Module):
             codes, sparsity, sparsity_term = self._encode_jumprelu_for_training(x, replicated)
         elif sharded:  # this shard's codes for the decode, the gradients and its statistics; global ones shown
             codes, shown = self._encode_shard(self._to_sae_space(x), dead if few_dead is None else None)
-        elif few_dead is not None or auxk_rungs:  # encode, decode and AuxK (dense over the few dead features)
+        elif few_dead is not None or auxk_on_device:  # encode, decode and AuxK (dense over the few dead features)
             if few_dead is None:
                 joint = self._auxk_by_dead_count(sae_x, dead, k_aux)
             else:  # as one autograd node
