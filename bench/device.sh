@@ -45,11 +45,13 @@ fi
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
+} 2>&1 | tee "$OUT/setup.log"
 
-echo "== install" | tee "$OUT/install.log"
-python3 -m pip install --no-deps --no-build-isolation -e . >>"$OUT/install.log" 2>&1 || { tail -30 "$OUT/install.log"; exit 1; }
-python3 -c "import fastsae; print('ext', fastsae.ext_info())" 2>&1 | tee -a "$OUT/install.log"
+# Few files under $OUT (the device tool brings back at most eight): the machine and the install in
+# setup.log, every compute-sanitizer check in sanitize.log.
+echo "== install" | tee -a "$OUT/setup.log"
+python3 -m pip install --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1 || { tail -30 "$OUT/setup.log"; exit 1; }
+python3 -c "import fastsae; print('ext', fastsae.ext_info())" 2>&1 | tee -a "$OUT/setup.log"
 
 if [ "${FASTSAE_RUN_TESTS:-1}" = 1 ]; then
     echo "== gpu tests"
@@ -82,11 +84,11 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
     # caching allocator every tensor has its own bounds for memcheck to check.
     export PYTORCH_NO_CUDA_MEMORY_CACHING=1
     checks=()
-    sanitize() {  # NAME TOOL COMMAND...: compute-sanitizer's log in $OUT/sanitizer_NAME.log
+    sanitize() {  # NAME TOOL COMMAND...: compute-sanitizer's log in /tmp/fastsae_sanitizer_NAME.log
         local name=$1 tool=$2
         shift 2
         timeout "${FASTSAE_SANITIZE_TIMEOUT:-1800}" compute-sanitizer --tool "$tool" --error-exitcode 3 "$@" \
-            >"$OUT/sanitizer_$name.log" 2>&1 &
+            >"/tmp/fastsae_sanitizer_$name.log" 2>&1 &
         checks+=("$name:$!")
     }
     for tool in ${FASTSAE_SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
@@ -103,7 +105,7 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
     # own kernels): the summary names the kernels initcheck reported, to tell those reads from a kernel's own.
     sanitize cublas_probe_initcheck initcheck python3 bench/initcheck_cublas.py
     for check in "${checks[@]}"; do
-        name=${check%%:*} log="$OUT/sanitizer_${check%%:*}.log"
+        name=${check%%:*} log="/tmp/fastsae_sanitizer_${check%%:*}.log"
         wait "${check#*:}"
         code=$?
         summary=$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)
@@ -113,6 +115,8 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
         case $name in kernels_initcheck_*)
             echo "    initcheck reported in: $(grep -A1 'Uninitialized' "$log" | grep -oE ' at [A-Za-z_0-9]+' | sort | uniq -c | tr '\n' ' ')" ;;
         esac
+        # its first reports and its summary (a check that fails reports each error, often thousands)
+        { echo "== $name exit $code"; head -n 300 "$log"; echo "[...]"; tail -n 20 "$log"; } >>"$OUT/sanitize.log"
     done
     unset PYTORCH_NO_CUDA_MEMORY_CACHING
 fi
