@@ -47,7 +47,7 @@ fi
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$OUT/setup.log"
 
-# Few files under $OUT (the device tool brings back at most eight): the machine and the install in
+# Few files under $OUT, for runners that copy back only a handful: the machine and the install in
 # setup.log, every compute-sanitizer check in sanitize.log.
 echo "== install" | tee -a "$OUT/setup.log"
 python3 -m pip install --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1 || { tail -30 "$OUT/setup.log"; exit 1; }
