@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine through the device tool, from the repository root:
+# Runs on a CUDA machine without network access, from the repository root:
 #   bash bench/device.sh            (writes logs and the benchmark CSV under $OUT)
 # Installs fastsae without network (building the CUDA extension ahead of time, and the experimental CUTLASS
 # one where the wheels under .whl/ include nvidia-cutlass: its headers), runs the gpu tests,
@@ -37,7 +37,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 status=0
 
-if [ -d .whl ]; then  # packages the GPU image lacks, carried as wheels (see the device tool's README)
+if [ -d .whl ]; then  # packages the machine lacks, brought along as wheels in .whl/
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi
