@@ -176,6 +176,8 @@ def profile_encode(shape: str, rows: int) -> None:
             ms = _ms(partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", select)))
             label = f"select {select['SELECT']}" + ("" if select["SELECT"] == "warp" else f" CAP {select['CAP']}")
             print(f"  {label:>30} {ms - pre_ms:8.3f} ms  {(ms - pre_ms) / gemm:5.2f}x the GEMM")
+        if any(select["SELECT"] == "warp" for select in selects):
+            _warp_select_reads(x, W_enc, b_enc, b_dec, k, route[1]["VARIANT"], gemm)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
@@ -184,6 +186,27 @@ def profile_encode(shape: str, rows: int) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
     print("  the host's time of 20 eager calls of the public encode (cProfile, by own time; profiling slows it):")
     print(_host_profile(partial(F.encode_topk, x, W_enc, b_enc, b_dec, k), rows))
+
+
+def _warp_select_reads(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: float) -> None:
+    """Whether the warp select waits on its reads of the hot groups: the select over one chunk's
+    pre-activation (HBM: far more than the L2 holds), and over the same number of copies of its first row
+    (a stride-0 view: every warp reads one row, which stays in the L2 and L1) with that row's maxima.
+    Equal work and occupancy; the first takes longer by what its scattered reads of HBM cost."""
+    group = cutlass_gemm.VARIANTS[variant].group
+    rows = filter.row_filter_chunk_rows(x.shape[0], W_enc.shape[1], 1)
+    _, pre, maxima = next(filter.group_max_chunks(x[:rows], W_enc, b_enc, b_dec, rows, None, variant))
+    rows = pre.shape[0]
+    one_row = pre[:1].expand(rows, -1)  # stride 0 over the rows
+    one_row_maxima = maxima[:, :1].expand(-1, rows).contiguous()
+    vals = torch.empty(rows, k, dtype=W_enc.dtype, device="cuda")
+    idx = torch.empty(rows, k, dtype=torch.int32, device="cuda")
+    flags = torch.empty(rows, dtype=torch.int8, device="cuda")
+    for label, (p, m) in (("its chunk", (pre, maxima)), ("one row, repeated", (one_row, one_row_maxima))):
+        ms = _ms(partial(cutlass_gemm.select_topk_group_max, p, m, group, k, vals, idx, flags))
+        assert not flags.any(), f"the warp select over {label} flagged rows"
+        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], p[:CHECK_ROWS], k, 2e-2, f"warp select, {label}")
+        print(f"  select warp over {label:>17} ({rows} rows) {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
 
 
 def profile_batchtopk(shape: str) -> None:
