@@ -480,10 +480,10 @@ def _assert_twins_agree(outs, eager, compiled, n_dead: int) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fresh_dynamo):
     """torch.compile(sae, fullgraph=True) with COMPILED_AUXK_RUNGS: one compiled graph takes AuxK's path
-    from the dead features' count on the device (dense lists of 0, 64 and 80 features at 64 tokens with
-    dense lists capped at 80 columns, then the fused stream). Steps with 0, 5, 64, 70 and 85 dead features
-    (each rung, its edge, and past the last) take the shortest list that holds them (the profiler names
-    the ops and their operands' shapes) and train like the eager twin."""
+    from the dead features' count on the device: dense lists of 0, 64 and 80 features (the dense path
+    capped at 80 columns for 64 tokens), then the fused stream. Steps with 0, 5, 64, 70 and 85 dead
+    features (each rung, its edge, and past the last) take the shortest list that holds them (the
+    profiler names the ops and their operands' shapes) and train like the eager twin."""
     monkeypatch.setattr(fastsae.sae, "COMPILED_AUXK_RUNGS", True)
     monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_ELEMENTS", 64 * 80)
     assert fastsae.sae.auxk_rungs(64, 96) == [0, 64, 80]
