@@ -93,12 +93,13 @@ AUXK_SHRINK = 4
 # H200 (captured SAEAdam step, bf16, off -> on, 278bf24): 1.684 -> 1.659 ms at AlphaFold3's shape,
 # 1.953 -> 1.929 at GPT-2's.
 DEATH_STATS_ON_SIDE_STREAM = True
-# `torch.compile(sae)` (the whole forward traced, no `auxk_capacity` set) picks its AuxK path from the dead
-# features' count on the device: torch.cond over `auxk_rungs`' list lengths, each the dense AuxK over a
-# list of that length (`F.topk_autoencoder`, as an eager step's few dead features), and the fused encode's
-# second top-k stream past the last. Inductor reads a torch.cond's predicate on the host: one
-# synchronisation a step (and a few scalar reads after it), where the fused stream gathers B * k_aux
-# decoder rows of d, forward and backward (1.70x the eager step at Llama-8B's shape on an H100, e4f0941).
+# `torch.compile(sae)` (the whole forward traced) picks its AuxK path from the dead features' count on the
+# device: torch.cond over `auxk_rungs`' list lengths (or the one of `auxk_capacity`, where that is set:
+# checked, where it was trusted), each the dense AuxK over a list of that length (`F.topk_autoencoder`, as
+# an eager step's few dead features), and the fused encode's second top-k stream past the last. Inductor
+# reads a torch.cond's predicate on the host: one synchronisation a step (and a few scalar reads after
+# it), where the fused stream gathers B * k_aux decoder rows of d, forward and backward (1.70x the eager
+# step at Llama-8B's shape on an H100, e4f0941).
 # Off (the fused stream, no synchronisation) until timed on a GPU: FASTSAE_COMPILED_AUXK_RUNGS=1.
 COMPILED_AUXK_RUNGS = os.environ.get("FASTSAE_COMPILED_AUXK_RUNGS", "0") == "1"
 # The tensors indexed by feature, and their feature dimension: what `shard_features` splits and `save` gathers.
@@ -530,12 +531,14 @@ class SparseAutoencoder(nn.Module):
         step queued the count (`_count_dead_ahead`; not on a feature shard), so while compiling
         or capturing a CUDA graph this answers a list of `auxk_capacity` entries instead
         (`torch.nonzero_static`, padded with -1: static shapes; whoever sets it keeps it at least the
-        number of dead features), or None when that is unset. A feature shard's dead features are its
-        own; the shard with the most decides for every shard."""
+        number of dead features), or None when that is unset, or while compiling with
+        COMPILED_AUXK_RUNGS (`_auxk_by_dead_count` then makes the list, checking it holds them). A
+        feature shard's dead features are its own; the shard with the most decides for every shard."""
         if dead is None:
             return None
         if not may_synchronize(dead):
-            if self.auxk_capacity is None or self._feature_group is not None:
+            compiled_rungs = COMPILED_AUXK_RUNGS and torch.compiler.is_compiling()
+            if self.auxk_capacity is None or self._feature_group is not None or compiled_rungs:
                 return None
             return torch.nonzero_static(dead, size=self.auxk_capacity, fill_value=-1).squeeze(1)
         counted = self._dead_count_from_last_step() if self._feature_group is None else None
@@ -942,9 +945,11 @@ class SparseAutoencoder(nn.Module):
     def _auxk_by_dead_count(self, x: Tensor, dead: Tensor, k_aux: int) -> F.TopKAutoencoderOutput:
         """Encode, decode and AuxK of x [B, d] (SAE space) with AuxK's path chosen on the device from the
         count of `dead` (COMPILED_AUXK_RUNGS): the dense AuxK over the shortest of `auxk_rungs`' lists
-        that holds the dead features, or the fused encode's AuxK stream where none does. A binary search
-        of torch.cond over the rungs (each predicate read on the host, the first a synchronisation)."""
-        rungs, n_dead = auxk_rungs(x.shape[0], self.cfg.n_features), dead.sum()
+        (or the one list of `auxk_capacity` entries, where that is set) that holds the dead features, or
+        the fused encode's AuxK stream where none does. A binary search of torch.cond over the rungs (each
+        predicate read on the host, the first a synchronisation)."""
+        rungs = [self.auxk_capacity] if self.auxk_capacity is not None else auxk_rungs(x.shape[0], self.cfg.n_features)
+        n_dead = dead.sum()
         operands = (x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead, n_dead)
         k, training = self.cfg.k, self.training
 

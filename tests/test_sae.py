@@ -483,18 +483,24 @@ def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fre
     from the dead features' count on the device: dense lists of 0, 64 and 80 features (the dense path
     capped at 80 columns for 64 tokens), then the fused stream. Steps with 0, 5, 64, 70 and 85 dead
     features (each rung, its edge, and past the last) take the shortest list that holds them (the
-    profiler names the ops and their operands' shapes) and train like the eager twin."""
+    profiler names the ops and their operands' shapes) and train like the eager twin; with
+    `auxk_capacity` set to 64, 70 dead features take the fused stream (not 64 of them)."""
     monkeypatch.setattr(fastsae.sae, "COMPILED_AUXK_RUNGS", True)
     monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_ELEMENTS", 64 * 80)
     assert fastsae.sae.auxk_rungs(64, 96) == [0, 64, 80]
     eager, compiled = _twins(device)
     counter = CompileCounterWithBackend("inductor")
     step = torch.compile(compiled, fullgraph=True, backend=counter)
-    x = torch.randn(64, 24, device=device) + 3  # a first step each: compiled (every branch traced) before
-    for forward, sae in ((eager, eager), (step, compiled)):  # the profiles below
-        forward(x).loss.backward()
-        sae.zero_grad()
-    for n_dead, path in ((0, [0]), (5, [64]), (64, [64]), (70, [80]), (85, "fused")):
+    steps = ((None, 0, [0]), (None, 5, [64]), (None, 64, [64]), (None, 70, [80]), (None, 85, "fused"))
+    # A list of `auxk_capacity` entries set by hand: checked on the device too, the fused stream past it.
+    steps += ((64, 5, [64]), (64, 70, "fused"))
+    for number, (capacity, n_dead, path) in enumerate(steps):
+        if number == 0 or capacity != compiled.auxk_capacity:  # a step each, compiled (every branch traced)
+            compiled.auxk_capacity = capacity  # before the profile below
+            x = torch.randn(64, 24, device=device) + 3
+            for forward, sae in ((eager, eager), (step, compiled)):
+                forward(x).loss.backward()
+                sae.zero_grad()
         _kill_features((eager, compiled), n_dead, device)
         x = torch.randn(64, 24, device=device) + 3
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -507,7 +513,7 @@ def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fre
         outs.insert(0, eager(x))
         assert torch.equal(outs[0].idx, outs[1].idx), f"{n_dead} dead: codes"
         _assert_twins_agree(outs, eager, compiled, n_dead)
-    assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
+    assert counter.frame_count == 2, f"compiled {counter.frame_count} times (once, and once for the capacity)"
 
 
 @pytest.mark.slow
