@@ -531,14 +531,12 @@ class SparseAutoencoder(nn.Module):
         step queued the count (`_count_dead_ahead`; not on a feature shard), so while compiling
         or capturing a CUDA graph this answers a list of `auxk_capacity` entries instead
         (`torch.nonzero_static`, padded with -1: static shapes; whoever sets it keeps it at least the
-        number of dead features), or None when that is unset, or while compiling with
-        COMPILED_AUXK_RUNGS (`_auxk_by_dead_count` then makes the list, checking it holds them). A
-        feature shard's dead features are its own; the shard with the most decides for every shard."""
+        number of dead features), or None when that is unset. A feature shard's dead features are its
+        own; the shard with the most decides for every shard."""
         if dead is None:
             return None
         if not may_synchronize(dead):
-            compiled_rungs = COMPILED_AUXK_RUNGS and torch.compiler.is_compiling()
-            if self.auxk_capacity is None or self._feature_group is not None or compiled_rungs:
+            if self.auxk_capacity is None or self._feature_group is not None:
                 return None
             return torch.nonzero_static(dead, size=self.auxk_capacity, fill_value=-1).squeeze(1)
         counted = self._dead_count_from_last_step() if self._feature_group is None else None
@@ -784,16 +782,14 @@ class SparseAutoencoder(nn.Module):
         list_stream = None
         if k_aux and not (sharded or replicated or may_synchronize(x)):
             list_stream = F._auxk_side_stream(x)
+        # Traced whole by torch.compile, which cannot count the dead features: AuxK's path is chosen on the
+        # device (`_auxk_by_dead_count`), not from a list made here.
+        auxk_on_device = bool(k_aux) and COMPILED_AUXK_RUNGS and not sharded and torch.compiler.is_compiling()
         with contextlib.nullcontext() if list_stream is None else on_stream(list_stream):
             dead = self.dead_features() if k_aux else None
-            few_dead = self._few_dead_features(dead, x.shape[0])
+            few_dead = None if auxk_on_device else self._few_dead_features(dead, x.shape[0])
         if list_stream is not None and few_dead is None:  # the fused encode reads the mask on this stream
             join_stream(list_stream, dead)
-        # Traced whole by torch.compile, which cannot count the dead features: AuxK's path chosen on the device.
-        auxk_on_device = (
-            COMPILED_AUXK_RUNGS and few_dead is None and dead is not None and not sharded
-            and torch.compiler.is_compiling()
-        )  # fmt: skip
         if self._compiled_forward is not None and may_synchronize(x):  # `compile`: the rest compiled
             if few_dead is not None and not sharded and COMPILED_LIST_PADDED:
                 n_dead = few_dead.shape[0]
