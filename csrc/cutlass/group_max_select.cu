@@ -1,20 +1,24 @@
 // fastsae_cutlass::select_topk_group_max: the TopK select of a row chunk from the pre-activation and the
 // group maxima that gemm_bias_group_max (group_max_gemm.cuh) leaves, one warp per row. It does what the
 // Triton row filter (fastsae/ops/filter.py, `_row_filter_kernel` with MAXIMA_GIVEN) does, without that
-// program's chain of block-wide reductions, barriers and global atomics, which made it 0.2-0.5x of the
-// GEMM's time at GPT-2's and AlphaFold3's shapes on an H100: here every step is a warp's registers,
+// program's chain of block-wide reductions, barriers and global atomics: every step is a warp's registers,
 // ballots and its own slice of shared memory, and many rows are in flight on each SM.
 //
 // Per row:
-// 1. The row's group maxima (fp32, exactly the maxima of the stored bf16 values) as order-preserving
-//    uint32 keys, kGroupsPerLane a lane. A NaN maximum counts as the largest key, so its group is read.
-// 2. The bound: the k-th largest group maximum, bit by bit from the top (32 warp sums). k groups reach
+// 1. The row's group maxima (fp32, exactly the maxima of the stored bf16 values) as the 16-bit
+//    order-preserving keys of those bf16 values, kGroupsPerLane a lane. A NaN maximum counts as the largest
+//    key, so its group is read.
+// 2. The bound: the k-th largest group maximum, bit by bit from the top (16 warp sums). k groups reach
 //    it, each with an entry at or above it, so the row's k largest entries are all at or above it.
-// 3. The groups that reach the bound, listed in shared memory, are read again (4 at a time, one vector
-//    load a lane each) and their entries at or above the bound (NaN never) become keys in the warp's
-//    buffer of kCapacity slots, each lane's slot from a ballot. A key is the bf16 value's order-preserving
-//    16 bits over the feature's 32: larger value first, ties to the larger feature, as the Triton kernels
-//    order them.
+// 3. The groups that reach the bound, listed in shared memory, are read again (kBatch at a time, one
+//    vector load a lane each) and their entries at or above the bound (NaN never) become keys in the
+//    warp's buffer of kCapacity slots. A key is the bf16 value's order-preserving 16 bits over the
+//    feature's 32: larger value first, ties to the larger feature, as the Triton kernels order them.
+//    The hot groups hold k * group entries, of which few pass (about 60 of 4096 at k = 32 on Gaussian
+//    rows), so each pair of entries is first compared with the bound as packed bf16 (one instruction),
+//    and only the lanes holding a pair that passes build keys and take a slot (a shared-memory atomic):
+//    an earlier version that built every entry's key and took a ballot for it spent most of its time
+//    there (0.46x the GEMM at AlphaFold3's shape on an H100).
 // 4. Where more than kCapacity pass (the row's largest values share groups, as a trained SAE's features
 //    with nearly equal encoder columns do, or tie in bf16), the bound is raised to the row's k-th largest
 //    key, bit by bit over the hot groups again (16 passes over values, and only where more than
@@ -29,6 +33,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -40,26 +45,26 @@ namespace {
 
 constexpr int kWarps = 4;              // rows a block, a warp each
 constexpr int kCapacity = 512;         // candidate keys a row keeps
-constexpr int kBatch = 4;              // hot groups whose loads are in flight together
+constexpr int kBatch = 8;              // hot groups whose loads are in flight together
 constexpr unsigned kAllLanes = 0xffffffffu;
-constexpr uint32_t kMinusInfinity = 0x007fffffu;  // ordered(-inf); 0 is no group at all
+// 16-bit value keys (`value_key`): -inf's, and the one a NaN group maximum gets (above +inf's, 0xff80, and
+// every other value's); 0 is no group at all.
+constexpr uint32_t kMinusInfinityKey = 0x007fu;
+constexpr uint32_t kNaNKey = 0xffffu;
 
-// uint32 whose unsigned order is the fp32 value's (negatives' bits flipped, positives' sign bit set).
-__device__ __forceinline__ uint32_t ordered(float value) {
-  const uint32_t bits = __float_as_uint(value);
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+// The 16 bits whose unsigned order is the bf16 value's (`bits`, not NaN): negatives' bits flipped,
+// positives' sign bit set.
+__device__ __forceinline__ uint32_t value_key(uint32_t bits) {
+  return (bits & 0x8000u) ? (~bits & 0xffffu) : (bits | 0x8000u);
 }
 
-__device__ __forceinline__ float from_ordered(uint32_t key) {
-  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
+__device__ __forceinline__ bool is_nan(uint32_t bits) { return (bits & 0x7fffu) > 0x7f80u; }
 
 // The key of a bf16 entry (`bits`) of `feature`: its order-preserving 16 bits over the feature; 0 for NaN,
 // below every other key.
 __device__ __forceinline__ uint64_t entry_key(uint32_t bits, uint32_t feature) {
-  if ((bits & 0x7fffu) > 0x7f80u) return 0;
-  const uint32_t value_key = (bits & 0x8000u) ? (~bits & 0xffffu) : (bits | 0x8000u);
-  return (static_cast<uint64_t>(value_key) << 32) | feature;
+  if (is_nan(bits)) return 0;
+  return (static_cast<uint64_t>(value_key(bits)) << 32) | feature;
 }
 
 // The fp32 value of an `entry_key`.
@@ -113,20 +118,62 @@ __device__ int count_from(const uint16_t* row_pre, const uint16_t* hot, int n_ho
 }
 
 // Writes the keys of the hot groups' entries at or above `lower` into `keys` (the first kCapacity of them)
-// and returns how many there are.
+// and returns how many there are. Each lane compares its pairs of entries with `lower`'s value as packed
+// bf16 (NaN never passes; -0 and +0 compare equal, so the test passes a superset of the keys at or above
+// `lower`), and only a pair that passes has its keys built, compared exactly and given slots from `kept`,
+// the warp's counter in shared memory. The slots' order varies from run to run; the sort that follows
+// does not.
 template <int kGroup>
 __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_hot, int n_features, int lane,
-                            uint64_t lower, uint64_t* keys) {
-  int n = 0;
-  for_hot_entries<kGroup>(row_pre, hot, n_hot, n_features, lane, [&](uint64_t key) {
-    const bool passes = key >= lower;
-    const unsigned ballot = __ballot_sync(kAllLanes, passes);
-    const int slot = n + __popc(ballot & lanes_below(lane));
-    if (passes && slot < kCapacity) keys[slot] = key;
-    n += __popc(ballot);
-  });
+                            uint64_t lower, uint64_t* keys, int* kept) {
+  constexpr int kPerLane = kGroup / 32;
+  constexpr int kWords = kPerLane / 2;  // bf16 pairs a lane loads per group
+  using Vector = std::conditional_t<kPerLane == 4, uint2, uint4>;
+  static_assert(kBatch * kWords <= 32, "a batch's pairs are bits of one word");
+  const __nv_bfloat162 floor = __bfloat162bfloat162(__float2bfloat16(key_value(lower)));  // exact: a bf16
+  if (lane == 0) *kept = 0;
   __syncwarp();
-  return n;
+  for (int h = 0; h < n_hot; h += kBatch) {
+    uint32_t words[kBatch][kWords];
+    int first[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      first[j] = h + j < n_hot ? hot[h + j] * kGroup + lane * kPerLane : n_features;
+      Vector loaded{};
+      if (first[j] < n_features) loaded = __ldg(reinterpret_cast<const Vector*>(row_pre + first[j]));
+      const uint32_t* as_words = reinterpret_cast<const uint32_t*>(&loaded);
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) words[j][w] = as_words[w];
+    }
+    uint32_t passing = 0;  // bit j * kWords + w: a pair of which an entry may reach `lower`
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) {
+        const bool may_pass = __hge2_mask(*reinterpret_cast<const __nv_bfloat162*>(&words[j][w]), floor) != 0;
+        if (first[j] < n_features && may_pass) passing |= 1u << (j * kWords + w);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {  // rare: the lanes holding a passing pair, each on its own
+      for (uint32_t pairs = (passing >> (j * kWords)) & ((1u << kWords) - 1); pairs; pairs &= pairs - 1) {
+        const int w = __ffs(pairs) - 1;
+        uint32_t word = words[j][0];  // words[j][w], chosen without indexing registers at run time
+#pragma unroll
+        for (int v = 1; v < kWords; ++v) word = w == v ? words[j][v] : word;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const uint64_t key = entry_key(half ? word >> 16 : word & 0xffffu, first[j] + 2 * w + half);
+          if (key >= lower) {
+            const int slot = atomicAdd(kept, 1);
+            if (slot < kCapacity) keys[slot] = key;
+          }
+        }
+      }
+    }
+  }
+  __syncwarp();
+  return *kept;
 }
 
 template <int kGroup, int kGroupsPerLane, typename scalar_t>
@@ -136,6 +183,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
     int32_t* __restrict__ idx, int64_t stride_idx, int8_t* __restrict__ flags) {
   __shared__ uint64_t candidates[kWarps][kCapacity];
   __shared__ uint16_t hot_lists[kWarps][32 * kGroupsPerLane];
+  __shared__ int kept_counts[kWarps];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row = blockIdx.x * kWarps + warp;
   if (row >= rows) return;  // the whole warp: nothing below syncs the block
@@ -143,31 +191,31 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
   uint16_t* hot = hot_lists[warp];
   const uint16_t* row_pre = pre + row * stride_pre;
 
-  // 1. The group maxima, group i * 32 + lane in slot i (0 where there is no group).
+  // 1. The group maxima's keys, group i * 32 + lane in slot i (0 where there is no group). A maximum is a
+  // bf16 value held in fp32: its top 16 bits.
   uint32_t group_key[kGroupsPerLane];
 #pragma unroll
   for (int i = 0; i < kGroupsPerLane; ++i) {
     const int g = i * 32 + lane;
     const float maximum = g < n_groups ? __ldg(maxima + g * stride_maxima + row) : 0.0f;
-    group_key[i] = g >= n_groups ? 0u : maximum != maximum ? 0xffffffffu : ordered(maximum);
+    group_key[i] = g >= n_groups ? 0u : maximum != maximum ? kNaNKey : value_key(__float_as_uint(maximum) >> 16);
   }
 
   // 2. The largest key that at least k group maxima reach.
   uint32_t bound = 0;
-  for (int bit = 31; bit >= 0; --bit) {
+  for (int bit = 15; bit >= 0; --bit) {
     const uint32_t trial = bound | (1u << bit);
     unsigned reach = 0;
 #pragma unroll
     for (int i = 0; i < kGroupsPerLane; ++i) reach += group_key[i] >= trial;
     if (__reduce_add_sync(kAllLanes, reach) >= static_cast<unsigned>(k)) bound = trial;
   }
-  if (bound <= kMinusInfinity || bound == 0xffffffffu) {  // a NaN row, or k NaN maxima
+  if (bound <= kMinusInfinityKey || bound == kNaNKey) {  // a NaN row, or k NaN maxima
     if (lane == 0) flags[row] = 1;
     return;
   }
 
-  // 3. The hot groups, in order, then their entries at or above the bound (as a bf16 entry's key: the
-  // maximum's top 16 bits, exact for the maxima of bf16 values).
+  // 3. The hot groups, in order, then their entries at or above the bound.
   int n_hot = 0;
 #pragma unroll
   for (int i = 0; i < kGroupsPerLane; ++i) {
@@ -177,8 +225,9 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
     n_hot += __popc(ballot);
   }
   __syncwarp();
-  uint64_t lower = entry_key(__float_as_uint(from_ordered(bound)) >> 16, 0);
-  int n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, lower, keys);
+  const uint64_t lower = static_cast<uint64_t>(bound) << 32;
+  int* kept = &kept_counts[warp];
+  int n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, lower, keys, kept);
 
   // 4. Too many: the largest key that at least k entries reach (the k-th largest), bit by bit, over values
   // then features; it stops once at most kCapacity entries reach the bits found so far.
@@ -199,7 +248,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
         reach = trial_reach;
       }
     }
-    n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, found, keys);
+    n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, found, keys, kept);
   }
   if (n < k || n > kCapacity) {
     if (lane == 0) flags[row] = 1;
