@@ -5,7 +5,9 @@
 Each shape runs the TopK encode through every route the tuner may pick (the threshold-first filter in
 each configuration, with its flagged-row fallback forced, the row filter, the sweep, the dense route),
 AuxK and the positive counts, its backward (both per-feature-sums routes and the deterministic mode),
-the ReLU and JumpReLU encode, the sparse decode and its backward (d vals, the fired codes' only and the
+the routes over the experimental CUTLASS GEMM where its extension is built (the row filter over its
+group maxima, with the Triton row kernel and with the CUDA warp select, in every tile variant the tuner
+may take), the ReLU and JumpReLU encode, the sparse decode and its backward (d vals, the fired codes' only and the
 TopK step's coefficients in every tile), the threshold-first BatchTopK codes through each filter route, the
 decoder-constraint kernels, SAEAdam's decoder step, the reconstruction sums of the loss and their
 backward, the dense AuxK path's row top-k (indices and codes) and its backward's masked column sums;
@@ -28,7 +30,18 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from fastsae import reference  # noqa: E402
-from fastsae.ops import auxk, batch_filter, columns, decode, decoder, encode, filter, loss, scatter  # noqa: E402
+from fastsae.ops import (  # noqa: E402
+    auxk,
+    batch_filter,
+    columns,
+    cutlass_gemm,
+    decode,
+    decoder,
+    encode,
+    filter,
+    loss,
+    scatter,
+)
 from fastsae.testing import (  # noqa: E402
     assert_batchtopk_matches,
     assert_close,
@@ -77,6 +90,12 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
             cfg = {**route[1], "CAP": max(1, triton.next_power_of_2(k) // 2)}  # recomputes them all
             vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=(route[0], cfg))
             assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} {route[0]} fallback")
+    if cutlass_gemm.available() and cutlass_gemm.takes(x, W_enc):
+        cutlass_gemm.SELECT_ROUTE = True  # the warp select too, off by default
+        for cfg in filter.group_max_configs(k, 0, n_features):
+            label = f"{name} CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name} select {cfg['SELECT']}"
+            vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", cfg))
+            assert_topk_matches(vals, idx, pre, k, TOLERANCE, label)
     vals, idx, counts = encode.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
     assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} positive counts")
     assert_positive_counts_match(counts, pre, ROUNDING_BAND, f"{name} positive counts")
