@@ -131,6 +131,7 @@ __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_
   using Vector = std::conditional_t<kPerLane == 4, uint2, uint4>;
   static_assert(kBatch * kWords <= 32, "a batch's pairs are bits of one word");
   const __nv_bfloat162 floor = __bfloat162bfloat162(__float2bfloat16(key_value(lower)));  // exact: a bf16
+  __syncwarp();  // every lane has read the count of an earlier call
   if (lane == 0) *kept = 0;
   __syncwarp();
   for (int h = 0; h < n_hot; h += kBatch) {
