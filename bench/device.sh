@@ -32,6 +32,7 @@
 #   FASTSAE_TEST_TIMEOUT / FASTSAE_BENCH_TIMEOUT   seconds per test group / for the profile and the bench
 #   FASTSAE_GIT_SHA          the commit for the CSV (the device's git metadata can be stale: pass it literally)
 set -uo pipefail
+SECONDS=0  # each step's header says when it began, in seconds from the start: what each step costs
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -49,12 +50,12 @@ fi
 
 # Few files under $OUT, for runners that copy back only a handful: the machine and the install in
 # setup.log, every compute-sanitizer check in sanitize.log.
-echo "== install" | tee -a "$OUT/setup.log"
+echo "== install (at $SECONDS s)" | tee -a "$OUT/setup.log"
 python3 -m pip install --no-deps --no-build-isolation -e . >>"$OUT/setup.log" 2>&1 || { tail -30 "$OUT/setup.log"; exit 1; }
 python3 -c "import fastsae; print('ext', fastsae.ext_info())" 2>&1 | tee -a "$OUT/setup.log"
 
 if [ "${FASTSAE_RUN_TESTS:-1}" = 1 ]; then
-    echo "== gpu tests"
+    echo "== gpu tests (at $SECONDS s)"
     # Compiling the Triton kernels (CPU-bound) dominates most tests' time on a fresh machine, and the CUDA
     # property tests (full shapes against fp64) and the module's training tests (200-step runs, tuned in
     # fp32) are the longest: each runs as a group of its own beside the rest. Groups separated by ';' run
@@ -78,7 +79,7 @@ if [ "${FASTSAE_RUN_TESTS:-1}" = 1 ]; then
 fi
 
 if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
-    echo "== compute-sanitizer"
+    echo "== compute-sanitizer (at $SECONDS s)"
     # Each check is a process of its own, all started at once: the sanitizers are CPU-bound and one GPU
     # serves them all, so the whole step takes as long as its slowest check, not their sum. Without the
     # caching allocator every tensor has its own bounds for memcheck to check.
@@ -122,33 +123,33 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
 fi
 
 if [ "${FASTSAE_SOAK:-1}" = 1 ]; then
-    echo "== determinism and soak"
+    echo "== determinism and soak (at $SECONDS s)"
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.soak --steps "${FASTSAE_SOAK_STEPS:-20000}" --out "$OUT" \
         >"$OUT/soak.log" 2>&1 || status=1
     grep -E "^determinism|^soak" "$OUT/soak.log"
 fi
 
 if [ -n "${FASTSAE_PROFILE:-}" ]; then  # shapes for bench.profile_train's kernel tables
-    echo "== profile"
+    echo "== profile (at $SECONDS s)"
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.profile_train --shapes "$FASTSAE_PROFILE" --rows 18 ${FASTSAE_PROFILE_ARGS:-} >"$OUT/profile.log" 2>&1
     grep "^==" "$OUT/profile.log"
 fi
 
 if [ -n "${FASTSAE_PROFILE_ENCODE:-}" ]; then  # shapes for bench.profile_encode's per-launch breakdown
-    echo "== encode profile"
+    echo "== encode profile (at $SECONDS s)"
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.profile_encode --shapes "$FASTSAE_PROFILE_ENCODE" >"$OUT/profile_encode.log" 2>&1
     grep -E "^==|GEMM|select|thresholds|centre" "$OUT/profile_encode.log"
 fi
 
 if [ -n "${FASTSAE_AB:-}" ]; then  # a training step (the captured one unless --steps) under each value of one switch
-    echo "== A/B of $FASTSAE_AB"
+    echo "== A/B of $FASTSAE_AB (at $SECONDS s)"
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.ab_step "$FASTSAE_AB" --shapes "${FASTSAE_AB_SHAPES:-gpt2,af3}" \
         --csv "$OUT/results.csv" ${FASTSAE_AB_ARGS:-} 2>&1 | tee "$OUT/ab.log" | grep train_step_ab
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if [ "${FASTSAE_DISTRIBUTED:-0}" = 1 ]; then  # a machine with several GPUs: bench.bench_distributed
-    echo "== distributed"
+    echo "== distributed (at $SECONDS s)"
     gpus=$(nvidia-smi -L | wc -l)
     # Expandable segments: the 2^21-feature case fills most of each GPU, with no room for fragmentation.
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout ${FASTSAE_BENCH_TIMEOUT:-3600} torchrun --standalone --nproc-per-node "$gpus" -m bench.bench_distributed \
@@ -158,10 +159,11 @@ if [ "${FASTSAE_DISTRIBUTED:-0}" = 1 ]; then  # a machine with several GPUs: ben
 fi
 
 if [ "${FASTSAE_RUN_BENCH:-1}" = 1 ]; then
-    echo "== benchmarks"
+    echo "== benchmarks (at $SECONDS s)"
     # Only the rows: the report is rendered where they are merged into bench/results (python -m bench.report).
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.run --csv "$OUT/results.csv" --no-render ${FASTSAE_BENCH:+--only $FASTSAE_BENCH} ${FASTSAE_BENCH_SHAPES:+--shapes $FASTSAE_BENCH_SHAPES} \
         ${FASTSAE_BENCH_PROVIDERS:+--providers $FASTSAE_BENCH_PROVIDERS} 2>&1 | tee "$OUT/bench.log" | tail -40
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
+echo "== done (at $SECONDS s)" | tee -a "$OUT/setup.log"
 exit $status
