@@ -16,9 +16,10 @@
 //    feature's 32: larger value first, ties to the larger feature, as the Triton kernels order them.
 //    The hot groups hold k * group entries, of which few pass (about 60 of 4096 at k = 32 on Gaussian
 //    rows), so each pair of entries is first compared with the bound as packed bf16 (one instruction),
-//    and only the lanes holding a pair that passes build keys and take a slot (a shared-memory atomic):
-//    an earlier version that built every entry's key and took a ballot for it spent most of its time
-//    there (0.46x the GEMM at AlphaFold3's shape on an H100).
+//    and only the lanes holding a pair that passes build keys and take a slot (a shared-memory atomic).
+//    The first version built every entry's key and took a ballot for it, about 15 instructions an entry
+//    and by count most of the kernel's work; it took 0.46x the GEMM's time at AlphaFold3's shape on an
+//    H100 (cab2aa6).
 // 4. Where more than kCapacity pass (the row's largest values share groups, as a trained SAE's features
 //    with nearly equal encoder columns do, or tie in bf16), the bound is raised to the row's k-th largest
 //    key, bit by bit over the hot groups again (16 passes over values, and only where more than
