@@ -6,7 +6,10 @@ where that host time goes. For the threshold-first filter route
 (fastsae/ops/filter.py) the parts are: centring, the threshold pass (a cuBLAS GEMM over a subset of the
 features and the group-maxima kernel), the filter GEMM with its survivor epilogue, the same GEMM with no
 survivor (every threshold +inf: the GEMM and its compares alone, so the difference is what the
-survivors' appends cost) and the exact select.
+survivors' appends cost) and the exact select. Where the CUDA warp select over CUTLASS's group maxima is
+offered (FASTSAE_CUTLASS_SELECT=1), also that select over its chunk against the same select over one row
+repeated (whether its reads of HBM limit it), and its route over chunks of 1024, 512 and 256 rows (a
+select that reads its chunk back while the L2 still holds it, against smaller GEMMs and more launches).
 
 python -m bench.profile_encode [--shapes gpt2,af3,d768_F24576_B8192_k128] [--rows 12] [--batchtopk]
 
@@ -48,6 +51,11 @@ def _drain(chunks) -> None:
     """Makes every chunk of a pre-activation chunk generator, holding one at a time as the routes do."""
     for chunk in chunks:
         del chunk
+
+
+def _drain_made(make_chunks) -> None:
+    """`_drain` of the chunk generator that `make_chunks()` returns."""
+    _drain(make_chunks())
 
 
 def _graph_replay_seconds(fn) -> float:
@@ -162,7 +170,7 @@ def profile_encode(shape: str, rows: int) -> None:
         else:
             gemm_name = "centre + cuBLAS pre-activation"
             chunks = partial(filter.pre_activation_chunks, x, W_enc, b_enc, b_dec, chunk_rows, None)
-        pre_ms = _ms(lambda: _drain(chunks()))
+        pre_ms = _ms(partial(_drain_made, chunks))
         route_ms = _ms(routed)
         for name, ms in ((gemm_name, pre_ms), ("row kernel (the rest)", route_ms - pre_ms)):
             print(f"  {name:>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
@@ -178,6 +186,8 @@ def profile_encode(shape: str, rows: int) -> None:
             print(f"  {label:>30} {ms - pre_ms:8.3f} ms  {(ms - pre_ms) / gemm:5.2f}x the GEMM")
         if any(select["SELECT"] == "warp" for select in selects):
             _warp_select_reads(x, W_enc, b_enc, b_dec, k, route[1]["VARIANT"], gemm)
+            warp = next(select for select in selects if select["SELECT"] == "warp")
+            _smaller_chunks(x, W_enc, b_enc, b_dec, k, warp, chunk_rows, gemm)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
@@ -207,6 +217,27 @@ def _warp_select_reads(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: float
         assert not flags.any(), f"the warp select over {label} flagged rows"
         assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], p[:CHECK_ROWS], k, 2e-2, f"warp select, {label}")
         print(f"  select warp over {label:>17} ({rows} rows) {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
+
+
+def _smaller_chunks(x, W_enc, b_enc, b_dec, k: int, warp: dict, chunk_rows: int, gemm: float) -> None:
+    """The warp select's route over chunks of fewer rows than the route takes (CHUNK_ROWS): whether a
+    select that reads its chunk back while the L2 still holds it (tens of MB: about 1000 rows of
+    GPT-2's or AlphaFold3's width) gains more than the smaller GEMMs and the extra launches cost. Each
+    line: the chunks' GEMMs alone, the whole route, and the select as their difference."""
+    expected = reference.pre_activation(x[:CHECK_ROWS], W_enc, b_enc, b_dec)
+    for rows in (1024, 512, 256):
+        if rows >= chunk_rows:
+            continue
+        routed = partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None,
+                         route=("row_filter", {**warp, "CHUNK_ROWS": rows}))  # fmt: skip
+        vals, idx, _, _ = routed()
+        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], expected, k, 2e-2, f"chunks of {rows} rows")
+        chunks = partial(filter.group_max_chunks, x, W_enc, b_enc, b_dec, rows, None, warp["VARIANT"])
+        pre_ms = _ms(partial(_drain_made, chunks))
+        route_ms = _ms(routed)
+        select_ms = route_ms - pre_ms
+        print(f"  chunks of {rows:>4} rows: GEMMs {pre_ms:.3f} ms ({pre_ms / gemm:.2f}x), route {route_ms:.3f} ms "
+              f"({route_ms / gemm:.2f}x), select warp {select_ms:.3f} ms ({select_ms / gemm:.2f}x)")  # fmt: skip
 
 
 def profile_batchtopk(shape: str) -> None:

@@ -257,6 +257,33 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_row_filter_over_given_maxima_in_smaller_chunks(device, monkeypatch):
+    """CHUNK_ROWS (bench.profile_encode's experiment) makes the route's chunks that many rows, the last
+    one short, with the reference's codes: the Triton row kernel and the warp select."""
+    _maxima_route(monkeypatch, device)
+    B, d, F, k, rows = (13, 32, 1000, 4, 3) if device == "cpu" else (1003, 768, 24576, 32, 256)
+    x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).bfloat16()
+    W_enc, b_enc, _, b_dec = random_sae_weights(d, F, dtype=torch.bfloat16, device=device)
+    pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
+    chunk_rows, gemm = [], cutlass_gemm.gemm_bias_group_max
+
+    def recorded(xc, *args):
+        chunk_rows.append(xc.shape[0])
+        return gemm(xc, *args)
+
+    monkeypatch.setattr(cutlass_gemm, "gemm_bias_group_max", recorded)
+    configs = filter.group_max_configs(k, 0, F)
+    for cfg in (configs[0], next(c for c in configs if c["SELECT"] == "warp")):
+        chunk_rows.clear()
+        outputs = poisoned_outputs(B, k, 0, device)
+        flags = filter.row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, {**cfg, "CHUNK_ROWS": rows})
+        assert chunk_rows == [rows] * (B // rows) + [B % rows], f"{cfg}: chunks of {chunk_rows} rows"
+        assert not flags.any(), f"{cfg}: rows left to the fallback"
+        assert_topk_matches(outputs[0], outputs[1], pre, k, torch.bfloat16, f"{cfg}")
+
+
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
 def test_warp_select_route_leaves_flagged_rows_to_the_fallback(device, monkeypatch):
     """Through the TopK encode, the warp select's route leaves the rows it flags (a NaN row) to the
     sweep, which writes them (NaN never selected: value 0), and the others are the reference's."""
