@@ -8,8 +8,9 @@ features and the group-maxima kernel), the filter GEMM with its survivor epilogu
 survivor (every threshold +inf: the GEMM and its compares alone, so the difference is what the
 survivors' appends cost) and the exact select. Where the CUDA warp select over CUTLASS's group maxima is
 offered (FASTSAE_CUTLASS_SELECT=1), also that select over its chunk against the same select over one row
-repeated (whether its reads of HBM limit it), and its route over chunks of 1024, 512 and 256 rows (a
-select that reads its chunk back while the L2 still holds it, against smaller GEMMs and more launches).
+repeated (whether its reads of HBM limit it). For the row filter, the tuned route and the warp select over
+chunks of 1024, 512 and 256 rows (a select that reads its chunk back while the L2 still holds it, against
+smaller GEMMs and more launches).
 
 python -m bench.profile_encode [--shapes gpt2,af3,d768_F24576_B8192_k128] [--rows 12] [--batchtopk]
 
@@ -166,11 +167,9 @@ def profile_encode(shape: str, rows: int) -> None:
         chunk_rows = filter.row_filter_chunk_rows(n_rows, n_features, cfg["CAP"])  # the route's own chunks
         if cfg.get("GEMM") == "cutlass":
             gemm_name = f"centre + CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name}"
-            chunks = partial(filter.group_max_chunks, x, W_enc, b_enc, b_dec, chunk_rows, None, cfg["VARIANT"])
         else:
             gemm_name = "centre + cuBLAS pre-activation"
-            chunks = partial(filter.pre_activation_chunks, x, W_enc, b_enc, b_dec, chunk_rows, None)
-        pre_ms = _ms(partial(_drain_made, chunks))
+        pre_ms = _ms(partial(_drain_made, _route_chunks(x, W_enc, b_enc, b_dec, cfg, chunk_rows)))
         route_ms = _ms(routed)
         for name, ms in ((gemm_name, pre_ms), ("row kernel (the rest)", route_ms - pre_ms)):
             print(f"  {name:>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
@@ -184,10 +183,12 @@ def profile_encode(shape: str, rows: int) -> None:
             ms = _ms(partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", select)))
             label = f"select {select['SELECT']}" + ("" if select["SELECT"] == "warp" else f" CAP {select['CAP']}")
             print(f"  {label:>30} {ms - pre_ms:8.3f} ms  {(ms - pre_ms) / gemm:5.2f}x the GEMM")
+        _smaller_chunks(x, W_enc, b_enc, b_dec, k, cfg, chunk_rows, gemm)
         if any(select["SELECT"] == "warp" for select in selects):
             _warp_select_reads(x, W_enc, b_enc, b_dec, k, route[1]["VARIANT"], gemm)
             warp = next(select for select in selects if select["SELECT"] == "warp")
-            _smaller_chunks(x, W_enc, b_enc, b_dec, k, warp, chunk_rows, gemm)
+            if warp != cfg:
+                _smaller_chunks(x, W_enc, b_enc, b_dec, k, warp, chunk_rows, gemm)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
@@ -219,25 +220,33 @@ def _warp_select_reads(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: float
         print(f"  select warp over {label:>17} ({rows} rows) {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
 
 
-def _smaller_chunks(x, W_enc, b_enc, b_dec, k: int, warp: dict, chunk_rows: int, gemm: float) -> None:
-    """The warp select's route over chunks of fewer rows than the route takes (CHUNK_ROWS): whether a
-    select that reads its chunk back while the L2 still holds it (tens of MB: about 1000 rows of
-    GPT-2's or AlphaFold3's width) gains more than the smaller GEMMs and the extra launches cost. Each
-    line: the chunks' GEMMs alone, the whole route, and the select as their difference."""
+def _route_chunks(x, W_enc, b_enc, b_dec, cfg: dict, rows: int) -> partial:
+    """The chunk generator of the row filter's `cfg` (CUTLASS's GEMM with maxima or cuBLAS's), in chunks
+    of `rows` rows, to be called."""
+    if cfg.get("GEMM") == "cutlass":
+        return partial(filter.group_max_chunks, x, W_enc, b_enc, b_dec, rows, None, cfg["VARIANT"])
+    return partial(filter.pre_activation_chunks, x, W_enc, b_enc, b_dec, rows, None)
+
+
+def _smaller_chunks(x, W_enc, b_enc, b_dec, k: int, cfg: dict, chunk_rows: int, gemm: float) -> None:
+    """The row filter `cfg` over chunks of fewer rows than the route takes (CHUNK_ROWS): whether a select
+    that reads its chunk back while the L2 still holds it (tens of MB: about 1000 rows of GPT-2's or
+    AlphaFold3's width) gains more than the smaller GEMMs and the extra launches cost. Each line: the
+    chunks' GEMMs alone, the whole route, and the select as their difference."""
     expected = reference.pre_activation(x[:CHECK_ROWS], W_enc, b_enc, b_dec)
+    label = f"select {cfg['SELECT']}"
     for rows in (1024, 512, 256):
         if rows >= chunk_rows:
             continue
         routed = partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None,
-                         route=("row_filter", {**warp, "CHUNK_ROWS": rows}))  # fmt: skip
+                         route=("row_filter", {**cfg, "CHUNK_ROWS": rows}))  # fmt: skip
         vals, idx, _, _ = routed()
-        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], expected, k, 2e-2, f"chunks of {rows} rows")
-        chunks = partial(filter.group_max_chunks, x, W_enc, b_enc, b_dec, rows, None, warp["VARIANT"])
-        pre_ms = _ms(partial(_drain_made, chunks))
+        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], expected, k, 2e-2, f"{label}, chunks of {rows} rows")
+        pre_ms = _ms(partial(_drain_made, _route_chunks(x, W_enc, b_enc, b_dec, cfg, rows)))
         route_ms = _ms(routed)
-        select_ms = route_ms - pre_ms
-        print(f"  chunks of {rows:>4} rows: GEMMs {pre_ms:.3f} ms ({pre_ms / gemm:.2f}x), route {route_ms:.3f} ms "
-              f"({route_ms / gemm:.2f}x), select warp {select_ms:.3f} ms ({select_ms / gemm:.2f}x)")  # fmt: skip
+        parts = {"GEMMs": pre_ms, "route": route_ms, "the rest": route_ms - pre_ms}
+        print(f"  {label}, chunks of {rows:>4} rows: "
+              + ", ".join(f"{name} {ms:.3f} ms ({ms / gemm:.2f}x)" for name, ms in parts.items()))  # fmt: skip
 
 
 def profile_batchtopk(shape: str) -> None:
