@@ -78,26 +78,40 @@ __device__ __forceinline__ float key_value(uint64_t key) {
 // The lanes below this one, for a lane's position among a ballot's.
 __device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
 
+// A lane's bf16 pairs of each group it loads (kGroup / 32 entries a lane).
+template <int kGroup>
+constexpr int kWordsPerGroup = kGroup / 64;
+
+// The row's hot groups h .. h + kBatch - 1: a lane's kGroup / 32 entries of each, as bf16 pairs in
+// words[j], and the feature of the first of them in first[j] (n_features past the last hot group, its
+// words 0): one vector load a lane per group, all kBatch in flight together.
+template <int kGroup>
+__device__ __forceinline__ void load_hot_batch(const uint16_t* row_pre, const uint16_t* hot, int h, int n_hot,
+                                               int n_features, int lane,
+                                               uint32_t (&words)[kBatch][kWordsPerGroup<kGroup>], int (&first)[kBatch]) {
+  constexpr int kPerLane = kGroup / 32;
+  using Vector = std::conditional_t<kPerLane == 4, uint2, uint4>;
+#pragma unroll
+  for (int j = 0; j < kBatch; ++j) {
+    first[j] = h + j < n_hot ? hot[h + j] * kGroup + lane * kPerLane : n_features;
+    Vector loaded{};
+    if (first[j] < n_features) loaded = __ldg(reinterpret_cast<const Vector*>(row_pre + first[j]));
+    const uint32_t* as_words = reinterpret_cast<const uint32_t*>(&loaded);
+#pragma unroll
+    for (int w = 0; w < kWordsPerGroup<kGroup>; ++w) words[j][w] = as_words[w];
+  }
+}
+
 // Calls visit(key) for every entry of the row's hot groups (0 for lanes past the row's features), the
-// whole warp together (visit may take ballots): one vector load of kGroup / 32 bf16 a lane per group,
-// kBatch groups in flight.
+// whole warp together (visit may take ballots), kBatch groups' loads in flight.
 template <int kGroup, class Visit>
 __device__ __forceinline__ void for_hot_entries(const uint16_t* row_pre, const uint16_t* hot, int n_hot,
                                                 int n_features, int lane, Visit&& visit) {
   constexpr int kPerLane = kGroup / 32;
-  using Vector = std::conditional_t<kPerLane == 4, uint2, uint4>;
   for (int h = 0; h < n_hot; h += kBatch) {
-    uint32_t words[kBatch][kPerLane / 2];
+    uint32_t words[kBatch][kWordsPerGroup<kGroup>];
     int first[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      first[j] = h + j < n_hot ? hot[h + j] * kGroup + lane * kPerLane : n_features;
-      Vector loaded{};
-      if (first[j] < n_features) loaded = __ldg(reinterpret_cast<const Vector*>(row_pre + first[j]));
-      const uint32_t* as_words = reinterpret_cast<const uint32_t*>(&loaded);
-#pragma unroll
-      for (int w = 0; w < kPerLane / 2; ++w) words[j][w] = as_words[w];
-    }
+    load_hot_batch<kGroup>(row_pre, hot, h, n_hot, n_features, lane, words, first);
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
 #pragma unroll
@@ -127,9 +141,7 @@ __device__ int count_from(const uint16_t* row_pre, const uint16_t* hot, int n_ho
 template <int kGroup>
 __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_hot, int n_features, int lane,
                             uint64_t lower, uint64_t* keys, int* kept) {
-  constexpr int kPerLane = kGroup / 32;
-  constexpr int kWords = kPerLane / 2;  // bf16 pairs a lane loads per group
-  using Vector = std::conditional_t<kPerLane == 4, uint2, uint4>;
+  constexpr int kWords = kWordsPerGroup<kGroup>;
   static_assert(kBatch * kWords <= 32, "a batch's pairs are bits of one word");
   const __nv_bfloat162 floor = __bfloat162bfloat162(__float2bfloat16(key_value(lower)));  // exact: a bf16
   __syncwarp();  // every lane has read the count of an earlier call
@@ -138,15 +150,7 @@ __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_
   for (int h = 0; h < n_hot; h += kBatch) {
     uint32_t words[kBatch][kWords];
     int first[kBatch];
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      first[j] = h + j < n_hot ? hot[h + j] * kGroup + lane * kPerLane : n_features;
-      Vector loaded{};
-      if (first[j] < n_features) loaded = __ldg(reinterpret_cast<const Vector*>(row_pre + first[j]));
-      const uint32_t* as_words = reinterpret_cast<const uint32_t*>(&loaded);
-#pragma unroll
-      for (int w = 0; w < kWords; ++w) words[j][w] = as_words[w];
-    }
+    load_hot_batch<kGroup>(row_pre, hot, h, n_hot, n_features, lane, words, first);
     uint32_t passing = 0;  // bit j * kWords + w: a pair of which an entry may reach `lower`
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
