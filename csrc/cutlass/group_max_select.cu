@@ -78,17 +78,19 @@ __device__ __forceinline__ float key_value(uint64_t key) {
 // The lanes below this one, for a lane's position among a ballot's.
 __device__ __forceinline__ unsigned lanes_below(int lane) { return (1u << lane) - 1u; }
 
-// A lane's bf16 pairs of each group it loads (kGroup / 32 entries a lane).
+// A lane's bf16 pairs of each group it loads (kGroup / 32 entries a lane), and of a batch of groups.
 template <int kGroup>
 constexpr int kWordsPerGroup = kGroup / 64;
+template <int kGroup>
+using HotWords = uint32_t[kBatch][kWordsPerGroup<kGroup>];
 
 // The row's hot groups h .. h + kBatch - 1: a lane's kGroup / 32 entries of each, as bf16 pairs in
 // words[j], and the feature of the first of them in first[j] (n_features past the last hot group, its
 // words 0): one vector load a lane per group, all kBatch in flight together.
 template <int kGroup>
 __device__ __forceinline__ void load_hot_batch(const uint16_t* row_pre, const uint16_t* hot, int h, int n_hot,
-                                               int n_features, int lane,
-                                               uint32_t (&words)[kBatch][kWordsPerGroup<kGroup>], int (&first)[kBatch]) {
+                                               int n_features, int lane, HotWords<kGroup>& words,
+                                               int (&first)[kBatch]) {
   constexpr int kPerLane = kGroup / 32;
   using Vector = std::conditional_t<kPerLane == 4, uint2, uint4>;
 #pragma unroll
@@ -109,7 +111,7 @@ __device__ __forceinline__ void for_hot_entries(const uint16_t* row_pre, const u
                                                 int n_features, int lane, Visit&& visit) {
   constexpr int kPerLane = kGroup / 32;
   for (int h = 0; h < n_hot; h += kBatch) {
-    uint32_t words[kBatch][kWordsPerGroup<kGroup>];
+    HotWords<kGroup> words;
     int first[kBatch];
     load_hot_batch<kGroup>(row_pre, hot, h, n_hot, n_features, lane, words, first);
 #pragma unroll
@@ -148,7 +150,7 @@ __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_
   if (lane == 0) *kept = 0;
   __syncwarp();
   for (int h = 0; h < n_hot; h += kBatch) {
-    uint32_t words[kBatch][kWords];
+    HotWords<kGroup> words;
     int first[kBatch];
     load_hot_batch<kGroup>(row_pre, hot, h, n_hot, n_features, lane, words, first);
     uint32_t passing = 0;  // bit j * kWords + w: a pair of which an entry may reach `lower`
