@@ -10,7 +10,8 @@
 #   FASTSAE_SANITIZE_SHAPES  bench.sanitize_kernels shapes for every tool (default small,odd,wide)
 #   FASTSAE_SANITIZE_LARGE_TOOLS  the tools that also run at `large` (default memcheck: racecheck instruments
 #                            cuBLAS's GEMMs there at about a minute a launch)
-#   FASTSAE_SANITIZE_KERNEL_ARGS  extra bench.sanitize_kernels arguments (e.g. --filter-configs first)
+#   FASTSAE_SANITIZE_KERNEL_ARGS  extra bench.sanitize_kernels arguments (e.g. --filter-configs first, or --only
+#                            cutlass: the CUTLASS routes alone)
 #   FASTSAE_SANITIZER_ARGS   extra compute-sanitizer arguments (e.g. to leave out cuBLAS's kernels)
 #   FASTSAE_SANITIZE_TOOLS   which tools (default "memcheck racecheck initcheck")
 #   FASTSAE_SANITIZE_TIMEOUT seconds per check (default 1800; a cut check keeps its log)

@@ -14,7 +14,8 @@ backward, the dense AuxK path's row top-k (indices and codes) and its backward's
 every result is checked against
 the reference, so a kernel that reads or writes out of bounds and happens to survive still fails.
 Without the caching allocator (the variable above) memcheck sees each tensor's own bounds.
-`--filter-configs first` runs one configuration of the filter GEMM instead of all:
+`--only cutlass` runs the CUTLASS routes alone. `--filter-configs first` runs one configuration of the
+filter GEMM instead of all:
 the configurations differ only in tile sizes and capacities, and racecheck and initcheck at `large`
 take too long for all of them.
 """
@@ -73,6 +74,28 @@ def _problem(B: int, d: int, n_features: int):
     return x, W_enc, b_enc, b_dec, W_dec.bfloat16()
 
 
+def run_cutlass_routes(name: str, B: int, d: int, n_features: int, k: int, k_aux: int) -> None:
+    """The TopK routes over the experimental CUTLASS GEMM alone (`--only cutlass`): what changes when
+    that extension's kernels change, in seconds rather than the whole run's minutes."""
+    x, W_enc, b_enc, b_dec, _ = _problem(B, d, n_features)
+    _cutlass_routes(name, x, W_enc, b_enc, b_dec, reference.pre_activation(x, W_enc, b_enc, b_dec), k)
+    torch.cuda.synchronize()
+    print(f"sanitize_kernels {name}, the CUTLASS routes alone (B={B}, d={d}, F={n_features}, k={k}): "
+          "every kernel ran and matched")  # fmt: skip
+
+
+def _cutlass_routes(name: str, x, W_enc, b_enc, b_dec, pre, k: int) -> None:
+    """The row filter over the CUTLASS GEMM's group maxima in every configuration the tuner may take, the
+    warp select's included, where the extension is built and takes the operands; each checked."""
+    if not (cutlass_gemm.available() and cutlass_gemm.takes(x, W_enc)):
+        return
+    cutlass_gemm.SELECT_ROUTE = True  # the warp select too, off by default
+    for cfg in filter.group_max_configs(k, 0, W_enc.shape[1]):
+        label = f"{name} CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name} select {cfg['SELECT']}"
+        vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", cfg))
+        assert_topk_matches(vals, idx, pre, k, TOLERANCE, label)
+
+
 def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, all_configs: bool = True) -> None:
     x, W_enc, b_enc, b_dec, W_dec = _problem(B, d, n_features)
     dead = torch.rand(n_features, device="cuda") < 0.3
@@ -90,12 +113,7 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
             cfg = {**route[1], "CAP": max(1, triton.next_power_of_2(k) // 2)}  # recomputes them all
             vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=(route[0], cfg))
             assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} {route[0]} fallback")
-    if cutlass_gemm.available() and cutlass_gemm.takes(x, W_enc):
-        cutlass_gemm.SELECT_ROUTE = True  # the warp select too, off by default
-        for cfg in filter.group_max_configs(k, 0, n_features):
-            label = f"{name} CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name} select {cfg['SELECT']}"
-            vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", cfg))
-            assert_topk_matches(vals, idx, pre, k, TOLERANCE, label)
+    _cutlass_routes(name, x, W_enc, b_enc, b_dec, pre, k)
     vals, idx, counts = encode.encode_topk_positive_counts(x, W_enc, b_enc, b_dec, k)
     assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{name} positive counts")
     assert_positive_counts_match(counts, pre, ROUNDING_BAND, f"{name} positive counts")
@@ -195,10 +213,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated subset of {list(SHAPES)}")
     parser.add_argument("--filter-configs", choices=("all", "first"), default="all")
+    parser.add_argument("--only", choices=("all", "cutlass"), default="all", help="cutlass: its routes alone")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     for name in args.shapes.split(","):
-        run_shape(name, *SHAPES[name], all_configs=args.filter_configs == "all")
+        if args.only == "cutlass":
+            run_cutlass_routes(name, *SHAPES[name])
+        else:
+            run_shape(name, *SHAPES[name], all_configs=args.filter_configs == "all")
 
 
 if __name__ == "__main__":
