@@ -9,8 +9,8 @@ survivor (every threshold +inf: the GEMM and its compares alone, so the differen
 survivors' appends cost) and the exact select. Where the CUDA warp select over CUTLASS's group maxima is
 offered (FASTSAE_CUTLASS_SELECT=1), also that select over its chunk against the same select over one row
 repeated (whether its reads of HBM limit it). For the row filter, the tuned route and the warp select over
-chunks of 1024, 512 and 256 rows (a select that reads its chunk back while the L2 still holds it, against
-smaller GEMMs and more launches).
+their own chunks and over chunks of 1024, 512 and 256 rows, as CUDA graph replays (a select that reads its
+chunk back while the L2 still holds it, against smaller GEMMs).
 
 python -m bench.profile_encode [--shapes gpt2,af3,d768_F24576_B8192_k128] [--rows 12] [--batchtopk]
 
@@ -183,12 +183,12 @@ def profile_encode(shape: str, rows: int) -> None:
             ms = _ms(partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", select)))
             label = f"select {select['SELECT']}" + ("" if select["SELECT"] == "warp" else f" CAP {select['CAP']}")
             print(f"  {label:>30} {ms - pre_ms:8.3f} ms  {(ms - pre_ms) / gemm:5.2f}x the GEMM")
-        _smaller_chunks(x, W_enc, b_enc, b_dec, k, cfg, chunk_rows, gemm)
+        _smaller_chunks(x, W_enc, b_enc, b_dec, k, cfg, chunk_rows, floor)
         if any(select["SELECT"] == "warp" for select in selects):
             _warp_select_reads(x, W_enc, b_enc, b_dec, k, route[1]["VARIANT"], gemm)
             warp = next(select for select in selects if select["SELECT"] == "warp")
             if warp != cfg:
-                _smaller_chunks(x, W_enc, b_enc, b_dec, k, warp, chunk_rows, gemm)
+                _smaller_chunks(x, W_enc, b_enc, b_dec, k, warp, chunk_rows, floor)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
@@ -228,25 +228,25 @@ def _route_chunks(x, W_enc, b_enc, b_dec, cfg: dict, rows: int) -> partial:
     return partial(filter.pre_activation_chunks, x, W_enc, b_enc, b_dec, rows, None)
 
 
-def _smaller_chunks(x, W_enc, b_enc, b_dec, k: int, cfg: dict, chunk_rows: int, gemm: float) -> None:
-    """The row filter `cfg` over chunks of fewer rows than the route takes (CHUNK_ROWS): whether a select
-    that reads its chunk back while the L2 still holds it (tens of MB: about 1000 rows of GPT-2's or
-    AlphaFold3's width) gains more than the smaller GEMMs and the extra launches cost. Each line: the
-    chunks' GEMMs alone, the whole route, and the select as their difference."""
+def _smaller_chunks(x, W_enc, b_enc, b_dec, k: int, cfg: dict, chunk_rows: int, floor: float) -> None:
+    """The row filter `cfg` over its own chunks and over chunks of fewer rows (CHUNK_ROWS): whether a
+    select that reads its chunk back while the L2 still holds it (tens of MB: about 1000 rows of GPT-2's
+    or AlphaFold3's width) gains more than the smaller GEMMs cost. Each line: the chunks' GEMMs alone,
+    the whole route, and the rest (the select) as their difference, each as a CUDA graph's replay (GPU
+    time alone: many chunks' launches would make the host the limit of an eager call), against the GEMM
+    back to back (`floor`, ms)."""
     expected = reference.pre_activation(x[:CHECK_ROWS], W_enc, b_enc, b_dec)
     label = f"select {cfg['SELECT']}"
-    for rows in (1024, 512, 256):
-        if rows >= chunk_rows:
-            continue
+    for rows in (chunk_rows, *(rows for rows in (1024, 512, 256) if rows < chunk_rows)):
         routed = partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None,
                          route=("row_filter", {**cfg, "CHUNK_ROWS": rows}))  # fmt: skip
         vals, idx, _, _ = routed()
         assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], expected, k, 2e-2, f"{label}, chunks of {rows} rows")
-        pre_ms = _ms(partial(_drain_made, _route_chunks(x, W_enc, b_enc, b_dec, cfg, rows)))
-        route_ms = _ms(routed)
+        pre_ms = _graph_replay_seconds(partial(_drain_made, _route_chunks(x, W_enc, b_enc, b_dec, cfg, rows))) * 1e3
+        route_ms = _graph_replay_seconds(routed) * 1e3
         parts = {"GEMMs": pre_ms, "route": route_ms, "the rest": route_ms - pre_ms}
-        print(f"  {label}, chunks of {rows:>4} rows: "
-              + ", ".join(f"{name} {ms:.3f} ms ({ms / gemm:.2f}x)" for name, ms in parts.items()))  # fmt: skip
+        print(f"  {label}, chunks of {rows:>5} rows, graph replays: "
+              + ", ".join(f"{name} {ms:.3f} ms ({ms / floor:.2f}x)" for name, ms in parts.items()))  # fmt: skip
 
 
 def profile_batchtopk(shape: str) -> None:
