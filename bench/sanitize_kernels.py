@@ -76,7 +76,8 @@ def _problem(B: int, d: int, n_features: int):
 
 def run_cutlass_routes(name: str, B: int, d: int, n_features: int, k: int, k_aux: int) -> None:
     """The TopK routes over the experimental CUTLASS GEMM alone (`--only cutlass`): what changes when
-    that extension's kernels change, in seconds rather than the whole run's minutes."""
+    that extension's kernels change, in seconds rather than the whole run's minutes. (The shape's k_aux
+    is not used: no AuxK stream runs over CUTLASS's maxima.)"""
     x, W_enc, b_enc, b_dec, _ = _problem(B, d, n_features)
     _cutlass_routes(name, x, W_enc, b_enc, b_dec, reference.pre_activation(x, W_enc, b_enc, b_dec), k)
     torch.cuda.synchronize()
