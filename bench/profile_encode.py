@@ -184,9 +184,12 @@ def profile_encode(shape: str, rows: int) -> None:
             label = f"select {select['SELECT']}" + ("" if select["SELECT"] == "warp" else f" CAP {select['CAP']}")
             print(f"  {label:>30} {ms - pre_ms:8.3f} ms  {(ms - pre_ms) / gemm:5.2f}x the GEMM")
         _smaller_chunks(x, W_enc, b_enc, b_dec, k, cfg, chunk_rows, floor)
-        if any(select["SELECT"] == "warp" for select in selects):
-            _warp_select_reads(x, W_enc, b_enc, b_dec, k, route[1]["VARIANT"], gemm)
-            warp = next(select for select in selects if select["SELECT"] == "warp")
+        # The warp select where it is offered, over the tuned CUTLASS tile or else the first routed one
+        # (the tuner may have taken the row filter over cuBLAS's chunks).
+        warps = [c for c in filter.group_max_configs(k, 0, n_features) if c["SELECT"] == "warp"]
+        warp = next((c for c in warps if c["VARIANT"] == cfg.get("VARIANT")), warps[0] if warps else None)
+        if warp is not None:
+            _warp_select_reads(x, W_enc, b_enc, b_dec, k, warp["VARIANT"], gemm)
             if warp != cfg:
                 _smaller_chunks(x, W_enc, b_enc, b_dec, k, warp, chunk_rows, floor)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
