@@ -29,6 +29,7 @@ import cProfile
 import io
 import pstats
 import time
+import traceback
 from functools import partial
 
 import torch
@@ -289,12 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=12)
     parser.add_argument("--batchtopk", action="store_true", help="the sparse BatchTopK encode's parts instead")
     args = parser.parse_args(argv)
+    failed = []
     for shape in args.shapes.split(","):
-        if args.batchtopk:
-            profile_batchtopk(shape)
-        else:
-            profile_encode(shape, args.rows)
-    return 0
+        try:  # a failed check or experiment at one shape leaves the others' profiles to be read
+            if args.batchtopk:
+                profile_batchtopk(shape)
+            else:
+                profile_encode(shape, args.rows)
+        except Exception:
+            traceback.print_exc()
+            failed.append(shape)
+    if failed:
+        print(f"profile_encode failed at {', '.join(failed)} (tracebacks above)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
