@@ -16,7 +16,7 @@ from fastsae import reference
 from fastsae.ops import batch_filter, filter, launch
 from fastsae.testing import assert_batchtopk_matches, assert_close, assert_topk_matches
 
-from .harness import SHAPES, Recorder, measure, optional_sparsify, selected, selected_shapes, sweep_name
+from .harness import SHAPES, Recorder, each_shape, measure, optional_sparsify, selected, selected_shapes, sweep_name
 
 CHECK_ROWS = 256
 ROUNDING_BAND = (
@@ -208,13 +208,13 @@ def run(recorder: Recorder) -> None:
     then the ReLU and BatchTopK encodes and the positive counts."""
     sparsify = optional_sparsify()
     for shape, (d, n_features, n_rows, k) in selected_shapes(SHAPES).items():
-        _bench_topk(recorder, shape, d, n_features, n_rows, k, full=True, sparsify=sparsify)
-        torch.cuda.empty_cache()
+        with each_shape(shape):
+            _bench_topk(recorder, shape, d, n_features, n_rows, k, full=True, sparsify=sparsify)
     for shape, (d, n_features, n_rows, k) in selected_shapes(EXTRA_SHAPES).items():
-        _bench_topk(recorder, shape, d, n_features, n_rows, k, full=False, sparsify=None)
-        torch.cuda.empty_cache()
+        with each_shape(shape):
+            _bench_topk(recorder, shape, d, n_features, n_rows, k, full=False, sparsify=None)
     for shape, (d, n_features, n_rows, k) in selected_shapes(SHAPES).items():
-        _bench_relu(recorder, shape, d, n_features, n_rows)
-        _bench_batchtopk(recorder, shape, d, n_features, n_rows, k)
-        _bench_positive_counts(recorder, shape, d, n_features, n_rows, k)
-        torch.cuda.empty_cache()
+        with each_shape(shape):
+            _bench_relu(recorder, shape, d, n_features, n_rows)
+            _bench_batchtopk(recorder, shape, d, n_features, n_rows, k)
+            _bench_positive_counts(recorder, shape, d, n_features, n_rows, k)

@@ -26,7 +26,7 @@ from fastsae import reference
 from fastsae.ops import cutlass_gemm, filter
 from fastsae.testing import assert_close
 
-from .harness import SHAPES, Recorder, measure, selected, selected_shapes
+from .harness import SHAPES, Recorder, each_shape, measure, selected, selected_shapes
 
 EXTRA_SHAPES: dict = {}  # no shapes beyond harness.SHAPES
 FILTER_CAP = 512  # buffer slots a row for gemm_filter (the filter route's smallest capacity at k <= 32)
@@ -80,30 +80,36 @@ def _filters(xc, W_enc, b_enc, tau, suffix: str) -> dict:
     return {**providers, f"fastsae_triton{suffix}": triton}
 
 
+def _bench_shape(recorder: Recorder, shape: str, d: int, n_features: int, n_rows: int, k: int) -> None:
+    """The CUTLASS GEMMs' rows at one shape (`run`)."""
+    xc = torch.randn(n_rows, d, device="cuda").bfloat16()
+    W_enc = (torch.randn(d, n_features, device="cuda") / d**0.5).bfloat16()
+    b_enc = (0.1 * torch.randn(n_features, device="cuda")).bfloat16()
+    expected_pre = torch.addmm(b_enc, xc, W_enc)
+    variants = {f"fastsae_{v.name}": (number, v.group) for number, v in enumerate(cutlass_gemm.VARIANTS)}
+    gemm = cutlass_gemm.gemm_bias_group_max
+    providers = selected({name: partial(gemm, xc, W_enc, b_enc, number) for name, (number, _) in variants.items()})
+    for name, fn in providers.items():
+        _check(*fn(), expected_pre, f"gemm_group_max {shape} {name}", variants[name][1])
+    del expected_pre
+    for name, fn in providers.items():
+        recorder.record("gemm_group_max", shape, name, measure(fn))
+    recorder.record("gemm_group_max", shape, "cublas_gemm", measure(partial(torch.addmm, b_enc, xc, W_enc)))
+
+    # The filter route's thresholds, and +inf (no survivors: the epilogue's compares alone, so that the
+    # difference is what the appends cost).
+    tau = filter.thresholds(xc, W_enc, b_enc, k, FILTER_CAP)
+    for suffix, thresholds in (("", tau), ("_no_survivors", torch.full_like(tau, float("inf")))):
+        for name, fn in selected(_filters(xc, W_enc, b_enc, thresholds, suffix)).items():
+            _check_filter(*fn(), xc, W_enc, b_enc, thresholds, f"gemm_filter {shape} {name}")
+            recorder.record("gemm_filter", shape, name, measure(fn))
+    recorder.record("gemm_filter", shape, "cublas_gemm", measure(partial(torch.addmm, b_enc, xc, W_enc)))
+
+
 def run(recorder: Recorder) -> None:
     if not cutlass_gemm.available():
         print("gemm_group_max skipped: fastsae's CUTLASS extension is not built (the `cutlass` extra)")
         return
     for shape, (d, n_features, n_rows, k) in selected_shapes(SHAPES).items():
-        xc = torch.randn(n_rows, d, device="cuda").bfloat16()
-        W_enc = (torch.randn(d, n_features, device="cuda") / d**0.5).bfloat16()
-        b_enc = (0.1 * torch.randn(n_features, device="cuda")).bfloat16()
-        expected_pre = torch.addmm(b_enc, xc, W_enc)
-        variants = {f"fastsae_{v.name}": (number, v.group) for number, v in enumerate(cutlass_gemm.VARIANTS)}
-        gemm = cutlass_gemm.gemm_bias_group_max
-        providers = selected({name: partial(gemm, xc, W_enc, b_enc, number) for name, (number, _) in variants.items()})
-        for name, fn in providers.items():
-            _check(*fn(), expected_pre, f"gemm_group_max {shape} {name}", variants[name][1])
-        del expected_pre
-        for name, fn in providers.items():
-            recorder.record("gemm_group_max", shape, name, measure(fn))
-        recorder.record("gemm_group_max", shape, "cublas_gemm", measure(partial(torch.addmm, b_enc, xc, W_enc)))
-
-        # The filter route's thresholds, and +inf (no survivors: the epilogue's compares alone, so that the
-        # difference is what the appends cost).
-        tau = filter.thresholds(xc, W_enc, b_enc, k, FILTER_CAP)
-        for suffix, thresholds in (("", tau), ("_no_survivors", torch.full_like(tau, float("inf")))):
-            for name, fn in selected(_filters(xc, W_enc, b_enc, thresholds, suffix)).items():
-                _check_filter(*fn(), xc, W_enc, b_enc, thresholds, f"gemm_filter {shape} {name}")
-                recorder.record("gemm_filter", shape, name, measure(fn))
-        recorder.record("gemm_filter", shape, "cublas_gemm", measure(partial(torch.addmm, b_enc, xc, W_enc)))
+        with each_shape(shape):
+            _bench_shape(recorder, shape, d, n_features, n_rows, k)

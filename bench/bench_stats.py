@@ -10,7 +10,7 @@ import torch
 
 from fastsae import functional as F
 
-from .harness import SHAPES, Recorder, measure, selected_shapes
+from .harness import SHAPES, Recorder, each_shape, measure, selected_shapes
 
 
 def _skewed(n_rows: int, k: int, n_features: int) -> torch.Tensor:
@@ -28,25 +28,31 @@ def _positive_per_column(acts: torch.Tensor) -> torch.Tensor:
 EXTRA_SHAPES: dict = {}  # no shapes beyond harness.SHAPES
 
 
+def _bench_shape(recorder: Recorder, shape_name: str, n_features: int, n_rows: int, k: int) -> None:
+    """The fire counts' rows at one shape (`run`)."""
+    distributions = {
+        "fire_counts": torch.randint(0, n_features, (n_rows, k), device="cuda", dtype=torch.int32),
+        "fire_counts_skewed": _skewed(n_rows, k, n_features),
+    }
+    for op, idx in distributions.items():
+        vals = torch.rand(n_rows, k, device="cuda", dtype=torch.bfloat16)
+        expected = torch.bincount(idx.flatten(), minlength=n_features)
+        assert torch.equal(F.fire_counts(idx, n_features), expected), f"{op} {shape_name}: wrong counts"
+        fired = torch.bincount(idx[vals > 0], minlength=n_features)  # bf16 rand holds exact zeros
+        assert torch.equal(F.fire_counts(idx, n_features, vals), fired), f"{op} {shape_name}: wrong with vals"
+        recorder.record(op, shape_name, "fastsae", measure(partial(F.fire_counts, idx, n_features)))
+        recorder.record(op, shape_name, "fastsae_vals", measure(partial(F.fire_counts, idx, n_features, vals)))
+        recorder.record(
+            op, shape_name, "bincount", measure(partial(torch.bincount, idx.flatten(), minlength=n_features))
+        )
+    acts = (torch.randn(n_rows, n_features, device="cuda", dtype=torch.bfloat16) - 1.5).relu()
+    assert torch.equal(F.fire_counts_dense(acts), (acts > 0).sum(0)), f"fire_counts_dense {shape_name}: wrong"
+    recorder.record("fire_counts_dense", shape_name, "fastsae", measure(partial(F.fire_counts_dense, acts)))
+    recorder.record("fire_counts_dense", shape_name, "torch", measure(partial(_positive_per_column, acts)))
+    del acts
+
+
 def run(recorder: Recorder) -> None:
     for shape_name, (_, n_features, n_rows, k) in selected_shapes(SHAPES).items():
-        distributions = {
-            "fire_counts": torch.randint(0, n_features, (n_rows, k), device="cuda", dtype=torch.int32),
-            "fire_counts_skewed": _skewed(n_rows, k, n_features),
-        }
-        for op, idx in distributions.items():
-            vals = torch.rand(n_rows, k, device="cuda", dtype=torch.bfloat16)
-            expected = torch.bincount(idx.flatten(), minlength=n_features)
-            assert torch.equal(F.fire_counts(idx, n_features), expected), f"{op} {shape_name}: wrong counts"
-            fired = torch.bincount(idx[vals > 0], minlength=n_features)  # bf16 rand holds exact zeros
-            assert torch.equal(F.fire_counts(idx, n_features, vals), fired), f"{op} {shape_name}: wrong with vals"
-            recorder.record(op, shape_name, "fastsae", measure(partial(F.fire_counts, idx, n_features)))
-            recorder.record(op, shape_name, "fastsae_vals", measure(partial(F.fire_counts, idx, n_features, vals)))
-            recorder.record(
-                op, shape_name, "bincount", measure(partial(torch.bincount, idx.flatten(), minlength=n_features))
-            )
-        acts = (torch.randn(n_rows, n_features, device="cuda", dtype=torch.bfloat16) - 1.5).relu()
-        assert torch.equal(F.fire_counts_dense(acts), (acts > 0).sum(0)), f"fire_counts_dense {shape_name}: wrong"
-        recorder.record("fire_counts_dense", shape_name, "fastsae", measure(partial(F.fire_counts_dense, acts)))
-        recorder.record("fire_counts_dense", shape_name, "torch", measure(partial(_positive_per_column, acts)))
-        del acts
+        with each_shape(shape_name):
+            _bench_shape(recorder, shape_name, n_features, n_rows, k)

@@ -38,6 +38,7 @@ from fastsae.testing import assert_close
 from .harness import (
     SHAPES,
     Recorder,
+    each_shape,
     measure,
     optional_sparsify,
     sae_train_step,
@@ -237,30 +238,35 @@ def _initial_weights(d: int, n_features: int, n_rows: int, dead: torch.Tensor) -
 EXTRA_SHAPES = {sweep_name(768, 24576, 8192, 128): (768, 24576, 8192, 128)}
 
 
+def _bench_shape(recorder: Recorder, shape: str, d: int, n_features: int, n_rows: int, k: int, sparsify) -> None:
+    """The training steps' rows at one shape (`run`)."""
+    k_aux = d // 2
+    dead = torch.rand(n_features, device="cuda") < DEAD_FRACTION
+    x, weights = _initial_weights(d, n_features, n_rows, dead)
+    expected_fvu = expected_topk_fvu(x, weights, k)
+    providers = {name: _fastsae_step(d, n_features, k, weights, dead, **how) for name, how in FASTSAE_STEPS.items()}
+    providers |= {
+        "torch": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=False),
+        "compile": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=True),
+    }
+    if sparsify is not None:
+        providers["sparsify"] = _sparsify_step(sparsify, d, n_features, k, weights, dead)
+    providers = selected(providers)
+    for name, step in providers.items():  # the first step sees the shared initial weights
+        assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step {shape} {name} FVU")
+    for name, step in providers.items():
+        recorder.record("train_step", shape, name, measure_step(step, x))
+    recorder.record("train_step", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))
+    del providers
+    if shape in SHAPES:
+        _bench_batchtopk(recorder, shape, d, n_features, k, x, weights)
+
+
 def run(recorder: Recorder) -> None:
     sparsify = optional_sparsify()
     for shape, (d, n_features, n_rows, k) in selected_shapes({**SHAPES, **EXTRA_SHAPES}).items():
-        k_aux = d // 2
-        dead = torch.rand(n_features, device="cuda") < DEAD_FRACTION
-        x, weights = _initial_weights(d, n_features, n_rows, dead)
-        expected_fvu = expected_topk_fvu(x, weights, k)
-        providers = {name: _fastsae_step(d, n_features, k, weights, dead, **how) for name, how in FASTSAE_STEPS.items()}
-        providers |= {
-            "torch": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=False),
-            "compile": _dense_step(partial(_dense_loss, k=k, k_aux=k_aux, dead=dead), weights, compile_loss=True),
-        }
-        if sparsify is not None:
-            providers["sparsify"] = _sparsify_step(sparsify, d, n_features, k, weights, dead)
-        providers = selected(providers)
-        for name, step in providers.items():  # the first step sees the shared initial weights
-            assert_close(step(x).detach().float(), expected_fvu, 2e-2, f"train_step {shape} {name} FVU")
-        for name, step in providers.items():
-            recorder.record("train_step", shape, name, measure_step(step, x))
-        recorder.record("train_step", shape, "cublas_gemm", measure(partial(torch.mm, x, weights["W_enc"])))
-        del providers
-        if shape in SHAPES:
-            _bench_batchtopk(recorder, shape, d, n_features, k, x, weights)
-        torch.cuda.empty_cache()
+        with each_shape(shape):
+            _bench_shape(recorder, shape, d, n_features, n_rows, k, sparsify)
 
 
 def _bench_batchtopk(recorder: Recorder, shape: str, d: int, n_features: int, k: int, x, weights) -> None:

@@ -6,11 +6,13 @@ with exactly the columns of COLUMNS to bench/results/<gpu>.csv (or the CSV path 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import os
 import subprocess
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -63,6 +65,22 @@ SHAPE_NAMES: set[str] | None = None
 def selected_shapes(shapes: dict) -> dict:
     """The entries of a family's {shape name: (d, F, B, k)} that SHAPE_NAMES selects."""
     return {name: dims for name, dims in shapes.items() if SHAPE_NAMES is None or name in SHAPE_NAMES}
+
+
+FAILED_SHAPES: list[str] = []  # the shapes whose benchmark failed, for bench.run's summary
+
+
+@contextlib.contextmanager
+def each_shape(name: str) -> Iterator[None]:
+    """Runs a family's benchmark of one shape: a failure (a correctness or memory check, say) is printed
+    and listed in FAILED_SHAPES, and the family goes on to its next shape, whose rows are kept."""
+    try:
+        yield
+    except Exception:
+        traceback.print_exc()
+        FAILED_SHAPES.append(name)
+    finally:
+        torch.cuda.empty_cache()
 
 
 def sweep_name(d: int, n_features: int, n_rows: int, k: int) -> str:

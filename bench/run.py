@@ -68,12 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     csv_path = args.csv or RESULTS / f"{harness.gpu_slug(torch.cuda.get_device_name())}.csv"
     recorder = Recorder(csv_path)
     failed = []
-    for family in families:  # a failing family (a correctness check, say) does not cost the others their rows
+    for family in families:  # a failing family or shape (a correctness check, say) costs no other its rows
+        harness.FAILED_SHAPES.clear()
         try:
             _family(family).run(recorder)
         except Exception:
             traceback.print_exc()
             failed.append(family)
+        if harness.FAILED_SHAPES:
+            failed.append(f"{family} at {', '.join(harness.FAILED_SHAPES)}")
     if csv_path.exists() and not args.no_render:
         render(csv_path, csv_path.parent)
     if failed:

@@ -135,6 +135,21 @@ def test_bench_providers_filter(monkeypatch):
     assert harness.OFFERED == {"fastsae", "torch", "sparsify"}
 
 
+def test_a_failed_shape_leaves_the_other_shapes_rows(monkeypatch, capsys):
+    """harness.each_shape: a family's failure at one shape (a memory bound, say) is printed and listed for
+    bench.run's summary, and the family goes on to its next shape."""
+    monkeypatch.setattr(harness, "FAILED_SHAPES", [])
+    ran = []
+    for shape in ("gpt2", "llama8b", "af3"):
+        with harness.each_shape(shape):
+            if shape == "llama8b":
+                raise AssertionError("fastsae encode_topk llama8b: 1073.5 MB")
+            ran.append(shape)
+    assert ran == ["gpt2", "af3"]
+    assert harness.FAILED_SHAPES == ["llama8b"]
+    assert "AssertionError: fastsae encode_topk llama8b: 1073.5 MB" in capsys.readouterr().err
+
+
 def test_bench_shapes_filter(monkeypatch, capsys):
     """bench.run --shapes: a family runs only the named shapes, its own beyond harness.SHAPES (the encode
     sweep's) included, so one case can be timed alone; unset, every one. A name that is neither one of
