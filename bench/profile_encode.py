@@ -49,15 +49,11 @@ def _ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50)
 
 
-def _drain(chunks) -> None:
-    """Makes every chunk of a pre-activation chunk generator, holding one at a time as the routes do."""
-    for chunk in chunks:
+def _drain(make_chunks) -> None:
+    """Makes every chunk of the pre-activation chunk generator that `make_chunks()` returns, holding one
+    at a time as the routes do."""
+    for chunk in make_chunks():
         del chunk
-
-
-def _drain_made(make_chunks) -> None:
-    """`_drain` of the chunk generator that `make_chunks()` returns."""
-    _drain(make_chunks())
 
 
 def _graph_replay_seconds(fn) -> float:
@@ -170,7 +166,7 @@ def profile_encode(shape: str, rows: int) -> None:
             gemm_name = f"centre + CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name}"
         else:
             gemm_name = "centre + cuBLAS pre-activation"
-        pre_ms = _ms(partial(_drain_made, _route_chunks(x, W_enc, b_enc, b_dec, cfg, chunk_rows)))
+        pre_ms = _ms(partial(_drain, _route_chunks(x, W_enc, b_enc, b_dec, cfg, chunk_rows)))
         route_ms = _ms(routed)
         for name, ms in ((gemm_name, pre_ms), ("row kernel (the rest)", route_ms - pre_ms)):
             print(f"  {name:>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
@@ -246,7 +242,7 @@ def _smaller_chunks(x, W_enc, b_enc, b_dec, k: int, cfg: dict, chunk_rows: int, 
                          route=("row_filter", {**cfg, "CHUNK_ROWS": rows}))  # fmt: skip
         vals, idx, _, _ = routed()
         assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], expected, k, 2e-2, f"{label}, chunks of {rows} rows")
-        pre_ms = _graph_replay_seconds(partial(_drain_made, _route_chunks(x, W_enc, b_enc, b_dec, cfg, rows))) * 1e3
+        pre_ms = _graph_replay_seconds(partial(_drain, _route_chunks(x, W_enc, b_enc, b_dec, cfg, rows))) * 1e3
         route_ms = _graph_replay_seconds(routed) * 1e3
         parts = {"GEMMs": pre_ms, "route": route_ms, "the rest": route_ms - pre_ms}
         print(f"  {label}, chunks of {rows:>5} rows, graph replays: "
