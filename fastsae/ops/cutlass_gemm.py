@@ -87,13 +87,14 @@ FILTER_VARIANTS = ("pingpong_128x128", "cooperative_128x128")
 # against its reference) the tuner took it over every route on cuBLAS at GPT-2's shape, twice (the encode
 # 0.602 and 0.606 ms against the GEMM's 0.501 and 0.496), and the plain row filter at Llama-8B's.
 ROUTE = os.environ.get("FASTSAE_CUTLASS_ROUTES", "1") != "0"
-# select_topk_group_max as a select of that route (`filter.over_group_maxima`): off unless
-# FASTSAE_CUTLASS_SELECT=1 (read at import). Its first version passed its tests on an H100 (cab2aa6) and
-# took 0.094 / 0.163 ms over the route's chunks at GPT-2 / AF3 against the best Triton row kernel's 0.096 /
-# 0.165: no gain worth a second select path. The version now in group_max_select.cu compares packed bf16
-# pairs with the bound and builds keys only for the few that pass (about 3x fewer instructions a row by
-# count); it has not yet run on a GPU, nor under compute-sanitizer (bench/sanitize_kernels.py runs it).
-SELECT_ROUTE = os.environ.get("FASTSAE_CUTLASS_SELECT", "0") == "1"
+# select_topk_group_max as a select of that route (`filter.over_group_maxima`): on unless
+# FASTSAE_CUTLASS_SELECT=0 (read at import). Its first version took 0.094 / 0.163 ms over the route's
+# chunks at GPT-2 / AF3 on an H100 (cab2aa6), the best Triton row kernel 0.096 / 0.165. The version now in
+# group_max_select.cu (packed bf16 compares with the bound, keys built only for the few pairs that pass)
+# took 0.075 / 0.114 ms, 0.16x / 0.32x the GEMM, passed its tests and compute-sanitizer's memcheck and
+# racecheck, and the tuner took it at both shapes: the encode 1.15x / 1.45x cuBLAS's GEMM (H100, 9a190cf;
+# 1.20x / 1.64x before).
+SELECT_ROUTE = os.environ.get("FASTSAE_CUTLASS_SELECT", "1") != "0"
 # The filter route over gemm_bias_filter: off unless FASTSAE_CUTLASS_FILTER=1 (read at import); its GEMM
 # alone took 1.04 / 1.21 ms against the Triton filter GEMM's 0.75 at GPT-2 / AF3 on an H100 (7e44a77).
 FILTER_ROUTE = os.environ.get("FASTSAE_CUTLASS_FILTER", "0") == "1"
