@@ -26,7 +26,8 @@
 //    kCapacity still tie at the k-th value, more over features), and the buffer filled again: at most
 //    kCapacity keys. Any bound that at least k entries reach keeps the row's k largest, so the select
 //    is exact whatever the maxima were; a row that kept fewer than k is flagged.
-// 5. A bitonic sort of the buffer, descending; its first k keys are the row's codes (post-ReLU values).
+// 5. A bitonic sort of the buffer in registers (shuffles between lanes), descending; its first k keys are
+//    the row's codes (post-ReLU values).
 // A row whose bound is -inf (fewer than k groups with a finite maximum: a NaN row) or that kept fewer than
 // k is flagged and left unwritten: the caller recomputes it exactly (fastsae/ops/encode.py's fallback).
 #include <ATen/ATen.h>
@@ -162,26 +163,81 @@ __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_
         if (first[j] < n_features && may_pass) passing |= 1u << (j * kWords + w);
       }
     }
+    // The passing pairs (rare: about two of a hot group's kGroup / 2, on different lanes), all of a lane's
+    // in one loop, so that the warp runs as many iterations as its busiest lane has pairs. A loop for each
+    // of the batch's groups ran one lane at a time (a group's passing pairs are seldom on two lanes) and
+    // was most of the kernel's instructions on an H100 (1dd0bbb). A pair's word is read again (the L1
+    // holds it) rather than chosen among the batch's registers by a run-time index (local memory).
+    for (; passing; passing &= passing - 1) {
+      const int pair = __ffs(passing) - 1;  // group h + pair / kWords of the hot list, its word pair % kWords
+      const int feature = hot[h + pair / kWords] * kGroup + lane * (kGroup / 32) + 2 * (pair % kWords);
+      const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(row_pre + feature));
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {  // rare: the lanes holding a passing pair, each on its own
-      for (uint32_t pairs = (passing >> (j * kWords)) & ((1u << kWords) - 1); pairs; pairs &= pairs - 1) {
-        const int w = __ffs(pairs) - 1;
-        uint32_t word = words[j][0];  // words[j][w], chosen without indexing registers at run time
-#pragma unroll
-        for (int v = 1; v < kWords; ++v) word = w == v ? words[j][v] : word;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const uint64_t key = entry_key(half ? word >> 16 : word & 0xffffu, first[j] + 2 * w + half);
-          if (key >= lower) {
-            const int slot = atomicAdd(kept, 1);
-            if (slot < kCapacity) keys[slot] = key;
-          }
+      for (int half = 0; half < 2; ++half) {
+        const uint64_t key = entry_key(half ? word >> 16 : word & 0xffffu, feature + half);
+        if (key >= lower) {
+          const int slot = atomicAdd(kept, 1);
+          if (slot < kCapacity) keys[slot] = key;
         }
       }
     }
   }
   __syncwarp();
   return *kept;
+}
+
+// Sorts the warp's 32 * kPerLane keys descending, key r * 32 + lane in keys[r]: a bitonic network whose
+// exchanges between lanes are shuffles and whose exchanges within a lane (strides of 32 and more) are
+// register swaps. The network sorted the keys in shared memory before, about a fifth of the kernel's
+// instructions at AlphaFold3's shape on an H100 (1dd0bbb), most of them address arithmetic and barriers.
+template <int kPerLane>
+__device__ __forceinline__ void sort_descending(uint64_t (&keys)[kPerLane], int lane) {
+  constexpr int kLogSize = 5 + (kPerLane >= 2) + (kPerLane >= 4) + (kPerLane >= 8) + (kPerLane >= 16);
+  static_assert(32 * kPerLane == 1 << kLogSize, "kPerLane is a power of two up to 16");
+#pragma unroll
+  for (int log_block = 1; log_block <= kLogSize; ++log_block) {
+    const int block = 1 << log_block;  // sorted runs of `block` keys, alternately descending and ascending
+#pragma unroll
+    for (int log_stride = log_block - 1; log_stride >= 0; --log_stride) {
+      const int stride = 1 << log_stride;
+#pragma unroll
+      for (int r = 0; r < kPerLane; ++r) {
+        const int key_index = r * 32 + lane;
+        const bool descending = (key_index & block) == 0;
+        if (stride >= 32) {  // the partner is keys[r ^ (stride / 32)] of this lane: the lower r swaps both
+          const int partner = r ^ (stride / 32);
+          if (partner > r && (descending ? keys[r] < keys[partner] : keys[r] > keys[partner])) {
+            const uint64_t swapped = keys[r];
+            keys[r] = keys[partner];
+            keys[partner] = swapped;
+          }
+        } else {  // the partner is keys[r] of lane ^ stride: the lower index of the two keeps the larger key
+          const uint64_t mine = keys[r];
+          const uint64_t other = __shfl_xor_sync(kAllLanes, static_cast<unsigned long long>(mine), stride);
+          const bool keeps_larger = ((lane & stride) == 0) == descending;
+          keys[r] = keeps_larger == (mine > other) ? mine : other;
+        }
+      }
+    }
+  }
+}
+
+// Writes the largest k of the n keys in `buffer` (n <= 32 * kPerLane, k <= n) as the row's codes, largest
+// first: vals the post-ReLU values, idx the features.
+template <int kPerLane, typename scalar_t>
+__device__ __forceinline__ void write_largest(const uint64_t* buffer, int n, int k, int lane, scalar_t* row_vals,
+                                              int32_t* row_idx) {
+  uint64_t keys[kPerLane];
+#pragma unroll
+  for (int r = 0; r < kPerLane; ++r) keys[r] = r * 32 + lane < n ? buffer[r * 32 + lane] : 0;  // 0: no key
+  sort_descending<kPerLane>(keys, lane);
+#pragma unroll
+  for (int r = 0; r < kPerLane; ++r) {
+    if (r * 32 + lane < k) {
+      row_vals[r * 32 + lane] = static_cast<scalar_t>(fmaxf(key_value(keys[r]), 0.0f));
+      row_idx[r * 32 + lane] = static_cast<int32_t>(keys[r] & 0xffffffffu);
+    }
+  }
 }
 
 template <int kGroup, int kGroupsPerLane, typename scalar_t>
@@ -263,29 +319,14 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
     return;
   }
 
-  // 5. Sort the n keys descending (a bitonic sort over a power of two of slots, the rest empty: 0).
-  int size = 32;
-  while (size < n) size *= 2;
-  for (int s = n + lane; s < size; s += 32) keys[s] = 0;
-  __syncwarp();
-  for (int block = 2; block <= size; block *= 2) {
-    for (int stride = block / 2; stride > 0; stride /= 2) {
-      for (int pair = lane; pair < size / 2; pair += 32) {
-        const int lo = (pair & ~(stride - 1)) * 2 + (pair & (stride - 1)), hi = lo + stride;
-        const uint64_t a = keys[lo], b = keys[hi];
-        if ((lo & block) == 0 ? a < b : a > b) {  // descending blocks, then the whole row descending
-          keys[lo] = b;
-          keys[hi] = a;
-        }
-      }
-      __syncwarp();
-    }
-  }
-  for (int s = lane; s < k; s += 32) {
-    const uint64_t key = keys[s];
-    vals[row * stride_vals + s] = static_cast<scalar_t>(fmaxf(key_value(key), 0.0f));
-    idx[row * stride_idx + s] = static_cast<int32_t>(key & 0xffffffffu);
-  }
+  // 5. The n keys sorted, their first k written.
+  scalar_t* row_vals = vals + row * stride_vals;
+  int32_t* row_idx = idx + row * stride_idx;
+  if (n <= 32) write_largest<1>(keys, n, k, lane, row_vals, row_idx);
+  else if (n <= 64) write_largest<2>(keys, n, k, lane, row_vals, row_idx);
+  else if (n <= 128) write_largest<4>(keys, n, k, lane, row_vals, row_idx);
+  else if (n <= 256) write_largest<8>(keys, n, k, lane, row_vals, row_idx);
+  else write_largest<16>(keys, n, k, lane, row_vals, row_idx);
   if (lane == 0) flags[row] = 0;
 }
 
