@@ -7,7 +7,7 @@ where that host time goes. For the threshold-first filter route
 features and the group-maxima kernel), the filter GEMM with its survivor epilogue, the same GEMM with no
 survivor (every threshold +inf: the GEMM and its compares alone, so the difference is what the
 survivors' appends cost) and the exact select. Where the CUDA warp select over CUTLASS's group maxima is
-offered (FASTSAE_CUTLASS_SELECT=1), also that select over its chunk against the same select over one row
+offered (the CUTLASS extension built, FASTSAE_CUTLASS_SELECT not 0), also that select over its chunk against the same select over one row
 repeated (whether its reads of HBM limit it). For the row filter, the tuned route and the warp select over
 their own chunks and over chunks of 1024, 512 and 256 rows, as CUDA graph replays (a select that reads its
 chunk back while the L2 still holds it, against smaller GEMMs).

@@ -90,7 +90,7 @@ def _cutlass_routes(name: str, x, W_enc, b_enc, b_dec, pre, k: int) -> None:
     warp select's included, where the extension is built and takes the operands; each checked."""
     if not (cutlass_gemm.available() and cutlass_gemm.takes(x, W_enc)):
         return
-    cutlass_gemm.SELECT_ROUTE = True  # the warp select too, off by default
+    cutlass_gemm.SELECT_ROUTE = True  # the warp select too, even where FASTSAE_CUTLASS_SELECT=0
     for cfg in filter.group_max_configs(k, 0, W_enc.shape[1]):
         label = f"{name} CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name} select {cfg['SELECT']}"
         vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", cfg))
