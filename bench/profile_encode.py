@@ -7,10 +7,8 @@ where that host time goes. For the threshold-first filter route
 features and the group-maxima kernel), the filter GEMM with its survivor epilogue, the same GEMM with no
 survivor (every threshold +inf: the GEMM and its compares alone, so the difference is what the
 survivors' appends cost) and the exact select. Where the CUDA warp select over CUTLASS's group maxima is
-offered (the CUTLASS extension built, FASTSAE_CUTLASS_SELECT not 0), also that select over its chunk against the same select over one row
-repeated (whether its reads of HBM limit it). For the row filter, the tuned route and the warp select over
-their own chunks and over chunks of 1024, 512 and 256 rows, as CUDA graph replays (a select that reads its
-chunk back while the L2 still holds it, against smaller GEMMs).
+offered (the CUTLASS extension built, FASTSAE_CUTLASS_SELECT not 0), also that select's two versions over
+one chunk (`cutlass_gemm.SELECT_REVISED`).
 
 python -m bench.profile_encode [--shapes gpt2,af3,d768_F24576_B8192_k128] [--rows 12] [--batchtopk]
 
@@ -180,15 +178,12 @@ def profile_encode(shape: str, rows: int) -> None:
             ms = _ms(partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", select)))
             label = f"select {select['SELECT']}" + ("" if select["SELECT"] == "warp" else f" CAP {select['CAP']}")
             print(f"  {label:>30} {ms - pre_ms:8.3f} ms  {(ms - pre_ms) / gemm:5.2f}x the GEMM")
-        _smaller_chunks(x, W_enc, b_enc, b_dec, k, cfg, chunk_rows, floor)
-        # The warp select where it is offered, over the tuned CUTLASS tile or else the first routed one
-        # (the tuner may have taken the row filter over cuBLAS's chunks).
+        # The warp select's two versions where it is offered, over the tuned CUTLASS tile or else the first
+        # routed one (the tuner may have taken the row filter over cuBLAS's chunks).
         warps = [c for c in filter.group_max_configs(k, 0, n_features) if c["SELECT"] == "warp"]
         warp = next((c for c in warps if c["VARIANT"] == cfg.get("VARIANT")), warps[0] if warps else None)
         if warp is not None:
-            _warp_select_reads(x, W_enc, b_enc, b_dec, k, warp["VARIANT"], gemm)
-            if warp != cfg:
-                _smaller_chunks(x, W_enc, b_enc, b_dec, k, warp, chunk_rows, floor)
+            _warp_select_versions(x, W_enc, b_enc, b_dec, k, warp["VARIANT"], gemm)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
@@ -199,25 +194,23 @@ def profile_encode(shape: str, rows: int) -> None:
     print(_host_profile(partial(F.encode_topk, x, W_enc, b_enc, b_dec, k), rows))
 
 
-def _warp_select_reads(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: float) -> None:
-    """Whether the warp select waits on its reads of the hot groups: the select over one chunk's
-    pre-activation (HBM: far more than the L2 holds), and over the same number of copies of its first row
-    (a stride-0 view: every warp reads one row, which stays in the L2 and L1) with that row's maxima.
-    Equal work and occupancy; the first takes longer by what its scattered reads of HBM cost."""
+def _warp_select_versions(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: float) -> None:
+    """The warp select over one chunk of CUTLASS's pre-activation and maxima, as routed and revised
+    (`cutlass_gemm.SELECT_REVISED`: each lane's passing entries in one loop, the sort in registers), each
+    checked against the reference on the first rows."""
     group = cutlass_gemm.VARIANTS[variant].group
     rows = filter.row_filter_chunk_rows(x.shape[0], W_enc.shape[1], 1)
     _, pre, maxima = next(filter.group_max_chunks(x[:rows], W_enc, b_enc, b_dec, rows, None, variant))
     rows = pre.shape[0]
-    one_row = pre[:1].expand(rows, -1)  # stride 0 over the rows
-    one_row_maxima = maxima[:, :1].expand(-1, rows).contiguous()
     vals = torch.empty(rows, k, dtype=W_enc.dtype, device="cuda")
     idx = torch.empty(rows, k, dtype=torch.int32, device="cuda")
     flags = torch.empty(rows, dtype=torch.int8, device="cuda")
-    for label, (p, m) in (("its chunk", (pre, maxima)), ("one row, repeated", (one_row, one_row_maxima))):
-        ms = _ms(partial(cutlass_gemm.select_topk_group_max, p, m, group, k, vals, idx, flags))
-        assert not flags.any(), f"the warp select over {label} flagged rows"
-        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], p[:CHECK_ROWS], k, 2e-2, f"warp select, {label}")
-        print(f"  select warp over {label:>17} ({rows} rows) {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
+    for revised in (False, True):
+        ms = _ms(partial(cutlass_gemm.select_topk_group_max, pre, maxima, group, k, vals, idx, flags, revised))
+        assert not flags.any(), f"the warp select (revised {revised}) flagged rows"
+        label = f"select warp (revised {revised!s:>5})"
+        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre[:CHECK_ROWS], k, 2e-2, label)
+        print(f"  {label} over its chunk ({rows} rows) {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
 
 
 def _route_chunks(x, W_enc, b_enc, b_dec, cfg: dict, rows: int) -> partial:
@@ -226,27 +219,6 @@ def _route_chunks(x, W_enc, b_enc, b_dec, cfg: dict, rows: int) -> partial:
     if cfg.get("GEMM") == "cutlass":
         return partial(filter.group_max_chunks, x, W_enc, b_enc, b_dec, rows, None, cfg["VARIANT"])
     return partial(filter.pre_activation_chunks, x, W_enc, b_enc, b_dec, rows, None)
-
-
-def _smaller_chunks(x, W_enc, b_enc, b_dec, k: int, cfg: dict, chunk_rows: int, floor: float) -> None:
-    """The row filter `cfg` over its own chunks and over chunks of fewer rows (CHUNK_ROWS): whether a
-    select that reads its chunk back while the L2 still holds it (tens of MB: about 1000 rows of GPT-2's
-    or AlphaFold3's width) gains more than the smaller GEMMs cost. Each line: the chunks' GEMMs alone,
-    the whole route, and the rest (the select) as their difference, each as a CUDA graph's replay (GPU
-    time alone: many chunks' launches would make the host the limit of an eager call), against the GEMM
-    back to back (`floor`, ms)."""
-    expected = reference.pre_activation(x[:CHECK_ROWS], W_enc, b_enc, b_dec)
-    label = f"select {cfg['SELECT']}"
-    for rows in (chunk_rows, *(rows for rows in (1024, 512, 256) if rows < chunk_rows)):
-        routed = partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None,
-                         route=("row_filter", {**cfg, "CHUNK_ROWS": rows}))  # fmt: skip
-        vals, idx, _, _ = routed()
-        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], expected, k, 2e-2, f"{label}, chunks of {rows} rows")
-        pre_ms = _graph_replay_seconds(partial(_drain, _route_chunks(x, W_enc, b_enc, b_dec, cfg, rows))) * 1e3
-        route_ms = _graph_replay_seconds(routed) * 1e3
-        parts = {"GEMMs": pre_ms, "route": route_ms, "the rest": route_ms - pre_ms}
-        print(f"  {label}, chunks of {rows:>5} rows, graph replays: "
-              + ", ".join(f"{name} {ms:.3f} ms ({ms / floor:.2f}x)" for name, ms in parts.items()))  # fmt: skip
 
 
 def profile_batchtopk(shape: str) -> None:

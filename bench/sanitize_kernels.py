@@ -92,9 +92,11 @@ def _cutlass_routes(name: str, x, W_enc, b_enc, b_dec, pre, k: int) -> None:
         return
     cutlass_gemm.SELECT_ROUTE = True  # the warp select too, even where FASTSAE_CUTLASS_SELECT=0
     for cfg in filter.group_max_configs(k, 0, W_enc.shape[1]):
-        label = f"{name} CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name} select {cfg['SELECT']}"
-        vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", cfg))
-        assert_topk_matches(vals, idx, pre, k, TOLERANCE, label)
+        for revised in (False, True) if cfg["SELECT"] == "warp" else (False,):  # both versions of the warp select
+            cutlass_gemm.SELECT_REVISED = revised
+            label = f"{name} CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name} select {cfg['SELECT']}"
+            vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", cfg))
+            assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{label} revised {revised}")
 
 
 def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, all_configs: bool = True) -> None:

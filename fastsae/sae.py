@@ -100,7 +100,9 @@ DEATH_STATS_ON_SIDE_STREAM = True
 # reads a torch.cond's predicate on the host: one synchronisation a step (and a few scalar reads after
 # it), where the fused stream gathers B * k_aux decoder rows of d, forward and backward (1.70x the eager
 # step at Llama-8B's shape on an H100, e4f0941).
-# Off (the fused stream, no synchronisation) until timed on a GPU: FASTSAE_COMPILED_AUXK_RUNGS=1.
+# On an H100 at Llama-8B's shape the whole-compiled step took 32.79 ms with the rungs against the eager
+# module's 22.85 (1dd0bbb; 38.44 without them, e4f0941): better, still slower than eager. Off (the fused
+# stream, no synchronisation) until an A/B in one run says which is faster: FASTSAE_COMPILED_AUXK_RUNGS=1.
 COMPILED_AUXK_RUNGS = os.environ.get("FASTSAE_COMPILED_AUXK_RUNGS", "0") == "1"
 # The tensors indexed by feature, and their feature dimension: what `shard_features` splits and `save` gathers.
 FEATURE_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "feature_fire_count": 0, "tokens_since_fired": 0}

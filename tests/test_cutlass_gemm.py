@@ -101,9 +101,10 @@ def _group_of(variant_group):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("revised", [False, True])
 @pytest.mark.parametrize("group", cutlass_gemm.SELECT_GROUPS)
 @pytest.mark.parametrize("k", [1, 32, 96])
-def test_select_topk_group_max_is_exact_on_cuda(group, k):
+def test_select_topk_group_max_is_exact_on_cuda(group, k, revised):
     """The warp-per-row select over the GEMM's own pre-activation and maxima (1003 rows: a partial block
     of rows; 96 groups of 256 is k = F / 256) returns exactly each row's k largest keys, sorted, into
     bf16 and fp32 codes and row views of a larger output, and leaves no row to the fallback."""
@@ -118,14 +119,15 @@ def test_select_topk_group_max_is_exact_on_cuda(group, k):
         vals = torch.full((B + 5, k), float("nan"), dtype=dtype, device="cuda")[5:]
         idx = torch.full((B, k), -1, dtype=torch.int32, device="cuda")
         flags = torch.full((B,), 7, dtype=torch.int8, device="cuda")
-        cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
+        cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags, revised)
         assert not flags.any(), f"{int(flags.bool().sum())} rows left to the fallback"
         assert torch.equal(idx, expected_idx)
         assert torch.equal(vals, expected_vals.to(dtype))
 
 
 @pytest.mark.gpu
-def test_select_topk_group_max_adversarial_rows_on_cuda():
+@pytest.mark.parametrize("revised", [False, True])
+def test_select_topk_group_max_adversarial_rows_on_cuda(revised):
     """Rows that break a bound from the group maxima: the kernel flags exactly the rows it cannot select
     (all NaN, all -inf) and selects the others exactly: a constant row (every entry ties: the bound is
     raised over values, then over features), a row whose largest 640 entries share five groups and tie
@@ -152,7 +154,7 @@ def test_select_topk_group_max_adversarial_rows_on_cuda():
     vals = torch.full((B, k), float("nan"), device="cuda")
     idx = torch.full((B, k), -1, dtype=torch.int32, device="cuda")
     flags = torch.full((B,), 7, dtype=torch.int8, device="cuda")
-    cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
+    cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags, revised)
     assert flags.tolist() == [1, 0, 0, 0, 0, 1] + [0] * (B - 6)
     expected_vals, expected_idx = _exact_topk(pre, k)
     selected = flags == 0
@@ -210,8 +212,10 @@ def _maxima_route(monkeypatch, device):
 
         monkeypatch.setattr(cutlass_gemm, "gemm_bias_group_max", emulated)
 
-        def emulated_select(pre, maxima, group, k, vals, idx, flags):
-            """The warp select's contract from its reference: NaN rows flagged, the others written."""
+        def emulated_select(pre, maxima, group, k, vals, idx, flags, revised):
+            """The warp select's contract from its reference (either version): NaN rows flagged, the others
+            written; the route asks for the version its switch names."""
+            assert revised == cutlass_gemm.SELECT_REVISED, "the route ignored cutlass_gemm.SELECT_REVISED"
             top_vals, top_idx = reference.topk_activation(pre.float(), k)
             nan_rows = torch.isnan(pre).any(dim=1)
             vals[~nan_rows], idx[~nan_rows] = top_vals[~nan_rows].to(vals.dtype), top_idx[~nan_rows]
@@ -257,37 +261,12 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_row_filter_over_given_maxima_in_smaller_chunks(device, monkeypatch):
-    """CHUNK_ROWS (bench.profile_encode's experiment) makes the route's chunks that many rows, the last
-    one short, with the reference's codes: the Triton row kernel and the warp select."""
+@pytest.mark.parametrize("revised", [False, True])
+def test_warp_select_route_leaves_flagged_rows_to_the_fallback(device, revised, monkeypatch):
+    """Through the TopK encode, the warp select's route (either version) leaves the rows it flags (a NaN
+    row) to the sweep, which writes them (NaN never selected: value 0), and the others are the reference's."""
     _maxima_route(monkeypatch, device)
-    B, d, F, k, rows = (13, 32, 1000, 4, 3) if device == "cpu" else (1003, 768, 24576, 32, 256)
-    x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).bfloat16()
-    W_enc, b_enc, _, b_dec = random_sae_weights(d, F, dtype=torch.bfloat16, device=device)
-    pre = reference.pre_activation(*(t.double() for t in (x, W_enc, b_enc, b_dec)))
-    chunk_rows, gemm = [], cutlass_gemm.gemm_bias_group_max
-
-    def recorded(xc, *args):
-        chunk_rows.append(xc.shape[0])
-        return gemm(xc, *args)
-
-    monkeypatch.setattr(cutlass_gemm, "gemm_bias_group_max", recorded)
-    configs = filter.group_max_configs(k, 0, F)
-    for cfg in (configs[0], next(c for c in configs if c["SELECT"] == "warp")):
-        chunk_rows.clear()
-        outputs = poisoned_outputs(B, k, 0, device)
-        flags = filter.row_filter_topk(x, W_enc, b_enc, b_dec, k, 0, None, None, outputs, {**cfg, "CHUNK_ROWS": rows})
-        assert chunk_rows == [rows] * (B // rows) + [B % rows], f"{cfg}: chunks of {chunk_rows} rows"
-        assert not flags.any(), f"{cfg}: rows left to the fallback"
-        assert_topk_matches(outputs[0], outputs[1], pre, k, torch.bfloat16, f"{cfg}")
-
-
-@pytest.mark.usefixtures("poison_empty")
-@pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_warp_select_route_leaves_flagged_rows_to_the_fallback(device, monkeypatch):
-    """Through the TopK encode, the warp select's route leaves the rows it flags (a NaN row) to the
-    sweep, which writes them (NaN never selected: value 0), and the others are the reference's."""
-    _maxima_route(monkeypatch, device)
+    monkeypatch.setattr(cutlass_gemm, "SELECT_REVISED", revised)
     B, d, F, k = (13, 32, 1000, 4) if device == "cpu" else (1003, 768, 24576, 32)
     x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).bfloat16()
     x[3] = float("nan")

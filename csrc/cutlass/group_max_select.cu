@@ -19,15 +19,17 @@
 //    and only the lanes holding a pair that passes build keys and take a slot (a shared-memory atomic).
 //    The first version built every entry's key and took a ballot for it, about 15 instructions an entry
 //    and by count most of the kernel's work; it took 0.46x the GEMM's time at AlphaFold3's shape on an
-//    H100 (cab2aa6).
+//    H100 (cab2aa6), this one 0.32x (9a190cf).
 // 4. Where more than kCapacity pass (the row's largest values share groups, as a trained SAE's features
 //    with nearly equal encoder columns do, or tie in bf16), the bound is raised to the row's k-th largest
 //    key, bit by bit over the hot groups again (16 passes over values, and only where more than
 //    kCapacity still tie at the k-th value, more over features), and the buffer filled again: at most
 //    kCapacity keys. Any bound that at least k entries reach keeps the row's k largest, so the select
 //    is exact whatever the maxima were; a row that kept fewer than k is flagged.
-// 5. A bitonic sort of the buffer in registers (shuffles between lanes), descending; its first k keys are
-//    the row's codes (post-ReLU values).
+// 5. A bitonic sort of the buffer, descending; its first k keys are the row's codes (post-ReLU values).
+// kRevised (the op's `revised`, not yet run on a GPU): the passing pairs of step 3 in one loop a lane and
+// the sort in registers, shuffles between lanes; ncu counted 4,532 warp instructions a row at AlphaFold3's
+// shape without them, 1,860 of them step 3's loops over passing pairs and 997 the sort (H100, 1dd0bbb).
 // A row whose bound is -inf (fewer than k groups with a finite maximum: a NaN row) or that kept fewer than
 // k is flagged and left unwritten: the caller recomputes it exactly (fastsae/ops/encode.py's fallback).
 #include <ATen/ATen.h>
@@ -135,13 +137,26 @@ __device__ int count_from(const uint16_t* row_pre, const uint16_t* hot, int n_ho
   return static_cast<int>(__reduce_add_sync(kAllLanes, count));
 }
 
+// Gives each entry of the bf16 pair `word` (features `feature` and `feature` + 1) whose key is at or above
+// `lower` a slot of `keys` from `kept`, the warp's counter in shared memory (the first kCapacity slots).
+__device__ __forceinline__ void keep_pair(uint32_t word, int feature, uint64_t lower, uint64_t* keys, int* kept) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const uint64_t key = entry_key(half ? word >> 16 : word & 0xffffu, feature + half);
+    if (key >= lower) {
+      const int slot = atomicAdd(kept, 1);
+      if (slot < kCapacity) keys[slot] = key;
+    }
+  }
+}
+
 // Writes the keys of the hot groups' entries at or above `lower` into `keys` (the first kCapacity of them)
 // and returns how many there are. Each lane compares its pairs of entries with `lower`'s value as packed
 // bf16 (NaN never passes; -0 and +0 compare equal, so the test passes a superset of the keys at or above
 // `lower`), and only a pair that passes has its keys built, compared exactly and given slots from `kept`,
 // the warp's counter in shared memory. The slots' order varies from run to run; the sort that follows
 // does not.
-template <int kGroup>
+template <int kGroup, bool kRevised>
 __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_hot, int n_features, int lane,
                             uint64_t lower, uint64_t* keys, int* kept) {
   constexpr int kWords = kWordsPerGroup<kGroup>;
@@ -163,21 +178,27 @@ __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_
         if (first[j] < n_features && may_pass) passing |= 1u << (j * kWords + w);
       }
     }
-    // The passing pairs (rare: about two of a hot group's kGroup / 2, on different lanes), all of a lane's
-    // in one loop, so that the warp runs as many iterations as its busiest lane has pairs. A loop for each
-    // of the batch's groups ran one lane at a time (a group's passing pairs are seldom on two lanes) and
-    // was most of the kernel's instructions on an H100 (1dd0bbb). A pair's word is read again (the L1
-    // holds it) rather than chosen among the batch's registers by a run-time index (local memory).
-    for (; passing; passing &= passing - 1) {
-      const int pair = __ffs(passing) - 1;  // group h + pair / kWords of the hot list, its word pair % kWords
-      const int feature = hot[h + pair / kWords] * kGroup + lane * (kGroup / 32) + 2 * (pair % kWords);
-      const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(row_pre + feature));
+    // The passing pairs (rare: about two of a hot group's kGroup / 2, seldom two on one lane).
+    if constexpr (kRevised) {
+      // All of a lane's in one loop, so that the warp runs as many iterations as its busiest lane has pairs;
+      // a pair's word is read again (the L1 holds it) rather than chosen among the batch's registers by a
+      // run-time index (local memory).
+      for (; passing; passing &= passing - 1) {
+        const int pair = __ffs(passing) - 1;  // group h + pair / kWords of the hot list, its word pair % kWords
+        const int feature = hot[h + pair / kWords] * kGroup + lane * (kGroup / 32) + 2 * (pair % kWords);
+        keep_pair(__ldg(reinterpret_cast<const uint32_t*>(row_pre + feature)), feature, lower, keys, kept);
+      }
+    } else {
+      // A loop for each group of the batch: on an H100 (1dd0bbb) they ran one lane at a time and were
+      // 1,860 of the kernel's 4,532 warp instructions a row at AlphaFold3's shape.
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const uint64_t key = entry_key(half ? word >> 16 : word & 0xffffu, feature + half);
-        if (key >= lower) {
-          const int slot = atomicAdd(kept, 1);
-          if (slot < kCapacity) keys[slot] = key;
+      for (int j = 0; j < kBatch; ++j) {
+        for (uint32_t pairs = (passing >> (j * kWords)) & ((1u << kWords) - 1); pairs; pairs &= pairs - 1) {
+          const int w = __ffs(pairs) - 1;
+          uint32_t word = words[j][0];  // words[j][w], chosen without indexing registers at run time
+#pragma unroll
+          for (int v = 1; v < kWords; ++v) word = w == v ? words[j][v] : word;
+          keep_pair(word, first[j] + 2 * w, lower, keys, kept);
         }
       }
     }
@@ -188,8 +209,8 @@ __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_
 
 // Sorts the warp's 32 * kPerLane keys descending, key r * 32 + lane in keys[r]: a bitonic network whose
 // exchanges between lanes are shuffles and whose exchanges within a lane (strides of 32 and more) are
-// register swaps. The network sorted the keys in shared memory before, about a fifth of the kernel's
-// instructions at AlphaFold3's shape on an H100 (1dd0bbb), most of them address arithmetic and barriers.
+// register swaps (kRevised's sort; the network over shared memory was about a fifth of the kernel's
+// instructions, most of them address arithmetic and barriers).
 template <int kPerLane>
 __device__ __forceinline__ void sort_descending(uint64_t (&keys)[kPerLane], int lane) {
   constexpr int kLogSize = 5 + (kPerLane >= 2) + (kPerLane >= 4) + (kPerLane >= 8) + (kPerLane >= 16);
@@ -240,7 +261,7 @@ __device__ __forceinline__ void write_largest(const uint64_t* buffer, int n, int
   }
 }
 
-template <int kGroup, int kGroupsPerLane, typename scalar_t>
+template <int kGroup, int kGroupsPerLane, bool kRevised, typename scalar_t>
 __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
     const uint16_t* __restrict__ pre, int64_t stride_pre, const float* __restrict__ maxima, int64_t stride_maxima,
     int rows, int n_features, int n_groups, int k, scalar_t* __restrict__ vals, int64_t stride_vals,
@@ -291,7 +312,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
   __syncwarp();
   const uint64_t lower = static_cast<uint64_t>(bound) << 32;
   int* kept = &kept_counts[warp];
-  int n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, lower, keys, kept);
+  int n = collect_from<kGroup, kRevised>(row_pre, hot, n_hot, n_features, lane, lower, keys, kept);
 
   // 4. Too many: the largest key that at least k entries reach (the k-th largest), bit by bit, over values
   // then features; it stops once at most kCapacity entries reach the bits found so far.
@@ -312,7 +333,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
         reach = trial_reach;
       }
     }
-    n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, found, keys, kept);
+    n = collect_from<kGroup, kRevised>(row_pre, hot, n_hot, n_features, lane, found, keys, kept);
   }
   if (n < k || n > kCapacity) {
     if (lane == 0) flags[row] = 1;
@@ -322,15 +343,39 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
   // 5. The n keys sorted, their first k written.
   scalar_t* row_vals = vals + row * stride_vals;
   int32_t* row_idx = idx + row * stride_idx;
-  if (n <= 32) write_largest<1>(keys, n, k, lane, row_vals, row_idx);
-  else if (n <= 64) write_largest<2>(keys, n, k, lane, row_vals, row_idx);
-  else if (n <= 128) write_largest<4>(keys, n, k, lane, row_vals, row_idx);
-  else if (n <= 256) write_largest<8>(keys, n, k, lane, row_vals, row_idx);
-  else write_largest<16>(keys, n, k, lane, row_vals, row_idx);
+  if constexpr (kRevised) {  // in registers
+    if (n <= 32) write_largest<1>(keys, n, k, lane, row_vals, row_idx);
+    else if (n <= 64) write_largest<2>(keys, n, k, lane, row_vals, row_idx);
+    else if (n <= 128) write_largest<4>(keys, n, k, lane, row_vals, row_idx);
+    else if (n <= 256) write_largest<8>(keys, n, k, lane, row_vals, row_idx);
+    else write_largest<16>(keys, n, k, lane, row_vals, row_idx);
+  } else {  // in shared memory, over a power of two of slots, the rest empty (0)
+    int size = 32;
+    while (size < n) size *= 2;
+    for (int s = n + lane; s < size; s += 32) keys[s] = 0;
+    __syncwarp();
+    for (int block = 2; block <= size; block *= 2) {
+      for (int stride = block / 2; stride > 0; stride /= 2) {
+        for (int pair = lane; pair < size / 2; pair += 32) {
+          const int lo = (pair & ~(stride - 1)) * 2 + (pair & (stride - 1)), hi = lo + stride;
+          const uint64_t a = keys[lo], b = keys[hi];
+          if ((lo & block) == 0 ? a < b : a > b) {  // descending blocks, then the whole row descending
+            keys[lo] = b;
+            keys[hi] = a;
+          }
+        }
+        __syncwarp();
+      }
+    }
+    for (int s = lane; s < k; s += 32) {
+      row_vals[s] = static_cast<scalar_t>(fmaxf(key_value(keys[s]), 0.0f));
+      row_idx[s] = static_cast<int32_t>(keys[s] & 0xffffffffu);
+    }
+  }
   if (lane == 0) flags[row] = 0;
 }
 
-template <int kGroup, int kGroupsPerLane>
+template <int kGroup, int kGroupsPerLane, bool kRevised>
 void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tensor& vals, at::Tensor& idx,
             at::Tensor& flags) {
   const int rows = static_cast<int>(pre.size(0)), n_features = static_cast<int>(pre.size(1));
@@ -338,7 +383,7 @@ void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tens
   const dim3 grid((rows + kWarps - 1) / kWarps);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "select_topk_group_max", [&] {
-    select_topk_group_max_kernel<kGroup, kGroupsPerLane, scalar_t><<<grid, kWarps * 32, 0, stream>>>(
+    select_topk_group_max_kernel<kGroup, kGroupsPerLane, kRevised, scalar_t><<<grid, kWarps * 32, 0, stream>>>(
         reinterpret_cast<const uint16_t*>(pre.data_ptr()), pre.stride(0), maxima.data_ptr<float>(), maxima.stride(0),
         rows, n_features, n_groups, static_cast<int>(k), vals.data_ptr<scalar_t>(), vals.stride(0),
         idx.data_ptr<int32_t>(), idx.stride(0), flags.data_ptr<int8_t>());
@@ -346,20 +391,20 @@ void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <int kGroup>
+template <int kGroup, bool kRevised>
 void launch_for_groups(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tensor& vals,
                        at::Tensor& idx, at::Tensor& flags) {
   const int64_t n_groups = (pre.size(1) + kGroup - 1) / kGroup;
-  if (n_groups <= 128) return launch<kGroup, 4>(pre, maxima, k, vals, idx, flags);
-  if (n_groups <= 256) return launch<kGroup, 8>(pre, maxima, k, vals, idx, flags);
-  if (n_groups <= 512) return launch<kGroup, 16>(pre, maxima, k, vals, idx, flags);
-  return launch<kGroup, 32>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 128) return launch<kGroup, 4, kRevised>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 256) return launch<kGroup, 8, kRevised>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 512) return launch<kGroup, 16, kRevised>(pre, maxima, k, vals, idx, flags);
+  return launch<kGroup, 32, kRevised>(pre, maxima, k, vals, idx, flags);
 }
 
 }  // namespace
 
 void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int64_t group, int64_t k,
-                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags) {
+                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags, bool revised) {
   // fastsae/ops/cutlass_gemm.py checks the operands before it calls this (a failed check here has crashed
   // the process at its second failure); these guard the kernel's memory accesses all the same.
   const char* op = "select_topk_group_max";
@@ -385,8 +430,12 @@ void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int6
               op, ": flags must be int8 [rows] on pre's device");
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(pre.device());
-  if (group == 128) return launch_for_groups<128>(pre, maxima, k, vals, idx, flags);
-  return launch_for_groups<256>(pre, maxima, k, vals, idx, flags);
+  if (revised) {
+    if (group == 128) return launch_for_groups<128, true>(pre, maxima, k, vals, idx, flags);
+    return launch_for_groups<256, true>(pre, maxima, k, vals, idx, flags);
+  }
+  if (group == 128) return launch_for_groups<128, false>(pre, maxima, k, vals, idx, flags);
+  return launch_for_groups<256, false>(pre, maxima, k, vals, idx, flags);
 }
 
 }  // namespace fastsae_cutlass

@@ -920,23 +920,21 @@ def row_filter_topk(
     launches are ordered on the stream), so a call costs the host few allocations. A `cfg` with GEMM
     "cutlass" (`group_max_configs`) takes its chunks and their group maxima from `group_max_chunks`, and
     the row kernel starts from those maxima; with SELECT "warp", `cutlass_gemm.select_topk_group_max`
-    selects from them instead of the row kernel (no AuxK). A `cfg` with CHUNK_ROWS (experiments only)
-    takes chunks of at most that many rows: small enough that the L2 may still hold a chunk's
-    pre-activation when the select reads it back."""
+    selects from them instead of the row kernel (no AuxK)."""
     B, F = x.shape[0], W_enc.shape[1]
     has_aux = k_aux > 0
     cap, aux_cap = cfg["CAP"], cfg["AUX_CAP"] if has_aux else 1
     group = cfg["GROUP"]
     n_groups = cfg["N_GROUPS"]
     rows_per_chunk = row_filter_chunk_rows(B, F, max(cap, aux_cap))
-    if "CHUNK_ROWS" in cfg:  # an experiment's smaller chunks (bench.profile_encode); the tuner offers none
-        rows_per_chunk = min(rows_per_chunk, cfg["CHUNK_ROWS"])
     vals, idx, aux_vals, aux_idx = outputs
     flags = x.new_empty(B, dtype=torch.int8)
     if cfg["SELECT"] == "warp":  # `cutlass_gemm.select_topk_group_max`: no scratch, no buffers
         for rows, pre, maxima in group_max_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts,
                                                   cfg["VARIANT"]):  # fmt: skip
-            cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals[rows], idx[rows], flags[rows])
+            cutlass_gemm.select_topk_group_max(
+                pre, maxima, group, k, vals[rows], idx[rows], flags[rows], cutlass_gemm.SELECT_REVISED
+            )
             del pre, maxima  # before the next chunk is made (`group_max_chunks`)
         return flags
     counts = x.new_empty(2, rows_per_chunk, dtype=torch.int32)  # zeroed by the kernel, row by row
