@@ -22,6 +22,9 @@
 #   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset; FASTSAE_PROFILE_ARGS, e.g.
 #                            --modes eager,compile --auxk on)
 #   FASTSAE_PROFILE_ENCODE   shapes for bench.profile_encode (off when unset)
+#   FASTSAE_NCU              a shape for bench.ncu_encode under Nsight Compute (off when unset): each kernel's
+#                            details in ncu_details.txt, the warp selects' executed instructions by SASS line
+#                            in ncu_select_sass.csv
 #   FASTSAE_AB               a switch for bench.ab_step, e.g. fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 (off
 #                            when unset; FASTSAE_AB_SHAPES, default gpt2,af3; FASTSAE_AB_ARGS, e.g. --retune,
 #                            --rounds 2 or --steps fastsae,fastsae_module_compile): its rows go to $OUT/results.csv
@@ -140,6 +143,18 @@ if [ -n "${FASTSAE_PROFILE_ENCODE:-}" ]; then  # shapes for bench.profile_encode
     echo "== encode profile (at $SECONDS s)"
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} python3 -m bench.profile_encode --shapes "$FASTSAE_PROFILE_ENCODE" >"$OUT/profile_encode.log" 2>&1
     grep -E "^==|GEMM|select|thresholds|centre" "$OUT/profile_encode.log"
+fi
+
+if [ -n "${FASTSAE_NCU:-}" ]; then  # Nsight Compute's counters of the row filter's kernels at one shape
+    echo "== ncu (at $SECONDS s)"
+    # The report itself (tens of MB) stays on the machine; its two pages come back as text.
+    timeout ${FASTSAE_BENCH_TIMEOUT:-3600} ncu --clock-control none --profile-from-start off --set full --import-source yes \
+        -f -o /tmp/fastsae_ncu python3 -m bench.ncu_encode --shape "$FASTSAE_NCU" >"$OUT/ncu.log" 2>&1 || status=1
+    tail -3 "$OUT/ncu.log"
+    ncu --import /tmp/fastsae_ncu.ncu-rep --page details >"$OUT/ncu_details.txt" 2>&1
+    ncu --import /tmp/fastsae_ncu.ncu-rep --page source --csv --print-source sass --kernel-name regex:select_topk \
+        >"$OUT/ncu_select_sass.csv" 2>&1
+    grep -E "^  [a-zA-Z_]|Duration|Executed Ipc Active|Registers Per Thread|Achieved Occupancy" "$OUT/ncu_details.txt" | cut -c1-120
 fi
 
 if [ -n "${FASTSAE_AB:-}" ]; then  # a training step (the captured one unless --steps) under each value of one switch

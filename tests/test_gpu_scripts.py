@@ -1,6 +1,7 @@
 """The GPU script's helpers run and check themselves: the compute-sanitizer driver over every Triton
 kernel (at its smallest shape here; the GPU script runs all of them under the sanitizers), the
-encode and training-step profiles and the A/B of a switch (at small shapes)."""
+encode and training-step profiles, the kernels for Nsight Compute and the A/B of a switch (at small
+shapes)."""
 
 import csv
 from types import SimpleNamespace
@@ -8,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 from torch.autograd import DeviceType
 
-from bench import ab_step, harness, profile_encode, profile_train, sanitize_kernels
+from bench import ab_step, harness, ncu_encode, profile_encode, profile_train, sanitize_kernels
 from bench import run as bench_run
 from bench.harness import Recorder
-from fastsae.ops import auxk, encode, launch
+from fastsae.ops import auxk, cutlass_gemm, encode, launch
 
 
 @pytest.mark.gpu
@@ -39,6 +40,15 @@ def test_profile_batchtopk_runs(capsys):
     printed = capsys.readouterr().out
     for part in ("TopK encode of 128 candidates a row", "select among the candidates", "eager dense BatchTopK"):
         assert part in printed
+
+
+@pytest.mark.gpu
+def test_ncu_encode_runs_its_kernels_once_checked(capsys):
+    """The kernels for Nsight Compute run (outside ncu the profiler range is empty) and check the codes."""
+    if not cutlass_gemm.available():
+        pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    assert ncu_encode.main(["--shape", "d384_F4096_B1024_k32"]) == 0
+    assert "both selects, cuBLAS" in capsys.readouterr().out
 
 
 @pytest.mark.gpu

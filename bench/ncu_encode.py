@@ -1,0 +1,69 @@
+"""The row filter's kernels over CUTLASS's group maxima at one shape, each run once between
+cudaProfilerStart and cudaProfilerStop after a warm-up, for Nsight Compute's counters of each kernel:
+
+    ncu --profile-from-start off --set full --import-source yes -o encode python -m bench.ncu_encode --shape af3
+    ncu --import encode.ncu-rep --page details                     (throughput, occupancy, stalls)
+    ncu --import encode.ncu-rep --page source --csv --print-source sass --kernel-name regex:select_topk
+                                                                   (executed instructions by SASS line)
+
+In the profiled range: centring, the CUTLASS GEMM with group maxima (the tuner's first routed tile with
+the shape's group width), the warp select over its output in both versions (`revised` False, True) and
+cuBLAS's GEMM of the same product for comparison. The select's codes are checked against the reference
+on the first rows before the range starts. Needs a CUDA device and fastsae's CUTLASS extension.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fastsae.ops import cutlass_gemm, filter
+from fastsae.testing import assert_topk_matches
+
+from .bench_encode import CHECK_ROWS, _weights
+from .harness import shape_dims
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="af3", help="of bench/harness.py SHAPES, or d<d>_F<F>_B<B>_k<k>")
+    args = parser.parse_args(argv)
+    if not cutlass_gemm.available():
+        raise SystemExit("ncu_encode: fastsae's CUTLASS extension is not built (the `cutlass` extra)")
+    d, n_features, n_rows, k = shape_dims(args.shape)
+    torch.manual_seed(0)
+    x = torch.randn(n_rows, d, device="cuda").bfloat16()
+    W_enc, b_enc, b_dec = _weights(d, n_features)
+    configs = [c for c in filter.group_max_configs(k, 0, n_features) if c["SELECT"] == "warp"]
+    if not configs:
+        raise SystemExit(f"ncu_encode: the warp select takes no configuration at {args.shape}")
+    variant = configs[0]["VARIANT"]
+    group = cutlass_gemm.VARIANTS[variant].group
+    xc = filter.center(x, b_dec, W_enc.dtype)
+    vals = torch.empty(n_rows, k, dtype=W_enc.dtype, device="cuda")
+    idx = torch.empty(n_rows, k, dtype=torch.int32, device="cuda")
+    flags = torch.empty(n_rows, dtype=torch.int8, device="cuda")
+
+    def kernels() -> torch.Tensor:
+        _, pre, maxima = next(filter.group_max_chunks(x, W_enc, b_enc, b_dec, n_rows, None, variant))
+        for revised in (False, True):
+            cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags, revised)
+            assert not flags.any(), f"the warp select (revised {revised}) flagged rows"
+        torch.mm(xc, W_enc)
+        return pre
+
+    pre = kernels()  # the warm-up, checked (the revised version's codes; each version has its GPU tests)
+    assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre[:CHECK_ROWS], k, 2e-2, "warp select")
+    del pre
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    kernels()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print(f"ncu_encode {args.shape}: {cutlass_gemm.VARIANTS[variant].name}, group {group}, both selects, cuBLAS")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
