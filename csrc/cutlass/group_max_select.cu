@@ -274,7 +274,11 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
   if (row >= rows) return;  // the whole warp: nothing below syncs the block
   uint64_t* keys = candidates[warp];
   uint16_t* hot = hot_lists[warp];
+  // kRevised: the row's pointer laundered through a register move, so that the compiler holds it instead
+  // of recomputing pre + row * stride_pre (a 64-bit multiply and two constant loads) for every hot group's
+  // load, as it did in the version before.
   const uint16_t* row_pre = pre + row * stride_pre;
+  if constexpr (kRevised) asm("mov.b64 %0, %0;" : "+l"(row_pre));
 
   // 1. The group maxima's keys, group i * 32 + lane in slot i (0 where there is no group). A maximum is a
   // bf16 value held in fp32: its top 16 bits.
