@@ -23,8 +23,8 @@
 #                            --modes eager,compile --auxk on)
 #   FASTSAE_PROFILE_ENCODE   shapes for bench.profile_encode (off when unset)
 #   FASTSAE_NCU              a shape for bench.ncu_encode under Nsight Compute (off when unset): each kernel's
-#                            details in ncu_details.txt, the warp selects' executed instructions by SASS line
-#                            in ncu_select_sass.csv
+#                            details in ncu_details.txt, the warp selects' and the CUTLASS GEMM's executed
+#                            instructions by SASS line in ncu_select_sass.csv and ncu_gemm_sass.csv
 #   FASTSAE_AB               a switch for bench.ab_step, e.g. fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 (off
 #                            when unset; FASTSAE_AB_SHAPES, default gpt2,af3; FASTSAE_AB_ARGS, e.g. --retune,
 #                            --rounds 2 or --steps fastsae,fastsae_module_compile): its rows go to $OUT/results.csv
@@ -154,6 +154,8 @@ if [ -n "${FASTSAE_NCU:-}" ]; then  # Nsight Compute's counters of the row filte
     ncu --import /tmp/fastsae_ncu.ncu-rep --page details >"$OUT/ncu_details.txt" 2>&1
     ncu --import /tmp/fastsae_ncu.ncu-rep --page source --csv --print-source sass --kernel-name regex:select_topk \
         >"$OUT/ncu_select_sass.csv" 2>&1
+    ncu --import /tmp/fastsae_ncu.ncu-rep --page source --csv --print-source sass --kernel-name regex:GemmUniversal \
+        >"$OUT/ncu_gemm_sass.csv" 2>&1
     grep -E "^  [a-zA-Z_]|Duration|Executed Ipc Active|Registers Per Thread|Achieved Occupancy" "$OUT/ncu_details.txt" | cut -c1-120
 fi
 
