@@ -4,7 +4,8 @@ cudaProfilerStart and cudaProfilerStop after a warm-up, for Nsight Compute's cou
     ncu --profile-from-start off --set full --import-source yes -o encode python -m bench.ncu_encode --shape af3
     ncu --import encode.ncu-rep --page details                     (throughput, occupancy, stalls)
     ncu --import encode.ncu-rep --page source --csv --print-source sass --kernel-name regex:select_topk
-                                                                   (executed instructions by SASS line)
+                                                                   (executed instructions by SASS line,
+                                                                    summed by bench/ncu_sass.py)
 
 In the profiled range: centring, the CUTLASS GEMM with group maxima (the tuner's first routed tile with
 the shape's group width), the warp select over its output in both versions (`revised` False, True) and

@@ -1,7 +1,7 @@
 """The GPU script's helpers run and check themselves: the compute-sanitizer driver over every Triton
 kernel (at its smallest shape here; the GPU script runs all of them under the sanitizers), the
-encode and training-step profiles, the kernels for Nsight Compute and the A/B of a switch (at small
-shapes)."""
+encode and training-step profiles, the kernels for Nsight Compute and the summary of its source page,
+and the A/B of a switch (at small shapes)."""
 
 import csv
 from types import SimpleNamespace
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from torch.autograd import DeviceType
 
-from bench import ab_step, harness, ncu_encode, profile_encode, profile_train, sanitize_kernels
+from bench import ab_step, harness, ncu_encode, ncu_sass, profile_encode, profile_train, sanitize_kernels
 from bench import run as bench_run
 from bench.harness import Recorder
 from fastsae.ops import auxk, cutlass_gemm, encode, launch
@@ -49,6 +49,33 @@ def test_ncu_encode_runs_its_kernels_once_checked(capsys):
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
     assert ncu_encode.main(["--shape", "d384_F4096_B1024_k32"]) == 0
     assert "both selects, cuBLAS" in capsys.readouterr().out
+
+
+def test_ncu_sass_groups_each_kernels_lines_into_blocks(tmp_path):
+    """Nsight Compute's source page (two kernels, as ncu writes it): each kernel's total and per unit, and
+    its runs of lines executed equally often by equally many threads, most instructions first."""
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+              "Avg. Threads Executed"]  # fmt: skip
+    lines = {
+        "select": [["0x10", "LDG R1", "6", "8", "32"], ["0x20", "@P0 IADD R1", "2", "8", "32"],
+                   ["0x30", "ATOMS.ADD R2", "12", "40", "1"], ["0x40", "BRA 0x30", "0", "40", "1"],
+                   ["0x50", "EXIT", "0", "8", "32"]],
+        "gemm": [["0x10", "HGMMA", "1", "1,000", "32"]],
+    }  # fmt: skip
+    path = tmp_path / "source.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        for name, rows in lines.items():
+            writer.writerows([["Kernel Name", name], header, *rows])
+    found = ncu_sass.kernels(path)
+    assert list(found) == ["select", "gemm"] and len(found["select"]) == 5
+    grouped = ncu_sass.blocks(found["select"])
+    assert [(b.address, b.instructions, b.threads, b.opcodes) for b in grouped] == [
+        ("0x10", 16.0, 32.0, ["LDG", "IADD"]), ("0x30", 80.0, 1.0, ["ATOMS.ADD", "BRA"]), ("0x50", 8.0, 32.0, ["EXIT"])
+    ]  # fmt: skip
+    printed = ncu_sass.report(path, per=8, top=2)
+    assert "104 warp instructions executed, 13.0 per unit" in printed and "1,000 warp instructions" in printed
+    assert printed.index("ATOMS.ADD BRA") < printed.index("LDG IADD") and "EXIT" not in printed  # top 2 of 3
 
 
 @pytest.mark.gpu
