@@ -206,6 +206,9 @@ def _warp_select_versions(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: fl
     idx = torch.empty(rows, k, dtype=torch.int32, device="cuda")
     flags = torch.empty(rows, dtype=torch.int8, device="cuda")
     for revised in (False, True):
+        vals.fill_(float("nan"))  # nothing left from the other version
+        idx.fill_(-1)
+        flags.fill_(7)
         ms = _ms(partial(cutlass_gemm.select_topk_group_max, pre, maxima, group, k, vals, idx, flags, revised))
         assert not flags.any(), f"the warp select (revised {revised}) flagged rows"
         label = f"select warp (revised {revised!s:>5})"
