@@ -27,7 +27,6 @@ import cProfile
 import io
 import pstats
 import time
-import traceback
 from functools import partial
 
 import torch
@@ -39,6 +38,7 @@ from fastsae import reference
 from fastsae.ops import batchtopk, cutlass_gemm, encode, filter, launch
 from fastsae.testing import assert_topk_matches
 
+from . import harness
 from .bench_encode import CHECK_ROWS, _torch_batchtopk, _weights
 from .harness import SHAPES, shape_dims
 
@@ -162,9 +162,11 @@ def profile_encode(shape: str, rows: int) -> None:
         chunk_rows = filter.row_filter_chunk_rows(n_rows, n_features, cfg["CAP"])  # the route's own chunks
         if cfg.get("GEMM") == "cutlass":
             gemm_name = f"centre + CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name}"
+            chunks = partial(filter.group_max_chunks, x, W_enc, b_enc, b_dec, chunk_rows, None, cfg["VARIANT"])
         else:
             gemm_name = "centre + cuBLAS pre-activation"
-        pre_ms = _ms(partial(_drain, _route_chunks(x, W_enc, b_enc, b_dec, cfg, chunk_rows)))
+            chunks = partial(filter.pre_activation_chunks, x, W_enc, b_enc, b_dec, chunk_rows, None)
+        pre_ms = _ms(partial(_drain, chunks))
         route_ms = _ms(routed)
         for name, ms in ((gemm_name, pre_ms), ("row kernel (the rest)", route_ms - pre_ms)):
             print(f"  {name:>30} {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
@@ -216,14 +218,6 @@ def _warp_select_versions(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: fl
         print(f"  {label} over its chunk ({rows} rows) {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
 
 
-def _route_chunks(x, W_enc, b_enc, b_dec, cfg: dict, rows: int) -> partial:
-    """The chunk generator of the row filter's `cfg` (CUTLASS's GEMM with maxima or cuBLAS's), in chunks
-    of `rows` rows, to be called."""
-    if cfg.get("GEMM") == "cutlass":
-        return partial(filter.group_max_chunks, x, W_enc, b_enc, b_dec, rows, None, cfg["VARIANT"])
-    return partial(filter.pre_activation_chunks, x, W_enc, b_enc, b_dec, rows, None)
-
-
 def profile_batchtopk(shape: str) -> None:
     """The sparse BatchTopK encode's parts against the GEMM: the TopK encode of min(F, 4k) candidates
     a row (tuned), the select among them alone, and the whole call; do_bench (the L2 flushed, the host
@@ -261,19 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=12)
     parser.add_argument("--batchtopk", action="store_true", help="the sparse BatchTopK encode's parts instead")
     args = parser.parse_args(argv)
-    failed = []
+    harness.FAILED_SHAPES.clear()
     for shape in args.shapes.split(","):
-        try:  # a failed check or experiment at one shape leaves the others' profiles to be read
+        with harness.each_shape(shape):  # a failed check at one shape leaves the others' profiles to be read
             if args.batchtopk:
                 profile_batchtopk(shape)
             else:
                 profile_encode(shape, args.rows)
-        except Exception:
-            traceback.print_exc()
-            failed.append(shape)
-    if failed:
-        print(f"profile_encode failed at {', '.join(failed)} (tracebacks above)")
-    return 1 if failed else 0
+    if harness.FAILED_SHAPES:
+        print(f"profile_encode failed at {', '.join(harness.FAILED_SHAPES)} (tracebacks above)")
+    return 1 if harness.FAILED_SHAPES else 0
 
 
 if __name__ == "__main__":
