@@ -7,8 +7,8 @@ where that host time goes. For the threshold-first filter route
 features and the group-maxima kernel), the filter GEMM with its survivor epilogue, the same GEMM with no
 survivor (every threshold +inf: the GEMM and its compares alone, so the difference is what the
 survivors' appends cost) and the exact select. Where the CUDA warp select over CUTLASS's group maxima is
-offered (the CUTLASS extension built, FASTSAE_CUTLASS_SELECT not 0), also that select's two versions over
-one chunk (`cutlass_gemm.SELECT_REVISED`).
+offered (the CUTLASS extension built, FASTSAE_CUTLASS_SELECT not 0), also that select alone over one
+chunk (the route's line for it is a difference of two timings).
 
 python -m bench.profile_encode [--shapes gpt2,af3,d768_F24576_B8192_k128] [--rows 12] [--batchtopk]
 
@@ -180,12 +180,12 @@ def profile_encode(shape: str, rows: int) -> None:
             ms = _ms(partial(encode.encode_topk, x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", select)))
             label = f"select {select['SELECT']}" + ("" if select["SELECT"] == "warp" else f" CAP {select['CAP']}")
             print(f"  {label:>30} {ms - pre_ms:8.3f} ms  {(ms - pre_ms) / gemm:5.2f}x the GEMM")
-        # The warp select's two versions where it is offered, over the tuned CUTLASS tile or else the first
-        # routed one (the tuner may have taken the row filter over cuBLAS's chunks).
+        # The warp select alone where it is offered, over the tuned CUTLASS tile or else the first routed
+        # one (the tuner may have taken the row filter over cuBLAS's chunks).
         warps = [c for c in filter.group_max_configs(k, 0, n_features) if c["SELECT"] == "warp"]
         warp = next((c for c in warps if c["VARIANT"] == cfg.get("VARIANT")), warps[0] if warps else None)
         if warp is not None:
-            _warp_select_versions(x, W_enc, b_enc, b_dec, k, warp["VARIANT"], gemm)
+            _warp_select_alone(x, W_enc, b_enc, b_dec, k, warp["VARIANT"], gemm)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
             encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)
@@ -196,10 +196,9 @@ def profile_encode(shape: str, rows: int) -> None:
     print(_host_profile(partial(F.encode_topk, x, W_enc, b_enc, b_dec, k), rows))
 
 
-def _warp_select_versions(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: float) -> None:
-    """The warp select over one chunk of CUTLASS's pre-activation and maxima, as routed and revised
-    (`cutlass_gemm.SELECT_REVISED`: each lane's passing entries in one loop, the sort in registers), each
-    checked against the reference on the first rows."""
+def _warp_select_alone(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: float) -> None:
+    """The warp select over one chunk of CUTLASS's pre-activation and maxima, checked against the
+    reference on the first rows."""
     group = cutlass_gemm.VARIANTS[variant].group
     rows = filter.row_filter_chunk_rows(x.shape[0], W_enc.shape[1], 1)
     _, pre, maxima = next(filter.group_max_chunks(x[:rows], W_enc, b_enc, b_dec, rows, None, variant))
@@ -207,15 +206,10 @@ def _warp_select_versions(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: fl
     vals = torch.empty(rows, k, dtype=W_enc.dtype, device="cuda")
     idx = torch.empty(rows, k, dtype=torch.int32, device="cuda")
     flags = torch.empty(rows, dtype=torch.int8, device="cuda")
-    for revised in (False, True):
-        vals.fill_(float("nan"))  # nothing left from the other version
-        idx.fill_(-1)
-        flags.fill_(7)
-        ms = _ms(partial(cutlass_gemm.select_topk_group_max, pre, maxima, group, k, vals, idx, flags, revised))
-        assert not flags.any(), f"the warp select (revised {revised}) flagged rows"
-        label = f"select warp (revised {revised!s:>5})"
-        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre[:CHECK_ROWS], k, 2e-2, label)
-        print(f"  {label} over its chunk ({rows} rows) {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
+    ms = _ms(partial(cutlass_gemm.select_topk_group_max, pre, maxima, group, k, vals, idx, flags))
+    assert not flags.any(), "the warp select flagged rows"
+    assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre[:CHECK_ROWS], k, 2e-2, "select warp")
+    print(f"  select warp alone over its chunk ({rows} rows) {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
 
 
 def profile_batchtopk(shape: str) -> None:

@@ -90,17 +90,15 @@ def _cutlass_routes(name: str, x, W_enc, b_enc, b_dec, pre, k: int) -> None:
     warp select's included, where the extension is built and takes the operands; each checked."""
     if not (cutlass_gemm.available() and cutlass_gemm.takes(x, W_enc)):
         return
-    switches = cutlass_gemm.SELECT_ROUTE, cutlass_gemm.SELECT_REVISED  # restored after: tests run this too
+    select_route = cutlass_gemm.SELECT_ROUTE  # restored after: tests run this too
     cutlass_gemm.SELECT_ROUTE = True  # the warp select too, even where FASTSAE_CUTLASS_SELECT=0
     try:
         for cfg in filter.group_max_configs(k, 0, W_enc.shape[1]):
-            for revised in (False, True) if cfg["SELECT"] == "warp" else (False,):  # both warp select versions
-                cutlass_gemm.SELECT_REVISED = revised
-                label = f"{name} CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name} select {cfg['SELECT']}"
-                vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", cfg))
-                assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{label} revised {revised}")
+            label = f"{name} CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name} select {cfg['SELECT']}"
+            vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", cfg))
+            assert_topk_matches(vals, idx, pre, k, TOLERANCE, label)
     finally:
-        cutlass_gemm.SELECT_ROUTE, cutlass_gemm.SELECT_REVISED = switches
+        cutlass_gemm.SELECT_ROUTE = select_route
 
 
 def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, all_configs: bool = True) -> None:

@@ -101,10 +101,9 @@ def _group_of(variant_group):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("revised", [False, True])
 @pytest.mark.parametrize("group", cutlass_gemm.SELECT_GROUPS)
 @pytest.mark.parametrize("k", [1, 32, 96])
-def test_select_topk_group_max_is_exact_on_cuda(group, k, revised):
+def test_select_topk_group_max_is_exact_on_cuda(group, k):
     """The warp-per-row select over the GEMM's own pre-activation and maxima (1003 rows: a partial block
     of rows; 96 groups of 256 is k = F / 256) returns exactly each row's k largest keys, sorted, into
     bf16 and fp32 codes and row views of a larger output, and leaves no row to the fallback."""
@@ -119,15 +118,14 @@ def test_select_topk_group_max_is_exact_on_cuda(group, k, revised):
         vals = torch.full((B + 5, k), float("nan"), dtype=dtype, device="cuda")[5:]
         idx = torch.full((B, k), -1, dtype=torch.int32, device="cuda")
         flags = torch.full((B,), 7, dtype=torch.int8, device="cuda")
-        cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags, revised)
+        cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
         assert not flags.any(), f"{int(flags.bool().sum())} rows left to the fallback"
         assert torch.equal(idx, expected_idx)
         assert torch.equal(vals, expected_vals.to(dtype))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("revised", [False, True])
-def test_select_topk_group_max_adversarial_rows_on_cuda(revised):
+def test_select_topk_group_max_adversarial_rows_on_cuda():
     """Rows that break a bound from the group maxima: the kernel flags exactly the rows it cannot select
     (all NaN, all -inf) and selects the others exactly: a constant row (every entry ties: the bound is
     raised over values, then over features), a row whose largest 640 entries share five groups and tie
@@ -154,7 +152,7 @@ def test_select_topk_group_max_adversarial_rows_on_cuda(revised):
     vals = torch.full((B, k), float("nan"), device="cuda")
     idx = torch.full((B, k), -1, dtype=torch.int32, device="cuda")
     flags = torch.full((B,), 7, dtype=torch.int8, device="cuda")
-    cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags, revised)
+    cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
     assert flags.tolist() == [1, 0, 0, 0, 0, 1] + [0] * (B - 6)
     expected_vals, expected_idx = _exact_topk(pre, k)
     selected = flags == 0
@@ -212,10 +210,8 @@ def _maxima_route(monkeypatch, device):
 
         monkeypatch.setattr(cutlass_gemm, "gemm_bias_group_max", emulated)
 
-        def emulated_select(pre, maxima, group, k, vals, idx, flags, revised):
-            """The warp select's contract from its reference (either version): NaN rows flagged, the others
-            written; the route asks for the version its switch names."""
-            assert revised == cutlass_gemm.SELECT_REVISED, "the route ignored cutlass_gemm.SELECT_REVISED"
+        def emulated_select(pre, maxima, group, k, vals, idx, flags):
+            """The warp select's contract from its reference: NaN rows flagged, the others written."""
             top_vals, top_idx = reference.topk_activation(pre.float(), k)
             nan_rows = torch.isnan(pre).any(dim=1)
             vals[~nan_rows], idx[~nan_rows] = top_vals[~nan_rows].to(vals.dtype), top_idx[~nan_rows]
@@ -261,12 +257,10 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-@pytest.mark.parametrize("revised", [False, True])
-def test_warp_select_route_leaves_flagged_rows_to_the_fallback(device, revised, monkeypatch):
-    """Through the TopK encode, the warp select's route (either version) leaves the rows it flags (a NaN
+def test_warp_select_route_leaves_flagged_rows_to_the_fallback(device, monkeypatch):
+    """Through the TopK encode, the warp select's route leaves the rows it flags (a NaN
     row) to the sweep, which writes them (NaN never selected: value 0), and the others are the reference's."""
     _maxima_route(monkeypatch, device)
-    monkeypatch.setattr(cutlass_gemm, "SELECT_REVISED", revised)
     B, d, F, k = (13, 32, 1000, 4) if device == "cpu" else (1003, 768, 24576, 32)
     x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).bfloat16()
     x[3] = float("nan")

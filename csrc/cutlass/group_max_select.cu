@@ -16,20 +16,23 @@
 //    feature's 32: larger value first, ties to the larger feature, as the Triton kernels order them.
 //    The hot groups hold k * group entries, of which few pass (about 60 of 4096 at k = 32 on Gaussian
 //    rows), so each pair of entries is first compared with the bound as packed bf16 (one instruction),
-//    and only the lanes holding a pair that passes build keys and take a slot (a shared-memory atomic).
-//    The first version built every entry's key and took a ballot for it, about 15 instructions an entry
-//    and by count most of the kernel's work; it took 0.46x the GEMM's time at AlphaFold3's shape on an
-//    H100 (cab2aa6), this one 0.32x (9a190cf).
+//    and only a lane's pairs that pass, all of them in one loop, build keys and take slots (a
+//    shared-memory atomic).
 // 4. Where more than kCapacity pass (the row's largest values share groups, as a trained SAE's features
 //    with nearly equal encoder columns do, or tie in bf16), the bound is raised to the row's k-th largest
 //    key, bit by bit over the hot groups again (16 passes over values, and only where more than
 //    kCapacity still tie at the k-th value, more over features), and the buffer filled again: at most
 //    kCapacity keys. Any bound that at least k entries reach keeps the row's k largest, so the select
 //    is exact whatever the maxima were; a row that kept fewer than k is flagged.
-// 5. A bitonic sort of the buffer, descending; its first k keys are the row's codes (post-ReLU values).
-// kRevised (the op's `revised`, not yet run on a GPU): the passing pairs of step 3 in one loop a lane and
-// the sort in registers, shuffles between lanes; ncu counted 4,532 warp instructions a row at AlphaFold3's
-// shape without them, 1,860 of them step 3's loops over passing pairs and 997 the sort (H100, 1dd0bbb).
+// 5. A bitonic sort of the buffer in registers, descending, exchanges between lanes by shuffles; its
+//    first k keys are the row's codes (post-ReLU values).
+// How it got here (ncu and CUDA events on an H100, AlphaFold3's shape (384, 16384, 16384, 32), times as a
+// fraction of the cuBLAS GEMM's): a first version that built every hot entry's key and took a ballot for
+// it, 0.46x (cab2aa6); the packed compare first, 0.32x (9a190cf), 4,532 warp instructions a row of which
+// 1,860 handled the passing pairs (a loop for each group, one lane active) and 997 sorted in shared
+// memory; the loop a lane and the sort in registers, 0.23x (b5e6806; 0.11x at GPT-2's shape), about
+// 2,000 warp instructions a row, where it waits on its loads (62% of the DRAM's bandwidth, 1.9
+// instructions a cycle an SM).
 // A row whose bound is -inf (fewer than k groups with a finite maximum: a NaN row) or that kept fewer than
 // k is flagged and left unwritten: the caller recomputes it exactly (fastsae/ops/encode.py's fallback).
 #include <ATen/ATen.h>
@@ -156,7 +159,7 @@ __device__ __forceinline__ void keep_pair(uint32_t word, int feature, uint64_t l
 // `lower`), and only a pair that passes has its keys built, compared exactly and given slots from `kept`,
 // the warp's counter in shared memory. The slots' order varies from run to run; the sort that follows
 // does not.
-template <int kGroup, bool kRevised>
+template <int kGroup>
 __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_hot, int n_features, int lane,
                             uint64_t lower, uint64_t* keys, int* kept) {
   constexpr int kWords = kWordsPerGroup<kGroup>;
@@ -178,29 +181,14 @@ __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_
         if (first[j] < n_features && may_pass) passing |= 1u << (j * kWords + w);
       }
     }
-    // The passing pairs (rare: about two of a hot group's kGroup / 2, seldom two on one lane).
-    if constexpr (kRevised) {
-      // All of a lane's in one loop, so that the warp runs as many iterations as its busiest lane has pairs;
-      // a pair's word is read again (the L1 holds it) rather than chosen among the batch's registers by a
-      // run-time index (local memory).
-      for (; passing; passing &= passing - 1) {
-        const int pair = __ffs(passing) - 1;  // group h + pair / kWords of the hot list, its word pair % kWords
-        const int feature = hot[h + pair / kWords] * kGroup + lane * (kGroup / 32) + 2 * (pair % kWords);
-        keep_pair(__ldg(reinterpret_cast<const uint32_t*>(row_pre + feature)), feature, lower, keys, kept);
-      }
-    } else {
-      // A loop for each group of the batch: on an H100 (1dd0bbb) they ran one lane at a time and were
-      // 1,860 of the kernel's 4,532 warp instructions a row at AlphaFold3's shape.
-#pragma unroll
-      for (int j = 0; j < kBatch; ++j) {
-        for (uint32_t pairs = (passing >> (j * kWords)) & ((1u << kWords) - 1); pairs; pairs &= pairs - 1) {
-          const int w = __ffs(pairs) - 1;
-          uint32_t word = words[j][0];  // words[j][w], chosen without indexing registers at run time
-#pragma unroll
-          for (int v = 1; v < kWords; ++v) word = w == v ? words[j][v] : word;
-          keep_pair(word, first[j] + 2 * w, lower, keys, kept);
-        }
-      }
+    // The passing pairs (rare: about two of a hot group's kGroup / 2, seldom two on one lane), all of a
+    // lane's in one loop, so that the warp runs as many iterations as its busiest lane has pairs; a pair's
+    // word is read again (the L1 holds it) rather than chosen among the batch's registers by a run-time
+    // index (local memory).
+    for (; passing; passing &= passing - 1) {
+      const int pair = __ffs(passing) - 1;  // group h + pair / kWords of the hot list, its word pair % kWords
+      const int feature = hot[h + pair / kWords] * kGroup + lane * (kGroup / 32) + 2 * (pair % kWords);
+      keep_pair(__ldg(reinterpret_cast<const uint32_t*>(row_pre + feature)), feature, lower, keys, kept);
     }
   }
   __syncwarp();
@@ -209,8 +197,8 @@ __device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_
 
 // Sorts the warp's 32 * kPerLane keys descending, key r * 32 + lane in keys[r]: a bitonic network whose
 // exchanges between lanes are shuffles and whose exchanges within a lane (strides of 32 and more) are
-// register swaps (kRevised's sort; the network over shared memory was about a fifth of the kernel's
-// instructions, most of them address arithmetic and barriers).
+// register swaps (the same network over shared memory was about a fifth of the kernel's instructions,
+// most of them address arithmetic and barriers).
 template <int kPerLane>
 __device__ __forceinline__ void sort_descending(uint64_t (&keys)[kPerLane], int lane) {
   constexpr int kLogSize = 5 + (kPerLane >= 2) + (kPerLane >= 4) + (kPerLane >= 8) + (kPerLane >= 16);
@@ -261,7 +249,7 @@ __device__ __forceinline__ void write_largest(const uint64_t* buffer, int n, int
   }
 }
 
-template <int kGroup, int kGroupsPerLane, bool kRevised, typename scalar_t>
+template <int kGroup, int kGroupsPerLane, typename scalar_t>
 __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
     const uint16_t* __restrict__ pre, int64_t stride_pre, const float* __restrict__ maxima, int64_t stride_maxima,
     int rows, int n_features, int n_groups, int k, scalar_t* __restrict__ vals, int64_t stride_vals,
@@ -274,11 +262,11 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
   if (row >= rows) return;  // the whole warp: nothing below syncs the block
   uint64_t* keys = candidates[warp];
   uint16_t* hot = hot_lists[warp];
-  // kRevised: the row's pointer laundered through a register move, so that the compiler holds it instead
-  // of recomputing pre + row * stride_pre (a 64-bit multiply and two constant loads) for every hot group's
-  // load, as it did in the version before.
+  // The row's pointer laundered through a register move, so that the compiler holds it instead of
+  // recomputing pre + row * stride_pre (a 64-bit multiply and two constant loads) for every hot group's
+  // load, as it did without.
   const uint16_t* row_pre = pre + row * stride_pre;
-  if constexpr (kRevised) asm("mov.b64 %0, %0;" : "+l"(row_pre));
+  asm("mov.b64 %0, %0;" : "+l"(row_pre));
 
   // 1. The group maxima's keys, group i * 32 + lane in slot i (0 where there is no group). A maximum is a
   // bf16 value held in fp32: its top 16 bits.
@@ -316,7 +304,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
   __syncwarp();
   const uint64_t lower = static_cast<uint64_t>(bound) << 32;
   int* kept = &kept_counts[warp];
-  int n = collect_from<kGroup, kRevised>(row_pre, hot, n_hot, n_features, lane, lower, keys, kept);
+  int n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, lower, keys, kept);
 
   // 4. Too many: the largest key that at least k entries reach (the k-th largest), bit by bit, over values
   // then features; it stops once at most kCapacity entries reach the bits found so far.
@@ -337,7 +325,7 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
         reach = trial_reach;
       }
     }
-    n = collect_from<kGroup, kRevised>(row_pre, hot, n_hot, n_features, lane, found, keys, kept);
+    n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, found, keys, kept);
   }
   if (n < k || n > kCapacity) {
     if (lane == 0) flags[row] = 1;
@@ -347,39 +335,15 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
   // 5. The n keys sorted, their first k written.
   scalar_t* row_vals = vals + row * stride_vals;
   int32_t* row_idx = idx + row * stride_idx;
-  if constexpr (kRevised) {  // in registers
-    if (n <= 32) write_largest<1>(keys, n, k, lane, row_vals, row_idx);
-    else if (n <= 64) write_largest<2>(keys, n, k, lane, row_vals, row_idx);
-    else if (n <= 128) write_largest<4>(keys, n, k, lane, row_vals, row_idx);
-    else if (n <= 256) write_largest<8>(keys, n, k, lane, row_vals, row_idx);
-    else write_largest<16>(keys, n, k, lane, row_vals, row_idx);
-  } else {  // in shared memory, over a power of two of slots, the rest empty (0)
-    int size = 32;
-    while (size < n) size *= 2;
-    for (int s = n + lane; s < size; s += 32) keys[s] = 0;
-    __syncwarp();
-    for (int block = 2; block <= size; block *= 2) {
-      for (int stride = block / 2; stride > 0; stride /= 2) {
-        for (int pair = lane; pair < size / 2; pair += 32) {
-          const int lo = (pair & ~(stride - 1)) * 2 + (pair & (stride - 1)), hi = lo + stride;
-          const uint64_t a = keys[lo], b = keys[hi];
-          if ((lo & block) == 0 ? a < b : a > b) {  // descending blocks, then the whole row descending
-            keys[lo] = b;
-            keys[hi] = a;
-          }
-        }
-        __syncwarp();
-      }
-    }
-    for (int s = lane; s < k; s += 32) {
-      row_vals[s] = static_cast<scalar_t>(fmaxf(key_value(keys[s]), 0.0f));
-      row_idx[s] = static_cast<int32_t>(keys[s] & 0xffffffffu);
-    }
-  }
+  if (n <= 32) write_largest<1>(keys, n, k, lane, row_vals, row_idx);
+  else if (n <= 64) write_largest<2>(keys, n, k, lane, row_vals, row_idx);
+  else if (n <= 128) write_largest<4>(keys, n, k, lane, row_vals, row_idx);
+  else if (n <= 256) write_largest<8>(keys, n, k, lane, row_vals, row_idx);
+  else write_largest<16>(keys, n, k, lane, row_vals, row_idx);
   if (lane == 0) flags[row] = 0;
 }
 
-template <int kGroup, int kGroupsPerLane, bool kRevised>
+template <int kGroup, int kGroupsPerLane>
 void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tensor& vals, at::Tensor& idx,
             at::Tensor& flags) {
   const int rows = static_cast<int>(pre.size(0)), n_features = static_cast<int>(pre.size(1));
@@ -387,7 +351,7 @@ void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tens
   const dim3 grid((rows + kWarps - 1) / kWarps);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "select_topk_group_max", [&] {
-    select_topk_group_max_kernel<kGroup, kGroupsPerLane, kRevised, scalar_t><<<grid, kWarps * 32, 0, stream>>>(
+    select_topk_group_max_kernel<kGroup, kGroupsPerLane, scalar_t><<<grid, kWarps * 32, 0, stream>>>(
         reinterpret_cast<const uint16_t*>(pre.data_ptr()), pre.stride(0), maxima.data_ptr<float>(), maxima.stride(0),
         rows, n_features, n_groups, static_cast<int>(k), vals.data_ptr<scalar_t>(), vals.stride(0),
         idx.data_ptr<int32_t>(), idx.stride(0), flags.data_ptr<int8_t>());
@@ -395,20 +359,20 @@ void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <int kGroup, bool kRevised>
+template <int kGroup>
 void launch_for_groups(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tensor& vals,
                        at::Tensor& idx, at::Tensor& flags) {
   const int64_t n_groups = (pre.size(1) + kGroup - 1) / kGroup;
-  if (n_groups <= 128) return launch<kGroup, 4, kRevised>(pre, maxima, k, vals, idx, flags);
-  if (n_groups <= 256) return launch<kGroup, 8, kRevised>(pre, maxima, k, vals, idx, flags);
-  if (n_groups <= 512) return launch<kGroup, 16, kRevised>(pre, maxima, k, vals, idx, flags);
-  return launch<kGroup, 32, kRevised>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 128) return launch<kGroup, 4>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 256) return launch<kGroup, 8>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 512) return launch<kGroup, 16>(pre, maxima, k, vals, idx, flags);
+  return launch<kGroup, 32>(pre, maxima, k, vals, idx, flags);
 }
 
 }  // namespace
 
 void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int64_t group, int64_t k,
-                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags, bool revised) {
+                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags) {
   // fastsae/ops/cutlass_gemm.py checks the operands before it calls this (a failed check here has crashed
   // the process at its second failure); these guard the kernel's memory accesses all the same.
   const char* op = "select_topk_group_max";
@@ -434,12 +398,8 @@ void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int6
               op, ": flags must be int8 [rows] on pre's device");
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(pre.device());
-  if (revised) {
-    if (group == 128) return launch_for_groups<128, true>(pre, maxima, k, vals, idx, flags);
-    return launch_for_groups<256, true>(pre, maxima, k, vals, idx, flags);
-  }
-  if (group == 128) return launch_for_groups<128, false>(pre, maxima, k, vals, idx, flags);
-  return launch_for_groups<256, false>(pre, maxima, k, vals, idx, flags);
+  if (group == 128) return launch_for_groups<128>(pre, maxima, k, vals, idx, flags);
+  return launch_for_groups<256>(pre, maxima, k, vals, idx, flags);
 }
 
 }  // namespace fastsae_cutlass

@@ -2,8 +2,7 @@
 // pre-activation [rows, F] (bf16) and the group maxima [ceil(F / group), >= rows] (fp32) that
 // gemm_bias_group_max leaves. Writes vals [rows, k] (post-ReLU, vals' dtype) and idx [rows, k] (int32),
 // largest first, as fastsae/reference.py's `topk_activation` selects them (ties to the larger feature),
-// and flags [rows] (int8): 1 for a row left unwritten, for the caller to recompute. `revised`: the version
-// that handles a lane's passing pairs in one loop and sorts in registers (not yet run on a GPU).
+// and flags [rows] (int8): 1 for a row left unwritten, for the caller to recompute.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +13,6 @@ constexpr int64_t kMaxGroups = 1024;  // group maxima a row may have (32 a lane,
 constexpr int64_t kMaxK = 256;        // half the kernel's candidate slots a row
 
 void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int64_t group, int64_t k,
-                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags, bool revised);
+                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags);
 
 }  // namespace fastsae_cutlass

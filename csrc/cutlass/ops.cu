@@ -83,7 +83,7 @@ TORCH_LIBRARY(fastsae_cutlass, m) {
       "int variant=0) -> ()");
   m.def(
       "select_topk_group_max(Tensor pre, Tensor maxima, int group, int k, Tensor(a!) vals, Tensor(b!) idx, "
-      "Tensor(c!) flags, bool revised=False) -> ()");
+      "Tensor(c!) flags) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsae_cutlass, CUDA, m) {

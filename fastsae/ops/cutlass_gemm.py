@@ -19,7 +19,7 @@ measures faster; `bench/bench_gemm.py` times each variant alone against cuBLAS's
 select_topk_group_max is that route's select as a CUDA kernel of one warp per row
 (csrc/cutlass/group_max_select.cu): the row's k-th largest group maximum bounds its k-th largest entry,
 the groups that reach it are read again and their entries at or above it gathered in the warp's shared
-memory and sorted (there, or in registers with SELECT_REVISED). Rows it cannot finish (flags 1: a bound of
+memory and sorted in registers. Rows it cannot finish (flags 1: a bound of
 -inf, more than 512 candidates) are left for the caller's fallback. With SELECT_ROUTE on (the default),
 the tuner times it beside the Triton row kernel (`filter.over_group_maxima`).
 
@@ -96,16 +96,11 @@ ROUTE = os.environ.get("FASTSAE_CUTLASS_ROUTES", "1") != "0"
 # FASTSAE_CUTLASS_SELECT=0 (read at import). Its first version took 0.094 / 0.163 ms over the route's
 # chunks at GPT-2 / AF3 on an H100 (cab2aa6), the best Triton row kernel 0.096 / 0.165. The version now in
 # group_max_select.cu (packed bf16 compares with the bound, keys built only for the few pairs that pass)
-# took 0.075 / 0.114 ms, 0.16x / 0.32x the GEMM, passed its tests and compute-sanitizer's memcheck and
-# racecheck, and the tuner took it at both shapes: the encode 1.15x / 1.45x cuBLAS's GEMM (H100, 9a190cf;
-# 1.20x / 1.64x before).
+# took 0.075 / 0.114 ms, 0.16x / 0.32x the GEMM (H100, 9a190cf), and the version now in
+# group_max_select.cu (each lane's passing pairs in one loop, the sort in registers by shuffles) 0.051 /
+# 0.080 ms where the one before took 0.071 / 0.108 in the same run (H100, b5e6806; GPU tests and
+# compute-sanitizer's memcheck and racecheck clean): the tuner takes it at both shapes.
 SELECT_ROUTE = os.environ.get("FASTSAE_CUTLASS_SELECT", "1") != "0"
-# That select's revision (its `revised` argument): each lane's passing pairs in one loop (the loop for each
-# hot group ran one lane at a time: 1,860 of the kernel's 4,532 warp instructions a row at AF3's shape,
-# ncu on an H100 at 1dd0bbb) and the sort in registers by shuffles (997 a row in shared memory). By count
-# about half the instructions a row; compiled for sm_90a but not yet run on a GPU, so off unless
-# FASTSAE_CUTLASS_SELECT_REVISED=1 (read at import).
-SELECT_REVISED = os.environ.get("FASTSAE_CUTLASS_SELECT_REVISED", "0") == "1"
 # The filter route over gemm_bias_filter: off unless FASTSAE_CUTLASS_FILTER=1 (read at import); its GEMM
 # alone took 1.04 / 1.21 ms against the Triton filter GEMM's 0.75 at GPT-2 / AF3 on an H100 (7e44a77).
 FILTER_ROUTE = os.environ.get("FASTSAE_CUTLASS_FILTER", "0") == "1"
@@ -142,14 +137,13 @@ def gemm_bias_group_max(xc: Tensor, W_enc: Tensor, b_enc: Tensor, variant: int =
 
 
 def select_topk_group_max(
-    pre: Tensor, maxima: Tensor, group: int, k: int, vals: Tensor, idx: Tensor, flags: Tensor, revised: bool = False
+    pre: Tensor, maxima: Tensor, group: int, k: int, vals: Tensor, idx: Tensor, flags: Tensor
 ) -> None:
     """Writes each row's k largest entries of pre [rows, F] (bf16, CUDA, rows contiguous and 16-byte
     aligned) into vals [rows, k] (post-ReLU, any float dtype) and idx [rows, k] (int32), largest first, as
     `reference.topk_activation` selects them with ties to the larger feature, from `maxima` [ceil(F /
     group), >= rows] (fp32: `gemm_bias_group_max`'s for that pre); flags [rows] (int8) gets 1 for each
-    row it left unwritten, for the caller to recompute, and 0 for the others. `revised`: the kernel's
-    version that handles each lane's passing entries in one loop and sorts in registers (SELECT_REVISED)."""
+    row it left unwritten, for the caller to recompute, and 0 for the others."""
     _require("select_topk_group_max")
     op = "select_topk_group_max"
     _check_operand(op, "pre", pre, torch.bfloat16, 2, pre.device, rows_contiguous=True)
@@ -176,7 +170,7 @@ def select_topk_group_max(
     _check_operand(op, "flags", flags, torch.int8, 1, pre.device)
     if flags.shape[0] != rows:
         raise ValueError(f"{op}: flags must have pre's {rows} rows, got {flags.shape[0]}")
-    torch.ops.fastsae_cutlass.select_topk_group_max(pre, maxima, group, k, vals, idx, flags, revised)
+    torch.ops.fastsae_cutlass.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
 
 
 def gemm_bias_filter(
