@@ -7,10 +7,10 @@ cudaProfilerStart and cudaProfilerStop after a warm-up, for Nsight Compute's cou
                                                                    (executed instructions by SASS line,
                                                                     summed by bench/ncu_sass.py)
 
-In the profiled range: centring, the CUTLASS GEMM with group maxima (the tuner's first routed tile with
-the shape's group width), the warp select over its output and
-cuBLAS's GEMM of the same product for comparison. The select's codes are checked against the reference
-on the first rows before the range starts. Needs a CUDA device and fastsae's CUTLASS extension.
+In the profiled range: centring, the CUTLASS GEMM with group maxima (the tile the tuner takes for the
+encode at that shape, else the first routed one), the warp select over its output and cuBLAS's GEMM of
+the same product for comparison. The select's codes are checked against the reference on the first rows
+before the range starts. Needs a CUDA device and fastsae's CUTLASS extension.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import argparse
 
 import torch
 
-from fastsae.ops import cutlass_gemm, filter
+from fastsae.ops import cutlass_gemm, encode, filter, launch
 from fastsae.testing import assert_topk_matches
 
 from .bench_encode import CHECK_ROWS, _weights
@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     configs = [c for c in filter.group_max_configs(k, 0, n_features) if c["SELECT"] == "warp"]
     if not configs:
         raise SystemExit(f"ncu_encode: the warp select takes no configuration at {args.shape}")
-    variant = configs[0]["VARIANT"]
+    # The GEMM the tuner takes for the encode at this shape where it takes the row filter over CUTLASS's
+    # maxima (the first routed one otherwise): its counters are the ones the encode's time is made of.
+    encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None)  # tunes the route
+    tuned = launch.tuned_choices("encode_topk", d, n_features, launch.bucket(n_rows), k)
+    tuned_variants = [cfg["VARIANT"] for name, cfg in tuned if name == "row_filter" and cfg.get("GEMM") == "cutlass"]
+    variant = tuned_variants[0] if tuned_variants else configs[0]["VARIANT"]
     group = cutlass_gemm.VARIANTS[variant].group
     xc = filter.center(x, b_dec, W_enc.dtype)
     vals = torch.empty(n_rows, k, dtype=W_enc.dtype, device="cuda")
