@@ -154,7 +154,7 @@ if [ -n "${FASTSAE_NCU:-}" ]; then  # Nsight Compute's counters of the row filte
     ncu --import /tmp/fastsae_ncu.ncu-rep --page details >"$OUT/ncu_details.txt" 2>&1
     ncu --import /tmp/fastsae_ncu.ncu-rep --page source --csv --print-source sass --kernel-name regex:select_topk \
         >"$OUT/ncu_select_sass.csv" 2>&1
-    ncu --import /tmp/fastsae_ncu.ncu-rep --page source --csv --print-source sass --kernel-name regex:GemmUniversal \
+    ncu --import /tmp/fastsae_ncu.ncu-rep --page source --csv --print-source sass --kernel-name regex:device_kernel \
         >"$OUT/ncu_gemm_sass.csv" 2>&1
     grep -E "^  [a-zA-Z_]|Duration|Executed Ipc Active|Registers Per Thread|Achieved Occupancy" "$OUT/ncu_details.txt" | cut -c1-120
 fi
