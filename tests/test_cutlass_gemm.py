@@ -100,17 +100,21 @@ def _group_of(variant_group):
     return next(v for v, kernel in enumerate(cutlass_gemm.VARIANTS) if kernel.routed and kernel.group == variant_group)
 
 
+SELECT_CASES = [(group, k, 24576) for group in cutlass_gemm.SELECT_GROUPS for k in (1, 32, 96)] + [(128, 128, 16384)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("group", cutlass_gemm.SELECT_GROUPS)
-@pytest.mark.parametrize("k", [1, 32, 96])
-def test_select_topk_group_max_is_exact_on_cuda(group, k):
+@pytest.mark.parametrize("group, k, F", SELECT_CASES)
+def test_select_topk_group_max_is_exact_on_cuda(group, k, F):
     """The warp-per-row select over the GEMM's own pre-activation and maxima (1003 rows: a partial block
-    of rows; 96 groups of 256 is k = F / 256) returns exactly each row's k largest keys, sorted, into
-    bf16 and fp32 codes and row views of a larger output, and leaves no row to the fallback."""
+    of rows; 96 groups of 256 is k = F / 256; k = 128 over 128 groups reads every group, and about 690
+    entries of a row reach the first bound, more than the buffer holds, so most rows raise it) returns
+    exactly each row's k largest keys, sorted, into bf16 and fp32 codes and row views of a larger
+    output, and leaves no row to the fallback."""
     if not cutlass_gemm.available():
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
     torch.manual_seed(k)
-    B, d, F = 1003, 768, 24576
+    B, d = 1003, 768
     xc, W_enc, b_enc = _operands(B, d, F)
     pre, maxima = cutlass_gemm.gemm_bias_group_max(xc, W_enc, b_enc, _group_of(group))
     expected_vals, expected_idx = _exact_topk(pre, k)
@@ -127,9 +131,9 @@ def test_select_topk_group_max_is_exact_on_cuda(group, k):
 @pytest.mark.gpu
 def test_select_topk_group_max_adversarial_rows_on_cuda():
     """Rows that break a bound from the group maxima: the kernel flags exactly the rows it cannot select
-    (all NaN, all -inf) and selects the others exactly: a constant row (every entry ties: the bound is
-    raised over values, then over features), a row whose largest 640 entries share five groups and tie
-    (more than the 512 candidate slots reach the first bound), NaN entries among the largest
+    (all NaN, all -inf) and selects the others exactly: a constant row (every entry ties: the buffer is
+    cut to its k largest features some fifty times), a row whose largest 640 entries share five groups
+    and tie (more than the 512 candidate slots reach the first bound), NaN entries among the largest
     (never selected; their groups' maxima NaN), all-negative values (codes of value 0), +inf entries,
     and random rows around them; maxima are the reference's, which NaN propagates."""
     if not cutlass_gemm.available():

@@ -18,12 +18,13 @@
 //    rows), so each pair of entries is first compared with the bound as packed bf16 (one instruction),
 //    and only a lane's pairs that pass, all of them in one loop, build keys and take slots (a
 //    shared-memory atomic).
-// 4. Where more than kCapacity pass (the row's largest values share groups, as a trained SAE's features
-//    with nearly equal encoder columns do, or tie in bf16), the bound is raised to the row's k-th largest
-//    key, bit by bit over the hot groups again (16 passes over values, and only where more than
-//    kCapacity still tie at the k-th value, more over features), and the buffer filled again: at most
-//    kCapacity keys. Any bound that at least k entries reach keeps the row's k largest, so the select
-//    is exact whatever the maxima were; a row that kept fewer than k is flagged.
+// 4. Where the buffer fills (the row's largest values share groups, as a trained SAE's features with
+//    nearly equal encoder columns do, or tie in bf16, or k is large against the groups: at AlphaFold3's
+//    shape with k = 128 about 690 entries of Gaussian rows reach the first bound), it is cut to its k
+//    largest keys and the bound raised to the smallest of them, and the pass goes on: the row is read
+//    once whatever its values, and the select is exact whatever the maxima were (any bound that k of the
+//    row's entries reach keeps the row's k largest); a row that kept fewer than k (NaN entries) is
+//    flagged. Before, the bound was raised by counting passes over the hot groups, 16 and more a row.
 // 5. A bitonic sort of the buffer in registers, descending, exchanges between lanes by shuffles; its
 //    first k keys are the row's codes (post-ReLU values).
 // How it got here (ncu and CUDA events on an H100, AlphaFold3's shape (384, 16384, 16384, 32), times as a
@@ -52,6 +53,7 @@ namespace {
 
 constexpr int kWarps = 4;              // rows a block, a warp each
 constexpr int kCapacity = 512;         // candidate keys a row keeps
+static_assert(kMaxK <= kCapacity - 64, "a full buffer is cut to its k largest with room for a step's keys");
 constexpr int kBatch = 8;              // hot groups whose loads are in flight together
 constexpr unsigned kAllLanes = 0xffffffffu;
 // 16-bit value keys (`value_key`): -inf's, and the one a NaN group maximum gets (above +inf's, 0xff80, and
@@ -110,89 +112,14 @@ __device__ __forceinline__ void load_hot_batch(const uint16_t* row_pre, const ui
   }
 }
 
-// Calls visit(key) for every entry of the row's hot groups (0 for lanes past the row's features), the
-// whole warp together (visit may take ballots), kBatch groups' loads in flight.
-template <int kGroup, class Visit>
-__device__ __forceinline__ void for_hot_entries(const uint16_t* row_pre, const uint16_t* hot, int n_hot,
-                                                int n_features, int lane, Visit&& visit) {
-  constexpr int kPerLane = kGroup / 32;
-  for (int h = 0; h < n_hot; h += kBatch) {
-    HotWords<kGroup> words;
-    int first[kBatch];
-    load_hot_batch<kGroup>(row_pre, hot, h, n_hot, n_features, lane, words, first);
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-#pragma unroll
-      for (int e = 0; e < kPerLane; ++e) {
-        const uint32_t bits = e % 2 == 0 ? words[j][e / 2] & 0xffffu : words[j][e / 2] >> 16;
-        visit(first[j] < n_features ? entry_key(bits, first[j] + e) : uint64_t(0));
-      }
-    }
-  }
-}
-
-// How many entries of the hot groups have a key at or above `lower` (every lane gets the count).
-template <int kGroup>
-__device__ int count_from(const uint16_t* row_pre, const uint16_t* hot, int n_hot, int n_features, int lane,
-                          uint64_t lower) {
-  unsigned count = 0;
-  for_hot_entries<kGroup>(row_pre, hot, n_hot, n_features, lane, [&](uint64_t key) { count += key >= lower; });
-  return static_cast<int>(__reduce_add_sync(kAllLanes, count));
-}
-
 // Gives each entry of the bf16 pair `word` (features `feature` and `feature` + 1) whose key is at or above
-// `lower` a slot of `keys` from `kept`, the warp's counter in shared memory (the first kCapacity slots).
+// `lower` a slot of `keys` from `kept`, the warp's counter in shared memory (the caller leaves room).
 __device__ __forceinline__ void keep_pair(uint32_t word, int feature, uint64_t lower, uint64_t* keys, int* kept) {
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const uint64_t key = entry_key(half ? word >> 16 : word & 0xffffu, feature + half);
-    if (key >= lower) {
-      const int slot = atomicAdd(kept, 1);
-      if (slot < kCapacity) keys[slot] = key;
-    }
+    if (key >= lower) keys[atomicAdd(kept, 1)] = key;
   }
-}
-
-// Writes the keys of the hot groups' entries at or above `lower` into `keys` (the first kCapacity of them)
-// and returns how many there are. Each lane compares its pairs of entries with `lower`'s value as packed
-// bf16 (NaN never passes; -0 and +0 compare equal, so the test passes a superset of the keys at or above
-// `lower`), and only a pair that passes has its keys built, compared exactly and given slots from `kept`,
-// the warp's counter in shared memory. The slots' order varies from run to run; the sort that follows
-// does not.
-template <int kGroup>
-__device__ int collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_hot, int n_features, int lane,
-                            uint64_t lower, uint64_t* keys, int* kept) {
-  constexpr int kWords = kWordsPerGroup<kGroup>;
-  static_assert(kBatch * kWords <= 32, "a batch's pairs are bits of one word");
-  const __nv_bfloat162 floor = __bfloat162bfloat162(__float2bfloat16(key_value(lower)));  // exact: a bf16
-  __syncwarp();  // every lane has read the count of an earlier call
-  if (lane == 0) *kept = 0;
-  __syncwarp();
-  for (int h = 0; h < n_hot; h += kBatch) {
-    HotWords<kGroup> words;
-    int first[kBatch];
-    load_hot_batch<kGroup>(row_pre, hot, h, n_hot, n_features, lane, words, first);
-    uint32_t passing = 0;  // bit j * kWords + w: a pair of which an entry may reach `lower`
-#pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-#pragma unroll
-      for (int w = 0; w < kWords; ++w) {
-        const bool may_pass = __hge2_mask(*reinterpret_cast<const __nv_bfloat162*>(&words[j][w]), floor) != 0;
-        if (first[j] < n_features && may_pass) passing |= 1u << (j * kWords + w);
-      }
-    }
-    // The passing pairs (rare: about two of a hot group's kGroup / 2, seldom two on one lane), all of a
-    // lane's in one loop, so that the warp runs as many iterations as its busiest lane has pairs; a pair's
-    // word is read again (the L1 holds it) rather than chosen among the batch's registers by a run-time
-    // index (local memory).
-    for (; passing; passing &= passing - 1) {
-      const int pair = __ffs(passing) - 1;  // group h + pair / kWords of the hot list, its word pair % kWords
-      const int feature = hot[h + pair / kWords] * kGroup + lane * (kGroup / 32) + 2 * (pair % kWords);
-      keep_pair(__ldg(reinterpret_cast<const uint32_t*>(row_pre + feature)), feature, lower, keys, kept);
-    }
-  }
-  __syncwarp();
-  return *kept;
 }
 
 // Sorts the warp's 32 * kPerLane keys descending, key r * 32 + lane in keys[r]: a bitonic network whose
@@ -231,6 +158,74 @@ __device__ __forceinline__ void sort_descending(uint64_t (&keys)[kPerLane], int 
   }
 }
 
+// Cuts the warp's buffer (`kept` keys, k <= kept <= kCapacity) to its k largest and returns the smallest
+// of those: a bound at or below the row's k-th largest key, since the buffer holds keys of the row.
+__device__ __forceinline__ uint64_t keep_largest(uint64_t* keys, int* kept, int k, int lane) {
+  constexpr int kPerLane = kCapacity / 32;
+  __syncwarp();
+  const int n = *kept;
+  uint64_t held[kPerLane];
+#pragma unroll
+  for (int r = 0; r < kPerLane; ++r) held[r] = r * 32 + lane < n ? keys[r * 32 + lane] : 0;  // 0: no key
+  sort_descending<kPerLane>(held, lane);
+  __syncwarp();  // every lane has read its keys
+#pragma unroll
+  for (int r = 0; r < kPerLane; ++r) {
+    if (r * 32 + lane < k) keys[r * 32 + lane] = held[r];
+  }
+  if (lane == 0) *kept = k;
+  __syncwarp();
+  const uint64_t smallest = keys[k - 1];
+  __syncwarp();  // every lane has read it before the buffer fills again
+  return smallest;
+}
+
+// Writes into `keys` the keys of the hot groups' entries at or above `lower`, from where the last call
+// stopped (batch h, its pairs `passing` not yet kept; h = -kBatch and passing 0 at the start), and returns
+// true once every hot group is done, or false where the buffer has fewer free slots than a step of the
+// warp may fill (64): the caller then cuts the buffer to its k largest keys, raises `lower` to the
+// smallest of them (`keep_largest`) and calls again. Each lane compares its pairs of entries with
+// `lower`'s value as packed bf16 (NaN never passes; -0 and +0 compare equal, so the test passes a
+// superset of the keys at or above `lower`), and only a pair that passes has its keys built, compared
+// exactly and given slots from `kept`, the warp's counter in shared memory. The slots' order varies from
+// run to run; the sort that follows does not.
+template <int kGroup>
+__device__ bool collect_from(const uint16_t* row_pre, const uint16_t* hot, int n_hot, int n_features, int lane,
+                             uint64_t lower, uint64_t* keys, int* kept, int& h, uint32_t& passing) {
+  constexpr int kWords = kWordsPerGroup<kGroup>;
+  static_assert(kBatch * kWords <= 32, "a batch's pairs are bits of one word");
+  const __nv_bfloat162 floor = __bfloat162bfloat162(__float2bfloat16(key_value(lower)));  // exact: a bf16
+  for (;;) {
+    // The passing pairs (rare: about two of a hot group's kGroup / 2, seldom two on one lane), all of a
+    // lane's in one loop, so that the warp runs as many steps as its busiest lane has pairs; a pair's word
+    // is read again (the L1 holds it) rather than chosen among the batch's registers by a run-time index
+    // (local memory).
+    while (__any_sync(kAllLanes, passing)) {
+      __syncwarp();  // the slots taken in the step before are counted
+      if (*kept > kCapacity - 64) return false;  // the whole warp reads the same count
+      if (passing) {
+        const int pair = __ffs(passing) - 1;  // group h + pair / kWords of the hot list, its word pair % kWords
+        const int feature = hot[h + pair / kWords] * kGroup + lane * (kGroup / 32) + 2 * (pair % kWords);
+        keep_pair(__ldg(reinterpret_cast<const uint32_t*>(row_pre + feature)), feature, lower, keys, kept);
+        passing &= passing - 1;
+      }
+    }
+    h += kBatch;
+    if (h >= n_hot) return true;
+    HotWords<kGroup> words;
+    int first[kBatch];
+    load_hot_batch<kGroup>(row_pre, hot, h, n_hot, n_features, lane, words, first);
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {  // bit j * kWords + w: a pair of which an entry may reach `lower`
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) {
+        const bool may_pass = __hge2_mask(*reinterpret_cast<const __nv_bfloat162*>(&words[j][w]), floor) != 0;
+        if (first[j] < n_features && may_pass) passing |= 1u << (j * kWords + w);
+      }
+    }
+  }
+}
+
 // Writes the largest k of the n keys in `buffer` (n <= 32 * kPerLane, k <= n) as the row's codes, largest
 // first: vals the post-ReLU values, idx the features.
 template <int kPerLane, typename scalar_t>
@@ -249,8 +244,11 @@ __device__ __forceinline__ void write_largest(const uint64_t* buffer, int n, int
   }
 }
 
+// Eight blocks an SM (64 registers a thread): the cut of a full buffer, a sort of 16 keys a lane inside the
+// collecting loop, took the kernel to 72 without the bound, occupancy from 8 blocks to 7, for a path most
+// rows never take; with it a single register is spilled, outside the loop.
 template <int kGroup, int kGroupsPerLane, typename scalar_t>
-__global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
+__global__ void __launch_bounds__(kWarps * 32, 8) select_topk_group_max_kernel(
     const uint16_t* __restrict__ pre, int64_t stride_pre, const float* __restrict__ maxima, int64_t stride_maxima,
     int rows, int n_features, int n_groups, int k, scalar_t* __restrict__ vals, int64_t stride_vals,
     int32_t* __restrict__ idx, int64_t stride_idx, int8_t* __restrict__ flags) {
@@ -301,33 +299,19 @@ __global__ void __launch_bounds__(kWarps * 32) select_topk_group_max_kernel(
     if (is_hot) hot[n_hot + __popc(ballot & lanes_below(lane))] = static_cast<uint16_t>(i * 32 + lane);
     n_hot += __popc(ballot);
   }
-  __syncwarp();
-  const uint64_t lower = static_cast<uint64_t>(bound) << 32;
   int* kept = &kept_counts[warp];
-  int n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, lower, keys, kept);
-
-  // 4. Too many: the largest key that at least k entries reach (the k-th largest), bit by bit, over values
-  // then features; it stops once at most kCapacity entries reach the bits found so far.
-  if (n > kCapacity) {
-    const int feature_bits = 32 - __clz(n_features - 1);
-    uint64_t found = 0;
-    int reach = n;  // entries at or above `found`, while it is at or below `lower`: at least n
-    for (int bit = 47; bit >= 0 && reach > kCapacity; --bit) {
-      if (bit < 32 && bit >= feature_bits) continue;  // every feature is below 2^feature_bits
-      const uint64_t trial = found | (uint64_t(1) << bit);
-      if (trial <= lower) {  // the n entries at or above the bound reach it
-        found = trial;
-        continue;
-      }
-      const int trial_reach = count_from<kGroup>(row_pre, hot, n_hot, n_features, lane, trial);
-      if (trial_reach >= k) {
-        found = trial;
-        reach = trial_reach;
-      }
-    }
-    n = collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, found, keys, kept);
+  if (lane == 0) *kept = 0;
+  __syncwarp();
+  // 4. Where the buffer fills: its k largest kept, the bound raised to the smallest of them, and on.
+  uint64_t lower = static_cast<uint64_t>(bound) << 32;
+  int h = -kBatch;
+  uint32_t passing = 0;
+  while (!collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, lower, keys, kept, h, passing)) {
+    lower = keep_largest(keys, kept, k, lane);
   }
-  if (n < k || n > kCapacity) {
+  __syncwarp();
+  const int n = *kept;
+  if (n < k) {  // NaN entries among the hot groups' largest
     if (lane == 0) flags[row] = 1;
     return;
   }

@@ -19,9 +19,10 @@ measures faster; `bench/bench_gemm.py` times each variant alone against cuBLAS's
 select_topk_group_max is that route's select as a CUDA kernel of one warp per row
 (csrc/cutlass/group_max_select.cu): the row's k-th largest group maximum bounds its k-th largest entry,
 the groups that reach it are read again and their entries at or above it gathered in the warp's shared
-memory and sorted in registers. Rows it cannot finish (flags 1: a bound of
--inf, more than 512 candidates) are left for the caller's fallback. With SELECT_ROUTE on (the default),
-the tuner times it beside the Triton row kernel (`filter.over_group_maxima`).
+memory (cut to their k largest, the bound raised, whenever that buffer fills) and sorted in registers.
+Rows it cannot finish (flags 1: a bound of -inf, fewer than k candidates: NaN entries) are left for the
+caller's fallback. With SELECT_ROUTE on (the default), the tuner times it beside the Triton row kernel
+(`filter.over_group_maxima`).
 
 gemm_bias_filter is the threshold-first filter GEMM (`filter.filter_gemm`'s Triton kernel without AuxK
 and positive counts): every entry of xc @ W_enc + b_enc (fp32) above its row's tau is appended to the row's
