@@ -28,10 +28,7 @@ using TileShape = cute::Shape<cute::Int<TileM>, cute::Int<TileN>, cute::_64>;
 // `ElementD` is what the epilogue stores by TMA ([B, F] row-major), or void for an epilogue that stores
 // nothing itself (its visitor nodes write what they write). `ClusterM` CTAs along the rows form a cluster
 // that shares each W_enc tile by TMA multicast (one load from L2 for all of them).
-// `EpilogueTile`: the sub-tile the epilogue visits at a time (CUTLASS's choice by default: 64 x 32 for the
-// ping-pong 128 x 128 tile, eight visits a tile).
-template <int TileM, int TileN, bool Pingpong, int ClusterM, class Fusion, class ElementD,
-          class EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto>
+template <int TileM, int TileN, bool Pingpong, int ClusterM, class Fusion, class ElementD>
 struct EncoderGemm {
   using Tile = TileShape<TileM, TileN>;
   using ClusterShape = cute::Shape<cute::Int<ClusterM>, cute::_1, cute::_1>;
@@ -42,7 +39,8 @@ struct EncoderGemm {
                                               cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape, EpilogueTile, float, float,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, cutlass::layout::RowMajor, kAlign,  // no source operand C
       ElementD, cutlass::layout::RowMajor, kAlign, EpilogueSchedule, Fusion>::CollectiveOp;
 

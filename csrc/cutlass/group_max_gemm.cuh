@@ -28,10 +28,8 @@ GemmResult gemm_pingpong_64x128(const at::Tensor& xc, const at::Tensor& W_enc, c
 GemmResult gemm_cooperative_256x128(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);
 GemmResult gemm_pingpong_128x128_cluster2(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);
 GemmResult gemm_cooperative_128x256_cluster2(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);
-GemmResult gemm_pingpong_128x128_epilogue64x64(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);
 
-template <int TileM, int TileN, bool Pingpong, int ClusterM = 1,
-          class EpilogueTile = cutlass::epilogue::collective::EpilogueTileAuto>
+template <int TileM, int TileN, bool Pingpong, int ClusterM = 1>
 struct GroupMaxGemm {
   // acc + b_enc rounded to bf16, then the maximum of those rounded values over each row of the tile, written
   // per tile: an fp32 tensor [ceil(F / TileN), round_up(B, TileM)], rows contiguous. The reduction passes
@@ -41,7 +39,7 @@ struct GroupMaxGemm {
       cutlass::FloatRoundStyle::round_to_nearest, cute::Stride<cute::_1, cute::_0, int64_t>, 4, true,
       /*FinalReduction=*/false>;
   using Fusion = cutlass::epilogue::fusion::Sm90EVT<GroupMax, AddBias<TileM, TileN, Element>>;
-  using Gemm = EncoderGemm<TileM, TileN, Pingpong, ClusterM, Fusion, Element, EpilogueTile>;
+  using Gemm = EncoderGemm<TileM, TileN, Pingpong, ClusterM, Fusion, Element>;
 
   // Operands checked by the op (group_max_gemm.cu) before this runs.
   static GemmResult run(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc) {

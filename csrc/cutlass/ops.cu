@@ -49,8 +49,7 @@ GemmResult gemm_bias_group_max(const at::Tensor& xc, const at::Tensor& W_enc, co
     case 4: return gemm_cooperative_256x128(xc, W_enc, b_enc);
     case 5: return gemm_pingpong_128x128_cluster2(xc, W_enc, b_enc);
     case 6: return gemm_cooperative_128x256_cluster2(xc, W_enc, b_enc);
-    case 7: return gemm_pingpong_128x128_epilogue64x64(xc, W_enc, b_enc);
-    default: TORCH_CHECK(false, "gemm_bias_group_max: variant must be in [0, 8), got ", variant);
+    default: TORCH_CHECK(false, "gemm_bias_group_max: variant must be in [0, 7), got ", variant);
   }
 }
 

@@ -72,11 +72,6 @@ VARIANTS = (
     Variant("cooperative_256x128", 128, 256),
     Variant("pingpong_128x128_cluster2", 128, 128),
     Variant("cooperative_128x256_cluster2", 256, 128),
-    # The ping-pong 128 x 128 tile with an epilogue sub-tile of 64 x 64 instead of CUTLASS's 64 x 32: at AF3's
-    # shape (K = 384, a short main loop) the ping-pong kernel took 393 us against cuBLAS's 347 and issued 2.3x
-    # its instructions (ncu, H100, 1dd0bbb), much of them, by hypothesis, the epilogue's eight visits a tile.
-    # Not yet run: left to the GEMM benchmark (bench_gemm) until it is measured.
-    Variant("pingpong_128x128_epilogue64x64", 128, 128, routed=False),
 )
 
 # select_topk_group_max's limits (csrc/cutlass/group_max_select.cuh): groups a row, largest k (and at most
