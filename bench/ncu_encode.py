@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def kernels(check: bool) -> None:
         _, pre, maxima = next(filter.group_max_chunks(x, W_enc, b_enc, b_dec, n_rows, None, variant))
-        cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
+        cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags, cutlass_gemm.SELECT_RAISE_BY_COUNT)
         if check:  # the warm-up
             assert not flags.any(), "the warp select flagged rows"
             assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre[:CHECK_ROWS], k, 2e-2, "warp select")

@@ -8,7 +8,8 @@ features and the group-maxima kernel), the filter GEMM with its survivor epilogu
 survivor (every threshold +inf: the GEMM and its compares alone, so the difference is what the
 survivors' appends cost) and the exact select. Where the CUDA warp select over CUTLASS's group maxima is
 offered (the CUTLASS extension built, FASTSAE_CUTLASS_SELECT not 0), also that select alone over one
-chunk (the route's line for it is a difference of two timings).
+chunk (the route's line for it is a difference of two timings), with each way of raising its bound where
+its buffer fills (`cutlass_gemm.SELECT_RAISE_BY_COUNT`).
 
 python -m bench.profile_encode [--shapes gpt2,af3,d768_F24576_B8192_k128] [--rows 12] [--batchtopk]
 
@@ -197,19 +198,22 @@ def profile_encode(shape: str, rows: int) -> None:
 
 
 def _warp_select_alone(x, W_enc, b_enc, b_dec, k: int, variant: int, gemm: float) -> None:
-    """The warp select over one chunk of CUTLASS's pre-activation and maxima, checked against the
-    reference on the first rows."""
+    """The warp select over one chunk of CUTLASS's pre-activation and maxima, with each way of raising its
+    bound over a full buffer (`cutlass_gemm.SELECT_RAISE_BY_COUNT`), checked against the reference on the
+    first rows."""
     group = cutlass_gemm.VARIANTS[variant].group
     rows = filter.row_filter_chunk_rows(x.shape[0], W_enc.shape[1], 1)
     _, pre, maxima = next(filter.group_max_chunks(x[:rows], W_enc, b_enc, b_dec, rows, None, variant))
     rows = pre.shape[0]
-    vals = torch.empty(rows, k, dtype=W_enc.dtype, device="cuda")
-    idx = torch.empty(rows, k, dtype=torch.int32, device="cuda")
-    flags = torch.empty(rows, dtype=torch.int8, device="cuda")
-    ms = _ms(partial(cutlass_gemm.select_topk_group_max, pre, maxima, group, k, vals, idx, flags))
-    assert not flags.any(), "the warp select flagged rows"
-    assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre[:CHECK_ROWS], k, 2e-2, "select warp")
-    print(f"  select warp alone over its chunk ({rows} rows) {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
+    for raise_by_count in (False, True):
+        vals = torch.full((rows, k), float("nan"), dtype=W_enc.dtype, device="cuda")  # nothing from the other
+        idx = torch.full((rows, k), -1, dtype=torch.int32, device="cuda")
+        flags = torch.full((rows,), 7, dtype=torch.int8, device="cuda")
+        ms = _ms(partial(cutlass_gemm.select_topk_group_max, pre, maxima, group, k, vals, idx, flags, raise_by_count))
+        label = f"select warp (raise by count {raise_by_count!s:>5})"
+        assert not flags.any(), f"{label}: rows flagged"
+        assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre[:CHECK_ROWS], k, 2e-2, label)
+        print(f"  {label} alone over its chunk ({rows} rows) {ms:8.3f} ms  {ms / gemm:5.2f}x the GEMM")
 
 
 def profile_batchtopk(shape: str) -> None:

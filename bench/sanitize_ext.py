@@ -33,11 +33,12 @@ if cutlass_gemm.available():
         b_enc[:1024] = 1
         xc[0] = 0
         pre, maxima = cutlass_gemm.gemm_bias_group_max(xc, W_enc, b_enc, variant)
-        vals = torch.empty(rows, k, device="cuda", dtype=torch.bfloat16)
-        idx = torch.empty(rows, k, device="cuda", dtype=torch.int32)
-        flags = torch.empty(rows, device="cuda", dtype=torch.int8)
-        cutlass_gemm.select_topk_group_max(pre, maxima, kernel.group, k, vals, idx, flags)
-        assert not flags.any() and torch.equal(vals, pre.topk(k).values.relu()), kernel.name
-        assert torch.equal(pre.gather(1, idx.long()).relu(), vals), kernel.name
+        for raise_by_count in (False, True):  # both ways of raising the bound over a full buffer
+            vals = torch.full((rows, k), float("nan"), device="cuda", dtype=torch.bfloat16)
+            idx = torch.full((rows, k), -1, device="cuda", dtype=torch.int32)
+            flags = torch.full((rows,), 7, device="cuda", dtype=torch.int8)
+            cutlass_gemm.select_topk_group_max(pre, maxima, kernel.group, k, vals, idx, flags, raise_by_count)
+            assert not flags.any() and torch.equal(vals, pre.topk(k).values.relu()), (kernel.name, raise_by_count)
+            assert torch.equal(pre.gather(1, idx.long()).relu(), vals), (kernel.name, raise_by_count)
 torch.cuda.synchronize()
 print("sanitize_ext: all ops ran and matched")

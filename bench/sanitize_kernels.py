@@ -90,15 +90,17 @@ def _cutlass_routes(name: str, x, W_enc, b_enc, b_dec, pre, k: int) -> None:
     warp select's included, where the extension is built and takes the operands; each checked."""
     if not (cutlass_gemm.available() and cutlass_gemm.takes(x, W_enc)):
         return
-    select_route = cutlass_gemm.SELECT_ROUTE  # restored after: tests run this too
+    switches = cutlass_gemm.SELECT_ROUTE, cutlass_gemm.SELECT_RAISE_BY_COUNT  # restored after: tests run this
     cutlass_gemm.SELECT_ROUTE = True  # the warp select too, even where FASTSAE_CUTLASS_SELECT=0
     try:
         for cfg in filter.group_max_configs(k, 0, W_enc.shape[1]):
-            label = f"{name} CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name} select {cfg['SELECT']}"
-            vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", cfg))
-            assert_topk_matches(vals, idx, pre, k, TOLERANCE, label)
+            for by_count in (False, True) if cfg["SELECT"] == "warp" else (False,):  # both ways to raise its bound
+                cutlass_gemm.SELECT_RAISE_BY_COUNT = by_count
+                label = f"{name} CUTLASS {cutlass_gemm.VARIANTS[cfg['VARIANT']].name} select {cfg['SELECT']}"
+                vals, idx, _, _ = encode.encode_topk(x, W_enc, b_enc, b_dec, k, 0, None, route=("row_filter", cfg))
+                assert_topk_matches(vals, idx, pre, k, TOLERANCE, f"{label} raise by count {by_count}")
     finally:
-        cutlass_gemm.SELECT_ROUTE = select_route
+        cutlass_gemm.SELECT_ROUTE, cutlass_gemm.SELECT_RAISE_BY_COUNT = switches
 
 
 def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, all_configs: bool = True) -> None:

@@ -104,11 +104,13 @@ SELECT_CASES = [(group, k, 24576) for group in cutlass_gemm.SELECT_GROUPS for k 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("raise_by_count", [False, True])
 @pytest.mark.parametrize("group, k, F", SELECT_CASES)
-def test_select_topk_group_max_is_exact_on_cuda(group, k, F):
+def test_select_topk_group_max_is_exact_on_cuda(group, k, F, raise_by_count):
     """The warp-per-row select over the GEMM's own pre-activation and maxima (1003 rows: a partial block
     of rows; 96 groups of 256 is k = F / 256; k = 128 over 128 groups reads every group, and about 690
-    entries of a row reach the first bound, more than the buffer holds, so most rows raise it) returns
+    entries of a row reach the first bound, more than the buffer holds, so most rows raise it, either
+    way: `raise_by_count`) returns
     exactly each row's k largest keys, sorted, into bf16 and fp32 codes and row views of a larger
     output, and leaves no row to the fallback."""
     if not cutlass_gemm.available():
@@ -122,17 +124,19 @@ def test_select_topk_group_max_is_exact_on_cuda(group, k, F):
         vals = torch.full((B + 5, k), float("nan"), dtype=dtype, device="cuda")[5:]
         idx = torch.full((B, k), -1, dtype=torch.int32, device="cuda")
         flags = torch.full((B,), 7, dtype=torch.int8, device="cuda")
-        cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
+        cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags, raise_by_count)
         assert not flags.any(), f"{int(flags.bool().sum())} rows left to the fallback"
         assert torch.equal(idx, expected_idx)
         assert torch.equal(vals, expected_vals.to(dtype))
 
 
 @pytest.mark.gpu
-def test_select_topk_group_max_adversarial_rows_on_cuda():
+@pytest.mark.parametrize("raise_by_count", [False, True])
+def test_select_topk_group_max_adversarial_rows_on_cuda(raise_by_count):
     """Rows that break a bound from the group maxima: the kernel flags exactly the rows it cannot select
-    (all NaN, all -inf) and selects the others exactly: a constant row (every entry ties: the buffer is
-    cut to its k largest features some fifty times), a row whose largest 640 entries share five groups
+    (all NaN, all -inf) and selects the others exactly, raising its bound over a full buffer either way
+    (`raise_by_count`): a constant row (every entry ties: the buffer is cut some fifty times, by
+    feature), a row whose largest 640 entries share five groups
     and tie (more than the 512 candidate slots reach the first bound), NaN entries among the largest
     (never selected; their groups' maxima NaN), all-negative values (codes of value 0), +inf entries,
     and random rows around them; maxima are the reference's, which NaN propagates."""
@@ -156,7 +160,7 @@ def test_select_topk_group_max_adversarial_rows_on_cuda():
     vals = torch.full((B, k), float("nan"), device="cuda")
     idx = torch.full((B, k), -1, dtype=torch.int32, device="cuda")
     flags = torch.full((B,), 7, dtype=torch.int8, device="cuda")
-    cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
+    cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals, idx, flags, raise_by_count)
     assert flags.tolist() == [1, 0, 0, 0, 0, 1] + [0] * (B - 6)
     expected_vals, expected_idx = _exact_topk(pre, k)
     selected = flags == 0
@@ -214,8 +218,10 @@ def _maxima_route(monkeypatch, device):
 
         monkeypatch.setattr(cutlass_gemm, "gemm_bias_group_max", emulated)
 
-        def emulated_select(pre, maxima, group, k, vals, idx, flags):
-            """The warp select's contract from its reference: NaN rows flagged, the others written."""
+        def emulated_select(pre, maxima, group, k, vals, idx, flags, raise_by_count):
+            """The warp select's contract from its reference (either way of raising its bound): NaN rows
+            flagged, the others written; the route asks for the way its switch names."""
+            assert raise_by_count == cutlass_gemm.SELECT_RAISE_BY_COUNT, "the route ignored its switch"
             top_vals, top_idx = reference.topk_activation(pre.float(), k)
             nan_rows = torch.isnan(pre).any(dim=1)
             vals[~nan_rows], idx[~nan_rows] = top_vals[~nan_rows].to(vals.dtype), top_idx[~nan_rows]
@@ -261,10 +267,13 @@ def test_row_filter_over_given_maxima(device, monkeypatch):
 
 @pytest.mark.usefixtures("poison_empty")
 @pytest.mark.parametrize("device", KERNEL_DEVICES)
-def test_warp_select_route_leaves_flagged_rows_to_the_fallback(device, monkeypatch):
-    """Through the TopK encode, the warp select's route leaves the rows it flags (a NaN
-    row) to the sweep, which writes them (NaN never selected: value 0), and the others are the reference's."""
+@pytest.mark.parametrize("raise_by_count", [False, True])
+def test_warp_select_route_leaves_flagged_rows_to_the_fallback(device, raise_by_count, monkeypatch):
+    """Through the TopK encode, the warp select's route (either way of raising its bound) leaves the rows it
+    flags (a NaN row) to the sweep, which writes them (NaN never selected: value 0), and the others are the
+    reference's."""
     _maxima_route(monkeypatch, device)
+    monkeypatch.setattr(cutlass_gemm, "SELECT_RAISE_BY_COUNT", raise_by_count)
     B, d, F, k = (13, 32, 1000, 4) if device == "cpu" else (1003, 768, 24576, 32)
     x = (torch.randn(B, d, dtype=torch.float64, device=device) * 2 + 1).bfloat16()
     x[3] = float("nan")

@@ -20,9 +20,9 @@
 //    shared-memory atomic).
 // 4. Where the buffer fills (the row's largest values share groups, as a trained SAE's features with
 //    nearly equal encoder columns do, or tie in bf16, or k is large against the groups: at AlphaFold3's
-//    shape with k = 128 about 690 entries of Gaussian rows reach the first bound), it is cut to its k
-//    largest keys and the bound raised to the smallest of them, and the pass goes on: the row is read
-//    once whatever its values, and the select is exact whatever the maxima were (any bound that k of the
+//    shape with k = 128 about 690 entries of Gaussian rows reach the first bound), the bound is raised
+//    to the largest key that k of the buffer's keys reach (by a sort of the buffer; with kRaiseByCount
+//    by counting, over values, then features where many tie), the keys below it cut, and the pass goes on: the row is read once whatever its values, and the select is exact whatever the maxima were (any bound that k of the
 //    row's entries reach keeps the row's k largest); a row that kept fewer than k (NaN entries) is
 //    flagged. Before, the bound was raised by counting passes over the hot groups, 16 and more a row.
 // 5. A bitonic sort of the buffer in registers, descending, exchanges between lanes by shuffles; its
@@ -53,7 +53,7 @@ namespace {
 
 constexpr int kWarps = 4;              // rows a block, a warp each
 constexpr int kCapacity = 512;         // candidate keys a row keeps
-static_assert(kMaxK <= kCapacity - 64, "a full buffer is cut to its k largest with room for a step's keys");
+static_assert(kMaxK <= kCapacity / 2, "a full buffer is cut to at most half its slots (`raise_bound`)");
 constexpr int kBatch = 8;              // hot groups whose loads are in flight together
 constexpr unsigned kAllLanes = 0xffffffffu;
 // 16-bit value keys (`value_key`): -inf's, and the one a NaN group maximum gets (above +inf's, 0xff80, and
@@ -158,8 +158,75 @@ __device__ __forceinline__ void sort_descending(uint64_t (&keys)[kPerLane], int 
   }
 }
 
+// How many of the warp's buffer's first n keys are at or above `lower` (every lane gets the count).
+__device__ __forceinline__ int count_from(const uint64_t* keys, int n, uint64_t lower, int lane) {
+  unsigned count = 0;
+#pragma unroll
+  for (int r = 0; r < kCapacity / 32; ++r) count += r * 32 + lane < n && keys[r * 32 + lane] >= lower;
+  return static_cast<int>(__reduce_add_sync(kAllLanes, count));
+}
+
+// (kRaiseByCount, the op's `raise_by_count`: compiled for sm_90a and checked by an emulation, not yet run
+// on a GPU.) Raises the bound over the warp's full buffer (`kept` keys of the row, kept > kCapacity - 64 >= k) and
+// keeps only the buffer's keys at or above it, at most kCapacity / 2: the largest key that at least k of
+// them reach, bit by bit, over the 16 bits of the values (each lane's values two to a register, compared
+// as pairs of 16 bits), then, only where more than kCapacity / 2 keys tie at the value found, over the
+// feature's `feature_bits`. At least k of the row's keys reach it, so it is at or below the row's k-th
+// largest and nothing the row needs is cut. About 700 instructions a lane, where sorting the buffer to
+// take its k largest was about 6,000.
+__device__ __forceinline__ uint64_t raise_bound(uint64_t* keys, int* kept, int k, int feature_bits, int lane) {
+  constexpr int kPerLane = kCapacity / 32;
+  __syncwarp();
+  const int n = *kept;
+  uint32_t values[kPerLane / 2];  // the value keys of keys r * 32 + lane: key 2i in the low half of values[i]
+#pragma unroll
+  for (int i = 0; i < kPerLane / 2; ++i) {
+    const int low = 2 * i * 32 + lane, high = low + 32;
+    values[i] = (low < n ? static_cast<uint32_t>(keys[low] >> 32) : 0u) |
+                (high < n ? static_cast<uint32_t>(keys[high] >> 32) << 16 : 0u);  // 0: no key
+  }
+  uint32_t value = 0;
+  int reach = n;  // keys at or above the bits found so far
+  for (int bit = 15; bit >= 0; --bit) {
+    const uint32_t trial = value | (1u << bit);
+    unsigned count = 0;  // 16 a half that reaches the trial
+#pragma unroll
+    for (int i = 0; i < kPerLane / 2; ++i) count += __popc(__vcmpgeu2(values[i], trial * 0x10001u));
+    const int trial_reach = static_cast<int>(__reduce_add_sync(kAllLanes, count)) / 16;
+    if (trial_reach >= k) {
+      value = trial;
+      reach = trial_reach;
+    }
+  }
+  uint64_t bound = static_cast<uint64_t>(value) << 32;
+  for (int bit = feature_bits - 1; bit >= 0 && reach > kCapacity / 2; --bit) {  // ties at the value
+    const uint64_t trial = bound | (uint64_t(1) << bit);
+    const int trial_reach = count_from(keys, n, trial, lane);
+    if (trial_reach >= k) {
+      bound = trial;
+      reach = trial_reach;
+    }
+  }
+  // The keys at or above the bound moved to the front, in place: a step's writes land at or below the
+  // slots it reads, which every lane has read before any writes.
+  int moved = 0;
+#pragma unroll
+  for (int r = 0; r < kPerLane; ++r) {
+    const uint64_t key = r * 32 + lane < n ? keys[r * 32 + lane] : 0;
+    const bool keep = key >= bound;
+    const unsigned ballot = __ballot_sync(kAllLanes, keep);
+    if (keep) keys[moved + __popc(ballot & lanes_below(lane))] = key;
+    moved += __popc(ballot);
+  }
+  if (lane == 0) *kept = moved;
+  __syncwarp();  // the count and the moved keys, before the buffer fills again
+  return bound;
+}
+
 // Cuts the warp's buffer (`kept` keys, k <= kept <= kCapacity) to its k largest and returns the smallest
-// of those: a bound at or below the row's k-th largest key, since the buffer holds keys of the row.
+// of those: a bound at or below the row's k-th largest key, since the buffer holds keys of the row. The
+// way the select raised its bound until `raise_bound` (kRaiseByCount) has run on a GPU: a sort of 16 keys
+// a lane, about 6,000 instructions a lane (GPU tests and memcheck clean, H100, 6b4640f).
 __device__ __forceinline__ uint64_t keep_largest(uint64_t* keys, int* kept, int k, int lane) {
   constexpr int kPerLane = kCapacity / 32;
   __syncwarp();
@@ -183,8 +250,8 @@ __device__ __forceinline__ uint64_t keep_largest(uint64_t* keys, int* kept, int 
 // Writes into `keys` the keys of the hot groups' entries at or above `lower`, from where the last call
 // stopped (batch h, its pairs `passing` not yet kept; h = -kBatch and passing 0 at the start), and returns
 // true once every hot group is done, or false where the buffer has fewer free slots than a step of the
-// warp may fill (64): the caller then cuts the buffer to its k largest keys, raises `lower` to the
-// smallest of them (`keep_largest`) and calls again. Each lane compares its pairs of entries with
+// warp may fill (64): the caller then raises `lower` and cuts the buffer to the keys at or above it
+// (`raise_bound`) and calls again. Each lane compares its pairs of entries with
 // `lower`'s value as packed bf16 (NaN never passes; -0 and +0 compare equal, so the test passes a
 // superset of the keys at or above `lower`), and only a pair that passes has its keys built, compared
 // exactly and given slots from `kept`, the warp's counter in shared memory. The slots' order varies from
@@ -244,10 +311,10 @@ __device__ __forceinline__ void write_largest(const uint64_t* buffer, int n, int
   }
 }
 
-// Eight blocks an SM (64 registers a thread): the cut of a full buffer, a sort of 16 keys a lane inside the
-// collecting loop, took the kernel to 72 without the bound, occupancy from 8 blocks to 7, for a path most
-// rows never take; with it a single register is spilled, outside the loop.
-template <int kGroup, int kGroupsPerLane, typename scalar_t>
+// At least eight blocks an SM (at most 64 registers a thread): sorting a full buffer inside the collecting
+// loop (without kRaiseByCount) takes 72 without the bound, occupancy 7 blocks, for a path most rows never
+// take; with it a register or two is spilled, outside the loop.
+template <int kGroup, int kGroupsPerLane, bool kRaiseByCount, typename scalar_t>
 __global__ void __launch_bounds__(kWarps * 32, 8) select_topk_group_max_kernel(
     const uint16_t* __restrict__ pre, int64_t stride_pre, const float* __restrict__ maxima, int64_t stride_maxima,
     int rows, int n_features, int n_groups, int k, scalar_t* __restrict__ vals, int64_t stride_vals,
@@ -302,12 +369,13 @@ __global__ void __launch_bounds__(kWarps * 32, 8) select_topk_group_max_kernel(
   int* kept = &kept_counts[warp];
   if (lane == 0) *kept = 0;
   __syncwarp();
-  // 4. Where the buffer fills: its k largest kept, the bound raised to the smallest of them, and on.
+  // 4. Where the buffer fills: the bound raised over the buffer, the keys below it cut, and on.
+  const int feature_bits = 32 - __clz(n_features - 1);  // every feature is below 2^feature_bits
   uint64_t lower = static_cast<uint64_t>(bound) << 32;
   int h = -kBatch;
   uint32_t passing = 0;
   while (!collect_from<kGroup>(row_pre, hot, n_hot, n_features, lane, lower, keys, kept, h, passing)) {
-    lower = keep_largest(keys, kept, k, lane);
+    lower = kRaiseByCount ? raise_bound(keys, kept, k, feature_bits, lane) : keep_largest(keys, kept, k, lane);
   }
   __syncwarp();
   const int n = *kept;
@@ -327,7 +395,7 @@ __global__ void __launch_bounds__(kWarps * 32, 8) select_topk_group_max_kernel(
   if (lane == 0) flags[row] = 0;
 }
 
-template <int kGroup, int kGroupsPerLane>
+template <int kGroup, int kGroupsPerLane, bool kRaiseByCount>
 void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tensor& vals, at::Tensor& idx,
             at::Tensor& flags) {
   const int rows = static_cast<int>(pre.size(0)), n_features = static_cast<int>(pre.size(1));
@@ -335,7 +403,7 @@ void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tens
   const dim3 grid((rows + kWarps - 1) / kWarps);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "select_topk_group_max", [&] {
-    select_topk_group_max_kernel<kGroup, kGroupsPerLane, scalar_t><<<grid, kWarps * 32, 0, stream>>>(
+    select_topk_group_max_kernel<kGroup, kGroupsPerLane, kRaiseByCount, scalar_t><<<grid, kWarps * 32, 0, stream>>>(
         reinterpret_cast<const uint16_t*>(pre.data_ptr()), pre.stride(0), maxima.data_ptr<float>(), maxima.stride(0),
         rows, n_features, n_groups, static_cast<int>(k), vals.data_ptr<scalar_t>(), vals.stride(0),
         idx.data_ptr<int32_t>(), idx.stride(0), flags.data_ptr<int8_t>());
@@ -343,20 +411,20 @@ void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <int kGroup>
+template <int kGroup, bool kRaiseByCount>
 void launch_for_groups(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tensor& vals,
                        at::Tensor& idx, at::Tensor& flags) {
   const int64_t n_groups = (pre.size(1) + kGroup - 1) / kGroup;
-  if (n_groups <= 128) return launch<kGroup, 4>(pre, maxima, k, vals, idx, flags);
-  if (n_groups <= 256) return launch<kGroup, 8>(pre, maxima, k, vals, idx, flags);
-  if (n_groups <= 512) return launch<kGroup, 16>(pre, maxima, k, vals, idx, flags);
-  return launch<kGroup, 32>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 128) return launch<kGroup, 4, kRaiseByCount>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 256) return launch<kGroup, 8, kRaiseByCount>(pre, maxima, k, vals, idx, flags);
+  if (n_groups <= 512) return launch<kGroup, 16, kRaiseByCount>(pre, maxima, k, vals, idx, flags);
+  return launch<kGroup, 32, kRaiseByCount>(pre, maxima, k, vals, idx, flags);
 }
 
 }  // namespace
 
 void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int64_t group, int64_t k,
-                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags) {
+                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags, bool raise_by_count) {
   // fastsae/ops/cutlass_gemm.py checks the operands before it calls this (a failed check here has crashed
   // the process at its second failure); these guard the kernel's memory accesses all the same.
   const char* op = "select_topk_group_max";
@@ -382,8 +450,12 @@ void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int6
               op, ": flags must be int8 [rows] on pre's device");
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(pre.device());
-  if (group == 128) return launch_for_groups<128>(pre, maxima, k, vals, idx, flags);
-  return launch_for_groups<256>(pre, maxima, k, vals, idx, flags);
+  if (raise_by_count) {
+    if (group == 128) return launch_for_groups<128, true>(pre, maxima, k, vals, idx, flags);
+    return launch_for_groups<256, true>(pre, maxima, k, vals, idx, flags);
+  }
+  if (group == 128) return launch_for_groups<128, false>(pre, maxima, k, vals, idx, flags);
+  return launch_for_groups<256, false>(pre, maxima, k, vals, idx, flags);
 }
 
 }  // namespace fastsae_cutlass

@@ -2,7 +2,9 @@
 // pre-activation [rows, F] (bf16) and the group maxima [ceil(F / group), >= rows] (fp32) that
 // gemm_bias_group_max leaves. Writes vals [rows, k] (post-ReLU, vals' dtype) and idx [rows, k] (int32),
 // largest first, as fastsae/reference.py's `topk_activation` selects them (ties to the larger feature),
-// and flags [rows] (int8): 1 for a row left unwritten, for the caller to recompute.
+// and flags [rows] (int8): 1 for a row left unwritten, for the caller to recompute. `raise_by_count`: the
+// version that raises the bound over a full candidate buffer by counting instead of sorting (not yet run on
+// a GPU).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,6 +15,6 @@ constexpr int64_t kMaxGroups = 1024;  // group maxima a row may have (32 a lane,
 constexpr int64_t kMaxK = 256;        // half the kernel's candidate slots a row
 
 void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int64_t group, int64_t k,
-                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags);
+                           at::Tensor& vals, at::Tensor& idx, at::Tensor& flags, bool raise_by_count);
 
 }  // namespace fastsae_cutlass

@@ -82,7 +82,7 @@ TORCH_LIBRARY(fastsae_cutlass, m) {
       "int variant=0) -> ()");
   m.def(
       "select_topk_group_max(Tensor pre, Tensor maxima, int group, int k, Tensor(a!) vals, Tensor(b!) idx, "
-      "Tensor(c!) flags) -> ()");
+      "Tensor(c!) flags, bool raise_by_count=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastsae_cutlass, CUDA, m) {

@@ -97,6 +97,13 @@ ROUTE = os.environ.get("FASTSAE_CUTLASS_ROUTES", "1") != "0"
 # 0.080 ms where the one before took 0.071 / 0.108 in the same run (H100, b5e6806; GPU tests and
 # compute-sanitizer's memcheck and racecheck clean): the tuner takes it at both shapes.
 SELECT_ROUTE = os.environ.get("FASTSAE_CUTLASS_SELECT", "1") != "0"
+# How that select raises its bound where its candidate buffer fills (its `raise_by_count` argument): by
+# counting the buffer's keys at or above each trial bit, over values, then features where many tie (about
+# 700 instructions a lane), instead of sorting the buffer (about 6,000; run on an H100, 6b4640f). The
+# buffer fills at large k over few groups: about 690 entries of a Gaussian row reach the first bound at
+# AF3's shape with k = 128, where the encode took 2.07x the GEMM. Compiled for sm_90a and checked by an
+# emulation, not yet run on a GPU: off unless FASTSAE_CUTLASS_SELECT_RAISE_BY_COUNT=1 (read at import).
+SELECT_RAISE_BY_COUNT = os.environ.get("FASTSAE_CUTLASS_SELECT_RAISE_BY_COUNT", "0") == "1"
 # The filter route over gemm_bias_filter: off unless FASTSAE_CUTLASS_FILTER=1 (read at import); its GEMM
 # alone took 1.04 / 1.21 ms against the Triton filter GEMM's 0.75 at GPT-2 / AF3 on an H100 (7e44a77).
 FILTER_ROUTE = os.environ.get("FASTSAE_CUTLASS_FILTER", "0") == "1"
@@ -133,13 +140,21 @@ def gemm_bias_group_max(xc: Tensor, W_enc: Tensor, b_enc: Tensor, variant: int =
 
 
 def select_topk_group_max(
-    pre: Tensor, maxima: Tensor, group: int, k: int, vals: Tensor, idx: Tensor, flags: Tensor
+    pre: Tensor,
+    maxima: Tensor,
+    group: int,
+    k: int,
+    vals: Tensor,
+    idx: Tensor,
+    flags: Tensor,
+    raise_by_count: bool = False,
 ) -> None:
     """Writes each row's k largest entries of pre [rows, F] (bf16, CUDA, rows contiguous and 16-byte
     aligned) into vals [rows, k] (post-ReLU, any float dtype) and idx [rows, k] (int32), largest first, as
     `reference.topk_activation` selects them with ties to the larger feature, from `maxima` [ceil(F /
     group), >= rows] (fp32: `gemm_bias_group_max`'s for that pre); flags [rows] (int8) gets 1 for each
-    row it left unwritten, for the caller to recompute, and 0 for the others."""
+    row it left unwritten, for the caller to recompute, and 0 for the others. `raise_by_count`: the
+    kernel's version that raises its bound over a full candidate buffer by counting (SELECT_RAISE_BY_COUNT)."""
     _require("select_topk_group_max")
     op = "select_topk_group_max"
     _check_operand(op, "pre", pre, torch.bfloat16, 2, pre.device, rows_contiguous=True)
@@ -166,7 +181,7 @@ def select_topk_group_max(
     _check_operand(op, "flags", flags, torch.int8, 1, pre.device)
     if flags.shape[0] != rows:
         raise ValueError(f"{op}: flags must have pre's {rows} rows, got {flags.shape[0]}")
-    torch.ops.fastsae_cutlass.select_topk_group_max(pre, maxima, group, k, vals, idx, flags)
+    torch.ops.fastsae_cutlass.select_topk_group_max(pre, maxima, group, k, vals, idx, flags, raise_by_count)
 
 
 def gemm_bias_filter(

@@ -932,7 +932,9 @@ def row_filter_topk(
     if cfg["SELECT"] == "warp":  # `cutlass_gemm.select_topk_group_max`: no scratch, no buffers
         for rows, pre, maxima in group_max_chunks(x, W_enc, b_enc, b_dec, rows_per_chunk, positive_counts,
                                                   cfg["VARIANT"]):  # fmt: skip
-            cutlass_gemm.select_topk_group_max(pre, maxima, group, k, vals[rows], idx[rows], flags[rows])
+            cutlass_gemm.select_topk_group_max(
+                pre, maxima, group, k, vals[rows], idx[rows], flags[rows], cutlass_gemm.SELECT_RAISE_BY_COUNT
+            )
             del pre, maxima  # before the next chunk is made (`group_max_chunks`)
         return flags
     counts = x.new_empty(2, rows_per_chunk, dtype=torch.int32)  # zeroed by the kernel, row by row
