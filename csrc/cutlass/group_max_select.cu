@@ -22,9 +22,11 @@
 //    nearly equal encoder columns do, or tie in bf16, or k is large against the groups: at AlphaFold3's
 //    shape with k = 128 about 690 entries of Gaussian rows reach the first bound), the bound is raised
 //    to the largest key that k of the buffer's keys reach (by a sort of the buffer; with kRaiseByCount
-//    by counting, over values, then features where many tie), the keys below it cut, and the pass goes on: the row is read once whatever its values, and the select is exact whatever the maxima were (any bound that k of the
-//    row's entries reach keeps the row's k largest); a row that kept fewer than k (NaN entries) is
-//    flagged. Before, the bound was raised by counting passes over the hot groups, 16 and more a row.
+//    by counting, over values, then features where many tie), the keys below it cut, and the pass goes
+//    on: the row is read once whatever its values, and the select is exact whatever the maxima were
+//    (any bound that k of the row's entries reach keeps the row's k largest); a row that kept fewer than
+//    k (NaN entries) is flagged. Before (b5e6806), the bound was raised by counting passes over the hot
+//    groups, 16 and more a row.
 // 5. A bitonic sort of the buffer in registers, descending, exchanges between lanes by shuffles; its
 //    first k keys are the row's codes (post-ReLU values).
 // How it got here (ncu and CUDA events on an H100, AlphaFold3's shape (384, 16384, 16384, 32), times as a
@@ -166,14 +168,14 @@ __device__ __forceinline__ int count_from(const uint64_t* keys, int n, uint64_t 
   return static_cast<int>(__reduce_add_sync(kAllLanes, count));
 }
 
-// (kRaiseByCount, the op's `raise_by_count`: compiled for sm_90a and checked by an emulation, not yet run
-// on a GPU.) Raises the bound over the warp's full buffer (`kept` keys of the row, kept > kCapacity - 64 >= k) and
-// keeps only the buffer's keys at or above it, at most kCapacity / 2: the largest key that at least k of
-// them reach, bit by bit, over the 16 bits of the values (each lane's values two to a register, compared
-// as pairs of 16 bits), then, only where more than kCapacity / 2 keys tie at the value found, over the
-// feature's `feature_bits`. At least k of the row's keys reach it, so it is at or below the row's k-th
-// largest and nothing the row needs is cut. About 700 instructions a lane, where sorting the buffer to
-// take its k largest was about 6,000.
+// (kRaiseByCount, the op's `raise_by_count`: compiled for sm_90a and checked by an emulation, not yet
+// run on a GPU.) Raises the bound over the warp's full buffer (`kept` keys of the row, kept > kCapacity -
+// 64 >= k) and keeps only the buffer's keys at or above it, at most kCapacity / 2: the largest key that
+// at least k of them reach, bit by bit, over the 16 bits of the values (each lane's values two to a
+// register, compared as pairs of 16 bits), then, only where more than kCapacity / 2 keys tie at the
+// value found, over the feature's `feature_bits`. At least k of the row's keys reach it, so it is at or
+// below the row's k-th largest and nothing the row needs is cut. About 700 instructions a lane, where
+// sorting the buffer to take its k largest (`keep_largest`) is about 6,000.
 __device__ __forceinline__ uint64_t raise_bound(uint64_t* keys, int* kept, int k, int feature_bits, int lane) {
   constexpr int kPerLane = kCapacity / 32;
   __syncwarp();
@@ -251,7 +253,7 @@ __device__ __forceinline__ uint64_t keep_largest(uint64_t* keys, int* kept, int 
 // stopped (batch h, its pairs `passing` not yet kept; h = -kBatch and passing 0 at the start), and returns
 // true once every hot group is done, or false where the buffer has fewer free slots than a step of the
 // warp may fill (64): the caller then raises `lower` and cuts the buffer to the keys at or above it
-// (`raise_bound`) and calls again. Each lane compares its pairs of entries with
+// (`keep_largest` or `raise_bound`) and calls again. Each lane compares its pairs of entries with
 // `lower`'s value as packed bf16 (NaN never passes; -0 and +0 compare equal, so the test passes a
 // superset of the keys at or above `lower`), and only a pair that passes has its keys built, compared
 // exactly and given slots from `kept`, the warp's counter in shared memory. The slots' order varies from
