@@ -110,9 +110,8 @@ def test_select_topk_group_max_is_exact_on_cuda(group, k, F, raise_by_count):
     """The warp-per-row select over the GEMM's own pre-activation and maxima (1003 rows: a partial block
     of rows; 96 groups of 256 is k = F / 256; k = 128 over 128 groups reads every group, and about 690
     entries of a row reach the first bound, more than the buffer holds, so most rows raise it, either
-    way: `raise_by_count`) returns
-    exactly each row's k largest keys, sorted, into bf16 and fp32 codes and row views of a larger
-    output, and leaves no row to the fallback."""
+    way: `raise_by_count`) returns exactly each row's k largest keys, sorted, into bf16 and fp32 codes
+    and row views of a larger output, and leaves no row to the fallback."""
     if not cutlass_gemm.available():
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
     torch.manual_seed(k)
@@ -136,10 +135,10 @@ def test_select_topk_group_max_adversarial_rows_on_cuda(raise_by_count):
     """Rows that break a bound from the group maxima: the kernel flags exactly the rows it cannot select
     (all NaN, all -inf) and selects the others exactly, raising its bound over a full buffer either way
     (`raise_by_count`): a constant row (every entry ties: the buffer is cut some fifty times, by
-    feature), a row whose largest 640 entries share five groups
-    and tie (more than the 512 candidate slots reach the first bound), NaN entries among the largest
-    (never selected; their groups' maxima NaN), all-negative values (codes of value 0), +inf entries,
-    and random rows around them; maxima are the reference's, which NaN propagates."""
+    feature), a row whose largest 640 entries share five groups and tie (more than the 512 candidate
+    slots reach the first bound), NaN entries among the largest (never selected; their groups' maxima
+    NaN), all-negative values (codes of value 0), +inf entries, and random rows around them; maxima are
+    the reference's, which NaN propagates."""
     if not cutlass_gemm.available():
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
     torch.manual_seed(0)

@@ -90,12 +90,12 @@ FILTER_VARIANTS = ("pingpong_128x128", "cooperative_128x128")
 ROUTE = os.environ.get("FASTSAE_CUTLASS_ROUTES", "1") != "0"
 # select_topk_group_max as a select of that route (`filter.over_group_maxima`): on unless
 # FASTSAE_CUTLASS_SELECT=0 (read at import). Its first version took 0.094 / 0.163 ms over the route's
-# chunks at GPT-2 / AF3 on an H100 (cab2aa6), the best Triton row kernel 0.096 / 0.165. The version now in
-# group_max_select.cu (packed bf16 compares with the bound, keys built only for the few pairs that pass)
-# took 0.075 / 0.114 ms, 0.16x / 0.32x the GEMM (H100, 9a190cf), and the version now in
-# group_max_select.cu (each lane's passing pairs in one loop, the sort in registers by shuffles) 0.051 /
-# 0.080 ms where the one before took 0.071 / 0.108 in the same run (H100, b5e6806; GPU tests and
-# compute-sanitizer's memcheck and racecheck clean): the tuner takes it at both shapes.
+# chunks at GPT-2 / AF3 on an H100 (cab2aa6), the best Triton row kernel 0.096 / 0.165. A second (packed
+# bf16 compares with the bound, keys built only for the few pairs that pass) took 0.075 / 0.114 ms, 0.16x
+# / 0.32x the GEMM (H100, 9a190cf), and the version now in group_max_select.cu (each lane's passing pairs
+# in one loop, the sort in registers by shuffles) 0.051 / 0.080 ms where the second took 0.071 / 0.108 in
+# the same run (H100, b5e6806; GPU tests and compute-sanitizer's memcheck and racecheck clean): the tuner
+# takes it at both shapes.
 SELECT_ROUTE = os.environ.get("FASTSAE_CUTLASS_SELECT", "1") != "0"
 # How that select raises its bound where its candidate buffer fills (its `raise_by_count` argument): by
 # counting the buffer's keys at or above each trial bit, over values, then features where many tie (about
