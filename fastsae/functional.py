@@ -315,9 +315,18 @@ def encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshol
 
 
 def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> Tensor:
-    """BatchTopK codes [B, F]: the B * k largest ReLU codes over the whole batch (Bussmann et al. 2024)."""
+    """BatchTopK codes [B, F]: the B * k largest ReLU codes over the whole batch (Bussmann et al. 2024).
+    Where each row's 4k candidates are few (`batchtopk.dense_from_candidates`) and the host may read
+    their exactness check (not while compiling), the sparse codes of `encode_batchtopk_sparse`
+    scattered into [B, F]; otherwise, or where the candidates may miss a code, the ReLU codes and a
+    selection over the whole batch."""
     _check_encoder_args(x, W_enc, b_enc, b_dec)
-    _check_k("k", k, W_enc.shape[1], minimum=1)
+    n_features = W_enc.shape[1]
+    _check_k("k", k, n_features, minimum=1)
+    if batchtopk_ops.dense_from_candidates(k, n_features) and batchtopk_ops.sparse_codes_possible(x):
+        codes = _batchtopk_among_candidates(x, W_enc, b_enc, b_dec, k)
+        if codes is not None:
+            return codes.vals.new_zeros(x.shape[0], n_features).scatter(1, codes.idx.long(), codes.vals)
     return batchtopk_ops.batch_topk(_encode_relu(x, W_enc, b_enc, b_dec, None), k)
 
 
@@ -353,15 +362,24 @@ def encode_batchtopk_sparse(
             if codes is not None:
                 vals, idx = _SparseCodes.apply(*codes, x, W_enc, b_enc, b_dec)
                 return TopKCodes(vals, idx, vals[:, :0], idx[:, :0])
-    width = batchtopk_ops.candidate_width(k, n_features)
-    vals, idx, aux_vals, aux_idx = _encode_topk(x, W_enc, b_enc, b_dec, width, 0, None)
-    keep = batchtopk_ops.select_among_candidates(vals, k, complete=width == n_features)
-    if keep is not None:
-        return TopKCodes(torch.where(keep, vals, 0), idx, aux_vals, aux_idx)
+    codes = _batchtopk_among_candidates(x, W_enc, b_enc, b_dec, k)
+    if codes is not None:
+        return codes
     codes = batchtopk_ops.batch_topk(_encode_relu(x, W_enc, b_enc, b_dec, None), k)
     most = max(1, int((codes != 0).sum(dim=1).max()))
     vals, idx = codes.topk(most, dim=1)
-    return TopKCodes(vals, idx.to(torch.int32), aux_vals, aux_idx)
+    return TopKCodes(vals, idx.to(torch.int32), vals[:, :0], idx[:, :0].to(torch.int32))
+
+
+def _batchtopk_among_candidates(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> TopKCodes | None:
+    """Sparse BatchTopK codes [B, min(F, 4k)] from each row's top min(F, 4k) codes (the TopK encode's),
+    those not among the batch's B * k largest carrying 0; None where a row may keep more codes than its
+    candidates (`batchtopk.select_among_candidates`, one host synchronisation)."""
+    n_features = W_enc.shape[1]
+    width = batchtopk_ops.candidate_width(k, n_features)
+    vals, idx, aux_vals, aux_idx = _encode_topk(x, W_enc, b_enc, b_dec, width, 0, None)
+    keep = batchtopk_ops.select_among_candidates(vals, k, complete=width == n_features)
+    return None if keep is None else TopKCodes(torch.where(keep, vals, 0), idx, aux_vals, aux_idx)
 
 
 class _SparseCodes(torch.autograd.Function):

@@ -9,6 +9,7 @@ import torch
 from fastsae import functional as F
 from fastsae import reference
 from fastsae.ops import autoencoder as autoencoder_ops
+from fastsae.ops import batchtopk as batchtopk_ops
 
 from .utils import DEVICES, assert_close, assert_topk_matches, random_sae_weights
 
@@ -110,6 +111,44 @@ def test_gradients_match_reference(device):
         xr = x.clone().requires_grad_()
         grads.append(torch.autograd.grad(run(encode, decode, xr, params), [xr, *params]))
     for name, actual, expected in zip(("x", "W_enc", "b_enc", "W_dec", "b_dec"), grads[1], grads[0]):
+        assert_close(actual, expected, torch.float64, f"d{name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["candidates", "outgrown", "wide"])
+def test_encode_batchtopk_routes(case, device, monkeypatch):
+    """The dense BatchTopK codes and their gradients are the reference's on each route: the sparse
+    codes' candidates scattered into [B, F] (4k candidates, fewer than F); the whole-batch selection
+    where a row keeps more codes than its 4k candidates ("outgrown": one row scaled up keeps most of
+    its features) or where the candidates would be too wide."""
+    B, d, F_ = 33, 256, 600  # d wide enough that the rows' norms, and so the codes they keep, are alike
+    k = {"candidates": 5, "outgrown": 5, "wide": 80}[case]
+    assert batchtopk_ops.dense_from_candidates(k, F_) == (case != "wide")
+    torch.manual_seed(0)
+    x = torch.randn(B, d, dtype=torch.float64, device=device)
+    W_enc, b_enc, _, b_dec = random_sae_weights(d, F_, device=device)
+    if case == "outgrown":
+        x[3] = x[3] * 50 + 40 * W_enc[:, :100].sum(dim=1)  # most of its pre-activations far above the rest
+    pre = reference.pre_activation(x, W_enc, b_enc, b_dec)
+    if case == "outgrown":
+        assert int((pre[3] > pre.flatten().topk(B * k).values[-1]).sum()) > 4 * k, "the row keeps too few"
+    whole_batch = []  # the whole-batch selections run
+    monkeypatch.setattr(
+        batchtopk_ops, "batch_topk", lambda acts, k: whole_batch.append(k) or reference.batch_topk(acts, k)
+    )
+
+    def reference_codes(x, W_enc, b_enc, b_dec, k):
+        return reference.batch_topk(reference.encode_relu(x, W_enc, b_enc, b_dec), k)
+
+    weights = torch.randn(B, F_, dtype=torch.float64, device=device)
+    expected_grads, grads = [], []
+    for encode, out in [(reference_codes, expected_grads), (F.encode_batchtopk, grads)]:
+        inputs = [t.clone().requires_grad_() for t in (x, W_enc, b_enc, b_dec)]
+        codes = encode(*inputs, k)
+        out += [codes.detach(), *torch.autograd.grad((codes * weights).sum(), inputs)]
+    assert whole_batch == ([] if case == "candidates" else [k]), "not the route expected"
+    assert torch.equal(grads[0], expected_grads[0]), "different codes"
+    for name, actual, expected in zip(("x", "W_enc", "b_enc", "b_dec"), grads[1:], expected_grads[1:]):
         assert_close(actual, expected, torch.float64, f"d{name}")
 
 

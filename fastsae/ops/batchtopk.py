@@ -71,6 +71,13 @@ GROUP = 64  # codes per group: F / 64 maxima per row still hold the top k of mos
 # Each row's candidates for the sparse codes: its 4k largest. A row keeps k codes on average; the
 # candidates fall short only for a row that keeps more than 4x the average.
 CANDIDATES_PER_K = 4
+# The dense codes (`functional.encode_batchtopk`) are the sparse codes scattered into [B, F] where each
+# row has at most this many candidates, fewer than its features: there the sparse route took about a
+# third of the grouped route's time on the H200 (bf16, 73600d9, candidates 128 / 256 / 128: 1.09 / 7.43 /
+# 1.29 ms at GPT-2 / Llama-8B / AlphaFold3 against 3.05 / 12.70 / 3.78), which leaves the [B, F] fill
+# and scatter room. Wider candidates take the TopK encode's slower routes (beyond the CUTLASS warp
+# select's 256): not measured against the grouped route, which they keep.
+DENSE_FROM_CANDIDATES_MAX_WIDTH = 256
 
 
 # The callback of the capture in progress (`exactness_checkpoint`), or None.
@@ -136,6 +143,13 @@ def grouped_batch_topk(acts: Tensor, k: int, group: int = GROUP) -> Tensor:
 def candidate_width(k: int, n_features: int) -> int:
     """Candidates per row for the sparse BatchTopK codes: CANDIDATES_PER_K * k, at most the row."""
     return min(n_features, CANDIDATES_PER_K * k)
+
+
+def dense_from_candidates(k: int, n_features: int) -> bool:
+    """Whether the dense BatchTopK codes come from the sparse codes' candidates
+    (DENSE_FROM_CANDIDATES_MAX_WIDTH)."""
+    width = candidate_width(k, n_features)
+    return width < n_features and width <= DENSE_FROM_CANDIDATES_MAX_WIDTH
 
 
 def select_among_candidates(vals: Tensor, k: int, complete: bool) -> Tensor | None:
