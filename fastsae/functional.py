@@ -316,7 +316,7 @@ def encode_relu(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshol
 
 def encode_batchtopk(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> Tensor:
     """BatchTopK codes [B, F]: the B * k largest ReLU codes over the whole batch (Bussmann et al. 2024).
-    Where each row's 4k candidates are few (`batchtopk.dense_from_candidates`) and the host may read
+    Where each row's 4k candidates are few against F (`batchtopk.dense_from_candidates`) and the host may read
     their exactness check (not while compiling), the sparse codes of `encode_batchtopk_sparse`
     scattered into [B, F]; otherwise, or where the candidates may miss a code, the ReLU codes and a
     selection over the whole batch."""

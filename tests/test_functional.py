@@ -121,8 +121,8 @@ def test_encode_batchtopk_routes(case, device, monkeypatch):
     codes' candidates scattered into [B, F] (4k candidates, fewer than F); the whole-batch selection
     where a row keeps more codes than its 4k candidates ("outgrown": one row scaled up keeps most of
     its features) or where the candidates would be too wide."""
-    B, d, F_ = 33, 256, 600  # d wide enough that the rows' norms, and so the codes they keep, are alike
-    k = {"candidates": 5, "outgrown": 5, "wide": 80}[case]
+    B, d, F_ = 33, 256, 2560  # d wide enough that the rows' norms, and so the codes they keep, are alike
+    k = {"candidates": 5, "outgrown": 5, "wide": 6}[case]
     assert batchtopk_ops.dense_from_candidates(k, F_) == (case != "wide")
     torch.manual_seed(0)
     x = torch.randn(B, d, dtype=torch.float64, device=device)

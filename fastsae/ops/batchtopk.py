@@ -54,6 +54,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from . import cutlass_gemm
 from .launch import may_synchronize
 
 ROUTE = os.environ.get("FASTSAE_BATCHTOPK", "grouped")
@@ -72,12 +73,11 @@ GROUP = 64  # codes per group: F / 64 maxima per row still hold the top k of mos
 # candidates fall short only for a row that keeps more than 4x the average.
 CANDIDATES_PER_K = 4
 # The dense codes (`functional.encode_batchtopk`) are the sparse codes scattered into [B, F] where each
-# row has at most this many candidates, fewer than its features: there the sparse route took about a
-# third of the grouped route's time on the H200 (bf16, 73600d9, candidates 128 / 256 / 128: 1.09 / 7.43 /
-# 1.29 ms at GPT-2 / Llama-8B / AlphaFold3 against 3.05 / 12.70 / 3.78), which leaves the [B, F] fill
-# and scatter room. Wider candidates take the TopK encode's slower routes (beyond the CUTLASS warp
-# select's 256): not measured against the grouped route, which they keep.
-DENSE_FROM_CANDIDATES_MAX_WIDTH = 256
+# row's candidates are few enough for the TopK encode's warp select (`dense_from_candidates`). There the
+# sparse route took about a third of the dense route's time on the H200 (bf16, 73600d9, 128 / 256 / 128
+# candidates: 1.09 / 7.43 / 1.29 ms at GPT-2 / Llama-8B / AlphaFold3 against 3.05 / 12.70 / 3.78), which
+# leaves the [B, F] fill and scatter room. More candidates, or candidates a larger share of the row, take
+# the TopK encode's slower routes: not timed against the dense route, which they keep.
 
 
 # The callback of the capture in progress (`exactness_checkpoint`), or None.
@@ -146,10 +146,11 @@ def candidate_width(k: int, n_features: int) -> int:
 
 
 def dense_from_candidates(k: int, n_features: int) -> bool:
-    """Whether the dense BatchTopK codes come from the sparse codes' candidates
-    (DENSE_FROM_CANDIDATES_MAX_WIDTH)."""
-    width = candidate_width(k, n_features)
-    return width < n_features and width <= DENSE_FROM_CANDIDATES_MAX_WIDTH
+    """Whether the dense BatchTopK codes come from the sparse codes' candidates: where the candidates are
+    within the limits of the TopK encode's warp select (`cutlass_gemm.select_topk_group_max`: at most
+    SELECT_MAX_K, and at most one a group of its narrowest groups)."""
+    most = min(cutlass_gemm.SELECT_MAX_K, n_features // min(cutlass_gemm.SELECT_GROUPS))
+    return candidate_width(k, n_features) <= most
 
 
 def select_among_candidates(vals: Tensor, k: int, complete: bool) -> Tensor | None:
