@@ -636,39 +636,97 @@ class _DenseAuxK(torch.autograd.Function):
     """`auxk_reconstruction` with its backward written out (`_dense_auxk_backward`): autograd through
     the plain ops took a [B, d] product and the centring's backward for db_dec, and about ten [B, n]
     copies, fills and scatters per step for the masked fill, the scatter into the codes and their
-    backward (GPT-2 shape on the H200). Each weight's gradient is full-size, zero off the dead features."""
+    backward (GPT-2 shape on the H200). Each weight's gradient is full-size, zero off the dead features.
+    While torch.compile traces it (without `keep`), its forward and backward run as two opaque ops
+    (`_auxk_reconstruction_op`, `_auxk_reconstruction_backward_op`), as `_TopKAutoencoder`'s do."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep):
-        recon, saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep)
-        ctx.save_for_backward(*saved)
-        ctx.dtypes = (x.dtype, W_enc.shape, b_enc.dtype, b_dec.dtype, W_dec.shape)
+        ctx.through_ops = keep is None and torch.compiler.is_compiling()
+        if ctx.through_ops:
+            recon, *saved = _auxk_reconstruction_op(x, W_enc, b_enc, b_dec, W_dec, features, k_aux)
+        else:
+            recon, saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep)
+        ctx.save_for_backward(*saved, x, W_enc, b_enc, b_dec, W_dec)
         return recon
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_dtype, W_enc_shape, b_enc_dtype, b_dec_dtype, W_dec_shape = ctx.dtypes
-        needs_x, needs_W_enc, needs_b_enc, needs_b_dec, needs_W_dec = ctx.needs_input_grad[:5]
-        saved = ctx.saved_tensors
-        W_enc_dead, padded = saved[1], saved[-1].clamp_min(0)  # (padding entries have zero gradients)
-        needs_encoder = needs_W_enc or needs_b_enc or needs_b_dec
-        dx, dW_enc_dead, db_enc_dead, dW_dec_dead = _dense_auxk_backward(
-            grad_out, saved, needs_x, needs_encoder, needs_W_dec
-        )
-        dW_enc = dW_enc_dead.new_zeros(W_enc_shape).index_add_(1, padded, dW_enc_dead.t()) if needs_W_enc else None
-        db_enc = db_enc_dead.new_zeros(W_enc_shape[1]).index_add_(0, padded, db_enc_dead) if needs_b_enc else None
-        db_dec = -(W_enc_dead.to(db_enc_dead.dtype) @ db_enc_dead) if needs_b_dec else None
-        dW_dec = dW_dec_dead.new_zeros(W_dec_shape).index_add_(0, padded, dW_dec_dead) if needs_W_dec else None
-        return (
-            None if dx is None else dx.to(x_dtype),
-            dW_enc,
-            None if db_enc is None else db_enc.to(b_enc_dtype),
-            None if db_dec is None else db_dec.to(b_dec_dtype),
-            dW_dec,
-            None,
-            None,
-            None,
-        )
+        *saved, x, W_enc, b_enc, b_dec, W_dec = ctx.saved_tensors
+        needs_x = ctx.needs_input_grad[0]
+        if ctx.through_ops:
+            dx, *weight_grads = _auxk_reconstruction_backward_op(
+                grad_out, *saved, x, W_enc, b_enc, b_dec, W_dec, needs_x
+            )
+            grads = (dx if needs_x else None, *weight_grads)
+        else:
+            grads = _dense_auxk_grads(grad_out, tuple(saved), x, W_enc, b_enc, b_dec, W_dec, ctx.needs_input_grad[:5])
+        return (*grads, None, None, None)
+
+
+def _dense_auxk_grads(
+    grad_out: Tensor, saved: tuple[Tensor, ...], x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+    W_dec: Tensor, needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:  # fmt: skip
+    """The AuxK reconstruction's gradients w.r.t. (x, W_enc, b_enc, b_dec, W_dec), the weights' full-size
+    (zero off the listed features); None where `needs` (a bool each) says not asked for."""
+    needs_x, needs_W_enc, needs_b_enc, needs_b_dec, needs_W_dec = needs
+    W_enc_dead, padded = saved[1], saved[-1].clamp_min(0)  # (padding entries have zero gradients)
+    needs_encoder = needs_W_enc or needs_b_enc or needs_b_dec
+    dx, dW_enc_dead, db_enc_dead, dW_dec_dead = _dense_auxk_backward(
+        grad_out, saved, needs_x, needs_encoder, needs_W_dec
+    )
+    dW_enc = dW_enc_dead.new_zeros(W_enc.shape).index_add_(1, padded, dW_enc_dead.t()) if needs_W_enc else None
+    db_enc = db_enc_dead.new_zeros(W_enc.shape[1]).index_add_(0, padded, db_enc_dead) if needs_b_enc else None
+    db_dec = -(W_enc_dead.to(db_enc_dead.dtype) @ db_enc_dead) if needs_b_dec else None
+    dW_dec = dW_dec_dead.new_zeros(W_dec.shape).index_add_(0, padded, dW_dec_dead) if needs_W_dec else None
+    return (
+        None if dx is None else dx.to(x.dtype),
+        dW_enc,
+        None if db_enc is None else db_enc.to(b_enc.dtype),
+        None if db_dec is None else db_dec.to(b_dec.dtype),
+        dW_dec,
+    )
+
+
+@torch.library.custom_op("fastsae::auxk_reconstruction", mutates_args=())
+def _auxk_reconstruction_op(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`_dense_auxk_forward` as one op for traced code: (the reconstruction, *what its backward needs),
+    the centred x contiguous."""
+    recon, (centered, *saved) = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
+    return recon, centered.contiguous(), *saved
+
+
+@_auxk_reconstruction_op.register_fake
+def _(x, W_enc, b_enc, b_dec, W_dec, features, k_aux):
+    (B, d), slots = x.shape, features.shape[0] + -features.shape[0] % 8  # `_auxk_operands`' padding
+    return (
+        x.new_empty(B, d, dtype=W_dec.dtype),
+        x.new_empty(B, d, dtype=W_enc.dtype),
+        W_enc.new_empty(d, slots),
+        W_dec.new_empty(slots, d),
+        x.new_empty(B, slots, dtype=W_dec.dtype),
+        features.new_empty(slots),
+    )
+
+
+@torch.library.custom_op("fastsae::auxk_reconstruction_backward", mutates_args=())
+def _auxk_reconstruction_backward_op(
+    grad_out: Tensor, centered: Tensor, W_enc_dead: Tensor, W_dec_dead: Tensor, codes: Tensor, slots: Tensor,
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, x_requires_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """`_dense_auxk_grads` of `_auxk_reconstruction_op`'s outputs, every weight's gradient."""
+    saved = (centered, W_enc_dead, W_dec_dead, codes, slots)
+    asked = (x_requires_grad, True, True, True, True)
+    dx, *weight_grads = _dense_auxk_grads(grad_out, saved, x, W_enc, b_enc, b_dec, W_dec, asked)
+    return x.new_empty(0) if dx is None else dx, *weight_grads
+
+
+@_auxk_reconstruction_backward_op.register_fake
+def _(grad_out, centered, W_enc_dead, W_dec_dead, codes, slots, x, W_enc, b_enc, b_dec, W_dec, x_requires_grad):
+    return (*_encoder_grad_like(x, W_enc, b_dec, x_requires_grad), torch.empty_like(W_dec))
 
 
 class TopKAutoencoderOutput(NamedTuple):

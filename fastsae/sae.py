@@ -101,8 +101,11 @@ DEATH_STATS_ON_SIDE_STREAM = True
 # it), where the fused stream gathers B * k_aux decoder rows of d, forward and backward (1.70x the eager
 # step at Llama-8B's shape on an H100, e4f0941).
 # On an H100 at Llama-8B's shape the whole-compiled step took 32.79 ms with the rungs against the eager
-# module's 22.85 (1dd0bbb; 38.44 without them, e4f0941): better, still slower than eager. Off (the fused
-# stream, no synchronisation) until an A/B in one run says which is faster: FASTSAE_COMPILED_AUXK_RUNGS=1.
+# module's 22.85 (1dd0bbb; 38.44 without them, e4f0941): better, still slower than eager, because
+# torch.cond's backward runs its branch's forward again, and the branches then held the encode and the
+# decode too (each step encoded twice; counted on a CPU, torch 2.13). They hold AuxK alone now
+# (`_auxk_by_dead_count`), not yet timed on a GPU. Off (the fused stream, no synchronisation) until an A/B
+# in one run says which is faster: FASTSAE_COMPILED_AUXK_RUNGS=1.
 COMPILED_AUXK_RUNGS = os.environ.get("FASTSAE_COMPILED_AUXK_RUNGS", "0") == "1"
 # The tensors indexed by feature, and their feature dimension: what `shard_features` splits and `save` gathers.
 FEATURE_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "feature_fire_count": 0, "tokens_since_fired": 0}
@@ -945,37 +948,36 @@ class SparseAutoencoder(nn.Module):
         count of `dead` (COMPILED_AUXK_RUNGS): the dense AuxK over the shortest of `auxk_rungs`' lists
         (or the one list of `auxk_capacity` entries, where that is set) that holds the dead features, or
         the fused encode's AuxK stream where none does. A binary search of torch.cond over the rungs (each
-        predicate read on the host, the first a synchronisation)."""
+        predicate read on the host, the first a synchronisation). torch.cond's backward runs its branch's
+        forward again, so the branches hold AuxK alone: the encode and the decode run once, before them
+        (the fused stream's branch encodes again, for its AuxK codes)."""
         rungs = [self.auxk_capacity] if self.auxk_capacity is not None else auxk_rungs(x.shape[0], self.cfg.n_features)
         n_dead = dead.sum()
-        operands = (x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead, n_dead)
         k, training = self.cfg.k, self.training
+        codes = F.encode_topk(x, self.W_enc, self.b_enc, self.b_dec, k)
+        recon = F.decode_sparse(codes.vals, codes.idx, self.W_dec, self.b_dec, fired_only=training)
+        operands = (x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead, n_dead)
 
-        # torch.cond's backward wants a gradient for every output (torch 2.13: "outs_to_grad length !=
-        # tangents length" for an integer one): the indices travel as float32 of their bits.
-        def dense(length: int) -> Callable[..., tuple[Tensor, ...]]:
+        def dense(length: int) -> Callable[..., tuple[Tensor]]:
             def branch(x, W_enc, b_enc, b_dec, W_dec, dead, n_dead):
                 features = torch.nonzero_static(dead, size=length, fill_value=-1).squeeze(1)
-                joint = F.topk_autoencoder(x, W_enc, b_enc, b_dec, W_dec, k, dead_features=features, k_aux=k_aux)
-                return joint.recon, joint.vals, joint.idx.view(torch.float32), joint.aux_recon
+                return (F.auxk_reconstruction(x, W_enc, b_enc, b_dec, W_dec, features, k_aux),)
 
             return branch
 
         def fused(x, W_enc, b_enc, b_dec, W_dec, dead, n_dead):
-            codes = F.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux=k_aux, dead_mask=dead)
-            recon = F.decode_sparse(codes.vals, codes.idx, W_dec, b_dec, fired_only=training)
-            aux_recon = F.decode_sparse(codes.aux_vals, codes.aux_idx, W_dec)
-            return recon, codes.vals, codes.idx.view(torch.float32), aux_recon
+            aux = F.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux=k_aux, dead_mask=dead)
+            return (F.decode_sparse(aux.aux_vals, aux.aux_idx, W_dec),)
 
-        def pick(first: int, last: int) -> Callable[..., tuple[Tensor, ...]]:  # rungs[last - 1] holds them
+        def pick(first: int, last: int) -> Callable[..., tuple[Tensor]]:  # rungs[last - 1] holds them
             if last - first == 1:
                 return dense(rungs[first])
             middle = (first + last - 1) // 2
             below, above = pick(first, middle + 1), pick(middle + 1, last)
             return lambda *operands: torch.cond(operands[-1] <= rungs[middle], below, above, operands)
 
-        recon, vals, idx_bits, aux_recon = torch.cond(n_dead <= rungs[-1], pick(0, len(rungs)), fused, operands)
-        return F.TopKAutoencoderOutput(recon, vals, idx_bits.view(torch.int32), aux_recon)
+        (aux_recon,) = torch.cond(n_dead <= rungs[-1], pick(0, len(rungs)), fused, operands)
+        return F.TopKAutoencoderOutput(recon, codes.vals, codes.idx, aux_recon)
 
     @torch.no_grad()
     def _fire_counts(self, codes: F.TopKCodes | Tensor) -> Tensor:

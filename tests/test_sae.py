@@ -461,10 +461,11 @@ def _kill_features(saes, n_dead: int, device: str) -> None:
             sae.tokens_since_fired[dead] = 2000
 
 
-def _assert_twins_agree(outs, eager, compiled, n_dead: int) -> None:
-    """The twins' step (outs: eager's output, then the compiled one's, backward not yet run) agrees:
-    losses, AuxK's loss (positive exactly when features are dead), gradients (then cleared), statistics."""
-    for out in outs:
+def _assert_twins_agree(outs, eager, compiled, n_dead: int, compiled_backward_run: bool = False) -> None:
+    """The twins' step (outs: eager's output, then the compiled one's, backward not yet run unless
+    `compiled_backward_run`) agrees: losses, AuxK's loss (positive exactly when features are dead),
+    gradients (then cleared), statistics."""
+    for out in outs[:1] if compiled_backward_run else outs:
         out.loss.backward()
     assert (outs[1].auxk > 0) == (n_dead > 0), f"{n_dead} dead: AuxK's loss {float(outs[1].auxk)}"
     for name in ("loss", "auxk", "fvu"):
@@ -484,7 +485,9 @@ def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fre
     capped at 80 columns for 64 tokens), then the fused stream. Steps with 0, 5, 64, 70 and 85 dead
     features (each rung, its edge, and past the last) take the shortest list that holds them (the
     profiler names the ops and their operands' shapes) and train like the eager twin; with
-    `auxk_capacity` set to 64, 70 dead features take the fused stream (not 64 of them)."""
+    `auxk_capacity` set to 64, 70 dead features take the fused stream (not 64 of them). The encode runs
+    once a step, forward and backward: torch.cond's backward runs its branch's forward again, so the
+    branches hold AuxK alone (the fused stream's encodes again, for its AuxK codes)."""
     monkeypatch.setattr(fastsae.sae, "COMPILED_AUXK_RUNGS", True)
     monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_ELEMENTS", 64 * 80)
     assert fastsae.sae.auxk_rungs(64, 96) == [0, 64, 80]
@@ -505,14 +508,17 @@ def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fre
         x = torch.randn(64, 24, device=device) + 3
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
             outs = [step(x)]
+            outs[0].loss.backward()
         ops = [(event.name, event.input_shapes) for event in prof.events() if event.name.startswith("fastsae::")]
-        lists = [shapes[6][0] for name, shapes in ops if name == "fastsae::topk_autoencoder"]
-        fused = [name for name, shapes in ops if name == "fastsae::encode_topk" and shapes[6] == [96]]
-        assert lists == ([] if path == "fused" else path), f"{n_dead} dead: lists {lists}"
-        assert len(fused) == (path == "fused"), f"{n_dead} dead: {ops}"
+        lists = [shapes[5][0] for name, shapes in ops if name == "fastsae::auxk_reconstruction"]
+        encodes = [shapes[6] for name, shapes in ops if name == "fastsae::encode_topk"]
+        # AuxK's forward twice (the second in torch.cond's backward); the encode once, and the fused
+        # stream's twice more
+        assert lists == ([] if path == "fused" else path * 2), f"{n_dead} dead: lists {lists}"
+        assert encodes == [[]] + ([[96], [96]] if path == "fused" else []), f"{n_dead} dead: {ops}"
         outs.insert(0, eager(x))
         assert torch.equal(outs[0].idx, outs[1].idx), f"{n_dead} dead: codes"
-        _assert_twins_agree(outs, eager, compiled, n_dead)
+        _assert_twins_agree(outs, eager, compiled, n_dead, compiled_backward_run=True)
     assert counter.frame_count == 2, f"compiled {counter.frame_count} times (once, and once for the capacity)"
 
 
