@@ -699,17 +699,21 @@ def _auxk_reconstruction_op(
     return recon, centered.contiguous(), *saved
 
 
-@_auxk_reconstruction_op.register_fake
-def _(x, W_enc, b_enc, b_dec, W_dec, features, k_aux):
+def _dense_auxk_saved_like(x: Tensor, W_enc: Tensor, W_dec: Tensor, features: Tensor) -> tuple[Tensor, ...]:
+    """Empty tensors shaped as what `_dense_auxk_forward` saves for its backward (the ops' fake impls)."""
     (B, d), slots = x.shape, features.shape[0] + -features.shape[0] % 8  # `_auxk_operands`' padding
     return (
-        x.new_empty(B, d, dtype=W_dec.dtype),
         x.new_empty(B, d, dtype=W_enc.dtype),
         W_enc.new_empty(d, slots),
         W_dec.new_empty(slots, d),
         x.new_empty(B, slots, dtype=W_dec.dtype),
         features.new_empty(slots),
     )
+
+
+@_auxk_reconstruction_op.register_fake
+def _(x, W_enc, b_enc, b_dec, W_dec, features, k_aux):
+    return x.new_empty(x.shape, dtype=W_dec.dtype), *_dense_auxk_saved_like(x, W_enc, W_dec, features)
 
 
 @torch.library.custom_op("fastsae::auxk_reconstruction_backward", mutates_args=())
@@ -946,17 +950,13 @@ def _topk_autoencoder_op(
 
 @_topk_autoencoder_op.register_fake
 def _(x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux):
-    (B, d), slots = x.shape, features.shape[0] + -features.shape[0] % 8  # `_auxk_operands`' padding
+    B = x.shape[0]
     return (
-        x.new_empty(B, d, dtype=W_dec.dtype),
+        x.new_empty(x.shape, dtype=W_dec.dtype),
         x.new_empty(B, k, dtype=W_enc.dtype),
         x.new_empty(B, k, dtype=torch.int32),
-        x.new_empty(B, d, dtype=W_dec.dtype),
-        x.new_empty(B, d, dtype=W_enc.dtype),
-        W_enc.new_empty(d, slots),
-        W_dec.new_empty(slots, d),
-        x.new_empty(B, slots, dtype=W_dec.dtype),
-        features.new_empty(slots),
+        x.new_empty(x.shape, dtype=W_dec.dtype),
+        *_dense_auxk_saved_like(x, W_enc, W_dec, features),
     )
 
 
