@@ -18,6 +18,8 @@
 #   FASTSAE_SOAK_STEPS       training steps of the soak run (default 20000)
 #   FASTSAE_TESTS            pytest targets, or FASTSAE_TEST_GROUPS: ';'-separated targets run in parallel
 #   FASTSAE_TEST_WORKERS     pytest-xdist workers per group when xdist is installed (default 5)
+#   FASTSAE_TESTS_BESIDE_SANITIZE=1  the test groups run while compute-sanitizer does (one GPU serves both;
+#                            the step takes as long as the slower of the two, not their sum)
 #   FASTSAE_PYTEST_ARGS      extra pytest arguments
 #   FASTSAE_PROFILE          shapes for bench.profile_train (off when unset; FASTSAE_PROFILE_ARGS, e.g.
 #                            --modes eager,compile --auxk on)
@@ -74,13 +76,16 @@ if [ "${FASTSAE_RUN_TESTS:-1}" = 1 ]; then
         eval "timeout ${FASTSAE_TEST_TIMEOUT:-1800} python3 -m pytest -m gpu -v -rfE -p no:cacheprovider $workers ${FASTSAE_PYTEST_ARGS:-} ${groups[i]}" >"/tmp/fastsae_tests_$i.log" 2>&1 &
         pids+=($!)
     done
+fi
+finish_tests() {  # waits for the test groups and reports them
     for i in "${!groups[@]}"; do
         wait "${pids[i]}" || status=1
         { echo "== group $i: ${groups[i]}"; cat "/tmp/fastsae_tests_$i.log"; } >>"$OUT/tests.log"
         echo "group $i: $(tail -1 "/tmp/fastsae_tests_$i.log")"
         grep -E " (FAILED|ERROR) " "/tmp/fastsae_tests_$i.log" | sed 's/^/    /' | head -20
     done
-fi
+}
+[ "${FASTSAE_RUN_TESTS:-1}" = 1 ] && [ "${FASTSAE_TESTS_BESIDE_SANITIZE:-0}" != 1 ] && finish_tests
 
 if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; then
     echo "== compute-sanitizer (at $SECONDS s)"
@@ -125,6 +130,7 @@ if [ "${FASTSAE_SANITIZE:-1}" = 1 ] && command -v compute-sanitizer >/dev/null; 
     done
     unset PYTORCH_NO_CUDA_MEMORY_CACHING
 fi
+[ "${FASTSAE_RUN_TESTS:-1}" = 1 ] && [ "${FASTSAE_TESTS_BESIDE_SANITIZE:-0}" = 1 ] && finish_tests
 
 if [ "${FASTSAE_SOAK:-1}" = 1 ]; then
     echo "== determinism and soak (at $SECONDS s)"
