@@ -636,101 +636,39 @@ class _DenseAuxK(torch.autograd.Function):
     """`auxk_reconstruction` with its backward written out (`_dense_auxk_backward`): autograd through
     the plain ops took a [B, d] product and the centring's backward for db_dec, and about ten [B, n]
     copies, fills and scatters per step for the masked fill, the scatter into the codes and their
-    backward (GPT-2 shape on the H200). Each weight's gradient is full-size, zero off the dead features.
-    While torch.compile traces it (without `keep`), its forward and backward run as two opaque ops
-    (`_auxk_reconstruction_op`, `_auxk_reconstruction_backward_op`), as `_TopKAutoencoder`'s do."""
+    backward (GPT-2 shape on the H200). Each weight's gradient is full-size, zero off the dead features."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep):
-        ctx.through_ops = keep is None and torch.compiler.is_compiling()
-        if ctx.through_ops:
-            recon, *saved = _auxk_reconstruction_op(x, W_enc, b_enc, b_dec, W_dec, features, k_aux)
-        else:
-            recon, saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep)
-        ctx.save_for_backward(*saved, x, W_enc, b_enc, b_dec, W_dec)
+        recon, saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep)
+        ctx.save_for_backward(*saved)
+        ctx.dtypes = (x.dtype, W_enc.shape, b_enc.dtype, b_dec.dtype, W_dec.shape)
         return recon
 
     @staticmethod
     def backward(ctx, grad_out):
-        *saved, x, W_enc, b_enc, b_dec, W_dec = ctx.saved_tensors
-        needs_x = ctx.needs_input_grad[0]
-        if ctx.through_ops:
-            dx, *weight_grads = _auxk_reconstruction_backward_op(
-                grad_out, *saved, x, W_enc, b_enc, b_dec, W_dec, needs_x
-            )
-            grads = (dx if needs_x else None, *weight_grads)
-        else:
-            grads = _dense_auxk_grads(grad_out, tuple(saved), x, W_enc, b_enc, b_dec, W_dec, ctx.needs_input_grad[:5])
-        return (*grads, None, None, None)
-
-
-def _dense_auxk_grads(
-    grad_out: Tensor, saved: tuple[Tensor, ...], x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
-    W_dec: Tensor, needs: tuple[bool, ...],
-) -> tuple[Tensor | None, ...]:  # fmt: skip
-    """The AuxK reconstruction's gradients w.r.t. (x, W_enc, b_enc, b_dec, W_dec), the weights' full-size
-    (zero off the listed features); None where `needs` (a bool each) says not asked for."""
-    needs_x, needs_W_enc, needs_b_enc, needs_b_dec, needs_W_dec = needs
-    W_enc_dead, padded = saved[1], saved[-1].clamp_min(0)  # (padding entries have zero gradients)
-    needs_encoder = needs_W_enc or needs_b_enc or needs_b_dec
-    dx, dW_enc_dead, db_enc_dead, dW_dec_dead = _dense_auxk_backward(
-        grad_out, saved, needs_x, needs_encoder, needs_W_dec
-    )
-    dW_enc = dW_enc_dead.new_zeros(W_enc.shape).index_add_(1, padded, dW_enc_dead.t()) if needs_W_enc else None
-    db_enc = db_enc_dead.new_zeros(W_enc.shape[1]).index_add_(0, padded, db_enc_dead) if needs_b_enc else None
-    db_dec = -(W_enc_dead.to(db_enc_dead.dtype) @ db_enc_dead) if needs_b_dec else None
-    dW_dec = dW_dec_dead.new_zeros(W_dec.shape).index_add_(0, padded, dW_dec_dead) if needs_W_dec else None
-    return (
-        None if dx is None else dx.to(x.dtype),
-        dW_enc,
-        None if db_enc is None else db_enc.to(b_enc.dtype),
-        None if db_dec is None else db_dec.to(b_dec.dtype),
-        dW_dec,
-    )
-
-
-@torch.library.custom_op("fastsae::auxk_reconstruction", mutates_args=())
-def _auxk_reconstruction_op(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """`_dense_auxk_forward` as one op for traced code: (the reconstruction, *what its backward needs),
-    the centred x contiguous."""
-    recon, (centered, *saved) = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
-    return recon, centered.contiguous(), *saved
-
-
-def _dense_auxk_saved_like(x: Tensor, W_enc: Tensor, W_dec: Tensor, features: Tensor) -> tuple[Tensor, ...]:
-    """Empty tensors shaped as what `_dense_auxk_forward` saves for its backward (the ops' fake impls)."""
-    (B, d), slots = x.shape, features.shape[0] + -features.shape[0] % 8  # `_auxk_operands`' padding
-    return (
-        x.new_empty(B, d, dtype=W_enc.dtype),
-        W_enc.new_empty(d, slots),
-        W_dec.new_empty(slots, d),
-        x.new_empty(B, slots, dtype=W_dec.dtype),
-        features.new_empty(slots),
-    )
-
-
-@_auxk_reconstruction_op.register_fake
-def _(x, W_enc, b_enc, b_dec, W_dec, features, k_aux):
-    return x.new_empty(x.shape, dtype=W_dec.dtype), *_dense_auxk_saved_like(x, W_enc, W_dec, features)
-
-
-@torch.library.custom_op("fastsae::auxk_reconstruction_backward", mutates_args=())
-def _auxk_reconstruction_backward_op(
-    grad_out: Tensor, centered: Tensor, W_enc_dead: Tensor, W_dec_dead: Tensor, codes: Tensor, slots: Tensor,
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, x_requires_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """`_dense_auxk_grads` of `_auxk_reconstruction_op`'s outputs, every weight's gradient."""
-    saved = (centered, W_enc_dead, W_dec_dead, codes, slots)
-    asked = (x_requires_grad, True, True, True, True)
-    dx, *weight_grads = _dense_auxk_grads(grad_out, saved, x, W_enc, b_enc, b_dec, W_dec, asked)
-    return x.new_empty(0) if dx is None else dx, *weight_grads
-
-
-@_auxk_reconstruction_backward_op.register_fake
-def _(grad_out, centered, W_enc_dead, W_dec_dead, codes, slots, x, W_enc, b_enc, b_dec, W_dec, x_requires_grad):
-    return (*_encoder_grad_like(x, W_enc, b_dec, x_requires_grad), torch.empty_like(W_dec))
+        x_dtype, W_enc_shape, b_enc_dtype, b_dec_dtype, W_dec_shape = ctx.dtypes
+        needs_x, needs_W_enc, needs_b_enc, needs_b_dec, needs_W_dec = ctx.needs_input_grad[:5]
+        saved = ctx.saved_tensors
+        W_enc_dead, padded = saved[1], saved[-1].clamp_min(0)  # (padding entries have zero gradients)
+        needs_encoder = needs_W_enc or needs_b_enc or needs_b_dec
+        dx, dW_enc_dead, db_enc_dead, dW_dec_dead = _dense_auxk_backward(
+            grad_out, saved, needs_x, needs_encoder, needs_W_dec
+        )
+        dW_enc = dW_enc_dead.new_zeros(W_enc_shape).index_add_(1, padded, dW_enc_dead.t()) if needs_W_enc else None
+        db_enc = db_enc_dead.new_zeros(W_enc_shape[1]).index_add_(0, padded, db_enc_dead) if needs_b_enc else None
+        db_dec = -(W_enc_dead.to(db_enc_dead.dtype) @ db_enc_dead) if needs_b_dec else None
+        dW_dec = dW_dec_dead.new_zeros(W_dec_shape).index_add_(0, padded, dW_dec_dead) if needs_W_dec else None
+        return (
+            None if dx is None else dx.to(x_dtype),
+            dW_enc,
+            None if db_enc is None else db_enc.to(b_enc_dtype),
+            None if db_dec is None else db_dec.to(b_dec_dtype),
+            dW_dec,
+            None,
+            None,
+            None,
+        )
 
 
 class TopKAutoencoderOutput(NamedTuple):
@@ -950,13 +888,17 @@ def _topk_autoencoder_op(
 
 @_topk_autoencoder_op.register_fake
 def _(x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux):
-    B = x.shape[0]
+    (B, d), slots = x.shape, features.shape[0] + -features.shape[0] % 8  # `_auxk_operands`' padding
     return (
-        x.new_empty(x.shape, dtype=W_dec.dtype),
+        x.new_empty(B, d, dtype=W_dec.dtype),
         x.new_empty(B, k, dtype=W_enc.dtype),
         x.new_empty(B, k, dtype=torch.int32),
-        x.new_empty(x.shape, dtype=W_dec.dtype),
-        *_dense_auxk_saved_like(x, W_enc, W_dec, features),
+        x.new_empty(B, d, dtype=W_dec.dtype),
+        x.new_empty(B, d, dtype=W_enc.dtype),
+        W_enc.new_empty(d, slots),
+        W_dec.new_empty(slots, d),
+        x.new_empty(B, slots, dtype=W_dec.dtype),
+        features.new_empty(slots),
     )
 
 
@@ -1000,6 +942,123 @@ _topk_autoencoder_backward.register_kernel("cuda")(autoencoder_ops.topk_autoenco
 
 @_topk_autoencoder_backward.register_fake
 def _(grad_recon, grad_vals, x, W_enc, b_dec, W_dec, vals, idx, x_requires_grad, *_dead):
+    return (*_encoder_grad_like(x, W_enc, b_dec, x_requires_grad), torch.empty_like(W_dec))
+
+
+def topk_autoencoder_by_dead_count(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, k: int, dead: Tensor, k_aux: int,
+    rungs: list[int], fired_only: bool,
+) -> TopKAutoencoderOutput:  # fmt: skip
+    """`topk_autoencoder` with AuxK over the dead features of the mask `dead` [F], for code that
+    torch.compile traces whole and so cannot count them on the host: AuxK runs densely over the shortest
+    list of `rungs` (lengths, ascending) that holds them, or past the last as the fused encode's second
+    top-k stream (`encode_topk(..., k_aux, dead)`). The choice is made on the device, by a binary search of
+    torch.cond over the rungs, in the forward and again in the backward (`_TopKAutoencoderByDeadCount`).
+    `fired_only`: as `decode_sparse`'s, for the fused stream's decode."""
+    recon, vals, idx, aux_recon = _TopKAutoencoderByDeadCount.apply(
+        x, W_enc, b_enc, b_dec, W_dec, dead, k, k_aux, tuple(rungs), fired_only
+    )
+    return TopKAutoencoderOutput(recon, vals, idx, aux_recon)
+
+
+def _by_dead_count(n_dead: Tensor, rungs: tuple[int, ...], dense: Callable, fused: Callable, operands: tuple):
+    """torch.cond's binary search over `rungs`: dense(length)(*operands) for the shortest rung that holds
+    n_dead, fused(*operands) past the last."""
+
+    def pick(first: int, last: int) -> Callable:  # rungs[last - 1] holds them
+        if last - first == 1:
+            return dense(rungs[first])
+        middle = (first + last - 1) // 2
+        below, above = pick(first, middle + 1), pick(middle + 1, last)
+        return lambda *operands: torch.cond(n_dead <= rungs[middle], below, above, operands)
+
+    return torch.cond(n_dead <= rungs[-1], pick(0, len(rungs)), fused, operands)
+
+
+class _TopKAutoencoderByDeadCount(torch.autograd.Function):
+    """`topk_autoencoder_by_dead_count` as one autograd node whose forward and backward each branch by
+    torch.cond on the dead count. Not torch.cond's own autograd: its backward runs the branch's forward
+    again (the encode, the decode and AuxK: each step encoded twice, counted on a CPU, torch 2.13), where
+    this backward recomputes only the dense AuxK's operands and codes over the list
+    (`_topk_autoencoder_backward_recompute_op`) and writes each weight's gradient once, as the eager
+    joint node does. The fused stream's branch keeps its AuxK codes (zeros in the dense branches)."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, W_dec, dead, k, k_aux, rungs, fired_only):
+        B = x.shape[0]
+
+        def dense(length: int) -> Callable:
+            def branch(x, W_enc, b_enc, b_dec, W_dec, dead):
+                features = torch.nonzero_static(dead, size=length, fill_value=-1).squeeze(1)
+                recon, vals, idx, aux_recon, *_ = _topk_autoencoder_op(
+                    x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux
+                )
+                no_aux = vals.new_zeros(B, k_aux), idx.new_zeros(B, k_aux)
+                return recon, vals, idx.view(torch.float32), aux_recon, no_aux[0], no_aux[1].view(torch.float32)
+
+            return branch
+
+        def fused(x, W_enc, b_enc, b_dec, W_dec, dead):
+            vals, idx, aux_vals, aux_idx = _encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead)
+            recon = _decode_sparse(vals, idx, W_dec, b_dec, fired_only)
+            aux_recon = _decode_sparse(aux_vals, aux_idx, W_dec, None)
+            return recon, vals, idx.view(torch.float32), aux_recon, aux_vals, aux_idx.view(torch.float32)
+
+        n_dead = dead.sum()
+        # (the indices travel through torch.cond as float32 of their bits, as every output is a float)
+        recon, vals, idx_bits, aux_recon, aux_vals, aux_idx_bits = _by_dead_count(
+            n_dead, rungs, dense, fused, (x, W_enc, b_enc, b_dec, W_dec, dead)
+        )
+        idx, aux_idx = idx_bits.view(torch.int32), aux_idx_bits.view(torch.int32)
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(x, W_enc, b_enc, b_dec, W_dec, dead, n_dead, vals, idx, aux_vals, aux_idx)
+        ctx.k_aux, ctx.rungs, ctx.fired_only = k_aux, rungs, fired_only
+        return recon, vals, idx, aux_recon
+
+    @staticmethod
+    def backward(ctx, grad_recon, grad_vals, _grad_idx, grad_aux):
+        x, W_enc, b_enc, b_dec, W_dec, dead, n_dead, vals, idx, aux_vals, aux_idx = ctx.saved_tensors
+        needs_x, k_aux = ctx.needs_input_grad[0], ctx.k_aux
+
+        def dense(length: int) -> Callable:
+            def branch(grad_recon, grad_vals, grad_aux, x, W_enc, b_enc, b_dec, W_dec, dead, vals, idx):
+                features = torch.nonzero_static(dead, size=length, fill_value=-1).squeeze(1)
+                return _topk_autoencoder_backward_recompute_op(
+                    grad_recon, grad_vals, grad_aux, x, W_enc, b_enc, b_dec, W_dec, vals, idx, features, k_aux,
+                    needs_x,
+                )  # fmt: skip
+
+            return branch
+
+        def fused(grad_recon, grad_vals, grad_aux, x, W_enc, b_enc, b_dec, W_dec, dead, vals, idx):
+            d_vals, dW_dec = _decode_sparse_backward(grad_recon, vals, idx, W_dec, ctx.fired_only)
+            d_aux_vals, dW_dec_aux = _decode_sparse_backward(grad_aux, aux_vals, aux_idx, W_dec)
+            dx, dW_enc, db_enc, db_dec = _encode_topk_backward(
+                grad_vals + d_vals, d_aux_vals, x, W_enc, b_dec, vals, idx, aux_vals, aux_idx, needs_x
+            )
+            return dx, dW_enc, db_enc, db_dec + _decoder_bias_grad(grad_recon, b_dec.dtype), dW_dec + dW_dec_aux
+
+        operands = (grad_recon, grad_vals, grad_aux, x, W_enc, b_enc, b_dec, W_dec, dead, vals, idx)
+        dx, dW_enc, db_enc, db_dec, dW_dec = _by_dead_count(n_dead, ctx.rungs, dense, fused, operands)
+        return dx if needs_x else None, dW_enc, db_enc, db_dec, dW_dec, None, None, None, None, None
+
+
+@torch.library.custom_op("fastsae::topk_autoencoder_backward_recompute_auxk", mutates_args=())
+def _topk_autoencoder_backward_recompute_op(
+    grad_recon: Tensor, grad_vals: Tensor, grad_aux: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor,
+    b_dec: Tensor, W_dec: Tensor, vals: Tensor, idx: Tensor, features: Tensor, k_aux: int, x_requires_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """`_topk_autoencoder_backward_with_auxk` after recomputing what the dense AuxK over `features` saves
+    (its operands and codes; `_dense_auxk_forward`)."""
+    _, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
+    return _topk_autoencoder_backward_with_auxk(
+        grad_recon, grad_vals, grad_aux, x, W_enc, b_dec, W_dec, vals, idx, aux_saved, x_requires_grad,
+        _compiled_side_stream(x), None,
+    )  # fmt: skip
+
+
+@_topk_autoencoder_backward_recompute_op.register_fake
+def _(grad_recon, grad_vals, grad_aux, x, W_enc, b_enc, b_dec, W_dec, vals, idx, features, k_aux, x_requires_grad):
     return (*_encoder_grad_like(x, W_enc, b_dec, x_requires_grad), torch.empty_like(W_dec))
 
 

@@ -102,10 +102,10 @@ DEATH_STATS_ON_SIDE_STREAM = True
 # step at Llama-8B's shape on an H100, e4f0941).
 # On an H100 at Llama-8B's shape the whole-compiled step took 32.79 ms with the rungs against the eager
 # module's 22.85 (1dd0bbb; 38.44 without them, e4f0941): better, still slower than eager, because
-# torch.cond's backward runs its branch's forward again, and the branches then held the encode and the
-# decode too (each step encoded twice; counted on a CPU, torch 2.13). They hold AuxK alone now
-# (`_auxk_by_dead_count`), not yet timed on a GPU. Off (the fused stream, no synchronisation) until an A/B
-# in one run says which is faster: FASTSAE_COMPILED_AUXK_RUNGS=1.
+# torch.cond's own backward ran the branch's forward again, the encode included (each step encoded twice;
+# counted on a CPU, torch 2.13). Now one autograd node branches in its forward and its backward
+# (`F.topk_autoencoder_by_dead_count`), not yet timed on a GPU. Off (the fused stream, no synchronisation)
+# until an A/B in one run says which is faster: FASTSAE_COMPILED_AUXK_RUNGS=1.
 COMPILED_AUXK_RUNGS = os.environ.get("FASTSAE_COMPILED_AUXK_RUNGS", "0") == "1"
 # The tensors indexed by feature, and their feature dimension: what `shard_features` splits and `save` gathers.
 FEATURE_DIMS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "feature_fire_count": 0, "tokens_since_fired": 0}
@@ -945,39 +945,12 @@ class SparseAutoencoder(nn.Module):
 
     def _auxk_by_dead_count(self, x: Tensor, dead: Tensor, k_aux: int) -> F.TopKAutoencoderOutput:
         """Encode, decode and AuxK of x [B, d] (SAE space) with AuxK's path chosen on the device from the
-        count of `dead` (COMPILED_AUXK_RUNGS): the dense AuxK over the shortest of `auxk_rungs`' lists
-        (or the one list of `auxk_capacity` entries, where that is set) that holds the dead features, or
-        the fused encode's AuxK stream where none does. A binary search of torch.cond over the rungs (each
-        predicate read on the host, the first a synchronisation). torch.cond's backward runs its branch's
-        forward again, so the branches hold AuxK alone: the encode and the decode run once, before them
-        (the fused stream's branch encodes again, for its AuxK codes)."""
+        count of `dead` (COMPILED_AUXK_RUNGS, `F.topk_autoencoder_by_dead_count`): the dense AuxK over the
+        shortest of `auxk_rungs`' lists (or the one list of `auxk_capacity` entries, where that is set) that
+        holds the dead features, or the fused encode's AuxK stream where none does."""
         rungs = [self.auxk_capacity] if self.auxk_capacity is not None else auxk_rungs(x.shape[0], self.cfg.n_features)
-        n_dead = dead.sum()
-        k, training = self.cfg.k, self.training
-        codes = F.encode_topk(x, self.W_enc, self.b_enc, self.b_dec, k)
-        recon = F.decode_sparse(codes.vals, codes.idx, self.W_dec, self.b_dec, fired_only=training)
-        operands = (x, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead, n_dead)
-
-        def dense(length: int) -> Callable[..., tuple[Tensor]]:
-            def branch(x, W_enc, b_enc, b_dec, W_dec, dead, n_dead):
-                features = torch.nonzero_static(dead, size=length, fill_value=-1).squeeze(1)
-                return (F.auxk_reconstruction(x, W_enc, b_enc, b_dec, W_dec, features, k_aux),)
-
-            return branch
-
-        def fused(x, W_enc, b_enc, b_dec, W_dec, dead, n_dead):
-            aux = F.encode_topk(x, W_enc, b_enc, b_dec, k, k_aux=k_aux, dead_mask=dead)
-            return (F.decode_sparse(aux.aux_vals, aux.aux_idx, W_dec),)
-
-        def pick(first: int, last: int) -> Callable[..., tuple[Tensor]]:  # rungs[last - 1] holds them
-            if last - first == 1:
-                return dense(rungs[first])
-            middle = (first + last - 1) // 2
-            below, above = pick(first, middle + 1), pick(middle + 1, last)
-            return lambda *operands: torch.cond(operands[-1] <= rungs[middle], below, above, operands)
-
-        (aux_recon,) = torch.cond(n_dead <= rungs[-1], pick(0, len(rungs)), fused, operands)
-        return F.TopKAutoencoderOutput(recon, codes.vals, codes.idx, aux_recon)
+        params = (self.W_enc, self.b_enc, self.b_dec, self.W_dec)
+        return F.topk_autoencoder_by_dead_count(x, *params, self.cfg.k, dead, k_aux, rungs, fired_only=self.training)
 
     @torch.no_grad()
     def _fire_counts(self, codes: F.TopKCodes | Tensor) -> Tensor:

@@ -290,9 +290,8 @@ def test_opcheck_every_op(device):
     _, joint_vals, joint_idx, _, *auxk_saved = torch.ops.fastsae.topk_autoencoder(*joint_args)
     grad_recon, grad_aux = torch.randn(2, B, d, device=device)
     joint_backward = (grad_recon, grads[0], grad_aux, x, W_enc.detach(), b_dec, W_dec, joint_vals, joint_idx)
-    auxk_args = (x, W_enc.detach(), b_enc, b_dec, W_dec, features, 3)
-    _, *dense_auxk_saved = torch.ops.fastsae.auxk_reconstruction(*auxk_args)
-    auxk_backward = (grad_aux, *dense_auxk_saved, *auxk_args[:5])
+    recompute_args = (grad_recon, grads[0], grad_aux, x, W_enc.detach(), b_enc, b_dec, W_dec, joint_vals, joint_idx)
+    recompute_args += (features, 3)
     cases = [
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 3, dead)),
         (torch.ops.fastsae.encode_topk, (x, W_enc, b_enc, b_dec, k, 0, None)),
@@ -314,9 +313,8 @@ def test_opcheck_every_op(device):
         (torch.ops.fastsae.topk_autoencoder, joint_args),
         (torch.ops.fastsae.topk_autoencoder_backward_with_auxk, (*joint_backward, *auxk_saved, True)),
         (torch.ops.fastsae.topk_autoencoder_backward_with_auxk, (*joint_backward, *auxk_saved, False)),
-        (torch.ops.fastsae.auxk_reconstruction, auxk_args),
-        (torch.ops.fastsae.auxk_reconstruction_backward, (*auxk_backward, True)),
-        (torch.ops.fastsae.auxk_reconstruction_backward, (*auxk_backward, False)),
+        (torch.ops.fastsae.topk_autoencoder_backward_recompute_auxk, (*recompute_args, True)),
+        (torch.ops.fastsae.topk_autoencoder_backward_recompute_auxk, (*recompute_args, False)),
         (torch.ops.fastsae.reconstruction_sums, (torch.randn(B, d, device=device, requires_grad=True), x)),
         (
             torch.ops.fastsae.reconstruction_sums_backward,

@@ -485,9 +485,9 @@ def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fre
     capped at 80 columns for 64 tokens), then the fused stream. Steps with 0, 5, 64, 70 and 85 dead
     features (each rung, its edge, and past the last) take the shortest list that holds them (the
     profiler names the ops and their operands' shapes) and train like the eager twin; with
-    `auxk_capacity` set to 64, 70 dead features take the fused stream (not 64 of them). The encode runs
-    once a step, forward and backward: torch.cond's backward runs its branch's forward again, so the
-    branches hold AuxK alone (the fused stream's encodes again, for its AuxK codes)."""
+    `auxk_capacity` set to 64, 70 dead features take the fused stream (not 64 of them). The forward runs
+    once a step: the backward branches on the count again and recomputes only the dense AuxK's codes
+    (torch.cond's own backward would run the branch's forward, the encode included, a second time)."""
     monkeypatch.setattr(fastsae.sae, "COMPILED_AUXK_RUNGS", True)
     monkeypatch.setattr(fastsae.sae, "AUXK_DENSE_MAX_ELEMENTS", 64 * 80)
     assert fastsae.sae.auxk_rungs(64, 96) == [0, 64, 80]
@@ -510,12 +510,14 @@ def test_whole_compiled_step_chooses_auxk_by_dead_count(device, monkeypatch, fre
             outs = [step(x)]
             outs[0].loss.backward()
         ops = [(event.name, event.input_shapes) for event in prof.events() if event.name.startswith("fastsae::")]
-        lists = [shapes[5][0] for name, shapes in ops if name == "fastsae::auxk_reconstruction"]
-        encodes = [shapes[6] for name, shapes in ops if name == "fastsae::encode_topk"]
-        # AuxK's forward twice (the second in torch.cond's backward); the encode once, and the fused
-        # stream's twice more
-        assert lists == ([] if path == "fused" else path * 2), f"{n_dead} dead: lists {lists}"
-        assert encodes == [[]] + ([[96], [96]] if path == "fused" else []), f"{n_dead} dead: {ops}"
+        lists = [shapes[6][0] for name, shapes in ops if name == "fastsae::topk_autoencoder"]
+        recomputed = [
+            shapes[10][0] for name, shapes in ops if name == "fastsae::topk_autoencoder_backward_recompute_auxk"
+        ]
+        fused = [name for name, shapes in ops if name == "fastsae::encode_topk" and shapes[6] == [96]]
+        # the forward once (the dense path's list again in the backward, for AuxK's codes alone)
+        assert lists == recomputed == ([] if path == "fused" else path), f"{n_dead} dead: lists {lists} {recomputed}"
+        assert len(fused) == (path == "fused"), f"{n_dead} dead: {ops}"
         outs.insert(0, eager(x))
         assert torch.equal(outs[0].idx, outs[1].idx), f"{n_dead} dead: codes"
         _assert_twins_agree(outs, eager, compiled, n_dead, compiled_backward_run=True)
