@@ -219,12 +219,16 @@ def encode_topk(
     if k_aux > 0:
         if dead_mask is None:
             raise ValueError("k_aux > 0 needs dead_mask, a bool [n_features] tensor of dead features")
-        if dead_mask.dtype != torch.bool or dead_mask.shape != (n_features,):
-            raise ValueError(
-                f"dead_mask must be bool of shape ({n_features},), got {dead_mask.dtype} {tuple(dead_mask.shape)}"
-            )
-        _check_same_device(x=x, dead_mask=dead_mask)
+        _check_dead_mask(dead_mask, n_features, x)
     return TopKCodes(*_encode_topk(x, W_enc, b_enc, b_dec, k, k_aux, dead_mask if k_aux > 0 else None))
+
+
+def _check_dead_mask(dead_mask: Tensor, n_features: int, x: Tensor) -> None:
+    if dead_mask.dtype != torch.bool or dead_mask.shape != (n_features,):
+        raise ValueError(
+            f"dead_mask must be bool of shape ({n_features},), got {dead_mask.dtype} {tuple(dead_mask.shape)}"
+        )
+    _check_same_device(x=x, dead_mask=dead_mask)
 
 
 @torch.library.custom_op("fastsae::encode_topk_positive_counts", mutates_args=())
@@ -955,6 +959,14 @@ def topk_autoencoder_by_dead_count(
     top-k stream (`encode_topk(..., k_aux, dead)`). The choice is made on the device, by a binary search of
     torch.cond over the rungs, in the forward and again in the backward (`_TopKAutoencoderByDeadCount`).
     `fired_only`: as `decode_sparse`'s, for the fused stream's decode."""
+    _check_encoder_args(x, W_enc, b_enc, b_dec)
+    _check_decoder_weight(W_dec, W_enc)
+    n_features = W_enc.shape[1]
+    _check_k("k", k, n_features, minimum=1)
+    _check_k("k_aux", k_aux, n_features, minimum=1)
+    _check_dead_mask(dead, n_features, x)
+    if not rungs or any(not isinstance(n, int) or n < 0 for n in rungs) or list(rungs) != sorted(rungs):
+        raise ValueError(f"rungs must be list lengths (ints >= 0) in ascending order, got {rungs!r}")
     recon, vals, idx, aux_recon = _TopKAutoencoderByDeadCount.apply(
         x, W_enc, b_enc, b_dec, W_dec, dead, k, k_aux, tuple(rungs), fired_only
     )

@@ -71,6 +71,12 @@ BAD_INPUTS = [
      lambda a: _encode_topk(a, k_aux=4, dead_mask=torch.ones(N_FEATURES - 1, dtype=torch.bool)), ValueError,
      "dead_mask must be bool"),
     ("encode_topk: tensors on two devices", lambda a: _encode_topk(a, x=a["x"].to("meta")), ValueError, "one device"),
+    ("topk_autoencoder_by_dead_count: dead mask of the wrong shape", lambda a: F.topk_autoencoder_by_dead_count(
+     a["x"], a["W_enc"], a["b_enc"], a["b_dec"], a["W_dec"], K, torch.ones(3, dtype=torch.bool), 2, [0, 8], True),
+     ValueError, r"dead_mask must be bool of shape \(20,\)"),
+    ("topk_autoencoder_by_dead_count: rungs out of order", lambda a: F.topk_autoencoder_by_dead_count(
+     a["x"], a["W_enc"], a["b_enc"], a["b_dec"], a["W_dec"], K, torch.ones(N_FEATURES, dtype=torch.bool), 2,
+     [8, 0], True), ValueError, "rungs must be list lengths"),
     ("encode_relu: threshold too short", lambda a: F.encode_relu(a["x"], a["W_enc"], a["b_enc"], a["b_dec"],
      torch.zeros(3)), ValueError, "threshold has 3 entries, expected n_features=20"),
     ("encode_batchtopk: k > n_features", lambda a: F.encode_batchtopk(a["x"], a["W_enc"], a["b_enc"], a["b_dec"],
