@@ -372,7 +372,8 @@ def encode_batchtopk_sparse(
     codes = batchtopk_ops.batch_topk(_encode_relu(x, W_enc, b_enc, b_dec, None), k)
     most = max(1, int((codes != 0).sum(dim=1).max()))
     vals, idx = codes.topk(most, dim=1)
-    return TopKCodes(vals, idx.to(torch.int32), vals[:, :0], idx[:, :0].to(torch.int32))
+    idx = idx.to(torch.int32)
+    return TopKCodes(vals, idx, vals[:, :0], idx[:, :0])
 
 
 def _batchtopk_among_candidates(x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> TopKCodes | None:
@@ -565,10 +566,19 @@ def _dense_auxk_forward(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int,
     keep: Callable[[Tensor], Tensor] | None, operands: _AuxKOperands | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
-    """`auxk_reconstruction`'s value, and what `_dense_auxk_backward` needs: (centred x, W_enc's and
-    W_dec's dead-feature columns and rows, the dense codes [B, n'], the feature list padded to n' with
-    -1, its negative entries kept). `operands`: `_auxk_operands(...)`, where the caller gathered them
-    already."""
+    """`auxk_reconstruction`'s value, and what `_dense_auxk_backward` needs (`_dense_auxk_saved`)."""
+    saved = _dense_auxk_saved(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, keep, operands)
+    _, _, W_dec_dead, codes, _ = saved
+    return codes @ W_dec_dead, saved
+
+
+def _dense_auxk_saved(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, W_dec: Tensor, features: Tensor, k_aux: int,
+    keep: Callable[[Tensor], Tensor] | None, operands: _AuxKOperands | None = None,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """What `_dense_auxk_backward` needs: (centred x, W_enc's and W_dec's dead-feature columns and rows,
+    the dense codes [B, n'], the feature list padded to n' with -1, its negative entries kept), without
+    the reconstruction. `operands`: `_auxk_operands(...)`, where the caller gathered them already."""
     n = features.shape[0]
     if operands is None:
         operands = _auxk_operands(x, W_enc, b_enc, b_dec, W_dec, features)
@@ -590,7 +600,7 @@ def _dense_auxk_forward(
         top_values, indices = scores.topk(min(k_aux, n), dim=1, sorted=False)
         values = top_values.relu_() if keep is None else keep(top_values.relu_())
         codes = _scatter_codes(pre, indices, values, W_dec.dtype)
-    return codes @ W_dec_dead, (centered, W_enc_dead, W_dec_dead, codes, slots)
+    return centered, W_enc_dead, W_dec_dead, codes, slots
 
 
 def _centered(x: Tensor, b_dec: Tensor, dtype: torch.dtype) -> Tensor:
@@ -1005,8 +1015,8 @@ class _TopKAutoencoderByDeadCount(torch.autograd.Function):
                 recon, vals, idx, aux_recon, *_ = _topk_autoencoder_op(
                     x, W_enc, b_enc, b_dec, W_dec, k, features, k_aux
                 )
-                no_aux = vals.new_zeros(B, k_aux), idx.new_zeros(B, k_aux)
-                return recon, vals, idx.view(torch.float32), aux_recon, no_aux[0], no_aux[1].view(torch.float32)
+                no_aux_vals, no_aux_idx = vals.new_zeros(B, k_aux), idx.new_zeros(B, k_aux)
+                return recon, vals, idx.view(torch.float32), aux_recon, no_aux_vals, no_aux_idx.view(torch.float32)
 
             return branch
 
@@ -1061,8 +1071,8 @@ def _topk_autoencoder_backward_recompute_op(
     b_dec: Tensor, W_dec: Tensor, vals: Tensor, idx: Tensor, features: Tensor, k_aux: int, x_requires_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """`_topk_autoencoder_backward_with_auxk` after recomputing what the dense AuxK over `features` saves
-    (its operands and codes; `_dense_auxk_forward`)."""
-    _, aux_saved = _dense_auxk_forward(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
+    (its operands and codes, not its reconstruction; `_dense_auxk_saved`)."""
+    aux_saved = _dense_auxk_saved(x, W_enc, b_enc, b_dec, W_dec, features, k_aux, None)
     return _topk_autoencoder_backward_with_auxk(
         grad_recon, grad_vals, grad_aux, x, W_enc, b_dec, W_dec, vals, idx, aux_saved, x_requires_grad,
         _compiled_side_stream(x), None,

@@ -72,12 +72,6 @@ GROUP = 64  # codes per group: F / 64 maxima per row still hold the top k of mos
 # Each row's candidates for the sparse codes: its 4k largest. A row keeps k codes on average; the
 # candidates fall short only for a row that keeps more than 4x the average.
 CANDIDATES_PER_K = 4
-# The dense codes (`functional.encode_batchtopk`) are the sparse codes scattered into [B, F] where each
-# row's candidates are few enough for the TopK encode's warp select (`dense_from_candidates`). There the
-# sparse route took about a third of the dense route's time on the H200 (bf16, 73600d9, 128 / 256 / 128
-# candidates: 1.09 / 7.43 / 1.29 ms at GPT-2 / Llama-8B / AlphaFold3 against 3.05 / 12.70 / 3.78), which
-# leaves the [B, F] fill and scatter room. More candidates, or candidates a larger share of the row, take
-# the TopK encode's slower routes: not timed against the dense route, which they keep.
 
 
 # The callback of the capture in progress (`exactness_checkpoint`), or None.
@@ -146,9 +140,14 @@ def candidate_width(k: int, n_features: int) -> int:
 
 
 def dense_from_candidates(k: int, n_features: int) -> bool:
-    """Whether the dense BatchTopK codes come from the sparse codes' candidates: where the candidates are
-    within the limits of the TopK encode's warp select (`cutlass_gemm.select_topk_group_max`: at most
-    SELECT_MAX_K, and at most one a group of its narrowest groups)."""
+    """Whether the dense BatchTopK codes (`functional.encode_batchtopk`) are the sparse codes scattered
+    into [B, F]: where the candidates are within the limits of the TopK encode's warp select
+    (`cutlass_gemm.select_topk_group_max`: at most SELECT_MAX_K, and at most one a group of its narrowest
+    groups). There the sparse route took about a third of the dense route's time on the H200 (bf16,
+    73600d9, 128 / 256 / 128 candidates: 1.09 / 7.43 / 1.29 ms at GPT-2 / Llama-8B / AlphaFold3 against
+    3.05 / 12.70 / 3.78), which leaves the [B, F] fill and scatter room. More candidates, or candidates a
+    larger share of the row, take the TopK encode's slower routes: not timed against the dense route,
+    which they keep."""
     most = min(cutlass_gemm.SELECT_MAX_K, n_features // min(cutlass_gemm.SELECT_GROUPS))
     return candidate_width(k, n_features) <= most
 
