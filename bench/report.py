@@ -51,7 +51,7 @@ OP_NOTES = {
     "exactness check), `fastsae_threshold_graph` the same with the threshold-first route, whose GPT-2 and "
     "Llama-8B rows at 0a6f244 are mostly eager steps standing in for batches the route handed back (53 and 11 "
     "of the timed calls): its rows outgrow their buffers as training on the one repeated batch piles entries up "
-    "just below the threshold (the top-level README, Kernels and speed). The sparse codes above the previous "
+    "just below the threshold (docs/kernels.md, BatchTopK encode). The sparse codes above the previous "
     "step's floor took 96.2 ms a step at GPT-2 against 6.9 ms (bd324ad) and were removed; that row is left out "
     "of the CSV so that the plot stays legible.",
     "train_step_ab": "A training step under each value of one switch (`bench/ab_step.py`): the captured SAEAdam "

@@ -55,7 +55,7 @@ from .launch import INTERPRET, cdiv, matmul_dtype, may_synchronize, needs_tuning
 # about 2.7x), so the margin is narrow: a batch whose threshold falls further below the estimate (early
 # in training, when it moves fast) takes the caller's other route. As training goes on, entries pile up
 # just below the threshold, unevenly across rows, and rows outgrow their SLOTS_PER_K x k slots though they
-# keep few codes (README: fp32 rerun of the benchmark's training at GPT-2's width, from step 20 on; by
+# keep few codes (docs/kernels.md: fp32 rerun of the benchmark's training at GPT-2's width, from step 20 on; by
 # step 64 the fullest row held 432 entries within 10% of the estimate and 161 within 1%, keeping at most
 # 48): per-row buffers are what limits this route in training, not the margin.
 FLOOR_MARGIN = 0.1

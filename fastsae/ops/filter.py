@@ -113,7 +113,7 @@ ROW_FILTER_REREAD = 1024
 # streaming read of the chunk, one row's 4096 entries a program, writing the `_ordered` keys into the
 # scratch), the row kernel starting from them. Captured SAEAdam step with AuxK's row top-k selecting in
 # every row, without / with it, two rounds: 1.373, 1.368 / 1.461, 1.451 ms at AlphaFold3's shape, 1.584,
-# 1.650 / 1.687, 1.688 at GPT-2's (6b0133c), as the encode alone had measured before (README): the row
+# 1.650 / 1.687, 1.688 at GPT-2's (6b0133c), as the encode alone had measured before (docs/kernels.md): the row
 # kernel's other steps go no faster for starting from the maxima, and the chunk's read no longer overlaps them.
 
 
