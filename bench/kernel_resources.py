@@ -244,9 +244,9 @@ def _queue_kernels() -> None:
         )
     for cfg in decode._DECODE_CANDIDATES:
         constexprs = {"HAS_BIAS": True, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_D": cfg["BLOCK_D"], "stride_vk": 1,
-                      "CODES_READ": decode.CODES_READ}  # fmt: skip
+                      "CODES_TILE": cfg["CODES_TILE"], "CODES_READ": decode.CODES_READ}  # fmt: skip
         queue_compile(
-            f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} warps={cfg['num_warps']}",
+            f"decode_sparse {cfg['BLOCK_M']}x{cfg['BLOCK_D']} codes={cfg['CODES_TILE']} warps={cfg['num_warps']}",
             decode._decode_sparse_fwd_kernel,
             constexprs,
             cfg["num_warps"],

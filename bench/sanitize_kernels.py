@@ -144,8 +144,10 @@ def run_shape(name: str, B: int, d: int, n_features: int, k: int, k_aux: int, al
         expected_acts = reference.encode_relu(x, W_enc, b_enc, b_dec, cut)
         assert_close(acts.float(), expected_acts.float(), TOLERANCE, f"{name} relu threshold={cut is not None}")
 
-    x_hat = decode.decode_sparse(vals, idx, W_dec, b_dec)
-    assert_close(x_hat.float(), reference.decode_sparse(vals, idx, W_dec, b_dec).float(), TOLERANCE, f"{name} decode")
+    want_x_hat = reference.decode_sparse(vals, idx, W_dec, b_dec).float()
+    for cfg in decode._DECODE_CANDIDATES:  # every tile the tuner may pick
+        x_hat = decode.decode_sparse(vals, idx, W_dec, b_dec, cfg)
+        assert_close(x_hat.float(), want_x_hat, TOLERANCE, f"{name} decode {cfg}")
     grad_out = torch.randn_like(x_hat)
     dvals, dW_dec = decode.decode_sparse_backward(grad_out, vals, idx, W_dec)
     want_dvals, want_dW = reference.decode_sparse_backward(grad_out, vals, idx, W_dec)

@@ -40,6 +40,23 @@ def test_decode_sparse_kernel(device, B, d, F, k, dtype, bias):
     assert_close(out, expected, dtype)
 
 
+@pytest.mark.usefixtures("poison_empty")
+@pytest.mark.parametrize("cfg", decode._DECODE_CANDIDATES, ids=lambda cfg: "-".join(map(str, cfg.values())))
+@pytest.mark.parametrize("device", KERNEL_DEVICES)
+def test_decode_sparse_every_tile(device, cfg):
+    """Each tile the tuner may pick for the decode, with k = 9 codes (not a multiple of any tile's codes at
+    once), a batch and a d that are not multiples of its BLOCK_M and BLOCK_D, codes that did not fire, and an
+    index outside [0, F) on a zero code (skipped, not read)."""
+    B, d, F, k = 70, 72, 50, 9
+    vals, idx = _codes(B, F, k, torch.float32, device)
+    vals[3, 4], idx[3, 4] = 0.0, F + 7
+    _, _, W_dec, b_dec = random_sae_weights(d, F, dtype=torch.float32, device=device)
+    out = decode.decode_sparse(vals, idx, W_dec, b_dec, tile=cfg)
+    idx[3, 4] = 0  # the reference indexes every code
+    expected = reference.decode_sparse(vals.double(), idx, W_dec.double(), b_dec.double())
+    assert_close(out, expected, torch.float32)
+
+
 BACKWARD_CASES = [
     pytest.param("cpu", 37, 40, 96, 8, marks=pytest.mark.interpret),
     pytest.param("cuda", 8192, 768, 24576, 32, marks=pytest.mark.gpu),

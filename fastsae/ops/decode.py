@@ -1,9 +1,9 @@
 """Sparse decode: x_hat[b] = sum_j vals[b, j] * W_dec[idx[b, j]] (+ b_dec)   (`reference.decode_sparse`).
 
 vals/idx [B, k], W_dec [F, d], b_dec [d] -> x_hat [B, d] in W_dec's dtype. A program owns BLOCK_M
-tokens and BLOCK_D output dimensions; for each of the k codes it gathers BLOCK_M decoder row
-segments (contiguous BLOCK_D elements each) and accumulates in fp32. Only B*k*d elements of W_dec
-are read, against B*F*d for a dense decode.
+tokens and BLOCK_D output dimensions; for each CODES_TILE of the k codes at once it gathers BLOCK_M x
+CODES_TILE decoder row segments (contiguous BLOCK_D elements each) and accumulates in fp32. Only B*k*d
+elements of W_dec are read, against B*F*d for a dense decode.
 """
 
 from __future__ import annotations
@@ -38,24 +38,33 @@ def _decode_sparse_fwd_kernel(
     vals_ptr, idx_ptr, w_ptr, b_dec_ptr, out_ptr,
     B, K, D, F,
     stride_vm, stride_vk, stride_im, stride_ik, stride_wf, stride_wd, stride_om, stride_od,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES_READ: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, CODES_TILE: tl.constexpr,
+    CODES_READ: tl.constexpr,
 ):  # fmt: skip
+    # CODES_TILE codes' gathers at once, [BLOCK_M, CODES_TILE, BLOCK_D]: more loads in flight a program
+    # than one code's BLOCK_M rows (sparsify's decode gathers all k codes of a token at once).
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     row_valid, dim_valid = rows < B, dims < D
     rows64 = rows.to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for j in range(0, _codes_to_read(vals_ptr, rows64, row_valid, K, stride_vm, stride_vk, CODES_READ)):
-        v = tl.load(vals_ptr + rows64 * stride_vm + j * stride_vk, mask=row_valid, other=0.0).to(tl.float32)
-        f = tl.load(idx_ptr + rows64 * stride_im + j * stride_ik, mask=row_valid, other=0).to(tl.int64)
+    n_codes = _codes_to_read(vals_ptr, rows64, row_valid, K, stride_vm, stride_vk, CODES_READ)
+    for j0 in range(0, n_codes, CODES_TILE):
+        codes = j0 + tl.arange(0, CODES_TILE)
+        pair_valid = row_valid[:, None] & (codes < n_codes)[None, :]  # [BLOCK_M, CODES_TILE]
+        v = tl.load(vals_ptr + rows64[:, None] * stride_vm + codes[None, :] * stride_vk, mask=pair_valid, other=0.0).to(
+            tl.float32
+        )
+        f = tl.load(idx_ptr + rows64[:, None] * stride_im + codes[None, :] * stride_ik, mask=pair_valid, other=0)
+        f = f.to(tl.int64)
         # An index outside [0, F) contributes nothing instead of reading out of bounds.
-        gather = row_valid & (f >= 0) & (f < F) & (v != 0.0)
+        gather = pair_valid & (f >= 0) & (f < F) & (v != 0.0)
         w = tl.load(
-            w_ptr + f[:, None] * stride_wf + dims[None, :] * stride_wd,
-            mask=gather[:, None] & dim_valid[None, :],
+            w_ptr + f[:, :, None] * stride_wf + dims[None, None, :] * stride_wd,
+            mask=gather[:, :, None] & dim_valid[None, None, :],
             other=0.0,
-        ).to(tl.float32)  # [BLOCK_M, BLOCK_D]
-        acc += v[:, None] * w
+        ).to(tl.float32)  # [BLOCK_M, CODES_TILE, BLOCK_D]
+        acc += tl.sum(v[:, :, None] * w, axis=1)
     if HAS_BIAS:
         acc += tl.load(b_dec_ptr + dims, mask=dim_valid, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + rows64[:, None] * stride_om + dims[None, :] * stride_od
@@ -63,14 +72,18 @@ def _decode_sparse_fwd_kernel(
 
 
 CODES_READ = 64  # codes' values a decode program reads at once to find where its codes end (`_codes_to_read`)
+# Tiles of one code at a time, then of several codes' gathers at once (CODES_TILE), for the tuner.
 _DECODE_CANDIDATES = [
-    dict(BLOCK_M=m, BLOCK_D=d, num_warps=w) for m, d, w in [(16, 256, 4), (32, 128, 4), (64, 128, 8), (8, 512, 4)]
+    dict(BLOCK_M=m, BLOCK_D=d, CODES_TILE=c, num_warps=w)
+    for m, d, c, w in [(16, 256, 1, 4), (32, 128, 1, 4), (64, 128, 1, 8), (8, 512, 1, 4)]
+    + [(8, 256, 4, 4), (16, 128, 4, 4), (4, 256, 8, 4), (8, 128, 8, 4), (2, 256, 16, 4)]
 ]
 
 
-def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None) -> Tensor:
+def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None, tile: dict | None = None) -> Tensor:
     """Sparse decode; same contract as `reference.decode_sparse` (arguments checked by
-    `fastsae.functional.decode_sparse`). Codes with value 0 skip their gather."""
+    `fastsae.functional.decode_sparse`). Codes with value 0 skip their gather. `tile`: one of
+    `_DECODE_CANDIDATES` instead of the tuner's pick."""
     if W_dec.dtype == torch.float64:
         return reference.decode_sparse(vals, idx, W_dec, b_dec)
     B, K = vals.shape
@@ -88,7 +101,9 @@ def decode_sparse(vals: Tensor, idx: Tensor, W_dec: Tensor, b_dec: Tensor | None
             HAS_BIAS=b_dec is not None, CODES_READ=min(CODES_READ, next_power_of_2(K)), **cfg,
         )  # fmt: skip
 
-    run(tuned(("decode_sparse", D, F, bucket(B), bucket(K), W_dec.dtype), _DECODE_CANDIDATES, run))
+    if tile is None:
+        tile = tuned(("decode_sparse", D, F, bucket(B), bucket(K), W_dec.dtype), _DECODE_CANDIDATES, run)
+    run(tile)
     return out
 
 
