@@ -72,11 +72,13 @@ def _decode_sparse_fwd_kernel(
 
 
 CODES_READ = 64  # codes' values a decode program reads at once to find where its codes end (`_codes_to_read`)
-# Tiles of one code at a time, then of several codes' gathers at once (CODES_TILE), for the tuner.
+# Tiles of one code at a time, then of several codes' gathers at once (CODES_TILE), for the tuner. The
+# latter hold 4096 gathered entries per 4 warps: at 8192 per 4 warps ptxas took all 255 registers a thread
+# (BLOCK_D = 128 spilled 352-360 bytes), mostly the gathers' 64-bit addresses.
 _DECODE_CANDIDATES = [
     dict(BLOCK_M=m, BLOCK_D=d, CODES_TILE=c, num_warps=w)
     for m, d, c, w in [(16, 256, 1, 4), (32, 128, 1, 4), (64, 128, 1, 8), (8, 512, 1, 4)]
-    + [(8, 256, 4, 4), (16, 128, 4, 4), (4, 256, 8, 4), (8, 128, 8, 4), (2, 256, 16, 4)]
+    + [(8, 128, 4, 4), (4, 128, 8, 4), (4, 256, 4, 4), (2, 256, 8, 4), (8, 256, 4, 8), (4, 256, 8, 8)]
 ]
 
 
