@@ -13,7 +13,7 @@ import torch
 
 from fastsae import functional as F
 from fastsae import reference
-from fastsae.ops import batch_filter, filter, launch
+from fastsae.ops import batch_filter, cutlass_gemm, filter, launch
 from fastsae.testing import assert_batchtopk_matches, assert_close, assert_topk_matches
 
 from .harness import SHAPES, Recorder, each_shape, measure, optional_sparsify, selected, selected_shapes, sweep_name
@@ -75,6 +75,17 @@ def _gemm(x, W_enc):
     return x @ W_enc
 
 
+def _encode_topk_raising_by_count(x, W_enc, b_enc, b_dec, k):
+    """fastsae's TopK encode with the warp select raising its bound by counting
+    (`cutlass_gemm.SELECT_RAISE_BY_COUNT`, read at each call) where its buffer fills, for a comparison
+    in the same process as the default: same tuned route, only the select's cut differs."""
+    default, cutlass_gemm.SELECT_RAISE_BY_COUNT = cutlass_gemm.SELECT_RAISE_BY_COUNT, True
+    try:
+        return F.encode_topk(x, W_enc, b_enc, b_dec, k)
+    finally:
+        cutlass_gemm.SELECT_RAISE_BY_COUNT = default
+
+
 def _weights(d: int, n_features: int):
     """An initialised SAE's encoder: unit-norm decoder rows, W_enc = W_dec^T, small biases."""
     W_dec = reference.normalize_decoder_rows(torch.randn(n_features, d, device="cuda"))
@@ -92,6 +103,8 @@ def _bench_topk(recorder: Recorder, shape: str, d: int, n_features: int, n_rows:
         "fastsae": partial(F.encode_topk, x, W_enc, b_enc, b_dec, k),
         "torch": partial(_torch_topk, x, W_enc, b_enc, b_dec, k),
     }
+    if cutlass_gemm.available() and not cutlass_gemm.SELECT_RAISE_BY_COUNT:
+        providers["fastsae_raise_by_count"] = partial(_encode_topk_raising_by_count, x, W_enc, b_enc, b_dec, k)
     if full:
         providers["compile"] = partial(torch.compile(_torch_topk), x, W_enc, b_enc, b_dec, k)
         if sparsify is not None:
