@@ -8,6 +8,7 @@ provider's output is checked against the fp32 reference on the first rows before
 from __future__ import annotations
 
 from functools import partial
+from unittest import mock
 
 import torch
 
@@ -79,11 +80,8 @@ def _encode_topk_raising_by_count(x, W_enc, b_enc, b_dec, k):
     """fastsae's TopK encode with the warp select raising its bound by counting
     (`cutlass_gemm.SELECT_RAISE_BY_COUNT`, read at each call) where its buffer fills, for a comparison
     in the same process as the default: same tuned route, only the select's cut differs."""
-    default, cutlass_gemm.SELECT_RAISE_BY_COUNT = cutlass_gemm.SELECT_RAISE_BY_COUNT, True
-    try:
+    with mock.patch.object(cutlass_gemm, "SELECT_RAISE_BY_COUNT", True):
         return F.encode_topk(x, W_enc, b_enc, b_dec, k)
-    finally:
-        cutlass_gemm.SELECT_RAISE_BY_COUNT = default
 
 
 def _weights(d: int, n_features: int):

@@ -52,9 +52,8 @@ def _decode_sparse_fwd_kernel(
     for j0 in range(0, n_codes, CODES_TILE):
         codes = j0 + tl.arange(0, CODES_TILE)
         pair_valid = row_valid[:, None] & (codes < n_codes)[None, :]  # [BLOCK_M, CODES_TILE]
-        v = tl.load(vals_ptr + rows64[:, None] * stride_vm + codes[None, :] * stride_vk, mask=pair_valid, other=0.0).to(
-            tl.float32
-        )
+        v = tl.load(vals_ptr + rows64[:, None] * stride_vm + codes[None, :] * stride_vk, mask=pair_valid, other=0.0)
+        v = v.to(tl.float32)
         f = tl.load(idx_ptr + rows64[:, None] * stride_im + codes[None, :] * stride_ik, mask=pair_valid, other=0)
         f = f.to(tl.int64)
         # An index outside [0, F) contributes nothing instead of reading out of bounds.
