@@ -56,10 +56,16 @@ def test_matches_reference_on_cuda(shape, variant):
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
     torch.manual_seed(0)
     B, d, F = shape
-    group, tile_rows = cutlass_gemm.VARIANTS[variant].group, cutlass_gemm.VARIANTS[variant].tile_rows
+    kernel = cutlass_gemm.VARIANTS[variant]
+    group, tile_rows = kernel.group, kernel.tile_rows
     xc, W_enc, b_enc = _operands(B, d, F)
     pre, maxima = cutlass_gemm.gemm_bias_group_max(xc, W_enc, b_enc, variant)
     expected_pre, expected_maxima = reference.gemm_bias_group_max(xc, W_enc, b_enc, group, tile_rows)
+    n_groups, rows = expected_maxima.shape
+    if kernel.groups_per_tile > 1:  # [tiles, groups a tile, rows]: group g at [g // 2, g % 2]
+        assert maxima.shape == (-(-n_groups // kernel.groups_per_tile), kernel.groups_per_tile, rows)
+        assert torch.isneginf(maxima.reshape(-1, rows)[n_groups:]).all(), "a group past F has a maximum"
+        maxima = cutlass_gemm.maxima_by_group(maxima, n_groups)
     assert pre.shape == expected_pre.shape and maxima.shape == expected_maxima.shape
     assert_close(pre.double(), expected_pre.double(), torch.bfloat16, "pre")
     # The maxima are exactly those of the kernel's own (rounded) pre-activation, whatever its summation order.
@@ -100,7 +106,11 @@ def _group_of(variant_group):
     return next(v for v, kernel in enumerate(cutlass_gemm.VARIANTS) if kernel.routed and kernel.group == variant_group)
 
 
-SELECT_CASES = [(group, k, 24576) for group in cutlass_gemm.SELECT_GROUPS for k in (1, 32, 96)] + [(128, 128, 16384)]
+SELECT_CASES = [(group, k, 24576) for group in cutlass_gemm.SELECT_GROUPS for k in (1, 32, 96)] + [
+    (128, 128, 16384),
+    (64, 128, 16384),
+    (64, 16, 1088),  # 17 groups of 64: the last tile's second group lies past F
+]
 
 
 @pytest.mark.gpu
@@ -110,8 +120,9 @@ def test_select_topk_group_max_is_exact_on_cuda(group, k, F, raise_by_count):
     """The warp-per-row select over the GEMM's own pre-activation and maxima (1003 rows: a partial block
     of rows; 96 groups of 256 is k = F / 256; k = 128 over 128 groups reads every group, and about 690
     entries of a row reach the first bound, more than the buffer holds, so most rows raise it, either
-    way: `raise_by_count`) returns exactly each row's k largest keys, sorted, into bf16 and fp32 codes
-    and row views of a larger output, and leaves no row to the fallback."""
+    way: `raise_by_count`; groups of 64 from the kernels with two a tile, whose maxima are [tiles, 2,
+    rows]) returns exactly each row's k largest keys, sorted, into bf16 and fp32 codes and row views of a
+    larger output, and leaves no row to the fallback."""
     if not cutlass_gemm.available():
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
     torch.manual_seed(k)
@@ -182,11 +193,13 @@ def test_select_topk_group_max_bad_operands_fail_clearly():
     with pytest.raises(ValueError, match="pre must be"):
         select(pre.float(), maxima, 128, k, vals, idx, flags)
     with pytest.raises(ValueError, match="group must be"):
-        select(pre, maxima, 64, k, vals, idx, flags)
+        select(pre, maxima, 32, k, vals, idx, flags)
     with pytest.raises(ValueError, match="k must be"):
         select(pre, maxima, 128, 9, torch.empty(B, 9, device="cuda"), idx, flags)  # 8 groups
     with pytest.raises(ValueError, match="maxima must be"):
         select(pre, maxima[:4], 128, k, vals, idx, flags)
+    with pytest.raises(ValueError, match="maxima must be"):  # 16 groups of 64 need 8 tiles of two
+        select(pre, maxima.view(4, 2, -1), 64, k, vals, idx, flags)
     with pytest.raises(ValueError, match="idx must be"):
         select(pre, maxima, 128, k, vals, idx[:, :2], flags)
     with pytest.raises(ValueError, match="vals must be floating"):
@@ -212,6 +225,11 @@ def _maxima_route(monkeypatch, device):
             assert all(chunk() is None for chunk in made), "a chunk was held while the next was made"
             kernel = cutlass_gemm.VARIANTS[variant]
             pre, maxima = reference.gemm_bias_group_max(xc, W_enc, b_enc, kernel.group, kernel.tile_rows)
+            if kernel.groups_per_tile > 1:  # the kernel's layout, [tiles, groups a tile, rows]
+                tiles = -(-maxima.shape[0] // kernel.groups_per_tile)
+                padded = maxima.new_full((tiles * kernel.groups_per_tile, maxima.shape[1]), float("-inf"))
+                padded[: maxima.shape[0]] = maxima
+                maxima = padded.view(tiles, kernel.groups_per_tile, -1)
             made.extend((weakref.ref(pre), weakref.ref(maxima)))
             return pre, maxima
 

@@ -102,7 +102,7 @@ __device__ __forceinline__ void load_hot_batch(const uint16_t* row_pre, const ui
                                                int n_features, int lane, HotWords<kGroup>& words,
                                                int (&first)[kBatch]) {
   constexpr int kPerLane = kGroup / 32;
-  using Vector = std::conditional_t<kPerLane == 4, uint2, uint4>;
+  using Vector = std::conditional_t<kPerLane == 2, uint32_t, std::conditional_t<kPerLane == 4, uint2, uint4>>;
 #pragma unroll
   for (int j = 0; j < kBatch; ++j) {
     first[j] = h + j < n_hot ? hot[h + j] * kGroup + lane * kPerLane : n_features;
@@ -318,8 +318,8 @@ __device__ __forceinline__ void write_largest(const uint64_t* buffer, int n, int
 // take; with it a register or two is spilled, outside the loop.
 template <int kGroup, int kGroupsPerLane, bool kRaiseByCount, typename scalar_t>
 __global__ void __launch_bounds__(kWarps * 32, 8) select_topk_group_max_kernel(
-    const uint16_t* __restrict__ pre, int64_t stride_pre, const float* __restrict__ maxima, int64_t stride_maxima,
-    int rows, int n_features, int n_groups, int k, scalar_t* __restrict__ vals, int64_t stride_vals,
+    const uint16_t* __restrict__ pre, int64_t stride_pre, const float* __restrict__ maxima, int64_t stride_tile,
+    int64_t stride_in_tile, int log2_groups_per_tile, int rows, int n_features, int n_groups, int k, scalar_t* __restrict__ vals, int64_t stride_vals,
     int32_t* __restrict__ idx, int64_t stride_idx, int8_t* __restrict__ flags) {
   __shared__ uint64_t candidates[kWarps][kCapacity];
   __shared__ uint16_t hot_lists[kWarps][32 * kGroupsPerLane];
@@ -336,12 +336,16 @@ __global__ void __launch_bounds__(kWarps * 32, 8) select_topk_group_max_kernel(
   asm("mov.b64 %0, %0;" : "+l"(row_pre));
 
   // 1. The group maxima's keys, group i * 32 + lane in slot i (0 where there is no group). A maximum is a
-  // bf16 value held in fp32: its top 16 bits.
+  // bf16 value held in fp32: its top 16 bits. Group g is group g % groups_per_tile of the GEMM's tile g /
+  // groups_per_tile.
   uint32_t group_key[kGroupsPerLane];
+  const int in_tile_mask = (1 << log2_groups_per_tile) - 1;
 #pragma unroll
   for (int i = 0; i < kGroupsPerLane; ++i) {
     const int g = i * 32 + lane;
-    const float maximum = g < n_groups ? __ldg(maxima + g * stride_maxima + row) : 0.0f;
+    const float maximum =
+        g < n_groups ? __ldg(maxima + (g >> log2_groups_per_tile) * stride_tile + (g & in_tile_mask) * stride_in_tile + row)
+                     : 0.0f;
     group_key[i] = g >= n_groups ? 0u : maximum != maximum ? kNaNKey : value_key(__float_as_uint(maximum) >> 16);
   }
 
@@ -407,7 +411,7 @@ void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "select_topk_group_max", [&] {
     select_topk_group_max_kernel<kGroup, kGroupsPerLane, kRaiseByCount, scalar_t><<<grid, kWarps * 32, 0, stream>>>(
         reinterpret_cast<const uint16_t*>(pre.data_ptr()), pre.stride(0), maxima.data_ptr<float>(), maxima.stride(0),
-        rows, n_features, n_groups, static_cast<int>(k), vals.data_ptr<scalar_t>(), vals.stride(0),
+        maxima.stride(1), maxima.size(1) == 2 ? 1 : 0, rows, n_features, n_groups, static_cast<int>(k), vals.data_ptr<scalar_t>(), vals.stride(0),
         idx.data_ptr<int32_t>(), idx.stride(0), flags.data_ptr<int8_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -433,14 +437,16 @@ void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int6
   TORCH_CHECK(pre.is_cuda() && pre.scalar_type() == at::kBFloat16 && pre.dim() == 2 && pre.stride(1) == 1 &&
                   pre.stride(0) % 8 == 0 && reinterpret_cast<uintptr_t>(pre.data_ptr()) % 16 == 0,
               op, ": pre must be a bf16 CUDA matrix of 16-byte aligned contiguous rows");
-  TORCH_CHECK(group == 128 || group == 256, op, ": group must be 128 or 256, got ", group);
+  TORCH_CHECK(group == 64 || group == 128 || group == 256, op, ": group must be 64, 128 or 256, got ", group);
   const int64_t rows = pre.size(0), n_features = pre.size(1), n_groups = (n_features + group - 1) / group;
   TORCH_CHECK(n_features % 8 == 0 && rows < (int64_t(1) << 31) && n_groups <= kMaxGroups, op,
               ": pre must have fewer than 2^31 rows and a multiple of 8 features in at most ", kMaxGroups, " groups");
   TORCH_CHECK(k >= 1 && k <= kMaxK && k <= n_groups, op, ": k must be in [1, min(", kMaxK, ", groups)], got ", k);
-  TORCH_CHECK(maxima.device() == pre.device() && maxima.scalar_type() == at::kFloat && maxima.dim() == 2 &&
-                  maxima.size(0) == n_groups && maxima.size(1) >= rows && maxima.stride(1) == 1,
-              op, ": maxima must be fp32 [groups, >= rows] on pre's device");
+  TORCH_CHECK(maxima.device() == pre.device() && maxima.scalar_type() == at::kFloat && maxima.dim() == 3 &&
+                  (maxima.size(1) == 1 || maxima.size(1) == 2) &&
+                  maxima.size(0) == (n_groups + maxima.size(1) - 1) / maxima.size(1) && maxima.size(2) >= rows &&
+                  maxima.stride(2) == 1,
+              op, ": maxima must be fp32 [tiles, 1 or 2 groups a tile, >= rows] on pre's device");
   TORCH_CHECK(vals.device() == pre.device() && vals.dim() == 2 && vals.size(0) == rows && vals.size(1) == k &&
                   vals.stride(1) == 1,
               op, ": vals must be [rows, k] on pre's device, rows contiguous");
@@ -453,9 +459,11 @@ void select_topk_group_max(const at::Tensor& pre, const at::Tensor& maxima, int6
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(pre.device());
   if (raise_by_count) {
+    if (group == 64) return launch_for_groups<64, true>(pre, maxima, k, vals, idx, flags);
     if (group == 128) return launch_for_groups<128, true>(pre, maxima, k, vals, idx, flags);
     return launch_for_groups<256, true>(pre, maxima, k, vals, idx, flags);
   }
+  if (group == 64) return launch_for_groups<64, false>(pre, maxima, k, vals, idx, flags);
   if (group == 128) return launch_for_groups<128, false>(pre, maxima, k, vals, idx, flags);
   return launch_for_groups<256, false>(pre, maxima, k, vals, idx, flags);
 }

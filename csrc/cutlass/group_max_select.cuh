@@ -1,6 +1,6 @@
 // fastsae_cutlass::select_topk_group_max (group_max_select.cu): the TopK select of a row chunk from the
-// pre-activation [rows, F] (bf16) and the group maxima [ceil(F / group), >= rows] (fp32) that
-// gemm_bias_group_max leaves. Writes vals [rows, k] (post-ReLU, vals' dtype) and idx [rows, k] (int32),
+// pre-activation [rows, F] (bf16) and the group maxima that gemm_bias_group_max leaves, as fp32 [tiles,
+// groups a tile (1 or 2), >= rows] (group g of a row at [g / groups a tile, g % groups a tile]). Writes vals [rows, k] (post-ReLU, vals' dtype) and idx [rows, k] (int32),
 // largest first, as fastsae/reference.py's `topk_activation` selects them (ties to the larger feature),
 // and flags [rows] (int8): 1 for a row left unwritten, for the caller to recompute. `raise_by_count`: the
 // version that raises the bound over a full candidate buffer by counting instead of sorting (not yet run on

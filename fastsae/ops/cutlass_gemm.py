@@ -6,7 +6,8 @@
 
 pre is what cuBLAS's addmm writes (xc @ W_enc + b_enc rounded to bf16); maxima [ceil(F / group), B
 rounded up to the tile's rows] fp32 holds the maximum of every `group` adjacent features of each row
-(a group is the kernel's tile width), computed in the same epilogue from the rounded values. The TopK
+(a group is the kernel's tile width), computed in the same epilogue from the rounded values; a kernel
+with two groups a tile (64 features each) leaves them as [tiles, 2, rows] (`Variant.groups_per_tile`). The TopK
 row filter (`filter.row_filter_topk`) reads the whole pre-activation once for exactly those maxima
 before it reads the hot groups again; a GEMM that leaves them saves the rest of the row's read. Triton
 GEMMs that did so (the pooled route, f5477b9) were slower than cuBLAS by more than that read; these are
@@ -45,14 +46,16 @@ from torch import Tensor
 
 class Variant(NamedTuple):
     """A kernel of gemm_bias_group_max (csrc/cutlass/group_max_gemm_*.cu, named by its tile's rows x
-    features): features per group (its tile's width), the rows its maxima are rounded up to (its tile's
-    height), and whether the encode's tuner times the route over it (`routed`: not for kernels that
-    measured slower than another variant with the same groups at every benchmark shape)."""
+    features): features per group (its tile's width over groups_per_tile), the rows its maxima are
+    rounded up to (its tile's height), and whether the encode's tuner times the route over it (`routed`:
+    not for kernels that measured slower than another variant with the same groups at every benchmark
+    shape). Where a tile holds two groups its maxima are [tiles, 2, rows]: group g at [g // 2, g % 2]."""
 
     name: str
     group: int
     tile_rows: int
     routed: bool = True
+    groups_per_tile: int = 1
 
 
 # By the op's `variant` argument (csrc/cutlass/ops.cu dispatches on it). Cooperative: two
@@ -64,6 +67,10 @@ class Variant(NamedTuple):
 #   cooperative_256x128 0.554 / 0.458 / 7.15     pingpong_128x128_cluster2    0.509 / 0.451 / 8.36
 #   cooperative_128x256_cluster2 0.549 / 0.468 / 6.27 (faster than cuBLAS at Llama-8B's shape)
 # The 64-wide and 64-high tiles were the slowest at every shape: the tuner leaves them out.
+# Groups of 64 features from 128-wide tiles (`groups64`: the epilogue reduces each half of the tile into
+# maxima of its own; compiled for sm_90a, not yet run on a GPU): at AF3's shape with k = 128 every one of a
+# row's 128 groups of 128 reaches the k-th largest group maximum, so the select reads the whole
+# pre-activation back; of 256 groups of 64, about half do.
 VARIANTS = (
     Variant("cooperative_128x128", 128, 128),
     Variant("cooperative_128x64", 64, 128, routed=False),
@@ -72,13 +79,15 @@ VARIANTS = (
     Variant("cooperative_256x128", 128, 256),
     Variant("pingpong_128x128_cluster2", 128, 128),
     Variant("cooperative_128x256_cluster2", 256, 128),
+    Variant("cooperative_128x128_groups64", 64, 128, groups_per_tile=2),
+    Variant("pingpong_128x128_groups64", 64, 128, groups_per_tile=2),
 )
 
 # select_topk_group_max's limits (csrc/cutlass/group_max_select.cuh): groups a row, largest k (and at most
 # one k per group), and the group widths it reads.
 SELECT_MAX_GROUPS = 1024
 SELECT_MAX_K = 256
-SELECT_GROUPS = (128, 256)
+SELECT_GROUPS = (64, 128, 256)
 
 # gemm_bias_filter's kernels (csrc/cutlass/filter_gemm_*.cu), by its `variant` argument.
 FILTER_VARIANTS = ("pingpong_128x128", "cooperative_128x128")
@@ -129,14 +138,20 @@ def takes(x: Tensor, W_enc: Tensor) -> bool:
 
 
 def gemm_bias_group_max(xc: Tensor, W_enc: Tensor, b_enc: Tensor, variant: int = 0) -> tuple[Tensor, Tensor]:
-    """(pre [B, F] bf16, maxima [ceil(F / group), B rounded up to tile_rows] fp32) by VARIANTS[variant],
-    for bf16 CUDA operands xc [B, d], W_enc [d, F] and b_enc [F], d and F multiples of 8 (the kernel
-    checks each)."""
+    """(pre [B, F] bf16, maxima [ceil(F / group), B rounded up to tile_rows] fp32, or [tiles, 2, rows]
+    where the variant's tile holds two groups) by VARIANTS[variant], for bf16 CUDA operands xc [B, d],
+    W_enc [d, F] and b_enc [F], d and F multiples of 8 (the kernel checks each)."""
     _require("gemm_bias_group_max")
     _check_gemm_operands("gemm_bias_group_max", xc, W_enc, b_enc)
     if not 0 <= variant < len(VARIANTS):
         raise ValueError(f"gemm_bias_group_max: variant must be in [0, {len(VARIANTS)}), got {variant}")
     return torch.ops.fastsae_cutlass.gemm_bias_group_max(xc, W_enc, b_enc, variant)
+
+
+def maxima_by_group(maxima: Tensor, n_groups: int) -> Tensor:
+    """`gemm_bias_group_max`'s maxima as [n_groups, rows], group g of a row at [g] (a copy where the
+    kernel left them as [tiles, groups a tile, rows]), as `reference.group_maxima` lays them out."""
+    return maxima if maxima.dim() == 2 else maxima.reshape(-1, maxima.shape[-1])[:n_groups]
 
 
 def select_topk_group_max(
@@ -152,9 +167,10 @@ def select_topk_group_max(
     """Writes each row's k largest entries of pre [rows, F] (bf16, CUDA, rows contiguous and 16-byte
     aligned) into vals [rows, k] (post-ReLU, any float dtype) and idx [rows, k] (int32), largest first, as
     `reference.topk_activation` selects them with ties to the larger feature, from `maxima` [ceil(F /
-    group), >= rows] (fp32: `gemm_bias_group_max`'s for that pre); flags [rows] (int8) gets 1 for each
-    row it left unwritten, for the caller to recompute, and 0 for the others. `raise_by_count`: the
-    kernel's version that raises its bound over a full candidate buffer by counting (SELECT_RAISE_BY_COUNT)."""
+    group), >= rows] or [tiles, groups a tile, >= rows] (fp32: `gemm_bias_group_max`'s for that pre);
+    flags [rows] (int8) gets 1 for each row it left unwritten, for the caller to recompute, and 0 for the
+    others. `raise_by_count`: the kernel's version that raises its bound over a full candidate buffer by
+    counting (SELECT_RAISE_BY_COUNT)."""
     _require("select_topk_group_max")
     op = "select_topk_group_max"
     _check_operand(op, "pre", pre, torch.bfloat16, 2, pre.device, rows_contiguous=True)
@@ -168,9 +184,15 @@ def select_topk_group_max(
         raise ValueError(f"{op}: at most {SELECT_MAX_GROUPS} groups a row, got {n_groups}")
     if not 1 <= k <= min(SELECT_MAX_K, n_groups):
         raise ValueError(f"{op}: k must be in [1, min({SELECT_MAX_K}, groups = {n_groups})], got {k}")
-    _check_operand(op, "maxima", maxima, torch.float32, 2, pre.device, rows_contiguous=True)
-    if maxima.shape[0] != n_groups or maxima.shape[1] < rows:
-        raise ValueError(f"{op}: maxima must be [{n_groups}, >= {rows}], got {list(maxima.shape)}")
+    if maxima.dim() == 2:  # one group a tile
+        maxima = maxima.unsqueeze(1)
+    _check_operand(op, "maxima", maxima, torch.float32, 3, pre.device, rows_contiguous=True)
+    per_tile = maxima.shape[1]
+    if per_tile not in (1, 2) or maxima.shape[0] != -(-n_groups // per_tile) or maxima.shape[2] < rows:
+        raise ValueError(
+            f"{op}: maxima must be [{n_groups}, >= {rows}] or [tiles, 2, >= {rows}] with 2 * tiles >= "
+            f"{n_groups}, got {list(maxima.shape)}"
+        )
     _check_operand(op, "vals", vals, vals.dtype, 2, pre.device, rows_contiguous=True)
     if not vals.is_floating_point():
         raise ValueError(f"{op}: vals must be floating point, got {vals.dtype}")

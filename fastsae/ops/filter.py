@@ -864,18 +864,20 @@ def group_max_configs(k: int, k_aux: int, n_features: int) -> list[dict]:
 def over_group_maxima(k: int, n_features: int) -> list[dict]:
     """`group_max_configs` whether or not the extension is built (their Triton kernels compile without
     it): for each variant with at least k groups, one configuration per capacity, warps and select of
-    the Triton row kernel, and (with cutlass_gemm.SELECT_ROUTE on) one (SELECT "warp") of
-    `cutlass_gemm.select_topk_group_max` where its limits allow (it runs on CUDA tensors only)."""
+    the Triton row kernel (which reads a group's maxima at one stride: variants with one group a tile),
+    and (with cutlass_gemm.SELECT_ROUTE on) one (SELECT "warp") of `cutlass_gemm.select_topk_group_max`
+    where its limits allow (it runs on CUDA tensors only)."""
     configs = []
     for variant, kernel in enumerate(cutlass_gemm.VARIANTS):
         group = kernel.group
         n_groups = cdiv(n_features, group)
         if kernel.routed and n_groups >= k:
-            configs += [
-                dict(cfg, GROUP=group, N_GROUPS=next_power_of_2(n_groups), GEMM="cutlass", VARIANT=variant)
-                for cfg in row_filter_configs(k, 0, n_features)
-                if cfg["N_GROUPS"] == ROW_FILTER_GROUPS
-            ]
+            if kernel.groups_per_tile == 1:
+                configs += [
+                    dict(cfg, GROUP=group, N_GROUPS=next_power_of_2(n_groups), GEMM="cutlass", VARIANT=variant)
+                    for cfg in row_filter_configs(k, 0, n_features)
+                    if cfg["N_GROUPS"] == ROW_FILTER_GROUPS
+                ]
             if (
                 cutlass_gemm.SELECT_ROUTE
                 and group in cutlass_gemm.SELECT_GROUPS
