@@ -101,22 +101,19 @@ def _exact_topk(pre, k):
     return pre.gather(1, idx).float().relu(), idx.to(torch.int32)
 
 
-def _group_of(variant_group):
-    """A routed CUTLASS variant whose groups are `variant_group` features wide."""
-    return next(v for v, kernel in enumerate(cutlass_gemm.VARIANTS) if kernel.routed and kernel.group == variant_group)
-
-
-SELECT_CASES = [(group, k, 24576) for group in cutlass_gemm.SELECT_GROUPS for k in (1, 32, 96)] + [
-    (128, 128, 16384),
-    (64, 128, 16384),
-    (64, 16, 1088),  # 17 groups of 64: the last tile's second group lies past F
+# A variant for each width of group the select reads: 128 and 256 a tile's width, 64 half of one.
+SELECT_VARIANTS = ("cooperative_128x128", "cooperative_128x256_cluster2", "cooperative_128x128_groups64")
+SELECT_CASES = [(name, k, 24576) for name in SELECT_VARIANTS for k in (1, 32, 96)] + [
+    ("cooperative_128x128", 128, 16384),
+    ("cooperative_128x128_groups64", 128, 16384),
+    ("cooperative_128x128_groups64", 16, 1088),  # 17 groups of 64: the last tile's second group lies past F
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("raise_by_count", [False, True])
-@pytest.mark.parametrize("group, k, F", SELECT_CASES)
-def test_select_topk_group_max_is_exact_on_cuda(group, k, F, raise_by_count):
+@pytest.mark.parametrize("variant_name, k, F", SELECT_CASES)
+def test_select_topk_group_max_is_exact_on_cuda(variant_name, k, F, raise_by_count):
     """The warp-per-row select over the GEMM's own pre-activation and maxima (1003 rows: a partial block
     of rows; 96 groups of 256 is k = F / 256; k = 128 over 128 groups reads every group, and about 690
     entries of a row reach the first bound, more than the buffer holds, so most rows raise it, either
@@ -128,7 +125,9 @@ def test_select_topk_group_max_is_exact_on_cuda(group, k, F, raise_by_count):
     torch.manual_seed(k)
     B, d = 1003, 768
     xc, W_enc, b_enc = _operands(B, d, F)
-    pre, maxima = cutlass_gemm.gemm_bias_group_max(xc, W_enc, b_enc, _group_of(group))
+    variant = next(v for v, kernel in enumerate(cutlass_gemm.VARIANTS) if kernel.name == variant_name)
+    group = cutlass_gemm.VARIANTS[variant].group
+    pre, maxima = cutlass_gemm.gemm_bias_group_max(xc, W_enc, b_enc, variant)
     expected_vals, expected_idx = _exact_topk(pre, k)
     for dtype in (torch.bfloat16, torch.float32):
         vals = torch.full((B + 5, k), float("nan"), dtype=dtype, device="cuda")[5:]

@@ -68,9 +68,11 @@ class Variant(NamedTuple):
 #   cooperative_128x256_cluster2 0.549 / 0.468 / 6.27 (faster than cuBLAS at Llama-8B's shape)
 # The 64-wide and 64-high tiles were the slowest at every shape: the tuner leaves them out.
 # Groups of 64 features from 128-wide tiles (`groups64`: the epilogue reduces each half of the tile into
-# maxima of its own; compiled for sm_90a, not yet run on a GPU): at AF3's shape with k = 128 every one of a
-# row's 128 groups of 128 reaches the k-th largest group maximum, so the select reads the whole
-# pre-activation back; of 256 groups of 64, about half do.
+# maxima of its own): at AF3's shape with k = 128 every one of a row's 128 groups of 128 reaches the k-th
+# largest group maximum, so the select reads the whole pre-activation back; of 256 groups of 64, about
+# half do. Compiled for sm_90a, not yet run on a GPU: routed only with FASTSAE_CUTLASS_GROUPS64=1 (read at
+# import).
+GROUPS64_ROUTE = os.environ.get("FASTSAE_CUTLASS_GROUPS64", "0") == "1"
 VARIANTS = (
     Variant("cooperative_128x128", 128, 128),
     Variant("cooperative_128x64", 64, 128, routed=False),
@@ -79,8 +81,8 @@ VARIANTS = (
     Variant("cooperative_256x128", 128, 256),
     Variant("pingpong_128x128_cluster2", 128, 128),
     Variant("cooperative_128x256_cluster2", 256, 128),
-    Variant("cooperative_128x128_groups64", 64, 128, groups_per_tile=2),
-    Variant("pingpong_128x128_groups64", 64, 128, groups_per_tile=2),
+    Variant("cooperative_128x128_groups64", 64, 128, routed=GROUPS64_ROUTE, groups_per_tile=2),
+    Variant("pingpong_128x128_groups64", 64, 128, routed=GROUPS64_ROUTE, groups_per_tile=2),
 )
 
 # select_topk_group_max's limits (csrc/cutlass/group_max_select.cuh): groups a row, largest k (and at most
