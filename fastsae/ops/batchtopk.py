@@ -142,13 +142,14 @@ def candidate_width(k: int, n_features: int) -> int:
 def dense_from_candidates(k: int, n_features: int) -> bool:
     """Whether the dense BatchTopK codes (`functional.encode_batchtopk`) are the sparse codes scattered
     into [B, F]: where the candidates are within the limits of the TopK encode's warp select
-    (`cutlass_gemm.select_topk_group_max`: at most SELECT_MAX_K, and at most one a group of its narrowest
-    groups). There the sparse route took about a third of the dense route's time on the H200 (bf16,
-    73600d9, 128 / 256 / 128 candidates: 1.09 / 7.43 / 1.29 ms at GPT-2 / Llama-8B / AlphaFold3 against
-    3.05 / 12.70 / 3.78), which leaves the [B, F] fill and scatter room. More candidates, or candidates a
-    larger share of the row, take the TopK encode's slower routes: not timed against the dense route,
-    which they keep."""
-    most = min(cutlass_gemm.SELECT_MAX_K, n_features // min(cutlass_gemm.SELECT_GROUPS))
+    (`cutlass_gemm.select_topk_group_max`: at most SELECT_MAX_K, and at most one a group of the narrowest
+    groups the encode's tuner routes it over). There the sparse route took about a third of the dense
+    route's time on the H200 (bf16, 73600d9, 128 / 256 / 128 candidates: 1.09 / 7.43 / 1.29 ms at GPT-2 /
+    Llama-8B / AlphaFold3 against 3.05 / 12.70 / 3.78), which leaves the [B, F] fill and scatter room.
+    More candidates, or candidates a larger share of the row, take the TopK encode's slower routes: not
+    timed against the dense route, which they keep."""
+    narrowest = min(v.group for v in cutlass_gemm.VARIANTS if v.routed and v.group in cutlass_gemm.SELECT_GROUPS)
+    most = min(cutlass_gemm.SELECT_MAX_K, n_features // narrowest)
     return candidate_width(k, n_features) <= most
 
 
