@@ -292,8 +292,9 @@ def _sweep_config(k: int, k_aux: int) -> dict:
     the largest that compiles without register spills for k <= 64 (sm_90)."""
     keep = max(MIN_KEEP, next_power_of_2(k))
     aux_keep = max(MIN_KEEP, next_power_of_2(k_aux))
-    if INTERPRET:  # numpy runs every sort step element by element: keep the interpreter's tiles small
-        block_m, block_n, block_k, warps, stages = 16, 32, 32, 4, 1
+    if INTERPRET:  # small tiles for numpy; the interpreter's time goes to each compaction's many steps,
+        # so 64 features a tile (half the compactions of 32) took a test of the filters' fallback 66 s, not 165
+        block_m, block_n, block_k, warps, stages = 16, 64, 32, 4, 1
     elif keep <= 64:
         block_m, block_n, block_k, warps, stages = 64, 128, 64, 8, 3
     elif keep <= 256:
