@@ -168,7 +168,7 @@ def test_filter_fallbacks(device, name, select):
     (thresholds raised past the k-th value: the filter GEMM's margin only), NaN rows (never selected:
     value 0) and AuxK with fewer dead features than k_aux (not a failure: the rest are empty codes).
     The row filter flags them in its row program or in its select launch (`select`)."""
-    B, d, F, k, k_aux = (12, 32, 256, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
+    B, d, F, k, k_aux = (8, 32, 256, 8, 6) if device == "cpu" else (1000, 768, 24576, 32, 64)
     x, W_enc, b_enc, b_dec = _problem(B, d, F, torch.float32, device)
     x[3] = float("nan")
     x[5] = b_dec  # a constant row: its pre-activation is b_enc
