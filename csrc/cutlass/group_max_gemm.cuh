@@ -98,16 +98,17 @@ struct GroupMaxGemm {
     const int64_t tiles = (N + TileN - 1) / TileN;
     at::Tensor maxima = at::empty({GroupsPerTile, tiles, rows}, xc.options().dtype(at::kFloat));
     auto args = Gemm::arguments(xc, W_enc, reinterpret_cast<Element*>(pre.data_ptr()));
-    const typename TileRowMax<TileM, TileN>::Arguments first_group{maxima[0].data_ptr<float>(), -INFINITY,
-                                                                   {cute::_1{}, cute::_0{}, int64_t(0)}};
     const typename AddBias<TileM, TileN, Element>::Arguments bias{
         {}, {reinterpret_cast<const Element*>(b_enc.data_ptr())}, {}};
+    // Group `group`'s reduction, into its block of `maxima`, from -inf.
+    const auto group_maxima = [&maxima](int group) {
+      return typename TileRowMax<TileM, TileN>::Arguments{maxima[group].data_ptr<float>(), -INFINITY,
+                                                          {cute::_1{}, cute::_0{}, int64_t(0)}};
+    };
     if constexpr (GroupsPerTile == 1) {
-      args.epilogue.thread = {bias, first_group};
+      args.epilogue.thread = {bias, group_maxima(0)};
     } else {
-      const typename TileRowMax<TileM, TileN>::Arguments second_group{maxima[1].data_ptr<float>(), -INFINITY,
-                                                                      {cute::_1{}, cute::_0{}, int64_t(0)}};
-      args.epilogue.thread = {{bias, first_group}, second_group};
+      args.epilogue.thread = {{bias, group_maxima(0)}, group_maxima(1)};
     }
     Gemm::run(args, xc, "gemm_bias_group_max");
     if constexpr (GroupsPerTile == 1) return {pre, maxima[0]};

@@ -319,8 +319,9 @@ __device__ __forceinline__ void write_largest(const uint64_t* buffer, int n, int
 template <int kGroup, int kGroupsPerLane, bool kRaiseByCount, typename scalar_t>
 __global__ void __launch_bounds__(kWarps * 32, 8) select_topk_group_max_kernel(
     const uint16_t* __restrict__ pre, int64_t stride_pre, const float* __restrict__ maxima, int64_t stride_tile,
-    int64_t stride_in_tile, int log2_groups_per_tile, int rows, int n_features, int n_groups, int k, scalar_t* __restrict__ vals, int64_t stride_vals,
-    int32_t* __restrict__ idx, int64_t stride_idx, int8_t* __restrict__ flags) {
+    int64_t stride_in_tile, int log2_groups_per_tile, int rows, int n_features, int n_groups, int k,
+    scalar_t* __restrict__ vals, int64_t stride_vals, int32_t* __restrict__ idx, int64_t stride_idx,
+    int8_t* __restrict__ flags) {
   __shared__ uint64_t candidates[kWarps][kCapacity];
   __shared__ uint16_t hot_lists[kWarps][32 * kGroupsPerLane];
   __shared__ int kept_counts[kWarps];
@@ -343,9 +344,8 @@ __global__ void __launch_bounds__(kWarps * 32, 8) select_topk_group_max_kernel(
 #pragma unroll
   for (int i = 0; i < kGroupsPerLane; ++i) {
     const int g = i * 32 + lane;
-    const float maximum =
-        g < n_groups ? __ldg(maxima + (g >> log2_groups_per_tile) * stride_tile + (g & in_tile_mask) * stride_in_tile + row)
-                     : 0.0f;
+    const int64_t offset = (g >> log2_groups_per_tile) * stride_tile + (g & in_tile_mask) * stride_in_tile + row;
+    const float maximum = g < n_groups ? __ldg(maxima + offset) : 0.0f;
     group_key[i] = g >= n_groups ? 0u : maximum != maximum ? kNaNKey : value_key(__float_as_uint(maximum) >> 16);
   }
 
@@ -411,8 +411,8 @@ void launch(const at::Tensor& pre, const at::Tensor& maxima, int64_t k, at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "select_topk_group_max", [&] {
     select_topk_group_max_kernel<kGroup, kGroupsPerLane, kRaiseByCount, scalar_t><<<grid, kWarps * 32, 0, stream>>>(
         reinterpret_cast<const uint16_t*>(pre.data_ptr()), pre.stride(0), maxima.data_ptr<float>(), maxima.stride(0),
-        maxima.stride(1), maxima.size(1) == 2 ? 1 : 0, rows, n_features, n_groups, static_cast<int>(k), vals.data_ptr<scalar_t>(), vals.stride(0),
-        idx.data_ptr<int32_t>(), idx.stride(0), flags.data_ptr<int8_t>());
+        maxima.stride(1), maxima.size(1) == 2 ? 1 : 0, rows, n_features, n_groups, static_cast<int>(k),
+        vals.data_ptr<scalar_t>(), vals.stride(0), idx.data_ptr<int32_t>(), idx.stride(0), flags.data_ptr<int8_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
