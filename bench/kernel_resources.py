@@ -213,7 +213,7 @@ def _queue_kernels() -> None:
     for n_features, k in [(24576, 32), (131072, 64)]:  # over the CUTLASS GEMM's maxima
         for cfg in filter.over_group_maxima(k, n_features):
             if cfg["SELECT"] == "warp":
-                continue  # a CUDA kernel (csrc/cutlass/group_max_select.cu): nvcc reports its resources
+                continue  # a CUDA kernel (csrc/cutlass/group_max_select_kernel.cuh): nvcc reports its resources
             warps = max(cfg["WARPS"], filter._row_warps(cfg["CAP"]))
             name = (
                 f"row_filter_given_maxima F={n_features} k={k} group={cfg['GROUP']} cap={cfg['CAP']} warps={warps}"

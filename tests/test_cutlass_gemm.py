@@ -201,8 +201,9 @@ def test_select_topk_group_max_bad_operands_fail_clearly():
         select(pre, maxima.view(4, 2, -1), 64, k, vals, idx, flags)
     with pytest.raises(ValueError, match="idx must be"):
         select(pre, maxima, 128, k, vals, idx[:, :2], flags)
-    with pytest.raises(ValueError, match="vals must be floating"):
-        select(pre, maxima, 128, k, idx, idx, flags)
+    for wrong in (idx, vals.half()):  # the kernel writes bf16 or fp32 codes only
+        with pytest.raises(ValueError, match="vals must be bfloat16 or float32"):
+            select(pre, maxima, 128, k, wrong, idx, flags)
     with pytest.raises(ValueError, match="flags must be"):
         select(pre, maxima, 128, k, vals, idx, flags.int())
     with pytest.raises(ValueError, match="aligned"):

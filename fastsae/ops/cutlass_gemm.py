@@ -18,8 +18,8 @@ default), the TopK encode's tuner also times the row filter over their chunks an
 measures faster; `bench/bench_gemm.py` times each variant alone against cuBLAS's addmm.
 
 select_topk_group_max is that route's select as a CUDA kernel of one warp per row
-(csrc/cutlass/group_max_select.cu): the row's k-th largest group maximum bounds its k-th largest entry,
-the groups that reach it are read again and their entries at or above it gathered in the warp's shared
+(csrc/cutlass/group_max_select_kernel.cuh): the row's k-th largest group maximum bounds its k-th largest
+entry, the groups that reach it are read again and their entries at or above it gathered in the warp's shared
 memory (cut to their k largest, the bound raised, whenever that buffer fills) and sorted in registers.
 Rows it cannot finish (flags 1: a bound of -inf, fewer than k candidates: NaN entries) are left for the
 caller's fallback. With SELECT_ROUTE on (the default), the tuner times it beside the Triton row kernel
@@ -103,8 +103,8 @@ ROUTE = os.environ.get("FASTSAE_CUTLASS_ROUTES", "1") != "0"
 # FASTSAE_CUTLASS_SELECT=0 (read at import). Its first version took 0.094 / 0.163 ms over the route's
 # chunks at GPT-2 / AF3 on an H100 (cab2aa6), the best Triton row kernel 0.096 / 0.165. A second (packed
 # bf16 compares with the bound, keys built only for the few pairs that pass) took 0.075 / 0.114 ms, 0.16x
-# / 0.32x the GEMM (H100, 9a190cf), and the version now in group_max_select.cu (each lane's passing pairs
-# in one loop, the sort in registers by shuffles) 0.051 / 0.080 ms where the second took 0.071 / 0.108 in
+# / 0.32x the GEMM (H100, 9a190cf), and the version now in group_max_select_kernel.cuh (each lane's passing
+# pairs in one loop, the sort in registers by shuffles) 0.051 / 0.080 ms where the second took 0.071 / 0.108 in
 # the same run (H100, b5e6806; GPU tests and compute-sanitizer's memcheck and racecheck clean): the tuner
 # takes it at both shapes.
 SELECT_ROUTE = os.environ.get("FASTSAE_CUTLASS_SELECT", "1") != "0"
@@ -167,7 +167,7 @@ def select_topk_group_max(
     raise_by_count: bool = False,
 ) -> None:
     """Writes each row's k largest entries of pre [rows, F] (bf16, CUDA, rows contiguous and 16-byte
-    aligned) into vals [rows, k] (post-ReLU, any float dtype) and idx [rows, k] (int32), largest first, as
+    aligned) into vals [rows, k] (post-ReLU, bf16 or fp32) and idx [rows, k] (int32), largest first, as
     `reference.topk_activation` selects them with ties to the larger feature, from `maxima` [ceil(F /
     group), >= rows] or [tiles, groups a tile, >= rows] (fp32: `gemm_bias_group_max`'s for that pre);
     flags [rows] (int8) gets 1 for each row it left unwritten, for the caller to recompute, and 0 for the
@@ -195,9 +195,9 @@ def select_topk_group_max(
             f"{op}: maxima must be [{n_groups}, >= {rows}] or [tiles, 2, >= {rows}] with 2 * tiles >= "
             f"{n_groups}, got {list(maxima.shape)}"
         )
+    if vals.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"{op}: vals must be bfloat16 or float32, got {vals.dtype}")
     _check_operand(op, "vals", vals, vals.dtype, 2, pre.device, rows_contiguous=True)
-    if not vals.is_floating_point():
-        raise ValueError(f"{op}: vals must be floating point, got {vals.dtype}")
     _check_operand(op, "idx", idx, torch.int32, 2, pre.device, rows_contiguous=True)
     for name, t in (("vals", vals), ("idx", idx)):
         if tuple(t.shape) != (rows, k):
