@@ -8,7 +8,7 @@ with ninja, or falls back to the pure-PyTorch implementation with a warning.
 
 Where CUTLASS's headers are found as well (the `cutlass` extra, PyPI nvidia-cutlass, or a checkout named
 by FASTSAE_CUTLASS_DIR), a CUDA build also compiles `fastsae._cutlass` (csrc/cutlass, sm_90a: Hopper only),
-the GEMMs behind `fastsae.ops.cutlass_gemm` (eleven kernels) and their TopK select, each GEMM and each of the
+the GEMMs behind `fastsae.ops.cutlass_gemm` (nine kernels) and their TopK select, each GEMM and each of the
 select's group widths a translation unit of its own: a few minutes more to build, in parallel where ninja has
 the cores.
 """

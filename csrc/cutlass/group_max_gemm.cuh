@@ -24,9 +24,7 @@ using GemmResult = std::tuple<at::Tensor, at::Tensor>;
 
 // The variants, by the `variant` argument of the op (fastsae/ops/group_max_gemm.py VARIANTS mirrors it).
 GemmResult gemm_cooperative_128x128(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);
-GemmResult gemm_cooperative_128x64(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);
 GemmResult gemm_pingpong_128x128(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);
-GemmResult gemm_pingpong_64x128(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);
 GemmResult gemm_cooperative_256x128(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);
 GemmResult gemm_pingpong_128x128_cluster2(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);
 GemmResult gemm_cooperative_128x256_cluster2(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc);

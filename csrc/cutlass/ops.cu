@@ -43,15 +43,13 @@ GemmResult gemm_bias_group_max(const at::Tensor& xc, const at::Tensor& W_enc, co
   check_gemm_operands("gemm_bias_group_max", xc, W_enc, b_enc);
   switch (variant) {
     case 0: return gemm_cooperative_128x128(xc, W_enc, b_enc);
-    case 1: return gemm_cooperative_128x64(xc, W_enc, b_enc);
-    case 2: return gemm_pingpong_128x128(xc, W_enc, b_enc);
-    case 3: return gemm_pingpong_64x128(xc, W_enc, b_enc);
-    case 4: return gemm_cooperative_256x128(xc, W_enc, b_enc);
-    case 5: return gemm_pingpong_128x128_cluster2(xc, W_enc, b_enc);
-    case 6: return gemm_cooperative_128x256_cluster2(xc, W_enc, b_enc);
-    case 7: return gemm_cooperative_128x128_groups64(xc, W_enc, b_enc);
-    case 8: return gemm_pingpong_128x128_groups64(xc, W_enc, b_enc);
-    default: TORCH_CHECK(false, "gemm_bias_group_max: variant must be in [0, 9), got ", variant);
+    case 1: return gemm_pingpong_128x128(xc, W_enc, b_enc);
+    case 2: return gemm_cooperative_256x128(xc, W_enc, b_enc);
+    case 3: return gemm_pingpong_128x128_cluster2(xc, W_enc, b_enc);
+    case 4: return gemm_cooperative_128x256_cluster2(xc, W_enc, b_enc);
+    case 5: return gemm_cooperative_128x128_groups64(xc, W_enc, b_enc);
+    case 6: return gemm_pingpong_128x128_groups64(xc, W_enc, b_enc);
+    default: TORCH_CHECK(false, "gemm_bias_group_max: variant must be in [0, 7), got ", variant);
   }
 }
 

@@ -48,8 +48,8 @@ class Variant(NamedTuple):
     """A kernel of gemm_bias_group_max (csrc/cutlass/group_max_gemm_*.cu, named by its tile's rows x
     features): features per group (its tile's width over groups_per_tile), the rows its maxima are
     rounded up to (its tile's height), and whether the encode's tuner times the route over it (`routed`:
-    not for kernels that measured slower than another variant with the same groups at every benchmark
-    shape). Where a tile holds two groups its maxima are [tiles, 2, rows]: group g at [g // 2, g % 2]."""
+    not for a kernel that has not yet run on a GPU). Where a tile holds two groups its maxima are [tiles,
+    2, rows]: group g at [g // 2, g % 2]."""
 
     name: str
     group: int
@@ -66,7 +66,7 @@ class Variant(NamedTuple):
 #   pingpong_128x128    0.511 / 0.430 / 8.91     pingpong_64x128 (40eb821)    0.679 / 0.588 / 13.47
 #   cooperative_256x128 0.554 / 0.458 / 7.15     pingpong_128x128_cluster2    0.509 / 0.451 / 8.36
 #   cooperative_128x256_cluster2 0.549 / 0.468 / 6.27 (faster than cuBLAS at Llama-8B's shape)
-# The 64-wide and 64-high tiles were the slowest at every shape: the tuner leaves them out.
+# The 64-wide and 64-high tiles were the slowest at every shape, and were removed (3493284 has them).
 # Groups of 64 features from 128-wide tiles (`groups64`: the epilogue reduces each half of the tile into
 # maxima of its own): at AF3's shape with k = 128 every one of a row's 128 groups of 128 reaches the k-th
 # largest group maximum, so the select reads the whole pre-activation back; of 256 groups of 64, about
@@ -75,9 +75,7 @@ class Variant(NamedTuple):
 GROUPS64_ROUTE = os.environ.get("FASTSAE_CUTLASS_GROUPS64", "0") == "1"
 VARIANTS = (
     Variant("cooperative_128x128", 128, 128),
-    Variant("cooperative_128x64", 64, 128, routed=False),
     Variant("pingpong_128x128", 128, 128),
-    Variant("pingpong_64x128", 128, 64, routed=False),
     Variant("cooperative_256x128", 128, 256),
     Variant("pingpong_128x128_cluster2", 128, 128),
     Variant("cooperative_128x256_cluster2", 256, 128),
