@@ -28,6 +28,7 @@
 #   FASTSAE_NCU              a shape for bench.ncu_encode under Nsight Compute (off when unset): each kernel's
 #                            details in ncu_details.txt, the warp selects' and the CUTLASS GEMM's executed
 #                            instructions by SASS line in ncu_select_sass.csv and ncu_gemm_sass.csv
+#                            (FASTSAE_NCU_ARGS, e.g. --filter-gemm: the CUTLASS filter GEMM instead)
 #   FASTSAE_AB               a switch for bench.ab_step, e.g. fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 (off
 #                            when unset; FASTSAE_AB_SHAPES, default gpt2,af3; FASTSAE_AB_ARGS, e.g. --retune,
 #                            --rounds 2 or --steps fastsae,fastsae_module_compile): its rows go to $OUT/results.csv
@@ -156,7 +157,8 @@ if [ -n "${FASTSAE_NCU:-}" ]; then  # Nsight Compute's counters of the row filte
     echo "== ncu (at $SECONDS s)"
     # The report itself (tens of MB) stays on the machine; its two pages come back as text.
     timeout ${FASTSAE_BENCH_TIMEOUT:-3600} ncu --clock-control none --profile-from-start off --set full --import-source yes \
-        -f -o /tmp/fastsae_ncu python3 -m bench.ncu_encode --shape "$FASTSAE_NCU" >"$OUT/ncu.log" 2>&1 || status=1
+        -f -o /tmp/fastsae_ncu python3 -m bench.ncu_encode --shape "$FASTSAE_NCU" ${FASTSAE_NCU_ARGS:-} >"$OUT/ncu.log" 2>&1 \
+        || status=1
     tail -3 "$OUT/ncu.log"
     ncu --import /tmp/fastsae_ncu.ncu-rep --page details >"$OUT/ncu_details.txt" 2>&1
     ncu --import /tmp/fastsae_ncu.ncu-rep --page source --csv --print-source sass --kernel-name regex:select_topk \

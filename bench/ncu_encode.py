@@ -10,7 +10,10 @@ cudaProfilerStart and cudaProfilerStop after a warm-up, for Nsight Compute's cou
 In the profiled range: centring, the CUTLASS GEMM with group maxima (the tile the tuner takes for the
 encode at that shape, else the first routed one), the warp select over its output and cuBLAS's GEMM of
 the same product for comparison. The select's codes are checked against the reference on the first rows
-before the range starts. Needs a CUDA device and fastsae's CUTLASS extension.
+before the range starts. With --filter-gemm, the threshold-first filter GEMM instead (each of
+`cutlass_gemm.FILTER_VARIANTS` on the filter route's thresholds at the shape's k, its buffers checked as
+bench_gemm checks them), beside cuBLAS's GEMM: where its appends' time goes. Needs a CUDA device and
+fastsae's CUTLASS extension.
 """
 
 from __future__ import annotations
@@ -23,12 +26,14 @@ from fastsae.ops import cutlass_gemm, encode, filter, launch
 from fastsae.testing import assert_topk_matches
 
 from .bench_encode import CHECK_ROWS, _weights
+from .bench_gemm import FILTER_CAP, _check_filter
 from .harness import shape_dims
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="af3", help="of bench/harness.py SHAPES, or d<d>_F<F>_B<B>_k<k>")
+    parser.add_argument("--filter-gemm", action="store_true", help="the CUTLASS filter GEMM instead (docstring)")
     args = parser.parse_args(argv)
     if not cutlass_gemm.available():
         raise SystemExit("ncu_encode: fastsae's CUTLASS extension is not built (the `cutlass` extra)")
@@ -36,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     x = torch.randn(n_rows, d, device="cuda").bfloat16()
     W_enc, b_enc, b_dec = _weights(d, n_features)
+    if args.filter_gemm:
+        _profile(_filter_gemm_kernels(x, W_enc, b_enc, b_dec, k))
+        print(f"ncu_encode {args.shape}: CUTLASS filter GEMM {', '.join(cutlass_gemm.FILTER_VARIANTS)}, cuBLAS")
+        return 0
     configs = [c for c in filter.group_max_configs(k, 0, n_features) if c["SELECT"] == "warp"]
     if not configs:
         raise SystemExit(f"ncu_encode: the warp select takes no configuration at {args.shape}")
@@ -59,14 +68,38 @@ def main(argv: list[str] | None = None) -> int:
             assert_topk_matches(vals[:CHECK_ROWS], idx[:CHECK_ROWS], pre[:CHECK_ROWS], k, 2e-2, "warp select")
         torch.mm(xc, W_enc)
 
+    _profile(kernels)
+    print(f"ncu_encode {args.shape}: {cutlass_gemm.VARIANTS[variant].name}, group {group}, warp select, cuBLAS")
+    return 0
+
+
+def _profile(kernels) -> None:
+    """`kernels(check=True)` as the warm-up, then `kernels(check=False)` alone in the profiled range."""
     kernels(check=True)
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     kernels(check=False)
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    print(f"ncu_encode {args.shape}: {cutlass_gemm.VARIANTS[variant].name}, group {group}, warp select, cuBLAS")
-    return 0
+
+
+def _filter_gemm_kernels(x, W_enc, b_enc, b_dec, k):
+    """The kernels of --filter-gemm: each CUTLASS filter GEMM on the filter route's thresholds (a buffer
+    of FILTER_CAP slots a row, as bench_gemm's gemm_filter rows), then cuBLAS's GEMM."""
+    xc = filter.center(x, b_dec, W_enc.dtype)
+    tau = filter.thresholds(xc, W_enc, b_enc, k, FILTER_CAP)
+    count = torch.zeros(x.shape[0], dtype=torch.int32, device="cuda")
+    key_buf = torch.empty(x.shape[0], FILTER_CAP, dtype=torch.int64, device="cuda")
+
+    def kernels(check: bool) -> None:
+        for variant, name in enumerate(cutlass_gemm.FILTER_VARIANTS):
+            count.zero_()
+            cutlass_gemm.gemm_bias_filter(xc, W_enc, b_enc, tau, count, key_buf, variant)
+            if check:  # the warm-up
+                _check_filter(count, key_buf, xc, W_enc, b_enc, tau, f"ncu_encode filter GEMM {name}")
+        torch.mm(xc, W_enc)
+
+    return kernels
 
 
 if __name__ == "__main__":

@@ -17,17 +17,22 @@ void filter_pingpong_128x128(const at::Tensor& xc, const at::Tensor& W_enc, cons
 void filter_cooperative_128x128(const at::Tensor& xc, const at::Tensor& W_enc, const at::Tensor& b_enc,
                                 const at::Tensor& tau, at::Tensor& count, at::Tensor& key_buf);
 
+// Each row's threshold tau[row] beside each of the row's entries: CUTLASS's column broadcast, which loads a
+// thread's rows of tau into registers once a tile (rows past the problem are left unloaded: the filter
+// checks its survivors' coordinates).
+template <int TileM, int TileN>
+using RowThresholds = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape<TileM, TileN>, float>;
+
 // The visitor node that filters: a root of the tree that stores nothing by TMA (the GEMM's D is void).
-// Each entry of its input (acc + b_enc in fp32) at (row, feature) inside the problem with value > tau[row]
-// takes slot = atomicAdd(&count[row], 1) and, below `cap`, writes key_buf[row * cap + slot] = the key
-// whose high word orders like the value (`_ordered` in filter.py) and whose low word is the feature, as
-// filter.py's `to_key` makes it. NaN passes no threshold.
+// Each entry of its first input (acc + b_enc in fp32) at (row, feature) inside the problem whose value is
+// above its second (tau[row], `RowThresholds`) takes slot = atomicAdd(&count[row], 1) and, below `cap`,
+// writes key_buf[row * cap + slot] = the key whose high word orders like the value (`_ordered` in
+// filter.py) and whose low word is the feature, as filter.py's `to_key` makes it. NaN passes no threshold.
 struct FilterAppend {
   using ElementAux = Element;  // a D type for the builder's shared-memory layouts, though D is void
 
   struct SharedStorage {};
   struct Arguments {
-    const float* tau = nullptr;
     int* count = nullptr;
     uint64_t* key_buf = nullptr;
     int cap = 0;
@@ -40,7 +45,7 @@ struct FilterAppend {
   }
   template <class ProblemShape>
   static bool can_implement(ProblemShape const&, Arguments const& args) {
-    return args.tau != nullptr && args.count != nullptr && args.key_buf != nullptr && args.cap > 0;
+    return args.count != nullptr && args.key_buf != nullptr && args.cap > 0;
   }
   template <class ProblemShape>
   static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
@@ -77,39 +82,41 @@ struct FilterAppend {
     int first_row, first_feature;
     Params params;
 
-    // In three passes over the fragment, so that a thread's atomics are in flight together: an atomic's
-    // slot takes a round trip to L2, and claiming and storing each survivor in turn made the thread wait
-    // for every one (the GEMM ran 2.7-4x slower than the Triton filter GEMM on the H100, 40eb821).
-    template <typename ElementAccumulator, typename ElementInput, int FragmentSize>
+    // The common case is the compares alone, with tau in registers: an entry's coordinates are worked out
+    // only where it passes (the first version loaded tau[row] and tested the coordinates of every entry).
+    // The survivors' claims are issued together before any is used, since an atomic's slot takes a round
+    // trip to L2 (claiming and storing each survivor in turn made the GEMM 2.7-4x slower than the Triton
+    // filter GEMM on the H100, 40eb821).
+    template <typename ElementAccumulator, typename ElementInput, typename ElementTau, int FragmentSize>
     CUTLASS_DEVICE cutlass::Array<ElementInput, FragmentSize> visit(
         cutlass::Array<ElementAccumulator, FragmentSize> const&, int epi_v, int epi_m, int epi_n,
-        cutlass::Array<ElementInput, FragmentSize> const& frg_input) {
-      auto tCcD_mn = tCcD(cute::_, cute::_, cute::_, epi_m, epi_n);
-      int rows[FragmentSize];
+        cutlass::Array<ElementInput, FragmentSize> const& frg_input,
+        cutlass::Array<ElementTau, FragmentSize> const& frg_tau) {
       bool passes[FragmentSize];
       bool any = false;
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < FragmentSize; ++i) {  // the compares: the common case ends here
-        auto coord = tCcD_mn(epi_v * FragmentSize + i);
-        rows[i] = first_row + static_cast<int>(cute::get<0>(coord));
-        const bool inside = cute::elem_less(coord, residue);
-        // (no load outside the problem: a thread past the last row has no row of tau to read)
-        passes[i] = inside && static_cast<float>(frg_input[i]) > __ldg(params.tau + rows[i]);
+      for (int i = 0; i < FragmentSize; ++i) {
+        passes[i] = static_cast<float>(frg_input[i]) > static_cast<float>(frg_tau[i]);
         any |= passes[i];
       }
       if (!any) return frg_input;
+      auto tCcD_mn = tCcD(cute::_, cute::_, cute::_, epi_m, epi_n);
       int slots[FragmentSize];
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < FragmentSize; ++i) {  // the claims, all issued before any is used
-        slots[i] = passes[i] ? atomicAdd(params.count + rows[i], 1) : params.cap;
+      for (int i = 0; i < FragmentSize; ++i) {  // the claims of the survivors inside the problem
+        const auto coord = tCcD_mn(epi_v * FragmentSize + i);
+        const bool claims = passes[i] && cute::elem_less(coord, residue);
+        slots[i] = claims ? atomicAdd(params.count + first_row + static_cast<int>(cute::get<0>(coord)), 1) : params.cap;
       }
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < FragmentSize; ++i) {  // the keys of the survivors that have a slot
         if (slots[i] < params.cap) {
+          const auto coord = tCcD_mn(epi_v * FragmentSize + i);
+          const int row = first_row + static_cast<int>(cute::get<0>(coord));
+          const int feature = first_feature + static_cast<int>(cute::get<1>(coord));
           const int bits = __float_as_int(static_cast<float>(frg_input[i]));
           const uint32_t ordered = static_cast<uint32_t>(bits ^ ((bits >> 31) & 0x7FFFFFFF));
-          const int feature = first_feature + static_cast<int>(cute::get<1>(tCcD_mn(epi_v * FragmentSize + i)));
-          params.key_buf[static_cast<int64_t>(rows[i]) * params.cap + slots[i]] =
+          params.key_buf[static_cast<int64_t>(row) * params.cap + slots[i]] =
               (static_cast<uint64_t>(ordered) << 32) | static_cast<uint32_t>(feature);
         }
       }
@@ -130,7 +137,8 @@ struct FilterAppend {
 
 template <int TileM, int TileN, bool Pingpong>
 struct FilterGemm {
-  using Fusion = cutlass::epilogue::fusion::Sm90EVT<FilterAppend, AddBias<TileM, TileN, float>>;
+  using Fusion =
+      cutlass::epilogue::fusion::Sm90EVT<FilterAppend, AddBias<TileM, TileN, float>, RowThresholds<TileM, TileN>>;
   using Gemm = EncoderGemm<TileM, TileN, Pingpong, 1, Fusion, void>;
 
   // Operands checked by the op (ops.cu) before this runs.
@@ -139,7 +147,8 @@ struct FilterGemm {
     auto args = Gemm::arguments(xc, W_enc, nullptr);
     args.epilogue.thread = {
         {{}, {reinterpret_cast<const Element*>(b_enc.data_ptr())}, {}},  // acc + b_enc, in fp32
-        {tau.data_ptr<float>(), count.data_ptr<int>(), reinterpret_cast<uint64_t*>(key_buf.data_ptr<int64_t>()),
+        {tau.data_ptr<float>()},                                         // tau[row]
+        {count.data_ptr<int>(), reinterpret_cast<uint64_t*>(key_buf.data_ptr<int64_t>()),
          static_cast<int>(key_buf.size(1))}};
     Gemm::run(args, xc, "gemm_bias_filter");
   }
