@@ -1,8 +1,9 @@
-// The TopK select of fastsae_cutlass::select_topk_group_max (group_max_select.cuh): a row chunk from the
-// group maxima that gemm_bias_group_max (group_max_gemm.cuh) leaves, one warp per row. It does what the
-// Triton row filter (fastsae/ops/filter.py, `_row_filter_kernel` with MAXIMA_GIVEN) does, without that
-// program's chain of block-wide reductions, barriers and global atomics: every step is a warp's registers,
-// ballots and its own slice of shared memory, and many rows are in flight on each SM.
+// The kernels of fastsae_cutlass::select_topk_group_max (group_max_select.cuh): the TopK select of a row
+// chunk from the pre-activation and the group maxima that gemm_bias_group_max (group_max_gemm.cuh) leaves,
+// one warp per row. It does what the Triton row filter (fastsae/ops/filter.py, `_row_filter_kernel` with
+// MAXIMA_GIVEN) does, without that program's chain of block-wide reductions, barriers and global atomics:
+// every step is a warp's registers, ballots and its own slice of shared memory, and many rows are in
+// flight on each SM.
 //
 // Per row:
 // 1. The row's group maxima (fp32, exactly the maxima of the stored bf16 values) as the 16-bit
@@ -46,7 +47,6 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 
