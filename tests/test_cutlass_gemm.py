@@ -365,14 +365,15 @@ def _assert_filter_matches(count, key_buf, expected_count, expected_keys, name):
 @pytest.mark.parametrize("shape", [(300, 72, 1000), (1024, 768, 4096), (129, 384, 16384), (1, 8, 8)], ids=str)
 def test_filter_matches_reference_on_cuda(shape, variant):
     """Every row's entries above its threshold, including rows with none, rows that overflow the buffer,
-    a NaN row, partial tiles of rows and features."""
+    a NaN row, partial tiles of rows and features; tau a view one float into its storage (the kernel loads
+    it a float at a time)."""
     if not cutlass_gemm.available():
         pytest.skip("fastsae's CUTLASS extension is not built (the `cutlass` extra)")
     torch.manual_seed(0)
     B, d, F = shape
     cap = 64
     xc, W_enc, b_enc = _exact_operands(B, d, F, "cuda")
-    tau = _filter_thresholds(xc, W_enc, b_enc, cap)
+    tau = torch.cat([torch.zeros(1, device="cuda"), _filter_thresholds(xc, W_enc, b_enc, cap)])[1:]
     count = torch.zeros(B, dtype=torch.int32, device="cuda")
     key_buf = torch.full((B, cap), -1, dtype=torch.int64, device="cuda")
     cutlass_gemm.gemm_bias_filter(xc, W_enc, b_enc, tau, count, key_buf, variant)

@@ -19,9 +19,10 @@ void filter_cooperative_128x128(const at::Tensor& xc, const at::Tensor& W_enc, c
 
 // Each row's threshold tau[row] beside each of the row's entries: CUTLASS's column broadcast, which loads a
 // thread's rows of tau into registers once a tile (rows past the problem are left unloaded: the filter
-// checks its survivors' coordinates).
+// checks its survivors' coordinates), one float at a time (alignment 1), so tau may be any contiguous view.
 template <int TileM, int TileN>
-using RowThresholds = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape<TileM, TileN>, float>;
+using RowThresholds = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape<TileM, TileN>, float, float,
+                                                                  cute::Stride<cute::_1, cute::_0, cute::_0>, 1>;
 
 // The visitor node that filters: a root of the tree that stores nothing by TMA (the GEMM's D is void).
 // Each entry of its first input (acc + b_enc in fp32) at (row, feature) inside the problem whose value is
