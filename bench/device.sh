@@ -3,7 +3,8 @@
 #   bash bench/device.sh            (writes logs and the benchmark CSV under $OUT)
 # Installs fastsae without network (building the CUDA extension ahead of time, and the experimental CUTLASS
 # one where the wheels under .whl/ include nvidia-cutlass: its headers; with it the install was still building
-# after four minutes on a 16-core H100 machine, so a run that installs needs that much time first), runs the gpu tests,
+# after four minutes on a 16-core H100 machine while the select's kernels were one translation unit, before
+# 3493284 split them by group width; setup.log says when the install ended), runs the gpu tests,
 # compute-sanitizer (memcheck, racecheck, initcheck) over the CUDA death-statistics ops and every Triton
 # kernel, the determinism and soak run (bench/soak.py), the training-step profile and the benchmarks.
 # Knobs (environment):
