@@ -29,7 +29,7 @@
 #   FASTSAE_NCU              a shape for bench.ncu_encode under Nsight Compute (off when unset): each kernel's
 #                            details in ncu_details.txt, the warp selects' and the CUTLASS GEMM's executed
 #                            instructions by SASS line in ncu_select_sass.csv and ncu_gemm_sass.csv
-#                            (FASTSAE_NCU_ARGS, e.g. --filter-gemm: the CUTLASS filter GEMM instead)
+#                            (FASTSAE_NCU_ARGS, e.g. --filter-gemm: the filter GEMMs instead)
 #   FASTSAE_AB               a switch for bench.ab_step, e.g. fastsae.ops.auxk.ENTRIES_PER_THREAD=8,16 (off
 #                            when unset; FASTSAE_AB_SHAPES, default gpt2,af3; FASTSAE_AB_ARGS, e.g. --retune,
 #                            --rounds 2 or --steps fastsae,fastsae_module_compile): its rows go to $OUT/results.csv

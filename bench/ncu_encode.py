@@ -10,10 +10,10 @@ cudaProfilerStart and cudaProfilerStop after a warm-up, for Nsight Compute's cou
 In the profiled range: centring, the CUTLASS GEMM with group maxima (the tile the tuner takes for the
 encode at that shape, else the first routed one), the warp select over its output and cuBLAS's GEMM of
 the same product for comparison. The select's codes are checked against the reference on the first rows
-before the range starts. With --filter-gemm, the threshold-first filter GEMM instead (each of
-`cutlass_gemm.FILTER_VARIANTS` on the filter route's thresholds at the shape's k, its buffers checked as
-bench_gemm checks them), beside cuBLAS's GEMM: where its appends' time goes. Needs a CUDA device and
-fastsae's CUTLASS extension.
+before the range starts. With --filter-gemm, the threshold-first filter GEMMs instead (bench_gemm's
+gemm_filter providers: each CUTLASS variant and the Triton GEMM, on the filter route's thresholds at the
+shape's k, their buffers checked as bench_gemm checks them), beside cuBLAS's GEMM: where the appends'
+time goes. Needs a CUDA device and fastsae's CUTLASS extension.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fastsae.ops import cutlass_gemm, encode, filter, launch
 from fastsae.testing import assert_topk_matches
 
 from .bench_encode import CHECK_ROWS, _weights
-from .bench_gemm import FILTER_CAP, _check_filter
+from .bench_gemm import FILTER_CAP, _check_filter, _filters
 from .harness import shape_dims
 
 
@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(n_rows, d, device="cuda").bfloat16()
     W_enc, b_enc, b_dec = _weights(d, n_features)
     if args.filter_gemm:
-        _profile(_filter_gemm_kernels(x, W_enc, b_enc, b_dec, k))
-        print(f"ncu_encode {args.shape}: CUTLASS filter GEMM {', '.join(cutlass_gemm.FILTER_VARIANTS)}, cuBLAS")
+        kernels, names = _filter_gemm_kernels(x, W_enc, b_enc, b_dec, k)
+        _profile(kernels)
+        print(f"ncu_encode {args.shape}: filter GEMMs {', '.join(names)}, cuBLAS")
         return 0
     configs = [c for c in filter.group_max_configs(k, 0, n_features) if c["SELECT"] == "warp"]
     if not configs:
@@ -84,22 +85,20 @@ def _profile(kernels) -> None:
 
 
 def _filter_gemm_kernels(x, W_enc, b_enc, b_dec, k):
-    """The kernels of --filter-gemm: each CUTLASS filter GEMM on the filter route's thresholds (a buffer
-    of FILTER_CAP slots a row, as bench_gemm's gemm_filter rows), then cuBLAS's GEMM."""
+    """The kernels of --filter-gemm (bench_gemm's gemm_filter providers on the filter route's thresholds,
+    then cuBLAS's GEMM), and the providers' names."""
     xc = filter.center(x, b_dec, W_enc.dtype)
     tau = filter.thresholds(xc, W_enc, b_enc, k, FILTER_CAP)
-    count = torch.zeros(x.shape[0], dtype=torch.int32, device="cuda")
-    key_buf = torch.empty(x.shape[0], FILTER_CAP, dtype=torch.int64, device="cuda")
+    providers = _filters(xc, W_enc, b_enc, tau, "")
 
     def kernels(check: bool) -> None:
-        for variant, name in enumerate(cutlass_gemm.FILTER_VARIANTS):
-            count.zero_()
-            cutlass_gemm.gemm_bias_filter(xc, W_enc, b_enc, tau, count, key_buf, variant)
+        for name, run in providers.items():
+            count, key_buf = run()
             if check:  # the warm-up
-                _check_filter(count, key_buf, xc, W_enc, b_enc, tau, f"ncu_encode filter GEMM {name}")
+                _check_filter(count, key_buf, xc, W_enc, b_enc, tau, f"ncu_encode {name}")
         torch.mm(xc, W_enc)
 
-    return kernels
+    return kernels, list(providers)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def test_ncu_encode_runs_its_kernels_once_checked(capsys):
     assert ncu_encode.main(["--shape", "d384_F4096_B1024_k32"]) == 0
     assert "warp select, cuBLAS" in capsys.readouterr().out
     assert ncu_encode.main(["--shape", "d384_F4096_B1024_k32", "--filter-gemm"]) == 0  # buffers checked
-    assert "CUTLASS filter GEMM pingpong_128x128, cooperative_128x128, cuBLAS" in capsys.readouterr().out
+    assert "filter GEMMs fastsae_pingpong_128x128, fastsae_cooperative_128x128, fastsae_triton, cuBLAS" in (
+        capsys.readouterr().out
+    )
 
 
 def test_ncu_sass_groups_each_kernels_lines_into_blocks(tmp_path):
