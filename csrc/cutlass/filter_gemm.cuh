@@ -102,23 +102,22 @@ struct FilterAppend {
       }
       if (!any) return frg_input;
       auto tCcD_mn = tCcD(cute::_, cute::_, cute::_, epi_m, epi_n);
-      int slots[FragmentSize];
+      int rows[FragmentSize], features[FragmentSize], slots[FragmentSize];
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < FragmentSize; ++i) {  // the claims of the survivors inside the problem
         const auto coord = tCcD_mn(epi_v * FragmentSize + i);
+        rows[i] = first_row + static_cast<int>(cute::get<0>(coord));
+        features[i] = first_feature + static_cast<int>(cute::get<1>(coord));
         const bool claims = passes[i] && cute::elem_less(coord, residue);
-        slots[i] = claims ? atomicAdd(params.count + first_row + static_cast<int>(cute::get<0>(coord)), 1) : params.cap;
+        slots[i] = claims ? atomicAdd(params.count + rows[i], 1) : params.cap;
       }
       CUTLASS_PRAGMA_UNROLL
       for (int i = 0; i < FragmentSize; ++i) {  // the keys of the survivors that have a slot
         if (slots[i] < params.cap) {
-          const auto coord = tCcD_mn(epi_v * FragmentSize + i);
-          const int row = first_row + static_cast<int>(cute::get<0>(coord));
-          const int feature = first_feature + static_cast<int>(cute::get<1>(coord));
           const int bits = __float_as_int(static_cast<float>(frg_input[i]));
           const uint32_t ordered = static_cast<uint32_t>(bits ^ ((bits >> 31) & 0x7FFFFFFF));
-          params.key_buf[static_cast<int64_t>(row) * params.cap + slots[i]] =
-              (static_cast<uint64_t>(ordered) << 32) | static_cast<uint32_t>(feature);
+          params.key_buf[static_cast<int64_t>(rows[i]) * params.cap + slots[i]] =
+              (static_cast<uint64_t>(ordered) << 32) | static_cast<uint32_t>(features[i]);
         }
       }
       return frg_input;
