@@ -71,13 +71,15 @@ def _decode_sparse_fwd_kernel(
 
 
 CODES_READ = 64  # codes' values a decode program reads at once to find where its codes end (`_codes_to_read`)
-# Tiles of one code at a time, then of several codes' gathers at once (CODES_TILE), for the tuner. The
-# latter hold 4096 gathered entries per 4 warps: at 8192 per 4 warps ptxas took all 255 registers a thread
-# (BLOCK_D = 128 spilled 352-360 bytes), mostly the gathers' 64-bit addresses.
+# Tiles of one code at a time, then of several codes' gathers at once (CODES_TILE), then of one token's
+# codes over a wide slice of its row, as sparsify's decode reads them (whole decoder rows, contiguous), for
+# the tuner. The multi-code tiles hold 4096 gathered entries per 4 warps: at 8192 per 4 warps ptxas took
+# all 255 registers a thread (BLOCK_D = 128 spilled 352-360 bytes), mostly the gathers' 64-bit addresses.
 _DECODE_CANDIDATES = [
     dict(BLOCK_M=m, BLOCK_D=d, CODES_TILE=c, num_warps=w)
     for m, d, c, w in [(16, 256, 1, 4), (32, 128, 1, 4), (64, 128, 1, 8), (8, 512, 1, 4)]
     + [(8, 128, 4, 4), (4, 128, 8, 4), (4, 256, 4, 4), (2, 256, 8, 4), (8, 256, 4, 8), (4, 256, 8, 8)]
+    + [(1, 1024, 4, 4), (1, 1024, 8, 8), (1, 512, 8, 4), (1, 256, 16, 4)]
 ]
 
 
