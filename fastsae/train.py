@@ -28,10 +28,13 @@ same way, one SAE per file, named by the file's stem:
 Each file holds one [N, d] (or [..., d]) tensor, the same N tokens in each; the run goes over them
 epoch after epoch, each epoch in a seeded order (so a resumed run skips what it trained on).
 
-On one GPU a TopK SAE's steps run as one captured CUDA graph each (`fastsae.graphs.CapturedStep`, with
-torch's fused Adam: the host launches one graph a step instead of a few hundred kernels; a batch of
-another shape, such as a shorter last one, runs eagerly), and a BatchTopK SAE's as two (split at its
-codes' exactness check); --no-capture runs every step eagerly.
+The optimizer is `fastsae.optim.SAEAdam` (Adam with the decoder's unit-norm constraint in its step, one
+pass over each parameter: the fastest step at every benchmark shape); --optimizer adam takes torch's
+fused Adam and the module's two decoder calls instead. A resumed run keeps the optimizer its state was
+saved with (runs saved before the option: torch's Adam). On one GPU a TopK SAE's steps run as one
+captured CUDA graph each (`fastsae.graphs.CapturedStep`: the host launches one graph a step instead of
+a few hundred kernels; a batch of another shape, such as a shorter last one, runs eagerly), and a
+BatchTopK SAE's as two (split at its codes' exactness check); --no-capture runs every step eagerly.
 
 The same command trains on several GPUs under torchrun, unchanged:
 
@@ -68,6 +71,7 @@ from .cli import at_least, positive_float, read_texts
 from .diagnostics import diagnose
 from .evaluate import evaluate
 from .graphs import CapturedStep
+from .optim import SAEAdam
 from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, sync_directory, write_atomically
 
 # The run's tables in OUT, a row per hook point each time a run logs (LOG_FILE) or evaluates (EVAL_FILE).
@@ -77,6 +81,7 @@ PENDING = ".pending"  # the suffix of a checkpoint's files until it is committed
 LOG_COLUMNS = ["tokens", "hookpoint", "fvu", "dead_pct", "tokens_per_s"]
 EVAL_COLUMNS = ["tokens", "hookpoint", "loss_recovered", "kl_div", "fvu", "l0", "alive", "loss_clean",
                 "loss_spliced", "loss_zero"]  # fmt: skip
+OPTIMIZERS = ("saeadam", "adam")  # --optimizer: fastsae.optim.SAEAdam, or torch.optim.Adam with the decoder calls
 
 
 def add_parser(commands) -> None:
@@ -115,6 +120,9 @@ def add_parser(commands) -> None:
     train.add_argument("--keep-special-tokens", action="store_true", help="keep BOS and other special tokens")
     train.add_argument("--feature-shards", type=at_least(1), default=1,
                        help="under torchrun: processes that split each SAE's features")  # fmt: skip
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                       help="saeadam (fastsae.optim.SAEAdam, the default) or adam (torch's fused Adam and the "
+                            "module's decoder calls); a resumed run keeps the one it was saved with")  # fmt: skip
     train.add_argument("--no-capture", action="store_true",
                        help="run every step eagerly, not as one captured CUDA graph (see below)")  # fmt: skip
     train.set_defaults(run=run)
@@ -188,6 +196,7 @@ def _run(args: argparse.Namespace) -> None:
             saes[name] = _distribute(SparseAutoencoder.load(_checkpoint(args.out, name), args.device), layout)
         state = torch.load(state_path, map_location=args.device, weights_only=True)
         tokens_done, used_batches = int(state["tokens"]), int(state["batches"])
+        args.optimizer = _resumed_optimizer(args.optimizer, state, state_path)
         for _ in range(used_batches):  # the diagnosis sample and the batches already trained on
             next(batches)
         say(f"resuming from {args.out} at {tokens_done} tokens")
@@ -202,6 +211,7 @@ def _run(args: argparse.Namespace) -> None:
                     diagnose(sample[name].float(), k=args.k, n_features=args.expansion_factor * sample[name].shape[1])
                 )
         tokens_done, state = 0, None
+    args.optimizer = args.optimizer or "saeadam"
     capture = _captures(args, layout)
     optimizers = {name: _optimizer(args, sae, capture) for name, sae in saes.items()}
     if state is not None:
@@ -220,15 +230,34 @@ def _captures(args: argparse.Namespace, layout: Layout) -> bool:
     return not args.no_capture and captured and single and torch.device(args.device).type == "cuda"
 
 
-def _optimizer(args: argparse.Namespace, sae: SparseAutoencoder, capture: bool) -> torch.optim.Adam:
-    """Adam: torch's fused kernel on CUDA (one launch over the parameters), capturable for a captured step."""
+def _resumed_optimizer(asked: str | None, state: dict, state_path: Path) -> str:
+    """The optimizer whose state `state` holds (states saved before --optimizer existed: torch's Adam),
+    which a resumed run keeps: asking for the other one is an error, not a silent fresh start."""
+    saved = state.get("optimizer", "adam")
+    if asked is not None and asked != saved:
+        raise ValueError(
+            f"{state_path} holds the state of --optimizer {saved}; resume with --optimizer {saved}, or start "
+            f"the {asked} run in another --out"
+        )
+    return saved
+
+
+def _optimizer(args: argparse.Namespace, sae: SparseAutoencoder, capture: bool) -> torch.optim.Optimizer:
+    """SAEAdam, or torch's Adam (its fused kernel on CUDA: one launch over the parameters), capturable
+    for a captured step."""
+    if args.optimizer == "saeadam":
+        return SAEAdam(sae, lr=_lr(args, sae), capturable=capture)
     return torch.optim.Adam(sae.parameters(), lr=_lr(args, sae), fused=sae.W_enc.is_cuda, capturable=capture)
 
 
-def _load_optimizer_state(optimizer: torch.optim.Adam, state: dict) -> None:
-    """The saved Adam state, run with this run's kernel (fused, capturable), which the saved groups would
-    otherwise set: a run saved eagerly or on another device resumes captured, and the other way round.
-    Capturable and fused Adam keep each step count on the parameter's device, the others on the host."""
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The saved state, run with this run's kernel, which the saved groups would otherwise set: a run
+    saved eagerly or on another device resumes captured, and the other way round. SAEAdam keeps its own
+    setting (its `load_state_dict`); torch's capturable and fused Adam keep each step count on the
+    parameter's device, the others on the host."""
+    if isinstance(optimizer, SAEAdam):
+        optimizer.load_state_dict(state)
+        return
     kernel = [{key: group[key] for key in ("fused", "capturable")} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, flags in zip(optimizer.param_groups, kernel):
@@ -373,10 +402,13 @@ def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, us
                     continue
                 out = models[name](x)
                 out.loss.backward()
-                sae.remove_decoder_parallel_grad()
-                optimizers[name].step()
+                if isinstance(optimizers[name], SAEAdam):  # the decoder's constraint is in its step
+                    optimizers[name].step()
+                else:
+                    sae.remove_decoder_parallel_grad()
+                    optimizers[name].step()
+                    sae.normalize_decoder()
                 optimizers[name].zero_grad(set_to_none=True)
-                sae.normalize_decoder()
                 fvus[name] = out.fvu.detach()
             tokens_done += n
             used_batches += 1
@@ -489,7 +521,9 @@ def _save(args, layout: Layout, saes, optimizers, tokens_done: int, used_batches
         sae.save(_pending(_checkpoint(args.out, name), tokens_done))
     if layout.replica == 0:
         optimizer_states = {name: opt.state_dict() for name, opt in optimizers.items()}
-        state = {"tokens": tokens_done, "batches": used_batches, "optimizers": optimizer_states}
+        state = {
+            "tokens": tokens_done, "batches": used_batches, "optimizer": args.optimizer, "optimizers": optimizer_states
+        }  # fmt: skip
         write_atomically(_pending(_state_path(args.out, layout), tokens_done), lambda tmp: torch.save(state, tmp))
     _barrier()
     if layout.main:

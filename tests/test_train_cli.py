@@ -77,7 +77,7 @@ def test_train_command_logs_checkpoints_and_resumes(tmp_path, model_dir, capsys)
     assert int(rows[-1]["tokens"]) == 1024 and all(0 <= float(row["fvu"]) < 10 for row in rows)
     assert matplotlib.image.imread(out / "training.png").shape[1] == 3 * 500  # FVU, dead %, loss recovered
     state = torch.load(out / "state.pt", weights_only=True)
-    assert state["tokens"] == 1024
+    assert state["tokens"] == 1024 and state["optimizer"] == "saeadam"  # the default
     first = fastsae.SparseAutoencoder.load(out / "h.0.safetensors")
     assert first.cfg.n_features == 4 * 16 and first.cfg.k == 4
 
@@ -168,6 +168,43 @@ def test_train_command_on_saved_activations(tmp_path, capsys):
     assert "resuming from" in capsys.readouterr().out
     resumed = fastsae.SparseAutoencoder.load(out / "layer9.safetensors")
     assert int(resumed.n_tokens_seen) == 1536 and not torch.equal(resumed.W_dec, first.W_dec)
+
+
+def test_train_command_keeps_the_optimizer_it_resumes(tmp_path, capsys):
+    """SAEAdam by default, torch's Adam with --optimizer adam: each trains, the saved state names it, a
+    resumed run keeps it (a state from before the option, which names none, is torch Adam's), and asking
+    a run to resume with the other one is refused with an error naming both."""
+    from safetensors.torch import save_file
+
+    acts = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) + 2
+    save_file({"acts": acts}, str(tmp_path / "layer6.safetensors"))
+    common = ["train", "--activations", str(tmp_path / "layer6.safetensors"), "--batch-tokens", "64",
+              "--diagnose-tokens", "128", "--expansion-factor", "4", "--k", "4", "--log-every", "256",
+              "--checkpoint-every", "256", "--device", "cpu"]  # fmt: skip
+    for optimizer, flags in (("saeadam", []), ("adam", ["--optimizer", "adam"])):
+        out = tmp_path / optimizer
+        assert cli([*common, *flags, "--out", str(out), "--tokens", "512"]) == 0
+        state = torch.load(out / "state.pt", weights_only=True)
+        assert state["optimizer"] == optimizer
+        assert len(state["optimizers"]["layer6"]["param_groups"]) == (2 if optimizer == "saeadam" else 1)
+        sae = fastsae.SparseAutoencoder.load(out / "layer6.safetensors")
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.n_features))  # the constraint held
+        other = "adam" if optimizer == "saeadam" else "saeadam"
+        assert cli([*common, "--optimizer", other, "--out", str(out), "--tokens", "768"]) == 2
+        assert f"holds the state of --optimizer {optimizer}; resume with --optimizer {optimizer}" in (
+            capsys.readouterr().err
+        )
+        assert cli([*common, "--out", str(out), "--tokens", "768"]) == 0  # resumed with its own
+        assert torch.load(out / "state.pt", weights_only=True)["optimizer"] == optimizer
+    old_run = tmp_path / "adam"  # as a run saved before --optimizer existed
+    state = torch.load(old_run / "state.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, old_run / "state.pt")
+    before = fastsae.SparseAutoencoder.load(old_run / "layer6.safetensors")
+    assert cli([*common, "--out", str(old_run), "--tokens", "1024"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert torch.load(old_run / "state.pt", weights_only=True)["optimizer"] == "adam"
+    assert not torch.equal(fastsae.SparseAutoencoder.load(old_run / "layer6.safetensors").W_dec, before.W_dec)
 
 
 class _Stop(Exception):
@@ -264,7 +301,7 @@ def test_train_command_checks_the_sae_before_diagnosing(tmp_path, capsys):
 def test_train_command_captures_the_step_on_a_gpu(activation, tmp_path, monkeypatch, capsys):
     """On a GPU a TopK or BatchTopK SAE's steps replay a captured step (after CapturedStep's eager
     warm-up steps); the log follows the eager run's (--no-capture) from the same start, and either run
-    resumes in the other mode (Adam's saved state taken by the other kernel)."""
+    resumes in the other mode (SAEAdam's saved state, its step counts on the host or on the GPU)."""
     from safetensors.torch import save_file
 
     from fastsae.graphs import CapturedStep
