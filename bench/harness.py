@@ -93,13 +93,8 @@ def sae_train_step(sae, optimizer: torch.optim.Optimizer, x: torch.Tensor, model
     the forward's output. `model`: a wrapper of `sae` to run the forward through (DistributedDataParallel)."""
     out = (model if model is not None else sae)(x)
     out.loss.backward()
-    constrained = isinstance(optimizer, fastsae.optim.SAEAdam)
-    if not constrained:
-        sae.remove_decoder_parallel_grad()
-    optimizer.step()
+    fastsae.optim.step_with_decoder_constraint(sae, optimizer)
     optimizer.zero_grad(set_to_none=True)
-    if not constrained:
-        sae.normalize_decoder()
     return out
 
 

@@ -66,7 +66,7 @@ from torch import Tensor
 from . import parallel
 from .ops import batchtopk as batchtopk_ops
 from .ops.launch import join_stream, on_stream
-from .optim import SAEAdam
+from .optim import step_with_decoder_constraint
 from .sae import SAEOutput, SparseAutoencoder, auxk_list_keeps, auxk_list_length
 
 # Steps between the statistics a dead-count bound is computed from and the step it is used for: the
@@ -200,12 +200,7 @@ class CapturedStep:
             averaged = parallel.averaging_gradients(list(sae.parameters()), sae._group)
         with averaged:
             out.loss.backward()
-        if isinstance(self.optimizer, SAEAdam):  # the constraint inside its step
-            self.optimizer.step()
-        else:
-            sae.remove_decoder_parallel_grad()
-            self.optimizer.step()
-            sae.normalize_decoder()
+        step_with_decoder_constraint(sae, self.optimizer)
         if bound_stream is not None:
             join_stream(bound_stream, self._static_dead_bound)
         return out

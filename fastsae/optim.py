@@ -120,6 +120,17 @@ class SAEAdam(torch.optim.Optimizer):
         return loss
 
 
+def step_with_decoder_constraint(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> None:
+    """`optimizer.step()` with the decoder's unit-norm constraint: inside the step for SAEAdam, around it
+    (`sae.remove_decoder_parallel_grad()` before, `sae.normalize_decoder()` after) for any other optimizer."""
+    if isinstance(optimizer, SAEAdam):
+        optimizer.step()
+        return
+    sae.remove_decoder_parallel_grad()
+    optimizer.step()
+    sae.normalize_decoder()
+
+
 # Elements updated at once off CUDA: the update's temporaries (fp32 copies of bf16 parameters and
 # gradients, the denominators) stay a few hundred MB however large the encoder (a 2^20-feature encoder at
 # d = 4096 needs 48 GiB of them in fp32 at once: one H200 ran out of memory at 135 GiB before `F.adam_`).

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from .diagnostics import RunningMoments, measure_death, predicted_death
+from .optim import step_with_decoder_constraint
 from .sae import SAEConfig, SparseAutoencoder
 
 
@@ -105,10 +106,8 @@ def _train(data: SyntheticActivations, cfg: SAEConfig, s: Settings) -> SparseAut
     for _ in range(s.steps):
         out = sae(data.sample(s.batch_size))
         out.loss.backward()
-        sae.remove_decoder_parallel_grad()
-        optimizer.step()
+        step_with_decoder_constraint(sae, optimizer)
         optimizer.zero_grad()
-        sae.normalize_decoder()
     return sae.eval()
 
 

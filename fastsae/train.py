@@ -71,7 +71,7 @@ from .cli import at_least, positive_float, read_texts
 from .diagnostics import diagnose
 from .evaluate import evaluate
 from .graphs import CapturedStep
-from .optim import SAEAdam
+from .optim import SAEAdam, step_with_decoder_constraint
 from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, sync_directory, write_atomically
 
 # The run's tables in OUT, a row per hook point each time a run logs (LOG_FILE) or evaluates (EVAL_FILE).
@@ -402,12 +402,7 @@ def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, us
                     continue
                 out = models[name](x)
                 out.loss.backward()
-                if isinstance(optimizers[name], SAEAdam):  # the decoder's constraint is in its step
-                    optimizers[name].step()
-                else:
-                    sae.remove_decoder_parallel_grad()
-                    optimizers[name].step()
-                    sae.normalize_decoder()
+                step_with_decoder_constraint(sae, optimizers[name])
                 optimizers[name].zero_grad(set_to_none=True)
                 fvus[name] = out.fvu.detach()
             tokens_done += n
