@@ -70,6 +70,7 @@ POINTER_TYPES = {
     "one_minus_beta1": "fp32",
     "one_minus_beta2": "fp32",
     "step_ptr": "*fp32",
+    "lr_ptr": "*fp32",
     "step_size": "fp32",
     "bias2_sqrt": "fp32",
     "lr": "fp32",
@@ -326,12 +327,12 @@ def _queue_kernels() -> None:
             f"decoder_remove_parallel_grad d={d}", decoder._remove_parallel_grad_kernel, tile, cfg["num_warps"]
         )
         queue_compile(f"decoder_normalize_rows d={d}", decoder._normalize_rows_kernel, tile, cfg["num_warps"])
-        for on_device in (False, True):  # the bias corrections from the host, or from a count on the device
-            constexprs = {**tile, "STEP_ON_DEVICE": on_device}
-            name = f"decoder_adam d={d} count_on_device={on_device}"
+        for on_device in (False, True):  # the bias corrections from the host, or from a count and rate on the device
+            constexprs = {**tile, "STEP_ON_DEVICE": on_device, "LR_ON_DEVICE": on_device}
+            name = f"decoder_adam d={d} count_and_rate_on_device={on_device}"
             queue_compile(name, decoder._decoder_adam_kernel, constexprs, cfg["num_warps"])
-    adam_constexprs = {"STEP_ON_DEVICE": True, "BLOCK": decoder.ADAM_BLOCK}
-    queue_compile("adam count_on_device=True", decoder._adam_kernel, adam_constexprs, num_warps=4)
+    adam_constexprs = {"STEP_ON_DEVICE": True, "LR_ON_DEVICE": True, "BLOCK": decoder.ADAM_BLOCK}
+    queue_compile("adam count_and_rate_on_device=True", decoder._adam_kernel, adam_constexprs, num_warps=4)
 
 
 if __name__ == "__main__":

@@ -1332,14 +1332,15 @@ def remove_parallel_grad_(W_dec: Tensor, grad: Tensor) -> None:
 
 @torch.no_grad()
 def decoder_adam_(
-    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float | Tensor,
     beta1: float, beta2: float, eps: float,
 ) -> None:  # fmt: skip
     """In place on W_dec and the Adam moments: `reference.decoder_adam` (the gradient's parallel part
     removed, Adam's step, rows renormalised), in one pass over them on CUDA (fastsae/ops/decoder.py).
-    `step` (counted from 1) may be a 0-dim tensor on W_dec's device, which a CUDA graph can capture."""
+    `step` (counted from 1) and `lr` may be 0-dim tensors on W_dec's device, which a CUDA graph reads
+    at every replay."""
     _check_float("W_dec", W_dec, 2)
-    _check_adam_state("W_dec", W_dec, grad, exp_avg, exp_avg_sq)
+    _check_adam_state("W_dec", W_dec, grad, exp_avg, exp_avg_sq, step, lr)
     unit_rows = all(t.stride(1) == 1 for t in (W_dec, grad, exp_avg, exp_avg_sq))
     args = (W_dec, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
     if _fused_decoder_kernels(W_dec) and unit_rows:
@@ -1350,14 +1351,14 @@ def decoder_adam_(
 
 @torch.no_grad()
 def adam_(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float | Tensor,
     beta1: float, beta2: float, eps: float,
 ) -> None:  # fmt: skip
     """In place on `param` and the Adam moments: `reference.adam` (torch.optim.Adam's step), in one
-    pass over them on CUDA (fastsae/ops/decoder.py). `step` (counted from 1) may be a 0-dim tensor on
-    param's device, which a CUDA graph can capture."""
+    pass over them on CUDA (fastsae/ops/decoder.py). `step` (counted from 1) and `lr` may be 0-dim
+    tensors on param's device, which a CUDA graph reads at every replay."""
     _check_float("param", param, param.dim())
-    _check_adam_state("param", param, grad, exp_avg, exp_avg_sq)
+    _check_adam_state("param", param, grad, exp_avg, exp_avg_sq, step, lr)
     contiguous = all(t.is_contiguous() for t in (param, grad, exp_avg, exp_avg_sq))
     args = (param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps)
     if _fused_decoder_kernels(param) and contiguous:
@@ -1366,11 +1367,20 @@ def adam_(
         _copy_into((param, exp_avg, exp_avg_sq), reference.adam(*args))
 
 
-def _check_adam_state(name: str, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+def _check_adam_state(
+    name: str, param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor,
+    lr: float | Tensor,
+) -> None:  # fmt: skip
     for other, tensor in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         if tensor.shape != param.shape:
             raise ValueError(f"{other} has shape {tuple(tensor.shape)} but {name} has {tuple(param.shape)}")
     _check_same_device(**{name: param}, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    for other, value in (("step", step), ("lr", lr)):
+        if isinstance(value, Tensor):
+            if value.dim() != 0 or (other == "lr" and not value.is_floating_point()):
+                raise ValueError(f"{other} must be a number or a 0-dim tensor (floating for lr), got a "
+                                 f"{value.dim()}-dim {value.dtype} tensor")  # fmt: skip
+            _check_same_device(**{name: param, other: value})
 
 
 def _copy_into(targets: tuple[Tensor, ...], values: tuple[Tensor, ...]) -> None:

@@ -42,6 +42,13 @@ capture, fused or not), fastest with `fused=True` as well, between the decoder c
 or `fastsae.optim.SAEAdam(sae, capturable=True)`, whose step applies the constraint in its own pass
 over W_dec (the captured step then leaves out the two calls, each a pass over W_dec-sized tensors).
 
+A learning-rate schedule reaches the replays through a rate the graph reads: give the optimizer lr
+as a 0-dim tensor on the GPU (`SAEAdam(sae, lr=torch.tensor(2e-4, device="cuda"), capturable=True)`,
+or torch's Adam with `fused=True, capturable=True` and such a tensor), which torch's schedulers fill in
+place. A number is part of the graph; where one of the optimizer's numbers (its lr, betas, ...) changes
+between calls, the step is captured again (one eager step, then a capture), with a warning the first
+time, so that it trains at the new value.
+
 A BatchTopK SAE trains on its sparse codes in the graph too (`fastsae/ops/batchtopk.py`). Their
 selection is exact unless a row keeps more codes than the codes' fixed width, which its check finds on
 the device, and a graph cannot wait for that check. So the step is captured as two graphs that share one
@@ -58,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import warnings
 from collections import deque
 
 import torch
@@ -109,6 +117,8 @@ class CapturedStep:
         # version counter after the last replay (replays do not bump it; any other write does)
         self._dead_bounds: deque[tuple[torch.cuda.Event, Tensor]] = deque()
         self._stats_version = -1
+        self._captured_numbers: list[dict] | None = None  # the optimizer's numbers in the graph
+        self._recaptured_for_numbers = False  # (warned about it)
 
     def __call__(self, x: Tensor) -> SAEOutput:
         sae = self.sae
@@ -123,6 +133,9 @@ class CapturedStep:
         capacity = self._auxk_capacity(n_tokens)
         if self._graph is not None and capacity != sae.auxk_capacity:
             self._graph = None  # the dead-feature list outgrew the captured one: one eager step, then capture
+            self._eager_left = 1
+        if self._graph is not None and self._optimizer_numbers_changed():
+            self._graph = None  # the graph holds the old numbers: one eager step at the new ones, then capture
             self._eager_left = 1
         if self._graph is None and self._eager_left > 0:
             self._eager_left -= 1
@@ -140,6 +153,32 @@ class CapturedStep:
             self._rest.replay()
         self._copy_dead_bound()
         return self._static_out
+
+    def _optimizer_numbers(self) -> list[dict]:
+        """Each optimizer group's settings that a capture fixes: all but its parameters and its tensors
+        (a tensor rate is read by the graph at every replay)."""
+        return [
+            {key: value for key, value in group.items() if key != "params" and not isinstance(value, Tensor)}
+            for group in self.optimizer.param_groups
+        ]
+
+    def _optimizer_numbers_changed(self) -> bool:
+        """Whether the optimizer's numbers differ from those the graph was captured with (warning, the
+        first time, that each change costs a capture)."""
+        numbers = self._optimizer_numbers()
+        if numbers == self._captured_numbers:
+            return False
+        if not self._recaptured_for_numbers:
+            changed = sorted({key for now, then in zip(numbers, self._captured_numbers) for key in now
+                              if now[key] != then.get(key)})  # fmt: skip
+            warnings.warn(
+                f"the optimizer's {', '.join(changed)} changed since the step was captured: capturing it again "
+                "(one eager step and a capture each time). For a schedule, give the optimizer lr as a 0-dim "
+                "tensor on the GPU, which the graph reads at every replay",
+                stacklevel=3,
+            )
+            self._recaptured_for_numbers = True
+        return True
 
     def _auxk_capacity(self, n_tokens: int) -> int | None:
         """The dead-feature list length the next step needs: the captured one while the dead features fit
@@ -234,6 +273,7 @@ class CapturedStep:
         # into the graph's own memory, the same addresses at every replay.
         self.optimizer.zero_grad(set_to_none=True)
         self._static_x = x.clone()
+        self._captured_numbers = self._optimizer_numbers()
         _create_backward_cublas_handle(x.device)
         self._graph, self._rest, self._static_inexact = torch.cuda.CUDAGraph(), None, None
         # features this step's statistics leave within reach of death, counted beside the backward

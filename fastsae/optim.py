@@ -17,6 +17,10 @@ option does, so that `fastsae.graphs.CapturedStep` can replay the step in a CUDA
 corrections are computed on the device (off CUDA, the encoder and the biases take torch's fused Adam
 kernel, torch.optim.Adam(fused=True, capturable=True)'s update). It keeps the moments in the
 parameters' dtype.
+
+`lr` may be a 0-dim tensor on the SAE's device, as torch.optim.Adam's may: the kernels read it at every
+step, so a learning-rate schedule (any `torch.optim.lr_scheduler`, which fills the tensor in place, or
+your own `lr.fill_(...)`) reaches a captured step's replays, where a number is fixed at capture.
 """
 
 from __future__ import annotations
@@ -33,11 +37,16 @@ class SAEAdam(torch.optim.Optimizer):
     included (see the module docstring)."""
 
     def __init__(
-        self, sae: SparseAutoencoder, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+        self, sae: SparseAutoencoder, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8, state_dtype: torch.dtype | None = None, capturable: bool = False,
     ) -> None:  # fmt: skip
         if not isinstance(sae, SparseAutoencoder):
             raise TypeError(f"SAEAdam takes a fastsae.SparseAutoencoder, got {type(sae).__name__}")
+        if isinstance(lr, Tensor) and (lr.dim() != 0 or not lr.is_floating_point() or lr.device != sae.W_dec.device):
+            raise ValueError(
+                f"a tensor lr must be a 0-dim floating tensor on the SAE's device ({sae.W_dec.device}), got a "
+                f"{lr.dim()}-dim {lr.dtype} tensor on {lr.device}"
+            )
         if lr < 0 or eps < 0 or not all(0 <= beta < 1 for beta in betas):
             raise ValueError(f"need lr >= 0, eps >= 0 and betas in [0, 1), got lr={lr}, eps={eps}, betas={betas}")
         if capturable and state_dtype not in (None, sae.W_dec.dtype):
@@ -49,11 +58,17 @@ class SAEAdam(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, except that this optimizer keeps its own `capturable` setting (torch takes every
         group option from the saved state) and holds the loaded step counts in its form: a state saved
-        with the other setting, or from before the option, resumes the same run."""
-        capturable = [group["capturable"] for group in self.param_groups]
+        with the other setting, or from before the option, resumes the same run. The saved learning
+        rate is taken in this optimizer's form too: a tensor rate stays the same tensor (the one a
+        captured step reads, or a scheduler fills), given the saved value."""
+        kept = [(group["capturable"], group["lr"]) for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, on_device in zip(self.param_groups, capturable):
+        for group, (on_device, lr) in zip(self.param_groups, kept):
             group["capturable"] = on_device
+            if isinstance(lr, Tensor):
+                group["lr"] = lr.fill_(float(group["lr"]))
+            elif isinstance(group["lr"], Tensor):
+                group["lr"] = float(group["lr"])
             for p in group["params"]:
                 saved = self.state.get(p)
                 if not saved:
@@ -115,8 +130,8 @@ class SAEAdam(torch.optim.Optimizer):
                         [states[i]["step"] for i in members], lr=group["lr"], beta1=beta1, beta2=beta2,
                         weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False,
                     )  # fmt: skip
-            elif params:
-                _adam(params, [p.grad for p in params], states, group["lr"], beta1, beta2, group["eps"])
+            elif params:  # (on the host: a tensor rate is read there)
+                _adam(params, [p.grad for p in params], states, float(group["lr"]), beta1, beta2, group["eps"])
         return loss
 
 

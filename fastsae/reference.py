@@ -458,12 +458,12 @@ def remove_parallel_grad(W_dec: Tensor, grad: Tensor, eps: float = 1e-12) -> Ten
 
 
 def decoder_adam(
-    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float | Tensor,
     beta1: float, beta2: float, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """One Adam step of the decoder under its unit-norm constraint (`fastsae.optim.SAEAdam`): the
     gradient without its component along each row (`remove_parallel_grad`), torch.optim.Adam's update
-    (step counted from 1: a number, or a 0-dim tensor), then every row renormalised. Returns (W_dec,
+    (step counted from 1, and lr: numbers, or 0-dim tensors), then every row renormalised. Returns (W_dec,
     exp_avg, exp_avg_sq), each in its input's dtype; computed in fp32 (fp64 for fp64 inputs)."""
     acc = accumulate_dtype(W_dec, grad, exp_avg)
     w = W_dec.to(acc)
@@ -473,11 +473,11 @@ def decoder_adam(
 
 
 def adam(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float | Tensor,
     beta1: float, beta2: float, eps: float,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """One torch.optim.Adam step (no weight decay, no AMSGrad; step counted from 1: a number, or a
-    0-dim tensor). Returns (param, exp_avg, exp_avg_sq), each in its input's dtype; computed in fp32
+    """One torch.optim.Adam step (no weight decay, no AMSGrad; step counted from 1, and lr: numbers, or
+    0-dim tensors). Returns (param, exp_avg, exp_avg_sq), each in its input's dtype; computed in fp32
     (fp64 for fp64 inputs)."""
     acc = accumulate_dtype(param, grad, exp_avg)
     p, m, v = _adam_update(

@@ -31,7 +31,11 @@ epoch after epoch, each epoch in a seeded order (so a resumed run skips what it 
 The optimizer is `fastsae.optim.SAEAdam` (Adam with the decoder's unit-norm constraint in its step, one
 pass over each parameter: the fastest step at every benchmark shape); --optimizer adam takes torch's
 fused Adam and the module's two decoder calls instead. A resumed run keeps the optimizer its state was
-saved with (runs saved before the option: torch's Adam). On one GPU a TopK SAE's steps run as one
+saved with (runs saved before the option: torch's Adam). The rate is --lr throughout, unless
+--lr-warmup-tokens raises it linearly from 0 over the first tokens and --lr-decay-tokens lowers it
+linearly to 0 over the last ones: a function of the token count, so a resumed run continues it (and
+one resumed with more --tokens decays towards its new end); a resumed run takes --lr and the schedule
+of its own command line. On one GPU a TopK SAE's steps run as one
 captured CUDA graph each (`fastsae.graphs.CapturedStep`: the host launches one graph a step instead of
 a few hundred kernels; a batch of another shape, such as a shorter last one, runs eagerly), and a
 BatchTopK SAE's as two (split at its codes' exactness check); --no-capture runs every step eagerly.
@@ -106,6 +110,10 @@ def add_parser(commands) -> None:
     train.add_argument("--centering", choices=CENTERING_MODES, default="geometric_median")
     train.add_argument("--lr", type=positive_float, default=None,
                        help="Adam learning rate (default 2e-4 / sqrt(F / 16384))")  # fmt: skip
+    train.add_argument("--lr-warmup-tokens", type=at_least(0), default=0,
+                       help="tokens over which the rate rises linearly from 0 to --lr (default 0: none)")  # fmt: skip
+    train.add_argument("--lr-decay-tokens", type=at_least(0), default=0,
+                       help="last tokens over which the rate falls linearly to 0 (default 0: none)")  # fmt: skip
     train.add_argument("--batch-tokens", type=at_least(2), default=4096)
     train.add_argument("--diagnose-tokens", type=at_least(1), default=2**16,
                        help="tokens diagnose and the centering see first (not trained on)")  # fmt: skip
@@ -244,30 +252,34 @@ def _resumed_optimizer(asked: str | None, state: dict, state_path: Path) -> str:
 
 def _optimizer(args: argparse.Namespace, sae: SparseAutoencoder, capture: bool) -> torch.optim.Optimizer:
     """SAEAdam, or torch's Adam (its fused kernel on CUDA: one launch over the parameters), capturable
-    for a captured step."""
+    for a captured step. With a schedule the rate is a tensor on the SAE's device, which `_set_lr` fills
+    before each step and the kernels read (a captured step's replays too)."""
+    lr = _lr(args, sae)
+    if _scheduled(args):
+        lr = torch.tensor(lr, dtype=torch.float32, device=sae.W_enc.device)
     if args.optimizer == "saeadam":
-        return SAEAdam(sae, lr=_lr(args, sae), capturable=capture)
-    return torch.optim.Adam(sae.parameters(), lr=_lr(args, sae), fused=sae.W_enc.is_cuda, capturable=capture)
+        return SAEAdam(sae, lr=lr, capturable=capture)
+    return torch.optim.Adam(sae.parameters(), lr=lr, fused=sae.W_enc.is_cuda, capturable=capture)
 
 
 def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """The saved state, run with this run's kernel, which the saved groups would otherwise set: a run
-    saved eagerly or on another device resumes captured, and the other way round. SAEAdam keeps its own
-    setting (its `load_state_dict`); torch's capturable and fused Adam keep each step count on the
-    parameter's device, the others on the host."""
-    if isinstance(optimizer, SAEAdam):
-        optimizer.load_state_dict(state)
-        return
-    kernel = [{key: group[key] for key in ("fused", "capturable")} for group in optimizer.param_groups]
+    """The saved state, run with this run's kernel and rate, which the saved groups would otherwise set:
+    a run saved eagerly or on another device resumes captured, and the other way round, and it takes
+    --lr and the schedule of its command line. SAEAdam holds the loaded step counts in its own form (its
+    `load_state_dict`); torch's capturable and fused Adam keep each one on the parameter's device, the
+    others on the host."""
+    kept = [{key: group[key] for key in ("lr", "fused", "capturable") if key in group}
+            for group in optimizer.param_groups]  # fmt: skip
     optimizer.load_state_dict(state)
-    for group, flags in zip(optimizer.param_groups, kernel):
-        group.update(flags)
+    for group, settings in zip(optimizer.param_groups, kept):
+        group.update(settings)
+        if isinstance(optimizer, SAEAdam):
+            continue
         for param in group["params"]:
             param_state = optimizer.state.get(param, {})
             if "step" in param_state:
-                on_device = flags["fused"] or flags["capturable"]
                 step = param_state["step"].to(torch.float32)
-                param_state["step"] = step.to(param.device) if on_device else step.cpu()
+                param_state["step"] = step.to(param.device) if group["fused"] or group["capturable"] else step.cpu()
 
 
 def _check_source(args: argparse.Namespace) -> None:
@@ -357,6 +369,26 @@ def _lr(args: argparse.Namespace, sae: SparseAutoencoder) -> float:
     return args.lr if args.lr is not None else 2e-4 / (sae.cfg.n_features / 2**14) ** 0.5
 
 
+def _scheduled(args: argparse.Namespace) -> bool:
+    return bool(args.lr_warmup_tokens or args.lr_decay_tokens)
+
+
+def _lr_factor(args: argparse.Namespace, start: int, end: int) -> float:
+    """The schedule's factor of the rate for the step over tokens start .. end of the run: rising
+    linearly over the first --lr-warmup-tokens (the step's last token counts, so that the first step
+    moves), falling linearly to 0 over the last --lr-decay-tokens (from the step's first token). A
+    function of the token count alone, so a resumed run continues it where it stopped."""
+    warmup = min(1.0, end / args.lr_warmup_tokens) if args.lr_warmup_tokens else 1.0
+    decay = min(1.0, max(0, args.tokens - start) / args.lr_decay_tokens) if args.lr_decay_tokens else 1.0
+    return warmup * decay
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Fills the optimizer's rate tensors (`_optimizer`'s, one launch each, no synchronisation)."""
+    for rate in {id(group["lr"]): group["lr"] for group in optimizer.param_groups}.values():
+        rate.fill_(lr)
+
+
 def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, used_batches: int, evaluate_saes) -> None:
     """The training loop: log rows every --log-every tokens, a checkpoint (and with `evaluate_saes`, an
     evaluation) every --checkpoint-every tokens and at the end."""
@@ -395,6 +427,10 @@ def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, us
             n = _tokens_in_step(batch, args, layout)
             if n is None:  # a replica's texts ran out: every process stops at the same step
                 break
+            if _scheduled(args):
+                factor = _lr_factor(args, tokens_done, tokens_done + n)
+                for name, sae in saes.items():
+                    _set_lr(optimizers[name], _lr(args, sae) * factor)
             for name, sae in saes.items():
                 x = batch[name].to(sae.W_enc.dtype)
                 if name in captured and captured_shapes.setdefault(name, x.shape) == x.shape:
@@ -414,8 +450,9 @@ def _train(args, layout: Layout, saes, optimizers, batches, tokens_done: int, us
                     dead = 100 * float(_dead_features(sae, layout)) / sae.cfg.n_features
                     log.writerow([tokens_done, name, f"{float(fvus[name]):.5f}", f"{dead:.2f}", f"{rate:.0f}"])
                     if layout.main:
+                        lr = f"  lr {_lr(args, sae) * factor:.3g}" if _scheduled(args) else ""
                         print(f"{tokens_done:>12} tokens  {name}: FVU {float(fvus[name]):.4f}  dead {dead:.1f}%  "
-                              f"{rate:,.0f} tokens/s")  # fmt: skip
+                              f"{rate:,.0f} tokens/s{lr}")  # fmt: skip
                 if layout.main:
                     log_file.flush()
                     _plot(log_path, args.out / "training.png")

@@ -36,20 +36,22 @@ def test_decoder_constraint_kernels(device, F, d, dtype):
 def test_adam_kernels(device, F, d, dtype, state_dtype, constrained):
     """The fused decoder step (projection, Adam, renormalisation) and the plain Adam step against the
     fp64 reference, at step 1, at a later step with non-zero moments, and with the count in a 0-dim
-    tensor (the kernel computes the bias corrections from it: at step 1 they are smallest)."""
+    tensor (the kernel computes the bias corrections from it: at step 1 they are smallest); the rate a
+    number or a 0-dim tensor (which the kernel reads), with either count."""
     moments_dtype = state_dtype or dtype
     kernel, expected_step = (decoder.decoder_adam_, reference.decoder_adam)
     if not constrained:
         kernel, expected_step = decoder.adam_, reference.adam
     W = reference.normalize_decoder_rows(torch.randn(F, d, dtype=torch.float64)).to(device=device, dtype=dtype)
     counts = (torch.tensor(1.0, device=device), torch.tensor(9.0, device=device))  # the capturable SAEAdam's
-    for step in (1, 7, *counts):
+    rate = torch.tensor(3e-3, device=device)  # as a scheduler sets it between a captured step's replays
+    for step, lr in ((1, 1e-2), (7, rate), (counts[0], 1e-2), (counts[1], rate)):
         later_step = float(step) > 1  # zero moments at step 1, as torch.optim.Adam starts
         grad = torch.randn(F, d, dtype=torch.float64).to(device=device, dtype=dtype)
         m = (0.1 * torch.randn(F, d, dtype=torch.float64) * later_step).to(device=device, dtype=moments_dtype)
         v = (0.01 * torch.rand(F, d, dtype=torch.float64) * later_step).to(device=device, dtype=moments_dtype)
-        want = expected_step(W.double(), grad.double(), m.double(), v.double(), step, 1e-2, 0.9, 0.999, 1e-8)
-        kernel(W, grad, m, v, step, 1e-2, 0.9, 0.999, 1e-8)
+        want = expected_step(W.double(), grad.double(), m.double(), v.double(), step, lr, 0.9, 0.999, 1e-8)
+        kernel(W, grad, m, v, step, lr, 0.9, 0.999, 1e-8)
         for name, got, expected in zip(("W", "exp_avg", "exp_avg_sq"), (W, m, v), want):
             assert_close(got, expected, dtype, f"{name} at step {step}")
         if constrained:

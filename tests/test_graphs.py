@@ -4,6 +4,7 @@ replays without synchronising in steady state, and refuses what it cannot captur
 replayed as two graphs around its codes' exactness check, trains as the eager step does too, running
 eagerly the batches whose codes would not be exact."""
 
+import warnings
 from collections import deque
 
 import pytest
@@ -73,6 +74,16 @@ def test_captured_step_trains_like_the_eager_step(auxk_side_stream, monkeypatch)
     assert int(captured.n_tokens_seen) == int(eager.n_tokens_seen) == 10 * 512
 
 
+def _step_alike(eager, eager_opt, step, x, i):
+    """An eager SAEAdam step of `eager` and a call of the captured `step` on the same batch: the same loss."""
+    eager_opt.zero_grad(set_to_none=True)
+    want = eager(x)
+    want.loss.backward()
+    eager_opt.step()
+    got = step(x)
+    assert abs(float(got.loss) - float(want.loss)) <= 1e-4 * float(want.loss), (i, float(got.loss))
+
+
 @pytest.mark.gpu
 def test_captured_step_with_the_fused_optimizer():
     """SAEAdam(capturable=True): the captured step (the decoder constraint inside the optimizer's step)
@@ -85,17 +96,69 @@ def test_captured_step_with_the_fused_optimizer():
         for sae in (eager, captured):
             with torch.no_grad():
                 sae.tokens_since_fired[:10] = 10**7
-        eager_opt.zero_grad(set_to_none=True)
-        want = eager(x)
-        want.loss.backward()
-        eager_opt.step()
-        got = step(x)
-        assert abs(float(got.loss) - float(want.loss)) <= 1e-4 * float(want.loss), (i, float(got.loss))
+        _step_alike(eager, eager_opt, step, x, i)
     assert step._graph is not None
     for name, p in captured.named_parameters():
         assert_close(p, dict(eager.named_parameters())[name], torch.float16, name)
     norms = captured.W_dec.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), "the decoder rows stay unit-norm"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rate", ["tensor", "number"])
+def test_captured_step_follows_a_learning_rate_schedule(rate):
+    """A LambdaLR schedule (warm-up, then decay) over SAEAdam's rate: as a tensor the replays read it and
+    no capture follows the first; as a number every change captures the step again, with one warning.
+    Either way the losses and parameters follow eager steps under the same schedule."""
+    (eager, captured), _ = _pair("cuda")
+    eager_opt = fastsae.optim.SAEAdam(eager, lr=1e-3)
+    lr = torch.tensor(1e-3, device="cuda") if rate == "tensor" else 1e-3
+    captured_opt = fastsae.optim.SAEAdam(captured, lr=lr, capturable=True)
+    step = CapturedStep(captured, captured_opt, warmup=1)
+    captures = []
+    capture = step._capture
+    step._capture = lambda x: (captures.append(1), capture(x))
+
+    def factor(i):
+        return min(i + 1, 4) / 4 * 0.8 ** max(0, i - 4)
+
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in (eager_opt, captured_opt)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(9):
+            _step_alike(eager, eager_opt, step, torch.randn(512, 64, device="cuda") + 2, i)
+            for schedule in schedules:
+                schedule.step()
+    recaptures = [w for w in caught if "changed since the step was captured" in str(w.message)]
+    if rate == "tensor":
+        assert len(captures) == 1 and not recaptures
+    else:  # the rate changes after every step: each capture is replaced by an eager step and a capture
+        assert len(captures) > 1 and len(recaptures) == 1
+    for name, p in captured.named_parameters():
+        assert_close(p, dict(eager.named_parameters())[name], torch.float16, name)
+
+
+def test_captured_step_notices_its_optimizers_numbers_change():
+    """What a capture fixes: the optimizer groups' numbers (a change asks for a new capture, warned about
+    once), not its tensors (a tensor rate, which the graph reads)."""
+    cfg = fastsae.SAEConfig(d_in=8, n_features=64, k=4, dtype="float32")
+    sae = fastsae.SparseAutoencoder(cfg)
+    rate = torch.tensor(1e-3)
+    step = object.__new__(CapturedStep)  # its decisions alone: no graph, no CUDA
+    step.optimizer = fastsae.optim.SAEAdam(sae, lr=rate)
+    step._recaptured_for_numbers = False
+    step._captured_numbers = step._optimizer_numbers()
+    rate.fill_(5e-4)
+    assert not step._optimizer_numbers_changed(), "a tensor rate is read at every replay"
+    step.optimizer.param_groups[0]["betas"] = (0.8, 0.999)
+    with pytest.warns(UserWarning, match="optimizer's betas changed since the step was captured"):
+        assert step._optimizer_numbers_changed()
+    step._captured_numbers = step._optimizer_numbers()
+    assert not step._optimizer_numbers_changed()
+    step.optimizer.param_groups[1]["lr"] = 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (warned once only)
+        assert step._optimizer_numbers_changed()
 
 
 @pytest.mark.gpu

@@ -145,24 +145,70 @@ def test_capturable_steps_like_the_default(dtype):
     assert all(float(state["step"]) == 6 for state in again.state.values())
 
 
-@pytest.mark.gpu
+def _step_both(fused, sae_adam, plain, torch_adam, x) -> None:
+    """One step of each: SAEAdam's, and torch Adam's between the decoder constraint's two calls."""
+    fused(x).loss.backward()
+    sae_adam.step()
+    sae_adam.zero_grad()
+    plain(x).loss.backward()
+    plain.remove_decoder_parallel_grad()
+    torch_adam.step()
+    torch_adam.zero_grad()
+    plain.normalize_decoder()
+
+
+def _warmup_then_decay(step: int) -> float:
+    """A schedule's factor of the rate: up over three steps, then down."""
+    return min(step + 1, 3) / 3 * 0.7 ** max(0, step - 3)
+
+
 @pytest.mark.parametrize("capturable", [False, True], ids=["default", "capturable"])
-def test_on_cuda_matches_torch_adam_with_the_decoder_constraint(capturable):
+def test_a_tensor_rate_follows_its_scheduler_as_torch_adams_rate(capturable):
+    """lr as a 0-dim tensor, changed in place by torch's LambdaLR: eight steps as torch.optim.Adam with a
+    number and the same schedule, between the decoder constraint's two calls, to fp64 rounding (the
+    capturable one, whose counts are fp32 tensors, to theirs). Its state dict resumes into a tensor rate
+    that stays the same tensor, with the saved value."""
+    fused, plain = _pair()
+    rate = torch.tensor(1e-2, dtype=torch.float64)
+    sae_adam = SAEAdam(fused, lr=rate, capturable=capturable)
+    torch_adam = torch.optim.Adam(plain.parameters(), lr=1e-2, foreach=True)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, _warmup_then_decay) for opt in (sae_adam, torch_adam)]
+    for x in _batches(8):
+        _step_both(fused, sae_adam, plain, torch_adam, x)
+        for schedule in schedules:
+            schedule.step()
+        assert all(group["lr"] is rate for group in sae_adam.param_groups)
+        assert float(rate) == pytest.approx(torch_adam.param_groups[0]["lr"], rel=1e-12)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if capturable else dict(rtol=1e-10, atol=1e-12)
+    for (name, got), want in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(got, want, **tolerance, msg=name)
+    other_rate = torch.tensor(5.0, dtype=torch.float64)
+    resumed = SAEAdam(fused, lr=other_rate, capturable=capturable)
+    resumed.load_state_dict(sae_adam.state_dict())
+    assert all(group["lr"] is other_rate for group in resumed.param_groups)
+    assert float(other_rate) == float(rate)
+    as_number = SAEAdam(fused, lr=1.0)  # and into a number rate: a number
+    as_number.load_state_dict(sae_adam.state_dict())
+    assert all(group["lr"] == float(rate) and not isinstance(group["lr"], torch.Tensor)
+               for group in as_number.param_groups)  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rate", ["number", "tensor"])
+@pytest.mark.parametrize("capturable", [False, True], ids=["default", "capturable"])
+def test_on_cuda_matches_torch_adam_with_the_decoder_constraint(capturable, rate):
     """On CUDA every parameter takes a Triton pass (F.adam_, F.decoder_adam_): five fp32 steps as
-    torch.optim.Adam between the decoder constraint's two calls, to fp32 rounding."""
+    torch.optim.Adam between the decoder constraint's two calls, to fp32 rounding; with a tensor rate,
+    which the kernels read, changed in place after every step as in the torch optimizer."""
     fused, plain = (sae.to(device="cuda", dtype=torch.float32) for sae in _pair())
-    sae_adam = SAEAdam(fused, lr=1e-2, capturable=capturable)
+    lr = 1e-2 if rate == "number" else torch.tensor(1e-2, device="cuda")
+    sae_adam = SAEAdam(fused, lr=lr, capturable=capturable)
     torch_adam = torch.optim.Adam(plain.parameters(), lr=1e-2)
-    for x in _batches(5, torch.float32):
-        x = x.cuda()
-        fused(x).loss.backward()
-        sae_adam.step()
-        sae_adam.zero_grad()
-        plain(x).loss.backward()
-        plain.remove_decoder_parallel_grad()
-        torch_adam.step()
-        torch_adam.zero_grad()
-        plain.normalize_decoder()
+    for step, x in enumerate(_batches(5, torch.float32)):
+        _step_both(fused, sae_adam, plain, torch_adam, x.cuda())
+        if rate == "tensor":
+            lr.fill_(1e-2 * _warmup_then_decay(step))
+            torch_adam.param_groups[0]["lr"] = 1e-2 * _warmup_then_decay(step)
     for (name, got), want in zip(fused.named_parameters(), plain.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -174,3 +220,9 @@ def test_refuses_what_it_cannot_optimise():
         SAEAdam(_pair()[0], betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="capturable=True keeps the moments in the parameters' dtype"):
         SAEAdam(_pair("bfloat16")[0], state_dtype=torch.float32, capturable=True)
+    with pytest.raises(ValueError, match="a tensor lr must be a 0-dim floating tensor on the SAE's device"):
+        SAEAdam(_pair()[0], lr=torch.tensor([1e-3]))
+    with pytest.raises(ValueError, match="a tensor lr must be a 0-dim floating tensor on the SAE's device"):
+        SAEAdam(_pair()[0], lr=torch.tensor(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="a tensor lr must be a 0-dim floating tensor on the SAE's device"):
+        SAEAdam(_pair()[0], lr=torch.tensor(1e-3, device="meta"))

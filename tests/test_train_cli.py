@@ -2,6 +2,7 @@
 (no download), a text file, two hook points, logging, checkpoints and a resumed run; the same command
 under torchrun (2 processes, gloo) as 2 data-parallel replicas and as 2 feature shards."""
 
+import argparse
 import csv
 import subprocess
 import sys
@@ -207,6 +208,48 @@ def test_train_command_keeps_the_optimizer_it_resumes(tmp_path, capsys):
     assert not torch.equal(fastsae.SparseAutoencoder.load(old_run / "layer6.safetensors").W_dec, before.W_dec)
 
 
+@pytest.mark.parametrize("optimizer", ["saeadam", "adam"])
+def test_train_command_warms_up_and_decays_the_learning_rate(optimizer, tmp_path, monkeypatch, capsys):
+    """--lr-warmup-tokens and --lr-decay-tokens: the rate each step trains at rises linearly over the
+    first tokens (from the first step's end) and falls linearly to 0 over the last ones (from the
+    step's start), held in the optimizer's rate tensor; a resumed run with more --tokens continues from
+    its token count, decaying towards its new end."""
+    from safetensors.torch import save_file
+
+    acts = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) + 2
+    save_file({"acts": acts}, str(tmp_path / "layer6.safetensors"))
+    out = tmp_path / "run"
+    common = ["train", "--activations", str(tmp_path / "layer6.safetensors"), "--batch-tokens", "64",
+              "--diagnose-tokens", "128", "--expansion-factor", "4", "--k", "4", "--log-every", "256",
+              "--checkpoint-every", "256", "--device", "cpu", "--out", str(out), "--optimizer", optimizer,
+              "--lr", "1e-2", "--lr-warmup-tokens", "256", "--lr-decay-tokens", "256"]  # fmt: skip
+    rates = []
+    set_lr = train._set_lr
+    monkeypatch.setattr(train, "_set_lr", lambda opt, lr: (rates.append(lr / 1e-2), set_lr(opt, lr)))
+    assert cli([*common, "--tokens", "768"]) == 0
+    assert "lr 0.01" in capsys.readouterr().out
+    assert rates == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    state = torch.load(out / "state.pt", weights_only=True)["optimizers"]["layer6"]
+    assert all(float(group["lr"]) == pytest.approx(2.5e-3) for group in state["param_groups"])
+    rates.clear()
+    assert cli([*common, "--tokens", "1024"]) == 0  # resumed: the last 256 of 1024 decay now
+    assert "resuming from" in capsys.readouterr().out
+    assert rates == pytest.approx([1, 0.75, 0.5, 0.25])
+
+
+def test_learning_rate_schedule_factors():
+    """The schedule alone: warm-up by the step's last token, decay by its first, both at once where
+    they overlap, none without them, and 0 past the end."""
+    args = argparse.Namespace(tokens=1000, lr_warmup_tokens=400, lr_decay_tokens=800)
+    assert train._lr_factor(args, 0, 100) == pytest.approx(0.25)
+    assert train._lr_factor(args, 300, 400) == pytest.approx(1.0 * 700 / 800)
+    assert train._lr_factor(args, 100, 200) == pytest.approx(0.5)  # (the decay starts at token 200)
+    assert train._lr_factor(args, 900, 1000) == pytest.approx(100 / 800)
+    assert train._lr_factor(args, 1000, 1100) == 0
+    plain = argparse.Namespace(tokens=1000, lr_warmup_tokens=0, lr_decay_tokens=0)
+    assert not train._scheduled(plain) and train._lr_factor(plain, 0, 64) == 1.0
+
+
 class _Stop(Exception):
     """A run stopped mid-checkpoint (a kill, a lost node), as the tests below stop one."""
 
@@ -300,8 +343,9 @@ def test_train_command_checks_the_sae_before_diagnosing(tmp_path, capsys):
 @pytest.mark.parametrize("activation", ["topk", "batchtopk"])
 def test_train_command_captures_the_step_on_a_gpu(activation, tmp_path, monkeypatch, capsys):
     """On a GPU a TopK or BatchTopK SAE's steps replay a captured step (after CapturedStep's eager
-    warm-up steps); the log follows the eager run's (--no-capture) from the same start, and either run
-    resumes in the other mode (SAEAdam's saved state, its step counts on the host or on the GPU)."""
+    warm-up steps); the log follows the eager run's (--no-capture) from the same start, under a
+    warm-up and decay of the rate that the replays read from its tensor (no capture again), and either
+    run resumes in the other mode (SAEAdam's saved state, its step counts on the host or on the GPU)."""
     from safetensors.torch import save_file
 
     from fastsae.graphs import CapturedStep
@@ -315,7 +359,7 @@ def test_train_command_captures_the_step_on_a_gpu(activation, tmp_path, monkeypa
     common = ["train", "--activations", str(tmp_path / "layer6.safetensors"), "--batch-tokens", "256",
               "--diagnose-tokens", "512", "--expansion-factor", "8", "--k", "8", "--log-every", "1024",
               "--checkpoint-every", "4096", "--device", "cuda", "--dtype", "float32",
-              "--activation", activation]  # fmt: skip
+              "--activation", activation, "--lr-warmup-tokens", "1024", "--lr-decay-tokens", "4096"]  # fmt: skip
     runs = {"captured": [], "eager": ["--no-capture"]}
     for mode, flags in runs.items():
         torch.manual_seed(0)  # the same initial SAE

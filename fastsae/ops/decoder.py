@@ -80,13 +80,21 @@ def normalize_rows_(W_dec: Tensor, eps: float = 1e-12) -> None:
 
 
 @triton.jit
-def _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, STEP_ON_DEVICE: tl.constexpr):
-    """(lr / (1 - beta1^step), sqrt(1 - beta2^step)): the host's, or with STEP_ON_DEVICE computed here
-    from the count at `step_ptr` (`_bias_correction_args`)."""
+def _bias_corrections(
+    step_ptr, step_size, bias2_sqrt, lr_ptr, lr, log_beta1, log_beta2, STEP_ON_DEVICE: tl.constexpr,
+    LR_ON_DEVICE: tl.constexpr,
+):  # fmt: skip
+    """(lr / (1 - beta1^step), sqrt(1 - beta2^step)): the host's, or computed here from the count at
+    `step_ptr` (STEP_ON_DEVICE) and the rate at `lr_ptr` (LR_ON_DEVICE; with the count on the host,
+    `step_size` is then 1 / (1 - beta1^step)); see `_bias_correction_args`."""
+    if LR_ON_DEVICE:
+        lr = tl.load(lr_ptr).to(tl.float32)
     if STEP_ON_DEVICE:
         step = tl.load(step_ptr).to(tl.float32)
         step_size = lr / _one_minus_power(step * log_beta1)
         bias2_sqrt = tl.sqrt(_one_minus_power(step * log_beta2))
+    elif LR_ON_DEVICE:
+        step_size = lr * step_size
     return step_size, bias2_sqrt
 
 
@@ -106,13 +114,13 @@ def _one_minus_power(y):
 
 @triton.jit
 def _adam_update(
-    p, g, m, v, step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
-    one_minus_beta2, eps, STEP_ON_DEVICE: tl.constexpr,
+    p, g, m, v, step_ptr, step_size, bias2_sqrt, lr_ptr, lr, log_beta1, log_beta2, beta2, one_minus_beta1,
+    one_minus_beta2, eps, STEP_ON_DEVICE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
 ):  # fmt: skip
     """Adam's step on fp32 values, with torch.optim.Adam's arithmetic: (p, m, v) after it. The bias
     corrections as `_bias_corrections` gives them."""
-    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2,
-                                              STEP_ON_DEVICE)  # fmt: skip
+    step_size, bias2_sqrt = _bias_corrections(step_ptr, step_size, bias2_sqrt, lr_ptr, lr, log_beta1, log_beta2,
+                                              STEP_ON_DEVICE, LR_ON_DEVICE)  # fmt: skip
     m += one_minus_beta1 * (g - m)  # torch's lerp
     v = beta2 * v + one_minus_beta2 * g * g
     p -= step_size * m / (tl.sqrt(v) / bias2_sqrt + eps)
@@ -122,8 +130,9 @@ def _adam_update(
 @triton.jit
 def _decoder_adam_kernel(
     w_ptr, grad_ptr, m_ptr, v_ptr, F, D, stride_wf, stride_gf, stride_mf, stride_vf,
-    step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, beta2, one_minus_beta1, one_minus_beta2, eps,
-    norm_eps, STEP_ON_DEVICE: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+    step_ptr, step_size, bias2_sqrt, lr_ptr, lr, log_beta1, log_beta2, beta2, one_minus_beta1, one_minus_beta2,
+    eps, norm_eps, STEP_ON_DEVICE: tl.constexpr, LR_ON_DEVICE: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     dims = tl.arange(0, BLOCK_D)
@@ -137,8 +146,8 @@ def _decoder_adam_kernel(
     m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptrs, mask=mask, other=0.0).to(tl.float32)
     g -= (tl.sum(g * w, axis=1) / tl.maximum(tl.sum(w * w, axis=1), norm_eps))[:, None] * w
-    w, m, v = _adam_update(w, g, m, v, step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, beta2,
-                           one_minus_beta1, one_minus_beta2, eps, STEP_ON_DEVICE)  # fmt: skip
+    w, m, v = _adam_update(w, g, m, v, step_ptr, step_size, bias2_sqrt, lr_ptr, lr, log_beta1, log_beta2, beta2,
+                           one_minus_beta1, one_minus_beta2, eps, STEP_ON_DEVICE, LR_ON_DEVICE)  # fmt: skip
     norm = tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), norm_eps)
     tl.store(w_ptrs, (w / norm[:, None]).to(w_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptrs, m.to(m_ptr.dtype.element_ty), mask=mask)
@@ -146,31 +155,38 @@ def _decoder_adam_kernel(
 
 
 def decoder_adam_(
-    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    W_dec: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float | Tensor,
     beta1: float, beta2: float, eps: float, norm_eps: float = 1e-12,
 ) -> None:  # fmt: skip
     """In place on W_dec and the moments: `reference.decoder_adam` in one pass (rows with unit column
-    stride). `step` is a number, or a tensor on W_dec's device (a captured step: the kernel computes
-    the bias corrections from it)."""
+    stride). `step` and `lr` are numbers, or 0-dim tensors on W_dec's device (a captured step: the
+    kernel reads them, so that a replay takes the count and rate of its time)."""
     grid, cfg = _grid(W_dec)
-    corrections, on_device = _bias_correction_args(step, lr, beta1, beta2)
+    corrections, flags = _bias_correction_args(step, lr, beta1, beta2)
     _decoder_adam_kernel[grid](
         W_dec, grad, exp_avg, exp_avg_sq, W_dec.shape[0], W_dec.shape[1],
         W_dec.stride(0), grad.stride(0), exp_avg.stride(0), exp_avg_sq.stride(0),
         # 1 - beta in double precision: in fp32, 1 - fp32(0.999) is 1.3e-5 off
-        *corrections, beta2, 1 - beta1, 1 - beta2, eps, norm_eps, STEP_ON_DEVICE=on_device, **cfg,
+        *corrections, beta2, 1 - beta1, 1 - beta2, eps, norm_eps, **flags, **cfg,
     )  # fmt: skip
 
 
-def _bias_correction_args(step: int | Tensor, lr: float, beta1: float, beta2: float) -> tuple[tuple, bool]:
+def _bias_correction_args(
+    step: int | Tensor, lr: float | Tensor, beta1: float, beta2: float
+) -> tuple[tuple, dict[str, bool]]:  # fmt: skip
     """The Adam kernels' bias-correction arguments (count, lr / (1 - beta1^step), sqrt(1 - beta2^step),
-    lr, log beta1, log beta2) and whether the kernel computes the corrections from the count. A number
-    of steps: the host computes them in double precision. A count tensor on the device (a captured
-    step): the kernel reads it and computes them in fp32, where torch's arithmetic on the count took
-    seven launches per parameter and step (186 -> 143 kernels a captured GPT-2 step on the H200)."""
-    if isinstance(step, Tensor):
-        return (step, 0.0, 0.0, lr, _log(beta1), _log(beta2)), True
-    return (None, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5, lr, 0.0, 0.0), False
+    the rate's tensor, the rate, log beta1, log beta2) and their STEP_ON_DEVICE and LR_ON_DEVICE flags.
+    Numbers: the host computes the corrections in double precision. A count tensor on the device (a
+    captured step): the kernel reads it and computes them in fp32, where torch's arithmetic on the count
+    took seven launches per parameter and step (186 -> 143 kernels a captured GPT-2 step on the H200).
+    A rate tensor (one a scheduler changes between a captured step's replays): the kernel reads it, and
+    with the count on the host multiplies it by the host's 1 / (1 - beta1^step)."""
+    lr_ptr, lr_value = (lr, 0.0) if isinstance(lr, Tensor) else (None, lr)
+    flags = dict(STEP_ON_DEVICE=isinstance(step, Tensor), LR_ON_DEVICE=lr_ptr is not None)
+    if flags["STEP_ON_DEVICE"]:
+        return (step, 0.0, 0.0, lr_ptr, lr_value, _log(beta1), _log(beta2)), flags
+    step_size = (1.0 if flags["LR_ON_DEVICE"] else lr_value) / (1 - beta1**step)
+    return (None, step_size, (1 - beta2**step) ** 0.5, lr_ptr, lr_value, 0.0, 0.0), flags
 
 
 def _log(beta: float) -> float:
@@ -179,8 +195,9 @@ def _log(beta: float) -> float:
 
 @triton.jit
 def _adam_kernel(
-    p_ptr, grad_ptr, m_ptr, v_ptr, n, step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, beta2,
-    one_minus_beta1, one_minus_beta2, eps, STEP_ON_DEVICE: tl.constexpr, BLOCK: tl.constexpr,
+    p_ptr, grad_ptr, m_ptr, v_ptr, n, step_ptr, step_size, bias2_sqrt, lr_ptr, lr, log_beta1, log_beta2, beta2,
+    one_minus_beta1, one_minus_beta2, eps, STEP_ON_DEVICE: tl.constexpr, LR_ON_DEVICE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
@@ -188,8 +205,8 @@ def _adam_kernel(
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    p, m, v = _adam_update(p, g, m, v, step_ptr, step_size, bias2_sqrt, lr, log_beta1, log_beta2, beta2,
-                           one_minus_beta1, one_minus_beta2, eps, STEP_ON_DEVICE)  # fmt: skip
+    p, m, v = _adam_update(p, g, m, v, step_ptr, step_size, bias2_sqrt, lr_ptr, lr, log_beta1, log_beta2, beta2,
+                           one_minus_beta1, one_minus_beta2, eps, STEP_ON_DEVICE, LR_ON_DEVICE)  # fmt: skip
     tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=mask)
     tl.store(m_ptr + offsets, m.to(m_ptr.dtype.element_ty), mask=mask)
     tl.store(v_ptr + offsets, v.to(v_ptr.dtype.element_ty), mask=mask)
@@ -199,14 +216,14 @@ ADAM_BLOCK = 2048  # elements per program: 16 per thread at 4 warps
 
 
 def adam_(
-    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float,
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int | Tensor, lr: float | Tensor,
     beta1: float, beta2: float, eps: float,
 ) -> None:  # fmt: skip
-    """In place on `param` and the moments (all contiguous): `reference.adam` in one pass. `step` as
-    `decoder_adam_`'s."""
+    """In place on `param` and the moments (all contiguous): `reference.adam` in one pass. `step` and
+    `lr` as `decoder_adam_`'s."""
     n = param.numel()
-    corrections, on_device = _bias_correction_args(step, lr, beta1, beta2)
+    corrections, flags = _bias_correction_args(step, lr, beta1, beta2)
     _adam_kernel[(cdiv(n, ADAM_BLOCK),)](
         param, grad, exp_avg, exp_avg_sq, n, *corrections, beta2, 1 - beta1, 1 - beta2, eps,
-        STEP_ON_DEVICE=on_device, BLOCK=ADAM_BLOCK, num_warps=4,
+        **flags, BLOCK=ADAM_BLOCK, num_warps=4,
     )  # fmt: skip
