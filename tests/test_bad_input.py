@@ -40,6 +40,13 @@ def _decode_sparse(a, **change):
     return F.decode_sparse(**args)
 
 
+def _adam(a, adam_step=F.adam_, **change):
+    """An Adam step of W_dec (`F.adam_`, or `F.decoder_adam_`) from zero moments."""
+    args = {"step": 1, "lr": 1e-3, **change}
+    moments = torch.zeros_like(a["W_dec"]), torch.zeros_like(a["W_dec"])
+    return adam_step(a["W_dec"], torch.randn_like(a["W_dec"]), *moments, args["step"], args["lr"], 0.9, 0.999, 1e-8)
+
+
 def _with(tensor: torch.Tensor, position: tuple[int, int], value) -> torch.Tensor:
     out = tensor.clone()
     out[position] = value
@@ -151,6 +158,14 @@ BAD_INPUTS = [
      ValueError, "grad has shape"),
     ("normalize_decoder_rows_: 1-D W_dec", lambda a: F.normalize_decoder_rows_(a["W_dec"][0]), ValueError,
      "W_dec must have 2 dimension"),
+    ("adam_: a rate of one element per row", lambda a: _adam(a, lr=torch.full((N_FEATURES, 1), 1e-3)), ValueError,
+     r"lr must be a number or a 0-dim tensor \(floating for lr\), got a 2-dim"),
+    ("adam_: an integer rate tensor", lambda a: _adam(a, lr=torch.tensor(1)), ValueError,
+     r"lr must be a number or a 0-dim tensor \(floating for lr\), got a 0-dim torch.int64"),
+    ("decoder_adam_: a step count per row", lambda a: _adam(a, F.decoder_adam_, step=torch.ones(N_FEATURES)),
+     ValueError, "step must be a number or a 0-dim tensor"),
+    ("decoder_adam_: the rate on another device", lambda a: _adam(a, F.decoder_adam_, lr=torch.tensor(1e-3,
+     device="meta")), ValueError, "all tensors must be on one device"),
     ("SAEConfig: k > n_features", lambda a: SAEConfig(d_in=D, n_features=N_FEATURES, k=N_FEATURES + 1), ValueError,
      r"k must be in \[1, n_features=20\]"),
     ("SAEConfig: fractional k", lambda a: SAEConfig(d_in=D, n_features=N_FEATURES, k=2.5), TypeError,
@@ -194,3 +209,5 @@ def test_good_input_passes_every_check():
     _decode_sparse(a)
     F.decode_dense(torch.rand(BATCH, N_FEATURES), a["W_dec"], a["b_dec"])
     F.fire_counts(a["idx"], N_FEATURES, a["vals"])
+    _adam(a, lr=torch.tensor(1e-3), step=torch.tensor(1.0))
+    _adam(a, F.decoder_adam_)
