@@ -1,4 +1,4 @@
-"""Command line: python -m fastsae {train,evaluate,reproduce,diagnose,bench}."""
+"""Command line: python -m fastsae {train,evaluate,features,reproduce,diagnose,bench}."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import evaluate, train
+from . import evaluate, features, train
 from .activations import load_activations
 from .cli import at_least, non_negative_float
 from .reproduce import Settings
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     train.add_parser(commands)
     evaluate.add_parser(commands)
+    features.add_parser(commands)
 
     reproduce = commands.add_parser("reproduce", help="feature death vs outlier severity on synthetic data", **defaults)
     reproduce.add_argument("--out", type=Path, default=Path("fastsae_reproduce"), help="output folder")

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .activations import _batched, _special_token_ids, _submodule, encode_texts, load_model, usable_context
-from .cli import at_least, read_texts
-from .sae import DTYPES, SparseAutoencoder, write_atomically
+from .cli import add_sae_and_text_arguments, at_least, load_saes, read_texts
+from .sae import SparseAutoencoder, write_atomically
 
 
 @dataclass
@@ -235,32 +235,15 @@ def add_parser(commands) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     evaluate_cmd.add_argument("--model", required=True, help="Hugging Face causal LM: hub name or local directory")
-    evaluate_cmd.add_argument("--sae", nargs="+", required=True,
-                              help="SAEs (fastsae files, SAELens or sparsify directories, or hf://ORG/REPO/PATH on "
-                                   "the Hugging Face Hub), each at the hook point its file or directory is named "
-                                   "after (h.6.safetensors: h.6)")  # fmt: skip
-    evaluate_cmd.add_argument("--hookpoint", nargs="+", help="the SAEs' hook points instead, in their order")
-    evaluate_cmd.add_argument("--texts", nargs="+", type=Path, required=True, help=".txt or .jsonl files")
+    add_sae_and_text_arguments(evaluate_cmd, "splice")
     evaluate_cmd.add_argument("--tokens", type=at_least(1), default=None,
                               help="next-token predictions to score at most (default: every text)")  # fmt: skip
-    evaluate_cmd.add_argument("--context-size", type=at_least(2), default=128, help="tokens per text at most")
-    evaluate_cmd.add_argument("--texts-per-forward", type=at_least(1), default=8)
-    evaluate_cmd.add_argument("--keep-special-tokens", action="store_true",
-                              help="splice special tokens too (training drops them by default)")  # fmt: skip
-    evaluate_cmd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    evaluate_cmd.add_argument("--model-dtype", choices=list(DTYPES), default=None,
-                              help="dtype the model runs in (default: as its checkpoint stores it)")  # fmt: skip
     evaluate_cmd.add_argument("--json", type=Path, default=None, help="also write the scores to this JSON file")
     evaluate_cmd.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    names = args.hookpoint or [_hookpoint_named_by(spec) for spec in args.sae]
-    if len(names) != len(args.sae):
-        raise ValueError(f"--hookpoint names {len(names)} hook points for {len(args.sae)} SAEs")
-    if len(set(names)) != len(names):
-        raise ValueError(f"the SAEs' hook points must be distinct, got {names} (name them with --hookpoint)")
-    saes = {name: _load_sae(spec, args.device) for name, spec in zip(names, args.sae)}
+    saes = load_saes(args.sae, args.hookpoint, args.device)
     model, tokenizer = load_model(args.model, args.model_dtype, args.device, lm_head=True)
     scores = evaluate(
         model, tokenizer, read_texts(args.texts), saes, context_size=args.context_size,
@@ -272,36 +255,6 @@ def run(args: argparse.Namespace) -> int:
         text = json.dumps({name: asdict(score) for name, score in scores.items()}, indent=2)
         write_atomically(args.json, lambda tmp: Path(tmp).write_text(text))
     return 0
-
-
-HUB_PREFIX = "hf://"
-
-
-def _hub_location(spec: str) -> tuple[str, str]:
-    """(repository, path in it) of an hf://ORG/REPO[/PATH] --sae."""
-    parts = spec.removeprefix(HUB_PREFIX).strip("/").split("/")
-    if len(parts) < 2:
-        raise ValueError(f"{spec}: a Hub SAE is hf://ORG/REPO or hf://ORG/REPO/PATH")
-    return "/".join(parts[:2]), "/".join(parts[2:])
-
-
-def _hookpoint_named_by(spec: str) -> str:
-    """The hook point a --sae names by default: its file's stem or its directory's name (on the Hub, the
-    last part of its path in the repository)."""
-    if spec.startswith(HUB_PREFIX):
-        repository, inside = _hub_location(spec)
-        path = Path(inside or repository)
-    else:
-        path = Path(spec)
-    return path.stem if path.suffix == ".safetensors" else path.name
-
-
-def _load_sae(spec: str, device: str) -> SparseAutoencoder:
-    if spec.startswith(HUB_PREFIX):
-        from .io import load_hub
-
-        return load_hub(*_hub_location(spec), device=device)
-    return SparseAutoencoder.load(spec, device)
 
 
 def format_scores(scores: dict[str, SpliceScores]) -> str:

@@ -1,0 +1,300 @@
+r"""Each feature's top-activating examples in its model's texts: the first thing one reads to interpret a
+feature, and to check that an SAE's features are about something.
+
+    examples = top_examples(model, tokenizer, texts, {"h.6": sae}, n_examples=10)
+    examples["h.6"].contexts(123)            # feature 123's examples: (value, token ids, which token)
+    write_examples(examples["h.6"], tokenizer, "features")   # features/h.6.json and features/h.6.html
+
+The model runs on the texts in batches, as `ActivationStream` runs it (padding dropped and, unless
+`keep_special_tokens`, the tokenizer's special tokens such as BOS: the positions an SAE trains on), but in
+order, with each position's token remembered. Every SAE encodes its hook point's activations, and each
+feature keeps its `n_examples` largest codes so far, with the tokens they were on (of equal codes, the
+earlier token's), so memory stays [features, n_examples] whatever the texts' length; the texts' token ids
+are kept (8 bytes a token) to show each example in its context. Each feature's fire count over the texts
+comes with them.
+
+    python -m fastsae features --model gpt2 --sae gpt2_h6/h.6.safetensors --texts held_out.txt --out features
+
+writes, per SAE, a JSON file (each feature's fire rate and examples: its value, the tokens around it as
+the tokenizer decodes them one by one, and which of them it is on) and an HTML page that shows them,
+the example's token marked with a shade that grows with its value. Only that token's code is known: the
+context's own codes of the feature are not shown. `--features 12 345` keeps the files to those features
+(by default: every feature that fired).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .activations import _batched, _special_token_ids, capture, encode_texts, load_model, usable_context
+from .cli import add_sae_and_text_arguments, at_least, load_saes, read_texts
+from .sae import SparseAutoencoder, write_atomically
+
+
+@dataclass
+class FeatureExamples:
+    """One SAE's features over the texts scanned: `values` [F, M] each feature's largest codes in
+    descending order (0 after its last example) and `positions` [F, M] the tokens they were on (indices
+    into `token_ids`; -1 after the last example); `fire_counts` [F] the tokens each fired on, of
+    `n_tokens` encoded. `token_ids` [T] holds every real token of the texts scanned, text after text,
+    and `text_starts` [texts + 1] where each text's tokens begin (and the end of the last)."""
+
+    hookpoint: str
+    n_tokens: int
+    fire_counts: Tensor
+    values: Tensor
+    positions: Tensor
+    token_ids: Tensor
+    text_starts: Tensor
+
+    def contexts(self, feature: int, before: int = 10, after: int = 3) -> list[tuple[float, list[int], int]]:
+        """Feature `feature`'s examples, largest first: (its code, the token ids from up to `before`
+        tokens before its token to up to `after` after it, within its text, and the index of its token
+        among those)."""
+        if not 0 <= feature < self.values.shape[0]:
+            raise ValueError(f"feature {feature} is out of range: the SAE has {self.values.shape[0]} features")
+        examples = []
+        for value, position in zip(self.values[feature].tolist(), self.positions[feature].tolist()):
+            if position < 0:
+                break
+            text = int(torch.searchsorted(self.text_starts, position, right=True)) - 1
+            start = max(int(self.text_starts[text]), position - before)
+            end = min(int(self.text_starts[text + 1]), position + after + 1)
+            examples.append((value, self.token_ids[start:end].tolist(), position - start))
+        return examples
+
+
+class _TopTable:
+    """A running [F, M] table of each feature's largest codes and the tokens they were on."""
+
+    def __init__(self, n_features: int, n_examples: int, device: torch.device):
+        self.values = torch.zeros(n_features, n_examples, dtype=torch.float32, device=device)
+        self.positions = torch.full((n_features, n_examples), -1, dtype=torch.int64, device=device)
+        self.fire_counts = torch.zeros(n_features, dtype=torch.int64, device=device)
+
+    def add(self, features: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Merges codes (feature, value, token position; 1-D each, in token order) into the table: each
+        feature keeps its M largest, the table's own first among equal values (they came earlier)."""
+        fired = values > 0
+        features, values, positions = features[fired], values[fired].float(), positions[fired]
+        n_features, n_examples = self.values.shape
+        self.fire_counts += torch.bincount(features, minlength=n_features)
+        kept = self.positions >= 0
+        rows = torch.arange(n_features, device=features.device)[:, None].expand_as(kept)
+        features = torch.cat([rows[kept], features])
+        values = torch.cat([self.values[kept], values])
+        positions = torch.cat([self.positions[kept], positions])
+        # descending values within each feature, stable, so that equal values keep their order
+        order = torch.argsort(values, descending=True, stable=True)
+        order = order[torch.argsort(features[order], stable=True)]
+        features, values, positions = features[order], values[order], positions[order]
+        starts = torch.cumsum(torch.bincount(features, minlength=n_features), 0) - torch.bincount(
+            features, minlength=n_features
+        )
+        rank = torch.arange(features.shape[0], device=features.device) - starts[features]
+        top = rank < n_examples
+        self.values.zero_()
+        self.positions.fill_(-1)
+        self.values[features[top], rank[top]] = values[top]
+        self.positions[features[top], rank[top]] = positions[top]
+
+
+def top_examples(
+    model: nn.Module,
+    tokenizer,
+    texts: Iterable[str],
+    saes: dict[str, SparseAutoencoder],
+    n_examples: int = 10,
+    context_size: int = 128,
+    texts_per_forward: int = 8,
+    max_tokens: int | None = None,
+    keep_special_tokens: bool = False,
+) -> dict[str, FeatureExamples]:
+    """{hook point: FeatureExamples} of `saes` over `texts` run through `model` (see the module
+    docstring), tokenized by `tokenizer` (a Hugging Face tokenizer) in batches of `texts_per_forward`
+    cut at `context_size` tokens (or the model's maximum positions, where fewer), until `max_tokens`
+    positions have been encoded (None: every text). The SAEs and the model run in evaluation mode and
+    are left in the mode they were in."""
+    if not saes:
+        raise ValueError("saes is empty: give {hook point: SAE}")
+    if n_examples < 1 or context_size < 1 or texts_per_forward < 1:
+        raise ValueError(
+            f"need n_examples, context_size and texts_per_forward >= 1, got {n_examples}, {context_size}, "
+            f"{texts_per_forward}"
+        )
+    context_size = usable_context(model, context_size)
+    special = [] if keep_special_tokens else _special_token_ids(tokenizer)
+    model_device = next(model.parameters()).device
+    tables = {
+        name: _TopTable(sae.cfg.n_features, n_examples, next(sae.parameters()).device) for name, sae in saes.items()
+    }
+    token_ids: list[Tensor] = []
+    text_starts = [torch.zeros(1, dtype=torch.int64)]
+    n_seen, n_tokens = 0, 0  # real tokens kept, positions encoded
+    modes = {module: module.training for module in (model, *saes.values())}
+    try:
+        for module in modes:
+            module.eval()
+        with torch.no_grad():
+            for batch in _batched(texts, texts_per_forward):
+                inputs, encoded = encode_texts(tokenizer, batch, context_size, special)
+                real = inputs["attention_mask"].bool()
+                # each real token's index in the kept ids: text after text, in order within a text
+                index = torch.cumsum(real.flatten(), 0).view(real.shape) - 1 + n_seen
+                token_ids.append(inputs["input_ids"][real])
+                text_starts.append(n_seen + torch.cumsum(real.sum(1), 0))
+                n_seen += int(real.sum())
+                outputs = capture(model, list(saes), {key: t.to(model_device) for key, t in inputs.items()})
+                positions = index[encoded]
+                for name, sae in saes.items():
+                    x = outputs[name][encoded.to(outputs[name].device)]
+                    _add_codes(tables[name], sae, name, x, positions)
+                n_tokens += int(encoded.sum())
+                if max_tokens is not None and n_tokens >= max_tokens:
+                    break
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    if n_tokens == 0:
+        raise ValueError("the texts gave no position to encode (every token was padding or a special token)")
+    ids, starts = torch.cat(token_ids), torch.cat(text_starts)
+    found = {}
+    for name, table in tables.items():
+        found[name] = FeatureExamples(
+            hookpoint=name, n_tokens=n_tokens, fire_counts=table.fire_counts.cpu(), values=table.values.cpu(),
+            positions=table.positions.cpu(), token_ids=ids, text_starts=starts,
+        )  # fmt: skip
+    return found
+
+
+def _add_codes(table: _TopTable, sae: SparseAutoencoder, name: str, x: Tensor, positions: Tensor) -> None:
+    """The codes of x [n, d] (the hook point's activations at token `positions` [n]) into the table."""
+    if x.shape[-1] != sae.cfg.d_in:
+        raise ValueError(f"{name}: its output has {x.shape[-1]} dimensions, the SAE for it d_in={sae.cfg.d_in}")
+    if x.shape[0] == 0:  # a batch of padding and special tokens only
+        return
+    device = next(sae.parameters()).device
+    codes = sae.encode(x.to(device=device, dtype=sae.W_enc.dtype))
+    positions = positions.to(device)
+    if isinstance(codes, F.TopKCodes):
+        k = codes.vals.shape[1]
+        table.add(codes.idx.long().flatten(), codes.vals.flatten(), positions.repeat_interleave(k))
+    else:
+        rows, features = codes.nonzero(as_tuple=True)
+        table.add(features, codes[rows, features], positions[rows])
+
+
+def write_examples(
+    examples: FeatureExamples, tokenizer, directory: str | Path, features: Sequence[int] | None = None,
+    before: int = 10, after: int = 3,
+) -> tuple[Path, Path]:  # fmt: skip
+    """Writes `directory`/<hook point>.json and .html (see the module docstring) for `features` (None:
+    every feature that fired), each example with up to `before` and `after` tokens around its own;
+    returns their paths. Each file is written whole or not at all."""
+    n_features = examples.values.shape[0]
+    if features is None:
+        features = torch.nonzero(examples.fire_counts).flatten().tolist()
+    for feature in features:
+        if not 0 <= feature < n_features:
+            raise ValueError(f"feature {feature} is out of range: the SAE has {n_features} features")
+    pieces: dict[int, str] = {}
+
+    def piece(token_id: int) -> str:  # a token as the tokenizer decodes it alone
+        if token_id not in pieces:
+            pieces[token_id] = tokenizer.decode([token_id])
+        return pieces[token_id]
+
+    records = []
+    for feature in features:
+        records.append({
+            "feature": feature,
+            "fire_rate": int(examples.fire_counts[feature]) / examples.n_tokens,
+            "examples": [
+                {"value": value, "tokens": [piece(t) for t in ids], "token": at}
+                for value, ids, at in examples.contexts(feature, before, after)
+            ],
+        })  # fmt: skip
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = examples.hookpoint.replace("/", "_")
+    summary = {"hookpoint": examples.hookpoint, "n_tokens": examples.n_tokens, "n_features": n_features,
+               "fired": int((examples.fire_counts > 0).sum()), "features": records}  # fmt: skip
+    json_path, html_path = directory / f"{stem}.json", directory / f"{stem}.html"
+    write_atomically(json_path, lambda tmp: Path(tmp).write_text(json.dumps(summary), encoding="utf-8"))
+    write_atomically(html_path, lambda tmp: Path(tmp).write_text(_html(summary), encoding="utf-8"))
+    return json_path, html_path
+
+
+def _html(summary: dict) -> str:
+    """A static page of the features' examples (no script, nothing fetched)."""
+    sections = []
+    for record in summary["features"]:
+        largest = max((example["value"] for example in record["examples"]), default=0.0) or 1.0
+        rows = []
+        for example in record["examples"]:
+            shade = 0.15 + 0.85 * example["value"] / largest
+            tokens = [html.escape(token.replace("\n", "\u23ce")) for token in example["tokens"]]
+            at = example["token"]
+            tokens[at] = f'<mark style="background: rgba(255, 140, 0, {shade:.2f})">{tokens[at]}</mark>'
+            value = f'<span class="value">{example["value"]:.3g}</span>'
+            rows.append(f'<li>{value} <span class="text">{"".join(tokens)}</span></li>')
+        feature, rate = record["feature"], 100 * record["fire_rate"]
+        sections.append(
+            f'<section id="f{feature}"><h2>feature {feature}</h2><p>fires on {rate:.3g}% of tokens</p>'
+            f"<ol>{''.join(rows)}</ol></section>"
+        )
+    title = html.escape(f"{summary['hookpoint']}: top-activating examples")
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>'
+        "body { font-family: sans-serif; max-width: 70em; margin: auto; } .text { white-space: pre-wrap; "
+        "font-family: monospace; } .value { display: inline-block; width: 4em; color: #666; } mark { color: inherit; }"
+        f"</style></head><body><h1>{title}</h1><p>{summary['fired']} of {summary['n_features']} features fired on "
+        f"{summary['n_tokens']} tokens; each example's token is marked, shaded by its value.</p>"
+        f"{''.join(sections)}</body></html>"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: python -m fastsae features
+
+
+def add_parser(commands) -> None:
+    features_cmd = commands.add_parser(
+        "features", help="each feature's top-activating examples in a model's texts", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    features_cmd.add_argument("--model", required=True, help="Hugging Face model: hub name or local directory")
+    add_sae_and_text_arguments(features_cmd, "encode")
+    features_cmd.add_argument("--tokens", type=at_least(1), default=None,
+                              help="positions to encode at most (default: every text)")  # fmt: skip
+    features_cmd.add_argument("--out", type=Path, default=Path("fastsae_features"), help="directory for the files")
+    features_cmd.add_argument("--examples", type=at_least(1), default=10, help="examples per feature")
+    features_cmd.add_argument("--before", type=at_least(0), default=10, help="tokens shown before an example's")
+    features_cmd.add_argument("--after", type=at_least(0), default=3, help="tokens shown after an example's")
+    features_cmd.add_argument("--features", nargs="+", type=at_least(0), default=None,
+                              help="the features to write (default: every one that fired)")  # fmt: skip
+    features_cmd.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    saes = load_saes(args.sae, args.hookpoint, args.device)
+    model, tokenizer = load_model(args.model, args.model_dtype, args.device)
+    found = top_examples(
+        model, tokenizer, read_texts(args.texts), saes, n_examples=args.examples, context_size=args.context_size,
+        texts_per_forward=args.texts_per_forward, max_tokens=args.tokens, keep_special_tokens=args.keep_special_tokens,
+    )  # fmt: skip
+    for name, examples in found.items():
+        paths = write_examples(examples, tokenizer, args.out, args.features, args.before, args.after)
+        fired = int((examples.fire_counts > 0).sum())
+        print(f"{name}: {fired} of {examples.values.shape[0]} features fired on {examples.n_tokens} tokens; "
+              f"wrote {paths[0]} and {paths[1]}")  # fmt: skip
+    return 0

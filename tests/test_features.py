@@ -1,0 +1,137 @@
+"""fastsae.features: each feature's top-activating examples, against a brute-force search over every
+token's codes at once, their contexts within their own texts, and `python -m fastsae features` end to
+end on a tiny GPT-2 built from a config (no download)."""
+
+import json
+
+import pytest
+import torch
+
+import fastsae
+from fastsae.__main__ import main as cli
+from fastsae.activations import capture
+from fastsae.features import top_examples
+
+from .test_activations import SPECIAL, _gpt2, _texts, _tokenizer
+
+pytest.importorskip("transformers")
+
+N_EXAMPLES = 3
+
+
+def _saes():
+    """A TopK SAE (sparse codes) at h.0 and a ReLU SAE (dense codes) at h.1, random, on GPT-2's d = 16."""
+    torch.manual_seed(1)
+    topk = fastsae.SparseAutoencoder(fastsae.SAEConfig(d_in=16, n_features=32, k=4, dtype="float32"))
+    relu = fastsae.SparseAutoencoder(fastsae.SAEConfig(d_in=16, n_features=24, activation="relu", dtype="float32"))
+    with torch.no_grad():
+        relu.b_enc.fill_(-0.05)  # sparser: most codes 0
+    return {"h.0": topk, "h.1": relu}
+
+
+def _brute_force(model, tokenizer, texts, saes):
+    """{hook point: (values [F, M], positions [F, M], fire counts [F])} from every encoded token's dense
+    codes at once (one text a forward, no padding), and the texts' token ids one after the other."""
+    ids, codes, positions = [], {name: [] for name in saes}, []
+    for sae in saes.values():
+        sae.eval()
+    for text in texts:
+        inputs = dict(tokenizer([text], return_tensors="pt"))
+        outputs = capture(model, list(saes), inputs)
+        text_ids = inputs["input_ids"][0]
+        encoded = ~torch.isin(text_ids, torch.tensor(tokenizer.all_special_ids))
+        positions.append(sum(len(t) for t in ids) + torch.nonzero(encoded).flatten())
+        ids.append(text_ids)
+        for name, sae in saes.items():
+            with torch.no_grad():
+                z = sae.encode(outputs[name][0][encoded])
+            if isinstance(z, fastsae.functional.TopKCodes):
+                z = torch.zeros(z.vals.shape[0], sae.cfg.n_features).scatter(1, z.idx.long(), z.vals)
+            codes[name].append(z)
+    positions = torch.cat(positions)
+    expected = {}
+    for name, parts in codes.items():
+        z = torch.cat(parts)  # [tokens, F]
+        values = torch.zeros(z.shape[1], N_EXAMPLES)
+        where = torch.full((z.shape[1], N_EXAMPLES), -1)
+        for feature in range(z.shape[1]):
+            fired = torch.nonzero(z[:, feature] > 0).flatten()
+            # largest first, the earlier token first among equals
+            order = sorted(fired.tolist(), key=lambda row, f=feature: (-float(z[row, f]), row))[:N_EXAMPLES]
+            values[feature, : len(order)] = z[order, feature]
+            where[feature, : len(order)] = positions[order]
+        expected[name] = (values, where, (z > 0).sum(0))
+    return expected, torch.cat(ids)
+
+
+def test_top_examples_match_a_brute_force_search():
+    """Texts in batches of 3 (padded, BOS dropped), a TopK and a ReLU SAE: each feature's largest codes,
+    their tokens and its fire count as a search over all the tokens' codes at once finds them; each
+    example's context lies within its own text, its token marked."""
+    model, tokenizer, texts, saes = _gpt2(), _tokenizer(), _texts(20), _saes()
+    found = top_examples(model, tokenizer, texts, saes, n_examples=N_EXAMPLES, texts_per_forward=3)
+    expected, all_ids = _brute_force(model, tokenizer, texts, saes)
+    for name, (values, positions, fire_counts) in expected.items():
+        examples = found[name]
+        assert torch.equal(examples.token_ids, all_ids)
+        assert examples.n_tokens == int(sum(~torch.isin(all_ids, torch.tensor(tokenizer.all_special_ids))))
+        assert torch.equal(examples.fire_counts, fire_counts), name
+        assert torch.equal(examples.positions, positions), name
+        torch.testing.assert_close(examples.values, values, rtol=1e-5, atol=1e-6, msg=name)
+        assert (positions[:, 0] >= 0).sum() >= 5, f"{name}: too few features fired to test anything"
+        starts = examples.text_starts.tolist()
+        for feature in range(values.shape[0]):
+            contexts = examples.contexts(feature, before=4, after=2)
+            assert len(contexts) == int((positions[feature] >= 0).sum())
+            for (value, ids, at), position, want in zip(contexts, positions[feature].tolist(), values[feature]):
+                text = max(i for i, start in enumerate(starts[:-1]) if start <= position)
+                assert ids == all_ids[max(starts[text], position - 4) : min(starts[text + 1], position + 3)].tolist()
+                assert ids[at] == all_ids[position] and value == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+
+
+def test_top_examples_stop_after_max_tokens_and_refuse_nothing_to_do():
+    model, tokenizer, texts, saes = _gpt2(), _tokenizer(), _texts(20), _saes()
+    every = top_examples(model, tokenizer, texts, saes, texts_per_forward=2)["h.0"].n_tokens
+    some = top_examples(model, tokenizer, texts, saes, texts_per_forward=2, max_tokens=10)["h.0"]
+    assert 10 <= some.n_tokens < every and some.text_starts.shape[0] < 21
+    with pytest.raises(ValueError, match="saes is empty"):
+        top_examples(model, tokenizer, texts, {})
+    with pytest.raises(ValueError, match="no position to encode"):
+        top_examples(model, tokenizer, ["[BOS]"], saes)
+    with pytest.raises(ValueError, match="feature 32 is out of range"):
+        some.contexts(32)
+
+
+def test_features_command_writes_json_and_html(tmp_path, capsys):
+    """`python -m fastsae features`: per SAE a JSON file (every feature that fired, or those asked for;
+    each example's tokens as the tokenizer decodes them, its own token marked) and an HTML page."""
+    model_dir = tmp_path / "tiny-gpt2"
+    _gpt2().save_pretrained(model_dir)
+    _tokenizer().save_pretrained(model_dir)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(_texts(30)))
+    saes = _saes()
+    for name, sae in saes.items():
+        sae.save(tmp_path / f"{name}.safetensors")
+    out = tmp_path / "features"
+    common = ["features", "--model", str(model_dir), "--texts", str(texts), "--out", str(out), "--examples", "2",
+              "--device", "cpu"]  # fmt: skip
+    assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), str(tmp_path / "h.1.safetensors")]) == 0
+    assert "h.0: " in capsys.readouterr().out
+    tokenizer = _tokenizer()
+    for name in saes:
+        summary = json.loads((out / f"{name}.json").read_text())
+        assert summary["hookpoint"] == name and summary["n_features"] == saes[name].cfg.n_features
+        assert len(summary["features"]) == summary["fired"] > 0
+        for record in summary["features"]:
+            assert 0 < record["fire_rate"] <= 1 and 1 <= len(record["examples"]) <= 2
+            for example in record["examples"]:
+                assert example["tokens"][example["token"]].strip() not in SPECIAL  # (BOS is never encoded)
+                assert all(token == tokenizer.decode(tokenizer.convert_tokens_to_ids([token.strip()]))
+                           for token in example["tokens"])  # fmt: skip
+        page = (out / f"{name}.html").read_text()
+        assert page.count("<section") == summary["fired"] and "<mark" in page
+    assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), "--features", "5", "7"]) == 0
+    assert [record["feature"] for record in json.loads((out / "h.0.json").read_text())["features"]] == [5, 7]
+    assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), "--features", "32"]) == 2
+    assert "feature 32 is out of range: the SAE has 32 features" in capsys.readouterr().err
