@@ -135,3 +135,20 @@ def test_features_command_writes_json_and_html(tmp_path, capsys):
     assert [record["feature"] for record in json.loads((out / "h.0.json").read_text())["features"]] == [5, 7]
     assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), "--features", "32"]) == 2
     assert "feature 32 is out of range: the SAE has 32 features" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_top_examples_on_a_gpu_match_the_cpu():
+    """The model and the SAEs on CUDA (the TopK SAE's Triton encode, the table merged on the GPU): the
+    same examples as on CPU, to fp32 rounding (a ReLU code within rounding of 0 may fire on one only;
+    the tokens are compared where the codes are clear of it)."""
+    model, tokenizer, texts, saes = _gpt2(), _tokenizer(), _texts(40), _saes()
+    on_cpu = top_examples(model, tokenizer, texts, saes, n_examples=N_EXAMPLES, texts_per_forward=4)
+    on_gpu = top_examples(model.cuda(), tokenizer, texts, {name: sae.cuda() for name, sae in saes.items()},
+                          n_examples=N_EXAMPLES, texts_per_forward=4)  # fmt: skip
+    for name, want in on_cpu.items():
+        got = on_gpu[name]
+        assert (got.fire_counts - want.fire_counts).abs().max() <= 1, name
+        torch.testing.assert_close(got.values, want.values, rtol=1e-4, atol=1e-5, msg=name)
+        clear = want.values > 1e-3
+        assert torch.equal(got.positions[clear], want.positions[clear]), name
