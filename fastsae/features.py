@@ -2,24 +2,24 @@ r"""Each feature's top-activating examples in its model's texts: the first thing
 feature, and to check that an SAE's features are about something.
 
     examples = top_examples(model, tokenizer, texts, {"h.6": sae}, n_examples=10)
-    examples["h.6"].contexts(123)            # feature 123's examples: (value, token ids, which token)
+    examples["h.6"].contexts(123)    # feature 123's examples: (code, token ids, which token, codes on them)
     write_examples(examples["h.6"], tokenizer, "features")   # features/h.6.json and features/h.6.html
 
 The model runs on the texts in batches, as `ActivationStream` runs it (padding dropped and, unless
 `keep_special_tokens`, the tokenizer's special tokens such as BOS: the positions an SAE trains on), but in
 order, with each position's token remembered. Every SAE encodes its hook point's activations, and each
 feature keeps its `n_examples` largest codes so far, with the tokens they were on (of equal codes, the
-earlier token's), so memory stays [features, n_examples] whatever the texts' length; the texts' token ids
-are kept (8 bytes a token) to show each example in its context. Each feature's fire count over the texts
-comes with them.
+earlier token's) and its codes on the `before` tokens before and `after` after (read from the same batch
+of codes, so the window is fixed before the scan), so memory stays [features, n_examples, window]
+whatever the texts' length; the texts' token ids are kept (8 bytes a token) to show each example in its
+context. Each feature's fire count over the texts comes with them.
 
     python -m fastsae features --model gpt2 --sae gpt2_h6/h.6.safetensors --texts held_out.txt --out features
 
-writes, per SAE, a JSON file (each feature's fire rate and examples: its value, the tokens around it as
-the tokenizer decodes them one by one, and which of them it is on) and an HTML page that shows them,
-the example's token marked with a shade that grows with its value. Only that token's code is known: the
-context's own codes of the feature are not shown. `--features 12 345` keeps the files to those features
-(by default: every feature that fired).
+writes, per SAE, a JSON file (each feature's fire rate and examples: its code, the tokens around it as
+the tokenizer decodes them one by one, which of them it is on, and the feature's codes on each) and an
+HTML page that shows them, each token shaded by the feature's code on it. `--features 12 345` keeps the
+files to those features (by default: every feature that fired).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,68 +44,83 @@ from .sae import SparseAutoencoder, write_atomically
 class FeatureExamples:
     """One SAE's features over the texts scanned: `values` [F, M] each feature's largest codes in
     descending order (0 after its last example) and `positions` [F, M] the tokens they were on (indices
-    into `token_ids`; -1 after the last example); `fire_counts` [F] the tokens each fired on, of
-    `n_tokens` encoded. `token_ids` [T] holds every real token of the texts scanned, text after text,
-    and `text_starts` [texts + 1] where each text's tokens begin (and the end of the last)."""
+    into `token_ids`; -1 after the last example); `windows` [F, M, before + 1 + after] the feature's
+    codes on the tokens around each example's, its own in the middle (0 beyond its text and on tokens
+    not encoded); `fire_counts` [F] the tokens each fired on, of `n_tokens` encoded. `token_ids` [T]
+    holds every real token of the texts scanned, text after text, and `text_starts` [texts + 1] where
+    each text's tokens begin (and the end of the last)."""
 
     hookpoint: str
     n_tokens: int
     fire_counts: Tensor
     values: Tensor
     positions: Tensor
+    windows: Tensor
+    before: int
     token_ids: Tensor
     text_starts: Tensor
 
-    def contexts(self, feature: int, before: int = 10, after: int = 3) -> list[tuple[float, list[int], int]]:
-        """Feature `feature`'s examples, largest first: (its code, the token ids from up to `before`
-        tokens before its token to up to `after` after it, within its text, and the index of its token
-        among those)."""
+    def contexts(self, feature: int) -> list[tuple[float, list[int], int, list[float]]]:
+        """Feature `feature`'s examples, largest first: (its code, the token ids of its window within
+        its text, the index of its token among those, and the feature's codes on them)."""
         if not 0 <= feature < self.values.shape[0]:
             raise ValueError(f"feature {feature} is out of range: the SAE has {self.values.shape[0]} features")
+        after = self.windows.shape[2] - 1 - self.before
         examples = []
-        for value, position in zip(self.values[feature].tolist(), self.positions[feature].tolist()):
+        for value, position, window in zip(
+            self.values[feature].tolist(), self.positions[feature].tolist(), self.windows[feature].tolist()
+        ):
             if position < 0:
                 break
             text = int(torch.searchsorted(self.text_starts, position, right=True)) - 1
-            start = max(int(self.text_starts[text]), position - before)
+            start = max(int(self.text_starts[text]), position - self.before)
             end = min(int(self.text_starts[text + 1]), position + after + 1)
-            examples.append((value, self.token_ids[start:end].tolist(), position - start))
+            codes = window[start - (position - self.before) : end - (position - self.before)]
+            examples.append((value, self.token_ids[start:end].tolist(), position - start, codes))
         return examples
 
 
 class _TopTable:
-    """A running [F, M] table of each feature's largest codes and the tokens they were on."""
+    """A running [F, M] table of each feature's largest codes, the tokens they were on, and the
+    feature's codes around those tokens."""
 
-    def __init__(self, n_features: int, n_examples: int, device: torch.device):
+    def __init__(self, n_features: int, n_examples: int, window: int, device: torch.device):
         self.values = torch.zeros(n_features, n_examples, dtype=torch.float32, device=device)
         self.positions = torch.full((n_features, n_examples), -1, dtype=torch.int64, device=device)
+        self.windows = torch.zeros(n_features, n_examples, window, dtype=torch.float32, device=device)
         self.fire_counts = torch.zeros(n_features, dtype=torch.int64, device=device)
 
-    def add(self, features: Tensor, values: Tensor, positions: Tensor) -> None:
-        """Merges codes (feature, value, token position; 1-D each, in token order) into the table: each
-        feature keeps its M largest, the table's own first among equal values (they came earlier)."""
+    def add(self, features: Tensor, values: Tensor, positions: Tensor, windows: Callable[[Tensor, Tensor], Tensor]):
+        """Merges a batch's codes (feature, value, token position; 1-D each, in token order, after the
+        table's tokens) into the table: each feature keeps its M largest, the table's own first among
+        equal values (they came earlier). `windows(features, positions)` gives the new examples' windows."""
         fired = values > 0
         features, values, positions = features[fired], values[fired].float(), positions[fired]
         n_features, n_examples = self.values.shape
         self.fire_counts += torch.bincount(features, minlength=n_features)
         kept = self.positions >= 0
         rows = torch.arange(n_features, device=features.device)[:, None].expand_as(kept)
+        old_windows = self.windows[kept]
+        source = torch.cat([torch.arange(old_windows.shape[0], device=features.device), torch.full_like(features, -1)])
         features = torch.cat([rows[kept], features])
         values = torch.cat([self.values[kept], values])
         positions = torch.cat([self.positions[kept], positions])
         # descending values within each feature, stable, so that equal values keep their order
         order = torch.argsort(values, descending=True, stable=True)
         order = order[torch.argsort(features[order], stable=True)]
-        features, values, positions = features[order], values[order], positions[order]
-        starts = torch.cumsum(torch.bincount(features, minlength=n_features), 0) - torch.bincount(
-            features, minlength=n_features
-        )
-        rank = torch.arange(features.shape[0], device=features.device) - starts[features]
+        features, values, positions, source = features[order], values[order], positions[order], source[order]
+        counts = torch.bincount(features, minlength=n_features)
+        rank = torch.arange(features.shape[0], device=features.device) - (torch.cumsum(counts, 0) - counts)[features]
         top = rank < n_examples
+        features, values, positions, source, rank = (t[top] for t in (features, values, positions, source, rank))
+        new = source < 0
         self.values.zero_()
         self.positions.fill_(-1)
-        self.values[features[top], rank[top]] = values[top]
-        self.positions[features[top], rank[top]] = positions[top]
+        self.windows.zero_()
+        self.values[features, rank] = values
+        self.positions[features, rank] = positions
+        self.windows[features[~new], rank[~new]] = old_windows[source[~new]]
+        self.windows[features[new], rank[new]] = windows(features[new], positions[new])
 
 
 def top_examples(
@@ -118,24 +133,28 @@ def top_examples(
     texts_per_forward: int = 8,
     max_tokens: int | None = None,
     keep_special_tokens: bool = False,
+    before: int = 10,
+    after: int = 3,
 ) -> dict[str, FeatureExamples]:
     """{hook point: FeatureExamples} of `saes` over `texts` run through `model` (see the module
     docstring), tokenized by `tokenizer` (a Hugging Face tokenizer) in batches of `texts_per_forward`
     cut at `context_size` tokens (or the model's maximum positions, where fewer), until `max_tokens`
-    positions have been encoded (None: every text). The SAEs and the model run in evaluation mode and
-    are left in the mode they were in."""
+    positions have been encoded (None: every text), with each example's window of `before` tokens
+    before its token and `after` after it. The SAEs and the model run in evaluation mode and are left in
+    the mode they were in."""
     if not saes:
         raise ValueError("saes is empty: give {hook point: SAE}")
-    if n_examples < 1 or context_size < 1 or texts_per_forward < 1:
+    if n_examples < 1 or context_size < 1 or texts_per_forward < 1 or before < 0 or after < 0:
         raise ValueError(
-            f"need n_examples, context_size and texts_per_forward >= 1, got {n_examples}, {context_size}, "
-            f"{texts_per_forward}"
+            f"need n_examples, context_size and texts_per_forward >= 1 and before, after >= 0, got {n_examples}, "
+            f"{context_size}, {texts_per_forward}, {before}, {after}"
         )
     context_size = usable_context(model, context_size)
     special = [] if keep_special_tokens else _special_token_ids(tokenizer)
     model_device = next(model.parameters()).device
     tables = {
-        name: _TopTable(sae.cfg.n_features, n_examples, next(sae.parameters()).device) for name, sae in saes.items()
+        name: _TopTable(sae.cfg.n_features, n_examples, before + 1 + after, next(sae.parameters()).device)
+        for name, sae in saes.items()
     }
     token_ids: list[Tensor] = []
     text_starts = [torch.zeros(1, dtype=torch.int64)]
@@ -152,12 +171,12 @@ def top_examples(
                 index = torch.cumsum(real.flatten(), 0).view(real.shape) - 1 + n_seen
                 token_ids.append(inputs["input_ids"][real])
                 text_starts.append(n_seen + torch.cumsum(real.sum(1), 0))
+                window = _Window(n_seen, real, index[encoded], before, after)
                 n_seen += int(real.sum())
                 outputs = capture(model, list(saes), {key: t.to(model_device) for key, t in inputs.items()})
-                positions = index[encoded]
                 for name, sae in saes.items():
                     x = outputs[name][encoded.to(outputs[name].device)]
-                    _add_codes(tables[name], sae, name, x, positions)
+                    _add_codes(tables[name], sae, name, x, window)
                 n_tokens += int(encoded.sum())
                 if max_tokens is not None and n_tokens >= max_tokens:
                     break
@@ -171,35 +190,82 @@ def top_examples(
     for name, table in tables.items():
         found[name] = FeatureExamples(
             hookpoint=name, n_tokens=n_tokens, fire_counts=table.fire_counts.cpu(), values=table.values.cpu(),
-            positions=table.positions.cpu(), token_ids=ids, text_starts=starts,
+            positions=table.positions.cpu(), windows=table.windows.cpu(), before=before, token_ids=ids,
+            text_starts=starts,
         )  # fmt: skip
     return found
 
 
-def _add_codes(table: _TopTable, sae: SparseAutoencoder, name: str, x: Tensor, positions: Tensor) -> None:
-    """The codes of x [n, d] (the hook point's activations at token `positions` [n]) into the table."""
+class _Window:
+    """Where a batch's tokens sit, to read a feature's codes around an example: the batch's real tokens
+    are positions `first` .. of the kept ids; `positions` [n] those of the encoded ones, in the order of
+    the activations the SAEs encode."""
+
+    def __init__(self, first: int, real: Tensor, positions: Tensor, before: int, after: int):
+        self.first, self.positions = first, positions
+        self.offsets = torch.arange(-before, after + 1)
+        self.text = torch.repeat_interleave(torch.arange(real.shape[0]), real.sum(1))  # of each real token
+        self.row = torch.full((self.text.shape[0],), -1, dtype=torch.int64)  # of each real token's codes
+        self.row[positions - first] = torch.arange(positions.shape[0])
+
+    def codes(self, code: Callable[[Tensor, Tensor], Tensor], features: Tensor, positions: Tensor) -> Tensor:
+        """[m, window] codes of `features` [m] around `positions` [m] (this batch's): `code(rows,
+        features)` gives the codes of encoded rows, 0 elsewhere (beyond the example's text, or a token not
+        encoded)."""
+        device = features.device
+        local = positions[:, None] - self.first + self.offsets.to(device)
+        inside = (local >= 0) & (local < self.text.shape[0])
+        local = local.clamp(0, self.text.shape[0] - 1)
+        text, row = self.text.to(device), self.row.to(device)
+        rows = row[local]
+        valid = inside & (text[local] == text[positions - self.first][:, None]) & (rows >= 0)
+        values = code(rows.clamp(min=0), features[:, None].expand_as(rows))
+        return torch.where(valid, values.float(), 0.0)
+
+
+# Examples whose windows are read at once: TopK's lookup compares [examples, window, k] indices
+WINDOW_CHUNK = 4096
+
+
+def _add_codes(table: _TopTable, sae: SparseAutoencoder, name: str, x: Tensor, window: _Window) -> None:
+    """The codes of x [n, d] (the hook point's activations at the batch's encoded tokens) into the table."""
     if x.shape[-1] != sae.cfg.d_in:
         raise ValueError(f"{name}: its output has {x.shape[-1]} dimensions, the SAE for it d_in={sae.cfg.d_in}")
     if x.shape[0] == 0:  # a batch of padding and special tokens only
         return
     device = next(sae.parameters()).device
     codes = sae.encode(x.to(device=device, dtype=sae.W_enc.dtype))
-    positions = positions.to(device)
+    positions = window.positions.to(device)
     if isinstance(codes, F.TopKCodes):
-        k = codes.vals.shape[1]
-        table.add(codes.idx.long().flatten(), codes.vals.flatten(), positions.repeat_interleave(k))
+        idx, vals = codes.idx.long(), codes.vals
+
+        def code(rows: Tensor, features: Tensor) -> Tensor:
+            return (vals[rows] * (idx[rows] == features[..., None])).sum(-1)
+
+        features, values, positions = idx.flatten(), vals.flatten(), positions.repeat_interleave(idx.shape[1])
     else:
+
+        def code(rows: Tensor, features: Tensor) -> Tensor:
+            return codes[rows, features]
+
         rows, features = codes.nonzero(as_tuple=True)
-        table.add(features, codes[rows, features], positions[rows])
+        values, positions = codes[rows, features], positions[rows]
+
+    def windows(features: Tensor, positions: Tensor) -> Tensor:
+        parts = [
+            window.codes(code, features[start : start + WINDOW_CHUNK], positions[start : start + WINDOW_CHUNK])
+            for start in range(0, features.shape[0], WINDOW_CHUNK)
+        ]
+        return torch.cat(parts) if parts else table.windows.new_zeros(0, table.windows.shape[2])
+
+    table.add(features, values, positions, windows)
 
 
 def write_examples(
-    examples: FeatureExamples, tokenizer, directory: str | Path, features: Sequence[int] | None = None,
-    before: int = 10, after: int = 3,
+    examples: FeatureExamples, tokenizer, directory: str | Path, features: Sequence[int] | None = None
 ) -> tuple[Path, Path]:  # fmt: skip
     """Writes `directory`/<hook point>.json and .html (see the module docstring) for `features` (None:
-    every feature that fired), each example with up to `before` and `after` tokens around its own;
-    returns their paths. Each file is written whole or not at all."""
+    every feature that fired); returns their paths. Each file is written whole or not at all."""
     n_features = examples.values.shape[0]
     if features is None:
         features = torch.nonzero(examples.fire_counts).flatten().tolist()
@@ -219,8 +285,8 @@ def write_examples(
             "feature": feature,
             "fire_rate": int(examples.fire_counts[feature]) / examples.n_tokens,
             "examples": [
-                {"value": value, "tokens": [piece(t) for t in ids], "token": at}
-                for value, ids, at in examples.contexts(feature, before, after)
+                {"value": value, "tokens": [piece(t) for t in ids], "token": at, "codes": codes}
+                for value, ids, at, codes in examples.contexts(feature)
             ],
         })  # fmt: skip
     directory = Path(directory)
@@ -241,10 +307,13 @@ def _html(summary: dict) -> str:
         largest = max((example["value"] for example in record["examples"]), default=0.0) or 1.0
         rows = []
         for example in record["examples"]:
-            shade = 0.15 + 0.85 * example["value"] / largest
-            tokens = [html.escape(token.replace("\n", "\u23ce")) for token in example["tokens"]]
-            at = example["token"]
-            tokens[at] = f'<mark style="background: rgba(255, 140, 0, {shade:.2f})">{tokens[at]}</mark>'
+            tokens = []
+            for i, (token, code) in enumerate(zip(example["tokens"], example["codes"])):
+                text = html.escape(token.replace("\n", "\u23ce"))
+                style = f"background: rgba(255, 140, 0, {code / largest:.2f})" if code > 0 else ""
+                if i == example["token"]:
+                    style += "; outline: 1px solid #c60"
+                tokens.append(f'<span style="{style}" title="{code:.3g}">{text}</span>' if style else text)
             value = f'<span class="value">{example["value"]:.3g}</span>'
             rows.append(f'<li>{value} <span class="text">{"".join(tokens)}</span></li>')
         feature, rate = record["feature"], 100 * record["fire_rate"]
@@ -256,9 +325,9 @@ def _html(summary: dict) -> str:
     return (
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title><style>'
         "body { font-family: sans-serif; max-width: 70em; margin: auto; } .text { white-space: pre-wrap; "
-        "font-family: monospace; } .value { display: inline-block; width: 4em; color: #666; } mark { color: inherit; }"
+        "font-family: monospace; } .value { display: inline-block; width: 4em; color: #666; }"
         f"</style></head><body><h1>{title}</h1><p>{summary['fired']} of {summary['n_features']} features fired on "
-        f"{summary['n_tokens']} tokens; each example's token is marked, shaded by its value.</p>"
+        f"{summary['n_tokens']} tokens; each token shaded by the feature's code on it, the example's outlined.</p>"
         f"{''.join(sections)}</body></html>"
     )
 
@@ -291,9 +360,10 @@ def run(args: argparse.Namespace) -> int:
     found = top_examples(
         model, tokenizer, read_texts(args.texts), saes, n_examples=args.examples, context_size=args.context_size,
         texts_per_forward=args.texts_per_forward, max_tokens=args.tokens, keep_special_tokens=args.keep_special_tokens,
+        before=args.before, after=args.after,
     )  # fmt: skip
     for name, examples in found.items():
-        paths = write_examples(examples, tokenizer, args.out, args.features, args.before, args.after)
+        paths = write_examples(examples, tokenizer, args.out, args.features)
         fired = int((examples.fire_counts > 0).sum())
         print(f"{name}: {fired} of {examples.values.shape[0]} features fired on {examples.n_tokens} tokens; "
               f"wrote {paths[0]} and {paths[1]}")  # fmt: skip

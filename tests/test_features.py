@@ -17,6 +17,7 @@ from .test_activations import SPECIAL, _gpt2, _texts, _tokenizer
 pytest.importorskip("transformers")
 
 N_EXAMPLES = 3
+BEFORE, AFTER = 4, 2
 
 
 def _saes():
@@ -30,8 +31,9 @@ def _saes():
 
 
 def _brute_force(model, tokenizer, texts, saes):
-    """{hook point: (values [F, M], positions [F, M], fire counts [F])} from every encoded token's dense
-    codes at once (one text a forward, no padding), and the texts' token ids one after the other."""
+    """{hook point: (values [F, M], positions [F, M], windows [F, M, BEFORE + 1 + AFTER], fire counts
+    [F])} from every token's dense codes at once (one text a forward, no padding; 0 on special tokens),
+    and the texts' token ids one after the other."""
     ids, codes, positions = [], {name: [] for name in saes}, []
     for sae in saes.values():
         sae.eval()
@@ -48,19 +50,27 @@ def _brute_force(model, tokenizer, texts, saes):
             if isinstance(z, fastsae.functional.TopKCodes):
                 z = torch.zeros(z.vals.shape[0], sae.cfg.n_features).scatter(1, z.idx.long(), z.vals)
             codes[name].append(z)
-    positions = torch.cat(positions)
+    positions, lengths = torch.cat(positions), [len(t) for t in ids]
+    text_of = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor(lengths))
     expected = {}
     for name, parts in codes.items():
-        z = torch.cat(parts)  # [tokens, F]
+        z = torch.cat(parts)  # [encoded tokens, F]
+        every = torch.zeros(sum(lengths), z.shape[1])  # [tokens, F]
+        every[positions] = z
         values = torch.zeros(z.shape[1], N_EXAMPLES)
         where = torch.full((z.shape[1], N_EXAMPLES), -1)
+        windows = torch.zeros(z.shape[1], N_EXAMPLES, BEFORE + 1 + AFTER)
         for feature in range(z.shape[1]):
             fired = torch.nonzero(z[:, feature] > 0).flatten()
             # largest first, the earlier token first among equals
             order = sorted(fired.tolist(), key=lambda row, f=feature: (-float(z[row, f]), row))[:N_EXAMPLES]
             values[feature, : len(order)] = z[order, feature]
             where[feature, : len(order)] = positions[order]
-        expected[name] = (values, where, (z > 0).sum(0))
+            for m, p in enumerate(positions[order].tolist()):
+                for i, q in enumerate(range(p - BEFORE, p + AFTER + 1)):
+                    if 0 <= q < len(text_of) and text_of[q] == text_of[p]:
+                        windows[feature, m, i] = every[q, feature]
+        expected[name] = (values, where, windows, (z > 0).sum(0))
     return expected, torch.cat(ids)
 
 
@@ -69,24 +79,33 @@ def test_top_examples_match_a_brute_force_search():
     their tokens and its fire count as a search over all the tokens' codes at once finds them; each
     example's context lies within its own text, its token marked."""
     model, tokenizer, texts, saes = _gpt2(), _tokenizer(), _texts(20), _saes()
-    found = top_examples(model, tokenizer, texts, saes, n_examples=N_EXAMPLES, texts_per_forward=3)
+    found = top_examples(
+        model, tokenizer, texts, saes, n_examples=N_EXAMPLES, texts_per_forward=3, before=BEFORE, after=AFTER
+    )
     expected, all_ids = _brute_force(model, tokenizer, texts, saes)
-    for name, (values, positions, fire_counts) in expected.items():
+    for name, (values, positions, windows, fire_counts) in expected.items():
         examples = found[name]
         assert torch.equal(examples.token_ids, all_ids)
         assert examples.n_tokens == int(sum(~torch.isin(all_ids, torch.tensor(tokenizer.all_special_ids))))
         assert torch.equal(examples.fire_counts, fire_counts), name
         assert torch.equal(examples.positions, positions), name
         torch.testing.assert_close(examples.values, values, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(examples.windows, windows, rtol=1e-5, atol=1e-6, msg=name)
+        around = (windows > 0).sum() - (values > 0).sum()  # codes on the tokens around the examples' own
+        assert around >= 3, f"{name}: too few codes around the examples to test them"
         assert (positions[:, 0] >= 0).sum() >= 5, f"{name}: too few features fired to test anything"
         starts = examples.text_starts.tolist()
         for feature in range(values.shape[0]):
-            contexts = examples.contexts(feature, before=4, after=2)
+            contexts = examples.contexts(feature)
             assert len(contexts) == int((positions[feature] >= 0).sum())
-            for (value, ids, at), position, want in zip(contexts, positions[feature].tolist(), values[feature]):
+            for m, (value, ids, at, codes) in enumerate(contexts):
+                position = int(positions[feature, m])
                 text = max(i for i, start in enumerate(starts[:-1]) if start <= position)
-                assert ids == all_ids[max(starts[text], position - 4) : min(starts[text + 1], position + 3)].tolist()
-                assert ids[at] == all_ids[position] and value == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+                start, end = max(starts[text], position - BEFORE), min(starts[text + 1], position + AFTER + 1)
+                assert ids == all_ids[start:end].tolist() and ids[at] == all_ids[position]
+                assert value == pytest.approx(float(values[feature, m]), rel=1e-5, abs=1e-6)
+                window = windows[feature, m, start - position + BEFORE : end - position + BEFORE]
+                assert codes == pytest.approx(window.tolist(), rel=1e-5, abs=1e-6) and codes[at] == value
 
 
 def test_top_examples_stop_after_max_tokens_and_refuse_nothing_to_do():
@@ -100,6 +119,8 @@ def test_top_examples_stop_after_max_tokens_and_refuse_nothing_to_do():
         top_examples(model, tokenizer, ["[BOS]"], saes)
     with pytest.raises(ValueError, match="feature 32 is out of range"):
         some.contexts(32)
+    with pytest.raises(ValueError, match="before, after >= 0"):
+        top_examples(model, tokenizer, texts, saes, before=-1)
 
 
 def test_features_command_writes_json_and_html(tmp_path, capsys):
@@ -127,10 +148,12 @@ def test_features_command_writes_json_and_html(tmp_path, capsys):
             assert 0 < record["fire_rate"] <= 1 and 1 <= len(record["examples"]) <= 2
             for example in record["examples"]:
                 assert example["tokens"][example["token"]].strip() not in SPECIAL  # (BOS is never encoded)
+                assert len(example["codes"]) == len(example["tokens"])
+                assert example["codes"][example["token"]] == example["value"] > 0
                 assert all(token == tokenizer.decode(tokenizer.convert_tokens_to_ids([token.strip()]))
                            for token in example["tokens"])  # fmt: skip
         page = (out / f"{name}.html").read_text()
-        assert page.count("<section") == summary["fired"] and "<mark" in page
+        assert page.count("<section") == summary["fired"] and "outline: 1px solid" in page
     assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), "--features", "5", "7"]) == 0
     assert [record["feature"] for record in json.loads((out / "h.0.json").read_text())["features"]] == [5, 7]
     assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), "--features", "32"]) == 2
