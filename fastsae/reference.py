@@ -287,6 +287,15 @@ def fvu_from_sums(error: Tensor, deviations: Tensor, n_tokens: int) -> Tensor:
     return error / deviations if n_tokens > 1 else torch.full_like(error, float("nan"))
 
 
+def matryoshka_fvus(acts: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor, widths: tuple[int, ...]) -> Tensor:
+    """A Matryoshka SAE's added loss: the sum over `widths` w of the FVU of x reconstructed from its codes
+    acts [B, F] on the first w features alone."""
+    total = torch.zeros((), dtype=accumulate_dtype(acts, x), device=x.device)
+    for width in widths:
+        total = total + fvu(decode_dense(acts[:, :width], W_dec[:width], b_dec), x)
+    return total
+
+
 def auxk_loss(aux_recon: Tensor, residual: Tensor, n_dead: Tensor, k_aux: int) -> Tensor:
     """AuxK loss (Gao et al. 2024): how well the top-k_aux dead features reconstruct the main
     reconstruction's residual, as an FVU of the residual, scaled by min(n_dead / k_aux, 1) so it

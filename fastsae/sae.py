@@ -17,7 +17,7 @@ import os
 import socket
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +124,12 @@ class SAEConfig:
     L0 penalty (active codes per token), whose thresholds learn through straight-through estimates
     (Rajamanoharan et al. 2024): a code is worth keeping when it explains more than l0_coef of the
     variance (same data: 0.001 / 0.01 gave 91 / 22 active codes at FVU 0.00 / 0.21). TopK and BatchTopK
-    need neither."""
+    need neither. `matryoshka_widths` makes a TopK or BatchTopK SAE a Matryoshka SAE (Bussmann et al.
+    2025, Nabeshima 2024): in training, the reconstruction from each prefix of the features alone (the
+    first w of them, for w in the widths: strictly increasing, each below n_features) is scored too, its
+    FVU added to the loss (SAELens' inner reconstruction losses, on fastsae's FVU scale), so that the
+    first features learn what is general and later ones what is specific, rather than absorbing one
+    another. Only the training loss changes: the SAE encodes, decodes, saves and loads as the plain one."""
 
     d_in: int
     n_features: int
@@ -138,6 +143,7 @@ class SAEConfig:
     centering: Literal["geometric_median", "mean", "none", "whiten"] = "geometric_median"
     dtype: str = "float32"
     check_finite: bool = True
+    matryoshka_widths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Whole numbers as Python ints (numpy's, and floats such as 1e7 that are whole, too), so that a
@@ -178,6 +184,21 @@ class SAEConfig:
             raise ValueError(f"dead_after_tokens must be >= 0, got {self.dead_after_tokens}")
         if self.l1_coef < 0 or self.l0_coef < 0:
             raise ValueError(f"l1_coef and l0_coef must be >= 0, got {self.l1_coef} and {self.l0_coef}")
+        self._check_matryoshka_widths()
+
+    def _check_matryoshka_widths(self) -> None:
+        widths = self.matryoshka_widths
+        if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
+            raise TypeError(f"matryoshka_widths must be a sequence of whole numbers, got {widths!r}")
+        if not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in widths):
+            raise TypeError(f"matryoshka_widths must be whole numbers, got {list(widths)}")
+        self.matryoshka_widths = widths = tuple(int(w) for w in widths)  # (a JSON config gives a list)
+        if widths and self.activation not in ("topk", "batchtopk"):
+            raise ValueError(f"matryoshka_widths are for TopK and BatchTopK SAEs, not {self.activation!r}")
+        if any(not 1 <= w < self.n_features for w in widths) or any(a >= b for a, b in zip(widths, widths[1:])):
+            raise ValueError(
+                f"matryoshka_widths must increase strictly within [1, n_features={self.n_features}), got {list(widths)}"
+            )
 
 
 def _squared_deviations(n: Tensor, total: Tensor, squares: Tensor) -> Tensor:
@@ -240,6 +261,8 @@ def _feature_shard(cfg: SAEConfig, group) -> tuple[object, int, int]:
         )
     if cfg.activation != "topk":
         raise ValueError(f"feature sharding supports TopK SAEs; this one is {cfg.activation!r}")
+    if cfg.matryoshka_widths:
+        raise ValueError("a Matryoshka SAE (matryoshka_widths) trains in one process only, not feature-sharded yet")
     group = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     if cfg.n_features // world < max(cfg.k, cfg.k_aux):
@@ -381,6 +404,8 @@ class SparseAutoencoder(nn.Module):
             raise RuntimeError(
                 "data_parallel needs torch.distributed initialised (torch.distributed.init_process_group)"
             )
+        if self.cfg.matryoshka_widths:
+            raise ValueError("a Matryoshka SAE (matryoshka_widths) trains in one process only, not data-parallel yet")
         self._group = group if group is not None else dist.group.WORLD
         return self
 
@@ -881,6 +906,7 @@ class SparseAutoencoder(nn.Module):
             recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx, fired_only=self.training))
         else:
             recon = self.decode(codes, fired_only=self.training) if joint is None else self._from_sae_space(joint.recon)
+        inner_fvus = self._matryoshka_fvus(codes, x) if self.training and self.cfg.matryoshka_widths else None
         aux_recon = None
         if isinstance(codes, F.TopKCodes):
             vals, idx, acts = codes.vals, codes.idx, None
@@ -938,10 +964,26 @@ class SparseAutoencoder(nn.Module):
                 self._update_batchtopk_threshold(codes.vals if isinstance(codes, F.TopKCodes) else codes)
         if sparsity_term is not None:
             loss = loss + sparsity_term
+        if inner_fvus is not None:
+            loss = loss + inner_fvus
         if sharded:
             vals, idx = shown.vals, shown.idx
         vals, idx, acts = (None if t is None else t.reshape(*lead, t.shape[-1]) for t in (vals, idx, acts))
         return SAEOutput(recon.reshape(*lead, self.cfg.d_in), vals, idx, acts, loss, mse, fvu, auxk, sparsity)
+
+    def _matryoshka_fvus(self, codes: F.TopKCodes | Tensor, x: Tensor) -> Tensor:
+        """The sum over cfg.matryoshka_widths w of the FVU of x [B, d] reconstructed from its codes on the
+        first w features alone (the others' set to 0): one more decode, and its backward, per width."""
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for width in self.cfg.matryoshka_widths:
+            if isinstance(codes, F.TopKCodes):
+                vals = torch.where(codes.idx < width, codes.vals, 0)
+                inner = F.TopKCodes(vals, codes.idx, codes.aux_vals[:, :0], codes.aux_idx[:, :0])
+                recon = self.decode(inner, fired_only=True)
+            else:  # dense codes [B, F] (a BatchTopK SAE with FASTSAE_BATCHTOPK_SPARSE=0): the first columns
+                recon = self._from_sae_space(F.decode_dense(codes[:, :width], self.W_dec[:width], self.b_dec))
+            total = total + F.fvu(recon, x)
+        return total
 
     def _auxk_by_dead_count(self, x: Tensor, dead: Tensor, k_aux: int) -> F.TopKAutoencoderOutput:
         """Encode, decode and AuxK of x [B, d] (SAE space) with AuxK's path chosen on the device from the

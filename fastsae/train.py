@@ -106,6 +106,9 @@ def add_parser(commands) -> None:
     train.add_argument("--tokens", type=at_least(1), default=10_000_000, help="training tokens per SAE")
     train.add_argument("--activation", choices=ACTIVATIONS, default="topk")
     train.add_argument("--k", type=at_least(1), default=32, help="active features per token (topk, batchtopk)")
+    train.add_argument("--matryoshka-widths", nargs="+", type=at_least(1), default=(),
+                       help="train a Matryoshka SAE (topk, batchtopk): the reconstructions from the first W "
+                            "features alone are scored too, for each W given")  # fmt: skip
     train.add_argument("--expansion-factor", type=at_least(1), default=16, help="features per input dimension")
     train.add_argument("--centering", choices=CENTERING_MODES, default="geometric_median")
     train.add_argument("--lr", type=positive_float, default=None,
@@ -356,7 +359,8 @@ def _new_sae(args: argparse.Namespace, sample: torch.Tensor, layout: Layout) -> 
     dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     d = sample.shape[1]
     cfg = SAEConfig(d_in=d, n_features=args.expansion_factor * d, activation=args.activation, k=args.k,
-                    centering=args.centering, dtype=dtype, dead_after_tokens=args.dead_after)  # fmt: skip
+                    centering=args.centering, dtype=dtype, dead_after_tokens=args.dead_after,
+                    matryoshka_widths=tuple(args.matryoshka_widths))  # fmt: skip
     with torch.device(args.device):  # this process's features, built where they train
         sae = SparseAutoencoder(cfg, feature_group=layout.shard_group)
     if layout.replica_group is not None:

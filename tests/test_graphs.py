@@ -85,10 +85,12 @@ def _step_alike(eager, eager_opt, step, x, i):
 
 
 @pytest.mark.gpu
-def test_captured_step_with_the_fused_optimizer():
+@pytest.mark.parametrize("widths", [(), (128, 512)], ids=["plain", "matryoshka"])
+def test_captured_step_with_the_fused_optimizer(widths):
     """SAEAdam(capturable=True): the captured step (the decoder constraint inside the optimizer's step)
-    follows eager steps of the default SAEAdam, through warm-up, capture and replays."""
-    (eager, captured), _ = _pair("cuda")
+    follows eager steps of the default SAEAdam, through warm-up, capture and replays; also a Matryoshka
+    SAE's, whose prefixes' decodes the graph holds too."""
+    (eager, captured), _ = _pair("cuda", matryoshka_widths=widths)
     eager_opt = fastsae.optim.SAEAdam(eager, lr=1e-3)
     step = CapturedStep(captured, fastsae.optim.SAEAdam(captured, lr=1e-3, capturable=True), warmup=2)
     for i in range(8):

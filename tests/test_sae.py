@@ -306,11 +306,57 @@ def test_load_rejects_bad_files(tmp_path):
         ({"dtype": "int8"}, "dtype must be one of"),
         ({"k_aux": 97}, "k_aux must be in"),
         ({"activation": "relu", "k_aux": 8}, "only defined for activation='topk'"),
+        ({"matryoshka_widths": (0, 8)}, r"must increase strictly within \[1, n_features=96\), got \[0, 8\]"),
+        ({"matryoshka_widths": (8, 96)}, r"must increase strictly within \[1, n_features=96\)"),
+        ({"matryoshka_widths": (32, 16)}, r"must increase strictly within"),
+        ({"matryoshka_widths": (16, 16)}, r"must increase strictly within"),
+        ({"activation": "relu", "matryoshka_widths": (16,)}, "for TopK and BatchTopK SAEs, not 'relu'"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         fastsae.SAEConfig(**{"d_in": 24, "n_features": 96, **overrides})
+
+
+@pytest.mark.parametrize("widths", [(16.5,), (True,), "16", 16])
+def test_config_rejects_matryoshka_widths_that_are_not_whole_numbers(widths):
+    with pytest.raises(TypeError, match="matryoshka_widths must be"):
+        fastsae.SAEConfig(d_in=24, n_features=96, matryoshka_widths=widths)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("codes", ["topk", "batchtopk sparse", "batchtopk dense"])
+def test_matryoshka_loss_adds_each_prefixs_fvu(codes, device, monkeypatch, tmp_path):
+    """matryoshka_widths (16, 60) of 96 features: the training loss is the plain SAE's plus the FVUs of
+    the reconstructions from the first 16 and the first 60 features' codes (`reference.matryoshka_fvus`),
+    and so are its gradients, with AuxK on and dead features (TopK) and for BatchTopK's sparse and
+    dense codes; an evaluation's loss is the plain one's. It saves and loads with its widths."""
+    from fastsae.ops import batchtopk
+
+    monkeypatch.setattr(batchtopk, "SPARSE_CODES", codes != "batchtopk dense")
+    activation = codes.split()[0]
+    matryoshka = _sae(device, activation=activation, matryoshka_widths=[16, 60], dead_after_tokens=10)
+    plain = _sae(device, activation=activation, dead_after_tokens=10)
+    plain.load_state_dict(matryoshka.state_dict())
+    with torch.no_grad():
+        for sae in (matryoshka, plain):
+            sae.tokens_since_fired[40:70] = 100  # AuxK over 30 dead features
+    x = torch.randn(37, 24, dtype=torch.float64, device=device) + 3
+    out, want = matryoshka(x), plain(x)
+    acts = want.acts if want.acts is not None else reference.scatter_codes(want.vals, want.idx, 96)
+    inner = reference.matryoshka_fvus(acts, plain.W_dec, plain.b_dec, x, (16, 60))
+    assert float(inner.detach()) > float(want.fvu.detach()) > 0
+    assert activation == "batchtopk" or float(want.auxk.detach()) > 0, "AuxK ran"
+    assert_close(out.loss, want.loss + inner, torch.float64, "loss")
+    out.loss.backward()
+    (want.loss + inner).backward()
+    for name, p in matryoshka.named_parameters():
+        assert_close(p.grad, dict(plain.named_parameters())[name].grad, torch.float64, f"{name} gradient")
+    matryoshka.eval()
+    plain.eval()
+    assert_close(matryoshka(x).loss, plain(x).loss, torch.float64, "evaluation loss")
+    matryoshka.save(tmp_path / "sae.safetensors")
+    assert fastsae.SparseAutoencoder.load(tmp_path / "sae.safetensors").cfg.matryoshka_widths == (16, 60)
 
 
 @pytest.mark.parametrize("activation", ["topk", "relu", "batchtopk"])
