@@ -261,8 +261,6 @@ def _feature_shard(cfg: SAEConfig, group) -> tuple[object, int, int]:
         )
     if cfg.activation != "topk":
         raise ValueError(f"feature sharding supports TopK SAEs; this one is {cfg.activation!r}")
-    if cfg.matryoshka_widths:
-        raise ValueError("a Matryoshka SAE (matryoshka_widths) trains in one process only, not feature-sharded yet")
     group = group if group is not None else dist.group.WORLD
     world = dist.get_world_size(group)
     if cfg.n_features // world < max(cfg.k, cfg.k_aux):
@@ -404,8 +402,6 @@ class SparseAutoencoder(nn.Module):
             raise RuntimeError(
                 "data_parallel needs torch.distributed initialised (torch.distributed.init_process_group)"
             )
-        if self.cfg.matryoshka_widths:
-            raise ValueError("a Matryoshka SAE (matryoshka_widths) trains in one process only, not data-parallel yet")
         self._group = group if group is not None else dist.group.WORLD
         return self
 
@@ -906,7 +902,7 @@ class SparseAutoencoder(nn.Module):
             recon = self._from_sae_space(self._decode_shard(codes.vals, codes.idx, fired_only=self.training))
         else:
             recon = self.decode(codes, fired_only=self.training) if joint is None else self._from_sae_space(joint.recon)
-        inner_fvus = self._matryoshka_fvus(codes, x) if self.training and self.cfg.matryoshka_widths else None
+        inner_recons = self._matryoshka_recons(codes, sharded) if self.training else []
         aux_recon = None
         if isinstance(codes, F.TopKCodes):
             vals, idx, acts = codes.vals, codes.idx, None
@@ -932,18 +928,23 @@ class SparseAutoencoder(nn.Module):
                 if stats_stream is not None:
                     self._update_death_stats(counts, n_tokens)
         aux_in_input_space = aux_recon is not None and self.cfg.centering != "whiten"
-        if replicated:  # the FVU, AuxK's FVU and the fire counts over every replica's tokens: one all-reduce
+        if replicated:  # the FVUs (AuxK's, the Matryoshka prefixes') and fire counts over every replica: one all-reduce
             residual = None if aux_recon is None else (sae_x - self._to_sae_space(recon)).detach()
             fvu_sums = self._fvu_sums(recon, x)
             aux_sums = [] if aux_recon is None else self._fvu_sums(aux_recon, residual)
-            *totals, counts, n_tokens = self._replica_sums(*fvu_sums, *aux_sums, counts, counts.new_full((), n_tokens))
+            inner_errors = [self._fvu_sums(inner, x)[-1] for inner in inner_recons]
+            *totals, counts, n_tokens = self._replica_sums(
+                *fvu_sums, *aux_sums, *inner_errors, counts, counts.new_full((), n_tokens)
+            )
             counts, n_tokens = counts.long(), n_tokens.long()
             fvu, loss, mse = self._fvu_from_totals(fvu_sums[-1], totals[:4], x.shape[1])
             auxk = torch.zeros((), dtype=fvu.dtype, device=x.device)
             if aux_recon is not None:  # reference.auxk_loss with the FVU over every replica's tokens
                 scale = F.auxk_scale(n_dead, k_aux)
-                aux_fvu, aux_term, _ = self._fvu_from_totals(aux_sums[-1], totals[4:], residual.shape[1])
+                aux_fvu, aux_term, _ = self._fvu_from_totals(aux_sums[-1], totals[4:8], residual.shape[1])
                 auxk, loss = aux_fvu * scale, loss + self.cfg.auxk_coef * aux_term * scale
+            for error, total_error in zip(inner_errors, totals[len(fvu_sums) + len(aux_sums) :]):
+                loss = loss + self._fvu_from_totals(error, [*totals[:3], total_error], x.shape[1])[1]
         else:  # the MSE, the FVU, AuxK's loss and the loss mixing them in one node (three launches on CUDA)
             loss, mse, fvu, auxk = F.training_losses(
                 recon, x, aux_recon if aux_in_input_space else None, n_dead if aux_in_input_space else None,
@@ -953,6 +954,8 @@ class SparseAutoencoder(nn.Module):
                 residual = (sae_x - self._to_sae_space(recon)).detach()
                 auxk = F.auxk_loss(aux_recon, residual, n_dead, k_aux)
                 loss = loss + self.cfg.auxk_coef * auxk
+            for inner in inner_recons:  # a Matryoshka SAE's prefixes (`_matryoshka_recons`)
+                loss = loss + F.fvu(inner, x)
         if self.cfg.activation == "relu" and self.cfg.l1_coef:
             sparsity, sparsity_term = self._relu_l1(acts, x, replicated)
         if self.training:
@@ -964,26 +967,28 @@ class SparseAutoencoder(nn.Module):
                 self._update_batchtopk_threshold(codes.vals if isinstance(codes, F.TopKCodes) else codes)
         if sparsity_term is not None:
             loss = loss + sparsity_term
-        if inner_fvus is not None:
-            loss = loss + inner_fvus
         if sharded:
             vals, idx = shown.vals, shown.idx
         vals, idx, acts = (None if t is None else t.reshape(*lead, t.shape[-1]) for t in (vals, idx, acts))
         return SAEOutput(recon.reshape(*lead, self.cfg.d_in), vals, idx, acts, loss, mse, fvu, auxk, sparsity)
 
-    def _matryoshka_fvus(self, codes: F.TopKCodes | Tensor, x: Tensor) -> Tensor:
-        """The sum over cfg.matryoshka_widths w of the FVU of x [B, d] reconstructed from its codes on the
-        first w features alone (the others' set to 0): one more decode, and its backward, per width."""
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
+    def _matryoshka_recons(self, codes: F.TopKCodes | Tensor, sharded: bool) -> list[Tensor]:
+        """A Matryoshka SAE's reconstructions [B, d] from its codes on each prefix of the features (the
+        first w of them, w in cfg.matryoshka_widths; the others' codes set to 0), whose FVUs its training
+        loss adds: one more decode, and its backward, per width. A shard's codes name its own features."""
+        recons = []
         for width in self.cfg.matryoshka_widths:
             if isinstance(codes, F.TopKCodes):
-                vals = torch.where(codes.idx < width, codes.vals, 0)
-                inner = F.TopKCodes(vals, codes.idx, codes.aux_vals[:, :0], codes.aux_idx[:, :0])
-                recon = self.decode(inner, fired_only=True)
+                first = self._feature_start if sharded else 0  # (the shard's codes: indices into its features)
+                vals = torch.where(codes.idx < width - first, codes.vals, 0)
+                if sharded:
+                    recon = self._decode_shard(vals, codes.idx, fired_only=True)
+                else:
+                    recon = F.decode_sparse(vals, codes.idx, self.W_dec, self.b_dec, fired_only=True)
             else:  # dense codes [B, F] (a BatchTopK SAE with FASTSAE_BATCHTOPK_SPARSE=0): the first columns
-                recon = self._from_sae_space(F.decode_dense(codes[:, :width], self.W_dec[:width], self.b_dec))
-            total = total + F.fvu(recon, x)
-        return total
+                recon = F.decode_dense(codes[:, :width], self.W_dec[:width], self.b_dec)
+            recons.append(self._from_sae_space(recon))
+        return recons
 
     def _auxk_by_dead_count(self, x: Tensor, dead: Tensor, k_aux: int) -> F.TopKAutoencoderOutput:
         """Encode, decode and AuxK of x [B, d] (SAE space) with AuxK's path chosen on the device from the

@@ -85,14 +85,14 @@ def _data(steps=STEPS, crowd=False):
     return sample, batches
 
 
-def _cfg(activation="topk"):
+def _cfg(activation="topk", matryoshka_widths=()):
     k_aux = K_AUX if activation == "topk" else 0
     return fastsae.SAEConfig(d_in=D, n_features=N_FEATURES, k=K, k_aux=k_aux, activation=activation, dtype="float64",
-                             dead_after_tokens=30)  # fmt: skip
+                             dead_after_tokens=30, matryoshka_widths=matryoshka_widths)  # fmt: skip
 
 
-def _sae(activation="topk"):
-    return fastsae.SparseAutoencoder(_cfg(activation))
+def _sae(activation="topk", matryoshka_widths=()):
+    return fastsae.SparseAutoencoder(_cfg(activation, matryoshka_widths))
 
 
 def _train(model, sae, batches, full_grad=lambda name, grad: grad, averaging=False):
@@ -432,14 +432,14 @@ def test_feature_sharding_trains_like_one_process(world, tmp_path):
     _check_damaged_shards(tmp_path / "shards", world)
 
 
-def _mesh_replica(rank, world, directory):
+def _mesh_replica(rank, world, directory, matryoshka_widths):
     """2 replicas x 2 feature shards: rank = 2 * replica + shard."""
     replica, shard = divmod(rank, 2)
     rows = [dist.new_group([2 * r, 2 * r + 1]) for r in range(2)]  # every rank creates every group
     columns = [dist.new_group([s, 2 + s]) for s in range(2)]
     torch.manual_seed(1 if rank == 0 else 100 + rank)
     sample, batches = _local(_data())
-    sae = _local(_sae()).shard_features(rows[replica]).data_parallel(columns[shard])
+    sae = _local(_sae(matryoshka_widths=matryoshka_widths)).shard_features(rows[replica]).data_parallel(columns[shard])
     sae.initialize(sample.chunk(2)[replica])
     model = DistributedDataParallel(sae, process_group=columns[shard])
     record = _train(model, sae, [x.chunk(2)[replica] for x in batches], _full_grad(sae))
@@ -448,15 +448,18 @@ def _mesh_replica(rank, world, directory):
         torch.save(record[0], directory / "losses.pt")
 
 
-def test_mesh_of_replicas_and_shards_trains_like_one_process(tmp_path):
+@pytest.mark.parametrize("matryoshka_widths", [(), (8, 30)], ids=["plain", "matryoshka"])
+def test_mesh_of_replicas_and_shards_trains_like_one_process(matryoshka_widths, tmp_path):
     """Data parallel over 2 replicas of 2 feature shards each: the losses and, after the steps, the
-    saved SAE equal one process training the whole SAE on the whole batches."""
+    saved SAE equal one process training the whole SAE on the whole batches; also a Matryoshka SAE's,
+    whose prefixes span both shards (8 of the first 24 features, 30 of all 48) and whose prefix losses
+    are normalised over every replica's tokens."""
     sample, batches = _data()
     torch.manual_seed(1)
-    single = _sae().initialize(sample)
+    single = _sae(matryoshka_widths=matryoshka_widths).initialize(sample)
     want_losses = _train(single, single, batches)[0]
 
-    _spawn(_mesh_replica, (tmp_path,), 4)
+    _spawn(_mesh_replica, (tmp_path, matryoshka_widths), 4)
     for got, want in zip(_load(tmp_path / "losses.pt"), want_losses):
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     saved = fastsae.SparseAutoencoder.load(tmp_path / "mesh.safetensors")
