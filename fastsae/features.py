@@ -18,8 +18,8 @@ context. Each feature's fire count over the texts comes with them.
 
 writes, per SAE, a JSON file (each feature's fire rate and examples: its code, the tokens around it as
 the tokenizer decodes them one by one, which of them it is on, and the feature's codes on each) and an
-HTML page that shows them, each token shaded by the feature's code on it. `--features 12 345` keeps the
-files to those features (by default: every feature that fired).
+HTML page that shows them (the first HTML_FEATURES), each token shaded by the feature's code on it.
+`--features 12 345` keeps the files to those features (by default: every feature that fired).
 """
 
 from __future__ import annotations
@@ -300,10 +300,16 @@ def write_examples(
     return json_path, html_path
 
 
+# Features the HTML page shows at most (the first of those written; the JSON file holds them all): a page
+# of every feature of a wide SAE (hundreds of MB) is more than a browser opens.
+HTML_FEATURES = 2000
+
+
 def _html(summary: dict) -> str:
     """A static page of the features' examples (no script, nothing fetched)."""
     sections = []
-    for record in summary["features"]:
+    shown = summary["features"][:HTML_FEATURES]
+    for record in shown:
         largest = max((example["value"] for example in record["examples"]), default=0.0) or 1.0
         rows = []
         for example in record["examples"]:
@@ -328,7 +334,17 @@ def _html(summary: dict) -> str:
         "font-family: monospace; } .value { display: inline-block; width: 4em; color: #666; }"
         f"</style></head><body><h1>{title}</h1><p>{summary['fired']} of {summary['n_features']} features fired on "
         f"{summary['n_tokens']} tokens; each token shaded by the feature's code on it, the example's outlined.</p>"
-        f"{''.join(sections)}</body></html>"
+        f"{_html_cut(len(shown), len(summary['features']))}{''.join(sections)}</body></html>"
+    )
+
+
+def _html_cut(shown: int, written: int) -> str:
+    """The page's note on the features it leaves to the JSON file, if any."""
+    if shown == written:
+        return ""
+    return (
+        f"<p>This page shows the first {shown} of the {written} features written; the JSON file holds them all "
+        "(<code>--features</code> picks the ones to show).</p>"
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastsae
+import fastsae.features
 from fastsae.__main__ import main as cli
 from fastsae.activations import capture
 from fastsae.features import top_examples
@@ -123,7 +124,7 @@ def test_top_examples_stop_after_max_tokens_and_refuse_nothing_to_do():
         top_examples(model, tokenizer, texts, saes, before=-1)
 
 
-def test_features_command_writes_json_and_html(tmp_path, capsys):
+def test_features_command_writes_json_and_html(tmp_path, capsys, monkeypatch):
     """`python -m fastsae features`: per SAE a JSON file (every feature that fired, or those asked for;
     each example's tokens as the tokenizer decodes them, its own token marked) and an HTML page."""
     model_dir = tmp_path / "tiny-gpt2"
@@ -154,8 +155,14 @@ def test_features_command_writes_json_and_html(tmp_path, capsys):
                            for token in example["tokens"])  # fmt: skip
         page = (out / f"{name}.html").read_text()
         assert page.count("<section") == summary["fired"] and "outline: 1px solid" in page
-    assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), "--features", "5", "7"]) == 0
-    assert [record["feature"] for record in json.loads((out / "h.0.json").read_text())["features"]] == [5, 7]
+    assert "first" not in page  # (every feature shown)
+    assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), "--features", "5", "7", "9"]) == 0
+    assert [record["feature"] for record in json.loads((out / "h.0.json").read_text())["features"]] == [5, 7, 9]
+    monkeypatch.setattr(fastsae.features, "HTML_FEATURES", 2)  # a page of the first two, the JSON of all three
+    assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), "--features", "5", "7", "9"]) == 0
+    page = (out / "h.0.html").read_text()
+    assert 'id="f7"' in page and 'id="f9"' not in page and "shows the first 2 of the 3 features written" in page
+    assert len(json.loads((out / "h.0.json").read_text())["features"]) == 3
     assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), "--features", "32"]) == 2
     assert "feature 32 is out of range: the SAE has 32 features" in capsys.readouterr().err
 
