@@ -2,7 +2,8 @@
 features dead): fastsae's module (with torch.optim.Adam, as `fastsae_saeadam` with
 fastsae.optim.SAEAdam, as `fastsae_graph` replayed as one CUDA graph, as `fastsae_saeadam_graph`
 both, as `fastsae_compile` with its forward through torch.compile(sae, fullgraph=True) and as
-`fastsae_module_compile` through sae.compile(), which leaves the dead-feature list eager) against the eager dense
+`fastsae_module_compile` through sae.compile(), which leaves the dead-feature list eager, and as
+`fastsae_saeadam_graph_matryoshka` the captured SAEAdam step of a Matryoshka SAE) against the eager dense
 step SAE code usually runs, its torch.compile, and sparsify's SparseCoder when installed, with the
 cuBLAS encoder GEMM as the floor.
 
@@ -93,16 +94,18 @@ def measure_step(step, x) -> dict:
 
 
 def _fastsae_step(
-    d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False, compiled: str | None = None
-):
+    d, n_features, k, weights, dead, fused_optimizer: bool = False, graph: bool = False, compiled: str | None = None,
+    matryoshka: bool = False,
+):  # fmt: skip
     """The module's step with torch.optim.Adam and the decoder constraint's two calls, with
     fastsae.optim.SAEAdam (`fused_optimizer`: the constraint inside its step), replayed as one CUDA graph
     by fastsae.graphs.CapturedStep (`graph`, with torch's fused Adam made capturable), or both. `compiled`:
     the forward through torch.compile(sae, fullgraph=True) ("torch.compile") or sae.compile() ("sae.compile":
     the forward past the dead-feature list), as a user compiling the module runs it (the backward and the
-    optimizer eager)."""
+    optimizer eager). `matryoshka`: a Matryoshka SAE (its prefixes: MATRYOSHKA_PARTS)."""
+    widths = tuple(n_features // parts for parts in MATRYOSHKA_PARTS) if matryoshka else ()
     cfg = fastsae.SAEConfig(d_in=d, n_features=n_features, k=k, dtype="bfloat16", check_finite=False,
-                            dead_after_tokens=DEAD_AFTER_TOKENS)  # fmt: skip
+                            dead_after_tokens=DEAD_AFTER_TOKENS, matryoshka_widths=widths)  # fmt: skip
     sae = fastsae.SparseAutoencoder(cfg).cuda()
     sae.load_state_dict({**sae.state_dict(), **weights})
     with torch.no_grad():  # the silenced features are dead from the start, and stay dead
@@ -130,7 +133,11 @@ FASTSAE_STEPS = {
     "fastsae_saeadam_graph": {"fused_optimizer": True, "graph": True},
     "fastsae_compile": {"compiled": "torch.compile"},
     "fastsae_module_compile": {"compiled": "sae.compile"},
+    "fastsae_saeadam_graph_matryoshka": {"fused_optimizer": True, "graph": True, "matryoshka": True},
 }
+# The Matryoshka provider's prefixes: the first F / 16, F / 8, F / 4 and F / 2 features (four more
+# decodes a step than the plain SAE's)
+MATRYOSHKA_PARTS = (16, 8, 4, 2)
 
 
 def _batchtopk_step(d, n_features, k, weights, sparse_codes: bool, graph: bool = False, threshold_first: bool = False):
