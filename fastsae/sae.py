@@ -975,7 +975,8 @@ class SparseAutoencoder(nn.Module):
     def _matryoshka_recons(self, codes: F.TopKCodes | Tensor, sharded: bool) -> list[Tensor]:
         """A Matryoshka SAE's reconstructions [B, d] from its codes on each prefix of the features (the
         first w of them, w in cfg.matryoshka_widths; the others' codes set to 0), whose FVUs its training
-        loss adds: one more decode, and its backward, per width. A shard's codes name its own features."""
+        loss adds: one more decode, and its backward, per width, of the codes in the prefix (the sparse
+        decode and its backward skip the zero codes' decoder rows). A shard's codes name its own features."""
         recons = []
         for width in self.cfg.matryoshka_widths:
             if isinstance(codes, F.TopKCodes):
