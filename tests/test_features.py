@@ -3,15 +3,18 @@ token's codes at once, their contexts within their own texts, and `python -m fas
 end on a tiny GPT-2 built from a config (no download)."""
 
 import json
+import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastsae
 import fastsae.features
 from fastsae.__main__ import main as cli
 from fastsae.activations import capture
-from fastsae.features import top_examples
+from fastsae.features import _TopTable, top_examples
 
 from .test_activations import SPECIAL, _gpt2, _texts, _tokenizer
 
@@ -182,3 +185,30 @@ def test_top_examples_on_a_gpu_match_the_cpu():
         torch.testing.assert_close(got.values, want.values, rtol=1e-4, atol=1e-5, msg=name)
         clear = want.values > 1e-3
         assert torch.equal(got.positions[clear], want.positions[clear]), name
+
+
+@settings(max_examples=int(os.environ.get("FASTSAE_PROPERTY_EXAMPLES", "10")) * 5, deadline=None)
+@given(
+    n_features=st.integers(1, 6), n_examples=st.integers(1, 4), levels=st.integers(1, 4),
+    batches=st.lists(st.integers(0, 12), min_size=1, max_size=5), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_the_running_table_keeps_what_one_sort_of_every_code_keeps(n_features, n_examples, levels, batches, seed):
+    """The running table over batches of codes (few distinct values: ties everywhere, and zeros, which
+    never fire) keeps each feature's n_examples largest codes, of equal ones the earliest token's, and
+    counts the fires: as one sort of every code at once does."""
+    generator = torch.Generator().manual_seed(seed)
+    table = _TopTable(n_features, n_examples, 1, torch.device("cpu"))
+    every, position = [], 0
+    for size in batches:
+        features = torch.randint(0, n_features, (size,), generator=generator)
+        values = torch.randint(0, levels + 1, (size,), generator=generator).float()  # 0: does not fire
+        positions = torch.arange(position, position + size)  # in token order, after the table's
+        position += size
+        table.add(features, values, positions, lambda f, p: p[:, None].float())  # window: the position
+        every += list(zip(features.tolist(), values.tolist(), positions.tolist()))
+    for feature in range(n_features):
+        fired = sorted(((-v, p) for f, v, p in every if f == feature and v > 0))[:n_examples]
+        assert int(table.fire_counts[feature]) == sum(1 for f, v, _ in every if f == feature and v > 0)
+        kept = [(float(-v), p) for v, p in fired] + [(0.0, -1)] * (n_examples - len(fired))
+        assert list(zip(table.values[feature].tolist(), table.positions[feature].tolist())) == kept
+        assert table.windows[feature, : len(fired), 0].tolist() == [float(p) for _, p in fired]
