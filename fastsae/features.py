@@ -90,7 +90,9 @@ class _TopTable:
         self.windows = torch.zeros(n_features, n_examples, window, dtype=torch.float32, device=device)
         self.fire_counts = torch.zeros(n_features, dtype=torch.int64, device=device)
 
-    def add(self, features: Tensor, values: Tensor, positions: Tensor, windows: Callable[[Tensor, Tensor], Tensor]):
+    def add(
+        self, features: Tensor, values: Tensor, positions: Tensor, windows: Callable[[Tensor, Tensor], Tensor]
+    ) -> None:
         """Merges a batch's codes (feature, value, token position; 1-D each, in token order, after the
         table's tokens) into the table: each feature keeps its M largest, the table's own first among
         equal values (they came earlier). `windows(features, positions)` gives the new examples' windows."""
