@@ -21,11 +21,22 @@ parameters' dtype.
 `lr` may be a 0-dim tensor on the SAE's device, as torch.optim.Adam's may: the kernels read it at every
 step, so a learning-rate schedule (any `torch.optim.lr_scheduler`, which fills the tensor in place, or
 your own `lr.fill_(...)`) reaches a captured step's replays, where a number is fixed at capture.
+
+`bias_lr_scale` multiplies the biases' rate (b_enc, b_dec, a JumpReLU SAE's thresholds). Adam moves a
+parameter by about lr a step whatever its scale. That suits W_enc and the unit-norm W_dec, whose scale
+does not depend on the activations', but the biases are in the activations' units: on activations 100
+times smaller the same rate moves them 100 times too far. With `bias_lr_scale=activation_scale(sae,
+sample)` (the sample's RMS per dimension about b_dec) training does not depend on the activations'
+scale: it is the training on activations normalised to unit RMS, to Adam's eps (Adam's updates do not
+change with their gradients' scale). The default 1.0 is torch.optim.Adam's step.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
@@ -39,9 +50,12 @@ class SAEAdam(torch.optim.Optimizer):
     def __init__(
         self, sae: SparseAutoencoder, lr: float | Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8, state_dtype: torch.dtype | None = None, capturable: bool = False,
+        bias_lr_scale: float = 1.0,
     ) -> None:  # fmt: skip
         if not isinstance(sae, SparseAutoencoder):
             raise TypeError(f"SAEAdam takes a fastsae.SparseAutoencoder, got {type(sae).__name__}")
+        if not (isinstance(bias_lr_scale, (int, float)) and 0 < bias_lr_scale < math.inf):
+            raise ValueError(f"bias_lr_scale must be a finite number > 0, got {bias_lr_scale!r}")
         if isinstance(lr, Tensor) and (lr.dim() != 0 or not lr.is_floating_point() or lr.device != sae.W_dec.device):
             raise ValueError(
                 f"a tensor lr must be a 0-dim floating tensor on the SAE's device ({sae.W_dec.device}), got a "
@@ -53,18 +67,21 @@ class SAEAdam(torch.optim.Optimizer):
             raise ValueError(f"capturable=True keeps the moments in the parameters' dtype, not {state_dtype}")
         others = [p for name, p in sae.named_parameters() if name != "W_dec"]
         groups = [{"params": others, "decoder": False}, {"params": [sae.W_dec], "decoder": True}]
-        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, state_dtype=state_dtype, capturable=capturable))
+        defaults = dict(lr=lr, betas=betas, eps=eps, state_dtype=state_dtype, capturable=capturable)
+        super().__init__(groups, {**defaults, "bias_lr_scale": float(bias_lr_scale)})
+        self._biases = {id(p) for name, p in sae.named_parameters() if name in BIASES}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's, except that this optimizer keeps its own `capturable` setting (torch takes every
         group option from the saved state) and holds the loaded step counts in its form: a state saved
         with the other setting, or from before the option, resumes the same run. The saved learning
         rate is taken in this optimizer's form too: a tensor rate stays the same tensor (the one a
-        captured step reads, or a scheduler fills), given the saved value."""
-        kept = [(group["capturable"], group["lr"]) for group in self.param_groups]
+        captured step reads, or a scheduler fills), given the saved value. It keeps its own
+        `bias_lr_scale` (states saved before the option had none)."""
+        kept = [(group["capturable"], group["lr"], group["bias_lr_scale"]) for group in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, (on_device, lr) in zip(self.param_groups, kept):
-            group["capturable"] = on_device
+        for group, (on_device, lr, bias_lr_scale) in zip(self.param_groups, kept):
+            group["capturable"], group["bias_lr_scale"] = on_device, bias_lr_scale
             if isinstance(lr, Tensor):
                 group["lr"] = lr.fill_(float(group["lr"]))
             elif isinstance(group["lr"], Tensor):
@@ -115,24 +132,52 @@ class SAEAdam(torch.optim.Optimizer):
                 for p, state in zip(params, states):
                     F.decoder_adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
                                     beta1, beta2, group["eps"])  # fmt: skip
-            elif params and params[0].is_cuda:  # (a module's parameters share one device)
-                for p, state in zip(params, states):
-                    F.adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"], beta1,
-                            beta2, group["eps"])  # fmt: skip
-            elif params and group["capturable"]:
-                kinds: dict[tuple, list[int]] = {}  # the fused kernel takes one device and dtype per call
-                for i, p in enumerate(params):
-                    kinds.setdefault((p.device, p.dtype), []).append(i)
-                for members in kinds.values():
+                continue
+            # The biases' rate and the others' (a tensor rate times the scale: one launch a step)
+            scaled = group["bias_lr_scale"] != 1.0
+            rates = {False: group["lr"], True: group["lr"] * group["bias_lr_scale"] if scaled else group["lr"]}
+            kinds: dict[tuple, list[int]] = {}  # one fused or multi-tensor update per (device, dtype, rate)
+            for i, p in enumerate(params):
+                kinds.setdefault((p.device, p.dtype, scaled and id(p) in self._biases), []).append(i)
+            for (device, _, bias), members in kinds.items():
+                lr = rates[bias]
+                if device.type == "cuda":
+                    for i in members:
+                        p, state = params[i], states[i]
+                        F.adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr, beta1, beta2,
+                                group["eps"])  # fmt: skip
+                elif group["capturable"]:
                     torch._fused_adam_(
                         [params[i] for i in members], [params[i].grad for i in members],
                         [states[i]["exp_avg"] for i in members], [states[i]["exp_avg_sq"] for i in members], [],
-                        [states[i]["step"] for i in members], lr=group["lr"], beta1=beta1, beta2=beta2,
+                        [states[i]["step"] for i in members], lr=lr, beta1=beta1, beta2=beta2,
                         weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False,
                     )  # fmt: skip
-            elif params:  # (on the host: a tensor rate is read there)
-                _adam(params, [p.grad for p in params], states, float(group["lr"]), beta1, beta2, group["eps"])
+                else:  # (on the host: a tensor rate is read there)
+                    members_params = [params[i] for i in members]
+                    _adam(members_params, [p.grad for p in members_params], [states[i] for i in members], float(lr),
+                          beta1, beta2, group["eps"])  # fmt: skip
         return loss
+
+
+# The parameters in the activations' units, whose rate `bias_lr_scale` scales
+BIASES = ("b_enc", "b_dec", "threshold")
+
+
+@torch.no_grad()
+def activation_scale(sae: SparseAutoencoder, sample: Tensor) -> float:
+    """The RMS per dimension of `sample` [N, d] about the SAE's b_dec, in the SAE's own space (whitened,
+    where it whitens): the scale of the values its biases add to, for SAEAdam's `bias_lr_scale`. Call it
+    after `sae.initialize(sample)`, which sets b_dec. A data-parallel SAE's is over every replica's
+    sample (one all-reduce), so that the replicas step alike."""
+    deviations = sae._to_sae_space(sample.to(sae.b_dec.device)).double() - sae.b_dec.double()
+    sums = torch.stack([deviations.pow(2).sum(), deviations.new_tensor(deviations.numel())])
+    if sae._group is not None:
+        dist.all_reduce(sums, group=sae._group)
+    scale = float((sums[0] / sums[1]).sqrt())
+    if not 0 < scale < math.inf:
+        raise ValueError(f"the sample's scale about b_dec is {scale}: give a sample of distinct, finite activations")
+    return scale
 
 
 def step_with_decoder_constraint(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> None:

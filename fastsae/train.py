@@ -31,7 +31,10 @@ epoch after epoch, each epoch in a seeded order (so a resumed run skips what it 
 The optimizer is `fastsae.optim.SAEAdam` (Adam with the decoder's unit-norm constraint in its step, one
 pass over each parameter: the fastest step at every benchmark shape); --optimizer adam takes torch's
 fused Adam and the module's two decoder calls instead. A resumed run keeps the optimizer its state was
-saved with (runs saved before the option: torch's Adam). The rate is --lr throughout, unless
+saved with (runs saved before the option: torch's Adam). SAEAdam's biases step at the activations'
+scale (`bias_lr_scale`: their RMS per dimension about b_dec in the first tokens, printed at the start),
+so that a run trains alike on activations of any scale, as on activations normalised to unit RMS
+(torch's Adam steps them at --lr). The rate is --lr throughout, unless
 --lr-warmup-tokens raises it linearly from 0 over the first tokens and --lr-decay-tokens lowers it
 linearly to 0 over the last ones: a function of the token count, so a resumed run continues it (and
 one resumed with more --tokens decays towards its new end); a resumed run takes --lr and the schedule
@@ -75,7 +78,7 @@ from .cli import at_least, positive_float, read_texts
 from .diagnostics import diagnose
 from .evaluate import evaluate
 from .graphs import CapturedStep
-from .optim import SAEAdam, step_with_decoder_constraint
+from .optim import SAEAdam, activation_scale, step_with_decoder_constraint
 from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, sync_directory, write_atomically
 
 # The run's tables in OUT, a row per hook point each time a run logs (LOG_FILE) or evaluates (EVAL_FILE).
@@ -224,7 +227,13 @@ def _run(args: argparse.Namespace) -> None:
         tokens_done, state = 0, None
     args.optimizer = args.optimizer or "saeadam"
     capture = _captures(args, layout)
-    optimizers = {name: _optimizer(args, sae, capture) for name, sae in saes.items()}
+    optimizers = {}
+    for name, sae in saes.items():
+        # SAEAdam's biases at the activations' scale (a resumed run's come with its optimizer state)
+        scale = activation_scale(sae, sample[name]) if state is None and args.optimizer == "saeadam" else 1.0
+        if scale != 1.0:
+            say(f"== {name}: the biases' rate x {scale:.3g} (the activations' RMS per dimension about b_dec)")
+        optimizers[name] = _optimizer(args, sae, capture, scale)
     if state is not None:
         for name, optimizer in optimizers.items():
             _load_optimizer_state(optimizer, state["optimizers"][name])
@@ -253,15 +262,18 @@ def _resumed_optimizer(asked: str | None, state: dict, state_path: Path) -> str:
     return saved
 
 
-def _optimizer(args: argparse.Namespace, sae: SparseAutoencoder, capture: bool) -> torch.optim.Optimizer:
-    """SAEAdam, or torch's Adam (its fused kernel on CUDA: one launch over the parameters), capturable
-    for a captured step. With a schedule the rate is a tensor on the SAE's device, which `_set_lr` fills
-    before each step and the kernels read (a captured step's replays too)."""
+def _optimizer(
+    args: argparse.Namespace, sae: SparseAutoencoder, capture: bool, bias_lr_scale: float
+) -> torch.optim.Optimizer:  # fmt: skip
+    """SAEAdam (its biases' rate scaled by `bias_lr_scale`), or torch's Adam (its fused kernel on CUDA: one
+    launch over the parameters), capturable for a captured step. With a schedule the rate is a tensor on
+    the SAE's device, which `_set_lr` fills before each step and the kernels read (a captured step's
+    replays too)."""
     lr = _lr(args, sae)
     if _scheduled(args):
         lr = torch.tensor(lr, dtype=torch.float32, device=sae.W_enc.device)
     if args.optimizer == "saeadam":
-        return SAEAdam(sae, lr=lr, capturable=capture)
+        return SAEAdam(sae, lr=lr, capturable=capture, bias_lr_scale=bias_lr_scale)
     return torch.optim.Adam(sae.parameters(), lr=lr, fused=sae.W_enc.is_cuda, capturable=capture)
 
 
@@ -274,9 +286,10 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None
     kept = [{key: group[key] for key in ("lr", "fused", "capturable") if key in group}
             for group in optimizer.param_groups]  # fmt: skip
     optimizer.load_state_dict(state)
-    for group, settings in zip(optimizer.param_groups, kept):
+    for group, settings, saved in zip(optimizer.param_groups, kept, state["param_groups"]):
         group.update(settings)
-        if isinstance(optimizer, SAEAdam):
+        if isinstance(optimizer, SAEAdam):  # the biases' rate of the run it resumes (1 before it had one)
+            group["bias_lr_scale"] = saved.get("bias_lr_scale", 1.0)
             continue
         for param in group["params"]:
             param_state = optimizer.state.get(param, {})

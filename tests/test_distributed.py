@@ -268,6 +268,26 @@ def test_data_parallel_batchtopk_budget_counts_every_token_in_bf16(tmp_path):
     assert torch.equal(threshold, expected), (threshold, expected)
 
 
+def _activation_scale_replica(rank, world, result_path):
+    torch.manual_seed(1 if rank == 0 else 100 + rank)
+    sample = _local(_data()[0])
+    sae = _local(_sae()).data_parallel()
+    sae.initialize(sample.chunk(world)[rank])
+    scale = fastsae.optim.activation_scale(sae, sample.chunk(world)[rank])
+    if rank == 0:
+        torch.save(scale, result_path)
+
+
+def test_activation_scale_is_every_replicas(tmp_path):
+    """A data-parallel SAE's activation_scale (SAEAdam's bias_lr_scale) is over every replica's sample,
+    as one process's over the whole, so that the replicas' biases step alike."""
+    sample = _data()[0]
+    torch.manual_seed(1)
+    single = _sae().initialize(sample)
+    _spawn(_activation_scale_replica, (tmp_path / "scale.pt",), 2)
+    assert _load(tmp_path / "scale.pt") == pytest.approx(fastsae.optim.activation_scale(single, sample), rel=1e-9)
+
+
 def test_data_parallel_needs_torch_distributed():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="init_process_group"):

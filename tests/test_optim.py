@@ -198,19 +198,74 @@ def test_a_tensor_rate_follows_its_scheduler_as_torch_adams_rate(capturable):
 @pytest.mark.parametrize("capturable", [False, True], ids=["default", "capturable"])
 def test_on_cuda_matches_torch_adam_with_the_decoder_constraint(capturable, rate):
     """On CUDA every parameter takes a Triton pass (F.adam_, F.decoder_adam_): five fp32 steps as
-    torch.optim.Adam between the decoder constraint's two calls, to fp32 rounding; with a tensor rate,
-    which the kernels read, changed in place after every step as in the torch optimizer."""
+    torch.optim.Adam between the decoder constraint's two calls, to fp32 rounding, the biases at twice
+    the rate (bias_lr_scale); with a tensor rate, which the kernels read, changed in place after every
+    step as in the torch optimizer."""
     fused, plain = (sae.to(device="cuda", dtype=torch.float32) for sae in _pair())
     lr = 1e-2 if rate == "number" else torch.tensor(1e-2, device="cuda")
-    sae_adam = SAEAdam(fused, lr=lr, capturable=capturable)
-    torch_adam = torch.optim.Adam(plain.parameters(), lr=1e-2)
+    sae_adam = SAEAdam(fused, lr=lr, capturable=capturable, bias_lr_scale=2.0)
+    groups = [{"params": [plain.W_enc, plain.W_dec]}, {"params": [plain.b_enc, plain.b_dec], "lr": 2e-2}]
+    torch_adam = torch.optim.Adam(groups, lr=1e-2)
     for step, x in enumerate(_batches(5, torch.float32)):
         _step_both(fused, sae_adam, plain, torch_adam, x.cuda())
         if rate == "tensor":
             lr.fill_(1e-2 * _warmup_then_decay(step))
-            torch_adam.param_groups[0]["lr"] = 1e-2 * _warmup_then_decay(step)
+            for group, scale in zip(torch_adam.param_groups, (1, 2)):
+                group["lr"] = scale * 1e-2 * _warmup_then_decay(step)
     for (name, got), want in zip(fused.named_parameters(), plain.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("capturable", [False, True], ids=["default", "capturable"])
+def test_bias_lr_scale_scales_the_biases_rate_only(capturable):
+    """bias_lr_scale=4: b_enc and b_dec step as torch.optim.Adam at 4 x lr, W_enc at lr, W_dec at lr
+    between the decoder constraint's calls (torch's Adam with two parameter groups)."""
+    fused, plain = _pair()
+    sae_adam = SAEAdam(fused, lr=1e-2, capturable=capturable, bias_lr_scale=4.0)
+    groups = [{"params": [plain.W_enc, plain.W_dec]}, {"params": [plain.b_enc, plain.b_dec], "lr": 4e-2}]
+    torch_adam = torch.optim.Adam(groups, lr=1e-2, foreach=True)
+    for x in _batches(5):
+        _step_both(fused, sae_adam, plain, torch_adam, x)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if capturable else dict(rtol=1e-10, atol=1e-12)
+    for (name, got), want in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(got, want, **tolerance, msg=name)
+
+
+@pytest.mark.parametrize("scale", [1 / 64, 64.0])
+def test_activation_scale_makes_training_independent_of_the_activations_scale(scale):
+    """The same SAE trained on x and on scale x (a power of two: exact in fp64), each with SAEAdam's
+    bias_lr_scale = activation_scale of its own sample: the same losses, W_enc and W_dec, and biases
+    `scale` times as large (to Adam's eps, 1e-8 beside the biases' gradients of about 1e-3 at 64 x: 1e-6
+    apart after 6 steps). Without it the biases step alike on both, and the runs part."""
+    generator = torch.Generator().manual_seed(3)
+    sample = torch.randn(256, D, generator=generator, dtype=torch.float64) * torch.linspace(0.5, 2, D) + 3
+    batches = [torch.randn(64, D, generator=generator, dtype=torch.float64) + 3 for _ in range(6)]
+    runs = {}
+    for factor in (1.0, scale):
+        for scaled in (True, False):
+            torch.manual_seed(0)
+            cfg = fastsae.SAEConfig(d_in=D, n_features=N_FEATURES, k=K, dtype="float64", dead_after_tokens=100)
+            sae = fastsae.SparseAutoencoder(cfg).initialize(sample * factor)
+            rate = fastsae.optim.activation_scale(sae, sample * factor) if scaled else 1.0
+            optimizer = SAEAdam(sae, lr=1e-2, bias_lr_scale=rate)
+            fvus = []
+            for x in batches:
+                out = sae(x * factor)
+                out.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                fvus.append(float(out.fvu.detach()))
+            runs[factor, scaled] = (sae, fvus, rate)
+    (base, base_fvus, base_rate), (other, other_fvus, other_rate) = runs[1.0, True], runs[scale, True]
+    assert other_rate == pytest.approx(scale * base_rate, rel=1e-12)
+    assert other_fvus == pytest.approx(base_fvus, rel=1e-5)
+    for name in ("W_enc", "W_dec"):
+        torch.testing.assert_close(getattr(other, name), getattr(base, name), rtol=1e-4, atol=1e-5, msg=name)
+    for name in ("b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(other, name), scale * getattr(base, name), rtol=1e-4, atol=1e-5 * scale,
+                                   msg=name)  # fmt: skip
+    unscaled = runs[scale, False][0]
+    assert not torch.allclose(unscaled.b_enc, scale * runs[1.0, False][0].b_enc, rtol=1e-3), "the test would not see it"
 
 
 def test_refuses_what_it_cannot_optimise():
@@ -226,3 +281,9 @@ def test_refuses_what_it_cannot_optimise():
         SAEAdam(_pair()[0], lr=torch.tensor(1, dtype=torch.int64))
     with pytest.raises(ValueError, match="a tensor lr must be a 0-dim floating tensor on the SAE's device"):
         SAEAdam(_pair()[0], lr=torch.tensor(1e-3, device="meta"))
+    for bad in (0.0, -1.0, float("inf"), float("nan"), "2"):
+        with pytest.raises(ValueError, match="bias_lr_scale must be a finite number > 0"):
+            SAEAdam(_pair()[0], bias_lr_scale=bad)
+    sae = _pair()[0]
+    with pytest.raises(ValueError, match="the sample's scale about b_dec is 0.0"):
+        fastsae.optim.activation_scale(sae, sae.b_dec.detach().expand(8, D))

@@ -254,6 +254,49 @@ def test_train_command_trains_a_matryoshka_sae(tmp_path, capsys):
     assert "matryoshka_widths must increase strictly within [1, n_features=64), got [8, 64]" in capsys.readouterr().err
 
 
+def test_train_command_trains_alike_at_any_activation_scale(tmp_path, capsys):
+    """The same activations, and 64 times larger: SAEAdam's biases step at the activations' scale (its
+    bias_lr_scale, printed and kept in the optimizer state), so both runs end with the same W_enc and
+    W_dec and biases 64 times apart (to Adam's eps, in fp32). A resumed run keeps the scale it saved, and
+    a state from before the option resumes with none (1)."""
+    from safetensors.torch import save_file
+
+    acts = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 2, 16) + 2
+    saes = {}
+    for factor in (1, 64):
+        save_file({"acts": acts * factor}, str(tmp_path / "layer6.safetensors"))
+        out = tmp_path / f"run{factor}"
+        common = ["train", "--activations", str(tmp_path / "layer6.safetensors"), "--batch-tokens", "64",
+                  "--diagnose-tokens", "128", "--expansion-factor", "4", "--k", "4", "--device", "cpu",
+                  "--out", str(out)]  # fmt: skip
+        torch.manual_seed(0)
+        assert cli([*common, "--tokens", "512"]) == 0
+        assert "layer6: the biases' rate x" in capsys.readouterr().out
+        saes[factor] = fastsae.SparseAutoencoder.load(out / "layer6.safetensors")
+        scales = [
+            group["bias_lr_scale"] for group in torch.load(out / "state.pt")["optimizers"]["layer6"]["param_groups"]
+        ]
+        assert scales[0] == scales[1] and 0.5 * factor < scales[0] < 2 * factor
+    for name in ("W_enc", "W_dec"):
+        torch.testing.assert_close(getattr(saes[64], name), getattr(saes[1], name), rtol=1e-3, atol=1e-4, msg=name)
+    for name in ("b_enc", "b_dec"):
+        torch.testing.assert_close(
+            getattr(saes[64], name), 64 * getattr(saes[1], name), rtol=1e-3, atol=64e-4, msg=name
+        )
+
+    assert cli([*common, "--tokens", "768"]) == 0  # (the last run: 64 x) resumed with its scale
+    state = torch.load(out / "state.pt")["optimizers"]["layer6"]
+    assert [group["bias_lr_scale"] for group in state["param_groups"]] == scales
+    for group in state["param_groups"]:  # as a run saved before the option
+        del group["bias_lr_scale"]
+    full = torch.load(out / "state.pt")
+    full["optimizers"]["layer6"] = state
+    torch.save(full, out / "state.pt")
+    assert cli([*common, "--tokens", "1024"]) == 0
+    state = torch.load(out / "state.pt")["optimizers"]["layer6"]
+    assert [group["bias_lr_scale"] for group in state["param_groups"]] == [1.0, 1.0]
+
+
 def test_learning_rate_schedule_factors():
     """The schedule alone: warm-up by the step's last token, decay by its first, both at once where
     they overlap, none without them, and 0 past the end."""
