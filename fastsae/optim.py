@@ -133,14 +133,12 @@ class SAEAdam(torch.optim.Optimizer):
                     F.decoder_adam_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
                                     beta1, beta2, group["eps"])  # fmt: skip
                 continue
-            # The biases' rate and the others' (a tensor rate times the scale: one launch a step)
-            scaled = group["bias_lr_scale"] != 1.0
-            rates = {False: group["lr"], True: group["lr"] * group["bias_lr_scale"] if scaled else group["lr"]}
-            kinds: dict[tuple, list[int]] = {}  # one fused or multi-tensor update per (device, dtype, rate)
+            bias_lr_scale = group["bias_lr_scale"]
+            kinds: dict[tuple, list[int]] = {}  # one update per (device, dtype, whether a bias at its own rate)
             for i, p in enumerate(params):
-                kinds.setdefault((p.device, p.dtype, scaled and id(p) in self._biases), []).append(i)
-            for (device, _, bias), members in kinds.items():
-                lr = rates[bias]
+                kinds.setdefault((p.device, p.dtype, bias_lr_scale != 1.0 and id(p) in self._biases), []).append(i)
+            for (device, _, scaled_bias), members in kinds.items():
+                lr = group["lr"] * bias_lr_scale if scaled_bias else group["lr"]  # (a tensor rate: one launch)
                 if device.type == "cuda":
                     for i in members:
                         p, state = params[i], states[i]
@@ -154,9 +152,9 @@ class SAEAdam(torch.optim.Optimizer):
                         weight_decay=0.0, eps=group["eps"], amsgrad=False, maximize=False,
                     )  # fmt: skip
                 else:  # (on the host: a tensor rate is read there)
-                    members_params = [params[i] for i in members]
-                    _adam(members_params, [p.grad for p in members_params], [states[i] for i in members], float(lr),
-                          beta1, beta2, group["eps"])  # fmt: skip
+                    tensors = [params[i] for i in members]
+                    _adam(tensors, [p.grad for p in tensors], [states[i] for i in members], float(lr), beta1, beta2,
+                          group["eps"])  # fmt: skip
         return loss
 
 
