@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from . import functional as F
 from .activations import _batched, _special_token_ids, capture, encode_texts, load_model, usable_context
@@ -137,13 +138,14 @@ def top_examples(
     keep_special_tokens: bool = False,
     before: int = 10,
     after: int = 3,
+    progress: bool = True,
 ) -> dict[str, FeatureExamples]:
     """{hook point: FeatureExamples} of `saes` over `texts` run through `model` (see the module
     docstring), tokenized by `tokenizer` (a Hugging Face tokenizer) in batches of `texts_per_forward`
     cut at `context_size` tokens (or the model's maximum positions, where fewer), until `max_tokens`
     positions have been encoded (None: every text), with each example's window of `before` tokens
-    before its token and `after` after it. The SAEs and the model run in evaluation mode and are left in
-    the mode they were in."""
+    before its token and `after` after it (a progress bar of the model's forward passes with `progress`).
+    The SAEs and the model run in evaluation mode and are left in the mode they were in."""
     if not saes:
         raise ValueError("saes is empty: give {hook point: SAE}")
     if n_examples < 1 or context_size < 1 or texts_per_forward < 1 or before < 0 or after < 0:
@@ -166,7 +168,9 @@ def top_examples(
         for module in modes:
             module.eval()
         with torch.no_grad():
-            for batch in _batched(texts, texts_per_forward):
+            for batch in tqdm(
+                _batched(texts, texts_per_forward), desc="features", unit=" forward", disable=not progress
+            ):
                 inputs, encoded = encode_texts(tokenizer, batch, context_size, special)
                 real = inputs["attention_mask"].bool()
                 # each real token's index in the kept ids: text after text, in order within a text
