@@ -160,6 +160,7 @@ class SAEAdam(torch.optim.Optimizer):
 
 # The parameters in the activations' units, whose rate `bias_lr_scale` scales
 BIASES = ("b_enc", "b_dec", "threshold")
+SCALE_CHUNK_ROWS = 8192  # sample rows `activation_scale` reads at once
 
 
 @torch.no_grad()
@@ -168,8 +169,12 @@ def activation_scale(sae: SparseAutoencoder, sample: Tensor) -> float:
     where it whitens): the scale of the values its biases add to, for SAEAdam's `bias_lr_scale`. Call it
     after `sae.initialize(sample)`, which sets b_dec. A data-parallel SAE's is over every replica's
     sample (one all-reduce), so that the replicas step alike."""
-    deviations = sae._to_sae_space(sample.to(sae.b_dec.device)).double() - sae.b_dec.double()
-    sums = torch.stack([deviations.pow(2).sum(), deviations.new_tensor(deviations.numel())])
+    squares = torch.zeros((), dtype=torch.float64, device=sae.b_dec.device)
+    for chunk in sample.split(SCALE_CHUNK_ROWS):  # (a 65536 x 4096 sample in fp64 at once: 2 GiB)
+        dtype = torch.promote_types(chunk.dtype, torch.float32)
+        deviations = sae._to_sae_space(chunk.to(sae.b_dec.device)).to(dtype) - sae.b_dec.to(dtype)
+        squares += deviations.pow(2).sum(dtype=torch.float64)
+    sums = torch.stack([squares, squares.new_tensor(sample.numel())])
     if sae._group is not None:
         dist.all_reduce(sums, group=sae._group)
     scale = float((sums[0] / sums[1]).sqrt())
