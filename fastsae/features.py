@@ -18,8 +18,9 @@ context. Each feature's fire count over the texts comes with them.
 
 writes, per SAE, a JSON file (each feature's fire rate and examples: its code, the tokens around it as
 the tokenizer decodes them one by one, which of them it is on, and the feature's codes on each) and an
-HTML page that shows them (the first HTML_FEATURES), each token shaded by the feature's code on it.
-`--features 12 345` keeps the files to those features (by default: every feature that fired).
+HTML page that shows them (the first HTML_FEATURES), each token shaded by the feature's code on it,
+under a histogram of every feature's fire rate (`<hook point>_density.png`). `--features 12 345` keeps
+the files to those features (by default: every feature that fired).
 """
 
 from __future__ import annotations
@@ -269,9 +270,11 @@ def _add_codes(table: _TopTable, sae: SparseAutoencoder, name: str, x: Tensor, w
 
 def write_examples(
     examples: FeatureExamples, tokenizer, directory: str | Path, features: Sequence[int] | None = None
-) -> tuple[Path, Path]:  # fmt: skip
+) -> tuple[Path, Path, Path]:  # fmt: skip
     """Writes `directory`/<hook point>.json and .html (see the module docstring) for `features` (None:
-    every feature that fired); returns their paths. Each file is written whole or not at all."""
+    every feature that fired), and <hook point>_density.png, the histogram of every feature's fire rate
+    (log10; the features that never fired counted apart), which the page shows; returns their paths.
+    Each file is written whole or not at all."""
     n_features = examples.values.shape[0]
     if features is None:
         features = torch.nonzero(examples.fire_counts).flatten().tolist()
@@ -301,9 +304,32 @@ def write_examples(
     summary = {"hookpoint": examples.hookpoint, "n_tokens": examples.n_tokens, "n_features": n_features,
                "fired": int((examples.fire_counts > 0).sum()), "features": records}  # fmt: skip
     json_path, html_path = directory / f"{stem}.json", directory / f"{stem}.html"
+    density_path = directory / f"{stem}_density.png"
+    _plot_density(examples, density_path)
     write_atomically(json_path, lambda tmp: Path(tmp).write_text(json.dumps(summary), encoding="utf-8"))
-    write_atomically(html_path, lambda tmp: Path(tmp).write_text(_html(summary), encoding="utf-8"))
-    return json_path, html_path
+    write_atomically(html_path, lambda tmp: Path(tmp).write_text(_html(summary, density_path.name), encoding="utf-8"))
+    return json_path, html_path, density_path
+
+
+def _plot_density(examples: FeatureExamples, path: Path) -> None:
+    """The histogram of the features' log10 fire rates over the texts scanned (the usual first look at
+    an SAE's features: dead ones pile up at the left, dense ones at the right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fired = examples.fire_counts[examples.fire_counts > 0].double()
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    if fired.numel():
+        axis.hist(torch.log10(fired / examples.n_tokens).numpy(), bins=50)
+    never = examples.fire_counts.shape[0] - fired.numel()
+    axis.set(xlabel="log10 fire rate", ylabel="features",
+             title=f"{examples.hookpoint}: {never} of {examples.fire_counts.shape[0]} features never fired "
+                   f"on {examples.n_tokens} tokens")  # fmt: skip
+    figure.tight_layout()
+    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
 
 
 # Features the HTML page shows at most (the first of those written; the JSON file holds them all): a page
@@ -311,8 +337,9 @@ def write_examples(
 HTML_FEATURES = 2000
 
 
-def _html(summary: dict) -> str:
-    """A static page of the features' examples (no script, nothing fetched)."""
+def _html(summary: dict, density_png: str) -> str:
+    """A static page of the features' examples, under the fire rates' histogram (the file
+    `density_png` beside it; no script, nothing fetched from elsewhere)."""
     sections = []
     shown = summary["features"][:HTML_FEATURES]
     for record in shown:
@@ -340,6 +367,7 @@ def _html(summary: dict) -> str:
         "font-family: monospace; } .value { display: inline-block; width: 4em; color: #666; }"
         f"</style></head><body><h1>{title}</h1><p>{summary['fired']} of {summary['n_features']} features fired on "
         f"{summary['n_tokens']} tokens; each token shaded by the feature's code on it, the example's outlined.</p>"
+        f'<img src="{html.escape(density_png)}" alt="fire rates">'
         f"{_html_cut(len(shown), len(summary['features']))}{''.join(sections)}</body></html>"
     )
 
@@ -388,5 +416,5 @@ def run(args: argparse.Namespace) -> int:
         paths = write_examples(examples, tokenizer, args.out, args.features)
         fired = int((examples.fire_counts > 0).sum())
         print(f"{name}: {fired} of {examples.values.shape[0]} features fired on {examples.n_tokens} tokens; "
-              f"wrote {paths[0]} and {paths[1]}")  # fmt: skip
+              f"wrote {', '.join(map(str, paths))}")  # fmt: skip
     return 0

@@ -5,6 +5,7 @@ end on a tiny GPT-2 built from a config (no download)."""
 import json
 import os
 
+import matplotlib.image
 import pytest
 import torch
 from hypothesis import given, settings
@@ -129,7 +130,8 @@ def test_top_examples_stop_after_max_tokens_and_refuse_nothing_to_do():
 
 def test_features_command_writes_json_and_html(tmp_path, capsys, monkeypatch):
     """`python -m fastsae features`: per SAE a JSON file (every feature that fired, or those asked for;
-    each example's tokens as the tokenizer decodes them, its own token marked) and an HTML page."""
+    each example's tokens as the tokenizer decodes them, its own token marked), an HTML page, and the
+    fire rates' histogram the page shows."""
     model_dir = tmp_path / "tiny-gpt2"
     _gpt2().save_pretrained(model_dir)
     _tokenizer().save_pretrained(model_dir)
@@ -158,6 +160,8 @@ def test_features_command_writes_json_and_html(tmp_path, capsys, monkeypatch):
                            for token in example["tokens"])  # fmt: skip
         page = (out / f"{name}.html").read_text()
         assert page.count("<section") == summary["fired"] and "outline: 1px solid" in page
+        assert f'<img src="{name}_density.png"' in page
+        assert matplotlib.image.imread(out / f"{name}_density.png").shape[2] in (3, 4)
     assert "first" not in page  # (every feature shown)
     assert cli([*common, "--sae", str(tmp_path / "h.0.safetensors"), "--features", "5", "7", "9"]) == 0
     assert [record["feature"] for record in json.loads((out / "h.0.json").read_text())["features"]] == [5, 7, 9]
