@@ -11,8 +11,9 @@ for JumpReLU, threshold [d_sae]. Architectures: "standard" (ReLU), "topk" (k), "
 "batchtopk" (k; JumpReLU at its threshold in eval mode). SAELens encodes
 act((x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc); without apply_b_dec_to_input the b_dec term is
 folded into b_enc (b_enc + b_dec @ W_enc), which gives the same pre-activations. JumpReLU codes are
-ReLU'd first, so a negative threshold acts as 0. Activation normalisation other than "none" and
-decoder-norm rescaling of TopK codes change the function in ways a fastsae SAE does not compute: they
+ReLU'd first, so a negative threshold acts as 0. normalize_activations "layer_norm" (each token
+standardised at run time) loads as the SAEConfig option of that name; the other run-time normalisations
+and decoder-norm rescaling of TopK codes change the function in ways a fastsae SAE does not compute: they
 are refused with an error.
 
 sparsify (`SparseCoder.save_to_disk`): a directory holding cfg.json (k, num_latents or
@@ -34,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .sae import DTYPES, SAEConfig, SparseAutoencoder, read_safetensors, write_atomically
+from .sae import DTYPES, NORMALIZATIONS, SAEConfig, SparseAutoencoder, read_safetensors, write_atomically
 
 FORMATS = ("fastsae", "saelens", "sparsify")
 SAELENS_FILES = ("cfg.json", "sae_weights.safetensors")
@@ -122,9 +123,11 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     if architecture not in SAELENS_ACTIVATIONS:
         raise ValueError(f"{path}: SAELens architecture {architecture!r} is not supported; "
                          f"fastsae reads {sorted(SAELENS_ACTIVATIONS)}")  # fmt: skip
-    if cfg.get("normalize_activations", "none") != "none":
-        raise ValueError(f"{path}: normalize_activations={cfg['normalize_activations']!r} rescales inputs at run "
-                         "time, which a fastsae SAE does not; fold the scaling into the weights first")  # fmt: skip
+    normalization = cfg.get("normalize_activations", "none")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"{path}: normalize_activations={normalization!r} rescales inputs at run time in a way a "
+                         f"fastsae SAE does not (it reads {NORMALIZATIONS}); fold the scaling into the weights "
+                         "first")  # fmt: skip
     if cfg.get("reshape_activations", "none") != "none":
         raise ValueError(f"{path}: reshape_activations={cfg['reshape_activations']!r} is not supported")
     needed = ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if architecture == "jumprelu" else ())
@@ -139,7 +142,7 @@ def load_saelens(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         b_enc = (b_enc.double() + b_dec.double() @ W_enc.double()).to(b_enc.dtype)
     activation = SAELENS_ACTIVATIONS[architecture]
     sae_cfg = SAEConfig(d_in=d_in, n_features=d_sae, activation=activation, k=int(cfg.get("k", 32)),
-                        dtype=_dtype_name(W_enc.dtype, path))  # fmt: skip
+                        dtype=_dtype_name(W_enc.dtype, path), normalize_activations=normalization)  # fmt: skip
     sae = _build(sae_cfg, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, path)
     with torch.no_grad():
         if activation == "jumprelu":
@@ -157,7 +160,7 @@ def save_saelens(sae: SparseAutoencoder, path: str | os.PathLike) -> None:
     activation = sae.cfg.activation
     tensors = _weights(sae)
     cfg = {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.n_features, "dtype": _dtype_name(sae.W_enc.dtype, path),
-           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": sae.cfg.normalize_activations,
            "reshape_activations": "none", "meta": {}}  # fmt: skip
     if activation == "topk":
         cfg.update(architecture="topk", k=sae.cfg.k, rescale_acts_by_decoder_norm=False)
@@ -207,6 +210,8 @@ def save_sparsify(sae: SparseAutoencoder, path: str | os.PathLike) -> None:
     if sae.cfg.activation != "topk":
         raise ValueError(f"sparsify SAEs are TopK; this one is {sae.cfg.activation!r} (save it as saelens)")
     _refuse_whitening(sae, "sparsify")
+    if sae.cfg.normalize_activations != "none":
+        raise ValueError("sparsify SAEs read their activations as they are: save this layer_norm SAE as saelens")
     d, n_features = sae.cfg.d_in, sae.cfg.n_features
     weights = _weights(sae)
     tensors = {"encoder.weight": weights["W_enc"].T.contiguous(), "encoder.bias": weights["b_enc"],

@@ -287,6 +287,16 @@ def fvu_from_sums(error: Tensor, deviations: Tensor, n_tokens: int) -> Tensor:
     return error / deviations if n_tokens > 1 else torch.full_like(error, float("nan"))
 
 
+def layer_norm_input(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor, Tensor]:
+    """SAELens' run-time "layer_norm" activation normalisation of x [N, d]: (each token's activations less
+    their mean over the d dimensions, over their standard deviation (Bessel-corrected) + eps; the mean
+    [N, 1]; the standard deviation [N, 1]). A reconstruction y maps back as y * std + mean."""
+    mean = x.mean(dim=-1, keepdim=True)
+    centered = x - mean
+    std = centered.std(dim=-1, keepdim=True)
+    return centered / (std + eps), mean, std
+
+
 def matryoshka_fvus(acts: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor, widths: tuple[int, ...]) -> Tensor:
     """A Matryoshka SAE's added loss: the sum over `widths` w of the FVU of x reconstructed from its codes
     acts [B, F] on the first w features alone."""

@@ -36,6 +36,8 @@ from .ops.launch import cdiv, join_stream, may_synchronize, next_power_of_2, on_
 
 ACTIVATIONS = ("topk", "relu", "jumprelu", "batchtopk")
 CENTERING_MODES = ("geometric_median", "mean", "none", "whiten")
+NORMALIZATIONS = ("none", "layer_norm")  # SAEConfig.normalize_activations
+LAYER_NORM_EPS = 1e-5  # SAELens' run-time layer_norm's
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 FORMAT_VERSION = "1"
 # The straight-through window, in units of the activations' per-dimension RMS. The paper's 0.001 (on
@@ -129,7 +131,12 @@ class SAEConfig:
     first w of them, for w in the widths: strictly increasing, each below n_features) is scored too, its
     FVU added to the loss (SAELens' inner reconstruction losses, on fastsae's FVU scale), so that the
     first features learn what is general and later ones what is specific, rather than absorbing one
-    another. Only the training loss changes: the SAE encodes, decodes, saves and loads as the plain one."""
+    another. Only the training loss changes: the SAE encodes, decodes, saves and loads as the plain one.
+    `normalize_activations="layer_norm"` (SAELens', as OpenAI's GPT-2 TopK SAEs use it) standardises each
+    token first (`reference.layer_norm_input`: its mean over the d dimensions subtracted, divided by
+    their standard deviation + 1e-5); the codes, the centering and the losses are those of the
+    standardised tokens, and `forward`'s reconstruction is mapped back (times the standard deviation,
+    plus the mean), where `decode` leaves codes in the standardised space."""
 
     d_in: int
     n_features: int
@@ -144,6 +151,7 @@ class SAEConfig:
     dtype: str = "float32"
     check_finite: bool = True
     matryoshka_widths: tuple[int, ...] = ()
+    normalize_activations: Literal["none", "layer_norm"] = "none"
 
     def __post_init__(self) -> None:
         # Whole numbers as Python ints (numpy's, and floats such as 1e7 that are whole, too), so that a
@@ -185,6 +193,14 @@ class SAEConfig:
         if self.l1_coef < 0 or self.l0_coef < 0:
             raise ValueError(f"l1_coef and l0_coef must be >= 0, got {self.l1_coef} and {self.l0_coef}")
         self._check_matryoshka_widths()
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalize_activations must be one of {NORMALIZATIONS}, got {self.normalize_activations!r}"
+            )
+        if self.normalize_activations != "none" and self.centering == "whiten":
+            raise ValueError(
+                "normalize_activations='layer_norm' with centering='whiten': whitening standardises already"
+            )
 
     def _check_matryoshka_widths(self) -> None:
         widths = self.matryoshka_widths
@@ -435,6 +451,7 @@ class SparseAutoencoder(nn.Module):
         centering.check_sample(sample, "sample")
         if sample.shape[1] != self.cfg.d_in:
             raise ValueError(f"sample has {sample.shape[1]} dimensions, expected d_in={self.cfg.d_in}")
+        sample = self._normalized(sample)[0]
         seed = torch.randint(2**62, (1,), dtype=torch.int64)
         for group in (self._feature_group, self._group):  # rank 0's seed (of a 2-D mesh's first row, then column)
             if group is not None:
@@ -510,10 +527,11 @@ class SparseAutoencoder(nn.Module):
         dense codes [..., F]."""
         self._check_input(x)
         lead = x.shape[:-1]
+        x = self._normalized(x.reshape(-1, self.cfg.d_in))[0]
         if self._feature_group is not None:
-            codes = self._encode_shard(self._to_sae_space(x.reshape(-1, self.cfg.d_in)), None)[1]
+            codes = self._encode_shard(self._to_sae_space(x), None)[1]
         else:
-            codes = self._encode(x.reshape(-1, self.cfg.d_in))
+            codes = self._encode(x)
         if isinstance(codes, F.TopKCodes):
             return F.TopKCodes(*(t.reshape(*lead, t.shape[-1]) for t in codes))
         return codes.reshape(*lead, codes.shape[-1])
@@ -526,7 +544,7 @@ class SparseAutoencoder(nn.Module):
         if self._feature_group is not None:
             raise NotImplementedError("fire_and_positive_counts of a feature-sharded SAE: load the saved SAE whole")
         cfg = self.cfg
-        x = x.reshape(-1, cfg.d_in)
+        x = self._normalized(x.reshape(-1, cfg.d_in))[0]
         if cfg.activation == "topk":
             sae_x = self._to_sae_space(x)
             vals, idx, positive = F.encode_topk_positive_counts(sae_x, self.W_enc, self.b_enc, self.b_dec, cfg.k)
@@ -536,6 +554,23 @@ class SparseAutoencoder(nn.Module):
             return fired, fired.clone()
         sae_x = self._to_sae_space(x)
         return fired, F.fire_counts_dense(F.encode_relu(sae_x, self.W_enc, self.b_enc, self.b_dec))
+
+    def _normalized(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """x [N, d] as the SAE reads it (cfg.normalize_activations), and the (mean, standard deviation)
+        [N, 1] that map a reconstruction back, or None without a normalisation."""
+        if self.cfg.normalize_activations == "none":
+            return x, None
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        normalized, mean, std = reference.layer_norm_input(x.to(dtype), LAYER_NORM_EPS)
+        return normalized.to(x.dtype), (mean, std)
+
+    @staticmethod
+    def _denormalized(recon: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+        """A reconstruction [..., d] of normalised tokens mapped back with their `_normalized` stats."""
+        if stats is None:
+            return recon
+        mean, std = (t.reshape(*recon.shape[:-1], 1) for t in stats)
+        return (recon.to(mean.dtype) * std + mean).to(recon.dtype)
 
     def _to_sae_space(self, x: Tensor) -> Tensor:
         if self.cfg.centering != "whiten":
@@ -799,7 +834,7 @@ class SparseAutoencoder(nn.Module):
         compiling or capturing: see `_few_dead_features`)."""
         self._check_input(x)
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.cfg.d_in)
+        x, stats = self._normalized(x.reshape(-1, self.cfg.d_in))
         if self.training and not self._initialized:
             self._initialize_lazily(x)
         k_aux, sharded, replicated = self._step_kind()
@@ -826,7 +861,7 @@ class SparseAutoencoder(nn.Module):
         else:
             out = self._forward_from_dead_list(x, lead, dead, few_dead, list_stream, auxk_on_device)
         self._count_dead_ahead(x, k_aux, sharded)
-        return out
+        return out if stats is None else out._replace(recon=self._denormalized(out.recon, stats))
 
     def _count_dead_ahead(self, x: Tensor, k_aux: int, sharded: bool) -> None:
         """After a training step's statistics update: queue the count of the features now dead (what the

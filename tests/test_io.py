@@ -38,7 +38,14 @@ def _x(seed=1):
 
 
 def _saelens_forward(cfg, w, x):
-    """SAELens' encode and decode (StandardSAE, TopKSAE, JumpReLUSAE) -> (dense codes, reconstruction)."""
+    """SAELens' encode and decode (StandardSAE, TopKSAE, JumpReLUSAE) -> (dense codes, reconstruction),
+    with its run-time "layer_norm" (each token less its mean, over its Bessel-corrected standard deviation
+    + 1e-5; the reconstruction times that deviation plus the mean) where the config asks for it."""
+    layer_norm = cfg.get("normalize_activations") == "layer_norm"
+    if layer_norm:
+        mean = x.mean(dim=-1, keepdim=True)
+        std = (x - mean).std(dim=-1, keepdim=True)
+        x = (x - mean) / (std + 1e-5)
     pre = (x - w["b_dec"] * cfg.get("apply_b_dec_to_input", True)) @ w["W_enc"] + w["b_enc"]
     if cfg["architecture"] == "topk":
         top = pre.topk(cfg["k"], dim=-1)
@@ -47,7 +54,8 @@ def _saelens_forward(cfg, w, x):
         acts = pre.relu() * (pre > w["threshold"])
     else:
         acts = pre.relu()
-    return acts, acts @ w["W_dec"] + w["b_dec"]
+    recon = acts @ w["W_dec"] + w["b_dec"]
+    return acts, recon * std + mean if layer_norm else recon
 
 
 def _sparsify_forward(cfg, w, x):
@@ -83,17 +91,25 @@ def _write(directory, weights_name, tensors, cfg):
     (directory / "cfg.json").write_text(json.dumps(cfg))
 
 
+@pytest.mark.parametrize("normalization", ["none", "layer_norm"])
 @pytest.mark.parametrize("apply_b_dec", [True, False])
 @pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
-def test_saelens_checkpoint_gives_saelens_outputs(tmp_path, architecture, apply_b_dec):
+def test_saelens_checkpoint_gives_saelens_outputs(tmp_path, architecture, apply_b_dec, normalization):
+    """Each architecture, with and without b_dec applied to the input, and with SAELens' run-time
+    layer_norm (OpenAI's GPT-2 TopK SAEs use it): the codes and reconstructions of SAELens' forward; saved
+    back to SAELens, the same config's normalisation."""
     w = _weights()
     if architecture == "jumprelu":
         w["threshold"] = torch.rand(N_FEATURES, dtype=torch.float64) - 0.2  # a few negative: ReLU'd first
     cfg = {"architecture": architecture, "d_in": D, "d_sae": N_FEATURES, "dtype": "float64", "device": "cpu",
-           "apply_b_dec_to_input": apply_b_dec, "normalize_activations": "none", "k": K, "meta": {}}  # fmt: skip
+           "apply_b_dec_to_input": apply_b_dec, "normalize_activations": normalization, "k": K, "meta": {}}  # fmt: skip
     _write(tmp_path / "sae", "sae_weights.safetensors", w, cfg)
     assert io.detect_format(tmp_path / "sae") == "saelens"
-    _assert_outputs(fastsae.SparseAutoencoder.load(tmp_path / "sae"), _saelens_forward(cfg, w, _x()))
+    sae = fastsae.SparseAutoencoder.load(tmp_path / "sae")
+    assert sae.cfg.normalize_activations == normalization
+    _assert_outputs(sae, _saelens_forward(cfg, w, _x()))
+    sae.save(tmp_path / "again", format="saelens")
+    assert json.loads((tmp_path / "again" / "cfg.json").read_text())["normalize_activations"] == normalization
 
 
 def test_sparsify_checkpoint_gives_sparsify_outputs(tmp_path):
@@ -210,9 +226,16 @@ def _saelens_dir(tmp_path, **cfg_changes):
 def test_what_fastsae_cannot_represent_is_refused(tmp_path):
     cases = [
         (lambda: io.load_saelens(_saelens_dir(tmp_path, architecture="gated")), "architecture 'gated'"),
-        (lambda: io.load_saelens(_saelens_dir(tmp_path, normalize_activations="layer_norm")), "normalize_activations"),
+        (
+            lambda: io.load_saelens(_saelens_dir(tmp_path, normalize_activations="expected_average_only_in")),
+            "normalize_activations='expected_average_only_in'",
+        ),
         (lambda: io.load_saelens(_saelens_dir(tmp_path, rescale_acts_by_decoder_norm=True)), "rescale_acts_by"),
         (lambda: _trained("relu").save(tmp_path / "x", format="sparsify"), "sparsify SAEs are TopK"),
+        (
+            lambda: _trained("topk", normalize_activations="layer_norm").save(tmp_path / "z", format="sparsify"),
+            "save this layer_norm SAE as saelens",
+        ),
         (lambda: _trained("topk", centering="whiten").save(tmp_path / "y", format="saelens"), "whitened"),
         (
             lambda: fastsae.SparseAutoencoder(

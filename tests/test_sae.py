@@ -311,11 +311,51 @@ def test_load_rejects_bad_files(tmp_path):
         ({"matryoshka_widths": (32, 16)}, r"must increase strictly within"),
         ({"matryoshka_widths": (16, 16)}, r"must increase strictly within"),
         ({"activation": "relu", "matryoshka_widths": (16,)}, "for TopK and BatchTopK SAEs, not 'relu'"),
+        ({"normalize_activations": "constant_norm_rescale"}, "normalize_activations must be one of"),
+        ({"normalize_activations": "layer_norm", "centering": "whiten"}, "whitening standardises already"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
         fastsae.SAEConfig(**{"d_in": 24, "n_features": 96, **overrides})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["topk", "relu", "batchtopk"])
+def test_layer_norm_sae_reads_standardised_tokens(activation, device):
+    """normalize_activations="layer_norm": the SAE is the plain one on the standardised tokens
+    (`reference.layer_norm_input`): the same centering fitted to a sample, codes, losses and gradients,
+    and the reconstruction mapped back (times each token's deviation, plus its mean)."""
+    generator = torch.Generator().manual_seed(5)
+    sample = (torch.randn(300, 24, generator=generator, dtype=torch.float64) * 4 + 3).to(device)
+    x = (torch.randn(37, 24, generator=generator, dtype=torch.float64) * 4 + 3).to(device)
+    cfg = {"d_in": 24, "n_features": 96, "k": 6, "dtype": "float64", "activation": activation}
+    torch.manual_seed(0)
+    normalized = fastsae.SparseAutoencoder(fastsae.SAEConfig(**cfg, normalize_activations="layer_norm")).to(device)
+    normalized.initialize(sample)
+    torch.manual_seed(0)
+    plain = fastsae.SparseAutoencoder(fastsae.SAEConfig(**cfg)).to(device)
+    plain.initialize(reference.layer_norm_input(sample)[0])
+    for name, tensor in plain.state_dict().items():
+        assert_close(normalized.state_dict()[name], tensor, torch.float64, f"{name} after initialize")
+    x_n, mean, std = reference.layer_norm_input(x)
+    out, want = normalized(x), plain(x_n)
+    assert_close(out.loss, want.loss, torch.float64, "loss")
+    assert_close(out.recon, want.recon * std + mean, torch.float64, "recon")
+    out.loss.backward()
+    want.loss.backward()
+    for name, p in normalized.named_parameters():
+        assert_close(p.grad, dict(plain.named_parameters())[name].grad, torch.float64, f"{name} gradient")
+    for sae in (normalized, plain):
+        sae.eval()
+    codes, want_codes = normalized.encode(x), plain.encode(x_n)
+    codes = codes if isinstance(codes, torch.Tensor) else reference.scatter_codes(codes.vals, codes.idx, 96)
+    want_codes = (
+        want_codes
+        if isinstance(want_codes, torch.Tensor)
+        else reference.scatter_codes(want_codes.vals, want_codes.idx, 96)
+    )
+    assert_close(codes, want_codes, torch.float64, "codes")
 
 
 @pytest.mark.parametrize("widths", [(16.5,), (True,), "16", 16])
