@@ -153,16 +153,18 @@ def test_a_real_sparsify_run_loads_per_hookpoint():
 
 def test_the_real_libraries_load_what_fastsae_saves(tmp_path, monkeypatch):
     """Each format fastsae writes, loaded by the library itself, gives fastsae's codes and
-    reconstruction (SAELens: encode then decode; sparsify: its forward). Needs sae-lens and
-    eai-sparsify installed."""
+    reconstruction (SAELens: encode then decode, which maps a layer_norm SAE's reconstruction back with
+    the statistics its encode kept; sparsify: its forward). Needs sae-lens and eai-sparsify installed."""
     monkeypatch.setenv("SPARSIFY_DISABLE_TRITON", "1")  # sparsify's Triton decoder runs on GPUs only
     sae_lens = pytest.importorskip("sae_lens")
     sparsify = pytest.importorskip("sparsify")
     x = _x()
-    for format, activation in [("saelens", "topk"), ("saelens", "relu"), ("saelens", "jumprelu"),
-                               ("saelens", "batchtopk"), ("sparsify", "topk")]:  # fmt: skip
-        sae = _trained(activation)
-        directory = tmp_path / f"{format}_{activation}"
+    for format, activation, normalization in [
+        ("saelens", "topk", "none"), ("saelens", "relu", "none"), ("saelens", "jumprelu", "none"),
+        ("saelens", "batchtopk", "none"), ("saelens", "topk", "layer_norm"), ("sparsify", "topk", "none"),
+    ]:  # fmt: skip
+        sae = _trained(activation, normalize_activations=normalization)
+        directory = tmp_path / f"{format}_{activation}_{normalization}"
         sae.save(directory, format=format)
         if format == "saelens":
             library = sae_lens.SAE.load_from_disk(directory)
@@ -173,7 +175,8 @@ def test_the_real_libraries_load_what_fastsae_saves(tmp_path, monkeypatch):
             codes = torch.zeros(x.shape[0], N_FEATURES, dtype=x.dtype).scatter(1, out.latent_indices, out.latent_acts)
             got = codes, out.sae_out
         for value, want, what in zip(got, _dense_codes(sae, x), ("codes", "reconstruction")):
-            torch.testing.assert_close(value.detach(), want.detach(), msg=f"{format} {activation} {what}")
+            where = f"{format} {activation} {normalization} {what}"
+            torch.testing.assert_close(value.detach(), want.detach(), msg=where)
 
 
 def _trained(activation, **overrides):
