@@ -79,7 +79,16 @@ from .diagnostics import diagnose
 from .evaluate import evaluate
 from .graphs import CapturedStep
 from .optim import SAEAdam, activation_scale, step_with_decoder_constraint
-from .sae import ACTIVATIONS, CENTERING_MODES, DTYPES, SAEConfig, SparseAutoencoder, sync_directory, write_atomically
+from .sae import (
+    ACTIVATIONS,
+    CENTERING_MODES,
+    DTYPES,
+    NORMALIZATIONS,
+    SAEConfig,
+    SparseAutoencoder,
+    sync_directory,
+    write_atomically,
+)
 
 # The run's tables in OUT, a row per hook point each time a run logs (LOG_FILE) or evaluates (EVAL_FILE).
 LOG_FILE, EVAL_FILE = "log.csv", "eval.csv"
@@ -114,6 +123,9 @@ def add_parser(commands) -> None:
                             "features alone are scored too, for each W given")  # fmt: skip
     train.add_argument("--expansion-factor", type=at_least(1), default=16, help="features per input dimension")
     train.add_argument("--centering", choices=CENTERING_MODES, default="geometric_median")
+    train.add_argument("--normalize-activations", choices=NORMALIZATIONS, default="none",
+                       help="layer_norm: each token standardised before the SAE (as SAELens' run-time "
+                            "layer_norm)")  # fmt: skip
     train.add_argument("--lr", type=positive_float, default=None,
                        help="Adam learning rate (default 2e-4 / sqrt(F / 16384))")  # fmt: skip
     train.add_argument("--lr-warmup-tokens", type=at_least(0), default=0,
@@ -373,7 +385,8 @@ def _new_sae(args: argparse.Namespace, sample: torch.Tensor, layout: Layout) -> 
     d = sample.shape[1]
     cfg = SAEConfig(d_in=d, n_features=args.expansion_factor * d, activation=args.activation, k=args.k,
                     centering=args.centering, dtype=dtype, dead_after_tokens=args.dead_after,
-                    matryoshka_widths=tuple(args.matryoshka_widths))  # fmt: skip
+                    matryoshka_widths=tuple(args.matryoshka_widths),
+                    normalize_activations=args.normalize_activations)  # fmt: skip
     with torch.device(args.device):  # this process's features, built where they train
         sae = SparseAutoencoder(cfg, feature_group=layout.shard_group)
     if layout.replica_group is not None:

@@ -268,6 +268,19 @@ def test_activation_scale_makes_training_independent_of_the_activations_scale(sc
     assert not torch.allclose(unscaled.b_enc, scale * runs[1.0, False][0].b_enc, rtol=1e-3), "the test would not see it"
 
 
+def test_activation_scale_is_the_scale_the_sae_reads():
+    """A layer_norm SAE reads standardised tokens: its activation scale is theirs (about 1 however large
+    the activations), not the raw sample's."""
+    generator = torch.Generator().manual_seed(4)
+    sample = torch.randn(512, D, generator=generator, dtype=torch.float64) * 100 + 50
+    cfg = dict(d_in=D, n_features=N_FEATURES, k=K, dtype="float64")
+    plain = fastsae.SparseAutoencoder(fastsae.SAEConfig(**cfg)).initialize(sample)
+    normalized = fastsae.SparseAutoencoder(fastsae.SAEConfig(**cfg, normalize_activations="layer_norm"))
+    normalized.initialize(sample)
+    assert 50 < fastsae.optim.activation_scale(plain, sample) < 200
+    assert 0.5 < fastsae.optim.activation_scale(normalized, sample) < 1.5
+
+
 def test_refuses_what_it_cannot_optimise():
     with pytest.raises(TypeError, match="SparseAutoencoder"):
         SAEAdam(torch.nn.Linear(2, 2))

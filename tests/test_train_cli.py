@@ -238,8 +238,9 @@ def test_train_command_warms_up_and_decays_the_learning_rate(optimizer, tmp_path
 
 
 def test_train_command_trains_a_matryoshka_sae(tmp_path, capsys):
-    """--matryoshka-widths: the SAE trains with its prefixes' losses and is saved with its widths; widths
-    the SAE cannot have are refused before anything trains."""
+    """--matryoshka-widths: the SAE trains with its prefixes' losses and is saved with its widths (here
+    on standardised tokens too, --normalize-activations layer_norm); widths the SAE cannot have are
+    refused before anything trains."""
     from safetensors.torch import save_file
 
     acts = torch.randn(300, 16, generator=torch.Generator().manual_seed(0)) + 2
@@ -247,9 +248,10 @@ def test_train_command_trains_a_matryoshka_sae(tmp_path, capsys):
     common = ["train", "--activations", str(tmp_path / "layer6.safetensors"), "--batch-tokens", "64",
               "--diagnose-tokens", "128", "--expansion-factor", "4", "--k", "4", "--tokens", "256",
               "--device", "cpu", "--out", str(tmp_path / "run")]  # fmt: skip
-    assert cli([*common, "--matryoshka-widths", "8", "32"]) == 0
+    assert cli([*common, "--matryoshka-widths", "8", "32", "--normalize-activations", "layer_norm"]) == 0
     sae = fastsae.SparseAutoencoder.load(tmp_path / "run" / "layer6.safetensors")
     assert sae.cfg.matryoshka_widths == (8, 32) and int(sae.n_tokens_seen) == 256
+    assert sae.cfg.normalize_activations == "layer_norm"
     assert cli([*common, "--matryoshka-widths", "8", "64", "--out", str(tmp_path / "other")]) == 2
     assert "matryoshka_widths must increase strictly within [1, n_features=64), got [8, 64]" in capsys.readouterr().err
 
