@@ -81,8 +81,8 @@ def add_sae_and_text_arguments(command: argparse.ArgumentParser, verb: str) -> N
 
 
 def load_saes(specs: list[str], hookpoints: list[str] | None, device: str) -> dict[str, SparseAutoencoder]:
-    """{hook point: SAE} of --sae files, directories or hf:// locations (SAE_HELP), at the hook points
-    --hookpoint names in their order, or else that their names give."""
+    """{hook point: SAE} of --sae files, directories or hf:// locations (`add_sae_and_text_arguments`), at
+    the hook points --hookpoint names in their order, or else that their names give."""
     names = hookpoints or [_hookpoint_named_by(spec) for spec in specs]
     if len(names) != len(specs):
         raise ValueError(f"--hookpoint names {len(names)} hook points for {len(specs)} SAEs")

@@ -119,26 +119,20 @@ def evaluate(
     device = next(model.parameters()).device
     sums = {name: _Sums(sae.cfg.d_in, sae.cfg.n_features, next(sae.parameters()).device) for name, sae in saes.items()}
     clean_loss, n_predictions = 0.0, 0
-    modes = {module: module.training for module in (model, *saes.values())}
-    try:
-        for module in modes:
-            module.eval()  # (a model in training mode would score through dropout)
-        with torch.no_grad():
-            for batch in _batched(texts, texts_per_forward):
-                inputs, spliced = encode_texts(tokenizer, batch, context_size, special)
-                inputs, spliced = {name: t.to(device) for name, t in inputs.items()}, spliced.to(device)
-                real = inputs["attention_mask"].bool()
-                targets = real[:, 1:] & real[:, :-1]  # real tokens predicted from real tokens (any padding side)
-                clean = _log_probs(model, inputs)
-                clean_loss += float(_cross_entropy(clean, inputs, targets))
-                n_predictions += int(targets.sum())
-                for name, sae in saes.items():
-                    _score_splices(model, inputs, spliced, targets, clean, modules[name], name, sae, sums[name])
-                if max_predictions is not None and n_predictions >= max_predictions:
-                    break
-    finally:
-        for module, training in modes.items():
-            module.train(training)
+    # (a model in training mode would score through dropout)
+    with evaluation_mode(model, *saes.values()), torch.no_grad():
+        for batch in _batched(texts, texts_per_forward):
+            inputs, spliced = encode_texts(tokenizer, batch, context_size, special)
+            inputs, spliced = {name: t.to(device) for name, t in inputs.items()}, spliced.to(device)
+            real = inputs["attention_mask"].bool()
+            targets = real[:, 1:] & real[:, :-1]  # real tokens predicted from real tokens (any padding side)
+            clean = _log_probs(model, inputs)
+            clean_loss += float(_cross_entropy(clean, inputs, targets))
+            n_predictions += int(targets.sum())
+            for name, sae in saes.items():
+                _score_splices(model, inputs, spliced, targets, clean, modules[name], name, sae, sums[name])
+            if max_predictions is not None and n_predictions >= max_predictions:
+                break
     if n_predictions == 0:
         raise ValueError("the texts gave no next-token prediction to score (each needs at least 2 tokens)")
     loss_clean = clean_loss / n_predictions
@@ -190,15 +184,34 @@ def _kl_div(clean: Tensor, spliced: Tensor, targets: Tensor) -> Tensor:
     return (per_position * targets).double().sum()
 
 
-def _reconstruct(name: str, sae: SparseAutoencoder, x: Tensor, record: _Sums) -> Tensor:
-    """The SAE's reconstruction of x [n, d] (in x's dtype, on x's device), its statistics recorded."""
+@contextlib.contextmanager
+def evaluation_mode(*modules: nn.Module) -> Iterator[None]:
+    """Within the block the modules run in evaluation mode; after it each is in the mode it was in."""
+    modes = {module: module.training for module in modules}
+    try:
+        for module in modes:
+            module.eval()
+        yield
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
+def sae_input(name: str, sae: SparseAutoencoder, x: Tensor) -> Tensor:
+    """A hook point's activations x [n, d] on the SAE's device and in its dtype, after checking that the
+    SAE for hook point `name` reads their width."""
     if x.shape[-1] != sae.cfg.d_in:
         raise ValueError(f"{name}: its output has {x.shape[-1]} dimensions, the SAE for it d_in={sae.cfg.d_in}")
+    return x.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)
+
+
+def _reconstruct(name: str, sae: SparseAutoencoder, x: Tensor, record: _Sums) -> Tensor:
+    """The SAE's reconstruction of x [n, d] (in x's dtype, on x's device), its statistics recorded."""
+    sae_x = sae_input(name, sae, x)
     if x.shape[0] == 0:  # a batch of padding and special tokens only
         return x
-    sae_device = next(sae.parameters()).device
-    out = sae(x.to(device=sae_device, dtype=sae.W_enc.dtype))
-    record.add_codes(x.to(sae_device), out)
+    out = sae(sae_x)
+    record.add_codes(x.to(sae_x.device), out)
     return out.recon.to(device=x.device, dtype=x.dtype)
 
 

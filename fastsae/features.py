@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from . import functional as F
 from .activations import _batched, _special_token_ids, capture, encode_texts, load_model, usable_context
 from .cli import add_sae_and_text_arguments, at_least, load_saes, read_texts
+from .evaluate import evaluation_mode, sae_input
 from .sae import SparseAutoencoder, write_atomically
 
 
@@ -164,32 +165,24 @@ def top_examples(
     token_ids: list[Tensor] = []
     text_starts = [torch.zeros(1, dtype=torch.int64)]
     n_seen, n_tokens = 0, 0  # real tokens kept, positions encoded
-    modes = {module: module.training for module in (model, *saes.values())}
-    try:
-        for module in modes:
-            module.eval()
-        with torch.no_grad():
-            for batch in tqdm(
-                _batched(texts, texts_per_forward), desc="features", unit=" forward", disable=not progress
-            ):
-                inputs, encoded = encode_texts(tokenizer, batch, context_size, special)
-                real = inputs["attention_mask"].bool()
-                # each real token's index in the kept ids: text after text, in order within a text
-                index = torch.cumsum(real.flatten(), 0).view(real.shape) - 1 + n_seen
-                token_ids.append(inputs["input_ids"][real])
-                text_starts.append(n_seen + torch.cumsum(real.sum(1), 0))
-                window = _Window(n_seen, real, index[encoded], before, after)
-                n_seen += int(real.sum())
-                outputs = capture(model, list(saes), {key: t.to(model_device) for key, t in inputs.items()})
-                for name, sae in saes.items():
-                    x = outputs[name][encoded.to(outputs[name].device)]
-                    _add_codes(tables[name], sae, name, x, window)
-                n_tokens += int(encoded.sum())
-                if max_tokens is not None and n_tokens >= max_tokens:
-                    break
-    finally:
-        for module, training in modes.items():
-            module.train(training)
+    batches = tqdm(_batched(texts, texts_per_forward), desc="features", unit=" forward", disable=not progress)
+    with evaluation_mode(model, *saes.values()), torch.no_grad():
+        for batch in batches:
+            inputs, encoded = encode_texts(tokenizer, batch, context_size, special)
+            real = inputs["attention_mask"].bool()
+            # each real token's index in the kept ids: text after text, in order within a text
+            index = torch.cumsum(real.flatten(), 0).view(real.shape) - 1 + n_seen
+            token_ids.append(inputs["input_ids"][real])
+            text_starts.append(n_seen + torch.cumsum(real.sum(1), 0))
+            window = _Window(n_seen, real, index[encoded], before, after)
+            n_seen += int(real.sum())
+            outputs = capture(model, list(saes), {key: t.to(model_device) for key, t in inputs.items()})
+            for name, sae in saes.items():
+                x = outputs[name][encoded.to(outputs[name].device)]
+                _add_codes(tables[name], sae, sae_input(name, sae, x), window)
+            n_tokens += int(encoded.sum())
+            if max_tokens is not None and n_tokens >= max_tokens:
+                break
     if n_tokens == 0:
         raise ValueError("the texts gave no position to encode (every token was padding or a special token)")
     ids, starts = torch.cat(token_ids), torch.cat(text_starts)
@@ -234,15 +227,13 @@ class _Window:
 WINDOW_CHUNK = 4096
 
 
-def _add_codes(table: _TopTable, sae: SparseAutoencoder, name: str, x: Tensor, window: _Window) -> None:
-    """The codes of x [n, d] (the hook point's activations at the batch's encoded tokens) into the table."""
-    if x.shape[-1] != sae.cfg.d_in:
-        raise ValueError(f"{name}: its output has {x.shape[-1]} dimensions, the SAE for it d_in={sae.cfg.d_in}")
+def _add_codes(table: _TopTable, sae: SparseAutoencoder, x: Tensor, window: _Window) -> None:
+    """The codes of x [n, d] (the hook point's activations at the batch's encoded tokens, `sae_input`'s)
+    into the table."""
     if x.shape[0] == 0:  # a batch of padding and special tokens only
         return
-    device = next(sae.parameters()).device
-    codes = sae.encode(x.to(device=device, dtype=sae.W_enc.dtype))
-    positions = window.positions.to(device)
+    codes = sae.encode(x)
+    positions = window.positions.to(x.device)
     if isinstance(codes, F.TopKCodes):
         idx, vals = codes.idx.long(), codes.vals
 

@@ -167,9 +167,8 @@ SCALE_CHUNK_ROWS = 8192  # sample rows `activation_scale` reads at once
 def activation_scale(sae: SparseAutoencoder, sample: Tensor) -> float:
     """The RMS per dimension of `sample` [N, d] about the SAE's b_dec, as the SAE reads it (standardised
     per token, or whitened, where it does): the scale of the values its biases add to, for SAEAdam's
-    `bias_lr_scale`. Call it
-    after `sae.initialize(sample)`, which sets b_dec. A data-parallel SAE's is over every replica's
-    sample (one all-reduce), so that the replicas step alike."""
+    `bias_lr_scale`. Call it after `sae.initialize(sample)`, which sets b_dec. A data-parallel SAE's is
+    over every replica's sample (one all-reduce), so that the replicas step alike."""
     squares = torch.zeros((), dtype=torch.float64, device=sae.b_dec.device)
     for chunk in sample.split(SCALE_CHUNK_ROWS):  # (a 65536 x 4096 sample in fp64 at once: 2 GiB)
         dtype = torch.promote_types(chunk.dtype, torch.float32)
