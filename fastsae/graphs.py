@@ -131,11 +131,10 @@ class CapturedStep:
             )
         n_tokens = x.numel() // sae.cfg.d_in
         capacity = self._auxk_capacity(n_tokens)
-        if self._graph is not None and capacity != sae.auxk_capacity:
-            self._graph = None  # the dead-feature list outgrew the captured one: one eager step, then capture
-            self._eager_left = 1
-        if self._graph is not None and self._optimizer_numbers_changed():
-            self._graph = None  # the graph holds the old numbers: one eager step at the new ones, then capture
+        # A graph whose dead-feature list no longer fits, or that holds the optimizer's old numbers: one
+        # eager step, then a capture
+        if self._graph is not None and (capacity != sae.auxk_capacity or self._optimizer_numbers_changed()):
+            self._graph = None
             self._eager_left = 1
         if self._graph is None and self._eager_left > 0:
             self._eager_left -= 1
